@@ -1,0 +1,38 @@
+# Two commands set everything up: `make demo` and `make test`.
+# torch is pinned through constraints.txt: an unpinned torch pulls a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+# curvlinops is the K-FAC reference of the tests; installed without its declared dependency
+# backpack-for-pytorch, which would pull torchvision and a CUDA build of a newer torch.
+CURVLINOPS_DEPS := einconv einops linear_operator numpy opt-einsum scipy tqdm
+
+.PHONY: install demo test bench bench-quick clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	$(PIP) $(CURVLINOPS_DEPS)
+	$(PIP) --no-deps curvlinops-for-pytorch==3.0.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --full
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info
