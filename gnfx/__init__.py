@@ -1,0 +1,11 @@
+"""gnfx: a compiler for Gauss-Newton preconditioned training in PyTorch.
+
+    model = gnfx.compile(model, optimizer="kfac", lr=3e-4)
+    loss = F.cross_entropy(model(x), y); loss.backward(); model.step(); model.zero_grad()
+"""
+from gnfx.api import COMMON, compile
+from gnfx.compiled import CompiledModel
+from gnfx.errors import CaptureError, ConfigError, GnfxError
+from gnfx.preconditioners import REGISTRY
+
+__all__ = ["compile", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON"]

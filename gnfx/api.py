@@ -1,0 +1,77 @@
+"""`gnfx.compile`: capture → analyze → plan → rewrite → optimizer, in one call."""
+from __future__ import annotations
+
+from torch import nn
+
+from gnfx.compiled import CompiledModel
+from gnfx.errors import ConfigError
+from gnfx.hparams import HParam, choice, nonnegative, positive, positive_int, resolve, unit_interval
+from gnfx.optimizer import GnfxOptimizer
+from gnfx.plan import FALLBACK, make_plan, specs
+from gnfx.preconditioners import REGISTRY
+from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
+from passes.analyze import analyze
+from passes.capture import capture as capture_graph
+from passes.lower import lower_linear_modules
+from passes.taps import insert_taps
+
+COMMON = {
+    "lr": positive("learning rate η", 1e-3),
+    "weight_decay": nonnegative("decoupled weight decay λ: θ ← θ(1 - ηλ)", 0.0),
+    "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
+    "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
+    "inv_every": positive_int("refresh decompositions every inv_every steps", 10),
+    "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
+    "statistics": HParam((), f"a tuple of names from {STATISTICS}",
+                         lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
+                         "statistics to collect beyond what the preconditioners need"),
+}
+PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
+
+
+def _check_model(model) -> None:
+    if isinstance(model, CompiledModel):
+        raise ConfigError("this model is already compiled by gnfx; compile the original module once")
+    if type(model).__name__ == "OptimizedModule":
+        raise ConfigError("this model is wrapped by torch.compile; pass the original module "
+                          "(model._orig_mod) to gnfx.compile, which compiles its own update")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConfigError("this model is wrapped by DistributedDataParallel; call gnfx.compile on "
+                          "model.module and wrap the compiled model instead")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"gnfx.compile expects a torch.nn.Module, got {type(model).__name__}")
+
+
+def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto", leaf_modules=(),
+            example_inputs=None, **hparams) -> CompiledModel:
+    """Compile `model` for curvature-aware training with the preconditioner `optimizer`.
+
+    Returns a CompiledModel that runs on the same Parameter objects, with `.step()`,
+    `.zero_grad()` and `.optimizer`. `capture` is "auto" (torch.fx, then torch.export with
+    `example_inputs`), "fx" or "export"; `leaf_modules` lists submodule paths to keep opaque.
+    `hparams` are the hyperparameters of gnfx.api.COMMON and of the chosen preconditioner (and of
+    "diag", which serves the parameters no block claims); unknown names raise a ConfigError.
+    """
+    _check_model(model)
+    if not isinstance(optimizer, str) or optimizer not in REGISTRY:
+        raise ConfigError(f"optimizer={optimizer!r} is not a gnfx optimizer; valid names are: {', '.join(REGISTRY)}")
+    spec = {**COMMON, **REGISTRY[FALLBACK].HPARAMS, **REGISTRY[optimizer].HPARAMS}
+    hp = resolve(spec, hparams, f"optimizer={optimizer!r}")
+
+    captured = capture_graph(model, capture, leaf_modules, example_inputs)
+    gm = lower_linear_modules(captured.graph_module)
+    table, block_sites = analyze(model, gm, captured.leaves, captured.form)
+    make_plan(table, optimizer)
+
+    def hparams_of(name):
+        return {k: hp[k] for k in REGISTRY[name].HPARAMS}
+
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    store = StatisticsStore(
+        table.blocks,
+        needs_of=lambda b: REGISTRY[b.preconditioner].needs(hparams_of(b.preconditioner)) | set(hp["statistics"]),
+        kfac_approx=hp["kfac_approx"], param_of=named.__getitem__)
+    insert_taps(gm, block_sites, store)
+    defaults = {k: hp[k] for k in PER_GROUP}
+    opt = GnfxOptimizer(named, specs(table, hparams_of), store, hp, defaults)
+    return CompiledModel(model, gm, table, opt)

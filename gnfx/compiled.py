@@ -1,0 +1,84 @@
+"""`CompiledModel`: the module `gnfx.compile` returns.
+
+It shares the original model's parameters, buffers and submodules (so `state_dict()` keys and
+Parameter objects are the original's) and chooses its forward per step: on a statistic step
+(training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph, whose
+taps record `a` and `δ`; on every other step it runs the original forward, untouched, so the taps
+cost nothing there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gnfx.report import report
+from passes import graph_view
+
+
+class CompiledModel(nn.Module):
+    def __init__(self, model: nn.Module, graph_module, table, optimizer):
+        super().__init__()
+        # Share the original's registries: same Parameter objects, same state_dict keys.
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._modules = model._modules
+        self.training = model.training
+        self.__dict__["_model"] = model
+        self.__dict__["graph_module"] = graph_module
+        self.__dict__["layers"] = table
+        self.__dict__["optimizer"] = optimizer
+
+    def forward(self, *args, **kwargs):
+        opt = self.optimizer
+        if self.training and opt.collecting and torch.is_grad_enabled():
+            opt.statistics.forward_id += 1
+            opt.collected = True
+            return self.graph_module(*args, **kwargs)
+        return self._model(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._model.training = mode
+        self.graph_module.training = mode
+        return self
+
+    # --- training --------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One optimizer step (same as `model.optimizer.step()`)."""
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # --- inspection ------------------------------------------------------------------------
+    def statistics(self, name: str) -> dict[str, torch.Tensor]:
+        """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics)."""
+        if name not in self.layers:
+            raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
+        store = self.optimizer.statistics
+        if name not in store.blocks:
+            raise KeyError(f"block {name!r} collects no statistics under this plan; ask for them with "
+                           f"gnfx.compile(..., statistics=('A', 'S'))")
+        return dict(store[name].values)
+
+    def state_bytes(self, params, block: str | None = None) -> int:
+        """Bytes of optimizer state and statistics held for these parameters (and block)."""
+        opt, total = self.optimizer, 0
+        for n in params:
+            total += sum(v.numel() * v.element_size() for v in opt.state_of(n).values()
+                         if isinstance(v, torch.Tensor))
+        if block is not None and block in opt.statistics.blocks:
+            total += sum(v.numel() * v.element_size() for v in opt.statistics[block].values.values())
+        return total
+
+    def report(self) -> str:
+        return report(self)
+
+    def __repr__(self) -> str:
+        return report(self)
+
+    def to_networkx(self):
+        return graph_view.to_networkx(self.graph_module)
+
+    def to_dot(self) -> str:
+        return graph_view.to_dot(self.graph_module)

@@ -1,0 +1,79 @@
+"""The LayerTable: the compiler's account of every trainable parameter.
+
+One `Block` per curvature block (a layer whose curvature gnfx models), one `Fallback` per
+trainable parameter that no block claims, with the reason. Every trainable parameter of the
+model is in exactly one of the two.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Block:
+    """A curvature block: a linear map `z = W a (+ b)` used at one or more call sites.
+
+    `d_in`, `d_out` are the sizes of `a` and `z`; with a bias, `a` gets a trailing 1 and the
+    factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that apply the map (more
+    than one for tied weights; their statistics sum as if the sites were extra positions).
+    """
+
+    name: str
+    kind: str
+    weight: str
+    bias: str | None
+    d_in: int
+    d_out: int
+    sites: list[str]
+    preconditioner: str | None = None
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameter names, as in `named_parameters()`: the weight, then the bias if any."""
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of the block's factors: A over inputs (bias folded in), S over outputs."""
+        a = self.d_in + (self.bias is not None)
+        return {"A": (a, a), "S": (self.d_out, self.d_out), "W": (self.d_out, self.d_in)}
+
+
+@dataclasses.dataclass
+class Fallback:
+    """A trainable parameter that no curvature block claims; it gets the diagonal preconditioner."""
+
+    param: str
+    shape: tuple[int, ...]
+    reason: str
+    preconditioner: str | None = None
+
+
+class LayerTable:
+    """The blocks (iterate over them, or index by name) and the fallback parameters."""
+
+    def __init__(self, blocks: list[Block], fallbacks: list[Fallback], leaves: dict[str, str], form: str):
+        self.blocks = blocks
+        self.fallbacks = fallbacks
+        self.leaves = leaves
+        self.form = form
+        self._by_name = {b.name: b for b in blocks}
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, name: str) -> Block:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no block named {name!r}; blocks are {list(self._by_name)}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def block_of(self, param: str) -> Block | None:
+        """The block that holds parameter `param`, or None if it falls back."""
+        return next((b for b in self.blocks if param in b.params), None)

@@ -1,0 +1,92 @@
+"""`GnfxOptimizer`: the torch.optim.Optimizer that runs the plan's preconditioners.
+
+One step: fold the statistics collected on this step into their averages, run the amortized
+refresh every `inv_every` steps, then let each preconditioner update the parameters it owns.
+Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers included), and
+`state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
+checkpoint continues exactly like the uninterrupted one.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.errors import ConfigError
+
+
+class GnfxOptimizer(torch.optim.Optimizer):
+    def __init__(self, named_params: dict, preconditioner_specs: list, statistics, settings: dict, defaults: dict):
+        """`preconditioner_specs` is a list of (class, hparams, blocks, loose parameter names)."""
+        self._named = dict(named_params)
+        super().__init__(list(self._named.values()), defaults)
+        self.statistics = statistics
+        self.stat_every = settings["stat_every"]
+        self.stat_decay = settings["stat_decay"]
+        self.inv_every = settings["inv_every"]
+        self.steps = 0
+        self.collected = False  # set by the compiled model when a forward ran with taps
+        self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
+        self._groups_seen = None
+
+    # --- lookups used by the preconditioners -------------------------------------------------
+    def param(self, name: str) -> torch.Tensor:
+        return self._named[name]
+
+    def state_of(self, name: str) -> dict:
+        return self.state[self._named[name]]
+
+    def group_of(self, name: str) -> dict:
+        if self._groups_seen is not self.param_groups or len(self._group_index) != len(self._named):
+            self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
+            self._groups_seen = self.param_groups
+        return self._group_index[id(self._named[name])]
+
+    # --- the step ----------------------------------------------------------------------------
+    @property
+    def collecting(self) -> bool:
+        """Whether the forward/backward before the next step collects statistics."""
+        return bool(self.statistics) and self.steps % self.stat_every == 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.collected:
+            self.statistics.finalize(self.stat_decay)
+            self.collected = False
+        if self.steps % self.inv_every == 0:
+            for pre in self.preconditioners:
+                pre.refresh()
+        for pre in self.preconditioners:
+            pre.update()
+        self.steps += 1
+        return loss
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["gnfx"] = {"steps": self.steps, "statistics": self.statistics.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        if "gnfx" not in state_dict:
+            raise ConfigError("this state_dict was not written by a gnfx optimizer (no 'gnfx' entry)")
+        saved = state_dict["state"]
+        if len(state_dict["param_groups"]) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(state_dict["param_groups"], self.param_groups)):
+            raise ConfigError("the checkpoint's parameter groups do not match this optimizer's: "
+                              "was it saved from a model with a different architecture?")
+        gnfx_state = state_dict["gnfx"]
+        self.statistics.load_state_dict(gnfx_state["statistics"])
+        plain = {k: v for k, v in state_dict.items() if k != "gnfx"}
+        super().load_state_dict(plain)
+        # torch casts floating state to each parameter's dtype; gnfx keeps factors in their own
+        # dtype (float32/float64 whatever the model's), so restore the saved tensors as they were.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for k, v in saved.get(i, {}).items():
+                if isinstance(v, torch.Tensor):
+                    self.state[p][k] = v.detach().clone().to(p.device)
+        self.steps = int(gnfx_state["steps"])

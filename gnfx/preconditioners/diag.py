@@ -1,0 +1,89 @@
+"""The diagonal preconditioner: AdamW whose second moment can be the diagonal of the Fisher.
+
+For each parameter, with gradient g, first moment m, second moment v, step t, learning rate η,
+weight decay λ (decoupled):
+
+    m ← β₁ m + (1-β₁) g
+    v ← β₂ v + (1-β₂) s          s = g ⊙ g                         (source="grad2")
+                                 s = diag F = 1/N Σ_n g_n ⊙ g_n    (source="fisher", on blocks)
+    θ ← θ (1 - η λ) - η / (1-β₁ᵗ) · m / (√v / √(1-β₂ᵗ) + ε)
+
+With source="grad2" this is exactly torch.optim.AdamW. With source="fisher", `s` for a block's
+weight and bias is the per-example diagonal of the empirical Fisher from the taps (the most recent
+statistic, see gnfx.statistics); parameters no block covers use g ⊙ g.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.hparams import betas, choice, positive
+from gnfx.preconditioners.base import Preconditioner
+
+
+class Diagonal(Preconditioner):
+    name = "diag"
+    HPARAMS = {
+        "betas": betas("Adam's decay rates of the first and second moments", (0.9, 0.999)),
+        "eps": positive("added to the root of the second moment", 1e-8),
+        "source": choice("second moment: squared mini-batch gradient or per-example Fisher diagonal",
+                         "grad2", ("grad2", "fisher")),
+    }
+
+    @classmethod
+    def needs(cls, hp):
+        return frozenset({"diag"}) if hp["source"] == "fisher" else frozenset()
+
+    def __init__(self, hp, blocks, params, optimizer):
+        super().__init__(hp, blocks, params, optimizer)
+        self._fisher_of = {}  # parameter name -> (block name, slice of the [W b] diagonal)
+        if hp["source"] == "fisher":
+            for b in blocks:
+                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in))
+                if b.bias is not None:
+                    self._fisher_of[b.bias] = (b.name, b.d_in)
+        self._names = self.all_params()
+
+    def _second_moment_term(self, name, grad):
+        source = self._fisher_of.get(name)
+        if source is None:
+            return grad * grad
+        stats = self.opt.statistics.blocks[source[0]].values.get("diag")
+        if stats is None:
+            return grad * grad
+        return stats[:, source[1]].to(grad.dtype)
+
+    @torch.no_grad()
+    def update(self):
+        for group in self.opt.param_groups:
+            names = [n for n in self._names if self.opt.group_of(n) is group]
+            params = [self.opt.param(n) for n in names if self.opt.param(n).grad is not None]
+            names = [n for n in names if self.opt.param(n).grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.opt.state_of(n) for n in names]
+            for p, s in zip(params, states):
+                if not s:
+                    s["step"] = 0
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["step"] += 1
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            if self._fisher_of:
+                terms = [self._second_moment_term(n, g) for n, g in zip(names, grads)]
+                torch._foreach_add_(exp_avg_sqs, terms, alpha=1 - beta2)
+            else:
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+            step_sizes = [-lr / (1 - beta1 ** s["step"]) for s in states]
+            bias2_sqrt = [(1 - beta2 ** s["step"]) ** 0.5 for s in states]
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denoms, bias2_sqrt)
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)

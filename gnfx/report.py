@@ -1,0 +1,46 @@
+"""The block table that `print(model)` and `model.report()` show."""
+from __future__ import annotations
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def report(model) -> str:
+    """Blocks (name, kind, shapes, preconditioner, state memory) and the parameter registration."""
+    table, opt = model.layers, model.optimizer
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    rows = []
+    for b in table:
+        shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
+        rows.append([b.name, b.kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name))])
+    for f in table.fallbacks:
+        rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
+                     _bytes(model.state_bytes((f.param,)))])
+    covered = sum(numel[n] for b in table for n in b.params)
+    total = covered + sum(numel[f.param] for f in table.fallbacks)
+    out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
+           _table(["block", "kind", "shapes", "preconditioner", "state"], rows),
+           f"parameters in curvature blocks: {covered:,} of {total:,} "
+           f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
+           "", "parameter registration:"]
+    reg = [[n, "x".join(map(str, b_shape)), f"block {b.name}"] for b in table
+           for n, b_shape in ((p, tuple(dict(model.named_parameters())[p].shape)) for p in b.params)]
+    reg += [[f.param, "x".join(map(str, f.shape)) or "scalar", f"fallback: {f.reason}"] for f in table.fallbacks]
+    out.append(_table(["parameter", "shape", "accounted for as"], reg))
+    if table.leaves:
+        out += ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()]
+    if opt.steps:
+        out.append(f"\nsteps: {opt.steps}, statistic steps every {opt.stat_every}, refresh every {opt.inv_every}")
+    return "\n".join(out)

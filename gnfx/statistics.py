@@ -1,0 +1,164 @@
+"""The statistics runtime: per-block accumulators filled by the taps, and their moving averages.
+
+For a block `z = W a (+ b)` applied to N examples with R positions each (R = 1 for a plain
+(N, d) input; tokens or several call sites of a tied weight count as positions), and a loss that
+is a mean over the N examples of the accumulation window, the taps see `a` and the gradient
+`g = ∂L/∂z = δ / N`, where `δ = ∂ℓ_n/∂z_n` is the per-example output gradient of DESIGN §1. They
+accumulate, with `kfac_approx="expand"` (positions are extra examples):
+
+    A = 1/(N R) Σ_{n,r} a_{n,r} a_{n,r}ᵀ          (bias folded into a as a trailing 1)
+    S = 1/N     Σ_{n,r} δ_{n,r} δ_{n,r}ᵀ = N Σ g gᵀ
+
+and with `"reduce"` (positions summed first): `a_n = 1/R Σ_r a_{n,r}`, `δ_n = Σ_r δ_{n,r}`,
+`A = 1/N Σ_n a_n a_nᵀ`, `S = 1/N Σ_n δ_n δ_nᵀ`. The per-example diagonal of the empirical
+Fisher is `diag = 1/N Σ_n (Σ_r δ_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
+
+After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
+Statistics are float64 for a float64 layer and float32 otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+STATISTICS = ("A", "S", "diag")
+KFAC_APPROX = ("expand", "reduce")
+
+
+class BlockStatistics:
+    """Accumulators and averaged statistics of one block."""
+
+    def __init__(self, block, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
+        self.block = block
+        self.needs = frozenset(needs)
+        self.reduce = kfac_approx == "reduce"
+        self.dtype = dtype
+        self.bias = block.bias is not None
+        d_a, d_out = block.d_in + self.bias, block.d_out
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self._A = zeros(d_a, d_a) if "A" in needs else None
+        self._S = zeros(d_out, d_out) if "S" in needs else None
+        self._diag = zeros(d_out, d_a) if "diag" in needs else None
+        self._per_example: dict[int, torch.Tensor] = {}
+        self._a_rows = 0
+        self._examples = 0
+        self._last_forward = -1
+        self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
+        self.updates = 0
+
+    @property
+    def wants_activation_in_backward(self) -> bool:
+        return "diag" in self.needs
+
+    def _augmented(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1) if self.bias else a
+
+    @torch.no_grad()
+    def record_activation(self, a: torch.Tensor, forward_id: int) -> None:
+        """Forward tap: count the examples of this forward once, and accumulate A."""
+        if forward_id != self._last_forward:
+            self._last_forward = forward_id
+            self._examples += a.shape[0] if a.dim() > 1 else 1
+        if self._A is None:
+            return
+        a = a.to(self.dtype)
+        rows = a.reshape(a.shape[0], -1, a.shape[-1]).mean(1) if self.reduce else a.reshape(-1, a.shape[-1])
+        d = rows.shape[1]
+        self._A[:d, :d].addmm_(rows.T, rows)
+        if self.bias:
+            total = rows.sum(0)
+            self._A[:d, d] += total
+            self._A[d, :d] += total
+            self._A[d, d] += rows.shape[0]
+        self._a_rows += rows.shape[0]
+
+    @torch.no_grad()
+    def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int) -> None:
+        """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients."""
+        g = g.to(self.dtype)
+        g3 = g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
+        if self._S is not None:
+            rows = g3.sum(1) if self.reduce else g3.reshape(-1, g3.shape[-1])
+            self._S.addmm_(rows.T, rows)
+        if self._diag is not None:
+            a3 = self._augmented(a.to(self.dtype)).reshape(g3.shape[0], g3.shape[1], -1)
+            if g3.shape[1] == 1 and len(self.block.sites) == 1:
+                self._diag.addmm_(g3[:, 0].square().T, a3[:, 0].square())
+            else:  # per-example gradient Σ_r g aᵀ, summed over the sites of this forward
+                per_example = torch.einsum("nro,nri->noi", g3, a3)
+                if forward_id in self._per_example:
+                    self._per_example[forward_id] += per_example
+                else:
+                    self._per_example[forward_id] = per_example
+
+    @torch.no_grad()
+    def finalize(self, decay: float) -> None:
+        """Turn the accumulated sums into this step's statistics and fold them into the average."""
+        n = self._examples
+        if n == 0:
+            return
+        batch = {}
+        if self._A is not None and self._a_rows:
+            batch["A"] = self._A / self._a_rows
+        if self._S is not None:
+            batch["S"] = self._S * n
+        if self._diag is not None:
+            for per_example in self._per_example.values():
+                self._diag += per_example.square().sum(0)
+            batch["diag"] = self._diag * n
+        for name, value in batch.items():
+            if name in self.values and decay > 0:
+                self.values[name].mul_(decay).add_(value, alpha=1 - decay)
+            else:
+                self.values[name] = value.clone()
+        self.updates += 1
+        self._reset()
+
+    def _reset(self) -> None:
+        for buf in (self._A, self._S, self._diag):
+            if buf is not None:
+                buf.zero_()
+        self._per_example.clear()
+        self._a_rows = self._examples = 0
+        self._last_forward = -1
+
+    def state_dict(self) -> dict:
+        return {"values": dict(self.values), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = {k: v.clone() for k, v in state["values"].items()}
+        self.updates = int(state["updates"])
+
+
+class StatisticsStore:
+    """The statistics of every block, by block name; `forward_id` numbers instrumented forwards."""
+
+    def __init__(self, blocks, needs_of, kfac_approx: str, param_of):
+        self.blocks = {}
+        for b in blocks:
+            needs = needs_of(b)
+            if needs:
+                w = param_of(b.weight)
+                dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+                self.blocks[b.name] = BlockStatistics(b, needs, kfac_approx, dtype, w.device)
+        self.forward_id = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks)
+
+    def __getitem__(self, name: str) -> BlockStatistics:
+        return self.blocks[name]
+
+    def finalize(self, decay: float) -> None:
+        for stats in self.blocks.values():
+            stats.finalize(decay)
+
+    def state_dict(self) -> dict:
+        return {name: s.state_dict() for name, s in self.blocks.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.blocks) ^ set(state)
+        if missing:
+            raise ValueError(f"the checkpoint's statistics do not match this model's blocks: "
+                             f"{sorted(missing)} appear on one side only")
+        for name, s in state.items():
+            self.blocks[name].load_state_dict(s)

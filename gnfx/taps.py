@@ -1,0 +1,44 @@
+"""The tap modules that the rewrite pass inserts around each block.
+
+`ActivationTap(a)` returns `a` and records the layer input; `ErrorTap(z, a)` returns `z` and
+registers a gradient hook on it that records `g = ∂L/∂z` (and, for per-example statistics, pairs
+it with the `a` of the same call). Both are identities: the model computes the same values and
+gradients. They only run on statistic steps: on other steps the compiled model calls the
+original, untapped forward.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class ActivationTap(nn.Module):
+    """Identity on a block's input `a`; accumulates `A` (DESIGN §1) on statistic steps."""
+
+    def __init__(self, stats, store):
+        super().__init__()
+        self.stats, self.store = stats, store
+
+    def forward(self, a):
+        self.stats.record_activation(a, self.store.forward_id)
+        return a
+
+    def extra_repr(self) -> str:
+        return f"block={self.stats.block.name!r}"
+
+
+class ErrorTap(nn.Module):
+    """Identity on a block's output `z`; its gradient hook accumulates `S` (and per-example terms)."""
+
+    def __init__(self, stats, store):
+        super().__init__()
+        self.stats, self.store = stats, store
+
+    def forward(self, z, a):
+        if z.requires_grad:
+            fid, stats = self.store.forward_id, self.stats
+            keep = a if stats.wants_activation_in_backward else None
+            z.register_hook(lambda g: stats.record_error(g, keep, fid))
+        return z
+
+    def extra_repr(self) -> str:
+        return f"block={self.stats.block.name!r}"

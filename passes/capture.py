@@ -1,0 +1,135 @@
+"""capture: nn.Module -> torch.fx.GraphModule.
+
+Symbolic tracing (`torch.fx`) comes first: it gives a readable, module-level graph and needs no
+example inputs. A submodule whose forward cannot be traced becomes a leaf (an opaque call in the
+graph, its parameters left to the fallback preconditioner) and is reported. When the top-level
+forward itself cannot be traced, capture falls back to `torch.export.export(strict=False)` with
+dynamic dimensions, which needs example inputs and yields an aten-level graph whose nodes keep
+their module path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import traceback
+
+import torch
+from torch import fx, nn
+
+from gnfx.errors import CaptureError
+
+CAPTURE_MODES = ("auto", "fx", "export")
+
+
+@dataclasses.dataclass
+class Captured:
+    """A captured graph and how it was obtained.
+
+    `leaves` maps the dotted path of each submodule kept opaque to the reason.
+    """
+
+    graph_module: fx.GraphModule
+    form: str  # "fx" (torch-level graph) or "export" (aten-level graph)
+    leaves: dict[str, str]
+
+
+class _LeafFindingTracer(fx.Tracer):
+    """An fx tracer that treats the given module paths as leaves and remembers the innermost
+    submodule whose forward raised during tracing."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The last frame of the traceback that is not inside torch: the offending line of user code."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {f.line}"
+
+
+def trace_fx(model: nn.Module, leaf_modules=()) -> Captured:
+    """Symbolically trace `model`, turning untraceable submodules into leaves.
+
+    Raises CaptureError when the top-level forward itself cannot be traced.
+    """
+    leaves: dict[str, str] = {name: "requested with leaf_modules" for name in leaf_modules}
+    known = dict(model.named_modules())
+    for name in leaves:
+        if name not in known or name == "":
+            raise CaptureError(
+                f"leaf_modules names {name!r}, which is not a submodule of the model; "
+                f"valid names are the dotted paths of model.named_modules()")
+    while True:
+        tracer = _LeafFindingTracer(set(leaves))
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+            failed = tracer.failed_module
+            if failed and failed not in leaves:
+                leaves[failed] = f"could not be traced ({_describe(exc)})"
+                continue
+            raise CaptureError(
+                f"torch.fx could not trace the forward of {type(model).__name__}: {_describe(exc)}\n"
+                f"  at {_user_frame(exc)}\n"
+                f"Fix: mark the submodule that holds this code as opaque with "
+                f"gnfx.compile(..., leaf_modules=['path.to.module']), rewrite data-dependent "
+                f"branches with torch.cond, or use capture='export' with example_inputs=...") from exc
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        return Captured(gm, "fx", leaves)
+
+
+def _dynamic_shapes(example_inputs):
+    def dims(t):
+        return {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
+    return tuple(dims(t) for t in example_inputs)
+
+
+def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> Captured:
+    """Capture with torch.export (non-strict, every tensor dimension dynamic)."""
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or None,
+                                 strict=False, dynamic_shapes=None if example_kwargs else _dynamic_shapes(example_inputs))
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"
+            f"  at {_user_frame(exc)}\n"
+            f"Fix: rewrite data-dependent branches with torch.cond, or mark the offending submodule "
+            f"with leaf_modules=[...] and capture='fx'") from exc
+    return Captured(ep.module(), "export", {})
+
+
+def capture(model: nn.Module, mode: str = "auto", leaf_modules=(), example_inputs=None,
+            example_kwargs=None) -> Captured:
+    """Capture `model` as an FX graph: `mode` is "fx", "export" or "auto" (fx, then export)."""
+    if mode not in CAPTURE_MODES:
+        raise CaptureError(f"capture={mode!r} is not a capture mode; use one of {CAPTURE_MODES}")
+    if mode == "export":
+        if example_inputs is None:
+            raise CaptureError("capture='export' needs example inputs: pass example_inputs=(x,)")
+        return export(model, example_inputs, example_kwargs)
+    try:
+        return trace_fx(model, leaf_modules)
+    except CaptureError:
+        if mode == "fx" or example_inputs is None:
+            raise
+        return export(model, example_inputs, example_kwargs)
