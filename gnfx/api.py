@@ -22,6 +22,8 @@ COMMON = {
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
     "inv_every": positive_int("refresh decompositions every inv_every steps", 10),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
+    "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
+                           "auto", ("auto", "batch")),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
                          "statistics to collect beyond what the preconditioners need"),
@@ -74,4 +76,4 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
     insert_taps(gm, block_sites, store)
     defaults = {k: hp[k] for k in PER_GROUP}
     opt = GnfxOptimizer(named, specs(table, hparams_of), store, hp, defaults)
-    return CompiledModel(model, gm, table, opt)
+    return CompiledModel(model, gm, table, opt, hp["loss_average"])

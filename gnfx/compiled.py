@@ -16,7 +16,7 @@ from passes import graph_view
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, model: nn.Module, graph_module, table, optimizer):
+    def __init__(self, model: nn.Module, graph_module, table, optimizer, loss_average: str = "auto"):
         super().__init__()
         # Share the original's registries: same Parameter objects, same state_dict keys.
         self._parameters = model._parameters
@@ -27,13 +27,18 @@ class CompiledModel(nn.Module):
         self.__dict__["graph_module"] = graph_module
         self.__dict__["layers"] = table
         self.__dict__["optimizer"] = optimizer
+        self.__dict__["_loss_average"] = loss_average
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer
         if self.training and opt.collecting and torch.is_grad_enabled():
-            opt.statistics.forward_id += 1
+            store = opt.statistics
+            store.forward_id += 1
             opt.collected = True
-            return self.graph_module(*args, **kwargs)
+            out = self.graph_module(*args, **kwargs)
+            if self._loss_average == "auto" and isinstance(out, torch.Tensor) and out.dim() > 2:
+                store.terms_per_example[store.forward_id] = out.shape[1:-1].numel()
+            return out
         return self._model(*args, **kwargs)
 
     def train(self, mode: bool = True):

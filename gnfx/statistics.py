@@ -1,17 +1,21 @@
 """The statistics runtime: per-block accumulators filled by the taps, and their moving averages.
 
 For a block `z = W a (+ b)` applied to N examples with R positions each (R = 1 for a plain
-(N, d) input; tokens or several call sites of a tied weight count as positions), and a loss that
-is a mean over the N examples of the accumulation window, the taps see `a` and the gradient
-`g = ∂L/∂z = δ / N`, where `δ = ∂ℓ_n/∂z_n` is the per-example output gradient of DESIGN §1. They
-accumulate, with `kfac_approx="expand"` (positions are extra examples):
+(N, d) input; tokens or several call sites of a tied weight count as positions), the taps see `a`
+and the gradient `g = ∂L/∂z` of the loss `L = 1/M Σ_m ℓ_m`, a mean over the M loss terms of the
+accumulation window: M = N T, with T the loss terms per example (T = 1 for an (N, C) model
+output; T = prod(shape[1:-1]) for an (N, ..., C) output such as a language model's (N, T, V), as
+in curvlinops; `loss_average="batch"` forces T = 1). The output gradient of each term is
+`δ = M g` (DESIGN §1: the 1/M of the mean undone). The taps accumulate, with
+`kfac_approx="expand"` (positions are extra examples):
 
     A = 1/(N R) Σ_{n,r} a_{n,r} a_{n,r}ᵀ          (bias folded into a as a trailing 1)
-    S = 1/N     Σ_{n,r} δ_{n,r} δ_{n,r}ᵀ = N Σ g gᵀ
+    S = 1/M     Σ_{n,r} δ_{n,r} δ_{n,r}ᵀ = M Σ g gᵀ
 
 and with `"reduce"` (positions summed first): `a_n = 1/R Σ_r a_{n,r}`, `δ_n = Σ_r δ_{n,r}`,
-`A = 1/N Σ_n a_n a_nᵀ`, `S = 1/N Σ_n δ_n δ_nᵀ`. The per-example diagonal of the empirical
-Fisher is `diag = 1/N Σ_n (Σ_r δ_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
+`A = 1/N Σ_n a_n a_nᵀ`, `S = 1/M Σ_n δ_n δ_nᵀ`. The per-example diagonal of the empirical
+Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
+`diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
@@ -27,8 +31,9 @@ KFAC_APPROX = ("expand", "reduce")
 class BlockStatistics:
     """Accumulators and averaged statistics of one block."""
 
-    def __init__(self, block, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, block, store, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
         self.block = block
+        self.store = store
         self.needs = frozenset(needs)
         self.reduce = kfac_approx == "reduce"
         self.dtype = dtype
@@ -40,8 +45,7 @@ class BlockStatistics:
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._per_example: dict[int, torch.Tensor] = {}
         self._a_rows = 0
-        self._examples = 0
-        self._last_forward = -1
+        self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
         self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
         self.updates = 0
 
@@ -55,9 +59,7 @@ class BlockStatistics:
     @torch.no_grad()
     def record_activation(self, a: torch.Tensor, forward_id: int) -> None:
         """Forward tap: count the examples of this forward once, and accumulate A."""
-        if forward_id != self._last_forward:
-            self._last_forward = forward_id
-            self._examples += a.shape[0] if a.dim() > 1 else 1
+        self._examples[forward_id] = a.shape[0] if a.dim() > 1 else 1
         if self._A is None:
             return
         a = a.to(self.dtype)
@@ -93,14 +95,15 @@ class BlockStatistics:
     @torch.no_grad()
     def finalize(self, decay: float) -> None:
         """Turn the accumulated sums into this step's statistics and fold them into the average."""
-        n = self._examples
-        if n == 0:
+        if not self._examples:
             return
+        n = sum(self._examples.values())
+        m = sum(k * self.store.terms_per_example.get(f, 1) for f, k in self._examples.items())
         batch = {}
         if self._A is not None and self._a_rows:
             batch["A"] = self._A / self._a_rows
         if self._S is not None:
-            batch["S"] = self._S * n
+            batch["S"] = self._S * m
         if self._diag is not None:
             for per_example in self._per_example.values():
                 self._diag += per_example.square().sum(0)
@@ -118,8 +121,8 @@ class BlockStatistics:
             if buf is not None:
                 buf.zero_()
         self._per_example.clear()
-        self._a_rows = self._examples = 0
-        self._last_forward = -1
+        self._a_rows = 0
+        self._examples.clear()
 
     def state_dict(self) -> dict:
         return {"values": dict(self.values), "updates": self.updates}
@@ -139,8 +142,9 @@ class StatisticsStore:
             if needs:
                 w = param_of(b.weight)
                 dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-                self.blocks[b.name] = BlockStatistics(b, needs, kfac_approx, dtype, w.device)
+                self.blocks[b.name] = BlockStatistics(b, self, needs, kfac_approx, dtype, w.device)
         self.forward_id = 0
+        self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
 
     def __bool__(self) -> bool:
         return bool(self.blocks)
@@ -151,6 +155,7 @@ class StatisticsStore:
     def finalize(self, decay: float) -> None:
         for stats in self.blocks.values():
             stats.finalize(decay)
+        self.terms_per_example.clear()
 
     def state_dict(self) -> dict:
         return {name: s.state_dict() for name, s in self.blocks.items()}

@@ -1,0 +1,290 @@
+"""Exact Generalized Gauss-Newton (GGN), Fisher and Hessian products with torch.func.
+
+Notation. A batch of N examples has the loss
+
+    L(θ) = (1/N) Σ_n ℓ(z_n, y_n),    z = f(x; θ),
+
+where f is the model, θ its trainable parameters and z its output. With J = ∂z/∂θ (the
+Jacobian of the whole batch output) and H_ℓ = ∇²_z L (the Hessian of the loss with respect to
+the output, mean-reduction factor included), the GGN is
+
+    G = Jᵀ H_ℓ J.
+
+Every product here is computed matrix-free: one forward-mode pass gives J v, a product with
+H_ℓ (or with the Fisher's output matrix) follows, and one reverse-mode pass gives Jᵀ(·). Only
+`ggn_matrix` builds G, one column per unit vector.
+
+Losses are named "cross_entropy" or "mse" (torch's functional losses with the default mean
+reduction), or given as a callable ``loss(z, y) -> scalar``:
+
+* "cross_entropy": ``F.cross_entropy(z, y)`` with the classes on the last axis of z. Logits of
+  shape (N, C) take targets (N,); language-model logits (B, T, V) take targets (B, T) and are
+  flattened to (B*T, V), so the loss is the mean over all tokens. Targets equal to -100 (the
+  default ``ignore_index``) are left out of the mean. Class-probability targets (shaped like z)
+  are accepted too.
+* "mse": ``F.mse_loss(z, y)``, the mean over all elements of (z - y)², written out explicitly
+  because torch.func cannot differentiate ``F.mse_loss`` twice in forward-over-reverse mode.
+
+Parameter vectors are lists of tensors shaped like
+``[p for p in model.parameters() if p.requires_grad]``, in that order. Frozen parameters
+(``requires_grad=False``) and buffers are used unchanged and take no part in θ. The model's
+forward must be deterministic (put dropout in eval mode): it is evaluated more than once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from gnfx.errors import ConfigError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Loss = Union[str, LossFn]
+Inputs = Union[Tensor, tuple]
+OutputProduct = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, y, u) -> M u
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+
+def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy with the classes on the last axis of z."""
+    if z.dim() > 2:
+        y = y.flatten(0, z.dim() - 2)
+        z = z.flatten(0, -2)
+    return F.cross_entropy(z, y)
+
+
+def _mse(z: Tensor, y: Tensor) -> Tensor:
+    """Mean squared error over all elements, as F.mse_loss."""
+    return ((z - y) ** 2).mean()
+
+
+_LOSSES = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def _loss_fn(loss: Loss) -> LossFn:
+    """The loss callable for a loss name or callable."""
+    if callable(loss):
+        return loss
+    if loss not in _LOSSES:
+        valid = ", ".join(repr(name) for name in _LOSSES)
+        raise ConfigError(
+            f"unknown loss {loss!r}; valid names are {valid} (case-sensitive), "
+            "or pass a callable loss(z, y) -> scalar"
+        )
+    return _LOSSES[loss]
+
+
+def _loss_hessian_product(loss: Loss) -> OutputProduct:
+    """(z, y, u) -> H_ℓ u with H_ℓ = ∇²_z loss(z, y), by forward-over-reverse autodiff."""
+    loss_fn = _loss_fn(loss)
+
+    def product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+        return jvp(grad(lambda out: loss_fn(out, y)), (z,), (u,))[1]
+
+    return product
+
+
+def _cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """(z, y, u) -> F_z u for the categorical likelihood p = softmax(z) of each row.
+
+    Each row (example or token) contributes w_n (diag(p_n) - p_n p_nᵀ), where w_n is the row's
+    weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise.
+    """
+    classes = z.shape[-1]
+    p = torch.softmax(z.reshape(-1, classes), dim=-1)
+    u_rows = u.reshape(-1, classes)
+    if y.is_floating_point():  # class probabilities: every row counts
+        weight = torch.full_like(p[:, 0], 1 / p.shape[0])
+    else:
+        kept = (y.reshape(-1) != IGNORE_INDEX).to(p.dtype)
+        weight = kept / kept.sum()
+    fisher_u = p * u_rows - p * (p * u_rows).sum(-1, keepdim=True)
+    return (weight[:, None] * fisher_u).reshape(u.shape)
+
+
+def _mse_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """(z, y, u) -> F_z u for a unit-variance Gaussian, scaled as the mean MSE: 2 u / numel(z)."""
+    return 2 * u / z.numel()
+
+
+_FISHER_PRODUCTS = {"cross_entropy": _cross_entropy_fisher_product, "mse": _mse_fisher_product}
+
+
+def _fisher_product(loss: Loss) -> OutputProduct:
+    """The Fisher output product of a named loss; callables have no known likelihood."""
+    if callable(loss):
+        raise ConfigError(
+            "the Fisher needs a known likelihood: pass loss='cross_entropy' or 'mse', "
+            "or use ggn_vp for a custom loss callable"
+        )
+    _loss_fn(loss)  # rejects unknown names with the list of valid ones
+    return _FISHER_PRODUCTS[loss]
+
+
+def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tensor], dict]:
+    """The model as a function of its trainable parameters, and their detached values by name."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def f(theta: dict) -> Tensor:
+        return functional_call(model, theta, args)
+
+    return f, params
+
+
+def _as_tangents(params: dict, v: Sequence[Tensor], batched: bool = False) -> dict:
+    """Check v against the trainable parameters and key it by their names.
+
+    With ``batched``, every entry carries one extra leading dimension K, the same for all.
+    """
+    if isinstance(v, Tensor) or len(v) != len(params):
+        count = "a tensor" if isinstance(v, Tensor) else f"{len(v)} entries"
+        raise ValueError(
+            f"expected a list of {len(params)} tensors, one per trainable parameter "
+            f"({', '.join(params)}), got {count}"
+        )
+    for i, ((name, p), t) in enumerate(zip(params.items(), v)):
+        shape = t.shape[1:] if batched else t.shape
+        if shape != p.shape:
+            lead = "(K, *shape) with shape " if batched else ""
+            raise ValueError(
+                f"entry {i} has shape {tuple(t.shape)} but must be {lead}{tuple(p.shape)}, "
+                f"the shape of parameter {name!r}"
+            )
+    if batched and len({t.shape[0] for t in v}) > 1:
+        raise ValueError(f"entries have different leading sizes {[t.shape[0] for t in v]}")
+    return dict(zip(params, v))
+
+
+def _curvature_operator(
+    model: nn.Module, inputs: Inputs, targets: Tensor, output_product: OutputProduct
+) -> tuple[dict, Callable[[dict], dict]]:
+    """The trainable parameters and the map v ↦ Jᵀ M (J v), M applied by output_product."""
+    f, params = _functional(model, inputs)
+    z, pullback = vjp(f, params)
+
+    def apply(tangents: dict) -> dict:
+        jv = jvp(f, (params,), (tangents,))[1]
+        return pullback(output_product(z, targets, jv))[0]
+
+    return params, apply
+
+
+def ggn_vp(
+    model: nn.Module, loss: Loss, inputs: Inputs, targets: Tensor, v: Sequence[Tensor]
+) -> list[Tensor]:
+    """The GGN-vector product G v = Jᵀ (H_ℓ (J v)).
+
+    J = ∂z/∂θ is the Jacobian of the batch output z = model(*inputs) with respect to the
+    trainable parameters θ, and H_ℓ = ∇²_z L the Hessian of the mean loss L with respect to z.
+
+    Args:
+        model: any nn.Module; its trainable parameters are θ.
+        loss: "cross_entropy", "mse" or a callable ``loss(z, y) -> scalar`` (see module doc).
+        inputs: a tensor or a tuple of tensors, passed positionally to the model.
+        targets: the targets y of the loss.
+        v: tensors shaped like ``[p for p in model.parameters() if p.requires_grad]``.
+
+    Returns:
+        G v, as a list shaped like v.
+    """
+    params, apply = _curvature_operator(model, inputs, targets, _loss_hessian_product(loss))
+    gv = apply(_as_tangents(params, v))
+    return [gv[name] for name in params]
+
+
+def ggn_vps(
+    model: nn.Module,
+    loss: Loss,
+    inputs: Inputs,
+    targets: Tensor,
+    vs: Sequence[Tensor],
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """GGN products G v_k for K vectors at once, vectorized with torch.func.vmap.
+
+    Each entry of vs is shaped (K, *parameter shape); entry [k] of each gives vector v_k. The
+    model output is computed once and shared by the K products. ``chunk_size`` bounds how many
+    products vmap evaluates together (None: all K), trading speed for memory.
+
+    Returns:
+        G v_k stacked the same way, as a list shaped like vs.
+    """
+    params, apply = _curvature_operator(model, inputs, targets, _loss_hessian_product(loss))
+    gvs = vmap(apply, chunk_size=chunk_size)(_as_tangents(params, vs, batched=True))
+    return [gvs[name] for name in params]
+
+
+def fisher_vp(
+    model: nn.Module, loss: Loss, inputs: Inputs, targets: Tensor, v: Sequence[Tensor]
+) -> list[Tensor]:
+    """The Fisher-vector product F v = Jᵀ (F_z (J v)) of the model's predictive distribution.
+
+    F_z is the Fisher of the likelihood the loss is the negative log of, with respect to the
+    output z and scaled like the mean loss:
+
+    * "cross_entropy": p = softmax(z_n) per example (or token) and
+      F_z = (1/N) blockdiag(diag(p_n) - p_n p_nᵀ), ignored targets excluded from the N.
+    * "mse": a unit-variance Gaussian with mean z, scaled as the mean MSE: F_z = (2/numel(z)) I.
+
+    For both losses F_z equals H_ℓ, so fisher_vp equals ggn_vp (for soft cross-entropy targets,
+    when each row of y sums to 1). Arguments and result are those of ggn_vp.
+
+    Raises:
+        ValueError: for a loss callable, whose likelihood is unknown.
+    """
+    params, apply = _curvature_operator(model, inputs, targets, _fisher_product(loss))
+    fv = apply(_as_tangents(params, v))
+    return [fv[name] for name in params]
+
+
+def hvp(
+    model: nn.Module, loss: Loss, inputs: Inputs, targets: Tensor, v: Sequence[Tensor]
+) -> list[Tensor]:
+    """The Hessian-vector product ∇²_θ L v of the mean loss, by forward-over-reverse autodiff.
+
+    Unlike the GGN it includes the second derivatives of the model. Arguments and result are
+    those of ggn_vp.
+    """
+    f, params = _functional(model, inputs)
+    loss_fn = _loss_fn(loss)
+    hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (_as_tangents(params, v),))[1]
+    return [hv[name] for name in params]
+
+
+def ggn_matrix(
+    model: nn.Module,
+    loss: Loss,
+    inputs: Inputs,
+    targets: Tensor,
+    max_params: int = 5000,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The dense GGN G = Jᵀ H_ℓ J, of shape (P, P), for tiny models.
+
+    P is the number of trainable parameters, flattened one after another in
+    ``model.parameters()`` order. Column i is ``ggn_vp`` of the i-th unit vector; the columns
+    are computed with ``ggn_vps`` (``chunk_size`` as there).
+
+    Raises:
+        ValueError: if P > max_params.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    if total > max_params:
+        raise ConfigError(
+            f"ggn_matrix would be {total} x {total}: the model has {total} trainable "
+            f"parameters, more than max_params={max_params}; use ggn_vp, or raise max_params"
+        )
+    eye = torch.eye(total, dtype=params[0].dtype, device=params[0].device)
+    basis = [block.reshape(total, *p.shape) for block, p in zip(eye.split(sizes, dim=1), params)]
+    columns = ggn_vps(model, loss, inputs, targets, basis, chunk_size=chunk_size)
+    # Row k of the concatenation is (G e_k)ᵀ, so its transpose has columns G e_k.
+    return torch.cat([c.reshape(total, -1) for c in columns], dim=1).T.contiguous()
