@@ -5,25 +5,25 @@ from torch import nn
 
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
-from gnfx.hparams import HParam, choice, nonnegative, positive, positive_int, resolve, unit_interval
+from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import FALLBACK, make_plan, specs
 from gnfx.preconditioners import REGISTRY
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
-from passes.analyze import analyze
-from passes.capture import capture as capture_graph
-from passes.lower import lower_linear_modules
-from passes.taps import insert_taps
+from gnfx.passes.analyze import analyze
+from gnfx.passes.capture import capture as capture_graph
+from gnfx.passes.lower import lower_linear_modules
+from gnfx.passes.taps import insert_taps
 
 COMMON = {
     "lr": positive("learning rate η", 1e-3),
     "weight_decay": nonnegative("decoupled weight decay λ: θ ← θ(1 - ηλ)", 0.0),
     "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
-    "inv_every": positive_int("refresh decompositions every inv_every steps", 10),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
                            "auto", ("auto", "batch")),
+    "compile": flag("run the generated update function under torch.compile", False),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
                          "statistics to collect beyond what the preconditioners need"),

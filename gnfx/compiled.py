@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gnfx.report import report
-from passes import graph_view
+from gnfx.passes import graph_view
 
 
 class CompiledModel(nn.Module):
@@ -75,6 +75,16 @@ class CompiledModel(nn.Module):
         if block is not None and block in opt.statistics.blocks:
             total += sum(v.numel() * v.element_size() for v in opt.statistics[block].values.values())
         return total
+
+    @property
+    def update_code(self) -> str:
+        """The source of the generated update function, plus the elementwise steps it leaves out."""
+        opt = self.optimizer
+        lines = [opt.update_function.source]
+        for pre in opt.elementwise:
+            n = len(pre.param_names) + sum(len(b.params) for b in pre.blocks)
+            lines.append(f"# then {pre.name}: torch._foreach AdamW-style step over {n} parameter tensors")
+        return "\n".join(lines)
 
     def report(self) -> str:
         return report(self)

@@ -150,12 +150,11 @@ def _as_tangents(params: dict, v: Sequence[Tensor], batched: bool = False) -> di
             f"({', '.join(params)}), got {count}"
         )
     for i, ((name, p), t) in enumerate(zip(params.items(), v)):
-        shape = t.shape[1:] if batched else t.shape
-        if shape != p.shape:
-            lead = "(K, *shape) with shape " if batched else ""
+        if (t.shape[1:] if batched else t.shape) != p.shape:
+            expected = f"(K, {', '.join(map(str, p.shape))})" if batched else str(tuple(p.shape))
             raise ValueError(
-                f"entry {i} has shape {tuple(t.shape)} but must be {lead}{tuple(p.shape)}, "
-                f"the shape of parameter {name!r}"
+                f"entry {i} has shape {tuple(t.shape)} but must be {expected} "
+                f"for parameter {name!r} of shape {tuple(p.shape)}"
             )
     if batched and len({t.shape[0] for t in v}) > 1:
         raise ValueError(f"entries have different leading sizes {[t.shape[0] for t in v]}")
@@ -209,9 +208,10 @@ def ggn_vps(
 ) -> list[Tensor]:
     """GGN products G v_k for K vectors at once, vectorized with torch.func.vmap.
 
-    Each entry of vs is shaped (K, *parameter shape); entry [k] of each gives vector v_k. The
-    model output is computed once and shared by the K products. ``chunk_size`` bounds how many
-    products vmap evaluates together (None: all K), trading speed for memory.
+    Each entry of vs is shaped (K, *parameter shape); slice [k] of every entry gives v_k. The
+    reverse pass (z and its pullback) is built once and shared; the forward-mode pass runs
+    batched over K. ``chunk_size`` bounds how many products vmap evaluates together (None: all
+    K), trading speed for memory.
 
     Returns:
         G v_k stacked the same way, as a list shaped like vs.
@@ -237,7 +237,7 @@ def fisher_vp(
     when each row of y sums to 1). Arguments and result are those of ggn_vp.
 
     Raises:
-        ValueError: for a loss callable, whose likelihood is unknown.
+        ValueError (gnfx.errors.ConfigError): for a loss callable, whose likelihood is unknown.
     """
     params, apply = _curvature_operator(model, inputs, targets, _fisher_product(loss))
     fv = apply(_as_tangents(params, v))
@@ -254,7 +254,8 @@ def hvp(
     """
     f, params = _functional(model, inputs)
     loss_fn = _loss_fn(loss)
-    hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (_as_tangents(params, v),))[1]
+    tangents = _as_tangents(params, v)
+    hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
     return [hv[name] for name in params]
 
 
@@ -273,9 +274,9 @@ def ggn_matrix(
     are computed with ``ggn_vps`` (``chunk_size`` as there).
 
     Raises:
-        ValueError: if P > max_params.
+        ValueError (gnfx.errors.ConfigError): if P > max_params.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(_functional(model, inputs)[1].values())
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     if total > max_params:

@@ -1,7 +1,8 @@
 """`GnfxOptimizer`: the torch.optim.Optimizer that runs the plan's preconditioners.
 
 One step: fold the statistics collected on this step into their averages, run the amortized
-refresh every `inv_every` steps, then let each preconditioner update the parameters it owns.
+refresh of each curvature preconditioner when it is due, run the generated update function
+(gnfx.codegen) for the curvature preconditioners, and the diagonal preconditioner's foreach step.
 Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers included), and
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.codegen import UpdateFunction
 from gnfx.errors import ConfigError
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
@@ -21,11 +24,13 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.statistics = statistics
         self.stat_every = settings["stat_every"]
         self.stat_decay = settings["stat_decay"]
-        self.inv_every = settings["inv_every"]
         self.steps = 0
         self.collected = False  # set by the compiled model when a forward ran with taps
-        self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
         self._groups_seen = None
+        self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
+        self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
+        self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
+        self.update_function = UpdateFunction(self.curvature, self, settings["compile"])
 
     # --- lookups used by the preconditioners -------------------------------------------------
     def param(self, name: str) -> torch.Tensor:
@@ -42,9 +47,14 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     # --- the step ----------------------------------------------------------------------------
     @property
+    def statistic_step(self) -> bool:
+        """Whether this step collects statistics (taps, and gradient-based curvature)."""
+        return self.steps % self.stat_every == 0
+
+    @property
     def collecting(self) -> bool:
-        """Whether the forward/backward before the next step collects statistics."""
-        return bool(self.statistics) and self.steps % self.stat_every == 0
+        """Whether the forward/backward before the next step runs the taps."""
+        return bool(self.statistics) and self.statistic_step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -55,10 +65,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.collected:
             self.statistics.finalize(self.stat_decay)
             self.collected = False
-        if self.steps % self.inv_every == 0:
-            for pre in self.preconditioners:
+        for pre in self.curvature:
+            if pre.refresh_due(self.steps):
                 pre.refresh()
-        for pre in self.preconditioners:
+        self.update_function(self.statistic_step)
+        for pre in self.elementwise:
             pre.update()
         self.steps += 1
         return loss

@@ -1,7 +1,8 @@
 """plan: which preconditioner serves which block.
 
 `optimizer` is a preconditioner name, applied to every block; parameters that no block claims get
-the diagonal preconditioner (DESIGN §1). The plan is written into the LayerTable
+the diagonal preconditioner (DESIGN §1), unless the preconditioner serves them itself (Shampoo
+needs only a gradient's shape, so it takes every loose tensor of order >= 2). The plan is written into the LayerTable
 (`block.preconditioner`, `fallback.preconditioner`).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ def make_plan(table, optimizer) -> dict[str, str]:
     for block in table:
         block.preconditioner = optimizer
     for fb in table.fallbacks:
-        fb.preconditioner = FALLBACK
+        fb.preconditioner = optimizer if REGISTRY[optimizer].claims_fallback(fb.shape) else FALLBACK
     return {**{b.name: b.preconditioner for b in table}, **{f.param: f.preconditioner for f in table.fallbacks}}
 
 

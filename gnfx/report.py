@@ -42,5 +42,5 @@ def report(model) -> str:
     if table.leaves:
         out += ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()]
     if opt.steps:
-        out.append(f"\nsteps: {opt.steps}, statistic steps every {opt.stat_every}, refresh every {opt.inv_every}")
+        out.append(f"\nsteps: {opt.steps}, statistic steps every {opt.stat_every}")
     return "\n".join(out)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import fx, nn
 
 from gnfx.layer_table import Block, Fallback, LayerTable
-from passes.linear import find_linear_sites
-from passes.sites import Site
+from .linear import find_linear_sites
+from .sites import Site
 
 DETECTORS = {"linear": find_linear_sites}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from passes.sites import Site
+from .sites import Site
 
 LINEAR_OPS = (F.linear, torch.ops.aten.linear.default)
 

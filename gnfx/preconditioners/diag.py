@@ -41,7 +41,7 @@ class Diagonal(Preconditioner):
                 self._fisher_of[b.weight] = (b.name, slice(0, b.d_in))
                 if b.bias is not None:
                     self._fisher_of[b.bias] = (b.name, b.d_in)
-        self._names = self.all_params()
+        self._names = [n for b in blocks for n in b.params] + list(params)
 
     def _second_moment_term(self, name, grad):
         source = self._fisher_of.get(name)

@@ -1,0 +1,57 @@
+"""Batched symmetric matrix functions for the amortized refresh.
+
+`damped_inverse_power(F, damping, p)` returns `(F + λ I)^{-p}` for a stack of symmetric positive
+semi-definite matrices from one symmetric eigendecomposition `F = Q diag(d) Qᵀ` (eigenvalues
+clamped at 0 against round-off): `Q diag((d + λ)^{-p}) Qᵀ`. A decomposition that fails or yields
+non-finite values is reported per matrix, so that the caller keeps its last good result.
+
+On the CPU the eigendecomposition runs on one thread: measured on this project's 2-core machine,
+a multi-threaded (MKL) eigh of a 32x32 matrix took 0.13 s against 0.0003 s on one thread, and a
+256x256 one sometimes stalled for seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """Run the body on one intra-op thread when on the CPU."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _power(F: torch.Tensor, damping: torch.Tensor, p: float) -> torch.Tensor:
+    with one_thread(F.device):
+        d, Q = torch.linalg.eigh(F)
+    d = (d.clamp(min=0) + damping.unsqueeze(-1)).pow(-p)
+    return (Q * d.unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+
+def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype):
+    """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype`.
+
+    Returns (result in F's dtype, ok) where `ok` is a (k,) bool tensor: False where the
+    decomposition failed or produced non-finite values (that entry of the result is undefined).
+    """
+    F64, lam = F.to(dtype), damping.to(dtype)
+    try:
+        out = _power(F64, lam, p)
+    except RuntimeError:  # torch.linalg.LinAlgError, or MKL failing on one matrix: isolate it
+        out = torch.empty_like(F64)
+        for i in range(F.shape[0]):
+            try:
+                out[i] = _power(F64[i:i + 1], lam[i:i + 1], p)[0]
+            except RuntimeError:
+                out[i] = float("nan")
+    ok = torch.isfinite(out).flatten(1).all(1)
+    return out.to(F.dtype), ok

@@ -1,0 +1,64 @@
+"""Rank-k curvature: `Ĝ_t = β Ĝ_{t-1} + (1-β) v_t v_tᵀ` in O(k n) memory, inverted by Woodbury.
+
+Per block, v is the vectorized gradient `vec([∇W ∇b])` (n entries). Ĝ is kept as its top-k
+eigenpairs `U diag(s) Uᵀ` (U orthonormal, n x k). Each statistic step forms the rank-(k+1)
+matrix `β U diag(s) Uᵀ + (1-β) v vᵀ = B Bᵀ` with `B = [U √(β s), √(1-β) v]`, takes its
+eigenpairs exactly from a thin QR of B (B = Q R, eig(R Rᵀ) = V diag(s') Vᵀ, eigenvectors Q V),
+and keeps the top k: a streaming (Oja-style) tracker of the leading eigenspace. With the bias
+correction `Ĝ/(1-βᵗ)`, the step applies `(Ĝ + λ I)⁻¹` by Woodbury (Sherman–Morrison for k = 1):
+
+    (Ĝ + λ I)⁻¹ v = (v - U diag(s / (s + λ)) Uᵀ v) / λ
+
+and, by default, takes its per-block step size from Adam by grafting (graft.py), since the
+magnitude of `(Ĝ + λI)⁻¹ v` scales with 1/λ along every direction outside the tracked ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.hparams import choice, positive, positive_int
+from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
+from gnfx.preconditioners.diag import Diagonal
+from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
+
+
+class RankK(CurvaturePreconditioner):
+    name = "rank1"
+    HPARAMS = {
+        **common_hparams(),
+        "rank": positive_int("number k of tracked eigenpairs of the curvature", 1),
+        "damping": positive("λ of (Ĝ + λI)⁻¹", 1e-3),
+        "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
+        "betas": Diagonal.HPARAMS["betas"],
+        "eps": Diagonal.HPARAMS["eps"],
+    }
+
+    def init_group(self, group):
+        n = 1
+        for d in group.shape:
+            n *= d
+        k = min(self.hp["rank"], n)
+        return {"U": self.stacked_zeros(group, n, k), "s": self.stacked_zeros(group, k),
+                "t": self.stacked_zeros(group), **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
+
+    def direction(self, G, state, collect):
+        U, s, t = state["U"], state["s"], state["t"]
+        v = G.to(U.dtype).flatten(1)  # (pieces, n)
+        if collect:
+            beta = self.opt.stat_decay
+            B = torch.cat([U * (beta * s).sqrt().unsqueeze(1), ((1 - beta) ** 0.5) * v.unsqueeze(2)], dim=2)
+            Q, R = torch.linalg.qr(B)
+            evals, evecs = torch.linalg.eigh(R @ R.transpose(1, 2))
+            k = s.shape[1]
+            s.copy_(evals[:, -k:].clamp(min=0))
+            U.copy_(Q @ evecs[:, :, -k:])
+            t.add_(1)
+        s_hat = s / (1 - self.opt.stat_decay ** t.clamp(min=1)).unsqueeze(1)
+        lam = self.hp["damping"]
+        coeff = s_hat / (s_hat + lam)
+        Utv = U.transpose(1, 2) @ v.unsqueeze(2)  # (pieces, k, 1)
+        P = ((v - (U @ (coeff.unsqueeze(2) * Utv)).squeeze(2)) / lam).reshape(G.shape)
+        if self.hp["graft"] == "none":
+            return P
+        D = graft_direction(self.hp["graft"], G.to(U.dtype), state, self.hp["betas"][1], self.hp["eps"])
+        return graft(P, D)

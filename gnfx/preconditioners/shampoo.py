@@ -1,0 +1,112 @@
+"""Shampoo: one factor per tensor dimension, the update preconditioned along every mode.
+
+For a piece with gradient G of order k (a matrix [∇W ∇b] for a block, k = 2) the factor of
+mode j is the moving average `F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ` of the mode-j unfolding's Gram
+matrix (for a matrix: `L = Σ G Gᵀ`, `R = Σ Gᵀ G`), collected every `stat_every` steps with
+β = `stat_decay`. The direction is the mode product
+
+    P = G ×_1 (F_1 + ε_1 I)^{-p} ×_2 (F_2 + ε_2 I)^{-p} ... ,    for a matrix  L^{-p} G R^{-p},
+
+with ε_j = `damping` · (largest eigenvalue of F_j) and root p = `exponent`: "paper" for
+1/(2k) (Gupta et al. 2018), or a number (1/2 is the seed's per-factor inverse square root).
+Dimensions above `max_block` are cut into blocks, each with its own factors. Grafting (Adam or
+AdaGrad, see graft.py) sets each block's step size; before `start_preconditioning_step` the
+grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
+`precondition_frequency` steps; a failed one keeps the last good root and is counted.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
+from gnfx.linalg import damped_inverse_power
+from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
+from gnfx.preconditioners.diag import Diagonal
+from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
+
+
+def _exponent_ok(x) -> bool:
+    return x == "paper" or (isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1)
+
+
+def mode_gram(G: torch.Tensor, j: int) -> torch.Tensor:
+    """G_(j) G_(j)ᵀ for each piece of the stack G (k, d_1, ..., d_n): the mode-j Gram matrix."""
+    X = G.movedim(j + 1, 1).flatten(2)
+    return X @ X.transpose(1, 2)
+
+
+def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
+    """G ×_j P for each piece, P symmetric (k, d_j, d_j)."""
+    X = G.movedim(j + 1, -1)
+    shape = X.shape
+    return (X.reshape(shape[0], -1, shape[-1]) @ P).reshape(shape).movedim(-1, j + 1)
+
+
+class Shampoo(CurvaturePreconditioner):
+    name = "shampoo"
+    max_block_hparam = "max_block"
+    HPARAMS = {
+        **common_hparams(),
+        "damping": positive("ε of each factor, relative to its largest eigenvalue", 1e-6),
+        "exponent": HParam("paper", "'paper' (1/(2k) for an order-k tensor) or a number in (0, 1]",
+                           _exponent_ok, "root p of each factor: F^{-p}"),
+        "max_block": positive_int("dimensions above max_block are cut into blocks", 1024),
+        "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
+        "start_preconditioning_step": nonnegative_int("steps that use the grafted direction alone", 10),
+        "precondition_frequency": positive_int("recompute inverse roots every so many steps", 10),
+        "betas": Diagonal.HPARAMS["betas"],
+        "eps": Diagonal.HPARAMS["eps"],
+    }
+
+    def __init__(self, hp, blocks, params, optimizer):
+        super().__init__(hp, blocks, params, optimizer)
+        self.active = False  # preconditioning started (a Python flag: one compiled graph per value)
+
+    @classmethod
+    def claims_fallback(cls, shape) -> bool:
+        return len(shape) >= 2
+
+    def init_group(self, group):
+        state = {"failures": self.stacked_zeros(group, dtype=torch.int64),
+                 **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
+        for j, d in enumerate(group.shape):
+            state[f"factor{j}"] = self.stacked_zeros(group, d, d)
+            state[f"root{j}"] = self.stacked_eye(group, d)
+        return state
+
+    def exponent(self, order: int) -> float:
+        p = self.hp["exponent"]
+        return 1 / (2 * order) if p == "paper" else float(p)
+
+    def refresh_due(self, step):
+        start = self.hp["start_preconditioning_step"]
+        self.active = step >= start
+        return self.active and (step - start) % self.hp["precondition_frequency"] == 0
+
+    def refresh(self):
+        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
+        for group in self.groups:
+            state = self.group_state(group)
+            order = len(group.shape)
+            for j in range(order):
+                F = state[f"factor{j}"]
+                top = torch.linalg.matrix_norm(F, ord=2) if F.shape[-1] > 0 else F.new_zeros(F.shape[0])
+                eps = (self.hp["damping"] * top).clamp(min=torch.finfo(F.dtype).tiny)
+                root, ok = damped_inverse_power(F, eps, self.exponent(order), dtype)
+                state[f"root{j}"][ok] = root[ok]
+                state["failures"] += (~ok).long()
+
+    def direction(self, G, state, collect):
+        Gf = G.to(state["factor0"].dtype)
+        order = Gf.dim() - 1
+        if collect:
+            beta = self.opt.stat_decay
+            for j in range(order):
+                state[f"factor{j}"].mul_(beta).add_(mode_gram(Gf, j), alpha=1 - beta)
+        D = graft_direction(self.hp["graft"], Gf, state, self.hp["betas"][1], self.hp["eps"])
+        if not self.active:
+            return D
+        P = Gf
+        for j in range(order):
+            P = mode_product(P, state[f"root{j}"], j)
+        return P if self.hp["graft"] == "none" else graft(P, D)
