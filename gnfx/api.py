@@ -12,7 +12,8 @@ from gnfx.preconditioners import REGISTRY
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import capture as capture_graph
-from gnfx.passes.lower import lower_linear_modules
+from gnfx.passes.lower import lower_modules
+from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.taps import insert_taps
 
 COMMON = {
@@ -61,7 +62,7 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
     hp = resolve(spec, hparams, f"optimizer={optimizer!r}")
 
     captured = capture_graph(model, capture, leaf_modules, example_inputs)
-    gm = lower_linear_modules(captured.graph_module)
+    gm = lower_modules(lower_multihead_attention(captured.graph_module))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     make_plan(table, optimizer)
 

@@ -21,10 +21,14 @@ def _region(piece) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in piece.index) + "]"
 
 
+_VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()"}
+
+
 def _piece_expr(piece, position_of) -> str:
     t = piece.target
-    args = ", ".join(f"grads[{position_of[n]}]" for n in t.params)
-    return (f"fold({args})" if t.folded_bias else args) + _region(piece)
+    grads = [f"grads[{position_of[n]}]" for n in t.params]
+    grads[0] += _VIEWS[t.view]
+    return (f"fold({', '.join(grads)})" if t.folded_bias else grads[0]) + _region(piece)
 
 
 def generate(preconditioners, position_of) -> str:

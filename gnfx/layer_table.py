@@ -13,9 +13,13 @@ import dataclasses
 class Block:
     """A curvature block: a linear map `z = W a (+ b)` used at one or more call sites.
 
-    `d_in`, `d_out` are the sizes of `a` and `z`; with a bias, `a` gets a trailing 1 and the
-    factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that apply the map (more
-    than one for tied weights; their statistics sum as if the sites were extra positions).
+    `kind` is "linear", "conv" or "embedding" (see gnfx.layouts for how each reads as `z = W a`).
+    `d_in`, `d_out` are the sizes of `a` and `z` (for a conv, `a` is a patch of C_in·prod(k)
+    entries; for an embedding, a one-hot vector over the vocabulary); with a bias, `a` gets a
+    trailing 1 and the factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that
+    apply the map (more than one for tied weights; their statistics sum as if the sites were
+    extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
+    ".out"); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
     """
 
     name: str
@@ -25,6 +29,8 @@ class Block:
     d_in: int
     d_out: int
     sites: list[str]
+    options: dict = dataclasses.field(default_factory=dict)
+    role: str | None = None
     preconditioner: str | None = None
 
     @property
@@ -36,7 +42,8 @@ class Block:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The shapes of the block's factors: A over inputs (bias folded in), S over outputs."""
         a = self.d_in + (self.bias is not None)
-        return {"A": (a, a), "S": (self.d_out, self.d_out), "W": (self.d_out, self.d_in)}
+        return {"A": (a,) if self.kind == "embedding" else (a, a), "S": (self.d_out, self.d_out),
+                "W": tuple(self.options.get("weight_shape", (self.d_out, self.d_in)))}
 
 
 @dataclasses.dataclass
@@ -52,11 +59,13 @@ class Fallback:
 class LayerTable:
     """The blocks (iterate over them, or index by name) and the fallback parameters."""
 
-    def __init__(self, blocks: list[Block], fallbacks: list[Fallback], leaves: dict[str, str], form: str):
+    def __init__(self, blocks: list[Block], fallbacks: list[Fallback], leaves: dict[str, str], form: str,
+                 notes: dict[str, str] | None = None):
         self.blocks = blocks
         self.fallbacks = fallbacks
         self.leaves = leaves
         self.form = form
+        self.notes = notes or {}  # parameter name -> remark shown in the registration table
         self._by_name = {b.name: b for b in blocks}
 
     def __iter__(self):

@@ -24,7 +24,8 @@ def report(model) -> str:
     rows = []
     for b in table:
         shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
-        rows.append([b.name, b.kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name))])
+        kind = b.kind + (f" [{b.role}]" if b.role else "")
+        rows.append([b.name, kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name))])
     for f in table.fallbacks:
         rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
                      _bytes(model.state_bytes((f.param,)))])
@@ -35,8 +36,9 @@ def report(model) -> str:
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
            "", "parameter registration:"]
-    reg = [[n, "x".join(map(str, b_shape)), f"block {b.name}"] for b in table
-           for n, b_shape in ((p, tuple(dict(model.named_parameters())[p].shape)) for p in b.params)]
+    shapes_of = {n: "x".join(map(str, p.shape)) for n, p in model.named_parameters()}
+    reg = [[n, shapes_of[n], f"block {b.name}" + (f" ({table.notes[n]})" if n in table.notes else "")]
+           for b in table for n in b.params]
     reg += [[f.param, "x".join(map(str, f.shape)) or "scalar", f"fallback: {f.reason}"] for f in table.fallbacks]
     out.append(_table(["parameter", "shape", "accounted for as"], reg))
     if table.leaves:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.layouts import LAYOUTS
+
 STATISTICS = ("A", "S", "diag")
 KFAC_APPROX = ("expand", "reduce")
 
@@ -34,13 +36,15 @@ class BlockStatistics:
     def __init__(self, block, store, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
         self.block = block
         self.store = store
+        self.layout = LAYOUTS[block.kind](block)
         self.needs = frozenset(needs)
-        self.reduce = kfac_approx == "reduce"
+        self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
         self.dtype = dtype
         self.bias = block.bias is not None
         d_a, d_out = block.d_in + self.bias, block.d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        self._A = zeros(d_a, d_a) if "A" in needs else None
+        a_shape = (d_a,) if self.layout.diagonal_A else (d_a, d_a)
+        self._A = zeros(*a_shape) if "A" in needs else None
         self._S = zeros(d_out, d_out) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._per_example: dict[int, torch.Tensor] = {}
@@ -53,44 +57,64 @@ class BlockStatistics:
     def wants_activation_in_backward(self) -> bool:
         return "diag" in self.needs
 
-    def _augmented(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1) if self.bias else a
+    def _augmented(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
 
     @torch.no_grad()
     def record_activation(self, a: torch.Tensor, forward_id: int) -> None:
         """Forward tap: count the examples of this forward once, and accumulate A."""
-        self._examples[forward_id] = a.shape[0] if a.dim() > 1 else 1
+        self._examples[forward_id] = self.layout.examples(a)
         if self._A is None:
             return
-        a = a.to(self.dtype)
-        rows = a.reshape(a.shape[0], -1, a.shape[-1]).mean(1) if self.reduce else a.reshape(-1, a.shape[-1])
-        d = rows.shape[1]
-        self._A[:d, :d].addmm_(rows.T, rows)
-        if self.bias:
-            total = rows.sum(0)
-            self._A[:d, d] += total
-            self._A[d, :d] += total
-            self._A[d, d] += rows.shape[0]
-        self._a_rows += rows.shape[0]
+        for chunk in self.layout.input_chunks(a):
+            if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
+                self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
+                self._a_rows += chunk.numel()
+                continue
+            chunk = chunk.to(self.dtype)
+            rows = chunk.mean(1) if self.reduce else chunk.reshape(-1, chunk.shape[-1])
+            d = rows.shape[1]
+            self._A[:d, :d].addmm_(rows.T, rows)
+            if self.bias:
+                total = rows.sum(0)
+                self._A[:d, d] += total
+                self._A[d, :d] += total
+                self._A[d, d] += rows.shape[0]
+            self._a_rows += rows.shape[0]
 
     @torch.no_grad()
     def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int) -> None:
         """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients."""
-        g = g.to(self.dtype)
-        g3 = g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
+        g3 = self.layout.error_rows(g).to(self.dtype)
         if self._S is not None:
             rows = g3.sum(1) if self.reduce else g3.reshape(-1, g3.shape[-1])
             self._S.addmm_(rows.T, rows)
         if self._diag is not None:
-            a3 = self._augmented(a.to(self.dtype)).reshape(g3.shape[0], g3.shape[1], -1)
-            if g3.shape[1] == 1 and len(self.block.sites) == 1:
-                self._diag.addmm_(g3[:, 0].square().T, a3[:, 0].square())
-            else:  # per-example gradient Σ_r g aᵀ, summed over the sites of this forward
-                per_example = torch.einsum("nro,nri->noi", g3, a3)
-                if forward_id in self._per_example:
-                    self._per_example[forward_id] += per_example
-                else:
-                    self._per_example[forward_id] = per_example
+            self._record_per_example(g3, a, forward_id)
+
+    def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int) -> None:
+        """Per-example gradients Σ_r g_r a_rᵀ, squared now (one site) or once all sites of this
+        forward are summed (tied weights)."""
+        single_site = len(self.block.sites) == 1
+        start = 0
+        for chunk in self.layout.input_chunks(a):
+            g = g3[start:start + chunk.shape[0]]
+            start += chunk.shape[0]
+            if self.layout.diagonal_A:  # scatter δ into the rows of the tokens it came from
+                per_example = g.new_zeros(g.shape[0], g.shape[2], self._diag.shape[1])
+                per_example.scatter_add_(2, chunk.unsqueeze(1).expand(-1, g.shape[2], -1), g.transpose(1, 2))
+            else:
+                rows = self._augmented(chunk.to(self.dtype))
+                if single_site and g.shape[1] == 1:
+                    self._diag.addmm_(g[:, 0].square().T, rows[:, 0].square())
+                    continue
+                per_example = torch.einsum("nro,nri->noi", g, rows)
+            if single_site:
+                self._diag += per_example.square().sum(0)
+            elif forward_id in self._per_example:
+                self._per_example[forward_id] += per_example
+            else:
+                self._per_example[forward_id] = per_example
 
     @torch.no_grad()
     def finalize(self, decay: float) -> None:

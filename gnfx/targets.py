@@ -22,10 +22,15 @@ class Target:
     params: tuple[str, ...]
     shape: tuple[int, ...]
     block: object = None  # the LayerTable Block, or None for a loose parameter
+    view: str = ""  # how the weight reads as the matrix W: "" as is, "flatten" (conv), "t" (transposed)
 
     @property
     def folded_bias(self) -> bool:
         return self.block is not None and self.block.bias is not None
+
+    @property
+    def kind(self) -> str:
+        return self.block.kind if self.block is not None else "tensor"
 
 
 @dataclasses.dataclass
@@ -40,15 +45,16 @@ class Piece:
 
 @dataclasses.dataclass
 class Group:
-    """Pieces of one shape, stacked along a leading dimension k."""
+    """Pieces of one shape and layer kind, stacked along a leading dimension k."""
 
     key: str
     shape: tuple[int, ...]
+    kind: str
     pieces: list[Piece]
 
 
-def block_target(block) -> Target:
-    return Target(block.name, block.params, (block.d_out, block.d_in + (block.bias is not None)), block)
+def block_target(block, view: str) -> Target:
+    return Target(block.name, block.params, (block.d_out, block.d_in + (block.bias is not None)), block, view)
 
 
 def param_target(name: str, shape) -> Target:
@@ -69,16 +75,21 @@ def cut(target: Target, max_block: int | None) -> list[Piece]:
 
 
 def make_groups(prefix: str, targets: list[Target], max_block: int | None = None) -> list[Group]:
-    """Group the pieces of all targets by shape, in a deterministic order."""
+    """Group the pieces of all targets by shape and kind, in a deterministic order."""
     by_shape: dict[tuple, list[Piece]] = {}
     for t in targets:
         for p in cut(t, max_block):
-            by_shape.setdefault(p.shape, []).append(p)
-    return [Group(f"{prefix}_{i}", shape, pieces) for i, (shape, pieces) in enumerate(by_shape.items())]
+            by_shape.setdefault((p.shape, t.kind), []).append(p)
+    return [Group(f"{prefix}_{i}", shape, kind, pieces) for i, ((shape, kind), pieces) in enumerate(by_shape.items())]
+
+
+def as_matrix(w: torch.Tensor, view: str) -> torch.Tensor:
+    """The weight (or its gradient) as the matrix W of `z = W a`: a view, so updates write through."""
+    return w.flatten(1) if view == "flatten" else w.t() if view == "t" else w
 
 
 def fold(w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`[w b]`: the bias as a trailing column of the weight matrix."""
+    """`[W b]`: the bias as a trailing column of the weight matrix."""
     return w if b is None else torch.cat([w, b.unsqueeze(1)], dim=1)
 
 

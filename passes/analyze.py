@@ -2,28 +2,36 @@
 
 Each registered detector finds the call sites of one layer kind. Sites that share a weight form
 one block (tied weights). Then every use of every trainable parameter is accounted for: a
-parameter is in a block only if *all* its uses are the weight (or bias) argument of that block's
-sites; otherwise it falls back to the diagonal preconditioner, and the reason names the other use.
+parameter is in a block only if *all* its uses are claimed by that block's sites; otherwise it
+falls back to the diagonal preconditioner, and the reason names the other use.
+
+Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
+unembedding `h Wᵀ`) form one linear block in the unembedding's orientation; the embedding's
+gradient is preconditioned with that block's factors, and its own statistics (which live in the
+transposed orientation) are not added to them.
 """
 from __future__ import annotations
 
 from torch import fx, nn
 
 from gnfx.layer_table import Block, Fallback, LayerTable
+
+from .attention import mark_attention
+from .conv import find_conv_sites
+from .embedding import find_embedding_sites
 from .linear import find_linear_sites
 from .sites import Site
 
-DETECTORS = {"linear": find_linear_sites}
-
-
-def _module_path(param: str) -> str:
-    return param.rpartition(".")[0]
+DETECTORS = {"linear": find_linear_sites, "conv": find_conv_sites, "embedding": find_embedding_sites}
 
 
 def _block_name(weight: str) -> str:
-    """The dotted module path of a layer's `.weight`; the parameter's own name otherwise."""
+    """The dotted module path of a layer's `.weight` (`attn.in_proj` for `attn.in_proj_weight`);
+    the parameter's own name otherwise."""
     path, _, leaf = weight.rpartition(".")
-    return path if leaf == "weight" and path else weight
+    if leaf == "weight" and path:
+        return path
+    return weight[: -len("_weight")] if leaf.endswith("_weight") and leaf != "_weight" else weight
 
 
 class _ParamIndex:
@@ -44,8 +52,11 @@ class _ParamIndex:
         name = self.names.get(id(obj))
         return name if name is not None and self.params[name].requires_grad else None
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.params[name].shape)
 
-def _uses(gm: fx.GraphModule, index: _ParamIndex, leaves: dict[str, str]) -> dict[str, list[tuple]]:
+
+def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     """Each trainable parameter's uses: (node that consumes it, get_attr node or None)."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules())
@@ -62,7 +73,9 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex, leaves: dict[str, str]) -> dic
     return uses
 
 
-def _describe_use(node: fx.Node, leaves: dict[str, str]) -> str:
+def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
+    if node in rejected:
+        return f"{rejected[node]} at node {node.name}"
     if node.op == "call_module":
         why = leaves.get(node.target)
         return (f"inside leaf module {node.target!r} ({why})" if why
@@ -71,48 +84,68 @@ def _describe_use(node: fx.Node, leaves: dict[str, str]) -> str:
     return f"used by {node.op} {target!r} (node {node.name}), not a layer gnfx models"
 
 
-def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: str):
-    """Build the LayerTable of `gm` (captured from `model`) and return it with the sites of each block."""
-    index = _ParamIndex(model, gm)
-    uses = _uses(gm, index, leaves)
-    sites: list[Site] = [s for detect in DETECTORS.values() for s in detect(gm, index.param_of)]
-    claimed = {(s.node, s.weight_node) for s in sites} | {(s.node, s.bias_node) for s in sites if s.bias}
+def _block(weight: str, group: list[Site], bias: str | None) -> Block:
+    first = group[0]
+    return Block(name=_block_name(weight), kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
+                 d_out=first.d_out, sites=[s.node.name for s in group], options=dict(first.options))
 
-    def unclaimed(name):
-        return [u for u, attr in uses[name] if (u, attr) not in claimed]
+
+def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: str):
+    """Build the LayerTable of `gm` (captured from `model`); returns it and the sites of each block
+    (the sites whose statistics the taps collect)."""
+    index = _ParamIndex(model, gm)
+    uses = _uses(gm, index)
+    sites: list[Site] = []
+    rejected: dict[fx.Node, str] = {}
+    for detect in DETECTORS.values():
+        found, bad = detect(gm, index.param_of, index.shape_of)
+        sites += found
+        rejected.update(bad)
 
     by_weight: dict[str, list[Site]] = {}
     for s in sites:
         by_weight.setdefault(s.weight, []).append(s)
 
-    blocks, block_sites, fallbacks, in_block = [], {}, [], set()
+    blocks, block_sites, claimed, notes = [], {}, set(), {}
     for weight, group in by_weight.items():
-        if unclaimed(weight):
-            continue  # reported below as a fallback with the other use
-        biases = {s.bias for s in group}
-        bias = biases.pop() if len(biases) == 1 else None
-        if bias is not None and unclaimed(bias):
-            bias = None
-        shape = index.params[weight].shape
-        block = Block(name=_block_name(weight), kind=group[0].kind, weight=weight, bias=bias,
-                      d_in=shape[1], d_out=shape[0], sites=[s.node.name for s in group])
-        blocks.append(block)
-        block_sites[block.name] = group
-        in_block.update(block.params)
-
-    for name, param_uses in uses.items():
-        if name in in_block:
+        kinds = {s.kind for s in group}
+        tapped = group
+        if kinds == {"embedding", "linear"}:  # tied input/output embedding
+            tapped = [s for s in group if s.kind == "linear"]
+            notes[weight] = "tied with an embedding, whose gradient shares this block's factors"
+        elif len(kinds) > 1 or len({(s.d_in, s.d_out, str(s.options)) for s in group}) > 1:
+            continue  # reported below: the uses stay unclaimed
+        group_uses = {u for s in group for u in s.uses}
+        if any((u, a) not in group_uses for u, a in uses[weight]):
             continue
-        shape = tuple(index.params[name].shape)
-        other = unclaimed(name)
+        biases = {s.bias for s in tapped}
+        bias = biases.pop() if len(biases) == 1 else None
+        if bias is not None and any((u, a) not in group_uses for u, a in uses[bias]):
+            bias = None
+        block = _block(weight, tapped, bias)
+        blocks.append(block)
+        block_sites[block.name] = tapped
+        claimed.update(block.params)
+
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    blocks.sort(key=lambda b: order[block_sites[b.name][0].node])
+    mark_attention(gm, blocks, block_sites)
+    fallbacks = []
+    for name, param_uses in uses.items():
+        if name in claimed:
+            continue
+        in_sites = {u for s in sites for u in s.uses}
+        other = [u for u, a in param_uses if (u, a) not in in_sites]
         owners = {s.weight for s in sites if s.bias == name}
         if not param_uses:
             reason = "not used by the captured forward"
         elif other:
-            reason = _describe_use(other[0], leaves)
-        elif not owners <= in_block:
-            reason = f"bias of {sorted(owners - in_block)[0]!r}, which is not in a curvature block"
+            reason = _describe_use(other[0], leaves, rejected)
+        elif owners - claimed:
+            reason = f"bias of {sorted(owners - claimed)[0]!r}, which is not in a curvature block"
+        elif owners:
+            reason = "bias shared by layers with different biases"
         else:
-            reason = "bias shared by linear maps with different biases"
-        fallbacks.append(Fallback(param=name, shape=shape, reason=reason))
-    return LayerTable(blocks, fallbacks, leaves, form), block_sites
+            reason = "used by layers of different kinds or shapes"
+        fallbacks.append(Fallback(param=name, shape=index.shape_of(name), reason=reason))
+    return LayerTable(blocks, fallbacks, leaves, form, notes), block_sites

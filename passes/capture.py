@@ -5,7 +5,9 @@ example inputs. A submodule whose forward cannot be traced becomes a leaf (an op
 graph, its parameters left to the fallback preconditioner) and is reported. When the top-level
 forward itself cannot be traced, capture falls back to `torch.export.export(strict=False)` with
 dynamic dimensions, which needs example inputs and yields an aten-level graph whose nodes keep
-their module path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model.
+their module path in `nn_module_stack`; with example inputs, "auto" also prefers torch.export
+when symbolic tracing had to leave submodules opaque. Both graphs run on the very Parameter
+objects of the model.
 """
 from __future__ import annotations
 
@@ -128,8 +130,15 @@ def capture(model: nn.Module, mode: str = "auto", leaf_modules=(), example_input
             raise CaptureError("capture='export' needs example inputs: pass example_inputs=(x,)")
         return export(model, example_inputs, example_kwargs)
     try:
-        return trace_fx(model, leaf_modules)
+        captured = trace_fx(model, leaf_modules)
     except CaptureError:
         if mode == "fx" or example_inputs is None:
             raise
         return export(model, example_inputs, example_kwargs)
+    automatic_leaves = set(captured.leaves) - set(leaf_modules)
+    if mode == "auto" and automatic_leaves and example_inputs is not None and not leaf_modules:
+        try:  # torch.export may capture what symbolic tracing had to leave opaque
+            return export(model, example_inputs, example_kwargs)
+        except CaptureError:
+            pass
+    return captured

@@ -1,30 +1,104 @@
 """The linear-map detector: `z = W a (+ b)` with a trainable weight, on inputs of any leading shape.
 
-Recognized in both graph forms: `F.linear` (symbolic tracing, after `lower_linear_modules`) and
-`aten.linear` (torch.export).
+Recognized in both graph forms (torch-level from symbolic tracing, aten-level from torch.export):
+`F.linear` / `aten.linear`; and hand-written forms `x @ W.t()`, `x @ W.T`, `x @ W`,
+`torch.matmul`, `torch.mm`, `torch.addmm(b, x, W)` / `aten.addmm`, `aten.mm`, `aten.matmul`,
+with the weight transposed or not. A weight used as `x @ W` is stored (d_in, d_out); its block
+reads it transposed (`options["transposed"]`).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .sites import Site
+from .sites import Site, arg
 
-LINEAR_OPS = (F.linear, torch.ops.aten.linear.default)
+aten = torch.ops.aten
+LINEAR_OPS = (F.linear, aten.linear.default)
+MATMUL_OPS = (operator.matmul, torch.matmul, torch.mm, aten.mm.default, aten.matmul.default)
+ADDMM_OPS = (torch.addmm, aten.addmm.default)
+TRANSPOSES = (aten.t.default, torch.t)
 
 
-def find_linear_sites(gm: fx.GraphModule, param_of) -> list[Site]:
-    """Every linear op whose weight is a parameter (`param_of(node)` returns its name, or None)."""
+def _is_transpose(node) -> bool:
+    """Whether `node` is a 2-D transpose of its first argument (W.t(), W.T, W.transpose(0, 1), ...)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target in ("t", "transpose", "permute"):
+        rest = list(node.args[1:])
+        return node.target == "t" or sorted(rest) in ([0, 1], [-2, -1], [-1, -2]) or rest in ([1, 0], [(1, 0)], [[1, 0]])
+    if node.op == "call_function":
+        if node.target in TRANSPOSES:
+            return True
+        if node.target is getattr and node.args[1] in ("T", "mT"):
+            return True
+        if node.target in (torch.transpose, aten.transpose.int):
+            return sorted(node.args[1:3]) in ([0, 1], [-2, -1])
+        if node.target is aten.permute.default:
+            return list(node.args[1]) == [1, 0]
+    return False
+
+
+def _weight(node, param_of):
+    """(parameter name, get_attr node, transpose node or None, orientation) of a weight operand."""
+    name = param_of(node)
+    if name is not None:
+        return name, node, None, "in_out"
+    if _is_transpose(node) and len(node.users) == 1:
+        name = param_of(node.args[0])
+        if name is not None:
+            return name, node.args[0], node, "out_in"
+    return None
+
+
+def _site(node, x, w_operand, bias_node, param_of, shape_of) -> Site | None:
+    found = _weight(w_operand, param_of)
+    if found is None:
+        return None
+    name, attr, transpose, orientation = found
+    shape = shape_of(name)
+    if len(shape) != 2:
+        return None
+    bias = param_of(bias_node)
+    d_out, d_in = shape if orientation == "out_in" else shape[::-1]
+    if bias is not None and shape_of(bias) != (d_out,):
+        bias = None
+    uses = [(transpose or node, attr)] + ([(node, bias_node)] if bias is not None else [])
+    options = {"transposed": True} if orientation == "in_out" else {}
+    options["weight_shape"] = shape
+    return Site(node=node, kind="linear", input=x, weight=name, bias=bias, uses=uses,
+                d_in=d_in, d_out=d_out, options=options)
+
+
+def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name)."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_OPS:
+        if node.op not in ("call_function", "call_method"):
             continue
-        args = list(node.args) + [None] * (3 - len(node.args))
-        x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-        weight = param_of(w)
-        if weight is None:
-            continue
-        sites.append(Site(node=node, kind="linear", input=x, weight=weight, weight_node=w,
-                          bias=param_of(b), bias_node=b))
-    return sites
+        t = node.target
+        site = None
+        if t in LINEAR_OPS:
+            site = _linear_site(node, param_of, shape_of)
+        elif t in MATMUL_OPS or (node.op == "call_method" and t in ("matmul", "mm", "__matmul__")):
+            site = _site(node, node.args[0], node.args[1], None, param_of, shape_of)
+        elif t in ADDMM_OPS and not node.kwargs:
+            site = _site(node, node.args[1], node.args[2], node.args[0], param_of, shape_of)
+        if site is not None:
+            sites.append(site)
+    return sites, []
+
+
+def _linear_site(node, param_of, shape_of) -> Site | None:
+    w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+    name = param_of(w_node)
+    if name is None or len(shape_of(name)) != 2:
+        return None
+    d_out, d_in = shape_of(name)
+    bias = param_of(b_node)
+    uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
+    return Site(node=node, kind="linear", input=node.args[0], weight=name, bias=bias, uses=uses,
+                d_in=d_in, d_out=d_out, options={"weight_shape": (d_out, d_in)})

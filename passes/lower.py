@@ -1,31 +1,53 @@
 """lower: turn opaque module calls into explicit functional ops over the same parameters.
 
-`lower_linear_modules` rewrites each `call_module` of an `nn.Linear` (with the stock forward)
-into `F.linear(x, self.<path>.weight, self.<path>.bias)`, so that every later pass sees linear
-maps in one form: a linear op whose weight is a `get_attr` node.
+`lower_modules` rewrites each `call_module` of a stock `nn.Linear`, `nn.Conv1d/2d/3d`
+(padding_mode 'zeros') or `nn.Embedding` (or a subclass that keeps the stock forward) into its
+functional op (`F.linear`, `F.conv2d`,
+`F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
+layers in one form. Modules with a custom forward are left alone.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import fx, nn
 
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
-def lower_linear_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite `call_module` nodes of stock `nn.Linear` modules to `F.linear` on `get_attr` nodes."""
+
+def _functional(mod: nn.Module, x, weight, bias):
+    """(function, args, kwargs) of the op equivalent to calling `mod` on x, or None."""
+    kind = next((k for k in (nn.Linear, nn.Embedding, *_CONV) if isinstance(mod, k)), None)
+    if kind is None or type(mod).forward is not kind.forward:
+        return None  # not a stock layer, or one with a custom forward
+    if kind is nn.Linear:
+        return F.linear, (x, weight, bias), {}
+    if kind in _CONV and mod.padding_mode == "zeros":
+        return _CONV[kind], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
+    if kind is nn.Embedding:
+        return F.embedding, (x, weight), {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm,
+                                           "norm_type": mod.norm_type, "scale_grad_by_freq": mod.scale_grad_by_freq,
+                                           "sparse": mod.sparse}
+    return None
+
+
+def lower_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules to functional ops."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module":
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         mod = modules[node.target]
-        if not isinstance(mod, nn.Linear) or type(mod).forward is not nn.Linear.forward:
+        if _functional(mod, None, None, None) is None:
             continue
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-            linear = gm.graph.call_function(F.linear, (node.args[0], weight, bias))
-        linear.meta.update(node.meta)
-        linear.meta["gnfx_module"] = node.target
-        node.replace_all_uses_with(linear)
+            has_bias = getattr(mod, "bias", None) is not None
+            bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
+            fn, args, kwargs = _functional(mod, node.args[0], weight, bias)
+            new = gm.graph.call_function(fn, args, kwargs)
+        new.meta.update(node.meta)
+        new.meta["gnfx_module"] = node.target
+        node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

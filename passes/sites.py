@@ -9,12 +9,23 @@ from torch import fx
 @dataclasses.dataclass
 class Site:
     """One use of a layer: `node` computes `z` from `input` (the `a` of DESIGN §1) with the
-    parameter named `weight` (and `bias`, or None), read by the `get_attr` nodes given."""
+    parameter named `weight` (and `bias`, or None). `uses` are the (consumer, get_attr) pairs of
+    the graph that this site accounts for (for `x @ W.t()` the consumer of W is the transpose).
+    `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry."""
 
     node: fx.Node
     kind: str
     input: fx.Node
     weight: str
-    weight_node: fx.Node
     bias: str | None
-    bias_node: fx.Node | None
+    uses: list[tuple[fx.Node, fx.Node]]
+    d_in: int
+    d_out: int
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def arg(node: fx.Node, position: int, name: str, default=None):
+    """The argument of a call node, given by position or by keyword."""
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)

@@ -19,7 +19,8 @@ import torch
 
 from gnfx.hparams import choice, unit_interval
 from gnfx.preconditioners.base import Preconditioner
-from gnfx.targets import block_target, make_groups, param_regions, param_target
+from gnfx.layouts import LAYOUTS
+from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -37,7 +38,7 @@ class CurvaturePreconditioner(Preconditioner):
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
-        targets = [block_target(b) for b in blocks]
+        targets = [block_target(b, LAYOUTS[b.kind](b).view) for b in blocks]
         targets += [param_target(n, optimizer.param(n).shape) for n in params]
         max_block = hp[self.max_block_hparam] if self.max_block_hparam else None
         self.groups = make_groups(self.name, targets, max_block)
@@ -99,6 +100,6 @@ class CurvaturePreconditioner(Preconditioner):
             decay = 1 - lr[i] * wd[i]
             for pos, region, src in param_regions(piece):
                 p = self.opt.param(piece.target.params[pos])
-                view = p[region]
+                view = (as_matrix(p, piece.target.view) if pos == 0 else p)[region]
                 view.mul_(decay)
                 view.sub_((lr[i] * m[i][src]).to(p.dtype))

@@ -35,7 +35,8 @@ class KFAC(CurvaturePreconditioner):
 
     def init_group(self, group):
         d_out, d_a = group.shape
-        return {"A_inv": self.stacked_eye(group, d_a), "S_inv": self.stacked_eye(group, d_out),
+        A_inv = self.stacked_zeros(group, d_a) + 1 if group.kind == "embedding" else self.stacked_eye(group, d_a)
+        return {"A_inv": A_inv, "S_inv": self.stacked_eye(group, d_out),
                 "failures": self.stacked_zeros(group, dtype=torch.int64)}
 
     def refresh_due(self, step):
@@ -50,13 +51,18 @@ class KFAC(CurvaturePreconditioner):
             state = self.group_state(group)
             A = torch.stack([v["A"] for v in values])
             S = torch.stack([v["S"] for v in values])
-            mean_a = A.diagonal(dim1=1, dim2=2).mean(1)
+            diagonal_A = A.dim() == 2  # embeddings: A is stored as its diagonal
+            mean_a = A.mean(1) if diagonal_A else A.diagonal(dim1=1, dim2=2).mean(1)
             mean_s = S.diagonal(dim1=1, dim2=2).mean(1)
             ok_scale = (mean_a > 0) & (mean_s > 0)
             pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
             root = self.hp["damping"] ** 0.5
             dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
-            A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype)
+            if diagonal_A:
+                A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
+                ok_a = torch.isfinite(A_inv).all(1)
+            else:
+                A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype)
             S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype)
             ok = ok_a & ok_s
             state["A_inv"][ok] = A_inv[ok]
@@ -64,7 +70,9 @@ class KFAC(CurvaturePreconditioner):
             state["failures"] += (~ok).long()
 
     def direction(self, G, state, collect):
-        return state["S_inv"] @ G.to(state["S_inv"].dtype) @ state["A_inv"]
+        SG = state["S_inv"] @ G.to(state["S_inv"].dtype)
+        A_inv = state["A_inv"]
+        return SG * A_inv.unsqueeze(1) if A_inv.dim() == 2 else SG @ A_inv
 
     def safeguard(self, Us, Gs, lrs):
         kappa = self.hp["kl_clip"]

@@ -1,0 +1,68 @@
+"""Convolutions (1-, 2- and 3-d, groups = 1): the input rows are unfolded patches (Grosse & Martens 2016).
+
+For an input (N, C, *S) and a kernel (C_out, C, *k) with given stride, padding, dilation, the
+rows `a` are the (N, L, C·prod(k)) patches, one per output position (L positions), flattened in
+the order of `weight.flatten(1)`, so that `z[:, :, l] = W.flatten(1) a_l + b`. Output gradients
+(N, C_out, *S_out) become (N, L, C_out) rows. Patches are unfolded one batch chunk at a time, so
+that no more than about `CHUNK_ELEMENTS` patch entries exist at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+def same_padding(kernel, dilation) -> list[tuple[int, int]]:
+    """(left, right) padding of padding='same' per spatial dimension, as torch applies it."""
+    out = []
+    for k, d in zip(kernel, dilation):
+        total = d * (k - 1)
+        out.append((total // 2, total - total // 2))
+    return out
+
+
+def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Patches (N, L, C·prod(k)) of x (N, C, *S); padding is a list of (left, right) pairs."""
+    pad = [p for pair in reversed(padding) for p in pair]
+    x = F.pad(x, pad) if any(pad) else x
+    n_spatial = len(kernel)
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # appends a kernel dim
+    # x: (N, C, *L, *k) -> (N, *L, C, *k)
+    n = x.shape[0]
+    perm = [0] + list(range(2, 2 + n_spatial)) + [1] + list(range(2 + n_spatial, 2 + 2 * n_spatial))
+    x = x.permute(perm)
+    positions = math.prod(x.shape[1:1 + n_spatial])
+    return x.reshape(n, positions, -1)
+
+
+class ConvLayout:
+    diagonal_A = False
+    view = "flatten"
+
+    def __init__(self, block):
+        o = block.options
+        self.block = block
+        self.kernel, self.stride, self.dilation = o["kernel_size"], o["stride"], o["dilation"]
+        self.padding = o["padding"]  # list of (left, right)
+
+    def examples(self, a: torch.Tensor) -> int:
+        return a.shape[0] if a.dim() == len(self.kernel) + 2 else 1
+
+    def input_chunks(self, a: torch.Tensor):
+        unbatched = a.dim() == len(self.kernel) + 1
+        if unbatched:
+            a = a.unsqueeze(0)
+        per_example = a[0].numel() * math.prod(self.kernel)
+        step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+        for start in range(0, a.shape[0], step):
+            yield unfold(a[start:start + step], self.kernel, self.stride, self.padding, self.dilation)
+
+    def error_rows(self, g: torch.Tensor) -> torch.Tensor:
+        if g.dim() == len(self.kernel) + 1:
+            g = g.unsqueeze(0)
+        return g.flatten(2).transpose(1, 2)

@@ -1,0 +1,70 @@
+"""The convolution detector: `F.conv1d/2d/3d` and `aten.conv{1,2,3}d` / `aten.convolution` with a
+trainable weight. Any stride, padding (numbers or 'same'/'valid'), dilation. Grouped convolutions
+(groups > 1, depthwise included) are a documented fallback: their weight gets the diagonal
+preconditioner, with that reason in the report.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from gnfx.layouts.conv import same_padding
+
+from .sites import Site, arg
+
+aten = torch.ops.aten
+CONV_OPS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+            aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+
+
+def _tuple(x, n) -> tuple[int, ...]:
+    return tuple(x) * (n // len(x)) if isinstance(x, (tuple, list)) else (int(x),) * n
+
+
+def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    """Convolution sites, and (node, reason) for grouped or transposed ones that stay fallbacks."""
+    sites, rejected = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.convolution.default:
+            if node.args[6]:
+                rejected.append((node, "a transposed convolution: no curvature block (fallback)"))
+                continue
+            stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
+        elif node.target in CONV_OPS:
+            stride, padding = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)
+            dilation, groups = arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1)
+        else:
+            continue
+        w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+        weight = param_of(w_node)
+        if weight is None:
+            continue
+        if groups != 1:
+            rejected.append((node, f"a grouped convolution (groups={groups}): documented fallback, "
+                                   f"per-group blocks are not implemented"))
+            continue
+        shape = shape_of(weight)
+        n = len(shape) - 2
+        kernel = tuple(shape[2:])
+        stride, dilation = _tuple(stride, n), _tuple(dilation, n)
+        if padding == "same":
+            pads = same_padding(kernel, dilation)
+        elif padding == "valid":
+            pads = [(0, 0)] * n
+        else:
+            pads = [(p, p) for p in _tuple(padding, n)]
+        bias = param_of(b_node)
+        uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
+        d_in = shape[1] * math.prod(kernel)
+        sites.append(Site(node=node, kind="conv", input=node.args[0], weight=weight, bias=bias, uses=uses,
+                          d_in=d_in, d_out=shape[0],
+                          options={"kernel_size": kernel, "stride": stride, "padding": pads,
+                                   "dilation": dilation, "weight_shape": shape}))
+    return sites, rejected
+

@@ -1,0 +1,39 @@
+"""The embedding detector: `F.embedding(ids, W)` and `aten.embedding(W, ids)` with a trainable
+weight (V, d). `max_norm` (which renormalizes W in place) and sparse gradients are fallbacks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .sites import Site, arg
+
+aten = torch.ops.aten
+
+
+def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    sites, rejected = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is F.embedding:
+            ids, w_node = node.args[0], arg(node, 1, "weight")
+            if arg(node, 3, "max_norm") is not None or arg(node, 6, "sparse", False):
+                if param_of(w_node) is not None:
+                    rejected.append((node, "an embedding with max_norm or sparse gradients (fallback)"))
+                continue
+        elif node.target is aten.embedding.default:
+            w_node, ids = node.args[0], node.args[1]
+            if arg(node, 4, "sparse", False):
+                if param_of(w_node) is not None:
+                    rejected.append((node, "an embedding with sparse gradients (fallback)"))
+                continue
+        else:
+            continue
+        weight = param_of(w_node)
+        if weight is None:
+            continue
+        vocab, dim = shape_of(weight)
+        sites.append(Site(node=node, kind="embedding", input=ids, weight=weight, bias=None,
+                          uses=[(node, w_node)], d_in=vocab, d_out=dim, options={"weight_shape": (vocab, dim)}))
+    return sites, rejected
