@@ -5,12 +5,14 @@ from torch import nn
 
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
+from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import FALLBACK, make_plan, specs
 from gnfx.preconditioners import REGISTRY
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
+from gnfx.passes.capture import CAPTURE_MODES, optional_inputs, trace_fx
 from gnfx.passes.capture import capture as capture_graph
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
@@ -24,6 +26,11 @@ COMMON = {
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
                            "auto", ("auto", "batch")),
+    "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2)",
+                     "empirical", FISHER_TYPES),
+    "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
+                   "the training loss (mean reduction), needed by fisher='mc' and 'type2'"),
+    "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "compile": flag("run the generated update function under torch.compile", False),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
@@ -46,12 +53,13 @@ def _check_model(model) -> None:
 
 
 def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto", leaf_modules=(),
-            example_inputs=None, **hparams) -> CompiledModel:
+            example_inputs=None, example_kwargs=None, **hparams) -> CompiledModel:
     """Compile `model` for curvature-aware training with the preconditioner `optimizer`.
 
     Returns a CompiledModel that runs on the same Parameter objects, with `.step()`,
     `.zero_grad()` and `.optimizer`. `capture` is "auto" (torch.fx, then torch.export with
-    `example_inputs`), "fx" or "export"; `leaf_modules` lists submodule paths to keep opaque.
+    `example_inputs` and `example_kwargs`), "fx" or "export"; `leaf_modules` lists submodule paths
+    to keep opaque.
     `hparams` are the hyperparameters of gnfx.api.COMMON and of the chosen preconditioner (and of
     "diag", which serves the parameters no block claims); unknown names raise a ConfigError.
     """
@@ -60,10 +68,14 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
         raise ConfigError(f"optimizer={optimizer!r} is not a gnfx optimizer; valid names are: {', '.join(REGISTRY)}")
     spec = {**COMMON, **REGISTRY[FALLBACK].HPARAMS, **REGISTRY[optimizer].HPARAMS}
     hp = resolve(spec, hparams, f"optimizer={optimizer!r}")
+    if hp["fisher"] != "empirical" and hp["loss"] is None:
+        raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy' or "
+                          f"loss='mse' (the loss you call, with mean reduction)")
 
-    captured = capture_graph(model, capture, leaf_modules, example_inputs)
-    gm = lower_modules(lower_multihead_attention(captured.graph_module))
-    table, block_sites = analyze(model, gm, captured.leaves, captured.form)
+    if capture not in CAPTURE_MODES:
+        raise ConfigError(f"capture={capture!r} is not a capture mode; use one of {CAPTURE_MODES}")
+    captured = capture_graph(model, capture, leaf_modules, example_inputs, example_kwargs)
+    gm, table, block_sites = _lower_and_analyze(model, captured)
     make_plan(table, optimizer)
 
     def hparams_of(name):
@@ -73,8 +85,22 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
     store = StatisticsStore(
         table.blocks,
         needs_of=lambda b: REGISTRY[b.preconditioner].needs(hparams_of(b.preconditioner)) | set(hp["statistics"]),
-        kfac_approx=hp["kfac_approx"], param_of=named.__getitem__)
+        kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
     insert_taps(gm, block_sites, store)
     defaults = {k: hp[k] for k in PER_GROUP}
     opt = GnfxOptimizer(named, specs(table, hparams_of), store, hp, defaults)
-    return CompiledModel(model, gm, table, opt, hp["loss_average"])
+
+    def variant(none_inputs: tuple[str, ...]):
+        """The instrumented graph for calls that leave the optional inputs `none_inputs` out."""
+        fixed = trace_fx(model, leaf_modules, concrete_args={name: None for name in none_inputs})
+        gm, _, sites = _lower_and_analyze(model, fixed)
+        return insert_taps(gm, sites, store)
+
+    optional = optional_inputs(model) if captured.form == "fx" else ()
+    return CompiledModel(model, gm, table, opt, hp, optional, variant)
+
+
+def _lower_and_analyze(model, captured):
+    gm = lower_modules(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
+    table, block_sites = analyze(model, gm, captured.leaves, captured.form)
+    return gm, table, block_sites

@@ -8,15 +8,20 @@ cost nothing there.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
+from gnfx.errors import GnfxError
+from gnfx.fisher import record_true_fisher
 from gnfx.report import report
 from gnfx.passes import graph_view
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, model: nn.Module, graph_module, table, optimizer, loss_average: str = "auto"):
+    def __init__(self, model: nn.Module, graph_module, table, optimizer, settings: dict,
+                 optional_inputs=(), variant=None):
         super().__init__()
         # Share the original's registries: same Parameter objects, same state_dict keys.
         self._parameters = model._parameters
@@ -27,7 +32,13 @@ class CompiledModel(nn.Module):
         self.__dict__["graph_module"] = graph_module
         self.__dict__["layers"] = table
         self.__dict__["optimizer"] = optimizer
-        self.__dict__["_loss_average"] = loss_average
+        self.__dict__["_settings"] = settings
+        # optional inputs (default None) of an fx-traced forward: a call that leaves some out runs
+        # a graph traced with them fixed to None, built on first use by `variant`
+        self.__dict__["_optional"] = optional_inputs
+        self.__dict__["_signature"] = inspect.signature(model.forward) if optional_inputs else None
+        self.__dict__["_variants"] = {(): graph_module}
+        self.__dict__["_variant"] = variant
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer
@@ -35,16 +46,46 @@ class CompiledModel(nn.Module):
             store = opt.statistics
             store.forward_id += 1
             opt.collected = True
-            out = self.graph_module(*args, **kwargs)
-            if self._loss_average == "auto" and isinstance(out, torch.Tensor) and out.dim() > 2:
+            out = self._instrumented(args, kwargs)(*args, **kwargs)
+            if self._settings["loss_average"] == "auto" and isinstance(out, torch.Tensor) and out.dim() > 2:
                 store.terms_per_example[store.forward_id] = out.shape[1:-1].numel()
+            if store.fisher != "empirical":
+                self._start_true_fisher(out, store)
             return out
         return self._model(*args, **kwargs)
+
+    def _instrumented(self, args, kwargs):
+        """The instrumented graph for this call (see `_optional`)."""
+        if not self._optional:
+            return self.graph_module
+        bound = self._signature.bind(*args, **kwargs).arguments
+        key = tuple(n for n in self._optional if bound.get(n) is None)
+        if key not in self._variants:
+            self._variants[key] = self._variant(key)
+            self._variants[key].training = self.training
+        return self._variants[key]
+
+    def _start_true_fisher(self, out, store) -> None:
+        """Arrange the true-Fisher backward (gnfx.fisher) to run when the user's backward reaches `out`."""
+        pending, store.pending = store.pending, []
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            raise GnfxError(f"fisher={store.fisher!r} needs the model output to be one tensor of logits "
+                            f"(or predictions for mse) that requires grad; got {type(out).__name__}")
+        s = self._settings
+        terms = out.shape[0] if s["loss_average"] == "batch" or out.dim() < 2 else out.reshape(-1, out.shape[-1]).shape[0]
+
+        def hook(grad):
+            handle.remove()  # the extra backward starts at `out` too: run once
+            record_true_fisher(out, pending, s["fisher"], s["loss"], s["mc_samples"], terms)
+            return grad
+
+        handle = out.register_hook(hook)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self._model.training = mode
-        self.graph_module.training = mode
+        for gm in self._variants.values():
+            gm.training = mode
         return self
 
     # --- training --------------------------------------------------------------------------

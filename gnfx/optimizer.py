@@ -40,10 +40,25 @@ class GnfxOptimizer(torch.optim.Optimizer):
         return self.state[self._named[name]]
 
     def group_of(self, name: str) -> dict:
-        if self._groups_seen is not self.param_groups or len(self._group_index) != len(self._named):
+        signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if signature != self._groups_seen:
             self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
-            self._groups_seen = self.param_groups
+            self._groups_seen = signature
         return self._group_index[id(self._named[name])]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group of the compiled model's own parameters (moved out of their group first, as in
+        any torch optimizer); a parameter gnfx did not plan at compile time is refused."""
+        if hasattr(self, "_named"):
+            known = {id(p) for p in self._named.values()}
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            strangers = [p for p in params if id(p) not in known]
+            if strangers:
+                raise ConfigError(f"add_param_group got {len(strangers)} parameter(s) that were not trainable "
+                                  f"when the model was compiled; gnfx plans every parameter at compile time: "
+                                  f"set requires_grad before gnfx.compile, or compile again")
+        super().add_param_group(param_group)
 
     # --- the step ----------------------------------------------------------------------------
     @property

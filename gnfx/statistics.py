@@ -13,9 +13,17 @@ in curvlinops; `loss_average="batch"` forces T = 1). The output gradient of each
     S = 1/M     Σ_{n,r} δ_{n,r} δ_{n,r}ᵀ = M Σ g gᵀ
 
 and with `"reduce"` (positions summed first): `a_n = 1/R Σ_r a_{n,r}`, `δ_n = Σ_r δ_{n,r}`,
-`A = 1/N Σ_n a_n a_nᵀ`, `S = 1/M Σ_n δ_n δ_nᵀ`. The per-example diagonal of the empirical
+`A = 1/N Σ_n a_n a_nᵀ`, `S = 1/M Σ_n δ_n δ_nᵀ` (for a tied weight, over the positions of all
+its sites). A forward counts once its backward reaches the block: the forward tap stages `a`,
+the backward tap commits it, so a forward that is never backpropagated adds nothing. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
+`eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):
+`N Σ_n (Q_Sᵀ (Σ_r g_{n,r} a_{n,r}ᵀ) Q_A)²`, computed from the rotated rows `g Q_S` and `a Q_A`. The
+preconditioner publishes its bases as `BlockStatistics.basis`, a function returning (Q_S, Q_A), Q_A
+None for a diagonal A (embeddings: Q_A = I), read by the taps on each statistic step; unset, the
+basis is the standard one and `eigen_diag` equals `diag`. When the preconditioner changes the basis
+it carries the averaged value into the new one (the average is only meaningful in one basis).
 
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
@@ -26,7 +34,7 @@ import torch
 
 from gnfx.layouts import LAYOUTS
 
-STATISTICS = ("A", "S", "diag")
+STATISTICS = ("A", "S", "diag", "eigen_diag")
 KFAC_APPROX = ("expand", "reduce")
 
 
@@ -47,74 +55,106 @@ class BlockStatistics:
         self._A = zeros(*a_shape) if "A" in needs else None
         self._S = zeros(d_out, d_out) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
+        self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
         self._per_example: dict[int, torch.Tensor] = {}
+        self._eigen_per_example: dict[int, torch.Tensor] = {}
+        self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
         self._a_rows = 0
         self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
+        self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
+        # reduce with several sites (tied weights): per-example sums over the positions of all sites
+        self.pool_sites = self.reduce and len(block.sites) > 1
+        self._pooled: dict[int, dict] = {}
         self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
         self.updates = 0
 
     @property
     def wants_activation_in_backward(self) -> bool:
-        return "diag" in self.needs
+        return bool(self.needs & {"diag", "eigen_diag"})
 
     def _augmented(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
 
     @torch.no_grad()
     def record_activation(self, a: torch.Tensor, forward_id: int) -> None:
-        """Forward tap: count the examples of this forward once, and accumulate A."""
-        self._examples[forward_id] = self.layout.examples(a)
-        if self._A is None:
+        """Forward tap: stage the layer input; it counts once the backward of this forward reaches
+        the block (a forward that is never backpropagated adds nothing)."""
+        self._staged.setdefault(forward_id, []).append(a)
+
+    def _commit(self, forward_id: int) -> None:
+        """Count the examples of a forward once and accumulate A from its staged inputs."""
+        staged = self._staged.pop(forward_id)
+        self._examples[forward_id] = self.layout.examples(staged[0])
+        if self._A is None and not self.pool_sites:
             return
-        for chunk in self.layout.input_chunks(a):
-            if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
-                self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
-                self._a_rows += chunk.numel()
-                continue
-            chunk = chunk.to(self.dtype)
-            rows = chunk.mean(1) if self.reduce else chunk.reshape(-1, chunk.shape[-1])
-            d = rows.shape[1]
-            self._A[:d, :d].addmm_(rows.T, rows)
-            if self.bias:
-                total = rows.sum(0)
-                self._A[:d, d] += total
-                self._A[d, :d] += total
-                self._A[d, d] += rows.shape[0]
-            self._a_rows += rows.shape[0]
+        for a in staged:
+            for chunk in self.layout.input_chunks(a):
+                if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
+                    self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
+                    self._a_rows += chunk.numel()
+                elif self.pool_sites:  # reduce over the positions of every site: finished in finalize
+                    pooled = self._pooled.setdefault(forward_id, {"a": 0, "positions": 0, "g": 0})
+                    pooled["a"] = pooled["a"] + chunk.to(self.dtype).sum(1)
+                    pooled["positions"] += chunk.shape[1]
+                else:
+                    chunk = chunk.to(self.dtype)
+                    self._add_A(chunk.mean(1) if self.reduce else chunk.reshape(-1, chunk.shape[-1]))
+
+    def _add_A(self, rows: torch.Tensor) -> None:
+        """A_sum += [a 1]ᵀ [a 1] over the rows a, without materializing the augmented rows."""
+        d = rows.shape[1]
+        self._A[:d, :d].addmm_(rows.T, rows)
+        if self.bias:
+            total = rows.sum(0)
+            self._A[:d, d] += total
+            self._A[d, :d] += total
+            self._A[d, d] += rows.shape[0]
+        self._a_rows += rows.shape[0]
 
     @torch.no_grad()
     def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int) -> None:
         """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients."""
+        if forward_id in self._staged:
+            self._commit(forward_id)
         g3 = self.layout.error_rows(g).to(self.dtype)
-        if self._S is not None:
+        if self.pool_sites:
+            pooled = self._pooled[forward_id]
+            pooled["g"] = pooled["g"] + g3.sum(1)
+        elif self._S is not None:
             rows = g3.sum(1) if self.reduce else g3.reshape(-1, g3.shape[-1])
             self._S.addmm_(rows.T, rows)
         if self._diag is not None:
-            self._record_per_example(g3, a, forward_id)
+            self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
+        if self._eigen_diag is not None:
+            Q_S, Q_A = self.basis() if self.basis is not None else (None, None)
+            g3 = g3 if Q_S is None else g3 @ Q_S
+            self._record_per_example(g3, a, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
 
-    def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int) -> None:
-        """Per-example gradients Σ_r g_r a_rᵀ, squared now (one site) or once all sites of this
-        forward are summed (tied weights)."""
+    def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int, out: torch.Tensor,
+                            pending: dict, Q_A: torch.Tensor | None = None) -> None:
+        """Per-example gradients Σ_r g_r a_rᵀ (inputs rotated by Q_A if given) into `out`, squared now
+        (one site) or once all sites of this forward are summed in `pending` (tied weights)."""
         single_site = len(self.block.sites) == 1
         start = 0
         for chunk in self.layout.input_chunks(a):
             g = g3[start:start + chunk.shape[0]]
             start += chunk.shape[0]
             if self.layout.diagonal_A:  # scatter δ into the rows of the tokens it came from
-                per_example = g.new_zeros(g.shape[0], g.shape[2], self._diag.shape[1])
+                per_example = g.new_zeros(g.shape[0], g.shape[2], out.shape[1])
                 per_example.scatter_add_(2, chunk.unsqueeze(1).expand(-1, g.shape[2], -1), g.transpose(1, 2))
             else:
                 rows = self._augmented(chunk.to(self.dtype))
+                rows = rows if Q_A is None else rows @ Q_A
                 if single_site and g.shape[1] == 1:
-                    self._diag.addmm_(g[:, 0].square().T, rows[:, 0].square())
+                    out.addmm_(g[:, 0].square().T, rows[:, 0].square())
                     continue
                 per_example = torch.einsum("nro,nri->noi", g, rows)
             if single_site:
-                self._diag += per_example.square().sum(0)
-            elif forward_id in self._per_example:
-                self._per_example[forward_id] += per_example
+                out += per_example.square().sum(0)
+            elif forward_id in pending:
+                pending[forward_id] += per_example
             else:
-                self._per_example[forward_id] = per_example
+                pending[forward_id] = per_example
 
     @torch.no_grad()
     def finalize(self, decay: float) -> None:
@@ -123,15 +163,22 @@ class BlockStatistics:
             return
         n = sum(self._examples.values())
         m = sum(k * self.store.terms_per_example.get(f, 1) for f, k in self._examples.items())
+        for pooled in self._pooled.values():
+            if self._A is not None:
+                self._add_A(pooled["a"] / pooled["positions"])
+            if self._S is not None and torch.is_tensor(pooled["g"]):
+                self._S.addmm_(pooled["g"].T, pooled["g"])
         batch = {}
         if self._A is not None and self._a_rows:
             batch["A"] = self._A / self._a_rows
         if self._S is not None:
             batch["S"] = self._S * m
-        if self._diag is not None:
-            for per_example in self._per_example.values():
-                self._diag += per_example.square().sum(0)
-            batch["diag"] = self._diag * n
+        for name, out, pending in (("diag", self._diag, self._per_example),
+                                   ("eigen_diag", self._eigen_diag, self._eigen_per_example)):
+            if out is not None:
+                for per_example in pending.values():
+                    out += per_example.square().sum(0)
+                batch[name] = out * n
         for name, value in batch.items():
             if name in self.values and decay > 0:
                 self.values[name].mul_(decay).add_(value, alpha=1 - decay)
@@ -141,12 +188,15 @@ class BlockStatistics:
         self._reset()
 
     def _reset(self) -> None:
-        for buf in (self._A, self._S, self._diag):
+        for buf in (self._A, self._S, self._diag, self._eigen_diag):
             if buf is not None:
                 buf.zero_()
         self._per_example.clear()
+        self._eigen_per_example.clear()
         self._a_rows = 0
         self._examples.clear()
+        self._staged.clear()
+        self._pooled.clear()
 
     def state_dict(self) -> dict:
         return {"values": dict(self.values), "updates": self.updates}
@@ -159,7 +209,9 @@ class BlockStatistics:
 class StatisticsStore:
     """The statistics of every block, by block name; `forward_id` numbers instrumented forwards."""
 
-    def __init__(self, blocks, needs_of, kfac_approx: str, param_of):
+    def __init__(self, blocks, needs_of, kfac_approx: str, param_of, fisher: str = "empirical"):
+        self.fisher = fisher
+        self.pending: list = []  # block outputs awaiting the true-Fisher backward (gnfx.fisher)
         self.blocks = {}
         for b in blocks:
             needs = needs_of(b)

@@ -2,7 +2,8 @@
 
 `ActivationTap(a)` returns `a` and records the layer input; `ErrorTap(z, a)` returns `z` and
 registers a gradient hook on it that records `g = ∂L/∂z` (and, for per-example statistics, pairs
-it with the `a` of the same call). Both are identities: the model computes the same values and
+it with the `a` of the same call); with a true Fisher (`fisher="mc"`/`"type2"`) it hands `z` to
+the extra backward of gnfx.fisher instead. Both are identities: the model computes the same values and
 gradients. They only run on statistic steps: on other steps the compiled model calls the
 original, untapped forward.
 """
@@ -37,7 +38,10 @@ class ErrorTap(nn.Module):
         if z.requires_grad:
             fid, stats = self.store.forward_id, self.stats
             keep = a if stats.wants_activation_in_backward else None
-            z.register_hook(lambda g: stats.record_error(g, keep, fid))
+            if self.store.fisher == "empirical":
+                z.register_hook(lambda g: stats.record_error(g, keep, fid))
+            else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
+                self.store.pending.append((z, keep, stats, fid))
         return z
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ objects of the model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import traceback
 
 import torch
@@ -69,8 +70,9 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def trace_fx(model: nn.Module, leaf_modules=()) -> Captured:
-    """Symbolically trace `model`, turning untraceable submodules into leaves.
+def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
+    """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
+    fixes arguments to values (e.g. an optional input left out: None).
 
     Raises CaptureError when the top-level forward itself cannot be traced.
     """
@@ -84,7 +86,7 @@ def trace_fx(model: nn.Module, leaf_modules=()) -> Captured:
     while True:
         tracer = _LeafFindingTracer(set(leaves))
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             failed = tracer.failed_module
             if failed and failed not in leaves:
@@ -123,8 +125,6 @@ def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None 
 def capture(model: nn.Module, mode: str = "auto", leaf_modules=(), example_inputs=None,
             example_kwargs=None) -> Captured:
     """Capture `model` as an FX graph: `mode` is "fx", "export" or "auto" (fx, then export)."""
-    if mode not in CAPTURE_MODES:
-        raise CaptureError(f"capture={mode!r} is not a capture mode; use one of {CAPTURE_MODES}")
     if mode == "export":
         if example_inputs is None:
             raise CaptureError("capture='export' needs example inputs: pass example_inputs=(x,)")
@@ -142,3 +142,10 @@ def capture(model: nn.Module, mode: str = "auto", leaf_modules=(), example_input
         except CaptureError:
             pass
     return captured
+
+
+def optional_inputs(model: nn.Module) -> tuple[str, ...]:
+    """The forward's parameters that default to None: symbolic tracing treats them as tensors, so
+    a call that leaves one out needs a graph traced with it fixed to None."""
+    params = inspect.signature(model.forward).parameters.values()
+    return tuple(p.name for p in params if p.default is None)

@@ -30,11 +30,12 @@ def _functional(mod: nn.Module, x, weight, bias):
     return None
 
 
-def lower_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules to functional ops."""
+def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
+    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules to functional ops,
+    except the module paths in `keep` (leaves the user asked to keep opaque)."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.target in keep:
             continue
         mod = modules[node.target]
         if _functional(mod, None, None, None) is None:

@@ -95,11 +95,13 @@ def _result_uses(node: fx.Node):
     return uses
 
 
-def lower_multihead_attention(gm: fx.GraphModule) -> fx.GraphModule:
-    """Inline every lowerable nn.MultiheadAttention call of `gm` as explicit ops."""
+def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
+    """Inline every lowerable nn.MultiheadAttention call of `gm` as explicit ops, except the module
+    paths in `keep`."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.MultiheadAttention):
+        if (node.op != "call_module" or node.target in keep
+                or not isinstance(modules[node.target], nn.MultiheadAttention)):
             continue
         mha, call, uses = modules[node.target], _call_args(node), _result_uses(node)
         need_weights = call.get("need_weights", True)

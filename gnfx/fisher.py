@@ -1,0 +1,72 @@
+"""True-Fisher statistics: the output gradients that K-FAC's S and the diagonal are built from.
+
+With `fisher="empirical"` the taps read the gradients of the training loss itself (free). With
+`"mc"` and `"type2"` the compiled model, on statistic steps, starts one extra backward pass per
+vector from the model output `z` (re-entrant, inside the user's `loss.backward()`, when the
+gradient reaches `z`), returning the gradients at every block output; the user's backward then
+goes on unchanged, so the gradients the optimizer applies are the true loss's.
+
+For a loss that is a mean over M terms (rows of z), the backpropagated vectors are `v / M` with
+
+  mc,    cross_entropy:  v = p - onehot(y~),  y~ ~ Categorical(softmax(z))   (E[v vᵀ] = H_ℓ)
+  mc,    mse:            v = -sqrt(2/C) ε,    ε ~ N(0, I)     (ℓ = 1/C Σ_c (z_c - y_c)², a Gaussian
+                                                              likelihood of variance C/2)
+  type2, cross_entropy:  v_c = sqrt(p_c) (e_c - p),  c = 1..C  (columns of H_ℓ^{1/2}:
+                                                              Σ_c v_c v_cᵀ = diag(p) - p pᵀ)
+  type2, mse:            v_c = sqrt(2/C) e_c
+
+so that S = M Σ g gᵀ (gnfx.statistics) equals 1/M Σ_m Σ_c v v-backpropagated outer products:
+the K-FAC factor of the GGN `Jᵀ H_ℓ J` (type2 exactly, mc in expectation over `mc_samples`).
+"""
+from __future__ import annotations
+
+import torch
+
+FISHER_TYPES = ("empirical", "mc", "type2")
+LOSSES = ("cross_entropy", "mse")
+
+
+def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, generator=None):
+    """The vectors v (rows like z flattened to (M, C)), each to be backpropagated as v / M, with
+    weights w such that Σ w · (outer products) is the estimate."""
+    z = z.detach()
+    C = z.shape[-1]
+    rows = z.reshape(-1, C)
+    if loss == "cross_entropy":
+        p = torch.softmax(rows.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)
+        if fisher == "type2":
+            sqrt_p = p.sqrt()
+            for c in range(C):
+                e = torch.zeros_like(p)
+                e[:, c] = 1
+                yield (sqrt_p[:, c:c + 1] * (e - p)).to(z.dtype).reshape(z.shape), 1.0
+        else:
+            for _ in range(samples):
+                y = torch.multinomial(p, 1, generator=generator).squeeze(1)
+                v = p.clone()
+                v[torch.arange(len(y), device=v.device), y] -= 1
+                yield v.to(z.dtype).reshape(z.shape), 1.0 / samples
+    else:  # mse
+        scale = (2.0 / C) ** 0.5
+        if fisher == "type2":
+            for c in range(C):
+                v = torch.zeros_like(rows)
+                v[:, c] = scale
+                yield v.reshape(z.shape), 1.0
+        else:
+            for _ in range(samples):
+                eps = torch.randn(rows.shape, dtype=rows.dtype, device=rows.device, generator=generator)
+                yield (-scale * eps).reshape(z.shape), 1.0 / samples
+
+
+def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, samples: int, loss_terms: int) -> None:
+    """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
+
+    `pending` holds (block output, block input or None, BlockStatistics, forward id) of this forward.
+    """
+    outputs = [entry[0] for entry in pending]
+    for v, weight in backprop_vectors(z, fisher, loss, samples):
+        grads = torch.autograd.grad(z, outputs, grad_outputs=v / loss_terms, retain_graph=True, allow_unused=True)
+        for (_, a, stats, fid), g in zip(pending, grads):
+            if g is not None:
+                stats.record_error(g * weight ** 0.5, a, fid)

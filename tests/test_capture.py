@@ -1,0 +1,285 @@
+"""Capture: torch.fx first, torch.export as the fallback, untraceable submodules as leaves.
+
+Whatever the graph form, the blocks it finds must collect the statistics of the hook reference
+(tests/references.py) at 1e-10 in float64, and every parameter not in a block must be a fallback
+whose reason says why.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gnfx
+from references import TOL, cross_entropy, hook_statistics, layer_diag, per_example_fisher_diag
+
+DTYPE = torch.float64
+ALL = ("A", "S", "diag")
+
+
+def compile_for_statistics(model, **options):
+    return gnfx.compile(model, stat_every=1, stat_decay=0.0, statistics=ALL, **options)
+
+
+def batch(shape, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=DTYPE), torch.randint(0, classes, shape[:-1], generator=g)
+
+
+def assert_statistics_match(c, model, names, x, y, vectorized=True, **kwargs):
+    """One statistic step of c on (x, y); A, S vs hooks and diag vs per-example gradients (vmap,
+    or a loop for data-dependent models) on `model` before the step. With keyword arguments
+    to the forward, diag is left to the other tests."""
+    ref = hook_statistics(model, names, x, y, **kwargs)
+    diags = per_example_fisher_diag(model, x, y, vectorized=vectorized) if not kwargs else None
+    cross_entropy(c(x, **kwargs), y).backward()
+    c.step()
+    c.zero_grad()
+    for name in names:
+        torch.testing.assert_close(c.statistics(name)["A"], ref[name]["A"], **TOL)
+        torch.testing.assert_close(c.statistics(name)["S"], ref[name]["S"], **TOL)
+        if diags is not None:
+            torch.testing.assert_close(c.statistics(name)["diag"], layer_diag(diags, name), **TOL)
+
+
+class MLP(nn.Module):
+    def __init__(self, d=4, hidden=5, classes=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(d, hidden)
+        self.b = nn.Linear(hidden, classes)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class RankBranch(MLP):
+    """Top-level Python control flow on the input's rank: fx cannot trace it, torch.export can."""
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        return self.b(torch.tanh(self.a(x)))
+
+
+class DataBranch(MLP):
+    """Top-level control flow on the input's values: neither fx nor torch.export can capture it."""
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if h.sum() > 0:
+            h = 2 * h
+        return self.b(h)
+
+
+class Gate(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h):
+        if h.abs().max() < 2:  # data-dependent, so untraceable (and always true after a tanh)
+            return torch.tanh(self.lin(h))
+        return self.lin(h)
+
+
+class WithGate(MLP):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.gate = Gate(5).to(DTYPE)
+
+    def forward(self, x):
+        return self.b(self.gate(torch.tanh(self.a(x))))
+
+
+class Mixer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h):
+        return h + torch.tanh(self.lin(h))
+
+
+class WithMixer(MLP):
+    """A traceable submodule, to be made a leaf on request."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.mix = Mixer(5).to(DTYPE)
+
+    def forward(self, x):
+        return self.b(self.mix(torch.tanh(self.a(x))))
+
+
+class Keywords(MLP):
+    """A forward driven by keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.ctx = nn.Linear(2, 5).to(DTYPE)
+
+    def forward(self, x, *, context=None, scale=2.0):
+        h = torch.tanh(self.a(x))
+        if context is not None:
+            h = h + self.ctx(context)
+        return self.b(scale * h)
+
+
+# ----------------------------------------------------------------------------- fx
+
+
+def test_fx_captures_a_plain_model_with_one_block_per_linear():
+    model = MLP()
+    c = compile_for_statistics(model)
+    assert c.layers.form == "fx" and c.layers.leaves == {} and c.layers.fallbacks == []
+    assert [(b.name, b.kind, b.params, b.d_in, b.d_out) for b in c.layers] == [
+        ("a", "linear", ("a.weight", "a.bias"), 4, 5), ("b", "linear", ("b.weight", "b.bias"), 5, 3)]
+    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)))
+
+
+def test_keyword_driven_forward():
+    model = Keywords()
+    c = compile_for_statistics(model)
+    assert [b.name for b in c.layers] == ["a", "ctx", "b"]
+    x, y = batch((7, 4))
+    context = torch.randn(7, 2, dtype=DTYPE)
+    assert_statistics_match(c, model, ["a", "ctx", "b"], x, y, context=context, scale=0.5)
+
+
+def test_keyword_forward_with_an_optional_argument_left_out():
+    model = Keywords()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    assert c.optimizer.collecting
+    torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+
+def test_untraceable_top_level_forward_without_example_inputs_names_the_fix():
+    with pytest.raises(gnfx.CaptureError) as err:
+        gnfx.compile(RankBranch())
+    message = str(err.value)
+    assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
+    assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
+
+
+def test_untraceable_top_level_forward_falls_back_to_torch_export():
+    model = RankBranch()
+    x, y = batch((7, 4))
+    c = compile_for_statistics(model, example_inputs=(x,))
+    assert c.layers.form == "export"
+    assert [(b.name, b.params) for b in c.layers] == [("a", ("a.weight", "a.bias")), ("b", ("b.weight", "b.bias"))]
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    # the batch dimension stays dynamic
+    assert_statistics_match(c, model, ["a", "b"], *batch((4, 4), seed=1))
+
+
+def test_data_dependent_top_level_branch_is_a_capture_error_in_both_forms():
+    with pytest.raises(gnfx.CaptureError, match="torch.cond"):
+        gnfx.compile(DataBranch())
+    x, _ = batch((7, 4))
+    with pytest.raises(gnfx.CaptureError, match="torch.export could not capture DataBranch"):
+        gnfx.compile(DataBranch(), example_inputs=(x,))
+
+
+def test_export_needs_example_inputs():
+    with pytest.raises(gnfx.CaptureError, match="example_inputs"):
+        gnfx.compile(MLP(), capture="export")
+
+
+def test_unknown_capture_mode_is_a_config_error():
+    with pytest.raises(gnfx.ConfigError, match="capture='bogus'"):
+        gnfx.compile(MLP(), capture="bogus")
+
+
+def test_fx_and_export_forms_give_the_same_blocks_and_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 6, bias=False), nn.Tanh(),
+                          nn.Linear(6, 3)).to(DTYPE)
+    x, y = batch((5, 3, 4))
+    fx_c = compile_for_statistics(model, capture="fx")
+    exported = copy.deepcopy(model)
+    ex_c = compile_for_statistics(exported, capture="export", example_inputs=(x,))
+    assert (fx_c.layers.form, ex_c.layers.form) == ("fx", "export")
+
+    def table(c):
+        return [(b.name, b.kind, b.weight, b.bias, b.d_in, b.d_out, len(b.sites)) for b in c.layers]
+    assert table(fx_c) == table(ex_c) == [("0", "linear", "0.weight", "0.bias", 4, 6, 1),
+                                          ("2", "linear", "2.weight", None, 6, 6, 1),
+                                          ("4", "linear", "4.weight", "4.bias", 6, 3, 1)]
+    assert fx_c.layers.fallbacks == ex_c.layers.fallbacks == []
+    for data in [(x, y), batch((3, 2, 4), seed=1)]:  # a second batch of other (dynamic) sizes
+        assert_statistics_match(fx_c, model, ["0", "2", "4"], *data)
+        assert_statistics_match(ex_c, exported, ["0", "2", "4"], *data)
+        for name in ["0", "2", "4"]:
+            for k in ALL:
+                torch.testing.assert_close(fx_c.statistics(name)[k], ex_c.statistics(name)[k], **TOL)
+
+
+class Tied(MLP):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(5, 5).to(DTYPE)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.fc(torch.tanh(self.fc(torch.tanh(self.a(x)))))))
+
+
+def test_export_form_finds_tied_weights():
+    model = Tied()
+    x, y = batch((7, 4))
+    c = compile_for_statistics(model, capture="export", example_inputs=(x,))
+    assert [(b.name, len(b.sites)) for b in c.layers] == [("a", 1), ("fc", 2), ("b", 1)]
+    assert c.layers.fallbacks == []
+    assert_statistics_match(c, model, ["a", "fc", "b"], x, y)
+
+
+# ----------------------------------------------------------------------------- leaves
+
+
+def test_untraceable_submodule_becomes_a_leaf_whose_parameters_fall_back():
+    model = WithGate()
+    c = compile_for_statistics(model)
+    assert c.layers.form == "fx"
+    assert list(c.layers.leaves) == ["gate"] and "could not be traced" in c.layers.leaves["gate"]
+    assert [b.name for b in c.layers] == ["a", "b"]
+    assert sorted(f.param for f in c.layers.fallbacks) == ["gate.lin.bias", "gate.lin.weight"]
+    for f in c.layers.fallbacks:
+        assert "leaf module 'gate'" in f.reason and "could not be traced" in f.reason
+    assert "gate" in c.report()
+    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)), vectorized=False)
+
+
+def test_leaf_modules_forces_a_traceable_submodule_to_be_a_leaf():
+    model = WithMixer()
+    assert [b.name for b in compile_for_statistics(copy.deepcopy(model)).layers] == ["a", "mix.lin", "b"]
+    c = compile_for_statistics(model, leaf_modules=["mix"])
+    assert c.layers.leaves == {"mix": "requested with leaf_modules"}
+    assert [b.name for b in c.layers] == ["a", "b"]
+    assert {f.param: f.reason for f in c.layers.fallbacks} == {
+        p: "inside leaf module 'mix' (requested with leaf_modules)" for p in ["mix.lin.weight", "mix.lin.bias"]}
+    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)))
+
+
+def test_leaf_modules_naming_a_linear_keeps_it_out_of_the_blocks():
+    c = compile_for_statistics(MLP(), leaf_modules=["b"])
+    assert c.layers.leaves == {"b": "requested with leaf_modules"}
+    assert [b.name for b in c.layers] == ["a"]
+    assert sorted(f.param for f in c.layers.fallbacks) == ["b.bias", "b.weight"]
+
+
+@pytest.mark.parametrize("name", ["nope", "a.lin", ""])
+def test_a_bad_leaf_modules_name_raises(name):
+    with pytest.raises(gnfx.GnfxError) as err:
+        gnfx.compile(MLP(), leaf_modules=[name])
+    assert repr(name) in str(err.value) and "named_modules" in str(err.value)
