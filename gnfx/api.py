@@ -31,6 +31,8 @@ COMMON = {
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2'"),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
+    "nan_policy": choice("a step with a non-finite gradient or statistic: skipped with a warning, or raise",
+                         "skip", ("skip", "raise")),
     "compile": flag("run the generated update function under torch.compile", False),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),

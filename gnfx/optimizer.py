@@ -9,6 +9,8 @@ checkpoint continues exactly like the uninterrupted one.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from gnfx.codegen import UpdateFunction
@@ -25,6 +27,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.stat_every = settings["stat_every"]
         self.stat_decay = settings["stat_decay"]
         self.steps = 0
+        self.skipped_steps = 0
+        self.nan_policy = settings["nan_policy"]
         self.collected = False  # set by the compiled model when a forward ran with taps
         self._groups_seen = None
         self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
@@ -77,9 +81,19 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.collected:
-            self.statistics.finalize(self.stat_decay)
-            self.collected = False
+        batches = self.statistics.batches() if self.collected else {}
+        self.collected = False
+        problem = self._non_finite(batches)
+        if problem:
+            self.statistics.discard()
+            self.skipped_steps += 1
+            message = (f"gnfx skipped step {self.steps} (no parameter or statistic changed; "
+                       f"{self.skipped_steps} skipped so far): {problem}")
+            if self.nan_policy == "raise":
+                raise FloatingPointError(message + "; nan_policy='raise'")
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            return loss
+        self.statistics.fold(batches, self.stat_decay)
         for pre in self.curvature:
             if pre.refresh_due(self.steps):
                 pre.refresh()
@@ -89,10 +103,25 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
+    def _non_finite(self, batches: dict) -> str:
+        """'' if every gradient and this step's statistics are finite, else what is not (one
+        host synchronization: the norms of all of them, checked at once)."""
+        named = [(n, p.grad) for n, p in self._named.items() if p.grad is not None]
+        named += [(f"statistic {k} of block {b}", v) for b, batch in batches.items() for k, v in batch.items()]
+        if not named:
+            return ""
+        norms = torch.stack([x.to(torch.float32) for x in torch._foreach_norm([t for _, t in named])])
+        finite = torch.isfinite(norms)
+        if bool(finite.all()):
+            return ""
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        return "non-finite " + ", ".join(("gradient of " + n) if not n.startswith("statistic") else n for n in bad)
+
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
         sd = super().state_dict()
-        sd["gnfx"] = {"steps": self.steps, "statistics": self.statistics.state_dict()}
+        sd["gnfx"] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
+                      "statistics": self.statistics.state_dict()}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -116,3 +145,4 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.detach().clone().to(p.device)
         self.steps = int(gnfx_state["steps"])
+        self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))

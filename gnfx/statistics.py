@@ -157,10 +157,10 @@ class BlockStatistics:
                 pending[forward_id] = per_example
 
     @torch.no_grad()
-    def finalize(self, decay: float) -> None:
-        """Turn the accumulated sums into this step's statistics and fold them into the average."""
+    def batch(self) -> dict[str, torch.Tensor]:
+        """This step's statistics from the accumulated sums (empty if no forward was backpropagated)."""
         if not self._examples:
-            return
+            return {}
         n = sum(self._examples.values())
         m = sum(k * self.store.terms_per_example.get(f, 1) for f, k in self._examples.items())
         for pooled in self._pooled.values():
@@ -179,12 +179,18 @@ class BlockStatistics:
                 for per_example in pending.values():
                     out += per_example.square().sum(0)
                 batch[name] = out * n
+        return batch
+
+    @torch.no_grad()
+    def fold(self, batch: dict[str, torch.Tensor], decay: float) -> None:
+        """F ← β F + (1-β) F_batch for each statistic of the batch (the first batch sets F)."""
         for name, value in batch.items():
             if name in self.values and decay > 0:
                 self.values[name].mul_(decay).add_(value, alpha=1 - decay)
             else:
                 self.values[name] = value.clone()
-        self.updates += 1
+        if batch:
+            self.updates += 1
         self._reset()
 
     def _reset(self) -> None:
@@ -228,10 +234,19 @@ class StatisticsStore:
     def __getitem__(self, name: str) -> BlockStatistics:
         return self.blocks[name]
 
-    def finalize(self, decay: float) -> None:
-        for stats in self.blocks.values():
-            stats.finalize(decay)
+    def batches(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This step's statistics of every block, by block name."""
+        return {name: stats.batch() for name, stats in self.blocks.items()}
+
+    def fold(self, batches: dict, decay: float) -> None:
+        """Fold this step's statistics into the averages (see BlockStatistics.fold)."""
+        for name, stats in self.blocks.items():
+            stats.fold(batches.get(name, {}), decay)
         self.terms_per_example.clear()
+
+    def discard(self) -> None:
+        """Drop this step's accumulated statistics (a skipped step)."""
+        self.fold({}, 0.0)
 
     def state_dict(self) -> dict:
         return {name: s.state_dict() for name, s in self.blocks.items()}
