@@ -8,8 +8,7 @@ from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
 from gnfx.optimizer import GnfxOptimizer
-from gnfx.plan import FALLBACK, make_plan, specs
-from gnfx.preconditioners import REGISTRY
+from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES, optional_inputs, trace_fx
@@ -31,12 +30,18 @@ COMMON = {
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2'"),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
+    "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
+                          "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
+                          "partitioned", ("partitioned", "replicated", "off")),
     "nan_policy": choice("a step with a non-finite gradient or statistic: skipped with a warning, or raise",
                          "skip", ("skip", "raise")),
     "compile": flag("run the generated update function under torch.compile", False),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
                          "statistics to collect beyond what the preconditioners need"),
+    **BUDGETS,
+    "cost_rows": positive_int("rows B·R of a statistic step per call site (examples x positions) that the cost "
+                              "model assumes: for optimizer='auto' and model.cost()", 256),
 }
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 
@@ -54,7 +59,7 @@ def _check_model(model) -> None:
         raise ConfigError(f"gnfx.compile expects a torch.nn.Module, got {type(model).__name__}")
 
 
-def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto", leaf_modules=(),
+def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = "auto", leaf_modules=(),
             example_inputs=None, example_kwargs=None, **hparams) -> CompiledModel:
     """Compile `model` for curvature-aware training with the preconditioner `optimizer`.
 
@@ -62,14 +67,14 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
     `.zero_grad()` and `.optimizer`. `capture` is "auto" (torch.fx, then torch.export with
     `example_inputs` and `example_kwargs`), "fx" or "export"; `leaf_modules` lists submodule paths
     to keep opaque.
-    `hparams` are the hyperparameters of gnfx.api.COMMON and of the chosen preconditioner (and of
-    "diag", which serves the parameters no block claims); unknown names raise a ConfigError.
+    `optimizer` is a preconditioner name, "auto", or a dict of glob patterns on block names
+    (see gnfx.plan). `hparams` are the hyperparameters of gnfx.api.COMMON and of the
+    preconditioners the optimizer may use (and of "diag", which serves the parameters no block
+    claims); unknown names raise a ConfigError.
     """
     _check_model(model)
-    if not isinstance(optimizer, str) or optimizer not in REGISTRY:
-        raise ConfigError(f"optimizer={optimizer!r} is not a gnfx optimizer; valid names are: {', '.join(REGISTRY)}")
-    spec = {**COMMON, **REGISTRY[FALLBACK].HPARAMS, **REGISTRY[optimizer].HPARAMS}
-    hp = resolve(spec, hparams, f"optimizer={optimizer!r}")
+    policy = Policy(optimizer, hparams)
+    hp = resolve({**COMMON, **policy.hparam_specs()}, hparams, f"optimizer={optimizer!r}")
     if hp["fisher"] != "empirical" and hp["loss"] is None:
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy' or "
                           f"loss='mse' (the loss you call, with mean reduction)")
@@ -78,19 +83,15 @@ def compile(model: nn.Module, optimizer: str = "diag", *, capture: str = "auto",
         raise ConfigError(f"capture={capture!r} is not a capture mode; use one of {CAPTURE_MODES}")
     captured = capture_graph(model, capture, leaf_modules, example_inputs, example_kwargs)
     gm, table, block_sites = _lower_and_analyze(model, captured)
-    make_plan(table, optimizer)
-
-    def hparams_of(name):
-        return {k: hp[k] for k in REGISTRY[name].HPARAMS}
-
+    plan = make_plan(table, policy, hparams, hp, dict(model.named_parameters()))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     store = StatisticsStore(
         table.blocks,
-        needs_of=lambda b: REGISTRY[b.preconditioner].needs(hparams_of(b.preconditioner)) | set(hp["statistics"]),
+        needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
         kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
     insert_taps(gm, block_sites, store)
     defaults = {k: hp[k] for k in PER_GROUP}
-    opt = GnfxOptimizer(named, specs(table, hparams_of), store, hp, defaults)
+    opt = GnfxOptimizer(named, plan.specs(), store, hp, defaults)
 
     def variant(none_inputs: tuple[str, ...]):
         """The instrumented graph for calls that leave the optional inputs `none_inputs` out."""

@@ -85,8 +85,11 @@ class UpdateFunction:
         self.eager = namespace["gnfx_update"]
         self.fn = torch.compile(self.eager, dynamic=False) if use_compile else self.eager
         n_groups = len(optimizer.param_groups)
-        self.lrs = torch.zeros(n_groups, dtype=torch.float32, device=device)
-        self.wds = torch.zeros(n_groups, dtype=torch.float32, device=device)
+        # 0-d tensors filled each step (a changing Python float would recompile), as wide as the
+        # widest parameter so that a float64 model steps with its exact learning rate
+        dtype = torch.float64 if any(optimizer.param(n).dtype == torch.float64 for n in self.names) else torch.float32
+        self.lrs = torch.zeros(n_groups, dtype=dtype, device=device)
+        self.wds = torch.zeros(n_groups, dtype=dtype, device=device)
 
     def __call__(self, collect: bool) -> None:
         if not self.names:

@@ -30,28 +30,36 @@ def one_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def _power(F: torch.Tensor, damping: torch.Tensor, p: float) -> torch.Tensor:
+def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool) -> torch.Tensor:
     with one_thread(F.device):
         d, Q = torch.linalg.eigh(F)
-    d = (d.clamp(min=0) + damping.unsqueeze(-1)).pow(-p)
+    d = d.clamp(min=0)
+    if relative:
+        damping = (damping * d[..., -1]).clamp(min=torch.finfo(d.dtype).tiny)
+    d = (d + damping.unsqueeze(-1)).pow(-p)
     return (Q * d.unsqueeze(-2)) @ Q.transpose(-1, -2)
 
 
-def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype):
-    """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype`.
+def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype,
+                         relative: bool = False):
+    """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype`;
+    with `relative`, λ_i is `damping` times the largest eigenvalue of F_i.
 
     Returns (result in F's dtype, ok) where `ok` is a (k,) bool tensor: False where the
     decomposition failed or produced non-finite values (that entry of the result is undefined).
     """
     F64, lam = F.to(dtype), damping.to(dtype)
     try:
-        out = _power(F64, lam, p)
+        out = _power(F64, lam, p, relative)
     except RuntimeError:  # torch.linalg.LinAlgError, or MKL failing on one matrix: isolate it
         out = torch.empty_like(F64)
         for i in range(F.shape[0]):
             try:
-                out[i] = _power(F64[i:i + 1], lam[i:i + 1], p)[0]
+                out[i] = _power(F64[i:i + 1], lam[i:i + 1], p, relative)[0]
             except RuntimeError:
                 out[i] = float("nan")
-    ok = torch.isfinite(out).flatten(1).all(1)
-    return out.to(F.dtype), ok
+    out = out.to(F.dtype)
+    # finite in F's dtype (a root that overflows float32 is a failure too), and from a factor that
+    # holds statistics (an all-zero factor has none yet: its damped root would be λ^{-p} I)
+    ok = torch.isfinite(out).flatten(1).all(1) & (F.flatten(1).abs().amax(1) > 0)
+    return out, ok

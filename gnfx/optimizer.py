@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from gnfx.codegen import UpdateFunction
+from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
@@ -29,12 +30,21 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         self.nan_policy = settings["nan_policy"]
+        self._distributed = settings["distributed"]
+        self._comm = None
         self.collected = False  # set by the compiled model when a forward ran with taps
         self._groups_seen = None
         self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
         self.update_function = UpdateFunction(self.curvature, self, settings["compile"])
+
+    @property
+    def comm(self):
+        """The gnfx.distributed.Communicator when running on several processes, else None."""
+        if self._comm is None and self._distributed != "off" and Communicator.active():
+            self._comm = Communicator(partition_refresh=self._distributed == "partitioned")
+        return self._comm
 
     # --- lookups used by the preconditioners -------------------------------------------------
     def param(self, name: str) -> torch.Tensor:
@@ -83,6 +93,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
+        if batches and self.comm is not None:
+            batches = self.comm.average_statistics(batches, self.statistics.examples())
         problem = self._non_finite(batches)
         if problem:
             self.statistics.discard()
@@ -95,6 +107,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         for pre in self.curvature:
+            if self.statistic_step:
+                pre.collect()
             if pre.refresh_due(self.steps):
                 pre.refresh()
         self.update_function(self.statistic_step)

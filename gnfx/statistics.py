@@ -234,6 +234,10 @@ class StatisticsStore:
     def __getitem__(self, name: str) -> BlockStatistics:
         return self.blocks[name]
 
+    def examples(self) -> dict[str, int]:
+        """The examples N each block saw on this step."""
+        return {name: sum(stats._examples.values()) for name, stats in self.blocks.items()}
+
     def batches(self) -> dict[str, dict[str, torch.Tensor]]:
         """This step's statistics of every block, by block name."""
         return {name: stats.batch() for name, stats in self.blocks.items()}

@@ -108,3 +108,13 @@ def param_regions(piece: Piece) -> list[tuple[int, tuple[slice, ...], tuple[slic
     if cols.stop > d_in:
         out.append((1, (rows,), (slice(None), d_in - cols.start)))
     return out
+
+
+def piece_gradient(piece: Piece, grad_of) -> torch.Tensor:
+    """The piece's region of its target's gradient; `grad_of(name)` gives a parameter's gradient.
+    (The generated update function writes the same expression out, see gnfx.codegen.)"""
+    t = piece.target
+    g = as_matrix(grad_of(t.params[0]), t.view)
+    if t.folded_bias:
+        g = fold(g, grad_of(t.params[1]))
+    return g[piece.index]

@@ -7,6 +7,7 @@ grouped by shape (gnfx.targets). A subclass supplies the batched math on a stack
     init_group(group)            -> dict of state tensors, each stacked over the k pieces
     direction(G, state, collect) -> U, the preconditioned gradient (and updates the curvature
                                     estimate in `state` when `collect` is True)
+    collect()                    -> optionally, gradient statistics gathered before the refresh
     refresh()                    -> the amortized decompositions, run when `refresh_due(step)`
 
 This base applies the common tail to every piece: heavy-ball momentum and decoupled weight decay,
@@ -20,7 +21,7 @@ import torch
 from gnfx.hparams import choice, unit_interval
 from gnfx.preconditioners.base import Preconditioner
 from gnfx.layouts import LAYOUTS
-from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target
+from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,8 +85,32 @@ class CurvaturePreconditioner(Preconditioner):
     def refresh_due(self, step: int) -> bool:
         return False
 
+    def collect(self) -> None:
+        """Curvature statistics taken from the gradients themselves, run on statistic steps before
+        the refresh (so a refresh sees this step's gradient); none by default."""
+
+    def stacked_gradient(self, group) -> torch.Tensor:
+        """The gradients of the group's pieces, stacked (k, *shape); zeros for a missing gradient."""
+        def grad_of(name):
+            p = self.opt.param(name)
+            return p.grad if p.grad is not None else torch.zeros_like(p)
+        return torch.stack([piece_gradient(piece, grad_of) for piece in group.pieces])
+
     def refresh(self) -> None:
         """The amortized decompositions; none by default."""
+
+    # --- the refresh under torch.distributed (gnfx.distributed) -------------------------------
+    def owned(self, group) -> torch.Tensor:
+        """Indices of the group's pieces whose refresh this rank computes (all of them alone)."""
+        comm = self.opt.comm
+        if comm is None:
+            return torch.arange(len(group.pieces))
+        return comm.owned(group.key, [sum(d ** 3 for d in group.shape)] * len(group.pieces))
+
+    def share(self, group, tensors) -> None:
+        """Give every rank the refreshed state of the pieces other ranks computed."""
+        if self.opt.comm is not None:
+            self.opt.comm.share(group.key, tensors)
 
     def safeguard(self, Us, Gs, lrs):
         """A global scale ν for all of this preconditioner's steps (default 1: none)."""

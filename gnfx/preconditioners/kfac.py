@@ -49,25 +49,31 @@ class KFAC(CurvaturePreconditioner):
             if not all("A" in v and "S" in v for v in values):
                 continue  # no statistics yet: keep the current inverses
             state = self.group_state(group)
-            A = torch.stack([v["A"] for v in values])
-            S = torch.stack([v["S"] for v in values])
-            diagonal_A = A.dim() == 2  # embeddings: A is stored as its diagonal
-            mean_a = A.mean(1) if diagonal_A else A.diagonal(dim1=1, dim2=2).mean(1)
-            mean_s = S.diagonal(dim1=1, dim2=2).mean(1)
-            ok_scale = (mean_a > 0) & (mean_s > 0)
-            pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
-            root = self.hp["damping"] ** 0.5
-            dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
-            if diagonal_A:
-                A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
-                ok_a = torch.isfinite(A_inv).all(1)
-            else:
-                A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype)
-            S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype)
-            ok = ok_a & ok_s
-            state["A_inv"][ok] = A_inv[ok]
-            state["S_inv"][ok] = S_inv[ok]
-            state["failures"] += (~ok).long()
+            mine = self.owned(group)
+            if len(mine):
+                self._invert(state, mine, torch.stack([values[i]["A"] for i in mine.tolist()]),
+                             torch.stack([values[i]["S"] for i in mine.tolist()]))
+            self.share(group, [state["A_inv"], state["S_inv"], state["failures"]])
+
+    def _invert(self, state, mine, A, S) -> None:
+        """The damped inverses of the pieces `mine` from their factors A and S (stacked)."""
+        diagonal_A = A.dim() == 2  # embeddings: A is stored as its diagonal
+        mean_a = A.mean(1) if diagonal_A else A.diagonal(dim1=1, dim2=2).mean(1)
+        mean_s = S.diagonal(dim1=1, dim2=2).mean(1)
+        ok_scale = (mean_a > 0) & (mean_s > 0)
+        pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
+        root = self.hp["damping"] ** 0.5
+        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
+        if diagonal_A:
+            A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
+            ok_a = torch.isfinite(A_inv).all(1)
+        else:
+            A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype)
+        S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype)
+        ok = ok_a & ok_s
+        state["A_inv"][mine[ok]] = A_inv[ok]
+        state["S_inv"][mine[ok]] = S_inv[ok]
+        state["failures"][mine] += (~ok).long()
 
     def direction(self, G, state, collect):
         SG = state["S_inv"] @ G.to(state["S_inv"].dtype)

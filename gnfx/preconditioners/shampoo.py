@@ -3,7 +3,7 @@
 For a piece with gradient G of order k (a matrix [∇W ∇b] for a block, k = 2) the factor of
 mode j is the moving average `F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ` of the mode-j unfolding's Gram
 matrix (for a matrix: `L = Σ G Gᵀ`, `R = Σ Gᵀ G`), collected every `stat_every` steps with
-β = `stat_decay`. The direction is the mode product
+β = `stat_decay`, before the step's refresh, so that roots refreshed on step t include G_t. The direction is the mode product
 
     P = G ×_1 (F_1 + ε_1 I)^{-p} ×_2 (F_2 + ε_2 I)^{-p} ... ,    for a matrix  L^{-p} G R^{-p},
 
@@ -36,7 +36,7 @@ def mode_gram(G: torch.Tensor, j: int) -> torch.Tensor:
 
 
 def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
-    """G ×_j P for each piece, P symmetric (k, d_j, d_j)."""
+    """G ×_j Pᵀ for each piece (= G ×_j P for a symmetric P), P of shape (k, d_j, d_j)."""
     X = G.movedim(j + 1, -1)
     shape = X.shape
     return (X.reshape(shape[0], -1, shape[-1]) @ P).reshape(shape).movedim(-1, j + 1)
@@ -88,21 +88,27 @@ class Shampoo(CurvaturePreconditioner):
         for group in self.groups:
             state = self.group_state(group)
             order = len(group.shape)
-            for j in range(order):
-                F = state[f"factor{j}"]
-                top = torch.linalg.matrix_norm(F, ord=2) if F.shape[-1] > 0 else F.new_zeros(F.shape[0])
-                eps = (self.hp["damping"] * top).clamp(min=torch.finfo(F.dtype).tiny)
-                root, ok = damped_inverse_power(F, eps, self.exponent(order), dtype)
-                state[f"root{j}"][ok] = root[ok]
-                state["failures"] += (~ok).long()
+            mine = self.owned(group)
+            for j in range(order if len(mine) else 0):
+                F = state[f"factor{j}"][mine]
+                root, ok = damped_inverse_power(F, F.new_full((len(mine),), self.hp["damping"]),
+                                                self.exponent(order), dtype, relative=True)
+                state[f"root{j}"][mine[ok]] = root[ok]
+                state["failures"][mine] += (~ok).long()
+            self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]])
+
+    def collect(self):
+        """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh."""
+        beta = self.opt.stat_decay
+        for group in self.groups:
+            state = self.group_state(group)
+            G = self.stacked_gradient(group).to(state["factor0"].dtype)
+            for j in range(len(group.shape)):
+                state[f"factor{j}"].mul_(beta).add_(mode_gram(G, j), alpha=1 - beta)
 
     def direction(self, G, state, collect):
         Gf = G.to(state["factor0"].dtype)
         order = Gf.dim() - 1
-        if collect:
-            beta = self.opt.stat_decay
-            for j in range(order):
-                state[f"factor{j}"].mul_(beta).add_(mode_gram(Gf, j), alpha=1 - beta)
         D = graft_direction(self.hp["graft"], Gf, state, self.hp["betas"][1], self.hp["eps"])
         if not self.active:
             return D

@@ -1,0 +1,105 @@
+"""EKFAC: K-FAC's eigenbasis with a diagonal rescaling fitted to the gradients (George et al. 2018).
+
+K-FAC's curvature `A ⊗ S` has the eigenbasis `Q_A ⊗ Q_S` (A = Q_A Λ_A Q_Aᵀ, S = Q_S Λ_S Q_Sᵀ) and
+in it the eigenvalues `Λ_S Λ_Aᵀ`. EKFAC keeps the basis and replaces these eigenvalues by the
+second moments of the per-example gradients `g_n = Σ_r δ_{n,r} a_{n,r}ᵀ` in it,
+
+    s = E_n[(Q_Sᵀ g_n Q_A)²]            (the "eigen_diag" statistic, scaled like "diag")
+    U = Q_S ((Q_Sᵀ G Q_A) / (s + λ)) Q_Aᵀ,    G = [∇W ∇b],
+
+that is `(Q_A ⊗ Q_S) diag(s + λ)⁻¹ (Q_A ⊗ Q_S)ᵀ vec(G)`: the best diagonal fit of the Fisher in
+K-FAC's eigenbasis, with the Tikhonov damping λ (`damping`, K-FAC's λ) added exactly instead of
+split between the factors: with `s = Λ_S Λ_Aᵀ` the step would be `(A ⊗ S + λ I)⁻¹ vec(G)`.
+Embeddings (A diagonal) use Q_A = I.
+
+The bases are refreshed every `inv_every` steps from the averaged A and S (gnfx.statistics), and
+published to the taps (`BlockStatistics.basis`), which measure `s` in them on every statistic step.
+Since the taps run before the step's refresh, a refresh carries the average `s` into the new basis
+as the diagonal of the curvature it represents, `s ← P_S s P_A`, `P_S = (Q_S,oldᵀ Q_S,new)²`,
+`P_A = (Q_A,oldᵀ Q_A,new)²` (elementwise squares; a permutation of s when the basis is only
+reordered); later statistic steps average in the values measured in the new basis. Before any
+statistics s = 1. `refresh_tolerance` skips a basis whose factor is still nearly diagonal in it,
+as in SOAP (`soap.refresh_basis`, with its counters "refreshes", "skipped", "failures"; a failed
+decomposition keeps the old basis). KL clipping is K-FAC's (`kl_clip`, inherited).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gnfx.preconditioners.curvature import FACTOR_DTYPES
+from gnfx.preconditioners.kfac import KFAC
+from gnfx.preconditioners.shampoo import mode_product
+from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
+
+
+class EKFAC(KFAC):
+    name = "ekfac"
+    HPARAMS = {**KFAC.HPARAMS, "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
+
+    @classmethod
+    def needs(cls, hp):
+        return frozenset({"A", "S", "eigen_diag"})
+
+    def __init__(self, hp, blocks, params, optimizer):
+        super().__init__(hp, blocks, params, optimizer)
+        self.basis_due = False
+        for group in self.groups:
+            for i, piece in enumerate(group.pieces):
+                optimizer.statistics[piece.target.block.name].basis = functools.partial(self._basis, group, i)
+
+    def _basis(self, group, i):
+        """(Q_S, Q_A) of piece i, read from the group state when the taps ask (so a loaded
+        checkpoint's bases are the ones used)."""
+        state = self.group_state(group)
+        return state["Q_S"][i], state["Q_A"][i] if "Q_A" in state else None
+
+    def init_group(self, group):
+        d_out, d_a = group.shape
+        counter = lambda: self.stacked_zeros(group, dtype=torch.int64)  # noqa: E731
+        state = {"Q_S": self.stacked_eye(group, d_out), "scale": self.stacked_zeros(group, d_out, d_a) + 1,
+                 "refreshes": counter(), "skipped": counter(), "failures": counter()}
+        if group.kind != "embedding":
+            state["Q_A"] = self.stacked_eye(group, d_a)
+        return state
+
+    def refresh_due(self, step):
+        """New bases every inv_every steps; the scaling s after every statistic step."""
+        self.basis_due = step % self.hp["inv_every"] == 0
+        return self.basis_due or step % self.opt.stat_every == 0
+
+    def refresh(self):
+        stats = self.opt.statistics
+        for group in self.groups:
+            values = [stats[p.target.block.name].values for p in group.pieces]
+            if not all({"A", "S", "eigen_diag"} <= set(v) for v in values):
+                continue  # no statistics yet: keep the bases and s = 1
+            state = self.group_state(group)
+            if self.basis_due:
+                self._refresh_bases(state, values)
+            state["scale"].copy_(torch.stack([v["eigen_diag"] for v in values]))
+
+    def _refresh_bases(self, state, values):
+        """New Q_S (and Q_A) where due; s carried into them (module docstring)."""
+        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
+        s = torch.stack([v["eigen_diag"] for v in values])
+        any_changed = torch.zeros(len(values), dtype=torch.bool, device=s.device)
+        for j, (factor, key) in enumerate((("S", "Q_S"), ("A", "Q_A"))):
+            if key not in state:
+                continue
+            Q = state[key]
+            old = Q.clone()
+            changed, _ = refresh_basis(torch.stack([v[factor] for v in values]), Q, state,
+                                       self.hp["refresh_tolerance"], dtype)
+            eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
+            P = torch.where(changed.view(-1, 1, 1), (old.transpose(1, 2) @ Q).square(), eye)
+            s = mode_product(s, P, j)
+            any_changed |= changed
+        for i in any_changed.nonzero().flatten().tolist():
+            values[i]["eigen_diag"].copy_(s[i])
+
+    def direction(self, G, state, collect):
+        bases = [state["Q_S"], state.get("Q_A")]
+        R = rotate(G.to(state["Q_S"].dtype), bases)
+        return rotate(R / (state["scale"] + self.hp["damping"]), bases, back=True)

@@ -1,0 +1,93 @@
+"""Data-parallel training (gnfx.distributed) with 2 processes on gloo, loopback only.
+
+World size W = 2 on batches of B per rank must give the parameters of one process on the
+concatenated batch of 2B (to float32 round-off), for every preconditioner, with the refresh
+partitioned across ranks and replicated; and a checkpoint saved by rank 0 loads on every rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+
+STEPS = 7
+HPARAMS = {"lr": 1e-2, "stat_every": 2}
+EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "start_preconditioning_step": 2},
+         "rank1": {}, "diag": {"source": "fisher"}}
+
+
+def make_model():
+    """float64, so that the only differences between the runs (the order of the sums) stay at
+    round-off after the eigendecompositions of several refreshes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4), nn.LayerNorm(4))
+    return model.double()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, 16, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (STEPS, 16), generator=g)
+    return x, y
+
+
+def train(compiled, module, xs, ys):
+    for x, y in zip(xs, ys):
+        F.cross_entropy(module(x), y).backward()
+        compiled.step()
+        compiled.zero_grad()
+
+
+def worker(rank, world, port, optimizer, mode, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        compiled = gnfx.compile(make_model(), optimizer, distributed=mode, **HPARAMS, **EXTRA[optimizer])
+        ddp = nn.parallel.DistributedDataParallel(compiled)
+        xs, ys = data()
+        shard = slice(rank * 8, (rank + 1) * 8)
+        train(compiled, ddp, xs[:, shard], ys[:, shard])
+        if rank == 0:
+            torch.save({"params": {n: p.detach() for n, p in compiled.named_parameters()},
+                        "bytes": compiled.optimizer.comm.bytes_communicated,
+                        "optimizer": compiled.optimizer.state_dict()}, out)
+        dist.barrier()
+        # every rank loads rank 0's checkpoint and continues identically
+        checkpoint = torch.load(out, weights_only=True)
+        compiled.optimizer.load_state_dict(checkpoint["optimizer"])
+        assert compiled.optimizer.steps == STEPS
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["partitioned", "replicated"])
+@pytest.mark.parametrize("optimizer", ["kfac", "shampoo", "rank1", "diag"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(optimizer, mode, tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(worker, args=(2, free_port(), optimizer, mode, out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+
+    single = gnfx.compile(make_model(), optimizer, **HPARAMS, **EXTRA[optimizer])
+    xs, ys = data()
+    train(single, single, xs, ys)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(result["params"][name], p.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # statistics from the taps (kfac, diag with the Fisher source) are averaged on every statistic
+    # step; a partitioned refresh shares its results; rank1 needs neither
+    communicates = optimizer in ("kfac", "diag") or (optimizer == "shampoo" and mode == "partitioned")
+    assert (result["bytes"] > 0) == communicates

@@ -1,0 +1,387 @@
+"""Shampoo's step against a dense reference written from the paper (Gupta et al. 2018).
+
+For a piece with gradient G of order k, Shampoo keeps one factor per mode j,
+
+    F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ          (zero start; for a matrix: L = Σ G Gᵀ, R = Σ Gᵀ G)
+
+on statistic steps, recomputes the roots (F_j + ε_j I)^{-p} with ε_j = damping · λ_max(F_j)
+on refresh steps, and steps along the mode product, which the reference applies in its Kronecker
+form on the row-major vectorization (the factors are symmetric):
+
+    vec(G ×_1 P_1 ×_2 P_2 ... ×_k P_k) = (P_1 ⊗ P_2 ⊗ ... ⊗ P_k) vec(G),
+    for a matrix:  vec(L^{-p} G R^{-p}) = (L^{-p} ⊗ R^{-p}) vec(G).
+
+The reference updates the factors with a step's gradient before it refreshes the roots on that
+step, as the paper does. Most tests refresh on steps that collect no statistics
+(stat_every=2, refreshes at odd steps), where that order cannot matter; the test with statistics
+and refreshes on every step is the one that checks it.
+
+Learning rates are powers of two (gnfx hands lr to the update function as a float32 tensor).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-12)
+LR = 2.0 ** -12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def inverse_root(F_, damping, p):
+    """(F + ε I)^{-p}, ε = damping · λ_max(F), from the eigendecomposition of the PSD matrix F."""
+    d, Q = torch.linalg.eigh(F_)
+    eps = damping * d.max()
+    return Q @ torch.diag((d.clamp(min=0) + eps) ** -p) @ Q.T
+
+
+def mode_gram(G, j):
+    """G_(j) G_(j)ᵀ: the Gram matrix of the mode-j unfolding."""
+    X = G.movedim(j, 0).reshape(G.shape[j], -1)
+    return X @ X.T
+
+
+def kron_all(matrices):
+    out = matrices[0]
+    for m in matrices[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+class ShampooReference:
+    """Shampoo with grafting for one piece, in float64, step by step."""
+
+    def __init__(self, shape, *, beta, damping, p, graft="none", beta2=0.999, eps=1e-8,
+                 start=0, freq=1, stat_every=1):
+        self.factors = [torch.zeros(d, d, dtype=DTYPE) for d in shape]
+        self.roots = [torch.eye(d, dtype=DTYPE) for d in shape]
+        self.beta, self.damping, self.p = beta, damping, p
+        self.graft, self.beta2, self.eps = graft, beta2, eps
+        self.start, self.freq, self.stat_every = start, freq, stat_every
+        self.v = torch.zeros(shape, dtype=DTYPE)
+        self.t = 0
+
+    def grafted_direction(self, G):
+        if self.graft == "adam":
+            self.v = self.beta2 * self.v + (1 - self.beta2) * G ** 2
+            return G / ((self.v / (1 - self.beta2 ** self.t)).sqrt() + self.eps)
+        if self.graft == "adagrad":
+            self.v = self.v + G ** 2
+            return G / (self.v.sqrt() + self.eps)
+        return G
+
+    def step(self, step, G):
+        """The direction U of step `step` (0-based) for gradient G: Δθ = -η U."""
+        self.t += 1
+        if step % self.stat_every == 0:
+            self.factors = [self.beta * Fj + (1 - self.beta) * mode_gram(G, j) for j, Fj in enumerate(self.factors)]
+        D = self.grafted_direction(G)
+        if step < self.start:
+            return D
+        if (step - self.start) % self.freq == 0:
+            self.roots = [inverse_root(Fj, self.damping, self.p) for Fj in self.factors]
+        P = (kron_all(self.roots) @ G.reshape(-1)).reshape(G.shape)
+        if self.graft == "none":
+            return P
+        return P * (D.norm() / P.norm())
+
+
+# ----------------------------------------------------------------------------- models and helpers
+
+
+class MLP(nn.Module):
+    def __init__(self, widths=(5, 4, 3), bias=True):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class Tensor3(nn.Module):
+    """A raw (3, 4, 5) parameter contracted by einsum: a fallback that Shampoo claims, and a
+    LayerNorm whose 1-D parameters go to the diagonal preconditioner."""
+
+    def __init__(self):
+        super().__init__()
+        self.T = nn.Parameter(torch.randn(3, 4, 5) / 3)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.norm(torch.einsum("nij,ijk->nk", x, self.T))
+
+
+def make(cls=MLP, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return cls(**kwargs).to(DTYPE)
+
+
+def data(n, in_shape=(5,), classes=3, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *in_shape, generator=g, dtype=DTYPE),
+             torch.randint(0, classes, (size,), generator=g)) for _ in range(n)]
+
+
+# Refreshes at steps 1, 3, 5, ...; statistics at steps 0, 2, 4, ...: both orders of "update the
+# factors" and "refresh the roots" within a step give the same roots.
+OFFSET = dict(stat_every=2, precondition_frequency=2, start_preconditioning_step=1)
+
+
+def compile_shampoo(model, **hp):
+    settings = dict(lr=LR, momentum=0.0, weight_decay=0.0, graft="none", damping=0.1,
+                    stat_decay=0.75, betas=(0.9, 0.999), eps=1e-8, **OFFSET)
+    settings.update(hp)
+    return gnfx.compile(model, optimizer="shampoo", **settings)
+
+
+def reference_for(shape, hp):
+    p = hp.get("exponent", "paper")
+    p = 1 / (2 * len(shape)) if p == "paper" else p
+    hp = {**OFFSET, **hp}
+    return ShampooReference(shape, beta=hp.get("stat_decay", 0.75), damping=hp.get("damping", 0.1), p=p,
+                            graft=hp.get("graft", "none"), start=hp["start_preconditioning_step"],
+                            freq=hp["precondition_frequency"], stat_every=hp["stat_every"])
+
+
+def folded(layer, grad=False):
+    w = layer.weight.grad if grad else layer.weight
+    if layer.bias is None:
+        return w.detach().clone()
+    b = layer.bias.grad if grad else layer.bias
+    return torch.cat([w, b.unsqueeze(1)], dim=1).detach().clone()
+
+
+def train_against_reference(model, hp, batches, regions=None):
+    """Train with gnfx Shampoo and check each step of each layer (or each region of a layer:
+    {name: [index, ...]}) against its own ShampooReference."""
+    c = compile_shampoo(model, **hp)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    regions = regions or {n: [(slice(None), slice(None))] for n in layers}
+    refs = {(n, i): reference_for(folded(layers[n])[idx].shape, hp) for n in regions for i, idx in enumerate(regions[n])}
+    for step, (x, y) in enumerate(batches):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        grads = {n: folded(m, grad=True) for n, m in layers.items()}
+        before = {n: folded(m) for n, m in layers.items()}
+        assert all(g.abs().max() > 1e-3 for g in grads.values()), "training diverged: vacuous comparison"
+        c.step()
+        for n, idxs in regions.items():
+            delta = folded(layers[n]) - before[n]
+            for i, idx in enumerate(idxs):
+                U = refs[(n, i)].step(step, grads[n][idx])
+                torch.testing.assert_close(delta[idx], -LR * U, **TOL, msg=lambda m: f"{n}{idx} step {step}: {m}")
+    return c
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_kronecker_form_of_the_two_sided_product():
+    """The identity the reference relies on: vec(L G R) = (L ⊗ R) vec(G), L, R symmetric."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(3, 3, dtype=DTYPE), torch.randn(4, 4, dtype=DTYPE)
+    L, R, G = X @ X.T, Y @ Y.T, torch.randn(3, 4, dtype=DTYPE)
+    torch.testing.assert_close((torch.kron(L, R) @ G.reshape(-1)).reshape(3, 4), L @ G @ R, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("exponent", ["paper", 0.5, 1 / 3], ids=["paper", "p=0.5", "p=1/3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_matrix_block_equals_dense_reference(exponent, bias):
+    """Δ[W b] = -η (L+ε_L)^{-p} G (R+ε_R)^{-p} at every step, L, R the EMAs of G Gᵀ, Gᵀ G of the
+    observed folded gradients, roots from the last refresh (steps 1, 3, 5: stale in between)."""
+    hp = dict(exponent=exponent, stat_decay=0.75)
+    train_against_reference(make(bias=bias), hp, data(7))
+
+
+@pytest.mark.parametrize("exponent", ["paper", 0.5], ids=["paper", "p=0.5"])
+def test_statistics_and_roots_on_every_step_use_the_current_gradient(exponent):
+    """stat_every=1, precondition_frequency=1, start_preconditioning_step=0: the step of step t is
+    -η (L_t+ε)^{-p} G_t (R_t+ε)^{-p} with L_t, R_t including G_t (Gupta et al. 2018, Algorithm 1)."""
+    hp = dict(exponent=exponent, stat_decay=0.75, stat_every=1, precondition_frequency=1,
+              start_preconditioning_step=0)
+    train_against_reference(make(), hp, data(4))
+
+
+@pytest.mark.parametrize("graft", ["none", "adam"])
+def test_blocks_of_at_most_max_block_are_preconditioned_independently(graft):
+    """A 5x8 target ([W b] of Linear(7, 5)) with max_block=3: pieces of at most 3 per dimension
+    that tile the target, each with its own factors, roots and graft."""
+    model = make(widths=(7, 5))
+    hp = dict(max_block=3, graft=graft, exponent=0.5)
+    c = compile_shampoo(model, **hp)
+    pre = c.optimizer.curvature[0]
+    pieces = [p for g in pre.groups for p in g.pieces]
+    assert len(pieces) > 1 and all(max(p.shape) <= 3 for p in pieces)
+    cover = torch.zeros(5, 8, dtype=torch.int64)
+    for p in pieces:
+        cover[p.index] += 1
+    assert torch.equal(cover, torch.ones_like(cover))  # a tiling: every entry in exactly one piece
+    regions = {"layers.0": [p.index for p in pieces]}
+    train_against_reference(make(widths=(7, 5)), hp, data(6, in_shape=(7,), classes=5), regions=regions)
+
+
+@pytest.mark.parametrize("graft", ["adam", "adagrad"])
+def test_grafting_takes_the_norm_of_the_grafted_direction_and_only_it_before_the_start(graft):
+    """Steps 0..2 (< start_preconditioning_step=3) are the grafted direction D alone; later steps
+    are P ‖D‖/‖P‖, with D = G/(sqrt(v/(1-β₂ᵗ))+eps) (adam) or G/(sqrt(Σ G²)+eps) (adagrad)."""
+    hp = dict(graft=graft, exponent="paper", start_preconditioning_step=3, precondition_frequency=2,
+              stat_every=2, damping=1e-2)  # refreshes at steps 3, 5, 7; statistics at 0, 2, 4, 6
+    model = make()
+    train_against_reference(model, hp, data(8))
+
+    # independent of the reference class: the first step is exactly D
+    model = make()
+    c = compile_shampoo(model, **hp)
+    (x, y), = data(1)
+    F.cross_entropy(c(x), y).backward()
+    G, before = folded(model.layers[0], grad=True), folded(model.layers[0])
+    c.step()
+    D = G / (G.abs() + 1e-8)  # v/(1-β₂) = G² (adam), v = G² (adagrad): D = G / (|G| + eps)
+    torch.testing.assert_close(folded(model.layers[0]) - before, -LR * D, **TOL)
+
+
+@pytest.mark.parametrize("exponent", ["paper", 0.5], ids=["paper", "p=0.5"])
+def test_order3_parameter_is_preconditioned_along_every_mode(exponent):
+    """A raw (3, 4, 5) parameter (an einsum operand, no layer claims it): three factors, and
+    Δ = -η G ×_1 F_1^{-p} ×_2 F_2^{-p} ×_3 F_3^{-p}, with p = 1/6 for "paper"."""
+    model = make(Tensor3)
+    hp = dict(exponent=exponent)
+    c = compile_shampoo(model, **hp)
+    pre = c.optimizer.curvature[0]
+    assert [g.shape for g in pre.groups] == [(3, 4, 5)]
+    assert {f"factor{j}" for j in range(3)} <= set(pre.group_state(pre.groups[0]))
+    ref = reference_for((3, 4, 5), hp)
+    for step, (x, y) in enumerate(data(6, in_shape=(3, 4), classes=5)):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        G, before = model.T.grad.detach().clone(), model.T.detach().clone()
+        c.step()
+        torch.testing.assert_close(model.T.detach() - before, -LR * ref.step(step, G), **TOL)
+
+
+def test_one_dimensional_parameters_take_the_adamw_step():
+    """The LayerNorm's weight and bias are the diagonal preconditioner's: torch.optim.AdamW."""
+    model = make(Tensor3)
+    c = compile_shampoo(model, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
+    assert [n for pre in c.optimizer.elementwise for n in pre.param_names] == ["norm.weight", "norm.bias"]
+    shadow = [p.detach().clone().requires_grad_() for p in model.norm.parameters()]
+    adamw = torch.optim.AdamW(shadow, lr=LR, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
+    for x, y in data(3, in_shape=(3, 4), classes=5):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        for s, p in zip(shadow, model.norm.parameters()):
+            s.grad = p.grad.clone()
+        c.step()
+        adamw.step()
+        for s, p in zip(shadow, model.norm.parameters()):
+            torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_failed_decomposition_keeps_the_last_good_root_and_counts_the_failure(monkeypatch):
+    """Two 4x5 layers share a group. On the refresh of step 3, torch.linalg.eigh is made to fail
+    for the first of them (every factor): its roots stay those of step 1, its failures count 2 (one per
+    factor), its step uses the old roots; the second piece refreshes normally. The refresh of
+    step 5 succeeds again."""
+    model = make(widths=(5, 4, 4, 4, 3))
+    hp = dict(exponent=0.5)
+    c = compile_shampoo(model, **hp)
+    pre = c.optimizer.curvature[0]
+    group = next(g for g in pre.groups if len(g.pieces) == 2)
+    names = [p.target.name for p in group.pieces]
+    layers = dict(model.named_modules())
+    refs = {n: reference_for((4, 5), hp) for n in names}
+    real_eigh = torch.linalg.eigh
+    fail_next_single = []
+
+    def flaky_eigh(F_, *args, **kwargs):
+        """Fail the batched decomposition of the 2-piece group, then the retry of its first piece."""
+        if F_.dim() == 3 and F_.shape[0] == 2:
+            fail_next_single.append(True)
+            raise torch.linalg.LinAlgError("injected failure")
+        if fail_next_single:
+            fail_next_single.clear()
+            raise torch.linalg.LinAlgError("injected failure")
+        return real_eigh(F_, *args, **kwargs)
+
+    roots_before = None
+    for step, (x, y) in enumerate(data(6)):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        grads = {n: folded(layers[n], grad=True) for n in names}
+        before = {n: folded(layers[n]) for n in names}
+        if step == 3:
+            roots_before = [pre.group_state(group)[f"root{j}"][0].clone() for j in range(2)]
+            with monkeypatch.context() as mp:
+                mp.setattr(torch.linalg, "eigh", flaky_eigh)
+                c.step()
+            assert fail_next_single == []  # the injected failures were both consumed
+        else:
+            c.step()
+        state = pre.group_state(group)
+        expected_failures = [0, 0] if step < 3 else [2, 0]
+        assert state["failures"].tolist() == expected_failures, (step, state["failures"])
+        for i, n in enumerate(names):
+            U = refs[n].step(step, grads[n])
+            if step == 3 and i == 0:
+                assert all(torch.equal(state[f"root{j}"][0], roots_before[j]) for j in range(2))
+                P = roots_before[0] @ grads[n] @ roots_before[1]
+                assert not torch.allclose(P, U)  # the fresh root would have given another step
+                U = P
+                # keep the reference's roots at the last good ones, as gnfx does
+                refs[n].roots = [r.clone() for r in roots_before]
+            torch.testing.assert_close(folded(layers[n]) - before[n], -LR * U, **TOL)
+
+
+def test_float32_block_with_zero_gradient_at_the_first_statistic_keeps_finite_parameters():
+    """A zero-initialised head (common practice) gives the first layer an exactly zero gradient
+    on step 0, so its factors are zero at the refresh of step 1. In float32, with the default Adam
+    grafting, training must go on with finite parameters (a zero factor has no usable root: keep
+    the identity, or count a failure)."""
+    torch.manual_seed(0)
+    model = MLP()
+    nn.init.zeros_(model.layers[1].weight)
+    nn.init.zeros_(model.layers[1].bias)
+    c = compile_shampoo(model, lr=0.01, graft="adam")
+    pre = c.optimizer.curvature[0]
+    for step, (x, y) in enumerate(data(4, seed=2)):
+        x = x.float()
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        if step == 0:
+            assert model.layers[0].weight.grad.abs().max() == 0 and model.layers[1].weight.grad.abs().max() > 0
+        c.step()
+    for g in pre.groups:
+        state = pre.group_state(g)
+        assert all(torch.isfinite(state[f"root{j}"]).all() for j in range(len(g.shape))), g.key
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.layers[0].weight.grad.abs().max() > 0  # the first layer did get gradients later
+
+
+@pytest.mark.parametrize("name, value", [("exponent", 0), ("exponent", 2), ("exponent", -0.5),
+                                         ("exponent", "sqrt"), ("graft", "x"), ("max_block", 0),
+                                         ("precondition_frequency", 0), ("start_preconditioning_step", -1)])
+def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
+    with pytest.raises(gnfx.ConfigError, match=rf"\b{name}={value!r}"):
+        gnfx.compile(make(), optimizer="shampoo", **{name: value})

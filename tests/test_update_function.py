@@ -1,0 +1,216 @@
+"""The generated update function: readable code that batches equal-shaped blocks, the same numbers
+compiled (torch.compile) and eager, no recompilation once warm, and exact checkpoint resumption.
+"""
+from __future__ import annotations
+
+import ast
+import io
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import gnfx
+
+CURVATURE = ["kfac", "shampoo", "rank1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Deep(nn.Module):
+    """8 -> 16 -> 16 -> 16 -> 16 -> 4: three 16x16 hidden layers ([W b] of 16x17 each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.hidden = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.inp(x))
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.out(x)
+
+
+class Small(nn.Module):
+    """Two equal-shaped blocks (one group of two pieces), a LayerNorm (fallback) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))))
+
+
+class Pair(nn.Module):
+    """Two equal-shaped blocks, one group of two pieces: the smallest model whose update
+    function batches (kept small, since torch.compile of every graph costs seconds on a CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make(cls=Small, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return cls().to(dtype)
+
+
+def batches(n, d_in=4, classes=3, size=8, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, d_in, generator=g, dtype=dtype), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]
+
+
+def train(c, data):
+    for x, y in data:
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# hyperparameters of each preconditioner with amortization that is not aligned with the steps
+HP = {
+    "kfac": dict(inv_every=3, kl_clip=1e-2, damping=1e-2),
+    "shampoo": dict(precondition_frequency=3, start_preconditioning_step=1, damping=1e-3),
+    "rank1": dict(rank=2, damping=1e-2),
+}
+
+
+# ----------------------------------------------------------------------------- the code
+
+
+@pytest.mark.parametrize("optimizer", CURVATURE)
+def test_update_code_is_python_that_stacks_equal_shaped_blocks_into_one_group(optimizer):
+    """`update_code` parses as Python, names every group, and stacks the three 16x16 hidden
+    layers ([W b]: 16x17) into one group of three pieces: one torch.stack of three gradients."""
+    c = gnfx.compile(make(Deep), optimizer=optimizer)
+    code = c.update_code
+    tree = ast.parse(code)  # valid Python
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert [f.name for f in functions] == ["gnfx_update"]
+    assert c.optimizer.update_function.source in code
+    pre = c.optimizer.curvature[0]
+    stacks = {}  # assigned name -> number of tensors in its torch.stack([...])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "torch.stack":
+            stacks[node.targets[0].id] = len(node.value.args[0].elts)
+    for g in pre.groups:
+        stacked = [n for name, n in stacks.items() if name.endswith(g.key)]
+        assert stacked == [len(g.pieces)], (g.key, stacks)
+    by_shape = {g.shape: g for g in pre.groups}
+    hidden = by_shape[(16, 17)]
+    assert [p.target.name for p in hidden.pieces] == ["hidden.0", "hidden.1", "hidden.2"]
+    assert len(pre.groups) == 3  # 16x9, 16x17 (x3), 4x17
+    comment = next(line for line in code.splitlines() if line.strip().startswith(f"# {hidden.key}:"))
+    assert all(name in comment for name in ("hidden.0", "hidden.1", "hidden.2"))
+
+
+# ----------------------------------------------------------------------------- compiled vs eager
+
+
+@pytest.mark.parametrize("optimizer", CURVATURE)
+def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer):
+    """Float32, stat_every=2 (statistic and plain steps alternate), an LR scheduler that changes
+    lr every step: the compiled run follows the eager one to 1e-6 at every step, and the number
+    of graphs dynamo has compiled stops growing after a warm-up of 3 steps."""
+    steps, warm_up = 7, 3
+    data = batches(steps, classes=4)
+    hp = HP[optimizer]  # shampoo's switch to preconditioning at step 1 is one more graph (a Python flag)
+    trajectories, graphs = {}, []
+    torch._dynamo.reset()
+    counters.clear()
+    for use_compile in (False, True):
+        model = make(Pair)
+        c = gnfx.compile(model, optimizer=optimizer, lr=0.05, stat_every=2, compile=use_compile, **hp)
+        schedule = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda s: 1 / (1 + 0.5 * s))
+        trajectory = []
+        for x, y in data:
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+            schedule.step()
+            trajectory.append(flat_params(model))
+            if use_compile:
+                graphs.append(counters["stats"]["unique_graphs"])
+        trajectories[use_compile] = trajectory
+        if not use_compile:
+            assert counters["stats"]["unique_graphs"] == 0  # compile=False ran no dynamo
+    assert graphs[0] >= 1  # the compiled run did compile
+    assert graphs[warm_up - 1:] == [graphs[warm_up - 1]] * (steps - warm_up + 1), graphs
+    lrs = [g["lr"] for g in c.optimizer.param_groups]
+    assert lrs[0] < 0.05 / 3  # the scheduler did change the learning rate
+    for t, (eager, compiled) in enumerate(zip(trajectories[False], trajectories[True])):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+    assert not torch.equal(trajectories[True][-1], trajectories[True][0])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint(c):
+    buffer = io.BytesIO()
+    torch.save({"model": c.state_dict(), "optimizer": c.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("resume_at", [6, 7])
+@pytest.mark.parametrize("optimizer", CURVATURE + ["diag"])
+def test_resuming_from_a_checkpoint_is_bit_for_bit(optimizer, resume_at):
+    """Train `resume_at` steps, checkpoint through torch.save/torch.load(weights_only=True), go on
+    6 steps; a fresh compile of a differently initialised model loaded from the checkpoint takes
+    the same 6 steps to the same bits. stat_every=2 and refreshes every 3 steps: resuming at 7
+    is in the middle of both cycles, at 6 the next step collects statistics and refreshes."""
+    hp = dict(lr=0.05, stat_every=2, weight_decay=0.1, **HP.get(optimizer, {}))
+    if optimizer != "diag":
+        hp["momentum"] = 0.5
+    data = batches(resume_at + 6, dtype=torch.float64)
+    model = make(dtype=torch.float64)
+    c = gnfx.compile(model, optimizer=optimizer, **hp)
+    train(c, data[:resume_at])
+    saved = checkpoint(c)
+    train(c, data[resume_at:])
+
+    fresh_model = make(seed=123, dtype=torch.float64)
+    fresh = gnfx.compile(fresh_model, optimizer=optimizer, **hp)
+    assert not torch.equal(flat_params(fresh_model), flat_params(model))
+    fresh.load_state_dict(saved["model"])
+    fresh.optimizer.load_state_dict(saved["optimizer"])
+    assert fresh.optimizer.steps == resume_at
+    train(fresh, data[resume_at:])
+
+    for (name, p), q in zip(model.named_parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q), name
+    for name, stats in c.optimizer.statistics.blocks.items():
+        for key, value in stats.values.items():
+            assert torch.equal(value, fresh.optimizer.statistics[name].values[key]), (name, key)
+    # the resumed run is not the same as restarting the optimizer from scratch
+    restarted_model = make(seed=123, dtype=torch.float64)
+    restarted_model.load_state_dict(saved["model"])
+    restarted = gnfx.compile(restarted_model, optimizer=optimizer, **hp)
+    train(restarted, data[resume_at:])
+    assert not torch.equal(flat_params(restarted_model), flat_params(model))
