@@ -47,6 +47,9 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._instrumented(args, kwargs)(*args, **kwargs)
+            first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
+            if first is not None:
+                store.batch_size[store.forward_id] = first.shape[0]
             if self._settings["loss_average"] == "auto" and isinstance(out, torch.Tensor) and out.dim() > 2:
                 store.terms_per_example[store.forward_id] = out.shape[1:-1].numel()
             if store.fisher != "empirical":

@@ -1,7 +1,9 @@
 """The statistics runtime: per-block accumulators filled by the taps, and their moving averages.
 
 For a block `z = W a (+ b)` applied to N examples with R positions each (R = 1 for a plain
-(N, d) input; tokens or several call sites of a tied weight count as positions), the taps see `a`
+(N, d) input; tokens or several call sites of a tied weight count as positions; N is the first
+dimension of the model's output, so a layer may see its rows in any order, e.g. (T·N, d) inside
+torch's attention), the taps see `a`
 and the gradient `g = ∂L/∂z` of the loss `L = 1/M Σ_m ℓ_m`, a mean over the M loss terms of the
 accumulation window: M = N T, with T the loss terms per example (T = 1 for an (N, C) model
 output; T = prod(shape[1:-1]) for an (N, ..., C) output such as a language model's (N, T, V), as
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.errors import GnfxError
 from gnfx.layouts import LAYOUTS
 
 STATISTICS = ("A", "S", "diag", "eigen_diag")
@@ -84,7 +87,14 @@ class BlockStatistics:
     def _commit(self, forward_id: int) -> None:
         """Count the examples of a forward once and accumulate A from its staged inputs."""
         staged = self._staged.pop(forward_id)
-        self._examples[forward_id] = self.layout.examples(staged[0])
+        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
+        if (self.reduce or self.wants_activation_in_backward) and self.layout.examples(staged[0]) != n:
+            raise GnfxError(
+                f"block {self.block.name!r}: its input's first dimension ({self.layout.examples(staged[0])}) is "
+                f"not the batch ({n} examples, the first dimension of the model output); per-example "
+                f"statistics (diag, kfac_approx='reduce') need the batch first: use kfac_approx='expand' "
+                f"and a preconditioner without per-example statistics, or a batch-first layer")
+        self._examples[forward_id] = n
         if self._A is None and not self.pool_sites:
             return
         for a in staged:
@@ -142,6 +152,9 @@ class BlockStatistics:
             if self.layout.diagonal_A:  # scatter δ into the rows of the tokens it came from
                 per_example = g.new_zeros(g.shape[0], g.shape[2], out.shape[1])
                 per_example.scatter_add_(2, chunk.unsqueeze(1).expand(-1, g.shape[2], -1), g.transpose(1, 2))
+                padding = self.block.options.get("padding_idx")
+                if padding is not None:  # the padding row gets no gradient
+                    per_example[:, :, padding] = 0
             else:
                 rows = self._augmented(chunk.to(self.dtype))
                 rows = rows if Q_A is None else rows @ Q_A
@@ -227,6 +240,7 @@ class StatisticsStore:
                 self.blocks[b.name] = BlockStatistics(b, self, needs, kfac_approx, dtype, w.device)
         self.forward_id = 0
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
+        self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
 
     def __bool__(self) -> bool:
         return bool(self.blocks)
@@ -247,6 +261,7 @@ class StatisticsStore:
         for name, stats in self.blocks.items():
             stats.fold(batches.get(name, {}), decay)
         self.terms_per_example.clear()
+        self.batch_size.clear()
 
     def discard(self) -> None:
         """Drop this step's accumulated statistics (a skipped step)."""

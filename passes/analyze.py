@@ -76,6 +76,8 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
 def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
     if node in rejected:
         return f"{rejected[node]} at node {node.name}"
+    if "gnfx_fallback_reason" in node.meta:  # a pass said why it left this node alone
+        return f"{node.meta['gnfx_fallback_reason']} (node {node.name})"
     if node.op == "call_module":
         why = leaves.get(node.target)
         return (f"inside leaf module {node.target!r} ({why})" if why

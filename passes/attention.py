@@ -27,7 +27,8 @@ aten = torch.ops.aten
 
 SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
 SOFTMAX = (F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default, "softmax")
-MATMUL = (operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default, "matmul", "bmm")
+MATMUL = (operator.matmul, torch.matmul, torch.bmm, torch.baddbmm, aten.matmul.default, aten.bmm.default,
+          aten.baddbmm.default, "matmul", "bmm", "baddbmm")
 # ops that may stand between q kᵀ and softmax, or between softmax and the product with v
 BETWEEN = (operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, F.dropout,
            torch.dropout, torch.where, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.dropout.default,
@@ -39,6 +40,7 @@ SHAPE = (operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.
          aten.unflatten.int, aten.expand.default, aten.clone.default, aten.contiguous.default,
          aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor,
          aten.unbind.int, "view", "reshape", "transpose", "permute", "split", "chunk", "contiguous", "flatten",
+         aten.mT.default, aten.numpy_T.default, aten.flatten.using_ints,
          "unflatten", "unbind", "expand", "t", "mT")
 
 
@@ -90,9 +92,30 @@ def find_handwritten(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node
         inverse = {v: k for k, v in mapping.items()}
         mix = inverse["mix"]
         # the softmax output must be the left operand of the product with v
-        if mix.args and _reaches(mix.args[0], inverse["softmax"]):
-            found.append((inverse["scores"], inverse["softmax"], mix))
+        scores = inverse["scores"]
+        # the softmax output must be the left operand of the product with v, and neither product
+        # may involve a weight (softmax between two linear maps is not attention)
+        if (_reaches(_operands(mix)[0], inverse["softmax"])
+                and not any(_is_weight(x) for x in _operands(scores) + _operands(mix))):
+            found.append((scores, inverse["softmax"], mix))
     return found
+
+
+def _operands(product: fx.Node) -> list:
+    """The two factors of a matrix product (baddbmm's are its 2nd and 3rd arguments)."""
+    args = list(product.args)
+    return args[1:3] if _is(product, (torch.baddbmm, aten.baddbmm.default, "baddbmm")) else args[:2]
+
+
+def _is_weight(node) -> bool:
+    """A parameter, or a transpose or view of one."""
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return True
+        if not _is(node, SHAPE) or not node.args:
+            return False
+        node = node.args[0]
+    return False
 
 
 def _reaches(node, target) -> bool:
@@ -152,7 +175,8 @@ def mark_attention(gm: fx.GraphModule, blocks, block_sites) -> int:
         if _is(node, SDPA):
             attentions.append((node.args[0], node.args[1], node.args[2], node))
     for scores, _, mix in find_handwritten(gm):
-        attentions.append((scores.args[0], scores.args[1], mix.args[1], mix))
+        (q, k), v = _operands(scores), _operands(mix)[1]
+        attentions.append((q, k, v, mix))
     for q, k, v, out in attentions:
         sources = {role: _producer(x, site_of) for role, x in (("q", q), ("k", k), ("v", v))}
         for role, site in sources.items():

@@ -1,5 +1,6 @@
 """The embedding detector: `F.embedding(ids, W)` and `aten.embedding(W, ids)` with a trainable
-weight (V, d). `max_norm` (which renormalizes W in place) and sparse gradients are fallbacks."""
+weight (V, d). `max_norm` (which renormalizes W in place) and sparse gradients are fallbacks;
+`padding_idx` is recorded (its row gets no gradient)."""
 from __future__ import annotations
 
 import torch
@@ -17,13 +18,14 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
         if node.op != "call_function":
             continue
         if node.target is F.embedding:
-            ids, w_node = node.args[0], arg(node, 1, "weight")
+            ids, w_node, padding = node.args[0], arg(node, 1, "weight"), arg(node, 2, "padding_idx")
             if arg(node, 3, "max_norm") is not None or arg(node, 6, "sparse", False):
                 if param_of(w_node) is not None:
                     rejected.append((node, "an embedding with max_norm or sparse gradients (fallback)"))
                 continue
         elif node.target is aten.embedding.default:
-            w_node, ids = node.args[0], node.args[1]
+            w_node, ids, padding = node.args[0], node.args[1], arg(node, 2, "padding_idx", -1)
+            padding = None if padding == -1 else padding
             if arg(node, 4, "sparse", False):
                 if param_of(w_node) is not None:
                     rejected.append((node, "an embedding with sparse gradients (fallback)"))
@@ -34,6 +36,9 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
         if weight is None:
             continue
         vocab, dim = shape_of(weight)
+        if padding is not None and padding < 0:
+            padding += vocab
         sites.append(Site(node=node, kind="embedding", input=ids, weight=weight, bias=None,
-                          uses=[(node, w_node)], d_in=vocab, d_out=dim, options={"weight_shape": (vocab, dim)}))
+                          uses=[(node, w_node)], d_in=vocab, d_out=dim,
+                          options={"weight_shape": (vocab, dim), "padding_idx": padding}))
     return sites, rejected

@@ -20,7 +20,7 @@ aten = torch.ops.aten
 LINEAR_OPS = (F.linear, aten.linear.default)
 MATMUL_OPS = (operator.matmul, torch.matmul, torch.mm, aten.mm.default, aten.matmul.default)
 ADDMM_OPS = (torch.addmm, aten.addmm.default)
-TRANSPOSES = (aten.t.default, torch.t)
+TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t)
 
 
 def _is_transpose(node) -> bool:

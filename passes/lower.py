@@ -1,7 +1,7 @@
 """lower: turn opaque module calls into explicit functional ops over the same parameters.
 
-`lower_modules` rewrites each `call_module` of a stock `nn.Linear`, `nn.Conv1d/2d/3d`
-(padding_mode 'zeros') or `nn.Embedding` (or a subclass that keeps the stock forward) into its
+`lower_modules` rewrites each `call_module` of a stock `nn.Linear`, `nn.Conv1d/2d/3d` (other
+padding modes as an explicit `F.pad` first, as the module does) or `nn.Embedding` (or a subclass that keeps the stock forward) into its
 functional op (`F.linear`, `F.conv2d`,
 `F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
 layers in one form. Modules with a custom forward are left alone.
@@ -21,7 +21,7 @@ def _functional(mod: nn.Module, x, weight, bias):
         return None  # not a stock layer, or one with a custom forward
     if kind is nn.Linear:
         return F.linear, (x, weight, bias), {}
-    if kind in _CONV and mod.padding_mode == "zeros":
+    if kind in _CONV:
         return _CONV[kind], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
     if kind is nn.Embedding:
         return F.embedding, (x, weight), {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm,
@@ -44,7 +44,13 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
             weight = gm.graph.get_attr(f"{node.target}.weight")
             has_bias = getattr(mod, "bias", None) is not None
             bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
-            fn, args, kwargs = _functional(mod, node.args[0], weight, bias)
+            x = node.args[0]
+            if getattr(mod, "padding_mode", "zeros") != "zeros":  # as nn.ConvNd does: pad, then convolve
+                x = gm.graph.call_function(F.pad, (x, mod._reversed_padding_repeated_twice),
+                                           {"mode": mod.padding_mode})
+            fn, args, kwargs = _functional(mod, x, weight, bias)
+            if x is not node.args[0]:
+                args = args[:4] + (0,) + args[5:]
             new = gm.graph.call_function(fn, args, kwargs)
         new.meta.update(node.meta)
         new.meta["gnfx_module"] = node.target

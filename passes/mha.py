@@ -80,9 +80,19 @@ def _call_args(node: fx.Node) -> dict:
     return values
 
 
-def _lowerable(mha: nn.MultiheadAttention) -> bool:
-    return (type(mha) is nn.MultiheadAttention and mha._qkv_same_embed_dim and mha.bias_k is None
-            and not mha.add_zero_attn)
+def _not_lowerable(mha: nn.MultiheadAttention, uses, need_weights: bool) -> str:
+    """Why this call cannot be lowered ('' if it can)."""
+    if type(mha) is not nn.MultiheadAttention:
+        return "a subclass of nn.MultiheadAttention"
+    if not mha._qkv_same_embed_dim:
+        return "separate key/value projection weights (kdim/vdim)"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "bias_k/bias_v or add_zero_attn"
+    if uses is None:
+        return "its result is used whole rather than as (output, weights)"
+    if not need_weights and any(u.users for u in uses.get(1, [])):
+        return "the attention weights are used although need_weights=False"
+    return ""
 
 
 def _result_uses(node: fx.Node):
@@ -105,7 +115,9 @@ def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
             continue
         mha, call, uses = modules[node.target], _call_args(node), _result_uses(node)
         need_weights = call.get("need_weights", True)
-        if not _lowerable(mha) or uses is None or (not need_weights and any(u.users for u in uses.get(1, []))):
+        why = _not_lowerable(mha, uses, need_weights)
+        if why:
+            node.meta["gnfx_fallback_reason"] = f"inside nn.MultiheadAttention {node.target!r}, not lowered: {why}"
             continue
         lowered = _LoweredMHA(mha, call["query"] is call["key"] is call["value"], need_weights,
                               call.get("average_attn_weights", True), call.get("is_causal", False))

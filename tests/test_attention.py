@@ -170,9 +170,6 @@ def test_handwritten_attention_with_mT_and_flatten_in_the_fx_form():
     assert roles(c) == SEPARATE
 
 
-@pytest.mark.xfail(reason="BUG: passes/attention.py SHAPE lacks aten.mT.default and aten.flatten.using_ints, "
-                          "so in the export form k (via .mT) and the out projection (via .flatten) lose their roles",
-                   strict=True)
 def test_handwritten_attention_with_mT_and_flatten_in_the_export_form():
     x = tokens()
     c = gnfx.compile(build(SeparateMTFlatten), optimizer="kfac", capture="export", example_inputs=(x,))
@@ -193,9 +190,6 @@ class SoftmaxMLP(nn.Module):
         return self.head(torch.softmax(self.inp(x) @ self.w1, dim=-1) @ self.w2)
 
 
-@pytest.mark.xfail(reason="BUG: passes/attention.py find_handwritten matches any matmul→softmax→matmul, "
-                          "including products with weight parameters, so an MLP with a softmax activation "
-                          "gets attention.q / attention.out roles", strict=True)
 @pytest.mark.parametrize("capture", FORMS)
 def test_a_softmax_between_two_linear_maps_is_not_attention(capture):
     x = tokens()
@@ -381,13 +375,9 @@ def test_lowered_multihead_attention_with_is_causal_or_a_per_head_mask(kind, nee
 def test_exported_multihead_attention_blocks_and_outputs(case):
     c = check_lowered_mha(case, "export")
     _, need_weights, mask, kpm = case
-    if not (need_weights and (mask or kpm)):  # see the xfail below for the other combinations
-        assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
+    assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
 
 
-@pytest.mark.xfail(reason="BUG: in the export form, nn.MultiheadAttention with need_weights=True and a mask "
-                          "computes the scores with aten.baddbmm, which passes/attention.py does not count as "
-                          "a product (MATMUL), so the projections get no attention roles", strict=True)
 @pytest.mark.parametrize("mask, kpm", [("bool", False), (None, True)])
 def test_exported_multihead_attention_with_weights_and_a_mask_marks_the_projections(mask, kpm):
     c = check_lowered_mha((True, True, mask, kpm), "export")
@@ -456,10 +446,10 @@ def test_multihead_attention_blocks_collect_the_statistics_of_an_explicit_twin(a
     check_mha_statistics("fx", approx)
 
 
-@pytest.mark.xfail(reason="BUG: in the export form nn.MultiheadAttention's graph runs in_proj on a "
-                          "(T, N, d) transpose and out_proj on a (T·N, d) reshape, and the linear layout takes "
-                          "dim 0 as the batch: S is scaled by the wrong M (T/N and T too large), diag and "
-                          "reduce are per token instead of per example", strict=True)
+@pytest.mark.xfail(reason="LIMITATION: in the export form nn.MultiheadAttention's graph runs in_proj on a "
+                          "(T, N, d) transpose and out_proj on a (T·N, d) reshape; N now comes from the model "
+                          "output, but per-example statistics (diag, reduce) need the batch first in the layer "
+                          "input, so gnfx raises a clear GnfxError there", strict=True)
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_exported_multihead_attention_blocks_collect_the_statistics_of_an_explicit_twin(approx):
     check_mha_statistics("export", approx)
@@ -500,10 +490,6 @@ class BiasKV(nn.Module):
         return self.mha(x, x, x)[0]
 
 
-@pytest.mark.xfail(reason="BUG: passes/mha.py promises that an nn.MultiheadAttention the lowering does not cover "
-                          "(bias_k/bias_v, add_zero_attn, separate k/v weights) falls back 'with that reason', but "
-                          "the reason given is the generic \"inside module 'mha', a layer kind gnfx has no "
-                          "curvature block for\"", strict=True)
 def test_multihead_attention_the_lowering_does_not_cover_names_the_configuration():
     c = gnfx.compile(build(BiasKV), optimizer="kfac", capture="fx")
     reasons = {f.param: f.reason for f in c.layers.fallbacks}

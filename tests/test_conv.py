@@ -432,10 +432,6 @@ class ReflectPadded(nn.Module):
         return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.xfail(reason="BUG: passes/lower.py lowers nn.Conv only for padding_mode='zeros'; with 'reflect' or "
-                          "'circular' the fx form keeps the module opaque and its parameters fall back with the "
-                          "wrong reason \"a layer kind gnfx has no curvature block for\", while the export form "
-                          "(F.pad + conv2d) makes it a conv block", strict=True)
 @pytest.mark.parametrize("mode", ["reflect", "circular"])
 def test_non_zero_padding_modes_give_the_same_blocks_in_both_graph_forms(mode):
     x, y = data(3, 2, (5, 5))

@@ -218,9 +218,6 @@ def test_padding_idx_counts_in_A_and_S_and_the_padding_row_never_moves(model_cls
     assert (weight.detach()[others] != W0[others]).all()
 
 
-@pytest.mark.xfail(reason="BUG: gnfx/statistics.py _record_per_example scatters the output gradients of "
-                          "padding positions into the padding_idx column of the per-example gradient, but that "
-                          "row of W gets no gradient: diag[:, padding_idx] should be 0", strict=True)
 def test_padding_idx_per_example_diagonal_equals_per_example_gradients():
     model, (idx, y) = Tagger(padding_idx=PAD), token_batch(pad=PAD)
     ref = embedding_reference(model, "emb.weight", idx, y, lambda m: m.emb)

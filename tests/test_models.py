@@ -194,12 +194,7 @@ class LinearTwin(nn.Module):
         return self.head(torch.tanh(self.lin(x)))
 
 
-NUMPY_T_BUG = pytest.mark.xfail(
-    reason="BUG: in the export form `W.T` is aten.numpy_T.default, which passes/linear.py TRANSPOSES does not "
-           "list, so `x @ W.T` is no linear block and W falls back ('used by call_function numpy_T.default')",
-    strict=True)
-FORM_CASES = [pytest.param(form, capture, marks=NUMPY_T_BUG if (form, capture) == ("x @ W.T", "export") else ())
-              for form in HandLinear.FORMS for capture in ("fx", "export")]
+FORM_CASES = [(form, capture) for form in HandLinear.FORMS for capture in ("fx", "export")]
 
 
 @pytest.mark.parametrize("form, capture", FORM_CASES)
