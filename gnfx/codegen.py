@@ -71,29 +71,43 @@ class UpdateFunction:
         self.names = list(dict.fromkeys(self.names))
         position_of = {n: i for i, n in enumerate(self.names)}
         self.source = generate(self.preconditioners, position_of)
-        group_index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
         device = optimizer.param(self.names[0]).device if self.names else torch.device("cpu")
-        index, groups = {}, {}
-        for pre in self.preconditioners:
-            for g in pre.groups:
-                idx = [group_index[id(optimizer.group_of(p.target.params[0]))] for p in g.pieces]
-                index[g.key] = torch.tensor(idx, device=device)
-                groups[g.key] = g
-        namespace = {"torch": torch, "fold": fold, "index": index, "groups": groups,
+        self.device = device
+        self.index: dict[str, torch.Tensor] = {}  # group key -> param-group index of each piece
+        self._groups_version = None
+        groups = {g.key: g for pre in self.preconditioners for g in pre.groups}
+        namespace = {"torch": torch, "fold": fold, "index": self.index, "groups": groups,
                      **{pre.name: pre for pre in self.preconditioners}}
         exec(compile(self.source, "<gnfx_update>", "exec"), namespace)  # noqa: S102 - generated above
         self.eager = namespace["gnfx_update"]
         self.fn = torch.compile(self.eager, dynamic=False) if use_compile else self.eager
         n_groups = len(optimizer.param_groups)
+        self._sync_index()
         # 0-d tensors filled each step (a changing Python float would recompile), as wide as the
         # widest parameter so that a float64 model steps with its exact learning rate
         dtype = torch.float64 if any(optimizer.param(n).dtype == torch.float64 for n in self.names) else torch.float32
         self.lrs = torch.zeros(n_groups, dtype=dtype, device=device)
         self.wds = torch.zeros(n_groups, dtype=dtype, device=device)
 
+    def _sync_index(self) -> None:
+        """Which param group (lr, weight decay) each piece reads, refreshed when the groups change."""
+        version = self.opt.sync_groups()
+        if version == self._groups_version:
+            return
+        group_index = {id(g): i for i, g in enumerate(self.opt.param_groups)}
+        for pre in self.preconditioners:
+            for g in pre.groups:
+                idx = [group_index[id(self.opt.group_of(p.target.params[0]))] for p in g.pieces]
+                self.index[g.key] = torch.tensor(idx, device=self.device)
+        self._groups_version = version
+
     def __call__(self, collect: bool) -> None:
         if not self.names:
             return
+        self._sync_index()
+        if len(self.lrs) != len(self.opt.param_groups):
+            self.lrs = self.lrs.new_zeros(len(self.opt.param_groups))
+            self.wds = self.wds.new_zeros(len(self.opt.param_groups))
         for i, g in enumerate(self.opt.param_groups):
             self.lrs[i] = g["lr"]
             self.wds[i] = g["weight_decay"]

@@ -34,6 +34,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._comm = None
         self.collected = False  # set by the compiled model when a forward ran with taps
         self._groups_seen = None
+        self.groups_version = 0
         self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
@@ -53,11 +54,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
     def state_of(self, name: str) -> dict:
         return self.state[self._named[name]]
 
-    def group_of(self, name: str) -> dict:
+    def sync_groups(self) -> int:
+        """Re-index parameter -> param group if the groups changed; returns the groups' version,
+        which increases with every change (preconditioners cache per-group work by it)."""
         signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
         if signature != self._groups_seen:
             self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
             self._groups_seen = signature
+            self.groups_version += 1
+        return self.groups_version
+
+    def group_of(self, name: str) -> dict:
+        """The param group of parameter `name` (as of the last `sync_groups`, run by every step)."""
+        if self._groups_seen is None:
+            self.sync_groups()
         return self._group_index[id(self._named[name])]
 
     def add_param_group(self, param_group: dict) -> None:
@@ -106,6 +116,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return loss
         self.statistics.fold(batches, self.stat_decay)
+        self.sync_groups()
         for pre in self.curvature:
             if self.statistic_step:
                 pre.collect()

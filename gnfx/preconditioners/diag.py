@@ -42,6 +42,7 @@ class Diagonal(Preconditioner):
                 if b.bias is not None:
                     self._fisher_of[b.bias] = (b.name, b.d_in)
         self._names = [n for b in blocks for n in b.params] + list(params)
+        self._partition = (None, [])  # (groups version, [(param group, its parameter names)])
 
     def _second_moment_term(self, name, grad):
         source = self._fisher_of.get(name)
@@ -52,12 +53,19 @@ class Diagonal(Preconditioner):
             return grad * grad
         return stats[:, source[1]].to(grad.dtype)
 
+    def _groups(self):
+        """This preconditioner's parameter names by param group, recomputed when the groups change."""
+        version = self.opt.sync_groups()
+        if self._partition[0] != version:
+            by_group = [(g, [n for n in self._names if self.opt.group_of(n) is g]) for g in self.opt.param_groups]
+            self._partition = (version, [(g, names) for g, names in by_group if names])
+        return self._partition[1]
+
     @torch.no_grad()
     def update(self):
-        for group in self.opt.param_groups:
-            names = [n for n in self._names if self.opt.group_of(n) is group]
-            params = [self.opt.param(n) for n in names if self.opt.param(n).grad is not None]
+        for group, names in self._groups():
             names = [n for n in names if self.opt.param(n).grad is not None]
+            params = [self.opt.param(n) for n in names]
             if not params:
                 continue
             grads = [p.grad for p in params]
