@@ -54,11 +54,15 @@ class BlockStatistics:
         self.bias = block.bias is not None
         d_a, d_out = block.d_in + self.bias, block.d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        a_shape = (d_a,) if self.layout.diagonal_A else (d_a, d_a)
+        # A is accumulated as its weight part Σ a aᵀ (contiguous, so the product writes in place)
+        # and, with a bias, the row sums Σ a; the bordered (d+1)² matrix is assembled in batch()
+        a_shape = (d_a,) if self.layout.diagonal_A else (block.d_in, block.d_in)
         self._A = zeros(*a_shape) if "A" in needs else None
+        self._A_sum = zeros(block.d_in) if "A" in needs and self.bias and not self.layout.diagonal_A else None
         self._S = zeros(d_out, d_out) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
+        self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
         self._per_example: dict[int, torch.Tensor] = {}
         self._eigen_per_example: dict[int, torch.Tensor] = {}
         self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
@@ -111,15 +115,28 @@ class BlockStatistics:
                     self._add_A(chunk.mean(1) if self.reduce else chunk.reshape(-1, chunk.shape[-1]))
 
     def _add_A(self, rows: torch.Tensor) -> None:
-        """A_sum += [a 1]ᵀ [a 1] over the rows a, without materializing the augmented rows."""
-        d = rows.shape[1]
-        self._A[:d, :d].addmm_(rows.T, rows)
-        if self.bias:
-            total = rows.sum(0)
-            self._A[:d, d] += total
-            self._A[d, :d] += total
-            self._A[d, d] += rows.shape[0]
+        """Σ a aᵀ (and Σ a with a bias) over the rows a, without materializing [a 1]."""
+        self._gram_into("_A", rows)
+        if self._A_sum is not None:
+            self._A_sum += rows.sum(0)
         self._a_rows += rows.shape[0]
+
+    def _gram_into(self, name: str, rows: torch.Tensor) -> None:
+        """buffer += rowsᵀ rows; the first product after a reset overwrites (beta=0) instead of
+        adding to zeros, so the large Gram buffers are never cleared."""
+        getattr(self, name).addmm_(rows.T, rows, beta=0.0 if name in self._stale else 1.0)
+        self._stale.discard(name)
+
+    def _bordered_A(self) -> torch.Tensor:
+        """Σ [a 1]ᵀ [a 1] = [[Σ a aᵀ, Σ a], [Σ aᵀ, rows]] from the accumulators."""
+        if self._A_sum is None:
+            return self._A
+        d = self._A.shape[0]
+        out = self._A.new_empty(d + 1, d + 1)
+        out[:d, :d] = self._A
+        out[:d, d] = out[d, :d] = self._A_sum
+        out[d, d] = self._a_rows
+        return out
 
     @torch.no_grad()
     def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int) -> None:
@@ -132,7 +149,7 @@ class BlockStatistics:
             pooled["g"] = pooled["g"] + g3.sum(1)
         elif self._S is not None:
             rows = g3.sum(1) if self.reduce else g3.reshape(-1, g3.shape[-1])
-            self._S.addmm_(rows.T, rows)
+            self._gram_into("_S", rows)
         if self._diag is not None:
             self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
         if self._eigen_diag is not None:
@@ -180,11 +197,11 @@ class BlockStatistics:
             if self._A is not None:
                 self._add_A(pooled["a"] / pooled["positions"])
             if self._S is not None and torch.is_tensor(pooled["g"]):
-                self._S.addmm_(pooled["g"].T, pooled["g"])
+                self._gram_into("_S", pooled["g"])
         batch = {}
         if self._A is not None and self._a_rows:
-            batch["A"] = self._A / self._a_rows
-        if self._S is not None:
+            batch["A"] = self._bordered_A() / self._a_rows
+        if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)
             batch["S"] = self._S * m
         for name, out, pending in (("diag", self._diag, self._per_example),
                                    ("eigen_diag", self._eigen_diag, self._eigen_per_example)):
@@ -207,7 +224,10 @@ class BlockStatistics:
         self._reset()
 
     def _reset(self) -> None:
-        for buf in (self._A, self._S, self._diag, self._eigen_diag):
+        self._stale = {"_A", "_S"}
+        if self.layout.diagonal_A and self._A is not None:
+            self._A.zero_()  # token counts are added, not multiplied
+        for buf in (self._A_sum, self._diag, self._eigen_diag):
             if buf is not None:
                 buf.zero_()
         self._per_example.clear()
