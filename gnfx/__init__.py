@@ -5,6 +5,7 @@
 """
 from gnfx.api import COMMON, compile
 from gnfx.compiled import CompiledModel
+from gnfx.diagnose import diagnose
 from gnfx.errors import CaptureError, ConfigError, GnfxError
 from gnfx.preconditioners import REGISTRY
 

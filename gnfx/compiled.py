@@ -13,6 +13,7 @@ import inspect
 import torch
 from torch import nn
 
+from gnfx.cost import plan_cost
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
 from gnfx.report import report
@@ -42,6 +43,8 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer
+        if self.training and opt.statistic_step and torch.is_grad_enabled():
+            self._check_registrations()
         if self.training and opt.collecting and torch.is_grad_enabled():
             store = opt.statistics
             store.forward_id += 1
@@ -50,12 +53,47 @@ class CompiledModel(nn.Module):
             first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
-            if self._settings["loss_average"] == "auto" and isinstance(out, torch.Tensor) and out.dim() > 2:
-                store.terms_per_example[store.forward_id] = out.shape[1:-1].numel()
-            if store.fisher != "empirical":
-                self._start_true_fisher(out, store)
+            # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
+            if self._settings["loss_average"] == "auto" and first is not None and first.dim() > 2:
+                store.terms_per_example[store.forward_id] = first.shape[1:-1].numel()
+            if first is not None and first.requires_grad:
+                self._watch_output(first, store)
+            elif store.fisher != "empirical":
+                raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
+                                f"mse) that requires grad; got {type(out).__name__}")
             return out
         return self._model(*args, **kwargs)
+
+    def _check_registrations(self) -> None:
+        """Raise a GnfxError naming every trainable parameter replaced, removed or added since
+        gnfx.compile (`model.fc.weight = nn.Parameter(...)`): the optimizer keeps the Parameter objects
+        of compile time, so a new one would silently never train. Buffers and frozen parameters
+        reassigned since (`model.mask = new_tensor`) are re-bound in the instrumented graphs, which
+        hold the tensors they were traced with, so that they compute what the original forward does.
+        Run on statistic steps only (a walk over the module tree)."""
+        compiled = self.optimizer._named
+        current = dict(self._model.named_parameters(remove_duplicate=False))
+        known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
+        gone = [n for n, p in compiled.items() if id(p) not in present]
+        new = [n for n, p in current.items() if p.requires_grad and id(p) not in known and n not in gone]
+        if gone or new:
+            what = [f"{n!r} was {'replaced' if n in current else 'removed'}" for n in gone]
+            what += [f"{n!r} was created, replaced or unfrozen" for n in new]
+            raise GnfxError(
+                f"parameter{'s' * (len(what) > 1)} changed after gnfx.compile: {'; '.join(what)}. The optimizer "
+                f"and the statistics hold the trainable parameters the model had at compile time, so a new "
+                f"Parameter object would not be trained. Fix: change values in place (with torch.no_grad(): "
+                f"model.<name>.copy_(new_value)), or set requires_grad and build every layer before calling "
+                f"gnfx.compile, and compile the model again after changing its parameters")
+        tensors = {**dict(self._model.named_buffers(remove_duplicate=False)), **current}
+        for gm in self._variants.values():
+            held = [(n, t, "_parameters") for n, t in gm.named_parameters(remove_duplicate=False)]
+            held += [(n, t, "_buffers") for n, t in gm.named_buffers(remove_duplicate=False)]
+            for name, t, registry in held:
+                now = tensors.get(name)
+                if now is not None and now is not t:
+                    owner, _, field = name.rpartition(".")
+                    getattr(gm.get_submodule(owner), registry)[field] = now
 
     def _instrumented(self, args, kwargs):
         """The instrumented graph for this call (see `_optional`)."""
@@ -68,21 +106,24 @@ class CompiledModel(nn.Module):
             self._variants[key].training = self.training
         return self._variants[key]
 
-    def _start_true_fisher(self, out, store) -> None:
-        """Arrange the true-Fisher backward (gnfx.fisher) to run when the user's backward reaches `out`."""
+    def _watch_output(self, z, store) -> None:
+        """When the user's backward reaches the logits z: count the rows the loss ignores (their
+        gradient is exactly zero, e.g. cross-entropy targets of -100), so that N and M count only
+        the rest, and run the true-Fisher backward (gnfx.fisher) if one is asked for."""
         pending, store.pending = store.pending, []
-        if not isinstance(out, torch.Tensor) or not out.requires_grad:
-            raise GnfxError(f"fisher={store.fisher!r} needs the model output to be one tensor of logits "
-                            f"(or predictions for mse) that requires grad; got {type(out).__name__}")
-        s = self._settings
-        terms = out.shape[0] if s["loss_average"] == "batch" or out.dim() < 2 else out.reshape(-1, out.shape[-1]).shape[0]
+        fid, s = store.forward_id, self._settings
 
         def hook(grad):
-            handle.remove()  # the extra backward starts at `out` too: run once
-            record_true_fisher(out, pending, s["fisher"], s["loss"], s["mc_samples"], terms)
+            handle.remove()  # the true-Fisher backward starts at z too: run once
+            kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
+            fraction = float(kept.sum()) / max(kept.numel(), 1)
+            store.kept_fraction[fid] = fraction
+            if store.fisher != "empirical":
+                terms = z.shape[0] if s["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
+                record_true_fisher(z, pending, s["fisher"], s["loss"], s["mc_samples"], terms * fraction, kept)
             return grad
 
-        handle = out.register_hook(hook)
+        handle = z.register_hook(hook)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -129,6 +170,11 @@ class CompiledModel(nn.Module):
             n = len(pre.param_names) + sum(len(b.params) for b in pre.blocks)
             lines.append(f"# then {pre.name}: torch._foreach AdamW-style step over {n} parameter tensors")
         return "\n".join(lines)
+
+    def cost(self, batch_size: int | None = None, positions=None):
+        """Memory and amortized FLOPs of this plan per block and in total, with their sympy
+        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site)."""
+        return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions)
 
     def report(self) -> str:
         return report(self)

@@ -59,13 +59,20 @@ def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, gene
                 yield (-scale * eps).reshape(z.shape), 1.0 / samples
 
 
-def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, samples: int, loss_terms: int) -> None:
+def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, samples: int, loss_terms: float,
+                       kept: torch.Tensor) -> None:
     """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
 
     `pending` holds (block output, block input or None, BlockStatistics, forward id) of this forward.
+    `kept` marks the rows of z (flattened to (M, C)) that the loss counts (cross-entropy drops the
+    targets it ignores): the other rows backpropagate nothing; `loss_terms` counts the kept ones.
     """
     outputs = [entry[0] for entry in pending]
+    if loss_terms == 0:
+        return
+    mask = kept.reshape(z.shape[:-1] + (1,)).to(z.dtype)
     for v, weight in backprop_vectors(z, fisher, loss, samples):
+        v = v * mask
         grads = torch.autograd.grad(z, outputs, grad_outputs=v / loss_terms, retain_graph=True, allow_unused=True)
         for (_, a, stats, fid), g in zip(pending, grads):
             if g is not None:

@@ -1,35 +1,294 @@
-"""plan: which preconditioner serves which block.
+"""plan: which preconditioner, with which hyperparameters, serves which block.
 
-`optimizer` is a preconditioner name, applied to every block; parameters that no block claims get
-the diagonal preconditioner (DESIGN §1), unless the preconditioner serves them itself (Shampoo
-needs only a gradient's shape, so it takes every loose tensor of order >= 2). The plan is written into the LayerTable
-(`block.preconditioner`, `fallback.preconditioner`).
+`optimizer` is one of
+
+- a preconditioner name ("kfac"): every block gets it;
+- "auto": every block gets the most faithful preconditioner that fits the budgets (below);
+- a policy, a dict from glob patterns (fnmatch) to a name, "auto", or a pair (name, {hyperparameters}):
+
+      {"*.attn.*": "shampoo", "*.fc*": ("kfac", {"damping": 1e-2}), "*": "diag"}
+
+  Patterns match block names (and the names of parameters no block claims); the first matching
+  pattern wins, a block that no pattern matches gets "diag". A pattern that wins no block raises
+  a ConfigError, as does a preconditioner name that is not registered. For "auto" the pair
+  form takes budgets: ("auto", {"memory_budget": 16}).
+
+Parameters that no block claims get the diagonal preconditioner (DESIGN §1), unless the
+preconditioner of the pattern that matches them serves them itself (Shampoo and SOAP take every
+loose tensor of order >= 2: they need only a gradient's shape); "auto" gives them "diag".
+
+Hyperparameters: a preconditioner's defaults, overridden by the `gnfx.compile` keywords it
+declares (a keyword such as `damping` reaches every preconditioner that declares one), overridden by
+the pattern's own. Entries with the same preconditioner and hyperparameters share one instance;
+the first instance of a class is named after it ("kfac"), further ones "kfac_v2", "kfac_v3", ...,
+which names their groups ("kfac_v2_0") and their variables in the generated update
+(`model.update_code`), so that several instances of one class never collide.
+
+"auto" compares, per block, the candidates in the fidelity order
+
+    shampoo (its max_block) ≥ kfac > shampoo with max_block halved, down to MIN_BLOCK > rank1 > diag
+
+(blocking a large dimension cuts Shampoo's cost before fidelity is given up) and takes the first
+whose memory is at most `memory_budget` times the block's parameter memory and whose amortized
+FLOPs per step are at most `compute_budget` times an AdamW step's on the block (gnfx.cost, with
+`cost_rows` rows per call site on statistic steps). The plan is deterministic, and a larger
+budget never gives a less faithful choice: the candidates that fit only grow with the budget.
+Each entry records why it was chosen (`plan.entries[name].reason`, the report's last column).
+
+The plan is written into the LayerTable: `block.preconditioner` and `fallback.preconditioner`
+(the class name), and `table.plan`.
 """
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+
+from gnfx import cost
 from gnfx.errors import ConfigError
+from gnfx.hparams import positive, resolve
 from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
+AUTO = "auto"
+AUTO_NAMES = ("shampoo", "kfac", "rank1", "diag")  # the preconditioners "auto" chooses from
+BUDGETS = {  # gnfx.compile keywords (gnfx.api.COMMON), and the hyperparameters of an ("auto", {...}) pattern
+    "memory_budget": positive("optimizer='auto': a block's optimizer state and statistics, at most this multiple of "
+                              "its parameters' memory (AdamW: 2)", 8.0),
+    "compute_budget": positive("optimizer='auto': a block's amortized optimizer FLOPs per step, at most this "
+                               "multiple of an AdamW step's on it (10 per parameter)", 30.0),
+}
+MIN_BLOCK = 16  # the smallest max_block "auto" tries for Shampoo
+# hyperparameters a preconditioner reads from optimizer.param_groups (set per group, not per pattern)
+GROUP_HPARAMS = {"diag": ("betas", "eps")}
 
 
-def make_plan(table, optimizer) -> dict[str, str]:
-    """Assign a preconditioner name to every block and fallback; returns {block or param: name}."""
-    if not isinstance(optimizer, str) or optimizer not in REGISTRY:
-        raise ConfigError(f"optimizer={optimizer!r} is not a gnfx optimizer; valid names are: "
-                          f"{', '.join(REGISTRY)}")
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    name: str  # a preconditioner name or "auto"
+    overrides: dict
+
+
+def _valid_names() -> str:
+    return ", ".join([*REGISTRY, AUTO])
+
+
+class Policy:
+    """The `optimizer` argument of gnfx.compile, validated: rules (pattern, name, overrides)."""
+
+    def __init__(self, optimizer, given: dict):
+        self.explicit = isinstance(optimizer, dict)
+        if isinstance(optimizer, str):
+            self.rules = [Rule("*", self._name(optimizer, f"optimizer={optimizer!r}"), {})]
+        elif self.explicit and optimizer:
+            self.rules = [self._rule(pattern, value) for pattern, value in optimizer.items()]
+        else:
+            raise ConfigError(f"optimizer={optimizer!r} is not a gnfx optimizer: pass one of {_valid_names()}, "
+                              f"or a dict of glob patterns such as {{'*.attn.*': 'shampoo', '*': 'diag'}}")
+        if not self.uses_auto and set(given) & set(BUDGETS):
+            raise ConfigError(f"{', '.join(sorted(set(given) & set(BUDGETS)))} only apply to optimizer='auto'; "
+                              f"choose 'auto' (for every block or in a pattern) or leave them out")
+
+    @staticmethod
+    def _name(name, context: str) -> str:
+        if not isinstance(name, str) or (name not in REGISTRY and name != AUTO):
+            raise ConfigError(f"{context} is not a gnfx optimizer; valid names are: {_valid_names()}")
+        return name
+
+    def _rule(self, pattern, value) -> Rule:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"optimizer policy keys are glob patterns on block names (str); got {pattern!r}")
+        context = f"pattern {pattern!r}"
+        if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], dict):
+            name, overrides = self._name(value[0], f"{context}: {value[0]!r}"), dict(value[1])
+        else:
+            name, overrides = self._name(value, f"{context}: {value!r}"), {}
+        if name == AUTO:
+            resolve(BUDGETS, overrides, f"{context} ('auto')")
+        else:
+            per_group = sorted(set(overrides) & set(GROUP_HPARAMS.get(name, ())))
+            if per_group:
+                raise ConfigError(f"{', '.join(per_group)} of {name} are read from optimizer.param_groups; set them "
+                                  f"per parameter group (model.optimizer.param_groups), not per pattern ({context})")
+            resolve(REGISTRY[name].HPARAMS, overrides, f"{context} ({name})")
+        return Rule(pattern, name, overrides)
+
+    @property
+    def uses_auto(self) -> bool:
+        return any(r.name == AUTO for r in self.rules)
+
+    @property
+    def names(self) -> list[str]:
+        """The preconditioners this policy may use: those named, "diag", and auto's candidates."""
+        named = [r.name for r in self.rules if r.name != AUTO]
+        return list(dict.fromkeys(named + [FALLBACK] + (list(AUTO_NAMES) if self.uses_auto else [])))
+
+    def hparam_specs(self) -> dict:
+        """The hyperparameters of every preconditioner the policy may use (gnfx.compile keywords)."""
+        specs = {}
+        for name in reversed(self.names):  # the first named preconditioner's defaults win the merge
+            specs.update(REGISTRY[name].HPARAMS)
+        return specs
+
+    def match(self, name: str) -> int | None:
+        """The index of the first rule whose pattern matches `name`, or None."""
+        return next((i for i, r in enumerate(self.rules) if fnmatch.fnmatchcase(name, r.pattern)), None)
+
+    def describe(self, rule: Rule) -> str:
+        if not self.explicit:
+            return f"optimizer={rule.name!r}"
+        settings = "".join(f", {k}={v!r}" for k, v in rule.overrides.items())
+        return f"pattern {rule.pattern!r}{settings}"
+
+
+@dataclasses.dataclass
+class Entry:
+    """The plan for one block or loose parameter. `fidelity` is the chosen candidate's position in
+    auto's order for this block (0: the most faithful), None where a name was given."""
+
+    name: str
+    hparams: dict
+    reason: str
+    fidelity: int | None = None
+
+
+class Plan:
+    """Entries by block or parameter name; `specs()` for the optimizer, `needs(block)` for the taps."""
+
+    def __init__(self, table, entries: dict[str, Entry]):
+        self.table = table
+        self.entries = entries
+
+    def needs(self, block) -> frozenset[str]:
+        e = self.entries[block.name]
+        return REGISTRY[e.name].needs(e.hparams)
+
+    def specs(self) -> list:
+        """(constructor, hparams, blocks, loose parameters), one per preconditioner instance: per
+        (class, hyperparameters), in the order the table first uses them."""
+        instances: dict[tuple, tuple] = {}
+        members = [(b.name, b, True) for b in self.table] + [(f.param, f.param, False) for f in self.table.fallbacks]
+        for key, member, is_block in members:
+            e = self.entries[key]
+            spec = instances.setdefault((e.name, repr(sorted(e.hparams.items()))), (e.name, e.hparams, [], []))
+            spec[2 if is_block else 3].append(member)
+        count: dict[str, int] = {}
+        out = []
+        for name, hp, blocks, params in instances.values():
+            count[name] = count.get(name, 0) + 1
+            instance = name if count[name] == 1 else f"{name}_v{count[name]}"
+            out.append((_constructor(REGISTRY[name], instance), hp, blocks, params))
+        return out
+
+
+def _constructor(cls, instance: str):
+    """`cls` itself, or for a further instance of it a constructor whose instance is called
+    `instance` (set before __init__, which names the groups after it)."""
+    if instance == cls.name:
+        return cls
+
+    def construct(hp, blocks, params, optimizer):
+        pre = cls.__new__(cls)
+        pre.name = instance
+        pre.__init__(hp, blocks, params, optimizer)
+        return pre
+
+    return construct
+
+
+def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) -> Plan:
+    """Assign a preconditioner and its hyperparameters to every block and loose parameter.
+
+    `given` are the gnfx.compile keywords, `settings` the resolved ones (budgets, statistics,
+    stat_every, kfac_approx, cost_rows), `params` the model's parameters by name.
+    """
+    base = {name: resolve(REGISTRY[name].HPARAMS, {k: v for k, v in given.items() if k in REGISTRY[name].HPARAMS},
+                          f"optimizer {name!r}") for name in policy.names}
+    wins = [0] * len(policy.rules)
+    entries = {}
     for block in table:
-        block.preconditioner = optimizer
+        i = policy.match(block.name)
+        if i is None:
+            entries[block.name] = Entry(FALLBACK, base[FALLBACK], "no pattern matches it: diag")
+            continue
+        wins[i] += 1
+        rule = policy.rules[i]
+        if rule.name == AUTO:
+            budgets = {**{k: settings[k] for k in BUDGETS}, **rule.overrides}
+            entries[block.name] = choose(block, base, budgets, settings, params)
+        else:
+            entries[block.name] = Entry(rule.name, {**base[rule.name], **rule.overrides}, policy.describe(rule))
     for fb in table.fallbacks:
-        fb.preconditioner = optimizer if REGISTRY[optimizer].claims_fallback(fb.shape) else FALLBACK
-    return {**{b.name: b.preconditioner for b in table}, **{f.param: f.preconditioner for f in table.fallbacks}}
-
-
-def specs(table, hparams_of) -> list:
-    """(class, hparams, blocks, loose parameters) for each preconditioner the plan uses."""
-    used = {}
+        i = policy.match(fb.param)
+        rule = policy.rules[i] if i is not None else None
+        serves = rule is not None and (rule.name == FALLBACK or (
+            rule.name != AUTO and REGISTRY[rule.name].claims_fallback(fb.shape)))
+        if serves:
+            wins[i] += 1
+            entries[fb.param] = Entry(rule.name, {**base[rule.name], **rule.overrides}, policy.describe(rule))
+        else:
+            entries[fb.param] = Entry(FALLBACK, base[FALLBACK], "not in a curvature block: diag")
+    if policy.explicit:
+        _check_patterns(policy, wins, table)
     for block in table:
-        used.setdefault(block.preconditioner, ([], []))[0].append(block)
+        block.preconditioner = entries[block.name].name
     for fb in table.fallbacks:
-        used.setdefault(fb.preconditioner, ([], []))[1].append(fb.param)
-    return [(REGISTRY[name], hparams_of(name), blocks, params) for name, (blocks, params) in used.items()]
+        fb.preconditioner = entries[fb.param].name
+    table.plan = Plan(table, entries)
+    return table.plan
+
+
+def _check_patterns(policy: Policy, wins: list[int], table) -> None:
+    names = [b.name for b in table] + [f.param for f in table.fallbacks]
+    for rule, won in zip(policy.rules, wins):
+        if won:
+            continue
+        matched = [n for n in names if fnmatch.fnmatchcase(n, rule.pattern)]
+        if not matched:
+            raise ConfigError(f"optimizer policy: pattern {rule.pattern!r} matches no block; blocks are: "
+                              f"{', '.join(b.name for b in table)}")
+        raise ConfigError(f"optimizer policy: pattern {rule.pattern!r} takes nothing: {', '.join(matched)} "
+                          f"{'is' if len(matched) == 1 else 'are'} taken by an earlier pattern or not served by "
+                          f"{rule.name} (the first matching pattern wins: put specific patterns first)")
+
+
+def candidates(block, base: dict) -> list[tuple[str, dict, str]]:
+    """(preconditioner, hyperparameters, detail) in auto's fidelity order for `block`."""
+    largest = max(block.d_out, block.d_in + (block.bias is not None))
+    shampoo = base["shampoo"]
+    limit = min(largest, shampoo["max_block"])
+    sizes = []
+    size = MIN_BLOCK
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    blocked = "" if shampoo["max_block"] >= largest else f"max_block={shampoo['max_block']}"
+    return ([("shampoo", shampoo, blocked), ("kfac", base["kfac"], "")]
+            + [("shampoo", {**shampoo, "max_block": b}, f"max_block={b}") for b in reversed(sizes)]
+            + [("rank1", base["rank1"], ""), ("diag", base["diag"], "")])
+
+
+def choose(block, base: dict, budgets: dict, settings: dict, params: dict) -> Entry:
+    """The first of `candidates` within the budgets (module docstring), with the reason."""
+    memory_budget, compute_budget = budgets["memory_budget"], budgets["compute_budget"]
+    tensors = [params[n] for n in block.params]
+    numel = sum(t.numel() for t in tensors)
+    param_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    sizes = cost.storage_sizes(tensors[0])
+    extra = frozenset(settings["statistics"])
+    first_miss = None
+    for rank, (name, hp, detail) in enumerate(candidates(block, base)):
+        at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
+                              B=settings["cost_rows"], R=len(block.sites))
+        f = cost.formulas(name, hp, cost.block_geometry(block.kind, block.bias is not None, at),
+                          REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
+        memory = float(f.memory(sizes)) / param_bytes
+        compute = float(f.flops) / (cost.ADAMW * numel)
+        usage = f"memory {memory:.1f}x, compute {compute:.1f}x"
+        if memory <= memory_budget and compute <= compute_budget:
+            reason = f"auto{f' ({detail})' if detail else ''}: {usage} within {memory_budget:g}x, {compute_budget:g}x"
+            return Entry(name, hp, reason + (f"; {first_miss}" if first_miss else ""), rank)
+        first_miss = first_miss or f"{name}{f' ({detail})' if detail else ''} needs {usage}"
+    raise ConfigError(f"optimizer='auto': nothing fits block {block.name!r} within memory_budget={memory_budget:g} "
+                      f"and compute_budget={compute_budget:g}; the cheapest, diag, needs {usage} (of the block's "
+                      f"parameter memory and of an AdamW step): raise the budgets")

@@ -18,21 +18,23 @@ def _bytes(n: int) -> str:
 
 
 def report(model) -> str:
-    """Blocks (name, kind, shapes, preconditioner, state memory) and the parameter registration."""
+    """Blocks (name, kind, shapes, preconditioner, state memory, why that preconditioner) and the
+    parameter registration."""
     table, opt = model.layers, model.optimizer
+    why = {name: e.reason for name, e in table.plan.entries.items()}
     numel = {n: p.numel() for n, p in model.named_parameters()}
     rows = []
     for b in table:
         shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
         kind = b.kind + (f" [{b.role}]" if b.role else "")
-        rows.append([b.name, kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name))])
+        rows.append([b.name, kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name)), why[b.name]])
     for f in table.fallbacks:
         rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
-                     _bytes(model.state_bytes((f.param,)))])
+                     _bytes(model.state_bytes((f.param,))), why[f.param]])
     covered = sum(numel[n] for b in table for n in b.params)
     total = covered + sum(numel[f.param] for f in table.fallbacks)
     out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
-           _table(["block", "kind", "shapes", "preconditioner", "state"], rows),
+           _table(["block", "kind", "shapes", "preconditioner", "state", "why"], rows),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
            "", "parameter registration:"]

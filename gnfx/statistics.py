@@ -191,8 +191,9 @@ class BlockStatistics:
         """This step's statistics from the accumulated sums (empty if no forward was backpropagated)."""
         if not self._examples:
             return {}
-        n = sum(self._examples.values())
-        m = sum(k * self.store.terms_per_example.get(f, 1) for f, k in self._examples.items())
+        kept = self.store.kept_fraction  # rows of the output the loss counts (ignored targets drop out)
+        n = sum(k * kept.get(f, 1.0) for f, k in self._examples.items())
+        m = sum(k * self.store.terms_per_example.get(f, 1) * kept.get(f, 1.0) for f, k in self._examples.items())
         for pooled in self._pooled.values():
             if self._A is not None:
                 self._add_A(pooled["a"] / pooled["positions"])
@@ -261,6 +262,7 @@ class StatisticsStore:
         self.forward_id = 0
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
         self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
+        self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
 
     def __bool__(self) -> bool:
         return bool(self.blocks)
@@ -282,6 +284,7 @@ class StatisticsStore:
             stats.fold(batches.get(name, {}), decay)
         self.terms_per_example.clear()
         self.batch_size.clear()
+        self.kept_fraction.clear()
 
     def discard(self) -> None:
         """Drop this step's accumulated statistics (a skipped step)."""

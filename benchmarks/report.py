@@ -1,0 +1,108 @@
+"""Summaries of the runs: the best LR per optimizer, ratios against AdamW, JSON and a markdown table.
+
+The best run of an optimizer on a task is the one that reaches the target in the fewest
+training seconds; among runs that do not reach it, the one with the lowest final validation
+loss. Ratios divide the best run's numbers by AdamW's best run of the same benchmark (below
+1 is better than AdamW for every ratio).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from benchmarks.train import NOT_RUN, RunResult
+
+BASELINE = "adamw"
+RATIO_FIELDS = {  # ratio name -> RunResult field
+    "seconds_to_target": "seconds_to_target",
+    "steps_to_target": "steps_to_target",
+    "fwd_bwd_ms": "fwd_bwd_ms",
+    "opt_step_ms": "opt_step_ms",
+    "peak_mem_mb": "peak_mem_mb",
+}
+
+
+def _rank(run: RunResult) -> tuple:
+    final = run.final_loss if run.final_loss is not None and math.isfinite(run.final_loss) else math.inf
+    return (not run.reached, run.seconds_to_target if run.reached else math.inf, final)
+
+
+def best_run(runs: list[RunResult]) -> RunResult:
+    """The run with the fewest seconds to target, then the lowest final loss; runs that did not train last."""
+    ran = [run for run in runs if run.status not in NOT_RUN]
+    return min(ran, key=_rank) if ran else runs[0]
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base <= 0:
+        return None
+    return value / base
+
+
+def summarize(runs: list[RunResult]) -> list[dict]:
+    """One entry per (task, optimizer), in task order and best first within a task.
+
+    An entry holds the best run with its curve, every run without curves, and the ratios to AdamW.
+    """
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    task_order: dict[str, int] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.optimizer), []).append(run)
+        task_order.setdefault(run.task, len(task_order))
+    best = {key: best_run(group) for key, group in groups.items()}
+    entries = []
+    for (task, optimizer), group in sorted(groups.items(), key=lambda item: (task_order[item[0][0]],
+                                                                             _rank(best[item[0]]))):
+        chosen = best[(task, optimizer)]
+        baseline = best.get((task, BASELINE))
+        ratios = {name: _ratio(getattr(chosen, field), getattr(baseline, field) if baseline else None)
+                  for name, field in RATIO_FIELDS.items()}
+        entries.append({
+            "task": task,
+            "optimizer": optimizer,
+            "best": dataclasses.asdict(chosen),
+            "ratios_vs_adamw": ratios,
+            "runs": [{k: v for k, v in dataclasses.asdict(run).items() if k != "curve"} for run in group],
+        })
+    return entries
+
+
+def write_json(path: Path, meta: dict, entries: list[dict]) -> None:
+    """The whole record: run settings, and every entry of `summarize`."""
+    path.write_text(json.dumps({**meta, "results": entries}, indent=1) + "\n")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(meta: dict, entries: list[dict]) -> str:
+    """A markdown report: one table per task, in the order of `entries`, then the runs that did not train."""
+    lines = [f"# gnfx benchmarks: {meta['mode']}", "",
+             f"torch {meta['torch']}, {meta['threads']} threads, {meta['platform']}; total {meta['seconds']:.0f} s. "
+             "Times are training seconds (evaluation excluded); ×AdamW columns divide by AdamW's best run "
+             "of the same task (below 1 is better). Peak memory is the resident-set growth during the run.", ""]
+    for task, info in meta["tasks"].items():
+        rows = [e for e in entries if e["task"] == task]
+        ran = [e for e in rows if e["best"]["status"] not in NOT_RUN]
+        lines += [f"## {task}", "", f"Target validation loss {info['target']:g}, at most {info['max_steps']} steps, "
+                  f"evaluated every {info['eval_every']} steps.", "",
+                  "| optimizer | best LR | status | steps to target | s to target | ×AdamW s | ×AdamW steps "
+                  "| fwd+bwd ms | opt step ms | peak MB | final val loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in ran:
+            b, r = e["best"], e["ratios_vs_adamw"]
+            lines.append(f"| {e['optimizer']} | {b['lr']:g} | {b['status']} | {_fmt(b['steps_to_target'], 'd')} "
+                         f"| {_fmt(b['seconds_to_target'], '.2f')} | {_fmt(r['seconds_to_target'], '.2f')} "
+                         f"| {_fmt(r['steps_to_target'], '.2f')} | {_fmt(b['fwd_bwd_ms'], '.2f')} "
+                         f"| {_fmt(b['opt_step_ms'], '.2f')} | {_fmt(b['peak_mem_mb'], '.1f')} "
+                         f"| {_fmt(b['final_loss'], '.4f')} |")
+        lines.append("")
+        for e in rows:
+            for run in e["runs"]:
+                if run["status"] in NOT_RUN:
+                    lines.append(f"- {run['status']}: {e['optimizer']} at lr {run['lr']:g}: {run['reason']}")
+        lines.append("")
+    return "\n".join(lines)

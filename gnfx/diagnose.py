@@ -1,0 +1,292 @@
+"""`gnfx.diagnose`: how well each block's preconditioner approximates the exact GGN, on one batch.
+
+Notation (DESIGN §1). On a batch with loss `L(θ) = 1/N Σ_n ℓ(z_n, y_n)`, the GGN is
+`G = Jᵀ H_ℓ J`. A *unit* is a curvature block `z = W a (+ b)`, whose parameters θ_b read as the
+matrix `[W b]` (d_out x (d_in + 1), bias folded in; gnfx.targets), or a loose parameter no block
+claims, read as its own tensor. Its diagonal block of the GGN acts as
+
+    G_b v = (G [v; 0])_b,     v zero outside the unit,
+
+computed exactly with gnfx.ggn (forward- and reverse-mode autodiff, never materialized). For each
+unit, on the gradient `g_b = ∇_{θ_b} L` of the batch:
+
+(a) the relative curvature error, the mean over `probes` vectors `v ~ N(0, I)` of
+    `‖Ĝ_b v - G_b v‖ / ‖G_b v‖`, where Ĝ_b is the curvature the preconditioner models (undamped):
+
+      kfac:   Ĝ_b = A ⊗ S, so Ĝ_b v = S V A for v = vec(V) (A diagonal for embeddings)
+      ekfac:  Ĝ_b = (Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ, the eigenvalues s fitted in K-FAC's eigenbasis
+      rank1:  Ĝ_b = U diag(ŝ) Uᵀ, ŝ = s / (1 - βᵗ) (the bias-corrected tracked eigenpairs)
+      diag:   Ĝ_b = diag(v̂), v̂ = v / (1 - β₂ᵗ) (Adam's second moment: the squared gradient, or the
+              Fisher diagonal with source="fisher")
+
+    Shampoo's and SOAP's factors are Gram matrices of gradients under a root, with no GGN scale:
+    they have no curvature error (None), only (b).
+
+(b) the cosine between the preconditioner's direction `P_b(g_b)` and the exact damped GGN-Newton
+    step `(G_b + λ I)⁻¹ g_b`, solved by conjugate gradients on G_b v. `P_b(g_b)` is what the
+    preconditioner does to this gradient, read from its state without changing it: a curvature
+    preconditioner's own `direction` on a copy of the unit's state, with no statistic folded in
+    (kfac: `(S + λ_S I)⁻¹ G (A + λ_A I)⁻¹`; shampoo: the mode products with the inverse roots;
+    rank1: the Woodbury formula; grafting rescales each piece; the heavy-ball momentum applied
+    after the direction is left out, SOAP's own Adam moments are part of its direction), and
+    for diag `g / (√v̂ + ε)` (Adam's step without its first moment). A cosine of 1 means the
+    preconditioner steps exactly along the damped Newton direction of this block.
+
+Ĝ_b and P_b come from the state as it is (statistics averaged over past batches, inverses from
+the last refresh), G_b and g_b from `batch` at the current parameters: both measures include how
+stale the preconditioner is. The model is evaluated in eval mode (its forward must be
+deterministic, as gnfx.ggn requires), and nothing of the compiled model, its optimizer or its
+statistics is changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from gnfx.errors import ConfigError, GnfxError
+from gnfx.ggn import Loss, _loss_fn, ggn_vp, ggn_vps
+from gnfx.layouts import LAYOUTS
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
+from gnfx.preconditioners.soap import rotate
+from gnfx.report import _table
+from gnfx.targets import as_matrix, fold
+
+
+@dataclasses.dataclass
+class BlockDiagnosis:
+    """One unit's measurements (see the module doc)."""
+
+    name: str  # block name, or parameter name of a loose parameter
+    kind: str  # "linear", "conv", "embedding", or "tensor" for a loose parameter
+    preconditioner: str
+    size: int  # number of parameters in the unit
+    curvature_error: float | None  # mean ‖Ĝ_b v - G_b v‖ / ‖G_b v‖, None where Ĝ_b is not defined
+    cosine: float  # cos(P_b(g_b), (G_b + λI)⁻¹ g_b)
+    cg_residual: float  # ‖(G_b + λI) x - g_b‖ / ‖g_b‖ of the CG solution x
+
+
+@dataclasses.dataclass
+class _Unit:
+    """A block (its [W b] matrix) or a loose parameter (its tensor), as the preconditioner sees it."""
+
+    name: str
+    kind: str
+    params: tuple[str, ...]
+    preconditioner: str
+    view: str = ""
+    block: bool = False
+
+    def matrix(self, tensors: dict) -> Tensor:
+        """The unit's layout of per-parameter tensors: `[W b]` for a block, the tensor itself else."""
+        if not self.block:
+            return tensors[self.params[0]]
+        bias = tensors[self.params[1]] if len(self.params) > 1 else None
+        return fold(as_matrix(tensors[self.params[0]], self.view), bias)
+
+    def tensors(self, M: Tensor, shapes: dict) -> dict:
+        """The inverse of `matrix`: per-parameter tensors of the given shapes."""
+        if not self.block:
+            return {self.params[0]: M.reshape(shapes[self.params[0]])}
+        w = M.new_zeros(shapes[self.params[0]])
+        d_in = as_matrix(w, self.view).shape[1]
+        as_matrix(w, self.view).copy_(M[:, :d_in])
+        return {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
+
+
+class Diagnosis(list):
+    """The list of BlockDiagnosis records; `str()` is the table `diagnose` prints."""
+
+    def __str__(self) -> str:
+        def number(x):
+            return "-" if x is None else f"{x:.3g}"
+
+        rows = [[r.name, r.kind, r.preconditioner, f"{r.size:,}", number(r.curvature_error),
+                 f"{r.cosine:+.3f}", f"{r.cg_residual:.1e}"] for r in self]
+        return _table(["block", "kind", "preconditioner", "params", "curvature error", "cosine to GGN-Newton",
+                       "CG residual"], rows)
+
+
+def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, cg_tol: float = 1e-4,
+             cg_max_iter: int = 250, seed: int = 0, verbose: bool = True) -> Diagnosis:
+    """Measure, per block, the preconditioner's curvature error and its step's cosine to the
+    exact damped GGN-Newton step (module doc), on `batch`.
+
+    Args:
+        model: a model returned by gnfx.compile, after at least one optimizer step.
+        batch: (inputs, targets); inputs a tensor or a tuple of tensors passed positionally.
+        loss: "cross_entropy", "mse" (mean reduction) or a callable loss(z, y) -> scalar, as gnfx.ggn.
+        probes: random vectors per block for the curvature error.
+        damping: λ of the reference step (G_b + λI)⁻¹ g_b.
+        cg_tol, cg_max_iter: CG stops at relative residual cg_tol or after cg_max_iter products.
+        seed: of the probe vectors.
+        verbose: print the table.
+
+    Returns:
+        a Diagnosis: a list of BlockDiagnosis, blocks first, then loose parameters.
+    """
+    opt = getattr(model, "optimizer", None)
+    if not hasattr(model, "layers") or opt is None:
+        raise ConfigError(f"diagnose expects a model returned by gnfx.compile, got {type(model).__name__}")
+    if opt.steps == 0:
+        raise GnfxError("diagnose reads the preconditioners' state: take at least one optimizer step first")
+    if probes < 1 or damping < 0:
+        raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
+    preconditioners = {pre.name: pre for pre in opt.preconditioners}
+    units = [_Unit(b.name, b.kind, b.params, b.preconditioner, LAYOUTS[b.kind](b).view, True) for b in model.layers]
+    units += [_Unit(f.param, "tensor", (f.param,), f.preconditioner) for f in model.layers.fallbacks]
+    records = Diagnosis()
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        exact = _BlockGGN(model, loss, *batch)
+        grads = exact.gradient()
+        generator = torch.Generator(device=next(iter(grads.values())).device).manual_seed(seed)
+        for unit in units:
+            pre = preconditioners[unit.preconditioner]
+            g = unit.matrix(grads)
+            error = None
+            if pre.name in _CURVATURE:
+                V = torch.randn((probes,) + g.shape, generator=generator, dtype=g.dtype, device=g.device)
+                GV = exact.products(unit, V)
+                model_V = torch.stack([_CURVATURE[pre.name](pre, unit, v) for v in V]).to(g.dtype)
+                error = float(((model_V - GV).flatten(1).norm(dim=1) / GV.flatten(1).norm(dim=1)).mean())
+            newton, residual = _conjugate_gradients(lambda v: exact.product(unit, v) + damping * v, g,
+                                                    cg_tol, cg_max_iter)
+            step = _direction(pre, unit, g, grads).to(g.dtype)
+            cosine = float(torch.sum(step * newton) / (step.norm() * newton.norm()))
+            records.append(BlockDiagnosis(unit.name, unit.kind, pre.name, g.numel(), error, cosine, residual))
+    finally:
+        model.train(modes[model])
+        for m, mode in modes.items():
+            m.training = mode
+    if verbose:
+        print(records)
+    return records
+
+
+class _BlockGGN:
+    """G_b v for the units of a model on one batch: gnfx.ggn's products of G with v zero outside
+    the unit, restricted to the unit (both in the unit's layout)."""
+
+    def __init__(self, model, loss: Loss, inputs, targets):
+        self.model, self.loss, self.inputs, self.targets = model, loss, inputs, targets
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shapes = {n: p.shape for n, p in self.params.items()}
+
+    def gradient(self) -> dict:
+        """∇_θ L on the batch, by parameter name."""
+        args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        value = _loss_fn(self.loss)(self.model(*args), self.targets)
+        return dict(zip(self.params, torch.autograd.grad(value, list(self.params.values()))))
+
+    def _padded(self, unit: _Unit, V: Tensor) -> list[Tensor]:
+        part = unit.tensors(V, self.shapes)
+        return [part[n] if n in part else torch.zeros_like(p) for n, p in self.params.items()]
+
+    def _restricted(self, unit: _Unit, vector: list[Tensor]) -> Tensor:
+        return unit.matrix(dict(zip(self.params, vector)))
+
+    def product(self, unit: _Unit, V: Tensor) -> Tensor:
+        """G_b V for one V (gnfx.ggn.ggn_vp)."""
+        return self._restricted(unit, ggn_vp(self.model, self.loss, self.inputs, self.targets, self._padded(unit, V)))
+
+    def products(self, unit: _Unit, V: Tensor) -> Tensor:
+        """G_b V_k for a stack V of shape (K, ...), vectorized (gnfx.ggn.ggn_vps)."""
+        vs = [torch.stack(column) for column in zip(*(self._padded(unit, v) for v in V))]
+        out = ggn_vps(self.model, self.loss, self.inputs, self.targets, vs)
+        return torch.stack([self._restricted(unit, [o[k] for o in out]) for k in range(len(V))])
+
+
+def _conjugate_gradients(apply, b: Tensor, tol: float, max_iter: int) -> tuple[Tensor, float]:
+    """x ≈ M⁻¹ b for a symmetric positive definite M given by `apply(v) = M v`; with the relative
+    residual ‖b - M x‖ / ‖b‖ (the recursive one, exact in exact arithmetic)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = float(torch.sum(r * r))
+    bb = rr
+    for _ in range(max_iter):
+        if rr <= tol ** 2 * bb:
+            break
+        Mp = apply(p)
+        alpha = rr / float(torch.sum(p * Mp))
+        x += alpha * p
+        r -= alpha * Mp
+        rr, rr_old = float(torch.sum(r * r)), rr
+        p = r + (rr / rr_old) * p
+    return x, math.sqrt(rr / bb) if bb > 0 else 0.0
+
+
+def _pieces(pre: CurvaturePreconditioner, unit: _Unit):
+    """(group, index in the group, piece) of every piece of the unit's target."""
+    for group in pre.groups:
+        for i, piece in enumerate(group.pieces):
+            if piece.target.name == unit.name and (piece.target.block is not None) == unit.block:
+                yield group, i, piece
+
+
+def _piecewise(pre: CurvaturePreconditioner, unit: _Unit, M: Tensor, fn) -> Tensor:
+    """fn(piece of M stacked as (1, ...), a copy of the piece's state) for every piece, reassembled."""
+    out = None
+    for group, i, piece in _pieces(pre, unit):
+        state = {k: v[i:i + 1].clone() for k, v in pre.group_state(group).items()}
+        result = fn(M[piece.index].unsqueeze(0), state)[0]
+        out = result.new_zeros(M.shape) if out is None else out
+        out[piece.index] = result
+    return out
+
+
+def _second_moment(opt, name: str) -> Tensor:
+    """v̂ = v / (1 - β₂ᵗ): the diagonal preconditioner's bias-corrected second moment of a parameter."""
+    state = opt.state_of(name)
+    if "exp_avg_sq" not in state:
+        raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
+    return state["exp_avg_sq"] / (1 - opt.group_of(name)["betas"][1] ** state["step"])
+
+
+def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
+    """P_b(g_b): the preconditioner's direction for the unit's gradient, its state unchanged."""
+    if isinstance(pre, CurvaturePreconditioner):
+        return _piecewise(pre, unit, g, lambda G, state: pre.direction(G, state, collect=False))
+    opt = pre.opt
+    return unit.matrix({n: grads[n] / (_second_moment(opt, n).sqrt() + opt.group_of(n)["eps"]) for n in unit.params})
+
+
+def _kfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
+    """(A ⊗ S) vec(V) = S V A, from the averaged statistics (A stored as its diagonal for embeddings)."""
+    values = pre.opt.statistics[unit.name].values
+    A, S = values["A"], values["S"]
+    SV = S @ V.to(S.dtype)
+    return SV * A if A.dim() == 1 else SV @ A
+
+
+def _ekfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
+    """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
+    def apply(M, state):
+        bases = [state["Q_S"], state.get("Q_A")]
+        return rotate(rotate(M.to(state["Q_S"].dtype), bases) * state["scale"], bases, back=True)
+
+    return _piecewise(pre, unit, V, apply)
+
+
+def _rank1_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
+    """U diag(ŝ) Uᵀ vec(V), ŝ = s / (1 - βᵗ)."""
+    def apply(M, state):
+        U, s, t = state["U"], state["s"], state["t"]
+        s_hat = s / (1 - pre.opt.stat_decay ** t.clamp(min=1)).unsqueeze(1)
+        v = M.to(U.dtype).flatten(1).unsqueeze(2)
+        return (U @ (s_hat.unsqueeze(2) * (U.transpose(1, 2) @ v))).reshape(M.shape)
+
+    return _piecewise(pre, unit, V, apply)
+
+
+def _diag_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
+    """diag(v̂) vec(V)."""
+    return V * unit.matrix({n: _second_moment(pre.opt, n) for n in unit.params})
+
+
+_CURVATURE = {"kfac": _kfac_curvature, "ekfac": _ekfac_curvature, "rank1": _rank1_curvature,
+              "diag": _diag_curvature}

@@ -1,0 +1,87 @@
+"""The benchmark harness runs end to end on a tiny configuration and writes its outputs.
+
+These tests check that the code runs, not that any optimizer wins. They need the benchmarks'
+extra packages (scikit-learn for the digits, matplotlib for the plots) and skip without them.
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from benchmarks import overhead  # noqa: E402
+from benchmarks.models import GPT, GPTConfig  # noqa: E402
+from benchmarks.optimizers import OptimizerSpec, Trainer, Unavailable  # noqa: E402
+from benchmarks.report import best_run  # noqa: E402
+from benchmarks.run import Mode, run  # noqa: E402
+from benchmarks.tasks import TASKS  # noqa: E402
+from benchmarks.train import RunResult, train  # noqa: E402
+
+TINY = Mode("tiny", grid=False, quick_targets=True, stop_at_target=False, time_budget=10.0, max_steps=2)
+
+
+def test_harness_writes_json_markdown_and_plots(tmp_path):
+    optimizers = ["adamw", "sgd", "gnfx_diag"]
+    entries = run(TINY, list(TASKS), optimizers, tmp_path)
+
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert record["mode"] == "tiny" and record["threads"] == 2
+    assert {(e["task"], e["optimizer"]) for e in record["results"]} == {(t, o) for t in TASKS for o in optimizers}
+    for entry in entries:
+        best = entry["best"]
+        if best["status"] == "skipped":
+            assert entry["optimizer"] == "gnfx_diag" and best["reason"]
+            continue
+        assert best["steps"] == 2 and [p["step"] for p in best["curve"]] == [0, 2]
+        assert best["fwd_bwd_ms"] > 0 and best["opt_step_ms"] > 0
+    adamw = [e for e in entries if e["optimizer"] == "adamw"]
+    assert all(e["ratios_vs_adamw"]["fwd_bwd_ms"] == 1 for e in adamw)
+    table = (tmp_path / "tiny.md").read_text()
+    assert all(f"## {task}" in table for task in TASKS)
+    assert all((tmp_path / f"tiny_{task}.png").stat().st_size > 0 for task in TASKS)
+
+
+def test_unavailable_optimizers_are_skipped_with_their_reason():
+    def missing(model, lr):
+        raise Unavailable("not installed here")
+
+    def declines_first_step(model, lr):
+        def step():
+            raise NotImplementedError("no such layer")
+        return Trainer(model, step, lambda: None)
+
+    task = TASKS["digits_mlp"]()
+    skipped = train(task, OptimizerSpec("missing", "test", (1e-3,), 1e-3, missing), 1e-3, 0.1, 2, False, 10.0)
+    assert skipped.status == "skipped" and skipped.reason == "not installed here"
+    declined = train(task, OptimizerSpec("declines", "test", (1e-3,), 1e-3, declines_first_step,
+                                         (NotImplementedError,)), 1e-3, 0.1, 2, False, 10.0)
+    assert declined.status == "skipped" and "no such layer" in declined.reason
+
+
+def test_best_run_prefers_reaching_the_target_fastest_then_the_lowest_loss():
+    def result(lr, seconds, final):
+        return RunResult("t", "o", lr, "reached" if seconds else "not reached", steps_to_target=seconds and 1,
+                         seconds_to_target=seconds, final_loss=final)
+
+    assert best_run([result(1, None, 0.1), result(2, 3.0, 0.5), result(3, 2.0, 0.6)]).lr == 3
+    assert best_run([result(1, None, 0.3), result(2, None, 0.2)]).lr == 2
+
+
+def test_gpt_is_causal_with_a_tied_unembedding():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, context=8))
+    assert model.lm_head.weight is model.tok_emb.weight
+    idx = torch.randint(11, (2, 8))
+    changed = idx.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 11
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[:, :5], model(changed)[:, :5], atol=1e-6)
+
+
+def test_overhead_writes_json_and_markdown(tmp_path):
+    rows = overhead.main(["--widths", "16", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert rows[0]["adamw"]["step_ms"] > 0 and rows[0]["gnfx"]
+    assert json.loads((tmp_path / "overhead.json").read_text())["rows"] == rows
+    assert "width 16" in (tmp_path / "overhead.md").read_text()
