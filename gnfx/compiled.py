@@ -151,17 +151,6 @@ class CompiledModel(nn.Module):
                            f"gnfx.compile(..., statistics=('A', 'S'))")
         return dict(store[name].values)
 
-    def state_bytes(self, params, block: str | None = None) -> int:
-        """Bytes of optimizer state and statistics held for these parameters (and block)."""
-        opt, total = self.optimizer, 0
-        for n in params:
-            total += sum(v.numel() * v.element_size() for v in opt.state_of(n).values()
-                         if isinstance(v, torch.Tensor))
-        if block is not None and block in opt.statistics.blocks:
-            total += sum(v.numel() * v.element_size() for v in opt.statistics[block].values.values())
-        return total
-
-    @property
     def update_code(self) -> str:
         """The source of the generated update function, plus the elementwise steps it leaves out."""
         opt = self.optimizer

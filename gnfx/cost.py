@@ -52,7 +52,7 @@ import dataclasses
 import sympy as sp
 import torch
 
-from gnfx.report import _bytes, _table
+from gnfx.report import format_bytes, format_table
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
     "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency")}
@@ -428,12 +428,12 @@ class PlanCost:
         return self.total_flops / self.adamw_flops
 
     def __str__(self) -> str:
-        rows = [[r.name, r.kind, r.preconditioner, f"{r.params:,}", _bytes(r.memory_bytes),
+        rows = [[r.name, r.kind, r.preconditioner, f"{r.params:,}", format_bytes(r.memory_bytes),
                  f"{r.memory_ratio:.2f}", _flops(r.flops), f"{r.flops_ratio:.1f}"] for r in self.rows]
-        rows.append(["total", "", "", f"{self.param_count:,}", _bytes(self.total_memory_bytes),
+        rows.append(["total", "", "", f"{self.param_count:,}", format_bytes(self.total_memory_bytes),
                      f"{self.memory_ratio:.2f}", _flops(self.total_flops), f"{self.flops_ratio:.1f}"])
         header = ["block", "kind", "preconditioner", "params", "memory", "x params", "FLOPs/step", "x AdamW"]
-        return (_table(header, rows) + f"\nAdamW: {_bytes(self.adamw_memory_bytes)} of state, "
+        return (format_table(header, rows) + f"\nAdamW: {format_bytes(self.adamw_memory_bytes)} of state, "
                 f"{_flops(self.adamw_flops)} FLOPs per step")
 
     __repr__ = __str__

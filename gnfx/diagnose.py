@@ -51,7 +51,7 @@ from gnfx.ggn import Loss, _loss_fn, ggn_vp, ggn_vps
 from gnfx.layouts import LAYOUTS
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.soap import rotate
-from gnfx.report import _table
+from gnfx.report import format_table
 from gnfx.targets import as_matrix, fold
 
 
@@ -105,7 +105,7 @@ class Diagnosis(list):
 
         rows = [[r.name, r.kind, r.preconditioner, f"{r.size:,}", number(r.curvature_error),
                  f"{r.cosine:+.3f}", f"{r.cg_residual:.1e}"] for r in self]
-        return _table(["block", "kind", "preconditioner", "params", "curvature error", "cosine to GGN-Newton",
+        return format_table(["block", "kind", "preconditioner", "params", "curvature error", "cosine to GGN-Newton",
                        "CG residual"], rows)
 
 

@@ -66,6 +66,7 @@ class LayerTable:
         self.leaves = leaves
         self.form = form
         self.notes = notes or {}  # parameter name -> remark shown in the registration table
+        self.plan = None  # the gnfx.plan.Plan: which preconditioner serves each block, and why
         self._by_name = {b.name: b for b in blocks}
 
     def __iter__(self):

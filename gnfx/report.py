@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -10,7 +10,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -22,19 +22,20 @@ def report(model) -> str:
     parameter registration."""
     table, opt = model.layers, model.optimizer
     why = {name: e.reason for name, e in table.plan.entries.items()}
+    cost = model.cost()  # state memory from the cost model, whose figures equal the allocation
     numel = {n: p.numel() for n, p in model.named_parameters()}
     rows = []
     for b in table:
         shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
         kind = b.kind + (f" [{b.role}]" if b.role else "")
-        rows.append([b.name, kind, shapes, b.preconditioner, _bytes(model.state_bytes(b.params, b.name)), why[b.name]])
+        rows.append([b.name, kind, shapes, b.preconditioner, format_bytes(cost[b.name].memory_bytes), why[b.name]])
     for f in table.fallbacks:
         rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
-                     _bytes(model.state_bytes((f.param,))), why[f.param]])
+                     format_bytes(cost[f.param].memory_bytes), why[f.param]])
     covered = sum(numel[n] for b in table for n in b.params)
     total = covered + sum(numel[f.param] for f in table.fallbacks)
     out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
-           _table(["block", "kind", "shapes", "preconditioner", "state", "why"], rows),
+           format_table(["block", "kind", "shapes", "preconditioner", "state", "why"], rows),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
            "", "parameter registration:"]
@@ -42,7 +43,7 @@ def report(model) -> str:
     reg = [[n, shapes_of[n], f"block {b.name}" + (f" ({table.notes[n]})" if n in table.notes else "")]
            for b in table for n in b.params]
     reg += [[f.param, "x".join(map(str, f.shape)) or "scalar", f"fallback: {f.reason}"] for f in table.fallbacks]
-    out.append(_table(["parameter", "shape", "accounted for as"], reg))
+    out.append(format_table(["parameter", "shape", "accounted for as"], reg))
     if table.leaves:
         out += ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()]
     if opt.steps:

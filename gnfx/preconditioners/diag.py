@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from gnfx.hparams import betas, choice, positive
+from gnfx.layouts import LAYOUTS
 from gnfx.preconditioners.base import Preconditioner
 
 
@@ -35,12 +36,13 @@ class Diagonal(Preconditioner):
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
-        self._fisher_of = {}  # parameter name -> (block name, slice of the [W b] diagonal)
+        # parameter name -> (block name, its columns of the [W b] diagonal, the layout's view of W)
+        self._fisher_of = {}
         if hp["source"] == "fisher":
             for b in blocks:
-                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in))
+                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in), LAYOUTS[b.kind](b).view)
                 if b.bias is not None:
-                    self._fisher_of[b.bias] = (b.name, b.d_in)
+                    self._fisher_of[b.bias] = (b.name, b.d_in, "")
         self._names = [n for b in blocks for n in b.params] + list(params)
         self._partition = (None, [])  # (groups version, [(param group, its parameter names)])
 
@@ -48,10 +50,13 @@ class Diagonal(Preconditioner):
         source = self._fisher_of.get(name)
         if source is None:
             return grad * grad
-        stats = self.opt.statistics.blocks[source[0]].values.get("diag")
+        block, columns, view = source
+        stats = self.opt.statistics.blocks[block].values.get("diag")
         if stats is None:
             return grad * grad
-        return stats[:, source[1]].to(grad.dtype)
+        term = stats[:, columns]  # in the layout of the matrix W of z = W a (gnfx.layouts)
+        term = term.t() if view == "t" else term.reshape(grad.shape)
+        return term.to(grad.dtype)
 
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""
