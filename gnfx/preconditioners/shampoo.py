@@ -9,6 +9,9 @@ matrix (for a matrix: `L = Σ G Gᵀ`, `R = Σ Gᵀ G`), collected every `stat_e
 
 with ε_j = `damping` · (largest eigenvalue of F_j) and root p = `exponent`: "paper" for
 1/(2k) (Gupta et al. 2018), or a number (1/2 is the seed's per-factor inverse square root).
+The default, "paper", was chosen by benchmark: 150 steps on the digits MLP and autoencoder tasks
+(benchmarks/tasks.py), best of lr in {1e-3, 3e-3, 1e-2}, gave validation losses 0.152 and 0.0052
+with "paper" against 0.286 and 0.0171 with 1/2.
 Dimensions above `max_block` are cut into blocks, each with its own factors. Grafting (Adam or
 AdaGrad, see graft.py) sets each block's step size; before `start_preconditioning_step` the
 grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
