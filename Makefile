@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,bench]"
 	$(PIP) $(CURVLINOPS_DEPS)
 	$(PIP) --no-deps curvlinops-for-pytorch==3.0.1
 	touch $(STAMP)

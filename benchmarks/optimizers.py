@@ -118,8 +118,8 @@ def _pytorch_optimizer(class_name: str, **hparams) -> Callable[[nn.Module, float
 
 # Grids by the scale of the update: Adam-normalized (AdamW, SOAP, gnfx, which grafts onto Adam's
 # step size by default) or SGD-like (SGD, ScalableShampoo grafted onto SGD). On these tasks AdamW
-# is best at 3e-3 (digits, GPT) or 1e-2 (autoencoder, CNN); SGD at 3e-2 to 1e-1, diverging at 3e-1
-# on the MLP.
+# is best at 3e-3 (digits MLP, GPT) or 1e-2 (autoencoder, CNN); SGD on the digits MLP at 3e-2,
+# diverging at 3e-1.
 ADAM_LIKE_LRS = (1e-3, 3e-3, 1e-2)
 SGD_LIKE_LRS = (1e-2, 3e-2, 1e-1)
 # gnfx's Kronecker preconditioners (rank1, kfac, shampoo) diverged at 3e-3 on the digits MLP while

@@ -4,9 +4,10 @@ On MLPs width-width-width-10 (batch 128, random data) of growing width, it times
 - forward+backward of the plain module, and `torch.optim.AdamW(foreach=True).step()`;
 - for each gnfx preconditioner: forward+backward of the gnfx-compiled module, and `model.step()`,
 and writes `<out>/overhead.json` and `<out>/overhead.md` with the ratios gnfx / plain and
-gnfx / AdamW. Each number is the median over `repeats` timed steps after `warmup` untimed ones;
-the mean is recorded too, since periodic work (statistics every few steps, refreshed inverses)
-shows in the mean and not in the median. gnfx entries that cannot run are listed as skipped.
+gnfx / AdamW. Each number is the median over `repeats` timed steps after `warmup` untimed ones,
+the optimizers stepping in turn; the mean is recorded too, since periodic work (statistics
+every few steps, refreshed inverses) shows in the mean and not in the median. gnfx entries
+that cannot run are listed as skipped.
 """
 from __future__ import annotations
 
@@ -28,25 +29,23 @@ LR = 1e-3
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_steps(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, warmup: int, repeats: int) -> dict:
-    """Median and mean milliseconds of forward+backward and of `step()` over `repeats` steps."""
-    fwd_bwd, step = [], []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        F.cross_entropy(trainer.module(x), y).backward()
-        t1 = time.perf_counter()
-        trainer.step()
-        t2 = time.perf_counter()
-        trainer.zero_grad()
-        if i >= warmup:
-            fwd_bwd.append(1e3 * (t1 - t0))
-            step.append(1e3 * (t2 - t1))
-    return {"fwd_bwd_ms": statistics.median(fwd_bwd), "fwd_bwd_mean_ms": statistics.fmean(fwd_bwd),
-            "step_ms": statistics.median(step), "step_mean_ms": statistics.fmean(step)}
+def timed_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """One step: milliseconds of forward+backward and of `step()` (`zero_grad()` untimed)."""
+    t0 = time.perf_counter()
+    F.cross_entropy(trainer.module(x), y).backward()
+    t1 = time.perf_counter()
+    trainer.step()
+    t2 = time.perf_counter()
+    trainer.zero_grad()
+    return 1e3 * (t1 - t0), 1e3 * (t2 - t1)
 
 
 def measure(width: int, warmup: int, repeats: int) -> dict:
-    """The timings of AdamW and of every gnfx preconditioner on the MLP of `width`."""
+    """The timings of AdamW and of every gnfx preconditioner on the MLP of `width`.
+
+    The optimizers take their steps in turn (AdamW, then each gnfx one, then AdamW again...), so
+    that load from other processes falls on all of them alike and the ratios stay comparable.
+    """
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, width, generator=generator)
     y = torch.randint(10, (BATCH,), generator=generator)
@@ -56,18 +55,31 @@ def measure(width: int, warmup: int, repeats: int) -> dict:
         return mlp([width, width, width, 10])
 
     plain = model()
-    baseline = time_steps(torch_trainer(plain, torch.optim.AdamW(plain.parameters(), lr=LR, foreach=True)),
-                          x, y, warmup, repeats)
-    row = {"width": width, "params": sum(p.numel() for p in plain.parameters()), "adamw": baseline, "gnfx": {}}
-    for spec in (s for s in OPTIMIZERS.values() if s.source == "gnfx"):
+    trainers = {"adamw": torch_trainer(plain, torch.optim.AdamW(plain.parameters(), lr=LR, foreach=True))}
+    row = {"width": width, "params": sum(p.numel() for p in plain.parameters()), "gnfx": {}}
+    gnfx = [spec for spec in OPTIMIZERS.values() if spec.source == "gnfx"]
+    for spec in gnfx:
         try:
-            timings = time_steps(spec.make(model(), LR), x, y, warmup, repeats)
+            trainers[spec.name] = spec.make(model(), LR)
+            timed_step(trainers[spec.name], x, y)  # gnfx may decline a model at its first step
         except (Unavailable, *spec.unsupported) as error:
+            trainers.pop(spec.name, None)
             row["gnfx"][spec.name] = {"skipped": str(error)}
-            continue
+    times = {name: ([], []) for name in trainers}
+    for i in range(warmup + repeats):
+        for name, trainer in trainers.items():
+            fwd_bwd, step = timed_step(trainer, x, y)
+            if i >= warmup:
+                times[name][0].append(fwd_bwd)
+                times[name][1].append(step)
+    summary = {name: {"fwd_bwd_ms": statistics.median(fwd_bwd), "fwd_bwd_mean_ms": statistics.fmean(fwd_bwd),
+                      "step_ms": statistics.median(step), "step_mean_ms": statistics.fmean(step)}
+               for name, (fwd_bwd, step) in times.items()}
+    row["adamw"] = baseline = summary.pop("adamw")
+    for name, timings in summary.items():
         timings["fwd_bwd_ratio"] = timings["fwd_bwd_ms"] / baseline["fwd_bwd_ms"]
         timings["step_ratio_vs_adamw"] = timings["step_ms"] / baseline["step_ms"]
-        row["gnfx"][spec.name] = timings
+        row["gnfx"][name] = timings
     return row
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gnfx.cost import plan_cost
-from gnfx.errors import GnfxError
+from gnfx.errors import ConfigError, GnfxError
 from gnfx.fisher import record_true_fisher
 from gnfx.report import report
 from gnfx.passes import graph_view
@@ -50,7 +50,10 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._instrumented(args, kwargs)(*args, **kwargs)
-            first = next((t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
+            leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
+            leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
+                                                     if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
+            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
             # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
@@ -125,6 +128,20 @@ class CompiledModel(nn.Module):
 
         handle = z.register_hook(hook)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, but checked first: a checkpoint of another architecture (missing or
+        unexpected keys, other shapes) raises a ConfigError naming them and loads nothing."""
+        own = self.state_dict()
+        problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                    for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        if strict:
+            problems += [f"{k}: missing from the checkpoint" for k in own if k not in state_dict]
+            problems += [f"{k}: not in this model" for k in state_dict if k not in own]
+        if problems:
+            raise ConfigError("the checkpoint does not fit this model (nothing was loaded): " + "; ".join(problems[:10])
+                              + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._model.training = mode
@@ -151,6 +168,7 @@ class CompiledModel(nn.Module):
                            f"gnfx.compile(..., statistics=('A', 'S'))")
         return dict(store[name].values)
 
+    @property
     def update_code(self) -> str:
         """The source of the generated update function, plus the elementwise steps it leaves out."""
         opt = self.optimizer

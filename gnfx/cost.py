@@ -249,12 +249,12 @@ def soap_parts(g, hp, at) -> Parts:
 
 
 def rank_parts(g, hp, at) -> Parts:
-    """U (n x k), s (k), t, the graft's second moment; per statistic step the exact rank-(k+1)
+    """U (n x k), s (k), t, a failure count, the graft's second moment; per statistic step the exact rank-(k+1)
     update by a thin QR of B = [U √(βs), √(1-β) v] and an eigendecomposition of R Rᵀ."""
     n = g.numel
     k = sp.Min(at["k"], n)
-    state = {"U": (n * k, FACTOR), "s": (k, FACTOR), "t": (1, FACTOR), "graft_v": (n, FACTOR),
-             "graft_t": (1, FACTOR), "momentum": (n, FACTOR)}
+    state = {"U": (n * k, FACTOR), "s": (k, FACTOR), "t": (1, FACTOR), "failures": (1, INT64),
+             "graft_v": (n, FACTOR), "graft_t": (1, FACTOR), "momentum": (n, FACTOR)}
     k1 = k + 1
     statistics = n * k1 + qr_flops(n, k1) + (2 + EIGH) * k1 ** 3 + 2 * n * k1 * k
     woodbury = 4 * n * k + SOLVE * n  # Uᵀv, U (c ⊙ Uᵀv), then the solve

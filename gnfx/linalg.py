@@ -40,6 +40,35 @@ def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool) -> 
     return (Q * d.unsqueeze(-2)) @ Q.transpose(-1, -2)
 
 
+def isolated(fn, k: int, failed):
+    """`fn(slice(None))` over a stack of k matrices; if it raises (torch.linalg.LinAlgError, or MKL
+    failing on one matrix), `fn` per matrix, with `failed()` (NaN, of one matrix's result) for the
+    ones that fail: callers test finiteness."""
+    try:
+        return fn(slice(None))
+    except RuntimeError:
+        parts = []
+        for i in range(k):
+            try:
+                parts.append(fn(slice(i, i + 1)))
+            except RuntimeError:
+                parts.append(failed())
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))
+        return torch.cat(parts)
+
+
+def eigh(M: torch.Tensor):
+    """Batched symmetric eigendecomposition (eigenvalues ascending); a matrix whose decomposition
+    fails gets NaN instead of failing the whole batch (eager only: under torch.compile, plain eigh)."""
+    if torch.compiler.is_compiling():
+        return torch.linalg.eigh(M)
+    with one_thread(M.device):
+        nan = float("nan")
+        return isolated(lambda i: torch.linalg.eigh(M[i]), M.shape[0],
+                        lambda: (M.new_full(M[:1].shape[:-1], nan), torch.full_like(M[:1], nan)))
+
+
 def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype,
                          relative: bool = False):
     """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype`;
@@ -49,15 +78,8 @@ def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype
     decomposition failed or produced non-finite values (that entry of the result is undefined).
     """
     F64, lam = F.to(dtype), damping.to(dtype)
-    try:
-        out = _power(F64, lam, p, relative)
-    except RuntimeError:  # torch.linalg.LinAlgError, or MKL failing on one matrix: isolate it
-        out = torch.empty_like(F64)
-        for i in range(F.shape[0]):
-            try:
-                out[i] = _power(F64[i:i + 1], lam[i:i + 1], p, relative)[0]
-            except RuntimeError:
-                out[i] = float("nan")
+    out = isolated(lambda i: _power(F64[i], lam[i], p, relative), F.shape[0],
+                   lambda: torch.full_like(F64[:1], float("nan")))
     out = out.to(F.dtype)
     # finite in F's dtype (a root that overflows float32 is a failure too), and from a factor that
     # holds statistics (an all-zero factor has none yet: its damped root would be λ^{-p} I)

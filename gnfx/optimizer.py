@@ -198,7 +198,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """Raise a ConfigError naming the first thing in `state_dict` that does not fit; returns
         the expected state (see `_expected_state`)."""
         def fail(what: str):
-            raise ConfigError(f"cannot load this optimizer checkpoint: {what}. Nothing was loaded")
+            raise ConfigError(f"cannot load this optimizer checkpoint, nothing was loaded: {what}")
 
         if not isinstance(state_dict, dict) or "gnfx" not in state_dict:
             raise ConfigError("this state_dict was not written by a gnfx optimizer (no 'gnfx' entry)")
@@ -255,7 +255,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if set(stats) != set(self.statistics.blocks):
             fail(f"its statistics are for blocks {sorted(stats)}, this model's are {sorted(self.statistics.blocks)}")
         for block, entry in stats.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict) or not _is_count(entry.get("updates")):
+            complete = isinstance(entry, dict) and isinstance(entry.get("values"), dict)
+            if not complete or not _is_count(entry.get("updates")):
                 fail(f"the statistics of block {block!r} are incomplete (a damaged or cut-short checkpoint?)")
             for k, v in entry["values"].items():
                 shape = _statistic_shape(self.statistics[block], k)

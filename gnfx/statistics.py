@@ -92,9 +92,10 @@ class BlockStatistics:
         """Count the examples of a forward once and accumulate A from its staged inputs."""
         staged = self._staged.pop(forward_id)
         n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
-        if (self.reduce or self.wants_activation_in_backward) and self.layout.examples(staged[0]) != n:
+        folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
+        if (self.reduce or self.wants_activation_in_backward) and folded:
             raise GnfxError(
-                f"block {self.block.name!r}: its input's first dimension ({self.layout.examples(staged[0])}) is "
+                f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is "
                 f"not the batch ({n} examples, the first dimension of the model output); per-example "
                 f"statistics (diag, kfac_approx='reduce') need the batch first: use kfac_approx='expand' "
                 f"and a preconditioner without per-example statistics, or a batch-first layer")

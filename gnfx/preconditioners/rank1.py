@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from gnfx.hparams import choice, positive, positive_int
+from gnfx.linalg import eigh
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
@@ -39,6 +40,7 @@ class RankK(CurvaturePreconditioner):
             n *= d
         k = min(self.hp["rank"], n)
         return {"U": self.stacked_zeros(group, n, k), "s": self.stacked_zeros(group, k),
+                "failures": self.stacked_zeros(group, dtype=torch.int64),
                 "t": self.stacked_zeros(group), **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
 
     def direction(self, G, state, collect):
@@ -48,11 +50,15 @@ class RankK(CurvaturePreconditioner):
             beta = self.opt.stat_decay
             B = torch.cat([U * (beta * s).sqrt().unsqueeze(1), ((1 - beta) ** 0.5) * v.unsqueeze(2)], dim=2)
             Q, R = torch.linalg.qr(B)
-            evals, evecs = torch.linalg.eigh(R @ R.transpose(1, 2))
+            evals, evecs = eigh(R @ R.transpose(1, 2))
             k = s.shape[1]
-            s.copy_(evals[:, -k:].clamp(min=0))
-            U.copy_(Q @ evecs[:, :, -k:])
-            t.add_(1)
+            new_s, new_U = evals[:, -k:].clamp(min=0), Q @ evecs[:, :, -k:]
+            # a piece whose decomposition is not finite keeps its last sketch, and is counted
+            ok = torch.isfinite(new_s).all(1) & torch.isfinite(new_U).flatten(1).all(1)
+            s.copy_(torch.where(ok.unsqueeze(1), new_s, s))
+            U.copy_(torch.where(ok.view(-1, 1, 1), new_U, U))
+            t.add_(ok.to(t.dtype))
+            state["failures"] += (~ok).long()
         s_hat = s / (1 - self.opt.stat_decay ** t.clamp(min=1)).unsqueeze(1)
         lam = self.hp["damping"]
         coeff = s_hat / (s_hat + lam)
