@@ -17,7 +17,10 @@ in curvlinops; `loss_average="batch"` forces T = 1). The output gradient of each
 and with `"reduce"` (positions summed first): `a_n = 1/R Σ_r a_{n,r}`, `δ_n = Σ_r δ_{n,r}`,
 `A = 1/N Σ_n a_n a_nᵀ`, `S = 1/M Σ_n δ_n δ_nᵀ` (for a tied weight, over the positions of all
 its sites). A forward counts once its backward reaches the block: the forward tap stages `a`,
-the backward tap commits it, so a forward that is never backpropagated adds nothing. The per-example diagonal of the empirical
+the backward tap commits it, so a forward that is never backpropagated adds nothing. A layer whose
+input is not batch-first (a positional embedding indexed by positions alone, the (T·N, d) rows
+inside torch's attention) has no per-example statistics: it warns once, uses "expand", and takes
+its per-example diagonal from the whole batch's gradient, as if the batch were one example. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 `eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):
@@ -32,9 +35,10 @@ Statistics are float64 for a float64 layer and float32 otherwise.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from gnfx.errors import GnfxError
 from gnfx.layouts import LAYOUTS
 
 STATISTICS = ("A", "S", "diag", "eigen_diag")
@@ -69,6 +73,8 @@ class BlockStatistics:
         self._a_rows = 0
         self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
         self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
+        self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
+        self._warned = False
         # reduce with several sites (tied weights): per-example sums over the positions of all sites
         self.pool_sites = self.reduce and len(block.sites) > 1
         self._pooled: dict[int, dict] = {}
@@ -93,27 +99,33 @@ class BlockStatistics:
         staged = self._staged.pop(forward_id)
         n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
         folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
-        if (self.reduce or self.wants_activation_in_backward) and folded:
-            raise GnfxError(
-                f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is "
-                f"not the batch ({n} examples, the first dimension of the model output); per-example "
-                f"statistics (diag, kfac_approx='reduce') need the batch first: use kfac_approx='expand' "
-                f"and a preconditioner without per-example statistics, or a batch-first layer")
+        if folded and (self.reduce or self.wants_activation_in_backward):
+            self._whole_batch.add(forward_id)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
+                    f"({n} examples, the first dimension of the model output), so per-example statistics "
+                    f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
+                    f"diagonal from the whole batch's gradient, as if the batch were one example",
+                    RuntimeWarning, stacklevel=2)
         self._examples[forward_id] = n
-        if self._A is None and not self.pool_sites:
+        pool = self.pool_sites and forward_id not in self._whole_batch
+        reduce = self.reduce and forward_id not in self._whole_batch
+        if self._A is None and not pool:
             return
         for a in staged:
             for chunk in self.layout.input_chunks(a):
                 if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
                     self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
                     self._a_rows += chunk.numel()
-                elif self.pool_sites:  # reduce over the positions of every site: finished in finalize
+                elif pool:  # reduce over the positions of every site: finished in finalize
                     pooled = self._pooled.setdefault(forward_id, {"a": 0, "positions": 0, "g": 0})
                     pooled["a"] = pooled["a"] + chunk.to(self.dtype).sum(1)
                     pooled["positions"] += chunk.shape[1]
                 else:
                     chunk = chunk.to(self.dtype)
-                    self._add_A(chunk.mean(1) if self.reduce else chunk.reshape(-1, chunk.shape[-1]))
+                    self._add_A(chunk.mean(1) if reduce else chunk.reshape(-1, chunk.shape[-1]))
 
     def _add_A(self, rows: torch.Tensor) -> None:
         """Σ a aᵀ (and Σ a with a bias) over the rows a, without materializing [a 1]."""
@@ -145,11 +157,12 @@ class BlockStatistics:
         if forward_id in self._staged:
             self._commit(forward_id)
         g3 = self.layout.error_rows(g).to(self.dtype)
-        if self.pool_sites:
+        whole = forward_id in self._whole_batch
+        if self.pool_sites and not whole:
             pooled = self._pooled[forward_id]
             pooled["g"] = pooled["g"] + g3.sum(1)
         elif self._S is not None:
-            rows = g3.sum(1) if self.reduce else g3.reshape(-1, g3.shape[-1])
+            rows = g3.sum(1) if self.reduce and not whole else g3.reshape(-1, g3.shape[-1])
             self._gram_into("_S", rows)
         if self._diag is not None:
             self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
@@ -163,8 +176,12 @@ class BlockStatistics:
         """Per-example gradients Σ_r g_r a_rᵀ (inputs rotated by Q_A if given) into `out`, squared now
         (one site) or once all sites of this forward are summed in `pending` (tied weights)."""
         single_site = len(self.block.sites) == 1
+        chunks = list(self.layout.input_chunks(a))
+        if forward_id in self._whole_batch:  # the batch as one example (see _commit)
+            chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
+            g3 = g3.reshape(1, -1, g3.shape[-1])
         start = 0
-        for chunk in self.layout.input_chunks(a):
+        for chunk in chunks:
             g = g3[start:start + chunk.shape[0]]
             start += chunk.shape[0]
             if self.layout.diagonal_A:  # scatter δ into the rows of the tokens it came from
@@ -238,6 +255,7 @@ class BlockStatistics:
         self._examples.clear()
         self._staged.clear()
         self._pooled.clear()
+        self._whole_batch.clear()
 
     def state_dict(self) -> dict:
         return {"values": dict(self.values), "updates": self.updates}

@@ -184,15 +184,3 @@ def coverage(c, model) -> float:
     numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     covered = {n for b in c.layers for n in b.params}
     return sum(numel[n] for n in covered) / sum(numel.values())
-
-
-def one_intra_op_thread():
-    """A generator for a module-scoped autouse fixture: run the module's tests with one intra-op
-    thread and restore the setting after. On the two shared CPU cores of the test machine, two
-    spinning intra-op threads make small models 10-70x slower when other jobs run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -28,7 +28,6 @@ from torch import nn
 
 import gnfx
 import gnfx.layouts.conv
-from models import one_intra_op_thread
 from references import cross_entropy, per_example_grads
 
 DTYPE = torch.float64
@@ -39,11 +38,6 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, **TOL)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 # ----------------------------------------------------------------------------- models and data

@@ -27,14 +27,6 @@ S = cost.SYMBOLS
 d_in, d_out = S["d_in"], S["d_out"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Mixed(nn.Module):
     """An embedding, a conv over the sequence, a linear layer applied twice (tied), a LayerNorm,
     an elementwise gain of order 3 (a loose tensor) and a bias-free head. Output (N, T, classes)."""

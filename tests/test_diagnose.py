@@ -19,7 +19,6 @@ import gnfx
 from gnfx.diagnose import _Unit
 from gnfx.ggn import ggn_matrix
 from gnfx.targets import fold
-from test_fisher import one_thread  # noqa: F401 (autouse fixture)
 
 DTYPE = torch.float64
 

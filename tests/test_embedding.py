@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from models import one_intra_op_thread
 from references import cross_entropy, hook_statistics, per_example_grads
 
 DTYPE = torch.float64
@@ -58,11 +57,6 @@ def statistic_step(c, x, y):
     cross_entropy(c(x), y).backward()
     c.step()
     c.zero_grad()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 # ----------------------------------------------------------------------------- models

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from models import one_intra_op_thread
 
 DTYPE = torch.float64
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo", "soap", "ekfac")
@@ -38,11 +37,6 @@ EVERY_STEP = {
     "soap": dict(precondition_frequency=1, refresh="eigh"),
     "ekfac": dict(inv_every=1),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 class MLP(nn.Module):

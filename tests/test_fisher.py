@@ -37,15 +37,6 @@ LOSSES = {"cross_entropy": cross_entropy, "mse": F.mse_loss}
 CURVLINOPS_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and on a busy machine extra threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(sizes=(5, 7, 4), seed=0):
     torch.manual_seed(seed)
     layers = []

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import gnfx
-from models import CNN, DTYPE, GPT, ViT, coverage, one_intra_op_thread
+from models import CNN, DTYPE, GPT, ViT, coverage
 from references import TOL, cross_entropy, hook_statistics, layer_diag, per_example_fisher_diag
 
 VOCAB, SEQ, BATCH = 48, 8, 6
@@ -55,11 +55,6 @@ def compile_auto(name, optimizer="kfac", **hparams):
     make, batch = MODELS[name]
     model, (x, y) = make(), batch()
     return model, gnfx.compile(model, optimizer=optimizer, capture="auto", example_inputs=(x,), **hparams), x, y
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 # ----------------------------------------------------------------------------- block tables

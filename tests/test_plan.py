@@ -22,14 +22,6 @@ from models import CNN, GPT
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class MLP(nn.Module):
     def __init__(self, widths=(5, 4, 4, 3)):
         super().__init__()

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gnfx
-from models import causal_mask, one_intra_op_thread
+from models import causal_mask
 from references import TOL, cross_entropy, hook_statistics, kfac_factors, layer_diag, per_example_fisher_diag
 
 DTYPE = torch.float64
@@ -35,11 +35,6 @@ PROPERTY = settings(max_examples=15, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.too_slow])
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "relu_": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU,
                "sigmoid": nn.Sigmoid, "none": nn.Identity}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 def assert_close(actual, expected, tol=TOL):

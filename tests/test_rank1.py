@@ -24,15 +24,6 @@ DTYPE = torch.float64
 LR = 0.25  # a power of two: gnfx hands lr to the update function as a float32 tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_layer(d_in, d_out, bias, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, d_out, bias=bias)).to(DTYPE)

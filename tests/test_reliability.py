@@ -32,8 +32,8 @@ from torch import nn
 
 import gnfx
 from gnfx.plan import BUDGETS
-from models import one_intra_op_thread
-from references import TOL, cross_entropy, hook_statistics, layer_diag, per_example_fisher_diag
+from references import (TOL, augment, cross_entropy, hook_statistics, layer_diag, per_example_fisher_diag,
+                        record_linear_calls)
 
 DTYPE = torch.float64
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo", "soap", "ekfac")
@@ -45,11 +45,6 @@ EVERY_STEP = {  # statistics and refreshes on every step, so that the first step
     "soap": dict(precondition_frequency=1),
     "ekfac": dict(inv_every=1),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_intra_op_thread()
 
 
 class MLP(nn.Module):
@@ -245,7 +240,7 @@ def test_a_module_called_with_two_shapes_pools_its_sites_like_the_hook_reference
 
 PER_EXAMPLE = [dict(optimizer="kfac", kfac_approx="reduce"), dict(optimizer="diag", source="fisher"),
                dict(optimizer="ekfac")]
-FOLDED = r"block 'fc': its input's first dimension \(48\) is not the batch \(8 examples.*use kfac_approx='expand'"
+FOLDED = r"block 'fc': its input's first dimension \(48\) is not the batch \(8 examples.*as if the batch were one example"
 
 
 def test_a_site_that_folds_the_batch_into_positions_works_with_expand():
@@ -256,22 +251,24 @@ def test_a_site_that_folds_the_batch_into_positions_works_with_expand():
     assert_statistics_equal_hooks(c, model, ["fc", "head"], x, y, "expand", diag=False)
 
 
+@pytest.mark.parametrize("fold", ["first", "second"])
 @pytest.mark.parametrize("hp", PER_EXAMPLE, ids=lambda hp: "-".join(map(str, hp.values())))
-def test_a_site_that_folds_the_batch_is_a_clear_error_for_per_example_statistics(hp):
-    """reduce, diag and eigen_diag need the batch first at every site: GnfxError naming the block
-    and the fix (here the folded site is fc's first call)."""
-    c = gnfx.compile(SharedAtTwoShapes(fold="first"), stat_every=1, **hp)
+def test_a_site_that_folds_the_batch_warns_and_falls_back(hp, fold):
+    """reduce, diag and eigen_diag need the batch first at every site; a site that folds it in
+    (at the first or a later call) gets a warning naming the block and the fallback (expand, and
+    the whole batch as one example), and A and S are then the expand ones."""
+    model = SharedAtTwoShapes(fold=fold)
+    c = gnfx.compile(copy.deepcopy(model), stat_every=1, stat_decay=0.0, statistics=("A", "S"), **hp)
     x, y = batch((8, 7, 4), labels=(8,))
-    with pytest.raises(gnfx.GnfxError, match=FOLDED):
+    with pytest.warns(RuntimeWarning, match=FOLDED):
         cross_entropy(c(x), y).backward()
-
-
-@pytest.mark.parametrize("hp", PER_EXAMPLE, ids=lambda hp: "-".join(map(str, hp.values())))
-def test_a_later_site_that_folds_the_batch_is_a_clear_error_too(hp):
-    c = gnfx.compile(SharedAtTwoShapes(fold="second"), stat_every=1, **hp)
-    x, y = batch((8, 7, 4), labels=(8,))
-    with pytest.raises(gnfx.GnfxError, match=FOLDED):
-        cross_entropy(c(x), y).backward()
+    c.step()
+    calls, M = record_linear_calls(model, ["fc"], x, y, cross_entropy)
+    rows_a = torch.cat([augment(a, True).reshape(-1, a.shape[-1] + 1) for a, _ in calls["fc"]])
+    rows_g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in calls["fc"]])
+    torch.testing.assert_close(c.statistics("fc")["A"], rows_a.T @ rows_a / len(rows_a), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c.statistics("fc")["S"], M * rows_g.T @ rows_g, rtol=1e-10, atol=1e-12)
+    assert all(torch.isfinite(v).all() for v in c.statistics("fc").values())
 
 
 # ----------------------------------------------------------------------------- parameters changed after compile

@@ -34,15 +34,6 @@ TOL = dict(rtol=1e-9, atol=1e-12)
 LR = 2.0 ** -12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- the reference
 
 

@@ -18,15 +18,6 @@ import gnfx
 CURVATURE = ["kfac", "shampoo", "rank1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Deep(nn.Module):
     """8 -> 16 -> 16 -> 16 -> 16 -> 4: three 16x16 hidden layers ([W b] of 16x17 each)."""
 

@@ -36,7 +36,8 @@ from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
 
 class EKFAC(KFAC):
     name = "ekfac"
-    HPARAMS = {**KFAC.HPARAMS, "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
+    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads")},
+               "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
 
     @classmethod
     def needs(cls, hp):

@@ -5,6 +5,10 @@ Factored Tikhonov damping (Martens & Grosse 2015, §6.3): with damping λ and
 `(A + λ_A I) ⊗ (S + λ_S I)` is close to `A ⊗ S + λ I` whatever the factors' relative scale.
 The damped inverses come from eigendecompositions refreshed every `inv_every` steps.
 
+Per-head blocks (`attention_blocks="head"`, `heads=h`): for the q/k/v projections that feed
+attention (their `role`), S is restricted to its h diagonal blocks of d_out/h outputs each (3h for
+a fused qkv projection), i.e. the curvature is modelled per head, `G ≈ A ⊗ blockdiag(S_1..S_h)`.
+
 Step-size safeguard: KL clipping (Ba et al. 2017). The step is scaled by
 `ν = min(1, sqrt(κ / Σ_blocks η² ⟨U, ∇W⟩))`, which bounds the change of the model's predictive
 distribution as measured by the (K-FAC) Fisher itself. We chose it over grafting because it
@@ -15,9 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from gnfx.hparams import nonnegative, positive, positive_int
+from gnfx.errors import ConfigError
+from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power
 from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
+
+
+# attention projections and their blocks of S per head (a fused qkv projection holds three)
+PROJECTIONS = {"attention.q": 1, "attention.k": 1, "attention.v": 1, "attention.qkv": 3}
 
 
 class KFAC(CurvaturePreconditioner):
@@ -27,7 +36,30 @@ class KFAC(CurvaturePreconditioner):
         "damping": positive("Tikhonov damping λ, split between A and S by the π correction", 1e-3),
         "inv_every": positive_int("recompute the damped inverses every inv_every steps", 10),
         "kl_clip": nonnegative("KL clipping κ of the step; 0 disables it", 1e-3),
+        "attention_blocks": choice("S of attention q/k/v projections: one block per layer, or per head",
+                                   "layer", ("layer", "head")),
+        "heads": nonnegative_int("attention heads h, for attention_blocks='head'", 0),
     }
+
+    def __init__(self, hp, blocks, params, optimizer):
+        super().__init__(hp, blocks, params, optimizer)
+        if hp.get("attention_blocks") == "head":
+            if hp["heads"] < 1:
+                raise ConfigError("attention_blocks='head' needs the number of heads: pass heads=h")
+            for b in blocks:
+                if b.role in PROJECTIONS and b.d_out % (hp["heads"] * PROJECTIONS[b.role]):
+                    raise ConfigError(f"attention_blocks='head': block {b.name!r} ({b.role}) has {b.d_out} outputs, "
+                                      f"not divisible into heads={hp['heads']} heads")
+
+    def _per_head(self, block, S: torch.Tensor) -> torch.Tensor:
+        """S restricted to its per-head diagonal blocks (h blocks of d_out/h; 3h for a fused qkv)
+        when attention_blocks='head' and the block is a q/k/v projection; else S."""
+        if self.hp.get("attention_blocks") != "head" or block.role not in PROJECTIONS:
+            return S
+        blocks = self.hp["heads"] * PROJECTIONS[block.role]
+        size = S.shape[-1] // blocks
+        head = torch.arange(S.shape[-1], device=S.device) // size
+        return S * (head.unsqueeze(0) == head.unsqueeze(1)).to(S.dtype)
 
     @classmethod
     def needs(cls, hp):
@@ -52,7 +84,8 @@ class KFAC(CurvaturePreconditioner):
             mine = self.owned(group)
             if len(mine):
                 self._invert(state, mine, torch.stack([values[i]["A"] for i in mine.tolist()]),
-                             torch.stack([values[i]["S"] for i in mine.tolist()]))
+                             torch.stack([self._per_head(group.pieces[i].target.block, values[i]["S"])
+                                          for i in mine.tolist()]))
             self.share(group, [state["A_inv"], state["S_inv"], state["failures"]])
 
     def _invert(self, state, mine, A, S) -> None:
