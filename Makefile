@@ -30,6 +30,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --full
+	$(BIN)/python -m benchmarks.targets
+	$(BIN)/python -m benchmarks.overhead
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

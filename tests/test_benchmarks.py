@@ -85,3 +85,17 @@ def test_overhead_writes_json_and_markdown(tmp_path):
     assert rows[0]["adamw"]["step_ms"] > 0 and rows[0]["gnfx"]
     assert json.loads((tmp_path / "overhead.json").read_text())["rows"] == rows
     assert "width 16" in (tmp_path / "overhead.md").read_text()
+
+
+def test_targets_measure_every_ratio_on_a_tiny_model(tmp_path):
+    """The performance-targets table runs end to end on a tiny MLP (figures not asserted)."""
+    from benchmarks import targets
+    from benchmarks.models import mlp
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(4, (16,))
+    row = targets.measure(lambda: mlp([8, 8, 4]), (x, y), torch.nn.functional.cross_entropy, repeats=1)
+    assert set(row["whole_step"]) == {"diag", "rank1", "kfac", "shampoo"}
+    assert row["flop_bound"] == 1 + (8 * 8 + 8 * 8 + 8 * 8 + 4 * 4) / (3 * (8 * 8 + 8 * 4))
+    text = targets.markdown({"tiny": row}, repeats=1)
+    assert "| tiny |" in text and "stat / bound" in text

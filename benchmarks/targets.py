@@ -1,0 +1,174 @@
+"""The performance targets of gnfx, measured: `python -m benchmarks.targets [--repeats N]`.
+
+Per model (the digits MLP, CNN and character GPT of benchmarks/tasks.py, and MLPs of width 1024
+and 2048 on batches of 128), as medians over `repeats` interleaved measurements in one run:
+
+  no-stat fwd+bwd  instrumented forward+backward on a step that collects no statistics
+                   / plain forward+backward (target <= 1.02)
+  stat / bound     forward+backward on a statistic step (K-FAC's taps) / plain, divided by its
+                   FLOP bound 1 + Σ R (d_in² + d_out²) / Σ 3 R d_in d_out over the blocks
+                   (R rows per call: the aᵀa and δᵀδ products against the layer's own products;
+                   target <= 1.15)
+  whole step       fwd+bwd + step averaged over stat_every steps at the defaults / (plain
+                   fwd+bwd + AdamW step) (targets <= 1.10 diag and rank1, <= 1.25 kfac, shampoo)
+  diag / AdamW     `model.step()` with "diag" / torch.optim.AdamW(foreach=True).step() (<= 1.1)
+  shampoo / pub.   gnfx "shampoo" step / pytorch-optimizer's Shampoo and heavyball's KLShampoo
+                   step on the same model, both refreshing every 10 steps (<= 0.8)
+
+Writes `<out>/targets.json` and `<out>/targets.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import gnfx
+from benchmarks.models import mlp
+from benchmarks.optimizers import OPTIMIZERS
+from benchmarks.tasks import char_gpt, digits_cnn, digits_mlp
+
+RESULTS = Path(__file__).parent / "results"
+STAT_EVERY = gnfx.COMMON["stat_every"].default
+
+
+def models():
+    """(name, model factory, batch, loss) of each model."""
+    for task in (digits_mlp(), digits_cnn(), char_gpt()):
+        x, y = next(task.batches(0))
+        yield task.name, lambda task=task: task.make_model(0), (x, y), task.loss_fn
+    for width in (1024, 2048):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(128, width, generator=g), torch.randint(10, (128,), generator=g)
+
+        def make(width=width):
+            torch.manual_seed(0)
+            return mlp([width, width, width, 10])
+        yield f"mlp{width}", make, (x, y), torch.nn.functional.cross_entropy
+
+
+def seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flop_bound(compiled) -> float:
+    """1 + Σ R(d_in² + d_out²) / Σ 3 R d_in d_out, R cancelling per block (rows per call)."""
+    extra = sum(b.d_in ** 2 + b.d_out ** 2 for b in compiled.layers)
+    own = sum(3 * b.d_in * b.d_out for b in compiled.layers)
+    return 1 + extra / own
+
+
+def measure(make, batch, loss_fn, repeats: int) -> dict:
+    x, y = batch
+    plain = make()
+    adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=True)
+    kfac = gnfx.compile(make(), "kfac", lr=1e-3)
+
+    def fwd_bwd(module):
+        return seconds(lambda: loss_fn(module(x), y).backward())
+
+    def tapped(statistic_step: bool):
+        kfac.optimizer.steps = 0 if statistic_step else 1
+        t = fwd_bwd(kfac)
+        kfac.optimizer.statistics.discard()
+        kfac.optimizer.collected = False
+        kfac.zero_grad()
+        return t
+
+    runs = {name: gnfx.compile(make(), name, lr=1e-4) for name in ("diag", "rank1", "kfac", "shampoo")}
+    published = {}
+    for key in ("po_shampoo", "hb_kl_shampoo"):
+        try:
+            published[key] = OPTIMIZERS[key].make(make(), 1e-4)
+        except Exception as error:  # noqa: BLE001 - a missing package is reported, not fatal
+            published[key] = str(error)
+
+    def whole(compiled):  # stat_every consecutive steps, per step
+        def run():
+            for _ in range(STAT_EVERY):
+                loss_fn(compiled(x), y).backward()
+                compiled.step()
+                compiled.zero_grad()
+        return seconds(run) / STAT_EVERY
+
+    def step_only(step, zero, module):
+        loss_fn(module(x), y).backward()
+        t = seconds(step)
+        zero()
+        return t
+
+    samples = {k: [] for k in ("plain", "adamw", "nostat", "stat", *runs, "diag_step", *published)}
+    for i in range(repeats + 1):
+        sample = {"plain": fwd_bwd(plain), "nostat": tapped(False), "stat": tapped(True)}
+        sample["adamw"] = seconds(adamw.step)
+        adamw.zero_grad()
+        sample.update({name: whole(c) for name, c in runs.items()})
+        sample["diag_step"] = step_only(runs["diag"].step, runs["diag"].zero_grad, runs["diag"])
+        for key, trainer in published.items():
+            if not isinstance(trainer, str):
+                sample[key] = step_only(trainer.step, trainer.zero_grad, trainer.module)
+        if i:  # the first round warms up
+            for k, v in sample.items():
+                samples[k].append(v)
+    med = {k: statistics.median(v) for k, v in samples.items() if v}
+    base = med["plain"] + med["adamw"]
+    # shampoo's step alone, from its whole step minus its forward+backward (the plain one)
+    shampoo_step = med["shampoo"] - med["plain"]
+    row = {
+        "plain_ms": 1e3 * med["plain"], "adamw_step_ms": 1e3 * med["adamw"],
+        "nostat_ratio": med["nostat"] / med["plain"],
+        "stat_ratio": med["stat"] / med["plain"], "flop_bound": flop_bound(kfac),
+        "whole_step": {name: med[name] / base for name in runs},
+        "diag_vs_adamw": med["diag_step"] / med["adamw"],
+        "shampoo_vs_published": {key: (shampoo_step / med[key] if key in med else trainer)
+                                 for key, trainer in published.items()},
+    }
+    row["stat_over_bound"] = row["stat_ratio"] / row["flop_bound"]
+    return row
+
+
+def markdown(rows: dict, repeats: int) -> str:
+    lines = ["# gnfx performance targets", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over {repeats} interleaved "
+             f"rounds; defaults (stat_every={STAT_EVERY}). Targets: no-stat ≤ 1.02, stat/bound ≤ 1.15, whole step "
+             "≤ 1.10 (diag, rank1) and ≤ 1.25 (kfac, shampoo), diag/AdamW ≤ 1.1, shampoo/published ≤ 0.8.", "",
+             "| model | plain fwd+bwd ms | no-stat fwd+bwd | stat fwd+bwd (bound) | stat / bound "
+             "| whole step diag | rank1 | kfac | shampoo | diag / AdamW | shampoo / po_shampoo | shampoo / hb_kl_shampoo |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        w, p = r["whole_step"], r["shampoo_vs_published"]
+        fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "n/a"  # noqa: E731
+        lines.append(f"| {name} | {r['plain_ms']:.2f} | {r['nostat_ratio']:.3f} | {r['stat_ratio']:.2f} "
+                     f"({r['flop_bound']:.2f}) | {r['stat_over_bound']:.2f} | {w['diag']:.2f} | {w['rank1']:.2f} "
+                     f"| {w['kfac']:.2f} | {w['shampoo']:.2f} | {r['diag_vs_adamw']:.2f} "
+                     f"| {fmt(p.get('po_shampoo'))} | {fmt(p.get('hb_kl_shampoo'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of: mlp (digits), cnn, gpt, mlp1024, mlp2048")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = {}
+    for name, make, batch, loss_fn in models():
+        if args.models and not any(m in name for m in args.models):
+            continue
+        rows[name] = measure(make, batch, loss_fn, args.repeats)
+        print(name, json.dumps(rows[name]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "targets.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "targets.md").write_text(markdown(rows, args.repeats))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
