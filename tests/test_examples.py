@@ -1,0 +1,26 @@
+"""Every example runs end to end (a few steps each)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {
+    "quickstart.py": ["--steps", "3"],
+    "inspect_graph.py": ["--out", "{tmp}/graph.dot"],
+    "cnn.py": ["--steps", "3"],
+    "scheduler_checkpoint.py": ["--steps", "6"],
+    "policies.py": [],
+    "demo.py": ["--steps", "2"],
+    "diagnose.py": [],
+}
+
+
+@pytest.mark.parametrize("example", sorted(RUNS))
+def test_example_runs(example, tmp_path):
+    args = [a.format(tmp=tmp_path) for a in RUNS[example]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example), *args], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
