@@ -184,3 +184,18 @@ def coverage(c, model) -> float:
     numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     covered = {n for b in c.layers for n in b.params}
     return sum(numel[n] for n in covered) / sum(numel.values())
+
+
+class TanhMLP(nn.Module):
+    """Linear layers of the given widths with tanh between them (the preconditioner tests' model)."""
+
+    def __init__(self, widths=(5, 4, 3), bias=True):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import gnfx
+from models import TanhMLP as MLP
 from gnfx.preconditioners.kfac import KFAC
 from references import cross_entropy, per_example_grads
 
@@ -33,19 +34,6 @@ DAMPING = 0.1
 
 
 # ----------------------------------------------------------------------------- models and helpers
-
-
-class MLP(nn.Module):
-    def __init__(self, widths=(5, 4, 3)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, widths[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
 
 
 class Sequence(nn.Module):

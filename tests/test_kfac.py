@@ -23,27 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import TanhMLP as MLP
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- models and data
-
-
-class MLP(nn.Module):
-    """Linear layers of the given widths with tanh between them."""
-
-    def __init__(self, widths=(5, 4, 3), bias=True):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(widths, widths[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
 
 
 class WithNorm(nn.Module):

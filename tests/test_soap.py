@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import TanhMLP as MLP
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -34,19 +35,6 @@ EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------- models and helpers
-
-
-class MLP(nn.Module):
-    def __init__(self, widths=(5, 4, 3)):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths, widths[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.tanh(x)
-        return x
 
 
 class Tensor3(nn.Module):
