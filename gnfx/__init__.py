@@ -9,4 +9,4 @@ from gnfx.diagnose import diagnose
 from gnfx.errors import CaptureError, ConfigError, GnfxError
 from gnfx.preconditioners import REGISTRY
 
-__all__ = ["compile", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON"]
+__all__ = ["compile", "diagnose", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON"]

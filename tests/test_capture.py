@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 import gnfx
+from steps import ALL, compile_for_statistics
 from references import TOL, cross_entropy, hook_statistics, layer_diag, per_example_fisher_diag
 
 DTYPE = torch.float64
-ALL = ("A", "S", "diag")
-
-
-def compile_for_statistics(model, **options):
-    return gnfx.compile(model, stat_every=1, stat_decay=0.0, statistics=ALL, **options)
 
 
 def batch(shape, classes=3, seed=0):

@@ -3,7 +3,6 @@ original, the inspection views, the accounting of every parameter, and the error
 """
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys

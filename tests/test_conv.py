@@ -19,6 +19,7 @@ from curvlinops' KFACLinearOperator too. Everything is float64 at 1e-10.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 
 import pytest
@@ -29,11 +30,14 @@ from torch import nn
 import gnfx
 import gnfx.layouts.conv
 from references import cross_entropy, per_example_grads
+from steps import ALL, statistic_step
+from steps import compile_for_statistics as _compile
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-ALL = ("A", "S", "diag")
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+compile_for_statistics = functools.partial(_compile, optimizer="kfac")  # these tests use K-FAC
 
 
 def assert_close(actual, expected):
@@ -62,17 +66,6 @@ def data(n, c_in, spatial, classes=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, c_in, *spatial, generator=g, dtype=DTYPE),
             torch.randint(0, classes, (n,), generator=g))
-
-
-def compile_for_statistics(model, **options):
-    settings = dict(optimizer="kfac", stat_every=1, stat_decay=0.0, statistics=ALL, lr=1e-2)
-    return gnfx.compile(model, **{**settings, **options})
-
-
-def statistic_step(c, x, y):
-    cross_entropy(c(x), y).backward()
-    c.step()
-    c.zero_grad()
 
 
 # ----------------------------------------------------------------------------- references

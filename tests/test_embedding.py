@@ -19,6 +19,7 @@ References: bincount, forward + tensor hooks, torch.func.vmap per-example gradie
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -27,11 +28,14 @@ from torch import nn
 
 import gnfx
 from references import cross_entropy, hook_statistics, per_example_grads
+from steps import ALL, statistic_step
+from steps import compile_for_statistics as _compile
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-ALL = ("A", "S", "diag")
 V, D, N, R, C = 7, 4, 3, 5, 3
+
+compile_for_statistics = functools.partial(_compile, optimizer="kfac")  # these tests use K-FAC
 
 
 def assert_close(actual, expected):
@@ -46,17 +50,6 @@ def token_batch(n=N, r=R, classes=C, seed=0, pad=None):
     if pad is not None:
         idx[1, 3] = idx[2, 1] = pad  # positions 8 and 11: after the V distinct ids
     return idx, torch.randint(0, classes, (n, r), generator=g)
-
-
-def compile_for_statistics(model, **options):
-    settings = dict(optimizer="kfac", stat_every=1, stat_decay=0.0, statistics=ALL, lr=1e-2)
-    return gnfx.compile(model, **{**settings, **options})
-
-
-def statistic_step(c, x, y):
-    cross_entropy(c(x), y).backward()
-    c.step()
-    c.zero_grad()
 
 
 # ----------------------------------------------------------------------------- models

@@ -20,7 +20,6 @@ Learning rates are powers of two (gnfx hands lr to the update function as a floa
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -21,24 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import gnfx
+from steps import ALL, compile_for_statistics, statistic_step
 from references import (TOL, cross_entropy, curvlinops_factors, hook_statistics, layer_diag,
                         per_example_fisher_diag, per_example_grads)
 
 DTYPE = torch.float64
-ALL = ("A", "S", "diag")
-
-
-def compile_for_statistics(model, **hparams):
-    """Statistics on every step, no moving average: c.statistics(name) is the last batch's."""
-    defaults = dict(stat_every=1, stat_decay=0.0, statistics=ALL, lr=1e-2)
-    return gnfx.compile(model, **(defaults | hparams))
-
-
-def statistic_step(c, x, y, **kwargs):
-    cross_entropy(c(x, **kwargs), y).backward()
-    c.step()
-    c.zero_grad()
 
 
 def assert_close(actual, expected):

@@ -1,0 +1,18 @@
+"""How the statistics tests drive gnfx: compile for statistics on every step, take one step."""
+import gnfx
+from references import cross_entropy
+
+ALL = ("A", "S", "diag")
+
+
+def compile_for_statistics(model, **options):
+    """Statistics on every step, no moving average: c.statistics(name) is the last batch's."""
+    defaults = dict(stat_every=1, stat_decay=0.0, statistics=ALL, lr=1e-2)
+    return gnfx.compile(model, **(defaults | options))
+
+
+def statistic_step(c, x, y, **kwargs):
+    """One forward, backward and step of the compiled model on (x, y) with cross-entropy."""
+    cross_entropy(c(x, **kwargs), y).backward()
+    c.step()
+    c.zero_grad()
