@@ -1,13 +1,24 @@
 """Batched symmetric matrix functions for the amortized refresh.
 
 `damped_inverse_power(F, damping, p)` returns `(F + λ I)^{-p}` for a stack of symmetric positive
-semi-definite matrices from one symmetric eigendecomposition `F = Q diag(d) Qᵀ` (eigenvalues
-clamped at 0 against round-off): `Q diag((d + λ)^{-p}) Qᵀ`. A decomposition that fails or yields
-non-finite values is reported per matrix, so that the caller keeps its last good result.
+semi-definite matrices, by one of two methods:
 
-On the CPU the eigendecomposition runs on one thread: measured on this project's 2-core machine,
-a multi-threaded (MKL) eigh of a 32x32 matrix took 0.13 s against 0.0003 s on one thread, and a
-256x256 one sometimes stalled for seconds.
+  "eigh"    one symmetric eigendecomposition `F = Q diag(d) Qᵀ` (eigenvalues clamped at 0
+            against round-off): `Q diag((d + λ)^{-p}) Qᵀ`;
+  "newton"  the coupled Newton iteration for the inverse r-th root, r = 1/p an integer
+            (`newton_inverse_root`): matrix products only, which a GPU or torch.compile runs far
+            faster than an eigendecomposition.
+
+A decomposition that fails or yields non-finite values (or an iteration that does not converge)
+is reported per matrix, so that the caller keeps its last good result.
+
+Threads (CPU). Measured on this project's 2-core machine (benchmarks/results/profile.md): an
+eigendecomposition of n ≥ 512 runs 1.3-1.8x faster on both cores (n = 1025, float64: 0.16 s
+against 0.21 s), while for small matrices multi-threading gains nothing and was seen to stall (a
+multi-threaded 32x32 eigh once took 0.13 s against 0.0003 s on one thread; the issue tracker saw
+a 256x256 one take 2.6 s in some fresh processes). So decompositions of matrices smaller than
+`MULTITHREAD_FROM` run on one thread, larger ones on all. A batched eigh of a stack was as fast
+as a loop over its matrices at every size measured (32-512), so stacks are decomposed at once.
 """
 from __future__ import annotations
 
@@ -15,29 +26,95 @@ import contextlib
 
 import torch
 
+MULTITHREAD_FROM = 512
+METHODS = ("eigh", "newton")
+
 
 @contextlib.contextmanager
-def one_thread(device: torch.device):
-    """Run the body on one intra-op thread when on the CPU."""
-    if device.type != "cpu":
+def decomposition_threads(device: torch.device, n: int = 0):
+    """Run the body on one intra-op thread when on the CPU and the matrices (n x n) are smaller
+    than MULTITHREAD_FROM; else with the threads as they are."""
+    if device.type != "cpu" or n >= MULTITHREAD_FROM:
         yield
         return
-    n = torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(threads)
 
 
-def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool) -> torch.Tensor:
-    with one_thread(F.device):
+def _largest_eigenvalue(F: torch.Tensor, squarings: int = 5, iterations: int = 20) -> torch.Tensor:
+    """λ_max of each symmetric PSD F_i: power iteration from the all-ones vector on F^(2^squarings)
+    (normalized squarings: a gap λ_2/λ_1 closes as its 2^squarings-th power per iteration), then the
+    Rayleigh quotient of F (so it never exceeds the true λ_max)."""
+    tiny = torch.finfo(F.dtype).tiny
+    P = F
+    for _ in range(squarings):
+        P = P / torch.linalg.matrix_norm(P).clamp(min=tiny).view(-1, 1, 1)
+        P = P @ P
+    v = torch.ones(F.shape[:-1] + (1,), dtype=F.dtype, device=F.device)
+    for _ in range(iterations):
+        v = P @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=tiny)
+    return (v.transpose(-1, -2) @ F @ v).flatten(1)[:, 0].clamp(min=0)
+
+
+def newton_inverse_root(A: torch.Tensor, r: int, max_iterations: int = 100):
+    """`A^{-1/r}` for each symmetric positive definite A_i of the stack A (k, n, n), r ≥ 1 an integer,
+    by the coupled Newton iteration (Guo & Higham 2006; as in Anil et al. 2020's Shampoo):
+
+        z = (1 + r) / (2 ‖A‖_F),   X_0 = z^{1/r} I,   M_0 = z A,
+        T_k = ((r + 1) I - M_k) / r,   X_{k+1} = X_k T_k,   M_{k+1} = T_k^r M_k,
+
+    which keeps `M_k = X_k^r A` (all iterates are polynomials in A and commute) and drives M_k to I,
+    hence X_k to A^{-1/r}; ‖A‖_F ≥ ‖A‖_2 keeps M_0's eigenvalues in (0, (1+r)/2], where it
+    converges. It stops when every `max|M_k - I|` is below √eps of the dtype, after one more
+    (quadratically convergent) iteration.
+
+    Returns (X, converged): converged is a (k,) bool tensor (False: not within max_iterations).
+    """
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    z = (1 + r) / (2 * torch.linalg.matrix_norm(A)).clamp(min=torch.finfo(A.dtype).tiny)
+    X = eye * z.pow(1 / r).view(-1, 1, 1)
+    M = A * z.view(-1, 1, 1)
+    tolerance = torch.finfo(A.dtype).eps ** 0.5
+    error = torch.full((len(A),), float("inf"), dtype=A.dtype, device=A.device)
+    last = False
+    for _ in range(max_iterations):
+        T = ((r + 1) * eye - M) / r
+        X = X @ T
+        M = torch.linalg.matrix_power(T, r) @ M
+        if last:
+            break
+        error = (M - eye).abs().flatten(1).amax(1)
+        last = bool((error < tolerance).all())
+    converged = error < tolerance
+    return X, converged
+
+
+def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool, method: str) -> torch.Tensor:
+    n = F.shape[-1]
+    if method == "newton":
+        if relative:
+            damping = (damping * _largest_eigenvalue(F)).clamp(min=torch.finfo(F.dtype).tiny)
+        X, converged = newton_inverse_root(F + damping.view(-1, 1, 1) * torch.eye(n, dtype=F.dtype, device=F.device),
+                                           round(1 / p))
+        return X.masked_fill(~converged.view(-1, 1, 1), float("nan"))
+    with decomposition_threads(F.device, n):
         d, Q = torch.linalg.eigh(F)
     d = d.clamp(min=0)
     if relative:
         damping = (damping * d[..., -1]).clamp(min=torch.finfo(d.dtype).tiny)
     d = (d + damping.unsqueeze(-1)).pow(-p)
     return (Q * d.unsqueeze(-2)) @ Q.transpose(-1, -2)
+
+
+def newton_root_ok(p: float) -> bool:
+    """Whether the "newton" method computes F^{-p}: 1/p must be an integer."""
+    return abs(1 / p - round(1 / p)) < 1e-9
 
 
 def isolated(fn, k: int, failed):
@@ -63,22 +140,23 @@ def eigh(M: torch.Tensor):
     fails gets NaN instead of failing the whole batch (eager only: under torch.compile, plain eigh)."""
     if torch.compiler.is_compiling():
         return torch.linalg.eigh(M)
-    with one_thread(M.device):
+    with decomposition_threads(M.device, M.shape[-1]):
         nan = float("nan")
         return isolated(lambda i: torch.linalg.eigh(M[i]), M.shape[0],
                         lambda: (M.new_full(M[:1].shape[:-1], nan), torch.full_like(M[:1], nan)))
 
 
 def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype,
-                         relative: bool = False):
-    """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype`;
-    with `relative`, λ_i is `damping` times the largest eigenvalue of F_i.
+                         relative: bool = False, method: str = "eigh"):
+    """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype` by
+    `method` ("eigh", or "newton" where 1/p is an integer); with `relative`, λ_i is `damping` times
+    the largest eigenvalue of F_i.
 
     Returns (result in F's dtype, ok) where `ok` is a (k,) bool tensor: False where the
     decomposition failed or produced non-finite values (that entry of the result is undefined).
     """
     F64, lam = F.to(dtype), damping.to(dtype)
-    out = isolated(lambda i: _power(F64[i], lam[i], p, relative), F.shape[0],
+    out = isolated(lambda i: _power(F64[i], lam[i], p, relative, method), F.shape[0],
                    lambda: torch.full_like(F64[:1], float("nan")))
     out = out.to(F.dtype)
     # finite in F's dtype (a root that overflows float32 is a failure too), and from a factor that

@@ -1,7 +1,6 @@
 """Settings shared by every test."""
 import pytest
-
-from gnfx.linalg import one_thread
+import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -9,7 +8,7 @@ def one_intra_op_thread():
     """Every test runs torch on one intra-op thread. The tests use small tensors, and on the
     project's 2-core machines two spinning intra-op threads made them 5-70x slower whenever other
     work shared the cores (test_distributed's processes set it themselves)."""
-    import torch
-
-    with one_thread(torch.device("cpu")):
-        yield
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

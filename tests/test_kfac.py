@@ -128,14 +128,16 @@ def test_vec_convention_turns_the_factored_product_into_a_kronecker_product():
     torch.testing.assert_close(unvec(vec(X), X.shape), X)
 
 
+@pytest.mark.parametrize("root_method", ["eigh", "newton"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("widths", [(5, 4, 3), (5, 4, 4, 4, 3)], ids=["5-4-3", "5-4-4-4-3"])
-def test_one_step_equals_the_explicit_kronecker_solve(widths, bias):
-    """After one statistic + refresh step: Δ[W b] = -η ((A+λ_A I) ⊗ (S+λ_S I))⁻¹ vec([∇W ∇b]).
+def test_one_step_equals_the_explicit_kronecker_solve(widths, bias, root_method):
+    """After one statistic + refresh step: Δ[W b] = -η ((A+λ_A I) ⊗ (S+λ_S I))⁻¹ vec([∇W ∇b]),
+    with the inverses from eigendecompositions or from Newton–Schulz iterations.
 
     The 5-4-4-4-3 network has two 4x4 layers, which gnfx stacks into one group."""
     model = make(widths=widths, bias=bias)
-    c = compile_kfac(model, lr=0.5, damping=0.1)
+    c = compile_kfac(model, lr=0.5, damping=0.1, root_method=root_method)
     (x, y), = batches(1)
     forward_backward(c, x, y)
     layers = linear_layers(model)
@@ -290,7 +292,7 @@ def test_inverses_change_only_on_refresh_steps_and_stale_ones_are_used_between()
 
 @pytest.mark.parametrize("name, value", [("damping", -1), ("damping", 0), ("kl_clip", -1),
                                          ("inv_every", 0), ("inv_every", 1.5), ("momentum", 1.0),
-                                         ("momentum", -0.1)])
+                                         ("momentum", -0.1), ("root_method", "qr")])
 def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
     with pytest.raises(gnfx.ConfigError, match=rf"\b{name}={value!r}"):
         gnfx.compile(make(), optimizer="kfac", **{name: value})

@@ -184,13 +184,20 @@ def test_kronecker_form_of_the_two_sided_product():
     torch.testing.assert_close((torch.kron(L, R) @ G.reshape(-1)).reshape(3, 4), L @ G @ R, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("root_method", ["eigh", "newton"])
 @pytest.mark.parametrize("exponent", ["paper", 0.5, 1 / 3], ids=["paper", "p=0.5", "p=1/3"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_matrix_block_equals_dense_reference(exponent, bias):
+def test_matrix_block_equals_dense_reference(exponent, bias, root_method):
     """Δ[W b] = -η (L+ε_L)^{-p} G (R+ε_R)^{-p} at every step, L, R the EMAs of G Gᵀ, Gᵀ G of the
-    observed folded gradients, roots from the last refresh (steps 1, 3, 5: stale in between)."""
-    hp = dict(exponent=exponent, stat_decay=0.75)
+    observed folded gradients, roots from the last refresh (steps 1, 3, 5: stale in between),
+    whether the roots come from eigendecompositions or from the coupled Newton iteration."""
+    hp = dict(exponent=exponent, stat_decay=0.75, root_method=root_method)
     train_against_reference(make(bias=bias), hp, data(7))
+
+
+def test_newton_roots_need_an_integer_inverse_exponent():
+    with pytest.raises(gnfx.ConfigError, match="root_method='newton'.*exponent=0.3"):
+        gnfx.compile(make(), optimizer="shampoo", root_method="newton", exponent=0.3)
 
 
 @pytest.mark.parametrize("exponent", ["paper", 0.5], ids=["paper", "p=0.5"])
@@ -359,7 +366,8 @@ def test_float32_block_with_zero_gradient_at_the_first_statistic_keeps_finite_pa
 
 @pytest.mark.parametrize("name, value", [("exponent", 0), ("exponent", 2), ("exponent", -0.5),
                                          ("exponent", "sqrt"), ("graft", "x"), ("max_block", 0),
-                                         ("precondition_frequency", 0), ("start_preconditioning_step", -1)])
+                                         ("precondition_frequency", 0), ("start_preconditioning_step", -1),
+                                         ("root_method", "svd")])
 def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
     with pytest.raises(gnfx.ConfigError, match=rf"\b{name}={value!r}"):
         gnfx.compile(make(), optimizer="shampoo", **{name: value})

@@ -19,11 +19,17 @@ from __future__ import annotations
 import torch
 
 from gnfx.hparams import choice, unit_interval
+from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner
 from gnfx.layouts import LAYOUTS
 from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def root_method_hparam():
+    return choice("how the refresh computes damped inverse roots: 'eigh' (eigendecomposition) or 'newton' "
+                  "(coupled Newton iteration, matrix products only; pays on GPUs, see gnfx.linalg)", "eigh", METHODS)
 
 
 def common_hparams() -> dict:

@@ -36,7 +36,7 @@ from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
 
 class EKFAC(KFAC):
     name = "ekfac"
-    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads")},
+    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads", "root_method")},
                "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
 
     @classmethod

@@ -3,7 +3,8 @@
 Factored Tikhonov damping (Martens & Grosse 2015, §6.3): with damping λ and
 `π = sqrt((tr A / dim A) / (tr S / dim S))`, `λ_A = π √λ` and `λ_S = √λ / π`, so that
 `(A + λ_A I) ⊗ (S + λ_S I)` is close to `A ⊗ S + λ I` whatever the factors' relative scale.
-The damped inverses come from eigendecompositions refreshed every `inv_every` steps.
+The damped inverses are refreshed every `inv_every` steps, from eigendecompositions or, with
+`root_method="newton"`, by Newton–Schulz iterations (matrix products only; gnfx.linalg).
 
 Per-head blocks (`attention_blocks="head"`, `heads=h`): for the q/k/v projections that feed
 attention (their `role`), S is restricted to its h diagonal blocks of d_out/h outputs each (3h for
@@ -22,7 +23,7 @@ import torch
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power
-from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
+from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams, root_method_hparam
 
 
 # attention projections and their blocks of S per head (a fused qkv projection holds three)
@@ -35,6 +36,7 @@ class KFAC(CurvaturePreconditioner):
         **common_hparams(),
         "damping": positive("Tikhonov damping λ, split between A and S by the π correction", 1e-3),
         "inv_every": positive_int("recompute the damped inverses every inv_every steps", 10),
+        "root_method": root_method_hparam(),
         "kl_clip": nonnegative("KL clipping κ of the step; 0 disables it", 1e-3),
         "attention_blocks": choice("S of attention q/k/v projections: one block per layer, or per head",
                                    "layer", ("layer", "head")),
@@ -101,8 +103,8 @@ class KFAC(CurvaturePreconditioner):
             A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
             ok_a = torch.isfinite(A_inv).all(1)
         else:
-            A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype)
-        S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype)
+            A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype, method=self.hp["root_method"])
+        S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype, method=self.hp["root_method"])
         ok = ok_a & ok_s
         state["A_inv"][mine[ok]] = A_inv[ok]
         state["S_inv"][mine[ok]] = S_inv[ok]

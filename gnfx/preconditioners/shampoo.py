@@ -15,15 +15,18 @@ with "paper" against 0.286 and 0.0171 with 1/2.
 Dimensions above `max_block` are cut into blocks, each with its own factors. Grafting (Adam or
 AdaGrad, see graft.py) sets each block's step size; before `start_preconditioning_step` the
 grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
-`precondition_frequency` steps; a failed one keeps the last good root and is counted.
+`precondition_frequency` steps, or with `root_method="newton"` from the coupled Newton iteration
+(matrix products only; ε then takes a power-iteration estimate of the largest eigenvalue,
+gnfx.linalg); a failed one keeps the last good root and is counted.
 """
 from __future__ import annotations
 
 import torch
 
 from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
-from gnfx.linalg import damped_inverse_power
-from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
+from gnfx.linalg import damped_inverse_power, newton_root_ok
+from gnfx.errors import ConfigError
+from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
 
@@ -57,12 +60,19 @@ class Shampoo(CurvaturePreconditioner):
         "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
         "start_preconditioning_step": nonnegative_int("steps that use the grafted direction alone", 10),
         "precondition_frequency": positive_int("recompute inverse roots every so many steps", 10),
+        "root_method": root_method_hparam(),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
     }
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
+        if hp["root_method"] == "newton":
+            for group in self.groups:
+                if not newton_root_ok(self.exponent(len(group.shape))):
+                    raise ConfigError(f"root_method='newton' computes F^(-1/r) for integer r; exponent="
+                                      f"{hp['exponent']!r} gives {self.exponent(len(group.shape)):g} for the order-"
+                                      f"{len(group.shape)} tensors of {group.key!r}: use root_method='eigh'")
         self.active = False  # preconditioning started (a Python flag: one compiled graph per value)
 
     @classmethod
@@ -95,7 +105,8 @@ class Shampoo(CurvaturePreconditioner):
             for j in range(order if len(mine) else 0):
                 F = state[f"factor{j}"][mine]
                 root, ok = damped_inverse_power(F, F.new_full((len(mine),), self.hp["damping"]),
-                                                self.exponent(order), dtype, relative=True)
+                                                self.exponent(order), dtype, relative=True,
+                                                method=self.hp["root_method"])
                 state[f"root{j}"][mine[ok]] = root[ok]
                 state["failures"][mine] += (~ok).long()
             self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]])

@@ -35,7 +35,7 @@ import dataclasses
 import torch
 
 from gnfx.hparams import choice, nonnegative
-from gnfx.linalg import one_thread
+from gnfx.linalg import decomposition_threads
 from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.shampoo import Shampoo, mode_gram, mode_product
@@ -71,14 +71,14 @@ def refresh_basis(F, Q, state, tolerance: float, dtype, qr=None):
     A basis is due unless `tolerance` τ > 0 and `‖offdiag(Qᵀ F Q)‖_F ≤ τ ‖Qᵀ F Q‖_F`. For a due
     basis the old columns are sorted by decreasing Rayleigh quotient diag(Qᵀ F Q); the new basis is
     `qr(F Q_sorted)` where the (p,) bool mask `qr` says so, else the eigenvectors by decreasing
-    eigenvalue. Computed in `dtype`, on one thread on the CPU (see gnfx.linalg). Counts into
-    state["refreshes"], ["skipped"], ["failures"]; a failure keeps the old basis.
+    eigenvalue. Computed in `dtype` (on the CPU, with the threads gnfx.linalg chooses for the size).
+    Counts into state["refreshes"], ["skipped"], ["failures"]; a failure keeps the old basis.
 
     Returns (changed (p,) bool, order (p, n)): the bases replaced, and the sort of each old basis
     (the identity where it was kept): new column i continues old column order[i].
     """
     Fd, Qd = F.to(dtype), Q.to(dtype)
-    with one_thread(F.device):
+    with decomposition_threads(F.device, F.shape[-1]):
         D = Qd.transpose(1, 2) @ Fd @ Qd
         quotients = D.diagonal(dim1=1, dim2=2)
         due = torch.ones(len(F), dtype=torch.bool, device=F.device)
