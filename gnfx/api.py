@@ -35,10 +35,13 @@ COMMON = {
                           "partitioned", ("partitioned", "replicated", "off")),
     "nan_policy": choice("a step with a non-finite gradient or statistic: skipped with a warning, or raise",
                          "skip", ("skip", "raise")),
-    # Off by default: on this project's 2-core CPU, compiling the update of even a tiny model took
-    # 10-40 s while the eager step is dominated by its matrix products; on a GPU or with many small
-    # blocks (an overhead-bound step) it pays.
-    "compile": flag("run the generated update function under torch.compile", False),
+    # "auto": compile when the curvature targets hold at least codegen.AUTO_COMPILE_ELEMENTS
+    # entries, where the step's elementwise work (grafting, momentum, decay) dominates and fusing it
+    # pays (rank1 at width 1024: 24 ms eager, 5 ms compiled); below that, compiling costs 7-20 s once
+    # on this project's CPU for a step that is matmul- or overhead-bound. If compiling fails, "auto"
+    # warns and runs the same update eagerly; True raises.
+    "compile": HParam("auto", "True, False or 'auto'", lambda x: isinstance(x, bool) or x == "auto",
+                      "run the generated update function under torch.compile"),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",
                          lambda x: isinstance(x, (tuple, list)) and set(x) <= set(STATISTICS),
                          "statistics to collect beyond what the preconditioners need"),

@@ -3,12 +3,19 @@
 The generated function stacks the gradients of each group of equal-shaped pieces, calls the
 group's batched math once, applies the preconditioner's global safeguard, then the common tail
 (momentum, weight decay, learning rate). Its source is `model.update_code`. With `compile=True`
-it runs under `torch.compile`; learning rates and weight decays enter as tensors (filled from
-the param_groups each step) so that an LR scheduler causes no recompilation.
+it runs under `torch.compile` (one whole graph per value of `collect`, so a failure to compile
+surfaces before anything ran); learning rates and weight decays enter as tensors (filled from
+the param_groups each step) so that an LR scheduler causes no recompilation. `compile="auto"`
+compiles when the curvature targets hold at least AUTO_COMPILE_ELEMENTS entries, and falls back
+to the eager function, with a warning, if compiling fails.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
+import torch._dynamo.exc
 
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.targets import fold
@@ -60,10 +67,15 @@ def generate(preconditioners, position_of) -> str:
     return "\n".join(lines)
 
 
+AUTO_COMPILE_ELEMENTS = 2 ** 20
+BACKEND = "inductor"
+COMPILE_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported)
+
+
 class UpdateFunction:
     """The generated step for the curvature preconditioners of a plan, eager or compiled."""
 
-    def __init__(self, preconditioners, optimizer, use_compile: bool):
+    def __init__(self, preconditioners, optimizer, use_compile):
         self.preconditioners = [p for p in preconditioners if hasattr(p, "groups")]
         self.opt = optimizer
         self.names = [n for pre in self.preconditioners for g in pre.groups for p in g.pieces
@@ -80,7 +92,11 @@ class UpdateFunction:
                      **{pre.name: pre for pre in self.preconditioners}}
         exec(compile(self.source, "<gnfx_update>", "exec"), namespace)  # noqa: S102 - generated above
         self.eager = namespace["gnfx_update"]
-        self.fn = torch.compile(self.eager, dynamic=False) if use_compile else self.eager
+        elements = sum(len(g.pieces) * math.prod(g.shape) for pre in self.preconditioners for g in pre.groups)
+        self.compiled = use_compile is True or (use_compile == "auto" and elements >= AUTO_COMPILE_ELEMENTS)
+        self.fallback = use_compile == "auto"
+        self.fn = (torch.compile(self.eager, backend=BACKEND, dynamic=False, fullgraph=True)
+                   if self.compiled else self.eager)
         n_groups = len(optimizer.param_groups)
         self._sync_index()
         # 0-d tensors filled each step (a changing Python float would recompile), as wide as the
@@ -116,5 +132,14 @@ class UpdateFunction:
             p = self.opt.param(n)
             grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
-        self.fn(grads, states, self.lrs, self.wds, collect)
+        try:
+            self.fn(grads, states, self.lrs, self.wds, collect)
+        except COMPILE_FAILURES as error:
+            if not (self.compiled and self.fallback):
+                raise
+            warnings.warn(f"gnfx: compiling the update function failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200]}); compile='auto' runs it eagerly instead",
+                          RuntimeWarning, stacklevel=3)
+            self.fn, self.compiled = self.eager, False
+            self.fn(grads, states, self.lrs, self.wds, collect)
 

@@ -713,6 +713,7 @@ def invalid_values(spec) -> list:
         "an integer >= 1": [0, 2.5, True],
         "an integer >= 0": [-1, 0.5],
         "True or False": [1, "yes"],
+        "True, False or 'auto'": [1, "yes", None],
         "a pair (beta1, beta2) of numbers in [0, 1)": [(0.9, 1.0), (0.9,), (-0.1, 0.9)],
         "'paper' (1/(2k) for an order-k tensor) or a number in (0, 1]": [0, 1.5, "half"],
     }

@@ -159,6 +159,56 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     assert not torch.equal(trajectories[True][-1], trajectories[True][0])
 
 
+def failing_backend(gm, example_inputs):
+    raise RuntimeError("injected: no working C++ compiler")
+
+
+def test_auto_compiles_a_plan_from_its_size(monkeypatch):
+    """compile='auto' compiles when the curvature targets hold at least AUTO_COMPILE_ELEMENTS
+    entries; Pair's two blocks ([W b] 4x5 each) hold 40."""
+    import gnfx.codegen
+
+    for threshold, compiled in ((40, True), (41, False)):
+        monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", threshold)
+        c = gnfx.compile(make(Pair), optimizer="kfac")
+        assert c.optimizer.update_function.compiled is compiled
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    counters.clear()
+    c = gnfx.compile(make(Pair), optimizer="rank1")  # the default, "auto", on a small model: eager
+    train(c, batches(3))
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.parametrize("optimizer", CURVATURE)
+def test_auto_runs_eagerly_when_compiling_fails_and_true_raises(monkeypatch, optimizer):
+    """A backend that fails (as inductor does without a working C++ compiler): 'auto' warns once and
+    steps exactly as compile=False does; compile=True raises, before any parameter changed."""
+    import gnfx.codegen
+
+    data = batches(4)
+    eager = make(Pair)
+    train(gnfx.compile(eager, optimizer=optimizer, stat_every=2, compile=False, **HP[optimizer]), data)
+    monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", 1)
+    monkeypatch.setattr(gnfx.codegen, "BACKEND", failing_backend)
+    torch._dynamo.reset()
+    fallback = make(Pair)
+    c = gnfx.compile(fallback, optimizer=optimizer, stat_every=2, **HP[optimizer])
+    assert c.optimizer.update_function.compiled
+    with pytest.warns(RuntimeWarning, match="compiling the update function failed.*runs it eagerly"):
+        train(c, data)
+    assert not c.optimizer.update_function.compiled
+    assert torch.equal(flat_params(fallback), flat_params(eager))
+
+    torch._dynamo.reset()
+    strict = make(Pair)
+    before = flat_params(strict)
+    c = gnfx.compile(strict, optimizer=optimizer, stat_every=2, compile=True, **HP[optimizer])
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="no working C"):
+        train(c, data[:1])
+    assert torch.equal(flat_params(strict), before)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -132,5 +132,4 @@ class CurvaturePreconditioner(Preconditioner):
             for pos, region, src in param_regions(piece):
                 p = self.opt.param(piece.target.params[pos])
                 view = (as_matrix(p, piece.target.view) if pos == 0 else p)[region]
-                view.mul_(decay)
-                view.sub_((lr[i] * m[i][src]).to(p.dtype))
+                view.mul_(decay).addcmul_(m[i][src], -lr[i])

@@ -28,7 +28,7 @@ def graft_direction(kind: str, G: torch.Tensor, state: dict, beta2: float, eps: 
     t.add_(1)
     v.mul_(beta2).addcmul_(G, G, value=1 - beta2)
     correction = (1 - beta2 ** t).view((-1,) + (1,) * (G.dim() - 1))
-    return G / ((v / correction).sqrt() + eps)
+    return G / (v / correction).sqrt_().add_(eps)
 
 
 def graft(P: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
