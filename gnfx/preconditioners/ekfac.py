@@ -28,7 +28,6 @@ import functools
 
 import torch
 
-from gnfx.preconditioners.curvature import FACTOR_DTYPES
 from gnfx.preconditioners.kfac import KFAC
 from gnfx.preconditioners.shampoo import mode_product
 from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
@@ -83,8 +82,8 @@ class EKFAC(KFAC):
 
     def _refresh_bases(self, state, values):
         """New Q_S (and Q_A) where due; s carried into them (module docstring)."""
-        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
         s = torch.stack([v["eigen_diag"] for v in values])
+        dtype = self.decomposition_dtype(s)
         any_changed = torch.zeros(len(values), dtype=torch.bool, device=s.device)
         for j, (factor, key) in enumerate((("S", "Q_S"), ("A", "Q_A"))):
             if key not in state:

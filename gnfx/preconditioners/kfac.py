@@ -23,7 +23,7 @@ import torch
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power
-from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams, root_method_hparam
+from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 
 
 # attention projections and their blocks of S per head (a fused qkv projection holds three)
@@ -98,7 +98,7 @@ class KFAC(CurvaturePreconditioner):
         ok_scale = (mean_a > 0) & (mean_s > 0)
         pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
         root = self.hp["damping"] ** 0.5
-        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
+        dtype = self.decomposition_dtype(S)
         if diagonal_A:
             A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
             ok_a = torch.isfinite(A_inv).all(1)

@@ -26,7 +26,7 @@ import torch
 from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power, newton_root_ok
 from gnfx.errors import ConfigError
-from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams, root_method_hparam
+from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
 
@@ -97,7 +97,6 @@ class Shampoo(CurvaturePreconditioner):
         return self.active and (step - start) % self.hp["precondition_frequency"] == 0
 
     def refresh(self):
-        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
         for group in self.groups:
             state = self.group_state(group)
             order = len(group.shape)
@@ -105,7 +104,7 @@ class Shampoo(CurvaturePreconditioner):
             for j in range(order if len(mine) else 0):
                 F = state[f"factor{j}"][mine]
                 root, ok = damped_inverse_power(F, F.new_full((len(mine),), self.hp["damping"]),
-                                                self.exponent(order), dtype, relative=True,
+                                                self.exponent(order), self.decomposition_dtype(F), relative=True,
                                                 method=self.hp["root_method"])
                 state[f"root{j}"][mine[ok]] = root[ok]
                 state["failures"][mine] += (~ok).long()

@@ -36,7 +36,7 @@ import torch
 
 from gnfx.hparams import choice, nonnegative
 from gnfx.linalg import decomposition_threads
-from gnfx.preconditioners.curvature import FACTOR_DTYPES, CurvaturePreconditioner, common_hparams
+from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.shampoo import Shampoo, mode_gram, mode_product
 
@@ -136,9 +136,9 @@ class SOAP(CurvaturePreconditioner):
         return step >= 1 and (step - 1) % self.hp["precondition_frequency"] == 0
 
     def refresh(self):
-        dtype = FACTOR_DTYPES[self.hp["decomposition_dtype"]]
         for group in self.groups:
             state = self.group_state(group)
+            dtype = self.decomposition_dtype(state["factor0"])
             qr = state["refreshes"] > 0 if self.hp["refresh"] == "qr" else None
             v = state["exp_avg_sq"]
             for j in range(len(group.shape)):
