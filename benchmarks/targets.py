@@ -1,7 +1,9 @@
 """The performance targets of gnfx, measured: `python -m benchmarks.targets [--repeats N]`.
 
 Per model (the digits MLP, CNN and character GPT of benchmarks/tasks.py, and MLPs of width 1024
-and 2048 on batches of 128), as medians over `repeats` interleaved measurements in one run:
+and 2048 on batches of 128), as medians of ratios of paired samples (one round measures every
+quantity once, interleaved; `repeats` rounds, plus PAIRS extra forward+backward pairs) in one run,
+everything at gnfx's defaults (compile="auto": the update is compiled for the two wide MLPs):
 
   no-stat fwd+bwd  instrumented forward+backward on a step that collects no statistics
                    / plain forward+backward (target <= 1.02)
@@ -34,6 +36,7 @@ from benchmarks.tasks import char_gpt, digits_cnn, digits_mlp
 
 RESULTS = Path(__file__).parent / "results"
 STAT_EVERY = gnfx.COMMON["stat_every"].default
+PAIRS = 30  # extra interleaved (plain, instrumented) forward+backward pairs per model
 
 
 def models():
@@ -72,6 +75,23 @@ def flop_bound(compiled, rows: dict) -> float:
     return 1 + extra / own
 
 
+def apply_flops(kfac) -> tuple[float, float]:
+    """(preconditioner products, forward+backward products) per step in FLOPs, from a K-FAC-compiled
+    model right after a statistic step's backward (R = the rows its taps saw): a block's step
+    S⁻¹ G A⁻¹ costs 2 (d_out² d_a + d_out d_a²) with d_a = d_in (+1 for a bias), the layer's own
+    products 6 R d_in d_out; an embedding's A is diagonal (its step 2 d_out² d_in) and its own
+    product a gather."""
+    apply = fwd_bwd = 0
+    for b in kfac.layers:
+        d_a = b.d_in + (1 if b.bias else 0)
+        if b.kind == "embedding":
+            apply += 2 * b.d_out ** 2 * b.d_in
+        else:
+            apply += 2 * (b.d_out ** 2 * d_a + b.d_out * d_a ** 2)
+            fwd_bwd += 6 * kfac.optimizer.statistics.blocks[b.name]._a_rows * b.d_in * b.d_out
+    return apply, fwd_bwd
+
+
 def measure(make, batch, loss_fn, repeats: int) -> dict:
     x, y = batch
     plain = make()
@@ -81,12 +101,14 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
     def fwd_bwd(module):
         return seconds(lambda: loss_fn(module(x), y).backward())
 
-    rows = {}
+    rows, flops = {}, {}
 
     def tapped(statistic_step: bool):
         kfac.optimizer.steps = 0 if statistic_step else 1
         t = fwd_bwd(kfac)
         rows.update({name: s._a_rows for name, s in kfac.optimizer.statistics.blocks.items() if s._a_rows})
+        if statistic_step:
+            flops["apply"], flops["fwd_bwd"] = apply_flops(kfac)
         kfac.optimizer.statistics.discard()
         kfac.optimizer.collected = False
         kfac.zero_grad()
@@ -114,9 +136,16 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
         zero()
         return t
 
-    samples = {k: [] for k in ("plain", "adamw", "nostat", "stat", *runs, "diag_step", *published)}
+    for c in runs.values():  # untimed: compiling (compile="auto"), and Shampoo's start at step 10
+        whole(c)
+        whole(c)
+    samples = {k: [] for k in ("plain", "nostat", "plain2", "stat", "adamw", *runs, "diag_step", *published)}
+
+    def fwd_bwd_pairs():  # plain before no-stat, plain again before stat
+        return {"plain": fwd_bwd(plain), "nostat": tapped(False), "plain2": fwd_bwd(plain), "stat": tapped(True)}
+
     for i in range(repeats + 1):
-        sample = {"plain": fwd_bwd(plain), "nostat": tapped(False), "stat": tapped(True)}
+        sample = fwd_bwd_pairs()
         sample["adamw"] = seconds(adamw.step)
         adamw.zero_grad()
         sample.update({name: whole(c) for name, c in runs.items()})
@@ -124,21 +153,36 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
         for key, trainer in published.items():
             if not isinstance(trainer, str):
                 sample[key] = step_only(trainer.step, trainer.zero_grad, trainer.module)
-        if i:  # the first round warms up
+        if i:  # the first round warms up the rest
             for k, v in sample.items():
                 samples[k].append(v)
+    # forward+backward ratios from PAIRS more interleaved pairs: a 2% target needs more samples
+    plain_rounds = list(samples["plain"])  # the rounds' own plain forward+backward, before the pairs
+    for _ in range(PAIRS):
+        for k, v in fwd_bwd_pairs().items():
+            samples[k].append(v)
+
+    def ratio(a, b):
+        """The median of a / b over paired samples (zip stops at the shorter list)."""
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+    base = [p + a for p, a in zip(plain_rounds, samples["adamw"])]  # plain fwd+bwd + AdamW step
     med = {k: statistics.median(v) for k, v in samples.items() if v}
-    base = med["plain"] + med["adamw"]
-    # shampoo's step alone, from its whole step minus its forward+backward (the plain one)
-    shampoo_step = med["shampoo"] - med["plain"]
     row = {
         "plain_ms": 1e3 * med["plain"], "adamw_step_ms": 1e3 * med["adamw"],
-        "nostat_ratio": med["nostat"] / med["plain"],
-        "stat_ratio": med["stat"] / med["plain"], "flop_bound": flop_bound(kfac, rows),
-        "whole_step": {name: med[name] / base for name in runs},
-        "diag_vs_adamw": med["diag_step"] / med["adamw"],
-        "shampoo_vs_published": {key: (shampoo_step / med[key] if key in med else trainer)
+        "nostat_ratio": ratio("nostat", "plain"), "stat_ratio": ratio("stat", "plain2"),
+        "flop_bound": flop_bound(kfac, rows),
+        # K-FAC's and Shampoo's products per step (without refresh or AdamW's elementwise work) over the
+        # layers' own: the whole step's ratio if all products ran at the same speed
+        "apply_flop_bound": 1 + flops["apply"] / flops["fwd_bwd"],
+        "whole_step": {name: statistics.median(w / b for w, b in zip(samples[name], base)) for name in runs},
+        "diag_vs_adamw": ratio("diag_step", "adamw"),
+        # shampoo's step alone: its whole step minus the plain forward+backward of the same round
+        "shampoo_vs_published": {key: (statistics.median((w - p) / q for w, p, q in
+                                                         zip(samples["shampoo"], plain_rounds, samples[key]))
+                                       if samples.get(key) else trainer)
                                  for key, trainer in published.items()},
+        "compiled_update": {name: c.optimizer.update_function.compiled for name, c in runs.items()},
     }
     row["stat_over_bound"] = row["stat_ratio"] / row["flop_bound"]
     return row
@@ -146,18 +190,23 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
 
 def markdown(rows: dict, repeats: int) -> str:
     lines = ["# gnfx performance targets", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over {repeats} interleaved "
-             f"rounds; defaults (stat_every={STAT_EVERY}). Targets: no-stat ≤ 1.02, stat/bound ≤ 1.15, whole step "
-             "≤ 1.10 (diag, rank1) and ≤ 1.25 (kfac, shampoo), diag/AdamW ≤ 1.1, shampoo/published ≤ 0.8.", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of paired ratios over {repeats} "
+             f"interleaved rounds (forward+backward: {repeats + PAIRS} pairs); gnfx defaults (stat_every={STAT_EVERY}, "
+             "compile='auto'). Targets: no-stat ≤ 1.02, stat/bound ≤ 1.15, whole step ≤ 1.10 (diag, rank1) and "
+             "≤ 1.25 (kfac, shampoo), diag/AdamW ≤ 1.1, shampoo/published ≤ 0.8. \"products bound\": 1 + K-FAC's "
+             "(and Shampoo's) per-step products 2Σ(d_out² d_a + d_out d_a²) over the layers' own 6Σ R d_in d_out, "
+             "the whole step's ratio if every product ran at the layers' speed, before refresh and elementwise work. "
+             "Where the time goes: profile.md.", "",
              "| model | plain fwd+bwd ms | no-stat fwd+bwd | stat fwd+bwd (bound) | stat / bound "
-             "| whole step diag | rank1 | kfac | shampoo | diag / AdamW | shampoo / po_shampoo | shampoo / hb_kl_shampoo |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| whole step diag | rank1 | kfac | shampoo | products bound | diag / AdamW | shampoo / po_shampoo "
+             "| shampoo / hb_kl_shampoo |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         w, p = r["whole_step"], r["shampoo_vs_published"]
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else "n/a"  # noqa: E731
         lines.append(f"| {name} | {r['plain_ms']:.2f} | {r['nostat_ratio']:.3f} | {r['stat_ratio']:.2f} "
                      f"({r['flop_bound']:.2f}) | {r['stat_over_bound']:.2f} | {w['diag']:.2f} | {w['rank1']:.2f} "
-                     f"| {w['kfac']:.2f} | {w['shampoo']:.2f} | {r['diag_vs_adamw']:.2f} "
+                     f"| {w['kfac']:.2f} | {w['shampoo']:.2f} | {r['apply_flop_bound']:.2f} | {r['diag_vs_adamw']:.2f} "
                      f"| {fmt(p.get('po_shampoo'))} | {fmt(p.get('hb_kl_shampoo'))} |")
     return "\n".join(lines) + "\n"
 

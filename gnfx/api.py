@@ -33,8 +33,10 @@ COMMON = {
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
                           "partitioned", ("partitioned", "replicated", "off")),
-    "nan_policy": choice("a step with a non-finite gradient or statistic: skipped with a warning, or raise",
-                         "skip", ("skip", "raise")),
+    "nan_policy": choice("a step with a non-finite gradient or statistic: skipped with a warning, or raise; "
+                         "'off' checks nothing (no host synchronization per step, no pass over the "
+                         "gradients; non-finite values reach the parameters, as with torch.optim)",
+                         "skip", ("skip", "raise", "off")),
     # "auto": compile when the curvature targets hold at least codegen.AUTO_COMPILE_ELEMENTS
     # entries, where the step's elementwise work (grafting, momentum, decay) dominates and fusing it
     # pays (rank1 at width 1024: 24 ms eager, 5 ms compiled); below that, compiling costs 7-20 s once

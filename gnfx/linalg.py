@@ -1,13 +1,16 @@
 """Batched symmetric matrix functions for the amortized refresh.
 
 `damped_inverse_power(F, damping, p)` returns `(F + λ I)^{-p}` for a stack of symmetric positive
-semi-definite matrices, by one of two methods:
+semi-definite matrices, by one of three methods:
 
-  "eigh"    one symmetric eigendecomposition `F = Q diag(d) Qᵀ` (eigenvalues clamped at 0
-            against round-off): `Q diag((d + λ)^{-p}) Qᵀ`;
-  "newton"  the coupled Newton iteration for the inverse r-th root, r = 1/p an integer
-            (`newton_inverse_root`): matrix products only, which a GPU or torch.compile runs far
-            faster than an eigendecomposition.
+  "eigh"      one symmetric eigendecomposition `F = Q diag(d) Qᵀ` (eigenvalues clamped at 0
+              against round-off): `Q diag((d + λ)^{-p}) Qᵀ`;
+  "cholesky"  p = 1 only: `F + λI = L Lᵀ`, inverted from L (n³/3 + 2n³/3 FLOPs, no iteration:
+              several times faster than eigh on a CPU); a matrix that is not numerically positive
+              definite falls back to "eigh";
+  "newton"    the coupled Newton iteration for the inverse r-th root, r = 1/p an integer
+              (`newton_inverse_root`): matrix products only, which a GPU or torch.compile runs far
+              faster than an eigendecomposition.
 
 A decomposition that fails or yields non-finite values (or an iteration that does not converge)
 is reported per matrix, so that the caller keeps its last good result.
@@ -27,7 +30,7 @@ import contextlib
 import torch
 
 MULTITHREAD_FROM = 512
-METHODS = ("eigh", "newton")
+METHODS = ("eigh", "newton", "cholesky")
 
 
 @contextlib.contextmanager
@@ -97,6 +100,14 @@ def newton_inverse_root(A: torch.Tensor, r: int, max_iterations: int = 100):
 
 def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool, method: str) -> torch.Tensor:
     n = F.shape[-1]
+    if method == "cholesky":
+        with decomposition_threads(F.device, n):
+            L, info = torch.linalg.cholesky_ex(F + damping.view(-1, 1, 1) * torch.eye(n, dtype=F.dtype, device=F.device))
+            out = torch.cholesky_inverse(L)
+        failed = info != 0
+        if failed.any():  # F + λI not numerically positive definite: the eigendecomposition clamps F at 0
+            out[failed] = _power(F[failed], damping[failed], p, relative, "eigh")
+        return out
     if method == "newton":
         if relative:
             damping = (damping * _largest_eigenvalue(F)).clamp(min=torch.finfo(F.dtype).tiny)
@@ -112,9 +123,14 @@ def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool, met
     return (Q * d.unsqueeze(-2)) @ Q.transpose(-1, -2)
 
 
-def newton_root_ok(p: float) -> bool:
-    """Whether the "newton" method computes F^{-p}: 1/p must be an integer."""
-    return abs(1 / p - round(1 / p)) < 1e-9
+def method_computes(method: str, p: float, relative: bool) -> bool:
+    """Whether `method` computes (F + λI)^{-p}: "newton" needs 1/p an integer, "cholesky" p = 1 and
+    an absolute λ."""
+    if method == "newton":
+        return abs(1 / p - round(1 / p)) < 1e-9
+    if method == "cholesky":
+        return p == 1 and not relative
+    return True
 
 
 def isolated(fn, k: int, failed):
@@ -149,8 +165,8 @@ def eigh(M: torch.Tensor):
 def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype,
                          relative: bool = False, method: str = "eigh"):
     """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype` by
-    `method` ("eigh", or "newton" where 1/p is an integer); with `relative`, λ_i is `damping` times
-    the largest eigenvalue of F_i.
+    `method` (see the module docstring and `method_computes`); with `relative`, λ_i is `damping`
+    times the largest eigenvalue of F_i.
 
     Returns (result in F's dtype, ok) where `ok` is a (k,) bool tensor: False where the
     decomposition failed or produced non-finite values (that entry of the result is undefined).

@@ -105,7 +105,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.collected = False
         if batches and self.comm is not None:
             batches = self.comm.average_statistics(batches, self.statistics.examples())
-        problem = self._non_finite(batches)
+        problem = self._non_finite(batches) if self.nan_policy != "off" else ""
         if problem:
             self.statistics.discard()
             self.skipped_steps += 1

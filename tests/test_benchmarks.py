@@ -100,3 +100,21 @@ def test_targets_measure_every_ratio_on_a_tiny_model(tmp_path):
     assert row["flop_bound"] == pytest.approx(1 + (8 * 8 + 8 * 8 + 8 * 8 + 4 * 4) / (3 * (8 * 8 + 8 * 4)))
     text = targets.markdown({"tiny": row}, repeats=1)
     assert "| tiny |" in text and "stat / bound" in text
+
+
+def test_profile_tables_run_on_a_tiny_model():
+    """The profile's three tables run end to end on a tiny MLP (figures not asserted)."""
+    from benchmarks import profile
+    from benchmarks.models import mlp
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(16, 8, generator=g), torch.randint(4, (16,), generator=g)
+    make, loss = (lambda: mlp([8, 8, 4])), torch.nn.functional.cross_entropy
+    result = {"breakdown": {"tiny": profile.breakdown(make, batch, loss, rounds=1)},
+              "operators": {"tiny, kfac, refresh": profile.top_operators(make, batch, loss, "kfac", True)},
+              "refresh": profile.refresh_timings([8], runs=1), "runs": 1}
+    row = result["breakdown"]["tiny"]
+    assert set(profile.PRECONDITIONERS) <= set(row) and row["apply_gflop"] > 0
+    assert "cholesky" in result["operators"]["tiny, kfac, refresh"]  # the refresh step factorizes
+    text = profile.markdown(result)
+    assert text.count("| tiny |") == len(profile.PRECONDITIONERS) and "| 8 |" in text

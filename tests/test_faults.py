@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,21 @@ def test_nan_policy_raise_raises_floating_point_error_and_changes_nothing():
     assert_identical(without_skip_count(snapshot(c)), without_skip_count(snapshot(clean)))
 
 
+def test_nan_policy_off_checks_nothing_and_lets_the_non_finite_value_through():
+    """nan_policy='off': no check (and no host synchronization) per step; as with torch.optim, the
+    NaN reaches the parameters, and nothing is counted as skipped."""
+    data = batches(3)
+    c = make("kfac", nan_policy="off")
+    train(c, data[:1])
+    forward_backward(c, *data[1])
+    c.head.bias.grad[0] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no skip warning
+        c.step()
+    assert c.optimizer.skipped_steps == 0 and c.optimizer.steps == 2
+    assert torch.isnan(c.head.bias).any()
+
+
 # ----------------------------------------------------------------------------- a non-finite statistic
 
 
@@ -198,12 +214,21 @@ def broken_eigh(mode):
     return eigh
 
 
+def broken_cholesky(mode):
+    """K-FAC's default refresh: a failing factorization ("raise"), or NaN factors ("nan")."""
+    def cholesky_ex(A, *args, **kwargs):
+        if mode == "raise":
+            raise torch.linalg.LinAlgError("injected failure: cholesky")
+        return torch.full_like(A, math.nan), torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    return cholesky_ex
+
+
 @pytest.mark.parametrize("mode", ["raise", "nan"])
 @pytest.mark.parametrize("name", sorted(KEPT))
 def test_a_failed_decomposition_keeps_the_last_good_result_and_counts_it(name, mode, monkeypatch):
-    """On step 2 every eigendecomposition fails: each piece keeps its inverses/roots/bases of step
-    1 bit for bit, its "failures" count grows, the step still updates the parameters (finite);
-    step 3 refreshes normally again."""
+    """On step 2 every eigendecomposition (and Cholesky factorization) fails: each piece keeps its
+    inverses/roots/bases of step 1 bit for bit, its "failures" count grows, the step still updates
+    the parameters (finite); step 3 refreshes normally again."""
     c = make(name)
     data = batches(4)
     train(c, data[:2])
@@ -215,6 +240,7 @@ def test_a_failed_decomposition_keeps_the_last_good_result_and_counts_it(name, m
     forward_backward(c, *data[2])
     with monkeypatch.context() as patch:
         patch.setattr(torch.linalg, "eigh", broken_eigh(mode))
+        patch.setattr(torch.linalg, "cholesky_ex", broken_cholesky(mode))
         c.step()
     assert c.optimizer.skipped_steps == 0 and c.optimizer.steps == 3
     for g, s in pre.states().items():

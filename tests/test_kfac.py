@@ -128,12 +128,12 @@ def test_vec_convention_turns_the_factored_product_into_a_kronecker_product():
     torch.testing.assert_close(unvec(vec(X), X.shape), X)
 
 
-@pytest.mark.parametrize("root_method", ["eigh", "newton"])
+@pytest.mark.parametrize("root_method", ["cholesky", "eigh", "newton"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("widths", [(5, 4, 3), (5, 4, 4, 4, 3)], ids=["5-4-3", "5-4-4-4-3"])
 def test_one_step_equals_the_explicit_kronecker_solve(widths, bias, root_method):
     """After one statistic + refresh step: Δ[W b] = -η ((A+λ_A I) ⊗ (S+λ_S I))⁻¹ vec([∇W ∇b]),
-    with the inverses from eigendecompositions or from Newton–Schulz iterations.
+    with the inverses from Cholesky factorizations, eigendecompositions or Newton–Schulz iterations.
 
     The 5-4-4-4-3 network has two 4x4 layers, which gnfx stacks into one group."""
     model = make(widths=widths, bias=bias)

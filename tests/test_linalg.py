@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gnfx.linalg import (MULTITHREAD_FROM, damped_inverse_power, decomposition_threads, newton_inverse_root,
-                         newton_root_ok)
+from gnfx.linalg import (MULTITHREAD_FROM, damped_inverse_power, decomposition_threads, method_computes,
+                         newton_inverse_root)
 
 
 def spd_stack(k, n, condition, dtype=torch.float64, seed=0):
@@ -74,9 +74,27 @@ def test_an_iteration_that_does_not_converge_is_reported_and_becomes_a_failure()
     assert ok.tolist() == [True, False]
 
 
-def test_integer_inverse_exponents_are_the_ones_newton_computes():
-    assert newton_root_ok(1.0) and newton_root_ok(0.25) and newton_root_ok(1 / 6)
-    assert not newton_root_ok(0.3) and not newton_root_ok(2 / 3)
+def test_which_powers_each_method_computes():
+    assert all(method_computes("newton", p, True) for p in (1.0, 0.25, 1 / 6))
+    assert not method_computes("newton", 0.3, False) and not method_computes("newton", 2 / 3, False)
+    assert method_computes("cholesky", 1.0, False)
+    assert not method_computes("cholesky", 0.5, False) and not method_computes("cholesky", 1.0, True)
+    assert method_computes("eigh", 0.3, True)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_cholesky_inverse_equals_eigh_and_falls_back_where_not_positive_definite(dtype, tol):
+    """K-FAC's inverses by Cholesky equal the eigendecomposition's on PSD factors of half rank; a
+    matrix with a negative eigenvalue below -λ (no Cholesky factor) is computed by eigh instead."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 30, 15, generator=g, dtype=torch.float64)
+    F = (X @ X.transpose(1, 2) / 15).to(dtype)
+    F[2] -= 0.5 * torch.eye(30, dtype=dtype)  # indefinite: eigh clamps its eigenvalues at 0
+    lam = torch.full((3,), 1e-2, dtype=dtype)
+    by_eigh, ok_eigh = damped_inverse_power(F, lam, 1.0, dtype, method="eigh")
+    by_cholesky, ok_cholesky = damped_inverse_power(F, lam, 1.0, dtype, method="cholesky")
+    assert ok_eigh.all() and ok_cholesky.all()
+    torch.testing.assert_close(by_cholesky, by_eigh, rtol=tol, atol=tol * by_eigh.abs().amax().item())
 
 
 def test_small_decompositions_run_on_one_thread_and_large_ones_on_all():

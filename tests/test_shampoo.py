@@ -367,7 +367,7 @@ def test_float32_block_with_zero_gradient_at_the_first_statistic_keeps_finite_pa
 @pytest.mark.parametrize("name, value", [("exponent", 0), ("exponent", 2), ("exponent", -0.5),
                                          ("exponent", "sqrt"), ("graft", "x"), ("max_block", 0),
                                          ("precondition_frequency", 0), ("start_preconditioning_step", -1),
-                                         ("root_method", "svd")])
+                                         ("root_method", "svd"), ("root_method", "cholesky")])
 def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
     with pytest.raises(gnfx.ConfigError, match=rf"\b{name}={value!r}"):
         gnfx.compile(make(), optimizer="shampoo", **{name: value})

@@ -27,9 +27,10 @@ from gnfx.targets import as_matrix, block_target, make_groups, param_regions, pa
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def root_method_hparam():
-    return choice("how the refresh computes damped inverse roots: 'eigh' (eigendecomposition) or 'newton' "
-                  "(coupled Newton iteration, matrix products only; pays on GPUs, see gnfx.linalg)", "eigh", METHODS)
+def root_method_hparam(default: str, methods=METHODS):
+    return choice("how the refresh computes damped inverse roots: 'eigh' (eigendecomposition), 'cholesky' "
+                  "(K-FAC's inverses only) or 'newton' (coupled Newton iteration, matrix products only; pays "
+                  "on GPUs); see gnfx.linalg", default, methods)
 
 
 def common_hparams() -> dict:

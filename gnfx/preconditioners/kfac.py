@@ -3,8 +3,9 @@
 Factored Tikhonov damping (Martens & Grosse 2015, §6.3): with damping λ and
 `π = sqrt((tr A / dim A) / (tr S / dim S))`, `λ_A = π √λ` and `λ_S = √λ / π`, so that
 `(A + λ_A I) ⊗ (S + λ_S I)` is close to `A ⊗ S + λ I` whatever the factors' relative scale.
-The damped inverses are refreshed every `inv_every` steps, from eigendecompositions or, with
-`root_method="newton"`, by Newton–Schulz iterations (matrix products only; gnfx.linalg).
+The damped inverses are refreshed every `inv_every` steps, from Cholesky factorizations (the
+default), eigendecompositions (`root_method="eigh"`) or Newton–Schulz iterations
+(`root_method="newton"`, matrix products only); see gnfx.linalg.
 
 Per-head blocks (`attention_blocks="head"`, `heads=h`): for the q/k/v projections that feed
 attention (their `role`), S is restricted to its h diagonal blocks of d_out/h outputs each (3h for
@@ -36,7 +37,9 @@ class KFAC(CurvaturePreconditioner):
         **common_hparams(),
         "damping": positive("Tikhonov damping λ, split between A and S by the π correction", 1e-3),
         "inv_every": positive_int("recompute the damped inverses every inv_every steps", 10),
-        "root_method": root_method_hparam(),
+        # Cholesky by default: K-FAC needs plain inverses, and they cost a fraction of an eigh
+        # (benchmarks/results/profile.md)
+        "root_method": root_method_hparam("cholesky"),
         "kl_clip": nonnegative("KL clipping κ of the step; 0 disables it", 1e-3),
         "attention_blocks": choice("S of attention q/k/v projections: one block per layer, or per head",
                                    "layer", ("layer", "head")),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
-from gnfx.linalg import damped_inverse_power, newton_root_ok
+from gnfx.linalg import damped_inverse_power, method_computes
 from gnfx.errors import ConfigError
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
@@ -60,7 +60,7 @@ class Shampoo(CurvaturePreconditioner):
         "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
         "start_preconditioning_step": nonnegative_int("steps that use the grafted direction alone", 10),
         "precondition_frequency": positive_int("recompute inverse roots every so many steps", 10),
-        "root_method": root_method_hparam(),
+        "root_method": root_method_hparam("eigh", ("eigh", "newton")),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
     }
@@ -69,7 +69,7 @@ class Shampoo(CurvaturePreconditioner):
         super().__init__(hp, blocks, params, optimizer)
         if hp["root_method"] == "newton":
             for group in self.groups:
-                if not newton_root_ok(self.exponent(len(group.shape))):
+                if not method_computes("newton", self.exponent(len(group.shape)), relative=True):
                     raise ConfigError(f"root_method='newton' computes F^(-1/r) for integer r; exponent="
                                       f"{hp['exponent']!r} gives {self.exponent(len(group.shape)):g} for the order-"
                                       f"{len(group.shape)} tensors of {group.key!r}: use root_method='eigh'")

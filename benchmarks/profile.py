@@ -1,0 +1,172 @@
+"""Where a gnfx step spends its time: `python -m benchmarks.profile [--models ...] [--runs N]`.
+
+Three tables, written to `<out>/profile.md` (and `profile.json`), on the models of
+benchmarks/targets.py at gnfx's defaults:
+
+1. Step breakdown per model and preconditioner: medians (ms) of the forward+backward and of
+   `model.step()` on plain steps and on statistic steps (which also refresh, at the defaults),
+   their average over `stat_every` steps against plain fwd+bwd + AdamW, and the FLOP model of
+   one step's preconditioner products, Σ_blocks 2 (d_out² d_a + d_out d_a²), against the
+   forward+backward's Σ 6 R d_a d_out (R rows).
+2. torch.profiler's top operators of one plain step and one refresh step (the widest model).
+3. The refresh's decompositions alone, for one n x n factor: its eigendecomposition (float32 and
+   float64, on one thread and on all) and (F + λI)^{-1} by the coupled Newton iteration
+   (gnfx.linalg), min and median of `runs` runs each, since the CPU's timings vary from run to run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import gnfx
+from benchmarks.targets import RESULTS, STAT_EVERY, apply_flops, models, seconds
+from gnfx.linalg import newton_inverse_root
+
+PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo")
+SIZES = (128, 256, 512, 1024, 2048)
+
+
+WARM_WINDOWS = 2  # untimed windows of stat_every steps: compiling, and Shampoo's start at step 10
+
+
+def breakdown(make, batch, loss_fn, rounds: int) -> dict:
+    x, y = batch
+    plain = make()
+    adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=True)
+    base = []
+    for i in range(STAT_EVERY * (rounds + 1)):
+        t = seconds(lambda: loss_fn(plain(x), y).backward())
+        base.append(t + seconds(adamw.step))
+        adamw.zero_grad()
+    out = {"base_ms": 1e3 * statistics.median(base[STAT_EVERY:])}
+    for name in PRECONDITIONERS:
+        c = gnfx.compile(make(), name, lr=1e-4)
+        times = {"plain": [], "stat": []}
+        for i in range(STAT_EVERY * (rounds + WARM_WINDOWS)):
+            kind = "stat" if c.optimizer.statistic_step else "plain"
+            fb = seconds(lambda: loss_fn(c(x), y).backward())
+            if kind == "stat" and name == "kfac":
+                out["apply_gflop"], out["fwd_bwd_gflop"] = (f / 1e9 for f in apply_flops(c))
+            step = seconds(c.step)
+            c.zero_grad()
+            if i >= STAT_EVERY * WARM_WINDOWS:
+                times[kind].append((fb, step))
+        med = {k: (1e3 * statistics.median(f for f, _ in v), 1e3 * statistics.median(s for _, s in v))
+               for k, v in times.items()}
+        average = ((STAT_EVERY - 1) * sum(med["plain"]) + sum(med["stat"])) / STAT_EVERY
+        out[name] = {"plain_fwd_bwd_ms": med["plain"][0], "plain_step_ms": med["plain"][1],
+                     "stat_fwd_bwd_ms": med["stat"][0], "stat_step_ms": med["stat"][1],
+                     "average_ms": average, "ratio": average / out["base_ms"],
+                     "compiled_update": c.optimizer.update_function.compiled}
+    return out
+
+
+def top_operators(make, batch, loss_fn, name: str, refresh: bool, rows: int = 8) -> str:
+    """torch.profiler's table of one step of `name` (a refresh step or a plain one)."""
+    x, y = batch
+    c = gnfx.compile(make(), name, lr=1e-4)
+    for _ in range(2 * STAT_EVERY + (0 if refresh else 1)):  # warm; stop before a refresh or a plain step
+        loss_fn(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+    loss_fn(c(x), y).backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        c.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def refresh_timings(sizes, runs: int) -> list[dict]:
+    threads = torch.get_num_threads()
+    out = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(n)
+        X = torch.randn(1, n, 2 * n, generator=g, dtype=torch.float64)
+        F64 = X @ X.transpose(1, 2) / (2 * n)
+        lam = torch.full((1,), 1e-3, dtype=torch.float64)
+        for method, dtype, nthreads in [("eigh", torch.float32, 1), ("eigh", torch.float32, threads),
+                                        ("eigh", torch.float64, 1), ("eigh", torch.float64, threads),
+                                        ("newton", torch.float32, threads)]:
+            torch.set_num_threads(nthreads)
+            F = F64.to(dtype)
+            if method == "eigh":
+                fn = lambda F=F: torch.linalg.eigh(F)  # noqa: E731
+            else:
+                fn = lambda F=F: newton_inverse_root(F + lam.to(dtype) * torch.eye(n, dtype=dtype), 1)  # noqa: E731
+            fn()
+            times = [seconds(fn) for _ in range(runs)]
+            out.append({"n": n, "method": method, "dtype": str(dtype).replace("torch.", ""), "threads": nthreads,
+                        "min_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)})
+        torch.set_num_threads(threads)
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Where the time goes", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, gnfx defaults (stat_every={STAT_EVERY}, "
+             "compile='auto'). `python -m benchmarks.profile`.", "",
+             "## 1. Step breakdown (median ms)", "",
+             "Average = (9 plain steps + 1 statistic step) / 10, each fwd+bwd + step; ratio = average / (plain "
+             "fwd+bwd + AdamW step). Apply = the preconditioner's products per step, 2(d_out² d_a + d_out d_a²) per "
+             "block, against the layers' own 6 R d_in d_out.", "",
+             "| model | base ms | optimizer | compiled | plain step: fwd+bwd / step | stat step: fwd+bwd / step "
+             "| average | ratio | apply / fwd+bwd GFLOP |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, r in result["breakdown"].items():
+        for name in PRECONDITIONERS:
+            e = r[name]
+            flops = f"{r['apply_gflop']:.2f} / {r['fwd_bwd_gflop']:.2f}" if name in ("kfac", "shampoo") else ""
+            lines.append(f"| {model} | {r['base_ms']:.2f} | {name} | {'yes' if e['compiled_update'] else 'no'} "
+                         f"| {e['plain_fwd_bwd_ms']:.2f} / {e['plain_step_ms']:.2f} "
+                         f"| {e['stat_fwd_bwd_ms']:.2f} / {e['stat_step_ms']:.1f} | {e['average_ms']:.2f} "
+                         f"| {e['ratio']:.2f} | {flops} |")
+    lines += ["", "## 2. Top operators (torch.profiler, self CPU time)", ""]
+    for title, table in result["operators"].items():
+        lines += [f"### {title}", "", "```", table.strip(), "```", ""]
+    columns = sorted({(e["method"], e["dtype"], e["threads"]) for e in result["refresh"]})
+    lines += ["## 3. The refresh's decompositions of one n x n factor (ms, min / median of "
+              f"{result['runs']} runs)", "",
+              "| n | " + " | ".join(f"{m} {d} {t}T" for m, d, t in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    by_n = {}
+    for e in result["refresh"]:
+        by_n.setdefault(e["n"], {})[(e["method"], e["dtype"], e["threads"])] = e
+    for n, cells in by_n.items():
+        lines.append(f"| {n} | " + " | ".join(f"{cells[c]['min_ms']:.1f} / {cells[c]['median_ms']:.1f}"
+                                              for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of: mlp (digits), cnn, gpt, mlp1024, mlp2048")
+    parser.add_argument("--rounds", type=int, default=3, help="windows of stat_every steps per preconditioner")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each decomposition")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    chosen = [m for m in models() if not args.models or any(k in m[0] for k in args.models)]
+    result = {"breakdown": {}, "operators": {}, "runs": args.runs}
+    for name, make, batch, loss_fn in chosen:
+        result["breakdown"][name] = breakdown(make, batch, loss_fn, args.rounds)
+        print(name, json.dumps(result["breakdown"][name]), flush=True)
+    widest, make, batch, loss_fn = chosen[-1]
+    for pre in ("kfac", "shampoo", "rank1"):
+        for refresh in (False, True):
+            title = f"{widest}, {pre}, {'statistic + refresh' if refresh else 'plain'} step"
+            result["operators"][title] = top_operators(make, batch, loss_fn, pre, refresh)
+    result["refresh"] = refresh_timings(args.sizes, args.runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "profile.md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
