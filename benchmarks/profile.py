@@ -10,8 +10,9 @@ benchmarks/targets.py at gnfx's defaults:
    forward+backward's Σ 6 R d_a d_out (R rows).
 2. torch.profiler's top operators of one plain step and one refresh step (the widest model).
 3. The refresh's decompositions alone, for one n x n factor: its eigendecomposition (float32 and
-   float64, on one thread and on all) and (F + λI)^{-1} by the coupled Newton iteration
-   (gnfx.linalg), min and median of `runs` runs each, since the CPU's timings vary from run to run.
+   float64, on one thread and on all), and (F + λI)^{-1} by Cholesky and by the coupled Newton
+   iteration (gnfx.linalg), min and median of `runs` runs each, since the CPU's timings vary from
+   run to run.
 """
 from __future__ import annotations
 
@@ -91,11 +92,13 @@ def refresh_timings(sizes, runs: int) -> list[dict]:
         lam = torch.full((1,), 1e-3, dtype=torch.float64)
         for method, dtype, nthreads in [("eigh", torch.float32, 1), ("eigh", torch.float32, threads),
                                         ("eigh", torch.float64, 1), ("eigh", torch.float64, threads),
-                                        ("newton", torch.float32, threads)]:
+                                        ("cholesky", torch.float32, threads), ("newton", torch.float32, threads)]:
             torch.set_num_threads(nthreads)
             F = F64.to(dtype)
             if method == "eigh":
                 fn = lambda F=F: torch.linalg.eigh(F)  # noqa: E731
+            elif method == "cholesky":
+                fn = lambda F=F: torch.cholesky_inverse(torch.linalg.cholesky_ex(F + lam.to(dtype) * torch.eye(n, dtype=dtype))[0])  # noqa: E731
             else:
                 fn = lambda F=F: newton_inverse_root(F + lam.to(dtype) * torch.eye(n, dtype=dtype), 1)  # noqa: E731
             fn()
