@@ -36,8 +36,9 @@ parameter entry (the reference of the compute budget). Per block:
                  A and S have B rows after a sum over positions), their moving averages, and the
                  curvature the preconditioner updates from the gradient (Shampoo's Gram matrices
                  2n·Σ_j d_j, rank-k's QR of an n x (k+1) matrix)
-    refresh      per refresh: the amortized decompositions (K-FAC: eigendecompositions and
-                 inverse-power reconstructions, 11d³ per factor)
+    refresh      per refresh: the amortized decompositions (K-FAC: a Cholesky inverse, d³ per
+                 factor, or with root_method="eigh" an eigendecomposition and the inverse-power
+                 reconstruction, 11d³; "newton": an estimate, NEWTON_ITERATIONS iterations)
     update       per step: the preconditioned direction (K-FAC/Shampoo: 2n·(d_out + d_a)),
                  grafting, momentum, weight decay and the step (5 per entry)
     flops        amortized per step: statistics / stat_every + refresh / interval + update
@@ -61,6 +62,10 @@ FACTOR, PARAM, INT64 = "factor", "param", "int64"  # storage of a state tensor (
 
 ADAMW = 10  # FLOPs per parameter entry of an AdamW step
 EIGH = 9  # d³ coefficient of a symmetric eigendecomposition with eigenvectors
+CHOLESKY = 1  # d³ coefficient of (F + λI)⁻¹ by Cholesky: the factor d³/3, the inverse from it 2d³/3
+# coupled Newton iterations until convergence, an estimate (they stop on convergence; 13-22 for
+# condition numbers 1e3-1e6, gnfx.linalg): the only figure of the cost model that is not exact
+NEWTON_ITERATIONS = 20
 TAIL = 5  # momentum m ← μm + U (2), decay θ(1 - ηλ) (1), step θ - ηm (2), per entry
 EMA = 4  # normalize a batch statistic, F ← βF + (1-β)F_batch, per entry
 GRAFT = {"adam": 7, "adagrad": 5, "none": 0}  # the grafted direction, per entry
@@ -77,9 +82,21 @@ def qr_flops(m, p):
     return 4 * m * p ** 2 - sp.Rational(4, 3) * p ** 3
 
 
-def inverse_power_flops(d):
-    """`(F + λI)^{-p}` from one eigendecomposition: Q diag((d + λ)^{-p}) Qᵀ."""
-    return (EIGH + 2) * d ** 3 + d ** 2
+def inverse_power_coefficient(method: str, r: int = 1) -> int:
+    """The d³ coefficient of `(F + λI)^{-1/r}` by `method` (gnfx.linalg): eigh and the
+    reconstruction Q diag((d + λ)^{-p}) Qᵀ; Cholesky (r = 1); or NEWTON_ITERATIONS iterations of
+    the coupled Newton iteration, each X T, T^r (by squaring) and T^r M."""
+    if method == "cholesky":
+        return CHOLESKY
+    if method == "newton":
+        products = 2 + (r.bit_length() - 1) + (bin(r).count("1") - 1)
+        return NEWTON_ITERATIONS * 2 * products
+    return EIGH + 2
+
+
+def inverse_power_flops(d, method: str = "eigh", r: int = 1):
+    """`(F + λI)^{-1/r}` of one d x d factor (the damped diagonal adds d²)."""
+    return inverse_power_coefficient(method, r) * d ** 3 + d ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +208,8 @@ def kfac_parts(g, hp, at) -> Parts:
     return Parts(
         {"A_inv": (d_a if diagonal_A else d_a ** 2, FACTOR), "S_inv": (d_o ** 2, FACTOR),
          "failures": (1, INT64), "momentum": (n, FACTOR)},
-        refresh=(2 * d_a if diagonal_A else inverse_power_flops(d_a)) + inverse_power_flops(d_o),
+        refresh=((2 * d_a if diagonal_A else inverse_power_flops(d_a, hp["root_method"]))
+                 + inverse_power_flops(d_o, hp["root_method"])),
         every=at["inv_every"],
         update=2 * n * d_o + (DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + _kl_clip(hp, n) + TAIL * n)
 
@@ -219,10 +237,13 @@ def shampoo_parts(g, hp, at) -> Parts:
     n, pieces = g.numel, g.pieces(b)
     state = {"failures": (pieces, INT64), "graft_v": (n, FACTOR), "graft_t": (pieces, FACTOR)}
     factors = refresh = 0
+    p = 1 / (2 * len(g.dims)) if hp["exponent"] == "paper" else hp["exponent"]
+    root = round(1 / p)  # r of F^{-1/r}, for root_method="newton" (which requires it to be an integer)
     for j, m in enumerate(g.modes(b)):
         state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, FACTOR)
         factors += m.count * m.squares
-        refresh += m.count * ((EIGH + 2) * m.cubes + m.squares)  # inverse_power_flops over the blocks
+        # inverse_power_flops over the blocks
+        refresh += m.count * (inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
     state["momentum"] = (n, FACTOR)
     gram = _mode_products(g, b)
     return Parts(state, statistics=gram + EMA * factors, refresh=refresh, every=at["precondition_frequency"],

@@ -98,11 +98,18 @@ def newton_inverse_root(A: torch.Tensor, r: int, max_iterations: int = 100):
     return X, converged
 
 
+def _damped(F: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
+    """F_i + λ_i I for each matrix of the stack (a copy of F with λ added to its diagonal)."""
+    M = F.clone()
+    M.diagonal(dim1=-2, dim2=-1).add_(damping.unsqueeze(-1))
+    return M
+
+
 def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool, method: str) -> torch.Tensor:
     n = F.shape[-1]
     if method == "cholesky":
         with decomposition_threads(F.device, n):
-            L, info = torch.linalg.cholesky_ex(F + damping.view(-1, 1, 1) * torch.eye(n, dtype=F.dtype, device=F.device))
+            L, info = torch.linalg.cholesky_ex(_damped(F, damping))
             out = torch.cholesky_inverse(L)
         failed = info != 0
         if failed.any():  # F + λI not numerically positive definite: the eigendecomposition clamps F at 0
@@ -111,8 +118,7 @@ def _power(F: torch.Tensor, damping: torch.Tensor, p: float, relative: bool, met
     if method == "newton":
         if relative:
             damping = (damping * _largest_eigenvalue(F)).clamp(min=torch.finfo(F.dtype).tiny)
-        X, converged = newton_inverse_root(F + damping.view(-1, 1, 1) * torch.eye(n, dtype=F.dtype, device=F.device),
-                                           round(1 / p))
+        X, converged = newton_inverse_root(_damped(F, damping), round(1 / p))
         return X.masked_fill(~converged.view(-1, 1, 1), float("nan"))
     with decomposition_threads(F.device, n):
         d, Q = torch.linalg.eigh(F)
@@ -177,5 +183,6 @@ def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype
     out = out.to(F.dtype)
     # finite in F's dtype (a root that overflows float32 is a failure too), and from a factor that
     # holds statistics (an all-zero factor has none yet: its damped root would be λ^{-p} I)
-    ok = torch.isfinite(out).flatten(1).all(1) & (F.flatten(1).abs().amax(1) > 0)
+    low, high = torch.aminmax(F.flatten(1), dim=1)
+    ok = torch.isfinite(out).flatten(1).all(1) & ((low != 0) | (high != 0))
     return out, ok

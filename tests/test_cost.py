@@ -212,6 +212,22 @@ def test_formulas_reproduce_the_seed_complexity_table():
     assert sp.expand(kfac.statistics_flops).coeff(S["B"] * S["R"] * d_out ** 2) == 2
 
 
+def test_refresh_flops_follow_the_root_method():
+    """K-FAC's refresh per factor: Cholesky d³ (+ d² for the damping), eigh 11d³, Newton an
+    estimate of NEWTON_ITERATIONS iterations of two products (r = 1); Shampoo's "paper" root of a
+    matrix (r = 4) takes four products per iteration."""
+    d_a = d_in + 1
+    for method, coefficient in (("cholesky", 1), ("eigh", 11), ("newton", 4 * cost.NEWTON_ITERATIONS)):
+        kfac = symbolic("kfac", needs=frozenset({"A", "S"}), root_method=method)
+        expected = coefficient * (d_a ** 3 + d_out ** 3) + d_a ** 2 + d_out ** 2
+        assert sp.expand(kfac.refresh_flops - expected) == 0, method
+    unblocked = {S["max_block"]: d_in + d_out + 1}
+    for method, coefficient in (("eigh", 11), ("newton", 8 * cost.NEWTON_ITERATIONS)):
+        shampoo = symbolic("shampoo", root_method=method)
+        expected = coefficient * (d_a ** 3 + d_out ** 3) + d_a ** 2 + d_out ** 2
+        assert sp.expand(shampoo.refresh_flops.subs(unblocked) - expected) == 0, method
+
+
 def test_cost_table_totals_and_formulas_for_larger_sizes():
     c = train("kfac")
     report = c.cost(batch_size=32, positions=4)
