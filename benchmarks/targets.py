@@ -200,7 +200,7 @@ def markdown(rows: dict, repeats: int) -> str:
              "≤ 1.25 (kfac, shampoo), diag/AdamW ≤ 1.1, shampoo/published ≤ 0.8. \"products bound\": 1 + K-FAC's "
              "(and Shampoo's) per-step products 2Σ(d_out² d_a + d_out d_a²) over the layers' own 6Σ R d_in d_out, "
              "the whole step's ratio if every product ran at the layers' speed, before refresh and elementwise work. "
-             "Where the time goes: profile.md.", "",
+             "Where the time goes: profile.md; the targets discussed: performance.md.", "",
              "| model | plain fwd+bwd ms | no-stat fwd+bwd | stat fwd+bwd (bound) | stat / bound "
              "| whole step diag | rank1 | kfac | shampoo | products bound | diag / AdamW | shampoo / po_shampoo "
              "| shampoo / hb_kl_shampoo |",
