@@ -177,6 +177,9 @@ def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype
     Returns (result in F's dtype, ok) where `ok` is a (k,) bool tensor: False where the
     decomposition failed or produced non-finite values (that entry of the result is undefined).
     """
+    if not method_computes(method, p, relative):
+        raise ValueError(f"method {method!r} does not compute (F + λI)^(-{p:g}) with {'relative' if relative else 'absolute'} "
+                         f"damping (see gnfx.linalg.method_computes)")
     F64, lam = F.to(dtype), damping.to(dtype)
     out = isolated(lambda i: _power(F64[i], lam[i], p, relative, method), F.shape[0],
                    lambda: torch.full_like(F64[:1], float("nan")))

@@ -80,6 +80,9 @@ def test_which_powers_each_method_computes():
     assert method_computes("cholesky", 1.0, False)
     assert not method_computes("cholesky", 0.5, False) and not method_computes("cholesky", 1.0, True)
     assert method_computes("eigh", 0.3, True)
+    F = torch.eye(3).expand(1, 3, 3)
+    with pytest.raises(ValueError, match="'cholesky' does not compute"):
+        damped_inverse_power(F, torch.ones(1), 0.25, torch.float32, relative=True, method="cholesky")
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
