@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gnfx
-from benchmarks.targets import RESULTS, STAT_EVERY, apply_flops, models, seconds
+from benchmarks.targets import RESULTS, STAT_EVERY, models, products, seconds, statistic_rows
 from gnfx.linalg import newton_inverse_root
 
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo")
@@ -52,8 +52,9 @@ def breakdown(make, batch, loss_fn, rounds: int) -> dict:
         for i in range(STAT_EVERY * (rounds + WARM_WINDOWS)):
             kind = "stat" if c.optimizer.statistic_step else "plain"
             fb = seconds(lambda: loss_fn(c(x), y).backward())
-            if kind == "stat" and name == "kfac":
-                out["apply_gflop"], out["fwd_bwd_gflop"] = (f / 1e9 for f in apply_flops(c))
+            if kind == "stat" and name == "kfac":  # FLOPs: 2 per multiply-add
+                work = products(c, statistic_rows(c))
+                out["apply_gflop"], out["fwd_bwd_gflop"] = 2e-9 * work["preconditioner"], 2e-9 * work["layers"]
             step = seconds(c.step)
             c.zero_grad()
             if i >= STAT_EVERY * WARM_WINDOWS:

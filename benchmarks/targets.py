@@ -13,6 +13,8 @@ everything at gnfx's defaults (compile="auto": the update is compiled for the tw
                    target <= 1.15)
   whole step       fwd+bwd + step averaged over stat_every steps at the defaults / (plain
                    fwd+bwd + AdamW step) (targets <= 1.10 diag and rank1, <= 1.25 kfac, shampoo)
+  products bound   1 + Σ (d_out² d_a + d_out d_a²) / Σ 3 R d_in d_out: K-FAC's (and unblocked
+                   Shampoo's) per-step products against the layers' own, the whole step's floor
   diag / AdamW     `model.step()` with "diag" / torch.optim.AdamW(foreach=True).step() (<= 1.1)
   shampoo / pub.   gnfx "shampoo" step / pytorch-optimizer's Shampoo and heavyball's KLShampoo
                    step on the same model, both refreshing every 10 steps (<= 0.8)
@@ -61,36 +63,28 @@ def seconds(fn) -> float:
     return time.perf_counter() - t
 
 
-def flop_bound(compiled, rows: dict) -> float:
-    """1 + Σ R_b (d_in² + d_out²) / Σ 3 R_b d_in d_out over the blocks, R_b the rows of block b on a
-    statistic step (examples x positions); an embedding's own product is a gather (no FLOPs) and
-    its A a count, so it adds only R d_out² to the numerator."""
-    extra = own = 0
+def products(compiled, rows: dict) -> dict:
+    """Multiply-adds of the blocks of `compiled` (R_b: the rows of block b on a statistic step,
+    examples x positions): "layers", the layers' own forward+backward products Σ 3 R d_in d_out;
+    "statistics", the taps' aᵀa and δᵀδ, Σ R (d_in² + d_out²); "preconditioner", one K-FAC step
+    S⁻¹ G A⁻¹, Σ d_out² d_a + d_out d_a² with d_a = d_in (+1 for a bias). An embedding's own product
+    is a gather (none), its A a count (R d_out² of statistics) and diagonal (d_out² d_in a step)."""
+    out = dict.fromkeys(("layers", "statistics", "preconditioner"), 0)
     for b in compiled.layers:
-        r = rows[b.name]
+        r, d_a = rows[b.name], b.d_in + (1 if b.bias else 0)
         if b.kind == "embedding":
-            extra += r * b.d_out ** 2
+            out["statistics"] += r * b.d_out ** 2
+            out["preconditioner"] += b.d_out ** 2 * b.d_in
         else:
-            extra += r * (b.d_in ** 2 + b.d_out ** 2)
-            own += 3 * r * b.d_in * b.d_out
-    return 1 + extra / own
+            out["layers"] += 3 * r * b.d_in * b.d_out
+            out["statistics"] += r * (b.d_in ** 2 + b.d_out ** 2)
+            out["preconditioner"] += b.d_out ** 2 * d_a + b.d_out * d_a ** 2
+    return out
 
 
-def apply_flops(kfac) -> tuple[float, float]:
-    """(preconditioner products, forward+backward products) per step in FLOPs, from a K-FAC-compiled
-    model right after a statistic step's backward (R = the rows its taps saw): a block's step
-    S⁻¹ G A⁻¹ costs 2 (d_out² d_a + d_out d_a²) with d_a = d_in (+1 for a bias), the layer's own
-    products 6 R d_in d_out; an embedding's A is diagonal (its step 2 d_out² d_in) and its own
-    product a gather."""
-    apply = fwd_bwd = 0
-    for b in kfac.layers:
-        d_a = b.d_in + (1 if b.bias else 0)
-        if b.kind == "embedding":
-            apply += 2 * b.d_out ** 2 * b.d_in
-        else:
-            apply += 2 * (b.d_out ** 2 * d_a + b.d_out * d_a ** 2)
-            fwd_bwd += 6 * kfac.optimizer.statistics.blocks[b.name]._a_rows * b.d_in * b.d_out
-    return apply, fwd_bwd
+def statistic_rows(compiled) -> dict:
+    """The rows each block's taps saw on the last statistic step (read before the step folds them)."""
+    return {name: s._a_rows for name, s in compiled.optimizer.statistics.blocks.items() if s._a_rows}
 
 
 def measure(make, batch, loss_fn, repeats: int) -> dict:
@@ -102,14 +96,12 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
     def fwd_bwd(module):
         return seconds(lambda: loss_fn(module(x), y).backward())
 
-    rows, flops = {}, {}
+    rows = {}
 
     def tapped(statistic_step: bool):
         kfac.optimizer.steps = 0 if statistic_step else 1
         t = fwd_bwd(kfac)
-        rows.update({name: s._a_rows for name, s in kfac.optimizer.statistics.blocks.items() if s._a_rows})
-        if statistic_step:
-            flops["apply"], flops["fwd_bwd"] = apply_flops(kfac)
+        rows.update(statistic_rows(kfac))
         kfac.optimizer.statistics.discard()
         kfac.optimizer.collected = False
         kfac.zero_grad()
@@ -171,14 +163,15 @@ def measure(make, batch, loss_fn, repeats: int) -> dict:
         return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
     base = [p + a for p, a in zip(plain_rounds, samples["adamw"])]  # plain fwd+bwd + AdamW step
+    work = products(kfac, rows)
     med = {k: statistics.median(v) for k, v in samples.items() if v}
     row = {
         "plain_ms": 1e3 * med["plain"], "adamw_step_ms": 1e3 * med["adamw"],
         "nostat_ratio": ratio("nostat", "plain"), "stat_ratio": ratio("stat", "plain2"),
-        "flop_bound": flop_bound(kfac, rows),
+        "flop_bound": 1 + work["statistics"] / work["layers"],
         # K-FAC's and Shampoo's products per step (without refresh or AdamW's elementwise work) over the
         # layers' own: the whole step's ratio if all products ran at the same speed
-        "apply_flop_bound": 1 + flops["apply"] / flops["fwd_bwd"],
+        "apply_flop_bound": 1 + work["preconditioner"] / work["layers"],
         "whole_step": {name: statistics.median(w / b for w, b in zip(samples[name], base)) for name in runs},
         "diag_vs_adamw": ratio("diag_step", "adamw"),
         # shampoo's step alone: its whole step minus the plain forward+backward of the same round

@@ -98,6 +98,9 @@ def test_targets_measure_every_ratio_on_a_tiny_model(tmp_path):
     assert set(row["whole_step"]) == {"diag", "rank1", "kfac", "shampoo"}
     # both blocks see the 16 rows of the batch, which cancel
     assert row["flop_bound"] == pytest.approx(1 + (8 * 8 + 8 * 8 + 8 * 8 + 4 * 4) / (3 * (8 * 8 + 8 * 4)))
+    # K-FAC's step S⁻¹ G A⁻¹ on [W b] (8 x 9 and 4 x 9) against the 16 rows' forward+backward
+    step = 8 * 8 * 9 + 8 * 9 * 9 + 4 * 4 * 9 + 4 * 9 * 9
+    assert row["apply_flop_bound"] == pytest.approx(1 + step / (3 * 16 * (8 * 8 + 8 * 4)))
     text = targets.markdown({"tiny": row}, repeats=1)
     assert "| tiny |" in text and "stat / bound" in text
 
