@@ -10,9 +10,9 @@ benchmarks/targets.py at gnfx's defaults:
    forward+backward's Σ 6 R d_a d_out (R rows).
 2. torch.profiler's top operators of one plain step and one refresh step (the widest model).
 3. The refresh's decompositions alone, for one n x n factor: its eigendecomposition (float32 and
-   float64, on one thread and on all), and (F + λI)^{-1} by Cholesky and by the coupled Newton
-   iteration (gnfx.linalg), min and median of `runs` runs each, since the CPU's timings vary from
-   run to run.
+   float64, on one thread and on all), and gnfx.linalg's (F + λI)^{-1} by Cholesky and by the
+   coupled Newton iteration (threads as gnfx chooses them: "gnfx"), min and median of `runs` runs
+   each, since the CPU's timings vary from run to run.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import gnfx
 from benchmarks.targets import RESULTS, STAT_EVERY, models, products, seconds, statistic_rows
-from gnfx.linalg import newton_inverse_root
+from gnfx.linalg import damped_inverse_power
 
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo")
 SIZES = (128, 256, 512, 1024, 2048)
@@ -41,7 +41,7 @@ def breakdown(make, batch, loss_fn, rounds: int) -> dict:
     plain = make()
     adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=True)
     base = []
-    for i in range(STAT_EVERY * (rounds + 1)):
+    for _ in range(STAT_EVERY * (rounds + 1)):
         t = seconds(lambda: loss_fn(plain(x), y).backward())
         base.append(t + seconds(adamw.step))
         adamw.zero_grad()
@@ -91,17 +91,18 @@ def refresh_timings(sizes, runs: int) -> list[dict]:
         X = torch.randn(1, n, 2 * n, generator=g, dtype=torch.float64)
         F64 = X @ X.transpose(1, 2) / (2 * n)
         lam = torch.full((1,), 1e-3, dtype=torch.float64)
+        # eigh alone on 1 and on all threads (the measurement behind gnfx.linalg.MULTITHREAD_FROM), then
+        # gnfx's own (F + λI)^{-1} by Cholesky and by Newton, with the threads gnfx.linalg chooses
         for method, dtype, nthreads in [("eigh", torch.float32, 1), ("eigh", torch.float32, threads),
                                         ("eigh", torch.float64, 1), ("eigh", torch.float64, threads),
-                                        ("cholesky", torch.float32, threads), ("newton", torch.float32, threads)]:
-            torch.set_num_threads(nthreads)
+                                        ("cholesky", torch.float32, "gnfx"), ("newton", torch.float32, "gnfx")]:
             F = F64.to(dtype)
             if method == "eigh":
+                torch.set_num_threads(nthreads)
                 fn = lambda F=F: torch.linalg.eigh(F)  # noqa: E731
-            elif method == "cholesky":
-                fn = lambda F=F: torch.cholesky_inverse(torch.linalg.cholesky_ex(F + lam.to(dtype) * torch.eye(n, dtype=dtype))[0])  # noqa: E731
             else:
-                fn = lambda F=F: newton_inverse_root(F + lam.to(dtype) * torch.eye(n, dtype=dtype), 1)  # noqa: E731
+                torch.set_num_threads(threads)
+                fn = lambda F=F, m=method: damped_inverse_power(F, lam.to(dtype), 1.0, dtype, method=m)  # noqa: E731
             fn()
             times = [seconds(fn) for _ in range(runs)]
             out.append({"n": n, "method": method, "dtype": str(dtype).replace("torch.", ""), "threads": nthreads,
@@ -132,10 +133,10 @@ def markdown(result: dict) -> str:
     lines += ["", "## 2. Top operators (torch.profiler, self CPU time)", ""]
     for title, table in result["operators"].items():
         lines += [f"### {title}", "", "```", table.strip(), "```", ""]
-    columns = sorted({(e["method"], e["dtype"], e["threads"]) for e in result["refresh"]})
+    columns = list(dict.fromkeys((e["method"], e["dtype"], e["threads"]) for e in result["refresh"]))
     lines += ["## 3. The refresh's decompositions of one n x n factor (ms, min / median of "
               f"{result['runs']} runs)", "",
-              "| n | " + " | ".join(f"{m} {d} {t}T" for m, d, t in columns) + " |",
+              "| n | " + " | ".join(f"{m} {d} {t if t == 'gnfx' else f'{t}T'}" for m, d, t in columns) + " |",
               "|---|" + "---|" * len(columns)]
     by_n = {}
     for e in result["refresh"]:

@@ -53,6 +53,7 @@ import dataclasses
 import sympy as sp
 import torch
 
+from gnfx.preconditioners.shampoo import root_exponent
 from gnfx.report import format_bytes, format_table
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
@@ -237,8 +238,7 @@ def shampoo_parts(g, hp, at) -> Parts:
     n, pieces = g.numel, g.pieces(b)
     state = {"failures": (pieces, INT64), "graft_v": (n, FACTOR), "graft_t": (pieces, FACTOR)}
     factors = refresh = 0
-    p = 1 / (2 * len(g.dims)) if hp["exponent"] == "paper" else hp["exponent"]
-    root = round(1 / p)  # r of F^{-1/r}, for root_method="newton" (which requires it to be an integer)
+    root = round(1 / root_exponent(hp["exponent"], len(g.dims)))  # r of F^{-1/r}, for root_method="newton"
     for j, m in enumerate(g.modes(b)):
         state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, FACTOR)
         factors += m.count * m.squares

@@ -34,7 +34,7 @@ METHODS = ("eigh", "newton", "cholesky")
 
 
 @contextlib.contextmanager
-def decomposition_threads(device: torch.device, n: int = 0):
+def decomposition_threads(device: torch.device, n: int):
     """Run the body on one intra-op thread when on the CPU and the matrices (n x n) are smaller
     than MULTITHREAD_FROM; else with the threads as they are."""
     if device.type != "cpu" or n >= MULTITHREAD_FROM:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.errors import ConfigError
 from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power, method_computes
-from gnfx.errors import ConfigError
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
@@ -33,6 +33,11 @@ from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_sta
 
 def _exponent_ok(x) -> bool:
     return x == "paper" or (isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1)
+
+
+def root_exponent(exponent, order: int) -> float:
+    """p of F^{-p} for each factor of an order-`order` tensor: 1/(2k) for "paper", else the number."""
+    return 1 / (2 * order) if exponent == "paper" else float(exponent)
 
 
 def mode_gram(G: torch.Tensor, j: int) -> torch.Tensor:
@@ -88,8 +93,7 @@ class Shampoo(CurvaturePreconditioner):
         return state
 
     def exponent(self, order: int) -> float:
-        p = self.hp["exponent"]
-        return 1 / (2 * order) if p == "paper" else float(p)
+        return root_exponent(self.hp["exponent"], order)
 
     def refresh_due(self, step):
         start = self.hp["start_preconditioning_step"]
