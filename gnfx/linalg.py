@@ -48,8 +48,19 @@ def decomposition_threads(device: torch.device, n: int):
         torch.set_num_threads(threads)
 
 
+def _start_vector(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The power iteration's start: a fixed Gaussian vector (seeded, drawn on the CPU in float64, so
+    the same on every machine). A structured start such as the all-ones vector can be exactly
+    orthogonal to the top eigenvector: the output factor of a softmax layer has 1 in its null space
+    (cross-entropy gradients sum to zero over the classes), and the iteration then runs on round-off
+    alone, whose outcome depends on the BLAS. A generic vector has a nonzero top component for every
+    factor that model structure can produce."""
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, 1, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def _largest_eigenvalue(F: torch.Tensor, squarings: int = 5, iterations: int = 20) -> torch.Tensor:
-    """λ_max of each symmetric PSD F_i: power iteration from the all-ones vector on F^(2^squarings)
+    """λ_max of each symmetric PSD F_i: power iteration from `_start_vector` on F^(2^squarings)
     (normalized squarings: a gap λ_2/λ_1 closes as its 2^squarings-th power per iteration), then the
     Rayleigh quotient of F (so it never exceeds the true λ_max)."""
     tiny = torch.finfo(F.dtype).tiny
@@ -57,7 +68,7 @@ def _largest_eigenvalue(F: torch.Tensor, squarings: int = 5, iterations: int = 2
     for _ in range(squarings):
         P = P / torch.linalg.matrix_norm(P).clamp(min=tiny).view(-1, 1, 1)
         P = P @ P
-    v = torch.ones(F.shape[:-1] + (1,), dtype=F.dtype, device=F.device)
+    v = _start_vector(F.shape[-1], F.dtype, F.device).expand(F.shape[:-1] + (1,))
     for _ in range(iterations):
         v = P @ v
         v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=tiny)

@@ -1,14 +1,18 @@
 """Settings shared by every test."""
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
-def one_intra_op_thread():
-    """Every test runs torch on one intra-op thread. The tests use small tensors, and on the
-    project's 2-core machines two spinning intra-op threads made them 5-70x slower whenever other
-    work shared the cores (test_distributed's processes set it themselves)."""
+def intra_op_threads():
+    """Every test runs torch on OMP_NUM_THREADS intra-op threads, one when it is unset. The tests use
+    small tensors, and on the project's 2-core machines two spinning intra-op threads made them
+    5-70x slower whenever other work shared the cores, hence one by default; CI runs the suite once
+    more with OMP_NUM_THREADS=2 (.ci/run), so that a result which depends on how a reduction is split
+    across threads fails there too (test_distributed's processes set their threads themselves)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
     yield
     torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gnfx.linalg import (MULTITHREAD_FROM, damped_inverse_power, decomposition_threads, method_computes,
+from gnfx.linalg import (MULTITHREAD_FROM, _largest_eigenvalue, damped_inverse_power, decomposition_threads, method_computes,
                          newton_inverse_root)
 
 
@@ -50,6 +50,26 @@ def test_damped_inverse_power_by_newton_equals_eigh(p, relative, damping):
     by_newton, ok_newton = damped_inverse_power(F, lam, p, torch.float64, relative, method="newton")
     assert ok_eigh.all() and ok_newton.all()
     torch.testing.assert_close(by_newton, by_eigh, rtol=1e-8, atol=1e-8 * by_eigh.abs().amax().item())
+
+
+@pytest.mark.parametrize("structure", ["ones", "alternating"])
+def test_largest_eigenvalue_of_factors_with_structured_null_spaces(structure):
+    """λ_max by power iteration equals eigh's when the factor's null space holds a structured vector:
+    the output factor of a softmax layer has 1 in its null space (cross-entropy gradients sum to zero
+    over the classes). The factors s (I - u uᵀ/2)·2 of u = (1, 1) or (1, -1) make F u exactly zero and
+    every normalized squaring exact (entries ±s/2s), so a start vector in that null space gives 0 on
+    any machine, not λ_max = 2s."""
+    u = torch.tensor([1.0, 1.0 if structure == "ones" else -1.0], dtype=torch.float64)
+    B = 2 * torch.eye(2, dtype=torch.float64) - torch.outer(u, u)
+    F = torch.stack([s * B for s in (1.0, 3.0, 1e-3)])
+    assert (F @ u).abs().max() == 0
+    torch.testing.assert_close(_largest_eigenvalue(F), torch.linalg.eigvalsh(F)[:, -1], rtol=1e-12, atol=0)
+
+
+def test_largest_eigenvalue_equals_eigh_on_generic_factors():
+    X = torch.randn(4, 30, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    F = X @ X.transpose(1, 2)
+    torch.testing.assert_close(_largest_eigenvalue(F), torch.linalg.eigvalsh(F)[:, -1], rtol=1e-12, atol=0)
 
 
 def test_newton_in_float32_is_accurate_to_float32_conditioning():
