@@ -16,6 +16,7 @@ from torch import nn
 from gnfx.cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fisher import record_true_fisher
+from gnfx.outputs import logits_of
 from gnfx.report import report
 from gnfx.passes import graph_view
 
@@ -50,10 +51,7 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._instrumented(args, kwargs)(*args, **kwargs)
-            leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
-            leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
-                                                     if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
+            first = logits_of(out)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
             # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
