@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gnfx.cost import plan_cost
-from gnfx.errors import ConfigError, GnfxError
+from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.fisher import record_true_fisher
 from gnfx.outputs import logits_of
 from gnfx.report import report
@@ -157,13 +157,21 @@ class CompiledModel(nn.Module):
 
     # --- inspection ------------------------------------------------------------------------
     def statistics(self, name: str) -> dict[str, torch.Tensor]:
-        """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics)."""
+        """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics).
+
+        Raises a StatisticsError (a KeyError) for an unknown block, a block that collects no
+        statistics under this plan, and before the first statistic step, when there are none yet."""
         if name not in self.layers:
-            raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
+            raise StatisticsError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
         store = self.optimizer.statistics
         if name not in store.blocks:
-            raise KeyError(f"block {name!r} collects no statistics under this plan; ask for them with "
-                           f"gnfx.compile(..., statistics=('A', 'S'))")
+            raise StatisticsError(f"block {name!r} collects no statistics under this plan; ask for them with "
+                                  f"gnfx.compile(..., statistics=('A', 'S'))")
+        if not store[name].values:
+            raise StatisticsError(
+                f"block {name!r} has no statistics yet: they exist after the first statistic step, a step() "
+                f"after a forward in training mode with gradients enabled whose backward reached the block "
+                f"(statistic steps are every stat_every={self.optimizer.stat_every} steps, from the first)")
         return dict(store[name].values)
 
     @property
