@@ -1,6 +1,6 @@
 """`gnfx.diagnose`: how well each block's preconditioner approximates the exact GGN, on one batch.
 
-Notation (DESIGN §1). On a batch with loss `L(θ) = 1/N Σ_n ℓ(z_n, y_n)`, the GGN is
+Notation (docs/design.md §1). On a batch with loss `L(θ) = 1/N Σ_n ℓ(z_n, y_n)`, the GGN is
 `G = Jᵀ H_ℓ J`. A *unit* is a curvature block `z = W a (+ b)`, whose parameters θ_b read as the
 matrix `[W b]` (d_out x (d_in + 1), bias folded in; gnfx.targets), or a loose parameter no block
 claims, read as its own tensor. Its diagonal block of the GGN acts as
