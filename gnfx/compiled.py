@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from gnfx.cost import plan_cost
-from gnfx.errors import ConfigError, GnfxError
+from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.fisher import record_true_fisher
+from gnfx.outputs import logits_of
 from gnfx.report import report
 from gnfx.passes import graph_view
 
@@ -50,10 +51,7 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._instrumented(args, kwargs)(*args, **kwargs)
-            leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
-            leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
-                                                     if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
+            first = logits_of(out)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
             # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
@@ -159,13 +157,21 @@ class CompiledModel(nn.Module):
 
     # --- inspection ------------------------------------------------------------------------
     def statistics(self, name: str) -> dict[str, torch.Tensor]:
-        """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics)."""
+        """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics).
+
+        Raises a StatisticsError (a KeyError) for an unknown block, a block that collects no
+        statistics under this plan, and before the first statistic step, when there are none yet."""
         if name not in self.layers:
-            raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
+            raise StatisticsError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
         store = self.optimizer.statistics
         if name not in store.blocks:
-            raise KeyError(f"block {name!r} collects no statistics under this plan; ask for them with "
-                           f"gnfx.compile(..., statistics=('A', 'S'))")
+            raise StatisticsError(f"block {name!r} collects no statistics under this plan; ask for them with "
+                                  f"gnfx.compile(..., statistics=('A', 'S'))")
+        if not store[name].values:
+            raise StatisticsError(
+                f"block {name!r} has no statistics yet: they exist after the first statistic step, a step() "
+                f"after a forward in training mode with gradients enabled whose backward reached the block "
+                f"(statistic steps are every stat_every={self.optimizer.stat_every} steps, from the first)")
         return dict(store[name].values)
 
     @property

@@ -1,6 +1,6 @@
 """`gnfx.diagnose`: how well each block's preconditioner approximates the exact GGN, on one batch.
 
-Notation (DESIGN §1). On a batch with loss `L(θ) = 1/N Σ_n ℓ(z_n, y_n)`, the GGN is
+Notation (docs/design.md §1). On a batch with loss `L(θ) = 1/N Σ_n ℓ(z_n, y_n)`, the GGN is
 `G = Jᵀ H_ℓ J`. A *unit* is a curvature block `z = W a (+ b)`, whose parameters θ_b read as the
 matrix `[W b]` (d_out x (d_in + 1), bias folded in; gnfx.targets), or a loose parameter no block
 claims, read as its own tensor. Its diagonal block of the GGN acts as
@@ -11,7 +11,9 @@ computed exactly with gnfx.ggn (forward- and reverse-mode autodiff, never materi
 unit, on the gradient `g_b = ∇_{θ_b} L` of the batch:
 
 (a) the relative curvature error, the mean over `probes` vectors `v ~ N(0, I)` of
-    `‖Ĝ_b v - G_b v‖ / ‖G_b v‖`, where Ĝ_b is the curvature the preconditioner models (undamped):
+    `‖Ĝ_b v - G_b v‖ / ‖G_b v‖`, where Ĝ_b is the curvature the preconditioner models (undamped),
+    as the instance that serves the unit computes it (`curvature_product` of its class; the
+    diagonal's `second_moment`):
 
       kfac:   Ĝ_b = A ⊗ S, so Ĝ_b v = S V A for v = vec(V) (A diagonal for embeddings)
       ekfac:  Ĝ_b = (Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ, the eigenvalues s fitted in K-FAC's eigenbasis
@@ -49,8 +51,8 @@ from torch import Tensor
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.ggn import Loss, _loss_fn, ggn_vp, ggn_vps
 from gnfx.layouts import LAYOUTS
+from gnfx.outputs import logits_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
-from gnfx.preconditioners.soap import rotate
 from gnfx.report import format_table
 from gnfx.targets import as_matrix, fold
 
@@ -75,7 +77,6 @@ class _Unit:
     name: str
     kind: str
     params: tuple[str, ...]
-    preconditioner: str
     view: str = ""
     block: bool = False
 
@@ -134,9 +135,8 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
         raise GnfxError("diagnose reads the preconditioners' state: take at least one optimizer step first")
     if probes < 1 or damping < 0:
         raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
-    preconditioners = {pre.name: pre for pre in opt.preconditioners}
-    units = [_Unit(b.name, b.kind, b.params, b.preconditioner, LAYOUTS[b.kind](b).view, True) for b in model.layers]
-    units += [_Unit(f.param, "tensor", (f.param,), f.preconditioner) for f in model.layers.fallbacks]
+    units = [_Unit(b.name, b.kind, b.params, LAYOUTS[b.kind](b).view, True) for b in model.layers]
+    units += [_Unit(f.param, "tensor", (f.param,)) for f in model.layers.fallbacks]
     records = Diagnosis()
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -145,13 +145,14 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
         grads = exact.gradient()
         generator = torch.Generator(device=next(iter(grads.values())).device).manual_seed(seed)
         for unit in units:
-            pre = preconditioners[unit.preconditioner]
+            pre = _server(opt, unit)
             g = unit.matrix(grads)
+            V = torch.randn((probes,) + g.shape, generator=generator, dtype=g.dtype, device=g.device)
+            modeled = [_curvature(pre, unit, v) for v in V]
             error = None
-            if pre.name in _CURVATURE:
-                V = torch.randn((probes,) + g.shape, generator=generator, dtype=g.dtype, device=g.device)
+            if modeled[0] is not None:
                 GV = exact.products(unit, V)
-                model_V = torch.stack([_CURVATURE[pre.name](pre, unit, v) for v in V]).to(g.dtype)
+                model_V = torch.stack(modeled).to(g.dtype)
                 error = float(((model_V - GV).flatten(1).norm(dim=1) / GV.flatten(1).norm(dim=1)).mean())
             newton, residual = _conjugate_gradients(lambda v: exact.product(unit, v) + damping * v, g,
                                                     cg_tol, cg_max_iter)
@@ -179,7 +180,7 @@ class _BlockGGN:
     def gradient(self) -> dict:
         """∇_θ L on the batch, by parameter name."""
         args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
-        value = _loss_fn(self.loss)(self.model(*args), self.targets)
+        value = _loss_fn(self.loss)(logits_of(self.model(*args)), self.targets)
         return dict(zip(self.params, torch.autograd.grad(value, list(self.params.values()))))
 
     def _padded(self, unit: _Unit, V: Tensor) -> list[Tensor]:
@@ -220,6 +221,15 @@ def _conjugate_gradients(apply, b: Tensor, tol: float, max_iter: int) -> tuple[T
     return x, math.sqrt(rr / bb) if bb > 0 else 0.0
 
 
+def _server(opt, unit: _Unit):
+    """The preconditioner instance that serves the unit, as each instance says (its blocks or its
+    loose parameters): several instances of one class ("kfac", "kfac_v2") are told apart."""
+    for pre in opt.preconditioners:
+        if unit.name in ([b.name for b in pre.blocks] if unit.block else pre.param_names):
+            return pre
+    raise GnfxError(f"no preconditioner of this model serves {unit.name!r}")
+
+
 def _pieces(pre: CurvaturePreconditioner, unit: _Unit):
     """(group, index in the group, piece) of every piece of the unit's target."""
     for group in pre.groups:
@@ -228,65 +238,34 @@ def _pieces(pre: CurvaturePreconditioner, unit: _Unit):
                 yield group, i, piece
 
 
-def _piecewise(pre: CurvaturePreconditioner, unit: _Unit, M: Tensor, fn) -> Tensor:
-    """fn(piece of M stacked as (1, ...), a copy of the piece's state) for every piece, reassembled."""
+def _piecewise(pre: CurvaturePreconditioner, unit: _Unit, M: Tensor, fn) -> Tensor | None:
+    """fn(group, index of the piece in it, the piece of M) for every piece of the unit,
+    reassembled; None where fn gives None."""
     out = None
     for group, i, piece in _pieces(pre, unit):
-        state = {k: v[i:i + 1].clone() for k, v in pre.group_state(group).items()}
-        result = fn(M[piece.index].unsqueeze(0), state)[0]
+        result = fn(group, i, M[piece.index])
+        if result is None:
+            return None
         out = result.new_zeros(M.shape) if out is None else out
         out[piece.index] = result
     return out
 
 
-def _second_moment(opt, name: str) -> Tensor:
-    """v̂ = v / (1 - β₂ᵗ): the diagonal preconditioner's bias-corrected second moment of a parameter."""
-    state = opt.state_of(name)
-    if "exp_avg_sq" not in state:
-        raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
-    return state["exp_avg_sq"] / (1 - opt.group_of(name)["betas"][1] ** state["step"])
-
-
 def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
     """P_b(g_b): the preconditioner's direction for the unit's gradient, its state unchanged."""
     if isinstance(pre, CurvaturePreconditioner):
-        return _piecewise(pre, unit, g, lambda G, state: pre.direction(G, state, collect=False))
+        def direction(group, i, G):
+            state = {k: v[i:i + 1].clone() for k, v in pre.group_state(group).items()}
+            return pre.direction(G.unsqueeze(0), state, collect=False)[0]
+
+        return _piecewise(pre, unit, g, direction)
     opt = pre.opt
-    return unit.matrix({n: grads[n] / (_second_moment(opt, n).sqrt() + opt.group_of(n)["eps"]) for n in unit.params})
+    return unit.matrix({n: grads[n] / (pre.second_moment(n).sqrt() + opt.group_of(n)["eps"]) for n in unit.params})
 
 
-def _kfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
-    """(A ⊗ S) vec(V) = S V A, from the averaged statistics (A stored as its diagonal for embeddings)."""
-    values = pre.opt.statistics[unit.name].values
-    A, S = values["A"], values["S"]
-    SV = S @ V.to(S.dtype)
-    return SV * A if A.dim() == 1 else SV @ A
-
-
-def _ekfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
-    """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
-    def apply(M, state):
-        bases = [state["Q_S"], state.get("Q_A")]
-        return rotate(rotate(M.to(state["Q_S"].dtype), bases) * state["scale"], bases, back=True)
-
-    return _piecewise(pre, unit, V, apply)
-
-
-def _rank1_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
-    """U diag(ŝ) Uᵀ vec(V), ŝ = s / (1 - βᵗ)."""
-    def apply(M, state):
-        U, s, t = state["U"], state["s"], state["t"]
-        s_hat = s / (1 - pre.opt.stat_decay ** t.clamp(min=1)).unsqueeze(1)
-        v = M.to(U.dtype).flatten(1).unsqueeze(2)
-        return (U @ (s_hat.unsqueeze(2) * (U.transpose(1, 2) @ v))).reshape(M.shape)
-
-    return _piecewise(pre, unit, V, apply)
-
-
-def _diag_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
-    """diag(v̂) vec(V)."""
-    return V * unit.matrix({n: _second_moment(pre.opt, n) for n in unit.params})
-
-
-_CURVATURE = {"kfac": _kfac_curvature, "ekfac": _ekfac_curvature, "rank1": _rank1_curvature,
-              "diag": _diag_curvature}
+def _curvature(pre, unit: _Unit, V: Tensor) -> Tensor | None:
+    """Ĝ_b V: the curvature the preconditioner models for the unit (its `curvature_product`, piece
+    by piece; diag(v̂) for the diagonal preconditioner), None where it models none."""
+    if isinstance(pre, CurvaturePreconditioner):
+        return _piecewise(pre, unit, V, pre.curvature_product)
+    return V * unit.matrix({n: pre.second_moment(n) for n in unit.params})

@@ -25,6 +25,9 @@ reduction), or given as a callable ``loss(z, y) -> scalar``:
 * "mse": ``F.mse_loss(z, y)``, the mean over all elements of (z - y)², written out explicitly
   because torch.func cannot differentiate ``F.mse_loss`` twice in forward-over-reverse mode.
 
+The output z is the model's logits: the model output itself, or the first floating tensor of a
+tuple, dict or dataclass output (gnfx.outputs), so Hugging Face-style output objects work as is.
+
 Parameter vectors are lists of tensors shaped like
 ``[p for p in model.parameters() if p.requires_grad]``, in that order. Frozen parameters
 (``requires_grad=False``) and buffers are used unchanged and take no part in θ. The model's
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from gnfx.errors import ConfigError
+from gnfx.outputs import logits_of
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Loss = Union[str, LossFn]
@@ -133,7 +137,10 @@ def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tens
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 
     def f(theta: dict) -> Tensor:
-        return functional_call(model, theta, args)
+        z = logits_of(functional_call(model, theta, args))
+        if z is None:
+            raise ConfigError(f"{type(model).__name__} returns no floating tensor to take as the output z")
+        return z
 
     return f, params
 

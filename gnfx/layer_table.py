@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from gnfx.report import block_table, leaf_lines
+
 
 @dataclasses.dataclass
 class Block:
@@ -83,6 +85,15 @@ class LayerTable:
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
+
+    def __repr__(self) -> str:
+        """The block table (as in the model's report, without the state column), the fallback
+        parameters with the reason no block claims them, and the opaque submodules."""
+        lines = [f"LayerTable: {len(self)} curvature blocks, {len(self.fallbacks)} fallback parameters, "
+                 f"graph captured with {self.form}", block_table(self)]
+        if self.fallbacks:
+            lines += ["", "fallback parameters:"] + [f"  {f.param}: {f.reason}" for f in self.fallbacks]
+        return "\n".join(lines + leaf_lines(self))
 
     def block_of(self, param: str) -> Block | None:
         """The block that holds parameter `param`, or None if it falls back."""

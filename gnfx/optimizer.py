@@ -6,6 +6,10 @@ refresh of each curvature preconditioner when it is due, run the generated updat
 Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers included), and
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
+
+A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
+`zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
+statistics collected since the last step stay pending for the next step that has gradients.
 """
 from __future__ import annotations
 
@@ -101,6 +105,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if all(p.grad is None for p in self._named.values()):
+            return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if batches and self.comm is not None:

@@ -13,7 +13,7 @@
   a ConfigError, as does a preconditioner name that is not registered. For "auto" the pair
   form takes budgets: ("auto", {"memory_budget": 16}).
 
-Parameters that no block claims get the diagonal preconditioner (DESIGN §1), unless the
+Parameters that no block claims get the diagonal preconditioner (docs/design.md §1), unless the
 preconditioner of the pattern that matches them serves them itself (Shampoo and SOAP take every
 loose tensor of order >= 2: they need only a gradient's shape); "auto" gives them "diag".
 

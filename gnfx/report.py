@@ -17,25 +17,39 @@ def format_bytes(n: int) -> str:
         n /= 1024
 
 
+def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
+    """A row per curvature block of the LayerTable (block, kind [attention role], factor shapes,
+    preconditioner) and per fallback parameter, then its optimizer state given `state_bytes`
+    (name -> bytes), and why that preconditioner serves it once the table is planned."""
+    why = {name: e.reason for name, e in table.plan.entries.items()} if table.plan is not None else None
+    rows = [[b.name, b.kind + (f" [{b.role}]" if b.role else ""),
+             " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items()), b.preconditioner or "-"]
+            for b in table]
+    rows += [[f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner or "-"]
+             for f in table.fallbacks]
+    for row in rows:
+        row += [format_bytes(state_bytes[row[0]])] if state_bytes is not None else []
+        row += [why[row[0]]] if why is not None else []
+    header = ["block", "kind", "shapes", "preconditioner"]
+    header += (["state"] if state_bytes is not None else []) + (["why"] if why is not None else [])
+    return format_table(header, rows)
+
+
+def leaf_lines(table) -> list[str]:
+    """The submodules kept opaque (leaves of the captured graph), with the reason."""
+    return ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()] if table.leaves else []
+
+
 def report(model) -> str:
     """Blocks (name, kind, shapes, preconditioner, state memory, why that preconditioner) and the
     parameter registration."""
     table, opt = model.layers, model.optimizer
-    why = {name: e.reason for name, e in table.plan.entries.items()}
     cost = model.cost()  # state memory from the cost model, whose figures equal the allocation
     numel = {n: p.numel() for n, p in model.named_parameters()}
-    rows = []
-    for b in table:
-        shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
-        kind = b.kind + (f" [{b.role}]" if b.role else "")
-        rows.append([b.name, kind, shapes, b.preconditioner, format_bytes(cost[b.name].memory_bytes), why[b.name]])
-    for f in table.fallbacks:
-        rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
-                     format_bytes(cost[f.param].memory_bytes), why[f.param]])
     covered = sum(numel[n] for b in table for n in b.params)
     total = covered + sum(numel[f.param] for f in table.fallbacks)
     out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
-           format_table(["block", "kind", "shapes", "preconditioner", "state", "why"], rows),
+           block_table(table, {r.name: r.memory_bytes for r in cost.rows}),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
            "", "parameter registration:"]
@@ -44,8 +58,7 @@ def report(model) -> str:
            for b in table for n in b.params]
     reg += [[f.param, "x".join(map(str, f.shape)) or "scalar", f"fallback: {f.reason}"] for f in table.fallbacks]
     out.append(format_table(["parameter", "shape", "accounted for as"], reg))
-    if table.leaves:
-        out += ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()]
+    out += leaf_lines(table)
     if opt.steps:
         out.append(f"\nsteps: {opt.steps}, statistic steps every {opt.stat_every}")
     return "\n".join(out)

@@ -8,7 +8,7 @@ and the gradient `g = ∂L/∂z` of the loss `L = 1/M Σ_m ℓ_m`, a mean over t
 accumulation window: M = N T, with T the loss terms per example (T = 1 for an (N, C) model
 output; T = prod(shape[1:-1]) for an (N, ..., C) output such as a language model's (N, T, V), as
 in curvlinops; `loss_average="batch"` forces T = 1). The output gradient of each term is
-`δ = M g` (DESIGN §1: the 1/M of the mean undone). The taps accumulate, with
+`δ = M g` (docs/design.md §1: the 1/M of the mean undone). The taps accumulate, with
 `kfac_approx="expand"` (positions are extra examples):
 
     A = 1/(N R) Σ_{n,r} a_{n,r} a_{n,r}ᵀ          (bias folded into a as a trailing 1)

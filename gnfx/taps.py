@@ -13,7 +13,7 @@ from torch import nn
 
 
 class ActivationTap(nn.Module):
-    """Identity on a block's input `a`; accumulates `A` (DESIGN §1) on statistic steps."""
+    """Identity on a block's input `a`; accumulates `A` (docs/design.md §1) on statistic steps."""
 
     def __init__(self, stats, store):
         super().__init__()

@@ -1,7 +1,7 @@
 """Targets, pieces and groups: how a curvature preconditioner sees the parameters it owns.
 
 A *target* is the matrix (or tensor) one preconditioner treats as a unit: for a linear block the
-gradient matrix `[∇W ∇b]` (d_out x (d_in + 1), the bias folded in as in DESIGN §1); for a loose
+gradient matrix `[∇W ∇b]` (d_out x (d_in + 1), the bias folded in as in docs/design.md §1); for a loose
 parameter its own gradient tensor. A target may be cut into *pieces* along dimensions larger than
 `max_block` (Shampoo's blocking). Pieces of equal shape form a *group*, served by one batched
 operation on a stacked (k, ...) tensor.

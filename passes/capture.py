@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sysconfig
 import traceback
 
 import torch
@@ -61,13 +63,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The last frame of the traceback that is not inside torch: the offending line of user code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
-    if not frames:
-        return "unknown location"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno}: {f.line}"
+# code that is not the user's: torch, gnfx (its runtime and these passes), Python's standard library
+_NOT_USER = tuple(os.path.realpath(d) + os.sep for d in (
+    os.path.dirname(torch.__file__), os.path.dirname(inspect.getfile(CaptureError)), os.path.dirname(__file__),
+    sysconfig.get_paths()["stdlib"]))
+
+
+def _user_frame(exc: BaseException, model: nn.Module) -> str:
+    """Where in the user's code capture failed: the innermost frame outside torch, gnfx and the
+    standard library, in the traceback of `exc` or of the exceptions it was raised from (torch
+    raises some failures anew), the deepest first; else the model's forward itself (a failure
+    before any of its lines ran, e.g. on its signature)."""
+    chain = []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
+    for raised in reversed(chain):
+        frames = [f for f in traceback.extract_tb(raised.__traceback__)
+                  if not os.path.realpath(f.filename).startswith(_NOT_USER)]
+        if frames:
+            return f"{frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}"
+    forward = inspect.unwrap(type(model).forward)
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return f"{type(model).__name__}.forward"
+    return f"{code.co_filename}:{code.co_firstlineno}: {forward.__qualname__}, the forward being captured"
 
 
 def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
@@ -94,7 +114,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
                 continue
             raise CaptureError(
                 f"torch.fx could not trace the forward of {type(model).__name__}: {_describe(exc)}\n"
-                f"  at {_user_frame(exc)}\n"
+                f"  at {_user_frame(exc, model)}\n"
                 f"Fix: mark the submodule that holds this code as opaque with "
                 f"gnfx.compile(..., leaf_modules=['path.to.module']), rewrite data-dependent "
                 f"branches with torch.cond, or use capture='export' with example_inputs=...") from exc
@@ -116,7 +136,7 @@ def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None 
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"
-            f"  at {_user_frame(exc)}\n"
+            f"  at {_user_frame(exc, model)}\n"
             f"Fix: rewrite data-dependent branches with torch.cond, or mark the offending submodule "
             f"with leaf_modules=[...] and capture='fx'") from exc
     return Captured(ep.module(), "export", {})

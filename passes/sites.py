@@ -8,7 +8,7 @@ from torch import fx
 
 @dataclasses.dataclass
 class Site:
-    """One use of a layer: `node` computes `z` from `input` (the `a` of DESIGN §1) with the
+    """One use of a layer: `node` computes `z` from `input` (the `a` of docs/design.md §1) with the
     parameter named `weight` (and `bias`, or None). `uses` are the (consumer, get_attr) pairs of
     the graph that this site accounts for (for `x @ W.t()` the consumer of W is the transpose).
     `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry."""

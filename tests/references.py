@@ -4,7 +4,7 @@ Nothing here imports gnfx. The references are built from plain PyTorch:
 
 * `record_linear_calls` — forward hooks on each `nn.Linear` record its input `a`, and a tensor hook
   on its output records `g = ∂L/∂z`, once per call (a tied layer called twice gives two records).
-* `kfac_factors` — the K-FAC factors of DESIGN §1 from those records, written as the math reads:
+* `kfac_factors` — the K-FAC factors of docs/design.md §1 from those records, written as the math reads:
       expand:  A = 1/(N R) Σ_{n,r} ā ā ᵀ            S = M Σ_{n,r} g gᵀ
       reduce:  A = 1/N Σ_n ā_n ā_nᵀ, ā_n = mean_r ā   S = M Σ_n (Σ_r g)(Σ_r g)ᵀ
   with ā = [a, 1] when the layer has a bias, and the positions r of all call sites pooled.

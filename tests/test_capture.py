@@ -7,6 +7,8 @@ whose reason says why.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 
 import pytest
 import torch
@@ -166,6 +168,36 @@ def test_untraceable_top_level_forward_without_example_inputs_names_the_fix():
     message = str(err.value)
     assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
     assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
+
+
+def returns_tuple(forward):
+    """A decorator in the manner of Hugging Face's (`can_return_tuple`): a generic wrapper."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class Decorated(MLP):
+    """A wrapped forward with keyword arguments that torch.fx cannot re-bind: it fails inside
+    torch before any line of the forward runs."""
+
+    @returns_tuple
+    def forward(self, x, mask=None, scale=None, **kwargs):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("model, example_inputs, where", [
+    (Decorated(), None, f"{Decorated.forward.__wrapped__.__code__.co_firstlineno}: Decorated.forward"),
+    (DataBranch(), batch((7, 4))[:1], f"{inspect.getsourcelines(DataBranch.forward)[1] + 2}: if h.sum() > 0:"),
+], ids=["fx", "export"])
+def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example_inputs, where):
+    """The "at" line is the innermost frame of the user's code in the failure's traceback (or in
+    the exceptions it was raised from), else the forward itself: never gnfx's or torch's files."""
+    with pytest.raises(gnfx.CaptureError) as err:
+        gnfx.compile(model, example_inputs=example_inputs)
+    at = next(line for line in str(err.value).splitlines() if line.startswith("  at "))
+    assert at == f"  at {__file__}:{where}" + (", the forward being captured" if example_inputs is None else "")
 
 
 def test_untraceable_top_level_forward_falls_back_to_torch_export():

@@ -151,7 +151,9 @@ def test_eval_mode_and_no_grad_forwards_collect_no_statistics():
         c(x)
     c.step()
     assert tap_calls[0] == 0
-    assert c.statistics("a") == {} and c.statistics("b") == {}
+    for name in ("a", "b"):
+        with pytest.raises(gnfx.errors.StatisticsError, match="no statistics yet: they exist after the first"):
+            c.statistics(name)
     # a training forward with gradients does collect
     cross_entropy(c(x), y).backward()
     c.step()
@@ -166,6 +168,18 @@ def test_statistics_by_name_explain_missing_names():
     with pytest.raises(KeyError, match="statistics=") as err:
         c.statistics("fc")
     assert "collects no statistics" in str(err.value)
+
+
+def test_statistics_before_the_first_statistic_step_say_when_they_exist():
+    model, x, y = make("mlp")
+    c = gnfx.compile(model, optimizer="kfac")
+    with pytest.raises(gnfx.errors.StatisticsError, match="block 'a' has no statistics yet: they exist after the "
+                                                          "first statistic step") as err:
+        c.statistics("a")
+    assert isinstance(err.value, KeyError) and isinstance(err.value, gnfx.GnfxError)
+    cross_entropy(c(x), y).backward()
+    c.step()
+    assert set(c.statistics("a")) == {"A", "S"}
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -194,6 +208,21 @@ def test_report_shows_blocks_shapes_preconditioners_and_the_registration_table()
     assert "fallback: inside module 'norm', a layer kind gnfx has no curvature block for" in norm
     assert next(line for line in table.splitlines() if line.startswith("head.bias ")).rstrip().endswith("block head")
     assert f"parameters in curvature blocks: {16 + 15} of {16 + 15 + 8}" in text
+
+
+def test_the_layer_table_prints_the_block_table_of_the_report():
+    model, _, _ = make("residual")
+    c = gnfx.compile(model)
+    text = repr(c.layers)
+    assert text.startswith("LayerTable: 2 curvature blocks, 2 fallback parameters, graph captured with fx\n")
+    # the report's block table without its state column
+    assert [line.split() for line in text.splitlines()[1:7]] == [
+        ["block", "kind", "shapes", "preconditioner", "why"], ["-" * 11, "-" * 8, "-" * 14, "-" * 14, "-" * 16],
+        ["fc", "linear", "A4x4", "S4x4", "W4x4", "diag", "optimizer='diag'"],
+        ["head", "linear", "A5x5", "S3x3", "W3x4", "diag", "optimizer='diag'"],
+        ["norm.weight", "fallback", "4", "diag", "optimizer='diag'"],
+        ["norm.bias", "fallback", "4", "diag", "optimizer='diag'"]]
+    assert "  norm.weight: inside module 'norm', a layer kind gnfx has no curvature block for" in text
 
 
 def test_blocks_expose_their_parameters_and_shapes():

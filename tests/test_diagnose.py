@@ -8,6 +8,7 @@ of correlated inputs misses the off-diagonal of A: a larger error, a smaller cos
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from torch import nn
 
 import gnfx
 from gnfx.diagnose import _Unit
-from gnfx.ggn import ggn_matrix
+from gnfx.ggn import ggn_matrix, ggn_vp, hvp
 from gnfx.targets import fold
 
 DTYPE = torch.float64
@@ -88,6 +89,32 @@ def test_the_better_approximation_ranks_above_the_worse():
     assert kfac.cosine > 0.999 > 0.9 > diag.cosine
 
 
+class TwoLayers(nn.Module):
+    """Two linear layers side by side, z = [W₁ x₁₂ + b₁, W₂ x₃₄ + b₂]: with the MSE loss each
+    block's GGN is A_i ⊗ (2/C) I, which K-FAC with fisher="type2" collects exactly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.one, self.two = nn.Linear(2, 2).to(DTYPE), nn.Linear(2, 1).to(DTYPE)
+
+    def forward(self, x):
+        return torch.cat([self.one(x[:, :2]), self.two(x[:, 2:])], dim=1)
+
+
+def test_two_instances_of_one_preconditioner_are_each_asked_for_their_own_blocks():
+    """A policy that gives kfac two sets of hyperparameters makes two instances, "kfac" and
+    "kfac_v2": each block is measured with the instance that serves it, both exact here."""
+    x, y = regression()
+    hparams = {**EXACT_KFAC, "optimizer": {"one": "kfac", "two": ("kfac", {"momentum": 0.5})}}
+    c = trained(TwoLayers(), x, y, F.mse_loss, **hparams)
+    records = gnfx.diagnose(c, (x, y), loss="mse", damping=1e-12, cg_tol=1e-12, verbose=False)
+    assert [(r.name, r.preconditioner) for r in records] == [("one", "kfac"), ("two", "kfac_v2")]
+    for r in records:
+        assert r.curvature_error < 1e-10 and r.cg_residual < 1e-10, r
+        assert r.cosine == pytest.approx(1.0, abs=1e-8), r
+
+
 class SmallNet(nn.Module):
     """Linear → LayerNorm (loose parameters, served by diag or shampoo) → tanh → linear."""
 
@@ -127,6 +154,44 @@ def test_every_preconditioner_gets_finite_numbers_and_keeps_its_state(optimizer)
     for a, b in zip(before, state_snapshot(c), strict=True):
         assert torch.equal(a, b)
     assert c.training
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A Hugging Face-style output: a scalar loss first, then the logits, then more."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Structured(SmallNet):
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.fc1(x)))
+        z = self.fc2(h)
+        return Prediction(z.square().mean(), z, h)
+
+
+def test_a_model_returning_an_output_object_is_measured_on_its_logits():
+    """diagnose and gnfx.ggn take the logits of an output object (the first floating tensor of
+    at least one dimension, as the compiled forward does): the same numbers as the model that
+    returns the logits alone (float64: equal to round-off)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=g, dtype=DTYPE), torch.randint(0, 3, (32,), generator=g)
+    plain = trained(SmallNet().to(DTYPE), x, y, F.cross_entropy, optimizer="kfac", stat_every=1)
+    structured = trained(Structured().to(DTYPE), x, y, lambda out, y: F.cross_entropy(out.logits, y), optimizer="kfac",
+                         stat_every=1)
+    expected = gnfx.diagnose(plain, (x, y), loss="cross_entropy", probes=1, cg_max_iter=5, verbose=False)
+    got = gnfx.diagnose(structured, (x, y), loss="cross_entropy", probes=1, cg_max_iter=5, verbose=False)
+    assert [r.name for r in got] == [r.name for r in expected]
+    for r, e in zip(got, expected):
+        assert r.curvature_error == pytest.approx(e.curvature_error, rel=1e-10)
+        assert r.cosine == pytest.approx(e.cosine, rel=1e-10)
+    v = [torch.randn(p.shape, generator=g, dtype=DTYPE) for p in SmallNet().parameters()]
+    for product in (ggn_vp, hvp):
+        got = product(Structured().to(DTYPE), "cross_entropy", x, y, v)
+        for a, b in zip(got, product(SmallNet().to(DTYPE), "cross_entropy", x, y, v)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 class Bag(nn.Module):
@@ -174,7 +239,7 @@ def test_the_table_lists_every_block(capsys):
 def test_unit_layout_is_the_preconditioners_matrix(kind, module, view, matrix):
     """[W b] with W read as the matrix of z = W a (gnfx.targets.as_matrix), and back."""
     params = dict(module.named_parameters())
-    unit = _Unit("m", kind, tuple(params), "kfac", view, True)
+    unit = _Unit("m", kind, tuple(params), view, True)
     M = unit.matrix(params)
     expected = matrix(params["weight"], params.get("bias"))
     torch.testing.assert_close(M, expected)

@@ -1,4 +1,4 @@
-"""K-FAC's step against a dense reference built explicitly with torch.kron (DESIGN §1).
+"""K-FAC's step against a dense reference built explicitly with torch.kron (docs/design.md §1).
 
 For a block with folded gradient G = [∇W ∇b] (d_out x d_a) and statistics A (d_a x d_a),
 S (d_out x d_out), the K-FAC curvature with factored Tikhonov damping is

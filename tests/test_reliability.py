@@ -700,6 +700,31 @@ def test_the_compiled_module_loads_nothing_from_a_checkpoint_of_another_architec
     assert_same_state(before, target.state_dict())
 
 
+
+SCHEDULES = {"kfac": dict(inv_every=3), "shampoo": dict(start_preconditioning_step=2, precondition_frequency=3)}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_a_step_without_gradients_is_a_no_op_for_the_schedule_too(name):
+    """step() when no parameter has a gradient does nothing, as in torch.optim: a run with such
+    steps interleaved, bare and after a training forward that is never backpropagated (its taps
+    staged statistics), equals the run without them bit for bit: parameters, optimizer state,
+    statistics and counters (statistics every 2 steps, refreshes every 3)."""
+    data = [batch(seed=s) for s in range(7)]
+    full = checkpoint_run(name, data, **SCHEDULES[name])
+    c = gnfx.compile(MLP(), optimizer=name, **CHECKPOINT_HP, **SCHEDULES[name])
+    for i, (x, y) in enumerate(data):
+        c.zero_grad()
+        c.step()
+        if i % 2:
+            c(x)
+            c.step()
+        cross_entropy(c(x), y).backward()
+        c.step()
+    assert c.optimizer.steps == len(data)
+    assert_same_state(full.state_dict(), c.state_dict())
+    assert_same_state(full.optimizer.state_dict(), c.optimizer.state_dict())
+
 # ============================================================================= hyperparameters
 
 

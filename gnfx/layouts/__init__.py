@@ -1,4 +1,4 @@
-"""Layouts: how each layer kind's raw tensors become the rows of DESIGN §1.
+"""Layouts: how each layer kind's raw tensors become the rows of docs/design.md §1.
 
 A layout turns a layer input into rows `a` (N, R, d_a) and an output gradient into rows `g`
 (N, R, d_out), and says how the weight reads as the matrix `W` of `z = W a` (rows: outputs,

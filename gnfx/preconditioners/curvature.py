@@ -102,6 +102,13 @@ class CurvaturePreconditioner(Preconditioner):
     def refresh_due(self, step: int) -> bool:
         return False
 
+    def curvature_product(self, group, i: int, V: torch.Tensor) -> torch.Tensor | None:
+        """Ĝ vec(V) for piece i of `group` (V shaped like the piece): the curvature this
+        preconditioner models, undamped, from its current state, which it leaves unchanged (read by
+        gnfx.diagnose); None where it models no GGN (the default: Shampoo's and SOAP's factors are
+        Gram matrices of gradients under a root, with no GGN scale)."""
+        return None
+
     def collect(self) -> None:
         """Curvature statistics taken from the gradients themselves, run on statistic steps before
         the refresh (so a refresh sees this step's gradient); none by default."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.errors import GnfxError
 from gnfx.hparams import betas, choice, positive
 from gnfx.layouts import LAYOUTS
 from gnfx.preconditioners.base import Preconditioner
@@ -57,6 +58,14 @@ class Diagonal(Preconditioner):
         term = stats[:, columns]  # in the layout of the matrix W of z = W a (gnfx.layouts)
         term = term.t() if view == "t" else term.reshape(grad.shape)
         return term.to(grad.dtype)
+
+    def second_moment(self, name: str) -> torch.Tensor:
+        """v̂ = v / (1 - β₂ᵗ), the bias-corrected second moment of parameter `name`: the curvature
+        diag(v̂) this preconditioner models (read by gnfx.diagnose)."""
+        state = self.opt.state_of(name)
+        if "exp_avg_sq" not in state:
+            raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
+        return state["exp_avg_sq"] / (1 - self.opt.group_of(name)["betas"][1] ** state["step"])
 
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""

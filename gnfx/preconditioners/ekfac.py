@@ -99,6 +99,13 @@ class EKFAC(KFAC):
         for i in any_changed.nonzero().flatten().tolist():
             values[i]["eigen_diag"].copy_(s[i])
 
+    def curvature_product(self, group, i, V):
+        """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
+        state = self.group_state(group)
+        bases = [state["Q_S"][i:i + 1], state["Q_A"][i:i + 1] if "Q_A" in state else None]
+        V = V.unsqueeze(0).to(state["Q_S"].dtype)
+        return rotate(rotate(V, bases) * state["scale"][i:i + 1], bases, back=True)[0]
+
     def direction(self, G, state, collect):
         bases = [state["Q_S"], state.get("Q_A")]
         R = rotate(G.to(state["Q_S"].dtype), bases)

@@ -113,6 +113,15 @@ class KFAC(CurvaturePreconditioner):
         state["S_inv"][mine[ok]] = S_inv[ok]
         state["failures"][mine] += (~ok).long()
 
+    def curvature_product(self, group, i, V):
+        """(A ⊗ S) vec(V) = S V A from the averaged statistics (A stored as its diagonal for
+        embeddings; S restricted to its heads with attention_blocks='head')."""
+        block = group.pieces[i].target.block
+        values = self.opt.statistics[block.name].values
+        A, S = values["A"], self._per_head(block, values["S"])
+        SV = S @ V.to(S.dtype)
+        return SV * A if A.dim() == 1 else SV @ A
+
     def direction(self, G, state, collect):
         SG = state["S_inv"] @ G.to(state["S_inv"].dtype)
         A_inv = state["A_inv"]

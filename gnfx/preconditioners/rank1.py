@@ -43,6 +43,13 @@ class RankK(CurvaturePreconditioner):
                 "failures": self.stacked_zeros(group, dtype=torch.int64),
                 "t": self.stacked_zeros(group), **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
 
+    def curvature_product(self, group, i, V):
+        """U diag(ŝ) Uᵀ vec(V), ŝ = s / (1 - βᵗ): the bias-corrected tracked eigenpairs."""
+        state = self.group_state(group)
+        U, s, t = state["U"][i], state["s"][i], state["t"][i]
+        s_hat = s / (1 - self.opt.stat_decay ** t.clamp(min=1))
+        return (U @ (s_hat * (U.T @ V.to(U.dtype).flatten()))).reshape(V.shape)
+
     def direction(self, G, state, collect):
         U, s, t = state["U"], state["s"], state["t"]
         v = G.to(U.dtype).flatten(1)  # (pieces, n)
