@@ -5,8 +5,8 @@ Parameter objects are the original's) and chooses its forward per step: on a sta
 (training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph, whose
 taps record `a` and `δ`; on every other step it runs the original forward, untouched, so the taps
 cost nothing there. Under `torch.compile(compiled_model)` the statistic steps run eagerly and the
-other steps run the original forward compiled (see `_collects_statistics`), so training is the
-same as without the wrapper.
+other steps run the original forward compiled (see `_statistic_call`), so training is the same as
+without the wrapper.
 """
 from __future__ import annotations
 
@@ -48,49 +48,50 @@ class CompiledModel(nn.Module):
         self.__dict__["_variant"] = variant
 
     def forward(self, *args, **kwargs):
-        if self._collects_statistics():
-            return self._statistic_forward(args, kwargs)
+        if self._statistic_call():
+            return self._statistic_forward(*args, **kwargs)
         return self._model(*args, **kwargs)
 
     @torch.compiler.disable(reason=_EAGER_REASON)
-    def _collects_statistics(self) -> bool:
-        """Whether this call runs the instrumented graph (training mode, gradients enabled,
-        `optimizer.collecting`); the registrations are checked on every statistic step.
+    def _statistic_call(self) -> bool:
+        """Whether this call is a training call (training mode, gradients enabled) of a statistic
+        step, which `_statistic_forward` serves; every other call runs the original forward.
 
         Under `torch.compile(compiled_model)` this runs outside dynamo's tracing (a graph break), so
-        dynamo guards only on the boolean it returns: two graphs in all, the original forward
-        (compiled) and the call of `_statistic_forward` (eager), not one per value of the step
-        counter it reads."""
-        grad = self.training and torch.is_grad_enabled()
-        if grad and self.optimizer.statistic_step:
-            self._check_registrations()
-        return grad and self.optimizer.collecting
+        dynamo guards only on the boolean it returns, not on the step counter it reads: one graph in
+        all, the original forward, compiled, instead of one per step."""
+        return self.training and torch.is_grad_enabled() and self.optimizer.statistic_step
 
     @torch.compiler.disable(reason=_EAGER_REASON)
-    def _statistic_forward(self, args, kwargs):
-        """The instrumented forward of a statistic step. It always runs eagerly, also inside
-        `torch.compile(compiled_model)`: its taps record `a` with Python side effects and register
-        the gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
+    def _statistic_forward(self, *args, **kwargs):
+        """A training call of a statistic step: the registrations are checked and, when the plan
+        collects statistics, the instrumented graph runs. Always eagerly, also inside
+        `torch.compile(compiled_model)`: the taps record `a` with Python side effects and register the
+        gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
         opt = self.optimizer
-        store = opt.statistics
-        store.forward_id += 1
-        opt.collected = True
-        out = self._instrumented(args, kwargs)(*args, **kwargs)
-        leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
-        leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
-                                                 if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-        first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
-        if first is not None:
-            store.batch_size[store.forward_id] = first.shape[0]
-        # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
-        if self._settings["loss_average"] == "auto" and first is not None and first.dim() > 2:
-            store.terms_per_example[store.forward_id] = first.shape[1:-1].numel()
-        if first is not None and first.requires_grad:
-            self._watch_output(first, store)
-        elif store.fisher != "empirical":
-            raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
-                            f"mse) that requires grad; got {type(out).__name__}")
-        return out
+        if self.training and opt.statistic_step and torch.is_grad_enabled():
+            self._check_registrations()
+        if self.training and opt.collecting and torch.is_grad_enabled():
+            store = opt.statistics
+            store.forward_id += 1
+            opt.collected = True
+            out = self._instrumented(args, kwargs)(*args, **kwargs)
+            leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
+            leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
+                                                     if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
+            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
+            if first is not None:
+                store.batch_size[store.forward_id] = first.shape[0]
+            # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
+            if self._settings["loss_average"] == "auto" and first is not None and first.dim() > 2:
+                store.terms_per_example[store.forward_id] = first.shape[1:-1].numel()
+            if first is not None and first.requires_grad:
+                self._watch_output(first, store)
+            elif store.fisher != "empirical":
+                raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
+                                f"mse) that requires grad; got {type(out).__name__}")
+            return out
+        return self._model(*args, **kwargs)
 
     def _check_registrations(self) -> None:
         """Raise a GnfxError naming every trainable parameter replaced, removed or added since
