@@ -4,7 +4,9 @@ It shares the original model's parameters, buffers and submodules (so `state_dic
 Parameter objects are the original's) and chooses its forward per step: on a statistic step
 (training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph, whose
 taps record `a` and `δ`; on every other step it runs the original forward, untouched, so the taps
-cost nothing there.
+cost nothing there. Under `torch.compile(compiled_model)` the statistic steps run eagerly and the
+other steps run the original forward compiled (see `_statistic_call`), so training is the same as
+without the wrapper.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from gnfx.fisher import record_true_fisher
 from gnfx.outputs import logits_of
 from gnfx.report import report
 from gnfx.passes import graph_view
+
+_EAGER_REASON = ("gnfx runs statistic steps eagerly: its taps record statistics with Python side effects and "
+                 "gradient hooks, and torch.compile(gnfx_model) compiles the other steps. So fullgraph=True "
+                 "cannot work: compile the gnfx model with the default fullgraph=False")
 
 
 class CompiledModel(nn.Module):
@@ -43,6 +49,26 @@ class CompiledModel(nn.Module):
         self.__dict__["_variant"] = variant
 
     def forward(self, *args, **kwargs):
+        if self._statistic_call():
+            return self._statistic_forward(*args, **kwargs)
+        return self._model(*args, **kwargs)
+
+    @torch.compiler.disable(reason=_EAGER_REASON)
+    def _statistic_call(self) -> bool:
+        """Whether this call is a training call (training mode, gradients enabled) of a statistic
+        step, which `_statistic_forward` serves; every other call runs the original forward.
+
+        Under `torch.compile(compiled_model)` this runs outside dynamo's tracing (a graph break), so
+        dynamo guards only on the boolean it returns, not on the step counter it reads: one graph in
+        all, the original forward, compiled, instead of one per step."""
+        return self.training and torch.is_grad_enabled() and self.optimizer.statistic_step
+
+    @torch.compiler.disable(reason=_EAGER_REASON)
+    def _statistic_forward(self, *args, **kwargs):
+        """A training call of a statistic step: the registrations are checked and, when the plan
+        collects statistics, the instrumented graph runs. Always eagerly, also inside
+        `torch.compile(compiled_model)`: the taps record `a` with Python side effects and register the
+        gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
         opt = self.optimizer
         if self.training and opt.statistic_step and torch.is_grad_enabled():
             self._check_registrations()

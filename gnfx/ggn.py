@@ -31,7 +31,9 @@ tuple, dict or dataclass output (gnfx.outputs), so Hugging Face-style output obj
 Parameter vectors are lists of tensors shaped like
 ``[p for p in model.parameters() if p.requires_grad]``, in that order. Frozen parameters
 (``requires_grad=False``) and buffers are used unchanged and take no part in θ. The model's
-forward must be deterministic (put dropout in eval mode): it is evaluated more than once.
+forward must be deterministic (put dropout in eval mode): it is evaluated more than once. A model
+returned by gnfx.compile is accepted at any step: the products are those of the module it was
+compiled from, and computing them records no statistics.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.outputs import logits_of
 
@@ -130,7 +133,14 @@ def _fisher_product(loss: Loss) -> OutputProduct:
 
 
 def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tensor], dict]:
-    """The model as a function of its trainable parameters, and their detached values by name."""
+    """The model as a function of its trainable parameters, and their detached values by name.
+
+    A gnfx CompiledModel computes the function of the module it was compiled from, on the same
+    Parameter objects under the same names: that module is evaluated, so that a product neither
+    runs the statistic taps nor trips the compiled model's check of its parameters (which
+    functional_call swaps for the duration of a call)."""
+    if isinstance(model, CompiledModel):
+        model = model._model
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")

@@ -6,6 +6,8 @@ F.mse_loss) with respect to the flattened output. Everything runs in float64 at 
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
+import gnfx
 import gnfx.ggn as ggn
 
 DTYPE = torch.float64
@@ -318,6 +321,32 @@ def test_wrapper_module_matches_inner_model(loss):
         torch.testing.assert_close(
             flat(product(Wrapper(model), loss, inputs, targets, v)), flat(product(model, loss, inputs, targets, v)), **TOL
         )
+
+
+def test_gnfx_compiled_model_at_statistic_and_plain_steps():
+    """A model returned by gnfx.compile, at step 0 (statistic step: the instrumented forward, which
+    checks the parameters that functional_call swaps) and steps 1, 2: the products are those of
+    the explicit JᵀHJ and Hessian of its original module, and computing them adds nothing to the
+    statistics (the same training as a twin whose products were never asked for)."""
+    model, inputs, targets = make_case("mlp_tanh", "cross_entropy")
+    twin = copy.deepcopy(model)
+    compiled, reference = (gnfx.compile(m, optimizer="kfac", stat_every=2, stat_decay=0.5, lr=0.1) for m in (model, twin))
+    for step in range(3):
+        v = random_vector(model)
+        expected = reference_ggn(model, "cross_entropy", inputs, targets) @ flat(v)
+        for product in (ggn.ggn_vp, ggn.fisher_vp):
+            got = product(compiled, "cross_entropy", inputs, targets, v)
+            torch.testing.assert_close(flat(got), expected, **TOL, msg=lambda m: f"{product.__name__} step {step}: {m}")
+        hv = flat(ggn.hvp(compiled, "cross_entropy", inputs, targets, v))
+        torch.testing.assert_close(hv, reference_hessian(model, "cross_entropy", inputs, targets) @ flat(v), **TOL)
+        for c in (compiled, reference):
+            F.cross_entropy(c(inputs), targets).backward()
+            c.step()
+            c.zero_grad()
+    for name in ("0", "2"):
+        for k, value in reference.statistics(name).items():
+            torch.testing.assert_close(compiled.statistics(name)[k], value, rtol=0, atol=0)
+    torch.testing.assert_close(flat(model.parameters()), flat(twin.parameters()), rtol=0, atol=0)
 
 
 def test_model_and_buffers_are_left_unchanged():
