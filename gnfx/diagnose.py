@@ -48,9 +48,8 @@ from torch import Tensor
 
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.ggn import Loss, _loss_fn, ggn_vp, ggn_vps
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
-from gnfx.preconditioners.soap import rotate
 from gnfx.report import format_table
 from gnfx.targets import as_matrix, fold
 
@@ -135,7 +134,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
     if probes < 1 or damping < 0:
         raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
     preconditioners = {pre.name: pre for pre in opt.preconditioners}
-    units = [_Unit(b.name, b.kind, b.params, b.preconditioner, LAYOUTS[b.kind](b).view, True) for b in model.layers]
+    units = [_Unit(b.name, b.kind, b.params, b.preconditioner, layout_of(b).view, True) for b in model.layers]
     units += [_Unit(f.param, "tensor", (f.param,), f.preconditioner) for f in model.layers.fallbacks]
     records = Diagnosis()
     modes = {m: m.training for m in model.modules()}
@@ -256,20 +255,20 @@ def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
 
 
 def _kfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
-    """(A ⊗ S) vec(V) = S V A, from the averaged statistics (A stored as its diagonal for embeddings)."""
+    """(A ⊗ S) vec(V) = S V A, from the averaged statistics (A stored as its diagonal for embeddings;
+    per row group, S_j V_j A_j, for grouped blocks: gnfx.layouts.base)."""
     values = pre.opt.statistics[unit.name].values
     A, S = values["A"], values["S"]
-    SV = S @ V.to(S.dtype)
+    V = V.to(S.dtype)
+    if A.dim() == 3:
+        return (S @ V.reshape(len(S), -1, V.shape[1]) @ A).reshape(V.shape)
+    SV = S @ V
     return SV * A if A.dim() == 1 else SV @ A
 
 
 def _ekfac_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
     """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
-    def apply(M, state):
-        bases = [state["Q_S"], state.get("Q_A")]
-        return rotate(rotate(M.to(state["Q_S"].dtype), bases) * state["scale"], bases, back=True)
-
-    return _piecewise(pre, unit, V, apply)
+    return _piecewise(pre, unit, V, lambda M, state: pre.in_eigenbasis(M, state, lambda s: s))
 
 
 def _rank1_curvature(pre, unit: _Unit, V: Tensor) -> Tensor:
