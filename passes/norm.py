@@ -115,6 +115,8 @@ def _handwritten_site(node, param_of, shape_of) -> Site | None:
         weight = param_of(w_node)
         if weight is None or not isinstance(h, fx.Node) or param_of(h) is not None or not _normalized(h):
             continue
+        if shape_of(weight)[:1] == (1,):  # a scalar gain broadcast over the features: not per feature
+            return None
         uses, out, bias = [(node, w_node)], node, None
         (user,) = node.users if len(node.users) == 1 else (None,)
         if _is(user, ADD) and not user.kwargs:

@@ -254,6 +254,34 @@ def test_position_statistics_are_an_embedding_of_the_positions(leading_one, star
     assert_close(stats["diag"], per.square().mean(0).T)
 
 
+class HeadBias(nn.Module):
+    """A (T_max, d_head) table added to activations split into heads, (N, H, T, d_head)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.table, self.head = nn.Embedding(9, 8), nn.Parameter(torch.randn(5, 4)), nn.Linear(8, 9)
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.emb(ids).view(n, t, 2, 4).transpose(1, 2)
+        h = torch.tanh(h + self.table[:t])
+        return self.head(h.transpose(1, 2).reshape(n, t, 8))
+
+
+def test_a_position_table_broadcast_over_heads_is_read_by_every_head():
+    model = HeadBias()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 9, (3, 4), generator=gen), torch.randint(0, 9, (3, 4), generator=gen)
+    c = compile_for_statistics(model, optimizer="kfac")
+    per = per_example_grads(model, ids, y)["table"]
+    statistic_step(c, ids, y)
+    stats = c.statistics("table")
+    assert_close(stats["A"], torch.tensor([0.25] * 4 + [0.0], dtype=DTYPE))
+    assert_close(stats["diag"], per.square().mean(0).T)
+
+
 # ----------------------------------------------------------------------------- attention across RoPE
 
 

@@ -9,8 +9,8 @@ the positions, `z_{n,t} = x_{n,t} + Pᵀ onehot(start + t)`, with the same K-FAC
     A = 1/(N T) Σ_{n,t} onehot onehotᵀ = diag(1/T on the T rows used)   (stored as its diagonal)
     S = E[δ δᵀ]  (d x d)
 
-The taps record x only to read N and T from its shape; the ids are never materialized beyond
-(N, T).
+The taps record x only to read N and T from its shape. A table added to an activation with more
+dimensions, (N, H, T, d) say, is read by every h: the H T rows of an example are its positions.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class PositionLayout(EmbeddingLayout):
         return x.shape[0] if x.dim() > 2 else 1
 
     def input_chunks(self, x: torch.Tensor):
-        """The positions read, as ids (N, T) (one chunk)."""
+        """The positions read, as ids (N, R) (one chunk): the second to last dimension of x is the
+        position; any dimension between N and it (heads, say) repeats the positions."""
         n, t = self.examples(x), x.shape[-2]
         start = self.block.options["start"]
-        yield torch.arange(start, start + t, device=x.device).expand(n, t)
+        yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
