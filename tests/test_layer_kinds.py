@@ -66,6 +66,18 @@ class HandRMSNorm(nn.Module):
         return self.weight * h.type_as(x)
 
 
+class HandLayerNorm(nn.Module):
+    """LayerNorm written out: (x - mean) / sqrt(var + eps) * γ + β."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
 NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
     "layer": (lambda d: nn.LayerNorm(d), False,
               lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()),
@@ -73,6 +85,9 @@ NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
             lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
     "hand_rms": (lambda d: HandRMSNorm(d), False,
                  lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
+    "hand_layer": (lambda d: HandLayerNorm(d), False,
+                   lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
+                                                                  + m.eps).sqrt()),
     "group": (lambda d: nn.GroupNorm(2, d), True,
               lambda x, m: ((x.unflatten(1, (2, -1)) - x.unflatten(1, (2, -1)).mean((2, 3), keepdim=True))
                             / (x.unflatten(1, (2, -1)).var((2, 3), unbiased=False, keepdim=True) + m.eps).sqrt()
