@@ -437,3 +437,29 @@ def test_diagnose_measures_the_grouped_blocks(optimizer):
     for name in ("depthwise", "bn", "gn", "ln", "rms", "pos"):
         r = records[name]
         assert math.isfinite(r.curvature_error) and -1 <= r.cosine <= 1, r
+
+
+@pytest.mark.parametrize("model", ["norm", "grouped"])
+def test_ekfac_measures_each_group_in_its_own_eigenbasis(model):
+    """eigen_diag = 1/N Σ_n (Q_S,jᵀ ∇ℓ̃_n,j Q_A,j)² for each row group j (∇ℓ̃_n,j: example n's
+    gradient rows of group j, from vmap), in the bases the previous refresh set."""
+    model = NormNet("layer") if model == "norm" else GroupedNet(4, 6, 2, True)
+    name = "norm" if isinstance(model, NormNet) else "conv"
+    batches = [norm_data(seed=s) if name == "norm" else
+               (torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(s), dtype=DTYPE),
+                torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
+    c = gnfx.compile(model, optimizer="ekfac", stat_every=1, stat_decay=0.0, inv_every=1, lr=1e-2)
+    statistic_step(c, *batches[0])  # bases from this batch's A and S
+    pre = c.optimizer.curvature[0]
+    group, i = next((g, i) for g in pre.groups for i, p in enumerate(g.pieces) if p.target.name == name)
+    state = pre.group_state(group)
+    Q_S, Q_A = state["Q_S"][i], state["Q_A"][i]
+    assert not torch.allclose(Q_A, torch.eye(Q_A.shape[-1], dtype=DTYPE).expand_as(Q_A))
+    x, y = batches[1]
+    grads = per_example_grads(model, x, y)
+    per = grads[f"{name}.weight"].reshape(len(x), grads[f"{name}.weight"].shape[1], -1)
+    per = torch.cat([per, grads[f"{name}.bias"][..., None]], -1)  # (N, d_out, d_a)
+    rotated = Q_S.transpose(1, 2) @ per.unflatten(1, (len(Q_S), -1)) @ Q_A  # per group j
+    cross_entropy(c(x), y).backward()
+    measured = c.optimizer.statistics[name].batch()["eigen_diag"]
+    assert_close(measured, rotated.flatten(1, 2).square().mean(0))
