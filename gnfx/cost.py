@@ -166,7 +166,7 @@ class Geometry:
     @property
     def rows(self):
         """s: the outputs of one row group (d_out for an ungrouped block)."""
-        return self.dims[0] / self.groups if self.groups != 1 else self.dims[0]
+        return sp.sympify(self.dims[0]) / self.groups if self.groups != 1 else self.dims[0]
 
     @property
     def numel(self):
