@@ -59,7 +59,7 @@ class BlockDiagnosis:
     """One unit's measurements (see the module doc)."""
 
     name: str  # block name, or parameter name of a loose parameter
-    kind: str  # "linear", "conv", "embedding", or "tensor" for a loose parameter
+    kind: str  # a layer kind (gnfx.layouts: "linear", "conv", "norm", ...), or "tensor" for a loose parameter
     preconditioner: str
     size: int  # number of parameters in the unit
     curvature_error: float | None  # mean ‖Ĝ_b v - G_b v‖ / ‖G_b v‖, None where Ĝ_b is not defined
