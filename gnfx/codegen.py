@@ -18,7 +18,7 @@ import torch
 import torch._dynamo.exc
 
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
-from gnfx.targets import fold
+from gnfx.targets import VIEWS, fold
 
 
 def _region(piece) -> str:
@@ -28,13 +28,10 @@ def _region(piece) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in piece.index) + "]"
 
 
-_VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()"}
-
-
 def _piece_expr(piece, position_of) -> str:
     t = piece.target
     grads = [f"grads[{position_of[n]}]" for n in t.params]
-    grads[0] += _VIEWS[t.view]
+    grads[0] += VIEWS[t.view]
     return (f"fold({', '.join(grads)})" if t.folded_bias else grads[0]) + _region(piece)
 
 

@@ -3,8 +3,9 @@
 A block `z = W a (+ b)` is seen through its folded gradient `[∇W ∇b]`, a d_out x d_a matrix with
 `d_a = d_in + 1` with a bias (else d_in); n = d_out·d_a entries. For a conv, d_in = C_in·prod(kernel)
 and a position is an output location; for an embedding, d_in is the vocabulary and `A` is
-diagonal. A loose parameter (one no block claims) is seen as its own tensor of shape
-(d_1, ..., d_k). The symbols:
+diagonal. A block of g independent row groups (gnfx.layouts.base: grouped convolutions, norm
+affine parameters, d_out = g·s) has g factor pairs, d_a x d_a and s x s. A loose parameter (one no
+block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
 
     d_in, d_out     the block's sizes
     B, R            examples per step, positions per example summed over the block's call sites
@@ -53,6 +54,7 @@ import dataclasses
 import sympy as sp
 import torch
 
+from gnfx.layouts import LAYOUTS, layout_of
 from gnfx.preconditioners.shampoo import root_exponent
 from gnfx.report import format_bytes, format_table
 
@@ -149,12 +151,22 @@ def _cut(d, b):
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """What a preconditioner treats as a unit: `dims` = (d_out, d_a) of a block's folded gradient
-    (`bias`: d_a = d_in + 1), or a loose parameter's shape; `kind` a layer kind ("linear", "conv",
-    "embedding") or "tensor"."""
+    (`bias`: d_a = d_in + 1), or a loose parameter's shape; `kind` a layer kind (gnfx.layouts) or
+    "tensor"; `groups` the block's independent row groups."""
 
     dims: tuple
     kind: str
     bias: bool = False
+    groups: int = 1
+
+    @property
+    def diagonal_A(self) -> bool:
+        return self.kind in LAYOUTS and LAYOUTS[self.kind].diagonal_A
+
+    @property
+    def rows(self):
+        """s: the outputs of one row group (d_out for an ungrouped block)."""
+        return sp.sympify(self.dims[0]) / self.groups if self.groups != 1 else self.dims[0]
 
     @property
     def numel(self):
@@ -202,31 +214,33 @@ def diag_parts(g, hp, at) -> Parts:
 
 
 def kfac_parts(g, hp, at) -> Parts:
-    """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²)."""
-    d_o, d_a = g.dims
-    n = g.numel
-    diagonal_A = g.kind == "embedding"
+    """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
+    g of each, d_a² and s², for g row groups."""
+    _, d_a = g.dims
+    n, s, k = g.numel, g.rows, g.groups
+    diagonal_A = g.diagonal_A
     return Parts(
-        {"A_inv": (d_a if diagonal_A else d_a ** 2, FACTOR), "S_inv": (d_o ** 2, FACTOR),
+        {"A_inv": (d_a if diagonal_A else k * d_a ** 2, FACTOR), "S_inv": (k * s ** 2, FACTOR),
          "failures": (1, INT64), "momentum": (n, FACTOR)},
-        refresh=((2 * d_a if diagonal_A else inverse_power_flops(d_a, hp["root_method"]))
-                 + inverse_power_flops(d_o, hp["root_method"])),
+        refresh=((2 * d_a if diagonal_A else k * inverse_power_flops(d_a, hp["root_method"]))
+                 + k * inverse_power_flops(s, hp["root_method"])),
         every=at["inv_every"],
-        update=2 * n * d_o + (DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + _kl_clip(hp, n) + TAIL * n)
+        update=2 * n * s + (DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + _kl_clip(hp, n) + TAIL * n)
 
 
 def ekfac_parts(g, hp, at) -> Parts:
     """K-FAC's eigenbases Q_S (d_out²) and Q_A (d_a², none for an embedding) and the fitted
-    eigenvalues s (n), copied from the "eigen_diag" statistic on every statistic step."""
-    d_o, d_a = g.dims
-    n = g.numel
-    sides = (d_o,) if g.kind == "embedding" else (d_o, d_a)
-    state = {"Q_S": (d_o ** 2, FACTOR), "scale": (n, FACTOR),
+    eigenvalues s (n), copied from the "eigen_diag" statistic on every statistic step; g pairs of
+    bases (s² and d_a²) for g row groups."""
+    _, d_a = g.dims
+    n, k = g.numel, g.groups
+    sides = (g.rows,) if g.diagonal_A else (g.rows, d_a)
+    state = {"Q_S": (k * g.rows ** 2, FACTOR), "scale": (n, FACTOR),
              **{c: (1, INT64) for c in ("refreshes", "skipped", "failures")}, "momentum": (n, FACTOR)}
-    if g.kind != "embedding":
-        state["Q_A"] = (d_a ** 2, FACTOR)
+    if not g.diagonal_A:
+        state["Q_A"] = (k * d_a ** 2, FACTOR)
     # per basis: Qᵀ F Q, eigh, the carry-over (Q_oldᵀ Q)² and s ×_j P
-    refresh = sum((4 + EIGH + 2) * d ** 3 + d ** 2 + 2 * n * d for d in sides)
+    refresh = sum(k * ((4 + EIGH + 2) * d ** 3 + d ** 2) + 2 * n * d for d in sides)
     rotations = sum(2 * n * d for d in sides)
     return Parts(state, refresh=refresh, every=at["inv_every"],
                  update=2 * rotations + DAMPED_DIVIDE * n + _kl_clip(hp, n) + TAIL * n)
@@ -297,20 +311,21 @@ def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]
     moving average together) and their FLOPs per statistic step (module docstring)."""
     d_o, d_a = g.dims
     d_i = d_a - 1 if g.bias else d_a
-    n = g.numel
+    n, s, k = g.numel, g.rows, g.groups
     b, positions = at["B"], at["B"] * at["R"]
-    embedding = g.kind == "embedding"
+    embedding = g.diagonal_A
     reduce = kfac_approx == "reduce" and not embedding  # sum over positions, then B rows
     rows, pooling = (b, positions) if reduce else (positions, 0)
-    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out, the diagonals like [W b]
-    sizes = {"A": d_a if embedding else d_a ** 2, "S": d_o ** 2, "diag": n, "eigen_diag": n}
+    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out (per row group:
+    # d_a x d_a and s x s), the diagonals like [W b]
+    sizes = {"A": d_a if embedding else k * d_a ** 2, "S": k * s ** 2, "diag": n, "eigen_diag": n}
     # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
-    accumulators = {**sizes, "A": d_a if embedding else d_i * d_a}
+    accumulators = {**sizes, "A": d_a if embedding else k * d_i * d_a}
     scatter = positions * d_o  # an embedding's per-example gradient: δ added into token rows
-    flops = {"A": positions if embedding else pooling * d_i + 2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0),
-             "S": pooling * d_o + 2 * rows * d_o ** 2,
+    flops = {"A": positions if embedding else k * (pooling * d_i + 2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0)),
+             "S": pooling * d_o + 2 * rows * k * s ** 2,
              "diag": (scatter if embedding else 2 * positions * n) + 2 * b * n,
-             "eigen_diag": 2 * positions * d_o ** 2 + (scatter if embedding else 2 * positions * (d_a ** 2 + n))
+             "eigen_diag": 2 * positions * k * s ** 2 + (scatter if embedding else 2 * positions * (k * d_a ** 2 + n))
              + 2 * b * n}
     entries = {name: (accumulators[name] + sizes[name], FACTOR) for name in sorted(needs)}
     return entries, sum((flops[name] + EMA * sizes[name] for name in needs), sp.Integer(0))
@@ -375,8 +390,8 @@ def formulas(name: str, hp: dict, geometry: Geometry, needs=frozenset(), kfac_ap
                     at["stat_every"])
 
 
-def block_geometry(kind: str, bias: bool, at: dict) -> Geometry:
-    return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias)
+def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1) -> Geometry:
+    return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias, groups)
 
 
 def storage_sizes(weight: torch.Tensor) -> dict:
@@ -491,7 +506,8 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
                              R=r * len(block.sites))
             needs = stats[name].needs if name in stats else frozenset()
-            geometry, symbolic = (block_geometry(kind, block.bias is not None, x) for x in (at, SYMBOLS))
+            groups = layout_of(block).groups
+            geometry, symbolic = (block_geometry(kind, block.bias is not None, x, groups) for x in (at, SYMBOLS))
         else:
             at = symbols_for(pre.hp, optimizer.stat_every)
             needs = frozenset()

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.ggn import Loss, _loss_fn, ggn_vp, ggn_vps
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import layout_of
 from gnfx.outputs import logits_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.report import format_table
@@ -62,7 +62,7 @@ class BlockDiagnosis:
     """One unit's measurements (see the module doc)."""
 
     name: str  # block name, or parameter name of a loose parameter
-    kind: str  # "linear", "conv", "embedding", or "tensor" for a loose parameter
+    kind: str  # a layer kind (gnfx.layouts: "linear", "conv", "norm", ...), or "tensor" for a loose parameter
     preconditioner: str
     size: int  # number of parameters in the unit
     curvature_error: float | None  # mean ‖Ĝ_b v - G_b v‖ / ‖G_b v‖, None where Ĝ_b is not defined
@@ -135,7 +135,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
         raise GnfxError("diagnose reads the preconditioners' state: take at least one optimizer step first")
     if probes < 1 or damping < 0:
         raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
-    units = [_Unit(b.name, b.kind, b.params, LAYOUTS[b.kind](b).view, True) for b in model.layers]
+    units = [_Unit(b.name, b.kind, b.params, layout_of(b).view, True) for b in model.layers]
     units += [_Unit(f.param, "tensor", (f.param,)) for f in model.layers.fallbacks]
     records = Diagnosis()
     modes = {m: m.training for m in model.modules()}

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 
 from gnfx.report import block_table, leaf_lines
+from gnfx.layouts import layout_of
 
 
 @dataclasses.dataclass
 class Block:
     """A curvature block: a linear map `z = W a (+ b)` used at one or more call sites.
 
-    `kind` is "linear", "conv" or "embedding" (see gnfx.layouts for how each reads as `z = W a`).
-    `d_in`, `d_out` are the sizes of `a` and `z` (for a conv, `a` is a patch of C_in·prod(k)
-    entries; for an embedding, a one-hot vector over the vocabulary); with a bias, `a` gets a
+    `kind` is "linear", "conv", "embedding", "norm" or "position" (see gnfx.layouts for how each
+    reads as `z = W a`). `d_in`, `d_out` are the sizes of `a` and `z` (for a conv, `a` is a patch
+    of C_in·prod(k) entries, of one group's C_in/groups channels for a grouped one; for an
+    embedding, a one-hot vector over the vocabulary; for a norm, one feature's x̂); with a bias, `a` gets a
     trailing 1 and the factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that
     apply the map (more than one for tied weights; their statistics sum as if the sites were
     extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
@@ -42,9 +44,9 @@ class Block:
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """The shapes of the block's factors: A over inputs (bias folded in), S over outputs."""
-        a = self.d_in + (self.bias is not None)
-        return {"A": (a,) if self.kind == "embedding" else (a, a), "S": (self.d_out, self.d_out),
+        """The shapes of the block's factors (its layout's): A over inputs (bias folded in), S over
+        outputs; and of its weight."""
+        return {**layout_of(self).factor_shapes(),
                 "W": tuple(self.options.get("weight_shape", (self.d_out, self.d_in)))}
 
 

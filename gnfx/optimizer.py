@@ -287,4 +287,4 @@ def _statistic_shape(stats, name: str) -> tuple | None:
     if name not in stats.needs:
         return None
     d_a, d_out = stats.block.d_in + stats.bias, stats.block.d_out
-    return {"A": (d_a,) if stats.layout.diagonal_A else (d_a, d_a), "S": (d_out, d_out)}.get(name, (d_out, d_a))
+    return stats.layout.factor_shapes().get(name, (d_out, d_a))

@@ -46,6 +46,7 @@ import fnmatch
 from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import positive, resolve
+from gnfx.layouts import layout_of
 from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
@@ -280,7 +281,7 @@ def choose(block, base: dict, budgets: dict, settings: dict, params: dict) -> En
     for rank, (name, hp, detail) in enumerate(candidates(block, base)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
-        f = cost.formulas(name, hp, cost.block_geometry(block.kind, block.bias is not None, at),
+        f = cost.formulas(name, hp, cost.block_geometry(block.kind, block.bias is not None, at, layout_of(block).groups),
                           REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
         memory = float(f.memory(sizes)) / param_bytes
         compute = float(f.flops) / (cost.ADAMW * numel)

@@ -32,6 +32,10 @@ it carries the averaged value into the new one (the average is only meaningful i
 
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
+
+A block of independent row groups (gnfx.layouts.base: grouped convolutions, norm affine
+parameters) gets every statistic above per group j from its own rows a_j and δ_j: A and S are
+stacked (groups, ., .), the diagonals keep the [W b] layout.
 """
 from __future__ import annotations
 
@@ -39,10 +43,15 @@ import warnings
 
 import torch
 
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import layout_of
 
 STATISTICS = ("A", "S", "diag", "eigen_diag")
 KFAC_APPROX = ("expand", "reduce")
+
+
+def _rotate_rows(rows: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """rows @ Q: rows (..., d) by a basis (d, d), or rows (..., groups, d) by one basis per group."""
+    return rows @ Q if Q.dim() == 2 else torch.einsum("...gi,gij->...gj", rows, Q)
 
 
 class BlockStatistics:
@@ -51,7 +60,8 @@ class BlockStatistics:
     def __init__(self, block, store, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
         self.block = block
         self.store = store
-        self.layout = LAYOUTS[block.kind](block)
+        self.layout = layout_of(block)
+        self.groups = self.layout.groups
         self.needs = frozenset(needs)
         self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
         self.dtype = dtype
@@ -60,10 +70,11 @@ class BlockStatistics:
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         # A is accumulated as its weight part Σ a aᵀ (contiguous, so the product writes in place)
         # and, with a bias, the row sums Σ a; the bordered (d+1)² matrix is assembled in batch()
-        a_shape = (d_a,) if self.layout.diagonal_A else (block.d_in, block.d_in)
+        shapes = self.layout.factor_shapes()
+        a_shape = shapes["A"] if self.layout.diagonal_A else shapes["A"][:-2] + (block.d_in, block.d_in)
         self._A = zeros(*a_shape) if "A" in needs else None
-        self._A_sum = zeros(block.d_in) if "A" in needs and self.bias and not self.layout.diagonal_A else None
-        self._S = zeros(d_out, d_out) if "S" in needs else None
+        self._A_sum = zeros(*a_shape[:-1]) if "A" in needs and self.bias and not self.layout.diagonal_A else None
+        self._S = zeros(*shapes["S"]) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
         self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
@@ -125,30 +136,36 @@ class BlockStatistics:
                     pooled["positions"] += chunk.shape[1]
                 else:
                     chunk = chunk.to(self.dtype)
-                    self._add_A(chunk.mean(1) if reduce else chunk.reshape(-1, chunk.shape[-1]))
+                    self._add_A(chunk.mean(1) if reduce else chunk.flatten(0, 1))
 
     def _add_A(self, rows: torch.Tensor) -> None:
-        """Σ a aᵀ (and Σ a with a bias) over the rows a, without materializing [a 1]."""
+        """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), without
+        materializing [a 1]."""
         self._gram_into("_A", rows)
         if self._A_sum is not None:
             self._A_sum += rows.sum(0)
         self._a_rows += rows.shape[0]
 
     def _gram_into(self, name: str, rows: torch.Tensor) -> None:
-        """buffer += rowsᵀ rows; the first product after a reset overwrites (beta=0) instead of
-        adding to zeros, so the large Gram buffers are never cleared."""
-        getattr(self, name).addmm_(rows.T, rows, beta=0.0 if name in self._stale else 1.0)
+        """buffer += rowsᵀ rows (per group for rows (P, groups, d)); the first product after a reset
+        overwrites (beta=0) instead of adding to zeros, so the large Gram buffers are never cleared."""
+        beta = 0.0 if name in self._stale else 1.0
+        if rows.dim() == 2:
+            getattr(self, name).addmm_(rows.T, rows, beta=beta)
+        else:
+            per_group = rows.transpose(0, 1)
+            getattr(self, name).baddbmm_(per_group.transpose(1, 2), per_group, beta=beta)
         self._stale.discard(name)
 
     def _bordered_A(self) -> torch.Tensor:
-        """Σ [a 1]ᵀ [a 1] = [[Σ a aᵀ, Σ a], [Σ aᵀ, rows]] from the accumulators."""
+        """Σ [a 1]ᵀ [a 1] = [[Σ a aᵀ, Σ a], [Σ aᵀ, rows]] from the accumulators (per group)."""
         if self._A_sum is None:
             return self._A
-        d = self._A.shape[0]
-        out = self._A.new_empty(d + 1, d + 1)
-        out[:d, :d] = self._A
-        out[:d, d] = out[d, :d] = self._A_sum
-        out[d, d] = self._a_rows
+        d = self._A.shape[-1]
+        out = self._A.new_empty(self._A.shape[:-2] + (d + 1, d + 1))
+        out[..., :d, :d] = self._A
+        out[..., :d, d] = out[..., d, :d] = self._A_sum
+        out[..., d, d] = self._a_rows
         return out
 
     @torch.no_grad()
@@ -157,18 +174,20 @@ class BlockStatistics:
         if forward_id in self._staged:
             self._commit(forward_id)
         g3 = self.layout.error_rows(g).to(self.dtype)
+        if self.groups > 1:  # (N, R, groups, s)
+            g3 = g3.unflatten(-1, (self.groups, -1))
         whole = forward_id in self._whole_batch
         if self.pool_sites and not whole:
             pooled = self._pooled[forward_id]
             pooled["g"] = pooled["g"] + g3.sum(1)
         elif self._S is not None:
-            rows = g3.sum(1) if self.reduce and not whole else g3.reshape(-1, g3.shape[-1])
+            rows = g3.sum(1) if self.reduce and not whole else g3.flatten(0, 1)
             self._gram_into("_S", rows)
         if self._diag is not None:
             self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
         if self._eigen_diag is not None:
             Q_S, Q_A = self.basis() if self.basis is not None else (None, None)
-            g3 = g3 if Q_S is None else g3 @ Q_S
+            g3 = g3 if Q_S is None else _rotate_rows(g3, Q_S)
             self._record_per_example(g3, a, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
 
     def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int, out: torch.Tensor,
@@ -179,7 +198,7 @@ class BlockStatistics:
         chunks = list(self.layout.input_chunks(a))
         if forward_id in self._whole_batch:  # the batch as one example (see _commit)
             chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
-            g3 = g3.reshape(1, -1, g3.shape[-1])
+            g3 = g3.reshape((1, -1) + tuple(g3.shape[2:]))
         start = 0
         for chunk in chunks:
             g = g3[start:start + chunk.shape[0]]
@@ -192,11 +211,12 @@ class BlockStatistics:
                     per_example[:, :, padding] = 0
             else:
                 rows = self._augmented(chunk.to(self.dtype))
-                rows = rows if Q_A is None else rows @ Q_A
-                if single_site and g.shape[1] == 1:
+                rows = rows if Q_A is None else _rotate_rows(rows, Q_A)
+                if single_site and g.shape[1] == 1 and self.groups == 1:
                     out.addmm_(g[:, 0].square().T, rows[:, 0].square())
                     continue
-                per_example = torch.einsum("nro,nri->noi", g, rows)
+                # Σ_r g_r a_rᵀ per example (and group), laid out like [W b]
+                per_example = torch.einsum("nr...o,nr...i->n...oi", g, rows).reshape(g.shape[0], *out.shape)
             if single_site:
                 out += per_example.square().sum(0)
             elif forward_id in pending:

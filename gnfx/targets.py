@@ -22,7 +22,8 @@ class Target:
     params: tuple[str, ...]
     shape: tuple[int, ...]
     block: object = None  # the LayerTable Block, or None for a loose parameter
-    view: str = ""  # how the weight reads as the matrix W: "" as is, "flatten" (conv), "t" (transposed)
+    view: str = ""  # how the weight reads as the matrix W (as_matrix)
+    groups: int = 1  # independent row groups of the block (gnfx.layouts.base)
 
     @property
     def folded_bias(self) -> bool:
@@ -45,16 +46,19 @@ class Piece:
 
 @dataclasses.dataclass
 class Group:
-    """Pieces of one shape and layer kind, stacked along a leading dimension k."""
+    """Pieces of one shape, layer kind and row grouping, stacked along a leading dimension k."""
 
     key: str
     shape: tuple[int, ...]
     kind: str
     pieces: list[Piece]
+    groups: int = 1
 
 
-def block_target(block, view: str) -> Target:
-    return Target(block.name, block.params, (block.d_out, block.d_in + (block.bias is not None)), block, view)
+def block_target(block, layout) -> Target:
+    """The [W b] target of a block, W read as its layout says (gnfx.layouts)."""
+    return Target(block.name, block.params, (block.d_out, block.d_in + (block.bias is not None)), block,
+                  layout.view, layout.groups)
 
 
 def param_target(name: str, shape) -> Target:
@@ -75,17 +79,37 @@ def cut(target: Target, max_block: int | None) -> list[Piece]:
 
 
 def make_groups(prefix: str, targets: list[Target], max_block: int | None = None) -> list[Group]:
-    """Group the pieces of all targets by shape and kind, in a deterministic order."""
+    """Group the pieces of all targets by shape, kind and row grouping, in a deterministic order."""
     by_shape: dict[tuple, list[Piece]] = {}
     for t in targets:
         for p in cut(t, max_block):
-            by_shape.setdefault((p.shape, t.kind), []).append(p)
-    return [Group(f"{prefix}_{i}", shape, kind, pieces) for i, ((shape, kind), pieces) in enumerate(by_shape.items())]
+            by_shape.setdefault((p.shape, t.kind, t.groups), []).append(p)
+    return [Group(f"{prefix}_{i}", shape, kind, pieces, groups)
+            for i, ((shape, kind, groups), pieces) in enumerate(by_shape.items())]
+
+
+# how a weight reads as the matrix W of `z = W a`, as code (gnfx.codegen writes it out): as is,
+# "flatten" (conv kernels), "t" (transposed), "column" (a vector as d x 1), "flat_t" (leading
+# dimensions flattened, then transposed: a (1, T, d) position table as d x T)
+VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()", "column": ".unsqueeze(1)", "flat_t": ".flatten(0, -2).t()"}
 
 
 def as_matrix(w: torch.Tensor, view: str) -> torch.Tensor:
     """The weight (or its gradient) as the matrix W of `z = W a`: a view, so updates write through."""
-    return w.flatten(1) if view == "flatten" else w.t() if view == "t" else w
+    if view == "flatten":
+        return w.flatten(1)
+    if view == "t":
+        return w.t()
+    if view == "column":
+        return w.unsqueeze(1)
+    if view == "flat_t":
+        return w.flatten(0, -2).t()
+    return w
+
+
+def from_matrix(M: torch.Tensor, view: str, shape) -> torch.Tensor:
+    """The inverse of `as_matrix`: a matrix laid out like W back in the weight's shape."""
+    return (M.t() if view in ("t", "flat_t") else M).reshape(shape)
 
 
 def fold(w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

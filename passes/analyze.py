@@ -20,9 +20,12 @@ from .attention import mark_attention
 from .conv import find_conv_sites
 from .embedding import find_embedding_sites
 from .linear import find_linear_sites
+from .norm import find_norm_sites
+from .position import find_position_sites
 from .sites import Site
 
-DETECTORS = {"linear": find_linear_sites, "conv": find_conv_sites, "embedding": find_embedding_sites}
+DETECTORS = {"linear": find_linear_sites, "conv": find_conv_sites, "embedding": find_embedding_sites,
+             "norm": find_norm_sites, "position": find_position_sites}
 
 
 def _block_name(weight: str) -> str:
@@ -43,12 +46,16 @@ class _ParamIndex:
         self.gm = gm
 
     def param_of(self, node) -> str | None:
-        """The canonical name of the trainable parameter a `get_attr` node reads, else None."""
-        if not isinstance(node, fx.Node) or node.op != "get_attr":
+        """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
+        itself: those of a `call_module`), else None."""
+        if isinstance(node, nn.Parameter):
+            obj = node
+        elif not isinstance(node, fx.Node) or node.op != "get_attr":
             return None
-        obj = self.gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part, None)
+        else:
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part, None)
         name = self.names.get(id(obj))
         return name if name is not None and self.params[name].requires_grad else None
 

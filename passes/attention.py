@@ -9,7 +9,12 @@ Three forms are recognized, in both graph forms:
   * nn.MultiheadAttention, lowered beforehand into the hand-written form (passes/mha.py).
 The q, k and v operands (and the attention output) are followed through shape ops (view,
 reshape, transpose, split, chunk, getitem, ...) to the linear blocks that produce (consume) them,
-which get the role "attention.q", ".k", ".v" (".qkv" for a fused projection) or ".out".
+which get the role "attention.q", ".k", ".v" (".qkv" for a fused projection) or ".out". Between a
+projection and the attention there may be a rotary position embedding (RoPE: `q·cos +
+rotate_half(q)·sin`, or the complex form `view_as_real(view_as_complex(q) · freqs)`): an operand
+that is no shape view of a block is followed back through elementwise products, sums,
+negations, concatenations and casts, and is the rotated output of the one block found that way
+(none, or several, and it has no producer).
 """
 from __future__ import annotations
 
@@ -142,15 +147,40 @@ def _depends(node, target) -> bool:
     return False
 
 
+# the ops of a rotary position embedding, besides shape ops (the rotation of q or k by cos, sin)
+ROTATION = (operator.mul, operator.add, operator.sub, operator.neg, torch.mul, torch.add, torch.sub, torch.neg,
+            torch.cat, torch.stack, torch.view_as_complex, torch.view_as_real, aten.mul.Tensor, aten.add.Tensor,
+            aten.sub.Tensor, aten.neg.default, aten.cat.default, aten.stack.default, aten.view_as_complex.default,
+            aten.view_as_real.default, aten._to_copy.default, aten.to.dtype, aten.type_as.default,
+            "mul", "add", "sub", "neg", "float", "to", "type_as")
+MAX_ROTATION_NODES = 256  # how far back the search for a rotated projection looks
+
+
 def _producer(node, site_of) -> fx.Node | None:
-    """The block site whose output `node` is, through shape ops."""
+    """The block site whose output `node` is, through shape ops, or through a rotary embedding."""
+    start = node
     while isinstance(node, fx.Node):
         if node in site_of:
             return node
         if not _is(node, SHAPE) or not node.args:
-            return None
+            return _rotated(start, site_of)
         node = node.args[0]
     return None
+
+
+def _rotated(node, site_of) -> fx.Node | None:
+    """The one block site reached from `node` backwards through shape and rotation ops, else None."""
+    found, seen, stack = set(), set(), [node]
+    while stack and len(seen) < MAX_ROTATION_NODES:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in site_of:
+            found.add(n)
+        elif _is(n, SHAPE) or _is(n, ROTATION):
+            stack.extend(n.all_input_nodes)
+    return found.pop() if len(found) == 1 and not stack else None
 
 
 def _consumers(node, site_of) -> list:

@@ -1,7 +1,7 @@
 """The convolution detector: `F.conv1d/2d/3d` and `aten.conv{1,2,3}d` / `aten.convolution` with a
-trainable weight. Any stride, padding (numbers or 'same'/'valid'), dilation. Grouped convolutions
-(groups > 1, depthwise included) are a documented fallback: their weight gets the diagonal
-preconditioner, with that reason in the report.
+trainable weight. Any stride, padding (numbers or 'same'/'valid'), dilation and groups (grouped
+and depthwise convolutions are blocks of independent row groups, gnfx.layouts.conv). Transposed
+convolutions are a documented fallback.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _tuple(x, n) -> tuple[int, ...]:
 
 
 def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Convolution sites, and (node, reason) for grouped or transposed ones that stay fallbacks."""
+    """Convolution sites, and (node, reason) for transposed ones that stay fallbacks."""
     sites, rejected = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -45,10 +45,6 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
         weight = param_of(w_node)
         if weight is None:
             continue
-        if groups != 1:
-            rejected.append((node, f"a grouped convolution (groups={groups}): documented fallback, "
-                                   f"per-group blocks are not implemented"))
-            continue
         shape = shape_of(weight)
         n = len(shape) - 2
         kernel = tuple(shape[2:])
@@ -65,6 +61,6 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
         sites.append(Site(node=node, kind="conv", input=node.args[0], weight=weight, bias=bias, uses=uses,
                           d_in=d_in, d_out=shape[0],
                           options={"kernel_size": kernel, "stride": stride, "padding": pads,
-                                   "dilation": dilation, "weight_shape": shape}))
+                                   "dilation": dilation, "groups": groups, "weight_shape": shape}))
     return sites, rejected
 

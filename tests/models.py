@@ -178,6 +178,19 @@ class ViT(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
+class SquashedAffine(nn.Module):
+    """z = x ⊙ sigmoid(w) + tanh(b): parameters that enter through nonlinearities, a use that is no
+    layer gnfx models (both fall back to the diagonal preconditioner)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.weight) + torch.tanh(self.bias)
+
+
 def coverage(c, model) -> float:
     """The fraction of trainable parameter entries that are in curvature blocks (tied
     parameters counted once, as named_parameters lists them)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gnfx
+from models import SquashedAffine
 from references import cross_entropy
 
 DTYPE = torch.float64
@@ -32,11 +33,11 @@ class MLP(nn.Module):
 
 
 class Residual(nn.Module):
-    """LayerNorm (a fallback), a residual connection, a bias-free layer and a buffer."""
+    """A SquashedAffine (a fallback), a residual connection, a bias-free layer and a buffer."""
 
     def __init__(self, d=4, classes=3):
         super().__init__()
-        self.norm = nn.LayerNorm(d)
+        self.norm = SquashedAffine(d)
         self.fc = nn.Linear(d, d, bias=False)
         self.head = nn.Linear(d, classes)
         self.register_buffer("shift", torch.linspace(-1, 1, d))
@@ -203,9 +204,10 @@ def test_report_shows_blocks_shapes_preconditioners_and_the_registration_table()
         row = next(line for line in table.splitlines() if line.startswith(name + " "))
         assert "x".join(map(str, p.shape)) in row
     assert [(f.param, f.reason) for f in c.layers.fallbacks] == [
-        (p, "inside module 'norm', a layer kind gnfx has no curvature block for") for p in ("norm.weight", "norm.bias")]
+        ("norm.weight", "used by call_function 'sigmoid' (node sigmoid), not a layer gnfx models"),
+        ("norm.bias", "used by call_function 'tanh' (node tanh), not a layer gnfx models")]
     norm = next(line for line in table.splitlines() if line.startswith("norm.weight "))
-    assert "fallback: inside module 'norm', a layer kind gnfx has no curvature block for" in norm
+    assert "fallback: used by call_function 'sigmoid' (node sigmoid), not a layer gnfx models" in norm
     assert next(line for line in table.splitlines() if line.startswith("head.bias ")).rstrip().endswith("block head")
     assert f"parameters in curvature blocks: {16 + 15} of {16 + 15 + 8}" in text
 
@@ -222,7 +224,7 @@ def test_the_layer_table_prints_the_block_table_of_the_report():
         ["head", "linear", "A5x5", "S3x3", "W3x4", "diag", "optimizer='diag'"],
         ["norm.weight", "fallback", "4", "diag", "optimizer='diag'"],
         ["norm.bias", "fallback", "4", "diag", "optimizer='diag'"]]
-    assert "  norm.weight: inside module 'norm', a layer kind gnfx has no curvature block for" in text
+    assert "  norm.weight: used by call_function 'sigmoid' (node sigmoid), not a layer gnfx models" in text
 
 
 def test_blocks_expose_their_parameters_and_shapes():

@@ -349,16 +349,17 @@ class Grouped(nn.Module):
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("groups", [2, 4])
-def test_grouped_convolution_falls_back_with_a_reason_saying_grouped(groups, capture):
+def test_grouped_convolution_is_a_block_of_independent_groups(groups, capture):
+    """A grouped convolution is `groups` convolutions side by side: one block whose factors are
+    per group (their values are checked in test_layer_kinds.py)."""
     model = Grouped(groups)
     x, _ = data(3, 4, (5, 5), classes=3)
     c = gnfx.compile(model, optimizer="kfac", capture=capture, example_inputs=(x,))
-    assert [b.name for b in c.layers] == ["head"]
-    reasons = {f.param: f.reason for f in c.layers.fallbacks}
-    assert set(reasons) == {"conv.weight", "conv.bias"}
-    assert all("grouped" in r and f"groups={groups}" in r for r in reasons.values()), reasons
-    assert all(f.preconditioner == "diag" for f in c.layers.fallbacks)
-    assert "grouped" in c.report()
+    assert [b.name for b in c.layers] == ["conv", "head"] and not c.layers.fallbacks
+    conv = c.layers["conv"]
+    d_a = 4 // groups * 9 + 1
+    assert (conv.d_in, conv.d_out, conv.options["groups"]) == (4 // groups * 9, 4, groups)
+    assert conv.shapes["A"] == (groups, d_a, d_a) and conv.shapes["S"] == (groups, 4 // groups, 4 // groups)
 
 
 # ----------------------------------------------------------------------------- memory chunking

@@ -18,15 +18,19 @@ import torch
 from torch import nn
 
 import gnfx
+from models import SquashedAffine
 from references import TOL, cross_entropy, per_example_grads
 
 ADAMW_TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def model_with_a_fallback(dtype=torch.float32, seed=0):
-    """Two linear blocks around a LayerNorm (whose weight and bias fall back)."""
+    """Two linear blocks around a SquashedAffine (whose weight and bias fall back)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3)).to(dtype)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), SquashedAffine(8), nn.Linear(8, 3))
+    nn.init.normal_(model[2].weight)
+    nn.init.normal_(model[2].bias)
+    return model.to(dtype)
 
 
 def data(step, dtype=torch.float32, n=16):
@@ -170,7 +174,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit_the_uninterrupted_run(hparams):
 
 def test_fisher_second_moment_is_the_per_example_fisher_diagonal():
     """One step with β₁ = 0: m = g, v = (1-β₂) s, with s = 1/N Σ_n (∇ℓ̃_n)² on the blocks' weights
-    and biases and s = g ⊙ g (the mini-batch gradient) on the LayerNorm's fallback parameters."""
+    and biases and s = g ⊙ g (the mini-batch gradient) on the SquashedAffine's fallback parameters."""
     beta2 = 0.99
     model = model_with_a_fallback(torch.float64)
     c = gnfx.compile(model, source="fisher", betas=(0.0, beta2), lr=1e-3, eps=1e-8, stat_decay=0.0)

@@ -20,6 +20,7 @@ import gnfx
 from gnfx.diagnose import _Unit
 from gnfx.ggn import ggn_matrix, ggn_vp, hvp
 from gnfx.targets import fold
+from models import SquashedAffine
 
 DTYPE = torch.float64
 
@@ -116,12 +117,12 @@ def test_two_instances_of_one_preconditioner_are_each_asked_for_their_own_blocks
 
 
 class SmallNet(nn.Module):
-    """Linear → LayerNorm (loose parameters, served by diag or shampoo) → tanh → linear."""
+    """Linear → SquashedAffine (loose parameters, served by diag or shampoo) → tanh → linear."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.fc1, self.norm, self.fc2 = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.fc1, self.norm, self.fc2 = nn.Linear(5, 8), SquashedAffine(8), nn.Linear(8, 3)
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.norm(self.fc1(x))))

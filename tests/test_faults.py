@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import SquashedAffine
 
 DTYPE = torch.float64
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo", "soap", "ekfac")
@@ -41,13 +42,13 @@ EVERY_STEP = {
 
 
 class MLP(nn.Module):
-    """Three linear blocks and a LayerNorm (a fallback parameter) in between."""
+    """Three linear blocks and a SquashedAffine (fallback parameters) in between."""
 
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
         self.fc1 = nn.Linear(5, 6)
-        self.norm = nn.LayerNorm(6)
+        self.norm = SquashedAffine(6)
         self.fc2 = nn.Linear(6, 6)
         self.head = nn.Linear(6, 3)
         self.to(DTYPE)

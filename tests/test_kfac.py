@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import SquashedAffine
 from models import TanhMLP as MLP
 
 DTYPE = torch.float64
@@ -32,17 +33,17 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 # ----------------------------------------------------------------------------- models and data
 
 
-class WithNorm(nn.Module):
-    """A LayerNorm between two linear layers: its weight and bias fall back to AdamW."""
+class WithLoose(nn.Module):
+    """A SquashedAffine between two linear layers: its weight and bias fall back to AdamW."""
 
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(5, 4)
-        self.norm = nn.LayerNorm(4)
+        self.gate = SquashedAffine(4)
         self.fc2 = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+        return self.fc2(torch.tanh(self.gate(self.fc1(x))))
 
 
 def make(model_cls=MLP, seed=0, **kwargs):
@@ -236,21 +237,21 @@ def test_momentum_and_decoupled_weight_decay_over_two_steps():
 
 
 def test_fallback_parameters_take_the_adamw_step():
-    """The LayerNorm's weight and bias (no curvature block) follow torch.optim.AdamW exactly."""
+    """The SquashedAffine's weight and bias (no curvature block) follow torch.optim.AdamW exactly."""
     lr, wd = 0.05, 0.1
-    model = make(WithNorm)
+    model = make(WithLoose)
     c = compile_kfac(model, lr=lr, weight_decay=wd, betas=(0.8, 0.9), eps=1e-6)
     assert {b.name for b in c.layers} == {"fc1", "fc2"}
-    shadow = [p.detach().clone().requires_grad_() for p in model.norm.parameters()]
+    shadow = [p.detach().clone().requires_grad_() for p in model.gate.parameters()]
     adamw = torch.optim.AdamW(shadow, lr=lr, weight_decay=wd, betas=(0.8, 0.9), eps=1e-6)
     fc1_before = folded(model.fc1)
     for x, y in batches(3):
         forward_backward(c, x, y)
-        for s, p in zip(shadow, model.norm.parameters()):
+        for s, p in zip(shadow, model.gate.parameters()):
             s.grad = p.grad.clone()
         c.step()
         adamw.step()
-        for s, p in zip(shadow, model.norm.parameters()):
+        for s, p in zip(shadow, model.gate.parameters()):
             torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-12, atol=1e-14)
     assert not torch.equal(folded(model.fc1), fc1_before)  # the blocks moved too
 

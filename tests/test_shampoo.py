@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import SquashedAffine
 from models import TanhMLP as MLP
 
 DTYPE = torch.float64
@@ -100,12 +101,12 @@ class ShampooReference:
 
 class Tensor3(nn.Module):
     """A raw (3, 4, 5) parameter contracted by einsum: a fallback that Shampoo claims, and a
-    LayerNorm whose 1-D parameters go to the diagonal preconditioner."""
+    SquashedAffine whose 1-D parameters (no layer) go to the diagonal preconditioner."""
 
     def __init__(self):
         super().__init__()
         self.T = nn.Parameter(torch.randn(3, 4, 5) / 3)
-        self.norm = nn.LayerNorm(5)
+        self.norm = SquashedAffine(5)
 
     def forward(self, x):
         return self.norm(torch.einsum("nij,ijk->nk", x, self.T))
@@ -267,7 +268,7 @@ def test_order3_parameter_is_preconditioned_along_every_mode(exponent):
 
 
 def test_one_dimensional_parameters_take_the_adamw_step():
-    """The LayerNorm's weight and bias are the diagonal preconditioner's: torch.optim.AdamW."""
+    """The SquashedAffine's weight and bias are the diagonal preconditioner's: torch.optim.AdamW."""
     model = make(Tensor3)
     c = compile_shampoo(model, weight_decay=0.5, betas=(0.8, 0.9), eps=1e-6)
     assert [n for pre in c.optimizer.elementwise for n in pre.param_names] == ["norm.weight", "norm.bias"]

@@ -14,6 +14,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import gnfx
+from models import SquashedAffine
 
 CURVATURE = ["kfac", "shampoo", "rank1"]
 
@@ -35,13 +36,13 @@ class Deep(nn.Module):
 
 
 class Small(nn.Module):
-    """Two equal-shaped blocks (one group of two pieces), a LayerNorm (fallback) and a head."""
+    """Two equal-shaped blocks (one group of two pieces), a SquashedAffine (fallback) and a head."""
 
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(4, 4)
         self.fc2 = nn.Linear(4, 4)
-        self.norm = nn.LayerNorm(4)
+        self.norm = SquashedAffine(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):

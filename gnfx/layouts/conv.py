@@ -1,10 +1,18 @@
-"""Convolutions (1-, 2- and 3-d, groups = 1): the input rows are unfolded patches (Grosse & Martens 2016).
+"""Convolutions (1-, 2- and 3-d, any groups): the input rows are unfolded patches (Grosse & Martens 2016).
 
 For an input (N, C, *S) and a kernel (C_out, C, *k) with given stride, padding, dilation, the
 rows `a` are the (N, L, C·prod(k)) patches, one per output position (L positions), flattened in
 the order of `weight.flatten(1)`, so that `z[:, :, l] = W.flatten(1) a_l + b`. Output gradients
 (N, C_out, *S_out) become (N, L, C_out) rows. Patches are unfolded one batch chunk at a time, so
 that no more than about `CHUNK_ELEMENTS` patch entries exist at once.
+
+A grouped convolution (`groups` = g > 1, depthwise: g = C) is g independent convolutions: output
+channels j·C_out/g ... (j+1)·C_out/g read input channels j·C/g ... (j+1)·C/g only, with the
+kernel (C_out, C/g, *k). Its patch of C·prod(k) entries is channel-major, so the entries of group
+j are the j-th consecutive C/g·prod(k) of them, and the rows of group j of `W = weight.flatten(1)`
+(C_out x C/g·prod(k)) map exactly those: `z_j[:, :, l] = W_j a_{j,l} + b_j`. The rows `a` are
+(N, L, g, C/g·prod(k)) and K-FAC models the groups separately (per-group A_j and S_j,
+gnfx.layouts.base), as Grosse & Martens' block-diagonal K-FAC would for g separate layers.
 """
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from gnfx.layouts.base import Layout
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -40,13 +50,13 @@ def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
     return x.reshape(n, positions, -1)
 
 
-class ConvLayout:
-    diagonal_A = False
+class ConvLayout(Layout):
     view = "flatten"
 
     def __init__(self, block):
+        super().__init__(block)
         o = block.options
-        self.block = block
+        self.groups = o.get("groups", 1)
         self.kernel, self.stride, self.dilation = o["kernel_size"], o["stride"], o["dilation"]
         self.padding = o["padding"]  # list of (left, right)
 
@@ -60,7 +70,8 @@ class ConvLayout:
         per_example = a[0].numel() * math.prod(self.kernel)
         step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
         for start in range(0, a.shape[0], step):
-            yield unfold(a[start:start + step], self.kernel, self.stride, self.padding, self.dilation)
+            patches = unfold(a[start:start + step], self.kernel, self.stride, self.padding, self.dilation)
+            yield patches if self.groups == 1 else patches.unflatten(-1, (self.groups, -1))
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         if g.dim() == len(self.kernel) + 1:

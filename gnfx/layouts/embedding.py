@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from gnfx.layouts.linear import LinearLayout
+from gnfx.layouts.base import Layout
 
 
-class EmbeddingLayout:
+class EmbeddingLayout(Layout):
     diagonal_A = True
     view = "t"
-
-    def __init__(self, block):
-        self.block = block
-        self.vocab = block.d_in
-
-    examples = staticmethod(LinearLayout.examples)
-    error_rows = LinearLayout.error_rows
 
     def input_chunks(self, idx: torch.Tensor):
         """Token ids as (N, R) chunks (one chunk; one-hot rows are never materialized)."""

@@ -21,7 +21,7 @@ import torch
 from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import layout_of
 from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -51,7 +51,7 @@ class CurvaturePreconditioner(Preconditioner):
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
-        targets = [block_target(b, LAYOUTS[b.kind](b).view) for b in blocks]
+        targets = [block_target(b, layout_of(b)) for b in blocks]
         targets += [param_target(n, optimizer.param(n).shape) for n in params]
         max_block = hp[self.max_block_hparam] if self.max_block_hparam else None
         self.groups = make_groups(self.name, targets, max_block)
@@ -74,8 +74,20 @@ class CurvaturePreconditioner(Preconditioner):
                            device=p.device)
 
     def stacked_eye(self, group, n):
-        return self.stacked_zeros(group, n, n) + torch.eye(n, dtype=self.factor_dtype(group.pieces[0]),
-                                                           device=self.opt.param(group.pieces[0].target.params[0]).device)
+        return self.stacked_identity(group, (n, n))
+
+    def stacked_identity(self, group, shape):
+        """Identity factors of `shape` stacked over the group's pieces: ones for a diagonal factor
+        (d,), identity matrices for (d, d) or per row group (groups, d, d) (gnfx.layouts.base)."""
+        if len(shape) == 1:
+            return self.stacked_zeros(group, *shape) + 1
+        return self.stacked_zeros(group, *shape) + torch.eye(shape[-1], dtype=self.factor_dtype(group.pieces[0]),
+                                                             device=self.opt.param(group.pieces[0].target.params[0]).device)
+
+    @staticmethod
+    def layout(group):
+        """The layout of the group's blocks (all alike: gnfx.targets groups by kind and row groups)."""
+        return layout_of(group.pieces[0].target.block)
 
     def group_state(self, group) -> dict:
         """The group's state tensors, created on first use (keys without the group prefix)."""

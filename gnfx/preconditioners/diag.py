@@ -18,8 +18,9 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.hparams import betas, choice, positive
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import layout_of
 from gnfx.preconditioners.base import Preconditioner
+from gnfx.targets import from_matrix
 
 
 class Diagonal(Preconditioner):
@@ -41,7 +42,7 @@ class Diagonal(Preconditioner):
         self._fisher_of = {}
         if hp["source"] == "fisher":
             for b in blocks:
-                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in), LAYOUTS[b.kind](b).view)
+                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in), layout_of(b).view)
                 if b.bias is not None:
                     self._fisher_of[b.bias] = (b.name, b.d_in, "")
         self._names = [n for b in blocks for n in b.params] + list(params)
@@ -55,9 +56,8 @@ class Diagonal(Preconditioner):
         stats = self.opt.statistics.blocks[block].values.get("diag")
         if stats is None:
             return grad * grad
-        term = stats[:, columns]  # in the layout of the matrix W of z = W a (gnfx.layouts)
-        term = term.t() if view == "t" else term.reshape(grad.shape)
-        return term.to(grad.dtype)
+        # in the layout of the matrix W of z = W a (gnfx.layouts)
+        return from_matrix(stats[:, columns], view, grad.shape).to(grad.dtype)
 
     def second_moment(self, name: str) -> torch.Tensor:
         """v̂ = v / (1 - β₂ᵗ), the bias-corrected second moment of parameter `name`: the curvature

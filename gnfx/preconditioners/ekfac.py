@@ -10,7 +10,8 @@ second moments of the per-example gradients `g_n = Σ_r δ_{n,r} a_{n,r}ᵀ` in 
 that is `(Q_A ⊗ Q_S) diag(s + λ)⁻¹ (Q_A ⊗ Q_S)ᵀ vec(G)`: the best diagonal fit of the Fisher in
 K-FAC's eigenbasis, with the Tikhonov damping λ (`damping`, K-FAC's λ) added exactly instead of
 split between the factors: with `s = Λ_S Λ_Aᵀ` the step would be `(A ⊗ S + λ I)⁻¹ vec(G)`.
-Embeddings (A diagonal) use Q_A = I.
+Embeddings (A diagonal) use Q_A = I. A block of independent row groups (gnfx.layouts.base) has a
+basis pair per group, `U_j = Q_S,j ((Q_S,jᵀ G_j Q_A,j) / (s_j + λ)) Q_A,jᵀ` for each group's rows G_j.
 
 The bases are refreshed every `inv_every` steps from the averaged A and S (gnfx.statistics), and
 published to the taps (`BlockStatistics.basis`), which measure `s` in them on every statistic step.
@@ -28,6 +29,7 @@ import functools
 
 import torch
 
+from gnfx.layouts.base import merge_groups, split_groups
 from gnfx.preconditioners.kfac import KFAC
 from gnfx.preconditioners.shampoo import mode_product
 from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
@@ -56,12 +58,13 @@ class EKFAC(KFAC):
         return state["Q_S"][i], state["Q_A"][i] if "Q_A" in state else None
 
     def init_group(self, group):
-        d_out, d_a = group.shape
+        layout = self.layout(group)
+        shapes = layout.factor_shapes()
         counter = lambda: self.stacked_zeros(group, dtype=torch.int64)  # noqa: E731
-        state = {"Q_S": self.stacked_eye(group, d_out), "scale": self.stacked_zeros(group, d_out, d_a) + 1,
+        state = {"Q_S": self.stacked_identity(group, shapes["S"]), "scale": self.stacked_zeros(group, *group.shape) + 1,
                  "refreshes": counter(), "skipped": counter(), "failures": counter()}
-        if group.kind != "embedding":
-            state["Q_A"] = self.stacked_eye(group, d_a)
+        if not layout.diagonal_A:
+            state["Q_A"] = self.stacked_identity(group, shapes["A"])
         return state
 
     def refresh_due(self, step):
@@ -77,36 +80,49 @@ class EKFAC(KFAC):
                 continue  # no statistics yet: keep the bases and s = 1
             state = self.group_state(group)
             if self.basis_due:
-                self._refresh_bases(state, values)
+                self._refresh_bases(state, values, group.groups)
             state["scale"].copy_(torch.stack([v["eigen_diag"] for v in values]))
 
-    def _refresh_bases(self, state, values):
-        """New Q_S (and Q_A) where due; s carried into them (module docstring)."""
-        s = torch.stack([v["eigen_diag"] for v in values])
+    def _refresh_bases(self, state, values, groups: int):
+        """New Q_S (and Q_A) where due; s carried into them (module docstring). With row groups
+        each group's bases are refreshed as those of a block of their own."""
+        pieces = len(values)
+        s = split_groups(torch.stack([v["eigen_diag"] for v in values]), groups)
         dtype = self.decomposition_dtype(s)
-        any_changed = torch.zeros(len(values), dtype=torch.bool, device=s.device)
+        counters = {c: torch.zeros_like(state[c]).repeat_interleave(groups) for c in ("refreshes", "skipped", "failures")}
+        any_changed = torch.zeros(len(s), dtype=torch.bool, device=s.device)
         for j, (factor, key) in enumerate((("S", "Q_S"), ("A", "Q_A"))):
             if key not in state:
                 continue
-            Q = state[key]
+            Q = state[key].flatten(0, -3)  # (pieces·groups, n, n), a view of the state
             old = Q.clone()
-            changed, _ = refresh_basis(torch.stack([v[factor] for v in values]), Q, state,
-                                       self.hp["refresh_tolerance"], dtype)
+            F = torch.stack([v[factor] for v in values]).flatten(0, -3)
+            changed, _ = refresh_basis(F, Q, counters, self.hp["refresh_tolerance"], dtype)
             eye = torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device)
             P = torch.where(changed.view(-1, 1, 1), (old.transpose(1, 2) @ Q).square(), eye)
             s = mode_product(s, P, j)
             any_changed |= changed
+        for c, counts in counters.items():
+            state[c] += counts.view(pieces, groups).sum(1)
+        s, any_changed = merge_groups(s, pieces), any_changed.view(pieces, groups).any(1)
         for i in any_changed.nonzero().flatten().tolist():
             values[i]["eigen_diag"].copy_(s[i])
 
     def curvature_product(self, group, i, V):
         """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
-        state = self.group_state(group)
-        bases = [state["Q_S"][i:i + 1], state["Q_A"][i:i + 1] if "Q_A" in state else None]
-        V = V.unsqueeze(0).to(state["Q_S"].dtype)
-        return rotate(rotate(V, bases) * state["scale"][i:i + 1], bases, back=True)[0]
+        state = {k: v[i:i + 1] for k, v in self.group_state(group).items()}
+        return self.in_eigenbasis(V.unsqueeze(0), state, lambda s: s)[0]
 
     def direction(self, G, state, collect):
-        bases = [state["Q_S"], state.get("Q_A")]
-        R = rotate(G.to(state["Q_S"].dtype), bases)
-        return rotate(R / (state["scale"] + self.hp["damping"]), bases, back=True)
+        return self.in_eigenbasis(G, state, lambda s: 1 / (s + self.hp["damping"]))
+
+    @staticmethod
+    def in_eigenbasis(G, state, weights):
+        """`Q_S (weights(s) ⊙ (Q_Sᵀ G Q_A)) Q_Aᵀ` for each piece of the stack G, and for each row
+        group of a grouped block (its bases stacked (k, groups, ., .))."""
+        Q_S, Q_A = state["Q_S"], state.get("Q_A")
+        groups = Q_S.shape[1] if Q_S.dim() == 4 else 1
+        bases = [Q_S.flatten(0, -3), None if Q_A is None else Q_A.flatten(0, -3)]
+        R = rotate(split_groups(G.to(Q_S.dtype), groups), bases)
+        U = rotate(R * weights(split_groups(state["scale"], groups)), bases, back=True)
+        return merge_groups(U, G.shape[0])

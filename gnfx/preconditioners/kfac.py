@@ -11,6 +11,10 @@ Per-head blocks (`attention_blocks="head"`, `heads=h`): for the q/k/v projection
 attention (their `role`), S is restricted to its h diagonal blocks of d_out/h outputs each (3h for
 a fused qkv projection), i.e. the curvature is modelled per head, `G ≈ A ⊗ blockdiag(S_1..S_h)`.
 
+A block of independent row groups (gnfx.layouts.base) is `G ≈ blockdiag_j(A_j ⊗ S_j)`: each group
+is damped (with its own π), inverted and applied as a layer of its own. A diagonal A (embeddings)
+is inverted entrywise.
+
 Step-size safeguard: KL clipping (Ba et al. 2017). The step is scaled by
 `ν = min(1, sqrt(κ / Σ_blocks η² ⟨U, ∇W⟩))`, which bounds the change of the model's predictive
 distribution as measured by the (K-FAC) Fisher itself. We chose it over grafting because it
@@ -23,6 +27,7 @@ import torch
 
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
+from gnfx.layouts.base import merge_groups, split_groups
 from gnfx.linalg import damped_inverse_power
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 
@@ -71,9 +76,8 @@ class KFAC(CurvaturePreconditioner):
         return frozenset({"A", "S"})
 
     def init_group(self, group):
-        d_out, d_a = group.shape
-        A_inv = self.stacked_zeros(group, d_a) + 1 if group.kind == "embedding" else self.stacked_eye(group, d_a)
-        return {"A_inv": A_inv, "S_inv": self.stacked_eye(group, d_out),
+        shapes = self.layout(group).factor_shapes()
+        return {"A_inv": self.stacked_identity(group, shapes["A"]), "S_inv": self.stacked_identity(group, shapes["S"]),
                 "failures": self.stacked_zeros(group, dtype=torch.int64)}
 
     def refresh_due(self, step):
@@ -88,14 +92,22 @@ class KFAC(CurvaturePreconditioner):
             state = self.group_state(group)
             mine = self.owned(group)
             if len(mine):
-                self._invert(state, mine, torch.stack([values[i]["A"] for i in mine.tolist()]),
-                             torch.stack([self._per_head(group.pieces[i].target.block, values[i]["S"])
-                                          for i in mine.tolist()]))
+                A = torch.stack([values[i]["A"] for i in mine.tolist()])
+                S = torch.stack([self._per_head(group.pieces[i].target.block, values[i]["S"]) for i in mine.tolist()])
+                if group.groups > 1:  # every row group a layer of its own
+                    A_inv, S_inv, ok = self._inverses(A.flatten(0, 1), S.flatten(0, 1), False)
+                    A_inv, S_inv = A_inv.unflatten(0, A.shape[:2]), S_inv.unflatten(0, S.shape[:2])
+                    ok = ok.view(A.shape[:2]).all(1)
+                else:
+                    A_inv, S_inv, ok = self._inverses(A, S, self.layout(group).diagonal_A)
+                state["A_inv"][mine[ok]] = A_inv[ok]
+                state["S_inv"][mine[ok]] = S_inv[ok]
+                state["failures"][mine] += (~ok).long()
             self.share(group, [state["A_inv"], state["S_inv"], state["failures"]])
 
-    def _invert(self, state, mine, A, S) -> None:
-        """The damped inverses of the pieces `mine` from their factors A and S (stacked)."""
-        diagonal_A = A.dim() == 2  # embeddings: A is stored as its diagonal
+    def _inverses(self, A, S, diagonal_A: bool):
+        """The damped inverses of stacked factors A and S (A stacked diagonals where `diagonal_A`),
+        and which of them are finite."""
         mean_a = A.mean(1) if diagonal_A else A.diagonal(dim1=1, dim2=2).mean(1)
         mean_s = S.diagonal(dim1=1, dim2=2).mean(1)
         ok_scale = (mean_a > 0) & (mean_s > 0)
@@ -108,24 +120,31 @@ class KFAC(CurvaturePreconditioner):
         else:
             A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype, method=self.hp["root_method"])
         S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype, method=self.hp["root_method"])
-        ok = ok_a & ok_s
-        state["A_inv"][mine[ok]] = A_inv[ok]
-        state["S_inv"][mine[ok]] = S_inv[ok]
-        state["failures"][mine] += (~ok).long()
+        return A_inv, S_inv, ok_a & ok_s
 
     def curvature_product(self, group, i, V):
         """(A ⊗ S) vec(V) = S V A from the averaged statistics (A stored as its diagonal for
-        embeddings; S restricted to its heads with attention_blocks='head')."""
+        embeddings; S restricted to its heads with attention_blocks='head'; per row group,
+        S_j V_j A_j, for a grouped block: gnfx.layouts.base)."""
         block = group.pieces[i].target.block
         values = self.opt.statistics[block.name].values
         A, S = values["A"], self._per_head(block, values["S"])
-        SV = S @ V.to(S.dtype)
+        V = V.to(S.dtype)
+        if A.dim() == 3:
+            return (S @ V.reshape(len(S), -1, V.shape[1]) @ A).reshape(V.shape)
+        SV = S @ V
         return SV * A if A.dim() == 1 else SV @ A
 
     def direction(self, G, state, collect):
-        SG = state["S_inv"] @ G.to(state["S_inv"].dtype)
-        A_inv = state["A_inv"]
-        return SG * A_inv.unsqueeze(1) if A_inv.dim() == 2 else SG @ A_inv
+        """S⁻¹ G A⁻¹ for each piece; the inverses are stacked as the layout's factors (init_group)."""
+        S_inv, A_inv = state["S_inv"], state["A_inv"]
+        G = G.to(S_inv.dtype)
+        if A_inv.dim() == 2:  # a diagonal A, stacked (k, d_a)
+            return (S_inv @ G) * A_inv.unsqueeze(1)
+        if A_inv.dim() == 4:  # row groups, stacked (k, groups, ., .)
+            groups = A_inv.shape[1]
+            return merge_groups(S_inv.flatten(0, 1) @ split_groups(G, groups) @ A_inv.flatten(0, 1), G.shape[0])
+        return S_inv @ G @ A_inv
 
     def safeguard(self, Us, Gs, lrs):
         kappa = self.hp["kl_clip"]

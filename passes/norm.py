@@ -1,0 +1,150 @@
+"""The norm detector: the affine parameters `z = x̂ ⊙ γ + β` of a normalization (gnfx.layouts.norm).
+
+Recognized, with a trainable 1-D weight γ (d,) and an optional bias β (d,):
+  * the modules nn.LayerNorm, nn.RMSNorm (over the last dimension), nn.GroupNorm and
+    nn.BatchNorm1d/2d/3d with their stock forward, as `call_module` nodes (torch.fx keeps
+    torch.nn's modules as leaves);
+  * `F.layer_norm`, `F.rms_norm` (one normalized dimension), `F.group_norm`, `F.batch_norm` in
+    training mode, and their aten ops (`aten.layer_norm`, `aten.rms_norm`, `aten.group_norm`,
+    `aten.batch_norm`), as torch.export writes them;
+  * a hand-written norm: `γ * h` (either order) where h is `x * rsqrt(...)` or `x / sqrt(...)`,
+    possibly cast (`.to`, `.float()`, `.type_as`), then optionally `+ β`: RMSNorm as Llama and T5
+    write it. The site's input is h itself, which already is x̂.
+A norm over several dimensions, or a batch norm captured with its running statistics (eval mode),
+is reported as a fallback with that reason.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .sites import Site, arg
+
+aten = torch.ops.aten
+
+# op -> (normalization, positions of (weight, bias, eps), default eps, features on dim 1)
+FUNCTIONS = {
+    F.layer_norm: ("layer_norm", (2, 3, 4), 1e-5, False),
+    aten.layer_norm.default: ("layer_norm", (2, 3, 4), 1e-5, False),
+    F.rms_norm: ("rms_norm", (2, None, 3), None, False),
+    aten.rms_norm.default: ("rms_norm", (2, None, 3), None, False),
+    F.group_norm: ("group_norm", (2, 3, 4), 1e-5, True),
+    aten.group_norm.default: ("group_norm", (2, 3, 4), 1e-5, True),
+    F.batch_norm: ("batch_norm", (3, 4, 7), 1e-5, True),
+    aten.batch_norm.default: ("batch_norm", (1, 2, 7), 1e-5, True),
+}
+KEYWORDS = {"layer_norm": ("weight", "bias", "eps"), "rms_norm": ("weight", None, "eps"),
+            "group_norm": ("weight", "bias", "eps"), "batch_norm": ("weight", "bias", "eps")}
+MODULES = ((nn.LayerNorm, "layer_norm"), (nn.RMSNorm, "rms_norm"), (nn.GroupNorm, "group_norm"),
+           (nn.modules.batchnorm._BatchNorm, "batch_norm"))
+MUL = (operator.mul, torch.mul, aten.mul.Tensor, "mul")
+DIV = (operator.truediv, torch.div, aten.div.Tensor, "div")
+ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+RSQRT = (torch.rsqrt, aten.rsqrt.default, "rsqrt")
+SQRT = (torch.sqrt, aten.sqrt.default, "sqrt")
+CASTS = (aten._to_copy.default, aten.to.dtype, aten.type_as.default, "to", "float", "type_as")
+
+
+def _is(node, ops) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in ops
+
+
+def _uncast(node):
+    while _is(node, CASTS):
+        node = node.args[0]
+    return node
+
+
+def _normalized(h) -> bool:
+    """Whether h is `x * rsqrt(...)` or `x / sqrt(...)` (possibly cast): a hand-written x̂."""
+    h = _uncast(h)
+    if _is(h, MUL):
+        return any(_is(_uncast(x), RSQRT) for x in h.args[:2])
+    return _is(h, DIV) and _is(_uncast(h.args[1]), SQRT)
+
+
+def _site(node, x, weight, bias, uses, how, channels_first, shape_of) -> Site | None:
+    if len(shape_of(weight)) != 1 or (bias is not None and shape_of(bias) != shape_of(weight)):
+        return None
+    d = shape_of(weight)[0]
+    return Site(node=node, kind="norm", input=x, weight=weight, bias=bias, uses=uses, d_in=1, d_out=d,
+                options={"normalize": how, "channels_first": channels_first, "weight_shape": (d,)})
+
+
+def _module_site(gm, node, param_of, shape_of):
+    """(site or None, rejection reason or None) of a call_module norm."""
+    mod = gm.get_submodule(node.target)
+    op = next((name for cls, name in MODULES if isinstance(mod, cls) and type(mod).forward is cls.forward), None)
+    weight = param_of(getattr(mod, "weight", None))
+    if op is None or weight is None:
+        return None, None
+    bias = param_of(getattr(mod, "bias", None))
+    if op in ("layer_norm", "rms_norm") and len(mod.normalized_shape) != 1:
+        return None, f"a {op} over {len(mod.normalized_shape)} dimensions: no curvature block (fallback)"
+    how = (op, mod.num_groups, mod.eps) if op == "group_norm" else (op, mod.eps)
+    uses = [(node, None)] * (1 if bias is None else 2)
+    return _site(node, node.args[0], weight, bias, uses, how, op in ("group_norm", "batch_norm"), shape_of), None
+
+
+def _function_site(node, param_of, shape_of):
+    """(site or None, rejection reason or None) of a functional or aten norm."""
+    op, (w_pos, b_pos, eps_pos), eps_default, channels_first = FUNCTIONS[node.target]
+    w_key, b_key, eps_key = KEYWORDS[op]
+    w_node = arg(node, w_pos, w_key)
+    b_node = arg(node, b_pos, b_key) if b_pos is not None else None
+    weight, bias = param_of(w_node), param_of(b_node)
+    if weight is None:
+        return None, None
+    eps = arg(node, eps_pos, eps_key, eps_default)
+    if op == "batch_norm" and not arg(node, 5, "training", False):
+        return None, "a batch norm with running statistics (captured in eval mode): no curvature block (fallback)"
+    if op in ("layer_norm", "rms_norm") and len(node.args[1]) != 1:
+        return None, f"a {op} over {len(node.args[1])} dimensions: no curvature block (fallback)"
+    how = (op, node.args[1], eps) if op == "group_norm" else (op, eps)
+    uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
+    return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None
+
+
+def _handwritten_site(node, param_of, shape_of) -> Site | None:
+    """`γ * x̂ (+ β)` with x̂ a hand-written normalization."""
+    a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
+    for w_node, h in ((a, b), (b, a)):
+        weight = param_of(w_node)
+        if weight is None or not isinstance(h, fx.Node) or param_of(h) is not None or not _normalized(h):
+            continue
+        if shape_of(weight)[:1] == (1,):  # a scalar gain broadcast over the features: not per feature
+            return None
+        uses, out, bias = [(node, w_node)], node, None
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        if _is(user, ADD) and not user.kwargs:
+            b_node = next((x for x in user.args[:2] if x is not node), None)
+            bias = param_of(b_node)
+            if bias is not None:
+                uses.append((user, b_node))
+                out = user
+        site = _site(out, h, weight, bias, uses, ("given",), False, shape_of)
+        if site is None and bias is not None:  # a bias of another shape: the scale alone
+            site = _site(node, h, weight, None, uses[:1], ("given",), False, shape_of)
+        return site
+    return None
+
+
+def find_norm_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    """Norm affine sites, and (node, reason) for norms that stay fallbacks."""
+    sites, rejected = [], []
+    for node in gm.graph.nodes:
+        site = reason = None
+        if node.op == "call_module":
+            site, reason = _module_site(gm, node, param_of, shape_of)
+        elif node.op == "call_function" and node.target in FUNCTIONS:
+            site, reason = _function_site(node, param_of, shape_of)
+        elif _is(node, MUL):
+            site = _handwritten_site(node, param_of, shape_of)
+        if site is not None:
+            sites.append(site)
+        elif reason is not None:
+            rejected.append((node, reason))
+    return sites, rejected

@@ -1,0 +1,82 @@
+"""The position-embedding detector: `x + P[..., start:stop, :]`, a trainable table P added to an
+activation (gnfx.layouts.position).
+
+P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be sliced along its
+position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
+export: aten.slice) — the slices must be contiguous, and a slice of any other dimension must take
+it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
+in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
+position table.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .sites import Site
+
+aten = torch.ops.aten
+ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+
+
+def _slices(node) -> list[tuple[int, object]] | None:
+    """(dim, slice) pairs of an indexing node (getitem with slices, or aten.slice), else None."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return list(enumerate(index)) if all(isinstance(s, slice) for s in index) else None
+    if node.op == "call_function" and node.target is aten.slice.Tensor:
+        defaults = (0, None, None, 1)  # dim, start, end, step
+        dim, start, end, step = tuple(node.args[1:]) + defaults[len(node.args) - 1:]
+        return [(dim, slice(start, end, step))]
+    return None
+
+
+def _table(operand, param_of, shape_of):
+    """(parameter, get_attr node, its consumer, start) if `operand` is a position table, sliced
+    along its positions only, each node on the way used once; else None."""
+    node, start, consumer = operand, 0, None
+    pairs = []
+    while isinstance(node, fx.Node) and param_of(node) is None:
+        found = _slices(node)
+        if found is None or len(node.users) != 1:
+            return None
+        pairs += found
+        consumer, node = node, node.args[0]
+    name = param_of(node)
+    if name is None:
+        return None
+    shape = shape_of(name)
+    if len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
+        return None
+    position_dim = len(shape) - 2
+    for dim, s in pairs:
+        dim = dim + len(shape) if dim < 0 else dim
+        if s.step not in (None, 1) or not isinstance(s.start or 0, int):
+            return None
+        if dim == position_dim:
+            start += s.start or 0
+        elif s.start not in (None, 0):
+            return None
+    return name, node, consumer, start
+
+
+def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
+            continue
+        operands = node.args[:2]
+        for i, operand in enumerate(operands):
+            x = operands[1 - i]
+            found = _table(operand, param_of, shape_of)
+            if found is None or not isinstance(x, fx.Node) or param_of(x) is not None:
+                continue
+            name, attr, consumer, start = found
+            shape = shape_of(name)
+            sites.append(Site(node=node, kind="position", input=x, weight=name, bias=None,
+                              uses=[(consumer or node, attr)], d_in=shape[-2], d_out=shape[-1],
+                              options={"weight_shape": shape, "start": start, "padding_idx": None}))
+            break
+    return sites, []

@@ -1,0 +1,465 @@
+"""Layer kinds beyond `z = W a`: norm affine parameters, grouped convolutions, position embeddings
+(gnfx.layouts.norm, .conv, .position) and attention projections across a rotary embedding.
+
+The statistics against references that do not use gnfx, in float64 at 1e-10, with M loss terms
+and g = ∂L/∂z recorded by hooks:
+
+    norm      per feature f, ā_f = (x̂_f, 1):  A_f = 1/(N R) Σ_{n,r} ā_f ā_fᵀ,  S_f = M Σ_{n,r} g_f²
+              (x̂ written out by hand from the norm's input); diag = 1/N Σ_n (∇ℓ̃_n)² in the [γ β]
+              layout, ∇ℓ̃_n from torch.func.vmap (batch norm couples the examples, so there the
+              reference is N Σ_n (Σ_r g x̂, Σ_r g)²).
+    grouped   per group j: A_j, S_j of the ungrouped convolution of group j's input channels by
+    conv      group j's kernels; diag from vmap.
+    position  A = (rows read)/(N T), S = M Σ_{n,t} g gᵀ, diag from vmap in the (d x T_max) layout.
+
+Then every preconditioner that takes blocks trains a tiny model holding all of them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+from references import cross_entropy, loss_terms, per_example_grads
+from steps import compile_for_statistics, statistic_step
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, **TOL)
+
+
+def record(model, name, x, y):
+    """(input, output gradient, M) of submodule `name` on the loss of (x, y) (on a copy of `model`)."""
+    model = copy.deepcopy(model)
+    seen = {}
+
+    def hook(module, inputs, z):
+        seen["x"] = inputs[0].detach()
+        z.register_hook(lambda g: seen.__setitem__("g", g.detach()))
+
+    dict(model.named_modules())[name].register_forward_hook(hook)
+    out = model(x)
+    cross_entropy(out, y).backward()
+    return seen["x"], seen["g"], loss_terms(out)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class HandRMSNorm(nn.Module):
+    """RMSNorm as Llama writes it: γ * (x * rsqrt(mean(x²) + eps)), cast back."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.type_as(x)
+
+
+class HandLayerNorm(nn.Module):
+    """LayerNorm written out: (x - mean) / sqrt(var + eps) * γ + β."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
+NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
+    "layer": (lambda d: nn.LayerNorm(d), False,
+              lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()),
+    "rms": (lambda d: nn.RMSNorm(d, eps=1e-5), False,
+            lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
+    "hand_rms": (lambda d: HandRMSNorm(d), False,
+                 lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
+    "hand_layer": (lambda d: HandLayerNorm(d), False,
+                   lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
+                                                                  + m.eps).sqrt()),
+    "group": (lambda d: nn.GroupNorm(2, d), True,
+              lambda x, m: ((x.unflatten(1, (2, -1)) - x.unflatten(1, (2, -1)).mean((2, 3), keepdim=True))
+                            / (x.unflatten(1, (2, -1)).var((2, 3), unbiased=False, keepdim=True) + m.eps).sqrt()
+                            ).flatten(1, 2)),
+    "batch": (lambda d: nn.BatchNorm1d(d), True,
+              lambda x, m: (x - x.mean((0, 2), keepdim=True)) / (x.var((0, 2), unbiased=False, keepdim=True)
+                                                                  + m.eps).sqrt()),
+}
+
+
+class NormNet(nn.Module):
+    """linear → tanh → norm (features last, or first for group and batch norms) → linear: (N, T, 5)."""
+
+    def __init__(self, norm, d=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        make, self.channels_first, _ = NORMS[norm]
+        self.inp, self.norm, self.head = nn.Linear(3, d), make(d), nn.Linear(d, 5)
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2) if self.channels_first else self.norm(h)
+        return self.head(h)
+
+
+def norm_data(n=6, t=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, 3, generator=g, dtype=DTYPE), torch.randint(0, 5, (n, t), generator=g)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_norm_statistics_equal_the_per_feature_references(norm, capture):
+    model = NormNet(norm)
+    x, y = norm_data()
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    block = c.layers["norm"]
+    assert block.kind == "norm" and set(block.params) == {n for n, _ in model.named_parameters() if "norm" in n}
+    inputs, g, M = record(model, "norm", x, y)  # (references first: the step changes the parameters)
+    grads = per_example_grads(model, x, y) if norm != "batch" else None
+    statistic_step(c, x, y)
+    stats = c.statistics("norm")
+    _, channels_first, by_hand = NORMS[norm]
+    x_hat = by_hand(inputs, model.norm)
+    if channels_first:
+        x_hat, g = x_hat.transpose(1, 2), g.transpose(1, 2)
+    bias = model.norm.bias is not None if hasattr(model.norm, "bias") else False
+    a = torch.stack([x_hat, torch.ones_like(x_hat)], -1) if bias else x_hat.unsqueeze(-1)  # (N, R, d, d_a)
+    rows = a.flatten(0, 1)
+    assert_close(stats["A"], torch.einsum("pfi,pfj->fij", rows, rows) / len(rows))
+    assert_close(stats["S"], M * g.flatten(0, 1).square().sum(0)[:, None, None])
+    per_example = torch.einsum("nrf,nrfi->nfi", g, a)  # (Σ_r g x̂, Σ_r g) per example and feature
+    if norm == "batch":
+        expected = len(x) * per_example.square().sum(0)
+    else:
+        per = [grads["norm.weight"]] + ([grads["norm.bias"]] if bias else [])
+        expected = torch.stack(per, -1).square().mean(0)
+        assert_close(per_example * len(x), torch.stack(per, -1))  # ∇ℓ̃_n = N ∇L_n
+    assert_close(stats["diag"], expected)
+
+
+def test_norm_reduce_sums_the_gradient_and_averages_x_hat_over_positions():
+    model = NormNet("layer")
+    x, y = norm_data()
+    c = compile_for_statistics(model, optimizer="kfac", kfac_approx="reduce")
+    inputs, g, M = record(model, "norm", x, y)
+    statistic_step(c, x, y)
+    x_hat = NORMS["layer"][2](inputs, model.norm)
+    a = torch.stack([x_hat, torch.ones_like(x_hat)], -1).mean(1)  # (N, d, 2)
+    assert_close(c.statistics("norm")["A"], torch.einsum("nfi,nfj->fij", a, a) / len(x))
+    assert_close(c.statistics("norm")["S"], M * g.sum(1).square().sum(0)[:, None, None])
+
+
+def test_batch_norm_in_eval_mode_at_capture_falls_back_with_the_reason():
+    model = NormNet("batch").eval()
+    c = gnfx.compile(model, capture="export", example_inputs=(norm_data()[0],))
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert set(reasons) == {"norm.weight", "norm.bias"}
+    assert "running statistics" in reasons["norm.weight"]
+
+
+def test_a_norm_over_two_dimensions_falls_back_with_the_reason():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)), nn.LayerNorm((2, 2)), nn.Flatten(), nn.Linear(4, 2))
+    c = gnfx.compile(model)
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert set(reasons) == {"2.weight", "2.bias"} and "over 2 dimensions" in reasons["2.weight"]
+
+
+# ----------------------------------------------------------------------------- grouped convolutions
+
+
+class GroupedNet(nn.Module):
+    def __init__(self, c_in=4, c_out=6, groups=2, bias=True, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, stride=2, groups=groups, bias=bias)
+        self.head = nn.Linear(c_out, 4)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("c_in, c_out, groups, bias, capture", [
+    (4, 6, 2, True, "fx"), (4, 6, 2, True, "export"), (4, 4, 4, False, "fx"), (3, 6, 3, True, "fx")],
+    ids=["grouped-fx", "grouped-export", "depthwise-fx", "depthwise-multiplier-fx"])
+def test_grouped_conv_statistics_are_those_of_each_group_alone(c_in, c_out, groups, bias, capture):
+    model = GroupedNet(c_in, c_out, groups, bias)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, c_in, 6, 6, generator=gen, dtype=DTYPE), torch.randint(0, 4, (5,), generator=gen)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    inputs, g, M = record(model, "conv", x, y)
+    grads = per_example_grads(model, x, y)
+    statistic_step(c, x, y)
+    stats = c.statistics("conv")
+    conv, s, width = model.conv, c_out // groups, c_in // groups
+    for j in range(groups):
+        patches = F.unfold(inputs[:, j * width:(j + 1) * width], 3, padding=1, stride=2).transpose(1, 2)
+        w = conv.weight[j * s:(j + 1) * s].flatten(1)
+        z = patches @ w.T + (conv.bias[j * s:(j + 1) * s] if bias else 0)
+        g_j = g[:, j * s:(j + 1) * s].flatten(2).transpose(1, 2)
+        assert_close(z, conv(inputs)[:, j * s:(j + 1) * s].flatten(2).transpose(1, 2))  # the patches are right
+        a = torch.cat([patches, torch.ones_like(patches[..., :1])], -1) if bias else patches
+        rows = a.flatten(0, 1)
+        assert_close(stats["A"][j], rows.T @ rows / len(rows))
+        assert_close(stats["S"][j], M * g_j.flatten(0, 1).T @ g_j.flatten(0, 1))
+    per = grads["conv.weight"].flatten(2)
+    per = torch.cat([per, grads["conv.bias"][..., None]], -1) if bias else per
+    assert_close(stats["diag"], per.square().mean(0))
+
+
+# ----------------------------------------------------------------------------- position embeddings
+
+
+class PositionNet(nn.Module):
+    """token embedding + a (1, T_max, d) or (T_max, d) position table, sliced from `start`."""
+
+    def __init__(self, leading_one=True, start=0, t_max=7, d=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(9, d)
+        self.pos = nn.Parameter(torch.randn((1, t_max, d) if leading_one else (t_max, d)))
+        self.head = nn.Linear(d, 9)
+        self.start, self.leading_one = start, leading_one
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        table = self.pos[:, self.start:self.start + t] if self.leading_one else self.pos[self.start:self.start + t]
+        return self.head(torch.tanh(self.emb(ids) + table))
+
+
+@pytest.mark.parametrize("leading_one, start, capture", [(True, 0, "fx"), (True, 0, "export"), (False, 2, "fx")],
+                         ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx"])
+def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, capture):
+    model = PositionNet(leading_one, start)
+    gen = torch.Generator().manual_seed(1)
+    n, t = 5, 4
+    ids, y = torch.randint(0, 9, (n, t), generator=gen), torch.randint(0, 9, (n, t), generator=gen)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,))
+    assert c.layers["pos"].kind == "position"
+    # g = ∂L/∂z of z = emb(ids) + table, written out
+    z = model.emb(ids).detach() + (model.pos[0] if leading_one else model.pos).detach()[start:start + t]
+    z.requires_grad_(True)
+    out = model.head(torch.tanh(z))
+    g = torch.autograd.grad(cross_entropy(out, y), z)[0]
+    M = loss_terms(out)
+    per = per_example_grads(model, ids, y)["pos"].reshape(n, 7, 4)
+    statistic_step(c, ids, y)
+    stats = c.statistics("pos")
+    counts = torch.zeros(7, dtype=DTYPE)
+    counts[start:start + t] = 1 / t
+    assert_close(stats["A"], counts)
+    assert_close(stats["S"], M * g.flatten(0, 1).T @ g.flatten(0, 1))
+    assert_close(stats["diag"], per.square().mean(0).T)
+
+
+class HeadBias(nn.Module):
+    """A (T_max, d_head) table added to activations split into heads, (N, H, T, d_head)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.table, self.head = nn.Embedding(9, 8), nn.Parameter(torch.randn(5, 4)), nn.Linear(8, 9)
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.emb(ids).view(n, t, 2, 4).transpose(1, 2)
+        h = torch.tanh(h + self.table[:t])
+        return self.head(h.transpose(1, 2).reshape(n, t, 8))
+
+
+def test_a_position_table_broadcast_over_heads_is_read_by_every_head():
+    model = HeadBias()
+    gen = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 9, (3, 4), generator=gen), torch.randint(0, 9, (3, 4), generator=gen)
+    c = compile_for_statistics(model, optimizer="kfac")
+    per = per_example_grads(model, ids, y)["table"]
+    statistic_step(c, ids, y)
+    stats = c.statistics("table")
+    assert_close(stats["A"], torch.tensor([0.25] * 4 + [0.0], dtype=DTYPE))
+    assert_close(stats["diag"], per.square().mean(0).T)
+
+
+# ----------------------------------------------------------------------------- attention across RoPE
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RoPEAttention(nn.Module):
+    """q, k rotated by cos/sin of their positions (as Llama), then scaled dot-product attention."""
+
+    def __init__(self, d=8, heads=2, complex_form=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.heads, self.complex_form = heads, complex_form
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d // heads, 2) / (d // heads)))
+
+    def forward(self, x):
+        n, t, d = x.shape
+        split = lambda z: z.view(n, t, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        freqs = torch.arange(t, dtype=x.dtype)[:, None] * self.inv_freq.to(x.dtype)[None]
+        if self.complex_form:
+            rot = torch.polar(torch.ones_like(freqs), freqs)
+            q = torch.view_as_real(torch.view_as_complex(q.reshape(n, self.heads, t, -1, 2)) * rot).flatten(3)
+            k = torch.view_as_real(torch.view_as_complex(k.reshape(n, self.heads, t, -1, 2)) * rot).flatten(3)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(h.transpose(1, 2).reshape(n, t, d))
+
+
+@pytest.mark.parametrize("complex_form, capture", [(False, "fx"), (False, "export"), (True, "fx")],
+                         ids=["rotate_half-fx", "rotate_half-export", "complex-fx"])
+def test_projections_across_rope_get_their_attention_roles(complex_form, capture):
+    torch.manual_seed(0)
+    model = RoPEAttention(complex_form=complex_form).float()
+    x = torch.randn(2, 4, 8)
+    c = gnfx.compile(model, capture=capture, example_inputs=(x,))
+    assert {b.name: b.role for b in c.layers} == {"q": "attention.q", "k": "attention.k", "v": "attention.v",
+                                                  "o": "attention.out"}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Everything(nn.Module):
+    """Every new kind in one tiny model: a depthwise-separable conv with batch and group norms,
+    a position table, a LayerNorm, a hand-written RMSNorm, and a head."""
+
+    def __init__(self, d=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.depthwise = nn.Conv1d(3, 3, 3, padding=1, groups=3, bias=False)  # (a bias before BN has no gradient)
+        self.pointwise = nn.Conv1d(3, d, 1)
+        self.bn, self.gn = nn.BatchNorm1d(3), nn.GroupNorm(2, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 8, d))
+        self.ln, self.rms = nn.LayerNorm(d), HandRMSNorm(d)
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, 4)
+
+    def forward(self, x):  # (N, 3, T) -> (N, 4)
+        h = self.gn(self.pointwise(torch.relu(self.bn(self.depthwise(x)))))
+        h = h.transpose(1, 2) + self.pos[:, :x.shape[2]]
+        h = h + torch.tanh(self.fc(self.ln(h)))
+        return self.head(self.rms(h).mean(1))
+
+
+PRECONDITIONERS = [("kfac", {"inv_every": 2}), ("ekfac", {"inv_every": 2}), ("shampoo", {"start_preconditioning_step": 2}), ("soap", {"lr": 5e-2}),
+                   ("rank1", {}), ("diag", {"source": "fisher", "lr": 0.1})]
+
+
+@pytest.mark.parametrize("name, hp", PRECONDITIONERS, ids=[p for p, _ in PRECONDITIONERS])
+def test_every_preconditioner_trains_the_new_kinds(name, hp):
+    model = Everything()
+    c = gnfx.compile(model, optimizer=name, stat_every=1, **({"lr": 1e-2} | hp))
+    assert not c.layers.fallbacks
+    assert {b.kind for b in c.layers} == {"conv", "norm", "position", "linear"}
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_kfac_direction_of_a_grouped_block_is_per_group():
+    """U_j = (S_j + λ_S I)⁻¹ G_j (A_j + λ_A I)⁻¹ for each row group j of a depthwise conv (and of a
+    norm: groups of one feature), from the averaged A_j, S_j with K-FAC's π split of λ."""
+    model = Everything().double()
+    c = gnfx.compile(model, optimizer="kfac", stat_every=1, inv_every=1, momentum=0.0, kl_clip=0.0, lr=1.0)
+    pre = c.optimizer.curvature[0]
+    x, y = torch.randn(8, 3, 8, dtype=DTYPE), torch.randint(0, 4, (8,))
+    F.cross_entropy(c(x), y).backward()
+    c.step()  # statistics and inverses from this batch
+    c.zero_grad()
+    F.cross_entropy(c(x), y).backward()
+    for name in ("depthwise", "ln"):
+        block = c.layers[name]
+        group, i = next((g, i) for g in pre.groups for i, p in enumerate(g.pieces) if p.target.name == name)
+        G = model.get_parameter(block.weight).grad.reshape(block.d_out, -1)
+        if block.bias is not None:
+            G = torch.cat([G, model.get_parameter(block.bias).grad[:, None]], 1)
+        state = {k: v[i:i + 1] for k, v in pre.group_state(group).items()}
+        U = pre.direction(G[None], state, collect=False)[0]
+        A, S = c.statistics(name)["A"], c.statistics(name)["S"]
+        s = block.d_out // len(A)
+        root = pre.hp["damping"] ** 0.5
+        for j in range(len(A)):
+            pi = ((A[j].diagonal().mean()) / S[j].diagonal().mean()).sqrt()
+            expected = torch.linalg.solve(S[j] + root / pi * torch.eye(s, dtype=DTYPE), G[j * s:(j + 1) * s]) \
+                @ torch.linalg.inv(A[j] + pi * root * torch.eye(len(A[j]), dtype=DTYPE))
+            torch.testing.assert_close(U[j * s:(j + 1) * s], expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "ekfac"])
+def test_diagnose_measures_the_grouped_blocks(optimizer):
+    """gnfx.diagnose's curvature products of K-FAC and EKFAC on row-grouped blocks (norms, the
+    depthwise conv) and a diagonal-A block (the position table): finite, and within the range a
+    fitted curvature reaches."""
+    model = Everything().double()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 8, generator=gen, dtype=DTYPE), torch.randint(0, 4, (16,), generator=gen)
+    c = gnfx.compile(model, optimizer=optimizer, stat_every=1, inv_every=1)
+    for _ in range(2):
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+    records = {r.name: r for r in gnfx.diagnose(c, (x, y), loss="cross_entropy", probes=1, cg_max_iter=10,
+                                                   verbose=False)}
+    for name in ("depthwise", "bn", "gn", "ln", "rms", "pos"):
+        r = records[name]
+        assert math.isfinite(r.curvature_error) and -1 <= r.cosine <= 1, r
+
+
+@pytest.mark.parametrize("model", ["norm", "grouped"])
+def test_ekfac_measures_each_group_in_its_own_eigenbasis(model):
+    """eigen_diag = 1/N Σ_n (Q_S,jᵀ ∇ℓ̃_n,j Q_A,j)² for each row group j (∇ℓ̃_n,j: example n's
+    gradient rows of group j, from vmap), in the bases the previous refresh set."""
+    model = NormNet("layer") if model == "norm" else GroupedNet(4, 6, 2, True)
+    name = "norm" if isinstance(model, NormNet) else "conv"
+    batches = [norm_data(seed=s) if name == "norm" else
+               (torch.randn(5, 4, 6, 6, generator=torch.Generator().manual_seed(s), dtype=DTYPE),
+                torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
+    c = gnfx.compile(model, optimizer="ekfac", stat_every=1, stat_decay=0.0, inv_every=1, lr=1e-2)
+    statistic_step(c, *batches[0])  # bases from this batch's A and S
+    pre = c.optimizer.curvature[0]
+    group, i = next((g, i) for g in pre.groups for i, p in enumerate(g.pieces) if p.target.name == name)
+    state = pre.group_state(group)
+    Q_S, Q_A = state["Q_S"][i], state["Q_A"][i]
+    assert not torch.allclose(Q_A, torch.eye(Q_A.shape[-1], dtype=DTYPE).expand_as(Q_A))
+    x, y = batches[1]
+    grads = per_example_grads(model, x, y)
+    per = grads[f"{name}.weight"].reshape(len(x), grads[f"{name}.weight"].shape[1], -1)
+    per = torch.cat([per, grads[f"{name}.bias"][..., None]], -1)  # (N, d_out, d_a)
+    rotated = Q_S.transpose(1, 2) @ per.unflatten(1, (len(Q_S), -1)) @ Q_A  # per group j
+    cross_entropy(c(x), y).backward()
+    measured = c.optimizer.statistics[name].batch()["eigen_diag"]
+    assert_close(measured, rotated.flatten(1, 2).square().mean(0))
