@@ -8,8 +8,6 @@ cost nothing there.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -18,11 +16,11 @@ from gnfx.errors import ConfigError, GnfxError
 from gnfx.fisher import record_true_fisher
 from gnfx.report import report
 from gnfx.passes import graph_view
+from gnfx.variants import NOT_CAPTURED, NotCaptured
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, model: nn.Module, graph_module, table, optimizer, settings: dict,
-                 optional_inputs=(), variant=None):
+    def __init__(self, model: nn.Module, variants, optimizer, settings: dict):
         super().__init__()
         # Share the original's registries: same Parameter objects, same state_dict keys.
         self._parameters = model._parameters
@@ -30,30 +28,42 @@ class CompiledModel(nn.Module):
         self._modules = model._modules
         self.training = model.training
         self.__dict__["_model"] = model
-        self.__dict__["graph_module"] = graph_module
-        self.__dict__["layers"] = table
+        # the instrumented graphs, captured at gnfx.compile or at the first training call, one per
+        # form of call (gnfx.variants)
+        self.__dict__["_variants"] = variants
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
-        # optional inputs (default None) of an fx-traced forward: a call that leaves some out runs
-        # a graph traced with them fixed to None, built on first use by `variant`
-        self.__dict__["_optional"] = optional_inputs
-        self.__dict__["_signature"] = inspect.signature(model.forward) if optional_inputs else None
-        self.__dict__["_variants"] = {(): graph_module}
-        self.__dict__["_variant"] = variant
+
+    @property
+    def graph_module(self):
+        """The instrumented graph of the first capture."""
+        return self._captured().graph_module
+
+    @property
+    def layers(self):
+        """The LayerTable (before a lazy capture: a placeholder that says when capture happens)."""
+        return self._variants.table if self._variants.captured else NotCaptured()
+
+    def _captured(self):
+        if not self._variants.captured:
+            raise GnfxError(NOT_CAPTURED)
+        return self._variants
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer
+        if self.training and torch.is_grad_enabled() and not self._variants.captured:
+            self._variants.capture(args, kwargs)  # lazy capture, from the first training call
         if self.training and opt.statistic_step and torch.is_grad_enabled():
             self._check_registrations()
         if self.training and opt.collecting and torch.is_grad_enabled():
             store = opt.statistics
             store.forward_id += 1
             opt.collected = True
-            out = self._instrumented(args, kwargs)(*args, **kwargs)
+            out = self._variants(args, kwargs)
             leaves = torch.utils._pytree.tree_leaves(out)  # a dataclass not registered as a pytree: its fields
             leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
                                                      if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim()), None)
+            first = next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()), None)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
             # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
@@ -89,7 +99,7 @@ class CompiledModel(nn.Module):
                 f"model.<name>.copy_(new_value)), or set requires_grad and build every layer before calling "
                 f"gnfx.compile, and compile the model again after changing its parameters")
         tensors = {**dict(self._model.named_buffers(remove_duplicate=False)), **current}
-        for gm in self._variants.values():
+        for gm in self._variants.graphs():
             held = [(n, t, "_parameters") for n, t in gm.named_parameters(remove_duplicate=False)]
             held += [(n, t, "_buffers") for n, t in gm.named_buffers(remove_duplicate=False)]
             for name, t, registry in held:
@@ -97,17 +107,6 @@ class CompiledModel(nn.Module):
                 if now is not None and now is not t:
                     owner, _, field = name.rpartition(".")
                     getattr(gm.get_submodule(owner), registry)[field] = now
-
-    def _instrumented(self, args, kwargs):
-        """The instrumented graph for this call (see `_optional`)."""
-        if not self._optional:
-            return self.graph_module
-        bound = self._signature.bind(*args, **kwargs).arguments
-        key = tuple(n for n in self._optional if bound.get(n) is None)
-        if key not in self._variants:
-            self._variants[key] = self._variant(key)
-            self._variants[key].training = self.training
-        return self._variants[key]
 
     def _watch_output(self, z, store) -> None:
         """When the user's backward reaches the logits z: count the rows the loss ignores (their
@@ -145,7 +144,7 @@ class CompiledModel(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._model.training = mode
-        for gm in self._variants.values():
+        for gm in self._variants.graphs():
             gm.training = mode
         return self
 
@@ -160,6 +159,7 @@ class CompiledModel(nn.Module):
     # --- inspection ------------------------------------------------------------------------
     def statistics(self, name: str) -> dict[str, torch.Tensor]:
         """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics)."""
+        self._captured()
         if name not in self.layers:
             raise KeyError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
         store = self.optimizer.statistics
@@ -171,6 +171,7 @@ class CompiledModel(nn.Module):
     @property
     def update_code(self) -> str:
         """The source of the generated update function, plus the elementwise steps it leaves out."""
+        self._captured()
         opt = self.optimizer
         lines = [opt.update_function.source]
         for pre in opt.elementwise:
@@ -181,6 +182,7 @@ class CompiledModel(nn.Module):
     def cost(self, batch_size: int | None = None, positions=None):
         """Memory and amortized FLOPs of this plan per block and in total, with their sympy
         formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site)."""
+        self._captured()
         return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions)
 
     def report(self) -> str:

@@ -1,6 +1,8 @@
 """The block table that `print(model)` and `model.report()` show."""
 from __future__ import annotations
 
+from gnfx.variants import NotCaptured
+
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -21,9 +23,10 @@ def report(model) -> str:
     """Blocks (name, kind, shapes, preconditioner, state memory, why that preconditioner) and the
     parameter registration."""
     table, opt = model.layers, model.optimizer
+    if isinstance(table, NotCaptured):
+        return f"gnfx: {table!r}"
     why = {name: e.reason for name, e in table.plan.entries.items()}
     cost = model.cost()  # state memory from the cost model, whose figures equal the allocation
-    numel = {n: p.numel() for n, p in model.named_parameters()}
     rows = []
     for b in table:
         shapes = " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items())
@@ -32,9 +35,9 @@ def report(model) -> str:
     for f in table.fallbacks:
         rows.append([f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner,
                      format_bytes(cost[f.param].memory_bytes), why[f.param]])
-    covered = sum(numel[n] for b in table for n in b.params)
-    total = covered + sum(numel[f.param] for f in table.fallbacks)
-    out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
+    covered, total = table.coverage(dict(model.named_parameters()))
+    out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}"
+           + (f" ({table.capture})" if table.capture != table.form else ""),
            format_table(["block", "kind", "shapes", "preconditioner", "state", "why"], rows),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",

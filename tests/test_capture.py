@@ -160,9 +160,10 @@ def test_keyword_forward_with_an_optional_argument_left_out():
 # ----------------------------------------------------------------------------- torch.export
 
 
-def test_untraceable_top_level_forward_without_example_inputs_names_the_fix():
+def test_untraceable_top_level_forward_under_capture_fx_names_the_fix():
+    c = gnfx.compile(RankBranch(), capture="fx")  # fx is retried at the first call, with its inputs
     with pytest.raises(gnfx.CaptureError) as err:
-        gnfx.compile(RankBranch())
+        c(batch((7, 4))[0])
     message = str(err.value)
     assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
     assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
@@ -179,17 +180,35 @@ def test_untraceable_top_level_forward_falls_back_to_torch_export():
     assert_statistics_match(c, model, ["a", "b"], *batch((4, 4), seed=1))
 
 
+def test_untraceable_top_level_forward_is_exported_at_the_first_call():
+    model = RankBranch()
+    c = compile_for_statistics(model)
+    assert "first call" in repr(c.layers) and "first call" in repr(c)
+    with pytest.raises(gnfx.GnfxError, match="first call"):
+        list(c.layers)
+    x, y = batch((7, 4))
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
+    assert "graph captured with export (torch.fx could not trace" in repr(c)
+
+
 def test_data_dependent_top_level_branch_is_a_capture_error_in_both_forms():
-    with pytest.raises(gnfx.CaptureError, match="torch.cond"):
-        gnfx.compile(DataBranch())
+    c = gnfx.compile(DataBranch())
     x, _ = batch((7, 4))
+    with pytest.raises(gnfx.CaptureError, match="torch.cond") as err:
+        c(x)
+    assert "neither torch.fx nor torch.export" in str(err.value)
     with pytest.raises(gnfx.CaptureError, match="torch.export could not capture DataBranch"):
         gnfx.compile(DataBranch(), example_inputs=(x,))
 
 
-def test_export_needs_example_inputs():
-    with pytest.raises(gnfx.CaptureError, match="example_inputs"):
-        gnfx.compile(MLP(), capture="export")
+def test_export_without_example_inputs_captures_the_first_call():
+    model = MLP()
+    c = compile_for_statistics(model, capture="export")
+    with pytest.raises(gnfx.GnfxError, match="first call"):
+        c.graph_module
+    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)))
+    assert c.layers.form == "export" and c.layers.capture == "capture='export'"
 
 
 def test_unknown_capture_mode_is_a_config_error():
@@ -245,7 +264,7 @@ def test_export_form_finds_tied_weights():
 
 def test_untraceable_submodule_becomes_a_leaf_whose_parameters_fall_back():
     model = WithGate()
-    c = compile_for_statistics(model)
+    c = compile_for_statistics(model, capture="fx")
     assert c.layers.form == "fx"
     assert list(c.layers.leaves) == ["gate"] and "could not be traced" in c.layers.leaves["gate"]
     assert [b.name for b in c.layers] == ["a", "b"]
