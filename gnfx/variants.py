@@ -120,7 +120,7 @@ class Variants:
         export_key, shapes = self._key("export", args, kwargs), shapes_of(args, kwargs)
         if fx is None:
             return self._begin(exported, export_key,
-                               f"torch.fx could not trace the forward: {str(fx_error).splitlines()[0]}",
+                               str(fx_error).splitlines()[0],
                                shapes=shapes)
         built_fx, built_export = self._build(fx), self._build(exported)
         share_fx, share_export = self._share(built_fx[1]), self._share(built_export[1])

@@ -185,27 +185,27 @@ class _ExportView(nn.Module):
         super().__init__()
         self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
         self.training = model.training
-        self.__dict__["model"] = model
+        self.__dict__["_gnfx_model"] = model  # not a submodule: its registries are this view's
         # .value: (output while tracing, ids of its tensors in export order); set on a namespace, as
         # torch.export restores the module attributes (and containers in them) a traced forward changes
-        self.__dict__["template"] = types.SimpleNamespace(value=None)
+        self.__dict__["_gnfx_template"] = types.SimpleNamespace(value=None)
         # the model's signature, which torch.export binds the call's inputs (and their dynamic
         # shapes) to, as it does for the model itself
-        forward = functools.partial(self.view_forward)
+        forward = functools.partial(self._gnfx_forward)
         forward.__signature__ = inspect.signature(model.forward)
         self.__dict__["forward"] = forward
 
-    def view_forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
+    def _gnfx_forward(self, *args, **kwargs):
+        out = self._gnfx_model(*args, **kwargs)
         if all(isinstance(x, _EXPORTABLE) for x in torch.utils._pytree.tree_leaves(out)):
             return out
         tensors = _tensors_in(out, {}, set())
-        self.template.value = (out, list(tensors))
+        self._gnfx_template.value = (out, list(tensors))
         return tuple(tensors.values())
 
-    def rebuild(self, _module, _inputs, flat):
+    def _gnfx_rebuild(self, _module, _inputs, flat):
         """The model's output with the exported tensors `flat` in place of the traced ones."""
-        out, ids = self.template.value
+        out, ids = self._gnfx_template.value
         return copy.deepcopy(out, memo=dict(zip(ids, flat)))
 
 
@@ -240,8 +240,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
             f"Fix: rewrite data-dependent branches with torch.cond, or mark the offending submodule "
             f"with leaf_modules=[...] and capture='fx'") from exc
     gm = ep.module()
-    if view.template.value is not None:
-        gm.register_forward_hook(view.rebuild)
+    if view._gnfx_template.value is not None:
+        gm.register_forward_hook(view._gnfx_rebuild)
     return Captured(gm, "export", {})
 
 
