@@ -63,6 +63,7 @@ class Variants:
         self.form = None
         self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
+        self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key and shapes)
         self._optional = optional_inputs(model)
         self._signature = inspect.signature(model.forward)
 
@@ -146,22 +147,35 @@ class Variants:
 
     # --- later calls -----------------------------------------------------------------------
     def __call__(self, args: tuple, kwargs: dict):
-        """Run the instrumented graph for this call (captured on first use)."""
+        """Run the instrumented graph for this call (captured on first use). A call of a form
+        that cannot be captured runs the original forward, without statistics, and warns once."""
         if self.form == "fx":
             key = ("fx", self._left_out(args, kwargs))
             if key not in self._graphs:
-                self._add(key, trace_fx(self.model, self.leaf_modules, {n: None for n in key[1]}))
-            return self._graphs[key][0](*args, **kwargs)
+                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, {n: None for n in key[1]}), key)
+            graphs = self._graphs[key]
+            return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
         gm = next((g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)), None)
-        if gm is None:
+        shapes = shapes_of(args, kwargs)
+        if gm is None and (key, shapes) not in self._uncapturable:
             seen = self._seen.setdefault(key, [])
-            gm = self._add(key, export(self.model, args, kwargs, seen))
-            seen.append(shapes_of(args, kwargs))
-        return gm(*args, **kwargs)
+            gm = self._add(key, lambda: export(self.model, args, kwargs, seen), (key, shapes))
+            seen.append(shapes)
+        return self.model(*args, **kwargs) if gm is None else gm(*args, **kwargs)
 
-    def _add(self, key, captured):
-        gm, _, sites = self._build(captured)
+    def _add(self, key, capture, call):
+        """Capture (`capture()`), lower, analyze and tap the graph for the calls of `key`; None
+        (and a warning) if it cannot be captured, and `call` is not tried again."""
+        try:
+            gm, _, sites = self._build(capture())
+        except CaptureError as exc:
+            self._uncapturable.add(call)
+            self._graphs.setdefault(key, [])
+            warnings.warn(f"gnfx: a call of another form than the captured one could not be captured, so calls "
+                          f"of this form run the original forward and add no statistics: {exc}",
+                          RuntimeWarning, stacklevel=5)
+            return None
         gm = insert_taps(gm, sites, self.store)
         gm.training = self.model.training
         self._graphs.setdefault(key, []).append(gm)

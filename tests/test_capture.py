@@ -157,6 +157,31 @@ def test_keyword_forward_with_an_optional_argument_left_out():
     torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
 
 
+class GatedWhenGiven(MLP):
+    """Traceable when `gate` is left out; a branch on data when it is given."""
+
+    def forward(self, x, gate=None):
+        h = torch.tanh(self.a(x))
+        if gate is not None and (gate * h).sum() > 0:
+            h = gate * h
+        return self.b(h)
+
+
+def test_a_call_form_that_cannot_be_captured_runs_the_original_forward_and_warns():
+    model = GatedWhenGiven()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    gate = torch.ones(7, 5, dtype=DTYPE)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*add no statistics"):
+        out = c(x, gate)
+    torch.testing.assert_close(out, model(x, gate), rtol=0, atol=0)
+    before = c.statistics("a")["A"].clone()
+    cross_entropy(out, y).backward()
+    c.step()  # a step without this forward's statistics: the averages stay as they were
+    torch.testing.assert_close(c.statistics("a")["A"], before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- torch.export
 
 
