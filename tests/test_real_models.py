@@ -39,26 +39,26 @@ def not_modelled(c) -> set[str]:
 
 
 def gpt2():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                      bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
 
 
 def llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                                       bos_token_id=0, eos_token_id=0)
     return transformers.LlamaForCausalLM(config)
 
 
 def bert(**overrides):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=CLASSES, **overrides)
     return transformers.BertForSequenceClassification(config)
 
 
 def vit():
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=32, num_labels=CLASSES)
     return transformers.ViTForImageClassification(config)
 
@@ -189,26 +189,16 @@ def test_trains_from_its_first_call_with_every_layer_in_a_block(name, optimizer)
           f"({c.layers.capture[:90]})")
 
 
-def test_capture_waits_for_the_first_call_and_the_optimizer_exists_before():
-    model = gpt2()
-    c = gnfx.compile(model, optimizer="kfac", lr=0.05)
-    assert "first call" in repr(c) and "first call" in repr(c.layers)
-    schedule = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda step: 0.5 ** step)
-    ids, mask, _, _ = data()
-    next_token_loss(c(input_ids=ids, attention_mask=mask), ids, mask).backward()
-    c.step()
-    schedule.step()
-    assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
-    assert c.optimizer.param_groups[0]["lr"] == 0.025 and c.optimizer.steps == 1
-
-
-def test_calls_of_another_form_get_their_own_capture_sharing_the_statistics():
-    """Keyword or positional, with or without the attention mask, another batch size or sequence
-    length: each a statistic step, each counted once in the shared statistics. A new sequence
-    length is outside the first capture's range (only the batch dimension is dynamic there); its
-    capture makes that dimension dynamic too (automatic dynamic shapes, as torch.compile)."""
+def test_capture_waits_for_the_first_call_and_calls_of_another_form_get_their_own():
+    """The optimizer exists before the first call (an LR scheduler is built on it). Then keyword or
+    positional, with or without the attention mask, another batch size or sequence length: each a
+    statistic step, each counted once in the shared statistics. A new sequence length is outside
+    the first capture's range (only the batch dimension is dynamic there); its capture makes that
+    dimension dynamic too (automatic dynamic shapes, as torch.compile)."""
     model = gpt2()
     c = gnfx.compile(model, optimizer="kfac", lr=0.05, stat_every=1)
+    assert "first call" in repr(c) and "first call" in repr(c.layers)
+    schedule = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda step: 0.5 ** step)
     ids, mask, _, _ = data()
     calls = [((), dict(input_ids=ids, attention_mask=mask)), ((ids,), dict(attention_mask=mask)), ((ids,), {}),
              ((), dict(input_ids=ids[:1], attention_mask=mask[:1])), ((), dict(input_ids=ids[:2], attention_mask=mask[:2])),
@@ -219,8 +209,11 @@ def test_calls_of_another_form_get_their_own_capture_sharing_the_statistics():
         assert isinstance(out.logits, torch.Tensor) and out.cache is not None  # the cache passes through
         next_token_loss(out, kwargs.get("input_ids", args[0] if args else None)).backward()
         c.step()
+        schedule.step()
         c.zero_grad()
         assert all(s.updates == step for s in c.optimizer.statistics.blocks.values())
+    assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
+    assert c.optimizer.param_groups[0]["lr"] == 0.05 * 0.5 ** len(calls)
     # three forms of call, and the first form again for a new sequence length
     assert len(c._variants.graphs()) == 4
 
