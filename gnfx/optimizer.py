@@ -180,9 +180,14 @@ class GnfxOptimizer(torch.optim.Optimizer):
         groups, every state entry's name and shape, the statistics of every block, the counters), so
         one that does not fit this model and plan, or whose contents are damaged or cut short, raises
         a ConfigError naming what differs and leaves the optimizer exactly as it was. Before the
-        model's first call (lazy capture) the checkpoint is kept and loaded, checked, at the capture."""
+        model's first call (lazy capture) the checkpoint is kept and loaded, checked, at the capture;
+        one written before a capture too (no state yet, as accelerate's round trip) only sets the
+        param groups."""
         if not self.attached:
-            self._pending_checkpoint = state_dict
+            if state_dict.get("state") or state_dict.get("gnfx", {}).get("statistics"):
+                self._pending_checkpoint = state_dict
+            else:
+                super().load_state_dict({k: v for k, v in state_dict.items() if k != "gnfx"})
             return
         expected = self._check_checkpoint(state_dict)
         saved = state_dict["state"]

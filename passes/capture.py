@@ -181,7 +181,7 @@ class _ExportView(nn.Module):
     structure around them, recorded while tracing, is rebuilt around the computed tensors by a
     forward hook of the captured graph: the caller gets the output the model returns."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, keywords=()):
         super().__init__()
         self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
         self.training = model.training
@@ -190,9 +190,15 @@ class _ExportView(nn.Module):
         # torch.export restores the module attributes (and containers in them) a traced forward changes
         self.__dict__["_gnfx_template"] = types.SimpleNamespace(value=None)
         # the model's signature, which torch.export binds the call's inputs (and their dynamic
-        # shapes) to, as it does for the model itself
+        # shapes) to, as it does for the model itself; the call's `keywords` that the model takes
+        # through **kwargs become keyword parameters of their own (torch.export's binding of
+        # **kwargs does not match the dynamic shapes it is given)
+        signature = inspect.signature(model.forward)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        named = {p.name for p in params}
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in keywords if k not in named]
         forward = functools.partial(self._gnfx_forward)
-        forward.__signature__ = inspect.signature(model.forward)
+        forward.__signature__ = signature.replace(parameters=params)
         self.__dict__["forward"] = forward
 
     def _gnfx_forward(self, *args, **kwargs):
@@ -221,7 +227,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     batch), and so is every dimension whose size differs from that of the same input in the calls
     of the same form captured before, whose shapes (`shapes_of`) are `seen` (a new sequence length).
     The captured graph takes calls of this form within its guards (see `accepts`)."""
-    view, args, kwargs = _ExportView(model), tuple(args), dict(kwargs or {})
+    args, kwargs = tuple(args), dict(kwargs or {})
+    view = _ExportView(model, kwargs)
     flat = torch.utils._pytree.tree_leaves((args, kwargs))
     dims = {}
     for i, x in enumerate(flat):
@@ -229,7 +236,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
             changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
             dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
     try:
-        inputs = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
         ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)

@@ -284,6 +284,39 @@ def test_export_form_finds_tied_weights():
     assert_statistics_match(c, model, ["a", "fc", "b"], x, y)
 
 
+class ExtraKeywords(MLP):
+    """Inputs through **kwargs, as many model libraries' forwards take them."""
+
+    def forward(self, x, **kwargs):
+        return self.b(kwargs["gain"] * torch.tanh(self.a(x)))
+
+
+def test_inputs_taken_through_var_keywords_are_exported_with_dynamic_shapes():
+    model = ExtraKeywords()
+    c = compile_for_statistics(model, capture="export")
+    for n in (7, 5):  # the batch dimension of every input is dynamic
+        x, y = batch((n, 4), seed=n)
+        gain = torch.rand(n, 5, dtype=DTYPE)
+        assert_statistics_match(c, model, ["a", "b"], x, y, gain=gain)
+    assert c.layers.form == "export" and len(c._variants.graphs()) == 1
+
+
+def test_an_optimizer_checkpoint_loaded_before_the_first_call_is_loaded_at_the_capture():
+    x, y = batch((7, 4))
+    trained = compile_for_statistics(MLP(), capture="export")
+    for _ in range(2):
+        cross_entropy(trained(x), y).backward()
+        trained.step()
+    resumed = compile_for_statistics(MLP(), capture="export")
+    # an optimizer's round trip before any capture (accelerate does it) only sets the param groups
+    resumed.optimizer.load_state_dict(resumed.optimizer.state_dict())
+    resumed.optimizer.load_state_dict(trained.optimizer.state_dict())
+    assert resumed.optimizer.steps == 0 and not resumed.optimizer.attached
+    resumed(x)
+    assert resumed.optimizer.steps == 2
+    torch.testing.assert_close(resumed.statistics("a")["A"], trained.statistics("a")["A"], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- leaves
 
 
