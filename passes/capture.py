@@ -5,9 +5,9 @@ example inputs. It traces into torch.nn's own containers (nn.TransformerEncoder 
 and keeps as leaves only torch.nn modules without submodules (Linear, LayerNorm, ...) and the
 nn.MultiheadAttention that gnfx lowers itself. A submodule whose forward cannot be traced becomes a
 leaf (an opaque call in the graph, its parameters left to the fallback preconditioner) and is
-reported. torch.export (`strict=False`, every tensor dimension dynamic) is the other form: it
-needs the call's inputs and yields an aten-level graph whose nodes keep their module path in
-`nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
+reported. torch.export (`strict=False`, with automatic dynamic shapes) is the other form: it
+captures one call from its inputs and yields an aten-level graph whose nodes keep their module
+path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
 gets is decided by gnfx.variants.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ class _LeafFindingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaves:
             return True
-        if not m.__module__.startswith("torch.nn"):
+        if not m.__module__.startswith(("torch.nn", "torch.ao.nn")):
             return False
         return isinstance(m, nn.MultiheadAttention) or next(m.children(), None) is None
 
