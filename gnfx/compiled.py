@@ -2,9 +2,10 @@
 
 It shares the original model's parameters, buffers and submodules (so `state_dict()` keys and
 Parameter objects are the original's) and chooses its forward per step: on a statistic step
-(training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph, whose
-taps record `a` and `δ`; on every other step it runs the original forward, untouched, so the taps
-cost nothing there.
+(training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph of
+this call's form (gnfx.variants), whose taps record `a` and `δ`; on every other step it runs the
+original forward, untouched, so the taps cost nothing there. A model gnfx.compile could not capture
+without inputs is captured at its first training call, from that call's inputs.
 """
 from __future__ import annotations
 
