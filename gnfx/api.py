@@ -11,11 +11,10 @@ from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
-from gnfx.passes.capture import CAPTURE_MODES, optional_inputs, trace_fx
-from gnfx.passes.capture import capture as capture_graph
+from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
-from gnfx.passes.taps import insert_taps
+from gnfx.variants import Variants
 
 COMMON = {
     "lr": positive("learning rate η", 1e-3),
@@ -72,9 +71,11 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     """Compile `model` for curvature-aware training with the preconditioner `optimizer`.
 
     Returns a CompiledModel that runs on the same Parameter objects, with `.step()`,
-    `.zero_grad()` and `.optimizer`. `capture` is "auto" (torch.fx, then torch.export with
-    `example_inputs` and `example_kwargs`), "fx" or "export"; `leaf_modules` lists submodule paths
-    to keep opaque.
+    `.zero_grad()` and `.optimizer` (usable at once, e.g. for an LR scheduler). `capture` is "auto"
+    (torch.fx, and torch.export when fx fails anywhere, keeping the graph with more parameters in
+    curvature blocks), "fx" or "export"; the graph is captured now when torch.fx traces the whole
+    forward or `example_inputs` (and `example_kwargs`) are given, else at the model's first call,
+    from its inputs (see gnfx.variants). `leaf_modules` lists submodule paths to keep opaque.
     `optimizer` is a preconditioner name, "auto", or a dict of glob patterns on block names
     (see gnfx.plan). `hparams` are the hyperparameters of gnfx.api.COMMON and of the
     preconditioners the optimizer may use (and of "diag", which serves the parameters no block
@@ -89,26 +90,25 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
 
     if capture not in CAPTURE_MODES:
         raise ConfigError(f"capture={capture!r} is not a capture mode; use one of {CAPTURE_MODES}")
-    captured = capture_graph(model, capture, leaf_modules, example_inputs, example_kwargs)
-    gm, table, block_sites = _lower_and_analyze(model, captured)
-    plan = make_plan(table, policy, hparams, hp, dict(model.named_parameters()))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    store = StatisticsStore(
-        table.blocks,
-        needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
-        kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
-    insert_taps(gm, block_sites, store)
-    defaults = {k: hp[k] for k in PER_GROUP}
-    opt = GnfxOptimizer(named, plan.specs(), store, hp, defaults)
+    opt = GnfxOptimizer(named, hp, {k: hp[k] for k in PER_GROUP})
 
-    def variant(none_inputs: tuple[str, ...]):
-        """The instrumented graph for calls that leave the optional inputs `none_inputs` out."""
-        fixed = trace_fx(model, leaf_modules, concrete_args={name: None for name in none_inputs})
-        gm, _, sites = _lower_and_analyze(model, fixed)
-        return insert_taps(gm, sites, store)
+    def start(table):
+        """Plan the first capture's blocks and attach the preconditioners to the optimizer."""
+        plan = make_plan(table, policy, hparams, hp, dict(model.named_parameters()))
+        store = StatisticsStore(
+            table.blocks,
+            needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
+            kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
+        opt.attach(plan.specs(), store)
+        return store
 
-    optional = optional_inputs(model) if captured.form == "fx" else ()
-    return CompiledModel(model, gm, table, opt, hp, optional, variant)
+    variants = Variants(model, capture, leaf_modules, lambda captured: _lower_and_analyze(model, captured), start)
+    if example_inputs is not None:
+        variants.capture(tuple(example_inputs), dict(example_kwargs or {}))
+    else:
+        variants.capture_without_inputs()
+    return CompiledModel(model, variants, opt, hp)
 
 
 def _lower_and_analyze(model, captured):

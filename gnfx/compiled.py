@@ -2,15 +2,15 @@
 
 It shares the original model's parameters, buffers and submodules (so `state_dict()` keys and
 Parameter objects are the original's) and chooses its forward per step: on a statistic step
-(training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph, whose
-taps record `a` and `δ`; on every other step it runs the original forward, untouched, so the taps
-cost nothing there. Under `torch.compile(compiled_model)` the statistic steps run eagerly and the
-other steps run the original forward compiled (see `_statistic_call`), so training is the same as
+(training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph of
+this call's form (gnfx.variants), whose taps record `a` and `δ`; on every other step it runs the
+original forward, untouched, so the taps cost nothing there. A model gnfx.compile could not capture
+without inputs is captured at its first training call, from that call's inputs. Under
+`torch.compile(compiled_model)` the statistic steps (and the capture) run eagerly and the other
+steps run the original forward compiled (see `_statistic_call`), so training is the same as
 without the wrapper.
 """
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from gnfx.fisher import record_true_fisher
 from gnfx.outputs import logits_of
 from gnfx.report import report
 from gnfx.passes import graph_view
+from gnfx.variants import NOT_CAPTURED, NotCaptured
 
 _EAGER_REASON = ("gnfx runs statistic steps eagerly: its taps record statistics with Python side effects and "
                  "gradient hooks, and torch.compile(gnfx_model) compiles the other steps. So fullgraph=True "
@@ -28,8 +29,7 @@ _EAGER_REASON = ("gnfx runs statistic steps eagerly: its taps record statistics 
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, model: nn.Module, graph_module, table, optimizer, settings: dict,
-                 optional_inputs=(), variant=None):
+    def __init__(self, model: nn.Module, variants, optimizer, settings: dict):
         super().__init__()
         # Share the original's registries: same Parameter objects, same state_dict keys.
         self._parameters = model._parameters
@@ -37,16 +37,26 @@ class CompiledModel(nn.Module):
         self._modules = model._modules
         self.training = model.training
         self.__dict__["_model"] = model
-        self.__dict__["graph_module"] = graph_module
-        self.__dict__["layers"] = table
+        # the instrumented graphs, captured at gnfx.compile or at the first training call, one per
+        # form of call (gnfx.variants)
+        self.__dict__["_variants"] = variants
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
-        # optional inputs (default None) of an fx-traced forward: a call that leaves some out runs
-        # a graph traced with them fixed to None, built on first use by `variant`
-        self.__dict__["_optional"] = optional_inputs
-        self.__dict__["_signature"] = inspect.signature(model.forward) if optional_inputs else None
-        self.__dict__["_variants"] = {(): graph_module}
-        self.__dict__["_variant"] = variant
+
+    @property
+    def graph_module(self):
+        """The instrumented graph of the first capture."""
+        return self._captured().graph_module
+
+    @property
+    def layers(self):
+        """The LayerTable (before a lazy capture: a placeholder that says when capture happens)."""
+        return self._variants.table if self._variants.captured else NotCaptured()
+
+    def _captured(self):
+        if not self._variants.captured:
+            raise GnfxError(NOT_CAPTURED)
+        return self._variants
 
     def forward(self, *args, **kwargs):
         if self._statistic_call():
@@ -56,12 +66,14 @@ class CompiledModel(nn.Module):
     @torch.compiler.disable(reason=_EAGER_REASON)
     def _statistic_call(self) -> bool:
         """Whether this call is a training call (training mode, gradients enabled) of a statistic
-        step, which `_statistic_forward` serves; every other call runs the original forward.
+        step, or the first training call of a model captured lazily, which `_statistic_forward`
+        serves; every other call runs the original forward.
 
         Under `torch.compile(compiled_model)` this runs outside dynamo's tracing (a graph break), so
         dynamo guards only on the boolean it returns, not on the step counter it reads: one graph in
         all, the original forward, compiled, instead of one per step."""
-        return self.training and torch.is_grad_enabled() and self.optimizer.statistic_step
+        return self.training and torch.is_grad_enabled() and (self.optimizer.statistic_step
+                                                              or not self._variants.captured)
 
     @torch.compiler.disable(reason=_EAGER_REASON)
     def _statistic_forward(self, *args, **kwargs):
@@ -70,13 +82,15 @@ class CompiledModel(nn.Module):
         `torch.compile(compiled_model)`: the taps record `a` with Python side effects and register the
         gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
         opt = self.optimizer
+        if self.training and torch.is_grad_enabled() and not self._variants.captured:
+            self._variants.capture(args, kwargs)  # lazy capture, from the first training call
         if self.training and opt.statistic_step and torch.is_grad_enabled():
             self._check_registrations()
         if self.training and opt.collecting and torch.is_grad_enabled():
             store = opt.statistics
             store.forward_id += 1
             opt.collected = True
-            out = self._instrumented(args, kwargs)(*args, **kwargs)
+            out = self._variants(args, kwargs)
             first = logits_of(out)
             if first is not None:
                 store.batch_size[store.forward_id] = first.shape[0]
@@ -113,7 +127,7 @@ class CompiledModel(nn.Module):
                 f"model.<name>.copy_(new_value)), or set requires_grad and build every layer before calling "
                 f"gnfx.compile, and compile the model again after changing its parameters")
         tensors = {**dict(self._model.named_buffers(remove_duplicate=False)), **current}
-        for gm in self._variants.values():
+        for gm in self._variants.graphs():
             held = [(n, t, "_parameters") for n, t in gm.named_parameters(remove_duplicate=False)]
             held += [(n, t, "_buffers") for n, t in gm.named_buffers(remove_duplicate=False)]
             for name, t, registry in held:
@@ -121,17 +135,6 @@ class CompiledModel(nn.Module):
                 if now is not None and now is not t:
                     owner, _, field = name.rpartition(".")
                     getattr(gm.get_submodule(owner), registry)[field] = now
-
-    def _instrumented(self, args, kwargs):
-        """The instrumented graph for this call (see `_optional`)."""
-        if not self._optional:
-            return self.graph_module
-        bound = self._signature.bind(*args, **kwargs).arguments
-        key = tuple(n for n in self._optional if bound.get(n) is None)
-        if key not in self._variants:
-            self._variants[key] = self._variant(key)
-            self._variants[key].training = self.training
-        return self._variants[key]
 
     def _watch_output(self, z, store) -> None:
         """When the user's backward reaches the logits z: count the rows the loss ignores (their
@@ -169,7 +172,7 @@ class CompiledModel(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._model.training = mode
-        for gm in self._variants.values():
+        for gm in self._variants.graphs():
             gm.training = mode
         return self
 
@@ -186,7 +189,9 @@ class CompiledModel(nn.Module):
         """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics).
 
         Raises a StatisticsError (a KeyError) for an unknown block, a block that collects no
-        statistics under this plan, and before the first statistic step, when there are none yet."""
+        statistics under this plan, and before the first statistic step, when there are none yet;
+        a GnfxError before a lazily captured model's first call."""
+        self._captured()
         if name not in self.layers:
             raise StatisticsError(f"no block named {name!r}; blocks are {[b.name for b in self.layers]}")
         store = self.optimizer.statistics
@@ -203,6 +208,7 @@ class CompiledModel(nn.Module):
     @property
     def update_code(self) -> str:
         """The source of the generated update function, plus the elementwise steps it leaves out."""
+        self._captured()
         opt = self.optimizer
         lines = [opt.update_function.source]
         for pre in opt.elementwise:
@@ -213,6 +219,7 @@ class CompiledModel(nn.Module):
     def cost(self, batch_size: int | None = None, positions=None):
         """Memory and amortized FLOPs of this plan per block and in total, with their sympy
         formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site)."""
+        self._captured()
         return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions)
 
     def report(self) -> str:

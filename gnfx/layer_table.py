@@ -71,6 +71,7 @@ class LayerTable:
         self.form = form
         self.notes = notes or {}  # parameter name -> remark shown in the registration table
         self.plan = None  # the gnfx.plan.Plan: which preconditioner serves each block, and why
+        self.capture = form  # how the graph was captured and why (set by gnfx.variants)
         self._by_name = {b.name: b for b in blocks}
 
     def __iter__(self):
@@ -96,6 +97,12 @@ class LayerTable:
         if self.fallbacks:
             lines += ["", "fallback parameters:"] + [f"  {f.param}: {f.reason}" for f in self.fallbacks]
         return "\n".join(lines + leaf_lines(self))
+
+    def coverage(self, params: dict) -> tuple[int, int]:
+        """(entries of the trainable parameters in curvature blocks, entries of all trainable
+        parameters); `params` maps parameter names to tensors."""
+        covered = sum(params[n].numel() for b in self.blocks for n in b.params)
+        return covered, covered + sum(params[f.param].numel() for f in self.fallbacks)
 
     def block_of(self, param: str) -> Block | None:
         """The block that holds parameter `param`, or None if it falls back."""

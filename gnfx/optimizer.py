@@ -19,30 +19,50 @@ import torch
 
 from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
-from gnfx.errors import ConfigError
+from gnfx.errors import ConfigError, GnfxError
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
-    def __init__(self, named_params: dict, preconditioner_specs: list, statistics, settings: dict, defaults: dict):
-        """`preconditioner_specs` is a list of (class, hparams, blocks, loose parameter names)."""
+    def __init__(self, named_params: dict, settings: dict, defaults: dict):
+        """An optimizer over `named_params` (one parameter group, as any torch optimizer); it steps
+        once `attach` has given it the plan's preconditioners, at the model's capture (gnfx.compile,
+        or the first call of a model captured lazily), so that LR schedulers and param_groups can be
+        set up in between."""
         self._named = dict(named_params)
         super().__init__(list(self._named.values()), defaults)
-        self.statistics = statistics
+        self.statistics = None
         self.stat_every = settings["stat_every"]
         self.stat_decay = settings["stat_decay"]
         self.steps = 0
         self.skipped_steps = 0
         self.nan_policy = settings["nan_policy"]
+        self._settings = settings
         self._distributed = settings["distributed"]
         self._comm = None
         self.collected = False  # set by the compiled model when a forward ran with taps
         self._groups_seen = None
         self.groups_version = 0
+        self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
+        self.preconditioners = self.curvature = self.elementwise = []
+        self.update_function = None
+
+    def attach(self, preconditioner_specs: list, statistics) -> None:
+        """Build the plan's preconditioners (`preconditioner_specs`: a list of (class, hparams,
+        blocks, loose parameter names)) over the statistics store the taps fill."""
+        self.statistics = statistics
         self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
-        self.update_function = UpdateFunction(self.curvature, self, settings["compile"])
+        self.update_function = UpdateFunction(self.curvature, self, self._settings["compile"])
+        if self._pending_checkpoint is not None:
+            checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
+            self.load_state_dict(checkpoint)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the plan's preconditioners are built (the model is captured)."""
+        return self.statistics is not None
 
     @property
     def comm(self):
@@ -101,6 +121,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if not self.attached:
+            raise GnfxError("optimizer.step() before the model's first call: gnfx captures the model's graph "
+                            "and plans its preconditioners at the first call (from that call's inputs); run the "
+                            "forward and backward first, or pass example_inputs=... to gnfx.compile")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -150,16 +174,27 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
+        if not self.attached and self._pending_checkpoint is not None:
+            return self._pending_checkpoint
         sd = super().state_dict()
         sd["gnfx"] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
-                      "statistics": self.statistics.state_dict()}
+                      "statistics": self.statistics.state_dict() if self.attached else {}}
         return sd
 
     def load_state_dict(self, state_dict):
         """Load a checkpoint of this optimizer. The whole checkpoint is checked first (parameter
         groups, every state entry's name and shape, the statistics of every block, the counters), so
         one that does not fit this model and plan, or whose contents are damaged or cut short, raises
-        a ConfigError naming what differs and leaves the optimizer exactly as it was."""
+        a ConfigError naming what differs and leaves the optimizer exactly as it was. Before the
+        model's first call (lazy capture) the checkpoint is kept and loaded, checked, at the capture;
+        one written before a capture too (no state yet, as accelerate's round trip) only sets the
+        param groups."""
+        if not self.attached:
+            if state_dict.get("state") or state_dict.get("gnfx", {}).get("statistics"):
+                self._pending_checkpoint = state_dict
+            else:
+                super().load_state_dict({k: v for k, v in state_dict.items() if k != "gnfx"})
+            return
         expected = self._check_checkpoint(state_dict)
         saved = state_dict["state"]
         gnfx_state = state_dict["gnfx"]

@@ -1,6 +1,8 @@
 """The block table that `print(model)` and `model.report()` show."""
 from __future__ import annotations
 
+from gnfx.variants import NotCaptured
+
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -44,11 +46,12 @@ def report(model) -> str:
     """Blocks (name, kind, shapes, preconditioner, state memory, why that preconditioner) and the
     parameter registration."""
     table, opt = model.layers, model.optimizer
+    if isinstance(table, NotCaptured):
+        return f"gnfx: {table!r}"
     cost = model.cost()  # state memory from the cost model, whose figures equal the allocation
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    covered = sum(numel[n] for b in table for n in b.params)
-    total = covered + sum(numel[f.param] for f in table.fallbacks)
-    out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}",
+    covered, total = table.coverage(dict(model.named_parameters()))
+    out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}"
+           + (f" ({table.capture})" if table.capture != table.form else ""),
            block_table(table, {r.name: r.memory_bytes for r in cost.rows}),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",

@@ -1,24 +1,30 @@
 """capture: nn.Module -> torch.fx.GraphModule.
 
 Symbolic tracing (`torch.fx`) comes first: it gives a readable, module-level graph and needs no
-example inputs. A submodule whose forward cannot be traced becomes a leaf (an opaque call in the
-graph, its parameters left to the fallback preconditioner) and is reported. When the top-level
-forward itself cannot be traced, capture falls back to `torch.export.export(strict=False)` with
-dynamic dimensions, which needs example inputs and yields an aten-level graph whose nodes keep
-their module path in `nn_module_stack`; with example inputs, "auto" also prefers torch.export
-when symbolic tracing had to leave submodules opaque. Both graphs run on the very Parameter
-objects of the model.
+example inputs. It traces into torch.nn's own containers (nn.TransformerEncoder and its layers)
+and keeps as leaves only torch.nn modules without submodules (Linear, LayerNorm, ...) and the
+nn.MultiheadAttention that gnfx lowers itself. A submodule whose forward cannot be traced becomes a
+leaf (an opaque call in the graph, its parameters left to the fallback preconditioner) and is
+reported. torch.export (`strict=False`, with automatic dynamic shapes) is the other form: it
+captures one call from its inputs and yields an aten-level graph whose nodes keep their module
+path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
+gets is decided by gnfx.variants.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import inspect
 import os
 import sysconfig
 import traceback
+import types
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import transformer as transformer_module
 
 from gnfx.errors import CaptureError
 
@@ -37,9 +43,17 @@ class Captured:
     leaves: dict[str, str]
 
 
+class _DenseProxy(fx.Proxy):
+    """A traced value that is not a nested tensor: `x.is_nested` is False, as it is for every
+    input gnfx trains on, so torch.nn's containers take their dense path while tracing."""
+
+    is_nested = False
+
+
 class _LeafFindingTracer(fx.Tracer):
-    """An fx tracer that treats the given module paths as leaves and remembers the innermost
-    submodule whose forward raised during tracing."""
+    """An fx tracer that treats the given module paths (and torch.nn's modules without
+    submodules, and nn.MultiheadAttention) as leaves and remembers the innermost submodule whose
+    forward raised during tracing."""
 
     def __init__(self, leaves: set[str]):
         super().__init__()
@@ -47,7 +61,14 @@ class _LeafFindingTracer(fx.Tracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        if qualname in self.leaves:
+            return True
+        if not m.__module__.startswith(("torch.nn", "torch.ao.nn")):
+            return False
+        return isinstance(m, nn.MultiheadAttention) or next(m.children(), None) is None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _DenseProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -56,6 +77,32 @@ class _LeafFindingTracer(fx.Tracer):
             if self.failed_module is None:
                 self.failed_module = self.path_of_module(m)
             raise
+
+
+_SEQ_LEN = transformer_module._get_seq_len
+
+
+def _seq_len_in_graph(src, batch_first):
+    """torch.nn.modules.transformer's `_get_seq_len` as a call in the graph when `src` is traced
+    (it branches on the input's rank, which symbolic tracing does not know)."""
+    if isinstance(src, fx.Proxy):
+        return src.tracer.create_proxy("call_function", _SEQ_LEN, (src, batch_first), {})
+    return _SEQ_LEN(src, batch_first)
+
+
+@contextlib.contextmanager
+def _torch_nn_traceable():
+    """While tracing: torch.nn's transformer containers without their inference fast path (which
+    training never takes, and whose checks branch on the traced input) and with their sequence
+    length read by a graph call; both restored afterwards."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    transformer_module._get_seq_len = _seq_len_in_graph
+    try:
+        yield
+    finally:
+        transformer_module._get_seq_len = _SEQ_LEN
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _describe(exc: BaseException) -> str:
@@ -90,23 +137,32 @@ def _user_frame(exc: BaseException, model: nn.Module) -> str:
     return f"{code.co_filename}:{code.co_firstlineno}: {forward.__qualname__}, the forward being captured"
 
 
+REQUESTED = "requested with leaf_modules"
+
+
+def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
+    """Raise a CaptureError for a name in `leaf_modules` that is not a submodule of `model`."""
+    known = dict(model.named_modules())
+    for name in leaf_modules:
+        if name not in known or name == "":
+            raise CaptureError(
+                f"leaf_modules names {name!r}, which is not a submodule of the model; "
+                f"valid names are the dotted paths of model.named_modules()")
+
+
 def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
     fixes arguments to values (e.g. an optional input left out: None).
 
     Raises CaptureError when the top-level forward itself cannot be traced.
     """
-    leaves: dict[str, str] = {name: "requested with leaf_modules" for name in leaf_modules}
-    known = dict(model.named_modules())
-    for name in leaves:
-        if name not in known or name == "":
-            raise CaptureError(
-                f"leaf_modules names {name!r}, which is not a submodule of the model; "
-                f"valid names are the dotted paths of model.named_modules()")
+    check_leaf_modules(model, leaf_modules)
+    leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     while True:
         tracer = _LeafFindingTracer(set(leaves))
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+            with _torch_nn_traceable():
+                graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             failed = tracer.failed_module
             if failed and failed not in leaves:
@@ -122,46 +178,116 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
         return Captured(gm, "fx", leaves)
 
 
-def _dynamic_shapes(example_inputs):
-    def dims(t):
-        return {d: torch.export.Dim.AUTO for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
-    return tuple(dims(t) for t in example_inputs)
+_EXPORTABLE = (torch.Tensor, int, float, bool, str, type(None))
 
 
-def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> Captured:
-    """Capture with torch.export (non-strict, every tensor dimension dynamic)."""
+def _tensors_in(obj, found: dict, seen: set) -> dict:
+    """The tensors inside `obj` by id, in order: through containers and objects' attributes."""
+    if isinstance(obj, torch.Tensor):
+        found.setdefault(id(obj), obj)
+    elif not isinstance(obj, (str, bytes, type, nn.Module)) and id(obj) not in seen:
+        seen.add(id(obj))
+        items = (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple, set, frozenset))
+                 else vars(obj).values() if hasattr(obj, "__dict__") else ())
+        for x in items:
+            _tensors_in(x, found, seen)
+    return found
+
+
+class _ExportView(nn.Module):
+    """What torch.export traces: the model's forward, sharing its registries (so the captured
+    graph has the model's parameter names and objects). An output that holds objects torch.export
+    cannot return (a transformers DynamicCache) is exported as the tuple of its tensors, and the
+    structure around them, recorded while tracing, is rebuilt around the computed tensors by a
+    forward hook of the captured graph: the caller gets the output the model returns."""
+
+    def __init__(self, model: nn.Module, keywords=()):
+        super().__init__()
+        self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
+        self.training = model.training
+        self.__dict__["_gnfx_model"] = model  # not a submodule: its registries are this view's
+        # .value: (output while tracing, ids of its tensors in export order); set on a namespace, as
+        # torch.export restores the module attributes (and containers in them) a traced forward changes
+        self.__dict__["_gnfx_template"] = types.SimpleNamespace(value=None)
+        # the model's signature, which torch.export binds the call's inputs (and their dynamic
+        # shapes) to, as it does for the model itself; the call's `keywords` that the model takes
+        # through **kwargs become keyword parameters of their own (torch.export's binding of
+        # **kwargs does not match the dynamic shapes it is given)
+        signature = inspect.signature(model.forward)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        named = {p.name for p in params}
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in keywords if k not in named]
+        forward = functools.partial(self._gnfx_forward)
+        forward.__signature__ = signature.replace(parameters=params)
+        self.__dict__["forward"] = forward
+
+    def _gnfx_forward(self, *args, **kwargs):
+        out = self._gnfx_model(*args, **kwargs)
+        if all(isinstance(x, _EXPORTABLE) for x in torch.utils._pytree.tree_leaves(out)):
+            return out
+        tensors = _tensors_in(out, {}, set())
+        self._gnfx_template.value = (out, list(tensors))
+        return tuple(tensors.values())
+
+    def _gnfx_rebuild(self, _module, _inputs, flat):
+        """The model's output with the exported tensors `flat` in place of the traced ones."""
+        out, ids = self._gnfx_template.value
+        return copy.deepcopy(out, memo=dict(zip(ids, flat)))
+
+
+def shapes_of(args: tuple, kwargs: dict) -> tuple:
+    """The shape of each input tensor of a call (None for other inputs), in pytree order."""
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None
+                 for x in torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs))))
+
+
+def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -> Captured:
+    """Capture the call `model(*args, **kwargs)` with torch.export (non-strict). As torch.compile's
+    automatic dynamic shapes: the first dimension of every input tensor is dynamic (a shorter last
+    batch), and so is every dimension whose size differs from that of the same input in the calls
+    of the same form captured before, whose shapes (`shapes_of`) are `seen` (a new sequence length).
+    The captured graph takes calls of this form within its guards (see `accepts`)."""
+    args, kwargs = tuple(args), dict(kwargs or {})
+    view = _ExportView(model, kwargs)
+    flat = torch.utils._pytree.tree_leaves((args, kwargs))
+    dims = {}
+    for i, x in enumerate(flat):
+        if isinstance(x, torch.Tensor) and x.dim():
+            changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
+            dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
     try:
-        ep = torch.export.export(model, tuple(example_inputs), kwargs=example_kwargs or None,
-                                 strict=False, dynamic_shapes=None if example_kwargs else _dynamic_shapes(example_inputs))
+        inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
+        dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
+                   for name, value in inputs.items()}
+        ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"
             f"  at {_user_frame(exc, model)}\n"
             f"Fix: rewrite data-dependent branches with torch.cond, or mark the offending submodule "
             f"with leaf_modules=[...] and capture='fx'") from exc
-    return Captured(ep.module(), "export", {})
+    gm = ep.module()
+    if view._gnfx_template.value is not None:
+        gm.register_forward_hook(view._gnfx_rebuild)
+    return Captured(gm, "export", {})
 
 
-def capture(model: nn.Module, mode: str = "auto", leaf_modules=(), example_inputs=None,
-            example_kwargs=None) -> Captured:
-    """Capture `model` as an FX graph: `mode` is "fx", "export" or "auto" (fx, then export)."""
-    if mode == "export":
-        if example_inputs is None:
-            raise CaptureError("capture='export' needs example inputs: pass example_inputs=(x,)")
-        return export(model, example_inputs, example_kwargs)
+def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Whether the exported graph `gm` takes the call (args, kwargs): inputs of the structure it
+    was captured with, and shapes its guards allow. (An fx graph takes any call of its forward's
+    signature.)"""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return True
+    flat, call_spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+    if call_spec != spec:
+        return False
+    guards = getattr(gm, "_guards_fn", None)
     try:
-        captured = trace_fx(model, leaf_modules)
-    except CaptureError:
-        if mode == "fx" or example_inputs is None:
-            raise
-        return export(model, example_inputs, example_kwargs)
-    automatic_leaves = set(captured.leaves) - set(leaf_modules)
-    if mode == "auto" and automatic_leaves and example_inputs is not None and not leaf_modules:
-        try:  # torch.export may capture what symbolic tracing had to leave opaque
-            return export(model, example_inputs, example_kwargs)
-        except CaptureError:
-            pass
-    return captured
+        guards is None or guards(*flat)
+    except AssertionError:  # "Guard failed: x.size()[0] >= 5"
+        return False
+    return True
 
 
 def optional_inputs(model: nn.Module) -> tuple[str, ...]:

@@ -159,12 +159,38 @@ def test_keyword_forward_with_an_optional_argument_left_out():
     torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
 
 
+class GatedWhenGiven(MLP):
+    """Traceable when `gate` is left out; a branch on data when it is given."""
+
+    def forward(self, x, gate=None):
+        h = torch.tanh(self.a(x))
+        if gate is not None and (gate * h).sum() > 0:
+            h = gate * h
+        return self.b(h)
+
+
+def test_a_call_form_that_cannot_be_captured_runs_the_original_forward_and_warns():
+    model = GatedWhenGiven()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    gate = torch.ones(7, 5, dtype=DTYPE)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*add no statistics"):
+        out = c(x, gate)
+    torch.testing.assert_close(out, model(x, gate), rtol=0, atol=0)
+    before = c.statistics("a")["A"].clone()
+    cross_entropy(out, y).backward()
+    c.step()  # a step without this forward's statistics: the averages stay as they were
+    torch.testing.assert_close(c.statistics("a")["A"], before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- torch.export
 
 
-def test_untraceable_top_level_forward_without_example_inputs_names_the_fix():
+def test_untraceable_top_level_forward_under_capture_fx_names_the_fix():
+    c = gnfx.compile(RankBranch(), capture="fx")  # fx is retried at the first call, with its inputs
     with pytest.raises(gnfx.CaptureError) as err:
-        gnfx.compile(RankBranch())
+        c(batch((7, 4))[0])
     message = str(err.value)
     assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
     assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
@@ -194,8 +220,9 @@ class Decorated(MLP):
 def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example_inputs, where):
     """The "at" line is the innermost frame of the user's code in the failure's traceback (or in
     the exceptions it was raised from), else the forward itself: never gnfx's or torch's files."""
-    with pytest.raises(gnfx.CaptureError) as err:
-        gnfx.compile(model, example_inputs=example_inputs)
+    with pytest.raises(gnfx.CaptureError) as err:  # without example inputs, fx captures at the first call
+        c = gnfx.compile(model, capture="fx" if example_inputs is None else "auto", example_inputs=example_inputs)
+        c(*batch((7, 4))[:1])
     at = next(line for line in str(err.value).splitlines() if line.startswith("  at "))
     assert at == f"  at {__file__}:{where}" + (", the forward being captured" if example_inputs is None else "")
 
@@ -211,17 +238,35 @@ def test_untraceable_top_level_forward_falls_back_to_torch_export():
     assert_statistics_match(c, model, ["a", "b"], *batch((4, 4), seed=1))
 
 
+def test_untraceable_top_level_forward_is_exported_at_the_first_call():
+    model = RankBranch()
+    c = compile_for_statistics(model)
+    assert "first call" in repr(c.layers) and "first call" in repr(c)
+    with pytest.raises(gnfx.GnfxError, match="first call"):
+        list(c.layers)
+    x, y = batch((7, 4))
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
+    assert "graph captured with export (torch.fx could not trace" in repr(c)
+
+
 def test_data_dependent_top_level_branch_is_a_capture_error_in_both_forms():
-    with pytest.raises(gnfx.CaptureError, match="torch.cond"):
-        gnfx.compile(DataBranch())
+    c = gnfx.compile(DataBranch())
     x, _ = batch((7, 4))
+    with pytest.raises(gnfx.CaptureError, match="torch.cond") as err:
+        c(x)
+    assert "neither torch.fx nor torch.export" in str(err.value)
     with pytest.raises(gnfx.CaptureError, match="torch.export could not capture DataBranch"):
         gnfx.compile(DataBranch(), example_inputs=(x,))
 
 
-def test_export_needs_example_inputs():
-    with pytest.raises(gnfx.CaptureError, match="example_inputs"):
-        gnfx.compile(MLP(), capture="export")
+def test_export_without_example_inputs_captures_the_first_call():
+    model = MLP()
+    c = compile_for_statistics(model, capture="export")
+    with pytest.raises(gnfx.GnfxError, match="first call"):
+        c.graph_module
+    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)))
+    assert c.layers.form == "export" and c.layers.capture == "capture='export'"
 
 
 def test_unknown_capture_mode_is_a_config_error():
@@ -272,12 +317,45 @@ def test_export_form_finds_tied_weights():
     assert_statistics_match(c, model, ["a", "fc", "b"], x, y)
 
 
+class ExtraKeywords(MLP):
+    """Inputs through **kwargs, as many model libraries' forwards take them."""
+
+    def forward(self, x, **kwargs):
+        return self.b(kwargs["gain"] * torch.tanh(self.a(x)))
+
+
+def test_inputs_taken_through_var_keywords_are_exported_with_dynamic_shapes():
+    model = ExtraKeywords()
+    c = compile_for_statistics(model, capture="export")
+    for n in (7, 5):  # the batch dimension of every input is dynamic
+        x, y = batch((n, 4), seed=n)
+        gain = torch.rand(n, 5, dtype=DTYPE)
+        assert_statistics_match(c, model, ["a", "b"], x, y, gain=gain)
+    assert c.layers.form == "export" and len(c._variants.graphs()) == 1
+
+
+def test_an_optimizer_checkpoint_loaded_before_the_first_call_is_loaded_at_the_capture():
+    x, y = batch((7, 4))
+    trained = compile_for_statistics(MLP(), capture="export")
+    for _ in range(2):
+        cross_entropy(trained(x), y).backward()
+        trained.step()
+    resumed = compile_for_statistics(MLP(), capture="export")
+    # an optimizer's round trip before any capture (accelerate does it) only sets the param groups
+    resumed.optimizer.load_state_dict(resumed.optimizer.state_dict())
+    resumed.optimizer.load_state_dict(trained.optimizer.state_dict())
+    assert resumed.optimizer.steps == 0 and not resumed.optimizer.attached
+    resumed(x)
+    assert resumed.optimizer.steps == 2
+    torch.testing.assert_close(resumed.statistics("a")["A"], trained.statistics("a")["A"], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- leaves
 
 
 def test_untraceable_submodule_becomes_a_leaf_whose_parameters_fall_back():
     model = WithGate()
-    c = compile_for_statistics(model)
+    c = compile_for_statistics(model, capture="fx")
     assert c.layers.form == "fx"
     assert list(c.layers.leaves) == ["gate"] and "could not be traced" in c.layers.leaves["gate"]
     assert [b.name for b in c.layers] == ["a", "b"]

@@ -1,0 +1,241 @@
+"""The captured graphs of a compiled model: the first capture, and one variant per form of call.
+
+The first capture decides the graph form (docs/design.md §2). torch.fx comes first: when it traces the
+whole forward without inputs, gnfx.compile captures at once. Otherwise capture waits for the
+model's first call (as torch.compile does; or uses `example_inputs`), so that the call's real
+arguments serve as the example: torch.fx is traced again with the optional inputs the call leaves
+out fixed to None, and whenever it still fails anywhere (the top-level forward, or a submodule it
+would keep opaque), torch.export captures the call too, and the form that puts more trainable
+parameters in curvature blocks is kept. The LayerTable says which form was used and why.
+
+Later calls of another form (keyword instead of positional inputs, an optional input present or
+absent, a shape outside the dynamic range an exported graph was captured for, such as a shorter
+last batch) get their own capture of the same form on first use, lowered, analyzed and tapped into
+the same StatisticsStore, so that every call collects the same blocks' statistics.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from gnfx.errors import CaptureError, GnfxError
+from gnfx.passes.capture import REQUESTED, accepts, check_leaf_modules, export, optional_inputs, shapes_of, trace_fx
+from gnfx.passes.taps import insert_taps
+
+NOT_CAPTURED = ("not captured yet: gnfx captures the model's graph at its first call, from that call's inputs "
+                "(pass example_inputs=... to gnfx.compile to capture at once)")
+COVERAGE_WARNING = 0.9  # warn when fewer of the trainable parameters' entries are in curvature blocks
+
+
+class NotCaptured:
+    """`model.layers` before the first call of a model captured lazily: it says so, and using it
+    as a table raises."""
+
+    def __repr__(self) -> str:
+        return NOT_CAPTURED
+
+    def __getattr__(self, name):
+        raise AttributeError(f"layers.{name}: {NOT_CAPTURED}")
+
+    def _raise(self, *_):
+        raise GnfxError(f"model.layers: {NOT_CAPTURED}")
+
+    __iter__ = __len__ = __getitem__ = __contains__ = _raise
+
+
+class Variants:
+    """The instrumented graphs of `model`, one per form of call, all tapping one StatisticsStore.
+
+    `build(captured)` lowers and analyzes a capture, returning (graph module, LayerTable, block
+    sites); `start(table)` plans the first capture's table and returns the StatisticsStore.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, leaf_modules, build, start):
+        check_leaf_modules(model, leaf_modules)
+        self.model, self.mode, self.leaf_modules = model, mode, tuple(leaf_modules)
+        self._build, self._start = build, start
+        self.table = None  # the LayerTable of the first capture
+        self.graph_module = None  # its instrumented graph
+        self.store = None
+        self.form = None
+        self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
+        self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
+        self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key and shapes)
+        self._optional = optional_inputs(model)
+        self._signature = inspect.signature(model.forward)
+
+    @property
+    def captured(self) -> bool:
+        return self.table is not None
+
+    def graphs(self):
+        """Every instrumented graph captured so far."""
+        return [gm for graphs in self._graphs.values() for gm in graphs]
+
+    # --- the first capture ---------------------------------------------------------------
+    def capture_without_inputs(self) -> None:
+        """At gnfx.compile without example inputs: capture now if torch.fx traces the whole
+        forward (or the user asked for fx and leaves), else wait for the first call."""
+        if self.mode == "export":
+            return
+        try:
+            fx = trace_fx(self.model, self.leaf_modules)
+        except CaptureError:
+            return
+        if self.mode == "fx" or not self._automatic_leaves(fx):
+            self._begin(fx, ("fx", ()), "it traced the whole forward" if not self._automatic_leaves(fx)
+                        else "capture='fx': the submodules it could not trace are leaves")
+
+    def capture(self, args: tuple, kwargs: dict) -> None:
+        """The first capture, from the call (args, kwargs)."""
+        if self.mode == "export":
+            return self._begin(export(self.model, args, _sorted(kwargs)), self._key("export", args, kwargs),
+                               "capture='export'", shapes=shapes_of(args, kwargs))
+        none = self._left_out(args, kwargs)
+        try:
+            fx, fx_error = trace_fx(self.model, self.leaf_modules, {n: None for n in none}), None
+        except CaptureError as exc:
+            fx, fx_error = None, exc
+        if self.mode == "fx":
+            if fx_error is not None:
+                raise fx_error
+            return self._begin(fx, ("fx", none), "capture='fx'")
+        if fx is not None and not self._automatic_leaves(fx):
+            return self._begin(fx, ("fx", none), "it traced the whole forward")
+        if fx is not None and self.leaf_modules:
+            return self._begin(fx, ("fx", none), "leaf_modules were requested, which torch.export cannot "
+                                                 "keep opaque")
+        try:
+            exported, export_error = export(self.model, args, _sorted(kwargs)), None
+        except CaptureError as exc:
+            exported, export_error = None, exc
+        if exported is None and fx is None:
+            raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
+                               f"{fx_error}\n{export_error}") from export_error
+        if exported is None:
+            return self._begin(fx, ("fx", none), f"the submodules it could not trace are leaves; torch.export "
+                                                 f"failed: {str(export_error).splitlines()[0]}")
+        export_key, shapes = self._key("export", args, kwargs), shapes_of(args, kwargs)
+        if fx is None:
+            return self._begin(exported, export_key,
+                               str(fx_error).splitlines()[0],
+                               shapes=shapes)
+        built_fx, built_export = self._build(fx), self._build(exported)
+        share_fx, share_export = self._share(built_fx[1]), self._share(built_export[1])
+        leaves = ", ".join(sorted(self._automatic_leaves(fx)))
+        if share_export > share_fx:
+            return self._begin(exported, export_key, f"torch.fx could not trace {leaves}: torch.export puts "
+                               f"{100 * share_export:.1f}% of the parameters in curvature blocks, torch.fx "
+                               f"{100 * share_fx:.1f}%", built_export, shapes)
+        return self._begin(fx, ("fx", none), f"{leaves} could not be traced and are leaves: torch.fx puts "
+                           f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
+                           f"{100 * share_export:.1f}%", built_fx)
+
+    def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
+        gm, table, sites = built or self._build(captured)
+        table.capture = why
+        self.form, self.table = captured.form, table
+        self.store = self._start(table)
+        self.graph_module = insert_taps(gm, sites, self.store)
+        self._graphs[key] = [self.graph_module]
+        if shapes is not None:
+            self._seen[key] = [shapes]
+        self._warn_if_low_coverage()
+
+    # --- later calls -----------------------------------------------------------------------
+    def __call__(self, args: tuple, kwargs: dict):
+        """Run the instrumented graph for this call (captured on first use). A call of a form
+        that cannot be captured runs the original forward, without statistics, and warns once."""
+        if self.form == "fx":
+            key = ("fx", self._left_out(args, kwargs))
+            if key not in self._graphs:
+                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, {n: None for n in key[1]}), key)
+            graphs = self._graphs[key]
+            return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
+        key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
+        gm = next((g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)), None)
+        shapes = shapes_of(args, kwargs)
+        if gm is None and (key, shapes) not in self._uncapturable:
+            seen = self._seen.setdefault(key, [])
+            gm = self._add(key, lambda: export(self.model, args, kwargs, seen), (key, shapes))
+            seen.append(shapes)
+        return self.model(*args, **kwargs) if gm is None else gm(*args, **kwargs)
+
+    def _add(self, key, capture, call):
+        """Capture (`capture()`), lower, analyze and tap the graph for the calls of `key`; None
+        (and a warning) if it cannot be captured, and `call` is not tried again."""
+        try:
+            gm, _, sites = self._build(capture())
+        except CaptureError as exc:
+            self._uncapturable.add(call)
+            self._graphs.setdefault(key, [])
+            warnings.warn(f"gnfx: a call of another form than the captured one could not be captured, so calls "
+                          f"of this form run the original forward and add no statistics: {exc}",
+                          RuntimeWarning, stacklevel=5)
+            return None
+        gm = insert_taps(gm, sites, self.store)
+        gm.training = self.model.training
+        self._graphs.setdefault(key, []).append(gm)
+        return gm
+
+    def _left_out(self, args, kwargs) -> tuple[str, ...]:
+        """The optional inputs (default None) this call leaves None."""
+        if not self._optional:
+            return ()
+        bound = self._signature.bind(*args, **kwargs).arguments
+        return tuple(n for n in self._optional if bound.get(n) is None)
+
+    @staticmethod
+    def _key(form: str, args, kwargs) -> tuple:
+        """What an exported graph fixes about a call: the inputs' structure, the values of its
+        non-tensor inputs, and the rank and dtype of its tensors."""
+        flat, spec = torch.utils._pytree.tree_flatten((tuple(args), _sorted(kwargs)))
+        leaves = tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else _hashable(x) for x in flat)
+        return form, str(spec), leaves
+
+    # --- coverage --------------------------------------------------------------------------
+    def _automatic_leaves(self, captured) -> set[str]:
+        return set(captured.leaves) - set(self.leaf_modules)
+
+    def _share(self, table) -> float:
+        covered, total = table.coverage(dict(self.model.named_parameters()))
+        return covered / max(total, 1)
+
+    def _warn_if_low_coverage(self) -> None:
+        params = dict(self.model.named_parameters())
+        covered, total = self.table.coverage(params)
+        if not total or covered >= COVERAGE_WARNING * total:
+            return
+        biggest = sorted(self.table.fallbacks, key=lambda f: -params[f.param].numel())[:3]
+        listed = "; ".join(f"{f.param} ({params[f.param].numel():,} entries): {f.reason}" for f in biggest)
+        requested = sorted(n for n, why in self.table.leaves.items() if why == REQUESTED)
+        untraced = sorted(n for n, why in self.table.leaves.items() if why != REQUESTED)
+        if untraced:
+            fix = (f"make the submodules {untraced} traceable by torch.fx or torch.export (the reasons above say "
+                   f"where they fail), or capture with capture='export' from the model's real inputs")
+        elif requested:
+            fix = f"leave the submodules {requested} out of leaf_modules"
+        else:
+            fix = ("these parameters are used by operations gnfx has no curvature block for; print(model) lists "
+                   "each one's reason. Where a layer is written with a custom op, write it with torch.nn.functional "
+                   "(linear, conv, embedding) so that gnfx recognizes it")
+        warnings.warn(f"gnfx: only {100 * covered / total:.1f}% of the trainable parameters ({covered:,} of "
+                      f"{total:,} entries) are in curvature blocks; the rest get the diagonal preconditioner. "
+                      f"Graph captured with {self.form} ({self.table.capture}). Largest uncovered: {listed}. Fix: {fix}",
+                      UserWarning, stacklevel=4)
+
+
+def _sorted(kwargs) -> dict:
+    """Keyword inputs in one order (an exported graph takes them in the order it was captured with)."""
+    return {k: kwargs[k] for k in sorted(kwargs or {})}
+
+
+def _hashable(x):
+    try:
+        hash(x)
+    except TypeError:
+        return type(x).__name__, id(x)
+    return type(x).__name__, x
