@@ -16,6 +16,7 @@ from torch import nn
 from gnfx.cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fisher import record_true_fisher
+from gnfx.fsdp import fsdp_modules, unshard_for_graph
 from gnfx.report import report
 from gnfx.passes import graph_view
 
@@ -40,10 +41,13 @@ class CompiledModel(nn.Module):
         self.__dict__["_signature"] = inspect.signature(model.forward) if optional_inputs else None
         self.__dict__["_variants"] = {(): graph_module}
         self.__dict__["_variant"] = variant
+        optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer
         if self.training and opt.statistic_step and torch.is_grad_enabled():
+            if opt.collecting and self._fsdp:
+                unshard_for_graph(self)  # then the check binds the unsharded parameters in the graphs
             self._check_registrations()
         if self.training and opt.collecting and torch.is_grad_enabled():
             store = opt.statistics
@@ -67,6 +71,11 @@ class CompiledModel(nn.Module):
             return out
         return self._model(*args, **kwargs)
 
+    @property
+    def _fsdp(self) -> bool:
+        """Whether fully_shard was applied to this model or its blocks (gnfx.fsdp)."""
+        return bool(fsdp_modules(self))
+
     def _check_registrations(self) -> None:
         """Raise a GnfxError naming every trainable parameter replaced, removed or added since
         gnfx.compile (`model.fc.weight = nn.Parameter(...)`): the optimizer keeps the Parameter objects
@@ -79,7 +88,7 @@ class CompiledModel(nn.Module):
         known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
         gone = [n for n, p in compiled.items() if id(p) not in present]
         new = [n for n, p in current.items() if p.requires_grad and id(p) not in known and n not in gone]
-        if gone or new:
+        if (gone or new) and not self._fsdp:  # FSDP2's swaps are checked by gnfx.fsdp.ShardedStep
             what = [f"{n!r} was {'replaced' if n in current else 'removed'}" for n in gone]
             what += [f"{n!r} was created, replaced or unfrozen" for n in new]
             raise GnfxError(

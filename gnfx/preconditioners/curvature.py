@@ -133,6 +133,11 @@ class CurvaturePreconditioner(Preconditioner):
         """A global scale ν for all of this preconditioner's steps (default 1: none)."""
         return None
 
+    def sum_over_owners(self, x):
+        """Under FSDP2 (gnfx.fsdp) each rank holds some of the blocks: a sum over all blocks is the
+        sum of the ranks' partial sums `x` (one scalar all-reduce). Otherwise `x` itself."""
+        return x if self.opt.sharded is None else self.opt.sharded.all_sum(x)
+
     # --- the common tail ---------------------------------------------------------------------
     def apply(self, group, state, U, lr, wd) -> None:
         """m ← μ m + U; θ ← θ(1 - ηλ) - η m, piece by piece; lr and wd are (k,) tensors."""

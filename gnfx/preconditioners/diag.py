@@ -55,8 +55,9 @@ class Diagonal(Preconditioner):
         if stats is None:
             return grad * grad
         term = stats[:, columns]  # in the layout of the matrix W of z = W a (gnfx.layouts)
-        term = term.t() if view == "t" else term.reshape(grad.shape)
-        return term.to(grad.dtype)
+        term = term.t() if view == "t" else term.reshape(self.opt._named[name].shape)
+        # under FSDP2 (gnfx.fsdp) the rows of this rank's shard
+        return term[self.opt.sharded.local_rows(name) if self.opt.sharded else slice(None)].to(grad.dtype)
 
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""

@@ -1,0 +1,264 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): the optimizer step on sharded parameters.
+
+Order: `compiled = gnfx.compile(model, ...)` on the unsharded model, then `fully_shard` on blocks
+of the compiled model (optional) and on `compiled` itself (the root, as FSDP2 asks), before the
+first step. Every parameter is then a DTensor sharded along dimension 0 over a 1-D mesh of W
+ranks: rank r holds rows [o_r, o_r + n_r) (torch.chunk's split, n = ceil(d_0 / W)), and FSDP
+leaves each gradient, averaged over the ranks, sharded the same way.
+
+What each rank r keeps and computes:
+
+* Statistics: the taps record a, δ of the local batch; the statistics of all blocks are averaged
+  over ranks in one all-reduce per statistic step (gnfx.distributed), and each rank keeps the
+  averages only of the blocks it owns (and the Fisher diagonals its elementwise step reads).
+* Curvature targets (a block's [W b], or a loose tensor Shampoo claims) are owned by one rank
+  each, assigned greedily by the size of their state (Σ_j d_j² + Π_j d_j: factors or roots per
+  mode, and the momentum), largest first to the least-loaded rank. The owner keeps the target's
+  statistics, factors, roots, momentum and grafting state, and no other rank does. Per step:
+    1. gradients in: one all-to-all brings each owner the rows of its targets' gradients, from
+       which it assembles the full gradient G of each;
+    2. the owner runs its preconditioners as one process would (collect, refresh, direction,
+       momentum m) on a zero stand-in for each parameter, which leaves Δ = -η m in it;
+    3. updates out: one all-to-all sends every rank its rows of Δ, and each rank applies
+       θ_r ← θ_r (1 - ηλ) + Δ_r to its own shard, the arithmetic of one process, row by row.
+  A refresh needs no communication: its owner is the only rank that holds the target's roots, so
+  a failed decomposition keeps the last good root there, which is everywhere it is used.
+* Parameters no target claims (the diagonal preconditioner, AdamW or the Fisher diagonal) are
+  elementwise: each rank updates its own rows, with moments the size of its shard.
+* A safeguard that sums over all blocks (K-FAC's KL clipping) adds the owners' partial sums in
+  one scalar all-reduce, and the non-finite check (nan_policy) agrees in one scalar all-reduce,
+  so that every rank skips the same steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from gnfx.errors import ConfigError, GnfxError
+
+ORDER = ("call gnfx.compile on the unsharded model first, then fully_shard the compiled model's blocks "
+         "(optional) and the compiled model itself, before the first step")
+
+
+def local(t):
+    """The local shard of a DTensor (a view: in-place updates reach the DTensor), else `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_unsharded(model) -> None:
+    """Raise a ConfigError if `model` is already sharded by fully_shard (gnfx captures the model
+    before sharding)."""
+    if isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ConfigError(f"this model is already sharded by fully_shard (its parameters are DTensors): {ORDER}")
+
+
+def fsdp_modules(module) -> list:
+    """`module` and its submodules that fully_shard was applied to."""
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def unshard_for_graph(compiled) -> None:
+    """Before an instrumented forward under FSDP2: the instrumented graph reads the parameters of
+    blocks it traces through without calling those blocks' forward, so their FSDP hooks do not run.
+    Unshard them here (FSDP's root reduce-scatters their gradients and reshards them at the end of
+    the backward); the root's own hook has unsharded the rest."""
+    children = [m for m in fsdp_modules(compiled) if m is not compiled]
+    if children and not isinstance(compiled, FSDPModule):
+        raise GnfxError(f"fully_shard was applied to submodules of the compiled model but not to the compiled "
+                        f"model itself: {ORDER}")
+    for m in children:
+        m.unshard()
+    still = [n for n, p in compiled.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
+    if still:
+        raise GnfxError(f"parameters {still[:5]} are still sharded in the forward; {ORDER}")
+
+
+def rows(d0: int, world: int, rank: int) -> slice:
+    """The rows of dimension 0 that rank `rank` holds under FSDP2's even sharding (torch.chunk)."""
+    size = -(-d0 // world)
+    start = min(rank * size, d0)
+    return slice(start, min(start + size, d0))
+
+
+class ShardedStep:
+    """The parts of GnfxOptimizer.step that differ under FSDP2 (see the module docstring).
+
+    Created by the optimizer on its first step after `fully_shard`: it rebinds the optimizer to the
+    sharded Parameter objects, assigns the curvature targets to ranks and rebuilds the curvature
+    preconditioners with the targets this rank owns."""
+
+    def __init__(self, opt, live: dict):
+        if opt.steps or opt.state:
+            raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
+        params = {n: live.get(n) for n in opt._named}
+        missing = [n for n, p in params.items() if not isinstance(p, DTensor)]
+        if missing:
+            raise ConfigError(f"parameters {missing[:5]} are not sharded by fully_shard (or were removed): "
+                              f"fully_shard the compiled model itself, the root, after its blocks")
+        mesh = next(iter(params.values())).device_mesh
+        odd = [n for n, p in params.items()
+               if p.device_mesh != mesh or mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)]
+        if odd:
+            raise ConfigError(f"gnfx supports FSDP2 on one 1-D device mesh with parameters sharded on dimension 0 "
+                              f"(fully_shard's default); {odd[:5]} are not")
+        self.group = mesh.get_group()
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.opt = opt
+        self.bytes_communicated = 0  # since creation: gradients in and updates out (statistics: opt.comm)
+        renamed = {id(opt._named[n]): p for n, p in params.items()}
+        for g in opt.param_groups:
+            g["params"] = [renamed[id(p)] for p in g["params"]]
+        opt._named = params
+        opt._groups_seen = None
+        if opt.comm is not None:
+            opt.comm.partition_refresh = False  # each owner refreshes its own targets
+        self._assign(opt)
+
+    def _assign(self, opt) -> None:
+        """Owners of the curvature targets; this rank's preconditioners keep only its own."""
+        from gnfx.codegen import UpdateFunction  # codegen imports the preconditioners, which import the optimizer
+
+        targets = [(pre, t) for pre in opt.curvature
+                   for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
+        by_name = {p.target.name: p.target for pre in opt.curvature for g in pre.groups for p in g.pieces}
+        load = [0.0] * self.world
+        owner = {}
+        cost = {name: sum(d * d for d in by_name[name].shape) + math.prod(by_name[name].shape) for _, name in targets}
+        for _, name in sorted(targets, key=lambda x: -cost[x[1]]):
+            r = min(range(self.world), key=load.__getitem__)
+            owner[name] = r
+            load[r] += cost[name]
+        self.load = load
+        # per rank, the parameters of the targets it owns (in a fixed order), and the target's first
+        # parameter, whose param group sets the step's lr and weight decay for all of them
+        self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params] for r in range(self.world)]
+        self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
+        rebuilt = []
+        for pre in opt.curvature:
+            mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
+            rebuilt.append(type(pre)(pre.hp, [t.block for t in mine if t.block is not None],
+                                     [t.name for t in mine if t.block is None], opt))
+        opt.preconditioners = rebuilt + opt.elementwise
+        opt.curvature = rebuilt
+        opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
+        self.elementwise = [n for n in opt._named if n not in self.group_param]
+        kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
+        kept |= {b.name for pre in opt.elementwise for b in pre.blocks}
+        self.kept_blocks = kept
+        wide = any(opt._named[n].dtype == torch.float64 for n in self.group_param)
+        self.rate_dtype = torch.float64 if wide else torch.float32  # as the update function's lr tensors
+        self.wire_dtype = torch.float64 if wide else torch.float32
+        with torch.no_grad():
+            opt._views.update({n: local(opt._named[n]) for n in self.elementwise})
+
+    # --- what the optimizer asks -------------------------------------------------------------
+    def local_rows(self, name: str) -> slice:
+        return rows(self.opt._named[name].shape[0], self.world, self.rank)
+
+    def all_sum(self, x) -> torch.Tensor:
+        """Σ over ranks of a scalar (as a float64 tensor on the wire; a number counts as 0-d)."""
+        dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float64
+        buffer = torch.as_tensor(x, dtype=torch.float64).reshape(1).clone()
+        dist.all_reduce(buffer, group=self.group)
+        return buffer[0].to(dtype)
+
+    def agree(self, problem: str) -> str:
+        """The non-finite check of all ranks: skip everywhere when one rank found a problem."""
+        anywhere = self.all_sum(1.0 if problem else 0.0)
+        return problem or ("a non-finite gradient or statistic on another rank" if anywhere > 0 else "")
+
+    def own_statistics(self, batches: dict) -> dict:
+        """The averaged statistics of the blocks this rank uses; the others are not kept."""
+        return {b: v for b, v in batches.items() if b in self.kept_blocks}
+
+    # --- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Elementwise parameters: their local shards (with local gradients) stand for them.
+        Curvature parameters this rank owns: zero stand-ins of full size whose gradient is the
+        full gradient, assembled from all ranks' rows in one all-to-all."""
+        opt = self.opt
+        views = opt._views
+        views.clear()
+        for n in self.elementwise:
+            p = opt._named[n]
+            view = local(p)
+            view.grad = None if p.grad is None else local(p.grad)
+            views[n] = view
+
+        def rows_of(n, r):
+            p = opt._named[n]
+            return rows(p.shape[0], self.world, r).stop - rows(p.shape[0], self.world, r).start
+
+        def grad_rows(n):
+            p = opt._named[n]
+            g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+            return g.reshape(-1).to(self.wire_dtype)
+
+        send = [grad_rows(n) for r in range(self.world) for n in self.owned_params[r]]
+        send_sizes = [sum(rows_of(n, self.rank) * math.prod(opt._named[n].shape[1:]) for n in self.owned_params[r])
+                      for r in range(self.world)]
+        mine = self.owned_params[self.rank]
+        recv_sizes = [sum(rows_of(n, s) * math.prod(opt._named[n].shape[1:]) for n in mine) for s in range(self.world)]
+        received = self._all_to_all(send, send_sizes, recv_sizes)
+        full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=local(opt._named[n]).device)
+                for n in mine}
+        offset = 0
+        for s in range(self.world):
+            for n in mine:
+                region = full[n][rows(full[n].shape[0], self.world, s)]
+                region.copy_(received[offset:offset + region.numel()].view(region.shape))
+                offset += region.numel()
+        for n in mine:
+            stand_in = torch.zeros_like(full[n])
+            stand_in.grad = full[n]
+            views[n] = stand_in
+
+    @torch.no_grad()
+    def end(self) -> None:
+        """Join the safeguards this rank has no blocks of, then send every rank its rows of the
+        owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
+        from gnfx.preconditioners.curvature import CurvaturePreconditioner
+
+        opt, views = self.opt, self.opt._views
+        for pre in opt.curvature:
+            if not pre.groups and type(pre).safeguard is not CurvaturePreconditioner.safeguard:
+                pre.safeguard([], [], [])
+        mine = self.owned_params[self.rank]
+        send = [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.wire_dtype)
+                for s in range(self.world) for n in mine]
+        send_sizes = [sum(t.numel() for t in send[s * len(mine):(s + 1) * len(mine)]) for s in range(self.world)]
+        recv_sizes = [sum(local(opt._named[n]).numel() for n in self.owned_params[r]) for r in range(self.world)]
+        received = self._all_to_all(send, send_sizes, recv_sizes)
+        offset = 0
+        for r in range(self.world):
+            for n in self.owned_params[r]:
+                shard = local(opt._named[n])
+                delta = received[offset:offset + shard.numel()].view(shard.shape).to(shard.dtype)
+                offset += shard.numel()
+                group = opt.group_of(self.group_param[n])
+                if group["weight_decay"] != 0:
+                    lr, wd = (torch.tensor(group[k], dtype=self.rate_dtype) for k in ("lr", "weight_decay"))
+                    shard.mul_((1 - lr * wd).to(shard.device))
+                shard.add_(delta)
+        for n in self.elementwise:
+            views[n].grad = None
+        views.clear()
+        for n in self.elementwise:  # the elementwise views stay: their state is shaped like them
+            views[n] = local(opt._named[n])
+
+    def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list) -> torch.Tensor:
+        """One all_to_all_single of the concatenated `send` (no collective when no rank owns any
+        curvature target: a plan of elementwise preconditioners only)."""
+        device = local(next(iter(self.opt._named.values()))).device
+        out = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=device)
+        if not any(self.owned_params):
+            return out
+        inp = torch.cat(send) if send else torch.empty(0, dtype=self.wire_dtype, device=device)
+        self.bytes_communicated += inp.numel() * inp.element_size()
+        dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=self.group)
+        return out
