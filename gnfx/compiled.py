@@ -187,10 +187,11 @@ class CompiledModel(nn.Module):
             lines.append(f"# then {pre.name}: torch._foreach AdamW-style step over {n} parameter tensors")
         return "\n".join(lines)
 
-    def cost(self, batch_size: int | None = None, positions=None):
+    def cost(self, batch_size: int | None = None, positions=None, world_size: int = 1):
         """Memory and amortized FLOPs of this plan per block and in total, with their sympy
-        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site)."""
-        return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions)
+        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site);
+        `world_size` W: the state each rank keeps under FSDP2, `rank_memory_bytes` (gnfx.fsdp)."""
+        return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions, world_size)
 
     def report(self) -> str:
         return report(self)

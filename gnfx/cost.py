@@ -53,11 +53,14 @@ import dataclasses
 import sympy as sp
 import torch
 
+from gnfx.fsdp import curvature_owners
+from gnfx.fsdp import rows as rows_of
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.shampoo import root_exponent
 from gnfx.report import format_bytes, format_table
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
-    "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency")}
+    "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency", "W")}
 
 FACTOR, PARAM, INT64 = "factor", "param", "int64"  # storage of a state tensor (see module docstring)
 
@@ -401,6 +404,8 @@ class Row:
     refresh_flops: float
     update_flops: float
     flops: float
+    # under FSDP2 with world_size W (gnfx.fsdp): the bytes each rank keeps of this row's state
+    rank_memory_bytes: tuple[int, ...] = ()
 
     @property
     def memory_ratio(self) -> float:
@@ -432,6 +437,8 @@ class PlanCost:
         self.total_memory_bytes = sum(r.memory_bytes for r in rows)
         self.total_flops = sum(r.flops for r in rows)
         self.adamw_memory_bytes = 2 * self.param_bytes
+        # per rank under FSDP2 (model.cost(world_size=W)); one process: the total
+        self.rank_memory_bytes = [sum(col) for col in zip(*(r.rank_memory_bytes for r in rows))]
         self.adamw_flops = ADAMW * self.param_count
 
     def __getitem__(self, name: str) -> Row:
@@ -467,8 +474,16 @@ def _flops(x: float) -> str:
     return f"{x:.0f}"
 
 
-def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None) -> PlanCost:
+def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None,
+              world_size: int = 1) -> PlanCost:
     """The cost of a compiled model's plan: every block (table order), then every loose parameter.
+
+    Under FSDP2 on `world_size` W ranks (gnfx.fsdp) the state of a row of memory M is kept as
+    `formulas[name]["memory_per_rank"]`: M on the rank that owns it for a curvature preconditioner
+    (kfac, ekfac, shampoo, soap, rank1: statistics, factors, roots and momentum live with the owner
+    only), 0 on the others; M n_r / d_0 on rank r for the elementwise diag (its moments are shaped
+    like the rank's n_r = ⌈d_0/W⌉ rows, ≈ M / W). `rank_memory_bytes` of each row and of the plan
+    give the numbers per rank, with the owners gnfx.fsdp assigns.
 
     `batch_size` is B (default: the `cost_rows` setting); `positions` R per example and call site,
     an int for every block or {block name: R} (default 1); a block's R is multiplied by its number
@@ -480,11 +495,13 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     stats = optimizer.statistics.blocks
     entries = [(b.name, b.kind, b.params, b) for b in table] + [(f.param, "fallback", (f.param,), None)
                                                                for f in table.fallbacks]
+    curvature = [pre for pre in optimizer.preconditioners if isinstance(pre, CurvaturePreconditioner)]
+    owners = curvature_owners(curvature, world_size)
     rows, forms, values = [], {}, {}
     for name, kind, params, block in entries:
         pre = served[name]
         pre_name = type(pre).name
-        tensors = [optimizer.param(p) for p in params]
+        tensors = [optimizer._named[p] for p in params]  # the whole parameters, also under FSDP2
         sizes = storage_sizes(tensors[0])
         if block is not None:
             r = positions.get(name, 1) if isinstance(positions, dict) else positions or 1
@@ -500,8 +517,18 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
         numbers = formulas(pre_name, pre.hp, geometry, needs, approx, at)
         forms[name] = formulas(pre_name, pre.hp, symbolic, needs, approx).as_dict(sizes)
         values[name] = {SYMBOLS[k]: v for k, v in at.items() if not isinstance(v, sp.Symbol)}
+        values[name][SYMBOLS["W"]] = world_size
+        memory = int(numbers.memory(sizes))
+        if name in owners:
+            forms[name]["memory_per_rank"] = forms[name]["memory"]  # on its owner, 0 elsewhere
+            per_rank = tuple(memory * (r == owners[name]) for r in range(world_size))
+        else:
+            forms[name]["memory_per_rank"] = forms[name]["memory"] / SYMBOLS["W"]
+            d0 = tensors[0].shape[0] if tensors[0].dim() else 1
+            per_rank = tuple(memory * (s.stop - s.start) // d0 for s in (rows_of(d0, world_size, r)
+                                                                        for r in range(world_size)))
         rows.append(Row(name, kind, pre_name, sum(t.numel() for t in tensors),
-                        sum(t.numel() * t.element_size() for t in tensors), int(numbers.memory(sizes)),
+                        sum(t.numel() * t.element_size() for t in tensors), memory,
                         float(numbers.statistics_flops), float(numbers.refresh_flops), float(numbers.update_flops),
-                        float(numbers.flops)))
+                        float(numbers.flops), per_rank))
     return PlanCost(rows, forms, values)

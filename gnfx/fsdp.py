@@ -84,6 +84,25 @@ def rows(d0: int, world: int, rank: int) -> slice:
     return slice(start, min(start + size, d0))
 
 
+def target_cost(shape) -> int:
+    """The size by which targets are balanced: Σ_j d_j² + Π_j d_j entries (a factor or root per
+    mode and the momentum), the state of a target under the factored preconditioners."""
+    return sum(d * d for d in shape) + math.prod(shape)
+
+
+def curvature_owners(preconditioners, world: int) -> dict[str, int]:
+    """The owning rank of every target of these curvature preconditioners (a block's name, or a
+    loose parameter's): greedily by `target_cost`, largest first, to the least-loaded rank (ties:
+    the lowest rank, then the plan's order), so the same on every rank."""
+    shapes = {p.target.name: p.target.shape for pre in preconditioners for g in pre.groups for p in g.pieces}
+    load, owner = [0] * world, {}
+    for name in sorted(shapes, key=lambda n: -target_cost(shapes[n])):
+        r = min(range(world), key=load.__getitem__)
+        owner[name] = r
+        load[r] += target_cost(shapes[name])
+    return owner
+
+
 class ShardedStep:
     """The parts of GnfxOptimizer.step that differ under FSDP2 (see the module docstring).
 
@@ -125,14 +144,7 @@ class ShardedStep:
         targets = [(pre, t) for pre in opt.curvature
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
         by_name = {p.target.name: p.target for pre in opt.curvature for g in pre.groups for p in g.pieces}
-        load = [0.0] * self.world
-        owner = {}
-        cost = {name: sum(d * d for d in by_name[name].shape) + math.prod(by_name[name].shape) for _, name in targets}
-        for _, name in sorted(targets, key=lambda x: -cost[x[1]]):
-            r = min(range(self.world), key=load.__getitem__)
-            owner[name] = r
-            load[r] += cost[name]
-        self.load = load
+        owner = curvature_owners(opt.curvature, self.world)
         # per rank, the parameters of the targets it owns (in a fixed order), and the target's first
         # parameter, whose param group sets the step's lr and weight decay for all of them
         self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params] for r in range(self.world)]
@@ -142,8 +154,7 @@ class ShardedStep:
             mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
             rebuilt.append(type(pre)(pre.hp, [t.block for t in mine if t.block is not None],
                                      [t.name for t in mine if t.block is None], opt))
-        opt.preconditioners = rebuilt + opt.elementwise
-        opt.curvature = rebuilt
+        opt.curvature = rebuilt  # opt.preconditioners stays the whole plan (model.cost, the report)
         opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
         self.elementwise = [n for n in opt._named if n not in self.group_param]
         kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
