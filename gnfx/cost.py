@@ -295,6 +295,18 @@ COSTS = {
 }
 
 
+def statistic_sizes(g) -> tuple[dict, dict]:
+    """Entries of each statistic's moving average and of its accumulator (the buffer the taps fill
+    on a statistic step), by name."""
+    d_o, d_a = g.dims
+    d_i = d_a - 1 if g.bias else d_a
+    embedding = g.kind == "embedding"
+    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out, the diagonals like [W b]
+    sizes = {"A": d_a if embedding else d_a ** 2, "S": d_o ** 2, "diag": g.numel, "eigen_diag": g.numel}
+    # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
+    return sizes, {**sizes, "A": d_a if embedding else d_i * d_a}
+
+
 def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]:
     """The statistics the taps keep for a block ({name: (entries, storage)}, accumulator and
     moving average together) and their FLOPs per statistic step (module docstring)."""
@@ -305,10 +317,7 @@ def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]
     embedding = g.kind == "embedding"
     reduce = kfac_approx == "reduce" and not embedding  # sum over positions, then B rows
     rows, pooling = (b, positions) if reduce else (positions, 0)
-    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out, the diagonals like [W b]
-    sizes = {"A": d_a if embedding else d_a ** 2, "S": d_o ** 2, "diag": n, "eigen_diag": n}
-    # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
-    accumulators = {**sizes, "A": d_a if embedding else d_i * d_a}
+    sizes, accumulators = statistic_sizes(g)
     scatter = positions * d_o  # an embedding's per-example gradient: δ added into token rows
     flops = {"A": positions if embedding else pooling * d_i + 2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0),
              "S": pooling * d_o + 2 * rows * d_o ** 2,
@@ -478,12 +487,13 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
               world_size: int = 1) -> PlanCost:
     """The cost of a compiled model's plan: every block (table order), then every loose parameter.
 
-    Under FSDP2 on `world_size` W ranks (gnfx.fsdp) the state of a row of memory M is kept as
-    `formulas[name]["memory_per_rank"]`: M on the rank that owns it for a curvature preconditioner
-    (kfac, ekfac, shampoo, soap, rank1: statistics, factors, roots and momentum live with the owner
-    only), 0 on the others; M n_r / d_0 on rank r for the elementwise diag (its moments are shaped
-    like the rank's n_r = ⌈d_0/W⌉ rows, ≈ M / W). `rank_memory_bytes` of each row and of the plan
-    give the numbers per rank, with the owners gnfx.fsdp assigns.
+    Under FSDP2 on `world_size` W ranks (gnfx.fsdp) a row of memory M keeps per rank
+    (`formulas[name]["memory_per_rank"]`, as (owner, other ranks) for a curvature preconditioner):
+    kfac, ekfac, shampoo, soap, rank1: M on the rank that owns the block (its statistics' averages,
+    factors, roots and momentum live there only), and on every other rank the statistic
+    accumulators M_acc the taps fill from the local batch; diag: M n_r / d_0 on rank r (its moments
+    are shaped like the rank's n_r = ⌈d_0/W⌉ rows, ≈ M / W). `rank_memory_bytes` of each row and
+    of the plan give the numbers per rank, with the owners gnfx.fsdp assigns.
 
     `batch_size` is B (default: the `cost_rows` setting); `positions` R per example and call site,
     an int for every block or {block name: R} (default 1); a block's R is multiplied by its number
@@ -520,8 +530,12 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
         values[name][SYMBOLS["W"]] = world_size
         memory = int(numbers.memory(sizes))
         if name in owners:
-            forms[name]["memory_per_rank"] = forms[name]["memory"]  # on its owner, 0 elsewhere
-            per_rank = tuple(memory * (r == owners[name]) for r in range(world_size))
+            def accumulators(g):
+                return sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) * sizes[FACTOR]
+
+            forms[name]["memory_per_rank"] = (forms[name]["memory"], accumulators(symbolic))
+            others = int(accumulators(geometry))
+            per_rank = tuple(memory if r == owners[name] else others for r in range(world_size))
         else:
             forms[name]["memory_per_rank"] = forms[name]["memory"] / SYMBOLS["W"]
             d0 = tensors[0].shape[0] if tensors[0].dim() else 1

@@ -127,7 +127,7 @@ class ShardedStep:
         self.group = mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.opt = opt
-        self.bytes_communicated = 0  # since creation: gradients in and updates out (statistics: opt.comm)
+        self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
         renamed = {id(opt._named[n]): p for n, p in params.items()}
         for g in opt.param_groups:
             g["params"] = [renamed[id(p)] for p in g["params"]]
@@ -270,6 +270,6 @@ class ShardedStep:
         if not any(self.owned_params):
             return out
         inp = torch.cat(send) if send else torch.empty(0, dtype=self.wire_dtype, device=device)
-        self.bytes_communicated += inp.numel() * inp.element_size()
+        self.bytes_communicated += (inp.numel() - send_sizes[self.rank]) * inp.element_size()
         dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=self.group)
         return out
