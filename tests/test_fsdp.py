@@ -5,7 +5,8 @@ W = 2 ranks on batches of B must give the parameters of one process on the conca
 2B (float64, to round-off) for diag, kfac, shampoo, soap and rank1; the curvature state is not
 replicated (the ranks' states add up to the single process's); a checkpoint taken mid-run (each
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
-on its owner keeps the last good root; and compiling a model that is already sharded is refused.
+on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
+every rank; and compiling a model that is already sharded is refused.
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def worker(rank, world, port, out):
                                   "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes,
                                   "bytes": compiled.optimizer.sharded.bytes_communicated}
         results["failure"] = failed_refresh_keeps_root(xs, ys)
+        results["non_finite"] = non_finite_on_one_rank_skips_everywhere(rank, xs, ys)
         try:
             gnfx.compile(fully_shard(make_model("kfac")), "kfac")
         except gnfx.ConfigError as error:
@@ -137,6 +139,21 @@ def failed_refresh_keeps_root(xs, ys):
     kept = all(torch.equal(before[k], s["root0"]) for k, s in pre.states().items())
     failures = sum(int(s["failures"].sum()) for s in pre.states().values())
     return {"kept": kept, "failures": failures, "pieces": sum(len(g.pieces) for g in pre.groups)}
+
+
+def non_finite_on_one_rank_skips_everywhere(rank, xs, ys):
+    """A NaN in one entry of rank 1's gradient shard: every rank skips the step (nothing changes)."""
+    compiled = sharded("kfac")
+    train(compiled, xs[:2], ys[:2])
+    before = [p.to_local().clone() for p in compiled.parameters()]
+    F.cross_entropy(compiled(xs[2]), ys[2]).backward()
+    if rank == 1:
+        next(compiled.parameters()).grad.to_local()[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped step 2"):
+        compiled.step()
+    compiled.zero_grad()
+    unchanged = all(torch.equal(b, p.to_local()) for b, p in zip(before, compiled.parameters()))
+    return {"skipped": compiled.optimizer.skipped_steps, "unchanged": unchanged}
 
 
 def free_port() -> int:
@@ -175,6 +192,10 @@ def test_a_failed_decomposition_keeps_the_last_good_root(two_ranks):
     failure = two_ranks["failure"]
     assert failure["kept"]
     assert failure["failures"] == 2 * failure["pieces"]  # 2 factors per piece, on rank 0
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_ranks):
+    assert two_ranks["non_finite"] == {"skipped": 1, "unchanged": True}  # rank 0's view: its gradients were finite
 
 
 def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
