@@ -483,6 +483,17 @@ def _flops(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool) -> sp.Expr:
+    """The bytes of a row that every rank keeps whole under FSDP2 (gnfx.fsdp): for a curvature
+    preconditioner the statistic accumulators the taps fill from the local batch (the owner keeps
+    the rest), for the elementwise diag all its statistics (only its moments are sharded)."""
+    if g.kind == "tensor":  # a loose parameter: no tap statistics
+        return sp.Integer(0)
+    if curvature:
+        return sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) * sizes[FACTOR]
+    return sum((e * sizes[s] for e, s in f.statistics.values()), sp.Integer(0))
+
+
 def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None,
               world_size: int = 1) -> PlanCost:
     """The cost of a compiled model's plan: every block (table order), then every loose parameter.
@@ -491,9 +502,10 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     (`formulas[name]["memory_per_rank"]`, as (owner, other ranks) for a curvature preconditioner):
     kfac, ekfac, shampoo, soap, rank1: M on the rank that owns the block (its statistics' averages,
     factors, roots and momentum live there only), and on every other rank the statistic
-    accumulators M_acc the taps fill from the local batch; diag: M n_r / d_0 on rank r (its moments
-    are shaped like the rank's n_r = ⌈d_0/W⌉ rows, ≈ M / W). `rank_memory_bytes` of each row and
-    of the plan give the numbers per rank, with the owners gnfx.fsdp assigns.
+    accumulators M_acc the taps fill from the local batch; diag: (M - M_stat) / W + M_stat (its
+    moments are shaped like the rank's n_r = ⌈d_0/W⌉ rows, its statistics M_stat are whole).
+    `rank_memory_bytes` of each row and of the plan give the numbers per rank, with the owners
+    gnfx.fsdp assigns.
 
     `batch_size` is B (default: the `cost_rows` setting); `positions` R per example and call site,
     an int for every block or {block name: R} (default 1); a block's R is multiplied by its number
@@ -525,22 +537,22 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             geometry = symbolic = Geometry(tuple(tensors[0].shape), "tensor")
         approx = settings["kfac_approx"]
         numbers = formulas(pre_name, pre.hp, geometry, needs, approx, at)
-        forms[name] = formulas(pre_name, pre.hp, symbolic, needs, approx).as_dict(sizes)
+        symbolic_formulas = formulas(pre_name, pre.hp, symbolic, needs, approx)
+        forms[name] = symbolic_formulas.as_dict(sizes)
         values[name] = {SYMBOLS[k]: v for k, v in at.items() if not isinstance(v, sp.Symbol)}
         values[name][SYMBOLS["W"]] = world_size
         memory = int(numbers.memory(sizes))
-        if name in owners:
-            def accumulators(g):
-                return sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) * sizes[FACTOR]
-
-            forms[name]["memory_per_rank"] = (forms[name]["memory"], accumulators(symbolic))
-            others = int(accumulators(geometry))
-            per_rank = tuple(memory if r == owners[name] else others for r in range(world_size))
-        else:
-            forms[name]["memory_per_rank"] = forms[name]["memory"] / SYMBOLS["W"]
+        curvature_row = name in owners
+        whole = _fsdp_memory(symbolic_formulas, symbolic, needs, sizes, curvature_row)
+        everywhere = int(_fsdp_memory(numbers, geometry, needs, sizes, curvature_row))
+        if curvature_row:  # all of it on the owner, the accumulators on the others
+            forms[name]["memory_per_rank"] = (forms[name]["memory"], whole)
+            per_rank = tuple(memory if r == owners[name] else everywhere for r in range(world_size))
+        else:  # the moments sharded by rows, n_r = ceil(d_0 / W), the statistics whole
+            forms[name]["memory_per_rank"] = (forms[name]["memory"] - whole) / SYMBOLS["W"] + whole
             d0 = tensors[0].shape[0] if tensors[0].dim() else 1
-            per_rank = tuple(memory * (s.stop - s.start) // d0 for s in (rows_of(d0, world_size, r)
-                                                                        for r in range(world_size)))
+            per_rank = tuple((memory - everywhere) * (s.stop - s.start) // d0 + everywhere
+                             for s in (rows_of(d0, world_size, r) for r in range(world_size)))
         rows.append(Row(name, kind, pre_name, sum(t.numel() for t in tensors),
                         sum(t.numel() * t.element_size() for t in tensors), memory,
                         float(numbers.statistics_flops), float(numbers.refresh_flops), float(numbers.update_flops),

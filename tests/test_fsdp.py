@@ -61,6 +61,17 @@ def train(compiled, xs, ys):
         compiled.zero_grad()
 
 
+def kept_bytes(optimizer) -> int:
+    """Every tensor this rank keeps for the optimizer: its state_dict's (moments, factors, roots,
+    averaged statistics) and the statistic accumulators the taps fill."""
+    sd = optimizer.state_dict()
+    tensors = [v for s in sd["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+    tensors += [v for s in sd["gnfx"]["statistics"].values() for v in s["values"].values()]
+    tensors += [getattr(s, k) for s in optimizer.statistics.blocks.values()
+                for k in ("_A", "_A_sum", "_S", "_diag", "_eigen_diag") if getattr(s, k) is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def state_bytes(optimizer) -> int:
     """Bytes of the curvature preconditioners' state and of the statistics this rank keeps."""
     sd = optimizer.state_dict()
@@ -101,10 +112,12 @@ def worker(rank, world, port, out):
             train(resumed, xs[CUT:], ys[CUT:])
             bit_for_bit = all(torch.equal(p.to_local(), q.to_local()) for p, q in
                               zip(compiled.parameters(), resumed.parameters()))
-            sizes = [None] * world
+            sizes, kept = [None] * world, [None] * world
             dist.all_gather_object(sizes, state_bytes(compiled.optimizer))
+            dist.all_gather_object(kept, kept_bytes(compiled.optimizer))
             results[optimizer] = {"params": {n: p.full_tensor() for n, p in compiled.named_parameters()},
-                                  "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes,
+                                  "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes, "kept_bytes": kept,
+                                  "cost_per_rank": compiled.cost(world_size=world).rank_memory_bytes,
                                   "bytes": compiled.optimizer.sharded.bytes_communicated}
         results["failure"] = failed_refresh_keeps_root(xs, ys)
         results["non_finite"] = non_finite_on_one_rank_skips_everywhere(rank, xs, ys)
@@ -184,6 +197,8 @@ def test_two_sharded_ranks_equal_one_process_on_the_concatenated_batch(two_ranks
     if optimizer != "diag":
         assert sum(result["state_bytes"]) == state_bytes(single.optimizer)
         assert max(result["state_bytes"]) < state_bytes(single.optimizer)
+    # the cost model's memory per rank is what each rank keeps
+    assert result["kept_bytes"] == result["cost_per_rank"]
     # gradients in and updates out for the curvature targets; diag's step is local to the shards
     assert (result["bytes"] > 0) == (optimizer != "diag")
 
