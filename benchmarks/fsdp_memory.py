@@ -7,8 +7,9 @@ Each optimizer trains the char GPT of benchmarks/tasks.py (2 layers, d_model 64,
 (each rank on its half of the batch), and in one process on rank 0 (`distributed="off"`). It
 prints the bytes of optimizer state each rank holds (every tensor of `optimizer.state_dict()`:
 factors, roots, momenta, grafting and Adam moments, statistics), their ratio to the single
-process's, the cost model's figures per rank (`model.cost(world_size=W).rank_memory_bytes`), and
-the bytes of one step's all-to-alls (gradients in, updates out) and statistics all-reduce.
+process's, the cost model's figures per rank (`model.cost(world_size=W).rank_memory_bytes`, which
+also count the statistic accumulators every rank keeps for its local batch), and the bytes of one
+step's all-to-alls (gradients in, updates out) and statistics all-reduce.
 """
 from __future__ import annotations
 
@@ -69,11 +70,12 @@ def main() -> None:
             single = gnfx.compile(GPT(CONFIG), name, distributed="off", **hp)
             train(single, tokens, args.steps + 1)
             one = state_bytes(single.optimizer)
-            model = single.cost(world_size=world)
-            print(f"{name}: one process {one / 2**20:.2f} MiB of optimizer state (cost model "
-                  f"{single.cost().total_memory_bytes / 2**20:.2f} MiB); per rank under FSDP2 with W={world}: "
+            model, whole = single.cost(world_size=world), single.cost().total_memory_bytes
+            print(f"{name}: one process {one / 2**20:.2f} MiB of optimizer state (cost model, with the "
+                  f"statistic accumulators: {whole / 2**20:.2f} MiB); per rank under FSDP2 with W={world}: "
                   + ", ".join(f"{m / 2**20:.2f} MiB ({m / one:.2f}x)" for m in measured)
-                  + "; cost model per rank: " + ", ".join(f"{m / 2**20:.2f} MiB" for m in model.rank_memory_bytes)
+                  + "; cost model per rank: " + ", ".join(f"{m / 2**20:.2f} MiB ({m / whole:.2f}x)"
+                                                          for m in model.rank_memory_bytes)
                   + f"; one step sends {step_bytes[0] / 2**10:.0f} KiB in the all-to-alls and "
                   f"{step_bytes[1] / 2**10:.0f} KiB in the statistics all-reduce (rank 0)", flush=True)
         dist.barrier()
