@@ -126,6 +126,7 @@ class ShardedStep:
                               f"(fully_shard's default); {odd[:5]} are not")
         self.group = mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.device = local(next(iter(params.values()))).device  # where the collectives' buffers live
         self.opt = opt
         self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
         renamed = {id(opt._named[n]): p for n, p in params.items()}
@@ -160,9 +161,10 @@ class ShardedStep:
         kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
         kept |= {b.name for pre in opt.elementwise for b in pre.blocks}
         self.kept_blocks = kept
+        # gradients and updates travel, and learning rates and weight decays are applied, in float64
+        # when a curvature parameter is float64, else float32 (as the update function's lr tensors)
         wide = any(opt._named[n].dtype == torch.float64 for n in self.group_param)
-        self.rate_dtype = torch.float64 if wide else torch.float32  # as the update function's lr tensors
-        self.wire_dtype = torch.float64 if wide else torch.float32
+        self.dtype = torch.float64 if wide else torch.float32
         with torch.no_grad():
             opt._views.update({n: local(opt._named[n]) for n in self.elementwise})
 
@@ -173,7 +175,7 @@ class ShardedStep:
     def all_sum(self, x) -> torch.Tensor:
         """Σ over ranks of a scalar (as a float64 tensor on the wire; a number counts as 0-d)."""
         dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float64
-        buffer = torch.as_tensor(x, dtype=torch.float64).reshape(1).clone()
+        buffer = torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(1).clone()
         dist.all_reduce(buffer, group=self.group)
         return buffer[0].to(dtype)
 
@@ -187,47 +189,42 @@ class ShardedStep:
         return {b: v for b, v in batches.items() if b in self.kept_blocks}
 
     # --- the step ----------------------------------------------------------------------------
+    def _entries(self, name: str, rank: int) -> int:
+        """How many entries of parameter `name` rank `rank` holds."""
+        shape = self.opt._named[name].shape
+        held = rows(shape[0], self.world, rank)
+        return (held.stop - held.start) * math.prod(shape[1:])
+
     @torch.no_grad()
     def begin(self) -> None:
-        """Elementwise parameters: their local shards (with local gradients) stand for them.
+        """Elementwise parameters: their local shards, with their local gradients, stand for them.
         Curvature parameters this rank owns: zero stand-ins of full size whose gradient is the
         full gradient, assembled from all ranks' rows in one all-to-all."""
-        opt = self.opt
-        views = opt._views
-        views.clear()
+        opt, views, me = self.opt, self.opt._views, self.rank
         for n in self.elementwise:
             p = opt._named[n]
-            view = local(p)
-            view.grad = None if p.grad is None else local(p.grad)
-            views[n] = view
+            views[n] = local(p)
+            views[n].grad = None if p.grad is None else local(p.grad)
+        mine = self.owned_params[me]
 
-        def rows_of(n, r):
+        def local_grad(n):
             p = opt._named[n]
-            return rows(p.shape[0], self.world, r).stop - rows(p.shape[0], self.world, r).start
+            return (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1).to(self.dtype)
 
-        def grad_rows(n):
-            p = opt._named[n]
-            g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
-            return g.reshape(-1).to(self.wire_dtype)
-
-        send = [grad_rows(n) for r in range(self.world) for n in self.owned_params[r]]
-        send_sizes = [sum(rows_of(n, self.rank) * math.prod(opt._named[n].shape[1:]) for n in self.owned_params[r])
-                      for r in range(self.world)]
-        mine = self.owned_params[self.rank]
-        recv_sizes = [sum(rows_of(n, s) * math.prod(opt._named[n].shape[1:]) for n in mine) for s in range(self.world)]
-        received = self._all_to_all(send, send_sizes, recv_sizes)
-        full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=local(opt._named[n]).device)
-                for n in mine}
+        received = self._all_to_all(
+            [local_grad(n) for r in range(self.world) for n in self.owned_params[r]],
+            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)],
+            [sum(self._entries(n, s) for n in mine) for s in range(self.world)])
         offset = 0
+        full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=self.device) for n in mine}
         for s in range(self.world):
             for n in mine:
                 region = full[n][rows(full[n].shape[0], self.world, s)]
                 region.copy_(received[offset:offset + region.numel()].view(region.shape))
                 offset += region.numel()
         for n in mine:
-            stand_in = torch.zeros_like(full[n])
-            stand_in.grad = full[n]
-            views[n] = stand_in
+            views[n] = torch.zeros_like(full[n])
+            views[n].grad = full[n]
 
     @torch.no_grad()
     def end(self) -> None:
@@ -235,16 +232,16 @@ class ShardedStep:
         owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
         from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
-        opt, views = self.opt, self.opt._views
+        opt, views, me = self.opt, self.opt._views, self.rank
         for pre in opt.curvature:
             if not pre.groups and type(pre).safeguard is not CurvaturePreconditioner.safeguard:
                 pre.safeguard([], [], [])
-        mine = self.owned_params[self.rank]
-        send = [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.wire_dtype)
-                for s in range(self.world) for n in mine]
-        send_sizes = [sum(t.numel() for t in send[s * len(mine):(s + 1) * len(mine)]) for s in range(self.world)]
-        recv_sizes = [sum(local(opt._named[n]).numel() for n in self.owned_params[r]) for r in range(self.world)]
-        received = self._all_to_all(send, send_sizes, recv_sizes)
+        mine = self.owned_params[me]
+        received = self._all_to_all(
+            [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.dtype)
+             for s in range(self.world) for n in mine],
+            [sum(self._entries(n, s) for n in mine) for s in range(self.world)],
+            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)])
         offset = 0
         for r in range(self.world):
             for n in self.owned_params[r]:
@@ -253,23 +250,22 @@ class ShardedStep:
                 offset += shard.numel()
                 group = opt.group_of(self.group_param[n])
                 if group["weight_decay"] != 0:
-                    lr, wd = (torch.tensor(group[k], dtype=self.rate_dtype) for k in ("lr", "weight_decay"))
-                    shard.mul_((1 - lr * wd).to(shard.device))
+                    lr, wd = (torch.tensor(group[k], dtype=self.dtype, device=self.device)
+                              for k in ("lr", "weight_decay"))
+                    shard.mul_(1 - lr * wd)
                 shard.add_(delta)
-        for n in self.elementwise:
+        for n in mine:
+            del views[n]
+        for n in self.elementwise:  # the views stay (their state is shaped like them), not the gradients
             views[n].grad = None
-        views.clear()
-        for n in self.elementwise:  # the elementwise views stay: their state is shaped like them
-            views[n] = local(opt._named[n])
 
     def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list) -> torch.Tensor:
         """One all_to_all_single of the concatenated `send` (no collective when no rank owns any
         curvature target: a plan of elementwise preconditioners only)."""
-        device = local(next(iter(self.opt._named.values()))).device
-        out = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=device)
+        out = torch.empty(sum(recv_sizes), dtype=self.dtype, device=self.device)
         if not any(self.owned_params):
             return out
-        inp = torch.cat(send) if send else torch.empty(0, dtype=self.wire_dtype, device=device)
+        inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
         self.bytes_communicated += (inp.numel() - send_sizes[self.rank]) * inp.element_size()
         dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=self.group)
         return out
