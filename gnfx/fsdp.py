@@ -148,7 +148,8 @@ class ShardedStep:
         owner = curvature_owners(opt.curvature, self.world)
         # per rank, the parameters of the targets it owns (in a fixed order), and the target's first
         # parameter, whose param group sets the step's lr and weight decay for all of them
-        self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params] for r in range(self.world)]
+        self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params]
+                             for r in range(self.world)]
         self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
         rebuilt = []
         for pre in opt.curvature:

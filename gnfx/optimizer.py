@@ -45,8 +45,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.update_function = UpdateFunction(self.curvature, self, settings["compile"])
 
     def _bind_sharded(self) -> None:
-        """On the first step after fully_shard: run the step on the shards (gnfx.fsdp)."""
-        if self.sharded is None and self.live_params is not None and Communicator.active():
+        """On the first step after fully_shard: run the step on the shards (gnfx.fsdp). Checked on
+        every step under torch.distributed, so that sharding after the first step raises."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.sharded is None and self.live_params is not None and distributed:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
                 self.sharded = ShardedStep(self, live)
