@@ -125,6 +125,12 @@ def worker(rank, world, port, out):
             gnfx.compile(fully_shard(make_model("kfac")), "kfac")
         except gnfx.ConfigError as error:
             results["reverse_order"] = str(error)
+        blocks_only = compile_model("kfac")
+        fully_shard(blocks_only.get_submodule("2"))
+        try:
+            blocks_only(xs[0])
+        except gnfx.GnfxError as error:
+            results["no_root"] = str(error)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -215,3 +221,8 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_rank
 
 def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
     assert "call gnfx.compile on the unsharded model first, then fully_shard" in two_ranks["reverse_order"]
+
+
+def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):
+    assert "not to the compiled model itself" in two_ranks["no_root"]
+    assert "fully_shard the compiled model's blocks (optional) and the compiled model itself" in two_ranks["no_root"]
