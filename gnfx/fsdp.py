@@ -111,8 +111,12 @@ class ShardedStep:
     preconditioners with the targets this rank owns."""
 
     def __init__(self, opt, live: dict):
-        if opt.steps or opt.state:
+        if opt.steps:
             raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
+        for pre in opt.curvature:
+            if pre.unshardable:
+                raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, "
+                                  f"shampoo, soap, rank1 or diag for these blocks")
         params = {n: live.get(n) for n in opt._named}
         missing = [n for n, p in params.items() if not isinstance(p, DTensor)]
         if missing:

@@ -6,7 +6,8 @@ W = 2 ranks on batches of B must give the parameters of one process on the conca
 replicated (the ranks' states add up to the single process's); a checkpoint taken mid-run (each
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
 on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
-every rank; and compiling a model that is already sharded is refused.
+every rank; each rank keeps the bytes the cost model says; and the unsupported (compiling a sharded
+model, sharding blocks but not the compiled model, ekfac) is refused with the reason.
 """
 from __future__ import annotations
 
@@ -125,6 +126,12 @@ def worker(rank, world, port, out):
             gnfx.compile(fully_shard(make_model("kfac")), "kfac")
         except gnfx.ConfigError as error:
             results["reverse_order"] = str(error)
+        ekfac = gnfx.compile(make_model("ekfac"), "ekfac")
+        fully_shard(ekfac)
+        try:
+            train(ekfac, xs[:1], ys[:1])
+        except gnfx.ConfigError as error:
+            results["ekfac"] = str(error)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -221,6 +228,10 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_rank
 
 def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
     assert "call gnfx.compile on the unsharded model first, then fully_shard" in two_ranks["reverse_order"]
+
+
+def test_ekfac_is_refused_with_the_reason(two_ranks):
+    assert "ekfac does not run under FSDP2 yet" in two_ranks["ekfac"]
 
 
 def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):

@@ -48,6 +48,8 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
+    # why its state cannot live with one owner per block under FSDP2 (gnfx.fsdp); "" if it can
+    unshardable: str = ""
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
