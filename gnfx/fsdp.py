@@ -28,6 +28,15 @@ What each rank r keeps and computes:
 * A safeguard that sums over all blocks (K-FAC's KL clipping) adds the owners' partial sums in
   one scalar all-reduce, and the non-finite check (nan_policy) agrees in one scalar all-reduce,
   so that every rank skips the same steps.
+
+Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
+(the taps fill them from the local batch before the all-reduce), the diagonal preconditioner's
+moments of the local rows, and during the step the full gradient and stand-in of each owned
+target (gnfx.cost's `plan_cost(world_size=W)` states it per preconditioner). Not supported: a
+preconditioner whose taps need the refreshed state of every block on every rank (ekfac, see
+`CurvaturePreconditioner.unshardable`), meshes other than one dimension, shards other than
+dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
+blocks of only some of them (their scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations
 
@@ -38,7 +47,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
+from gnfx.codegen import UpdateFunction
 from gnfx.errors import ConfigError, GnfxError
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 ORDER = ("call gnfx.compile on the unsharded model first, then fully_shard the compiled model's blocks "
          "(optional) and the compiled model itself, before the first step")
@@ -84,6 +95,11 @@ def rows(d0: int, world: int, rank: int) -> slice:
     return slice(start, min(start + size, d0))
 
 
+def _has_safeguard(pre) -> bool:
+    """Whether a curvature preconditioner scales its steps by a sum over all its blocks."""
+    return type(pre).safeguard is not CurvaturePreconditioner.safeguard
+
+
 def target_cost(shape) -> int:
     """The size by which targets are balanced: Σ_j d_j² + Π_j d_j entries (a factor or root per
     mode and the momentum), the state of a target under the factored preconditioners."""
@@ -117,6 +133,11 @@ class ShardedStep:
             if pre.unshardable:
                 raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, "
                                   f"shampoo, soap, rank1 or diag for these blocks")
+        guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
+        if len(guarded) > 1:
+            raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "
+                              f"blocks (its ranks add their parts in one all-reduce); {guarded} all do: give them "
+                              f"the same hyperparameters, or turn the safeguard off (kl_clip=0)")
         params = {n: live.get(n) for n in opt._named}
         missing = [n for n, p in params.items() if not isinstance(p, DTensor)]
         if missing:
@@ -144,7 +165,7 @@ class ShardedStep:
 
     def _assign(self, opt) -> None:
         """Owners of the curvature targets; this rank's preconditioners keep only its own."""
-        from gnfx.codegen import UpdateFunction  # codegen imports the preconditioners, which import the optimizer
+        from gnfx.plan import _constructor  # here: plan imports gnfx.cost, which imports this module
 
         targets = [(pre, t) for pre in opt.curvature
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
@@ -158,8 +179,8 @@ class ShardedStep:
         rebuilt = []
         for pre in opt.curvature:
             mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
-            rebuilt.append(type(pre)(pre.hp, [t.block for t in mine if t.block is not None],
-                                     [t.name for t in mine if t.block is None], opt))
+            rebuilt.append(_constructor(type(pre), pre.name)(pre.hp, [t.block for t in mine if t.block is not None],
+                                                             [t.name for t in mine if t.block is None], opt))
         opt.curvature = rebuilt  # opt.preconditioners stays the whole plan (model.cost, the report)
         opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
         self.elementwise = [n for n in opt._named if n not in self.group_param]
@@ -235,11 +256,9 @@ class ShardedStep:
     def end(self) -> None:
         """Join the safeguards this rank has no blocks of, then send every rank its rows of the
         owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
-        from gnfx.preconditioners.curvature import CurvaturePreconditioner
-
         opt, views, me = self.opt, self.opt._views, self.rank
         for pre in opt.curvature:
-            if not pre.groups and type(pre).safeguard is not CurvaturePreconditioner.safeguard:
+            if not pre.groups and _has_safeguard(pre):
                 pre.safeguard([], [], [])
         mine = self.owned_params[me]
         received = self._all_to_all(
