@@ -6,6 +6,7 @@ from torch import nn
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
+from gnfx.fsdp import check_unsharded
 from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
@@ -64,6 +65,7 @@ def _check_model(model) -> None:
                           "model.module and wrap the compiled model instead")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"gnfx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    check_unsharded(model)
 
 
 def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = "auto", leaf_modules=(),

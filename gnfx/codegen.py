@@ -92,6 +92,7 @@ class UpdateFunction:
         elements = sum(len(g.pieces) * math.prod(g.shape) for pre in self.preconditioners for g in pre.groups)
         self.compiled = use_compile is True or (use_compile == "auto" and elements >= AUTO_COMPILE_ELEMENTS)
         self.fallback = use_compile == "auto"
+        self.setting = use_compile
         self.fn = (torch.compile(self.eager, backend=BACKEND, dynamic=False, fullgraph=True)
                    if self.compiled else self.eager)
         n_groups = len(optimizer.param_groups)

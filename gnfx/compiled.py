@@ -19,6 +19,7 @@ from gnfx.cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.fisher import record_true_fisher
 from gnfx.outputs import logits_of
+from gnfx.fsdp import fsdp_modules, unshard_for_graph
 from gnfx.report import report
 from gnfx.passes import graph_view
 from gnfx.variants import NOT_CAPTURED, NotCaptured
@@ -42,6 +43,7 @@ class CompiledModel(nn.Module):
         self.__dict__["_variants"] = variants
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
+        optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
 
     @property
     def graph_module(self):
@@ -85,6 +87,8 @@ class CompiledModel(nn.Module):
         if self.training and torch.is_grad_enabled() and not self._variants.captured:
             self._variants.capture(args, kwargs)  # lazy capture, from the first training call
         if self.training and opt.statistic_step and torch.is_grad_enabled():
+            if opt.collecting and self._fsdp:
+                unshard_for_graph(self)  # then the check binds the unsharded parameters in the graphs
             self._check_registrations()
         if self.training and opt.collecting and torch.is_grad_enabled():
             store = opt.statistics
@@ -105,6 +109,11 @@ class CompiledModel(nn.Module):
             return out
         return self._model(*args, **kwargs)
 
+    @property
+    def _fsdp(self) -> bool:
+        """Whether fully_shard was applied to this model or its blocks (gnfx.fsdp)."""
+        return bool(fsdp_modules(self))
+
     def _check_registrations(self) -> None:
         """Raise a GnfxError naming every trainable parameter replaced, removed or added since
         gnfx.compile (`model.fc.weight = nn.Parameter(...)`): the optimizer keeps the Parameter objects
@@ -117,7 +126,7 @@ class CompiledModel(nn.Module):
         known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
         gone = [n for n, p in compiled.items() if id(p) not in present]
         new = [n for n, p in current.items() if p.requires_grad and id(p) not in known and n not in gone]
-        if gone or new:
+        if (gone or new) and not self._fsdp:  # FSDP2's swaps are checked by gnfx.fsdp.ShardedStep
             what = [f"{n!r} was {'replaced' if n in current else 'removed'}" for n in gone]
             what += [f"{n!r} was created, replaced or unfrozen" for n in new]
             raise GnfxError(
@@ -216,11 +225,12 @@ class CompiledModel(nn.Module):
             lines.append(f"# then {pre.name}: torch._foreach AdamW-style step over {n} parameter tensors")
         return "\n".join(lines)
 
-    def cost(self, batch_size: int | None = None, positions=None):
+    def cost(self, batch_size: int | None = None, positions=None, world_size: int = 1):
         """Memory and amortized FLOPs of this plan per block and in total, with their sympy
-        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site)."""
+        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site);
+        `world_size` W: the state each rank keeps under FSDP2, `rank_memory_bytes` (gnfx.fsdp)."""
         self._captured()
-        return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions)
+        return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions, world_size)
 
     def report(self) -> str:
         return report(self)

@@ -55,11 +55,14 @@ import sympy as sp
 import torch
 
 from gnfx.layouts import LAYOUTS, layout_of
+from gnfx.fsdp import curvature_owners
+from gnfx.fsdp import rows as rows_of
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.shampoo import root_exponent
 from gnfx.report import format_bytes, format_table
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
-    "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency")}
+    "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency", "W")}
 
 FACTOR, PARAM, INT64 = "factor", "param", "int64"  # storage of a state tensor (see module docstring)
 
@@ -306,6 +309,19 @@ COSTS = {
 }
 
 
+def statistic_sizes(g) -> tuple[dict, dict]:
+    """Entries of each statistic's moving average and of its accumulator (the buffer the taps fill
+    on a statistic step), by name."""
+    d_o, d_a = g.dims
+    d_i = d_a - 1 if g.bias else d_a
+    s, k = g.rows, g.groups
+    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out (per row group:
+    # d_a x d_a and s x s), the diagonals like [W b]
+    sizes = {"A": d_a if g.diagonal_A else k * d_a ** 2, "S": k * s ** 2, "diag": g.numel, "eigen_diag": g.numel}
+    # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
+    return sizes, {**sizes, "A": d_a if g.diagonal_A else k * d_i * d_a}
+
+
 def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]:
     """The statistics the taps keep for a block ({name: (entries, storage)}, accumulator and
     moving average together) and their FLOPs per statistic step (module docstring)."""
@@ -316,11 +332,7 @@ def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]
     embedding = g.diagonal_A
     reduce = kfac_approx == "reduce" and not embedding  # sum over positions, then B rows
     rows, pooling = (b, positions) if reduce else (positions, 0)
-    # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out (per row group:
-    # d_a x d_a and s x s), the diagonals like [W b]
-    sizes = {"A": d_a if embedding else k * d_a ** 2, "S": k * s ** 2, "diag": n, "eigen_diag": n}
-    # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
-    accumulators = {**sizes, "A": d_a if embedding else k * d_i * d_a}
+    sizes, accumulators = statistic_sizes(g)
     scatter = positions * d_o  # an embedding's per-example gradient: δ added into token rows
     flops = {"A": positions if embedding else k * (pooling * d_i + 2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0)),
              "S": pooling * d_o + 2 * rows * k * s ** 2,
@@ -416,6 +428,8 @@ class Row:
     refresh_flops: float
     update_flops: float
     flops: float
+    # under FSDP2 with world_size W (gnfx.fsdp): the bytes each rank keeps of this row's state
+    rank_memory_bytes: tuple[int, ...] = ()
 
     @property
     def memory_ratio(self) -> float:
@@ -447,6 +461,8 @@ class PlanCost:
         self.total_memory_bytes = sum(r.memory_bytes for r in rows)
         self.total_flops = sum(r.flops for r in rows)
         self.adamw_memory_bytes = 2 * self.param_bytes
+        # per rank under FSDP2 (model.cost(world_size=W)); one process: the total
+        self.rank_memory_bytes = [sum(col) for col in zip(*(r.rank_memory_bytes for r in rows))]
         self.adamw_flops = ADAMW * self.param_count
 
     def __getitem__(self, name: str) -> Row:
@@ -482,8 +498,29 @@ def _flops(x: float) -> str:
     return f"{x:.0f}"
 
 
-def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None) -> PlanCost:
+def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool) -> sp.Expr:
+    """The bytes of a row that every rank keeps whole under FSDP2 (gnfx.fsdp): for a curvature
+    preconditioner the statistic accumulators the taps fill from the local batch (the owner keeps
+    the rest), for the elementwise diag all its statistics (only its moments are sharded)."""
+    if g.kind == "tensor":  # a loose parameter: no tap statistics
+        return sp.Integer(0)
+    if curvature:
+        return sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) * sizes[FACTOR]
+    return sum((e * sizes[s] for e, s in f.statistics.values()), sp.Integer(0))
+
+
+def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None,
+              world_size: int = 1) -> PlanCost:
     """The cost of a compiled model's plan: every block (table order), then every loose parameter.
+
+    Under FSDP2 on `world_size` W ranks (gnfx.fsdp) a row of memory M keeps per rank
+    (`formulas[name]["memory_per_rank"]`, as (owner, other ranks) for a curvature preconditioner):
+    kfac, ekfac, shampoo, soap, rank1: M on the rank that owns the block (its statistics' averages,
+    factors, roots and momentum live there only), and on every other rank the statistic
+    accumulators M_acc the taps fill from the local batch; diag: (M - M_stat) / W + M_stat (its
+    moments are shaped like the rank's n_r = ⌈d_0/W⌉ rows, its statistics M_stat are whole).
+    `rank_memory_bytes` of each row and of the plan give the numbers per rank, with the owners
+    gnfx.fsdp assigns.
 
     `batch_size` is B (default: the `cost_rows` setting); `positions` R per example and call site,
     an int for every block or {block name: R} (default 1); a block's R is multiplied by its number
@@ -495,11 +532,13 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     stats = optimizer.statistics.blocks
     entries = [(b.name, b.kind, b.params, b) for b in table] + [(f.param, "fallback", (f.param,), None)
                                                                for f in table.fallbacks]
+    curvature = [pre for pre in optimizer.preconditioners if isinstance(pre, CurvaturePreconditioner)]
+    owners = curvature_owners(curvature, world_size)
     rows, forms, values = [], {}, {}
     for name, kind, params, block in entries:
         pre = served[name]
         pre_name = type(pre).name
-        tensors = [optimizer.param(p) for p in params]
+        tensors = [optimizer._named[p] for p in params]  # the whole parameters, also under FSDP2
         sizes = storage_sizes(tensors[0])
         if block is not None:
             r = positions.get(name, 1) if isinstance(positions, dict) else positions or 1
@@ -514,10 +553,24 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             geometry = symbolic = Geometry(tuple(tensors[0].shape), "tensor")
         approx = settings["kfac_approx"]
         numbers = formulas(pre_name, pre.hp, geometry, needs, approx, at)
-        forms[name] = formulas(pre_name, pre.hp, symbolic, needs, approx).as_dict(sizes)
+        symbolic_formulas = formulas(pre_name, pre.hp, symbolic, needs, approx)
+        forms[name] = symbolic_formulas.as_dict(sizes)
         values[name] = {SYMBOLS[k]: v for k, v in at.items() if not isinstance(v, sp.Symbol)}
+        values[name][SYMBOLS["W"]] = world_size
+        memory = int(numbers.memory(sizes))
+        curvature_row = name in owners
+        whole = _fsdp_memory(symbolic_formulas, symbolic, needs, sizes, curvature_row)
+        everywhere = int(_fsdp_memory(numbers, geometry, needs, sizes, curvature_row))
+        if curvature_row:  # all of it on the owner, the accumulators on the others
+            forms[name]["memory_per_rank"] = (forms[name]["memory"], whole)
+            per_rank = tuple(memory if r == owners[name] else everywhere for r in range(world_size))
+        else:  # the moments sharded by rows, n_r = ceil(d_0 / W), the statistics whole
+            forms[name]["memory_per_rank"] = (forms[name]["memory"] - whole) / SYMBOLS["W"] + whole
+            d0 = tensors[0].shape[0] if tensors[0].dim() else 1
+            per_rank = tuple((memory - everywhere) * (s.stop - s.start) // d0 + everywhere
+                             for s in (rows_of(d0, world_size, r) for r in range(world_size)))
         rows.append(Row(name, kind, pre_name, sum(t.numel() for t in tensors),
-                        sum(t.numel() * t.element_size() for t in tensors), int(numbers.memory(sizes)),
+                        sum(t.numel() * t.element_size() for t in tensors), memory,
                         float(numbers.statistics_flops), float(numbers.refresh_flops), float(numbers.update_flops),
-                        float(numbers.flops)))
+                        float(numbers.flops), per_rank))
     return PlanCost(rows, forms, values)

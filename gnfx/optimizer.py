@@ -20,6 +20,7 @@ import torch
 from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
+from gnfx.fsdp import ShardedStep, local
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 
@@ -40,6 +41,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._settings = settings
         self._distributed = settings["distributed"]
         self._comm = None
+        self.live_params = None  # set by CompiledModel: the model's current parameters, by name
+        self.sharded = None  # a gnfx.fsdp.ShardedStep once the parameters are FSDP2 DTensors
+        self._views: dict[str, torch.Tensor] = {}  # under FSDP2: what `param` returns (gnfx.fsdp)
         self.collected = False  # set by the compiled model when a forward ran with taps
         self._groups_seen = None
         self.groups_version = 0
@@ -64,6 +68,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """Whether the plan's preconditioners are built (the model is captured)."""
         return self.statistics is not None
 
+    def _bind_sharded(self) -> None:
+        """On the first step after fully_shard: run the step on the shards (gnfx.fsdp). Checked on
+        every step under torch.distributed, so that sharding after the first step raises."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.sharded is None and self.live_params is not None and distributed:
+            live = self.live_params()
+            if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
+                self.sharded = ShardedStep(self, live)
+
     @property
     def comm(self):
         """The gnfx.distributed.Communicator when running on several processes, else None."""
@@ -73,7 +86,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     # --- lookups used by the preconditioners -------------------------------------------------
     def param(self, name: str) -> torch.Tensor:
-        return self._named[name]
+        """The parameter `name`; under FSDP2 its local shard, or the full-size stand-in of a
+        target this rank owns during the step (gnfx.fsdp)."""
+        return self._views.get(name, self._named[name])
 
     def state_of(self, name: str) -> dict:
         return self.state[self._named[name]]
@@ -129,13 +144,18 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._bind_sharded()
         if all(p.grad is None for p in self._named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if batches and self.comm is not None:
             batches = self.comm.average_statistics(batches, self.statistics.examples())
+        if batches and self.sharded is not None:
+            batches = self.sharded.own_statistics(batches)
         problem = self._non_finite(batches) if self.nan_policy != "off" else ""
+        if self.sharded is not None and self.nan_policy != "off":
+            problem = self.sharded.agree(problem)
         if problem:
             self.statistics.discard()
             self.skipped_steps += 1
@@ -147,6 +167,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         self.sync_groups()
+        if self.sharded is not None:
+            self.sharded.begin()
         for pre in self.curvature:
             if self.statistic_step:
                 pre.collect()
@@ -155,13 +177,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update()
+        if self.sharded is not None:
+            self.sharded.end()
         self.steps += 1
         return loss
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one
         host synchronization: the norms of all of them, checked at once)."""
-        named = [(n, p.grad) for n, p in self._named.items() if p.grad is not None]
+        named = [(n, local(p.grad)) for n, p in self._named.items() if p.grad is not None]
         named += [(f"statistic {k} of block {b}", v) for b, batch in batches.items() for k, v in batch.items()]
         if not named:
             return ""
@@ -195,6 +219,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             else:
                 super().load_state_dict({k: v for k, v in state_dict.items() if k != "gnfx"})
             return
+        self._bind_sharded()  # under FSDP2 the checkpoint holds the state of this rank's targets
         expected = self._check_checkpoint(state_dict)
         saved = state_dict["state"]
         gnfx_state = state_dict["gnfx"]
@@ -220,8 +245,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         expected: dict[int, dict] = {}
         for pre in self.elementwise:  # the diagonal preconditioner: AdamW's state per parameter
             for n in getattr(pre, "_names", ()):
-                p = self._named[n]
-                expected[id(p)] = {"step": None, "exp_avg": (p.shape, p.dtype), "exp_avg_sq": (p.shape, p.dtype)}
+                p = self.param(n)
+                expected[id(self._named[n])] = {"step": None, "exp_avg": (p.shape, p.dtype),
+                                                "exp_avg_sq": (p.shape, p.dtype)}
         for pre in self.curvature:
             for group in pre.groups:
                 holder = self._named[pre.state_holder[group.key]]

@@ -48,6 +48,8 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
+    # why its state cannot live with one owner per block under FSDP2 (gnfx.fsdp); "" if it can
+    unshardable: str = ""
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
@@ -151,6 +153,11 @@ class CurvaturePreconditioner(Preconditioner):
     def safeguard(self, Us, Gs, lrs):
         """A global scale ν for all of this preconditioner's steps (default 1: none)."""
         return None
+
+    def sum_over_owners(self, x):
+        """Under FSDP2 (gnfx.fsdp) each rank holds some of the blocks: a sum over all blocks is the
+        sum of the ranks' partial sums `x` (one scalar all-reduce). Otherwise `x` itself."""
+        return x if self.opt.sharded is None else self.opt.sharded.all_sum(x)
 
     # --- the common tail ---------------------------------------------------------------------
     def apply(self, group, state, U, lr, wd) -> None:

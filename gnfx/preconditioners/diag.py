@@ -56,8 +56,10 @@ class Diagonal(Preconditioner):
         stats = self.opt.statistics.blocks[block].values.get("diag")
         if stats is None:
             return grad * grad
-        # in the layout of the matrix W of z = W a (gnfx.layouts)
-        return from_matrix(stats[:, columns], view, grad.shape).to(grad.dtype)
+        # in the layout of the matrix W of z = W a (gnfx.layouts), the full parameter's shape
+        term = from_matrix(stats[:, columns], view, self.opt._named[name].shape)
+        # under FSDP2 (gnfx.fsdp) the rows of this rank's shard
+        return term[self.opt.sharded.local_rows(name) if self.opt.sharded else slice(None)].to(grad.dtype)
 
     def second_moment(self, name: str) -> torch.Tensor:
         """v̂ = v / (1 - β₂ᵗ), the bias-corrected second moment of parameter `name`: the curvature

@@ -39,6 +39,8 @@ class EKFAC(KFAC):
     name = "ekfac"
     HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads", "root_method")},
                "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
+    unshardable = ("its taps measure the eigenvalues s in every block's eigenbasis on every rank's local batch, "
+                   "so every rank would need every basis")
 
     @classmethod
     def needs(cls, hp):

@@ -150,6 +150,6 @@ class KFAC(CurvaturePreconditioner):
         kappa = self.hp["kl_clip"]
         if kappa == 0:
             return None
-        vfv = sum((lr.to(U.dtype) ** 2 * (U * G.to(U.dtype)).flatten(1).sum(1)).sum()
-                  for U, G, lr in zip(Us, Gs, lrs))
+        vfv = self.sum_over_owners(sum((lr.to(U.dtype) ** 2 * (U * G.to(U.dtype)).flatten(1).sum(1)).sum()
+                                       for U, G, lr in zip(Us, Gs, lrs)))
         return (kappa / vfv.abs().clamp(min=torch.finfo(vfv.dtype).tiny)).sqrt().clamp(max=1.0)
