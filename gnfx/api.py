@@ -16,6 +16,8 @@ from gnfx.passes.capture import capture as capture_graph
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.taps import insert_taps
+from gnfx.preconditioners import REGISTRY
+from gnfx.quadratic_step import QUADRATIC_DAMPING, QUADRATIC_DEFAULT
 
 COMMON = {
     "lr": positive("learning rate η", 1e-3),
@@ -29,6 +31,13 @@ COMMON = {
                      "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2'"),
+    "step": choice("the step size: 'quadratic' (α, μ and the damping λ from the exact GGN model of the loss, "
+                   "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
+                   f"optimizer in {QUADRATIC_DEFAULT} when loss= is given and lr is not, else 'lr'",
+                   "auto", ("auto", "quadratic", "lr")),
+    "damping_decay": HParam(0.95, "a number in (0, 1)", lambda x: isinstance(x, (int, float)) and 0 < x < 1,
+                            "ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when ρ > 3/4, "
+                            "λ/ω when ρ < 1/4"),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
@@ -82,7 +91,11 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     """
     _check_model(model)
     policy = Policy(optimizer, hparams)
+    lr_cap = "lr" in hparams  # with step="quadratic" a given lr caps α at 1
+    hparams = _step_defaults(optimizer, policy, hparams)
     hp = resolve({**COMMON, **policy.hparam_specs()}, hparams, f"optimizer={optimizer!r}")
+    hp["lr_cap"] = lr_cap
+    hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING
     if hp["fisher"] != "empirical" and hp["loss"] is None:
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy' or "
                           f"loss='mse' (the loss you call, with mean reduction)")
@@ -109,6 +122,34 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
 
     optional = optional_inputs(model) if captured.form == "fx" else ()
     return CompiledModel(model, gm, table, opt, hp, optional, variant)
+
+
+def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
+    """`hparams` with `step` resolved ("auto": "quadratic" for optimizer in QUADRATIC_DEFAULT when loss=
+    is given and lr is not) and, for step="quadratic", the defaults that suit it where not given: lr 1
+    (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
+    no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them), and the starting
+    damping λ0 = QUADRATIC_DAMPING."""
+    step = hparams.get("step", "auto")
+    if step == "auto":
+        auto = isinstance(optimizer, str) and optimizer in QUADRATIC_DEFAULT
+        step = "quadratic" if auto and hparams.get("loss") is not None and "lr" not in hparams else "lr"
+    hparams = {**hparams, "step": step}
+    if step != "quadratic":
+        return hparams
+    if hparams.get("loss") is None:
+        raise ConfigError("step='quadratic' builds the GGN model from the training loss: pass loss='cross_entropy' "
+                          "or loss='mse' (the loss you call, with mean reduction), or step='lr' with an lr")
+    specs = policy.hparam_specs()
+    defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
+    if _tikhonov(policy):
+        defaults["damping"] = QUADRATIC_DAMPING
+    return {"lr": 1.0, **defaults, **hparams}
+
+
+def _tikhonov(policy: Policy) -> bool:
+    """Whether a preconditioner of the policy has a Tikhonov damping on the GGN's scale (`damping`)."""
+    return any(REGISTRY[n].tikhonov_damping for n in policy.names)
 
 
 def _lower_and_analyze(model, captured):

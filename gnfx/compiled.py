@@ -40,6 +40,8 @@ class CompiledModel(nn.Module):
         self.__dict__["_signature"] = inspect.signature(model.forward) if optional_inputs else None
         self.__dict__["_variants"] = {(): graph_module}
         self.__dict__["_variant"] = variant
+        if optimizer.quadratic is not None:  # it replays the last training forward (gnfx.quadratic_step)
+            self.register_forward_hook(optimizer.quadratic.observe, with_kwargs=True)
 
     def forward(self, *args, **kwargs):
         opt = self.optimizer

@@ -17,6 +17,7 @@ from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
+from gnfx.quadratic_step import QuadraticStep
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
@@ -39,6 +40,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
         self.update_function = UpdateFunction(self.curvature, self, settings["compile"])
+        # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
+        self.quadratic = (QuadraticStep(self, settings["loss"], settings["initial_damping"], settings["damping_decay"],
+                                        settings["lr_cap"]) if settings["step"] == "quadratic" else None)
+
+    @property
+    def last_step(self) -> dict:
+        """α, μ, λ ("damping"), ρ, the predicted and actual reductions of the last step and whether
+        it was rejected (gnfx.quadratic_step); {} with step="lr"."""
+        return self.quadratic.last_step if self.quadratic is not None else {}
 
     @property
     def comm(self):
@@ -122,11 +132,18 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 pre.collect()
             if pre.refresh_due(self.steps):
                 pre.refresh()
+        if self.quadratic is None:
+            self._apply_chain()
+        else:
+            self.quadratic.step(self._apply_chain, loss, closure)
+        self.steps += 1
+        return loss
+
+    def _apply_chain(self) -> None:
+        """The update chain of every preconditioner, applied to the parameters."""
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update()
-        self.steps += 1
-        return loss
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one
@@ -147,6 +164,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["gnfx"] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
                       "statistics": self.statistics.state_dict()}
+        if self.quadratic is not None:
+            sd["gnfx"]["quadratic"] = self.quadratic.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -172,6 +191,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.detach().clone().to(device=p.device, dtype=dtype)
         self.steps = int(gnfx_state["steps"])
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
+        if self.quadratic is not None and "quadratic" in gnfx_state:
+            self.quadratic.load_state_dict(gnfx_state["quadratic"])
 
     def _expected_state(self) -> dict[int, dict]:
         """id(parameter) -> {state key: (shape, dtype) of a tensor, or None for a number}: the state
