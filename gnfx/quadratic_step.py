@@ -12,7 +12,10 @@ Along d = αΔ + μδ it is the 2x2 quadratic q = bᵀc + ½ cᵀMc in c = (α, 
 
     b_i = gᵀv_i,   M_ij = (J v_i)ᵀ H_ℓ (J v_j) + λ v_iᵀv_j,   (v_1, v_2) = (Δ, δ),
 
-so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. J v comes from forward-mode products
+so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. When the plan has several
+preconditioners (K-FAC on the blocks, the diagonal on the parameters no block claims), Δ is split
+into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more product per part):
+their proposals at one lr are on different scales. J v comes from forward-mode products
 (torch.func.jvp) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
 2/numel(z)·I for "mse"). Without a previous update (first step, after a rejected step) μ = 0 and
@@ -45,6 +48,7 @@ import math
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
 from gnfx.errors import GnfxError
@@ -64,24 +68,33 @@ QUADRATIC_DEFAULT = ("kfac", "ekfac")
 QUADRATIC_DAMPING = 1.0
 
 
-def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False) -> tuple[torch.Tensor, float]:
-    """(c, -q(c)): the minimizer c of q(c) = bᵀc + ½ cᵀMc over c = (α, μ) with μ in MOMENTUM_RANGE
-    (or over α alone for a 1x1 M), with α ≤ 1 when `capped`, and the predicted reduction -q(c).
+def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
+                       momentum: bool = True) -> tuple[torch.Tensor, float]:
+    """(c, -q(c)): the minimizer c of q(c) = bᵀc + ½ cᵀMc and the predicted reduction -q(c).
 
-    q is convex, so with μ bounded the minimizer is the unconstrained one with μ clipped to the
-    range and α re-minimized for that μ: α(μ) = -(b_1 + M_12 μ)/M_11. A 2x2 M that is not positive
-    definite (δ parallel to Δ, or no curvature along δ) takes μ = 0; an M_11 ≤ 0 gives α = 0."""
+    The coefficients are step sizes α_k, and with `momentum` (and more than one coefficient) a last
+    one μ, kept in MOMENTUM_RANGE; `capped` keeps every α_k ≤ 1. Active set: solve for the free
+    coefficients with the others fixed, c_F = -M_FF⁺(b_F + M_FX c_X), fix one that leaves its range
+    at its bound (μ first), repeat. q is convex, so for one bounded coefficient this is the exact constrained
+    minimizer. The pseudo-inverse takes μ = 0 where δ adds nothing (parallel to Δ, or no curvature)."""
     M, b = M.to(torch.float64), b.to(torch.float64)
+    n = len(b)
     c = torch.zeros_like(b)
-    if M[0, 0] <= 0:
-        return c, 0.0
-    if len(b) == 2 and M[1, 1] > 0 and torch.linalg.det(M) > 1e-12 * M[0, 0] * M[1, 1]:
-        c[1] = (-torch.linalg.solve(M, b)[1]).clamp(*MOMENTUM_RANGE)
-    c[0] = -(b[0] + M[0, 1] * c[1]) / M[0, 0] if len(b) == 2 else -b[0] / M[0, 0]
-    if capped and c[0] > 1:
-        c[0] = 1.0
-        if len(b) == 2 and M[1, 1] > 0:
-            c[1] = (-(b[1] + M[0, 1]) / M[1, 1]).clamp(*MOMENTUM_RANGE)
+    mu = n - 1 if momentum and n > 1 else None
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        held = sorted(fixed)
+        if free:
+            rhs = b[free] + M[free][:, held] @ c[held]
+            c[free] = -torch.linalg.pinv(M[free][:, free], rtol=1e-12, hermitian=True) @ rhs
+        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= c[i] <= MOMENTUM_RANGE[1])
+               or (i != mu and capped and c[i] > 1)]
+        if not out:
+            break
+        i = mu if mu in out else out[0]  # one at a time, μ first: the others move when it is fixed
+        c[i] = c[i].clamp(*MOMENTUM_RANGE) if i == mu else 1.0
+        fixed.add(i)
     return c, float(-(b @ c + 0.5 * c @ M @ c))
 
 
@@ -154,7 +167,9 @@ class QuadraticStep:
 
         if tangent is None:
             return f(params), None
-        return jvp(f, (params,), (tangent,))
+        # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
+        with sdpa_kernel(SDPBackend.MATH):
+            return jvp(f, (params,), (tangent,))
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, loss_before=None, closure=None) -> None:
@@ -172,7 +187,14 @@ class QuadraticStep:
         proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        vectors = [proposal] + ([self.previous] if self.previous is not None else [])
+        parts = self._parts(names, proposal)
+        if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
+            self.previous = None
+            self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
+                              "predicted": 0.0, "actual": 0.0, "rejected": False}
+            return
+        vectors = [[d if i in part else torch.zeros_like(d) for i, d in enumerate(proposal)] for _, part in parts]
+        vectors += [self.previous] if self.previous is not None else []
         theta = dict(zip(names, before))
         outputs = []
         z = None
@@ -189,10 +211,15 @@ class QuadraticStep:
             H_Jvi = output_hessian_product(self.loss, z, kept, outputs[i])
             for j in range(i + 1):
                 M[i, j] = M[j, i] = (H_Jvi * outputs[j]).sum().double() + self.damping * _dot(vectors[i], vectors[j])
-        c, predicted = minimize_quadratic(M, b, self.capped)
-        alpha, mu = float(c[0]), float(c[1]) if k == 2 else 0.0
-        update = torch._foreach_mul(proposal, alpha)
-        if k == 2 and mu != 0.0:
+        c, predicted = minimize_quadratic(M, b, self.capped, momentum=self.previous is not None)
+        alphas = {name: float(a) for (name, _), a in zip(parts, c)}
+        mu = float(c[-1]) if self.previous is not None else 0.0
+        scale = [0.0] * len(params)
+        for (_, part), a in zip(parts, c.tolist()):
+            for i in part:
+                scale[i] = a
+        update = [d * a for d, a in zip(proposal, scale)]
+        if self.previous is not None and mu != 0.0:
             torch._foreach_add_(update, self.previous, alpha=mu)
         torch._foreach_add_(params, update)
         actual = self._actual_reduction(z, theta, loss_before, closure)
@@ -211,8 +238,23 @@ class QuadraticStep:
                 pre.refresh()
         else:
             self.previous = update
-        self.last_step = {"alpha": alpha, "mu": mu, "damping": used, "rho": rho, "predicted": predicted,
+        self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
+                          "rho": rho, "predicted": predicted,
                           "actual": actual, "rejected": rejected and predicted > 0}
+
+    def _parts(self, names: list[str], proposal: list[torch.Tensor]) -> list[tuple[str, set[int]]]:
+        """(preconditioner name, positions in `names` of its parameters), for each preconditioner
+        whose proposal is not zero: each gets its own step size α, so that one whose proposal is
+        on another scale (the diagonal fallback's Adam step at lr 1 beside K-FAC's) does not set
+        the step of the others."""
+        position = {n: i for i, n in enumerate(names)}
+        parts = []
+        for pre in self.opt.preconditioners:
+            members = {position[n] for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names)
+                       if n in position}
+            if any(bool(proposal[i].ne(0).any()) for i in members):
+                parts.append((pre.name, members))
+        return parts
 
     def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
         """The rows of z the loss counts as targets for output_hessian_product: the rows its
