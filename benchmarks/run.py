@@ -54,9 +54,9 @@ MODES = {
 }
 
 
-def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path) -> list[dict]:
+def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path, threads: int = THREADS) -> list[dict]:
     """Benchmark every (task, optimizer) pair, write the JSON, markdown and plots into `out`; return the entries."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     if BASELINE not in optimizer_names:
         optimizer_names = [BASELINE, *optimizer_names]
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "threads": THREADS,
+        "threads": threads,
         "seconds": time.perf_counter() - start,
         "settings": dataclasses.asdict(mode),
         "tasks": {name: {"target": mode.target(t), "train_target": t.train_target, "max_steps": mode.steps(t),
@@ -125,14 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--max-steps", type=int, default=None, help="cap every task's step budget")
     parser.add_argument("--time-budget", type=float, default=None, help="training seconds per run")
+    parser.add_argument("--stop-at-target", action="store_true", help="stop each run once it reached both targets")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the folder for the results (default: %(default)s)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     mode = MODES[args.mode]
-    if args.max_steps or args.time_budget:
+    if args.max_steps or args.time_budget or args.stop_at_target:
         mode = dataclasses.replace(mode, max_steps=args.max_steps or mode.max_steps,
-                                   time_budget=args.time_budget or mode.time_budget)
-    run(mode, args.tasks, args.optimizers, args.out)
+                                   time_budget=args.time_budget or mode.time_budget,
+                                   stop_at_target=mode.stop_at_target or args.stop_at_target)
+    run(mode, args.tasks, args.optimizers, args.out, args.threads)
     print(f"wrote {args.out}/{args.mode}.json, .md and plots in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
