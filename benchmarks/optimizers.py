@@ -8,10 +8,10 @@ gnfx may capture a model lazily, on its first forward.
 
 Entries:
 - torch: AdamW (foreach) and SGD with momentum 0.9, the first-order baselines.
-- gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name, and
-  `gnfx_NAME_defaults`: `gnfx.compile(model, optimizer=NAME, loss=LOSS)` with no lr (its grid is
-  the single entry None), the quadratic-model step for kfac/ekfac (gnfx.quadratic_step) and
-  step="quadratic" asked for rank1, whose default is the fixed lr.
+- gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name, and with no
+  lr (the grid is the single entry None) the quadratic-model step (gnfx.quadratic_step):
+  `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
+  `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
 - heavyball: SOAP and KL-Shampoo, run eagerly (heavyball's torch.compile turned off, as for
   every other entry, so that step times compare the algorithms and not the compilers).
 - pytorch_optimizer: SOAP, Shampoo and ScalableShampoo (Distributed-Shampoo-style, grafted onto
@@ -137,9 +137,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("sgd", "torch", (*SGD_LIKE_LRS, 3e-1), 3e-2, _sgd),
     *(OptimizerSpec(f"gnfx_{name}", "gnfx", GNFX_LRS, 1e-3, _gnfx(name), _gnfx_unsupported())
       for name in ("diag", "rank1", "kfac", "shampoo", "soap", "ekfac")),
-    *(OptimizerSpec(f"gnfx_{name}_defaults", "gnfx", (None,), None, _gnfx(name, **fixed), _gnfx_unsupported(),
+    *(OptimizerSpec(f"gnfx_{name}", "gnfx", (None,), None, _gnfx(optimizer, **fixed), _gnfx_unsupported(),
                     needs_loss=True)
-      for name, fixed in (("kfac", {}), ("ekfac", {}), ("rank1", {"step": "quadratic"}))),
+      for name, optimizer, fixed in (("kfac_defaults", "kfac", {}),
+                                     ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
+                                     ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
     OptimizerSpec("hb_soap", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("SOAP")),
     OptimizerSpec("hb_kl_shampoo", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("KLShampoo")),
     OptimizerSpec("po_soap", "pytorch_optimizer", ADAM_LIKE_LRS, 3e-3, _pytorch_optimizer("SOAP")),
