@@ -1,6 +1,6 @@
 """The main job of `make demo`: gnfx at its defaults beside AdamW on a character-level GPT.
 
-    python examples/demo.py [--optimizer kfac] [--steps 300] [--adamw-lr 3e-3] [--plot demo.png]
+    python examples/demo.py [--optimizer kfac] [--steps 200] [--adamw-lr 3e-3] [--plot demo.png]
 
 Trains two copies of the same model on the same batches: one compiled by gnfx with
 `optimizer="kfac", loss="cross_entropy"` and no learning rate (the step size α, the momentum μ
@@ -65,7 +65,7 @@ def reached(curve, target):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="kfac", choices=sorted(gnfx.REGISTRY))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--plot", default="demo.png", help="where to save the plot of both curves")
