@@ -174,13 +174,13 @@ class QuadraticStep:
             return f(params), []
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
-            z = f(params)
             stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
-            try:
-                J = vmap(lambda t: jvp(f, (params,), (t,))[1])(stacked)
+            try:  # z does not depend on the tangent: computed once, returned unbatched
+                z, J = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(stacked)
                 return z, list(J.unbind(0))
-            except (RuntimeError, NotImplementedError):  # an op without a batching rule
-                return z, [jvp(f, (params,), (t,))[1] for t in tangents]
+            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                pairs = [jvp(f, (params,), (t,)) for t in tangents]
+                return pairs[0][0], [Jv for _, Jv in pairs]
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, loss_before=None, closure=None) -> None:
@@ -255,11 +255,12 @@ class QuadraticStep:
         on another scale (the diagonal fallback's Adam step at lr 1 beside K-FAC's) does not set
         the step of the others."""
         position = {n: i for i, n in enumerate(names)}
+        moved = torch.stack([d.ne(0).any() for d in proposal]).tolist()  # one host synchronization
         parts = []
         for pre in self.opt.preconditioners:
             members = {position[n] for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names)
                        if n in position}
-            if any(bool(proposal[i].ne(0).any()) for i in members):
+            if any(moved[i] for i in members):
                 parts.append((pre.name, members))
         return parts
 
