@@ -18,9 +18,11 @@ into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more
 their proposals at one lr are on different scales. J v comes from forward-mode products
 (torch.func.jvp) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
-2/numel(z)·I for "mse"). Without a previous update (first step, after a rejected step) μ = 0 and
-α = -b_1/M_11. With `capped` (an lr was given) α ≤ 1: the step is at most the proposal at lr, and
-μ is re-minimized for the capped α.
+2/numel(z)·I for "mse"). μ is kept in MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ
+at a bound, `minimize_quadratic`): fitted on one batch, an unbounded μ swung to -412 on the digits
+MLP along directions the batch barely constrains. Without a previous update (first step, after a
+rejected step) μ = 0 and α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at
+most the proposal at lr.
 
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
@@ -40,7 +42,9 @@ that is not the named one gives a wrong ρ, which at worst rejects steps and rai
 bounded): pass a closure then.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
-last forward's batch, while g is the accumulated gradient.
+last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
+M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
+local batches, so that every rank takes the same step.
 """
 from __future__ import annotations
 
@@ -56,8 +60,7 @@ from gnfx.ggn import IGNORE_INDEX, output_hessian_product
 
 LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
 RHO_LOW, RHO_HIGH = 0.25, 0.75
-# μ is kept a heavy-ball momentum: fitted on one batch, an unbounded μ swings to large negative or
-# positive values on directions the batch barely constrains (saturated softmax rows), see the module doc
+# μ is kept a heavy-ball momentum (module docstring)
 MOMENTUM_RANGE = (0.0, 0.99)
 # the optimizers that take step="quadratic" by default (gnfx.compile's step="auto") when loss= is given.
 # Measured (benchmarks/results/quadratic_step.md): kfac reached every target in 0.58-1.03x AdamW's best
@@ -218,6 +221,9 @@ class QuadraticStep:
             H_Jvi = output_hessian_product(self.loss, z, kept, outputs[i])
             for j in range(i + 1):
                 M[i, j] = M[j, i] = (H_Jvi * outputs[j]).sum().double() + self.damping * _dot(vectors[i], vectors[j])
+        comm, device = self.opt.comm, params[0].device
+        if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
+            M, b = comm.mean(M, device), comm.mean(b, device)
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=self.previous is not None)
         alphas = {name: float(a) for (name, _), a in zip(parts, c)}
         mu = float(c[-1]) if self.previous is not None else 0.0
@@ -230,6 +236,8 @@ class QuadraticStep:
             torch._foreach_add_(update, self.previous, alpha=mu)
         torch._foreach_add_(params, update)
         actual = self._actual_reduction(z, theta, loss_before, closure)
+        if comm is not None:
+            actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
         rho = actual / predicted if predicted > 0 else float("nan")
         rejected = not (rho > 0)  # also for a non-finite loss or ratio
         used = self.damping

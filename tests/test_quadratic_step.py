@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import gnfx
 import test_convergence as convergence
+import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
 from gnfx.quadratic_step import (LAMBDA_MAX, LAMBDA_MIN, MOMENTUM_RANGE, levenberg_marquardt, minimize_quadratic,
                                  recovered_loss)
@@ -263,3 +267,35 @@ def test_defaults_beat_adamws_best_learning_rate_in_steps(name, optimizer):
     c = gnfx.compile(model(), optimizer=optimizer, loss="mse", **({"step": "quadratic"} if optimizer == "ekfac" else {}))
     steps = convergence.steps_to_target(c, c, X, Y, target, best // 2)
     assert steps is not None, f"{optimizer} with no lr did not reach the target in {best // 2} steps ({counts})"
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+def quadratic_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        compiled = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3)
+        xs, ys = distributed.data()
+        shard = slice(rank * 8, (rank + 1) * 8)
+        distributed.train(compiled, nn.parallel.DistributedDataParallel(compiled), xs[:, shard], ys[:, shard])
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in compiled.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_path):
+    """M, b and the actual reduction are averaged over the ranks: the same α, μ, λ on every rank,
+    those of the global batch (K-FAC on the blocks, the diagonal on the LayerNorm: two α)."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(quadratic_worker, args=(2, distributed.free_port(), out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    single = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3)
+    xs, ys = distributed.data()
+    distributed.train(single, single, xs, ys)
+    assert set(single.optimizer.last_step["alphas"]) == {"kfac", "diag"}
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(result[name], p.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
