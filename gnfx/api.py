@@ -6,7 +6,8 @@ from torch import nn
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
-from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
+from gnfx.hparams import (HParam, choice, flag, nonnegative, open_unit_interval, positive, positive_int, resolve,
+                          unit_interval)
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
@@ -36,9 +37,8 @@ COMMON = {
                    "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
                    f"optimizer in {QUADRATIC_DEFAULT} when loss= is given and lr is not, else 'lr'",
                    "auto", ("auto", "quadratic", "lr")),
-    "damping_decay": HParam(0.95, "a number in (0, 1)", lambda x: isinstance(x, (int, float)) and 0 < x < 1,
-                            "ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when ρ > 3/4, "
-                            "λ/ω when ρ < 1/4"),
+    "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
+                                        "ρ > 3/4, λ/ω when ρ < 1/4", 0.95),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
