@@ -8,7 +8,10 @@ gnfx may capture a model lazily, on its first forward.
 
 Entries:
 - torch: AdamW (foreach) and SGD with momentum 0.9, the first-order baselines.
-- gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name.
+- gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name, and with no
+  lr (the grid is the single entry None) the quadratic-model step (gnfx.quadratic_step):
+  `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
+  `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
 - heavyball: SOAP and KL-Shampoo, run eagerly (heavyball's torch.compile turned off, as for
   every other entry, so that step times compare the algorithms and not the compilers).
 - pytorch_optimizer: SOAP, Shampoo and ScalableShampoo (Distributed-Shampoo-style, grafted onto
@@ -48,14 +51,15 @@ class OptimizerSpec:
 
     name: str
     source: str  # the package that implements it
-    lrs: tuple[float, ...]
-    quick_lr: float
-    factory: Callable[[nn.Module, float], Trainer]
+    lrs: tuple[float | None, ...]  # None: no lr given (the optimizer's defaults)
+    quick_lr: float | None
+    factory: Callable[..., Trainer]
     unsupported: tuple[type[BaseException], ...] = ()  # first-step errors that mean "skip"
+    needs_loss: bool = False  # the factory takes the task's loss name (gnfx's loss=)
 
-    def make(self, model: nn.Module, lr: float) -> Trainer:
+    def make(self, model: nn.Module, lr: float | None, loss: str | None = None) -> Trainer:
         """A Trainer for `model` at learning rate `lr`; raises Unavailable when it cannot run here."""
-        return self.factory(model, lr)
+        return self.factory(model, lr, loss=loss) if self.needs_loss else self.factory(model, lr)
 
 
 def _adamw(model: nn.Module, lr: float) -> Trainer:
@@ -75,16 +79,18 @@ def _gnfx_unsupported() -> tuple[type[BaseException], ...]:
     return NotImplementedError, ValueError, GnfxError
 
 
-def _gnfx(name: str) -> Callable[[nn.Module, float], Trainer]:
-    def make(model: nn.Module, lr: float) -> Trainer:
+def _gnfx(name: str, **fixed) -> Callable[..., Trainer]:
+    """gnfx.compile(model, optimizer=name, lr=lr) or, for lr None, (model, optimizer=name, loss=loss)."""
+    def make(model: nn.Module, lr: float | None, loss: str | None = None) -> Trainer:
         try:
             import gnfx
         except ImportError as error:
             raise Unavailable(f"gnfx is not importable: {error}") from error
         if not hasattr(gnfx, "compile"):
             raise Unavailable("gnfx.compile does not exist yet")
+        hparams = {"lr": lr} if lr is not None else {"loss": loss, **fixed}
         try:
-            compiled = gnfx.compile(model, optimizer=name, lr=lr)
+            compiled = gnfx.compile(model, optimizer=name, **hparams)
         except _gnfx_unsupported() as error:
             raise Unavailable(f"gnfx.compile(optimizer={name!r}): {type(error).__name__}: {error}") from error
         return Trainer(compiled, compiled.step, compiled.zero_grad)
@@ -131,6 +137,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("sgd", "torch", (*SGD_LIKE_LRS, 3e-1), 3e-2, _sgd),
     *(OptimizerSpec(f"gnfx_{name}", "gnfx", GNFX_LRS, 1e-3, _gnfx(name), _gnfx_unsupported())
       for name in ("diag", "rank1", "kfac", "shampoo", "soap", "ekfac")),
+    *(OptimizerSpec(f"gnfx_{name}", "gnfx", (None,), None, _gnfx(optimizer, **fixed), _gnfx_unsupported(),
+                    needs_loss=True)
+      for name, optimizer, fixed in (("kfac_defaults", "kfac", {}),
+                                     ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
+                                     ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
     OptimizerSpec("hb_soap", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("SOAP")),
     OptimizerSpec("hb_kl_shampoo", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("KLShampoo")),
     OptimizerSpec("po_soap", "pytorch_optimizer", ADAM_LIKE_LRS, 3e-3, _pytorch_optimizer("SOAP")),

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from benchmarks.report import lr_text  # noqa: E402
+
 
 def plot_task(path: Path, task: str, target: float, entries: list[dict]) -> None:
     """Two panels for `task`: validation loss vs steps and vs training seconds, target dashed."""
@@ -16,7 +18,7 @@ def plot_task(path: Path, task: str, target: float, entries: list[dict]) -> None
         best = entry["best"]
         if not best["curve"]:
             continue
-        label = f"{entry['optimizer']} (lr {best['lr']:g})"
+        label = f"{entry['optimizer']} (lr {lr_text(best['lr'])})"
         steps = [p["step"] for p in best["curve"]]
         seconds = [p["seconds"] for p in best["curve"]]
         losses = [p["val_loss"] for p in best["curve"]]

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.plots import plot_task
-from benchmarks.report import BASELINE, markdown, summarize, write_json
+from benchmarks.report import BASELINE, lr_text, markdown, summarize, write_json
 from benchmarks.tasks import TASKS, Task
 from benchmarks.train import NOT_RUN, RunResult, train
 
@@ -54,9 +54,9 @@ MODES = {
 }
 
 
-def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path) -> list[dict]:
+def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path, threads: int = THREADS) -> list[dict]:
     """Benchmark every (task, optimizer) pair, write the JSON, markdown and plots into `out`; return the entries."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     if BASELINE not in optimizer_names:
         optimizer_names = [BASELINE, *optimizer_names]
     start = time.perf_counter()
@@ -83,10 +83,10 @@ def run(mode: Mode, task_names: list[str], optimizer_names: list[str], out: Path
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "threads": THREADS,
+        "threads": threads,
         "seconds": time.perf_counter() - start,
         "settings": dataclasses.asdict(mode),
-        "tasks": {name: {"target": mode.target(t), "max_steps": mode.steps(t),
+        "tasks": {name: {"target": mode.target(t), "train_target": t.train_target, "max_steps": mode.steps(t),
                          "eval_every": t.eval_every, "batch_size": t.batch_size} for name, t in tasks.items()},
         "optimizers": {name: {"source": OPTIMIZERS[name].source, "lrs": OPTIMIZERS[name].lrs,
                               "quick_lr": OPTIMIZERS[name].quick_lr} for name in optimizer_names},
@@ -108,9 +108,11 @@ def _warm_up(task: Task) -> None:
 
 def _progress(r: RunResult) -> str:
     if r.status in NOT_RUN:
-        return f"{r.task:<20} {r.optimizer:<20} lr={r.lr:<8g} {r.status}: {r.reason}"
-    return (f"{r.task:<20} {r.optimizer:<20} lr={r.lr:<8g} {r.status:<12} steps={r.steps:<5} "
+        return f"{r.task:<20} {r.optimizer:<20} lr={lr_text(r.lr):<8} {r.status}: {r.reason}"
+    return (f"{r.task:<20} {r.optimizer:<20} lr={lr_text(r.lr):<8} {r.status:<12} steps={r.steps:<5} "
             f"to_target={r.steps_to_target} in {r.seconds_to_target and round(r.seconds_to_target, 2)} s "
+            f"to_train_target={r.steps_to_train_target} in "
+            f"{r.seconds_to_train_target and round(r.seconds_to_train_target, 2)} s "
             f"final={r.final_loss:.4f} fwd_bwd={r.fwd_bwd_ms:.2f}ms step={r.opt_step_ms:.2f}ms")
 
 
@@ -121,10 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--full", action="store_const", dest="mode", const="full", help="the whole LR grid")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--max-steps", type=int, default=None, help="cap every task's step budget")
+    parser.add_argument("--time-budget", type=float, default=None, help="training seconds per run")
+    parser.add_argument("--stop-at-target", action="store_true", help="stop each run once it reached both targets")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the folder for the results (default: %(default)s)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    run(MODES[args.mode], args.tasks, args.optimizers, args.out)
+    mode = MODES[args.mode]
+    if args.max_steps or args.time_budget or args.stop_at_target:
+        mode = dataclasses.replace(mode, max_steps=args.max_steps or mode.max_steps,
+                                   time_budget=args.time_budget or mode.time_budget,
+                                   stop_at_target=mode.stop_at_target or args.stop_at_target)
+    run(mode, args.tasks, args.optimizers, args.out, args.threads)
     print(f"wrote {args.out}/{args.mode}.json, .md and plots in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 

@@ -6,7 +6,10 @@ defines `loss_fn(output, y)`, evaluates the validation loss (`eval_loss(model)`)
 `--quick`, looser where reaching `target` takes more than a few seconds). Targets were chosen
 so that AdamW at its best LR reaches them in a few hundred to ~1,500 steps; the measurement
 behind each target (steps at which AdamW, seed 0, first evaluates below it) is in the comment
-of its factory function.
+of its factory function. Beside it, `train_target` is a training-loss (optimization) target: the
+loss on a fixed part of the training data (`x_fit`, `y_fit`: the whole training set of the
+digits, fixed windows of the training text), low enough that AdamW needs several hundred steps,
+since optimization is where curvature pays. `loss_name` names `loss_fn` for gnfx's `loss=`.
 
 - `digits_mlp`: an MLP classifier on scikit-learn's bundled 8x8 digits.
 - `digits_autoencoder`: a deep tanh autoencoder of the same digits, MSE.
@@ -28,7 +31,11 @@ from benchmarks.models import GPT, GPTConfig, cnn, mlp
 Batch = tuple[torch.Tensor, torch.Tensor]
 DIGITS_VAL = 360  # of 1,797 digits, held out for validation
 TEXT_VAL_FRACTION = 0.1  # the tail of the text, held out for validation
-TEXT_VAL_WINDOWS = 128  # fixed validation windows of the character model
+TEXT_VAL_WINDOWS = 128  # fixed validation windows of the character model (and as many training windows)
+# training-loss targets (on x_fit, y_fit). AdamW (seed 0) reaches them first at: digits MLP 1e-4: lr 1e-2 ~355 steps
+# (3e-3, 1e-3: not in 600); autoencoder 0.003: 1e-2 ~600, 3e-3 ~810, 1e-3 not in 1,200; CNN 1e-3 and GPT 1.8:
+# see benchmarks/results/quadratic_step.md
+TRAIN_TARGETS = {"digits_mlp": 1e-4, "digits_autoencoder": 0.003, "digits_cnn": 1e-3, "char_gpt": 1.8}
 
 
 @dataclasses.dataclass
@@ -45,6 +52,10 @@ class Task:
     max_steps: int  # the step budget of a run
     eval_every: int  # steps between validation evaluations
     batch_size: int
+    train_target: float = dataclasses.field(kw_only=True)  # on the fixed training examples x_fit, y_fit
+    x_fit: torch.Tensor = dataclasses.field(kw_only=True)
+    y_fit: torch.Tensor = dataclasses.field(kw_only=True)
+    loss_name: str = dataclasses.field(kw_only=True)  # "cross_entropy" or "mse", as gnfx.compile's loss=
 
     def make_model(self, seed: int) -> nn.Module:
         """The task's model, initialized from `seed`."""
@@ -61,11 +72,18 @@ class Task:
         Chunking keeps evaluation's memory below a training step's, so that it does not set the
         peak memory the benchmark reports.
         """
+        return self._mean_loss(model, self.x_val, self.y_val)
+
+    def fit_loss(self, model: nn.Module) -> float:
+        """The loss of `model` on the fixed training examples (x_fit, y_fit), chunked as eval_loss."""
+        return self._mean_loss(model, self.x_fit, self.y_fit)
+
+    def _mean_loss(self, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> float:
         total = 0.0
         with torch.no_grad():
-            for x, y in zip(self.x_val.split(self.batch_size), self.y_val.split(self.batch_size)):
+            for x, y in zip(xs.split(self.batch_size), ys.split(self.batch_size)):
                 total += float(self.loss_fn(model(x), y)) * len(x)
-        return total / len(self.x_val)
+        return total / len(xs)
 
 
 @dataclasses.dataclass
@@ -136,7 +154,9 @@ def digits_mlp() -> Task:
     x_train, y_train, x_val, y_val = _digits_split(standardize=True)
     return ArrayTask("digits_mlp", lambda: mlp([64, 128, 128, 10]), F.cross_entropy, x_val, y_val,
                      target=0.07, quick_target=0.07, max_steps=600, eval_every=5, batch_size=128,
-                     x_train=x_train, y_train=y_train)
+                     x_train=x_train, y_train=y_train, x_fit=x_train, y_fit=y_train,
+                     train_target=TRAIN_TARGETS["digits_mlp"],
+                     loss_name="cross_entropy")
 
 
 def digits_autoencoder() -> Task:
@@ -150,7 +170,8 @@ def digits_autoencoder() -> Task:
     x_train, _, x_val, _ = _digits_split(standardize=False)
     return ArrayTask("digits_autoencoder", lambda: mlp([64, 128, 64, 32, 64, 128, 64], nn.Tanh), F.mse_loss,
                      x_val, x_val, target=0.004, quick_target=0.004, max_steps=1200, eval_every=10, batch_size=128,
-                     x_train=x_train, y_train=x_train)
+                     x_train=x_train, y_train=x_train, x_fit=x_train, y_fit=x_train,
+                     train_target=TRAIN_TARGETS["digits_autoencoder"], loss_name="mse")
 
 
 def digits_cnn() -> Task:
@@ -162,7 +183,8 @@ def digits_cnn() -> Task:
     images = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
     return ArrayTask("digits_cnn", cnn, F.cross_entropy, images(x_val), y_val,
                      target=0.08, quick_target=0.08, max_steps=400, eval_every=5, batch_size=128,
-                     x_train=images(x_train), y_train=y_train)
+                     x_train=images(x_train), y_train=y_train, x_fit=images(x_train), y_fit=y_train,
+                     train_target=TRAIN_TARGETS["digits_cnn"], loss_name="cross_entropy")
 
 
 @functools.cache
@@ -194,9 +216,11 @@ def char_gpt() -> Task:
     split = int(len(tokens) * (1 - TEXT_VAL_FRACTION))
     config = GPTConfig(vocab_size=len(vocab))
     x_val, y_val = windows(tokens[split:], config.context, TEXT_VAL_WINDOWS, torch.Generator().manual_seed(0))
+    x_fit, y_fit = windows(tokens[:split], config.context, TEXT_VAL_WINDOWS, torch.Generator().manual_seed(1))
     return TextTask("char_gpt", lambda: GPT(config), sequence_loss, x_val, y_val,
                     target=1.8, quick_target=2.6, max_steps=800, eval_every=25, batch_size=32,
-                    tokens=tokens[:split], context=config.context)
+                    tokens=tokens[:split], context=config.context, x_fit=x_fit, y_fit=y_fit,
+                    train_target=TRAIN_TARGETS["char_gpt"], loss_name="cross_entropy")
 
 
 TASKS: dict[str, Callable[[], Task]] = {

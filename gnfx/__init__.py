@@ -1,6 +1,6 @@
 """gnfx: a compiler for Gauss-Newton preconditioned training in PyTorch.
 
-    model = gnfx.compile(model, optimizer="kfac", lr=3e-4)
+    model = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")   # step size from the GGN
     loss = F.cross_entropy(model(x), y); loss.backward(); model.step(); model.zero_grad()
 """
 from gnfx.api import COMMON, compile

@@ -7,7 +7,8 @@ from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.fsdp import check_unsharded
-from gnfx.hparams import HParam, choice, flag, nonnegative, positive, positive_int, resolve, unit_interval
+from gnfx.hparams import (HParam, choice, flag, nonnegative, open_unit_interval, positive, positive_int, resolve,
+                          unit_interval)
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
@@ -15,6 +16,8 @@ from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
+from gnfx.preconditioners import REGISTRY
+from gnfx.quadratic_step import QUADRATIC_DAMPING, QUADRATIC_DEFAULT
 from gnfx.variants import Variants
 
 COMMON = {
@@ -28,7 +31,14 @@ COMMON = {
     "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2)",
                      "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
-                   "the training loss (mean reduction), needed by fisher='mc' and 'type2'"),
+                   "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
+                   "step='quadratic' (the default for kfac and ekfac when it is given and lr is not)"),
+    "step": choice("the step size: 'quadratic' (α, μ and the damping λ from the exact GGN model of the loss, "
+                   "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
+                   f"optimizer in {QUADRATIC_DEFAULT} when loss= is given and lr is not, else 'lr'",
+                   "auto", ("auto", "quadratic", "lr")),
+    "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
+                                        "ρ > 3/4, λ/ω when ρ < 1/4", 0.95),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
@@ -85,7 +95,11 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     """
     _check_model(model)
     policy = Policy(optimizer, hparams)
+    lr_cap = "lr" in hparams  # with step="quadratic" a given lr caps α at 1
+    hparams = _step_defaults(optimizer, policy, hparams)
     hp = resolve({**COMMON, **policy.hparam_specs()}, hparams, f"optimizer={optimizer!r}")
+    hp["lr_cap"] = lr_cap
+    hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING
     if hp["fisher"] != "empirical" and hp["loss"] is None:
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy' or "
                           f"loss='mse' (the loss you call, with mean reduction)")
@@ -111,6 +125,34 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     else:
         variants.capture_without_inputs()
     return CompiledModel(model, variants, opt, hp)
+
+
+def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
+    """`hparams` with `step` resolved ("auto": "quadratic" for optimizer in QUADRATIC_DEFAULT when loss=
+    is given and lr is not) and, for step="quadratic", the defaults that suit it where not given: lr 1
+    (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
+    no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them), and the starting
+    damping λ0 = QUADRATIC_DAMPING."""
+    step = hparams.get("step", "auto")
+    if step == "auto":
+        auto = isinstance(optimizer, str) and optimizer in QUADRATIC_DEFAULT
+        step = "quadratic" if auto and hparams.get("loss") is not None and "lr" not in hparams else "lr"
+    hparams = {**hparams, "step": step}
+    if step != "quadratic":
+        return hparams
+    if hparams.get("loss") is None:
+        raise ConfigError("step='quadratic' builds the GGN model from the training loss: pass loss='cross_entropy' "
+                          "or loss='mse' (the loss you call, with mean reduction), or step='lr' with an lr")
+    specs = policy.hparam_specs()
+    defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
+    if _tikhonov(policy):
+        defaults["damping"] = QUADRATIC_DAMPING
+    return {"lr": 1.0, **defaults, **hparams}
+
+
+def _tikhonov(policy: Policy) -> bool:
+    """Whether a preconditioner of the policy has a Tikhonov damping on the GGN's scale (`damping`)."""
+    return any(REGISTRY[n].tikhonov_damping for n in policy.names)
 
 
 def _lower_and_analyze(model, captured):

@@ -44,6 +44,8 @@ class CompiledModel(nn.Module):
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
         optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
+        if optimizer.quadratic is not None:  # it replays the last training forward (gnfx.quadratic_step)
+            self.register_forward_hook(optimizer.quadratic.observe, with_kwargs=True)
 
     @property
     def graph_module(self):

@@ -44,6 +44,13 @@ class Communicator:
         self.bytes_communicated += buffer.numel() * buffer.element_size()
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
 
+    def mean(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The mean of a small tensor over the ranks, computed on `device` (the quadratic step's
+        coefficients, gnfx.quadratic_step), returned where `values` was."""
+        buffer = values.to(device).clone()
+        self._all_reduce(buffer)
+        return (buffer / self.world).to(values.device)
+
     def average_statistics(self, batches: dict, examples: dict) -> dict:
         """The statistics of the concatenated batch: Σ_r N_r F_r / Σ_r N_r, per block, in one all-reduce.
 

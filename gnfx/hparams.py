@@ -37,6 +37,10 @@ def unit_interval(doc: str, default) -> HParam:
     return HParam(default, "a number in [0, 1)", lambda x: _number(x) and 0 <= x < 1, doc)
 
 
+def open_unit_interval(doc: str, default) -> HParam:
+    return HParam(default, "a number in (0, 1)", lambda x: _number(x) and 0 < x < 1, doc)
+
+
 def positive_int(doc: str, default) -> HParam:
     return HParam(default, "an integer >= 1", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, doc)
 

@@ -22,6 +22,7 @@ from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fsdp import ShardedStep, local
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
+from gnfx.quadratic_step import QuadraticStep
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
@@ -50,6 +51,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
+        # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
+        self.quadratic = (QuadraticStep(self, settings["loss"], settings["initial_damping"], settings["damping_decay"],
+                                        settings["lr_cap"]) if settings["step"] == "quadratic" else None)
 
     def attach(self, preconditioner_specs: list, statistics) -> None:
         """Build the plan's preconditioners (`preconditioner_specs`: a list of (class, hparams,
@@ -75,7 +79,16 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
+                if self.quadratic is not None:
+                    raise ConfigError("step='quadratic' does not run under FSDP2 yet (its GGN products replay the "
+                                      "forward on the full parameters): pass step='lr' and an lr")
                 self.sharded = ShardedStep(self, live)
+
+    @property
+    def last_step(self) -> dict:
+        """α, μ, λ ("damping"), ρ, the predicted and actual reductions of the last step and whether
+        it was rejected (gnfx.quadratic_step); {} with step="lr"."""
+        return self.quadratic.last_step if self.quadratic is not None else {}
 
     @property
     def comm(self):
@@ -174,13 +187,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 pre.collect()
             if pre.refresh_due(self.steps):
                 pre.refresh()
-        self.update_function(self.statistic_step)
-        for pre in self.elementwise:
-            pre.update()
+        if self.quadratic is None:
+            self._apply_chain()
+        else:
+            self.quadratic.step(self._apply_chain, loss, closure)
         if self.sharded is not None:
             self.sharded.end()
         self.steps += 1
         return loss
+
+    def _apply_chain(self) -> None:
+        """The update chain of every preconditioner, applied to the parameters."""
+        self.update_function(self.statistic_step)
+        for pre in self.elementwise:
+            pre.update()
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one
@@ -203,6 +223,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["gnfx"] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
                       "statistics": self.statistics.state_dict() if self.attached else {}}
+        if self.quadratic is not None:
+            sd["gnfx"]["quadratic"] = self.quadratic.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -238,6 +260,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.detach().clone().to(device=p.device, dtype=dtype)
         self.steps = int(gnfx_state["steps"])
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
+        if self.quadratic is not None and "quadratic" in gnfx_state:
+            self.quadratic.load_state_dict(gnfx_state["quadratic"])
 
     def _expected_state(self) -> dict[int, dict]:
         """id(parameter) -> {state key: (shape, dtype) of a tensor, or None for a number}: the state

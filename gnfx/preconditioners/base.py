@@ -15,6 +15,9 @@ from gnfx.hparams import HParam
 class Preconditioner:
     name: str = ""
     HPARAMS: dict[str, HParam] = {}
+    # the hyperparameter that is a Tikhonov damping λ on the scale of the GGN, which the
+    # quadratic-model step (gnfx.quadratic_step) moves with its Levenberg–Marquardt λ; None: none
+    tikhonov_damping: str | None = None
 
     def __init__(self, hp: dict, blocks: list, params: list[str], optimizer):
         self.hp = hp

@@ -38,6 +38,7 @@ PROJECTIONS = {"attention.q": 1, "attention.k": 1, "attention.v": 1, "attention.
 
 class KFAC(CurvaturePreconditioner):
     name = "kfac"
+    tikhonov_damping = "damping"
     HPARAMS = {
         **common_hparams(),
         "damping": positive("Tikhonov damping λ, split between A and S by the π correction", 1e-3),

@@ -1,0 +1,317 @@
+"""The quadratic-model step: step size α, momentum μ and damping λ from the exact GGN.
+
+The last stage of the update chain, for every preconditioner. The chain before it proposes an
+update Δ (the parameter change the preconditioner's step would make at the param groups' lr);
+with δ the previous update actually applied and g the gradient of the batch loss L, the GGN gives
+the local quadratic model of L (Martens & Grosse 2015, §6–7; kfac-jax's adaptive learning rate,
+momentum and damping)
+
+    q(d) = gᵀd + ½ dᵀ(G + λI)d,        G = Jᵀ H_ℓ J   (the exact GGN on the step's batch).
+
+Along d = αΔ + μδ it is the 2x2 quadratic q = bᵀc + ½ cᵀMc in c = (α, μ), with
+
+    b_i = gᵀv_i,   M_ij = (J v_i)ᵀ H_ℓ (J v_j) + λ v_iᵀv_j,   (v_1, v_2) = (Δ, δ),
+
+so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. When the plan has several
+preconditioners (K-FAC on the blocks, the diagonal on the parameters no block claims), Δ is split
+into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more product per part):
+their proposals at one lr are on different scales. J v comes from forward-mode products
+(torch.func.jvp) through the model at the inputs of the step's forward, H_ℓ in closed form from
+the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
+2/numel(z)·I for "mse"). μ is kept in MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ
+at a bound, `minimize_quadratic`): fitted on one batch, an unbounded μ swung to -412 on the digits
+MLP along directions the batch barely constrains. Without a previous update (first step, after a
+rejected step) μ = 0 and α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at
+most the proposal at lr.
+
+Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
+batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
+A step with ρ ≤ 0 (or a non-finite loss) is rejected: undone, the momentum dropped (δ = 0), λ
+raised, and the curvature preconditioners refreshed at the new λ. The preconditioners whose
+damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
+damping, EKFAC) take λ as their damping at every step.
+
+L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
+first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
+is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
+targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
+label smoothing included), mse y = z - g_z·numel(z)/2; L(θ+s) is that loss at the output of one
+forward at θ+s. This is exact when the training loss is the named loss of the output alone; loss
+terms that do not go through z (penalties on θ) are left out of the actual reduction, and a loss
+that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
+bounded): pass a closure then.
+
+With gradient accumulation (several forwards before one step) the quadratic model is that of the
+last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
+M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
+local batches, so that every rank takes the same step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_leaves
+
+from gnfx.errors import GnfxError
+from gnfx.ggn import IGNORE_INDEX, output_hessian_product
+
+LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
+RHO_LOW, RHO_HIGH = 0.25, 0.75
+# μ is kept a heavy-ball momentum (module docstring)
+MOMENTUM_RANGE = (0.0, 0.99)
+# the optimizers that take step="quadratic" by default (gnfx.compile's step="auto") when loss= is given.
+# Measured (benchmarks/results/quadratic_step.md): kfac reached every target in 0.58-1.03x AdamW's best
+# steps; ekfac reached the training-loss targets in 0.59-1.16x but the validation targets in 1.0-3.2x
+# or not at all (digits CNN), so ekfac keeps its fixed lr by default (step="quadratic" on request).
+QUADRATIC_DEFAULT = ("kfac",)
+# the starting λ (K-FAC's `damping` under step="quadratic" unless given): a large λ0 acts as a warm-up,
+# as λ only falls while ρ stays near 1. Measured on the digits MLP (kfac, val loss after 200 steps):
+# λ0 = 1: 0.057 (0.07 first at ~160 steps); 0.1: 0.21 (best 0.12, overfits the batches); 1e-3: 1.5
+# (a step fitted to one batch raised the training-set loss from 0.07 to 0.69)
+QUADRATIC_DAMPING = 1.0
+
+
+def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
+                       momentum: bool = True) -> tuple[torch.Tensor, float]:
+    """(c, -q(c)): the minimizer c of q(c) = bᵀc + ½ cᵀMc and the predicted reduction -q(c).
+
+    The coefficients are step sizes α_k, and with `momentum` (and more than one coefficient) a last
+    one μ, kept in MOMENTUM_RANGE; `capped` keeps every α_k ≤ 1. Active set: solve for the free
+    coefficients with the others fixed, c_F = -M_FF⁺(b_F + M_FX c_X), fix one that leaves its range
+    at its bound (μ first), repeat. q is convex, so for one bounded coefficient this is the exact constrained
+    minimizer. The pseudo-inverse takes μ = 0 where δ adds nothing (parallel to Δ, or no curvature)."""
+    M, b = M.to(torch.float64), b.to(torch.float64)
+    n = len(b)
+    c = torch.zeros_like(b)
+    mu = n - 1 if momentum and n > 1 else None
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(n) if i not in fixed]
+        held = sorted(fixed)
+        if free:
+            rhs = b[free] + M[free][:, held] @ c[held]
+            c[free] = -torch.linalg.pinv(M[free][:, free], rtol=1e-12, hermitian=True) @ rhs
+        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= c[i] <= MOMENTUM_RANGE[1])
+               or (i != mu and capped and c[i] > 1)]
+        if not out:
+            break
+        i = mu if mu in out else out[0]  # one at a time, μ first: the others move when it is fixed
+        c[i] = c[i].clamp(*MOMENTUM_RANGE) if i == mu else 1.0
+        fixed.add(i)
+    return c, float(-(b @ c + 0.5 * c @ M @ c))
+
+
+def levenberg_marquardt(damping: float, rho: float, decay: float) -> float:
+    """The next λ: ωλ if ρ > 3/4, λ/ω if ρ < 1/4 (or ρ is not finite), else λ; within
+    [LAMBDA_MIN, LAMBDA_MAX]."""
+    if not math.isfinite(rho) or rho < RHO_LOW:
+        damping = damping / decay
+    elif rho > RHO_HIGH:
+        damping = damping * decay
+    return min(max(damping, LAMBDA_MIN), LAMBDA_MAX)
+
+
+def _first_tensor(out) -> torch.Tensor | None:
+    """The model output z: the first tensor with a batch dimension of the (possibly nested) output."""
+    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
+
+
+def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
+    """z ↦ the mean-reduced `loss` at output z whose gradient at z0 is grad_z (module docstring)."""
+    if loss == "mse":
+        target = z0 - grad_z * (z0.numel() / 2)
+        return lambda z: ((z - target) ** 2).mean()
+    classes = z0.shape[-1]
+    g = grad_z.reshape(-1, classes)
+    kept = g.ne(0).any(1)
+    terms = kept.sum().clamp(min=1)
+    target = torch.softmax(z0.reshape(-1, classes), -1) - terms * g
+    return lambda z: -(target * torch.log_softmax(z.reshape(-1, classes), -1))[kept].sum() / terms
+
+
+class QuadraticStep:
+    """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
+    (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
+    rejected."""
+
+    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool):
+        self.opt = optimizer
+        self.loss = loss
+        self.damping = damping
+        self.decay = decay
+        self.capped = capped
+        self.previous: list[torch.Tensor] | None = None  # δ, the last update applied
+        self.last_step: dict = {}
+        self._call = None  # (model, args, kwargs) of the last training forward
+        self._output_grad = None
+
+    # --- the forward it replays (a forward hook of the CompiledModel) -------------------------
+    def observe(self, module, args, kwargs, out) -> None:
+        """Remember a training forward's inputs, and the gradient its backward sends to z."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self._call = (module.__dict__["_model"], args, kwargs)
+        self._output_grad = None
+        z = _first_tensor(out)
+        if z is not None and z.requires_grad:
+            z.register_hook(self._keep_output_grad)
+
+    def _keep_output_grad(self, grad):
+        self._output_grad = grad.detach()
+
+    def _output(self, params: dict, tangents: list[dict] = ()):
+        """z at parameters `params` (buffers copied, so that batch-norm statistics do not move) on
+        the remembered inputs, and [J v for v in tangents], by one forward-mode pass vectorized over
+        the tangents (torch.func.vmap; 20x faster than one jvp per tangent on the digits MLP),
+        or one jvp per tangent where the model does not vectorize."""
+        model, args, kwargs = self._call
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+        def f(theta):
+            return _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
+
+        if not tangents:
+            return f(params), []
+        # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
+        with sdpa_kernel(SDPBackend.MATH):
+            stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
+            try:  # z does not depend on the tangent: computed once, returned unbatched
+                z, J = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(stacked)
+                return z, list(J.unbind(0))
+            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                pairs = [jvp(f, (params,), (t,)) for t in tangents]
+                return pairs[0][0], [Jv for _, Jv in pairs]
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self, chain, loss_before=None, closure=None) -> None:
+        """Run the update `chain` as a proposal, then apply αΔ + μδ and adapt λ."""
+        if self._call is None:
+            raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
+                            "compiled model (in training mode, with gradients enabled) before step()")
+        for pre in self.opt.preconditioners:
+            if pre.tikhonov_damping:
+                pre.hp[pre.tikhonov_damping] = self.damping
+        names = list(self.opt._named)
+        params = [self.opt._named[n] for n in names]
+        before = [p.detach().clone() for p in params]
+        chain()
+        proposal = torch._foreach_sub([p.detach() for p in params], before)
+        torch._foreach_copy_(params, before)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        parts = self._parts(names, proposal)
+        if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
+            self.previous = None
+            self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
+                              "predicted": 0.0, "actual": 0.0, "rejected": False}
+            return
+        vectors = [[d if i in part else torch.zeros_like(d) for i, d in enumerate(proposal)] for _, part in parts]
+        vectors += [self.previous] if self.previous is not None else []
+        theta = dict(zip(names, before))
+        z, outputs = self._output(theta, [dict(zip(names, v)) for v in vectors])
+        z, outputs = z.detach(), [Jv.detach() for Jv in outputs]
+        kept = self._kept_rows(z)
+        k = len(vectors)
+        M = torch.empty(k, k, dtype=torch.float64)
+        b = torch.empty(k, dtype=torch.float64)
+        for i in range(k):
+            b[i] = _dot(grads, vectors[i])
+            H_Jvi = output_hessian_product(self.loss, z, kept, outputs[i])
+            for j in range(i + 1):
+                M[i, j] = M[j, i] = (H_Jvi * outputs[j]).sum().double() + self.damping * _dot(vectors[i], vectors[j])
+        comm, device = self.opt.comm, params[0].device
+        if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
+            M, b = comm.mean(M, device), comm.mean(b, device)
+        c, predicted = minimize_quadratic(M, b, self.capped, momentum=self.previous is not None)
+        alphas = {name: float(a) for (name, _), a in zip(parts, c)}
+        mu = float(c[-1]) if self.previous is not None else 0.0
+        scale = [0.0] * len(params)
+        for (_, part), a in zip(parts, c.tolist()):
+            for i in part:
+                scale[i] = a
+        update = [d * a for d, a in zip(proposal, scale)]
+        if self.previous is not None and mu != 0.0:
+            torch._foreach_add_(update, self.previous, alpha=mu)
+        torch._foreach_add_(params, update)
+        actual = self._actual_reduction(z, theta, loss_before, closure)
+        if comm is not None:
+            actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
+        rho = actual / predicted if predicted > 0 else float("nan")
+        rejected = not (rho > 0)  # also for a non-finite loss or ratio
+        used = self.damping
+        if predicted > 0:
+            self.damping = levenberg_marquardt(self.damping, rho, self.decay)
+        if rejected and predicted > 0:
+            torch._foreach_copy_(params, before)
+            self.previous = None
+            for pre in self.opt.preconditioners:
+                if pre.tikhonov_damping:
+                    pre.hp[pre.tikhonov_damping] = self.damping
+            for pre in self.opt.curvature:
+                pre.refresh()
+        else:
+            self.previous = update
+        self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
+                          "rho": rho, "predicted": predicted,
+                          "actual": actual, "rejected": rejected and predicted > 0}
+
+    def _parts(self, names: list[str], proposal: list[torch.Tensor]) -> list[tuple[str, set[int]]]:
+        """(preconditioner name, positions in `names` of its parameters), for each preconditioner
+        whose proposal is not zero: each gets its own step size α, so that one whose proposal is
+        on another scale (the diagonal fallback's Adam step at lr 1 beside K-FAC's) does not set
+        the step of the others."""
+        position = {n: i for i, n in enumerate(names)}
+        moved = torch.stack([d.ne(0).any() for d in proposal]).tolist()  # one host synchronization
+        parts = []
+        for pre in self.opt.preconditioners:
+            members = {position[n] for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names)
+                       if n in position}
+            if any(moved[i] for i in members):
+                parts.append((pre.name, members))
+        return parts
+
+    def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """The rows of z the loss counts as targets for output_hessian_product: the rows its
+        gradient reaches (an ignored target's row gets exactly zero), all rows when unknown."""
+        classes = z.shape[-1]
+        if self._output_grad is None or self.loss == "mse":
+            kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
+        else:
+            kept = self._output_grad.reshape(-1, classes).ne(0).any(1)
+        return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
+
+    def _actual_reduction(self, z0, theta, loss_before, closure) -> float:
+        """L(θ) - L(θ+s) on the step's batch (module docstring)."""
+        if closure is not None and loss_before is not None:
+            try:
+                loss_after = closure()
+            except RuntimeError as error:
+                raise GnfxError(f"the quadratic-model step calls the closure again after the step, under "
+                                f"torch.no_grad(), for the loss at the new parameters; it raised {error}. Call "
+                                f"backward in the closure only when torch.is_grad_enabled()") from error
+            return float(loss_before) - float(loss_after)
+        if self._output_grad is None:
+            raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
+                            "computed from the compiled model's output (the first tensor it returns), or pass "
+                            "model.step(closure) with a closure that returns the batch loss")
+        loss = recovered_loss(self.loss, z0, self._output_grad)
+        names = list(theta)
+        z1, _ = self._output({n: self.opt._named[n].detach() for n in names})
+        return float(loss(z0)) - float(loss(z1))
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"damping": self.damping, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.damping = float(state["damping"])
+        previous = state["previous"]
+        self.previous = None if previous is None else [
+            t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]
+
+
+def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_i ⟨x_i, y_i⟩ over lists of tensors, in float64."""
+    return sum((x.double() * y.double()).sum() for x, y in zip(xs, ys))

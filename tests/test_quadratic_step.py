@@ -1,0 +1,301 @@
+"""The quadratic-model step (gnfx.quadratic_step) against dense float64 references.
+
+The step's α, μ and predicted reduction are checked against the quadratic
+q(d) = gᵀd + ½ dᵀ(G + λI)d built from gnfx.ggn.ggn_matrix on tiny models: the update applied is
+s = αΔ + μδ with δ the previous update, so the proposal is Δ = (s - μδ)/α whatever α and μ were,
+and (α, μ) must be the minimizer of q over that plane (with μ in MOMENTUM_RANGE: the KKT
+conditions of the box). Then the Levenberg–Marquardt rule alone, the step with a closure against
+the one without (the loss recovered from the output gradient), a rejected step, and convergence in
+steps (never time) against AdamW's best learning rate of a grid.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+import test_convergence as convergence
+import test_distributed as distributed
+from gnfx.ggn import ggn_matrix
+from gnfx.quadratic_step import (LAMBDA_MAX, LAMBDA_MIN, MOMENTUM_RANGE, levenberg_marquardt, minimize_quadratic,
+                                 recovered_loss)
+
+DTYPE = torch.float64
+STEPS = 6
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+
+
+def tiny(out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, out)).to(DTYPE)
+
+
+def batch(loss, n=8, out=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(out, (n,), generator=g) if loss == "cross_entropy" else torch.randn(n, out, generator=g,
+                                                                                          dtype=DTYPE)
+    return x, y
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+# ----------------------------------------------------------------------------- α and μ
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "diag"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
+    """STEPS steps on one batch: the first has no previous update (μ = 0, α alone), the others
+    solve the 2x2 problem; each must be the minimizer of the dense quadratic on its batch."""
+    model = tiny()
+    c = gnfx.compile(model, optimizer=optimizer, loss=loss, step="quadratic", stat_every=1,
+                     **({"inv_every": 1} if optimizer == "kfac" else {}))
+    params = list(model.parameters())
+    previous = None
+    interior = 0
+    for _ in range(STEPS):
+        x, y = batch(loss)
+        LOSSES[loss](c(x), y).backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = ggn_matrix(model, loss, x, y)
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        assert not last["rejected"], last
+        s = flat(p.detach() for p in params) - theta0
+        alpha, mu, lam = last["alpha"], last["mu"], last["damping"]
+        if previous is None:
+            assert mu == 0.0
+            delta = s / alpha
+            a_ref = -(g @ delta) / (delta @ (G @ delta) + lam * delta @ delta)
+            torch.testing.assert_close(torch.tensor(alpha, dtype=DTYPE), a_ref, rtol=1e-9, atol=0)
+            c_ref, V = torch.tensor([alpha], dtype=DTYPE), delta[:, None]
+        else:
+            V = torch.stack([(s - mu * previous) / alpha, previous], dim=1)
+            M = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
+            b = V.T @ g
+            c_ref = torch.tensor([alpha, mu], dtype=DTYPE)
+            slope = b + M @ c_ref  # ∂q/∂(α, μ) at the step's (α, μ)
+            scale = (b.abs() + (M.abs() @ c_ref.abs())).max()
+            assert abs(slope[0]) <= 1e-9 * scale, (slope, last)  # α minimizes for the chosen μ
+            if MOMENTUM_RANGE[0] < mu < MOMENTUM_RANGE[1]:  # an interior μ: the plain 2x2 solution
+                interior += 1
+                torch.testing.assert_close(c_ref, -torch.linalg.solve(M, b), rtol=1e-8, atol=0)
+            else:  # μ on a bound: q must rise into the range
+                assert slope[1] * (1 if mu == MOMENTUM_RANGE[0] else -1) >= -1e-9 * scale, (slope, last)
+        Mfull = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
+        q = V.T @ g @ c_ref + 0.5 * c_ref @ Mfull @ c_ref
+        assert last["predicted"] == pytest.approx(-float(q), rel=1e-9)
+        previous = s
+    if optimizer == "kfac":  # the 2x2 solve itself was exercised (diag's Adam proposal carries its own
+        assert interior >= 1  # momentum, and its best μ here is the bound 0)
+
+
+def test_minimize_quadratic_keeps_mu_in_range_and_caps_alpha():
+    """The box-constrained minimizer against a dense grid search over μ (α minimized in closed form)."""
+    M = torch.tensor([[2.0, 1.5], [1.5, 1.3]], dtype=DTYPE)
+    for b in (torch.tensor([-1.0, 2.0], dtype=DTYPE), torch.tensor([-1.0, -3.0], dtype=DTYPE),
+              torch.tensor([-1.0, 0.5], dtype=DTYPE)):
+        for capped in (False, True):
+            c, predicted = minimize_quadratic(M, b, capped)
+            mu = torch.linspace(*MOMENTUM_RANGE, 20001, dtype=DTYPE)
+            alpha = -(b[0] + M[0, 1] * mu) / M[0, 0]
+            alpha = alpha.clamp(max=1.0) if capped else alpha
+            v = torch.stack([alpha, mu], dim=1)
+            best = float((v @ b + 0.5 * ((v @ M) * v).sum(1)).min())
+            assert -predicted == pytest.approx(best, abs=1e-7)
+            assert MOMENTUM_RANGE[0] <= c[1] <= MOMENTUM_RANGE[1] and (not capped or c[0] <= 1)
+
+
+def test_minimize_quadratic_without_curvature_along_the_previous_update_takes_mu_zero():
+    M = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=DTYPE)
+    c, predicted = minimize_quadratic(M, torch.tensor([-1.0, 0.0], dtype=DTYPE))
+    assert c.tolist() == [0.5, 0.0] and predicted == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- damping
+
+
+def test_levenberg_marquardt_rule():
+    assert levenberg_marquardt(1.0, 0.9, 0.5) == 0.5  # ρ > 3/4: the model is trusted, λ falls
+    assert levenberg_marquardt(1.0, 0.1, 0.5) == 2.0  # ρ < 1/4: λ rises
+    assert levenberg_marquardt(1.0, -3.0, 0.5) == 2.0
+    assert levenberg_marquardt(1.0, 0.5, 0.5) == 1.0  # in between: kept
+    assert levenberg_marquardt(1.0, math.nan, 0.5) == 2.0  # a non-finite ρ counts as a bad step
+    assert levenberg_marquardt(LAMBDA_MIN, 1.0, 0.5) == LAMBDA_MIN
+    assert levenberg_marquardt(LAMBDA_MAX, 0.0, 0.5) == LAMBDA_MAX
+
+
+@pytest.mark.parametrize("loss, shape", [("cross_entropy", (8,)), ("cross_entropy", (2, 4)), ("mse", (8,))],
+                         ids=["ce", "ce-tokens-ignored", "mse"])
+def test_recovered_loss_is_the_loss(loss, shape):
+    """The loss rebuilt from z0 and ∂L/∂z0 equals the real loss at any output z (ignored targets too)."""
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(*shape, 5, generator=g, dtype=DTYPE, requires_grad=True)
+    if loss == "mse":
+        y = torch.randn(*shape, 5, generator=g, dtype=DTYPE)
+        fn = F.mse_loss
+    else:
+        y = torch.randint(5, shape, generator=g)
+        y.view(-1)[1] = -100
+        fn = lambda z, t: F.cross_entropy(z.reshape(-1, 5), t.reshape(-1))  # noqa: E731
+    (grad,) = torch.autograd.grad(fn(z0, y), z0)
+    rebuilt = recovered_loss(loss, z0.detach(), grad)
+    z1 = torch.randn(*shape, 5, generator=g, dtype=DTYPE) * 3
+    for z in (z0.detach(), z1):
+        torch.testing.assert_close(rebuilt(z), fn(z, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_step_with_a_closure_equals_the_step_without(loss):
+    """A closure measures L(θ+s) directly; without one it is recovered from the output gradient:
+    the same ρ, λ and parameters, step after step."""
+    x, y = batch(loss)
+    a, b = tiny(), tiny()
+    ca, cb = (gnfx.compile(m, optimizer="kfac", loss=loss, stat_every=1, inv_every=1) for m in (a, b))
+
+    def closure():
+        out = LOSSES[loss](cb(x), y)
+        if torch.is_grad_enabled():
+            out.backward()
+        return out
+
+    for _ in range(4):
+        LOSSES[loss](ca(x), y).backward()
+        ca.step()
+        ca.zero_grad()
+        cb.step(closure)
+        cb.zero_grad()
+        la, lb = ca.optimizer.last_step, cb.optimizer.last_step
+        for key in ("alpha", "mu", "damping", "predicted", "rho", "actual"):
+            assert la[key] == pytest.approx(lb[key], rel=1e-8, abs=1e-14), key
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_a_step_that_raises_the_loss_is_undone():
+    """A closure reporting a higher loss after the step: the parameters are restored, the momentum
+    dropped and λ raised by 1/ω."""
+    x, y = batch("mse")
+    model = tiny()
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_decay=0.5)
+    F.mse_loss(c(x), y).backward()
+    c.step()  # a first, accepted step: a previous update exists
+    c.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def lying_closure():
+        loss = F.mse_loss(c(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        calls.append(float(loss))
+        return loss if len(calls) == 1 else loss + 10.0
+
+    damping = c.optimizer.quadratic.damping
+    c.step(lying_closure)
+    last = c.optimizer.last_step
+    assert last["rejected"] and last["rho"] < 0 and last["damping"] == damping
+    assert c.optimizer.quadratic.damping == pytest.approx(2 * damping)
+    assert c.optimizer.quadratic.previous is None
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_step_quadratic_needs_the_loss():
+    with pytest.raises(gnfx.ConfigError, match="loss="):
+        gnfx.compile(tiny(), optimizer="kfac", step="quadratic")
+
+
+def test_defaults_choose_the_step():
+    """kfac with loss= and no lr: the quadratic step; an lr or no loss: the fixed-lr step."""
+    assert gnfx.compile(tiny(), optimizer="kfac", loss="mse").optimizer.quadratic is not None
+    assert gnfx.compile(tiny(), optimizer="ekfac", loss="mse").optimizer.quadratic is None
+    assert gnfx.compile(tiny(), optimizer="kfac", loss="mse", lr=1e-2).optimizer.quadratic is None
+    assert gnfx.compile(tiny(), optimizer="kfac").optimizer.quadratic is None
+    assert gnfx.compile(tiny(), optimizer="shampoo", loss="mse").optimizer.quadratic is None
+
+
+def test_a_given_lr_caps_alpha():
+    x, y = batch("mse")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", step="quadratic", lr=1e-3, stat_every=1)
+    for _ in range(3):
+        F.mse_loss(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+        assert c.optimizer.last_step["alpha"] <= 1.0
+
+
+def test_checkpoint_carries_the_damping_and_the_previous_update():
+    x, y = batch("mse")
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1)
+    for _ in range(2):
+        F.mse_loss(a(x), y).backward()
+        a.step()
+        a.zero_grad()
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="mse", stat_every=1)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    assert b.optimizer.quadratic.damping == a.optimizer.quadratic.damping
+    for p, q in zip(b.optimizer.quadratic.previous, a.optimizer.quadratic.previous):
+        assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------- convergence in steps
+
+
+@pytest.mark.parametrize("name", convergence.PROBLEMS)
+@pytest.mark.parametrize("optimizer", ["kfac", "ekfac"])
+def test_defaults_beat_adamws_best_learning_rate_in_steps(name, optimizer):
+    """kfac at defaults (loss= only, no lr) and ekfac with step="quadratic" (no lr) reach the target in
+    at most half of the steps of AdamW at its best learning rate of test_convergence's grid (full
+    batch, float64)."""
+    counts = convergence.adamw_steps(name)
+    best = min(s for s in counts.values() if s is not None)
+    model, X, Y, target = convergence.problem(name)
+    c = gnfx.compile(model(), optimizer=optimizer, loss="mse", **({"step": "quadratic"} if optimizer == "ekfac" else {}))
+    steps = convergence.steps_to_target(c, c, X, Y, target, best // 2)
+    assert steps is not None, f"{optimizer} with no lr did not reach the target in {best // 2} steps ({counts})"
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+def quadratic_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        compiled = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3)
+        xs, ys = distributed.data()
+        shard = slice(rank * 8, (rank + 1) * 8)
+        distributed.train(compiled, nn.parallel.DistributedDataParallel(compiled), xs[:, shard], ys[:, shard])
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in compiled.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_path):
+    """M, b and the actual reduction are averaged over the ranks: the same α, μ, λ on every rank,
+    those of the global batch (K-FAC on every block, the LayerNorm's included: one α)."""
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(quadratic_worker, args=(2, distributed.free_port(), out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    single = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3)
+    xs, ys = distributed.data()
+    distributed.train(single, single, xs, ys)
+    assert set(single.optimizer.last_step["alphas"]) == {"kfac"}
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(result[name], p.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
