@@ -12,6 +12,8 @@ without the wrapper.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -42,6 +44,10 @@ class CompiledModel(nn.Module):
         self.__dict__["_variants"] = variants
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
+        # Introspection sees the original forward's signature (inspect follows __wrapped__): Hugging
+        # Face's Trainer keeps only the dataset columns that the model's forward names.
+        self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
+                                                            model.forward)
 
     @property
     def graph_module(self):
