@@ -8,6 +8,8 @@ statistics of every statistic step reached the curvature blocks, and the loss on
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ BLOCK = "transformer.h.0.mlp.c_fc"
 def gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -62,6 +64,7 @@ def test_hugging_face_trainer(tmp_path):
                                           logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
     data = [{"input_ids": row, "labels": row} for row in sequences()]
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(model.optimizer, None))
+    assert inspect.signature(model.forward) == inspect.signature(lm.forward)
     trainer.train()
     assert trainer.optimizer.optimizer is model.optimizer  # driven through accelerate's wrapper
     assert_trained(model, lm, before)
@@ -91,3 +94,22 @@ def test_lightning_trainer():
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(sequences(), batch_size=ROWS))
     assert_trained(module.model, lm, before)
+
+
+def test_a_closure_may_make_the_first_call():
+    """`optimizer.step(closure)` runs the closure first, so its forward may be the lazy capture;
+    a step before any call and without a closure has no plan to run and says so."""
+    lm = gpt2()
+    model = gnfx.compile(lm, optimizer="kfac", lr=1e-2)
+    with pytest.raises(gnfx.GnfxError, match="before the model's first call"):
+        model.optimizer.step()
+    ids = sequences()
+
+    def closure():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    loss = model.optimizer.step(closure)
+    assert model.optimizer.steps == 1 and loss.item() > loss_on_data(lm)
