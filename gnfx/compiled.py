@@ -12,6 +12,8 @@ without the wrapper.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -46,6 +48,10 @@ class CompiledModel(nn.Module):
         optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
         if optimizer.quadratic is not None:  # it replays the last training forward (gnfx.quadratic_step)
             self.register_forward_hook(optimizer.quadratic.observe, with_kwargs=True)
+        # Introspection sees the original forward's signature (inspect follows __wrapped__): Hugging
+        # Face's Trainer keeps only the dataset columns that the model's forward names.
+        self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
+                                                            model.forward)
 
     @property
     def graph_module(self):

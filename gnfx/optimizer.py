@@ -149,14 +149,16 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self.attached:
-            raise GnfxError("optimizer.step() before the model's first call: gnfx captures the model's graph "
-                            "and plans its preconditioners at the first call (from that call's inputs); run the "
-                            "forward and backward first, or pass example_inputs=... to gnfx.compile")
+        """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
+        it) runs first, so its forward may be the lazily captured model's first call."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.attached:
+            raise GnfxError("optimizer.step() before the model's first call: gnfx captures the model's graph "
+                            "and plans its preconditioners at the first call (from that call's inputs); run the "
+                            "forward and backward first, or pass example_inputs=... to gnfx.compile")
         self._bind_sharded()
         if all(p.grad is None for p in self._named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
