@@ -130,7 +130,7 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     of graphs dynamo has compiled stops growing after a warm-up of 3 steps."""
     steps, warm_up = 7, 3
     data = batches(steps, classes=4)
-    hp = HP[optimizer]  # shampoo's switch to preconditioning at step 1 is one more graph (a Python flag)
+    hp = HP[optimizer]
     trajectories, graphs = {}, []
     torch._dynamo.reset()
     counters.clear()
@@ -157,6 +157,37 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     for t, (eager, compiled) in enumerate(zip(trajectories[False], trajectories[True])):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6, msg=lambda m: f"step {t}: {m}")
     assert not torch.equal(trajectories[True][-1], trajectories[True][0])
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "shampoo", "soap", "rank1"])
+def test_the_update_compiles_once_per_value_of_collect_across_statistic_and_refresh_cycles(monkeypatch, optimizer):
+    """A backend that counts the graphs dynamo hands it: the update compiles on the first
+    statistic step (0) and the first plain step (1) and never again over 13 steps, that is four
+    stat_every=3 cycles with refreshes every 2 steps (shampoo: preconditioning starts at step 5,
+    which must not recompile) and a learning rate that changes every step."""
+    import gnfx.codegen
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(gnfx.codegen, "BACKEND", counting_backend)
+    torch._dynamo.reset()
+    hp = {"kfac": dict(inv_every=2), "shampoo": dict(precondition_frequency=2, start_preconditioning_step=5),
+          "soap": dict(precondition_frequency=2), "rank1": dict(rank=2)}[optimizer]
+    c = gnfx.compile(make(Pair), optimizer=optimizer, lr=0.05, stat_every=3, compile=True, **hp)
+    schedule = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda s: 1 / (1 + 0.5 * s))
+    counts = []
+    for x, y in batches(13, classes=4):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+        schedule.step()
+        counts.append(len(graphs))
+    assert 1 <= counts[1] <= 2 and counts[1:] == [counts[1]] * 12, counts
+    assert torch.isfinite(flat_params(c)).all()
 
 
 def failing_backend(gm, example_inputs):

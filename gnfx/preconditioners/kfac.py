@@ -114,14 +114,14 @@ class KFAC(CurvaturePreconditioner):
         state["failures"][mine] += (~ok).long()
 
     def direction(self, G, state, collect):
-        SG = state["S_inv"] @ G.to(state["S_inv"].dtype)
+        SG = torch.bmm(state["S_inv"], G.to(state["S_inv"].dtype))  # bmm: matmul's reshapes cost dispatches
         A_inv = state["A_inv"]
-        return SG * A_inv.unsqueeze(1) if A_inv.dim() == 2 else SG @ A_inv
+        return SG * A_inv.unsqueeze(1) if A_inv.dim() == 2 else torch.bmm(SG, A_inv)
 
-    def safeguard(self, Us, Gs, lrs):
+    def safeguard(self, Us, Gs, lr):
         kappa = self.hp["kl_clip"]
         if kappa == 0:
             return None
-        vfv = sum((lr.to(U.dtype) ** 2 * (U * G.to(U.dtype)).flatten(1).sum(1)).sum()
-                  for U, G, lr in zip(Us, Gs, lrs))
+        dots = torch.cat([torch.linalg.vecdot(U.flatten(1), G.to(U.dtype).flatten(1)) for U, G in zip(Us, Gs)])
+        vfv = (lr.to(dots.dtype) ** 2 * dots).sum()  # Σ_blocks η² ⟨U, ∇W⟩
         return (kappa / vfv.abs().clamp(min=torch.finfo(vfv.dtype).tiny)).sqrt().clamp(max=1.0)
