@@ -5,9 +5,11 @@ group's batched math once, applies the preconditioner's global safeguard, then t
 (momentum, weight decay, learning rate). Its source is `model.update_code`. With `compile=True`
 it runs under `torch.compile` (one whole graph per value of `collect`, so a failure to compile
 surfaces before anything ran); learning rates and weight decays enter as tensors (filled from
-the param_groups each step) so that an LR scheduler causes no recompilation. `compile="auto"`
-compiles when the curvature targets hold at least AUTO_COMPILE_ELEMENTS entries, and falls back
-to the eager function, with a warning, if compiling fails.
+the param_groups each step) so that an LR scheduler causes no recompilation, and no Python flag
+changes between steps (one graph per value of `collect`, compiled on the first statistic and the
+first plain step). `compile="auto"` compiles by the rule of `auto_compiles` (never on a CPU, where
+compiling costs more than the 2 s a first step may; see AUTO_COMPILE_ELEMENTS), and falls back to
+the eager function, with a warning, if compiling fails.
 """
 from __future__ import annotations
 
@@ -71,7 +73,21 @@ def generate(preconditioners, position_of) -> str:
     return "\n".join(lines)
 
 
-AUTO_COMPILE_ELEMENTS = 2 ** 20
+# compile="auto": per device type, the curvature entries from which the plan is compiled (None:
+# never). The first compiled step may cost at most 2 s over the eager one; on this project's CPU
+# compiling the update with an empty inductor cache cost far more on every benchmark model
+# (benchmarks/results/compile_time.md), so CPU plans stay eager. Other devices keep the size rule
+# (fusing the elementwise work of large plans; not measured here: no GPU was available).
+AUTO_COMPILE_ELEMENTS = {"cpu": None}
+AUTO_COMPILE_DEFAULT = 2 ** 20
+
+
+def auto_compiles(elements: int, device: torch.device) -> bool:
+    """Whether compile="auto" compiles a plan of `elements` curvature entries on `device`."""
+    threshold = AUTO_COMPILE_ELEMENTS.get(device.type, AUTO_COMPILE_DEFAULT)
+    return threshold is not None and elements >= threshold
+
+
 BACKEND = "inductor"
 COMPILE_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported)
 
@@ -97,7 +113,7 @@ class UpdateFunction:
         exec(compile(self.source, "<gnfx_update>", "exec"), namespace)  # noqa: S102 - generated above
         self.eager = namespace["gnfx_update"]
         elements = sum(len(g.pieces) * math.prod(g.shape) for pre in self.preconditioners for g in pre.groups)
-        self.compiled = use_compile is True or (use_compile == "auto" and elements >= AUTO_COMPILE_ELEMENTS)
+        self.compiled = use_compile is True or (use_compile == "auto" and auto_compiles(elements, device))
         self.fallback = use_compile == "auto"
         self.fn = (torch.compile(self.eager, backend=BACKEND, dynamic=False, fullgraph=True)
                    if self.compiled else self.eager)

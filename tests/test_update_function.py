@@ -194,19 +194,23 @@ def failing_backend(gm, example_inputs):
     raise RuntimeError("injected: no working C++ compiler")
 
 
-def test_auto_compiles_a_plan_from_its_size(monkeypatch):
-    """compile='auto' compiles when the curvature targets hold at least AUTO_COMPILE_ELEMENTS
-    entries; Pair's two blocks ([W b] 4x5 each) hold 40."""
+def test_auto_compiles_a_plan_from_its_size_per_device_type(monkeypatch):
+    """compile='auto' compiles when the curvature targets hold at least the device type's
+    AUTO_COMPILE_ELEMENTS entries (Pair's two blocks, [W b] 4x5 each, hold 40), never where it is
+    None, and by default never on a CPU (compiling costs more there than the 2 s allowed)."""
     import gnfx.codegen
 
-    for threshold, compiled in ((40, True), (41, False)):
-        monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", threshold)
+    assert gnfx.codegen.AUTO_COMPILE_ELEMENTS["cpu"] is None
+    for threshold, compiled in ((40, True), (41, False), (None, False)):
+        monkeypatch.setitem(gnfx.codegen.AUTO_COMPILE_ELEMENTS, "cpu", threshold)
         c = gnfx.compile(make(Pair), optimizer="kfac")
         assert c.optimizer.update_function.compiled is compiled
+    assert gnfx.codegen.auto_compiles(2 ** 20, torch.device("cuda")) and not gnfx.codegen.auto_compiles(
+        2 ** 20 - 1, torch.device("cuda"))
     monkeypatch.undo()
     torch._dynamo.reset()
     counters.clear()
-    c = gnfx.compile(make(Pair), optimizer="rank1")  # the default, "auto", on a small model: eager
+    c = gnfx.compile(make(Pair), optimizer="rank1")  # the default, "auto", on a CPU: eager
     train(c, batches(3))
     assert counters["stats"]["unique_graphs"] == 0
 
@@ -220,7 +224,7 @@ def test_auto_runs_eagerly_when_compiling_fails_and_true_raises(monkeypatch, opt
     data = batches(4)
     eager = make(Pair)
     train(gnfx.compile(eager, optimizer=optimizer, stat_every=2, compile=False, **HP[optimizer]), data)
-    monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", 1)
+    monkeypatch.setitem(gnfx.codegen.AUTO_COMPILE_ELEMENTS, "cpu", 1)
     monkeypatch.setattr(gnfx.codegen, "BACKEND", failing_backend)
     torch._dynamo.reset()
     fallback = make(Pair)
