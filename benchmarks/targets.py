@@ -275,10 +275,11 @@ def sweep(rounds: int) -> list[dict]:
 def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
     names = list(SWEEP_TARGETS)
     lines = ["# Whole step against AdamW as the rows per step grow", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-"
-             f"{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; each cell: the median over {rounds} "
-             f"interleaved rounds of (fwd+bwd + step, averaged over stat_every={STAT_EVERY} steps) / (plain "
-             "fwd+bwd + AdamW step), then the products bound in parentheses (benchmarks/targets.py's docstring). "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
+             f"MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; "
+             f"each cell: the median over {rounds} interleaved rounds of (fwd+bwd + step, averaged over "
+             f"stat_every={STAT_EVERY} steps) / (plain fwd+bwd + AdamW step), then the products bound in "
+             "parentheses (benchmarks/targets.py's docstring). "
              "Targets at rows/width ≥ 4: " + ", ".join(f"{n} ≤ {t:.2f}" for n, t in SWEEP_TARGETS.items()) +
              "; ✓ met, ✗ missed, ✗ (bound) missed where the bound itself is above the target. gnfx defaults "
              "(compile='auto': eager on a CPU). `" + command + "`.", "",
@@ -297,7 +298,8 @@ def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
 
 def markdown(rows: dict, repeats: int) -> str:
     lines = ["# gnfx performance targets", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; medians of paired ratios over {repeats} "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
+             f"medians of paired ratios over {repeats} "
              f"interleaved rounds (forward+backward: {repeats + PAIRS} pairs); gnfx defaults (stat_every={STAT_EVERY}, "
              "compile='auto'). Targets: no-stat ≤ 1.02, stat/bound ≤ 1.15, whole step ≤ 1.10 (diag, rank1) and "
              "≤ 1.25 (kfac, shampoo), diag/AdamW ≤ 1.1, shampoo/published ≤ 0.8. \"products bound\": 1 + K-FAC's "
