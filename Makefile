@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --full
 	$(BIN)/python -m benchmarks.targets
+	$(BIN)/python -m benchmarks.compile_time
 	$(BIN)/python -m benchmarks.profile
 	$(BIN)/python -m benchmarks.overhead
 

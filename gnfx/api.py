@@ -47,11 +47,10 @@ COMMON = {
                          "'off' checks nothing (no host synchronization per step, no pass over the "
                          "gradients; non-finite values reach the parameters, as with torch.optim)",
                          "skip", ("skip", "raise", "off")),
-    # "auto": compile when the curvature targets hold at least codegen.AUTO_COMPILE_ELEMENTS
-    # entries, where the step's elementwise work (grafting, momentum, decay) dominates and fusing it
-    # pays (rank1 at width 1024: 24 ms eager, 5 ms compiled); below that, compiling costs 7-20 s once
-    # on this project's CPU for a step that is matmul- or overhead-bound. If compiling fails, "auto"
-    # warns and runs the same update eagerly; True raises.
+    # "auto": gnfx.codegen.auto_compiles decides: never on a CPU (compiling costs far more than the
+    # 2 s a first step may, benchmarks/results/compile_time.md), elsewhere when the curvature targets
+    # hold at least 2²⁰ entries. If compiling fails, "auto" warns and runs the same update eagerly;
+    # True raises.
     "compile": HParam("auto", "True, False or 'auto'", lambda x: isinstance(x, bool) or x == "auto",
                       "run the generated update function under torch.compile"),
     "statistics": HParam((), f"a tuple of names from {STATISTICS}",

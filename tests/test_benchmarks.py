@@ -105,6 +105,41 @@ def test_targets_measure_every_ratio_on_a_tiny_model(tmp_path):
     assert "| tiny |" in text and "stat / bound" in text
 
 
+def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
+    """The rows-per-step sweep runs end to end on an 8-8-8-10 MLP (figures not asserted) and its
+    bounds are the docstring's: [W b] of 8x9, 8x9, 10x9, R rows; layers 3R(64 + 64 + 80), K-FAC's
+    step Σ d_out² d_a + d_out d_a² = 2(64·9 + 8·81) + 100·9 + 10·81 = 4158 and taps R(128 + 128 +
+    164) every stat_every steps; Shampoo's step the same 4158 plus its Gram matrices, as many, on
+    statistic steps."""
+    from benchmarks import targets
+
+    monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
+    monkeypatch.setattr(targets, "SWEEP_RATIOS", (0.25, 4))
+    points = targets.sweep(rounds=1)
+    assert [p["rows"] for p in points] == [2, 32]
+    for p in points:
+        r = p["rows"]
+        assert p["bound"]["kfac"] == pytest.approx(1 + (4158 + 420 * r / targets.STAT_EVERY) / (624 * r))
+        assert p["bound"]["shampoo"] == pytest.approx(1 + 4158 * (1 + 1 / targets.STAT_EVERY) / (624 * r))
+        assert p["bound"]["diag"] == p["bound"]["rank1"] == 1 and set(p["ratio"]) == set(targets.SWEEP_TARGETS)
+    text = targets.sweep_markdown(points, 1, "python -m benchmarks.targets --sweep")
+    assert "| 32 | 4 |" in text and "--sweep" in text
+
+
+def test_compile_time_table_runs_on_a_tiny_mlp(monkeypatch):
+    """The compile-time table runs end to end (with dynamo's eager backend, not inductor, to stay fast)."""
+    import gnfx.codegen
+    from benchmarks import compile_time
+    from benchmarks.models import mlp
+
+    monkeypatch.setattr(gnfx.codegen, "BACKEND", "eager")
+    x, y = torch.randn(16, 8), torch.randint(4, (16,))
+    row = compile_time.measure(lambda: mlp([8, 8, 4]), (x, y), torch.nn.functional.cross_entropy, "kfac", window=2)
+    assert row["first_compiled_s"] > 0 and row["eager_ms"] > 0 and row["compiled_ms"] > 0
+    assert row["overhead_s"] == pytest.approx(row["first_compiled_s"] - row["first_eager_s"])
+    assert "| tiny | kfac |" in compile_time.markdown({"tiny/kfac": row}, "python -m benchmarks.compile_time")
+
+
 def test_profile_tables_run_on_a_tiny_model():
     """The profile's three tables run end to end on a tiny MLP (figures not asserted)."""
     from benchmarks import profile

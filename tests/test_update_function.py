@@ -131,7 +131,7 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     of graphs dynamo has compiled stops growing after a warm-up of 3 steps."""
     steps, warm_up = 7, 3
     data = batches(steps, classes=4)
-    hp = HP[optimizer]  # shampoo's switch to preconditioning at step 1 is one more graph (a Python flag)
+    hp = HP[optimizer]
     trajectories, graphs = {}, []
     torch._dynamo.reset()
     counters.clear()
@@ -160,23 +160,58 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     assert not torch.equal(trajectories[True][-1], trajectories[True][0])
 
 
+@pytest.mark.parametrize("optimizer", ["kfac", "shampoo", "soap", "rank1"])
+def test_the_update_compiles_once_per_value_of_collect_across_statistic_and_refresh_cycles(monkeypatch, optimizer):
+    """A backend that counts the graphs dynamo hands it: the update compiles on the first
+    statistic step (0) and the first plain step (1) and never again over 13 steps, that is four
+    stat_every=3 cycles with refreshes every 2 steps (shampoo: preconditioning starts at step 5,
+    which must not recompile) and a learning rate that changes every step."""
+    import gnfx.codegen
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(gnfx.codegen, "BACKEND", counting_backend)
+    torch._dynamo.reset()
+    hp = {"kfac": dict(inv_every=2), "shampoo": dict(precondition_frequency=2, start_preconditioning_step=5),
+          "soap": dict(precondition_frequency=2), "rank1": dict(rank=2)}[optimizer]
+    c = gnfx.compile(make(Pair), optimizer=optimizer, lr=0.05, stat_every=3, compile=True, **hp)
+    schedule = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda s: 1 / (1 + 0.5 * s))
+    counts = []
+    for x, y in batches(13, classes=4):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+        schedule.step()
+        counts.append(len(graphs))
+    assert 1 <= counts[1] <= 2 and counts[1:] == [counts[1]] * 12, counts
+    assert torch.isfinite(flat_params(c)).all()
+
+
 def failing_backend(gm, example_inputs):
     raise RuntimeError("injected: no working C++ compiler")
 
 
-def test_auto_compiles_a_plan_from_its_size(monkeypatch):
-    """compile='auto' compiles when the curvature targets hold at least AUTO_COMPILE_ELEMENTS
-    entries; Pair's two blocks ([W b] 4x5 each) hold 40."""
+def test_auto_compiles_a_plan_from_its_size_per_device_type(monkeypatch):
+    """compile='auto' compiles when the curvature targets hold at least the device type's
+    AUTO_COMPILE_ELEMENTS entries (Pair's two blocks, [W b] 4x5 each, hold 40), never where it is
+    None, and by default never on a CPU (compiling costs more there than the 2 s allowed)."""
     import gnfx.codegen
 
-    for threshold, compiled in ((40, True), (41, False)):
-        monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", threshold)
+    assert gnfx.codegen.AUTO_COMPILE_ELEMENTS["cpu"] is None
+    for threshold, compiled in ((40, True), (41, False), (None, False)):
+        monkeypatch.setitem(gnfx.codegen.AUTO_COMPILE_ELEMENTS, "cpu", threshold)
         c = gnfx.compile(make(Pair), optimizer="kfac")
         assert c.optimizer.update_function.compiled is compiled
+    assert gnfx.codegen.auto_compiles(2 ** 20, torch.device("cuda")) and not gnfx.codegen.auto_compiles(
+        2 ** 20 - 1, torch.device("cuda"))
     monkeypatch.undo()
     torch._dynamo.reset()
     counters.clear()
-    c = gnfx.compile(make(Pair), optimizer="rank1")  # the default, "auto", on a small model: eager
+    c = gnfx.compile(make(Pair), optimizer="rank1")  # the default, "auto", on a CPU: eager
     train(c, batches(3))
     assert counters["stats"]["unique_graphs"] == 0
 
@@ -190,7 +225,7 @@ def test_auto_runs_eagerly_when_compiling_fails_and_true_raises(monkeypatch, opt
     data = batches(4)
     eager = make(Pair)
     train(gnfx.compile(eager, optimizer=optimizer, stat_every=2, compile=False, **HP[optimizer]), data)
-    monkeypatch.setattr(gnfx.codegen, "AUTO_COMPILE_ELEMENTS", 1)
+    monkeypatch.setitem(gnfx.codegen.AUTO_COMPILE_ELEMENTS, "cpu", 1)
     monkeypatch.setattr(gnfx.codegen, "BACKEND", failing_backend)
     torch._dynamo.reset()
     fallback = make(Pair)

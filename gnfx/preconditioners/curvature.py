@@ -12,7 +12,9 @@ grouped by shape (gnfx.targets). A subclass supplies the batched math on a stack
 
 This base applies the common tail to every piece: heavy-ball momentum and decoupled weight decay,
 
-    m ← μ m + U,    θ ← θ (1 - η λ) - η m.
+    m ← μ m + ν U,    θ ← θ (1 - η λ) - η m
+
+(ν: the preconditioner's step-size safeguard, 1 by default), as foreach kernels over all pieces.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class CurvaturePreconditioner(Preconditioner):
         self.groups = make_groups(self.name, targets, max_block)
         # the parameter that holds each group's state in optimizer.state
         self.state_holder = {g.key: g.pieces[0].target.params[0] for g in self.groups}
+        self.writes = parameter_writes(self.groups)
 
     # --- state -----------------------------------------------------------------------------
     def factor_dtype(self, piece) -> torch.dtype:
@@ -150,8 +153,9 @@ class CurvaturePreconditioner(Preconditioner):
         if self.opt.comm is not None:
             self.opt.comm.share(group.key, tensors)
 
-    def safeguard(self, Us, Gs, lrs):
-        """A global scale ν for all of this preconditioner's steps (default 1: none)."""
+    def safeguard(self, Us, Gs, lr):
+        """A global scale ν for all of this preconditioner's steps (default 1: none); Us, Gs list the
+        directions and gradients of its groups, lr is the (pieces,) learning rates in group order."""
         return None
 
     def sum_over_owners(self, x):
@@ -160,13 +164,46 @@ class CurvaturePreconditioner(Preconditioner):
         return x if self.opt.sharded is None else self.opt.sharded.all_sum(x)
 
     # --- the common tail ---------------------------------------------------------------------
-    def apply(self, group, state, U, lr, wd) -> None:
-        """m ← μ m + U; θ ← θ(1 - ηλ) - η m, piece by piece; lr and wd are (k,) tensors."""
-        m = state["momentum"]
-        m.mul_(self.hp["momentum"]).add_(U)
-        for i, piece in enumerate(group.pieces):
-            decay = 1 - lr[i] * wd[i]
+    def apply(self, states, Us, nu, lr, wd) -> None:
+        """m ← μ m + ν U;  θ ← θ(1 - ηλ) - η m, for every piece of every group at once (foreach
+        kernels). states and Us follow self.groups; ν is the safeguard's scale (None: 1); lr and wd
+        are (pieces,) tensors in group order."""
+        ms = [s["momentum"] for s in states]
+        torch._foreach_mul_(ms, self.hp["momentum"])
+        torch._foreach_add_(ms, Us if nu is None else torch._foreach_mul(Us, nu))
+        decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
+        rows = [row for m in ms for row in m.unbind()]  # the momentum of each piece
+        params, steps, decays, lrs = [], [], [], []
+        for i, name, view, region, src in self.writes:
+            p = as_matrix(self.opt.param(name), view)
+            params.append(p if region is None else p[region])
+            steps.append(rows[i] if src is None else rows[i][src])
+            decays.append(decay[i])
+            lrs.append(neg_lr[i])
+        torch._foreach_mul_(params, decays)
+        torch._foreach_addcmul_(params, steps, lrs)
+
+
+def _covers(region, shape) -> bool:
+    """Whether indexing with `region` (slices) selects the whole of a tensor of `shape`."""
+    return len(region) == len(shape) and all(
+        isinstance(s, slice) and s.step in (None, 1) and (s.start or 0) == 0 and (s.stop is None or s.stop >= d)
+        for s, d in zip(region, shape))
+
+
+def parameter_writes(groups) -> list[tuple]:
+    """(piece number in group order, parameter name, matrix view, region of the parameter or None
+    for all of it, region of the piece or None for all of it) of every region of every piece: where
+    the tail writes each piece's step."""
+    writes = []
+    number = 0
+    for group in groups:
+        for piece in group.pieces:
+            t = piece.target
             for pos, region, src in param_regions(piece):
-                p = self.opt.param(piece.target.params[pos])
-                view = (as_matrix(p, piece.target.view) if pos == 0 else p)[region]
-                view.mul_(decay).addcmul_(m[i][src], -lr[i])
+                view = t.view if pos == 0 else ""
+                shape = (t.shape[0], t.shape[1] - 1) if t.folded_bias and pos == 0 else t.shape[:1] if pos else t.shape
+                writes.append((number, t.params[pos], view, None if _covers(region, shape) else region,
+                               None if _covers(src, group.shape) else src))
+            number += 1
+    return writes

@@ -141,16 +141,17 @@ class KFAC(CurvaturePreconditioner):
         S_inv, A_inv = state["S_inv"], state["A_inv"]
         G = G.to(S_inv.dtype)
         if A_inv.dim() == 2:  # a diagonal A, stacked (k, d_a)
-            return (S_inv @ G) * A_inv.unsqueeze(1)
+            return torch.bmm(S_inv, G) * A_inv.unsqueeze(1)  # bmm: matmul's reshapes cost dispatches
         if A_inv.dim() == 4:  # row groups, stacked (k, groups, ., .)
             groups = A_inv.shape[1]
-            return merge_groups(S_inv.flatten(0, 1) @ split_groups(G, groups) @ A_inv.flatten(0, 1), G.shape[0])
-        return S_inv @ G @ A_inv
+            return merge_groups(torch.bmm(torch.bmm(S_inv.flatten(0, 1), split_groups(G, groups)),
+                                          A_inv.flatten(0, 1)), G.shape[0])
+        return torch.bmm(torch.bmm(S_inv, G), A_inv)
 
-    def safeguard(self, Us, Gs, lrs):
+    def safeguard(self, Us, Gs, lr):
         kappa = self.hp["kl_clip"]
         if kappa == 0:
             return None
-        vfv = self.sum_over_owners(sum((lr.to(U.dtype) ** 2 * (U * G.to(U.dtype)).flatten(1).sum(1)).sum()
-                                       for U, G, lr in zip(Us, Gs, lrs)))
+        dots = torch.cat([torch.linalg.vecdot(U.flatten(1), G.to(U.dtype).flatten(1)) for U, G in zip(Us, Gs)])
+        vfv = self.sum_over_owners((lr.to(dots.dtype) ** 2 * dots).sum())  # Σ_blocks η² ⟨U, ∇W⟩
         return (kappa / vfv.abs().clamp(min=torch.finfo(vfv.dtype).tiny)).sqrt().clamp(max=1.0)

@@ -50,7 +50,7 @@ def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
     """G ×_j Pᵀ for each piece (= G ×_j P for a symmetric P), P of shape (k, d_j, d_j)."""
     X = G.movedim(j + 1, -1)
     shape = X.shape
-    return (X.reshape(shape[0], -1, shape[-1]) @ P).reshape(shape).movedim(-1, j + 1)
+    return torch.bmm(X.reshape(shape[0], -1, shape[-1]), P).reshape(shape).movedim(-1, j + 1)
 
 
 class Shampoo(CurvaturePreconditioner):
@@ -78,7 +78,10 @@ class Shampoo(CurvaturePreconditioner):
                     raise ConfigError(f"root_method='newton' computes F^(-1/r) for integer r; exponent="
                                       f"{hp['exponent']!r} gives {self.exponent(len(group.shape)):g} for the order-"
                                       f"{len(group.shape)} tensors of {group.key!r}: use root_method='eigh'")
-        self.active = False  # preconditioning started (a Python flag: one compiled graph per value)
+        # preconditioning started: a tensor, not a Python flag, so that the compiled update keeps
+        # one graph across the start (a flag would recompile at start_preconditioning_step)
+        device = optimizer.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
+        self.active = torch.zeros((), dtype=torch.bool, device=device)
 
     @classmethod
     def claims_fallback(cls, shape) -> bool:
@@ -97,8 +100,8 @@ class Shampoo(CurvaturePreconditioner):
 
     def refresh_due(self, step):
         start = self.hp["start_preconditioning_step"]
-        self.active = step >= start
-        return self.active and (step - start) % self.hp["precondition_frequency"] == 0
+        self.active.fill_(step >= start)
+        return step >= start and (step - start) % self.hp["precondition_frequency"] == 0
 
     def refresh(self):
         for group in self.groups:
@@ -127,9 +130,8 @@ class Shampoo(CurvaturePreconditioner):
         Gf = G.to(state["factor0"].dtype)
         order = Gf.dim() - 1
         D = graft_direction(self.hp["graft"], Gf, state, self.hp["betas"][1], self.hp["eps"])
-        if not self.active:
-            return D
         P = Gf
         for j in range(order):
             P = mode_product(P, state[f"root{j}"], j)
-        return P if self.hp["graft"] == "none" else graft(P, D)
+        # before the start the grafted direction alone (the roots are still the identity)
+        return torch.where(self.active, P if self.hp["graft"] == "none" else graft(P, D), D)
