@@ -29,7 +29,7 @@ import torch
 
 import gnfx
 import benchmarks.targets
-from benchmarks.targets import CLOCKS, RESULTS, STAT_EVERY, models
+from benchmarks.targets import RESULTS, STAT_EVERY, add_timing_arguments, models, use_timing_arguments
 
 PRECONDITIONERS = ("kfac", "shampoo", "soap", "rank1")
 STEADY = 2 * STAT_EVERY  # steps before the steady-state window (past Shampoo's start at step 10)
@@ -88,17 +88,11 @@ def main(argv=None) -> dict:
                         help="a subset of: digits_mlp, digits_cnn, char_gpt, mlp1024, mlp2048")
     parser.add_argument("--preconditioners", nargs="+", default=list(PRECONDITIONERS))
     parser.add_argument("--window", type=int, default=STAT_EVERY, help="steps of the steady-state window")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed machine, "
-                        "where two-thread kernels wait for each other's time slices)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="clock of the update's steady-state time; 'cpu' needs --threads 1")
+    add_timing_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu measures one thread: pass --threads 1")
-    benchmarks.targets.clock = CLOCKS[args.clock]
+    use_timing_arguments(parser, args)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gnfx_compile_time_")  # cold, as for a new user
-    torch.set_num_threads(args.threads)
     rows = {}
     for name, make, batch, loss_fn in models():
         if name not in args.models:

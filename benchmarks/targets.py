@@ -320,6 +320,23 @@ def markdown(rows: dict, repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_timing_arguments(parser) -> None:
+    """--threads and --clock, shared by the benchmarks that time steps (this file, compile_time.py)."""
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed machine, "
+                        "where two-thread kernels wait for each other's time slices)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="'cpu': this thread's CPU seconds (needs --threads 1), for a shared machine")
+
+
+def use_timing_arguments(parser, args) -> None:
+    """Set this module's clock and torch's threads from `add_timing_arguments`' options."""
+    global clock
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: pass --threads 1")
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -327,17 +344,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep", action="store_true", help="only the rows-per-step sweep")
     parser.add_argument("--sweep-rounds", type=int, default=5)
     parser.add_argument("--no-sweep", action="store_true", help="only the models' table")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed machine, "
-                        "where two-thread kernels wait for each other's time slices)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="'cpu': this thread's CPU seconds (needs --threads 1), for a shared machine")
+    add_timing_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu measures one thread: pass --threads 1")
-    global clock
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(args.threads)
+    use_timing_arguments(parser, args)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {}
     if not args.sweep:
