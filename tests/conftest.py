@@ -11,7 +11,8 @@ def intra_op_threads():
     small tensors, and on the project's 2-core machines two spinning intra-op threads made them
     5-70x slower whenever other work shared the cores, hence one by default; CI runs the suite once
     more with OMP_NUM_THREADS=2 (.ci/run), so that a result which depends on how a reduction is split
-    across threads fails there too (test_distributed's processes set their threads themselves)."""
+    across threads fails there too; that run leaves out the modules marked `thread_independent`
+    (worker processes that set their threads themselves, smoke runs of examples and benchmarks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
     yield

@@ -19,6 +19,8 @@ from benchmarks.run import Mode, run  # noqa: E402
 from benchmarks.tasks import TASKS  # noqa: E402
 from benchmarks.train import RunResult, train  # noqa: E402
 
+pytestmark = pytest.mark.thread_independent  # smoke runs of the benchmark harness; no figure is asserted (tests/conftest.py)
+
 TINY = Mode("tiny", grid=False, quick_targets=True, stop_at_target=False, time_budget=10.0, max_steps=2)
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 import gnfx
 
+pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
+
 STEPS = 7
 HPARAMS = {"lr": 1e-2, "stat_every": 2}
 EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "start_preconditioning_step": 2},

@@ -26,6 +26,8 @@ from torch.distributed.fsdp import fully_shard
 import gnfx
 import gnfx.preconditioners.shampoo as shampoo_module
 
+pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
+
 STEPS, CUT = 7, 4
 HPARAMS = {"lr": 1e-2, "stat_every": 2, "weight_decay": 0.1}
 # SOAP runs Adam in the eigenbasis of its factors, which is arbitrary inside a factor's null space
