@@ -98,14 +98,14 @@ class CompiledModel(nn.Module):
         collects statistics, the instrumented graph runs. Always eagerly, also inside
         `torch.compile(compiled_model)`: the taps record `a` with Python side effects and register the
         gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
-        opt = self.optimizer
-        if self.training and torch.is_grad_enabled() and not self._variants.captured:
+        opt = self.optimizer  # a training call (`_statistic_call`): training mode, gradients enabled
+        if not self._variants.captured:
             self._variants.capture(args, kwargs)  # lazy capture, from the first training call
-        if self.training and opt.statistic_step and torch.is_grad_enabled():
+        if opt.statistic_step:
             if opt.collecting and self._fsdp:
                 unshard_for_graph(self)  # then the check binds the unsharded parameters in the graphs
             self._check_registrations()
-        if self.training and opt.collecting and torch.is_grad_enabled():
+        if opt.collecting:
             store = opt.statistics
             store.forward_id += 1
             opt.collected = True
