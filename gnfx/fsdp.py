@@ -23,6 +23,12 @@ What each rank r keeps and computes:
        θ_r ← θ_r (1 - ηλ) + Δ_r to its own shard, the arithmetic of one process, row by row.
   A refresh needs no communication: its owner is the only rank that holds the target's roots, so
   a failed decomposition keeps the last good root there, which is everywhere it is used.
+* Bases the taps read (EKFAC measures s = E_n[(Q_Sᵀ g_n Q_A)²] in every block's eigenbasis on
+  every rank's local batch: `CurvaturePreconditioner.tap_state`): every rank keeps a copy of the
+  bases of the blocks it does not own. On a step whose refresh may change them
+  (`tap_bases_due`) the owner appends its blocks' Q_S, Q_A to what it sends every other rank in
+  the updates' all-to-all (step 3), so no collective is added; loading a checkpoint (which holds
+  the bases on their owners only) sends them once in one all-to-all (`share_bases`).
 * Parameters no target claims (the diagonal preconditioner, AdamW or the Fisher diagonal) are
   elementwise: each rank updates its own rows, with moments the size of its shard.
 * A safeguard that sums over all blocks (K-FAC's KL clipping) adds the owners' partial sums in
@@ -30,11 +36,10 @@ What each rank r keeps and computes:
   so that every rank skips the same steps.
 
 Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
-(the taps fill them from the local batch before the all-reduce), the diagonal preconditioner's
-moments of the local rows, and during the step the full gradient and stand-in of each owned
-target (gnfx.cost's `plan_cost(world_size=W)` states it per preconditioner). Not supported: a
-preconditioner whose taps need the refreshed state of every block on every rank (ekfac, see
-`CurvaturePreconditioner.unshardable`), meshes other than one dimension, shards other than
+(the taps fill them from the local batch before the all-reduce), the copies of the other blocks'
+bases (ekfac), the diagonal preconditioner's moments of the local rows, and during the step the
+full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_size=W)` states it
+per preconditioner). Not supported: meshes other than one dimension, shards other than
 dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
 blocks of only some of them (their scalar all-reduces would be issued in different orders).
 """
@@ -95,6 +100,11 @@ def rows(d0: int, world: int, rank: int) -> slice:
     return slice(start, min(start + size, d0))
 
 
+def identity(shape, dtype, device) -> torch.Tensor:
+    """Identity matrices of shape (..., d, d)."""
+    return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
+
+
 def _has_safeguard(pre) -> bool:
     """Whether a curvature preconditioner scales its steps by a sum over all its blocks."""
     return type(pre).safeguard is not CurvaturePreconditioner.safeguard
@@ -129,10 +139,6 @@ class ShardedStep:
     def __init__(self, opt, live: dict):
         if opt.steps:
             raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
-        for pre in opt.curvature:
-            if pre.unshardable:
-                raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, "
-                                  f"shampoo, soap, rank1 or diag for these blocks")
         guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
         if len(guarded) > 1:
             raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "
@@ -154,6 +160,9 @@ class ShardedStep:
         self.device = local(next(iter(params.values()))).device  # where the collectives' buffers live
         self.opt = opt
         self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
+        # before the first step the only state is what the taps' first backward created under the
+        # unsharded parameters (EKFAC's initial bases, for the whole plan): rebuilt below per owner
+        opt.state.clear()
         renamed = {id(opt._named[n]): p for n, p in params.items()}
         for g in opt.param_groups:
             g["params"] = [renamed[id(p)] for p in g["params"]]
@@ -176,7 +185,7 @@ class ShardedStep:
         self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params]
                              for r in range(self.world)]
         self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
-        rebuilt = []
+        rebuilt, plan = [], opt.curvature
         for pre in opt.curvature:
             mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
             rebuilt.append(_constructor(type(pre), pre.name)(pre.hp, [t.block for t in mine if t.block is not None],
@@ -187,12 +196,77 @@ class ShardedStep:
         kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
         kept |= {b.name for pre in opt.elementwise for b in pre.blocks}
         self.kept_blocks = kept
+        self._replicate_bases(opt, [(plan.index(pre), t) for pre, t in targets], owner)
         # gradients and updates travel, and learning rates and weight decays are applied, in float64
         # when a curvature parameter is float64, else float32 (as the update function's lr tensors)
         wide = any(opt._named[n].dtype == torch.float64 for n in self.group_param)
         self.dtype = torch.float64 if wide else torch.float32
         with torch.no_grad():
             opt._views.update({n: local(opt._named[n]) for n in self.elementwise})
+
+    def _replicate_bases(self, opt, targets, owner) -> None:
+        """The bases the taps measure statistics in (EKFAC's Q_S, Q_A: `BlockStatistics.basis`), for
+        every block on every rank: the owner's preconditioner publishes its own blocks' bases, and this
+        rank keeps a copy (`replicas`) of every other block's, identity until its owner first sends it.
+        `targets`: (index of the target's preconditioner in opt.curvature, target name)."""
+        stats = opt.statistics.blocks
+        self.basis_blocks = [(t, i) for i, t in targets if t in stats and "eigen_diag" in stats[t].needs]
+        self.replicas = {}
+        for block, _ in self.basis_blocks:
+            if owner[block] == self.rank:
+                continue
+            s = stats[block]
+            shapes = s.layout.factor_shapes()
+            replica = (identity(shapes["S"], s.dtype, self.device),
+                       None if s.layout.diagonal_A else identity(shapes["A"], s.dtype, self.device))
+            self.replicas[block] = replica
+            s.basis = lambda replica=replica: replica
+        self.basis_owner = {block: owner[block] for block, _ in self.basis_blocks}
+
+    def _bases(self, block) -> list:
+        """The basis tensors of a block the taps read (its owner's state, or this rank's copy)."""
+        return [t for t in self.opt.statistics[block].basis() if t is not None]
+
+    def _due_bases(self) -> list[str]:
+        """The blocks whose bases this step's refresh may have changed (the same on every rank)."""
+        return [b for b, i in self.basis_blocks if self.opt.curvature[i].tap_bases_due()]
+
+    @torch.no_grad()
+    def share_bases(self, blocks=None) -> None:
+        """Send the bases of `blocks` (default: all of them) from their owners to every rank, in one
+        all-to-all (after loading a checkpoint, which holds the bases only on their owners)."""
+        blocks = [b for b, _ in self.basis_blocks] if blocks is None else blocks
+        if not blocks:
+            return
+        received = self._all_to_all([t for s in range(self.world) for t in self._send_bases(blocks, s)],
+                                    [self._bases_size(blocks, self.rank, s) for s in range(self.world)],
+                                    [self._bases_size(blocks, r, self.rank) for r in range(self.world)])
+        offset = 0
+        for r in range(self.world):
+            offset = self._receive_bases(received, offset, blocks, r)
+
+    def _bases_size(self, blocks, sender: int, receiver: int) -> int:
+        """Entries of the bases `sender` owns among `blocks` that it sends to `receiver` (none to itself)."""
+        if sender == receiver:
+            return 0
+        return sum(t.numel() for b in blocks if self.basis_owner[b] == sender for t in self._bases(b))
+
+    def _send_bases(self, blocks, receiver: int) -> list:
+        if receiver == self.rank:
+            return []
+        return [t.reshape(-1).to(self.dtype)
+                for b in blocks if self.basis_owner[b] == self.rank for t in self._bases(b)]
+
+    def _receive_bases(self, received, offset: int, blocks, sender: int) -> int:
+        """Copy the bases `sender` sent into this rank's copies; returns the offset past them."""
+        if sender == self.rank:
+            return offset
+        for b in blocks:
+            if self.basis_owner[b] == sender:
+                for t in self._bases(b):
+                    t.copy_(received[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+        return offset
 
     # --- what the optimizer asks -------------------------------------------------------------
     def local_rows(self, name: str) -> slice:
@@ -261,11 +335,14 @@ class ShardedStep:
             if not pre.groups and _has_safeguard(pre):
                 pre.safeguard([], [], [])
         mine = self.owned_params[me]
+        bases = self._due_bases()  # refreshed bases travel with the updates, to every other rank
         received = self._all_to_all(
-            [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.dtype)
-             for s in range(self.world) for n in mine],
-            [sum(self._entries(n, s) for n in mine) for s in range(self.world)],
-            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)])
+            [t for s in range(self.world)
+             for t in [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.dtype) for n in mine]
+             + self._send_bases(bases, s)],
+            [sum(self._entries(n, s) for n in mine) + self._bases_size(bases, me, s) for s in range(self.world)],
+            [sum(self._entries(n, me) for n in self.owned_params[r]) + self._bases_size(bases, r, me)
+             for r in range(self.world)])
         offset = 0
         for r in range(self.world):
             for n in self.owned_params[r]:
@@ -278,6 +355,7 @@ class ShardedStep:
                               for k in ("lr", "weight_decay"))
                     shard.mul_(1 - lr * wd)
                 shard.add_(delta)
+            offset = self._receive_bases(received, offset, bases, r)
         for n in mine:
             del views[n]
         for n in self.elementwise:  # the views stay (their state is shaped like them), not the gradients

@@ -267,6 +267,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
             self.quadratic.load_state_dict(gnfx_state["quadratic"])
+        if self.sharded is not None:  # every rank's taps read the bases only their owners' checkpoints hold
+            self.sharded.share_bases()
 
     def _expected_state(self) -> dict[int, dict]:
         """id(parameter) -> {state key: (shape, dtype) of a tensor, or None for a number}: the state
