@@ -45,6 +45,7 @@ blocks of only some of them (their scalar all-reduces would be issued in differe
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -91,6 +92,29 @@ def unshard_for_graph(compiled) -> None:
     still = [n for n, p in compiled.named_parameters() if p.requires_grad and isinstance(p, DTensor)]
     if still:
         raise GnfxError(f"parameters {still[:5]} are still sharded in the forward; {ORDER}")
+
+
+def without_fsdp_hooks(module, memo=None):
+    """A view of `module` in which fully_shard's forward hooks do not run: the same parameter,
+    buffer and submodule objects under registries of its own (so torch.func.functional_call swaps
+    tensors in the view only), and no forward hooks on the modules fully_shard was applied to
+    (their pre-forward hook would put its own all-gathered parameters in place of the full ones
+    functional_call gives; gnfx.quadratic_step). Frozen parameters, which no caller gives, are
+    all-gathered whole (one collective each). Shared submodules stay shared."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    view = copy.copy(module)  # an FSDP module's copy is of its original class (FSDPModule.__new__)
+    memo[id(module)] = view
+    view._parameters = {k: p.full_tensor() if isinstance(p, DTensor) and not p.requires_grad else p
+                        for k, p in module._parameters.items()}
+    view._buffers = dict(module._buffers)
+    view._modules = {k: None if m is None else without_fsdp_hooks(m, memo) for k, m in module._modules.items()}
+    if isinstance(module, FSDPModule):
+        for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            setattr(view, hooks, type(getattr(module, hooks))())
+    return view
 
 
 def rows(d0: int, world: int, rank: int) -> slice:
@@ -278,6 +302,31 @@ class ShardedStep:
         buffer = torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(1).clone()
         dist.all_reduce(buffer, group=self.group)
         return buffer[0].to(dtype)
+
+    def whole(self, shards: list) -> list:
+        """The full tensors of these local shards of the parameters (rows of dimension 0, one list
+        per parameter in the optimizer's order, concatenated: [θ_r, g_r, ...]), in one all_gather
+        (each rank's shards padded to the largest rank's total)."""
+        names = list(self.opt._named)
+        dtype = shards[0].dtype
+        for t in shards:
+            dtype = torch.promote_types(dtype, t.dtype)
+        longest = max(sum(self._entries(names[i % len(names)], r) for i in range(len(shards)))
+                      for r in range(self.world))
+        buffer = torch.zeros(longest, dtype=dtype, device=self.device)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in shards])
+        buffer[:flat.numel()] = flat
+        gathered = [torch.empty_like(buffer) for _ in range(self.world)]
+        dist.all_gather(gathered, buffer, group=self.group)
+        out = [torch.empty(self.opt._named[names[i % len(names)]].shape, dtype=t.dtype, device=self.device)
+               for i, t in enumerate(shards)]
+        for r, received in enumerate(gathered):
+            offset = 0
+            for full in out:
+                region = full[rows(full.shape[0], self.world, r)]
+                region.copy_(received[offset:offset + region.numel()].view(region.shape))
+                offset += region.numel()
+        return out
 
     def agree(self, problem: str) -> str:
         """The non-finite check of all ranks: skip everywhere when one rank found a problem."""

@@ -82,9 +82,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed and due:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
-                if self.quadratic is not None:
-                    raise ConfigError("step='quadratic' does not run under FSDP2 yet (its GGN products replay the "
-                                      "forward on the full parameters): pass step='lr' and an lr")
                 self.sharded = ShardedStep(self, live)
 
     @property
@@ -196,16 +193,17 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self._apply_chain()
         else:
             self.quadratic.step(self._apply_chain, loss, closure)
-        if self.sharded is not None:
-            self.sharded.end()
         self.steps += 1
         return loss
 
     def _apply_chain(self) -> None:
-        """The update chain of every preconditioner, applied to the parameters."""
+        """The update chain of every preconditioner, applied to the parameters (under FSDP2: the
+        owners' updates sent to the shards, gnfx.fsdp)."""
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update()
+        if self.sharded is not None:
+            self.sharded.end()
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one

@@ -36,6 +36,8 @@ HPARAMS = {"lr": 1e-2, "stat_every": 2, "weight_decay": 0.1}
 EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "start_preconditioning_step": 2},
          "rank1": {}, "diag": {"source": "fisher"}, "soap": {"stat_every": 1}, "ekfac": {"inv_every": 3}}
 OPTIMIZERS = list(EXTRA)
+# K-FAC's default step with a loss and no lr: α, μ and λ from the exact GGN model (gnfx.quadratic_step)
+QUADRATIC = {"loss": "cross_entropy", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1}
 
 
 def make_model(optimizer):
@@ -49,8 +51,8 @@ def make_model(optimizer):
     return model.double()
 
 
-def compile_model(optimizer):
-    return gnfx.compile(make_model(optimizer), optimizer, **{**HPARAMS, **EXTRA[optimizer]})
+def compile_model(optimizer, hparams=None):
+    return gnfx.compile(make_model(optimizer), optimizer, **(hparams or {**HPARAMS, **EXTRA[optimizer]}))
 
 
 def data():
@@ -86,8 +88,8 @@ def state_bytes(optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def sharded(optimizer):
-    compiled = compile_model(optimizer)
+def sharded(optimizer, hparams=None):
+    compiled = compile_model(optimizer, hparams)
     fully_shard(compiled.get_submodule("2"))  # a block the instrumented graph traces through
     fully_shard(compiled)
     return compiled
@@ -125,6 +127,9 @@ def worker(rank, world, port, out):
                                   "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes, "kept_bytes": kept,
                                   "cost_per_rank": compiled.cost(world_size=world).rank_memory_bytes,
                                   "bytes": compiled.optimizer.sharded.bytes_communicated}
+        quadratic = sharded("kfac", QUADRATIC)
+        train(quadratic, xs, ys)
+        results["quadratic"] = {n: p.full_tensor() for n, p in quadratic.named_parameters()}
         results["failure"] = failed_refresh_keeps_root(xs, ys)
         results["non_finite"] = non_finite_on_one_rank_skips_everywhere(rank, xs, ys)
         try:
@@ -213,6 +218,18 @@ def test_two_sharded_ranks_equal_one_process_on_the_concatenated_batch(two_ranks
     assert result["kept_bytes"] == result["cost_per_rank"]
     # gradients in and updates out for the curvature targets; diag's step is local to the shards
     assert (result["bytes"] > 0) == (optimizer != "diag")
+
+
+def test_the_quadratic_model_step_of_two_sharded_ranks_is_that_of_one_process(two_ranks):
+    """α, μ and λ from the GGN of the global batch: b and the damping term from the whole vectors,
+    the GGN term averaged over the ranks' batches (one all-reduce), the same step on every rank."""
+    single = compile_model("kfac", QUADRATIC)
+    xs, ys = data()
+    train(single, xs, ys)
+    assert single.optimizer.last_step["alphas"]  # the quadratic step ran
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(two_ranks["quadratic"][name], p.detach(), rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_a_failed_decomposition_keeps_the_last_good_root(two_ranks):
