@@ -1,6 +1,6 @@
 """Optimizer state per rank under FSDP2 (gnfx.fsdp) against one process, on the char GPT.
 
-    torchrun --nproc_per_node=2 -m benchmarks.fsdp_memory [--optimizers kfac shampoo] [--steps 4]
+    torchrun --nproc_per_node=2 -m benchmarks.fsdp_memory [--optimizers kfac shampoo ekfac] [--steps 4]
 
 Each optimizer trains the char GPT of benchmarks/tasks.py (2 layers, d_model 64, context 64,
 65 characters) for a few steps twice: sharded with `fully_shard` on its blocks and the root
@@ -8,7 +8,8 @@ Each optimizer trains the char GPT of benchmarks/tasks.py (2 layers, d_model 64,
 prints the bytes of optimizer state each rank holds (every tensor of `optimizer.state_dict()`:
 factors, roots, momenta, grafting and Adam moments, statistics), their ratio to the single
 process's, the cost model's figures per rank (`model.cost(world_size=W).rank_memory_bytes`, which
-also count the statistic accumulators every rank keeps for its local batch), and the bytes of one
+also count the statistic accumulators every rank keeps for its local batch, and ekfac's copies of
+the bases of the blocks other ranks own), and the bytes of one
 step's all-to-alls (gradients in, updates out) and statistics all-reduce.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def train(compiled, tokens, steps):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizers", nargs="+", default=["kfac", "shampoo"])
+    parser.add_argument("--optimizers", nargs="+", default=["kfac", "shampoo", "ekfac"])
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     dist.init_process_group("gloo")

@@ -31,6 +31,16 @@ What each rank r keeps and computes:
   the bases on their owners only) sends them once in one all-to-all (`share_bases`).
 * Parameters no target claims (the diagonal preconditioner, AdamW or the Fisher diagonal) are
   elementwise: each rank updates its own rows, with moments the size of its shard.
+* The quadratic-model step (gnfx.quadratic_step) needs the exact GGN products J v through the
+  whole model at the whole parameters: the local rows of θ, g, Δ and δ are gathered whole in one
+  all_gather (`whole`), and torch.func's jvp runs on each rank's local batch through
+  `without_fsdp_hooks(model)`, a view of the model without fully_shard's forward hooks: their
+  pre-forward hook sets the module's parameters to its own all-gathered ones, over the full tensors
+  functional_call puts there, so that a jvp through the hooked model would see no tangent (and
+  fails on the DTensors). M and b are averaged over the ranks in one all-reduce, the actual
+  reduction in one more, and each rank applies its rows of s = αΔ + μδ. During the step every rank
+  holds θ, g, Δ, δ and the k tangents' outputs whole: not streamed block by block as FSDP's own
+  forward is (that would need the jvp inside fully_shard's unshard/reshard hooks).
 * A safeguard that sums over all blocks (K-FAC's KL clipping) adds the owners' partial sums in
   one scalar all-reduce, and the non-finite check (nan_policy) agrees in one scalar all-reduce,
   so that every rank skips the same steps.
@@ -39,8 +49,14 @@ Memory per rank: the owned targets' state and statistics, the statistic accumula
 (the taps fill them from the local batch before the all-reduce), the copies of the other blocks'
 bases (ekfac), the diagonal preconditioner's moments of the local rows, and during the step the
 full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_size=W)` states it
-per preconditioner). Not supported: meshes other than one dimension, shards other than
-dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
+per preconditioner). Checkpoints: each rank's `optimizer.state_dict()` (the state of the targets
+it owns, its rows of the elementwise moments and of δ) with its parameter shards resumes bit for
+bit, on the same world size. torch.distributed.checkpoint (DCP) does not fit that state as it is:
+DCP treats every plain tensor as replicated and keeps one rank's copy of each key, but the
+elementwise moments, δ and the statistics' update counters are per-rank tensors under the same keys;
+and its loader needs a state of the right shapes to load into, which `get_optimizer_state_dict`
+makes with a fake `step()` on zero gradients (for gnfx, a real step that folds statistics and
+counts). Not supported: meshes other than one dimension, shards other than dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
 blocks of only some of them (their scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations

@@ -44,7 +44,9 @@ bounded): pass a closure then.
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
-local batches, so that every rank takes the same step.
+local batches, so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
+are first gathered whole and the products run through the model without fully_shard's hooks
+(gnfx.fsdp); each rank applies its rows of the step.
 """
 from __future__ import annotations
 
