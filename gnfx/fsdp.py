@@ -52,11 +52,11 @@ full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_si
 per preconditioner). Checkpoints: each rank's `optimizer.state_dict()` (the state of the targets
 it owns, its rows of the elementwise moments and of δ) with its parameter shards resumes bit for
 bit, on the same world size. torch.distributed.checkpoint (DCP) does not fit that state as it is:
-DCP treats every plain tensor as replicated and keeps one rank's copy of each key, but the
-elementwise moments, δ and the statistics' update counters are per-rank tensors under the same keys;
-and its loader needs a state of the right shapes to load into, which `get_optimizer_state_dict`
-makes with a fake `step()` on zero gradients (for gnfx, a real step that folds statistics and
-counts). Not supported: meshes other than one dimension, shards other than dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
+`get_optimizer_state_dict` keeps only "state" and "param_groups" (gnfx's step counters, averaged
+statistics and quadratic-step state are dropped) and makes the state to load into with a fake
+`step()` on zero gradients (for gnfx a real step, counted); and DCP treats every plain tensor as
+replicated, keeping one rank's copy of each key, while the elementwise moments, δ and the
+statistics' update counters are per-rank tensors under the same keys. Not supported: meshes other than one dimension, shards other than dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
 blocks of only some of them (their scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations
