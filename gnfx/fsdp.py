@@ -8,9 +8,10 @@ leaves each gradient, averaged over the ranks, sharded the same way.
 
 What each rank r keeps and computes:
 
-* Statistics: the taps record a, δ of the local batch; the statistics of all blocks are averaged
-  over ranks in one all-reduce per statistic step (gnfx.distributed), and each rank keeps the
-  averages only of the blocks it owns (and the Fisher diagonals its elementwise step reads).
+* Statistics: the taps record a, δ of the local batch; per statistic step one all-to-all reduces
+  them to the ranks that keep them (`average_statistics`: Σ_r N_r F_r / Σ_r N_r, as
+  gnfx.distributed): each block's owner, and every rank for the Fisher diagonals its elementwise
+  step reads. Each rank keeps the averages only of those blocks.
 * Curvature targets (a block's [W b], or a loose tensor Shampoo claims) are owned by one rank
   each, assigned greedily by the size of their state (Σ_j d_j² + Π_j d_j: factors or roots per
   mode, and the momentum), largest first to the least-loaded rank. The owner keeps the target's
@@ -56,8 +57,11 @@ bit, on the same world size. torch.distributed.checkpoint (DCP) does not fit tha
 statistics and quadratic-step state are dropped) and makes the state to load into with a fake
 `step()` on zero gradients (for gnfx a real step, counted); and DCP treats every plain tensor as
 replicated, keeping one rank's copy of each key, while the elementwise moments, δ and the
-statistics' update counters are per-rank tensors under the same keys. Not supported: meshes other than one dimension, shards other than dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
-blocks of only some of them (their scalar all-reduces would be issued in different orders).
+statistics' update counters are per-rank tensors under the same keys.
+
+Not supported: meshes other than one dimension, shards other than dimension 0, and more than one
+preconditioner with a cross-block safeguard on ranks that own blocks of only some of them (their
+scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations
 
@@ -200,6 +204,7 @@ class ShardedStep:
         self.device = local(next(iter(params.values()))).device  # where the collectives' buffers live
         self.opt = opt
         self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
+        self.statistics_bytes = 0  # sent to other ranks since creation: statistics to the ranks that keep them
         # before the first step the only state is what the taps' first backward created under the
         # unsharded parameters (EKFAC's initial bases, for the whole plan): rebuilt below per owner
         opt.state.clear()
@@ -233,9 +238,10 @@ class ShardedStep:
         opt.curvature = rebuilt  # opt.preconditioners stays the whole plan (model.cost, the report)
         opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
         self.elementwise = [n for n in opt._named if n not in self.group_param]
-        kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
-        kept |= {b.name for pre in opt.elementwise for b in pre.blocks}
-        self.kept_blocks = kept
+        # the blocks whose averaged statistics each rank keeps: its targets' and the elementwise ones
+        everywhere = {b.name for pre in opt.elementwise for b in pre.blocks}
+        self.kept_by = [{by_name[t].block.name for _, t in targets if owner[t] == r and by_name[t].block} | everywhere
+                        for r in range(self.world)]
         self._replicate_bases(opt, [(plan.index(pre), t) for pre, t in targets], owner)
         # gradients and updates travel, and learning rates and weight decays are applied, in float64
         # when a curvature parameter is float64, else float32 (as the update function's lr tensors)
@@ -349,9 +355,40 @@ class ShardedStep:
         anywhere = self.all_sum(1.0 if problem else 0.0)
         return problem or ("a non-finite gradient or statistic on another rank" if anywhere > 0 else "")
 
-    def own_statistics(self, batches: dict) -> dict:
-        """The averaged statistics of the blocks this rank uses; the others are not kept."""
-        return {b: v for b, v in batches.items() if b in self.kept_blocks}
+    @torch.no_grad()
+    def average_statistics(self, batches: dict, examples: dict) -> dict:
+        """The statistics of the concatenated batch, Σ_r N_r F_r / Σ_r N_r (gnfx.distributed), of the
+        blocks this rank keeps (`kept_by`), reduced to the ranks that keep them: in one all-to-all each
+        rank sends every other rank the N_r F_r and N_r of the blocks that rank keeps, and each adds
+        what it receives to its own (each owned block's statistics cross the network once, (W-1)/W of
+        them per rank, where an all-reduce would give every rank every block's). `batches` maps
+        block -> {name: tensor}, `examples` block -> N_r; every rank holds the same blocks and names."""
+        if not any(self.kept_by):
+            return {}
+
+        def payload(r):  # what this rank sends rank r: N_r-weighted statistics, then the N_r
+            blocks = [b for b in sorted(batches) if b in self.kept_by[r]]
+            return [batches[b][k].reshape(-1) * examples[b] for b in blocks for k in sorted(batches[b])] + [
+                torch.tensor([float(examples[b]) for b in blocks], dtype=self.dtype, device=self.device)]
+        parts = [payload(r) for r in range(self.world)]
+        sizes = [sum(t.numel() for t in part) for part in parts]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for part in parts for t in part) else self.dtype
+        sent = self.bytes_communicated
+        received = self._all_to_all([t for part in parts for t in part], sizes, [sizes[self.rank]] * self.world,
+                                    dtype=dtype, skip=False)
+        self.statistics_bytes += self.bytes_communicated - sent  # counted apart from gradients and updates
+        self.bytes_communicated = sent
+        total = received.view(self.world, -1).sum(0)  # Σ over the ranks, in rank order
+        blocks = [b for b in sorted(batches) if b in self.kept_by[self.rank]]
+        counts = total[total.numel() - len(blocks):].tolist()
+        out, offset = {}, 0
+        for b, n in zip(blocks, counts):
+            out[b] = {}
+            for k in sorted(batches[b]):
+                t = batches[b][k]
+                out[b][k] = (total[offset:offset + t.numel()].view(t.shape) / n).to(t.dtype)
+                offset += t.numel()
+        return out
 
     # --- the step ----------------------------------------------------------------------------
     def _entries(self, name: str, rank: int) -> int:
@@ -426,13 +463,15 @@ class ShardedStep:
         for n in self.elementwise:  # the views stay (their state is shaped like them), not the gradients
             views[n].grad = None
 
-    def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list) -> torch.Tensor:
-        """One all_to_all_single of the concatenated `send` (no collective when no rank owns any
-        curvature target: a plan of elementwise preconditioners only)."""
-        out = torch.empty(sum(recv_sizes), dtype=self.dtype, device=self.device)
-        if not any(self.owned_params):
+    def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list, dtype=None, skip=None) -> torch.Tensor:
+        """One all_to_all_single of the concatenated `send`, in `dtype` (default: that of the updates),
+        unless `skip` (default: when no rank owns any curvature target, a plan of elementwise
+        preconditioners only), which must be the same on every rank."""
+        dtype = dtype or self.dtype
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=self.device)
+        if (not any(self.owned_params)) if skip is None else skip:
             return out
-        inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
+        inp = torch.cat([t.to(dtype) for t in send]) if send else torch.empty(0, dtype=dtype, device=self.device)
         self.bytes_communicated += (inp.numel() - send_sizes[self.rank]) * inp.element_size()
         dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=self.group)
         return out

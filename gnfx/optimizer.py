@@ -164,10 +164,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
-        if batches and self.comm is not None:
+        if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
+            batches = self.sharded.average_statistics(batches, self.statistics.examples())
+        elif batches and self.comm is not None:
             batches = self.comm.average_statistics(batches, self.statistics.examples())
-        if batches and self.sharded is not None:
-            batches = self.sharded.own_statistics(batches)
         problem = self._non_finite(batches) if self.nan_policy != "off" else ""
         if self.sharded is not None and self.nan_policy != "off":
             problem = self.sharded.agree(problem)

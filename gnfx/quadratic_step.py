@@ -210,8 +210,9 @@ class QuadraticStep:
         theta_values, previous, sharded = before, self.previous, self.opt.sharded
         if sharded is not None:  # the model of the whole parameters, the same on every rank (gnfx.fsdp)
             whole = sharded.whole([*proposal, *grads, *before, *(previous or [])])
-            n = len(names)
-            proposal, grads, theta_values, previous = whole[:n], whole[n:2 * n], whole[2 * n:3 * n], whole[3 * n:] or None
+            p = len(names)
+            proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
+            previous = whole[3 * p:] or None
         parts = self._parts(names, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None

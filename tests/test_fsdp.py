@@ -88,6 +88,19 @@ def state_bytes(optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def statistics_sent(optimizer, world: int) -> int:
+    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and N_r (float64)
+    to the ranks that keep it, counted from the single process's statistics: from the W - 1 other
+    ranks to the owner of a curvature block, from every rank to every other for a block of the
+    elementwise preconditioner (every rank keeps its statistics)."""
+    everywhere = {b.name for pre in optimizer.elementwise for b in pre.blocks}
+    total = 0
+    for name, stats in optimizer.statistics.blocks.items():
+        copies = world * (world - 1) if name in everywhere else world - 1
+        total += stats.updates * (sum(v.numel() for v in stats.values.values()) + 1) * copies * 8
+    return total
+
+
 def sharded(optimizer, hparams=None):
     compiled = compile_model(optimizer, hparams)
     fully_shard(compiled.get_submodule("2"))  # a block the instrumented graph traces through
@@ -123,10 +136,13 @@ def worker(rank, world, port, out):
             sizes, kept = [None] * world, [None] * world
             dist.all_gather_object(sizes, state_bytes(compiled.optimizer))
             dist.all_gather_object(kept, kept_bytes(compiled.optimizer))
+            sent = [None] * world
+            dist.all_gather_object(sent, compiled.optimizer.sharded.statistics_bytes)
             results[optimizer] = {"params": {n: p.full_tensor() for n, p in compiled.named_parameters()},
                                   "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes, "kept_bytes": kept,
                                   "cost_per_rank": compiled.cost(world_size=world).rank_memory_bytes,
-                                  "bytes": compiled.optimizer.sharded.bytes_communicated}
+                                  "bytes": compiled.optimizer.sharded.bytes_communicated,
+                                  "statistics_bytes": sum(sent)}
         quadratic = sharded("kfac", QUADRATIC)
         train(quadratic, xs, ys)
         results["quadratic"] = {n: p.full_tensor() for n, p in quadratic.named_parameters()}
@@ -218,6 +234,8 @@ def test_two_sharded_ranks_equal_one_process_on_the_concatenated_batch(two_ranks
     assert result["kept_bytes"] == result["cost_per_rank"]
     # gradients in and updates out for the curvature targets; diag's step is local to the shards
     assert (result["bytes"] > 0) == (optimizer != "diag")
+    # the statistics reach only the ranks that keep them
+    assert result["statistics_bytes"] == statistics_sent(single.optimizer, 2)
 
 
 def test_the_quadratic_model_step_of_two_sharded_ranks_is_that_of_one_process(two_ranks):
