@@ -342,13 +342,18 @@ class ShardedStep:
         dist.all_gather(gathered, buffer, group=self.group)
         out = [torch.empty(self.opt._named[names[i % len(names)]].shape, dtype=t.dtype, device=self.device)
                for i, t in enumerate(shards)]
-        for r, received in enumerate(gathered):
-            offset = 0
-            for full in out:
-                region = full[rows(full.shape[0], self.world, r)]
-                region.copy_(received[offset:offset + region.numel()].view(region.shape))
-                offset += region.numel()
+        self._assemble(out, gathered)
         return out
+
+    def _assemble(self, fulls: list, chunks: list) -> None:
+        """Write into the rows of each tensor of `fulls` that rank r holds the entries from the start of
+        `chunks[r]` (rank r's rows of each of them, flattened, one after the other)."""
+        for r, chunk in enumerate(chunks):
+            offset = 0
+            for full in fulls:
+                region = full[rows(full.shape[0], self.world, r)]
+                region.copy_(chunk[offset:offset + region.numel()].view(region.shape))
+                offset += region.numel()
 
     def agree(self, problem: str) -> str:
         """The non-finite check of all ranks: skip everywhere when one rank found a problem."""
@@ -413,17 +418,12 @@ class ShardedStep:
             p = opt._named[n]
             return (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1).to(self.dtype)
 
+        sizes = [sum(self._entries(n, s) for n in mine) for s in range(self.world)]
         received = self._all_to_all(
             [local_grad(n) for r in range(self.world) for n in self.owned_params[r]],
-            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)],
-            [sum(self._entries(n, s) for n in mine) for s in range(self.world)])
-        offset = 0
+            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)], sizes)
         full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=self.device) for n in mine}
-        for s in range(self.world):
-            for n in mine:
-                region = full[n][rows(full[n].shape[0], self.world, s)]
-                region.copy_(received[offset:offset + region.numel()].view(region.shape))
-                offset += region.numel()
+        self._assemble(list(full.values()), received.split(sizes))
         for n in mine:
             views[n] = torch.zeros_like(full[n])
             views[n].grad = full[n]
