@@ -183,6 +183,10 @@ class ShardedStep:
     def __init__(self, opt, live: dict):
         if opt.steps:
             raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
+        if opt.comm is None:
+            raise ConfigError("distributed='off' keeps gnfx from communicating, which its step on sharded "
+                              "parameters must (owners receive gradients and statistics and send updates; the "
+                              "quadratic-model step averages its coefficients): leave distributed at its default")
         guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
         if len(guarded) > 1:
             raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "
@@ -213,8 +217,7 @@ class ShardedStep:
             g["params"] = [renamed[id(p)] for p in g["params"]]
         opt._named = params
         opt._groups_seen = None
-        if opt.comm is not None:
-            opt.comm.partition_refresh = False  # each owner refreshes its own targets
+        opt.comm.partition_refresh = False  # each owner refreshes its own targets
         self._assign(opt)
 
     def _assign(self, opt) -> None:

@@ -8,7 +8,7 @@ replicated (the ranks' states add up to the single process's); a checkpoint take
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
 on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
 every rank; each rank keeps the bytes the cost model says; and the unsupported (compiling a sharded
-model, sharding blocks but not the compiled model) is refused with the reason.
+model, sharding blocks but not the compiled model, distributed='off') is refused with the reason.
 """
 from __future__ import annotations
 
@@ -152,6 +152,11 @@ def worker(rank, world, port, out):
             gnfx.compile(fully_shard(make_model("kfac")), "kfac")
         except gnfx.ConfigError as error:
             results["reverse_order"] = str(error)
+        silent = sharded("kfac", {**HPARAMS, "distributed": "off"})
+        try:
+            train(silent, xs[:1], ys[:1])
+        except gnfx.ConfigError as error:
+            results["off"] = str(error)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -262,6 +267,10 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_rank
 
 def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
     assert "call gnfx.compile on the unsharded model first, then fully_shard" in two_ranks["reverse_order"]
+
+
+def test_distributed_off_is_refused_under_fsdp2(two_ranks):
+    assert "distributed='off' keeps gnfx from communicating" in two_ranks["off"]
 
 
 def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):
