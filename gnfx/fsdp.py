@@ -65,7 +65,6 @@ scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -124,7 +123,9 @@ def without_fsdp_hooks(module, memo=None):
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    view = copy.copy(module)  # an FSDP module's copy is of its original class (FSDPModule.__new__)
+    # of the module's own class, without fully_shard's FSDP<class> (whose __new__ would call __init__)
+    view = object.__new__(next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)))
+    view.__dict__.update(module.__dict__)
     memo[id(module)] = view
     view._parameters = {k: p.full_tensor() if isinstance(p, DTensor) and not p.requires_grad else p
                         for k, p in module._parameters.items()}

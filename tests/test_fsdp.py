@@ -103,7 +103,8 @@ def statistics_sent(optimizer, world: int) -> int:
 
 def sharded(optimizer, hparams=None):
     compiled = compile_model(optimizer, hparams)
-    fully_shard(compiled.get_submodule("2"))  # a block the instrumented graph traces through
+    fully_shard(compiled.get_submodule("0"))  # a layer and a block the instrumented graph traces through
+    fully_shard(compiled.get_submodule("2"))
     fully_shard(compiled)
     return compiled
 
