@@ -47,7 +47,7 @@ What each rank r keeps and computes:
   so that every rank skips the same steps.
 
 Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
-(the taps fill them from the local batch before the all-reduce), the copies of the other blocks'
+(the taps fill them from the local batch before they are reduced to the owners), the copies of the other blocks'
 bases (ekfac), the diagonal preconditioner's moments of the local rows, and during the step the
 full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_size=W)` states it
 per preconditioner). Checkpoints: each rank's `optimizer.state_dict()` (the state of the targets
@@ -282,10 +282,10 @@ class ShardedStep:
         return [b for b, i in self.basis_blocks if self.opt.curvature[i].tap_bases_due()]
 
     @torch.no_grad()
-    def share_bases(self, blocks=None) -> None:
-        """Send the bases of `blocks` (default: all of them) from their owners to every rank, in one
-        all-to-all (after loading a checkpoint, which holds the bases only on their owners)."""
-        blocks = [b for b, _ in self.basis_blocks] if blocks is None else blocks
+    def share_bases(self) -> None:
+        """Send every block's bases from its owner to every rank, in one all-to-all (after loading a
+        checkpoint, which holds the bases only on their owners)."""
+        blocks = [b for b, _ in self.basis_blocks]
         if not blocks:
             return
         received = self._all_to_all([t for s in range(self.world) for t in self._send_bases(blocks, s)],
