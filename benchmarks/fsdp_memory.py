@@ -1,6 +1,6 @@
 """Optimizer state per rank under FSDP2 (gnfx.fsdp) against one process, on the char GPT.
 
-    torchrun --nproc_per_node=2 -m benchmarks.fsdp_memory [--optimizers kfac shampoo] [--steps 4]
+    torchrun --nproc_per_node=2 -m benchmarks.fsdp_memory [--optimizers kfac shampoo ekfac] [--steps 4]
 
 Each optimizer trains the char GPT of benchmarks/tasks.py (2 layers, d_model 64, context 64,
 65 characters) for a few steps twice: sharded with `fully_shard` on its blocks and the root
@@ -8,8 +8,9 @@ Each optimizer trains the char GPT of benchmarks/tasks.py (2 layers, d_model 64,
 prints the bytes of optimizer state each rank holds (every tensor of `optimizer.state_dict()`:
 factors, roots, momenta, grafting and Adam moments, statistics), their ratio to the single
 process's, the cost model's figures per rank (`model.cost(world_size=W).rank_memory_bytes`, which
-also count the statistic accumulators every rank keeps for its local batch), and the bytes of one
-step's all-to-alls (gradients in, updates out) and statistics all-reduce.
+also count the statistic accumulators every rank keeps for its local batch, and ekfac's copies of
+the bases of the blocks other ranks own), and the bytes of one
+step's all-to-alls (gradients in, updates out, and the statistics to the ranks that keep them).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def train(compiled, tokens, steps):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizers", nargs="+", default=["kfac", "shampoo"])
+    parser.add_argument("--optimizers", nargs="+", default=["kfac", "shampoo", "ekfac"])
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -60,9 +61,9 @@ def main() -> None:
         fully_shard(compiled)
         train(compiled, mine, args.steps)
         sharded = compiled.optimizer.sharded
-        before = (sharded.bytes_communicated, compiled.optimizer.comm.bytes_communicated)
+        before = (sharded.bytes_communicated, sharded.statistics_bytes)
         train(compiled, mine, 1)
-        step_bytes = (sharded.bytes_communicated - before[0], compiled.optimizer.comm.bytes_communicated - before[1])
+        step_bytes = (sharded.bytes_communicated - before[0], sharded.statistics_bytes - before[1])
         measured = [None] * world
         dist.all_gather_object(measured, state_bytes(compiled.optimizer))
         if rank == 0:
@@ -77,7 +78,7 @@ def main() -> None:
                   + "; cost model per rank: " + ", ".join(f"{m / 2**20:.2f} MiB ({m / whole:.2f}x)"
                                                           for m in model.rank_memory_bytes)
                   + f"; one step sends {step_bytes[0] / 2**10:.0f} KiB in the all-to-alls and "
-                  f"{step_bytes[1] / 2**10:.0f} KiB in the statistics all-reduce (rank 0)", flush=True)
+                  f"{step_bytes[1] / 2**10:.0f} KiB of statistics (rank 0)", flush=True)
         dist.barrier()
     dist.destroy_process_group()
 

@@ -64,7 +64,8 @@ def main() -> None:
           f"{compiled.cost(world_size=1).rank_memory_bytes[0] / 1024:.1f} KiB by the cost model, this rank "
           f"{compiled.cost(world_size=world).rank_memory_bytes[rank] / 1024:.1f} KiB); "
           f"{opt.sharded.bytes_communicated / args.steps / 1024:.1f} KiB of gradients and updates per step, "
-          f"{opt.comm.bytes_communicated / 1024:.1f} KiB of statistics in all", flush=True)
+          f"{opt.sharded.statistics_bytes / 1024:.1f} KiB of statistics (to the ranks that keep them) in all",
+          flush=True)
     path = os.path.join(tempfile.gettempdir(), f"gnfx_fsdp_checkpoint_rank{rank}.pt")
     torch.save({"shards": {n: p.to_local() for n, p in compiled.named_parameters()},
                 "optimizer": opt.state_dict()}, path)

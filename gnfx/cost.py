@@ -498,14 +498,16 @@ def _flops(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool) -> sp.Expr:
+def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool, tap_state=()) -> sp.Expr:
     """The bytes of a row that every rank keeps whole under FSDP2 (gnfx.fsdp): for a curvature
-    preconditioner the statistic accumulators the taps fill from the local batch (the owner keeps
-    the rest), for the elementwise diag all its statistics (only its moments are sharded)."""
+    preconditioner the statistic accumulators the taps fill from the local batch and the state its
+    taps read (`tap_state`: EKFAC's bases; the owner keeps the rest), for the elementwise diag all
+    its statistics (only its moments are sharded)."""
     if g.kind == "tensor":  # a loose parameter: no tap statistics
         return sp.Integer(0)
     if curvature:
-        return sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) * sizes[FACTOR]
+        copies = sum((f.state[k][0] for k in tap_state if k in f.state), sp.Integer(0))
+        return (sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) + copies) * sizes[FACTOR]
     return sum((e * sizes[s] for e, s in f.statistics.values()), sp.Integer(0))
 
 
@@ -517,7 +519,8 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     (`formulas[name]["memory_per_rank"]`, as (owner, other ranks) for a curvature preconditioner):
     kfac, ekfac, shampoo, soap, rank1: M on the rank that owns the block (its statistics' averages,
     factors, roots and momentum live there only), and on every other rank the statistic
-    accumulators M_acc the taps fill from the local batch; diag: (M - M_stat) / W + M_stat (its
+    accumulators M_acc the taps fill from the local batch (ekfac: and a copy of the bases Q_S, Q_A
+    its taps measure in); diag: (M - M_stat) / W + M_stat (its
     moments are shaped like the rank's n_r = ⌈d_0/W⌉ rows, its statistics M_stat are whole).
     `rank_memory_bytes` of each row and of the plan give the numbers per rank, with the owners
     gnfx.fsdp assigns.
@@ -559,8 +562,8 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
         values[name][SYMBOLS["W"]] = world_size
         memory = int(numbers.memory(sizes))
         curvature_row = name in owners
-        whole = _fsdp_memory(symbolic_formulas, symbolic, needs, sizes, curvature_row)
-        everywhere = int(_fsdp_memory(numbers, geometry, needs, sizes, curvature_row))
+        whole = _fsdp_memory(symbolic_formulas, symbolic, needs, sizes, curvature_row, getattr(pre, "tap_state", ()))
+        everywhere = int(_fsdp_memory(numbers, geometry, needs, sizes, curvature_row, getattr(pre, "tap_state", ())))
         if curvature_row:  # all of it on the owner, the accumulators on the others
             forms[name]["memory_per_rank"] = (forms[name]["memory"], whole)
             per_rank = tuple(memory if r == owners[name] else everywhere for r in range(world_size))

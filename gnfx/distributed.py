@@ -14,9 +14,9 @@ gnfx adds two things, both with torch.distributed collectives (no communication 
   state tensor, every rank contributing zeros where it is not the owner. With
   `partition_refresh=False` every rank computes everything and nothing is communicated.
 
-Every rank then applies the same update. Under FSDP2 (sharded parameters) statistics are averaged
-the same way, and each block's refresh and update belong to one owner (gnfx.fsdp); multi-node only
-changes the process group.
+Every rank then applies the same update. Under FSDP2 (sharded parameters) each block's statistics,
+refresh and update belong to one owner, and the statistics are reduced to it in one all-to-all
+(gnfx.fsdp); multi-node only changes the process group.
 """
 from __future__ import annotations
 

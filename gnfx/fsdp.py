@@ -8,9 +8,10 @@ leaves each gradient, averaged over the ranks, sharded the same way.
 
 What each rank r keeps and computes:
 
-* Statistics: the taps record a, δ of the local batch; the statistics of all blocks are averaged
-  over ranks in one all-reduce per statistic step (gnfx.distributed), and each rank keeps the
-  averages only of the blocks it owns (and the Fisher diagonals its elementwise step reads).
+* Statistics: the taps record a, δ of the local batch; per statistic step one all-to-all reduces
+  them to the ranks that keep them (`average_statistics`: Σ_r N_r F_r / Σ_r N_r, as
+  gnfx.distributed): each block's owner, and every rank for the Fisher diagonals its elementwise
+  step reads. Each rank keeps the averages only of those blocks.
 * Curvature targets (a block's [W b], or a loose tensor Shampoo claims) are owned by one rank
   each, assigned greedily by the size of their state (Σ_j d_j² + Π_j d_j: factors or roots per
   mode, and the momentum), largest first to the least-loaded rank. The owner keeps the target's
@@ -23,20 +24,44 @@ What each rank r keeps and computes:
        θ_r ← θ_r (1 - ηλ) + Δ_r to its own shard, the arithmetic of one process, row by row.
   A refresh needs no communication: its owner is the only rank that holds the target's roots, so
   a failed decomposition keeps the last good root there, which is everywhere it is used.
+* Bases the taps read (EKFAC measures s = E_n[(Q_Sᵀ g_n Q_A)²] in every block's eigenbasis on
+  every rank's local batch: `CurvaturePreconditioner.tap_state`): every rank keeps a copy of the
+  bases of the blocks it does not own. On a step whose refresh may change them
+  (`tap_bases_due`) the owner appends its blocks' Q_S, Q_A to what it sends every other rank in
+  the updates' all-to-all (step 3), so no collective is added; loading a checkpoint (which holds
+  the bases on their owners only) sends them once in one all-to-all (`share_bases`).
 * Parameters no target claims (the diagonal preconditioner, AdamW or the Fisher diagonal) are
   elementwise: each rank updates its own rows, with moments the size of its shard.
+* The quadratic-model step (gnfx.quadratic_step) needs the exact GGN products J v through the
+  whole model at the whole parameters: the local rows of θ, g, Δ and δ are gathered whole in one
+  all_gather (`whole`), and torch.func's jvp runs on each rank's local batch through
+  `without_fsdp_hooks(model)`, a view of the model without fully_shard's forward hooks: their
+  pre-forward hook sets the module's parameters to its own all-gathered ones, over the full tensors
+  functional_call puts there, so that a jvp through the hooked model would see no tangent (and
+  fails on the DTensors). M and b are averaged over the ranks in one all-reduce, the actual
+  reduction in one more, and each rank applies its rows of s = αΔ + μδ. During the step every rank
+  holds θ, g, Δ, δ and the k tangents' outputs whole: not streamed block by block as FSDP's own
+  forward is (that would need the jvp inside fully_shard's unshard/reshard hooks).
 * A safeguard that sums over all blocks (K-FAC's KL clipping) adds the owners' partial sums in
   one scalar all-reduce, and the non-finite check (nan_policy) agrees in one scalar all-reduce,
   so that every rank skips the same steps.
 
 Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
-(the taps fill them from the local batch before the all-reduce), the diagonal preconditioner's
-moments of the local rows, and during the step the full gradient and stand-in of each owned
-target (gnfx.cost's `plan_cost(world_size=W)` states it per preconditioner). Not supported: a
-preconditioner whose taps need the refreshed state of every block on every rank (ekfac, see
-`CurvaturePreconditioner.unshardable`), meshes other than one dimension, shards other than
-dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
-blocks of only some of them (their scalar all-reduces would be issued in different orders).
+(the taps fill them from the local batch before they are reduced to the owners), the copies of the other blocks'
+bases (ekfac), the diagonal preconditioner's moments of the local rows, and during the step the
+full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_size=W)` states it
+per preconditioner). Checkpoints: each rank's `optimizer.state_dict()` (the state of the targets
+it owns, its rows of the elementwise moments and of δ) with its parameter shards resumes bit for
+bit, on the same world size. torch.distributed.checkpoint (DCP) does not fit that state as it is:
+`get_optimizer_state_dict` keeps only "state" and "param_groups" (gnfx's step counters, averaged
+statistics and quadratic-step state are dropped) and makes the state to load into with a fake
+`step()` on zero gradients (for gnfx a real step, counted); and DCP treats every plain tensor as
+replicated, keeping one rank's copy of each key, while the elementwise moments, δ and the
+statistics' update counters are per-rank tensors under the same keys.
+
+Not supported: meshes other than one dimension, shards other than dimension 0, and more than one
+preconditioner with a cross-block safeguard on ranks that own blocks of only some of them (their
+scalar all-reduces would be issued in different orders).
 """
 from __future__ import annotations
 
@@ -88,11 +113,41 @@ def unshard_for_graph(compiled) -> None:
         raise GnfxError(f"parameters {still[:5]} are still sharded in the forward; {ORDER}")
 
 
+def without_fsdp_hooks(module, memo=None):
+    """A view of `module` in which fully_shard's forward hooks do not run: the same parameter,
+    buffer and submodule objects under registries of its own (so torch.func.functional_call swaps
+    tensors in the view only), and no forward hooks on the modules fully_shard was applied to
+    (their pre-forward hook would put its own all-gathered parameters in place of the full ones
+    functional_call gives; gnfx.quadratic_step). Frozen parameters, which no caller gives, are
+    all-gathered whole (one collective each). Shared submodules stay shared."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    # of the module's own class, without fully_shard's FSDP<class> (whose __new__ would call __init__)
+    view = object.__new__(next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)))
+    view.__dict__.update(module.__dict__)
+    memo[id(module)] = view
+    view._parameters = {k: p.full_tensor() if isinstance(p, DTensor) and not p.requires_grad else p
+                        for k, p in module._parameters.items()}
+    view._buffers = dict(module._buffers)
+    view._modules = {k: None if m is None else without_fsdp_hooks(m, memo) for k, m in module._modules.items()}
+    if isinstance(module, FSDPModule):
+        for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            setattr(view, hooks, type(getattr(module, hooks))())
+    return view
+
+
 def rows(d0: int, world: int, rank: int) -> slice:
     """The rows of dimension 0 that rank `rank` holds under FSDP2's even sharding (torch.chunk)."""
     size = -(-d0 // world)
     start = min(rank * size, d0)
     return slice(start, min(start + size, d0))
+
+
+def identity(shape, dtype, device) -> torch.Tensor:
+    """Identity matrices of shape (..., d, d)."""
+    return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
 
 
 def _has_safeguard(pre) -> bool:
@@ -129,10 +184,10 @@ class ShardedStep:
     def __init__(self, opt, live: dict):
         if opt.steps:
             raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
-        for pre in opt.curvature:
-            if pre.unshardable:
-                raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, "
-                                  f"shampoo, soap, rank1 or diag for these blocks")
+        if opt.comm is None:
+            raise ConfigError("distributed='off' keeps gnfx from communicating, which its step on sharded "
+                              "parameters must (owners receive gradients and statistics and send updates; the "
+                              "quadratic-model step averages its coefficients): leave distributed at its default")
         guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
         if len(guarded) > 1:
             raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "
@@ -154,13 +209,16 @@ class ShardedStep:
         self.device = local(next(iter(params.values()))).device  # where the collectives' buffers live
         self.opt = opt
         self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
+        self.statistics_bytes = 0  # sent to other ranks since creation: statistics to the ranks that keep them
+        # before the first step the only state is what the taps' first backward created under the
+        # unsharded parameters (EKFAC's initial bases, for the whole plan): rebuilt below per owner
+        opt.state.clear()
         renamed = {id(opt._named[n]): p for n, p in params.items()}
         for g in opt.param_groups:
             g["params"] = [renamed[id(p)] for p in g["params"]]
         opt._named = params
         opt._groups_seen = None
-        if opt.comm is not None:
-            opt.comm.partition_refresh = False  # each owner refreshes its own targets
+        opt.comm.partition_refresh = False  # each owner refreshes its own targets
         self._assign(opt)
 
     def _assign(self, opt) -> None:
@@ -176,7 +234,7 @@ class ShardedStep:
         self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params]
                              for r in range(self.world)]
         self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
-        rebuilt = []
+        rebuilt, plan = [], opt.curvature
         for pre in opt.curvature:
             mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
             rebuilt.append(_constructor(type(pre), pre.name)(pre.hp, [t.block for t in mine if t.block is not None],
@@ -184,15 +242,81 @@ class ShardedStep:
         opt.curvature = rebuilt  # opt.preconditioners stays the whole plan (model.cost, the report)
         opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
         self.elementwise = [n for n in opt._named if n not in self.group_param]
-        kept = {t.block.name for pre in rebuilt for g in pre.groups for p in g.pieces for t in [p.target] if t.block}
-        kept |= {b.name for pre in opt.elementwise for b in pre.blocks}
-        self.kept_blocks = kept
+        # the blocks whose averaged statistics each rank keeps: its targets' and the elementwise ones
+        everywhere = {b.name for pre in opt.elementwise for b in pre.blocks}
+        self.kept_by = [{by_name[t].block.name for _, t in targets if owner[t] == r and by_name[t].block} | everywhere
+                        for r in range(self.world)]
+        self._replicate_bases(opt, [(plan.index(pre), t) for pre, t in targets], owner)
         # gradients and updates travel, and learning rates and weight decays are applied, in float64
         # when a curvature parameter is float64, else float32 (as the update function's lr tensors)
         wide = any(opt._named[n].dtype == torch.float64 for n in self.group_param)
         self.dtype = torch.float64 if wide else torch.float32
         with torch.no_grad():
             opt._views.update({n: local(opt._named[n]) for n in self.elementwise})
+
+    def _replicate_bases(self, opt, targets, owner) -> None:
+        """The bases the taps measure statistics in (EKFAC's Q_S, Q_A: `BlockStatistics.basis`), for
+        every block on every rank: the owner's preconditioner publishes its own blocks' bases, and this
+        rank keeps a copy (`replicas`) of every other block's, identity until its owner first sends it.
+        `targets`: (index of the target's preconditioner in opt.curvature, target name)."""
+        stats = opt.statistics.blocks
+        self.basis_blocks = [(t, i) for i, t in targets if t in stats and "eigen_diag" in stats[t].needs]
+        self.replicas = {}
+        for block, _ in self.basis_blocks:
+            if owner[block] == self.rank:
+                continue
+            s = stats[block]
+            shapes = s.layout.factor_shapes()
+            replica = (identity(shapes["S"], s.dtype, self.device),
+                       None if s.layout.diagonal_A else identity(shapes["A"], s.dtype, self.device))
+            self.replicas[block] = replica
+            s.basis = lambda replica=replica: replica
+        self.basis_owner = {block: owner[block] for block, _ in self.basis_blocks}
+
+    def _bases(self, block) -> list:
+        """The basis tensors of a block the taps read (its owner's state, or this rank's copy)."""
+        return [t for t in self.opt.statistics[block].basis() if t is not None]
+
+    def _due_bases(self) -> list[str]:
+        """The blocks whose bases this step's refresh may have changed (the same on every rank)."""
+        return [b for b, i in self.basis_blocks if self.opt.curvature[i].tap_bases_due()]
+
+    @torch.no_grad()
+    def share_bases(self) -> None:
+        """Send every block's bases from its owner to every rank, in one all-to-all (after loading a
+        checkpoint, which holds the bases only on their owners)."""
+        blocks = [b for b, _ in self.basis_blocks]
+        if not blocks:
+            return
+        received = self._all_to_all([t for s in range(self.world) for t in self._send_bases(blocks, s)],
+                                    [self._bases_size(blocks, self.rank, s) for s in range(self.world)],
+                                    [self._bases_size(blocks, r, self.rank) for r in range(self.world)])
+        offset = 0
+        for r in range(self.world):
+            offset = self._receive_bases(received, offset, blocks, r)
+
+    def _bases_size(self, blocks, sender: int, receiver: int) -> int:
+        """Entries of the bases `sender` owns among `blocks` that it sends to `receiver` (none to itself)."""
+        if sender == receiver:
+            return 0
+        return sum(t.numel() for b in blocks if self.basis_owner[b] == sender for t in self._bases(b))
+
+    def _send_bases(self, blocks, receiver: int) -> list:
+        if receiver == self.rank:
+            return []
+        return [t.reshape(-1).to(self.dtype)
+                for b in blocks if self.basis_owner[b] == self.rank for t in self._bases(b)]
+
+    def _receive_bases(self, received, offset: int, blocks, sender: int) -> int:
+        """Copy the bases `sender` sent into this rank's copies; returns the offset past them."""
+        if sender == self.rank:
+            return offset
+        for b in blocks:
+            if self.basis_owner[b] == sender:
+                for t in self._bases(b):
+                    t.copy_(received[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+        return offset
 
     # --- what the optimizer asks -------------------------------------------------------------
     def local_rows(self, name: str) -> slice:
@@ -205,14 +329,75 @@ class ShardedStep:
         dist.all_reduce(buffer, group=self.group)
         return buffer[0].to(dtype)
 
+    def whole(self, shards: list) -> list:
+        """The full tensors of these local shards of the parameters (rows of dimension 0, one list
+        per parameter in the optimizer's order, concatenated: [θ_r, g_r, ...]), in one all_gather
+        (each rank's shards padded to the largest rank's total)."""
+        names = list(self.opt._named)
+        dtype = shards[0].dtype
+        for t in shards:
+            dtype = torch.promote_types(dtype, t.dtype)
+        longest = max(sum(self._entries(names[i % len(names)], r) for i in range(len(shards)))
+                      for r in range(self.world))
+        buffer = torch.zeros(longest, dtype=dtype, device=self.device)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in shards])
+        buffer[:flat.numel()] = flat
+        gathered = [torch.empty_like(buffer) for _ in range(self.world)]
+        dist.all_gather(gathered, buffer, group=self.group)
+        out = [torch.empty(self.opt._named[names[i % len(names)]].shape, dtype=t.dtype, device=self.device)
+               for i, t in enumerate(shards)]
+        self._assemble(out, gathered)
+        return out
+
+    def _assemble(self, fulls: list, chunks: list) -> None:
+        """Write into the rows of each tensor of `fulls` that rank r holds the entries from the start of
+        `chunks[r]` (rank r's rows of each of them, flattened, one after the other)."""
+        for r, chunk in enumerate(chunks):
+            offset = 0
+            for full in fulls:
+                region = full[rows(full.shape[0], self.world, r)]
+                region.copy_(chunk[offset:offset + region.numel()].view(region.shape))
+                offset += region.numel()
+
     def agree(self, problem: str) -> str:
         """The non-finite check of all ranks: skip everywhere when one rank found a problem."""
         anywhere = self.all_sum(1.0 if problem else 0.0)
         return problem or ("a non-finite gradient or statistic on another rank" if anywhere > 0 else "")
 
-    def own_statistics(self, batches: dict) -> dict:
-        """The averaged statistics of the blocks this rank uses; the others are not kept."""
-        return {b: v for b, v in batches.items() if b in self.kept_blocks}
+    @torch.no_grad()
+    def average_statistics(self, batches: dict, examples: dict) -> dict:
+        """The statistics of the concatenated batch, Σ_r N_r F_r / Σ_r N_r (gnfx.distributed), of the
+        blocks this rank keeps (`kept_by`), reduced to the ranks that keep them: in one all-to-all each
+        rank sends every other rank the N_r F_r and N_r of the blocks that rank keeps, and each adds
+        what it receives to its own (each owned block's statistics cross the network once, (W-1)/W of
+        them per rank, where an all-reduce would give every rank every block's). `batches` maps
+        block -> {name: tensor}, `examples` block -> N_r; every rank holds the same blocks and names."""
+        if not any(self.kept_by):
+            return {}
+
+        def payload(r):  # what this rank sends rank r: N_r-weighted statistics, then the N_r
+            blocks = [b for b in sorted(batches) if b in self.kept_by[r]]
+            return [batches[b][k].reshape(-1) * examples[b] for b in blocks for k in sorted(batches[b])] + [
+                torch.tensor([float(examples[b]) for b in blocks], dtype=self.dtype, device=self.device)]
+        parts = [payload(r) for r in range(self.world)]
+        sizes = [sum(t.numel() for t in part) for part in parts]
+        dtype = torch.float64 if any(t.dtype == torch.float64 for part in parts for t in part) else self.dtype
+        sent = self.bytes_communicated
+        received = self._all_to_all([t for part in parts for t in part], sizes, [sizes[self.rank]] * self.world,
+                                    dtype=dtype, skip=False)
+        self.statistics_bytes += self.bytes_communicated - sent  # counted apart from gradients and updates
+        self.bytes_communicated = sent
+        total = received.view(self.world, -1).sum(0)  # Σ over the ranks, in rank order
+        blocks = [b for b in sorted(batches) if b in self.kept_by[self.rank]]
+        counts = total[total.numel() - len(blocks):].tolist()
+        out, offset = {}, 0
+        for b, n in zip(blocks, counts):
+            out[b] = {}
+            for k in sorted(batches[b]):
+                t = batches[b][k]
+                out[b][k] = (total[offset:offset + t.numel()].view(t.shape) / n).to(t.dtype)
+                offset += t.numel()
+        return out
 
     # --- the step ----------------------------------------------------------------------------
     def _entries(self, name: str, rank: int) -> int:
@@ -237,17 +422,12 @@ class ShardedStep:
             p = opt._named[n]
             return (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1).to(self.dtype)
 
+        sizes = [sum(self._entries(n, s) for n in mine) for s in range(self.world)]
         received = self._all_to_all(
             [local_grad(n) for r in range(self.world) for n in self.owned_params[r]],
-            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)],
-            [sum(self._entries(n, s) for n in mine) for s in range(self.world)])
-        offset = 0
+            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)], sizes)
         full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=self.device) for n in mine}
-        for s in range(self.world):
-            for n in mine:
-                region = full[n][rows(full[n].shape[0], self.world, s)]
-                region.copy_(received[offset:offset + region.numel()].view(region.shape))
-                offset += region.numel()
+        self._assemble(list(full.values()), received.split(sizes))
         for n in mine:
             views[n] = torch.zeros_like(full[n])
             views[n].grad = full[n]
@@ -261,11 +441,14 @@ class ShardedStep:
             if not pre.groups and _has_safeguard(pre):
                 pre.safeguard([], [], [])
         mine = self.owned_params[me]
+        bases = self._due_bases()  # refreshed bases travel with the updates, to every other rank
         received = self._all_to_all(
-            [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.dtype)
-             for s in range(self.world) for n in mine],
-            [sum(self._entries(n, s) for n in mine) for s in range(self.world)],
-            [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)])
+            [t for s in range(self.world)
+             for t in [views[n][rows(views[n].shape[0], self.world, s)].reshape(-1).to(self.dtype) for n in mine]
+             + self._send_bases(bases, s)],
+            [sum(self._entries(n, s) for n in mine) + self._bases_size(bases, me, s) for s in range(self.world)],
+            [sum(self._entries(n, me) for n in self.owned_params[r]) + self._bases_size(bases, r, me)
+             for r in range(self.world)])
         offset = 0
         for r in range(self.world):
             for n in self.owned_params[r]:
@@ -278,18 +461,21 @@ class ShardedStep:
                               for k in ("lr", "weight_decay"))
                     shard.mul_(1 - lr * wd)
                 shard.add_(delta)
+            offset = self._receive_bases(received, offset, bases, r)
         for n in mine:
             del views[n]
         for n in self.elementwise:  # the views stay (their state is shaped like them), not the gradients
             views[n].grad = None
 
-    def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list) -> torch.Tensor:
-        """One all_to_all_single of the concatenated `send` (no collective when no rank owns any
-        curvature target: a plan of elementwise preconditioners only)."""
-        out = torch.empty(sum(recv_sizes), dtype=self.dtype, device=self.device)
-        if not any(self.owned_params):
+    def _all_to_all(self, send: list, send_sizes: list, recv_sizes: list, dtype=None, skip=None) -> torch.Tensor:
+        """One all_to_all_single of the concatenated `send`, in `dtype` (default: that of the updates),
+        unless `skip` (default: when no rank owns any curvature target, a plan of elementwise
+        preconditioners only), which must be the same on every rank."""
+        dtype = dtype or self.dtype
+        out = torch.empty(sum(recv_sizes), dtype=dtype, device=self.device)
+        if (not any(self.owned_params)) if skip is None else skip:
             return out
-        inp = torch.cat(send) if send else torch.empty(0, dtype=self.dtype, device=self.device)
+        inp = torch.cat([t.to(dtype) for t in send]) if send else torch.empty(0, dtype=dtype, device=self.device)
         self.bytes_communicated += (inp.numel() - send_sizes[self.rank]) * inp.element_size()
         dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=self.group)
         return out

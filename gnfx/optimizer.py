@@ -82,9 +82,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed and due:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
-                if self.quadratic is not None:
-                    raise ConfigError("step='quadratic' does not run under FSDP2 yet (its GGN products replay the "
-                                      "forward on the full parameters): pass step='lr' and an lr")
                 self.sharded = ShardedStep(self, live)
 
     @property
@@ -167,10 +164,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
-        if batches and self.comm is not None:
+        if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
+            batches = self.sharded.average_statistics(batches, self.statistics.examples())
+        elif batches and self.comm is not None:
             batches = self.comm.average_statistics(batches, self.statistics.examples())
-        if batches and self.sharded is not None:
-            batches = self.sharded.own_statistics(batches)
         problem = self._non_finite(batches) if self.nan_policy != "off" else ""
         if self.sharded is not None and self.nan_policy != "off":
             problem = self.sharded.agree(problem)
@@ -196,16 +193,17 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self._apply_chain()
         else:
             self.quadratic.step(self._apply_chain, loss, closure)
-        if self.sharded is not None:
-            self.sharded.end()
         self.steps += 1
         return loss
 
     def _apply_chain(self) -> None:
-        """The update chain of every preconditioner, applied to the parameters."""
+        """The update chain of every preconditioner, applied to the parameters (under FSDP2: the
+        owners' updates sent to the shards, gnfx.fsdp)."""
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update()
+        if self.sharded is not None:
+            self.sharded.end()
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one
@@ -267,6 +265,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
             self.quadratic.load_state_dict(gnfx_state["quadratic"])
+        if self.sharded is not None:  # every rank's taps read the bases only their owners' checkpoints hold
+            self.sharded.share_bases()
 
     def _expected_state(self) -> dict[int, dict]:
         """id(parameter) -> {state key: (shape, dtype) of a tensor, or None for a number}: the state

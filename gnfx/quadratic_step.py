@@ -44,7 +44,9 @@ bounded): pass a closure then.
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
-local batches, so that every rank takes the same step.
+local batches, so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
+are first gathered whole and the products run through the model without fully_shard's hooks
+(gnfx.fsdp); each rank applies its rows of the step.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
 from gnfx.errors import GnfxError
+from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, output_hessian_product
 
 LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
@@ -168,6 +171,8 @@ class QuadraticStep:
         the tangents (torch.func.vmap; 20x faster than one jvp per tangent on the digits MLP),
         or one jvp per tangent where the model does not vectorize."""
         model, args, kwargs = self._call
+        if self.opt.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
+            model = without_fsdp_hooks(model)
         buffers = {n: b.clone() for n, b in model.named_buffers()}
 
         def f(theta):
@@ -195,12 +200,19 @@ class QuadraticStep:
             if pre.tikhonov_damping:
                 pre.hp[pre.tikhonov_damping] = self.damping
         names = list(self.opt._named)
-        params = [self.opt._named[n] for n in names]
+        params = [local(self.opt._named[n]) for n in names]  # under FSDP2 the local shards
         before = [p.detach().clone() for p in params]
         chain()
         proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [local(self.opt._named[n].grad) if self.opt._named[n].grad is not None else torch.zeros_like(p)
+                 for n, p in zip(names, params)]
+        theta_values, previous, sharded = before, self.previous, self.opt.sharded
+        if sharded is not None:  # the model of the whole parameters, the same on every rank (gnfx.fsdp)
+            whole = sharded.whole([*proposal, *grads, *before, *(previous or [])])
+            p = len(names)
+            proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
+            previous = whole[3 * p:] or None
         parts = self._parts(names, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
@@ -208,8 +220,8 @@ class QuadraticStep:
                               "predicted": 0.0, "actual": 0.0, "rejected": False}
             return
         vectors = [[d if i in part else torch.zeros_like(d) for i, d in enumerate(proposal)] for _, part in parts]
-        vectors += [self.previous] if self.previous is not None else []
-        theta = dict(zip(names, before))
+        vectors += [previous] if previous is not None else []
+        theta = dict(zip(names, theta_values))
         z, outputs = self._output(theta, [dict(zip(names, v)) for v in vectors])
         z, outputs = z.detach(), [Jv.detach() for Jv in outputs]
         kept = self._kept_rows(z)
@@ -223,7 +235,8 @@ class QuadraticStep:
                 M[i, j] = M[j, i] = (H_Jvi * outputs[j]).sum().double() + self.damping * _dot(vectors[i], vectors[j])
         comm, device = self.opt.comm, params[0].device
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
-            M, b = comm.mean(M, device), comm.mean(b, device)
+            Mb = comm.mean(torch.cat([M.reshape(-1), b]), device)  # one all-reduce
+            M, b = Mb[:k * k].view(k, k), Mb[k * k:]
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=self.previous is not None)
         alphas = {name: float(a) for (name, _), a in zip(parts, c)}
         mu = float(c[-1]) if self.previous is not None else 0.0
@@ -232,10 +245,14 @@ class QuadraticStep:
             for i in part:
                 scale[i] = a
         update = [d * a for d, a in zip(proposal, scale)]
-        if self.previous is not None and mu != 0.0:
-            torch._foreach_add_(update, self.previous, alpha=mu)
+        if previous is not None and mu != 0.0:
+            torch._foreach_add_(update, previous, alpha=mu)
+        after = None
+        if sharded is not None:  # θ + s whole (as the shards compute it), and the rows of s of this rank
+            after = {n: t + u for n, t, u in zip(names, theta_values, update)}
+            update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        actual = self._actual_reduction(z, theta, loss_before, closure)
+        actual = self._actual_reduction(z, theta, loss_before, closure, after)
         if comm is not None:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
         rho = actual / predicted if predicted > 0 else float("nan")
@@ -282,8 +299,8 @@ class QuadraticStep:
             kept = self._output_grad.reshape(-1, classes).ne(0).any(1)
         return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
 
-    def _actual_reduction(self, z0, theta, loss_before, closure) -> float:
-        """L(θ) - L(θ+s) on the step's batch (module docstring)."""
+    def _actual_reduction(self, z0, theta, loss_before, closure, after=None) -> float:
+        """L(θ) - L(θ+s) on the step's batch (module docstring); `after`: θ+s, if not the parameters."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -298,7 +315,7 @@ class QuadraticStep:
                             "model.step(closure) with a closure that returns the batch loss")
         loss = recovered_loss(self.loss, z0, self._output_grad)
         names = list(theta)
-        z1, _ = self._output({n: self.opt._named[n].detach() for n in names})
+        z1, _ = self._output(after or {n: self.opt._named[n].detach() for n in names})
         return float(loss(z0)) - float(loss(z1))
 
     # --- checkpoints ---------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 every preconditioner.
 
 W = 2 ranks on batches of B must give the parameters of one process on the concatenated batch of
-2B (float64, to round-off) for diag, kfac, shampoo, soap and rank1; the curvature state is not
+2B (float64, to round-off) for diag, kfac, shampoo, soap, rank1 and ekfac (whose owners send the
+refreshed eigenbases to every rank with the updates); the curvature state is not
 replicated (the ranks' states add up to the single process's); a checkpoint taken mid-run (each
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
 on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
 every rank; each rank keeps the bytes the cost model says; and the unsupported (compiling a sharded
-model, sharding blocks but not the compiled model, ekfac) is refused with the reason.
+model, sharding blocks but not the compiled model, distributed='off') is refused with the reason.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ HPARAMS = {"lr": 1e-2, "stat_every": 2, "weight_decay": 0.1}
 # SOAP runs Adam in the eigenbasis of its factors, which is arbitrary inside a factor's null space
 # (and moves with round-off there): its model has factors of full rank from the first refresh on
 EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "start_preconditioning_step": 2},
-         "rank1": {}, "diag": {"source": "fisher"}, "soap": {"stat_every": 1}}
+         "rank1": {}, "diag": {"source": "fisher"}, "soap": {"stat_every": 1}, "ekfac": {"inv_every": 3}}
 OPTIMIZERS = list(EXTRA)
+# K-FAC's default step with a loss and no lr: α, μ and λ from the exact GGN model (gnfx.quadratic_step)
+QUADRATIC = {"loss": "cross_entropy", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1}
 
 
 def make_model(optimizer):
@@ -48,8 +51,8 @@ def make_model(optimizer):
     return model.double()
 
 
-def compile_model(optimizer):
-    return gnfx.compile(make_model(optimizer), optimizer, **{**HPARAMS, **EXTRA[optimizer]})
+def compile_model(optimizer, hparams=None):
+    return gnfx.compile(make_model(optimizer), optimizer, **(hparams or {**HPARAMS, **EXTRA[optimizer]}))
 
 
 def data():
@@ -72,6 +75,8 @@ def kept_bytes(optimizer) -> int:
     tensors += [v for s in sd["gnfx"]["statistics"].values() for v in s["values"].values()]
     tensors += [getattr(s, k) for s in optimizer.statistics.blocks.values()
                 for k in ("_A", "_A_sum", "_S", "_diag", "_eigen_diag") if getattr(s, k) is not None]
+    if optimizer.sharded is not None:  # the copies of the bases other ranks own (ekfac)
+        tensors += [t for bases in optimizer.sharded.replicas.values() for t in bases if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -83,9 +88,23 @@ def state_bytes(optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def sharded(optimizer):
-    compiled = compile_model(optimizer)
-    fully_shard(compiled.get_submodule("2"))  # a block the instrumented graph traces through
+def statistics_sent(optimizer, world: int) -> int:
+    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and N_r (float64)
+    to the ranks that keep it, counted from the single process's statistics: from the W - 1 other
+    ranks to the owner of a curvature block, from every rank to every other for a block of the
+    elementwise preconditioner (every rank keeps its statistics)."""
+    everywhere = {b.name for pre in optimizer.elementwise for b in pre.blocks}
+    total = 0
+    for name, stats in optimizer.statistics.blocks.items():
+        copies = world * (world - 1) if name in everywhere else world - 1
+        total += stats.updates * (sum(v.numel() for v in stats.values.values()) + 1) * copies * 8
+    return total
+
+
+def sharded(optimizer, hparams=None):
+    compiled = compile_model(optimizer, hparams)
+    fully_shard(compiled.get_submodule("0"))  # a layer and a block the instrumented graph traces through
+    fully_shard(compiled.get_submodule("2"))
     fully_shard(compiled)
     return compiled
 
@@ -118,22 +137,27 @@ def worker(rank, world, port, out):
             sizes, kept = [None] * world, [None] * world
             dist.all_gather_object(sizes, state_bytes(compiled.optimizer))
             dist.all_gather_object(kept, kept_bytes(compiled.optimizer))
+            sent = [None] * world
+            dist.all_gather_object(sent, compiled.optimizer.sharded.statistics_bytes)
             results[optimizer] = {"params": {n: p.full_tensor() for n, p in compiled.named_parameters()},
                                   "resumed_bit_for_bit": bit_for_bit, "state_bytes": sizes, "kept_bytes": kept,
                                   "cost_per_rank": compiled.cost(world_size=world).rank_memory_bytes,
-                                  "bytes": compiled.optimizer.sharded.bytes_communicated}
+                                  "bytes": compiled.optimizer.sharded.bytes_communicated,
+                                  "statistics_bytes": sum(sent)}
+        quadratic = sharded("kfac", QUADRATIC)
+        train(quadratic, xs, ys)
+        results["quadratic"] = {n: p.full_tensor() for n, p in quadratic.named_parameters()}
         results["failure"] = failed_refresh_keeps_root(xs, ys)
         results["non_finite"] = non_finite_on_one_rank_skips_everywhere(rank, xs, ys)
         try:
             gnfx.compile(fully_shard(make_model("kfac")), "kfac")
         except gnfx.ConfigError as error:
             results["reverse_order"] = str(error)
-        ekfac = gnfx.compile(make_model("ekfac"), "ekfac")
-        fully_shard(ekfac)
+        silent = sharded("kfac", {**HPARAMS, "distributed": "off"})
         try:
-            train(ekfac, xs[:1], ys[:1])
+            train(silent, xs[:1], ys[:1])
         except gnfx.ConfigError as error:
-            results["ekfac"] = str(error)
+            results["off"] = str(error)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -216,6 +240,20 @@ def test_two_sharded_ranks_equal_one_process_on_the_concatenated_batch(two_ranks
     assert result["kept_bytes"] == result["cost_per_rank"]
     # gradients in and updates out for the curvature targets; diag's step is local to the shards
     assert (result["bytes"] > 0) == (optimizer != "diag")
+    # the statistics reach only the ranks that keep them
+    assert result["statistics_bytes"] == statistics_sent(single.optimizer, 2)
+
+
+def test_the_quadratic_model_step_of_two_sharded_ranks_is_that_of_one_process(two_ranks):
+    """α, μ and λ from the GGN of the global batch: b and the damping term from the whole vectors,
+    the GGN term averaged over the ranks' batches (one all-reduce), the same step on every rank."""
+    single = compile_model("kfac", QUADRATIC)
+    xs, ys = data()
+    train(single, xs, ys)
+    assert single.optimizer.last_step["alphas"]  # the quadratic step ran
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(two_ranks["quadratic"][name], p.detach(), rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_a_failed_decomposition_keeps_the_last_good_root(two_ranks):
@@ -232,8 +270,8 @@ def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
     assert "call gnfx.compile on the unsharded model first, then fully_shard" in two_ranks["reverse_order"]
 
 
-def test_ekfac_is_refused_with_the_reason(two_ranks):
-    assert "ekfac does not run under FSDP2 yet" in two_ranks["ekfac"]
+def test_distributed_off_is_refused_under_fsdp2(two_ranks):
+    assert "distributed='off' keeps gnfx from communicating" in two_ranks["off"]
 
 
 def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):

@@ -50,8 +50,8 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
-    # why its state cannot live with one owner per block under FSDP2 (gnfx.fsdp); "" if it can
-    unshardable: str = ""
+    # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
+    tap_state: tuple[str, ...] = ()
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
@@ -117,6 +117,12 @@ class CurvaturePreconditioner(Preconditioner):
         raise NotImplementedError
 
     def refresh_due(self, step: int) -> bool:
+        return False
+
+    def tap_bases_due(self) -> bool:
+        """Whether this step's refresh may change the bases the taps measure statistics in
+        (`BlockStatistics.basis`, gnfx.statistics); under FSDP2 their owners then send them to every
+        rank (gnfx.fsdp). None by default."""
         return False
 
     def curvature_product(self, group, i: int, V: torch.Tensor) -> torch.Tensor | None:

@@ -39,8 +39,9 @@ class EKFAC(KFAC):
     name = "ekfac"
     HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads", "root_method")},
                "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
-    unshardable = ("its taps measure the eigenvalues s in every block's eigenbasis on every rank's local batch, "
-                   "so every rank would need every basis")
+    # the taps measure s in every block's bases on every rank's local batch: under FSDP2 (gnfx.fsdp)
+    # every rank keeps a copy of every block's bases, which their owner sends after each refresh
+    tap_state = ("Q_S", "Q_A")
 
     @classmethod
     def needs(cls, hp):
@@ -73,6 +74,9 @@ class EKFAC(KFAC):
         """New bases every inv_every steps; the scaling s after every statistic step."""
         self.basis_due = step % self.hp["inv_every"] == 0
         return self.basis_due or step % self.opt.stat_every == 0
+
+    def tap_bases_due(self):
+        return self.basis_due
 
     def refresh(self):
         stats = self.opt.statistics
