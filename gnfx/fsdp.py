@@ -32,7 +32,7 @@ What each rank r keeps and computes:
 Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
 (the taps fill them from the local batch before the all-reduce), the diagonal preconditioner's
 moments of the local rows, and during the step the full gradient and stand-in of each owned
-target (gnfx.cost's `plan_cost(world_size=W)` states it per preconditioner). Not supported: a
+target (gnfx.plan_cost's `plan_cost(world_size=W)` states it per preconditioner). Not supported: a
 preconditioner whose taps need the refreshed state of every block on every rank (ekfac, see
 `CurvaturePreconditioner.unshardable`), meshes other than one dimension, shards other than
 dimension 0, and more than one preconditioner with a cross-block safeguard on ranks that own
@@ -49,6 +49,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from gnfx.codegen import UpdateFunction
 from gnfx.errors import ConfigError, GnfxError
+from gnfx.plan import _constructor
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 ORDER = ("call gnfx.compile on the unsharded model first, then fully_shard the compiled model's blocks "
@@ -165,8 +166,6 @@ class ShardedStep:
 
     def _assign(self, opt) -> None:
         """Owners of the curvature targets; this rank's preconditioners keep only its own."""
-        from gnfx.plan import _constructor  # here: plan imports gnfx.cost, which imports this module
-
         targets = [(pre, t) for pre in opt.curvature
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
         by_name = {p.target.name: p.target for pre in opt.curvature for g in pre.groups for p in g.pieces}
