@@ -40,6 +40,9 @@ class Preconditioner:
     # the hyperparameter that is a Tikhonov damping λ on the scale of the GGN, which the
     # quadratic-model step (gnfx.quadratic_step) moves with its Levenberg–Marquardt λ; None: none
     tikhonov_damping: str | None = None
+    # whether gnfx.compile's step="auto" means step="quadratic" for optimizer=<this name> when loss= is
+    # given and lr is not (benchmarks/results/quadratic_step.md measures which gain by it)
+    quadratic_by_default: bool = False
     # whether optimizer="auto" may choose it (as `auto_candidates` offers)
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
