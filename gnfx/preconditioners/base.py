@@ -82,6 +82,18 @@ class Preconditioner:
         `in_auto` set. None by default."""
         return []
 
+    def parameter_direction(self, name: str, grad):
+        """P(g): this preconditioner's direction for parameter `name`'s gradient `grad`, from its
+        state as it is (left unchanged), for gnfx.diagnose. An elementwise preconditioner defines it
+        (a curvature one is asked per piece: its `direction` on a copy of the state)."""
+        raise NotImplementedError(f"{type(self).__qualname__} defines no parameter_direction(name, grad) for "
+                                  f"gnfx.diagnose (docs/design.md, 'Adding a preconditioner')")
+
+    def parameter_curvature(self, name: str, V):
+        """Ĝ V for parameter `name`, V shaped like it: the curvature this preconditioner models,
+        undamped (gnfx.diagnose); None where it models none (the default)."""
+        return None
+
     def expected_state(self) -> dict[str, dict]:
         """Parameter name -> {state key: (shape, dtype) of a tensor, or None for a number}: the state
         this instance keeps in optimizer.state (the current tensors where they exist, else what it

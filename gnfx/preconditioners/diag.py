@@ -90,6 +90,14 @@ class Diagonal(Preconditioner):
             raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
         return state["exp_avg_sq"] / (1 - self.opt.group_of(name)["betas"][1] ** state["step"])
 
+    def parameter_direction(self, name, grad):
+        """g / (√v̂ + ε): Adam's step without its first moment."""
+        return grad / (self.second_moment(name).sqrt() + self.opt.group_of(name)["eps"])
+
+    def parameter_curvature(self, name, V):
+        """diag(v̂) V."""
+        return self.second_moment(name) * V
+
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""
         version = self.opt.sync_groups()
