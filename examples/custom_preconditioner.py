@@ -78,8 +78,8 @@ gnfx.register_preconditioner(FactoredAdam)
 
 def make(seed: int = 0):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
-    return gnfx.compile(net, optimizer="factored_adam", lr=3e-3, example_inputs=(torch.randn(2, 20),))
+    net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
+    return gnfx.compile(net, optimizer="factored_adam", lr=1e-2, example_inputs=(torch.randn(2, 10),))
 
 
 def train(model, batches) -> float:
@@ -98,8 +98,8 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
 
     g = torch.Generator().manual_seed(1)
-    teacher = torch.randn(20, 5, generator=g)
-    xs = torch.randn(args.steps + 2, 64, 20, generator=g)
+    teacher = torch.randn(10, 4, generator=g)
+    xs = torch.randn(args.steps + 2, 64, 10, generator=g)
     batches = [(x, (x @ teacher).argmax(1)) for x in xs]
 
     model = make()
