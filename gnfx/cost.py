@@ -1,5 +1,10 @@
 """The cost model: memory and FLOPs of each preconditioner on each block, as sympy formulas.
 
+Each preconditioner's own formulas are its class's `cost_parts(g, hp, at)` (in its file in
+gnfx/preconditioners/), written with the geometry, constants and helpers of this module; this
+module adds the statistics the taps keep (`tap_statistics`) and sums them (`formulas`).
+gnfx.plan_cost evaluates them on a compiled model's plan (`model.cost()`).
+
 A block `z = W a (+ b)` is seen through its folded gradient `[∇W ∇b]`, a d_out x d_a matrix with
 `d_a = d_in + 1` with a bias (else d_in); n = d_out·d_a entries. For a conv, d_in = C_in·prod(kernel)
 and a position is an output location; for an embedding, d_in is the vocabulary and `A` is
