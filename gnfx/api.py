@@ -32,7 +32,7 @@ COMMON = {
                      "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
-                   "step='quadratic' (the default for kfac and ekfac when it is given and lr is not)"),
+                   "step='quadratic' (the default for kfac when it is given and lr is not)"),
     "step": choice("the step size: 'quadratic' (α, μ and the damping λ from the exact GGN model of the loss, "
                    "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
                    "an optimizer whose class sets quadratic_by_default (kfac) when loss= is given and lr is not, "

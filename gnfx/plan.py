@@ -27,7 +27,7 @@ which names their groups ("kfac_v2_0") and their variables in the generated upda
 "auto" compares, per block, the candidates that the registered preconditioners offer
 (`in_auto`, `auto_candidates`) in their fidelity order, for the built-in ones
 
-    shampoo (its max_block) ≥ kfac > shampoo with max_block halved, down to MIN_BLOCK > rank1 > diag
+    shampoo (its max_block) ≥ kfac > shampoo with max_block halved, down to Shampoo.MIN_BLOCK > rank1 > diag
 
 (blocking a large dimension cuts Shampoo's cost before fidelity is given up) and takes the first
 whose memory is at most `memory_budget` times the block's parameter memory and whose amortized

@@ -92,3 +92,15 @@ def test_auto_chooses_among_registered_candidates_by_fidelity():
     assert {entries[b.name].name for b in model.layers} == {"diagonal_first"}
     assert all(entries[b.name].reason.startswith("auto (first)") for b in model.layers)
     assert "diagonal_first" not in built_in
+
+
+def test_cost_formulas_by_name_are_the_class_formulas_and_an_unknown_name_is_refused():
+    from gnfx import cost
+    from gnfx.errors import GnfxError
+
+    hp = {k: v.default for k, v in KFAC.HPARAMS.items()}
+    g = cost.block_geometry("linear", True, cost.SYMBOLS)
+    sizes = {cost.FACTOR: 4, cost.PARAM: 4, cost.INT64: 8}
+    assert cost.formulas("kfac", hp, g).as_dict(sizes) == cost.formulas(KFAC, hp, g).as_dict(sizes)
+    with pytest.raises(GnfxError, match="no preconditioner is registered as 'nope'; registered: diag"):
+        cost.formulas("nope", hp, g)
