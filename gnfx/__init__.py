@@ -8,5 +8,7 @@ from gnfx.compiled import CompiledModel
 from gnfx.diagnose import diagnose
 from gnfx.errors import CaptureError, ConfigError, GnfxError
 from gnfx.preconditioners import REGISTRY
+from gnfx.preconditioners.registration import register_preconditioner
 
-__all__ = ["compile", "diagnose", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON"]
+__all__ = ["compile", "diagnose", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON",
+           "register_preconditioner"]

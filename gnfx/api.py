@@ -17,7 +17,7 @@ from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
 from gnfx.preconditioners import REGISTRY
-from gnfx.quadratic_step import QUADRATIC_DAMPING, QUADRATIC_DEFAULT
+from gnfx.quadratic_step import QUADRATIC_DAMPING
 from gnfx.variants import Variants
 
 COMMON = {
@@ -32,10 +32,11 @@ COMMON = {
                      "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
-                   "step='quadratic' (the default for kfac and ekfac when it is given and lr is not)"),
+                   "step='quadratic' (the default for kfac when it is given and lr is not)"),
     "step": choice("the step size: 'quadratic' (α, μ and the damping λ from the exact GGN model of the loss, "
                    "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
-                   f"optimizer in {QUADRATIC_DEFAULT} when loss= is given and lr is not, else 'lr'",
+                   "an optimizer whose class sets quadratic_by_default (kfac) when loss= is given and lr is not, "
+                   "else 'lr'",
                    "auto", ("auto", "quadratic", "lr")),
     "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
                                         "ρ > 3/4, λ/ω when ρ < 1/4", 0.95),
@@ -127,14 +128,14 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
 
 
 def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
-    """`hparams` with `step` resolved ("auto": "quadratic" for optimizer in QUADRATIC_DEFAULT when loss=
+    """`hparams` with `step` resolved ("auto": "quadratic" for an optimizer quadratic_by_default when loss=
     is given and lr is not) and, for step="quadratic", the defaults that suit it where not given: lr 1
     (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
     no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them), and the starting
     damping λ0 = QUADRATIC_DAMPING."""
     step = hparams.get("step", "auto")
     if step == "auto":
-        auto = isinstance(optimizer, str) and optimizer in QUADRATIC_DEFAULT
+        auto = isinstance(optimizer, str) and optimizer in REGISTRY and REGISTRY[optimizer].quadratic_by_default
         step = "quadratic" if auto and hparams.get("loss") is not None and "lr" not in hparams else "lr"
     hparams = {**hparams, "step": step}
     if step != "quadratic":

@@ -17,7 +17,7 @@ import functools
 import torch
 from torch import nn
 
-from gnfx.cost import plan_cost
+from gnfx.plan_cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.fisher import record_true_fisher
 from gnfx.outputs import logits_of
@@ -242,7 +242,7 @@ class CompiledModel(nn.Module):
 
     def cost(self, batch_size: int | None = None, positions=None, world_size: int = 1):
         """Memory and amortized FLOPs of this plan per block and in total, with their sympy
-        formulas (gnfx.cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site);
+        formulas (gnfx.plan_cost.plan_cost; B defaults to the `cost_rows` setting, R to 1 per call site);
         `world_size` W: the state each rank keeps under FSDP2, `rank_memory_bytes` (gnfx.fsdp)."""
         self._captured()
         return plan_cost(self.layers, self.optimizer, self._settings, batch_size, positions, world_size)

@@ -1,5 +1,10 @@
 """The cost model: memory and FLOPs of each preconditioner on each block, as sympy formulas.
 
+Each preconditioner's own formulas are its class's `cost_parts(g, hp, at)` (in its file in
+gnfx/preconditioners/), written with the geometry, constants and helpers of this module; this
+module adds the statistics the taps keep (`tap_statistics`) and sums them (`formulas`).
+gnfx.plan_cost evaluates them on a compiled model's plan (`model.cost()`).
+
 A block `z = W a (+ b)` is seen through its folded gradient `[∇W ∇b]`, a d_out x d_a matrix with
 `d_a = d_in + 1` with a bias (else d_in); n = d_out·d_a entries. For a conv, d_in = C_in·prod(kernel)
 and a position is an output location; for an embedding, d_in is the vocabulary and `A` is
@@ -54,12 +59,8 @@ import dataclasses
 import sympy as sp
 import torch
 
-from gnfx.layouts import LAYOUTS, layout_of
-from gnfx.fsdp import curvature_owners
-from gnfx.fsdp import rows as rows_of
-from gnfx.preconditioners.curvature import CurvaturePreconditioner
-from gnfx.preconditioners.shampoo import root_exponent
-from gnfx.report import format_bytes, format_table
+from gnfx.errors import GnfxError
+from gnfx.layouts import LAYOUTS
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
     "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency", "W")}
@@ -210,105 +211,6 @@ def _mode_products(g, b):
     return sum(2 * m.rest * m.squares for m in g.modes(b))
 
 
-def diag_parts(g, hp, at) -> Parts:
-    """AdamW's two moments, each like the parameter: 2n entries, 10n FLOPs per step."""
-    n = g.numel
-    return Parts({"exp_avg": (n, PARAM), "exp_avg_sq": (n, PARAM)}, update=ADAMW * n)
-
-
-def kfac_parts(g, hp, at) -> Parts:
-    """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
-    g of each, d_a² and s², for g row groups."""
-    _, d_a = g.dims
-    n, s, k = g.numel, g.rows, g.groups
-    diagonal_A = g.diagonal_A
-    return Parts(
-        {"A_inv": (d_a if diagonal_A else k * d_a ** 2, FACTOR), "S_inv": (k * s ** 2, FACTOR),
-         "failures": (1, INT64), "momentum": (n, FACTOR)},
-        refresh=((2 * d_a if diagonal_A else k * inverse_power_flops(d_a, hp["root_method"]))
-                 + k * inverse_power_flops(s, hp["root_method"])),
-        every=at["inv_every"],
-        update=2 * n * s + (DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + _kl_clip(hp, n) + TAIL * n)
-
-
-def ekfac_parts(g, hp, at) -> Parts:
-    """K-FAC's eigenbases Q_S (d_out²) and Q_A (d_a², none for an embedding) and the fitted
-    eigenvalues s (n), copied from the "eigen_diag" statistic on every statistic step; g pairs of
-    bases (s² and d_a²) for g row groups."""
-    _, d_a = g.dims
-    n, k = g.numel, g.groups
-    sides = (g.rows,) if g.diagonal_A else (g.rows, d_a)
-    state = {"Q_S": (k * g.rows ** 2, FACTOR), "scale": (n, FACTOR),
-             **{c: (1, INT64) for c in ("refreshes", "skipped", "failures")}, "momentum": (n, FACTOR)}
-    if not g.diagonal_A:
-        state["Q_A"] = (k * d_a ** 2, FACTOR)
-    # per basis: Qᵀ F Q, eigh, the carry-over (Q_oldᵀ Q)² and s ×_j P
-    refresh = sum(k * ((4 + EIGH + 2) * d ** 3 + d ** 2) + 2 * n * d for d in sides)
-    rotations = sum(2 * n * d for d in sides)
-    return Parts(state, refresh=refresh, every=at["inv_every"],
-                 update=2 * rotations + DAMPED_DIVIDE * n + _kl_clip(hp, n) + TAIL * n)
-
-
-def shampoo_parts(g, hp, at) -> Parts:
-    """A factor and its inverse root per dimension and block, the graft's second moment, counters."""
-    b = at["max_block"]
-    n, pieces = g.numel, g.pieces(b)
-    state = {"failures": (pieces, INT64), "graft_v": (n, FACTOR), "graft_t": (pieces, FACTOR)}
-    factors = refresh = 0
-    root = round(1 / root_exponent(hp["exponent"], len(g.dims)))  # r of F^{-1/r}, for root_method="newton"
-    for j, m in enumerate(g.modes(b)):
-        state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, FACTOR)
-        factors += m.count * m.squares
-        # inverse_power_flops over the blocks
-        refresh += m.count * (inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
-    state["momentum"] = (n, FACTOR)
-    gram = _mode_products(g, b)
-    return Parts(state, statistics=gram + EMA * factors, refresh=refresh, every=at["precondition_frequency"],
-                 update=gram + _grafted(hp, n) + TAIL * n)
-
-
-def soap_parts(g, hp, at) -> Parts:
-    """Shampoo's factors with their eigenbases, Adam's two moments in the rotated coordinates."""
-    b = at["max_block"]
-    n, pieces = g.numel, g.pieces(b)
-    state = {"exp_avg": (n, FACTOR), "exp_avg_sq": (n, FACTOR), "t": (pieces, FACTOR),
-             **{c: (pieces, INT64) for c in ("refreshes", "skipped", "failures")}}
-    factors = refresh = 0
-    # a refresh per factor: Qᵀ F Q (4c³), then qr(F Q) (2c³ + QR) or an eigendecomposition
-    per_cube = 4 + (2 + 4 - sp.Rational(4, 3) if hp["refresh"] == "qr" else EIGH)
-    for j, m in enumerate(g.modes(b)):
-        state[f"factor{j}"] = state[f"basis{j}"] = (m.count * m.squares, FACTOR)
-        factors += m.count * m.squares
-        refresh += m.count * m.cubes * per_cube
-    state["momentum"] = (n, FACTOR)
-    rotation = _mode_products(g, b)
-    return Parts(state, statistics=rotation + EMA * factors, refresh=refresh,
-                 every=at["precondition_frequency"], update=3 * rotation + ADAM_ROTATED * n + TAIL * n)
-
-
-def rank_parts(g, hp, at) -> Parts:
-    """U (n x k), s (k), t, a failure count, the graft's second moment; per statistic step the exact rank-(k+1)
-    update by a thin QR of B = [U √(βs), √(1-β) v] and an eigendecomposition of R Rᵀ."""
-    n = g.numel
-    k = sp.Min(at["k"], n)
-    state = {"U": (n * k, FACTOR), "s": (k, FACTOR), "t": (1, FACTOR), "failures": (1, INT64),
-             "graft_v": (n, FACTOR), "graft_t": (1, FACTOR), "momentum": (n, FACTOR)}
-    k1 = k + 1
-    statistics = n * k1 + qr_flops(n, k1) + (2 + EIGH) * k1 ** 3 + 2 * n * k1 * k
-    woodbury = 4 * n * k + SOLVE * n  # Uᵀv, U (c ⊙ Uᵀv), then the solve
-    return Parts(state, statistics=statistics, update=woodbury + _grafted(hp, n) + TAIL * n)
-
-
-COSTS = {
-    "diag": diag_parts,
-    "kfac": kfac_parts,
-    "ekfac": ekfac_parts,
-    "shampoo": shampoo_parts,
-    "soap": soap_parts,
-    "rank1": rank_parts,
-}
-
-
 def statistic_sizes(g) -> tuple[dict, dict]:
     """Entries of each statistic's moving average and of its accumulator (the buffer the taps fill
     on a statistic step), by name."""
@@ -389,14 +291,20 @@ def symbols_for(hp: dict, stat_every, **sizes) -> dict:
     return at
 
 
-def formulas(name: str, hp: dict, geometry: Geometry, needs=frozenset(), kfac_approx: str = "expand",
+def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kfac_approx: str = "expand",
              at: dict | None = None) -> Formulas:
-    """The cost of preconditioner `name` with hyperparameters `hp` on `geometry`, whose dims are
-    written in the symbols of `at` (default: all symbolic) — numbers give numbers."""
-    if name not in COSTS:
-        raise KeyError(f"gnfx.cost has no formulas for the preconditioner {name!r}; add them to gnfx.cost.COSTS")
+    """The cost of `preconditioner` (a class of gnfx.preconditioners, or its registered name) with
+    hyperparameters `hp` on `geometry`, whose dims are written in the symbols of `at` (default: all
+    symbolic) — numbers give numbers. The preconditioner's own part is its `cost_parts`; a class
+    without one raises gnfx.errors.NoCostModel."""
+    if isinstance(preconditioner, str):
+        from gnfx.preconditioners import REGISTRY  # here: the preconditioners import this module
+
+        if preconditioner not in REGISTRY:
+            raise GnfxError(f"no preconditioner is registered as {preconditioner!r}; registered: {', '.join(REGISTRY)}")
+        preconditioner = REGISTRY[preconditioner]
     at = dict(SYMBOLS) if at is None else at
-    parts = COSTS[name](geometry, hp, at)
+    parts = preconditioner.cost_parts(geometry, hp, at)
     stats, stat_flops = tap_statistics(geometry, needs, kfac_approx, at) if geometry.kind != "tensor" else ({}, 0)
     return Formulas(parts.state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, parts.update,
                     at["stat_every"])
@@ -409,171 +317,3 @@ def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1) -> Geometry
 def storage_sizes(weight: torch.Tensor) -> dict:
     """Bytes per entry of each storage for a block or parameter whose (first) tensor is `weight`."""
     return {FACTOR: 8 if weight.dtype == torch.float64 else 4, PARAM: weight.element_size(), INT64: 8}
-
-
-# ----------------------------------------------------------------------------- a plan's cost
-
-
-@dataclasses.dataclass
-class Row:
-    """One block or loose parameter: numbers for the plan's sizes."""
-
-    name: str
-    kind: str
-    preconditioner: str
-    params: int  # parameter entries
-    param_bytes: int
-    memory_bytes: int
-    statistics_flops: float
-    refresh_flops: float
-    update_flops: float
-    flops: float
-    # under FSDP2 with world_size W (gnfx.fsdp): the bytes each rank keeps of this row's state
-    rank_memory_bytes: tuple[int, ...] = ()
-
-    @property
-    def memory_ratio(self) -> float:
-        """Memory relative to the parameters' own."""
-        return self.memory_bytes / self.param_bytes
-
-    @property
-    def flops_ratio(self) -> float:
-        """Amortized FLOPs relative to an AdamW step on the same parameters."""
-        return self.flops / (ADAMW * self.params)
-
-
-class PlanCost:
-    """`model.cost()`: memory and amortized FLOPs per block (and loose parameter) and in total.
-
-    `rows` are `Row`s; `formulas[name]` maps "memory" (bytes), "elements", "statistics",
-    "refresh", "update", "flops" (amortized) to sympy expressions in gnfx.cost.SYMBOLS, and
-    "state"/"tap_statistics" to the entries of each tensor; `values[name]` is the substitution
-    that gives this plan's numbers, e.g.
-    `cost.formulas["fc"]["memory"].subs({**cost.values["fc"], d_in: 4096})`.
-    """
-
-    def __init__(self, rows: list[Row], formulas: dict, values: dict):
-        self.rows = rows
-        self.formulas = formulas
-        self.values = values
-        self.param_count = sum(r.params for r in rows)
-        self.param_bytes = sum(r.param_bytes for r in rows)
-        self.total_memory_bytes = sum(r.memory_bytes for r in rows)
-        self.total_flops = sum(r.flops for r in rows)
-        self.adamw_memory_bytes = 2 * self.param_bytes
-        # per rank under FSDP2 (model.cost(world_size=W)); one process: the total
-        self.rank_memory_bytes = [sum(col) for col in zip(*(r.rank_memory_bytes for r in rows))]
-        self.adamw_flops = ADAMW * self.param_count
-
-    def __getitem__(self, name: str) -> Row:
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise KeyError(f"no block or parameter named {name!r}; rows are {[r.name for r in self.rows]}")
-
-    @property
-    def memory_ratio(self) -> float:
-        return self.total_memory_bytes / self.param_bytes
-
-    @property
-    def flops_ratio(self) -> float:
-        return self.total_flops / self.adamw_flops
-
-    def __str__(self) -> str:
-        rows = [[r.name, r.kind, r.preconditioner, f"{r.params:,}", format_bytes(r.memory_bytes),
-                 f"{r.memory_ratio:.2f}", _flops(r.flops), f"{r.flops_ratio:.1f}"] for r in self.rows]
-        rows.append(["total", "", "", f"{self.param_count:,}", format_bytes(self.total_memory_bytes),
-                     f"{self.memory_ratio:.2f}", _flops(self.total_flops), f"{self.flops_ratio:.1f}"])
-        header = ["block", "kind", "preconditioner", "params", "memory", "x params", "FLOPs/step", "x AdamW"]
-        return (format_table(header, rows) + f"\nAdamW: {format_bytes(self.adamw_memory_bytes)} of state, "
-                f"{_flops(self.adamw_flops)} FLOPs per step")
-
-    __repr__ = __str__
-
-
-def _flops(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.2f} {unit}"
-    return f"{x:.0f}"
-
-
-def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool, tap_state=()) -> sp.Expr:
-    """The bytes of a row that every rank keeps whole under FSDP2 (gnfx.fsdp): for a curvature
-    preconditioner the statistic accumulators the taps fill from the local batch and the state its
-    taps read (`tap_state`: EKFAC's bases; the owner keeps the rest), for the elementwise diag all
-    its statistics (only its moments are sharded)."""
-    if g.kind == "tensor":  # a loose parameter: no tap statistics
-        return sp.Integer(0)
-    if curvature:
-        copies = sum((f.state[k][0] for k in tap_state if k in f.state), sp.Integer(0))
-        return (sum((statistic_sizes(g)[1][k] for k in needs), sp.Integer(0)) + copies) * sizes[FACTOR]
-    return sum((e * sizes[s] for e, s in f.statistics.values()), sp.Integer(0))
-
-
-def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, positions=None,
-              world_size: int = 1) -> PlanCost:
-    """The cost of a compiled model's plan: every block (table order), then every loose parameter.
-
-    Under FSDP2 on `world_size` W ranks (gnfx.fsdp) a row of memory M keeps per rank
-    (`formulas[name]["memory_per_rank"]`, as (owner, other ranks) for a curvature preconditioner):
-    kfac, ekfac, shampoo, soap, rank1: M on the rank that owns the block (its statistics' averages,
-    factors, roots and momentum live there only), and on every other rank the statistic
-    accumulators M_acc the taps fill from the local batch (ekfac: and a copy of the bases Q_S, Q_A
-    its taps measure in); diag: (M - M_stat) / W + M_stat (its
-    moments are shaped like the rank's n_r = ⌈d_0/W⌉ rows, its statistics M_stat are whole).
-    `rank_memory_bytes` of each row and of the plan give the numbers per rank, with the owners
-    gnfx.fsdp assigns.
-
-    `batch_size` is B (default: the `cost_rows` setting); `positions` R per example and call site,
-    an int for every block or {block name: R} (default 1); a block's R is multiplied by its number
-    of call sites. Each preconditioner's own hyperparameters and each block's collected
-    statistics (including those asked for with `statistics=`) enter the formulas.
-    """
-    batch = settings["cost_rows"] if batch_size is None else batch_size
-    served = {n: pre for pre in optimizer.preconditioners for n in [b.name for b in pre.blocks] + pre.param_names}
-    stats = optimizer.statistics.blocks
-    entries = [(b.name, b.kind, b.params, b) for b in table] + [(f.param, "fallback", (f.param,), None)
-                                                               for f in table.fallbacks]
-    curvature = [pre for pre in optimizer.preconditioners if isinstance(pre, CurvaturePreconditioner)]
-    owners = curvature_owners(curvature, world_size)
-    rows, forms, values = [], {}, {}
-    for name, kind, params, block in entries:
-        pre = served[name]
-        pre_name = type(pre).name
-        tensors = [optimizer._named[p] for p in params]  # the whole parameters, also under FSDP2
-        sizes = storage_sizes(tensors[0])
-        if block is not None:
-            r = positions.get(name, 1) if isinstance(positions, dict) else positions or 1
-            at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
-                             R=r * len(block.sites))
-            needs = stats[name].needs if name in stats else frozenset()
-            groups = layout_of(block).groups
-            geometry, symbolic = (block_geometry(kind, block.bias is not None, x, groups) for x in (at, SYMBOLS))
-        else:
-            at = symbols_for(pre.hp, optimizer.stat_every)
-            needs = frozenset()
-            geometry = symbolic = Geometry(tuple(tensors[0].shape), "tensor")
-        approx = settings["kfac_approx"]
-        numbers = formulas(pre_name, pre.hp, geometry, needs, approx, at)
-        symbolic_formulas = formulas(pre_name, pre.hp, symbolic, needs, approx)
-        forms[name] = symbolic_formulas.as_dict(sizes)
-        values[name] = {SYMBOLS[k]: v for k, v in at.items() if not isinstance(v, sp.Symbol)}
-        values[name][SYMBOLS["W"]] = world_size
-        memory = int(numbers.memory(sizes))
-        curvature_row = name in owners
-        whole = _fsdp_memory(symbolic_formulas, symbolic, needs, sizes, curvature_row, getattr(pre, "tap_state", ()))
-        everywhere = int(_fsdp_memory(numbers, geometry, needs, sizes, curvature_row, getattr(pre, "tap_state", ())))
-        if curvature_row:  # all of it on the owner, the accumulators on the others
-            forms[name]["memory_per_rank"] = (forms[name]["memory"], whole)
-            per_rank = tuple(memory if r == owners[name] else everywhere for r in range(world_size))
-        else:  # the moments sharded by rows, n_r = ceil(d_0 / W), the statistics whole
-            forms[name]["memory_per_rank"] = (forms[name]["memory"] - whole) / SYMBOLS["W"] + whole
-            d0 = tensors[0].shape[0] if tensors[0].dim() else 1
-            per_rank = tuple((memory - everywhere) * (s.stop - s.start) // d0 + everywhere
-                             for s in (rows_of(d0, world_size, r) for r in range(world_size)))
-        rows.append(Row(name, kind, pre_name, sum(t.numel() for t in tensors),
-                        sum(t.numel() * t.element_size() for t in tensors), memory,
-                        float(numbers.statistics_flops), float(numbers.refresh_flops), float(numbers.update_flops),
-                        float(numbers.flops), per_rank))
-    return PlanCost(rows, forms, values)

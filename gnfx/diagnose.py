@@ -12,8 +12,8 @@ unit, on the gradient `g_b = ∇_{θ_b} L` of the batch:
 
 (a) the relative curvature error, the mean over `probes` vectors `v ~ N(0, I)` of
     `‖Ĝ_b v - G_b v‖ / ‖G_b v‖`, where Ĝ_b is the curvature the preconditioner models (undamped),
-    as the instance that serves the unit computes it (`curvature_product` of its class; the
-    diagonal's `second_moment`):
+    as the instance that serves the unit computes it (`curvature_product` of a curvature
+    preconditioner, `parameter_curvature` of an elementwise one):
 
       kfac:   Ĝ_b = A ⊗ S, so Ĝ_b v = S V A for v = vec(V) (A diagonal for embeddings)
       ekfac:  Ĝ_b = (Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ, the eigenvalues s fitted in K-FAC's eigenbasis
@@ -148,7 +148,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
             pre = _server(opt, unit)
             g = unit.matrix(grads)
             V = torch.randn((probes,) + g.shape, generator=generator, dtype=g.dtype, device=g.device)
-            modeled = [_curvature(pre, unit, v) for v in V]
+            modeled = [_curvature(pre, unit, v, exact.shapes) for v in V]
             error = None
             if modeled[0] is not None:
                 GV = exact.products(unit, V)
@@ -252,20 +252,22 @@ def _piecewise(pre: CurvaturePreconditioner, unit: _Unit, M: Tensor, fn) -> Tens
 
 
 def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
-    """P_b(g_b): the preconditioner's direction for the unit's gradient, its state unchanged."""
+    """P_b(g_b): the preconditioner's direction for the unit's gradient, its state unchanged (an
+    elementwise preconditioner's `parameter_direction`, parameter by parameter)."""
     if isinstance(pre, CurvaturePreconditioner):
         def direction(group, i, G):
             state = {k: v[i:i + 1].clone() for k, v in pre.group_state(group).items()}
             return pre.direction(G.unsqueeze(0), state, collect=False)[0]
 
         return _piecewise(pre, unit, g, direction)
-    opt = pre.opt
-    return unit.matrix({n: grads[n] / (pre.second_moment(n).sqrt() + opt.group_of(n)["eps"]) for n in unit.params})
+    return unit.matrix({n: pre.parameter_direction(n, grads[n]) for n in unit.params})
 
 
-def _curvature(pre, unit: _Unit, V: Tensor) -> Tensor | None:
+def _curvature(pre, unit: _Unit, V: Tensor, shapes: dict) -> Tensor | None:
     """Ĝ_b V: the curvature the preconditioner models for the unit (its `curvature_product`, piece
-    by piece; diag(v̂) for the diagonal preconditioner), None where it models none."""
+    by piece; an elementwise one's `parameter_curvature`, parameter by parameter, `shapes` theirs),
+    None where it models none."""
     if isinstance(pre, CurvaturePreconditioner):
         return _piecewise(pre, unit, V, pre.curvature_product)
-    return V * unit.matrix({n: pre.second_moment(n) for n in unit.params})
+    parts = {n: pre.parameter_curvature(n, v) for n, v in unit.tensors(V, shapes).items()}
+    return None if any(p is None for p in parts.values()) else unit.matrix(parts)

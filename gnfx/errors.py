@@ -19,3 +19,8 @@ class StatisticsError(GnfxError, KeyError):
 
 class ConfigError(GnfxError, ValueError):
     """An optimizer name, hyperparameter or option is invalid."""
+
+
+class NoCostModel(GnfxError):
+    """A preconditioner defines no cost formulas (`cost_parts`): `model.cost()` cannot be computed;
+    `print(model)` shows its state memory as unknown."""

@@ -49,7 +49,7 @@ What each rank r keeps and computes:
 Memory per rank: the owned targets' state and statistics, the statistic accumulators of all blocks
 (the taps fill them from the local batch before they are reduced to the owners), the copies of the other blocks'
 bases (ekfac), the diagonal preconditioner's moments of the local rows, and during the step the
-full gradient and stand-in of each owned target (gnfx.cost's `plan_cost(world_size=W)` states it
+full gradient and stand-in of each owned target (gnfx.plan_cost's `plan_cost(world_size=W)` states it
 per preconditioner). Checkpoints: each rank's `optimizer.state_dict()` (the state of the targets
 it owns, its rows of the elementwise moments and of δ) with its parameter shards resumes bit for
 bit, on the same world size. torch.distributed.checkpoint (DCP) does not fit that state as it is:
@@ -74,6 +74,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from gnfx.codegen import UpdateFunction
 from gnfx.errors import ConfigError, GnfxError
+from gnfx.plan import _constructor
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 ORDER = ("call gnfx.compile on the unsharded model first, then fully_shard the compiled model's blocks "
@@ -223,8 +224,6 @@ class ShardedStep:
 
     def _assign(self, opt) -> None:
         """Owners of the curvature targets; this rank's preconditioners keep only its own."""
-        from gnfx.plan import _constructor  # here: plan imports gnfx.cost, which imports this module
-
         targets = [(pre, t) for pre in opt.curvature
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
         by_name = {p.target.name: p.target for pre in opt.curvature for g in pre.groups for p in g.pieces}

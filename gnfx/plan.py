@@ -24,9 +24,10 @@ the first instance of a class is named after it ("kfac"), further ones "kfac_v2"
 which names their groups ("kfac_v2_0") and their variables in the generated update
 (`model.update_code`), so that several instances of one class never collide.
 
-"auto" compares, per block, the candidates in the fidelity order
+"auto" compares, per block, the candidates that the registered preconditioners offer
+(`in_auto`, `auto_candidates`) in their fidelity order, for the built-in ones
 
-    shampoo (its max_block) ≥ kfac > shampoo with max_block halved, down to MIN_BLOCK > rank1 > diag
+    shampoo (its max_block) ≥ kfac > shampoo with max_block halved, down to Shampoo.MIN_BLOCK > rank1 > diag
 
 (blocking a large dimension cuts Shampoo's cost before fidelity is given up) and takes the first
 whose memory is at most `memory_budget` times the block's parameter memory and whose amortized
@@ -51,16 +52,12 @@ from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
 AUTO = "auto"
-AUTO_NAMES = ("shampoo", "kfac", "rank1", "diag")  # the preconditioners "auto" chooses from
 BUDGETS = {  # gnfx.compile keywords (gnfx.api.COMMON), and the hyperparameters of an ("auto", {...}) pattern
     "memory_budget": positive("optimizer='auto': a block's optimizer state and statistics, at most this multiple of "
                               "its parameters' memory (AdamW: 2)", 8.0),
     "compute_budget": positive("optimizer='auto': a block's amortized optimizer FLOPs per step, at most this "
                                "multiple of an AdamW step's on it (10 per parameter)", 30.0),
 }
-MIN_BLOCK = 16  # the smallest max_block "auto" tries for Shampoo
-# hyperparameters a preconditioner reads from optimizer.param_groups (set per group, not per pattern)
-GROUP_HPARAMS = {"diag": ("betas", "eps")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +104,7 @@ class Policy:
         if name == AUTO:
             resolve(BUDGETS, overrides, f"{context} ('auto')")
         else:
-            per_group = sorted(set(overrides) & set(GROUP_HPARAMS.get(name, ())))
+            per_group = sorted(set(overrides) & set(REGISTRY[name].per_group_hparams))
             if per_group:
                 raise ConfigError(f"{', '.join(per_group)} of {name} are read from optimizer.param_groups; set them "
                                   f"per parameter group (model.optimizer.param_groups), not per pattern ({context})")
@@ -119,10 +116,15 @@ class Policy:
         return any(r.name == AUTO for r in self.rules)
 
     @property
+    def auto_names(self) -> list[str]:
+        """The preconditioners "auto" may choose (registered with `in_auto`), if the policy uses it."""
+        return [name for name, cls in REGISTRY.items() if cls.in_auto] if self.uses_auto else []
+
+    @property
     def names(self) -> list[str]:
-        """The preconditioners this policy may use: those named, "diag", and auto's candidates."""
+        """The preconditioners this policy may use: those named, "diag", and those "auto" may choose."""
         named = [r.name for r in self.rules if r.name != AUTO]
-        return list(dict.fromkeys(named + [FALLBACK] + (list(AUTO_NAMES) if self.uses_auto else [])))
+        return list(dict.fromkeys(named + [FALLBACK] + self.auto_names))
 
     def hparam_specs(self) -> dict:
         """The hyperparameters of every preconditioner the policy may use (gnfx.compile keywords)."""
@@ -216,7 +218,7 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
         rule = policy.rules[i]
         if rule.name == AUTO:
             budgets = {**{k: settings[k] for k in BUDGETS}, **rule.overrides}
-            entries[block.name] = choose(block, base, budgets, settings, params)
+            entries[block.name] = choose(block, base, policy.auto_names, budgets, settings, params)
         else:
             entries[block.name] = Entry(rule.name, {**base[rule.name], **rule.overrides}, policy.describe(rule))
     for fb in table.fallbacks:
@@ -253,24 +255,17 @@ def _check_patterns(policy: Policy, wins: list[int], table) -> None:
                           f"{rule.name} (the first matching pattern wins: put specific patterns first)")
 
 
-def candidates(block, base: dict) -> list[tuple[str, dict, str]]:
-    """(preconditioner, hyperparameters, detail) in auto's fidelity order for `block`."""
-    largest = max(block.d_out, block.d_in + (block.bias is not None))
-    shampoo = base["shampoo"]
-    limit = min(largest, shampoo["max_block"])
-    sizes = []
-    size = MIN_BLOCK
-    while size < limit:
-        sizes.append(size)
-        size *= 2
-    blocked = "" if shampoo["max_block"] >= largest else f"max_block={shampoo['max_block']}"
-    return ([("shampoo", shampoo, blocked), ("kfac", base["kfac"], "")]
-            + [("shampoo", {**shampoo, "max_block": b}, f"max_block={b}") for b in reversed(sizes)]
-            + [("rank1", base["rank1"], ""), ("diag", base["diag"], "")])
+def candidates(geometry: cost.Geometry, base: dict, names) -> list[tuple[str, dict, str]]:
+    """(preconditioner, hyperparameters, detail) in auto's fidelity order for a block of `geometry`:
+    the candidates every preconditioner in `names` offers (`auto_candidates`, with its hyperparameters
+    `base[name]`), sorted by fidelity (ties in the order of `names`)."""
+    offered = [(c.fidelity, name, c) for name in names for c in REGISTRY[name].auto_candidates(base[name], geometry)]
+    return [(name, c.hparams, c.detail) for _, name, c in sorted(offered, key=lambda x: x[0])]
 
 
-def choose(block, base: dict, budgets: dict, settings: dict, params: dict) -> Entry:
-    """The first of `candidates` within the budgets (module docstring), with the reason."""
+def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict) -> Entry:
+    """The first of `candidates` of the preconditioners `names` within the budgets (module
+    docstring), with the reason."""
     memory_budget, compute_budget = budgets["memory_budget"], budgets["compute_budget"]
     tensors = [params[n] for n in block.params]
     numel = sum(t.numel() for t in tensors)
@@ -278,10 +273,12 @@ def choose(block, base: dict, budgets: dict, settings: dict, params: dict) -> En
     sizes = cost.storage_sizes(tensors[0])
     extra = frozenset(settings["statistics"])
     first_miss = None
-    for rank, (name, hp, detail) in enumerate(candidates(block, base)):
+    bias, groups = block.bias is not None, layout_of(block).groups
+    geometry = cost.block_geometry(block.kind, bias, {"d_in": block.d_in, "d_out": block.d_out}, groups)
+    for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
-        f = cost.formulas(name, hp, cost.block_geometry(block.kind, block.bias is not None, at, layout_of(block).groups),
+        f = cost.formulas(REGISTRY[name], hp, cost.block_geometry(block.kind, bias, at, groups),
                           REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
         memory = float(f.memory(sizes)) / param_bytes
         compute = float(f.flops) / (cost.ADAMW * numel)

@@ -65,11 +65,6 @@ LAMBDA_MIN, LAMBDA_MAX = 1e-8, 1e6
 RHO_LOW, RHO_HIGH = 0.25, 0.75
 # μ is kept a heavy-ball momentum (module docstring)
 MOMENTUM_RANGE = (0.0, 0.99)
-# the optimizers that take step="quadratic" by default (gnfx.compile's step="auto") when loss= is given.
-# Measured (benchmarks/results/quadratic_step.md): kfac reached every target in 0.58-1.03x AdamW's best
-# steps; ekfac reached the training-loss targets in 0.59-1.16x but the validation targets in 1.0-3.2x
-# or not at all (digits CNN), so ekfac keeps its fixed lr by default (step="quadratic" on request).
-QUADRATIC_DEFAULT = ("kfac",)
 # the starting λ (K-FAC's `damping` under step="quadratic" unless given): a large λ0 acts as a warm-up,
 # as λ only falls while ρ stays near 1. Measured on the digits MLP (kfac, val loss after 200 steps):
 # λ0 = 1: 0.057 (0.07 first at ~160 steps); 0.1: 0.21 (best 0.12, overfits the batches); 1e-3: 1.5

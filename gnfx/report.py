@@ -1,6 +1,7 @@
 """The block table that `print(model)` and `model.report()` show."""
 from __future__ import annotations
 
+from gnfx.errors import NoCostModel
 from gnfx.variants import NotCaptured
 
 
@@ -22,7 +23,8 @@ def format_bytes(n: int) -> str:
 def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
     """A row per curvature block of the LayerTable (block, kind [attention role], factor shapes,
     preconditioner) and per fallback parameter, then its optimizer state given `state_bytes`
-    (name -> bytes), and why that preconditioner serves it once the table is planned."""
+    (name -> bytes; "unknown" for a name it lacks), and why that preconditioner serves it once the
+    table is planned."""
     why = {name: e.reason for name, e in table.plan.entries.items()} if table.plan is not None else None
     rows = [[b.name, b.kind + (f" [{b.role}]" if b.role else ""),
              " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items()), b.preconditioner or "-"]
@@ -30,7 +32,8 @@ def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
     rows += [[f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner or "-"]
              for f in table.fallbacks]
     for row in rows:
-        row += [format_bytes(state_bytes[row[0]])] if state_bytes is not None else []
+        if state_bytes is not None:
+            row.append(format_bytes(state_bytes[row[0]]) if row[0] in state_bytes else "unknown")
         row += [why[row[0]]] if why is not None else []
     header = ["block", "kind", "shapes", "preconditioner"]
     header += (["state"] if state_bytes is not None else []) + (["why"] if why is not None else [])
@@ -48,11 +51,14 @@ def report(model) -> str:
     table, opt = model.layers, model.optimizer
     if isinstance(table, NotCaptured):
         return f"gnfx: {table!r}"
-    cost = model.cost()  # state memory from the cost model, whose figures equal the allocation
+    try:  # state memory from the cost model, whose figures equal the allocation
+        state_bytes = {r.name: r.memory_bytes for r in model.cost().rows}
+    except NoCostModel:  # a preconditioner without cost formulas: its state memory is unknown
+        state_bytes = {}
     covered, total = table.coverage(dict(model.named_parameters()))
     out = [f"gnfx: {len(table)} curvature blocks, graph captured with {table.form}"
            + (f" ({table.capture})" if table.capture != table.form else ""),
-           block_table(table, {r.name: r.memory_bytes for r in cost.rows}),
+           block_table(table, state_bytes),
            f"parameters in curvature blocks: {covered:,} of {total:,} "
            f"({100 * covered / max(total, 1):.1f}%); fallback: {total - covered:,}",
            "", "parameter registration:"]

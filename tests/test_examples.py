@@ -16,6 +16,7 @@ RUNS = {
     "policies.py": [],
     "demo.py": ["--steps", "2"],
     "diagnose.py": [],
+    "custom_preconditioner.py": ["--steps", "10"],
 }
 
 

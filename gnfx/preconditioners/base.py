@@ -6,10 +6,32 @@ and the statistics it needs from the taps of each block (`needs`), and keeps its
 optimizer's per-parameter state, so that `state_dict`/`load_state_dict` carry it. The diagonal
 preconditioner updates its parameters itself (`update`, foreach kernels); the curvature
 preconditioners supply batched math to the generated update function (see curvature.py).
+
+Besides the math, a class says everything else gnfx asks about it (docs/design.md, "Adding a
+preconditioner"): its memory and FLOPs (`cost_parts`, for `model.cost()`, the report and
+"auto"), what "auto" may try (`auto_candidates`), the hyperparameters it reads from the
+optimizer's param groups (`per_group_hparams`), and the state a checkpoint must hold for it
+(`expected_state`).
 """
 from __future__ import annotations
 
+import dataclasses
+
+from gnfx.errors import NoCostModel
 from gnfx.hparams import HParam
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration "auto" may choose for a block: the preconditioner's hyperparameters, a
+    note for the report (e.g. "max_block=64"), and its fidelity: "auto" tries the candidates of all
+    registered preconditioners from the lowest fidelity number (the most faithful) up. The built-in
+    scale: 0 Shampoo with its own max_block, 1 K-FAC, [2, 3) Shampoo with max_block halved, 3
+    rank-k, 4 the diagonal."""
+
+    fidelity: float
+    hparams: dict
+    detail: str = ""
 
 
 class Preconditioner:
@@ -18,6 +40,15 @@ class Preconditioner:
     # the hyperparameter that is a Tikhonov damping λ on the scale of the GGN, which the
     # quadratic-model step (gnfx.quadratic_step) moves with its Levenberg–Marquardt λ; None: none
     tikhonov_damping: str | None = None
+    # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
+    tap_state: tuple[str, ...] = ()
+    # whether gnfx.compile's step="auto" means step="quadratic" for optimizer=<this name> when loss= is
+    # given and lr is not (benchmarks/results/quadratic_step.md measures which gain by it)
+    quadratic_by_default: bool = False
+    # whether optimizer="auto" may choose it (as `auto_candidates` offers)
+    in_auto: bool = False
+    # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
+    per_group_hparams: tuple[str, ...] = ()
 
     def __init__(self, hp: dict, blocks: list, params: list[str], optimizer):
         self.hp = hp
@@ -35,3 +66,38 @@ class Preconditioner:
         """Whether this preconditioner also serves a parameter no block claims (default: no,
         such parameters get the diagonal preconditioner)."""
         return False
+
+    @classmethod
+    def cost_parts(cls, g, hp: dict, at: dict):
+        """Memory and FLOPs on one block or loose parameter `g` (a gnfx.cost.Geometry), as a
+        gnfx.cost.Parts of sympy expressions in the symbols of `at` (gnfx.cost.SYMBOLS, or numbers).
+        Without it (this default raises NoCostModel) `model.cost()` raises, the report shows the
+        state memory as unknown, and "auto" cannot weigh this preconditioner."""
+        raise NoCostModel(f"preconditioner {cls.name!r} ({cls.__module__}.{cls.__qualname__}) has no cost formulas: "
+                          f"define the classmethod cost_parts(g, hp, at) returning a gnfx.cost.Parts "
+                          f"(docs/design.md, 'Adding a preconditioner')")
+
+    @classmethod
+    def auto_candidates(cls, hp: dict, g) -> list[Candidate]:
+        """The configurations "auto" may try on a block of geometry `g` (gnfx.cost.Geometry, in
+        numbers), `hp` this preconditioner's resolved hyperparameters; asked only of a class with
+        `in_auto` set. None by default."""
+        return []
+
+    def parameter_direction(self, name: str, grad):
+        """P(g): this preconditioner's direction for parameter `name`'s gradient `grad`, from its
+        state as it is (left unchanged), for gnfx.diagnose. An elementwise preconditioner defines it
+        (a curvature one is asked per piece: its `direction` on a copy of the state)."""
+        raise NotImplementedError(f"{type(self).__qualname__} defines no parameter_direction(name, grad) for "
+                                  f"gnfx.diagnose (docs/design.md, 'Adding a preconditioner')")
+
+    def parameter_curvature(self, name: str, V):
+        """Ĝ V for parameter `name`, V shaped like it: the curvature this preconditioner models,
+        undamped (gnfx.diagnose); None where it models none (the default)."""
+        return None
+
+    def expected_state(self) -> dict[str, dict]:
+        """Parameter name -> {state key: (shape, dtype) of a tensor, or None for a number}: the state
+        this instance keeps in optimizer.state (the current tensors where they exist, else what it
+        would create), against which gnfx.checkpoint checks a loaded checkpoint; none by default."""
+        return {}

@@ -50,8 +50,6 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
-    # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
-    tap_state: tuple[str, ...] = ()
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
@@ -108,6 +106,21 @@ class CurvaturePreconditioner(Preconditioner):
 
     def states(self) -> dict:
         return {g.key: self.group_state(g) for g in self.groups}
+
+    def expected_state(self):
+        """Each group's state under "<group key>.<name>" in the state of the parameter that holds
+        it: the current tensors, or those `group_state` would create (on the meta device)."""
+        expected: dict[str, dict] = {}
+        for group in self.groups:
+            holder = self.state_holder[group.key]
+            prefix = group.key + "."
+            current = {k[len(prefix):]: v for k, v in self.opt.state_of(holder).items() if k.startswith(prefix)}
+            if not current:
+                current = self.init_group(group)
+                current["momentum"] = torch.empty((len(group.pieces),) + tuple(group.shape),
+                                                  dtype=self.factor_dtype(group.pieces[0]), device="meta")
+            expected.setdefault(holder, {}).update({prefix + k: (v.shape, v.dtype) for k, v in current.items()})
+        return expected
 
     # --- the batched math, supplied by subclasses ------------------------------------------
     def init_group(self, group) -> dict:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from gnfx import cost
 from gnfx.errors import GnfxError
 from gnfx.hparams import betas, choice, positive
 from gnfx.layouts import layout_of
-from gnfx.preconditioners.base import Preconditioner
+from gnfx.preconditioners.base import Candidate, Preconditioner
 from gnfx.targets import from_matrix
 
 
@@ -31,10 +32,30 @@ class Diagonal(Preconditioner):
         "source": choice("second moment: squared mini-batch gradient or per-example Fisher diagonal",
                          "grad2", ("grad2", "fisher")),
     }
+    per_group_hparams = ("betas", "eps")
+    in_auto = True
+    STATE = ("exp_avg", "exp_avg_sq")  # AdamW's moments m and v, each shaped like its parameter
 
     @classmethod
     def needs(cls, hp):
         return frozenset({"diag"}) if hp["source"] == "fisher" else frozenset()
+
+    @classmethod
+    def cost_parts(cls, g, hp, at) -> cost.Parts:
+        """AdamW's two moments, each like the parameter: 2n entries, 10n FLOPs per step."""
+        n = g.numel
+        return cost.Parts({k: (n, cost.PARAM) for k in cls.STATE}, update=cost.ADAMW * n)
+
+    @classmethod
+    def auto_candidates(cls, hp, g):
+        """The least faithful and cheapest: "auto"'s last resort."""
+        return [Candidate(4, hp)]
+
+    def expected_state(self):
+        """AdamW's state per parameter: the step count and the two moments (under FSDP2 shaped like
+        the rank's shard)."""
+        return {n: {"step": None, **{k: (self.opt.param(n).shape, self.opt.param(n).dtype) for k in self.STATE}}
+                for n in self._names}
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
@@ -69,6 +90,14 @@ class Diagonal(Preconditioner):
             raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
         return state["exp_avg_sq"] / (1 - self.opt.group_of(name)["betas"][1] ** state["step"])
 
+    def parameter_direction(self, name, grad):
+        """g / (√v̂ + ε): Adam's step without its first moment."""
+        return grad / (self.second_moment(name).sqrt() + self.opt.group_of(name)["eps"])
+
+    def parameter_curvature(self, name, V):
+        """diag(v̂) V."""
+        return self.second_moment(name) * V
+
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""
         version = self.opt.sync_groups()
@@ -89,8 +118,7 @@ class Diagonal(Preconditioner):
             for p, s in zip(params, states):
                 if not s:
                     s["step"] = 0
-                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s.update({k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in self.STATE})
                 s["step"] += 1
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

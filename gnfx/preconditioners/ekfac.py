@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from gnfx import cost
 from gnfx.layouts.base import merge_groups, split_groups
 from gnfx.preconditioners.kfac import KFAC
 from gnfx.preconditioners.shampoo import mode_product
@@ -43,9 +44,32 @@ class EKFAC(KFAC):
     # every rank keeps a copy of every block's bases, which their owner sends after each refresh
     tap_state = ("Q_S", "Q_A")
 
+    in_auto = False
+    # measured (benchmarks/results/quadratic_step.md): the training-loss targets in 0.59-1.16x AdamW's best
+    # steps but the validation targets in 1.0-3.2x or not at all (digits CNN): a fixed lr by default
+    quadratic_by_default = False
+
     @classmethod
     def needs(cls, hp):
         return frozenset({"A", "S", "eigen_diag"})
+
+    @classmethod
+    def cost_parts(cls, g, hp, at) -> cost.Parts:
+        """K-FAC's eigenbases Q_S (d_out²) and Q_A (d_a², none for an embedding) and the fitted
+        eigenvalues s (n), copied from the "eigen_diag" statistic on every statistic step; g pairs of
+        bases (s² and d_a²) for g row groups."""
+        _, d_a = g.dims
+        n, k = g.numel, g.groups
+        sides = (g.rows,) if g.diagonal_A else (g.rows, d_a)
+        state = {"Q_S": (k * g.rows ** 2, cost.FACTOR), "scale": (n, cost.FACTOR),
+                 **{c: (1, cost.INT64) for c in ("refreshes", "skipped", "failures")}, "momentum": (n, cost.FACTOR)}
+        if not g.diagonal_A:
+            state["Q_A"] = (k * d_a ** 2, cost.FACTOR)
+        # per basis: Qᵀ F Q, eigh, the carry-over (Q_oldᵀ Q)² and s ×_j P
+        refresh = sum(k * ((4 + cost.EIGH + 2) * d ** 3 + d ** 2) + 2 * n * d for d in sides)
+        rotations = sum(2 * n * d for d in sides)
+        return cost.Parts(state, refresh=refresh, every=at["inv_every"],
+                     update=2 * rotations + cost.DAMPED_DIVIDE * n + cost._kl_clip(hp, n) + cost.TAIL * n)
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)

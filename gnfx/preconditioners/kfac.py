@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import torch
 
+from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
 from gnfx.layouts.base import merge_groups, split_groups
 from gnfx.linalg import damped_inverse_power
+from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 
 
@@ -72,9 +74,33 @@ class KFAC(CurvaturePreconditioner):
         head = torch.arange(S.shape[-1], device=S.device) // size
         return S * (head.unsqueeze(0) == head.unsqueeze(1)).to(S.dtype)
 
+    in_auto = True
+    # measured (benchmarks/results/quadratic_step.md): every target in 0.58-1.03x AdamW's best steps
+    quadratic_by_default = True
+
     @classmethod
     def needs(cls, hp):
         return frozenset({"A", "S"})
+
+    @classmethod
+    def cost_parts(cls, g, hp, at) -> cost.Parts:
+        """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
+        g of each, d_a² and s², for g row groups."""
+        _, d_a = g.dims
+        n, s, k = g.numel, g.rows, g.groups
+        diagonal_A = g.diagonal_A
+        return cost.Parts(
+            {"A_inv": (d_a if diagonal_A else k * d_a ** 2, cost.FACTOR), "S_inv": (k * s ** 2, cost.FACTOR),
+             "failures": (1, cost.INT64), "momentum": (n, cost.FACTOR)},
+            refresh=((2 * d_a if diagonal_A else k * cost.inverse_power_flops(d_a, hp["root_method"]))
+                     + k * cost.inverse_power_flops(s, hp["root_method"])),
+            every=at["inv_every"],
+            update=2 * n * s + (cost.DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + cost._kl_clip(hp, n) + cost.TAIL * n)
+
+    @classmethod
+    def auto_candidates(cls, hp, g):
+        """Below Shampoo with its own max_block, above Shampoo blocked finer (gnfx.plan)."""
+        return [Candidate(1, hp)]
 
     def init_group(self, group):
         shapes = self.layout(group).factor_shapes()

@@ -14,10 +14,13 @@ magnitude of `(Ĝ + λI)⁻¹ v` scales with 1/λ along every direction outside 
 """
 from __future__ import annotations
 
+import sympy as sp
 import torch
 
+from gnfx import cost
 from gnfx.hparams import choice, positive, positive_int
 from gnfx.linalg import eigh
+from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
@@ -33,6 +36,26 @@ class RankK(CurvaturePreconditioner):
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
     }
+
+    in_auto = True
+
+    @classmethod
+    def cost_parts(cls, g, hp, at):
+        """U (n x k), s (k), t, a failure count, the graft's second moment; per statistic step the exact
+        rank-(k+1) update by a thin QR of B = [U √(βs), √(1-β) v] and an eigendecomposition of R Rᵀ."""
+        n = g.numel
+        k = sp.Min(at["k"], n)
+        state = {"U": (n * k, cost.FACTOR), "s": (k, cost.FACTOR), "t": (1, cost.FACTOR), "failures": (1, cost.INT64),
+                 "graft_v": (n, cost.FACTOR), "graft_t": (1, cost.FACTOR), "momentum": (n, cost.FACTOR)}
+        k1 = k + 1
+        statistics = n * k1 + cost.qr_flops(n, k1) + (2 + cost.EIGH) * k1 ** 3 + 2 * n * k1 * k
+        woodbury = 4 * n * k + cost.SOLVE * n  # Uᵀv, U (c ⊙ Uᵀv), then the solve
+        return cost.Parts(state, statistics=statistics, update=woodbury + cost._grafted(hp, n) + cost.TAIL * n)
+
+    @classmethod
+    def auto_candidates(cls, hp, g):
+        """Below K-FAC and every blocked Shampoo, above the diagonal."""
+        return [Candidate(3, hp)]
 
     def init_group(self, group):
         n = 1

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import torch
 
+from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import HParam, choice, nonnegative_int, positive, positive_int
 from gnfx.linalg import damped_inverse_power, method_computes
+from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
@@ -83,9 +85,46 @@ class Shampoo(CurvaturePreconditioner):
         device = optimizer.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
         self.active = torch.zeros((), dtype=torch.bool, device=device)
 
+    MIN_BLOCK = 16  # the smallest max_block "auto" tries
+    in_auto = True
+
     @classmethod
     def claims_fallback(cls, shape) -> bool:
         return len(shape) >= 2
+
+    @classmethod
+    def cost_parts(cls, g, hp, at) -> cost.Parts:
+        """A factor and its inverse root per dimension and block, the graft's second moment, counters."""
+        b = at["max_block"]
+        n, pieces = g.numel, g.pieces(b)
+        state = {"failures": (pieces, cost.INT64), "graft_v": (n, cost.FACTOR), "graft_t": (pieces, cost.FACTOR)}
+        factors = refresh = 0
+        root = round(1 / root_exponent(hp["exponent"], len(g.dims)))  # r of F^{-1/r}, for root_method="newton"
+        for j, m in enumerate(g.modes(b)):
+            state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, cost.FACTOR)
+            factors += m.count * m.squares
+            # inverse_power_flops over the blocks
+            refresh += m.count * (cost.inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
+        state["momentum"] = (n, cost.FACTOR)
+        gram = cost._mode_products(g, b)
+        return cost.Parts(state, statistics=gram + cost.EMA * factors, refresh=refresh, every=at["precondition_frequency"],
+                     update=gram + cost._grafted(hp, n) + cost.TAIL * n)
+
+    @classmethod
+    def auto_candidates(cls, hp, g):
+        """With its own max_block first (fidelity 0, as faithful as K-FAC or more), then, after
+        K-FAC, with max_block halved down to MIN_BLOCK (fidelity in [2, 3)): blocking a large
+        dimension cuts Shampoo's cost before fidelity is given up."""
+        largest = max(g.dims)
+        limit = min(largest, hp["max_block"])
+        sizes = []
+        size = cls.MIN_BLOCK
+        while size < limit:
+            sizes.append(size)
+            size *= 2
+        own = Candidate(0, hp, "" if hp["max_block"] >= largest else f"max_block={hp['max_block']}")
+        return [own] + [Candidate(2 + i / len(sizes), {**hp, "max_block": b}, f"max_block={b}")
+                        for i, b in enumerate(reversed(sizes))]
 
     def init_group(self, group):
         state = {"failures": self.stacked_zeros(group, dtype=torch.int64),

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import sympy as sp
 import torch
 
+from gnfx import cost
 from gnfx.hparams import choice, nonnegative
 from gnfx.linalg import decomposition_threads
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
@@ -120,6 +122,25 @@ class SOAP(CurvaturePreconditioner):
                                          "‖offdiag(QᵀFQ)‖/‖QᵀFQ‖ is at most this; 0 always refreshes", 0.0),
     }
     claims_fallback = Shampoo.claims_fallback  # the same rule: every loose tensor of order >= 2
+
+    @classmethod
+    def cost_parts(cls, g, hp, at):
+        """Shampoo's factors with their eigenbases, Adam's two moments in the rotated coordinates."""
+        b = at["max_block"]
+        n, pieces = g.numel, g.pieces(b)
+        state = {"exp_avg": (n, cost.FACTOR), "exp_avg_sq": (n, cost.FACTOR), "t": (pieces, cost.FACTOR),
+                 **{c: (pieces, cost.INT64) for c in ("refreshes", "skipped", "failures")}}
+        factors = refresh = 0
+        # a refresh per factor: Qᵀ F Q (4c³), then qr(F Q) (2c³ + QR) or an eigendecomposition
+        per_cube = 4 + (2 + 4 - sp.Rational(4, 3) if hp["refresh"] == "qr" else cost.EIGH)
+        for j, m in enumerate(g.modes(b)):
+            state[f"factor{j}"] = state[f"basis{j}"] = (m.count * m.squares, cost.FACTOR)
+            factors += m.count * m.squares
+            refresh += m.count * m.cubes * per_cube
+        state["momentum"] = (n, cost.FACTOR)
+        rotation = cost._mode_products(g, b)
+        return cost.Parts(state, statistics=rotation + cost.EMA * factors, refresh=refresh,
+                     every=at["precondition_frequency"], update=3 * rotation + cost.ADAM_ROTATED * n + cost.TAIL * n)
 
     def init_group(self, group):
         counter = lambda: self.stacked_zeros(group, dtype=torch.int64)  # noqa: E731
