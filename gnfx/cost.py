@@ -58,6 +58,7 @@ from gnfx.layouts import LAYOUTS, layout_of
 from gnfx.fsdp import curvature_owners
 from gnfx.fsdp import rows as rows_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
+from gnfx.preconditioners.muon import Muon
 from gnfx.preconditioners.shampoo import root_exponent
 from gnfx.report import format_bytes, format_table
 
@@ -306,6 +307,7 @@ COSTS = {
     "shampoo": shampoo_parts,
     "soap": soap_parts,
     "rank1": rank_parts,
+    "muon": Muon.cost_parts,
 }
 
 
