@@ -43,8 +43,16 @@ def test_newton_schulz_keeps_the_singular_vectors_and_lands_the_singular_values_
 
 
 def mlp(dtype=torch.float32):
+    """Its hidden matrices: layers 2 (24 x 16, scale sqrt(1.5)) and 4 (16 x 24); 0 reads the input, 6 is the output."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 5)).to(dtype)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(),
+                         nn.Linear(16, 5)).to(dtype)
+
+
+def split(model) -> tuple[list, list]:
+    """(the hidden weights, the rest) of `mlp()`, as a user of torch.optim.Muon writes it."""
+    hidden = [model[2].weight, model[4].weight]
+    return hidden, [p for p in model.parameters() if all(p is not h for h in hidden)]
 
 
 def data(dtype=torch.float32):
@@ -61,8 +69,7 @@ def train(model, step, x, y, steps):
 def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
     x, y = data()
     ref = mlp()
-    hidden = [ref[0].weight, ref[2].weight]
-    rest = [ref[0].bias, ref[2].bias, ref[4].weight, ref[4].bias]
+    hidden, rest = split(ref)
     # AdamW at ADAMW_LR·lr, with weight decay λ/ADAMW_LR so that it decays by (1 - lr·λ) as gnfx does
     optimizers = [torch.optim.Muon(hidden, lr=LR, weight_decay=WD, momentum=MU),
                   torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)]
@@ -87,8 +94,7 @@ def test_float64_steps_equal_the_reference_from_the_svd():
     weights, torch.optim.AdamW on the rest, in float64."""
     x, y = data(torch.float64)
     ref = mlp(torch.float64)
-    hidden = [ref[0].weight, ref[2].weight]
-    rest = [ref[0].bias, ref[2].bias, ref[4].weight, ref[4].bias]
+    hidden, rest = split(ref)
     adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)
     buffers = [torch.zeros_like(w) for w in hidden]
 
@@ -111,7 +117,8 @@ def test_float64_steps_equal_the_reference_from_the_svd():
 
 
 class Mixed(nn.Module):
-    """An embedding, hidden linear layers (with and without bias), a norm, and an output layer."""
+    """An embedding (the input layer), hidden linear layers (with and without bias), a norm, and an
+    output layer."""
 
     def __init__(self):
         super().__init__()
@@ -136,10 +143,14 @@ def routed(c) -> tuple[set, set]:
     return muon, adamw
 
 
-def test_hidden_matrices_get_muon_and_embeddings_output_layer_biases_and_norms_adamw():
+def test_hidden_matrices_get_muon_and_embeddings_input_and_output_layers_biases_and_norms_adamw():
     c = gnfx.compile(Mixed(), optimizer="muon")
     c(torch.randint(0, 10, (5, 3)))
+    assert [b.name for b in c.layers if b.model_input] == ["emb"]
     assert [b.name for b in c.layers if b.model_output] == ["head"]
+    mlp_table = gnfx.compile(mlp(), optimizer="muon").layers
+    assert [(b.name, b.model_input, b.model_output) for b in mlp_table] == [
+        ("0", True, False), ("2", False, False), ("4", False, False), ("6", False, True)]
     assert routed(c) == ({"fc1.weight", "fc2.weight"},
                          {"emb.weight", "fc1.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"})
     # a language model: its tied embedding and unembedding is the output layer, the position table
@@ -151,7 +162,7 @@ def test_hidden_matrices_get_muon_and_embeddings_output_layer_biases_and_norms_a
     assert {"emb.weight", "pos"} <= adamw and all(b.weight in adamw for b in gpt.layers if b.kind == "norm")
 
 
-def test_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrices():
+def test_hidden_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrices():
     model = CNN().double()
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.arange(6) % 5
@@ -161,7 +172,8 @@ def test_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrices():
     grads = {n: p.grad.clone() for n, p in c.named_parameters()}
     c.step()
     shapes = {p.target.params[0]: g.shape for g in c.optimizer.preconditioners[0].groups for p in g.pieces}
-    for name in ("conv1.weight", "conv2.weight"):
+    assert routed(c)[0] == {"conv2.weight"}  # conv1 reads the input, the head is the output layer
+    for name in ("conv2.weight",):
         w0, w = before.get_parameter(name), c.get_parameter(name)
         assert shapes[name] == (w.shape[0], w[0].numel())  # (C_out, C_in·k·k)
         G = grads[name].flatten(1)
