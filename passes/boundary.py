@@ -19,13 +19,9 @@ from .attention import SHAPE, _is, _producer
 
 def _reads_input(node) -> bool:
     """Whether `node` is a graph input, or a shape view of one."""
-    while isinstance(node, fx.Node):
-        if node.op == "placeholder":
-            return True
-        if not _is(node, SHAPE) or not node.args:
-            return False
+    while isinstance(node, fx.Node) and _is(node, SHAPE) and node.args:
         node = node.args[0]
-    return False
+    return isinstance(node, fx.Node) and node.op == "placeholder"
 
 
 def mark_boundary(gm: fx.GraphModule, blocks, block_sites) -> None:
