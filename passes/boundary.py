@@ -4,7 +4,8 @@ model returns.
 A block is an input block when one of its call sites reads a model input (a placeholder of the
 graph) directly or through shape ops (view, reshape, flatten, ...): the first layer of an MLP or a
 CNN, an embedding. It is an output block when one of the tensors the graph returns is its output,
-directly or through shape ops (followed back as attention.py's `_producer` follows q, k and v): the
+directly or through shape ops, or through the sums and products by which attention.py's `_producer`
+follows q and k back through a rotary embedding, where they lead to this block alone: the
 classifier head, the unembedding of a language model, the last layer of an autoencoder.
 Preconditioners that treat these layers apart from the hidden ones (Muon,
 gnfx/preconditioners/muon.py) read `block.model_input` and `block.model_output`.
