@@ -12,6 +12,13 @@ Entries:
   lr (the grid is the single entry None) the quadratic-model step (gnfx.quadratic_step):
   `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
   `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
+- Muon: `torch_muon` is torch.optim.Muon with the split its users write by hand: the weights of
+  the hidden nn.Linear layers (all but the first, which reads the input, and the last, the
+  output layer) to Muon, everything else (those two, biases, norms, embeddings, and conv kernels,
+  which torch.optim.Muon refuses: it takes matrices only) to torch.optim.AdamW at MUON_ADAMW_LR
+  times Muon's lr; `gnfx_muon` is `gnfx.compile(model, optimizer="muon", lr=LR)`, which finds the
+  same hidden layers (and hidden conv kernels) itself, its AdamW part at the same multiple by
+  default (its `adamw_lr`). Both without weight decay.
 - heavyball: SOAP and KL-Shampoo, run eagerly (heavyball's torch.compile turned off, as for
   every other entry, so that step times compare the algorithms and not the compilers).
 - pytorch_optimizer: SOAP, Shampoo and ScalableShampoo (Distributed-Shampoo-style, grafted onto
@@ -79,6 +86,26 @@ def _gnfx_unsupported() -> tuple[type[BaseException], ...]:
     return NotImplementedError, ValueError, GnfxError
 
 
+def _torch_muon(model: nn.Module, lr: float) -> Trainer:
+    """torch.optim.Muon on the hidden nn.Linear weights, AdamW on the rest (module doc)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)][1:-1]
+    hidden = {id(m.weight) for m in linears}
+    rest = [p for p in model.parameters() if id(p) not in hidden]
+    optimizers = [torch.optim.AdamW(rest, lr=lr * MUON_ADAMW_LR, weight_decay=0.0, foreach=True)]
+    if hidden:  # none in a CNN whose only linear layer is its head
+        optimizers.append(torch.optim.Muon([m.weight for m in linears], lr=lr, weight_decay=0.0))
+
+    def step():
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def zero_grad():
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    return Trainer(model, step, zero_grad)
+
+
 def _gnfx(name: str, **fixed) -> Callable[..., Trainer]:
     """gnfx.compile(model, optimizer=name, lr=lr) or, for lr None, (model, optimizer=name, loss=loss)."""
     def make(model: nn.Module, lr: float | None, loss: str | None = None) -> Trainer:
@@ -131,6 +158,10 @@ SGD_LIKE_LRS = (1e-2, 3e-2, 1e-1)
 # gnfx's Kronecker preconditioners (rank1, kfac, shampoo) diverged at 3e-3 on the digits MLP while
 # diag was best there, so gnfx's grid reaches one step lower.
 GNFX_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+# Muon's orthogonalized step has spectral norm ~1 per matrix (RMS ~ 1/sqrt(width)): its lr is an order
+# above Adam's (Jordan et al. use 0.02); the AdamW part runs at MUON_ADAMW_LR times it (gnfx's default).
+MUON_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+MUON_ADAMW_LR = 1.0
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("adamw", "torch", ADAM_LIKE_LRS, 3e-3, _adamw),
@@ -142,6 +173,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
       for name, optimizer, fixed in (("kfac_defaults", "kfac", {}),
                                      ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
                                      ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
+    OptimizerSpec("torch_muon", "torch", MUON_LRS, 1e-2, _torch_muon),
+    OptimizerSpec("gnfx_muon", "gnfx", MUON_LRS, 1e-2, _gnfx("muon"), _gnfx_unsupported()),
     OptimizerSpec("hb_soap", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("SOAP")),
     OptimizerSpec("hb_kl_shampoo", "heavyball", ADAM_LIKE_LRS, 3e-3, _heavyball("KLShampoo")),
     OptimizerSpec("po_soap", "pytorch_optimizer", ADAM_LIKE_LRS, 3e-3, _pytorch_optimizer("SOAP")),

@@ -59,7 +59,7 @@ statistics and quadratic-step state are dropped) and makes the state to load int
 replicated, keeping one rank's copy of each key, while the elementwise moments, δ and the
 statistics' update counters are per-rank tensors under the same keys.
 
-Not supported: meshes other than one dimension, shards other than dimension 0, and more than one
+Not supported: a preconditioner that says why it cannot run sharded yet (`unshardable`: muon), meshes other than one dimension, shards other than dimension 0, and more than one
 preconditioner with a cross-block safeguard on ranks that own blocks of only some of them (their
 scalar all-reduces would be issued in different orders).
 """
@@ -189,6 +189,10 @@ class ShardedStep:
             raise ConfigError("distributed='off' keeps gnfx from communicating, which its step on sharded "
                               "parameters must (owners receive gradients and statistics and send updates; the "
                               "quadratic-model step averages its coefficients): leave distributed at its default")
+        for pre in opt.curvature:
+            if pre.unshardable:
+                raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, ekfac, "
+                                  f"shampoo, soap, rank1 or diag for these blocks")
         guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
         if len(guarded) > 1:
             raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "

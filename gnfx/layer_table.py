@@ -23,7 +23,8 @@ class Block:
     trailing 1 and the factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that
     apply the map (more than one for tied weights; their statistics sum as if the sites were
     extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
-    ".out"); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
+    ".out"); `model_input` marks a block that reads the model's input (an input layer),
+    `model_output` one whose output the model returns (an output layer; passes/boundary.py); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
     """
 
     name: str
@@ -35,6 +36,8 @@ class Block:
     sites: list[str]
     options: dict = dataclasses.field(default_factory=dict)
     role: str | None = None
+    model_input: bool = False
+    model_output: bool = False
     preconditioner: str | None = None
 
     @property

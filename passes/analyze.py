@@ -17,6 +17,7 @@ from torch import fx, nn
 from gnfx.layer_table import Block, Fallback, LayerTable
 
 from .attention import mark_attention
+from .boundary import mark_boundary
 from .conv import find_conv_sites
 from .embedding import find_embedding_sites
 from .linear import find_linear_sites
@@ -139,6 +140,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     blocks.sort(key=lambda b: order[block_sites[b.name][0].node])
     mark_attention(gm, blocks, block_sites)
+    mark_boundary(gm, blocks, block_sites)
     fallbacks = []
     for name, param_uses in uses.items():
         if name in claimed:

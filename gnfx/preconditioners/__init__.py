@@ -5,6 +5,7 @@ A new preconditioner is one file in this folder plus one line here.
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.preconditioners.ekfac import EKFAC
 from gnfx.preconditioners.kfac import KFAC
+from gnfx.preconditioners.muon import Muon
 from gnfx.preconditioners.rank1 import RankK
 from gnfx.preconditioners.shampoo import Shampoo
 from gnfx.preconditioners.soap import SOAP
@@ -16,4 +17,5 @@ REGISTRY = {
     Shampoo.name: Shampoo,
     SOAP.name: SOAP,
     EKFAC.name: EKFAC,
+    Muon.name: Muon,
 }

@@ -42,6 +42,8 @@ class Preconditioner:
     tikhonov_damping: str | None = None
     # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
     tap_state: tuple[str, ...] = ()
+    # why it does not run under FSDP2 yet (gnfx.fsdp refuses it with this reason); "": it does
+    unshardable: str = ""
     # whether gnfx.compile's step="auto" means step="quadratic" for optimizer=<this name> when loss= is
     # given and lr is not (benchmarks/results/quadratic_step.md measures which gain by it)
     quadratic_by_default: bool = False

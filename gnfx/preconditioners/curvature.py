@@ -53,13 +53,18 @@ class CurvaturePreconditioner(Preconditioner):
 
     def __init__(self, hp, blocks, params, optimizer):
         super().__init__(hp, blocks, params, optimizer)
-        targets = [block_target(b, layout_of(b)) for b in blocks]
-        targets += [param_target(n, optimizer.param(n).shape) for n in params]
-        max_block = hp[self.max_block_hparam] if self.max_block_hparam else None
-        self.groups = make_groups(self.name, targets, max_block)
+        self.groups = self.piece_groups(blocks, params)
         # the parameter that holds each group's state in optimizer.state
         self.state_holder = {g.key: g.pieces[0].target.params[0] for g in self.groups}
         self.writes = parameter_writes(self.groups)
+
+    def piece_groups(self, blocks, params) -> list:
+        """The groups of pieces this preconditioner steps: the [W b] targets of its blocks and its
+        loose parameters, cut at the blocking hyperparameter, grouped by shape (gnfx.targets)."""
+        targets = [block_target(b, layout_of(b)) for b in blocks]
+        targets += [param_target(n, self.opt.param(n).shape) for n in params]
+        max_block = self.hp[self.max_block_hparam] if self.max_block_hparam else None
+        return make_groups(self.name, targets, max_block)
 
     # --- state -----------------------------------------------------------------------------
     def factor_dtype(self, piece) -> torch.dtype:
@@ -190,17 +195,22 @@ class CurvaturePreconditioner(Preconditioner):
         ms = [s["momentum"] for s in states]
         torch._foreach_mul_(ms, self.hp["momentum"])
         torch._foreach_add_(ms, Us if nu is None else torch._foreach_mul(Us, nu))
+        self.step_parameters(ms, lr, wd)
+
+    def step_parameters(self, steps, lr, wd) -> None:
+        """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
+        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order."""
         decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
-        rows = [row for m in ms for row in m.unbind()]  # the momentum of each piece
-        params, steps, decays, lrs = [], [], [], []
+        rows = [row for m in steps for row in m.unbind()]  # the step of each piece
+        params, updates, decays, lrs = [], [], [], []
         for i, name, view, region, src in self.writes:
             p = as_matrix(self.opt.param(name), view)
             params.append(p if region is None else p[region])
-            steps.append(rows[i] if src is None else rows[i][src])
+            updates.append(rows[i] if src is None else rows[i][src])
             decays.append(decay[i])
             lrs.append(neg_lr[i])
         torch._foreach_mul_(params, decays)
-        torch._foreach_addcmul_(params, steps, lrs)
+        torch._foreach_addcmul_(params, updates, lrs)
 
 
 def _covers(region, shape) -> bool:

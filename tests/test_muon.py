@@ -1,0 +1,221 @@
+"""Muon (gnfx/preconditioners/muon.py): the Newton–Schulz iteration against the SVD, a step against
+torch.optim.Muon + AdamW and against a float64 reference built from the SVD, which parameters it
+orthogonalizes, conv kernels as matrices, checkpoints and the report."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+from gnfx.preconditioners.muon import COEFFICIENTS, Muon, newton_schulz
+from tests.models import CNN, GPT
+
+LR, ADAMW_LR, WD, MU = 0.02, 0.1, 0.01, 0.95
+
+
+def polar_power(X: torch.Tensor, steps: int) -> torch.Tensor:
+    """U p^steps(Σ / ‖X‖_F) Vᵀ from the SVD X = U Σ Vᵀ, p(σ) = aσ + bσ³ + cσ⁵: what the iteration
+    computes, built without a matrix product of the iteration."""
+    a, b, c = COEFFICIENTS
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    s = S / torch.linalg.matrix_norm(X).unsqueeze(-1)
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return U @ torch.diag_embed(s) @ Vh
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 10), (3, 9, 4), (2, 16, 16)])
+def test_newton_schulz_keeps_the_singular_vectors_and_lands_the_singular_values_near_one(shape):
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    O = newton_schulz(X, 5)
+    # exact: the quintic acts on the singular values alone (five products of matrices of norm <= 1.21)
+    torch.testing.assert_close(O, polar_power(X, 5), rtol=0, atol=1e-12)
+    # the quintic does not converge to U Vᵀ: singular values >= 0.002 ‖X‖_F end in [0.68, 1.21]
+    S = torch.linalg.svdvals(X)
+    assert (S >= 2e-3 * torch.linalg.matrix_norm(X).unsqueeze(-1)).all()
+    s = torch.linalg.svdvals(O)
+    assert 0.68 <= s.min() and s.max() <= 1.21
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    assert torch.linalg.matrix_norm(O - U @ Vh, ord=2).max() <= 0.32
+
+
+def mlp(dtype=torch.float32):
+    """Its hidden matrices: layers 2 (24 x 16, scale sqrt(1.5)) and 4 (16 x 24); 0 reads the input, 6 is the output."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(),
+                         nn.Linear(16, 5)).to(dtype)
+
+
+def split(model) -> tuple[list, list]:
+    """(the hidden weights, the rest) of `mlp()`, as a user of torch.optim.Muon writes it."""
+    hidden = [model[2].weight, model[4].weight]
+    return hidden, [p for p in model.parameters() if all(p is not h for h in hidden)]
+
+
+def data(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 12, generator=g, dtype=dtype), torch.randint(0, 5, (32,), generator=g)
+
+
+def train(model, step, x, y, steps):
+    for _ in range(steps):
+        F.cross_entropy(model(x), y).backward()
+        step()
+
+
+def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
+    x, y = data()
+    ref = mlp()
+    hidden, rest = split(ref)
+    # AdamW at ADAMW_LR·lr, with weight decay λ/ADAMW_LR so that it decays by (1 - lr·λ) as gnfx does
+    optimizers = [torch.optim.Muon(hidden, lr=LR, weight_decay=WD, momentum=MU),
+                  torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)]
+
+    def ref_step():
+        for o in optimizers:
+            o.step()
+            o.zero_grad()
+
+    start = [p.detach().clone() for p in ref.parameters()]
+    c = gnfx.compile(mlp(), optimizer="muon", lr=LR, weight_decay=WD, momentum=MU, adamw_lr=ADAMW_LR,
+                     ns_dtype="bfloat16")  # torch.optim.Muon's iteration runs in bfloat16
+    train(ref, ref_step, x, y, 3)
+    train(c, lambda: (c.step(), c.zero_grad()), x, y, 3)
+    for p0, p, q in zip(start, ref.parameters(), c.parameters()):
+        # the same operations in the same order; bfloat16 products may round apart by an ulp (2⁻⁸)
+        torch.testing.assert_close(q - p0, p - p0, rtol=0, atol=2 ** -8 * (p - p0).abs().max().item())
+
+
+def test_float64_steps_equal_the_reference_from_the_svd():
+    """Two steps, so that the momentum matters: Muon from the SVD (polar_power) on the hidden
+    weights, torch.optim.AdamW on the rest, in float64."""
+    x, y = data(torch.float64)
+    ref = mlp(torch.float64)
+    hidden, rest = split(ref)
+    adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)
+    buffers = [torch.zeros_like(w) for w in hidden]
+
+    @torch.no_grad()
+    def ref_step():
+        for w, M in zip(hidden, buffers):
+            M.mul_(MU).add_(w.grad, alpha=1 - MU)
+            X = (1 - MU) * w.grad + MU * M  # Nesterov
+            scale = max(1.0, w.shape[0] / w.shape[1]) ** 0.5
+            w.mul_(1 - LR * WD).sub_(LR * scale * polar_power(X.unsqueeze(0), 5)[0])
+            w.grad = None
+        adamw.step()
+        adamw.zero_grad()
+
+    c = gnfx.compile(mlp(torch.float64), optimizer="muon", lr=LR, weight_decay=WD, momentum=MU, adamw_lr=ADAMW_LR)
+    train(ref, ref_step, x, y, 2)
+    train(c, lambda: (c.step(), c.zero_grad()), x, y, 2)
+    for p, q in zip(ref.parameters(), c.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
+class Mixed(nn.Module):
+    """An embedding (the input layer), hidden linear layers (with and without bias), a norm, and an
+    output layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(12, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 16, bias=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.norm(self.fc1(self.emb(tokens).flatten(1)))
+        return self.head(torch.relu(self.fc2(torch.relu(h))))
+
+
+def routed(c) -> tuple[set, set]:
+    """(parameters Muon orthogonalizes, parameters its AdamW steps)."""
+    pre = c.optimizer.preconditioners[0]
+    muon, adamw = set(), set()
+    for group in pre.groups:
+        (adamw if pre.is_adamw(group) else muon).update(n for p in group.pieces for n in p.target.params)
+    return muon, adamw
+
+
+def test_hidden_matrices_get_muon_and_embeddings_input_and_output_layers_biases_and_norms_adamw():
+    c = gnfx.compile(Mixed(), optimizer="muon")
+    c(torch.randint(0, 10, (5, 3)))
+    assert [b.name for b in c.layers if b.model_input] == ["emb"]
+    assert [b.name for b in c.layers if b.model_output] == ["head"]
+    mlp_table = gnfx.compile(mlp(), optimizer="muon").layers
+    assert [(b.name, b.model_input, b.model_output) for b in mlp_table] == [
+        ("0", True, False), ("2", False, False), ("4", False, False), ("6", False, True)]
+    assert routed(c) == ({"fc1.weight", "fc2.weight"},
+                         {"emb.weight", "fc1.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+    # a language model: its tied embedding and unembedding is the output layer, the position table
+    # and the norms are no plain matrices
+    gpt = gnfx.compile(GPT(attentions=("sdpa",)), optimizer="muon")
+    gpt(torch.randint(0, 48, (2, 8)))
+    muon, adamw = routed(gpt)
+    assert muon == {b.weight for b in gpt.layers if b.kind == "linear" and b.name != "emb"}
+    assert {"emb.weight", "pos"} <= adamw and all(b.weight in adamw for b in gpt.layers if b.kind == "norm")
+
+
+def test_hidden_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrices():
+    model = CNN().double()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.arange(6) % 5
+    before = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="muon", lr=LR)
+    F.cross_entropy(c(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in c.named_parameters()}
+    c.step()
+    shapes = {p.target.params[0]: g.shape for g in c.optimizer.preconditioners[0].groups for p in g.pieces}
+    assert routed(c)[0] == {"conv2.weight"}  # conv1 reads the input, the head is the output layer
+    for name in ("conv2.weight",):
+        w0, w = before.get_parameter(name), c.get_parameter(name)
+        assert shapes[name] == (w.shape[0], w[0].numel())  # (C_out, C_in·k·k)
+        G = grads[name].flatten(1)
+        X = (1 - MU) * G + MU * (1 - MU) * G  # Nesterov on the first step
+        scale = max(1.0, G.shape[0] / G.shape[1]) ** 0.5
+        expected = w0.flatten(1) - LR * scale * polar_power(X.unsqueeze(0), 5)[0]
+        torch.testing.assert_close(w.detach().flatten(1), expected, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_resumes_exactly():
+    x, y = data()
+
+    def run(steps, checkpoint=None):
+        c = gnfx.compile(mlp(), optimizer="muon", lr=LR)
+        if checkpoint is not None:
+            c.load_state_dict(checkpoint[0])
+            c.optimizer.load_state_dict(checkpoint[1])
+        train(c, lambda: (c.step(), c.zero_grad()), x, y, steps)
+        return c
+
+    first = run(2)
+    checkpoint = copy.deepcopy((first.state_dict(), first.optimizer.state_dict()))
+    straight = run(2, checkpoint)
+    train(first, lambda: (first.step(), first.zero_grad()), x, y, 2)
+    for p, q in zip(first.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_report_and_cost_show_muon():
+    c = gnfx.compile(Mixed(), optimizer="muon")
+    tokens = torch.randint(0, 10, (5, 3))
+    F.cross_entropy(c(tokens), torch.arange(5) % 3).backward()
+    c.step()
+    text = str(c)
+    assert "muon" in text and "fc1" in text
+    cost = c.cost()
+    assert cost["fc2"].preconditioner == "muon"
+    # a hidden matrix without bias keeps its buffer M alone; one with a bias adds AdamW's state for it
+    assert cost["fc2"].memory_bytes == 16 * 16 * 4
+    assert cost["fc1"].memory_bytes == (16 * 12 + 16 * 2 + 1) * 4
+
+
+def test_muon_is_no_auto_candidate():
+    assert not Muon.in_auto
+    c = gnfx.compile(mlp(), optimizer="auto", memory_budget=1e6, compute_budget=1e6)
+    assert {e.name for e in c.layers.plan.entries.values()}.isdisjoint({"muon"})
