@@ -37,7 +37,9 @@ from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
 
 class EKFAC(KFAC):
     name = "ekfac"
-    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads", "root_method")},
+    # no max_factor: EKFAC keeps every factor whole (blocked bases are not implemented)
+    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items()
+                  if k not in ("attention_blocks", "heads", "root_method", "max_factor")},
                "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
     unshardable = ("its taps measure the eigenvalues s in every block's eigenbasis on every rank's local batch, "
                    "so every rank would need every basis")
