@@ -13,11 +13,12 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
     max_block       Shampoo/SOAP blocking: a dimension d > max_block is cut into
                     c = ⌈d / max_block⌉ near-equal blocks, r of size q + 1 and c - r of size q
                     (q = ⌊d / c⌋, r = d - c q), as gnfx.targets.cut does
-    max_factor      K-FAC's big factors: a factor of d > max_factor entries (0: none) is kept as
-                    m = factor_count(d) diagonal blocks of b = factor_size(d) entries, the last
-                    one zero-padded (gnfx.layouts.base.factor_blocks; for A, blocks of whole
-                    input units: a conv's prod(kernel)); it costs m b² entries, m b³ to invert,
-                    and 2 m b² c to apply to a matrix of c columns
+    max_factor      K-FAC's big factors: a factor of d > max_factor entries (0: none; A's bias
+                    entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
+                    b = factor_size(d, ...) entries, the last one zero-padded
+                    (gnfx.layouts.base.factor_blocks; for A, blocks of whole input units: a
+                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and 2 m b² c
+                    to apply to a matrix of c columns
     k               the tracked rank of "rank1"
     stat_every      steps between statistic steps
     inv_every, precondition_frequency   steps between refreshes (K-FAC/EKFAC, Shampoo/SOAP)
@@ -151,31 +152,32 @@ class block_sum(sp.Function):
         return None
 
 
-def _factor_blocks(d, f, u, i: int):
-    """Entry i of (m, b) = gnfx.layouts.base.factor_blocks(d, f, u) where it is known: (1, d) when
-    f = 0 or d <= f, the numbers for numbers; None (unevaluated) otherwise."""
-    if f.is_zero or (f - d).is_nonnegative:
+def _factor_blocks(d, f, u, e, i: int):
+    """Entry i of (m, b) = gnfx.layouts.base.factor_blocks(d, f, u, e) where it is known: (1, d) when
+    f = 0 or d - e <= f, the numbers for numbers; None (unevaluated) otherwise."""
+    if f.is_zero or (f - d + e).is_nonnegative:
         return (sp.Integer(1), d)[i]
-    if d.is_Integer and f.is_Integer and u.is_Integer:
-        return sp.Integer(factor_blocks(int(d), int(f), int(u))[i])
+    if all(x.is_Integer for x in (d, f, u, e)):
+        return sp.Integer(factor_blocks(int(d), int(f), int(u), int(e))[i])
     return None
 
 
 class factor_count(sp.Function):
-    """factor_count(d, f, u): the m diagonal blocks a K-FAC factor of d entries is kept as with
-    max_factor f and input unit u (gnfx.layouts.base.factor_blocks; 1 if d <= f or f = 0)."""
+    """factor_count(d, f, u, e): the m diagonal blocks a K-FAC factor of d entries (e of them a bias
+    entry) is kept as with max_factor f and input unit u (gnfx.layouts.base.factor_blocks; 1 if
+    d - e <= f or f = 0)."""
 
     @classmethod
-    def eval(cls, d, f, u):
-        return _factor_blocks(d, f, u, 0)
+    def eval(cls, d, f, u, e):
+        return _factor_blocks(d, f, u, e, 0)
 
 
 class factor_size(sp.Function):
-    """factor_size(d, f, u): the entries b of each diagonal block of that factor (d if whole)."""
+    """factor_size(d, f, u, e): the entries b of each diagonal block of that factor (d if whole)."""
 
     @classmethod
-    def eval(cls, d, f, u):
-        return _factor_blocks(d, f, u, 1)
+    def eval(cls, d, f, u, e):
+        return _factor_blocks(d, f, u, e, 1)
 
 
 def _cut(d, b):
@@ -215,10 +217,10 @@ class Geometry:
     def factor_blocks(self, side: str):
         """(m, b) of factor "A" (d_a entries) or "S" (s entries): m diagonal blocks of b entries; (1, d)
         for a factor kept whole (always for an embedding's diagonal A)."""
-        d, unit = (self.dims[1], self.unit) if side == "A" else (self.rows, 1)
+        d, unit, extra = (self.dims[1], self.unit, int(self.bias)) if side == "A" else (self.rows, 1, 0)
         if self.max_factor is None or (side == "A" and self.diagonal_A):
             return sp.Integer(1), d
-        return factor_count(d, self.max_factor, unit), factor_size(d, self.max_factor, unit)
+        return tuple(f(d, self.max_factor, unit, extra) for f in (factor_count, factor_size))
 
     def factor_entries(self, side: str):
         """The entries of factor A or S of every row group: groups · m · b² (groups · d² when whole)."""

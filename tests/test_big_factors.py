@@ -130,20 +130,28 @@ def damped_solve(A, S, G, damping):
 # ----------------------------------------------------------------------------- the blocking rule
 
 
-@pytest.mark.parametrize("d,max_factor,unit", [(4609, 1024, 9), (4608, 2048, 9), (4097, 2048, 1), (28, 5, 9),
-                                               (37, 20, 9), (13, 5, 1), (1001, 7, 3), (50257, 1024, 1)])
-def test_blocks_are_near_equal_whole_units_within_max_factor_covering_every_entry(d, max_factor, unit):
-    m, b = factor_blocks(d, max_factor, unit)
-    assert b <= max_factor and (m - 1) * b < d <= m * b  # every entry in a block, no block empty
-    assert m == math.ceil(d / (max_factor // unit * unit)) if unit <= max_factor else m == math.ceil(d / max_factor)
-    if unit <= max_factor:
-        assert b % unit == 0  # whole input channels
-    assert factor_blocks(d, d, unit) == factor_blocks(d, None, unit) == (1, d)
+@pytest.mark.parametrize("max_factor", [1, 4, 5, 7, 20, 1024, 2048])
+@pytest.mark.parametrize("unit", [1, 3, 9])
+@pytest.mark.parametrize("extra", [0, 1])
+def test_blocks_are_near_equal_whole_units_within_max_factor_covering_every_entry(max_factor, unit, extra):
+    for d in [*range(1 + extra, 60), 1000, 1025, 2049, 4097, 4608, 4609, 50257]:
+        m, b = factor_blocks(d, max_factor, unit, extra)
+        if d - extra <= max_factor:
+            assert (m, b) == (1, d)
+            continue
+        assert (m - 1) * b < d <= m * b  # every entry in a block, no block empty
+        assert b <= max_factor + extra and m >= math.ceil(d / (max_factor + extra))
+        if unit <= max_factor:
+            assert b % unit == 0  # whole input channels
+        assert factor_blocks(d, None, unit, extra) == (1, d)
 
 
-def test_a_conv_of_512_channels_is_cut_into_channel_aligned_blocks():
+def test_a_conv_of_512_channels_is_cut_into_channel_aligned_blocks_and_a_bias_rides_along():
     assert factor_blocks(512 * 9, 1024, 9) == (5, 927) and 927 == 103 * 9
     assert factor_blocks(512 * 9, 2048, 9) == (3, 1539) and 1539 == 171 * 9
+    assert factor_blocks(512 * 9 + 1, 2048, 9, extra=1) == (3, 1539)  # the bias entry in the last block
+    assert factor_blocks(1025, 1024, 1, extra=1) == (1, 1025)  # 1024 inputs and a bias: whole
+    assert factor_blocks(2049, 1024, 1, extra=1) == (2, 1025)
 
 
 # ----------------------------------------------------------------------------- statistics, step, diagnose
@@ -225,8 +233,9 @@ def trained(max_factor, steps=3, checkpoint_at=None):
 
 def test_max_factor_at_least_every_dimension_is_exactly_k_fac_with_whole_factors():
     whole = trained(0)
-    assert all(torch.equal(whole[k], v) for k, v in trained(49).items())  # 49: the largest factor
-    blocked = trained(48)
+    # 48: the largest factor, the head's A of 48 inputs and a bias
+    assert all(torch.equal(whole[k], v) for k, v in trained(48).items())
+    blocked = trained(47)
     assert any(not torch.equal(whole[k], v) for k, v in blocked.items())
 
 

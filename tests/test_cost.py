@@ -248,11 +248,11 @@ def test_cost_table_totals_and_formulas_for_larger_sizes():
     # with every factor whole (max_factor=0): inverses, averages, A's accumulator Σ a aᵀ and Σ a, S's, momentum
     memory = report.formulas["fc"]["memory"].subs({**report.values["fc"], d_in: 4096, d_out: 4096, S["max_factor"]: 0})
     assert memory == 8 * (2 * (4097 ** 2 + 4096 ** 2) + 4096 * 4097 + 4096 ** 2 + 4096 * 4097) + 8
-    # with max_factor=2048: A (4097) as 3 blocks of 1366, S (4096) as 2 blocks of 2048, each kept as an inverse,
-    # an average and an accumulator of its blocks
+    # with max_factor=1024: A (4096 inputs and the bias) as 4 blocks of 1025, S (4096) as 4 blocks of 1024, each
+    # kept as an inverse, an average and an accumulator of its blocks
     memory = report.formulas["fc"]["memory"].subs({**report.values["fc"], d_in: 4096, d_out: 4096,
-                                                   S["max_factor"]: 2048})
-    assert memory == 8 * (3 * (3 * 1366 ** 2 + 2 * 2048 ** 2) + 4096 * 4097) + 8
+                                                   S["max_factor"]: 1024})
+    assert memory == 8 * (3 * (4 * 1025 ** 2 + 4 * 1024 ** 2) + 4096 * 4097) + 8
 
 
 def test_diag_costs_exactly_an_adamw_step():

@@ -14,7 +14,8 @@ as its d_a entries.
 its preconditioner's hyperparameter, gnfx.plan; None: every factor whole) is kept as its diagonal
 blocks, `A ≈ blockdiag(A_1, ..., A_m)` over contiguous ranges of its entries (likewise S over the
 outputs): `factor_blocks` cuts d entries into m blocks of b, block i holding entries
-[i·b, (i+1)·b) and the last one padded with zeros up to b. The blocks hold whole `input_unit`s of
+[i·b, (i+1)·b) and the last one padded with zeros up to b (A's bias entry does not count against
+max_factor: a layer of 1024 inputs and a bias keeps its A of 1025 whole at max_factor 1024). The blocks hold whole `input_unit`s of
 A's entries (a convolution's unit is one input channel's patch of prod(kernel) entries; the bias
 entry is the last entry of a). K-FAC then models `G ≈ blockdiag(A_i) ⊗ blockdiag(S_j)`, and its
 update is `U_ji = S_j⁻¹ G_ji A_i⁻¹` on the blocks G_ji of [∇W ∇b]. A blocked factor is stored as
@@ -26,17 +27,22 @@ from __future__ import annotations
 import torch
 
 
-def factor_blocks(d: int, max_factor: int | None, unit: int = 1) -> tuple[int, int]:
-    """(m, b): d entries cut into m blocks of b entries, b a multiple of `unit` (whole units; 1 where
-    a unit alone exceeds max_factor) and at most max_factor, m = ⌈d / b_max⌉ for the largest such b_max,
-    b = ⌈d / m⌉ rounded up to whole units (near-equal blocks; the last one short by m·b - d).
-    (1, d) when d <= max_factor or max_factor is None."""
-    if max_factor is None or d <= max_factor:
+def factor_blocks(d: int, max_factor: int | None, unit: int = 1, extra: int = 0) -> tuple[int, int]:
+    """(m, b): d entries cut into m near-equal blocks of b entries, b a multiple of `unit` (whole
+    units; 1 where a unit alone exceeds max_factor) and b <= max_factor + extra, where the last
+    `extra` entries (A's bias entry) do not count against max_factor, so that a layer of max_factor
+    inputs and a bias keeps its A whole: m = ⌈(d - extra) / b_max⌉ with b_max the largest multiple
+    of unit <= max_factor (one more while rounding b = ⌈d / m⌉ up to whole units exceeds the bound),
+    and m·b >= d > (m - 1)·b. (1, d) when d - extra <= max_factor or max_factor is None."""
+    if max_factor is None or d - extra <= max_factor:
         return 1, d
     unit = unit if unit <= max_factor else 1
-    m = -(-d // (max_factor // unit * unit))
-    b = -(-(-(-d // m)) // unit) * unit
-    return -(-d // b), b
+    m = -(-(d - extra) // (max_factor // unit * unit))
+    while True:
+        b = -(-(-(-d // m)) // unit) * unit
+        if b <= max_factor + extra:
+            return -(-d // b), b
+        m += 1
 
 
 class Layout:
@@ -63,8 +69,8 @@ class Layout:
         b = self.block
         d_a, s = b.d_in + (b.bias is not None), b.d_out // self.groups
         out = {}
-        for name, d, unit in (("A", d_a, self.input_unit), ("S", s, 1)):
-            m, size = factor_blocks(d, b.max_factor, unit)
+        for name, d, unit, extra in (("A", d_a, self.input_unit, b.bias is not None), ("S", s, 1, 0)):
+            m, size = factor_blocks(d, b.max_factor, unit, int(extra))
             out[name] = (m, size) if m > 1 and not (name == "A" and self.diagonal_A) else None
         return out
 
