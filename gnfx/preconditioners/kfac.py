@@ -44,7 +44,7 @@ from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hpara
 # attention projections and their blocks of S per head (a fused qkv projection holds three)
 PROJECTIONS = {"attention.q": 1, "attention.k": 1, "attention.v": 1, "attention.qkv": 3}
 # the default max_factor (measured: benchmarks/results/performance.md, "Big factors")
-MAX_FACTOR = 2048
+MAX_FACTOR = 1024
 
 
 class KFAC(CurvaturePreconditioner):
