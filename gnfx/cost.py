@@ -617,8 +617,9 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
                              R=r * len(block.sites))
             needs = stats[name].needs if name in stats else frozenset()
             layout = layout_of(block)
-            geometry, symbolic = (blocked(block_geometry(kind, block.bias is not None, x, layout.groups, layout.input_unit),
-                                          pre.hp, x) for x in (at, SYMBOLS))
+            geometry, symbolic = (
+                blocked(block_geometry(kind, block.bias is not None, x, layout.groups, layout.input_unit), pre.hp, x)
+                for x in (at, SYMBOLS))
         else:
             at = symbols_for(pre.hp, optimizer.stat_every)
             needs = frozenset()

@@ -15,12 +15,12 @@ its preconditioner's hyperparameter, gnfx.plan; None: every factor whole) is kep
 blocks, `A ≈ blockdiag(A_1, ..., A_m)` over contiguous ranges of its entries (likewise S over the
 outputs): `factor_blocks` cuts d entries into m blocks of b, block i holding entries
 [i·b, (i+1)·b) and the last one padded with zeros up to b (A's bias entry does not count against
-max_factor: a layer of 1024 inputs and a bias keeps its A of 1025 whole at max_factor 1024). The blocks hold whole `input_unit`s of
-A's entries (a convolution's unit is one input channel's patch of prod(kernel) entries; the bias
-entry is the last entry of a). K-FAC then models `G ≈ blockdiag(A_i) ⊗ blockdiag(S_j)`, and its
-update is `U_ji = S_j⁻¹ G_ji A_i⁻¹` on the blocks G_ji of [∇W ∇b]. A blocked factor is stored as
-(groups, m, b, b) (groups = 1 for an ungrouped block); `blockdiag_left` and `blockdiag_right`
-apply such a stack to stacked matrices.
+max_factor: a layer of 1024 inputs and a bias keeps its A of 1025 whole at max_factor 1024). The
+blocks hold whole `input_unit`s of A's entries (a convolution's unit is one input channel's patch of
+prod(kernel) entries; the bias entry is the last entry of a). K-FAC then models
+`G ≈ blockdiag(A_i) ⊗ blockdiag(S_j)`, and its update is `U_ji = S_j⁻¹ G_ji A_i⁻¹` on the blocks G_ji
+of [∇W ∇b]. A blocked factor is stored as (groups, m, b, b) (groups = 1 for an ungrouped block);
+`blockdiag_left` and `blockdiag_right` apply such a stack to stacked matrices.
 """
 from __future__ import annotations
 
