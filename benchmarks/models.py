@@ -1,7 +1,8 @@
-"""The models the benchmark tasks train: an MLP, a deep autoencoder, a small CNN and a small GPT.
+"""The models the benchmark tasks train: an MLP, a deep autoencoder, a small CNN and a small GPT; and a
+ResNet-18 for 32x32 images (benchmarks/big_factors.py).
 
-Every model is a plain `nn.Module` built from `nn.Linear`, `nn.Conv2d`, `nn.Embedding` and
-`nn.LayerNorm`, so that gnfx can capture it. `GPT` is public for reuse by the examples.
+Every model is a plain `nn.Module` built from `nn.Linear`, `nn.Conv2d`, `nn.Embedding`,
+`nn.LayerNorm` and `nn.BatchNorm2d`, so that gnfx can capture it. `GPT` is public for reuse by the examples.
 """
 from __future__ import annotations
 
@@ -28,6 +29,40 @@ def cnn(channels: tuple[int, ...] = (16, 32), classes: int = 10) -> nn.Sequentia
     for c_in, c_out in zip((1, *channels), channels):
         layers += [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.ReLU()]
     layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels[-1] * 4 * 4, classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with batch norms, and the identity (or a strided 1x1
+    convolution with a batch norm where the shape changes) added before the last ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet18(classes: int = 10, channels: tuple[int, ...] = (64, 128, 256, 512)) -> nn.Sequential:
+    """ResNet-18 for 32x32 images (as torchvision's resnet18, with CIFAR's stem: a 3x3 convolution of
+    stride 1 and no max-pool): two BasicBlocks per width, each later width starting with stride 2,
+    global average pooling and a linear head. Its last 3x3 convolutions have 512 input channels: an
+    A factor of 4608 entries."""
+    layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]),
+                               nn.ReLU()]
+    c_in = channels[0]
+    for i, c in enumerate(channels):
+        layers += [BasicBlock(c_in, c, stride=1 if i == 0 else 2), BasicBlock(c, c)]
+        c_in = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
     return nn.Sequential(*layers)
 
 

@@ -18,6 +18,12 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
     max_block       Shampoo/SOAP blocking: a dimension d > max_block is cut into
                     c = ⌈d / max_block⌉ near-equal blocks, r of size q + 1 and c - r of size q
                     (q = ⌊d / c⌋, r = d - c q), as gnfx.targets.cut does
+    max_factor      K-FAC's big factors: a factor of d > max_factor entries (0: none; A's bias
+                    entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
+                    b = factor_size(d, ...) entries, the last one zero-padded
+                    (gnfx.layouts.base.factor_blocks; for A, blocks of whole input units: a
+                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and 2 m b² c
+                    to apply to a matrix of c columns
     k               the tracked rank of "rank1"
     stat_every      steps between statistic steps
     inv_every, precondition_frequency   steps between refreshes (K-FAC/EKFAC, Shampoo/SOAP)
@@ -61,9 +67,11 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.layouts import LAYOUTS
+from gnfx.layouts.base import factor_blocks
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
-    "d_in", "d_out", "B", "R", "max_block", "k", "stat_every", "inv_every", "precondition_frequency", "W")}
+    "d_in", "d_out", "B", "R", "max_block", "max_factor", "k", "stat_every", "inv_every", "precondition_frequency",
+    "W")}
 
 FACTOR, PARAM, INT64 = "factor", "param", "int64"  # storage of a state tensor (see module docstring)
 
@@ -145,6 +153,34 @@ class block_sum(sp.Function):
         return None
 
 
+def _factor_blocks(d, f, u, e, i: int):
+    """Entry i of (m, b) = gnfx.layouts.base.factor_blocks(d, f, u, e) where it is known: (1, d) when
+    f = 0 or d - e <= f, the numbers for numbers; None (unevaluated) otherwise."""
+    if f.is_zero or (f - d + e).is_nonnegative:
+        return (sp.Integer(1), d)[i]
+    if all(x.is_Integer for x in (d, f, u, e)):
+        return sp.Integer(factor_blocks(int(d), int(f), int(u), int(e))[i])
+    return None
+
+
+class factor_count(sp.Function):
+    """factor_count(d, f, u, e): the m diagonal blocks a K-FAC factor of d entries (e of them a bias
+    entry) is kept as with max_factor f and input unit u (gnfx.layouts.base.factor_blocks; 1 if
+    d - e <= f or f = 0)."""
+
+    @classmethod
+    def eval(cls, d, f, u, e):
+        return _factor_blocks(d, f, u, e, 0)
+
+
+class factor_size(sp.Function):
+    """factor_size(d, f, u, e): the entries b of each diagonal block of that factor (d if whole)."""
+
+    @classmethod
+    def eval(cls, d, f, u, e):
+        return _factor_blocks(d, f, u, e, 1)
+
+
 def _cut(d, b):
     """(number of blocks, {p: Σ_blocks size^p}) of a dimension d cut into blocks of at most b (None: one)."""
     if b is None:
@@ -156,12 +192,15 @@ def _cut(d, b):
 class Geometry:
     """What a preconditioner treats as a unit: `dims` = (d_out, d_a) of a block's folded gradient
     (`bias`: d_a = d_in + 1), or a loose parameter's shape; `kind` a layer kind (gnfx.layouts) or
-    "tensor"; `groups` the block's independent row groups."""
+    "tensor"; `groups` the block's independent row groups; `max_factor` and `unit` how its factors
+    are blocked."""
 
     dims: tuple
     kind: str
     bias: bool = False
     groups: int = 1
+    unit: int = 1  # the entries of `a` a blocked A keeps together (gnfx.layouts.base)
+    max_factor: object = None  # K-FAC's max_factor (a number or the symbol); None: factors whole
 
     @property
     def diagonal_A(self) -> bool:
@@ -175,6 +214,19 @@ class Geometry:
     @property
     def numel(self):
         return sp.Mul(*self.dims)
+
+    def factor_blocks(self, side: str):
+        """(m, b) of factor "A" (d_a entries) or "S" (s entries): m diagonal blocks of b entries; (1, d)
+        for a factor kept whole (always for an embedding's diagonal A)."""
+        d, unit, extra = (self.dims[1], self.unit, int(self.bias)) if side == "A" else (self.rows, 1, 0)
+        if self.max_factor is None or (side == "A" and self.diagonal_A):
+            return sp.Integer(1), d
+        return tuple(f(d, self.max_factor, unit, extra) for f in (factor_count, factor_size))
+
+    def factor_entries(self, side: str):
+        """The entries of factor A or S of every row group: groups · m · b² (groups · d² when whole)."""
+        m, b = self.factor_blocks(side)
+        return self.groups * m * b ** 2
 
     def pieces(self, b):
         return sp.Mul(*(_cut(d, b)[0] for d in self.dims))
@@ -216,12 +268,16 @@ def statistic_sizes(g) -> tuple[dict, dict]:
     on a statistic step), by name."""
     d_o, d_a = g.dims
     d_i = d_a - 1 if g.bias else d_a
-    s, k = g.rows, g.groups
+    k = g.groups
     # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out (per row group:
-    # d_a x d_a and s x s), the diagonals like [W b]
-    sizes = {"A": d_a if g.diagonal_A else k * d_a ** 2, "S": k * s ** 2, "diag": g.numel, "eigen_diag": g.numel}
-    # accumulators: the same, except A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered when averaged
-    return sizes, {**sizes, "A": d_a if g.diagonal_A else k * d_i * d_a}
+    # d_a x d_a and s x s; a blocked factor its m blocks of b x b), the diagonals like [W b]
+    sizes = {"A": d_a if g.diagonal_A else g.factor_entries("A"), "S": g.factor_entries("S"), "diag": g.numel,
+             "eigen_diag": g.numel}
+    # accumulators: the same, except a whole A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered
+    # when averaged (a blocked A accumulates its blocks of [a 1] directly)
+    if g.diagonal_A:
+        return sizes, sizes
+    return sizes, {**sizes, "A": sp.Piecewise((k * d_i * d_a, sp.Eq(g.factor_blocks("A")[0], 1)), (sizes["A"], True))}
 
 
 def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]:
@@ -236,8 +292,11 @@ def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]
     rows, pooling = (b, positions) if reduce else (positions, 0)
     sizes, accumulators = statistic_sizes(g)
     scatter = positions * d_o  # an embedding's per-example gradient: δ added into token rows
-    flops = {"A": positions if embedding else k * (pooling * d_i + 2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0)),
-             "S": pooling * d_o + 2 * rows * k * s ** 2,
+    (m_a, b_a), (m_s, b_s) = g.factor_blocks("A"), g.factor_blocks("S")
+    gram_a = sp.Piecewise((2 * rows * d_i ** 2 + (rows * d_i if g.bias else 0), sp.Eq(m_a, 1)),
+                          (2 * rows * m_a * b_a ** 2, True))
+    flops = {"A": positions if embedding else k * (pooling * d_i + gram_a),
+             "S": pooling * d_o + 2 * rows * k * m_s * b_s ** 2,
              "diag": (scatter if embedding else 2 * positions * n) + 2 * b * n,
              "eigen_diag": 2 * positions * k * s ** 2 + (scatter if embedding else 2 * positions * (k * d_a ** 2 + n))
              + 2 * b * n}
@@ -284,8 +343,8 @@ def symbols_for(hp: dict, stat_every, **sizes) -> dict:
     at = dict(SYMBOLS)
     at.update(sizes)
     at["stat_every"] = stat_every
-    for symbol, name in (("max_block", "max_block"), ("k", "rank"), ("inv_every", "inv_every"),
-                         ("precondition_frequency", "precondition_frequency")):
+    for symbol, name in (("max_block", "max_block"), ("max_factor", "max_factor"), ("k", "rank"),
+                         ("inv_every", "inv_every"), ("precondition_frequency", "precondition_frequency")):
         if name in hp:
             at[symbol] = hp[name]
     return at
@@ -304,14 +363,22 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
             raise GnfxError(f"no preconditioner is registered as {preconditioner!r}; registered: {', '.join(REGISTRY)}")
         preconditioner = REGISTRY[preconditioner]
     at = dict(SYMBOLS) if at is None else at
+    geometry = blocked(geometry, hp, at)
     parts = preconditioner.cost_parts(geometry, hp, at)
     stats, stat_flops = tap_statistics(geometry, needs, kfac_approx, at) if geometry.kind != "tensor" else ({}, 0)
     return Formulas(parts.state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, parts.update,
                     at["stat_every"])
 
 
-def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1) -> Geometry:
-    return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias, groups)
+def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1, unit: int = 1) -> Geometry:
+    return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias, groups, unit)
+
+
+def blocked(geometry: Geometry, hp: dict, at: dict) -> Geometry:
+    """The geometry whose factors a preconditioner with a `max_factor` (K-FAC) blocks at at["max_factor"]."""
+    if "max_factor" not in hp or geometry.kind == "tensor":
+        return geometry
+    return dataclasses.replace(geometry, max_factor=at["max_factor"])
 
 
 def storage_sizes(weight: torch.Tensor) -> dict:

@@ -20,7 +20,8 @@ class Block:
     reads as `z = W a`). `d_in`, `d_out` are the sizes of `a` and `z` (for a conv, `a` is a patch
     of C_in·prod(k) entries, of one group's C_in/groups channels for a grouped one; for an
     embedding, a one-hot vector over the vocabulary; for a norm, one feature's x̂); with a bias, `a` gets a
-    trailing 1 and the factor `A` is (d_in + 1) x (d_in + 1). `sites` are the graph nodes that
+    trailing 1 and the factor `A` is (d_in + 1) x (d_in + 1), or its diagonal blocks when it has more
+    than `max_factor` entries (gnfx.layouts.base). `sites` are the graph nodes that
     apply the map (more than one for tied weights; their statistics sum as if the sites were
     extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
     ".out"); `model_input` marks a block that reads the model's input (an input layer),
@@ -39,6 +40,8 @@ class Block:
     model_input: bool = False
     model_output: bool = False
     preconditioner: str | None = None
+    # the largest factor dimension its preconditioner keeps whole (set by the plan; None: all whole)
+    max_factor: int | None = None
 
     @property
     def params(self) -> tuple[str, ...]:

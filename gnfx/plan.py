@@ -37,7 +37,8 @@ budget never gives a less faithful choice: the candidates that fit only grow wit
 Each entry records why it was chosen (`plan.entries[name].reason`, the report's last column).
 
 The plan is written into the LayerTable: `block.preconditioner` and `fallback.preconditioner`
-(the class name), and `table.plan`.
+(the class name), `block.max_factor` (the preconditioner's `max_factor`, which blocks the block's
+big factors: gnfx.layouts.base) and `table.plan`.
 """
 from __future__ import annotations
 
@@ -235,6 +236,8 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
         _check_patterns(policy, wins, table)
     for block in table:
         block.preconditioner = entries[block.name].name
+        # a preconditioner that declares max_factor keeps factors above it blocked (gnfx.layouts.base)
+        block.max_factor = entries[block.name].hparams.get("max_factor") or None
     for fb in table.fallbacks:
         fb.preconditioner = entries[fb.param].name
     table.plan = Plan(table, entries)
@@ -273,12 +276,13 @@ def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict
     sizes = cost.storage_sizes(tensors[0])
     extra = frozenset(settings["statistics"])
     first_miss = None
-    bias, groups = block.bias is not None, layout_of(block).groups
-    geometry = cost.block_geometry(block.kind, bias, {"d_in": block.d_in, "d_out": block.d_out}, groups)
+    layout = layout_of(block)
+    bias, groups, unit = block.bias is not None, layout.groups, layout.input_unit
+    geometry = cost.block_geometry(block.kind, bias, {"d_in": block.d_in, "d_out": block.d_out}, groups, unit)
     for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
-        f = cost.formulas(REGISTRY[name], hp, cost.block_geometry(block.kind, bias, at, groups),
+        f = cost.formulas(REGISTRY[name], hp, cost.block_geometry(block.kind, bias, at, groups, unit),
                           REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
         memory = float(f.memory(sizes)) / param_bytes
         compute = float(f.flops) / (cost.ADAMW * numel)

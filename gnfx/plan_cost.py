@@ -6,7 +6,7 @@ import dataclasses
 
 import sympy as sp
 
-from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, block_geometry, formulas, statistic_sizes,
+from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, block_geometry, blocked, formulas, statistic_sizes,
                        storage_sizes, symbols_for)
 from gnfx.fsdp import curvature_owners
 from gnfx.fsdp import rows as rows_of
@@ -148,8 +148,10 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
                              R=r * len(block.sites))
             needs = stats[name].needs if name in stats else frozenset()
-            groups = layout_of(block).groups
-            geometry, symbolic = (block_geometry(kind, block.bias is not None, x, groups) for x in (at, SYMBOLS))
+            layout = layout_of(block)
+            geometry, symbolic = (
+                blocked(block_geometry(kind, block.bias is not None, x, layout.groups, layout.input_unit), pre.hp, x)
+                for x in (at, SYMBOLS))
         else:
             at = symbols_for(pre.hp, optimizer.stat_every)
             needs = frozenset()

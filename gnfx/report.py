@@ -20,6 +20,15 @@ def format_bytes(n: int) -> str:
         n /= 1024
 
 
+def _shape(name: str, shape: tuple) -> str:
+    """A block's factor or weight shape as the table shows it: "A4609x4609", or for a factor kept as
+    its diagonal blocks, (groups, m, b, b) (gnfx.layouts.base), "A(5 blocks of 927)"."""
+    if name in ("A", "S") and len(shape) == 4:
+        groups, m, b = shape[:3]
+        return f"{name}({f'{groups}x' if groups > 1 else ''}{m} blocks of {b})"
+    return f"{name}{'x'.join(map(str, shape))}"
+
+
 def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
     """A row per curvature block of the LayerTable (block, kind [attention role], factor shapes,
     preconditioner) and per fallback parameter, then its optimizer state given `state_bytes`
@@ -27,7 +36,7 @@ def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
     table is planned."""
     why = {name: e.reason for name, e in table.plan.entries.items()} if table.plan is not None else None
     rows = [[b.name, b.kind + (f" [{b.role}]" if b.role else ""),
-             " ".join(f"{k}{'x'.join(map(str, v))}" for k, v in b.shapes.items()), b.preconditioner or "-"]
+             " ".join(_shape(k, v) for k, v in b.shapes.items()), b.preconditioner or "-"]
             for b in table]
     rows += [[f.param, "fallback", "x".join(map(str, f.shape)) or "scalar", f.preconditioner or "-"]
              for f in table.fallbacks]

@@ -35,7 +35,9 @@ Statistics are float64 for a float64 layer and float32 otherwise.
 
 A block of independent row groups (gnfx.layouts.base: grouped convolutions, norm affine
 parameters) gets every statistic above per group j from its own rows a_j and δ_j: A and S are
-stacked (groups, ., .), the diagonals keep the [W b] layout.
+stacked (groups, ., .), the diagonals keep the [W b] layout. A factor above the block's max_factor
+(gnfx.layouts.base) is accumulated as its diagonal blocks only, (groups, m, b, b), from the rows
+zero-padded to m·b entries: the cost of Σ a aᵀ falls from d² to m·b² per row.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import warnings
 import torch
 
 from gnfx.layouts import layout_of
+from gnfx.layouts.base import padded_blocks
 
 STATISTICS = ("A", "S", "diag", "eigen_diag")
 KFAC_APPROX = ("expand", "reduce")
@@ -70,10 +73,13 @@ class BlockStatistics:
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         # A is accumulated as its weight part Σ a aᵀ (contiguous, so the product writes in place)
         # and, with a bias, the row sums Σ a; the bordered (d+1)² matrix is assembled in batch()
+        # (a blocked factor is accumulated as its diagonal blocks from zero-padded rows [a 1 0 ...])
         shapes = self.layout.factor_shapes()
-        a_shape = shapes["A"] if self.layout.diagonal_A else shapes["A"][:-2] + (block.d_in, block.d_in)
+        self.blocking = self.layout.factor_blocking()
+        whole_A = not (self.layout.diagonal_A or self.blocking["A"])
+        a_shape = shapes["A"][:-2] + (block.d_in, block.d_in) if whole_A else shapes["A"]
         self._A = zeros(*a_shape) if "A" in needs else None
-        self._A_sum = zeros(*a_shape[:-1]) if "A" in needs and self.bias and not self.layout.diagonal_A else None
+        self._A_sum = zeros(*a_shape[:-1]) if "A" in needs and self.bias and whole_A else None
         self._S = zeros(*shapes["S"]) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
@@ -140,21 +146,25 @@ class BlockStatistics:
 
     def _add_A(self, rows: torch.Tensor) -> None:
         """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), without
-        materializing [a 1]."""
-        self._gram_into("_A", rows)
+        materializing [a 1]; for a blocked A the diagonal blocks of Σ [a 1][a 1]ᵀ."""
+        self._gram_into("_A", self._augmented(rows) if self.blocking["A"] else rows)
         if self._A_sum is not None:
             self._A_sum += rows.sum(0)
         self._a_rows += rows.shape[0]
 
     def _gram_into(self, name: str, rows: torch.Tensor) -> None:
-        """buffer += rowsᵀ rows (per group for rows (P, groups, d)); the first product after a reset
+        """buffer += rowsᵀ rows (per group for rows (P, groups, d); per diagonal block, the rows
+        zero-padded and cut into its blocks, for a blocked factor); the first product after a reset
         overwrites (beta=0) instead of adding to zeros, so the large Gram buffers are never cleared."""
         beta = 0.0 if name in self._stale else 1.0
+        blocks = self.blocking[name[1:]]
+        if blocks is not None:  # (P, [groups,] m, b) -> (P, groups·m, b)
+            rows = padded_blocks(rows, *blocks).flatten(1, -2)
         if rows.dim() == 2:
             getattr(self, name).addmm_(rows.T, rows, beta=beta)
         else:
             per_group = rows.transpose(0, 1)
-            getattr(self, name).baddbmm_(per_group.transpose(1, 2), per_group, beta=beta)
+            getattr(self, name).flatten(0, -3).baddbmm_(per_group.transpose(1, 2), per_group, beta=beta)
         self._stale.discard(name)
 
     def _bordered_A(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ class Target:
     block: object = None  # the LayerTable Block, or None for a loose parameter
     view: str = ""  # how the weight reads as the matrix W (as_matrix)
     groups: int = 1  # independent row groups of the block (gnfx.layouts.base)
+    factors: tuple = ()  # the shapes of the block's factors, (name, shape) pairs (gnfx.layouts.base)
 
     @property
     def folded_bias(self) -> bool:
@@ -46,7 +47,8 @@ class Piece:
 
 @dataclasses.dataclass
 class Group:
-    """Pieces of one shape, layer kind and row grouping, stacked along a leading dimension k."""
+    """Pieces of one shape, layer kind, row grouping and factor shapes, stacked along a leading
+    dimension k."""
 
     key: str
     shape: tuple[int, ...]
@@ -58,7 +60,7 @@ class Group:
 def block_target(block, layout) -> Target:
     """The [W b] target of a block, W read as its layout says (gnfx.layouts)."""
     return Target(block.name, block.params, (block.d_out, block.d_in + (block.bias is not None)), block,
-                  layout.view, layout.groups)
+                  layout.view, layout.groups, tuple(layout.factor_shapes().items()))
 
 
 def param_target(name: str, shape) -> Target:
@@ -79,13 +81,14 @@ def cut(target: Target, max_block: int | None) -> list[Piece]:
 
 
 def make_groups(prefix: str, targets: list[Target], max_block: int | None = None) -> list[Group]:
-    """Group the pieces of all targets by shape, kind and row grouping, in a deterministic order."""
+    """Group the pieces of all targets by shape, kind, row grouping and factor shapes, in a
+    deterministic order."""
     by_shape: dict[tuple, list[Piece]] = {}
     for t in targets:
         for p in cut(t, max_block):
-            by_shape.setdefault((p.shape, t.kind, t.groups), []).append(p)
+            by_shape.setdefault((p.shape, t.kind, t.groups, t.factors), []).append(p)
     return [Group(f"{prefix}_{i}", shape, kind, pieces, groups)
-            for i, ((shape, kind, groups), pieces) in enumerate(by_shape.items())]
+            for i, ((shape, kind, groups, _), pieces) in enumerate(by_shape.items())]
 
 
 # how a weight reads as the matrix W of `z = W a`, as code (gnfx.codegen writes it out): as is,

@@ -57,4 +57,6 @@ def test_head_blocks_need_the_number_of_heads_and_a_divisible_width():
         trained(attention_blocks="head")
     with pytest.raises(gnfx.ConfigError, match="not divisible"):
         trained(attention_blocks="head", heads=3)
+    with pytest.raises(gnfx.ConfigError, match="max_factor"):  # S of 8 outputs already cut into blocks of 4
+        trained(attention_blocks="head", heads=2, max_factor=4)
     assert "attention_blocks" in KFAC.HPARAMS and "attention_blocks" not in gnfx.REGISTRY["ekfac"].HPARAMS

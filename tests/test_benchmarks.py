@@ -159,3 +159,23 @@ def test_profile_tables_run_on_a_tiny_model():
     assert "cholesky" in result["operators"]["tiny, kfac, refresh"]  # the refresh step factorizes
     text = profile.markdown(result)
     assert text.count("| tiny |") == len(profile.PRECONDITIONERS) and "| 8 |" in text
+
+
+def test_big_factors_tables_run_on_a_tiny_resnet(monkeypatch, tmp_path):
+    """The ResNet benchmark of big factors runs end to end on a ResNet of 4 and 8 channels, where
+    max_factor=20 blocks the 3x3 convolutions' A (36 and 72 entries) into channels (figures not asserted)."""
+    import functools
+
+    from benchmarks import big_factors
+    from benchmarks.models import resnet18
+
+    monkeypatch.setattr(big_factors, "resnet18", functools.partial(resnet18, channels=(4, 8)))
+    common = ["--batch", "2", "--max-factors", "0", "20", "--threads", "1", "--out", str(tmp_path)]
+    result = big_factors.main([*common, "--rounds", "1", "--plain", "1"])
+    assert set(result["rows"]) == {"adamw", "kfac max_factor=0", "kfac max_factor=20"}
+    assert "A(2 blocks of 18)" in result["rows"]["kfac max_factor=20"]["blocks"]
+    assert "A(2 blocks of 18)" not in result["rows"]["kfac max_factor=0"]["blocks"]
+    assert (tmp_path / "big_factors.md").read_text().count("| kfac max_factor=") == 2
+    parts = big_factors.main([*common, "--parts", "--repeats", "1"])
+    assert set(parts) == {"kfac max_factor=0", "kfac max_factor=20"}
+    assert (tmp_path / "big_factors_parts.md").read_text().count("| kfac max_factor=") == 2

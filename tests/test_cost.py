@@ -111,6 +111,8 @@ CASES = [
     ("diag", {"statistics": ("A", "S", "eigen_diag")}),
     ("kfac", {}),
     ("kfac", {"kfac_approx": "reduce"}),
+    ("kfac", {"max_factor": 4}),  # every factor above 4 entries blocked (the conv's by its 3-entry channels)
+    ("kfac", {"max_factor": 4, "kfac_approx": "reduce"}),
     ("ekfac", {}),
     ("shampoo", {}),
     ("shampoo", {"max_block": 4}),
@@ -157,7 +159,7 @@ ELEMENTWISE = ("ADAMW", "TAIL", "RESCALE", "ADAM_ROTATED", "KL_CLIP", "DIAGONAL_
 
 
 @pytest.mark.parametrize("optimizer,hparams", [
-    ("kfac", {}), ("ekfac", {}), ("shampoo", {"max_block": 4}), ("soap", {"max_block": 4}),
+    ("kfac", {}), ("kfac", {"max_factor": 4}), ("ekfac", {}), ("shampoo", {"max_block": 4}), ("soap", {"max_block": 4}),
     ("rank1", {"rank": 3}), ("diag", {}),
 ])
 def test_matrix_products_of_a_step_are_the_update_formula_without_elementwise_terms(optimizer, hparams, monkeypatch):
@@ -175,9 +177,12 @@ def test_matrix_products_of_a_step_are_the_update_formula_without_elementwise_te
     assert counter.get_total_flops() == sum(r.update_flops for r in c.cost().rows)
 
 
-def symbolic(name, kind="linear", bias=True, needs=frozenset(), **hp):
+WHOLE = {"max_factor": 0}  # K-FAC with every factor whole: the seed's complexity table
+
+
+def symbolic(name, kind="linear", bias=True, needs=frozenset(), at=None, **hp):
     hp = {**{k: v.default for k, v in gnfx.REGISTRY[name].HPARAMS.items()}, **hp}
-    at = dict(S)
+    at = {**S, **(at or {})}
     return cost.formulas(name, hp, cost.block_geometry(kind, bias, at), needs, "expand", at)
 
 
@@ -187,12 +192,12 @@ def entries(f, *names):
 
 def test_formulas_reproduce_the_seed_complexity_table():
     d_a = d_in + 1
-    kfac = symbolic("kfac", needs=frozenset({"A", "S"}))
+    kfac = symbolic("kfac", needs=frozenset({"A", "S"}), at=WHOLE)
     assert entries(kfac, "A_inv", "S_inv") == sp.expand(d_a ** 2 + d_out ** 2)
     # averages d_a² and d_out², accumulators Σ a aᵀ (d_in²), Σ a (d_in) and Σ g gᵀ (d_out²)
     assert sp.expand(kfac.statistics["A"][0] + kfac.statistics["S"][0]) == sp.expand(
         d_a ** 2 + d_in ** 2 + d_in + 2 * d_out ** 2)
-    assert entries(symbolic("kfac", kind="embedding", bias=False), "A_inv") == d_in  # a diagonal A
+    assert entries(symbolic("kfac", kind="embedding", bias=False, at=WHOLE), "A_inv") == d_in  # a diagonal A
     # Shampoo: one factor (and its root) per dimension; unblocked when max_block >= both dims
     shampoo = symbolic("shampoo")
     unblocked = {S["max_block"]: d_in + d_out + 1}
@@ -218,7 +223,7 @@ def test_refresh_flops_follow_the_root_method():
     matrix (r = 4) takes four products per iteration."""
     d_a = d_in + 1
     for method, coefficient in (("cholesky", 1), ("eigh", 11), ("newton", 4 * cost.NEWTON_ITERATIONS)):
-        kfac = symbolic("kfac", needs=frozenset({"A", "S"}), root_method=method)
+        kfac = symbolic("kfac", needs=frozenset({"A", "S"}), at=WHOLE, root_method=method)
         expected = coefficient * (d_a ** 3 + d_out ** 3) + d_a ** 2 + d_out ** 2
         assert sp.expand(kfac.refresh_flops - expected) == 0, method
     unblocked = {S["max_block"]: d_in + d_out + 1}
@@ -240,8 +245,14 @@ def test_cost_table_totals_and_formulas_for_larger_sizes():
     # the tied fc is applied twice: R = 2 x 4 positions per example
     assert report.values["fc"][S["R"]] == 8 and report.values["fc"][S["B"]] == 32
     # substituting larger sizes: a 4096 x 4096 linear layer with bias under K-FAC, float64
-    memory = report.formulas["fc"]["memory"].subs({**report.values["fc"], d_in: 4096, d_out: 4096})
+    # with every factor whole (max_factor=0): inverses, averages, A's accumulator Σ a aᵀ and Σ a, S's, momentum
+    memory = report.formulas["fc"]["memory"].subs({**report.values["fc"], d_in: 4096, d_out: 4096, S["max_factor"]: 0})
     assert memory == 8 * (2 * (4097 ** 2 + 4096 ** 2) + 4096 * 4097 + 4096 ** 2 + 4096 * 4097) + 8
+    # with max_factor=1024: A (4096 inputs and the bias) as 4 blocks of 1025, S (4096) as 4 blocks of 1024, each
+    # kept as an inverse, an average and an accumulator of its blocks
+    memory = report.formulas["fc"]["memory"].subs({**report.values["fc"], d_in: 4096, d_out: 4096,
+                                                   S["max_factor"]: 1024})
+    assert memory == 8 * (3 * (4 * 1025 ** 2 + 4 * 1024 ** 2) + 4096 * 4097) + 8
 
 
 def test_diag_costs_exactly_an_adamw_step():

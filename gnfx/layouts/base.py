@@ -9,16 +9,47 @@ conv, embedding) A and S are the plain d_a x d_a and d_out x d_out factors; with
 layout's `input_chunks` yields rows (N, R, groups, d_in) and A, S are stacked per group,
 (groups, d_a, d_a) and (groups, s, s). A diagonal A (`diagonal_A`, token ids as inputs) is stored
 as its d_a entries.
+
+**Blocked factors.** A factor over more entries than the block's `max_factor` (set by the plan from
+its preconditioner's hyperparameter, gnfx.plan; None: every factor whole) is kept as its diagonal
+blocks, `A ≈ blockdiag(A_1, ..., A_m)` over contiguous ranges of its entries (likewise S over the
+outputs): `factor_blocks` cuts d entries into m blocks of b, block i holding entries
+[i·b, (i+1)·b) and the last one padded with zeros up to b (A's bias entry does not count against
+max_factor: a layer of 1024 inputs and a bias keeps its A of 1025 whole at max_factor 1024). The
+blocks hold whole `input_unit`s of A's entries (a convolution's unit is one input channel's patch of
+prod(kernel) entries; the bias entry is the last entry of a). K-FAC then models
+`G ≈ blockdiag(A_i) ⊗ blockdiag(S_j)`, and its update is `U_ji = S_j⁻¹ G_ji A_i⁻¹` on the blocks G_ji
+of [∇W ∇b]. A blocked factor is stored as (groups, m, b, b) (groups = 1 for an ungrouped block);
+`blockdiag_left` and `blockdiag_right` apply such a stack to stacked matrices.
 """
 from __future__ import annotations
 
 import torch
 
 
+def factor_blocks(d: int, max_factor: int | None, unit: int = 1, extra: int = 0) -> tuple[int, int]:
+    """(m, b): d entries cut into m near-equal blocks of b entries, b a multiple of `unit` (whole
+    units; 1 where a unit alone exceeds max_factor) and b <= max_factor + extra, where the last
+    `extra` entries (A's bias entry) do not count against max_factor, so that a layer of max_factor
+    inputs and a bias keeps its A whole: m = ⌈(d - extra) / b_max⌉ with b_max the largest multiple
+    of unit <= max_factor (one more while rounding b = ⌈d / m⌉ up to whole units exceeds the bound),
+    and m·b >= d > (m - 1)·b. (1, d) when d - extra <= max_factor or max_factor is None."""
+    if max_factor is None or d - extra <= max_factor:
+        return 1, d
+    unit = unit if unit <= max_factor else 1
+    m = -(-(d - extra) // (max_factor // unit * unit))
+    while True:
+        b = -(-(-(-d // m)) // unit) * unit
+        if b <= max_factor + extra:
+            return -(-d // b), b
+        m += 1
+
+
 class Layout:
     diagonal_A = False
     groups = 1
     view = ""  # how the weight reads as the matrix W (gnfx.targets.as_matrix)
+    input_unit = 1  # entries of a that a blocked A keeps together (module docstring)
 
     def __init__(self, block):
         self.block = block
@@ -32,16 +63,28 @@ class Layout:
         """The output gradient as (N, R, d_out) rows."""
         return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
 
+    def factor_blocking(self) -> dict[str, tuple[int, int] | None]:
+        """(m, b) of each factor cut into blocks by the block's `max_factor`, None for a factor kept
+        whole (a diagonal A always is)."""
+        b = self.block
+        d_a, s = b.d_in + (b.bias is not None), b.d_out // self.groups
+        out = {}
+        for name, d, unit, extra in (("A", d_a, self.input_unit, b.bias is not None), ("S", s, 1, 0)):
+            m, size = factor_blocks(d, b.max_factor, unit, int(extra))
+            out[name] = (m, size) if m > 1 and not (name == "A" and self.diagonal_A) else None
+        return out
+
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shapes of the averaged factors A (bias folded in) and S (module docstring)."""
         b = self.block
         d_a = b.d_in + (b.bias is not None)
-        if self.diagonal_A:
-            return {"A": (d_a,), "S": (b.d_out, b.d_out)}
-        if self.groups == 1:
-            return {"A": (d_a, d_a), "S": (b.d_out, b.d_out)}
         s = b.d_out // self.groups
-        return {"A": (self.groups, d_a, d_a), "S": (self.groups, s, s)}
+        whole = {"A": (d_a,) if self.diagonal_A else (d_a, d_a), "S": (s, s)}
+        if self.groups > 1:
+            whole = {k: (self.groups,) + v for k, v in whole.items()}
+        blocks = self.factor_blocking()
+        return {k: v if blocks[k] is None else (self.groups, blocks[k][0], blocks[k][1], blocks[k][1])
+                for k, v in whole.items()}
 
 
 def split_groups(X: torch.Tensor, groups: int) -> torch.Tensor:
@@ -52,3 +95,34 @@ def split_groups(X: torch.Tensor, groups: int) -> torch.Tensor:
 def merge_groups(X: torch.Tensor, pieces: int) -> torch.Tensor:
     """The inverse of `split_groups`: (k·groups, s, d) -> (k, groups·s, d)."""
     return X.reshape(pieces, -1, X.shape[2])
+
+
+def padded_blocks(X: torch.Tensor, m: int, b: int, dim: int = -1) -> torch.Tensor:
+    """X with its dimension `dim` of d entries zero-padded up to m·b and cut into the m blocks
+    (that dimension becomes (m, b))."""
+    dim = dim % X.dim()
+    pad = m * b - X.shape[dim]
+    if pad:
+        X = torch.nn.functional.pad(X, (0, 0) * (X.dim() - 1 - dim) + (0, pad))
+    return X.unflatten(dim, (m, b))
+
+
+def blockdiag_left(F: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """F X for each matrix of the stack X (k, d, c): F (k, d, d) whole, or (k, m, b, b) the diagonal
+    blocks of a blocked factor (module docstring), each applied to its rows of X."""
+    if F.dim() == 3:
+        return torch.bmm(F, X)  # bmm: matmul's reshapes cost dispatches
+    d = X.shape[1]
+    return torch.matmul(F, padded_blocks(X, F.shape[1], F.shape[-1], dim=1)).flatten(1, 2)[:, :d]
+
+
+def blockdiag_right(X: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """X F for each matrix of the stack X (k, c, d): F (k, d) a diagonal, (k, d, d) whole, or
+    (k, m, b, b) the diagonal blocks of a blocked factor, each applied to its columns of X."""
+    if F.dim() == 2:
+        return X * F.unsqueeze(1)
+    if F.dim() == 3:
+        return torch.bmm(X, F)
+    d = X.shape[2]
+    columns = padded_blocks(X, F.shape[1], F.shape[-1]).transpose(1, 2)  # (k, m, c, b)
+    return torch.matmul(columns, F).transpose(1, 2).flatten(2)[..., :d]

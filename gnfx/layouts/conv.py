@@ -13,6 +13,8 @@ j are the j-th consecutive C/g·prod(k) of them, and the rows of group j of `W =
 (C_out x C/g·prod(k)) map exactly those: `z_j[:, :, l] = W_j a_{j,l} + b_j`. The rows `a` are
 (N, L, g, C/g·prod(k)) and K-FAC models the groups separately (per-group A_j and S_j,
 gnfx.layouts.base), as Grosse & Martens' block-diagonal K-FAC would for g separate layers.
+A blocked A (a factor above the block's max_factor, gnfx.layouts.base) keeps the prod(k) entries of
+each input channel's patch in one block.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class ConvLayout(Layout):
         self.groups = o.get("groups", 1)
         self.kernel, self.stride, self.dilation = o["kernel_size"], o["stride"], o["dilation"]
         self.padding = o["padding"]  # list of (left, right)
+        self.input_unit = math.prod(self.kernel)  # a blocked A keeps each input channel's patch whole
 
     def examples(self, a: torch.Tensor) -> int:
         return a.shape[0] if a.dim() == len(self.kernel) + 2 else 1

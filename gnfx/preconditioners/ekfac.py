@@ -38,7 +38,9 @@ from gnfx.preconditioners.soap import SOAP, refresh_basis, rotate
 
 class EKFAC(KFAC):
     name = "ekfac"
-    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items() if k not in ("attention_blocks", "heads", "root_method")},
+    # no max_factor: EKFAC keeps every factor whole (blocked bases are not implemented)
+    HPARAMS = {**{k: v for k, v in KFAC.HPARAMS.items()
+                  if k not in ("attention_blocks", "heads", "root_method", "max_factor")},
                "refresh_tolerance": SOAP.HPARAMS["refresh_tolerance"]}
     # the taps measure s in every block's bases on every rank's local batch: under FSDP2 (gnfx.fsdp)
     # every rank keeps a copy of every block's bases, which their owner sends after each refresh

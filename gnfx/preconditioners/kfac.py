@@ -15,6 +15,14 @@ A block of independent row groups (gnfx.layouts.base) is `G ≈ blockdiag_j(A_j 
 is damped (with its own π), inverted and applied as a layer of its own. A diagonal A (embeddings)
 is inverted entrywise.
 
+Big factors (`max_factor`): a factor with more entries than max_factor keeps only its diagonal
+blocks (gnfx.layouts.base: m blocks of at most max_factor entries, a conv's input channels whole),
+`A ≈ blockdiag(A_1, ..., A_m)` and likewise S, so that `G ≈ blockdiag(A_i) ⊗ blockdiag(S_j)` and
+`U_ji = (S_j + λ_S I)⁻¹ G_ji (A_i + λ_A I)⁻¹` on the blocks G_ji of ∇W. π is the whole factor's
+(tr A / dim A: the blocks hold the whole diagonal), so λ_A and λ_S are those of the unblocked
+factors; the blocks are inverted as one batch. This cuts the refresh from d³ to m·b³ ≈ d·max_factor²,
+the statistics from d² to d·b per row and the step's product from 2·d_out·d² to 2·d_out·d·b (gnfx.cost).
+
 Step-size safeguard: KL clipping (Ba et al. 2017). The step is scaled by
 `ν = min(1, sqrt(κ / Σ_blocks η² ⟨U, ∇W⟩))`, which bounds the change of the model's predictive
 distribution as measured by the (K-FAC) Fisher itself. We chose it over grafting because it
@@ -28,7 +36,8 @@ import torch
 from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, nonnegative, nonnegative_int, positive, positive_int
-from gnfx.layouts.base import merge_groups, split_groups
+from gnfx.layouts import layout_of
+from gnfx.layouts.base import blockdiag_left, blockdiag_right, merge_groups, split_groups
 from gnfx.linalg import damped_inverse_power
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
@@ -36,6 +45,8 @@ from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hpara
 
 # attention projections and their blocks of S per head (a fused qkv projection holds three)
 PROJECTIONS = {"attention.q": 1, "attention.k": 1, "attention.v": 1, "attention.qkv": 3}
+# the default max_factor (measured: benchmarks/results/performance.md, "Big factors")
+MAX_FACTOR = 1024
 
 
 class KFAC(CurvaturePreconditioner):
@@ -52,6 +63,9 @@ class KFAC(CurvaturePreconditioner):
         "attention_blocks": choice("S of attention q/k/v projections: one block per layer, or per head",
                                    "layer", ("layer", "head")),
         "heads": nonnegative_int("attention heads h, for attention_blocks='head'", 0),
+        "max_factor": nonnegative_int("a factor A or S of more entries than this keeps only its diagonal blocks of "
+                                      "at most max_factor entries (gnfx.layouts.base); 0: every factor whole",
+                                      MAX_FACTOR),
     }
 
     def __init__(self, hp, blocks, params, optimizer):
@@ -63,6 +77,11 @@ class KFAC(CurvaturePreconditioner):
                 if b.role in PROJECTIONS and b.d_out % (hp["heads"] * PROJECTIONS[b.role]):
                     raise ConfigError(f"attention_blocks='head': block {b.name!r} ({b.role}) has {b.d_out} outputs, "
                                       f"not divisible into heads={hp['heads']} heads")
+                if b.role in PROJECTIONS and layout_of(b).factor_blocking()["S"]:
+                    raise ConfigError(f"attention_blocks='head' restricts S to its heads, but block {b.name!r} "
+                                      f"({b.role}) has {b.d_out} outputs, more than max_factor={hp['max_factor']}, "
+                                      f"so its S is blocked already: pass max_factor >= {b.d_out} (or 0), or "
+                                      f"attention_blocks='layer'")
 
     def _per_head(self, block, S: torch.Tensor) -> torch.Tensor:
         """S restricted to its per-head diagonal blocks (h blocks of d_out/h; 3h for a fused qkv)
@@ -85,17 +104,21 @@ class KFAC(CurvaturePreconditioner):
     @classmethod
     def cost_parts(cls, g, hp, at) -> cost.Parts:
         """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
-        g of each, d_a² and s², for g row groups."""
+        g of each, d_a² and s², for g row groups. A factor blocked by max_factor (Geometry.factor_blocks:
+        m blocks of b) keeps m b², is inverted as m matrices of b and applied to the s x d_a gradient of a
+        row group as m products (b x b)(b x d_a) (S) or (s x b)(b x b) (A): 2 m b² d_a and 2 m b² s."""
         _, d_a = g.dims
         n, s, k = g.numel, g.rows, g.groups
         diagonal_A = g.diagonal_A
+        (m_a, b_a), (m_s, b_s) = g.factor_blocks("A"), g.factor_blocks("S")
         return cost.Parts(
-            {"A_inv": (d_a if diagonal_A else k * d_a ** 2, cost.FACTOR), "S_inv": (k * s ** 2, cost.FACTOR),
-             "failures": (1, cost.INT64), "momentum": (n, cost.FACTOR)},
-            refresh=((2 * d_a if diagonal_A else k * cost.inverse_power_flops(d_a, hp["root_method"]))
-                     + k * cost.inverse_power_flops(s, hp["root_method"])),
+            {"A_inv": (d_a if diagonal_A else g.factor_entries("A"), cost.FACTOR),
+             "S_inv": (g.factor_entries("S"), cost.FACTOR), "failures": (1, cost.INT64), "momentum": (n, cost.FACTOR)},
+            refresh=((2 * d_a if diagonal_A else k * m_a * cost.inverse_power_flops(b_a, hp["root_method"]))
+                     + k * m_s * cost.inverse_power_flops(b_s, hp["root_method"])),
             every=at["inv_every"],
-            update=2 * n * s + (cost.DIAGONAL_A * n if diagonal_A else 2 * n * d_a) + cost._kl_clip(hp, n) + cost.TAIL * n)
+            update=(2 * k * m_s * b_s ** 2 * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * m_a * b_a ** 2 * s)
+                    + cost._kl_clip(hp, n) + cost.TAIL * n))
 
     @classmethod
     def auto_candidates(cls, hp, g):
@@ -121,58 +144,61 @@ class KFAC(CurvaturePreconditioner):
             if len(mine):
                 A = torch.stack([values[i]["A"] for i in mine.tolist()])
                 S = torch.stack([self._per_head(group.pieces[i].target.block, values[i]["S"]) for i in mine.tolist()])
-                if group.groups > 1:  # every row group a layer of its own
-                    A_inv, S_inv, ok = self._inverses(A.flatten(0, 1), S.flatten(0, 1), False)
-                    A_inv, S_inv = A_inv.unflatten(0, A.shape[:2]), S_inv.unflatten(0, S.shape[:2])
-                    ok = ok.view(A.shape[:2]).all(1)
-                else:
-                    A_inv, S_inv, ok = self._inverses(A, S, self.layout(group).diagonal_A)
+                A_inv, S_inv, ok = self._inverses(A, S, self.layout(group))
                 state["A_inv"][mine[ok]] = A_inv[ok]
                 state["S_inv"][mine[ok]] = S_inv[ok]
                 state["failures"][mine] += (~ok).long()
             self.share(group, [state["A_inv"], state["S_inv"], state["failures"]])
 
-    def _inverses(self, A, S, diagonal_A: bool):
-        """The damped inverses of stacked factors A and S (A stacked diagonals where `diagonal_A`),
-        and which of them are finite."""
-        mean_a = A.mean(1) if diagonal_A else A.diagonal(dim1=1, dim2=2).mean(1)
-        mean_s = S.diagonal(dim1=1, dim2=2).mean(1)
+    def _inverses(self, A, S, layout):
+        """The damped inverses of the stacked factors A and S of k pieces, shaped as the layout's
+        factors (gnfx.layouts.base), and which pieces' inverses are all finite. Each row group (and
+        each piece) is damped with its own π, from its whole factors' traces."""
+        k, groups, diagonal_A = len(A), layout.groups, layout.diagonal_A
+        d_a, s = (layout.block.d_in + (layout.block.bias is not None), layout.block.d_out // groups)
+        # per (piece, row group): the factor as (k·groups, m, b, b) blocks (m = 1 for a whole factor)
+        A_b = A if diagonal_A else as_blocks(A, groups)
+        S_b = as_blocks(S, groups)
+        trace_a = A_b.sum(1) if diagonal_A else A_b.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1)
+        mean_a, mean_s = trace_a / d_a, S_b.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / s
         ok_scale = (mean_a > 0) & (mean_s > 0)
         pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
         root = self.hp["damping"] ** 0.5
         dtype = self.decomposition_dtype(S)
         if diagonal_A:
-            A_inv = 1 / (A.clamp(min=0) + (pi * root).unsqueeze(1))
+            A_inv = 1 / (A_b.clamp(min=0) + (pi * root).unsqueeze(1))
             ok_a = torch.isfinite(A_inv).all(1)
         else:
-            A_inv, ok_a = damped_inverse_power(A, pi * root, 1.0, dtype, method=self.hp["root_method"])
-        S_inv, ok_s = damped_inverse_power(S, root / pi, 1.0, dtype, method=self.hp["root_method"])
-        return A_inv, S_inv, ok_a & ok_s
+            A_inv, ok_a = self._block_inverses(A_b, pi * root, dtype)
+        S_inv, ok_s = self._block_inverses(S_b, root / pi, dtype)
+        ok = (ok_a & ok_s).view(k, groups).all(1)
+        return A_inv.reshape(A.shape), S_inv.reshape(S.shape), ok
+
+    def _block_inverses(self, F, damping, dtype):
+        """(F_i + λ_i I)⁻¹ of each block of F (n, m, b, b), λ_i = damping[n] (n,), and which of the n
+        factors have all blocks finite and hold statistics (an all-zero block, e.g. of inputs that
+        were all zero, is fine: its inverse is I/λ)."""
+        n, m = F.shape[:2]
+        F_inv, ok = damped_inverse_power(F.flatten(0, 1), damping.repeat_interleave(m), 1.0, dtype,
+                                         method=self.hp["root_method"])
+        empty = (F == 0).flatten(2).all(2)  # (n, m)
+        ok = ok.view(n, m)
+        return F_inv.view(F.shape), (ok | empty).all(1) & ~empty.all(1)
 
     def curvature_product(self, group, i, V):
         """(A ⊗ S) vec(V) = S V A from the averaged statistics (A stored as its diagonal for
         embeddings; S restricted to its heads with attention_blocks='head'; per row group,
-        S_j V_j A_j, for a grouped block: gnfx.layouts.base)."""
+        S_j V_j A_j, for a grouped block; blockdiag(S_j) V blockdiag(A_i) for blocked factors:
+        gnfx.layouts.base)."""
         block = group.pieces[i].target.block
         values = self.opt.statistics[block.name].values
-        A, S = values["A"], self._per_head(block, values["S"])
-        V = V.to(S.dtype)
-        if A.dim() == 3:
-            return (S @ V.reshape(len(S), -1, V.shape[1]) @ A).reshape(V.shape)
-        SV = S @ V
-        return SV * A if A.dim() == 1 else SV @ A
+        S = self._per_head(block, values["S"])
+        return factored_product(S.unsqueeze(0), V.to(S.dtype).unsqueeze(0), values["A"].unsqueeze(0))[0]
 
     def direction(self, G, state, collect):
         """S⁻¹ G A⁻¹ for each piece; the inverses are stacked as the layout's factors (init_group)."""
-        S_inv, A_inv = state["S_inv"], state["A_inv"]
-        G = G.to(S_inv.dtype)
-        if A_inv.dim() == 2:  # a diagonal A, stacked (k, d_a)
-            return torch.bmm(S_inv, G) * A_inv.unsqueeze(1)  # bmm: matmul's reshapes cost dispatches
-        if A_inv.dim() == 4:  # row groups, stacked (k, groups, ., .)
-            groups = A_inv.shape[1]
-            return merge_groups(torch.bmm(torch.bmm(S_inv.flatten(0, 1), split_groups(G, groups)),
-                                          A_inv.flatten(0, 1)), G.shape[0])
-        return torch.bmm(torch.bmm(S_inv, G), A_inv)
+        S_inv = state["S_inv"]
+        return factored_product(S_inv, G.to(S_inv.dtype), state["A_inv"])
 
     def safeguard(self, Us, Gs, lr):
         kappa = self.hp["kl_clip"]
@@ -181,3 +207,23 @@ class KFAC(CurvaturePreconditioner):
         dots = torch.cat([torch.linalg.vecdot(U.flatten(1), G.to(U.dtype).flatten(1)) for U, G in zip(Us, Gs)])
         vfv = self.sum_over_owners((lr.to(dots.dtype) ** 2 * dots).sum())  # Σ_blocks η² ⟨U, ∇W⟩
         return (kappa / vfv.abs().clamp(min=torch.finfo(vfv.dtype).tiny)).sqrt().clamp(max=1.0)
+
+
+def as_blocks(F: torch.Tensor, groups: int) -> torch.Tensor:
+    """Stacked factors (k, *shape) of a layout's shape (gnfx.layouts.base: (d, d), (groups, d, d) or
+    blocked (groups, m, b, b)) as (k·groups, m, b, b): per piece and row group its diagonal blocks,
+    m = 1 for a whole factor."""
+    if F.dim() == 5:
+        return F.flatten(0, 1)
+    return F.reshape(len(F) * groups, 1, F.shape[-1], F.shape[-1])
+
+
+def factored_product(S: torch.Tensor, X: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """S_p X_p A_p for each piece p of the stack X (k, d_out, d_a), with S and A stacked (k, *shape) in a
+    layout's factor shapes (gnfx.layouts.base): A a diagonal (k, d_a), whole (k, d, d), per row group
+    (k, groups, d, d), or blocked (k, groups, m, b, b), likewise S (never diagonal). Per row group j:
+    S_j X_j A_j, with blockdiag(S_1..) and blockdiag(A_1..) for blocked factors."""
+    groups = S.shape[1] if S.dim() >= 4 else 1
+    per_group = lambda F: F.flatten(0, 1) if F.dim() >= 4 else F  # noqa: E731 - (k·groups, ...)
+    Y = blockdiag_right(blockdiag_left(per_group(S), split_groups(X, groups)), per_group(A))
+    return merge_groups(Y, len(X))

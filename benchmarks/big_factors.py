@@ -1,0 +1,161 @@
+"""K-FAC's whole step on a ResNet-18 against AdamW's, by max_factor: `python -m benchmarks.big_factors`.
+
+ResNet-18 for 32x32 images (benchmarks/models.py `resnet18`: 64-128-256-512 channels, BatchNorm)
+at batch 32, in one process. Its forward+backward takes seconds on this project's 2 shared cores, so
+instead of timing whole windows of stat_every steps each optimizer takes, per round, one statistic
+step (for K-FAC also a refresh: its step counter is set to a multiple of stat_every = inv_every)
+and `--plain` plain steps, the forward+backward and the `step()` timed apart; AdamW and K-FAC at
+each max_factor take turns, after one untimed (plain) warm-up step each. K-FAC's whole step is the window
+average `(statistic step + (stat_every - 1) plain steps) / stat_every` with each the median over
+rounds, AdamW's the median of its steps; the ratio is that of these medians. max_factor=0 keeps
+every factor whole: K-FAC as it was before factors were blocked. The cost model's amortized FLOPs
+of the optimizer (gnfx.cost, relative to an AdamW step) are printed beside the timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import gnfx
+from benchmarks import targets
+from benchmarks.models import resnet18
+from benchmarks.targets import RESULTS, STAT_EVERY, add_timing_arguments, use_timing_arguments
+from gnfx.preconditioners.kfac import MAX_FACTOR
+
+
+def timed_step(model, step, zero, x, y) -> tuple[float, float]:
+    """Seconds of one forward+backward and of the optimizer step after it."""
+    fwd_bwd = targets.seconds(lambda: F.cross_entropy(model(x), y).backward())
+    seconds = targets.seconds(step)
+    zero()
+    return fwd_bwd, seconds
+
+
+def run(max_factors, batch: int, rounds: int, plain: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,), generator=g)
+    torch.manual_seed(0)
+    model = resnet18()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    runners = {"adamw": (model, adamw.step, adamw.zero_grad, None)}
+    for m in max_factors:
+        torch.manual_seed(0)
+        c = gnfx.compile(resnet18(), "kfac", lr=1e-3, max_factor=m)
+        runners[f"kfac max_factor={m}"] = (c, c.step, c.zero_grad, c.optimizer)
+    samples = {k: {"stat": [], "plain": []} for k in runners}
+    for r in range(rounds + 1):
+        for name, (model, step, zero, opt) in runners.items():
+            for i in range(1 + plain if r else 1):  # round 0: one untimed warm-up step
+                if opt is not None and i == 0:  # warm-up: a plain step; then a statistic step that refreshes
+                    opt.steps = STAT_EVERY * r if r else 1  # (inv_every = stat_every)
+                t = timed_step(model, step, zero, x, y)
+                if r:
+                    samples[name]["stat" if i == 0 else "plain"].append(t)
+            print(f"round {r} {name}: {t[0]:.2f} s forward+backward, {t[1]:.3f} s step", flush=True)
+    out = {"batch": batch, "rounds": rounds, "plain_steps": plain, "threads": torch.get_num_threads(),
+           "stat_every": STAT_EVERY, "uptime": os.popen("uptime").read().strip(), "rows": {}}
+    for name, (model, *_, opt) in runners.items():
+        median = {kind: [statistics.median(t[j] for t in v) for j in (0, 1)] for kind, v in samples[name].items()}
+        if opt is None:  # AdamW: every step alike
+            whole = statistics.median(sum(t) for v in samples[name].values() for t in v)
+        else:
+            whole = (sum(median["stat"]) + (STAT_EVERY - 1) * sum(median["plain"])) / STAT_EVERY
+        out["rows"][name] = {"whole_step_s": whole, "stat_fwd_bwd_s": median["stat"][0], "stat_step_s": median["stat"][1],
+                             "plain_fwd_bwd_s": median["plain"][0], "plain_step_s": median["plain"][1]}
+        if opt is not None:
+            out["rows"][name]["flops_vs_adamw"] = model.cost(batch_size=batch).flops_ratio
+            out["rows"][name]["blocks"] = repr(model.layers)
+    for row in out["rows"].values():
+        row["ratio_vs_adamw"] = row["whole_step_s"] / out["rows"]["adamw"]["whole_step_s"]
+    return out
+
+
+def parts(max_factors, batch: int, repeats: int) -> dict:
+    """K-FAC's optimizer work alone, by max_factor: the plain step (the preconditioned product and the
+    tail) and the refresh, each the median of `repeats` calls on the gradients and statistics of one
+    statistic step, and the statistic step's forward+backward (the taps) against a plain one."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,), generator=g)
+    out = {}
+    for m in max_factors:
+        torch.manual_seed(0)
+        c = gnfx.compile(resnet18(), "kfac", lr=1e-3, max_factor=m)
+        kfac, opt = c.optimizer.curvature[0], c.optimizer
+        opt.steps = 0
+        stat_fwd_bwd = targets.seconds(lambda: F.cross_entropy(c(x), y).backward())
+        c.step()  # folds the statistics and refreshes
+        refresh = statistics.median(targets.seconds(kfac.refresh) for _ in range(repeats))
+        c.zero_grad()
+        opt.steps = 1
+        plain_fwd_bwd = targets.seconds(lambda: F.cross_entropy(c(x), y).backward())
+        steps = []
+        for _ in range(repeats):
+            opt.steps = 1  # a plain step each time, on the same gradients
+            steps.append(targets.seconds(c.step))
+        out[f"kfac max_factor={m}"] = {"plain_fwd_bwd_s": plain_fwd_bwd, "stat_fwd_bwd_s": stat_fwd_bwd,
+                                      "plain_step_s": statistics.median(steps), "refresh_s": refresh}
+        print(m, out[f"kfac max_factor={m}"], flush=True)
+    return out
+
+
+def parts_markdown(rows: dict, command: str) -> str:
+    lines = [f"`{command}`: K-FAC's parts on ResNet-18 (32x32 inputs), medians; `uptime` at the end: "
+             f"{os.popen('uptime').read().strip()}", "",
+             "| optimizer | plain step (s) | refresh (s) | statistic fwd+bwd / plain fwd+bwd (s) |", "|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['plain_step_s']:.3f} | {row['refresh_s']:.2f} | "
+                     f"{row['stat_fwd_bwd_s']:.2f} / {row['plain_fwd_bwd_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"`{command}`: ResNet-18 (32x32 inputs, batch {result['batch']}), {result['threads']} threads, "
+             f"{result['rounds']} rounds of one statistic (and refresh) step and {result['plain_steps']} plain steps "
+             f"per optimizer; `uptime` at the end: {result['uptime']}", "",
+             "| optimizer | whole step (s) | x AdamW | plain fwd+bwd / step (s) | statistic fwd+bwd / step (s) | "
+             "cost model: optimizer FLOPs x AdamW step |", "|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        flops = f"{row['flops_vs_adamw']:.0f}" if "flops_vs_adamw" in row else "1"
+        lines.append(f"| {name} | {row['whole_step_s']:.2f} | {row['ratio_vs_adamw']:.2f} | "
+                     f"{row['plain_fwd_bwd_s']:.2f} / {row['plain_step_s']:.3f} | "
+                     f"{row['stat_fwd_bwd_s']:.2f} / {row['stat_step_s']:.2f} | {flops} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-factors", type=int, nargs="+", default=[0, 1024, MAX_FACTOR],
+                        help="K-FAC's max_factor values to time (0: every factor whole)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--plain", type=int, default=2, help="plain steps per optimizer and round")
+    add_timing_arguments(parser)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--parts", action="store_true", help="only K-FAC's parts (plain step, refresh, taps)")
+    parser.add_argument("--repeats", type=int, default=3, help="--parts: calls timed per part")
+    args = parser.parse_args(argv)
+    use_timing_arguments(parser, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = ("python -m benchmarks.big_factors " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.parts:
+        result = parts(args.max_factors, args.batch, args.repeats)
+        (args.out / "big_factors_parts.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "big_factors_parts.md").write_text(parts_markdown(result, command))
+        print(parts_markdown(result, command))
+        return result
+    result = run(args.max_factors, args.batch, args.rounds, args.plain)
+    (args.out / "big_factors.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "big_factors.md").write_text(markdown(result, command))
+    print(markdown(result, command))
+    return result
+
+
+if __name__ == "__main__":
+    main()
