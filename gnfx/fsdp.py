@@ -59,9 +59,10 @@ statistics and quadratic-step state are dropped) and makes the state to load int
 replicated, keeping one rank's copy of each key, while the elementwise moments, δ and the
 statistics' update counters are per-rank tensors under the same keys.
 
-Not supported: a preconditioner that says why it cannot run sharded yet (`unshardable`: muon), meshes other than one dimension, shards other than dimension 0, and more than one
-preconditioner with a cross-block safeguard on ranks that own blocks of only some of them (their
-scalar all-reduces would be issued in different orders).
+Not supported: a preconditioner that says why it cannot run sharded yet (`unshardable`: muon),
+meshes other than one dimension, shards other than dimension 0, and more than one preconditioner
+with a cross-block safeguard on ranks that own blocks of only some of them (their scalar all-reduces
+would be issued in different orders).
 """
 from __future__ import annotations
 
