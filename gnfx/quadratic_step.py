@@ -63,10 +63,13 @@ RHO_LOW, RHO_HIGH = 0.25, 0.75
 # μ is kept a heavy-ball momentum (module docstring)
 MOMENTUM_RANGE = (0.0, 0.99)
 # the optimizers that take step="quadratic" by default (gnfx.compile's step="auto") when loss= is given.
-# Measured (benchmarks/results/quadratic_step.md): kfac reached every target in 0.58-1.03x AdamW's best
-# steps; ekfac reached the training-loss targets in 0.59-1.16x but the validation targets in 1.0-3.2x
-# or not at all (digits CNN), so ekfac keeps its fixed lr by default (step="quadratic" on request).
-QUADRATIC_DEFAULT = ("kfac",)
+# Measured (benchmarks/results/defaults.md, at the step's defaults fisher="mc", damping_decay=0.9, against
+# AdamW's best lr of a grid, per seed): kfac 0.22-0.74x AdamW's steps on the digits MLP and autoencoder
+# targets, ekfac 0.25-0.68x; on the digits CNN both miss the training-loss target on some seeds (as
+# kfac did before). ekfac at a fixed lr reached neither the MLP's nor the CNN's validation target at any
+# lr of its grid (results/full.md). rank1 keeps its fixed lr: under the quadratic step its direction is
+# the gradient with one direction deflated, and it reached no target of the deep autoencoder.
+QUADRATIC_DEFAULT = ("kfac", "ekfac")
 # the starting λ (K-FAC's `damping` under step="quadratic" unless given): a large λ0 acts as a warm-up,
 # as λ only falls while ρ stays near 1. Measured on the digits MLP (kfac, val loss after 200 steps):
 # λ0 = 1: 0.057 (0.07 first at ~160 steps); 0.1: 0.21 (best 0.12, overfits the batches); 1e-3: 1.5
