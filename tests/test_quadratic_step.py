@@ -262,13 +262,13 @@ def test_checkpoint_carries_the_damping_and_the_previous_update():
 @pytest.mark.parametrize("name", convergence.PROBLEMS)
 @pytest.mark.parametrize("optimizer", ["kfac", "ekfac"])
 def test_defaults_beat_adamws_best_learning_rate_in_steps(name, optimizer):
-    """kfac at defaults (loss= only, no lr) and ekfac with step="quadratic" (no lr) reach the target in
+    """kfac and ekfac at defaults (loss= only, no lr: the quadratic step) reach the target in
     at most half of the steps of AdamW at its best learning rate of test_convergence's grid (full
     batch, float64)."""
     counts = convergence.adamw_steps(name)
     best = min(s for s in counts.values() if s is not None)
     model, X, Y, target = convergence.problem(name)
-    c = gnfx.compile(model(), optimizer=optimizer, loss="mse", **({"step": "quadratic"} if optimizer == "ekfac" else {}))
+    c = gnfx.compile(model(), optimizer=optimizer, loss="mse")
     steps = convergence.steps_to_target(c, c, X, Y, target, best // 2)
     assert steps is not None, f"{optimizer} with no lr did not reach the target in {best // 2} steps ({counts})"
 
