@@ -64,8 +64,8 @@ RHO_LOW, RHO_HIGH = 0.25, 0.75
 MOMENTUM_RANGE = (0.0, 0.99)
 # the optimizers that take step="quadratic" by default (gnfx.compile's step="auto") when loss= is given.
 # Measured (benchmarks/results/defaults.md, at the step's defaults fisher="mc", damping_decay=0.9, against
-# AdamW's best lr of a grid, per seed): kfac 0.22-0.74x AdamW's steps on the digits MLP and autoencoder
-# targets, ekfac 0.25-0.68x; on the digits CNN both miss the training-loss target on some seeds (as
+# AdamW's best lr of a grid, per seed): kfac 0.18-0.74x AdamW's steps on the digits MLP and autoencoder
+# targets, ekfac 0.22-0.68x; on the digits CNN both miss the training-loss target on some seeds (as
 # kfac did before). ekfac at a fixed lr reached neither the MLP's nor the CNN's validation target at any
 # lr of its grid (results/full.md). rank1 keeps its fixed lr: under the quadratic step its direction is
 # the gradient with one direction deflated, and it reached no target of the deep autoencoder.
