@@ -28,8 +28,8 @@ COMMON = {
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
                            "auto", ("auto", "batch")),
-    "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2)",
-                     "empirical", FISHER_TYPES),
+    "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2) "
+                     "('mc' by default for kfac and ekfac under step='quadratic')", "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
                    "step='quadratic' (the default for kfac when it is given and lr is not)"),
@@ -38,8 +38,10 @@ COMMON = {
                    "an optimizer whose class sets quadratic_by_default (kfac) when loss= is given and lr is not, "
                    "else 'lr'",
                    "auto", ("auto", "quadratic", "lr")),
+    # ω = 0.9 rather than 0.95: the kfac and ekfac steps to target fell by 10-45% on the digits tasks
+    # (benchmarks/results/defaults.md)
     "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
-                                        "ρ > 3/4, λ/ω when ρ < 1/4", 0.95),
+                                        "ρ > 3/4, λ/ω when ρ < 1/4", 0.9),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",
@@ -131,8 +133,11 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     """`hparams` with `step` resolved ("auto": "quadratic" for an optimizer quadratic_by_default when loss=
     is given and lr is not) and, for step="quadratic", the defaults that suit it where not given: lr 1
     (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
-    no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them), and the starting
-    damping λ0 = QUADRATIC_DAMPING."""
+    no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them: KL clipping
+    scales the proposal, which α undoes, so it changed no step, benchmarks/results/defaults.md), and
+    for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING and fisher="mc" (the loss is
+    known; on the deep autoencoder it reached the targets in 0.6x the steps of the empirical Fisher,
+    the same steps as "type2" at one backward per statistic step instead of one per output)."""
     step = hparams.get("step", "auto")
     if step == "auto":
         auto = isinstance(optimizer, str) and optimizer in REGISTRY and REGISTRY[optimizer].quadratic_by_default
@@ -146,7 +151,7 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     specs = policy.hparam_specs()
     defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
     if _tikhonov(policy):
-        defaults["damping"] = QUADRATIC_DAMPING
+        defaults.update(damping=QUADRATIC_DAMPING, fisher="mc")
     return {"lr": 1.0, **defaults, **hparams}
 
 
