@@ -41,6 +41,16 @@ terms that do not go through z (penalties on θ) are left out of the actual redu
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
 bounded): pass a closure then.
 
+The GGN term on part of the batch (`quadratic_rows=R`, an option; None, the default, is the whole
+batch). The forward-mode products cost several forwards (a vmapped jvp through the GPT of
+benchmarks/ with two tangents: ~7 forwards on a CPU), so they and the forward for ρ can run on the
+first R rows S of the step's batch (every input tensor whose first dimension is the batch's is cut
+to R rows): M takes G_S, the GGN of the mean loss L_S over those rows, an estimate of G, while b
+keeps the whole batch's gradient, so that Δ stays a descent direction of the model (b_1 < 0). ρ
+then compares L_S(θ) - L_S(θ+s), the loss recovered from the rows of ∂L/∂z rescaled to L_S's mean
+(`subset_gradient`), with the model of L_S, -(b_Sᵀc + ½ cᵀMc), b_S,i = (∂L_S/∂z_S)ᵀ J_S v_i; with a
+closure, ρ is the whole batch's, against -q(c).
+
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
@@ -53,7 +63,7 @@ import math
 import torch
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.ggn import IGNORE_INDEX, output_hessian_product
@@ -119,6 +129,18 @@ def _first_tensor(out) -> torch.Tensor | None:
     return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
+def subset_gradient(loss: str, grad_z: torch.Tensor, rows: int) -> torch.Tensor:
+    """∂L_S/∂z_S for the mean-reduced `loss` L_S of the first `rows` rows of the batch, from the
+    whole batch's ∂L/∂z: those rows times the ratio of the terms the two means count (the elements
+    for "mse"; for "cross_entropy" the rows with a target, those the gradient reaches)."""
+    part = grad_z[:rows]
+    if loss == "mse":
+        return part * (grad_z.numel() / part.numel())
+    classes = grad_z.shape[-1]
+    terms = [g.reshape(-1, classes).ne(0).any(1).sum().to(part.dtype) for g in (grad_z, part)]
+    return part * (terms[0] / terms[1].clamp(min=1))
+
+
 def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
     """z ↦ the mean-reduced `loss` at output z whose gradient at z0 is grad_z (module docstring)."""
     if loss == "mse":
@@ -137,8 +159,9 @@ class QuadraticStep:
     (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
     rejected."""
 
-    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool):
+    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None):
         self.opt = optimizer
+        self.rows = rows  # quadratic_rows: the model's GGN term and ρ on the first rows only
         self.loss = loss
         self.damping = damping
         self.decay = decay
@@ -147,6 +170,7 @@ class QuadraticStep:
         self._flat_layout: FlatLayout | None = None
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
+        self._examples = 0  # its batch size, the rows of z
         self._output_grad = None
 
     @property
@@ -164,6 +188,7 @@ class QuadraticStep:
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = None
         z = _first_tensor(out)
+        self._examples = len(z) if z is not None else 0
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
 
@@ -172,8 +197,13 @@ class QuadraticStep:
 
     def _function(self):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
-        model's own), with the buffers copied, so that batch-norm statistics do not move."""
+        model's own), with the buffers copied, so that batch-norm statistics do not move. With
+        `rows` (quadratic_rows) the inputs are the first rows of every input tensor whose first
+        dimension is the batch's."""
         model, args, kwargs = self._call
+        if self.rows is not None and self.rows < self._examples:
+            args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
+                                    and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
 
@@ -215,17 +245,27 @@ class QuadraticStep:
             return
         V = layout.vectors(parts, _flat(proposal), self._previous)
         z, outputs = self._output(dict(zip(names, before)), layout.tangents(V))
+        z, outputs = z.detach(), outputs.detach()
+        grad_z = self._output_grad
+        subset = grad_z is not None and len(z) < len(grad_z)  # quadratic_rows: the first rows
+        if subset:
+            grad_z = subset_gradient(self.loss, grad_z, len(z))
         grads = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        M, b = self._model_terms(V, grads, z.detach(), outputs.detach())
+        M, b = self._model_terms(V, grads, z, outputs, grad_z)
         comm, device = self.opt.comm, params[0].device
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
             M, b = comm.mean(M, device), comm.mean(b, device)
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=self._previous is not None)
+        if subset and closure is None:  # ρ on the rows: the model of L_S, its gradient J_Sᵀ ∂L_S/∂z_S
+            b_rows = outputs.flatten(1).double() @ grad_z.flatten().double()
+            if comm is not None:
+                b_rows = comm.mean(b_rows, device)
+            predicted = float(-(b_rows @ c + 0.5 * c @ M @ c))
         alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
         mu = float(c[-1]) if self._previous is not None else 0.0
         update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
         torch._foreach_add_(params, layout.split(update))
-        actual = self._actual_reduction(z.detach(), loss_before, closure)
+        actual = self._actual_reduction(z, grad_z, loss_before, closure)
         if comm is not None:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
         rho = actual / predicted if predicted > 0 else float("nan")
@@ -261,29 +301,30 @@ class QuadraticStep:
         moved = torch.stack(torch._foreach_norm(proposal)).ne(0)
         return [layout.preconditioners[k] for k in (layout.owned & moved[:, None]).any(0).nonzero().flatten().tolist()]
 
-    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
-                     J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor, J: torch.Tensor,
+                     grad_z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
         J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g."""
-        kept = self._kept_rows(z)
+        kept = self._kept_rows(z, grad_z)
         H_J = torch.stack([output_hessian_product(self.loss, z, kept, Jv) for Jv in J]).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
         V = V.double()
         M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
         return M, V @ grads.double()
 
-    def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
+    def _kept_rows(self, z: torch.Tensor, grad_z: torch.Tensor | None) -> torch.Tensor:
         """The rows of z the loss counts as targets for output_hessian_product: the rows its
-        gradient reaches (an ignored target's row gets exactly zero), all rows when unknown."""
+        gradient grad_z reaches (an ignored target's row gets exactly zero), all rows when unknown."""
         classes = z.shape[-1]
-        if self._output_grad is None or self.loss == "mse":
+        if grad_z is None or self.loss == "mse":
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
-            kept = self._output_grad.reshape(-1, classes).ne(0).any(1)
+            kept = grad_z.reshape(-1, classes).ne(0).any(1)
         return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
 
-    def _actual_reduction(self, z0, loss_before, closure) -> float:
-        """L(θ) - L(θ+s) on the step's batch (module docstring)."""
+    def _actual_reduction(self, z0, grad_z, loss_before, closure) -> float:
+        """L(θ) - L(θ+s) on the step's batch, or on its first rows (quadratic_rows) without a
+        closure: z0 the output at θ and grad_z the loss's gradient there (module docstring)."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -292,11 +333,11 @@ class QuadraticStep:
                                 f"torch.no_grad(), for the loss at the new parameters; it raised {error}. Call "
                                 f"backward in the closure only when torch.is_grad_enabled()") from error
             return float(loss_before) - float(loss_after)
-        if self._output_grad is None:
+        if grad_z is None:
             raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
                             "computed from the compiled model's output (the first tensor it returns), or pass "
                             "model.step(closure) with a closure that returns the batch loss")
-        loss = recovered_loss(self.loss, z0, self._output_grad)
+        loss = recovered_loss(self.loss, z0, grad_z)
         z1 = self._function()({})  # at the parameters as they are now, θ + s
         return float(loss(z0)) - float(loss(z1))
 
