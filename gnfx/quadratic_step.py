@@ -93,7 +93,7 @@ def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
     coefficients with the others fixed, c_F = -M_FF⁺(b_F + M_FX c_X), fix one that leaves its range
     at its bound (μ first), repeat. q is convex, so for one bounded coefficient this is the exact constrained
     minimizer. The pseudo-inverse takes μ = 0 where δ adds nothing (parallel to Δ, or no curvature)."""
-    M, b = M.to(torch.float64), b.to(torch.float64)
+    M, b = M.to("cpu", torch.float64), b.to("cpu", torch.float64)  # a few tiny solves: on the host
     n = len(b)
     c = torch.zeros_like(b)
     mu = n - 1 if momentum and n > 1 else None
@@ -104,8 +104,9 @@ def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
         if free:
             rhs = b[free] + M[free][:, held] @ c[held]
             c[free] = -torch.linalg.pinv(M[free][:, free], rtol=1e-12, hermitian=True) @ rhs
-        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= c[i] <= MOMENTUM_RANGE[1])
-               or (i != mu and capped and c[i] > 1)]
+        values = c.tolist()
+        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= values[i] <= MOMENTUM_RANGE[1])
+               or (i != mu and capped and values[i] > 1)]
         if not out:
             break
         i = mu if mu in out else out[0]  # one at a time, μ first: the others move when it is fixed
@@ -260,7 +261,7 @@ class QuadraticStep:
             b_rows = outputs.flatten(1).double() @ grad_z.flatten().double()
             if comm is not None:
                 b_rows = comm.mean(b_rows, device)
-            predicted = float(-(b_rows @ c + 0.5 * c @ M @ c))
+            predicted = float(-(b_rows.cpu() @ c + 0.5 * c @ M.cpu() @ c))
         alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
         mu = float(c[-1]) if self._previous is not None else 0.0
         update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
@@ -391,7 +392,8 @@ class FlatLayout:
         parameter has V's dtype."""
         out, start = {}, 0
         for name, shape, size, dtype in zip(self.names, self.shapes, self.sizes, self.dtypes):
-            out[name] = V[:, start:start + size].view(len(V), *shape).to(dtype)
+            rows = V[:, start:start + size].view(len(V), *shape)
+            out[name] = rows if rows.dtype == dtype else rows.to(dtype)
             start += size
         return out
 
