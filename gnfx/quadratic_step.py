@@ -42,14 +42,15 @@ that is not the named one gives a wrong ρ, which at worst rejects steps and rai
 bounded): pass a closure then.
 
 The GGN term on part of the batch (`quadratic_rows=R`, an option; None, the default, is the whole
-batch). The forward-mode products cost several forwards (a vmapped jvp through the GPT of
-benchmarks/ with two tangents: ~7 forwards on a CPU), so they and the forward for ρ can run on the
-first R rows S of the step's batch (every input tensor whose first dimension is the batch's is cut
-to R rows): M takes G_S, the GGN of the mean loss L_S over those rows, an estimate of G, while b
-keeps the whole batch's gradient, so that Δ stays a descent direction of the model (b_1 < 0). ρ
-then compares L_S(θ) - L_S(θ+s), the loss recovered from the rows of ∂L/∂z rescaled to L_S's mean
-(`subset_gradient`), with the model of L_S, -(b_Sᵀc + ½ cᵀMc), b_S,i = (∂L_S/∂z_S)ᵀ J_S v_i; with a
-closure, ρ is the whole batch's, against -q(c).
+batch). The forward-mode products cost several forwards (a vmapped jvp with two tangents through
+the GPT of benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of the step's
+batch only (every input tensor whose first dimension is the batch's is cut to R rows): M then
+takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
+batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0) and ρ the whole
+batch's actual reduction (from the training forward's output at θ and one forward at θ+s), which
+rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did not: on the
+digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole batch's loss,
+and the run diverged (benchmarks/results/quadratic_step.md).
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
@@ -130,18 +131,6 @@ def _first_tensor(out) -> torch.Tensor | None:
     return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
 
 
-def subset_gradient(loss: str, grad_z: torch.Tensor, rows: int) -> torch.Tensor:
-    """∂L_S/∂z_S for the mean-reduced `loss` L_S of the first `rows` rows of the batch, from the
-    whole batch's ∂L/∂z: those rows times the ratio of the terms the two means count (the elements
-    for "mse"; for "cross_entropy" the rows with a target, those the gradient reaches)."""
-    part = grad_z[:rows]
-    if loss == "mse":
-        return part * (grad_z.numel() / part.numel())
-    classes = grad_z.shape[-1]
-    terms = [g.reshape(-1, classes).ne(0).any(1).sum().to(part.dtype) for g in (grad_z, part)]
-    return part * (terms[0] / terms[1].clamp(min=1))
-
-
 def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
     """z ↦ the mean-reduced `loss` at output z whose gradient at z0 is grad_z (module docstring)."""
     if loss == "mse":
@@ -172,6 +161,7 @@ class QuadraticStep:
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
         self._examples = 0  # its batch size, the rows of z
+        self._output_before = None  # its z
         self._output_grad = None
 
     @property
@@ -190,19 +180,20 @@ class QuadraticStep:
         self._output_grad = None
         z = _first_tensor(out)
         self._examples = len(z) if z is not None else 0
+        self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
 
     def _keep_output_grad(self, grad):
         self._output_grad = grad.detach()
 
-    def _function(self):
+    def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
         model's own), with the buffers copied, so that batch-norm statistics do not move. With
-        `rows` (quadratic_rows) the inputs are the first rows of every input tensor whose first
-        dimension is the batch's."""
+        `subset` and `rows` (quadratic_rows) the inputs are the first rows of every input tensor
+        whose first dimension is the batch's."""
         model, args, kwargs = self._call
-        if self.rows is not None and self.rows < self._examples:
+        if subset and self.rows is not None and self.rows < self._examples:
             args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -212,7 +203,7 @@ class QuadraticStep:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
         one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
         tangent on the digits MLP), or one jvp per tangent where the model does not vectorize."""
-        f = self._function()
+        f = self._function(subset=True)
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
             try:  # z does not depend on the tangent: computed once, returned unbatched
@@ -246,27 +237,18 @@ class QuadraticStep:
             return
         V = layout.vectors(parts, _flat(proposal), self._previous)
         z, outputs = self._output(dict(zip(names, before)), layout.tangents(V))
-        z, outputs = z.detach(), outputs.detach()
-        grad_z = self._output_grad
-        subset = grad_z is not None and len(z) < len(grad_z)  # quadratic_rows: the first rows
-        if subset:
-            grad_z = subset_gradient(self.loss, grad_z, len(z))
+        z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         grads = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        M, b = self._model_terms(V, grads, z, outputs, grad_z)
+        M, b = self._model_terms(V, grads, z, outputs)
         comm, device = self.opt.comm, params[0].device
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
             M, b = comm.mean(M, device), comm.mean(b, device)
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=self._previous is not None)
-        if subset and closure is None:  # ρ on the rows: the model of L_S, its gradient J_Sᵀ ∂L_S/∂z_S
-            b_rows = outputs.flatten(1).double() @ grad_z.flatten().double()
-            if comm is not None:
-                b_rows = comm.mean(b_rows, device)
-            predicted = float(-(b_rows.cpu() @ c + 0.5 * c @ M.cpu() @ c))
         alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
         mu = float(c[-1]) if self._previous is not None else 0.0
         update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
         torch._foreach_add_(params, layout.split(update))
-        actual = self._actual_reduction(z, grad_z, loss_before, closure)
+        actual = self._actual_reduction(z, loss_before, closure)
         if comm is not None:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
         rho = actual / predicted if predicted > 0 else float("nan")
@@ -302,30 +284,32 @@ class QuadraticStep:
         moved = torch.stack(torch._foreach_norm(proposal)).ne(0)
         return [layout.preconditioners[k] for k in (layout.owned & moved[:, None]).any(0).nonzero().flatten().tolist()]
 
-    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor, J: torch.Tensor,
-                     grad_z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
+                     J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
-        J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g."""
-        kept = self._kept_rows(z, grad_z)
+        J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
+        of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
+        kept = self._kept_rows(z)
         H_J = torch.stack([output_hessian_product(self.loss, z, kept, Jv) for Jv in J]).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
         V = V.double()
         M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
         return M, V @ grads.double()
 
-    def _kept_rows(self, z: torch.Tensor, grad_z: torch.Tensor | None) -> torch.Tensor:
-        """The rows of z the loss counts as targets for output_hessian_product: the rows its
-        gradient grad_z reaches (an ignored target's row gets exactly zero), all rows when unknown."""
+    def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """The rows of z (the batch's first rows with quadratic_rows) the loss counts as targets for
+        output_hessian_product: the rows its gradient reaches (an ignored target's row gets exactly
+        zero), all rows when unknown."""
         classes = z.shape[-1]
-        if grad_z is None or self.loss == "mse":
+        if self._output_grad is None or self.loss == "mse":
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
-            kept = grad_z.reshape(-1, classes).ne(0).any(1)
+            kept = self._output_grad[:len(z)].reshape(-1, classes).ne(0).any(1)
         return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
 
-    def _actual_reduction(self, z0, grad_z, loss_before, closure) -> float:
-        """L(θ) - L(θ+s) on the step's batch, or on its first rows (quadratic_rows) without a
-        closure: z0 the output at θ and grad_z the loss's gradient there (module docstring)."""
+    def _actual_reduction(self, z, loss_before, closure) -> float:
+        """L(θ) - L(θ+s) on the step's batch (module docstring), z the output at θ of the products'
+        forward (on the first rows only with quadratic_rows: then the training forward's output)."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -334,13 +318,14 @@ class QuadraticStep:
                                 f"torch.no_grad(), for the loss at the new parameters; it raised {error}. Call "
                                 f"backward in the closure only when torch.is_grad_enabled()") from error
             return float(loss_before) - float(loss_after)
-        if grad_z is None:
+        if self._output_grad is None:
             raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
                             "computed from the compiled model's output (the first tensor it returns), or pass "
                             "model.step(closure) with a closure that returns the batch loss")
-        loss = recovered_loss(self.loss, z0, grad_z)
-        z1 = self._function()({})  # at the parameters as they are now, θ + s
-        return float(loss(z0)) - float(loss(z1))
+        f = self._function()
+        z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
+        loss = recovered_loss(self.loss, z0, self._output_grad)
+        return float(loss(z0)) - float(loss(f({})))  # f({}): at the parameters as they are now, θ + s
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
