@@ -159,3 +159,12 @@ def test_profile_tables_run_on_a_tiny_model():
     assert "cholesky" in result["operators"]["tiny, kfac, refresh"]  # the refresh step factorizes
     text = profile.markdown(result)
     assert text.count("| tiny |") == len(profile.PRECONDITIONERS) and "| 8 |" in text
+
+
+def test_quadratic_step_time_table_runs_on_the_digits_mlp():
+    """The quadratic step's CPU-time table runs end to end (figures not asserted)."""
+    from benchmarks import quadratic_step_time
+
+    table = quadratic_step_time.step_table("digits_mlp", quadratic_step_time.WARM + 2)
+    for run in ("kfac defaults |", "kfac defaults, quadratic_rows=32 |", "kfac lr=1e-3 |", "AdamW |"):
+        assert f"| {run}" in table, table
