@@ -151,7 +151,7 @@ class QuadraticStep:
 
     def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None):
         self.opt = optimizer
-        self.rows = rows  # quadratic_rows: the model's GGN term and ρ on the first rows only
+        self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
         self.decay = decay
