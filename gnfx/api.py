@@ -42,6 +42,10 @@ COMMON = {
     # (benchmarks/results/defaults.md)
     "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
                                         "ρ > 3/4, λ/ω when ρ < 1/4", 0.9),
+    "quadratic_rows": HParam(None, "None or an integer >= 1",
+                             lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
+                             "step='quadratic': the examples (the first rows of the step's batch) on which the GGN "
+                             "term of its model is computed (b and ρ keep the whole batch); None: the whole batch (exact)"),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",

@@ -107,6 +107,11 @@ class CompiledModel(nn.Module):
             self._check_registrations()
         if opt.collecting:
             store = opt.statistics
+            if store.fisher != "empirical" and self._fsdp:
+                raise ConfigError(f"fisher={store.fisher!r} does not run under FSDP2 yet: its extra backward runs "
+                                  f"inside yours, and fully_shard's post-backward hooks would free the parameters "
+                                  f"that yours still needs; pass fisher='empirical' to gnfx.compile (step='quadratic' "
+                                  f"defaults to 'mc')")
             store.forward_id += 1
             opt.collected = True
             out = self._variants(args, kwargs)

@@ -41,6 +41,17 @@ terms that do not go through z (penalties on θ) are left out of the actual redu
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
 bounded): pass a closure then.
 
+The GGN term on part of the batch (`quadratic_rows=R`, an option; None, the default, is the whole
+batch). The forward-mode products cost several forwards (a vmapped jvp with two tangents through
+the GPT of benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of the step's
+batch only (every input tensor whose first dimension is the batch's is cut to R rows): M then
+takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
+batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0) and ρ the whole
+batch's actual reduction (from the training forward's output at θ and one forward at θ+s), which
+rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did not: on the
+digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole batch's loss,
+and the run diverged (benchmarks/results/quadratic_step.md).
+
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
@@ -55,7 +66,7 @@ import math
 import torch
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.fsdp import local, without_fsdp_hooks
@@ -139,15 +150,19 @@ class QuadraticStep:
     (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
     rejected."""
 
-    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool):
+    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None):
         self.opt = optimizer
+        self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
         self.decay = decay
         self.capped = capped
-        self.previous: list[torch.Tensor] | None = None  # δ, the last update applied
+        self.previous: list[torch.Tensor] | None = None  # δ, the last update applied (under FSDP2: local rows)
+        self._flat_layout: FlatLayout | None = None
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
+        self._examples = 0  # its batch size, the rows of z
+        self._output_before = None  # its z
         self._output_grad = None
 
     # --- the forward it replays (a forward hook of the CompiledModel) -------------------------
@@ -158,36 +173,41 @@ class QuadraticStep:
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = None
         z = _first_tensor(out)
+        self._examples = len(z) if z is not None else 0
+        self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
 
     def _keep_output_grad(self, grad):
         self._output_grad = grad.detach()
 
-    def _output(self, params: dict, tangents: list[dict] = ()):
-        """z at parameters `params` (buffers copied, so that batch-norm statistics do not move) on
-        the remembered inputs, and [J v for v in tangents], by one forward-mode pass vectorized over
-        the tangents (torch.func.vmap; 20x faster than one jvp per tangent on the digits MLP),
-        or one jvp per tangent where the model does not vectorize."""
+    def _function(self, subset: bool = False):
+        """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
+        model's own), with the buffers copied, so that batch-norm statistics do not move. With
+        `subset` and `rows` (quadratic_rows) the inputs are the first rows of every input tensor
+        whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.opt.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
+        if subset and self.rows is not None and self.rows < self._examples:
+            args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
+                                    and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
+        return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
 
-        def f(theta):
-            return _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
-
-        if not tangents:
-            return f(params), []
+    def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
+        one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
+        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize."""
+        f = self._function(subset=True)
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
-            stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
             try:  # z does not depend on the tangent: computed once, returned unbatched
-                z, J = vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(stacked)
-                return z, list(J.unbind(0))
+                return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
             except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
-                pairs = [jvp(f, (params,), (t,)) for t in tangents]
-                return pairs[0][0], [Jv for _, Jv in pairs]
+                count = len(next(iter(tangents.values())))
+                pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
+                return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, loss_before=None, closure=None) -> None:
@@ -212,46 +232,32 @@ class QuadraticStep:
             p = len(names)
             proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
             previous = whole[3 * p:] or None
-        parts = self._parts(names, proposal)
+        layout = self._layout(names, theta_values)
+        parts = self._parts(layout, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
                               "predicted": 0.0, "actual": 0.0, "rejected": False}
             return
-        vectors = [[d if i in part else torch.zeros_like(d) for i, d in enumerate(proposal)] for _, part in parts]
-        vectors += [previous] if previous is not None else []
-        theta = dict(zip(names, theta_values))
-        z, outputs = self._output(theta, [dict(zip(names, v)) for v in vectors])
-        z, outputs = z.detach(), [Jv.detach() for Jv in outputs]
-        kept = self._kept_rows(z)
-        k = len(vectors)
-        M = torch.empty(k, k, dtype=torch.float64)
-        b = torch.empty(k, dtype=torch.float64)
-        for i in range(k):
-            b[i] = _dot(grads, vectors[i])
-            H_Jvi = output_hessian_product(self.loss, z, kept, outputs[i])
-            for j in range(i + 1):
-                M[i, j] = M[j, i] = (H_Jvi * outputs[j]).sum().double() + self.damping * _dot(vectors[i], vectors[j])
+        V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+        z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
+        z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
+        M, b = self._model_terms(V, _flat(grads), z, outputs)
         comm, device = self.opt.comm, params[0].device
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
+            k = len(b)
             Mb = comm.mean(torch.cat([M.reshape(-1), b]), device)  # one all-reduce
             M, b = Mb[:k * k].view(k, k), Mb[k * k:]
-        c, predicted = minimize_quadratic(M, b, self.capped, momentum=self.previous is not None)
-        alphas = {name: float(a) for (name, _), a in zip(parts, c)}
-        mu = float(c[-1]) if self.previous is not None else 0.0
-        scale = [0.0] * len(params)
-        for (_, part), a in zip(parts, c.tolist()):
-            for i in part:
-                scale[i] = a
-        update = [d * a for d, a in zip(proposal, scale)]
-        if previous is not None and mu != 0.0:
-            torch._foreach_add_(update, previous, alpha=mu)
+        c, predicted = minimize_quadratic(M, b, self.capped, momentum=previous is not None)
+        alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
+        mu = float(c[-1]) if previous is not None else 0.0
+        update = layout.split(c.to(device=V.device, dtype=V.dtype) @ V)  # s = Σ_k α_k Δ_k + μδ
         after = None
         if sharded is not None:  # θ + s whole (as the shards compute it), and the rows of s of this rank
             after = {n: t + u for n, t, u in zip(names, theta_values, update)}
             update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        actual = self._actual_reduction(z, theta, loss_before, closure, after)
+        actual = self._actual_reduction(z, loss_before, closure, after)
         if comm is not None:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
         rho = actual / predicted if predicted > 0 else float("nan")
@@ -273,33 +279,47 @@ class QuadraticStep:
                           "rho": rho, "predicted": predicted,
                           "actual": actual, "rejected": rejected and predicted > 0}
 
-    def _parts(self, names: list[str], proposal: list[torch.Tensor]) -> list[tuple[str, set[int]]]:
-        """(preconditioner name, positions in `names` of its parameters), for each preconditioner
-        whose proposal is not zero: each gets its own step size α, so that one whose proposal is
-        on another scale (the diagonal fallback's Adam step at lr 1 beside K-FAC's) does not set
-        the step of the others."""
-        position = {n: i for i, n in enumerate(names)}
-        moved = torch.stack([d.ne(0).any() for d in proposal]).tolist()  # one host synchronization
-        parts = []
-        for pre in self.opt.preconditioners:
-            members = {position[n] for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names)
-                       if n in position}
-            if any(moved[i] for i in members):
-                parts.append((pre.name, members))
-        return parts
+    def _layout(self, names: list[str], params: list[torch.Tensor]) -> "FlatLayout":
+        """The flat layout of the optimizer's parameters (built at the first step, and again if
+        the parameters change)."""
+        if self._flat_layout is None or self._flat_layout.names != names:
+            self._flat_layout = FlatLayout(names, params, self.opt.preconditioners)
+        return self._flat_layout
+
+    def _parts(self, layout: "FlatLayout", proposal: list[torch.Tensor]) -> list:
+        """The preconditioners whose proposal is not zero (one host synchronization): each gets its
+        own step size α, so that one whose proposal is on another scale (the diagonal fallback's
+        Adam step at lr 1 beside K-FAC's) does not set the step of the others."""
+        moved = torch.stack(torch._foreach_norm(proposal)).ne(0)
+        return [layout.preconditioners[k] for k in (layout.owned & moved[:, None]).any(0).nonzero().flatten().tolist()]
+
+    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
+                     J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
+        J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
+        of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
+        kept = self._kept_rows(z)
+        H_J = torch.stack([output_hessian_product(self.loss, z, kept, Jv) for Jv in J]).flatten(1).double()
+        curvature = H_J @ J.flatten(1).double().T
+        V = V.double()
+        M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
+        return M, V @ grads.double()
 
     def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
-        """The rows of z the loss counts as targets for output_hessian_product: the rows its
-        gradient reaches (an ignored target's row gets exactly zero), all rows when unknown."""
+        """The rows of z (the batch's first rows with quadratic_rows) the loss counts as targets for
+        output_hessian_product: the rows its gradient reaches (an ignored target's row gets exactly
+        zero), all rows when unknown."""
         classes = z.shape[-1]
         if self._output_grad is None or self.loss == "mse":
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
-            kept = self._output_grad.reshape(-1, classes).ne(0).any(1)
+            kept = self._output_grad[:len(z)].reshape(-1, classes).ne(0).any(1)
         return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
 
-    def _actual_reduction(self, z0, theta, loss_before, closure, after=None) -> float:
-        """L(θ) - L(θ+s) on the step's batch (module docstring); `after`: θ+s, if not the parameters."""
+    def _actual_reduction(self, z, loss_before, closure, after=None) -> float:
+        """L(θ) - L(θ+s) on the step's batch (module docstring), z the output at θ of the products'
+        forward (on the first rows only with quadratic_rows: then the training forward's output);
+        `after`: θ + s by name, if not the parameters as they are (under FSDP2)."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -312,10 +332,10 @@ class QuadraticStep:
             raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
                             "computed from the compiled model's output (the first tensor it returns), or pass "
                             "model.step(closure) with a closure that returns the batch loss")
+        f = self._function()
+        z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         loss = recovered_loss(self.loss, z0, self._output_grad)
-        names = list(theta)
-        z1, _ = self._output(after or {n: self.opt._named[n].detach() for n in names})
-        return float(loss(z0)) - float(loss(z1))
+        return float(loss(z0)) - float(loss(f(after or {})))  # f({}): at the parameters as they are now, θ + s
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -328,6 +348,51 @@ class QuadraticStep:
             t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]
 
 
-def _dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_i ⟨x_i, y_i⟩ over lists of tensors, in float64."""
-    return sum((x.double() * y.double()).sum() for x, y in zip(xs, ys))
+class FlatLayout:
+    """The optimizer's parameters as one flat vector, concatenated in their order (one kernel for
+    the step's dot products and its update, instead of one per parameter): where each lies, and
+    which preconditioner owns each parameter and each element (-1: none, such a parameter does
+    not move)."""
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], preconditioners: list):
+        self.names = names
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.dtypes = [p.dtype for p in params]
+        self.preconditioners = list(preconditioners)
+        position = {n: i for i, n in enumerate(names)}
+        owner = [-1] * len(names)
+        for k, pre in enumerate(self.preconditioners):
+            for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names):
+                if n in position:
+                    owner[position[n]] = k
+        device = params[0].device
+        owner = torch.tensor(owner, device=device)
+        # (parameters, preconditioners): whether the preconditioner owns the parameter
+        self.owned = owner[:, None] == torch.arange(len(self.preconditioners), device=device)
+        self.owner = torch.repeat_interleave(owner, torch.tensor(self.sizes, device=device))  # per element
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The per-parameter views of a flat vector."""
+        return [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)]
+
+    def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """V: one row per preconditioner in `parts`, the proposal on its parameters (zero elsewhere),
+        and the previous update as the last row if there is one."""
+        rows = [torch.where(self.owner == self.preconditioners.index(pre), proposal, 0) for pre in parts]
+        return torch.stack(rows + ([previous] if previous is not None else []))
+
+    def tangents(self, V: torch.Tensor) -> dict:
+        """The rows of V as tangents of the parameters: {name: (rows, *shape)}, views where the
+        parameter has V's dtype."""
+        out, start = {}, 0
+        for name, shape, size, dtype in zip(self.names, self.shapes, self.sizes, self.dtypes):
+            rows = V[:, start:start + size].view(len(V), *shape)
+            out[name] = rows if rows.dtype == dtype else rows.to(dtype)
+            start += size
+        return out
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated into one vector (FlatLayout's order)."""
+    return torch.cat([t.reshape(-1) for t in tensors])

@@ -179,3 +179,12 @@ def test_big_factors_tables_run_on_a_tiny_resnet(monkeypatch, tmp_path):
     parts = big_factors.main([*common, "--parts", "--repeats", "1"])
     assert set(parts) == {"kfac max_factor=0", "kfac max_factor=20"}
     assert (tmp_path / "big_factors_parts.md").read_text().count("| kfac max_factor=") == 2
+
+
+def test_quadratic_step_time_table_runs_on_the_digits_mlp():
+    """The quadratic step's CPU-time table runs end to end (figures not asserted)."""
+    from benchmarks import quadratic_step_time
+
+    table = quadratic_step_time.step_table("digits_mlp", quadratic_step_time.WARM + 2)
+    for run in ("kfac defaults |", "kfac defaults, quadratic_rows=32 |", "kfac lr=1e-3 |", "AdamW |"):
+        assert f"| {run}" in table, table

@@ -37,7 +37,8 @@ EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "sta
          "rank1": {}, "diag": {"source": "fisher"}, "soap": {"stat_every": 1}, "ekfac": {"inv_every": 3}}
 OPTIMIZERS = list(EXTRA)
 # K-FAC's default step with a loss and no lr: α, μ and λ from the exact GGN model (gnfx.quadratic_step)
-QUADRATIC = {"loss": "cross_entropy", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1}
+# fisher="empirical": the quadratic step's default "mc" does not run under FSDP2 (refused, below)
+QUADRATIC = {"loss": "cross_entropy", "fisher": "empirical", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1}
 
 
 def make_model(optimizer):
@@ -158,6 +159,11 @@ def worker(rank, world, port, out):
             train(silent, xs[:1], ys[:1])
         except gnfx.ConfigError as error:
             results["off"] = str(error)
+        sampled = sharded("kfac", {"loss": "cross_entropy", "stat_every": 2})  # defaults: fisher="mc"
+        try:
+            train(sampled, xs[:1], ys[:1])
+        except gnfx.ConfigError as error:
+            results["mc"] = str(error)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -268,6 +274,10 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(two_rank
 
 def test_compiling_a_sharded_model_names_the_supported_order(two_ranks):
     assert "call gnfx.compile on the unsharded model first, then fully_shard" in two_ranks["reverse_order"]
+
+
+def test_a_true_fisher_is_refused_under_fsdp2_with_the_fix(two_ranks):
+    assert "fisher='mc' does not run under FSDP2" in two_ranks["mc"] and "fisher='empirical'" in two_ranks["mc"]
 
 
 def test_distributed_off_is_refused_under_fsdp2(two_ranks):

@@ -53,6 +53,37 @@ def flat(tensors):
 # ----------------------------------------------------------------------------- α and μ
 
 
+def assert_minimizer(g, G, last, s, previous):
+    """The applied update s = αΔ + μδ (δ = `previous`, None on a first step) with (α, μ) of
+    `last` minimizes q(d) = gᵀd + ½ dᵀ(G + λI)d over that plane (μ in MOMENTUM_RANGE: the KKT
+    conditions of the box), and `last` reports -q(s) as the predicted reduction. Returns whether μ
+    was interior (the plain 2x2 solution)."""
+    alpha, mu, lam = last["alpha"], last["mu"], last["damping"]
+    interior = False
+    if previous is None:
+        assert mu == 0.0
+        delta = s / alpha
+        a_ref = -(g @ delta) / (delta @ (G @ delta) + lam * delta @ delta)
+        torch.testing.assert_close(torch.tensor(alpha, dtype=DTYPE), a_ref, rtol=1e-9, atol=0)
+        c_ref, V = torch.tensor([alpha], dtype=DTYPE), delta[:, None]
+    else:
+        V = torch.stack([(s - mu * previous) / alpha, previous], dim=1)
+        M = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
+        b = V.T @ g
+        c_ref = torch.tensor([alpha, mu], dtype=DTYPE)
+        slope = b + M @ c_ref  # ∂q/∂(α, μ) at the step's (α, μ)
+        scale = (b.abs() + (M.abs() @ c_ref.abs())).max()
+        assert abs(slope[0]) <= 1e-9 * scale, (slope, last)  # α minimizes for the chosen μ
+        if MOMENTUM_RANGE[0] < mu < MOMENTUM_RANGE[1]:  # an interior μ: the plain 2x2 solution
+            interior = True
+            torch.testing.assert_close(c_ref, -torch.linalg.solve(M, b), rtol=1e-8, atol=0)
+        else:  # μ on a bound: q must rise into the range
+            assert slope[1] * (1 if mu == MOMENTUM_RANGE[0] else -1) >= -1e-9 * scale, (slope, last)
+    Mfull = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
+    q = V.T @ g @ c_ref + 0.5 * c_ref @ Mfull @ c_ref
+    return interior, float(q)
+
+
 @pytest.mark.parametrize("optimizer", ["kfac", "diag"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
@@ -75,32 +106,42 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
         last = c.optimizer.last_step
         assert not last["rejected"], last
         s = flat(p.detach() for p in params) - theta0
-        alpha, mu, lam = last["alpha"], last["mu"], last["damping"]
-        if previous is None:
-            assert mu == 0.0
-            delta = s / alpha
-            a_ref = -(g @ delta) / (delta @ (G @ delta) + lam * delta @ delta)
-            torch.testing.assert_close(torch.tensor(alpha, dtype=DTYPE), a_ref, rtol=1e-9, atol=0)
-            c_ref, V = torch.tensor([alpha], dtype=DTYPE), delta[:, None]
-        else:
-            V = torch.stack([(s - mu * previous) / alpha, previous], dim=1)
-            M = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
-            b = V.T @ g
-            c_ref = torch.tensor([alpha, mu], dtype=DTYPE)
-            slope = b + M @ c_ref  # ∂q/∂(α, μ) at the step's (α, μ)
-            scale = (b.abs() + (M.abs() @ c_ref.abs())).max()
-            assert abs(slope[0]) <= 1e-9 * scale, (slope, last)  # α minimizes for the chosen μ
-            if MOMENTUM_RANGE[0] < mu < MOMENTUM_RANGE[1]:  # an interior μ: the plain 2x2 solution
-                interior += 1
-                torch.testing.assert_close(c_ref, -torch.linalg.solve(M, b), rtol=1e-8, atol=0)
-            else:  # μ on a bound: q must rise into the range
-                assert slope[1] * (1 if mu == MOMENTUM_RANGE[0] else -1) >= -1e-9 * scale, (slope, last)
-        Mfull = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
-        q = V.T @ g @ c_ref + 0.5 * c_ref @ Mfull @ c_ref
-        assert last["predicted"] == pytest.approx(-float(q), rel=1e-9)
+        inside, q = assert_minimizer(g, G, last, s, previous)
+        interior += inside
+        assert last["predicted"] == pytest.approx(-q, rel=1e-9)
         previous = s
     if optimizer == "kfac":  # the 2x2 solve itself was exercised (diag's Adam proposal carries its own
         assert interior >= 1  # momentum, and its best μ here is the bound 0)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
+    """quadratic_rows=R: (α, μ) minimize q(d) = gᵀd + ½ dᵀ(G_S + λI)d with g the whole batch's
+    gradient and G_S the dense GGN of the mean loss of the first R rows; the predicted reduction is
+    -q(s) and the actual one the whole batch's L(θ) - L(θ+s)."""
+    rows = 3
+    model = tiny()
+    c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1)
+    params = list(model.parameters())
+    previous = None
+    for _ in range(STEPS):
+        x, y = batch(loss)
+        loss_before = LOSSES[loss](c(x), y)
+        loss_before.backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = ggn_matrix(model, loss, x[:rows], y[:rows])
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        s = flat(p.detach() for p in params) - theta0
+        assert not last["rejected"], last  # (a rejected step is undone: s would not show α, μ)
+        _, q = assert_minimizer(g, G, last, s, previous)
+        assert last["predicted"] == pytest.approx(-q, rel=1e-9)
+        with torch.no_grad():
+            actual = float(loss_before - LOSSES[loss](model(x), y))
+        assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
+        previous = s
 
 
 def test_minimize_quadratic_keeps_mu_in_range_and_caps_alpha():

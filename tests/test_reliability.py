@@ -742,6 +742,7 @@ def invalid_values(spec) -> list:
         "a number in [0, 1)": [1.0, -0.1, nan],
         "a number in (0, 1)": [0, 1.0, nan],
         "an integer >= 1": [0, 2.5, True],
+        "None or an integer >= 1": [0, 2.5, True],
         "an integer >= 0": [-1, 0.5],
         "True or False": [1, "yes"],
         "True, False or 'auto'": [1, "yes", None],
