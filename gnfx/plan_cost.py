@@ -103,7 +103,7 @@ def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool, tap_state=
     preconditioner the statistic accumulators the taps fill from the local batch and the state its
     taps read (`tap_state`: EKFAC's bases; the owner keeps the rest), for the elementwise diag all
     its statistics (only its moments are sharded)."""
-    if g.kind == "tensor":  # a loose parameter: no tap statistics
+    if g.loose:  # no tap statistics
         return sp.Integer(0)
     if curvature:
         copies = sum((f.state[k][0] for k in tap_state if k in f.state), sp.Integer(0))
