@@ -66,7 +66,7 @@ import sympy as sp
 import torch
 
 from gnfx.errors import GnfxError
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import LAYOUTS, layout_of
 from gnfx.layouts.base import factor_blocks
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
@@ -382,6 +382,13 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
 
 def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1, unit: int = 1) -> Geometry:
     return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias, groups, unit)
+
+
+def geometry_of(block, at: dict) -> Geometry:
+    """The geometry of a LayerTable block with its sizes d_in, d_out from `at`, its row groups and
+    input unit as its layout says (gnfx.layouts)."""
+    layout = layout_of(block)
+    return block_geometry(block.kind, block.bias is not None, at, layout.groups, layout.input_unit)
 
 
 def blocked(geometry: Geometry, hp: dict, at: dict) -> Geometry:

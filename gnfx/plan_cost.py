@@ -6,11 +6,10 @@ import dataclasses
 
 import sympy as sp
 
-from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, block_geometry, blocked, formulas, statistic_sizes,
+from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, blocked, formulas, geometry_of, statistic_sizes,
                        storage_sizes, symbols_for)
 from gnfx.fsdp import curvature_owners
 from gnfx.fsdp import rows as rows_of
-from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.report import format_bytes, format_table
 
@@ -148,10 +147,7 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
                              R=r * len(block.sites))
             needs = stats[name].needs if name in stats else frozenset()
-            layout = layout_of(block)
-            geometry, symbolic = (
-                blocked(block_geometry(kind, block.bias is not None, x, layout.groups, layout.input_unit), pre.hp, x)
-                for x in (at, SYMBOLS))
+            geometry, symbolic = (blocked(geometry_of(block, x), pre.hp, x) for x in (at, SYMBOLS))
         else:
             at = symbols_for(pre.hp, optimizer.stat_every)
             needs = frozenset()
