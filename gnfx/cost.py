@@ -66,7 +66,7 @@ import sympy as sp
 import torch
 
 from gnfx.errors import GnfxError
-from gnfx.layouts import LAYOUTS
+from gnfx.layouts import LAYOUTS, layout_of
 from gnfx.layouts.base import factor_blocks
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
@@ -203,8 +203,18 @@ class Geometry:
     max_factor: object = None  # K-FAC's max_factor (a number or the symbol); None: factors whole
 
     @property
+    def layout(self):
+        """The layout class of the block's kind (gnfx.layouts), None for a loose parameter."""
+        return LAYOUTS.get(self.kind)
+
+    @property
+    def loose(self) -> bool:
+        """A loose parameter ("tensor"): no layout, no factors, no tap statistics."""
+        return self.layout is None
+
+    @property
     def diagonal_A(self) -> bool:
-        return self.kind in LAYOUTS and LAYOUTS[self.kind].diagonal_A
+        return not self.loose and self.layout.diagonal_A
 
     @property
     def rows(self):
@@ -365,7 +375,7 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
     at = dict(SYMBOLS) if at is None else at
     geometry = blocked(geometry, hp, at)
     parts = preconditioner.cost_parts(geometry, hp, at)
-    stats, stat_flops = tap_statistics(geometry, needs, kfac_approx, at) if geometry.kind != "tensor" else ({}, 0)
+    stats, stat_flops = ({}, 0) if geometry.loose else tap_statistics(geometry, needs, kfac_approx, at)
     return Formulas(parts.state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, parts.update,
                     at["stat_every"])
 
@@ -374,9 +384,16 @@ def block_geometry(kind: str, bias: bool, at: dict, groups: int = 1, unit: int =
     return Geometry((at["d_out"], at["d_in"] + (1 if bias else 0)), kind, bias, groups, unit)
 
 
+def geometry_of(block, at: dict) -> Geometry:
+    """The geometry of a LayerTable block with its sizes d_in, d_out from `at`, its row groups and
+    input unit as its layout says (gnfx.layouts)."""
+    layout = layout_of(block)
+    return block_geometry(block.kind, block.bias is not None, at, layout.groups, layout.input_unit)
+
+
 def blocked(geometry: Geometry, hp: dict, at: dict) -> Geometry:
     """The geometry whose factors a preconditioner with a `max_factor` (K-FAC) blocks at at["max_factor"]."""
-    if "max_factor" not in hp or geometry.kind == "tensor":
+    if "max_factor" not in hp or geometry.loose:
         return geometry
     return dataclasses.replace(geometry, max_factor=at["max_factor"])
 

@@ -48,7 +48,6 @@ import fnmatch
 from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import positive, resolve
-from gnfx.layouts import layout_of
 from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
@@ -276,13 +275,11 @@ def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict
     sizes = cost.storage_sizes(tensors[0])
     extra = frozenset(settings["statistics"])
     first_miss = None
-    layout = layout_of(block)
-    bias, groups, unit = block.bias is not None, layout.groups, layout.input_unit
-    geometry = cost.block_geometry(block.kind, bias, {"d_in": block.d_in, "d_out": block.d_out}, groups, unit)
+    geometry = cost.geometry_of(block, {"d_in": block.d_in, "d_out": block.d_out})
     for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
-        f = cost.formulas(REGISTRY[name], hp, cost.block_geometry(block.kind, bias, at, groups, unit),
+        f = cost.formulas(REGISTRY[name], hp, cost.geometry_of(block, at),
                           REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
         memory = float(f.memory(sizes)) / param_bytes
         compute = float(f.flops) / (cost.ADAMW * numel)

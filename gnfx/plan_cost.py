@@ -6,11 +6,10 @@ import dataclasses
 
 import sympy as sp
 
-from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, block_geometry, blocked, formulas, statistic_sizes,
+from gnfx.cost import (ADAMW, FACTOR, SYMBOLS, Formulas, Geometry, blocked, formulas, geometry_of, statistic_sizes,
                        storage_sizes, symbols_for)
 from gnfx.fsdp import curvature_owners
 from gnfx.fsdp import rows as rows_of
-from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.report import format_bytes, format_table
 
@@ -103,7 +102,7 @@ def _fsdp_memory(f: Formulas, g, needs, sizes: dict, curvature: bool, tap_state=
     preconditioner the statistic accumulators the taps fill from the local batch and the state its
     taps read (`tap_state`: EKFAC's bases; the owner keeps the rest), for the elementwise diag all
     its statistics (only its moments are sharded)."""
-    if g.kind == "tensor":  # a loose parameter: no tap statistics
+    if g.loose:  # no tap statistics
         return sp.Integer(0)
     if curvature:
         copies = sum((f.state[k][0] for k in tap_state if k in f.state), sp.Integer(0))
@@ -148,10 +147,7 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
                              R=r * len(block.sites))
             needs = stats[name].needs if name in stats else frozenset()
-            layout = layout_of(block)
-            geometry, symbolic = (
-                blocked(block_geometry(kind, block.bias is not None, x, layout.groups, layout.input_unit), pre.hp, x)
-                for x in (at, SYMBOLS))
+            geometry, symbolic = (blocked(geometry_of(block, x), pre.hp, x) for x in (at, SYMBOLS))
         else:
             at = symbols_for(pre.hp, optimizer.stat_every)
             needs = frozenset()

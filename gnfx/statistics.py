@@ -213,12 +213,8 @@ class BlockStatistics:
         for chunk in chunks:
             g = g3[start:start + chunk.shape[0]]
             start += chunk.shape[0]
-            if self.layout.diagonal_A:  # scatter δ into the rows of the tokens it came from
-                per_example = g.new_zeros(g.shape[0], g.shape[2], out.shape[1])
-                per_example.scatter_add_(2, chunk.unsqueeze(1).expand(-1, g.shape[2], -1), g.transpose(1, 2))
-                padding = self.block.options.get("padding_idx")
-                if padding is not None:  # the padding row gets no gradient
-                    per_example[:, :, padding] = 0
+            if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
+                per_example = self.layout.per_example_gradient(g, chunk)
             else:
                 rows = self._augmented(chunk.to(self.dtype))
                 rows = rows if Q_A is None else _rotate_rows(rows, Q_A)

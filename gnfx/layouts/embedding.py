@@ -19,3 +19,14 @@ class EmbeddingLayout(Layout):
     def input_chunks(self, idx: torch.Tensor):
         """Token ids as (N, R) chunks (one chunk; one-hot rows are never materialized)."""
         yield idx.reshape(idx.shape[0], -1) if idx.dim() > 1 else idx.reshape(1, -1)
+
+    def per_example_gradient(self, delta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The per-example gradients of the matrix W (d x V), `Σ_r δ_r onehot(i_r)ᵀ` (N, d, V), from
+        the output gradients δ (N, R, d) and the ids (N, R) of one chunk: each δ_r added into
+        column i_r; the padding row of the table (`padding_idx`) gets no gradient."""
+        per_example = delta.new_zeros(delta.shape[0], delta.shape[2], self.block.d_in)
+        per_example.scatter_add_(2, ids.unsqueeze(1).expand(-1, delta.shape[2], -1), delta.transpose(1, 2))
+        padding = self.block.options.get("padding_idx")
+        if padding is not None:
+            per_example[:, :, padding] = 0
+        return per_example

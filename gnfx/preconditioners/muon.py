@@ -175,7 +175,7 @@ class Muon(CurvaturePreconditioner):
         and a step count per piece, ADAM FLOPs per entry. (The output layer is a plain matrix whose
         AdamW this geometry cannot tell apart: it is counted as Muon's.)"""
         d_out, d_a = g.dims
-        if g.diagonal_A or g.groups != 1 or g.kind == "tensor":
+        if g.loose or g.diagonal_A or g.groups != 1:
             n = g.numel
             return Parts({"momentum": (n, FACTOR), "exp_avg_sq": (n, FACTOR), "t": (1, FACTOR)}, update=ADAM * n)
         n = d_out * (d_a - 1 if g.bias else d_a)
