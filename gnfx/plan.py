@@ -9,9 +9,10 @@
       {"*.attn.*": "shampoo", "*.fc*": ("kfac", {"damping": 1e-2}), "*": "diag"}
 
   Patterns match block names (and the names of parameters no block claims); the first matching
-  pattern wins, a block that no pattern matches gets "diag". A pattern that wins no block raises
-  a ConfigError, as does a preconditioner name that is not registered. For "auto" the pair
-  form takes budgets: ("auto", {"memory_budget": 16}).
+  pattern wins, a block that no pattern matches gets "diag", and so does a block that the named
+  preconditioner declines (its `serves`: Muon serves hidden matrices only), with the reason. A
+  pattern that wins no block raises a ConfigError, as does a preconditioner name that is not
+  registered. For "auto" the pair form takes budgets: ("auto", {"memory_budget": 16}).
 
 Parameters that no block claims get the diagonal preconditioner (docs/design.md §1), unless the
 preconditioner of the pattern that matches them serves them itself (Shampoo and SOAP take every
@@ -215,13 +216,18 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
         if i is None:
             entries[block.name] = Entry(FALLBACK, base[FALLBACK], "no pattern matches it: diag")
             continue
-        wins[i] += 1
         rule = policy.rules[i]
+        hp = {**base[rule.name], **rule.overrides} if rule.name != AUTO else None
         if rule.name == AUTO:
             budgets = {**{k: settings[k] for k in BUDGETS}, **rule.overrides}
             entries[block.name] = choose(block, base, policy.auto_names, budgets, settings, params)
-        else:
-            entries[block.name] = Entry(rule.name, {**base[rule.name], **rule.overrides}, policy.describe(rule))
+        elif REGISTRY[rule.name].serves(block, hp):
+            entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
+        else:  # declined: the fallback, and the pattern wins nothing by it
+            entries[block.name] = Entry(FALLBACK, base[FALLBACK], f"{policy.describe(rule)}: {rule.name} serves "
+                                                                  f"{REGISTRY[rule.name].serves_only} only: diag")
+            continue
+        wins[i] += 1
     for fb in table.fallbacks:
         i = policy.match(fb.param)
         rule = policy.rules[i] if i is not None else None
@@ -279,6 +285,7 @@ def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict
     layout = layout_of(block)
     bias, groups, unit = block.bias is not None, layout.groups, layout.input_unit
     geometry = cost.block_geometry(block.kind, bias, {"d_in": block.d_in, "d_out": block.d_out}, groups, unit)
+    names = [name for name in names if REGISTRY[name].serves(block, base[name])]
     for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
