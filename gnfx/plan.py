@@ -217,16 +217,16 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
             entries[block.name] = Entry(FALLBACK, base[FALLBACK], "no pattern matches it: diag")
             continue
         rule = policy.rules[i]
-        hp = {**base[rule.name], **rule.overrides} if rule.name != AUTO else None
         if rule.name == AUTO:
             budgets = {**{k: settings[k] for k in BUDGETS}, **rule.overrides}
             entries[block.name] = choose(block, base, policy.auto_names, budgets, settings, params)
-        elif REGISTRY[rule.name].serves(block, hp):
+        else:
+            hp, cls = {**base[rule.name], **rule.overrides}, REGISTRY[rule.name]
+            if not cls.serves(block, hp):  # declined: the fallback, and the pattern wins nothing by it
+                entries[block.name] = Entry(FALLBACK, base[FALLBACK], f"{policy.describe(rule)}: {rule.name} "
+                                                                      f"serves {cls.serves_only} only: diag")
+                continue
             entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
-        else:  # declined: the fallback, and the pattern wins nothing by it
-            entries[block.name] = Entry(FALLBACK, base[FALLBACK], f"{policy.describe(rule)}: {rule.name} serves "
-                                                                  f"{REGISTRY[rule.name].serves_only} only: diag")
-            continue
         wins[i] += 1
     for fb in table.fallbacks:
         i = policy.match(fb.param)

@@ -100,11 +100,13 @@ def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
 
 def test_float64_steps_equal_the_reference_from_the_svd():
     """Two steps, so that the momentum matters: Muon from the SVD (polar_power) on the hidden
-    weights, torch.optim.AdamW on the rest, in float64."""
+    weights, torch.optim.AdamW on the rest, in float64; Adam's betas and eps not the defaults, so
+    that they are seen to reach both the plan's fallback "diag" and Muon's AdamW."""
     x, y = data(torch.float64)
     ref = mlp(torch.float64)
     hidden, rest = split(ref)
-    adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)
+    betas, eps = (0.8, 0.99), 1e-3
+    adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR, betas=betas, eps=eps)
     buffers = [torch.zeros_like(w) for w in hidden]
 
     @torch.no_grad()
@@ -118,7 +120,7 @@ def test_float64_steps_equal_the_reference_from_the_svd():
         adamw.step()
         adamw.zero_grad()
 
-    c = compile_with_adamw_lr(mlp(torch.float64))
+    c = compile_with_adamw_lr(mlp(torch.float64), betas=betas, eps=eps)
     train(ref, ref_step, x, y, 2)
     train(c, lambda: (c.step(), c.zero_grad()), x, y, 2)
     for p, q in zip(ref.parameters(), c.parameters()):
