@@ -46,8 +46,8 @@ state every curvature piece has (M for Muon, m for AdamW), so Muon keeps n entri
 matrix and AdamW 2 d_out plus a count per bias; there is no heavy-ball momentum after the step (its
 own momentum precedes the orthogonalization), which is why Muon refuses step="quadratic" (that step
 replaces the heavy-ball momentum by setting `momentum` to 0, which here would be Muon's own).
-AdamW at another learning rate than Muon's: a param group of those parameters with its own lr
-(`model.optimizer.add_param_group`).
+AdamW at another learning rate than Muon's: those parameters moved into a param group of their own
+with its lr (`model.optimizer.add_param_group`; tests/test_muon.py, `compile_with_adamw_lr`).
 """
 from __future__ import annotations
 
