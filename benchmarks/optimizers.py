@@ -17,8 +17,9 @@ Entries:
   output layer) to Muon, everything else (those two, biases, norms, embeddings, and conv kernels,
   which torch.optim.Muon refuses: it takes matrices only) to torch.optim.AdamW at MUON_ADAMW_LR
   times Muon's lr; `gnfx_muon` is `gnfx.compile(model, optimizer="muon", lr=LR)`, which finds the
-  same hidden layers (and hidden conv kernels) itself, its AdamW part at the same multiple by
-  default (its `adamw_lr`). Both without weight decay.
+  same hidden layers (and hidden conv kernels) itself, everything else on AdamW (the diagonal
+  preconditioner, and Muon's AdamW for the hidden biases) at Muon's lr, the same multiple.
+  Both without weight decay.
 - heavyball: SOAP and KL-Shampoo, run eagerly (heavyball's torch.compile turned off, as for
   every other entry, so that step times compare the algorithms and not the compilers).
 - pytorch_optimizer: SOAP, Shampoo and ScalableShampoo (Distributed-Shampoo-style, grafted onto
@@ -159,7 +160,7 @@ SGD_LIKE_LRS = (1e-2, 3e-2, 1e-1)
 # diag was best there, so gnfx's grid reaches one step lower.
 GNFX_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 # Muon's orthogonalized step has spectral norm ~1 per matrix (RMS ~ 1/sqrt(width)): its lr is an order
-# above Adam's (Jordan et al. use 0.02); the AdamW part runs at MUON_ADAMW_LR times it (gnfx's default).
+# above Adam's (Jordan et al. use 0.02); the AdamW part runs at MUON_ADAMW_LR times it (gnfx: 1, one lr).
 MUON_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 MUON_ADAMW_LR = 1.0
 

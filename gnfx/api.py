@@ -152,6 +152,9 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     if hparams.get("loss") is None:
         raise ConfigError("step='quadratic' builds the GGN model from the training loss: pass loss='cross_entropy' "
                           "or loss='mse' (the loss you call, with mean reduction), or step='lr' with an lr")
+    for name in policy.names:
+        if REGISTRY[name].no_quadratic_step:
+            raise ConfigError(f"optimizer {name!r} cannot take step='quadratic': {REGISTRY[name].no_quadratic_step}")
     specs = policy.hparam_specs()
     defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
     if _tikhonov(policy):

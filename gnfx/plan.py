@@ -9,9 +9,10 @@
       {"*.attn.*": "shampoo", "*.fc*": ("kfac", {"damping": 1e-2}), "*": "diag"}
 
   Patterns match block names (and the names of parameters no block claims); the first matching
-  pattern wins, a block that no pattern matches gets "diag". A pattern that wins no block raises
-  a ConfigError, as does a preconditioner name that is not registered. For "auto" the pair
-  form takes budgets: ("auto", {"memory_budget": 16}).
+  pattern wins, a block that no pattern matches gets "diag", and so does a block that the named
+  preconditioner declines (its `serves`: Muon serves hidden matrices only), with the reason. A
+  pattern that wins no block raises a ConfigError, as does a preconditioner name that is not
+  registered. For "auto" the pair form takes budgets: ("auto", {"memory_budget": 16}).
 
 Parameters that no block claims get the diagonal preconditioner (docs/design.md §1), unless the
 preconditioner of the pattern that matches them serves them itself (Shampoo and SOAP take every
@@ -214,13 +215,18 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
         if i is None:
             entries[block.name] = Entry(FALLBACK, base[FALLBACK], "no pattern matches it: diag")
             continue
-        wins[i] += 1
         rule = policy.rules[i]
         if rule.name == AUTO:
             budgets = {**{k: settings[k] for k in BUDGETS}, **rule.overrides}
             entries[block.name] = choose(block, base, policy.auto_names, budgets, settings, params)
         else:
-            entries[block.name] = Entry(rule.name, {**base[rule.name], **rule.overrides}, policy.describe(rule))
+            hp, cls = {**base[rule.name], **rule.overrides}, REGISTRY[rule.name]
+            if not cls.serves(block, hp):  # declined: the fallback, and the pattern wins nothing by it
+                entries[block.name] = Entry(FALLBACK, base[FALLBACK], f"{policy.describe(rule)}: {rule.name} "
+                                                                      f"serves {cls.serves_only} only: diag")
+                continue
+            entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
+        wins[i] += 1
     for fb in table.fallbacks:
         i = policy.match(fb.param)
         rule = policy.rules[i] if i is not None else None
@@ -276,6 +282,7 @@ def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict
     extra = frozenset(settings["statistics"])
     first_miss = None
     geometry = cost.geometry_of(block, {"d_in": block.d_in, "d_out": block.d_out})
+    names = [name for name in names if REGISTRY[name].serves(block, base[name])]
     for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))

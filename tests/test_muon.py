@@ -65,6 +65,17 @@ def train(model, step, x, y, steps):
         step()
 
 
+def compile_with_adamw_lr(model, **hparams):
+    """gnfx's "muon" with the parameters that are not hidden weights in a param group at ADAMW_LR·lr
+    and weight decay λ/ADAMW_LR (so that it decays by (1 - lr·λ)): the input and output layers
+    (the diagonal preconditioner, the plan's fallback) and the hidden biases (Muon's AdamW)."""
+    hidden, rest = split(model)
+    c = gnfx.compile(model, optimizer="muon", lr=LR, weight_decay=WD, momentum=MU, **hparams)
+    c.optimizer.param_groups[0]["params"] = hidden
+    c.optimizer.add_param_group({"params": rest, "lr": LR * ADAMW_LR, "weight_decay": WD / ADAMW_LR})
+    return c
+
+
 def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
     x, y = data()
     ref = mlp()
@@ -79,8 +90,7 @@ def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
             o.zero_grad()
 
     start = [p.detach().clone() for p in ref.parameters()]
-    c = gnfx.compile(mlp(), optimizer="muon", lr=LR, weight_decay=WD, momentum=MU, adamw_lr=ADAMW_LR,
-                     ns_dtype="bfloat16")  # torch.optim.Muon's iteration runs in bfloat16
+    c = compile_with_adamw_lr(mlp(), ns_dtype="bfloat16")  # torch.optim.Muon's iteration runs in bfloat16
     train(ref, ref_step, x, y, 3)
     train(c, lambda: (c.step(), c.zero_grad()), x, y, 3)
     for p0, p, q in zip(start, ref.parameters(), c.parameters()):
@@ -90,11 +100,13 @@ def test_steps_equal_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
 
 def test_float64_steps_equal_the_reference_from_the_svd():
     """Two steps, so that the momentum matters: Muon from the SVD (polar_power) on the hidden
-    weights, torch.optim.AdamW on the rest, in float64."""
+    weights, torch.optim.AdamW on the rest, in float64; Adam's betas and eps not the defaults, so
+    that they are seen to reach both the plan's fallback "diag" and Muon's AdamW."""
     x, y = data(torch.float64)
     ref = mlp(torch.float64)
     hidden, rest = split(ref)
-    adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR)
+    betas, eps = (0.8, 0.99), 1e-3
+    adamw = torch.optim.AdamW(rest, lr=LR * ADAMW_LR, weight_decay=WD / ADAMW_LR, betas=betas, eps=eps)
     buffers = [torch.zeros_like(w) for w in hidden]
 
     @torch.no_grad()
@@ -108,7 +120,7 @@ def test_float64_steps_equal_the_reference_from_the_svd():
         adamw.step()
         adamw.zero_grad()
 
-    c = gnfx.compile(mlp(torch.float64), optimizer="muon", lr=LR, weight_decay=WD, momentum=MU, adamw_lr=ADAMW_LR)
+    c = compile_with_adamw_lr(mlp(torch.float64), betas=betas, eps=eps)
     train(ref, ref_step, x, y, 2)
     train(c, lambda: (c.step(), c.zero_grad()), x, y, 2)
     for p, q in zip(ref.parameters(), c.parameters()):
@@ -133,16 +145,23 @@ class Mixed(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(h))))
 
 
-def routed(c) -> tuple[set, set]:
-    """(parameters Muon orthogonalizes, parameters its AdamW steps)."""
-    pre = c.optimizer.preconditioners[0]
-    muon, adamw = set(), set()
-    for group in pre.groups:
-        (adamw if pre.is_adamw(group) else muon).update(n for p in group.pieces for n in p.target.params)
-    return muon, adamw
+def routed(c) -> tuple[set, set, set]:
+    """(parameters Muon orthogonalizes, parameters its AdamW steps, parameters "diag" steps)."""
+    muon, adamw, diag = set(), set(), set()
+    for pre in c.optimizer.preconditioners:
+        if pre.name == "diag":
+            diag.update([n for b in pre.blocks for n in b.params] + pre.param_names)
+            continue
+        assert pre.name == "muon"
+        for group in pre.groups:
+            (adamw if pre.is_adamw(group) else muon).update(n for p in group.pieces for n in p.target.params)
+    return muon, adamw, diag
 
 
-def test_hidden_matrices_get_muon_and_embeddings_input_and_output_layers_biases_and_norms_adamw():
+DECLINED = "optimizer='muon': muon serves hidden matrices only: diag"
+
+
+def test_hidden_matrices_get_muon_their_biases_adamw_and_every_other_block_diag():
     c = gnfx.compile(Mixed(), optimizer="muon")
     c(torch.randint(0, 10, (5, 3)))
     assert [b.name for b in c.layers if b.model_input] == ["emb"]
@@ -150,15 +169,38 @@ def test_hidden_matrices_get_muon_and_embeddings_input_and_output_layers_biases_
     mlp_table = gnfx.compile(mlp(), optimizer="muon").layers
     assert [(b.name, b.model_input, b.model_output) for b in mlp_table] == [
         ("0", True, False), ("2", False, False), ("4", False, False), ("6", False, True)]
-    assert routed(c) == ({"fc1.weight", "fc2.weight"},
-                         {"emb.weight", "fc1.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+    assert routed(c) == ({"fc1.weight", "fc2.weight"}, {"fc1.bias"},
+                         {"emb.weight", "norm.weight", "norm.bias", "head.weight", "head.bias"})
+    entries = c.layers.plan.entries
+    assert {n: (e.name, e.reason) for n, e in entries.items()} == {
+        "emb": ("diag", DECLINED), "fc1": ("muon", "optimizer='muon'"), "norm": ("diag", DECLINED),
+        "fc2": ("muon", "optimizer='muon'"), "head": ("diag", DECLINED)}
+    assert DECLINED in str(c)  # the report's reason column
     # a language model: its tied embedding and unembedding is the output layer, the position table
     # and the norms are no plain matrices
     gpt = gnfx.compile(GPT(attentions=("sdpa",)), optimizer="muon")
     gpt(torch.randint(0, 48, (2, 8)))
-    muon, adamw = routed(gpt)
+    muon, adamw, diag = routed(gpt)
     assert muon == {b.weight for b in gpt.layers if b.kind == "linear" and b.name != "emb"}
-    assert {"emb.weight", "pos"} <= adamw and all(b.weight in adamw for b in gpt.layers if b.kind == "norm")
+    assert adamw == {b.bias for b in gpt.layers if b.weight in muon and b.bias is not None}
+    assert {"emb.weight", "pos"} <= diag and all(b.weight in diag for b in gpt.layers if b.kind == "norm")
+    assert muon | adamw | diag == {n for n, _ in gpt.named_parameters()}
+
+
+def test_a_muon_policy_plans_as_the_name_and_a_pattern_muon_declines_entirely_is_refused():
+    c = gnfx.compile(Mixed(), optimizer={"*": "muon"})
+    c(torch.randint(0, 10, (5, 3)))
+    assert {n: (e.name, e.reason) for n, e in c.layers.plan.entries.items() if e.name == "diag"} == {
+        n: ("diag", "pattern '*': muon serves hidden matrices only: diag") for n in ("emb", "norm", "head")}
+    with pytest.raises(gnfx.ConfigError, match="'head' takes nothing.*not served by muon"):
+        gnfx.compile(Mixed(), optimizer={"head": "muon", "*": "diag"})(torch.randint(0, 10, (5, 3)))
+
+
+def test_step_quadratic_is_refused_for_muon_whose_momentum_it_would_zero():
+    with pytest.raises(gnfx.ConfigError, match="'muon' cannot take step='quadratic'.*step='lr'"):
+        gnfx.compile(mlp(), optimizer="muon", step="quadratic", loss="cross_entropy")
+    with pytest.raises(gnfx.ConfigError, match="'muon' cannot take step='quadratic'"):
+        gnfx.compile(mlp(), optimizer={"2": "muon", "*": "kfac"}, step="quadratic", loss="cross_entropy")
 
 
 def test_hidden_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrices():
@@ -170,8 +212,9 @@ def test_hidden_conv_kernels_are_orthogonalized_as_output_by_input_patch_matrice
     F.cross_entropy(c(x), y).backward()
     grads = {n: p.grad.clone() for n, p in c.named_parameters()}
     c.step()
-    shapes = {p.target.params[0]: g.shape for g in c.optimizer.preconditioners[0].groups for p in g.pieces}
+    shapes = {p.target.params[0]: g.shape for g in c.optimizer.curvature[0].groups for p in g.pieces}
     assert routed(c)[0] == {"conv2.weight"}  # conv1 reads the input, the head is the output layer
+    assert {b.name for b in c.layers if c.layers.plan.entries[b.name].name == "muon"} == {"conv2"}
     for name in ("conv2.weight",):
         w0, w = before.get_parameter(name), c.get_parameter(name)
         assert shapes[name] == (w.shape[0], w[0].numel())  # (C_out, C_in·k·k)
@@ -209,10 +252,23 @@ def test_report_and_cost_show_muon():
     text = str(c)
     assert "muon" in text and "fc1" in text
     cost = c.cost()
-    assert cost["fc2"].preconditioner == "muon"
+    assert [cost[n].preconditioner for n in ("emb", "fc1", "norm", "fc2", "head")] == [
+        "diag", "muon", "diag", "muon", "diag"]
     # a hidden matrix without bias keeps its buffer M alone; one with a bias adds AdamW's state for it
     assert cost["fc2"].memory_bytes == 16 * 16 * 4
     assert cost["fc1"].memory_bytes == (16 * 12 + 16 * 2 + 1) * 4
+    # every row's memory is the state allocated for its parameters, counted from the tensors
+    owner = {n: b.name for b in c.layers for n in b.params}
+    allocated = dict.fromkeys(owner.values(), 0)
+    for pre in c.optimizer.curvature:
+        for group in pre.groups:
+            for v in pre.group_state(group).values():
+                for piece in group.pieces:
+                    allocated[owner[piece.target.params[0]]] += v.numel() // len(group.pieces) * v.element_size()
+    for name, state in ((n, c.optimizer.state_of(n)) for p in c.optimizer.elementwise for n in
+                        [m for b in p.blocks for m in b.params] + p.param_names):
+        allocated[owner[name]] += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    assert {r.name: r.memory_bytes for r in cost.rows} == allocated
 
 
 def test_muon_is_no_auto_candidate():

@@ -9,7 +9,8 @@ preconditioners supply batched math to the generated update function (see curvat
 
 Besides the math, a class says everything else gnfx asks about it (docs/design.md, "Adding a
 preconditioner"): its memory and FLOPs (`cost_parts`, for `model.cost()`, the report and
-"auto"), what "auto" may try (`auto_candidates`), the hyperparameters it reads from the
+"auto"), the blocks it serves (`serves`; the others get the fallback, "diag"), what "auto" may
+try (`auto_candidates`), the hyperparameters it reads from the
 optimizer's param groups (`per_group_hparams`), and the state a checkpoint must hold for it
 (`expected_state`).
 """
@@ -51,6 +52,10 @@ class Preconditioner:
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
     per_group_hparams: tuple[str, ...] = ()
+    # why it cannot take step="quadratic" (gnfx.compile refuses it with this reason); "": it can
+    no_quadratic_step: str = ""
+    # the blocks it serves, for the plan's reason where `serves` declines one ("hidden matrices")
+    serves_only: str = ""
 
     def __init__(self, hp: dict, blocks: list, params: list[str], optimizer):
         self.hp = hp
@@ -62,6 +67,13 @@ class Preconditioner:
     def needs(cls, hp: dict) -> frozenset[str]:
         """The statistics (names in gnfx.statistics.STATISTICS) this preconditioner needs per block."""
         return frozenset()
+
+    @classmethod
+    def serves(cls, block, hp: dict) -> bool:
+        """Whether it serves `block` (a gnfx.table block) when a rule of the policy names it, with
+        its resolved hyperparameters `hp` (default: every block). gnfx.plan gives a declined block
+        the fallback, "diag", and says why ("<name> serves <serves_only> only: diag")."""
+        return True
 
     @classmethod
     def claims_fallback(cls, shape) -> bool:

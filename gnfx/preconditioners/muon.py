@@ -1,16 +1,19 @@
 """Muon: momentum orthogonalized by a Newton–Schulz iteration (Jordan et al. 2024), on the hidden
-matrices the graph finds; AdamW on everything else.
+matrices the graph finds; the diagonal preconditioner (AdamW) on everything else.
 
 **Which parameters.** A block is a hidden matrix when its layout reads it as one plain matrix W of
 `z = W a` (gnfx.layouts: no diagonal A, so no embedding or position table, and one row group, so no
 norm affine or grouped convolution) and it is neither an input layer (it reads the model's input)
 nor the output layer (the model returns its output): `block.model_input`, `block.model_output`,
 passes/boundary.py. Jordan et al. give Muon the hidden layers only, the input embedding and the
-output layer to AdamW. Measured on the digits CNN (lr 0.01, adamw_lr 1): its first convolution on
+output layer to AdamW. Measured on the digits CNN (lr 0.01, AdamW at the same lr): its first convolution on
 AdamW reached the training-loss target in 95 steps, on Muon in 180 (the validation target in 65
-and 55). Its weight W, d_out x d_in as the layout views it (a conv kernel flattened to
-d_out x C_in·k·k), gets Muon; its bias, and every parameter of the other blocks of this
-preconditioner, get AdamW. This is the split torch.optim.Muon's users write by hand.
+and 55). Muon serves the hidden matrices only (`serves`): gnfx.plan gives every other block, like
+every parameter no block claims, the fallback "diag" (AdamW, at the learning rate η, with the same
+`betas`, `eps` and weight decay), and says so in the plan's reason. Of a hidden matrix, its weight
+W, d_out x d_in as the layout views it (a conv kernel flattened to d_out x C_in·k·k), gets Muon and
+its bias AdamW, here: the block stays one unit of the plan. This is the split torch.optim.Muon's
+users write by hand.
 
 **Muon** (torch.optim.Muon's conventions, so that learning rates carry over). For a hidden W with
 gradient G, momentum buffer M (zero at first), momentum μ, learning rate η, weight decay λ:
@@ -32,15 +35,19 @@ steps every σ ≥ 0.002 ‖X‖_F ends in [0.68, 1.21], not at 1 (smaller ones 
 Every group of equal shape runs as one batched iteration (bmm), in `ns_dtype` (torch.optim.Muon's
 is bfloat16).
 
-**AdamW** on the rest, with Adam's `betas`, `eps`, the step count t per piece, and learning rate
-`adamw_lr` · η (η scaled by any schedule):
+**AdamW** on the biases of the hidden matrices, with Adam's `betas`, `eps`, the step count t per
+piece, and the learning rate η (scaled by any schedule):
 
-    m ← β₁ m + (1-β₁) g,   v ← β₂ v + (1-β₂) g²,   θ ← θ (1 - η λ) - adamw_lr · η · m̂ / (√v̂ + ε)
+    m ← β₁ m + (1-β₁) g,   v ← β₂ v + (1-β₂) g²,   θ ← θ (1 - η λ) - η · m̂ / (√v̂ + ε)
 
-with m̂ = m / (1-β₁ᵗ), √v̂ = √v / √(1-β₂ᵗ): torch.optim.AdamW's step at learning rate adamw_lr · η, with
-its weight decay at η λ. The buffers are the `momentum` state every curvature piece has (M for Muon,
-m for AdamW), so Muon keeps n entries per hidden matrix and AdamW 2n plus a count per piece; there is
-no heavy-ball momentum after the step (its own momentum precedes the orthogonalization).
+with m̂ = m / (1-β₁ᵗ), √v̂ = √v / √(1-β₂ᵗ): torch.optim.AdamW's step, and the diagonal
+preconditioner's (gnfx.preconditioners.diag), at learning rate η. The buffers are the `momentum`
+state every curvature piece has (M for Muon, m for AdamW), so Muon keeps n entries per hidden
+matrix and AdamW 2 d_out plus a count per bias; there is no heavy-ball momentum after the step (its
+own momentum precedes the orthogonalization), which is why Muon refuses step="quadratic" (that step
+replaces the heavy-ball momentum by setting `momentum` to 0, which here would be Muon's own).
+AdamW at another learning rate than Muon's: those parameters moved into a param group of their own
+with its lr (`model.optimizer.add_param_group`; tests/test_muon.py, `compile_with_adamw_lr`).
 """
 from __future__ import annotations
 
@@ -50,18 +57,17 @@ import math
 import sympy as sp
 import torch
 
-from gnfx.cost import FACTOR, Parts
-from gnfx.hparams import choice, flag, positive, positive_int, unit_interval
+from gnfx.cost import ADAMW, FACTOR, Parts
+from gnfx.hparams import choice, flag, positive_int, unit_interval
 from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.diag import Diagonal
-from gnfx.targets import Target, block_target, make_groups, param_target
+from gnfx.targets import Target, make_groups, param_target
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Keller Jordan's quintic, as torch.optim.Muon
 NS_EPS = 1e-7  # ε of the normalization X / max(‖X‖_F, ε), as torch.optim.Muon
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ADJUST_LR = ("original", "match_rms_adamw")
-ADAM = 14  # FLOPs per entry of the AdamW part: moments 6, bias corrections and ε 5, decay and step 3
 
 
 def newton_schulz(X: torch.Tensor, steps: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -103,6 +109,9 @@ def is_hidden_matrix(block) -> bool:
 
 class Muon(CurvaturePreconditioner):
     name = "muon"
+    serves_only = "hidden matrices"
+    no_quadratic_step = ("its momentum precedes the orthogonalization, and step='quadratic' would set it to 0: use "
+                         "step='lr' with an lr (0.02 to start from)")
     unshardable = "its split of each block between Muon and AdamW is not wired to gnfx.fsdp's owners yet"
     HPARAMS = {
         "momentum": unit_interval("Muon's momentum μ, M ← μM + (1-μ)G, before the orthogonalization", 0.95),
@@ -112,25 +121,22 @@ class Muon(CurvaturePreconditioner):
                            "float32; torch.optim.Muon's is bfloat16)", "auto", ("auto", *NS_DTYPES)),
         "adjust_lr": choice("shape scale of the step: sqrt(max(1, rows/cols)) ('original') or "
                             "0.2 sqrt(max(rows, cols)) ('match_rms_adamw')", "original", ADJUST_LR),
-        # 1: one learning rate for both parts. Measured (benchmarks/tasks.py, lr 0.01): on the digits
-        # MLP 0.3 and 1 alike (best validation loss 0.073 and 0.085, training target in 235 and 125
-        # steps); on the digits CNN with its input layer on Muon, 1 reached the validation target in
-        # 55 steps, 0.3 in 125, 0.1 in 125
-        "adamw_lr": positive("learning rate of the AdamW part (input and output layers, embeddings, biases, "
-                             "norms), as a multiple of lr", 1.0),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
     }
 
+    @classmethod
+    def serves(cls, block, hp):
+        """The hidden matrices (module doc); gnfx.plan gives the other blocks "diag"."""
+        return is_hidden_matrix(block)
+
     def piece_groups(self, blocks, params):
         """The hidden matrices W (as their layouts view them, biases apart) grouped by shape, then
-        AdamW's groups ("<name>_adamw_<i>"): those biases, the other blocks' [W b], loose parameters."""
-        hidden = [b for b in blocks if is_hidden_matrix(b)]
-        matrices = [WeightTarget(b.name, (b.weight,), (b.d_out, b.d_in), b, layout_of(b).view) for b in hidden]
-        rest = [param_target(b.bias, self.opt.param(b.bias).shape) for b in hidden if b.bias is not None]
-        rest += [block_target(b, layout_of(b)) for b in blocks if not is_hidden_matrix(b)]
-        rest += [param_target(n, self.opt.param(n).shape) for n in params]
-        return make_groups(self.name, matrices) + make_groups(f"{self.name}_adamw", rest)
+        AdamW's groups ("<name>_adamw_<i>") of their biases. `params` is empty: Muon claims no loose
+        parameter."""
+        matrices = [WeightTarget(b.name, (b.weight,), (b.d_out, b.d_in), b, layout_of(b).view) for b in blocks]
+        biases = [param_target(b.bias, self.opt.param(b.bias).shape) for b in blocks if b.bias is not None]
+        return make_groups(self.name, matrices) + make_groups(f"{self.name}_adamw", biases)
 
     def is_adamw(self, group) -> bool:
         return group.key.startswith(f"{self.name}_adamw_")
@@ -142,8 +148,8 @@ class Muon(CurvaturePreconditioner):
         return {}
 
     def direction(self, G, state, collect):
-        """Muon's step s·NS_k(X) for a group of hidden matrices, AdamW's adamw_lr·m̂ / (√v̂ + ε) for
-        the others (module doc); the buffers M and m are state["momentum"]."""
+        """Muon's step s·NS_k(X) for a group of hidden matrices, AdamW's m̂ / (√v̂ + ε) for a group of
+        their biases (module doc); the buffers M and m are state["momentum"]."""
         M = state["momentum"]
         G = G.to(M.dtype)
         if "exp_avg_sq" in state:
@@ -154,7 +160,7 @@ class Muon(CurvaturePreconditioner):
             v.mul_(beta2).addcmul_(G, G, value=1 - beta2)
             shape = (-1,) + (1,) * (G.dim() - 1)
             denominator = (v.sqrt() / (1 - beta2 ** t).sqrt().view(shape)).add_(self.hp["eps"])
-            return M / denominator * (self.hp["adamw_lr"] / (1 - beta1 ** t)).view(shape)
+            return M / denominator / (1 - beta1 ** t).view(shape)
         mu = self.hp["momentum"]
         M.lerp_(G, 1 - mu)
         X = G.lerp(M, mu) if self.hp["nesterov"] else M
@@ -170,14 +176,10 @@ class Muon(CurvaturePreconditioner):
         """A hidden matrix (d_out x d_in, n entries): the buffer M (n), and per step the momenta
         (6 per entry), ns_steps iterations on the r x c matrix, r = min, c = max(d_out, d_in)
         (X Xᵀ: 2r²c; b A + c A²: 2r³ + 2r²; a X + B X: 2r²c + 2rc), the normalization and the
-        shape scale (4 per entry) and θ(1-ηλ) - η U (3 per entry). Its bias (d_out entries), and a
-        block that is no plain matrix (a diagonal A or row groups), get AdamW: m, v (2 per entry)
-        and a step count per piece, ADAM FLOPs per entry. (The output layer is a plain matrix whose
-        AdamW this geometry cannot tell apart: it is counted as Muon's.)"""
+        shape scale (4 per entry) and θ(1-ηλ) - η U (3 per entry). Its bias (d_out entries) gets
+        AdamW: m, v (2 per entry) and a step count, ADAMW FLOPs per entry (gnfx.cost, as the diagonal
+        preconditioner). Muon serves no other block (`serves`)."""
         d_out, d_a = g.dims
-        if g.loose or g.diagonal_A or g.groups != 1:
-            n = g.numel
-            return Parts({"momentum": (n, FACTOR), "exp_avg_sq": (n, FACTOR), "t": (1, FACTOR)}, update=ADAM * n)
         n = d_out * (d_a - 1 if g.bias else d_a)
         r, c = sp.Min(d_out, n / d_out), sp.Max(d_out, n / d_out)
         iteration = 4 * r ** 2 * c + 2 * r ** 3 + 2 * r ** 2 + 2 * r * c
@@ -185,7 +187,7 @@ class Muon(CurvaturePreconditioner):
         update = 13 * n + hp["ns_steps"] * iteration
         if g.bias:
             state.update({"bias momentum": (d_out, FACTOR), "bias exp_avg_sq": (d_out, FACTOR), "bias t": (1, FACTOR)})
-            update += ADAM * d_out
+            update += ADAMW * d_out
         return Parts(state, update=update)
 
 
