@@ -11,6 +11,7 @@ Entries:
 - gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name, and with no
   lr (the grid is the single entry None) the quadratic-model step (gnfx.quadratic_step):
   `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
+  `gnfx_kfac_every5` the same with damping_every=5 (ρ and the damping rule every 5 steps);
   `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
 - Muon: `torch_muon` is torch.optim.Muon with the split its users write by hand: the weights of
   the hidden nn.Linear layers (all but the first, which reads the input, and the last, the
@@ -171,6 +172,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     *(OptimizerSpec(f"gnfx_{name}", "gnfx", (None,), None, _gnfx(optimizer, **fixed), _gnfx_unsupported(),
                     needs_loss=True)
       for name, optimizer, fixed in (("kfac_defaults", "kfac", {}),
+                                     ("kfac_every5", "kfac", {"damping_every": 5}),
                                      ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
                                      ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
     OptimizerSpec("torch_muon", "torch", MUON_LRS, 1e-2, _torch_muon),

@@ -27,7 +27,20 @@ most the proposal at lr.
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
 A step with ρ ≤ 0 (or a non-finite loss) is rejected: undone, the momentum dropped (δ = 0), λ
-raised, and the curvature preconditioners refreshed at the new λ. The preconditioners whose
+raised, and the curvature preconditioners refreshed at the new λ.
+
+ρ every T steps (`damping_every` = T; Martens & Grosse adapt λ every 5 iterations, kfac-jax's
+`damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the closure's second
+call), a third of the step on the char GPT with `quadratic_rows`. It is computed, and λ adapted and
+a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the first
+DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one after
+a rejected step or a step with no proposal); the other steps take the step at the λ held fixed
+(`last_step`: ρ and the actual reduction NaN, `adapted` False). The closure follows the same rule
+(it is called again only on adaptation steps). What keeps the steps in between from blowing up:
+μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
+raised the loss, was what diverged), α the minimizer of a model damped by a λ that the last
+adaptation judged, and ρ on every early step, where λ moves most (it falls from λ0 by ω per step
+while ρ stays near 1). The preconditioners whose
 damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
 damping, EKFAC) take λ as their damping at every step.
 
@@ -85,6 +98,8 @@ MOMENTUM_RANGE = (0.0, 0.99)
 # cost the small full-batch problems of tests/test_quadratic_step.py their bar of half AdamW's steps
 # (deep_linear); λ0 = 3 diverged on CNN seed 2. λ0 stays 1 until a rule serves both.
 QUADRATIC_DAMPING = 1.0
+# ρ on every one of the first steps whatever `damping_every` (module docstring)
+DAMPING_WARMUP = 10
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -150,8 +165,10 @@ class QuadraticStep:
     (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
     rejected."""
 
-    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None):
+    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
+                 every: int = 1):
         self.opt = optimizer
+        self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
@@ -237,7 +254,7 @@ class QuadraticStep:
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
-                              "predicted": 0.0, "actual": 0.0, "rejected": False}
+                              "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False}
             return
         V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
@@ -257,15 +274,16 @@ class QuadraticStep:
             after = {n: t + u for n, t, u in zip(names, theta_values, update)}
             update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        actual = self._actual_reduction(z, loss_before, closure, after)
-        if comm is not None:
+        adapted = self.adapts(previous is not None) and predicted > 0
+        actual = self._actual_reduction(z, loss_before, closure, after) if adapted else float("nan")
+        if comm is not None and adapted:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
-        rho = actual / predicted if predicted > 0 else float("nan")
-        rejected = not (rho > 0)  # also for a non-finite loss or ratio
+        rho = actual / predicted if adapted else float("nan")
+        rejected = adapted and not (rho > 0)  # also for a non-finite loss or ratio
         used = self.damping
-        if predicted > 0:
+        if adapted:
             self.damping = levenberg_marquardt(self.damping, rho, self.decay)
-        if rejected and predicted > 0:
+        if rejected:
             torch._foreach_copy_(params, before)
             self.previous = None
             for pre in self.opt.preconditioners:
@@ -276,8 +294,14 @@ class QuadraticStep:
         else:
             self.previous = update
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
-                          "rho": rho, "predicted": predicted,
-                          "actual": actual, "rejected": rejected and predicted > 0}
+                          "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
+                          "adapted": adapted}
+
+    def adapts(self, continues: bool) -> bool:
+        """Whether the optimizer's current step computes ρ and adapts λ (module docstring);
+        `continues`: it has a previous update δ."""
+        t = self.opt.steps
+        return not continues or t < DAMPING_WARMUP or t % self.every == 0
 
     def _layout(self, names: list[str], params: list[torch.Tensor]) -> "FlatLayout":
         """The flat layout of the optimizer's parameters (built at the first step, and again if
