@@ -35,7 +35,10 @@ call), a third of the step on the char GPT with `quadratic_rows`. It is computed
 a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the first
 DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one after
 a rejected step or a step with no proposal); the other steps take the step at the λ held fixed
-(`last_step`: ρ and the actual reduction NaN, `adapted` False). The closure follows the same rule
+(`last_step`: ρ and the actual reduction NaN, `adapted` False). An adaptation k steps after the
+last one moves λ by ω^k (Martens & Grosse's ω = (19/20)^T), so that λ falls at ω per step however
+rarely it is judged: with ω itself, λ0 = 1 fell 5x slower at T = 5, and the steps to target doubled
+on the digits tasks (benchmarks/results/quadratic_step.md). The closure follows the same rule
 (it is called again only on adaptation steps). What keeps the steps in between from blowing up:
 μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
 raised the loss, was what diverged), α the minimizer of a model damped by a λ that the last
@@ -169,6 +172,7 @@ class QuadraticStep:
                  every: int = 1):
         self.opt = optimizer
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
+        self.adapted_at = -1  # the optimizer's step of the last adaptation
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
@@ -281,8 +285,9 @@ class QuadraticStep:
         rho = actual / predicted if adapted else float("nan")
         rejected = adapted and not (rho > 0)  # also for a non-finite loss or ratio
         used = self.damping
-        if adapted:
-            self.damping = levenberg_marquardt(self.damping, rho, self.decay)
+        if adapted:  # ω^gap: λ moves at the rate of ω per step whatever the interval (Martens & Grosse's ω^T)
+            self.damping = levenberg_marquardt(self.damping, rho, self.decay ** (self.opt.steps - self.adapted_at))
+            self.adapted_at = self.opt.steps
         if rejected:
             torch._foreach_copy_(params, before)
             self.previous = None
@@ -363,10 +368,12 @@ class QuadraticStep:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "previous": self.previous}
+        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at}
 
     def load_state_dict(self, state: dict) -> None:
         self.damping = float(state["damping"])
+        # a checkpoint from before damping_every adapted on every step
+        self.adapted_at = int(state.get("adapted_at", self.opt.steps - 1))
         previous = state["previous"]
         self.previous = None if previous is None else [
             t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]
