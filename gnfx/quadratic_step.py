@@ -41,9 +41,11 @@ rarely it is judged: with ω itself, λ0 = 1 fell 5x slower at T = 5, and the st
 on the digits tasks (benchmarks/results/quadratic_step.md). The closure follows the same rule
 (it is called again only on adaptation steps). What keeps the steps in between from blowing up:
 μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
-raised the loss, was what diverged), α the minimizer of a model damped by a λ that the last
-adaptation judged, and ρ on every early step, where λ moves most (it falls from λ0 by ω per step
-while ρ stays near 1). The preconditioners whose
+raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0
+by ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with
+quadratic_rows=4 and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows
+too small along Δ) raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md). The preconditioners whose
 damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
 damping, EKFAC) take λ as their damping at every step.
 
@@ -101,8 +103,10 @@ MOMENTUM_RANGE = (0.0, 0.99)
 # cost the small full-batch problems of tests/test_quadratic_step.py their bar of half AdamW's steps
 # (deep_linear); λ0 = 3 diverged on CNN seed 2. λ0 stays 1 until a rule serves both.
 QUADRATIC_DAMPING = 1.0
-# ρ on every one of the first steps whatever `damping_every` (module docstring)
+# ρ on every one of the first steps whatever `damping_every`, and on a step between adaptations whose
+# predicted reduction exceeds PREDICTED_GROWTH times that of the last accepted adaptation (module docstring)
 DAMPING_WARMUP = 10
+PREDICTED_GROWTH = 2.0
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -173,6 +177,7 @@ class QuadraticStep:
         self.opt = optimizer
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.adapted_at = -1  # the optimizer's step of the last adaptation
+        self.judged = math.inf  # the predicted reduction of the last accepted adaptation
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
@@ -278,7 +283,7 @@ class QuadraticStep:
             after = {n: t + u for n, t, u in zip(names, theta_values, update)}
             update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        adapted = self.adapts(previous is not None) and predicted > 0
+        adapted = predicted > 0 and (self.adapts(previous is not None) or predicted > PREDICTED_GROWTH * self.judged)
         actual = self._actual_reduction(z, loss_before, closure, after) if adapted else float("nan")
         if comm is not None and adapted:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
@@ -298,6 +303,7 @@ class QuadraticStep:
                 pre.refresh()
         else:
             self.previous = update
+            self.judged = predicted if adapted else self.judged
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted}
@@ -368,12 +374,14 @@ class QuadraticStep:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at}
+        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
+                "judged": self.judged}
 
     def load_state_dict(self, state: dict) -> None:
         self.damping = float(state["damping"])
         # a checkpoint from before damping_every adapted on every step
         self.adapted_at = int(state.get("adapted_at", self.opt.steps - 1))
+        self.judged = float(state.get("judged", math.inf))
         previous = state["previous"]
         self.previous = None if previous is None else [
             t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]
