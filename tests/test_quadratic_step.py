@@ -351,6 +351,24 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     assert moved_after_warmup == len(range(DAMPING_WARMUP + (-DAMPING_WARMUP) % every, steps, every))
 
 
+def test_a_step_predicting_much_more_than_the_last_judged_one_is_judged():
+    """Between adaptations a step whose predicted reduction exceeds PREDICTED_GROWTH times that of
+    the last accepted adaptation (`judged`) computes ρ and adapts λ; otherwise it keeps λ."""
+    x, y = batch("cross_entropy")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1, damping_every=100)
+    for i in range(DAMPING_WARMUP):
+        train_step(c, x, y, "cross_entropy", i)
+    quadratic = c.optimizer.quadratic
+    assert quadratic.judged == c.optimizer.last_step["predicted"]
+    for i, judged, adapts in ((DAMPING_WARMUP, math.inf, False), (DAMPING_WARMUP + 1, 0.0, True)):
+        quadratic.judged, damping = judged, quadratic.damping
+        train_step(c, x, y, "cross_entropy", i)
+        last = c.optimizer.last_step
+        assert last["adapted"] == adapts and math.isfinite(last["rho"]) == adapts
+        assert (quadratic.damping != damping) == adapts
+    assert quadratic.judged == last["predicted"]
+
+
 def test_checkpoint_keeps_the_adaptation_schedule():
     """The step counter travels with the optimizer's state: a model restored after DAMPING_WARMUP + 1
     steps adapts on the same later steps, with the same λ. (The parameters are not compared: a restored
@@ -363,6 +381,10 @@ def test_checkpoint_keeps_the_adaptation_schedule():
                      damping_every=4)
     b.optimizer.load_state_dict(a.optimizer.state_dict())
     assert b.optimizer.steps == a.optimizer.steps == DAMPING_WARMUP + 1
+    assert not a.optimizer.last_step["adapted"]  # step DAMPING_WARMUP: 10 mod 4 ≠ 0
+    assert (b.optimizer.quadratic.adapted_at, b.optimizer.quadratic.judged) == (
+        a.optimizer.quadratic.adapted_at, a.optimizer.quadratic.judged)
+    assert a.optimizer.quadratic.adapted_at == DAMPING_WARMUP - 1
     adapted = []
     for i in range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 9):
         for c in (a, b):
