@@ -314,7 +314,7 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     x, y = batch(loss)
     a, b = tiny(), tiny()
     ca = gnfx.compile(a, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=every)
-    cb = gnfx.compile(b, optimizer="kfac", loss=loss, stat_every=1, inv_every=1)
+    cb = gnfx.compile(b, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=1)
     decays = []  # the ω^gap of ca's adaptations, which cb's rule then takes
 
     def rule(damping, rho, decay):
