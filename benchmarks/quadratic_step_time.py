@@ -5,7 +5,7 @@ on a shared machine do not count. Two tables, printed as markdown:
 
 1. Per task (digits MLP, deep autoencoder, character GPT), the medians of the forward+backward
    and of `model.step()` for kfac at its defaults (the quadratic step, no lr), the same with
-   `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
+   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
    their steps interleaved in one process, and the ratio of each whole step to AdamW's.
 2. With `--to-target`: examples/demo.py's comparison (char GPT, the same batches, validation loss
    2.3 evaluated every 25 steps): steps and CPU seconds to the target for AdamW at 3e-3 and for
@@ -34,6 +34,7 @@ def step_table(name: str, steps: int) -> str:
     batches = list(itertools.islice(task.batches(seed=0), steps))
     rows = len(batches[0][0]) // 4
     runs = {"kfac defaults": {"loss": task.loss_name},
+            "kfac defaults, damping_every=1": {"loss": task.loss_name, "damping_every": 1},
             f"kfac defaults, quadratic_rows={rows}": {"loss": task.loss_name, "quadratic_rows": rows},
             "kfac lr=1e-3": {"lr": 1e-3}}
     trainers = {label: gnfx.compile(task.make_model(seed=0), optimizer="kfac", **hp) for label, hp in runs.items()}
