@@ -29,7 +29,7 @@ batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ 
 A step with ρ ≤ 0 (or a non-finite loss) is rejected: undone, the momentum dropped (δ = 0), λ
 raised, and the curvature preconditioners refreshed at the new λ.
 
-ρ every T steps (`damping_every` = T; Martens & Grosse adapt λ every 5 iterations, kfac-jax's
+ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations, kfac-jax's
 `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the closure's second
 call), a third of the step on the char GPT with `quadratic_rows`. It is computed, and λ adapted and
 a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the first
