@@ -27,27 +27,27 @@ most the proposal at lr.
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
 A step with ρ ≤ 0 (or a non-finite loss) is rejected: undone, the momentum dropped (δ = 0), λ
-raised, and the curvature preconditioners refreshed at the new λ.
-
-ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations, kfac-jax's
-`damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the closure's second
-call), a third of the step on the char GPT with `quadratic_rows`. It is computed, and λ adapted and
-a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the first
-DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one after
-a rejected step or a step with no proposal); the other steps take the step at the λ held fixed
-(`last_step`: ρ and the actual reduction NaN, `adapted` False). An adaptation k steps after the
-last one moves λ by ω^k (Martens & Grosse's ω = (19/20)^T), so that λ falls at ω per step however
-rarely it is judged: with ω itself, λ0 = 1 fell 5x slower at T = 5, and the steps to target doubled
-on the digits tasks (benchmarks/results/quadratic_step.md). The closure follows the same rule
-(it is called again only on adaptation steps). What keeps the steps in between from blowing up:
-μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
-raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0
-by ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
-PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with
-quadratic_rows=4 and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows
-too small along Δ) raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md). The preconditioners whose
+raised, and the curvature preconditioners refreshed at the new λ. The preconditioners whose
 damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
 damping, EKFAC) take λ as their damping at every step.
+
+ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
+kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
+closure's second call), a third of the step on the char GPT with `quadratic_rows`. It is computed,
+and λ adapted and a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the
+first DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one
+after a rejected step or a step with no proposal); the other steps take the step at the λ held
+fixed (`last_step`: ρ and the actual reduction NaN, `adapted` False). An adaptation k steps after
+the last one moves λ by ω^k (Martens & Grosse's ω = (19/20)^T), so that λ falls at ω per step
+however rarely it is judged: with ω itself, λ0 = 1 fell 5x slower at T = 5, and the steps to target
+doubled on the digits tasks (benchmarks/results/quadratic_step.md). The closure follows the same
+rule (it is called again only on adaptation steps). What keeps the steps in between from blowing
+up: μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
+raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0 by
+ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=4
+and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
+raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
@@ -169,8 +169,8 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
-    (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
-    rejected."""
+    (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
+    (`adapted`, damping_every) and whether the step was rejected."""
 
     def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
                  every: int = 1):
