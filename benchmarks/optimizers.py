@@ -11,6 +11,8 @@ Entries:
 - gnfx: `gnfx.compile(model, optimizer=NAME, lr=LR)` for each preconditioner name, and with no
   lr (the grid is the single entry None) the quadratic-model step (gnfx.quadratic_step):
   `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
+  `gnfx_kfac_every1` the same with damping_every=1 (ρ and the damping rule on every step, the default
+  before 2026-11-29), `gnfx_kfac_every1_rows32` and `gnfx_kfac_every5_rows32` with quadratic_rows=32;
   `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
 - Muon: `torch_muon` is torch.optim.Muon with the split its users write by hand: the weights of
   the hidden nn.Linear layers (all but the first, which reads the input, and the last, the
@@ -172,6 +174,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     *(OptimizerSpec(f"gnfx_{name}", "gnfx", (None,), None, _gnfx(optimizer, **fixed), _gnfx_unsupported(),
                     needs_loss=True)
       for name, optimizer, fixed in (("kfac_defaults", "kfac", {}),
+                                     ("kfac_every1", "kfac", {"damping_every": 1}),
+                                     ("kfac_every1_rows32", "kfac", {"damping_every": 1, "quadratic_rows": 32}),
+                                     ("kfac_every5_rows32", "kfac", {"damping_every": 5, "quadratic_rows": 32}),
                                      ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
                                      ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
     OptimizerSpec("torch_muon", "torch", MUON_LRS, 1e-2, _torch_muon),

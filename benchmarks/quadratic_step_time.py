@@ -5,11 +5,12 @@ on a shared machine do not count. Two tables, printed as markdown:
 
 1. Per task (digits MLP, deep autoencoder, character GPT), the medians of the forward+backward
    and of `model.step()` for kfac at its defaults (the quadratic step, no lr), the same with
-   `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
+   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
    their steps interleaved in one process, and the ratio of each whole step to AdamW's.
 2. With `--to-target`: examples/demo.py's comparison (char GPT, the same batches, validation loss
    2.3 evaluated every 25 steps): steps and CPU seconds to the target for AdamW at 3e-3 and for
-   kfac at defaults with `quadratic_rows` None, 8 and 4 (of 32). Each run stops at the target.
+   kfac at defaults with `quadratic_rows` None and 4 (of 32), each with `damping_every` 1 and 5.
+   Each run stops at the target.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def step_table(name: str, steps: int) -> str:
     batches = list(itertools.islice(task.batches(seed=0), steps))
     rows = len(batches[0][0]) // 4
     runs = {"kfac defaults": {"loss": task.loss_name},
+            "kfac defaults, damping_every=1": {"loss": task.loss_name, "damping_every": 1},
             f"kfac defaults, quadratic_rows={rows}": {"loss": task.loss_name, "quadratic_rows": rows},
             "kfac lr=1e-3": {"lr": 1e-3}}
     trainers = {label: gnfx.compile(task.make_model(seed=0), optimizer="kfac", **hp) for label, hp in runs.items()}
@@ -83,10 +85,11 @@ def target_table(steps: int = 200) -> str:
     lines = [f"char GPT, validation loss {TARGET} (evaluated every {EVERY} steps, at most {steps})", "",
              "| run | steps to target | CPU s to target | val loss at stop |", "|---|---|---|---|",
              to_target("AdamW 3e-3", reference, adamw.step, adamw.zero_grad, task, batches)]
-    for rows in (None, 8, 4):
+    for rows, every in itertools.product((None, 4), (1, 5)):
         c = gnfx.compile(task.make_model(seed=0), optimizer="kfac", loss="cross_entropy", quadratic_rows=rows,
-                         example_inputs=(batches[0][0],))
-        lines.append(to_target(f"kfac defaults, quadratic_rows={rows}", c, c.step, c.zero_grad, task, batches))
+                         damping_every=every, example_inputs=(batches[0][0],))
+        lines.append(to_target(f"kfac defaults, quadratic_rows={rows}, damping_every={every}", c, c.step,
+                               c.zero_grad, task, batches))
     return "\n".join(lines)
 
 

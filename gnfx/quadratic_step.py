@@ -31,6 +31,24 @@ raised, and the curvature preconditioners refreshed at the new λ. The precondit
 damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
 damping, EKFAC) take λ as their damping at every step.
 
+ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
+kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
+closure's second call), a third of the step on the char GPT with `quadratic_rows`. It is computed,
+and λ adapted and a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the
+first DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one
+after a rejected step or a step with no proposal); the other steps take the step at the λ held
+fixed (`last_step`: ρ and the actual reduction NaN, `adapted` False). An adaptation k steps after
+the last one moves λ by ω^k (Martens & Grosse's ω = (19/20)^T), so that λ falls at ω per step
+however rarely it is judged: with ω itself, λ0 = 1 fell 5x slower at T = 5, and the steps to target
+doubled on the digits tasks (benchmarks/results/quadratic_step.md). The closure follows the same
+rule (it is called again only on adaptation steps). What keeps the steps in between from blowing
+up: μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
+raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0 by
+ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=4
+and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
+raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
+
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
@@ -85,6 +103,10 @@ MOMENTUM_RANGE = (0.0, 0.99)
 # cost the small full-batch problems of tests/test_quadratic_step.py their bar of half AdamW's steps
 # (deep_linear); λ0 = 3 diverged on CNN seed 2. λ0 stays 1 until a rule serves both.
 QUADRATIC_DAMPING = 1.0
+# ρ on every one of the first steps whatever `damping_every`, and on a step between adaptations whose
+# predicted reduction exceeds PREDICTED_GROWTH times that of the last accepted adaptation (module docstring)
+DAMPING_WARMUP = 10
+PREDICTED_GROWTH = 2.0
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -147,11 +169,15 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
-    (the damping the step used), ρ, the predicted and actual reductions, and whether the step was
-    rejected."""
+    (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
+    (`adapted`, damping_every) and whether the step was rejected."""
 
-    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None):
+    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
+                 every: int = 1):
         self.opt = optimizer
+        self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
+        self.adapted_at = -1  # the optimizer's step of the last adaptation
+        self.judged = math.inf  # the predicted reduction of the last accepted adaptation
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
@@ -237,7 +263,7 @@ class QuadraticStep:
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
-                              "predicted": 0.0, "actual": 0.0, "rejected": False}
+                              "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False}
             return
         V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
@@ -257,15 +283,17 @@ class QuadraticStep:
             after = {n: t + u for n, t, u in zip(names, theta_values, update)}
             update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        actual = self._actual_reduction(z, loss_before, closure, after)
-        if comm is not None:
+        adapted = predicted > 0 and (self.adapts(previous is not None) or predicted > PREDICTED_GROWTH * self.judged)
+        actual = self._actual_reduction(z, loss_before, closure, after) if adapted else float("nan")
+        if comm is not None and adapted:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
-        rho = actual / predicted if predicted > 0 else float("nan")
-        rejected = not (rho > 0)  # also for a non-finite loss or ratio
+        rho = actual / predicted if adapted else float("nan")
+        rejected = adapted and not (rho > 0)  # also for a non-finite loss or ratio
         used = self.damping
-        if predicted > 0:
-            self.damping = levenberg_marquardt(self.damping, rho, self.decay)
-        if rejected and predicted > 0:
+        if adapted:  # ω^gap: λ moves at the rate of ω per step whatever the interval (Martens & Grosse's ω^T)
+            self.damping = levenberg_marquardt(self.damping, rho, self.decay ** (self.opt.steps - self.adapted_at))
+            self.adapted_at = self.opt.steps
+        if rejected:
             torch._foreach_copy_(params, before)
             self.previous = None
             for pre in self.opt.preconditioners:
@@ -275,9 +303,16 @@ class QuadraticStep:
                 pre.refresh()
         else:
             self.previous = update
+            self.judged = predicted if adapted else self.judged
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
-                          "rho": rho, "predicted": predicted,
-                          "actual": actual, "rejected": rejected and predicted > 0}
+                          "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
+                          "adapted": adapted}
+
+    def adapts(self, continues: bool) -> bool:
+        """Whether the optimizer's current step computes ρ and adapts λ (module docstring);
+        `continues`: it has a previous update δ."""
+        t = self.opt.steps
+        return not continues or t < DAMPING_WARMUP or t % self.every == 0
 
     def _layout(self, names: list[str], params: list[torch.Tensor]) -> "FlatLayout":
         """The flat layout of the optimizer's parameters (built at the first step, and again if
@@ -339,10 +374,14 @@ class QuadraticStep:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "previous": self.previous}
+        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
+                "judged": self.judged}
 
     def load_state_dict(self, state: dict) -> None:
         self.damping = float(state["damping"])
+        # a checkpoint from before damping_every adapted on every step
+        self.adapted_at = int(state.get("adapted_at", self.opt.steps - 1))
+        self.judged = float(state.get("judged", math.inf))
         previous = state["previous"]
         self.previous = None if previous is None else [
             t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]

@@ -25,8 +25,9 @@ import gnfx
 import test_convergence as convergence
 import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
-from gnfx.quadratic_step import (LAMBDA_MAX, LAMBDA_MIN, MOMENTUM_RANGE, levenberg_marquardt, minimize_quadratic,
-                                 recovered_loss)
+import gnfx.quadratic_step as quadratic_step
+from gnfx.quadratic_step import (DAMPING_WARMUP, LAMBDA_MAX, LAMBDA_MIN, MOMENTUM_RANGE, levenberg_marquardt,
+                                 minimize_quadratic, recovered_loss)
 
 DTYPE = torch.float64
 STEPS = 6
@@ -295,6 +296,103 @@ def test_checkpoint_carries_the_damping_and_the_previous_update():
     assert b.optimizer.quadratic.damping == a.optimizer.quadratic.damping
     for p, q in zip(b.optimizer.quadratic.previous, a.optimizer.quadratic.previous):
         assert torch.equal(p, q)
+
+
+def train_step(c, x, y, loss, seed):
+    torch.manual_seed(seed)  # the same sampled labels of fisher="mc" in every model
+    LOSSES[loss](c(x), y).backward()
+    c.step()
+    c.zero_grad()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
+    """damping_every=3: ρ and the λ rule on the first DAMPING_WARMUP steps and every third one
+    after; every step equals, bit for bit, that of damping_every=1 whose λ rule is held on the same
+    steps (the steps between take the step at the λ held fixed), and λ moves only on adaptation steps."""
+    every, steps = 3, DAMPING_WARMUP + 8
+    x, y = batch(loss)
+    a, b = tiny(), tiny()
+    ca = gnfx.compile(a, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=every)
+    cb = gnfx.compile(b, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=1)
+    decays = []  # the ω^gap of ca's adaptations, which cb's rule then takes
+
+    def rule(damping, rho, decay):
+        if adapting[0]:
+            decays.append(decay)
+            return levenberg_marquardt(damping, rho, decay)
+        return levenberg_marquardt(damping, rho, decays[-1]) if held[0] else damping
+
+    adapting, held = [True], [False]
+    monkeypatch.setattr(quadratic_step, "levenberg_marquardt", rule)
+    moved_after_warmup, adapted_at = 0, -1
+    for i in range(steps):
+        damping = ca.optimizer.quadratic.damping
+        adapting[0] = True
+        decays.clear()
+        train_step(ca, x, y, loss, i)
+        last = ca.optimizer.last_step
+        assert last["adapted"] == (i < DAMPING_WARMUP or i % every == 0), i
+        assert not last["rejected"]
+        if not last["adapted"]:
+            assert math.isnan(last["rho"]) and ca.optimizer.quadratic.damping == damping
+        else:
+            assert ca.optimizer.quadratic.damping != damping  # ρ is near 1 on this problem, λ falls by ω
+            moved_after_warmup += i >= DAMPING_WARMUP
+        if last["adapted"]:  # ω^k, k the steps since the last adaptation
+            assert decays == [pytest.approx(0.9 ** (i - adapted_at), rel=1e-15)], i
+            adapted_at = i
+        adapting[0], held[0] = False, last["adapted"]
+        train_step(cb, x, y, loss, i)
+        assert cb.optimizer.last_step["adapted"] and not cb.optimizer.last_step["rejected"]
+        assert cb.optimizer.last_step["damping"] == last["damping"]
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q), i
+    assert moved_after_warmup == len(range(DAMPING_WARMUP + (-DAMPING_WARMUP) % every, steps, every))
+
+
+def test_a_step_predicting_much_more_than_the_last_judged_one_is_judged():
+    """Between adaptations a step whose predicted reduction exceeds PREDICTED_GROWTH times that of
+    the last accepted adaptation (`judged`) computes ρ and adapts λ; otherwise it keeps λ."""
+    x, y = batch("cross_entropy")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1, damping_every=100)
+    for i in range(DAMPING_WARMUP):
+        train_step(c, x, y, "cross_entropy", i)
+    quadratic = c.optimizer.quadratic
+    assert quadratic.judged == c.optimizer.last_step["predicted"]
+    for i, judged, adapts in ((DAMPING_WARMUP, math.inf, False), (DAMPING_WARMUP + 1, 0.0, True)):
+        quadratic.judged, damping = judged, quadratic.damping
+        train_step(c, x, y, "cross_entropy", i)
+        last = c.optimizer.last_step
+        assert last["adapted"] == adapts and math.isfinite(last["rho"]) == adapts
+        assert (quadratic.damping != damping) == adapts
+    assert quadratic.judged == last["predicted"]
+
+
+def test_checkpoint_keeps_the_adaptation_schedule():
+    """The step counter travels with the optimizer's state: a model restored after DAMPING_WARMUP + 1
+    steps adapts on the same later steps, with the same λ. (The parameters are not compared: a restored
+    K-FAC already takes a slightly different step at damping_every=1, 2e-3 after three steps here.)"""
+    x, y = batch("mse")
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_every=4)
+    for i in range(DAMPING_WARMUP + 1):
+        train_step(a, x, y, "mse", i)
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="mse", stat_every=1, inv_every=1,
+                     damping_every=4)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    assert b.optimizer.steps == a.optimizer.steps == DAMPING_WARMUP + 1
+    assert not a.optimizer.last_step["adapted"]  # step DAMPING_WARMUP: 10 mod 4 ≠ 0
+    assert (b.optimizer.quadratic.adapted_at, b.optimizer.quadratic.judged) == (
+        a.optimizer.quadratic.adapted_at, a.optimizer.quadratic.judged)
+    assert a.optimizer.quadratic.adapted_at == DAMPING_WARMUP - 1
+    adapted = []
+    for i in range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 9):
+        for c in (a, b):
+            train_step(c, x, y, "mse", i)
+        assert a.optimizer.last_step["adapted"] == b.optimizer.last_step["adapted"] == (i % 4 == 0)
+        adapted.append(b.optimizer.last_step["adapted"])
+        assert b.optimizer.quadratic.damping == pytest.approx(a.optimizer.quadratic.damping, rel=1e-12)
+    assert any(adapted) and not all(adapted)
 
 
 # ----------------------------------------------------------------------------- convergence in steps
