@@ -49,12 +49,19 @@ def train(name, module, step, zero_grad, batches, task, steps, eval_every, info=
 
 
 def gnfx_progress(compiled):
-    """α, μ, λ and ρ of gnfx's last step, for the progress bar."""
-    last = compiled.optimizer.last_step
-    if not last:
-        return {}
-    return {"α": f"{last['alpha']:.2g}", "μ": f"{last['mu']:.2f}", "λ": f"{last['damping']:.1e}",
-            "ρ": f"{last['rho']:.2f}"}
+    """A function giving α, μ, λ of gnfx's last step and ρ of the last step that measured it (one in
+    `damping_every`), for the progress bar."""
+    shown = {}
+
+    def info():
+        last = compiled.optimizer.last_step
+        if last:
+            shown.update({"α": f"{last['alpha']:.2g}", "μ": f"{last['mu']:.2f}", "λ": f"{last['damping']:.1e}"})
+            if last.get("adapted", True):
+                shown["ρ"] = f"{last['rho']:.2f}"
+        return shown
+
+    return info
 
 
 def reached(curve, target):
@@ -84,7 +91,7 @@ def main() -> None:
     eval_every = min(args.eval_every, args.steps)
     curves = {
         f"gnfx {args.optimizer}": train(f"gnfx {args.optimizer}", compiled, compiled.step, compiled.zero_grad,
-                                        batches, task, args.steps, eval_every, lambda: gnfx_progress(compiled)),
+                                        batches, task, args.steps, eval_every, gnfx_progress(compiled)),
         f"AdamW {args.adamw_lr:g}": train(f"AdamW {args.adamw_lr:g}", reference, adamw.step, adamw.zero_grad,
                                           batches, task, args.steps, eval_every),
     }
