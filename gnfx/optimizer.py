@@ -187,6 +187,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.sync_groups()
         if self.sharded is not None:
             self.sharded.begin()
+        if self.quadratic is not None:  # this step's λ, also for the refreshes below
+            self.quadratic.damp_preconditioners()
         for pre in self.curvature:
             if self.statistic_step:
                 pre.collect()

@@ -241,9 +241,6 @@ class QuadraticStep:
         if self._call is None:
             raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
                             "compiled model (in training mode, with gradients enabled) before step()")
-        for pre in self.opt.preconditioners:
-            if pre.tikhonov_damping:
-                pre.hp[pre.tikhonov_damping] = self.damping
         names = list(self.opt._named)
         params = [local(self.opt._named[n]) for n in names]  # under FSDP2 the local shards
         before = [p.detach().clone() for p in params]
@@ -296,9 +293,7 @@ class QuadraticStep:
         if rejected:
             torch._foreach_copy_(params, before)
             self.previous = None
-            for pre in self.opt.preconditioners:
-                if pre.tikhonov_damping:
-                    pre.hp[pre.tikhonov_damping] = self.damping
+            self.damp_preconditioners()
             for pre in self.opt.curvature:
                 pre.refresh()
         else:
@@ -313,6 +308,14 @@ class QuadraticStep:
         `continues`: it has a previous update δ."""
         t = self.opt.steps
         return not continues or t < DAMPING_WARMUP or t % self.every == 0
+
+    def damp_preconditioners(self) -> None:
+        """Give λ to every preconditioner's Tikhonov damping (K-FAC's factored damping moves with it):
+        called by the optimizer before the step's refreshes, so that they use the λ of this step,
+        and after a rejected step, before its refresh."""
+        for pre in self.opt.preconditioners:
+            if pre.tikhonov_damping:
+                pre.hp[pre.tikhonov_damping] = self.damping
 
     def _layout(self, names: list[str], params: list[torch.Tensor]) -> "FlatLayout":
         """The flat layout of the optimizer's parameters (built at the first step, and again if
