@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gnfx  # noqa: E402
 
 
-def main() -> None:
+def start() -> tuple:
+    """The command line, this rank and the world size of the gloo group, and the rank's shard (x, y) of
+    a synthetic 5-class problem of 512 examples (examples/fsdp.py trains on it too)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--optimizer", default="kfac", choices=sorted(gnfx.REGISTRY))
     parser.add_argument("--steps", type=int, default=30)
@@ -30,19 +32,28 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
     x = torch.randn(512, 20)
     y = (x[:, :5] * torch.arange(1, 6)).argmax(1)
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-    compiled = gnfx.compile(model, optimizer=args.optimizer, lr=1e-2, stat_every=5)
-    ddp = nn.parallel.DistributedDataParallel(compiled)
-    for step in range(args.steps):
-        loss = F.cross_entropy(ddp(x[shard]), y[shard])
+    return args, rank, world, x[shard], y[shard]
+
+
+def train(forward, compiled, x, y, steps: int, rank: int) -> None:
+    """`steps` steps of gnfx on (x, y) through `forward` (the compiled model, or its DDP wrapper)."""
+    for step in range(steps):
+        loss = F.cross_entropy(forward(x), y)
         loss.backward()
         compiled.step()
         compiled.zero_grad()
         if rank == 0 and step % 10 == 0:
             print(f"step {step}: loss {loss.item():.4f}")
+
+
+def main() -> None:
+    args, rank, world, x, y = start()
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5))
+    compiled = gnfx.compile(model, optimizer=args.optimizer, lr=1e-2, stat_every=5)
+    train(nn.parallel.DistributedDataParallel(compiled), compiled, x, y, args.steps, rank)
     comm = compiled.optimizer.comm
     print(f"rank {rank}: {comm.bytes_communicated / 1024:.1f} KiB of statistics and refresh results communicated")
     path = os.path.join(tempfile.gettempdir(), "gnfx_ddp_checkpoint.pt")

@@ -11,19 +11,18 @@ and parameter shards) and loads it back.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import gnfx  # noqa: E402
+from distributed import start, train  # noqa: E402  (examples/distributed.py, this script's folder)
 
 
 def state_bytes(optimizer) -> int:
@@ -35,30 +34,15 @@ def state_bytes(optimizer) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizer", default="kfac", choices=sorted(gnfx.REGISTRY))
-    parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
+    args, rank, world, x, y = start()
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(),
                           nn.Sequential(nn.Linear(64, 64), nn.Tanh()), nn.Sequential(nn.Linear(64, 64), nn.Tanh()),
                           nn.Linear(64, 5))
-    x = torch.randn(512, 20)
-    y = (x[:, :5] * torch.arange(1, 6)).argmax(1)
-    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     compiled = gnfx.compile(model, optimizer=args.optimizer, lr=1e-2, stat_every=5)
     for block in ("2", "3"):
         fully_shard(compiled.get_submodule(block))
     fully_shard(compiled)
-    for step in range(args.steps):
-        loss = F.cross_entropy(compiled(x[shard]), y[shard])
-        loss.backward()
-        compiled.step()
-        compiled.zero_grad()
-        if rank == 0 and step % 10 == 0:
-            print(f"step {step}: loss {loss.item():.4f}")
+    train(compiled, compiled, x, y, args.steps, rank)
     opt = compiled.optimizer
     print(f"rank {rank}: {state_bytes(opt) / 1024:.1f} KiB of optimizer state (one process: "
           f"{compiled.cost(world_size=1).rank_memory_bytes[0] / 1024:.1f} KiB by the cost model, this rank "
