@@ -113,6 +113,20 @@ def train(model, batches) -> float:
     return float(loss.detach())
 
 
+def check_resume(model, make, batches) -> None:
+    """A checkpoint round trip: a model from `make(seed=2)` that loads `model`'s checkpoint takes the
+    same steps on `batches` as `model` itself, bit for bit."""
+    checkpoint = {"model": model.state_dict(), "optimizer": model.optimizer.state_dict()}
+    resumed = make(seed=2)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
+    train(model, batches)
+    train(resumed, batches)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    assert same, "the resumed run differs from the uninterrupted one"
+    print("checkpoint: the resumed run continues exactly like the uninterrupted one")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -145,16 +159,7 @@ def main() -> None:
 
     gnfx.diagnose(model, batches[-1], loss="cross_entropy")
 
-    # a checkpoint round trip: resume from the state of step `args.steps` and take two more steps
-    checkpoint = {"model": model.state_dict(), "optimizer": model.optimizer.state_dict()}
-    resumed = make(seed=2)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
-    train(model, batches[args.steps:])
-    train(resumed, batches[args.steps:])
-    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
-    assert same, "the resumed run differs from the uninterrupted one"
-    print("checkpoint: the resumed run continues exactly like the uninterrupted one")
+    check_resume(model, make, batches[args.steps:])  # resume from the state of step `args.steps`
 
 
 if __name__ == "__main__":

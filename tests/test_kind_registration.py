@@ -17,6 +17,7 @@ gradients from torch.func.vmap; float64, compared at 1e-10.
 import copy
 import importlib.util
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -44,10 +45,8 @@ DTYPE = torch.float64
 @pytest.fixture(autouse=True)
 def kinds():
     """Every test leaves the registered layer kinds as it found them."""
-    before = dict(KINDS)
-    yield
-    KINDS.clear()
-    KINDS.update(before)
+    with mock.patch.dict(KINDS):
+        yield
 
 
 def register():
