@@ -31,6 +31,7 @@ import gnfx  # noqa: E402
 from gnfx import cost  # noqa: E402
 from gnfx.hparams import positive, unit_interval  # noqa: E402
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams  # noqa: E402
+from custom_layer_kind import check_resume, train  # noqa: E402  (examples/custom_layer_kind.py, this script's folder)
 
 
 class FactoredAdam(CurvaturePreconditioner):
@@ -82,15 +83,6 @@ def make(seed: int = 0):
     return gnfx.compile(net, optimizer="factored_adam", lr=1e-2, example_inputs=(torch.randn(2, 10),))
 
 
-def train(model, batches) -> float:
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        model.step()
-        model.zero_grad()
-    return float(loss.detach())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -119,16 +111,7 @@ def main() -> None:
 
     gnfx.diagnose(model, batches[-1], loss="cross_entropy")
 
-    # a checkpoint round trip: resume from the state of step `args.steps` and take two more steps
-    checkpoint = {"model": model.state_dict(), "optimizer": model.optimizer.state_dict()}
-    resumed = make(seed=2)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
-    train(model, batches[args.steps:])
-    train(resumed, batches[args.steps:])
-    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
-    assert same, "the resumed run differs from the uninterrupted one"
-    print("checkpoint: the resumed run continues exactly like the uninterrupted one")
+    check_resume(model, make, batches[args.steps:])  # resume from the state of step `args.steps`
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from gnfx.api import COMMON, compile
 from gnfx.compiled import CompiledModel
 from gnfx.diagnose import diagnose
 from gnfx.errors import CaptureError, ConfigError, GnfxError
+from gnfx.layouts import register_layer_kind
 from gnfx.preconditioners import REGISTRY
 from gnfx.preconditioners.registration import register_preconditioner
 
 __all__ = ["compile", "diagnose", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON",
-           "register_preconditioner"]
+           "register_preconditioner", "register_layer_kind"]

@@ -66,7 +66,7 @@ import sympy as sp
 import torch
 
 from gnfx.errors import GnfxError
-from gnfx.layouts import LAYOUTS, layout_of
+from gnfx.layouts import layout_class, layout_of
 from gnfx.layouts.base import factor_blocks
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
@@ -205,7 +205,7 @@ class Geometry:
     @property
     def layout(self):
         """The layout class of the block's kind (gnfx.layouts), None for a loose parameter."""
-        return LAYOUTS.get(self.kind)
+        return layout_class(self.kind)
 
     @property
     def loose(self) -> bool:

@@ -221,7 +221,8 @@ class Variants:
         else:
             fix = ("these parameters are used by operations gnfx has no curvature block for; print(model) lists "
                    "each one's reason. Where a layer is written with a custom op, write it with torch.nn.functional "
-                   "(linear, conv, embedding) so that gnfx recognizes it")
+                   "(linear, conv, embedding) so that gnfx recognizes it, or register its layer kind with "
+                   "gnfx.register_layer_kind (examples/custom_layer_kind.py)")
         warnings.warn(f"gnfx: only {100 * covered / total:.1f}% of the trainable parameters ({covered:,} of "
                       f"{total:,} entries) are in curvature blocks; the rest get the diagonal preconditioner. "
                       f"Graph captured with {self.form} ({self.table.capture}). Largest uncovered: {listed}. Fix: {fix}",

@@ -1,20 +1,29 @@
 """analyze: a captured GraphModule -> LayerTable.
 
-Each registered detector finds the call sites of one layer kind. Sites that share a weight form
-one block (tied weights). Then every use of every trainable parameter is accounted for: a
-parameter is in a block only if *all* its uses are claimed by that block's sites; otherwise it
-falls back to the diagonal preconditioner, and the reason names the other use.
+Each registered layer kind's detector (gnfx.layouts.registration; the built-in kinds are registered
+below) finds the call sites of that kind. Sites that share a weight form one block (tied weights).
+Then every use of every trainable parameter is accounted for: a parameter is in a block only if
+*all* its uses are claimed by that block's sites; otherwise it falls back to the diagonal
+preconditioner, and the reason names the other use.
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
-unembedding `h Wᵀ`) form one linear block in the unembedding's orientation; the embedding's
-gradient is preconditioned with that block's factors, and its own statistics (which live in the
-transposed orientation) are not added to them.
+unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
+whose layout is a `tied_host`, gnfx.layouts.base) form one block of the host's kind, in its
+orientation; the guest's gradient is preconditioned with that block's factors, and its own
+statistics (which live in the transposed orientation) are not added to them.
 """
 from __future__ import annotations
 
 from torch import fx, nn
 
+from gnfx.errors import GnfxError
 from gnfx.layer_table import Block, Fallback, LayerTable
+from gnfx.layouts import KINDS, register_layer_kind
+from gnfx.layouts.conv import ConvLayout
+from gnfx.layouts.embedding import EmbeddingLayout
+from gnfx.layouts.linear import LinearLayout
+from gnfx.layouts.norm import NormLayout
+from gnfx.layouts.position import PositionLayout
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -25,8 +34,12 @@ from .norm import find_norm_sites
 from .position import find_position_sites
 from .sites import Site
 
-DETECTORS = {"linear": find_linear_sites, "conv": find_conv_sites, "embedding": find_embedding_sites,
-             "norm": find_norm_sites, "position": find_position_sites}
+# the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
+register_layer_kind("linear", LinearLayout, find_linear_sites)
+register_layer_kind("conv", ConvLayout, find_conv_sites)
+register_layer_kind("embedding", EmbeddingLayout, find_embedding_sites)
+register_layer_kind("norm", NormLayout, find_norm_sites)
+register_layer_kind("position", PositionLayout, find_position_sites)
 
 
 def _block_name(weight: str) -> str:
@@ -94,6 +107,29 @@ def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
     return f"used by {node.op} {target!r} (node {node.name}), not a layer gnfx models"
 
 
+def _detect(kind, gm: fx.GraphModule, index: _ParamIndex) -> tuple[list[Site], list]:
+    """The sites of one registered layer kind (each marked with its name) and its rejected nodes."""
+    found, rejected = kind.detector(gm, index.param_of, index.shape_of)
+    for site in found:
+        if not isinstance(site, Site):
+            raise GnfxError(f"the detector of layer kind {kind.name!r} returned {site!r} as a site; a detector "
+                            f"returns (sites, rejected) with gnfx.passes.sites.Site sites")
+        site.kind = kind.name
+    return found, rejected
+
+
+def _tied(group: list[Site]) -> tuple[list[Site], str] | None:
+    """(the sites that form the block, the guest kind) of a tied input/output embedding: the sites
+    of the one kind whose layout is a `tied_host`, the others all of one kind whose layout is a
+    `tied_guest` (gnfx.layouts.base); None for any other group."""
+    layouts = {s.kind: KINDS[s.kind].layout for s in group}
+    hosts = [k for k, layout in layouts.items() if layout.tied_host]
+    guests = [k for k, layout in layouts.items() if layout.tied_guest and not layout.tied_host]
+    if len(layouts) != 2 or len(hosts) != 1 or len(guests) != 1:
+        return None
+    return [s for s in group if layouts[s.kind].tied_host], guests[0]
+
+
 def _block(weight: str, group: list[Site], bias: str | None) -> Block:
     first = group[0]
     return Block(name=_block_name(weight), kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
@@ -107,8 +143,8 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     uses = _uses(gm, index)
     sites: list[Site] = []
     rejected: dict[fx.Node, str] = {}
-    for detect in DETECTORS.values():
-        found, bad = detect(gm, index.param_of, index.shape_of)
+    for kind in KINDS.values():
+        found, bad = _detect(kind, gm, index)
         sites += found
         rejected.update(bad)
 
@@ -118,12 +154,11 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
 
     blocks, block_sites, claimed, notes = [], {}, set(), {}
     for weight, group in by_weight.items():
-        kinds = {s.kind for s in group}
-        tapped = group
-        if kinds == {"embedding", "linear"}:  # tied input/output embedding
-            tapped = [s for s in group if s.kind == "linear"]
-            notes[weight] = "tied with an embedding, whose gradient shares this block's factors"
-        elif len(kinds) > 1 or len({(s.d_in, s.d_out, str(s.options)) for s in group}) > 1:
+        tapped, tie = group, _tied(group)
+        if tie is not None:  # tied input/output embedding
+            tapped = tie[0]
+            notes[weight] = f"tied with a site of kind {tie[1]!r}, whose gradient shares this block's factors"
+        elif len({s.kind for s in group}) > 1 or len({(s.d_in, s.d_out, str(s.options)) for s in group}) > 1:
             continue  # reported below: the uses stay unclaimed
         group_uses = {u for s in group for u in s.uses}
         if any((u, a) not in group_uses for u, a in uses[weight]):

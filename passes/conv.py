@@ -58,7 +58,7 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
         bias = param_of(b_node)
         uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
         d_in = shape[1] * math.prod(kernel)
-        sites.append(Site(node=node, kind="conv", input=node.args[0], weight=weight, bias=bias, uses=uses,
+        sites.append(Site(node=node, input=node.args[0], weight=weight, bias=bias, uses=uses,
                           d_in=d_in, d_out=shape[0],
                           options={"kernel_size": kernel, "stride": stride, "padding": pads,
                                    "dilation": dilation, "groups": groups, "weight_shape": shape}))

@@ -38,7 +38,7 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
         vocab, dim = shape_of(weight)
         if padding is not None and padding < 0:
             padding += vocab
-        sites.append(Site(node=node, kind="embedding", input=ids, weight=weight, bias=None,
+        sites.append(Site(node=node, input=ids, weight=weight, bias=None,
                           uses=[(node, w_node)], d_in=vocab, d_out=dim,
                           options={"weight_shape": (vocab, dim), "padding_idx": padding}))
     return sites, rejected

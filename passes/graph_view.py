@@ -21,7 +21,9 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-_COLORS = {"tap": "lightblue", "linear": "orange"}
+def _color(role: str | None) -> str:
+    """Taps light blue, the call sites of blocks (their role is their layer kind) orange, the rest white."""
+    return "lightblue" if role == "tap" else "orange" if role else "white"
 
 
 def to_dot(gm: fx.GraphModule) -> str:
@@ -30,7 +32,7 @@ def to_dot(gm: fx.GraphModule) -> str:
     lines = ["digraph gnfx {", "  node [shape=box, fontname=monospace];"]
     for name, attrs in g.nodes(data=True):
         label = f"{name}\\n{attrs['op']}: {attrs['target']}".replace('"', "'")
-        color = _COLORS.get(attrs["role"], "white")
+        color = _color(attrs["role"])
         lines.append(f'  "{name}" [label="{label}", style=filled, fillcolor={color}];')
     lines += [f'  "{u}" -> "{v}";' for u, v in g.edges]
     lines.append("}")

@@ -69,7 +69,7 @@ def _site(node, x, w_operand, bias_node, param_of, shape_of) -> Site | None:
     uses = [(transpose or node, attr)] + ([(node, bias_node)] if bias is not None else [])
     options = {"transposed": True} if orientation == "in_out" else {}
     options["weight_shape"] = shape
-    return Site(node=node, kind="linear", input=x, weight=name, bias=bias, uses=uses,
+    return Site(node=node, input=x, weight=name, bias=bias, uses=uses,
                 d_in=d_in, d_out=d_out, options=options)
 
 
@@ -100,5 +100,5 @@ def _linear_site(node, param_of, shape_of) -> Site | None:
     d_out, d_in = shape_of(name)
     bias = param_of(b_node)
     uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
-    return Site(node=node, kind="linear", input=node.args[0], weight=name, bias=bias, uses=uses,
+    return Site(node=node, input=node.args[0], weight=name, bias=bias, uses=uses,
                 d_in=d_in, d_out=d_out, options={"weight_shape": (d_out, d_in)})

@@ -16,14 +16,14 @@ _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 def _functional(mod: nn.Module, x, weight, bias):
     """(function, args, kwargs) of the op equivalent to calling `mod` on x, or None."""
-    kind = next((k for k in (nn.Linear, nn.Embedding, *_CONV) if isinstance(mod, k)), None)
-    if kind is None or type(mod).forward is not kind.forward:
+    stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV) if isinstance(mod, k)), None)
+    if stock is None or type(mod).forward is not stock.forward:
         return None  # not a stock layer, or one with a custom forward
-    if kind is nn.Linear:
+    if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}
-    if kind in _CONV:
-        return _CONV[kind], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
-    if kind is nn.Embedding:
+    if stock in _CONV:
+        return _CONV[stock], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
+    if stock is nn.Embedding:
         return F.embedding, (x, weight), {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm,
                                            "norm_type": mod.norm_type, "scale_grad_by_freq": mod.scale_grad_by_freq,
                                            "sparse": mod.sparse}

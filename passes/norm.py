@@ -70,7 +70,7 @@ def _site(node, x, weight, bias, uses, how, channels_first, shape_of) -> Site | 
     if len(shape_of(weight)) != 1 or (bias is not None and shape_of(bias) != shape_of(weight)):
         return None
     d = shape_of(weight)[0]
-    return Site(node=node, kind="norm", input=x, weight=weight, bias=bias, uses=uses, d_in=1, d_out=d,
+    return Site(node=node, input=x, weight=weight, bias=bias, uses=uses, d_in=1, d_out=d,
                 options={"normalize": how, "channels_first": channels_first, "weight_shape": (d,)})
 
 

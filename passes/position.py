@@ -75,7 +75,7 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
                 continue
             name, attr, consumer, start = found
             shape = shape_of(name)
-            sites.append(Site(node=node, kind="position", input=x, weight=name, bias=None,
+            sites.append(Site(node=node, input=x, weight=name, bias=None,
                               uses=[(consumer or node, attr)], d_in=shape[-2], d_out=shape[-1],
                               options={"weight_shape": shape, "start": start, "padding_idx": None}))
             break

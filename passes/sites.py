@@ -11,10 +11,10 @@ class Site:
     """One use of a layer: `node` computes `z` from `input` (the `a` of docs/design.md §1) with the
     parameter named `weight` (and `bias`, or None). `uses` are the (consumer, get_attr) pairs of
     the graph that this site accounts for (for `x @ W.t()` the consumer of W is the transpose).
-    `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry."""
+    `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry (what
+    its layout reads). `kind` is the name its detector is registered under (set by passes/analyze.py)."""
 
     node: fx.Node
-    kind: str
     input: fx.Node
     weight: str
     bias: str | None
@@ -22,6 +22,7 @@ class Site:
     d_in: int
     d_out: int
     options: dict = dataclasses.field(default_factory=dict)
+    kind: str = ""
 
 
 def arg(node: fx.Node, position: int, name: str, default=None):

@@ -17,6 +17,7 @@ RUNS = {
     "demo.py": ["--steps", "2"],
     "diagnose.py": [],
     "custom_preconditioner.py": ["--steps", "10"],
+    "custom_layer_kind.py": ["--steps", "10"],
 }
 
 

@@ -51,6 +51,12 @@ class Layout:
     groups = 1
     view = ""  # how the weight reads as the matrix W (gnfx.targets.as_matrix)
     input_unit = 1  # entries of a that a blocked A keeps together (module docstring)
+    # A tied input/output embedding: one weight read by sites of a `tied_guest` kind (an embedding)
+    # and of one `tied_host` kind (a linear unembedding `h Wᵀ`) is one block of the host's kind
+    # (passes/analyze.py): the guest's gradient is preconditioned with the host's factors and its
+    # own statistics (in the transposed orientation) are not taken
+    tied_host = False
+    tied_guest = False
 
     def __init__(self, block):
         self.block = block

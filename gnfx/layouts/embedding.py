@@ -15,6 +15,7 @@ from gnfx.layouts.base import Layout
 class EmbeddingLayout(Layout):
     diagonal_A = True
     view = "t"
+    tied_guest = True  # a weight it shares with a linear unembedding is that block's (gnfx.layouts.base)
 
     def input_chunks(self, idx: torch.Tensor):
         """Token ids as (N, R) chunks (one chunk; one-hot rows are never materialized)."""

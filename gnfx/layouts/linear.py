@@ -7,6 +7,8 @@ from gnfx.layouts.base import Layout
 
 
 class LinearLayout(Layout):
+    tied_host = True  # an unembedding `h Wᵀ` holds the weight it shares with an embedding (gnfx.layouts.base)
+
     def __init__(self, block):
         super().__init__(block)
         # "t": the parameter is stored (d_in, d_out) and used as `x @ W`; the matrix W is its transpose
