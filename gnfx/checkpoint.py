@@ -20,7 +20,7 @@ def expected_state(opt) -> dict[int, dict]:
     expected: dict[int, dict] = {}
     for pre in opt.elementwise + opt.curvature:
         for name, entries in pre.expected_state().items():
-            expected.setdefault(id(opt._named[name]), {}).update(entries)
+            expected.setdefault(id(opt.parameter_store.named[name]), {}).update(entries)
     return expected
 
 
@@ -50,7 +50,7 @@ def check_checkpoint(opt, state_dict) -> dict[int, dict]:
         if len(saved["params"]) != len(mine["params"]):
             fail(f"its parameter group {i} has {len(saved['params'])} parameters, this optimizer's "
                  f"{len(mine['params'])}: was it saved from a model with a different architecture?")
-    names = {id(p): n for n, p in opt._named.items()}
+    names = {id(p): n for n, p in opt.parameter_store.named.items()}
     ids = [i for g in groups for i in g["params"]]
     params = [p for g in opt.param_groups for p in g["params"]]
     strangers = set(state_dict["state"]) - set(ids)

@@ -141,7 +141,7 @@ class CompiledModel(nn.Module):
         reassigned since (`model.mask = new_tensor`) are re-bound in the instrumented graphs, which
         hold the tensors they were traced with, so that they compute what the original forward does.
         Run on statistic steps only (a walk over the module tree)."""
-        compiled = self.optimizer._named
+        compiled = self.optimizer.parameter_store.named
         current = dict(self._model.named_parameters(remove_duplicate=False))
         known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
         gone = [n for n, p in compiled.items() if id(p) not in present]

@@ -191,10 +191,10 @@ def _constructor(cls, instance: str):
     if instance == cls.name:
         return cls
 
-    def construct(hp, blocks, params, optimizer):
+    def construct(hp, blocks, params, parameters):
         pre = cls.__new__(cls)
         pre.name = instance
-        pre.__init__(hp, blocks, params, optimizer)
+        pre.__init__(hp, blocks, params, parameters)
         return pre
 
     return construct
