@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from gnfx.checkpoint import check_checkpoint
+from gnfx.checkpoint import check_checkpoint, restore_dtypes
 from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
@@ -259,21 +259,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return
         self._bind_sharded()  # under FSDP2 the checkpoint holds the state of this rank's targets
         expected = check_checkpoint(self, state_dict)
-        saved = state_dict["state"]
         gnfx_state = state_dict["gnfx"]
         self.statistics.load_state_dict(gnfx_state["statistics"])
         plain = {k: v for k, v in state_dict.items() if k != "gnfx"}
         super().load_state_dict(plain)
-        # torch casts floating state to each parameter's dtype; gnfx keeps factors in their own
-        # dtype (float32/float64 whatever the model's), so restore the saved tensors in the dtype
-        # this plan keeps them in (the saved one, for a checkpoint of the same model).
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            for k, v in saved.get(i, {}).items():
-                if isinstance(v, torch.Tensor):
-                    dtype = (expected.get(id(p), {}).get(k) or (None, v.dtype))[1]
-                    self.state[p][k] = v.detach().clone().to(device=p.device, dtype=dtype)
+        restore_dtypes(self.state, self.param_groups, state_dict, expected)
         self.steps = int(gnfx_state["steps"])
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
