@@ -54,8 +54,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
-        self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"], settings["damping_decay"],
-                                        settings["lr_cap"], settings["quadratic_rows"],
+        self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
+                                        settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
                                         settings["damping_every"])
                           if settings["step"] == "quadratic" else None)
 

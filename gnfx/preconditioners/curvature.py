@@ -91,8 +91,9 @@ class CurvaturePreconditioner(Preconditioner):
         (d,), identity matrices for (d, d) or per row group (groups, d, d) (gnfx.layouts.base)."""
         if len(shape) == 1:
             return self.stacked_zeros(group, *shape) + 1
+        device = self.parameters.param(group.pieces[0].target.params[0]).device
         return self.stacked_zeros(group, *shape) + torch.eye(shape[-1], dtype=self.factor_dtype(group.pieces[0]),
-                                                             device=self.parameters.param(group.pieces[0].target.params[0]).device)
+                                                             device=device)
 
     @staticmethod
     def layout(group):
@@ -148,8 +149,9 @@ class CurvaturePreconditioner(Preconditioner):
     def curvature_product(self, group, i: int, V: torch.Tensor, statistics) -> torch.Tensor | None:
         """Ĝ vec(V) for piece i of `group` (V shaped like the piece): the curvature this
         preconditioner models, undamped, from its current state and the averaged `statistics` (a
-        gnfx.statistics.StatisticsStore), which it leaves unchanged (read by gnfx.diagnose); None where it models no GGN (the default: Shampoo's and SOAP's factors are
-        Gram matrices of gradients under a root, with no GGN scale)."""
+        gnfx.statistics.StatisticsStore), which it leaves unchanged (read by gnfx.diagnose); None
+        where it models no GGN (the default: Shampoo's and SOAP's factors are Gram matrices of
+        gradients under a root, with no GGN scale)."""
         return None
 
     def collect(self) -> None:

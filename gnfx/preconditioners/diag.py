@@ -54,8 +54,8 @@ class Diagonal(Preconditioner):
     def expected_state(self):
         """AdamW's state per parameter: the step count and the two moments (under FSDP2 shaped like
         the rank's shard)."""
-        return {n: {"step": None, **{k: (self.parameters.param(n).shape, self.parameters.param(n).dtype) for k in self.STATE}}
-                for n in self._names}
+        param = self.parameters.param
+        return {n: {"step": None, **{k: (param(n).shape, param(n).dtype) for k in self.STATE}} for n in self._names}
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
@@ -103,7 +103,8 @@ class Diagonal(Preconditioner):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""
         version = self.parameters.sync_groups()
         if self._partition[0] != version:
-            by_group = [(g, [n for n in self._names if self.parameters.group_of(n) is g]) for g in self.parameters.param_groups]
+            group_of = self.parameters.group_of
+            by_group = [(g, [n for n in self._names if group_of(n) is g]) for g in self.parameters.param_groups]
             self._partition = (version, [(g, names) for g, names in by_group if names])
         return self._partition[1]
 
