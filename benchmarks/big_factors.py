@@ -91,7 +91,8 @@ def parts(max_factors, batch: int, repeats: int) -> dict:
         opt.steps = 0
         stat_fwd_bwd = targets.seconds(lambda: F.cross_entropy(c(x), y).backward())
         c.step()  # folds the statistics and refreshes
-        refresh = statistics.median(targets.seconds(kfac.refresh) for _ in range(repeats))
+        refresh = statistics.median(targets.seconds(lambda: kfac.refresh(opt.statistics, opt.comm))
+                                    for _ in range(repeats))
         c.zero_grad()
         opt.steps = 1
         plain_fwd_bwd = targets.seconds(lambda: F.cross_entropy(c(x), y).backward())

@@ -59,7 +59,7 @@ class FactoredAdam(CurvaturePreconditioner):
         state["c"].lerp_(G2.sum(1), 1 - self.hp["beta"])
         return G / (self.second_moment(state).sqrt() + self.hp["epsilon"])
 
-    def curvature_product(self, group, i, V):
+    def curvature_product(self, group, i, V, statistics):
         """diag(V̂) vec(V): the curvature it models, as "diag" models diag(v̂) (read by gnfx.diagnose)."""
         state = self.group_state(group)
         return self.second_moment({k: v[i:i + 1] for k, v in state.items()})[0] * V

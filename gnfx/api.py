@@ -122,14 +122,15 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     opt = GnfxOptimizer(named, hp, {k: hp[k] for k in PER_GROUP})
 
     def start(table):
-        """Plan the first capture's blocks and attach the preconditioners to the optimizer."""
+        """Plan the first capture's blocks and attach the preconditioners to the optimizer; the
+        planned table (gnfx.plan) and the statistics store."""
         plan = make_plan(table, policy, hparams, hp, dict(model.named_parameters()))
         store = StatisticsStore(
-            table.blocks,
+            plan.table.blocks,
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
             kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
         opt.attach(plan.specs(), store)
-        return store
+        return plan.table, store
 
     variants = Variants(model, capture, leaf_modules, lambda captured: _lower_and_analyze(model, captured), start)
     if example_inputs is not None:

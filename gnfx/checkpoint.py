@@ -4,7 +4,8 @@
 parameter groups, every per-parameter state entry against the state the plan's preconditioners
 keep (each says what it keeps: `expected_state`, gnfx.preconditioners.base), the statistics of
 every block (gnfx.statistics) and the counters. One that does not fit, or whose contents are
-damaged or cut short, raises a ConfigError naming what differs.
+damaged or cut short, raises a ConfigError naming what differs. Once torch has loaded it,
+`restore_dtypes` puts the saved tensors back in the dtypes the plan keeps them in.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def expected_state(opt) -> dict[int, dict]:
     expected: dict[int, dict] = {}
     for pre in opt.elementwise + opt.curvature:
         for name, entries in pre.expected_state().items():
-            expected.setdefault(id(opt._named[name]), {}).update(entries)
+            expected.setdefault(id(opt.parameter_store.named[name]), {}).update(entries)
     return expected
 
 
@@ -50,7 +51,7 @@ def check_checkpoint(opt, state_dict) -> dict[int, dict]:
         if len(saved["params"]) != len(mine["params"]):
             fail(f"its parameter group {i} has {len(saved['params'])} parameters, this optimizer's "
                  f"{len(mine['params'])}: was it saved from a model with a different architecture?")
-    names = {id(p): n for n, p in opt._named.items()}
+    names = {id(p): n for n, p in opt.parameter_store.named.items()}
     ids = [i for g in groups for i in g["params"]]
     params = [p for g in opt.param_groups for p in g["params"]]
     strangers = set(state_dict["state"]) - set(ids)
@@ -97,6 +98,20 @@ def check_checkpoint(opt, state_dict) -> dict[int, dict]:
                 fail(f"statistic {k!r} of block {block!r} is {got} in the checkpoint and {shape} "
                      f"here: was it saved from a model with a different architecture?")
     return expected
+
+def restore_dtypes(state: dict, param_groups: list, state_dict, expected: dict[int, dict]) -> None:
+    """torch's load_state_dict casts floating state to each parameter's dtype; gnfx keeps factors in
+    their own dtype (float32/float64 whatever the model's): put the tensors saved in `state_dict` into
+    `state` (the optimizer's, loaded by torch, over `param_groups`) in the dtype this plan keeps them
+    in (`expected`, from `check_checkpoint`; the saved one for a checkpoint of the same model)."""
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in param_groups for p in g["params"]]
+    for i, p in zip(ids, params):
+        for k, v in state_dict["state"].get(i, {}).items():
+            if isinstance(v, torch.Tensor):
+                dtype = (expected.get(id(p), {}).get(k) or (None, v.dtype))[1]
+                state[p][k] = v.detach().clone().to(device=p.device, dtype=dtype)
+
 
 def _is_count(x) -> bool:
     """Whether `x` is a counter a checkpoint may hold: an int or float, or a one-element tensor."""

@@ -90,17 +90,19 @@ COMPILE_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.U
 
 
 class UpdateFunction:
-    """The generated step for the curvature preconditioners of a plan, eager or compiled."""
+    """The generated step for the curvature preconditioners of a plan, eager or compiled, over the
+    parameters of `parameters` (a gnfx.parameter_store.ParameterStore: their gradients, which the
+    generated function receives as its `grads`, and their param groups' lr and weight decay)."""
 
-    def __init__(self, preconditioners, optimizer, use_compile):
+    def __init__(self, preconditioners, parameters, use_compile):
         self.preconditioners = [p for p in preconditioners if hasattr(p, "groups")]
-        self.opt = optimizer
+        self.parameters = parameters
         self.names = [n for pre in self.preconditioners for g in pre.groups for p in g.pieces
                       for n in p.target.params]
         self.names = list(dict.fromkeys(self.names))
         position_of = {n: i for i, n in enumerate(self.names)}
         self.source = generate(self.preconditioners, position_of)
-        device = optimizer.param(self.names[0]).device if self.names else torch.device("cpu")
+        device = parameters.param(self.names[0]).device if self.names else torch.device("cpu")
         self.device = device
         # preconditioner name -> param-group index of each of its pieces, in group order
         self.index: dict[str, torch.Tensor] = {}
@@ -115,22 +117,22 @@ class UpdateFunction:
         self.setting = use_compile
         self.fn = (torch.compile(self.eager, backend=BACKEND, dynamic=False, fullgraph=True)
                    if self.compiled else self.eager)
-        n_groups = len(optimizer.param_groups)
+        n_groups = len(parameters.param_groups)
         self._sync_index()
         # 0-d tensors filled each step (a changing Python float would recompile), as wide as the
         # widest parameter so that a float64 model steps with its exact learning rate
-        dtype = torch.float64 if any(optimizer.param(n).dtype == torch.float64 for n in self.names) else torch.float32
+        dtype = torch.float64 if any(parameters.param(n).dtype == torch.float64 for n in self.names) else torch.float32
         self.lrs = torch.zeros(n_groups, dtype=dtype, device=device)
         self.wds = torch.zeros(n_groups, dtype=dtype, device=device)
 
     def _sync_index(self) -> None:
         """Which param group (lr, weight decay) each piece reads, refreshed when the groups change."""
-        version = self.opt.sync_groups()
+        version = self.parameters.sync_groups()
         if version == self._groups_version:
             return
-        group_index = {id(g): i for i, g in enumerate(self.opt.param_groups)}
+        group_index = {id(g): i for i, g in enumerate(self.parameters.param_groups)}
         for pre in self.preconditioners:
-            idx = [group_index[id(self.opt.group_of(p.target.params[0]))] for g in pre.groups for p in g.pieces]
+            idx = [group_index[id(self.parameters.group_of(p.target.params[0]))] for g in pre.groups for p in g.pieces]
             self.index[pre.name] = torch.tensor(idx, device=self.device)
         self._groups_version = version
 
@@ -138,15 +140,16 @@ class UpdateFunction:
         if not self.names:
             return
         self._sync_index()
-        if len(self.lrs) != len(self.opt.param_groups):
-            self.lrs = self.lrs.new_zeros(len(self.opt.param_groups))
-            self.wds = self.wds.new_zeros(len(self.opt.param_groups))
-        for i, g in enumerate(self.opt.param_groups):
+        groups = self.parameters.param_groups
+        if len(self.lrs) != len(groups):
+            self.lrs = self.lrs.new_zeros(len(groups))
+            self.wds = self.wds.new_zeros(len(groups))
+        for i, g in enumerate(groups):
             self.lrs[i] = g["lr"]
             self.wds[i] = g["weight_decay"]
         grads = []
         for n in self.names:
-            p = self.opt.param(n)
+            p = self.parameters.param(n)
             grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
         try:

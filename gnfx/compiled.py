@@ -19,8 +19,7 @@ from torch import nn
 
 from gnfx.plan_cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError, StatisticsError
-from gnfx.fisher import record_true_fisher
-from gnfx.outputs import logits_of
+from gnfx.output_watch import watch_output
 from gnfx.fsdp import fsdp_modules, unshard_for_graph
 from gnfx.report import report
 from gnfx.passes import graph_view
@@ -115,17 +114,7 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._variants(args, kwargs)
-            first = logits_of(out)
-            if first is not None:
-                store.batch_size[store.forward_id] = first.shape[0]
-            # the first tensor of a tuple/dict/dataclass output is the logits, as for the batch size above
-            if self._settings["loss_average"] == "auto" and first is not None and first.dim() > 2:
-                store.terms_per_example[store.forward_id] = first.shape[1:-1].numel()
-            if first is not None and first.requires_grad:
-                self._watch_output(first, store)
-            elif store.fisher != "empirical":
-                raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
-                                f"mse) that requires grad; got {type(out).__name__}")
+            watch_output(out, store, self._settings)
             return out
         return self._model(*args, **kwargs)
 
@@ -141,7 +130,7 @@ class CompiledModel(nn.Module):
         reassigned since (`model.mask = new_tensor`) are re-bound in the instrumented graphs, which
         hold the tensors they were traced with, so that they compute what the original forward does.
         Run on statistic steps only (a walk over the module tree)."""
-        compiled = self.optimizer._named
+        compiled = self.optimizer.parameter_store.named
         current = dict(self._model.named_parameters(remove_duplicate=False))
         known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
         gone = [n for n, p in compiled.items() if id(p) not in present]
@@ -164,25 +153,6 @@ class CompiledModel(nn.Module):
                 if now is not None and now is not t:
                     owner, _, field = name.rpartition(".")
                     getattr(gm.get_submodule(owner), registry)[field] = now
-
-    def _watch_output(self, z, store) -> None:
-        """When the user's backward reaches the logits z: count the rows the loss ignores (their
-        gradient is exactly zero, e.g. cross-entropy targets of -100), so that N and M count only
-        the rest, and run the true-Fisher backward (gnfx.fisher) if one is asked for."""
-        pending, store.pending = store.pending, []
-        fid, s = store.forward_id, self._settings
-
-        def hook(grad):
-            handle.remove()  # the true-Fisher backward starts at z too: run once
-            kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
-            fraction = float(kept.sum()) / max(kept.numel(), 1)
-            store.kept_fraction[fid] = fraction
-            if store.fisher != "empirical":
-                terms = z.shape[0] if s["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
-                record_true_fisher(z, pending, s["fisher"], s["loss"], s["mc_samples"], terms * fraction, kept)
-            return grad
-
-        handle = z.register_hook(hook)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but checked first: a checkpoint of another architecture (missing or

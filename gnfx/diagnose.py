@@ -148,7 +148,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
             pre = _server(opt, unit)
             g = unit.matrix(grads)
             V = torch.randn((probes,) + g.shape, generator=generator, dtype=g.dtype, device=g.device)
-            modeled = [_curvature(pre, unit, v, exact.shapes) for v in V]
+            modeled = [_curvature(pre, unit, v, exact.shapes, opt.statistics) for v in V]
             error = None
             if modeled[0] is not None:
                 GV = exact.products(unit, V)
@@ -263,11 +263,11 @@ def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
     return unit.matrix({n: pre.parameter_direction(n, grads[n]) for n in unit.params})
 
 
-def _curvature(pre, unit: _Unit, V: Tensor, shapes: dict) -> Tensor | None:
+def _curvature(pre, unit: _Unit, V: Tensor, shapes: dict, statistics) -> Tensor | None:
     """Ĝ_b V: the curvature the preconditioner models for the unit (its `curvature_product`, piece
-    by piece; an elementwise one's `parameter_curvature`, parameter by parameter, `shapes` theirs),
-    None where it models none."""
+    by piece, from the averaged `statistics`; an elementwise one's `parameter_curvature`, parameter by
+    parameter, `shapes` theirs), None where it models none."""
     if isinstance(pre, CurvaturePreconditioner):
-        return _piecewise(pre, unit, V, pre.curvature_product)
+        return _piecewise(pre, unit, V, lambda group, i, piece: pre.curvature_product(group, i, piece, statistics))
     parts = {n: pre.parameter_curvature(n, v) for n, v in unit.tensors(V, shapes).items()}
     return None if any(p is None for p in parts.values()) else unit.matrix(parts)

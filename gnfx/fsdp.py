@@ -73,7 +73,6 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from gnfx.codegen import UpdateFunction
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.plan import _constructor
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
@@ -179,27 +178,30 @@ def curvature_owners(preconditioners, world: int) -> dict[str, int]:
 class ShardedStep:
     """The parts of GnfxOptimizer.step that differ under FSDP2 (see the module docstring).
 
-    Created by the optimizer on its first step after `fully_shard`: it rebinds the optimizer to the
-    sharded Parameter objects, assigns the curvature targets to ranks and rebuilds the curvature
-    preconditioners with the targets this rank owns."""
+    Created by the optimizer on its first step after `fully_shard`, from what it is given: it rebinds
+    the parameter store `parameters` (gnfx.parameter_store) to the sharded Parameter objects of
+    `live`, assigns the curvature targets of the preconditioners `curvature` to ranks and rebuilds
+    them with the targets this rank owns (`self.curvature`, which the optimizer then steps).
+    `steps`: the optimizer's steps so far; `comm`: its gnfx.distributed.Communicator; `statistics`:
+    the gnfx.statistics.StatisticsStore its taps fill; `elementwise`: its other preconditioners."""
 
-    def __init__(self, opt, live: dict):
-        if opt.steps:
+    def __init__(self, parameters, live: dict, steps: int, comm, statistics, curvature: list, elementwise: list):
+        if steps:
             raise ConfigError(f"fully_shard was applied after the optimizer's first step: {ORDER}")
-        if opt.comm is None:
+        if comm is None:
             raise ConfigError("distributed='off' keeps gnfx from communicating, which its step on sharded "
                               "parameters must (owners receive gradients and statistics and send updates; the "
                               "quadratic-model step averages its coefficients): leave distributed at its default")
-        for pre in opt.curvature:
+        for pre in curvature:
             if pre.unshardable:
                 raise ConfigError(f"{pre.name} does not run under FSDP2 yet: {pre.unshardable}; use kfac, ekfac, "
                                   f"shampoo, soap, rank1 or diag for these blocks")
-        guarded = [pre.name for pre in opt.curvature if _has_safeguard(pre)]
+        guarded = [pre.name for pre in curvature if _has_safeguard(pre)]
         if len(guarded) > 1:
             raise ConfigError(f"under FSDP2 one preconditioner at most may scale its step by a sum over all its "
                               f"blocks (its ranks add their parts in one all-reduce); {guarded} all do: give them "
                               f"the same hyperparameters, or turn the safeguard off (kl_clip=0)")
-        params = {n: live.get(n) for n in opt._named}
+        params = {n: live.get(n) for n in parameters.named}
         missing = [n for n, p in params.items() if not isinstance(p, DTensor)]
         if missing:
             raise ConfigError(f"parameters {missing[:5]} are not sharded by fully_shard (or were removed): "
@@ -213,57 +215,55 @@ class ShardedStep:
         self.group = mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.device = local(next(iter(params.values()))).device  # where the collectives' buffers live
-        self.opt = opt
+        self.parameters = parameters
+        self.statistics = statistics
         self.bytes_communicated = 0  # sent to other ranks since creation: gradients in, updates out
         self.statistics_bytes = 0  # sent to other ranks since creation: statistics to the ranks that keep them
         # before the first step the only state is what the taps' first backward created under the
         # unsharded parameters (EKFAC's initial bases, for the whole plan): rebuilt below per owner
-        opt.state.clear()
-        renamed = {id(opt._named[n]): p for n, p in params.items()}
-        for g in opt.param_groups:
-            g["params"] = [renamed[id(p)] for p in g["params"]]
-        opt._named = params
-        opt._groups_seen = None
-        opt.comm.partition_refresh = False  # each owner refreshes its own targets
-        self._assign(opt)
+        parameters.replace(params)
+        comm.partition_refresh = False  # each owner refreshes its own targets
+        self._assign(curvature, elementwise)
 
-    def _assign(self, opt) -> None:
+    def _assign(self, curvature: list, elementwise: list) -> None:
         """Owners of the curvature targets; this rank's preconditioners keep only its own."""
-        targets = [(pre, t) for pre in opt.curvature
+        targets = [(pre, t) for pre in curvature
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
-        by_name = {p.target.name: p.target for pre in opt.curvature for g in pre.groups for p in g.pieces}
-        owner = curvature_owners(opt.curvature, self.world)
+        by_name = {p.target.name: p.target for pre in curvature for g in pre.groups for p in g.pieces}
+        owner = curvature_owners(curvature, self.world)
         # per rank, the parameters of the targets it owns (in a fixed order), and the target's first
         # parameter, whose param group sets the step's lr and weight decay for all of them
         self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params]
                              for r in range(self.world)]
         self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
-        rebuilt, plan = [], opt.curvature
-        for pre in opt.curvature:
+        # the optimizer steps these; its list of all preconditioners stays the whole plan (model.cost, the report)
+        self.curvature = []
+        for pre in curvature:
             mine = [by_name[t] for p, t in targets if p is pre and owner[t] == self.rank]
-            rebuilt.append(_constructor(type(pre), pre.name)(pre.hp, [t.block for t in mine if t.block is not None],
-                                                             [t.name for t in mine if t.block is None], opt))
-        opt.curvature = rebuilt  # opt.preconditioners stays the whole plan (model.cost, the report)
-        opt.update_function = UpdateFunction(rebuilt, opt, opt.update_function.setting)
-        self.elementwise = [n for n in opt._named if n not in self.group_param]
+            self.curvature.append(_constructor(type(pre), pre.name)(
+                pre.hp, [t.block for t in mine if t.block is not None], [t.name for t in mine if t.block is None],
+                self.parameters))
+            self.curvature[-1].publish_bases(self.statistics)
+        self.elementwise = [n for n in self.parameters.named if n not in self.group_param]
         # the blocks whose averaged statistics each rank keeps: its targets' and the elementwise ones
-        everywhere = {b.name for pre in opt.elementwise for b in pre.blocks}
+        everywhere = {b.name for pre in elementwise for b in pre.blocks}
         self.kept_by = [{by_name[t].block.name for _, t in targets if owner[t] == r and by_name[t].block} | everywhere
                         for r in range(self.world)]
-        self._replicate_bases(opt, [(plan.index(pre), t) for pre, t in targets], owner)
+        self._replicate_bases([(curvature.index(pre), t) for pre, t in targets], owner)
         # gradients and updates travel, and learning rates and weight decays are applied, in float64
         # when a curvature parameter is float64, else float32 (as the update function's lr tensors)
-        wide = any(opt._named[n].dtype == torch.float64 for n in self.group_param)
+        named = self.parameters.named
+        wide = any(named[n].dtype == torch.float64 for n in self.group_param)
         self.dtype = torch.float64 if wide else torch.float32
         with torch.no_grad():
-            opt._views.update({n: local(opt._named[n]) for n in self.elementwise})
+            self.parameters.views.update({n: local(named[n]) for n in self.elementwise})
 
-    def _replicate_bases(self, opt, targets, owner) -> None:
+    def _replicate_bases(self, targets, owner) -> None:
         """The bases the taps measure statistics in (EKFAC's Q_S, Q_A: `BlockStatistics.basis`), for
         every block on every rank: the owner's preconditioner publishes its own blocks' bases, and this
         rank keeps a copy (`replicas`) of every other block's, identity until its owner first sends it.
-        `targets`: (index of the target's preconditioner in opt.curvature, target name)."""
-        stats = opt.statistics.blocks
+        `targets`: (index of the target's preconditioner in `curvature`, target name)."""
+        stats = self.statistics.blocks
         self.basis_blocks = [(t, i) for i, t in targets if t in stats and "eigen_diag" in stats[t].needs]
         self.replicas = {}
         for block, _ in self.basis_blocks:
@@ -279,11 +279,11 @@ class ShardedStep:
 
     def _bases(self, block) -> list:
         """The basis tensors of a block the taps read (its owner's state, or this rank's copy)."""
-        return [t for t in self.opt.statistics[block].basis() if t is not None]
+        return [t for t in self.statistics[block].basis() if t is not None]
 
     def _due_bases(self) -> list[str]:
         """The blocks whose bases this step's refresh may have changed (the same on every rank)."""
-        return [b for b, i in self.basis_blocks if self.opt.curvature[i].tap_bases_due()]
+        return [b for b, i in self.basis_blocks if self.curvature[i].tap_bases_due()]
 
     @torch.no_grad()
     def share_bases(self) -> None:
@@ -324,7 +324,7 @@ class ShardedStep:
 
     # --- what the optimizer asks -------------------------------------------------------------
     def local_rows(self, name: str) -> slice:
-        return rows(self.opt._named[name].shape[0], self.world, self.rank)
+        return rows(self.parameters.named[name].shape[0], self.world, self.rank)
 
     def all_sum(self, x) -> torch.Tensor:
         """Σ over ranks of a scalar (as a float64 tensor on the wire; a number counts as 0-d)."""
@@ -337,7 +337,8 @@ class ShardedStep:
         """The full tensors of these local shards of the parameters (rows of dimension 0, one list
         per parameter in the optimizer's order, concatenated: [θ_r, g_r, ...]), in one all_gather
         (each rank's shards padded to the largest rank's total)."""
-        names = list(self.opt._named)
+        named = self.parameters.named
+        names = list(named)
         dtype = shards[0].dtype
         for t in shards:
             dtype = torch.promote_types(dtype, t.dtype)
@@ -348,7 +349,7 @@ class ShardedStep:
         buffer[:flat.numel()] = flat
         gathered = [torch.empty_like(buffer) for _ in range(self.world)]
         dist.all_gather(gathered, buffer, group=self.group)
-        out = [torch.empty(self.opt._named[names[i % len(names)]].shape, dtype=t.dtype, device=self.device)
+        out = [torch.empty(named[names[i % len(names)]].shape, dtype=t.dtype, device=self.device)
                for i, t in enumerate(shards)]
         self._assemble(out, gathered)
         return out
@@ -406,7 +407,7 @@ class ShardedStep:
     # --- the step ----------------------------------------------------------------------------
     def _entries(self, name: str, rank: int) -> int:
         """How many entries of parameter `name` rank `rank` holds."""
-        shape = self.opt._named[name].shape
+        shape = self.parameters.named[name].shape
         held = rows(shape[0], self.world, rank)
         return (held.stop - held.start) * math.prod(shape[1:])
 
@@ -415,22 +416,22 @@ class ShardedStep:
         """Elementwise parameters: their local shards, with their local gradients, stand for them.
         Curvature parameters this rank owns: zero stand-ins of full size whose gradient is the
         full gradient, assembled from all ranks' rows in one all-to-all."""
-        opt, views, me = self.opt, self.opt._views, self.rank
+        named, views, me = self.parameters.named, self.parameters.views, self.rank
         for n in self.elementwise:
-            p = opt._named[n]
+            p = named[n]
             views[n] = local(p)
             views[n].grad = None if p.grad is None else local(p.grad)
         mine = self.owned_params[me]
 
         def local_grad(n):
-            p = opt._named[n]
+            p = named[n]
             return (local(p.grad) if p.grad is not None else torch.zeros_like(local(p))).reshape(-1).to(self.dtype)
 
         sizes = [sum(self._entries(n, s) for n in mine) for s in range(self.world)]
         received = self._all_to_all(
             [local_grad(n) for r in range(self.world) for n in self.owned_params[r]],
             [sum(self._entries(n, me) for n in self.owned_params[r]) for r in range(self.world)], sizes)
-        full = {n: torch.empty(opt._named[n].shape, dtype=opt._named[n].dtype, device=self.device) for n in mine}
+        full = {n: torch.empty(named[n].shape, dtype=named[n].dtype, device=self.device) for n in mine}
         self._assemble(list(full.values()), received.split(sizes))
         for n in mine:
             views[n] = torch.zeros_like(full[n])
@@ -440,8 +441,8 @@ class ShardedStep:
     def end(self) -> None:
         """Join the safeguards this rank has no blocks of, then send every rank its rows of the
         owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
-        opt, views, me = self.opt, self.opt._views, self.rank
-        for pre in opt.curvature:
+        views, me = self.parameters.views, self.rank
+        for pre in self.curvature:
             if not pre.groups and _has_safeguard(pre):
                 pre.safeguard([], [], [])
         mine = self.owned_params[me]
@@ -456,10 +457,10 @@ class ShardedStep:
         offset = 0
         for r in range(self.world):
             for n in self.owned_params[r]:
-                shard = local(opt._named[n])
+                shard = local(self.parameters.named[n])
                 delta = received[offset:offset + shard.numel()].view(shard.shape).to(shard.dtype)
                 offset += shard.numel()
-                group = opt.group_of(self.group_param[n])
+                group = self.parameters.group_of(self.group_param[n])
                 if group["weight_decay"] != 0:
                     lr, wd = (torch.tensor(group[k], dtype=self.dtype, device=self.device)
                               for k in ("lr", "weight_decay"))

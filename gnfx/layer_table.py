@@ -40,8 +40,9 @@ class Block:
     role: str | None = None
     model_input: bool = False
     model_output: bool = False
+    # the plan's choices, filled in on the plan's copy of the block (gnfx.plan; None as analyzed):
+    # its preconditioner, and the largest factor dimension that keeps whole (None: all whole)
     preconditioner: str | None = None
-    # the largest factor dimension its preconditioner keeps whole (set by the plan; None: all whole)
     max_factor: int | None = None
 
     @property
@@ -77,7 +78,7 @@ class LayerTable:
         self.leaves = leaves
         self.form = form
         self.notes = notes or {}  # parameter name -> remark shown in the registration table
-        self.plan = None  # the gnfx.plan.Plan: which preconditioner serves each block, and why
+        self.plan = None  # on the plan's view of a table (gnfx.plan): the Plan, which serves each block and why
         self.capture = form  # how the graph was captured and why (set by gnfx.variants)
         self._by_name = {b.name: b for b in blocks}
 

@@ -17,11 +17,13 @@ import warnings
 
 import torch
 
-from gnfx.checkpoint import check_checkpoint
+from gnfx.checkpoint import check_checkpoint, restore_dtypes
 from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fsdp import ShardedStep, local
+from gnfx.parameter_store import ParameterStore
+from gnfx.preconditioners.base import STATISTIC_SETTINGS
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.quadratic_step import QuadraticStep
 
@@ -31,9 +33,12 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """An optimizer over `named_params` (one parameter group, as any torch optimizer); it steps
         once `attach` has given it the plan's preconditioners, at the model's capture (gnfx.compile,
         or the first call of a model captured lazily), so that LR schedulers and param_groups can be
-        set up in between."""
-        self._named = dict(named_params)
-        super().__init__(list(self._named.values()), defaults)
+        set up in between. Its components read the parameters, their state and param groups from
+        `parameter_store` (gnfx.parameter_store), and are given the statistics, the communicator and
+        the step count as arguments."""
+        named_params = dict(named_params)
+        super().__init__(list(named_params.values()), defaults)
+        self.parameter_store = ParameterStore(named_params, self.state, self.param_groups)
         self.statistics = None
         self.stat_every = settings["stat_every"]
         self.stat_decay = settings["stat_decay"]
@@ -44,28 +49,29 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._distributed = settings["distributed"]
         self._comm = None
         self.live_params = None  # set by CompiledModel: the model's current parameters, by name
-        self.sharded = None  # a gnfx.fsdp.ShardedStep once the parameters are FSDP2 DTensors
-        self._views: dict[str, torch.Tensor] = {}  # under FSDP2: what `param` returns (gnfx.fsdp)
         self.collected = False  # set by the compiled model when a forward ran with taps
-        self._groups_seen = None
-        self.groups_version = 0
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
-        self.quadratic = (QuadraticStep(self, settings["loss"], settings["initial_damping"], settings["damping_decay"],
-                                        settings["lr_cap"], settings["quadratic_rows"],
+        self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
+                                        settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
                                         settings["damping_every"])
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, preconditioner_specs: list, statistics) -> None:
         """Build the plan's preconditioners (`preconditioner_specs`: a list of (class, hparams,
-        blocks, loose parameter names)) over the statistics store the taps fill."""
+        blocks, loose parameter names)) over the statistics store the taps fill; each gets its
+        hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
         self.statistics = statistics
-        self.preconditioners = [cls(hp, blocks, params, self) for cls, hp, blocks, params in preconditioner_specs]
+        shared = {k: self._settings[k] for k in STATISTIC_SETTINGS}
+        self.preconditioners = [cls({**hp, **shared}, blocks, params, self.parameter_store)
+                                for cls, hp, blocks, params in preconditioner_specs]
+        for pre in self.preconditioners:
+            pre.publish_bases(statistics)
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
-        self.update_function = UpdateFunction(self.curvature, self, self._settings["compile"])
+        self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
         if self._pending_checkpoint is not None:
             checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
             self.load_state_dict(checkpoint)
@@ -85,7 +91,17 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed and due:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
-                self.sharded = ShardedStep(self, live)
+                sharded = ShardedStep(self.parameter_store, live, self.steps, self.comm, self.statistics,
+                                      self.curvature, self.elementwise)
+                self.parameter_store.sharded = sharded
+                self.curvature = sharded.curvature
+                self.update_function = UpdateFunction(self.curvature, self.parameter_store,
+                                                      self.update_function.setting)
+
+    @property
+    def sharded(self):
+        """The gnfx.fsdp.ShardedStep once the parameters are FSDP2 DTensors, else None."""
+        return self.parameter_store.sharded
 
     @property
     def last_step(self) -> dict:
@@ -100,36 +116,22 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self._comm = Communicator(partition_refresh=self._distributed == "partitioned")
         return self._comm
 
-    # --- lookups used by the preconditioners -------------------------------------------------
-    def param(self, name: str) -> torch.Tensor:
-        """The parameter `name`; under FSDP2 its local shard, or the full-size stand-in of a
-        target this rank owns during the step (gnfx.fsdp)."""
-        return self._views.get(name, self._named[name])
-
     def state_of(self, name: str) -> dict:
-        return self.state[self._named[name]]
+        """The optimizer state of parameter `name` (its moments, factors and counters)."""
+        return self.parameter_store.state_of(name)
 
-    def sync_groups(self) -> int:
-        """Re-index parameter -> param group if the groups changed; returns the groups' version,
-        which increases with every change (preconditioners cache per-group work by it)."""
-        signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
-        if signature != self._groups_seen:
-            self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
-            self._groups_seen = signature
-            self.groups_version += 1
-        return self.groups_version
-
-    def group_of(self, name: str) -> dict:
-        """The param group of parameter `name` (as of the last `sync_groups`, run by every step)."""
-        if self._groups_seen is None:
-            self.sync_groups()
-        return self._group_index[id(self._named[name])]
+    def __setstate__(self, state: dict) -> None:
+        """torch's `load_state_dict` replaces `state` and `param_groups` by new containers: the
+        parameter store reads the new ones."""
+        super().__setstate__(state)
+        if "parameter_store" in self.__dict__:
+            self.parameter_store.bind(self.state, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         """A group of the compiled model's own parameters (moved out of their group first, as in
         any torch optimizer); a parameter gnfx did not plan at compile time is refused."""
-        if hasattr(self, "_named"):
-            known = {id(p) for p in self._named.values()}
+        if hasattr(self, "parameter_store"):
+            known = {id(p) for p in self.parameter_store.named.values()}
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             strangers = [p for p in params if id(p) not in known]
@@ -163,7 +165,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
                             "and plans its preconditioners at the first call (from that call's inputs); run the "
                             "forward and backward first, or pass example_inputs=... to gnfx.compile")
         self._bind_sharded()
-        if all(p.grad is None for p in self._named.values()):
+        if all(p.grad is None for p in self.parameter_store.named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
@@ -184,36 +186,42 @@ class GnfxOptimizer(torch.optim.Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return loss
         self.statistics.fold(batches, self.stat_decay)
-        self.sync_groups()
+        self.parameter_store.sync_groups()
         if self.sharded is not None:
             self.sharded.begin()
         if self.quadratic is not None:  # this step's λ, also for the refreshes below
-            self.quadratic.damp_preconditioners()
+            self.quadratic.damp_preconditioners(self.preconditioners)
         for pre in self.curvature:
             if self.statistic_step:
                 pre.collect()
             if pre.refresh_due(self.steps):
-                pre.refresh()
+                pre.refresh(self.statistics, self.comm)
         if self.quadratic is None:
             self._apply_chain()
         else:
-            self.quadratic.step(self._apply_chain, loss, closure)
+            self.quadratic.step(self._apply_chain, self._refresh_all, self.steps, self.comm, self.preconditioners,
+                                loss, closure)
         self.steps += 1
         return loss
+
+    def _refresh_all(self) -> None:
+        """The refresh of every curvature preconditioner, due or not (after a rejected quadratic step)."""
+        for pre in self.curvature:
+            pre.refresh(self.statistics, self.comm)
 
     def _apply_chain(self) -> None:
         """The update chain of every preconditioner, applied to the parameters (under FSDP2: the
         owners' updates sent to the shards, gnfx.fsdp)."""
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
-            pre.update()
+            pre.update(self.statistics)
         if self.sharded is not None:
             self.sharded.end()
 
     def _non_finite(self, batches: dict) -> str:
         """'' if every gradient and this step's statistics are finite, else what is not (one
         host synchronization: the norms of all of them, checked at once)."""
-        named = [(n, local(p.grad)) for n, p in self._named.items() if p.grad is not None]
+        named = [(n, local(p.grad)) for n, p in self.parameter_store.named.items() if p.grad is not None]
         named += [(f"statistic {k} of block {b}", v) for b, batch in batches.items() for k, v in batch.items()]
         if not named:
             return ""
@@ -251,24 +259,14 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return
         self._bind_sharded()  # under FSDP2 the checkpoint holds the state of this rank's targets
         expected = check_checkpoint(self, state_dict)
-        saved = state_dict["state"]
         gnfx_state = state_dict["gnfx"]
         self.statistics.load_state_dict(gnfx_state["statistics"])
         plain = {k: v for k, v in state_dict.items() if k != "gnfx"}
         super().load_state_dict(plain)
-        # torch casts floating state to each parameter's dtype; gnfx keeps factors in their own
-        # dtype (float32/float64 whatever the model's), so restore the saved tensors in the dtype
-        # this plan keeps them in (the saved one, for a checkpoint of the same model).
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            for k, v in saved.get(i, {}).items():
-                if isinstance(v, torch.Tensor):
-                    dtype = (expected.get(id(p), {}).get(k) or (None, v.dtype))[1]
-                    self.state[p][k] = v.detach().clone().to(device=p.device, dtype=dtype)
+        restore_dtypes(self.state, self.param_groups, state_dict, expected)
         self.steps = int(gnfx_state["steps"])
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
-            self.quadratic.load_state_dict(gnfx_state["quadratic"])
+            self.quadratic.load_state_dict(gnfx_state["quadratic"], self.steps)
         if self.sharded is not None:  # every rank's taps read the bases only their owners' checkpoints hold
             self.sharded.share_bases()

@@ -37,9 +37,11 @@ FLOPs per step are at most `compute_budget` times an AdamW step's on the block (
 budget never gives a less faithful choice: the candidates that fit only grow with the budget.
 Each entry records why it was chosen (`plan.entries[name].reason`, the report's last column).
 
-The plan is written into the LayerTable: `block.preconditioner` and `fallback.preconditioner`
-(the class name), `block.max_factor` (the preconditioner's `max_factor`, which blocks the block's
-big factors: gnfx.layouts.base) and `table.plan`.
+`make_plan` returns the plan as a value and leaves the analyzed LayerTable as it is. The plan's
+`table` is the view of both that the rest of gnfx reads (`model.layers`): a LayerTable of copies of
+the blocks and fallbacks with the plan's choices filled in, `preconditioner` (the instance's class
+name) and `block.max_factor` (the preconditioner's `max_factor`, which blocks the block's big
+factors: gnfx.layouts.base), and `plan` (this plan).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ import fnmatch
 from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import positive, resolve
+from gnfx.layer_table import LayerTable
 from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
@@ -157,11 +160,18 @@ class Entry:
 
 
 class Plan:
-    """Entries by block or parameter name; `specs()` for the optimizer, `needs(block)` for the taps."""
+    """Entries by block or parameter name; `table`, the analyzed table with the plan's choices (module
+    docstring); `specs()` for the optimizer, `needs(block)` for the taps."""
 
-    def __init__(self, table, entries: dict[str, Entry]):
-        self.table = table
+    def __init__(self, table: LayerTable, entries: dict[str, Entry]):
         self.entries = entries
+        blocks = [dataclasses.replace(b, preconditioner=entries[b.name].name,
+                                      # a preconditioner that declares max_factor keeps factors above it blocked
+                                      max_factor=entries[b.name].hparams.get("max_factor") or None) for b in table]
+        fallbacks = [dataclasses.replace(f, preconditioner=entries[f.param].name) for f in table.fallbacks]
+        self.table = LayerTable(blocks, fallbacks, table.leaves, table.form, table.notes)
+        self.table.capture = table.capture
+        self.table.plan = self
 
     def needs(self, block) -> frozenset[str]:
         e = self.entries[block.name]
@@ -191,17 +201,18 @@ def _constructor(cls, instance: str):
     if instance == cls.name:
         return cls
 
-    def construct(hp, blocks, params, optimizer):
+    def construct(hp, blocks, params, parameters):
         pre = cls.__new__(cls)
         pre.name = instance
-        pre.__init__(hp, blocks, params, optimizer)
+        pre.__init__(hp, blocks, params, parameters)
         return pre
 
     return construct
 
 
 def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) -> Plan:
-    """Assign a preconditioner and its hyperparameters to every block and loose parameter.
+    """The plan: a preconditioner and its hyperparameters for every block and loose parameter of
+    `table`, which is left as it is (the plan's `table` holds the choices).
 
     `given` are the gnfx.compile keywords, `settings` the resolved ones (budgets, statistics,
     stat_every, kfac_approx, cost_rows), `params` the model's parameters by name.
@@ -239,14 +250,7 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
             entries[fb.param] = Entry(FALLBACK, base[FALLBACK], "not in a curvature block: diag")
     if policy.explicit:
         _check_patterns(policy, wins, table)
-    for block in table:
-        block.preconditioner = entries[block.name].name
-        # a preconditioner that declares max_factor keeps factors above it blocked (gnfx.layouts.base)
-        block.max_factor = entries[block.name].hparams.get("max_factor") or None
-    for fb in table.fallbacks:
-        fb.preconditioner = entries[fb.param].name
-    table.plan = Plan(table, entries)
-    return table.plan
+    return Plan(table, entries)
 
 
 def _check_patterns(policy: Policy, wins: list[int], table) -> None:

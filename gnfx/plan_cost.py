@@ -140,7 +140,7 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     for name, kind, params, block in entries:
         pre = served[name]
         pre_name = type(pre).name
-        tensors = [optimizer._named[p] for p in params]  # the whole parameters, also under FSDP2
+        tensors = [optimizer.parameter_store.named[p] for p in params]  # the whole parameters, also under FSDP2
         sizes = storage_sizes(tensors[0])
         if block is not None:
             r = positions.get(name, 1) if isinstance(positions, dict) else positions or 1

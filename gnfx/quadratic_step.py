@@ -170,11 +170,12 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
-    (`adapted`, damping_every) and whether the step was rejected."""
+    (`adapted`, damping_every) and whether the step was rejected. `parameters`: the optimizer's
+    gnfx.parameter_store.ParameterStore."""
 
-    def __init__(self, optimizer, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
+    def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
                  every: int = 1):
-        self.opt = optimizer
+        self.parameters = parameters
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.adapted_at = -1  # the optimizer's step of the last adaptation
         self.judged = math.inf  # the predicted reduction of the last accepted adaptation
@@ -213,7 +214,7 @@ class QuadraticStep:
         `subset` and `rows` (quadratic_rows) the inputs are the first rows of every input tensor
         whose first dimension is the batch's."""
         model, args, kwargs = self._call
-        if self.opt.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
+        if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
         if subset and self.rows is not None and self.rows < self._examples:
             args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
@@ -236,26 +237,30 @@ class QuadraticStep:
                 return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
 
     # --- the step ------------------------------------------------------------------------------
-    def step(self, chain, loss_before=None, closure=None) -> None:
-        """Run the update `chain` as a proposal, then apply αΔ + μδ and adapt λ."""
+    def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
+        """Run the update `chain` as a proposal, then apply αΔ + μδ and adapt λ. `refresh`: the
+        refresh of every curvature preconditioner (run after a rejected step); `t`: the optimizer's
+        steps so far; `comm`: its gnfx.distributed.Communicator (None on one process);
+        `preconditioners`: all of its preconditioners."""
         if self._call is None:
             raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
                             "compiled model (in training mode, with gradients enabled) before step()")
-        names = list(self.opt._named)
-        params = [local(self.opt._named[n]) for n in names]  # under FSDP2 the local shards
+        named = self.parameters.named
+        names = list(named)
+        params = [local(named[n]) for n in names]  # under FSDP2 the local shards
         before = [p.detach().clone() for p in params]
         chain()
         proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
-        grads = [local(self.opt._named[n].grad) if self.opt._named[n].grad is not None else torch.zeros_like(p)
+        grads = [local(named[n].grad) if named[n].grad is not None else torch.zeros_like(p)
                  for n, p in zip(names, params)]
-        theta_values, previous, sharded = before, self.previous, self.opt.sharded
+        theta_values, previous, sharded = before, self.previous, self.parameters.sharded
         if sharded is not None:  # the model of the whole parameters, the same on every rank (gnfx.fsdp)
             whole = sharded.whole([*proposal, *grads, *before, *(previous or [])])
             p = len(names)
             proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
             previous = whole[3 * p:] or None
-        layout = self._layout(names, theta_values)
+        layout = self._layout(names, theta_values, preconditioners)
         parts = self._parts(layout, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
@@ -266,7 +271,7 @@ class QuadraticStep:
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, _flat(grads), z, outputs)
-        comm, device = self.opt.comm, params[0].device
+        device = params[0].device
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
             k = len(b)
             Mb = comm.mean(torch.cat([M.reshape(-1), b]), device)  # one all-reduce
@@ -280,7 +285,7 @@ class QuadraticStep:
             after = {n: t + u for n, t, u in zip(names, theta_values, update)}
             update = [u[sharded.local_rows(n)] for n, u in zip(names, update)]
         torch._foreach_add_(params, update)
-        adapted = predicted > 0 and (self.adapts(previous is not None) or predicted > PREDICTED_GROWTH * self.judged)
+        adapted = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
         actual = self._actual_reduction(z, loss_before, closure, after) if adapted else float("nan")
         if comm is not None and adapted:
             actual = float(comm.mean(torch.tensor([actual], dtype=torch.float64), device))
@@ -288,14 +293,13 @@ class QuadraticStep:
         rejected = adapted and not (rho > 0)  # also for a non-finite loss or ratio
         used = self.damping
         if adapted:  # ω^gap: λ moves at the rate of ω per step whatever the interval (Martens & Grosse's ω^T)
-            self.damping = levenberg_marquardt(self.damping, rho, self.decay ** (self.opt.steps - self.adapted_at))
-            self.adapted_at = self.opt.steps
+            self.damping = levenberg_marquardt(self.damping, rho, self.decay ** (t - self.adapted_at))
+            self.adapted_at = t
         if rejected:
             torch._foreach_copy_(params, before)
             self.previous = None
-            self.damp_preconditioners()
-            for pre in self.opt.curvature:
-                pre.refresh()
+            self.damp_preconditioners(preconditioners)
+            refresh()
         else:
             self.previous = update
             self.judged = predicted if adapted else self.judged
@@ -303,25 +307,24 @@ class QuadraticStep:
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted}
 
-    def adapts(self, continues: bool) -> bool:
-        """Whether the optimizer's current step computes ρ and adapts λ (module docstring);
+    def adapts(self, continues: bool, t: int) -> bool:
+        """Whether the optimizer's current step `t` computes ρ and adapts λ (module docstring);
         `continues`: it has a previous update δ."""
-        t = self.opt.steps
         return not continues or t < DAMPING_WARMUP or t % self.every == 0
 
-    def damp_preconditioners(self) -> None:
+    def damp_preconditioners(self, preconditioners) -> None:
         """Give λ to every preconditioner's Tikhonov damping (K-FAC's factored damping moves with it):
         called by the optimizer before the step's refreshes, so that they use the λ of this step,
         and after a rejected step, before its refresh."""
-        for pre in self.opt.preconditioners:
+        for pre in preconditioners:
             if pre.tikhonov_damping:
                 pre.hp[pre.tikhonov_damping] = self.damping
 
-    def _layout(self, names: list[str], params: list[torch.Tensor]) -> "FlatLayout":
-        """The flat layout of the optimizer's parameters (built at the first step, and again if
-        the parameters change)."""
+    def _layout(self, names: list[str], params: list[torch.Tensor], preconditioners) -> "FlatLayout":
+        """The flat layout of the optimizer's parameters and `preconditioners` (built at the first
+        step, and again if the parameters change)."""
         if self._flat_layout is None or self._flat_layout.names != names:
-            self._flat_layout = FlatLayout(names, params, self.opt.preconditioners)
+            self._flat_layout = FlatLayout(names, params, preconditioners)
         return self._flat_layout
 
     def _parts(self, layout: "FlatLayout", proposal: list[torch.Tensor]) -> list:
@@ -380,14 +383,15 @@ class QuadraticStep:
         return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
                 "judged": self.judged}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, steps: int) -> None:
+        """The state of `state_dict`, into an optimizer that has taken `steps` steps."""
         self.damping = float(state["damping"])
         # a checkpoint from before damping_every adapted on every step
-        self.adapted_at = int(state.get("adapted_at", self.opt.steps - 1))
+        self.adapted_at = int(state.get("adapted_at", steps - 1))
         self.judged = float(state.get("judged", math.inf))
         previous = state["previous"]
         self.previous = None if previous is None else [
-            t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.opt._named.values())]
+            t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.parameters.named.values())]
 
 
 class FlatLayout:

@@ -50,14 +50,15 @@ class Variants:
     """The instrumented graphs of `model`, one per form of call, all tapping one StatisticsStore.
 
     `build(captured)` lowers and analyzes a capture, returning (graph module, LayerTable, block
-    sites); `start(table)` plans the first capture's table and returns the StatisticsStore.
+    sites); `start(table)` plans the first capture's table and returns the planned table (the
+    analyzed one with the plan's choices, gnfx.plan) and the StatisticsStore.
     """
 
     def __init__(self, model: nn.Module, mode: str, leaf_modules, build, start):
         check_leaf_modules(model, leaf_modules)
         self.model, self.mode, self.leaf_modules = model, mode, tuple(leaf_modules)
         self._build, self._start = build, start
-        self.table = None  # the LayerTable of the first capture
+        self.table = None  # the LayerTable of the first capture, as planned
         self.graph_module = None  # its instrumented graph
         self.store = None
         self.form = None
@@ -137,8 +138,8 @@ class Variants:
     def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
         gm, table, sites = built or self._build(captured)
         table.capture = why
-        self.form, self.table = captured.form, table
-        self.store = self._start(table)
+        self.form = captured.form
+        self.table, self.store = self._start(table)
         self.graph_module = insert_taps(gm, sites, self.store)
         self._graphs[key] = [self.graph_module]
         if shapes is not None:

@@ -210,7 +210,7 @@ def test_one_step_equals_the_kronecker_solve_with_blockdiag_factors(root_method)
         group = next(g for g in kfac.groups if g.pieces[0].target.block is block)
         V = torch.randn(block.d_out, d_a, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
         expected = torch.cat([S_j @ V_j @ A_j for S_j, V_j, A_j in zip(S, V.unflatten(0, (layout.groups, s)), A)])
-        torch.testing.assert_close(kfac.curvature_product(group, 0, V), expected, **TOL)
+        torch.testing.assert_close(kfac.curvature_product(group, 0, V, c.optimizer.statistics), expected, **TOL)
 
 
 def trained(max_factor, steps=3, checkpoint_at=None):

@@ -84,7 +84,7 @@ def matrix(tensors, view):
 
 
 def block_matrix(c, block, grad=False):
-    ts = [c.optimizer.param(n) for n in block.params]
+    ts = [c.optimizer.parameter_store.param(n) for n in block.params]
     return matrix([(t.grad if grad else t).detach().clone() for t in ts], "t" if block.kind == "embedding" else "")
 
 

@@ -8,6 +8,8 @@ several sizes, and a larger budget never gives a less faithful choice.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from gnfx.layer_table import LayerTable
 from gnfx.plan import Policy, make_plan
 from models import CNN, GPT, SquashedAffine
 
@@ -89,6 +92,26 @@ def test_a_policy_of_one_name_is_that_name():
     assert a.update_code == b.update_code
     gpt_a, gpt_b = gnfx.compile(GPT(), optimizer={"*": "shampoo"}), gnfx.compile(GPT(), optimizer="shampoo")
     assert gpt_a.update_code == gpt_b.update_code
+
+
+def test_the_plan_is_a_value_and_leaves_the_table_as_analyzed():
+    """make_plan returns the choices (`plan.table`: copies of the blocks and fallbacks with them) and
+    does not write them into the table it plans, which can be planned again with another policy."""
+    c = gnfx.compile(GPT(), optimizer="kfac", max_factor=16)
+    params = dict(c.named_parameters())
+    analyzed = LayerTable(
+        [dataclasses.replace(b, preconditioner=None, max_factor=None) for b in c.layers],
+        [dataclasses.replace(f, preconditioner=None) for f in c.layers.fallbacks],
+        c.layers.leaves, c.layers.form)
+    before = (copy.deepcopy(analyzed.blocks), copy.deepcopy(analyzed.fallbacks))
+    plans = {name: make_plan(analyzed, Policy(name, {}), {"max_factor": 16}, c._settings, params)
+             for name in ("shampoo", "kfac")}
+    assert (analyzed.blocks, analyzed.fallbacks) == before and analyzed.plan is None
+    assert {b.preconditioner for b in plans["shampoo"].table} == {"shampoo"}
+    assert [(b.name, b.preconditioner, b.max_factor) for b in plans["kfac"].table] == [
+        (b.name, b.preconditioner, b.max_factor) for b in c.layers]
+    assert {b.max_factor for b in plans["kfac"].table} == {16}
+    assert plans["kfac"].table.plan is plans["kfac"]
 
 
 def test_per_pattern_hyperparameters_step_like_separate_runs():

@@ -3,7 +3,12 @@
 A preconditioner owns a set of curvature blocks and of loose parameters (those no block claims,
 or all parameters for the diagonal preconditioner). It declares its hyperparameters (`HPARAMS`)
 and the statistics it needs from the taps of each block (`needs`), and keeps its state in the
-optimizer's per-parameter state, so that `state_dict`/`load_state_dict` carry it. The diagonal
+optimizer's per-parameter state, so that `state_dict`/`load_state_dict` carry it. It is given
+everything it reads as values, never the optimizer: its resolved hyperparameters `hp` (with the
+statistics settings of gnfx.compile every preconditioner may read, `stat_decay` β and
+`stat_every`: STATISTIC_SETTINGS), and the parameters with their state and param groups (a
+gnfx.parameter_store.ParameterStore) at construction; the statistics store and the communicator
+as arguments of the calls that use them (`refresh`, `update`, `curvature_product`). The diagonal
 preconditioner updates its parameters itself (`update`, foreach kernels); the curvature
 preconditioners supply batched math to the generated update function (see curvature.py).
 
@@ -35,6 +40,10 @@ class Candidate:
     detail: str = ""
 
 
+# gnfx.compile's statistics settings, added to every preconditioner's `hp` by the optimizer
+STATISTIC_SETTINGS = ("stat_decay", "stat_every")
+
+
 class Preconditioner:
     name: str = ""
     HPARAMS: dict[str, HParam] = {}
@@ -57,11 +66,18 @@ class Preconditioner:
     # the blocks it serves, for the plan's reason where `serves` declines one ("hidden matrices")
     serves_only: str = ""
 
-    def __init__(self, hp: dict, blocks: list, params: list[str], optimizer):
+    def __init__(self, hp: dict, blocks: list, params: list[str], parameters):
+        """Serve `blocks` and the loose parameters named `params`, with hyperparameters `hp`,
+        over `parameters` (a gnfx.parameter_store.ParameterStore)."""
         self.hp = hp
         self.blocks = blocks
         self.param_names = params
-        self.opt = optimizer
+        self.parameters = parameters
+
+    def publish_bases(self, statistics) -> None:
+        """Give the taps of `statistics` (a gnfx.statistics.StatisticsStore) the bases they measure
+        statistics in (`BlockStatistics.basis`: EKFAC's); called once the instance is built. None by
+        default."""
 
     @classmethod
     def needs(cls, hp: dict) -> frozenset[str]:

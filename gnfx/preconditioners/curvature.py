@@ -8,7 +8,9 @@ grouped by shape (gnfx.targets). A subclass supplies the batched math on a stack
     direction(G, state, collect) -> U, the preconditioned gradient (and updates the curvature
                                     estimate in `state` when `collect` is True)
     collect()                    -> optionally, gradient statistics gathered before the refresh
-    refresh()                    -> the amortized decompositions, run when `refresh_due(step)`
+    refresh(statistics, comm)    -> the amortized decompositions from the averaged statistics
+                                    (gnfx.statistics), run when `refresh_due(step)`; under
+                                    torch.distributed split across ranks by `comm`
 
 This base applies the common tail to every piece: heavy-ball momentum and decoupled weight decay,
 
@@ -51,8 +53,8 @@ def common_hparams() -> dict:
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
 
-    def __init__(self, hp, blocks, params, optimizer):
-        super().__init__(hp, blocks, params, optimizer)
+    def __init__(self, hp, blocks, params, parameters):
+        super().__init__(hp, blocks, params, parameters)
         self.groups = self.piece_groups(blocks, params)
         # the parameter that holds each group's state in optimizer.state
         self.state_holder = {g.key: g.pieces[0].target.params[0] for g in self.groups}
@@ -62,13 +64,13 @@ class CurvaturePreconditioner(Preconditioner):
         """The groups of pieces this preconditioner steps: the [W b] targets of its blocks and its
         loose parameters, cut at the blocking hyperparameter, grouped by shape (gnfx.targets)."""
         targets = [block_target(b, layout_of(b)) for b in blocks]
-        targets += [param_target(n, self.opt.param(n).shape) for n in params]
+        targets += [param_target(n, self.parameters.param(n).shape) for n in params]
         max_block = self.hp[self.max_block_hparam] if self.max_block_hparam else None
         return make_groups(self.name, targets, max_block)
 
     # --- state -----------------------------------------------------------------------------
     def factor_dtype(self, piece) -> torch.dtype:
-        p = self.opt.param(piece.target.params[0])
+        p = self.parameters.param(piece.target.params[0])
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
     def decomposition_dtype(self, factor: torch.Tensor) -> torch.dtype:
@@ -77,7 +79,7 @@ class CurvaturePreconditioner(Preconditioner):
         return factor.dtype if name == "auto" else FACTOR_DTYPES[name]
 
     def stacked_zeros(self, group, *shape, dtype=None):
-        p = self.opt.param(group.pieces[0].target.params[0])
+        p = self.parameters.param(group.pieces[0].target.params[0])
         return torch.zeros((len(group.pieces),) + shape, dtype=dtype or self.factor_dtype(group.pieces[0]),
                            device=p.device)
 
@@ -89,8 +91,9 @@ class CurvaturePreconditioner(Preconditioner):
         (d,), identity matrices for (d, d) or per row group (groups, d, d) (gnfx.layouts.base)."""
         if len(shape) == 1:
             return self.stacked_zeros(group, *shape) + 1
+        device = self.parameters.param(group.pieces[0].target.params[0]).device
         return self.stacked_zeros(group, *shape) + torch.eye(shape[-1], dtype=self.factor_dtype(group.pieces[0]),
-                                                             device=self.opt.param(group.pieces[0].target.params[0]).device)
+                                                             device=device)
 
     @staticmethod
     def layout(group):
@@ -99,7 +102,7 @@ class CurvaturePreconditioner(Preconditioner):
 
     def group_state(self, group) -> dict:
         """The group's state tensors, created on first use (keys without the group prefix)."""
-        holder = self.opt.state_of(self.state_holder[group.key])
+        holder = self.parameters.state_of(self.state_holder[group.key])
         prefix = group.key + "."
         state = {k[len(prefix):]: v for k, v in holder.items() if k.startswith(prefix)}
         if not state:
@@ -119,7 +122,7 @@ class CurvaturePreconditioner(Preconditioner):
         for group in self.groups:
             holder = self.state_holder[group.key]
             prefix = group.key + "."
-            current = {k[len(prefix):]: v for k, v in self.opt.state_of(holder).items() if k.startswith(prefix)}
+            current = {k[len(prefix):]: v for k, v in self.parameters.state_of(holder).items() if k.startswith(prefix)}
             if not current:
                 current = self.init_group(group)
                 current["momentum"] = torch.empty((len(group.pieces),) + tuple(group.shape),
@@ -143,11 +146,12 @@ class CurvaturePreconditioner(Preconditioner):
         rank (gnfx.fsdp). None by default."""
         return False
 
-    def curvature_product(self, group, i: int, V: torch.Tensor) -> torch.Tensor | None:
+    def curvature_product(self, group, i: int, V: torch.Tensor, statistics) -> torch.Tensor | None:
         """Ĝ vec(V) for piece i of `group` (V shaped like the piece): the curvature this
-        preconditioner models, undamped, from its current state, which it leaves unchanged (read by
-        gnfx.diagnose); None where it models no GGN (the default: Shampoo's and SOAP's factors are
-        Gram matrices of gradients under a root, with no GGN scale)."""
+        preconditioner models, undamped, from its current state and the averaged `statistics` (a
+        gnfx.statistics.StatisticsStore), which it leaves unchanged (read by gnfx.diagnose); None
+        where it models no GGN (the default: Shampoo's and SOAP's factors are Gram matrices of
+        gradients under a root, with no GGN scale)."""
         return None
 
     def collect(self) -> None:
@@ -157,25 +161,28 @@ class CurvaturePreconditioner(Preconditioner):
     def stacked_gradient(self, group) -> torch.Tensor:
         """The gradients of the group's pieces, stacked (k, *shape); zeros for a missing gradient."""
         def grad_of(name):
-            p = self.opt.param(name)
+            p = self.parameters.param(name)
             return p.grad if p.grad is not None else torch.zeros_like(p)
         return torch.stack([piece_gradient(piece, grad_of) for piece in group.pieces])
 
-    def refresh(self) -> None:
-        """The amortized decompositions; none by default."""
+    def refresh(self, statistics, comm) -> None:
+        """The amortized decompositions from the averaged `statistics` (a gnfx.statistics.StatisticsStore),
+        split across ranks by `comm` (a gnfx.distributed.Communicator; None on one process: `owned`,
+        `share`); none by default."""
 
     # --- the refresh under torch.distributed (gnfx.distributed) -------------------------------
-    def owned(self, group) -> torch.Tensor:
-        """Indices of the group's pieces whose refresh this rank computes (all of them alone)."""
-        comm = self.opt.comm
+    def owned(self, group, comm) -> torch.Tensor:
+        """Indices of the group's pieces whose refresh this rank computes (all of them alone, or
+        when `comm` is None)."""
         if comm is None:
             return torch.arange(len(group.pieces))
         return comm.owned(group.key, [sum(d ** 3 for d in group.shape)] * len(group.pieces))
 
-    def share(self, group, tensors) -> None:
-        """Give every rank the refreshed state of the pieces other ranks computed."""
-        if self.opt.comm is not None:
-            self.opt.comm.share(group.key, tensors)
+    def share(self, group, tensors, comm) -> None:
+        """Give every rank the refreshed state of the pieces other ranks computed (`comm`: the
+        gnfx.distributed.Communicator, None on one process)."""
+        if comm is not None:
+            comm.share(group.key, tensors)
 
     def safeguard(self, Us, Gs, lr):
         """A global scale ν for all of this preconditioner's steps (default 1: none); Us, Gs list the
@@ -185,7 +192,8 @@ class CurvaturePreconditioner(Preconditioner):
     def sum_over_owners(self, x):
         """Under FSDP2 (gnfx.fsdp) each rank holds some of the blocks: a sum over all blocks is the
         sum of the ranks' partial sums `x` (one scalar all-reduce). Otherwise `x` itself."""
-        return x if self.opt.sharded is None else self.opt.sharded.all_sum(x)
+        sharded = self.parameters.sharded
+        return x if sharded is None else sharded.all_sum(x)
 
     # --- the common tail ---------------------------------------------------------------------
     def apply(self, states, Us, nu, lr, wd) -> None:
@@ -204,7 +212,7 @@ class CurvaturePreconditioner(Preconditioner):
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
         for i, name, view, region, src in self.writes:
-            p = as_matrix(self.opt.param(name), view)
+            p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
             decays.append(decay[i])

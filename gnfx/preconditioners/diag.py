@@ -54,11 +54,11 @@ class Diagonal(Preconditioner):
     def expected_state(self):
         """AdamW's state per parameter: the step count and the two moments (under FSDP2 shaped like
         the rank's shard)."""
-        return {n: {"step": None, **{k: (self.opt.param(n).shape, self.opt.param(n).dtype) for k in self.STATE}}
-                for n in self._names}
+        param = self.parameters.param
+        return {n: {"step": None, **{k: (param(n).shape, param(n).dtype) for k in self.STATE}} for n in self._names}
 
-    def __init__(self, hp, blocks, params, optimizer):
-        super().__init__(hp, blocks, params, optimizer)
+    def __init__(self, hp, blocks, params, parameters):
+        super().__init__(hp, blocks, params, parameters)
         # parameter name -> (block name, its columns of the [W b] diagonal, the layout's view of W)
         self._fisher_of = {}
         if hp["source"] == "fisher":
@@ -69,30 +69,31 @@ class Diagonal(Preconditioner):
         self._names = [n for b in blocks for n in b.params] + list(params)
         self._partition = (None, [])  # (groups version, [(param group, its parameter names)])
 
-    def _second_moment_term(self, name, grad):
+    def _second_moment_term(self, name, grad, statistics):
         source = self._fisher_of.get(name)
         if source is None:
             return grad * grad
         block, columns, view = source
-        stats = self.opt.statistics.blocks[block].values.get("diag")
+        stats = statistics.blocks[block].values.get("diag")
         if stats is None:
             return grad * grad
         # in the layout of the matrix W of z = W a (gnfx.layouts), the full parameter's shape
-        term = from_matrix(stats[:, columns], view, self.opt._named[name].shape)
+        term = from_matrix(stats[:, columns], view, self.parameters.named[name].shape)
         # under FSDP2 (gnfx.fsdp) the rows of this rank's shard
-        return term[self.opt.sharded.local_rows(name) if self.opt.sharded else slice(None)].to(grad.dtype)
+        sharded = self.parameters.sharded
+        return term[sharded.local_rows(name) if sharded else slice(None)].to(grad.dtype)
 
     def second_moment(self, name: str) -> torch.Tensor:
         """v̂ = v / (1 - β₂ᵗ), the bias-corrected second moment of parameter `name`: the curvature
         diag(v̂) this preconditioner models (read by gnfx.diagnose)."""
-        state = self.opt.state_of(name)
+        state = self.parameters.state_of(name)
         if "exp_avg_sq" not in state:
             raise GnfxError(f"parameter {name!r} has no second moment yet (it never had a gradient at a step)")
-        return state["exp_avg_sq"] / (1 - self.opt.group_of(name)["betas"][1] ** state["step"])
+        return state["exp_avg_sq"] / (1 - self.parameters.group_of(name)["betas"][1] ** state["step"])
 
     def parameter_direction(self, name, grad):
         """g / (√v̂ + ε): Adam's step without its first moment."""
-        return grad / (self.second_moment(name).sqrt() + self.opt.group_of(name)["eps"])
+        return grad / (self.second_moment(name).sqrt() + self.parameters.group_of(name)["eps"])
 
     def parameter_curvature(self, name, V):
         """diag(v̂) V."""
@@ -100,21 +101,24 @@ class Diagonal(Preconditioner):
 
     def _groups(self):
         """This preconditioner's parameter names by param group, recomputed when the groups change."""
-        version = self.opt.sync_groups()
+        version = self.parameters.sync_groups()
         if self._partition[0] != version:
-            by_group = [(g, [n for n in self._names if self.opt.group_of(n) is g]) for g in self.opt.param_groups]
+            group_of = self.parameters.group_of
+            by_group = [(g, [n for n in self._names if group_of(n) is g]) for g in self.parameters.param_groups]
             self._partition = (version, [(g, names) for g, names in by_group if names])
         return self._partition[1]
 
     @torch.no_grad()
-    def update(self):
+    def update(self, statistics):
+        """One AdamW step of every parameter with a gradient (module docstring); `statistics` (a
+        gnfx.statistics.StatisticsStore) holds the Fisher diagonals of source="fisher"."""
         for group, names in self._groups():
-            names = [n for n in names if self.opt.param(n).grad is not None]
-            params = [self.opt.param(n) for n in names]
+            names = [n for n in names if self.parameters.param(n).grad is not None]
+            params = [self.parameters.param(n) for n in names]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            states = [self.opt.state_of(n) for n in names]
+            states = [self.parameters.state_of(n) for n in names]
             for p, s in zip(params, states):
                 if not s:
                     s["step"] = 0
@@ -129,7 +133,7 @@ class Diagonal(Preconditioner):
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             if self._fisher_of:
-                terms = [self._second_moment_term(n, g) for n, g in zip(names, grads)]
+                terms = [self._second_moment_term(n, g, statistics) for n, g in zip(names, grads)]
                 torch._foreach_add_(exp_avg_sqs, terms, alpha=1 - beta2)
             else:
                 torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)

@@ -75,12 +75,15 @@ class EKFAC(KFAC):
         return cost.Parts(state, refresh=refresh, every=at["inv_every"],
                      update=2 * rotations + cost.DAMPED_DIVIDE * n + cost._kl_clip(hp, n) + cost.TAIL * n)
 
-    def __init__(self, hp, blocks, params, optimizer):
-        super().__init__(hp, blocks, params, optimizer)
+    def __init__(self, hp, blocks, params, parameters):
+        super().__init__(hp, blocks, params, parameters)
         self.basis_due = False
+
+    def publish_bases(self, statistics):
+        """Each block's taps read its bases from this instance's state (`_basis`)."""
         for group in self.groups:
             for i, piece in enumerate(group.pieces):
-                optimizer.statistics[piece.target.block.name].basis = functools.partial(self._basis, group, i)
+                statistics[piece.target.block.name].basis = functools.partial(self._basis, group, i)
 
     def _basis(self, group, i):
         """(Q_S, Q_A) of piece i, read from the group state when the taps ask (so a loaded
@@ -101,15 +104,14 @@ class EKFAC(KFAC):
     def refresh_due(self, step):
         """New bases every inv_every steps; the scaling s after every statistic step."""
         self.basis_due = step % self.hp["inv_every"] == 0
-        return self.basis_due or step % self.opt.stat_every == 0
+        return self.basis_due or step % self.hp["stat_every"] == 0
 
     def tap_bases_due(self):
         return self.basis_due
 
-    def refresh(self):
-        stats = self.opt.statistics
+    def refresh(self, statistics, comm):
         for group in self.groups:
-            values = [stats[p.target.block.name].values for p in group.pieces]
+            values = [statistics[p.target.block.name].values for p in group.pieces]
             if not all({"A", "S", "eigen_diag"} <= set(v) for v in values):
                 continue  # no statistics yet: keep the bases and s = 1
             state = self.group_state(group)
@@ -142,7 +144,7 @@ class EKFAC(KFAC):
         for i in any_changed.nonzero().flatten().tolist():
             values[i]["eigen_diag"].copy_(s[i])
 
-    def curvature_product(self, group, i, V):
+    def curvature_product(self, group, i, V, statistics):
         """(Q_A ⊗ Q_S) diag(s) (Q_A ⊗ Q_S)ᵀ vec(V): V rotated into the eigenbasis, scaled, rotated back."""
         state = {k: v[i:i + 1] for k, v in self.group_state(group).items()}
         return self.in_eigenbasis(V.unsqueeze(0), state, lambda s: s)[0]

@@ -68,8 +68,8 @@ class KFAC(CurvaturePreconditioner):
                                       MAX_FACTOR),
     }
 
-    def __init__(self, hp, blocks, params, optimizer):
-        super().__init__(hp, blocks, params, optimizer)
+    def __init__(self, hp, blocks, params, parameters):
+        super().__init__(hp, blocks, params, parameters)
         if hp.get("attention_blocks") == "head":
             if hp["heads"] < 1:
                 raise ConfigError("attention_blocks='head' needs the number of heads: pass heads=h")
@@ -134,14 +134,13 @@ class KFAC(CurvaturePreconditioner):
     def refresh_due(self, step):
         return step % self.hp["inv_every"] == 0
 
-    def refresh(self):
-        stats = self.opt.statistics
+    def refresh(self, statistics, comm):
         for group in self.groups:
-            values = [stats[p.target.block.name].values for p in group.pieces]
+            values = [statistics[p.target.block.name].values for p in group.pieces]
             if not all("A" in v and "S" in v for v in values):
                 continue  # no statistics yet: keep the current inverses
             state = self.group_state(group)
-            mine = self.owned(group)
+            mine = self.owned(group, comm)
             if len(mine):
                 A = torch.stack([values[i]["A"] for i in mine.tolist()])
                 S = torch.stack([self._per_head(group.pieces[i].target.block, values[i]["S"]) for i in mine.tolist()])
@@ -149,7 +148,7 @@ class KFAC(CurvaturePreconditioner):
                 state["A_inv"][mine[ok]] = A_inv[ok]
                 state["S_inv"][mine[ok]] = S_inv[ok]
                 state["failures"][mine] += (~ok).long()
-            self.share(group, [state["A_inv"], state["S_inv"], state["failures"]])
+            self.share(group, [state["A_inv"], state["S_inv"], state["failures"]], comm)
 
     def _inverses(self, A, S, layout):
         """The damped inverses of the stacked factors A and S of k pieces, shaped as the layout's
@@ -186,13 +185,13 @@ class KFAC(CurvaturePreconditioner):
         ok = ok.view(n, m)
         return F_inv.view(F.shape), (ok | empty).all(1) & ~empty.all(1)
 
-    def curvature_product(self, group, i, V):
+    def curvature_product(self, group, i, V, statistics):
         """(A ⊗ S) vec(V) = S V A from the averaged statistics (A stored as its diagonal for
         embeddings; S restricted to its heads with attention_blocks='head'; per row group,
         S_j V_j A_j, for a grouped block; blockdiag(S_j) V blockdiag(A_i) for blocked factors:
         gnfx.layouts.base)."""
         block = group.pieces[i].target.block
-        values = self.opt.statistics[block.name].values
+        values = statistics[block.name].values
         S = self._per_head(block, values["S"])
         return factored_product(S.unsqueeze(0), V.to(S.dtype).unsqueeze(0), values["A"].unsqueeze(0))[0]
 

@@ -135,7 +135,7 @@ class Muon(CurvaturePreconditioner):
         AdamW's groups ("<name>_adamw_<i>") of their biases. `params` is empty: Muon claims no loose
         parameter."""
         matrices = [WeightTarget(b.name, (b.weight,), (b.d_out, b.d_in), b, layout_of(b).view) for b in blocks]
-        biases = [param_target(b.bias, self.opt.param(b.bias).shape) for b in blocks if b.bias is not None]
+        biases = [param_target(b.bias, self.parameters.param(b.bias).shape) for b in blocks if b.bias is not None]
         return make_groups(self.name, matrices) + make_groups(f"{self.name}_adamw", biases)
 
     def is_adamw(self, group) -> bool:

@@ -66,18 +66,18 @@ class RankK(CurvaturePreconditioner):
                 "failures": self.stacked_zeros(group, dtype=torch.int64),
                 "t": self.stacked_zeros(group), **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
 
-    def curvature_product(self, group, i, V):
+    def curvature_product(self, group, i, V, statistics):
         """U diag(ŝ) Uᵀ vec(V), ŝ = s / (1 - βᵗ): the bias-corrected tracked eigenpairs."""
         state = self.group_state(group)
         U, s, t = state["U"][i], state["s"][i], state["t"][i]
-        s_hat = s / (1 - self.opt.stat_decay ** t.clamp(min=1))
+        s_hat = s / (1 - self.hp["stat_decay"] ** t.clamp(min=1))
         return (U @ (s_hat * (U.T @ V.to(U.dtype).flatten()))).reshape(V.shape)
 
     def direction(self, G, state, collect):
         U, s, t = state["U"], state["s"], state["t"]
         v = G.to(U.dtype).flatten(1)  # (pieces, n)
         if collect:
-            beta = self.opt.stat_decay
+            beta = self.hp["stat_decay"]
             B = torch.cat([U * (beta * s).sqrt().unsqueeze(1), ((1 - beta) ** 0.5) * v.unsqueeze(2)], dim=2)
             Q, R = torch.linalg.qr(B)
             evals, evecs = eigh(R @ R.transpose(1, 2))
@@ -89,7 +89,7 @@ class RankK(CurvaturePreconditioner):
             U.copy_(torch.where(ok.view(-1, 1, 1), new_U, U))
             t.add_(ok.to(t.dtype))
             state["failures"] += (~ok).long()
-        s_hat = s / (1 - self.opt.stat_decay ** t.clamp(min=1)).unsqueeze(1)
+        s_hat = s / (1 - self.hp["stat_decay"] ** t.clamp(min=1)).unsqueeze(1)
         lam = self.hp["damping"]
         coeff = s_hat / (s_hat + lam)
         # λ (Ĝ + λI)⁻¹ v = v - U diag(s/(s+λ)) Uᵀ v; grafting sets the norm, so 1/λ is applied only

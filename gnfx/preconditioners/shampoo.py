@@ -72,8 +72,8 @@ class Shampoo(CurvaturePreconditioner):
         "eps": Diagonal.HPARAMS["eps"],
     }
 
-    def __init__(self, hp, blocks, params, optimizer):
-        super().__init__(hp, blocks, params, optimizer)
+    def __init__(self, hp, blocks, params, parameters):
+        super().__init__(hp, blocks, params, parameters)
         if hp["root_method"] == "newton":
             for group in self.groups:
                 if not method_computes("newton", self.exponent(len(group.shape)), relative=True):
@@ -82,7 +82,7 @@ class Shampoo(CurvaturePreconditioner):
                                       f"{len(group.shape)} tensors of {group.key!r}: use root_method='eigh'")
         # preconditioning started: a tensor, not a Python flag, so that the compiled update keeps
         # one graph across the start (a flag would recompile at start_preconditioning_step)
-        device = optimizer.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
+        device = parameters.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
         self.active = torch.zeros((), dtype=torch.bool, device=device)
 
     MIN_BLOCK = 16  # the smallest max_block "auto" tries
@@ -142,11 +142,11 @@ class Shampoo(CurvaturePreconditioner):
         self.active.fill_(step >= start)
         return step >= start and (step - start) % self.hp["precondition_frequency"] == 0
 
-    def refresh(self):
+    def refresh(self, statistics, comm):
         for group in self.groups:
             state = self.group_state(group)
             order = len(group.shape)
-            mine = self.owned(group)
+            mine = self.owned(group, comm)
             for j in range(order if len(mine) else 0):
                 F = state[f"factor{j}"][mine]
                 root, ok = damped_inverse_power(F, F.new_full((len(mine),), self.hp["damping"]),
@@ -154,11 +154,11 @@ class Shampoo(CurvaturePreconditioner):
                                                 method=self.hp["root_method"])
                 state[f"root{j}"][mine[ok]] = root[ok]
                 state["failures"][mine] += (~ok).long()
-            self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]])
+            self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]], comm)
 
     def collect(self):
         """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh."""
-        beta = self.opt.stat_decay
+        beta = self.hp["stat_decay"]
         for group in self.groups:
             state = self.group_state(group)
             G = self.stacked_gradient(group).to(state["factor0"].dtype)

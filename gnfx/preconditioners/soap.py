@@ -156,7 +156,7 @@ class SOAP(CurvaturePreconditioner):
     def refresh_due(self, step):
         return step >= 1 and (step - 1) % self.hp["precondition_frequency"] == 0
 
-    def refresh(self):
+    def refresh(self, statistics, comm):
         for group in self.groups:
             state = self.group_state(group)
             dtype = self.decomposition_dtype(state["factor0"])
@@ -182,7 +182,7 @@ class SOAP(CurvaturePreconditioner):
         m_hat = rotate(m, bases) / (1 - beta1 ** t).view(shape)
         v_hat = v / (1 - beta2 ** t).view(shape)
         if collect:
-            beta = self.opt.stat_decay
+            beta = self.hp["stat_decay"]
             for j in range(order):
                 state[f"factor{j}"].mul_(beta).add_(mode_gram(Gf, j), alpha=1 - beta)
         return rotate(m_hat / (v_hat.sqrt() + self.hp["eps"]), bases, back=True)

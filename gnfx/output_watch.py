@@ -1,0 +1,55 @@
+"""What the statistics learn from the model output of a training forward that collects them.
+
+The taps see each block's `a` and `δ`; the scale of the statistics comes from the model output
+`z`, the logits (gnfx.outputs; docs/design.md §1): N, the examples, is its first dimension, and T,
+the loss terms per example, the product of its middle dimensions for an (N, ..., C) output
+(`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
+whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
+drop out of N and M; the true-Fisher backward (gnfx.fisher, `fisher="mc"` or `"type2"`) starts
+there too, once per forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.errors import GnfxError
+from gnfx.fisher import record_true_fisher
+from gnfx.outputs import logits_of
+
+
+def watch_output(out, store, settings: dict) -> None:
+    """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
+    output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
+    docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples)."""
+    z = logits_of(out)
+    fid = store.forward_id
+    if z is not None:
+        store.batch_size[fid] = z.shape[0]
+        if settings["loss_average"] == "auto" and z.dim() > 2:
+            store.terms_per_example[fid] = z.shape[1:-1].numel()
+    if z is not None and z.requires_grad:
+        _hook(z, store, settings)
+    elif store.fisher != "empirical":
+        raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
+                        f"mse) that requires grad; got {type(out).__name__}")
+
+
+def _hook(z: torch.Tensor, store, settings: dict) -> None:
+    """When the user's backward reaches the logits z: count the rows the loss ignores (their
+    gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
+    backward (gnfx.fisher) if one is asked for."""
+    pending, store.pending = store.pending, []
+    fid = store.forward_id
+
+    def hook(grad):
+        handle.remove()  # the true-Fisher backward starts at z too: run once
+        kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
+        fraction = float(kept.sum()) / max(kept.numel(), 1)
+        store.kept_fraction[fid] = fraction
+        if store.fisher != "empirical":
+            terms = z.shape[0] if settings["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
+            record_true_fisher(z, pending, settings["fisher"], settings["loss"], settings["mc_samples"],
+                               terms * fraction, kept)
+        return grad
+
+    handle = z.register_hook(hook)
