@@ -2,8 +2,8 @@
 
 A preconditioner is a class (docs/design.md, "Adding a preconditioner"): a subclass of
 `CurvaturePreconditioner` (gnfx.preconditioners.curvature), whose batched `direction` the generated
-update runs on the stacked gradients of its blocks and which gets the common tail (momentum,
-weight decay, the step) for free, or of `Preconditioner` (gnfx.preconditioners.base) that updates
+update runs on the stacked gradients of its blocks and which gets the update chain (momentum,
+weight decay, the step: gnfx.transforms, `default_chain`) for free, or of `Preconditioner` (gnfx.preconditioners.base) that updates
 its parameters itself (`update`). Once registered, its `name` is an `optimizer=` of gnfx.compile
 and of policies, and `print(model)`, `model.cost()`, `gnfx.diagnose` and checkpoints ask the class.
 """
