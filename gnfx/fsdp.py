@@ -441,9 +441,9 @@ class ShardedStep:
         owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
         opt, views, me = self.opt, self.opt._views, self.rank
         for pre in opt.curvature:
-            for t in pre.chain if not pre.groups else ():
-                if t.sums_over_blocks:
-                    t(pre, [], [], [], None, None)
+            joined = [t for t in pre.chain if t.sums_over_blocks] if not pre.groups else []
+            for t in joined:  # with no pieces: its share of the sum is 0
+                t(pre, [], [], [], None, None)
         mine = self.owned_params[me]
         bases = self._due_bases()  # refreshed bases travel with the updates, to every other rank
         received = self._all_to_all(

@@ -27,9 +27,9 @@ from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner
 from gnfx.layouts import layout_of
+from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 from gnfx.transforms import HeavyBall, Step
 from gnfx.transforms.chain import chain_hparam, check_chain
-from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -84,11 +84,11 @@ class CurvaturePreconditioner(Preconditioner):
     def chain_state(self, group, device=None) -> dict:
         """Zeros for the state of the chain's stages for `group`, stacked over its pieces (on the
         meta device with `device="meta"`)."""
-        dtype = self.factor_dtype(group.pieces[0])
+        shapes = {k: shape for t in self.chain for k, shape in t.state_shapes(group.shape).items()}
         if device == "meta":
-            return {k: torch.empty((len(group.pieces),) + tuple(shape), dtype=dtype, device="meta")
-                    for t in self.chain for k, shape in t.state_shapes(group.shape).items()}
-        return {k: self.stacked_zeros(group, *shape) for t in self.chain for k, shape in t.state_shapes(group.shape).items()}
+            dtype = self.factor_dtype(group.pieces[0])
+            return {k: torch.empty((len(group.pieces),) + shape, dtype=dtype, device="meta") for k, shape in shapes.items()}
+        return {k: self.stacked_zeros(group, *shape) for k, shape in shapes.items()}
 
     def piece_groups(self, blocks, params) -> list:
         """The groups of pieces this preconditioner steps: the [W b] targets of its blocks and its

@@ -47,9 +47,9 @@ class Graft(Transform):
         Ds = self.grafted(Gs, states)
         rows = [row for U in Us for row in U.unbind()]
         norms = torch._foreach_norm(rows + [row for D in Ds for row in D.unbind()])
-        finfo = min((torch.finfo(U.dtype) for U in Us), key=lambda f: f.max)
-        scales = torch._foreach_div(norms[len(rows):], torch._foreach_clamp_min(norms[:len(rows)], finfo.tiny))
-        torch._foreach_clamp_max_(scales, finfo.max)  # finite, so that a zero U stays zero (0 · ∞ is NaN)
+        tiny, biggest = min(torch.finfo(U.dtype).tiny for U in Us), min(torch.finfo(U.dtype).max for U in Us)
+        scales = torch._foreach_div(norms[len(rows):], torch._foreach_clamp_min(norms[:len(rows)], tiny))
+        torch._foreach_clamp_max_(scales, biggest)  # finite, so that a zero U stays zero (0 · ∞ is NaN)
         scaled = iter(torch._foreach_mul(rows, scales))
         grafted = [torch.stack([next(scaled) for _ in range(len(U))]) for U in Us]
         if pre.active is None:
