@@ -269,17 +269,19 @@ def test_a_chain_per_pattern():
 
 
 @pytest.mark.parametrize("chain, message", [
-    ("momentum", "is not a chain"),
-    ([], "is not a chain"),
+    ("momentum", "it is not a list of transforms"),
+    ([], "it is not a list of transforms"),
     (["momentum", Step()], "'momentum' is not a transform"),
-    ([HeavyBall(0.9)], "0 parameter writes"),
-    ([Step(), Step()], "2 parameter writes"),
-    ([Step(), HeavyBall(0.9)], "its parameter write at position 0"),
+    ([HeavyBall(0.9)], "it has 0 parameter writes"),
+    ([Step(), Step()], "it has 2 parameter writes"),
+    ([Step(), HeavyBall(0.9)], "its parameter write is at position 0"),
     ([HeavyBall(0.9), HeavyBall(0.5), Step()], "both keep state 'momentum'"),
 ])
 def test_invalid_chains_are_config_errors(chain, message):
     with pytest.raises(gnfx.ConfigError, match=message):
         gnfx.compile(mlp(), optimizer="kfac", chain=chain)
+    with pytest.raises(gnfx.ConfigError, match=message):  # per pattern too
+        gnfx.compile(mlp(), optimizer={"0": ("kfac", {"chain": chain}), "*": "diag"})
 
 
 def test_invalid_stages_and_a_chain_that_takes_muons_own_state_are_config_errors():

@@ -29,7 +29,7 @@ from gnfx.preconditioners.base import Preconditioner
 from gnfx.layouts import layout_of
 from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 from gnfx.transforms import HeavyBall, Step
-from gnfx.transforms.chain import chain_hparam, check_chain
+from gnfx.transforms.chain import chain_hparam
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -67,7 +67,8 @@ class CurvaturePreconditioner(Preconditioner):
         self.state_holder = {g.key: g.pieces[0].target.params[0] for g in self.groups}
         self.writes = parameter_writes(self.groups)
         given = hp.get("chain")
-        self.chain = check_chain(given, f"{self.name} chain") if given is not None else self.default_chain(hp)
+        # a given chain was checked with the hyperparameters (gnfx.transforms.chain.check_chain)
+        self.chain = list(given) if given is not None else self.default_chain(hp)
         if given is not None and self.groups:
             own = set(self.init_group(self.groups[0]))
             taken = sorted(own & {k for t in self.chain for k in t.state_shapes(self.groups[0].shape)})

@@ -12,40 +12,43 @@ from gnfx.hparams import HParam
 from gnfx.transforms.base import Transform
 
 
-def check_chain(chain, context: str = "chain") -> list[Transform]:
-    """`chain` as a list, or a ConfigError that names what is wrong with it and the fix."""
+VALID = "None or a list of gnfx.transforms ending in gnfx.transforms.Step()"
+
+
+def check_chain(chain) -> bool:
+    """True for a valid chain (or None); else a ConfigError naming `chain=<value>`, what is wrong
+    with it and the valid range."""
     from gnfx import transforms  # the stages, for the message
+
+    if chain is None:
+        return True
+
+    def fail(reason: str):
+        raise ConfigError(f"chain={chain!r} is invalid: {reason}; expected {VALID}")
 
     known = ", ".join(f"gnfx.transforms.{name}" for name in transforms.__all__ if name != "Transform")
     if not isinstance(chain, (list, tuple)) or not chain:
-        raise ConfigError(f"{context}={chain!r} is not a chain: pass a list of transforms ending in "
-                          f"gnfx.transforms.Step() (available: {known}), or None for the preconditioner's own")
+        fail(f"it is not a list of transforms (available: {known}); None gives the preconditioner's own chain")
     unknown = [t for t in chain if not isinstance(t, Transform)]
     if unknown:
-        raise ConfigError(f"{context}: {unknown[0]!r} is not a transform; a chain holds instances of {known} "
-                          f"(or of a subclass of gnfx.transforms.Transform)")
+        fail(f"{unknown[0]!r} is not a transform: a chain holds instances of {known} (or of a subclass of "
+             f"gnfx.transforms.Transform)")
     writes = [i for i, t in enumerate(chain) if t.writes_parameters]
     if len(writes) != 1 or writes[0] != len(chain) - 1:
-        found = f"{len(writes)} parameter writes" if len(writes) != 1 else f"its parameter write at position {writes[0]}"
-        raise ConfigError(f"{context} {list(chain)!r} has {found}: a chain ends in exactly one parameter write "
-                          f"(gnfx.transforms.Step(), the last stage)")
+        fail((f"it has {len(writes)} parameter writes" if len(writes) != 1 else
+              f"its parameter write is at position {writes[0]}") + ": a chain ends in exactly one, gnfx.transforms.Step()")
     owner: dict[str, Transform] = {}
     for t in chain:
         for key in t.state_shapes((1,)):
             if key in owner:
-                raise ConfigError(f"{context}: {owner[key]!r} and {t!r} both keep state {key!r}; a chain holds each "
-                                  f"stateful transform once")
+                fail(f"{owner[key]!r} and {t!r} both keep state {key!r}: a chain holds each stateful transform once")
             owner[key] = t
-    return list(chain)
-
-
-def _valid(chain) -> bool:
-    return chain is None or bool(check_chain(chain))
+    return True
 
 
 def chain_hparam() -> HParam:
     """The `chain` hyperparameter of a curvature preconditioner."""
-    return HParam(None, "None or a list of gnfx.transforms ending in gnfx.transforms.Step()", _valid,
+    return HParam(None, VALID, check_chain,
                   "the update chain after the direction (None: the preconditioner's default_chain)")
 
 
