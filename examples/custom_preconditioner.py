@@ -11,7 +11,8 @@ formulas and the curvature it models; one call of gnfx.register_preconditioner m
     V̂ = r cᵀ / (1ᵀ r) / (1 - βᵗ),     U = G / (√V̂ + ε)
 
 V̂ is the rank-1 fit of Adam's second moment that keeps d_out + d_a numbers instead of d_out·d_a.
-gnfx adds the common tail (heavy-ball momentum, decoupled weight decay, the step). The script
+gnfx adds the default update chain (gnfx.transforms: heavy-ball momentum, decoupled weight decay,
+the step). The script
 trains an MLP on synthetic data with it, then shows print(model), model.cost() (checked against
 the bytes the optimizer really holds), gnfx.diagnose and a checkpoint round trip (a resumed run
 continues exactly like the uninterrupted one).
@@ -37,7 +38,7 @@ from custom_layer_kind import check_resume, train  # noqa: E402  (examples/custo
 class FactoredAdam(CurvaturePreconditioner):
     name = "factored_adam"
     HPARAMS = {
-        **common_hparams(),  # momentum μ of the common tail, decomposition_dtype
+        **common_hparams(),  # momentum μ of the update chain, decomposition_dtype
         "beta": unit_interval("decay β of the row and column sums of G ⊙ G", 0.999),
         "epsilon": positive("ε added to √V̂", 1e-8),
     }

@@ -3,6 +3,7 @@
     model = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")   # step size from the GGN
     loss = F.cross_entropy(model(x), y); loss.backward(); model.step(); model.zero_grad()
 """
+from gnfx import transforms
 from gnfx.api import COMMON, compile
 from gnfx.compiled import CompiledModel
 from gnfx.diagnose import diagnose
@@ -12,4 +13,4 @@ from gnfx.preconditioners import REGISTRY
 from gnfx.preconditioners.registration import register_preconditioner
 
 __all__ = ["compile", "diagnose", "CompiledModel", "GnfxError", "CaptureError", "ConfigError", "REGISTRY", "COMMON",
-           "register_preconditioner", "register_layer_kind"]
+           "register_preconditioner", "register_layer_kind", "transforms"]

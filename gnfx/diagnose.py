@@ -29,8 +29,8 @@ unit, on the gradient `g_b = ∇_{θ_b} L` of the batch:
     preconditioner does to this gradient, read from its state without changing it: a curvature
     preconditioner's own `direction` on a copy of the unit's state, with no statistic folded in
     (kfac: `(S + λ_S I)⁻¹ G (A + λ_A I)⁻¹`; shampoo: the mode products with the inverse roots;
-    rank1: the Woodbury formula; grafting rescales each piece; the heavy-ball momentum applied
-    after the direction is left out, SOAP's own Adam moments are part of its direction), and
+    rank1: the Woodbury formula; the update chain after the direction, grafting and the heavy-ball
+    momentum included, is left out, SOAP's own Adam moments are part of its direction), and
     for diag `g / (√v̂ + ε)` (Adam's step without its first moment). A cosine of 1 means the
     preconditioner steps exactly along the damped Newton direction of this block.
 

@@ -75,7 +75,6 @@ from torch.distributed.tensor import DTensor, Shard
 
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.plan import _constructor
-from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 ORDER = ("call gnfx.compile on the unsharded model first, then fully_shard the compiled model's blocks "
          "(optional) and the compiled model itself, before the first step")
@@ -152,8 +151,8 @@ def identity(shape, dtype, device) -> torch.Tensor:
 
 
 def _has_safeguard(pre) -> bool:
-    """Whether a curvature preconditioner scales its steps by a sum over all its blocks."""
-    return type(pre).safeguard is not CurvaturePreconditioner.safeguard
+    """Whether a curvature preconditioner's chain scales its steps by a sum over all its blocks."""
+    return any(t.sums_over_blocks for t in pre.chain)
 
 
 def target_cost(shape) -> int:
@@ -443,8 +442,9 @@ class ShardedStep:
         owners' Δ in one all-to-all and apply θ_r ← θ_r (1 - ηλ) + Δ_r."""
         views, me = self.parameters.views, self.rank
         for pre in self.curvature:
-            if not pre.groups and _has_safeguard(pre):
-                pre.safeguard([], [], [])
+            joined = [t for t in pre.chain if t.sums_over_blocks] if not pre.groups else []
+            for t in joined:  # with no pieces: its share of the sum is 0
+                t(pre, [], [], [], None, None)
         mine = self.owned_params[me]
         bases = self._due_bases()  # refreshed bases travel with the updates, to every other rank
         received = self._all_to_all(

@@ -59,6 +59,7 @@ def test_a_registered_class_is_an_optimizer_name_and_registering_it_again_does_n
     (type("NoUpdate", (Preconditioner,), {"name": "no_update"}), "does not define update"),
     (curvature_class("bad_hparams", HPARAMS={"beta": 0.9}), "must map names to gnfx.hparams.HParam"),
     (curvature_class("auto_without_cost", in_auto=True), "in_auto is set but it has no cost_parts"),
+    (curvature_class("old_tail", safeguard=lambda self, Us, Gs, lr: None), "defines safeguard, which gnfx no longer"),
 ])
 def test_what_is_not_a_preconditioner_is_refused_naming_the_fix(bad, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -12,21 +12,26 @@ grouped by shape (gnfx.targets). A subclass supplies the batched math on a stack
                                     (gnfx.statistics), run when `refresh_due(step)`; under
                                     torch.distributed split across ranks by `comm`
 
-This base applies the common tail to every piece: heavy-ball momentum and decoupled weight decay,
+The directions of all groups then go through the preconditioner's update chain (gnfx.transforms:
+`chain`, its hyperparameter, or `default_chain(hp)`), whose last stage writes the parameters with
+`step_parameters`. The default here is heavy-ball momentum and decoupled weight decay,
 
-    m ← μ m + ν U,    θ ← θ (1 - η λ) - η m
+    m ← μ m + U,    θ ← θ (1 - η λ) - η m,
 
-(ν: the preconditioner's step-size safeguard, 1 by default), as foreach kernels over all pieces.
+as foreach kernels over all pieces; subclasses put their grafting or KL clipping in front.
 """
 from __future__ import annotations
 
 import torch
 
+from gnfx.errors import ConfigError
 from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner
 from gnfx.layouts import layout_of
 from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
+from gnfx.transforms import HeavyBall, Step
+from gnfx.transforms.chain import chain_hparam
 
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -40,6 +45,7 @@ def root_method_hparam(default: str, methods=METHODS):
 def common_hparams() -> dict:
     return {
         "momentum": unit_interval("heavy-ball momentum μ on the preconditioned step", 0.9),
+        "chain": chain_hparam(),
         # "auto": the factors' own dtype (float64 for a float64 model, else float32). Measured here:
         # float32 decompositions run ~2x faster (eigh of 1025: 0.08 s against 0.16 s) and gave the
         # same validation losses as float64 on the digits MLP (300 steps: kfac 0.0776 both,
@@ -52,6 +58,9 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
+    # a 0-d bool tensor: whether the direction is preconditioned yet (grafting takes the grafted
+    # direction alone before, gnfx.transforms.graft); None: from the first step
+    active = None
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
@@ -59,6 +68,30 @@ class CurvaturePreconditioner(Preconditioner):
         # the parameter that holds each group's state in optimizer.state
         self.state_holder = {g.key: g.pieces[0].target.params[0] for g in self.groups}
         self.writes = parameter_writes(self.groups)
+        given = hp.get("chain")
+        # a given chain was checked with the hyperparameters (gnfx.transforms.chain.check_chain)
+        self.chain = list(given) if given is not None else self.default_chain(hp)
+        if given is not None and self.groups:
+            own = set(self.init_group(self.groups[0]))
+            taken = sorted(own & {k for t in self.chain for k in t.state_shapes(self.groups[0].shape)})
+            if taken:
+                raise ConfigError(f"{self.name} keeps state {taken} itself (e.g. Muon's momentum precedes its "
+                                  f"direction): leave the transforms that keep it out of its chain")
+
+    @classmethod
+    def default_chain(cls, hp: dict) -> list:
+        """The update chain (gnfx.transforms) after the direction, from the hyperparameters `hp`:
+        heavy-ball momentum μ = hp["momentum"] (for a class that declares it), then θ ← θ(1 - ηλ) - η m."""
+        return ([HeavyBall(hp["momentum"])] if "momentum" in hp else []) + [Step()]
+
+    def chain_state(self, group, device=None) -> dict:
+        """Zeros for the state of the chain's stages for `group`, stacked over its pieces (on the
+        meta device with `device="meta"`)."""
+        shapes = {k: shape for t in self.chain for k, shape in t.state_shapes(group.shape).items()}
+        if device == "meta":
+            dtype = self.factor_dtype(group.pieces[0])
+            return {k: torch.empty((len(group.pieces),) + shape, dtype=dtype, device="meta") for k, shape in shapes.items()}
+        return {k: self.stacked_zeros(group, *shape) for k, shape in shapes.items()}
 
     def piece_groups(self, blocks, params) -> list:
         """The groups of pieces this preconditioner steps: the [W b] targets of its blocks and its
@@ -106,8 +139,7 @@ class CurvaturePreconditioner(Preconditioner):
         prefix = group.key + "."
         state = {k[len(prefix):]: v for k, v in holder.items() if k.startswith(prefix)}
         if not state:
-            state = self.init_group(group)
-            state["momentum"] = self.stacked_zeros(group, *group.shape)
+            state = {**self.init_group(group), **self.chain_state(group)}
             for k, v in state.items():
                 holder[prefix + k] = v
         return state
@@ -124,9 +156,7 @@ class CurvaturePreconditioner(Preconditioner):
             prefix = group.key + "."
             current = {k[len(prefix):]: v for k, v in self.parameters.state_of(holder).items() if k.startswith(prefix)}
             if not current:
-                current = self.init_group(group)
-                current["momentum"] = torch.empty((len(group.pieces),) + tuple(group.shape),
-                                                  dtype=self.factor_dtype(group.pieces[0]), device="meta")
+                current = {**self.init_group(group), **self.chain_state(group, device="meta")}
             expected.setdefault(holder, {}).update({prefix + k: (v.shape, v.dtype) for k, v in current.items()})
         return expected
 
@@ -184,27 +214,13 @@ class CurvaturePreconditioner(Preconditioner):
         if comm is not None:
             comm.share(group.key, tensors)
 
-    def safeguard(self, Us, Gs, lr):
-        """A global scale ν for all of this preconditioner's steps (default 1: none); Us, Gs list the
-        directions and gradients of its groups, lr is the (pieces,) learning rates in group order."""
-        return None
-
     def sum_over_owners(self, x):
         """Under FSDP2 (gnfx.fsdp) each rank holds some of the blocks: a sum over all blocks is the
         sum of the ranks' partial sums `x` (one scalar all-reduce). Otherwise `x` itself."""
         sharded = self.parameters.sharded
         return x if sharded is None else sharded.all_sum(x)
 
-    # --- the common tail ---------------------------------------------------------------------
-    def apply(self, states, Us, nu, lr, wd) -> None:
-        """m ← μ m + ν U;  θ ← θ(1 - ηλ) - η m, for every piece of every group at once (foreach
-        kernels). states and Us follow self.groups; ν is the safeguard's scale (None: 1); lr and wd
-        are (pieces,) tensors in group order."""
-        ms = [s["momentum"] for s in states]
-        torch._foreach_mul_(ms, self.hp["momentum"])
-        torch._foreach_add_(ms, Us if nu is None else torch._foreach_mul(Us, nu))
-        self.step_parameters(ms, lr, wd)
-
+    # --- the parameter write of the chain (gnfx.transforms.Step) ------------------------------
     def step_parameters(self, steps, lr, wd) -> None:
         """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
         are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order."""

@@ -23,7 +23,8 @@ blocks (gnfx.layouts.base: m blocks of at most max_factor entries, a conv's inpu
 factors; the blocks are inverted as one batch. This cuts the refresh from d³ to m·b³ ≈ d·max_factor²,
 the statistics from d² to d·b per row and the step's product from 2·d_out·d² to 2·d_out·d·b (gnfx.cost).
 
-Step-size safeguard: KL clipping (Ba et al. 2017). The step is scaled by
+Step-size safeguard: KL clipping (Ba et al. 2017), the first stage of its default update chain
+(gnfx.transforms.KLClip). The step is scaled by
 `ν = min(1, sqrt(κ / Σ_blocks η² ⟨U, ∇W⟩))`, which bounds the change of the model's predictive
 distribution as measured by the (K-FAC) Fisher itself. We chose it over grafting because it
 uses the curvature K-FAC already has, costs one dot product per block, and keeps no extra state
@@ -41,6 +42,7 @@ from gnfx.layouts.base import blockdiag_left, blockdiag_right, merge_groups, spl
 from gnfx.linalg import damped_inverse_power
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
+from gnfx.transforms import KLClip
 
 
 # attention projections and their blocks of S per head (a fused qkv projection holds three)
@@ -200,14 +202,11 @@ class KFAC(CurvaturePreconditioner):
         S_inv = state["S_inv"]
         return factored_product(S_inv, G.to(S_inv.dtype), state["A_inv"])
 
-    def safeguard(self, Us, Gs, lr):
-        kappa = self.hp["kl_clip"]
-        if kappa == 0:
-            return None
-        dots = torch.cat([torch.linalg.vecdot(U.flatten(1), G.to(U.dtype).flatten(1)) for U, G in zip(Us, Gs)])
-        vfv = self.sum_over_owners((lr.to(dots.dtype) ** 2 * dots).sum())  # Σ_blocks η² ⟨U, ∇W⟩
-        return (kappa / vfv.abs().clamp(min=torch.finfo(vfv.dtype).tiny)).sqrt().clamp(max=1.0)
-
+    @classmethod
+    def default_chain(cls, hp):
+        """KL clipping with κ = hp["kl_clip"] (none for κ = 0), then the heavy-ball tail."""
+        clip = [KLClip(hp["kl_clip"])] if hp["kl_clip"] > 0 else []
+        return clip + super().default_chain(hp)
 
 def as_blocks(F: torch.Tensor, groups: int) -> torch.Tensor:
     """Stacked factors (k, *shape) of a layout's shape (gnfx.layouts.base: (d, d), (groups, d, d) or

@@ -63,6 +63,8 @@ from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.diag import Diagonal
 from gnfx.targets import Target, make_groups, param_target
+from gnfx.transforms import Step
+from gnfx.transforms.chain import chain_hparam
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Keller Jordan's quintic, as torch.optim.Muon
 NS_EPS = 1e-7  # ε of the normalization X / max(‖X‖_F, ε), as torch.optim.Muon
@@ -123,6 +125,7 @@ class Muon(CurvaturePreconditioner):
                             "0.2 sqrt(max(rows, cols)) ('match_rms_adamw')", "original", ADJUST_LR),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
+        "chain": chain_hparam(),
     }
 
     @classmethod
@@ -142,10 +145,11 @@ class Muon(CurvaturePreconditioner):
         return group.key.startswith(f"{self.name}_adamw_")
 
     def init_group(self, group):
-        """AdamW's second moment and step count; Muon keeps only its buffer (the `momentum` state)."""
+        """The buffer M (Muon) or m (AdamW), as the `momentum` state; AdamW's second moment and step count."""
+        state = {"momentum": self.stacked_zeros(group, *group.shape)}
         if self.is_adamw(group):
-            return {"exp_avg_sq": self.stacked_zeros(group, *group.shape), "t": self.stacked_zeros(group)}
-        return {}
+            state.update(exp_avg_sq=self.stacked_zeros(group, *group.shape), t=self.stacked_zeros(group))
+        return state
 
     def direction(self, G, state, collect):
         """Muon's step s·NS_k(X) for a group of hidden matrices, AdamW's m̂ / (√v̂ + ε) for a group of
@@ -167,9 +171,10 @@ class Muon(CurvaturePreconditioner):
         O = newton_schulz(X, self.hp["ns_steps"], NS_DTYPES.get(self.hp["ns_dtype"]))
         return O * shape_scale(self.hp["adjust_lr"], G.shape[1], G.shape[2])
 
-    def apply(self, states, Us, nu, lr, wd):
-        """θ ← θ(1 - ηλ) - η U: the direction already holds the momentum (no heavy-ball tail)."""
-        self.step_parameters(Us, lr, wd)
+    @classmethod
+    def default_chain(cls, hp):
+        """θ ← θ(1 - ηλ) - η U alone: the direction already holds the momentum (no heavy-ball stage)."""
+        return [Step()]
 
     @classmethod
     def cost_parts(cls, g, hp, at):

@@ -9,8 +9,9 @@ correction `Ĝ/(1-βᵗ)`, the step applies `(Ĝ + λ I)⁻¹` by Woodbury (Sher
 
     (Ĝ + λ I)⁻¹ v = (v - U diag(s / (s + λ)) Uᵀ v) / λ
 
-and, by default, takes its per-block step size from Adam by grafting (graft.py), since the
-magnitude of `(Ĝ + λI)⁻¹ v` scales with 1/λ along every direction outside the tracked ones.
+and, by default, takes its per-block step size from Adam by grafting (gnfx.transforms.Graft, the
+first stage of its default update chain), since the magnitude of `(Ĝ + λI)⁻¹ v` scales with 1/λ
+along every direction outside the tracked ones.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from gnfx.linalg import eigh
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
-from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
+from gnfx.transforms import Graft
+from gnfx.transforms.graft import GRAFTS
 
 
 class RankK(CurvaturePreconditioner):
@@ -64,7 +66,7 @@ class RankK(CurvaturePreconditioner):
         k = min(self.hp["rank"], n)
         return {"U": self.stacked_zeros(group, n, k), "s": self.stacked_zeros(group, k),
                 "failures": self.stacked_zeros(group, dtype=torch.int64),
-                "t": self.stacked_zeros(group), **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
+                "t": self.stacked_zeros(group)}
 
     def curvature_product(self, group, i, V, statistics):
         """U diag(ŝ) Uᵀ vec(V), ŝ = s / (1 - βᵗ): the bias-corrected tracked eigenpairs."""
@@ -92,8 +94,7 @@ class RankK(CurvaturePreconditioner):
         s_hat = s / (1 - self.hp["stat_decay"] ** t.clamp(min=1)).unsqueeze(1)
         lam = self.hp["damping"]
         coeff = s_hat / (s_hat + lam)
-        # λ (Ĝ + λI)⁻¹ v = v - U diag(s/(s+λ)) Uᵀ v; grafting sets the norm, so 1/λ is applied only
-        # without it. For k = 1 elementwise forms: an (n x 1) matrix product takes a slow path
+        # λ (Ĝ + λI)⁻¹ v = v - U diag(s/(s+λ)) Uᵀ v. For k = 1 elementwise forms: an (n x 1) matrix product takes a slow path
         # (8x slower than a dot product at n = 10⁶ on this project's CPU)
         if U.shape[2] == 1:
             w = coeff * torch.linalg.vecdot(U[..., 0], v).unsqueeze(1)  # (pieces, 1)
@@ -101,7 +102,9 @@ class RankK(CurvaturePreconditioner):
         else:
             w = coeff.unsqueeze(2) * (v.unsqueeze(1) @ U).transpose(1, 2)  # (pieces, k, 1)
             P = torch.baddbmm(v.unsqueeze(2), U, w, alpha=-1).reshape(G.shape)
-        if self.hp["graft"] == "none":
-            return P.div_(lam)
-        D = graft_direction(self.hp["graft"], G.to(U.dtype), state, self.hp["betas"][1], self.hp["eps"])
-        return graft(P, D)
+        return P.div_(lam)
+
+    @classmethod
+    def default_chain(cls, hp):
+        """Grafting onto hp["graft"] (with Adam's β₂ and ε), then the heavy-ball tail."""
+        return [Graft(hp["graft"], hp["betas"][1], hp["eps"])] + super().default_chain(hp)

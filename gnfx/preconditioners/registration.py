@@ -2,8 +2,8 @@
 
 A preconditioner is a class (docs/design.md, "Adding a preconditioner"): a subclass of
 `CurvaturePreconditioner` (gnfx.preconditioners.curvature), whose batched `direction` the generated
-update runs on the stacked gradients of its blocks and which gets the common tail (momentum,
-weight decay, the step) for free, or of `Preconditioner` (gnfx.preconditioners.base) that updates
+update runs on the stacked gradients of its blocks and which gets the update chain (momentum,
+weight decay, the step: gnfx.transforms, `default_chain`) for free, or of `Preconditioner` (gnfx.preconditioners.base) that updates
 its parameters itself (`update`). Once registered, its `name` is an `optimizer=` of gnfx.compile
 and of policies, and `print(model)`, `model.cost()`, `gnfx.diagnose` and checkpoints ask the class.
 """
@@ -59,6 +59,12 @@ def register_preconditioner(cls):
     if missing:
         raise ConfigError(f"{cls.__qualname__} does not define {', '.join(missing)}, which a "
                           f"{base.__name__} must (docs/design.md, 'Adding a preconditioner')")
+    retired = [m for m in ("safeguard", "apply") if issubclass(cls, CurvaturePreconditioner) and _defined_by(cls, m)]
+    if retired:
+        raise ConfigError(f"{cls.__qualname__} defines {', '.join(retired)}, which gnfx no longer calls: the update "
+                          f"after the direction is a chain of gnfx.transforms; declare it with the classmethod "
+                          f"default_chain(hp) (e.g. [KLClip(kappa), HeavyBall(momentum), Step()]; docs/design.md, "
+                          f"'The update chain')")
     if cls.in_auto and _defined_by(cls, "cost_parts") is Preconditioner:
         raise ConfigError(f"{cls.__qualname__}.in_auto is set but it has no cost_parts: optimizer='auto' weighs "
                           f"every candidate by its cost; define cost_parts or leave in_auto False")

@@ -13,8 +13,8 @@ The default, "paper", was chosen by benchmark: 150 steps on the digits MLP and a
 (benchmarks/tasks.py), best of lr in {1e-3, 3e-3, 1e-2}, gave validation losses 0.152 and 0.0052
 with "paper" against 0.286 and 0.0171 with 1/2.
 Dimensions above `max_block` are cut into blocks, each with its own factors. Grafting (Adam or
-AdaGrad, see graft.py) sets each block's step size; before `start_preconditioning_step` the
-grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
+AdaGrad, gnfx.transforms.Graft, the first stage of its default update chain) sets each block's step
+size; before `start_preconditioning_step` (`active` False) the grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
 `precondition_frequency` steps, or with `root_method="newton"` from the coupled Newton iteration
 (matrix products only; ε then takes a power-iteration estimate of the largest eigenvalue,
 gnfx.linalg); a failed one keeps the last good root and is counted.
@@ -30,7 +30,8 @@ from gnfx.linalg import damped_inverse_power, method_computes
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
-from gnfx.preconditioners.graft import GRAFTS, graft, graft_direction, graft_state
+from gnfx.transforms import Graft
+from gnfx.transforms.graft import GRAFTS
 
 
 def _exponent_ok(x) -> bool:
@@ -127,8 +128,7 @@ class Shampoo(CurvaturePreconditioner):
                         for i, b in enumerate(reversed(sizes))]
 
     def init_group(self, group):
-        state = {"failures": self.stacked_zeros(group, dtype=torch.int64),
-                 **graft_state(lambda *s: self.stacked_zeros(group, *s), group.shape)}
+        state = {"failures": self.stacked_zeros(group, dtype=torch.int64)}
         for j, d in enumerate(group.shape):
             state[f"factor{j}"] = self.stacked_zeros(group, d, d)
             state[f"root{j}"] = self.stacked_eye(group, d)
@@ -165,12 +165,14 @@ class Shampoo(CurvaturePreconditioner):
             for j in range(len(group.shape)):
                 state[f"factor{j}"].mul_(beta).add_(mode_gram(G, j), alpha=1 - beta)
 
+    @classmethod
+    def default_chain(cls, hp):
+        """Grafting onto hp["graft"] (with Adam's β₂ and ε), then the heavy-ball tail."""
+        return [Graft(hp["graft"], hp["betas"][1], hp["eps"])] + super().default_chain(hp)
+
     def direction(self, G, state, collect):
-        Gf = G.to(state["factor0"].dtype)
-        order = Gf.dim() - 1
-        D = graft_direction(self.hp["graft"], Gf, state, self.hp["betas"][1], self.hp["eps"])
-        P = Gf
-        for j in range(order):
+        """G ×_1 R_1 ⋯ ×_k R_k with the inverse roots R_j (the identity until the first refresh)."""
+        P = G.to(state["factor0"].dtype)
+        for j in range(P.dim() - 1):
             P = mode_product(P, state[f"root{j}"], j)
-        # before the start the grafted direction alone (the roots are still the identity)
-        return torch.where(self.active, P if self.hp["graft"] == "none" else graft(P, D), D)
+        return P

@@ -12,7 +12,8 @@ rotated ones, as the paper's algorithm does:
 
 (order k: G' = G ×_1 Q_1ᵀ ⋯ ×_k Q_kᵀ, and back with Q_j). `betas` and `eps` are Adam's (shared with
 "diag", and with its defaults; the paper's experiments use betas=(0.95, 0.95)). Since
-m̂'/(√v̂'+ε) already is Adam's step, the heavy-ball `momentum` of the common tail defaults to 0 here.
+m̂'/(√v̂'+ε) already is Adam's step, the heavy-ball `momentum` of its update chain (gnfx.transforms)
+defaults to 0 here.
 
 The bases are refreshed before the steps 1, 1 + f, 1 + 2f, ... (f = `precondition_frequency`) from
 the factors collected so far, so the first basis already sees the first gradient (the paper's

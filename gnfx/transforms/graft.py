@@ -1,0 +1,76 @@
+"""Grafting: the direction from the preconditioner, the step size (per piece) from another method.
+
+For the gradient G of each piece the grafted method's direction D is
+  "adam":    v ← β₂ v + (1-β₂) G²,  t ← t + 1,  D = G / (sqrt(v / (1-β₂ᵗ)) + ε)
+  "adagrad": v ← v + G²,                        D = G / (sqrt(v) + ε)
+  "none":    no grafting, U unchanged
+and each piece's direction U takes D's norm: U ← U ‖D‖ / ‖U‖ (Frobenius norms per piece, a zero U
+stays zero). A preconditioner whose direction is not preconditioned yet (`pre.active`, a 0-d bool
+tensor, False: Shampoo before start_preconditioning_step) takes D alone: U ← D.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gnfx.errors import ConfigError
+from gnfx.transforms.base import Transform
+
+GRAFTS = ("adam", "adagrad", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Graft(Transform):
+    """U ← U ‖D‖ / ‖U‖ per piece, D the direction of the grafted method `kind` (module doc), its
+    second moment v and step count t kept per group as "graft_v" and "graft_t" (by every kind,
+    "none" included: the state gnfx kept before the chain, so that its checkpoints load). All
+    groups at once: foreach kernels, and one norm kernel over every piece's rows."""
+
+    kind: str = "adam"
+    beta2: float = 0.999
+    eps: float = 1e-8
+    label = "graft"
+    formula = "U ← U ‖D‖ / ‖U‖ per piece, D the grafted method's direction"
+
+    def __post_init__(self):
+        if self.kind not in GRAFTS or not 0 <= self.beta2 < 1 or not self.eps > 0:
+            raise ConfigError(f"{self!r}: kind must be one of {GRAFTS}, beta2 in [0, 1) and eps > 0")
+
+    def state_shapes(self, shape):
+        return {"graft_v": tuple(shape), "graft_t": ()}
+
+    def __call__(self, pre, Us, Gs, states, lr, wd):
+        if self.kind == "none":
+            return Us
+        Gs = [G.to(U.dtype) for U, G in zip(Us, Gs)]
+        Ds = self.grafted(Gs, states)
+        rows = [row for U in Us for row in U.unbind()]
+        norms = torch._foreach_norm(rows + [row for D in Ds for row in D.unbind()])
+        tiny, biggest = min(torch.finfo(U.dtype).tiny for U in Us), min(torch.finfo(U.dtype).max for U in Us)
+        scales = torch._foreach_div(norms[len(rows):], torch._foreach_clamp_min(norms[:len(rows)], tiny))
+        torch._foreach_clamp_max_(scales, biggest)  # finite, so that a zero U stays zero (0 · ∞ is NaN)
+        scaled = iter(torch._foreach_mul(rows, scales))
+        grafted = [torch.stack([next(scaled) for _ in range(len(U))]) for U in Us]
+        if pre.active is None:
+            return grafted
+        return [torch.where(pre.active, U, D) for U, D in zip(grafted, Ds)]
+
+    def grafted(self, Gs, states) -> list[torch.Tensor]:
+        """D of every group (module doc), updating its state."""
+        vs = [s["graft_v"] for s in states]
+        if self.kind == "adagrad":
+            torch._foreach_addcmul_(vs, Gs, Gs)
+            root = torch._foreach_sqrt(vs)
+        else:
+            ts = [s["graft_t"] for s in states]
+            torch._foreach_add_(ts, 1)
+            torch._foreach_mul_(vs, self.beta2)
+            torch._foreach_addcmul_(vs, Gs, Gs, value=1 - self.beta2)
+            corrections = torch._foreach_pow(self.beta2, ts)  # 1 - β₂ᵗ, per piece
+            torch._foreach_neg_(corrections)
+            torch._foreach_add_(corrections, 1)
+            root = torch._foreach_div(vs, [c.view((-1,) + (1,) * (v.dim() - 1)) for c, v in zip(corrections, vs)])
+            torch._foreach_sqrt_(root)
+        torch._foreach_add_(root, self.eps)
+        return torch._foreach_div(Gs, root)

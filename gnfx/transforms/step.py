@@ -1,0 +1,21 @@
+"""The chain's parameter write: decoupled weight decay and the learning rate."""
+from __future__ import annotations
+
+import dataclasses
+
+from gnfx.transforms.base import Transform
+
+
+@dataclasses.dataclass(frozen=True)
+class Step(Transform):
+    """θ ← θ (1 - η λ) - η U for every piece, η and λ the learning rate and weight decay of its
+    param group (read at every step, so LR schedulers apply). Writes each piece's rows into its
+    parameters through the preconditioner's `step_parameters` (which knows where the pieces of
+    blocks and loose parameters lie). The last stage of every chain."""
+
+    label = "step"
+    writes_parameters = True
+    formula = "θ ← θ (1 - η λ) - η U"
+
+    def __call__(self, pre, Us, Gs, states, lr, wd):
+        pre.step_parameters(Us, lr, wd)
