@@ -196,8 +196,8 @@ def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype
                    lambda: torch.full_like(F64[:1], float("nan")))
     out = out.to(F.dtype)
     # finite in F's dtype (a root that overflows float32 is a failure too): 0·x sums to exactly 0
-    # when every x is finite and to NaN otherwise (one multiply and a sum: a boolean reduction such as
-    # isfinite().all() took 10x longer on this project's CPU); and from a factor that holds statistics
+    # when every x is finite and to NaN otherwise (one multiply and a sum: 0.07 ms for a 2 x 257² stack
+    # on this project's CPU, where isfinite().all() took 0.54 ms); and from a factor that holds statistics
     # (an all-zero factor has none yet: its damped root would be λ^{-p} I; a PSD matrix is zero iff
     # its diagonal is)
     finite = out.flatten(1).mul(0).sum(1) == 0
