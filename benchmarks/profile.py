@@ -13,12 +13,26 @@ benchmarks/targets.py at gnfx's defaults:
    float64, on one thread and on all), and gnfx.linalg's (F + λI)^{-1} by Cholesky and by the
    coupled Newton iteration (threads as gnfx chooses them: "gnfx"), min and median of `runs` runs
    each, since the CPU's timings vary from run to run.
+
+With `--parts R [R ...]` instead: the whole step of each preconditioner split into its parts on the
+rows-per-step sweep's MLP (benchmarks/targets.py) at R rows per width, written to
+`<out>/step_parts.md` (and `step_parts.json`): per step, averaged over stat_every steps, the plain
+forward+backward, the taps (a statistic step's forward+backward over the plain one, amortized), and
+of `model.step()`: the preconditioner's statistics from gradients (`collect`), its refresh
+(amortized over its frequency), its direction (the products; the statistic-step sketch update of
+rank1), the grafting, the common tail (`apply`: momentum, weight decay, the parameter update), the
+non-finite check, and the rest (stacking the gradients, folding statistics, Python); each part timed
+by wrapping the method that computes it, medians over `windows` windows interleaved with AdamW's.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import importlib
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +40,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gnfx
+from benchmarks import targets
+from benchmarks.models import mlp
 from benchmarks.targets import RESULTS, STAT_EVERY, models, products, seconds, statistic_rows
 from gnfx.linalg import damped_inverse_power
 
@@ -147,15 +163,141 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("fwd+bwd", "taps", "collect", "refresh", "direction", "grafting", "tail", "non-finite check", "rest of step")
+GRAFT_FUNCTIONS = ("graft_direction", "graft")  # timed as "grafting" where a preconditioner's module calls them
+
+
+def step_parts(names, rows: int, width: int = targets.SWEEP_WIDTH, windows: int = 5) -> dict:
+    """The whole step of each preconditioner in `names` split into PARTS (module docstring), in
+    seconds per step, on the sweep's MLP of `width` at `rows` rows per step, beside AdamW's
+    forward+backward and step; medians over `windows` windows of stat_every steps (after two
+    untimed ones), AdamW's window run before each of the preconditioner's."""
+    g = torch.Generator().manual_seed(rows)
+    pool = [(torch.randn(rows, width, generator=g), torch.randint(10, (rows,), generator=g))
+            for _ in range(targets.SWEEP_POOL)]
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def make():
+        torch.manual_seed(0)
+        return mlp([width, width, width, 10])
+
+    spent = collections.defaultdict(float)  # part -> seconds in the current window
+
+    def timed(part, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t = targets.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += targets.clock() - t
+        return wrapper
+
+    plain = make()
+    adamw = torch.optim.AdamW(plain.parameters(), lr=1e-4, foreach=True)
+
+    def window(module, step, zero, statistic_step=lambda: False) -> dict:
+        spent.clear()
+        out = collections.defaultdict(float)
+        for i in range(STAT_EVERY):
+            x, y = pool[i % targets.SWEEP_POOL]
+            stat = statistic_step()
+            fb = seconds(lambda: loss_fn(module(x), y).backward())
+            out["stat fwd+bwd" if stat else "fwd+bwd"] += fb
+            out["step"] += seconds(step)
+            zero()
+        out = {k: v / STAT_EVERY for k, v in out.items()}
+        return {**out, **{k: v / STAT_EVERY for k, v in spent.items()}}
+
+    result = {"rows": rows, "width": width, "windows": windows}
+    for name in names:
+        c = gnfx.compile(make(), name, lr=1e-4)
+        opt = c.optimizer
+        for _ in range(2):  # untimed: the first steps and Shampoo's start at step 10
+            window(c, c.step, c.zero_grad)
+        patched = []  # (object, attribute, original)
+
+        def patch(obj, attr, part):
+            patched.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, timed(part, getattr(obj, attr)))
+        for pre in opt.curvature:
+            for attr, part in (("collect", "collect"), ("refresh", "refresh"), ("direction", "direction"),
+                               ("apply", "tail")):
+                patch(pre, attr, part)
+            module = importlib.import_module(type(pre).__module__)
+            for attr in GRAFT_FUNCTIONS:
+                if callable(getattr(module, attr, None)):
+                    patch(module, attr, "grafting")
+        patch(opt, "_non_finite", "non-finite check")
+        base, parts = [], collections.defaultdict(list)
+        try:
+            for _ in range(windows):
+                a = window(plain, adamw.step, adamw.zero_grad)
+                base.append(a)
+                w = window(c, c.step, c.zero_grad, lambda: opt.statistic_step)
+                plain_fb = w["fwd+bwd"] * STAT_EVERY / (STAT_EVERY - 1)  # the mean over plain steps
+                w["taps"] = (w.get("stat fwd+bwd", 0.0) - plain_fb / STAT_EVERY)
+                w["fwd+bwd"] = plain_fb
+                w["direction"] = w.get("direction", 0.0) - w.get("grafting", 0.0)  # direction calls the grafting
+                w["rest of step"] = w["step"] - sum(w.get(k, 0.0) for k in PARTS[2:-1])
+                w["whole"] = w["fwd+bwd"] + w["taps"] + w["step"]
+                w["ratio"] = w["whole"] / (a["fwd+bwd"] + a["step"])
+                for k in (*PARTS, "step", "whole", "ratio"):
+                    parts[k].append(w.get(k, 0.0))
+        finally:
+            for obj, attr, original in reversed(patched):
+                setattr(obj, attr, original)
+        result[name] = {k: statistics.median(v) for k, v in parts.items()}
+        result.setdefault("adamw", {k: statistics.median(b[k] for b in base) for k in ("fwd+bwd", "step")})
+    return result
+
+
+def parts_markdown(results: list[dict], command: str) -> str:
+    """One table per rows-per-step point: each part in ms per step and as a share of AdamW's whole step."""
+    lines = ["# The whole step, part by part", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {targets.clock_name()}; gnfx defaults. "
+             "Each cell: ms per step averaged over stat_every steps (the median over the windows), then in "
+             "parentheses as a fraction of AdamW's whole step (plain fwd+bwd + AdamW step); benchmarks/profile.py's "
+             f"docstring defines the parts. `{command}`.", ""]
+    for r in results:
+        names = [n for n in r if isinstance(r[n], dict) and n != "adamw"]
+        a = r["adamw"]
+        base = a["fwd+bwd"] + a["step"]
+        lines += [f"## MLP {r['width']}-{r['width']}-{r['width']}-10, {r['rows']} rows per step "
+                  f"(rows/width {r['rows'] / r['width']:g}; {r['windows']} windows)", "",
+                  f"AdamW: fwd+bwd {1e3 * a['fwd+bwd']:.2f} ms, step {1e3 * a['step']:.2f} ms, whole "
+                  f"{1e3 * base:.2f} ms.", "",
+                  "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for part in (*PARTS, "step", "whole"):
+            lines.append(f"| {part} | " + " | ".join(f"{1e3 * r[n][part]:.2f} ({r[n][part] / base:.3f})"
+                                                    for n in names) + " |")
+        lines.append("| whole / AdamW (median of paired windows) | " +
+                     " | ".join(f"{r[n]['ratio']:.2f}" for n in names) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, help="a subset of: mlp (digits), cnn, gpt, mlp1024, mlp2048")
     parser.add_argument("--rounds", type=int, default=3, help="windows of stat_every steps per preconditioner")
     parser.add_argument("--runs", type=int, default=5, help="runs of each decomposition")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--parts", type=float, nargs="+", default=None, metavar="ROWS_PER_WIDTH",
+                        help="only the whole step split into parts at these rows per width (step_parts.md)")
+    parser.add_argument("--windows", type=int, default=5, help="windows of stat_every steps for --parts")
+    parser.add_argument("--parts-of", nargs="+", default=["rank1", "kfac", "shampoo"], help="preconditioners for --parts")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    targets.add_timing_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    targets.use_timing_arguments(parser, args)
+    if args.parts:
+        results = [step_parts(args.parts_of, round(r * targets.SWEEP_WIDTH), windows=args.windows) for r in args.parts]
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python -m benchmarks.profile", *(sys.argv[1:] if argv is None else argv)])
+        (args.out / "step_parts.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "step_parts.md").write_text(parts_markdown(results, command))
+        return {"parts": results}
     chosen = [m for m in models() if not args.models or any(k in m[0] for k in args.models)]
     result = {"breakdown": {}, "operators": {}, "runs": args.runs}
     for name, make, batch, loss_fn in chosen:

@@ -161,6 +161,26 @@ def test_profile_tables_run_on_a_tiny_model():
     assert text.count("| tiny |") == len(profile.PRECONDITIONERS) and "| 8 |" in text
 
 
+def test_step_parts_split_a_tiny_sweep_mlp_and_restore_what_they_timed():
+    """The whole step split into parts runs on a tiny sweep MLP; the parts with the plain fwd+bwd and
+    the taps add up to the whole step, and the wrapped methods are the originals again afterwards
+    (figures not asserted)."""
+    from benchmarks import profile
+    import gnfx.preconditioners.shampoo as shampoo_module
+
+    before = shampoo_module.graft_direction
+    result = profile.step_parts(["rank1", "kfac", "shampoo"], rows=16, width=8, windows=1)
+    assert shampoo_module.graft_direction is before
+    for name in ("rank1", "kfac", "shampoo"):
+        parts = result[name]
+        assert set(profile.PARTS) <= set(parts)
+        assert parts["whole"] == pytest.approx(parts["fwd+bwd"] + parts["taps"] + parts["step"])
+        assert parts["step"] == pytest.approx(sum(parts[k] for k in profile.PARTS[2:]))
+    assert result["kfac"]["refresh"] > 0 and result["shampoo"]["collect"] > 0 and result["rank1"]["refresh"] == 0
+    text = profile.parts_markdown([result], "python -m benchmarks.profile --parts 2")
+    assert "16 rows per step" in text and text.count("| refresh |") == 1
+
+
 def test_big_factors_tables_run_on_a_tiny_resnet(monkeypatch, tmp_path):
     """The ResNet benchmark of big factors runs end to end on a ResNet of 4 and 8 channels, where
     max_factor=20 blocks the 3x3 convolutions' A (36 and 72 entries) into channels (figures not asserted)."""

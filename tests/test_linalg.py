@@ -120,6 +120,21 @@ def test_cholesky_inverse_equals_eigh_and_falls_back_where_not_positive_definite
     torch.testing.assert_close(by_cholesky, by_eigh, rtol=tol, atol=tol * by_eigh.abs().amax().item())
 
 
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+def test_a_result_is_ok_when_finite_in_the_factors_dtype_and_from_a_factor_with_statistics(method):
+    """`ok` per matrix: a diagonal factor is fine; an all-zero factor holds no statistics; a factor with
+    a NaN fails; an inverse that overflows float32 (1/1e-40, computed in float64) fails; the rest of
+    the stack is unaffected and equals the float64 reference."""
+    F = torch.zeros(4, 3, 3)
+    F[0] = torch.diag(torch.tensor([4.0, 1.0, 0.25]))
+    F[2] = F[0]
+    F[2, 0, 1] = F[2, 1, 0] = float("nan")
+    F[3] = torch.diag(torch.tensor([1e-40, 1.0, 1.0]))  # float32 subnormal
+    out, ok = damped_inverse_power(F, torch.zeros(4), 1.0, torch.float64, method=method)
+    assert ok.tolist() == [True, False, False, False]
+    torch.testing.assert_close(out[0], torch.diag(torch.tensor([0.25, 1.0, 4.0])), rtol=1e-6, atol=0)
+
+
 def test_small_decompositions_run_on_one_thread_and_large_ones_on_all():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

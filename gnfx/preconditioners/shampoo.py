@@ -147,13 +147,16 @@ class Shampoo(CurvaturePreconditioner):
             state = self.group_state(group)
             order = len(group.shape)
             mine = self.owned(group, comm)
+            # all pieces (one rank, or a rank that owns them all): views instead of indexed copies
+            rows = slice(None) if len(mine) == len(group.pieces) else mine
             for j in range(order if len(mine) else 0):
-                F = state[f"factor{j}"][mine]
+                F, roots = state[f"factor{j}"][rows], state[f"root{j}"]
                 root, ok = damped_inverse_power(F, F.new_full((len(mine),), self.hp["damping"]),
                                                 self.exponent(order), self.decomposition_dtype(F), relative=True,
                                                 method=self.hp["root_method"])
-                state[f"root{j}"][mine[ok]] = root[ok]
-                state["failures"][mine] += (~ok).long()
+                # a failed root keeps the last good one
+                roots[rows] = torch.where(ok.view(-1, 1, 1), root, roots[rows])
+                state["failures"][rows] += (~ok).long()
             self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]], comm)
 
     def collect(self):
