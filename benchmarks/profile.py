@@ -20,7 +20,8 @@ rows-per-step sweep's MLP (benchmarks/targets.py) at R rows per width, written t
 forward+backward, the taps (a statistic step's forward+backward over the plain one, amortized), and
 of `model.step()`: the preconditioner's statistics from gradients (`collect`), its refresh
 (amortized over its frequency), its direction (the products; the statistic-step sketch update of
-rank1), the grafting, the common tail (`apply`: momentum, weight decay, the parameter update), the
+rank1), the grafting (the chain's Graft stage), the rest of the chain (KL clipping, momentum, weight
+decay and the parameter update: gnfx.transforms), the
 non-finite check, and the rest (stacking the gradients, folding statistics, Python); each part timed
 by wrapping the method that computes it, medians over `windows` windows interleaved with AdamW's.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import importlib
 import json
 import statistics
 import sys
@@ -44,6 +44,7 @@ from benchmarks import targets
 from benchmarks.models import mlp
 from benchmarks.targets import RESULTS, STAT_EVERY, models, products, seconds, statistic_rows
 from gnfx.linalg import damped_inverse_power
+from gnfx.transforms import Graft
 
 PRECONDITIONERS = ("diag", "rank1", "kfac", "shampoo")
 SIZES = (128, 256, 512, 1024, 2048)
@@ -164,7 +165,6 @@ def markdown(result: dict) -> str:
 
 
 PARTS = ("fwd+bwd", "taps", "collect", "refresh", "direction", "grafting", "tail", "non-finite check", "rest of step")
-GRAFT_FUNCTIONS = ("graft_direction", "graft")  # timed as "grafting" where a preconditioner's module calls them
 
 
 def step_parts(names, rows: int, width: int = targets.SWEEP_WIDTH, windows: int = 5) -> dict:
@@ -220,14 +220,13 @@ def step_parts(names, rows: int, width: int = targets.SWEEP_WIDTH, windows: int 
         def patch(obj, attr, part):
             patched.append((obj, attr, getattr(obj, attr)))
             setattr(obj, attr, timed(part, getattr(obj, attr)))
+        stages = set()  # the chain's transform classes, timed by their __call__
         for pre in opt.curvature:
-            for attr, part in (("collect", "collect"), ("refresh", "refresh"), ("direction", "direction"),
-                               ("apply", "tail")):
-                patch(pre, attr, part)
-            module = importlib.import_module(type(pre).__module__)
-            for attr in GRAFT_FUNCTIONS:
-                if callable(getattr(module, attr, None)):
-                    patch(module, attr, "grafting")
+            for attr in ("collect", "refresh", "direction"):
+                patch(pre, attr, attr)
+            stages |= {type(t) for t in pre.chain}
+        for stage in stages:
+            patch(stage, "__call__", "grafting" if issubclass(stage, Graft) else "tail")
         patch(opt, "_non_finite", "non-finite check")
         base, parts = [], collections.defaultdict(list)
         try:
@@ -238,7 +237,6 @@ def step_parts(names, rows: int, width: int = targets.SWEEP_WIDTH, windows: int 
                 plain_fb = w["fwd+bwd"] * STAT_EVERY / (STAT_EVERY - 1)  # the mean over plain steps
                 w["taps"] = (w.get("stat fwd+bwd", 0.0) - plain_fb / STAT_EVERY)
                 w["fwd+bwd"] = plain_fb
-                w["direction"] = w.get("direction", 0.0) - w.get("grafting", 0.0)  # direction calls the grafting
                 w["rest of step"] = w["step"] - sum(w.get(k, 0.0) for k in PARTS[2:-1])
                 w["whole"] = w["fwd+bwd"] + w["taps"] + w["step"]
                 w["ratio"] = w["whole"] / (a["fwd+bwd"] + a["step"])
