@@ -378,7 +378,9 @@ class QuadraticStep:
         f = self._function()
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         loss = recovered_loss(self.loss, z0, self._output_grad)
-        return float(loss(z0)) - float(loss(f(after or {})))  # f({}): at the parameters as they are now, θ + s
+        # f({}): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
+        at_theta, at_step = torch.stack([loss(z0), loss(f(after or {}))]).tolist()
+        return at_theta - at_step
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
