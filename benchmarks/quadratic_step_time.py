@@ -1,17 +1,17 @@
 """What the quadratic-model step costs, in CPU time: `python -m benchmarks.quadratic_step_time [--to-target [TASK ...]]`.
 
-CPU time (time.process_time / time.thread_time, one intra-op thread) instead of wall time, so that other processes
-on a shared machine do not count. Two tables, printed as markdown:
+CPU time (time.process_time / time.thread_time, one intra-op thread) instead of wall time, so that
+other processes on a shared machine do not count. Two tables, printed as markdown:
 
 1. Per task (digits MLP, deep autoencoder, character GPT), the medians of the forward+backward
    and of `model.step()` for kfac at its defaults (the quadratic step, no lr), the same with
-   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
-   their steps interleaved in one process, and the ratio of each whole step to AdamW's.
+   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a
+   fixed lr (the plain K-FAC step) and AdamW, their steps interleaved in one process, and the ratio of each whole step to AdamW's.
 2. With `--to-target`: per task (the deep autoencoder and the char GPT unless named), the steps and
    CPU seconds to the benchmark's validation and training-loss targets (benchmarks/tasks.py) of
    AdamW at its best lr (the same for both targets on these two tasks), kfac and ekfac at their
-   defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the batch unless given), on the same batches, one
-   after the other; each run stops once both targets are reached.
+   defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the batch unless given), on
+   the same batches, one after the other; each run stops once both targets are reached.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ ADAMW_LR = {"digits_autoencoder": 1e-2, "char_gpt": 3e-3}
 def step_table(name: str, steps: int) -> str:
     task = TASKS[name]()
     batches = list(itertools.islice(task.batches(seed=0), steps))
-    rows = rows or len(batches[0][0]) // 4
+    rows = len(batches[0][0]) // 4
     runs = {"kfac defaults": {"loss": task.loss_name},
             "kfac defaults, damping_every=1": {"loss": task.loss_name, "damping_every": 1},
             f"kfac defaults, quadratic_rows={rows}": {"loss": task.loss_name, "quadratic_rows": rows},
@@ -85,16 +85,17 @@ def to_target(label: str, module, step, zero_grad, task, batches) -> str:
     return f"| {label} | {' | '.join(cells)} |"
 
 
-def target_table(name: str, rows: int | None) -> str:
+def target_table(name: str, rows: int | None, steps: int | None = None) -> str:
     """Steps and CPU seconds to the benchmark task's targets: AdamW at its best lr, kfac and ekfac at
     their defaults (no lr), and kfac with the products on `rows` examples (`quadratic_rows`; None: a
-    quarter of the batch)."""
+    quarter of the batch), within `steps` (the task's max_steps unless given)."""
     task = TASKS[name]()
-    batches = list(itertools.islice(task.batches(seed=0), task.max_steps))
+    steps = steps or task.max_steps
+    batches = list(itertools.islice(task.batches(seed=0), steps))
     reference = task.make_model(seed=0)
     adamw = torch.optim.AdamW(reference.parameters(), lr=ADAMW_LR[name])
     lines = [f"{name}: val {task.target}, train {task.train_target} (evaluated every {task.eval_every} steps, at "
-             f"most {task.max_steps}; CPU s of fwd+bwd+step, one thread)", "",
+             f"most {steps}; CPU s of fwd+bwd+step, one thread)", "",
              "| run | steps to val | CPU s to val | steps to train | CPU s to train |", "|---|---|---|---|---|",
              to_target(f"AdamW {ADAMW_LR[name]:g}", reference, adamw.step, adamw.zero_grad, task, batches)]
     rows = rows or len(batches[0][0]) // 4
