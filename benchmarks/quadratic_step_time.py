@@ -1,16 +1,17 @@
-"""What the quadratic-model step costs, in CPU time: `python -m benchmarks.quadratic_step_time [--to-target]`.
+"""What the quadratic-model step costs, in CPU time: `python -m benchmarks.quadratic_step_time [--to-target [TASK ...]]`.
 
-CPU time (time.process_time, one intra-op thread) instead of wall time, so that other processes
-on a shared machine do not count. Two tables, printed as markdown:
+CPU time (time.process_time / time.thread_time, one intra-op thread) instead of wall time, so that
+other processes on a shared machine do not count. Two tables, printed as markdown:
 
 1. Per task (digits MLP, deep autoencoder, character GPT), the medians of the forward+backward
    and of `model.step()` for kfac at its defaults (the quadratic step, no lr), the same with
-   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a fixed lr (the plain K-FAC step) and AdamW,
-   their steps interleaved in one process, and the ratio of each whole step to AdamW's.
-2. With `--to-target`: examples/demo.py's comparison (char GPT, the same batches, validation loss
-   2.3 evaluated every 25 steps): steps and CPU seconds to the target for AdamW at 3e-3 and for
-   kfac at defaults with `quadratic_rows` None and 4 (of 32), each with `damping_every` 1 and 5.
-   Each run stops at the target.
+   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a
+   fixed lr (the plain K-FAC step) and AdamW, their steps interleaved in one process, and the ratio of each whole step to AdamW's.
+2. With `--to-target`: per task (the deep autoencoder and the char GPT unless named), the steps and
+   CPU seconds to the benchmark's validation and training-loss targets (benchmarks/tasks.py) of
+   AdamW at its best lr (the same for both targets on these two tasks), kfac and ekfac at their
+   defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the batch unless given), on
+   the same batches, one after the other; each run stops once both targets are reached.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import time
 import torch
 
 import gnfx
-from benchmarks.tasks import TASKS, char_gpt
+from benchmarks.tasks import TASKS
 
 TASK_STEPS = {"digits_mlp": 60, "digits_autoencoder": 60, "char_gpt": 20}
 WARM = 5  # untimed first steps (capture, first refresh)
-TARGET, EVERY = 2.3, 25  # examples/demo.py's
+# AdamW's best lr of its grid (1e-3, 3e-3, 1e-2) for both targets (benchmarks/results/quadratic_step.md)
+ADAMW_LR = {"digits_autoencoder": 1e-2, "char_gpt": 3e-3}
 
 
 def step_table(name: str, steps: int) -> str:
@@ -63,46 +65,62 @@ def step_table(name: str, steps: int) -> str:
 
 
 def to_target(label: str, module, step, zero_grad, task, batches) -> str:
-    cpu, loss = 0.0, float("inf")
+    """One markdown row: the steps and CPU seconds (fwd+bwd+step, evaluations not counted) to the
+    task's validation and training-loss targets, evaluated every `task.eval_every` steps; the run
+    stops once both are reached."""
+    cpu, reached = 0.0, {}
     for i, (x, y) in enumerate(batches, 1):
-        began = time.process_time()
+        began = time.thread_time()
         task.loss_fn(module(x), y).backward()
         step()
         zero_grad()
-        cpu += time.process_time() - began
-        if i % EVERY == 0:
-            loss = task.eval_loss(module)
-            if loss <= TARGET:
+        cpu += time.thread_time() - began
+        if i % task.eval_every == 0:
+            for name, loss, target in (("val", task.eval_loss, task.target), ("train", task.fit_loss, task.train_target)):
+                if name not in reached and loss(module) <= target:
+                    reached[name] = (i, cpu)
+            if len(reached) == 2:
                 break
-    return f"| {label} | {i if loss <= TARGET else '-'} | {cpu:.1f} | {loss:.3f} |"
+    cells = [f"{reached[n][0]} | {reached[n][1]:.1f}" if n in reached else f"> {i} | –" for n in ("val", "train")]
+    return f"| {label} | {' | '.join(cells)} |"
 
 
-def target_table(steps: int = 200) -> str:
-    task = char_gpt()
+def target_table(name: str, rows: int | None, steps: int | None = None) -> str:
+    """Steps and CPU seconds to the benchmark task's targets: AdamW at its best lr, kfac and ekfac at
+    their defaults (no lr), and kfac with the products on `rows` examples (`quadratic_rows`; None: a
+    quarter of the batch), within `steps` (the task's max_steps unless given)."""
+    task = TASKS[name]()
+    steps = steps or task.max_steps
     batches = list(itertools.islice(task.batches(seed=0), steps))
     reference = task.make_model(seed=0)
-    adamw = torch.optim.AdamW(reference.parameters(), lr=3e-3)
-    lines = [f"char GPT, validation loss {TARGET} (evaluated every {EVERY} steps, at most {steps})", "",
-             "| run | steps to target | CPU s to target | val loss at stop |", "|---|---|---|---|",
-             to_target("AdamW 3e-3", reference, adamw.step, adamw.zero_grad, task, batches)]
-    for rows, every in itertools.product((None, 4), (1, 5)):
-        c = gnfx.compile(task.make_model(seed=0), optimizer="kfac", loss="cross_entropy", quadratic_rows=rows,
-                         damping_every=every, example_inputs=(batches[0][0],))
-        lines.append(to_target(f"kfac defaults, quadratic_rows={rows}, damping_every={every}", c, c.step,
-                               c.zero_grad, task, batches))
+    adamw = torch.optim.AdamW(reference.parameters(), lr=ADAMW_LR[name])
+    lines = [f"{name}: val {task.target}, train {task.train_target} (evaluated every {task.eval_every} steps, at "
+             f"most {steps}; CPU s of fwd+bwd+step, one thread)", "",
+             "| run | steps to val | CPU s to val | steps to train | CPU s to train |", "|---|---|---|---|---|",
+             to_target(f"AdamW {ADAMW_LR[name]:g}", reference, adamw.step, adamw.zero_grad, task, batches)]
+    rows = rows or len(batches[0][0]) // 4
+    for label, optimizer, hp in (("kfac defaults", "kfac", {}), ("ekfac defaults", "ekfac", {}),
+                                 (f"kfac defaults, quadratic_rows={rows}", "kfac", {"quadratic_rows": rows})):
+        c = gnfx.compile(task.make_model(seed=0), optimizer=optimizer, loss=task.loss_name,
+                         example_inputs=(batches[0][0],), **hp)
+        lines.append(to_target(label, c, c.step, c.zero_grad, task, batches))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASK_STEPS), default=list(TASK_STEPS))
-    parser.add_argument("--to-target", action="store_true", help="also the char GPT's CPU seconds to val 2.3")
+    parser.add_argument("--to-target", nargs="*", choices=list(ADAMW_LR), default=None,
+                        help="also the steps and CPU seconds to these tasks' targets (none named: the "
+                             "autoencoder and the char GPT)")
+    parser.add_argument("--rows", type=int, default=None, help="quadratic_rows of the last run of --to-target")
+    parser.add_argument("--no-steps", action="store_true", help="skip the per-step table")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name in args.tasks:
+    for name in [] if args.no_steps else args.tasks:
         print(step_table(name, TASK_STEPS[name]), end="\n\n", flush=True)
-    if args.to_target:
-        print(target_table())
+    for name in [] if args.to_target is None else args.to_target or list(ADAMW_LR):
+        print(target_table(name, args.rows), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -126,15 +126,18 @@ def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
     while True:
         free = [i for i in range(n) if i not in fixed]
         held = sorted(fixed)
-        if free:
+        if free and not held:
+            c = -torch.linalg.pinv(M, rtol=1e-12, hermitian=True) @ b
+        elif free:
             rhs = b[free] + M[free][:, held] @ c[held]
             c[free] = -torch.linalg.pinv(M[free][:, free], rtol=1e-12, hermitian=True) @ rhs
-        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= c[i] <= MOMENTUM_RANGE[1])
-               or (i != mu and capped and c[i] > 1)]
+        values = c.tolist()
+        out = [i for i in free if (i == mu and not MOMENTUM_RANGE[0] <= values[i] <= MOMENTUM_RANGE[1])
+               or (i != mu and capped and values[i] > 1)]
         if not out:
             break
         i = mu if mu in out else out[0]  # one at a time, μ first: the others move when it is fixed
-        c[i] = c[i].clamp(*MOMENTUM_RANGE) if i == mu else 1.0
+        c[i] = min(max(values[i], MOMENTUM_RANGE[0]), MOMENTUM_RANGE[1]) if i == mu else 1.0
         fixed.add(i)
     return c, float(-(b @ c + 0.5 * c @ M @ c))
 
@@ -271,14 +274,16 @@ class QuadraticStep:
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, _flat(grads), z, outputs)
-        device = params[0].device
+        device, k = params[0].device, len(b)
+        Mb = torch.cat([M.reshape(-1), b])
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
-            k = len(b)
-            Mb = comm.mean(torch.cat([M.reshape(-1), b]), device)  # one all-reduce
-            M, b = Mb[:k * k].view(k, k), Mb[k * k:]
-        c, predicted = minimize_quadratic(M, b, self.capped, momentum=previous is not None)
-        alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
-        mu = float(c[-1]) if previous is not None else 0.0
+            Mb = comm.mean(Mb, device)  # one all-reduce
+        # one transfer: the small solve runs on the host, not a synchronization per comparison of it
+        Mb = Mb.cpu()
+        c, predicted = minimize_quadratic(Mb[:k * k].view(k, k), Mb[k * k:], self.capped, momentum=previous is not None)
+        coefficients = c.tolist()
+        alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
+        mu = coefficients[-1] if previous is not None else 0.0
         update = layout.split(c.to(device=V.device, dtype=V.dtype) @ V)  # s = Σ_k α_k Δ_k + μδ
         after = None
         if sharded is not None:  # θ + s whole (as the shards compute it), and the rows of s of this rank
@@ -376,7 +381,9 @@ class QuadraticStep:
         f = self._function()
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         loss = recovered_loss(self.loss, z0, self._output_grad)
-        return float(loss(z0)) - float(loss(f(after or {})))  # f({}): at the parameters as they are now, θ + s
+        # f({}): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
+        at_theta, at_step = torch.stack([loss(z0), loss(f(after or {}))]).tolist()
+        return at_theta - at_step
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
