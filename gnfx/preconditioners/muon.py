@@ -58,11 +58,13 @@ import sympy as sp
 import torch
 
 from gnfx.cost import ADAMW, FACTOR, Parts
-from gnfx.hparams import choice, flag, positive_int, unit_interval
+from gnfx.errors import ConfigError
+from gnfx.hparams import choice, flag, nonnegative_int, positive_int, unit_interval
 from gnfx.layouts import layout_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.preconditioners.diag import Diagonal
-from gnfx.targets import Target, make_groups, param_target
+from gnfx.preconditioners.kfac import PROJECTIONS
+from gnfx.targets import Piece, Target, cut, group_pieces, make_groups, param_target
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Keller Jordan's quintic, as torch.optim.Muon
 NS_EPS = 1e-7  # ε of the normalization X / max(‖X‖_F, ε), as torch.optim.Muon
@@ -100,6 +102,22 @@ class WeightTarget(Target):
         return False
 
 
+def head_pieces(target: Target, heads: int) -> list[Piece]:
+    """The pieces Muon orthogonalizes one by one in the d_out x d_in matrix W of `target` (module
+    doc): with heads h > 0, h row slices of d_out/h rows for a q, k or v projection (3h for a fused
+    qkv: q's heads, k's, v's), h column slices of d_in/h columns for the output projection (the
+    rows of head j's output, concatenated in head order, are the columns j·d_in/h.. of W_o); else W whole."""
+    d_out, d_in = target.shape
+    role = target.block.role
+    if heads and role in PROJECTIONS:
+        n = heads * PROJECTIONS[role]
+        return [Piece(target, (slice(j * d_out // n, (j + 1) * d_out // n), slice(0, d_in))) for j in range(n)]
+    if heads and role == "attention.out":
+        return [Piece(target, (slice(0, d_out), slice(j * d_in // heads, (j + 1) * d_in // heads)))
+                for j in range(heads)]
+    return cut(target, None)
+
+
 def is_hidden_matrix(block) -> bool:
     """Whether Muon serves the block's weight (module doc): one plain matrix, neither an input nor
     an output layer."""
@@ -121,9 +139,27 @@ class Muon(CurvaturePreconditioner):
                            "float32; torch.optim.Muon's is bfloat16)", "auto", ("auto", *NS_DTYPES)),
         "adjust_lr": choice("shape scale of the step: sqrt(max(1, rows/cols)) ('original') or "
                             "0.2 sqrt(max(rows, cols)) ('match_rms_adamw')", "original", ADJUST_LR),
+        "per_head": flag("orthogonalize each attention head's slice of the q, k, v and output projections on "
+                         "its own (needs heads=h) instead of each projection whole", False),
+        "heads": nonnegative_int("attention heads h, for per_head=True", 0),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
     }
+
+    def __init__(self, hp, blocks, params, optimizer):
+        if hp["per_head"]:
+            h = hp["heads"]
+            if h < 1:
+                raise ConfigError("per_head=True cuts the attention projections into their heads: pass heads=h "
+                                  "(the model's number of attention heads), or per_head=False")
+            for b in blocks:
+                slices = h * PROJECTIONS.get(b.role, 1)
+                size = b.d_out if b.role in PROJECTIONS else b.d_in
+                if b.role in (*PROJECTIONS, "attention.out") and size % slices:
+                    side = "outputs" if b.role in PROJECTIONS else "inputs"
+                    raise ConfigError(f"per_head=True: block {b.name!r} ({b.role}) has {size} {side}, not divisible "
+                                      f"into heads={h} heads")
+        super().__init__(hp, blocks, params, optimizer)
 
     @classmethod
     def serves(cls, block, hp):
@@ -131,12 +167,14 @@ class Muon(CurvaturePreconditioner):
         return is_hidden_matrix(block)
 
     def piece_groups(self, blocks, params):
-        """The hidden matrices W (as their layouts view them, biases apart) grouped by shape, then
-        AdamW's groups ("<name>_adamw_<i>") of their biases. `params` is empty: Muon claims no loose
-        parameter."""
+        """The hidden matrices W (as their layouts view them, biases apart; attention projections cut
+        into their heads with per_head, `head_pieces`) grouped by shape, then AdamW's groups
+        ("<name>_adamw_<i>") of their biases. `params` is empty: Muon claims no loose parameter."""
+        heads = self.hp["heads"] if self.hp["per_head"] else 0
         matrices = [WeightTarget(b.name, (b.weight,), (b.d_out, b.d_in), b, layout_of(b).view) for b in blocks]
         biases = [param_target(b.bias, self.opt.param(b.bias).shape) for b in blocks if b.bias is not None]
-        return make_groups(self.name, matrices) + make_groups(f"{self.name}_adamw", biases)
+        return (group_pieces(self.name, [p for t in matrices for p in head_pieces(t, heads)])
+                + make_groups(f"{self.name}_adamw", biases))
 
     def is_adamw(self, group) -> bool:
         return group.key.startswith(f"{self.name}_adamw_")
