@@ -45,9 +45,10 @@ than the projection's as a whole. The slices are pieces of the projection's targ
 (gnfx.targets), grouped with every other matrix of their shape into one batched iteration.
 Measured on the benchmark char GPT (2 layers, 4 heads of 16, d_model 64; 3 seeds,
 benchmarks/results/muon.md), whole projections reached the validation and training targets in
-150 and 175 steps at their best lr (0.03), per-head slices in 175-200 and 225 at theirs (0.01),
-with a higher validation loss after 400 steps (1.48-1.50 against 1.44-1.46): so per_head is off
-by default.
+150 and 175 steps at the best lr (0.03), per-head slices in 175 and 225, and with
+adjust_lr="match_rms_adamw" (which scales slices and whole projections alike) in 125 and 175
+against 150-175 and 175-200 (lr 0.02); per head also ended at a higher validation loss after 400
+steps (1.48-1.51 against 1.44-1.46). So per_head is off by default.
 
 **AdamW** on the biases of the hidden matrices, with Adam's `betas`, `eps`, the step count t per
 piece, and the learning rate η (scaled by any schedule):
