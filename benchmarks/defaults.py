@@ -9,8 +9,11 @@ or `adamw@LR`. Values are read as Python literals where they parse (1e-3, 0.9, T
 otherwise. `--constant NAME=VALUE` sets a module constant of gnfx.quadratic_step (LAMBDA_MIN,
 QUADRATIC_DAMPING, ...) for the whole sweep. Each run is benchmarks.train.train on the task with `--stop-at-target` semantics (it
 stops once both the validation and the training-loss target are reached), one intra-op thread.
+`--run-out` trains every run for its whole step budget instead (the steps to the targets are the
+same; the final validation loss is then the loss after the budget, comparable across variants).
 Prints one line per run and a markdown table: steps to the validation and to the training-loss
-target, the seconds to them and the median optimizer step; `--json FILE` keeps every run.
+target, the seconds to them, the median optimizer step and the final validation loss; `--json FILE`
+keeps every run.
 Steps are exact and reproducible; seconds depend on the load of the machine.
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="cap every task's step budget")
     parser.add_argument("--constant", nargs="+", default=[], metavar="NAME=VALUE",
                         help="set a constant of gnfx.quadratic_step for every run")
+    parser.add_argument("--run-out", action="store_true", help="train every run for its whole step budget")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             spec, lr = variant_spec(variant)
             for seed in args.seeds:
                 start = time.perf_counter()
-                r = train(task, spec, lr, task.target, steps, True, float("inf"), seed=seed)
+                r = train(task, spec, lr, task.target, steps, not args.run_out, float("inf"), seed=seed)
                 if r.status in NOT_RUN:
                     print(f"{task.name} {variant} seed={seed}: {r.status}: {r.reason}", flush=True)
                     continue
@@ -86,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
                              **{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"}})
                 rows.append(f"| {task.name} | `{variant}` | {seed} | {r.steps_to_target or f'> {r.steps}'} | "
                             f"{r.steps_to_train_target or f'> {r.steps}'} | {_seconds(r.seconds_to_target)} | "
-                            f"{_seconds(r.seconds_to_train_target)} | {r.opt_step_ms:.1f} | {r.status} |")
-    print("\n| task | variant | seed | steps to val | steps to train | s to val | s to train | step ms | status |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                            f"{_seconds(r.seconds_to_train_target)} | {r.opt_step_ms:.1f} | {r.final_loss:.4f} | {r.status} |")
+    print("\n| task | variant | seed | steps to val | steps to train | s to val | s to train | step ms | final val | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

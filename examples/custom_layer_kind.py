@@ -104,9 +104,11 @@ def make(seed: int = 0):
     return gnfx.compile(TokenClassifier(), optimizer="kfac", lr=0.05, example_inputs=(torch.randn(2, 5, 8),))
 
 
-def train(model, batches) -> float:
+def train(model, batches, forward=None) -> float:
+    """One step of `model` per batch, its forward through `forward` (the model itself, or a wrapper
+    such as DistributedDataParallel's); returns the last batch's loss."""
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy((forward or model)(x), y)
         loss.backward()
         model.step()
         model.zero_grad()

@@ -1,6 +1,6 @@
 """A preconditioner defined outside gnfx: a factored second moment (Adafactor's, Shazeer & Stern 2018).
 
-    python examples/custom_preconditioner.py [--steps 30]
+    python examples/custom_preconditioner.py [--steps 30]      # also runs the DDP part, two processes
 
 The class below is all it takes (docs/design.md, "Adding a preconditioner"): the batched math on a
 stacked gradient G (k pieces, each a block's d_out x d_a matrix [∇W ∇b]), its state, its cost
@@ -14,16 +14,26 @@ V̂ is the rank-1 fit of Adam's second moment that keeps d_out + d_a numbers ins
 gnfx adds the default update chain (gnfx.transforms: heavy-ball momentum, decoupled weight decay,
 the step). The script
 trains an MLP on synthetic data with it, then shows print(model), model.cost() (checked against
-the bytes the optimizer really holds), gnfx.diagnose and a checkpoint round trip (a resumed run
-continues exactly like the uninterrupted one).
+the bytes the optimizer really holds), gnfx.diagnose, a checkpoint round trip (a resumed run
+continues exactly like the uninterrupted one) and data-parallel training: `ddp_parameters` spawns
+two processes (torch.multiprocessing, gloo on the loopback, CPU), each training the model wrapped
+in DistributedDataParallel on its half of every batch (DDP averages the gradients, so each rank's
+G is the gradient of the whole batch); the two ranks end with bit-identical parameters, equal (to
+float64 round-off) to those of one process trained on the whole batches. Each process imports this
+file, so the registration above runs in each of them: a registered preconditioner must be
+registered at import time in every rank.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import tempfile
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -78,10 +88,49 @@ class FactoredAdam(CurvaturePreconditioner):
 gnfx.register_preconditioner(FactoredAdam)
 
 
-def make(seed: int = 0):
+def make(seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4))
-    return gnfx.compile(net, optimizer="factored_adam", lr=1e-2, example_inputs=(torch.randn(2, 10),))
+    net = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    return gnfx.compile(net, optimizer="factored_adam", lr=1e-2, example_inputs=(torch.randn(2, 10, dtype=dtype),))
+
+
+def make_batches(steps: int, dtype: torch.dtype = torch.float32) -> list:
+    """`steps` batches (x, y) of 64 examples of a synthetic 4-class problem (a random linear teacher)."""
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(10, 4, generator=g, dtype=dtype)
+    xs = torch.randn(steps, 64, 10, generator=g, dtype=dtype)
+    return [(x, (x @ teacher).argmax(1)) for x in xs]
+
+
+def ddp_worker(rank: int, world: int, port: int, batches: list, out: str) -> None:
+    """One rank: the float64 model of `make` in DistributedDataParallel, trained on its contiguous
+    1/world of every batch; checks that every rank holds the same parameters and saves its own to
+    `out`/rank<r>.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make(dtype=torch.float64)
+        shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
+        train(model, shard, forward=nn.parallel.DistributedDataParallel(model))
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(g, flat) for g in gathered), "the ranks' parameters differ"
+        torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_parameters(batches: list, world: int = 2) -> list[dict]:
+    """The parameters each of `world` DDP processes (gloo, loopback) ends with after training on its
+    share of `batches` (float64; `ddp_worker`), one dict of named tensors per rank."""
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(ddp_worker, args=(world, port, batches, out), nprocs=world, join=True)
+        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 def main() -> None:
@@ -90,10 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
 
-    g = torch.Generator().manual_seed(1)
-    teacher = torch.randn(10, 4, generator=g)
-    xs = torch.randn(args.steps + 2, 64, 10, generator=g)
-    batches = [(x, (x @ teacher).argmax(1)) for x in xs]
+    batches = make_batches(args.steps + 2)
 
     model = make()
     with torch.no_grad():
@@ -113,6 +159,15 @@ def main() -> None:
     gnfx.diagnose(model, batches[-1], loss="cross_entropy")
 
     check_resume(model, make, batches[args.steps:])  # resume from the state of step `args.steps`
+
+    # DDP: two processes on halves of each batch against one process on the whole batches (float64)
+    batches = make_batches(args.steps, torch.float64)
+    ranks = ddp_parameters(batches)
+    single = make(dtype=torch.float64)
+    train(single, batches)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(ranks[0][name], p.detach(), rtol=1e-10, atol=1e-12)
+    print(f"DDP: {len(ranks)} processes end with identical parameters, equal to one process on the whole batches")
 
 
 if __name__ == "__main__":

@@ -83,10 +83,16 @@ def cut(target: Target, max_block: int | None) -> list[Piece]:
 def make_groups(prefix: str, targets: list[Target], max_block: int | None = None) -> list[Group]:
     """Group the pieces of all targets by shape, kind, row grouping and factor shapes, in a
     deterministic order."""
+    return group_pieces(prefix, [p for t in targets for p in cut(t, max_block)])
+
+
+def group_pieces(prefix: str, pieces: list[Piece]) -> list[Group]:
+    """Group pieces by shape, and their targets' kind, row grouping and factor shapes, in the
+    order they come."""
     by_shape: dict[tuple, list[Piece]] = {}
-    for t in targets:
-        for p in cut(t, max_block):
-            by_shape.setdefault((p.shape, t.kind, t.groups, t.factors), []).append(p)
+    for p in pieces:
+        t = p.target
+        by_shape.setdefault((p.shape, t.kind, t.groups, t.factors), []).append(p)
     return [Group(f"{prefix}_{i}", shape, kind, pieces, groups)
             for i, ((shape, kind, groups, _), pieces) in enumerate(by_shape.items())]
 

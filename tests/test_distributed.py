@@ -93,3 +93,25 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(optimizer, mode, 
     # step; a partitioned refresh shares its results; rank1 needs neither
     communicates = optimizer in ("kfac", "diag") or (optimizer == "shampoo" and mode == "partitioned")
     assert (result["bytes"] > 0) == communicates
+
+
+def test_a_preconditioner_registered_outside_gnfx_under_ddp_equals_one_process(monkeypatch):
+    """examples/custom_preconditioner.py's FactoredAdam (registered by the example, not by gnfx) in
+    two DDP processes: the ranks end bit-identical and equal to one process on the whole batches."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    before = dict(gnfx.REGISTRY)
+    try:
+        import custom_preconditioner as example
+
+        batches = example.make_batches(4, torch.float64)
+        ranks = example.ddp_parameters(batches)
+        initial = dict(example.make(dtype=torch.float64).named_parameters())
+        single = example.make(dtype=torch.float64)
+        example.train(single, batches)
+    finally:
+        gnfx.REGISTRY.clear()
+        gnfx.REGISTRY.update(before)
+    assert all(torch.equal(ranks[1][name], ranks[0][name]) for name in ranks[0])
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(ranks[0][name], p.detach(), rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        assert not torch.equal(p, initial[name])  # it trained

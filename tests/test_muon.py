@@ -1,6 +1,7 @@
 """Muon (gnfx/preconditioners/muon.py): the Newton–Schulz iteration against the SVD, a step against
 torch.optim.Muon + AdamW and against a float64 reference built from the SVD, which parameters it
-orthogonalizes, conv kernels as matrices, checkpoints and the report."""
+orthogonalizes, conv kernels as matrices, attention projections per head (against the heads the
+attention modules compute and a float64 reference per head slice), checkpoints and the report."""
 import copy
 
 import pytest
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from gnfx.preconditioners.muon import COEFFICIENTS, Muon, newton_schulz
-from tests.models import CNN, GPT
+from gnfx.preconditioners.muon import COEFFICIENTS, Muon, newton_schulz, shape_scale
+from tests.models import CNN, GPT, make_attention
 
 LR, ADAMW_LR, WD, MU = 0.02, 0.1, 0.01, 0.95
 
@@ -275,3 +276,98 @@ def test_muon_is_no_auto_candidate():
     assert not Muon.in_auto
     c = gnfx.compile(mlp(), optimizer="auto", memory_budget=1e6, compute_budget=1e6)
     assert {e.name for e in c.layers.plan.entries.values()}.isdisjoint({"muon"})
+
+
+HEADS, D = 2, 8
+ATTENTION_KINDS = ("sdpa", "handwritten", "mha")  # fused qkv (split, view), separate q, k, v, nn.MultiheadAttention
+
+
+def attention_between(kind):
+    """A linear input layer, attention (its projections are hidden matrices), a linear output layer; float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, D), make_attention(kind, D, HEADS), nn.Linear(D, 3)).double()
+
+
+def projection_pieces(c) -> dict:
+    """{block: (its role, the regions of its weight Muon orthogonalizes one by one, in order)}."""
+    (pre,) = [p for p in c.optimizer.curvature if p.name == "muon"]
+    pieces = {}
+    for group in pre.groups:
+        for piece in group.pieces:
+            if not pre.is_adamw(group):
+                pieces.setdefault(piece.target.name, (piece.target.block.role, []))[1].append(piece.index)
+    return pieces
+
+
+def compile_per_head(model):
+    return gnfx.compile(model, optimizer="muon", lr=LR, momentum=MU, per_head=True, heads=HEADS,
+                        example_inputs=(torch.randn(2, 5, 4, dtype=torch.float64),))
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_head_slices_are_the_heads_the_attention_module_computes(kind):
+    """Perturbing the rows of head slice i of a q, k or v projection changes, of the attention's
+    per-head outputs (the input of the output projection, recovered from the module's output),
+    exactly the columns of the output projection's slice of head i mod h: gnfx's slices are the
+    module's own heads."""
+    model = attention_between(kind)
+    attention = model[1]
+    pieces = projection_pieces(compile_per_head(model))
+    roles = {role: (name, regions) for name, (role, regions) in pieces.items()}
+    out_name, out_regions = roles.pop("attention.out")
+    assert [r[1] for r in out_regions] == [slice(j * D // HEADS, (j + 1) * D // HEADS) for j in range(HEADS)]
+    assert sorted(roles) == (["attention.qkv"] if kind != "handwritten" else ["attention.k", "attention.q", "attention.v"])
+    params = dict(model.named_parameters())
+    W_o, b_o = params[out_name + ".weight"], params[out_name + ".bias"]
+    x = torch.randn(3, 6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def head_outputs():  # y of out = W_o y + b_o, per position
+        return torch.linalg.solve(W_o, (attention(x) - b_o).unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        y = head_outputs()
+        for name, regions in roles.values():
+            W = params[name + ("_weight" if name.endswith("in_proj") else ".weight")]
+            assert len(regions) == HEADS * (3 if W.shape[0] == 3 * D else 1)
+            for i, region in enumerate(regions):
+                W[region] += 1.0
+                changed = (head_outputs() - y).abs().amax((0, 1)) > 1e-9
+                W[region] -= 1.0
+                expected = torch.zeros(D, dtype=torch.bool)
+                expected[out_regions[i % HEADS][1]] = True
+                assert torch.equal(changed, expected), (name, i)
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_per_head_step_is_newton_schulz_of_each_head_slice(kind):
+    """One float64 step: each head slice P of a projection's weight moves by -η s(P) NS₅(G_P), with
+    NS₅ from the SVD (polar_power) of the slice of the gradient G alone and s the slice's shape
+    scale; whole-matrix orthogonalization would move it otherwise."""
+    model = attention_between(kind)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (reference(x) ** 2).mean().backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    c = compile_per_head(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (c(x) ** 2).mean().backward()
+    c.step()
+    params = dict(model.named_parameters())
+    for name, (role, regions) in projection_pieces(c).items():
+        weight = name + ("_weight" if name.endswith("in_proj") else ".weight")
+        G, step = grads[weight], params[weight].detach() - before[weight]
+        for region in regions:
+            rows, cols = G[region].shape
+            expected = -LR * shape_scale("original", rows, cols) * polar_power(G[region], 5)
+            torch.testing.assert_close(step[region], expected, rtol=0, atol=1e-12)
+        whole = -LR * shape_scale("original", *G.shape) * polar_power(G, 5)
+        assert (step - whole).abs().max() > 1e-3, role
+
+
+def test_per_head_needs_the_number_of_heads_and_divisible_projections():
+    with pytest.raises(gnfx.ConfigError, match="heads=h"):
+        gnfx.compile(attention_between("sdpa"), optimizer="muon", per_head=True,
+                     example_inputs=(torch.randn(2, 5, 4, dtype=torch.float64),))
+    with pytest.raises(gnfx.ConfigError, match="not divisible into heads=3"):
+        gnfx.compile(attention_between("sdpa"), optimizer="muon", per_head=True, heads=3,
+                     example_inputs=(torch.randn(2, 5, 4, dtype=torch.float64),))
