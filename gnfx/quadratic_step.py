@@ -119,7 +119,6 @@ DAMPING_WARMUP = 10
 PREDICTED_GROWTH = 2.0
 # a rejected step is retried on its batch at up to BACKTRACKS shorter lengths (QuadraticStep._backtrack)
 BACKTRACKS = 8
-BACKTRACK_DAMPING = True
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -308,9 +307,10 @@ class QuadraticStep:
             if found is not None:
                 scale, actual, predicted, backtracks = found
                 rho, rejected = actual / predicted, False
-                if BACKTRACK_DAMPING:  # the λ whose model has t·s as its minimizer along s
-                    norm2 = float(flat_update.double() @ flat_update.double())
-                    self.damping = min(max(self.damping, used + (-slope / scale - curvature) / norm2), LAMBDA_MAX)
+                # the λ whose model has t·s as its minimizer along s (with the LM rule's λ/ω instead,
+                # ekfac diverged on digits CNN seed 0: benchmarks/results/defaults.md)
+                norm2 = float(flat_update.double() @ flat_update.double())
+                self.damping = min(max(self.damping, used + (-slope / scale - curvature) / norm2), LAMBDA_MAX)
                 update = self._place(layout, theta_values, flat_update, scale)
                 alphas = {k: a * scale for k, a in alphas.items()}
                 mu *= scale
