@@ -188,3 +188,13 @@ def test_quadratic_step_time_table_runs_on_the_digits_mlp():
     table = quadratic_step_time.step_table("digits_mlp", quadratic_step_time.WARM + 2)
     for run in ("kfac defaults |", "kfac defaults, quadratic_rows=32 |", "kfac lr=1e-3 |", "AdamW |"):
         assert f"| {run}" in table, table
+
+
+def test_example_models_check_runs_on_every_model():
+    """benchmarks.example_models trains each example model at kfac's defaults and flags divergence
+    (two steps each; the verdicts of the real runs are in benchmarks/results/defaults.md)."""
+    from benchmarks import example_models
+
+    for name in example_models.MODELS:
+        line = example_models.run(name, "kfac", 2)
+        assert line.startswith(name) and "(quadratic) ok: loss" in line, line
