@@ -111,7 +111,8 @@ MOMENTUM_RANGE = (0.0, 0.99)
 # With fisher="mc" and ω = 0.9 (benchmarks/results/defaults.md, seeds 0-2): kfac at λ0 = 10 reached all 18
 # digits targets where λ0 = 1 misses the CNN's on seeds 1-2, but the 22-step warm-up (10 → 1 at ω = 0.9)
 # cost the small full-batch problems of tests/test_quadratic_step.py their bar of half AdamW's steps
-# (deep_linear); λ0 = 3 diverged on CNN seed 2. λ0 stays 1 until a rule serves both.
+# (deep_linear); λ0 = 3 diverged on CNN seed 2. Since a rejected step is retried on its batch (_backtrack),
+# λ0 = 1 reaches the CNN's targets on every seed too (benchmarks/results/defaults.md).
 QUADRATIC_DAMPING = 1.0
 # ρ on every one of the first steps whatever `damping_every`, and on a step between adaptations whose
 # predicted reduction exceeds PREDICTED_GROWTH times that of the last accepted adaptation (module docstring)
