@@ -34,7 +34,7 @@ raised to the damping whose model has t·s as its minimizer along s, sᵀ(G + λ
 trust-region radius ‖t·s‖ and the LM λ are one choice, Nocedal & Wright Theorem 4.1). Moving on to
 the next batch instead skips exactly the batches the model fits worst: on the digits CNN the
 batch holding one confidently misclassified example was rejected at nearly every visit (40
-rejections in 400 steps, one per epoch), so that example's loss grew to ~155 and held the training
+rejections in 400 steps, one per epoch), so that example's loss grew to ~160 and held the training
 loss at 0.11 while every other batch fell to 1e-8 (benchmarks/results/defaults.md). When no t
 is accepted the step is undone: the momentum dropped (δ = 0), λ raised by the LM rule, and the
 curvature preconditioners refreshed at the new λ (also after an accepted retry, as λ rose). The preconditioners whose
@@ -288,7 +288,7 @@ class QuadraticStep:
         alphas = {pre.name: float(a) for pre, a in zip(parts, c)}
         mu = float(c[-1]) if previous is not None else 0.0
         flat_update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
-        update = self._place(layout, theta_values, flat_update, 1.0)
+        update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         adapted = predicted > 0 and (self.adapts(previous is not None) or predicted > PREDICTED_GROWTH * self.judged)
         actual = self._reduction(z, loss_before, closure, layout, theta_values, flat_update, 1.0) if adapted \
@@ -312,7 +312,7 @@ class QuadraticStep:
                 # ekfac diverged on digits CNN seed 0: benchmarks/results/defaults.md)
                 norm2 = float(flat_update.double() @ flat_update.double())
                 self.damping = min(max(self.damping, used + (-slope / scale - curvature) / norm2), LAMBDA_MAX)
-                update = self._place(layout, theta_values, flat_update, scale)
+                update = self._place(layout, flat_update, scale)
                 alphas = {k: a * scale for k, a in alphas.items()}
                 mu *= scale
                 self.damp_preconditioners()
@@ -331,7 +331,7 @@ class QuadraticStep:
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks}
 
-    def _place(self, layout: "FlatLayout", theta_values, flat_update: torch.Tensor, scale: float) -> list:
+    def _place(self, layout: "FlatLayout", flat_update: torch.Tensor, scale: float) -> list:
         """The per-parameter update t·s (under FSDP2 the rows of this rank), t = `scale`."""
         update = layout.split(flat_update * scale if scale != 1.0 else flat_update)
         sharded = self.opt.sharded
@@ -356,11 +356,8 @@ class QuadraticStep:
         at θ on entry): (t, actual, predicted reduction, tries) of the first t with ρ > 0, or None
         (the parameters back at θ) after BACKTRACKS tries.
 
-        A trust-region method stays at the point of a rejected step and retries with a smaller
-        radius (Nocedal & Wright, Algorithm 4.1); skipping to the next batch instead skips exactly
-        the batches on which the model is worst, so their examples are never fitted (the digits
-        CNN: one confidently misclassified example whose batch was rejected at every visit held
-        the training loss at 0.1, benchmarks/results/defaults.md). t is the minimizer of the
+        As a trust-region method stays at the point of a rejected step and retries with a smaller
+        radius (Nocedal & Wright, Algorithm 4.1; why, in the module docstring). t is the minimizer of the
         quadratic through φ(0) = L(θ), φ'(0) = gᵀs and the last φ(t) = L(θ + t·s), kept within
         [t/10, t/2] (safeguarded interpolation, Nocedal & Wright §3.5); a non-finite loss gives t/10.
         The predicted reduction at t is that of the step's model along s,
@@ -369,7 +366,7 @@ class QuadraticStep:
         for tries in range(1, BACKTRACKS + 1):
             fitted = -slope * t * t / (2 * (rise - slope * t)) if math.isfinite(rise) else 0.0
             t = min(max(fitted, 0.1 * t), 0.5 * t)
-            torch._foreach_add_(params, self._place(layout, theta_values, flat_update, t))
+            torch._foreach_add_(params, self._place(layout, flat_update, t))
             actual = self._reduction(z, loss_before, closure, layout, theta_values, flat_update, t)
             predicted = -(t * slope + 0.5 * t * t * curvature)
             if actual / predicted > 0:
