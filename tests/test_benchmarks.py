@@ -218,3 +218,13 @@ def test_quadratic_step_time_to_target_table_runs_on_the_autoencoder():
     table = quadratic_step_time.target_table("digits_autoencoder", rows=32, steps=10)
     for run in ("AdamW 0.01", "kfac defaults", "ekfac defaults", "kfac defaults, quadratic_rows=32"):
         assert f"| {run} | > 10 | – | > 10 | – |" in table, table
+
+
+def test_example_models_check_runs_on_every_model():
+    """benchmarks.example_models trains each example model at kfac's defaults and flags divergence
+    (two steps each; the verdicts of the real runs are in benchmarks/results/defaults.md)."""
+    from benchmarks import example_models
+
+    for name in example_models.MODELS:
+        line = example_models.run(name, "kfac", 2)
+        assert line.startswith(name) and "(quadratic) ok: loss" in line, line

@@ -258,6 +258,50 @@ def test_a_step_that_raises_the_loss_is_undone():
         assert torch.equal(p, q)
 
 
+def test_a_rejected_step_is_retried_shorter_on_its_batch():
+    """A closure that reports a higher loss at θ + s only: the step is retried on the same batch at
+    θ + t·s, t the minimizer of the quadratic through L(θ), gᵀs and the reported L(θ + s), within
+    [1/10, 1/2]; accepted there, with λ raised to the damping whose model has t·s as its minimizer
+    along s, sᵀ(G + λ'I)s = -gᵀs/t (G the dense GGN of the batch). s is the step an honest twin takes."""
+    x, y = batch("mse")
+    twins = []
+    for lie in (0.0, 0.5):
+        model = tiny()
+        c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1)
+        F.mse_loss(c(x), y).backward()
+        c.step()  # a first, accepted step: a previous update exists
+        c.zero_grad()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        calls = []
+
+        def closure(c=c, lie=lie, calls=calls):
+            loss = F.mse_loss(c(x), y)
+            if torch.is_grad_enabled():
+                loss.backward()
+            calls.append(float(loss.detach()))
+            return loss + lie if len(calls) == 2 else loss
+
+        damping = c.optimizer.quadratic.damping
+        c.step(closure)
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+        twins.append((model, c, calls, damping, g, moved, before))
+    (_, honest, _, _, _, s, _), (model, lying, calls, damping, g, moved, before) = twins
+    assert not honest.optimizer.last_step["rejected"] and honest.optimizer.last_step["backtracks"] == 0
+    last = lying.optimizer.last_step
+    assert not last["rejected"] and last["backtracks"] == 1 and last["rho"] > 0 and len(calls) == 3
+    slope, rise = float(g @ s), calls[1] + 0.5 - calls[0]
+    t = min(max(-slope / (2 * (rise - slope)), 0.1), 0.5)
+    torch.testing.assert_close(moved, t * s, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), before.split([p.numel() for p in model.parameters()])):
+            p.copy_(v.view_as(p))
+    G = ggn_matrix(model, "mse", x, y)
+    curvature = float(s @ G @ s) + damping * float(s @ s)
+    assert lying.optimizer.quadratic.damping == pytest.approx(damping + (-slope / t - curvature) / float(s @ s),
+                                                              rel=1e-6)
+
+
 def test_step_quadratic_needs_the_loss():
     with pytest.raises(gnfx.ConfigError, match="loss="):
         gnfx.compile(tiny(), optimizer="kfac", step="quadratic")
