@@ -77,12 +77,12 @@ class FactoredAdam(CurvaturePreconditioner):
 
     @classmethod
     def cost_parts(cls, g, hp, at):
-        """r (d_out), c (d_a), t and the tail's momentum (n); per step G ⊙ G (n), the two sums (2n),
-        their moving averages (cost.EMA per entry), V̂ (2n), the division by √V̂ + ε (3n), the tail."""
+        """r (d_out), c (d_a), t; per step G ⊙ G (n), the two sums (2n), their moving averages (cost.EMA
+        per entry), V̂ (2n), the division by √V̂ + ε (3n). gnfx adds its update chain's state and FLOPs."""
         d_out, d_a = g.dims
         n = g.numel
-        state = {"r": (d_out, cost.FACTOR), "c": (d_a, cost.FACTOR), "t": (1, cost.FACTOR), "momentum": (n, cost.FACTOR)}
-        return cost.Parts(state, update=8 * n + cost.EMA * (d_out + d_a) + cost.TAIL * n)
+        state = {"r": (d_out, cost.FACTOR), "c": (d_a, cost.FACTOR), "t": (1, cost.FACTOR)}
+        return cost.Parts(state, update=8 * n + cost.EMA * (d_out + d_a))
 
 
 gnfx.register_preconditioner(FactoredAdam)

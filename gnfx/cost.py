@@ -51,8 +51,10 @@ parameter entry (the reference of the compute budget). Per block:
     refresh      per refresh: the amortized decompositions (K-FAC: a Cholesky inverse, d³ per
                  factor, or with root_method="eigh" an eigendecomposition and the inverse-power
                  reconstruction, 11d³; "newton": an estimate, NEWTON_ITERATIONS iterations)
-    update       per step: the preconditioned direction (K-FAC/Shampoo: 2n·(d_out + d_a)),
-                 grafting, momentum, weight decay and the step (5 per entry)
+    update       per step: the preconditioned direction (K-FAC/Shampoo: 2n·(d_out + d_a)), then
+                 the stages of its update chain (gnfx.transforms: grafting, KL clipping, momentum,
+                 weight decay and the step), each `flops_per_entry()` per entry, whose state
+                 the chain's stages add (`chain_parts`)
     flops        amortized per step: statistics / stat_every + refresh / interval + update
 
 `fisher="mc"`/`"type2"` add one backward of the whole model per statistic step, not counted
@@ -81,12 +83,8 @@ CHOLESKY = 1  # d³ coefficient of (F + λI)⁻¹ by Cholesky: the factor d³/3,
 # coupled Newton iterations until convergence, an estimate (they stop on convergence; 13-22 for
 # condition numbers 1e3-1e6, gnfx.linalg): the only figure of the cost model that is not exact
 NEWTON_ITERATIONS = 20
-TAIL = 5  # momentum m ← μm + U (2), decay θ(1 - ηλ) (1), step θ - ηm (2), per entry
 EMA = 4  # normalize a batch statistic, F ← βF + (1-β)F_batch, per entry
-GRAFT = {"adam": 7, "adagrad": 5, "none": 0}  # the grafted direction, per entry
-RESCALE = 5  # the two norms of grafting and the rescaling, per entry
 ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
-KL_CLIP = 4  # K-FAC's ⟨U, G⟩, η² and the scaling by ν, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
 SOLVE = 3  # rank-k: the coefficients s/(s+λ) and (v - U(c ⊙ Uᵀv)) / λ, per entry
@@ -251,21 +249,26 @@ class Geometry:
 @dataclasses.dataclass
 class Parts:
     """One preconditioner on one target: its state tensors {name: (entries, storage)}, and FLOPs
-    per statistic step, per refresh (every `every` steps) and per step."""
+    per statistic step, per refresh (every `every` steps) and per step, without its update chain
+    (`chain_parts` adds that); `pieces`: the pieces the target is cut into (a chain stage keeps a
+    number per piece), `chained`: the entries its chain maps (None: the target's)."""
 
     state: dict
     statistics: sp.Expr = sp.Integer(0)
     refresh: sp.Expr = sp.Integer(0)
     every: sp.Expr = sp.Integer(1)
     update: sp.Expr = sp.Integer(0)
+    pieces: sp.Expr = sp.Integer(1)
+    chained: sp.Expr | None = None
 
 
-def _grafted(hp, n):
-    return (GRAFT[hp["graft"]] + (RESCALE if hp["graft"] != "none" else 0)) * n
-
-
-def _kl_clip(hp, n):
-    return KL_CLIP * n if hp["kl_clip"] > 0 else 0
+def chain_parts(chain, n, pieces) -> tuple[dict, sp.Expr]:
+    """The state {name: (entries, storage)} and per-step FLOPs of an update chain (gnfx.transforms)
+    mapping n entries cut into `pieces` pieces: a stage's state tensor shaped like a piece holds n
+    entries, a number per piece `pieces` (both stacked like the directions: FACTOR storage); its
+    FLOPs are its `flops_per_entry()` per entry."""
+    state = {k: (n if shape else pieces, FACTOR) for t in chain for k, shape in t.state_shapes((1,)).items()}
+    return state, sum((t.flops_per_entry() * n for t in chain), sp.Integer(0))
 
 
 def _mode_products(g, b):
@@ -364,8 +367,9 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
              at: dict | None = None) -> Formulas:
     """The cost of `preconditioner` (a class of gnfx.preconditioners, or its registered name) with
     hyperparameters `hp` on `geometry`, whose dims are written in the symbols of `at` (default: all
-    symbolic) — numbers give numbers. The preconditioner's own part is its `cost_parts`; a class
-    without one raises gnfx.errors.NoCostModel."""
+    symbolic) — numbers give numbers. The preconditioner's own part is its `cost_parts`, to which
+    its update chain (`hp["chain"]`, or its `default_chain(hp)`) adds its stages' state and FLOPs;
+    a class without `cost_parts` raises gnfx.errors.NoCostModel."""
     if isinstance(preconditioner, str):
         from gnfx.preconditioners import REGISTRY  # here: the preconditioners import this module
 
@@ -375,8 +379,14 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
     at = dict(SYMBOLS) if at is None else at
     geometry = blocked(geometry, hp, at)
     parts = preconditioner.cost_parts(geometry, hp, at)
+    state, update = parts.state, parts.update
+    if hasattr(preconditioner, "default_chain"):  # a curvature preconditioner: its update chain
+        chain = hp.get("chain") or preconditioner.default_chain(hp)
+        chained = geometry.numel if parts.chained is None else parts.chained
+        chain_state, chain_flops = chain_parts(chain, chained, parts.pieces)
+        state, update = {**state, **chain_state}, update + chain_flops
     stats, stat_flops = ({}, 0) if geometry.loose else tap_statistics(geometry, needs, kfac_approx, at)
-    return Formulas(parts.state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, parts.update,
+    return Formulas(state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, update,
                     at["stat_every"])
 
 

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gnfx
 from gnfx import cost
+from gnfx.transforms import Graft, HeavyBall, KLClip, Step
 from gnfx.statistics import STATISTICS
 
 S = cost.SYMBOLS
@@ -120,6 +121,9 @@ CASES = [
     ("rank1", {}),
     ("rank1", {"rank": 3}),
     ({"conv": ("shampoo", {"max_block": 3}), "emb": "ekfac", "fc": ("rank1", {"rank": 2}), "*": "kfac"}, {}),
+    # chains given by the user: their stages' state, not the default chain's
+    ("kfac", {"chain": [Graft("adam"), HeavyBall(0.9), Step()]}),
+    ("shampoo", {"max_block": 4, "chain": [KLClip(1e-3), Step()]}),
 ]
 
 
@@ -155,7 +159,7 @@ def test_bfloat16_parameters_keep_float32_factors_and_bfloat16_moments():
     assert fc.memory_bytes == 4 * (2 * (6 * 6 + 5 * 5) + (5 * 5 + 5 + 5 * 5) + n) + 8
 
 
-ELEMENTWISE = ("ADAMW", "TAIL", "RESCALE", "ADAM_ROTATED", "KL_CLIP", "DIAGONAL_A", "DAMPED_DIVIDE", "SOLVE")
+ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "SOLVE")
 
 
 @pytest.mark.parametrize("optimizer,hparams", [
@@ -173,7 +177,8 @@ def test_matrix_products_of_a_step_are_the_update_formula_without_elementwise_te
         c.step()  # step 2: no statistics, no refresh
     for name in ELEMENTWISE:
         monkeypatch.setattr(cost, name, 0)
-    monkeypatch.setattr(cost, "GRAFT", dict.fromkeys(cost.GRAFT, 0))
+    for stage in (Graft, KLClip, HeavyBall, Step):  # the update chain's elementwise stages
+        monkeypatch.setattr(stage, "flops_per_entry", lambda self: 0)
     assert counter.get_total_flops() == sum(r.update_flops for r in c.cost().rows)
 
 
@@ -259,3 +264,16 @@ def test_diag_costs_exactly_an_adamw_step():
     report = train("diag").cost()
     assert report.memory_ratio == 2.0 and report.flops_ratio == 1.0
     assert all(r.memory_ratio == 2.0 and r.flops_ratio == 1.0 for r in report.rows)
+
+
+def test_a_given_chain_replaces_the_default_chains_state_and_flops():
+    """K-FAC's default chain is [KLClip, HeavyBall, Step]; with [Graft("adam"), HeavyBall, Step] the
+    cost holds the graft's v (n) and t (one per piece) and 7 + 5 FLOPs per entry of grafting (the
+    grafted direction, the norms and the rescaling) instead of KL clipping's 4."""
+    n = d_out * (d_in + 1)
+    default = symbolic("kfac", at=WHOLE)
+    grafted = symbolic("kfac", at=WHOLE, chain=[Graft("adam"), HeavyBall(0.9), Step()])
+    assert set(grafted.state) - set(default.state) == {"graft_v", "graft_t"}
+    assert grafted.state["graft_v"][0] == n and grafted.state["graft_t"][0] == 1
+    assert sp.expand(grafted.update_flops - default.update_flops) == sp.expand((7 + 5 - 4) * n)
+    assert sp.expand(default.update_flops - symbolic("kfac", at=WHOLE, kl_clip=0).update_flops) == sp.expand(4 * n)

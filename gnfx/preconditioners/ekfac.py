@@ -66,14 +66,14 @@ class EKFAC(KFAC):
         n, k = g.numel, g.groups
         sides = (g.rows,) if g.diagonal_A else (g.rows, d_a)
         state = {"Q_S": (k * g.rows ** 2, cost.FACTOR), "scale": (n, cost.FACTOR),
-                 **{c: (1, cost.INT64) for c in ("refreshes", "skipped", "failures")}, "momentum": (n, cost.FACTOR)}
+                 **{c: (1, cost.INT64) for c in ("refreshes", "skipped", "failures")}}
         if not g.diagonal_A:
             state["Q_A"] = (k * d_a ** 2, cost.FACTOR)
         # per basis: Qᵀ F Q, eigh, the carry-over (Q_oldᵀ Q)² and s ×_j P
         refresh = sum(k * ((4 + cost.EIGH + 2) * d ** 3 + d ** 2) + 2 * n * d for d in sides)
         rotations = sum(2 * n * d for d in sides)
         return cost.Parts(state, refresh=refresh, every=at["inv_every"],
-                     update=2 * rotations + cost.DAMPED_DIVIDE * n + cost._kl_clip(hp, n) + cost.TAIL * n)
+                     update=2 * rotations + cost.DAMPED_DIVIDE * n)
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)

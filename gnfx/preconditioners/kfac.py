@@ -116,12 +116,11 @@ class KFAC(CurvaturePreconditioner):
         (m_a, b_a), (m_s, b_s) = g.factor_blocks("A"), g.factor_blocks("S")
         return cost.Parts(
             {"A_inv": (d_a if diagonal_A else g.factor_entries("A"), cost.FACTOR),
-             "S_inv": (g.factor_entries("S"), cost.FACTOR), "failures": (1, cost.INT64), "momentum": (n, cost.FACTOR)},
+             "S_inv": (g.factor_entries("S"), cost.FACTOR), "failures": (1, cost.INT64)},
             refresh=((2 * d_a if diagonal_A else k * m_a * cost.inverse_power_flops(b_a, hp["root_method"]))
                      + k * m_s * cost.inverse_power_flops(b_s, hp["root_method"])),
             every=at["inv_every"],
-            update=(2 * k * m_s * b_s ** 2 * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * m_a * b_a ** 2 * s)
-                    + cost._kl_clip(hp, n) + cost.TAIL * n))
+            update=(2 * k * m_s * b_s ** 2 * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * m_a * b_a ** 2 * s)))
 
     @classmethod
     def auto_candidates(cls, hp, g):

@@ -235,8 +235,9 @@ class Muon(CurvaturePreconditioner):
         """A hidden matrix (d_out x d_in, n entries): the buffer M (n), and per step the momenta
         (6 per entry), ns_steps iterations on the r x c matrix, r = min, c = max(d_out, d_in)
         (X Xᵀ: 2r²c; b A + c A²: 2r³ + 2r²; a X + B X: 2r²c + 2rc), the normalization and the
-        shape scale (4 per entry) and θ(1-ηλ) - η U (3 per entry). Its bias (d_out entries) gets
-        AdamW: m, v (2 per entry) and a step count, ADAMW FLOPs per entry (gnfx.cost, as the diagonal
+        shape scale (4 per entry); its chain's θ(1-ηλ) - η U (gnfx.transforms.Step) over the matrix
+        and the bias is added by gnfx.cost (`chained`). Its bias (d_out entries) gets
+        AdamW: m, v (2 per entry) and a step count, ADAMW FLOPs per entry with the step (gnfx.cost, as the diagonal
         preconditioner). Muon serves no other block (`serves`). An attention projection cut into its
         heads (per_head) is counted whole, an upper bound: h slices of d/h x d cost
         h(4(d/h)²d + 2(d/h)³ + ...) ≤ 4d³ + 2d³ + ... per iteration (gnfx.cost's geometry does not
@@ -246,10 +247,10 @@ class Muon(CurvaturePreconditioner):
         r, c = sp.Min(d_out, n / d_out), sp.Max(d_out, n / d_out)
         iteration = 4 * r ** 2 * c + 2 * r ** 3 + 2 * r ** 2 + 2 * r * c
         state = {"momentum": (n, FACTOR)}
-        update = 13 * n + hp["ns_steps"] * iteration
+        update = 10 * n + hp["ns_steps"] * iteration
         if g.bias:
             state.update({"bias momentum": (d_out, FACTOR), "bias exp_avg_sq": (d_out, FACTOR), "bias t": (1, FACTOR)})
-            update += ADAMW * d_out
-        return Parts(state, update=update)
+            update += (ADAMW - Step().flops_per_entry()) * d_out
+        return Parts(state, update=update, chained=n + (d_out if g.bias else 0))
 
 

@@ -43,16 +43,15 @@ class RankK(CurvaturePreconditioner):
 
     @classmethod
     def cost_parts(cls, g, hp, at):
-        """U (n x k), s (k), t, a failure count, the graft's second moment; per statistic step the exact
+        """U (n x k), s (k), t, a failure count (its chain adds the rest); per statistic step the exact
         rank-(k+1) update by a thin QR of B = [U √(βs), √(1-β) v] and an eigendecomposition of R Rᵀ."""
         n = g.numel
         k = sp.Min(at["k"], n)
-        state = {"U": (n * k, cost.FACTOR), "s": (k, cost.FACTOR), "t": (1, cost.FACTOR), "failures": (1, cost.INT64),
-                 "graft_v": (n, cost.FACTOR), "graft_t": (1, cost.FACTOR), "momentum": (n, cost.FACTOR)}
+        state = {"U": (n * k, cost.FACTOR), "s": (k, cost.FACTOR), "t": (1, cost.FACTOR), "failures": (1, cost.INT64)}
         k1 = k + 1
         statistics = n * k1 + cost.qr_flops(n, k1) + (2 + cost.EIGH) * k1 ** 3 + 2 * n * k1 * k
         woodbury = 4 * n * k + cost.SOLVE * n  # Uᵀv, U (c ⊙ Uᵀv), then the solve
-        return cost.Parts(state, statistics=statistics, update=woodbury + cost._grafted(hp, n) + cost.TAIL * n)
+        return cost.Parts(state, statistics=statistics, update=woodbury)
 
     @classmethod
     def auto_candidates(cls, hp, g):

@@ -95,10 +95,11 @@ class Shampoo(CurvaturePreconditioner):
 
     @classmethod
     def cost_parts(cls, g, hp, at) -> cost.Parts:
-        """A factor and its inverse root per dimension and block, the graft's second moment, counters."""
+        """A factor and its inverse root per dimension and block, failure counters (its chain adds the
+        graft's second moment and the momentum, gnfx.cost.chain_parts)."""
         b = at["max_block"]
         n, pieces = g.numel, g.pieces(b)
-        state = {"failures": (pieces, cost.INT64), "graft_v": (n, cost.FACTOR), "graft_t": (pieces, cost.FACTOR)}
+        state = {"failures": (pieces, cost.INT64)}
         factors = refresh = 0
         root = round(1 / root_exponent(hp["exponent"], len(g.dims)))  # r of F^{-1/r}, for root_method="newton"
         for j, m in enumerate(g.modes(b)):
@@ -106,10 +107,9 @@ class Shampoo(CurvaturePreconditioner):
             factors += m.count * m.squares
             # inverse_power_flops over the blocks
             refresh += m.count * (cost.inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
-        state["momentum"] = (n, cost.FACTOR)
         gram = cost._mode_products(g, b)
         return cost.Parts(state, statistics=gram + cost.EMA * factors, refresh=refresh, every=at["precondition_frequency"],
-                     update=gram + cost._grafted(hp, n) + cost.TAIL * n)
+                          update=gram, pieces=pieces)
 
     @classmethod
     def auto_candidates(cls, hp, g):

@@ -138,10 +138,9 @@ class SOAP(CurvaturePreconditioner):
             state[f"factor{j}"] = state[f"basis{j}"] = (m.count * m.squares, cost.FACTOR)
             factors += m.count * m.squares
             refresh += m.count * m.cubes * per_cube
-        state["momentum"] = (n, cost.FACTOR)
         rotation = cost._mode_products(g, b)
         return cost.Parts(state, statistics=rotation + cost.EMA * factors, refresh=refresh,
-                     every=at["precondition_frequency"], update=3 * rotation + cost.ADAM_ROTATED * n + cost.TAIL * n)
+                     every=at["precondition_frequency"], update=3 * rotation + cost.ADAM_ROTATED * n, pieces=pieces)
 
     def init_group(self, group):
         counter = lambda: self.stacked_zeros(group, dtype=torch.int64)  # noqa: E731

@@ -39,6 +39,11 @@ class Transform:
         """{state key: per-piece shape} of the state it keeps for a group of pieces of `shape`."""
         return {}
 
+    def flops_per_entry(self) -> int:
+        """Its FLOPs per step per entry of the directions it maps (leading order, gnfx.cost: the
+        update of model.cost(), the report and "auto"); none by default."""
+        return 0
+
     def __call__(self, pre, Us: list[torch.Tensor], Gs: list[torch.Tensor], states: list[dict],
                  lr: torch.Tensor, wd: torch.Tensor) -> list[torch.Tensor] | None:
         """The new directions of preconditioner `pre`'s groups: Us, Gs (stacked gradients) and

@@ -18,6 +18,10 @@ from gnfx.errors import ConfigError
 from gnfx.transforms.base import Transform
 
 GRAFTS = ("adam", "adagrad", "none")
+# FLOPs per entry: the grafted direction D (Adam: v's update 3, its bias correction, root, ε and
+# the division 4; AdaGrad: 2 + 3), then the two norms and the rescaling (RESCALE)
+DIRECTION_FLOPS = {"adam": 7, "adagrad": 5, "none": 0}
+RESCALE = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Graft(Transform):
 
     def state_shapes(self, shape):
         return {"graft_v": tuple(shape), "graft_t": ()}
+
+    def flops_per_entry(self):
+        return DIRECTION_FLOPS[self.kind] + (RESCALE if self.kind != "none" else 0)
 
     def __call__(self, pre, Us, Gs, states, lr, wd):
         if self.kind == "none":

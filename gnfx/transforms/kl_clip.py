@@ -21,6 +21,9 @@ class KLClip(Transform):
     sums_over_blocks = True
     formula = "U ← ν U,  ν = min(1, sqrt(κ / Σ η² ⟨U, G⟩))"
 
+    def flops_per_entry(self):
+        return 4  # ⟨U, ∇W⟩ (2), its weighting by η², the scaling by ν
+
     def __post_init__(self):
         if not self.kappa > 0:
             raise ConfigError(f"{self!r}: κ must be > 0 (leave KLClip out of the chain to disable it)")

@@ -25,6 +25,9 @@ class HeavyBall(Transform):
     def state_shapes(self, shape):
         return {"momentum": tuple(shape)}
 
+    def flops_per_entry(self):
+        return 2  # μ m, + U
+
     def __call__(self, pre, Us, Gs, states, lr, wd):
         ms = [s["momentum"] for s in states]
         torch._foreach_mul_(ms, self.momentum)

@@ -17,5 +17,8 @@ class Step(Transform):
     writes_parameters = True
     formula = "θ ← θ (1 - η λ) - η U"
 
+    def flops_per_entry(self):
+        return 3  # θ(1 - ηλ), - ηU
+
     def __call__(self, pre, Us, Gs, states, lr, wd):
         pre.step_parameters(Us, lr, wd)
