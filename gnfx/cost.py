@@ -379,12 +379,10 @@ def formulas(preconditioner, hp: dict, geometry: Geometry, needs=frozenset(), kf
     at = dict(SYMBOLS) if at is None else at
     geometry = blocked(geometry, hp, at)
     parts = preconditioner.cost_parts(geometry, hp, at)
-    state, update = parts.state, parts.update
-    if hasattr(preconditioner, "default_chain"):  # a curvature preconditioner: its update chain
-        chain = hp.get("chain") or preconditioner.default_chain(hp)
-        chained = geometry.numel if parts.chained is None else parts.chained
-        chain_state, chain_flops = chain_parts(chain, chained, parts.pieces)
-        state, update = {**state, **chain_state}, update + chain_flops
+    chain = hp.get("chain") or preconditioner.default_chain(hp)
+    chain_state, chain_flops = chain_parts(chain, geometry.numel if parts.chained is None else parts.chained,
+                                           parts.pieces)
+    state, update = {**parts.state, **chain_state}, parts.update + chain_flops
     stats, stat_flops = ({}, 0) if geometry.loose else tap_statistics(geometry, needs, kfac_approx, at)
     return Formulas(state, stats, parts.statistics + stat_flops, parts.refresh, parts.every, update,
                     at["stat_every"])

@@ -316,11 +316,11 @@ class QuadraticStep:
             self.damping = levenberg_marquardt(self.damping, rho, self.decay ** (t - self.adapted_at))
             self.adapted_at = t
         backtracks = 0
-        if rejected:
+        if rejected:  # retried shorter on the same batch; λ moved either way, and the preconditioners with it
             torch._foreach_copy_(params, before)
             slope, curvature = float(b @ c), float(c @ M @ c)  # gᵀs and sᵀ(G + λI)s
             found = self._backtrack(params, before, z, loss_before, closure, layout, theta_values, flat_update,
-                                    slope, curvature, actual, comm)
+                                    slope, curvature, actual, comm)  # the parameters at θ + t·s, or back at θ
             if found is not None:
                 scale, actual, predicted, backtracks = found
                 rho, rejected = actual / predicted, False
@@ -331,13 +331,10 @@ class QuadraticStep:
                 update = self._place(layout, flat_update, scale)
                 alphas = {k: a * scale for k, a in alphas.items()}
                 mu *= scale
-                self.damp_preconditioners(preconditioners)
-                refresh()
-        if rejected:
-            torch._foreach_copy_(params, before)
-            self.previous = None
             self.damp_preconditioners(preconditioners)
             refresh()
+        if rejected:
+            self.previous = None
         else:
             self.previous = update
             self.judged = predicted if adapted else self.judged

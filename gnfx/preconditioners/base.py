@@ -92,6 +92,12 @@ class Preconditioner:
         return True
 
     @classmethod
+    def default_chain(cls, hp: dict) -> list:
+        """The update chain (gnfx.transforms) after its direction, from its hyperparameters `hp`;
+        none for a preconditioner that updates its parameters itself (`update`, as the diagonal)."""
+        return []
+
+    @classmethod
     def claims_fallback(cls, shape) -> bool:
         """Whether this preconditioner also serves a parameter no block claims (default: no,
         such parameters get the diagonal preconditioner)."""
