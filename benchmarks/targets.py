@@ -28,6 +28,10 @@ S⁻¹ G A⁻¹ every step and its taps add R (d_in² + d_out²) on statistic st
 L^{-p} G R^{-p} every step and collects G Gᵀ and Gᵀ G on statistic steps; diag and rank1 add no
 products (their bound is 1, elementwise work aside). The refresh's decompositions are not in the
 bound. Targets at rows/width >= 4: kfac and shampoo <= 1.25, diag and rank1 <= 1.10.
+`--sweep-ratios` picks the rows/width, `--sweep-optimizers` the columns, each
+`OPTIMIZER[:key=value,...]` (gnfx.compile's settings, e.g. `shampoo:precondition_frequency=50`); a
+column whose refresh interval exceeds stat_every is timed over windows of lcm(stat_every, interval)
+steps (`refresh_window`), so that every window holds its refresh.
 
 Writes `<out>/targets.json` and `<out>/targets.md`, and `<out>/sweep.json` and `<out>/sweep.md`.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -43,6 +48,7 @@ from pathlib import Path
 import torch
 
 import gnfx
+from benchmarks.defaults import _value
 from benchmarks.models import mlp
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.tasks import char_gpt, digits_cnn, digits_mlp
@@ -219,8 +225,30 @@ def sweep_bounds(compiled, rows: dict) -> dict:
             "shampoo": 1 + work["preconditioner"] * (1 + 1 / STAT_EVERY) / layers}
 
 
-def sweep_point(rows: int, rounds: int) -> dict:
-    """Whole-step ratios to AdamW at `rows` rows per step on the sweep's MLP (module docstring)."""
+def refresh_window(compiled) -> int:
+    """Steps a timing window of `compiled` spans so that it holds whole statistic and refresh periods:
+    the least common multiple of stat_every and each preconditioner's refresh interval (inv_every,
+    precondition_frequency). A window of stat_every steps would, for an interval above it, leave the
+    refresh out of most windows and their median."""
+    window = STAT_EVERY
+    for pre in compiled.optimizer.preconditioners:
+        for key in ("inv_every", "precondition_frequency"):
+            if isinstance(pre.hp.get(key), int):
+                window = math.lcm(window, pre.hp[key])
+    return window
+
+
+def sweep_variant(variant: str) -> tuple[str, dict]:
+    """(optimizer, settings) of a sweep variant `OPTIMIZER[:key=value,...]` (benchmarks/defaults.py's form)."""
+    name, _, settings = variant.partition(":")
+    if name not in SWEEP_TARGETS:
+        raise SystemExit(f"--sweep-optimizers: {variant!r} is not one of {tuple(SWEEP_TARGETS)}[:key=value,...]")
+    return name, {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
+
+
+def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS)) -> dict:
+    """Whole-step ratios to AdamW at `rows` rows per step on the sweep's MLP (module docstring), for
+    each of `variants` (`OPTIMIZER[:key=value,...]`, gnfx.compile's settings beside lr)."""
     g = torch.Generator().manual_seed(rows)
     pool = [(torch.randn(rows, SWEEP_WIDTH, generator=g), torch.randint(10, (rows,), generator=g))
             for _ in range(SWEEP_POOL)]
@@ -232,66 +260,74 @@ def sweep_point(rows: int, rounds: int) -> dict:
 
     plain = make()
     adamw = torch.optim.AdamW(plain.parameters(), lr=1e-4, foreach=True)
-    runs = {name: gnfx.compile(make(), name, lr=1e-4) for name in SWEEP_TARGETS}
+    runs = {}
+    for variant in variants:
+        name, settings = sweep_variant(variant)
+        runs[variant] = gnfx.compile(make(), name, lr=1e-4, **settings)
 
-    def whole(module, step, zero):  # stat_every consecutive steps, per step
+    def whole(module, step, zero, steps=STAT_EVERY):  # `steps` consecutive steps, per step
         def run():
-            for i in range(STAT_EVERY):
+            for i in range(steps):
                 x, y = pool[i % SWEEP_POOL]
                 loss_fn(module(x), y).backward()
                 step()
                 zero()
-        return seconds(run) / STAT_EVERY
+        return seconds(run) / steps
 
-    stat_rows = {}
+    # the rows the taps see, read from a K-FAC model's statistic step before it folds them
+    probe = gnfx.compile(make(), "kfac", lr=1e-4)
+    x, y = pool[0]
+    loss_fn(probe(x), y).backward()
+    stat_rows = statistic_rows(probe)
     samples = {k: [] for k in ("adamw", *runs)}
+    windows = {name: refresh_window(c) for name, c in runs.items()}
     for r in range(rounds + 2):  # two untimed rounds: warm-up, and Shampoo's start at step 10
         sample = {"adamw": whole(plain, adamw.step, adamw.zero_grad)}
         for name, c in runs.items():
-            if name == "kfac":  # the rows the taps see, read on the statistic step before it folds them
-                x, y = pool[0]
-                loss_fn(c(x), y).backward()
-                stat_rows.update(statistic_rows(c))
-                c.step()
-                c.zero_grad()
-            sample[name] = whole(c, c.step, c.zero_grad)
+            if r < 2 and windows[name] > STAT_EVERY:  # warm-up and start in STAT_EVERY steps, as the others
+                sample[name] = whole(c, c.step, c.zero_grad)
+                continue
+            sample[name] = whole(c, c.step, c.zero_grad, windows[name])
         if r >= 2:
             for k, v in sample.items():
                 samples[k].append(v)
-    bounds = sweep_bounds(runs["kfac"], stat_rows)
+    bounds = sweep_bounds(probe, stat_rows)
     return {"rows": rows, "rows_per_width": rows / SWEEP_WIDTH, "adamw_ms": 1e3 * statistics.median(samples["adamw"]),
             "ratio": {n: statistics.median(w / a for w, a in zip(samples[n], samples["adamw"])) for n in runs},
-            "bound": bounds}
+            "bound": {n: bounds[sweep_variant(n)[0]] for n in runs}}
 
 
-def sweep(rounds: int) -> list[dict]:
+def sweep(rounds: int, ratios=None, variants=None) -> list[dict]:
+    """sweep_point at rows = width x each of `ratios` (default SWEEP_RATIOS) for `variants` (default
+    every preconditioner of SWEEP_TARGETS at its defaults)."""
     points = []
-    for ratio in SWEEP_RATIOS:
-        points.append(sweep_point(round(ratio * SWEEP_WIDTH), rounds))
+    for ratio in ratios or SWEEP_RATIOS:
+        points.append(sweep_point(round(ratio * SWEEP_WIDTH), rounds, variants or tuple(SWEEP_TARGETS)))
         print("sweep", json.dumps(points[-1]), flush=True)
     return points
 
 
 def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
-    names = list(SWEEP_TARGETS)
+    names = list(points[0]["ratio"])
     lines = ["# Whole step against AdamW as the rows per step grow", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
              f"MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; "
              f"each cell: the median over {rounds} interleaved rounds of (fwd+bwd + step, averaged over "
-             f"stat_every={STAT_EVERY} steps) / (plain fwd+bwd + AdamW step), then the products bound in "
+             f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often) "
+             "/ (plain fwd+bwd + AdamW step), then the products bound in "
              "parentheses (benchmarks/targets.py's docstring). "
              "Targets at rows/width ≥ 4: " + ", ".join(f"{n} ≤ {t:.2f}" for n, t in SWEEP_TARGETS.items()) +
              "; ✓ met, ✗ missed, then the room the target leaves beside the products, target − bound (a fraction "
              "of AdamW's whole step, for everything that is not a product: the refresh, the tail, dispatch; "
              "`python -m benchmarks.profile --parts 4` splits it), or (bound) where the bound itself is above the "
-             "target. gnfx defaults "
+             "target. gnfx defaults unless a column names settings "
              "(compile='auto': eager on a CPU). `" + command + "`.", "",
              "| rows | rows/width | AdamW whole step ms | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for p in points:
         cells = []
         for n in names:
-            ratio, bound, target = p["ratio"][n], p["bound"][n], SWEEP_TARGETS[n]
+            ratio, bound, target = p["ratio"][n], p["bound"][n], SWEEP_TARGETS[sweep_variant(n)[0]]
             mark = "" if p["rows_per_width"] < 4 else " ✓" if ratio <= target else (
                 " ✗ (bound)" if bound > target else f" ✗ room {target - bound:.3f}")
             cells.append(f"{ratio:.2f} ({bound:.2f}){mark}")
@@ -346,6 +382,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", nargs="+", default=None, help="a subset of: mlp (digits), cnn, gpt, mlp1024, mlp2048")
     parser.add_argument("--sweep", action="store_true", help="only the rows-per-step sweep")
     parser.add_argument("--sweep-rounds", type=int, default=5)
+    parser.add_argument("--sweep-ratios", type=float, nargs="+", default=None,
+                        help=f"rows per step / width (default {' '.join(f'{r:g}' for r in SWEEP_RATIOS)})")
+    parser.add_argument("--sweep-optimizers", nargs="+", default=None,
+                        help="the sweep's columns: OPTIMIZER[:key=value,...] with OPTIMIZER one of "
+                             f"{', '.join(SWEEP_TARGETS)} (e.g. shampoo:precondition_frequency=50)")
     parser.add_argument("--no-sweep", action="store_true", help="only the models' table")
     add_timing_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -362,7 +403,7 @@ def main(argv=None) -> dict:
         (args.out / "targets.json").write_text(json.dumps(rows, indent=1) + "\n")
         (args.out / "targets.md").write_text(markdown(rows, args.repeats))
     if not args.no_sweep:
-        points = sweep(args.sweep_rounds)
+        points = sweep(args.sweep_rounds, args.sweep_ratios, args.sweep_optimizers)
         (args.out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
         command = " ".join(["python -m benchmarks.targets", *(sys.argv[1:] if argv is None else argv)])
         (args.out / "sweep.md").write_text(sweep_markdown(points, args.sweep_rounds, command))
