@@ -59,6 +59,28 @@ PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT wit
 and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
 raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
+The model every T_q steps (`quadratic_every` = T_q, 1 by default). The products J v_k, M, b and the
+solve for c = (α, μ) run on the solved steps: t mod T_q = 0, the first DAMPING_WARMUP steps, a step
+without a previous update δ, one after a rejected or retried step, one whose parts (the
+preconditioners with a proposal) or whose μ differ from the last solve's, and one that fails the
+guard below. On the steps in between the step is
+
+    s = Σ_k α̂_k Δ_k + μ̂ δ,        ĉ = (α̂, μ̂) the coefficients of the last solve,
+
+with this step's proposal Δ_k and previous update δ: no products, no solve, no ρ (a forward-mode
+product along Δ and δ costs ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
+the deep autoencoder, 135 of 205 ms on the char GPT, benchmarks/results/quadratic_step.md). What
+keeps them safe: the guard 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), the first-order reduction of this
+batch's loss along s (one dot product per row of V with g) against that of the solve, b̂ᵀĉ (= 2q(ĉ)
+for an interior minimizer), so that a step that is no descent on its batch, or whose proposal grew
+(a refreshed preconditioner, a batch with a larger gradient), solves instead; μ̂ within
+MOMENTUM_RANGE; and λ judged only on solved steps, where the predicted reduction -q(c) of the
+step's own model exists: an adaptation of damping_every falling due on a step in between (a
+multiple of T since the last solve) waits for the next solved step, and ω^k moves λ by the steps
+since the last adaptation as before. `last_step` of a step in between: α, μ as applied (ĉ), λ as
+used (held), ρ, the predicted and the actual reduction NaN, `solved` and `adapted` False. T_q = 1
+solves on every step, as before.
+
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
@@ -191,7 +213,8 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
-    (`adapted`, damping_every) and whether the step was rejected. `parameters`: the optimizer's
+    (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every)
+    and whether the step was rejected. `parameters`: the optimizer's
     gnfx.parameter_store.ParameterStore."""
 
     def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
