@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{task.name} {variant} seed={seed}: {r.status}: {r.reason}", flush=True)
                     continue
                 print(f"{task.name:<19} {variant:<45} seed={seed} {r.status:<11} val={r.steps_to_target} "
-                      f"train={r.steps_to_train_target} step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
+                      f"train={r.steps_to_train_target} s={_seconds(r.seconds_to_target)}/{_seconds(r.seconds_to_train_target)} "
+                      f"step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
                       f"final={r.final_loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
                 runs.append({"task": task.name, "variant": variant, "seed": seed, "max_steps": steps,
                              **{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"}})
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _seconds(s: float | None) -> str:
-    return "–" if s is None else f"{s:.1f}"
+    return "–" if s is None else f"{s:.2f}"
 
 
 if __name__ == "__main__":

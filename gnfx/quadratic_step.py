@@ -61,16 +61,18 @@ raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadrat
 
 The model every T_q steps (`quadratic_every` = T_q, 1 by default). The products J v_k, M, b and the
 solve for c = (α, μ) run on the solved steps: t mod T_q = 0, the first DAMPING_WARMUP steps, a step
-without a previous update δ, one after a rejected or retried step, one whose parts (the
-preconditioners with a proposal) or whose μ differ from the last solve's, and one that fails the
-guard below. On the steps in between the step is
+without a previous update δ, one after a rejected or retried step or after a solve judged poor
+(ρ < 1/4), one whose parts (the preconditioners with a proposal) or whose μ differ from the last
+solve's, and one that fails the guard below. On the steps in between the step is
 
     s = Σ_k α̂_k Δ_k + μ̂ δ,        ĉ = (α̂, μ̂) the coefficients of the last solve,
 
-with this step's proposal Δ_k and previous update δ: no products, no solve, no ρ (a forward-mode
-product along Δ and δ costs ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
+with this step's proposal Δ_k and previous update δ: no products, no solve, no ρ (the forward-mode
+products along Δ and δ cost ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
 the deep autoencoder, 135 of 205 ms on the char GPT, benchmarks/results/quadratic_step.md). What
-keeps them safe: the guard 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), the first-order reduction of this
+keeps them safe: coefficients whose model was judged poor are not reused (on the digits MLP, seed 1,
+T_q = 5, a solve with ρ = 0.14 and μ = 0.99 reused on the next step took the validation loss from
+0.17 to 2.5); the guard 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), the first-order reduction of this
 batch's loss along s (one dot product per row of V with g) against that of the solve, b̂ᵀĉ (= 2q(ĉ)
 for an interior minimizer), so that a step that is no descent on its batch, or whose proposal grew
 (a refreshed preconditioner, a batch with a larger gradient), solves instead; μ̂ within
@@ -79,7 +81,10 @@ step's own model exists: an adaptation of damping_every falling due on a step in
 multiple of T since the last solve) waits for the next solved step, and ω^k moves λ by the steps
 since the last adaptation as before. `last_step` of a step in between: α, μ as applied (ĉ), λ as
 used (held), ρ, the predicted and the actual reduction NaN, `solved` and `adapted` False. T_q = 1
-solves on every step, as before.
+(every step solves, as before) stays the default: T_q = 3-10 cut the deep autoencoder's and the
+char GPT's time to target, but on the digits MLP (seed 1) they missed or diverged, through solved
+steps accepted at ρ of 0.0005-0.04 on the trajectory the reuse led to
+(benchmarks/results/quadratic_step.md, "The model every T_q steps").
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
@@ -224,7 +229,7 @@ class QuadraticStep:
         self.adapted_at = -1  # the optimizer's step of the last adaptation
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
         self.solved_at = -1  # the optimizer's step of the last solve
-        # (names of the parts, ĉ, b̂ᵀĉ) of the last clean solve, which the steps between reuse; None: solve next
+        # (names of the parts, ĉ, b̂ᵀĉ) of the last trusted solve, which the steps between reuse; None: solve next
         self.coefficients: tuple[list[str], torch.Tensor, float] | None = None
         self.judged = math.inf  # the predicted reduction of the last accepted adaptation
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
@@ -368,8 +373,9 @@ class QuadraticStep:
         else:
             self.previous = update
             self.judged = predicted if adapted else self.judged
-        # the steps between reuse a clean solve only: after a rejected or retried step the next one solves
-        self.coefficients = None if rejected or backtracks else ([pre.name for pre in parts], c, float(b @ c))
+        # the steps between reuse a solve the model did not misjudge (module docstring); else the next step solves
+        trusted = not (rejected or backtracks or (adapted and rho < RHO_LOW))
+        self.coefficients = ([pre.name for pre in parts], c, float(b @ c)) if trusted else None
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks, "solved": True}
@@ -380,7 +386,7 @@ class QuadraticStep:
         previous update δ."""
         if self.coefficients is None or not continues or t < DAMPING_WARMUP or t % self.solve_every == 0:
             return False
-        names, c, _ = self.coefficients
+        names, c = self.coefficients[:2]
         return names == [pre.name for pre in parts] and len(c) == len(parts) + 1
 
     def _reuse(self, params, layout: "FlatLayout", parts: list, V: torch.Tensor, grads: torch.Tensor, comm) -> bool:
