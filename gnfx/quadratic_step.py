@@ -81,10 +81,11 @@ step's own model exists: an adaptation of damping_every falling due on a step in
 multiple of T since the last solve) waits for the next solved step, and ω^k moves λ by the steps
 since the last adaptation as before. `last_step` of a step in between: α, μ as applied (ĉ), λ as
 used (held), ρ, the predicted and the actual reduction NaN, `solved` and `adapted` False. T_q = 1
-(every step solves, as before) stays the default: T_q = 3-10 cut the deep autoencoder's and the
-char GPT's time to target, but on the digits MLP (seed 1) they missed or diverged, through solved
-steps accepted at ρ of 0.0005-0.04 on the trajectory the reuse led to
-(benchmarks/results/quadratic_step.md, "The model every T_q steps").
+(every step solves, as before) stays the default: T_q = 5 brought the deep autoencoder's targets
+under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char GPT's only from 2.9x to 2.4x (T_q = 10:
+2.0x, at more steps than AdamW), and every T_q ≥ 2 left a target unreached on the digits MLP or CNN
+(MLP seed 1 diverged at T_q = 5, through solved steps accepted at ρ of 0.0005-0.04 on the
+trajectory the reuse led to; benchmarks/results/quadratic_step.md, "The model every T_q steps").
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
