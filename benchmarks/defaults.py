@@ -9,6 +9,8 @@ or `adamw@LR`. Values are read as Python literals where they parse (1e-3, 0.9, T
 otherwise. `--constant NAME=VALUE` sets a module constant of gnfx.quadratic_step (LAMBDA_MIN,
 QUADRATIC_DAMPING, ...) for the whole sweep. Each run is benchmarks.train.train on the task with `--stop-at-target` semantics (it
 stops once both the validation and the training-loss target are reached), one intra-op thread.
+`--cpu-time` counts the seconds as the CPU time of the training thread (time.thread_time; the runs use
+one intra-op thread), which other processes on a shared machine barely move, instead of wall seconds.
 `--run-out` trains every run for its whole step budget instead (the steps to the targets are the
 same; the final validation loss is then the loss after the budget, comparable across variants).
 Prints one line per run and a markdown table: steps to the validation and to the training-loss
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--constant", nargs="+", default=[], metavar="NAME=VALUE",
                         help="set a constant of gnfx.quadratic_step for every run")
     parser.add_argument("--run-out", action="store_true", help="train every run for its whole step budget")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="seconds are the training thread's CPU time (time.thread_time), not wall time")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -79,12 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             spec, lr = variant_spec(variant)
             for seed in args.seeds:
                 start = time.perf_counter()
-                r = train(task, spec, lr, task.target, steps, not args.run_out, float("inf"), seed=seed)
+                r = train(task, spec, lr, task.target, steps, not args.run_out, float("inf"), seed=seed,
+                          clock=time.thread_time if args.cpu_time else time.perf_counter)
                 if r.status in NOT_RUN:
                     print(f"{task.name} {variant} seed={seed}: {r.status}: {r.reason}", flush=True)
                     continue
                 print(f"{task.name:<19} {variant:<45} seed={seed} {r.status:<11} val={r.steps_to_target} "
-                      f"train={r.steps_to_train_target} step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
+                      f"train={r.steps_to_train_target} s={_seconds(r.seconds_to_target)}/{_seconds(r.seconds_to_train_target)} "
+                      f"step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
                       f"final={r.final_loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
                 runs.append({"task": task.name, "variant": variant, "seed": seed, "max_steps": steps,
                              **{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"}})
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _seconds(s: float | None) -> str:
-    return "–" if s is None else f"{s:.1f}"
+    return "–" if s is None else f"{s:.2f}"
 
 
 if __name__ == "__main__":

@@ -70,21 +70,23 @@ class RunResult:
         return self.steps_to_train_target is not None
 
 
-def _timed_step(task: Task, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """One training step: the loss, then the seconds of forward+backward and of step+zero_grad."""
-    t0 = time.perf_counter()
+def _timed_step(task: Task, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
+                clock=time.perf_counter) -> tuple[float, float, float]:
+    """One training step: the loss, then the seconds of forward+backward and of step+zero_grad on `clock`."""
+    t0 = clock()
     loss = task.loss_fn(trainer.module(x), y)
     loss.backward()
-    t1 = time.perf_counter()
+    t1 = clock()
     trainer.step()
     trainer.zero_grad()
-    t2 = time.perf_counter()
+    t2 = clock()
     return loss.item(), t1 - t0, t2 - t1
 
 
 def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_steps: int, stop_at_target: bool,
-          time_budget: float, seed: int = 0) -> RunResult:
-    """Train `task`'s model with `spec` at `lr` for up to `max_steps` steps or `time_budget` training seconds.
+          time_budget: float, seed: int = 0, clock=time.perf_counter) -> RunResult:
+    """Train `task`'s model with `spec` at `lr` for up to `max_steps` steps or `time_budget` training seconds
+    (wall seconds, or what `clock` counts: time.thread_time for the CPU time of one intra-op thread).
 
     The run has reached `target` at the first evaluation whose validation loss is at most it, and
     the training-loss target at the first whose `task.fit_loss` is at most `task.train_target`;
@@ -103,7 +105,7 @@ def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_
         batches = task.batches(seed)
         for step in range(1, max_steps + 1):
             try:
-                loss, fwd_bwd_s, opt_step_s = _timed_step(task, trainer, *next(batches))
+                loss, fwd_bwd_s, opt_step_s = _timed_step(task, trainer, *next(batches), clock=clock)
             except spec.unsupported as error:
                 if step > 1:
                     raise

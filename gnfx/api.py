@@ -48,6 +48,11 @@ COMMON = {
                                   "adapt λ and reject a step with ρ ≤ 0 on every damping_every-th step only (and on "
                                   "the first steps, after a rejection, and on a step predicting over twice the last "
                                   "judged reduction); the steps between keep λ", 5),
+    "quadratic_every": positive_int("step='quadratic': build the GGN model (the products J v, M, b) and solve for α and μ "
+                                    "on every quadratic_every-th step only (and on the first steps, after a rejected or "
+                                    "retried step, and where reusing fails its guard); the steps between take the last "
+                                    "α and μ with their own proposal Δ and previous update δ, and adapt λ on the next "
+                                    "solved step", 1),
     "quadratic_rows": HParam(None, "None or an integer >= 1",
                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
                              "step='quadratic': the examples (the first rows of the step's batch) on which the GGN "

@@ -56,7 +56,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
         self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
                                         settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
-                                        settings["damping_every"])
+                                        settings["damping_every"], settings["quadratic_every"])
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, preconditioner_specs: list, statistics) -> None:
@@ -106,8 +106,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
     @property
     def last_step(self) -> dict:
         """α, μ, λ ("damping"), ρ, the predicted and actual reductions of the last step, how many
-        shorter retries it took ("backtracks") and whether it was rejected (gnfx.quadratic_step);
-        {} with step="lr"."""
+        shorter retries it took ("backtracks"), whether it solved its model ("solved") and whether it
+        was rejected (gnfx.quadratic_step); {} with step="lr"."""
         return self.quadratic.last_step if self.quadratic is not None else {}
 
     @property

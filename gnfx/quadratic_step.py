@@ -59,6 +59,34 @@ PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT wit
 and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
 raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
+The model every T_q steps (`quadratic_every` = T_q, 1 by default). The products J v_k, M, b and the
+solve for c = (α, μ) run on the solved steps: t mod T_q = 0, the first DAMPING_WARMUP steps, a step
+without a previous update δ, one after a rejected or retried step or after a solve judged poor
+(ρ < 1/4), one whose parts (the preconditioners with a proposal) or whose μ differ from the last
+solve's, and one that fails the guard below. On the steps in between the step is
+
+    s = Σ_k α̂_k Δ_k + μ̂ δ,        ĉ = (α̂, μ̂) the coefficients of the last solve,
+
+with this step's proposal Δ_k and previous update δ: no products, no solve, no ρ (the forward-mode
+products along Δ and δ cost ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
+the deep autoencoder, 135 of 205 ms on the char GPT, benchmarks/results/quadratic_step.md). What
+keeps them safe: coefficients whose model was judged poor are not reused (on the digits MLP, seed 1,
+T_q = 5, a solve with ρ = 0.14 and μ = 0.99 reused on the next step took the validation loss from
+0.17 to 2.5); the guard 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), the first-order reduction of this
+batch's loss along s (one dot product per row of V with g) against that of the solve, b̂ᵀĉ (= 2q(ĉ)
+for an interior minimizer), so that a step that is no descent on its batch, or whose proposal grew
+(a refreshed preconditioner, a batch with a larger gradient), solves instead; μ̂ within
+MOMENTUM_RANGE; and λ judged only on solved steps, where the predicted reduction -q(c) of the
+step's own model exists: an adaptation of damping_every falling due on a step in between (a
+multiple of T since the last solve) waits for the next solved step, and ω^k moves λ by the steps
+since the last adaptation as before. `last_step` of a step in between: α, μ as applied (ĉ), λ as
+used (held), ρ, the predicted and the actual reduction NaN, `solved` and `adapted` False. T_q = 1
+(every step solves, as before) stays the default: T_q = 5 brought the deep autoencoder's targets
+under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char GPT's only from 2.9x to 2.4x (T_q = 10:
+2.0x, at more steps than AdamW), and every T_q ≥ 2 left a target unreached on the digits MLP or CNN
+(MLP seed 1 diverged at T_q = 5, through solved steps accepted at ρ of 0.0005-0.04 on the
+trajectory the reuse led to; benchmarks/results/quadratic_step.md, "The model every T_q steps").
+
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
@@ -191,14 +219,19 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
-    (`adapted`, damping_every) and whether the step was rejected. `parameters`: the optimizer's
+    (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every)
+    and whether the step was rejected. `parameters`: the optimizer's
     gnfx.parameter_store.ParameterStore."""
 
     def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
-                 every: int = 1):
+                 every: int = 1, solve_every: int = 1):
         self.parameters = parameters
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.adapted_at = -1  # the optimizer's step of the last adaptation
+        self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
+        self.solved_at = -1  # the optimizer's step of the last solve
+        # (names of the parts, ĉ, b̂ᵀĉ) of the last trusted solve, which the steps between reuse; None: solve next
+        self.coefficients: tuple[list[str], torch.Tensor, float] | None = None
         self.judged = math.inf  # the predicted reduction of the last accepted adaptation
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
@@ -286,12 +319,14 @@ class QuadraticStep:
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
-                              "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False}
+                              "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False, "solved": False}
             return
-        V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+        V, flat_grads = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous)), _flat(grads)
+        if self._reuses(parts, previous is not None, t) and self._reuse(params, layout, parts, V, flat_grads, comm):
+            return
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
-        M, b = self._model_terms(V, _flat(grads), z, outputs)
+        M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
         Mb = torch.cat([M.reshape(-1), b])
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
@@ -307,6 +342,7 @@ class QuadraticStep:
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         adapted = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
+        self.solved_at = t
         actual = self._reduction(z, loss_before, closure, layout, theta_values, flat_update, 1.0, comm) if adapted \
             else float("nan")
         rho = actual / predicted if adapted else float("nan")
@@ -338,9 +374,44 @@ class QuadraticStep:
         else:
             self.previous = update
             self.judged = predicted if adapted else self.judged
+        # the steps between reuse a solve the model did not misjudge (module docstring); else the next step solves
+        trusted = not (rejected or backtracks or (adapted and rho < RHO_LOW))
+        self.coefficients = ([pre.name for pre in parts], c, float(b @ c)) if trusted else None
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
-                          "adapted": adapted, "backtracks": backtracks}
+                          "adapted": adapted, "backtracks": backtracks, "solved": True}
+
+    def _reuses(self, parts: list, continues: bool, t: int) -> bool:
+        """Whether step `t` is one between solves (module docstring, quadratic_every): not a scheduled
+        or forced solve, and the last clean solve had these parts and a μ. `continues`: there is a
+        previous update δ."""
+        if self.coefficients is None or not continues or t < DAMPING_WARMUP or t % self.solve_every == 0:
+            return False
+        names, c = self.coefficients[:2]
+        return names == [pre.name for pre in parts] and len(c) == len(parts) + 1
+
+    def _reuse(self, params, layout: "FlatLayout", parts: list, V: torch.Tensor, grads: torch.Tensor, comm) -> bool:
+        """The step s = Σ_k α̂_k Δ_k + μ̂δ with the last solve's coefficients ĉ = (α̂, μ̂), applied, if it
+        passes the guard: 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), b̂ᵀĉ the solve's (module docstring).
+        False (nothing applied) if it does not; then the step solves."""
+        _, c, solved_slope = self.coefficients
+        b = V.double() @ grads.double()  # gᵀΔ_k, gᵀδ
+        if comm is not None:  # every rank decides alike
+            b = comm.mean(b, V.device)
+        slope = float(b.cpu() @ c)
+        if not 0 < -slope <= PREDICTED_GROWTH * -solved_slope:
+            return False
+        flat_update = c.to(device=V.device, dtype=V.dtype) @ V
+        update = self._place(layout, flat_update, 1.0)
+        torch._foreach_add_(params, update)
+        self.previous = update
+        coefficients = c.tolist()
+        alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
+        nan = float("nan")
+        self.last_step = {"alpha": coefficients[0], "alphas": alphas, "mu": coefficients[-1], "damping": self.damping,
+                          "rho": nan, "predicted": nan, "actual": nan, "rejected": False, "adapted": False,
+                          "backtracks": 0, "solved": False}
+        return True
 
     def _place(self, layout: "FlatLayout", flat_update: torch.Tensor, scale: float) -> list:
         """The per-parameter update t·s (under FSDP2 the rows of this rank), t = `scale`."""
@@ -387,9 +458,11 @@ class QuadraticStep:
         return None
 
     def adapts(self, continues: bool, t: int) -> bool:
-        """Whether the optimizer's current step `t` computes ρ and adapts λ (module docstring);
-        `continues`: it has a previous update δ."""
-        return not continues or t < DAMPING_WARMUP or t % self.every == 0
+        """Whether the optimizer's current step `t`, a solved one, computes ρ and adapts λ (module
+        docstring): an adaptation of damping_every falls due at t mod T = 0, and on a step between
+        solves it waits for the next solve; `continues`: it has a previous update δ. The last solve
+        before this one was at `solved_at` (t - 1 with quadratic_every 1)."""
+        return not continues or t < DAMPING_WARMUP or t // self.every > self.solved_at // self.every
 
     def damp_preconditioners(self, preconditioners) -> None:
         """Give λ to every preconditioner's Tikhonov damping (K-FAC's factored damping moves with it):
@@ -462,7 +535,7 @@ class QuadraticStep:
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
-                "judged": self.judged}
+                "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients}
 
     def load_state_dict(self, state: dict, steps: int) -> None:
         """The state of `state_dict`, into an optimizer that has taken `steps` steps."""
@@ -470,6 +543,9 @@ class QuadraticStep:
         # a checkpoint from before damping_every adapted on every step
         self.adapted_at = int(state.get("adapted_at", steps - 1))
         self.judged = float(state.get("judged", math.inf))
+        # a checkpoint from before quadratic_every solved on every step: the next step solves
+        self.solved_at = int(state.get("solved_at", steps - 1))
+        self.coefficients = state.get("coefficients")
         previous = state["previous"]
         self.previous = None if previous is None else [
             t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.parameters.named.values())]

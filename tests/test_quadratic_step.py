@@ -441,6 +441,113 @@ def test_checkpoint_keeps_the_adaptation_schedule():
     assert any(adapted) and not all(adapted)
 
 
+def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
+    """quadratic_every=3, damping_every=4: the products J v (forwards of the model inside step(),
+    counted by a hook on its first layer) and the solve (minimize_quadratic, once) run on the first
+    DAMPING_WARMUP steps and on every third step after; every other step runs no forward at all and
+    no solve, and applies s = α̂Δ + μ̂δ exactly, with (α̂, μ̂) of the last
+    solve, Δ the chain's proposal and δ the previous update, both measured outside the step; λ moves
+    only on solved steps, an adaptation falling due between solves (t mod 4 = 0) waiting for the
+    next one."""
+    every, solve_every, steps = 4, 3, DAMPING_WARMUP + 12
+    model = tiny()
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_every=every,
+                     quadratic_every=solve_every)
+    params = list(model.parameters())
+    calls = {"forward": 0, "solve": 0}
+    proposals = []
+    model[0].register_forward_pre_hook(lambda *args: calls.update(forward=calls["forward"] + 1))
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(quadratic_step, "minimize_quadratic", counted("solve", quadratic_step.minimize_quadratic))
+    chain = gnfx.optimizer.GnfxOptimizer._apply_chain
+
+    def recorded(self):
+        theta = flat(p.detach() for p in params).clone()
+        chain(self)
+        proposals.append(flat(p.detach() for p in params) - theta)
+
+    monkeypatch.setattr(gnfx.optimizer.GnfxOptimizer, "_apply_chain", recorded)
+    previous, solved, solved_at, reused = None, None, -1, 0
+    for t in range(steps):
+        x, y = batch("mse")  # one batch: the guard of the steps between holds (the next test)
+        F.mse_loss(c(x), y).backward()
+        theta = flat(p.detach() for p in params).clone()
+        calls.update(forward=0, solve=0)
+        damping = c.optimizer.quadratic.damping
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        s = flat(p.detach() for p in params) - theta
+        assert not last["rejected"] and not last["backtracks"], (t, last)
+        assert last["solved"] == (t < DAMPING_WARMUP or t % solve_every == 0), t
+        assert (calls["forward"] >= 1, calls["solve"]) == ((True, 1) if last["solved"] else (False, 0)), t
+        if last["solved"]:
+            assert last["adapted"] == (t < DAMPING_WARMUP or t // every > solved_at // every), t
+            solved, solved_at = (last["alpha"], last["mu"]), t
+        else:
+            reused += 1
+            alpha, mu = solved
+            assert (last["alpha"], last["mu"], last["damping"]) == (alpha, mu, damping)
+            assert not last["adapted"] and math.isnan(last["predicted"]) and math.isnan(last["rho"])
+            assert c.optimizer.quadratic.damping == damping
+            # round-off of θ + s - θ: a few ulps of θ
+            torch.testing.assert_close(s, alpha * proposals[-1] + mu * previous, rtol=1e-12,
+                                       atol=1e-14 * float(theta.abs().max()))
+        previous = s
+    assert reused == len([t for t in range(DAMPING_WARMUP, steps) if t % solve_every])
+
+
+def test_a_step_between_solves_failing_the_guard_solves():
+    """A step scheduled to reuse the last solve's ĉ solves instead when the first-order reduction
+    -gᵀs of s = ĉ·(Δ, δ) exceeds PREDICTED_GROWTH times the solve's -b̂ᵀĉ, or is not positive."""
+    x, y = batch("cross_entropy")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1, quadratic_every=100)
+    for t in range(DAMPING_WARMUP):
+        train_step(c, x, y, "cross_entropy", t)
+    quadratic = c.optimizer.quadratic
+    names, coefficients, slope = quadratic.coefficients
+    assert slope < 0 and names == ["kfac"] and len(coefficients) == 2
+    train_step(c, x, y, "cross_entropy", DAMPING_WARMUP)
+    assert not c.optimizer.last_step["solved"] and quadratic.coefficients[1] is coefficients
+    for t, changed in ((DAMPING_WARMUP + 1, (names, coefficients, -1e-300)), (DAMPING_WARMUP + 2, (names, -coefficients, slope))):
+        quadratic.coefficients = changed
+        train_step(c, x, y, "cross_entropy", t)
+        assert c.optimizer.last_step["solved"] and quadratic.coefficients[1] is not changed[1], t
+
+
+def test_checkpoint_keeps_the_coefficients_between_solves():
+    """A model restored between solves (quadratic_every=3, after step DAMPING_WARMUP, a step between)
+    reuses the same coefficients and solves on the same steps: the same steps bit for bit."""
+    x, y = batch("mse")
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, inv_every=1, quadratic_every=3)
+    for t in range(DAMPING_WARMUP + 1):
+        train_step(a, x, y, "mse", t)
+    assert not a.optimizer.last_step["solved"]
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="mse", stat_every=1, inv_every=1,
+                     quadratic_every=3)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    solved = []
+    for t in range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 6):
+        for c in (a, b):
+            train_step(c, x, y, "mse", t)
+        assert a.optimizer.last_step["solved"] == b.optimizer.last_step["solved"] == (t % 3 == 0)
+        solved.append(a.optimizer.last_step["solved"])
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert any(solved) and not all(solved)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "3"])
+def test_quadratic_every_must_be_a_positive_integer(value):
+    with pytest.raises(gnfx.ConfigError, match="quadratic_every"):
+        gnfx.compile(tiny(), optimizer="kfac", loss="mse", quadratic_every=value)
+
+
 # ----------------------------------------------------------------------------- convergence in steps
 
 
