@@ -115,6 +115,7 @@ CASES = [
     ("kfac", {"max_factor": 4}),  # every factor above 4 entries blocked (the conv's by its 3-entry channels)
     ("kfac", {"max_factor": 4, "kfac_approx": "reduce"}),
     ("ekfac", {}),
+    ("ekfac", {"damping_kind": "factored"}),  # with the factors' eigenvalues, an embedding's diagonal A included
     ("shampoo", {}),
     ("shampoo", {"max_block": 4}),
     ("soap", {"max_block": 4}),
