@@ -160,7 +160,7 @@ def test_bfloat16_parameters_keep_float32_factors_and_bfloat16_moments():
     assert fc.memory_bytes == 4 * (2 * (6 * 6 + 5 * 5) + (5 * 5 + 5 + 5 * 5) + n) + 8
 
 
-ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "SOLVE")
+ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "FACTORED_DAMPING", "SOLVE")
 
 
 @pytest.mark.parametrize("optimizer,hparams", [

@@ -195,10 +195,10 @@ def test_eigen_diag_without_a_basis_is_the_diag_statistic():
 
 
 def test_kronecker_eigenvalue_scaling_reproduces_kfac_with_exact_damping():
-    """With s = diag(Λ_S) diag(Λ_A)ᵀ (the eigenvalues of A ⊗ S in its eigenbasis) the direction is
-    (A ⊗ S + λ I)⁻¹ vec G."""
+    """damping_kind="tikhonov" with s = diag(Λ_S) diag(Λ_A)ᵀ (the eigenvalues of A ⊗ S in its
+    eigenbasis): the direction is (A ⊗ S + λ I)⁻¹ vec G."""
     model = make()
-    c = compile_ekfac(model)
+    c = compile_ekfac(model, damping_kind="tikhonov")
     (x, y), = data(1)
     forward_backward(c, x, y)
     c.step()
