@@ -135,7 +135,7 @@ class EKFAC(KFAC):
             state["Q_A"] = self.stacked_identity(group, shapes["A"])
         if self.hp["damping_kind"] == "factored":  # A = I, S = I before any statistics (module docstring)
             state["eigenvalues_S"] = self.stacked_zeros(group, *shapes["S"][:-1]) + 1
-            state["eigenvalues_A"] = self.stacked_zeros(group, *shapes["A"][:-1 if not layout.diagonal_A else None]) + 1
+            state["eigenvalues_A"] = self.stacked_zeros(group, *(shapes["A"] if layout.diagonal_A else shapes["A"][:-1])) + 1
         return state
 
     def refresh_due(self, step):
