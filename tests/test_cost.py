@@ -115,6 +115,7 @@ CASES = [
     ("kfac", {"max_factor": 4}),  # every factor above 4 entries blocked (the conv's by its 3-entry channels)
     ("kfac", {"max_factor": 4, "kfac_approx": "reduce"}),
     ("ekfac", {}),
+    ("ekfac", {"damping_kind": "factored"}),  # with the factors' eigenvalues, an embedding's diagonal A included
     ("shampoo", {}),
     ("shampoo", {"max_block": 4}),
     ("soap", {"max_block": 4}),
@@ -159,7 +160,7 @@ def test_bfloat16_parameters_keep_float32_factors_and_bfloat16_moments():
     assert fc.memory_bytes == 4 * (2 * (6 * 6 + 5 * 5) + (5 * 5 + 5 + 5 * 5) + n) + 8
 
 
-ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "SOLVE")
+ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "FACTORED_DAMPING", "SOLVE")
 
 
 @pytest.mark.parametrize("optimizer,hparams", [

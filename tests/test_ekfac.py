@@ -4,12 +4,15 @@ For a block with folded gradient G = [∇W ∇b] (d_out x d_a), K-FAC's eigenbas
 statistics A, S, and the column-major vec(X) = Xᵀ.reshape(-1) (vec(Q_Sᵀ X Q_A) = (Q_A ⊗ Q_S)ᵀ vec X),
 the step is
 
-    vec U = K diag(1 / (s + λ)) Kᵀ vec G,    K = Q_A ⊗ Q_S,
+    vec U = K diag(1 / (s + d)) Kᵀ vec G,    K = Q_A ⊗ Q_S,
 
 with s = 1/N Σ_n (Kᵀ vec ∇ℓ̃_n)² from per-example gradients (torch.func.vmap over functional_call,
 tests/references.py) taken in the bases of the last refresh, and, on a refresh step, that s carried
 into the new basis: s_new = ((K_oldᵀ K_new)²)ᵀ s_old (elementwise square; K_old = I before the first
 refresh, when the taps measure in the standard basis). Embeddings (A diagonal) have Q_A = I.
+The damping d is λ (damping_kind="tikhonov") or, for damping_kind="factored", what K-FAC's
+factored damping adds to A ⊗ S, seen in the eigenbasis: d = diag(Kᵀ [(A + π√λ I) ⊗ (S + √λ/π I)
+- A ⊗ S] K), π = sqrt((tr A / dim A) / (tr S / dim S)), from the A and S of the last refresh.
 Learning rates are powers of two (gnfx passes them as float32 tensors; see test_kfac.py).
 """
 from __future__ import annotations
@@ -115,8 +118,23 @@ def measured_scale(model, block, K, x, y):
     return rotated.square().mean(0)
 
 
-def ekfac_direction(K, s, G):
-    return unvec(K @ ((K.T @ vec(G)) / (s + DAMPING)), G.shape)
+def factored_damping(A, S, damping=DAMPING):
+    """((A + π√λ I) ⊗ (S + √λ/π I) - A ⊗ S, (A + π√λ I) ⊗ (S + √λ/π I)) built with torch.kron (a
+    diagonal A as the matrix diag(A))."""
+    A = torch.diag(A) if A.dim() == 1 else A
+    pi = math.sqrt((A.trace() / len(A)) / (S.trace() / len(S)))
+    root = math.sqrt(damping)
+    damped = torch.kron(A + pi * root * torch.eye(len(A), dtype=A.dtype), S + root / pi * torch.eye(len(S), dtype=S.dtype))
+    return damped - torch.kron(A, S), damped
+
+
+def eigenbasis_damping(kind, K, A, S):
+    """d of the module docstring for the bases K and the factors A, S of the last refresh."""
+    return DAMPING if kind == "tikhonov" else torch.diagonal(K.T @ factored_damping(A, S)[0] @ K)
+
+
+def ekfac_direction(K, s, G, d=DAMPING):
+    return unvec(K @ ((K.T @ vec(G)) / (s + d)), G.shape)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -128,16 +146,19 @@ def test_vec_convention_turns_the_rotation_into_a_kronecker_product():
     torch.testing.assert_close(vec(Q_S.T @ X @ Q_A), torch.kron(Q_A, Q_S).T @ vec(X), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("damping_kind", ["tikhonov", "factored"])
 @pytest.mark.parametrize("model_name", ["mlp", "sequence"])
-def test_steps_equal_the_dense_reference(model_name):
+def test_steps_equal_the_dense_reference(model_name, damping_kind):
     """inv_every=2, statistics every step, stat_decay=0 (each statistic is its batch's): step 0
     refreshes the bases and carries s from the standard basis; step 1 uses s measured in the
-    bases of step 0; step 2 refreshes again and carries the s measured in the old bases."""
+    bases of step 0 (and the factored damping of step 0's A and S); step 2 refreshes again and
+    carries the s measured in the old bases."""
     model = make(model_name)
-    c = compile_ekfac(model, inv_every=2, stat_decay=0.0)
+    c = compile_ekfac(model, inv_every=2, stat_decay=0.0, damping_kind=damping_kind)
     blocks = list(c.layers)
     assert {b.kind for b in blocks} == ({"linear"} if model_name == "mlp" else {"linear", "embedding"})
     bases = {b.name: None for b in blocks}
+    damping = {}
     for step, (x, y) in enumerate(data(3, model_name)):
         reference_model = make(model_name)
         reference_model.load_state_dict(model.state_dict())
@@ -154,9 +175,10 @@ def test_steps_equal_the_dense_reference(model_name):
             if step % 2 == 0:
                 bases[n] = kron_basis(st["A"], st["S"])
                 s = ((K_old.T @ bases[n]).square()).T @ s
+                damping[n] = eigenbasis_damping(damping_kind, bases[n], st["A"], st["S"])
             else:  # the statistic is the batch's, measured in the current bases
                 torch.testing.assert_close(vec(st["eigen_diag"]), s, **TOL)
-            U = ekfac_direction(bases[n], s, grads[n])
+            U = ekfac_direction(bases[n], s, grads[n], damping[n])
             torch.testing.assert_close(block_matrix(c, b) - before[n], -LR * U, **TOL)
 
 
@@ -173,10 +195,10 @@ def test_eigen_diag_without_a_basis_is_the_diag_statistic():
 
 
 def test_kronecker_eigenvalue_scaling_reproduces_kfac_with_exact_damping():
-    """With s = diag(Λ_S) diag(Λ_A)ᵀ (the eigenvalues of A ⊗ S in its eigenbasis) the direction is
-    (A ⊗ S + λ I)⁻¹ vec G."""
+    """damping_kind="tikhonov" with s = diag(Λ_S) diag(Λ_A)ᵀ (the eigenvalues of A ⊗ S in its
+    eigenbasis): the direction is (A ⊗ S + λ I)⁻¹ vec G."""
     model = make()
-    c = compile_ekfac(model)
+    c = compile_ekfac(model, damping_kind="tikhonov")
     (x, y), = data(1)
     forward_backward(c, x, y)
     c.step()
@@ -192,6 +214,36 @@ def test_kronecker_eigenvalue_scaling_reproduces_kfac_with_exact_damping():
         U = pre.direction(G.unsqueeze(0), state, False)[0]
         K = torch.kron(A, S) + DAMPING * torch.eye(G.numel(), dtype=DTYPE)
         torch.testing.assert_close(U, unvec(torch.linalg.solve(K, vec(G)), G.shape), **TOL)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "sequence"])
+def test_kronecker_eigenvalue_scaling_reproduces_kfac_with_factored_damping(model_name):
+    """damping_kind="factored" with s = diag(Λ_S) diag(Λ_A)ᵀ (the correction off): the direction is
+    ((A + π√λ I) ⊗ (S + √λ/π I))⁻¹ vec G, K-FAC's, equal to kfac's own direction from the same
+    statistics (an embedding's diagonal A included)."""
+    (x, y), = data(1, model_name)
+    compiled = {}
+    for optimizer in ("ekfac", "kfac"):
+        c = compile_ekfac(make(model_name), damping_kind="factored") if optimizer == "ekfac" else \
+            gnfx.compile(make(model_name), optimizer="kfac", lr=LR, momentum=0.0, kl_clip=0.0, damping=DAMPING,
+                         stat_every=1, inv_every=1)
+        forward_backward(c, x, y)
+        c.step()
+        compiled[optimizer] = c
+    pre, kfac = (compiled[o].optimizer.curvature[0] for o in ("ekfac", "kfac"))
+    torch.manual_seed(2)
+    for group, kfac_group in zip(pre.groups, kfac.groups):
+        for i, piece in enumerate(group.pieces):
+            state = {k: v[i:i + 1] for k, v in pre.group_state(group).items()}
+            A, S = (compiled["ekfac"].statistics(piece.target.block.name)[k] for k in ("A", "S"))
+            lam_S = torch.diagonal(state["Q_S"][0].T @ S @ state["Q_S"][0])
+            lam_A = A if A.dim() == 1 else torch.diagonal(state["Q_A"][0].T @ A @ state["Q_A"][0])
+            state["scale"] = torch.outer(lam_S, lam_A).unsqueeze(0)
+            G = torch.randn(group.shape, dtype=DTYPE)
+            U = pre.direction(G.unsqueeze(0), state, False)[0]
+            torch.testing.assert_close(U, unvec(torch.linalg.solve(factored_damping(A, S)[1], vec(G)), G.shape), **TOL)
+            kfac_state = {k: v[i:i + 1] for k, v in kfac.group_state(kfac_group).items()}
+            torch.testing.assert_close(U, kfac.direction(G.unsqueeze(0), kfac_state, False)[0], **TOL)
 
 
 def test_adaptive_refresh_skips_unchanged_factors_and_counts():

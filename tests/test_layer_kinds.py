@@ -390,11 +390,15 @@ def test_every_preconditioner_trains_the_new_kinds(name, hp):
     assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_kfac_direction_of_a_grouped_block_is_per_group():
+@pytest.mark.parametrize("optimizer", ["kfac", "ekfac"])
+def test_kfac_direction_of_a_grouped_block_is_per_group(optimizer):
     """U_j = (S_j + λ_S I)⁻¹ G_j (A_j + λ_A I)⁻¹ for each row group j of a depthwise conv (and of a
-    norm: groups of one feature), from the averaged A_j, S_j with K-FAC's π split of λ."""
+    norm: groups of one feature), from the averaged A_j, S_j with K-FAC's π split of λ; also EKFAC's
+    with damping_kind="factored" and its eigenvalues set to the Kronecker ones of each group,
+    diag(Q_S,jᵀ S_j Q_S,j) diag(Q_A,jᵀ A_j Q_A,j)ᵀ (the correction off)."""
     model = Everything().double()
-    c = gnfx.compile(model, optimizer="kfac", stat_every=1, inv_every=1, momentum=0.0, kl_clip=0.0, lr=1.0)
+    hp = {"damping_kind": "factored"} if optimizer == "ekfac" else {}
+    c = gnfx.compile(model, optimizer=optimizer, stat_every=1, inv_every=1, momentum=0.0, kl_clip=0.0, lr=1.0, **hp)
     pre = c.optimizer.curvature[0]
     x, y = torch.randn(8, 3, 8, dtype=DTYPE), torch.randint(0, 4, (8,))
     F.cross_entropy(c(x), y).backward()
@@ -408,8 +412,12 @@ def test_kfac_direction_of_a_grouped_block_is_per_group():
         if block.bias is not None:
             G = torch.cat([G, model.get_parameter(block.bias).grad[:, None]], 1)
         state = {k: v[i:i + 1] for k, v in pre.group_state(group).items()}
-        U = pre.direction(G[None], state, collect=False)[0]
         A, S = c.statistics(name)["A"], c.statistics(name)["S"]
+        if optimizer == "ekfac":
+            Q_S, Q_A = state["Q_S"][0], state["Q_A"][0]
+            state["scale"] = torch.cat([torch.outer(torch.diagonal(Q_S[j].T @ S[j] @ Q_S[j]),
+                                                    torch.diagonal(Q_A[j].T @ A[j] @ Q_A[j])) for j in range(len(A))])[None]
+        U = pre.direction(G[None], state, collect=False)[0]
         s = block.d_out // len(A)
         root = pre.hp["damping"] ** 0.5
         for j in range(len(A)):

@@ -162,16 +162,14 @@ class KFAC(CurvaturePreconditioner):
         S_b = as_blocks(S, groups)
         trace_a = A_b.sum(1) if diagonal_A else A_b.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1)
         mean_a, mean_s = trace_a / d_a, S_b.diagonal(dim1=-2, dim2=-1).flatten(1).sum(1) / s
-        ok_scale = (mean_a > 0) & (mean_s > 0)
-        pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
-        root = self.hp["damping"] ** 0.5
+        damping_A, damping_S = factored_damping(mean_a, mean_s, self.hp["damping"])
         dtype = self.decomposition_dtype(S)
         if diagonal_A:
-            A_inv = 1 / (A_b.clamp(min=0) + (pi * root).unsqueeze(1))
+            A_inv = 1 / (A_b.clamp(min=0) + damping_A.unsqueeze(1))
             ok_a = torch.isfinite(A_inv).all(1)
         else:
-            A_inv, ok_a = self._block_inverses(A_b, pi * root, dtype)
-        S_inv, ok_s = self._block_inverses(S_b, root / pi, dtype)
+            A_inv, ok_a = self._block_inverses(A_b, damping_A, dtype)
+        S_inv, ok_s = self._block_inverses(S_b, damping_S, dtype)
         ok = (ok_a & ok_s).view(k, groups).all(1)
         return A_inv.reshape(A.shape), S_inv.reshape(S.shape), ok
 
@@ -206,6 +204,17 @@ class KFAC(CurvaturePreconditioner):
         """KL clipping with κ = hp["kl_clip"] (none for κ = 0), then the heavy-ball tail."""
         clip = [KLClip(hp["kl_clip"])] if hp["kl_clip"] > 0 else []
         return clip + super().default_chain(hp)
+
+
+def factored_damping(mean_a: torch.Tensor, mean_s: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ_A, λ_S) = (π√λ, √λ/π) of factored Tikhonov damping (module docstring) for factors whose mean
+    eigenvalues (tr A / dim A, tr S / dim S) are `mean_a` and `mean_s` (any shape, alike); π = 1 where a
+    factor holds nothing (a mean of 0), so that λ_A λ_S = λ always."""
+    ok_scale = (mean_a > 0) & (mean_s > 0)
+    pi = torch.where(ok_scale, (mean_a / mean_s.where(ok_scale, 1)).sqrt(), torch.ones_like(mean_a))
+    root = damping ** 0.5
+    return pi * root, root / pi
+
 
 def as_blocks(F: torch.Tensor, groups: int) -> torch.Tensor:
     """Stacked factors (k, *shape) of a layout's shape (gnfx.layouts.base: (d, d), (groups, d, d) or
