@@ -67,7 +67,8 @@ def check_checkpoint(opt, state_dict) -> dict[int, dict]:
             lacking = sorted(k for k in want if k.rpartition(".")[0] == prefix and k not in entries)
             if lacking and any(k in want for k in entries if k.rpartition(".")[0] == prefix):
                 fail(f"the state of parameter {names[id(p)]!r} lacks {', '.join(map(repr, lacking))} "
-                     f"(a damaged or cut-short checkpoint?)")
+                     f"(saved under other hyperparameters or by an older gnfx, whose state differs, or a damaged "
+                     f"or cut-short checkpoint?)")
         for k, v in entries.items():
             where = f"parameter {names[id(p)]!r} {tuple(p.shape)}: state {k!r}"
             if k not in want:

@@ -340,3 +340,23 @@ def test_a_checkpoint_keeps_the_old_keys_and_resumes_exactly(name, hp):
     run(resumed, batches(1), 2)
     for (k, a), b in zip(net.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_an_ekfac_checkpoint_of_the_tikhonov_kind_names_the_cause_when_loaded_into_the_factored_default():
+    """ekfac's default (factored) keeps eigenvalues_A/S that a tikhonov-kind checkpoint (every one
+    written before damping_kind) lacks: loading it raises a ConfigError naming what is missing and
+    that an older gnfx or other hyperparameters may have written it, and loads nothing."""
+    x, y = next(batches(0))
+    old = gnfx.compile(mlp(), optimizer="ekfac", lr=LR, stat_every=1, step="lr", damping_kind="tikhonov")
+    F.cross_entropy(old(x), y).backward()
+    old.step()
+    new = gnfx.compile(mlp(), optimizer="ekfac", lr=LR, stat_every=1, step="lr")
+    F.cross_entropy(new(x), y).backward()
+    new.step()
+    before = copy.deepcopy(new.optimizer.state_dict())
+    with pytest.raises(gnfx.ConfigError, match=r"lacks 'ekfac_0\.eigenvalues_A'.*older gnfx"):
+        new.optimizer.load_state_dict(old.optimizer.state_dict())
+    after = new.optimizer.state_dict()
+    for i, entries in before["state"].items():
+        for k, v in entries.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["state"][i][k])), k
