@@ -87,7 +87,7 @@ EMA = 4  # normalize a batch statistic, F ← βF + (1-β)F_batch, per entry
 ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
-SOLVE = 3  # rank-k: the coefficients s/(s+λ) and (v - U(c ⊙ Uᵀv)) / λ, per entry
+SOLVE = 1  # rank-k: the k³ coefficient of Woodbury's k x k solve (Cholesky k³/3, then the solves)
 
 
 def qr_flops(m, p):

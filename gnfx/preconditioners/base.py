@@ -65,6 +65,9 @@ class Preconditioner:
     no_quadratic_step: str = ""
     # the blocks it serves, for the plan's reason where `serves` declines one ("hidden matrices")
     serves_only: str = ""
+    # what changed in the state it keeps, said by gnfx.checkpoint when a checkpoint lacks an entry
+    # of it (one written before the change); "": nothing changed
+    state_change: str = ""
 
     def __init__(self, hp: dict, blocks: list, params: list[str], parameters):
         """Serve `blocks` and the loose parameters named `params`, with hyperparameters `hp`,
