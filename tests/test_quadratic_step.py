@@ -308,11 +308,12 @@ def test_step_quadratic_needs_the_loss():
 
 
 def test_defaults_choose_the_step():
-    """kfac and ekfac with loss= and no lr: the quadratic step; an lr or no loss: the fixed-lr step;
-    rank1 and shampoo: the fixed-lr step unless asked (benchmarks/results/defaults.md)."""
+    """kfac, ekfac and rank1 with loss= and no lr: the quadratic step; an lr or no loss: the fixed-lr
+    step; shampoo: the fixed-lr step unless asked (benchmarks/results/defaults.md)."""
     assert gnfx.compile(tiny(), optimizer="kfac", loss="mse").optimizer.quadratic is not None
     assert gnfx.compile(tiny(), optimizer="ekfac", loss="mse").optimizer.quadratic is not None
-    assert gnfx.compile(tiny(), optimizer="rank1", loss="mse").optimizer.quadratic is None
+    assert gnfx.compile(tiny(), optimizer="rank1", loss="mse").optimizer.quadratic is not None
+    assert gnfx.compile(tiny(), optimizer="rank1", loss="mse", lr=1e-2).optimizer.quadratic is None
     assert gnfx.compile(tiny(), optimizer="kfac", loss="mse", lr=1e-2).optimizer.quadratic is None
     assert gnfx.compile(tiny(), optimizer="kfac").optimizer.quadratic is None
     assert gnfx.compile(tiny(), optimizer="shampoo", loss="mse").optimizer.quadratic is None

@@ -83,7 +83,7 @@ def track(ws, k, beta):
     state = {"U": torch.zeros(1, n, k, dtype=DTYPE), "s": torch.zeros(1, k, dtype=DTYPE),
              "t": torch.zeros(1, dtype=DTYPE), "failures": torch.zeros(1, dtype=torch.int64)}
     for w in ws:
-        RankK._update_sketch(state, w.unsqueeze(0), beta)
+        RankK._update_sketch(state, w.unsqueeze(0), beta, torch.ones(1, dtype=torch.bool))
     return state
 
 

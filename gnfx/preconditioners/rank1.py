@@ -91,9 +91,9 @@ class RankK(CurvaturePreconditioner):
                  "failures": (1, cost.INT64)}
         k1 = k + 1
         statistics = n * k1 + cost.qr_flops(n, k1) + (2 + cost.EIGH) * k1 ** 3 + 2 * n * k1 * k + 2 * n
-        # E⁻¹ = 1/(D + λ) and E⁻¹ g (3n), Y = U √ŝ and E⁻¹ Y (2 n k), Yᵀ(E⁻¹ Y) and Yᵀ(E⁻¹ g)
-        # (2 n k² + 2 n k), the k x k solve, then E⁻¹ g - (E⁻¹ Y) c (2 n k)
-        woodbury = 3 * n + 6 * n * k + 2 * n * k ** 2 + cost.SOLVE * k ** 3
+        # the products Yᵀ(E⁻¹ Y), Yᵀ(E⁻¹ g) and (E⁻¹ Y) c (2 n k² + 4 n k); elementwise E⁻¹ = 1/(D + λ),
+        # E⁻¹ g, Y = U √ŝ and E⁻¹ Y, and the k x k solve
+        woodbury = 2 * n * k ** 2 + 4 * n * k + cost.SOLVE * (n * (k + 1) + k ** 3)
         return cost.Parts(state, statistics=statistics, update=woodbury)
 
     @classmethod
@@ -114,30 +114,33 @@ class RankK(CurvaturePreconditioner):
         return step % self.hp["stat_every"] == 0
 
     def refresh(self, statistics, comm):
-        """D = T · diag from the averaged statistics, and the sketch updated with w = √M v of this
-        step's batch (module docstring), for every piece whose block has them. The batch's "grad" and
-        "inverse_counts" are taken out of the store, so that a second refresh of the same step (after a
-        rejected quadratic step) adds no vector twice. Every rank computes every piece (a QR of n x (k+1)
-        per piece: less than sharing the results would send)."""
+        """D = T · diag from the averaged statistics, and the sketch updated with w = √M v of the last
+        batch (module docstring), for every piece whose block has them. A piece takes each batch's w
+        once: while the sketch has taken fewer vectors (t, and the failed updates) than its block's
+        statistics have batches, so that a second refresh of the same step (after a rejected quadratic
+        step) adds none. Every rank computes every piece (a QR of n x (k+1) per piece: less than sharing
+        the results would send)."""
         world = comm.world if comm is not None else 1
-        beta = self.hp["stat_decay"]
         for group in self.groups:
-            values = [statistics[p.target.block.name].values for p in group.pieces]
-            if not all("diag" in v and "inverse_counts" in v for v in values):
+            stats = [statistics[p.target.block.name] for p in group.pieces]
+            if not all("diag" in b.values and "inverse_counts" in b.values for b in stats):
                 continue  # no statistics yet: keep the current state
             state = self.group_state(group)
-            counts = torch.stack([v.pop("inverse_counts") for v in values])  # [W/N, W/M] per piece
+            counts = torch.stack([b.values["inverse_counts"] for b in stats])  # [W/N, W/M] per piece
             terms = (counts[:, 0] / counts[:, 1]).to(state["D"].dtype)  # T = M/N
             # the statistics are laid out like [W b], the piece's target (rank1 does not cut targets)
-            state["D"].copy_(torch.stack([v["diag"].flatten() for v in values]) * terms.unsqueeze(1))
-            if all("grad" in v for v in values):
+            state["D"].copy_(torch.stack([b.values["diag"].flatten() for b in stats]) * terms.unsqueeze(1))
+            batches = torch.tensor([b.updates for b in stats], dtype=state["t"].dtype, device=state["t"].device)
+            fresh = state["t"] + state["failures"] < batches
+            if "grad" in stats[0].values and bool(fresh.any()):
                 M = (world / counts[:, 1]).to(state["U"].dtype)
-                w = torch.stack([v.pop("grad").flatten() for v in values])
-                self._update_sketch(state, w.to(state["U"].dtype) * M.sqrt().unsqueeze(1), beta)
+                w = torch.stack([b.values["grad"].flatten() for b in stats]).to(state["U"].dtype)
+                self._update_sketch(state, w * M.sqrt().unsqueeze(1), self.hp["stat_decay"], fresh)
 
     @staticmethod
-    def _update_sketch(state, w, beta):
-        """U diag(s) Uᵀ ← the top k eigenpairs of β U diag(s) Uᵀ + (1-β) w wᵀ, per piece (w: (pieces, n))."""
+    def _update_sketch(state, w, beta, fresh):
+        """U diag(s) Uᵀ ← the top k eigenpairs of β U diag(s) Uᵀ + (1-β) w wᵀ for the pieces marked
+        `fresh` (w: (pieces, n))."""
         U, s, t = state["U"], state["s"], state["t"]
         # Bᵀ (pieces, k+1, n) built row by row, so that B = Bᵀ.mT is column-major as LAPACK's QR
         # takes it, and Q comes back column-major: the products below read rows of Qᵀ. (Building
@@ -150,11 +153,12 @@ class RankK(CurvaturePreconditioner):
         new_s, new_U = evals[:, -k:].clamp(min=0), (evecs[:, :, -k:].mT @ Q.mT).mT
         # a piece whose decomposition is not finite keeps its last sketch, and is counted (0·x sums
         # to 0 exactly when every x is finite, else to NaN: 7x faster here than isfinite().all())
-        ok = torch.isfinite(new_s).all(1) & (new_U.flatten(1).mul(0).sum(1) == 0)
+        finite = torch.isfinite(new_s).all(1) & (new_U.flatten(1).mul(0).sum(1) == 0)
+        ok = finite & fresh
         s.copy_(torch.where(ok.unsqueeze(1), new_s, s))
         U.copy_(torch.where(ok.view(-1, 1, 1), new_U, U))
         t.add_(ok.to(t.dtype))
-        state["failures"] += (~ok).long()
+        state["failures"] += (fresh & ~finite).long()
 
     def _scaled_eigenvectors(self, state):
         """Y = U diag(√ŝ), ŝ = s / (1 - βᵗ): the bias-corrected sketch Y Yᵀ, (pieces, n, k)."""
