@@ -52,6 +52,7 @@ import warnings
 
 import torch
 
+from gnfx.errors import ConfigError
 from gnfx.layouts import layout_of
 from gnfx.layouts.base import padded_blocks
 
@@ -325,6 +326,10 @@ class StatisticsStore:
     """The statistics of every block, by block name; `forward_id` numbers instrumented forwards."""
 
     def __init__(self, blocks, needs_of, kfac_approx: str, param_of, fisher: str = "empirical"):
+        if fisher == "type2" and any("grad" in needs_of(b) for b in blocks):
+            raise ConfigError("the statistic 'grad' (rank1's sketch vector) is one sample of the Fisher's square "
+                              "root per statistic step, and fisher='type2' backpropagates one vector per output "
+                              "instead: pass fisher='mc' (or 'empirical')")
         self.fisher = fisher
         self.pending: list = []  # block outputs awaiting the true-Fisher backward (gnfx.fisher)
         self.blocks = {}

@@ -61,6 +61,9 @@ class Preconditioner:
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
     per_group_hparams: tuple[str, ...] = ()
+    # whether gnfx.compile takes fisher="mc" for it when loss= is given, whatever the step (a
+    # preconditioner whose curvature is a sketch of the true Fisher: rank1)
+    true_fisher_by_default: bool = False
     # why it cannot take step="quadratic" (gnfx.compile refuses it with this reason); "": it can
     no_quadratic_step: str = ""
     # the blocks it serves, for the plan's reason where `serves` declines one ("hidden matrices")

@@ -29,11 +29,14 @@ The step is `Δ = -(D + U diag(ŝ) Uᵀ + λI)⁻¹ g` for the training gradient
     (E + Y Yᵀ)⁻¹ g = E⁻¹ g - E⁻¹ Y (I_k + Yᵀ E⁻¹ Y)⁻¹ Yᵀ E⁻¹ g,
 
 costs O(n k + k³) per piece (Sherman–Morrison for k = 1). λ = `damping` is a Tikhonov damping on
-the GGN's scale, so the quadratic-model step (gnfx.quadratic_step) moves it with its
-Levenberg–Marquardt λ and picks α and μ from the exact GGN: rank1's default when `loss=` is given
-and `lr` is not (then with `fisher="mc"`, λ0 = 1 and no grafting: α sets the scale). With an `lr`,
-its per-block step size is grafted from Adam by default (gnfx.transforms.Graft, the first stage of
-its default update chain).
+the GGN's scale, so that with `step="quadratic"` (gnfx.quadratic_step) it moves with the
+Levenberg–Marquardt λ while α and μ come from the exact GGN. That is not its default: measured on the
+digits tasks (benchmarks/results/defaults.md, "rank1"), the LM rule lowers λ to its floor (ρ ≈ 1 along
+a step whose length α the exact GGN chose) while the direction (D + λI)⁻¹ g, dominated by the
+entries of smallest D, worsens (α ~ 1e-3 on the deep autoencoder: D + U diag(ŝ) Uᵀ misses most of
+G's off-diagonal mass). By default it takes the fixed-lr step with its per-block step size grafted
+from Adam (gnfx.transforms.Graft, the first stage of its default update chain), and `fisher="mc"`
+whenever `loss=` is given.
 
 Under data parallelism the statistics are those of the whole batch (gnfx.distributed): `grad`
 averages to the whole batch's v, and M and N come from `inverse_counts` (W ranks average
@@ -73,8 +76,10 @@ class RankK(CurvaturePreconditioner):
                     "of g gᵀ, no D) cannot continue: load the model's parameters and start the optimizer afresh")
 
     in_auto = True
-    # measured (benchmarks/results/defaults.md, "rank1"): quadratic step with fisher="mc" and no grafting
-    quadratic_by_default = True
+    # with loss= its sketch is of the true Fisher (fisher="mc"); measured (benchmarks/results/defaults.md,
+    # "rank1"): its fixed-lr step grafted onto Adam reaches the digits targets in fewer steps than the
+    # quadratic step, whose λ falls to its floor where D + U diag(ŝ) Uᵀ misses most of G
+    true_fisher_by_default = True
 
     @classmethod
     def needs(cls, hp):
