@@ -283,7 +283,7 @@ class BlockStatistics:
                 batch[name] = out * n
         if self._grad is not None:
             batch["grad"] = self._grad.clone()
-        if "inverse_counts" in self.needs:
+        if "inverse_counts" in self.needs and n > 0 and m > 0:  # (none when the loss ignored every row)
             batch["inverse_counts"] = torch.tensor([1 / n, 1 / m], dtype=self.dtype, device=self.device)
         return batch
 

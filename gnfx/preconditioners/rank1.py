@@ -4,7 +4,7 @@ Per block, with n = the entries of `[W b]`, the loss `L = 1/M Σ_m ℓ_m` over N
 terms (docs/design.md §1) and the GGN `G = 1/M Σ_m J_mᵀ H_ℓ J_m` of the block's entries:
 
 * v is the block's gradient `∂L/∂[W b]` of the statistic backward (gnfx.statistics, "grad"). With
-  `fisher="mc"` (the default when `loss=` is given and `lr` is not) it is the gradient at labels
+  `fisher="mc"` (its default whenever `loss=` is given) it is the gradient at labels
   sampled from the model, `v = 1/M Σ_m J_mᵀ r_m` with E[r_m] = 0 and E[r_m r_mᵀ] = H_ℓ independently
   per term (gnfx.fisher), so E[v] = 0 and `E[M v vᵀ] = G`: w = √M v is one sample of the GGN's
   square root and its outer products average to G (a curvature direction, not the gradient's).
@@ -40,7 +40,7 @@ whenever `loss=` is given.
 
 Under data parallelism the statistics are those of the whole batch (gnfx.distributed): `grad`
 averages to the whole batch's v, and M and N come from `inverse_counts` (W ranks average
-[1/N_r, 1/M_r] to [W/N, W/M]).
+[1/N_r, 1/M_r] to [W/N, W/M], exactly when every rank has the same T = M_r/N_r).
 
 Checkpoints of the rank1 before this sketch (the empirical sketch of g gᵀ on the identity, state
 without D, no statistics) do not load: the loader names the change (`state_change`).
