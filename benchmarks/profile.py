@@ -19,8 +19,8 @@ rows-per-step sweep's MLP (benchmarks/targets.py) at R rows per width, written t
 `<out>/step_parts.md` (and `step_parts.json`): per step, averaged over stat_every steps, the plain
 forward+backward, the taps (a statistic step's forward+backward over the plain one, amortized), and
 of `model.step()`: the preconditioner's statistics from gradients (`collect`), its refresh
-(amortized over its frequency), its direction (the products; the statistic-step sketch update of
-rank1), the grafting (the chain's Graft stage), the rest of the chain (KL clipping, momentum, weight
+(amortized over its frequency; rank1's sketch update and D on statistic steps), its direction (the
+products), the grafting (the chain's Graft stage), the rest of the chain (KL clipping, momentum, weight
 decay and the parameter update: gnfx.transforms), the
 non-finite check, and the rest (stacking the gradients, folding statistics, Python); each part timed
 by wrapping the method that computes it, medians over `windows` windows interleaved with AdamW's.

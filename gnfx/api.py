@@ -29,7 +29,8 @@ COMMON = {
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
                            "auto", ("auto", "batch")),
     "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2) "
-                     "('mc' by default for kfac and ekfac under step='quadratic')", "empirical", FISHER_TYPES),
+                     "('mc' by default for kfac and ekfac under step='quadratic', and for rank1 when loss= is given)",
+                     "empirical", FISHER_TYPES),
     "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
                    "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
                    "step='quadratic' (the default for kfac when it is given and lr is not)"),
@@ -153,8 +154,11 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     scales the proposal, which α undoes, so it changed no step, benchmarks/results/defaults.md), and
     for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING and fisher="mc" (the loss is
     known; on the deep autoencoder it reached the targets in 0.6x the steps of the empirical Fisher,
-    the same steps as "type2" at one backward per statistic step instead of one per output)."""
+    the same steps as "type2" at one backward per statistic step instead of one per output). An optimizer
+    whose class sets true_fisher_by_default (rank1) takes fisher="mc" whenever loss= is given."""
     step = hparams.get("step", "auto")
+    if hparams.get("loss") is not None and any(REGISTRY[n].true_fisher_by_default for n in policy.names):
+        hparams = {"fisher": "mc", **hparams}
     if step == "auto":
         auto = isinstance(optimizer, str) and optimizer in REGISTRY and REGISTRY[optimizer].quadratic_by_default
         step = "quadratic" if auto and hparams.get("loss") is not None and "lr" not in hparams else "lr"

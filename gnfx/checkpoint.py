@@ -66,9 +66,11 @@ def check_checkpoint(opt, state_dict) -> dict[int, dict]:
         for prefix in {k.rpartition(".")[0] for k in entries}:  # a preconditioner's state: all or nothing
             lacking = sorted(k for k in want if k.rpartition(".")[0] == prefix and k not in entries)
             if lacking and any(k in want for k in entries if k.rpartition(".")[0] == prefix):
+                change = next((pre.state_change for pre in opt.curvature
+                               if pre.state_change and any(g.key == prefix for g in pre.groups)), "")
                 fail(f"the state of parameter {names[id(p)]!r} lacks {', '.join(map(repr, lacking))} "
-                     f"(saved under other hyperparameters or by an older gnfx, whose state differs, or a damaged "
-                     f"or cut-short checkpoint?)")
+                     + (f"({change})" if change else "(saved under other hyperparameters or by an older gnfx, "
+                                                     "whose state differs, or a damaged or cut-short checkpoint?)"))
         for k, v in entries.items():
             where = f"parameter {names[id(p)]!r} {tuple(p.shape)}: state {k!r}"
             if k not in want:
@@ -125,5 +127,7 @@ def _statistic_shape(stats, name: str) -> tuple | None:
     """The shape of the averaged statistic `name` of a block (gnfx.statistics), None if not collected."""
     if name not in stats.needs:
         return None
+    if name == "inverse_counts":
+        return (2,)
     d_a, d_out = stats.block.d_in + stats.bias, stats.block.d_out
     return stats.layout.factor_shapes().get(name, (d_out, d_a))

@@ -70,6 +70,7 @@ import torch
 from gnfx.errors import GnfxError
 from gnfx.layouts import layout_class, layout_of
 from gnfx.layouts.base import factor_blocks
+from gnfx.statistics import LATEST
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
     "d_in", "d_out", "B", "R", "max_block", "max_factor", "k", "stat_every", "inv_every", "precondition_frequency",
@@ -88,7 +89,7 @@ ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
 FACTORED_DAMPING = 1  # EKFAC's factored damping D_ji = (λ_A σ_j + λ) + λ_S a_i (outer sum), per entry
-SOLVE = 3  # rank-k: the coefficients s/(s+λ) and (v - U(c ⊙ Uᵀv)) / λ, per entry
+SOLVE = 2  # rank-k: Woodbury's elementwise FLOPs per entry and eigenpair (1/(D+λ), U√ŝ, E⁻¹Y) and its k x k solve per k³
 
 
 def qr_flops(m, p):
@@ -285,13 +286,16 @@ def statistic_sizes(g) -> tuple[dict, dict]:
     k = g.groups
     # averages: A is d_a x d_a (d_a for an embedding's diagonal), S d_out x d_out (per row group:
     # d_a x d_a and s x s; a blocked factor its m blocks of b x b), the diagonals like [W b]
+    # (the batch's gradient "grad" like [W b], and "inverse_counts" [1/N, 1/M])
     sizes = {"A": d_a if g.diagonal_A else g.factor_entries("A"), "S": g.factor_entries("S"), "diag": g.numel,
-             "eigen_diag": g.numel}
+             "eigen_diag": g.numel, "grad": g.numel, "inverse_counts": 2}
     # accumulators: the same, except a whole A's, Σ a aᵀ (d_in²) and with a bias Σ a (d_in), bordered
-    # when averaged (a blocked A accumulates its blocks of [a 1] directly)
+    # when averaged (a blocked A accumulates its blocks of [a 1] directly), and none for the counts
+    accumulators = {**sizes, "inverse_counts": 0}
     if g.diagonal_A:
-        return sizes, sizes
-    return sizes, {**sizes, "A": sp.Piecewise((k * d_i * d_a, sp.Eq(g.factor_blocks("A")[0], 1)), (sizes["A"], True))}
+        return sizes, accumulators
+    return sizes, {**accumulators,
+                   "A": sp.Piecewise((k * d_i * d_a, sp.Eq(g.factor_blocks("A")[0], 1)), (sizes["A"], True))}
 
 
 def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]:
@@ -313,9 +317,11 @@ def tap_statistics(g, needs, kfac_approx: str, at: dict) -> tuple[dict, sp.Expr]
              "S": pooling * d_o + 2 * rows * k * m_s * b_s ** 2,
              "diag": (scatter if embedding else 2 * positions * n) + 2 * b * n,
              "eigen_diag": 2 * positions * k * s ** 2 + (scatter if embedding else 2 * positions * (k * d_a ** 2 + n))
-             + 2 * b * n}
+             + 2 * b * n,
+             "grad": scatter if embedding else 2 * positions * n, "inverse_counts": 0}
     entries = {name: (accumulators[name] + sizes[name], FACTOR) for name in sorted(needs)}
-    return entries, sum((flops[name] + EMA * sizes[name] for name in needs), sp.Integer(0))
+    # (a statistic kept as the last batch's, LATEST, is copied, not averaged)
+    return entries, sum((flops[name] + (0 if name in LATEST else EMA) * sizes[name] for name in needs), sp.Integer(0))
 
 
 @dataclasses.dataclass

@@ -29,6 +29,13 @@ preconditioner publishes its bases as `BlockStatistics.basis`, a function return
 None for a diagonal A (embeddings: Q_A = I), read by the taps on each statistic step; unset, the
 basis is the standard one and `eigen_diag` equals `diag`. When the preconditioner changes the basis
 it carries the averaged value into the new one (the average is only meaningful in one basis).
+`grad` is the batch's gradient of the statistic backward, `Σ_{n,r} g_{n,r} a_{n,r}ᵀ = ∂L/∂[W b]`
+(the training loss's with `fisher="empirical"`, the loss at the sampled labels with `"mc"`, whose
+mean over the labels is zero: rank1 sketches its outer products), and `inverse_counts` the pair
+`[1/N, 1/M]` of the batch (N examples, M loss terms, as for `diag` and `S`). These two are the
+last batch's values, never averaged over steps (`LATEST`); under data parallelism the average
+`Σ_r N_r F_r / N` of gnfx.distributed gives the whole batch's `grad`, and `[W/N, W/M]` from the
+W ranks' `inverse_counts` when every rank has the same T = M/N (the model output's shape).
 
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
@@ -45,10 +52,13 @@ import warnings
 
 import torch
 
+from gnfx.errors import ConfigError
 from gnfx.layouts import layout_of
 from gnfx.layouts.base import padded_blocks
 
-STATISTICS = ("A", "S", "diag", "eigen_diag")
+STATISTICS = ("A", "S", "diag", "eigen_diag", "grad", "inverse_counts")
+# statistics kept as the last batch's value instead of a moving average over steps
+LATEST = frozenset({"grad", "inverse_counts"})
 KFAC_APPROX = ("expand", "reduce")
 
 
@@ -67,7 +77,7 @@ class BlockStatistics:
         self.groups = self.layout.groups
         self.needs = frozenset(needs)
         self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
         self.bias = block.bias is not None
         d_a, d_out = block.d_in + self.bias, block.d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
@@ -83,6 +93,7 @@ class BlockStatistics:
         self._S = zeros(*shapes["S"]) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
+        self._grad = zeros(d_out, d_a) if "grad" in needs else None
         self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
         self._per_example: dict[int, torch.Tensor] = {}
         self._eigen_per_example: dict[int, torch.Tensor] = {}
@@ -100,7 +111,7 @@ class BlockStatistics:
 
     @property
     def wants_activation_in_backward(self) -> bool:
-        return bool(self.needs & {"diag", "eigen_diag"})
+        return bool(self.needs & {"diag", "eigen_diag", "grad"})
 
     def _augmented(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
@@ -195,24 +206,40 @@ class BlockStatistics:
             self._gram_into("_S", rows)
         if self._diag is not None:
             self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
+        if self._grad is not None:
+            self._record_gradient(g3, a, forward_id)
         if self._eigen_diag is not None:
             Q_S, Q_A = self.basis() if self.basis is not None else (None, None)
             g3 = g3 if Q_S is None else _rotate_rows(g3, Q_S)
             self._record_per_example(g3, a, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
+
+    def _example_chunks(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int):
+        """(output gradients, inputs) of the same examples, per chunk of the layer input (the whole
+        batch as one example for a forward whose input is not batch-first, see _commit)."""
+        chunks = list(self.layout.input_chunks(a))
+        if forward_id in self._whole_batch:
+            chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
+            g3 = g3.reshape((1, -1) + tuple(g3.shape[2:]))
+        start = 0
+        for chunk in chunks:
+            yield g3[start:start + chunk.shape[0]], chunk
+            start += chunk.shape[0]
+
+    def _record_gradient(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int) -> None:
+        """Σ_{n,r} g_{n,r} a_{n,r}ᵀ into `grad`, laid out like [W b]."""
+        for g, chunk in self._example_chunks(g3, a, forward_id):
+            if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
+                self._grad += self.layout.per_example_gradient(g, chunk).sum(0)
+            else:
+                rows = self._augmented(chunk.to(self.dtype))
+                self._grad += torch.einsum("nr...o,nr...i->...oi", g, rows).reshape(self._grad.shape)
 
     def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int, out: torch.Tensor,
                             pending: dict, Q_A: torch.Tensor | None = None) -> None:
         """Per-example gradients Σ_r g_r a_rᵀ (inputs rotated by Q_A if given) into `out`, squared now
         (one site) or once all sites of this forward are summed in `pending` (tied weights)."""
         single_site = len(self.block.sites) == 1
-        chunks = list(self.layout.input_chunks(a))
-        if forward_id in self._whole_batch:  # the batch as one example (see _commit)
-            chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
-            g3 = g3.reshape((1, -1) + tuple(g3.shape[2:]))
-        start = 0
-        for chunk in chunks:
-            g = g3[start:start + chunk.shape[0]]
-            start += chunk.shape[0]
+        for g, chunk in self._example_chunks(g3, a, forward_id):
             if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
                 per_example = self.layout.per_example_gradient(g, chunk)
             else:
@@ -254,13 +281,17 @@ class BlockStatistics:
                 for per_example in pending.values():
                     out += per_example.square().sum(0)
                 batch[name] = out * n
+        if self._grad is not None:
+            batch["grad"] = self._grad.clone()
+        if "inverse_counts" in self.needs and n > 0 and m > 0:  # (none when the loss ignored every row)
+            batch["inverse_counts"] = torch.tensor([1 / n, 1 / m], dtype=self.dtype, device=self.device)
         return batch
 
     @torch.no_grad()
     def fold(self, batch: dict[str, torch.Tensor], decay: float) -> None:
         """F ← β F + (1-β) F_batch for each statistic of the batch (the first batch sets F)."""
         for name, value in batch.items():
-            if name in self.values and decay > 0:
+            if name in self.values and decay > 0 and name not in LATEST:
                 self.values[name].mul_(decay).add_(value, alpha=1 - decay)
             else:
                 self.values[name] = value.clone()
@@ -272,7 +303,7 @@ class BlockStatistics:
         self._stale = {"_A", "_S"}
         if self.layout.diagonal_A and self._A is not None:
             self._A.zero_()  # token counts are added, not multiplied
-        for buf in (self._A_sum, self._diag, self._eigen_diag):
+        for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
             if buf is not None:
                 buf.zero_()
         self._per_example.clear()
@@ -295,6 +326,10 @@ class StatisticsStore:
     """The statistics of every block, by block name; `forward_id` numbers instrumented forwards."""
 
     def __init__(self, blocks, needs_of, kfac_approx: str, param_of, fisher: str = "empirical"):
+        if fisher == "type2" and any("grad" in needs_of(b) for b in blocks):
+            raise ConfigError("the statistic 'grad' (rank1's sketch vector) is one sample of the Fisher's square "
+                              "root per statistic step, and fisher='type2' backpropagates one vector per output "
+                              "instead: pass fisher='mc' (or 'empirical')")
         self.fisher = fisher
         self.pending: list = []  # block outputs awaiting the true-Fisher backward (gnfx.fisher)
         self.blocks = {}

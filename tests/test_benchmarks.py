@@ -199,7 +199,8 @@ def test_step_parts_split_a_tiny_sweep_mlp_and_restore_what_they_timed():
         assert set(profile.PARTS) <= set(parts)
         assert parts["whole"] == pytest.approx(parts["fwd+bwd"] + parts["taps"] + parts["step"])
         assert parts["step"] == pytest.approx(sum(parts[k] for k in profile.PARTS[2:]))
-    assert result["kfac"]["refresh"] > 0 and result["shampoo"]["collect"] > 0 and result["rank1"]["refresh"] == 0
+    # rank1 updates its sketch and D from the statistics in its refresh
+    assert result["kfac"]["refresh"] > 0 and result["shampoo"]["collect"] > 0 and result["rank1"]["refresh"] > 0
     text = profile.parts_markdown([result], "python -m benchmarks.profile --parts 2")
     assert "16 rows per step" in text and text.count("| refresh |") == 1
 

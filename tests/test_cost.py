@@ -215,7 +215,8 @@ def test_formulas_reproduce_the_seed_complexity_table():
     # rank-k and diag: O(n)
     n = d_out * d_a
     rank = symbolic("rank1")
-    assert sp.expand(rank.elements.subs(sp.Min(S["k"], n), S["k"])) == sp.expand((S["k"] + 2) * n + S["k"] + 3)
+    # U (k n), its diagonal D, the graft's second moment and the momentum (n each); s, t, counters
+    assert sp.expand(rank.elements.subs(sp.Min(S["k"], n), S["k"])) == sp.expand((S["k"] + 3) * n + S["k"] + 3)
     assert sp.expand(symbolic("diag").elements) == sp.expand(2 * n)
     # K-FAC: statistics O(B R d²), refresh O(d³), update O(n d)
     assert sp.degree(sp.expand(kfac.refresh_flops), d_out) == 3

@@ -89,9 +89,9 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(optimizer, mode, 
     train(single, single, xs, ys)
     for name, p in single.named_parameters():
         torch.testing.assert_close(result["params"][name], p.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
-    # statistics from the taps (kfac, diag with the Fisher source) are averaged on every statistic
-    # step; a partitioned refresh shares its results; rank1 needs neither
-    communicates = optimizer in ("kfac", "diag") or (optimizer == "shampoo" and mode == "partitioned")
+    # statistics from the taps (kfac, rank1, diag with the Fisher source) are averaged on every
+    # statistic step; a partitioned refresh shares its results
+    communicates = optimizer in ("kfac", "rank1", "diag") or (optimizer == "shampoo" and mode == "partitioned")
     assert (result["bytes"] > 0) == communicates
 
 

@@ -75,7 +75,7 @@ def kept_bytes(optimizer) -> int:
     tensors = [v for s in sd["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
     tensors += [v for s in sd["gnfx"]["statistics"].values() for v in s["values"].values()]
     tensors += [getattr(s, k) for s in optimizer.statistics.blocks.values()
-                for k in ("_A", "_A_sum", "_S", "_diag", "_eigen_diag") if getattr(s, k) is not None]
+                for k in ("_A", "_A_sum", "_S", "_diag", "_eigen_diag", "_grad") if getattr(s, k) is not None]
     if optimizer.sharded is not None:  # the copies of the bases other ranks own (ekfac)
         tensors += [t for bases in optimizer.sharded.replicas.values() for t in bases if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)

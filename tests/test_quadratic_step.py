@@ -309,10 +309,15 @@ def test_step_quadratic_needs_the_loss():
 
 def test_defaults_choose_the_step():
     """kfac and ekfac with loss= and no lr: the quadratic step; an lr or no loss: the fixed-lr step;
-    rank1 and shampoo: the fixed-lr step unless asked (benchmarks/results/defaults.md)."""
+    rank1 and shampoo: the fixed-lr step unless asked (benchmarks/results/defaults.md), rank1 with the
+    true Fisher (fisher="mc") whenever loss= is given."""
     assert gnfx.compile(tiny(), optimizer="kfac", loss="mse").optimizer.quadratic is not None
     assert gnfx.compile(tiny(), optimizer="ekfac", loss="mse").optimizer.quadratic is not None
-    assert gnfx.compile(tiny(), optimizer="rank1", loss="mse").optimizer.quadratic is None
+    rank1 = gnfx.compile(tiny(), optimizer="rank1", loss="mse")
+    assert rank1.optimizer.quadratic is None and rank1.optimizer.statistics.fisher == "mc"
+    assert gnfx.compile(tiny(), optimizer="rank1").optimizer.statistics.fisher == "empirical"
+    with pytest.raises(gnfx.ConfigError, match="fisher='mc'"):  # its sketch takes one sampled vector
+        gnfx.compile(tiny(), optimizer="rank1", loss="mse", fisher="type2")
     assert gnfx.compile(tiny(), optimizer="kfac", loss="mse", lr=1e-2).optimizer.quadratic is None
     assert gnfx.compile(tiny(), optimizer="kfac").optimizer.quadratic is None
     assert gnfx.compile(tiny(), optimizer="shampoo", loss="mse").optimizer.quadratic is None

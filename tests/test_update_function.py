@@ -88,7 +88,9 @@ def flat_params(model):
 HP = {
     "kfac": dict(inv_every=3, kl_clip=1e-2, damping=1e-2),
     "shampoo": dict(precondition_frequency=3, start_preconditioning_step=1, damping=1e-3),
-    "rank1": dict(rank=2, damping=1e-2),
+    # λ of the order of this model's D (0.006-0.25) and ŝ (0.05-0.12): float32 round-off in (D + λ)⁻¹ and
+    # in the Woodbury correction stays below the 1e-6 of the compiled-vs-eager claim
+    "rank1": dict(rank=2, damping=1e-1),
 }
 
 

@@ -61,10 +61,16 @@ class Preconditioner:
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
     per_group_hparams: tuple[str, ...] = ()
+    # whether gnfx.compile takes fisher="mc" for it when loss= is given, whatever the step (a
+    # preconditioner whose curvature is a sketch of the true Fisher: rank1)
+    true_fisher_by_default: bool = False
     # why it cannot take step="quadratic" (gnfx.compile refuses it with this reason); "": it can
     no_quadratic_step: str = ""
     # the blocks it serves, for the plan's reason where `serves` declines one ("hidden matrices")
     serves_only: str = ""
+    # what changed in the state it keeps, said by gnfx.checkpoint when a checkpoint lacks an entry
+    # of it (one written before the change); "": nothing changed
+    state_change: str = ""
 
     def __init__(self, hp: dict, blocks: list, params: list[str], parameters):
         """Serve `blocks` and the loose parameters named `params`, with hyperparameters `hp`,

@@ -73,6 +73,8 @@ class EKFAC(KFAC):
     # the taps measure s in every block's bases on every rank's local batch: under FSDP2 (gnfx.fsdp)
     # every rank keeps a copy of every block's bases, which their owner sends after each refresh
     tap_state = ("Q_S", "Q_A")
+    state_change = ("ekfac's default damping_kind='factored' keeps the factors' eigenvalues (eigenvalues_A, "
+                    "eigenvalues_S); a checkpoint written before damping_kind existed loads with damping_kind='tikhonov'")
 
     in_auto = False
     # measured (benchmarks/results/defaults.md, "ekfac's damping": the quadratic step's defaults fisher="mc",
