@@ -12,7 +12,8 @@ stops once both the validation and the training-loss target are reached), one in
 `--run-out` trains every run for its whole step budget instead (the steps to the targets are the
 same; the final validation loss is then the loss after the budget, comparable across variants).
 Prints one line per run and a markdown table: steps to the validation and to the training-loss
-target, the seconds to them, the median optimizer step and the final validation loss; `--json FILE`
+target, the seconds (wall clock, and CPU seconds of the training thread, which other processes
+barely move) to them, the median optimizer step and the final validation loss; `--json FILE`
 keeps every run.
 Steps are exact and reproducible; seconds depend on the load of the machine.
 """
@@ -84,15 +85,18 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{task.name} {variant} seed={seed}: {r.status}: {r.reason}", flush=True)
                     continue
                 print(f"{task.name:<19} {variant:<45} seed={seed} {r.status:<11} val={r.steps_to_target} "
-                      f"train={r.steps_to_train_target} step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
+                      f"train={r.steps_to_train_target} cpu_s={_seconds(r.cpu_seconds_to_target)}/"
+                      f"{_seconds(r.cpu_seconds_to_train_target)} step={r.opt_step_ms:.1f}ms fwd_bwd={r.fwd_bwd_ms:.1f}ms "
                       f"final={r.final_loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
                 runs.append({"task": task.name, "variant": variant, "seed": seed, "max_steps": steps,
                              **{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"}})
                 rows.append(f"| {task.name} | `{variant}` | {seed} | {r.steps_to_target or f'> {r.steps}'} | "
                             f"{r.steps_to_train_target or f'> {r.steps}'} | {_seconds(r.seconds_to_target)} | "
-                            f"{_seconds(r.seconds_to_train_target)} | {r.opt_step_ms:.1f} | {r.final_loss:.4f} | {r.status} |")
-    print("\n| task | variant | seed | steps to val | steps to train | s to val | s to train | step ms | final val | status |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+                            f"{_seconds(r.seconds_to_train_target)} | {_seconds(r.cpu_seconds_to_target)} | "
+                            f"{_seconds(r.cpu_seconds_to_train_target)} | {r.opt_step_ms:.1f} | {r.final_loss:.4f} | {r.status} |")
+    print("\n| task | variant | seed | steps to val | steps to train | s to val | s to train | CPU s to val | "
+          "CPU s to train | step ms | final val | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

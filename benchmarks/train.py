@@ -55,6 +55,10 @@ class RunResult:
     steps_to_train_target: int | None = None  # the training-loss target, on task.fit_loss
     seconds_to_train_target: float | None = None
     train_seconds: float = 0.0
+    # CPU seconds of this thread (time.thread_time) in the same steps: what other processes barely move
+    cpu_seconds_to_target: float | None = None
+    cpu_seconds_to_train_target: float | None = None
+    train_cpu_seconds: float = 0.0
     final_loss: float | None = None
     fwd_bwd_ms: float | None = None  # median over steps
     opt_step_ms: float | None = None  # median over steps
@@ -70,16 +74,17 @@ class RunResult:
         return self.steps_to_train_target is not None
 
 
-def _timed_step(task: Task, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """One training step: the loss, then the seconds of forward+backward and of step+zero_grad."""
-    t0 = time.perf_counter()
+def _timed_step(task: Task, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, float]:
+    """One training step: the loss, the seconds of forward+backward and of step+zero_grad, and the
+    CPU seconds of this thread for both."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     loss = task.loss_fn(trainer.module(x), y)
     loss.backward()
     t1 = time.perf_counter()
     trainer.step()
     trainer.zero_grad()
-    t2 = time.perf_counter()
-    return loss.item(), t1 - t0, t2 - t1
+    t2, c2 = time.perf_counter(), time.thread_time()
+    return loss.item(), t1 - t0, t2 - t1, c2 - c0
 
 
 def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_steps: int, stop_at_target: bool,
@@ -103,7 +108,7 @@ def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_
         batches = task.batches(seed)
         for step in range(1, max_steps + 1):
             try:
-                loss, fwd_bwd_s, opt_step_s = _timed_step(task, trainer, *next(batches))
+                loss, fwd_bwd_s, opt_step_s, cpu_s = _timed_step(task, trainer, *next(batches))
             except spec.unsupported as error:
                 if step > 1:
                     raise
@@ -113,6 +118,7 @@ def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_
             opt_step.append(opt_step_s)
             window_losses.append(loss)
             result.steps, result.train_seconds = step, result.train_seconds + fwd_bwd_s + opt_step_s
+            result.train_cpu_seconds += cpu_s
             if step % task.eval_every and step != max_steps and result.train_seconds <= time_budget:
                 continue
             val, fit = task.eval_loss(model), task.fit_loss(model)
@@ -124,8 +130,10 @@ def train(task: Task, spec: OptimizerSpec, lr: float | None, target: float, max_
             if val <= target and not result.reached:
                 result.status = "reached"
                 result.steps_to_target, result.seconds_to_target = step, result.train_seconds
+                result.cpu_seconds_to_target = result.train_cpu_seconds
             if fit <= task.train_target and not result.reached_train:
                 result.steps_to_train_target, result.seconds_to_train_target = step, result.train_seconds
+                result.cpu_seconds_to_train_target = result.train_cpu_seconds
             if stop_at_target and result.reached and result.reached_train:
                 break
             if result.train_seconds > time_budget:

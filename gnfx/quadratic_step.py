@@ -195,8 +195,9 @@ class QuadraticStep:
     gnfx.parameter_store.ParameterStore."""
 
     def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
-                 every: int = 1):
+                 every: int = 1, momentum: str | float = "adaptive"):
         self.parameters = parameters
+        self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.adapted_at = -1  # the optimizer's step of the last adaptation
         self.judged = math.inf  # the predicted reduction of the last accepted adaptation
@@ -205,7 +206,8 @@ class QuadraticStep:
         self.damping = damping
         self.decay = decay
         self.capped = capped
-        self.previous: list[torch.Tensor] | None = None  # δ, the last update applied (under FSDP2: local rows)
+        # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
+        self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
@@ -288,7 +290,10 @@ class QuadraticStep:
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
                               "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False}
             return
-        V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+        if self.momentum == "adaptive":  # the rows Δ_k and δ
+            V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+        else:  # the rows v_k of the velocity v = Δ + μ̂ v_prev
+            V = layout.vectors(parts, self._velocity(layout, parts, _flat(proposal), previous, _flat(grads)), None)
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, _flat(grads), z, outputs)
@@ -299,10 +304,11 @@ class QuadraticStep:
         # one transfer: the small solve runs on the host, not a synchronization per comparison of it
         Mb = Mb.cpu()
         M, b = Mb[:k * k].view(k, k), Mb[k * k:]
-        c, predicted = minimize_quadratic(M, b, self.capped, momentum=previous is not None)
+        adaptive = self.momentum == "adaptive"
+        c, predicted = minimize_quadratic(M, b, self.capped, momentum=adaptive and previous is not None)
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
-        mu = coefficients[-1] if previous is not None else 0.0
+        mu = (coefficients[-1] if adaptive else self.momentum) if previous is not None else 0.0
         flat_update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
@@ -335,12 +341,25 @@ class QuadraticStep:
             refresh()
         if rejected:
             self.previous = None
-        else:
-            self.previous = update
+        else:  # δ, or the velocity (on the proposal's scale: unchanged by a retry's t)
+            self.previous = update if adaptive else self._place(layout, V.sum(0), 1.0)
             self.judged = predicted if adapted else self.judged
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks}
+
+    def _velocity(self, layout: "FlatLayout", parts: list, proposal: torch.Tensor, previous: list | None,
+                  grads: torch.Tensor) -> torch.Tensor:
+        """The flat velocity v = Δ + μ̂ v_prev on the parameters of `parts` (zero elsewhere), restarted
+        to v_k = Δ_k on each part k whose carried velocity goes uphill, gᵀv_prev,k > 0 (module
+        docstring; one host synchronization when there is a carried velocity)."""
+        owned = layout.vectors(parts, proposal, None).sum(0)  # Δ on the parts' parameters
+        if previous is None:
+            return owned
+        carried = layout.vectors(parts, _flat(previous), None)  # v_prev,k
+        restarted = [layout.preconditioners.index(pre) for pre, up in zip(parts, (carried @ grads > 0).tolist()) if up]
+        keep = ~torch.isin(layout.owner, torch.tensor(restarted, dtype=layout.owner.dtype, device=proposal.device))
+        return owned + self.momentum * torch.where(keep, carried.sum(0), 0)
 
     def _place(self, layout: "FlatLayout", flat_update: torch.Tensor, scale: float) -> list:
         """The per-parameter update t·s (under FSDP2 the rows of this rank), t = `scale`."""

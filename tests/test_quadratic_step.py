@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -143,6 +144,92 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
             actual = float(loss_before - LOSSES[loss](model(x), y))
         assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
         previous = s
+
+
+class Scale(nn.Module):
+    """x ↦ x·w, elementwise: no layer gnfx models, so w gets the diagonal preconditioner."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def scaled(out=3):
+    """tiny() with a Scale after the first layer: kfac on the Linear layers, the diagonal on w (P = 2)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), Scale(6), nn.Tanh(), nn.Linear(6, out)).to(DTYPE)
+
+
+@pytest.mark.parametrize("make", [tiny, scaled])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fixed_momentum_alpha_minimizes_the_dense_ggn_quadratic_along_the_velocity(loss, make, monkeypatch):
+    """quadratic_momentum=μ̂: the update is s = Σ_k α_k v_k with v = Δ + μ̂ v_prev (v_k its part on
+    preconditioner k's parameters; v_k = Δ_k where gᵀv_prev,k > 0) and the α_k the minimizer of
+    q(d) = gᵀd + ½ dᵀ(G + λI)d over the span of the v_k (G dense); the predicted reduction is -q(s).
+    Δ is the chain's proposal, recorded as the step runs it; at step 3 the carried velocity is
+    negated, so that the restart is exercised."""
+    momentum = 0.9
+    model = make()
+    with warnings.catch_warnings():  # scaled(): the coverage warning about w
+        warnings.simplefilter("ignore")
+        c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_momentum=momentum, stat_every=1, inv_every=1)
+    params = list(model.parameters())
+    diagonal = [n == "1.scale" for n, _ in model.named_parameters()]
+    owners = torch.cat([torch.full((p.numel(),), d) for p, d in zip(params, diagonal)])
+    masks = [m for m in (~owners, owners) if m.any()]
+    assert len(c.optimizer.preconditioners) == len(masks)
+    proposals, run = [], quadratic_step.QuadraticStep.step
+
+    def recorded(self, chain, *args, **kwargs):
+        def proposing():
+            before = flat(p.detach() for p in params).clone()
+            chain()
+            proposals.append(flat(p.detach() for p in params) - before)
+        return run(self, proposing, *args, **kwargs)
+
+    monkeypatch.setattr(quadratic_step.QuadraticStep, "step", recorded)
+    velocity, carried, restarted = None, 0, 0
+    for step in range(STEPS):
+        if step == 3:
+            c.optimizer.quadratic.previous = [-v for v in c.optimizer.quadratic.previous]
+            velocity = -velocity
+        x, y = batch(loss, seed=step)
+        LOSSES[loss](c(x), y).backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = ggn_matrix(model, loss, x, y)
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        assert not last["rejected"] and not last.get("backtracks"), last
+        s = flat(p.detach() for p in params) - theta0
+        rows = [torch.where(m, proposals[-1], 0) for m in masks]
+        if velocity is not None:
+            for k, m in enumerate(masks):
+                if g @ torch.where(m, velocity, 0) > 0:
+                    restarted += 1
+                else:
+                    carried += 1
+                    rows[k] = rows[k] + momentum * torch.where(m, velocity, 0)
+        V = torch.stack(rows, dim=1)
+        M = V.T @ (G + last["damping"] * torch.eye(len(g), dtype=DTYPE)) @ V
+        b = V.T @ g
+        c_ref = -torch.linalg.solve(M, b)
+        torch.testing.assert_close(s, V @ c_ref, rtol=1e-8, atol=1e-10 * float(s.abs().max()))
+        assert list(last["alphas"].values()) == pytest.approx(c_ref.tolist(), rel=1e-8)
+        assert last["predicted"] == pytest.approx(-float(b @ c_ref + 0.5 * c_ref @ M @ c_ref), rel=1e-9)
+        assert last["mu"] == (momentum if step else 0.0)
+        velocity = V.sum(1)
+    assert carried >= 1 and restarted >= 1
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, 1.5, "fixed", True, float("nan")])
+def test_quadratic_momentum_rejects_bad_values(value):
+    with pytest.raises(gnfx.ConfigError, match="quadratic_momentum"):
+        gnfx.compile(tiny(), optimizer="kfac", loss="mse", quadratic_momentum=value)
 
 
 def test_minimize_quadratic_keeps_mu_in_range_and_caps_alpha():
