@@ -24,6 +24,22 @@ MLP along directions the batch barely constrains. Without a previous update (fir
 rejected step) μ = 0 and α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at
 most the proposal at lr.
 
+A fixed momentum (`quadratic_momentum` = μ̂ in [0, 1); "adaptive", the default, is the above). Each
+row of V costs one forward-mode tangent, and the tangents are most of the step (P+1 of them: ~5
+forwards of the GPT of benchmarks/ for P = 1). With μ̂ fixed the step keeps a velocity on the
+proposal's scale, as torch.optim.SGD keeps its momentum buffer apart from a changing lr:
+
+    v = Δ + μ̂ v_prev,   s = Σ_k α_k v_k   (v_k: v on the parameters of part k),
+
+and the α_k minimize q over the span of the v_k: the PxP system of the same M and b with
+(v_1, ..., v_P) for the rows, P tangents instead of P+1; for one part (K-FAC on every parameter) one
+tangent and α = -gᵀv / vᵀ(G + λI)v, so that s_t = α_t Δ_t + μ̂ (α_t/α_{t-1}) s_{t-1}, heavy ball
+with the momentum μ̂ while α is steady. (Carrying the update δ itself, α(Δ + μ̂δ), would mix two
+scales: δ = α_prev v_prev, and α is far from 1 when Δ is a proposal at the param groups' lr.) A part
+whose carried velocity goes uphill on the step's batch, gᵀv_prev,k > 0, restarts, v_k = Δ_k (the
+gradient restart of O'Donoghue & Candès 2015), so that b_k = gᵀΔ_k < 0 for a descent proposal; a
+rejected step drops v as it drops δ, and a retry at t·s scales the α_k, not v.
+
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
 A step with ρ ≤ 0 (or a non-finite loss) is retried on the same batch, shorter: at θ + t·s for up
@@ -248,16 +264,20 @@ class QuadraticStep:
     def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
         one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
-        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize."""
+        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize and
+        for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
+        against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
+        count = len(next(iter(tangents.values())))
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
-            try:  # z does not depend on the tangent: computed once, returned unbatched
-                return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
-            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
-                count = len(next(iter(tangents.values())))
-                pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
-                return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
+            if count > 1:
+                try:  # z does not depend on the tangent: computed once, returned unbatched
+                    return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
+                except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                    pass
+            pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
+            return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
