@@ -71,8 +71,8 @@ rule (it is called again only on adaptation steps). What keeps the steps in betw
 up: μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
 raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0 by
 ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
-PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=4
-and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with the products on
+4 sequences and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
 raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
@@ -85,11 +85,13 @@ terms that do not go through z (penalties on θ) are left out of the actual redu
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
 bounded): pass a closure then.
 
-The GGN term on part of the batch (`quadratic_rows=R`, an option; None, the default, is the whole
-batch). The forward-mode products cost several forwards (a vmapped jvp with two tangents through
-the GPT of benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of the step's
-batch only (every input tensor whose first dimension is the batch's is cut to R rows): M then
-takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
+The GGN term on part of the batch (`quadratic_rows=R`; None is the whole batch). The forward-mode
+products cost several forwards (a vmapped jvp with two tangents through the GPT of benchmarks/: ~6
+forwards of CPU time), so they can run on the first R rows of z only, the loss terms (N·T rows of
+an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input tensor whose
+first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather than
+examples because the rows are what estimate G: the GPT's 4 sequences are 256 rows, 32 examples of
+the digits MLP 32. M then takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
 batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0) and ρ the whole
 batch's actual reduction (from the training forward's output at θ and one forward at θ+s), which
 rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did not: on the
@@ -227,7 +229,8 @@ class QuadraticStep:
         self._flat_layout: FlatLayout | None = None
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
-        self._examples = 0  # its batch size, the rows of z
+        self._examples = 0  # its batch size, the first dimension of z
+        self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
         self._output_before = None  # its z
         self._output_grad = None
 
@@ -240,6 +243,7 @@ class QuadraticStep:
         self._output_grad = None
         z = _first_tensor(out)
         self._examples = len(z) if z is not None else 0
+        self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
@@ -250,13 +254,14 @@ class QuadraticStep:
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
         model's own), with the buffers copied, so that batch-norm statistics do not move. With
-        `subset` and `rows` (quadratic_rows) the inputs are the first rows of every input tensor
-        whose first dimension is the batch's."""
+        `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
+        examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
-        if subset and self.rows is not None and self.rows < self._examples:
-            args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
+        examples = None if self.rows is None else -(-self.rows // self._rows_per_example)
+        if subset and examples is not None and examples < self._examples:
+            args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))

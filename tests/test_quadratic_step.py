@@ -116,23 +116,39 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
         assert interior >= 1  # momentum, and its best μ here is the bound 0)
 
 
+def sequence_batch(loss, positions, n=8, out=3, seed=1):
+    """batch() with `positions` rows of z per example: x (n, positions, 4), y (n, positions[, out])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, positions, 4, generator=g, dtype=DTYPE)
+    y = (torch.randint(out, (n, positions), generator=g) if loss == "cross_entropy"
+         else torch.randn(n, positions, out, generator=g, dtype=DTYPE))
+    return x, y
+
+
+def mean_loss(loss, z, y):
+    """The mean-reduced loss over every row of z (the tokens of a sequence output)."""
+    return F.cross_entropy(z.flatten(0, -2), y.flatten()) if loss == "cross_entropy" else F.mse_loss(z, y)
+
+
+@pytest.mark.parametrize("positions, examples", [(None, 3), (2, 2)])  # R = 3 rows: 3 examples, or ⌈3/2⌉ of 2 rows
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
+def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, examples):
     """quadratic_rows=R: (α, μ) minimize q(d) = gᵀd + ½ dᵀ(G_S + λI)d with g the whole batch's
-    gradient and G_S the dense GGN of the mean loss of the first R rows; the predicted reduction is
-    -q(s) and the actual one the whole batch's L(θ) - L(θ+s)."""
+    gradient and G_S the dense GGN of the mean loss of the first R rows of z, rounded up to whole
+    examples (an (N, T, C) output has T rows per example); the predicted reduction is -q(s) and
+    the actual one the whole batch's L(θ) - L(θ+s)."""
     rows = 3
     model = tiny()
     c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1)
     params = list(model.parameters())
     previous = None
     for _ in range(STEPS):
-        x, y = batch(loss)
-        loss_before = LOSSES[loss](c(x), y)
+        x, y = batch(loss) if positions is None else sequence_batch(loss, positions)
+        loss_before = mean_loss(loss, c(x), y)
         loss_before.backward()
         theta0 = flat(p.detach() for p in params).clone()
         g = flat(p.grad for p in params)
-        G = ggn_matrix(model, loss, x[:rows], y[:rows])
+        G = ggn_matrix(model, loss, x[:examples], y[:examples])
         c.step()
         c.zero_grad()
         last = c.optimizer.last_step
@@ -141,7 +157,7 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
         _, q = assert_minimizer(g, G, last, s, previous)
         assert last["predicted"] == pytest.approx(-q, rel=1e-9)
         with torch.no_grad():
-            actual = float(loss_before - LOSSES[loss](model(x), y))
+            actual = float(loss_before - mean_loss(loss, model(x), y))
         assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
         previous = s
 
