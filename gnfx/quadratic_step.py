@@ -85,23 +85,27 @@ terms that do not go through z (penalties on θ) are left out of the actual redu
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
 bounded): pass a closure then.
 
-The GGN term on part of the batch (`quadratic_rows=R`; None is the whole batch). The forward-mode
-products cost several forwards (a vmapped jvp with two tangents through the GPT of benchmarks/: ~6
-forwards of CPU time), so they can run on the first R rows of z only, the loss terms (N·T rows of
-an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input tensor whose
-first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather than
-examples because the rows are what estimate G: the GPT's 4 sequences are 256 rows, 32 examples of
-the digits MLP 32. M then takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
-batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0) and ρ the whole
-batch's actual reduction (from the training forward's output at θ and one forward at θ+s), which
-rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did not: on the
-digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole batch's loss,
-and the run diverged (benchmarks/results/quadratic_step.md).
+The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
+forward-mode products cost several forwards (a vmapped jvp with two tangents through the GPT of
+benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of z only, the loss terms
+(N·T rows of an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input
+tensor whose first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather
+than examples because the rows are what estimate G: the GPT's 4 sequences are 256 rows, 32 examples
+of the digits MLP 32. M then takes G_S, the GGN of the mean loss over those rows, an estimate of G,
+while b keeps the whole batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0)
+and ρ the whole batch's actual reduction (from the training forward's output at θ and one forward at
+θ+s), which rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did
+not: on the digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole
+batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On the char GPT 512 rows (8
+of 32 sequences) reached the targets in 0.57-0.73x the CPU time of the whole batch but with 15-43%
+more steps, ekfac's above AdamW's, and at 256 rows ekfac missed them ("One tangent" there): no
+default but the whole batch yet.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
-local batches, so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
+local batches (its GGN term that of the first R rows of each rank's batch, with quadratic_rows = R),
+so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
 are first gathered whole and the products run through the model without fully_shard's hooks
 (gnfx.fsdp); each rank applies its rows of the step.
 """
