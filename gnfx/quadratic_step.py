@@ -32,13 +32,16 @@ proposal's scale, as torch.optim.SGD keeps its momentum buffer apart from a chan
     v = Δ + μ̂ v_prev,   s = Σ_k α_k v_k   (v_k: v on the parameters of part k),
 
 and the α_k minimize q over the span of the v_k: the PxP system of the same M and b with
-(v_1, ..., v_P) for the rows, P tangents instead of P+1; for one part (K-FAC on every parameter) one
-tangent and α = -gᵀv / vᵀ(G + λI)v, so that s_t = α_t Δ_t + μ̂ (α_t/α_{t-1}) s_{t-1}, heavy ball
-with the momentum μ̂ while α is steady. (Carrying the update δ itself, α(Δ + μ̂δ), would mix two
-scales: δ = α_prev v_prev, and α is far from 1 when Δ is a proposal at the param groups' lr.) A part
-whose carried velocity goes uphill on the step's batch, gᵀv_prev,k > 0, restarts, v_k = Δ_k (the
-gradient restart of O'Donoghue & Candès 2015), so that b_k = gᵀΔ_k < 0 for a descent proposal; a
-rejected step drops v as it drops δ, and a retry at t·s scales the α_k, not v.
+(v_1, ..., v_P) for the rows, P tangents instead of P+1. For one part (K-FAC on every parameter)
+that is one tangent and α = -gᵀv / vᵀ(G + λI)v, so that s_t = α_t Δ_t + μ̂ (α_t/α_{t-1}) s_{t-1}:
+heavy ball with the momentum μ̂ while α is steady. (Carrying the update δ itself, α(Δ + μ̂δ), would
+mix two scales: δ = α_prev v_prev, and α is far from 1 when Δ is a proposal at the param groups'
+lr.) A part whose carried velocity goes uphill on the step's batch, gᵀv_prev,k > 0, restarts at
+v_k = Δ_k (the gradient restart of O'Donoghue & Candès 2015), so that b_k = gᵀΔ_k < 0 for a descent
+proposal; a rejected step drops v as it drops δ, and a retry at t·s scales the α_k, not v.
+Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the char GPT at
+μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
+(benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
 
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
@@ -71,8 +74,8 @@ rule (it is called again only on adaptation steps). What keeps the steps in betw
 up: μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
 raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0 by
 ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
-PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with the products on
-4 sequences and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=256
+and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 256 rows too small for Δ)
 raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
@@ -96,10 +99,10 @@ while b keeps the whole batch's gradient (so that Δ stays a descent direction o
 and ρ the whole batch's actual reduction (from the training forward's output at θ and one forward at
 θ+s), which rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did
 not: on the digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole
-batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On the char GPT 512 rows (8
-of 32 sequences) reached the targets in 0.57-0.73x the CPU time of the whole batch but with 15-43%
-more steps, ekfac's above AdamW's, and at 256 rows ekfac missed them ("One tangent" there): no
-default but the whole batch yet.
+batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On the char GPT 512 rows
+(8 of 32 sequences) reached the targets in 0.57-0.73x the CPU time of the whole batch but with
+15-43% more steps, ekfac's above AdamW's, and at 256 rows ekfac missed them ("One tangent" there):
+no default but the whole batch yet.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
