@@ -5,12 +5,12 @@ other processes on a shared machine do not count. Two tables, printed as markdow
 
 1. Per task (digits MLP, deep autoencoder, character GPT), the medians of the forward+backward
    and of `model.step()` for kfac at its defaults (the quadratic step, no lr), the same with
-   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch, kfac at a
+   damping_every=1 (ρ on every step) and with `quadratic_rows` a quarter of the batch's rows of z, kfac at a
    fixed lr (the plain K-FAC step) and AdamW, their steps interleaved in one process, and the ratio of each whole step to AdamW's.
 2. With `--to-target`: per task (the deep autoencoder and the char GPT unless named), the steps and
    CPU seconds to the benchmark's validation and training-loss targets (benchmarks/tasks.py) of
    AdamW at its best lr (the same for both targets on these two tasks), kfac and ekfac at their
-   defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the batch unless given), on
+   defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the rows of z unless given), on
    the same batches, one after the other; each run stops once both targets are reached.
 """
 from __future__ import annotations
@@ -31,10 +31,16 @@ WARM = 5  # untimed first steps (capture, first refresh)
 ADAMW_LR = {"digits_autoencoder": 1e-2, "char_gpt": 3e-3}
 
 
+def output_rows(batch) -> int:
+    """The rows of z of a batch (x, y), quadratic_rows' unit: one per class label, one per target row."""
+    y = batch[1]
+    return y.numel() // y.shape[-1] if y.is_floating_point() else y.numel()
+
+
 def step_table(name: str, steps: int) -> str:
     task = TASKS[name]()
     batches = list(itertools.islice(task.batches(seed=0), steps))
-    rows = len(batches[0][0]) // 4
+    rows = output_rows(batches[0]) // 4
     runs = {"kfac defaults": {"loss": task.loss_name},
             "kfac defaults, damping_every=1": {"loss": task.loss_name, "damping_every": 1},
             f"kfac defaults, quadratic_rows={rows}": {"loss": task.loss_name, "quadratic_rows": rows},
@@ -87,8 +93,8 @@ def to_target(label: str, module, step, zero_grad, task, batches) -> str:
 
 def target_table(name: str, rows: int | None, steps: int | None = None) -> str:
     """Steps and CPU seconds to the benchmark task's targets: AdamW at its best lr, kfac and ekfac at
-    their defaults (no lr), and kfac with the products on `rows` examples (`quadratic_rows`; None: a
-    quarter of the batch), within `steps` (the task's max_steps unless given)."""
+    their defaults (no lr), and kfac with the products on `rows` rows of z (`quadratic_rows`; None: a
+    quarter of the batch's), within `steps` (the task's max_steps unless given)."""
     task = TASKS[name]()
     steps = steps or task.max_steps
     batches = list(itertools.islice(task.batches(seed=0), steps))
@@ -98,7 +104,7 @@ def target_table(name: str, rows: int | None, steps: int | None = None) -> str:
              f"most {steps}; CPU s of fwd+bwd+step, one thread)", "",
              "| run | steps to val | CPU s to val | steps to train | CPU s to train |", "|---|---|---|---|---|",
              to_target(f"AdamW {ADAMW_LR[name]:g}", reference, adamw.step, adamw.zero_grad, task, batches)]
-    rows = rows or len(batches[0][0]) // 4
+    rows = rows or output_rows(batches[0]) // 4
     for label, optimizer, hp in (("kfac defaults", "kfac", {}), ("ekfac defaults", "ekfac", {}),
                                  (f"kfac defaults, quadratic_rows={rows}", "kfac", {"quadratic_rows": rows})):
         c = gnfx.compile(task.make_model(seed=0), optimizer=optimizer, loss=task.loss_name,
@@ -113,7 +119,7 @@ def main() -> None:
     parser.add_argument("--to-target", nargs="*", choices=list(ADAMW_LR), default=None,
                         help="also the steps and CPU seconds to these tasks' targets (none named: the "
                              "autoencoder and the char GPT)")
-    parser.add_argument("--rows", type=int, default=None, help="quadratic_rows of the last run of --to-target")
+    parser.add_argument("--rows", type=int, default=None, help="quadratic_rows (rows of z) of the last run of --to-target")
     parser.add_argument("--no-steps", action="store_true", help="skip the per-step table")
     args = parser.parse_args()
     torch.set_num_threads(1)

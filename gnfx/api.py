@@ -56,8 +56,14 @@ COMMON = {
                                     "solved step", 1),
     "quadratic_rows": HParam(None, "None or an integer >= 1",
                              lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1),
-                             "step='quadratic': the examples (the first rows of the step's batch) on which the GGN "
-                             "term of its model is computed (b and ρ keep the whole batch); None: the whole batch (exact)"),
+                             "step='quadratic': the rows of the output z (loss terms: N·T of an (N, T, C) output), "
+                             "rounded up to whole examples from the start of the step's batch, on which the GGN term "
+                             "of its model is computed (b and ρ keep the whole batch); None: the whole batch (exact)"),
+    "quadratic_momentum": HParam("adaptive", "'adaptive' or a number in [0, 1)",
+                                 lambda x: x == "adaptive" or unit_interval("μ̂", 0.0).check(x),
+                                 "step='quadratic': 'adaptive' (μ from the model, one more forward-mode product per "
+                                 "step) or a fixed μ̂, the step α(Δ + μ̂ v_prev) from one product per part "
+                                 "(gnfx.quadratic_step)"),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",

@@ -56,7 +56,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
         self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
                                         settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
-                                        settings["damping_every"], settings["quadratic_every"])
+                                        settings["damping_every"], settings["quadratic_every"],
+                                        settings["quadratic_momentum"])
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, preconditioner_specs: list, statistics) -> None:

@@ -24,6 +24,25 @@ MLP along directions the batch barely constrains. Without a previous update (fir
 rejected step) μ = 0 and α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at
 most the proposal at lr.
 
+A fixed momentum (`quadratic_momentum` = μ̂ in [0, 1); "adaptive", the default, is the above). Each
+row of V costs one forward-mode tangent, and the tangents are most of the step (P+1 of them: ~5
+forwards of the GPT of benchmarks/ for P = 1). With μ̂ fixed the step keeps a velocity on the
+proposal's scale, as torch.optim.SGD keeps its momentum buffer apart from a changing lr:
+
+    v = Δ + μ̂ v_prev,   s = Σ_k α_k v_k   (v_k: v on the parameters of part k),
+
+and the α_k minimize q over the span of the v_k: the PxP system of the same M and b with
+(v_1, ..., v_P) for the rows, P tangents instead of P+1. For one part (K-FAC on every parameter)
+that is one tangent and α = -gᵀv / vᵀ(G + λI)v, so that s_t = α_t Δ_t + μ̂ (α_t/α_{t-1}) s_{t-1}:
+heavy ball with the momentum μ̂ while α is steady. (Carrying the update δ itself, α(Δ + μ̂δ), would
+mix two scales: δ = α_prev v_prev, and α is far from 1 when Δ is a proposal at the param groups'
+lr.) A part whose carried velocity goes uphill on the step's batch, gᵀv_prev,k > 0, restarts at
+v_k = Δ_k (the gradient restart of O'Donoghue & Candès 2015), so that b_k = gᵀΔ_k < 0 for a descent
+proposal; a rejected step drops v as it drops δ, and a retry at t·s scales the α_k, not v.
+Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the char GPT at
+μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
+(benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
+
 Levenberg–Marquardt damping. After the step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same
 batch; ρ > 3/4: λ ← ωλ, ρ < 1/4: λ ← λ/ω (ω = `damping_decay`), λ kept in [LAMBDA_MIN, LAMBDA_MAX].
 A step with ρ ≤ 0 (or a non-finite loss) is retried on the same batch, shorter: at θ + t·s for up
@@ -55,8 +74,8 @@ rule (it is called again only on adaptation steps). What keeps the steps in betw
 up: μ within MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that
 raised the loss, was what diverged), ρ on every early step, where λ moves most (it falls from λ0 by
 ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
-PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=4
-and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 4 rows too small along Δ)
+PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=256
+and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 256 rows too small for Δ)
 raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
 
 The model every T_q steps (`quadratic_every` = T_q, 1 by default). The products J v_k, M, b and the
@@ -67,7 +86,8 @@ solve's, and one that fails the guard below. On the steps in between the step is
 
     s = Σ_k α̂_k Δ_k + μ̂ δ,        ĉ = (α̂, μ̂) the coefficients of the last solve,
 
-with this step's proposal Δ_k and previous update δ: no products, no solve, no ρ (the forward-mode
+with this step's proposal Δ_k and previous update δ (with a fixed μ̂, `quadratic_momentum`:
+s = Σ_k α̂_k v_k with this step's velocities v_k = Δ_k + μ̂ v_prev,k): no products, no solve, no ρ (the forward-mode
 products along Δ and δ cost ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
 the deep autoencoder, 135 of 205 ms on the char GPT, benchmarks/results/quadratic_step.md). What
 keeps them safe: coefficients whose model was judged poor are not reused (on the digits MLP, seed 1,
@@ -97,21 +117,27 @@ terms that do not go through z (penalties on θ) are left out of the actual redu
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
 bounded): pass a closure then.
 
-The GGN term on part of the batch (`quadratic_rows=R`, an option; None, the default, is the whole
-batch). The forward-mode products cost several forwards (a vmapped jvp with two tangents through
-the GPT of benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of the step's
-batch only (every input tensor whose first dimension is the batch's is cut to R rows): M then
-takes G_S, the GGN of the mean loss over those rows, an estimate of G, while b keeps the whole
-batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0) and ρ the whole
-batch's actual reduction (from the training forward's output at θ and one forward at θ+s), which
-rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did not: on the
-digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole batch's loss,
-and the run diverged (benchmarks/results/quadratic_step.md).
+The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
+forward-mode products cost several forwards (a vmapped jvp with two tangents through the GPT of
+benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of z only, the loss terms
+(N·T rows of an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input
+tensor whose first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather
+than examples because the rows are what estimate G: the GPT's 4 sequences are 256 rows, 32 examples
+of the digits MLP 32. M then takes G_S, the GGN of the mean loss over those rows, an estimate of G,
+while b keeps the whole batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0)
+and ρ the whole batch's actual reduction (from the training forward's output at θ and one forward at
+θ+s), which rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did
+not: on the digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole
+batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On the char GPT 512 rows
+(8 of 32 sequences) reached the targets in 0.57-0.73x the CPU time of the whole batch but with
+15-43% more steps, ekfac's above AdamW's, and at 256 rows ekfac missed them ("One tangent" there):
+no default but the whole batch yet.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
 M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
-local batches, so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
+local batches (its GGN term that of the first R rows of each rank's batch, with quadratic_rows = R),
+so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
 are first gathered whole and the products run through the model without fully_shard's hooks
 (gnfx.fsdp); each rank applies its rows of the step.
 """
@@ -224,8 +250,9 @@ class QuadraticStep:
     gnfx.parameter_store.ParameterStore."""
 
     def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
-                 every: int = 1, solve_every: int = 1):
+                 every: int = 1, solve_every: int = 1, momentum: str | float = "adaptive"):
         self.parameters = parameters
+        self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.adapted_at = -1  # the optimizer's step of the last adaptation
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
@@ -238,11 +265,13 @@ class QuadraticStep:
         self.damping = damping
         self.decay = decay
         self.capped = capped
-        self.previous: list[torch.Tensor] | None = None  # δ, the last update applied (under FSDP2: local rows)
+        # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
+        self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
-        self._examples = 0  # its batch size, the rows of z
+        self._examples = 0  # its batch size, the first dimension of z
+        self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
         self._output_before = None  # its z
         self._output_grad = None
 
@@ -255,6 +284,7 @@ class QuadraticStep:
         self._output_grad = None
         z = _first_tensor(out)
         self._examples = len(z) if z is not None else 0
+        self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
@@ -265,13 +295,14 @@ class QuadraticStep:
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
         model's own), with the buffers copied, so that batch-norm statistics do not move. With
-        `subset` and `rows` (quadratic_rows) the inputs are the first rows of every input tensor
-        whose first dimension is the batch's."""
+        `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
+        examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
-        if subset and self.rows is not None and self.rows < self._examples:
-            args, kwargs = tree_map(lambda t: t[:self.rows] if isinstance(t, torch.Tensor) and t.dim()
+        examples = None if self.rows is None else -(-self.rows // self._rows_per_example)
+        if subset and examples is not None and examples < self._examples:
+            args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
@@ -279,16 +310,20 @@ class QuadraticStep:
     def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
         one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
-        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize."""
+        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize and
+        for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
+        against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
+        count = len(next(iter(tangents.values())))
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
-            try:  # z does not depend on the tangent: computed once, returned unbatched
-                return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
-            except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
-                count = len(next(iter(tangents.values())))
-                pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
-                return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
+            if count > 1:
+                try:  # z does not depend on the tangent: computed once, returned unbatched
+                    return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
+                except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
+                    pass
+            pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
+            return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
@@ -321,8 +356,12 @@ class QuadraticStep:
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
                               "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False, "solved": False}
             return
-        V, flat_grads = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous)), _flat(grads)
-        if self._reuses(parts, previous is not None, t) and self._reuse(params, layout, parts, V, flat_grads, comm):
+        flat_grads = _flat(grads)
+        if self.momentum == "adaptive":  # the rows Δ_k and δ
+            V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+        else:  # the rows v_k of the velocity v = Δ + μ̂ v_prev
+            V = layout.vectors(parts, self._velocity(layout, parts, _flat(proposal), previous, flat_grads), None)
+        if self._reuses(parts, previous is not None, t, len(V)) and self._reuse(params, layout, parts, V, flat_grads, comm):
             return
         z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
@@ -334,10 +373,11 @@ class QuadraticStep:
         # one transfer: the small solve runs on the host, not a synchronization per comparison of it
         Mb = Mb.cpu()
         M, b = Mb[:k * k].view(k, k), Mb[k * k:]
-        c, predicted = minimize_quadratic(M, b, self.capped, momentum=previous is not None)
+        adaptive = self.momentum == "adaptive"
+        c, predicted = minimize_quadratic(M, b, self.capped, momentum=adaptive and previous is not None)
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
-        mu = coefficients[-1] if previous is not None else 0.0
+        mu = (coefficients[-1] if adaptive else self.momentum) if previous is not None else 0.0
         flat_update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
@@ -371,8 +411,8 @@ class QuadraticStep:
             refresh()
         if rejected:
             self.previous = None
-        else:
-            self.previous = update
+        else:  # δ, or the velocity (on the proposal's scale: unchanged by a retry's t)
+            self.previous = update if adaptive else self._place(layout, V.sum(0), 1.0)
             self.judged = predicted if adapted else self.judged
         # the steps between reuse a solve the model did not misjudge (module docstring); else the next step solves
         trusted = not (rejected or backtracks or (adapted and rho < RHO_LOW))
@@ -381,19 +421,19 @@ class QuadraticStep:
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks, "solved": True}
 
-    def _reuses(self, parts: list, continues: bool, t: int) -> bool:
+    def _reuses(self, parts: list, continues: bool, t: int, rows: int) -> bool:
         """Whether step `t` is one between solves (module docstring, quadratic_every): not a scheduled
-        or forced solve, and the last clean solve had these parts and a μ. `continues`: there is a
-        previous update δ."""
+        or forced solve, and the last clean solve had these parts and as many directions (`rows`: Δ_k
+        and δ, or the velocities v_k of a fixed μ̂). `continues`: there is a previous update δ (or v_prev)."""
         if self.coefficients is None or not continues or t < DAMPING_WARMUP or t % self.solve_every == 0:
             return False
         names, c = self.coefficients[:2]
-        return names == [pre.name for pre in parts] and len(c) == len(parts) + 1
+        return names == [pre.name for pre in parts] and len(c) == rows
 
     def _reuse(self, params, layout: "FlatLayout", parts: list, V: torch.Tensor, grads: torch.Tensor, comm) -> bool:
-        """The step s = Σ_k α̂_k Δ_k + μ̂δ with the last solve's coefficients ĉ = (α̂, μ̂), applied, if it
-        passes the guard: 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), b̂ᵀĉ the solve's (module docstring).
-        False (nothing applied) if it does not; then the step solves."""
+        """The step s = Σ_k α̂_k Δ_k + μ̂δ with the last solve's coefficients ĉ = (α̂, μ̂) (with a fixed
+        μ̂: s = Σ_k α̂_k v_k), applied, if it passes the guard: 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), b̂ᵀĉ
+        the solve's (module docstring). False (nothing applied) if it does not; then the step solves."""
         _, c, solved_slope = self.coefficients
         b = V.double() @ grads.double()  # gᵀΔ_k, gᵀδ
         if comm is not None:  # every rank decides alike
@@ -404,14 +444,29 @@ class QuadraticStep:
         flat_update = c.to(device=V.device, dtype=V.dtype) @ V
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
-        self.previous = update
+        adaptive = self.momentum == "adaptive"
+        self.previous = update if adaptive else self._place(layout, V.sum(0), 1.0)
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
         nan = float("nan")
-        self.last_step = {"alpha": coefficients[0], "alphas": alphas, "mu": coefficients[-1], "damping": self.damping,
+        mu = coefficients[-1] if adaptive else self.momentum
+        self.last_step = {"alpha": coefficients[0], "alphas": alphas, "mu": mu, "damping": self.damping,
                           "rho": nan, "predicted": nan, "actual": nan, "rejected": False, "adapted": False,
                           "backtracks": 0, "solved": False}
         return True
+
+    def _velocity(self, layout: "FlatLayout", parts: list, proposal: torch.Tensor, previous: list | None,
+                  grads: torch.Tensor) -> torch.Tensor:
+        """The flat velocity v = Δ + μ̂ v_prev on the parameters of `parts` (zero elsewhere), restarted
+        to v_k = Δ_k on each part k whose carried velocity goes uphill, gᵀv_prev,k > 0 (module
+        docstring; one host synchronization when there is a carried velocity)."""
+        owned = layout.vectors(parts, proposal, None).sum(0)  # Δ on the parts' parameters
+        if previous is None:
+            return owned
+        carried = layout.vectors(parts, _flat(previous), None)  # v_prev,k
+        restarted = [layout.preconditioners.index(pre) for pre, up in zip(parts, (carried @ grads > 0).tolist()) if up]
+        keep = ~torch.isin(layout.owner, torch.tensor(restarted, dtype=layout.owner.dtype, device=proposal.device))
+        return owned + self.momentum * torch.where(keep, carried.sum(0), 0)
 
     def _place(self, layout: "FlatLayout", flat_update: torch.Tensor, scale: float) -> list:
         """The per-parameter update t·s (under FSDP2 the rows of this rank), t = `scale`."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -115,23 +116,39 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
         assert interior >= 1  # momentum, and its best μ here is the bound 0)
 
 
+def sequence_batch(loss, positions, n=8, out=3, seed=1):
+    """batch() with `positions` rows of z per example: x (n, positions, 4), y (n, positions[, out])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, positions, 4, generator=g, dtype=DTYPE)
+    y = (torch.randint(out, (n, positions), generator=g) if loss == "cross_entropy"
+         else torch.randn(n, positions, out, generator=g, dtype=DTYPE))
+    return x, y
+
+
+def mean_loss(loss, z, y):
+    """The mean-reduced loss over every row of z (the tokens of a sequence output)."""
+    return F.cross_entropy(z.flatten(0, -2), y.flatten()) if loss == "cross_entropy" else F.mse_loss(z, y)
+
+
+@pytest.mark.parametrize("positions, examples", [(None, 3), (2, 2)])  # R = 3 rows: 3 examples, or ⌈3/2⌉ of 2 rows
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
+def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, examples):
     """quadratic_rows=R: (α, μ) minimize q(d) = gᵀd + ½ dᵀ(G_S + λI)d with g the whole batch's
-    gradient and G_S the dense GGN of the mean loss of the first R rows; the predicted reduction is
-    -q(s) and the actual one the whole batch's L(θ) - L(θ+s)."""
+    gradient and G_S the dense GGN of the mean loss of the first R rows of z, rounded up to whole
+    examples (an (N, T, C) output has T rows per example); the predicted reduction is -q(s) and
+    the actual one the whole batch's L(θ) - L(θ+s)."""
     rows = 3
     model = tiny()
     c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1)
     params = list(model.parameters())
     previous = None
     for _ in range(STEPS):
-        x, y = batch(loss)
-        loss_before = LOSSES[loss](c(x), y)
+        x, y = batch(loss) if positions is None else sequence_batch(loss, positions)
+        loss_before = mean_loss(loss, c(x), y)
         loss_before.backward()
         theta0 = flat(p.detach() for p in params).clone()
         g = flat(p.grad for p in params)
-        G = ggn_matrix(model, loss, x[:rows], y[:rows])
+        G = ggn_matrix(model, loss, x[:examples], y[:examples])
         c.step()
         c.zero_grad()
         last = c.optimizer.last_step
@@ -140,9 +157,89 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss):
         _, q = assert_minimizer(g, G, last, s, previous)
         assert last["predicted"] == pytest.approx(-q, rel=1e-9)
         with torch.no_grad():
-            actual = float(loss_before - LOSSES[loss](model(x), y))
+            actual = float(loss_before - mean_loss(loss, model(x), y))
         assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
         previous = s
+
+
+class Scale(nn.Module):
+    """x ↦ x·w, elementwise: no layer gnfx models, so w gets the diagonal preconditioner."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def scaled(out=3):
+    """tiny() with a Scale after the first layer: kfac on the Linear layers, the diagonal on w (P = 2)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), Scale(6), nn.Tanh(), nn.Linear(6, out)).to(DTYPE)
+
+
+@pytest.mark.parametrize("make", [tiny, scaled])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fixed_momentum_alpha_minimizes_the_dense_ggn_quadratic_along_the_velocity(loss, make, monkeypatch):
+    """quadratic_momentum=μ̂: the update is s = Σ_k α_k v_k with v = Δ + μ̂ v_prev (v_k its part on
+    preconditioner k's parameters; v_k = Δ_k where gᵀv_prev,k > 0) and the α_k the minimizer of
+    q(d) = gᵀd + ½ dᵀ(G + λI)d over the span of the v_k (G dense); the predicted reduction is -q(s).
+    Δ is the chain's proposal, recorded as the step runs it; at step 3 the carried velocity is
+    negated, so that the restart is exercised."""
+    momentum = 0.9
+    model = make()
+    with warnings.catch_warnings():  # scaled(): the coverage warning about w
+        warnings.simplefilter("ignore")
+        c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_momentum=momentum, stat_every=1, inv_every=1)
+    params = list(model.parameters())
+    diagonal = [n == "1.scale" for n, _ in model.named_parameters()]
+    owners = torch.cat([torch.full((p.numel(),), d) for p, d in zip(params, diagonal)])
+    masks = [m for m in (~owners, owners) if m.any()]
+    assert len(c.optimizer.preconditioners) == len(masks)
+    proposals, run = [], quadratic_step.QuadraticStep.step
+
+    def recorded(self, chain, *args, **kwargs):
+        def proposing():
+            before = flat(p.detach() for p in params).clone()
+            chain()
+            proposals.append(flat(p.detach() for p in params) - before)
+        return run(self, proposing, *args, **kwargs)
+
+    monkeypatch.setattr(quadratic_step.QuadraticStep, "step", recorded)
+    velocity, carried, restarted = None, 0, 0
+    for step in range(STEPS):
+        if step == 3:
+            c.optimizer.quadratic.previous = [-v for v in c.optimizer.quadratic.previous]
+            velocity = -velocity
+        x, y = batch(loss, seed=step)
+        LOSSES[loss](c(x), y).backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = ggn_matrix(model, loss, x, y)
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        assert not last["rejected"] and not last.get("backtracks"), last
+        s = flat(p.detach() for p in params) - theta0
+        rows = [torch.where(m, proposals[-1], 0) for m in masks]
+        if velocity is not None:
+            for k, m in enumerate(masks):
+                if g @ torch.where(m, velocity, 0) > 0:
+                    restarted += 1
+                else:
+                    carried += 1
+                    rows[k] = rows[k] + momentum * torch.where(m, velocity, 0)
+        V = torch.stack(rows, dim=1)
+        M = V.T @ (G + last["damping"] * torch.eye(len(g), dtype=DTYPE)) @ V
+        b = V.T @ g
+        c_ref = -torch.linalg.solve(M, b)
+        torch.testing.assert_close(s, V @ c_ref, rtol=1e-8, atol=1e-10 * float(s.abs().max()))
+        assert list(last["alphas"].values()) == pytest.approx(c_ref.tolist(), rel=1e-8)
+        assert last["predicted"] == pytest.approx(-float(b @ c_ref + 0.5 * c_ref @ M @ c_ref), rel=1e-9)
+        assert last["mu"] == (momentum if step else 0.0)
+        velocity = V.sum(1)
+    assert carried >= 1 and restarted >= 1
 
 
 def test_minimize_quadratic_keeps_mu_in_range_and_caps_alpha():
@@ -505,6 +602,49 @@ def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
             torch.testing.assert_close(s, alpha * proposals[-1] + mu * previous, rtol=1e-12,
                                        atol=1e-14 * float(theta.abs().max()))
         previous = s
+    assert reused == len([t for t in range(DAMPING_WARMUP, steps) if t % solve_every])
+
+
+def test_steps_between_solves_with_a_fixed_momentum_reuse_alpha_on_the_velocity(monkeypatch):
+    """quadratic_every=3 with quadratic_momentum=μ̂ (one tangent per part): a step between solves runs
+    no forward and applies s = α̂ v exactly, v = Δ + μ̂ v_prev the velocity (v = Δ where the carried
+    velocity goes uphill, gᵀv_prev > 0), α̂ of the last solve; `last_step` reports μ̂."""
+    mu_hat, solve_every, steps = 0.5, 3, DAMPING_WARMUP + 7
+    model = tiny()
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, quadratic_every=solve_every,
+                     quadratic_momentum=mu_hat)
+    params = list(model.parameters())
+    forwards, proposals = [0], []
+    model[0].register_forward_pre_hook(lambda *args: forwards.__setitem__(0, forwards[0] + 1))
+    chain = gnfx.optimizer.GnfxOptimizer._apply_chain
+
+    def recorded(self):
+        theta = flat(p.detach() for p in params).clone()
+        chain(self)
+        proposals.append(flat(p.detach() for p in params) - theta)
+
+    monkeypatch.setattr(gnfx.optimizer.GnfxOptimizer, "_apply_chain", recorded)
+    velocity, alpha, reused = None, None, 0
+    for t in range(steps):
+        x, y = batch("mse")
+        F.mse_loss(c(x), y).backward()
+        g = flat(p.grad for p in params).clone()
+        theta = flat(p.detach() for p in params).clone()
+        forwards[0] = 0
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        s = flat(p.detach() for p in params) - theta
+        assert not last["rejected"] and not last["backtracks"], (t, last)
+        assert last["mu"] == (mu_hat if velocity is not None else 0.0) and last["solved"] == (forwards[0] >= 1), t
+        expected = proposals[-1] if velocity is None or float(g @ velocity) > 0 else proposals[-1] + mu_hat * velocity
+        if last["solved"]:
+            alpha = last["alpha"]
+        else:
+            reused += 1
+            assert last["alpha"] == alpha
+        torch.testing.assert_close(s, alpha * expected, rtol=1e-10, atol=1e-14 * float(theta.abs().max()))
+        velocity = expected
     assert reused == len([t for t in range(DAMPING_WARMUP, steps) if t % solve_every])
 
 

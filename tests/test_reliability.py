@@ -740,6 +740,7 @@ def invalid_values(spec) -> list:
         "a finite number > 0": [0, -1.0, nan, inf],
         "a finite number >= 0": [-1e-3, nan, inf],
         "a number in [0, 1)": [1.0, -0.1, nan],
+        "'adaptive' or a number in [0, 1)": [1.0, -0.1, nan, "fixed", True],
         "a number in (0, 1)": [0, 1.0, nan],
         "an integer >= 1": [0, 2.5, True],
         "None or an integer >= 1": [0, 2.5, True],
