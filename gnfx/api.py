@@ -7,8 +7,8 @@ from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.fsdp import check_unsharded
-from gnfx.hparams import (HParam, choice, flag, nonnegative, open_unit_interval, positive, positive_int, resolve,
-                          unit_interval)
+from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, open_unit_interval, positive,
+                          positive_int, resolve, unit_interval)
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
@@ -24,6 +24,8 @@ COMMON = {
     "lr": positive("learning rate η", 1e-3),
     "weight_decay": nonnegative("decoupled weight decay λ: θ ← θ(1 - ηλ)", 0.0),
     "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
+    "refresh_warmup": nonnegative_int("collect statistics and refresh every curvature preconditioner on each of the "
+                                      "first refresh_warmup steps (then every stat_every / inv_every)", 0),
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
@@ -73,6 +75,11 @@ COMMON = {
     "cost_rows": positive_int("rows B·R of a statistic step per call site (examples x positions) that the cost "
                               "model assumes: for optimizer='auto' and model.cost()", 256),
 }
+# refresh_warmup under step="quadratic" for K-FAC and EKFAC: statistics and refreshes on each of the first 10
+# steps. On the digits CNN (runs of 35-90 steps, of which stat_every = 10 gave 4-9 statistic steps) kfac
+# reached its targets in 40/70, 25/70, 25/80 steps (seeds 0-2) against 35/75, 45/90, 45/80; the MLP took
+# 5-10 steps fewer, the autoencoder the same (benchmarks/results/defaults.md, "Refresh warm-up")
+QUADRATIC_REFRESH_WARMUP = 10
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 
 
@@ -146,9 +153,11 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
     no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them: KL clipping
     scales the proposal, which α undoes, so it changed no step, benchmarks/results/defaults.md), and
-    for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING and fisher="mc" (the loss is
+    for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING, fisher="mc" (the loss is
     known; on the deep autoencoder it reached the targets in 0.6x the steps of the empirical Fisher,
-    the same steps as "type2" at one backward per statistic step instead of one per output)."""
+    the same steps as "type2" at one backward per statistic step instead of one per output) and
+    refresh_warmup = QUADRATIC_REFRESH_WARMUP (fresh factors on each early step, where the curvature
+    changes fastest)."""
     step = hparams.get("step", "auto")
     if step == "auto":
         auto = isinstance(optimizer, str) and optimizer in REGISTRY and REGISTRY[optimizer].quadratic_by_default
@@ -165,7 +174,7 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     specs = policy.hparam_specs()
     defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
     if _tikhonov(policy):
-        defaults.update(damping=QUADRATIC_DAMPING, fisher="mc")
+        defaults.update(damping=QUADRATIC_DAMPING, fisher="mc", refresh_warmup=QUADRATIC_REFRESH_WARMUP)
     return {"lr": 1.0, **defaults, **hparams}
 
 
