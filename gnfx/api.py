@@ -24,8 +24,9 @@ COMMON = {
     "lr": positive("learning rate η", 1e-3),
     "weight_decay": nonnegative("decoupled weight decay λ: θ ← θ(1 - ηλ)", 0.0),
     "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
-    "refresh_warmup": nonnegative_int("collect statistics and refresh every curvature preconditioner on each of the "
-                                      "first refresh_warmup steps (then every stat_every / inv_every)", 0),
+    "refresh_warmup": nonnegative_int("collect statistics on each of the first refresh_warmup steps (then every "
+                                      "stat_every-th), and refresh K-FAC's inverses and EKFAC's bases on each of them "
+                                      "(then every inv_every-th); 10 for kfac and ekfac under step='quadratic'", 0),
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
@@ -77,8 +78,9 @@ COMMON = {
 }
 # refresh_warmup under step="quadratic" for K-FAC and EKFAC: statistics and refreshes on each of the first 10
 # steps. On the digits CNN (runs of 35-90 steps, of which stat_every = 10 gave 4-9 statistic steps) kfac
-# reached its targets in 40/70, 25/70, 25/80 steps (seeds 0-2) against 35/75, 45/90, 45/80; the MLP took
-# 5-10 steps fewer, the autoencoder the same (benchmarks/results/defaults.md, "Refresh warm-up")
+# reached its targets in 40/70, 25/70, 25/80 steps (seeds 0-2) against 35/75, 45/90, 45/80, and ekfac
+# reached all six (60/85, 65/105, 75/110) where it missed seed 0's validation target; the MLP took 5-10
+# steps fewer, the autoencoder the same (benchmarks/results/defaults.md, "Refresh warm-up")
 QUADRATIC_REFRESH_WARMUP = 10
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 

@@ -151,7 +151,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     @property
     def warming_up(self) -> bool:
-        """Whether this step is one of the first `refresh_warmup`: statistics and every refresh due."""
+        """Whether this step is one of the first `refresh_warmup`: a statistic step, on which K-FAC and
+        EKFAC refresh too (their `refresh_due`)."""
         return self.steps < self.refresh_warmup
 
     @property
@@ -201,7 +202,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         for pre in self.curvature:
             if self.statistic_step:
                 pre.collect()
-            if pre.refresh_due(self.steps) or self.warming_up:
+            if pre.refresh_due(self.steps):
                 pre.refresh(self.statistics, self.comm)
         if self.quadratic is None:
             self._apply_chain()

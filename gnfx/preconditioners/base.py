@@ -5,8 +5,8 @@ or all parameters for the diagonal preconditioner). It declares its hyperparamet
 and the statistics it needs from the taps of each block (`needs`), and keeps its state in the
 optimizer's per-parameter state, so that `state_dict`/`load_state_dict` carry it. It is given
 everything it reads as values, never the optimizer: its resolved hyperparameters `hp` (with the
-statistics settings of gnfx.compile every preconditioner may read, `stat_decay` β and
-`stat_every`: STATISTIC_SETTINGS), and the parameters with their state and param groups (a
+statistics settings of gnfx.compile every preconditioner may read, `stat_decay` β,
+`stat_every` and `refresh_warmup`: STATISTIC_SETTINGS), and the parameters with their state and param groups (a
 gnfx.parameter_store.ParameterStore) at construction; the statistics store and the communicator
 as arguments of the calls that use them (`refresh`, `update`, `curvature_product`). The diagonal
 preconditioner updates its parameters itself (`update`, foreach kernels); the curvature
@@ -41,7 +41,7 @@ class Candidate:
 
 
 # gnfx.compile's statistics settings, added to every preconditioner's `hp` by the optimizer
-STATISTIC_SETTINGS = ("stat_decay", "stat_every")
+STATISTIC_SETTINGS = ("stat_decay", "stat_every", "refresh_warmup")
 
 
 class Preconditioner:

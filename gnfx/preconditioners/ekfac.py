@@ -102,8 +102,9 @@ class EKFAC(KFAC):
         return state
 
     def refresh_due(self, step):
-        """New bases every inv_every steps; the scaling s after every statistic step."""
-        self.basis_due = step % self.hp["inv_every"] == 0
+        """New bases every inv_every steps and on each of the first refresh_warmup steps; the scaling s
+        after every statistic step."""
+        self.basis_due = step % self.hp["inv_every"] == 0 or step < self.hp["refresh_warmup"]
         return self.basis_due or step % self.hp["stat_every"] == 0
 
     def tap_bases_due(self):
