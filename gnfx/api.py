@@ -26,7 +26,7 @@ COMMON = {
     "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
     "refresh_warmup": nonnegative_int("collect statistics on each of the first refresh_warmup steps (then every "
                                       "stat_every-th), and refresh K-FAC's inverses and EKFAC's bases on each of them "
-                                      "(then every inv_every-th); 10 for kfac and ekfac under step='quadratic'", 0),
+                                      "(then every inv_every-th); 10 for ekfac under step='quadratic'", 0),
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
@@ -76,12 +76,6 @@ COMMON = {
     "cost_rows": positive_int("rows B·R of a statistic step per call site (examples x positions) that the cost "
                               "model assumes: for optimizer='auto' and model.cost()", 256),
 }
-# refresh_warmup under step="quadratic" for K-FAC and EKFAC: statistics and refreshes on each of the first 10
-# steps. On the digits CNN (runs of 35-90 steps, of which stat_every = 10 gave 4-9 statistic steps) kfac
-# reached its targets in 40/70, 25/70, 25/80 steps (seeds 0-2) against 35/75, 45/90, 45/80, and ekfac
-# reached all six (60/85, 65/105, 75/110) where it missed seed 0's validation target; the MLP took 5-10
-# steps fewer, the autoencoder the same (benchmarks/results/defaults.md, "Refresh warm-up")
-QUADRATIC_REFRESH_WARMUP = 10
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 
 
@@ -157,9 +151,8 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     scales the proposal, which α undoes, so it changed no step, benchmarks/results/defaults.md), and
     for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING, fisher="mc" (the loss is
     known; on the deep autoencoder it reached the targets in 0.6x the steps of the empirical Fisher,
-    the same steps as "type2" at one backward per statistic step instead of one per output) and
-    refresh_warmup = QUADRATIC_REFRESH_WARMUP (fresh factors on each early step, where the curvature
-    changes fastest)."""
+    the same steps as "type2" at one backward per statistic step instead of one per output), and the
+    largest `quadratic_refresh_warmup` of the plan's preconditioners as refresh_warmup (EKFAC's 10)."""
     step = hparams.get("step", "auto")
     if step == "auto":
         auto = isinstance(optimizer, str) and optimizer in REGISTRY and REGISTRY[optimizer].quadratic_by_default
@@ -176,7 +169,10 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     specs = policy.hparam_specs()
     defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
     if _tikhonov(policy):
-        defaults.update(damping=QUADRATIC_DAMPING, fisher="mc", refresh_warmup=QUADRATIC_REFRESH_WARMUP)
+        defaults.update(damping=QUADRATIC_DAMPING, fisher="mc")
+    warmup = max(REGISTRY[name].quadratic_refresh_warmup for name in policy.names)
+    if warmup:
+        defaults["refresh_warmup"] = warmup
     return {"lr": 1.0, **defaults, **hparams}
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import gnfx
-from gnfx.api import QUADRATIC_REFRESH_WARMUP
+from gnfx.preconditioners import REGISTRY
 from references import cross_entropy
 
 
@@ -56,10 +56,11 @@ def test_a_refresh_warmup_that_is_not_a_count_of_steps_is_a_config_error(bad):
 
 
 @pytest.mark.parametrize("optimizer", REFRESHES)
-def test_the_quadratic_step_warms_up_by_default_and_a_fixed_lr_does_not(optimizer):
+def test_the_quadratic_step_warms_up_by_the_preconditioners_default_and_a_fixed_lr_does_not(optimizer):
     quadratic = gnfx.compile(nn.Linear(3, 2), optimizer=optimizer, loss="cross_entropy")
-    assert quadratic.optimizer.refresh_warmup == QUADRATIC_REFRESH_WARMUP > 0
+    assert quadratic.optimizer.refresh_warmup == REGISTRY[optimizer].quadratic_refresh_warmup
     fixed = gnfx.compile(nn.Linear(3, 2), optimizer=optimizer, lr=1e-2)
     assert fixed.optimizer.refresh_warmup == 0
     given = gnfx.compile(nn.Linear(3, 2), optimizer=optimizer, loss="cross_entropy", refresh_warmup=3)
     assert given.optimizer.refresh_warmup == 3
+

@@ -57,6 +57,8 @@ class Preconditioner:
     # whether gnfx.compile's step="auto" means step="quadratic" for optimizer=<this name> when loss= is
     # given and lr is not (benchmarks/results/quadratic_step.md measures which gain by it)
     quadratic_by_default: bool = False
+    # gnfx.compile's `refresh_warmup` under step="quadratic" unless given (the largest of the plan's)
+    quadratic_refresh_warmup: int = 0
     # whether optimizer="auto" may choose it (as `auto_candidates` offers)
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)
