@@ -52,10 +52,10 @@ class EKFAC(KFAC):
     # targets; on the digits CNN 0.76-1.24x, and it misses seed 0's validation target (0.0802 against 0.08).
     # At a fixed lr it reached neither the MLP's nor the CNN's validation target at any lr of its grid (results/full.md)
     quadratic_by_default = True
-    # statistics and new bases on each of the first 10 steps: it then reached all 18 digits targets that AdamW
-    # reaches (CNN 60/85, 65/105, 75/110 against -/95, 70/95, 70/130) and the char GPT's training target in 450
-    # steps against 500; K-FAC stays at 0, its GPT training target took 400-450 steps against 350-375
-    # (benchmarks/results/defaults.md, "a refresh warm-up")
+    # statistics and new bases on each of the first 10 steps (the figures above are without): it then reached all
+    # 18 digits targets (AdamW's grid 17), the CNN's in 0.68-1.08x AdamW's steps (60/85, 65/105, 75/110 against
+    # -/95, 70/95, 70/130), and the char GPT's training target in 450 steps against 500 (seed 0); K-FAC stays at 0:
+    # its GPT training target took 400-450 steps against 350-375 (benchmarks/results/defaults.md, "a refresh warm-up")
     quadratic_refresh_warmup = 10
 
     @classmethod
