@@ -54,8 +54,9 @@ class EKFAC(KFAC):
     quadratic_by_default = True
     # statistics and new bases on each of the first 10 steps (the figures above are without): it then reached all
     # 18 digits targets (AdamW's grid 17), the CNN's in 0.68-1.08x AdamW's steps (60/85, 65/105, 75/110 against
-    # -/95, 70/95, 70/130), and the char GPT's training target in 450 steps against 500 (seed 0); K-FAC stays at 0:
-    # its GPT training target took 400-450 steps against 350-375 (benchmarks/results/defaults.md, "a refresh warm-up")
+    # -/95, 70/95, 70/130), and the char GPT's training target in 450 and 425 steps against 500 and 450 (seeds 0, 1);
+    # K-FAC stays at 0: its GPT training target took 400-450 steps against 350-375
+    # (benchmarks/results/defaults.md, "a refresh warm-up")
     quadratic_refresh_warmup = 10
 
     @classmethod
