@@ -7,8 +7,8 @@ from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.fsdp import check_unsharded
-from gnfx.hparams import (HParam, choice, flag, nonnegative, open_unit_interval, positive, positive_int, resolve,
-                          unit_interval)
+from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, open_unit_interval, positive,
+                          positive_int, resolve, unit_interval)
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
@@ -24,6 +24,9 @@ COMMON = {
     "lr": positive("learning rate η", 1e-3),
     "weight_decay": nonnegative("decoupled weight decay λ: θ ← θ(1 - ηλ)", 0.0),
     "stat_every": positive_int("collect statistics on every stat_every-th step", 10),
+    "refresh_warmup": nonnegative_int("collect statistics on each of the first refresh_warmup steps (then every "
+                                      "stat_every-th), and refresh K-FAC's inverses and EKFAC's bases on each of them "
+                                      "(then every inv_every-th); 10 for ekfac under step='quadratic'", 0),
     "stat_decay": unit_interval("β of the statistics' moving average F ← βF + (1-β)F_batch", 0.95),
     "kfac_approx": choice("weight sharing: positions as examples or summed first", "expand", KFAC_APPROX),
     "loss_average": choice("loss terms per example: inferred from an (N, ..., C) output, or 1",
@@ -158,10 +161,11 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     (the proposal is the preconditioner's full step, which α scales; a given lr caps α at 1, `lr_cap`),
     no heavy-ball momentum and no KL clipping inside the chain (μ and α replace them: KL clipping
     scales the proposal, which α undoes, so it changed no step, benchmarks/results/defaults.md), and
-    for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING and fisher="mc" (the loss is
+    for K-FAC and EKFAC the starting damping λ0 = QUADRATIC_DAMPING, fisher="mc" (the loss is
     known; on the deep autoencoder it reached the targets in 0.6x the steps of the empirical Fisher,
-    the same steps as "type2" at one backward per statistic step instead of one per output). An optimizer
-    whose class sets true_fisher_by_default (rank1) takes fisher="mc" whenever loss= is given."""
+    the same steps as "type2" at one backward per statistic step instead of one per output), and the
+    largest `quadratic_refresh_warmup` of the plan's preconditioners as refresh_warmup (EKFAC's 10). An
+    optimizer whose class sets true_fisher_by_default (rank1) takes fisher="mc" whenever loss= is given."""
     step = hparams.get("step", "auto")
     if hparams.get("loss") is not None and any(REGISTRY[n].true_fisher_by_default for n in policy.names):
         hparams = {"fisher": "mc", **hparams}
@@ -181,6 +185,9 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     defaults = {k: v for k, v in (("momentum", 0.0), ("kl_clip", 0.0)) if k in specs}
     if _tikhonov(policy):
         defaults.update(damping=QUADRATIC_DAMPING, fisher="mc")
+    warmup = max(REGISTRY[name].quadratic_refresh_warmup for name in policy.names)
+    if warmup:
+        defaults["refresh_warmup"] = warmup
     return {"lr": 1.0, **defaults, **hparams}
 
 

@@ -42,6 +42,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.statistics = None
         self.stat_every = settings["stat_every"]
         self.stat_decay = settings["stat_decay"]
+        self.refresh_warmup = settings["refresh_warmup"]
         self.steps = 0
         self.skipped_steps = 0
         self.nan_policy = settings["nan_policy"]
@@ -147,7 +148,13 @@ class GnfxOptimizer(torch.optim.Optimizer):
     @property
     def statistic_step(self) -> bool:
         """Whether this step collects statistics (taps, and gradient-based curvature)."""
-        return self.steps % self.stat_every == 0
+        return self.steps % self.stat_every == 0 or self.warming_up
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether this step is one of the first `refresh_warmup`: a statistic step, on which K-FAC and
+        EKFAC refresh too (their `refresh_due`)."""
+        return self.steps < self.refresh_warmup
 
     @property
     def collecting(self) -> bool:

@@ -5,8 +5,8 @@ or all parameters for the diagonal preconditioner). It declares its hyperparamet
 and the statistics it needs from the taps of each block (`needs`), and keeps its state in the
 optimizer's per-parameter state, so that `state_dict`/`load_state_dict` carry it. It is given
 everything it reads as values, never the optimizer: its resolved hyperparameters `hp` (with the
-statistics settings of gnfx.compile every preconditioner may read, `stat_decay` β and
-`stat_every`: STATISTIC_SETTINGS), and the parameters with their state and param groups (a
+statistics settings of gnfx.compile every preconditioner may read, `stat_decay` β,
+`stat_every` and `refresh_warmup`: STATISTIC_SETTINGS), and the parameters with their state and param groups (a
 gnfx.parameter_store.ParameterStore) at construction; the statistics store and the communicator
 as arguments of the calls that use them (`refresh`, `update`, `curvature_product`). The diagonal
 preconditioner updates its parameters itself (`update`, foreach kernels); the curvature
@@ -41,7 +41,7 @@ class Candidate:
 
 
 # gnfx.compile's statistics settings, added to every preconditioner's `hp` by the optimizer
-STATISTIC_SETTINGS = ("stat_decay", "stat_every")
+STATISTIC_SETTINGS = ("stat_decay", "stat_every", "refresh_warmup")
 
 
 class Preconditioner:
@@ -57,6 +57,8 @@ class Preconditioner:
     # whether gnfx.compile's step="auto" means step="quadratic" for optimizer=<this name> when loss= is
     # given and lr is not (benchmarks/results/quadratic_step.md measures which gain by it)
     quadratic_by_default: bool = False
+    # gnfx.compile's `refresh_warmup` under step="quadratic" unless given (the largest of the plan's)
+    quadratic_refresh_warmup: int = 0
     # whether optimizer="auto" may choose it (as `auto_candidates` offers)
     in_auto: bool = False
     # hyperparameters read from optimizer.param_groups (set per group, never per pattern)

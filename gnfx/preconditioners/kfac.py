@@ -133,7 +133,8 @@ class KFAC(CurvaturePreconditioner):
                 "failures": self.stacked_zeros(group, dtype=torch.int64)}
 
     def refresh_due(self, step):
-        return step % self.hp["inv_every"] == 0
+        """Every inv_every steps, and on each of the first refresh_warmup steps."""
+        return step % self.hp["inv_every"] == 0 or step < self.hp["refresh_warmup"]
 
     def refresh(self, statistics, comm):
         for group in self.groups:
