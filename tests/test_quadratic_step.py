@@ -86,6 +86,18 @@ def assert_minimizer(g, G, last, s, previous):
     return interior, float(q)
 
 
+def step_against_the_ggn(c, model, params, loss, x, y):
+    """One training step of the compiled `c` on (x, y): the gradient g and the dense GGN G at θ (of
+    the batch's mean loss), the step s = θ' - θ, and the step's last_step."""
+    LOSSES[loss](c(x), y).backward()
+    theta0 = flat(p.detach() for p in params).clone()
+    g = flat(p.grad for p in params)
+    G = ggn_matrix(model, loss, x, y)
+    c.step()
+    c.zero_grad()
+    return g, G, flat(p.detach() for p in params) - theta0, c.optimizer.last_step
+
+
 @pytest.mark.parametrize("optimizer", ["kfac", "diag"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
@@ -98,16 +110,8 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
     previous = None
     interior = 0
     for _ in range(STEPS):
-        x, y = batch(loss)
-        LOSSES[loss](c(x), y).backward()
-        theta0 = flat(p.detach() for p in params).clone()
-        g = flat(p.grad for p in params)
-        G = ggn_matrix(model, loss, x, y)
-        c.step()
-        c.zero_grad()
-        last = c.optimizer.last_step
+        g, G, s, last = step_against_the_ggn(c, model, params, loss, *batch(loss))
         assert not last["rejected"], last
-        s = flat(p.detach() for p in params) - theta0
         inside, q = assert_minimizer(g, G, last, s, previous)
         interior += inside
         assert last["predicted"] == pytest.approx(-q, rel=1e-9)
@@ -212,16 +216,8 @@ def test_fixed_momentum_alpha_minimizes_the_dense_ggn_quadratic_along_the_veloci
         if step == 3:
             c.optimizer.quadratic.previous = [-v for v in c.optimizer.quadratic.previous]
             velocity = -velocity
-        x, y = batch(loss, seed=step)
-        LOSSES[loss](c(x), y).backward()
-        theta0 = flat(p.detach() for p in params).clone()
-        g = flat(p.grad for p in params)
-        G = ggn_matrix(model, loss, x, y)
-        c.step()
-        c.zero_grad()
-        last = c.optimizer.last_step
+        g, G, s, last = step_against_the_ggn(c, model, params, loss, *batch(loss, seed=step))
         assert not last["rejected"] and not last.get("backtracks"), last
-        s = flat(p.detach() for p in params) - theta0
         rows = [torch.where(m, proposals[-1], 0) for m in masks]
         if velocity is not None:
             for k, m in enumerate(masks):
@@ -451,6 +447,21 @@ def train_step(c, x, y, loss, seed):
     c.zero_grad()
 
 
+def steps_alike(a, b, x, y, steps, flag: str, every: int) -> list:
+    """Train `a` and `b` (restored from `a`'s checkpoint) on the same (x, y) at `steps` (the steps'
+    indices): each step's last_step[flag] is True exactly on the multiples of `every`, alike in both,
+    with the same λ and bit-identical parameters; returns the flags."""
+    flags = []
+    for t in steps:
+        for c in (a, b):
+            train_step(c, x, y, "mse", t)
+        assert a.optimizer.last_step[flag] == b.optimizer.last_step[flag] == (t % every == 0), t
+        flags.append(a.optimizer.last_step[flag])
+        assert b.optimizer.quadratic.damping == a.optimizer.quadratic.damping
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    return flags
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     """damping_every=3: ρ and the λ rule on the first DAMPING_WARMUP steps and every third one
@@ -532,15 +543,22 @@ def test_checkpoint_keeps_the_adaptation_schedule():
     assert (b.optimizer.quadratic.adapted_at, b.optimizer.quadratic.judged) == (
         a.optimizer.quadratic.adapted_at, a.optimizer.quadratic.judged)
     assert a.optimizer.quadratic.adapted_at == DAMPING_WARMUP - 1
-    adapted = []
-    for i in range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 9):
-        for c in (a, b):
-            train_step(c, x, y, "mse", i)
-        assert a.optimizer.last_step["adapted"] == b.optimizer.last_step["adapted"] == (i % 4 == 0)
-        adapted.append(b.optimizer.last_step["adapted"])
-        assert b.optimizer.quadratic.damping == a.optimizer.quadratic.damping
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    adapted = steps_alike(a, b, x, y, range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 9), "adapted", 4)
     assert any(adapted) and not all(adapted)
+
+
+def recorded_proposals(monkeypatch, params) -> list:
+    """The list to which every step appends its chain's proposal Δ (θ after the chain - θ before),
+    measured outside the step by wrapping GnfxOptimizer._apply_chain."""
+    proposals, chain = [], gnfx.optimizer.GnfxOptimizer._apply_chain
+
+    def recorded(self):
+        theta = flat(p.detach() for p in params).clone()
+        chain(self)
+        proposals.append(flat(p.detach() for p in params) - theta)
+
+    monkeypatch.setattr(gnfx.optimizer.GnfxOptimizer, "_apply_chain", recorded)
+    return proposals
 
 
 def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
@@ -557,7 +575,6 @@ def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
                      quadratic_every=solve_every)
     params = list(model.parameters())
     calls = {"forward": 0, "solve": 0}
-    proposals = []
     model[0].register_forward_pre_hook(lambda *args: calls.update(forward=calls["forward"] + 1))
 
     def counted(name, function):
@@ -567,14 +584,7 @@ def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(quadratic_step, "minimize_quadratic", counted("solve", quadratic_step.minimize_quadratic))
-    chain = gnfx.optimizer.GnfxOptimizer._apply_chain
-
-    def recorded(self):
-        theta = flat(p.detach() for p in params).clone()
-        chain(self)
-        proposals.append(flat(p.detach() for p in params) - theta)
-
-    monkeypatch.setattr(gnfx.optimizer.GnfxOptimizer, "_apply_chain", recorded)
+    proposals = recorded_proposals(monkeypatch, params)
     previous, solved, solved_at, reused = None, None, -1, 0
     for t in range(steps):
         x, y = batch("mse")  # one batch: the guard of the steps between holds (the next test)
@@ -614,16 +624,8 @@ def test_steps_between_solves_with_a_fixed_momentum_reuse_alpha_on_the_velocity(
     c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, quadratic_every=solve_every,
                      quadratic_momentum=mu_hat)
     params = list(model.parameters())
-    forwards, proposals = [0], []
+    forwards, proposals = [0], recorded_proposals(monkeypatch, params)
     model[0].register_forward_pre_hook(lambda *args: forwards.__setitem__(0, forwards[0] + 1))
-    chain = gnfx.optimizer.GnfxOptimizer._apply_chain
-
-    def recorded(self):
-        theta = flat(p.detach() for p in params).clone()
-        chain(self)
-        proposals.append(flat(p.detach() for p in params) - theta)
-
-    monkeypatch.setattr(gnfx.optimizer.GnfxOptimizer, "_apply_chain", recorded)
     velocity, alpha, reused = None, None, 0
     for t in range(steps):
         x, y = batch("mse")
@@ -677,13 +679,7 @@ def test_checkpoint_keeps_the_coefficients_between_solves():
     b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="mse", stat_every=1, inv_every=1,
                      quadratic_every=3)
     b.optimizer.load_state_dict(a.optimizer.state_dict())
-    solved = []
-    for t in range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 6):
-        for c in (a, b):
-            train_step(c, x, y, "mse", t)
-        assert a.optimizer.last_step["solved"] == b.optimizer.last_step["solved"] == (t % 3 == 0)
-        solved.append(a.optimizer.last_step["solved"])
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    solved = steps_alike(a, b, x, y, range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 6), "solved", 3)
     assert any(solved) and not all(solved)
 
 
