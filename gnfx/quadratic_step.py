@@ -411,8 +411,8 @@ class QuadraticStep:
             refresh()
         if rejected:
             self.previous = None
-        else:  # δ, or the velocity (on the proposal's scale: unchanged by a retry's t)
-            self.previous = update if adaptive else self._place(layout, V.sum(0), 1.0)
+        else:
+            self.previous = self._carried(layout, update, V)
             self.judged = predicted if adapted else self.judged
         # the steps between reuse a solve the model did not misjudge (module docstring); else the next step solves
         trusted = not (rejected or backtracks or (adapted and rho < RHO_LOW))
@@ -444,16 +444,20 @@ class QuadraticStep:
         flat_update = c.to(device=V.device, dtype=V.dtype) @ V
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
-        adaptive = self.momentum == "adaptive"
-        self.previous = update if adaptive else self._place(layout, V.sum(0), 1.0)
+        self.previous = self._carried(layout, update, V)
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
         nan = float("nan")
-        mu = coefficients[-1] if adaptive else self.momentum
+        mu = coefficients[-1] if self.momentum == "adaptive" else self.momentum
         self.last_step = {"alpha": coefficients[0], "alphas": alphas, "mu": mu, "damping": self.damping,
                           "rho": nan, "predicted": nan, "actual": nan, "rejected": False, "adapted": False,
                           "backtracks": 0, "solved": False}
         return True
+
+    def _carried(self, layout: "FlatLayout", update: list, V: torch.Tensor) -> list:
+        """What the next step continues: the update δ applied (adaptive μ), or with a fixed μ̂ the
+        velocity v = Σ_k v_k, the rows of V (on the proposal's scale: unchanged by a retry's t)."""
+        return update if self.momentum == "adaptive" else self._place(layout, V.sum(0), 1.0)
 
     def _velocity(self, layout: "FlatLayout", parts: list, proposal: torch.Tensor, previous: list | None,
                   grads: torch.Tensor) -> torch.Tensor:

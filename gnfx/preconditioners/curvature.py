@@ -170,6 +170,11 @@ class CurvaturePreconditioner(Preconditioner):
     def refresh_due(self, step: int) -> bool:
         return False
 
+    def statistic_step(self, step: int) -> bool:
+        """Whether step `step` collects statistics: every stat_every-th and each of the first
+        refresh_warmup (the optimizer's rule, GnfxOptimizer.statistic_step)."""
+        return step % self.hp["stat_every"] == 0 or step < self.hp["refresh_warmup"]
+
     def tap_bases_due(self) -> bool:
         """Whether this step's refresh may change the bases the taps measure statistics in
         (`BlockStatistics.basis`, gnfx.statistics); under FSDP2 their owners then send them to every

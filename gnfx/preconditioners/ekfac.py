@@ -150,8 +150,8 @@ class EKFAC(KFAC):
     def refresh_due(self, step):
         """New bases every inv_every steps and on each of the first refresh_warmup steps; the scaling s
         after every statistic step."""
-        self.basis_due = step % self.hp["inv_every"] == 0 or step < self.hp["refresh_warmup"]
-        return self.basis_due or step % self.hp["stat_every"] == 0
+        self.basis_due = super().refresh_due(step)  # when K-FAC would refresh its inverses
+        return self.basis_due or self.statistic_step(step)
 
     def tap_bases_due(self):
         return self.basis_due

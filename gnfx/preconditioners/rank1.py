@@ -116,7 +116,8 @@ class RankK(CurvaturePreconditioner):
                 "t": self.stacked_zeros(group)}
 
     def refresh_due(self, step):
-        return step % self.hp["stat_every"] == 0
+        """After every statistic step (each takes its batch's w)."""
+        return self.statistic_step(step)
 
     def refresh(self, statistics, comm):
         """D = T · diag from the averaged statistics, and the sketch updated with w = √M v of the last
