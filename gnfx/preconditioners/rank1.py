@@ -51,7 +51,7 @@ import sympy as sp
 import torch
 
 from gnfx import cost
-from gnfx.hparams import choice, flag, positive, positive_int
+from gnfx.hparams import choice, positive, positive_int
 from gnfx.linalg import eigh
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
@@ -67,9 +67,6 @@ class RankK(CurvaturePreconditioner):
         **common_hparams(),
         "rank": positive_int("number k of tracked eigenpairs of the curvature", 1),
         "damping": positive("λ of (D + U diag(s) Uᵀ + λI)⁻¹, on the GGN's scale", 1e-3),
-        "power": choice("the root p of the curvature's parts: (D^p + U diag(s)^p Uᵀ + λI)⁻¹", 1, (1, 0.5)),
-        "root": choice("how the power applies", "parts", ("parts", "whitened")),
-        "relative_damping": flag("λ in units of the block's mean D^p", False),
         "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
@@ -169,11 +166,10 @@ class RankK(CurvaturePreconditioner):
         t.add_(ok.to(t.dtype))
         state["failures"] += (fresh & ~finite).long()
 
-    def _scaled_eigenvectors(self, state, power=1):
-        """Y = U diag(ŝ^{p/2}), ŝ = s / (1 - βᵗ): Y Yᵀ = (U diag(ŝ) Uᵀ)^p, the bias-corrected sketch's
-        p-th power (U orthonormal), (pieces, n, k)."""
+    def _scaled_eigenvectors(self, state):
+        """Y = U diag(√ŝ), ŝ = s / (1 - βᵗ): the bias-corrected sketch Y Yᵀ, (pieces, n, k)."""
         s_hat = state["s"] / (1 - self.hp["stat_decay"] ** state["t"].clamp(min=1)).unsqueeze(1)
-        return state["U"] * s_hat.pow(power / 2).unsqueeze(1)
+        return state["U"] * s_hat.sqrt().unsqueeze(1)
 
     def curvature_product(self, group, i, V, statistics):
         """(D + U diag(ŝ) Uᵀ) vec(V): the modelled curvature, undamped."""
@@ -184,14 +180,9 @@ class RankK(CurvaturePreconditioner):
 
     def direction(self, G, state, collect):
         """(D + Y Yᵀ + λI)⁻¹ vec(G) per piece by Woodbury (module docstring)."""
-        p = self.hp["power"]
-        if self.hp["root"] == "whitened":
-            return self._whitened_direction(G, state, p)
-        Y = self._scaled_eigenvectors(state, p)
-        Dp = state["D"].pow(p)
-        lam = self.hp["damping"] * (Dp.mean(1, keepdim=True) if self.hp["relative_damping"] else 1)
+        Y = self._scaled_eigenvectors(state)
         g = G.to(Y.dtype).flatten(1)  # (pieces, n)
-        E_inv = 1 / (Dp + lam)
+        E_inv = 1 / (state["D"] + self.hp["damping"])
         x = E_inv * g
         EY = E_inv.unsqueeze(2) * Y  # E⁻¹ Y (pieces, n, k)
         # For k = 1 elementwise forms: an (n x 1) matrix product takes a slow path (8x slower than a dot
@@ -205,24 +196,6 @@ class RankK(CurvaturePreconditioner):
             c = torch.cholesky_solve(Y.mT @ x.unsqueeze(2), torch.linalg.cholesky(inner))
             P = torch.baddbmm(x.unsqueeze(2), EY, c, alpha=-1)
         return P.reshape(G.shape)
-
-    def _whitened_direction(self, G, state, p):
-        """E^{-p/2} (I + Z Zᵀ)^{-p} E^{-p/2} g, E = D + λI, Z = E^{-1/2} Y: Ĝ^{-p} when D is a multiple of
-        I or Y = 0, Woodbury's form at p = 1. With Zᵀ Z = V diag(Λ) Vᵀ (k x k),
-        (I + Z Zᵀ)^{-p} = I - Z V diag((1 - (1+Λ)^{-p}) / Λ) Vᵀ Zᵀ (the limit p where Λ = 0)."""
-        Y = self._scaled_eigenvectors(state)
-        D = state["D"]
-        lam = self.hp["damping"] * (D.mean(1, keepdim=True) if self.hp["relative_damping"] else 1)
-        E = D + lam
-        g = G.to(Y.dtype).flatten(1)
-        Z = E.rsqrt().unsqueeze(2) * Y
-        Lam, V = eigh(Z.mT @ Z)
-        Lam = Lam.clamp(min=0)
-        f = torch.where(Lam > 0, (1 - (1 + Lam).pow(-p)) / Lam.clamp(min=1e-30), p)
-        Ep = E.pow(-p / 2)
-        h = Ep * g
-        c = V @ (f.unsqueeze(2) * (V.mT @ (Z.mT @ h.unsqueeze(2))))
-        return (Ep * (h - (Z @ c).squeeze(2))).reshape(G.shape)
 
     @classmethod
     def default_chain(cls, hp):
