@@ -36,7 +36,9 @@ a step whose length α the exact GGN chose) while the direction (D + λI)⁻¹ g
 entries of smallest D, worsens (α ~ 1e-3 on the deep autoencoder: D + U diag(ŝ) Uᵀ misses most of
 G's off-diagonal mass). By default it takes the fixed-lr step with its per-block step size grafted
 from Adam (gnfx.transforms.Graft, the first stage of its default update chain), and `fisher="mc"`
-whenever `loss=` is given.
+whenever `loss=` is given. Measured there too, and not adopted: the direction on Adam's scale (D^{1/2}
+and the sketch's root), λ relative to D, more sketch vectors or eigenpairs, a longer average and a
+refresh warm-up reached no more targets than these defaults, and none the digits MLP's validation target.
 
 Under data parallelism the statistics are those of the whole batch (gnfx.distributed): `grad`
 averages to the whole batch's v, and M and N come from `inverse_counts` (W ranks average
