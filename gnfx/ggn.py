@@ -145,16 +145,19 @@ def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tens
     A gnfx CompiledModel computes the function of the module it was compiled from, on the same
     Parameter objects under the same names: that module is evaluated, so that a product neither
     runs the statistic taps nor trips the compiled model's check of its parameters (which
-    functional_call swaps for the duration of a call)."""
+    functional_call swaps for the duration of a call). Each call runs on copies of the buffers, made
+    inside it: batch-norm statistics in training mode do not move, and their in-place update writes a
+    tensor of the torch.func transform rather than one it captured (which torch.func refuses)."""
     if isinstance(model, CompiledModel):
         model = model._model
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    buffers = dict(model.named_buffers())
 
     def f(theta: dict) -> Tensor:
-        z = logits_of(functional_call(model, theta, args))
+        z = logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}}, args))
         if z is None:
             raise ConfigError(f"{type(model).__name__} returns no floating tensor to take as the output z")
         return z
