@@ -148,11 +148,12 @@ import math
 import torch
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, output_hessian_product
+from gnfx.outputs import logits_of
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
 # 200, K-FAC's factored damping with it, α shrank to ~1e-4 and kfac at defaults missed both targets
@@ -224,11 +225,6 @@ def levenberg_marquardt(damping: float, rho: float, decay: float) -> float:
     return min(max(damping, LAMBDA_MIN), LAMBDA_MAX)
 
 
-def _first_tensor(out) -> torch.Tensor | None:
-    """The model output z: the first tensor with a batch dimension of the (possibly nested) output."""
-    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
-
-
 def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
     """z ↦ the mean-reduced `loss` at output z whose gradient at z0 is grad_z (module docstring)."""
     if loss == "mse":
@@ -282,7 +278,7 @@ class QuadraticStep:
             return
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = None
-        z = _first_tensor(out)
+        z = logits_of(out)
         self._examples = len(z) if z is not None else 0
         self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
@@ -305,7 +301,7 @@ class QuadraticStep:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
+        return lambda theta: logits_of(functional_call(model, {**theta, **buffers}, args, kwargs))
 
     def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by

@@ -11,6 +11,7 @@ steps (never time) against AdamW's best learning rate of a grid.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -320,6 +321,37 @@ def test_step_with_a_closure_equals_the_step_without(loss):
             assert la[key] == pytest.approx(lb[key], rel=1e-8, abs=1e-14), key
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@dataclasses.dataclass
+class Output:  # a Hugging Face-style output: a dataclass torch's pytree does not know, the loss first
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return Output(loss=None, logits=self.inner(x))
+
+
+def test_a_dataclass_output_steps_as_its_logits():
+    """z is the output's first floating tensor wherever the forward returns it (gnfx.outputs): the
+    steps of a model returning Output(loss=None, logits=z) are those of the one returning z."""
+    x, y = batch("cross_entropy")
+    plain, wrapped = tiny(), DataclassOutput(tiny())
+    cp, cw = (gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (plain, wrapped))
+    for _ in range(3):
+        for c, logits in ((cp, lambda out: out), (cw, lambda out: out.logits)):
+            F.cross_entropy(logits(c(x)), y).backward()
+            c.step()
+            c.zero_grad()
+        assert cw.optimizer.last_step["alpha"] == pytest.approx(cp.optimizer.last_step["alpha"], rel=1e-10)
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def test_a_step_that_raises_the_loss_is_undone():
