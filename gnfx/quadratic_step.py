@@ -290,7 +290,9 @@ class QuadraticStep:
 
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
-        model's own), with the buffers copied, so that batch-norm statistics do not move. With
+        model's own), on copies of the buffers made inside the function, so that batch-norm
+        statistics do not move (and their in-place update in training mode writes a tensor of the
+        forward-mode transform, not one it captured, which torch.func refuses). With
         `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
         examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
@@ -300,8 +302,9 @@ class QuadraticStep:
         if subset and examples is not None and examples < self._examples:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        return lambda theta: logits_of(functional_call(model, {**theta, **buffers}, args, kwargs))
+        buffers = dict(model.named_buffers())
+        return lambda theta: logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}},
+                                                       args, kwargs))
 
     def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by

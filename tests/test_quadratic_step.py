@@ -323,6 +323,22 @@ def test_step_with_a_closure_equals_the_step_without(loss):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_through_batch_norm_in_training_mode():
+    """The products run the model in training mode, whose batch norm updates its running statistics
+    in place: on copies (torch.func refuses to write a captured buffer), so only the training
+    forward moves them, and the step still minimizes the dense quadratic of the train-mode function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    params, previous = list(model.parameters()), None
+    for _ in range(3):
+        g, G, s, last = step_against_the_ggn(c, model, params, "cross_entropy", *batch("cross_entropy"))
+        assert not last["rejected"], last
+        assert_minimizer(g, G, last, s, previous)
+        previous = s
+    assert model[1].num_batches_tracked == 3  # the three training forwards only
+
+
 @dataclasses.dataclass
 class Output:  # a Hugging Face-style output: a dataclass torch's pytree does not know, the loss first
     loss: torch.Tensor | None
