@@ -147,12 +147,11 @@ import math
 
 import torch
 from torch.func import functional_call, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.fsdp import local, without_fsdp_hooks
-from gnfx.ggn import IGNORE_INDEX, output_hessian_product
+from gnfx.ggn import IGNORE_INDEX, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -270,6 +269,9 @@ class QuadraticStep:
         self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
         self._output_before = None  # its z
         self._output_grad = None
+        # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
+        # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
+        self._native_recurrent = False
 
     # --- the forward it replays (a forward hook of the CompiledModel) -------------------------
     def observe(self, module, args, kwargs, out) -> None:
@@ -313,9 +315,17 @@ class QuadraticStep:
         for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
         against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
+        try:
+            return self._products(f, params, tangents)
+        except NotImplementedError:  # a recurrent kernel without a forward-mode derivative: from now on ATen's own
+            if self._native_recurrent:
+                raise
+            self._native_recurrent = True
+            return self._products(f, params, tangents)
+
+    def _products(self, f, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(next(iter(tangents.values())))
-        # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
-        with sdpa_kernel(SDPBackend.MATH):
+        with forward_mode_kernels(self._native_recurrent):
             if count > 1:
                 try:  # z does not depend on the tangent: computed once, returned unbatched
                     return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)

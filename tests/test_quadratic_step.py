@@ -370,6 +370,34 @@ def test_a_dataclass_output_steps_as_its_logits():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
+    """oneDNN's LSTM kernel (a CPU's, float32) has no forward-mode derivative: the products fall back to
+    ATen's own kernel, and the steps are those of a model trained on ATen's kernels throughout."""
+    x = batch("cross_entropy")[0].float()[:, None].expand(-1, 3, -1)
+    y = batch("cross_entropy")[1]
+    fused, native = Recurrent(), Recurrent()
+    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (fused, native)]
+    for _ in range(2):
+        for c, onednn in zip(compiled, (True, False)):
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                F.cross_entropy(c(x), y).backward()
+                c.step()
+            c.zero_grad()
+    assert compiled[0].optimizer.quadratic._native_recurrent
+    for p, q in zip(fused.parameters(), native.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32: the two kernels round differently
+
+
 def test_a_step_that_raises_the_loss_is_undone():
     """A closure reporting a higher loss after the step: the parameters are restored, the momentum
     dropped and λ raised by 1/ω."""
