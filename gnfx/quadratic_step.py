@@ -317,11 +317,15 @@ class QuadraticStep:
         f = self._function(subset=True)
         try:
             return self._products(f, params, tangents)
-        except NotImplementedError:  # a recurrent kernel without a forward-mode derivative: from now on ATen's own
-            if self._native_recurrent:
-                raise
-            self._native_recurrent = True
-            return self._products(f, params, tangents)
+        except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
+            if isinstance(error, NotImplementedError) and not self._native_recurrent:
+                self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
+                return self._output(params, tangents)
+            raise GnfxError(
+                f"the quadratic-model step (loss= without lr) takes forward-mode derivatives (torch.func.jvp) "
+                f"through the model, and this model has an operation that has none, or a torch.autograd.Function "
+                f"without setup_context and jvp: {type(error).__name__}: {error}. Fix: pass lr= for a "
+                f"fixed-learning-rate step (step='lr'), or leave that operation out of the model") from error
 
     def _products(self, f, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(next(iter(tangents.values())))

@@ -398,6 +398,20 @@ def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32: the two kernels round differently
 
 
+def test_an_operation_without_a_forward_mode_derivative_raises_with_the_fix():
+    """nn.EmbeddingBag has no jvp: the quadratic step cannot model the loss, and says so, naming lr=."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(7, 4), nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match="in curvature blocks"):  # the bag is no layer kind of gnfx's
+        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
+    ids, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 3, (8,))
+    F.cross_entropy(c(ids), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)forward-mode derivatives.*_embedding_bag.*Fix: pass lr="):
+        c.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing applied
+
+
 def test_a_step_that_raises_the_loss_is_undone():
     """A closure reporting a higher loss after the step: the parameters are restored, the momentum
     dropped and λ raised by 1/ω."""
