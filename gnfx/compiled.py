@@ -168,6 +168,14 @@ class CompiledModel(nn.Module):
                               + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .double() and the like: the parameters move in place (the same Parameter
+        objects), and the statistics follow them."""
+        super()._apply(fn, recurse)
+        if self.optimizer.statistics is not None:
+            self.optimizer.statistics.follow_parameters()
+        return self
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._model.training = mode

@@ -37,12 +37,14 @@ compiled from, and computing them records no statistics.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
@@ -54,6 +56,21 @@ Inputs = Union[Tensor, tuple]
 OutputProduct = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, y, u) -> M u
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+
+@contextlib.contextmanager
+def forward_mode_kernels(native_recurrent: bool = True):
+    """Kernels that torch.func.jvp can differentiate: the math attention kernel (the fused ones have
+    no forward-mode derivative) and, with `native_recurrent`, ATen's own recurrent kernels in place of
+    oneDNN's (nn.LSTM on a CPU) and cuDNN's (nn.LSTM and nn.GRU on a GPU), which have none either."""
+    saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    if native_recurrent:
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
 
 
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
@@ -145,16 +162,21 @@ def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tens
     A gnfx CompiledModel computes the function of the module it was compiled from, on the same
     Parameter objects under the same names: that module is evaluated, so that a product neither
     runs the statistic taps nor trips the compiled model's check of its parameters (which
-    functional_call swaps for the duration of a call)."""
+    functional_call swaps for the duration of a call). Each call runs on copies of the buffers, made
+    inside it: batch-norm statistics in training mode do not move, and their in-place update writes a
+    tensor of the torch.func transform rather than one it captured (which torch.func refuses), with
+    kernels that forward mode differentiates (forward_mode_kernels)."""
     if isinstance(model, CompiledModel):
         model = model._model
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    buffers = dict(model.named_buffers())
 
     def f(theta: dict) -> Tensor:
-        z = logits_of(functional_call(model, theta, args))
+        with forward_mode_kernels():
+            z = logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}}, args))
         if z is None:
             raise ConfigError(f"{type(model).__name__} returns no floating tensor to take as the output z")
         return z

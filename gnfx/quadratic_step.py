@@ -147,12 +147,12 @@ import math
 
 import torch
 from torch.func import functional_call, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.fsdp import local, without_fsdp_hooks
-from gnfx.ggn import IGNORE_INDEX, output_hessian_product
+from gnfx.ggn import IGNORE_INDEX, forward_mode_kernels, output_hessian_product
+from gnfx.outputs import logits_of
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
 # 200, K-FAC's factored damping with it, α shrank to ~1e-4 and kfac at defaults missed both targets
@@ -224,11 +224,6 @@ def levenberg_marquardt(damping: float, rho: float, decay: float) -> float:
     return min(max(damping, LAMBDA_MIN), LAMBDA_MAX)
 
 
-def _first_tensor(out) -> torch.Tensor | None:
-    """The model output z: the first tensor with a batch dimension of the (possibly nested) output."""
-    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim()), None)
-
-
 def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
     """z ↦ the mean-reduced `loss` at output z whose gradient at z0 is grad_z (module docstring)."""
     if loss == "mse":
@@ -274,6 +269,9 @@ class QuadraticStep:
         self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
         self._output_before = None  # its z
         self._output_grad = None
+        # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
+        # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
+        self._native_recurrent = False
 
     # --- the forward it replays (a forward hook of the CompiledModel) -------------------------
     def observe(self, module, args, kwargs, out) -> None:
@@ -282,7 +280,7 @@ class QuadraticStep:
             return
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = None
-        z = _first_tensor(out)
+        z = logits_of(out)
         self._examples = len(z) if z is not None else 0
         self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
@@ -294,7 +292,9 @@ class QuadraticStep:
 
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
-        model's own), with the buffers copied, so that batch-norm statistics do not move. With
+        model's own), on copies of the buffers made inside the function, so that batch-norm
+        statistics do not move (and their in-place update in training mode writes a tensor of the
+        forward-mode transform, not one it captured, which torch.func refuses). With
         `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
         examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
@@ -304,8 +304,9 @@ class QuadraticStep:
         if subset and examples is not None and examples < self._examples:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
+        buffers = dict(model.named_buffers())
+        return lambda theta: logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}},
+                                                       args, kwargs))
 
     def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
@@ -314,9 +315,21 @@ class QuadraticStep:
         for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
         against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
+        try:
+            return self._products(f, params, tangents)
+        except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
+            if isinstance(error, NotImplementedError) and not self._native_recurrent:
+                self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
+                return self._output(params, tangents)
+            raise GnfxError(
+                f"the quadratic-model step (loss= without lr) takes forward-mode derivatives (torch.func.jvp) "
+                f"through the model, and this model has an operation that has none, or a torch.autograd.Function "
+                f"without setup_context and jvp: {type(error).__name__}: {error}. Fix: pass lr= for a "
+                f"fixed-learning-rate step (step='lr'), or leave that operation out of the model") from error
+
+    def _products(self, f, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(next(iter(tangents.values())))
-        # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
-        with sdpa_kernel(SDPBackend.MATH):
+        with forward_mode_kernels(self._native_recurrent):
             if count > 1:
                 try:  # z does not depend on the tangent: computed once, returned unbatched
                     return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)

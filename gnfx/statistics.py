@@ -314,6 +314,16 @@ class BlockStatistics:
         self._pooled.clear()
         self._whole_batch.clear()
 
+    def to(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Move the accumulators and the averaged statistics (floating ones in `dtype`)."""
+        move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, move(value))
+            elif isinstance(value, dict):
+                value.update({k: move(v) for k, v in value.items() if isinstance(v, torch.Tensor)})
+        self.dtype, self.device = dtype, device
+
     def state_dict(self) -> dict:
         return {"values": dict(self.values), "updates": self.updates}
 
@@ -333,16 +343,28 @@ class StatisticsStore:
         self.fisher = fisher
         self.pending: list = []  # block outputs awaiting the true-Fisher backward (gnfx.fisher)
         self.blocks = {}
+        self._param_of = param_of
         for b in blocks:
             needs = needs_of(b)
             if needs:
-                w = param_of(b.weight)
-                dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-                self.blocks[b.name] = BlockStatistics(b, self, needs, kfac_approx, dtype, w.device)
+                self.blocks[b.name] = BlockStatistics(b, self, needs, kfac_approx, *self._placement(b))
         self.forward_id = 0
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
         self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
         self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
+
+    def _placement(self, block) -> tuple[torch.dtype, torch.device]:
+        """The dtype (float64 for a float64 weight, else float32) and device of a block's statistics."""
+        w = self._param_of(block.weight)
+        return torch.float64 if w.dtype == torch.float64 else torch.float32, w.device
+
+    def follow_parameters(self) -> None:
+        """Move each block's statistics to its weight's device and dtype rule (the model was moved
+        with .to(), .cuda() or .double() after gnfx.compile)."""
+        for stats in self.blocks.values():
+            dtype, device = self._placement(stats.block)
+            if (dtype, device) != (stats.dtype, stats.device):
+                stats.to(dtype, device)
 
     def __bool__(self) -> bool:
         return bool(self.blocks)

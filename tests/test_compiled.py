@@ -161,6 +161,25 @@ def test_eval_mode_and_no_grad_forwards_collect_no_statistics():
     assert tap_calls[0] == 1 and set(c.statistics("a")) == {"A", "S"}
 
 
+def test_a_model_moved_after_compile_keeps_statistics_where_its_parameters_are():
+    """gnfx.compile(model).to(...) before training: the statistics made at the capture follow the
+    parameters (.double(): float64 statistics), so the training is that of the model compiled after
+    the move (ekfac: statistics and refreshes on every step from the first)."""
+    moved, x, y = make("mlp")
+    moved, direct = moved.float(), make("mlp")[0]  # the same weights, compiled in float32 and in float64
+    compiled = [gnfx.compile(moved, "ekfac", loss="cross_entropy", stat_every=1).double(),
+                gnfx.compile(direct, "ekfac", loss="cross_entropy", stat_every=1)]
+    for _ in range(3):
+        for c in compiled:
+            torch.manual_seed(0)  # the same sampled labels (fisher="mc")
+            cross_entropy(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+    assert compiled[0].statistics("a")["A"].dtype == torch.float64
+    for p, q in zip(moved.parameters(), direct.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
 def test_statistics_by_name_explain_missing_names():
     model, x, y = make("residual")
     c = gnfx.compile(model)  # grad2 needs no statistics

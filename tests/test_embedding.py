@@ -214,6 +214,32 @@ def test_padding_idx_per_example_diagonal_equals_per_example_gradients():
     assert_close(c.statistics("emb")["diag"], ref["diag"])
 
 
+class PositionTable(Tagger):
+    """GPT-style learned positions: a table read by `arange(R)`, ids without a batch dimension."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.pos = nn.Embedding(R, D).to(DTYPE)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))))
+
+
+def test_a_position_table_read_by_arange_on_a_batch_of_one_has_its_per_example_statistics():
+    """With N = 1 the unbatched ids (R,) are the one example's: S and the per-example diagonal are
+    those of the hooks and vmap, as for batched ids (the rows of the output gradient (R, d) used to
+    be read as R examples against one example of ids)."""
+    model, (idx, y) = PositionTable(), token_batch()
+    idx, y = idx[:1], y[:1]
+    ref = embedding_reference(model, "pos.weight", idx, y, lambda m: m.pos)
+    c = compile_for_statistics(model)
+    statistic_step(c, idx, y)
+    got = c.statistics("pos")
+    assert_close(got["A"], torch.full((R,), 1 / R, dtype=DTYPE))
+    assert_close(got["S"], ref["S"])
+    assert_close(got["diag"], ref["diag"])
+
+
 # ----------------------------------------------------------------------------- fallbacks
 
 

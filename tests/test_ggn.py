@@ -73,6 +73,12 @@ def tiny_conv() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3), bn, nn.Tanh(), nn.Flatten(), nn.Linear(18, 3))
 
 
+def batch_norm_train() -> nn.Module:
+    """In training mode: normalized by the batch's statistics, which each forward would also fold
+    into its running ones in place."""
+    return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).train()
+
+
 # name -> (model factory, input factory)
 CASES = {
     "mlp_tanh": (
@@ -86,6 +92,7 @@ CASES = {
     "lm": (TinyLM, lambda: torch.randn(2, 3, 3)),
     "conv": (tiny_conv, lambda: torch.randn(2, 1, 5, 5)),
     "two_inputs": (TwoInputs, lambda: (torch.randn(5, 3), torch.randn(5, 4))),
+    "batch_norm_train": (batch_norm_train, lambda: torch.randn(6, 4)),
 }
 
 
@@ -165,6 +172,15 @@ def test_ggn_vp_matches_explicit_jt_h_j(case, loss):
     assert [g.shape for g in gv] == [t.shape for t in v]
     expected = reference_ggn(model, loss, inputs, targets) @ flat(v)
     torch.testing.assert_close(flat(gv), expected, **TOL)
+
+
+def test_products_leave_batch_norm_running_statistics_alone():
+    model, inputs, targets = make_case("batch_norm_train", "cross_entropy")
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    ggn.ggn_vp(model, "cross_entropy", inputs, targets, random_vector(model))
+    ggn.ggn_matrix(model, "cross_entropy", inputs, targets)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, before[name], rtol=0, atol=0)
 
 
 def test_ggn_vp_language_model_with_ignored_tokens():

@@ -11,6 +11,7 @@ steps (never time) against AdamW's best learning rate of a grid.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -320,6 +321,95 @@ def test_step_with_a_closure_equals_the_step_without(loss):
             assert la[key] == pytest.approx(lb[key], rel=1e-8, abs=1e-14), key
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_through_batch_norm_in_training_mode():
+    """The products run the model in training mode, whose batch norm updates its running statistics
+    in place: on copies (torch.func refuses to write a captured buffer), so only the training
+    forward moves them, and the step still minimizes the dense quadratic of the train-mode function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    params, previous = list(model.parameters()), None
+    for _ in range(3):
+        g, G, s, last = step_against_the_ggn(c, model, params, "cross_entropy", *batch("cross_entropy"))
+        assert not last["rejected"], last
+        assert_minimizer(g, G, last, s, previous)
+        previous = s
+    assert model[1].num_batches_tracked == 3  # the three training forwards only
+
+
+@dataclasses.dataclass
+class Output:  # a Hugging Face-style output: a dataclass torch's pytree does not know, the loss first
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return Output(loss=None, logits=self.inner(x))
+
+
+def test_a_dataclass_output_steps_as_its_logits():
+    """z is the output's first floating tensor wherever the forward returns it (gnfx.outputs): the
+    steps of a model returning Output(loss=None, logits=z) are those of the one returning z."""
+    x, y = batch("cross_entropy")
+    plain, wrapped = tiny(), DataclassOutput(tiny())
+    cp, cw = (gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (plain, wrapped))
+    for _ in range(3):
+        for c, logits in ((cp, lambda out: out), (cw, lambda out: out.logits)):
+            F.cross_entropy(logits(c(x)), y).backward()
+            c.step()
+            c.zero_grad()
+        assert cw.optimizer.last_step["alpha"] == pytest.approx(cp.optimizer.last_step["alpha"], rel=1e-10)
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
+    """oneDNN's LSTM kernel (a CPU's, float32) has no forward-mode derivative: the products fall back to
+    ATen's own kernel, and the steps are those of a model trained on ATen's kernels throughout."""
+    x = batch("cross_entropy")[0].float()[:, None].expand(-1, 3, -1)
+    y = batch("cross_entropy")[1]
+    fused, native = Recurrent(), Recurrent()
+    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (fused, native)]
+    for _ in range(2):
+        for c, onednn in zip(compiled, (True, False)):
+            with torch.backends.mkldnn.flags(enabled=onednn):
+                F.cross_entropy(c(x), y).backward()
+                c.step()
+            c.zero_grad()
+    assert compiled[0].optimizer.quadratic._native_recurrent
+    for p, q in zip(fused.parameters(), native.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32: the two kernels round differently
+
+
+def test_an_operation_without_a_forward_mode_derivative_raises_with_the_fix():
+    """nn.EmbeddingBag has no jvp: the quadratic step cannot model the loss, and says so, naming lr=."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(7, 4), nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match="in curvature blocks"):  # the bag is no layer kind of gnfx's
+        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
+    ids, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 3, (8,))
+    F.cross_entropy(c(ids), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)forward-mode derivatives.*_embedding_bag.*Fix: pass lr="):
+        c.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing applied
 
 
 def test_a_step_that_raises_the_loss_is_undone():

@@ -21,6 +21,11 @@ class EmbeddingLayout(Layout):
         """Token ids as (N, R) chunks (one chunk; one-hot rows are never materialized)."""
         yield idx.reshape(idx.shape[0], -1) if idx.dim() > 1 else idx.reshape(1, -1)
 
+    def error_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """The output gradient as (N, R, d) rows, as input_chunks reads the ids: the output of ids
+        without a batch dimension (a position table read by `arange(T)`) is (T, d), one example."""
+        return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 2 else g.reshape(1, -1, g.shape[-1])
+
     def per_example_gradient(self, delta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The per-example gradients of the matrix W (d x V), `Σ_r δ_r onehot(i_r)ᵀ` (N, d, V), from
         the output gradients δ (N, R, d) and the ids (N, R) of one chunk: each δ_r added into
