@@ -8,12 +8,12 @@ everything at gnfx's defaults (compile="auto": the update is compiled for the tw
   no-stat fwd+bwd  instrumented forward+backward on a step that collects no statistics
                    / plain forward+backward (target <= 1.02)
   stat / bound     forward+backward on a statistic step (K-FAC's taps) / plain, divided by its
-                   FLOP bound 1 + Σ R (d_in² + d_out²) / Σ 3 R d_in d_out over the blocks
+                   FLOP bound 1 + Σ R (d_in² + d_out²) / the layers' own products
                    (R the block's rows: the aᵀa and δᵀδ products against the layer's own products;
                    target <= 1.15)
   whole step       fwd+bwd + step averaged over stat_every steps at the defaults / (plain
                    fwd+bwd + AdamW step) (targets <= 1.10 diag and rank1, <= 1.25 kfac, shampoo)
-  products bound   1 + Σ (d_out² d_a + d_out d_a²) / Σ 3 R d_in d_out: K-FAC's (and unblocked
+  products bound   1 + Σ (d_out² d_a + d_out d_a²) / the layers' own products: K-FAC's (and unblocked
                    Shampoo's) per-step products against the layers' own, the whole step's floor
   diag / AdamW     `model.step()` with "diag" / torch.optim.AdamW(foreach=True).step() (<= 1.1)
   shampoo / pub.   gnfx "shampoo" step / pytorch-optimizer's Shampoo and heavyball's KLShampoo
@@ -23,11 +23,14 @@ The rows-per-step sweep (`--sweep`, also part of the default run): an MLP of wid
 (SWEEP_WIDTH-SWEEP_WIDTH-SWEEP_WIDTH-10) at rows = width x {1/4, ..., 16} per step, batches drawn
 from a pool, each preconditioner's whole step (fwd+bwd + step averaged over stat_every steps) over
 plain fwd+bwd + AdamW's, as medians of paired ratios, beside its products bound: 1 + the extra
-products per step over the layers' own 3 R d_in d_out, amortized over stat_every: K-FAC applies
-S⁻¹ G A⁻¹ every step and its taps add R (d_in² + d_out²) on statistic steps; Shampoo applies
-L^{-p} G R^{-p} every step and collects G Gᵀ and Gᵀ G on statistic steps; diag and rank1 add no
-products (their bound is 1, elementwise work aside). The refresh's decompositions are not in the
-bound. Targets at rows/width >= 4: kfac and shampoo <= 1.25, diag and rank1 <= 1.10.
+products per step over the layers' own (3 R d_in d_out; 2 for the first layer, whose input
+needs no gradient), amortized over stat_every: K-FAC applies S⁻¹ G A⁻¹ every step and its taps add
+R (d_in² + d_out²) on statistic steps; Shampoo applies L^{-p} G R^{-p} every step and collects G Gᵀ
+and Gᵀ G on statistic steps; rank1's taps form the per-example diagonal (δ²)ᵀ(a²) and the batch
+gradient δᵀa, 2 R d_out d_a, on statistic steps (fisher="empirical", the sweep's: no loss= given);
+diag adds no products (its bound is 1). The refresh's decompositions and the step's elementwise
+work are not in the bound. Targets at rows/width >= 4: kfac and shampoo <= 1.25, diag and rank1
+<= 1.10.
 `--sweep-ratios` picks the rows/width, `--sweep-optimizers` the columns, each
 `OPTIMIZER[:key=value,...]` (gnfx.compile's settings, e.g. `shampoo:precondition_frequency=50`); a
 column whose refresh interval exceeds stat_every is timed over windows of lcm(stat_every, interval)
@@ -92,19 +95,23 @@ def seconds(fn) -> float:
 
 def products(compiled, rows: dict) -> dict:
     """Multiply-adds of the blocks of `compiled` (R_b: the rows of block b on a statistic step,
-    examples x positions): "layers", the layers' own forward+backward products Σ 3 R d_in d_out;
-    "statistics", the taps' aᵀa and δᵀδ, Σ R (d_in² + d_out²); "preconditioner", one K-FAC step
-    S⁻¹ G A⁻¹, Σ d_out² d_a + d_out d_a² with d_a = d_in (+1 for a bias). An embedding's own product
-    is a gather (none), its A a count (R d_out² of statistics) and diagonal (d_out² d_in a step)."""
-    out = dict.fromkeys(("layers", "statistics", "preconditioner"), 0)
+    examples x positions): "layers", the layers' own forward+backward products, 3 R d_in d_out a
+    block (z, ∂L/∂W and ∂L/∂a), 2 R d_in d_out for a block reading the model's input (`model_input`:
+    the data needs no gradient, and autograd forms none); "statistics", the taps' aᵀa and δᵀδ,
+    Σ R (d_in² + d_out²); "rank1_statistics", rank1's taps, the per-example diagonal (δ²)ᵀ(a²) and
+    the batch gradient δᵀa, Σ 2 R d_out d_a; "preconditioner", one K-FAC step S⁻¹ G A⁻¹,
+    Σ d_out² d_a + d_out d_a² with d_a = d_in (+1 for a bias). An embedding's own product is a
+    gather (none), its A a count (R d_out² of statistics) and diagonal (d_out² d_in a step)."""
+    out = dict.fromkeys(("layers", "statistics", "rank1_statistics", "preconditioner"), 0)
     for b in compiled.layers:
         r, d_a = rows[b.name], b.d_in + (1 if b.bias else 0)
         if b.kind == "embedding":
             out["statistics"] += r * b.d_out ** 2
             out["preconditioner"] += b.d_out ** 2 * b.d_in
         else:
-            out["layers"] += 3 * r * b.d_in * b.d_out
+            out["layers"] += (2 if b.model_input else 3) * r * b.d_in * b.d_out
             out["statistics"] += r * (b.d_in ** 2 + b.d_out ** 2)
+            out["rank1_statistics"] += 2 * r * b.d_out * d_a
             out["preconditioner"] += b.d_out ** 2 * d_a + b.d_out * d_a ** 2
     return out
 
@@ -220,7 +227,7 @@ def sweep_bounds(compiled, rows: dict) -> dict:
     """The products bound of each preconditioner of the sweep (see the module docstring)."""
     work = products(compiled, rows)
     layers = work["layers"]
-    return {"diag": 1.0, "rank1": 1.0,
+    return {"diag": 1.0, "rank1": 1 + work["rank1_statistics"] / STAT_EVERY / layers,
             "kfac": 1 + (work["preconditioner"] + work["statistics"] / STAT_EVERY) / layers,
             "shampoo": 1 + work["preconditioner"] * (1 + 1 / STAT_EVERY) / layers}
 

@@ -95,6 +95,7 @@ class BlockStatistics:
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
         self._grad = zeros(d_out, d_a) if "grad" in needs else None
         self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
+        self._dirty = False  # whether a tap added to the other accumulators since the last reset
         self._per_example: dict[int, torch.Tensor] = {}
         self._eigen_per_example: dict[int, torch.Tensor] = {}
         self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
@@ -125,6 +126,7 @@ class BlockStatistics:
     def _commit(self, forward_id: int) -> None:
         """Count the examples of a forward once and accumulate A from its staged inputs."""
         staged = self._staged.pop(forward_id)
+        self._dirty = True
         n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
         folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
         if folded and (self.reduce or self.wants_activation_in_backward):
@@ -194,6 +196,7 @@ class BlockStatistics:
         """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients."""
         if forward_id in self._staged:
             self._commit(forward_id)
+        self._dirty = True
         g3 = self.layout.error_rows(g).to(self.dtype)
         if self.groups > 1:  # (N, R, groups, s)
             g3 = g3.unflatten(-1, (self.groups, -1))
@@ -204,58 +207,63 @@ class BlockStatistics:
         elif self._S is not None:
             rows = g3.sum(1) if self.reduce and not whole else g3.flatten(0, 1)
             self._gram_into("_S", rows)
-        if self._diag is not None:
-            self._record_per_example(g3, a, forward_id, self._diag, self._per_example)
-        if self._grad is not None:
-            self._record_gradient(g3, a, forward_id)
-        if self._eigen_diag is not None:
-            Q_S, Q_A = self.basis() if self.basis is not None else (None, None)
-            g3 = g3 if Q_S is None else _rotate_rows(g3, Q_S)
-            self._record_per_example(g3, a, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
+        if self._diag is None and self._grad is None and self._eigen_diag is None:
+            return
+        Q_S, Q_A = self.basis() if self._eigen_diag is not None and self.basis is not None else (None, None)
+        g3s = [g3] if self._eigen_diag is None else [g3, g3 if Q_S is None else _rotate_rows(g3, Q_S)]
+        # one pass over the input's chunks for every statistic: a conv's patches unfolded, and the rows
+        # cast and augmented with their 1, once
+        for (g, *rotated), chunk in self._example_chunks(g3s, a, forward_id):
+            rows = chunk if self.layout.diagonal_A else self._augmented(chunk.to(self.dtype))
+            if self._diag is not None:
+                self._record_per_example(g, rows, forward_id, self._diag, self._per_example)
+            if self._grad is not None:
+                self._record_gradient(g, rows)
+            if self._eigen_diag is not None:
+                self._record_per_example(rotated[0], rows, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
 
-    def _example_chunks(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int):
-        """(output gradients, inputs) of the same examples, per chunk of the layer input (the whole
-        batch as one example for a forward whose input is not batch-first, see _commit)."""
+    def _example_chunks(self, g3s: list[torch.Tensor], a: torch.Tensor, forward_id: int):
+        """(output gradients, input) of the same examples, per chunk of the layer input: each of the
+        (N, R, ...) gradients `g3s` cut to the chunk's examples (the whole batch as one example for a
+        forward whose input is not batch-first, see _commit)."""
         chunks = list(self.layout.input_chunks(a))
         if forward_id in self._whole_batch:
             chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
-            g3 = g3.reshape((1, -1) + tuple(g3.shape[2:]))
+            g3s = [g3.reshape((1, -1) + tuple(g3.shape[2:])) for g3 in g3s]
         start = 0
         for chunk in chunks:
-            yield g3[start:start + chunk.shape[0]], chunk
+            yield [g3[start:start + chunk.shape[0]] for g3 in g3s], chunk
             start += chunk.shape[0]
 
-    def _record_gradient(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int) -> None:
-        """Σ_{n,r} g_{n,r} a_{n,r}ᵀ into `grad`, laid out like [W b]."""
-        for g, chunk in self._example_chunks(g3, a, forward_id):
-            if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
-                self._grad += self.layout.per_example_gradient(g, chunk).sum(0)
-            else:
-                rows = self._augmented(chunk.to(self.dtype))
-                self._grad += torch.einsum("nr...o,nr...i->...oi", g, rows).reshape(self._grad.shape)
+    def _record_gradient(self, g: torch.Tensor, rows: torch.Tensor) -> None:
+        """Σ_{n,r} g_{n,r} a_{n,r}ᵀ into `grad`, laid out like [W b], from a chunk's output gradients
+        and its rows [a 1] (token ids for a diagonal A)."""
+        if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
+            self._grad += self.layout.per_example_gradient(g, rows).sum(0)
+        else:
+            self._grad += torch.einsum("nr...o,nr...i->...oi", g, rows).reshape(self._grad.shape)
 
-    def _record_per_example(self, g3: torch.Tensor, a: torch.Tensor, forward_id: int, out: torch.Tensor,
+    def _record_per_example(self, g: torch.Tensor, rows: torch.Tensor, forward_id: int, out: torch.Tensor,
                             pending: dict, Q_A: torch.Tensor | None = None) -> None:
-        """Per-example gradients Σ_r g_r a_rᵀ (inputs rotated by Q_A if given) into `out`, squared now
-        (one site) or once all sites of this forward are summed in `pending` (tied weights)."""
+        """Per-example gradients Σ_r g_r a_rᵀ of a chunk (its rows [a 1] rotated by Q_A if given; token
+        ids for a diagonal A) into `out`, squared now (one site) or once all sites of this forward are
+        summed in `pending` (tied weights)."""
         single_site = len(self.block.sites) == 1
-        for g, chunk in self._example_chunks(g3, a, forward_id):
-            if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
-                per_example = self.layout.per_example_gradient(g, chunk)
-            else:
-                rows = self._augmented(chunk.to(self.dtype))
-                rows = rows if Q_A is None else _rotate_rows(rows, Q_A)
-                if single_site and g.shape[1] == 1 and self.groups == 1:
-                    out.addmm_(g[:, 0].square().T, rows[:, 0].square())
-                    continue
-                # Σ_r g_r a_rᵀ per example (and group), laid out like [W b]
-                per_example = torch.einsum("nr...o,nr...i->n...oi", g, rows).reshape(g.shape[0], *out.shape)
-            if single_site:
-                out += per_example.square().sum(0)
-            elif forward_id in pending:
-                pending[forward_id] += per_example
-            else:
-                pending[forward_id] = per_example
+        if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
+            per_example = self.layout.per_example_gradient(g, rows)
+        else:
+            rows = rows if Q_A is None else _rotate_rows(rows, Q_A)
+            if single_site and g.shape[1] == 1 and self.groups == 1:
+                out.addmm_(g[:, 0].square().T, rows[:, 0].square())
+                return
+            # Σ_r g_r a_rᵀ per example (and group), laid out like [W b]
+            per_example = torch.einsum("nr...o,nr...i->n...oi", g, rows).reshape(g.shape[0], *out.shape)
+        if single_site:
+            out += per_example.square().sum(0)
+        elif forward_id in pending:
+            pending[forward_id] += per_example
+        else:
+            pending[forward_id] = per_example
 
     @torch.no_grad()
     def batch(self) -> dict[str, torch.Tensor]:
@@ -301,11 +309,13 @@ class BlockStatistics:
 
     def _reset(self) -> None:
         self._stale = {"_A", "_S"}
-        if self.layout.diagonal_A and self._A is not None:
-            self._A.zero_()  # token counts are added, not multiplied
-        for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
-            if buf is not None:
-                buf.zero_()
+        if self._dirty:  # (a step without statistics leaves them zero: nothing to clear)
+            if self.layout.diagonal_A and self._A is not None:
+                self._A.zero_()  # token counts are added, not multiplied
+            for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
+                if buf is not None:
+                    buf.zero_()
+            self._dirty = False
         self._per_example.clear()
         self._eigen_per_example.clear()
         self._a_rows = 0

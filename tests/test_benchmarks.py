@@ -98,21 +98,22 @@ def test_targets_measure_every_ratio_on_a_tiny_model(tmp_path):
     x, y = torch.randn(16, 8), torch.randint(4, (16,))
     row = targets.measure(lambda: mlp([8, 8, 4]), (x, y), torch.nn.functional.cross_entropy, repeats=1)
     assert set(row["whole_step"]) == {"diag", "rank1", "kfac", "shampoo"}
-    # both blocks see the 16 rows of the batch, which cancel
-    assert row["flop_bound"] == pytest.approx(1 + (8 * 8 + 8 * 8 + 8 * 8 + 4 * 4) / (3 * (8 * 8 + 8 * 4)))
+    # both blocks see the 16 rows of the batch, which cancel; the first forms no input gradient
+    assert row["flop_bound"] == pytest.approx(1 + (8 * 8 + 8 * 8 + 8 * 8 + 4 * 4) / (2 * 8 * 8 + 3 * 8 * 4))
     # K-FAC's step S⁻¹ G A⁻¹ on [W b] (8 x 9 and 4 x 9) against the 16 rows' forward+backward
     step = 8 * 8 * 9 + 8 * 9 * 9 + 4 * 4 * 9 + 4 * 9 * 9
-    assert row["apply_flop_bound"] == pytest.approx(1 + step / (3 * 16 * (8 * 8 + 8 * 4)))
+    assert row["apply_flop_bound"] == pytest.approx(1 + step / (16 * (2 * 8 * 8 + 3 * 8 * 4)))
     text = targets.markdown({"tiny": row}, repeats=1)
     assert "| tiny |" in text and "stat / bound" in text
 
 
 def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
     """The rows-per-step sweep runs end to end on an 8-8-8-10 MLP (figures not asserted) and its
-    bounds are the docstring's: [W b] of 8x9, 8x9, 10x9, R rows; layers 3R(64 + 64 + 80), K-FAC's
-    step Σ d_out² d_a + d_out d_a² = 2(64·9 + 8·81) + 100·9 + 10·81 = 4158 and taps R(128 + 128 +
-    164) every stat_every steps; Shampoo's step the same 4158 plus its Gram matrices, as many, on
-    statistic steps."""
+    bounds are the docstring's: [W b] of 8x9, 8x9, 10x9, R rows; layers R(2·64 + 3·64 + 3·80) = 560R
+    (the first forms no input gradient), K-FAC's step Σ d_out² d_a + d_out d_a² = 2(64·9 + 8·81) +
+    100·9 + 10·81 = 4158 and taps R(128 + 128 + 164) every stat_every steps; Shampoo's step the same
+    4158 plus its Gram matrices, as many, on statistic steps; rank1's taps 2R(8·9 + 8·9 + 10·9) = 468R
+    on statistic steps."""
     from benchmarks import targets
 
     monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
@@ -121,9 +122,10 @@ def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
     assert [p["rows"] for p in points] == [2, 32]
     for p in points:
         r = p["rows"]
-        assert p["bound"]["kfac"] == pytest.approx(1 + (4158 + 420 * r / targets.STAT_EVERY) / (624 * r))
-        assert p["bound"]["shampoo"] == pytest.approx(1 + 4158 * (1 + 1 / targets.STAT_EVERY) / (624 * r))
-        assert p["bound"]["diag"] == p["bound"]["rank1"] == 1 and set(p["ratio"]) == set(targets.SWEEP_TARGETS)
+        assert p["bound"]["kfac"] == pytest.approx(1 + (4158 + 420 * r / targets.STAT_EVERY) / (560 * r))
+        assert p["bound"]["shampoo"] == pytest.approx(1 + 4158 * (1 + 1 / targets.STAT_EVERY) / (560 * r))
+        assert p["bound"]["rank1"] == pytest.approx(1 + 468 / (targets.STAT_EVERY * 560))
+        assert p["bound"]["diag"] == 1 and set(p["ratio"]) == set(targets.SWEEP_TARGETS)
     text = targets.sweep_markdown(points, 1, "python -m benchmarks.targets --sweep")
     assert "| 32 | 4 |" in text and "--sweep" in text
 

@@ -57,8 +57,12 @@ class Graft(Transform):
         tiny, biggest = min(torch.finfo(U.dtype).tiny for U in Us), min(torch.finfo(U.dtype).max for U in Us)
         scales = torch._foreach_div(norms[len(rows):], torch._foreach_clamp_min(norms[:len(rows)], tiny))
         torch._foreach_clamp_max_(scales, biggest)  # finite, so that a zero U stays zero (0 · ∞ is NaN)
-        scaled = iter(torch._foreach_mul(rows, scales))
-        grafted = [torch.stack([next(scaled) for _ in range(len(U))]) for U in Us]
+        # one broadcast product per group: the products of the rows by their scales, without stacking rows
+        bounds = [0]
+        for U in Us:
+            bounds.append(bounds[-1] + len(U))
+        grafted = [U * torch.stack(scales[a:b]).view((-1,) + (1,) * (U.dim() - 1))
+                   for U, a, b in zip(Us, bounds, bounds[1:])]
         if pre.active is None:
             return grafted
         return [torch.where(pre.active, U, D) for U, D in zip(grafted, Ds)]
