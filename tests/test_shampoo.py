@@ -34,6 +34,7 @@ from models import TanhMLP as MLP
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
 LR = 2.0 ** -12
+DEFAULT = {k: spec.default for k, spec in gnfx.REGISTRY["shampoo"].HPARAMS.items()}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -166,7 +167,8 @@ def reference_for(shape, hp):
     return ShampooReference(shape, beta=hp.get("stat_decay", 0.75), damping=hp.get("damping", 0.1), p=p,
                             graft=hp.get("graft", "none"), start=hp["start_preconditioning_step"],
                             freq=hp["precondition_frequency"], stat_every=hp["stat_every"],
-                            tolerance=hp.get("refresh_tolerance", 0.0), max_interval=hp.get("max_refresh_interval", 100))
+                            tolerance=hp.get("refresh_tolerance", DEFAULT["refresh_tolerance"]),
+                            max_interval=hp.get("max_refresh_interval", DEFAULT["max_refresh_interval"]))
 
 
 def folded(layer, grad=False):
@@ -435,7 +437,7 @@ def test_a_tolerance_that_refreshes_every_root_equals_the_fixed_interval_bitwise
     as old as max_refresh_interval at each check) gives the same parameters and roots bit for bit."""
     batches = data(9)
     runs = []
-    for hp in ({}, tracked):
+    for hp in (dict(refresh_tolerance=0.0), tracked):
         c = compile_shampoo(make(), **hp)
         for x, y in batches:
             c.zero_grad()
