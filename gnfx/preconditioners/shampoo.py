@@ -46,7 +46,7 @@ digits tasks reached every target in the steps of the fixed interval (±5, one e
 recomputing 19-28% of the MLP's and the CNN's roots (10%, the max interval's rate, after step
 200) and all of the autoencoder's, whose factors keep moving; τ = 3e-3 to 0.1 cost the MLP and
 the autoencoder steps (performance.md, "drift-triggered refresh"). It stays opt-in (τ = 0 by
-default): F_r adds d² per factor to Shampoo's state (a third more than the factors and roots),
+default): F_r adds d² per factor to Shampoo's state (half again its factors and roots),
 which the cost model charges, so "auto" would choose Shampoo less often.
 """
 from __future__ import annotations
@@ -135,6 +135,7 @@ class Shampoo(CurvaturePreconditioner):
         # one graph across the start (a flag would recompile at start_preconditioning_step)
         device = parameters.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
         self.active = torch.zeros((), dtype=torch.bool, device=device)
+        self.current_step = 0  # the step of the latest refresh_due, for the age of the roots
 
     MIN_BLOCK = 16  # the smallest max_block "auto" tries
     in_auto = True
@@ -201,7 +202,7 @@ class Shampoo(CurvaturePreconditioner):
         return root_exponent(self.hp["exponent"], order)
 
     def refresh_due(self, step):
-        self.current_step = step  # this step, for the age of the roots (max_refresh_interval)
+        self.current_step = step
         start = self.hp["start_preconditioning_step"]
         self.active.fill_(step >= start)
         return step >= start and (step - start) % self.hp["precondition_frequency"] == 0
