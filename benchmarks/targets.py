@@ -345,7 +345,8 @@ def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
              f"MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; "
              f"each cell: the median over {rounds} interleaved rounds of (fwd+bwd + step, averaged over "
-             f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often) "
+             f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often, "
+             "or max_refresh_interval for a drift-triggered refresh, with the share of roots it recomputed) "
              "/ (plain fwd+bwd + AdamW step), then the products bound in "
              "parentheses (benchmarks/targets.py's docstring). "
              "Targets at rows/width ≥ 4: " + ", ".join(f"{n} ≤ {t:.2f}" for n, t in SWEEP_TARGETS.items()) +
