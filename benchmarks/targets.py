@@ -34,7 +34,11 @@ work are not in the bound. Targets at rows/width >= 4: kfac and shampoo <= 1.25,
 `--sweep-ratios` picks the rows/width, `--sweep-optimizers` the columns, each
 `OPTIMIZER[:key=value,...]` (gnfx.compile's settings, e.g. `shampoo:precondition_frequency=50`); a
 column whose refresh interval exceeds stat_every is timed over windows of lcm(stat_every, interval)
-steps (`refresh_window`), so that every window holds its refresh.
+steps (`refresh_window`), so that every window holds its refresh; a column with a drift-triggered
+refresh (shampoo's refresh_tolerance > 0) over windows of its max_refresh_interval, the longest a
+root goes without one. Such a column refreshes less as its factors settle, so `--sweep-warmup`
+untimed steps put the timed rounds later in training, and the sweep reports the fraction of root
+checks that recomputed a root in the timed rounds (`refreshed`).
 
 Writes `<out>/targets.json` and `<out>/targets.md`, and `<out>/sweep.json` and `<out>/sweep.md`.
 """
@@ -235,14 +239,27 @@ def sweep_bounds(compiled, rows: dict) -> dict:
 def refresh_window(compiled) -> int:
     """Steps a timing window of `compiled` spans so that it holds whole statistic and refresh periods:
     the least common multiple of stat_every and each preconditioner's refresh interval (inv_every,
-    precondition_frequency). A window of stat_every steps would, for an interval above it, leave the
-    refresh out of most windows and their median."""
+    precondition_frequency, and under a drift-triggered refresh max_refresh_interval, the longest
+    between two refreshes of a root). A window of stat_every steps would, for an interval above it,
+    leave the refresh out of most windows and their median."""
     window = STAT_EVERY
     for pre in compiled.optimizer.preconditioners:
-        for key in ("inv_every", "precondition_frequency"):
+        keys = ["inv_every", "precondition_frequency"] + ["max_refresh_interval"] * (pre.hp.get("refresh_tolerance", 0) > 0)
+        for key in keys:
             if isinstance(pre.hp.get(key), int):
                 window = math.lcm(window, pre.hp[key])
     return window
+
+
+def root_checks(compiled) -> tuple[int, int]:
+    """(roots recomputed, roots kept) so far by the drift-triggered refreshes of `compiled` (the
+    "refreshes" and "skipped" counters its preconditioners keep; (0, 0) without them)."""
+    counts = [0, 0]
+    for pre in compiled.optimizer.curvature:
+        for state in pre.states().values():
+            for i, key in enumerate(("refreshes", "skipped")):
+                counts[i] += int(state[key].sum()) if key in state else 0
+    return counts[0], counts[1]
 
 
 def sweep_variant(variant: str) -> tuple[str, dict]:
@@ -253,9 +270,10 @@ def sweep_variant(variant: str) -> tuple[str, dict]:
     return name, {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
 
 
-def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS)) -> dict:
+def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: int = 0) -> dict:
     """Whole-step ratios to AdamW at `rows` rows per step on the sweep's MLP (module docstring), for
-    each of `variants` (`OPTIMIZER[:key=value,...]`, gnfx.compile's settings beside lr)."""
+    each of `variants` (`OPTIMIZER[:key=value,...]`, gnfx.compile's settings beside lr), timed after
+    `warmup` untimed steps of each."""
     g = torch.Generator().manual_seed(rows)
     pool = [(torch.randn(rows, SWEEP_WIDTH, generator=g), torch.randint(10, (rows,), generator=g))
             for _ in range(SWEEP_POOL)]
@@ -288,7 +306,16 @@ def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS)) -> dict:
     stat_rows = statistic_rows(probe)
     samples = {k: [] for k in ("adamw", *runs)}
     windows = {name: refresh_window(c) for name, c in runs.items()}
-    for r in range(rounds + 2):  # two untimed rounds: warm-up, and Shampoo's start at step 10
+    for c in runs.values():
+        for i in range(warmup):
+            x, y = pool[i % SWEEP_POOL]
+            loss_fn(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+    checks = {}
+    for r in range(rounds + 2):
+        if r == 2:
+            checks = {name: root_checks(c) for name, c in runs.items()}  # two untimed rounds: warm-up, and Shampoo's start at step 10
         sample = {"adamw": whole(plain, adamw.step, adamw.zero_grad)}
         for name, c in runs.items():
             if r < 2 and windows[name] > STAT_EVERY:  # warm-up and start in STAT_EVERY steps, as the others
@@ -299,17 +326,22 @@ def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS)) -> dict:
             for k, v in sample.items():
                 samples[k].append(v)
     bounds = sweep_bounds(probe, stat_rows)
+    refreshed = {}
+    for name, c in runs.items():
+        done, kept = (now - before for now, before in zip(root_checks(c), checks[name]))
+        if done + kept:
+            refreshed[name] = done / (done + kept)
     return {"rows": rows, "rows_per_width": rows / SWEEP_WIDTH, "adamw_ms": 1e3 * statistics.median(samples["adamw"]),
             "ratio": {n: statistics.median(w / a for w, a in zip(samples[n], samples["adamw"])) for n in runs},
-            "bound": {n: bounds[sweep_variant(n)[0]] for n in runs}}
+            "bound": {n: bounds[sweep_variant(n)[0]] for n in runs}, "refreshed": refreshed}
 
 
-def sweep(rounds: int, ratios=None, variants=None) -> list[dict]:
+def sweep(rounds: int, ratios=None, variants=None, warmup: int = 0) -> list[dict]:
     """sweep_point at rows = width x each of `ratios` (default SWEEP_RATIOS) for `variants` (default
-    every preconditioner of SWEEP_TARGETS at its defaults)."""
+    every preconditioner of SWEEP_TARGETS at its defaults), after `warmup` untimed steps."""
     points = []
     for ratio in ratios or SWEEP_RATIOS:
-        points.append(sweep_point(round(ratio * SWEEP_WIDTH), rounds, variants or tuple(SWEEP_TARGETS)))
+        points.append(sweep_point(round(ratio * SWEEP_WIDTH), rounds, variants or tuple(SWEEP_TARGETS), warmup))
         print("sweep", json.dumps(points[-1]), flush=True)
     return points
 
@@ -320,7 +352,8 @@ def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
              f"MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; "
              f"each cell: the median over {rounds} interleaved rounds of (fwd+bwd + step, averaged over "
-             f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often) "
+             f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often, "
+             "or max_refresh_interval for a drift-triggered refresh, with the share of roots it recomputed) "
              "/ (plain fwd+bwd + AdamW step), then the products bound in "
              "parentheses (benchmarks/targets.py's docstring). "
              "Targets at rows/width ≥ 4: " + ", ".join(f"{n} ≤ {t:.2f}" for n, t in SWEEP_TARGETS.items()) +
@@ -337,7 +370,8 @@ def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
             ratio, bound, target = p["ratio"][n], p["bound"][n], SWEEP_TARGETS[sweep_variant(n)[0]]
             mark = "" if p["rows_per_width"] < 4 else " ✓" if ratio <= target else (
                 " ✗ (bound)" if bound > target else f" ✗ room {target - bound:.3f}")
-            cells.append(f"{ratio:.2f} ({bound:.2f}){mark}")
+            share = p.get("refreshed", {}).get(n)  # roots recomputed / root checks, drift-triggered refreshes
+            cells.append(f"{ratio:.2f} ({bound:.2f}){mark}" + ("" if share is None else f", {share:.0%} of roots refreshed"))
         lines.append(f"| {p['rows']} | {p['rows_per_width']:g} | {p['adamw_ms']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -394,6 +428,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep-optimizers", nargs="+", default=None,
                         help="the sweep's columns: OPTIMIZER[:key=value,...] with OPTIMIZER one of "
                              f"{', '.join(SWEEP_TARGETS)} (e.g. shampoo:precondition_frequency=50)")
+    parser.add_argument("--sweep-warmup", type=int, default=0,
+                        help="untimed steps of every sweep column before its rounds (their two untimed rounds aside)")
     parser.add_argument("--no-sweep", action="store_true", help="only the models' table")
     add_timing_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -410,7 +446,7 @@ def main(argv=None) -> dict:
         (args.out / "targets.json").write_text(json.dumps(rows, indent=1) + "\n")
         (args.out / "targets.md").write_text(markdown(rows, args.repeats))
     if not args.no_sweep:
-        points = sweep(args.sweep_rounds, args.sweep_ratios, args.sweep_optimizers)
+        points = sweep(args.sweep_rounds, args.sweep_ratios, args.sweep_optimizers, args.sweep_warmup)
         (args.out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
         command = " ".join(["python -m benchmarks.targets", *(sys.argv[1:] if argv is None else argv)])
         (args.out / "sweep.md").write_text(sweep_markdown(points, args.sweep_rounds, command))

@@ -133,22 +133,27 @@ def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
 def test_rows_sweep_of_chosen_variants_times_whole_refresh_periods(monkeypatch):
     """`--sweep-optimizers` columns carry gnfx.compile settings, keep their preconditioner's bound
     and target, and each is timed over windows that hold whole refresh periods: lcm(stat_every,
-    precondition_frequency) steps (a window of stat_every steps would miss a refresh every 25)."""
+    precondition_frequency) steps (a window of stat_every steps would miss a refresh every 25), and
+    under a drift-triggered refresh its max_refresh_interval, with the share of root checks that
+    refreshed in the timed rounds (after the warm-up) reported for that column alone."""
     import gnfx
     from benchmarks import targets
     from benchmarks.models import mlp
 
     monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
-    variants = ("shampoo", "shampoo:precondition_frequency=25")
-    points = targets.sweep(rounds=1, ratios=(4,), variants=variants)
+    variants = ("shampoo", "shampoo:precondition_frequency=25", "shampoo:refresh_tolerance=0.01,max_refresh_interval=20")
+    points = targets.sweep(rounds=1, ratios=(4,), variants=variants, warmup=5)
     assert set(points[0]["ratio"]) == set(variants)
+    assert set(points[0]["refreshed"]) == {variants[2]} and 0 <= points[0]["refreshed"][variants[2]] <= 1
     assert points[0]["bound"][variants[1]] == points[0]["bound"]["shampoo"] > 1
     assert targets.sweep_variant(variants[1]) == ("shampoo", {"precondition_frequency": 25})
     compiled = gnfx.compile(mlp([8, 8, 10]), "shampoo", precondition_frequency=25)
     assert targets.refresh_window(compiled) == 50
+    drifting = gnfx.compile(mlp([8, 8, 10]), "shampoo", refresh_tolerance=0.01, max_refresh_interval=40)
+    assert targets.refresh_window(drifting) == 40
     assert targets.refresh_window(gnfx.compile(mlp([8, 8, 10]), "kfac")) == targets.STAT_EVERY
     text = targets.sweep_markdown(points, 1, "python -m benchmarks.targets --sweep")
-    assert "shampoo:precondition_frequency=25" in text and "| 32 | 4 |" in text
+    assert "shampoo:precondition_frequency=25" in text and "| 32 | 4 |" in text and "of roots refreshed" in text
     with pytest.raises(SystemExit, match="not one of"):
         targets.sweep_variant("adamw:lr=1")
 

@@ -20,6 +20,7 @@ Learning rates are powers of two (gnfx hands lr to the update function as a floa
 """
 from __future__ import annotations
 
+import io
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from models import TanhMLP as MLP
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
 LR = 2.0 ** -12
+DEFAULT = {k: spec.default for k, spec in gnfx.REGISTRY["shampoo"].HPARAMS.items()}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -62,9 +64,14 @@ class ShampooReference:
     """Shampoo with grafting for one piece, in float64, step by step."""
 
     def __init__(self, shape, *, beta, damping, p, graft="none", beta2=0.999, eps=1e-8,
-                 start=0, freq=1, stat_every=1):
+                 start=0, freq=1, stat_every=1, tolerance=0.0, max_interval=100):
         self.factors = [torch.zeros(d, d, dtype=DTYPE) for d in shape]
         self.roots = [torch.eye(d, dtype=DTYPE) for d in shape]
+        # the drift rule: each factor at its last refresh, and that step
+        self.tolerance, self.max_interval = tolerance, max_interval
+        self.refreshed = [torch.zeros(d, d, dtype=DTYPE) for d in shape]
+        self.refreshed_at = [0] * len(shape)
+        self.refreshes = self.skipped = 0
         self.beta, self.damping, self.p = beta, damping, p
         self.graft, self.beta2, self.eps = graft, beta2, eps
         self.start, self.freq, self.stat_every = start, freq, stat_every
@@ -89,11 +96,29 @@ class ShampooReference:
         if step < self.start:
             return D
         if (step - self.start) % self.freq == 0:
-            self.roots = [inverse_root(Fj, self.damping, self.p) for Fj in self.factors]
+            for j, Fj in enumerate(self.factors):
+                if self.due(j, step):
+                    self.roots[j] = inverse_root(Fj, self.damping, self.p)
+                    self.refreshed[j], self.refreshed_at[j] = Fj.clone(), step
+                    self.refreshes += 1
+                else:
+                    self.skipped += 1
         P = (kron_all(self.roots) @ G.reshape(-1)).reshape(G.shape)
         if self.graft == "none":
             return P
         return P * (D.norm() / P.norm())
+
+    def drift(self, j):
+        """‖F/‖F‖ − F_r/‖F_r‖‖ with a graft (the step length is the graft's), ‖F − F_r‖/‖F_r‖ without."""
+        F_, R = self.factors[j].flatten(), self.refreshed[j].flatten()
+        norm = lambda x: (x @ x).sqrt()  # noqa: E731
+        return norm(F_ / norm(F_) - R / norm(R)) if self.graft != "none" else norm(F_ - R) / norm(R)
+
+    def due(self, j, step):
+        """Whether factor j's root is recomputed on refresh step `step`."""
+        if self.tolerance == 0 or not self.refreshed[j].any():
+            return True
+        return step - self.refreshed_at[j] >= self.max_interval or self.drift(j) > self.tolerance
 
 
 # ----------------------------------------------------------------------------- models and helpers
@@ -141,7 +166,9 @@ def reference_for(shape, hp):
     hp = {**OFFSET, **hp}
     return ShampooReference(shape, beta=hp.get("stat_decay", 0.75), damping=hp.get("damping", 0.1), p=p,
                             graft=hp.get("graft", "none"), start=hp["start_preconditioning_step"],
-                            freq=hp["precondition_frequency"], stat_every=hp["stat_every"])
+                            freq=hp["precondition_frequency"], stat_every=hp["stat_every"],
+                            tolerance=hp.get("refresh_tolerance", DEFAULT["refresh_tolerance"]),
+                            max_interval=hp.get("max_refresh_interval", DEFAULT["max_refresh_interval"]))
 
 
 def folded(layer, grad=False):
@@ -154,7 +181,8 @@ def folded(layer, grad=False):
 
 def train_against_reference(model, hp, batches, regions=None):
     """Train with gnfx Shampoo and check each step of each layer (or each region of a layer:
-    {name: [index, ...]}) against its own ShampooReference."""
+    {name: [index, ...]}) against its own ShampooReference; returns the compiled model and the
+    references by (layer, region number)."""
     c = compile_shampoo(model, **hp)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     regions = regions or {n: [(slice(None), slice(None))] for n in layers}
@@ -171,7 +199,7 @@ def train_against_reference(model, hp, batches, regions=None):
             for i, idx in enumerate(idxs):
                 U = refs[(n, i)].step(step, grads[n][idx])
                 torch.testing.assert_close(delta[idx], -LR * U, **TOL, msg=lambda m: f"{n}{idx} step {step}: {m}")
-    return c
+    return c, refs
 
 
 # ----------------------------------------------------------------------------- tests
@@ -365,10 +393,113 @@ def test_float32_block_with_zero_gradient_at_the_first_statistic_keeps_finite_pa
     assert model.layers[0].weight.grad.abs().max() > 0  # the first layer did get gradients later
 
 
+EVERY_STEP = dict(stat_every=1, precondition_frequency=1, start_preconditioning_step=0)
+
+
+@pytest.mark.parametrize("graft", ["none", "adam"])
+def test_a_root_is_refreshed_exactly_when_its_factor_drifted_by_more_than_the_tolerance(graft):
+    """refresh_tolerance τ = 0.2, statistics and refresh checks on every step for 12 steps: each
+    step equals the reference's, which recomputes factor j's root only when the drift from the
+    factor at its last refresh, ‖F/‖F‖ − F_r/‖F_r‖‖_F with a graft and ‖F − F_r‖_F/‖F_r‖_F without,
+    exceeds τ (computed directly on the flattened matrices); the counters agree, and τ both kept
+    and recomputed roots (neither rule alone gives these steps)."""
+    hp = dict(EVERY_STEP, refresh_tolerance=0.2, graft=graft)
+    c, refs = train_against_reference(make(), hp, data(12))
+    pre = c.optimizer.curvature[0]
+    for group in pre.groups:
+        name, state = group.pieces[0].target.name, pre.group_state(group)
+        ref = refs[(name, 0)]
+        assert (state["refreshes"].item(), state["skipped"].item()) == (ref.refreshes, ref.skipped), name
+        assert ref.refreshes > 2 and ref.skipped > 2, (name, ref.refreshes, ref.skipped)
+
+
+def test_a_root_is_refreshed_once_max_refresh_interval_steps_old_whatever_its_drift():
+    """τ = 10⁹ (no drift is that large) and max_refresh_interval=3, checks on every step for 10
+    steps: every root is recomputed on steps 0 (no refresh yet), 3, 6 and 9 only, as the
+    reference's; refreshed_at then holds 9 and F_r the factor of step 9."""
+    hp = dict(EVERY_STEP, refresh_tolerance=1e9, max_refresh_interval=3)
+    c, refs = train_against_reference(make(), hp, data(10))
+    pre = c.optimizer.curvature[0]
+    for group in pre.groups:
+        state, ref = pre.group_state(group), refs[(group.pieces[0].target.name, 0)]
+        assert ref.refreshes == 4 * 2 and ref.skipped == 6 * 2
+        assert (state["refreshes"].item(), state["skipped"].item()) == (ref.refreshes, ref.skipped)
+        for j in range(2):
+            assert state[f"refreshed_at{j}"].tolist() == [9]
+            assert torch.equal(state[f"refreshed{j}"], state[f"factor{j}"])
+
+
+@pytest.mark.parametrize("tracked", [dict(refresh_tolerance=1e-300),
+                                     dict(refresh_tolerance=1e9, max_refresh_interval=2)])
+def test_a_tolerance_that_refreshes_every_root_equals_the_fixed_interval_bitwise(tracked):
+    """τ = 0 is the fixed interval (precondition_frequency=2) and keeps no drift state; a run with
+    the drift rule on in which every root is due at every check (τ below any drift, or roots
+    as old as max_refresh_interval at each check) gives the same parameters and roots bit for bit."""
+    batches = data(9)
+    runs = []
+    for hp in (dict(refresh_tolerance=0.0), tracked):
+        c = compile_shampoo(make(), **hp)
+        for x, y in batches:
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+        runs.append(c)
+    fixed, drift = runs
+    for (n, a), b in zip(fixed.named_parameters(), drift.parameters()):
+        assert torch.equal(a, b), n
+    for g in fixed.optimizer.curvature[0].groups:
+        plain, tracked_state = (r.optimizer.curvature[0].group_state(g) for r in runs)
+        assert not any(k.startswith("refreshed") for k in plain) and "skipped" not in plain
+        assert tracked_state["refreshes"].tolist() == [2 * 4] and tracked_state["skipped"].tolist() == [0]
+        assert all(torch.equal(plain[f"root{j}"], tracked_state[f"root{j}"]) for j in range(2))
+
+
+def test_checkpoint_resume_keeps_the_drift_rule_state():
+    """Save after 5 steps (torch.save / torch.load(weights_only=True)), load into a fresh model and
+    optimizer, train 7 more: parameters and optimizer state (F_r, the refresh steps, the counters)
+    equal the uninterrupted run's bit for bit, and roots were both kept and recomputed after the
+    resume."""
+    hp = dict(EVERY_STEP, refresh_tolerance=0.2, max_refresh_interval=4, graft="adam")
+    batches = data(12)
+
+    def run(c, part):
+        for x, y in part:
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+        return c
+
+    full = run(compile_shampoo(make(), **hp), batches)
+    first = run(compile_shampoo(make(), **hp), batches[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = compile_shampoo(make(seed=5), **hp)
+    resumed.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    counts = {g.key: (s["refreshes"].clone(), s["skipped"].clone()) for g, s in
+              zip(resumed.optimizer.curvature[0].groups, resumed.optimizer.curvature[0].states().values())}
+    run(resumed, batches[5:])
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    states = [full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]]
+    assert states[0].keys() == states[1].keys()
+    for i in states[0]:
+        assert all(k[:-len("root0")] + "refreshed_at0" in states[0][i] for k in states[0][i] if k.endswith("root0"))
+        for k, v in states[0][i].items():
+            assert torch.equal(v, states[1][i][k]), k
+    pre = resumed.optimizer.curvature[0]
+    for g in pre.groups:
+        state, (refreshes, skipped) = pre.group_state(g), counts[g.key]
+        assert (state["refreshes"] > refreshes).all() and (state["skipped"] > skipped).all(), g.key
+
+
 @pytest.mark.parametrize("name, value", [("exponent", 0), ("exponent", 2), ("exponent", -0.5),
                                          ("exponent", "sqrt"), ("graft", "x"), ("max_block", 0),
                                          ("precondition_frequency", 0), ("start_preconditioning_step", -1),
-                                         ("root_method", "svd"), ("root_method", "cholesky")])
+                                         ("root_method", "svd"), ("root_method", "cholesky"),
+                                         ("refresh_tolerance", -1.0), ("max_refresh_interval", 0)])
 def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
     with pytest.raises(gnfx.ConfigError, match=rf"\b{name}={value!r}"):
         gnfx.compile(make(), optimizer="shampoo", **{name: value})
