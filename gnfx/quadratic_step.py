@@ -16,7 +16,7 @@ so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. When the plan 
 preconditioners (K-FAC on the blocks, the diagonal on the parameters no block claims), Δ is split
 into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more product per part):
 their proposals at one lr are on different scales. J v comes from forward-mode products
-(torch.func.jvp) through the model at the inputs of the step's forward, H_ℓ in closed form from
+(dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
 2/numel(z)·I for "mse"). μ is kept in MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ
 at a bound, `minimize_quadratic`): fitted on one batch, an unbounded μ swung to -412 on the digits
@@ -146,11 +146,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves, tree_map
 
 from gnfx.errors import GnfxError
+from gnfx.forward_mode import ModuleFunction, jvp_rows
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, output_hessian_product
 
@@ -268,6 +268,7 @@ class QuadraticStep:
         # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
         self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
+        self._module_function: ModuleFunction | None = None  # the model as a function of θ (_function)
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
         self._examples = 0  # its batch size, the first dimension of z
@@ -293,10 +294,11 @@ class QuadraticStep:
         self._output_grad = grad.detach()
 
     def _function(self, subset: bool = False):
-        """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
-        model's own), with the buffers copied, so that batch-norm statistics do not move. With
-        `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
-        examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
+        """θ ↦ z on the remembered inputs, θ the list of the optimizer's parameters in its order (None:
+        the parameters as they are), with copies of the buffers, so that batch-norm statistics do not
+        move (gnfx.forward_mode.ModuleFunction, built once). With `subset` and `rows` (quadratic_rows,
+        in rows of z) the inputs are the first ⌈rows / T⌉ examples (T rows of z each) of every input
+        tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
@@ -304,26 +306,20 @@ class QuadraticStep:
         if subset and examples is not None and examples < self._examples:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        return lambda theta: _first_tensor(functional_call(model, {**theta, **buffers}, args, kwargs))
+        if self._module_function is None or self._module_function.module is not model:
+            self._module_function = ModuleFunction(model, list(self.parameters.named))
+        function = self._module_function
+        return lambda theta: _first_tensor(function(theta, *args, **kwargs))
 
-    def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
-        one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
-        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize and
-        for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
-        against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
+    def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of
+        per-parameter tensors each), by one forward-mode pass per tangent (gnfx.forward_mode.jvp_rows:
+        on small models vmap's batching over the tangents costs more than the primal ops a second pass
+        repeats, 4.2 against 3.8 ms on the deep autoencoder; benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
-        count = len(next(iter(tangents.values())))
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
-            if count > 1:
-                try:  # z does not depend on the tangent: computed once, returned unbatched
-                    return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
-                except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
-                    pass
-            pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
-            return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
+            return jvp_rows(f, theta, tangent_rows)
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
@@ -337,7 +333,7 @@ class QuadraticStep:
         named = self.parameters.named
         names = list(named)
         params = [local(named[n]) for n in names]  # under FSDP2 the local shards
-        before = [p.detach().clone() for p in params]
+        before = _copies(params)
         chain()
         proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
@@ -358,12 +354,13 @@ class QuadraticStep:
             return
         flat_grads = _flat(grads)
         if self.momentum == "adaptive":  # the rows Δ_k and δ
-            V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+            rows = layout.rows(parts, _flat(proposal), None if previous is None else _flat(previous))
         else:  # the rows v_k of the velocity v = Δ + μ̂ v_prev
-            V = layout.vectors(parts, self._velocity(layout, parts, _flat(proposal), previous, flat_grads), None)
+            rows = layout.rows(parts, self._velocity(layout, parts, _flat(proposal), previous, flat_grads), None)
+        V = torch.stack(rows)
         if self._reuses(parts, previous is not None, t, len(V)) and self._reuse(params, layout, parts, V, flat_grads, comm):
             return
-        z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
+        z, outputs = self._output(theta_values, layout.tangents(rows))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
@@ -483,8 +480,7 @@ class QuadraticStep:
         averaged over the ranks of `comm` (None: one process)."""
         after = None
         if self.parameters.sharded is not None:  # θ + t·s whole, as the shards compute it
-            after = {n: w + u for n, w, u in zip(layout.names, theta_values,
-                                                  layout.split(flat_update * scale))}
+            after = [w + u for w, u in zip(theta_values, layout.split(flat_update * scale))]
         actual = self._actual_reduction(z, loss_before, closure, after)
         if comm is not None:
             device = flat_update.device
@@ -571,7 +567,7 @@ class QuadraticStep:
     def _actual_reduction(self, z, loss_before, closure, after=None) -> float:
         """L(θ) - L(θ+s) on the step's batch (module docstring), z the output at θ of the products'
         forward (on the first rows only with quadratic_rows: then the training forward's output);
-        `after`: θ + s by name, if not the parameters as they are (under FSDP2)."""
+        `after`: θ + s in the optimizer's order, if not the parameters as they are (under FSDP2)."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -587,8 +583,8 @@ class QuadraticStep:
         f = self._function()
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         loss = recovered_loss(self.loss, z0, self._output_grad)
-        # f({}): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
-        at_theta, at_step = torch.stack([loss(z0), loss(f(after or {}))]).tolist()
+        # f(None): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
+        at_theta, at_step = torch.stack([loss(z0), loss(f(after))]).tolist()
         return at_theta - at_step
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -638,21 +634,31 @@ class FlatLayout:
         """The per-parameter views of a flat vector."""
         return [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)]
 
-    def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """V: one row per preconditioner in `parts`, the proposal on its parameters (zero elsewhere),
-        and the previous update as the last row if there is one."""
+    def rows(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> list[torch.Tensor]:
+        """The rows of V, each its own flat buffer: one per preconditioner in `parts`, the proposal on
+        its parameters (zero elsewhere), and the previous update last if there is one."""
         rows = [torch.where(self.owner == self.preconditioners.index(pre), proposal, 0) for pre in parts]
-        return torch.stack(rows + ([previous] if previous is not None else []))
+        return rows + ([previous] if previous is not None else [])
 
-    def tangents(self, V: torch.Tensor) -> dict:
-        """The rows of V as tangents of the parameters: {name: (rows, *shape)}, views where the
-        parameter has V's dtype."""
-        out, start = {}, 0
-        for name, shape, size, dtype in zip(self.names, self.shapes, self.sizes, self.dtypes):
-            rows = V[:, start:start + size].view(len(V), *shape)
-            out[name] = rows if rows.dtype == dtype else rows.to(dtype)
-            start += size
-        return out
+    def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """V: the `rows` stacked."""
+        return torch.stack(self.rows(parts, proposal, previous))
+
+    def tangents(self, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The rows of V as tangents of the parameters: per row, one tensor per parameter, views where
+        the parameter has the row's dtype. Those of a row are laid out as those of a flat copy of θ
+        (`_copies`), so that make_dual takes them as they are instead of copying each."""
+        return [[t if t.dtype == dtype else t.to(dtype) for t, dtype in zip(self.split(row), self.dtypes)]
+                for row in rows]
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the tensors, views of one flat buffer in their order (one copy kernel, not one each;
+    a clone each if they differ in dtype or device, which one buffer cannot hold)."""
+    if len({(t.dtype, t.device) for t in tensors}) > 1:
+        return [t.detach().clone() for t in tensors]
+    flat = _flat(tensors)
+    return [t.view(x.shape) for t, x in zip(flat.split([x.numel() for x in tensors]), tensors)]
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
