@@ -179,6 +179,9 @@ DAMPING_WARMUP = 10
 PREDICTED_GROWTH = 2.0
 # a rejected step is retried on its batch at up to BACKTRACKS shorter lengths (QuadraticStep._backtrack)
 BACKTRACKS = 8
+# the step's flat vectors stay allocated between steps up to this many parameters (FlatLayout); 2^22 float32
+# are 16 MB a vector; the models of benchmarks/ have 10k-110k
+BUFFERED_NUMEL = 2 ** 22
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -333,30 +336,37 @@ class QuadraticStep:
         named = self.parameters.named
         names = list(named)
         params = [local(named[n]) for n in names]  # under FSDP2 the local shards
-        before = _copies(params)
+        sharded = self.parameters.sharded
+        # on one process θ, Δ and g go into the layout's buffers (FlatLayout), under FSDP2 their local rows apart
+        layout = self._layout(names, params, preconditioners) if sharded is None else None
+        before = layout.copy("theta", params) if layout else [p.detach().clone() for p in params]
         chain()
-        proposal = torch._foreach_sub([p.detach() for p in params], before)
+        if layout:
+            proposal = layout.copy("proposal", params)
+            torch._foreach_sub_(proposal, before)
+        else:
+            proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
         grads = [local(named[n].grad) if named[n].grad is not None else torch.zeros_like(p)
                  for n, p in zip(names, params)]
-        theta_values, previous, sharded = before, self.previous, self.parameters.sharded
+        theta_values, previous = before, self.previous
         if sharded is not None:  # the model of the whole parameters, the same on every rank (gnfx.fsdp)
             whole = sharded.whole([*proposal, *grads, *before, *(previous or [])])
             p = len(names)
             proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
             previous = whole[3 * p:] or None
-        layout = self._layout(names, theta_values, preconditioners)
+            layout = self._layout(names, theta_values, preconditioners)
         parts = self._parts(layout, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
                               "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False, "solved": False}
             return
-        flat_grads = _flat(grads)
+        flat_grads = layout.flat(grads, "grads")
         if self.momentum == "adaptive":  # the rows Δ_k and δ
-            rows = layout.rows(parts, _flat(proposal), None if previous is None else _flat(previous))
+            rows = layout.rows(parts, layout.flat(proposal), None if previous is None else layout.flat(previous))
         else:  # the rows v_k of the velocity v = Δ + μ̂ v_prev
-            rows = layout.rows(parts, self._velocity(layout, parts, _flat(proposal), previous, flat_grads), None)
+            rows = layout.rows(parts, self._velocity(layout, parts, layout.flat(proposal), previous, flat_grads), None)
         V = torch.stack(rows)
         if self._reuses(parts, previous is not None, t, len(V)) and self._reuse(params, layout, parts, V, flat_grads, comm):
             return
@@ -375,7 +385,7 @@ class QuadraticStep:
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
         mu = (coefficients[-1] if adaptive else self.momentum) if previous is not None else 0.0
-        flat_update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
+        flat_update = layout.combine(c, V)  # s = Σ_k α_k Δ_k + μδ
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         adapted = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
@@ -438,7 +448,7 @@ class QuadraticStep:
         slope = float(b.cpu() @ c)
         if not 0 < -slope <= PREDICTED_GROWTH * -solved_slope:
             return False
-        flat_update = c.to(device=V.device, dtype=V.dtype) @ V
+        flat_update = layout.combine(c, V)
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         self.previous = self._carried(layout, update, V)
@@ -464,7 +474,7 @@ class QuadraticStep:
         owned = layout.vectors(parts, proposal, None).sum(0)  # Δ on the parts' parameters
         if previous is None:
             return owned
-        carried = layout.vectors(parts, _flat(previous), None)  # v_prev,k
+        carried = layout.vectors(parts, layout.flat(previous), None)  # v_prev,k
         restarted = [layout.preconditioners.index(pre) for pre, up in zip(parts, (carried @ grads > 0).tolist()) if up]
         keep = ~torch.isin(layout.owner, torch.tensor(restarted, dtype=layout.owner.dtype, device=proposal.device))
         return owned + self.momentum * torch.where(keep, carried.sum(0), 0)
@@ -538,27 +548,28 @@ class QuadraticStep:
         """The preconditioners whose proposal is not zero (one host synchronization): each gets its
         own step size α, so that one whose proposal is on another scale (the diagonal fallback's
         Adam step at lr 1 beside K-FAC's) does not set the step of the others."""
-        moved = torch.stack(torch._foreach_norm(proposal)).ne(0)
-        return [layout.preconditioners[k] for k in (layout.owned & moved[:, None]).any(0).nonzero().flatten().tolist()]
+        norms = torch.stack(torch._foreach_norm(proposal)).tolist()
+        moved = {k for k, norm in zip(layout.parameter_owner, norms) if k >= 0 and norm != 0}
+        return [layout.preconditioners[k] for k in sorted(moved)]
 
     def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
                      J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
         J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
         of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
-        kept = self._kept_rows(z)
-        H_J = torch.stack([output_hessian_product(self.loss, z, kept, Jv) for Jv in J]).flatten(1).double()
+        kept = None if self.loss == "mse" else self._kept_rows(z)  # mse's H_ℓ = 2/numel(z)·I needs no targets
+        H_J = output_hessian_product(self.loss, z, kept, J).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
         V = V.double()
         M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
         return M, V @ grads.double()
 
     def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
-        """The rows of z (the batch's first rows with quadratic_rows) the loss counts as targets for
-        output_hessian_product: the rows its gradient reaches (an ignored target's row gets exactly
-        zero), all rows when unknown."""
+        """The rows of z (the batch's first rows with quadratic_rows) cross-entropy counts as targets
+        for output_hessian_product: the rows its gradient reaches (an ignored target's row gets
+        exactly zero), all rows when unknown."""
         classes = z.shape[-1]
-        if self._output_grad is None or self.loss == "mse":
+        if self._output_grad is None:
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
             kept = self._output_grad[:len(z)].reshape(-1, classes).ne(0).any(1)
@@ -589,7 +600,9 @@ class QuadraticStep:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
+        # δ may be views of a buffer the next step writes (FlatLayout): a copy
+        previous = None if self.previous is None else [t.clone() for t in self.previous]
+        return {"damping": self.damping, "previous": previous, "adapted_at": self.adapted_at,
                 "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients}
 
     def load_state_dict(self, state: dict, steps: int) -> None:
@@ -610,13 +623,25 @@ class FlatLayout:
     """The optimizer's parameters as one flat vector, concatenated in their order (one kernel for
     the step's dot products and its update, instead of one per parameter): where each lies, and
     which preconditioner owns each parameter and each element (-1: none, such a parameter does
-    not move)."""
+    not move).
+
+    When the parameters share one dtype and device and have at most BUFFERED_NUMEL elements
+    (`buffered`), the step's flat vectors (θ, Δ, g, the rows of V, the update s) live in buffers
+    kept from step to step, whose per-parameter views are made once: on the deep autoencoder of
+    benchmarks/ making the views of a flat vector (a split and a view per parameter) cost as much as
+    a kernel over it, ~75 µs a time, several times a step. The views of θ's buffer and of the rows'
+    are laid out alike (the same offsets in buffers of one size), so that make_dual takes the rows'
+    as tangents as they are instead of copying each. Larger models keep no buffers: their step is
+    the products' cost, and three vectors of θ's size kept between steps would be memory the
+    forward could not use."""
 
     def __init__(self, names: list[str], params: list[torch.Tensor], preconditioners: list):
         self.names = names
         self.shapes = [p.shape for p in params]
         self.sizes = [p.numel() for p in params]
         self.dtypes = [p.dtype for p in params]
+        self.device = params[0].device
+        self.buffered = len({(p.dtype, p.device) for p in params}) == 1 and sum(self.sizes) <= BUFFERED_NUMEL
         self.preconditioners = list(preconditioners)
         position = {n: i for i, n in enumerate(names)}
         owner = [-1] * len(names)
@@ -624,20 +649,57 @@ class FlatLayout:
             for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names):
                 if n in position:
                     owner[position[n]] = k
-        device = params[0].device
-        owner = torch.tensor(owner, device=device)
-        # (parameters, preconditioners): whether the preconditioner owns the parameter
-        self.owned = owner[:, None] == torch.arange(len(self.preconditioners), device=device)
-        self.owner = torch.repeat_interleave(owner, torch.tensor(self.sizes, device=device))  # per element
+        self.parameter_owner = owner
+        # whether preconditioner k owns every element (its row of V is the proposal as it is)
+        self.owns_all = [all(o == k for o in owner) for k in range(len(self.preconditioners))]
+        self.owner = torch.repeat_interleave(torch.tensor(owner, device=self.device),
+                                             torch.tensor(self.sizes, device=self.device))  # per element
+        self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (flat, its views)
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """The flat buffer `key` (of a `buffered` layout), made at its first use and kept."""
+        if key not in self._buffers:
+            flat = torch.empty(sum(self.sizes), dtype=self.dtypes[0], device=self.device)
+            self._buffers[key] = (flat, [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)])
+        return self._buffers[key][0]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The per-parameter views of a flat vector."""
+        """The per-parameter views of a flat vector (of a buffer: those made with it)."""
+        for buffer, views in self._buffers.values():
+            if flat is buffer:
+                return views
         return [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)]
 
+    def flat(self, tensors: list[torch.Tensor], key: str | None = None) -> torch.Tensor:
+        """The per-parameter tensors concatenated into one vector: the buffer whose views they are (no
+        copy); else, given a `key` and `buffered`, buffer `key` written in one kernel; else a new vector."""
+        for buffer, views in self._buffers.values():
+            if tensors is views:
+                return buffer
+        if key is not None and self.buffered:
+            return self.flat(self.copy(key, tensors))
+        return _flat(tensors)
+
+    def copy(self, key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the per-parameter tensors: the views of buffer `key` written in one kernel, or a
+        clone each where the layout is not `buffered`."""
+        if not self.buffered:
+            return [t.detach().clone() for t in tensors]
+        views = self.split(self.buffer(key))
+        torch._foreach_copy_(views, tensors)
+        return views
+
     def rows(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> list[torch.Tensor]:
-        """The rows of V, each its own flat buffer: one per preconditioner in `parts`, the proposal on
-        its parameters (zero elsewhere), and the previous update last if there is one."""
-        rows = [torch.where(self.owner == self.preconditioners.index(pre), proposal, 0) for pre in parts]
+        """The rows of V: one per preconditioner in `parts`, the proposal on its parameters (zero
+        elsewhere, each its own buffer), and the previous update last if there is one."""
+        rows = []
+        for k in [self.preconditioners.index(pre) for pre in parts]:
+            if self.owns_all[k]:
+                rows.append(proposal)
+            elif self.buffered:
+                rows.append(torch.where(self.owner == k, proposal, proposal.new_zeros(()), out=self.buffer(f"row {k}")))
+            else:
+                rows.append(torch.where(self.owner == k, proposal, 0))
         return rows + ([previous] if previous is not None else [])
 
     def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -646,19 +708,19 @@ class FlatLayout:
 
     def tangents(self, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """The rows of V as tangents of the parameters: per row, one tensor per parameter, views where
-        the parameter has the row's dtype. Those of a row are laid out as those of a flat copy of θ
-        (`_copies`), so that make_dual takes them as they are instead of copying each."""
+        the parameter has the row's dtype."""
         return [[t if t.dtype == dtype else t.to(dtype) for t, dtype in zip(self.split(row), self.dtypes)]
                 for row in rows]
 
-
-def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of the tensors, views of one flat buffer in their order (one copy kernel, not one each;
-    a clone each if they differ in dtype or device, which one buffer cannot hold)."""
-    if len({(t.dtype, t.device) for t in tensors}) > 1:
-        return [t.detach().clone() for t in tensors]
-    flat = _flat(tensors)
-    return [t.view(x.shape) for t, x in zip(flat.split([x.numel() for x in tensors]), tensors)]
+    def combine(self, c: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """s = cᵀV, the step from the coefficients c and the rows of V: into buffer "update" (V is a
+        copy of the rows, so the previous update there is no longer read)."""
+        c = c.to(device=V.device, dtype=V.dtype)
+        if not self.buffered:
+            return c @ V
+        update = self.buffer("update")
+        torch.mm(c[None], V, out=update[None])  # what c @ V computes, written in place
+        return update
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
