@@ -118,7 +118,7 @@ that is not the named one gives a wrong ρ, which at worst rejects steps and rai
 bounded): pass a closure then.
 
 The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
-forward-mode products cost several forwards (a vmapped jvp with two tangents through the GPT of
+forward-mode products cost several forwards (two tangents through the GPT of
 benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of z only, the loss terms
 (N·T rows of an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input
 tensor whose first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather
@@ -316,9 +316,8 @@ class QuadraticStep:
 
     def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of
-        per-parameter tensors each), by one forward-mode pass per tangent (gnfx.forward_mode.jvp_rows:
-        on small models vmap's batching over the tangents costs more than the primal ops a second pass
-        repeats, 4.2 against 3.8 ms on the deep autoencoder; benchmarks/results/quadratic_step.md)."""
+        per-parameter tensors each), by one forward-mode pass per tangent (gnfx.forward_mode.jvp_rows;
+        benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
         # the fused attention kernels have no forward-mode derivative; the math one is made of ops that do
         with sdpa_kernel(SDPBackend.MATH):
