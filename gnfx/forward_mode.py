@@ -10,11 +10,13 @@ functional_call walks the module on every call: a forward of the deep autoencode
 costs 0.95 ms CPU through functional_call, 0.72 through a ModuleFunction, 0.69 as it is.
 
 `jvp_rows(f, primals, tangent_rows)` is (f(θ), [J v_k]_k), J = ∂f/∂θ at θ = `primals`, by one
-forward-mode pass (torch.autograd.forward_ad: dual tensors) per tangent v_k. On the small models of
-benchmarks/ it costs what torch.func's jvp vmapped over the tangents costs (the deep autoencoder,
-2 tangents, CPU ms, medians of 500 interleaved calls on a loaded machine: 4.8, against 4.9 for the
-vmapped jvp through a ModuleFunction and 5.2 through functional_call): the second pass repeats
-the primal ops, the vmapped one wraps every op; the passes need no batching rule of any op. The
+forward-mode pass (torch.autograd.forward_ad: dual tensors) per tangent v_k, where torch.func's jvp
+vmapped over the tangents runs the primal ops once but wraps every op. Measured (2 tangents, CPU
+ms, medians of interleaved calls on a loaded machine; benchmarks/results/quadratic_step.md): the
+deep autoencoder of benchmarks/ 4.8 against 4.9 for the vmapped jvp through a ModuleFunction and
+5.2 through functional_call, with the whole step 16% shorter against 10% with the vmapped jvp;
+the char GPT 147 against 164; the digits CNN 26 against 23 (its convolutions run again in the
+second pass; its whole step ~5% longer). The passes need no batching rule of any op. Their
 products equal the vmapped jvp's bitwise on the autoencoder and the digits MLP; where vmap batches
 an op differently (convolutions, attention, layer norm) they agree to float rounding.
 """
