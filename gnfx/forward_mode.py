@@ -16,7 +16,7 @@ ms, medians of interleaved calls on a loaded machine; benchmarks/results/quadrat
 deep autoencoder of benchmarks/ 4.8 against 4.9 for the vmapped jvp through a ModuleFunction and
 5.2 through functional_call, with the whole step 16% shorter against 10% with the vmapped jvp;
 the char GPT 147 against 164; the digits CNN 26 against 23 (its convolutions run again in the
-second pass; its whole step ~5% longer). The passes need no batching rule of any op. Their
+second pass; its whole step ~7% longer). The passes need no batching rule of any op. Their
 products equal the vmapped jvp's bitwise on the autoencoder and the digits MLP; where vmap batches
 an op differently (convolutions, attention, layer norm) they agree to float rounding.
 """
