@@ -11,7 +11,8 @@ other processes on a shared machine do not count. Two tables, printed as markdow
    CPU seconds to the benchmark's validation and training-loss targets (benchmarks/tasks.py) of
    AdamW at its best lr (the same for both targets on these two tasks), kfac and ekfac at their
    defaults, and kfac with `quadratic_rows` (`--rows`, a quarter of the rows of z unless given), on
-   the same batches, one after the other; each run stops once both targets are reached.
+   the same batches, interleaved step by step (one step of each in turn, so that a load changing
+   during the measurement slows them alike); each run stops once both targets are reached.
 """
 from __future__ import annotations
 
@@ -70,47 +71,73 @@ def step_table(name: str, steps: int) -> str:
     return "\n".join(lines)
 
 
-def to_target(label: str, module, step, zero_grad, task, batches) -> str:
-    """One markdown row: the steps and CPU seconds (fwd+bwd+step, evaluations not counted) to the
-    task's validation and training-loss targets, evaluated every `task.eval_every` steps; the run
-    stops once both are reached."""
+def to_target(label: str, module, step, zero_grad, task, batches):
+    """One run to the task's validation and training-loss targets, evaluated every `task.eval_every`
+    steps, stopping once both are reached: a generator that yields after each step (target_table
+    interleaves the runs) and returns one markdown row, the steps and CPU seconds (fwd+bwd+step,
+    evaluations not counted) to each target. It keeps its own random state (fisher="mc" samples
+    labels), the one of its creation, so that its steps are those it would take alone right after
+    its model was made."""
+    return _run(label, module, step, zero_grad, task, batches, torch.get_rng_state())
+
+
+def _run(label, module, step, zero_grad, task, batches, rng):
+    """to_target's generator, from the random state `rng`."""
     cpu, reached = 0.0, {}
     for i, (x, y) in enumerate(batches, 1):
+        torch.set_rng_state(rng)
         began = time.thread_time()
         task.loss_fn(module(x), y).backward()
         step()
         zero_grad()
         cpu += time.thread_time() - began
+        rng = torch.get_rng_state()
         if i % task.eval_every == 0:
             for name, loss, target in (("val", task.eval_loss, task.target), ("train", task.fit_loss, task.train_target)):
                 if name not in reached and loss(module) <= target:
                     reached[name] = (i, cpu)
             if len(reached) == 2:
                 break
-    cells = [f"{reached[n][0]} | {reached[n][1]:.1f}" if n in reached else f"> {i} | –" for n in ("val", "train")]
+        yield
+    cells = [f"{reached[n][0]} | {reached[n][1]:.2f}" if n in reached else f"> {i} | –" for n in ("val", "train")]
     return f"| {label} | {' | '.join(cells)} |"
+
+
+def interleaved(runs: list) -> list[str]:
+    """The rows of the `to_target` runs, stepped in turn (one step of each, then the next): a load
+    that changes during the measurement slows them alike."""
+    rows, active = [None] * len(runs), dict(enumerate(runs))
+    while active:
+        for k, run in list(active.items()):
+            try:
+                next(run)
+            except StopIteration as done:
+                rows[k] = done.value
+                del active[k]
+    return rows
 
 
 def target_table(name: str, rows: int | None, steps: int | None = None) -> str:
     """Steps and CPU seconds to the benchmark task's targets: AdamW at its best lr, kfac and ekfac at
     their defaults (no lr), and kfac with the products on `rows` rows of z (`quadratic_rows`; None: a
-    quarter of the batch's), within `steps` (the task's max_steps unless given)."""
+    quarter of the batch's), within `steps` (the task's max_steps unless given), the runs interleaved
+    step by step."""
     task = TASKS[name]()
     steps = steps or task.max_steps
     batches = list(itertools.islice(task.batches(seed=0), steps))
     reference = task.make_model(seed=0)
     adamw = torch.optim.AdamW(reference.parameters(), lr=ADAMW_LR[name])
     lines = [f"{name}: val {task.target}, train {task.train_target} (evaluated every {task.eval_every} steps, at "
-             f"most {steps}; CPU s of fwd+bwd+step, one thread)", "",
-             "| run | steps to val | CPU s to val | steps to train | CPU s to train |", "|---|---|---|---|---|",
-             to_target(f"AdamW {ADAMW_LR[name]:g}", reference, adamw.step, adamw.zero_grad, task, batches)]
+             f"most {steps}; CPU s of fwd+bwd+step, one thread, the runs interleaved)", "",
+             "| run | steps to val | CPU s to val | steps to train | CPU s to train |", "|---|---|---|---|---|"]
+    runs = [to_target(f"AdamW {ADAMW_LR[name]:g}", reference, adamw.step, adamw.zero_grad, task, batches)]
     rows = rows or output_rows(batches[0]) // 4
     for label, optimizer, hp in (("kfac defaults", "kfac", {}), ("ekfac defaults", "ekfac", {}),
                                  (f"kfac defaults, quadratic_rows={rows}", "kfac", {"quadratic_rows": rows})):
         c = gnfx.compile(task.make_model(seed=0), optimizer=optimizer, loss=task.loss_name,
                          example_inputs=(batches[0][0],), **hp)
-        lines.append(to_target(label, c, c.step, c.zero_grad, task, batches))
-    return "\n".join(lines)
+        runs.append(to_target(label, c, c.step, c.zero_grad, task, batches))  # its random state: from here
+    return "\n".join(lines + interleaved(runs))
 
 
 def main() -> None:

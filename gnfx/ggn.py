@@ -116,11 +116,12 @@ def _cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     """(z, y, u) -> F_z u for the categorical likelihood p = softmax(z) of each row.
 
     Each row (example or token) contributes w_n (diag(p_n) - p_n p_nᵀ), where w_n is the row's
-    weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise.
+    weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise. u is shaped
+    like z, or K such vectors stacked on a leading axis.
     """
     classes = z.shape[-1]
     p = torch.softmax(z.reshape(-1, classes), dim=-1)
-    u_rows = u.reshape(-1, classes)
+    u_rows = u.reshape(-1, *p.shape)
     if y.is_floating_point():  # class probabilities: every row counts
         weight = torch.full_like(p[:, 0], 1 / p.shape[0])
     else:
@@ -151,7 +152,8 @@ def _fisher_product(loss: Loss) -> OutputProduct:
 
 def output_hessian_product(loss: str, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     """H_ℓ u at the output z for a named loss, in closed form (no autodiff): for "cross_entropy" and
-    "mse" H_ℓ equals the Fisher's output matrix F_z (see fisher_vp), so this is F_z u. For
+    "mse" H_ℓ equals the Fisher's output matrix F_z (see fisher_vp), so this is F_z u, for u shaped
+    like z or K such vectors stacked on a leading axis (one product each, in one pass). For
     cross-entropy, y only marks the rows the mean counts (targets other than -100); mse ignores it."""
     return _fisher_product(loss)(z, y, u)
 

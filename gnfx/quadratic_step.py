@@ -16,7 +16,7 @@ so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. When the plan 
 preconditioners (K-FAC on the blocks, the diagonal on the parameters no block claims), Δ is split
 into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more product per part):
 their proposals at one lr are on different scales. J v comes from forward-mode products
-(torch.func.jvp) through the model at the inputs of the step's forward, H_ℓ in closed form from
+(dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
 2/numel(z)·I for "mse"). μ is kept in MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ
 at a bound, `minimize_quadratic`): fitted on one batch, an unbounded μ swung to -412 on the digits
@@ -118,7 +118,7 @@ that is not the named one gives a wrong ρ, which at worst rejects steps and rai
 bounded): pass a closure then.
 
 The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
-forward-mode products cost several forwards (a vmapped jvp with two tangents through the GPT of
+forward-mode products cost several forwards (two tangents through the GPT of
 benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of z only, the loss terms
 (N·T rows of an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input
 tensor whose first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather
@@ -146,10 +146,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import functional_call, jvp, vmap
 from torch.utils._pytree import tree_map
 
 from gnfx.errors import GnfxError
+from gnfx.forward_mode import ModuleFunction, jvp_rows
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
@@ -179,6 +179,9 @@ DAMPING_WARMUP = 10
 PREDICTED_GROWTH = 2.0
 # a rejected step is retried on its batch at up to BACKTRACKS shorter lengths (QuadraticStep._backtrack)
 BACKTRACKS = 8
+# the step's flat vectors stay allocated between steps up to this many parameters (FlatLayout); 2^22 float32
+# are 16 MB a vector; the models of benchmarks/ have 10k-110k
+BUFFERED_NUMEL = 2 ** 22
 
 
 def minimize_quadratic(M: torch.Tensor, b: torch.Tensor, capped: bool = False,
@@ -263,6 +266,7 @@ class QuadraticStep:
         # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
         self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
+        self._module_function: ModuleFunction | None = None  # the model as a function of θ (_function)
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
         self._examples = 0  # its batch size, the first dimension of z
@@ -291,12 +295,11 @@ class QuadraticStep:
         self._output_grad = grad.detach()
 
     def _function(self, subset: bool = False):
-        """θ ↦ z on the remembered inputs, θ a dict of parameters by name (those not in it: the
-        model's own), on copies of the buffers made inside the function, so that batch-norm
-        statistics do not move (and their in-place update in training mode writes a tensor of the
-        forward-mode transform, not one it captured, which torch.func refuses). With
-        `subset` and `rows` (quadratic_rows, in rows of z) the inputs are the first ⌈rows / T⌉
-        examples (T rows of z each) of every input tensor whose first dimension is the batch's."""
+        """θ ↦ z on the remembered inputs, θ the list of the optimizer's parameters in its order (None:
+        the parameters as they are), with copies of the buffers, so that batch-norm statistics do not
+        move (gnfx.forward_mode.ModuleFunction, built once). With `subset` and `rows` (quadratic_rows,
+        in rows of z) the inputs are the first ⌈rows / T⌉ examples (T rows of z each) of every input
+        tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
@@ -304,39 +307,29 @@ class QuadraticStep:
         if subset and examples is not None and examples < self._examples:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
-        buffers = dict(model.named_buffers())
-        return lambda theta: logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}},
-                                                       args, kwargs))
+        if self._module_function is None or self._module_function.module is not model:
+            self._module_function = ModuleFunction(model, list(self.parameters.named))
+        function = self._module_function
+        return lambda theta: logits_of(function(theta, *args, **kwargs))
 
-    def _output(self, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, [J v_k]_k) at parameters `params` for the tangents v_k stacked on a leading axis, by
-        one forward-mode pass vectorized over them (torch.func.vmap; 20x faster than one jvp per
-        tangent on the digits MLP), or one jvp per tangent where the model does not vectorize and
-        for a single tangent (vmap's batching costs 5-30%: 66 against 62 ms on the char GPT, 2.7
-        against 2.3 ms on the deep autoencoder, benchmarks/results/quadratic_step.md)."""
+    def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of
+        per-parameter tensors each), by one forward-mode pass per tangent (gnfx.forward_mode.jvp_rows;
+        benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
         try:
-            return self._products(f, params, tangents)
+            with forward_mode_kernels(self._native_recurrent):
+                return jvp_rows(f, theta, tangent_rows)
         except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
             if isinstance(error, NotImplementedError) and not self._native_recurrent:
                 self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
-                return self._output(params, tangents)
+                return self._output(theta, tangent_rows)
             raise GnfxError(
-                f"the quadratic-model step (loss= without lr) takes forward-mode derivatives (torch.func.jvp) "
-                f"through the model, and this model has an operation that has none, or a torch.autograd.Function "
-                f"without setup_context and jvp: {type(error).__name__}: {error}. Fix: pass lr= for a "
-                f"fixed-learning-rate step (step='lr'), or leave that operation out of the model") from error
-
-    def _products(self, f, params: dict, tangents: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        count = len(next(iter(tangents.values())))
-        with forward_mode_kernels(self._native_recurrent):
-            if count > 1:
-                try:  # z does not depend on the tangent: computed once, returned unbatched
-                    return vmap(lambda t: jvp(f, (params,), (t,)), out_dims=(None, 0))(tangents)
-                except (RuntimeError, NotImplementedError, ValueError):  # an op without a batching rule
-                    pass
-            pairs = [jvp(f, (params,), ({n: t[k] for n, t in tangents.items()},)) for k in range(count)]
-            return pairs[0][0], torch.stack([Jv for _, Jv in pairs])
+                f"the quadratic-model step (loss= without lr) takes forward-mode derivatives (dual tensors, "
+                f"torch.autograd.forward_ad) through the model, and this model has an operation that has none, "
+                f"or a torch.autograd.Function without setup_context and jvp: {type(error).__name__}: {error}. "
+                f"Fix: pass lr= for a fixed-learning-rate step (step='lr'), or leave that operation out of the "
+                f"model") from error
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
@@ -350,33 +343,41 @@ class QuadraticStep:
         named = self.parameters.named
         names = list(named)
         params = [local(named[n]) for n in names]  # under FSDP2 the local shards
-        before = [p.detach().clone() for p in params]
+        sharded = self.parameters.sharded
+        # on one process θ, Δ and g go into the layout's buffers (FlatLayout), under FSDP2 their local rows apart
+        layout = self._layout(names, params, preconditioners) if sharded is None else None
+        before = layout.copy("theta", params) if layout else [p.detach().clone() for p in params]
         chain()
-        proposal = torch._foreach_sub([p.detach() for p in params], before)
+        if layout:
+            proposal = layout.copy("proposal", params)
+            torch._foreach_sub_(proposal, before)
+        else:
+            proposal = torch._foreach_sub([p.detach() for p in params], before)
         torch._foreach_copy_(params, before)
         grads = [local(named[n].grad) if named[n].grad is not None else torch.zeros_like(p)
                  for n, p in zip(names, params)]
-        theta_values, previous, sharded = before, self.previous, self.parameters.sharded
+        theta_values, previous = before, self.previous
         if sharded is not None:  # the model of the whole parameters, the same on every rank (gnfx.fsdp)
             whole = sharded.whole([*proposal, *grads, *before, *(previous or [])])
             p = len(names)
             proposal, grads, theta_values = whole[:p], whole[p:2 * p], whole[2 * p:3 * p]
             previous = whole[3 * p:] or None
-        layout = self._layout(names, theta_values, preconditioners)
+            layout = self._layout(names, theta_values, preconditioners)
         parts = self._parts(layout, proposal)
         if not parts:  # no proposal (no gradient anywhere): no step, and no previous update to continue
             self.previous = None
             self.last_step = {"alpha": 0.0, "alphas": {}, "mu": 0.0, "damping": self.damping, "rho": float("nan"),
                               "predicted": 0.0, "actual": 0.0, "rejected": False, "adapted": False, "solved": False}
             return
-        flat_grads = _flat(grads)
+        flat_grads = layout.flat(grads, "grads")
         if self.momentum == "adaptive":  # the rows Δ_k and δ
-            V = layout.vectors(parts, _flat(proposal), None if previous is None else _flat(previous))
+            rows = layout.rows(parts, layout.flat(proposal), None if previous is None else layout.flat(previous))
         else:  # the rows v_k of the velocity v = Δ + μ̂ v_prev
-            V = layout.vectors(parts, self._velocity(layout, parts, _flat(proposal), previous, flat_grads), None)
+            rows = layout.rows(parts, self._velocity(layout, parts, layout.flat(proposal), previous, flat_grads), None)
+        V = torch.stack(rows)
         if self._reuses(parts, previous is not None, t, len(V)) and self._reuse(params, layout, parts, V, flat_grads, comm):
             return
-        z, outputs = self._output(dict(zip(names, theta_values)), layout.tangents(V))
+        z, outputs = self._output(theta_values, layout.tangents(rows))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
@@ -391,7 +392,7 @@ class QuadraticStep:
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
         mu = (coefficients[-1] if adaptive else self.momentum) if previous is not None else 0.0
-        flat_update = c.to(device=V.device, dtype=V.dtype) @ V  # s = Σ_k α_k Δ_k + μδ
+        flat_update = layout.combine(c, V)  # s = Σ_k α_k Δ_k + μδ
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         adapted = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
@@ -454,7 +455,7 @@ class QuadraticStep:
         slope = float(b.cpu() @ c)
         if not 0 < -slope <= PREDICTED_GROWTH * -solved_slope:
             return False
-        flat_update = c.to(device=V.device, dtype=V.dtype) @ V
+        flat_update = layout.combine(c, V)
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         self.previous = self._carried(layout, update, V)
@@ -480,7 +481,7 @@ class QuadraticStep:
         owned = layout.vectors(parts, proposal, None).sum(0)  # Δ on the parts' parameters
         if previous is None:
             return owned
-        carried = layout.vectors(parts, _flat(previous), None)  # v_prev,k
+        carried = layout.vectors(parts, layout.flat(previous), None)  # v_prev,k
         restarted = [layout.preconditioners.index(pre) for pre, up in zip(parts, (carried @ grads > 0).tolist()) if up]
         keep = ~torch.isin(layout.owner, torch.tensor(restarted, dtype=layout.owner.dtype, device=proposal.device))
         return owned + self.momentum * torch.where(keep, carried.sum(0), 0)
@@ -496,8 +497,7 @@ class QuadraticStep:
         averaged over the ranks of `comm` (None: one process)."""
         after = None
         if self.parameters.sharded is not None:  # θ + t·s whole, as the shards compute it
-            after = {n: w + u for n, w, u in zip(layout.names, theta_values,
-                                                  layout.split(flat_update * scale))}
+            after = [w + u for w, u in zip(theta_values, layout.split(flat_update * scale))]
         actual = self._actual_reduction(z, loss_before, closure, after)
         if comm is not None:
             device = flat_update.device
@@ -555,27 +555,28 @@ class QuadraticStep:
         """The preconditioners whose proposal is not zero (one host synchronization): each gets its
         own step size α, so that one whose proposal is on another scale (the diagonal fallback's
         Adam step at lr 1 beside K-FAC's) does not set the step of the others."""
-        moved = torch.stack(torch._foreach_norm(proposal)).ne(0)
-        return [layout.preconditioners[k] for k in (layout.owned & moved[:, None]).any(0).nonzero().flatten().tolist()]
+        norms = torch.stack(torch._foreach_norm(proposal)).tolist()
+        moved = {k for k, norm in zip(layout.parameter_owner, norms) if k >= 0 and norm != 0}
+        return [layout.preconditioners[k] for k in sorted(moved)]
 
     def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
                      J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
         J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
         of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
-        kept = self._kept_rows(z)
-        H_J = torch.stack([output_hessian_product(self.loss, z, kept, Jv) for Jv in J]).flatten(1).double()
+        kept = None if self.loss == "mse" else self._kept_rows(z)  # mse's H_ℓ = 2/numel(z)·I needs no targets
+        H_J = output_hessian_product(self.loss, z, kept, J).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
         V = V.double()
         M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
         return M, V @ grads.double()
 
     def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
-        """The rows of z (the batch's first rows with quadratic_rows) the loss counts as targets for
-        output_hessian_product: the rows its gradient reaches (an ignored target's row gets exactly
-        zero), all rows when unknown."""
+        """The rows of z (the batch's first rows with quadratic_rows) cross-entropy counts as targets
+        for output_hessian_product: the rows its gradient reaches (an ignored target's row gets
+        exactly zero), all rows when unknown."""
         classes = z.shape[-1]
-        if self._output_grad is None or self.loss == "mse":
+        if self._output_grad is None:
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
             kept = self._output_grad[:len(z)].reshape(-1, classes).ne(0).any(1)
@@ -584,7 +585,7 @@ class QuadraticStep:
     def _actual_reduction(self, z, loss_before, closure, after=None) -> float:
         """L(θ) - L(θ+s) on the step's batch (module docstring), z the output at θ of the products'
         forward (on the first rows only with quadratic_rows: then the training forward's output);
-        `after`: θ + s by name, if not the parameters as they are (under FSDP2)."""
+        `after`: θ + s in the optimizer's order, if not the parameters as they are (under FSDP2)."""
         if closure is not None and loss_before is not None:
             try:
                 loss_after = closure()
@@ -600,13 +601,15 @@ class QuadraticStep:
         f = self._function()
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         loss = recovered_loss(self.loss, z0, self._output_grad)
-        # f({}): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
-        at_theta, at_step = torch.stack([loss(z0), loss(f(after or {}))]).tolist()
+        # f(None): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64
+        at_theta, at_step = torch.stack([loss(z0), loss(f(after))]).tolist()
         return at_theta - at_step
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"damping": self.damping, "previous": self.previous, "adapted_at": self.adapted_at,
+        # δ may be views of a buffer the next step writes (FlatLayout): a copy
+        previous = None if self.previous is None else [t.clone() for t in self.previous]
+        return {"damping": self.damping, "previous": previous, "adapted_at": self.adapted_at,
                 "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients}
 
     def load_state_dict(self, state: dict, steps: int) -> None:
@@ -627,13 +630,25 @@ class FlatLayout:
     """The optimizer's parameters as one flat vector, concatenated in their order (one kernel for
     the step's dot products and its update, instead of one per parameter): where each lies, and
     which preconditioner owns each parameter and each element (-1: none, such a parameter does
-    not move)."""
+    not move).
+
+    When the parameters share one dtype and device and have at most BUFFERED_NUMEL elements
+    (`buffered`), the step's flat vectors (θ, Δ, g, the rows of V, the update s) live in buffers
+    kept from step to step, whose per-parameter views are made once: on the deep autoencoder of
+    benchmarks/ making the views of a flat vector (a split and a view per parameter) cost as much as
+    a kernel over it, ~75 µs a time, several times a step. The views of θ's buffer and of the rows'
+    are laid out alike (the same offsets in buffers of one size), so that make_dual takes the rows'
+    as tangents as they are instead of copying each. Larger models keep no buffers: their step is
+    the products' cost, and three vectors of θ's size kept between steps would be memory the
+    forward could not use."""
 
     def __init__(self, names: list[str], params: list[torch.Tensor], preconditioners: list):
         self.names = names
         self.shapes = [p.shape for p in params]
         self.sizes = [p.numel() for p in params]
         self.dtypes = [p.dtype for p in params]
+        self.device = params[0].device
+        self.buffered = len({(p.dtype, p.device) for p in params}) == 1 and sum(self.sizes) <= BUFFERED_NUMEL
         self.preconditioners = list(preconditioners)
         position = {n: i for i, n in enumerate(names)}
         owner = [-1] * len(names)
@@ -641,31 +656,78 @@ class FlatLayout:
             for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names):
                 if n in position:
                     owner[position[n]] = k
-        device = params[0].device
-        owner = torch.tensor(owner, device=device)
-        # (parameters, preconditioners): whether the preconditioner owns the parameter
-        self.owned = owner[:, None] == torch.arange(len(self.preconditioners), device=device)
-        self.owner = torch.repeat_interleave(owner, torch.tensor(self.sizes, device=device))  # per element
+        self.parameter_owner = owner
+        # whether preconditioner k owns every element (its row of V is the proposal as it is)
+        self.owns_all = [all(o == k for o in owner) for k in range(len(self.preconditioners))]
+        self.owner = torch.repeat_interleave(torch.tensor(owner, device=self.device),
+                                             torch.tensor(self.sizes, device=self.device))  # per element
+        self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (flat, its views)
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """The flat buffer `key` (of a `buffered` layout), made at its first use and kept."""
+        if key not in self._buffers:
+            flat = torch.empty(sum(self.sizes), dtype=self.dtypes[0], device=self.device)
+            self._buffers[key] = (flat, [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)])
+        return self._buffers[key][0]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """The per-parameter views of a flat vector."""
+        """The per-parameter views of a flat vector (of a buffer: those made with it)."""
+        for buffer, views in self._buffers.values():
+            if flat is buffer:
+                return views
         return [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)]
 
-    def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """V: one row per preconditioner in `parts`, the proposal on its parameters (zero elsewhere),
-        and the previous update as the last row if there is one."""
-        rows = [torch.where(self.owner == self.preconditioners.index(pre), proposal, 0) for pre in parts]
-        return torch.stack(rows + ([previous] if previous is not None else []))
+    def flat(self, tensors: list[torch.Tensor], key: str | None = None) -> torch.Tensor:
+        """The per-parameter tensors concatenated into one vector: the buffer whose views they are (no
+        copy); else, given a `key` and `buffered`, buffer `key` written in one kernel; else a new vector."""
+        for buffer, views in self._buffers.values():
+            if tensors is views:
+                return buffer
+        if key is not None and self.buffered:
+            return self.flat(self.copy(key, tensors))
+        return _flat(tensors)
 
-    def tangents(self, V: torch.Tensor) -> dict:
-        """The rows of V as tangents of the parameters: {name: (rows, *shape)}, views where the
-        parameter has V's dtype."""
-        out, start = {}, 0
-        for name, shape, size, dtype in zip(self.names, self.shapes, self.sizes, self.dtypes):
-            rows = V[:, start:start + size].view(len(V), *shape)
-            out[name] = rows if rows.dtype == dtype else rows.to(dtype)
-            start += size
-        return out
+    def copy(self, key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the per-parameter tensors: the views of buffer `key` written in one kernel, or a
+        clone each where the layout is not `buffered`."""
+        if not self.buffered:
+            return [t.detach().clone() for t in tensors]
+        views = self.split(self.buffer(key))
+        torch._foreach_copy_(views, tensors)
+        return views
+
+    def rows(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> list[torch.Tensor]:
+        """The rows of V: one per preconditioner in `parts`, the proposal on its parameters (zero
+        elsewhere, each its own buffer), and the previous update last if there is one."""
+        rows = []
+        for k in [self.preconditioners.index(pre) for pre in parts]:
+            if self.owns_all[k]:
+                rows.append(proposal)
+            elif self.buffered:
+                rows.append(torch.where(self.owner == k, proposal, proposal.new_zeros(()), out=self.buffer(f"row {k}")))
+            else:
+                rows.append(torch.where(self.owner == k, proposal, 0))
+        return rows + ([previous] if previous is not None else [])
+
+    def vectors(self, parts: list, proposal: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """V: the `rows` stacked."""
+        return torch.stack(self.rows(parts, proposal, previous))
+
+    def tangents(self, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The rows of V as tangents of the parameters: per row, one tensor per parameter, views where
+        the parameter has the row's dtype."""
+        return [[t if t.dtype == dtype else t.to(dtype) for t, dtype in zip(self.split(row), self.dtypes)]
+                for row in rows]
+
+    def combine(self, c: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """s = cᵀV, the step from the coefficients c and the rows of V: into buffer "update" (V is a
+        copy of the rows, so the previous update there is no longer read)."""
+        c = c.to(device=V.device, dtype=V.dtype)
+        if not self.buffered:
+            return c @ V
+        update = self.buffer("update")
+        torch.mm(c[None], V, out=update[None])  # what c @ V computes, written in place
+        return update
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -530,6 +530,41 @@ def test_checkpoint_carries_the_damping_and_the_previous_update():
         assert torch.equal(p, q)
 
 
+def test_a_checkpoint_is_not_changed_by_later_steps():
+    """δ lives in a buffer that the next step overwrites (FlatLayout): state_dict() holds a copy."""
+    x, y = batch("mse")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1)
+    for seed in range(3):
+        train_step(c, x, y, "mse", seed)
+        if seed == 1:
+            state = c.optimizer.state_dict()
+            previous = [t.clone() for t in state["gnfx"]["quadratic"]["previous"]]
+    assert c.optimizer.quadratic._flat_layout.buffered
+    assert all(torch.equal(p, q) for p, q in zip(state["gnfx"]["quadratic"]["previous"], previous))
+    assert not all(torch.equal(p, q) for p, q in zip(c.optimizer.quadratic.previous, previous))
+
+
+@pytest.mark.parametrize("hp", [{}, {"quadratic_momentum": 0.9}])
+def test_the_buffers_of_the_step_change_no_step(hp, monkeypatch):
+    """With its flat vectors in buffers kept between steps (FlatLayout.buffered, small models) the
+    step equals, bit for bit, the step without them (BUFFERED_NUMEL = 0), with two parts (kfac and
+    the diagonal) and the adaptive μ or a fixed μ̂."""
+    runs = []
+    for numel in (quadratic_step.BUFFERED_NUMEL, 0):
+        monkeypatch.setattr(quadratic_step, "BUFFERED_NUMEL", numel)
+        with warnings.catch_warnings():  # scaled(): the coverage warning about w
+            warnings.simplefilter("ignore")
+            c = gnfx.compile(scaled(), optimizer="kfac", loss="mse", stat_every=1, **hp)
+        trajectory = []
+        for seed in range(STEPS):
+            train_step(c, *batch("mse", seed=seed), "mse", seed)
+            trajectory.append([p.detach().clone() for p in c.parameters()])
+        assert len(c.optimizer.last_step["alphas"]) == 2 and c.optimizer.quadratic._flat_layout.buffered == bool(numel)
+        runs.append(trajectory)
+    for buffered, unbuffered in zip(*runs):
+        assert all(torch.equal(p, q) for p, q in zip(buffered, unbuffered))
+
+
 def train_step(c, x, y, loss, seed):
     torch.manual_seed(seed)  # the same sampled labels of fisher="mc" in every model
     LOSSES[loss](c(x), y).backward()
