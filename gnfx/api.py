@@ -144,6 +144,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
             plan.table.blocks,
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
             kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
+        store.warn_sequence_first(model)
         opt.attach(plan.specs(), store)
         return plan.table, store
 

@@ -114,6 +114,12 @@ class BlockStatistics:
     def wants_activation_in_backward(self) -> bool:
         return bool(self.needs & {"diag", "eigen_diag", "grad"})
 
+    @property
+    def per_example(self) -> bool:
+        """Whether the statistics need each example's rows apart (per-example diagonals, the
+        batch gradient, kfac_approx="reduce"), i.e. which axis of the input is the batch's."""
+        return self.reduce or self.wants_activation_in_backward
+
     def _augmented(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
 
@@ -129,7 +135,7 @@ class BlockStatistics:
         self._dirty = True
         n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
         folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
-        if folded and (self.reduce or self.wants_activation_in_backward):
+        if folded and self.per_example:
             self._whole_batch.add(forward_id)
             if not self._warned:
                 self._warned = True
@@ -375,6 +381,25 @@ class StatisticsStore:
             dtype, device = self._placement(stats.block)
             if (dtype, device) != (stats.dtype, stats.device):
                 stats.to(dtype, device)
+
+    def warn_sequence_first(self, model: torch.nn.Module) -> None:
+        """Warn when `model` has sequence-first submodules (batch_first=False: nn.MultiheadAttention,
+        the nn.Transformer layers, recurrent layers) and some block needs per-example statistics: the
+        examples are read from a layer input's first dimension (N, that of the model output), so a
+        (T, N, d) input is taken whole-batch with a warning when T ≠ N, and cannot be told from a
+        batch-first one when T = N (its per-example statistics would then mix the examples)."""
+        sequence_first = [name for name, m in model.named_modules() if getattr(m, "batch_first", None) is False]
+        per_example = [name for name, stats in self.blocks.items() if stats.per_example]
+        if sequence_first and per_example:
+            warnings.warn(
+                f"gnfx reads each layer input's batch from its first dimension, and {sequence_first[0]!r} "
+                f"({type(model.get_submodule(sequence_first[0])).__name__}) is sequence-first (batch_first=False"
+                f"{f', as are {len(sequence_first) - 1} more' if len(sequence_first) > 1 else ''}): the "
+                f"per-example statistics of blocks such as {per_example[0]!r} (diag, rank1, ekfac, "
+                f"kfac_approx='reduce') are exact only for batch-first inputs; a sequence-first input is "
+                f"taken as one example with a warning when its length differs from the batch size and "
+                f"cannot be told apart when they are equal. Fix: construct these modules with "
+                f"batch_first=True (and feed (N, T, d) inputs)", RuntimeWarning, stacklevel=3)
 
     def __bool__(self) -> bool:
         return bool(self.blocks)

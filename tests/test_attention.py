@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -529,3 +530,33 @@ def test_attention_that_fx_cannot_trace_is_a_leaf_in_fx_and_found_by_export_in_a
     assert auto.layers.form == "export" and not auto.layers.fallbacks
     assert roles(auto) == {"attn.qkv": "attention.qkv", "attn.proj": "attention.out", "head": None}
     torch.testing.assert_close(auto.graph_module(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class _SequenceFirstClassifier(nn.Module):
+    """nn.MultiheadAttention (batch_first as given) and a linear head on its outputs."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=batch_first)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("batch_first,optimizer,warned", [
+    (False, "ekfac", True), (False, "rank1", True), (True, "ekfac", False), (False, "kfac", False)])
+def test_sequence_first_modules_warn_when_a_block_needs_per_example_statistics(batch_first, optimizer, warned):
+    """The batch of a layer input is read from its first dimension: with a batch_first=False module and
+    a preconditioner that needs per-example statistics (ekfac's eigenbasis diagonal, rank1's), gnfx says
+    so and names the fix; K-FAC's expand factors sum over all rows and need no batch axis."""
+    model = build(_SequenceFirstClassifier, batch_first)
+    x = tokens() if batch_first else tokens().transpose(0, 1).contiguous()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = gnfx.compile(model, optimizer, lr=1e-3)
+        compiled(x)
+    messages = [str(w.message) for w in caught if "sequence-first" in str(w.message)]
+    assert bool(messages) == warned
+    if warned:
+        assert "'mha'" in messages[0] and "batch_first=True" in messages[0]
