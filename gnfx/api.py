@@ -43,7 +43,7 @@ COMMON = {
                    "else 'lr'",
                    "auto", ("auto", "quadratic", "lr")),
     # ω = 0.5 (with Nielsen's rule and the loss-floor cap; 0.9 with the former ω rule): the kfac and ekfac
-    # steps to target fell by 15-60% on the digits tasks (benchmarks/results/defaults.md)
+    # steps to target fell by 7-67% on the digits tasks, the char GPT's stayed (benchmarks/results/defaults.md)
     "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic' (Nielsen's form): "
                                         "λ ← λ·max(ω, 1 - (2ρ - 1)³) on an accepted step, the most λ falls "
                                         "per adaptation; λ ← νλ, ν doubling, on a rejected one", 0.5),
