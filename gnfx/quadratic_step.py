@@ -45,8 +45,8 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 
 The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy and mse alike; 0 is the
 infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
-reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP, 1) is wrong about that step, and the
-step is shortened along its ray to the τc with -q(τc) = κ·L(θ) (`floor_capped`: the smaller root
+reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP,
+1) is wrong about that step, and the step is shortened along its ray to the τc with -q(τc) = κ·L(θ) (`floor_capped`: the smaller root
 of ½ cᵀMc τ² + bᵀc τ + κL(θ) = 0), which keeps the direction the model chose and the reduction it
 predicts possible; ρ is then measured against κL(θ). `last_step["floor_scale"]` is τ (1: not
 shortened). L(θ) is the closure's first loss, or without one the loss recovered from the output
@@ -120,8 +120,8 @@ for an interior minimizer), so that a step that is no descent on its batch, or w
 MOMENTUM_RANGE; and λ judged only on solved steps, where the predicted reduction -q(c) of the
 step's own model exists: an adaptation of damping_every falling due on a step in between (a
 multiple of T since the last solve) waits for the next solved step. `last_step` of a step in
-between: α, μ as applied (ĉ), λ as used (held), ρ, the predicted and the actual reduction NaN, `solved` and `adapted` False. T_q = 1
-(every step solves, as before) stays the default: T_q = 5 brought the deep autoencoder's targets
+between: α, μ as applied (ĉ), λ as used (held), ρ, the predicted and the actual reduction NaN,
+`solved` and `adapted` False. T_q = 1 (every step solves, as before) stays the default: T_q = 5 brought the deep autoencoder's targets
 under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char GPT's only from 2.9x to 2.4x (T_q = 10:
 2.0x, at more steps than AdamW), and every T_q ≥ 2 left a target unreached on the digits MLP or CNN
 (MLP seed 1 diverged at T_q = 5, through solved steps accepted at ρ of 0.0005-0.04 on the
