@@ -45,15 +45,16 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 
 The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy and mse alike; 0 is the
 infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
-reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP,
-1) is wrong about that step, and the step is shortened along its ray to the τc with -q(τc) = κ·L(θ) (`floor_capped`: the smaller root
-of ½ cᵀMc τ² + bᵀc τ + κL(θ) = 0), which keeps the direction the model chose and the reduction it
-predicts possible; ρ is then measured against κL(θ). `last_step["floor_scale"]` is τ (1: not
-shortened). L(θ) is the closure's first loss, or without one the loss recovered from the output
-gradient (below). On the digits CNN, kfac accepted steps predicting 0.86-1.52 on batch losses of
-about 0.19 (ρ = 0.003-0.11) that cost ~10 steps each; the cap (κ = 1) also is what makes the faster
-λ rule below safe: without it Nielsen's rule diverged on the digits MLP (benchmarks/results/defaults.md).
-κ = 1/2 shortened steps that were right (the CNN's seed-0 validation target took 70 steps, not 35).
+reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP, 1)
+is wrong about that step, and the step is shortened along its ray to the τc with -q(τc) = κ·L(θ)
+(`floor_capped`: the smaller root of ½ cᵀMc τ² + bᵀc τ + κL(θ) = 0), which keeps the direction the
+model chose and the reduction it predicts possible; ρ is then measured against κL(θ).
+`last_step["floor_scale"]` is τ (1: not shortened). L(θ) is the closure's first loss, or without one
+the loss recovered from the output gradient (below). On the digits CNN, kfac accepted steps
+predicting 0.86-1.52 on batch losses of about 0.19 (ρ = 0.003-0.11) that cost ~10 steps each; the
+cap (κ = 1) also is what makes the faster λ rule below safe: without it Nielsen's rule diverged on
+the digits MLP (benchmarks/results/defaults.md). κ = 1/2 shortened steps that were right (the CNN's
+seed-0 validation target took 70 steps, not 35).
 
 Levenberg–Marquardt damping, in Nielsen's form (Madsen, Nielsen & Tingleff 2004, §3.2). After the
 step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same batch; an accepted step (ρ > 0)
@@ -121,9 +122,10 @@ MOMENTUM_RANGE; and λ judged only on solved steps, where the predicted reductio
 step's own model exists: an adaptation of damping_every falling due on a step in between (a
 multiple of T since the last solve) waits for the next solved step. `last_step` of a step in
 between: α, μ as applied (ĉ), λ as used (held), ρ, the predicted and the actual reduction NaN,
-`solved` and `adapted` False. T_q = 1 (every step solves, as before) stays the default: T_q = 5 brought the deep autoencoder's targets
-under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char GPT's only from 2.9x to 2.4x (T_q = 10:
-2.0x, at more steps than AdamW), and every T_q ≥ 2 left a target unreached on the digits MLP or CNN
+`solved` and `adapted` False. T_q = 1 (every step solves, as before) stays the default: T_q = 5
+brought the deep autoencoder's targets under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char
+GPT's only from 2.9x to 2.4x (T_q = 10: 2.0x, at more steps than AdamW), and every T_q ≥ 2 left a
+target unreached on the digits MLP or CNN
 (MLP seed 1 diverged at T_q = 5, through solved steps accepted at ρ of 0.0005-0.04 on the
 trajectory the reuse led to; benchmarks/results/quadratic_step.md, "The model every T_q steps").
 
