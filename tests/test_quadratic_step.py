@@ -15,7 +15,6 @@ import math
 import os
 import warnings
 
-import numpy
 import pytest
 import torch
 import torch.distributed as dist
@@ -132,7 +131,7 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
 def test_the_loss_floor_cap_shortens_the_step_to_predict_the_batch_loss(loss, monkeypatch):
     """FLOOR_CAP = κ: a step s whose unshortened s_0 = s/τ minimizes the dense quadratic over its plane
     (as without the cap) and predicts more than κ·L(θ) is s_0 shortened to τ, the smallest positive
-    root of -q(τ s_0) = κ·L(θ) (numpy.roots of the dense polynomial), and predicts κ·L(θ); any
+    root of -q(τ s_0) = κ·L(θ) (the eigenvalues of the dense polynomial's companion matrix), and predicts κ·L(θ); any
     other step is s_0 itself. The steps of this small model predict 4-18% of its loss: κ alternates
     between 0.03, which binds, and 0.5, which does not."""
     model = tiny()
@@ -151,8 +150,11 @@ def test_the_loss_floor_cap_shortens_the_step_to_predict_the_batch_loss(loss, mo
         if -q > bound:
             s0 = s / tau
             curvature = float(s0 @ G @ s0) + last["damping"] * float(s0 @ s0)
-            roots = numpy.roots([0.5 * curvature, float(g @ s0), bound])
-            assert tau == pytest.approx(min(r.real for r in roots if r.real > 0), rel=1e-9)
+            # the roots of ½ s0ᵀ(G + λI)s0 τ² + gᵀs0 τ + κL(θ): the eigenvalues of its companion matrix
+            companion = torch.tensor([[-2 * float(g @ s0) / curvature, -2 * bound / curvature], [1.0, 0.0]],
+                                     dtype=DTYPE)
+            roots = torch.linalg.eigvals(companion)
+            assert roots.imag.abs().max() == 0 and tau == pytest.approx(float(roots.real.min()), rel=1e-9)
             assert last["predicted"] == pytest.approx(bound, rel=1e-9) == -q_applied
             capped += 1
         else:
