@@ -42,10 +42,11 @@ COMMON = {
                    "an optimizer whose class sets quadratic_by_default (kfac) when loss= is given and lr is not, "
                    "else 'lr'",
                    "auto", ("auto", "quadratic", "lr")),
-    # ω = 0.9 rather than 0.95: the kfac and ekfac steps to target fell by 10-45% on the digits tasks
-    # (benchmarks/results/defaults.md)
-    "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic': λ ← ωλ when "
-                                        "ρ > 3/4, λ/ω when ρ < 1/4", 0.9),
+    # ω = 0.5 (with Nielsen's rule and the loss-floor cap; 0.9 with the former ω rule): the kfac and ekfac
+    # steps to target fell by 7-67% on the digits tasks, the char GPT's stayed (benchmarks/results/defaults.md)
+    "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic' (Nielsen's form): "
+                                        "λ ← λ·max(ω, 1 - (2ρ - 1)³) on an accepted step, the most λ falls "
+                                        "per adaptation; λ ← νλ, ν doubling, on a rejected one", 0.5),
     # 5 (Martens & Grosse's T): the same steps to target as 1 on the digits MLP, the deep autoencoder
     # and the char GPT, 12-15% less CPU time on the GPT (benchmarks/results/quadratic_step.md)
     "damping_every": positive_int("step='quadratic': compute ρ (one forward at θ+s, or the closure's second call), "

@@ -57,11 +57,15 @@ def flat(tensors):
 
 
 def assert_minimizer(g, G, last, s, previous):
-    """The applied update s = αΔ + μδ (δ = `previous`, None on a first step) with (α, μ) of
-    `last` minimizes q(d) = gᵀd + ½ dᵀ(G + λI)d over that plane (μ in MOMENTUM_RANGE: the KKT
-    conditions of the box), and `last` reports -q(s) as the predicted reduction. Returns whether μ
-    was interior (the plain 2x2 solution)."""
-    alpha, mu, lam = last["alpha"], last["mu"], last["damping"]
+    """The applied update s = τ(αΔ + μδ) (δ = `previous`, None on a first step; τ = floor_scale, 1
+    unless the loss-floor cap shortened the step, test_the_loss_floor_cap_...) with (α, μ) of `last`
+    divided by τ minimizes q(d) = gᵀd + ½ dᵀ(G + λI)d over that plane (μ in MOMENTUM_RANGE: the KKT
+    conditions of the box). Returns whether μ was interior (the plain 2x2 solution), q(s) (`last`
+    reports -q(s) as the predicted reduction) and q(s/τ)."""
+    tau = last["floor_scale"]
+    applied, s = s, s / tau
+    alpha, mu, lam = last["alpha"] / tau, last["mu"] / tau, last["damping"]
+    mu = next((edge for edge in MOMENTUM_RANGE if abs(edge - mu) < 1e-12), mu)  # μ·τ/τ back on its bound
     interior = False
     if previous is None:
         assert mu == 0.0
@@ -82,9 +86,11 @@ def assert_minimizer(g, G, last, s, previous):
             torch.testing.assert_close(c_ref, -torch.linalg.solve(M, b), rtol=1e-8, atol=0)
         else:  # μ on a bound: q must rise into the range
             assert slope[1] * (1 if mu == MOMENTUM_RANGE[0] else -1) >= -1e-9 * scale, (slope, last)
-    Mfull = V.T @ (G + lam * torch.eye(len(g), dtype=DTYPE)) @ V
-    q = V.T @ g @ c_ref + 0.5 * c_ref @ Mfull @ c_ref
-    return interior, float(q)
+
+    def q(d):
+        return float(g @ d + 0.5 * d @ G @ d + 0.5 * lam * d @ d)
+
+    return interior, q(applied), q(s)
 
 
 def step_against_the_ggn(c, model, params, loss, x, y):
@@ -113,13 +119,49 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
     for _ in range(STEPS):
         g, G, s, last = step_against_the_ggn(c, model, params, loss, *batch(loss))
         assert not last["rejected"], last
-        inside, q = assert_minimizer(g, G, last, s, previous)
+        inside, q, _ = assert_minimizer(g, G, last, s, previous)
         interior += inside
         assert last["predicted"] == pytest.approx(-q, rel=1e-9)
         previous = s
     if optimizer == "kfac":  # the 2x2 solve itself was exercised (diag's Adam proposal carries its own
         assert interior >= 1  # momentum, and its best μ here is the bound 0)
 
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_the_loss_floor_cap_shortens_the_step_to_predict_the_batch_loss(loss, monkeypatch):
+    """FLOOR_CAP = κ: a step s whose unshortened s_0 = s/τ minimizes the dense quadratic over its plane
+    (as without the cap) and predicts more than κ·L(θ) is s_0 shortened to τ, the smallest positive
+    root of -q(τ s_0) = κ·L(θ) (the eigenvalues of the dense polynomial's companion matrix), and predicts κ·L(θ); any
+    other step is s_0 itself. The steps of this small model predict 4-18% of its loss: κ alternates
+    between 0.03, which binds, and 0.5, which does not."""
+    model = tiny()
+    c = gnfx.compile(model, optimizer="kfac", loss=loss, stat_every=1, inv_every=1)
+    params = list(model.parameters())
+    previous, capped = None, 0
+    for step in range(STEPS):
+        kappa = (0.03, 0.5)[step % 2]
+        monkeypatch.setattr(quadratic_step, "FLOOR_CAP", kappa)
+        x, y = batch(loss)
+        with torch.no_grad():
+            bound = kappa * float(LOSSES[loss](model(x), y))
+        g, G, s, last = step_against_the_ggn(c, model, params, loss, x, y)
+        tau = last["floor_scale"]
+        _, q_applied, q = assert_minimizer(g, G, last, s, previous)
+        if -q > bound:
+            s0 = s / tau
+            curvature = float(s0 @ G @ s0) + last["damping"] * float(s0 @ s0)
+            # the roots of ½ s0ᵀ(G + λI)s0 τ² + gᵀs0 τ + κL(θ): the eigenvalues of its companion matrix
+            companion = torch.tensor([[-2 * float(g @ s0) / curvature, -2 * bound / curvature], [1.0, 0.0]],
+                                     dtype=DTYPE)
+            roots = torch.linalg.eigvals(companion)
+            assert roots.imag.abs().max() == 0 and tau == pytest.approx(float(roots.real.min()), rel=1e-9)
+            assert last["predicted"] == pytest.approx(bound, rel=1e-9) == -q_applied
+            capped += 1
+        else:
+            assert tau == 1.0 and last["predicted"] == pytest.approx(-q, rel=1e-9)
+        previous = s
+    assert capped == STEPS // 2
 
 def sequence_batch(loss, positions, n=8, out=3, seed=1):
     """batch() with `positions` rows of z per example: x (n, positions, 4), y (n, positions[, out])."""
@@ -144,7 +186,10 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, example
     the actual one the whole batch's L(θ) - L(θ+s)."""
     rows = 3
     model = tiny()
-    c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1)
+    # ω = 0.9: at the default 0.5 λ is 0.125 by the fourth step, where the model of 3 rows is too poor a
+    # judge of the batch and the step is retried shorter (t·s is not the minimizer this test checks)
+    c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1,
+                     damping_decay=0.9)
     params = list(model.parameters())
     previous = None
     for _ in range(STEPS):
@@ -158,8 +203,8 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, example
         c.zero_grad()
         last = c.optimizer.last_step
         s = flat(p.detach() for p in params) - theta0
-        assert not last["rejected"], last  # (a rejected step is undone: s would not show α, μ)
-        _, q = assert_minimizer(g, G, last, s, previous)
+        assert not last["rejected"] and not last["backtracks"], last  # (s would not show α, μ)
+        _, q, _ = assert_minimizer(g, G, last, s, previous)
         assert last["predicted"] == pytest.approx(-q, rel=1e-9)
         with torch.no_grad():
             actual = float(loss_before - mean_loss(loss, model(x), y))
@@ -265,13 +310,17 @@ def test_minimize_quadratic_without_curvature_along_the_previous_update_takes_mu
 
 
 def test_levenberg_marquardt_rule():
-    assert levenberg_marquardt(1.0, 0.9, 0.5) == 0.5  # ρ > 3/4: the model is trusted, λ falls
-    assert levenberg_marquardt(1.0, 0.1, 0.5) == 2.0  # ρ < 1/4: λ rises
-    assert levenberg_marquardt(1.0, -3.0, 0.5) == 2.0
-    assert levenberg_marquardt(1.0, 0.5, 0.5) == 1.0  # in between: kept
-    assert levenberg_marquardt(1.0, math.nan, 0.5) == 2.0  # a non-finite ρ counts as a bad step
-    assert levenberg_marquardt(LAMBDA_MIN, 1.0, 0.5) == LAMBDA_MIN
-    assert levenberg_marquardt(LAMBDA_MAX, 0.0, 0.5) == LAMBDA_MAX
+    """Nielsen's form: an accepted step λ·max(ω, 1 - (2ρ - 1)³) and ν back to 2, a rejected one νλ
+    with ν doubling; λ within [LAMBDA_MIN, LAMBDA_MAX]."""
+    assert levenberg_marquardt(1.0, 1.2, 8.0, 0.5) == (0.5, 2.0)  # ρ ≥ ~0.9: λ falls by ω
+    assert levenberg_marquardt(1.0, 0.75, 2.0, 0.5) == (1 - 0.5 ** 3, 2.0)  # 1 - (2ρ-1)³ = 0.875
+    assert levenberg_marquardt(1.0, 0.5, 2.0, 0.5) == (1.0, 2.0)  # the factor is 1 at ρ = 1/2
+    assert levenberg_marquardt(1.0, 0.25, 2.0, 0.5) == (1 + 0.5 ** 3, 2.0)  # and rises below it
+    assert levenberg_marquardt(1.0, -3.0, 2.0, 0.5) == (2.0, 4.0)  # rejected: ν, then ν doubles
+    assert levenberg_marquardt(2.0, 0.0, 4.0, 0.5) == (8.0, 8.0)
+    assert levenberg_marquardt(1.0, math.nan, 2.0, 0.5) == (2.0, 4.0)  # a non-finite ρ counts as rejected
+    assert levenberg_marquardt(LAMBDA_MIN, 1.0, 2.0, 0.5) == (LAMBDA_MIN, 2.0)
+    assert levenberg_marquardt(LAMBDA_MAX, 0.0, 2.0, 0.5) == (LAMBDA_MAX, 4.0)
 
 
 @pytest.mark.parametrize("loss, shape", [("cross_entropy", (8,)), ("cross_entropy", (2, 4)), ("mse", (8,))],
@@ -414,10 +463,10 @@ def test_an_operation_without_a_forward_mode_derivative_raises_with_the_fix():
 
 def test_a_step_that_raises_the_loss_is_undone():
     """A closure reporting a higher loss after the step: the parameters are restored, the momentum
-    dropped and λ raised by 1/ω."""
+    dropped and λ raised by ν = 2, the first rejection's factor."""
     x, y = batch("mse")
     model = tiny()
-    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_decay=0.5)
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1)
     F.mse_loss(c(x), y).backward()
     c.step()  # a first, accepted step: a previous update exists
     c.zero_grad()
@@ -597,21 +646,16 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     a, b = tiny(), tiny()
     ca = gnfx.compile(a, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=every)
     cb = gnfx.compile(b, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, damping_every=1)
-    decays = []  # the ω^gap of ca's adaptations, which cb's rule then takes
 
-    def rule(damping, rho, decay):
-        if adapting[0]:
-            decays.append(decay)
-            return levenberg_marquardt(damping, rho, decay)
-        return levenberg_marquardt(damping, rho, decays[-1]) if held[0] else damping
+    def rule(damping, rho, growth, decay):  # cb's: ca's rule on ca's adaptation steps, else λ and ν held
+        return levenberg_marquardt(damping, rho, growth, decay) if adapting[0] or held[0] else (damping, growth)
 
     adapting, held = [True], [False]
     monkeypatch.setattr(quadratic_step, "levenberg_marquardt", rule)
-    moved_after_warmup, adapted_at = 0, -1
+    moved_after_warmup = 0
     for i in range(steps):
         damping = ca.optimizer.quadratic.damping
         adapting[0] = True
-        decays.clear()
         train_step(ca, x, y, loss, i)
         last = ca.optimizer.last_step
         assert last["adapted"] == (i < DAMPING_WARMUP or i % every == 0), i
@@ -619,15 +663,13 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
         if not last["adapted"]:
             assert math.isnan(last["rho"]) and ca.optimizer.quadratic.damping == damping
         else:
-            assert ca.optimizer.quadratic.damping != damping  # ρ is near 1 on this problem, λ falls by ω
+            assert ca.optimizer.quadratic.damping != damping  # ρ is near 1 on this problem, λ falls
             moved_after_warmup += i >= DAMPING_WARMUP
-        if last["adapted"]:  # ω^k, k the steps since the last adaptation
-            assert decays == [pytest.approx(0.9 ** (i - adapted_at), rel=1e-15)], i
-            adapted_at = i
         adapting[0], held[0] = False, last["adapted"]
         train_step(cb, x, y, loss, i)
         assert cb.optimizer.last_step["adapted"] and not cb.optimizer.last_step["rejected"]
         assert cb.optimizer.last_step["damping"] == last["damping"]
+        assert cb.optimizer.quadratic.damping == ca.optimizer.quadratic.damping
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q), i
     assert moved_after_warmup == len(range(DAMPING_WARMUP + (-DAMPING_WARMUP) % every, steps, every))
@@ -665,9 +707,8 @@ def test_checkpoint_keeps_the_adaptation_schedule():
     b.optimizer.load_state_dict(a.optimizer.state_dict())
     assert b.optimizer.steps == a.optimizer.steps == DAMPING_WARMUP + 1
     assert not a.optimizer.last_step["adapted"]  # step DAMPING_WARMUP: 10 mod 4 ≠ 0
-    assert (b.optimizer.quadratic.adapted_at, b.optimizer.quadratic.judged) == (
-        a.optimizer.quadratic.adapted_at, a.optimizer.quadratic.judged)
-    assert a.optimizer.quadratic.adapted_at == DAMPING_WARMUP - 1
+    assert (b.optimizer.quadratic.growth, b.optimizer.quadratic.judged) == (
+        a.optimizer.quadratic.growth, a.optimizer.quadratic.judged)
     adapted = steps_alike(a, b, x, y, range(DAMPING_WARMUP + 1, DAMPING_WARMUP + 9), "adapted", 4)
     assert any(adapted) and not all(adapted)
 
@@ -746,8 +787,11 @@ def test_steps_between_solves_with_a_fixed_momentum_reuse_alpha_on_the_velocity(
     velocity goes uphill, gᵀv_prev > 0), α̂ of the last solve; `last_step` reports μ̂."""
     mu_hat, solve_every, steps = 0.5, 3, DAMPING_WARMUP + 7
     model = tiny()
+    # ω = 0.9: λ stays near 0.3 and every step between passes the reuse guard; at the default ω = 0.5 λ is
+    # 7e-4 by step 13 and the refreshed, longer proposal of step 14 fails it (then it solves, as
+    # test_a_step_between_solves_failing_the_guard_solves checks)
     c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1, quadratic_every=solve_every,
-                     quadratic_momentum=mu_hat)
+                     quadratic_momentum=mu_hat, damping_decay=0.9)
     params = list(model.parameters())
     forwards, proposals = [0], recorded_proposals(monkeypatch, params)
     model[0].register_forward_pre_hook(lambda *args: forwards.__setitem__(0, forwards[0] + 1))
