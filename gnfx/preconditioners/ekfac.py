@@ -77,13 +77,14 @@ class EKFAC(KFAC):
                     "eigenvalues_S); a checkpoint written before damping_kind existed loads with damping_kind='tikhonov'")
 
     in_auto = False
-    # measured (benchmarks/results/defaults.md, "ekfac's damping": the quadratic step's defaults fisher="mc",
-    # damping_decay=0.9 and damping_kind="factored", against AdamW's best lr of a grid, seeds 0-2): 0.19-0.87x
-    # AdamW's steps on the digits MLP and autoencoder targets, 0.43-0.90x on the digits CNN's, 0.71/0.75x on the
-    # char GPT's (seed 0). At a fixed lr it reached neither the MLP's nor the CNN's validation target at any lr
-    # of its grid (results/full.md)
+    # measured (benchmarks/results/defaults.md, "ekfac's damping" and "Nielsen's rule and the loss floor": the
+    # quadratic step's defaults fisher="mc", Nielsen's rule with damping_decay=0.5 and the loss-floor cap, and
+    # damping_kind="factored", against AdamW's best lr of a grid, seeds 0-2): 0.12-0.32x AdamW's steps on the
+    # digits MLP and autoencoder targets, 0.27-0.55x on the digits CNN's. At a fixed lr it reached neither the
+    # MLP's nor the CNN's validation target at any lr of its grid (results/full.md)
     quadratic_by_default = True
-    # statistics and new bases on each of the first 10 steps (the figures above are without): with the factored
+    # statistics and new bases on each of the first 10 steps (the figures above are with it). Measured at
+    # damping_decay 0.9, before Nielsen's rule: with the factored
     # damping every target AdamW reaches in 0.19-0.77x its steps (without: 0.19-0.90x), the CNN's in 35/75, 30/70,
     # 40/80 against 35/80, 45/90, 30/85, the char GPT's in 275/325 against 300/375 (seed 0); the MLP's seed-2
     # validation target, which AdamW's grid misses, is missed too (reached in 85 without). K-FAC stays at 0: its
