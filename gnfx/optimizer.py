@@ -23,7 +23,7 @@ from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fsdp import ShardedStep, local
 from gnfx.parameter_store import ParameterStore
-from gnfx.preconditioners.base import STATISTIC_SETTINGS
+from gnfx.preconditioners.base import STATISTIC_SETTINGS, collects_statistics
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.quadratic_step import QuadraticStep
 
@@ -149,13 +149,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
     @property
     def statistic_step(self) -> bool:
         """Whether this step collects statistics (taps, and gradient-based curvature)."""
-        return self.steps % self.stat_every == 0 or self.warming_up
-
-    @property
-    def warming_up(self) -> bool:
-        """Whether this step is one of the first `refresh_warmup`: a statistic step, on which K-FAC and
-        EKFAC refresh too (their `refresh_due`)."""
-        return self.steps < self.refresh_warmup
+        return collects_statistics(self.steps, self.stat_every, self.refresh_warmup)
 
     @property
     def collecting(self) -> bool:

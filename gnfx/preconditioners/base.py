@@ -44,6 +44,12 @@ class Candidate:
 STATISTIC_SETTINGS = ("stat_decay", "stat_every", "refresh_warmup")
 
 
+def collects_statistics(step: int, stat_every: int, refresh_warmup: int) -> bool:
+    """Whether step `step` collects statistics: every stat_every-th and each of the first
+    refresh_warmup (the optimizer's rule, which the preconditioners follow)."""
+    return step % stat_every == 0 or step < refresh_warmup
+
+
 class Preconditioner:
     name: str = ""
     HPARAMS: dict[str, HParam] = {}

@@ -27,7 +27,7 @@ import torch
 from gnfx.errors import ConfigError
 from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
-from gnfx.preconditioners.base import Preconditioner
+from gnfx.preconditioners.base import Preconditioner, collects_statistics
 from gnfx.layouts import layout_of
 from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
 from gnfx.transforms import HeavyBall, Step
@@ -171,9 +171,8 @@ class CurvaturePreconditioner(Preconditioner):
         return False
 
     def statistic_step(self, step: int) -> bool:
-        """Whether step `step` collects statistics: every stat_every-th and each of the first
-        refresh_warmup (the optimizer's rule, GnfxOptimizer.statistic_step)."""
-        return step % self.hp["stat_every"] == 0 or step < self.hp["refresh_warmup"]
+        """Whether step `step` collects statistics (gnfx.preconditioners.base.collects_statistics)."""
+        return collects_statistics(step, self.hp["stat_every"], self.hp["refresh_warmup"])
 
     def tap_bases_due(self) -> bool:
         """Whether this step's refresh may change the bases the taps measure statistics in
