@@ -425,17 +425,19 @@ class QuadraticStep:
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
-        Mb = torch.cat([M.reshape(-1), b])
+        # with the loss-floor cap, L(θ) travels with M and b (the same all-reduce and transfer)
+        floor = [] if FLOOR_CAP is None else [self._batch_loss(z, loss_before).to(M.device)]
+        Mb = torch.cat([M.reshape(-1), b, *floor])
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
             Mb = comm.mean(Mb, device)  # one all-reduce
         # one transfer: the small solve runs on the host, not a synchronization per comparison of it
         Mb = Mb.cpu()
-        M, b = Mb[:k * k].view(k, k), Mb[k * k:]
+        M, b = Mb[:k * k].view(k, k), Mb[k * k:k * k + k]
         adaptive = self.momentum == "adaptive"
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=adaptive and previous is not None)
         floor_scale = 1.0
-        if FLOOR_CAP is not None and predicted > 0:  # the loss-floor cap (module docstring)
-            c, floor_scale = floor_capped(c, M, b, FLOOR_CAP * self._batch_loss(z, loss_before, comm))
+        if floor and predicted > 0:  # the loss-floor cap (module docstring)
+            c, floor_scale = floor_capped(c, M, b, FLOOR_CAP * float(Mb[-1]))
             predicted = float(-(b @ c + 0.5 * c @ M @ c))
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
@@ -656,15 +658,13 @@ class QuadraticStep:
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         return recovered_loss(self.loss, z0, self._output_grad), z0
 
-    def _batch_loss(self, z, loss_before, comm) -> float:
-        """L(θ) on the step's batch: the closure's loss, or the loss recovered from the output gradient,
-        averaged over the ranks of `comm`."""
+    def _batch_loss(self, z, loss_before) -> torch.Tensor:
+        """L(θ) on the step's batch, (1,) in float64 where it was computed: the closure's loss, or the
+        loss recovered from the output gradient."""
         if loss_before is not None:
-            value = torch.as_tensor(loss_before).detach().double().reshape(1)
-        else:
-            loss, z0 = self._recovered(z)
-            value = loss(z0).detach().double().reshape(1)
-        return float(value if comm is None else comm.mean(value, z.device))
+            return torch.as_tensor(loss_before).detach().double().reshape(1)
+        loss, z0 = self._recovered(z)
+        return loss(z0).detach().double().reshape(1)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
