@@ -157,7 +157,7 @@ no default but the whole batch yet.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
 last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
-M, b and the actual reduction are averaged over the ranks, the model of the global batch for equal
+M, b, the loss-floor cap's L(θ) and the actual reduction are averaged over the ranks, the model of the global batch for equal
 local batches (its GGN term that of the first R rows of each rank's batch, with quadratic_rows = R),
 so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
 are first gathered whole and the products run through the model without fully_shard's hooks
