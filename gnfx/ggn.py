@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnfx.compiled import CompiledModel
-from gnfx.errors import ConfigError
+from gnfx.errors import ConfigError, GnfxError
 from gnfx.outputs import logits_of
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -71,6 +71,38 @@ def forward_mode_kernels(native_recurrent: bool = True):
             yield
     finally:
         torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
+
+
+def lacks_forward_mode(error: BaseException) -> bool:
+    """Whether `error`, raised by a forward-mode pass, says that an operation has no forward-mode
+    derivative: ATen's NotImplementedError ("Trying to use forward AD with ..."), a
+    torch.autograd.Function without jvp (NotImplementedError) or without setup_context (RuntimeError)."""
+    return isinstance(error, NotImplementedError) or (
+        isinstance(error, RuntimeError) and "autograd.Function" in str(error))
+
+
+def forward_mode_error(error: BaseException, user: str, fix: str) -> GnfxError:
+    """The GnfxError for `error` (`lacks_forward_mode`) in the forward-mode pass of `user` (what took
+    the derivatives), naming the operation (torch's message) and `fix`."""
+    return GnfxError(
+        f"{user} takes forward-mode derivatives (dual tensors, torch.autograd.forward_ad) through the model, "
+        f"and this model has an operation that has none, or a torch.autograd.Function without setup_context "
+        f"and jvp: {type(error).__name__}: {error}. Fix: {fix}")
+
+
+@contextlib.contextmanager
+def _named_forward_mode_errors():
+    """gnfx.ggn's products (and gnfx.diagnose, which takes them) through an operation without a
+    forward-mode derivative raise forward_mode_error instead of torch's error."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as error:
+        if not lacks_forward_mode(error):
+            raise
+        raise forward_mode_error(error, "gnfx.ggn (whose products gnfx.diagnose takes)",
+                                 "measure a model without that operation (nn.EmbeddingBag: nn.Embedding and a "
+                                 "sum or mean over the bag; a custom autograd.Function: give it setup_context "
+                                 "and jvp)") from error
 
 
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
@@ -217,7 +249,8 @@ def _curvature_operator(
     z, pullback = vjp(f, params)
 
     def apply(tangents: dict) -> dict:
-        jv = jvp(f, (params,), (tangents,))[1]
+        with _named_forward_mode_errors():
+            jv = jvp(f, (params,), (tangents,))[1]
         return pullback(output_product(z, targets, jv))[0]
 
     return params, apply
@@ -303,7 +336,8 @@ def hvp(
     f, params = _functional(model, inputs)
     loss_fn = _loss_fn(loss)
     tangents = _as_tangents(params, v)
-    hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
+    with _named_forward_mode_errors():
+        hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
     return [hv[name] for name in params]
 
 

@@ -120,6 +120,18 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self._comm = Communicator(partition_refresh=self._distributed == "partitioned")
         return self._comm
 
+    def follow_parameters(self) -> None:
+        """Move the state with the parameters, which the model's .to(), .cuda() or .double() moved
+        after steps were taken (gnfx.compiled.CompiledModel._apply): each preconditioner's to the
+        device and dtype it keeps it in for the parameters as they are now, the update function's
+        buffers made again, and the quadratic step's δ with them."""
+        for pre in self.preconditioners:
+            pre.follow_parameters()
+        if self.update_function is not None:
+            self.update_function = UpdateFunction(self.curvature, self.parameter_store, self.update_function.setting)
+        if self.quadratic is not None:
+            self.quadratic.follow_parameters()
+
     def state_of(self, name: str) -> dict:
         """The optimizer state of parameter `name` (its moments, factors and counters)."""
         return self.parameter_store.state_of(name)

@@ -1,0 +1,117 @@
+"""What a new user's training loop does to a compiled model, second round (benchmarks/results/first_contact_2.md):
+each test failed before its fix.
+
+- `.double()` / `.to(dtype)` after steps were taken: the optimizer's state follows the parameters as a
+  checkpoint loaded into the moved model would;
+- a parameter without a gradient (frozen after compile, an expert no example was routed to) keeps its
+  value, as torch.optim skips it, whatever the preconditioner;
+- `copy.deepcopy` and pickling of the compiled model raise a GnfxError naming the fix (they used to
+  crash inside torch.optim or pickle);
+- gnfx.ggn and gnfx.diagnose on a model with an operation without a forward-mode derivative raise the
+  GnfxError the quadratic step raises.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 4, generator=g, dtype=dtype), torch.randint(0, 3, (8,), generator=g)
+
+
+def train(c, steps, dtype=torch.float32):
+    x, y = batch(dtype)
+    for _ in range(steps):
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+
+
+HPARAMS = {  # diag and muon keep AdamW's moments like the parameter; ekfac and kfac their factors by the rule
+    "diag": dict(lr=0.05),
+    "muon": dict(lr=0.02),
+    "ekfac": dict(lr=0.05, stat_every=1, refresh_warmup=0),
+    "kfac": dict(loss="cross_entropy", stat_every=1),  # and the quadratic step's δ
+}
+
+
+@pytest.mark.parametrize("name", sorted(HPARAMS))
+def test_moving_the_model_after_steps_moves_the_state_as_a_checkpoint_loads(name):
+    """.double() after two float32 steps, then three float64 steps: the same parameters as a float64
+    model compiled anew into which the float32 model's checkpoint was loaded."""
+    torch.manual_seed(0)
+    model = MLP()
+    c = gnfx.compile(model, name, **HPARAMS[name])
+    train(c, 2)
+    checkpoint = copy.deepcopy((model.state_dict(), c.optimizer.state_dict()))
+    c.double()
+    train(c, 3, torch.float64)
+
+    reference = gnfx.compile(MLP().double(), name, **HPARAMS[name])
+    reference.load_state_dict(checkpoint[0])
+    reference.optimizer.load_state_dict(checkpoint[1])
+    train(reference, 3, torch.float64)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "shampoo", "soap", "rank1", "muon"])
+def test_a_parameter_without_a_gradient_keeps_its_value(name):
+    """Frozen after compile: its gradient stays None, and momentum (or grafting) must not move it."""
+    torch.manual_seed(0)
+    model = MLP()
+    c = gnfx.compile(model, name, lr=0.05)
+    train(c, 2)
+    model.a.requires_grad_(False)
+    frozen, trained = [p.detach().clone() for p in model.a.parameters()], model.b.weight.detach().clone()
+    train(c, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.a.parameters(), frozen))
+    assert not torch.equal(model.b.weight, trained)
+
+
+def test_copying_or_pickling_the_compiled_model_names_the_fix():
+    model = MLP()
+    c = gnfx.compile(model, "kfac", lr=0.05)
+    train(c, 1)
+    for attempt in (lambda: copy.deepcopy(c), lambda: pickle.dumps(c), lambda: torch.save(c, io.BytesIO())):
+        with pytest.raises(gnfx.GnfxError, match=r"cannot be copied or pickled.*Fix: copy or save that model"):
+            attempt()
+    copy.deepcopy(model)  # the fix: the original module copies, and shares the compiled one's parameters
+
+
+def test_ggn_products_and_diagnose_through_an_operation_without_jvp_raise_the_quadratic_steps_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(7, 4), nn.Linear(4, 3))
+    ids, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 3, (8,))
+    v = [torch.randn_like(p) for p in model.parameters()]
+    message = r"(?s)gnfx.ggn .*forward-mode derivatives.*_embedding_bag.*Fix: measure a model without"
+    for product in (gnfx.ggn.ggn_vp, gnfx.ggn.fisher_vp, gnfx.ggn.hvp):
+        with pytest.raises(gnfx.GnfxError, match=message):
+            product(model, "cross_entropy", ids, y, v)
+    with pytest.warns(UserWarning, match="in curvature blocks"):
+        c = gnfx.compile(model, "kfac", lr=0.1)
+    F.cross_entropy(c(ids), y).backward()
+    c.step()
+    with pytest.raises(gnfx.GnfxError, match=message):
+        gnfx.diagnose(c, (ids, y), loss="cross_entropy")
