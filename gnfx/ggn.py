@@ -73,7 +73,7 @@ def forward_mode_kernels(native_recurrent: bool = True):
         torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
 
 
-def lacks_forward_mode(error: BaseException) -> bool:
+def _lacks_forward_mode(error: BaseException) -> bool:
     """Whether `error`, raised by a forward-mode pass, says that an operation has no forward-mode
     derivative: ATen's NotImplementedError ("Trying to use forward AD with ..."), a
     torch.autograd.Function without jvp (NotImplementedError) or without setup_context (RuntimeError)."""
@@ -82,27 +82,28 @@ def lacks_forward_mode(error: BaseException) -> bool:
 
 
 def forward_mode_error(error: BaseException, user: str, fix: str) -> GnfxError:
-    """The GnfxError for `error` (`lacks_forward_mode`) in the forward-mode pass of `user` (what took
-    the derivatives), naming the operation (torch's message) and `fix`."""
-    return GnfxError(
-        f"{user} takes forward-mode derivatives (dual tensors, torch.autograd.forward_ad) through the model, "
-        f"and this model has an operation that has none, or a torch.autograd.Function without setup_context "
-        f"and jvp: {type(error).__name__}: {error}. Fix: {fix}")
+    """The GnfxError for `error`, raised in the forward-mode pass of `user` (what took the
+    derivatives): an operation without a forward-mode derivative, named by torch's message, or a
+    forward that failed under dual tensors only; with `fix`."""
+    what = ("this model has an operation that has none, or a torch.autograd.Function without setup_context and jvp"
+            if _lacks_forward_mode(error) else
+            "the model's forward failed under them (a forward-mode formula of torch's that fails on these inputs, "
+            "such as group_norm's on a channels_last tensor, or an error of the forward itself)")
+    return GnfxError(f"{user} takes forward-mode derivatives (dual tensors, torch.autograd.forward_ad) through the "
+                     f"model, and {what}: {type(error).__name__}: {error}. Fix: {fix}")
 
 
 @contextlib.contextmanager
 def _named_forward_mode_errors():
-    """gnfx.ggn's products (and gnfx.diagnose, which takes them) through an operation without a
-    forward-mode derivative raise forward_mode_error instead of torch's error."""
+    """gnfx.ggn's products (and gnfx.diagnose, which takes them) raise forward_mode_error instead of
+    torch's error when their forward-mode pass fails."""
     try:
         yield
     except (NotImplementedError, RuntimeError) as error:
-        if not lacks_forward_mode(error):
-            raise
         raise forward_mode_error(error, "gnfx.ggn (whose products gnfx.diagnose takes)",
                                  "measure a model without that operation (nn.EmbeddingBag: nn.Embedding and a "
                                  "sum or mean over the bag; a custom autograd.Function: give it setup_context "
-                                 "and jvp)") from error
+                                 "and jvp; a channels_last input: a contiguous one)") from error
 
 
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:

@@ -173,7 +173,7 @@ from torch.utils._pytree import tree_map
 from gnfx.errors import GnfxError
 from gnfx.forward_mode import ModuleFunction, jvp_rows
 from gnfx.fsdp import local, without_fsdp_hooks
-from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, lacks_forward_mode, output_hessian_product
+from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -368,8 +368,6 @@ class QuadraticStep:
             if isinstance(error, NotImplementedError) and not self._native_recurrent:
                 self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
                 return self._output(theta, tangent_rows)
-            if not lacks_forward_mode(error):
-                raise
             raise forward_mode_error(error, "the quadratic-model step (loss= without lr)",
                                      "pass lr= for a fixed-learning-rate step (step='lr'), or leave that operation "
                                      "out of the model") from error
