@@ -5,7 +5,8 @@ The taps see each block's `a` and `δ`; the scale of the statistics comes from t
 the loss terms per example, the product of its middle dimensions for an (N, ..., C) output
 (`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
-drop out of N and M; the true-Fisher backward (gnfx.fisher, `fisher="mc"` or `"type2"`) starts
+drop out of N and M; with loss="cross_entropy" that gradient must be a cross-entropy's over z's last
+dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward (gnfx.fisher, `fisher="mc"` or `"type2"`) starts
 there too, once per forward.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import logits_of
+from gnfx.outputs import check_cross_entropy_gradient, logits_of
 
 
 def watch_output(out, store, settings: dict) -> None:
@@ -43,6 +44,8 @@ def _hook(z: torch.Tensor, store, settings: dict) -> None:
 
     def hook(grad):
         handle.remove()  # the true-Fisher backward starts at z too: run once
+        if settings["loss"] == "cross_entropy":
+            check_cross_entropy_gradient(z, grad)
         kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
         fraction = float(kept.sum()) / max(kept.numel(), 1)
         store.kept_fraction[fid] = fraction

@@ -115,3 +115,56 @@ def test_ggn_products_and_diagnose_through_an_operation_without_jvp_raise_the_qu
     c.step()
     with pytest.raises(gnfx.GnfxError, match=message):
         gnfx.diagnose(c, (ids, y), loss="cross_entropy")
+
+
+class FeaturesFirst(nn.Module):
+    """Returns (features, logits), as models that expose an embedding do: the logits are not first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return h, self.b(h)
+
+
+def segmentation_net():
+    """Classes on dimension 1 of an (N, C, H, W) output, as F.cross_entropy takes them."""
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1))
+
+
+@pytest.mark.parametrize("case", ["features first", "classes on dimension 1"])
+@pytest.mark.parametrize("name", ["kfac", "rank1"])
+def test_a_loss_that_is_not_the_cross_entropy_of_the_last_dimension_of_the_first_output_is_named(case, name):
+    """loss='cross_entropy' models softmax cross-entropy over the last dimension of the first output:
+    these losses are not that, and gnfx used to model them as if they were, silently."""
+    torch.manual_seed(0)
+    if case == "features first":
+        c = gnfx.compile(FeaturesFirst(), name, loss="cross_entropy")
+        x, y = batch()
+        loss = lambda: F.cross_entropy(c(x)[1], y)  # noqa: E731
+    else:
+        c = gnfx.compile(segmentation_net(), name, loss="cross_entropy")
+        x, y = torch.randn(2, 2, 5, 6), torch.randint(0, 3, (2, 5, 6))
+        loss = lambda: F.cross_entropy(c(x), y)  # noqa: E731
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a cross-entropy over that dimension.*Fix: return the logits"):
+        loss().backward()
+
+
+@pytest.mark.parametrize("variant", ["plain", "label smoothing", "class weights", "ignored rows", "soft targets",
+                                     "bfloat16 autocast"])
+def test_every_form_of_cross_entropy_passes_the_check(variant):
+    torch.manual_seed(0)
+    c = gnfx.compile(MLP(), "kfac", loss="cross_entropy")
+    x, y = batch()
+    kwargs = {"label smoothing": dict(label_smoothing=0.1), "class weights": dict(weight=torch.tensor([1., 2., 3.]))}
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bfloat16 autocast"):
+            z = c(x)
+        target = {"ignored rows": y.masked_fill(torch.arange(8) < 3, -100),
+                  "soft targets": torch.softmax(torch.randn(8, 3), -1)}.get(variant, y)
+        F.cross_entropy(z.float(), target, **kwargs.get(variant, {})).backward()
+        c.step()
+        c.zero_grad()
