@@ -168,3 +168,45 @@ def test_every_form_of_cross_entropy_passes_the_check(variant):
         F.cross_entropy(z.float(), target, **kwargs.get(variant, {})).backward()
         c.step()
         c.zero_grad()
+
+
+@pytest.mark.parametrize("name", ["shampoo", "diag"])
+def test_grad_scaler_steps_as_training_without_it_and_skips_non_finite_steps(name):
+    """scaler.step(optimizer) lets the optimizer unscale (a power-of-two scale: exactly); a step whose
+    gradients overflowed moves nothing."""
+    x, y = batch()
+    runs = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = MLP()
+        c = gnfx.compile(model, name, lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for _ in range(3):
+            loss = F.cross_entropy(c(x), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(c.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                c.step()
+            c.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        if scaled:
+            F.cross_entropy(c(x), y).backward()
+            model.a.weight.grad[0, 0] = float("inf")
+            scaler.step(c.optimizer)
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), runs[-1]))
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+@pytest.mark.parametrize("hparams", [dict(lr=0.05), dict(loss="cross_entropy")])
+def test_grad_scaler_is_refused_where_the_statistics_carry_the_loss_scale(hparams):
+    """K-FAC's S from the scaled backward (and the quadratic step's output gradient) would be s² (s)
+    times too large: the kfac steps at lr=0.05 made no progress, the quadratic step's diverged."""
+    c = gnfx.compile(MLP(), "kfac", **hparams)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch()
+    scaler.scale(F.cross_entropy(c(x), y)).backward()
+    with pytest.raises(gnfx.GnfxError, match=r"GradScaler scales the loss.*Fix: train without loss scaling"):
+        scaler.step(c.optimizer)
