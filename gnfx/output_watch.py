@@ -31,8 +31,11 @@ def watch_output(out, store, settings: dict) -> None:
     if z is not None and z.requires_grad:
         _hook(z, store, settings)
     elif store.fisher != "empirical":
+        got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
-                        f"mse) that requires grad; got {type(out).__name__}")
+                        f"mse) that requires grad, to sample labels from; got {got}. Fix: return the logits too, "
+                        f"first (as nanoGPT's (logits, loss)), or compile without loss= and with an lr (the "
+                        f"empirical Fisher, from your backward)")
 
 
 def _hook(z: torch.Tensor, store, settings: dict) -> None:

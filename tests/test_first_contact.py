@@ -210,3 +210,24 @@ def test_grad_scaler_is_refused_where_the_statistics_carry_the_loss_scale(hparam
     scaler.scale(F.cross_entropy(c(x), y)).backward()
     with pytest.raises(gnfx.GnfxError, match=r"GradScaler scales the loss.*Fix: train without loss scaling"):
         scaler.step(c.optimizer)
+
+
+def test_sparse_embedding_gradients_are_refused_at_compile():
+    """nn.Embedding(sparse=True) crashed every preconditioner's first step with torch's 'SparseCPU' error."""
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(gnfx.ConfigError, match=r"'0' \(Embedding\) has sparse=True.*sparse=False"):
+        gnfx.compile(model, "diag", lr=0.1)
+
+
+def test_a_model_that_returns_only_its_loss_names_the_fix_for_the_sampled_fisher():
+    class LossOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = MLP()
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.m(x), y)
+
+    c = gnfx.compile(LossOnly(), "kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.GnfxError, match=r"got a 0-dimensional tensor. Fix: return the logits too"):
+        c(*batch())
