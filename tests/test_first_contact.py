@@ -231,3 +231,35 @@ def test_a_model_that_returns_only_its_loss_names_the_fix_for_the_sampled_fisher
     c = gnfx.compile(LossOnly(), "kfac", loss="cross_entropy")
     with pytest.raises(gnfx.GnfxError, match=r"got a 0-dimensional tensor. Fix: return the logits too"):
         c(*batch())
+
+
+class BatchFirstAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids, padding):
+        h = self.embed(ids)
+        return self.head(self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0].mean(1))
+
+
+def test_a_batch_first_multihead_attention_exported_has_the_per_example_statistics_of_its_fx_capture():
+    """torch.export captured torch's sequence-first path: the projections read (T, N, d) and (T·N, d)
+    inputs, and their per-example statistics were the whole batch's, with a warning."""
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[0, -2:] = True
+    y = torch.tensor([0, 1, 2, 1])
+    diagonals = []
+    for capture in ("fx", "export"):
+        torch.manual_seed(0)
+        model = BatchFirstAttention().double()
+        c = gnfx.compile(model, "rank1", lr=0.1, capture=capture, example_inputs=(ids, padding))
+        assert c._variants.mode == capture
+        F.cross_entropy(c(ids, padding), y).backward()
+        c.step()
+        diagonals.append({b: c.statistics(b)["diag"] for b in ("attn.in_proj", "attn.out_proj")})
+    for b in diagonals[0]:
+        torch.testing.assert_close(diagonals[1][b], diagonals[0][b], rtol=1e-10, atol=1e-12)
