@@ -13,9 +13,9 @@ from torch.utils import _pytree
 
 from gnfx.errors import GnfxError
 
-# the largest Σ_n |Σ_c g_nc| / Σ_nc |g_nc| of a cross-entropy's gradient g at z (zero but for rounding:
-# below 1e-3 in bfloat16; a logit regularizer such as a z-loss of weight 1e-4 adds about its weight)
-CROSS_ENTROPY_ROW_SUM = 1e-2
+# the tolerance of check_cross_entropy_gradient's two tests, relative (rounding: below 1e-3 in bfloat16;
+# a logit regularizer such as a z-loss of weight 1e-4 adds about its weight to the first)
+CROSS_ENTROPY_TOLERANCE = 1e-2
 
 
 def logits_of(out) -> torch.Tensor | None:
@@ -27,21 +27,29 @@ def logits_of(out) -> torch.Tensor | None:
 
 
 def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor) -> None:
-    """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, is that of
-    a cross-entropy over z's last dimension, as loss="cross_entropy" declares: each row of it,
-    (p - q)/M for the softmax p of the row and its target distribution q (one-hot, smoothed or class
-    weighted alike; zero for an ignored target), sums to zero (CROSS_ENTROPY_ROW_SUM). A loss of
-    another output (z is the first floating tensor the model returns), or over another dimension of
-    z (an (N, C, H, W) segmentation output), does not."""
+    """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
+    that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares. Its row
+    n is (p_n - q_n)/M for the softmax p_n and the target distribution q_n (one-hot, smoothed or
+    class-weighted alike; zero for an ignored target), so each row sums to zero, and Σ_n |p_n - q_n|₁
+    ≤ 2M bounds the sum of its absolute values by 2 (a class-weighted mean's too), within
+    CROSS_ENTROPY_TOLERANCE. A loss of another output (z is the first floating tensor the model
+    returns) or over another dimension of z (an (N, C, H, W) segmentation output) fails the first; a
+    summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
+    model's predictions are far from its targets, as at the start of training."""
     rows = grad.detach().reshape(-1, grad.shape[-1]).double()
     off, total = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum()]).tolist()
-    if off > CROSS_ENTROPY_ROW_SUM * total:
+    what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
+            f"sum to zero; here |row sums| / |gradient| = {off / total:.3g})"
+            if off > CROSS_ENTROPY_TOLERANCE * total else
+            f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
+            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
+            if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
+    if what:
         raise GnfxError(
-            f"loss='cross_entropy' is the cross-entropy of the model output's logits z over their last dimension "
-            f"(z: the first floating tensor the model returns, here of shape {tuple(z.shape)}), and the loss "
-            f"this backward ran is not: its gradient at z is not one of a cross-entropy over that dimension (the "
-            f"rows of such a gradient sum to zero; here |row sums| / |gradient| = {off / total:.3g}). gnfx would "
-            f"model the wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) "
-            f"with the classes last (an (N, C, H, W) output: return z.movedim(1, -1) and take "
-            f"F.cross_entropy(z.reshape(-1, C), y.reshape(-1))), or compile with loss='mse' for a squared error, "
+            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their last "
+            f"dimension (z: the first floating tensor the model returns, here of shape {tuple(z.shape)}), and the "
+            f"loss this backward ran is not: {what}. gnfx would model the wrong loss. Fix: return the logits "
+            f"first (alone, or first in a tuple, dict or dataclass) with the classes last (an (N, C, H, W) "
+            f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
+            f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"or without loss= (and with an lr) for another loss")
