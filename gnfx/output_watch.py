@@ -5,9 +5,9 @@ The taps see each block's `a` and `δ`; the scale of the statistics comes from t
 the loss terms per example, the product of its middle dimensions for an (N, ..., C) output
 (`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
-drop out of N and M; with loss="cross_entropy" that gradient must be a cross-entropy's over z's last
-dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward (gnfx.fisher, `fisher="mc"` or `"type2"`) starts
-there too, once per forward.
+drop out of N and M; with loss="cross_entropy" that gradient must be a mean cross-entropy's over
+z's last dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward.
 """
 from __future__ import annotations
 

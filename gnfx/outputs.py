@@ -13,8 +13,9 @@ from torch.utils import _pytree
 
 from gnfx.errors import GnfxError
 
-# the tolerance of check_cross_entropy_gradient's two tests, relative (rounding: below 1e-3 in bfloat16;
-# a logit regularizer such as a z-loss of weight 1e-4 adds about its weight to the first)
+# the tolerance of check_cross_entropy_gradient's two tests, relative (rounding: 3-7e-8 in float32, 1.2e-3
+# under bfloat16 autocast, benchmarks/results/first_contact_2.md; a logit regularizer such as a z-loss
+# of weight 1e-4 adds about its weight to the first)
 CROSS_ENTROPY_TOLERANCE = 1e-2
 
 
