@@ -8,7 +8,14 @@ each test failed before its fix.
 - `copy.deepcopy` and pickling of the compiled model raise a GnfxError naming the fix (they used to
   crash inside torch.optim or pickle);
 - gnfx.ggn and gnfx.diagnose on a model with an operation without a forward-mode derivative raise the
-  GnfxError the quadratic step raises.
+  GnfxError the quadratic step raises;
+- loss="cross_entropy" with a loss that is not the mean cross-entropy of the last dimension of the
+  first output (features returned first, an (N, C, H, W) segmentation output, reduction="sum") is
+  named at the first backward, where it was modelled wrongly, silently;
+- torch.amp.GradScaler: gradient-only plans unscale and skip overflowing steps, the others refuse it;
+- nn.Embedding(sparse=True) is refused at compile; a model returning only its loss is told the fix.
+The exported nn.MultiheadAttention (tests/test_attention.py) and nn.InstanceNorm (tests/test_layer_kinds.py)
+are tested with their kinds.
 """
 from __future__ import annotations
 
