@@ -103,6 +103,12 @@ def _check_model(model) -> None:
                           "model.module and wrap the compiled model instead")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"gnfx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True
+              and isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.weight.requires_grad]
+    if sparse:
+        raise ConfigError(f"{sparse[0]!r} ({type(model.get_submodule(sparse[0])).__name__}) has sparse=True, whose "
+                          f"gradients are sparse tensors, and gnfx's preconditioners step dense gradients; "
+                          f"construct it with sparse=False (the default)")
     check_unsharded(model)
 
 

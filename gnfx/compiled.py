@@ -30,6 +30,14 @@ _EAGER_REASON = ("gnfx runs statistic steps eagerly: its taps record statistics 
                  "cannot work: compile the gnfx model with the default fullgraph=False")
 
 
+_NO_COPY = ("a gnfx-compiled model cannot be copied or pickled (copy.deepcopy, torch.save(model), pickle): its "
+            "captured graphs, statistic taps and optimizer are bound to the parameters of the model it was "
+            "compiled from. Fix: copy or save that model, which shares its parameters with the compiled one and "
+            "trains with them (copy.deepcopy(original) for an EMA or evaluation copy); for a checkpoint save "
+            "model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
+            "gnfx.compile(new_model, ...)")
+
+
 class CompiledModel(nn.Module):
     def __init__(self, model: nn.Module, variants, optimizer, settings: dict):
         super().__init__()
@@ -51,6 +59,12 @@ class CompiledModel(nn.Module):
         # Face's Trainer keeps only the dataset columns that the model's forward names.
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
                                                             model.forward)
+
+    def __deepcopy__(self, memo):
+        raise GnfxError(_NO_COPY)
+
+    def __reduce_ex__(self, protocol):
+        raise GnfxError(_NO_COPY)
 
     @property
     def graph_module(self):
@@ -170,10 +184,11 @@ class CompiledModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """.to(), .cuda(), .double() and the like: the parameters move in place (the same Parameter
-        objects), and the statistics follow them."""
+        objects), and the statistics and the optimizer's state follow them."""
         super()._apply(fn, recurse)
         if self.optimizer.statistics is not None:
             self.optimizer.statistics.follow_parameters()
+            self.optimizer.follow_parameters()
         return self
 
     def train(self, mode: bool = True):

@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnfx.compiled import CompiledModel
-from gnfx.errors import ConfigError
+from gnfx.errors import ConfigError, GnfxError
 from gnfx.outputs import logits_of
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -71,6 +71,39 @@ def forward_mode_kernels(native_recurrent: bool = True):
             yield
     finally:
         torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
+
+
+def _lacks_forward_mode(error: BaseException) -> bool:
+    """Whether `error`, raised by a forward-mode pass, says that an operation has no forward-mode
+    derivative: ATen's NotImplementedError ("Trying to use forward AD with ..."), a
+    torch.autograd.Function without jvp (NotImplementedError) or without setup_context (RuntimeError)."""
+    return isinstance(error, NotImplementedError) or (
+        isinstance(error, RuntimeError) and "autograd.Function" in str(error))
+
+
+def forward_mode_error(error: BaseException, user: str, fix: str) -> GnfxError:
+    """The GnfxError for `error`, raised in the forward-mode pass of `user` (what took the
+    derivatives): an operation without a forward-mode derivative, named by torch's message, or a
+    forward that failed under dual tensors only; with `fix`."""
+    what = ("this model has an operation that has none, or a torch.autograd.Function without setup_context and jvp"
+            if _lacks_forward_mode(error) else
+            "the model's forward failed under them (a forward-mode formula of torch's that fails on these inputs, "
+            "such as group_norm's on a channels_last tensor, or an error of the forward itself)")
+    return GnfxError(f"{user} takes forward-mode derivatives (dual tensors, torch.autograd.forward_ad) through the "
+                     f"model, and {what}: {type(error).__name__}: {error}. Fix: {fix}")
+
+
+@contextlib.contextmanager
+def _named_forward_mode_errors():
+    """gnfx.ggn's products (and gnfx.diagnose, which takes them) raise forward_mode_error instead of
+    torch's error when their forward-mode pass fails."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as error:
+        raise forward_mode_error(error, "gnfx.ggn (whose products gnfx.diagnose takes)",
+                                 "measure a model without that operation (nn.EmbeddingBag: nn.Embedding and a "
+                                 "sum or mean over the bag; a custom autograd.Function: give it setup_context "
+                                 "and jvp; a channels_last input: a contiguous one)") from error
 
 
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
@@ -217,7 +250,8 @@ def _curvature_operator(
     z, pullback = vjp(f, params)
 
     def apply(tangents: dict) -> dict:
-        jv = jvp(f, (params,), (tangents,))[1]
+        with _named_forward_mode_errors():
+            jv = jvp(f, (params,), (tangents,))[1]
         return pullback(output_product(z, targets, jv))[0]
 
     return params, apply
@@ -303,7 +337,8 @@ def hvp(
     f, params = _functional(model, inputs)
     loss_fn = _loss_fn(loss)
     tangents = _as_tangents(params, v)
-    hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
+    with _named_forward_mode_errors():
+        hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
     return [hv[name] for name in params]
 
 

@@ -10,6 +10,11 @@ checkpoint continues exactly like the uninterrupted one.
 A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
 `zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
 statistics collected since the last step stay pending for the next step that has gradients.
+
+Under torch.amp.GradScaler (`scaler.step(optimizer)`) the step unscales the gradients itself
+(`_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf`) and is skipped when
+they are not finite, as torch.optim's is. A plan that reads the loss's output gradients (statistics
+of δ, the quadratic step) is refused there: they carry the loss scale, which nothing undoes.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from gnfx.quadratic_step import QuadraticStep
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler: `_unscale` (module doc)
+
     def __init__(self, named_params: dict, settings: dict, defaults: dict):
         """An optimizer over `named_params` (one parameter group, as any torch optimizer); it steps
         once `attach` has given it the plan's preconditioners, at the model's capture (gnfx.compile,
@@ -120,6 +127,18 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self._comm = Communicator(partition_refresh=self._distributed == "partitioned")
         return self._comm
 
+    def follow_parameters(self) -> None:
+        """Move the state with the parameters, which the model's .to(), .cuda() or .double() moved
+        after steps were taken (gnfx.compiled.CompiledModel._apply): each preconditioner's to the
+        device and dtype it keeps it in for the parameters as they are now, the update function's
+        buffers made again, and the quadratic step's δ with them."""
+        for pre in self.preconditioners:
+            pre.follow_parameters()
+        if self.update_function is not None:
+            self.update_function = UpdateFunction(self.curvature, self.parameter_store, self.update_function.setting)
+        if self.quadratic is not None:
+            self.quadratic.follow_parameters()
+
     def state_of(self, name: str) -> dict:
         """The optimizer state of parameter `name` (its moments, factors and counters)."""
         return self.parameter_store.state_of(name)
@@ -171,6 +190,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._bind_sharded()
         if all(p.grad is None for p in self.parameter_store.named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
+        if "found_inf" in self.__dict__ and not self._unscale():  # called by torch.amp.GradScaler.step
+            return loss
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
@@ -207,6 +228,24 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                 loss, closure)
         self.steps += 1
         return loss
+
+    def _unscale(self) -> bool:
+        """Under torch.amp.GradScaler.step: divide the gradients by the loss scale `grad_scale` (None
+        when the user called scaler.unscale_ already); False, for a step to skip, when the scaler found
+        non-finite gradients. A GnfxError for a plan that reads the loss's output gradients."""
+        if self.statistics or self.quadratic is not None:
+            raise GnfxError(
+                "torch.amp.GradScaler scales the loss by s, and with it the gradients at every layer output that "
+                "gnfx's statistics (K-FAC's S: by s²) and its quadratic-model step read; only the parameters' "
+                "gradients are unscaled. Fix: train without loss scaling, in bfloat16 (torch.autocast(device_type, "
+                "dtype=torch.bfloat16) needs no GradScaler) or float32, or use a preconditioner that reads only "
+                "the gradients (shampoo, soap, diag, muon), whose step unscales them")
+        if bool(self.found_inf):
+            return False
+        if self.grad_scale is not None:
+            grads = [p.grad for p in self.parameter_store.named.values() if p.grad is not None]
+            torch._foreach_mul_(grads, self.grad_scale.double().reciprocal().float())
+        return True
 
     def _refresh_all(self) -> None:
         """The refresh of every curvature preconditioner, due or not (after a rejected quadratic step)."""

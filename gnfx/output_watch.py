@@ -5,8 +5,9 @@ The taps see each block's `a` and `δ`; the scale of the statistics comes from t
 the loss terms per example, the product of its middle dimensions for an (N, ..., C) output
 (`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
-drop out of N and M; the true-Fisher backward (gnfx.fisher, `fisher="mc"` or `"type2"`) starts
-there too, once per forward.
+drop out of N and M; with loss="cross_entropy" that gradient must be a mean cross-entropy's over
+z's last dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import logits_of
+from gnfx.outputs import check_cross_entropy_gradient, logits_of
 
 
 def watch_output(out, store, settings: dict) -> None:
@@ -30,8 +31,11 @@ def watch_output(out, store, settings: dict) -> None:
     if z is not None and z.requires_grad:
         _hook(z, store, settings)
     elif store.fisher != "empirical":
+        got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
-                        f"mse) that requires grad; got {type(out).__name__}")
+                        f"mse) that requires grad, to sample labels from; got {got}. Fix: return the logits too, "
+                        f"first (as nanoGPT's (logits, loss)), or compile without loss= and with an lr (the "
+                        f"empirical Fisher, from your backward)")
 
 
 def _hook(z: torch.Tensor, store, settings: dict) -> None:
@@ -43,6 +47,8 @@ def _hook(z: torch.Tensor, store, settings: dict) -> None:
 
     def hook(grad):
         handle.remove()  # the true-Fisher backward starts at z too: run once
+        if settings["loss"] == "cross_entropy":
+            check_cross_entropy_gradient(z, grad)
         kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
         fraction = float(kept.sum()) / max(kept.numel(), 1)
         store.kept_fraction[fid] = fraction

@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree
 
+from gnfx.errors import GnfxError
+
+# the tolerance of check_cross_entropy_gradient's two tests, relative (rounding: 3-7e-8 in float32, 1.2e-3
+# under bfloat16 autocast, benchmarks/results/first_contact_2.md; a logit regularizer such as a z-loss
+# of weight 1e-4 adds about its weight to the first)
+CROSS_ENTROPY_TOLERANCE = 1e-2
+
 
 def logits_of(out) -> torch.Tensor | None:
     """The first floating tensor of at least one dimension in `out` (module doc), or None."""
@@ -18,3 +25,32 @@ def logits_of(out) -> torch.Tensor | None:
     leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
                                              if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
     return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()), None)
+
+
+def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
+    that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares. Its row
+    n is (p_n - q_n)/M for the softmax p_n and the target distribution q_n (one-hot, smoothed or
+    class-weighted alike; zero for an ignored target), so each row sums to zero, and Σ_n |p_n - q_n|₁
+    ≤ 2M bounds the sum of its absolute values by 2 (a class-weighted mean's too), within
+    CROSS_ENTROPY_TOLERANCE. A loss of another output (z is the first floating tensor the model
+    returns) or over another dimension of z (an (N, C, H, W) segmentation output) fails the first; a
+    summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
+    model's predictions are far from its targets, as at the start of training."""
+    rows = grad.detach().reshape(-1, grad.shape[-1]).double()
+    off, total = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum()]).tolist()
+    what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
+            f"sum to zero; here |row sums| / |gradient| = {off / total:.3g})"
+            if off > CROSS_ENTROPY_TOLERANCE * total else
+            f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
+            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
+            if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
+    if what:
+        raise GnfxError(
+            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their last "
+            f"dimension (z: the first floating tensor the model returns, here of shape {tuple(z.shape)}), and the "
+            f"loss this backward ran is not: {what}. gnfx would model the wrong loss. Fix: return the logits "
+            f"first (alone, or first in a tuple, dict or dataclass) with the classes last (an (N, C, H, W) "
+            f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
+            f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
+            f"or without loss= (and with an lr) for another loss")

@@ -173,7 +173,7 @@ from torch.utils._pytree import tree_map
 from gnfx.errors import GnfxError
 from gnfx.forward_mode import ModuleFunction, jvp_rows
 from gnfx.fsdp import local, without_fsdp_hooks
-from gnfx.ggn import IGNORE_INDEX, forward_mode_kernels, output_hessian_product
+from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -368,12 +368,9 @@ class QuadraticStep:
             if isinstance(error, NotImplementedError) and not self._native_recurrent:
                 self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
                 return self._output(theta, tangent_rows)
-            raise GnfxError(
-                f"the quadratic-model step (loss= without lr) takes forward-mode derivatives (dual tensors, "
-                f"torch.autograd.forward_ad) through the model, and this model has an operation that has none, "
-                f"or a torch.autograd.Function without setup_context and jvp: {type(error).__name__}: {error}. "
-                f"Fix: pass lr= for a fixed-learning-rate step (step='lr'), or leave that operation out of the "
-                f"model") from error
+            raise forward_mode_error(error, "the quadratic-model step (loss= without lr)",
+                                     "pass lr= for a fixed-learning-rate step (step='lr'), or leave that operation "
+                                     "out of the model") from error
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:
@@ -666,6 +663,15 @@ class QuadraticStep:
         loss, z0 = self._recovered(z)
         return loss(z0).detach().double().reshape(1)
 
+    def follow_parameters(self) -> None:
+        """The parameters moved (.to(), .double()): δ follows them, the flat buffers are made again."""
+        self.previous = None if self.previous is None else self._placed(self.previous)
+        self._flat_layout = self._module_function = None
+
+    def _placed(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`tensors`, one per parameter in the optimizer's order, on each parameter's device and dtype."""
+        return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, self.parameters.named.values())]
+
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         # δ may be views of a buffer the next step writes (FlatLayout): a copy
@@ -682,8 +688,7 @@ class QuadraticStep:
         self.solved_at = int(state.get("solved_at", steps - 1))
         self.coefficients = state.get("coefficients")
         previous = state["previous"]
-        self.previous = None if previous is None else [
-            t.to(device=p.device, dtype=p.dtype) for t, p in zip(previous, self.parameters.named.values())]
+        self.previous = None if previous is None else self._placed(previous)
 
 
 class FlatLayout:

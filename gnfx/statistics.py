@@ -344,7 +344,9 @@ class BlockStatistics:
         return {"values": dict(self.values), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values = {k: v.clone() for k, v in state["values"].items()}
+        """A checkpoint's statistics, in this block's dtype and on its device (those of a model that
+        was saved in float32 or on another device included)."""
+        self.values = {k: v.to(device=self.device, dtype=self.dtype, copy=True) for k, v in state["values"].items()}
         self.updates = int(state["updates"])
 
 

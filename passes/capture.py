@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.nn.modules import transformer as transformer_module
 
 from gnfx.errors import CaptureError
+from gnfx.passes.mha import lowered_for_export
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -259,7 +260,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
-        ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+        with lowered_for_export():
+            ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"

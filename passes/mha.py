@@ -11,6 +11,7 @@ module opaque, and its parameters fall back with that reason.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -72,6 +73,30 @@ class _LoweredMHA(nn.Module):
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
+
+
+@contextlib.contextmanager
+def lowered_for_export():
+    """While torch.export captures: nn.MultiheadAttention computes as `_LoweredMHA`, the ops its fx
+    lowering inlines, instead of torch's functional path, which runs a batch-first module
+    sequence-first (its projections would read (T, N, d) and (T·N, d) inputs, from which the
+    per-example statistics cannot take the examples). Modules the lowering does not cover
+    (`_not_lowerable`) keep torch's forward."""
+    torch_forward = nn.MultiheadAttention.forward
+
+    def forward(mha, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if _not_lowerable(mha, {}, need_weights):
+            return torch_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                 average_attn_weights, is_causal)
+        lowered = _LoweredMHA(mha, query is key is value, need_weights, average_attn_weights, is_causal)
+        return _LoweredMHA.forward(lowered, query, key, value, key_padding_mask, attn_mask)
+
+    nn.MultiheadAttention.forward = forward
+    try:
+        yield
+    finally:
+        nn.MultiheadAttention.forward = torch_forward
 
 
 def _call_args(node: fx.Node) -> dict:

@@ -1,9 +1,10 @@
 """The norm detector: the affine parameters `z = x̂ ⊙ γ + β` of a normalization (gnfx.layouts.norm).
 
 Recognized, with a trainable 1-D weight γ (d,) and an optional bias β (d,):
-  * the modules nn.LayerNorm, nn.RMSNorm (over the last dimension), nn.GroupNorm and
-    nn.BatchNorm1d/2d/3d with their stock forward, as `call_module` nodes (torch.fx keeps
-    torch.nn's modules as leaves);
+  * the modules nn.LayerNorm, nn.RMSNorm (over the last dimension), nn.GroupNorm,
+    nn.BatchNorm1d/2d/3d and nn.InstanceNorm1d/2d/3d (in training mode a group norm with one group
+    per channel) with their stock forward, as `call_module` nodes (torch.fx keeps torch.nn's
+    modules as leaves);
   * `F.layer_norm`, `F.rms_norm` (one normalized dimension), `F.group_norm`, `F.batch_norm` in
     training mode, and their aten ops (`aten.layer_norm`, `aten.rms_norm`, `aten.group_norm`,
     `aten.batch_norm`), as torch.export writes them;
@@ -39,7 +40,7 @@ FUNCTIONS = {
 KEYWORDS = {"layer_norm": ("weight", "bias", "eps"), "rms_norm": ("weight", None, "eps"),
             "group_norm": ("weight", "bias", "eps"), "batch_norm": ("weight", "bias", "eps")}
 MODULES = ((nn.LayerNorm, "layer_norm"), (nn.RMSNorm, "rms_norm"), (nn.GroupNorm, "group_norm"),
-           (nn.modules.batchnorm._BatchNorm, "batch_norm"))
+           (nn.modules.batchnorm._BatchNorm, "batch_norm"), (nn.modules.instancenorm._InstanceNorm, "instance_norm"))
 MUL = (operator.mul, torch.mul, aten.mul.Tensor, "mul")
 DIV = (operator.truediv, torch.div, aten.div.Tensor, "div")
 ADD = (operator.add, torch.add, aten.add.Tensor, "add")
@@ -84,7 +85,11 @@ def _module_site(gm, node, param_of, shape_of):
     bias = param_of(getattr(mod, "bias", None))
     if op in ("layer_norm", "rms_norm") and len(mod.normalized_shape) != 1:
         return None, f"a {op} over {len(mod.normalized_shape)} dimensions: no curvature block (fallback)"
-    how = (op, mod.num_groups, mod.eps) if op == "group_norm" else (op, mod.eps)
+    if op == "instance_norm":  # each example's channel over its positions: a group per channel
+        op, groups = "group_norm", mod.num_features
+    else:
+        groups = getattr(mod, "num_groups", None)
+    how = (op, groups, mod.eps) if op == "group_norm" else (op, mod.eps)
     uses = [(node, None)] * (1 if bias is None else 2)
     return _site(node, node.args[0], weight, bias, uses, how, op in ("group_norm", "batch_norm"), shape_of), None
 

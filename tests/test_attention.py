@@ -441,13 +441,11 @@ def test_multihead_attention_blocks_collect_the_statistics_of_an_explicit_twin(a
     check_mha_statistics("fx", approx)
 
 
-@pytest.mark.xfail(reason="LIMITATION: in the export form nn.MultiheadAttention's graph runs in_proj on a "
-                          "(T, N, d) transpose and out_proj on a (T·N, d) reshape; N now comes from the model "
-                          "output, but per-example statistics (diag, reduce) need the batch first in the layer "
-                          "input: gnfx warns and falls back to expand and the whole batch as one example, "
-                          "which differs from the twin's per-example statistics", strict=True)
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_exported_multihead_attention_blocks_collect_the_statistics_of_an_explicit_twin(approx):
+    """torch.export captures the module as gnfx's lowering computes it (gnfx.passes.mha.lowered_for_export),
+    batch-first, not torch's path, which runs in_proj on a (T, N, d) transpose and out_proj on a (T·N, d)
+    reshape, from which per-example statistics (diag, reduce) cannot take the examples."""
     check_mha_statistics("export", approx)
 
 

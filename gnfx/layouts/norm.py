@@ -1,6 +1,6 @@
 """Normalization affine parameters: `z = x̂ ⊙ γ + β`, per feature f a scalar linear layer.
 
-x̂ is the normalized input (LayerNorm, RMSNorm, GroupNorm, BatchNorm, or a hand-written
+x̂ is the normalized input (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm, or a hand-written
 `x * rsqrt(mean(x²) + eps)`), with the features on its last dimension (layer and RMS norms) or
 on dimension 1 (group and batch norms, channels first); every other dimension after N is a
 position r. Feature f is the linear map `z_f = γ_f x̂_f + β_f` of its own one-entry input, so the

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from gnfx.errors import NoCostModel
 from gnfx.hparams import HParam
 
@@ -145,6 +147,17 @@ class Preconditioner:
         """Ĝ V for parameter `name`, V shaped like it: the curvature this preconditioner models,
         undamped (gnfx.diagnose); None where it models none (the default)."""
         return None
+
+    def follow_parameters(self) -> None:
+        """Move the state this instance keeps with its parameters, which the model's .to(), .cuda() or
+        .double() moved after steps were taken; by default as torch.optim's load_state_dict places a
+        checkpoint's state: each tensor of a parameter's state (its blocks' parameters and its loose ones)
+        to that parameter's device, a floating one in its dtype."""
+        for name in [n for b in self.blocks for n in b.params] + list(self.param_names):
+            p, state = self.parameters.param(name), self.parameters.state_of(name)
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
 
     def expected_state(self) -> dict[str, dict]:
         """Parameter name -> {state key: (shape, dtype) of a tensor, or None for a number}: the state

@@ -147,6 +147,18 @@ class CurvaturePreconditioner(Preconditioner):
     def states(self) -> dict:
         return {g.key: self.group_state(g) for g in self.groups}
 
+    def follow_parameters(self):
+        """Each group's state to the device of the parameter that holds it, its floating tensors in
+        `factor_dtype` of the parameters as they are now (float64 for a model moved to float64, else
+        float32), as `group_state` creates them."""
+        for group in self.groups:
+            holder = self.state_holder[group.key]
+            device, dtype = self.parameters.param(holder).device, self.factor_dtype(group.pieces[0])
+            state = self.parameters.state_of(holder)
+            for k, v in state.items():
+                if k.startswith(group.key + ".") and isinstance(v, torch.Tensor):
+                    state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+
     def expected_state(self):
         """Each group's state under "<group key>.<name>" in the state of the parameter that holds
         it: the current tensors, or those `group_state` would create (on the meta device)."""
