@@ -468,6 +468,7 @@ def trained(model):
     c = gnfx.compile(model, optimizer="kfac", loss="mse")
     for _ in range(3):
         F.mse_loss(c(x), y).backward()
+        assert c.optimizer.steps or DECOMPOSITIONS not in sys.modules  # not by the capture, forward, backward
         c.step()
         c.zero_grad()
     assert c.optimizer.last_step["solved"]
