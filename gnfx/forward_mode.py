@@ -23,14 +23,15 @@ an op differently (convolutions, attention, layer norm) they agree to float roun
 The dual tensors are made by `torch._make_dual`, the operation that torch.autograd.forward_ad's
 make_dual calls after two things the passes do not need on every call: (1) loading PyTorch's
 decompositions of the operations that have no forward-mode formula of their own (the module
-torch._decomp.decompositions_for_jvp: TorchScript-compiled, ~0.2-0.3 s of CPU at a process's first
-make_dual, 15-20% of AdamW's whole run to the deep autoencoder's validation target); in torch 2.13
+torch._decomp.decompositions_for_jvp: TorchScript-compiled, ~0.15-0.2 s of CPU at a process's first
+make_dual, 15-25% of AdamW's whole run to the deep autoencoder's validation target); in torch 2.13
 they serve only backward operations (nll_loss_backward, _softmax_backward_data,
 native_layer_norm_backward, ...: forward-over-reverse), which a model's forward rarely runs, and an
 operation that needs one raises NotImplementedError without them, on which the caller loads them
 (`load_decompositions`) and runs the passes again (gnfx.quadratic_step); (2) a lookup of
 torch.export's pre-dispatch tracing mode, for tracing a make_dual into a graph, which the eager
-passes are not. Together ~10 µs of Python per dual tensor, 24 a step of the autoencoder.
+passes are not. Together ~10 µs of Python per dual tensor, 24 a step of the autoencoder (its step
+3-4% shorter; benchmarks/results/quadratic_step.md, "The first make_dual and its wrapper").
 """
 from __future__ import annotations
 
