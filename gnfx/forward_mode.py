@@ -19,13 +19,30 @@ the char GPT 147 against 164; the digits CNN 26 against 23 (its convolutions run
 second pass; its whole step ~7% longer). The passes need no batching rule of any op. Their
 products equal the vmapped jvp's bitwise on the autoencoder and the digits MLP; where vmap batches
 an op differently (convolutions, attention, layer norm) they agree to float rounding.
+
+The dual tensors are made by `torch._make_dual`, the operation that torch.autograd.forward_ad's
+make_dual calls after two things the passes do not need on every call: (1) loading PyTorch's
+decompositions of the operations that have no forward-mode formula of their own (the module
+torch._decomp.decompositions_for_jvp: TorchScript-compiled, ~0.15-0.2 s of CPU at a process's first
+make_dual, 15-25% of AdamW's whole run to the deep autoencoder's validation target); in torch 2.13
+they serve only backward operations (nll_loss_backward, _softmax_backward_data,
+native_layer_norm_backward, ...: forward-over-reverse), which a model's forward rarely runs, and an
+operation that needs one raises NotImplementedError without them, on which the caller loads them
+(`load_decompositions`) and runs the passes again (gnfx.quadratic_step); (2) a lookup of
+torch.export's pre-dispatch tracing mode, for tracing a make_dual into a graph, which the eager
+passes are not. Together ~10 µs of Python per dual tensor, 24 a step of the autoencoder (its step
+3-4% shorter; benchmarks/results/quadratic_step.md, "The first make_dual and its wrapper").
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Sequence
 
 import torch
 from torch.autograd import forward_ad
+
+# the module whose import registers PyTorch's forward-mode decompositions (module docstring)
+DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 
 
 class ModuleFunction:
@@ -74,11 +91,21 @@ def jvp_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.Tensor],
              tangent_rows: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, [J v_k]_k stacked on a leading axis): z = f(primals), J its Jacobian at `primals`, v_k
     the k-th entry of `tangent_rows` (one tensor per primal). One dual-tensor forward per v_k
-    (module docstring); z is that of the first. A z that does not depend on θ has J v_k = 0."""
+    (module docstring); z is that of the first. A z that does not depend on θ has J v_k = 0. An operation
+    of f without a forward-mode formula raises NotImplementedError unless `load_decompositions` has run."""
     products, z = [], None
     for tangents in tangent_rows:
-        with forward_ad.dual_level():
-            out = forward_ad.unpack_dual(f([forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]))
+        with forward_ad.dual_level() as level:
+            out = forward_ad.unpack_dual(f([torch._make_dual(p, t, level=level) for p, t in zip(primals, tangents)]))
             z = out.primal if z is None else z
             products.append(out.tangent if out.tangent is not None else torch.zeros_like(out.primal))
     return z, torch.stack(products)
+
+
+def load_decompositions() -> bool:
+    """Load PyTorch's forward-mode decompositions (module docstring) as torch.autograd.forward_ad's
+    make_dual does, under its conditions (not with PYTORCH_JIT=0 nor python -O): True if they were
+    not loaded before and are now, so that passes that failed for want of one can succeed when run again."""
+    loaded = DECOMPOSITIONS in sys.modules
+    forward_ad._maybe_load_decompositions()
+    return not loaded and DECOMPOSITIONS in sys.modules

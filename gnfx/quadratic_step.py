@@ -171,7 +171,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from gnfx.errors import GnfxError
-from gnfx.forward_mode import ModuleFunction, jvp_rows
+from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
@@ -365,6 +365,8 @@ class QuadraticStep:
             with forward_mode_kernels(self._native_recurrent):
                 return jvp_rows(f, theta, tangent_rows)
         except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
+            if isinstance(error, NotImplementedError) and load_decompositions():
+                return self._output(theta, tangent_rows)  # one with PyTorch's decomposition (gnfx.forward_mode)
             if isinstance(error, NotImplementedError) and not self._native_recurrent:
                 self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
                 return self._output(theta, tangent_rows)

@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -445,6 +447,58 @@ def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
     assert compiled[0].optimizer.quadratic._native_recurrent
     for p, q in zip(fused.parameters(), native.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32: the two kernels round differently
+
+
+FRESH_PROCESS = """
+import sys, torch, torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
+import gnfx
+from gnfx.forward_mode import DECOMPOSITIONS, ModuleFunction, jvp_rows
+
+
+class SoftmaxJacobian(nn.Module):
+    # h -> (diag(p) - p p^T) h, p = softmax(h) row by row, by ATen's _softmax_backward_data: its
+    # forward-mode derivative is PyTorch's decomposition (gnfx.forward_mode)
+    def forward(self, h):
+        return torch.ops.aten._softmax_backward_data(h, torch.softmax(h, -1), -1, h.dtype)
+
+
+def trained(model):
+    c = gnfx.compile(model, optimizer="kfac", loss="mse")
+    for _ in range(3):
+        F.mse_loss(c(x), y).backward()
+        assert c.optimizer.steps or DECOMPOSITIONS not in sys.modules  # not by the capture, forward, backward
+        c.step()
+        c.zero_grad()
+    assert c.optimizer.last_step["solved"]
+    return c.optimizer.quadratic
+
+
+torch.manual_seed(0)
+x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+trained(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double())
+assert DECOMPOSITIONS not in sys.modules, "loaded on the common path"
+model = nn.Sequential(nn.Linear(4, 6), SoftmaxJacobian(), nn.Linear(6, 3)).double()
+assert not trained(model)._native_recurrent  # the decompositions, not ATen's recurrent kernels, did it
+assert DECOMPOSITIONS in sys.modules
+names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
+v = [torch.randn_like(p) for p in params]
+_, products = jvp_rows(lambda theta: ModuleFunction(model, names)(theta, x), params, [v])
+reference = jvp(lambda *theta: functional_call(model, dict(zip(names, theta)), (x,)), params, tuple(v))[1]
+torch.testing.assert_close(products[0], reference, rtol=1e-12, atol=1e-14)
+"""
+
+
+def test_forward_mode_decompositions_load_only_for_a_model_that_needs_one():
+    """PyTorch's forward-mode decompositions (~0.2 s at their first use in a process) are not loaded by
+    the products of a model whose operations all have forward-mode formulas; an operation that has
+    only a decomposition fails once, loads them, and the products run again and equal torch.func's jvp.
+    A fresh process: this one may have loaded them (torch.func.jvp does)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gnfx.__file__)))
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS], cwd=root, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_an_operation_without_a_forward_mode_derivative_raises_with_the_fix():
