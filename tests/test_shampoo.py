@@ -438,6 +438,17 @@ def test_the_drift_bound_is_at_least_the_exact_drift_from_the_factor_at_the_last
             assert b == pytest.approx(e, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("scale_invariant", [True, False])
+def test_a_step_from_a_zero_factor_makes_the_drift_bound_infinite_not_nan(scale_invariant):
+    """The first statistic step (F_0 = 0) has no direction to drift from: b becomes +inf (due, and
+    equal to itself in a resumed checkpoint), where the drift itself is NaN; so does an infinite b."""
+    F_ = torch.eye(3, dtype=DTYPE)[None]
+    for start in (0.0, float("inf")):
+        bound = torch.tensor([start], dtype=DTYPE)
+        accumulate_drift(bound, F_, torch.zeros_like(F_), scale_invariant)
+        assert bound.tolist() == [float("inf")]
+
+
 @pytest.mark.parametrize("graft", ["none", "adam"])
 def test_a_root_is_refreshed_exactly_when_its_drift_bound_exceeds_the_tolerance(graft):
     """refresh_tolerance τ = 0.2, statistics and refresh checks on every step for 12 steps: each

@@ -46,7 +46,7 @@ graft, with r_s = ‖F_s − F_{s-1}‖/‖F_{s-1}‖ = drift(F_s, F_{s-1}) and 
     so  b_t = b_{t-1} + r_t (1 + b_{t-1}),   i.e.  1 + b_t = Π_s (1 + r_s),
 
 which needs no ‖F_r‖. A refresh that succeeds sets b to 0; b starts at +inf (no refresh yet: due),
-and a step from a zero factor gives NaN (due, `not b <= τ`). A sum of step drifts exceeds the drift
+and a step from or to a zero factor sets it to +inf. A sum of step drifts exceeds the drift
 from F_r where successive steps cancel (batches' noise around a stationary factor), so the rule
 refreshes at least as often as one that keeps F_r and compares it directly. The step drift costs a
 copy of the factor and a few passes over it on statistic steps (O(d²) against the Gram matrix's
@@ -72,6 +72,8 @@ default): F_r adds d² per factor to Shampoo's state (half again its factors and
 which the cost model charges, so "auto" would choose Shampoo less often.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -126,9 +128,10 @@ def drift(F: torch.Tensor, reference: torch.Tensor, scale_invariant: bool) -> to
 def accumulate_drift(bound: torch.Tensor, F: torch.Tensor, previous: torch.Tensor, scale_invariant: bool) -> None:
     """Add to `bound` b (k,), in place, the drift of one statistic step from `previous` F_{t-1} to F
     (module doc): b ← b + drift(F, F_{t-1}) with `scale_invariant`, else b ← b + r (1 + b) with
-    r = ‖F − F_{t-1}‖/‖F_{t-1}‖; either way b stays an upper bound of the drift from F_r."""
+    r = ‖F − F_{t-1}‖/‖F_{t-1}‖; either way b stays an upper bound of the drift from F_r. A step from
+    or to a zero factor (NaN: no direction) makes b +inf, as before the first refresh."""
     step = drift(F, previous, scale_invariant)
-    bound.add_(step if scale_invariant else step * (1 + bound))
+    bound.add_(step if scale_invariant else step * (1 + bound)).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 class Shampoo(CurvaturePreconditioner):
