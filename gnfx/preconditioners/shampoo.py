@@ -193,7 +193,7 @@ class Shampoo(CurvaturePreconditioner):
         drift = hp["refresh_tolerance"] > 0
         if drift:
             state.update({c: (pieces, cost.INT64) for c in ("refreshes", "skipped")})
-        statistics = 0
+        drift_flops = 0
         for j, m in enumerate(g.modes(b)):
             state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, cost.FACTOR)
             factors += m.count * m.squares
@@ -202,9 +202,9 @@ class Shampoo(CurvaturePreconditioner):
             if drift:  # the drift bound and the step of the last refresh; each statistic step's drift
                 state[f"drifted{j}"] = (pieces, cost.FACTOR)
                 state[f"refreshed_at{j}"] = (pieces, cost.INT64)
-                statistics += DRIFT_FLOPS * m.count * m.squares
+                drift_flops += DRIFT_FLOPS * m.count * m.squares
         gram = cost._mode_products(g, b)
-        return cost.Parts(state, statistics=gram + cost.EMA * factors + statistics, refresh=refresh,
+        return cost.Parts(state, statistics=gram + cost.EMA * factors + drift_flops, refresh=refresh,
                           every=at["precondition_frequency"],
                           update=gram, pieces=pieces)
 
