@@ -91,10 +91,12 @@ class Communicator:
         return (self.owners(key, costs) == self.rank).nonzero().flatten()
 
     def share(self, key: str, tensors: list[torch.Tensor]) -> None:
-        """Give every rank the owners' rows of these stacked (k, ...) tensors, in place."""
+        """Give every rank the owners' rows of these stacked (k, ...) tensors, in place (the other
+        ranks' rows zeroed, then summed: zeroed by a fill, not a product, which leaves inf or NaN
+        rows as NaN, e.g. Shampoo's drift bounds, +inf until a root's first refresh)."""
         if not self.partition_refresh:
             return
-        mine = (self._owners[key] == self.rank).to(tensors[0].device)
+        others = (self._owners[key] != self.rank).to(tensors[0].device)
         for t in tensors:
-            t.mul_(mine.view((-1,) + (1,) * (t.dim() - 1)).to(t.dtype))
+            t.masked_fill_(others.view((-1,) + (1,) * (t.dim() - 1)), 0)
             self._all_reduce(t)

@@ -118,6 +118,7 @@ CASES = [
     ("ekfac", {"damping_kind": "factored"}),  # with the factors' eigenvalues, an embedding's diagonal A included
     ("shampoo", {}),
     ("shampoo", {"max_block": 4}),
+    ("shampoo", {"max_block": 4, "refresh_tolerance": 1e-3}),  # with the drift bounds and refresh steps
     ("soap", {"max_block": 4}),
     ("rank1", {}),
     ("rank1", {"rank": 3}),

@@ -19,17 +19,39 @@ size; before `start_preconditioning_step` (`active` False) the grafted direction
 (matrix products only; ε then takes a power-iteration estimate of the largest eigenvalue,
 gnfx.linalg); a failed one keeps the last good root and is counted.
 
-With `refresh_tolerance` τ > 0 a refresh step recomputes only the roots whose factor has drifted
-since its own last refresh (F_r, kept in state["refreshed{j}"]):
+With `refresh_tolerance` τ > 0 a refresh step recomputes only the roots whose factor may have
+drifted by more than τ since its own last refresh F_r. The drift measured is
 
     drift(F, F_r) = ‖F/‖F‖_F − F_r/‖F_r‖_F‖_F   (with a graft; ‖F − F_r‖_F / ‖F_r‖_F for graft="none")
-    refreshed  ⇔  drift > τ  or  the root is at least max_refresh_interval steps old.
 
 With a graft the scale of a factor does not matter: the damping is relative (ε = damping λ_max),
 so (cF + cεI)^{-p} = c^{-p} (F + εI)^{-p}, and the graft sets each block's step length; the drift
-then measures only the change of the factor's shape. The check reads F and F_r once (O(d²) against
-the refresh's O(d³)) and reads all due flags to the host in one transfer per refresh step. A
-failed root keeps F_r, so it is due again at the next refresh step. A refresh the optimizer runs
+then measures only the change of the factor's shape. F_r itself is not kept (it would add d² per
+factor); each statistic step instead adds to a per-factor scalar b (state["drifted{j}"]) an
+upper bound of the drift it caused, computed from F_{t-1} and F_t = β F_{t-1} + (1-β) C_t, and
+
+    refreshed  ⇔  b > τ  or  the root is at least max_refresh_interval steps old.
+
+b is a true upper bound of drift(F_t, F_r). With a graft, the unit vectors u_s = F_s/‖F_s‖_F
+satisfy, by the triangle inequality,
+
+    ‖u_t − u_r‖ ≤ Σ_{s=r+1..t} ‖u_s − u_{s-1}‖,   so  b ← b + drift(F_s, F_{s-1})  at each statistic step;
+
+each term is the exact drift of one step (a pure decay F_s = β F_{s-1} adds 0, unlike a bound
+built from ‖F_s − F_{s-1}‖ = (1-β)‖C_s − F_{s-1}‖, which counts the decay as change). Without a
+graft, with r_s = ‖F_s − F_{s-1}‖/‖F_{s-1}‖ = drift(F_s, F_{s-1}) and b_s bounding
+‖F_s − F_r‖/‖F_r‖ (b_r = 0),
+
+    ‖F_t − F_r‖ ≤ ‖F_{t-1} − F_r‖ + r_t ‖F_{t-1}‖ ≤ ‖F_{t-1} − F_r‖ + r_t (‖F_r‖ + ‖F_{t-1} − F_r‖),
+    so  b_t = b_{t-1} + r_t (1 + b_{t-1}),   i.e.  1 + b_t = Π_s (1 + r_s),
+
+which needs no ‖F_r‖. A refresh that succeeds sets b to 0; b starts at +inf (no refresh yet: due),
+and a step from or to a zero factor sets it to +inf. A sum of step drifts exceeds the drift
+from F_r where successive steps cancel (batches' noise around a stationary factor), so the rule
+refreshes at least as often as one that keeps F_r and compares it directly. The step drift costs a
+copy of the factor and a few passes over it on statistic steps (O(d²) against the Gram matrix's
+O(rows d²)); the due flags of all groups are read to the host in one transfer per refresh step. A
+failed root keeps its b, so it is due again at the next refresh step. A refresh the optimizer runs
 off the schedule (after a rejected quadratic step, gnfx.quadratic_step) is checked alike: Shampoo's
 roots do not depend on the quadratic step's λ, so an unchanged factor keeps its root. The step of
 each root's last refresh is kept in state["refreshed_at{j}"]; state counters per piece, summed over
@@ -42,14 +64,19 @@ of steps), but on the digits tasks of benchmarks/tasks.py intervals of 20-100 le
 run to its training target by 19-46% (benchmarks/results/performance.md, "Shampoo's refresh
 interval"), so the default stays 10. The factors move fast early in training and hardly later,
 which the drift rule above follows: with refresh_tolerance=1e-3 (max_refresh_interval 100) the
-digits tasks reached every target in the steps of the fixed interval (±5, one evaluation) while
-recomputing 19-28% of the MLP's and the CNN's roots (10%, the max interval's rate, after step
-200) and all of the autoencoder's, whose factors keep moving; τ = 3e-3 to 0.1 cost the MLP and
-the autoencoder steps (performance.md, "drift-triggered refresh"). It stays opt-in (τ = 0 by
-default): F_r adds d² per factor to Shampoo's state (half again its factors and roots),
-which the cost model charges, so "auto" would choose Shampoo less often.
+digits tasks reached every target within one evaluation (5 steps) of the fixed interval while
+recomputing 19-28% of the MLP's and the CNN's roots (10-11%, the max interval's rate, after step
+200) and all of the autoencoder's, whose factors keep moving; τ = 3e-3 cost the autoencoder up to
+14% more steps. At the digits MLP's and CNN's checks the bound was never below the exact drift from
+F_r and at most 1.55-1.69 times it in nine checks of ten (medians 1.23-1.32), and it refreshed no
+root that comparing with F_r would have kept; it replaced that comparison, whose copy of F_r cost d²
+per factor (performance.md, "Shampoo's drift bound"). It stays opt-in (τ = 0 by default): on the
+256-wide MLP at 1024 rows per step (rows/width 4) it took the whole step from 1.40-1.57 to 1.23-1.39
+of AdamW's (medians 1.47 and 1.30 over ten runs), within the target of 1.25 in two of the ten.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -86,19 +113,28 @@ def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
     return torch.bmm(X.reshape(shape[0], -1, shape[-1]), P).reshape(shape).movedim(-1, j + 1)
 
 
-# FLOPs per factor entry of the drift check: ‖F‖², ‖F_r‖², the scaled difference and its square
-DRIFT_FLOPS = 7
+# FLOPs per factor entry of a statistic step's drift: the copy of F_{t-1}, ‖F_t‖², ‖F_{t-1}‖², the
+# scaled difference and its square
+DRIFT_FLOPS = 8
 
 
 def drift(F: torch.Tensor, reference: torch.Tensor, scale_invariant: bool) -> torch.Tensor:
     """(k,) drift of each factor F_i of the stack F (k, n, n) from `reference` F_r: ‖F/‖F‖_F − F_r/‖F_r‖_F‖_F
-    with `scale_invariant` (in [0, 2]), else ‖F − F_r‖_F / ‖F_r‖_F. NaN or inf where a norm is zero
-    (F_r = 0 before the first refresh): due under the rule `not drift <= τ`."""
+    with `scale_invariant` (in [0, 2]), else ‖F − F_r‖_F / ‖F_r‖_F. NaN or inf where a norm is zero."""
     norm = torch.linalg.matrix_norm
     r = norm(reference).view(-1, 1, 1)
     if scale_invariant:
         return norm(F / norm(F).view(-1, 1, 1) - reference / r)
     return norm((F - reference) / r)
+
+
+def accumulate_drift(bound: torch.Tensor, F: torch.Tensor, previous: torch.Tensor, scale_invariant: bool) -> None:
+    """Add to `bound` b (k,), in place, the drift of one statistic step from `previous` F_{t-1} to F
+    (module doc): b ← b + drift(F, F_{t-1}) with `scale_invariant`, else b ← b + r (1 + b) with
+    r = ‖F − F_{t-1}‖/‖F_{t-1}‖; either way b stays an upper bound of the drift from F_r. A step from
+    or to a zero factor (NaN: no direction) makes b +inf, as before the first refresh."""
+    step = drift(F, previous, scale_invariant)
+    bound.add_(step if scale_invariant else step * (1 + bound)).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 class Shampoo(CurvaturePreconditioner):
@@ -113,9 +149,10 @@ class Shampoo(CurvaturePreconditioner):
         "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
         "start_preconditioning_step": nonnegative_int("steps that use the grafted direction alone", 10),
         "precondition_frequency": positive_int("recompute inverse roots every so many steps", 10),
-        "refresh_tolerance": nonnegative("on a refresh step, keep a factor's root while the factor's drift since "
-                                         "its last refresh (‖F/‖F‖ − F_r/‖F_r‖‖_F; ‖F − F_r‖/‖F_r‖ with graft="
-                                         "'none') is at most this; 0 always refreshes", 0.0),
+        "refresh_tolerance": nonnegative("on a refresh step, keep a factor's root while an upper bound of the "
+                                         "factor's drift since its last refresh (‖F/‖F‖ − F_r/‖F_r‖‖_F; "
+                                         "‖F − F_r‖/‖F_r‖ with graft='none'), summed over its statistic steps, "
+                                         "is at most this; 0 always refreshes", 0.0),
         "max_refresh_interval": positive_int("with refresh_tolerance > 0, refresh a root whatever its drift once "
                                              "it is this many steps old", 100),
         "root_method": root_method_hparam("eigh", ("eigh", "newton")),
@@ -156,17 +193,19 @@ class Shampoo(CurvaturePreconditioner):
         drift = hp["refresh_tolerance"] > 0
         if drift:
             state.update({c: (pieces, cost.INT64) for c in ("refreshes", "skipped")})
+        drift_flops = 0
         for j, m in enumerate(g.modes(b)):
             state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, cost.FACTOR)
             factors += m.count * m.squares
             # inverse_power_flops over the blocks (every root due: the most a refresh step costs)
             refresh += m.count * (cost.inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
-            if drift:  # F_r and its step; the drift reads F and F_r (two norms, a difference and its norm)
-                state[f"refreshed{j}"] = (m.count * m.squares, cost.FACTOR)
+            if drift:  # the drift bound and the step of the last refresh; each statistic step's drift
+                state[f"drifted{j}"] = (pieces, cost.FACTOR)
                 state[f"refreshed_at{j}"] = (pieces, cost.INT64)
-                refresh += DRIFT_FLOPS * m.count * m.squares
+                drift_flops += DRIFT_FLOPS * m.count * m.squares
         gram = cost._mode_products(g, b)
-        return cost.Parts(state, statistics=gram + cost.EMA * factors, refresh=refresh, every=at["precondition_frequency"],
+        return cost.Parts(state, statistics=gram + cost.EMA * factors + drift_flops, refresh=refresh,
+                          every=at["precondition_frequency"],
                           update=gram, pieces=pieces)
 
     @classmethod
@@ -193,8 +232,8 @@ class Shampoo(CurvaturePreconditioner):
         for j, d in enumerate(group.shape):
             state[f"factor{j}"] = self.stacked_zeros(group, d, d)
             state[f"root{j}"] = self.stacked_eye(group, d)
-            if self.hp["refresh_tolerance"] > 0:  # F_r, and the step it was refreshed on
-                state[f"refreshed{j}"] = self.stacked_zeros(group, d, d)
+            if self.hp["refresh_tolerance"] > 0:  # the drift bound (no refresh yet: inf), the step of the last refresh
+                state[f"drifted{j}"] = self.stacked_zeros(group).fill_(float("inf"))
                 state[f"refreshed_at{j}"] = counter()
         return state
 
@@ -210,7 +249,7 @@ class Shampoo(CurvaturePreconditioner):
     def due_roots(self, owned: list) -> list[list[list[int]]]:
         """For each group and mode, the positions in `owned` (each group's pieces this rank refreshes)
         of the roots due at this refresh step: all of them with refresh_tolerance 0, else those whose
-        factor drifted by more than τ since its last refresh (`drift`) or whose root is at least
+        drift bound since its last refresh (`accumulate_drift`) exceeds τ or whose root is at least
         max_refresh_interval steps old; the flags of every group read to the host at once."""
         tolerance = self.hp["refresh_tolerance"]
         if tolerance == 0:
@@ -220,8 +259,7 @@ class Shampoo(CurvaturePreconditioner):
         for group, mine in zip(self.groups, owned):
             state = self.group_state(group)
             for j in range(len(group.shape)):
-                d = drift(state[f"factor{j}"][mine], state[f"refreshed{j}"][mine], self.hp["graft"] != "none")
-                flags.append(~(d <= tolerance) | (state[f"refreshed_at{j}"][mine] <= oldest))
+                flags.append(~(state[f"drifted{j}"][mine] <= tolerance) | (state[f"refreshed_at{j}"][mine] <= oldest))
         flags = torch.cat(flags).tolist() if flags else []
         due, at = [], 0
         for group, mine in zip(self.groups, owned):
@@ -249,25 +287,30 @@ class Shampoo(CurvaturePreconditioner):
                 root, ok = damped_inverse_power(F, F.new_full((len(due[j]),), self.hp["damping"]),
                                                 self.exponent(order), self.decomposition_dtype(F), relative=True,
                                                 method=self.hp["root_method"])
-                # a failed root keeps the last good one (and, tracked, its F_r: due again at the next check)
+                # a failed root keeps the last good one (and, tracked, its drift bound: due again at the next check)
                 roots[rows] = torch.where(ok.view(-1, 1, 1), root, roots[rows])
                 state["failures"][rows] += (~ok).long()
                 if tracked:
-                    state[f"refreshed{j}"][rows] = torch.where(ok.view(-1, 1, 1), F, state[f"refreshed{j}"][rows])
+                    state[f"drifted{j}"][rows] = torch.where(ok, 0.0, state[f"drifted{j}"][rows])
                     state[f"refreshed_at{j}"][rows] = torch.where(ok, self.current_step, state[f"refreshed_at{j}"][rows])
                     state["refreshes"][rows] += ok.long()
-            drift_state = [f"{name}{j}" for j in range(order) for name in ("refreshed", "refreshed_at")] + ["refreshes", "skipped"]
+            drift_state = [f"{name}{j}" for j in range(order) for name in ("drifted", "refreshed_at")] + ["refreshes", "skipped"]
             self.share(group, [state[f"root{j}"] for j in range(order)] + [state["failures"]]
                        + ([state[k] for k in drift_state] if tracked else []), comm)
 
     def collect(self):
-        """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh."""
-        beta = self.hp["stat_decay"]
+        """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh; with
+        refresh_tolerance > 0 each factor's drift bound takes this step's drift."""
+        beta, tracked = self.hp["stat_decay"], self.hp["refresh_tolerance"] > 0
         for group in self.groups:
             state = self.group_state(group)
             G = self.stacked_gradient(group).to(state["factor0"].dtype)
             for j in range(len(group.shape)):
-                state[f"factor{j}"].mul_(beta).add_(mode_gram(G, j), alpha=1 - beta)
+                F = state[f"factor{j}"]
+                previous = F.clone() if tracked else None
+                F.mul_(beta).add_(mode_gram(G, j), alpha=1 - beta)
+                if tracked:
+                    accumulate_drift(state[f"drifted{j}"], F, previous, self.hp["graft"] != "none")
 
     @classmethod
     def default_chain(cls, hp):
