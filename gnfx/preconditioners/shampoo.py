@@ -174,6 +174,12 @@ class Shampoo(CurvaturePreconditioner):
         self.active = torch.zeros((), dtype=torch.bool, device=device)
         self.current_step = 0  # the step of the latest refresh_due, for the age of the roots
 
+    def follow_parameters(self):
+        """The groups' state (CurvaturePreconditioner's) and the started flag to the parameters' device."""
+        super().follow_parameters()
+        if self.groups:
+            self.active = self.active.to(self.parameters.param(self.groups[0].pieces[0].target.params[0]).device)
+
     MIN_BLOCK = 16  # the smallest max_block "auto" tries
     in_auto = True
 
