@@ -101,11 +101,14 @@ floor cut to τ = 0.15). Not on the warm-up steps, where ρ > 1 is λ's doing (�
 sᵀGs/‖s‖² on the first step) and the LM rule lowers it: expanding there too cost the digits MLP's
 validation target 40-70 steps on two seeds of three. With it kfac reached every digits target in as
 many steps or fewer, the CNN's training target on seeds 1 and 2 in 50 and 55 steps (55 and 60
-without; benchmarks/results/defaults.md, "The exponential tail of cross-entropy").
+without), and with ρ every 2 steps (damping_every, below) in 50 and 50, at the 0.5x bar of AdamW's
+(benchmarks/results/defaults.md, "The exponential tail of cross-entropy").
 
-ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
-kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
-closure's second call), a third of the step on the char GPT with `quadratic_rows`. It is computed,
+ρ every T steps (`damping_every` = T, 2 by default; Martens & Grosse adapt λ every 5 iterations,
+kfac-jax's `damping_adaptation_interval`, the default here before the expansion above: with it T = 2
+reached every digits target of kfac in at most half of AdamW's steps, benchmarks/results/defaults.md).
+ρ costs one forward at θ+s (with a closure: the closure's second call), a third of the step on the
+char GPT with `quadratic_rows`. It is computed,
 and λ adapted and a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the
 first DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one
 after a rejected step or a step with no proposal); the other steps take the step at the λ held

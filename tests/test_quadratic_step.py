@@ -707,7 +707,7 @@ def test_an_accepted_adaptation_with_rho_above_one_is_expanded_if_the_loss_falls
             return loss + offset if len(calls) == 3 else loss  # 3: the loss at θ + 2s
 
         monkeypatch.setattr(quadratic_step, "EXPANSION", expansion)
-        for i in range(DAMPING_WARMUP + 1):  # the step after the warm-up adapts (damping_every 5)
+        for i in range(DAMPING_WARMUP + 1):  # the step after the warm-up adapts (10 mod damping_every = 0)
             before = values(model)
             torch.manual_seed(i)  # the same sampled labels of fisher="mc" in both twins
             if lie is None:
