@@ -47,16 +47,15 @@ COMMON = {
     "damping_decay": open_unit_interval("ω of the Levenberg–Marquardt rule of step='quadratic' (Nielsen's form): "
                                         "λ ← λ·max(ω, 1 - (2ρ - 1)³) on an accepted step, the most λ falls "
                                         "per adaptation; λ ← νλ, ν doubling, on a rejected one", 0.5),
-    # 2: with the expansion of gnfx.quadratic_step (an adaptation with ρ > 1 tried at twice its length) every
-    # digits target of kfac at ≤ 0.5x AdamW's steps, the CNN's training target 45/50/50 steps against 50/50/55 at
-    # 5 (Martens & Grosse's T), the char GPT's steps and CPU time as at 5; without the expansion 2 lost the
-    # MLP's seed-2 validation target (benchmarks/results/defaults.md, "The exponential tail of cross-entropy").
-    # 5 had taken the same steps as 1 on the MLP, the autoencoder and the GPT, 12-15% less CPU time on the
-    # GPT (benchmarks/results/quadratic_step.md)
+    # 5 (Martens & Grosse's T): the same steps to target as 1 on the digits MLP, the deep autoencoder
+    # and the char GPT, 12-15% less CPU time on the GPT (benchmarks/results/quadratic_step.md). 2, with the
+    # expansion of gnfx.quadratic_step, put every digits target of seeds 0-2 within 0.5x of AdamW's steps but
+    # took the MLP's validation target on seeds 3 and 4 from 40 and 95 steps to 95 and 160
+    # (benchmarks/results/defaults.md, "The exponential tail of cross-entropy"): not adopted
     "damping_every": positive_int("step='quadratic': compute ρ (one forward at θ+s, or the closure's second call), "
                                   "adapt λ and reject a step with ρ ≤ 0 on every damping_every-th step only (and on "
                                   "the first steps, after a rejection, and on a step predicting over twice the last "
-                                  "judged reduction); the steps between keep λ", 2),
+                                  "judged reduction); the steps between keep λ", 5),
     "quadratic_every": positive_int("step='quadratic': build the GGN model (the products J v, M, b) and solve for α and μ "
                                     "on every quadratic_every-th step only (and on the first steps, after a rejected or "
                                     "retried step, and where reusing fails its guard); the steps between take the last "

@@ -97,8 +97,8 @@ class KFAC(CurvaturePreconditioner):
 
     in_auto = True
     # measured (benchmarks/results/defaults.md, fisher="mc", Nielsen's rule with damping_decay=0.5, the
-    # loss-floor cap, the expansion and damping_every=2, seeds 0-2): 0.14-0.37x AdamW's best steps on the
-    # digits MLP and autoencoder targets, 0.33-0.50x on the digits CNN's, 0.71/0.70x on the char GPT's (seed 0)
+    # loss-floor cap and the expansion, seeds 0-2): 0.14-0.41x AdamW's best steps on the digits MLP and
+    # autoencoder targets, 0.33-0.52x on the digits CNN's, 0.71/0.70x on the char GPT's (seed 0)
     quadratic_by_default = True
 
     @classmethod
