@@ -739,6 +739,22 @@ def test_an_accepted_adaptation_with_rho_above_one_is_expanded_if_the_loss_falls
         assert at_2s < at_s
 
 
+def test_mse_is_not_expanded(monkeypatch):
+    """The expansion is cross-entropy's (its exponential tail): with loss="mse" an adaptation after the
+    warm-up with ρ > 1 stays at s, and no forward is spent on 2s."""
+    x, y = batch("mse")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_every=1)
+    tried = []
+    monkeypatch.setattr(quadratic_step.QuadraticStep, "_expand", lambda *args: tried.append(1) or 2.0)
+    above_one = 0
+    for i in range(DAMPING_WARMUP + 10):
+        train_step(c, x, y, "mse", i)
+        last = c.optimizer.last_step
+        assert last["expansion"] == 1.0
+        above_one += i >= DAMPING_WARMUP and last["adapted"] and last["rho"] > 1
+    assert above_one and not tried
+
+
 def test_a_step_predicting_much_more_than_the_last_judged_one_is_judged():
     """Between adaptations a step whose predicted reduction exceeds PREDICTED_GROWTH times that of
     the last accepted adaptation (`judged`) computes ρ and adapts λ; otherwise it keeps λ."""
