@@ -234,8 +234,8 @@ BUFFERED_NUMEL = 2 ** 22
 # κ of the loss-floor cap: a step whose model predicts a reduction above κ·L(θ) is shortened to predict
 # κ·L(θ) (`floor_capped`, module docstring); None: no cap
 FLOOR_CAP: float | None = 1.0
-# e of the expansion: an accepted adaptation after the warm-up whose loss fell by more than its model
-# predicted (ρ > 1) is tried at e times its length, kept if the loss is lower there (QuadraticStep._expand,
+# e of the expansion: with cross-entropy, an accepted adaptation after the warm-up whose loss fell by more than
+# its model predicted (ρ > 1) is tried at e times its length, kept if the loss is lower there (QuadraticStep._expand,
 # module docstring); None: no expansion
 EXPANSION: float | None = 2.0
 
