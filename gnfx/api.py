@@ -48,7 +48,10 @@ COMMON = {
                                         "λ ← λ·max(ω, 1 - (2ρ - 1)³) on an accepted step, the most λ falls "
                                         "per adaptation; λ ← νλ, ν doubling, on a rejected one", 0.5),
     # 5 (Martens & Grosse's T): the same steps to target as 1 on the digits MLP, the deep autoencoder
-    # and the char GPT, 12-15% less CPU time on the GPT (benchmarks/results/quadratic_step.md)
+    # and the char GPT, 12-15% less CPU time on the GPT (benchmarks/results/quadratic_step.md). 2, with the
+    # expansion of gnfx.quadratic_step, put every digits target of seeds 0-2 within 0.5x of AdamW's steps but
+    # took the MLP's validation target on seeds 3 and 4 from 40 and 95 steps to 95 and 160
+    # (benchmarks/results/defaults.md, "The exponential tail of cross-entropy"): not adopted
     "damping_every": positive_int("step='quadratic': compute ρ (one forward at θ+s, or the closure's second call), "
                                   "adapt λ and reject a step with ρ ≤ 0 on every damping_every-th step only (and on "
                                   "the first steps, after a rejection, and on a step predicting over twice the last "

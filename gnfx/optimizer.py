@@ -116,7 +116,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
     def last_step(self) -> dict:
         """α, μ, λ ("damping"), ρ, the predicted and actual reductions of the last step, how many
         shorter retries it took ("backtracks"), whether it solved its model ("solved"), the factor τ of
-        the loss-floor cap ("floor_scale", 1: not shortened) and whether it was rejected
+        the loss-floor cap ("floor_scale", 1: not shortened), the factor of the expansion ("expansion",
+        2: taken at twice its length, 1: not) and whether it was rejected
         (gnfx.quadratic_step); {} with step="lr"."""
         return self.quadratic.last_step if self.quadratic is not None else {}
 

@@ -693,8 +693,9 @@ def steps_alike(a, b, x, y, steps, flag: str, every: int) -> list:
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     """damping_every=3: ρ and the λ rule on the first DAMPING_WARMUP steps and every third one
-    after; every step equals, bit for bit, that of damping_every=1 whose λ rule is held on the same
-    steps (the steps between take the step at the λ held fixed), and λ moves only on adaptation steps."""
+    after; every step equals, bit for bit, that of damping_every=1 whose λ rule (and expansion) is held
+    on the same steps (the steps between take the step at the λ held fixed), and λ moves only on
+    adaptation steps."""
     every, steps = 3, DAMPING_WARMUP + 8
     x, y = batch(loss)
     a, b = tiny(), tiny()
@@ -704,8 +705,14 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
     def rule(damping, rho, growth, decay):  # cb's: ca's rule on ca's adaptation steps, else λ and ν held
         return levenberg_marquardt(damping, rho, growth, decay) if adapting[0] or held[0] else (damping, growth)
 
+    expand = quadratic_step.QuadraticStep._expand
+
+    def expansion(step, *args):  # cb's: ca's expansion (ρ > 1) on ca's adaptation steps, else the step as it is
+        return expand(step, *args) if adapting[0] or held[0] else 1.0
+
     adapting, held = [True], [False]
     monkeypatch.setattr(quadratic_step, "levenberg_marquardt", rule)
+    monkeypatch.setattr(quadratic_step.QuadraticStep, "_expand", expansion)
     moved_after_warmup = 0
     for i in range(steps):
         damping = ca.optimizer.quadratic.damping
@@ -727,6 +734,79 @@ def test_damping_every_holds_the_damping_between_adaptations(loss, monkeypatch):
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q), i
     assert moved_after_warmup == len(range(DAMPING_WARMUP + (-DAMPING_WARMUP) % every, steps, every))
+
+
+@pytest.mark.parametrize("lie", [None, 0.0, 1.0])
+def test_an_accepted_adaptation_with_rho_above_one_is_expanded_if_the_loss_falls_further(lie, monkeypatch):
+    """After the warm-up, an adaptation whose loss fell by more than its model predicted (ρ > 1, as
+    on a batch that cross-entropy's exponential tail fits) is tried at EXPANSION·s, s the step of a
+    twin without the expansion: kept where the batch loss is lower there (the parameters at θ + 2s,
+    α and μ doubled), else the step stays s bit for bit (a closure reporting a higher loss at θ + 2s,
+    `lie` = 1; None: no closure, the loss recovered from the output gradient). Either way the momentum
+    carries s and λ is the twin's."""
+    x, y = batch("cross_entropy")
+    values = lambda m: flat([p.detach() for p in m.parameters()])  # noqa: E731
+    twins = []
+    for expansion in (None, 2.0):
+        model = tiny()
+        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+        calls = []
+
+        def closure(c=c, calls=calls, offset=lie if expansion else 0.0):
+            loss = F.cross_entropy(c(x), y)
+            if torch.is_grad_enabled():
+                calls.clear()
+                loss.backward()
+            calls.append(float(loss.detach()))
+            return loss + offset if len(calls) == 3 else loss  # 3: the loss at θ + 2s
+
+        monkeypatch.setattr(quadratic_step, "EXPANSION", expansion)
+        for i in range(DAMPING_WARMUP + 1):  # the step after the warm-up adapts (10 mod damping_every = 0)
+            before = values(model)
+            torch.manual_seed(i)  # the same sampled labels of fisher="mc" in both twins
+            if lie is None:
+                F.cross_entropy(c(x), y).backward()
+                c.step()
+            else:
+                c.step(closure)
+            c.zero_grad()
+        twins.append((model, c, before))
+    (plain, c_plain, before), (model, c, before_expanded) = twins
+    assert torch.equal(before, before_expanded)  # no expansion on the warm-up steps
+    s = values(plain) - before
+    last, plain_last = c.optimizer.last_step, c_plain.optimizer.last_step
+    assert plain_last["adapted"] and plain_last["rho"] > 1 and plain_last["expansion"] == 1.0
+    assert last["rho"] == plain_last["rho"]
+    assert c.optimizer.quadratic.damping == c_plain.optimizer.quadratic.damping
+    torch.testing.assert_close(flat(c.optimizer.quadratic.previous), flat(c_plain.optimizer.quadratic.previous),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        at_s = float(F.cross_entropy(plain(x), y))
+        at_2s = float(F.cross_entropy(model(x), y))
+    if lie == 1.0:
+        assert last["expansion"] == 1.0 and last["alpha"] == plain_last["alpha"]
+        assert torch.equal(values(model), values(plain))
+    else:
+        assert last["expansion"] == 2.0 and last["alpha"] == 2 * plain_last["alpha"]
+        assert last["mu"] == 2 * plain_last["mu"]
+        torch.testing.assert_close(values(model) - before, 2 * s, rtol=1e-12, atol=1e-14)
+        assert at_2s < at_s
+
+
+def test_mse_is_not_expanded(monkeypatch):
+    """The expansion is cross-entropy's (its exponential tail): with loss="mse" an adaptation after the
+    warm-up with ρ > 1 stays at s, and no forward is spent on 2s."""
+    x, y = batch("mse")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, inv_every=1, damping_every=1)
+    tried = []
+    monkeypatch.setattr(quadratic_step.QuadraticStep, "_expand", lambda *args: tried.append(1) or 2.0)
+    above_one = 0
+    for i in range(DAMPING_WARMUP + 10):
+        train_step(c, x, y, "mse", i)
+        last = c.optimizer.last_step
+        assert last["expansion"] == 1.0
+        above_one += i >= DAMPING_WARMUP and last["adapted"] and last["rho"] > 1
+    assert above_one and not tried
 
 
 def test_a_step_predicting_much_more_than_the_last_judged_one_is_judged():
@@ -838,7 +918,8 @@ def test_steps_between_solves_reuse_the_last_coefficients(monkeypatch):
 def test_steps_between_solves_with_a_fixed_momentum_reuse_alpha_on_the_velocity(monkeypatch):
     """quadratic_every=3 with quadratic_momentum=μ̂ (one tangent per part): a step between solves runs
     no forward and applies s = α̂ v exactly, v = Δ + μ̂ v_prev the velocity (v = Δ where the carried
-    velocity goes uphill, gᵀv_prev > 0), α̂ of the last solve; `last_step` reports μ̂."""
+    velocity goes uphill, gᵀv_prev > 0), α̂ of the last solve (without its expansion); `last_step`
+    reports μ̂."""
     mu_hat, solve_every, steps = 0.5, 3, DAMPING_WARMUP + 7
     model = tiny()
     # ω = 0.9: λ stays near 0.3 and every step between passes the reuse guard; at the default ω = 0.5 λ is
@@ -863,12 +944,12 @@ def test_steps_between_solves_with_a_fixed_momentum_reuse_alpha_on_the_velocity(
         assert not last["rejected"] and not last["backtracks"], (t, last)
         assert last["mu"] == (mu_hat if velocity is not None else 0.0) and last["solved"] == (forwards[0] >= 1), t
         expected = proposals[-1] if velocity is None or float(g @ velocity) > 0 else proposals[-1] + mu_hat * velocity
-        if last["solved"]:
-            alpha = last["alpha"]
+        if last["solved"]:  # the steps between reuse the solve's α̂, not that of an expansion e·α̂
+            alpha = last["alpha"] / last["expansion"]
         else:
             reused += 1
-            assert last["alpha"] == alpha
-        torch.testing.assert_close(s, alpha * expected, rtol=1e-10, atol=1e-14 * float(theta.abs().max()))
+            assert last["alpha"] == alpha and last["expansion"] == 1.0
+        torch.testing.assert_close(s, last["alpha"] * expected, rtol=1e-10, atol=1e-14 * float(theta.abs().max()))
         velocity = expected
     assert reused == len([t for t in range(DAMPING_WARMUP, steps) if t % solve_every])
 

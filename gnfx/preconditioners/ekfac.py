@@ -79,8 +79,9 @@ class EKFAC(KFAC):
     in_auto = False
     # measured (benchmarks/results/defaults.md, "ekfac's damping" and "Nielsen's rule and the loss floor": the
     # quadratic step's defaults fisher="mc", Nielsen's rule with damping_decay=0.5 and the loss-floor cap, and
-    # damping_kind="factored", against AdamW's best lr of a grid, seeds 0-2): 0.12-0.32x AdamW's steps on the
-    # digits MLP and autoencoder targets, 0.27-0.55x on the digits CNN's. At a fixed lr it reached neither the
+    # damping_kind="factored", and since "The exponential tail of cross-entropy" the expansion, against AdamW's
+    # best lr of a grid, seeds 0-2): 0.12-0.31x AdamW's steps on the digits MLP and autoencoder targets,
+    # 0.27-0.52x on the digits CNN's. At a fixed lr it reached neither the
     # MLP's nor the CNN's validation target at any lr of its grid (results/full.md)
     quadratic_by_default = True
     # statistics and new bases on each of the first 10 steps (the figures above are with it). Measured at

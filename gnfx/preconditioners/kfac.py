@@ -96,9 +96,9 @@ class KFAC(CurvaturePreconditioner):
         return S * (head.unsqueeze(0) == head.unsqueeze(1)).to(S.dtype)
 
     in_auto = True
-    # measured (benchmarks/results/defaults.md, fisher="mc", Nielsen's rule with damping_decay=0.5 and the
-    # loss-floor cap, seeds 0-2): 0.14-0.44x AdamW's best steps on the digits MLP and autoencoder targets,
-    # 0.33-0.57x on the digits CNN's, 0.71/0.70x on the char GPT's (seed 0)
+    # measured (benchmarks/results/defaults.md, fisher="mc", Nielsen's rule with damping_decay=0.5, the
+    # loss-floor cap and the expansion, seeds 0-2): 0.14-0.41x AdamW's best steps on the digits MLP and
+    # autoencoder targets, 0.33-0.52x on the digits CNN's, 0.71/0.70x on the char GPT's (seed 0)
     quadratic_by_default = True
 
     @classmethod
