@@ -10,7 +10,11 @@ Tied input/output embeddings (one (V, d) weight read by an embedding and by a li
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
 whose layout is a `tied_host`, gnfx.layouts.base) form one block of the host's kind, in its
 orientation; the guest's gradient is preconditioned with that block's factors, and its own
-statistics (which live in the transposed orientation) are not added to them.
+statistics (which live in the transposed orientation) are not added to them. A limit of that
+choice: under a softmax the head's S = E[δ δᵀ] has the all-ones vector in its null space (Σ_c δ_c = 0),
+where the head's gradient has no component but the embedding's has one (a common shift of every
+token's embedding), which (S + λ_S I)⁻¹ multiplies by 1/λ_S; on the char GPT of benchmarks/ that part
+of the direction sets the quadratic step's α (benchmarks/results/defaults.md, "kfac on the char GPT").
 """
 from __future__ import annotations
 
