@@ -54,7 +54,7 @@ from gnfx.layouts import layout_of
 from gnfx.outputs import logits_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.report import format_table
-from gnfx.targets import as_matrix, fold
+from gnfx.targets import as_matrix, fold, from_matrix
 
 
 @dataclasses.dataclass
@@ -91,9 +91,9 @@ class _Unit:
         """The inverse of `matrix`: per-parameter tensors of the given shapes."""
         if not self.block:
             return {self.params[0]: M.reshape(shapes[self.params[0]])}
-        w = M.new_zeros(shapes[self.params[0]])
-        d_in = as_matrix(w, self.view).shape[1]
-        as_matrix(w, self.view).copy_(M[:, :d_in])
+        shape = shapes[self.params[0]]
+        d_in = as_matrix(M.new_zeros(shape), self.view).shape[1]
+        w = from_matrix(M[:, :d_in], self.view, shape)
         return {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
 
 

@@ -29,7 +29,7 @@ from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner, collects_statistics
 from gnfx.layouts import layout_of
-from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
+from gnfx.targets import COPYING_VIEWS, as_matrix, block_target, from_matrix, make_groups, param_regions, param_target, piece_gradient
 from gnfx.transforms import HeavyBall, Step
 from gnfx.transforms.chain import chain_hparam
 
@@ -243,14 +243,25 @@ class CurvaturePreconditioner(Preconditioner):
         decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
+        # name -> (view, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS), written
+        # back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
+        copies = {}
         for i, name, view, region, src in self.writes:
-            p = as_matrix(self.parameters.param(name), view)
+            if view in COPYING_VIEWS:
+                if name not in copies:
+                    copies[name] = (view, as_matrix(self.parameters.param(name), view).clone())
+                p = copies[name][1]
+            else:
+                p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
             decays.append(decay[i])
             lrs.append(neg_lr[i])
         torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
+        for name, (view, M) in copies.items():
+            p = self.parameters.param(name)
+            p.copy_(from_matrix(M, view, p.shape))
 
 
 def _covers(region, shape) -> bool:
