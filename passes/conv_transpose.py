@@ -1,7 +1,6 @@
 """The transposed-convolution detector: `F.conv_transpose1d/2d/3d`, `aten.conv_transpose{1,2,3}d`
 and `aten.convolution` with transposed=True, with a trainable weight (C_in, C_out/groups, *k). Any
-stride, padding, output_padding and dilation (gnfx.layouts.conv_transpose). Grouped transposed
-convolutions are a documented fallback.
+stride, padding, output_padding, dilation and groups (gnfx.layouts.conv_transpose).
 """
 from __future__ import annotations
 
@@ -20,8 +19,8 @@ CONV_TRANSPOSE_OPS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d
 
 
 def find_conv_transpose_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Transposed-convolution sites, and (node, reason) for grouped ones that stay fallbacks."""
-    sites, rejected = [], []
+    """Transposed-convolution sites, and no rejected nodes (an empty list)."""
+    sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -39,17 +38,14 @@ def find_conv_transpose_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[l
         weight = param_of(w_node)
         if weight is None:
             continue
-        if groups != 1:
-            rejected.append((node, f"a grouped transposed convolution (groups={groups}): no curvature block (fallback)"))
-            continue
         shape = shape_of(weight)
         n = len(shape) - 2
         kernel = tuple(shape[2:])
         bias = param_of(b_node)
         uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
         sites.append(Site(node=node, input=node.args[0], weight=weight, bias=bias, uses=uses,
-                          d_in=shape[0] * math.prod(kernel), d_out=shape[1],
+                          d_in=shape[0] // groups * math.prod(kernel), d_out=shape[1] * groups,
                           options={"kernel_size": kernel, "stride": _tuple(stride, n), "padding": _tuple(padding, n),
                                    "output_padding": _tuple(output_padding, n), "dilation": _tuple(dilation, n),
-                                   "groups": 1, "weight_shape": shape}))
-    return sites, rejected
+                                   "groups": groups, "weight_shape": shape}))
+    return sites, []

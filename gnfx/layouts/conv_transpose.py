@@ -1,23 +1,26 @@
-"""Transposed convolutions (1-, 2- and 3-d): rows a are patches of the zero-inserted input.
+"""Transposed convolutions (1-, 2- and 3-d, any groups): rows a are patches of the zero-inserted input.
 
 A transposed convolution `z = conv_transpose(x, W)` of an input (N, C_in, *S) with the kernel W
-(C_in, C_out, *k), stride s, padding p, output_padding op and dilation d (one group) is a
+(C_in, C_out/g, *k), stride s, padding p, output_padding op, dilation d and g groups is a
 convolution of stride 1 and dilation d of the input x̃ that has s - 1 zeros inserted between its
 entries along each spatial dimension, padded by d(k-1) - p zeros on the left and
 d(k-1) - p + op on the right (a negative pad crops), with the kernel W' flipped in its spatial
-dimensions and its channels swapped: `W'[o, c, κ] = W[c, o, k-1-κ]` (κ a multi-index of kernel
-positions). Per spatial dimension the output has (S-1)s - 2p + d(k-1) + op + 1 positions, as torch's.
+dimensions and its channels swapped per group: output channel j·C_out/g + o reads input channel
+j·C_in/g + c through `W'[j·C_out/g + o, c, κ] = W[j·C_in/g + c, o, k-1-κ]` (κ a multi-index of
+kernel positions). Per spatial dimension the output has (S-1)s - 2p + d(k-1) + op + 1 positions,
+as torch's.
 
-The flip is moved into the rows: the row of output position l (of L) is the patch of x̃ read with
-the kernel positions reversed, `a_l[c·prod(k) + κ] = x̃[c, l + d·(k-1-κ)]` (κ flattened in the
-order of `W[c, o].flatten()`), so that `z[:, o, l] = Σ_{c,κ} W[c, o, κ] a_l[c, κ] + b_o`: the
-weight reads as the matrix `W.transpose(0, 1).flatten(1)` (C_out x C_in·prod(k), the view
-"in_out_flatten" of gnfx.targets, a copy that a write puts back), `Wmat[o, c·prod(k) + κ] = W[c, o, κ]`,
-and the per-example gradient of W is `Σ_l δ_l a_lᵀ` in that matrix. Output gradients
-(N, C_out, *S_out) are (N, L, C_out) rows, as a convolution's (gnfx.layouts.conv, whose unfolding and
-chunking this layout reuses). A blocked A keeps each input channel's patch of prod(k) entries whole.
-Grouped transposed convolutions are not a block of this kind (passes/conv_transpose.py leaves them to
-the fallback).
+The flip is moved into the rows: the row of group j at output position l (of L) is the patch of x̃
+read with the kernel positions reversed, `a_{j,l}[c·prod(k) + κ] = x̃[j·C_in/g + c, l + d·(k-1-κ)]`
+(κ flattened in the order of `W[c, o].flatten()`), so that
+`z[:, j·C_out/g + o, l] = Σ_{c,κ} W[j·C_in/g + c, o, κ] a_{j,l}[c·prod(k) + κ] + b`. The weight
+reads as the matrix Wmat (C_out x C_in/g·prod(k)), `Wmat[j·C_out/g + o, c·prod(k) + κ] =
+W[j·C_in/g + c, o, κ]` (gnfx.targets view "in_out_flatten": a copy, which a write puts back), and
+the per-example gradient of W is `Σ_l δ_l a_lᵀ` in that matrix, group by group. As for a convolution
+(gnfx.layouts.conv, whose unfolding, chunking and row groups this layout reuses) the rows are
+(N, L, C_in·prod(k)), or (N, L, g, C_in/g·prod(k)) with groups, output gradients (N, C_out, *S_out)
+are (N, L, C_out) rows, K-FAC keeps one A_j ⊗ S_j per group, and a blocked A keeps each input
+channel's patch of prod(k) entries whole.
 """
 from __future__ import annotations
 
