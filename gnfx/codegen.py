@@ -34,7 +34,7 @@ def _region(piece) -> str:
 def _piece_expr(piece, position_of) -> str:
     t = piece.target
     grads = [f"grads[{position_of[n]}]" for n in t.params]
-    grads[0] += VIEWS[t.view]
+    grads[0] += VIEWS[t.view].format(groups=t.groups)
     return (f"fold({', '.join(grads)})" if t.folded_bias else grads[0]) + _region(piece)
 
 

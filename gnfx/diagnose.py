@@ -54,7 +54,7 @@ from gnfx.layouts import layout_of
 from gnfx.outputs import logits_of
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.report import format_table
-from gnfx.targets import as_matrix, fold
+from gnfx.targets import as_matrix, fold, from_matrix
 
 
 @dataclasses.dataclass
@@ -79,21 +79,22 @@ class _Unit:
     params: tuple[str, ...]
     view: str = ""
     block: bool = False
+    groups: int = 1  # the block's row groups, which its view may read (gnfx.targets.as_matrix)
 
     def matrix(self, tensors: dict) -> Tensor:
         """The unit's layout of per-parameter tensors: `[W b]` for a block, the tensor itself else."""
         if not self.block:
             return tensors[self.params[0]]
         bias = tensors[self.params[1]] if len(self.params) > 1 else None
-        return fold(as_matrix(tensors[self.params[0]], self.view), bias)
+        return fold(as_matrix(tensors[self.params[0]], self.view, self.groups), bias)
 
     def tensors(self, M: Tensor, shapes: dict) -> dict:
         """The inverse of `matrix`: per-parameter tensors of the given shapes."""
         if not self.block:
             return {self.params[0]: M.reshape(shapes[self.params[0]])}
-        w = M.new_zeros(shapes[self.params[0]])
-        d_in = as_matrix(w, self.view).shape[1]
-        as_matrix(w, self.view).copy_(M[:, :d_in])
+        shape = shapes[self.params[0]]
+        d_in = as_matrix(M.new_zeros(shape), self.view, self.groups).shape[1]
+        w = from_matrix(M[:, :d_in], self.view, shape, self.groups)
         return {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
 
 
@@ -135,7 +136,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
         raise GnfxError("diagnose reads the preconditioners' state: take at least one optimizer step first")
     if probes < 1 or damping < 0:
         raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
-    units = [_Unit(b.name, b.kind, b.params, layout_of(b).view, True) for b in model.layers]
+    units = [_Unit(b.name, b.kind, b.params, layout_of(b).view, True, layout_of(b).groups) for b in model.layers]
     units += [_Unit(f.param, "tensor", (f.param,)) for f in model.layers.fallbacks]
     records = Diagnosis()
     modes = {m: m.training for m in model.modules()}

@@ -99,12 +99,20 @@ def group_pieces(prefix: str, pieces: list[Piece]) -> list[Group]:
 
 # how a weight reads as the matrix W of `z = W a`, as code (gnfx.codegen writes it out): as is,
 # "flatten" (conv kernels), "t" (transposed), "column" (a vector as d x 1), "flat_t" (leading
-# dimensions flattened, then transposed: a (1, T, d) position table as d x T)
-VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()", "column": ".unsqueeze(1)", "flat_t": ".flatten(0, -2).t()"}
+# dimensions flattened, then transposed: a (1, T, d) position table as d x T), "in_out_flatten" (a
+# transposed convolution's kernel (C_in, C_out/g, *k) of g groups as C_out x C_in/g·prod(k), group j's
+# rows reading its own input channels, gnfx.layouts.conv_transpose); {groups} is the block's groups
+VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()", "column": ".unsqueeze(1)", "flat_t": ".flatten(0, -2).t()",
+         "in_out_flatten": ".unflatten(0, ({groups}, -1)).transpose(1, 2).flatten(0, 1).flatten(1)"}
+# the views as_matrix can only give as a copy (no strides read C_in and prod(k) as one dimension past
+# C_out): a write goes back through from_matrix (gnfx.preconditioners.curvature.step_parameters)
+COPYING_VIEWS = frozenset({"in_out_flatten"})
 
 
-def as_matrix(w: torch.Tensor, view: str) -> torch.Tensor:
-    """The weight (or its gradient) as the matrix W of `z = W a`: a view, so updates write through."""
+def as_matrix(w: torch.Tensor, view: str, groups: int = 1) -> torch.Tensor:
+    """The weight (or its gradient) as the matrix W of `z = W a`: a view, so updates write through,
+    except for the COPYING_VIEWS (a copy: write it back with from_matrix). `groups`: the block's
+    row groups (gnfx.layouts.base), which only "in_out_flatten" reads."""
     if view == "flatten":
         return w.flatten(1)
     if view == "t":
@@ -113,11 +121,15 @@ def as_matrix(w: torch.Tensor, view: str) -> torch.Tensor:
         return w.unsqueeze(1)
     if view == "flat_t":
         return w.flatten(0, -2).t()
+    if view == "in_out_flatten":
+        return w.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1).flatten(1)
     return w
 
 
-def from_matrix(M: torch.Tensor, view: str, shape) -> torch.Tensor:
+def from_matrix(M: torch.Tensor, view: str, shape, groups: int = 1) -> torch.Tensor:
     """The inverse of `as_matrix`: a matrix laid out like W back in the weight's shape."""
+    if view == "in_out_flatten":
+        return M.reshape((groups, shape[1], shape[0] // groups) + tuple(shape[2:])).transpose(1, 2).reshape(shape)
     return (M.t() if view in ("t", "flat_t") else M).reshape(shape)
 
 
@@ -147,7 +159,7 @@ def piece_gradient(piece: Piece, grad_of) -> torch.Tensor:
     """The piece's region of its target's gradient; `grad_of(name)` gives a parameter's gradient.
     (The generated update function writes the same expression out, see gnfx.codegen.)"""
     t = piece.target
-    g = as_matrix(grad_of(t.params[0]), t.view)
+    g = as_matrix(grad_of(t.params[0]), t.view, t.groups)
     if t.folded_bias:
         g = fold(g, grad_of(t.params[1]))
     return g[piece.index]

@@ -24,6 +24,7 @@ from gnfx.errors import GnfxError
 from gnfx.layer_table import Block, Fallback, LayerTable
 from gnfx.layouts import KINDS, register_layer_kind
 from gnfx.layouts.conv import ConvLayout
+from gnfx.layouts.conv_transpose import ConvTransposeLayout
 from gnfx.layouts.embedding import EmbeddingLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
@@ -32,6 +33,7 @@ from gnfx.layouts.position import PositionLayout
 from .attention import mark_attention
 from .boundary import mark_boundary
 from .conv import find_conv_sites
+from .conv_transpose import find_conv_transpose_sites
 from .embedding import find_embedding_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
@@ -41,6 +43,7 @@ from .sites import Site
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
 register_layer_kind("conv", ConvLayout, find_conv_sites)
+register_layer_kind("conv_transpose", ConvTransposeLayout, find_conv_transpose_sites)
 register_layer_kind("embedding", EmbeddingLayout, find_embedding_sites)
 register_layer_kind("norm", NormLayout, find_norm_sites)
 register_layer_kind("position", PositionLayout, find_position_sites)

@@ -1,7 +1,7 @@
 """The convolution detector: `F.conv1d/2d/3d` and `aten.conv{1,2,3}d` / `aten.convolution` with a
 trainable weight. Any stride, padding (numbers or 'same'/'valid'), dilation and groups (grouped
 and depthwise convolutions are blocks of independent row groups, gnfx.layouts.conv). Transposed
-convolutions are a documented fallback.
+convolutions are their own kind (passes/conv_transpose.py).
 """
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ def _tuple(x, n) -> tuple[int, ...]:
 
 
 def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Convolution sites, and (node, reason) for transposed ones that stay fallbacks."""
+    """Convolution sites (none rejected: the list is empty)."""
     sites, rejected = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target is aten.convolution.default:
             if node.args[6]:
-                rejected.append((node, "a transposed convolution: no curvature block (fallback)"))
-                continue
+                continue  # transposed: passes/conv_transpose.py
             stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
         elif node.target in CONV_OPS:
             stride, padding = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)

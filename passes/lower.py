@@ -1,7 +1,8 @@
 """lower: turn opaque module calls into explicit functional ops over the same parameters.
 
 `lower_modules` rewrites each `call_module` of a stock `nn.Linear`, `nn.Conv1d/2d/3d` (other
-padding modes as an explicit `F.pad` first, as the module does) or `nn.Embedding` (or a subclass that keeps the stock forward) into its
+padding modes as an explicit `F.pad` first, as the module does), `nn.ConvTranspose1d/2d/3d` or
+`nn.Embedding` (or a subclass that keeps the stock forward) into its
 functional op (`F.linear`, `F.conv2d`,
 `F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
 layers in one form. Modules with a custom forward are left alone.
@@ -12,17 +13,22 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+                   nn.ConvTranspose3d: F.conv_transpose3d}
 
 
 def _functional(mod: nn.Module, x, weight, bias):
     """(function, args, kwargs) of the op equivalent to calling `mod` on x, or None."""
-    stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV) if isinstance(mod, k)), None)
+    stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)), None)
     if stock is None or type(mod).forward is not stock.forward:
         return None  # not a stock layer, or one with a custom forward
     if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}
     if stock in _CONV:
         return _CONV[stock], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
+    if stock in _CONV_TRANSPOSE:  # a call of one argument has no output_size: the output_padding is the module's
+        return _CONV_TRANSPOSE[stock], (x, weight, bias, mod.stride, mod.padding, mod.output_padding, mod.groups,
+                                        mod.dilation), {}
     if stock is nn.Embedding:
         return F.embedding, (x, weight), {"padding_idx": mod.padding_idx, "max_norm": mod.max_norm,
                                            "norm_type": mod.norm_type, "scale_grad_by_freq": mod.scale_grad_by_freq,

@@ -70,11 +70,18 @@ class ConvLayout(Layout):
         unbatched = a.dim() == len(self.kernel) + 1
         if unbatched:
             a = a.unsqueeze(0)
-        per_example = a[0].numel() * math.prod(self.kernel)
-        step = max(1, CHUNK_ELEMENTS // max(per_example, 1))
+        step = max(1, CHUNK_ELEMENTS // max(self.patch_entries(a[0]), 1))
         for start in range(0, a.shape[0], step):
-            patches = unfold(a[start:start + step], self.kernel, self.stride, self.padding, self.dilation)
+            patches = self.patches(a[start:start + step])
             yield patches if self.groups == 1 else patches.unflatten(-1, (self.groups, -1))
+
+    def patch_entries(self, example: torch.Tensor) -> int:
+        """About how many patch entries one example (C, *S) unfolds to (for the chunk size)."""
+        return example.numel() * math.prod(self.kernel)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows a (N, L, C·prod(k)) of a batch x (N, C, *S)."""
+        return unfold(x, self.kernel, self.stride, self.padding, self.dilation)
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         if g.dim() == len(self.kernel) + 1:

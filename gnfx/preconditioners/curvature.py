@@ -29,7 +29,8 @@ from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner, collects_statistics
 from gnfx.layouts import layout_of
-from gnfx.targets import as_matrix, block_target, make_groups, param_regions, param_target, piece_gradient
+from gnfx.targets import (COPYING_VIEWS, as_matrix, block_target, from_matrix, make_groups, param_regions, param_target,
+                          piece_gradient)
 from gnfx.transforms import HeavyBall, Step
 from gnfx.transforms.chain import chain_hparam
 
@@ -243,14 +244,25 @@ class CurvaturePreconditioner(Preconditioner):
         decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
-        for i, name, view, region, src in self.writes:
-            p = as_matrix(self.parameters.param(name), view)
+        # name -> (view, groups, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS),
+        # written back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
+        copies = {}
+        for i, name, view, groups, region, src in self.writes:
+            if view in COPYING_VIEWS:
+                if name not in copies:
+                    copies[name] = (view, groups, as_matrix(self.parameters.param(name), view, groups).clone())
+                p = copies[name][2]
+            else:
+                p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
             decays.append(decay[i])
             lrs.append(neg_lr[i])
         torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
+        for name, (view, groups, M) in copies.items():
+            p = self.parameters.param(name)
+            p.copy_(from_matrix(M, view, p.shape, groups))
 
 
 def _covers(region, shape) -> bool:
@@ -261,9 +273,9 @@ def _covers(region, shape) -> bool:
 
 
 def parameter_writes(groups) -> list[tuple]:
-    """(piece number in group order, parameter name, matrix view, region of the parameter or None
-    for all of it, region of the piece or None for all of it) of every region of every piece: where
-    the tail writes each piece's step."""
+    """(piece number in group order, parameter name, matrix view, the target's row groups (which the
+    view may read), region of the parameter or None for all of it, region of the piece or None for
+    all of it) of every region of every piece: where the tail writes each piece's step."""
     writes = []
     number = 0
     for group in groups:
@@ -272,7 +284,7 @@ def parameter_writes(groups) -> list[tuple]:
             for pos, region, src in param_regions(piece):
                 view = t.view if pos == 0 else ""
                 shape = (t.shape[0], t.shape[1] - 1) if t.folded_bias and pos == 0 else t.shape[:1] if pos else t.shape
-                writes.append((number, t.params[pos], view, None if _covers(region, shape) else region,
+                writes.append((number, t.params[pos], view, t.groups, None if _covers(region, shape) else region,
                                None if _covers(src, group.shape) else src))
             number += 1
     return writes

@@ -59,13 +59,15 @@ class Diagonal(Preconditioner):
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
-        # parameter name -> (block name, its columns of the [W b] diagonal, the layout's view of W)
+        # parameter name -> (block name, its columns of the [W b] diagonal, the layout's view of W and
+        # the row groups it may read)
         self._fisher_of = {}
         if hp["source"] == "fisher":
             for b in blocks:
-                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in), layout_of(b).view)
+                layout = layout_of(b)
+                self._fisher_of[b.weight] = (b.name, slice(0, b.d_in), layout.view, layout.groups)
                 if b.bias is not None:
-                    self._fisher_of[b.bias] = (b.name, b.d_in, "")
+                    self._fisher_of[b.bias] = (b.name, b.d_in, "", 1)
         self._names = [n for b in blocks for n in b.params] + list(params)
         self._partition = (None, [])  # (groups version, [(param group, its parameter names)])
 
@@ -73,12 +75,12 @@ class Diagonal(Preconditioner):
         source = self._fisher_of.get(name)
         if source is None:
             return grad * grad
-        block, columns, view = source
+        block, columns, view, groups = source
         stats = statistics.blocks[block].values.get("diag")
         if stats is None:
             return grad * grad
         # in the layout of the matrix W of z = W a (gnfx.layouts), the full parameter's shape
-        term = from_matrix(stats[:, columns], view, self.parameters.named[name].shape)
+        term = from_matrix(stats[:, columns], view, self.parameters.named[name].shape, groups)
         # under FSDP2 (gnfx.fsdp) the rows of this rank's shard
         sharded = self.parameters.sharded
         return term[sharded.local_rows(name) if sharded else slice(None)].to(grad.dtype)
