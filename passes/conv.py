@@ -25,6 +25,19 @@ def _tuple(x, n) -> tuple[int, ...]:
     return tuple(x) * (n // len(x)) if isinstance(x, (tuple, list)) else (int(x),) * n
 
 
+def kernel_of(node: fx.Node, param_of, shape_of):
+    """(weight, bias, weight shape, kernel size, uses) of a convolution node (plain or transposed: the
+    weight its argument 1, the bias its argument 2), or None when its weight is not a trainable parameter."""
+    w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+    weight = param_of(w_node)
+    if weight is None:
+        return None
+    shape = shape_of(weight)
+    bias = param_of(b_node)
+    uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
+    return weight, bias, shape, tuple(shape[2:]), uses
+
+
 def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
     """Convolution sites (none rejected: the list is empty)."""
     sites, rejected = [], []
@@ -40,13 +53,10 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
             dilation, groups = arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1)
         else:
             continue
-        w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
-        weight = param_of(w_node)
-        if weight is None:
+        if (found := kernel_of(node, param_of, shape_of)) is None:
             continue
-        shape = shape_of(weight)
-        n = len(shape) - 2
-        kernel = tuple(shape[2:])
+        weight, bias, shape, kernel, uses = found
+        n = len(kernel)
         stride, dilation = _tuple(stride, n), _tuple(dilation, n)
         if padding == "same":
             pads = same_padding(kernel, dilation)
@@ -54,8 +64,6 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
             pads = [(0, 0)] * n
         else:
             pads = [(p, p) for p in _tuple(padding, n)]
-        bias = param_of(b_node)
-        uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
         d_in = shape[1] * math.prod(kernel)
         sites.append(Site(node=node, input=node.args[0], weight=weight, bias=bias, uses=uses,
                           d_in=d_in, d_out=shape[0],

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .conv import _tuple
+from .conv import _tuple, kernel_of
 from .sites import Site, arg
 
 aten = torch.ops.aten
@@ -22,27 +22,19 @@ def find_conv_transpose_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[l
     """Transposed-convolution sites, and no rejected nodes (an empty list)."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        generic = node.target is aten.convolution.default and bool(node.args[6])  # transposed=True
+        if node.op != "call_function" or not (generic or node.target in CONV_TRANSPOSE_OPS):
             continue
-        if node.target is aten.convolution.default:
-            if not node.args[6]:
-                continue
+        if (found := kernel_of(node, param_of, shape_of)) is None:
+            continue
+        weight, bias, shape, kernel, uses = found
+        if generic:
             stride, padding, dilation, output_padding, groups = (node.args[i] for i in (3, 4, 5, 7, 8))
-        elif node.target in CONV_TRANSPOSE_OPS:
+        else:
             stride, padding = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)
             output_padding, groups = arg(node, 5, "output_padding", 0), arg(node, 6, "groups", 1)
             dilation = arg(node, 7, "dilation", 1)
-        else:
-            continue
-        w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
-        weight = param_of(w_node)
-        if weight is None:
-            continue
-        shape = shape_of(weight)
-        n = len(shape) - 2
-        kernel = tuple(shape[2:])
-        bias = param_of(b_node)
-        uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
+        n = len(kernel)
         sites.append(Site(node=node, input=node.args[0], weight=weight, bias=bias, uses=uses,
                           d_in=shape[0] // groups * math.prod(kernel), d_out=shape[1] * groups,
                           options={"kernel_size": kernel, "stride": _tuple(stride, n), "padding": _tuple(padding, n),

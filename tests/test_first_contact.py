@@ -124,13 +124,8 @@ def test_ggn_products_and_diagnose_through_an_operation_without_jvp_raise_the_qu
         gnfx.diagnose(c, (ids, y), loss="cross_entropy")
 
 
-class FeaturesFirst(nn.Module):
+class FeaturesFirst(MLP):
     """Returns (features, logits), as models that expose an embedding do: the logits are not first."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 6)
-        self.b = nn.Linear(6, 3)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
