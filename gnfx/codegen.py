@@ -42,8 +42,10 @@ def generate(preconditioners, position_of) -> str:
     """Python source of `gnfx_update(grads, states, lrs, wds, collect)`.
 
     Per group one stack of its gradients and one call of the batched direction; per
-    preconditioner one lookup of its pieces' learning rates and weight decays and one line per
-    stage of its chain over all its groups (foreach kernels: a fixed number of operations per
+    preconditioner one lookup of its pieces' learning rates and weight decays (those of the group of
+    the piece's first parameter, a block's weight), one of each written parameter's own (the
+    parameter write: a bias in a param group of its own, without weight decay, keeps its group's lr
+    and weight decay as in torch.optim) and one line per stage of its chain over all its groups (foreach kernels: a fixed number of operations per
     preconditioner, not per piece), each stage bound as `<preconditioner>_<label>`
     (gnfx.transforms.chain.stage_names) and commented with its math."""
     lines = ["def gnfx_update(grads, states, lrs, wds, collect):",
@@ -63,11 +65,13 @@ def generate(preconditioners, position_of) -> str:
         n = pre.name
         lines.append(f"    # {n}'s chain: {' → '.join(map(repr, pre.chain))}")
         lines.append(f"    lr_{n}, wd_{n} = lrs[index[{n!r}]], wds[index[{n!r}]]")
+        lines.append(f"    lr_{n}_write, wd_{n}_write = lrs[write_index[{n!r}]], wds[write_index[{n!r}]]")
         lines.append(f"    U_{n} = [{', '.join(f'U_{k}' for k in keys)}]")
         lines.append(f"    G_{n} = [{', '.join(f'G_{k}' for k in keys)}]")
         lines.append(f"    S_{n} = [{', '.join(f'states[{k!r}]' for k in keys)}]")
         for stage, t in zip(stage_names(n, pre.chain), pre.chain):
-            call = f"{stage}({n}, U_{n}, G_{n}, S_{n}, lr_{n}, wd_{n})"
+            rates = f"lr_{n}_write, wd_{n}_write" if t.writes_parameters else f"lr_{n}, wd_{n}"
+            call = f"{stage}({n}, U_{n}, G_{n}, S_{n}, {rates})"
             lines.append(f"    {call if t.writes_parameters else f'U_{n} = {call}'}  # {t.formula}")
     lines.append("    return None")
     return "\n".join(lines)
@@ -109,8 +113,10 @@ class UpdateFunction:
         self.device = device
         # preconditioner name -> param-group index of each of its pieces, in group order
         self.index: dict[str, torch.Tensor] = {}
+        # preconditioner name -> param-group index of each parameter region its write updates (pre.writes)
+        self.write_index: dict[str, torch.Tensor] = {}
         self._groups_version = None
-        namespace = {"torch": torch, "fold": fold, "index": self.index,
+        namespace = {"torch": torch, "fold": fold, "index": self.index, "write_index": self.write_index,
                      **{pre.name: pre for pre in self.preconditioners},
                      **{stage: t for pre in self.preconditioners for stage, t in zip(stage_names(pre.name, pre.chain),
                                                                                        pre.chain)}}
@@ -139,6 +145,8 @@ class UpdateFunction:
         for pre in self.preconditioners:
             idx = [group_index[id(self.parameters.group_of(p.target.params[0]))] for g in pre.groups for p in g.pieces]
             self.index[pre.name] = torch.tensor(idx, device=self.device)
+            self.write_index[pre.name] = torch.tensor(
+                [group_index[id(self.parameters.group_of(name))] for _, name, *_ in pre.writes], device=self.device)
         self._groups_version = version
 
     def __call__(self, collect: bool) -> None:

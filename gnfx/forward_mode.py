@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd import forward_ad
 
+from gnfx.composite_forms import inlined_checkpoints
+
 # the module whose import registers PyTorch's forward-mode decompositions (module docstring)
 DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 
@@ -48,7 +50,8 @@ DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 class ModuleFunction:
     """θ ↦ the output of `module` with the tensors θ in place of its parameters `names`, and copies
     of its buffers, so that a forward in training mode leaves them as they were (batch-norm
-    statistics; module docstring)."""
+    statistics; module docstring); reentrant activation checkpoints run inline
+    (gnfx.composite_forms)."""
 
     def __init__(self, module: torch.nn.Module, names: Sequence[str]):
         self.module = module
@@ -80,7 +83,8 @@ class ModuleFunction:
             for slots, value in replaced:
                 for registry, key in slots:
                     registry[key] = value
-            return self.module(*args, **kwargs)
+            with inlined_checkpoints():  # a reentrant checkpoint has no forward-mode derivative
+                return self.module(*args, **kwargs)
         finally:
             for (slots, _), tensors in zip(replaced, original):
                 for (registry, key), tensor in zip(slots, tensors):

@@ -47,6 +47,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnfx.compiled import CompiledModel
+from gnfx.composite_forms import composite_weight_norm, inlined_checkpoints
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.outputs import logits_of
 
@@ -61,13 +62,15 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 @contextlib.contextmanager
 def forward_mode_kernels(native_recurrent: bool = True):
     """Kernels that torch.func.jvp can differentiate: the math attention kernel (the fused ones have
-    no forward-mode derivative) and, with `native_recurrent`, ATen's own recurrent kernels in place of
-    oneDNN's (nn.LSTM on a CPU) and cuDNN's (nn.LSTM and nn.GRU on a GPU), which have none either."""
+    no forward-mode derivative), weight normalization and reentrant activation checkpoints written
+    out in plain ops (gnfx.composite_forms) and, with `native_recurrent`, ATen's own recurrent
+    kernels in place of oneDNN's (nn.LSTM on a CPU) and cuDNN's (nn.LSTM and nn.GRU on a GPU), which
+    have none either."""
     saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
     if native_recurrent:
         torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), composite_weight_norm(), inlined_checkpoints():
             yield
     finally:
         torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = saved
