@@ -100,7 +100,9 @@ def _check_model(model) -> None:
         raise ConfigError("this model is already compiled by gnfx; compile the original module once")
     if type(model).__name__ == "OptimizedModule":
         raise ConfigError("this model is wrapped by torch.compile; pass the original module "
-                          "(model._orig_mod) to gnfx.compile, which compiles its own update")
+                          "(model._orig_mod) to gnfx.compile, which compiles its own update, and wrap what it "
+                          "returns in torch.compile instead: torch.compile(gnfx.compile(model._orig_mod, ...)) "
+                          "trains exactly as the compiled model without it")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ConfigError("this model is wrapped by DistributedDataParallel; call gnfx.compile on "
                           "model.module and wrap the compiled model instead")
