@@ -392,3 +392,45 @@ def test_biases_and_norms_in_a_param_group_without_weight_decay_are_not_decayed(
     train(c, 2)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dim() < 2)
     assert not torch.equal(model.a.weight, before["a.weight"] * (1 - 0.05 * 0.5))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2's projections): W stored (d_in, d_out), applied to the flattened rows."""
+
+    def __init__(self, d_out, d_in):
+        super().__init__()
+        self.d_out = d_out
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.5)
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.d_out,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Conv1DMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(6, 4), Conv1D(3, 6)
+
+    def forward(self, x):
+        return self.c_proj(torch.tanh(self.c_fc(x)))
+
+
+def test_hugging_face_conv1d_has_per_example_statistics():
+    """Its input x.view(-1, d_in) folds the examples into rows: ekfac's and rank1's per-example diagonal
+    was the whole batch's (with a warning). torch.export's graph is rewritten to the linear map of the
+    batch-first input (passes/unflatten.py): diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = Conv1DMLP().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5, 3))
+    diags = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    for name in ("c_fc", "c_proj"):
+        expected = torch.cat([diags[f"{name}.weight"].T, diags[f"{name}.bias"][:, None]], dim=1)  # [W b], W = Pᵀ
+        torch.testing.assert_close(c.statistics(name)["diag"], expected, **TOL)
