@@ -16,6 +16,7 @@ from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
+from gnfx.passes.shared_positions import expand_shared_positions
 from gnfx.passes.unflatten import unflatten_linear
 from gnfx.preconditioners import REGISTRY
 from gnfx.quadratic_step import QUADRATIC_DAMPING
@@ -211,7 +212,7 @@ def _tikhonov(policy: Policy) -> bool:
 
 
 def _lower_and_analyze(model, captured):
-    gm = unflatten_linear(lower_modules(lower_multihead_attention(captured.graph_module, captured.leaves),
-                                        captured.leaves))
+    gm = lower_modules(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
+    gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     return gm, table, block_sites

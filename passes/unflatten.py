@@ -21,18 +21,11 @@ import math
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .shapes import same_sizes, value_of
 
 aten = torch.ops.aten
 FLATTENING = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def unflatten_linear(gm: fx.GraphModule) -> fx.GraphModule:
@@ -49,10 +42,11 @@ def unflatten_linear(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         out = users[0]
         source = flat.args[0]
-        x, f, w, y = (_val(n) for n in (source, flat, weight, out))
+        x, f, w, y = (value_of(n) for n in (source, flat, weight, out))
         if any(v is None for v in (x, f, w, y)) or x.dim() < 3 or w.dim() != 2:
             continue
-        if not (_same(f.shape, (math.prod(x.shape[:-1]), x.shape[-1])) and _same(y.shape[:-1], x.shape[:-1])):
+        if not (same_sizes(f.shape, (math.prod(x.shape[:-1]), x.shape[-1]))
+                and same_sizes(y.shape[:-1], x.shape[:-1])):
             continue
         with gm.graph.inserting_before(node):
             transposed = gm.graph.call_function(aten.t.default, (weight,))

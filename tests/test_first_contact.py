@@ -434,3 +434,37 @@ def test_hugging_face_conv1d_has_per_example_statistics():
     for name in ("c_fc", "c_proj"):
         expected = torch.cat([diags[f"{name}.weight"].T, diags[f"{name}.bias"][:, None]], dim=1)  # [W b], W = Pᵀ
         torch.testing.assert_close(c.statistics(name)["diag"], expected, **TOL)
+
+
+class SharedPositions(nn.Module):
+    """Token and position embeddings as Hugging Face's GPT-2 (`arange(T).unsqueeze(0)`, shared by the
+    batch, `shared="batch of one"`) or nanoGPT (`arange(T)`, `shared="no batch dimension"`) look them up."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+        self.shared = shared
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        positions = positions.unsqueeze(0) if self.shared == "batch of one" else positions
+        return self.head(torch.tanh(self.wte(ids) + self.wpe(positions)))
+
+
+@pytest.mark.parametrize("shared", ["batch of one", "no batch dimension"])
+def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(shared):
+    """wpe's output was (1, T, d) or (T, d), broadcast onto the batch: its gradient was the batch's sum,
+    and ekfac's and rank1's per-example diagonal took the whole batch as one example (with a warning).
+    torch.export's graph looks up the positions expanded to the batch (passes/shared_positions.py): diag
+    equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = SharedPositions(shared).double()
+    ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
+    expected = per_example_fisher_diag(model, ids, y)["wpe.weight"].T  # [d x V]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(ids).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
