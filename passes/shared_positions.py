@@ -46,16 +46,21 @@ def expand_shared_positions(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         x = add.args[1] if add.args[0] is node else add.args[0]
         ids, x_val, out = value_of(node.args[1]), value_of(x), value_of(add)
-        if any(v is None for v in (ids, x_val, out)) or not same_sizes(out.shape, x_val.shape) or not _shared(ids, x_val):
+        if any(v is None for v in (ids, x_val, out)) or not same_sizes(out.shape, x_val.shape):
             continue
-        with gm.graph.inserting_before(node):
+        if not _shared(ids, x_val):
+            continue
+        with gm.graph.inserting_before(add):  # after x, which the lookup may precede
             examples = gm.graph.call_function(aten.sym_size.int, (x, 0))
             expanded = gm.graph.call_function(aten.expand.default,
                                               (node.args[1], [examples] + [-1] * (x_val.dim() - 2)))
+            lookup = gm.graph.call_function(aten.embedding.default, (node.args[0], expanded) + node.args[2:],
+                                            dict(node.kwargs))
         examples.meta = {"val": x_val.shape[0]}
         expanded.meta = {**node.meta, "val": ids.expand(*x_val.shape[:-1])}
-        node.replace_input_with(node.args[1], expanded)
-        node.meta["val"] = node.meta["val"].expand(*x_val.shape)
+        lookup.meta = {**node.meta, "val": node.meta["val"].expand(*x_val.shape)}
+        add.replace_input_with(node, lookup)
+        gm.graph.erase_node(node)
         changed = True
     if changed:
         gm.graph.lint()

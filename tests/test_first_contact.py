@@ -447,8 +447,9 @@ class SharedPositions(nn.Module):
 
     def forward(self, ids):
         positions = torch.arange(ids.shape[1], device=ids.device)
-        positions = positions.unsqueeze(0) if self.shared == "batch of one" else positions
-        return self.head(torch.tanh(self.wte(ids) + self.wpe(positions)))
+        if self.shared == "batch of one":
+            return self.head(torch.tanh(self.wte(ids) + self.wpe(positions.unsqueeze(0))))
+        return self.head(torch.tanh(self.wpe(positions) + self.wte(ids)))  # the positions' lookup first
 
 
 @pytest.mark.parametrize("shared", ["batch of one", "no batch dimension"])
