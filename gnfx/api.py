@@ -16,6 +16,8 @@ from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
+from gnfx.passes.shared_positions import expand_shared_positions
+from gnfx.passes.unflatten import unflatten_linear
 from gnfx.preconditioners import REGISTRY
 from gnfx.quadratic_step import QUADRATIC_DAMPING
 from gnfx.variants import Variants
@@ -100,7 +102,9 @@ def _check_model(model) -> None:
         raise ConfigError("this model is already compiled by gnfx; compile the original module once")
     if type(model).__name__ == "OptimizedModule":
         raise ConfigError("this model is wrapped by torch.compile; pass the original module "
-                          "(model._orig_mod) to gnfx.compile, which compiles its own update")
+                          "(model._orig_mod) to gnfx.compile, which compiles its own update, and wrap what it "
+                          "returns in torch.compile instead: torch.compile(gnfx.compile(model._orig_mod, ...)) "
+                          "trains exactly as the compiled model without it")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ConfigError("this model is wrapped by DistributedDataParallel; call gnfx.compile on "
                           "model.module and wrap the compiled model instead")
@@ -209,5 +213,6 @@ def _tikhonov(policy: Policy) -> bool:
 
 def _lower_and_analyze(model, captured):
     gm = lower_modules(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
+    gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     return gm, table, block_sites

@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd import forward_ad
 
+from gnfx.composite_forms import uses_weight_norm, written_out
+
 # the module whose import registers PyTorch's forward-mode decompositions (module docstring)
 DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 
@@ -48,7 +50,8 @@ DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 class ModuleFunction:
     """θ ↦ the output of `module` with the tensors θ in place of its parameters `names`, and copies
     of its buffers, so that a forward in training mode leaves them as they were (batch-norm
-    statistics; module docstring)."""
+    statistics; module docstring); reentrant activation checkpoints run inline and weight norm as
+    its composite (gnfx.composite_forms)."""
 
     def __init__(self, module: torch.nn.Module, names: Sequence[str]):
         self.module = module
@@ -68,6 +71,7 @@ class ModuleFunction:
             raise KeyError(f"{type(module).__name__} has no parameter named {', '.join(unknown)}")
         # the (registry, key) slots of each parameter of `names`, then of each buffer
         self.parameter_slots = [slots[id(params[n])] for n in self.names]
+        self.weight_norm = uses_weight_norm(module)
         self.buffer_slots = [slots[i] for i in buffers]
 
     def __call__(self, values: Sequence[torch.Tensor] | None, *args, **kwargs):
@@ -80,7 +84,8 @@ class ModuleFunction:
             for slots, value in replaced:
                 for registry, key in slots:
                     registry[key] = value
-            return self.module(*args, **kwargs)
+            with written_out(self.weight_norm):  # forms forward mode differentiates (gnfx.composite_forms)
+                return self.module(*args, **kwargs)
         finally:
             for (slots, _), tensors in zip(replaced, original):
                 for (registry, key), tensor in zip(slots, tensors):

@@ -230,8 +230,8 @@ class ShardedStep:
                    for t in dict.fromkeys(p.target.name for g in pre.groups for p in g.pieces)]
         by_name = {p.target.name: p.target for pre in curvature for g in pre.groups for p in g.pieces}
         owner = curvature_owners(curvature, self.world)
-        # per rank, the parameters of the targets it owns (in a fixed order), and the target's first
-        # parameter, whose param group sets the step's lr and weight decay for all of them
+        # per rank, the parameters of the targets it owns (in a fixed order); each takes its own param
+        # group's lr (in the owner's update, gnfx.codegen) and weight decay (applied on its shard below)
         self.owned_params = [[n for _, t in targets if owner[t] == r for n in by_name[t].params]
                              for r in range(self.world)]
         self.group_param = {n: by_name[t].params[0] for _, t in targets for n in by_name[t].params}
@@ -460,7 +460,7 @@ class ShardedStep:
                 shard = local(self.parameters.named[n])
                 delta = received[offset:offset + shard.numel()].view(shard.shape).to(shard.dtype)
                 offset += shard.numel()
-                group = self.parameters.group_of(self.group_param[n])
+                group = self.parameters.group_of(n)
                 if group["weight_decay"] != 0:
                     lr, wd = (torch.tensor(group[k], dtype=self.dtype, device=self.device)
                               for k in ("lr", "weight_decay"))

@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules import transformer as transformer_module
 
+from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.mha import lowered_for_export
 
@@ -260,7 +261,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
-        with lowered_for_export():
+        with lowered_for_export(), inlined_checkpoints():
             ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(

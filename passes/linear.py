@@ -3,7 +3,8 @@
 Recognized in both graph forms (torch-level from symbolic tracing, aten-level from torch.export):
 `F.linear` / `aten.linear`; and hand-written forms `x @ W.t()`, `x @ W.T`, `x @ W`,
 `torch.matmul`, `torch.mm`, `torch.addmm(b, x, W)` / `aten.addmm`, `aten.mm`, `aten.matmul`,
-with the weight transposed or not. A weight used as `x @ W` is stored (d_in, d_out); its block
+with the weight transposed or not, and `F.linear(x, W.t(), b)` (which passes/unflatten.py makes of
+Hugging Face's Conv1D). A weight used as `x @ W` is stored (d_in, d_out); its block
 reads it transposed (`options["transposed"]`).
 """
 from __future__ import annotations
@@ -94,6 +95,12 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
 
 def _linear_site(node, param_of, shape_of) -> Site | None:
     w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if _is_transpose(w_node) and len(w_node.users) == 1 and param_of(w_node.args[0]) is not None:
+        # F.linear(x, P.t(), b) = x @ P + b, P stored (d_in, d_out) (Hugging Face's Conv1D, passes/unflatten.py)
+        site = _site(node, node.args[0], w_node.args[0], b_node, param_of, shape_of)
+        if site is not None:
+            site.uses[0] = (w_node, w_node.args[0])  # P's consumer is the transpose
+        return site
     name = param_of(w_node)
     if name is None or len(shape_of(name)) != 2:
         return None

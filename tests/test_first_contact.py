@@ -19,9 +19,11 @@ are tested with their kinds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -258,3 +260,212 @@ def test_the_cross_entropy_check_passes_a_model_that_is_nearly_certain(margin):
     relative_alone_fails = bool(rows.sum(-1).abs().sum() > CROSS_ENTROPY_TOLERANCE * rows.abs().sum())
     assert relative_alone_fails == (margin > 15.0)  # at 15 rounding is still within the relative test
     check_cross_entropy_gradient(z, grad)
+
+
+# --------------------------------------------------------------------------- third round
+# (benchmarks/results/first_contact_3.md)
+
+
+class Checkpointed(nn.Module):
+    """A hidden block under torch.utils.checkpoint, as Hugging Face's gradient_checkpointing_enable
+    runs each layer (`checkpoint=None`: the same model without it)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.block, self.c = nn.Linear(4, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_trains_as_the_model_without_it(capture, reentrant):
+    """K-FAC at defaults (statistics and the quadratic step, fisher='mc'), float64: the statistics and
+    parameters of 3 steps equal those of the same model without checkpointing. With use_reentrant=True
+    torch.export captured the checkpointed block as a no-grad region (the loss did not require grad)
+    and the quadratic step had no forward-mode derivative of torch's CheckpointFunction."""
+    x, y = batch(torch.float64)
+    runs = []
+    for reentrant_or_none in (reentrant, None):
+        torch.manual_seed(0)
+        model = Checkpointed(reentrant_or_none).double()
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", capture=capture, stat_every=1)
+        for step in range(3):
+            torch.manual_seed(step)  # the same sampled labels of fisher="mc" in both runs
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append(([p.detach().clone() for p in model.parameters()], c.statistics("block.0")))
+    (params, stats), (reference, reference_stats) = runs
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for key in reference_stats:
+        torch.testing.assert_close(stats[key], reference_stats[key], rtol=1e-10, atol=1e-12)
+
+
+class WeightNormed(nn.Module):
+    """wav2vec2's positional convolution: a grouped Conv1d under weight normalization over its last
+    kernel dimension (dim=2), then a weight-normalized Linear (dim=0)."""
+
+    def __init__(self, parametrization):
+        super().__init__()
+        norm = (nn.utils.parametrizations.weight_norm if parametrization else nn.utils.weight_norm)
+        self.conv = norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), name="weight", dim=2)
+        self.head = norm(nn.Linear(4 * 5, 3), name="weight", dim=0)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("parametrization", [True, False], ids=["parametrizations", "utils"])
+def test_weight_norm_has_exact_forward_mode_products_and_the_quadratic_step_trains(parametrization):
+    """torch's fused weight-norm kernel has no forward-mode derivative (the quadratic step and gnfx.ggn
+    raised); gnfx.composite_forms writes it out. G v of gnfx.ggn equals Jᵀ H J v with J from reverse mode
+    through torch's own kernel (float64), and kfac at defaults lowers the loss."""
+    warnings_context = pytest.warns(FutureWarning) if not parametrization else contextlib.nullcontext()
+    torch.manual_seed(0)
+    with warnings_context:
+        model = WeightNormed(parametrization).double()
+    x, y = torch.randn(6, 4, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = [torch.randn_like(p) for p in params]
+    z = model(x)
+    rows = [torch.autograd.grad(z.flatten()[i], params, retain_graph=True) for i in range(z.numel())]
+    J = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])  # reverse mode, fused kernel
+    p = torch.softmax(z.detach(), -1)
+    H = torch.block_diag(*[torch.diag(q) - torch.outer(q, q) for q in p]) / len(z)
+    expected = J.T @ H @ J @ torch.cat([t.flatten() for t in v])
+    product = gnfx.ggn.ggn_vp(model, "cross_entropy", x, y, v)
+    torch.testing.assert_close(torch.cat([t.flatten() for t in product]), expected, rtol=1e-10, atol=1e-12)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning: weight-normed weights are computed, not parameters
+        c = gnfx.compile(model, "kfac", loss="cross_entropy")
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+class NormedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "shampoo", "soap", "rank1", "muon"])
+def test_biases_and_norms_in_a_param_group_without_weight_decay_are_not_decayed(name):
+    """The torch.optim recipe (no weight decay on biases and norm parameters), written on the compiled
+    model's optimizer: a block's bias used to take the weight's group (decay and lr), silently. With
+    zero gradients a step is the decay alone: the weights shrink by exactly (1 - ηλ), the rest stays;
+    a group at lr 0 keeps its parameters while the others train."""
+    torch.manual_seed(0)
+    model = NormedMLP()
+    c = gnfx.compile(model, name, lr=0.05, weight_decay=0.5)
+    group = c.optimizer.param_groups[0]
+    undecayed = [p for p in group["params"] if p.dim() < 2]
+    group["params"] = [p for p in group["params"] if p.dim() >= 2]
+    c.optimizer.add_param_group({"params": undecayed, "weight_decay": 0.0})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    c(batch()[0])  # the capture; a first step, with no momentum yet
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    c.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n] * (1 - 0.05 * 0.5) if p.dim() >= 2 else before[n], rtol=1e-6, atol=0)
+    c.zero_grad()
+    c.optimizer.param_groups[1]["lr"] = 0.0
+    train(c, 2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dim() < 2)
+    assert not torch.equal(model.a.weight, before["a.weight"] * (1 - 0.05 * 0.5))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2's projections): W stored (d_in, d_out), applied to the flattened rows."""
+
+    def __init__(self, d_out, d_in):
+        super().__init__()
+        self.d_out = d_out
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.5)
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.d_out,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Conv1DMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(6, 4), Conv1D(3, 6)
+
+    def forward(self, x):
+        return self.c_proj(torch.tanh(self.c_fc(x)))
+
+
+def test_hugging_face_conv1d_has_per_example_statistics():
+    """Its input x.view(-1, d_in) folds the examples into rows: ekfac's and rank1's per-example diagonal
+    was the whole batch's (with a warning). torch.export's graph is rewritten to the linear map of the
+    batch-first input (passes/unflatten.py): diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = Conv1DMLP().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5, 3))
+    diags = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    for name in ("c_fc", "c_proj"):
+        expected = torch.cat([diags[f"{name}.weight"].T, diags[f"{name}.bias"][:, None]], dim=1)  # [W b], W = Pᵀ
+        torch.testing.assert_close(c.statistics(name)["diag"], expected, **TOL)
+
+
+class SharedPositions(nn.Module):
+    """Token and position embeddings as Hugging Face's GPT-2 (`arange(T).unsqueeze(0)`, shared by the
+    batch, `shared="batch of one"`) or nanoGPT (`arange(T)`, `shared="no batch dimension"`) look them up."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+        self.shared = shared
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        if self.shared == "batch of one":
+            return self.head(torch.tanh(self.wte(ids) + self.wpe(positions.unsqueeze(0))))
+        return self.head(torch.tanh(self.wpe(positions) + self.wte(ids)))  # the positions' lookup first
+
+
+@pytest.mark.parametrize("shared", ["batch of one", "no batch dimension"])
+def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(shared):
+    """wpe's output was (1, T, d) or (T, d), broadcast onto the batch: its gradient was the batch's sum,
+    and ekfac's and rank1's per-example diagonal took the whole batch as one example (with a warning).
+    torch.export's graph looks up the positions expanded to the batch (passes/shared_positions.py): diag
+    equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = SharedPositions(shared).double()
+    ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
+    expected = per_example_fisher_diag(model, ids, y)["wpe.weight"].T  # [d x V]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(ids).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)

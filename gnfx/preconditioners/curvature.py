@@ -240,14 +240,15 @@ class CurvaturePreconditioner(Preconditioner):
     # --- the parameter write of the chain (gnfx.transforms.Step) ------------------------------
     def step_parameters(self, steps, lr, wd) -> None:
         """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
-        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order."""
+        are the stacked steps D of self.groups; lr and wd are tensors with one entry per write of
+        `self.writes` (each parameter's own param group: gnfx.codegen)."""
         decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
         # name -> (view, groups, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS),
         # written back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
         copies = {}
-        for i, name, view, groups, region, src in self.writes:
+        for j, (i, name, view, groups, region, src) in enumerate(self.writes):
             if view in COPYING_VIEWS:
                 if name not in copies:
                     copies[name] = (view, groups, as_matrix(self.parameters.param(name), view, groups).clone())
@@ -256,8 +257,8 @@ class CurvaturePreconditioner(Preconditioner):
                 p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
-            decays.append(decay[i])
-            lrs.append(neg_lr[i])
+            decays.append(decay[j])
+            lrs.append(neg_lr[j])
         torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
         for name, (view, groups, M) in copies.items():

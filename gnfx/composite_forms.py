@@ -1,0 +1,86 @@
+"""Operations computed through plain differentiable ops where torch's own form cannot be captured or
+differentiated in forward mode, with the same values.
+
+- Reentrant activation checkpointing, `torch.utils.checkpoint.checkpoint(fn, *args,
+  use_reentrant=True)` (Hugging Face's `gradient_checkpointing_enable` passes use_reentrant through):
+  its `CheckpointFunction` runs `fn` under torch.no_grad() and recomputes it in backward.
+  torch.export records that forward as a no-grad region, so the captured graph computed the
+  checkpointed blocks without gradients (their parameters untrained, a loss that does not require
+  grad); forward mode has no derivative of it (an autograd.Function without jvp). Inside
+  `inlined_checkpoints()` the checkpoint calls `fn(*args)` itself: y = fn(x) exactly, the values
+  and derivatives of the model without checkpointing, which is what the checkpointed model computes
+  (it trades memory for a second forward, not values). The non-reentrant form needs nothing:
+  torch.export and forward mode go through it.
+- Weight normalization, `nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm`:
+  both compute w = g · v / ‖v‖ (the norm over every dimension but `dim`) by torch._weight_norm,
+  whose fused kernel `_weight_norm_interface` has no forward-mode derivative. Inside
+  `composite_weight_norm()` torch._weight_norm is that formula written out, v * (g /
+  torch.norm_except_dim(v, 2, dim)), as ATen itself computes it where the fused kernel does not
+  apply: the same w, differentiable in both modes.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.utils.checkpoint as checkpoint_module
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
+
+
+class _InlineCheckpoint:
+    """Stands for torch.utils.checkpoint.CheckpointFunction: `apply(fn, preserve_rng_state, *args)`
+    is fn(*args) (module docstring)."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        return function(*args)
+
+
+@contextlib.contextmanager
+def inlined_checkpoints():
+    """Reentrant checkpoints call their function directly while inside (module docstring)."""
+    saved = checkpoint_module.CheckpointFunction
+    checkpoint_module.CheckpointFunction = _InlineCheckpoint
+    try:
+        yield
+    finally:
+        checkpoint_module.CheckpointFunction = saved
+
+
+class _CompositeWeightNorm(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def composite_weight_norm():
+    """torch._weight_norm computed as v * (g / ‖v‖) while inside (module docstring)."""
+    with _CompositeWeightNorm():
+        yield
+
+
+def uses_weight_norm(module: torch.nn.Module) -> bool:
+    """Whether a submodule of `module` is weight-normalized, by either API."""
+    return any(isinstance(p, _WeightNorm) for m in module.modules() if parametrize.is_parametrized(m)
+               for plist in m.parametrizations.values() for p in plist) or any(
+        isinstance(hook, WeightNorm) for m in module.modules() for hook in m._forward_pre_hooks.values())
+
+
+def written_out(weight_norm: bool):
+    """A context in which a module runs with the forms of this file: reentrant checkpoints inline, and
+    with `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight
+    normalization as its composite (only there: a TorchFunctionMode sees every torch call, which made a
+    small GPT's forward 40% longer)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(inlined_checkpoints())
+    if weight_norm:
+        stack.enter_context(composite_weight_norm())
+    return stack
