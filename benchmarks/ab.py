@@ -9,7 +9,9 @@ tree). On the sweep's MLP (benchmarks/targets.py: SWEEP_WIDTH-SWEEP_WIDTH-SWEEP_
 window `targets.refresh_window` gives, so that it holds its statistic and refresh steps) of AdamW
 (foreach), then of the baseline and of the working tree in an order that alternates by round, all
 on the same batches. Printed per model and preconditioner: each tree's whole step over AdamW's of
-the same round (median and range over the rounds), the median of the paired after / before ratios,
+the same round, and its `model.step()` alone over AdamW's `step()` (the part the update's code
+decides; less noisy), each as median and range over the rounds and as the median of the paired
+after / before ratios,
 and each tree's tensor operations per plain step (benchmarks/op_count.py). Use `--threads 1 --clock
 cpu` on a shared machine (benchmarks/targets.py).
 """
@@ -32,6 +34,7 @@ from benchmarks.models import mlp
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ([64, 128, 128, 10], 128)  # op_count's model: sizes, rows per step
+PARTS = ("whole", "step")  # the whole step (fwd+bwd + step) and the step alone, each over AdamW's
 
 
 def _gnfx_modules() -> dict:
@@ -47,7 +50,7 @@ def using(tree: dict):
         del sys.modules[k]
     sys.modules.update(tree)
     try:
-        yield tree["gnfx"]
+        yield tree.get("gnfx")
     finally:
         for k in _gnfx_modules():
             del sys.modules[k]
@@ -68,15 +71,17 @@ def load_tree(rev: str) -> dict:
             sys.path.remove(str(folder))
 
 
-def whole_steps(module, step, zero, pool, steps: int) -> float:
-    """Seconds per whole step (fwd+bwd, step, zero_grad) over `steps` steps on the batches of `pool`."""
-    def run():
-        for i in range(steps):
-            x, y = pool[i % len(pool)]
-            torch.nn.functional.cross_entropy(module(x), y).backward()
-            step()
-            zero()
-    return targets.seconds(run) / steps
+def whole_steps(module, step, zero, pool, steps: int) -> tuple[float, float]:
+    """Seconds per whole step (fwd+bwd, step, zero_grad) and of the step alone, over `steps` steps on
+    the batches of `pool`."""
+    whole = alone = 0.0
+    for i in range(steps):
+        x, y = pool[i % len(pool)]
+        whole += targets.seconds(lambda: torch.nn.functional.cross_entropy(module(x), y).backward())
+        t = targets.seconds(step)
+        whole += t + targets.seconds(zero)
+        alone += t
+    return whole / steps, alone / steps
 
 
 def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: int) -> dict:
@@ -99,7 +104,7 @@ def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: 
     result = {}
     for name in names:
         window = targets.refresh_window(runs["after"][name])
-        ratios = {label: [] for label in trees}
+        ratios = {(label, part): [] for label in trees for part in PARTS}
         for r in range(rounds + 2):  # two untimed rounds: the first steps, and Shampoo's start at step 10
             a = whole_steps(plain, adamw.step, adamw.zero_grad, pool, window)
             for label in (list(trees) if r % 2 else list(trees)[::-1]):
@@ -107,10 +112,13 @@ def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: 
                 with using(trees[label]):
                     t = whole_steps(c, c.step, c.zero_grad, pool, window)
                 if r >= 2:
-                    ratios[label].append(t / a)
-        result[name] = {
-            **{label: {"median": statistics.median(v), "min": min(v), "max": max(v)} for label, v in ratios.items()},
-            "after / before": statistics.median(b / a for a, b in zip(ratios["before"], ratios["after"]))}
+                    for part, mine, adamw_s in zip(PARTS, t, a):
+                        ratios[label, part].append(mine / adamw_s)
+        result[name] = {part: {
+            **{label: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+               for (label, p), v in ratios.items() if p == part},
+            "after / before": statistics.median(b / a for a, b in zip(ratios["before", part], ratios["after", part]))}
+            for part in PARTS}
     return result
 
 
@@ -136,10 +144,11 @@ def main(argv=None) -> dict:
     models += [("digits-sized mlp", *DIGITS)] if args.digits else []
     for label, sizes, rows in models:
         out[label] = compare(trees, sizes, rows, args.optimizers, args.rounds)
-        for name, r in out[label].items():
-            print(f"{label:28s} {name:8s} " + "  ".join(
-                f"{t} {r[t]['median']:.3f} ({r[t]['min']:.3f}-{r[t]['max']:.3f})" for t in trees)
-                + f"  after/before {r['after / before']:.3f}", flush=True)
+        for name, parts in out[label].items():
+            for part, r in parts.items():
+                print(f"{label:26s} {name:8s} {part:5s} " + "  ".join(
+                    f"{t} {r[t]['median']:.3f} ({r[t]['min']:.3f}-{r[t]['max']:.3f})" for t in trees)
+                    + f"  after/before {r['after / before']:.3f}", flush=True)
     return out
 
 

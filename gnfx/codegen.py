@@ -152,12 +152,16 @@ class UpdateFunction:
         for i, g in enumerate(groups):
             self.lrs[i] = g["lr"]
             self.wds[i] = g["weight_decay"]
-        grads, kept = [], []
+        grads, without_gradient = [], []
         for n in self.names:
             p = self.parameters.param(n)
             if p.grad is None:  # frozen since compile, or unused by this forward: it keeps its value
-                kept.append((p, p.detach().clone()))
+                without_gradient.append(n)
             grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        # as torch.optim skips a parameter without a gradient (the parameter write leaves it out); its
+        # block's momentum decays meanwhile
+        for pre in self.preconditioners:
+            pre.without_gradient = frozenset(without_gradient)
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
         try:
             self.fn(grads, states, self.lrs, self.wds, collect)
@@ -169,7 +173,4 @@ class UpdateFunction:
                           RuntimeWarning, stacklevel=3)
             self.fn, self.compiled = self.eager, False
             self.fn(grads, states, self.lrs, self.wds, collect)
-        # as torch.optim skips a parameter without a gradient; its block's momentum decays meanwhile
-        for p, value in kept:
-            p.copy_(value)
 

@@ -62,6 +62,9 @@ class CurvaturePreconditioner(Preconditioner):
     # a 0-d bool tensor: whether the direction is preconditioned yet (grafting takes the grafted
     # direction alone before, gnfx.transforms.graft); None: from the first step
     active = None
+    # the parameters the parameter write leaves as they are this step (no gradient: frozen since
+    # compile, or unused by this forward), set by gnfx.codegen.UpdateFunction before each step
+    without_gradient: frozenset = frozenset()
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
@@ -240,7 +243,8 @@ class CurvaturePreconditioner(Preconditioner):
     # --- the parameter write of the chain (gnfx.transforms.Step) ------------------------------
     def step_parameters(self, steps, lr, wd) -> None:
         """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
-        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order."""
+        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order. The
+        parameters in `self.without_gradient` are not written (a piece's other parameters are)."""
         decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
@@ -248,6 +252,8 @@ class CurvaturePreconditioner(Preconditioner):
         # written back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
         copies = {}
         for i, name, view, groups, region, src in self.writes:
+            if name in self.without_gradient:
+                continue
             if view in COPYING_VIEWS:
                 if name not in copies:
                     copies[name] = (view, groups, as_matrix(self.parameters.param(name), view, groups).clone())
