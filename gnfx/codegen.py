@@ -39,7 +39,8 @@ def _piece_expr(piece, position_of) -> str:
 
 
 def generate(preconditioners, position_of) -> str:
-    """Python source of `gnfx_update(grads, states, lrs, wds, collect)`.
+    """Python source of `gnfx_update(grads, states, lrs, wds, collect)` (wds None where no param
+    group decays).
 
     Per group one stack of its gradients and one call of the batched direction; per
     preconditioner one lookup of its pieces' learning rates and weight decays and one line per
@@ -62,7 +63,7 @@ def generate(preconditioners, position_of) -> str:
             continue
         n = pre.name
         lines.append(f"    # {n}'s chain: {' → '.join(map(repr, pre.chain))}")
-        lines.append(f"    lr_{n}, wd_{n} = lrs[index[{n!r}]], wds[index[{n!r}]]")
+        lines.append(f"    lr_{n}, wd_{n} = lrs[index[{n!r}]], None if wds is None else wds[index[{n!r}]]")
         lines.append(f"    U_{n} = [{', '.join(f'U_{k}' for k in keys)}]")
         lines.append(f"    G_{n} = [{', '.join(f'G_{k}' for k in keys)}]")
         lines.append(f"    S_{n} = [{', '.join(f'states[{k!r}]' for k in keys)}]")
@@ -152,6 +153,8 @@ class UpdateFunction:
         for i, g in enumerate(groups):
             self.lrs[i] = g["lr"]
             self.wds[i] = g["weight_decay"]
+        # None where no param group decays: the parameter write skips multiplying every parameter by 1
+        wds = self.wds if any(g["weight_decay"] != 0 for g in groups) else None
         grads, without_gradient = [], []
         for n in self.names:
             p = self.parameters.param(n)
@@ -164,7 +167,7 @@ class UpdateFunction:
             pre.without_gradient = frozenset(without_gradient)
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
         try:
-            self.fn(grads, states, self.lrs, self.wds, collect)
+            self.fn(grads, states, self.lrs, wds, collect)
         except COMPILE_FAILURES as error:
             if not (self.compiled and self.fallback):
                 raise
@@ -172,5 +175,5 @@ class UpdateFunction:
                           f"{str(error).splitlines()[0][:200]}); compile='auto' runs it eagerly instead",
                           RuntimeWarning, stacklevel=3)
             self.fn, self.compiled = self.eager, False
-            self.fn(grads, states, self.lrs, self.wds, collect)
+            self.fn(grads, states, self.lrs, wds, collect)
 

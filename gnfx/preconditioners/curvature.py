@@ -243,9 +243,10 @@ class CurvaturePreconditioner(Preconditioner):
     # --- the parameter write of the chain (gnfx.transforms.Step) ------------------------------
     def step_parameters(self, steps, lr, wd) -> None:
         """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
-        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order. The
-        parameters in `self.without_gradient` are not written (a piece's other parameters are)."""
-        decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
+        are the stacked steps D of self.groups; lr and wd are (pieces,) tensors in group order (wd
+        None: no decay, and no pass multiplying every parameter by 1). The parameters in
+        `self.without_gradient` are not written (a piece's other parameters are)."""
+        decay, neg_lr = None if wd is None else (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
         # name -> (view, groups, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS),
@@ -262,9 +263,10 @@ class CurvaturePreconditioner(Preconditioner):
                 p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
-            decays.append(decay[i])
+            decays.append(None if decay is None else decay[i])
             lrs.append(neg_lr[i])
-        torch._foreach_mul_(params, decays)
+        if decay is not None:
+            torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
         for name, (view, groups, M) in copies.items():
             p = self.parameters.param(name)
