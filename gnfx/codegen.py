@@ -14,6 +14,7 @@ the eager function, with a warning, if compiling fails.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -38,6 +39,30 @@ def _piece_expr(piece, position_of) -> str:
     return (f"fold({', '.join(grads)})" if t.folded_bias else grads[0]) + _region(piece)
 
 
+def stack_folded(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack([fold(w, b) for w, b in zip(weights, biases)])` (gnfx.targets.fold: the pieces
+    `[W b]`, stacked) with one copy of each gradient entry, where fold's cat and then the stack copied
+    every weight twice."""
+    w = weights[0]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (*weights, *biases)])
+    G = torch.empty((len(weights), w.shape[0], w.shape[1] + 1), dtype=dtype, device=w.device)
+    torch._foreach_copy_([*G[:, :, :-1].unbind(), *G[:, :, -1].unbind()], [*weights, *biases])
+    return G
+
+
+def _stack_expr(pieces, position_of) -> str:
+    """The stacked gradient of a group's pieces: one copy of each entry where the pieces are whole
+    [W b] targets (fold copies; `stack_folded` for several), else torch.stack of the pieces' regions."""
+    whole_folded = all(p.target.folded_bias and not _region(p) for p in pieces)
+    if whole_folded and len(pieces) == 1:
+        return _piece_expr(pieces[0], position_of) + ".unsqueeze(0)"
+    if whole_folded:
+        weights = [f"grads[{position_of[p.target.params[0]]}]" + VIEWS[p.target.view].format(groups=p.target.groups)
+                   for p in pieces]
+        return f"stack_folded([{', '.join(weights)}], [{', '.join(f'grads[{position_of[p.target.params[1]]}]' for p in pieces)}])"
+    return f"torch.stack([{', '.join(_piece_expr(p, position_of) for p in pieces)}])"
+
+
 def generate(preconditioners, position_of) -> str:
     """Python source of `gnfx_update(grads, states, lrs, wds, collect)` (wds None where no param
     group decays).
@@ -55,8 +80,7 @@ def generate(preconditioners, position_of) -> str:
             k = g.key
             names = ", ".join(p.target.name + _region(p) for p in g.pieces)
             lines.append(f"    # {k}: {pre.name}, {len(g.pieces)} x {'x'.join(map(str, g.shape))}: {names}")
-            pieces = ", ".join(_piece_expr(p, position_of) for p in g.pieces)
-            lines.append(f"    G_{k} = torch.stack([{pieces}])")
+            lines.append(f"    G_{k} = {_stack_expr(g.pieces, position_of)}")
             lines.append(f"    U_{k} = {pre.name}.direction(G_{k}, states[{k!r}], collect)")
             keys.append(k)
         if not keys:
@@ -111,7 +135,7 @@ class UpdateFunction:
         # preconditioner name -> param-group index of each of its pieces, in group order
         self.index: dict[str, torch.Tensor] = {}
         self._groups_version = None
-        namespace = {"torch": torch, "fold": fold, "index": self.index,
+        namespace = {"torch": torch, "fold": fold, "stack_folded": stack_folded, "index": self.index,
                      **{pre.name: pre for pre in self.preconditioners},
                      **{stage: t for pre in self.preconditioners for stage, t in zip(stage_names(pre.name, pre.chain),
                                                                                        pre.chain)}}
