@@ -44,7 +44,8 @@ def stack_folded(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tor
     `[W b]`, stacked) with one copy of each gradient entry, where fold's cat and then the stack copied
     every weight twice."""
     w = weights[0]
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in (*weights, *biases)])
+    dtypes = {t.dtype for t in (*weights, *biases)}  # as torch.stack promotes (one dtype: no dispatch)
+    dtype = dtypes.pop() if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
     G = torch.empty((len(weights), w.shape[0], w.shape[1] + 1), dtype=dtype, device=w.device)
     torch._foreach_copy_([*G[:, :, :-1].unbind(), *G[:, :, -1].unbind()], [*weights, *biases])
     return G

@@ -62,6 +62,8 @@ class CurvaturePreconditioner(Preconditioner):
     # a 0-d bool tensor: whether the direction is preconditioned yet (grafting takes the grafted
     # direction alone before, gnfx.transforms.graft); None: from the first step
     active = None
+    # `active` as a Python bool, set with it: the eager update reads this one (no tensor select per step)
+    started = True
     # the parameters the parameter write leaves as they are this step (no gradient: frozen since
     # compile, or unused by this forward), set by gnfx.codegen.UpdateFunction before each step
     without_gradient: frozenset = frozenset()
