@@ -155,6 +155,7 @@ class UpdateFunction:
         dtype = torch.float64 if any(parameters.param(n).dtype == torch.float64 for n in self.names) else torch.float32
         self.lrs = torch.zeros(n_groups, dtype=dtype, device=device)
         self.wds = torch.zeros(n_groups, dtype=dtype, device=device)
+        self._filled = None  # the (lr, weight decay) of each param group in self.lrs and self.wds
 
     def _sync_index(self) -> None:
         """Which param group (lr, weight decay) each piece reads, refreshed when the groups change."""
@@ -175,9 +176,14 @@ class UpdateFunction:
         if len(self.lrs) != len(groups):
             self.lrs = self.lrs.new_zeros(len(groups))
             self.wds = self.wds.new_zeros(len(groups))
-        for i, g in enumerate(groups):
-            self.lrs[i] = g["lr"]
-            self.wds[i] = g["weight_decay"]
+            self._filled = None
+        values = [(g["lr"], g["weight_decay"]) for g in groups]
+        # filled when a value changed (a scheduler's step) or is a tensor: two fills per group otherwise
+        if not all(type(v) in (float, int) for pair in values for v in pair) or values != self._filled:
+            for i, (lr, wd) in enumerate(values):
+                self.lrs[i] = lr
+                self.wds[i] = wd
+            self._filled = values
         # None where no param group decays: the parameter write skips multiplying every parameter by 1
         wds = self.wds if any(g["weight_decay"] != 0 for g in groups) else None
         grads, without_gradient = [], []

@@ -147,6 +147,26 @@ def test_stack_folded_is_the_stack_of_the_folded_pieces():
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("optimizer", ["rank1", "shampoo"])
+def test_a_changed_learning_rate_and_weight_decay_apply_at_the_next_step(optimizer):
+    """The step reads lr and weight decay from the param groups whenever they change (their tensors are
+    refilled only then): twins in float64 take two equal steps, then one lowers lr 0.05 → 0.01 and
+    decays by λ = 0.5, so that its third change is θ(1 - ηλ) - θ plus 1/5 of the other's (the direction
+    does not depend on η for these chains: grafting and momentum, no KL clipping)."""
+    data = batches(3, dtype=torch.float64)
+    twins = [gnfx.compile(make(dtype=torch.float64), optimizer=optimizer, lr=0.05) for _ in range(2)]
+    for c in twins:
+        train(c, data[:2])
+    before = flat_params(twins[0])
+    for g in twins[0].optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.01, 0.5
+    for c in twins:
+        train(c, data[2:])
+    changed, kept = flat_params(twins[0]), flat_params(twins[1])
+    torch.testing.assert_close(changed - before * (1 - 0.01 * 0.5), (kept - before) / 5, rtol=1e-9, atol=1e-15)
+    assert (kept - before).abs().min() > 0
+
+
 # ----------------------------------------------------------------------------- compiled vs eager
 
 
