@@ -11,7 +11,8 @@ window `targets.refresh_window` gives, so that it holds its statistic and refres
 on the same batches. Printed per model and preconditioner: each tree's whole step over AdamW's of
 the same round, and its `model.step()` alone over AdamW's `step()` (the part the update's code
 decides; less noisy), each as median and range over the rounds and as the median of the paired
-after / before ratios,
+after / before ratios, the minor page faults per whole step of AdamW and each tree (memory the C
+allocator gave back to the system and takes again: a cost that shows in the next forward+backward),
 and each tree's tensor operations per plain step (benchmarks/op_count.py). Use `--threads 1 --clock
 cpu` on a shared machine (benchmarks/targets.py).
 """
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,17 +73,23 @@ def load_tree(rev: str) -> dict:
             sys.path.remove(str(folder))
 
 
-def whole_steps(module, step, zero, pool, steps: int) -> tuple[float, float]:
-    """Seconds per whole step (fwd+bwd, step, zero_grad) and of the step alone, over `steps` steps on
-    the batches of `pool`."""
+def page_faults() -> int:
+    """Minor page faults of this process so far (memory the allocator took back from the system)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def whole_steps(module, step, zero, pool, steps: int) -> tuple[float, float, float]:
+    """Seconds per whole step (fwd+bwd, step, zero_grad) and of the step alone, and page faults per
+    whole step, over `steps` steps on the batches of `pool`."""
     whole = alone = 0.0
+    faults = page_faults()
     for i in range(steps):
         x, y = pool[i % len(pool)]
         whole += targets.seconds(lambda: torch.nn.functional.cross_entropy(module(x), y).backward())
         t = targets.seconds(step)
         whole += t + targets.seconds(zero)
         alone += t
-    return whole / steps, alone / steps
+    return whole / steps, alone / steps, (page_faults() - faults) / steps
 
 
 def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: int) -> dict:
@@ -105,6 +113,7 @@ def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: 
     for name in names:
         window = targets.refresh_window(runs["after"][name])
         ratios = {(label, part): [] for label in trees for part in PARTS}
+        faults = {label: [] for label in ("adamw", *trees)}
         for r in range(rounds + 2):  # two untimed rounds: the first steps, and Shampoo's start at step 10
             a = whole_steps(plain, adamw.step, adamw.zero_grad, pool, window)
             for label in (list(trees) if r % 2 else list(trees)[::-1]):
@@ -114,11 +123,15 @@ def compare(trees: dict, sizes: list[int], rows: int, names: list[str], rounds: 
                 if r >= 2:
                     for part, mine, adamw_s in zip(PARTS, t, a):
                         ratios[label, part].append(mine / adamw_s)
+                    faults[label].append(t[2])
+            if r >= 2:
+                faults["adamw"].append(a[2])
         result[name] = {part: {
             **{label: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                for (label, p), v in ratios.items() if p == part},
             "after / before": statistics.median(b / a for a, b in zip(ratios["before", part], ratios["after", part]))}
             for part in PARTS}
+        result[name]["page faults per step"] = {label: statistics.median(v) for label, v in faults.items()}
     return result
 
 
@@ -145,7 +158,10 @@ def main(argv=None) -> dict:
     for label, sizes, rows in models:
         out[label] = compare(trees, sizes, rows, args.optimizers, args.rounds)
         for name, parts in out[label].items():
-            for part, r in parts.items():
+            print(f"{label:26s} {name:8s} page faults per whole step (medians): "
+                  + json.dumps(parts["page faults per step"]), flush=True)
+            for part in PARTS:
+                r = parts[part]
                 print(f"{label:26s} {name:8s} {part:5s} " + "  ".join(
                     f"{t} {r[t]['median']:.3f} ({r[t]['min']:.3f}-{r[t]['max']:.3f})" for t in trees)
                     + f"  after/before {r['after / before']:.3f}", flush=True)
