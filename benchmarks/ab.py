@@ -19,10 +19,12 @@ cpu` on a shared machine (benchmarks/targets.py).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,8 +62,10 @@ def using(tree: dict):
 
 
 def load_tree(rev: str) -> dict:
-    """The gnfx modules of git revision `rev`, imported from a temporary copy of its `gnfx/`."""
+    """The gnfx modules of git revision `rev`, imported from a temporary copy of its `gnfx/` (kept until
+    the process exits, for the modules it imports later)."""
     folder = Path(tempfile.mkdtemp(prefix="gnfx-ab-"))
+    atexit.register(shutil.rmtree, folder, True)
     archive = subprocess.run(["git", "archive", rev, "gnfx"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     with using({}):
