@@ -33,8 +33,9 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(optimizer: str) -> int:
-    """Operators of one plain step of `optimizer` ("adamw": torch.optim.AdamW) on the digits MLP."""
+def count(optimizer: str, compile_model=gnfx.compile) -> int:
+    """Operators of one plain step of `optimizer` ("adamw": torch.optim.AdamW) on the digits MLP, the
+    model compiled by `compile_model` (gnfx.compile, or another tree's: benchmarks/ab.py)."""
     torch.manual_seed(0)
     module = mlp([64, 128, 128, 10])
     x, y = torch.randn(128, 64), torch.randint(10, (128,))
@@ -42,7 +43,7 @@ def count(optimizer: str) -> int:
         opt = torch.optim.AdamW(module.parameters(), lr=1e-3, foreach=True)
         model, step, zero = module, opt.step, opt.zero_grad
     else:
-        model = gnfx.compile(module, optimizer=optimizer, lr=1e-3, step="lr", compile=False)
+        model = compile_model(module, optimizer=optimizer, lr=1e-3, step="lr", compile=False)
         step, zero = model.step, model.zero_grad
     for _ in range(WARMUP):
         F.cross_entropy(model(x), y).backward()

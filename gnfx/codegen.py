@@ -14,6 +14,7 @@ the eager function, with a warning, if compiling fails.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -38,8 +39,34 @@ def _piece_expr(piece, position_of) -> str:
     return (f"fold({', '.join(grads)})" if t.folded_bias else grads[0]) + _region(piece)
 
 
+def stack_folded(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack([fold(w, b) for w, b in zip(weights, biases)])` (gnfx.targets.fold: the pieces
+    `[W b]`, stacked) with one copy of each gradient entry, where fold's cat and then the stack copied
+    every weight twice."""
+    w = weights[0]
+    dtypes = {t.dtype for t in (*weights, *biases)}  # as torch.stack promotes (one dtype: no dispatch)
+    dtype = dtypes.pop() if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
+    G = torch.empty((len(weights), w.shape[0], w.shape[1] + 1), dtype=dtype, device=w.device)
+    torch._foreach_copy_([*G[:, :, :-1].unbind(), *G[:, :, -1].unbind()], [*weights, *biases])
+    return G
+
+
+def _stack_expr(pieces, position_of) -> str:
+    """The stacked gradient of a group's pieces: one copy of each entry where the pieces are whole
+    [W b] targets (fold copies; `stack_folded` for several), else torch.stack of the pieces' regions."""
+    whole_folded = all(p.target.folded_bias and not _region(p) for p in pieces)
+    if whole_folded and len(pieces) == 1:
+        return _piece_expr(pieces[0], position_of) + ".unsqueeze(0)"
+    if whole_folded:
+        weights = [f"grads[{position_of[p.target.params[0]]}]" + VIEWS[p.target.view].format(groups=p.target.groups)
+                   for p in pieces]
+        return f"stack_folded([{', '.join(weights)}], [{', '.join(f'grads[{position_of[p.target.params[1]]}]' for p in pieces)}])"
+    return f"torch.stack([{', '.join(_piece_expr(p, position_of) for p in pieces)}])"
+
+
 def generate(preconditioners, position_of) -> str:
-    """Python source of `gnfx_update(grads, states, lrs, wds, collect)`.
+    """Python source of `gnfx_update(grads, states, lrs, wds, collect)` (wds None where no param
+    group decays).
 
     Per group one stack of its gradients and one call of the batched direction; per
     preconditioner one lookup of its pieces' learning rates and weight decays (those of the group of
@@ -56,16 +83,16 @@ def generate(preconditioners, position_of) -> str:
             k = g.key
             names = ", ".join(p.target.name + _region(p) for p in g.pieces)
             lines.append(f"    # {k}: {pre.name}, {len(g.pieces)} x {'x'.join(map(str, g.shape))}: {names}")
-            pieces = ", ".join(_piece_expr(p, position_of) for p in g.pieces)
-            lines.append(f"    G_{k} = torch.stack([{pieces}])")
+            lines.append(f"    G_{k} = {_stack_expr(g.pieces, position_of)}")
             lines.append(f"    U_{k} = {pre.name}.direction(G_{k}, states[{k!r}], collect)")
             keys.append(k)
         if not keys:
             continue
         n = pre.name
         lines.append(f"    # {n}'s chain: {' → '.join(map(repr, pre.chain))}")
-        lines.append(f"    lr_{n}, wd_{n} = lrs[index[{n!r}]], wds[index[{n!r}]]")
-        lines.append(f"    lr_{n}_write, wd_{n}_write = lrs[write_index[{n!r}]], wds[write_index[{n!r}]]")
+        lines.append(f"    lr_{n}, wd_{n} = lrs[index[{n!r}]], None if wds is None else wds[index[{n!r}]]")
+        lines.append(f"    lr_{n}_write, wd_{n}_write = lrs[write_index[{n!r}]], "
+                     f"None if wds is None else wds[write_index[{n!r}]]")
         lines.append(f"    U_{n} = [{', '.join(f'U_{k}' for k in keys)}]")
         lines.append(f"    G_{n} = [{', '.join(f'G_{k}' for k in keys)}]")
         lines.append(f"    S_{n} = [{', '.join(f'states[{k!r}]' for k in keys)}]")
@@ -116,7 +143,8 @@ class UpdateFunction:
         # preconditioner name -> param-group index of each parameter region its write updates (pre.writes)
         self.write_index: dict[str, torch.Tensor] = {}
         self._groups_version = None
-        namespace = {"torch": torch, "fold": fold, "index": self.index, "write_index": self.write_index,
+        namespace = {"torch": torch, "fold": fold, "stack_folded": stack_folded, "index": self.index,
+                     "write_index": self.write_index,
                      **{pre.name: pre for pre in self.preconditioners},
                      **{stage: t for pre in self.preconditioners for stage, t in zip(stage_names(pre.name, pre.chain),
                                                                                        pre.chain)}}
@@ -135,6 +163,7 @@ class UpdateFunction:
         dtype = torch.float64 if any(parameters.param(n).dtype == torch.float64 for n in self.names) else torch.float32
         self.lrs = torch.zeros(n_groups, dtype=dtype, device=device)
         self.wds = torch.zeros(n_groups, dtype=dtype, device=device)
+        self._filled = None  # the (lr, weight decay) of each param group in self.lrs and self.wds
 
     def _sync_index(self) -> None:
         """Which param group (lr, weight decay) each piece reads, refreshed when the groups change."""
@@ -157,18 +186,29 @@ class UpdateFunction:
         if len(self.lrs) != len(groups):
             self.lrs = self.lrs.new_zeros(len(groups))
             self.wds = self.wds.new_zeros(len(groups))
-        for i, g in enumerate(groups):
-            self.lrs[i] = g["lr"]
-            self.wds[i] = g["weight_decay"]
-        grads, kept = [], []
+            self._filled = None
+        values = [(g["lr"], g["weight_decay"]) for g in groups]
+        # filled when a value changed (a scheduler's step) or is a tensor: two fills per group otherwise
+        if not all(type(v) in (float, int) for pair in values for v in pair) or values != self._filled:
+            for i, (lr, wd) in enumerate(values):
+                self.lrs[i] = lr
+                self.wds[i] = wd
+            self._filled = values
+        # None where no param group decays: the parameter write skips multiplying every parameter by 1
+        wds = self.wds if any(g["weight_decay"] != 0 for g in groups) else None
+        grads, without_gradient = [], []
         for n in self.names:
             p = self.parameters.param(n)
             if p.grad is None:  # frozen since compile, or unused by this forward: it keeps its value
-                kept.append((p, p.detach().clone()))
+                without_gradient.append(n)
             grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        # as torch.optim skips a parameter without a gradient (the parameter write leaves it out); its
+        # block's momentum decays meanwhile
+        for pre in self.preconditioners:
+            pre.without_gradient = frozenset(without_gradient)
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
         try:
-            self.fn(grads, states, self.lrs, self.wds, collect)
+            self.fn(grads, states, self.lrs, wds, collect)
         except COMPILE_FAILURES as error:
             if not (self.compiled and self.fallback):
                 raise
@@ -176,8 +216,5 @@ class UpdateFunction:
                           f"{str(error).splitlines()[0][:200]}); compile='auto' runs it eagerly instead",
                           RuntimeWarning, stacklevel=3)
             self.fn, self.compiled = self.eager, False
-            self.fn(grads, states, self.lrs, self.wds, collect)
-        # as torch.optim skips a parameter without a gradient; its block's momentum decays meanwhile
-        for p, value in kept:
-            p.copy_(value)
+            self.fn(grads, states, self.lrs, wds, collect)
 

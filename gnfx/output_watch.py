@@ -47,10 +47,11 @@ def _hook(z: torch.Tensor, store, settings: dict) -> None:
 
     def hook(grad):
         handle.remove()  # the true-Fisher backward starts at z too: run once
-        if settings["loss"] == "cross_entropy":
-            check_cross_entropy_gradient(z, grad)
         kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
-        fraction = float(kept.sum()) / max(kept.numel(), 1)
+        count = kept.sum()
+        if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
+            (count,) = check_cross_entropy_gradient(z, grad, count)
+        fraction = float(count) / max(kept.numel(), 1)
         store.kept_fraction[fid] = fraction
         if store.fisher != "empirical":
             terms = z.shape[0] if settings["loss_average"] == "batch" or z.dim() < 2 else kept.numel()

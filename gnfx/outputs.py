@@ -30,7 +30,7 @@ def logits_of(out) -> torch.Tensor | None:
     return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()), None)
 
 
-def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor) -> None:
+def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
     """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
     that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares. Its row
     n is (p_n - q_n)/M for the softmax p_n and the target distribution q_n (one-hot, smoothed or
@@ -41,9 +41,13 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor) -> None:
     of 3e-7 in float32 had row sums 7% of the gradient, all rounding) still passes. A loss of another output (z is the first floating tensor the model
     returns) or over another dimension of z (an (N, C, H, W) segmentation output) fails the first; a
     summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
-    model's predictions are far from its targets, as at the start of training."""
+    model's predictions are far from its targets, as at the start of training.
+
+    `also`: 0-d tensors the caller needs on the host (gnfx.output_watch: the count of the rows the loss
+    keeps), read in the same transfer as the check's two sums, one host synchronization in all; returned
+    as floats, in order."""
     rows = grad.detach().reshape(-1, grad.shape[-1]).double()
-    off, total = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum()]).tolist()
+    off, total, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), *(a.double() for a in also)]).tolist()
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
             f"sum to zero; here |row sums| / |gradient| = {off / total:.3g})"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
@@ -59,3 +63,4 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor) -> None:
             f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"or without loss= (and with an lr) for another loss")
+    return values

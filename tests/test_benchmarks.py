@@ -259,3 +259,27 @@ def test_example_models_check_runs_on_every_model():
     for name in example_models.MODELS:
         line = example_models.run(name, "kfac", 2)
         assert line.startswith(name) and "(quadratic) ok: loss" in line, line
+
+
+def test_before_and_after_runs_a_git_revision_beside_the_working_tree(monkeypatch):
+    """benchmarks.ab imports the gnfx of a git revision beside the working tree's, each model stepping
+    in its own tree (sys.modules swapped around it, and restored), on a tiny MLP (figures not asserted)."""
+    import sys
+
+    import gnfx
+    from benchmarks import ab, targets
+
+    monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
+    monkeypatch.setattr(ab, "DIGITS", ([4, 8, 8, 3], 8))
+    out = ab.main(["--baseline", "HEAD", "--rounds", "1", "--optimizers", "rank1", "--ratios", "1"])
+    assert sys.modules["gnfx"] is gnfx
+    assert set(out["operations"]) == {"before", "after"} and out["operations"]["after"]["rank1"] > 0
+    for model in ("mlp 8 rows/width 1", "digits-sized mlp"):
+        r = out[model]["rank1"]
+        assert set(r["whole"]) == {"before", "after", "after / before"} and r["whole"]["after"]["median"] > 0
+        assert set(r["page faults per step"]) == {"adamw", "before", "after"}
+    tree = ab.load_tree("HEAD")
+    assert tree["gnfx"] is not gnfx and tree["gnfx"].__file__ != gnfx.__file__
+    with ab.using(tree) as other:
+        assert sys.modules["gnfx.codegen"] is tree["gnfx.codegen"] and other is tree["gnfx"]
+    assert sys.modules["gnfx.codegen"] is not tree["gnfx.codegen"]

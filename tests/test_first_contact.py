@@ -99,6 +99,30 @@ def test_a_parameter_without_a_gradient_keeps_its_value(name):
     assert not torch.equal(model.b.weight, trained)
 
 
+@pytest.mark.parametrize("name", ["kfac", "shampoo", "rank1"])
+def test_a_bias_without_a_gradient_keeps_its_value_and_its_weight_steps_as_with_a_zero_bias_gradient(name):
+    """A piece [W b] whose b has no gradient: the parameter write leaves b out (nothing is copied back),
+    and W takes exactly the step of a twin whose b has a zero gradient (b's momentum moves the twin's b;
+    one step, after which the twins' forwards differ)."""
+    models = []
+    for frozen in (True, False):
+        torch.manual_seed(0)
+        model = MLP()
+        c = gnfx.compile(model, name, lr=0.05)
+        train(c, 2)
+        model.a.bias.requires_grad_(not frozen)
+        bias = model.a.bias.detach().clone()
+        x, y = batch()
+        F.cross_entropy(c(x), y).backward()
+        if not frozen:
+            model.a.bias.grad.zero_()
+        c.step()
+        assert torch.equal(model.a.bias, bias) == frozen
+        models.append(model)
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert n == "a.bias" or torch.equal(p, q), n
+
+
 def test_copying_or_pickling_the_compiled_model_names_the_fix():
     model = MLP()
     c = gnfx.compile(model, "kfac", lr=0.05)
@@ -469,3 +493,37 @@ def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(sha
         F.cross_entropy(c(ids).reshape(-1, 3), y.reshape(-1)).backward()
         c.step()
     torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
+
+
+def test_the_cross_entropy_check_and_the_kept_rows_count_share_one_host_read(monkeypatch):
+    """A statistic backward with loss="cross_entropy" reads from the output's gradient, to the host, the
+    check's two sums and the count of rows the loss keeps (targets of -100 drop out of N and M): one
+    read in all (`tolist` or a `_local_scalar_dense`; it was two), and the count is the kept rows'."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+
+    class Scalars(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    for fisher in ("empirical", "mc"):
+        c = gnfx.compile(MLP(), "kfac", loss="cross_entropy", fisher=fisher, lr=0.05)
+        x, y = batch()
+        y[:3] = -100
+        out = c(x)
+        store = c.optimizer.statistics
+        reads.clear()
+        with Scalars():
+            F.cross_entropy(out, y).backward()
+        assert len(reads) == 1, reads
+        assert list(store.kept_fraction.values()) == [5 / 8]
+    from gnfx.outputs import check_cross_entropy_gradient
+    z = torch.randn(4, 3, requires_grad=True)
+    grad, = torch.autograd.grad(F.cross_entropy(z, torch.tensor([0, 1, 2, 0])), z)
+    assert check_cross_entropy_gradient(z, grad, torch.tensor(7), torch.tensor(0.5)) == [7.0, 0.5]

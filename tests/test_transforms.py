@@ -30,6 +30,7 @@ class Pre:
 
     def __init__(self, active=None):
         self.active = active
+        self.started = True if active is None else bool(active)  # as CurvaturePreconditioner keeps it
 
     def sum_over_owners(self, x):
         return x

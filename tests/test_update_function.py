@@ -100,7 +100,8 @@ HP = {
 @pytest.mark.parametrize("optimizer", CURVATURE)
 def test_update_code_is_python_that_stacks_equal_shaped_blocks_into_one_group(optimizer):
     """`update_code` parses as Python, names every group, and stacks the three 16x16 hidden
-    layers ([W b]: 16x17) into one group of three pieces: one torch.stack of three gradients."""
+    layers ([W b]: 16x17) into one group of three pieces: one stack_folded of three weight and three
+    bias gradients (a group of one [W b]: its fold with a leading dimension; else a torch.stack)."""
     c = gnfx.compile(make(Deep), optimizer=optimizer)
     code = c.update_code
     tree = ast.parse(code)  # valid Python
@@ -108,10 +109,17 @@ def test_update_code_is_python_that_stacks_equal_shaped_blocks_into_one_group(op
     assert [f.name for f in functions] == ["gnfx_update"]
     assert c.optimizer.update_function.source in code
     pre = c.optimizer.curvature[0]
-    stacks = {}  # assigned name -> number of tensors in its torch.stack([...])
+    stacks = {}  # assigned name -> number of pieces it stacks
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "torch.stack":
-            stacks[node.targets[0].id] = len(node.value.args[0].elts)
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            call, args = ast.unparse(node.value.func), node.value.args
+            if call == "torch.stack":
+                stacks[node.targets[0].id] = len(args[0].elts)
+            elif call == "stack_folded":
+                assert len(args[0].elts) == len(args[1].elts)
+                stacks[node.targets[0].id] = len(args[0].elts)
+            elif call.startswith("fold(") and call.endswith(".unsqueeze") and args[0].value == 0:
+                stacks[node.targets[0].id] = 1
     for g in pre.groups:
         stacked = [n for name, n in stacks.items() if name.endswith(g.key)]
         assert stacked == [len(g.pieces)], (g.key, stacks)
@@ -121,6 +129,42 @@ def test_update_code_is_python_that_stacks_equal_shaped_blocks_into_one_group(op
     assert len(pre.groups) == 3  # 16x9, 16x17 (x3), 4x17
     comment = next(line for line in code.splitlines() if line.strip().startswith(f"# {hidden.key}:"))
     assert all(name in comment for name in ("hidden.0", "hidden.1", "hidden.2"))
+
+
+def test_stack_folded_is_the_stack_of_the_folded_pieces():
+    """One copy into the stack gives exactly torch.stack of the folds [W b], for contiguous weights,
+    views (a conv kernel's flatten, a transpose) and mixed dtypes (promoted as torch.stack does)."""
+    from gnfx.codegen import stack_folded
+    from gnfx.targets import fold
+    torch.manual_seed(0)
+    cases = [([torch.randn(5, 3) for _ in range(3)], [torch.randn(5) for _ in range(3)]),
+             ([torch.randn(4, 2, 3, 3).flatten(1), torch.randn(4, 2, 3, 3).flatten(1)], [torch.randn(4), torch.randn(4)]),
+             ([torch.randn(3, 5).t(), torch.randn(5, 3)], [torch.randn(5), torch.randn(5, dtype=torch.float64)])]
+    for weights, biases in cases:
+        expected = torch.stack([fold(w, b) for w, b in zip(weights, biases)])
+        got = stack_folded(weights, biases)
+        assert got.dtype == expected.dtype and got.is_contiguous()
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("optimizer", ["rank1", "shampoo"])
+def test_a_changed_learning_rate_and_weight_decay_apply_at_the_next_step(optimizer):
+    """The step reads lr and weight decay from the param groups whenever they change (their tensors are
+    refilled only then): twins in float64 take two equal steps, then one lowers lr 0.05 → 0.01 and
+    decays by λ = 0.5, so that its third change is θ(1 - ηλ) - θ plus 1/5 of the other's (the direction
+    does not depend on η for these chains: grafting and momentum, no KL clipping)."""
+    data = batches(3, dtype=torch.float64)
+    twins = [gnfx.compile(make(dtype=torch.float64), optimizer=optimizer, lr=0.05) for _ in range(2)]
+    for c in twins:
+        train(c, data[:2])
+    before = flat_params(twins[0])
+    for g in twins[0].optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.01, 0.5
+    for c in twins:
+        train(c, data[2:])
+    changed, kept = flat_params(twins[0]), flat_params(twins[1])
+    torch.testing.assert_close(changed - before * (1 - 0.01 * 0.5), (kept - before) / 5, rtol=1e-9, atol=1e-15)
+    assert (kept - before).abs().min() > 0
 
 
 # ----------------------------------------------------------------------------- compiled vs eager

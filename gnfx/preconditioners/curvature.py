@@ -62,6 +62,11 @@ class CurvaturePreconditioner(Preconditioner):
     # a 0-d bool tensor: whether the direction is preconditioned yet (grafting takes the grafted
     # direction alone before, gnfx.transforms.graft); None: from the first step
     active = None
+    # `active` as a Python bool, set with it: the eager update reads this one (no tensor select per step)
+    started = True
+    # the parameters the parameter write leaves as they are this step (no gradient: frozen since
+    # compile, or unused by this forward), set by gnfx.codegen.UpdateFunction before each step
+    without_gradient: frozenset = frozenset()
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
@@ -241,14 +246,18 @@ class CurvaturePreconditioner(Preconditioner):
     def step_parameters(self, steps, lr, wd) -> None:
         """θ ← θ(1 - ηλ) - η D for every piece of every group at once (foreach kernels): `steps`
         are the stacked steps D of self.groups; lr and wd are tensors with one entry per write of
-        `self.writes` (each parameter's own param group: gnfx.codegen)."""
-        decay, neg_lr = (1 - lr * wd).unbind(), lr.neg().unbind()
+        `self.writes` (each parameter's own param group: gnfx.codegen; wd None: no decay, and no pass
+        multiplying every parameter by 1). The parameters in `self.without_gradient` are not written
+        (a piece's other parameters are)."""
+        decay, neg_lr = None if wd is None else (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
         # name -> (view, groups, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS),
         # written back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
         copies = {}
         for j, (i, name, view, groups, region, src) in enumerate(self.writes):
+            if name in self.without_gradient:
+                continue
             if view in COPYING_VIEWS:
                 if name not in copies:
                     copies[name] = (view, groups, as_matrix(self.parameters.param(name), view, groups).clone())
@@ -257,9 +266,10 @@ class CurvaturePreconditioner(Preconditioner):
                 p = as_matrix(self.parameters.param(name), view)
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
-            decays.append(decay[j])
+            decays.append(None if decay is None else decay[j])
             lrs.append(neg_lr[j])
-        torch._foreach_mul_(params, decays)
+        if decay is not None:
+            torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
         for name, (view, groups, M) in copies.items():
             p = self.parameters.param(name)

@@ -18,7 +18,7 @@ from gnfx.preconditioners.base import Preconditioner
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 
 # names the generated update (gnfx.codegen) already binds, and the policy's "auto"
-RESERVED = ("torch", "fold", "index", "grads", "states", "lrs", "wds", "collect", "auto")
+RESERVED = ("torch", "fold", "stack_folded", "index", "grads", "states", "lrs", "wds", "collect", "auto")
 
 
 def _defined_by(cls, method: str):

@@ -172,6 +172,7 @@ class Shampoo(CurvaturePreconditioner):
         # one graph across the start (a flag would recompile at start_preconditioning_step)
         device = parameters.param(self.groups[0].pieces[0].target.params[0]).device if self.groups else None
         self.active = torch.zeros((), dtype=torch.bool, device=device)
+        self.started = False
         self.current_step = 0  # the step of the latest refresh_due, for the age of the roots
 
     def follow_parameters(self):
@@ -250,6 +251,7 @@ class Shampoo(CurvaturePreconditioner):
         self.current_step = step
         start = self.hp["start_preconditioning_step"]
         self.active.fill_(step >= start)
+        self.started = step >= start
         return step >= start and (step - start) % self.hp["precondition_frequency"] == 0
 
     def due_roots(self, owned: list) -> list[list[list[int]]]:

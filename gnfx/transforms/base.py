@@ -45,8 +45,8 @@ class Transform:
         return 0
 
     def __call__(self, pre, Us: list[torch.Tensor], Gs: list[torch.Tensor], states: list[dict],
-                 lr: torch.Tensor, wd: torch.Tensor) -> list[torch.Tensor] | None:
+                 lr: torch.Tensor, wd: torch.Tensor | None) -> list[torch.Tensor] | None:
         """The new directions of preconditioner `pre`'s groups: Us, Gs (stacked gradients) and
         states follow `pre.groups`; lr and wd are the (pieces,) learning rates and weight decays
-        in group order. The parameter write returns None."""
+        in group order (wd None: no param group decays this step). The parameter write returns None."""
         raise NotImplementedError

@@ -6,7 +6,8 @@ For the gradient G of each piece the grafted method's direction D is
   "none":    no grafting, U unchanged
 and each piece's direction U takes D's norm: U ← U ‖D‖ / ‖U‖ (Frobenius norms per piece, a zero U
 stays zero). A preconditioner whose direction is not preconditioned yet (`pre.active`, a 0-d bool
-tensor, False: Shampoo before start_preconditioning_step) takes D alone: U ← D.
+tensor, False: Shampoo before start_preconditioning_step; `pre.started` the same as a Python bool, which
+the eager update reads) takes D alone: U ← D.
 """
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ class Graft(Transform):
             bounds.append(bounds[-1] + len(U))
         grafted = [U * torch.stack(scales[a:b]).view((-1,) + (1,) * (U.dim() - 1))
                    for U, a, b in zip(Us, bounds, bounds[1:])]
-        if pre.active is None:
+        # eagerly, once started, no pass selecting U everywhere; a compiled graph selects by the tensor
+        # (it reads no Python flag, which would recompile it at the start)
+        if pre.active is None or (not torch.compiler.is_compiling() and pre.started):
             return grafted
         return [torch.where(pre.active, U, D) for U, D in zip(grafted, Ds)]
 
