@@ -735,7 +735,14 @@ def held_out_loss(problem: Problem, model: nn.Module) -> float:
 
 
 def train(name: str, optimizer: str, steps: int, seed: int = 0) -> Run:
-    """Train PROBLEMS[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>')."""
+    """Train PROBLEMS[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>'), its
+    warnings silenced (the coverage and per-example warnings that first_contact_*.md lists)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _train(name, optimizer, steps, seed)
+
+
+def _train(name: str, optimizer: str, steps: int, seed: int) -> Run:
     problem = PROBLEMS[name]()
     torch.manual_seed(seed)
     model = problem.build()
@@ -748,9 +755,7 @@ def train(name: str, optimizer: str, steps: int, seed: int = 0) -> Run:
             adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(optimizer[6:]))
             trained, step, zero_grad = model, adamw.step, adamw.zero_grad
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # coverage warnings; first_contact_*.md lists them
-                trained = gnfx.compile(model, optimizer=optimizer, loss=problem.loss_name)
+            trained = gnfx.compile(model, optimizer=optimizer, loss=problem.loss_name)
             step, zero_grad = trained.step, trained.zero_grad
         for t in range(1, steps + 1):
             problem.loss(trained, next(stream)).backward()
