@@ -1,6 +1,6 @@
 """Defaults on model-library look-alikes over longer runs: does any optimizer diverge, crash or stall?
 
-    OMP_NUM_THREADS=1 python -m benchmarks.library_models [--steps 200] [--models vit gpt2] \
+    OMP_NUM_THREADS=1 python -m benchmarks.library_models [--steps 200] [--seed 0] [--models vit gpt2] \
         [--optimizers kfac adamw_1e-3] [--out benchmarks/results/library_models.md]
 
 The first-contact rounds (benchmarks/results/first_contact_2.md, first_contact_3.md) ran look-alikes
@@ -813,6 +813,7 @@ def table(rows: list[dict], steps: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="the initial weights and the batch stream")
     parser.add_argument("--models", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
     parser.add_argument("--optimizers", nargs="+",
                         default=[*GNFX_OPTIMIZERS, *(f"adamw_{lr:g}" for lr in ADAMW_LRS)])
@@ -823,7 +824,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         runs = []
         for optimizer in args.optimizers:
-            runs.append(train(name, optimizer, args.steps))
+            runs.append(train(name, optimizer, args.steps, args.seed))
             r = runs[-1]
             print(f"{name:<16} {optimizer:<11} {r.status:<8} {r.start:.4f} -> best {r.best:.4f} end {r.end:.4f} "
                   f"({r.seconds:.1f} s) {r.reason}", flush=True)
