@@ -1,7 +1,7 @@
 """Defaults on model-library look-alikes over longer runs: does any optimizer diverge, crash or stall?
 
     OMP_NUM_THREADS=1 python -m benchmarks.library_models [--steps 200] [--seed 0] [--models vit gpt2] \
-        [--optimizers kfac adamw_1e-3] [--out benchmarks/results/library_models.md]
+        [--optimizers kfac adamw_1e-3] [--out tables.md]
 
 The first-contact rounds (benchmarks/results/first_contact_2.md, first_contact_3.md) ran look-alikes
 of model-library models for 6 steps on one batch. Here small look-alikes of the same code patterns
