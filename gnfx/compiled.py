@@ -54,6 +54,7 @@ class CompiledModel(nn.Module):
         self.__dict__["_settings"] = settings
         optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
         if optimizer.quadratic is not None:  # it replays the last training forward (gnfx.quadratic_step)
+            self.register_forward_pre_hook(optimizer.quadratic.observe_random_state, with_kwargs=True)
             self.register_forward_hook(optimizer.quadratic.observe, with_kwargs=True)
         # Introspection sees the original forward's signature (inspect follows __wrapped__): Hugging
         # Face's Trainer keeps only the dataset columns that the model's forward names.

@@ -193,13 +193,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from gnfx.errors import GnfxError
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.outputs import logits_of
+from gnfx.random_state import RandomState
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
 # 200, K-FAC's factored damping with it, α shrank to ~1e-4 and kfac at defaults missed both targets
@@ -342,6 +343,7 @@ class QuadraticStep:
         self._module_function: ModuleFunction | None = None  # the model as a function of θ (_function)
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
+        self._random_state: RandomState | None = None  # the generators' states before it (gnfx.random_state)
         self._examples = 0  # its batch size, the first dimension of z
         self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
         self._output_before = None  # its z
@@ -350,7 +352,14 @@ class QuadraticStep:
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
         self._native_recurrent = False
 
-    # --- the forward it replays (a forward hook of the CompiledModel) -------------------------
+    # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
+    def observe_random_state(self, module, args, kwargs) -> None:
+        """Before a training forward: record the random generators' states, which every replay of it
+        restores (its dropout masks; gnfx.random_state)."""
+        if module.training and torch.is_grad_enabled():
+            devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            self._random_state = RandomState(devices)
+
     def observe(self, module, args, kwargs, out) -> None:
         """Remember a training forward's inputs, and the gradient its backward sends to z."""
         if not (module.training and torch.is_grad_enabled()):
@@ -382,8 +391,12 @@ class QuadraticStep:
                                     and len(t) == self._examples else t, (args, kwargs))
         if self._module_function is None or self._module_function.module is not model:
             self._module_function = ModuleFunction(model, list(self.parameters.named))
-        function = self._module_function
-        return lambda theta: logits_of(function(theta, *args, **kwargs))
+        function, random_state = self._module_function, self._random_state
+
+        def f(theta):
+            with random_state.replayed():  # the training forward's random numbers (gnfx.random_state)
+                return logits_of(function(theta, *args, **kwargs))
+        return f
 
     def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of

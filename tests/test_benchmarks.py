@@ -283,3 +283,20 @@ def test_before_and_after_runs_a_git_revision_beside_the_working_tree(monkeypatc
     with ab.using(tree) as other:
         assert sys.modules["gnfx.codegen"] is tree["gnfx.codegen"] and other is tree["gnfx"]
     assert sys.modules["gnfx.codegen"] is not tree["gnfx.codegen"]
+
+
+def test_library_models_check_runs_every_model_and_judges_the_runs():
+    """benchmarks.library_models trains each look-alike one step at kfac's defaults (one with AdamW),
+    and its verdicts flag a stall against AdamW 1e-3 (the real runs: benchmarks/results/library_models.md)."""
+    from benchmarks import library_models
+
+    for name in library_models.PROBLEMS:
+        run = library_models.train(name, "kfac", 1)
+        assert run.status == "ok" and len(run.curve) == 2 and run.last_step["solved"], (name, run.reason)
+    assert library_models.train("vit", "adamw_0.001", 1).status == "ok"
+    good = library_models.Run("m", "adamw_0.001", curve=[(0, 2.0), (10, 1.0), (20, 0.5)])
+    stalled = library_models.Run("m", "kfac", curve=[(0, 2.0), (10, 1.9), (20, 1.8)])
+    rows = library_models.verdicts([good, stalled])
+    assert [r["verdict"] for r in rows] == ["ok", "stalled"] and rows[0]["target"] == 1.0
+    assert [r["steps_to_target"] for r in rows] == [10, None]
+    assert "| m | kfac | 2 | 1.8 | 1.8 | stalled | > 20 (1) |" in library_models.table(rows, 20)

@@ -25,6 +25,8 @@ of [∇W ∇b]. A blocked factor is stored as (groups, m, b, b) (groups = 1 for 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -68,7 +70,7 @@ class Layout:
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The output gradient as (N, R, d_out) rows."""
-        return g.reshape(g.shape[0], -1, g.shape[-1]) if g.dim() > 1 else g.reshape(1, 1, -1)
+        return position_rows(g)
 
     def factor_blocking(self) -> dict[str, tuple[int, int] | None]:
         """(m, b) of each factor cut into blocks by the block's `max_factor`, None for a factor kept
@@ -92,6 +94,12 @@ class Layout:
         blocks = self.factor_blocking()
         return {k: v if blocks[k] is None else (self.groups, blocks[k][0], blocks[k][1], blocks[k][1])
                 for k, v in whole.items()}
+
+
+def position_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (N, ..., d) as (N, R, d), R the product of the dimensions between (an unbatched (d,): (1, 1, d)). R is
+    given, not inferred: a -1 is ambiguous for N = 0, the input of a routed expert that no example reached."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
 
 
 def split_groups(X: torch.Tensor, groups: int) -> torch.Tensor:

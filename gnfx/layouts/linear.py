@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from gnfx.layouts.base import Layout
+from gnfx.layouts.base import Layout, position_rows
 
 
 class LinearLayout(Layout):
@@ -16,4 +16,4 @@ class LinearLayout(Layout):
 
     def input_chunks(self, a: torch.Tensor):
         """The input rows a, as (N, R, d_in) tensors (one chunk: nothing to materialize)."""
-        yield a.reshape(a.shape[0], -1, a.shape[-1]) if a.dim() > 1 else a.reshape(1, 1, -1)
+        yield position_rows(a)
