@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from steps import train as train_on
 
 
 class MLP(nn.Module):
@@ -372,13 +373,7 @@ def test_weight_norm_has_exact_forward_mode_products_and_the_quadratic_step_trai
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the coverage warning: weight-normed weights are computed, not parameters
         c = gnfx.compile(model, "kfac", loss="cross_entropy")
-    losses = []
-    for _ in range(4):
-        loss = F.cross_entropy(c(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
-        losses.append(loss.item())
+    losses = train_on(c, x, y, F.cross_entropy, 4)
     assert losses[-1] < losses[0]
 
 
