@@ -363,3 +363,49 @@ def test_training_on_a_fixed_batch_decreases_the_loss():
 def test_bad_hyperparameters_raise_config_error_naming_the_parameter(name, value):
     with pytest.raises(gnfx.ConfigError, match=re.escape(f"{name}={value!r}")):
         gnfx.compile(make(), optimizer="soap", **{name: value})
+
+
+@pytest.mark.parametrize("refresh", ["eigh", "qr"])
+def test_step_sequence_equals_dense_reference(refresh):
+    """Eight steps of SOAP on the order-3 tensor against an independent dense SOAP trained from a
+    copy of the same weights on the same batches: statistics on steps 0, 2, 4, 6 (stat_every=2),
+    refreshes before steps 1, 4, 7 (precondition_frequency=3), each sorting the old bases and
+    permuting v before recomputing them (the first by eigh under either refresh), Adam's moments
+    and bias corrections carried across the changes of basis. The reference keeps its own weights,
+    so any difference in one step would carry into every later one. Factors of a single gradient
+    (batch 8) have full rank along modes 1 and 2 and one null vector (the ones: softmax's δ sums
+    to zero) along mode 3, so each basis is unique up to signs, which Adam's step does not see."""
+    stat_every, frequency, beta, steps = 2, 3, 0.5, 8
+    model = make("tensor3")
+    T = model.T.detach().clone().requires_grad_(True)
+    c = compile_soap(model, refresh=refresh, stat_every=stat_every, stat_decay=beta,
+                     precondition_frequency=frequency)
+    beta1, beta2 = BETAS
+    dims = T.shape
+    factors = [torch.zeros(d, d, dtype=DTYPE) for d in dims]
+    bases = [torch.eye(d, dtype=DTYPE) for d in dims]
+    m, v = torch.zeros_like(T), torch.zeros_like(T)
+    for t, (x, y) in enumerate(data(steps, "tensor3")):
+        forward_backward(c, x, y)
+        c.step()
+        G, = torch.autograd.grad(F.cross_entropy(torch.einsum("nij,ijk->nk", x, T), y), T)
+        if t >= 1 and (t - 1) % frequency == 0:
+            for j in range(len(dims)):
+                Q_sorted, order = sort_by_rayleigh_quotient(bases[j], factors[j])
+                v = v.index_select(j, order)
+                bases[j] = (torch.linalg.qr(factors[j] @ Q_sorted).Q if refresh == "qr" and t > 1
+                            else torch.linalg.eigh(factors[j]).eigenvectors.flip(-1))
+        K = kron_all(bases)
+        m = beta1 * m + (1 - beta1) * G
+        v = beta2 * v + (1 - beta2) * (K.T @ G.reshape(-1)).reshape(dims) ** 2
+        m_hat = K.T @ m.reshape(-1) / (1 - beta1 ** (t + 1))
+        v_hat = v.reshape(-1) / (1 - beta2 ** (t + 1))
+        with torch.no_grad():
+            T -= LR * (K @ (m_hat / (v_hat.sqrt() + EPS))).reshape(dims)
+        if t % stat_every == 0:
+            for j in range(len(dims)):
+                X = G.movedim(j, 0).reshape(dims[j], -1)
+                factors[j] = beta * factors[j] + (1 - beta) * X @ X.T
+        torch.testing.assert_close(model.T.detach(), T.detach(), rtol=1e-9, atol=1e-11, msg=f"step {t}")
+    state = c.optimizer.curvature[0].group_state(c.optimizer.curvature[0].groups[0])
+    assert state["refreshes"].tolist() == [3 * len(dims)]
