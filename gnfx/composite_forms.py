@@ -1,5 +1,6 @@
 """Operations computed through plain differentiable ops where torch's own form cannot be captured or
-differentiated in forward mode, with the same values.
+differentiated in forward mode, with the same values, and the form a replay of the training forward
+computes where that forward updated state in place (spectral norm).
 
 - Reentrant activation checkpointing, `torch.utils.checkpoint.checkpoint(fn, *args,
   use_reentrant=True)` (Hugging Face's `gradient_checkpointing_enable` passes use_reentrant through):
@@ -19,15 +20,18 @@ differentiated in forward mode, with the same values.
   apply: the same w, differentiable in both modes.
 - Spectral normalization, `nn.utils.parametrizations.spectral_norm` and the older
   `nn.utils.spectral_norm`: W_sn = W / σ, σ = uᵀ W v. In training mode each forward first runs the
-  power iteration, v ← normalize(Wᵀu), u ← normalize(W v), under no_grad and written in place into the
-  u, v buffers (`out=`, which forward mode does not support), then σ from the updated u, v; in eval
-  mode it takes σ from u, v as stored. A replay of the training forward (the quadratic step's
-  forward-mode passes and its forward at θ + s, gnfx.ggn's products) runs after that forward, whose
-  u, v are the stored ones: inside `stored_singular_vectors()` the power iteration is off (the
+  power iteration, u ← normalize(W v), v ← normalize(Wᵀu) (the old API v first), under no_grad and
+  written in place into the u, v buffers (`out=`, which forward mode does not support), then σ from
+  the updated u, v; in eval mode it takes σ from u, v as stored. A replay of the training forward (the
+  quadratic step's forward-mode passes and its forward at θ + s) runs after that forward, whose u, v
+  are the stored ones: inside `stored_singular_vectors()` the power iteration is off (the
   parametrization's module in eval mode, the old API's pre-hook called with do_power_iteration=False),
   so a replay computes W / (uᵀ W v) with the u, v the training forward used, the same function of W
   whose derivative (u, v constants, as under no_grad) the training forward's backward took, and
-  leaves u, v where that forward put them.
+  leaves u, v where that forward put them. gnfx.ggn's products take the same function: the model
+  with its stored u, v (as in eval mode; a next training forward would first advance them). The
+  closure of `step(closure)`, called again for L(θ + s), is the user's forward, not a replay: it runs
+  the power iteration as every training forward does.
 """
 from __future__ import annotations
 
