@@ -1,5 +1,6 @@
 """Operations computed through plain differentiable ops where torch's own form cannot be captured or
-differentiated in forward mode, with the same values.
+differentiated in forward mode, with the same values, and the form a replay of the training forward
+computes where that forward updated state in place (spectral norm).
 
 - Reentrant activation checkpointing, `torch.utils.checkpoint.checkpoint(fn, *args,
   use_reentrant=True)` (Hugging Face's `gradient_checkpointing_enable` passes use_reentrant through):
@@ -17,6 +18,20 @@ differentiated in forward mode, with the same values.
   `composite_weight_norm()` torch._weight_norm is that formula written out, v * (g /
   torch.norm_except_dim(v, 2, dim)), as ATen itself computes it where the fused kernel does not
   apply: the same w, differentiable in both modes.
+- Spectral normalization, `nn.utils.parametrizations.spectral_norm` and the older
+  `nn.utils.spectral_norm`: W_sn = W / σ, σ = uᵀ W v. In training mode each forward first runs the
+  power iteration, u ← normalize(W v), v ← normalize(Wᵀu) (the old API v first), under no_grad and
+  written in place into the u, v buffers (`out=`, which forward mode does not support), then σ from
+  the updated u, v; in eval mode it takes σ from u, v as stored. A replay of the training forward (the
+  quadratic step's forward-mode passes and its forward at θ + s) runs after that forward, whose u, v
+  are the stored ones: inside `stored_singular_vectors()` the power iteration is off (the
+  parametrization's module in eval mode, the old API's pre-hook called with do_power_iteration=False),
+  so a replay computes W / (uᵀ W v) with the u, v the training forward used, the same function of W
+  whose derivative (u, v constants, as under no_grad) the training forward's backward took, and
+  leaves u, v where that forward put them. gnfx.ggn's products take the same function: the model
+  with its stored u, v (as in eval mode; a next training forward would first advance them). The
+  closure of `step(closure)`, called again for L(θ + s), is the user's forward, not a replay: it runs
+  the power iteration as every training forward does.
 """
 from __future__ import annotations
 
@@ -25,7 +40,8 @@ import contextlib
 import torch
 import torch.utils.checkpoint as checkpoint_module
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
@@ -74,13 +90,58 @@ def uses_weight_norm(module: torch.nn.Module) -> bool:
         isinstance(hook, WeightNorm) for m in module.modules() for hook in m._forward_pre_hooks.values())
 
 
-def written_out(weight_norm: bool):
-    """A context in which a module runs with the forms of this file: reentrant checkpoints inline, and
-    with `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight
-    normalization as its composite (only there: a TorchFunctionMode sees every torch call, which made a
-    small GPT's forward 40% longer)."""
+class _StoredVectorsHook:
+    """The old API's SpectralNorm pre-hook as in eval mode: W / (uᵀ W v) with u, v as stored."""
+
+    def __init__(self, hook: SpectralNorm):
+        self.hook = hook
+
+    def __call__(self, module, inputs):
+        setattr(module, self.hook.name, self.hook.compute_weight(module, do_power_iteration=False))
+
+
+def spectral_norms(module: torch.nn.Module) -> tuple:
+    """The spectral normalizations of the submodules of `module`: each parametrization module
+    (_SpectralNorm) and, of the old API, (submodule, key of its SpectralNorm pre-hook)."""
+    parametrizations = [p for m in module.modules() if parametrize.is_parametrized(m)
+                        for plist in m.parametrizations.values() for p in plist if isinstance(p, _SpectralNorm)]
+    hooks = [(m, key) for m in module.modules() for key, hook in m._forward_pre_hooks.items()
+             if isinstance(hook, SpectralNorm)]
+    return tuple(parametrizations + hooks)
+
+
+@contextlib.contextmanager
+def stored_singular_vectors(norms: tuple):
+    """Spectral norms (`spectral_norms` of the model) without their power iteration while inside
+    (module docstring); the old API's normalized weight attribute is put back after."""
+    parametrizations = [n for n in norms if isinstance(n, _SpectralNorm)]
+    hooks = [n for n in norms if not isinstance(n, _SpectralNorm)]
+    modes = [p.training for p in parametrizations]
+    saved = [(m._forward_pre_hooks[key], getattr(m, m._forward_pre_hooks[key].name)) for m, key in hooks]
+    try:
+        for p in parametrizations:
+            p.training = False
+        for (m, key), (hook, _) in zip(hooks, saved):
+            m._forward_pre_hooks[key] = _StoredVectorsHook(hook)
+        yield
+    finally:
+        for p, mode in zip(parametrizations, modes):
+            p.training = mode
+        for (m, key), (hook, weight) in zip(hooks, saved):
+            m._forward_pre_hooks[key] = hook
+            setattr(m, hook.name, weight)
+
+
+def written_out(weight_norm: bool, spectral: tuple = ()):
+    """A context in which a module runs with the forms of this file: reentrant checkpoints inline, with
+    `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
+    its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
+    forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
+    without their power iteration."""
     stack = contextlib.ExitStack()
     stack.enter_context(inlined_checkpoints())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
+    if spectral:
+        stack.enter_context(stored_singular_vectors(spectral))
     return stack

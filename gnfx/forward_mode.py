@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd import forward_ad
 
-from gnfx.composite_forms import uses_weight_norm, written_out
+from gnfx.composite_forms import spectral_norms, uses_weight_norm, written_out
 
 # the module whose import registers PyTorch's forward-mode decompositions (module docstring)
 DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
@@ -50,8 +50,8 @@ DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
 class ModuleFunction:
     """θ ↦ the output of `module` with the tensors θ in place of its parameters `names`, and copies
     of its buffers, so that a forward in training mode leaves them as they were (batch-norm
-    statistics; module docstring); reentrant activation checkpoints run inline and weight norm as
-    its composite (gnfx.composite_forms)."""
+    statistics; module docstring); reentrant activation checkpoints run inline, weight norm as its
+    composite and spectral norm without its power iteration (gnfx.composite_forms)."""
 
     def __init__(self, module: torch.nn.Module, names: Sequence[str]):
         self.module = module
@@ -72,6 +72,7 @@ class ModuleFunction:
         # the (registry, key) slots of each parameter of `names`, then of each buffer
         self.parameter_slots = [slots[id(params[n])] for n in self.names]
         self.weight_norm = uses_weight_norm(module)
+        self.spectral_norms = spectral_norms(module)
         self.buffer_slots = [slots[i] for i in buffers]
 
     def __call__(self, values: Sequence[torch.Tensor] | None, *args, **kwargs):
@@ -84,7 +85,8 @@ class ModuleFunction:
             for slots, value in replaced:
                 for registry, key in slots:
                     registry[key] = value
-            with written_out(self.weight_norm):  # forms forward mode differentiates (gnfx.composite_forms)
+            # forms forward mode differentiates, and a replay of the training forward (gnfx.composite_forms)
+            with written_out(self.weight_norm, self.spectral_norms):
                 return self.module(*args, **kwargs)
         finally:
             for (slots, _), tensors in zip(replaced, original):

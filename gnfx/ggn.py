@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnfx.compiled import CompiledModel
-from gnfx.composite_forms import uses_weight_norm, written_out
+from gnfx.composite_forms import spectral_norms, uses_weight_norm, written_out
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.outputs import logits_of
 
@@ -64,7 +64,7 @@ def forward_mode_kernels(native_recurrent: bool = True):
     """Kernels that torch.func.jvp can differentiate: the math attention kernel (the fused ones have
     no forward-mode derivative) and, with `native_recurrent`, ATen's own recurrent kernels in place of
     oneDNN's (nn.LSTM on a CPU) and cuDNN's (nn.LSTM and nn.GRU on a GPU), which have none either.
-    The model's weight normalization and reentrant checkpoints are written out by its own context,
+    The model's weight and spectral normalization and reentrant checkpoints are written out by its own context,
     gnfx.composite_forms.written_out."""
     saved = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
     if native_recurrent:
@@ -203,8 +203,8 @@ def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tens
     functional_call swaps for the duration of a call). Each call runs on copies of the buffers, made
     inside it: batch-norm statistics in training mode do not move, and their in-place update writes a
     tensor of the torch.func transform rather than one it captured (which torch.func refuses), with
-    kernels that forward mode differentiates (forward_mode_kernels) and the model's weight norm and
-    reentrant checkpoints written out (gnfx.composite_forms)."""
+    kernels that forward mode differentiates (forward_mode_kernels) and the model's weight norm,
+    spectral norm and reentrant checkpoints written out (gnfx.composite_forms)."""
     if isinstance(model, CompiledModel):
         model = model._model
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -212,10 +212,10 @@ def _functional(model: nn.Module, inputs: Inputs) -> tuple[Callable[[dict], Tens
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     buffers = dict(model.named_buffers())
-    weight_norm = uses_weight_norm(model)
+    weight_norm, spectral = uses_weight_norm(model), spectral_norms(model)
 
     def f(theta: dict) -> Tensor:
-        with forward_mode_kernels(), written_out(weight_norm):
+        with forward_mode_kernels(), written_out(weight_norm, spectral):
             z = logits_of(functional_call(model, {**theta, **{n: b.clone() for n, b in buffers.items()}}, args))
         if z is None:
             raise ConfigError(f"{type(model).__name__} returns no floating tensor to take as the output z")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import pickle
 import warnings
 
@@ -375,6 +376,111 @@ def test_weight_norm_has_exact_forward_mode_products_and_the_quadratic_step_trai
         c = gnfx.compile(model, "kfac", loss="cross_entropy")
     losses = train_on(c, x, y, F.cross_entropy, 4)
     assert losses[-1] < losses[0]
+
+
+class SpectralNormed(nn.Module):
+    """An SNGAN discriminator's layers: a Conv1d and a Linear under spectral normalization."""
+
+    def __init__(self, parametrization):
+        super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if parametrization else nn.utils.spectral_norm
+        self.conv = norm(nn.Conv1d(2, 4, 3))
+        self.head = norm(nn.Linear(4 * 3, 3))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def spectral_parts(layer, parametrization):
+    """(W, u, v) of a spectrally normalized layer: its unnormalized weight and power-iteration vectors."""
+    if parametrization:
+        return layer.parametrizations.weight.original, layer.parametrizations.weight[0]._u, \
+            layer.parametrizations.weight[0]._v
+    return layer.weight_orig, layer.weight_u, layer.weight_v
+
+
+def fixed_vector_model(x, conv, head, vectors):
+    """SpectralNormed's output written out with the given (u, v) of each layer: W / σ, σ = uᵀ W v."""
+    (u1, v1), (u2, v2) = vectors
+    (w1, b1), (w2, b2) = conv, head
+    w1 = w1 / (u1 @ (w1.flatten(1) @ v1))
+    w2 = w2 / (u2 @ (w2 @ v2))
+    return F.linear(torch.tanh(F.conv1d(x, w1, b1)).flatten(1), w2, b2)
+
+
+@pytest.mark.parametrize("parametrization", [True, False], ids=["parametrizations", "utils"])
+def test_spectral_norm_replays_take_the_training_forwards_singular_vectors(parametrization):
+    """In training mode spectral norm's power iteration writes u, v in place (`out=`, no forward-mode
+    derivative: the quadratic step and gnfx.ggn raised); replays run it without, on the u, v the
+    training forward left (gnfx.composite_forms). Float64: the quadratic step's products (z, J v) equal
+    the training forward's output and torch.func.jvp of the model written out with those u, v; gnfx.ggn's
+    G v equals Jᵀ H J v with that model's Jacobian; neither moves u, v."""
+    from torch.func import jacrev, jvp
+
+    from gnfx.forward_mode import ModuleFunction, jvp_rows
+    torch.manual_seed(0)
+    model = SpectralNormed(parametrization).double()
+    x, y = torch.randn(6, 2, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    trained = model(x).detach()  # the training forward: one power iteration, then σ from the new u, v
+    layers = [spectral_parts(m, parametrization) for m in (model.conv, model.head)]
+    vectors = [(u.clone(), v.clone()) for _, u, v in layers]
+    params = [layers[0][0], model.conv.bias, layers[1][0], model.head.bias]
+    names = {id(p): n for n, p in model.named_parameters()}
+    theta = [p.detach() for p in params]
+    v = [torch.randn_like(p) for p in theta]
+
+    def reference(*theta):
+        return fixed_vector_model(x, theta[:2], theta[2:], vectors)
+
+    z, products = jvp_rows(lambda t: ModuleFunction(model, [names[id(p)] for p in params])(t, x), theta, [v])
+    torch.testing.assert_close(z, trained, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z, reference(*theta), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(products[0], jvp(reference, tuple(theta), tuple(v))[1], rtol=1e-10, atol=1e-12)
+
+    order = [names[id(p)] for p in params]
+    named_v = dict(zip(order, v))
+    ggn_order = [n for n, _ in model.named_parameters()]
+    product = gnfx.ggn.ggn_vp(model, "cross_entropy", x, y, [named_v[n] for n in ggn_order])
+    J = torch.cat([j.flatten(2) for j in jacrev(reference, argnums=(0, 1, 2, 3))(*theta)], -1).flatten(0, 1)
+    q = torch.softmax(trained, -1)
+    H = torch.block_diag(*[torch.diag(r) - torch.outer(r, r) for r in q]) / len(q)
+    expected = J.T @ H @ J @ torch.cat([t.flatten() for t in v])
+    product = dict(zip(ggn_order, product))
+    torch.testing.assert_close(torch.cat([product[n].flatten() for n in order]), expected, rtol=1e-10, atol=1e-12)
+    for (_, u, v_), (u0, v0) in zip(layers, vectors):
+        assert torch.equal(u, u0) and torch.equal(v_, v0)
+
+
+@pytest.mark.parametrize("parametrization", [True, False], ids=["parametrizations", "utils"])
+def test_kfac_at_defaults_trains_a_spectrally_normalized_model_whose_vectors_only_its_forwards_move(parametrization):
+    """kfac at defaults (the quadratic step, whose replays used to raise) lowers the loss, and after 4
+    steps u, v are those of one power iteration per training forward on the weights it saw (u ←
+    normalize(W v), v ← normalize(Wᵀu); the old API updates v first): the replays (products, the
+    forward at θ + s) do not advance it."""
+    torch.manual_seed(0)
+    model = SpectralNormed(parametrization).double()
+    x, y = torch.randn(6, 2, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    layers = [spectral_parts(m, parametrization) for m in (model.conv, model.head)]
+    expected = [(u.clone(), v.clone()) for _, u, v in layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning: normalized weights are computed, not parameters
+        c = gnfx.compile(model, "kfac", loss="cross_entropy")
+    losses = []
+    for _ in range(4):
+        for k, (w, _, _) in enumerate(layers):  # the power iteration the training forward runs next
+            u, v = expected[k]
+            W = w.detach().flatten(1)
+            if parametrization:  # u first
+                u = F.normalize(W @ v, dim=0, eps=1e-12)
+                expected[k] = (u, F.normalize(W.T @ u, dim=0, eps=1e-12))
+            else:  # v first
+                v = F.normalize(W.T @ u, dim=0, eps=1e-12)
+                expected[k] = (F.normalize(W @ v, dim=0, eps=1e-12), v)
+        losses += train_on(c, x, y, F.cross_entropy, 1)
+    assert all(map(math.isfinite, losses)) and losses[-1] < 0.8 * losses[0], losses
+    for (_, u, v), (u0, v0) in zip(layers, expected):
+        torch.testing.assert_close(u, u0, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(v, v0, rtol=1e-12, atol=1e-14)
 
 
 class NormedMLP(nn.Module):
