@@ -17,10 +17,13 @@ the expansion would change), renormalizes W (`max_norm`) or has sparse gradients
 
 Where the graph records shapes (torch.export's `meta["val"]`; symbolic sizes compared without
 guarding), only the lookups whose indices are shared, (1, *P) or P for an x of (N, *P, d), are
-rewritten, with B = x.shape[:-1]. Where it records none (torch.fx's symbolic trace), every lookup of
-the pattern is rewritten with B computed at run time (`expand_to_the_add`): the expansion is a view,
-the identity when the indices are per example already (a token embedding), and the add's value is
-unchanged for every pair of shapes the add accepts.
+rewritten, with B = x.shape[:-1]. Where it records none (torch.fx's symbolic trace), the sizes are
+taken at run time, from indices only: the pattern is narrowed to a sum of two lookups, nanoGPT's
+`tok_emb(idx) + pos_emb(arange(T))`, both rewritten with B = broadcast_shapes(ids.shape,
+other_ids.shape) (`expand_to_the_sum`: a view, the identity for the per-example indices). Reading the
+sizes of any other x would add a user to x, which the detectors that follow one-use chains (a sliced
+position table, a norm's output) would then reject; a lookup added to anything else keeps its
+whole-batch statistics there.
 """
 from __future__ import annotations
 
@@ -38,14 +41,11 @@ aten = torch.ops.aten
 _ADDS = (aten.add.Tensor, operator.add, torch.add)
 
 
-def expand_to_the_add(ids, x, x_is_indices=False):
-    """The indices `ids` of a lookup E = W[ids] (shape ids.shape + (d,)) that is added to `x`, expanded
-    to the leading sizes of E + x: broadcast_shapes(ids.shape, x.shape[:-1]) (ids itself, a view of
-    the same sizes, when x broadcasts onto E or is not a tensor). With x_is_indices, x is the indices
-    of the other addend, itself a lookup, whose leading sizes are x.shape."""
-    if not isinstance(x, torch.Tensor):
-        return ids
-    return ids.expand(torch.broadcast_shapes(ids.shape, x.shape if x_is_indices else x.shape[:-1]))
+def expand_to_the_sum(ids, other_ids):
+    """The indices `ids` of a lookup E = W[ids] (shape ids.shape + (d,)) added to another lookup
+    W'[other_ids], expanded to the leading sizes of the sum: broadcast_shapes(ids.shape, other_ids.shape)
+    (a view; ids itself where they are the larger)."""
+    return ids.expand(torch.broadcast_shapes(ids.shape, other_ids.shape))
 
 
 def _expandable_indices(node: fx.Node):
@@ -92,14 +92,11 @@ def _shared(ids, x) -> bool:
 def _expanded_indices(graph: fx.Graph, lookup: fx.Node, ids: fx.Node, x: fx.Node, add: fx.Node):
     """(the node of the lookup's indices expanded to the add's leading sizes, the expanded lookup's value
     or None where none is recorded) (module doc), or None where the recorded shapes say the indices are
-    not shared."""
+    not shared, or, with no shapes recorded, x is not a lookup too."""
     ids_val, x_val, out, sum_val = value_of(ids), value_of(x), value_of(lookup), value_of(add)
-    if any(v is None for v in (ids_val, x_val, out, sum_val)):
-        # x, when it is a lookup the loop rewrites later, is read through its indices, which stay
+    if any(v is None for v in (ids_val, x_val, out, sum_val)):  # no shapes: x must be a lookup too
         x_ids = _expandable_indices(x) if _other_addend(x) is not None else None
-        if x_ids is None:
-            return graph.call_function(expand_to_the_add, (ids, x)), None
-        return graph.call_function(expand_to_the_add, (ids, x_ids, True)), None
+        return None if x_ids is None else (graph.call_function(expand_to_the_sum, (ids, x_ids)), None)
     if (not isinstance(x_val, torch.Tensor) or not same_sizes(sum_val.shape, x_val.shape)
             or not _shared(ids_val, x_val)):
         return None

@@ -495,38 +495,40 @@ def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(sha
 
 
 class Lookups(nn.Module):
-    """Embedding lookups added to tensors of other shapes: shared (T,) positions onto a batch, per-example
-    ids onto a (d,) vector, a lookup scaling its gradient by the indices' frequency, and one added to a
-    number."""
+    """Embedding lookups added to tensors: token and shared (T,) position lookups (nanoGPT), the same
+    with positions that scale their gradient by the indices' frequency, positions added to an
+    activation, and tokens added to a number."""
 
     def __init__(self):
         super().__init__()
-        self.table, self.bias = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(4))
+        self.tokens, self.table = nn.Parameter(torch.randn(7, 4)), nn.Parameter(torch.randn(5, 4))
 
     def forward(self, ids, x):
         positions = torch.arange(ids.shape[1], device=ids.device)
-        shared = F.embedding(positions, self.table) + x
-        per_example = F.embedding(ids, self.table) + self.bias
-        by_frequency = F.embedding(positions, self.table, scale_grad_by_freq=True) + x
-        return shared, per_example, by_frequency, F.embedding(ids, self.table) + 2.0
+        shared = F.embedding(ids, self.tokens) + F.embedding(positions, self.table)
+        by_frequency = F.embedding(ids, self.tokens) + F.embedding(positions, self.table, scale_grad_by_freq=True)
+        onto_x = F.embedding(positions, self.table) + x
+        return shared, by_frequency, onto_x, F.embedding(ids, self.tokens) + 2.0
 
 
 def test_expanding_the_lookups_of_an_fx_graph_keeps_its_values_and_gradients():
-    """passes/shared_positions.py on a torch.fx graph (no shapes): every output and the gradients of W,
-    b and x are the model's, and the lookup with scale_grad_by_freq (whose gradient 1/count would
-    change under the expansion) is left as it is, float64."""
-    from gnfx.passes.shared_positions import expand_shared_positions, expand_to_the_add
+    """passes/shared_positions.py on a torch.fx graph (no shapes): the two lookups of the token +
+    position sum read their indices expanded to the sum's sizes; the lookup with scale_grad_by_freq
+    (whose gradient 1/count the expansion would change), the one added to x and the one added to a
+    number are left as they are; every output and the gradients of both tables and x are the model's,
+    float64."""
+    from gnfx.passes.shared_positions import expand_shared_positions, expand_to_the_sum
     torch.manual_seed(0)
     model = Lookups().double()
-    ids, x = torch.randint(0, 5, (3, 5)), torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    ids, x = torch.randint(0, 7, (3, 5)), torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
     gm = expand_shared_positions(torch.fx.symbolic_trace(model))
-    expanded = [n for n in gm.graph.nodes if n.target is F.embedding and n.args[0].target is expand_to_the_add]
-    assert len(expanded) == 2  # the shared and the per-example lookup; not the one by frequency, nor + 2.0
+    expanded = [n for n in gm.graph.nodes if n.target is F.embedding and n.args[0].target is expand_to_the_sum]
+    assert [n.args[1].target for n in expanded] == ["tokens", "table"]
 
     def values_and_gradients(module):
         outputs = module(ids, x)
         loss = sum((t * torch.cos(t)).sum() for t in outputs)  # a gradient that differs per example
-        return [t.detach() for t in outputs] + list(torch.autograd.grad(loss, [model.table, model.bias, x]))
+        return [t.detach() for t in outputs] + list(torch.autograd.grad(loss, [model.tokens, model.table, x]))
 
     for got, want in zip(values_and_gradients(gm), values_and_gradients(model)):
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
