@@ -577,23 +577,67 @@ class SharedPositions(nn.Module):
         return self.head(torch.tanh(self.wpe(positions) + self.wte(ids)))  # the positions' lookup first
 
 
+@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("shared", ["batch of one", "no batch dimension"])
-def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(shared):
+def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(shared, capture):
     """wpe's output was (1, T, d) or (T, d), broadcast onto the batch: its gradient was the batch's sum,
     and ekfac's and rank1's per-example diagonal took the whole batch as one example (with a warning).
-    torch.export's graph looks up the positions expanded to the batch (passes/shared_positions.py): diag
-    equals the per-example gradients' (vmap), float64."""
+    The graph looks up the positions expanded to the batch (passes/shared_positions.py; torch.fx's
+    without shapes, at run time): the outputs are the model's, and diag equals the per-example
+    gradients' (vmap), float64."""
     from references import TOL, per_example_fisher_diag
     torch.manual_seed(0)
     model = SharedPositions(shared).double()
     ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
     expected = per_example_fisher_diag(model, ids, y)["wpe.weight"].T  # [d x V]
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
-        F.cross_entropy(c(ids).reshape(-1, 3), y.reshape(-1)).backward()
+        out = c(ids)
+        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+        F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
         c.step()
     torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
+
+
+class Lookups(nn.Module):
+    """Embedding lookups added to tensors: token and shared (T,) position lookups (nanoGPT), the same
+    with positions that scale their gradient by the indices' frequency, positions added to an
+    activation, and tokens added to a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.table = nn.Parameter(torch.randn(7, 4)), nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, ids, x):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        shared = F.embedding(ids, self.tokens) + F.embedding(positions, self.table)
+        by_frequency = F.embedding(ids, self.tokens) + F.embedding(positions, self.table, scale_grad_by_freq=True)
+        onto_x = F.embedding(positions, self.table) + x
+        return shared, by_frequency, onto_x, F.embedding(ids, self.tokens) + 2.0
+
+
+def test_expanding_the_lookups_of_an_fx_graph_keeps_its_values_and_gradients():
+    """passes/shared_positions.py on a torch.fx graph (no shapes): the two lookups of the token +
+    position sum read their indices expanded to the sum's sizes; the lookup with scale_grad_by_freq
+    (whose gradient 1/count the expansion would change), the one added to x and the one added to a
+    number are left as they are; every output and the gradients of both tables and x are the model's,
+    float64."""
+    from gnfx.passes.shared_positions import expand_shared_positions, expand_to_the_sum
+    torch.manual_seed(0)
+    model = Lookups().double()
+    ids, x = torch.randint(0, 7, (3, 5)), torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    gm = expand_shared_positions(torch.fx.symbolic_trace(model))
+    expanded = [n for n in gm.graph.nodes if n.target is F.embedding and n.args[0].target is expand_to_the_sum]
+    assert [n.args[1].target for n in expanded] == ["tokens", "table"]
+
+    def values_and_gradients(module):
+        outputs = module(ids, x)
+        loss = sum((t * torch.cos(t)).sum() for t in outputs)  # a gradient that differs per example
+        return [t.detach() for t in outputs] + list(torch.autograd.grad(loss, [model.tokens, model.table, x]))
+
+    for got, want in zip(values_and_gradients(gm), values_and_gradients(model)):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
 
 
 def test_the_cross_entropy_check_and_the_kept_rows_count_share_one_host_read(monkeypatch):
