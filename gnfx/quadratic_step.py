@@ -190,6 +190,7 @@ are first gathered whole and the products run through the model without fully_sh
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -698,8 +699,12 @@ class QuadraticStep:
         forward (on the first rows only with quadratic_rows: then the training forward's output);
         `after`: θ + s in the optimizer's order, if not the parameters as they are (under FSDP2)."""
         if closure is not None and loss_before is not None:
+            # the closure's first call ran the training forward whose generators' states were recorded:
+            # its second call draws the same dropout masks, so ρ compares one sub-network (gnfx.random_state)
+            replay = self._random_state.replayed() if self._random_state is not None else contextlib.nullcontext()
             try:
-                loss_after = closure()
+                with replay:
+                    loss_after = closure()
             except RuntimeError as error:
                 raise GnfxError(f"the quadratic-model step calls the closure again after the step, under "
                                 f"torch.no_grad(), for the loss at the new parameters; it raised {error}. Call "

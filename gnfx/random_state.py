@@ -13,7 +13,9 @@ step and raised λ, and λ stayed at its maximum with the step at 0 from step ~4
 forward, every replay draws the same masks, as torch.utils.checkpoint's `preserve_rng_state`
 recomputes a checkpointed forward: J is the Jacobian of the gradient's own sub-network and ρ
 exact, as for a deterministic model. The replays leave the generators as they found them, so the
-training loop's random numbers do not depend on how many replays a step made.
+training loop's random numbers do not depend on how many replays a step made. With
+`model.step(closure)` the loss at θ+s is the closure's second call, the user's forward: it runs with
+the states recorded before the first call's training forward as well, so it draws that call's masks.
 
 `RandomState(devices)` records the CPU generator's state and that of the default generator of each
 accelerator in `devices` (those of the forward's inputs); `replayed()` sets them for the duration
