@@ -1,0 +1,111 @@
+"""Lowering of nn.LSTM, nn.GRU and nn.RNN into explicit ops over the same parameters.
+
+A `call_module` of a stock recurrent module becomes the graph of `_LoweredRecurrent.forward`,
+inlined (gnfx.recurrent has the math): per layer and direction, the input products of the whole
+sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time)), then
+`recurrent_scan` over time, a leaf of the graph (torch.fx.wrap) that computes the hidden products
+`h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
+(gnfx.passes.hidden_product finds it). Between layers, dropout as the module draws it; the result is
+what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
+unbatched). The lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
+
+Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
+with its own forward, a module fed by pack_padded_sequence / pack_sequence (a PackedSequence that
+reaches a lowered module at run time raises a GnfxError naming the fix, leaf_modules), and the
+paths in `keep`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import rnn as rnn_utils
+
+from gnfx.recurrent import (batch_major, hidden_offset, hidden_product_site, initial_state, recurrent_result,
+                            recurrent_scan, time_major_dropout)
+
+for _name in ("batch_major", "hidden_offset", "hidden_product_site", "initial_state", "recurrent_result",
+              "recurrent_scan", "time_major_dropout"):
+    torch.fx.wrap(_name)
+
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+_PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pack_sequence, rnn_utils.PackedSequence)
+
+
+class _LoweredRecurrent(nn.Module):
+    """The computation of one recurrent module call as explicit ops (module docstring); it reads the
+    module's parameters as `rnn.<name>`."""
+
+    def __init__(self, module: nn.RNNBase, path: str):
+        super().__init__()
+        self.rnn, self.path = module, path
+
+    def forward(self, input, hx=None):
+        m = self.rnn
+        lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
+        count = m.num_layers * directions
+        x = batch_major(input, m.batch_first, self.path)
+        h0 = initial_state(x, hx, 0, count, m.hidden_size)
+        c0 = initial_state(x, hx, 1, count, m.hidden_size) if lstm else None
+        last_h, last_c = [], []
+        for layer in range(m.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix, k = f"_l{layer}" + ("_reverse" if direction else ""), layer * directions + direction
+                bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
+                gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
+                offset = hidden_offset(gx)
+                scan = recurrent_scan(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), h0[k],
+                                      c0[k] if lstm else None, m.mode, bool(direction))
+                hidden_product_site(scan[1], offset)
+                outputs.append(scan[0])
+                last_h.append(scan[2])
+                last_c.append(scan[3])
+            x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+            if m.dropout and layer < m.num_layers - 1:
+                x = time_major_dropout(x, m.dropout)
+        return recurrent_result(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None)
+
+
+def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
+    """Why this call cannot be lowered ('' if it can)."""
+    stock = next(k for k in RECURRENT if isinstance(module, k))
+    if type(module).forward is not stock.forward:
+        return f"a subclass of nn.{stock.__name__} with its own forward"
+    if getattr(module, "proj_size", 0) > 0:
+        return "an LSTM with proj_size > 0 (its hidden products read the projected state)"
+    if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
+        return "called with arguments other than (input, hx)"
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in _PACKING:
+        return "its input is a PackedSequence"
+    return ""
+
+
+def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
+    """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call of `gm` as explicit ops, except the module
+    paths in `keep`."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target in keep or not isinstance(modules[node.target], RECURRENT):
+            continue
+        module = modules[node.target]
+        why = _not_lowerable(module, node)
+        if why:
+            node.meta["gnfx_fallback_reason"] = f"inside {type(module).__name__} {node.target!r}, not lowered: {why}"
+            continue
+        call = dict(zip(("input", "hx"), node.args), **node.kwargs)
+        sub = fx.symbolic_trace(_LoweredRecurrent(module, node.target))
+        values = {n: call.get(n.target) for n in sub.graph.nodes if n.op == "placeholder"}
+        with gm.graph.inserting_before(node):
+            result = gm.graph.graph_copy(sub.graph, values)
+        for traced, copied in values.items():
+            if traced.op == "get_attr":  # rnn.<name> -> <module path>.<name>
+                copied.target = f"{node.target}.{traced.target.removeprefix('rnn.')}"
+            if traced.op != "placeholder":
+                copied.meta["gnfx_module"] = node.target
+        node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
