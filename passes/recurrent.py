@@ -10,16 +10,15 @@ what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (b
 unbatched). The lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-with its own forward, a module fed by pack_padded_sequence / pack_sequence (a PackedSequence that
-reaches a lowered module at run time raises a GnfxError naming the fix, leaf_modules), and the
-paths in `keep`.
+with its own forward, a call with other arguments than (input, hx), and the paths in `keep`. A
+PackedSequence input (which fx cannot tell from a tensor, and whose packing it cannot trace) raises
+a GnfxError at run time that names the fix, leaf_modules.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils import rnn as rnn_utils
 
 from gnfx.recurrent import (batch_major, hidden_offset, hidden_product_site, initial_state, recurrent_result,
                             recurrent_scan, time_major_dropout)
@@ -29,7 +28,6 @@ for _name in ("batch_major", "hidden_offset", "hidden_product_site", "initial_st
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
-_PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pack_sequence, rnn_utils.PackedSequence)
 
 
 class _LoweredRecurrent(nn.Module):
@@ -76,9 +74,6 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
         return "an LSTM with proj_size > 0 (its hidden products read the projected state)"
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in _PACKING:
-        return "its input is a PackedSequence"
     return ""
 
 
