@@ -158,15 +158,18 @@ def unrolled_rows(model: Tagger, x, y):
             "rnn.weight_hh_l0": [(stack(2), stack(3, True))]}, out.shape[:-1].numel()
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")  # torch.export's, on nn.RNNBase
+@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_factors_and_diagonals_equal_the_unrolled_cell_and_vmap(cell):
+def test_factors_and_diagonals_equal_the_unrolled_cell_and_vmap(cell, capture):
     """A and S of W_ih's and W_hh's blocks equal those of the written-out cell's rows (hooks on each
     step's products), and the per-example diagonals those of per-example gradients (autograd on each example: torch.func.vmap has no
     batching rule of ATen's recurrent kernels)."""
     model, (x, y) = Tagger(cell, batch_first=True), data()
     rows, M = unrolled_rows(model, x, y)
     diags = per_example_fisher_diag(model, x, y, vectorized=False)  # vmap has no batching rule of ATen's lstm
-    c = compile_for_statistics(model, optimizer="kfac")
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers.form == capture
     assert {b.name: b.kind for b in c.layers} == {"rnn.weight_ih_l0": "linear", "rnn.weight_hh_l0": "recurrent",
                                                   "head": "linear"}
     statistic_step(c, x, y)
@@ -180,12 +183,15 @@ def test_factors_and_diagonals_equal_the_unrolled_cell_and_vmap(cell):
 
 
 @pytest.mark.filterwarnings("ignore:gnfx reads each layer input's batch")  # the tagger's input is batch-first
-def test_every_direction_and_layer_is_a_block_with_per_example_diagonals():
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_every_direction_and_layer_is_a_block_with_per_example_diagonals(capture):
     """A sequence-first, bidirectional two-layer GRU: all eight weights are in blocks, and every
     block's per-example diagonal equals the per-example gradients' (the rows are taken batch-major)."""
     model, (x, y) = Tagger("gru", num_layers=2, bidirectional=True, bias=False), data(n=4)
     diags = per_example_fisher_diag(model, x, y, vectorized=False)  # vmap has no batching rule of ATen's lstm
-    c = compile_for_statistics(model, optimizer="kfac")
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers.form == capture
     names = {f"rnn.weight_{part}_l{layer}{suffix}" for part in ("ih", "hh") for layer in (0, 1)
              for suffix in ("", "_reverse")}
     assert {b.name for b in c.layers} == names | {"head"} and not c.layers.fallbacks
@@ -227,9 +233,11 @@ class Projected(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:gnfx. only")  # the low coverage is the point
-def test_an_lstm_with_projections_falls_back_with_the_reason():
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_lstm_with_projections_falls_back_with_the_reason(capture):
     model = Projected()
-    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture=capture, example_inputs=(torch.randn(2, 5, 3),))
     assert [b.name for b in c.layers] == ["head"]
     assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
     assert all("not lowered: an LSTM with proj_size > 0" in f.reason for f in c.layers.fallbacks)
