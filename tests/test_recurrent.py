@@ -24,7 +24,9 @@ from torch import fx, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 import gnfx
+from gnfx.passes.capture import export
 from gnfx.passes.recurrent import lower_recurrent
+from gnfx.recurrent import recurrent_scan
 from references import TOL, cross_entropy, kfac_factors, per_example_fisher_diag
 from steps import compile_for_statistics, statistic_step, train
 
@@ -106,6 +108,24 @@ def test_lowered_module_computes_its_outputs_and_gradients(cell, layers, bidirec
     grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
              for out in (expected, got)]
     for e, g in zip(*grads):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("rnn, shape, state", [
+    (nn.RNN(3, 4, 2, nonlinearity="relu", bidirectional=True), (5, 2, 3), (4, 2, 4)),  # sequence-first
+    (nn.LSTM(3, 4), (5, 3), (1, 4)),  # unbatched, with (h0, c0)
+    (nn.GRU(3, 4, 2, bias=False, batch_first=True), (2, 5, 3), None),
+])
+def test_lowered_aten_call_of_an_exported_graph_computes_the_modules_outputs(rnn, shape, state):
+    """Under torch.export the module is an aten.lstm / gru / rnn_* call; lowered, it computes the same."""
+    module = Holder(rnn.to(DTYPE))
+    x = torch.randn(*shape, dtype=DTYPE)
+    hx = None if state is None else torch.randn(*state, dtype=DTYPE)
+    hx = (hx, torch.randn_like(hx)) if isinstance(rnn, nn.LSTM) else hx
+    graph = lower_recurrent(export(module, (x, hx), {}).graph_module)
+    assert sum(n.target is recurrent_scan for n in graph.graph.nodes) == rnn.num_layers * (1 + rnn.bidirectional)
+    for e, g in zip(leaves(module(x, hx)), leaves(graph(x, hx)), strict=True):
         torch.testing.assert_close(g, e, **TOL)
 
 
