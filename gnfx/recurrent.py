@@ -65,12 +65,15 @@ def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b
     """One layer and direction over the whole sequence: (outputs h_t (N, T, H) in time order, the rows
     h_{t-1} (N, T, H), h_T, c_T (None but for an LSTM)), from the input products gx (N, T, G) and the
     initial states h0, c0 (N, H), with hp_t = h_{t-1} W_hhᵀ + b_hh + offset_t (module docstring)."""
-    steps = gx.shape[1]
+    # the steps' slices by one unbind each: its backward stacks their gradients once, where indexing
+    # gx[:, t] would write each step's into a zero tensor of the whole sequence
+    inputs, offsets = gx.unbind(1), offset.unbind(1)
+    steps = len(inputs)
     outputs, previous = [None] * steps, [None] * steps
     h, c = h0, c0
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         previous[t] = h
-        h, c = _cell(kind, gx[:, t], F.linear(h, w_hh, b_hh) + offset[:, t], h, c)
+        h, c = _cell(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c)
         outputs[t] = h
     return torch.stack(outputs, 1), torch.stack(previous, 1), h, c
 
