@@ -36,9 +36,6 @@ import torch.nn.functional as F
 
 from gnfx.errors import GnfxError
 
-CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-
-
 def _cell(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
     """(h_t, c_t) of one step of PyTorch's cell `kind` (module docstring); c is None but for an LSTM."""
     if kind == "LSTM":

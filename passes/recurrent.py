@@ -117,35 +117,43 @@ def _inline(gm: fx.GraphModule, node: fx.Node, module: nn.RNNBase, path: str, ca
     return result
 
 
+def _call(gm: fx.GraphModule, modules: dict, node: fx.Node):
+    """(module path, module class name) of a recurrent call: a `call_module` of nn.LSTM / nn.GRU / nn.RNN
+    or an aten.lstm / gru / rnn_tanh / rnn_relu call (its path from `nn_module_stack`); None for any
+    other node."""
+    if node.op == "call_module" and isinstance(modules[node.target], RECURRENT):
+        return node.target, type(modules[node.target]).__name__
+    if node.op == "call_function" and node.target in _ATEN:
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        return (stack[-1][0], stack[-1][1].rpartition(".")[2]) if stack else ("", str(node.target))
+    return None
+
+
 def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
     """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call of `gm` (a `call_module` of an fx graph,
     an aten.lstm / gru / rnn_tanh / rnn_relu call of an exported one) as explicit ops, except the
     module paths in `keep`."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(modules[node.target], RECURRENT):
-            module, path = modules[node.target], node.target
+        found = _call(gm, modules, node)
+        if found is None or found[0] in keep:
+            continue
+        path, kind = found
+        if node.op == "call_module":
+            module = modules[path]
             why = _not_lowerable(module, node)
-            kind = type(module).__name__
-            if not why:
-                call = dict(zip(("input", "hx"), node.args), **node.kwargs)
-                with gm.graph.inserting_before(node):
-                    params = {name: gm.graph.get_attr(f"{path}.{name}") for name in module._flat_weights_names}
-        elif node.op == "call_function" and node.target in _ATEN:
-            stack = list(node.meta.get("nn_module_stack", {}).values())
-            path, kind = (stack[-1][0], stack[-1][1].rpartition(".")[2]) if stack else ("", str(node.target))
+        else:
             lowerable = _exported(gm, node)
             why = lowerable if isinstance(lowerable, str) else ""
-            if not why:
-                module, params = lowerable
-                call = {"input": node.args[0], "hx": node.args[1]}
-        else:
-            continue
-        if path in keep:
-            continue
         if why:
             node.meta["gnfx_fallback_reason"] = f"inside {kind} {path!r}, not lowered: {why}"
             continue
+        if node.op == "call_module":
+            call = dict(zip(("input", "hx"), node.args), **node.kwargs)
+            with gm.graph.inserting_before(node):
+                params = {name: gm.graph.get_attr(f"{path}.{name}") for name in module._flat_weights_names}
+        else:
+            (module, params), call = lowerable, {"input": node.args[0], "hx": node.args[1]}
         result = _inline(gm, node, module, path, call, params, flat=node.op == "call_function")
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
