@@ -181,13 +181,13 @@ def unrolled_rows(model: Tagger, x, y):
 @pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")  # torch.export's, on nn.RNNBase
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_factors_and_diagonals_equal_the_unrolled_cell_and_vmap(cell, capture):
+def test_factors_and_diagonals_equal_the_unrolled_cell_and_per_example_gradients(cell, capture):
     """A and S of W_ih's and W_hh's blocks equal those of the written-out cell's rows (hooks on each
-    step's products), and the per-example diagonals those of per-example gradients (autograd on each example: torch.func.vmap has no
-    batching rule of ATen's recurrent kernels)."""
+    step's products), and the per-example diagonals those of per-example gradients (autograd on each
+    example of the module: torch.func.vmap has no batching rule of ATen's recurrent kernels)."""
     model, (x, y) = Tagger(cell, batch_first=True), data()
     rows, M = unrolled_rows(model, x, y)
-    diags = per_example_fisher_diag(model, x, y, vectorized=False)  # vmap has no batching rule of ATen's lstm
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)  # (vmap: see the docstring)
     c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
     assert c.layers.form == capture
     assert {b.name: b.kind for b in c.layers} == {"rnn.weight_ih_l0": "linear", "rnn.weight_hh_l0": "recurrent",
