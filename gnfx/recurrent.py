@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 from gnfx.errors import GnfxError
 
+
 def _cell(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
-    """(h_t, c_t) of one step of PyTorch's cell `kind` (module docstring); c is None but for an LSTM."""
+    """(h_t, c_t) of one step of PyTorch's cell `kind`, the module's `mode` (LSTM, GRU, RNN_TANH or
+    RNN_RELU; module docstring); c is None but for an LSTM."""
     if kind == "LSTM":
         i, f, g, o = (gx + hp).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -105,8 +107,10 @@ def initial_state(x: torch.Tensor, hx, part: int, count: int, size: int) -> torc
 
 def time_major_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout (training) between layers on the batch-major x (N, T, D·H), drawn on its time-major
-    contiguous copy (T, N, D·H), the tensor on which ATen's recurrent kernels draw theirs, so that the
-    same random state gives the same masks."""
+    contiguous copy (T, N, D·H), the tensor on which ATen's recurrent kernels on a CPU (its own and
+    oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of the
+    training forward through the module, gnfx.random_state). cuDNN keeps its own dropout state: on a
+    GPU the masks differ from the module's."""
     return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
 
 
