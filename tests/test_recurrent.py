@@ -220,6 +220,33 @@ def test_every_direction_and_layer_is_a_block_with_per_example_diagonals(capture
         torch.testing.assert_close(c.statistics(name)["diag"], diags[name], **TOL)
 
 
+class Twice(nn.Module):
+    """One GRU called twice, the second time from the first call's final state, on the reversed input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = recurrent("gru", batch_first=True), nn.Linear(4, 3).to(DTYPE)
+
+    def forward(self, x):
+        first, state = self.rnn(x)
+        second, _ = self.rnn(x.flip(1), state)
+        return self.head(first + second)
+
+
+def test_a_module_called_twice_is_one_block_per_weight_over_both_calls():
+    """Each weight's two call sites form one block; its per-example diagonal (the gradient of each
+    example summed over both calls) equals the per-example gradients'."""
+    model, (x, y) = Twice(), data()
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)
+    c = compile_for_statistics(model, optimizer="kfac")
+    assert {b.name: len(b.sites) for b in c.layers} == {"rnn.weight_ih_l0": 2, "rnn.weight_hh_l0": 2, "head": 1}
+    statistic_step(c, x, y)
+    for part in ("ih", "hh"):
+        diag = torch.cat([diags[f"rnn.weight_{part}_l0"], diags[f"rnn.bias_{part}_l0"][:, None]], dim=1)
+        torch.testing.assert_close(c.statistics(f"rnn.weight_{part}_l0")["diag"], diag, **TOL)
+
+
 # ----------------------------------------------------------------------------- forward mode
 
 
