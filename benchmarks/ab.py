@@ -1,6 +1,6 @@
 """Before and after in one process: `python -m benchmarks.ab --baseline REV [--ratios 4] [--rounds 9]`.
 
-The working tree's gnfx and the gnfx of git revision REV (its `gnfx/` extracted with `git archive`)
+The working tree's gnfx and the gnfx of git revision REV (its `gnfx/` and `passes/` extracted with `git archive`)
 are imported side by side, each as its own set of `gnfx.*` modules, which `using` puts into
 sys.modules while that tree's model runs (so that imports at call time resolve within its own
 tree). On the sweep's MLP (benchmarks/targets.py: SWEEP_WIDTH-SWEEP_WIDTH-SWEEP_WIDTH-10 at each of
@@ -62,11 +62,15 @@ def using(tree: dict):
 
 
 def load_tree(rev: str) -> dict:
-    """The gnfx modules of git revision `rev`, imported from a temporary copy of its `gnfx/` (kept until
+    """The gnfx modules of git revision `rev`, imported from a temporary copy of its `gnfx/` and `passes/` (kept until
     the process exits, for the modules it imports later)."""
     folder = Path(tempfile.mkdtemp(prefix="gnfx-ab-"))
     atexit.register(shutil.rmtree, folder, True)
-    archive = subprocess.run(["git", "archive", rev, "gnfx"], cwd=ROOT, check=True, capture_output=True).stdout
+    # gnfx/passes is a link to the top-level passes/, which the revision's gnfx imports with it
+    linked = subprocess.run(["git", "ls-tree", "--name-only", rev, "passes"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    archive = subprocess.run(["git", "archive", rev, "gnfx", *linked], cwd=ROOT, check=True,
+                             capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     with using({}):
         sys.path.insert(0, str(folder))

@@ -16,6 +16,7 @@ from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
+from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
 from gnfx.passes.unflatten import unflatten_linear
 from gnfx.preconditioners import REGISTRY
@@ -212,7 +213,8 @@ def _tikhonov(policy: Policy) -> bool:
 
 
 def _lower_and_analyze(model, captured):
-    gm = lower_modules(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
+    gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
+    gm = lower_modules(gm, captured.leaves)
     gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     return gm, table, block_sites

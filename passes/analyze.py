@@ -35,6 +35,7 @@ from .boundary import mark_boundary
 from .conv import find_conv_sites
 from .conv_transpose import find_conv_transpose_sites
 from .embedding import find_embedding_sites
+from .hidden_product import find_hidden_product_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
 from .position import find_position_sites
@@ -47,6 +48,8 @@ register_layer_kind("conv_transpose", ConvTransposeLayout, find_conv_transpose_s
 register_layer_kind("embedding", EmbeddingLayout, find_embedding_sites)
 register_layer_kind("norm", NormLayout, find_norm_sites)
 register_layer_kind("position", PositionLayout, find_position_sites)
+# a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
+register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 
 
 def _block_name(weight: str) -> str:

@@ -1,0 +1,129 @@
+"""The recurrent layers (nn.LSTM, nn.GRU, nn.RNN) as explicit ops: the runtime of their lowering
+(gnfx.passes.recurrent).
+
+One layer and direction of a recurrent module computes, for t = 1..T (docs/design.md §1 notation,
+rows r = (example n, time t)),
+
+    gx_t = W_ih x_t + b_ih          the input products, all t at once: one F.linear in the graph
+    hp_t = W_hh h_{t-1} + b_hh      the hidden products, inside the scan (`recurrent_scan`)
+    h_t, c_t = cell(gx_t, hp_t, h_{t-1}, c_{t-1})
+
+with PyTorch's cells (gates of gx and hp in PyTorch's order):
+
+    LSTM (i, f, g, o):  c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g),  h_t = σ(o) ⊙ tanh(c_t),
+                        each gate the sum of its parts of gx_t and hp_t
+    GRU (r, z, n):      r = σ(gx_r + hp_r), z = σ(gx_z + hp_z), n = tanh(gx_n + r ⊙ hp_n),
+                        h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+    RNN:                h_t = tanh(gx_t + hp_t) (or relu)
+
+Both products are linear blocks z = W a. W_ih's is an ordinary linear site over the (N, T, d_in)
+inputs. W_hh's rows are a = h_{t-1} (h_0 included) and δ = ∂ℓ/∂hp_t, which for the GRU is the
+gradient of the hidden product itself, not of the gate pre-activation (its n gate reads
+r ⊙ hp_n). The scan makes both visible to the taps: it returns the rows h_{t-1} stacked as
+(N, T, H), and it adds to each hp_t the slice t of an `offset` (N, T, G) of zeros that requires
+gradients, so that ∂L/∂offset = ∂L/∂hp = g with the values unchanged (kfac-jax's auxiliary-input
+trick). `hidden_product_site(h_prev, offset)` is the call site of W_hh's block in the graph: its
+input is the a rows, its output is the offset, whose gradient the error tap records.
+
+A reverse direction runs t = T..1 (its h_{t-1} is the state after step t+1); its rows stay in time
+order. Every tensor of the scan is batch-major (N, T, ·), so that the rows of each example are the
+first dimension's, whatever the module's batch_first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gnfx.errors import GnfxError
+
+
+def _cell(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+    """(h_t, c_t) of one step of PyTorch's cell `kind`, the module's `mode` (LSTM, GRU, RNN_TANH or
+    RNN_RELU; module docstring); c is None but for an LSTM."""
+    if kind == "LSTM":
+        i, f, g, o = (gx + hp).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if kind == "GRU":
+        x_r, x_z, x_n = gx.chunk(3, dim=-1)
+        h_r, h_z, h_n = hp.chunk(3, dim=-1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    pre = gx + hp
+    return (torch.tanh(pre) if kind == "RNN_TANH" else torch.relu(pre)), None
+
+
+def hidden_offset(gx: torch.Tensor) -> torch.Tensor:
+    """The zeros (N, T, G) added to the hidden products hp, whose gradient is ∂L/∂hp (module docstring)."""
+    return torch.zeros_like(gx, requires_grad=True)
+
+
+def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+                   h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool):
+    """One layer and direction over the whole sequence: (outputs h_t (N, T, H) in time order, the rows
+    h_{t-1} (N, T, H), h_T, c_T (None but for an LSTM)), from the input products gx (N, T, G) and the
+    initial states h0, c0 (N, H), with hp_t = h_{t-1} W_hhᵀ + b_hh + offset_t (module docstring)."""
+    # the steps' slices by one unbind each: its backward stacks their gradients once, where indexing
+    # gx[:, t] would write each step's into a zero tensor of the whole sequence
+    inputs, offsets = gx.unbind(1), offset.unbind(1)
+    steps = len(inputs)
+    outputs, previous = [None] * steps, [None] * steps
+    h, c = h0, c0
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        previous[t] = h
+        h, c = _cell(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c)
+        outputs[t] = h
+    return torch.stack(outputs, 1), torch.stack(previous, 1), h, c
+
+
+def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The call site of a W_hh block: input the rows h_{t-1} (N, T, H), output the offset whose
+    gradient is δ = ∂L/∂hp (module docstring). Returns `offset` itself, on which the error tap hooks."""
+    return offset
+
+
+def batch_major(x, batch_first: bool, module: str) -> torch.Tensor:
+    """A recurrent module's input as (N, T, d): transposed when sequence-first, an unbatched (T, d)
+    as one example. A PackedSequence raises: the lowering covers padded tensors only."""
+    if not isinstance(x, torch.Tensor):
+        raise GnfxError(f"the recurrent module {module!r} received a {type(x).__name__}, and gnfx lowered it for "
+                        f"tensor inputs only (PackedSequence is not covered). Fix: pass leaf_modules=[{module!r}] to "
+                        f"gnfx.compile to keep it opaque (its parameters then take the diagonal preconditioner)")
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def initial_state(x: torch.Tensor, hx, part: int, count: int, size: int) -> torch.Tensor:
+    """The initial states (count, N, size) of every layer and direction from the module's `hx`: a
+    tensor h0, or the pair (h0, c0) of an LSTM, of which `part` (0: h0, 1: c0); an unbatched
+    (count, size) as one example; zeros when hx is None. x: the batch-major input (N, T, d)."""
+    state = hx[part] if isinstance(hx, (tuple, list)) else hx
+    if state is None:
+        return x.new_zeros(count, x.shape[0], size)
+    return state.unsqueeze(1) if state.dim() == 2 else state
+
+
+def time_major_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout (training) between layers on the batch-major x (N, T, D·H), drawn on its time-major
+    contiguous copy (T, N, D·H), the tensor on which ATen's recurrent kernels on a CPU (its own and
+    oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of the
+    training forward through the module, gnfx.random_state). cuDNN keeps its own dropout state: on a
+    GPU the masks differ from the module's."""
+    return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
+
+
+def recurrent_result(input, batch_first: bool, output: torch.Tensor, h_n: torch.Tensor,
+                     c_n: torch.Tensor | None, flat: bool = False):
+    """What the module returns, in its layout: (output, h_n) or, for an LSTM, (output, (h_n, c_n))
+    (`flat`: as the aten op, (output, h_n, c_n)); output batch-major (N, T, D·H) and h_n, c_n
+    (L·D, N, H) as computed, turned back to the input's layout (sequence-first, unbatched)."""
+    if input.dim() == 2:
+        output, h_n = output.squeeze(0), h_n.squeeze(1)
+        c_n = None if c_n is None else c_n.squeeze(1)
+    elif not batch_first:
+        output = output.transpose(0, 1)
+    if c_n is None:
+        return output, h_n
+    return (output, h_n, c_n) if flat else (output, (h_n, c_n))

@@ -1,0 +1,162 @@
+"""Lowering of nn.LSTM, nn.GRU and nn.RNN into explicit ops over the same parameters.
+
+A `call_module` of a stock recurrent module becomes the graph of `_LoweredRecurrent.forward`,
+inlined (gnfx.recurrent has the math): per layer and direction, the input products of the whole
+sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time)), then
+`recurrent_scan` over time, a leaf of the graph (torch.fx.wrap) that computes the hidden products
+`h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
+(gnfx.passes.hidden_product finds it). Between layers, dropout as the module draws it; the result is
+what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
+unbatched). The lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
+
+Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
+with its own forward, a call with other arguments than (input, hx), and the paths in `keep`. A
+PackedSequence input (which fx cannot tell from a tensor, and whose packing it cannot trace) raises
+a GnfxError at run time that names the fix, leaf_modules.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from gnfx.recurrent import (batch_major, hidden_offset, hidden_product_site, initial_state, recurrent_result,
+                            recurrent_scan, time_major_dropout)
+
+for _name in ("batch_major", "hidden_offset", "hidden_product_site", "initial_state", "recurrent_result",
+              "recurrent_scan", "time_major_dropout"):
+    torch.fx.wrap(_name)
+
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+aten = torch.ops.aten
+# the op torch.export records for each cell, and the module of that cell
+_ATEN = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN_TANH",
+         aten.rnn_relu.input: "RNN_RELU"}
+_MODULES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
+_PROJECTED = "an LSTM with proj_size > 0 (its hidden products read the projected state)"
+
+
+class _LoweredRecurrent(nn.Module):
+    """The computation of one recurrent module call as explicit ops (module docstring); it reads the
+    module's parameters as `rnn.<name>`. `flat`: the result as the aten op's, (output, h_n[, c_n])."""
+
+    def __init__(self, module: nn.RNNBase, path: str, flat: bool):
+        super().__init__()
+        self.rnn, self.path, self.flat = module, path, flat
+
+    def forward(self, input, hx=None):
+        m = self.rnn
+        lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
+        count = m.num_layers * directions
+        x = batch_major(input, m.batch_first, self.path)
+        h0 = initial_state(x, hx, 0, count, m.hidden_size)
+        c0 = initial_state(x, hx, 1, count, m.hidden_size) if lstm else None
+        last_h, last_c = [], []
+        for layer in range(m.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix, k = f"_l{layer}" + ("_reverse" if direction else ""), layer * directions + direction
+                bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
+                gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
+                offset = hidden_offset(gx)
+                scan = recurrent_scan(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), h0[k],
+                                      c0[k] if lstm else None, m.mode, bool(direction))
+                hidden_product_site(scan[1], offset)
+                outputs.append(scan[0])
+                last_h.append(scan[2])
+                last_c.append(scan[3])
+            x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+            if m.dropout and layer < m.num_layers - 1:
+                x = time_major_dropout(x, m.dropout)
+        return recurrent_result(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None,
+                                self.flat)
+
+
+def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
+    """Why this module call cannot be lowered ('' if it can)."""
+    stock = next(k for k in RECURRENT if isinstance(module, k))
+    if type(module).forward is not stock.forward:
+        return f"a subclass of nn.{stock.__name__} with its own forward"
+    if getattr(module, "proj_size", 0) > 0:
+        return _PROJECTED
+    if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
+        return "called with arguments other than (input, hx)"
+    return ""
+
+
+def _exported(gm: fx.GraphModule, node: fx.Node):
+    """(a stock module of the configuration of an aten recurrent call, on the meta device; its
+    parameters' nodes by name), or the reason why the call cannot be lowered."""
+    x, hx, params, bias, layers, dropout, train, bidirectional, batch_first = node.args
+    if len(params) != layers * (1 + bidirectional) * (4 if bias else 2):
+        return _PROJECTED  # each direction has W_hr too
+    w_ih, w_hh = (operator.attrgetter(p.target)(gm) for p in params[:2])
+    mode = _ATEN[node.target]
+    options = {"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}
+    module = _MODULES[mode](w_ih.shape[1], w_hh.shape[1], layers, bias=bias, batch_first=batch_first,
+                            dropout=dropout if train and layers > 1 else 0.0, bidirectional=bidirectional,
+                            device="meta", **options)
+    return module, dict(zip(module._flat_weights_names, params))
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, module: nn.RNNBase, path: str, call: dict, params: dict,
+            flat: bool) -> fx.Node:
+    """Insert before `node` the graph of `_LoweredRecurrent(module)` on the `call` arguments (input,
+    hx), reading the parameters from the nodes `params` (by name); the node of its result."""
+    sub = fx.symbolic_trace(_LoweredRecurrent(module, path, flat))
+    values = {n: call.get(n.target) if n.op == "placeholder" else params[n.target.removeprefix("rnn.")]
+              for n in sub.graph.nodes if n.op in ("placeholder", "get_attr")}
+    given = set(values)
+    with gm.graph.inserting_before(node):
+        result = gm.graph.graph_copy(sub.graph, values)
+    for traced, copied in values.items():
+        if traced not in given:
+            copied.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"}, gnfx_module=path)
+    return result
+
+
+def _call(gm: fx.GraphModule, modules: dict, node: fx.Node):
+    """(module path, module class name) of a recurrent call: a `call_module` of nn.LSTM / nn.GRU / nn.RNN
+    or an aten.lstm / gru / rnn_tanh / rnn_relu call (its path from `nn_module_stack`); None for any
+    other node."""
+    if node.op == "call_module" and isinstance(modules[node.target], RECURRENT):
+        return node.target, type(modules[node.target]).__name__
+    if node.op == "call_function" and node.target in _ATEN:
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        return (stack[-1][0], stack[-1][1].rpartition(".")[2]) if stack else ("", str(node.target))
+    return None
+
+
+def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
+    """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call of `gm` (a `call_module` of an fx graph,
+    an aten.lstm / gru / rnn_tanh / rnn_relu call of an exported one) as explicit ops, except the
+    module paths in `keep`."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        found = _call(gm, modules, node)
+        if found is None or found[0] in keep:
+            continue
+        path, kind = found
+        if node.op == "call_module":
+            module = modules[path]
+            why = _not_lowerable(module, node)
+        else:
+            lowerable = _exported(gm, node)
+            why = lowerable if isinstance(lowerable, str) else ""
+        if why:
+            node.meta["gnfx_fallback_reason"] = f"inside {kind} {path!r}, not lowered: {why}"
+            continue
+        if node.op == "call_module":
+            call = dict(zip(("input", "hx"), node.args), **node.kwargs)
+            with gm.graph.inserting_before(node):
+                params = {name: gm.graph.get_attr(f"{path}.{name}") for name in module._flat_weights_names}
+        else:
+            (module, params), call = lowerable, {"input": node.args[0], "hx": node.args[1]}
+        result = _inline(gm, node, module, path, call, params, flat=node.op == "call_function")
+        node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

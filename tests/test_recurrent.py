@@ -1,0 +1,345 @@
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN) as curvature blocks (gnfx.recurrent, passes/recurrent.py).
+
+Each layer and direction holds two linear blocks, rows r = (example n, time t):
+
+    W_ih:  a = [x_t; 1],      δ = ∂ℓ/∂(W_ih x_t + b_ih)
+    W_hh:  a = [h_{t-1}; 1],  δ = ∂ℓ/∂hp_t,  hp_t = W_hh h_{t-1} + b_hh   (h_0 included)
+
+    A = 1/(N T) Σ_{n,t} a aᵀ,   S = M Σ_{n,t} g gᵀ,   diag = 1/N Σ_n (∇ℓ̃_n)²   (tests/references.py)
+
+The references are independent of gnfx: the module itself, an unrolled cell written out here with
+`retain_grad` on each step's products, per-example autograd (vmap cannot batch ATen's recurrent
+kernels), torch.func jvp/vjp. Everything float64, compared at 1e-10.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import fx, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+import gnfx
+from gnfx.passes.capture import export
+from gnfx.passes.recurrent import lower_recurrent
+from gnfx.recurrent import recurrent_scan
+from references import TOL, cross_entropy, kfac_factors, per_example_fisher_diag
+from steps import compile_for_statistics, statistic_step, train
+
+DTYPE = torch.float64
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+
+
+def recurrent(cell, d_in=3, hidden=4, **options):
+    kwargs = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
+    return CELLS[cell](d_in, hidden, **kwargs, **options).to(DTYPE)
+
+
+class Tagger(nn.Module):
+    """(N, T, d) -> (N, T, C): a recurrent module, then a linear head on every step."""
+
+    def __init__(self, cell="lstm", classes=3, **options):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = recurrent(cell, **options)
+        directions = 2 if options.get("bidirectional") else 1
+        self.head = nn.Linear(self.rnn.hidden_size * directions, classes).to(DTYPE)
+        self.sequence_first = not options.get("batch_first", False)
+
+    def forward(self, x):
+        out = self.rnn(x.transpose(0, 1) if self.sequence_first else x)[0]
+        return self.head(out.transpose(0, 1) if self.sequence_first else out)
+
+
+def data(n=3, steps=5, d=3, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, steps, d, generator=g, dtype=DTYPE), torch.randint(0, classes, (n, steps), generator=g)
+
+
+def lowered(module: nn.Module) -> fx.GraphModule:
+    """The module's fx graph with its recurrent calls lowered (no taps)."""
+    return lower_recurrent(fx.symbolic_trace(module))
+
+
+class Holder(nn.Module):
+    """A recurrent module called with its initial state."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hx):
+        return self.rnn(x, hx)
+
+
+def leaves(out):
+    return torch.utils._pytree.tree_leaves(out)
+
+
+# ----------------------------------------------------------------------------- the lowered forward
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(cell=st.sampled_from(sorted(CELLS)), layers=st.integers(1, 2), bidirectional=st.booleans(),
+       batch_first=st.booleans(), bias=st.booleans(), with_state=st.booleans(), unbatched=st.booleans())
+def test_lowered_module_computes_its_outputs_and_gradients(cell, layers, bidirectional, batch_first, bias,
+                                                          with_state, unbatched):
+    """(output, h_n[, c_n]) and every parameter's and input's gradient equal the module's."""
+    torch.manual_seed(0)
+    rnn = recurrent(cell, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    x = torch.randn(*(() if unbatched else (2,)), 5, 3, dtype=DTYPE)
+    if not batch_first and not unbatched:
+        x = x.transpose(0, 1)
+    x.requires_grad_()
+    state = torch.randn(layers * (1 + bidirectional), *(() if unbatched else (2,)), 4, dtype=DTYPE)
+    hx = ((state, torch.randn_like(state)) if cell == "lstm" else state) if with_state else None
+    module = Holder(rnn)
+    expected, got = module(x, hx), lowered(module)(x, hx)
+    assert type(got) is type(expected) and len(got) == len(expected)
+    assert [t.shape for t in leaves(got)] == [t.shape for t in leaves(expected)]
+    for e, g in zip(leaves(expected), leaves(got)):
+        torch.testing.assert_close(g, e, **TOL)
+    weights = [torch.randn_like(t) for t in leaves(expected)]
+    inputs = [x, *rnn.parameters()]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
+             for out in (expected, got)]
+    for e, g in zip(*grads):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("rnn, shape, state", [
+    (nn.RNN(3, 4, 2, nonlinearity="relu", bidirectional=True), (5, 2, 3), (4, 2, 4)),  # sequence-first
+    (nn.LSTM(3, 4), (5, 3), (1, 4)),  # unbatched, with (h0, c0)
+    (nn.GRU(3, 4, 2, bias=False, batch_first=True), (2, 5, 3), None),
+])
+def test_lowered_aten_call_of_an_exported_graph_computes_the_modules_outputs(rnn, shape, state):
+    """Under torch.export the module is an aten.lstm / gru / rnn_* call; lowered, it computes the same."""
+    module = Holder(rnn.to(DTYPE))
+    x = torch.randn(*shape, dtype=DTYPE)
+    hx = None if state is None else torch.randn(*state, dtype=DTYPE)
+    hx = (hx, torch.randn_like(hx)) if isinstance(rnn, nn.LSTM) else hx
+    graph = lower_recurrent(export(module, (x, hx), {}).graph_module)
+    assert sum(n.target is recurrent_scan for n in graph.graph.nodes) == rnn.num_layers * (1 + rnn.bidirectional)
+    for e, g in zip(leaves(module(x, hx)), leaves(graph(x, hx)), strict=True):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+def test_lowered_dropout_draws_the_modules_masks():
+    """Between layers (training) the lowered graph draws the masks ATen's kernel draws from the same
+    random state, so a replay of the training forward through the module (gnfx.random_state) sees them."""
+    rnn = recurrent("lstm", num_layers=3, dropout=0.5, batch_first=True)
+    module, x = Holder(rnn), torch.randn(4, 6, 3, dtype=DTYPE)
+    torch.manual_seed(3)
+    expected = module(x, None)
+    torch.manual_seed(3)
+    got = lowered(module)(x, None)
+    for e, g in zip(leaves(expected), leaves(got)):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def unrolled_rows(model: Tagger, x, y):
+    """{parameter name of W: (a, g) rows (N, T, d), (N, T, G)} of every input and hidden product of the
+    tagger's single-layer forward LSTM/GRU, by a cell written out here: the products of each step
+    retain their gradients. Also returns M, the loss terms."""
+    rnn = model.rnn
+    W_ih, W_hh, b_ih, b_hh = rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
+    n, steps, hidden = x.shape[0], x.shape[1], rnn.hidden_size
+    h, c = torch.zeros(n, hidden, dtype=DTYPE), torch.zeros(n, hidden, dtype=DTYPE)
+    records, outputs = [], []
+    for t in range(steps):
+        gx, hp = x[:, t] @ W_ih.T + b_ih, h @ W_hh.T + b_hh
+        gx.retain_grad()
+        hp.retain_grad()
+        records.append((x[:, t], gx, h, hp))
+        if isinstance(rnn, nn.LSTM):
+            i, f, g, o = (gx + hp).split(hidden, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:  # GRU: the hidden part of the n gate is r ⊙ (W_hn h + b_hn)
+            r = torch.sigmoid(gx[:, :hidden] + hp[:, :hidden])
+            z = torch.sigmoid(gx[:, hidden:2 * hidden] + hp[:, hidden:2 * hidden])
+            candidate = torch.tanh(gx[:, 2 * hidden:] + r * hp[:, 2 * hidden:])
+            h = (1 - z) * candidate + z * h
+        outputs.append(h)
+    out = model.head(torch.stack(outputs, 1))
+    torch.testing.assert_close(out, model(x), **TOL)  # the written-out cell is the module's
+    cross_entropy(out, y).backward()
+    model.zero_grad()
+    stack = lambda k, grad=False: torch.stack([r[k].grad if grad else r[k].detach() for r in records], 1)  # noqa: E731
+    return {"rnn.weight_ih_l0": [(stack(0), stack(1, True))],
+            "rnn.weight_hh_l0": [(stack(2), stack(3, True))]}, out.shape[:-1].numel()
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")  # torch.export's, on nn.RNNBase
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_factors_and_diagonals_equal_the_unrolled_cell_and_per_example_gradients(cell, capture):
+    """A and S of W_ih's and W_hh's blocks equal those of the written-out cell's rows (hooks on each
+    step's products), and the per-example diagonals those of per-example gradients (autograd on each
+    example of the module: torch.func.vmap has no batching rule of ATen's recurrent kernels)."""
+    model, (x, y) = Tagger(cell, batch_first=True), data()
+    rows, M = unrolled_rows(model, x, y)
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)  # (vmap: see the docstring)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers.form == capture
+    assert {b.name: b.kind for b in c.layers} == {"rnn.weight_ih_l0": "linear", "rnn.weight_hh_l0": "recurrent",
+                                                  "head": "linear"}
+    statistic_step(c, x, y)
+    for name, calls in rows.items():
+        got, expected = c.statistics(name), kfac_factors(calls, True, "expand", M)
+        torch.testing.assert_close(got["A"], expected["A"], **TOL)
+        torch.testing.assert_close(got["S"], expected["S"], **TOL)
+        part = name.split(".")[1].replace("weight", "bias")
+        diag = torch.cat([diags[name], diags[f"rnn.{part}"][:, None]], dim=1)
+        torch.testing.assert_close(got["diag"], diag, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:gnfx reads each layer input's batch")  # the tagger's input is batch-first
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_every_direction_and_layer_is_a_block_with_per_example_diagonals(capture):
+    """A sequence-first, bidirectional two-layer GRU: all eight weights are in blocks, and every
+    block's per-example diagonal equals the per-example gradients' (the rows are taken batch-major)."""
+    model, (x, y) = Tagger("gru", num_layers=2, bidirectional=True, bias=False), data(n=4)
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)  # vmap has no batching rule of ATen's lstm
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers.form == capture
+    names = {f"rnn.weight_{part}_l{layer}{suffix}" for part in ("ih", "hh") for layer in (0, 1)
+             for suffix in ("", "_reverse")}
+    assert {b.name for b in c.layers} == names | {"head"} and not c.layers.fallbacks
+    statistic_step(c, x, y)
+    for name in names:
+        torch.testing.assert_close(c.statistics(name)["diag"], diags[name], **TOL)
+
+
+class Twice(nn.Module):
+    """One GRU called twice, the second time from the first call's final state, on the reversed input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn, self.head = recurrent("gru", batch_first=True), nn.Linear(4, 3).to(DTYPE)
+
+    def forward(self, x):
+        first, state = self.rnn(x)
+        second, _ = self.rnn(x.flip(1), state)
+        return self.head(first + second)
+
+
+def test_a_module_called_twice_is_one_block_per_weight_over_both_calls():
+    """Each weight's two call sites form one block; its per-example diagonal (the gradient of each
+    example summed over both calls) equals the per-example gradients'."""
+    model, (x, y) = Twice(), data()
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)
+    c = compile_for_statistics(model, optimizer="kfac")
+    assert {b.name: len(b.sites) for b in c.layers} == {"rnn.weight_ih_l0": 2, "rnn.weight_hh_l0": 2, "head": 1}
+    statistic_step(c, x, y)
+    for part in ("ih", "hh"):
+        diag = torch.cat([diags[f"rnn.weight_{part}_l0"], diags[f"rnn.bias_{part}_l0"][:, None]], dim=1)
+        torch.testing.assert_close(c.statistics(f"rnn.weight_{part}_l0")["diag"], diag, **TOL)
+
+
+# ----------------------------------------------------------------------------- forward mode
+
+
+def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph():
+    """gnfx.ggn's G v on the compiled tagger (its products run through the module, ATen's kernels)
+    equals Jᵀ (H_ℓ (J v)) with J by torch.func jvp and vjp through the lowered graph."""
+    model, (x, y) = Tagger("lstm", num_layers=2, batch_first=True), data()
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    v = [torch.randn_like(p) for p in params]
+    graph = lowered(model)
+    f = lambda *theta: functional_call(graph, dict(zip(names, theta)), (x,))  # noqa: E731
+    z, Jv = jvp(f, tuple(params), tuple(v))
+    HJv = jvp(grad(lambda out: cross_entropy(out, y)), (z,), (Jv,))[1]
+    expected = vjp(f, *params)[1](HJv)
+    for got, e in zip(gnfx.ggn.ggn_vp(c, "cross_entropy", x, y, v), expected):
+        torch.testing.assert_close(got, e, **TOL)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+
+class Projected(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, proj_size=2, batch_first=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")  # the low coverage is the point
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_lstm_with_projections_falls_back_with_the_reason(capture):
+    model = Projected()
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture=capture, example_inputs=(torch.randn(2, 5, 3),))
+    assert [b.name for b in c.layers] == ["head"]
+    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    assert all("not lowered: an LSTM with proj_size > 0" in f.reason for f in c.layers.fallbacks)
+
+
+class PackedTagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+    def forward(self, packed):
+        return self.head(self.rnn(packed)[1][-1])
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")  # the low coverage is the point
+def test_a_packed_sequence_raises_naming_leaf_modules_which_keep_the_module_opaque():
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+    with pytest.raises(gnfx.GnfxError, match=r"received a PackedSequence.*leaf_modules=\['rnn'\]"):
+        gnfx.compile(PackedTagger(), optimizer="kfac", lr=0.1)(packed)
+    c = gnfx.compile(PackedTagger(), optimizer="kfac", lr=0.1, leaf_modules=["rnn"])
+    F.cross_entropy(c(packed), torch.tensor([0, 1])).backward()
+    c.step()
+    assert [b.name for b in c.layers] == ["head"]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cell, vocabulary=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocabulary, 8)
+        self.rnn = CELLS[cell](8, 16, batch_first=True)
+        self.head = nn.Linear(16, vocabulary)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+@pytest.mark.parametrize("cell, optimizer, options", [
+    ("lstm", "kfac", {"loss": "cross_entropy"}),  # the defaults: the quadratic-model step, no lr
+    ("gru", "ekfac", {"lr": 3e-2}),
+])
+def test_kfac_and_ekfac_train_a_recurrent_model_without_fallback(cell, optimizer, options):
+    """Next-token prediction on a periodic sequence (token t+1 = token t + 1 mod V): learnable only
+    through the recurrence's memory of the last token. Every parameter is in a block."""
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 6, (16, 1), generator=g)
+    tokens = (starts + torch.arange(13)) % 6
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    model = LanguageModel(cell)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = gnfx.compile(model, optimizer=optimizer, **options)
+        losses = train(c, x, y, cross_entropy, 30)
+    assert not c.layers.fallbacks
+    assert losses[-1] < 0.2 * losses[0], losses
