@@ -28,6 +28,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 import torch.nn.functional as F
 from torch import nn
 
@@ -705,3 +706,44 @@ def test_an_expert_that_no_example_reached_on_a_statistic_step_keeps_training():
         assert c.optimizer.last_step["solved"]
     assert all(p.isfinite().all() for p in model.parameters())
     assert all(s.isfinite().all() for s in c.statistics("experts.1").values())
+
+
+# --------------------------------------------------------------------------- fourth round
+# (benchmarks/results/first_contact_4.md)
+
+
+def pruned_mlp(which):
+    """An MLP whose first layer's weight a forward pre-hook computes: torch.nn.utils.prune's
+    `weight = weight_orig * weight_mask`, or the old `nn.utils.weight_norm`'s `g·v/‖v‖`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    if which == "prune":
+        torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    else:
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(model[0], "weight")
+    return model
+
+
+@pytest.mark.parametrize("which", ["prune", "weight_norm"])
+def test_a_weight_computed_by_a_forward_pre_hook_follows_its_parameters_on_statistic_steps(which):
+    """The capture lowered the hooked nn.Linear to F.linear of a get_attr of `weight`, the tensor the
+    hook had set at capture: the statistic steps' forward used that stale weight and weight_orig (g, v)
+    got no gradient there. The call now stays the module's, hooks included: after the parameters move,
+    the compiled model's output and every gradient equal the module's own (plain autograd, float64)."""
+    model = pruned_mlp(which)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning: the hooked layer's parameters fall back
+        c = gnfx.compile(model, "kfac", lr=0.1, stat_every=1)
+    train(c, 2, torch.float64)  # the parameters move: the hook's weight of the capture is stale
+    x, y = batch(torch.float64)
+    names, params = zip(*model.named_parameters())
+    expected = model(x)  # the module itself, its hook included
+    expected_grads = torch.autograd.grad(F.cross_entropy(expected, y), params)
+    out = c(x)  # a statistic step (stat_every=1): the instrumented graph
+    F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name, p, expected_grad in zip(names, params, expected_grads):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, expected_grad, rtol=1e-12, atol=1e-12, msg=name)
