@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from steps import train as train_on
+from references import per_example_grads
+from steps import compile_for_statistics, statistic_step, train as train_on
 
 
 class MLP(nn.Module):
@@ -747,3 +748,64 @@ def test_a_weight_computed_by_a_forward_pre_hook_follows_its_parameters_on_stati
     for name, p, expected_grad in zip(names, params, expected_grads):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, expected_grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+class FrozenBatchNorm(nn.Module):
+    """A conv, a batch norm, a linear head; `freeze` puts the batch norm in eval mode (running
+    statistics, as detection models freeze theirs) while the model trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("frozen", ["before compile", "after the first step"])
+def test_a_frozen_batch_norm_has_the_statistics_of_its_running_normalization(frozen):
+    """A batch norm in eval mode inside a training model normalizes with its running statistics; its
+    block's x̂ was recomputed with the batch's, silently (its γ, β statistics those of another layer).
+    The per-example Fisher diagonal of (γ, β) equals vmap's per-example gradients (float64)."""
+    torch.manual_seed(0)
+    model = FrozenBatchNorm().double()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    if frozen == "before compile":
+        model.bn.eval()
+    c = compile_for_statistics(model, optimizer="kfac")
+    statistic_step(c, x, y)
+    model.bn.eval()
+    grads = per_example_grads(model, x, y)
+    statistic_step(c, x, y)
+    assert c.layers["bn"].kind == "norm"
+    expected = torch.stack([grads["bn.weight"], grads["bn.bias"]], -1).square().mean(0)
+    torch.testing.assert_close(c.statistics("bn")["diag"], expected, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_submodule_put_in_eval_mode_after_capture_runs_in_eval_mode_on_statistic_steps(capture):
+    """torch.export's graph takes batch norm's `training` as a constant of the capture: after
+    `bn.eval()` the statistic steps normalized with the batch's statistics and moved the running ones,
+    silently (the other steps run the module). A change of the submodules' modes now gets its own
+    capture: the statistic step's output and gradients equal the module's, its running statistics stay."""
+    torch.manual_seed(0)
+    model = FrozenBatchNorm().double()
+    c = gnfx.compile(model, "kfac", lr=0.01, stat_every=1, capture=capture)
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    statistic_step(c, x, y)
+    model.bn.eval()
+    running = model.bn.running_mean.clone()
+    expected = model(x)
+    expected_grads = torch.autograd.grad(F.cross_entropy(expected, y), list(model.parameters()))
+    out = c(x)
+    F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.bn.running_mean, running, rtol=0, atol=0)
+    for p, expected_grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, expected_grad, rtol=1e-12, atol=1e-12)
+
