@@ -22,12 +22,30 @@ CROSS_ENTROPY_TOLERANCE = 1e-2
 ROUNDING_ROWS = 8
 
 
-def logits_of(out) -> torch.Tensor | None:
-    """The first floating tensor of at least one dimension in `out` (module doc), or None."""
+def floating_outputs(out) -> list[torch.Tensor]:
+    """The floating tensors of at least one dimension in `out`, in the order its structure lists them."""
     leaves = _pytree.tree_leaves(out)  # a dataclass not registered as a pytree is one leaf: take its fields
     leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
                                              if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()), None)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+
+
+def logits_of(out) -> torch.Tensor | None:
+    """The first floating tensor of at least one dimension in `out` (module doc), or None."""
+    return next(iter(floating_outputs(out)), None)
+
+
+def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.Tensor) -> GnfxError:
+    """The error for a loss that reaches an output other than z (gnfx.output_watch): `position` is the
+    other output's place among the floating tensors the model returns (z: 0)."""
+    return GnfxError(
+        f"loss={loss!r} is the loss of the model output z alone (z: the first floating tensor the model returns, "
+        f"here of shape {tuple(z.shape)}), and the loss this backward ran also reaches output {position} of "
+        f"those tensors (shape {tuple(other.shape)}): a second head's loss, a VAE's KL term on its mean and "
+        f"log-variance, a triplet or contrastive loss over several embeddings. The sampled Fisher and the "
+        f"quadratic-model step would leave those terms out (a block that only that output reaches would get "
+        f"no curvature at all). Fix: compile without loss= and with an lr (the curvature then comes from your "
+        f"whole loss's gradients), or return only the output whose {loss} loss you train")
 
 
 def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
