@@ -753,6 +753,30 @@ def test_a_weight_computed_by_a_forward_pre_hook_follows_its_parameters_on_stati
         torch.testing.assert_close(p.grad, expected_grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+
+def test_forward_hooks_run_on_statistic_steps_and_their_layers_stay_blocks():
+    """A forward hook (one that records, one that replaces the output, as feature extraction and output
+    rescaling do) of an nn.Linear was dropped with the module call when capture lowered it to F.linear:
+    statistic steps ran without it, another loss, silently. The hooks now run after the functional op:
+    every call runs them, the output and gradients equal the module's, and both layers are still blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    calls = []
+    model[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    model[2].register_forward_hook(lambda module, args, out: 2 * out)
+    c = gnfx.compile(model, "kfac", lr=0.1, stat_every=1)
+    x, y = batch(torch.float64)
+    params = list(model.parameters())
+    expected = model(x)
+    expected_grads = torch.autograd.grad(F.cross_entropy(expected, y), params)
+    out = c(x)  # a statistic step: the instrumented graph
+    F.cross_entropy(out, y).backward()
+    assert calls == [x.shape, x.shape]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for p, expected_grad in zip(params, expected_grads):
+        torch.testing.assert_close(p.grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert [b.name for b in c.layers.blocks] == ["0", "2"]
+
 class FrozenBatchNorm(nn.Module):
     """A conv, a batch norm, a linear head; `freeze` puts the batch norm in eval mode (running
     statistics, as detection models freeze theirs) while the model trains."""
