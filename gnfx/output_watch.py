@@ -11,7 +11,7 @@ z's last dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher 
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
-is not watched. Whether an output was reached is whether its gradient hook ran: no values are read.
+and a view of z (its last position, say: rows of z) are not watched. Whether an output was reached is whether its gradient hook ran: no values are read.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
         return hook
 
     for position, other in enumerate(others, 1):
-        if other.requires_grad and other is not z:
+        if other.requires_grad and other.untyped_storage().data_ptr() != z.untyped_storage().data_ptr():
             other.register_hook(other_hook(position, other))
 
     def hook(grad):

@@ -838,36 +838,42 @@ def test_a_submodule_put_in_eval_mode_after_capture_runs_in_eval_mode_on_statist
 
 
 class TwoHeads(nn.Module):
-    """A shared body, two heads returned as (out1, out2): a multi-task model, or a VAE's (recon, mu)."""
+    """A shared body, two heads returned as (out1, out2): a multi-task model, or a VAE's (recon, mu);
+    with `view`, (out1, out1[:4]): the second output rows of the first."""
 
-    def __init__(self):
+    def __init__(self, view=False):
         super().__init__()
         self.body, self.head1, self.head2 = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+        self.view = view
 
     def forward(self, x):
         h = torch.tanh(self.body(x))
-        return self.head1(h), self.head2(h)
+        z = self.head1(h)
+        return z, (z[:4] if self.view else self.head2(h))
 
 
-@pytest.mark.parametrize("case", ["two cross-entropies", "mse and a KL term", "second output unused"])
+@pytest.mark.parametrize("case", ["two cross-entropies", "mse and a KL term", "second output unused",
+                                  "second output a view of the first"])
 @pytest.mark.parametrize("name", ["kfac", "rank1"])
 def test_a_loss_that_also_reaches_another_output_is_named(case, name):
     """loss= models the loss of the first output z alone: a second head's loss, or a VAE's KL term on its
     mean, was left out, silently (under fisher='mc', the default here, the second head got no statistics at
     all: its block had none after the first step). Now a GnfxError at the first backward; an output the
-    loss does not use is fine."""
+    loss does not use, or one that is a view of z, is fine."""
     torch.manual_seed(0)
     loss = "mse" if case == "mse and a KL term" else "cross_entropy"
-    c = gnfx.compile(TwoHeads(), name, loss=loss)
+    c = gnfx.compile(TwoHeads(view=case == "second output a view of the first"), name, loss=loss)
     x, y = batch()
     out1, out2 = c(x)
     if case == "two cross-entropies":
         total = F.cross_entropy(out1, y) + F.cross_entropy(out2, y % 2)
     elif case == "mse and a KL term":
         total = F.mse_loss(out1, x[:, :3]) + 0.5 * out2.square().sum(1).mean()
+    elif case == "second output a view of the first":  # the loss of z's first rows: the others are ignored rows
+        total = F.cross_entropy(out2, y[:4])
     else:
         total = F.cross_entropy(out1, y)
-    if case == "second output unused":
+    if case in ("second output unused", "second output a view of the first"):
         total.backward()
         c.step()
         assert c.statistics("head1")
