@@ -978,3 +978,34 @@ def test_cross_entropies_of_other_targets_are_modelled_exactly_without_a_closure
         runs.append(torch.tensor(steps, dtype=torch.float64))
     assert runs[0][:, 1].isfinite().all()
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean with a penalty"])
+def test_a_closure_names_a_summed_squared_error(reduction):
+    """With loss='mse' every gradient is a mean squared error's (to some target), so a summed one passed
+    silently and the quadratic step's α was numel(z) times too long: kfac at defaults went from 114 to 1e7
+    in 6 steps. With a closure, its loss at θ is compared with the squared error the gradient implies
+    (numel(z) times larger for a sum): a GnfxError at the first step; a mean plus a penalty on θ trains."""
+    torch.manual_seed(0)
+    model = MLP()
+    c = gnfx.compile(model, "kfac", loss="mse")
+    x, _ = batch()
+    target = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        out = c(x)
+        value = (F.mse_loss(out, target, reduction="sum") if reduction == "sum" else
+                 F.mse_loss(out, target) + 1e-3 * sum(p.square().sum() for p in model.parameters()))
+        if torch.is_grad_enabled():
+            value.backward()
+        return value
+
+    if reduction == "sum":
+        with pytest.raises(gnfx.GnfxError, match=r"(?s)24 times the closure's loss.*reduction='sum'.*Fix: take the mean"):
+            c.optimizer.step(closure)
+        return
+    losses = []
+    for _ in range(4):
+        c.zero_grad()
+        losses.append(float(c.optimizer.step(closure)))
+    assert losses[-1] < losses[0]
