@@ -36,6 +36,7 @@ passes are not. Together ~10 µs of Python per dual tensor, 24 a step of the aut
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -45,6 +46,8 @@ from gnfx.composite_forms import spectral_norms, uses_weight_norm, written_out
 
 # the module whose import registers PyTorch's forward-mode decompositions (module docstring)
 DECOMPOSITIONS = "torch._decomp.decompositions_for_jvp"
+# the warning torch.jit.script gives as that import compiles them (load_decompositions)
+JIT_SCRIPT_DEPRECATED = r"`torch\.jit\.script` is deprecated"
 
 
 class ModuleFunction:
@@ -112,7 +115,11 @@ def jvp_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.Tensor],
 def load_decompositions() -> bool:
     """Load PyTorch's forward-mode decompositions (module docstring) as torch.autograd.forward_ad's
     make_dual does, under its conditions (not with PYTORCH_JIT=0 nor python -O): True if they were
-    not loaded before and are now, so that passes that failed for want of one can succeed when run again."""
+    not loaded before and are now, so that passes that failed for want of one can succeed when run again.
+    PyTorch compiles them with torch.jit.script, whose DeprecationWarning (`torch.jit.script` is
+    deprecated) is PyTorch's own business, not the user's: it is silenced here, and only it."""
     loaded = DECOMPOSITIONS in sys.modules
-    forward_ad._maybe_load_decompositions()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=JIT_SCRIPT_DEPRECATED, category=DeprecationWarning)
+        forward_ad._maybe_load_decompositions()
     return not loaded and DECOMPOSITIONS in sys.modules

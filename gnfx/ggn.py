@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gnfx.compiled import CompiledModel
 from gnfx.composite_forms import spectral_norms, uses_weight_norm, written_out
 from gnfx.errors import ConfigError, GnfxError
+from gnfx.forward_mode import load_decompositions
 from gnfx.outputs import logits_of
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -57,6 +58,14 @@ Inputs = Union[Tensor, tuple]
 OutputProduct = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, y, u) -> M u
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+
+def _jvp(f, primals: tuple, tangents: tuple):
+    """torch.func.jvp, with PyTorch's forward-mode decompositions loaded first by
+    gnfx.forward_mode.load_decompositions, which silences TorchScript's deprecation warning (jvp's
+    make_dual would load them with it)."""
+    load_decompositions()
+    return jvp(f, primals, tangents)
 
 
 @contextlib.contextmanager
@@ -143,7 +152,7 @@ def _loss_hessian_product(loss: Loss) -> OutputProduct:
     loss_fn = _loss_fn(loss)
 
     def product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
-        return jvp(grad(lambda out: loss_fn(out, y)), (z,), (u,))[1]
+        return _jvp(grad(lambda out: loss_fn(out, y)), (z,), (u,))[1]
 
     return product
 
@@ -256,7 +265,7 @@ def _curvature_operator(
 
     def apply(tangents: dict) -> dict:
         with _named_forward_mode_errors():
-            jv = jvp(f, (params,), (tangents,))[1]
+            jv = _jvp(f, (params,), (tangents,))[1]
         return pullback(output_product(z, targets, jv))[0]
 
     return params, apply
@@ -343,7 +352,7 @@ def hvp(
     loss_fn = _loss_fn(loss)
     tangents = _as_tangents(params, v)
     with _named_forward_mode_errors():
-        hv = jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
+        hv = _jvp(grad(lambda theta: loss_fn(f(theta), targets)), (params,), (tangents,))[1]
     return [hv[name] for name in params]
 
 

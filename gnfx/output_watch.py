@@ -7,7 +7,11 @@ the loss terms per example, the product of its middle dimensions for an (N, ...,
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
 drop out of N and M; with loss="cross_entropy" that gradient must be a mean cross-entropy's over
 z's last dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward
-(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward.
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= the loss
+must be one of z alone: a backward that reaches z and another floating output of at least one
+dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
+(gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
+and a view of z (its last position, say: rows of z) are not watched. Whether an output was reached is whether its gradient hook ran: no values are read.
 """
 from __future__ import annotations
 
@@ -15,21 +19,22 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import check_cross_entropy_gradient, logits_of
+from gnfx.outputs import check_cross_entropy_gradient, floating_outputs, other_output_error
 
 
 def watch_output(out, store, settings: dict) -> None:
     """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
     output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
     docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples)."""
-    z = logits_of(out)
+    outputs = floating_outputs(out)
+    z = outputs[0] if outputs else None
     fid = store.forward_id
     if z is not None:
         store.batch_size[fid] = z.shape[0]
         if settings["loss_average"] == "auto" and z.dim() > 2:
             store.terms_per_example[fid] = z.shape[1:-1].numel()
     if z is not None and z.requires_grad:
-        _hook(z, store, settings)
+        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [])
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -38,19 +43,36 @@ def watch_output(out, store, settings: dict) -> None:
                         f"empirical Fisher, from your backward)")
 
 
-def _hook(z: torch.Tensor, store, settings: dict) -> None:
+def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) -> None:
     """When the user's backward reaches the logits z: count the rows the loss ignores (their
     gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
-    backward (gnfx.fisher) if one is asked for."""
+    backward (gnfx.fisher) if one is asked for. `others`: the outputs the loss must not reach
+    (module docstring), named by an error once the backward has reached both z and one of them,
+    in either order, after z's own check."""
     pending, store.pending = store.pending, []
     fid = store.forward_id
+    reached = {"z": False, "other": None}
+
+    def other_hook(position, other):
+        def hook(grad):
+            reached["other"] = reached["other"] or (position, other)
+            if reached["z"]:
+                raise other_output_error(settings["loss"], z, position, other)
+        return hook
+
+    for position, other in enumerate(others, 1):
+        if other.requires_grad and other.untyped_storage().data_ptr() != z.untyped_storage().data_ptr():
+            other.register_hook(other_hook(position, other))
 
     def hook(grad):
         handle.remove()  # the true-Fisher backward starts at z too: run once
+        reached["z"] = True
         kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
         count = kept.sum()
         if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
             (count,) = check_cross_entropy_gradient(z, grad, count)
+        if reached["other"]:
+            raise other_output_error(settings["loss"], z, *reached["other"])
         fraction = float(count) / max(kept.numel(), 1)
         store.kept_fraction[fid] = fraction
         if store.fisher != "empirical":

@@ -8,6 +8,8 @@ skipped.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils import _pytree
 
@@ -22,12 +24,30 @@ CROSS_ENTROPY_TOLERANCE = 1e-2
 ROUNDING_ROWS = 8
 
 
-def logits_of(out) -> torch.Tensor | None:
-    """The first floating tensor of at least one dimension in `out` (module doc), or None."""
+def floating_outputs(out) -> list[torch.Tensor]:
+    """The floating tensors of at least one dimension in `out`, in the order its structure lists them."""
     leaves = _pytree.tree_leaves(out)  # a dataclass not registered as a pytree is one leaf: take its fields
     leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
                                              if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()), None)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+
+
+def logits_of(out) -> torch.Tensor | None:
+    """The first floating tensor of at least one dimension in `out` (module doc), or None."""
+    return next(iter(floating_outputs(out)), None)
+
+
+def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.Tensor) -> GnfxError:
+    """The error for a loss that reaches an output other than z (gnfx.output_watch): `position` is the
+    other output's place among the floating tensors the model returns (z: 0)."""
+    return GnfxError(
+        f"loss={loss!r} is the loss of the model output z alone (z: the first floating tensor the model returns, "
+        f"here of shape {tuple(z.shape)}), and the loss this backward ran also reaches output {position} of "
+        f"those tensors (shape {tuple(other.shape)}): a second head's loss, a VAE's KL term on its mean and "
+        f"log-variance, a triplet or contrastive loss over several embeddings. The sampled Fisher and the "
+        f"quadratic-model step would leave those terms out (a block that only that output reaches would get "
+        f"no curvature at all). Fix: compile without loss= and with an lr (the curvature then comes from your "
+        f"whole loss's gradients), or return only the output whose {loss} loss you train")
 
 
 def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
@@ -43,13 +63,27 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
     model's predictions are far from its targets, as at the start of training.
 
+    A third test warns (a RuntimeWarning, one text: shown once by Python's default filter) instead of raising: the targets the gradient implies,
+    t_n = p_n - M g_n (as the quadratic step recovers them), must be a distribution, t_n ≥ 0 within
+    CROSS_ENTROPY_TOLERANCE. They are for one-hot, smoothed and soft targets, ignored rows, and a
+    distillation loss KL(q ‖ softmax(z)) at temperature 1 (whose H_ℓ is cross-entropy's: exact). They
+    are not where the loss has the form of a cross-entropy at z but another curvature, which gnfx
+    models as the unweighted mean cross-entropy of z: class weights (row n is w_n(p_n - q_n)/Σw, its
+    H_ℓ weighted by w_n), a distillation loss at temperature T ≠ 1 with its T² (row n is
+    T(softmax(z_n/T) - q_n)/M, H_ℓ that of softmax(z/T)), a mean multiplied by a factor above 1.
+
     `also`: 0-d tensors the caller needs on the host (gnfx.output_watch: the count of the rows the loss
     keeps), read in the same transfer as the check's two sums, one host synchronization in all; returned
     as floats, in order."""
     rows = grad.detach().reshape(-1, grad.shape[-1]).double()
-    off, total, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), *(a.double() for a in also)]).tolist()
+    terms = rows.ne(0).any(1).sum().clamp(min=1)
+    targets = torch.softmax(z.detach().reshape(rows.shape).double(), -1) - terms * rows  # t_n of the docstring
+    off, total, lowest, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min(),
+                                               *(a.double() for a in also)]).tolist()
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
-            f"sum to zero; here |row sums| / |gradient| = {off / total:.3g})"
+            f"sum to zero; here |row sums| / |gradient| = {off / total:.3g}: a loss over another dimension of z, "
+            f"one that couples its rows, as CLIP's cross-entropy over the columns of a similarity matrix too, or "
+            f"a binary cross-entropy of each entry, BCEWithLogits, for which gnfx has no loss=)"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
             f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
@@ -63,4 +97,14 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"or without loss= (and with an lr) for another loss")
+    if lowest < -CROSS_ENTROPY_TOLERANCE:
+        warnings.warn(
+            f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
+            f"the targets it implies, t = softmax(z) - M·∂L/∂z, are not a distribution (an entry below "
+            f"-{CROSS_ENTROPY_TOLERANCE}): the loss is a cross-entropy with class weights, a distillation loss at a temperature "
+            f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1. gnfx models it as the "
+            f"unweighted mean cross-entropy of z (its Fisher, the quadratic step's GGN): an approximation of its "
+            f"curvature, and without a closure the quadratic step measures ρ on that loss, not yours. Pass "
+            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
+            RuntimeWarning, stacklevel=2)
     return values

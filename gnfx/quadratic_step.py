@@ -162,7 +162,12 @@ label smoothing included), mse y = z - g_z·numel(z)/2; L(θ+s) is that loss at 
 forward at θ+s. This is exact when the training loss is the named loss of the output alone; loss
 terms that do not go through z (penalties on θ) are left out of the actual reduction, and a loss
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
-bounded): pass a closure then.
+bounded): pass a closure then. With loss="mse" and a closure, the two are compared on the solved steps: the
+squared error recovered at θ must not exceed the closure's loss (by more than MEAN_TOLERANCE: a loss may
+add penalties, never remove the error). Every gradient is a mean squared error's to some target, so
+nothing else can tell a summed squared error (`reduction="sum"`, which makes α numel(z) times too long:
+kfac at defaults went from 114 to 10⁷ in 6 steps, ρ near 1 on the recovered loss) from a mean; its
+recovered error is numel(z) times the closure's, and a GnfxError names it.
 
 The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
 forward-mode products cost several forwards (two tangents through the GPT of
@@ -236,6 +241,9 @@ BUFFERED_NUMEL = 2 ** 22
 # κ of the loss-floor cap: a step whose model predicts a reduction above κ·L(θ) is shortened to predict
 # κ·L(θ) (`floor_capped`, module docstring); None: no cap
 FLOOR_CAP: float | None = 1.0
+# with loss="mse" and a closure, the squared error recovered from the gradient may exceed the closure's loss by
+# this relative margin (rounding) before the loss is named as no mean squared error (QuadraticStep._check_mean)
+MEAN_TOLERANCE = 1e-2
 # e of the expansion: with cross-entropy, an accepted adaptation after the warm-up whose loss fell by more than
 # its model predicted (ρ > 1) is tried at e times its length, kept if the loss is lower there (QuadraticStep._expand,
 # module docstring); None: no expansion
@@ -468,6 +476,7 @@ class QuadraticStep:
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
         # with the loss-floor cap, L(θ) travels with M and b (the same all-reduce and transfer)
+        self._check_mean(z, loss_before)
         floor = [] if FLOOR_CAP is None else [self._batch_loss(z, loss_before).to(M.device)]
         Mb = torch.cat([M.reshape(-1), b, *floor])
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
@@ -724,6 +733,23 @@ class QuadraticStep:
                             "model.step(closure) with a closure that returns the batch loss")
         z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
         return recovered_loss(self.loss, z0, self._output_grad), z0
+
+    def _check_mean(self, z, loss_before) -> None:
+        """With loss="mse" and a closure: raise a GnfxError if the squared error recovered from the output
+        gradient exceeds the closure's loss at θ (module docstring, "L(θ+s)")."""
+        if self.loss != "mse" or loss_before is None or self._output_grad is None:
+            return
+        loss, z0 = self._recovered(z)
+        recovered, given = torch.stack([loss(z0).detach().double(),
+                                        torch.as_tensor(loss_before).detach().double().to(z0.device)]).tolist()
+        if recovered > (1 + MEAN_TOLERANCE) * given + torch.finfo(z0.dtype).tiny:
+            raise GnfxError(
+                f"loss='mse' is the mean squared error of the model output z, and the loss your closure returns is "
+                f"not: the squared error its gradient at z implies is {recovered / max(given, 1e-300):.4g} times the "
+                f"closure's loss ({recovered:.4g} against {given:.4g}): reduction='sum' (a factor of numel(z) = "
+                f"{z0.numel()}) or a mean multiplied by a factor, which the quadratic-model step would take "
+                f"that many times too long. Fix: take the mean (F.mse_loss's default reduction='mean'), or "
+                f"compile without loss= (and with an lr)")
 
     def _batch_loss(self, z, loss_before) -> torch.Tensor:
         """L(θ) on the step's batch, (1,) in float64 where it was computed: the closure's loss, or the

@@ -87,7 +87,7 @@ class Variants:
         except CaptureError:
             return
         if self.mode == "fx" or not self._automatic_leaves(fx):
-            self._begin(fx, ("fx", ()), "it traced the whole forward" if not self._automatic_leaves(fx)
+            self._begin(fx, self._fx_key(()), "it traced the whole forward" if not self._automatic_leaves(fx)
                         else "capture='fx': the submodules it could not trace are leaves")
 
     def capture(self, args: tuple, kwargs: dict) -> None:
@@ -103,11 +103,11 @@ class Variants:
         if self.mode == "fx":
             if fx_error is not None:
                 raise fx_error
-            return self._begin(fx, ("fx", none), "capture='fx'")
+            return self._begin(fx, self._fx_key(none), "capture='fx'")
         if fx is not None and not self._automatic_leaves(fx):
-            return self._begin(fx, ("fx", none), "it traced the whole forward")
+            return self._begin(fx, self._fx_key(none), "it traced the whole forward")
         if fx is not None and self.leaf_modules:
-            return self._begin(fx, ("fx", none), "leaf_modules were requested, which torch.export cannot "
+            return self._begin(fx, self._fx_key(none), "leaf_modules were requested, which torch.export cannot "
                                                  "keep opaque")
         try:
             exported, export_error = export(self.model, args, _sorted(kwargs)), None
@@ -117,7 +117,7 @@ class Variants:
             raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
                                f"{fx_error}\n{export_error}") from export_error
         if exported is None:
-            return self._begin(fx, ("fx", none), f"the submodules it could not trace are leaves; torch.export "
+            return self._begin(fx, self._fx_key(none), f"the submodules it could not trace are leaves; torch.export "
                                                  f"failed: {str(export_error).splitlines()[0]}")
         export_key, shapes = self._key("export", args, kwargs), shapes_of(args, kwargs)
         if fx is None:
@@ -131,7 +131,7 @@ class Variants:
             return self._begin(exported, export_key, f"torch.fx could not trace {leaves}: torch.export puts "
                                f"{100 * share_export:.1f}% of the parameters in curvature blocks, torch.fx "
                                f"{100 * share_fx:.1f}%", built_export, shapes)
-        return self._begin(fx, ("fx", none), f"{leaves} could not be traced and are leaves: torch.fx puts "
+        return self._begin(fx, self._fx_key(none), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
 
@@ -151,7 +151,7 @@ class Variants:
         """Run the instrumented graph for this call (captured on first use). A call of a form
         that cannot be captured runs the original forward, without statistics, and warns once."""
         if self.form == "fx":
-            key = ("fx", self._left_out(args, kwargs))
+            key = self._fx_key(self._left_out(args, kwargs))
             if key not in self._graphs:
                 self._add(key, lambda: trace_fx(self.model, self.leaf_modules, {n: None for n in key[1]}), key)
             graphs = self._graphs[key]
@@ -189,13 +189,24 @@ class Variants:
         bound = self._signature.bind(*args, **kwargs).arguments
         return tuple(n for n in self._optional if bound.get(n) is None)
 
-    @staticmethod
-    def _key(form: str, args, kwargs) -> tuple:
+    def _key(self, form: str, args, kwargs) -> tuple:
         """What an exported graph fixes about a call: the inputs' structure, the values of its
-        non-tensor inputs, and the rank and dtype of its tensors."""
+        non-tensor inputs, the rank and dtype of its tensors, and the submodules in eval mode."""
         flat, spec = torch.utils._pytree.tree_flatten((tuple(args), _sorted(kwargs)))
         leaves = tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else _hashable(x) for x in flat)
-        return form, str(spec), leaves
+        return form, str(spec), leaves, self._eval_modules()
+
+    def _fx_key(self, left_out: tuple) -> tuple:
+        """What a torch.fx graph fixes about a call: the optional inputs it leaves out (traced as None)
+        and the submodules in eval mode."""
+        return "fx", left_out, self._eval_modules()
+
+    def _eval_modules(self) -> tuple[str, ...]:
+        """The submodules in eval mode. A graph fixes the modes of its capture where the forward reads
+        them: torch.export's batch norm and dropout ops take `training` as a constant, as does a custom
+        forward's `self.training` under torch.fx; so a submodule put in eval mode while the model
+        trains (a frozen batch norm) gets a capture of its own, which the statistic steps run."""
+        return tuple(name for name, m in self.model.named_modules() if not m.training)
 
     # --- coverage --------------------------------------------------------------------------
     def _automatic_leaves(self, captured) -> set[str]:

@@ -5,12 +5,20 @@ padding modes as an explicit `F.pad` first, as the module does), `nn.ConvTranspo
 `nn.Embedding` (or a subclass that keeps the stock forward) into its
 functional op (`F.linear`, `F.conv2d`,
 `F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
-layers in one form. Modules with a custom forward are left alone.
+layers in one form. Modules with a custom forward are left alone, and so are modules with forward
+pre-hooks: a pre-hook may compute the weight the forward reads (`torch.nn.utils.prune` sets
+`weight = weight_orig * weight_mask`, the old `nn.utils.weight_norm` `weight = g·v/‖v‖`, before each
+call), which a `get_attr` of `weight` would freeze at its value at capture, leaving the parameters it
+is computed from without gradients. The call stays a `call_module`, which runs the hooks; its
+parameters fall back to the diagonal preconditioner. (fully_shard's hooks gather the parameters
+and compute nothing: an FSDP2 module is lowered.) A module's forward hooks, which see (and may
+replace) its output, run after the functional op (`run_forward_hooks`), as the module's call runs them.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.distributed.fsdp import FSDPModule
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
@@ -22,6 +30,8 @@ def _functional(mod: nn.Module, x, weight, bias):
     stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)), None)
     if stock is None or type(mod).forward is not stock.forward:
         return None  # not a stock layer, or one with a custom forward
+    if mod._forward_pre_hooks and not isinstance(mod, FSDPModule):
+        return None  # pre-hooks, which may compute the weight (module doc)
     if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}
     if stock in _CONV:
@@ -34,6 +44,16 @@ def _functional(mod: nn.Module, x, weight, bias):
                                            "norm_type": mod.norm_type, "scale_grad_by_freq": mod.scale_grad_by_freq,
                                            "sparse": mod.sparse}
     return None
+
+
+def run_forward_hooks(module: nn.Module, args: tuple, output):
+    """`output` after the forward hooks of `module` on its call with `args`, as nn.Module's call runs
+    them: each in order, a hook that returns a value replaces the output."""
+    for key, hook in module._forward_hooks.items():
+        result = (hook(module, args, {}, output) if key in module._forward_hooks_with_kwargs
+                  else hook(module, args, output))
+        output = output if result is None else result
+    return output
 
 
 def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
@@ -60,7 +80,11 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
             new = gm.graph.call_function(fn, args, kwargs)
         new.meta.update(node.meta)
         new.meta["gnfx_module"] = node.target
-        node.replace_all_uses_with(new)
+        out = new
+        if mod._forward_hooks and not isinstance(mod, FSDPModule):
+            with gm.graph.inserting_before(node):
+                out = gm.graph.call_function(run_forward_hooks, (gm.graph.get_attr(node.target), node.args, new))
+        node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()

@@ -90,6 +90,8 @@ def _module_site(gm, node, param_of, shape_of):
     else:
         groups = getattr(mod, "num_groups", None)
     how = (op, groups, mod.eps) if op == "group_norm" else (op, mod.eps)
+    if getattr(mod, "track_running_stats", False):  # batch and instance norms: it may use its running statistics
+        how += (mod,)
     uses = [(node, None)] * (1 if bias is None else 2)
     return _site(node, node.args[0], weight, bias, uses, how, op in ("group_norm", "batch_norm"), shape_of), None
 

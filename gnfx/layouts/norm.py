@@ -19,7 +19,12 @@ matrix [∇γ ∇β]; "diag" the per-example squares of both columns.)
 The taps record the norm's input x (the graph holds no x̂ when the norm is one fused op) and the
 layout recomputes x̂ from it: the same normalization without the affine parameters. A batch norm
 is normalized with the batch's statistics, which is what it uses on a statistic step (statistics
-are collected in training mode only); one captured with running statistics is not detected.
+are collected in training mode only), unless it is a module (a `call_module` of torch.fx) that
+normalizes with its running statistics on this call: a frozen batch norm, `bn.eval()` on a
+submodule of a model that trains (or an instance norm with `track_running_stats` in eval mode),
+whose x̂ = (x - μ_running)/√(σ²_running + ε) is read from the module when the statistics are taken,
+as its own forward reads it, whenever the mode changed. A functional batch norm captured with
+running statistics (torch.export's graph of a model in eval mode) is not detected.
 """
 from __future__ import annotations
 
@@ -30,8 +35,12 @@ from gnfx.layouts.base import Layout
 
 
 def normalize(x: torch.Tensor, how: tuple) -> torch.Tensor:
-    """x̂ from the norm's input x: `how` is (op, *arguments) as the detector recorded it."""
+    """x̂ from the norm's input x: `how` is (op, *arguments) as the detector recorded it, the module
+    last for a batch or instance norm module that tracks running statistics."""
     op, *args = how
+    module = args[-1] if args and isinstance(args[-1], torch.nn.Module) else None
+    if module is not None and not module.training:  # it normalizes with its running statistics (module doc)
+        return F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
     if op == "layer_norm":
         return F.layer_norm(x, (x.shape[-1],), eps=args[0])
     if op == "rms_norm":
