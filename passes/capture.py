@@ -25,6 +25,7 @@ import types
 import torch
 from torch import fx, nn
 from torch.nn.modules import transformer as transformer_module
+from torch.nn.utils import rnn as rnn_utils
 
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
@@ -58,7 +59,7 @@ class _LeafFindingTracer(fx.Tracer):
     forward raised during tracing."""
 
     def __init__(self, leaves: set[str]):
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
         self.failed_module: str | None = None
 
@@ -83,6 +84,22 @@ class _LeafFindingTracer(fx.Tracer):
 
 _SEQ_LEN = transformer_module._get_seq_len
 
+# torch.nn.utils.rnn's packing: its lengths go through Python (`torch.as_tensor(lengths, device="cpu")`,
+# sorting), which symbolic tracing cannot follow, so each is one call in the graph
+PACKING = {name: getattr(rnn_utils, name) for name in ("pack_padded_sequence", "pad_packed_sequence", "pack_sequence")}
+
+
+def _called_in_graph(function):
+    """`function` as one call_function node of the graph when any argument is traced; else itself."""
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        flat = []
+        fx.node.map_aggregate((args, kwargs), lambda a: flat.append(a) if isinstance(a, fx.Proxy) else None)
+        if flat:
+            return flat[0].tracer.create_proxy("call_function", function, args, kwargs)
+        return function(*args, **kwargs)
+    return call
+
 
 def _seq_len_in_graph(src, batch_first):
     """torch.nn.modules.transformer's `_get_seq_len` as a call in the graph when `src` is traced
@@ -96,13 +113,19 @@ def _seq_len_in_graph(src, batch_first):
 def _torch_nn_traceable():
     """While tracing: torch.nn's transformer containers without their inference fast path (which
     training never takes, and whose checks branch on the traced input) and with their sequence
-    length read by a graph call; both restored afterwards."""
+    length read by a graph call, and torch.nn.utils.rnn's packing functions as graph calls (`PACKING`;
+    the names a model imported from that module are wrapped by the tracer's autowrap_functions); all
+    restored afterwards."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     transformer_module._get_seq_len = _seq_len_in_graph
+    for name, function in PACKING.items():
+        setattr(rnn_utils, name, _called_in_graph(function))
     try:
         yield
     finally:
+        for name, function in PACKING.items():
+            setattr(rnn_utils, name, function)
         transformer_module._get_seq_len = _SEQ_LEN
         torch.backends.mha.set_fastpath_enabled(enabled)
 
@@ -176,6 +199,9 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
                 f"Fix: mark the submodule that holds this code as opaque with "
                 f"gnfx.compile(..., leaf_modules=['path.to.module']), rewrite data-dependent "
                 f"branches with torch.cond, or use capture='export' with example_inputs=...") from exc
+        for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
+            if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
+                node.meta.pop("is_wrapped", None)  # which breaks every later trace
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         return Captured(gm, "fx", leaves)
 

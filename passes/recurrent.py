@@ -10,9 +10,10 @@ what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (b
 unbatched). The lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-with its own forward, a call with other arguments than (input, hx), and the paths in `keep`. A
-PackedSequence input (which fx cannot tell from a tensor, and whose packing it cannot trace) raises
-a GnfxError at run time that names the fix, leaf_modules.
+with its own forward, a call with other arguments than (input, hx), a call on a PackedSequence that
+torch.nn.utils.rnn's packing made in the graph (gnfx.passes.capture.PACKING), and the paths in `keep`.
+A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
+GnfxError at run time that names the fix, leaf_modules.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from gnfx.passes.capture import PACKING
 from gnfx.recurrent import (batch_major, hidden_offset, hidden_product_site, initial_state, recurrent_result,
                             recurrent_scan, time_major_dropout)
 
@@ -83,6 +85,9 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
         return _PROJECTED
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
+    given = node.args[0] if node.args else node.kwargs.get("input")
+    if isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values():
+        return f"its input is a PackedSequence (torch.nn.utils.rnn.{given.target.__name__})"
     return ""
 
 

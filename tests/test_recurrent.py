@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 from torch.func import functional_call, grad, jvp, vjp
+from torch.nn.utils.rnn import pad_packed_sequence
 
 import gnfx
 from gnfx.passes.capture import export
@@ -308,6 +309,44 @@ def test_a_packed_sequence_raises_naming_leaf_modules_which_keep_the_module_opaq
     F.cross_entropy(c(packed), torch.tensor([0, 1])).backward()
     c.step()
     assert [b.name for b in c.layers] == ["head"]
+
+
+class PackingTagger(nn.Module):
+    """Packs inside its forward, as LSTM tutorials do: `nn.utils.rnn.pack_padded_sequence` by attribute,
+    `pad_packed_sequence` by the name this file imported (both forms a model's code takes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(5, 3), nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, tokens, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        padded, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return self.head(padded.sum(1))
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")  # the recurrent module's fallback is the point
+def test_packing_in_the_forward_is_captured_and_keeps_the_packed_module_opaque():
+    """torch.fx cannot trace the packing (its lengths go through Python); captured as graph calls, the
+    model's other layers are blocks, the LSTM on the packed input falls back with that reason, and
+    the captured model's outputs and gradients are the model's own (float64)."""
+    torch.manual_seed(0)
+    model = PackingTagger().to(DTYPE)
+    tokens, lengths, y = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3]), torch.tensor([0, 1, 1, 0])
+    reference = model(tokens, lengths)
+    grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
+    assert sorted(b.name for b in c.layers) == ["embed", "head"]
+    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    assert all("its input is a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence)" in f.reason
+               for f in c.layers.fallbacks)
+    for _ in range(2):  # a statistic step (the tapped graph) and a plain one
+        out = c(tokens, lengths)
+        torch.testing.assert_close(out, reference, **TOL)
+        got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
+        for a, b in zip(got, grads):
+            torch.testing.assert_close(a, b, **TOL)
 
 
 # ----------------------------------------------------------------------------- training
