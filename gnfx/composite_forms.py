@@ -32,6 +32,13 @@ computes where that forward updated state in place (spectral norm).
   with its stored u, v (as in eval mode; a next training forward would first advance them). The
   closure of `step(closure)`, called again for L(θ + s), is the user's forward, not a replay: it runs
   the power iteration as every training forward does.
+- Packing a padded batch, `nn.utils.rnn.pack_padded_sequence` (and `pack_sequence`, which calls it):
+  its kernel `torch._VF._pack_padded_sequence(x, lengths, batch_first)` has no forward-mode
+  derivative. It is a gather: with the lengths sorted decreasing (the caller sorts), the batch sizes
+  b_t = #{n : lengths_n > t} and the packed rows the first b_t examples of each time step t, in order
+  of t. Inside `composite_packing()` it is that gather written out with indexing and torch.cat (the same
+  values, differentiable in both modes); the recurrent kernels on packed rows and
+  `pad_packed_sequence` have their derivatives.
 """
 from __future__ import annotations
 
@@ -64,6 +71,24 @@ def inlined_checkpoints():
         yield
     finally:
         checkpoint_module.CheckpointFunction = saved
+
+
+def _packed_rows(input: torch.Tensor, lengths: torch.Tensor, batch_first: bool):
+    """torch._VF._pack_padded_sequence written out (module docstring): (packed rows, batch sizes)."""
+    steps = input.transpose(0, 1) if batch_first else input
+    batch_sizes = (lengths.unsqueeze(0) > torch.arange(int(lengths[0])).unsqueeze(1)).sum(1)
+    return torch.cat([steps[t, :size] for t, size in enumerate(batch_sizes.tolist())]), batch_sizes
+
+
+@contextlib.contextmanager
+def composite_packing():
+    """Packing by `_packed_rows` while inside (module docstring): torch._VF, which
+    torch.nn.utils.rnn calls, takes it as an attribute of its own until the context exits."""
+    torch._VF._pack_padded_sequence = _packed_rows
+    try:
+        yield
+    finally:
+        del torch._VF._pack_padded_sequence
 
 
 class _CompositeWeightNorm(TorchFunctionMode):
@@ -133,13 +158,15 @@ def stored_singular_vectors(norms: tuple):
 
 
 def written_out(weight_norm: bool, spectral: tuple = ()):
-    """A context in which a module runs with the forms of this file: reentrant checkpoints inline, with
+    """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
+    written out, with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
     without their power iteration."""
     stack = contextlib.ExitStack()
     stack.enter_context(inlined_checkpoints())
+    stack.enter_context(composite_packing())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

@@ -22,9 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 from torch.func import functional_call, grad, jvp, vjp
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import pad_packed_sequence
 
 import gnfx
+from gnfx.composite_forms import composite_packing
+from gnfx.ggn import forward_mode_kernels
 from gnfx.passes.capture import export
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.recurrent import recurrent_scan
@@ -347,6 +350,52 @@ def test_packing_in_the_forward_is_captured_and_keeps_the_packed_module_opaque()
         got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
         for a, b in zip(got, grads):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_packing_written_out_has_the_kernels_values_and_forward_mode_derivatives():
+    """Packing has no forward-mode derivative in torch; the forward-mode passes write it out
+    (gnfx.composite_forms.composite_packing): the same packed rows and batch sizes as the kernel, and a
+    tangent through packing, the packed LSTM and unpacking (dual tensors, as the quadratic step takes
+    its products) equal to J v by reverse mode alone (torch.autograd.functional.jvp's double vjp)."""
+    torch.manual_seed(0)
+    model = PackingTagger().to(DTYPE)
+    tokens, lengths = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])
+    x = torch.randn(4, 6, 3, dtype=DTYPE)
+    for batch_first in (True, False):
+        sorted_lengths = lengths.sort(descending=True).values
+        padded = x if batch_first else x.transpose(0, 1)
+        with composite_packing():
+            rows, sizes = torch._VF._pack_padded_sequence(padded, sorted_lengths, batch_first)
+        expected_rows, expected_sizes = torch._VF._pack_padded_sequence(padded, sorted_lengths, batch_first)
+        assert torch.equal(rows, expected_rows) and torch.equal(sizes, expected_sizes)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    v = tuple(torch.randn_like(p) for p in params)
+    f = lambda *theta: functional_call(model, dict(zip(names, theta)), (tokens, lengths))  # noqa: E731
+    expected = torch.autograd.functional.jvp(f, params, v)[1]
+    with forward_ad.dual_level(), forward_mode_kernels(), composite_packing():
+        duals = {n: forward_ad.make_dual(p, t) for n, p, t in zip(names, params, v)}
+        got = forward_ad.unpack_dual(functional_call(model, duals, (tokens, lengths))).tangent
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")
+def test_kfac_at_defaults_trains_a_packing_model():
+    """The quadratic-model step (no lr) runs its forward-mode products through the packing."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 5, (16, 6), generator=g)
+    lengths = torch.randint(2, 7, (16,), generator=g)
+    y = (tokens[:, 0] % 2)
+    torch.manual_seed(0)
+    c = gnfx.compile(PackingTagger(), optimizer="kfac", loss="cross_entropy")
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(c(tokens, lengths), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 # ----------------------------------------------------------------------------- training
