@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 
@@ -102,13 +101,14 @@ def make_batches(steps: int, dtype: torch.dtype = torch.float32) -> list:
     return [(x, (x @ teacher).argmax(1)) for x in xs]
 
 
-def ddp_worker(rank: int, world: int, port: int, batches: list, out: str) -> None:
+def ddp_worker(rank: int, world: int, batches: list, out: str) -> None:
     """One rank: the float64 model of `make` in DistributedDataParallel, trained on its contiguous
     1/world of every batch; checks that every rank holds the same parameters and saves its own to
-    `out`/rank<r>.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    `out`/rank<r>.pt. The ranks meet in the file `out`/rendezvous (no TCP port to choose, so none that
+    another process can take between choosing and binding it)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         model = make(dtype=torch.float64)
         shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
@@ -125,11 +125,8 @@ def ddp_worker(rank: int, world: int, port: int, batches: list, out: str) -> Non
 def ddp_parameters(batches: list, world: int = 2) -> list[dict]:
     """The parameters each of `world` DDP processes (gloo, loopback) ends with after training on its
     share of `batches` (float64; `ddp_worker`), one dict of named tensors per rank."""
-    with socket.socket() as s:  # a free port for the process group's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(ddp_worker, args=(world, port, batches, out), nprocs=world, join=True)
+        mp.spawn(ddp_worker, args=(world, batches, out), nprocs=world, join=True)
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 

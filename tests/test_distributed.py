@@ -7,7 +7,6 @@ partitioned across ranks and replicated; and a checkpoint saved by rank 0 loads 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -54,10 +53,9 @@ def train(compiled, module, xs, ys):
         compiled.zero_grad()
 
 
-def worker(rank, world, port, optimizer, mode, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank, world, init_method, optimizer, mode, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         compiled = gnfx.compile(make_model(), optimizer_name(optimizer), distributed=mode, **HPARAMS, **EXTRA[optimizer])
         ddp = nn.parallel.DistributedDataParallel(compiled)
@@ -77,10 +75,11 @@ def worker(rank, world, port, optimizer, mode, out):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(folder) -> str:
+    """The init_method of a process group whose ranks meet in a file under `folder` (a fresh tmp_path):
+    no TCP port to choose, so no race with the other processes of the machine for a port that was free
+    when it was chosen (the store's port was a bound-then-released ephemeral one before)."""
+    return f"file://{folder / 'rendezvous'}"
 
 
 # the drift rule only where ranks share refreshed rows (partitioned)
@@ -88,7 +87,7 @@ def free_port() -> int:
                                              for m in ["partitioned", "replicated"]] + [("shampoo_drift", "partitioned")])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(optimizer, mode, tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(worker, args=(2, free_port(), optimizer, mode, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, rendezvous(tmp_path), optimizer, mode, out), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
 
     single = gnfx.compile(make_model(), optimizer_name(optimizer), **HPARAMS, **EXTRA[optimizer])

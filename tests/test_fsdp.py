@@ -13,8 +13,6 @@ model, sharding blocks but not the compiled model, distributed='off') is refused
 from __future__ import annotations
 
 import io
-import os
-import socket
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 
 import gnfx
 import gnfx.preconditioners.shampoo as shampoo_module
+from test_distributed import rendezvous
 
 pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
 
@@ -110,10 +109,9 @@ def sharded(optimizer, hparams=None):
     return compiled
 
 
-def worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank, world, init_method, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         xs, ys = data()
         xs, ys = xs[:, rank * 8:(rank + 1) * 8], ys[:, rank * 8:(rank + 1) * 8]
@@ -214,16 +212,11 @@ def non_finite_on_one_rank_skips_everywhere(rank, xs, ys):
     return {"skipped": compiled.optimizer.skipped_steps, "unchanged": unchanged}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp") / "rank0.pt")
-    mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+    folder = tmp_path_factory.mktemp("fsdp")
+    out = str(folder / "rank0.pt")
+    mp.spawn(worker, args=(2, rendezvous(folder), out), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 

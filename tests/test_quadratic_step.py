@@ -1018,10 +1018,9 @@ def test_defaults_beat_adamws_best_learning_rate_in_steps(name, optimizer):
 FISHER = "empirical"
 
 
-def quadratic_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def quadratic_worker(rank, world, init_method, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         compiled = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3,
                                 fisher=FISHER)
@@ -1038,7 +1037,7 @@ def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_pa
     """M, b and the actual reduction are averaged over the ranks: the same α, μ, λ on every rank,
     those of the global batch (K-FAC on every block, the LayerNorm's included: one α)."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(quadratic_worker, args=(2, distributed.free_port(), out), nprocs=2, join=True)
+    mp.spawn(quadratic_worker, args=(2, distributed.rendezvous(tmp_path), out), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     single = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3,
                           fisher=FISHER)
