@@ -300,3 +300,16 @@ def test_library_models_check_runs_every_model_and_judges_the_runs():
     assert [r["verdict"] for r in rows] == ["ok", "stalled"] and rows[0]["target"] == 1.0
     assert [r["steps_to_target"] for r in rows] == [10, None]
     assert "| m | kfac | 2 | 1.8 | 1.8 | stalled | > 20 (1) |" in library_models.table(rows, 20)
+
+
+def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
+    """benchmarks.recurrent on a target every run passes at its first evaluation, and its kernel table
+    on a tiny recurrent layer (no timing is asserted: only that each form ran)."""
+    from benchmarks import recurrent
+    task = recurrent.char_gpt()
+    for name in ("kfac", "adamw lr=1e-3"):
+        steps, fit, _ = recurrent.to_target(task, name, seed=0, target=100.0, max_steps=2, every=1)
+        assert steps == 1 and fit < 100.0
+    times = recurrent.kernel_times(steps=3, batch=2, width=4, repeats=1)
+    assert sorted(times) == sorted((cell, form) for cell in ("LSTM", "GRU")
+                                   for form in ("fused", "fused+backward", "lowered", "lowered+backward"))
