@@ -77,8 +77,12 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     as floats, in order."""
     rows = grad.detach().reshape(-1, grad.shape[-1]).double()
     terms = rows.ne(0).any(1).sum().clamp(min=1)
-    targets = torch.softmax(z.detach().reshape(rows.shape).double(), -1) - terms * rows  # t_n of the docstring
-    off, total, lowest, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min(),
+    # t_n of the docstring, in z's precision (at least float32): its test's tolerance is 1e-2, and a float64
+    # copy of a language model's logits would be one more tensor of the logits' size in 8 bytes
+    precision = torch.promote_types(z.dtype, torch.float32)
+    targets = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1) - terms * grad.detach().reshape(
+        rows.shape).to(precision)
+    off, total, lowest, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(),
                                                *(a.double() for a in also)]).tolist()
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
             f"sum to zero; here |row sums| / |gradient| = {off / total:.3g}: a loss over another dimension of z, "
