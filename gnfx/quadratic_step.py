@@ -162,7 +162,7 @@ label smoothing included), mse y = z - g_z·numel(z)/2; L(θ+s) is that loss at 
 forward at θ+s. This is exact when the training loss is the named loss of the output alone; loss
 terms that do not go through z (penalties on θ) are left out of the actual reduction, and a loss
 that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
-bounded): pass a closure then. With loss="mse" and a closure, the two are compared on the solved steps: the
+bounded): pass a closure then. With loss="mse" and a closure, the two are compared on the first solved step: the
 squared error recovered at θ must not exceed the closure's loss (by more than MEAN_TOLERANCE: a loss may
 add penalties, never remove the error). Every gradient is a mean squared error's to some target, so
 nothing else can tell a summed squared error (`reduction="sum"`, which makes α numel(z) times too long:
@@ -360,6 +360,7 @@ class QuadraticStep:
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
         self._native_recurrent = False
+        self._mean_checked = False  # _check_mean passed once: a loss's reduction does not change between steps
 
     # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
     def observe_random_state(self, module, args, kwargs) -> None:
@@ -736,8 +737,9 @@ class QuadraticStep:
 
     def _check_mean(self, z, loss_before) -> None:
         """With loss="mse" and a closure: raise a GnfxError if the squared error recovered from the output
-        gradient exceeds the closure's loss at θ (module docstring, "L(θ+s)")."""
-        if self.loss != "mse" or loss_before is None or self._output_grad is None:
+        gradient exceeds the closure's loss at θ (module docstring, "L(θ+s)"); on the first step with a closure
+        only (its host read is one synchronization)."""
+        if self._mean_checked or self.loss != "mse" or loss_before is None or self._output_grad is None:
             return
         loss, z0 = self._recovered(z)
         recovered, given = torch.stack([loss(z0).detach().double(),
@@ -750,6 +752,7 @@ class QuadraticStep:
                 f"{z0.numel()}) or a mean multiplied by a factor, which the quadratic-model step would take "
                 f"that many times too long. Fix: take the mean (F.mse_loss's default reduction='mean'), or "
                 f"compile without loss= (and with an lr)")
+        self._mean_checked = True
 
     def _batch_loss(self, z, loss_before) -> torch.Tensor:
         """L(θ) on the step's batch, (1,) in float64 where it was computed: the closure's loss, or the
