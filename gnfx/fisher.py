@@ -30,10 +30,11 @@ LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
 
 def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, generator=None):
-    """The vectors v (rows like z flattened to (M, C)), each to be backpropagated as v / M, with
-    weights w such that Σ w · (outer products) is the estimate."""
+    """The vectors v (rows like z flattened to (M, C); a 1-dimensional z, one output per example such as a
+    binary classifier's squeezed logit, is (N, 1)), each to be backpropagated as v / M, with weights w such
+    that Σ w · (outer products) is the estimate."""
     z = z.detach()
-    C = z.shape[-1]
+    C = z.shape[-1] if z.dim() > 1 else 1
     rows = z.reshape(-1, C)
     if loss == "cross_entropy":
         p = torch.softmax(rows.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)
@@ -85,7 +86,7 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0:
         return
-    mask = kept.reshape(z.shape[:-1] + (1,)).to(z.dtype)
+    mask = kept.reshape(z.shape[:-1] + (1,) if z.dim() > 1 else z.shape).to(z.dtype)
     for v, weight in backprop_vectors(z, fisher, loss, samples):
         v = v * mask
         grads = torch.autograd.grad(z, outputs, grad_outputs=v / loss_terms, retain_graph=True, allow_unused=True)

@@ -224,6 +224,34 @@ def test_the_optimizer_receives_the_true_loss_gradient(fisher, loss, shape):
         torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
 
 
+class Squeezed(nn.Module):
+    """One output per example returned as an (N,) tensor, as a binary classifier's logit often is."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "type2"])
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
+def test_a_one_dimensional_output_has_the_statistics_of_the_same_output_as_n_by_1(loss, fisher):
+    """An (N,) output is N rows of one entry each: the statistics of the (N, 1) output it squeezes (it
+    raised a RuntimeError in the true-Fisher backward)."""
+    x, y = data((8, 5), loss, classes=1)
+    got = {}
+    for squeezed in (False, True):
+        model = mlp(sizes=(5, 7, 1))
+        torch.manual_seed(0)  # the same sampled targets of fisher="mc"
+        got[squeezed], _ = statistics_after_one_step(Squeezed(model) if squeezed else model, x,
+                                                     y.squeeze(-1) if squeezed else y, loss,
+                                                     ["model.0" if squeezed else "0"], fisher=fisher)
+    for key in ("A", "S"):
+        torch.testing.assert_close(got[True]["model.0"][key], got[False]["0"][key], **TOL)
+
+
 @pytest.mark.parametrize("fisher", ["mc", "type2"])
 def test_true_fisher_needs_the_loss(fisher):
     with pytest.raises(gnfx.ConfigError, match="needs the training loss"):
