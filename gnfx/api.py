@@ -143,8 +143,8 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     hp["lr_cap"] = lr_cap
     hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING
     if hp["fisher"] != "empirical" and hp["loss"] is None:
-        raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy' or "
-                          f"loss='mse' (the loss you call, with mean reduction)")
+        raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy', "
+                          f"loss='mse' or loss='binary_cross_entropy' (the loss you call, with mean reduction)")
 
     if capture not in CAPTURE_MODES:
         raise ConfigError(f"capture={capture!r} is not a capture mode; use one of {CAPTURE_MODES}")
@@ -192,8 +192,9 @@ def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:
     if step != "quadratic":
         return hparams
     if hparams.get("loss") is None:
-        raise ConfigError("step='quadratic' builds the GGN model from the training loss: pass loss='cross_entropy' "
-                          "or loss='mse' (the loss you call, with mean reduction), or step='lr' with an lr")
+        raise ConfigError("step='quadratic' builds the GGN model from the training loss: pass loss='cross_entropy', "
+                          "loss='mse' or loss='binary_cross_entropy' (the loss you call, with mean reduction), or "
+                          "step='lr' with an lr")
     for name in policy.names:
         if REGISTRY[name].no_quadratic_step:
             raise ConfigError(f"optimizer {name!r} cannot take step='quadratic': {REGISTRY[name].no_quadratic_step}")

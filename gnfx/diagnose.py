@@ -119,7 +119,8 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
     Args:
         model: a model returned by gnfx.compile, after at least one optimizer step.
         batch: (inputs, targets); inputs a tensor or a tuple of tensors passed positionally.
-        loss: "cross_entropy", "mse" (mean reduction) or a callable loss(z, y) -> scalar, as gnfx.ggn.
+        loss: "cross_entropy", "mse", "binary_cross_entropy" (mean reduction) or a callable loss(z, y) -> scalar,
+            as gnfx.ggn.
         probes: random vectors per block for the curvature error.
         damping: λ of the reference step (G_b + λI)⁻¹ g_b.
         cg_tol, cg_max_iter: CG stops at relative residual cg_tol or after cg_max_iter products.

@@ -14,6 +14,9 @@ For a loss that is a mean over M terms (rows of z), the backpropagated vectors a
   type2, cross_entropy:  v_c = sqrt(p_c) (e_c - p),  c = 1..C  (columns of H_ℓ^{1/2}:
                                                               Σ_c v_c v_cᵀ = diag(p) - p pᵀ)
   type2, mse:            v_c = sqrt(2/C) e_c
+  mc,    binary_cross_entropy:  v = (p - y~)/sqrt(C),  y~_c ~ Bernoulli(p_c), p = σ(z)   (ℓ = 1/C Σ_c bce:
+                                                              E[v vᵀ] = diag(p(1-p))/C = H_ℓ)
+  type2, binary_cross_entropy:  v_c = sqrt(p_c (1 - p_c) / C) e_c
 
 so that S = M Σ g gᵀ (gnfx.statistics) equals 1/M Σ_m Σ_c v v-backpropagated outer products:
 the K-FAC factor of the GGN `Jᵀ H_ℓ J` (type2 exactly, mc in expectation over `mc_samples`).
@@ -23,14 +26,15 @@ from __future__ import annotations
 import torch
 
 FISHER_TYPES = ("empirical", "mc", "type2")
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
 
 def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, generator=None):
-    """The vectors v (rows like z flattened to (M, C)), each to be backpropagated as v / M, with
-    weights w such that Σ w · (outer products) is the estimate."""
+    """The vectors v (rows like z flattened to (M, C); a 1-dimensional z, one output per example such as a
+    binary classifier's squeezed logit, is (N, 1)), each to be backpropagated as v / M, with weights w such
+    that Σ w · (outer products) is the estimate."""
     z = z.detach()
-    C = z.shape[-1]
+    C = z.shape[-1] if z.dim() > 1 else 1
     rows = z.reshape(-1, C)
     if loss == "cross_entropy":
         p = torch.softmax(rows.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)
@@ -46,6 +50,18 @@ def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, gene
                 v = p.clone()
                 v[torch.arange(len(y), device=v.device), y] -= 1
                 yield v.to(z.dtype).reshape(z.shape), 1.0 / samples
+    elif loss == "binary_cross_entropy":
+        p = torch.sigmoid(rows.to(torch.float64 if z.dtype == torch.float64 else torch.float32))
+        if fisher == "type2":
+            scale = (p * (1 - p) / C).sqrt()
+            for c in range(C):
+                v = torch.zeros_like(p)
+                v[:, c] = scale[:, c]
+                yield v.to(z.dtype).reshape(z.shape), 1.0
+        else:
+            for _ in range(samples):
+                y = torch.bernoulli(p, generator=generator)
+                yield ((p - y) / C ** 0.5).to(z.dtype).reshape(z.shape), 1.0 / samples
     else:  # mse
         scale = (2.0 / C) ** 0.5
         if fisher == "type2":
@@ -70,7 +86,7 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0:
         return
-    mask = kept.reshape(z.shape[:-1] + (1,)).to(z.dtype)
+    mask = kept.reshape(z.shape[:-1] + (1,) if z.dim() > 1 else z.shape).to(z.dtype)
     for v, weight in backprop_vectors(z, fisher, loss, samples):
         v = v * mask
         grads = torch.autograd.grad(z, outputs, grad_outputs=v / loss_terms, retain_graph=True, allow_unused=True)

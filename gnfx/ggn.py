@@ -14,8 +14,8 @@ Every product here is computed matrix-free: one forward-mode pass gives J v, a p
 H_ℓ (or with the Fisher's output matrix) follows, and one reverse-mode pass gives Jᵀ(·). Only
 `ggn_matrix` builds G, one column per unit vector.
 
-Losses are named "cross_entropy" or "mse" (torch's functional losses with the default mean
-reduction), or given as a callable ``loss(z, y) -> scalar``:
+Losses are named "cross_entropy", "mse" or "binary_cross_entropy" (torch's functional losses with
+the default mean reduction), or given as a callable ``loss(z, y) -> scalar``:
 
 * "cross_entropy": ``F.cross_entropy(z, y)`` with the classes on the last axis of z. Logits of
   shape (N, C) take targets (N,); language-model logits (B, T, V) take targets (B, T) and are
@@ -24,6 +24,9 @@ reduction), or given as a callable ``loss(z, y) -> scalar``:
   are accepted too.
 * "mse": ``F.mse_loss(z, y)``, the mean over all elements of (z - y)², written out explicitly
   because torch.func cannot differentiate ``F.mse_loss`` twice in forward-over-reverse mode.
+* "binary_cross_entropy": ``F.binary_cross_entropy_with_logits(z, y)``, multi-label
+  classification: the mean over all numel(z) entries of -[y log p + (1-y) log(1-p)], p = σ(z)
+  entrywise, with targets y in [0, 1] shaped like z. H_ℓ = diag(p(1-p))/numel(z), whatever y.
 
 The output z is the model's logits: the model output itself, or the first floating tensor of a
 tuple, dict or dataclass output (gnfx.outputs), so Hugging Face-style output objects work as is.
@@ -131,7 +134,7 @@ def _mse(z: Tensor, y: Tensor) -> Tensor:
     return ((z - y) ** 2).mean()
 
 
-_LOSSES = {"cross_entropy": _cross_entropy, "mse": _mse}
+_LOSSES = {"cross_entropy": _cross_entropy, "mse": _mse, "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 
 
 def _loss_fn(loss: Loss) -> LossFn:
@@ -181,14 +184,22 @@ def _mse_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     return 2 * u / z.numel()
 
 
-_FISHER_PRODUCTS = {"cross_entropy": _cross_entropy_fisher_product, "mse": _mse_fisher_product}
+def _binary_cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
+    """(z, y, u) -> F_z u for independent Bernoulli entries of mean p = σ(z), scaled as the mean binary
+    cross-entropy: p(1-p) u / numel(z), entrywise (y unused: H_ℓ does not depend on the targets)."""
+    p = torch.sigmoid(z)
+    return p * (1 - p) * u / z.numel()
+
+
+_FISHER_PRODUCTS = {"cross_entropy": _cross_entropy_fisher_product, "mse": _mse_fisher_product,
+                    "binary_cross_entropy": _binary_cross_entropy_fisher_product}
 
 
 def _fisher_product(loss: Loss) -> OutputProduct:
     """The Fisher output product of a named loss; callables have no known likelihood."""
     if callable(loss):
         raise ConfigError(
-            "the Fisher needs a known likelihood: pass loss='cross_entropy' or 'mse', "
+            "the Fisher needs a known likelihood: pass loss='cross_entropy', 'mse' or 'binary_cross_entropy', "
             "or use ggn_vp for a custom loss callable"
         )
     _loss_fn(loss)  # rejects unknown names with the list of valid ones
@@ -196,10 +207,11 @@ def _fisher_product(loss: Loss) -> OutputProduct:
 
 
 def output_hessian_product(loss: str, z: Tensor, y: Tensor, u: Tensor) -> Tensor:
-    """H_ℓ u at the output z for a named loss, in closed form (no autodiff): for "cross_entropy" and
-    "mse" H_ℓ equals the Fisher's output matrix F_z (see fisher_vp), so this is F_z u, for u shaped
+    """H_ℓ u at the output z for a named loss, in closed form (no autodiff): for every named loss H_ℓ
+    equals the Fisher's output matrix F_z (see fisher_vp), so this is F_z u, for u shaped
     like z or K such vectors stacked on a leading axis (one product each, in one pass). For
-    cross-entropy, y only marks the rows the mean counts (targets other than -100); mse ignores it."""
+    cross-entropy, y only marks the rows the mean counts (targets other than -100); mse and
+    binary_cross_entropy ignore it."""
     return _fisher_product(loss)(z, y, u)
 
 
@@ -281,7 +293,8 @@ def ggn_vp(
 
     Args:
         model: any nn.Module; its trainable parameters are θ.
-        loss: "cross_entropy", "mse" or a callable ``loss(z, y) -> scalar`` (see module doc).
+        loss: "cross_entropy", "mse", "binary_cross_entropy" or a callable ``loss(z, y) -> scalar``
+            (see module doc).
         inputs: a tensor or a tuple of tensors, passed positionally to the model.
         targets: the targets y of the loss.
         v: tensors shaped like ``[p for p in model.parameters() if p.requires_grad]``.
@@ -328,9 +341,11 @@ def fisher_vp(
     * "cross_entropy": p = softmax(z_n) per example (or token) and
       F_z = (1/N) blockdiag(diag(p_n) - p_n p_nᵀ), ignored targets excluded from the N.
     * "mse": a unit-variance Gaussian with mean z, scaled as the mean MSE: F_z = (2/numel(z)) I.
+    * "binary_cross_entropy": independent Bernoulli entries of mean p = σ(z), scaled as the mean:
+      F_z = diag(p(1-p))/numel(z).
 
-    For both losses F_z equals H_ℓ, so fisher_vp equals ggn_vp (for soft cross-entropy targets,
-    when each row of y sums to 1). Arguments and result are those of ggn_vp.
+    For every named loss F_z equals H_ℓ, so fisher_vp equals ggn_vp (for soft cross-entropy targets,
+    when each row of y sums to 1; for soft binary targets in [0, 1] always). Arguments and result are those of ggn_vp.
 
     Raises:
         ValueError (gnfx.errors.ConfigError): for a loss callable, whose likelihood is unknown.

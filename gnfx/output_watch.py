@@ -6,7 +6,8 @@ the loss terms per example, the product of its middle dimensions for an (N, ...,
 (`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
 drop out of N and M; with loss="cross_entropy" that gradient must be a mean cross-entropy's over
-z's last dimension (gnfx.outputs.check_cross_entropy_gradient); the true-Fisher backward
+z's last dimension (gnfx.outputs.check_cross_entropy_gradient), with loss="binary_cross_entropy" a mean
+binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
 (gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= the loss
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
@@ -19,7 +20,8 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import check_cross_entropy_gradient, floating_outputs, other_output_error
+from gnfx.outputs import (check_binary_cross_entropy_gradient, check_cross_entropy_gradient, floating_outputs,
+                          other_output_error)
 
 
 def watch_output(out, store, settings: dict) -> None:
@@ -71,6 +73,8 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
         count = kept.sum()
         if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
             (count,) = check_cross_entropy_gradient(z, grad, count)
+        elif settings["loss"] == "binary_cross_entropy":
+            (count,) = check_binary_cross_entropy_gradient(z, grad, count)
         if reached["other"]:
             raise other_output_error(settings["loss"], z, *reached["other"])
         fraction = float(count) / max(kept.numel(), 1)

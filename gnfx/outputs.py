@@ -87,7 +87,7 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
             f"sum to zero; here |row sums| / |gradient| = {off / total:.3g}: a loss over another dimension of z, "
             f"one that couples its rows, as CLIP's cross-entropy over the columns of a similarity matrix too, or "
-            f"a binary cross-entropy of each entry, BCEWithLogits, for which gnfx has no loss=)"
+            f"a binary cross-entropy of each entry, BCEWithLogits: compile with loss='binary_cross_entropy' then)"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
             f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
@@ -100,7 +100,7 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"first (alone, or first in a tuple, dict or dataclass) with the classes last (an (N, C, H, W) "
             f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
-            f"or without loss= (and with an lr) for another loss")
+            f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
     if lowest < -CROSS_ENTROPY_TOLERANCE:
         warnings.warn(
             f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
@@ -111,4 +111,30 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"curvature, and without a closure the quadratic step measures ρ on that loss, not yours. Pass "
             f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
             RuntimeWarning, stacklevel=2)
+    return values
+
+
+def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
+    """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be that of a
+    mean binary cross-entropy of every entry of z, as loss="binary_cross_entropy" declares: that gradient is
+    (p - y)/numel(z) for p = σ(z) and targets y in [0, 1], so the targets it implies, y = p - numel(z)·grad
+    (as the quadratic step recovers them), must lie in [0, 1] within CROSS_ENTROPY_TOLERANCE. A cross-entropy
+    over the classes, a summed or scaled loss (reduction="sum", torch.amp.GradScaler), a loss of another
+    output, or a squared error implies targets far outside, at least while the predictions are far from
+    the targets. `also`: as check_cross_entropy_gradient's, read in the same transfer and returned as floats."""
+    precision = torch.promote_types(z.dtype, torch.float32)
+    targets = torch.sigmoid(z.detach().to(precision)) - z.numel() * grad.detach().to(precision)
+    lowest, highest, *values = torch.stack([targets.min().double(), targets.max().double(),
+                                            *(a.double() for a in also)]).tolist()
+    if lowest < -CROSS_ENTROPY_TOLERANCE or highest > 1 + CROSS_ENTROPY_TOLERANCE:
+        raise GnfxError(
+            f"loss='binary_cross_entropy' is the mean binary cross-entropy of every entry of the model output's "
+            f"logits z (F.binary_cross_entropy_with_logits(z, y) with y in [0, 1] shaped like z; z: the first "
+            f"floating tensor the model returns, here of shape {tuple(z.shape)}), and the loss this backward ran "
+            f"is not: the targets its gradient at z implies, y = σ(z) - numel(z)·∂L/∂z, range over "
+            f"[{lowest:.4g}, {highest:.4g}], not [0, 1] (a cross-entropy over the classes, a loss summed or "
+            f"multiplied by a factor, torch.amp.GradScaler's scaled loss, or a loss of another output). gnfx "
+            f"would model the wrong loss. Fix: return the logits first and take the mean "
+            f"F.binary_cross_entropy_with_logits (reduction='mean', the default), or compile with "
+            f"loss='cross_entropy' or loss='mse' for those losses, or without loss= (and with an lr) for another")
     return values

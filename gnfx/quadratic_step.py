@@ -18,11 +18,11 @@ into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more
 their proposals at one lr are on different scales. J v comes from forward-mode products
 (dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
-2/numel(z)·I for "mse"). μ is kept in MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ
-at a bound, `minimize_quadratic`): fitted on one batch, an unbounded μ swung to -412 on the digits
-MLP along directions the batch barely constrains. Without a previous update (first step, after a
-rejected step) μ = 0 and α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at
-most the proposal at lr.
+2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). μ is kept in
+MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ at a bound, `minimize_quadratic`):
+fitted on one batch, an unbounded μ swung to -412 on the digits MLP along directions the batch
+barely constrains. Without a previous update (first step, after a rejected step) μ = 0 and
+α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at most the proposal at lr.
 
 A fixed momentum (`quadratic_momentum` = μ̂ in [0, 1); "adaptive", the default, is the above). Each
 row of V costs one forward-mode tangent, and the tangents are most of the step (P+1 of them: ~5
@@ -43,8 +43,8 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
 (benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
 
-The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy and mse alike; 0 is the
-infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
+The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy, binary or not, and mse
+alike; 0 is the infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
 reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP, 1)
 is wrong about that step, and the step is shortened along its ray to the τc with -q(τc) = κ·L(θ)
 (`floor_capped`: the smaller root of ½ cᵀMc τ² + bᵀc τ + κL(θ) = 0), which keeps the direction the
@@ -106,7 +106,8 @@ every digits target of seeds 0-2 in as many steps or fewer, the CNN's training t
 40 and 95, the other targets in as many or fewer. Not for mse, whose loss is quadratic in z: its ρ >
 1 after the warm-up comes from the network, and on the deep autoencoder all 18 expansions tried in
 110 steps (seed 0) were declined, one forward each for nothing (benchmarks/results/defaults.md, "The
-exponential tail of cross-entropy").
+exponential tail of cross-entropy"). Not for binary cross-entropy either: each of its entries has the
+same exponential tail, but the expansion is measured on cross-entropy only.
 
 ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
 kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
@@ -158,10 +159,13 @@ L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() a
 first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
 targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
-label smoothing included), mse y = z - g_z·numel(z)/2; L(θ+s) is that loss at the output of one
-forward at θ+s. This is exact when the training loss is the named loss of the output alone; loss
-terms that do not go through z (penalties on θ) are left out of the actual reduction, and a loss
-that is not the named one gives a wrong ρ, which at worst rejects steps and raises λ (finite,
+label smoothing included), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
+(soft targets included; on statistic steps gnfx.outputs.check_binary_cross_entropy_gradient checks
+them in [0, 1]);
+L(θ+s) is that loss at the output of one forward at θ+s. This is exact when the training loss is the
+named loss of the output alone; loss terms that do not go through z (penalties on θ) are left out
+of the actual reduction, and a loss that is not the named one gives a wrong ρ, which at worst rejects
+steps and raises λ (finite,
 bounded): pass a closure then. With loss="mse" and a closure, the two are compared on the first solved step: the
 squared error recovered at θ must not exceed the closure's loss (by more than MEAN_TOLERANCE: a loss may
 add penalties, never remove the error). Every gradient is a mean squared error's to some target, so
@@ -199,6 +203,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gnfx.errors import GnfxError
@@ -315,6 +320,9 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
     if loss == "mse":
         target = z0 - grad_z * (z0.numel() / 2)
         return lambda z: ((z - target) ** 2).mean()
+    if loss == "binary_cross_entropy":
+        target = torch.sigmoid(z0) - grad_z * z0.numel()
+        return lambda z: F.binary_cross_entropy_with_logits(z, target)
     classes = z0.shape[-1]
     g = grad_z.reshape(-1, classes)
     kept = g.ne(0).any(1)
@@ -686,7 +694,8 @@ class QuadraticStep:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
         J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
         of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
-        kept = None if self.loss == "mse" else self._kept_rows(z)  # mse's H_ℓ = 2/numel(z)·I needs no targets
+        # H_ℓ of mse (2/numel(z)·I) and of binary cross-entropy (diag(p(1-p))/numel(z)) needs no targets
+        kept = self._kept_rows(z) if self.loss == "cross_entropy" else None
         H_J = output_hessian_product(self.loss, z, kept, J).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
         V = V.double()

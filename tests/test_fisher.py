@@ -33,7 +33,8 @@ from gnfx.targets import fold
 from references import TOL, ClassDimSecond, cross_entropy
 
 DTYPE = torch.float64
-LOSSES = {"cross_entropy": cross_entropy, "mse": F.mse_loss}
+LOSSES = {"cross_entropy": cross_entropy, "mse": F.mse_loss,
+          "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 CURVLINOPS_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
 
@@ -46,11 +47,14 @@ def mlp(sizes=(5, 7, 4), seed=0):
 
 
 def data(shape, loss, classes=4, seed=0):
-    """Inputs of `shape`; class labels per position (cross_entropy) or regression targets (mse)."""
+    """Inputs of `shape`; class labels per position (cross_entropy), soft multi-label targets in [0, 1]
+    (binary_cross_entropy) or regression targets (mse)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g, dtype=DTYPE)
     if loss == "cross_entropy":
         return x, torch.randint(0, classes, shape[:-1], generator=g)
+    if loss == "binary_cross_entropy":
+        return x, torch.rand(*shape[:-1], classes, generator=g, dtype=DTYPE)
     return x, torch.randn(*shape[:-1], classes, generator=g, dtype=DTYPE)
 
 
@@ -93,7 +97,7 @@ def test_type2_factors_equal_curvlinops(loss, shape):
         torch.testing.assert_close(got[name]["S"], ref[name]["S"], **TOL)
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "binary_cross_entropy"])
 def test_mc_factors_converge_to_type2(loss):
     """A does not depend on the output gradients; ‖S_mc - S_type2‖ shrinks like 1/√mc_samples."""
     x, y = data((8, 5), loss)
@@ -107,6 +111,39 @@ def test_mc_factors_converge_to_type2(loss):
         errors[samples] = max(float((got[n]["S"] - exact[n]["S"]).norm() / exact[n]["S"].norm()) for n in ["0", "2"])
     assert errors[1000] < errors[10] / 3, errors
     assert errors[1000] < 0.1, errors
+
+
+def test_mc_binary_cross_entropy_samples_bernoulli_targets_whose_expectation_is_the_ggn():
+    """fisher="mc" with binary cross-entropy: each sampled v is (p - y~)/√C for targets y~ in {0, 1}^C
+    (p = σ(z)) drawn with mean p, and the expectation of v vᵀ under that Bernoulli law, enumerated over
+    all 2^C outcomes, is exactly the sum of type2's outer products and M·H_ℓ of the row, H_ℓ from
+    torch.func.hessian of F.binary_cross_entropy_with_logits."""
+    from itertools import product
+
+    from gnfx.fisher import backprop_vectors
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, generator=g, dtype=DTYPE)
+    rows, C = z.shape
+    p = torch.sigmoid(z)
+    samples = 2000
+    vectors = [v for v, _ in backprop_vectors(z, "mc", "binary_cross_entropy", samples, generator=g)]
+    drawn = p - C ** 0.5 * torch.stack(vectors)
+    torch.testing.assert_close(drawn, drawn.round(), rtol=0, atol=1e-12)  # outcomes in {0, 1}
+    assert set(drawn.round().unique().tolist()) <= {0.0, 1.0}
+    # the draws' mean is p: 5 standard errors, at a fixed seed
+    assert ((drawn.mean(0) - p).abs() <= 5 * (p * (1 - p) / samples).sqrt()).all()
+    targets = torch.rand(rows, C, generator=g, dtype=DTYPE)  # any: H_ℓ does not depend on them
+    H = torch.func.hessian(lambda out: F.binary_cross_entropy_with_logits(out, targets))(z)
+    type2 = sum(torch.einsum("mi,mj->mij", v, v) for v, _ in backprop_vectors(z, "type2", "binary_cross_entropy", 0))
+    for m in range(rows):
+        expected = torch.zeros(C, C, dtype=DTYPE)
+        for outcome in product((0.0, 1.0), repeat=C):
+            y = torch.tensor(outcome, dtype=DTYPE)
+            probability = torch.prod(p[m] ** y * (1 - p[m]) ** (1 - y))
+            expected += probability * torch.outer(p[m] - y, p[m] - y) / C
+        torch.testing.assert_close(expected, rows * H[m, :, m, :], **TOL)
+        torch.testing.assert_close(type2[m], expected, **TOL)
 
 
 # ----------------------------------------------------------------------------- type2 = exact GGN
@@ -130,7 +167,7 @@ def test_type2_kfac_of_one_linear_layer_with_mse_is_the_exact_ggn():
     torch.testing.assert_close(torch.kron(got["weight"]["S"], got["weight"]["A"]), G[order][:, order], **TOL)
 
 
-@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
 def test_type2_diagonal_is_the_exact_ggn_diagonal(loss):
     """One linear layer with MSE, as asked; the identity holds for any (N, C) output, so also an MLP with CE."""
     if loss == "mse":
@@ -171,8 +208,9 @@ def test_type2_diagonal_leaves_out_ignored_targets():
 
 
 @pytest.mark.parametrize("fisher", ["mc", "type2"])
-@pytest.mark.parametrize("loss, shape", [("cross_entropy", (8, 5)), ("cross_entropy", (6, 3, 5)), ("mse", (8, 5))],
-                         ids=["ce-NC", "ce-NTC", "mse-NC"])
+@pytest.mark.parametrize("loss, shape", [("cross_entropy", (8, 5)), ("cross_entropy", (6, 3, 5)), ("mse", (8, 5)),
+                                         ("binary_cross_entropy", (8, 5))],
+                         ids=["ce-NC", "ce-NTC", "mse-NC", "bce-NC"])
 def test_the_optimizer_receives_the_true_loss_gradient(fisher, loss, shape):
     """The extra backward from the output leaves p.grad as a plain backward of the loss makes it."""
     model = mlp()
@@ -184,6 +222,34 @@ def test_the_optimizer_receives_the_true_loss_gradient(fisher, loss, shape):
     assert c.optimizer.collected  # the step that was measured collected statistics
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+
+
+class Squeezed(nn.Module):
+    """One output per example returned as an (N,) tensor, as a binary classifier's logit often is."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "type2"])
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "mse"])
+def test_a_one_dimensional_output_has_the_statistics_of_the_same_output_as_n_by_1(loss, fisher):
+    """An (N,) output is N rows of one entry each: the statistics of the (N, 1) output it squeezes (it
+    raised a RuntimeError in the true-Fisher backward)."""
+    x, y = data((8, 5), loss, classes=1)
+    got = {}
+    for squeezed in (False, True):
+        model = mlp(sizes=(5, 7, 1))
+        torch.manual_seed(0)  # the same sampled targets of fisher="mc"
+        got[squeezed], _ = statistics_after_one_step(Squeezed(model) if squeezed else model, x,
+                                                     y.squeeze(-1) if squeezed else y, loss,
+                                                     ["model.0" if squeezed else "0"], fisher=fisher)
+    for key in ("A", "S"):
+        torch.testing.assert_close(got[True]["model.0"][key], got[False]["0"][key], **TOL)
 
 
 @pytest.mark.parametrize("fisher", ["mc", "type2"])

@@ -2,7 +2,8 @@
 
 The reference GGN is Jᵀ H_ℓ J with J the Jacobian of the flattened model output with respect to
 the flattened trainable parameters and H_ℓ the Hessian of torch's own loss (F.cross_entropy,
-F.mse_loss) with respect to the flattened output. Everything runs in float64 at 1e-10.
+F.mse_loss, F.binary_cross_entropy_with_logits) with respect to the flattened output. Everything runs
+in float64 at 1e-10.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import gnfx.ggn as ggn
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
-LOSSES = ["cross_entropy", "mse"]
+LOSSES = ["cross_entropy", "mse", "binary_cross_entropy"]
 
 # torch's first forward-mode call loads jvp decompositions through the deprecated torch.jit.script.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -111,6 +112,8 @@ def make_case(name: str, loss: str, seed: int = 0):
 def make_targets(z: torch.Tensor, loss: str) -> torch.Tensor:
     if loss == "cross_entropy":
         return torch.randint(0, z.shape[-1], z.shape[:-1])
+    if loss == "binary_cross_entropy":  # soft multi-label targets in [0, 1]
+        return torch.rand_like(z)
     return torch.randn_like(z)
 
 
@@ -131,6 +134,8 @@ def torch_loss(loss):
         return lambda z, y: F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
     if loss == "mse":
         return F.mse_loss
+    if loss == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits
     return loss
 
 

@@ -35,7 +35,8 @@ from gnfx.quadratic_step import (DAMPING_WARMUP, LAMBDA_MAX, LAMBDA_MIN, MOMENTU
 
 DTYPE = torch.float64
 STEPS = 6
-LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss,
+          "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 
 
 def tiny(out=3):
@@ -46,6 +47,8 @@ def tiny(out=3):
 def batch(loss, n=8, out=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g, dtype=DTYPE)
+    if loss == "binary_cross_entropy":  # soft multi-label targets in [0, 1]
+        return x, torch.rand(n, out, generator=g, dtype=DTYPE)
     y = torch.randint(out, (n,), generator=g) if loss == "cross_entropy" else torch.randn(n, out, generator=g,
                                                                                           dtype=DTYPE)
     return x, y
@@ -108,7 +111,7 @@ def step_against_the_ggn(c, model, params, loss, x, y):
 
 
 @pytest.mark.parametrize("optimizer", ["kfac", "diag"])
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "binary_cross_entropy"])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
     """STEPS steps on one batch: the first has no previous update (μ = 0, α alone), the others
     solve the 2x2 problem; each must be the minimizer of the dense quadratic on its batch."""
@@ -325,8 +328,9 @@ def test_levenberg_marquardt_rule():
     assert levenberg_marquardt(LAMBDA_MAX, 0.0, 2.0, 0.5) == (LAMBDA_MAX, 4.0)
 
 
-@pytest.mark.parametrize("loss, shape", [("cross_entropy", (8,)), ("cross_entropy", (2, 4)), ("mse", (8,))],
-                         ids=["ce", "ce-tokens-ignored", "mse"])
+@pytest.mark.parametrize("loss, shape", [("cross_entropy", (8,)), ("cross_entropy", (2, 4)), ("mse", (8,)),
+                                         ("binary_cross_entropy", (8,))],
+                         ids=["ce", "ce-tokens-ignored", "mse", "bce"])
 def test_recovered_loss_is_the_loss(loss, shape):
     """The loss rebuilt from z0 and ∂L/∂z0 equals the real loss at any output z (ignored targets too)."""
     g = torch.Generator().manual_seed(0)
@@ -334,6 +338,10 @@ def test_recovered_loss_is_the_loss(loss, shape):
     if loss == "mse":
         y = torch.randn(*shape, 5, generator=g, dtype=DTYPE)
         fn = F.mse_loss
+    elif loss == "binary_cross_entropy":  # soft targets, and hard ones at 0 and 1
+        y = torch.rand(*shape, 5, generator=g, dtype=DTYPE)
+        y.view(-1)[:2] = torch.tensor([0.0, 1.0])
+        fn = F.binary_cross_entropy_with_logits
     else:
         y = torch.randint(5, shape, generator=g)
         y.view(-1)[1] = -100
@@ -345,7 +353,7 @@ def test_recovered_loss_is_the_loss(loss, shape):
         torch.testing.assert_close(rebuilt(z), fn(z, y), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "binary_cross_entropy"])
 def test_step_with_a_closure_equals_the_step_without(loss):
     """A closure measures L(θ+s) directly; without one it is recovered from the output gradient:
     the same ρ, λ and parameters, step after step."""
