@@ -83,12 +83,17 @@ def _packed_rows(input: torch.Tensor, lengths: torch.Tensor, batch_first: bool):
 @contextlib.contextmanager
 def composite_packing():
     """Packing by `_packed_rows` while inside (module docstring): torch._VF, which
-    torch.nn.utils.rnn calls, takes it as an attribute of its own until the context exits."""
+    torch.nn.utils.rnn calls, takes it as an attribute of its own until the context exits (nested
+    contexts too: the outer one's is put back)."""
+    outer = vars(torch._VF).get("_pack_padded_sequence")
     torch._VF._pack_padded_sequence = _packed_rows
     try:
         yield
     finally:
-        del torch._VF._pack_padded_sequence
+        if outer is None:
+            del torch._VF._pack_padded_sequence
+        else:
+            torch._VF._pack_padded_sequence = outer
 
 
 class _CompositeWeightNorm(TorchFunctionMode):

@@ -368,6 +368,11 @@ def test_packing_written_out_has_the_kernels_values_and_forward_mode_derivatives
             rows, sizes = torch._VF._pack_padded_sequence(padded, sorted_lengths, batch_first)
         expected_rows, expected_sizes = torch._VF._pack_padded_sequence(padded, sorted_lengths, batch_first)
         assert torch.equal(rows, expected_rows) and torch.equal(sizes, expected_sizes)
+    with composite_packing():  # nested (a forward-mode pass inside another): the outer form stays
+        with composite_packing():
+            pass
+        assert vars(torch._VF).get("_pack_padded_sequence") is not None
+    assert "_pack_padded_sequence" not in vars(torch._VF)  # the kernel again
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach() for p in model.parameters())
     v = tuple(torch.randn_like(p) for p in params)
