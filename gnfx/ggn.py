@@ -121,6 +121,21 @@ def _named_forward_mode_errors():
                                  "and jvp; a channels_last input: a contiguous one)") from error
 
 
+@contextlib.contextmanager
+def _named_functional_errors():
+    """gnfx.ggn's reverse pass (torch.func.vjp through functional_call) raises a GnfxError naming
+    torch.func when the model's forward fails under it: some kernels run in a plain forward but
+    not on torch.func's wrapped tensors (the recurrent kernels on a PackedSequence)."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise GnfxError(
+            "gnfx.ggn (whose products gnfx.diagnose takes) runs the model as a function of its parameters under "
+            f"torch.func (functional_call, vjp, jvp), and its forward failed there: {type(error).__name__}: {error}. "
+            "Either an operation that torch.func cannot run (nn.LSTM, nn.GRU or nn.RNN on a PackedSequence is one: "
+            "measure the model on the padded batch instead) or an error of the forward on these inputs") from error
+
+
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy with the classes on the last axis of z."""
     if z.dim() > 2:
@@ -273,7 +288,8 @@ def _curvature_operator(
 ) -> tuple[dict, Callable[[dict], dict]]:
     """The trainable parameters and the map v ↦ Jᵀ M (J v), M applied by output_product."""
     f, params = _functional(model, inputs)
-    z, pullback = vjp(f, params)
+    with _named_functional_errors():
+        z, pullback = vjp(f, params)
 
     def apply(tangents: dict) -> dict:
         with _named_forward_mode_errors():

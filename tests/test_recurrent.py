@@ -403,6 +403,18 @@ def test_kfac_at_defaults_trains_a_packing_model():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_gnfx_ggn_on_a_packing_model_raises_a_gnfx_error_naming_torch_func():
+    """gnfx.ggn runs the model under torch.func, whose wrapped tensors ATen's recurrent kernels on a
+    PackedSequence cannot read (a raw RuntimeError about a data pointer before): the error names
+    torch.func, the packed sequence and the fix."""
+    tokens, lengths, y = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3]), torch.tensor([0, 1, 1, 0])
+    model = PackingTagger()
+    model(tokens, lengths)  # the model's own forward runs
+    v = [torch.randn_like(p) for p in model.parameters()]
+    with pytest.raises(gnfx.GnfxError, match=r"under torch.func .*PackedSequence.*padded batch"):
+        gnfx.ggn.ggn_vp(model, "cross_entropy", (tokens, lengths), y, v)
+
+
 # ----------------------------------------------------------------------------- training
 
 
