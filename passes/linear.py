@@ -4,8 +4,12 @@ Recognized in both graph forms (torch-level from symbolic tracing, aten-level fr
 `F.linear` / `aten.linear`; and hand-written forms `x @ W.t()`, `x @ W.T`, `x @ W`,
 `torch.matmul`, `torch.mm`, `torch.addmm(b, x, W)` / `aten.addmm`, `aten.mm`, `aten.matmul`,
 with the weight transposed or not, and `F.linear(x, W.t(), b)` (which passes/unflatten.py makes of
-Hugging Face's Conv1D). A weight used as `x @ W` is stored (d_in, d_out); its block
-reads it transposed (`options["transposed"]`).
+Hugging Face's Conv1D); `torch.einsum` / `aten.einsum` of the input and a 2-D weight whose
+equation is a linear map of the input's last axis (`"...i,oi->...o"`, `"bti,io->bto"`: the weight's
+other axis last in the output, the input's other axes in their order before it). A weight used as
+`x @ W` is stored (d_in, d_out); its block reads it transposed (`options["transposed"]`). A bias
+added by hand after a bias-free form (`x @ W + b`, `b + torch.einsum(...)`: a trainable (d_out,)
+vector, the product's only use) is the block's bias: ∂ℓ/∂z is the same on either side of the sum.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ LINEAR_OPS = (F.linear, aten.linear.default)
 MATMUL_OPS = (operator.matmul, torch.matmul, torch.mm, aten.mm.default, aten.matmul.default)
 ADDMM_OPS = (torch.addmm, aten.addmm.default)
 TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.mT.default, torch.t)
+EINSUM_OPS = (torch.einsum, aten.einsum.default)
+ADD_OPS = (operator.add, torch.add, aten.add.Tensor)
 
 
 def _is_transpose(node) -> bool:
@@ -74,6 +80,50 @@ def _site(node, x, w_operand, bias_node, param_of, shape_of) -> Site | None:
                 d_in=d_in, d_out=d_out, options=options)
 
 
+def _einsum_operands(node):
+    """(x, W, W stored (d_in, d_out)?) of an einsum that is a linear map of x's last axis, else None."""
+    equation, operands = node.args[0], node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if node.kwargs or not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    (sx, sw), (x, w) = terms, operands
+    if len(sw) != 2 or "." in sw:
+        (sx, sw), (x, w) = (sw, sx), (w, x)  # the weight first, as in "oi,...i->...o"
+    if len(sw) != 2 or "." in sw or len(set(sw)) != 2 or not sx:
+        return None
+    contracted = sx[-1]
+    if contracted not in sw or contracted in out or len(set(sx.replace(".", ""))) != len(sx.replace(".", "")):
+        return None
+    other = sw.replace(contracted, "")
+    if other in sx or out != sx[:-1] + other:
+        return None
+    return x, w, sw.index(contracted) == 0
+
+
+def _added_bias(site: Site, param_of, shape_of) -> Site:
+    """`site` with the bias of `z + b` / `b + z` when z is the site's bias-free product and the sum its
+    only use, b a trainable (d_out,) vector (module doc)."""
+    node = site.node
+    if site.bias is not None or len(node.users) != 1:
+        return site
+    (add,) = node.users
+    is_add = (add.op == "call_function" and add.target in ADD_OPS) or (add.op == "call_method" and add.target == "add")
+    if not is_add or add.kwargs or len(add.args) != 2:
+        return site
+    b_node = add.args[1] if add.args[0] is node else add.args[0]
+    bias = param_of(b_node)
+    if bias is None or shape_of(bias) != (site.d_out,):
+        return site
+    site.bias = bias
+    site.uses = site.uses + [(add, b_node)]
+    return site
+
+
 def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
     """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name)."""
     sites = []
@@ -88,9 +138,22 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
             site = _site(node, node.args[0], node.args[1], None, param_of, shape_of)
         elif t in ADDMM_OPS and not node.kwargs:
             site = _site(node, node.args[1], node.args[2], node.args[0], param_of, shape_of)
+        elif t in EINSUM_OPS and (operands := _einsum_operands(node)) is not None:
+            site = _einsum_site(node, *operands, param_of, shape_of)
         if site is not None:
-            sites.append(site)
+            sites.append(_added_bias(site, param_of, shape_of))
     return sites, []
+
+
+def _einsum_site(node, x, w, in_out: bool, param_of, shape_of) -> Site | None:
+    """The site of a linear einsum (`_einsum_operands`): W's consumer is the einsum itself."""
+    name = param_of(w)
+    if name is None or len(shape_of(name)) != 2:
+        return None
+    shape = shape_of(name)
+    d_out, d_in = shape[::-1] if in_out else shape
+    options = {"transposed": True, "weight_shape": shape} if in_out else {"weight_shape": shape}
+    return Site(node=node, input=x, weight=name, bias=None, uses=[(node, w)], d_in=d_in, d_out=d_out, options=options)
 
 
 def _linear_site(node, param_of, shape_of) -> Site | None:

@@ -142,6 +142,11 @@ class HandLinear(nn.Module):
         "torch.matmul(x, W.t())": (False, False, False),
         "torch.matmul(x, W)": (True, False, False),
         "torch.addmm(b, x, W)": (True, True, True),
+        "x @ W + b": (True, True, False),
+        "b + x @ W.t()": (False, True, False),
+        "torch.einsum('...i,oi->...o', x, W)": (False, False, False),
+        "torch.einsum('oi,...i->...o', W, x)": (False, False, False),
+        "torch.einsum('...i,io->...o', x, W) + b": (True, True, False),
     }
 
     def __init__(self, form):
@@ -166,6 +171,16 @@ class HandLinear(nn.Module):
             z = torch.matmul(x, W.t())
         elif form == "torch.matmul(x, W)":
             z = torch.matmul(x, W)
+        elif form == "x @ W + b":
+            z = x @ W + self.b
+        elif form == "b + x @ W.t()":
+            z = self.b + x @ W.t()
+        elif form == "torch.einsum('...i,oi->...o', x, W)":
+            z = torch.einsum("...i,oi->...o", x, W)
+        elif form == "torch.einsum('oi,...i->...o', W, x)":
+            z = torch.einsum("oi,...i->...o", W, x)
+        elif form == "torch.einsum('...i,io->...o', x, W) + b":
+            z = torch.einsum("...i,io->...o", x, W) + self.b
         else:
             z = torch.addmm(self.b, x, W)
         return self.head(torch.tanh(z))
