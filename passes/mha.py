@@ -82,7 +82,7 @@ class _LoweredMHA(nn.Module):
         if not self.packed:
             biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-            return tuple(F.linear(x, w, b) for x, w, b in zip(inputs, weights, biases))
+            return tuple(F.linear(inputs[i], weights[i], biases[i]) for i in range(3))  # biases: traced, not iterable
         maps = {}
         for source in self.sources:
             if source not in maps:
