@@ -23,6 +23,7 @@ flags given as traced values) keep the module opaque, and its parameters fall ba
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
@@ -105,7 +106,7 @@ class _LoweredMHA(nn.Module):
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
-_INPUTS = ("query", "key", "value", "key_padding_mask", "attn_mask", "is_causal")  # _LoweredMHA.forward's
+_INPUTS = tuple(inspect.signature(_LoweredMHA.forward).parameters.values())[1:]  # its placeholders
 
 
 def _sources(query, key, value) -> tuple[int, int, int]:
@@ -192,7 +193,7 @@ def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
             continue
         lowered = _LoweredMHA(mha, _sources(call["query"], call["key"], call["value"]), need_weights, average)
         sub = fx.symbolic_trace(lowered)
-        inputs = {k: call.get(k, False if k == "is_causal" else None) for k in _INPUTS}
+        inputs = {p.name: call.get(p.name, p.default) for p in _INPUTS}
         env = {}
         with gm.graph.inserting_before(node):
             for n in sub.graph.nodes:
