@@ -152,7 +152,7 @@ def _not_lowerable(mha: nn.MultiheadAttention, uses, need_weights, average_attn_
     if mha.bias_k is not None or mha.add_zero_attn:
         return "bias_k/bias_v or add_zero_attn"
     for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights)):
-        if isinstance(flag, fx.Node):
+        if isinstance(flag, fx.Node) and need_weights:  # without weights, their average is moot
             return (f"{name} is a value computed in the forward (node {flag.name}), not a constant: it decides "
                     f"the structure of the result")
     if uses is None:

@@ -153,25 +153,32 @@ def test_the_is_causal_hint_is_read_at_run_time_with_torchs_semantics():
 
 
 class WeightsOnRequest(nn.Module):
-    """Self-attention whose need_weights is a forward argument (a traced value)."""
+    """Self-attention whose need_weights, or average_attn_weights, is a forward argument (a traced
+    value): `flag`."""
 
-    def __init__(self):
+    def __init__(self, traced: str):
         super().__init__()
         self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.traced = traced
 
-    def forward(self, x, need_weights=False):
-        return self.mha(x, x, x, need_weights=need_weights)[0]
+    def forward(self, x, flag=False):
+        if self.traced == "need_weights":
+            return self.mha(x, x, x, need_weights=flag)[0]
+        out, weights = self.mha(x, x, x, average_attn_weights=flag)
+        return out * weights.square().mean()
 
 
-def test_need_weights_given_as_a_traced_value_keeps_the_module_opaque_with_the_reason():
-    model, (x, _) = build(WeightsOnRequest), sequences(True)
+@pytest.mark.parametrize("traced", ["need_weights", "average_attn_weights"])
+def test_weights_flags_given_as_traced_values_keep_the_module_opaque_with_the_reason(traced):
+    model, (x, _) = build(WeightsOnRequest, traced), sequences(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the low coverage that this test is about
         c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
     reasons = {f.param: f.reason for f in c.layers.fallbacks}
     assert set(reasons) == {name for name, _ in model.named_parameters()}
-    assert all("need_weights is a value computed in the forward" in r for r in reasons.values()), reasons
-    check_same_function(model, c, (x,), {"need_weights": True})
+    assert all(f"{traced} is a value computed in the forward" in r for r in reasons.values()), reasons
+    for flag in (True, False):
+        check_same_function(model, c, (x,), {"flag": flag})
 
 
 # ----------------------------------------------------------------------------- cross-attention statistics
