@@ -9,12 +9,13 @@ Three forms are recognized, in both graph forms:
   * nn.MultiheadAttention, lowered beforehand into the hand-written form (passes/mha.py).
 The q, k and v operands (and the attention output) are followed through shape ops (view,
 reshape, transpose, split, chunk, getitem, ...) to the linear blocks that produce (consume) them,
-which get the role "attention.q", ".k", ".v" (".qkv" for a fused projection) or ".out". Between a
-projection and the attention there may be a rotary position embedding (RoPE: `q·cos +
-rotate_half(q)·sin`, or the complex form `view_as_real(view_as_complex(q) · freqs)`): an operand
-that is no shape view of a block is followed back through elementwise products, sums,
-negations, concatenations and casts, and is the rotated output of the one block found that way
-(none, or several, and it has no producer).
+which get the role "attention.q", ".k", ".v" (".qkv" for a fused projection: one block that
+computes several of them, at one site or, as nn.MultiheadAttention's cross-attention, at several)
+or ".out". Between a projection and the attention there may be a rotary position embedding
+(RoPE: `q·cos + rotate_half(q)·sin`, or the complex form `view_as_real(view_as_complex(q) ·
+freqs)`): an operand that is no shape view of a block is followed back through elementwise
+products, sums, negations, concatenations and casts, and is the rotated output of the one block
+found that way (none, or several, and it has no producer).
 """
 from __future__ import annotations
 
@@ -210,8 +211,8 @@ def mark_attention(gm: fx.GraphModule, blocks, block_sites) -> int:
     for q, k, v, out in attentions:
         sources = {role: _producer(x, site_of) for role, x in (("q", q), ("k", k), ("v", v))}
         for role, site in sources.items():
-            if site is not None:
-                fused = sum(s is site for s in sources.values()) > 1
+            if site is not None:  # one block computing several of q, k, v (at one site or more) is fused
+                fused = sum(s is not None and block_of[s] is block_of[site] for s in sources.values()) > 1
                 block_of[site].role = "attention.qkv" if fused else f"attention.{role}"
         for site in _consumers(out, site_of):
             block_of[site].role = "attention.out"

@@ -83,6 +83,8 @@ class _LeafFindingTracer(fx.Tracer):
 
 
 _SEQ_LEN = transformer_module._get_seq_len
+_DETECT_CAUSAL = transformer_module._detect_is_causal_mask
+_TRANSFORMER_FORWARD = transformer_module.Transformer.forward
 
 # torch.nn.utils.rnn's packing: its lengths go through Python (`torch.as_tensor(lengths, device="cpu")`,
 # sorting), which symbolic tracing cannot follow, so each is one call in the graph
@@ -109,24 +111,61 @@ def _seq_len_in_graph(src, batch_first):
     return _SEQ_LEN(src, batch_first)
 
 
+def _transformer_forward_traced(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                                src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                                src_is_causal=None, tgt_is_causal=None, memory_is_causal=False):
+    """nn.Transformer's forward (its signature and its two calls) without the checks of the inputs'
+    batch and feature sizes, which branch on traced sizes: inputs that do not match fail in the
+    graph's own ops (the cross-attention, the projections) instead."""
+    memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                        tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+def _causal_hint_as_given(mask, is_causal=None, size=None):
+    """torch.nn.modules.transformer's `_detect_is_causal_mask` without comparing the mask with the
+    causal one (a branch on the mask's values, which neither symbolic tracing nor torch.export can
+    take): the hint as the call gives it, a traced one included, None read as False. The attention
+    computes the same: where torch would find the causal mask and pass the hint, the hint masks
+    the future in place of that mask, or the mask is used (passes/mha.py `mask_scores`)."""
+    return False if is_causal is None else is_causal
+
+
+@contextlib.contextmanager
+def causal_hints_as_given():
+    """While capturing: torch.nn's transformer containers take their causal hints as given
+    (`_causal_hint_as_given`)."""
+    transformer_module._detect_is_causal_mask = _causal_hint_as_given
+    try:
+        yield
+    finally:
+        transformer_module._detect_is_causal_mask = _DETECT_CAUSAL
+
+
 @contextlib.contextmanager
 def _torch_nn_traceable():
     """While tracing: torch.nn's transformer containers without their inference fast path (which
     training never takes, and whose checks branch on the traced input) and with their sequence
     length read by a graph call, and torch.nn.utils.rnn's packing functions as graph calls (`PACKING`;
     the names a model imported from that module are wrapped by the tracer's autowrap_functions); all
-    restored afterwards."""
+    restored afterwards. Their causal hints are taken as given (`causal_hints_as_given`), so that a
+    hint given to the call (`tgt_is_causal=True`) reaches the attention at run time; nn.Transformer
+    traces without its size checks (`_transformer_forward_traced`)."""
     enabled = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     transformer_module._get_seq_len = _seq_len_in_graph
+    transformer_module.Transformer.forward = _transformer_forward_traced
     for name, function in PACKING.items():
         setattr(rnn_utils, name, _called_in_graph(function))
     try:
-        yield
+        with causal_hints_as_given():
+            yield
     finally:
         for name, function in PACKING.items():
             setattr(rnn_utils, name, function)
         transformer_module._get_seq_len = _SEQ_LEN
+        transformer_module.Transformer.forward = _TRANSFORMER_FORWARD
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
@@ -287,7 +326,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
-        with lowered_for_export(), inlined_checkpoints():
+        with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints():
             ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(

@@ -1,17 +1,29 @@
 """Lowering of nn.MultiheadAttention into explicit ops over the same parameters.
 
 A `call_module` of an nn.MultiheadAttention becomes the graph of `_LoweredMHA.forward`, inlined:
-the in-projection `F.linear(x, in_proj_weight, in_proj_bias)` (one packed linear map when query,
-key and value are the same tensor, so that it becomes a curvature block; three sliced ones
-otherwise), the per-head `softmax(q kᵀ / √d + mask) v`, and the output projection `out_proj`.
+the in-projection, the per-head `softmax(q kᵀ / √d + mask) v`, and the output projection
+`out_proj`. The in-projection reads as linear blocks `z = W a + b` (docs/design.md §1):
+  * packed weights (`in_proj_weight` W = [W_q; W_k; W_v], kdim = vdim = embed_dim): each distinct
+    input x of query, key, value is mapped by the whole W, `F.linear(x, W, b)`, and q, k, v are
+    the chunks of the map of their own input. For self-attention that is the one packed linear
+    map; for cross-attention (queries x, keys and values from a memory m) W is used at two sites,
+    [q | · | ·] = W x + b and [· | k | v] = W m + b, as a tied weight is: the rows no attention
+    reads get a zero output gradient, so Σ_sites δ aᵀ is W's gradient, and the block's statistics
+    count the query and memory rows as positions of one block (gnfx.statistics);
+  * separate weights (kdim or vdim ≠ embed_dim: q_proj_weight, k_proj_weight, v_proj_weight):
+    three linear maps, one block each. Their biases are the chunks of one parameter, in_proj_bias,
+    which no block holds: it falls back, with that reason.
 The lowered graph computes what the module computes (outputs and gradients; the instrumented
-graph only runs in training mode, so dropout is traced as in training). Configurations the
-lowering does not cover (bias_k/bias_v, add_zero_attn, separate k/v projection weights) keep the
-module opaque, and its parameters fall back with that reason.
+graph only runs in training mode, so dropout is traced as in training). `is_causal` is an input of
+the lowered graph (a forward argument of nn.TransformerDecoderLayer, say), read at run time by
+`mask_scores`; `need_weights` and `average_attn_weights` decide the result's structure and must
+be constants. Configurations the lowering does not cover (bias_k/bias_v, add_zero_attn, those two
+flags given as traced values) keep the module opaque, and its parameters fall back with that reason.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
@@ -19,12 +31,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 
-def mask_scores(scores, attn_mask, key_padding_mask, is_causal: bool):
+def mask_scores(scores, attn_mask, key_padding_mask, is_causal: bool, need_weights: bool):
     """Attention scores (N, H, T, S) with nn.MultiheadAttention's masks applied: boolean masks
-    set -inf where True, float masks are added; `is_causal` without a mask masks the future.
-    A leaf of the traced graph (torch.fx.wrap): it branches on the masks' presence and dtype."""
+    set -inf where True, float masks are added. `is_causal` is torch's hint that `attn_mask` is the
+    causal mask: as in F.multi_head_attention_forward, it needs the mask, and where torch hands the
+    hint to scaled_dot_product_attention instead (no key_padding_mask, need_weights=False) the
+    future (key j > query i) is masked in place of `attn_mask`. A leaf of the traced graph
+    (torch.fx.wrap): it branches on the masks' presence and dtype and on `is_causal` at run time."""
     n, h, t, s = scores.shape
     if is_causal and attn_mask is None:
+        raise RuntimeError("nn.MultiheadAttention was called with is_causal=True and no attn_mask, which torch "
+                           "rejects too: pass the causal mask as attn_mask (nn.Transformer."
+                           "generate_square_subsequent_mask) together with the is_causal hint")
+    if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).triu(1)
     for mask in (attn_mask, None if key_padding_mask is None else key_padding_mask.reshape(n, 1, 1, s)):
         if mask is None:
@@ -39,30 +58,44 @@ torch.fx.wrap("mask_scores")
 
 
 class _LoweredMHA(nn.Module):
-    """The computation of one nn.MultiheadAttention call as explicit functional ops."""
+    """The computation of one nn.MultiheadAttention call as explicit functional ops. `sources[i]`
+    is the position in (query, key, value) of the first of them that is the same tensor as the
+    i-th: (0, 0, 0) for self-attention, (0, 1, 1) for keys and values read from one memory."""
 
-    def __init__(self, mha: nn.MultiheadAttention, self_attention: bool, need_weights: bool,
-                 average_attn_weights: bool, is_causal: bool):
+    def __init__(self, mha: nn.MultiheadAttention, sources: tuple[int, int, int], need_weights: bool,
+                 average_attn_weights: bool):
         super().__init__()
-        self.in_proj_weight, self.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
-        self.out_proj = mha.out_proj
-        self.heads, self.head_dim, self.p = mha.num_heads, mha.head_dim, mha.dropout
-        self.batch_first, self.self_attention = mha.batch_first, self_attention
-        self.need_weights, self.average, self.is_causal = need_weights, average_attn_weights, is_causal
-
-    def forward(self, query, key, value, key_padding_mask=None, attn_mask=None):
-        if not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if self.self_attention:
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        self.packed = mha._qkv_same_embed_dim
+        if self.packed:
+            self.in_proj_weight = mha.in_proj_weight
         else:
-            w = self.in_proj_weight.chunk(3)
-            b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-            q, k, v = F.linear(query, w[0], b[0]), F.linear(key, w[1], b[1]), F.linear(value, w[2], b[2])
-        heads = (self.heads, self.head_dim)
-        q, k, v = (x.unflatten(-1, heads).transpose(1, 2) for x in (q, k, v))
+            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight = (
+                mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        self.in_proj_bias, self.out_proj = mha.in_proj_bias, mha.out_proj
+        self.heads, self.head_dim, self.p = mha.num_heads, mha.head_dim, mha.dropout
+        self.batch_first, self.sources = mha.batch_first, sources
+        self.need_weights, self.average = need_weights, average_attn_weights
+
+    def _projections(self, query, key, value):
+        """q, k, v (N, T or S, embed_dim): the packed map of each distinct input, chunked, or the
+        three separate maps."""
+        inputs = tuple(x if self.batch_first else x.transpose(0, 1) for x in (query, key, value))
+        if not self.packed:
+            biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+            return tuple(F.linear(inputs[i], weights[i], biases[i]) for i in range(3))  # biases: traced, not iterable
+        maps = {}
+        for source in self.sources:
+            if source not in maps:
+                maps[source] = F.linear(inputs[source], self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return tuple(maps[source][i] for i, source in enumerate(self.sources))
+
+    def forward(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False):
+        q, k, v = (x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+                   for x in self._projections(query, key, value))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        weights = F.softmax(mask_scores(scores, attn_mask, key_padding_mask, self.is_causal), dim=-1)
+        masked = mask_scores(scores, attn_mask, key_padding_mask, is_causal, self.need_weights)
+        weights = F.softmax(masked, dim=-1)
         out = self.out_proj((F.dropout(weights, self.p, training=True) @ v).transpose(1, 2).flatten(2))
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -73,6 +106,13 @@ class _LoweredMHA(nn.Module):
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
+_INPUTS = tuple(inspect.signature(_LoweredMHA.forward).parameters.values())[1:]  # its placeholders
+
+
+def _sources(query, key, value) -> tuple[int, int, int]:
+    """`_LoweredMHA.sources` of a call (tensors, or the graph nodes that compute them)."""
+    inputs = (query, key, value)
+    return tuple(next(j for j, y in enumerate(inputs) if y is x) for x in inputs)
 
 
 @contextlib.contextmanager
@@ -86,11 +126,11 @@ def lowered_for_export():
 
     def forward(mha, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if _not_lowerable(mha, {}, need_weights):
+        if _not_lowerable(mha, {}, need_weights, average_attn_weights):
             return torch_forward(mha, query, key, value, key_padding_mask, need_weights, attn_mask,
                                  average_attn_weights, is_causal)
-        lowered = _LoweredMHA(mha, query is key is value, need_weights, average_attn_weights, is_causal)
-        return _LoweredMHA.forward(lowered, query, key, value, key_padding_mask, attn_mask)
+        lowered = _LoweredMHA(mha, _sources(query, key, value), need_weights, average_attn_weights)
+        return _LoweredMHA.forward(lowered, query, key, value, key_padding_mask, attn_mask, is_causal)
 
     nn.MultiheadAttention.forward = forward
     try:
@@ -105,19 +145,26 @@ def _call_args(node: fx.Node) -> dict:
     return values
 
 
-def _not_lowerable(mha: nn.MultiheadAttention, uses, need_weights: bool) -> str:
+def _not_lowerable(mha: nn.MultiheadAttention, uses, need_weights, average_attn_weights) -> str:
     """Why this call cannot be lowered ('' if it can)."""
     if type(mha) is not nn.MultiheadAttention:
         return "a subclass of nn.MultiheadAttention"
-    if not mha._qkv_same_embed_dim:
-        return "separate key/value projection weights (kdim/vdim)"
     if mha.bias_k is not None or mha.add_zero_attn:
         return "bias_k/bias_v or add_zero_attn"
+    for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights)):
+        if isinstance(flag, fx.Node) and need_weights:  # without weights, their average is moot
+            return (f"{name} is a value computed in the forward (node {flag.name}), not a constant: it decides "
+                    f"the structure of the result")
     if uses is None:
         return "its result is used whole rather than as (output, weights)"
     if not need_weights and any(u.users for u in uses.get(1, [])):
         return "the attention weights are used although need_weights=False"
     return ""
+
+
+# why in_proj_bias falls back with separate projection weights (kdim/vdim)
+SEPARATE_BIAS = ("inside nn.MultiheadAttention {path!r}: with separate q/k/v projection weights (kdim/vdim) "
+                 "in_proj_bias holds the biases of three linear maps, so no one block holds it")
 
 
 def _result_uses(node: fx.Node):
@@ -139,15 +186,14 @@ def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
                 or not isinstance(modules[node.target], nn.MultiheadAttention)):
             continue
         mha, call, uses = modules[node.target], _call_args(node), _result_uses(node)
-        need_weights = call.get("need_weights", True)
-        why = _not_lowerable(mha, uses, need_weights)
+        need_weights, average = call.get("need_weights", True), call.get("average_attn_weights", True)
+        why = _not_lowerable(mha, uses, need_weights, average)
         if why:
             node.meta["gnfx_fallback_reason"] = f"inside nn.MultiheadAttention {node.target!r}, not lowered: {why}"
             continue
-        lowered = _LoweredMHA(mha, call["query"] is call["key"] is call["value"], need_weights,
-                              call.get("average_attn_weights", True), call.get("is_causal", False))
+        lowered = _LoweredMHA(mha, _sources(call["query"], call["key"], call["value"]), need_weights, average)
         sub = fx.symbolic_trace(lowered)
-        inputs = {k: call.get(k) for k in ("query", "key", "value", "key_padding_mask", "attn_mask")}
+        inputs = {p.name: call.get(p.name, p.default) for p in _INPUTS}
         env = {}
         with gm.graph.inserting_before(node):
             for n in sub.graph.nodes:
@@ -162,6 +208,9 @@ def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
                 else:
                     env[n] = gm.graph.node_copy(n, env.get)
                     env[n].meta["gnfx_module"] = node.target
+                    if not lowered.packed and any(a.op == "get_attr" and a.target == "in_proj_bias"
+                                                  for a in n.all_input_nodes):
+                        env[n].meta["gnfx_fallback_reason"] = SEPARATE_BIAS.format(path=node.target)
         for index, getitems in uses.items():
             for user in getitems:
                 if result[index] is not None:

@@ -462,17 +462,16 @@ class CrossAttention(nn.Module):
 
 
 @pytest.mark.parametrize("capture", FORMS)
-def test_cross_attention_in_projection_falls_back_with_a_reason(capture):
-    """Query and key/value differ: the packed in-projection is three slices of one weight, not a
-    linear block; it falls back (with the use that prevents it), the output projection stays."""
+def test_cross_attention_in_projection_is_one_block_at_two_sites(capture):
+    """Query and key/value differ: the packed in-projection maps the queries and the memory each
+    by the whole weight (two sites of one block, fused q/k/v), and the lowered graph computes the
+    module's output (tests/test_transformer_layers.py checks its statistics)."""
     model, x, memory = build(CrossAttention), tokens(), tokens(t=4, seed=1)
     c = gnfx.compile(model, optimizer="kfac", capture=capture, example_inputs=(x, memory))
-    assert roles(c) == {"mha.out_proj": "attention.out"}
-    reasons = {f.param: f.reason for f in c.layers.fallbacks}
-    assert set(reasons) == {"mha.in_proj_weight", "mha.in_proj_bias"}
-    assert all(r and "not a layer gnfx models" in r for r in reasons.values()), reasons
-    if capture == "fx":
-        torch.testing.assert_close(c.graph_module(x, memory), model(x, memory), rtol=1e-12, atol=1e-12)
+    assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
+    assert len(c.layers["mha.in_proj"].sites) == 2
+    assert c.layers.fallbacks == []
+    torch.testing.assert_close(c.graph_module(x, memory), model(x, memory), rtol=1e-12, atol=1e-12)
 
 
 class BiasKV(nn.Module):
