@@ -9,6 +9,7 @@ from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.fsdp import check_unsharded
 from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, open_unit_interval, positive,
                           positive_int, resolve, unit_interval)
+from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
@@ -129,7 +130,9 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     (torch.fx, and torch.export when fx fails anywhere, keeping the graph with more parameters in
     curvature blocks), "fx" or "export"; the graph is captured now when torch.fx traces the whole
     forward or `example_inputs` (and `example_kwargs`) are given, else at the model's first call,
-    from its inputs (see gnfx.variants). `leaf_modules` lists submodule paths to keep opaque.
+    from its inputs (see gnfx.variants). Lazy modules (nn.LazyLinear, ...) not called yet are
+    materialized by a dry run of the forward on those inputs first (gnfx.lazy_modules).
+    `leaf_modules` lists submodule paths to keep opaque.
     `optimizer` is a preconditioner name, "auto", or a dict of glob patterns on block names
     (see gnfx.plan). `hparams` are the hyperparameters of gnfx.api.COMMON and of the
     preconditioners the optimizer may use (and of "diag", which serves the parameters no block
@@ -165,6 +168,8 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
 
     variants = Variants(model, capture, leaf_modules, lambda captured: _lower_and_analyze(model, captured), start)
     if example_inputs is not None:
+        if has_lazy_modules(model):  # lazy modules: a dry run on the example first (gnfx.lazy_modules)
+            materialize(model, tuple(example_inputs), dict(example_kwargs or {}))
         variants.capture(tuple(example_inputs), dict(example_kwargs or {}))
     else:
         variants.capture_without_inputs()

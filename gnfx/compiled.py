@@ -5,7 +5,9 @@ Parameter objects are the original's) and chooses its forward per step: on a sta
 (training mode, gradients enabled, `optimizer.collecting`) it runs the instrumented graph of
 this call's form (gnfx.variants), whose taps record `a` and `δ`; on every other step it runs the
 original forward, untouched, so the taps cost nothing there. A model gnfx.compile could not capture
-without inputs is captured at its first training call, from that call's inputs. Under
+without inputs is captured at its first training call, from that call's inputs; a model with lazy
+modules not called yet is first materialized by a dry run on the inputs of its first call
+(gnfx.lazy_modules). Under
 `torch.compile(compiled_model)` the statistic steps (and the capture) run eagerly and the other
 steps run the original forward compiled (see `_statistic_call`), so training is the same as
 without the wrapper.
@@ -16,11 +18,13 @@ import functools
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from gnfx.plan_cost import plan_cost
 from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.output_watch import watch_output
 from gnfx.fsdp import fsdp_modules, unshard_for_graph
+from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.report import report
 from gnfx.passes import graph_view
 from gnfx.variants import NOT_CAPTURED, NotCaptured
@@ -53,6 +57,8 @@ class CompiledModel(nn.Module):
         self.__dict__["optimizer"] = optimizer
         self.__dict__["_settings"] = settings
         optimizer.live_params = lambda: dict(model.named_parameters(remove_duplicate=False))
+        if has_lazy_modules(model):  # lazy modules: materialized before any other hook sees the first call
+            self.__dict__["_materializing"] = self.register_forward_pre_hook(self._materialize, with_kwargs=True)
         if optimizer.quadratic is not None:  # it replays the last training forward (gnfx.quadratic_step)
             self.register_forward_pre_hook(optimizer.quadratic.observe_random_state, with_kwargs=True)
             self.register_forward_hook(optimizer.quadratic.observe, with_kwargs=True)
@@ -60,6 +66,15 @@ class CompiledModel(nn.Module):
         # Face's Trainer keeps only the dataset columns that the model's forward names.
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
                                                             model.forward)
+
+    @torch.compiler.disable(reason="a dry run of the model's forward, once, before its first call")
+    def _materialize(self, module, args, kwargs) -> None:
+        """Before the first call of a model with lazy modules: their parameters materialized by a dry
+        run on this call's inputs (gnfx.lazy_modules), before the quadratic step records the call's
+        random state (its hooks run after this one) and before the capture reads the shapes."""
+        if has_lazy_modules(self._model):
+            materialize(self._model, args, kwargs)
+        self._materializing.remove()
 
     def __deepcopy__(self, memo):
         raise GnfxError(_NO_COPY)
@@ -171,10 +186,12 @@ class CompiledModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but checked first: a checkpoint of another architecture (missing or
-        unexpected keys, other shapes) raises a ConfigError naming them and loads nothing."""
+        unexpected keys, other shapes) raises a ConfigError naming them and loads nothing. An
+        uninitialized parameter of a lazy module takes the checkpoint's shape (torch materializes it)."""
         own = self.state_dict()
         problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
-                    for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+                    for k, v in state_dict.items() if k in own and hasattr(v, "shape") and not is_lazy(own[k])
+                    and v.shape != own[k].shape]
         if strict:
             problems += [f"{k}: missing from the checkpoint" for k in own if k not in state_dict]
             problems += [f"{k}: not in this model" for k in state_dict if k not in own]

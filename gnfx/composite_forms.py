@@ -96,6 +96,48 @@ def composite_packing():
             torch._VF._pack_padded_sequence = outer
 
 
+def _bag_reduction(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, scale_grad_by_freq: bool,
+                   mode: int, sparse: bool, per_sample_weights: torch.Tensor | None = None,
+                   include_last_offset: bool = False, padding_idx: int | None = None):
+    """torch.embedding_bag written out (module docstring): (output, None, None, None); `mode` 0 sum,
+    1 mean, 2 max, as F.embedding_bag passes it."""
+    bags = offsets.numel() - 1 if include_last_offset else offsets.numel()
+    starts = offsets[:bags]
+    if bags and starts[0] != 0:
+        raise RuntimeError(f"embedding_bag: offsets[0] has to be 0 (the first bag starts at the first index), "
+                           f"got {int(starts[0])}")
+    bag = torch.searchsorted(starts, torch.arange(indices.numel(), dtype=starts.dtype, device=starts.device),
+                             right=True) - 1
+    kept = bag >= 0  # every entry once there is a bag (offsets[0] = 0)
+    if padding_idx is not None:
+        kept &= indices != padding_idx % weight.size(0)
+    kept = kept.nonzero().squeeze(1)
+    bag = bag[kept]
+    rows = weight.index_select(0, indices[kept])
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.index_select(0, kept).unsqueeze(1)
+    output = weight.new_zeros((bags, weight.size(1)))
+    if mode == 2:
+        output = output.scatter_reduce(0, bag.unsqueeze(1).expand_as(rows), rows, "amax", include_self=False)
+    else:
+        output = output.index_add(0, bag, rows)
+    if mode == 1:
+        output = output / torch.bincount(bag, minlength=bags).clamp(min=1).unsqueeze(1).to(output.dtype)
+    return output, None, None, None
+
+
+@contextlib.contextmanager
+def composite_embedding_bag():
+    """torch.embedding_bag as `_bag_reduction` while inside (module docstring); nested contexts put
+    back the outer one's."""
+    outer = torch.embedding_bag
+    torch.embedding_bag = _bag_reduction
+    try:
+        yield
+    finally:
+        torch.embedding_bag = outer
+
+
 class _CompositeWeightNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -164,7 +206,7 @@ def stored_singular_vectors(norms: tuple):
 
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
-    written out, with
+    and bags of embeddings written out, with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
@@ -172,6 +214,7 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack = contextlib.ExitStack()
     stack.enter_context(inlined_checkpoints())
     stack.enter_context(composite_packing())
+    stack.enter_context(composite_embedding_bag())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

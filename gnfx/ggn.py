@@ -116,9 +116,8 @@ def _named_forward_mode_errors():
         yield
     except (NotImplementedError, RuntimeError) as error:
         raise forward_mode_error(error, "gnfx.ggn (whose products gnfx.diagnose takes)",
-                                 "measure a model without that operation (nn.EmbeddingBag: nn.Embedding and a "
-                                 "sum or mean over the bag; a custom autograd.Function: give it setup_context "
-                                 "and jvp; a channels_last input: a contiguous one)") from error
+                                 "measure a model without that operation (a custom autograd.Function: give it "
+                                 "setup_context and jvp; a channels_last input: a contiguous one)") from error
 
 
 @contextlib.contextmanager

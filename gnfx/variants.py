@@ -1,7 +1,8 @@
 """The captured graphs of a compiled model: the first capture, and one variant per form of call.
 
 The first capture decides the graph form (docs/design.md §2). torch.fx comes first: when it traces the
-whole forward without inputs, gnfx.compile captures at once. Otherwise capture waits for the
+whole forward without inputs, gnfx.compile captures at once (unless lazy modules have not inferred
+their parameters' shapes yet, gnfx.lazy_modules). Otherwise capture waits for the
 model's first call (as torch.compile does; or uses `example_inputs`), so that the call's real
 arguments serve as the example: torch.fx is traced again with the optional inputs the call leaves
 out fixed to None, and whenever it still fails anywhere (the top-level forward, or a submodule it
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from gnfx.errors import CaptureError, GnfxError
+from gnfx.lazy_modules import has_lazy_modules
 from gnfx.passes.capture import REQUESTED, accepts, check_leaf_modules, export, optional_inputs, shapes_of, trace_fx
 from gnfx.passes.taps import insert_taps
 
@@ -79,8 +81,9 @@ class Variants:
     # --- the first capture ---------------------------------------------------------------
     def capture_without_inputs(self) -> None:
         """At gnfx.compile without example inputs: capture now if torch.fx traces the whole
-        forward (or the user asked for fx and leaves), else wait for the first call."""
-        if self.mode == "export":
+        forward (or the user asked for fx and leaves), else wait for the first call; always wait for it
+        while a lazy module has not inferred its parameters, which that call does (gnfx.lazy_modules)."""
+        if self.mode == "export" or has_lazy_modules(self.model):
             return
         try:
             fx = trace_fx(self.model, self.leaf_modules)

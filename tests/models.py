@@ -212,3 +212,17 @@ class TanhMLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = torch.tanh(x)
         return x
+
+
+
+class GridSampled(nn.Module):
+    """(N, 4) features as 2x2 images, resampled by F.grid_sample at four fixed points: an ATen
+    operation (grid_sampler_2d) that reverse mode differentiates and forward mode cannot (torch 2.13)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("grid", torch.tensor([[[[-0.5, -0.5], [0.5, -0.3]], [[0.2, 0.6], [-0.4, 0.1]]]]))
+
+    def forward(self, x):
+        grid = self.grid.to(x.dtype).expand(len(x), -1, -1, -1)
+        return F.grid_sample(x.reshape(-1, 1, 2, 2), grid, align_corners=False).flatten(1)

@@ -27,6 +27,7 @@ from torch import nn
 
 import gnfx
 import test_convergence as convergence
+from models import GridSampled
 import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
 import gnfx.quadratic_step as quadratic_step
@@ -510,15 +511,14 @@ def test_forward_mode_decompositions_load_only_for_a_model_that_needs_one():
 
 
 def test_an_operation_without_a_forward_mode_derivative_raises_with_the_fix():
-    """nn.EmbeddingBag has no jvp: the quadratic step cannot model the loss, and says so, naming lr=."""
+    """F.grid_sample has no jvp: the quadratic step cannot model the loss, and says so, naming lr=."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.EmbeddingBag(7, 4), nn.Linear(4, 3))
-    with pytest.warns(UserWarning, match="in curvature blocks"):  # the bag is no layer kind of gnfx's
-        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
-    ids, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 3, (8,))
-    F.cross_entropy(c(ids), y).backward()
+    model = nn.Sequential(nn.Linear(5, 4), GridSampled(), nn.Linear(4, 3))
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    F.cross_entropy(c(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(gnfx.GnfxError, match=r"(?s)forward-mode derivatives.*_embedding_bag.*Fix: pass lr="):
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)forward-mode derivatives.*grid_sampler_2d.*Fix: pass lr="):
         c.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # nothing applied
 
