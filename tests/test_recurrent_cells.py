@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
+from torch.func import functional_call, grad, jvp, vjp
 
 import gnfx
 from gnfx.passes.recurrent import lower_recurrent
 from references import TOL, cross_entropy, kfac_factors, loss_terms, per_example_fisher_diag
 from steps import compile_for_statistics, statistic_step, train
+from test_recurrent import Holder
 
 DTYPE = torch.float64
 KINDS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -91,15 +93,6 @@ def test_compiled_cell_loop_computes_the_models_outputs_and_gradients(kind, bias
     grads = [torch.autograd.grad((weights * out).sum(), wrt) for out in (expected, got)]
     for e, g in zip(*grads, strict=True):
         torch.testing.assert_close(g, e, **TOL)
-
-
-class Holder(nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.cell = module
-
-    def forward(self, x, hx):
-        return self.cell(x, hx)
 
 
 @pytest.mark.parametrize("x, hx", [
@@ -179,6 +172,50 @@ def test_leaf_modules_keeps_a_cell_opaque():
     assert [b.name for b in c.layers] == ["head"]
     assert {f.param for f in c.layers.fallbacks} == cell_names(True)
     assert all("requested with leaf_modules" in f.reason for f in c.layers.fallbacks)
+
+
+# ----------------------------------------------------------------------------- forward mode
+
+
+def as_on_a_gpu(kernel, fused, lstm: bool):
+    """torch._VF's `kernel` (lstm_cell, gru_cell) as on a GPU, where it runs the op `fused`
+    (_thnn_fused_lstm_cell, _thnn_fused_gru_cell), which has no forward-mode derivative: the op is
+    called here on the cell's gates, and raises torch's forward-mode error where a tangent reaches it
+    (its kernel is a GPU's: on a CPU, without tangents, it raises that it has no CPU kernel)."""
+    def call(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        h, last = hx if lstm else (hx, hx)
+        try:
+            fused(F.linear(input, w_ih), F.linear(h, w_hh), last, b_ih, b_hh)
+        except NotImplementedError as error:
+            if "forward AD" in str(error):
+                raise
+        return kernel(input, hx, w_ih, w_hh, b_ih, b_hh)
+    return call
+
+
+@pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated")  # torch.func.jvp's first call, the reference's
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_mode_passes_compute_the_cells_whose_gpu_kernels_have_none(kind, monkeypatch):
+    """nn.LSTMCell and nn.GRUCell run fused kernels on a GPU, without a forward-mode derivative. With
+    the kernels as on a GPU, gnfx.ggn's G v equals Jᵀ (H_ℓ (J v)) by torch.func jvp and vjp through
+    the lowered graph, and kfac at defaults (its quadratic-model step: forward-mode products) steps."""
+    model, x = CellLoop(kind), torch.randn(4, 3, 3, dtype=DTYPE)
+    y = torch.randn(4, 3, 3, dtype=DTYPE)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    v = [torch.randn_like(p) for p in params]
+    graph = lower_recurrent(fx.symbolic_trace(model))
+    f = lambda *theta: functional_call(graph, dict(zip(names, theta)), (x,))  # noqa: E731
+    z, Jv = jvp(f, tuple(params), tuple(v))
+    expected = vjp(f, *params)[1](jvp(grad(lambda out: (out - y).square().mean()), (z,), (Jv,))[1])
+    name = f"{kind}_cell"
+    monkeypatch.setattr(torch._VF, name, as_on_a_gpu(getattr(torch._VF, name),
+                                                       getattr(torch.ops.aten, f"_thnn_fused_{name}"), kind == "lstm"))
+    for got, e in zip(gnfx.ggn.ggn_vp(model, "mse", x, y, v), expected, strict=True):
+        torch.testing.assert_close(got, e, **TOL)
+    c = gnfx.compile(model, optimizer="kfac", loss="mse")
+    losses = train(c, x, y, F.mse_loss, 2)
+    assert losses[1] < losses[0], losses
 
 
 # ----------------------------------------------------------------------------- training
