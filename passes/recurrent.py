@@ -15,8 +15,9 @@ rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forw
 lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-(or cell subclass) with its own forward, a call with other arguments than (input, hx), a call on a PackedSequence that
-torch.nn.utils.rnn's packing made in the graph (gnfx.passes.capture.PACKING), and the paths in `keep`.
+of a recurrent module or cell with its own forward, a call with other arguments than (input, hx), a
+call on a PackedSequence that torch.nn.utils.rnn's packing made in the graph
+(gnfx.passes.capture.PACKING), and the paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
