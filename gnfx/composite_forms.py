@@ -39,18 +39,26 @@ computes where that forward updated state in place (spectral norm).
   of t. Inside `composite_packing()` it is that gather written out with indexing and torch.cat (the same
   values, differentiable in both modes); the recurrent kernels on packed rows and
   `pad_packed_sequence` have their derivatives.
+- The LSTM and GRU cells, nn.LSTMCell and nn.GRUCell: their kernels `torch._VF.lstm_cell` and
+  `gru_cell` run on a GPU the fused `_thnn_fused_lstm_cell` / `_thnn_fused_gru_cell`, which have no
+  forward-mode derivative (on a CPU they are plain ops). Inside `composite_cells()` they are their
+  products and PyTorch's cell written out (gnfx.recurrent.cell_step, as the lowered graph computes
+  them): the same values, differentiable in both modes on every device.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint_module
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
+
+from gnfx.recurrent import cell_step
 
 
 class _InlineCheckpoint:
@@ -81,19 +89,43 @@ def _packed_rows(input: torch.Tensor, lengths: torch.Tensor, batch_first: bool):
 
 
 @contextlib.contextmanager
-def composite_packing():
-    """Packing by `_packed_rows` while inside (module docstring): torch._VF, which
-    torch.nn.utils.rnn calls, takes it as an attribute of its own until the context exits (nested
-    contexts too: the outer one's is put back)."""
-    outer = vars(torch._VF).get("_pack_padded_sequence")
-    torch._VF._pack_padded_sequence = _packed_rows
+def _kernels_written_out(forms: dict, namespace=torch._VF):
+    """The kernels `forms` (name: function) of `namespace` (torch._VF, or torch), which torch.nn calls
+    them through, by those functions while inside: each an attribute of the namespace's own until the
+    context exits (nested contexts too: the outer one's is put back; torch._VF's kernels are found
+    through its lookup, which a deleted attribute falls back to)."""
+    outer = {name: vars(namespace).get(name) for name in forms}
+    for name, form in forms.items():
+        setattr(namespace, name, form)
     try:
         yield
     finally:
-        if outer is None:
-            del torch._VF._pack_padded_sequence
-        else:
-            torch._VF._pack_padded_sequence = outer
+        for name, form in outer.items():
+            if form is None:
+                delattr(namespace, name)
+            else:
+                setattr(namespace, name, form)
+
+
+def composite_packing():
+    """Packing by `_packed_rows` while inside (module docstring)."""
+    return _kernels_written_out({"_pack_padded_sequence": _packed_rows})
+
+
+def _lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """torch._VF.lstm_cell written out (module docstring): (h', c') from hx = (h, c)."""
+    h, c = hx
+    return cell_step("LSTM", F.linear(input, w_ih, b_ih), F.linear(h, w_hh, b_hh), h, c)
+
+
+def _gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """torch._VF.gru_cell written out (module docstring): h' from hx = h."""
+    return cell_step("GRU", F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx, None)[0]
+
+
+def composite_cells():
+    """The LSTM and GRU cells by `_lstm_cell` and `_gru_cell` while inside (module docstring)."""
+    return _kernels_written_out({"lstm_cell": _lstm_cell, "gru_cell": _gru_cell})
 
 
 def _bag_reduction(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, scale_grad_by_freq: bool,
@@ -126,16 +158,9 @@ def _bag_reduction(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.T
     return output, None, None, None
 
 
-@contextlib.contextmanager
 def composite_embedding_bag():
-    """torch.embedding_bag as `_bag_reduction` while inside (module docstring); nested contexts put
-    back the outer one's."""
-    outer = torch.embedding_bag
-    torch.embedding_bag = _bag_reduction
-    try:
-        yield
-    finally:
-        torch.embedding_bag = outer
+    """torch.embedding_bag as `_bag_reduction` while inside (module docstring)."""
+    return _kernels_written_out({"embedding_bag": _bag_reduction}, torch)
 
 
 class _CompositeWeightNorm(TorchFunctionMode):
@@ -206,7 +231,7 @@ def stored_singular_vectors(norms: tuple):
 
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
-    and bags of embeddings written out, with
+    bags of embeddings and the LSTM and GRU cells written out, with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
@@ -215,6 +240,7 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(inlined_checkpoints())
     stack.enter_context(composite_packing())
     stack.enter_context(composite_embedding_bag())
+    stack.enter_context(composite_cells())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

@@ -1,5 +1,5 @@
-"""The recurrent layers (nn.LSTM, nn.GRU, nn.RNN) as explicit ops: the runtime of their lowering
-(gnfx.passes.recurrent).
+"""The recurrent layers (nn.LSTM, nn.GRU, nn.RNN) and their cells (nn.LSTMCell, nn.GRUCell,
+nn.RNNCell) as explicit ops: the runtime of their lowering (gnfx.passes.recurrent).
 
 One layer and direction of a recurrent module computes, for t = 1..T (docs/design.md §1 notation,
 rows r = (example n, time t)),
@@ -28,6 +28,13 @@ input is the a rows, its output is the offset, whose gradient the error tap reco
 A reverse direction runs t = T..1 (its h_{t-1} is the state after step t+1); its rows stay in time
 order. Every tensor of the scan is batch-major (N, T, ·), so that the rows of each example are the
 first dimension's, whatever the module's batch_first.
+
+A cell module is one step, called by the model itself (typically once per time step, in a Python
+loop): each call is `gx = F.linear(x, W_ih, b_ih)`, `hp = F.linear(h, W_hh, b_hh)` in the graph, two
+ordinary linear sites over the rows (example n) of that call, then `cell_step`. A cell called T
+times is a weight used at T sites, whose statistics pool the T calls' rows as a module called
+several times does. `cell_inputs` and `cell_result` turn an unbatched call (vectors) into one
+example and back, and an omitted hx into zeros, as torch's cells do.
 """
 from __future__ import annotations
 
@@ -37,9 +44,10 @@ import torch.nn.functional as F
 from gnfx.errors import GnfxError
 
 
-def _cell(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
+def cell_step(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
     """(h_t, c_t) of one step of PyTorch's cell `kind`, the module's `mode` (LSTM, GRU, RNN_TANH or
-    RNN_RELU; module docstring); c is None but for an LSTM."""
+    RNN_RELU; module docstring) from the input products gx and the hidden products hp; c is None but
+    for an LSTM."""
     if kind == "LSTM":
         i, f, g, o = (gx + hp).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -72,7 +80,7 @@ def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b
     h, c = h0, c0
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         previous[t] = h
-        h, c = _cell(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c)
+        h, c = cell_step(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c)
         outputs[t] = h
     return torch.stack(outputs, 1), torch.stack(previous, 1), h, c
 
@@ -127,3 +135,28 @@ def recurrent_result(input, batch_first: bool, output: torch.Tensor, h_n: torch.
     if c_n is None:
         return output, h_n
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))
+
+
+def cell_inputs(name: str, input: torch.Tensor, hx, hidden: int, lstm: bool):
+    """(x (N, d), h (N, H), c (N, H), None but for an LSTM) of one call of the cell module `name` on
+    (input, hx), hx None, h or an LSTM's pair (h, c): an unbatched call's vectors as one example, and
+    the states zeros of the input's dtype and device when hx is None, as torch's cells take them.
+    Ranks the cells reject (an input not 1-D or 2-D, states of another rank) raise a ValueError."""
+    h, c = (None, None) if hx is None else hx if lstm else (hx, None)
+    ranks = [s.dim() for s in (h, c) if s is not None]
+    if input.dim() not in (1, 2) or any(rank != input.dim() for rank in ranks):
+        raise ValueError(f"{name}: expected a 1-D (unbatched) or 2-D input and states of its rank, got an input of "
+                         f"{input.dim()} dimensions and states of {ranks}")
+    x = input.unsqueeze(0) if input.dim() == 1 else input
+
+    def batched(state):
+        return x.new_zeros(x.shape[0], hidden) if state is None else state.unsqueeze(0) if state.dim() == 1 else state
+
+    return x, batched(h), batched(c) if lstm else None
+
+
+def cell_result(input: torch.Tensor, state: tuple):
+    """What a cell module returns from the (h, c) of `cell_step`: h, or an LSTM's (h, c), as vectors
+    when the call was unbatched (its input 1-D)."""
+    h, c = (s.squeeze(0) if s is not None and input.dim() == 1 else s for s in state)
+    return h if c is None else (h, c)

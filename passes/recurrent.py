@@ -1,4 +1,5 @@
-"""Lowering of nn.LSTM, nn.GRU and nn.RNN into explicit ops over the same parameters.
+"""Lowering of nn.LSTM, nn.GRU and nn.RNN and of their cells nn.LSTMCell, nn.GRUCell and nn.RNNCell
+into explicit ops over the same parameters.
 
 A `call_module` of a stock recurrent module becomes the graph of `_LoweredRecurrent.forward`,
 inlined (gnfx.recurrent has the math): per layer and direction, the input products of the whole
@@ -7,11 +8,16 @@ sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time
 `h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
 (gnfx.passes.hidden_product finds it). Between layers, dropout as the module draws it; the result is
 what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
-unbatched). The lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
+unbatched). A cell call (a `call_module`, or the aten.lstm_cell / gru_cell / rnn_tanh_cell /
+rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forward`: its two products
+`F.linear(x, W_ih, b_ih)` and `F.linear(h, W_hh, b_hh)`, ordinary linear sites, and PyTorch's cell
+(`cell_step`); a cell called at every step of the model's loop is one weight at many sites. The
+lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-with its own forward, a call with other arguments than (input, hx), a call on a PackedSequence that
-torch.nn.utils.rnn's packing made in the graph (gnfx.passes.capture.PACKING), and the paths in `keep`.
+of a recurrent module or cell with its own forward, a call with other arguments than (input, hx), a
+call on a PackedSequence that torch.nn.utils.rnn's packing made in the graph
+(gnfx.passes.capture.PACKING), and the paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
@@ -24,19 +30,25 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gnfx.passes.capture import PACKING
-from gnfx.recurrent import (batch_major, hidden_offset, hidden_product_site, initial_state, recurrent_result,
-                            recurrent_scan, time_major_dropout)
+from gnfx.recurrent import (batch_major, cell_inputs, cell_result, cell_step, hidden_offset, hidden_product_site,
+                            initial_state, recurrent_result, recurrent_scan, time_major_dropout)
 
-for _name in ("batch_major", "hidden_offset", "hidden_product_site", "initial_state", "recurrent_result",
-              "recurrent_scan", "time_major_dropout"):
+for _name in ("batch_major", "cell_inputs", "cell_result", "cell_step", "hidden_offset", "hidden_product_site",
+              "initial_state", "recurrent_result", "recurrent_scan", "time_major_dropout"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 aten = torch.ops.aten
 # the op torch.export records for each cell, and the module of that cell
 _ATEN = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN_TANH",
          aten.rnn_relu.input: "RNN_RELU"}
 _MODULES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
+# the op torch.export records for one step of a cell module, and the module
+_ATEN_CELLS = {aten.lstm_cell.default: "LSTM", aten.gru_cell.default: "GRU", aten.rnn_tanh_cell.default: "RNN_TANH",
+               aten.rnn_relu_cell.default: "RNN_RELU"}
+_CELL_MODULES = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN_TANH": nn.RNNCell, "RNN_RELU": nn.RNNCell}
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _PROJECTED = "an LSTM with proj_size > 0 (its hidden products read the projected state)"
 
 
@@ -76,9 +88,27 @@ class _LoweredRecurrent(nn.Module):
                                 self.flat)
 
 
+class _LoweredCell(nn.Module):
+    """One call of a cell module as explicit ops (module docstring); it reads the cell's parameters as
+    `cell.<name>`. `kind`: the cell's mode (LSTM, GRU, RNN_TANH or RNN_RELU, gnfx.recurrent.cell_step)."""
+
+    def __init__(self, cell: nn.RNNCellBase, path: str):
+        super().__init__()
+        self.cell, self.path = cell, path
+        self.kind = (f"RNN_{cell.nonlinearity.upper()}" if isinstance(cell, nn.RNNCell)
+                     else "LSTM" if isinstance(cell, nn.LSTMCell) else "GRU")
+
+    def forward(self, input, hx=None):
+        m = self.cell
+        x, h, c = cell_inputs(self.path, input, hx, m.hidden_size, self.kind == "LSTM")
+        gx = F.linear(x, m.weight_ih, m.bias_ih)
+        hp = F.linear(h, m.weight_hh, m.bias_hh)
+        return cell_result(input, cell_step(self.kind, gx, hp, h, c))
+
+
 def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
     """Why this module call cannot be lowered ('' if it can)."""
-    stock = next(k for k in RECURRENT if isinstance(module, k))
+    stock = next(k for k in RECURRENT + CELLS if isinstance(module, k))
     if type(module).forward is not stock.forward:
         return f"a subclass of nn.{stock.__name__} with its own forward"
     if getattr(module, "proj_size", 0) > 0:
@@ -97,69 +127,96 @@ def _exported(gm: fx.GraphModule, node: fx.Node):
     x, hx, params, bias, layers, dropout, train, bidirectional, batch_first = node.args
     if len(params) != layers * (1 + bidirectional) * (4 if bias else 2):
         return _PROJECTED  # each direction has W_hr too
-    w_ih, w_hh = (operator.attrgetter(p.target)(gm) for p in params[:2])
-    mode = _ATEN[node.target]
-    options = {"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}
-    module = _MODULES[mode](w_ih.shape[1], w_hh.shape[1], layers, bias=bias, batch_first=batch_first,
-                            dropout=dropout if train and layers > 1 else 0.0, bidirectional=bidirectional,
-                            device="meta", **options)
+    module = _on_meta(_MODULES, _ATEN[node.target], gm, params, layers, bias=bias, batch_first=batch_first,
+                      dropout=dropout if train and layers > 1 else 0.0, bidirectional=bidirectional)
     return module, dict(zip(module._flat_weights_names, params))
 
 
-def _inline(gm: fx.GraphModule, node: fx.Node, module: nn.RNNBase, path: str, call: dict, params: dict,
-            flat: bool) -> fx.Node:
-    """Insert before `node` the graph of `_LoweredRecurrent(module)` on the `call` arguments (input,
-    hx), reading the parameters from the nodes `params` (by name); the node of its result."""
-    sub = fx.symbolic_trace(_LoweredRecurrent(module, path, flat))
-    values = {n: call.get(n.target) if n.op == "placeholder" else params[n.target.removeprefix("rnn.")]
+def _exported_cell(gm: fx.GraphModule, node: fx.Node):
+    """(a stock cell module of the configuration of an aten cell call, on the meta device; its
+    parameters' nodes by name)."""
+    params = [p for p in node.args[2:] if p is not None]
+    module = _on_meta(_CELL_MODULES, _ATEN_CELLS[node.target], gm, params, bias=len(params) == 4)
+    return module, dict(zip(_CELL_WEIGHTS, params))
+
+
+def _on_meta(modules: dict, mode: str, gm: fx.GraphModule, params: list, *args, **kwargs) -> nn.Module:
+    """The module of `mode` (LSTM, GRU, RNN_TANH or RNN_RELU) in `modules`, on the meta device, of the
+    sizes of the weights W_ih, W_hh that the nodes `params` begin with, and the other arguments given."""
+    w_ih, w_hh = (operator.attrgetter(p.target)(gm) for p in params[:2])
+    options = {"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}
+    return modules[mode](w_ih.shape[1], w_hh.shape[1], *args, device="meta", **kwargs, **options)
+
+
+def _lowerable(gm: fx.GraphModule, modules: dict, node: fx.Node, path: str):
+    """(the lowered module of a recurrent or cell call, its arguments {input, hx}, its parameters' nodes
+    by name), or the reason why the call cannot be lowered."""
+    if node.op == "call_module":
+        module = modules[path]
+        why = _not_lowerable(module, node)
+        if why:
+            return why
+        cell = isinstance(module, CELLS)
+        names = [n for n in _CELL_WEIGHTS if getattr(module, n) is not None] if cell else module._flat_weights_names
+        with gm.graph.inserting_before(node):
+            params = {name: gm.graph.get_attr(f"{path}.{name}") for name in names}
+        lowered = _LoweredCell(module, path) if cell else _LoweredRecurrent(module, path, flat=False)
+        return lowered, dict(zip(("input", "hx"), node.args), **node.kwargs), params
+    call = {"input": node.args[0], "hx": node.args[1]}
+    if node.target in _ATEN_CELLS:
+        module, params = _exported_cell(gm, node)
+        return _LoweredCell(module, path), call, params
+    exported = _exported(gm, node)
+    if isinstance(exported, str):
+        return exported
+    module, params = exported
+    return _LoweredRecurrent(module, path, flat=True), call, params
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, lowered: nn.Module, call: dict, params: dict) -> fx.Node:
+    """Insert before `node` the graph of `lowered` (a `_LoweredRecurrent` or `_LoweredCell`) on the
+    `call` arguments (input, hx), reading the parameters from the nodes `params` (by name); the node
+    of its result."""
+    sub = fx.symbolic_trace(lowered)
+    values = {n: call.get(n.target) if n.op == "placeholder" else params[n.target.partition(".")[2]]
               for n in sub.graph.nodes if n.op in ("placeholder", "get_attr")}
     given = set(values)
     with gm.graph.inserting_before(node):
         result = gm.graph.graph_copy(sub.graph, values)
     for traced, copied in values.items():
         if traced not in given:
-            copied.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"}, gnfx_module=path)
+            copied.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"},
+                               gnfx_module=lowered.path)
     return result
 
 
 def _call(gm: fx.GraphModule, modules: dict, node: fx.Node):
     """(module path, module class name) of a recurrent call: a `call_module` of nn.LSTM / nn.GRU / nn.RNN
-    or an aten.lstm / gru / rnn_tanh / rnn_relu call (its path from `nn_module_stack`); None for any
-    other node."""
-    if node.op == "call_module" and isinstance(modules[node.target], RECURRENT):
+    or of their cells, or an aten.lstm / gru / rnn_tanh / rnn_relu call or one of their cells' ops
+    (its path from `nn_module_stack`); None for any other node."""
+    if node.op == "call_module" and isinstance(modules[node.target], RECURRENT + CELLS):
         return node.target, type(modules[node.target]).__name__
-    if node.op == "call_function" and node.target in _ATEN:
+    if node.op == "call_function" and (node.target in _ATEN or node.target in _ATEN_CELLS):
         stack = list(node.meta.get("nn_module_stack", {}).values())
         return (stack[-1][0], stack[-1][1].rpartition(".")[2]) if stack else ("", str(node.target))
     return None
 
 
 def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
-    """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call of `gm` (a `call_module` of an fx graph,
-    an aten.lstm / gru / rnn_tanh / rnn_relu call of an exported one) as explicit ops, except the
-    module paths in `keep`."""
+    """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call and cell call (nn.LSTMCell / nn.GRUCell /
+    nn.RNNCell) of `gm` (a `call_module` of an fx graph, the aten op of an exported one) as explicit
+    ops, except the module paths in `keep`."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         found = _call(gm, modules, node)
         if found is None or found[0] in keep:
             continue
         path, kind = found
-        if node.op == "call_module":
-            module = modules[path]
-            why = _not_lowerable(module, node)
-        else:
-            lowerable = _exported(gm, node)
-            why = lowerable if isinstance(lowerable, str) else ""
-        if why:
-            node.meta["gnfx_fallback_reason"] = f"inside {kind} {path!r}, not lowered: {why}"
+        lowerable = _lowerable(gm, modules, node, path)
+        if isinstance(lowerable, str):
+            node.meta["gnfx_fallback_reason"] = f"inside {kind} {path!r}, not lowered: {lowerable}"
             continue
-        if node.op == "call_module":
-            call = dict(zip(("input", "hx"), node.args), **node.kwargs)
-            with gm.graph.inserting_before(node):
-                params = {name: gm.graph.get_attr(f"{path}.{name}") for name in module._flat_weights_names}
-        else:
-            (module, params), call = lowerable, {"input": node.args[0], "hx": node.args[1]}
-        result = _inline(gm, node, module, path, call, params, flat=node.op == "call_function")
+        result = _inline(gm, node, *lowerable)
         node.replace_all_uses_with(result)
         gm.graph.erase_node(node)
     gm.graph.lint()
