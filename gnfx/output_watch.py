@@ -12,7 +12,10 @@ binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_g
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
-and a view of z (its last position, say: rows of z) are not watched. Whether an output was reached is whether its gradient hook ran: no values are read.
+a view of z (its last position, say: rows of z) and an output z is computed from (an encoder-decoder's
+encoder states, which its decoder reads, returned with the logits by Hugging Face's T5 and BART: the
+loss of z reaches them through z) are not watched; a loss term on such an output besides z's would
+go unseen, as a penalty on the parameters does. Whether an output was reached is whether its gradient hook ran: no values are read.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
 
     def other_hook(position, other):
         def hook(grad):
+            if _feeds(other, z):
+                return
             reached["other"] = reached["other"] or (position, other)
             if reached["z"]:
                 raise other_output_error(settings["loss"], z, position, other)
@@ -86,3 +91,22 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
         return grad
 
     handle = z.register_hook(hook)
+
+
+def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether z is computed from `other`: whether other's place in the autograd graph, its grad_fn
+    and output number, is an input edge of a node z's backward reaches."""
+    if other.grad_fn is None:
+        return False
+    target = (other.grad_fn, other.output_nr)
+    seen, todo = set(), [z.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for edge in node.next_functions:
+            if edge == target:
+                return True
+            todo.append(edge[0])
+    return False

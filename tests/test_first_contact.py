@@ -1047,3 +1047,34 @@ def test_kfac_at_defaults_trains_a_multi_label_mlp_with_binary_cross_entropy(tar
     floor = float(F.binary_cross_entropy(y, y)) if targets == "soft" else 0.0  # the entropy of the targets
     # 1e-4 and 1% of the start's excess over the floor here; loss='mse' left 31% and 24% (its steps ~4x short)
     assert losses[-1] - floor < 0.1 * (losses[0] - floor), losses
+
+
+# --------------------------------------------------------------------------- fifth round
+
+
+class EncoderDecoder(nn.Module):
+    """Returns (logits, encoder states) as Hugging Face's T5 and BART do (`logits`,
+    `encoder_last_hidden_state`): the decoder reads the returned states."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        states = torch.tanh(self.encoder(x))
+        return self.decoder(states), states
+
+
+@pytest.mark.parametrize("name", ["kfac", "rank1"])
+def test_an_output_the_logits_are_computed_from_is_not_a_second_loss(name):
+    """The cross-entropy of the logits reaches the returned encoder states through the decoder: the
+    check for a loss of a second output raised a GnfxError on every encoder-decoder of Hugging Face
+    (T5, BART) under loss=. Now the states are not watched (a loss term on them besides the logits' is
+    not seen, gnfx.output_watch); the statistics of both layers are taken."""
+    torch.manual_seed(0)
+    c = gnfx.compile(EncoderDecoder(), name, loss="cross_entropy")
+    x, y = batch()
+    logits, _ = c(x)
+    F.cross_entropy(logits, y).backward()
+    c.step()
+    assert c.statistics("encoder") and c.statistics("decoder")
