@@ -12,10 +12,13 @@ binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_g
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
-a view of z (its last position, say: rows of z) and an output z is computed from (an encoder-decoder's
-encoder states, which its decoder reads, returned with the logits by Hugging Face's T5 and BART: the
-loss of z reaches them through z) are not watched; a loss term on such an output besides z's would
-go unseen, as a penalty on the parameters does. Whether an output was reached is whether its gradient hook ran: no values are read.
+is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.
+An output z is computed from (an encoder-decoder's encoder states, which its decoder reads, returned
+with the logits by Hugging Face's T5 and BART) gets the loss's gradient through z: it is fine when
+the backward reached z first (autograd reaches z before what z is computed from), and a loss term on
+it besides z's goes unseen, as a penalty on the parameters does; reached before z, it is the output
+the loss is of (CLIP's logits_per_text, whose transpose is the logits_per_image it returns first): a
+GnfxError. Whether an output was reached is whether its gradient hook ran: no values are read.
 """
 from __future__ import annotations
 
@@ -60,15 +63,19 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
 
     def other_hook(position, other):
         def hook(grad):
-            if _feeds(other, z):
+            if _feeds(z, other):  # a view of z (rows of z): its gradient flows into z
                 return
+            if _feeds(other, z):  # z's gradient, if the loss reached z, came first (autograd's order)
+                if reached["z"]:
+                    return
+                raise other_output_error(settings["loss"], z, position, other, reaches_z=False)
             reached["other"] = reached["other"] or (position, other)
             if reached["z"]:
                 raise other_output_error(settings["loss"], z, position, other)
         return hook
 
     for position, other in enumerate(others, 1):
-        if other.requires_grad and other.untyped_storage().data_ptr() != z.untyped_storage().data_ptr():
+        if other.requires_grad:
             other.register_hook(other_hook(position, other))
 
     def hook(grad):

@@ -1078,3 +1078,29 @@ def test_an_output_the_logits_are_computed_from_is_not_a_second_loss(name):
     F.cross_entropy(logits, y).backward()
     c.step()
     assert c.statistics("encoder") and c.statistics("decoder")
+
+
+class Contrastive(nn.Module):
+    """Returns (scores.t(), scores), CLIP's (logits_per_image, logits_per_text): the loss is of the
+    second, of which the first is the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(4, 6), nn.Linear(4, 6)
+
+    def forward(self, x):
+        scores = self.text(x) @ self.image(x).t()
+        return scores.t(), scores
+
+
+def test_a_loss_of_an_output_the_logits_are_computed_from_is_named():
+    """CLIP's loss of logits_per_text never reaches the logits_per_image it returns first, their
+    transpose: under loss= it passed the backward unseen (the output shares z's storage) and kfac's
+    step raised that it found no gradient at the model output, suggesting a closure; now the backward
+    raises, naming the output the loss is of."""
+    torch.manual_seed(0)
+    c = gnfx.compile(Contrastive(), "kfac", loss="cross_entropy")
+    x, _ = batch()
+    _, scores = c(x)
+    with pytest.raises(gnfx.GnfxError, match=r"reaches output 1 .*\(shape \(8, 8\)\), which z is computed from, and not z"):
+        F.cross_entropy(scores, torch.arange(8)).backward()
