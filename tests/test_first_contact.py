@@ -1104,3 +1104,46 @@ def test_a_loss_of_an_output_the_logits_are_computed_from_is_named():
     _, scores = c(x)
     with pytest.raises(gnfx.GnfxError, match=r"reaches output 1 .*\(shape \(8, 8\)\), which z is computed from, and not z"):
         F.cross_entropy(scores, torch.arange(8)).backward()
+
+
+class IndexedPositions(nn.Module):
+    """Position rows read by indexing the weight, as Whisper's decoder does (`weight[position_ids]`):
+    per example (Whisper's positions repeated to the batch), shared by the batch ((1, T), added by
+    broadcasting), or by negative indices (rows counted from the end)."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+        self.wpe = nn.Parameter(torch.randn(5, 4))
+        self.positions = positions
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        if self.positions == "per example":
+            positions = positions.repeat(ids.shape[0], 1)
+        elif self.positions == "negative":
+            positions = positions - ids.shape[1]
+        return self.head(torch.tanh(self.wte(ids) + self.wpe[positions]))
+
+
+@pytest.mark.parametrize("positions", ["per example", "shared", "negative"])
+def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistics(positions):
+    """`W[ids]` reaches torch.export's graph as aten.index.Tensor, which no detector knew: Whisper's
+    decoder position table fell back to diag. It is now the embedding lookup it is
+    (passes/index_lookup.py): a block whose outputs are the model's and whose diag equals the
+    per-example gradients' (vmap; for the shared positions after passes/shared_positions.py's
+    expansion, without the whole-batch warning), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = IndexedPositions(positions).double()
+    ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
+    expected = per_example_fisher_diag(model, ids, y)["wpe"].T  # [d x V]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        out = c(ids)
+        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+        F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
