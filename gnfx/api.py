@@ -15,6 +15,7 @@ from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
+from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.recurrent import lower_recurrent
@@ -220,7 +221,7 @@ def _tikhonov(policy: Policy) -> bool:
 
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
-    gm = lower_modules(gm, captured.leaves)
+    gm = lookups_as_embeddings(lower_modules(gm, captured.leaves))
     gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     return gm, table, block_sites

@@ -12,7 +12,13 @@ binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_g
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
-and a view of z (its last position, say: rows of z) are not watched. Whether an output was reached is whether its gradient hook ran: no values are read.
+is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.
+An output z is computed from (an encoder-decoder's encoder states, which its decoder reads, returned
+with the logits by Hugging Face's T5 and BART) gets the loss's gradient through z: it is fine when
+the backward reached z first (autograd reaches z before what z is computed from), and a loss term on
+it besides z's goes unseen, as a penalty on the parameters does; reached before z, it is the output
+the loss is of (CLIP's logits_per_text, whose transpose is the logits_per_image it returns first): a
+GnfxError. Whether an output was reached is whether its gradient hook ran: no values are read.
 """
 from __future__ import annotations
 
@@ -57,13 +63,19 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
 
     def other_hook(position, other):
         def hook(grad):
+            if _feeds(z, other):  # a view of z (rows of z): its gradient flows into z
+                return
+            if _feeds(other, z):  # z's gradient, if the loss reached z, came first (autograd's order)
+                if reached["z"]:
+                    return
+                raise other_output_error(settings["loss"], z, position, other, reaches_z=False)
             reached["other"] = reached["other"] or (position, other)
             if reached["z"]:
                 raise other_output_error(settings["loss"], z, position, other)
         return hook
 
     for position, other in enumerate(others, 1):
-        if other.requires_grad and other.untyped_storage().data_ptr() != z.untyped_storage().data_ptr():
+        if other.requires_grad:
             other.register_hook(other_hook(position, other))
 
     def hook(grad):
@@ -86,3 +98,22 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
         return grad
 
     handle = z.register_hook(hook)
+
+
+def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether z is computed from `other`: whether other's place in the autograd graph, its grad_fn
+    and output number, is an input edge of a node z's backward reaches."""
+    if other.grad_fn is None:
+        return False
+    target = (other.grad_fn, other.output_nr)
+    seen, todo = set(), [z.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for edge in node.next_functions:
+            if edge == target:
+                return True
+            todo.append(edge[0])
+    return False

@@ -37,16 +37,21 @@ def logits_of(out) -> torch.Tensor | None:
     return next(iter(floating_outputs(out)), None)
 
 
-def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.Tensor) -> GnfxError:
+def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.Tensor,
+                       reaches_z: bool = True) -> GnfxError:
     """The error for a loss that reaches an output other than z (gnfx.output_watch): `position` is the
-    other output's place among the floating tensors the model returns (z: 0)."""
+    other output's place among the floating tensors the model returns (z: 0); `reaches_z`: False for a
+    loss of an output z is computed from that did not reach z."""
+    reached = ("also reaches output {} of those tensors (shape {}): a second head's loss, a VAE's KL term on "
+               "its mean and log-variance, a triplet or contrastive loss over several embeddings" if reaches_z else
+               "reaches output {} of those tensors (shape {}), which z is computed from, and not z: the loss of "
+               "that output (CLIP's contrastive loss of logits_per_text, of which the logits_per_image it returns "
+               "first is the transpose)")
     return GnfxError(
         f"loss={loss!r} is the loss of the model output z alone (z: the first floating tensor the model returns, "
-        f"here of shape {tuple(z.shape)}), and the loss this backward ran also reaches output {position} of "
-        f"those tensors (shape {tuple(other.shape)}): a second head's loss, a VAE's KL term on its mean and "
-        f"log-variance, a triplet or contrastive loss over several embeddings. The sampled Fisher and the "
-        f"quadratic-model step would leave those terms out (a block that only that output reaches would get "
-        f"no curvature at all). Fix: compile without loss= and with an lr (the curvature then comes from your "
+        f"here of shape {tuple(z.shape)}), and the loss this backward ran "
+        f"{reached.format(position, tuple(other.shape))}. The sampled Fisher and the quadratic-model step "
+        f"would leave those terms out (a block that only that output reaches would get no curvature at all). Fix: compile without loss= and with an lr (the curvature then comes from your "
         f"whole loss's gradients), or return only the output whose {loss} loss you train")
 
 

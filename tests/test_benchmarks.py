@@ -313,3 +313,15 @@ def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
     times = recurrent.kernel_times(steps=3, batch=2, width=4, repeats=1)
     assert sorted(times) == sorted((cell, form) for cell in ("LSTM", "GRU")
                                    for form in ("fused", "fused+backward", "lowered", "lowered+backward"))
+
+
+def test_hf_zoo_runs_a_model_exactly_and_reports_a_training_run():
+    """benchmarks.hf_zoo: the compiled model's loss, logits and gradients equal the module's in float64,
+    and a run records its route, coverage and losses (the real runs: benchmarks/results/first_contact_5.md)."""
+    pytest.importorskip("transformers")
+    from benchmarks import hf_zoo
+    (differences,) = hf_zoo.exactness("distilbert", steps=1)
+    assert max(differences) < 1e-12, differences  # the same float64 operations (0.0 here), in another order at most
+    run = hf_zoo.train("distilbert", "kfac", 1, loss="cross_entropy")
+    assert run.error is None and run.route == "export" and run.coverage == 100.0 and len(run.losses) == 1
+    assert "route export, 100.0% in blocks" in hf_zoo.describe(run)

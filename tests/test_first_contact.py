@@ -1047,3 +1047,103 @@ def test_kfac_at_defaults_trains_a_multi_label_mlp_with_binary_cross_entropy(tar
     floor = float(F.binary_cross_entropy(y, y)) if targets == "soft" else 0.0  # the entropy of the targets
     # 1e-4 and 1% of the start's excess over the floor here; loss='mse' left 31% and 24% (its steps ~4x short)
     assert losses[-1] - floor < 0.1 * (losses[0] - floor), losses
+
+
+# --------------------------------------------------------------------------- fifth round
+
+
+class EncoderDecoder(nn.Module):
+    """Returns (logits, encoder states) as Hugging Face's T5 and BART do (`logits`,
+    `encoder_last_hidden_state`): the decoder reads the returned states."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        states = torch.tanh(self.encoder(x))
+        return self.decoder(states), states
+
+
+@pytest.mark.parametrize("name", ["kfac", "rank1"])
+def test_an_output_the_logits_are_computed_from_is_not_a_second_loss(name):
+    """The cross-entropy of the logits reaches the returned encoder states through the decoder: the
+    check for a loss of a second output raised a GnfxError on every encoder-decoder of Hugging Face
+    (T5, BART) under loss=. Now the states are not watched (a loss term on them besides the logits' is
+    not seen, gnfx.output_watch); the statistics of both layers are taken."""
+    torch.manual_seed(0)
+    c = gnfx.compile(EncoderDecoder(), name, loss="cross_entropy")
+    x, y = batch()
+    logits, _ = c(x)
+    F.cross_entropy(logits, y).backward()
+    c.step()
+    assert c.statistics("encoder") and c.statistics("decoder")
+
+
+class Contrastive(nn.Module):
+    """Returns (scores.t(), scores), CLIP's (logits_per_image, logits_per_text): the loss is of the
+    second, of which the first is the transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(4, 6), nn.Linear(4, 6)
+
+    def forward(self, x):
+        scores = self.text(x) @ self.image(x).t()
+        return scores.t(), scores
+
+
+def test_a_loss_of_an_output_the_logits_are_computed_from_is_named():
+    """CLIP's loss of logits_per_text never reaches the logits_per_image it returns first, their
+    transpose: under loss= it passed the backward unseen (the output shares z's storage) and kfac's
+    step raised that it found no gradient at the model output, suggesting a closure; now the backward
+    raises, naming the output the loss is of."""
+    torch.manual_seed(0)
+    c = gnfx.compile(Contrastive(), "kfac", loss="cross_entropy")
+    x, _ = batch()
+    _, scores = c(x)
+    with pytest.raises(gnfx.GnfxError, match=r"reaches output 1 .*\(shape \(8, 8\)\), which z is computed from, and not z"):
+        F.cross_entropy(scores, torch.arange(8)).backward()
+
+
+class IndexedPositions(nn.Module):
+    """Position rows read by indexing the weight, as Whisper's decoder does (`weight[position_ids]`):
+    per example (Whisper's positions repeated to the batch), shared by the batch ((1, T), added by
+    broadcasting), or by negative indices (rows counted from the end)."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(7, 4), nn.Linear(4, 3)
+        self.wpe = nn.Parameter(torch.randn(5, 4))
+        self.positions = positions
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        if self.positions == "per example":
+            positions = positions.repeat(ids.shape[0], 1)
+        elif self.positions == "negative":
+            positions = positions - ids.shape[1]
+        return self.head(torch.tanh(self.wte(ids) + self.wpe[positions]))
+
+
+@pytest.mark.parametrize("positions", ["per example", "shared", "negative"])
+def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistics(positions):
+    """`W[ids]` reaches torch.export's graph as aten.index.Tensor, which no detector knew: Whisper's
+    decoder position table fell back to diag. It is now the embedding lookup it is
+    (passes/index_lookup.py): a block whose outputs are the model's and whose diag equals the
+    per-example gradients' (vmap; for the shared positions after passes/shared_positions.py's
+    expansion, without the whole-batch warning), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = IndexedPositions(positions).double()
+    ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
+    expected = per_example_fisher_diag(model, ids, y)["wpe"].T  # [d x V]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        out = c(ids)
+        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+        F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+    assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)

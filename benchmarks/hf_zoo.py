@@ -1,0 +1,309 @@
+"""First contact with real Hugging Face transformers models: tiny configs, called as their users call them.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.hf_zoo [--models t5 clip] [--steps 15] [--out table.md]
+
+Each model is built from a tiny config (no download: one or two layers, hidden size 8-16, a vocabulary
+of 48) and called the way its users call it, `out = model(**batch); out.loss.backward()` with the
+labels inside (-100 on the padding and on the unmasked tokens, attention masks with a padded
+sequence, pixel_values, input_features, CLIP's `return_loss=True`); Wav2Vec2ForCTC both with its
+labels and with the CTC loss taken outside (`F.ctc_loss` of the logits, as the model computes it).
+`gnfx.compile` runs before the first call (capture at that call). Per model:
+
+- exactness: in float64 with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
+  CLIP, whose contrastive loss is no cross-entropy of its first output), each forward and backward of
+  the compiled model against the original module at the same parameters: the largest differences of
+  the loss, the logits and any gradient (CLIP and CTC: no `loss=`, lr 0.01);
+- kfac at its defaults, `loss="cross_entropy"` and no lr (the quadratic-model step, `fisher="mc"`),
+  and shampoo at lr 0.01 (and kfac at lr 0.01 without `loss=` for CLIP and CTC), `--steps` steps on one batch with dropout on: the route (fx or export), the
+  share of trainable parameters in curvature blocks, the losses, the first error, the warnings and
+  the fallback parameters with their reasons.
+
+The results of one run: benchmarks/results/first_contact_5.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import gnfx
+
+VOCAB, BATCH, T = 48, 4, 8
+
+
+def _ids(g):
+    """Token ids (BATCH, T) and their attention mask, the first sequence padded (pad id 1) in its last 3."""
+    ids = torch.randint(3, VOCAB, (BATCH, T), generator=g)
+    mask = torch.ones(BATCH, T, dtype=torch.long)
+    mask[0, -3:], ids[0, -3:] = 0, 1
+    return ids, mask
+
+
+def _targets(g):
+    """Decoder labels (BATCH, 5), the second sequence's last 2 ignored (-100)."""
+    labels = torch.randint(3, VOCAB, (BATCH, 5), generator=g)
+    labels[1, -2:] = -100
+    return labels
+
+
+def seq2seq_batch(g):
+    ids, mask = _ids(g)
+    return dict(input_ids=ids, attention_mask=mask, labels=_targets(g))
+
+
+def classification_batch(g):
+    ids, mask = _ids(g)
+    return dict(input_ids=ids, attention_mask=mask, labels=torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def masked_lm_batch(g):
+    """30% of the unpadded tokens (and every second token) masked with id 3; labels -100 elsewhere."""
+    ids, mask = _ids(g)
+    picked = torch.rand(ids.shape, generator=g) < 0.3
+    picked[:, 1] = True
+    picked &= mask.bool()
+    labels = torch.full_like(ids, -100).masked_scatter(picked, ids[picked])
+    return dict(input_ids=ids.masked_fill(picked, 3), attention_mask=mask, labels=labels)
+
+
+def causal_lm_batch(g):
+    ids, mask = _ids(g)
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+def image_batch(g):
+    return dict(pixel_values=torch.randn(BATCH, 3, 32, 32, generator=g), labels=torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def ctc_batch(g):
+    """400 samples of audio, the first example padded after 300; 6 labels, the first's last 2 ignored."""
+    audio, mask = torch.randn(BATCH, 400, generator=g), torch.ones(BATCH, 400, dtype=torch.long)
+    mask[0, 300:], audio[0, 300:] = 0, 0.0
+    labels = torch.randint(1, 12, (BATCH, 6), generator=g)
+    labels[0, 4:] = -100
+    return dict(input_values=audio, attention_mask=mask, labels=labels)
+
+
+def speech_batch(g):
+    return dict(input_features=torch.randn(BATCH, 8, 32, generator=g), labels=_targets(g))
+
+
+def clip_batch(g):
+    ids, mask = _ids(g)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g),
+                return_loss=True)
+
+
+def _config(name: str, p: float):
+    """The tiny config of model `name` with dropout probability p."""
+    import transformers as tf
+    tokens = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    causal = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, attention_dropout=p, **tokens)
+    seq2seq = dict(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=p, attention_dropout=p,
+                   activation_dropout=p, **tokens)
+    return {
+        "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                  num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
+                                  decoder_start_token_id=0, pad_token_id=1, eos_token_id=2),
+        "bart": lambda: tf.BartConfig(max_position_embeddings=32, decoder_start_token_id=2, forced_eos_token_id=None,
+                                      **seq2seq),
+        "distilbert": lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                                  max_position_embeddings=32, dropout=p, attention_dropout=p,
+                                                  seq_classif_dropout=p, num_labels=3, pad_token_id=1),
+        "roberta_mlm": lambda: tf.RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                                hidden_dropout_prob=p, attention_probs_dropout_prob=p, pad_token_id=1),
+        "qwen2": lambda: tf.Qwen2Config(**causal),
+        "mistral": lambda: tf.MistralConfig(sliding_window=4, **causal),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32, rotary_pct=0.5,
+                                             attention_dropout=p, hidden_dropout=p, **tokens),
+        "gpt2_cls": lambda: tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, num_labels=3,
+                                          resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **tokens),
+        "resnet": lambda: tf.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                          layer_type="basic", num_labels=3),
+        "convnext": lambda: tf.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=3, patch_size=4, drop_path_rate=p),
+        "swin": lambda: tf.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=8, depths=[2, 1],
+                                      num_heads=[2, 2], window_size=4, num_labels=3, hidden_dropout_prob=p,
+                                      attention_probs_dropout_prob=p, drop_path_rate=p),
+        "wav2vec2_ctc": lambda: tf.Wav2Vec2Config(
+            vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+            num_conv_pos_embedding_groups=2, hidden_dropout=p, attention_dropout=p, activation_dropout=p,
+            feat_proj_dropout=p, final_dropout=p, layerdrop=0.0, mask_time_prob=0.0, pad_token_id=0,
+            ctc_loss_reduction="mean", feat_extract_norm="group"),
+        "whisper": lambda: tf.WhisperConfig(num_mel_bins=8, max_source_positions=16, max_target_positions=16,
+                                            decoder_start_token_id=0, suppress_tokens=None, begin_suppress_tokens=None,
+                                            **seq2seq),
+        "clip": lambda: tf.CLIPConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16, attention_dropout=p, **tokens),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, attention_dropout=p),
+            projection_dim=8),
+    }[name]()
+
+
+# name: (transformers class, batch, the call as its users write it)
+MODELS = {
+    "t5": ("T5ForConditionalGeneration", seq2seq_batch, "model(input_ids, attention_mask, labels)"),
+    "bart": ("BartForConditionalGeneration", seq2seq_batch, "model(input_ids, attention_mask, labels)"),
+    "distilbert": ("DistilBertForSequenceClassification", classification_batch,
+                   "model(input_ids, attention_mask, labels)"),
+    "roberta_mlm": ("RobertaForMaskedLM", masked_lm_batch, "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "qwen2": ("Qwen2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "mistral": ("MistralForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gpt_neox": ("GPTNeoXForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gpt2_cls": ("GPT2ForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
+    "resnet": ("ResNetForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "convnext": ("ConvNextForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "swin": ("SwinForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "wav2vec2_ctc": ("Wav2Vec2ForCTC", ctc_batch, "model(input_values, attention_mask, labels)"),
+    "wav2vec2_ctc_outside": ("Wav2Vec2ForCTC", ctc_batch, "model(input_values, attention_mask), F.ctc_loss outside"),
+    "whisper": ("WhisperForConditionalGeneration", speech_batch, "model(input_features, labels)"),
+    "clip": ("CLIPModel", clip_batch, "model(input_ids, attention_mask, pixel_values, return_loss=True)"),
+}
+
+
+def build(name: str, dropout: bool = True) -> torch.nn.Module:
+    import transformers
+    config_name = name.removesuffix("_outside")
+    return getattr(transformers, MODELS[name][0])(_config(config_name, 0.1 if dropout else 0.0))
+
+
+def batch(name: str, dtype=torch.float32) -> dict:
+    values = MODELS[name][1](torch.Generator().manual_seed(1))
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in values.items()}
+
+
+def forward_and_loss(name: str, module, model, inputs: dict):
+    """(the output, the loss) of calling `model` (`module`: the original, for its helpers) as its users do."""
+    if name != "wav2vec2_ctc_outside":
+        out = model(**inputs)
+        return out, out.loss
+    out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"])
+    frames = module._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1))
+    log_probs = F.log_softmax(out.logits, -1, dtype=torch.float32).transpose(0, 1)
+    labels = inputs["labels"]
+    kept = labels >= 0
+    return out, F.ctc_loss(log_probs, labels.masked_select(kept), frames, kept.sum(-1), blank=0, reduction="mean",
+                           zero_infinity=True)
+
+
+NOT_CROSS_ENTROPY = ("clip", "wav2vec2_ctc", "wav2vec2_ctc_outside")  # CLIP's contrastive loss, CTC
+
+
+def kfac_defaults(name: str) -> dict:
+    """kfac at its defaults; for a loss that is no cross-entropy of the first output, lr 0.01 and no loss=."""
+    return dict(lr=0.01) if name in NOT_CROSS_ENTROPY else dict(loss="cross_entropy")
+
+
+def exactness(name: str, steps: int = 3) -> list[tuple[float, float, float]]:
+    """Per kfac step (float64, dropout off): the largest |difference| of the loss, the logits and the
+    gradients between the compiled model and the original module at the same parameters."""
+    torch.manual_seed(0)
+    model = build(name, dropout=False).double()
+    reference, inputs = copy.deepcopy(model), batch(name, torch.float64)
+    c = gnfx.compile(model, "kfac", **kfac_defaults(name))
+    rows = []
+    for _ in range(steps):
+        out, loss = forward_and_loss(name, model, c, inputs)
+        out_ref, loss_ref = forward_and_loss(name, reference, reference, inputs)
+        loss.backward()
+        loss_ref.backward()
+        logits = "logits_per_image" if name == "clip" else "logits"
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)) -
+                 (q.grad if q.grad is not None else torch.zeros_like(q))
+                 for p, q in zip(model.parameters(), reference.parameters())]
+        rows.append(((loss - loss_ref).abs().item(), (out[logits] - out_ref[logits]).abs().max().item(),
+                     max(g.abs().max().item() for g in grads)))
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())  # the reference at the stepped parameters and buffers
+    return rows
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    optimizer: str
+    hparams: dict
+    losses: list = dataclasses.field(default_factory=list)
+    error: str | None = None
+    route: str | None = None
+    coverage: float | None = None
+    fallbacks: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+def train(name: str, optimizer: str, steps: int, **hparams) -> Run:
+    """`steps` steps of gnfx.compile(model, optimizer, **hparams) on one batch, dropout on."""
+    run = Run(name, optimizer, hparams)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.manual_seed(0)
+            model = build(name)
+            inputs = batch(name)
+            c = gnfx.compile(model, optimizer, **hparams)
+            for _ in range(steps):
+                _, loss = forward_and_loss(name, model, c, inputs)
+                loss.backward()
+                c.step()
+                c.zero_grad()
+                run.losses.append(loss.item())
+        except Exception as error:  # noqa: BLE001 -- what a user would see is the result
+            run.error = f"{type(error).__name__}: {error}"
+        try:
+            covered, total = c.layers.coverage(dict(c.named_parameters()))
+            run.route, run.coverage = c.layers.form, 100 * covered / total
+            run.fallbacks = [(f.param, f.reason) for f in c.layers.fallbacks]
+        except Exception:  # noqa: BLE001 -- not captured (the error says why)
+            pass
+    run.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    return run
+
+
+def describe(run: Run) -> str:
+    losses = " ".join(f"{x:.3g}" for x in run.losses)
+    lines = [f"--- {run.name} {run.optimizer} {run.hparams}: route {run.route}, "
+             f"{'-' if run.coverage is None else f'{run.coverage:.1f}'}% in blocks", f"    losses: {losses}"]
+    lines += [f"    error: {run.error[:600]}"] if run.error else []
+    lines += [f"    fallback: {param}: {reason[:160]}" for param, reason in run.fallbacks]
+    lines += [f"    warning: {w[:300]}" for w in run.warnings]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    report = []
+    for name in args.models:
+        report.append(f"===== {name}: {MODELS[name][0]}, {MODELS[name][2]}")
+        try:
+            report.append(f"exactness (loss, logits, gradients) per step: {exactness(name)}")
+        except Exception as error:  # noqa: BLE001
+            report.append(f"exactness: {type(error).__name__}: {str(error)[:600]}")
+        for optimizer, hparams in [("kfac", dict(loss="cross_entropy")), ("shampoo", dict(lr=0.01))] + \
+                ([("kfac", dict(lr=0.01))] if name in NOT_CROSS_ENTROPY else []):
+            report.append(describe(train(name, optimizer, args.steps, **hparams)))
+        print("\n".join(report[-4:]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
