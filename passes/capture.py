@@ -30,6 +30,7 @@ from torch.nn.utils import rnn as rnn_utils
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.mha import lowered_for_export
+from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -222,11 +223,22 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     """
     check_leaf_modules(model, leaf_modules)
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
+    def traced(tracer):
+        with _torch_nn_traceable():
+            return tracer.trace(model, concrete_args=concrete_args)
+
     while True:
         tracer = _LeafFindingTracer(set(leaves))
         try:
-            with _torch_nn_traceable():
-                graph = tracer.trace(model, concrete_args=concrete_args)
+            with kept_state() as drew:  # Python-level draws (passes/python_random.py)
+                graph = traced(tracer)
+                if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
+                    tracer = _LeafFindingTracer(set(leaves))
+                    with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
+                        traced(tracer)
+                    raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
+                                           "random.random, random.uniform or numpy.random's random, rand, "
+                                           "random_sample, uniform) that decide the traced graph")
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             failed = tracer.failed_module
             if failed and failed not in leaves:
@@ -326,8 +338,15 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
-        with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints():
-            ep = torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+        def exported():
+            return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+
+        with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), kept_state() as drew:
+            ep = exported()
+            if drew() and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
+                with raising_draws():  # raises at the user's line
+                    exported()
+                raise PythonRandomDraw("the forward draws Python random numbers that decide the exported graph")
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -389,3 +391,96 @@ def test_a_bad_leaf_modules_name_raises(name):
     with pytest.raises(gnfx.GnfxError) as err:
         gnfx.compile(MLP(), leaf_modules=[name])
     assert repr(name) in str(err.value) and "named_modules" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- Python-level random draws
+
+
+class LayerDrop(nn.Module):
+    """A residual layer skipped with probability p in training, drawn as some model libraries draw it:
+    by Python's `random` or by `numpy.random`, a number the captured graph cannot hold."""
+
+    def __init__(self, p: float, draw: str):
+        super().__init__()
+        self.lin, self.p, self.draw = nn.Linear(4, 4), p, draw
+
+    def forward(self, x):
+        u = random.uniform(0, 1) if self.draw == "random" else np.random.random()
+        if self.training and u < self.p:
+            return x
+        return x + torch.tanh(self.lin(x))
+
+
+class LayerDropNet(nn.Module):
+    def __init__(self, p: float, draw: str = "random"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(LayerDrop(p, draw) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class TopLevelDraw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if random.random() < 0.5:
+            h = torch.tanh(h)
+        return self.b(h)
+
+
+def _outputs_over_calls(model, x, calls=6, seed=0):
+    random.seed(seed)
+    np.random.seed(seed)
+    return [model(x).detach() for _ in range(calls)]
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")  # the drawing layers' fallback is the point
+@pytest.mark.parametrize("draw", ["random", "numpy"])
+@pytest.mark.parametrize("capture", ["auto", "fx"])
+def test_a_layer_that_draws_python_random_numbers_is_an_opaque_call_drawing_anew(draw, capture):
+    """A LayerDrop by Python's random or numpy.random: capture ran its draw once, and the graph took the
+    branch of that draw on every call (the same layers dropped always, or never). Each drawing layer is
+    now a leaf named with the reason, the compiled model's outputs over calls are the model's own with
+    the same draws (capture draws nothing from the user's stream), and the other layers stay blocks."""
+    x = torch.randn(5, 4)
+    model = LayerDropNet(0.5, draw)
+    expected = _outputs_over_calls(model, x)
+    assert len({tuple(o.flatten().tolist()) for o in expected}) > 1  # the draws change the output
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture=capture)
+    got = _outputs_over_calls(c, x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert sorted(c.layers.leaves) == ["layers.0", "layers.1", "layers.2"]
+    assert all("PythonRandomDraw" in reason for reason in c.layers.leaves.values())
+    assert [b.name for b in c.layers] == ["head"]
+
+
+def test_a_draw_that_decides_nothing_keeps_the_graph_and_the_users_stream():
+    """LayerDrop at probability 0 draws but takes the same branch for every draw: the traced graph
+    stands (every layer a block), and capture leaves Python's and numpy's generators where they were
+    (the graph, which holds no Python code, draws nothing when it runs)."""
+    random.seed(1)
+    np.random.seed(1)
+    c = gnfx.compile(LayerDropNet(0.0, "random"), optimizer="kfac", lr=0.1)
+    c(torch.randn(5, 4))
+    assert not c.layers.leaves and not c.layers.fallbacks
+    assert [b.name for b in c.layers] == ["layers.0.lin", "layers.1.lin", "layers.2.lin", "head"]
+    after = random.random(), float(np.random.random())
+    random.seed(1)
+    np.random.seed(1)
+    assert (random.random(), float(np.random.random())) == after
+
+
+def test_a_top_level_draw_that_decides_the_graph_is_a_capture_error_naming_the_line():
+    with pytest.raises(gnfx.CaptureError, match="PythonRandomDraw") as err:
+        gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1)(torch.randn(5, 4))
+    assert "neither torch.fx nor torch.export" in str(err.value)
+    assert "if random.random() < 0.5" in str(err.value)

@@ -1,0 +1,135 @@
+"""Python-level random numbers drawn by a forward while it is captured.
+
+A forward that draws with Python's `random` or `numpy.random` (LayerDrop in several model libraries:
+`if self.training and random.uniform(0, 1) < self.layerdrop: continue`) runs that code once while
+torch.fx or torch.export captures it: the graph keeps the branch of that one draw, and every training
+call then takes it (a layer dropped on every step, or never). Capture therefore
+
+1. notes whether the forward drew at all (`drawn`: the generators' states before and after; nothing
+   else runs on a forward that draws nothing);
+2. if it did, captures it again with every draw forced to the bottom and to the top of [0, 1)
+   (`forced_draws`: `random.random` and what is built on it, such as `random.uniform`, and numpy's
+   `random`, `rand`, `random_sample`, `uniform`): the same graph both times means the draws decide
+   nothing in it (a LayerDrop at probability 0), and the graph stands;
+3. otherwise the draws decide the graph: under `raising_draws` a draw raises `PythonRandomDraw`, which
+   the fx capture reports as it reports any submodule it cannot trace (that submodule becomes an
+   opaque call, which draws anew on every call), and torch.export as an error.
+
+The generators' states are put back after every capture (`kept_state`): capturing draws nothing from
+the user's stream. Draws through other functions (`random.randint`, `random.choice`) are noticed in (1)
+and raise in (3), but (2) cannot force them; a private `random.Random()` instance is not seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+
+_LOW, _HIGH = 0.0, 1.0 - 2.0 ** -53  # the least and the greatest value random.random() returns
+
+
+class PythonRandomDraw(RuntimeError):
+    """Raised by a Python-level random draw inside `raising_draws`."""
+
+
+def _numpy_random():
+    numpy = sys.modules.get("numpy")  # only a numpy the model's code could have imported
+    return None if numpy is None else numpy.random
+
+
+def _state():
+    np_random = _numpy_random()
+    numpy_state = None if np_random is None else np_random.get_state()
+    return random.getstate(), numpy_state
+
+
+def _same(a, b) -> bool:
+    (python_a, numpy_a), (python_b, numpy_b) = a, b
+    if python_a != python_b:
+        return False
+    if numpy_a is None or numpy_b is None:
+        return numpy_a is numpy_b
+    return numpy_a[2:] == numpy_b[2:] and numpy_a[1].tobytes() == numpy_b[1].tobytes()
+
+
+def _restore(state) -> None:
+    python_state, numpy_state = state
+    random.setstate(python_state)
+    if numpy_state is not None:
+        _numpy_random().set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def kept_state():
+    """The generators' states put back on exit; yields a function telling whether anything was drawn."""
+    before = _state()
+    try:
+        yield lambda: not _same(before, _state())
+    finally:
+        _restore(before)
+
+
+@contextlib.contextmanager
+def _patched(python_random, numpy_draw):
+    """`random.random` (module function and the hidden instance's method, which `uniform` and the
+    other continuous draws call) replaced by `python_random()`, numpy's module functions by
+    `numpy_draw(name, args, kwargs)`."""
+    instance = random._inst
+    saved_module, saved_instance = random.random, instance.__dict__.get("random")
+    np_random = _numpy_random()
+    names = ("random", "rand", "random_sample", "uniform")
+    saved_numpy = {} if np_random is None else {n: getattr(np_random, n) for n in names}
+    random.random = instance.random = python_random
+    for name in saved_numpy:
+        setattr(np_random, name, lambda *args, _name=name, **kwargs: numpy_draw(_name, args, kwargs))
+    try:
+        yield
+    finally:
+        random.random = saved_module
+        if saved_instance is None:
+            del instance.random
+        else:
+            instance.random = saved_instance
+        for name, function in saved_numpy.items():
+            setattr(np_random, name, function)
+
+
+def forced_draws(high: bool):
+    """Every draw that `_patched` covers at the top (`high`) or the bottom of [0, 1)."""
+    u = _HIGH if high else _LOW
+
+    def numpy_draw(name, args, kwargs):
+        numpy = sys.modules["numpy"]
+        if name == "uniform":
+            low, top = (list(args) + [kwargs.get("low", 0.0), kwargs.get("high", 1.0)][len(args):])[:2]
+            size = args[2] if len(args) > 2 else kwargs.get("size")
+            value = low + (top - low) * u
+        else:
+            size = args if name == "rand" else (args[0] if args else kwargs.get("size"))
+            value = u
+        return value if size in (None, ()) else numpy.full(size, value)
+
+    return _patched(lambda: u, numpy_draw)
+
+
+def raising_draws():
+    """Every draw that `_patched` covers raises PythonRandomDraw."""
+    def draw(*_args, **_kwargs):
+        raise PythonRandomDraw(
+            "the forward draws a Python random number (random or numpy.random); a captured graph would keep the "
+            "branch of the one draw made while capturing on every call")
+
+    return _patched(draw, lambda *_: draw())
+
+
+def draws_decide(capture) -> bool:
+    """Whether the graph that `capture()` gives (as its code) differs between every draw forced to the
+    bottom and to the top of [0, 1); a capture that fails under either counts as differing."""
+    graphs = []
+    for high in (False, True):
+        try:
+            with forced_draws(high):
+                graphs.append(capture())
+        except Exception:  # noqa: BLE001 - a forced draw that leads the forward into an error decides it too
+            return True
+    return graphs[0] != graphs[1]
