@@ -18,15 +18,49 @@ training loop's random numbers do not depend on how many replays a step made. Wi
 the states recorded before the first call's training forward as well, so it draws that call's masks.
 
 `RandomState(devices)` records the CPU generator's state and that of the default generator of each
-accelerator in `devices` (those of the forward's inputs); `replayed()` sets them for the duration
+accelerator in `devices` (those of the forward's inputs), and Python's and numpy's global generators
+(`python_state`: a submodule that draws with them is an opaque call of the captured graph,
+passes/python_random.py, and draws again in a replay); `replayed()` sets them for the duration
 of a block and restores the states they had before it.
 """
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from typing import Iterable, Iterator
 
 import torch
+
+
+def numpy_random():
+    """numpy.random, where the process has imported numpy (else None)."""
+    numpy = sys.modules.get("numpy")  # only a numpy the model's code could have imported
+    return None if numpy is None else numpy.random
+
+
+def python_state():
+    """The states of Python's `random` and of numpy's global generator (None without numpy)."""
+    np_random = numpy_random()
+    return random.getstate(), None if np_random is None else np_random.get_state()
+
+
+def same_python_state(a, b) -> bool:
+    """Whether two `python_state()`s are the same."""
+    (python_a, numpy_a), (python_b, numpy_b) = a, b
+    if python_a != python_b:
+        return False
+    if numpy_a is None or numpy_b is None:
+        return numpy_a is numpy_b
+    return numpy_a[2:] == numpy_b[2:] and numpy_a[1].tobytes() == numpy_b[1].tobytes()
+
+
+def restore_python_state(state) -> None:
+    """Set Python's and numpy's generators to a `python_state()`."""
+    python, numpy_state = state
+    random.setstate(python)
+    if numpy_state is not None:
+        numpy_random().set_state(numpy_state)
 
 
 def _get(device: torch.device | None) -> torch.Tensor:
@@ -48,15 +82,19 @@ class RandomState:
     def __init__(self, devices: Iterable[torch.device] = ()):
         accelerators = {d for d in devices if d.type != "cpu"}
         self.states = [(device, _get(device)) for device in (None, *accelerators)]
+        self.python = python_state()
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         """Run the block with the recorded states; the generators' states before it are restored after."""
         current = [(device, _get(device)) for device, _ in self.states]
+        current_python = python_state()
         for device, state in self.states:
             _set(device, state)
+        restore_python_state(self.python)
         try:
             yield
         finally:
             for device, state in current:
                 _set(device, state)
+            restore_python_state(current_python)

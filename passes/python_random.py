@@ -25,6 +25,8 @@ import contextlib
 import random
 import sys
 
+from gnfx.random_state import numpy_random, python_state, restore_python_state, same_python_state
+
 _LOW, _HIGH = 0.0, 1.0 - 2.0 ** -53  # the least and the greatest value random.random() returns
 
 
@@ -32,41 +34,14 @@ class PythonRandomDraw(RuntimeError):
     """Raised by a Python-level random draw inside `raising_draws`."""
 
 
-def _numpy_random():
-    numpy = sys.modules.get("numpy")  # only a numpy the model's code could have imported
-    return None if numpy is None else numpy.random
-
-
-def _state():
-    np_random = _numpy_random()
-    numpy_state = None if np_random is None else np_random.get_state()
-    return random.getstate(), numpy_state
-
-
-def _same(a, b) -> bool:
-    (python_a, numpy_a), (python_b, numpy_b) = a, b
-    if python_a != python_b:
-        return False
-    if numpy_a is None or numpy_b is None:
-        return numpy_a is numpy_b
-    return numpy_a[2:] == numpy_b[2:] and numpy_a[1].tobytes() == numpy_b[1].tobytes()
-
-
-def _restore(state) -> None:
-    python_state, numpy_state = state
-    random.setstate(python_state)
-    if numpy_state is not None:
-        _numpy_random().set_state(numpy_state)
-
-
 @contextlib.contextmanager
 def kept_state():
     """The generators' states put back on exit; yields a function telling whether anything was drawn."""
-    before = _state()
+    before = python_state()
     try:
-        yield lambda: not _same(before, _state())
+        yield lambda: not same_python_state(before, python_state())
     finally:
-        _restore(before)
+        restore_python_state(before)
 
 
 @contextlib.contextmanager
@@ -76,7 +51,7 @@ def _patched(python_random, numpy_draw):
     `numpy_draw(name, args, kwargs)`."""
     instance = random._inst
     saved_module, saved_instance = random.random, instance.__dict__.get("random")
-    np_random = _numpy_random()
+    np_random = numpy_random()
     names = ("random", "rand", "random_sample", "uniform")
     saved_numpy = {} if np_random is None else {n: getattr(np_random, n) for n in names}
     random.random = instance.random = python_random

@@ -484,3 +484,42 @@ def test_a_top_level_draw_that_decides_the_graph_is_a_capture_error_naming_the_l
         gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1)(torch.randn(5, 4))
     assert "neither torch.fx nor torch.export" in str(err.value)
     assert "if random.random() < 0.5" in str(err.value)
+
+
+class RecordedLayerDrop(LayerDrop):
+    """A LayerDrop that records every number it draws."""
+
+    def __init__(self, p: float):
+        super().__init__(p, "random")
+        self.drawn = []
+
+    def forward(self, x):
+        u = random.uniform(0, 1)
+        self.drawn.append(u)
+        return x if self.training and u < self.p else x + torch.tanh(self.lin(x))
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")
+def test_the_quadratic_steps_replays_draw_the_training_forwards_python_random_numbers():
+    """kfac at its defaults replays the training forward (forward-mode products, the loss at θ + s): a
+    layer that draws with Python's random (an opaque call) draws the training forward's number in every
+    replay, as dropout draws its masks, so the model's α, ρ are those of one sub-network; the replays
+    leave the generator where the training forward did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), RecordedLayerDrop(0.5), nn.Linear(4, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", damping_every=1)
+    c(x)  # the capture (its traces draw too, forced to 0 and 1 where they retrace)
+    random.seed(3)
+    per_step = []
+    for _ in range(4):
+        model[1].drawn.clear()
+        loss = cross_entropy(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        per_step.append(list(model[1].drawn))
+    assert all(len(drawn) > 1 for drawn in per_step)  # the training forward and its replays
+    assert all(len(set(drawn)) == 1 for drawn in per_step), per_step
+    random.seed(3)
+    assert [drawn[0] for drawn in per_step] == [random.uniform(0, 1) for _ in range(4)]
