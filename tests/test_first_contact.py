@@ -590,11 +590,18 @@ def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(sha
     The graph looks up the positions expanded to the batch (passes/shared_positions.py; torch.fx's
     without shapes, at run time): the outputs are the model's, and diag equals the per-example
     gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
     torch.manual_seed(0)
-    model = SharedPositions(shared).double()
+    _assert_position_diag_is_per_example(SharedPositions(shared).double(), "wpe.weight", capture)
+
+
+def _assert_position_diag_is_per_example(model, param: str, capture: str):
+    """Compile `model` (token ids (6, 5) to 3 classes per token) with the per-example diagonal
+    collected; its outputs on one step equal the model's, without the whole-batch warning, and the
+    diag of its block `wpe` equals the per-example gradients' of `param` (vmap), float64. Returns
+    the compiled model."""
+    from references import TOL, per_example_fisher_diag
     ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
-    expected = per_example_fisher_diag(model, ids, y)["wpe.weight"].T  # [d x V]
+    expected = per_example_fisher_diag(model, ids, y)[param].T  # [d x V]
     c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
@@ -603,6 +610,7 @@ def test_a_position_embedding_shared_by_the_batch_has_per_example_statistics(sha
         F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
         c.step()
     torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
+    return c
 
 
 class Lookups(nn.Module):
@@ -1133,17 +1141,6 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
     (passes/index_lookup.py): a block whose outputs are the model's and whose diag equals the
     per-example gradients' (vmap; for the shared positions after passes/shared_positions.py's
     expansion, without the whole-batch warning), float64."""
-    from references import TOL, per_example_fisher_diag
     torch.manual_seed(0)
-    model = IndexedPositions(positions).double()
-    ids, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6, 5))
-    expected = per_example_fisher_diag(model, ids, y)["wpe"].T  # [d x V]
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
-        out = c(ids)
-        torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
-        F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
-        c.step()
+    c = _assert_position_diag_is_per_example(IndexedPositions(positions).double(), "wpe", "export")
     assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
-    torch.testing.assert_close(c.statistics("wpe")["diag"], expected, **TOL)
