@@ -153,9 +153,10 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     uses = _uses(gm, index)
     sites: list[Site] = []
     rejected: dict[fx.Node, str] = {}
-    for kind in KINDS.values():
+    for kind in KINDS.values():  # in registration order: the built-in kinds first
         found, bad = _detect(kind, gm, index)
-        sites += found
+        taken = {s.node for s in found}  # a later kind takes the nodes it claims from the earlier ones
+        sites = [s for s in sites if s.node not in taken] + found
         rejected.update(bad)
 
     by_weight: dict[str, list[Site]] = {}

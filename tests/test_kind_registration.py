@@ -63,12 +63,32 @@ def token_batch(n=6, t=5, seed=0):
     return torch.randn(n, t, 8, generator=g, dtype=DTYPE), torch.randint(0, 4, (n,), generator=g)
 
 
-def test_an_unregistered_einsum_falls_back_and_a_registered_one_is_a_block():
+class ChannelsFirstEinsum(nn.Module):
+    """A linear map of the channels of (N, C, T), as an einsum: no kind of gnfx's takes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16, dtype=DTYPE))
+
+    def forward(self, x):
+        return torch.einsum("nct,cd->ndt", x.transpose(1, 2), self.weight).mean(2)
+
+
+def test_an_einsum_no_kind_takes_falls_back_naming_register_layer_kind():
     x, _ = token_batch()
     with pytest.warns(UserWarning, match="gnfx.register_layer_kind"):
-        before = gnfx.compile(token_model(), optimizer="kfac", example_inputs=(x,))
-    reasons = {f.param: f.reason for f in before.layers.fallbacks}
-    assert set(reasons) == {"mix.weight", "mix.bias"} and "einsum" in reasons["mix.weight"]
+        c = gnfx.compile(ChannelsFirstEinsum(), optimizer="kfac", example_inputs=(x,))
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert set(reasons) == {"weight"} and "einsum" in reasons["weight"]
+
+
+def test_a_registered_kind_takes_the_nodes_it_claims_from_the_built_in_kinds():
+    """gnfx's linear kind takes the example's einsum (and its bias); once registered, the example's
+    kind, registered after the built-in ones, takes it."""
+    x, _ = token_batch()
+    before = gnfx.compile(token_model(), optimizer="kfac", example_inputs=(x,))
+    block = before.layers["mix"]
+    assert (block.kind, block.params, block.d_in, block.d_out) == ("linear", ("mix.weight", "mix.bias"), 8, 16)
     kind = register()
     assert KINDS["einsum_linear"] is kind and register() is kind  # registering it again does nothing
     after = gnfx.compile(token_model(), optimizer="kfac", example_inputs=(x,))
