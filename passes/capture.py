@@ -348,11 +348,15 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                     exported()
                 raise PythonRandomDraw("the forward draws Python random numbers that decide the exported graph")
     except Exception as exc:  # noqa: BLE001
+        fix = ("draw with torch in the graph (torch.rand, used as a tensor: a mask or torch.where) or turn the "
+               "draw's effect off (a LayerDrop's probability 0), or keep the drawing submodule opaque with "
+               "leaf_modules=[...] and capture='fx'" if isinstance(exc, PythonRandomDraw) else
+               "rewrite data-dependent branches with torch.cond, or mark the offending submodule with "
+               "leaf_modules=[...] and capture='fx'")
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"
             f"  at {_user_frame(exc, model)}\n"
-            f"Fix: rewrite data-dependent branches with torch.cond, or mark the offending submodule "
-            f"with leaf_modules=[...] and capture='fx'") from exc
+            f"Fix: {fix}") from exc
     gm = ep.module()
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)

@@ -484,6 +484,7 @@ def test_a_top_level_draw_that_decides_the_graph_is_a_capture_error_naming_the_l
         gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1)(torch.randn(5, 4))
     assert "neither torch.fx nor torch.export" in str(err.value)
     assert "if random.random() < 0.5" in str(err.value)
+    assert "draw with torch in the graph" in str(err.value)  # the export's fix names the draw, not torch.cond
 
 
 class RecordedLayerDrop(LayerDrop):
