@@ -373,10 +373,12 @@ class QuadraticStep:
     # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
     def observe_random_state(self, module, args, kwargs) -> None:
         """Before a training forward: record the random generators' states, which every replay of it
-        restores (its dropout masks; gnfx.random_state)."""
+        restores (its dropout masks; gnfx.random_state); Python's and numpy's too where the forward may
+        draw with them (before the first capture, which tells, and after one that saw it draw)."""
         if module.training and torch.is_grad_enabled():
             devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            self._random_state = RandomState(devices)
+            variants = module.__dict__["_variants"]
+            self._random_state = RandomState(devices, not variants.captured or variants.draws_python_random)
 
     def observe(self, module, args, kwargs, out) -> None:
         """Remember a training forward's inputs, and the gradient its backward sends to z."""

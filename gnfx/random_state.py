@@ -18,10 +18,11 @@ training loop's random numbers do not depend on how many replays a step made. Wi
 the states recorded before the first call's training forward as well, so it draws that call's masks.
 
 `RandomState(devices)` records the CPU generator's state and that of the default generator of each
-accelerator in `devices` (those of the forward's inputs), and Python's and numpy's global generators
-(`python_state`: a submodule that draws with them is an opaque call of the captured graph,
-passes/python_random.py, and draws again in a replay); `replayed()` sets them for the duration
-of a block and restores the states they had before it.
+accelerator in `devices` (those of the forward's inputs), and with `python` Python's and numpy's
+global generators (`python_state`: a forward that draws with them, which capture notes,
+passes/python_random.py, draws again in a replay; recording them costs ~0.1 ms, so a forward that
+does not draw skips it); `replayed()` sets them for the duration of a block and restores the states
+they had before it.
 """
 from __future__ import annotations
 
@@ -79,22 +80,24 @@ def _set(device: torch.device | None, state: torch.Tensor) -> None:
 class RandomState:
     """The states of the CPU generator (device None) and of the accelerators `devices`, now."""
 
-    def __init__(self, devices: Iterable[torch.device] = ()):
+    def __init__(self, devices: Iterable[torch.device] = (), python: bool = True):
         accelerators = {d for d in devices if d.type != "cpu"}
         self.states = [(device, _get(device)) for device in (None, *accelerators)]
-        self.python = python_state()
+        self.python = python_state() if python else None
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         """Run the block with the recorded states; the generators' states before it are restored after."""
         current = [(device, _get(device)) for device, _ in self.states]
-        current_python = python_state()
+        current_python = None if self.python is None else python_state()
         for device, state in self.states:
             _set(device, state)
-        restore_python_state(self.python)
+        if self.python is not None:
+            restore_python_state(self.python)
         try:
             yield
         finally:
             for device, state in current:
                 _set(device, state)
-            restore_python_state(current_python)
+            if current_python is not None:
+                restore_python_state(current_python)

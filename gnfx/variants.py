@@ -64,6 +64,9 @@ class Variants:
         self.graph_module = None  # its instrumented graph
         self.store = None
         self.form = None
+        # whether a replay of the forward may draw Python-level random numbers (gnfx.random_state): a
+        # capture saw it draw, or keeps submodules opaque, whose code capture did not run
+        self.draws_python_random = False
         self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
         self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key and shapes)
@@ -140,6 +143,7 @@ class Variants:
 
     def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
         gm, table, sites = built or self._build(captured)
+        self.draws_python_random |= captured.draws or bool(captured.leaves)
         table.capture = why
         self.form = captured.form
         self.table, self.store = self._start(table)
@@ -172,7 +176,8 @@ class Variants:
         """Capture (`capture()`), lower, analyze and tap the graph for the calls of `key`; None
         (and a warning) if it cannot be captured, and `call` is not tried again."""
         try:
-            gm, _, sites = self._build(capture())
+            captured = capture()
+            gm, _, sites = self._build(captured)
         except CaptureError as exc:
             self._uncapturable.add(call)
             self._graphs.setdefault(key, [])
@@ -180,6 +185,7 @@ class Variants:
                           f"of this form run the original forward and add no statistics: {exc}",
                           RuntimeWarning, stacklevel=5)
             return None
+        self.draws_python_random |= captured.draws or bool(captured.leaves)
         gm = insert_taps(gm, sites, self.store)
         gm.training = self.model.training
         self._graphs.setdefault(key, []).append(gm)

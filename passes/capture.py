@@ -39,12 +39,15 @@ CAPTURE_MODES = ("auto", "fx", "export")
 class Captured:
     """A captured graph and how it was obtained.
 
-    `leaves` maps the dotted path of each submodule kept opaque to the reason.
+    `leaves` maps the dotted path of each submodule kept opaque to the reason. `draws`: whether the
+    forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
+    of it would draw again (gnfx.random_state).
     """
 
     graph_module: fx.GraphModule
     form: str  # "fx" (torch-level graph) or "export" (aten-level graph)
     leaves: dict[str, str]
+    draws: bool = False
 
 
 class _DenseProxy(fx.Proxy):
@@ -227,11 +230,13 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
         with _torch_nn_traceable():
             return tracer.trace(model, concrete_args=concrete_args)
 
+    draws = False
     while True:
         tracer = _LeafFindingTracer(set(leaves))
         try:
             with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                 graph = traced(tracer)
+                draws = draws or drew()
                 if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
                     tracer = _LeafFindingTracer(set(leaves))
                     with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
@@ -254,7 +259,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
             if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                 node.meta.pop("is_wrapped", None)  # which breaks every later trace
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(gm, "fx", leaves)
+        return Captured(gm, "fx", leaves, draws)
 
 
 _EXPORTABLE = (torch.Tensor, int, float, bool, str, type(None))
@@ -343,7 +348,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
 
         with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), kept_state() as drew:
             ep = exported()
-            if drew() and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
+            draws = drew()
+            if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line
                     exported()
                 raise PythonRandomDraw("the forward draws Python random numbers that decide the exported graph")
@@ -360,7 +366,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     gm = ep.module()
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
-    return Captured(gm, "export", {})
+    return Captured(gm, "export", {}, draws)
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
