@@ -17,7 +17,7 @@ class Block:
     """A curvature block: a linear map `z = W a (+ b)` used at one or more call sites.
 
     `kind` is the name of its registered layer kind ("linear", "conv", "embedding", "norm",
-    "position" or one of gnfx.register_layer_kind; see gnfx.layouts for how each reads as
+    "position", "scale" or one of gnfx.register_layer_kind; see gnfx.layouts for how each reads as
     `z = W a`). `d_in`, `d_out` are the sizes of `a` and `z` (for a conv, `a` is a patch
     of C_in·prod(k) entries, of one group's C_in/groups channels for a grouped one; for an
     embedding, a one-hot vector over the vocabulary; for a norm, one feature's x̂); with a bias, `a` gets a

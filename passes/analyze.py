@@ -29,6 +29,7 @@ from gnfx.layouts.embedding import EmbeddingLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
+from gnfx.layouts.scale import ScaleLayout
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -39,6 +40,7 @@ from .hidden_product import find_hidden_product_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
 from .position import find_position_sites
+from .scale import find_scale_sites
 from .sites import Site
 
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
@@ -48,6 +50,8 @@ register_layer_kind("conv_transpose", ConvTransposeLayout, find_conv_transpose_s
 register_layer_kind("embedding", EmbeddingLayout, find_embedding_sites)
 register_layer_kind("norm", NormLayout, find_norm_sites)
 register_layer_kind("position", PositionLayout, find_position_sites)
+# a layer scale x ⊙ γ: the norm kind's per-feature scalar layers with x̂ = x (passes/norm.py keeps γ ⊙ x̂)
+register_layer_kind("scale", ScaleLayout, find_scale_sites)
 # a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
 register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 

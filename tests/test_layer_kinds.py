@@ -185,6 +185,89 @@ def test_a_norm_over_two_dimensions_falls_back_with_the_reason():
     assert set(reasons) == {"2.weight", "2.bias"} and "over 2 dimensions" in reasons["2.weight"]
 
 
+# ----------------------------------------------------------------------------- layer scales
+
+
+SCALES = {  # name -> the branch scaled by γ (d,): h (N, T, d) -> (N, T, d)
+    "x_gamma": lambda h, g: h * g,
+    "gamma_x": lambda h, g: g * h,
+    "mul": lambda h, g: h.mul(g),
+    "channels_first": lambda h, g: (h.transpose(1, 2) * g.view(1, 4, 1)).transpose(1, 2),
+    "channels_first_4d": lambda h, g: (h.transpose(1, 2).unsqueeze(-1) * g.reshape(1, -1, 1, 1))
+    .squeeze(-1).transpose(1, 2),
+    "broadcast": lambda h, g: h * g,  # h (N, T, 1): one input for every feature (ScaleNet.branch)
+}
+
+
+class ScaleNet(nn.Module):
+    """linear → tanh → a layer scale γ (ConvNeXt's, CaiT's) of the branch, added back → linear."""
+
+    def __init__(self, form, d=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.form, self.inp, self.head = form, nn.Linear(3, d), nn.Linear(d, 5)
+        self.gamma = nn.Parameter(1 + 0.5 * torch.randn(d))
+        self.to(DTYPE)
+
+    def branch(self, x):
+        h = torch.tanh(self.inp(x))
+        return h.mean(-1, keepdim=True) if self.form == "broadcast" else h
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x)) + SCALES[self.form](self.branch(x), self.gamma))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", list(SCALES))
+def test_layer_scale_statistics_equal_the_per_feature_references(form, capture):
+    """A_f = 1/(N R) Σ x_f², S_f = M Σ g_f² (g = ∂L/∂z of the product), diag from vmap: the norm
+    kind's per-feature layers with x̂ = x (the input broadcast to every feature where it has one)."""
+    model = ScaleNet(form)
+    x, y = norm_data()
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers["gamma"].kind == "scale" and not c.layers.fallbacks
+    seen = {}
+    reference = copy.deepcopy(model)
+
+    def scaled(h, g):  # the product's input and output gradient, in (N, T, d) rows
+        h = h.detach().requires_grad_()
+        seen["x"] = h.expand(*h.shape[:-1], g.shape[0])
+        z = SCALES[form](h, g)
+        z.register_hook(lambda grad: seen.__setitem__("g", grad.detach()))
+        return z
+
+    reference.forward = lambda x: reference.head(torch.tanh(reference.inp(x)) + scaled(reference.branch(x), reference.gamma))
+    out = reference(x)
+    cross_entropy(out, y).backward()
+    grads = per_example_grads(model, x, y)
+    statistic_step(c, x, y)
+    stats = c.statistics("gamma")
+    rows, g = seen["x"].detach().flatten(0, 1), seen["g"]
+    assert_close(stats["A"], rows.square().mean(0)[:, None, None])
+    assert_close(stats["S"], loss_terms(out) * g.flatten(0, 1).square().sum(0)[:, None, None])
+    assert_close(stats["diag"], grads["gamma"].square().mean(0)[:, None])
+    assert_close(torch.einsum("nrf,nrf->nf", g, seen["x"].detach()) * len(x), grads["gamma"])
+
+
+class ScaledConstant(nn.Module):
+    """γ times a buffer (no model input): no layer; γ ⊙ x̂ of a hand-written norm: the norm kind's."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.inp, self.gamma, self.rms = nn.Linear(3, d), nn.Parameter(torch.ones(d)), HandRMSNorm(d)
+        self.register_buffer("basis", torch.randn(d))
+
+    def forward(self, x):
+        return self.rms(self.inp(x)) + self.gamma * self.basis
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_scale_of_a_constant_is_no_layer_and_a_hand_written_norm_stays_a_norm(capture):
+    c = gnfx.compile(ScaledConstant(), capture=capture, example_inputs=(torch.randn(2, 3),))
+    assert {f.param for f in c.layers.fallbacks} == {"gamma"}
+    assert c.layers["rms"].kind == "norm"
+
+
 # ----------------------------------------------------------------------------- grouped convolutions
 
 
@@ -352,7 +435,7 @@ def test_projections_across_rope_get_their_attention_roles(complex_form, capture
 
 class Everything(nn.Module):
     """Every new kind in one tiny model: a depthwise-separable conv with batch and group norms,
-    a position table, a LayerNorm, a hand-written RMSNorm, and a head."""
+    a position table, a LayerNorm, a layer scale, a hand-written RMSNorm, and a head."""
 
     def __init__(self, d=6, seed=0):
         super().__init__()
@@ -363,11 +446,12 @@ class Everything(nn.Module):
         self.pos = nn.Parameter(0.1 * torch.randn(1, 8, d))
         self.ln, self.rms = nn.LayerNorm(d), HandRMSNorm(d)
         self.fc, self.head = nn.Linear(d, d), nn.Linear(d, 4)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
 
     def forward(self, x):  # (N, 3, T) -> (N, 4)
         h = self.gn(self.pointwise(torch.relu(self.bn(self.depthwise(x)))))
         h = h.transpose(1, 2) + self.pos[:, :x.shape[2]]
-        h = h + torch.tanh(self.fc(self.ln(h)))
+        h = h + torch.tanh(self.fc(self.ln(h))) * self.gamma
         return self.head(self.rms(h).mean(1))
 
 
@@ -380,7 +464,7 @@ def test_every_preconditioner_trains_the_new_kinds(name, hp):
     model = Everything()
     c = gnfx.compile(model, optimizer=name, stat_every=1, **({"lr": 1e-2} | hp))
     assert not c.layers.fallbacks
-    assert {b.kind for b in c.layers} == {"conv", "norm", "position", "linear"}
+    assert {b.kind for b in c.layers} == {"conv", "norm", "position", "linear", "scale"}
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

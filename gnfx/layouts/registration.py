@@ -19,8 +19,9 @@ fallback. `param_of(node)` is the name of the trainable parameter a node reads (
 `shape_of(name)` its shape.
 
 `KINDS` holds every registered kind by name; passes/analyze.py registers the built-in ones (linear,
-conv, embedding, norm, position) through `register_layer_kind` as a user does. Where two kinds claim
-the same node, the one registered later takes it: a user's kind overrides a built-in one there.
+conv, conv_transpose, embedding, norm, position, scale, recurrent) through `register_layer_kind` as a
+user does. Where two kinds claim the same node, the one registered later takes it: a user's kind
+overrides a built-in one there.
 """
 from __future__ import annotations
 

@@ -1,0 +1,82 @@
+"""The scale detector: a trainable per-feature scale `z = x ⊙ γ` of any input (a "layer scale"),
+read as the per-feature scalar layers of gnfx.layouts.scale.
+
+ConvNeXt, CaiT, DeiT III and DINOv2 scale each residual branch by a trainable vector γ (d,). Recognized:
+  * `x * γ`, `γ * x`, `torch.mul`, `x.mul(γ)` and `aten.mul.Tensor` with γ a 1-D parameter of d > 1
+    entries: broadcasting pairs γ with the last dimension of x, the features;
+  * `x * γ.view(1, -1, 1, 1)` (or `reshape`, or the view's shape written out, `(1, d, 1, ..., 1)`) on a
+    channels-first map: the features are dimension 1.
+x must be computed from a model input (a product of γ with a buffer or another parameter is no layer).
+A product whose other operand is a hand-written normalization is the norm kind's (passes/norm.py);
+a scalar gain (a γ of one entry) is no per-feature layer and stays a fallback.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .norm import MUL, _is, _normalized
+from .sites import Site
+
+aten = torch.ops.aten
+RESHAPES = (torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default, "view", "reshape")
+
+
+def _view_shape(node) -> tuple | None:
+    """The target shape of a view/reshape node, or None when it is not one."""
+    if not _is(node, RESHAPES):
+        return None
+    shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(shape) if all(isinstance(s, int) for s in shape) else None
+
+
+def _scale(operand, param_of, shape_of):
+    """(parameter name, (consumer, get_attr) use, channels first) if `operand` is a per-feature scale
+    vector γ (module docstring); None otherwise."""
+    name = param_of(operand)
+    if name is not None:
+        return (name, (None, operand), False) if len(shape_of(name)) == 1 else None
+    shape = _view_shape(operand)
+    if shape is None or len(operand.users) != 1:
+        return None
+    name = param_of(operand.args[0])
+    if name is None or len(shape_of(name)) != 1 or len(shape) < 3 or shape[0] != 1:
+        return None
+    d = shape_of(name)[0]
+    if shape[1] not in (-1, d) or any(s != 1 for s in shape[2:]):
+        return None
+    return name, (operand, operand.args[0]), True
+
+
+def _input_dependent(gm: fx.GraphModule) -> set:
+    """The nodes computed from a placeholder of the graph (a model input), in one pass over its
+    topological order."""
+    reads = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(m in reads for m in node.all_input_nodes):
+            reads.add(node)
+    return reads
+
+
+def find_scale_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    """Layer-scale sites (module docstring); no fallback reasons of their own."""
+    sites, reads = [], None
+    for node in gm.graph.nodes:
+        if not _is(node, MUL) or len(node.args) != 2 or node.kwargs:
+            continue
+        for w_node, x in (node.args, node.args[::-1]):
+            found = _scale(w_node, param_of, shape_of)
+            if found is None or not isinstance(x, fx.Node) or param_of(x) is not None:
+                continue
+            name, (consumer, get_attr), channels_first = found
+            reads = _input_dependent(gm) if reads is None else reads
+            if shape_of(name)[0] < 2 or _normalized(x) or x not in reads:
+                break
+            d = shape_of(name)[0]
+            sites.append(Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, get_attr)],
+                              d_in=1, d_out=d, options={"normalize": ("given",), "channels_first": channels_first,
+                                                        "weight_shape": (d,)}))
+            break
+    return sites, []
