@@ -201,6 +201,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -354,6 +355,7 @@ class QuadraticStep:
         self.decay = decay
         self.growth = 2.0  # ν of the λ rule: λ's factor at the next rejection
         self.capped = capped
+        self._lrs: list[float] | None = None  # the param groups' lr at the first step (_warn_if_lr_moved)
         # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
         self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
@@ -392,6 +394,25 @@ class QuadraticStep:
         self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(self._keep_output_grad)
+
+    def _warn_if_lr_moved(self) -> None:
+        """Warn, once, when a param group's lr moves (an LR scheduler) under the uncapped step: the
+        proposal Δ is made at the group's lr and α rescales it (the minimizer of q along cΔ is the same
+        step for every c > 0), so the lr has no effect there. With a given lr (`capped`) α ≤ 1 makes
+        the proposal at the group's lr a cap, which a schedule moves."""
+        if self.capped or self._lrs == []:
+            return
+        lrs = [float(g["lr"]) for g in self.parameters.param_groups]
+        if self._lrs is None:
+            self._lrs = lrs
+        elif lrs != self._lrs:
+            moved = next((a, b) for a, b in zip(self._lrs, lrs) if a != b)
+            warnings.warn(f"gnfx: a param group's lr moved from {moved[0]:g} to {moved[1]:g} (an LR scheduler?), which "
+                          "does not change the quadratic-model step: without lr= its step size α comes from the "
+                          "GGN model, which rescales a proposal made at any lr. For a schedule to act, compile "
+                          "with lr= (the step is then at most the proposal at the group's lr: the schedule moves "
+                          "that cap) or with step='lr' (the fixed-lr step)", RuntimeWarning, stacklevel=3)
+            self._lrs = []  # warned
 
     def _keep_output_grad(self, grad):
         self._output_grad = grad.detach()
@@ -445,6 +466,7 @@ class QuadraticStep:
         if self._call is None:
             raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
                             "compiled model (in training mode, with gradients enabled) before step()")
+        self._warn_if_lr_moved()
         named = self.parameters.named
         names = list(named)
         params = [local(named[n]) for n in names]  # under FSDP2 the local shards

@@ -1054,3 +1054,40 @@ def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_pa
     assert set(single.optimizer.last_step["alphas"]) == {"kfac"}
     for name, p in single.named_parameters():
         torch.testing.assert_close(result[name], p.detach(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "warmup_from_zero"])
+def test_an_lr_schedule_does_not_change_the_uncapped_step_and_warns_once(schedule):
+    """Without lr= the proposal Δ is made at the group's lr and α rescales it: a scheduler moves no
+    parameter (the same trajectory as without one) and gnfx says so, once. With lr= the lr is a cap
+    that the schedule moves: no warning. (A group lr of 0, a warm-up's first step, proposes Δ = 0: no step.)"""
+    x, y = batch("mse")
+
+    def run(scheduled, **hp):
+        c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, **hp)
+        factor = (lambda t: 0.5 ** t) if schedule == "cosine" else (lambda t: t / 3)
+        sched = torch.optim.lr_scheduler.LambdaLR(c.optimizer, factor) if scheduled else None
+        steps = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(4):
+                F.mse_loss(c(x), y).backward()
+                c.step()
+                c.zero_grad()
+                if sched is not None:
+                    sched.step()
+                steps.append([p.detach().clone() for p in c.parameters()])
+        return steps, [w for w in caught if "lr moved" in str(w.message)]
+
+    plain, none = run(False)
+    scheduled, warned = run(True)
+    assert not none and len(warned) == 1 and "compile with lr=" in str(warned[0].message)
+    start = 1 if schedule == "warmup_from_zero" else 0  # its first step (lr 0) moved nothing
+    if start:
+        assert all(torch.equal(p, q) for p, q in zip(scheduled[0], tiny().parameters()))
+        return  # the later steps then start from other parameters than the unscheduled run's
+    for a, b in zip(plain, scheduled):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    _, capped = run(True, step="quadratic", lr=1e-2)
+    assert not capped
