@@ -219,14 +219,15 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, example
 
 
 class Scale(nn.Module):
-    """x ↦ x·w, elementwise: no layer gnfx models, so w gets the diagonal preconditioner."""
+    """x ↦ x·exp(w), elementwise: w enters through a nonlinearity, no layer gnfx models, so w gets the
+    diagonal preconditioner (a plain x·w is the `scale` kind's block)."""
 
     def __init__(self, n):
         super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.log_scale = nn.Parameter(torch.linspace(0.5, 1.5, n).log())
 
     def forward(self, x):
-        return x * self.scale
+        return x * self.log_scale.exp()
 
 
 def scaled(out=3):
@@ -249,7 +250,7 @@ def test_fixed_momentum_alpha_minimizes_the_dense_ggn_quadratic_along_the_veloci
         warnings.simplefilter("ignore")
         c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_momentum=momentum, stat_every=1, inv_every=1)
     params = list(model.parameters())
-    diagonal = [n == "1.scale" for n, _ in model.named_parameters()]
+    diagonal = [n == "1.log_scale" for n, _ in model.named_parameters()]
     owners = torch.cat([torch.full((p.numel(),), d) for p, d in zip(params, diagonal)])
     masks = [m for m in (~owners, owners) if m.any()]
     assert len(c.optimizer.preconditioners) == len(masks)
