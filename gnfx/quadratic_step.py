@@ -190,7 +190,10 @@ batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On th
 no default but the whole batch yet.
 
 With gradient accumulation (several forwards before one step) the quadratic model is that of the
-last forward's batch, while g is the accumulated gradient. Under torch.distributed (gnfx.distributed)
+last forward's batch, while g is the accumulated gradient. One backward that reaches the outputs of
+several forwards (one loss over a Siamese pair, micro-batch losses summed) is modelled the same
+way, by the last forward's output and its gradient; gnfx warns once, as that leaves a loss over
+several outputs partly out. Under torch.distributed (gnfx.distributed)
 M, b, the loss-floor cap's L(θ) and the actual reduction are averaged over the ranks, the model of the global batch for equal
 local batches (its GGN term that of the first R rows of each rank's batch, with quadratic_rows = R),
 so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
@@ -200,6 +203,7 @@ are first gathered whole and the products run through the model without fully_sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 
@@ -370,6 +374,8 @@ class QuadraticStep:
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
         self._native_recurrent = False
+        self._forwards = 0  # training forwards seen (observe), which numbers their output hooks
+        self._warned_forwards = False  # _keep_output_grad's warning, given once
         self._mean_checked = False  # _check_mean passed once: a loss's reduction does not change between steps
 
     # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
@@ -388,12 +394,13 @@ class QuadraticStep:
             return
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = None
+        self._forwards += 1
         z = logits_of(out)
         self._examples = len(z) if z is not None else 0
         self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
-            z.register_hook(self._keep_output_grad)
+            z.register_hook(functools.partial(self._keep_output_grad, self._forwards))
 
     def _warn_if_lr_moved(self) -> None:
         """Warn, once, when a param group's lr moves (an LR scheduler) under the uncapped step: the
@@ -414,8 +421,23 @@ class QuadraticStep:
                           "that cap) or with step='lr' (the fixed-lr step)", RuntimeWarning, stacklevel=3)
             self._lrs = []  # warned
 
-    def _keep_output_grad(self, grad):
-        self._output_grad = grad.detach()
+    def _keep_output_grad(self, forward: int, grad):
+        """The gradient the user's backward sends to the output z of training forward number `forward`.
+        A backward that reaches the output of an earlier forward than the last (one loss over two
+        forwards: a Siamese pair, R-Drop's two dropout masks, micro-batches summed before one backward)
+        is modelled by the last forward's output alone (module docstring): warned once; only the last
+        forward's gradient is kept, which belongs to the inputs the step replays."""
+        if forward == self._forwards:
+            self._output_grad = grad.detach()
+        elif not self._warned_forwards:
+            self._warned_forwards = True
+            warnings.warn("gnfx: one backward reached the outputs of two training forwards (a loss over both, as "
+                          "for a Siamese pair or R-Drop, or micro-batch losses summed before one backward): the "
+                          "quadratic-model step (loss=) models the GGN of the last forward's output and its own "
+                          "loss, leaving the earlier output's curvature and any coupling between the outputs out. "
+                          "That is gradient accumulation's model, fine for summed micro-batch losses; for one "
+                          "loss over several outputs compile without loss= (and with an lr)",
+                          RuntimeWarning, stacklevel=2)
 
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ the list of the optimizer's parameters in its order (None:

@@ -1092,3 +1092,32 @@ def test_an_lr_schedule_does_not_change_the_uncapped_step_and_warns_once(schedul
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     _, capped = run(True, step="quadratic", lr=1e-2)
     assert not capped
+
+
+def test_one_backward_over_two_forwards_warns_once_and_keeps_the_last_forwards_gradient():
+    """A Siamese loss over model(x1) and model(x2) is modelled by the last forward's output alone: one
+    warning; the output gradient kept is that forward's (the rows the step replays), whichever order
+    autograd reaches the two outputs in. Accumulation with a backward per forward does not warn."""
+    x, y = batch("mse")
+    x1, x2 = x[:4], x[4:]
+
+    def train(siamese):
+        c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                if siamese:
+                    z1 = c(x1)
+                    z2 = c(x2)
+                    F.mse_loss(z2, y[4:] + 0.1 * z1).backward()
+                    expected = 2 * (z2 - y[4:] - 0.1 * z1).detach() / z2.numel()
+                    torch.testing.assert_close(c.optimizer.quadratic._output_grad, expected)
+                else:
+                    for xi, yi in ((x1, y[:4]), (x2, y[4:])):
+                        (F.mse_loss(c(xi), yi) / 2).backward()
+                c.step()
+                c.zero_grad()
+        return [w for w in caught if "two training forwards" in str(w.message)]
+
+    assert len(train(siamese=True)) == 1
+    assert not train(siamese=False)
