@@ -70,9 +70,12 @@ class WeightNorm:
         return torch._weight_norm(v, g, self.dim)
 
     def weight_gradient(self, g, v, grad_g, grad_v) -> torch.Tensor:
-        """∇W from ∇g and ∇v: ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module docstring)."""
+        """∇W from ∇g and ∇v: ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module docstring), computed as
+        Pᵀ(∇g, ∇v) with P = `pull_back`: (a, B) ↦ v̂_r a_r + (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) B_r, the same
+        for a gradient (∇v_r ⟂ v_r) and the exact transpose of P for any (a, B), so that the GGN in W's
+        space is G_W = Pᵀ G_θ P (gnfx.diagnose)."""
         unit, scale = self._unit_and_scale(g, v)
-        return unit * grad_g.reshape(scale.shape) + scale * grad_v
+        return unit * grad_g.reshape(scale.shape) + scale * (grad_v - unit * self._row_sum(unit * grad_v, scale))
 
     def pull_back(self, g, v, delta_w) -> tuple[torch.Tensor, torch.Tensor]:
         """(Δg, Δv) with J_f(Δg, Δv) = ΔW: Δg_r = v̂_rᵀ ΔW_r, Δv_r = (‖v_r‖ / g_r)(ΔW_r − v̂_r Δg_r)."""
