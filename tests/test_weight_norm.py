@@ -35,8 +35,10 @@ def layer_model(layer: str, api: str | None, dim=0) -> tuple[nn.Module, torch.Te
         first, x, width = nn.Conv1d(3, 4, 3, padding=1), torch.randn(8, 3, 5), 4 * 5
     elif layer == "conv2d":
         first, x, width = nn.Conv2d(2, 3, 3, padding=1), torch.randn(8, 2, 4, 4), 3 * 16
-    else:  # wav2vec2's positional convolution: grouped, normalized over the kernel dimension (dim=2)
+    elif layer == "pos_conv":  # wav2vec2's positional convolution: grouped, normalized over the kernel dimension (dim=2)
         first, x, width = nn.Conv1d(4, 4, 3, padding=1, groups=2), torch.randn(8, 4, 5), 4 * 5
+    else:  # HiFi-GAN's upsampling: a transposed convolution, whose dim=0 is its input channels
+        first, x, width = nn.ConvTranspose1d(3, 4, 3, stride=2), torch.randn(8, 3, 5), 4 * 11
     first = first if api is None else APIS[api](first, dim=dim)
     model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.Linear(width, 3)).double()
     return model, x.double()
@@ -136,7 +138,7 @@ def test_pull_back_is_the_jacobians_preimage(dim):
     torch.testing.assert_close(wn._row_sum(delta_v * v, g), torch.zeros_like(g), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("layer, dim", [("linear", 0), ("conv1d", 0), ("pos_conv", 2)])
+@pytest.mark.parametrize("layer, dim", [("linear", 0), ("conv1d", 0), ("pos_conv", 2), ("conv_transpose1d", 0)])
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("api", ["parametrization", "hook"])
 def test_kfac_step_moves_w_as_for_a_plain_layer(api, capture, layer, dim):
@@ -258,3 +260,63 @@ def test_diagnose_measures_the_block_in_w_space(optimizer):
     if optimizer == "kfac":
         assert wn.curvature_error == pytest.approx(reference.curvature_error, rel=1e-6)
     assert wn.cosine == pytest.approx(reference.cosine, rel=1e-6, abs=1e-9)
+
+
+def test_tied_weight_norm_conv_transpose_and_a_checkpoint():
+    """A weight-normed layer called twice (one block, two sites: fx computes the weight at each call), a
+    weight-normed ConvTranspose1d (HiFi-GAN's upsampling; dim=0 normalizes over its input channels), and
+    a checkpoint of their state that resumes bit for bit; `model.cost()` counts g in its block."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = parametrized_weight_norm(nn.Linear(5, 5))
+            self.up = hooked_weight_norm(nn.ConvTranspose1d(5, 2, 3, stride=2))
+
+        def forward(self, x):
+            h = torch.tanh(self.shared(torch.tanh(self.shared(x))))
+            return self.up(h.unsqueeze(-1)).flatten(1)
+
+    def make():
+        torch.manual_seed(0)
+        return Model().double()
+
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+
+    def train(cm, steps):
+        for _ in range(steps):
+            F.mse_loss(cm(x), y).backward()
+            cm.step()
+            cm.zero_grad()
+
+    model = make()
+    cm = compiled(model, x, "fx")
+    assert not cm.layers.fallbacks
+    assert len(cm.layers["shared"].sites) == 2 and cm.layers["up"].kind == "conv_transpose"
+    cost = {r.name: r.params for r in cm.cost().rows}
+    assert cost["shared"] == 5 * 5 + 5 + 5 and cost["up"] == 5 * 2 * 3 + 5 + 2
+    train(cm, 2)
+    saved = copy.deepcopy((model.state_dict(), cm.optimizer.state_dict()))
+    train(cm, 2)
+    resumed_model = make()
+    resumed = compiled(resumed_model, x, "fx")
+    resumed_model.load_state_dict(saved[0])
+    resumed.optimizer.load_state_dict(saved[1])
+    train(resumed, 2)
+    for (name, p), q in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_step_at_a_zero_magnitude_row_moves_only_its_magnitude():
+    """A row with g_r = 0 (W_r = 0): the step is finite, g_r moves by v̂_rᵀ ΔW_r and v_r stays (the
+    pseudo-inverse, gnfx.reparametrization); the other rows move."""
+    model, x = layer_model("linear", "parametrization")
+    g, v = (dict(model.named_parameters())[n] for n in NAMES["parametrization"])
+    with torch.no_grad():
+        g[1] = 0.0
+    cm = compiled(model, x, "fx")
+    g_before, v_before = g.detach().clone(), v.detach().clone()
+    cm(x).square().sum().backward()
+    cm.step()
+    assert torch.isfinite(g).all() and torch.isfinite(v).all()
+    assert g[1].item() != 0.0 and torch.equal(v[1], v_before[1])
+    assert not torch.equal(v[0], v_before[0]) and not torch.equal(g[0], g_before[0])
