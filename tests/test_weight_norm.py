@@ -314,6 +314,7 @@ def test_a_step_at_a_zero_magnitude_row_moves_only_its_magnitude():
     with torch.no_grad():
         g[1] = 0.0
     cm = compiled(model, x, "fx")
+    assert cm.layers.block_of(NAMES["parametrization"][0]) is cm.layers["0"]
     g_before, v_before = g.detach().clone(), v.detach().clone()
     cm(x).square().sum().backward()
     cm.step()
