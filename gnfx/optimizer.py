@@ -224,20 +224,23 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
         self.parameter_store.gather()  # the weight-normed blocks' W and ∇W, until the chain's end
-        if self.sharded is not None:
-            self.sharded.begin()
-        if self.quadratic is not None:  # this step's λ, also for the refreshes below
-            self.quadratic.damp_preconditioners(self.preconditioners)
-        for pre in self.curvature:
-            if self.statistic_step:
-                pre.collect()
-            if pre.refresh_due(self.steps):
-                pre.refresh(self.statistics, self.comm)
-        if self.quadratic is None:
-            self._apply_chain()
-        else:
-            self.quadratic.step(self._apply_chain, self._refresh_all, self.steps, self.comm, self.preconditioners,
-                                loss, closure)
+        try:
+            if self.sharded is not None:
+                self.sharded.begin()
+            if self.quadratic is not None:  # this step's λ, also for the refreshes below
+                self.quadratic.damp_preconditioners(self.preconditioners)
+            for pre in self.curvature:
+                if self.statistic_step:
+                    pre.collect()
+                if pre.refresh_due(self.steps):
+                    pre.refresh(self.statistics, self.comm)
+            if self.quadratic is None:
+                self._apply_chain()
+            else:
+                self.quadratic.step(self._apply_chain, self._refresh_all, self.steps, self.comm,
+                                    self.preconditioners, loss, closure)
+        finally:
+            self.parameter_store.release()  # no stand-in outlives the step, also one that raised
         self.steps += 1
         return loss
 

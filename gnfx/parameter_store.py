@@ -64,6 +64,11 @@ class ParameterStore:
         if self.reparametrizations:
             self.reparametrizations.scatter(self.named)
 
+    def release(self) -> None:
+        """At a step's end: the stand-ins dropped, pulled back or not (a step that raised leaves the
+        parameters as the scatter found them)."""
+        self.reparametrizations.release()
+
     def state_of(self, name: str) -> dict:
         """The optimizer state of parameter `name`."""
         return self.state[self.named[name]]

@@ -123,5 +123,9 @@ class Reparametrizations:
             delta_g, delta_v = wn.pull_back(g, v, standin - self._before[name])
             g.add_(delta_g)
             v.add_(delta_v)
+        self.release()
+
+    def release(self) -> None:
+        """The stand-ins dropped (after `scatter`, or after a step that raised before it)."""
         self.standins.clear()
         self._before.clear()

@@ -321,3 +321,23 @@ def test_a_step_at_a_zero_magnitude_row_moves_only_its_magnitude():
     assert torch.isfinite(g).all() and torch.isfinite(v).all()
     assert g[1].item() != 0.0 and torch.equal(v[1], v_before[1])
     assert not torch.equal(v[0], v_before[0]) and not torch.equal(g[0], g_before[0])
+
+
+def test_a_step_that_raises_leaves_no_stand_in():
+    """A step whose update raises (here the generated update function) leaves the parameters as they
+    were and no stand-in of W behind: the store then gives v itself again."""
+    model, x = layer_model("linear", "parametrization")
+    cm = compiled(model, x, "fx")
+    g, v = (dict(model.named_parameters())[n] for n in NAMES["parametrization"])
+    before = [g.detach().clone(), v.detach().clone()]
+    cm(x).square().sum().backward()
+
+    def failing(*args):
+        raise RuntimeError("update failed")
+
+    cm.optimizer.update_function.fn = failing
+    with pytest.raises(RuntimeError, match="update failed"):
+        cm.step()
+    store = cm.optimizer.parameter_store
+    assert store.param(NAMES["parametrization"][1]) is v and not store.reparametrizations.standins
+    assert torch.equal(g, before[0]) and torch.equal(v, before[1])
