@@ -13,9 +13,10 @@ stays a `call_module`, which runs the hooks; its parameters fall back to the dia
 preconditioner. The old `nn.utils.weight_norm`'s pre-hook (`weight = g·v/‖v‖`) is the exception: its
 module is lowered with that weight computed in the graph on every call (passes/weight_norm.py; the
 module's own `weight` attribute, which only the hook writes, keeps its value from before the
-capture), and so is the new API's parametrization (`lower_weight_norm_modules`). (fully_shard's hooks gather the parameters
-and compute nothing: an FSDP2 module is lowered.) A module's forward hooks, which see (and may
-replace) its output, run after the functional op (`run_forward_hooks`), as the module's call runs them.
+capture), and so is the new API's parametrization (`lower_weight_norm_modules`). (fully_shard's
+hooks gather the parameters and compute nothing: an FSDP2 module is lowered.) A module's forward
+hooks, which see (and may replace) its output, run after the functional op (`run_forward_hooks`), as
+the module's call runs them.
 """
 from __future__ import annotations
 

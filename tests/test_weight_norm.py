@@ -35,7 +35,7 @@ def layer_model(layer: str, api: str | None, dim=0) -> tuple[nn.Module, torch.Te
         first, x, width = nn.Conv1d(3, 4, 3, padding=1), torch.randn(8, 3, 5), 4 * 5
     elif layer == "conv2d":
         first, x, width = nn.Conv2d(2, 3, 3, padding=1), torch.randn(8, 2, 4, 4), 3 * 16
-    elif layer == "pos_conv":  # wav2vec2's positional convolution: grouped, normalized over the kernel dimension (dim=2)
+    elif layer == "pos_conv":  # wav2vec2's positional convolution: grouped, normalized over the kernel (dim=2)
         first, x, width = nn.Conv1d(4, 4, 3, padding=1, groups=2), torch.randn(8, 4, 5), 4 * 5
     else:  # HiFi-GAN's upsampling: a transposed convolution, whose dim=0 is its input channels
         first, x, width = nn.ConvTranspose1d(3, 4, 3, stride=2), torch.randn(8, 3, 5), 4 * 11
@@ -124,7 +124,8 @@ def test_pull_back_is_the_jacobians_preimage(dim):
     wn = WeightNorm("w", "g", "v", dim)
     delta_w = torch.randn_like(v)
     delta_g, delta_v = wn.pull_back(g, v, delta_w)
-    # W = g · v / ‖v‖ written out (the fused kernel, and norm_except_dim at dim=-1, have no forward-mode derivative)
+    # W = g · v / ‖v‖ written out (the fused kernel, and norm_except_dim at dim=-1, have no forward-mode
+    # derivative)
     def norm(v):
         return v.norm() if dim == -1 else torch.norm_except_dim(v, 2, dim)
     _, image = torch.func.jvp(lambda g, v: v * (g / norm(v)), (g, v), (delta_g, delta_v))
