@@ -74,11 +74,11 @@ class BlockDiagnosis:
 class _Unit:
     """A block (its [W b] matrix) or a loose parameter (its tensor), as the preconditioner sees it.
 
-    A weight-normed block (`reparametrization`, gnfx.reparametrization) is stepped in W's space: the
-    parameters' covectors (gradients, GGN products) map to W's by Pᵀ and W-space vectors (probes,
-    directions) to the parameters' by P = the pull-back, at the model's g and v (`values`), so that
-    the unit's gradient is ∇W and its GGN G_W = Pᵀ G_θ P. `stepped=True`: tensors already in the space
-    the preconditioner steps (W for v)."""
+    A reparametrized block (`reparametrization`, gnfx.reparametrization: a weight-normed one) is
+    stepped in W's space: the parameters' covectors (gradients, GGN products) map to W's by Pᵀ and
+    W-space vectors (probes, directions) to the parameters' by P = the pull-back, at the model's
+    parameters (`values`), so that the unit's gradient is ∇W and its GGN G_W = Pᵀ G_θ P.
+    `stepped=True`: tensors already in the space the preconditioner steps (W for its stand-in's name)."""
 
     name: str
     kind: str
@@ -86,12 +86,8 @@ class _Unit:
     view: str = ""
     block: bool = False
     groups: int = 1  # the block's row groups, which its view may read (gnfx.targets.as_matrix)
-    reparametrization: object = None  # the block's gnfx.reparametrization.WeightNorm
-    values: dict | None = None  # the model's parameters by name (g and v of a reparametrization)
-
-    def _g_v(self):
-        wn = self.reparametrization
-        return self.values[wn.magnitude].detach(), self.values[wn.direction].detach()
+    reparametrization: object = None  # the block's, gnfx.reparametrization
+    values: dict | None = None  # the model's parameters by name (those W is computed from)
 
     def matrix(self, tensors: dict, stepped: bool = False) -> Tensor:
         """The unit's layout of per-parameter tensors: `[W b]` for a block, the tensor itself else."""
@@ -99,8 +95,7 @@ class _Unit:
             return tensors[self.params[0]]
         weight = tensors[self.params[0]]
         if self.reparametrization is not None and not stepped:
-            weight = self.reparametrization.weight_gradient(*self._g_v(), tensors[self.reparametrization.magnitude],
-                                                            weight)
+            weight = self.reparametrization.weight_gradient(self.values, tensors)
         bias = tensors[self.params[1]] if len(self.params) > 1 else None
         return fold(as_matrix(weight, self.view, self.groups), bias)
 
@@ -113,8 +108,7 @@ class _Unit:
         w = from_matrix(M[:, :d_in], self.view, shape, self.groups)
         out = {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
         if self.reparametrization is not None and not stepped:
-            wn = self.reparametrization
-            out[wn.magnitude], out[wn.direction] = wn.pull_back(*self._g_v(), w)
+            out.update(self.reparametrization.pull_back(self.values, w))
         return out
 
 

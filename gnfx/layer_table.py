@@ -28,7 +28,8 @@ class Block:
     ".out"); `model_input` marks a block that reads the model's input (an input layer),
     `model_output` one whose output the model returns (an output layer; passes/boundary.py); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
     `reparametrization`: for a weight-normed layer, the gnfx.reparametrization.WeightNorm its weight W
-    is computed by; `weight` is then the direction v (W's shape), which stands for W in the step.
+    is computed by; `weight` is then the parameter of W's shape (v) whose name W's stand-in takes in
+    the step.
     """
 
     name: str
@@ -55,10 +56,9 @@ class Block:
 
     @property
     def held_params(self) -> tuple[str, ...]:
-        """Every parameter the block accounts for: `params`, and the magnitude g a weight-normed
-        weight is also computed from."""
-        extra = () if self.reparametrization is None else (self.reparametrization.magnitude,)
-        return self.params + extra
+        """Every parameter the block accounts for: `params`, and the others a reparametrized weight is
+        computed from (the magnitude g of a weight-normed one)."""
+        return self.params + (() if self.reparametrization is None else self.reparametrization.held)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

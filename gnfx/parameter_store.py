@@ -50,9 +50,9 @@ class ParameterStore:
             return standin
         return self.views.get(name, self.named[name])
 
-    def reparametrize(self, weight_norms) -> None:
-        """Step the blocks whose weights are these gnfx.reparametrization.WeightNorm in W's space."""
-        self.reparametrizations = Reparametrizations(weight_norms)
+    def reparametrize(self, reparametrizations) -> None:
+        """Step the blocks whose weights these gnfx.reparametrization objects compute in W's space."""
+        self.reparametrizations = Reparametrizations(reparametrizations)
 
     def gather(self) -> None:
         """Before a step: the stand-ins of the weight-normed blocks' W, with ∇W (gnfx.reparametrization)."""

@@ -43,86 +43,99 @@ import torch
 class WeightNorm:
     """W = g · v / ‖v‖ (module docstring). `weight`: the name W has in the model (`fc.weight`, for a
     layer's block name); `magnitude`, `direction`: the parameter names of g and v; `dim`: the
-    dimension of v the norm is not taken over (-1: the norm over the whole tensor)."""
+    dimension of v the norm is not taken over (-1: the norm over the whole tensor).
+
+    What every reparametrization gives (`Reparametrizations`, gnfx.diagnose): `standin`, the parameter
+    of W's shape whose name W's stand-in takes (v); `held`, the others W is computed from (g);
+    `value`, `weight_gradient` and `pull_back` of the parameters by name."""
 
     weight: str
     magnitude: str
     direction: str
     dim: int
 
+    @property
+    def standin(self) -> str:
+        return self.direction
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return (self.magnitude,)
+
     def _norm(self, v: torch.Tensor) -> torch.Tensor:
         """‖v_r‖, broadcastable against v (torch.norm_except_dim, as torch._weight_norm computes it)."""
         return torch.norm_except_dim(v, 2, self.dim)
 
-    def _unit_and_scale(self, g: torch.Tensor, v: torch.Tensor):
+    def _unit_and_scale(self, named: dict):
         """(v̂, ‖v_r‖ / g_r with 0 where g_r = 0) (module docstring, the pseudo-inverse at g_r = 0)."""
+        v = named[self.direction].detach()
         norm = self._norm(v)
-        g = g.reshape(norm.shape)
+        g = named[self.magnitude].detach().reshape(norm.shape)
         return v / norm, torch.where(g == 0, torch.zeros_like(norm), norm / torch.where(g == 0, 1, g))
 
-    def _row_sum(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Σ over every dimension but `dim` (all at dim=-1), in the shape of the magnitude `like`."""
+    def row_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ over every dimension of x (shaped like v) but `dim` (all at dim=-1), keeping them as 1s."""
         dims = [d for d in range(x.dim()) if self.dim == -1 or d != self.dim % x.dim()]
-        return x.sum(dim=dims, keepdim=True).reshape(like.shape)
+        return x.sum(dim=dims, keepdim=True)
 
-    def value(self, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """W, as the model's forward computes it."""
-        return torch._weight_norm(v, g, self.dim)
+    def value(self, named: dict) -> torch.Tensor:
+        """W, as the model's forward computes it, from the parameters by name."""
+        return torch._weight_norm(named[self.direction], named[self.magnitude], self.dim)
 
-    def weight_gradient(self, g, v, grad_g, grad_v) -> torch.Tensor:
-        """∇W from ∇g and ∇v: ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module docstring), computed as
-        Pᵀ(∇g, ∇v) with P = `pull_back`: (a, B) ↦ v̂_r a_r + (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) B_r, the same
-        for a gradient (∇v_r ⟂ v_r) and the exact transpose of P for any (a, B), so that the GGN in W's
-        space is G_W = Pᵀ G_θ P (gnfx.diagnose)."""
-        unit, scale = self._unit_and_scale(g, v)
-        return unit * grad_g.reshape(scale.shape) + scale * (grad_v - unit * self._row_sum(unit * grad_v, scale))
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """∇W from ∇g and ∇v (`grads`, by name): ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module
+        docstring), computed as Pᵀ(∇g, ∇v) with P = `pull_back`: (a, B) ↦ v̂_r a_r + (‖v_r‖ / g_r)
+        (I − v̂_r v̂_rᵀ) B_r, the same for a gradient (∇v_r ⟂ v_r) and the exact transpose of P for any
+        (a, B), so that the GGN in W's space is G_W = Pᵀ G_θ P (gnfx.diagnose)."""
+        unit, scale = self._unit_and_scale(named)
+        grad_v = grads[self.direction]
+        return (unit * grads[self.magnitude].reshape(scale.shape)
+                + scale * (grad_v - unit * self.row_sum(unit * grad_v)))
 
-    def pull_back(self, g, v, delta_w) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Δg, Δv) with J_f(Δg, Δv) = ΔW: Δg_r = v̂_rᵀ ΔW_r, Δv_r = (‖v_r‖ / g_r)(ΔW_r − v̂_r Δg_r)."""
-        unit, scale = self._unit_and_scale(g, v)
-        delta_g = self._row_sum(unit * delta_w, g)
-        return delta_g, scale * (delta_w - unit * delta_g.reshape(scale.shape))
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{g: Δg, v: Δv} with J_f(Δg, Δv) = ΔW: Δg_r = v̂_rᵀ ΔW_r, Δv_r = (‖v_r‖ / g_r)(ΔW_r − v̂_r Δg_r)."""
+        unit, scale = self._unit_and_scale(named)
+        delta_g = self.row_sum(unit * delta_w)
+        return {self.magnitude: delta_g.reshape(named[self.magnitude].shape),
+                self.direction: scale * (delta_w - unit * delta_g)}
 
 
 class Reparametrizations:
-    """The weight-normed blocks' stand-ins for one step (module docstring): `gather` makes them from
-    the parameters (g, v) in `named`, `scatter` pulls the change the step made to them back to (g, v).
-    `standins` (name of v -> stand-in) is what gnfx.parameter_store.ParameterStore.param returns for v
-    between the two."""
+    """The reparametrized blocks' stand-ins for one step (module docstring): `gather` makes them from
+    the parameters in `named`, `scatter` pulls the change the step made to them back to the
+    parameters. `standins` (the name a stand-in takes -> the stand-in) is what
+    gnfx.parameter_store.ParameterStore.param returns between the two."""
 
-    def __init__(self, weight_norms):
-        self.weight_norms = {wn.direction: wn for wn in weight_norms}
+    def __init__(self, reparametrizations):
+        self.reparametrizations = {rp.standin: rp for rp in reparametrizations}
         self.standins: dict[str, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.weight_norms)
+        return bool(self.reparametrizations)
 
     @torch.no_grad()
     def gather(self, named: dict) -> None:
-        """A stand-in holding W, with ∇W as its gradient (None when neither g nor v has a gradient)."""
-        self.standins.clear()
-        self._before.clear()
-        for name, wn in self.weight_norms.items():
-            g, v = named[wn.magnitude], named[wn.direction]
-            w = wn.value(g, v)
+        """A stand-in holding W, with ∇W as its gradient (None when no parameter of W has a gradient)."""
+        self.release()
+        for name, rp in self.reparametrizations.items():
+            w = rp.value(named)
             standin = w.clone()
-            if g.grad is not None or v.grad is not None:
-                grad_g = g.grad if g.grad is not None else torch.zeros_like(g)
-                grad_v = v.grad if v.grad is not None else torch.zeros_like(v)
-                standin.grad = wn.weight_gradient(g, v, grad_g, grad_v)
+            sources = (rp.standin, *rp.held)
+            if any(named[n].grad is not None for n in sources):
+                grads = {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+                         for n in sources}
+                standin.grad = rp.weight_gradient(named, grads)
             self.standins[name] = standin
             self._before[name] = w
 
     @torch.no_grad()
     def scatter(self, named: dict) -> None:
-        """(g, v) += the pull-back of the stand-ins' change ΔW since `gather`; the stand-ins dropped."""
+        """The parameters += the pull-back of the stand-ins' change ΔW since `gather`; the stand-ins dropped."""
         for name, standin in self.standins.items():
-            wn = self.weight_norms[name]
-            g, v = named[wn.magnitude], named[wn.direction]
-            delta_g, delta_v = wn.pull_back(g, v, standin - self._before[name])
-            g.add_(delta_g)
-            v.add_(delta_v)
+            rp = self.reparametrizations[name]
+            for param, delta in rp.pull_back(named, standin - self._before[name]).items():
+                named[param].add_(delta)
         self.release()
 
     def release(self) -> None:

@@ -75,13 +75,13 @@ class _ParamIndex:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         self.gm = gm
-        self.weight_norms: dict[fx.Node, WeightNorm] = {}  # weight-norm node -> its W (`reparametrize`)
+        self.reparametrized: dict[fx.Node, WeightNorm] = {}  # node computing W -> how (`_reparametrize`)
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
         itself: those of a `call_module`; or v, for a weight-norm node computing W from it), else None."""
-        if isinstance(node, fx.Node) and node in self.weight_norms:
-            return self.weight_norms[node].direction
+        if isinstance(node, fx.Node) and node in self.reparametrized:
+            return self.reparametrized[node].standin
         if isinstance(node, nn.Parameter):
             obj = node
         elif not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -115,19 +115,20 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
 
 
 def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[tuple]]) -> dict[str, WeightNorm]:
-    """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v: the
-    node's users become the uses of v, and of g (a block over W claims both, else both fall back for
-    what uses W). Returns v's name -> its WeightNorm."""
-    index.weight_norms = find_weight_norms(gm, index.param_of, uses)
-    by_direction: dict[str, WeightNorm] = {}
-    for name in {wn.direction for wn in index.weight_norms.values()}:
+    """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
+    `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
+    else both fall back for what uses W). Returns v's name -> its WeightNorm."""
+    index.reparametrized = find_weight_norms(gm, index.param_of, uses)
+    by_standin: dict[str, WeightNorm] = {}
+    for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []
-    for node, wn in index.weight_norms.items():
-        uses[wn.direction].extend((user, node) for user in node.users)
-        by_direction[wn.direction] = wn
-    for wn in by_direction.values():
-        uses[wn.magnitude] = list(uses[wn.direction])
-    return by_direction
+    for node, rp in index.reparametrized.items():
+        uses[rp.standin].extend((user, node) for user in node.users)
+        by_standin[rp.standin] = rp
+    for rp in by_standin.values():
+        for name in rp.held:
+            uses[name] = list(uses[rp.standin])
+    return by_standin
 
 
 def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
@@ -179,7 +180,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     (the sites whose statistics the taps collect)."""
     index = _ParamIndex(model, gm)
     uses = _uses(gm, index)
-    weight_norms = _reparametrize(gm, index, uses)
+    reparametrized = _reparametrize(gm, index, uses)
     sites: list[Site] = []
     rejected: dict[fx.Node, str] = {}
     for kind in KINDS.values():  # in registration order: the built-in kinds first
@@ -207,7 +208,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
         bias = biases.pop() if len(biases) == 1 else None
         if bias is not None and any((u, a) not in group_uses for u, a in uses[bias]):
             bias = None
-        block = _block(weight, tapped, bias, weight_norms.get(weight))
+        block = _block(weight, tapped, bias, reparametrized.get(weight))
         blocks.append(block)
         block_sites[block.name] = tapped
         claimed.update(block.held_params)
