@@ -27,9 +27,9 @@ class Block:
     extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
     ".out"); `model_input` marks a block that reads the model's input (an input layer),
     `model_output` one whose output the model returns (an output layer; passes/boundary.py); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
-    `reparametrization`: for a weight-normed layer, the gnfx.reparametrization.WeightNorm its weight W
-    is computed by; `weight` is then the parameter of W's shape (v) whose name W's stand-in takes in
-    the step.
+    `reparametrization`: for a weight-normed or spectrally normed layer, the gnfx.reparametrization
+    object its weight W is computed by; `weight` is then the parameter of W's shape (v, W_o) whose
+    name W's stand-in takes in the step.
     """
 
     name: str

@@ -3,8 +3,8 @@
 One step: fold the statistics collected on this step into their averages, run the amortized
 refresh of each curvature preconditioner when it is due, run the generated update function
 (gnfx.codegen) for the curvature preconditioners, and the diagonal preconditioner's foreach step;
-a weight-normed block is stepped in its weight's space, gathered before and scattered to its
-parameters after (gnfx.reparametrization).
+a weight-normed (or spectrally normed) block is stepped in its weight's space, gathered before and
+scattered to its parameters after (gnfx.reparametrization).
 Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers included), and
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
@@ -75,7 +75,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         blocks, loose parameter names)) over the statistics store the taps fill; each gets its
         hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
         self.statistics = statistics
-        # weight-normed blocks step their W (gnfx.reparametrization)
+        # reparametrized (weight- or spectrally normed) blocks step their W (gnfx.reparametrization)
         self.parameter_store.reparametrize([b.reparametrization for _, _, blocks, _ in preconditioner_specs
                                             for b in blocks if b.reparametrization is not None])
         shared = {k: self._settings[k] for k in STATISTIC_SETTINGS}
@@ -106,10 +106,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
                 if self.parameter_store.reparametrizations:
-                    raise ConfigError("weight-normed layers are curvature blocks stepped in their weight's space "
-                                      "(gnfx.reparametrization), which gnfx's FSDP2 step does not do yet: remove "
-                                      "the weight norm (torch.nn.utils.parametrize.remove_parametrizations) before "
-                                      "fully_shard, or do not shard the model")
+                    raise ConfigError("reparametrized layers (weight-normed layers, spectrally normed ones) are "
+                                      "curvature blocks stepped in their weight's space (gnfx.reparametrization), "
+                                      "which gnfx's FSDP2 step does not do yet: remove the parametrization "
+                                      "(torch.nn.utils.parametrize.remove_parametrizations) before fully_shard, "
+                                      "or do not shard the model")
                 sharded = ShardedStep(self.parameter_store, live, self.steps, self.comm, self.statistics,
                                       self.curvature, self.elementwise)
                 self.parameter_store.sharded = sharded
@@ -223,7 +224,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
-        self.parameter_store.gather()  # the weight-normed blocks' W and ∇W, until the chain's end
+        self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:
             if self.sharded is not None:
                 self.sharded.begin()
@@ -273,7 +274,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update(self.statistics)
-        self.parameter_store.scatter()  # the weight-normed blocks' change of W pulled back to (g, v)
+        self.parameter_store.scatter()  # the reparametrized blocks' change of W pulled back to their parameters
         if self.sharded is not None:
             self.sharded.end()
 

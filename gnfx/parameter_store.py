@@ -7,8 +7,9 @@ everything about the parameters from it, never from the optimizer:
 - `named`: the parameters θ by name (under FSDP2 the sharded DTensors);
 - `param(name)`: what a component steps for θ: the parameter itself, or under FSDP2 its local
   shard or the full-size stand-in of a target this rank owns during the step (`views`), or for the
-  direction v of a weight-normed block during the step the stand-in holding its weight W
-  (`reparametrizations`, gnfx.reparametrization: `gather` before the step, `scatter` after it);
+  parameter of W's shape of a reparametrized block (v of a weight-normed one) during the step the
+  stand-in holding its weight W (`reparametrizations`, gnfx.reparametrization: `gather` before the
+  step, `scatter` after it);
 - `state_of(name)`: θ's entry of the optimizer's per-parameter state, which `state_dict` carries;
 - `group_of(name)`: θ's param group (its lr, weight decay, betas, eps), indexed by `sync_groups`;
 - `sharded`: the gnfx.fsdp.ShardedStep once the parameters are FSDP2 shards, else None.
@@ -32,7 +33,7 @@ class ParameterStore:
         self.groups_version = 0
         self._groups_seen = None
         self._group_index: dict[int, dict] = {}
-        self.reparametrizations = Reparametrizations(())  # the weight-normed blocks' (gnfx.reparametrization)
+        self.reparametrizations = Reparametrizations(())  # the reparametrized blocks' (gnfx.reparametrization)
         self.bind(state, param_groups)
 
     def bind(self, state: dict, param_groups: list) -> None:
@@ -43,8 +44,8 @@ class ParameterStore:
 
     def param(self, name: str) -> torch.Tensor:
         """The parameter `name`; under FSDP2 its local shard, or the full-size stand-in of a
-        target this rank owns during the step (gnfx.fsdp); for the direction v of a weight-normed
-        block, during the step, the stand-in holding W (gnfx.reparametrization)."""
+        target this rank owns during the step (gnfx.fsdp); for the parameter of W's shape of a
+        reparametrized block, during the step, the stand-in holding W (gnfx.reparametrization)."""
         standin = self.reparametrizations.standins.get(name)
         if standin is not None:
             return standin
@@ -55,12 +56,13 @@ class ParameterStore:
         self.reparametrizations = Reparametrizations(reparametrizations)
 
     def gather(self) -> None:
-        """Before a step: the stand-ins of the weight-normed blocks' W, with ∇W (gnfx.reparametrization)."""
+        """Before a step: the stand-ins of the reparametrized blocks' W, with ∇W (gnfx.reparametrization)."""
         if self.reparametrizations:
             self.reparametrizations.gather(self.named)
 
     def scatter(self) -> None:
-        """After a step's update chain: the stand-ins' change pulled back to (g, v) (gnfx.reparametrization)."""
+        """After a step's update chain: the stand-ins' change pulled back to the parameters
+        (gnfx.reparametrization)."""
         if self.reparametrizations:
             self.reparametrizations.scatter(self.named)
 

@@ -1,4 +1,4 @@
-"""Weight normalization: a block whose weight W is computed from the parameters (g, v).
+"""Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm).
 
 `nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm` make a layer's weight
 
@@ -31,6 +31,14 @@ weight decay W ← W(1 − ηλ) so acts on W, as on a plain layer: its pull-bac
 unchanged (torch.optim would also shrink v, which changes no W, only the next steps' size). The
 quadratic-model step (gnfx.quadratic_step) measures the chain's proposal on the parameters, after
 the scatter, and its forward-mode products run in (g, v): it needs nothing of this.
+
+Spectral normalization (`nn.utils.parametrizations.spectral_norm`) makes W = W_o / σ, σ = uᵀ W_o v
+(W_o read as a matrix; u, v the buffers the power iteration of each training forward updates, no
+gradient through them). Its block holds W as well, with σ held fixed for the step, at the u, v of
+the last forward: the gathered gradient is σ ∇W_o = ∇W − ⟨W, ∇W⟩ u vᵀ (∇W but for the component
+along u vᵀ, which σ's dependence on W_o takes out of ∇W_o and which cannot be recovered), and a
+change ΔW pulls back to ΔW_o = σ ΔW, whose image J(ΔW_o) = ΔW − W (uᵀ ΔW v) misses only the change
+of σ that the normalization pins (W's top singular value stays 1).
 """
 from __future__ import annotations
 
@@ -98,6 +106,42 @@ class WeightNorm:
         delta_g = self.row_sum(unit * delta_w)
         return {self.magnitude: delta_g.reshape(named[self.magnitude].shape),
                 self.direction: scale * (delta_w - unit * delta_g)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNorm:
+    """W = W_o / σ, σ = uᵀ W_o v, σ held fixed for the step (module docstring). `weight`: W's name in
+    the model; `original`: W_o's parameter name, which W's stand-in takes; `module`: the
+    parametrization's `_SpectralNorm`, which holds u and v and reads W_o as a matrix."""
+
+    weight: str
+    original: str
+    module: torch.nn.Module = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def standin(self) -> str:
+        return self.original
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return ()
+
+    def sigma(self, named: dict) -> torch.Tensor:
+        """σ = uᵀ W_o v at the u, v of the last forward, as the parametrization computes it."""
+        m = self.module
+        return torch.vdot(m._u, torch.mv(m._reshape_weight_to_matrix(named[self.original].detach()), m._v))
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W = W_o / σ."""
+        return named[self.original] / self.sigma(named)
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """σ ∇W_o: ∇W but for its component along u vᵀ (module docstring)."""
+        return self.sigma(named) * grads[self.original]
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{W_o: σ ΔW}: J(σ ΔW) = ΔW − W (uᵀ ΔW v) (module docstring)."""
+        return {self.original: self.sigma(named) * delta_w}
 
 
 class Reparametrizations:

@@ -9,7 +9,8 @@ preconditioner, and the reason names the other use.
 A weight-normed layer (W = g · v / ‖v‖, gnfx.reparametrization) is a block of its layer's kind: its
 weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a detector asks which
 parameter a weight operand is, the node's users are v's uses, and the block holds g as well
-(`Block.reparametrization`).
+(`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
+its `_SpectralNorm` call stands for W_o.
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
@@ -34,7 +35,7 @@ from gnfx.layouts.embedding import EmbeddingLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
-from gnfx.reparametrization import WeightNorm
+from gnfx.reparametrization import SpectralNorm, WeightNorm
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -46,6 +47,7 @@ from .linear import find_linear_sites
 from .norm import find_norm_sites
 from .position import find_position_sites
 from .sites import Site
+from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
 
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
@@ -75,7 +77,8 @@ class _ParamIndex:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         self.gm = gm
-        self.reparametrized: dict[fx.Node, WeightNorm] = {}  # node computing W -> how (`_reparametrize`)
+        # node computing W -> how (`_reparametrize`)
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm] = {}
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
@@ -114,12 +117,14 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     return uses
 
 
-def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[tuple]]) -> dict[str, WeightNorm]:
+def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[tuple]]) -> dict[str, object]:
     """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
-    else both fall back for what uses W). Returns v's name -> its WeightNorm."""
-    index.reparametrized = find_weight_norms(gm, index.param_of, uses)
-    by_standin: dict[str, WeightNorm] = {}
+    else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
+    W_o. Returns the stand-in's name -> its reparametrization."""
+    index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
+                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses)}
+    by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []
     for node, rp in index.reparametrized.items():
@@ -167,7 +172,7 @@ def _tied(group: list[Site]) -> tuple[list[Site], str] | None:
     return [s for s in group if layouts[s.kind].tied_host], guests[0]
 
 
-def _block(weight: str, group: list[Site], bias: str | None, reparametrization: WeightNorm | None) -> Block:
+def _block(weight: str, group: list[Site], bias: str | None, reparametrization) -> Block:
     first = group[0]
     name = _block_name(weight if reparametrization is None else reparametrization.weight)
     return Block(name=name, kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,

@@ -59,16 +59,18 @@ def lower_weight_norm_modules(gm: fx.GraphModule, keep=()) -> None:
         gm.graph.erase_node(node)
 
 
-def _weight_name(direction: str) -> str:
-    """The model's name of W from v's: `fc.weight` for `fc.parametrizations.weight.original1` or
-    `fc.weight_v`; v's own name otherwise."""
-    path, _, leaf = direction.rpartition(".")
+def weight_name(parameter: str) -> str:
+    """The model's name of a computed weight W from the parameter it is computed from: `fc.weight`
+    for `fc.parametrizations.weight.original1` (weight norm's v), `fc.parametrizations.weight.original`
+    (a parametrization of one tensor, spectral norm's W_o) or `fc.weight_v` (the old weight norm's v);
+    the parameter's own name otherwise."""
+    path, _, leaf = parameter.rpartition(".")
     owner, parametrized, name = f".{path}".rpartition(".parametrizations.")
-    if leaf == "original1" and parametrized:
+    if leaf in ("original", "original1") and parametrized:
         return f"{owner[1:]}.{name}" if owner else name
     if leaf.endswith("_v"):
         return f"{path}.{leaf[:-2]}" if path else leaf[:-2]
-    return direction
+    return parameter
 
 
 def find_weight_norms(gm: fx.GraphModule, param_of, uses: dict) -> dict[fx.Node, WeightNorm]:
@@ -82,7 +84,7 @@ def find_weight_norms(gm: fx.GraphModule, param_of, uses: dict) -> dict[fx.Node,
             continue
         v, g = param_of(arg(node, 0, "v")), param_of(arg(node, 1, "g"))
         if v is not None and g is not None:
-            found[node] = WeightNorm(_weight_name(v), g, v, int(arg(node, 2, "dim", 0)))
+            found[node] = WeightNorm(weight_name(v), g, v, int(arg(node, 2, "dim", 0)))
     accepted = {}
     for node, wn in found.items():
         consumers = {u for name in (wn.magnitude, wn.direction) for u, _ in uses[name]}
