@@ -72,7 +72,13 @@ class BlockDiagnosis:
 
 @dataclasses.dataclass
 class _Unit:
-    """A block (its [W b] matrix) or a loose parameter (its tensor), as the preconditioner sees it."""
+    """A block (its [W b] matrix) or a loose parameter (its tensor), as the preconditioner sees it.
+
+    A reparametrized block (`reparametrization`, gnfx.reparametrization: a weight-normed one) is
+    stepped in W's space: the parameters' covectors (gradients, GGN products) map to W's by Pᵀ and
+    W-space vectors (probes, directions) to the parameters' by P = the pull-back, at the model's
+    parameters (`values`), so that the unit's gradient is ∇W and its GGN G_W = Pᵀ G_θ P.
+    `stepped=True`: tensors already in the space the preconditioner steps (W for its stand-in's name)."""
 
     name: str
     kind: str
@@ -80,22 +86,30 @@ class _Unit:
     view: str = ""
     block: bool = False
     groups: int = 1  # the block's row groups, which its view may read (gnfx.targets.as_matrix)
+    reparametrization: object = None  # the block's, gnfx.reparametrization
+    values: dict | None = None  # the model's parameters by name (those W is computed from)
 
-    def matrix(self, tensors: dict) -> Tensor:
+    def matrix(self, tensors: dict, stepped: bool = False) -> Tensor:
         """The unit's layout of per-parameter tensors: `[W b]` for a block, the tensor itself else."""
         if not self.block:
             return tensors[self.params[0]]
+        weight = tensors[self.params[0]]
+        if self.reparametrization is not None and not stepped:
+            weight = self.reparametrization.weight_gradient(self.values, tensors)
         bias = tensors[self.params[1]] if len(self.params) > 1 else None
-        return fold(as_matrix(tensors[self.params[0]], self.view, self.groups), bias)
+        return fold(as_matrix(weight, self.view, self.groups), bias)
 
-    def tensors(self, M: Tensor, shapes: dict) -> dict:
+    def tensors(self, M: Tensor, shapes: dict, stepped: bool = False) -> dict:
         """The inverse of `matrix`: per-parameter tensors of the given shapes."""
         if not self.block:
             return {self.params[0]: M.reshape(shapes[self.params[0]])}
         shape = shapes[self.params[0]]
         d_in = as_matrix(M.new_zeros(shape), self.view, self.groups).shape[1]
         w = from_matrix(M[:, :d_in], self.view, shape, self.groups)
-        return {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
+        out = {self.params[0]: w, **({self.params[1]: M[:, d_in]} if len(self.params) > 1 else {})}
+        if self.reparametrization is not None and not stepped:
+            out.update(self.reparametrization.pull_back(self.values, w))
+        return out
 
 
 class Diagnosis(list):
@@ -137,7 +151,9 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
         raise GnfxError("diagnose reads the preconditioners' state: take at least one optimizer step first")
     if probes < 1 or damping < 0:
         raise ConfigError(f"diagnose needs probes >= 1 and damping >= 0, got probes={probes}, damping={damping}")
-    units = [_Unit(b.name, b.kind, b.params, layout_of(b).view, True, layout_of(b).groups) for b in model.layers]
+    values = dict(model.named_parameters())
+    units = [_Unit(b.name, b.kind, b.params, layout_of(b).view, True, layout_of(b).groups, b.reparametrization, values)
+             for b in model.layers]
     units += [_Unit(f.param, "tensor", (f.param,)) for f in model.layers.fallbacks]
     records = Diagnosis()
     modes = {m: m.training for m in model.modules()}
@@ -158,7 +174,7 @@ def diagnose(model, batch, loss: Loss, probes: int = 8, damping: float = 1e-3, c
                 error = float(((model_V - GV).flatten(1).norm(dim=1) / GV.flatten(1).norm(dim=1)).mean())
             newton, residual = _conjugate_gradients(lambda v: exact.product(unit, v) + damping * v, g,
                                                     cg_tol, cg_max_iter)
-            step = _direction(pre, unit, g, grads).to(g.dtype)
+            step = _direction(pre, unit, g, exact.shapes).to(g.dtype)
             cosine = float(torch.sum(step * newton) / (step.norm() * newton.norm()))
             records.append(BlockDiagnosis(unit.name, unit.kind, pre.name, g.numel(), error, cosine, residual))
     finally:
@@ -253,16 +269,18 @@ def _piecewise(pre: CurvaturePreconditioner, unit: _Unit, M: Tensor, fn) -> Tens
     return out
 
 
-def _direction(pre, unit: _Unit, g: Tensor, grads: dict) -> Tensor:
+def _direction(pre, unit: _Unit, g: Tensor, shapes: dict) -> Tensor:
     """P_b(g_b): the preconditioner's direction for the unit's gradient, its state unchanged (an
-    elementwise preconditioner's `parameter_direction`, parameter by parameter)."""
+    elementwise preconditioner's `parameter_direction`, parameter by parameter, of the tensors it steps,
+    `shapes` theirs)."""
     if isinstance(pre, CurvaturePreconditioner):
         def direction(group, i, G):
             state = {k: v[i:i + 1].clone() for k, v in pre.group_state(group).items()}
             return pre.direction(G.unsqueeze(0), state, collect=False)[0]
 
         return _piecewise(pre, unit, g, direction)
-    return unit.matrix({n: pre.parameter_direction(n, grads[n]) for n in unit.params})
+    grads = unit.tensors(g, shapes, stepped=True)
+    return unit.matrix({n: pre.parameter_direction(n, grads[n]) for n in unit.params}, stepped=True)
 
 
 def _curvature(pre, unit: _Unit, V: Tensor, shapes: dict, statistics) -> Tensor | None:
@@ -271,5 +289,5 @@ def _curvature(pre, unit: _Unit, V: Tensor, shapes: dict, statistics) -> Tensor 
     parameter, `shapes` theirs), None where it models none."""
     if isinstance(pre, CurvaturePreconditioner):
         return _piecewise(pre, unit, V, lambda group, i, piece: pre.curvature_product(group, i, piece, statistics))
-    parts = {n: pre.parameter_curvature(n, v) for n, v in unit.tensors(V, shapes).items()}
-    return None if any(p is None for p in parts.values()) else unit.matrix(parts)
+    parts = {n: pre.parameter_curvature(n, v) for n, v in unit.tensors(V, shapes, stepped=True).items()}
+    return None if any(p is None for p in parts.values()) else unit.matrix(parts, stepped=True)

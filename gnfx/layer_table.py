@@ -27,6 +27,9 @@ class Block:
     extra positions). `role` marks attention projections ("attention.q", ".k", ".v", ".qkv",
     ".out"); `model_input` marks a block that reads the model's input (an input layer),
     `model_output` one whose output the model returns (an output layer; passes/boundary.py); `options` holds kind-specific geometry (conv stride/padding/dilation, orientation).
+    `reparametrization`: for a weight-normed or spectrally normed layer, the gnfx.reparametrization
+    object its weight W is computed by; `weight` is then the parameter of W's shape (v, W_o) whose
+    name W's stand-in takes in the step.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Block:
     sites: list[str]
     options: dict = dataclasses.field(default_factory=dict)
     role: str | None = None
+    reparametrization: object = None
     model_input: bool = False
     model_output: bool = False
     # the plan's choices, filled in on the plan's copy of the block (gnfx.plan; None as analyzed):
@@ -49,6 +53,12 @@ class Block:
     def params(self) -> tuple[str, ...]:
         """The parameter names, as in `named_parameters()`: the weight, then the bias if any."""
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    @property
+    def held_params(self) -> tuple[str, ...]:
+        """Every parameter the block accounts for: `params`, and the others a reparametrized weight is
+        computed from (the magnitude g of a weight-normed one)."""
+        return self.params + (() if self.reparametrization is None else self.reparametrization.held)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -109,9 +119,9 @@ class LayerTable:
     def coverage(self, params: dict) -> tuple[int, int]:
         """(entries of the trainable parameters in curvature blocks, entries of all trainable
         parameters); `params` maps parameter names to tensors."""
-        covered = sum(params[n].numel() for b in self.blocks for n in b.params)
+        covered = sum(params[n].numel() for b in self.blocks for n in b.held_params)
         return covered, covered + sum(params[f.param].numel() for f in self.fallbacks)
 
     def block_of(self, param: str) -> Block | None:
         """The block that holds parameter `param`, or None if it falls back."""
-        return next((b for b in self.blocks if param in b.params), None)
+        return next((b for b in self.blocks if param in b.held_params), None)

@@ -2,7 +2,9 @@
 
 One step: fold the statistics collected on this step into their averages, run the amortized
 refresh of each curvature preconditioner when it is due, run the generated update function
-(gnfx.codegen) for the curvature preconditioners, and the diagonal preconditioner's foreach step.
+(gnfx.codegen) for the curvature preconditioners, and the diagonal preconditioner's foreach step;
+a weight-normed (or spectrally normed) block is stepped in its weight's space, gathered before and
+scattered to its parameters after (gnfx.reparametrization).
 Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers included), and
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
@@ -73,6 +75,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         blocks, loose parameter names)) over the statistics store the taps fill; each gets its
         hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
         self.statistics = statistics
+        # reparametrized (weight- or spectrally normed) blocks step their W (gnfx.reparametrization)
+        self.parameter_store.reparametrize([b.reparametrization for _, _, blocks, _ in preconditioner_specs
+                                            for b in blocks if b.reparametrization is not None])
         shared = {k: self._settings[k] for k in STATISTIC_SETTINGS}
         self.preconditioners = [cls({**hp, **shared}, blocks, params, self.parameter_store)
                                 for cls, hp, blocks, params in preconditioner_specs]
@@ -100,6 +105,12 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed and due:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
+                if self.parameter_store.reparametrizations:
+                    raise ConfigError("reparametrized layers (weight-normed layers, spectrally normed ones) are "
+                                      "curvature blocks stepped in their weight's space (gnfx.reparametrization), "
+                                      "which gnfx's FSDP2 step does not do yet: remove the parametrization "
+                                      "(torch.nn.utils.parametrize.remove_parametrizations) before fully_shard, "
+                                      "or do not shard the model")
                 sharded = ShardedStep(self.parameter_store, live, self.steps, self.comm, self.statistics,
                                       self.curvature, self.elementwise)
                 self.parameter_store.sharded = sharded
@@ -213,20 +224,24 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
-        if self.sharded is not None:
-            self.sharded.begin()
-        if self.quadratic is not None:  # this step's λ, also for the refreshes below
-            self.quadratic.damp_preconditioners(self.preconditioners)
-        for pre in self.curvature:
-            if self.statistic_step:
-                pre.collect()
-            if pre.refresh_due(self.steps):
-                pre.refresh(self.statistics, self.comm)
-        if self.quadratic is None:
-            self._apply_chain()
-        else:
-            self.quadratic.step(self._apply_chain, self._refresh_all, self.steps, self.comm, self.preconditioners,
-                                loss, closure)
+        self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
+        try:
+            if self.sharded is not None:
+                self.sharded.begin()
+            if self.quadratic is not None:  # this step's λ, also for the refreshes below
+                self.quadratic.damp_preconditioners(self.preconditioners)
+            for pre in self.curvature:
+                if self.statistic_step:
+                    pre.collect()
+                if pre.refresh_due(self.steps):
+                    pre.refresh(self.statistics, self.comm)
+            if self.quadratic is None:
+                self._apply_chain()
+            else:
+                self.quadratic.step(self._apply_chain, self._refresh_all, self.steps, self.comm,
+                                    self.preconditioners, loss, closure)
+        finally:
+            self.parameter_store.release()  # no stand-in outlives the step, also one that raised
         self.steps += 1
         return loss
 
@@ -259,6 +274,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.update_function(self.statistic_step)
         for pre in self.elementwise:
             pre.update(self.statistics)
+        self.parameter_store.scatter()  # the reparametrized blocks' change of W pulled back to their parameters
         if self.sharded is not None:
             self.sharded.end()
 

@@ -6,7 +6,10 @@ everything about the parameters from it, never from the optimizer:
 
 - `named`: the parameters θ by name (under FSDP2 the sharded DTensors);
 - `param(name)`: what a component steps for θ: the parameter itself, or under FSDP2 its local
-  shard or the full-size stand-in of a target this rank owns during the step (`views`);
+  shard or the full-size stand-in of a target this rank owns during the step (`views`), or for the
+  parameter of W's shape of a reparametrized block (v of a weight-normed one) during the step the
+  stand-in holding its weight W (`reparametrizations`, gnfx.reparametrization: `gather` before the
+  step, `scatter` after it);
 - `state_of(name)`: θ's entry of the optimizer's per-parameter state, which `state_dict` carries;
 - `group_of(name)`: θ's param group (its lr, weight decay, betas, eps), indexed by `sync_groups`;
 - `sharded`: the gnfx.fsdp.ShardedStep once the parameters are FSDP2 shards, else None.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.reparametrization import Reparametrizations
+
 
 class ParameterStore:
     def __init__(self, named: dict, state: dict, param_groups: list):
@@ -28,6 +33,7 @@ class ParameterStore:
         self.groups_version = 0
         self._groups_seen = None
         self._group_index: dict[int, dict] = {}
+        self.reparametrizations = Reparametrizations(())  # the reparametrized blocks' (gnfx.reparametrization)
         self.bind(state, param_groups)
 
     def bind(self, state: dict, param_groups: list) -> None:
@@ -38,8 +44,32 @@ class ParameterStore:
 
     def param(self, name: str) -> torch.Tensor:
         """The parameter `name`; under FSDP2 its local shard, or the full-size stand-in of a
-        target this rank owns during the step (gnfx.fsdp)."""
+        target this rank owns during the step (gnfx.fsdp); for the parameter of W's shape of a
+        reparametrized block, during the step, the stand-in holding W (gnfx.reparametrization)."""
+        standin = self.reparametrizations.standins.get(name)
+        if standin is not None:
+            return standin
         return self.views.get(name, self.named[name])
+
+    def reparametrize(self, reparametrizations) -> None:
+        """Step the blocks whose weights these gnfx.reparametrization objects compute in W's space."""
+        self.reparametrizations = Reparametrizations(reparametrizations)
+
+    def gather(self) -> None:
+        """Before a step: the stand-ins of the reparametrized blocks' W, with ∇W (gnfx.reparametrization)."""
+        if self.reparametrizations:
+            self.reparametrizations.gather(self.named)
+
+    def scatter(self) -> None:
+        """After a step's update chain: the stand-ins' change pulled back to the parameters
+        (gnfx.reparametrization)."""
+        if self.reparametrizations:
+            self.reparametrizations.scatter(self.named)
+
+    def release(self) -> None:
+        """At a step's end: the stand-ins dropped, pulled back or not (a step that raised leaves the
+        parameters as the scatter found them)."""
+        self.reparametrizations.release()
 
     def state_of(self, name: str) -> dict:
         """The optimizer state of parameter `name`."""

@@ -132,7 +132,7 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
     batch = settings["cost_rows"] if batch_size is None else batch_size
     served = {n: pre for pre in optimizer.preconditioners for n in [b.name for b in pre.blocks] + pre.param_names}
     stats = optimizer.statistics.blocks
-    entries = [(b.name, b.kind, b.params, b) for b in table] + [(f.param, "fallback", (f.param,), None)
+    entries = [(b.name, b.kind, b.held_params, b) for b in table] + [(f.param, "fallback", (f.param,), None)
                                                                for f in table.fallbacks]
     curvature = [pre for pre in optimizer.preconditioners if isinstance(pre, CurvaturePreconditioner)]
     owners = curvature_owners(curvature, world_size)

@@ -872,7 +872,7 @@ class FlatLayout:
         position = {n: i for i, n in enumerate(names)}
         owner = [-1] * len(names)
         for k, pre in enumerate(self.preconditioners):
-            for n in [n for blk in pre.blocks for n in blk.params] + list(pre.param_names):
+            for n in [n for blk in pre.blocks for n in blk.held_params] + list(pre.param_names):
                 if n in position:
                     owner[position[n]] = k
         self.parameter_owner = owner

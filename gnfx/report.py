@@ -73,7 +73,7 @@ def report(model) -> str:
            "", "parameter registration:"]
     shapes_of = {n: "x".join(map(str, p.shape)) for n, p in model.named_parameters()}
     reg = [[n, shapes_of[n], f"block {b.name}" + (f" ({table.notes[n]})" if n in table.notes else "")]
-           for b in table for n in b.params]
+           for b in table for n in b.held_params]
     reg += [[f.param, "x".join(map(str, f.shape)) or "scalar", f"fallback: {f.reason}"] for f in table.fallbacks]
     out.append(format_table(["parameter", "shape", "accounted for as"], reg))
     out += leaf_lines(table)

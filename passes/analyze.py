@@ -6,6 +6,12 @@ Then every use of every trainable parameter is accounted for: a parameter is in 
 *all* its uses are claimed by that block's sites; otherwise it falls back to the diagonal
 preconditioner, and the reason names the other use.
 
+A weight-normed layer (W = g · v / ‖v‖, gnfx.reparametrization) is a block of its layer's kind: its
+weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a detector asks which
+parameter a weight operand is, the node's users are v's uses, and the block holds g as well
+(`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
+its `_SpectralNorm` call stands for W_o.
+
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
 whose layout is a `tied_host`, gnfx.layouts.base) form one block of the host's kind, in its
@@ -30,6 +36,7 @@ from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
+from gnfx.reparametrization import SpectralNorm, WeightNorm
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -42,6 +49,8 @@ from .norm import find_norm_sites
 from .position import find_position_sites
 from .scale import find_scale_sites
 from .sites import Site
+from .spectral_norm import find_spectral_norms
+from .weight_norm import find_weight_norms
 
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
@@ -72,10 +81,14 @@ class _ParamIndex:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.params = dict(model.named_parameters())
         self.gm = gm
+        # node computing W -> how (`_reparametrize`)
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm] = {}
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
-        itself: those of a `call_module`), else None."""
+        itself: those of a `call_module`; or v, for a weight-norm node computing W from it), else None."""
+        if isinstance(node, fx.Node) and node in self.reparametrized:
+            return self.reparametrized[node].standin
         if isinstance(node, nn.Parameter):
             obj = node
         elif not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -106,6 +119,25 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
                 if name in uses:
                     uses[name].append((node, None))
     return uses
+
+
+def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[tuple]]) -> dict[str, object]:
+    """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
+    `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
+    else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
+    W_o. Returns the stand-in's name -> its reparametrization."""
+    index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
+                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses)}
+    by_standin: dict[str, object] = {}
+    for name in {rp.standin for rp in index.reparametrized.values()}:
+        uses[name] = []
+    for node, rp in index.reparametrized.items():
+        uses[rp.standin].extend((user, node) for user in node.users)
+        by_standin[rp.standin] = rp
+    for rp in by_standin.values():
+        for name in rp.held:
+            uses[name] = list(uses[rp.standin])
+    return by_standin
 
 
 def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
@@ -144,10 +176,12 @@ def _tied(group: list[Site]) -> tuple[list[Site], str] | None:
     return [s for s in group if layouts[s.kind].tied_host], guests[0]
 
 
-def _block(weight: str, group: list[Site], bias: str | None) -> Block:
+def _block(weight: str, group: list[Site], bias: str | None, reparametrization) -> Block:
     first = group[0]
-    return Block(name=_block_name(weight), kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
-                 d_out=first.d_out, sites=[s.node.name for s in group], options=dict(first.options))
+    name = _block_name(weight if reparametrization is None else reparametrization.weight)
+    return Block(name=name, kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
+                 d_out=first.d_out, sites=[s.node.name for s in group], options=dict(first.options),
+                 reparametrization=reparametrization)
 
 
 def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: str):
@@ -155,6 +189,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     (the sites whose statistics the taps collect)."""
     index = _ParamIndex(model, gm)
     uses = _uses(gm, index)
+    reparametrized = _reparametrize(gm, index, uses)
     sites: list[Site] = []
     rejected: dict[fx.Node, str] = {}
     for kind in KINDS.values():  # in registration order: the built-in kinds first
@@ -182,10 +217,10 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
         bias = biases.pop() if len(biases) == 1 else None
         if bias is not None and any((u, a) not in group_uses for u, a in uses[bias]):
             bias = None
-        block = _block(weight, tapped, bias)
+        block = _block(weight, tapped, bias, reparametrized.get(weight))
         blocks.append(block)
         block_sites[block.name] = tapped
-        claimed.update(block.params)
+        claimed.update(block.held_params)
 
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     blocks.sort(key=lambda b: order[block_sites[b.name][0].node])

@@ -7,18 +7,24 @@ functional op (`F.linear`, `F.conv2d`,
 `F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
 layers in one form. Modules with a custom forward are left alone, and so are modules with forward
 pre-hooks: a pre-hook may compute the weight the forward reads (`torch.nn.utils.prune` sets
-`weight = weight_orig * weight_mask`, the old `nn.utils.weight_norm` `weight = g·v/‖v‖`, before each
-call), which a `get_attr` of `weight` would freeze at its value at capture, leaving the parameters it
-is computed from without gradients. The call stays a `call_module`, which runs the hooks; its
-parameters fall back to the diagonal preconditioner. (fully_shard's hooks gather the parameters
-and compute nothing: an FSDP2 module is lowered.) A module's forward hooks, which see (and may
-replace) its output, run after the functional op (`run_forward_hooks`), as the module's call runs them.
+`weight = weight_orig * weight_mask` before each call), which a `get_attr` of `weight` would freeze
+at its value at capture, leaving the parameters it is computed from without gradients. The call
+stays a `call_module`, which runs the hooks; its parameters fall back to the diagonal
+preconditioner. The old `nn.utils.weight_norm`'s pre-hook (`weight = g·v/‖v‖`) is the exception: its
+module is lowered with that weight computed in the graph on every call (passes/weight_norm.py; the
+module's own `weight` attribute, which only the hook writes, keeps its value from before the
+capture), and so is the new API's parametrization (`lower_weight_norm_modules`). (fully_shard's
+hooks gather the parameters and compute nothing: an FSDP2 module is lowered.) A module's forward
+hooks, which see (and may replace) its output, run after the functional op (`run_forward_hooks`), as
+the module's call runs them.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.fsdp import FSDPModule
+
+from .weight_norm import hooked_weight, hooked_weight_norm, lower_weight_norm_modules
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
@@ -30,7 +36,7 @@ def _functional(mod: nn.Module, x, weight, bias):
     stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)), None)
     if stock is None or type(mod).forward is not stock.forward:
         return None  # not a stock layer, or one with a custom forward
-    if mod._forward_pre_hooks and not isinstance(mod, FSDPModule):
+    if mod._forward_pre_hooks and not isinstance(mod, FSDPModule) and hooked_weight_norm(mod) is None:
         return None  # pre-hooks, which may compute the weight (module doc)
     if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}
@@ -57,8 +63,10 @@ def run_forward_hooks(module: nn.Module, args: tuple, output):
 
 
 def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
-    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules to functional ops,
-    except the module paths in `keep` (leaves the user asked to keep opaque)."""
+    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules, and of weight-norm
+    parametrizations, to functional ops, except the module paths in `keep` (leaves the user asked to
+    keep opaque)."""
+    lower_weight_norm_modules(gm, keep)
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.target in keep:
@@ -67,7 +75,9 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
         if _functional(mod, None, None, None) is None:
             continue
         with gm.graph.inserting_before(node):
-            weight = gm.graph.get_attr(f"{node.target}.weight")
+            hook = hooked_weight_norm(mod)
+            weight = (gm.graph.get_attr(f"{node.target}.weight") if hook is None
+                      else hooked_weight(gm.graph, node.target, hook))
             has_bias = getattr(mod, "bias", None) is not None
             bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
             x = node.args[0]

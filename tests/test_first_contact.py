@@ -377,7 +377,7 @@ def test_weight_norm_has_exact_forward_mode_products_and_the_quadratic_step_trai
     torch.testing.assert_close(torch.cat([t.flatten() for t in product]), expected, rtol=1e-10, atol=1e-12)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the coverage warning: weight-normed weights are computed, not parameters
+        warnings.simplefilter("ignore")  # the old API's FutureWarning
         c = gnfx.compile(model, "kfac", loss="cross_entropy")
     losses = train_on(c, x, y, F.cross_entropy, 4)
     assert losses[-1] < losses[0]
@@ -741,12 +741,13 @@ def pruned_mlp(which):
 def test_a_weight_computed_by_a_forward_pre_hook_follows_its_parameters_on_statistic_steps(which):
     """The capture lowered the hooked nn.Linear to F.linear of a get_attr of `weight`, the tensor the
     hook had set at capture: the statistic steps' forward used that stale weight and weight_orig (g, v)
-    got no gradient there. The call now stays the module's, hooks included: after the parameters move,
-    the compiled model's output and every gradient equal the module's own (plain autograd, float64)."""
+    got no gradient there. The call now stays the module's, hooks included (the weight-norm hook's
+    formula is computed in the graph instead, passes/weight_norm.py): after the parameters move, the
+    compiled model's output and every gradient equal the module's own (plain autograd, float64)."""
     model = pruned_mlp(which)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the coverage warning: the hooked layer's parameters fall back
+        warnings.simplefilter("ignore")  # the coverage warning: the pruned layer's parameters fall back
         c = gnfx.compile(model, "kfac", lr=0.1, stat_every=1)
     train(c, 2, torch.float64)  # the parameters move: the hook's weight of the capture is stale
     x, y = batch(torch.float64)

@@ -8,7 +8,8 @@ replicated (the ranks' states add up to the single process's); a checkpoint take
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
 on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
 every rank; each rank keeps the bytes the cost model says; and the unsupported (compiling a sharded
-model, sharding blocks but not the compiled model, distributed='off') is refused with the reason.
+model, sharding blocks but not the compiled model, distributed='off', weight-normed blocks) is refused
+with the reason.
 """
 from __future__ import annotations
 
@@ -162,6 +163,14 @@ def worker(rank, world, init_method, out):
             train(sampled, xs[:1], ys[:1])
         except gnfx.ConfigError as error:
             results["mc"] = str(error)
+        torch.manual_seed(0)
+        normed = gnfx.compile(nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                                            nn.Linear(4, 4)).double(), "kfac", **HPARAMS)
+        fully_shard(normed)
+        try:
+            train(normed, xs[:1], ys[:1])
+        except gnfx.ConfigError as error:
+            results["weight_norm"] = str(error)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -275,6 +284,10 @@ def test_a_true_fisher_is_refused_under_fsdp2_with_the_fix(two_ranks):
 
 def test_distributed_off_is_refused_under_fsdp2(two_ranks):
     assert "distributed='off' keeps gnfx from communicating" in two_ranks["off"]
+
+
+def test_weight_normed_blocks_are_refused_under_fsdp2_with_the_fix(two_ranks):
+    assert "weight-normed layers" in two_ranks["weight_norm"] and "before fully_shard" in two_ranks["weight_norm"]
 
 
 def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):

@@ -1,0 +1,188 @@
+"""Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm).
+
+`nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm` make a layer's weight
+
+    W = g · v / ‖v‖,
+
+the norm over every dimension of v but `dim` (dim=0, the default: one norm per output row r of a
+Linear or output channel of a Conv, W_r = g_r v̂_r, v̂_r = v_r / ‖v_r‖; dim=-1 or None: one norm over
+the whole tensor). The layer's statistics are those of W (the taps' a and δ at the linear or conv
+node do not depend on how W is made), so its block is the block of a plain layer holding W: its
+gradient matrix is [∇W ∇b] and its preconditioner returns a direction D in W's space. Between that
+space and the parameters' (one row r; at dim=-1 the whole tensor is one row):
+
+- Gather. ∇g_r = v̂_rᵀ ∇W_r and ∇v_r = (g_r / ‖v_r‖)(I − v̂_r v̂_rᵀ) ∇W_r, so ∇W is recovered exactly:
+  ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r.
+- Scatter. A change ΔW of W pulls back to the parameters' change (first order exact, J_f the
+  Jacobian of f(g, v) = W):  Δg_r = v̂_rᵀ ΔW_r,  Δv_r = (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) ΔW_r, so that
+  J_f(Δg, Δv) = v̂_r Δg_r + (g_r / ‖v_r‖)(I − v̂_r v̂_rᵀ) Δv_r = ΔW_r. The Δv it gives is orthogonal
+  to v_r (the scale of v does not change W), the least-norm (Δg, Δv) with that image.
+- A row with g_r = 0 has W_r = 0 and ∇v_r = 0: J_f reaches only the direction v̂_r there, so ∇W_r's
+  component orthogonal to v̂_r is lost in ∇v_r and cannot be recovered, and ΔW_r's cannot be made.
+  Both use the pseudo-inverse there: the gathered ∇W_r is v̂_r ∇g_r and the scattered Δv_r is 0
+  (the factor ‖v_r‖ / g_r is taken as 0), Δg_r = v̂_rᵀ ΔW_r as everywhere.
+
+At run time (`Reparametrizations`, used by gnfx.parameter_store.ParameterStore) each block's weight
+is a stand-in for the step: a tensor holding W with ∇W as its `.grad`, made before the step
+(`gather`) under the name of v, so that every preconditioner, the update chain (momentum, grafting,
+the parameter write with weight decay) and its state work on W as on a plain layer's weight; after
+the chain the change the chain made to the stand-in is pulled back to (g, v) (`scatter`). Decoupled
+weight decay W ← W(1 − ηλ) so acts on W, as on a plain layer: its pull-back is g ← g(1 − ηλ), v
+unchanged (torch.optim would also shrink v, which changes no W, only the next steps' size). The
+quadratic-model step (gnfx.quadratic_step) measures the chain's proposal on the parameters, after
+the scatter, and its forward-mode products run in (g, v): it needs nothing of this.
+
+Spectral normalization (`nn.utils.parametrizations.spectral_norm`) makes W = W_o / σ, σ = uᵀ W_o v
+(W_o read as a matrix; u, v the buffers the power iteration of each training forward updates, no
+gradient through them). Its block holds W as well, with σ held fixed for the step, at the u, v of
+the last forward: the gathered gradient is σ ∇W_o = ∇W − ⟨W, ∇W⟩ u vᵀ (∇W but for the component
+along u vᵀ, which σ's dependence on W_o takes out of ∇W_o and which cannot be recovered), and a
+change ΔW pulls back to ΔW_o = σ ΔW, whose image J(ΔW_o) = ΔW − W (uᵀ ΔW v) misses only the change
+of σ that the normalization pins (W's top singular value stays 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNorm:
+    """W = g · v / ‖v‖ (module docstring). `weight`: the name W has in the model (`fc.weight`, for a
+    layer's block name); `magnitude`, `direction`: the parameter names of g and v; `dim`: the
+    dimension of v the norm is not taken over (-1: the norm over the whole tensor).
+
+    What every reparametrization gives (`Reparametrizations`, gnfx.diagnose): `standin`, the parameter
+    of W's shape whose name W's stand-in takes (v); `held`, the others W is computed from (g);
+    `value`, `weight_gradient` and `pull_back` of the parameters by name."""
+
+    weight: str
+    magnitude: str
+    direction: str
+    dim: int
+
+    @property
+    def standin(self) -> str:
+        return self.direction
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return (self.magnitude,)
+
+    def _norm(self, v: torch.Tensor) -> torch.Tensor:
+        """‖v_r‖, broadcastable against v (torch.norm_except_dim, as torch._weight_norm computes it)."""
+        return torch.norm_except_dim(v, 2, self.dim)
+
+    def _unit_and_scale(self, named: dict):
+        """(v̂, ‖v_r‖ / g_r with 0 where g_r = 0) (module docstring, the pseudo-inverse at g_r = 0)."""
+        v = named[self.direction].detach()
+        norm = self._norm(v)
+        g = named[self.magnitude].detach().reshape(norm.shape)
+        return v / norm, torch.where(g == 0, torch.zeros_like(norm), norm / torch.where(g == 0, 1, g))
+
+    def row_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ over every dimension of x (shaped like v) but `dim` (all at dim=-1), keeping them as 1s."""
+        dims = [d for d in range(x.dim()) if self.dim == -1 or d != self.dim % x.dim()]
+        return x.sum(dim=dims, keepdim=True)
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W, as the model's forward computes it, from the parameters by name."""
+        return torch._weight_norm(named[self.direction], named[self.magnitude], self.dim)
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """∇W from ∇g and ∇v (`grads`, by name): ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module
+        docstring), computed as Pᵀ(∇g, ∇v) with P = `pull_back`: (a, B) ↦ v̂_r a_r + (‖v_r‖ / g_r)
+        (I − v̂_r v̂_rᵀ) B_r, the same for a gradient (∇v_r ⟂ v_r) and the exact transpose of P for any
+        (a, B), so that the GGN in W's space is G_W = Pᵀ G_θ P (gnfx.diagnose)."""
+        unit, scale = self._unit_and_scale(named)
+        grad_v = grads[self.direction]
+        return (unit * grads[self.magnitude].reshape(scale.shape)
+                + scale * (grad_v - unit * self.row_sum(unit * grad_v)))
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{g: Δg, v: Δv} with J_f(Δg, Δv) = ΔW: Δg_r = v̂_rᵀ ΔW_r, Δv_r = (‖v_r‖ / g_r)(ΔW_r − v̂_r Δg_r)."""
+        unit, scale = self._unit_and_scale(named)
+        delta_g = self.row_sum(unit * delta_w)
+        return {self.magnitude: delta_g.reshape(named[self.magnitude].shape),
+                self.direction: scale * (delta_w - unit * delta_g)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNorm:
+    """W = W_o / σ, σ = uᵀ W_o v, σ held fixed for the step (module docstring). `weight`: W's name in
+    the model; `original`: W_o's parameter name, which W's stand-in takes; `module`: the
+    parametrization's `_SpectralNorm`, which holds u and v and reads W_o as a matrix."""
+
+    weight: str
+    original: str
+    module: torch.nn.Module = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def standin(self) -> str:
+        return self.original
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return ()
+
+    def sigma(self, named: dict) -> torch.Tensor:
+        """σ = uᵀ W_o v at the u, v of the last forward, as the parametrization computes it."""
+        m = self.module
+        return torch.vdot(m._u, torch.mv(m._reshape_weight_to_matrix(named[self.original].detach()), m._v))
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W = W_o / σ."""
+        return named[self.original] / self.sigma(named)
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """σ ∇W_o: ∇W but for its component along u vᵀ (module docstring)."""
+        return self.sigma(named) * grads[self.original]
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{W_o: σ ΔW}: J(σ ΔW) = ΔW − W (uᵀ ΔW v) (module docstring)."""
+        return {self.original: self.sigma(named) * delta_w}
+
+
+class Reparametrizations:
+    """The reparametrized blocks' stand-ins for one step (module docstring): `gather` makes them from
+    the parameters in `named`, `scatter` pulls the change the step made to them back to the
+    parameters. `standins` (the name a stand-in takes -> the stand-in) is what
+    gnfx.parameter_store.ParameterStore.param returns between the two."""
+
+    def __init__(self, reparametrizations):
+        self.reparametrizations = {rp.standin: rp for rp in reparametrizations}
+        self.standins: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.reparametrizations)
+
+    @torch.no_grad()
+    def gather(self, named: dict) -> None:
+        """A stand-in holding W, with ∇W as its gradient (None when no parameter of W has a gradient)."""
+        self.release()
+        for name, rp in self.reparametrizations.items():
+            w = rp.value(named)
+            standin = w.clone()
+            sources = (rp.standin, *rp.held)
+            if any(named[n].grad is not None for n in sources):
+                grads = {n: named[n].grad if named[n].grad is not None else torch.zeros_like(named[n])
+                         for n in sources}
+                standin.grad = rp.weight_gradient(named, grads)
+            self.standins[name] = standin
+            self._before[name] = w
+
+    @torch.no_grad()
+    def scatter(self, named: dict) -> None:
+        """The parameters += the pull-back of the stand-ins' change ΔW since `gather`; the stand-ins dropped."""
+        for name, standin in self.standins.items():
+            rp = self.reparametrizations[name]
+            for param, delta in rp.pull_back(named, standin - self._before[name]).items():
+                named[param].add_(delta)
+        self.release()
+
+    def release(self) -> None:
+        """The stand-ins dropped (after `scatter`, or after a step that raised before it)."""
+        self.standins.clear()
+        self._before.clear()
