@@ -153,7 +153,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                     del fallbacks[param]
                     table.notes[param] = f"called by the Python code of opaque submodule {leaf!r}"
         if graphs:
-            opened = OpenedLeaf(model.get_submodule(leaf), graphs)
+            opened = OpenedLeaf(model.get_submodule(leaf), leaf, graphs)
             target = f"gnfx_opened.{leaf}"
             gm.add_submodule(target, opened)
             for node in calls[leaf]:

@@ -37,7 +37,7 @@ class Block(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
 
     def forward(self, x):
-        h = F.relu(self.fc1(x))
+        h = F.relu(self.fc1(x.to(self.fc1.weight.dtype)))  # reading a parameter's dtype is no use of it
         if (h > 0).float().mean() > 0.5:  # data-dependent: neither torch.fx nor torch.export takes it
             h = h * 0.5
         return x + self.fc2(h)
@@ -317,6 +317,26 @@ def test_torch_compile_trains_as_without_it():
 # ----------------------------------------------------------------------------- what is not opened
 
 
+class ReadsBias(Skip):
+    """Adds its layer's bias by hand besides calling the layer: a use the layer's statistics do not see."""
+
+    def forward(self, x):
+        return super().forward(x) + self.fc.bias
+
+
+def test_a_parameter_the_opaque_code_uses_besides_its_layer_raises_with_the_fix():
+    model = Around(ReadsBias())
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers["body.fc"].called_by == "body"
+    out = c(signed_batch(model, 1)[0])
+    with pytest.raises(gnfx.GnfxError, match=r"'body' uses the parameter 'body.fc.bias' other than by calling "
+                                             r"'body.fc'.*leaf_modules=\['body'\]"):
+        out.sum().backward()
+    kept = gnfx.compile(Around(ReadsBias()), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["body"])
+    kept(signed_batch(model, 1)[0]).sum().backward()  # the fix: kept whole, it falls back
+    assert "body.fc" not in kept.layers
+
+
 class Mixed(nn.Module):
     """An opaque block with layers that cannot be opened, and one that can."""
 
@@ -371,3 +391,72 @@ def test_a_submodule_kept_opaque_on_request_stays_whole():
     c = gnfx.compile(Net(), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["b1"])
     assert "b1.fc1" not in c.layers and "b2.fc1" in c.layers
     assert not any(path.startswith("b1.") for path in c.layers.opened)
+
+
+# ----------------------------------------------------------------------------- other layer kinds
+
+
+class Gated(nn.Module):
+    """`layer`, then a branch on the value of its output unless `traceable` (the same computation:
+    the branch is never taken on these inputs)."""
+
+    def __init__(self, layer: nn.Module, traceable: bool):
+        super().__init__()
+        self.layer, self.traceable = layer, traceable
+
+    def forward(self, x):
+        h = self.layer(x)
+        if not self.traceable and h.abs().max() > 1e6:
+            h = h / h.abs().max()
+        return h
+
+
+class KindNet(nn.Module):
+    """x -> Gated(layer) -> mean over everything but the batch and the channels -> Linear head."""
+
+    LAYERS = {"conv1d": lambda: nn.Conv1d(2, 3, 3, padding=1), "conv2d": lambda: nn.Conv2d(2, 3, 3, stride=2),
+              "conv3d": lambda: nn.Conv3d(2, 3, 2), "embedding": lambda: nn.Embedding(7, 3),
+              "layer_norm": lambda: nn.LayerNorm(3)}
+    INPUTS = {"conv1d": (2, 5), "conv2d": (2, 5, 5), "conv3d": (2, 3, 3, 3), "embedding": (4,), "layer_norm": (4, 3)}
+
+    def __init__(self, kind: str, traceable: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.body, self.head = Gated(self.LAYERS[kind](), traceable), nn.Linear(3, 3)
+        if kind == "layer_norm":  # not the identity affine map
+            nn.init.normal_(self.body.layer.weight)
+            nn.init.normal_(self.body.layer.bias)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.body(x)
+        h = h.flatten(2).mean(-1) if self.kind.startswith("conv") else h.mean(1)
+        return self.head(h)
+
+
+def kind_batch(kind: str, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *KindNet.INPUTS[kind])
+    x = torch.randint(0, 7, shape, generator=g) if kind == "embedding" else torch.randn(shape, generator=g, dtype=DTYPE)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", list(KindNet.LAYERS))
+def test_opened_conv_embedding_and_norm_layers_collect_what_the_traced_layer_does(kind):
+    """The layer opened inside the opaque Gated and the same layer traced in the graph (the model
+    without the branch, the same weights) collect the same statistics on the same batch (the graph's
+    are checked against hooks and per-example gradients in the tests of each kind)."""
+    opened = compile_for_statistics(KindNet(kind, traceable=False), capture="fx", optimizer="kfac")
+    traced = compile_for_statistics(KindNet(kind, traceable=True), capture="fx", optimizer="kfac")
+    assert list(opened.layers.leaves) == ["body"] and not traced.layers.leaves
+    assert opened.layers["body.layer"].called_by == "body" and not opened.layers.fallbacks
+    assert opened.layers["body.layer"].kind == traced.layers["body.layer"].kind
+    x, y = kind_batch(kind)
+    for c in (opened, traced):
+        statistic_step(c, x, y)
+    for name in ("body.layer", "head"):
+        got, ref = opened.statistics(name), traced.statistics(name)
+        assert set(got) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOL)
