@@ -10,11 +10,13 @@ call, passes/lower.py). The children are restored when the call returns or raise
 never holds the graphs: its own forward (the steps without statistics, the quadratic step's replay)
 runs untouched.
 
-The statistics of an opened block see the calls of its layer only. So that code reading a trainable
-parameter in another way (`h @ self.fc1.weight.T`, `+ self.fc1.bias`) cannot go unseen, the twin holds
-views of the child's trainable parameters (the same values and storage; the graph reads the parameters
-themselves): a gradient reaching a view is such a use, and its backward raises a GnfxError that names
-it and the fix. Reading a view's shape or dtype passes no gradient and is free.
+The statistics of an opened block see the calls of its child only. So that code using a trainable
+parameter in another way (`h @ self.fc1.weight.T`, `+ self.fc1.bias`, or `self.mlp.fc(h)` past an
+opened `self.mlp`) cannot go unseen, the twin holds views of the child's trainable parameters (the same
+values and storage; the graph reads the parameters themselves) and copies of its submodules that hold
+views of theirs: a gradient reaching a view is such a use, and its backward raises a GnfxError that
+names it and the fix. Reading a view's shape or dtype passes no gradient and is free. (Code that holds
+the child outside the module tree, in a plain list, reaches the parameters themselves, unwatched.)
 """
 from __future__ import annotations
 
@@ -38,19 +40,28 @@ def _read_outside(leaf: str, child: str, name: str, _grad):
         f"(its parameters then fall back to the diagonal preconditioner)")
 
 
-def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str) -> nn.Module:
-    """A shallow copy of `child` (the child at `path` of the opaque submodule `leaf`) whose forward is
-    `graph`, without hooks, holding views of its trainable parameters that raise on a gradient (module
-    doc)."""
-    twin = copy.copy(child)
+def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:
+    """A shallow copy of `module` (at `path`, inside the opened child `child` of the opaque submodule
+    `leaf`) holding views of its trainable parameters that raise on a gradient, and watched copies of
+    its submodules (module doc)."""
+    twin = copy.copy(module)
     views = {}
-    for name, p in child._parameters.items():
+    for name, p in module._parameters.items():
         view = p.view_as(p) if p is not None and p.requires_grad and torch.is_grad_enabled() else p
         if view is not p:
-            view.register_hook(lambda grad, name=name: _read_outside(leaf, path, f"{path}.{name}", grad))
+            view.register_hook(lambda grad, name=f"{path}.{name}": _read_outside(leaf, child, name, grad))
         views[name] = view
-    twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=graph.forward,
-                         _parameters=views)
+    twin.__dict__["_parameters"] = views
+    twin.__dict__["_modules"] = {name: None if m is None else _watched(m, leaf, child, f"{path}.{name}")
+                                 for name, m in module._modules.items()}
+    return twin
+
+
+def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str) -> nn.Module:
+    """The opened child at `path` of the opaque submodule `leaf`, watched (`_watched`), whose forward is
+    its graph `graph`, without hooks of its own."""
+    twin = _watched(child, leaf, path, path)
+    twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=graph.forward)
     return twin
 
 

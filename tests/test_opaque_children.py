@@ -372,16 +372,19 @@ def test_layers_that_cannot_be_opened_fall_back_with_the_reason():
     c = compile_for_statistics(WithMixed(), capture="fx", optimizer="kfac")
     opened = c.layers.opened
     assert opened["mixed.lin"].startswith("opened")
-    assert opened["mixed.up"] == "not opened: its forward takes more than one input, and an opened child's graph takes one"
+    assert opened["mixed.up"] == ("not opened: its forward takes optional or variadic inputs, which an opened "
+                                  "child's graph would fix")
     assert opened["mixed.shared"] == ("not opened: its parameter 'mixed.shared.weight' is also registered as "
                                       "'head.weight' (shared)")
-    assert opened["mixed.peek"] == "not opened: its parameter is also read by the captured graph outside the submodule"
-    assert opened["mixed.pruned"].startswith("not opened: its graph leaves 'mixed.pruned.weight' out of the blocks")
+    assert opened["mixed.peek"] == ("not opened: its parameter 'mixed.peek.bias' is also read by the captured graph "
+                                    "outside the submodule")
+    assert opened["mixed.pruned"].startswith("not opened: its graph has no curvature block ('mixed.pruned.weight': "
+                                             "inside module 'mixed.pruned'")
     assert [b.name for b in c.layers] == ["inp", "mixed.lin", "out"]
     reasons = {f.param: f.reason for f in c.layers.fallbacks}
-    assert "mixed.up not opened: its forward takes more than one input" in reasons["mixed.up.weight"]
+    assert "mixed.up not opened: its forward takes optional or variadic inputs" in reasons["mixed.up.weight"]
     assert reasons["head.weight"].startswith("inside leaf module 'mixed'")
-    assert "    mixed.up: not opened: its forward takes more than one input" in c.report()
+    assert "    mixed.up: not opened: its forward takes optional or variadic inputs" in c.report()
     x, y = batch(0)
     statistic_step(c, x, y)  # runs, and the opened layer collects
     assert set(c.statistics("mixed.lin")) == set(ALL)
@@ -460,3 +463,78 @@ def test_opened_conv_embedding_and_norm_layers_collect_what_the_traced_layer_doe
         assert set(got) == set(ref)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], **TOL)
+
+
+# ----------------------------------------------------------------------------- traceable subtrees
+
+
+class Inner(nn.Module):
+    """A traceable submodule: an nn.Linear, a hand-written linear map x Wᵀ of a parameter of its own,
+    and a Gated layer (untraceable unless `traceable`)."""
+
+    def __init__(self, traceable: bool):
+        super().__init__()
+        self.fc, self.w = nn.Linear(6, 6), nn.Parameter(torch.randn(6, 6) / 3)
+        self.gate = Gated(nn.Linear(6, 6), traceable)
+
+    def forward(self, x):
+        return self.gate(torch.tanh(self.fc(x)) @ self.w.T)
+
+
+class Outer(nn.Module):
+    """Calls `inner` twice, around a branch on a value (unless `traceable`)."""
+
+    def __init__(self, traceable: bool):
+        super().__init__()
+        self.inner, self.traceable = Inner(traceable), traceable
+
+    def forward(self, x):
+        h = self.inner(x)
+        if not self.traceable and h.abs().max() > 1e6:
+            h = h / h.abs().max()
+        return self.inner(torch.tanh(h))
+
+
+class Bypass(Outer):
+    """Calls the opened `inner`'s layer past it."""
+
+    def forward(self, x):
+        return super().forward(x) + self.inner.fc(x)
+
+
+def around_outer(traceable: bool, cls=Outer) -> Around:
+    torch.manual_seed(1)  # Outer's parameters, then Around's
+    return Around(cls(traceable))
+
+
+def test_a_traceable_submodule_is_opened_whole_with_its_own_leaves_opened_in_turn():
+    """Outer is opaque; Inner, which it calls twice, traces on its own (its hand-written x Wᵀ a block
+    that no layer-by-layer opening would find), except its Gated, a leaf of Inner's graph whose
+    layer is opened in turn. The statistics equal those of the same model without the branches."""
+    opened = compile_for_statistics(around_outer(traceable=False), capture="fx", optimizer="kfac")
+    traced = compile_for_statistics(around_outer(traceable=True), capture="fx", optimizer="kfac")
+    names = ["inp", "body.inner.fc", "body.inner.w", "body.inner.gate.layer", "out"]
+    assert [b.name for b in opened.layers] == [b.name for b in traced.layers] == names
+    assert not opened.layers.fallbacks and not traced.layers.leaves
+    assert sorted(opened.layers.leaves) == ["body", "body.inner.gate"]
+    assert opened.layers.opened["body.inner"].startswith("opened")
+    assert opened.layers.opened["body.inner.gate.layer"].startswith("opened")
+    assert [b.called_by for b in opened.layers] == [None, "body", "body", "body.inner.gate", None]
+    x, y = batch(0)
+    torch.testing.assert_close(opened(x), traced(x), rtol=0, atol=0)
+    for c in (opened, traced):
+        c.zero_grad()
+        statistic_step(c, x, y)
+    for name in names:
+        got, ref = opened.statistics(name), traced.statistics(name)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOL)
+
+
+def test_a_layer_of_an_opened_submodule_called_past_it_raises():
+    model = around_outer(False, Bypass)
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers["body.inner.fc"].called_by == "body"
+    with pytest.raises(gnfx.GnfxError, match=r"uses the parameter 'body.inner.fc.(weight|bias)' other than by "
+                                             r"calling 'body.inner'"):
+        c(batch(0)[0]).sum().backward()
