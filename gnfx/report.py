@@ -54,10 +54,12 @@ def leaf_lines(table) -> list[str]:
     layers inside it: opened (their own graphs' blocks) or why not (passes/opaque_children.py)."""
     if not table.leaves:
         return []
+    def innermost(path):  # the leaf whose code calls the layer at `path`
+        return max((leaf for leaf in table.leaves if path.startswith(leaf + ".")), key=len, default=None)
     lines = ["", "opaque (leaf) submodules:"]
     for leaf, why in table.leaves.items():
         lines.append(f"  {leaf}: {why}")
-        lines += [f"    {path}: {state}" for path, state in table.opened.items() if path.startswith(leaf + ".")]
+        lines += [f"    {path}: {state}" for path, state in table.opened.items() if innermost(path) == leaf]
     return lines
 
 

@@ -4,8 +4,8 @@ Symbolic tracing (`torch.fx`) comes first: it gives a readable, module-level gra
 example inputs. It traces into torch.nn's own containers (nn.TransformerEncoder and its layers)
 and keeps as leaves only torch.nn modules without submodules (Linear, LayerNorm, ...) and the
 nn.MultiheadAttention that gnfx lowers itself. A submodule whose forward cannot be traced becomes a
-leaf (an opaque call in the graph, its parameters left to the fallback preconditioner) and is
-reported. torch.export (`strict=False`, with automatic dynamic shapes) is the other form: it
+leaf (an opaque call in the graph, its parameters left to the fallback preconditioner but for the
+layers passes/opaque_children.py opens inside it) and is reported. torch.export (`strict=False`, with automatic dynamic shapes) is the other form: it
 captures one call from its inputs and yields an aten-level graph whose nodes keep their module
 path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
 gets is decided by gnfx.variants.
