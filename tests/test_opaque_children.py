@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from references import TOL, augment, cross_entropy, hook_statistics, record_linear_calls
+from references import TOL, augment, cross_entropy, hook_statistics, kfac_factors, record_linear_calls
 from steps import ALL, compile_for_statistics, statistic_step, train
 from test_fisher import curvlinops_type2_factors, statistics_after_one_step
 from test_quadratic_step import assert_minimizer, flat
@@ -192,6 +192,34 @@ def test_a_layer_skipped_by_a_forward_gets_nothing_from_it():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
     torch.testing.assert_close(model.body.fc.weight, weight, rtol=0, atol=0)
     assert_statistics_match(c, model, ["inp", "body.fc", "out"], *signed_batch(model, 1, seed=2))
+
+
+class Teacher(nn.Module):
+    """Calls its layer once without gradients (a target) and once with them."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = torch.tanh(self.fc(2 * x))
+        h = torch.tanh(self.fc(x))
+        return (h if h.mean() < 1e6 else -h) + target  # data-dependent
+
+
+def test_a_call_without_gradients_adds_nothing():
+    """A call under torch.no_grad has no output gradient: its input must not enter A either (A and S
+    over the rows of the calls that are backpropagated)."""
+    model = Around(Teacher())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    x, y = batch(0)
+    calls, M = record_linear_calls(model, ["body.fc"], x, y)
+    assert [g is None for _, g in calls["body.fc"]] == [True, False]
+    ref = kfac_factors([call for call in calls["body.fc"] if call[1] is not None], True, "expand", M)
+    statistic_step(c, x, y)
+    for k in ("A", "S"):
+        torch.testing.assert_close(c.statistics("body.fc")[k], ref[k], **TOL)
 
 
 def test_type2_fisher_statistics_of_opened_layers_equal_curvlinops():
