@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import gnfx
 from references import TOL, augment, cross_entropy, hook_statistics, kfac_factors, record_linear_calls
@@ -220,6 +221,33 @@ def test_a_call_without_gradients_adds_nothing():
     statistic_step(c, x, y)
     for k in ("A", "S"):
         torch.testing.assert_close(c.statistics("body.fc")[k], ref[k], **TOL)
+
+
+class Checkpointed(nn.Module):
+    """Calls its layer through activation checkpointing (reentrant: the forward under torch.no_grad,
+    recomputed in backward; non-reentrant: recomputed in backward), or plainly (`reentrant` None)."""
+
+    def __init__(self, reentrant: bool | None, d=6):
+        super().__init__()
+        self.fc, self.reentrant = nn.Linear(d, d), reentrant
+
+    def forward(self, x):
+        h = self.fc(x) if self.reentrant is None else checkpoint(self.fc, x, use_reentrant=self.reentrant)
+        return torch.tanh(h) if h.mean() < 1e6 else h  # data-dependent
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_checkpointed_call_collects_as_a_plain_one(reentrant):
+    torch.manual_seed(3)
+    plain = Around(Checkpointed(None))
+    torch.manual_seed(3)
+    model = Around(Checkpointed(reentrant))
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    x, y = batch(0)
+    ref = hook_statistics(plain, ["body.fc"], x, y)
+    statistic_step(c, x, y)
+    for k in ("A", "S"):
+        torch.testing.assert_close(c.statistics("body.fc")[k], ref["body.fc"][k], **TOL)
 
 
 def test_type2_fisher_statistics_of_opened_layers_equal_curvlinops():
