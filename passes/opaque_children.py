@@ -44,7 +44,7 @@ import inspect
 from torch import fx, nn
 
 from gnfx.opened_leaf import OpenedLeaf
-from gnfx.passes.capture import REQUESTED, Captured, _describe, trace_fx
+from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
 OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
 _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -162,7 +162,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                 try:
                     child_gm, child_table, child_sites = build(_capture(model, path, child))
                 except Exception as exc:  # noqa: BLE001 - reported: the child stays closed (and is walked into)
-                    why = f"its graph could not be built ({_describe(exc)})"
+                    why = f"its graph could not be built ({describe_exception(exc)})"
             own = set(trainable(child))
             left = [f for f in child_table.fallbacks if f.param in own] if why is None else []
             if why is None and not child_table.blocks:
