@@ -594,3 +594,39 @@ def test_a_layer_of_an_opened_submodule_called_past_it_raises():
     with pytest.raises(gnfx.GnfxError, match=r"uses the parameter 'body.inner.fc.(weight|bias)' other than by "
                                              r"calling 'body.inner'"):
         c(batch(0)[0]).sum().backward()
+
+
+class Scaled(nn.Module):
+    """A traceable submodule whose forward reads a buffer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("scale", torch.full((6,), 2.0))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class CallsScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Scaled()
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h if h.mean() < 1e6 else -h  # data-dependent
+
+
+def test_an_opened_submodule_reads_the_buffers_the_model_has_now():
+    """`.double()` replaces the model's buffers; the opened submodule's graph, which holds the one it
+    was captured with, is bound to the new one on the next statistic step (as the captured graph is)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), CallsScaled(), nn.Linear(6, 3))
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers.opened["1.inner"].startswith("opened")
+    c.double()
+    with torch.no_grad():
+        model[1].inner.scale.fill_(3.0)
+    x = torch.randn(4, 5, dtype=DTYPE)
+    torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
