@@ -225,5 +225,6 @@ def _lower_and_analyze(model, captured):
     gm = lookups_as_embeddings(lower_modules(gm, captured.leaves))
     gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
-    # the layers inside opaque submodules, each captured and analyzed on its own (its graph has no leaves)
+    # the children of opaque submodules, each captured on its own and built as this graph is (its own
+    # opaque submodules opened in turn)
     return open_opaque_children(model, gm, table, block_sites, lambda child: _lower_and_analyze(model, child))

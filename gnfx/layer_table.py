@@ -121,9 +121,9 @@ class LayerTable:
         """(entries of the trainable parameters in curvature blocks, entries of all trainable
         parameters); `params` maps parameter names to tensors. `opened`: counting the blocks of layers
         opened inside opaque submodules (`Block.called_by`)."""
-        in_blocks = [n for b in self.blocks for n in b.params]
-        covered = sum(params[n].numel() for b in self.blocks if opened or b.called_by is None for n in b.params)
-        return covered, sum(params[n].numel() for n in in_blocks) + sum(params[f.param].numel() for f in self.fallbacks)
+        in_blocks = sum(params[n].numel() for b in self.blocks for n in b.params)
+        covered = sum(params[n].numel() for b in self.blocks for n in b.params if opened or b.called_by is None)
+        return covered, in_blocks + sum(params[f.param].numel() for f in self.fallbacks)
 
     def block_of(self, param: str) -> Block | None:
         """The block that holds parameter `param`, or None if it falls back."""
