@@ -18,6 +18,7 @@ from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
+from gnfx.passes.opaque_children import open_opaque_children
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
 from gnfx.passes.unflatten import unflatten_linear
@@ -224,4 +225,6 @@ def _lower_and_analyze(model, captured):
     gm = lookups_as_embeddings(lower_modules(gm, captured.leaves))
     gm = expand_shared_positions(unflatten_linear(gm))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
-    return gm, table, block_sites
+    # the children of opaque submodules, each captured on its own and built as this graph is (its own
+    # opaque submodules opened in turn)
+    return open_opaque_children(model, gm, table, block_sites, lambda child: _lower_and_analyze(model, child))

@@ -30,6 +30,9 @@ class Block:
     `reparametrization`: for a weight-normed or spectrally normed layer, the gnfx.reparametrization
     object its weight W is computed by; `weight` is then the parameter of W's shape (v, W_o) whose
     name W's stand-in takes in the step.
+    `called_by` names the opaque submodule whose Python code calls the block's layer (an opened child,
+    passes/opaque_children.py): each call is a site, any number of them per forward, so its statistics
+    treat it as a weight of several sites; None for a block of the captured graph.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Block:
     reparametrization: object = None
     model_input: bool = False
     model_output: bool = False
+    called_by: str | None = None
     # the plan's choices, filled in on the plan's copy of the block (gnfx.plan; None as analyzed):
     # its preconditioner, and the largest factor dimension that keeps whole (None: all whole)
     preconditioner: str | None = None
@@ -82,15 +86,22 @@ class LayerTable:
     """The blocks (iterate over them, or index by name) and the fallback parameters."""
 
     def __init__(self, blocks: list[Block], fallbacks: list[Fallback], leaves: dict[str, str], form: str,
-                 notes: dict[str, str] | None = None):
+                 notes: dict[str, str] | None = None, opened: dict[str, str] | None = None):
         self.blocks = blocks
         self.fallbacks = fallbacks
         self.leaves = leaves
         self.form = form
         self.notes = notes or {}  # parameter name -> remark shown in the registration table
+        # path of each layer inside an opaque submodule -> whether it was opened, or why not
+        # (passes/opaque_children.py)
+        self.opened = opened or {}
         self.plan = None  # on the plan's view of a table (gnfx.plan): the Plan, which serves each block and why
         self.capture = form  # how the graph was captured and why (set by gnfx.variants)
-        self._by_name = {b.name: b for b in blocks}
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Index the blocks by name again (after a pass changed the list)."""
+        self._by_name = {b.name: b for b in self.blocks}
 
     def __iter__(self):
         return iter(self.blocks)
@@ -116,11 +127,13 @@ class LayerTable:
             lines += ["", "fallback parameters:"] + [f"  {f.param}: {f.reason}" for f in self.fallbacks]
         return "\n".join(lines + leaf_lines(self))
 
-    def coverage(self, params: dict) -> tuple[int, int]:
+    def coverage(self, params: dict, opened: bool = True) -> tuple[int, int]:
         """(entries of the trainable parameters in curvature blocks, entries of all trainable
-        parameters); `params` maps parameter names to tensors."""
-        covered = sum(params[n].numel() for b in self.blocks for n in b.held_params)
-        return covered, covered + sum(params[f.param].numel() for f in self.fallbacks)
+        parameters); `params` maps parameter names to tensors. `opened`: counting the blocks of layers
+        opened inside opaque submodules (`Block.called_by`)."""
+        in_blocks = sum(params[n].numel() for b in self.blocks for n in b.held_params)
+        covered = sum(params[n].numel() for b in self.blocks for n in b.held_params if opened or b.called_by is None)
+        return covered, in_blocks + sum(params[f.param].numel() for f in self.fallbacks)
 
     def block_of(self, param: str) -> Block | None:
         """The block that holds parameter `param`, or None if it falls back."""

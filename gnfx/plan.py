@@ -169,7 +169,7 @@ class Plan:
                                       # a preconditioner that declares max_factor keeps factors above it blocked
                                       max_factor=entries[b.name].hparams.get("max_factor") or None) for b in table]
         fallbacks = [dataclasses.replace(f, preconditioner=entries[f.param].name) for f in table.fallbacks]
-        self.table = LayerTable(blocks, fallbacks, table.leaves, table.form, table.notes)
+        self.table = LayerTable(blocks, fallbacks, table.leaves, table.form, table.notes, table.opened)
         self.table.capture = table.capture
         self.table.plan = self
 

@@ -50,8 +50,17 @@ def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
 
 
 def leaf_lines(table) -> list[str]:
-    """The submodules kept opaque (leaves of the captured graph), with the reason."""
-    return ["", "opaque (leaf) submodules:"] + [f"  {k}: {v}" for k, v in table.leaves.items()] if table.leaves else []
+    """The submodules kept opaque (leaves of the captured graph), with the reason, and under each the
+    layers inside it: opened (their own graphs' blocks) or why not (passes/opaque_children.py)."""
+    if not table.leaves:
+        return []
+    def innermost(path):  # the leaf whose code calls the layer at `path`
+        return max((leaf for leaf in table.leaves if path.startswith(leaf + ".")), key=len, default=None)
+    lines = ["", "opaque (leaf) submodules:"]
+    for leaf, why in table.leaves.items():
+        lines.append(f"  {leaf}: {why}")
+        lines += [f"    {path}: {state}" for path, state in table.opened.items() if innermost(path) == leaf]
+    return lines
 
 
 def report(model) -> str:

@@ -104,8 +104,11 @@ class BlockStatistics:
         self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
         self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
         self._warned = False
-        # reduce with several sites (tied weights): per-example sums over the positions of all sites
-        self.pool_sites = self.reduce and len(block.sites) > 1
+        # several sites (tied weights, or a layer an opaque submodule's code calls, any number of times:
+        # Block.called_by): the sites' terms summed per example (reduce: over the positions of all sites;
+        # per-example diagonals: before squaring)
+        self.several_sites = len(block.sites) > 1 or block.called_by is not None
+        self.pool_sites = self.reduce and self.several_sites
         self._pooled: dict[int, dict] = {}
         self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
         self.updates = 0
@@ -254,7 +257,7 @@ class BlockStatistics:
         """Per-example gradients Σ_r g_r a_rᵀ of a chunk (its rows [a 1] rotated by Q_A if given; token
         ids for a diagonal A) into `out`, squared now (one site) or once all sites of this forward are
         summed in `pending` (tied weights)."""
-        single_site = len(self.block.sites) == 1
+        single_site = not self.several_sites
         if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
             per_example = self.layout.per_example_gradient(g, rows)
         else:

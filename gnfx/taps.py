@@ -9,18 +9,22 @@ original, untapped forward.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 class ActivationTap(nn.Module):
-    """Identity on a block's input `a`; accumulates `A` (docs/design.md §1) on statistic steps."""
+    """Identity on a block's input `a`; accumulates `A` (docs/design.md §1) on statistic steps. A call
+    under torch.no_grad (a target an opaque submodule's code computes with the layer,
+    passes/opaque_children.py) has no output gradient, so no `S` rows: its `a` is not recorded either."""
 
     def __init__(self, stats, store):
         super().__init__()
         self.stats, self.store = stats, store
 
     def forward(self, a):
-        self.stats.record_activation(a, self.store.forward_id)
+        if torch.is_grad_enabled():
+            self.stats.record_activation(a, self.store.forward_id)
         return a
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from gnfx.errors import CaptureError, GnfxError
 from gnfx.lazy_modules import has_lazy_modules
+from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import REQUESTED, accepts, check_leaf_modules, export, optional_inputs, shapes_of, trace_fx
 from gnfx.passes.taps import insert_taps
 
@@ -78,8 +79,10 @@ class Variants:
         return self.table is not None
 
     def graphs(self):
-        """Every instrumented graph captured so far."""
-        return [gm for graphs in self._graphs.values() for gm in graphs]
+        """Every instrumented graph captured so far, and the graphs of their opened children
+        (gnfx.opened_leaf), whose parameters have the model's names too."""
+        return [g for graphs in self._graphs.values() for gm in graphs
+                for g in (gm, *(child for m in gm.modules() if isinstance(m, OpenedLeaf) for child in m.graphs))]
 
     # --- the first capture ---------------------------------------------------------------
     def capture_without_inputs(self) -> None:
@@ -133,7 +136,10 @@ class Variants:
         built_fx, built_export = self._build(fx), self._build(exported)
         share_fx, share_export = self._share(built_fx[1]), self._share(built_export[1])
         leaves = ", ".join(sorted(self._automatic_leaves(fx)))
-        if share_export > share_fx:
+        # torch.export sees the whole forward (every call a site of its graph): it is kept where it covers
+        # as much as fx with the layers opened inside fx's leaves (passes/opaque_children.py) and more
+        # than fx's graph alone
+        if share_export >= share_fx and share_export > self._share(built_fx[1], opened=False):
             return self._begin(exported, export_key, f"torch.fx could not trace {leaves}: torch.export puts "
                                f"{100 * share_export:.1f}% of the parameters in curvature blocks, torch.fx "
                                f"{100 * share_fx:.1f}%", built_export, shapes)
@@ -221,8 +227,10 @@ class Variants:
     def _automatic_leaves(self, captured) -> set[str]:
         return set(captured.leaves) - set(self.leaf_modules)
 
-    def _share(self, table) -> float:
-        covered, total = table.coverage(dict(self.model.named_parameters()))
+    def _share(self, table, opened: bool = True) -> float:
+        """The share of the trainable parameters' entries in curvature blocks (`opened`: with the
+        blocks of layers opened inside opaque submodules)."""
+        covered, total = table.coverage(dict(self.model.named_parameters()), opened)
         return covered / max(total, 1)
 
     def _warn_if_low_coverage(self) -> None:

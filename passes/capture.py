@@ -4,10 +4,10 @@ Symbolic tracing (`torch.fx`) comes first: it gives a readable, module-level gra
 example inputs. It traces into torch.nn's own containers (nn.TransformerEncoder and its layers)
 and keeps as leaves only torch.nn modules without submodules (Linear, LayerNorm, ...) and the
 nn.MultiheadAttention that gnfx lowers itself. A submodule whose forward cannot be traced becomes a
-leaf (an opaque call in the graph, its parameters left to the fallback preconditioner) and is
-reported. torch.export (`strict=False`, with automatic dynamic shapes) is the other form: it
-captures one call from its inputs and yields an aten-level graph whose nodes keep their module
-path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
+leaf (an opaque call in the graph, its parameters left to the fallback preconditioner but for the
+layers passes/opaque_children.py opens inside it) and is reported. torch.export (`strict=False`,
+with automatic dynamic shapes) is the other form: it captures one call from its inputs and yields an
+aten-level graph whose nodes keep their module path in `nn_module_stack`. Both graphs run on the very Parameter objects of the model; which form a model
 gets is decided by gnfx.variants.
 """
 from __future__ import annotations
@@ -173,7 +173,8 @@ def _torch_nn_traceable():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a one-line reason."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
@@ -247,10 +248,10 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
             failed = tracer.failed_module
             if failed and failed not in leaves:
-                leaves[failed] = f"could not be traced ({_describe(exc)})"
+                leaves[failed] = f"could not be traced ({describe_exception(exc)})"
                 continue
             raise CaptureError(
-                f"torch.fx could not trace the forward of {type(model).__name__}: {_describe(exc)}\n"
+                f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
                 f"  at {_user_frame(exc, model)}\n"
                 f"Fix: mark the submodule that holds this code as opaque with "
                 f"gnfx.compile(..., leaf_modules=['path.to.module']), rewrite data-dependent "
@@ -360,7 +361,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                "rewrite data-dependent branches with torch.cond, or mark the offending submodule with "
                "leaf_modules=[...] and capture='fx'")
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {_describe(exc)}\n"
+            f"torch.export could not capture {type(model).__name__}: {describe_exception(exc)}\n"
             f"  at {_user_frame(exc, model)}\n"
             f"Fix: {fix}") from exc
     gm = ep.module()

@@ -58,7 +58,8 @@ def record_linear_calls(model: nn.Module, names, x, y, loss_fn: Callable = cross
         def hook(module, inputs, output, name=name):
             record = [inputs[0].detach(), None]
             calls[name].append(record)
-            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
+            if output.requires_grad:  # (a call under torch.no_grad has no output gradient: g stays None)
+                output.register_hook(lambda g: record.__setitem__(1, g.detach()))
         handles.append(modules[name].register_forward_hook(hook))
     out = model(x, **kwargs)
     loss_fn(out, y).backward()

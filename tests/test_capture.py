@@ -355,17 +355,17 @@ def test_an_optimizer_checkpoint_loaded_before_the_first_call_is_loaded_at_the_c
 # ----------------------------------------------------------------------------- leaves
 
 
-def test_untraceable_submodule_becomes_a_leaf_whose_parameters_fall_back():
+def test_untraceable_submodule_becomes_a_leaf_whose_linear_is_opened():
+    """The leaf's Python code runs eagerly; the nn.Linear it calls is a block of its own graph
+    (passes/opaque_children.py), whose statistics match the hooks' as the graph's blocks do."""
     model = WithGate()
     c = compile_for_statistics(model, capture="fx")
     assert c.layers.form == "fx"
     assert list(c.layers.leaves) == ["gate"] and "could not be traced" in c.layers.leaves["gate"]
-    assert [b.name for b in c.layers] == ["a", "b"]
-    assert sorted(f.param for f in c.layers.fallbacks) == ["gate.lin.bias", "gate.lin.weight"]
-    for f in c.layers.fallbacks:
-        assert "leaf module 'gate'" in f.reason and "could not be traced" in f.reason
-    assert "gate" in c.report()
-    assert_statistics_match(c, model, ["a", "b"], *batch((7, 4)), vectorized=False)
+    assert [b.name for b in c.layers] == ["a", "gate.lin", "b"] and not c.layers.fallbacks
+    assert c.layers["gate.lin"].called_by == "gate"
+    assert "gate.lin: opened" in c.report()
+    assert_statistics_match(c, model, ["a", "gate.lin", "b"], *batch((7, 4)), vectorized=False)
 
 
 def test_leaf_modules_forces_a_traceable_submodule_to_be_a_leaf():
@@ -442,14 +442,14 @@ def _outputs_over_calls(model, x, calls=6, seed=0):
     return [model(x).detach() for _ in range(calls)]
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the drawing layers' fallback is the point
 @pytest.mark.parametrize("draw", ["random", "numpy"])
 @pytest.mark.parametrize("capture", ["auto", "fx"])
 def test_a_layer_that_draws_python_random_numbers_is_an_opaque_call_drawing_anew(draw, capture):
     """A LayerDrop by Python's random or numpy.random: capture ran its draw once, and the graph took the
     branch of that draw on every call (the same layers dropped always, or never). Each drawing layer is
     now a leaf named with the reason, the compiled model's outputs over calls are the model's own with
-    the same draws (capture draws nothing from the user's stream), and the other layers stay blocks."""
+    the same draws (capture draws nothing from the user's stream), the other layers stay blocks, and the
+    nn.Linear each drawing layer calls (or skips) is opened into a block of its own graph."""
     x = torch.randn(5, 4)
     model = LayerDropNet(0.5, draw)
     expected = _outputs_over_calls(model, x)
@@ -460,7 +460,8 @@ def test_a_layer_that_draws_python_random_numbers_is_an_opaque_call_drawing_anew
         torch.testing.assert_close(a, b)
     assert sorted(c.layers.leaves) == ["layers.0", "layers.1", "layers.2"]
     assert all("PythonRandomDraw" in reason for reason in c.layers.leaves.values())
-    assert [b.name for b in c.layers] == ["head"]
+    assert [b.name for b in c.layers] == ["layers.0.lin", "layers.1.lin", "layers.2.lin", "head"]
+    assert [b.called_by for b in c.layers] == ["layers.0", "layers.1", "layers.2", None]
 
 
 def test_a_draw_that_decides_nothing_keeps_the_graph_and_the_users_stream():

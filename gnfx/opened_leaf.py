@@ -1,0 +1,97 @@
+"""The call of an opaque submodule whose children have graphs of their own (passes/opaque_children.py).
+
+`OpenedLeaf(module, graphs)` stands in the captured graph for the call of the opaque submodule
+`module`: it runs `module`'s own forward, eagerly, its Python code taking its branches anew, while
+each opened child (by its path under `module`) is replaced, for the call only, by a twin whose
+forward is the child's instrumented graph. The twin is a shallow copy of the child: the same
+buffers, submodules and attributes (`self.fc1.out_features` reads as before, `isinstance` holds),
+without hooks of its own (the graph runs the child's forward hooks, as the lowering does for a module
+call, passes/lower.py). The children are restored when the call returns or raises, so the model itself
+never holds the graphs: its own forward (the steps without statistics, the quadratic step's replay)
+runs untouched.
+
+The statistics of an opened block see the calls of its child only. So that code using a trainable
+parameter in another way (`h @ self.fc1.weight.T`, `+ self.fc1.bias`, or `self.mlp.fc(h)` past an
+opened `self.mlp`) cannot go unseen, the twin holds views of the child's trainable parameters (the same
+values and storage; the graph reads the parameters themselves) and copies of its submodules that hold
+views of theirs: a gradient reaching a view is such a use, and its backward raises a GnfxError that
+names it and the fix. Reading a view's shape or dtype passes no gradient and is free. (Code that holds
+the child outside the module tree, in a plain list, reaches the parameters themselves, unwatched.)
+"""
+from __future__ import annotations
+
+import collections
+import copy
+
+import torch
+from torch import fx, nn
+
+from gnfx.errors import GnfxError
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _read_outside(leaf: str, child: str, name: str, _grad):
+    raise GnfxError(
+        f"the Python code of opaque submodule {leaf!r} uses the parameter {name!r} other than by calling "
+        f"{child!r} (a gradient reached it outside that layer's calls), and gnfx opened {child!r} into a curvature "
+        f"block whose statistics see its calls only (passes/opaque_children.py). Fix: call the layer instead of "
+        f"reading its parameter, or keep the submodule whole with gnfx.compile(..., leaf_modules=[{leaf!r}]) "
+        f"(its parameters then fall back to the diagonal preconditioner)")
+
+
+def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:
+    """A shallow copy of `module` (at `path`, inside the opened child `child` of the opaque submodule
+    `leaf`) holding views of its trainable parameters that raise on a gradient, and watched copies of
+    its submodules (module doc)."""
+    twin = copy.copy(module)
+    views = {}
+    for name, p in module._parameters.items():
+        view = p.view_as(p) if p is not None and p.requires_grad and torch.is_grad_enabled() else p
+        if view is not p:
+            view.register_hook(lambda grad, name=f"{path}.{name}": _read_outside(leaf, child, name, grad))
+        views[name] = view
+    twin.__dict__["_parameters"] = views
+    twin.__dict__["_modules"] = {name: None if m is None else _watched(m, leaf, child, f"{path}.{name}")
+                                 for name, m in module._modules.items()}
+    return twin
+
+
+def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str) -> nn.Module:
+    """The opened child at `path` of the opaque submodule `leaf`, watched (`_watched`), whose forward is
+    its graph `graph`, without hooks of its own."""
+    twin = _watched(child, leaf, path, path)
+    twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=graph.forward)
+    return twin
+
+
+class OpenedLeaf(nn.Module):
+    """The opaque submodule `module`, called with its opened children's graphs in their place.
+
+    `path` is the submodule's path in the model; `graphs` maps each opened child's path under `module`
+    to its graph (rooted at the model, with its taps); the graphs are submodules, so that they print
+    with the captured graph; `module` is not (its parameters keep their one name)."""
+
+    def __init__(self, module: nn.Module, path: str, graphs: dict[str, fx.GraphModule]):
+        super().__init__()
+        self.__dict__["module"] = module
+        self.path = path  # the submodule's path in the model
+        self.paths = list(graphs)
+        self.graphs = nn.ModuleList(graphs.values())
+
+    def forward(self, *args, **kwargs):
+        swapped = []
+        try:
+            for path, graph in zip(self.paths, self.graphs):
+                parent, _, name = path.rpartition(".")
+                owner = self.module.get_submodule(parent)
+                child = owner._modules[name]
+                swapped.append((owner, name, child))
+                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}")
+            return self.module(*args, **kwargs)
+        finally:
+            for owner, name, child in swapped:
+                owner._modules[name] = child
+
+    def extra_repr(self) -> str:
+        return f"opened: {', '.join(self.paths)}"

@@ -1,0 +1,211 @@
+"""opaque_children: curvature blocks for the layers inside submodules that torch.fx keeps opaque.
+
+A submodule whose forward torch.fx cannot trace (a branch on a tensor's value) or whose Python-level
+random draws decide the graph (passes/python_random.py) is one opaque call in the captured graph
+(passes/capture.py), and its parameters would all fall back to the diagonal preconditioner. Its
+Python code runs eagerly at every call, but the modules it calls (`self.fc1(x)`, `self.mlp(h)`)
+may have forwards that can be captured on their own. This pass walks the opaque submodule's
+children from the top and captures each child with trainable parameters on its own, the largest
+first:
+
+* a torch.nn module without submodules (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, ...) as
+  the graph `inputs ─▶ call_module(child) ─▶ output`, the form the captured graph holds it in;
+* any other child by torch.fx (`trace_fx`), its own untraceable parts leaves that this pass opens in
+  turn;
+
+each graph rooted at the model (its parameters and submodules keep their names in the model) and run
+through the same lowering and analysis as the captured graph (`build`). A child whose graph has
+curvature blocks is *opened*: its blocks join the LayerTable, their sites in the child's graph, where
+the tap pass puts their taps (passes/taps.py), and each call node of the opaque submodule in the
+captured graph calls an `OpenedLeaf` (gnfx/opened_leaf.py) instead, which runs the submodule's own
+forward with the child's graph in the child's place. A child that is not opened is walked into: its
+children are tried in turn. The submodule's code still takes its branches anew at every call; each
+call of an opened child is a site of its blocks (`Block.called_by`): called twice, its statistics
+pool the two calls' rows as a tied weight's two sites do; not called by a forward, that forward adds
+none (as a block its backward does not reach), and the weight has no gradient from it either. A
+parameter of an opened child that the opaque code uses in another way raises at the backward
+(gnfx/opened_leaf.py).
+
+Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
+(an nn.LSTM's `hx`, an nn.ConvTranspose's `output_size`: the graph would fix them), or has an
+instance-level `forward`; a child with a parameter registered outside it too (shared) or read by the
+enclosing graph itself; anything inside an nn.MultiheadAttention (whose forward reads
+`out_proj.weight` without calling out_proj); a child whose graph has no curvature block (a
+pre-hook that computes the weight, a layer kind gnfx has no block for) or cannot be traced (then
+walked into); anything inside a submodule the user asked to keep opaque (`leaf_modules`), which stays
+whole. Only the captured graph knows where a layer sits in the model: an opened block's
+`model_input` and `model_output` are False.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from torch import fx, nn
+
+from gnfx.opened_leaf import OpenedLeaf
+from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
+
+OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
+_INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _inputs(module: nn.Module) -> list[str] | None:
+    """The names of the module's forward inputs when all are required (no defaults, no *args or
+    **kwargs), else None."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and all(p.default is inspect.Parameter.empty and p.kind in _INPUT_KINDS for p in params):
+        return [p.name for p in params]
+    return None
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    """A torch.nn module without submodules: a module call in a torch.fx graph (passes/capture.py)."""
+    return next(module.children(), None) is None and module.__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+
+def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> str | None:
+    """Why the child `path` cannot be opened whatever its graph (module doc), or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it"
+    if "forward" in vars(module):
+        return "it has an instance-level forward"
+    if _inputs(module) is None:
+        return "its forward takes optional or variadic inputs, which an opened child's graph would fix"
+    for name, p in module.named_parameters(prefix=path, remove_duplicate=False):
+        others = [n for n in names[id(p)] if not n.startswith(path + ".")]
+        if others:
+            return f"its parameter {name!r} is also registered as {others[0]!r} (shared)"
+        if id(p) in read:
+            return f"its parameter {name!r} is also read by the captured graph outside the submodule"
+    return None
+
+
+def _resolve(gm: fx.GraphModule, target: str):
+    """The attribute or submodule of `gm` at the dotted path `target`."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _read_by_graph(gm: fx.GraphModule, leaves) -> set[int]:
+    """The ids of the tensors the captured graph reads itself: by `get_attr`, and as parameters of the
+    modules it calls other than its leaves."""
+    read = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            read.add(id(_resolve(gm, node.target)))
+        elif node.op == "call_module" and node.target not in leaves:
+            read.update(id(p) for p in gm.get_submodule(node.target).parameters())
+    return read
+
+
+def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
+    """The child `path` captured on its own (module doc), rooted at the model; raises a CaptureError
+    when torch.fx cannot trace its forward."""
+    if _is_torch_layer(module):
+        graph = fx.Graph()
+        graph.output(graph.call_module(path, tuple(graph.placeholder(name) for name in _inputs(module))))
+        return Captured(fx.GraphModule(model, graph, f"Opened_{path.replace('.', '_')}"), "fx", {})
+    captured = trace_fx(module)
+    traced = captured.graph_module
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(traced.graph, {}))
+    objects = {}  # the module's attributes and submodules the graph reads, under their paths in the model
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            objects[f"{path}.{node.target}"] = _resolve(traced, node.target)
+            node.target = f"{path}.{node.target}"
+    gm = fx.GraphModule(objects, graph, f"Opened_{path.replace('.', '_')}")
+    return Captured(gm, "fx", {f"{path}.{leaf}": why for leaf, why in captured.leaves.items()}, captured.draws)
+
+
+def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_sites: dict, build):
+    """Open the children of the opaque submodules of `gm` (captured from `model`; `table` and
+    `block_sites` its analysis) that can be (module doc): their blocks and sites join `table` and
+    `block_sites`, and each call of an opaque submodule with opened children calls an OpenedLeaf.
+    `build(captured)` lowers and analyzes a capture, opening its own opaque submodules, and returns
+    (graph module, LayerTable, block sites). Returns (gm, table, block_sites)."""
+    requested = [leaf for leaf, why in table.leaves.items() if why == REQUESTED]
+    opaque = [leaf for leaf, why in table.leaves.items() if why != REQUESTED]
+    if not opaque:
+        return gm, table, block_sites
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    fallbacks = {f.param: f for f in table.fallbacks}
+    read = _read_by_graph(gm, table.leaves)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    placed = [(order[block_sites[b.name][0].node], 0, b) for b in table.blocks]  # (graph position, rank, block)
+    leaves = dict(table.leaves)
+
+    def trainable(module) -> list[str]:
+        """The model's names of the module's trainable parameters."""
+        return [names[id(p)][0] for p in module.parameters() if p.requires_grad]
+
+    def closed(path: str, params, why: str) -> None:
+        table.opened[path] = f"not opened: {why}"
+        for param in params:
+            if param in fallbacks:
+                f = fallbacks[param]
+                fallbacks[param] = dataclasses.replace(f, reason=f"{f.reason}; {path} not opened: {why}")
+
+    def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int) -> None:
+        """Open the children of `module` (at `module_path`, inside the opaque `leaf`) or walk into them."""
+        for name, child in module.named_children():
+            path = f"{module_path}.{name}"
+            if any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child):
+                continue  # kept whole, as asked; or nothing to open
+            why = _why_closed(path, child, names, read)
+            if why is None:
+                try:
+                    child_gm, child_table, child_sites = build(_capture(model, path, child))
+                except Exception as exc:  # noqa: BLE001 - reported: the child stays closed (and is walked into)
+                    why = f"its graph could not be built ({describe_exception(exc)})"
+            own = set(trainable(child))
+            left = [f for f in child_table.fallbacks if f.param in own] if why is None else []
+            if why is None and not child_table.blocks:
+                why = f"its graph has no curvature block ({left[0].param!r}: {left[0].reason})"
+            if why is not None:
+                if isinstance(child, nn.MultiheadAttention) or next(child.children(), None) is None:
+                    closed(path, trainable(child), why)
+                else:  # its own parameters stay; its children are tried
+                    closed(path, [names[id(p)][0] for p in child.parameters(recurse=False) if p.requires_grad], why)
+                    walk(leaf, path, child, graphs, position)
+                continue
+            table.opened[path] = OPENED
+            table.opened.update(child_table.opened)
+            leaves.update(child_table.leaves)
+            graphs[path[len(leaf) + 1:]] = child_gm
+            for block in child_table.blocks:
+                block.called_by = block.called_by or leaf
+                block.model_input = block.model_output = False
+                placed.append((position, len(placed), block))
+                block_sites[block.name] = child_sites[block.name]
+                for param in block.params:
+                    del fallbacks[param]
+                    table.notes[param] = f"called by the Python code of opaque submodule {block.called_by!r}"
+            table.notes.update(child_table.notes)
+            for f in left:
+                if f.param in fallbacks:
+                    fallbacks[f.param] = dataclasses.replace(
+                        f, reason=f"in the graph of {path}, opened inside opaque submodule {leaf!r}: {f.reason}")
+
+    for leaf in opaque:
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf]
+        if not calls:  # not called by the graph (a leaf inside another leaf, or unused): nothing would run
+            continue
+        graphs = {}
+        walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]])
+        if graphs:
+            gm.add_submodule(f"gnfx_opened.{leaf}", OpenedLeaf(model.get_submodule(leaf), leaf, graphs))
+            for node in calls:
+                node.target = f"gnfx_opened.{leaf}"
+    placed.sort(key=lambda entry: entry[:2])
+    table.blocks[:] = [block for *_, block in placed]
+    table.fallbacks[:] = list(fallbacks.values())
+    table.leaves = leaves
+    table.reindex()
+    gm.recompile()
+    return gm, table, block_sites

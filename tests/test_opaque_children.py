@@ -1,0 +1,632 @@
+"""The layers inside submodules torch.fx keeps opaque, opened into blocks of their own graphs
+(passes/opaque_children.py, gnfx/opened_leaf.py).
+
+A block whose forward branches on a tensor's value cannot be traced (nor exported): it is one opaque
+call, whose Python code runs eagerly, and the nn.Linear layers it calls are blocks whose statistics
+must equal those of plain hooks on the uncompiled model (tests/references.py) at 1e-10 in float64,
+on batches taking either branch, for a layer called once, twice or not at all by the opaque code,
+with the training loss's δ and with a true Fisher's (fisher="type2" against curvlinops, "mc"); the
+model's outputs must be its own, the quadratic step's α and μ the minimizers of the dense GGN
+quadratic, and torch.compile must change nothing.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gnfx
+from references import TOL, augment, cross_entropy, hook_statistics, kfac_factors, record_linear_calls
+from steps import ALL, compile_for_statistics, statistic_step, train
+from test_fisher import curvlinops_type2_factors, statistics_after_one_step
+from test_quadratic_step import assert_minimizer, flat
+
+DTYPE = torch.float64
+LINEARS = ["inp", "b1.fc1", "b1.fc2", "b2.fc1", "b2.fc2", "out"]
+
+
+class Block(nn.Module):
+    """A residual block whose branch depends on the value of its hidden activation."""
+
+    def __init__(self, d=6, hidden=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.to(self.fc1.weight.dtype)))  # reading a parameter's dtype is no use of it
+        if (h > 0).float().mean() > 0.5:  # data-dependent: neither torch.fx nor torch.export takes it
+            h = h * 0.5
+        return x + self.fc2(h)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.b1, self.b2, self.out = nn.Linear(5, 6), Block(), Block(), nn.Linear(6, 3)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.out(self.b2(self.b1(self.inp(x))))
+
+
+def batch(seed, n=8, d=5, classes=3):
+    """For Net() as initialized: seed 0, b1 keeps h; seed 2, b1 halves it (b2 halves it on both)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=DTYPE), torch.randint(0, classes, (n,), generator=g)
+
+
+def branch_batch(model: Net, halved: bool):
+    """The first batch on which b1 of `model` (at its current parameters) halves h, or keeps it."""
+    for seed in range(100):
+        x, y = batch(seed)
+        with torch.no_grad():
+            if bool((F.relu(model.b1.fc1(model.inp(x))) > 0).float().mean() > 0.5) == halved:
+                return x, y
+    raise AssertionError("no batch takes the branch")
+
+
+def hook_diag(calls, bias: bool) -> torch.Tensor:
+    """diag = N Σ_n (Σ_calls g_n ā_nᵀ)², [W b] layout, from the hooks' records of one layer's calls: the
+    per-example gradient of the batch loss sums the example's terms of every call."""
+    per_example = sum(torch.einsum("no,ni->noi", g, augment(a, bias)) for a, g in calls)
+    return per_example.shape[0] * per_example.square().sum(0)
+
+
+def assert_statistics_match(c, model, names, x, y, approx="expand"):
+    """One statistic step of c on (x, y): A, S of each layer vs the hooks, and the per-example diagonal."""
+    ref = hook_statistics(model, names, x, y, approx)
+    calls, _ = record_linear_calls(model, names, x, y)
+    statistic_step(c, x, y)
+    for name in names:
+        got = c.statistics(name)
+        torch.testing.assert_close(got["A"], ref[name]["A"], **TOL)
+        torch.testing.assert_close(got["S"], ref[name]["S"], **TOL)
+        torch.testing.assert_close(got["diag"], hook_diag(calls[name], True), **TOL)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_the_layers_of_a_data_dependent_block_are_blocks_called_by_its_code():
+    """Before: b1 and b2 were opaque and their four layers (91% of the parameters) fell back."""
+    c = gnfx.compile(Net(), optimizer="kfac", loss="cross_entropy")
+    c(batch(0)[0])  # captured at the first call: torch.export fails on the branch, fx keeps b1, b2 opaque
+    assert c.layers.form == "fx" and sorted(c.layers.leaves) == ["b1", "b2"]
+    assert [b.name for b in c.layers] == LINEARS and not c.layers.fallbacks
+    assert [b.called_by for b in c.layers] == [None, "b1", "b1", "b2", "b2", None]
+    assert not any(b.model_input or b.model_output for b in c.layers if b.called_by)
+    report = c.report()
+    assert "(100.0%)" in report
+    assert "b1.fc1.weight  8x6    block b1.fc1 (called by the Python code of opaque submodule 'b1')" in report
+    assert "    b1.fc1: opened: its layers are curvature blocks" in report
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_statistics_of_opened_layers_equal_the_hooks_on_either_branch(approx):
+    model = Net()
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac", kfac_approx=approx)
+    for halved in (False, True, False):
+        assert_statistics_match(c, model, LINEARS, *branch_batch(model, halved), approx)
+
+
+class Repeat(nn.Module):
+    """Its layer is called once, or twice when its input's mean is positive."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if x.mean() > 0:
+            h = torch.tanh(self.fc(h))
+        return h
+
+
+class Skip(nn.Module):
+    """Its layer is called when its input's mean is positive, else not at all."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x)) if x.mean() > 0 else x
+
+
+class Around(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.body, self.out = nn.Linear(5, 6), body, nn.Linear(6, 3)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.out(self.body(self.inp(x)))
+
+
+def signed_batch(model: Around, sign: int, seed=0):
+    """A batch whose body input `inp(x)` has mean `sign` (±1): each row shifted along w, the mean of
+    inp's rows, as inp(x).mean() = mean_n w·x_n + mean(b)."""
+    x, y = batch(seed)
+    with torch.no_grad():
+        w = model.inp.weight.mean(0)
+        x = x + (sign - model.inp(x).mean()) * w / (w @ w)
+        torch.testing.assert_close(model.inp(x).mean(), torch.tensor(float(sign), dtype=DTYPE))
+    return x, y
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_layer_called_twice_pools_its_calls_as_a_tied_weight(approx):
+    """One site per call, as for a weight tied across sites: A and S over the rows of both calls, and
+    the per-example diagonal of the sum of both calls' terms (squared after summing)."""
+    model = Around(Repeat())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac", kfac_approx=approx)
+    assert c.layers["body.fc"].called_by == "body"
+    for sign in (1, -1, 1):  # two calls, one call, two calls
+        assert_statistics_match(c, model, ["inp", "body.fc", "out"], *signed_batch(model, sign), approx)
+
+
+def test_a_layer_skipped_by_a_forward_gets_nothing_from_it():
+    """A forward that does not call the layer adds no statistics (its weight gets no gradient from it
+    either): on a step of such forwards its statistics keep their average, and a later forward that
+    calls it collects as before."""
+    model = Around(Skip())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    assert_statistics_match(c, model, ["inp", "body.fc", "out"], *signed_batch(model, 1))
+    before = {k: v.clone() for k, v in c.statistics("body.fc").items()}
+    updates = c.optimizer.statistics["body.fc"].updates
+    weight = model.body.fc.weight.detach().clone()
+    x, y = signed_batch(model, -1, seed=1)
+    assert_statistics_match(c, model, ["inp", "out"], x, y)
+    assert c.optimizer.statistics["body.fc"].updates == updates
+    for k, v in c.statistics("body.fc").items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    torch.testing.assert_close(model.body.fc.weight, weight, rtol=0, atol=0)
+    assert_statistics_match(c, model, ["inp", "body.fc", "out"], *signed_batch(model, 1, seed=2))
+
+
+class Teacher(nn.Module):
+    """Calls its layer once without gradients (a target) and once with them."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = torch.tanh(self.fc(2 * x))
+        h = torch.tanh(self.fc(x))
+        return (h if h.mean() < 1e6 else -h) + target  # data-dependent
+
+
+def test_a_call_without_gradients_adds_nothing():
+    """A call under torch.no_grad has no output gradient: its input must not enter A either (A and S
+    over the rows of the calls that are backpropagated)."""
+    model = Around(Teacher())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    x, y = batch(0)
+    calls, M = record_linear_calls(model, ["body.fc"], x, y)
+    assert [g is None for _, g in calls["body.fc"]] == [True, False]
+    ref = kfac_factors([call for call in calls["body.fc"] if call[1] is not None], True, "expand", M)
+    statistic_step(c, x, y)
+    for k in ("A", "S"):
+        torch.testing.assert_close(c.statistics("body.fc")[k], ref[k], **TOL)
+
+
+class Checkpointed(nn.Module):
+    """Calls its layer through activation checkpointing (reentrant: the forward under torch.no_grad,
+    recomputed in backward; non-reentrant: recomputed in backward), or plainly (`reentrant` None)."""
+
+    def __init__(self, reentrant: bool | None, d=6):
+        super().__init__()
+        self.fc, self.reentrant = nn.Linear(d, d), reentrant
+
+    def forward(self, x):
+        h = self.fc(x) if self.reentrant is None else checkpoint(self.fc, x, use_reentrant=self.reentrant)
+        return torch.tanh(h) if h.mean() < 1e6 else h  # data-dependent
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_checkpointed_call_collects_as_a_plain_one(reentrant):
+    torch.manual_seed(3)
+    plain = Around(Checkpointed(None))
+    torch.manual_seed(3)
+    model = Around(Checkpointed(reentrant))
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    x, y = batch(0)
+    ref = hook_statistics(plain, ["body.fc"], x, y)
+    statistic_step(c, x, y)
+    for k in ("A", "S"):
+        torch.testing.assert_close(c.statistics("body.fc")[k], ref["body.fc"][k], **TOL)
+
+
+def test_type2_fisher_statistics_of_opened_layers_equal_curvlinops():
+    """The true-Fisher backward differentiates with respect to the opened layers' outputs as to the
+    graph's (fisher="type2": exact; curvlinops hooks the uncompiled model)."""
+    x, y = batch(2)
+    ref = curvlinops_type2_factors(Net(), LINEARS, x, y, "cross_entropy")
+    got, c = statistics_after_one_step(Net(), x, y, "cross_entropy", LINEARS, fisher="type2", capture="fx")
+    assert c.layers["b1.fc1"].called_by == "b1"
+    for name in LINEARS:
+        torch.testing.assert_close(got[name]["A"], ref[name]["A"], **TOL)
+        torch.testing.assert_close(got[name]["S"], ref[name]["S"], **TOL)
+
+
+def test_mc_fisher_statistics_of_opened_layers_converge_to_type2():
+    x, y = batch(2)
+    exact, _ = statistics_after_one_step(Net(), x, y, "cross_entropy", LINEARS, fisher="type2", capture="fx")
+    torch.manual_seed(0)
+    got, _ = statistics_after_one_step(Net(), x, y, "cross_entropy", LINEARS, fisher="mc", mc_samples=2000,
+                                       capture="fx")
+    for name in ("b1.fc1", "b2.fc2"):
+        torch.testing.assert_close(got[name]["A"], exact[name]["A"], **TOL)
+        assert (got[name]["S"] - exact[name]["S"]).norm() < 0.1 * exact[name]["S"].norm()
+
+
+# ----------------------------------------------------------------------------- the forward and training
+
+
+def test_outputs_over_calls_are_the_models_and_the_model_keeps_its_layers():
+    model = Net()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    layer = model.b1.fc1
+    for seed in (0, 2, 0, 2):  # statistic forwards (no step yet): the instrumented graph runs
+        x, _ = batch(seed)
+        torch.testing.assert_close(c(x), reference(x), rtol=0, atol=0)
+        assert model.b1.fc1 is layer and type(model.b1).forward is Block.forward
+    assert c.optimizer.statistics["b1.fc1"]._staged  # the opened layer's tap ran
+    c.eval()
+    for seed in (0, 2):
+        x, _ = batch(seed)
+        torch.testing.assert_close(c(x), reference(x), rtol=0, atol=0)
+
+
+def test_training_at_the_defaults_lowers_the_loss():
+    """optimizer="kfac" with loss=: step="quadratic", fisher="mc", every layer a K-FAC block."""
+    model = Net()
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
+    x, y = batch(2, n=32)
+    losses = train(c, x, y, cross_entropy, 15)
+    assert {b.preconditioner for b in c.layers} == {"kfac"} and not c.layers.fallbacks
+    assert c.optimizer.statistics["b1.fc1"].updates >= 1
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def dense_ggn(model: nn.Module, x, y) -> torch.Tensor:
+    """G = Σ_n J_nᵀ H_n J_n of the mean cross-entropy, by reverse-mode Jacobians (no vmap: the model
+    branches on values), H_n = (diag(p_n) - p_n p_nᵀ)/N."""
+    names = [n for n, _ in model.named_parameters()]
+    theta = flat(p.detach() for p in model.parameters())
+    shapes = [p.shape for p in model.parameters()]
+
+    def output(t):
+        params, start = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = t[start:start + s.numel()].reshape(s)
+            start += s.numel()
+        return torch.func.functional_call(model, params, (x,))
+
+    J = torch.autograd.functional.jacobian(output, theta)  # (N, C, P)
+    p = torch.softmax(output(theta), dim=-1).detach()
+    H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / x.shape[0]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H, J)
+
+
+def test_quadratic_step_alpha_and_mu_minimize_the_dense_ggn_quadratic():
+    """The quadratic step replays the model's own forward (its branches included): with opened layers in
+    K-FAC blocks, (α, μ) still minimize q over the plane of the proposal and the previous update."""
+    model = Net()
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", capture="fx", stat_every=1, inv_every=1)
+    params = list(model.parameters())
+    previous, solved = None, 0
+    for seed in (0, 2, 0, 2):
+        x, y = batch(seed)
+        cross_entropy(c(x), y).backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = dense_ggn(model, x, y)
+        c.step()
+        c.zero_grad()
+        last, s = c.optimizer.last_step, flat(p.detach() for p in params) - theta0
+        if last["rejected"]:
+            previous = None
+            continue
+        _, q, _ = assert_minimizer(g, G, last, s, previous)
+        assert last["predicted"] == pytest.approx(-q, rel=1e-9)
+        solved += previous is not None  # a 2x2 solve for (α, μ)
+        previous = s
+    assert solved >= 2
+
+
+def test_torch_compile_trains_as_without_it():
+    """Statistic steps run the opened layers' graphs eagerly; the other steps, compiled, the model."""
+    torch._dynamo.reset()
+    runs = []
+    for wrap in (lambda m: m, lambda m: torch.compile(m, backend="eager")):
+        model = Net()
+        c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1, stat_every=2, inv_every=2)
+        runner = wrap(c)
+        for seed in (0, 2, 0, 2, 0):
+            x, y = batch(seed)
+            cross_entropy(runner(x), y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append((dict(model.named_parameters()), c.statistics("b1.fc1")))
+    torch._dynamo.reset()
+    for name, p in runs[0][0].items():
+        torch.testing.assert_close(runs[1][0][name], p, rtol=1e-10, atol=1e-12)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- what is not opened
+
+
+class ReadsBias(Skip):
+    """Adds its layer's bias by hand besides calling the layer: a use the layer's statistics do not see."""
+
+    def forward(self, x):
+        return super().forward(x) + self.fc.bias
+
+
+def test_a_parameter_the_opaque_code_uses_besides_its_layer_raises_with_the_fix():
+    model = Around(ReadsBias())
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers["body.fc"].called_by == "body"
+    out = c(signed_batch(model, 1)[0])
+    with pytest.raises(gnfx.GnfxError, match=r"'body' uses the parameter 'body.fc.bias' other than by calling "
+                                             r"'body.fc'.*leaf_modules=\['body'\]"):
+        out.sum().backward()
+    kept = gnfx.compile(Around(ReadsBias()), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["body"])
+    kept(signed_batch(model, 1)[0]).sum().backward()  # the fix: kept whole, it falls back
+    assert "body.fc" not in kept.layers
+
+
+class Mixed(nn.Module):
+    """An opaque block with layers that cannot be opened, and one that can."""
+
+    def __init__(self, shared: nn.Parameter):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(2, 2, 3)  # forward(input, output_size=None): two inputs
+        self.shared = nn.Linear(6, 6)
+        self.shared.weight = shared  # also the model's `head.weight`
+        self.lin, self.peek = nn.Linear(6, 6), nn.Linear(6, 6)  # peek's bias is also read by the model
+        self.pruned = nn.Linear(6, 6)
+        self.pruned.register_forward_pre_hook(lambda m, args: None)  # a pre-hook: the call is not lowered
+
+    def forward(self, x):
+        h = self.lin(x) + self.pruned(x) + self.peek(x)
+        if h.mean() > 0:
+            h = -h
+        return h + self.up(h.unflatten(-1, (2, 3))).flatten(-2)[..., :6] + self.shared(h)
+
+
+class WithMixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(6, 6)
+        self.inp, self.mixed, self.out = nn.Linear(5, 6), Mixed(self.head.weight), nn.Linear(6, 3)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.out(self.head(self.mixed(self.inp(x))) + self.mixed.peek.bias)
+
+
+def test_layers_that_cannot_be_opened_fall_back_with_the_reason():
+    c = compile_for_statistics(WithMixed(), capture="fx", optimizer="kfac")
+    opened = c.layers.opened
+    assert opened["mixed.lin"].startswith("opened")
+    assert opened["mixed.up"] == ("not opened: its forward takes optional or variadic inputs, which an opened "
+                                  "child's graph would fix")
+    assert opened["mixed.shared"] == ("not opened: its parameter 'mixed.shared.weight' is also registered as "
+                                      "'head.weight' (shared)")
+    assert opened["mixed.peek"] == ("not opened: its parameter 'mixed.peek.bias' is also read by the captured graph "
+                                    "outside the submodule")
+    assert opened["mixed.pruned"].startswith("not opened: its graph has no curvature block ('mixed.pruned.weight': "
+                                             "inside module 'mixed.pruned'")
+    assert [b.name for b in c.layers] == ["inp", "mixed.lin", "out"]
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert "mixed.up not opened: its forward takes optional or variadic inputs" in reasons["mixed.up.weight"]
+    assert reasons["head.weight"].startswith("inside leaf module 'mixed'")
+    assert "    mixed.up: not opened: its forward takes optional or variadic inputs" in c.report()
+    x, y = batch(0)
+    statistic_step(c, x, y)  # runs, and the opened layer collects
+    assert set(c.statistics("mixed.lin")) == set(ALL)
+
+
+def test_a_submodule_kept_opaque_on_request_stays_whole():
+    c = gnfx.compile(Net(), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["b1"])
+    assert "b1.fc1" not in c.layers and "b2.fc1" in c.layers
+    assert not any(path.startswith("b1.") for path in c.layers.opened)
+
+
+# ----------------------------------------------------------------------------- other layer kinds
+
+
+class Gated(nn.Module):
+    """`layer`, then a branch on the value of its output unless `traceable` (the same computation:
+    the branch is never taken on these inputs)."""
+
+    def __init__(self, layer: nn.Module, traceable: bool):
+        super().__init__()
+        self.layer, self.traceable = layer, traceable
+
+    def forward(self, x):
+        h = self.layer(x)
+        if not self.traceable and h.abs().max() > 1e6:
+            h = h / h.abs().max()
+        return h
+
+
+class KindNet(nn.Module):
+    """x -> Gated(layer) -> mean over everything but the batch and the channels -> Linear head."""
+
+    LAYERS = {"conv1d": lambda: nn.Conv1d(2, 3, 3, padding=1), "conv2d": lambda: nn.Conv2d(2, 3, 3, stride=2),
+              "conv3d": lambda: nn.Conv3d(2, 3, 2), "embedding": lambda: nn.Embedding(7, 3),
+              "layer_norm": lambda: nn.LayerNorm(3)}
+    INPUTS = {"conv1d": (2, 5), "conv2d": (2, 5, 5), "conv3d": (2, 3, 3, 3), "embedding": (4,), "layer_norm": (4, 3)}
+
+    def __init__(self, kind: str, traceable: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.body, self.head = Gated(self.LAYERS[kind](), traceable), nn.Linear(3, 3)
+        if kind == "layer_norm":  # not the identity affine map
+            nn.init.normal_(self.body.layer.weight)
+            nn.init.normal_(self.body.layer.bias)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.body(x)
+        h = h.flatten(2).mean(-1) if self.kind.startswith("conv") else h.mean(1)
+        return self.head(h)
+
+
+def kind_batch(kind: str, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *KindNet.INPUTS[kind])
+    x = torch.randint(0, 7, shape, generator=g) if kind == "embedding" else torch.randn(shape, generator=g, dtype=DTYPE)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", list(KindNet.LAYERS))
+def test_opened_conv_embedding_and_norm_layers_collect_what_the_traced_layer_does(kind):
+    """The layer opened inside the opaque Gated and the same layer traced in the graph (the model
+    without the branch, the same weights) collect the same statistics on the same batch (the graph's
+    are checked against hooks and per-example gradients in the tests of each kind)."""
+    opened = compile_for_statistics(KindNet(kind, traceable=False), capture="fx", optimizer="kfac")
+    traced = compile_for_statistics(KindNet(kind, traceable=True), capture="fx", optimizer="kfac")
+    assert list(opened.layers.leaves) == ["body"] and not traced.layers.leaves
+    assert opened.layers["body.layer"].called_by == "body" and not opened.layers.fallbacks
+    assert opened.layers["body.layer"].kind == traced.layers["body.layer"].kind
+    x, y = kind_batch(kind)
+    for c in (opened, traced):
+        statistic_step(c, x, y)
+    for name in ("body.layer", "head"):
+        got, ref = opened.statistics(name), traced.statistics(name)
+        assert set(got) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOL)
+
+
+# ----------------------------------------------------------------------------- traceable subtrees
+
+
+class Inner(nn.Module):
+    """A traceable submodule: an nn.Linear, a hand-written linear map x Wᵀ of a parameter of its own,
+    and a Gated layer (untraceable unless `traceable`)."""
+
+    def __init__(self, traceable: bool):
+        super().__init__()
+        self.fc, self.w = nn.Linear(6, 6), nn.Parameter(torch.randn(6, 6) / 3)
+        self.gate = Gated(nn.Linear(6, 6), traceable)
+
+    def forward(self, x):
+        return self.gate(torch.tanh(self.fc(x)) @ self.w.T)
+
+
+class Outer(nn.Module):
+    """Calls `inner` twice, around a branch on a value (unless `traceable`)."""
+
+    def __init__(self, traceable: bool):
+        super().__init__()
+        self.inner, self.traceable = Inner(traceable), traceable
+
+    def forward(self, x):
+        h = self.inner(x)
+        if not self.traceable and h.abs().max() > 1e6:
+            h = h / h.abs().max()
+        return self.inner(torch.tanh(h))
+
+
+class Bypass(Outer):
+    """Calls the opened `inner`'s layer past it."""
+
+    def forward(self, x):
+        return super().forward(x) + self.inner.fc(x)
+
+
+def around_outer(traceable: bool, cls=Outer) -> Around:
+    torch.manual_seed(1)  # Outer's parameters, then Around's
+    return Around(cls(traceable))
+
+
+def test_a_traceable_submodule_is_opened_whole_with_its_own_leaves_opened_in_turn():
+    """Outer is opaque; Inner, which it calls twice, traces on its own (its hand-written x Wᵀ a block
+    that no layer-by-layer opening would find), except its Gated, a leaf of Inner's graph whose
+    layer is opened in turn. The statistics equal those of the same model without the branches."""
+    opened = compile_for_statistics(around_outer(traceable=False), capture="fx", optimizer="kfac")
+    traced = compile_for_statistics(around_outer(traceable=True), capture="fx", optimizer="kfac")
+    names = ["inp", "body.inner.fc", "body.inner.w", "body.inner.gate.layer", "out"]
+    assert [b.name for b in opened.layers] == [b.name for b in traced.layers] == names
+    assert not opened.layers.fallbacks and not traced.layers.leaves
+    assert sorted(opened.layers.leaves) == ["body", "body.inner.gate"]
+    assert opened.layers.opened["body.inner"].startswith("opened")
+    assert opened.layers.opened["body.inner.gate.layer"].startswith("opened")
+    assert [b.called_by for b in opened.layers] == [None, "body", "body", "body.inner.gate", None]
+    x, y = batch(0)
+    torch.testing.assert_close(opened(x), traced(x), rtol=0, atol=0)
+    for c in (opened, traced):
+        c.zero_grad()
+        statistic_step(c, x, y)
+    for name in names:
+        got, ref = opened.statistics(name), traced.statistics(name)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOL)
+
+
+def test_a_layer_of_an_opened_submodule_called_past_it_raises():
+    model = around_outer(False, Bypass)
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers["body.inner.fc"].called_by == "body"
+    with pytest.raises(gnfx.GnfxError, match=r"uses the parameter 'body.inner.fc.(weight|bias)' other than by "
+                                             r"calling 'body.inner'"):
+        c(batch(0)[0]).sum().backward()
+
+
+class Scaled(nn.Module):
+    """A traceable submodule whose forward reads a buffer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("scale", torch.full((6,), 2.0))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class CallsScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Scaled()
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h if h.mean() < 1e6 else -h  # data-dependent
+
+
+def test_an_opened_submodule_reads_the_buffers_the_model_has_now():
+    """`.double()` replaces the model's buffers; the opened submodule's graph, which holds the one it
+    was captured with, is bound to the new one on the next statistic step (as the captured graph is)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), CallsScaled(), nn.Linear(6, 3))
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers.opened["1.inner"].startswith("opened")
+    c.double()
+    with torch.no_grad():
+        model[1].inner.scale.fill_(3.0)
+    x = torch.randn(4, 5, dtype=DTYPE)
+    torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
