@@ -15,8 +15,9 @@ An embedding's A, the rows' frequencies (here 1/T each), would give every row th
 the positions differently. A ViT's head reads the class token's position only: at initialization
 (benchmarks/library_lookalikes.py's ViT) e_0 is 1,800x the mean of the 16 patch rows', so K-FAC
 took the patch rows' curvature ~100x too large and their steps ~100x too short, and the table
-hardly moved (benchmarks/results/library_models.md, "kfac on vit"). Weighted by the energies, the
-block of row t, A_t S, has the exact block's trace, tr(A_t S) = tr F_t (the same normalization as S),
+hardly moved (benchmarks/results/library_models.md, "kfac at defaults on vit and moe"). Weighted
+by the energies, the block of row t, A_t S, has the exact block's trace, tr(A_t S) = tr F_t (the
+same normalization as S),
 and the blocks' sum Σ_t A_t S = S is unchanged, so are tr A = 1 and the factored damping's π. The
 energies come with S, from the same output gradients (the sampled ones with fisher="mc"): a vector of
 T_max entries. (A token embedding keeps the frequencies: its ids are data, and nothing measured
