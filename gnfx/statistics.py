@@ -90,6 +90,8 @@ class BlockStatistics:
         a_shape = shapes["A"][:-2] + (block.d_in, block.d_in) if whole_A else shapes["A"]
         self._A = zeros(*a_shape) if "A" in needs else None
         self._A_sum = zeros(*a_shape[:-1]) if "A" in needs and self.bias and whole_A else None
+        # Σ |δ|² per id of a diagonal A weighted by energy (gnfx.layouts.position), accumulated with S
+        self._A_energy = zeros(*a_shape) if "A" in needs and self.layout.energy_weighted_A else None
         self._S = zeros(*shapes["S"]) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
@@ -216,6 +218,8 @@ class BlockStatistics:
         elif self._S is not None:
             rows = g3.sum(1) if self.reduce and not whole else g3.flatten(0, 1)
             self._gram_into("_S", rows)
+        if self._A_energy is not None:
+            self._A_energy.index_add_(0, self.layout.error_ids(g).flatten(), g3.square().sum(-1).flatten())
         if self._diag is None and self._grad is None and self._eigen_diag is None:
             return
         Q_S, Q_A = self.basis() if self._eigen_diag is not None and self.basis is not None else (None, None)
@@ -289,7 +293,9 @@ class BlockStatistics:
                 self._gram_into("_S", pooled["g"])
         batch = {}
         if self._A is not None and self._a_rows:
-            batch["A"] = self._bordered_A() / self._a_rows
+            energy = self._A_energy.sum() if self._A_energy is not None else 0
+            # weighted by the ids' output-gradient energies (gnfx.layouts.position), else their frequencies
+            batch["A"] = self._A_energy / energy if energy > 0 else self._bordered_A() / self._a_rows
         if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)
             batch["S"] = self._S * m
         for name, out, pending in (("diag", self._diag, self._per_example),
@@ -321,6 +327,8 @@ class BlockStatistics:
         if self._dirty:  # (a step without statistics leaves them zero: nothing to clear)
             if self.layout.diagonal_A and self._A is not None:
                 self._A.zero_()  # token counts are added, not multiplied
+            if self._A_energy is not None:
+                self._A_energy.zero_()
             for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
                 if buf is not None:
                     buf.zero_()

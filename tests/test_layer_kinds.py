@@ -10,7 +10,9 @@ and g = ∂L/∂z recorded by hooks:
               reference is N Σ_n (Σ_r g x̂, Σ_r g)²).
     grouped   per group j: A_j, S_j of the ungrouped convolution of group j's input channels by
     conv      group j's kernels; diag from vmap.
-    position  A = (rows read)/(N T), S = M Σ_{n,t} g gᵀ, diag from vmap in the (d x T_max) layout.
+    position  A_t = e_t / Σ e, e_t = Σ_n |g_{n,t}|² (0 on rows not read), S = M Σ_{n,t} g gᵀ, and
+              tr(A_t S) = M Σ_n |g_{n,t}|², the trace of row t's own block; diag from vmap in the
+              (d x T_max) layout.
 
 Then every preconditioner that takes blocks trains a tiny model holding all of them.
 """
@@ -350,10 +352,12 @@ def test_position_statistics_are_an_embedding_of_the_positions(leading_one, star
     per = per_example_grads(model, ids, y)["pos"].reshape(n, 7, 4)
     statistic_step(c, ids, y)
     stats = c.statistics("pos")
-    counts = torch.zeros(7, dtype=DTYPE)
-    counts[start:start + t] = 1 / t
-    assert_close(stats["A"], counts)
+    energy = torch.zeros(7, dtype=DTYPE)
+    energy[start:start + t] = g.square().sum((0, 2))  # e_t = Σ_n |g_{n,t}|²
+    assert_close(stats["A"], energy / energy.sum())
     assert_close(stats["S"], M * g.flatten(0, 1).T @ g.flatten(0, 1))
+    # each row's Kronecker block A_t S has the trace of its exact block M Σ_n g_{n,t} g_{n,t}ᵀ
+    assert_close(stats["A"] * stats["S"].trace(), M * energy)
     assert_close(stats["diag"], per.square().mean(0).T)
 
 
@@ -379,9 +383,16 @@ def test_a_position_table_broadcast_over_heads_is_read_by_every_head():
     ids, y = torch.randint(0, 9, (3, 4), generator=gen), torch.randint(0, 9, (3, 4), generator=gen)
     c = compile_for_statistics(model, optimizer="kfac")
     per = per_example_grads(model, ids, y)["table"]
+    # e_t over the rows that read row t, as S counts them: every (example, head), e_t = Σ_{n,h} |g_{n,h,t}|²,
+    # g = ∂L/∂z of z = h + table[:T] (N, H, T, d_head), written out (before the step moves the parameters)
+    n, t = ids.shape
+    z = (model.emb(ids).view(n, t, 2, 4).transpose(1, 2).detach() + model.table[:t].detach()).requires_grad_(True)
+    g = torch.autograd.grad(cross_entropy(model.head(torch.tanh(z).transpose(1, 2).reshape(n, t, 8)), y), z)[0]
+    energy = torch.zeros(5, dtype=DTYPE)
+    energy[:4] = g.square().sum((0, 1, 3))
     statistic_step(c, ids, y)
     stats = c.statistics("table")
-    assert_close(stats["A"], torch.tensor([0.25] * 4 + [0.0], dtype=DTYPE))
+    assert_close(stats["A"], energy / energy.sum())
     assert_close(stats["diag"], per.square().mean(0).T)
 
 

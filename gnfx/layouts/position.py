@@ -3,11 +3,25 @@
 P is a parameter (T_max, d), or (1, T_max, d) and the like, whose rows are positions; the graph
 adds the rows of T consecutive positions to an activation x (N, T, d). Position t of every
 example reads row `start + t`: this is an embedding (gnfx.layouts.embedding) whose token ids are
-the positions, `z_{n,t} = x_{n,t} + Pᵀ onehot(start + t)`, with the same K-FAC model:
+the positions, `z_{n,t} = x_{n,t} + Pᵀ onehot(start + t)`, with the K-FAC model
 
     per-example gradient   ∇P_n = Σ_t δ_{n,t} onehot(start + t)ᵀ   (row start + t of it is δ_{n,t})
-    A = 1/(N T) Σ_{n,t} onehot onehotᵀ = diag(1/T on the T rows used)   (stored as its diagonal)
+    A = diag(e) / Σ_t e_t,   e_t = Σ_n |δ_{n,t}|²   (stored as its diagonal; 0 on the rows not read)
     S = E[δ δᵀ]  (d x d)
+
+The exact GGN's block of row t is F_t = 1/N Σ_n δ_{n,t} δ_{n,t}ᵀ (each example reads each row once).
+An embedding's A, the rows' frequencies (here 1/T each), would give every row the mean block
+1/T Σ_t F_t: right when the rows' output gradients are alike, and they are not where the model reads
+the positions differently. A ViT's head reads the class token's position only: at initialization
+(benchmarks/library_lookalikes.py's ViT) e_0 is 1,800x the mean of the 16 patch rows', so K-FAC
+took the patch rows' curvature ~100x too large and their steps ~100x too short, and the table
+hardly moved (benchmarks/results/library_models.md, "kfac at defaults on vit and moe"). Weighted
+by the energies, the block of row t, A_t S, has the exact block's trace, tr(A_t S) = tr F_t (the
+same normalization as S),
+and the blocks' sum Σ_t A_t S = S is unchanged, so are tr A = 1 and the factored damping's π. The
+energies come with S, from the same output gradients (the sampled ones with fisher="mc"): a vector of
+T_max entries. (A token embedding keeps the frequencies: its ids are data, and nothing measured
+there asks for more.)
 
 The taps record x only to read N and T from its shape. A table added to an activation with more
 dimensions, (N, H, T, d) say, is read by every h: the H T rows of an example are its positions.
@@ -21,6 +35,7 @@ from gnfx.layouts.embedding import EmbeddingLayout
 
 class PositionLayout(EmbeddingLayout):
     view = "flat_t"  # P as the matrix d x T_max: its leading dimensions of one dropped, transposed
+    energy_weighted_A = True  # A from the rows' output-gradient energies (module docstring)
 
     @staticmethod
     def examples(x: torch.Tensor) -> int:
@@ -32,3 +47,8 @@ class PositionLayout(EmbeddingLayout):
         n, t = self.examples(x), x.shape[-2]
         start = self.block.options["start"]
         yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
+
+    def error_ids(self, g: torch.Tensor) -> torch.Tensor:
+        """The rows of P that the output gradient's rows (error_rows) belong to, (N, R): the output
+        has the input's shape, so they are input_chunks' of the gradient."""
+        return next(self.input_chunks(g))
