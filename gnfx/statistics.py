@@ -293,9 +293,11 @@ class BlockStatistics:
                 self._gram_into("_S", pooled["g"])
         batch = {}
         if self._A is not None and self._a_rows:
-            energy = self._A_energy.sum() if self._A_energy is not None else 0
-            # weighted by the ids' output-gradient energies (gnfx.layouts.position), else their frequencies
-            batch["A"] = self._A_energy / energy if energy > 0 else self._bordered_A() / self._a_rows
+            batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
+            if self._A_energy is not None:  # weighted by their output-gradient energies (gnfx.layouts.position)
+                energy = self._A_energy.sum()  # (no gradient reached the block: 0, the frequencies stay)
+                batch["A"] = torch.where(energy > 0, self._A_energy / energy.clamp_min(torch.finfo(energy.dtype).tiny),
+                                         batch["A"])
         if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)
             batch["S"] = self._S * m
         for name, out, pending in (("diag", self._diag, self._per_example),
