@@ -1,4 +1,8 @@
 """How the statistics tests drive gnfx: compile for statistics on every step, take one step."""
+import warnings
+
+import torch.nn.functional as F
+
 import gnfx
 from references import cross_entropy
 
@@ -28,3 +32,14 @@ def train(c, x, y, loss_fn, steps: int) -> list[float]:
         c.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def train_in_blocks(model, x, y, optimizer: str, steps: int = 4) -> list[float]:
+    """Compile `model` (torch.fx, lr 1e-2, the capture's warnings silenced) with `optimizer`, check that
+    every trainable parameter is in a curvature block, and train it `steps` steps on (x, y) with a
+    mean squared error; the losses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = gnfx.compile(model, optimizer=optimizer, lr=1e-2, capture="fx", example_inputs=(x,))
+    assert not c.layers.fallbacks
+    return train(c, x, y, F.mse_loss, steps)

@@ -13,6 +13,7 @@ from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_n
 
 import gnfx
 from gnfx.reparametrization import WeightNorm
+from steps import train, train_in_blocks
 
 
 def hooked_weight_norm(module, dim=0):
@@ -193,17 +194,7 @@ def test_other_preconditioners_step_weight_normed_blocks(optimizer):
     """The other preconditioners see the W-space gradient matrix too: a few steps lower the loss."""
     model, x = layer_model("conv1d", "parametrization")
     y = torch.randn(8, 3, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cm = gnfx.compile(model, optimizer=optimizer, lr=1e-2, capture="fx", example_inputs=(x,))
-    assert not cm.layers.fallbacks
-    losses = []
-    for _ in range(4):
-        loss = F.mse_loss(cm(x), y)
-        losses.append(loss.item())
-        cm.zero_grad()
-        loss.backward()
-        cm.step()
+    losses = train_in_blocks(model, x, y, optimizer)
     assert losses[-1] < losses[0], losses
 
 
