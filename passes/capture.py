@@ -31,6 +31,7 @@ from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.passes.validation_checks import NotValidations, is_data_dependent_guard, specialized_export
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -41,13 +42,15 @@ class Captured:
 
     `leaves` maps the dotted path of each submodule kept opaque to the reason. `draws`: whether the
     forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
-    of it would draw again (gnfx.random_state).
+    of it would draw again (gnfx.random_state). `checks`: the data-dependent validation checks the
+    graph asserts, specialized to the example call (passes/validation_checks.py).
     """
 
     graph_module: fx.GraphModule
     form: str  # "fx" (torch-level graph) or "export" (aten-level graph)
     leaves: dict[str, str]
     draws: bool = False
+    checks: tuple[str, ...] = ()
 
 
 class _DenseProxy(fx.Proxy):
@@ -340,15 +343,31 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         if isinstance(x, torch.Tensor) and x.dim():
             changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
             dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
+    checks, refused = (), ""
     try:
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
+
         def exported():
+            if checks:  # the retry (passes/validation_checks.py)
+                return specialized_export(view, args, kwargs, dynamic)[0]
             return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), kept_state() as drew:
-            ep = exported()
+            try:
+                ep = exported()
+            except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
+                if not is_data_dependent_guard(exc):
+                    raise
+                try:
+                    ep, checks = specialized_export(view, args, kwargs, dynamic)
+                except NotValidations as refusal:
+                    refused = f"\n  not a validation check, so not captured with it asserted: {refusal}"
+                except Exception as failure:  # noqa: BLE001 - the first failure is the one to report
+                    refused = f"\n  torch.export.draft_export failed too: {describe_exception(failure)}"
+                if refused:
+                    raise
             draws = drew()
             if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line
@@ -362,12 +381,12 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                "leaf_modules=[...] and capture='fx'")
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {describe_exception(exc)}\n"
-            f"  at {_user_frame(exc, model)}\n"
+            f"  at {_user_frame(exc, model)}{refused}\n"
             f"Fix: {fix}") from exc
     gm = ep.module()
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
-    return Captured(gm, "export", {}, draws)
+    return Captured(gm, "export", {}, draws, checks)
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
