@@ -152,8 +152,8 @@ class Variants:
         gm, table, sites = built or self._build(captured)
         self.draws_python_random |= captured.draws or bool(captured.leaves)
         if captured.checks:  # passes/validation_checks.py
-            why += ("; the forward's data-dependent validation checks are runtime assertions in the graph, "
-                    "specialized to the example call's side, which does not raise (torch.export.draft_export): "
+            why += ("; the forward's data-dependent validation checks (`if ...: raise`) are runtime assertions in "
+                    "the graph, specialized to the side the example call took, which does not raise: "
                     + "; ".join(captured.checks) + ". A call that fails one runs the model's own forward, which "
                     "raises its error (or gnfx raises a GnfxError naming the check if the model does not)")
         table.capture = why

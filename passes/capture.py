@@ -29,9 +29,10 @@ from torch.nn.utils import rnn as rnn_utils
 
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
+from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
-from gnfx.passes.validation_checks import NotValidations, is_data_dependent_guard, specialized_export
+from gnfx.passes.validation_checks import example_values, is_data_dependent_guard, name_assertions, specialized_to
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -343,29 +344,31 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         if isinstance(x, torch.Tensor) and x.dim():
             changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
             dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
-    checks, refused = (), ""
+    checks, refused, specialized = [], "", contextlib.nullcontext
     try:
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
 
         def exported():
-            if checks:  # the retry (passes/validation_checks.py)
-                return specialized_export(view, args, kwargs, dynamic)[0]
-            return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+            with specialized():
+                return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
-        with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), kept_state() as drew:
+        with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
+              kept_state() as drew):
             try:
                 ep = exported()
             except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
                 if not is_data_dependent_guard(exc):
                     raise
+                values = example_values(model, args, kwargs)  # passes/validation_checks.py
+                specialized = functools.partial(specialized_to, values, checks)
                 try:
-                    ep, checks = specialized_export(view, args, kwargs, dynamic)
-                except NotValidations as refusal:
-                    refused = f"\n  not a validation check, so not captured with it asserted: {refusal}"
+                    ep = exported()
                 except Exception as failure:  # noqa: BLE001 - the first failure is the one to report
-                    refused = f"\n  torch.export.draft_export failed too: {describe_exception(failure)}"
+                    refused = ("\n  (no validation check `if ...: raise` on that line)" if not checks else
+                               f"\n  retried with its validation checks specialized to the example: "
+                               f"{describe_exception(failure)}")
                 if refused:
                     raise
             draws = drew()
@@ -384,9 +387,11 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
             f"  at {_user_frame(exc, model)}{refused}\n"
             f"Fix: {fix}") from exc
     gm = ep.module()
+    name_assertions(gm, {where for where, _ in checks})
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
-    return Captured(gm, "export", {}, draws, checks)
+    described = dict.fromkeys(f"{where} (read {value!r} in the example)" for where, value in checks)
+    return Captured(gm, "export", {}, draws, tuple(described))
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:

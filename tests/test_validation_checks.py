@@ -110,3 +110,43 @@ def test_a_call_that_fails_a_check_the_model_passes_is_a_gnfx_error_naming_it():
     x[0, 0] = 1e7  # the first condition flips, the model does not raise
     with pytest.raises(gnfx.GnfxError, match=r"validation check at .*\(x > 1e6\).any\(\) and"):
         c(x)
+
+
+class CTCHead(nn.Module):
+    """A CTC model called with its labels (-100 on padding), as Wav2Vec2ForCTC: it checks them by value
+    and computes F.ctc_loss with tensor lengths (aten._ctc_loss.Tensor, which has no fake kernel in torch)."""
+
+    def __init__(self, vocab=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vocab, self.proj = vocab, nn.Linear(3, vocab)
+        self.to(DTYPE)
+
+    def forward(self, x, frames, labels):
+        if labels.max() >= self.vocab:
+            raise ValueError(f"Label values must be <= vocab_size: {self.vocab}")
+        logits = self.proj(x)
+        kept = labels >= 0
+        log_probs = F.log_softmax(logits, -1).transpose(0, 1)
+        return F.ctc_loss(log_probs, labels.masked_select(kept), frames, kept.sum(-1)), logits
+
+
+def test_a_ctc_model_with_its_labels_computes_the_models_loss_and_gradients_exactly():
+    model = CTCHead()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.01, stat_every=1)
+    g = torch.Generator().manual_seed(0)
+    x, frames = torch.randn(3, 10, 3, generator=g, dtype=DTYPE), torch.tensor([10, 9, 7])
+    for labels in ([[1, 2, -100], [3, 1, 2], [4, -100, -100]], [[2, -100, -100], [1, 1, 3], [4, 2, -100]]):
+        labels = torch.tensor(labels)
+        (loss, z), (loss_ref, z_ref) = c(x, frames, labels), reference(x, frames, labels)
+        loss.backward()
+        loss_ref.backward()
+        assert torch.equal(loss, loss_ref) and torch.equal(z, z_ref)
+        for p, p_ref in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(p.grad, p_ref.grad)
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    assert c.layers.form == "export" and "labels.max() >= self.vocab" in c.layers.capture
