@@ -4,7 +4,8 @@ A forward that checks its inputs' values and raises on bad ones (Hugging Face's 
 `if labels is not None and labels.max() >= self.config.vocab_size: raise ValueError(...)`; `if (ids < 0).any():
 raise ...`) branches on data, which torch.export cannot guard on (GuardOnDataDependentSymNode: the
 value of `labels.max() >= V` is an unbacked symbol u0 of its fake tensors). Such a branch is a
-validation check: an `if` whose every side raises; the forward's computation is the side that does not.
+validation check: an `if` whose every side raises, or an `assert`; the forward's computation is the side
+that does not.
 
 Only for these, capture is retried as torch.export's draft mode does it, narrowed to the checks: the
 model runs once on the example call (no_grad, its buffers and random generators left as they were),
@@ -22,8 +23,8 @@ Each assertion's message names the check's line. A later call whose values flip 
 assertion in the graph before the graph returns; gnfx then runs the model's own forward on that call,
 which raises the model's error (its ValueError), or, if the model does not raise (one of several
 conditions the `if` combines flipped), a GnfxError naming the check (gnfx.variants): no graph returns
-the result of a branch the model would not take. Python `assert` statements need none of this:
-non-strict torch.export already records them as runtime assertions.
+the result of a branch the model would not take. (Non-strict torch.export turns some Python `assert`s
+into runtime assertions itself; `assert (x.abs() < 1e6).all()` it refuses in torch 2.13, as an `if`.)
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ VIOLATED = "gnfx: this call takes the other side of a data-dependent validation 
 _TORCH = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
 _HERE = os.path.realpath(__file__)
 _SCALAR_READS = (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__)
-_UNBACKED = ("create_unbacked_symbool", "create_unbacked_symint", "create_unbacked_symfloat")
+# ShapeEnv's makers of the unbacked symbol of a scalar read, by the type of the value read (the tensor's dtype)
+_UNBACKED = {"create_unbacked_symbool": bool, "create_unbacked_symint": int, "create_unbacked_symfloat": float}
 
 
 def is_data_dependent_guard(exc: BaseException) -> bool:
@@ -76,12 +78,13 @@ def _is_validation(node: ast.If) -> bool:
 @functools.lru_cache(maxsize=256)
 def _validation_lines(filename: str) -> frozenset:
     """The lines of `filename` inside the test of an `if` whose sides raise or are absent (`if bad:
-    raise ...`, with `elif` tests that raise)."""
+    raise ...`, with `elif` tests that raise), or of an `assert`."""
     try:
         tree = ast.parse("".join(linecache.getlines(filename)))
     except (SyntaxError, ValueError):
         return frozenset()
-    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.If) and _is_validation(node)
+    return frozenset(line for node in ast.walk(tree)
+                     if isinstance(node, ast.Assert) or isinstance(node, ast.If) and _is_validation(node)
                      for line in range(node.test.lineno, node.test.end_lineno + 1))
 
 
@@ -97,7 +100,8 @@ def _check_here() -> tuple[str, int, str] | None:
 
 
 class _ScalarReads(TorchFunctionMode):
-    """Records the value of each tensor read as a Python scalar on a validation check's line."""
+    """Records the value of each tensor read as a Python scalar on a validation check's line, as the
+    tensor's dtype has it (`item()`: a bool tensor's `int(t)` is the bool the trace's symbol stands for)."""
 
     def __init__(self):
         super().__init__()
@@ -106,7 +110,7 @@ class _ScalarReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in _SCALAR_READS and (where := _check_here()) is not None:
-            self.values[where].append(out)
+            self.values[where].append(args[0].item())
         return out
 
 
@@ -136,12 +140,12 @@ def specialized_to(values: dict, checks: list):
     originals = {name: getattr(ShapeEnv, name) for name in _UNBACKED}
     values = {where: collections.deque(read) for where, read in values.items()}  # each trace reads them anew
 
-    def specializing(create):
+    def specializing(create, kind):
         @functools.wraps(create)
         def created(shape_env, *args, **kwargs):
             symbol = create(shape_env, *args, **kwargs)
             where = _check_here()
-            if where is not None and values.get(where):
+            if where is not None and values.get(where) and type(values[where][0]) is kind:
                 value = values[where].popleft()
                 shape_env.set_real_tensor_prop_unbacked_vals(symbol.node.expr, value)
                 checks.append((f"{where[0]}:{where[1]}: {where[2]}", value))
@@ -149,7 +153,7 @@ def specialized_to(values: dict, checks: list):
         return created
 
     for name, create in originals.items():
-        setattr(ShapeEnv, name, specializing(create))
+        setattr(ShapeEnv, name, specializing(create, _UNBACKED[name]))
     try:
         yield
     finally:

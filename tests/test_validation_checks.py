@@ -27,6 +27,7 @@ class Validating(nn.Module):
     def forward(self, x, labels=None):
         if (x.abs() > 1e6).any():
             raise ValueError("inputs out of range")
+        assert not x.isnan().any(), "NaN in the inputs"
         z = self.b(torch.tanh(self.a(x)))
         if labels is not None and labels.max() >= CLASSES:
             raise ValueError(f"labels must be < {CLASSES}")
@@ -63,7 +64,7 @@ def test_a_validating_forward_computes_the_models_outputs_and_gradients_exactly(
         reference.zero_grad()
     assert c.layers.form == "export"
     assert "validation checks" in c.layers.capture and "labels.max() >= CLASSES" in c.layers.capture
-    assert "(x.abs() > 1e6).any()" in repr(c)  # print(model) names each check
+    assert "(x.abs() > 1e6).any()" in repr(c) and "assert not x.isnan().any()" in repr(c)  # print(model) names each
 
 
 def test_kfac_at_defaults_trains_a_validating_forward():
@@ -82,7 +83,7 @@ def test_kfac_at_defaults_trains_a_validating_forward():
     assert covered == total
 
 
-@pytest.mark.parametrize("bad", ["labels", "inputs"])
+@pytest.mark.parametrize("bad", ["labels", "inputs", "nan"])
 def test_a_call_that_fails_a_check_raises_the_models_error(bad):
     model = Validating()
     c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1)
@@ -95,8 +96,10 @@ def test_a_call_that_fails_a_check_raises_the_models_error(bad):
         y[0] = CLASSES
     else:
         x = x.clone()
-        x[0, 0] = 1e7
-    with pytest.raises(ValueError, match="labels must be" if bad == "labels" else "inputs out of range"):
+        x[0, 0] = 1e7 if bad == "inputs" else float("nan")
+    error, message = {"labels": (ValueError, "labels must be"), "inputs": (ValueError, "inputs out of range"),
+                      "nan": (AssertionError, "NaN in the inputs")}[bad]
+    with pytest.raises(error, match=message):
         c(x, labels=y)  # a statistic step: the graph runs and fails its assertion
 
 
