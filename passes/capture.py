@@ -32,7 +32,7 @@ from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
-from gnfx.passes.validation_checks import example_values, is_data_dependent_guard, name_assertions, specialized_to
+from gnfx.passes.validation_checks import example_values, name_assertions, raised_at_validation_check, specialized_to
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -359,15 +359,14 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
             try:
                 ep = exported()
             except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
-                if not is_data_dependent_guard(exc):
+                if not raised_at_validation_check(exc):
                     raise
                 values = example_values(model, args, kwargs)  # passes/validation_checks.py
                 specialized = functools.partial(specialized_to, values, checks)
                 try:
                     ep = exported()
                 except Exception as failure:  # noqa: BLE001 - the first failure is the one to report
-                    refused = ("\n  (no validation check `if ...: raise` on that line)" if not checks else
-                               f"\n  retried with its validation checks specialized to the example: "
+                    refused = (f"\n  retried with its validation checks specialized to the example: "
                                f"{describe_exception(failure)}")
                 if refused:
                     raise

@@ -52,12 +52,16 @@ _SCALAR_READS = (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__,
 _UNBACKED = {"create_unbacked_symbool": bool, "create_unbacked_symint": int, "create_unbacked_symfloat": float}
 
 
-def is_data_dependent_guard(exc: BaseException) -> bool:
-    """Whether `exc`, or an exception it was raised from, is torch.export's refusal to branch on data."""
+def raised_at_validation_check(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is torch.export's refusal to branch on data
+    (GuardOnDataDependentSymNode) raised on a validation check's line: the innermost frame outside
+    torch of its traceback."""
     seen = []
     while exc is not None and all(exc is not s for s in seen):
         if isinstance(exc, GuardOnDataDependentSymNode):
-            return True
+            frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                      if not os.path.realpath(f.filename).startswith(_TORCH)]
+            return bool(frames) and frames[-1].lineno in _validation_lines(frames[-1].filename)
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return False

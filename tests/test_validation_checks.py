@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo
 from torch import nn
 from torch.nn import functional as F
 
@@ -153,3 +154,24 @@ def test_a_ctc_model_with_its_labels_computes_the_models_loss_and_gradients_exac
         reference.zero_grad()
         reference.load_state_dict(model.state_dict())
     assert c.layers.form == "export" and "labels.max() >= self.vocab" in c.layers.capture
+
+
+def test_torch_compile_of_a_validating_model_trains_as_the_eager_one():
+    """Statistic steps run the graph with its assertions eagerly; the others the forward dynamo compiled
+    (`labels.max() >= V` a graph break there, as in the model)."""
+    torch._dynamo.reset()
+    losses = []
+    for wrap in (lambda c: c, lambda c: torch.compile(c, backend="eager")):
+        model = Validating()
+        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=2)
+        run = wrap(c)
+        losses.append([])
+        for seed in range(4):
+            x, y = batch(seed)
+            loss = F.cross_entropy(run(x, labels=y), y)
+            loss.backward()
+            c.step()
+            c.zero_grad()
+            losses[-1].append(loss.item())
+    torch._dynamo.reset()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=1e-12)
