@@ -152,8 +152,8 @@ class Variants:
         gm, table, sites = built or self._build(captured)
         self.draws_python_random |= captured.draws or bool(captured.leaves)
         if captured.checks:  # passes/validation_checks.py
-            why += ("; the forward's data-dependent validation checks (`if ...: raise`) are runtime assertions in "
-                    "the graph, specialized to the side the example call took, which does not raise: "
+            why += ("; the forward's data-dependent validation checks (`if ...: raise`, `assert`) are runtime "
+                    "assertions in the graph, specialized to the side the example call took, which does not raise: "
                     + "; ".join(captured.checks) + ". A call that fails one runs the model's own forward, which "
                     "raises its error (or gnfx raises a GnfxError naming the check if the model does not)")
         table.capture = why
