@@ -27,6 +27,7 @@ from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import REQUESTED, accepts, check_leaf_modules, export, optional_inputs, shapes_of, trace_fx
 from gnfx.passes.taps import insert_taps
+from gnfx.passes.validation_checks import violated_check
 
 NOT_CAPTURED = ("not captured yet: gnfx captures the model's graph at its first call, from that call's inputs "
                 "(pass example_inputs=... to gnfx.compile to capture at once)")
@@ -150,6 +151,11 @@ class Variants:
     def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
         gm, table, sites = built or self._build(captured)
         self.draws_python_random |= captured.draws or bool(captured.leaves)
+        if captured.checks:  # passes/validation_checks.py
+            why += ("; the forward's data-dependent validation checks (`if ...: raise`, `assert`) are runtime "
+                    "assertions in the graph, specialized to the side the example call took, which does not raise: "
+                    + "; ".join(captured.checks) + ". A call that fails one runs the model's own forward, which "
+                    "raises its error (or gnfx raises a GnfxError naming the check if the model does not)")
         table.capture = why
         self.form = captured.form
         self.table, self.store = self._start(table)
@@ -176,7 +182,21 @@ class Variants:
             seen = self._seen.setdefault(key, [])
             gm = self._add(key, lambda: export(self.model, args, kwargs, seen), (key, shapes))
             seen.append(shapes)
-        return self.model(*args, **kwargs) if gm is None else gm(*args, **kwargs)
+        return self.model(*args, **kwargs) if gm is None else self._run(gm, args, kwargs)
+
+    def _run(self, gm, args, kwargs):
+        """gm(*args, **kwargs), where a failed validation assertion (passes/validation_checks.py) raises
+        what the model raises on this call, or, if it raises nothing, a GnfxError naming the check."""
+        try:
+            return gm(*args, **kwargs)
+        except RuntimeError as exc:
+            check = violated_check(exc)
+            if check is None:
+                raise
+        self.model(*args, **kwargs)  # the model's own error for these inputs
+        raise GnfxError(f"{check}. The model does not raise on this call, so it takes a branch the graph does not "
+                        f"hold. Fix: rewrite the check with torch._check(...) or torch.cond, or keep the "
+                        f"checking submodule opaque with leaf_modules=[...] and capture='fx'")
 
     def _add(self, key, capture, call):
         """Capture (`capture()`), lower, analyze and tap the graph for the calls of `key`; None

@@ -29,8 +29,10 @@ from torch.nn.utils import rnn as rnn_utils
 
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
+from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.passes.validation_checks import example_values, name_assertions, raised_at_validation_check, specialized_to
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -41,13 +43,15 @@ class Captured:
 
     `leaves` maps the dotted path of each submodule kept opaque to the reason. `draws`: whether the
     forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
-    of it would draw again (gnfx.random_state).
+    of it would draw again (gnfx.random_state). `checks`: the data-dependent validation checks the
+    graph asserts, specialized to the example call (passes/validation_checks.py).
     """
 
     graph_module: fx.GraphModule
     form: str  # "fx" (torch-level graph) or "export" (aten-level graph)
     leaves: dict[str, str]
     draws: bool = False
+    checks: tuple[str, ...] = ()
 
 
 class _DenseProxy(fx.Proxy):
@@ -340,15 +344,32 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         if isinstance(x, torch.Tensor) and x.dim():
             changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
             dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
+    checks, refused, specialized = [], "", contextlib.nullcontext
     try:
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
-        def exported():
-            return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
-        with lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), kept_state() as drew:
-            ep = exported()
+        def exported():
+            with specialized():
+                return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
+
+        with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
+              kept_state() as drew):
+            try:
+                ep = exported()
+            except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
+                if not raised_at_validation_check(exc):
+                    raise
+                values = example_values(model, args, kwargs)  # passes/validation_checks.py
+                specialized = functools.partial(specialized_to, values, checks)
+                try:
+                    ep = exported()
+                except Exception as failure:  # noqa: BLE001 - the first failure is the one to report
+                    refused = (f"\n  retried with its validation checks specialized to the example: "
+                               f"{describe_exception(failure)}")
+                if refused:
+                    raise
             draws = drew()
             if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line
@@ -362,12 +383,14 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                "leaf_modules=[...] and capture='fx'")
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {describe_exception(exc)}\n"
-            f"  at {_user_frame(exc, model)}\n"
+            f"  at {_user_frame(exc, model)}{refused}\n"
             f"Fix: {fix}") from exc
     gm = ep.module()
+    name_assertions(gm, {where for where, _ in checks})
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
-    return Captured(gm, "export", {}, draws)
+    described = dict.fromkeys(f"{where} (read {value!r} in the example)" for where, value in checks)
+    return Captured(gm, "export", {}, draws, tuple(described))
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
