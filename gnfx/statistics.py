@@ -90,10 +90,8 @@ class BlockStatistics:
         a_shape = shapes["A"][:-2] + (block.d_in, block.d_in) if whole_A else shapes["A"]
         self._A = zeros(*a_shape) if "A" in needs else None
         self._A_sum = zeros(*a_shape[:-1]) if "A" in needs and self.bias and whole_A else None
-        # Σ |δ|² per id of a diagonal A weighted by energy (the ids are positions: gnfx.layouts.position,
-        # .embedding), accumulated with S; whether a call this step weighted by energy
-        self._A_energy = zeros(*a_shape) if "A" in needs and self.layout.diagonal_A else None
-        self._energy_weighted = False
+        # Σ |δ|² per id of a diagonal A weighted by energy (gnfx.layouts.position), accumulated with S
+        self._A_energy = zeros(*a_shape) if "A" in needs and self.layout.energy_weighted_A else None
         self._S = zeros(*shapes["S"]) if "S" in needs else None
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
@@ -120,12 +118,6 @@ class BlockStatistics:
     @property
     def wants_activation_in_backward(self) -> bool:
         return bool(self.needs & {"diag", "eigen_diag", "grad"})
-
-    @property
-    def wants_input_in_backward(self) -> bool:
-        """Whether the backward tap pairs the output gradient with the layer input of its call: for the
-        per-example statistics, or for the ids of an energy-weighted A (gnfx.layouts.embedding)."""
-        return self.wants_activation_in_backward or (self._A_energy is not None and self.layout.error_ids_read_input)
 
     @property
     def per_example(self) -> bool:
@@ -226,10 +218,8 @@ class BlockStatistics:
         elif self._S is not None:
             rows = g3.sum(1) if self.reduce and not whole else g3.flatten(0, 1)
             self._gram_into("_S", rows)
-        ids = self.layout.error_ids(g, a) if self._A_energy is not None else None
-        if ids is not None:
-            self._A_energy.index_add_(0, ids.flatten(), g3.square().sum(-1).flatten())
-            self._energy_weighted = True
+        if self._A_energy is not None:
+            self._A_energy.index_add_(0, self.layout.error_ids(g).flatten(), g3.square().sum(-1).flatten())
         if self._diag is None and self._grad is None and self._eigen_diag is None:
             return
         Q_S, Q_A = self.basis() if self._eigen_diag is not None and self.basis is not None else (None, None)
@@ -304,7 +294,7 @@ class BlockStatistics:
         batch = {}
         if self._A is not None and self._a_rows:
             batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
-            if self._energy_weighted:  # weighted by their output-gradient energies (gnfx.layouts.position)
+            if self._A_energy is not None:  # weighted by their output-gradient energies (gnfx.layouts.position)
                 energy = self._A_energy.sum()  # (no gradient reached the block: 0, the frequencies stay)
                 batch["A"] = torch.where(energy > 0, self._A_energy / energy.clamp_min(torch.finfo(energy.dtype).tiny),
                                          batch["A"])
@@ -339,9 +329,8 @@ class BlockStatistics:
         if self._dirty:  # (a step without statistics leaves them zero: nothing to clear)
             if self.layout.diagonal_A and self._A is not None:
                 self._A.zero_()  # token counts are added, not multiplied
-            if self._energy_weighted:
+            if self._A_energy is not None:
                 self._A_energy.zero_()
-                self._energy_weighted = False
             for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
                 if buf is not None:
                     buf.zero_()

@@ -41,7 +41,7 @@ class ErrorTap(nn.Module):
     def forward(self, z, a):
         if z.requires_grad:
             fid, stats = self.store.forward_id, self.stats
-            keep = a if stats.wants_input_in_backward else None
+            keep = a if stats.wants_activation_in_backward else None
             if self.store.fisher == "empirical":
                 z.register_hook(lambda g: stats.record_error(g, keep, fid))
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z

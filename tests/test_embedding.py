@@ -240,30 +240,6 @@ def test_a_position_table_read_by_arange_on_a_batch_of_one_has_its_per_example_s
     assert_close(got["diag"], ref["diag"])
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_position_table_read_by_arange_weights_its_rows_by_their_output_gradient_energies(capture):
-    """Positions looked up from a table, `pos(arange(R))`, shared by N > 1 examples, are a position
-    table (gnfx.layouts.position): A_t = e_t / Σ e, e_t = Σ_n |g_{n,t}|², from the output gradient
-    written out with autograd, so that row t's block A_t S has the trace M e_t of its exact block;
-    the token embedding's A stays the ids' frequencies."""
-    model, (idx, y) = PositionTable(), token_batch()
-    positions = torch.arange(R)
-    z = (model.emb(idx) + model.pos(positions)).detach().requires_grad_(True)
-    out = model.head(torch.tanh(z))
-    g = torch.autograd.grad(cross_entropy(out, y), z)[0]  # ∂L/∂z of the position lookup's output, (N, R, d)
-    M = out.shape[:-1].numel()
-    energy = g.square().sum((0, 2))  # e_t
-    c = compile_for_statistics(model, capture=capture, example_inputs=(idx,))
-    assert c.layers["pos"].kind == "embedding"
-    statistic_step(c, idx, y)
-    got = c.statistics("pos")
-    assert_close(got["A"], energy / energy.sum())
-    assert_close(got["S"], M * g.flatten(0, 1).T @ g.flatten(0, 1))
-    assert_close(got["A"] * got["S"].trace(), M * energy)
-    tokens = torch.bincount(idx.flatten(), minlength=V).to(DTYPE)
-    assert_close(c.statistics("emb")["A"], tokens / tokens.sum())
-
-
 # ----------------------------------------------------------------------------- fallbacks
 
 

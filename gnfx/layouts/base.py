@@ -59,6 +59,10 @@ class Layout:
     # own statistics (in the transposed orientation) are not taken
     tied_host = False
     tied_guest = False
+    # a diagonal A weighted by each id's output-gradient energy, from `error_ids(g)` (gnfx.layouts.position),
+    # instead of the ids' frequencies
+    energy_weighted_A = False
+
     def __init__(self, block):
         self.block = block
 

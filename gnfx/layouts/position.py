@@ -35,7 +35,7 @@ from gnfx.layouts.embedding import EmbeddingLayout
 
 class PositionLayout(EmbeddingLayout):
     view = "flat_t"  # P as the matrix d x T_max: its leading dimensions of one dropped, transposed
-    error_ids_read_input = False  # the positions come from the output gradient's shape
+    energy_weighted_A = True  # A from the rows' output-gradient energies (module docstring)
 
     @staticmethod
     def examples(x: torch.Tensor) -> int:
@@ -48,8 +48,7 @@ class PositionLayout(EmbeddingLayout):
         start = self.block.options["start"]
         yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
 
-    def error_ids(self, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The rows of P that the output gradient's rows (error_rows) belong to, (N, R), always (A is
-        weighted by the energies): the output has the input's shape, so they are input_chunks' of
-        the gradient (x is not read)."""
+    def error_ids(self, g: torch.Tensor) -> torch.Tensor:
+        """The rows of P that the output gradient's rows (error_rows) belong to, (N, R): the output
+        has the input's shape, so they are input_chunks' of the gradient."""
         return next(self.input_chunks(g))
