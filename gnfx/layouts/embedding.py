@@ -3,7 +3,9 @@
 The weight W is (V, d); as the matrix of `z = Wᵀ onehot(i)` it is read transposed (d x V): the S
 side is d, the A side the vocabulary. `A = 1/(N R) Σ onehot onehotᵀ` is diagonal, the token
 frequencies, and is stored as a vector of V entries. (Only `kfac_approx="expand"` keeps A
-diagonal, so embeddings always use it.)
+diagonal, so embeddings always use it.) A lookup of positions (`pos_emb(arange(T))`) keeps the
+frequencies too, unlike a position table added to activations (gnfx.layouts.position): measured,
+benchmarks/results/defaults.md, "Position lookups weighted by energy".
 """
 from __future__ import annotations
 

@@ -21,7 +21,10 @@ same normalization as S),
 and the blocks' sum Σ_t A_t S = S is unchanged, so are tr A = 1 and the factored damping's π. The
 energies come with S, from the same output gradients (the sampled ones with fisher="mc"): a vector of
 T_max entries. (A token embedding keeps the frequencies: its ids are data, and nothing measured
-there asks for more.)
+there asks for more. So does a table of positions written as an embedding, `pos_emb(arange(T))`,
+which passes/shared_positions.py expands to the batch: weighted by the energies as here it was
+measured on the char GPT and the GPT-2 and BERT look-alikes, and its steps were no better,
+worse on some seeds: benchmarks/results/defaults.md, "Position lookups weighted by energy".)
 
 The taps record x only to read N and T from its shape. A table added to an activation with more
 dimensions, (N, H, T, d) say, is read by every h: the H T rows of an example are its positions.
