@@ -5,7 +5,9 @@ ConvNeXt, CaiT, DeiT III and DINOv2 scale each residual branch by a trainable ve
   * `x * γ`, `γ * x`, `torch.mul`, `x.mul(γ)` and `aten.mul.Tensor` with γ a 1-D parameter of d > 1
     entries: broadcasting pairs γ with the last dimension of x, the features;
   * `x * γ.view(1, -1, 1, 1)` (or `reshape`, or the view's shape written out, `(1, d, 1, ..., 1)`) on a
-    channels-first map: the features are dimension 1.
+    channels-first map: broadcasting pairs γ with x's dimension k - 1 from the end, for a view of k
+    dimensions (dimension 1 of a (N, C, H, W) map for (1, d, 1, 1)); the site records that position,
+    `feature_dim` = -(k - 1) (-1 for a 1-D γ).
 x must be computed from a model input (a product of γ with a buffer or another parameter is no layer).
 A product whose other operand is a hand-written normalization is the norm kind's (passes/norm.py);
 a scalar gain (a γ of one entry) is no per-feature layer and stays a fallback.
@@ -33,11 +35,11 @@ def _view_shape(node) -> tuple | None:
 
 
 def _scale(operand, param_of, shape_of):
-    """(parameter name, (consumer, get_attr) use, channels first) if `operand` is a per-feature scale
+    """(parameter name, (consumer, get_attr) use, feature_dim) if `operand` is a per-feature scale
     vector γ (module docstring); None otherwise."""
     name = param_of(operand)
     if name is not None:
-        return (name, (None, operand), False) if len(shape_of(name)) == 1 else None
+        return (name, (None, operand), -1) if len(shape_of(name)) == 1 else None
     shape = _view_shape(operand)
     if shape is None or len(operand.users) != 1:
         return None
@@ -47,7 +49,7 @@ def _scale(operand, param_of, shape_of):
     d = shape_of(name)[0]
     if shape[1] not in (-1, d) or any(s != 1 for s in shape[2:]):
         return None
-    return name, (operand, operand.args[0]), True
+    return name, (operand, operand.args[0]), 1 - len(shape)
 
 
 def _input_dependent(gm: fx.GraphModule) -> set:
@@ -70,13 +72,13 @@ def find_scale_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site]
             found = _scale(w_node, param_of, shape_of)
             if found is None or not isinstance(x, fx.Node) or param_of(x) is not None:
                 continue
-            name, (consumer, get_attr), channels_first = found
+            name, (consumer, get_attr), feature_dim = found
             reads = _input_dependent(gm) if reads is None else reads
             if shape_of(name)[0] < 2 or _normalized(x) or x not in reads:
                 break
             d = shape_of(name)[0]
             sites.append(Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, get_attr)],
-                              d_in=1, d_out=d, options={"normalize": ("given",), "channels_first": channels_first,
-                                                        "weight_shape": (d,)}))
+                              d_in=1, d_out=d, options={"normalize": ("given",), "feature_dim": feature_dim,
+                                                        "channels_first": feature_dim != -1, "weight_shape": (d,)}))
             break
     return sites, []

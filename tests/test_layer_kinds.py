@@ -197,6 +197,7 @@ SCALES = {  # name -> the branch scaled by γ (d,): h (N, T, d) -> (N, T, d)
     "channels_first": lambda h, g: (h.transpose(1, 2) * g.view(1, 4, 1)).transpose(1, 2),
     "channels_first_4d": lambda h, g: (h.transpose(1, 2).unsqueeze(-1) * g.reshape(1, -1, 1, 1))
     .squeeze(-1).transpose(1, 2),
+    "view_3d_on_4d": lambda h, g: (h.transpose(1, 2).unsqueeze(1) * g.view(1, -1, 1)).squeeze(1).transpose(1, 2),
     "broadcast": lambda h, g: h * g,  # h (N, T, 1): one input for every feature (ScaleNet.branch)
 }
 
