@@ -359,7 +359,8 @@ class QuadraticStep:
         self.decay = decay
         self.growth = 2.0  # ν of the λ rule: λ's factor at the next rejection
         self.capped = capped
-        self._lrs: list[float] | None = None  # the param groups' lr at the first step (_warn_if_lr_moved)
+        self._lrs: list[float] | None = None  # the param groups' lr at the last step (_warn_if_lr_moved)
+        self._lr_warned = False
         # δ, the last update applied, or with a fixed μ̂ the last velocity v (under FSDP2: local rows)
         self.previous: list[torch.Tensor] | None = None
         self._flat_layout: FlatLayout | None = None
@@ -407,19 +408,18 @@ class QuadraticStep:
         proposal Δ is made at the group's lr and α rescales it (the minimizer of q along cΔ is the same
         step for every c > 0), so the lr has no effect there. With a given lr (`capped`) α ≤ 1 makes
         the proposal at the group's lr a cap, which a schedule moves."""
-        if self.capped or self._lrs == []:
+        if self.capped or self._lr_warned:
             return
         lrs = [float(g["lr"]) for g in self.parameters.param_groups]
-        if self._lrs is None:
-            self._lrs = lrs
-        elif lrs != self._lrs:
-            moved = next((a, b) for a, b in zip(self._lrs, lrs) if a != b)
-            warnings.warn(f"gnfx: a param group's lr moved from {moved[0]:g} to {moved[1]:g} (an LR scheduler?), which "
-                          "does not change the quadratic-model step: without lr= its step size α comes from the "
+        moved = [(a, b) for a, b in zip(self._lrs or lrs, lrs) if a != b]
+        if moved and len(lrs) == len(self._lrs):  # (a param group added or removed is no schedule)
+            warnings.warn(f"gnfx: a param group's lr moved from {moved[0][0]:g} to {moved[0][1]:g} (an LR scheduler?), "
+                          "which does not change the quadratic-model step: without lr= its step size α comes from the "
                           "GGN model, which rescales a proposal made at any lr. For a schedule to act, compile "
                           "with lr= (the step is then at most the proposal at the group's lr: the schedule moves "
                           "that cap) or with step='lr' (the fixed-lr step)", RuntimeWarning, stacklevel=3)
-            self._lrs = []  # warned
+            self._lr_warned = True
+        self._lrs = lrs
 
     def _keep_output_grad(self, forward: int, grad):
         """The gradient the user's backward sends to the output z of training forward number `forward`.

@@ -1094,6 +1094,20 @@ def test_an_lr_schedule_does_not_change_the_uncapped_step_and_warns_once(schedul
     assert not capped
 
 
+
+def test_a_param_group_added_is_no_lr_schedule():
+    """A param group added (or removed) between steps changes the list of lrs without moving any: no
+    warning, and no error from comparing lists of different lengths."""
+    quadratic = gnfx.compile(tiny(), optimizer="kfac", loss="mse").optimizer.quadratic
+    groups = quadratic.parameters.param_groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quadratic._warn_if_lr_moved()
+        groups.append({**groups[0], "params": []})
+        quadratic._warn_if_lr_moved()
+        groups.pop()
+        quadratic._warn_if_lr_moved()
+
 def test_one_backward_over_two_forwards_warns_once_and_keeps_the_last_forwards_gradient():
     """A Siamese loss over model(x1) and model(x2) is modelled by the last forward's output alone: one
     warning; the output gradient kept is that forward's (the rows the step replays), whichever order
