@@ -5,8 +5,9 @@ whole forward without inputs, gnfx.compile captures at once (unless lazy modules
 their parameters' shapes yet, gnfx.lazy_modules). Otherwise capture waits for the
 model's first call (as torch.compile does; or uses `example_inputs`), so that the call's real
 arguments serve as the example: torch.fx is traced again with the optional inputs the call leaves
-out fixed to None, and whenever it still fails anywhere (the top-level forward, or a submodule it
-would keep opaque), torch.export captures the call too, and the form that puts more trainable
+out fixed to None, and whenever it still fails anywhere (the top-level forward, a submodule it
+would keep opaque, or a function a library registered with torch.fx.wrap that takes parameters, as
+torchvision's Swin attention does), torch.export captures the call too, and the form that puts more trainable
 parameters in curvature blocks is kept. The LayerTable says which form was used and why.
 
 Later calls of another form (keyword instead of positional inputs, an optional input present or
@@ -96,9 +97,9 @@ class Variants:
             fx = trace_fx(self.model, self.leaf_modules)
         except CaptureError:
             return
-        if self.mode == "fx" or not self._automatic_leaves(fx):
-            self._begin(fx, self._fx_key(()), "it traced the whole forward" if not self._automatic_leaves(fx)
-                        else "capture='fx': the submodules it could not trace are leaves")
+        if self.mode == "fx" or not self._untraced(fx):
+            self._begin(fx, self._fx_key(()), "it traced the whole forward" if not self._untraced(fx)
+                        else "capture='fx': what it could not trace stays opaque")
 
     def capture(self, args: tuple, kwargs: dict) -> None:
         """The first capture, from the call (args, kwargs)."""
@@ -114,7 +115,7 @@ class Variants:
             if fx_error is not None:
                 raise fx_error
             return self._begin(fx, self._fx_key(none), "capture='fx'")
-        if fx is not None and not self._automatic_leaves(fx):
+        if fx is not None and not self._untraced(fx):
             return self._begin(fx, self._fx_key(none), "it traced the whole forward")
         if fx is not None and self.leaf_modules:
             return self._begin(fx, self._fx_key(none), "leaf_modules were requested, which torch.export cannot "
@@ -136,7 +137,7 @@ class Variants:
                                shapes=shapes)
         built_fx, built_export = self._build(fx), self._build(exported)
         share_fx, share_export = self._share(built_fx[1]), self._share(built_export[1])
-        leaves = ", ".join(sorted(self._automatic_leaves(fx)))
+        leaves = ", ".join(self._untraced(fx))
         # torch.export sees the whole forward (every call a site of its graph): it is kept where it covers
         # as much as fx with the layers opened inside fx's leaves (passes/opaque_children.py) and more
         # than fx's graph alone
@@ -244,8 +245,12 @@ class Variants:
         return tuple(name for name, m in self.model.named_modules() if not m.training)
 
     # --- coverage --------------------------------------------------------------------------
-    def _automatic_leaves(self, captured) -> set[str]:
-        return set(captured.leaves) - set(self.leaf_modules)
+    def _untraced(self, captured) -> list[str]:
+        """What torch.fx kept opaque on its own: the submodules it could not trace, and the
+        torch.fx.wrap'ed functions that take parameters (whose layers only torch.export sees)."""
+        leaves = sorted(set(captured.leaves) - set(self.leaf_modules))
+        return leaves + [f"{name} (a torch.fx.wrap'ed function taking {taken})"
+                         for name, taken in sorted(captured.opaque_calls.items())]
 
     def _share(self, table, opened: bool = True) -> float:
         """The share of the trainable parameters' entries in curvature blocks (`opened`: with the

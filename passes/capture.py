@@ -44,7 +44,10 @@ class Captured:
     `leaves` maps the dotted path of each submodule kept opaque to the reason. `draws`: whether the
     forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
     of it would draw again (gnfx.random_state). `checks`: the data-dependent validation checks the
-    graph asserts, specialized to the example call (passes/validation_checks.py).
+    graph asserts, specialized to the example call (passes/validation_checks.py). `opaque_calls`: the
+    functions a torch.fx graph keeps as single calls because their library registered them with
+    `torch.fx.wrap` (torchvision's Swin attention), and that take trainable parameters, each with
+    those parameters' names: the layers inside such a call are no blocks of the fx graph.
     """
 
     graph_module: fx.GraphModule
@@ -52,6 +55,7 @@ class Captured:
     leaves: dict[str, str]
     draws: bool = False
     checks: tuple[str, ...] = ()
+    opaque_calls: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class _DenseProxy(fx.Proxy):
@@ -264,7 +268,21 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
             if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                 node.meta.pop("is_wrapped", None)  # which breaks every later trace
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(gm, "fx", leaves, draws)
+        return Captured(gm, "fx", leaves, draws, opaque_calls=wrapped_calls_taking_parameters(gm))
+
+
+def wrapped_calls_taking_parameters(gm: fx.GraphModule) -> dict[str, str]:
+    """The `torch.fx.wrap`ped functions called in `gm` (torch.fx marks their nodes `is_wrapped`) that
+    take a trainable parameter as an argument: the function's qualified name -> the parameters."""
+    params = {name for name, p in gm.named_parameters() if p.requires_grad}
+    calls: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.meta.get("is_wrapped", False):
+            taken = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
+            if taken:
+                name = f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__qualname__', node.target)}"
+                calls.setdefault(name, []).extend(taken)
+    return {name: ", ".join(dict.fromkeys(taken)) for name, taken in calls.items()}
 
 
 _EXPORTABLE = (torch.Tensor, int, float, bool, str, type(None))

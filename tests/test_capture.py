@@ -300,6 +300,40 @@ def test_fx_and_export_forms_give_the_same_blocks_and_statistics():
                 torch.testing.assert_close(fx_c.statistics(name)[k], ex_c.statistics(name)[k], **TOL)
 
 
+def padded_projection(x, weight, bias, window: int):
+    """A library's attention-like function that pads its input to whole windows from its shape, which
+    symbolic tracing cannot follow; the library registers it with torch.fx.wrap (below), as
+    torchvision does its Swin attention, so fx keeps each call opaque, parameters and all."""
+    pad = (window - x.shape[1] % window) % window
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return torch.nn.functional.linear(x, weight, bias)[:, :x.shape[1] - pad]
+
+
+torch.fx.wrap("padded_projection")
+
+
+class WrappedProjection(MLP):
+    def forward(self, x):  # x: (N, T, d)
+        return self.b(torch.tanh(padded_projection(x, self.a.weight, self.a.bias, 4)))
+
+
+def test_a_torch_fx_wrapped_function_taking_parameters_is_captured_by_torch_export():
+    """fx traces the whole forward but keeps the wrapped call opaque, so its Linear's parameters
+    would fall back; capture waits for the first call, and torch.export, which traces into the call,
+    puts them in a block."""
+    model = WrappedProjection()
+    c = compile_for_statistics(model)
+    assert "first call" in repr(c.layers)
+    assert_statistics_match(c, model, ["b"], *batch((6, 5, 4)))
+    assert c.layers.form == "export"
+    assert "padded_projection (a torch.fx.wrap'ed function taking a.weight, a.bias)" in c.layers.capture
+    assert {b.name for b in c.layers} == {"a", "b"} and c.layers.fallbacks == []
+    fx_c = compile_for_statistics(copy.deepcopy(model), capture="fx")  # what fx alone gives
+    assert [b.name for b in fx_c.layers] == ["b"]
+    assert sorted(f.param for f in fx_c.layers.fallbacks) == ["a.bias", "a.weight"]
+
+
 class Tied(MLP):
     def __init__(self):
         super().__init__()
