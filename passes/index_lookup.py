@@ -7,38 +7,52 @@ rows of a trainable (V, d) weight picked by a tensor of integer indices, E[ids],
 was read from). `lookups_as_embeddings` rewrites it into that op, so that the embedding detector
 (passes/embedding.py) makes W a block and passes/shared_positions.py sees the lookup. Indexing reads
 a negative index i as i + V, which the embedding does not: the indices become
-`where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises). Only
-torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["val"]`); torch.fx's
-`W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
-apart.
+`where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises).
+
+In torch.export's graph the indices' dtype is recorded (`meta["val"]`). torch.fx's `W[ids]`
+(`operator.getitem`) records none, and may index with a slice, a mask or a tuple that the trace does
+not tell apart: it is rewritten (into `F.embedding`) only where the indices are an integer buffer of
+the model, possibly through views (`view`, `reshape`, `flatten`): Swin's relative position bias,
+`table[index.view(-1)]`.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .shapes import value_of
 
 aten = torch.ops.aten
+VIEWS = ("view", "reshape", "flatten", torch.reshape, torch.flatten)
 
 
 def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every `aten.index.Tensor(W, [ids])` of a trainable 2-D parameter W and integer ids
-    into `aten.embedding(W, ids)` (module docstring)."""
+    into `aten.embedding(W, ids)`, and torch.fx's `W[ids]` of an integer buffer into `F.embedding(ids, W)`
+    (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.index.Tensor:
+        if node.op != "call_function" or node.target not in (aten.index.Tensor, operator.getitem):
             continue
         weight, indices = node.args[0], node.args[1]
-        ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
-        if matrix is None or not _integer(ids):
+        matrix = _trainable_matrix(gm, weight)
+        if node.target is aten.index.Tensor:
+            ids = indices[0] if len(indices) == 1 and _integer(indices[0]) else None
+            where, lt, add, embedding = aten.where.self, aten.lt.Scalar, aten.add.Tensor, aten.embedding.default
+        else:  # torch.fx
+            ids = indices if _integer_buffer(gm, indices) else None
+            where, lt, add, embedding = torch.where, operator.lt, operator.add, None
+        if matrix is None or ids is None:
             continue
         vocab = matrix.shape[0]
         with gm.graph.inserting_before(node):
-            wrapped = gm.graph.call_function(aten.where.self, (
-                gm.graph.call_function(aten.lt.Scalar, (ids, 0)),
-                gm.graph.call_function(aten.add.Tensor, (ids, vocab)), ids))
-            lookup = gm.graph.call_function(aten.embedding.default, (weight, wrapped))
+            wrapped = gm.graph.call_function(where, (
+                gm.graph.call_function(lt, (ids, 0)), gm.graph.call_function(add, (ids, vocab)), ids))
+            lookup = (gm.graph.call_function(embedding, (weight, wrapped)) if embedding is not None
+                      else gm.graph.call_function(F.embedding, (wrapped, weight)))
         wrapped.meta["val"] = value_of(ids)  # what passes/shared_positions.py reads of the indices
         lookup.meta = dict(node.meta)
         node.replace_all_uses_with(lookup)
@@ -66,3 +80,17 @@ def _integer(ids) -> bool:
     value = value_of(ids)
     return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and not value.dtype.is_complex \
         and value.dtype is not torch.bool
+
+
+def _integer_buffer(gm: fx.GraphModule, node) -> bool:
+    """Whether `node` is an integer buffer of the model (a get_attr), possibly through views
+    (`VIEWS`, a torch.fx graph)."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.target in VIEWS:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    try:
+        buffer = gm.get_buffer(node.target)
+    except AttributeError:
+        return False
+    return not buffer.dtype.is_floating_point and not buffer.dtype.is_complex and buffer.dtype is not torch.bool

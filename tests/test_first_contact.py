@@ -1145,3 +1145,46 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
     torch.manual_seed(0)
     c = _assert_position_diag_is_per_example(IndexedPositions(positions).double(), "wpe", "export")
     assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+
+
+class RelativeBias(nn.Module):
+    """Swin's relative position bias: a table of (2w-1)² rows by head, read by a buffer of indices
+    (here some negative, rows counted from the end), `table[index.view(-1)]`, added to the scores."""
+
+    def __init__(self, w=2, heads=2):
+        super().__init__()
+        self.w, self.heads = w, heads
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads))
+        index = torch.arange(w ** 4).reshape(w * w, w * w) % (2 * w - 1) ** 2
+        self.register_buffer("index", torch.where(index % 3 == 0, index - (2 * w - 1) ** 2, index))
+        self.qk, self.head = nn.Linear(3, 2 * heads * 2), nn.Linear(heads * w * w * w * w, 4)
+
+    def forward(self, x):  # x (N, w², 3)
+        q, k = self.qk(x).reshape(x.shape[0], self.w * self.w, 2, self.heads, 2).unbind(2)
+        scores = torch.einsum("nthd,nshd->nhts", q, k)
+        bias = self.table[self.index.view(-1)].view(self.w * self.w, self.w * self.w, -1).permute(2, 0, 1)
+        return self.head(torch.tanh(scores + bias.unsqueeze(0)).flatten(1))
+
+
+def test_a_table_indexed_by_an_integer_buffer_under_fx_is_the_embedding_torch_export_makes_of_it():
+    """torch.fx's `table[index.view(-1)]` of an integer buffer (Swin's relative position bias) fell
+    back to diag ("getitem, not a layer gnfx models"); it is the embedding lookup torch.export's graph
+    makes of it (passes/index_lookup.py), negative indices included: the same outputs and the same
+    statistics under both captures, float64."""
+    torch.manual_seed(0)
+    model = RelativeBias().double()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    stats = {}
+    for capture in ("fx", "export"):
+        c = gnfx.compile(copy.deepcopy(model), "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0,
+                         statistics=("A", "S", "diag"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the lookup's first dimension is not the batch (as under export)
+            out = c(x)
+            torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+            F.cross_entropy(out, y).backward()
+            c.step()
+        assert c.layers["table"].kind == "embedding" and not c.layers.fallbacks
+        stats[capture] = c.statistics("table")
+    for name in ("A", "S", "diag"):
+        torch.testing.assert_close(stats["fx"][name], stats["export"][name], rtol=1e-12, atol=1e-12)
