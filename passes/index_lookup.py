@@ -11,9 +11,13 @@ a negative index i as i + V, which the embedding does not: the indices become
 
 In torch.export's graph the indices' dtype is recorded (`meta["val"]`). torch.fx's `W[ids]`
 (`operator.getitem`) records none, and may index with a slice, a mask or a tuple that the trace does
-not tell apart: it is rewritten (into `F.embedding`) only where the indices are an integer buffer of
-the model, possibly through views (`view`, `reshape`, `flatten`): Swin's relative position bias,
-`table[index.view(-1)]`.
+not tell apart: it is rewritten (into `F.embedding`) only where the indices are an integer tensor of
+the model (a buffer, or a constant the trace computed from one: `index.view(-1)`) and the rows reach
+the scores of a batch as a bias broadcast over its first dimension, which passes/shared_positions.py
+then looks up per example (`broadcast_chain`): Swin's relative position bias,
+`table[index.view(-1)].view(M², M², -1).permute(2, 0, 1).unsqueeze(0)` added to the scores. Any other
+such lookup would be one example for the statistics (a buffer has no batch dimension) and stays a
+fallback.
 """
 from __future__ import annotations
 
@@ -24,15 +28,15 @@ import torch.nn.functional as F
 from torch import fx
 
 from .shapes import value_of
+from .shared_positions import broadcast_chain
 
 aten = torch.ops.aten
-VIEWS = ("view", "reshape", "flatten", torch.reshape, torch.flatten)
 
 
 def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every `aten.index.Tensor(W, [ids])` of a trainable 2-D parameter W and integer ids
-    into `aten.embedding(W, ids)`, and torch.fx's `W[ids]` of an integer buffer into `F.embedding(ids, W)`
-    (module docstring)."""
+    into `aten.embedding(W, ids)`, and torch.fx's `W[ids]` of an integer buffer broadcast over the scores of a
+    batch into `F.embedding(ids, W)` (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (aten.index.Tensor, operator.getitem):
@@ -43,7 +47,7 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
             ids = indices[0] if len(indices) == 1 and _integer(indices[0]) else None
             where, lt, add, embedding = aten.where.self, aten.lt.Scalar, aten.add.Tensor, aten.embedding.default
         else:  # torch.fx
-            ids = indices if _integer_buffer(gm, indices) else None
+            ids = indices if _integer_buffer(gm, indices) and broadcast_chain(node) is not None else None
             where, lt, add, embedding = torch.where, operator.lt, operator.add, None
         if matrix is None or ids is None:
             continue
@@ -83,10 +87,8 @@ def _integer(ids) -> bool:
 
 
 def _integer_buffer(gm: fx.GraphModule, node) -> bool:
-    """Whether `node` is an integer buffer of the model (a get_attr), possibly through views
-    (`VIEWS`, a torch.fx graph)."""
-    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.target in VIEWS:
-        node = node.args[0]
+    """Whether `node` is an integer tensor of the model (a get_attr: a buffer, or a constant of a torch.fx
+    trace)."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return False
     try:

@@ -1149,21 +1149,66 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
 
 class RelativeBias(nn.Module):
     """Swin's relative position bias: a table of (2w-1)² rows by head, read by a buffer of indices
-    (here some negative, rows counted from the end), `table[index.view(-1)]`, added to the scores."""
+    (here some negative, rows counted from the end), `table[index.view(-1)]`, added to the scores of
+    each of the `windows` windows of w² tokens of every example, folded into the first dimension as
+    Swin's window partition does ((N·windows, heads, w², w²) scores)."""
 
-    def __init__(self, w=2, heads=2):
+    def __init__(self, w=2, heads=2, windows=1):
         super().__init__()
-        self.w, self.heads = w, heads
+        self.w, self.heads, self.windows = w, heads, windows
         self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads))
         index = torch.arange(w ** 4).reshape(w * w, w * w) % (2 * w - 1) ** 2
         self.register_buffer("index", torch.where(index % 3 == 0, index - (2 * w - 1) ** 2, index))
-        self.qk, self.head = nn.Linear(3, 2 * heads * 2), nn.Linear(heads * w * w * w * w, 4)
+        self.qk, self.head = nn.Linear(3, 2 * heads * 2), nn.Linear(windows * heads * w * w * w * w, 4)
 
-    def forward(self, x):  # x (N, w², 3)
-        q, k = self.qk(x).reshape(x.shape[0], self.w * self.w, 2, self.heads, 2).unbind(2)
-        scores = torch.einsum("nthd,nshd->nhts", q, k)
+    def forward(self, x):  # x (N, windows·w², 3)
         bias = self.table[self.index.view(-1)].view(self.w * self.w, self.w * self.w, -1).permute(2, 0, 1)
-        return self.head(torch.tanh(scores + bias.unsqueeze(0)).flatten(1))
+        return self.scored(x, bias.unsqueeze(0))
+
+    def scored(self, x, bias):
+        """The output from the scores plus `bias`, (1 or N·windows, heads, w², w²)."""
+        q, k = self.qk(x).reshape(-1, self.w * self.w, 2, self.heads, 2).unbind(2)
+        scores = torch.einsum("nthd,nshd->nhts", q, k)
+        return self.head(torch.tanh(scores + bias).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("windows", [1, 3])
+def test_a_relative_position_bias_has_the_statistics_of_the_batch_examples(capture, windows):
+    """Swin's `table[index.view(-1)]...unsqueeze(0)` added to the scores of N·windows windows is looked
+    up once per window (passes/shared_positions.py, broadcast_chain): its K-FAC factors are those of the
+    rows (window, query, key) of the batch, against float64 references: A the frequencies of the rows'
+    indices, S = 1/M Σ δ δᵀ over the output gradients δ = M ∂L/∂b of a per-window copy of the bias b
+    (plain autograd), and with one window per example the per-example diagonal is the vmap's. Before,
+    the lookup of a buffer without a batch dimension was one example: S summed the windows' gradients
+    before their outer product."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = RelativeBias(windows=windows).double()
+    n, t = 6, model.w ** 2
+    x, y = torch.randn(n, windows * t, 3, dtype=torch.float64), torch.randint(0, 4, (n,))
+    index = model.index % model.table.shape[0]
+    expected_A = torch.bincount(index.flatten(), minlength=model.table.shape[0]).double() / index.numel()
+    bias = model.table[index.view(-1)].view(t, t, -1).permute(2, 0, 1)
+    per_window = bias.detach().expand(n * windows, -1, -1, -1).clone().requires_grad_()
+    (g,) = torch.autograd.grad(F.cross_entropy(model.scored(x, per_window), y), per_window)
+    delta = n * g.permute(0, 2, 3, 1).reshape(-1, model.heads)  # rows (window, query, key), M = N
+    expected_S = delta.T @ delta / n
+    c = gnfx.compile(copy.deepcopy(model), "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0,
+                     statistics=("A", "S", "diag"), example_inputs=(x,) if capture == "export" else None)
+    with warnings.catch_warnings():
+        # windows > 1: "its input's first dimension (N·windows) is not the batch", as for qk
+        warnings.simplefilter("ignore" if windows > 1 else "error", RuntimeWarning)
+        out = c(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        F.cross_entropy(out, y).backward()
+        c.step()
+    assert c.layers["table"].kind == "embedding" and not c.layers.fallbacks
+    stats = c.statistics("table")
+    torch.testing.assert_close(stats["A"], expected_A, **TOL)
+    torch.testing.assert_close(stats["S"], expected_S, **TOL)
+    if windows == 1:
+        torch.testing.assert_close(stats["diag"], per_example_fisher_diag(model, x, y)["table"].T, **TOL)
 
 
 def test_a_table_indexed_by_an_integer_buffer_under_fx_is_the_embedding_torch_export_makes_of_it():
