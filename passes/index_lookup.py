@@ -7,56 +7,50 @@ rows of a trainable (V, d) weight picked by a tensor of integer indices, E[ids],
 was read from). `lookups_as_embeddings` rewrites it into that op, so that the embedding detector
 (passes/embedding.py) makes W a block and passes/shared_positions.py sees the lookup. Indexing reads
 a negative index i as i + V, which the embedding does not: the indices become
-`where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises).
+`where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises). Only
+torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["val"]`); torch.fx's
+`W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
+apart.
 
-In torch.export's graph the indices' dtype is recorded (`meta["val"]`). torch.fx's `W[ids]`
-(`operator.getitem`) records none, and may index with a slice, a mask or a tuple that the trace does
-not tell apart: it is rewritten (into `F.embedding`) only where the indices are an integer tensor of
-the model (a buffer, or a constant the trace computed from one: `index.view(-1)`) and the rows reach
-the scores of a batch as a bias broadcast over its first dimension, which passes/shared_positions.py
-then looks up per example (`broadcast_chain`): Swin's relative position bias,
-`table[index.view(-1)].view(M², M², -1).permute(2, 0, 1).unsqueeze(0)` added to the scores. Any other
-such lookup would be one example for the statistics (a buffer has no batch dimension) and stays a
-fallback.
+A lookup whose rows reach the scores of a batch as a bias broadcast over their first dimension
+(`_bias_of_scores`: Swin's relative position bias, `T[index.view(-1)].view(M², M², -1)
+.permute(2, 0, 1).unsqueeze(0)` added to the scores or given as SDPA's attn_mask) is not rewritten: it
+stays a fallback, under torch.export as under torch.fx. As an embedding, its indices (a buffer, no
+batch dimension) made it one example whose gradient sums the N·windows windows' (S of that sum, not
+of the batch's rows). Looked up once per window (commit 8b27f81: A and S exact against autograd, and
+with one window per example the per-example diagonal against vmap), the block made kfac's held-out
+loss on the Swin look-alike worse than the fallback's, 1.21 -> 1.54 and 0.66 -> 1.20 on seeds 0 and 1
+(benchmarks/results/library_models.md, "Swin's relative position bias looked up per window").
 """
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .shapes import value_of
-from .shared_positions import broadcast_chain
 
 aten = torch.ops.aten
+_SHAPE_OPS = (aten.view.default, aten.reshape.default, aten.permute.default, aten.contiguous.default,
+              aten.clone.default, aten.unsqueeze.default)
 
 
 def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every `aten.index.Tensor(W, [ids])` of a trainable 2-D parameter W and integer ids
-    into `aten.embedding(W, ids)`, and torch.fx's `W[ids]` of an integer buffer broadcast over the scores of a
-    batch into `F.embedding(ids, W)` (module docstring)."""
+    into `aten.embedding(W, ids)` (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (aten.index.Tensor, operator.getitem):
+        if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
-        matrix = _trainable_matrix(gm, weight)
-        if node.target is aten.index.Tensor:
-            ids = indices[0] if len(indices) == 1 and _integer(indices[0]) else None
-            where, lt, add, embedding = aten.where.self, aten.lt.Scalar, aten.add.Tensor, aten.embedding.default
-        else:  # torch.fx
-            ids = indices if _integer_buffer(gm, indices) and broadcast_chain(node) is not None else None
-            where, lt, add, embedding = torch.where, operator.lt, operator.add, None
-        if matrix is None or ids is None:
+        ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
+        if matrix is None or not _integer(ids) or _bias_of_scores(node):
             continue
         vocab = matrix.shape[0]
         with gm.graph.inserting_before(node):
-            wrapped = gm.graph.call_function(where, (
-                gm.graph.call_function(lt, (ids, 0)), gm.graph.call_function(add, (ids, vocab)), ids))
-            lookup = (gm.graph.call_function(embedding, (weight, wrapped)) if embedding is not None
-                      else gm.graph.call_function(F.embedding, (wrapped, weight)))
+            wrapped = gm.graph.call_function(aten.where.self, (
+                gm.graph.call_function(aten.lt.Scalar, (ids, 0)),
+                gm.graph.call_function(aten.add.Tensor, (ids, vocab)), ids))
+            lookup = gm.graph.call_function(aten.embedding.default, (weight, wrapped))
         wrapped.meta["val"] = value_of(ids)  # what passes/shared_positions.py reads of the indices
         lookup.meta = dict(node.meta)
         node.replace_all_uses_with(lookup)
@@ -66,6 +60,20 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _bias_of_scores(lookup: fx.Node) -> bool:
+    """Whether the lookup's value reaches the scores of a batch through one-use shape ops ending in
+    `unsqueeze(0)`, a bias broadcast over their first dimension: added to them, or the attn_mask of
+    scaled_dot_product_attention (module docstring)."""
+    node = lookup
+    while len(node.users) == 1 and next(iter(node.users)).target in _SHAPE_OPS:
+        node = next(iter(node.users))
+    if node is lookup or node.target is not aten.unsqueeze.default or node.args[1] != 0 or len(node.users) != 1:
+        return False
+    consumer = next(iter(node.users))
+    return consumer.target is aten.add.Tensor or (
+        consumer.target is aten.scaled_dot_product_attention.default and node not in consumer.args[:3])
 
 
 def _trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
@@ -84,15 +92,3 @@ def _integer(ids) -> bool:
     value = value_of(ids)
     return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and not value.dtype.is_complex \
         and value.dtype is not torch.bool
-
-
-def _integer_buffer(gm: fx.GraphModule, node) -> bool:
-    """Whether `node` is an integer tensor of the model (a get_attr: a buffer, or a constant of a torch.fx
-    trace)."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return False
-    try:
-        buffer = gm.get_buffer(node.target)
-    except AttributeError:
-        return False
-    return not buffer.dtype.is_floating_point and not buffer.dtype.is_complex and buffer.dtype is not torch.bool
