@@ -24,14 +24,23 @@ loss on the Swin look-alike worse than the fallback's, 1.21 -> 1.54 and 0.66 -> 
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .shapes import value_of
 
 aten = torch.ops.aten
+# the shape ops between a relative position bias lookup and the scores (torch.export's, torch.fx's)
 _SHAPE_OPS = (aten.view.default, aten.reshape.default, aten.permute.default, aten.contiguous.default,
-              aten.clone.default, aten.unsqueeze.default)
+              aten.clone.default, aten.unsqueeze.default, "view", "reshape", "permute", "contiguous", "unsqueeze")
+_UNSQUEEZE = (aten.unsqueeze.default, "unsqueeze")
+_ADD = (aten.add.Tensor, operator.add)
+_SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+BIAS_OF_SCORES = ("a relative position bias, a lookup broadcast over the attention scores: diag, measured better "
+                  "than an embedding block (benchmarks/results/library_models.md)")
 
 
 def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
@@ -39,11 +48,17 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     into `aten.embedding(W, ids)` (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
+                and _trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
+            node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
         ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
-        if matrix is None or not _integer(ids) or _bias_of_scores(node):
+        if matrix is None or not _integer(ids):
+            continue
+        if _bias_of_scores(node):
+            node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
             continue
         vocab = matrix.shape[0]
         with gm.graph.inserting_before(node):
@@ -69,11 +84,10 @@ def _bias_of_scores(lookup: fx.Node) -> bool:
     node = lookup
     while len(node.users) == 1 and next(iter(node.users)).target in _SHAPE_OPS:
         node = next(iter(node.users))
-    if node is lookup or node.target is not aten.unsqueeze.default or node.args[1] != 0 or len(node.users) != 1:
+    if node is lookup or node.target not in _UNSQUEEZE or node.args[1:] != (0,) or len(node.users) != 1:
         return False
     consumer = next(iter(node.users))
-    return consumer.target is aten.add.Tensor or (
-        consumer.target is aten.scaled_dot_product_attention.default and node not in consumer.args[:3])
+    return consumer.target in _ADD or (consumer.target in _SDPA and node not in consumer.args[:3])
 
 
 def _trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:

@@ -1194,4 +1194,5 @@ def test_a_relative_position_bias_is_a_fallback_under_both_captures(capture):
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
     torch.testing.assert_close(c.table.grad, model.table.grad, rtol=1e-12, atol=1e-12)
     assert [f.param for f in c.layers.fallbacks] == ["table"]
+    assert "a relative position bias" in c.layers.fallbacks[0].reason
     assert "table" not in [b.name for b in c.layers]
