@@ -11,15 +11,36 @@ a negative index i as i + V, which the embedding does not: the indices become
 torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["val"]`); torch.fx's
 `W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
 apart.
+
+A lookup whose rows reach the scores of a batch as a bias broadcast over their first dimension
+(`_bias_of_scores`: Swin's relative position bias, `T[index.view(-1)].view(M², M², -1)
+.permute(2, 0, 1).unsqueeze(0)` added to the scores or given as SDPA's attn_mask) is not rewritten: it
+stays a fallback, under torch.export as under torch.fx. As an embedding, its indices (a buffer, no
+batch dimension) made it one example whose gradient sums the N·windows windows' (S of that sum, not
+of the batch's rows). Looked up once per window (commit 8b27f81: A and S exact against autograd, and
+with one window per example the per-example diagonal against vmap), the block made kfac's held-out
+loss on the Swin look-alike worse than the fallback's, 1.21 -> 1.54 and 0.66 -> 1.20 on seeds 0 and 1
+(benchmarks/results/library_models.md, "Swin's relative position bias looked up per window").
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .shapes import value_of
 
 aten = torch.ops.aten
+# the shape ops between a relative position bias lookup and the scores (torch.export's, torch.fx's)
+_SHAPE_OPS = (aten.view.default, aten.reshape.default, aten.permute.default, aten.contiguous.default,
+              aten.clone.default, aten.unsqueeze.default, "view", "reshape", "permute", "contiguous", "unsqueeze")
+_UNSQUEEZE = (aten.unsqueeze.default, "unsqueeze")
+_ADD = (aten.add.Tensor, operator.add)
+_SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+BIAS_OF_SCORES = ("a relative position bias, a lookup broadcast over the attention scores: diag, measured better "
+                  "than an embedding block (benchmarks/results/library_models.md)")
 
 
 def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
@@ -27,11 +48,17 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     into `aten.embedding(W, ids)` (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
+                and _trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
+            node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
         ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
         if matrix is None or not _integer(ids):
+            continue
+        if _bias_of_scores(node):
+            node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
             continue
         vocab = matrix.shape[0]
         with gm.graph.inserting_before(node):
@@ -48,6 +75,19 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _bias_of_scores(lookup: fx.Node) -> bool:
+    """Whether the lookup's value reaches the scores of a batch through one-use shape ops ending in
+    `unsqueeze(0)`, a bias broadcast over their first dimension: added to them, or the attn_mask of
+    scaled_dot_product_attention (module docstring)."""
+    node = lookup
+    while len(node.users) == 1 and next(iter(node.users)).target in _SHAPE_OPS:
+        node = next(iter(node.users))
+    if node is lookup or node.target not in _UNSQUEEZE or node.args[1:] != (0,) or len(node.users) != 1:
+        return False
+    consumer = next(iter(node.users))
+    return consumer.target in _ADD or (consumer.target in _SDPA and node not in consumer.args[:3])
 
 
 def _trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:

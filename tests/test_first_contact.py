@@ -1145,3 +1145,54 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
     torch.manual_seed(0)
     c = _assert_position_diag_is_per_example(IndexedPositions(positions).double(), "wpe", "export")
     assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+
+
+class RelativeBias(nn.Module):
+    """Swin's relative position bias: a table of (2w-1)² rows by head, read by a buffer of indices
+    (here some negative, rows counted from the end), `table[index.view(-1)]`, added to the scores of
+    each of the `windows` windows of w² tokens of every example, folded into the first dimension as
+    Swin's window partition does ((N·windows, heads, w², w²) scores)."""
+
+    def __init__(self, w=2, heads=2, windows=1):
+        super().__init__()
+        self.w, self.heads, self.windows = w, heads, windows
+        self.table = nn.Parameter(torch.randn((2 * w - 1) ** 2, heads))
+        index = torch.arange(w ** 4).reshape(w * w, w * w) % (2 * w - 1) ** 2
+        self.register_buffer("index", torch.where(index % 3 == 0, index - (2 * w - 1) ** 2, index))
+        self.qk, self.head = nn.Linear(3, 2 * heads * 2), nn.Linear(windows * heads * w * w * w * w, 4)
+
+    def forward(self, x):  # x (N, windows·w², 3)
+        bias = self.table[self.index.view(-1)].view(self.w * self.w, self.w * self.w, -1).permute(2, 0, 1)
+        return self.scored(x, bias.unsqueeze(0))
+
+    def scored(self, x, bias):
+        """The output from the scores plus `bias`, (1 or N·windows, heads, w², w²)."""
+        q, k = self.qk(x).reshape(-1, self.w * self.w, 2, self.heads, 2).unbind(2)
+        scores = torch.einsum("nthd,nshd->nhts", q, k)
+        return self.head(torch.tanh(scores + bias).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_relative_position_bias_is_a_fallback_under_both_captures(capture):
+    """Swin's `table[index.view(-1)].view(...).permute(2, 0, 1).unsqueeze(0)` added to the scores of
+    N·windows windows falls back to diag under both captures (passes/index_lookup.py), with the model's
+    outputs and gradients: as an embedding (torch.export's graph made one of it) the lookup of a buffer
+    without a batch dimension was one example, whose S is the outer product of the gradient summed over
+    the windows, not that of the batch's rows; looked up per window, with exact statistics (8b27f81),
+    the block made kfac worse than the fallback on the Swin look-alike
+    (benchmarks/results/library_models.md). Fails before under torch.export (an embedding block)."""
+    torch.manual_seed(0)
+    model = RelativeBias(windows=3).double()
+    x, y = torch.randn(6, 3 * model.w ** 2, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+    c = gnfx.compile(copy.deepcopy(model), "kfac", lr=1e-2, capture=capture, stat_every=1,
+                     example_inputs=(x,) if capture == "export" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # qk's input (N·windows) is not the batch
+        out = c(x)
+        F.cross_entropy(out, y).backward()
+    F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    torch.testing.assert_close(c.table.grad, model.table.grad, rtol=1e-12, atol=1e-12)
+    assert [f.param for f in c.layers.fallbacks] == ["table"]
+    assert "a relative position bias" in c.layers.fallbacks[0].reason
+    assert "table" not in [b.name for b in c.layers]
