@@ -207,9 +207,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
-            batches = self.sharded.average_statistics(batches, self.statistics.examples())
+            batches = self.sharded.average_statistics(batches)
         elif batches and self.comm is not None:
-            batches = self.comm.average_statistics(batches, self.statistics.examples())
+            batches = self.comm.average_statistics(batches, self.statistics)
         problem = self._non_finite(batches) if self.nan_policy != "off" else ""
         if self.sharded is not None and self.nan_policy != "off":
             problem = self.sharded.agree(problem)

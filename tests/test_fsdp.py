@@ -90,7 +90,7 @@ def state_bytes(optimizer) -> int:
 
 
 def statistics_sent(optimizer, world: int) -> int:
-    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and N_r (float64)
+    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and each one's N_r (float64)
     to the ranks that keep it, counted from the single process's statistics: from the W - 1 other
     ranks to the owner of a curvature block, from every rank to every other for a block of the
     elementwise preconditioner (every rank keeps its statistics)."""
@@ -98,7 +98,7 @@ def statistics_sent(optimizer, world: int) -> int:
     total = 0
     for name, stats in optimizer.statistics.blocks.items():
         copies = world * (world - 1) if name in everywhere else world - 1
-        total += stats.updates * (sum(v.numel() for v in stats.values.values()) + 1) * copies * 8
+        total += stats.updates * (sum(v.numel() + 1 for v in stats.values.values())) * copies * 8
     return total
 
 
