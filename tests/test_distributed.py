@@ -144,12 +144,14 @@ class Kinds(nn.Module):
     whose layers are opened, a layer scale γ on its branch, a linear head after a tanh (so that every
     factor has full rank, and EKFAC's eigenbases are unique): (N, T, 6) -> (N, T, 4).
     `bound`: Branching's (2: fc2 always called, tanh < 1; 0.9: called when no entry of the block's
-    batch reaches 0.9)."""
+    batch reaches 0.9); `normed`: whether the input layer is weight-normed."""
 
-    def __init__(self, bound: float = 2.0):
+    def __init__(self, bound: float = 2.0, normed: bool = True):
         super().__init__()
         torch.manual_seed(0)
-        self.inp = nn.utils.parametrizations.weight_norm(nn.Linear(6, 8))
+        self.inp = nn.Linear(6, 8)
+        if normed:
+            nn.utils.parametrizations.weight_norm(self.inp)
         self.pos = nn.Parameter(0.5 * torch.randn(1, 5, 8))
         self.block = Branching(8, bound)
         self.gamma = nn.Parameter(0.5 + 0.1 * torch.randn(8))
