@@ -37,6 +37,11 @@ last batch's values, never averaged over steps (`LATEST`); under data parallelis
 `Σ_r N_r F_r / N` of gnfx.distributed gives the whole batch's `grad`, and `[W/N, W/M]` from the
 W ranks' `inverse_counts` when every rank has the same T = M/N (the model output's shape).
 
+A block whose diagonal A is weighted by energy (a position table, gnfx.layouts.position) gives with
+its A (the ids' frequencies) the energies `energy`, `ε_t = 1/M Σ_n |δ_{n,t}|² = M Σ_n |g_{n,t}|²`
+(S's normalization, so Σ_t ε_t = tr S), which `fold` turns into A = ε / Σ_t ε_t: after the average
+over ranks (gnfx.distributed), so that the ranks' energies are added before the shares are taken.
+
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
 
