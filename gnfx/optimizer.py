@@ -111,7 +111,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
                         f"reparametrized layers (weight-normed layers, spectrally normed ones: "
                         f"{', '.join(repr(rp.weight) for rp in reparametrized)}) are curvature blocks stepped in "
                         f"their weight's space (gnfx.reparametrization), which gnfx's FSDP2 step does not do yet: "
-                        f"remove them from the model before gnfx.compile ({'; '.join(rp.removal for rp in reparametrized)}), "
+                        f"remove them from the model before gnfx.compile "
+                        f"({'; '.join(rp.removal for rp in reparametrized)}), "
                         f"then compile and fully_shard it, or do not shard the model")
                 sharded = ShardedStep(self.parameter_store, live, self.steps, self.comm, self.statistics,
                                       self.curvature, self.elementwise)

@@ -322,7 +322,8 @@ class BlockStatistics:
         shapes = {}
         if self._A is not None:
             d = self._A.shape[-1]
-            shapes["A"] = tuple(self._A.shape[:-2]) + (d + 1, d + 1) if self._A_sum is not None else tuple(self._A.shape)
+            bordered = self._A_sum is not None  # the bias's row and column added in _bordered_A
+            shapes["A"] = tuple(self._A.shape[:-2]) + (d + 1, d + 1) if bordered else tuple(self._A.shape)
         if self._A_energy is not None:
             shapes["energy"] = tuple(self._A_energy.shape)
         for name in ("S", "diag", "eigen_diag", "grad"):
