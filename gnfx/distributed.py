@@ -6,7 +6,14 @@ gnfx adds two things, both with torch.distributed collectives (no communication 
 * Statistics. On a statistic step each rank's batch statistics (A, S, diag, ...) are those of its
   N_r examples. Since every statistic is an average over examples (gnfx.statistics), the global
   statistic of the concatenated batch is `Σ_r N_r F_r / Σ_r N_r`: one all-reduce (SUM) of all
-  blocks' statistics, flattened into one buffer with N_r appended, per statistic step.
+  blocks' statistics, flattened into one buffer with N_r appended, per statistic step. The sums run
+  over the ranks whose batch has the statistic: a rank whose forwards did not reach a block (an
+  opaque submodule's code that called the layer on another rank's data only, passes/opaque_children.py),
+  or whose loss ignored every row, adds zeros and N_r = 0, so that every rank sends the same buffer.
+  A position table's energy-weighted A (gnfx.layouts.position) travels as its energies ε_t, an average
+  over examples like the others, and is normalized after the sum: A_t = Σ_r N_r ε_{r,t} / Σ_{r,t'} N_r ε_{r,t'}
+  is the concatenated batch's (the average of the ranks' shares A_{r,t} was not, unless the ranks'
+  total energies were equal).
 * Refresh. The decompositions of the refresh (eigendecompositions, inverse roots) are split:
   each piece of each group is owned by one rank, assigned greedily by its cost (the cube of its
   factor sizes, the FLOPs of its eigendecompositions), largest first to the least-loaded rank.
@@ -19,6 +26,9 @@ refresh and update belong to one owner, and the statistics are reduced to it in 
 (gnfx.fsdp); multi-node only changes the process group.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -51,26 +61,21 @@ class Communicator:
         self._all_reduce(buffer)
         return (buffer / self.world).to(values.device)
 
-    def average_statistics(self, batches: dict, examples: dict) -> dict:
-        """The statistics of the concatenated batch: Σ_r N_r F_r / Σ_r N_r, per block, in one all-reduce.
+    def average_statistics(self, batches: dict, statistics) -> dict:
+        """The statistics of the concatenated batch, Σ_r N_r F_r / Σ_r N_r per statistic over the ranks
+        whose batch has it, in one all-reduce (`weighted_statistics`).
 
-        `batches` maps block -> {name: tensor} (possibly empty on a rank that saw no data),
-        `examples` block -> N_r. Every rank must hold the same blocks and names.
+        `batches` maps block -> {name: tensor}, this rank's `statistics.batches()` (empty for a block its
+        forwards did not reach), `statistics` is the gnfx.statistics.StatisticsStore.
         """
-        names = [(b, k) for b in sorted(batches) for k in sorted(batches[b])]
-        if not names:
-            return batches
-        tensors = [batches[b][k] * examples[b] for b, k in names]
-        counts = torch.tensor([float(examples[b]) for b in sorted(batches)], dtype=tensors[0].dtype,
-                              device=tensors[0].device)
-        buffer = torch.cat([t.reshape(-1) for t in tensors] + [counts])
+        layout = statistics_layout(statistics, statistics.blocks)
+        if not layout:
+            return {}
+        dtype = functools.reduce(torch.promote_types, [statistics[b].dtype for b, _, _ in layout])
+        buffer = torch.cat(weighted_statistics(batches, statistics.examples(), layout, dtype,
+                                               statistics[layout[0][0]].device))
         self._all_reduce(buffer)
-        total = dict(zip(sorted(batches), buffer[-len(counts):].tolist()))
-        out, offset = {b: {} for b in batches}, 0
-        for (b, k), t in zip(names, tensors):
-            out[b][k] = buffer[offset:offset + t.numel()].reshape(t.shape) / total[b]
-            offset += t.numel()
-        return out
+        return averaged_statistics(buffer, layout, statistics)
 
     def owners(self, key: str, costs: list[float]) -> torch.Tensor:
         """The owning rank of each item of a group (cached by key): greedy by cost over all groups
@@ -100,3 +105,35 @@ class Communicator:
         for t in tensors:
             t.masked_fill_(others.view((-1,) + (1,) * (t.dim() - 1)), 0)
             self._all_reduce(t)
+
+
+def statistics_layout(statistics, blocks) -> list[tuple[str, str, tuple]]:
+    """(block, statistic, shape) of every statistic these blocks of the gnfx.statistics.StatisticsStore
+    `statistics` may have (`BlockStatistics.batch_shapes`), in an order every rank shares."""
+    return [(b, k, shape) for b in sorted(blocks) for k, shape in sorted(statistics[b].batch_shapes().items())]
+
+
+def weighted_statistics(batches: dict, examples: dict, layout: list, dtype: torch.dtype,
+                        device: torch.device) -> list[torch.Tensor]:
+    """What this rank adds to the sums over ranks: N_r F_r of each statistic of `layout`, flattened, then
+    the N_r of each, in `dtype`. A statistic this rank's batch lacks adds zeros and N_r = 0.
+    `batches`: block -> {name: tensor}; `examples`: block -> N_r."""
+    values = [batches.get(b, {}).get(k) for b, k, _ in layout]
+    parts = [torch.zeros(math.prod(shape), dtype=dtype, device=device) if v is None
+             else v.reshape(-1).to(dtype) * examples[b] for v, (b, _, shape) in zip(values, layout)]
+    counts = [0.0 if v is None else float(examples[b]) for v, (b, _, _) in zip(values, layout)]
+    return parts + [torch.tensor(counts, dtype=dtype, device=device)]
+
+
+def averaged_statistics(total: torch.Tensor, layout: list, statistics) -> dict:
+    """Σ_r N_r F_r / Σ_r N_r of each statistic of `layout`, from `total`, the sum over the ranks of
+    their `weighted_statistics`, in its block's dtype; one that no rank's batch had is left out (as a
+    block one process's forwards did not reach has no batch)."""
+    counts = total[total.numel() - len(layout):].tolist()
+    out, offset = {}, 0
+    for (b, k, shape), n in zip(layout, counts):
+        size = math.prod(shape)
+        if n > 0:
+            out.setdefault(b, {})[k] = (total[offset:offset + size].view(shape) / n).to(statistics[b].dtype)
+        offset += size
+    return out

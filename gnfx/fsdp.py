@@ -73,6 +73,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
+from gnfx.distributed import averaged_statistics, statistics_layout, weighted_statistics
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.plan import _constructor
 
@@ -369,39 +370,31 @@ class ShardedStep:
         return problem or ("a non-finite gradient or statistic on another rank" if anywhere > 0 else "")
 
     @torch.no_grad()
-    def average_statistics(self, batches: dict, examples: dict) -> dict:
-        """The statistics of the concatenated batch, Σ_r N_r F_r / Σ_r N_r (gnfx.distributed), of the
-        blocks this rank keeps (`kept_by`), reduced to the ranks that keep them: in one all-to-all each
-        rank sends every other rank the N_r F_r and N_r of the blocks that rank keeps, and each adds
-        what it receives to its own (each owned block's statistics cross the network once, (W-1)/W of
-        them per rank, where an all-reduce would give every rank every block's). `batches` maps
-        block -> {name: tensor}, `examples` block -> N_r; every rank holds the same blocks and names."""
+    def average_statistics(self, batches: dict) -> dict:
+        """The statistics of the concatenated batch, Σ_r N_r F_r / Σ_r N_r per statistic over the ranks
+        whose batch has it (gnfx.distributed), of the blocks this rank keeps (`kept_by`), reduced to the
+        ranks that keep them: in one all-to-all each rank sends every other rank the N_r F_r and N_r of
+        the blocks that rank keeps (`weighted_statistics`), and each adds what it receives to its own
+        (each owned block's statistics cross the network once, (W-1)/W of them per rank, where an
+        all-reduce would give every rank every block's). `batches` maps block -> {name: tensor}, this
+        rank's `statistics.batches()` (empty for a block its forwards did not reach)."""
         if not any(self.kept_by):
             return {}
-
-        def payload(r):  # what this rank sends rank r: N_r-weighted statistics, then the N_r
-            blocks = [b for b in sorted(batches) if b in self.kept_by[r]]
-            return [batches[b][k].reshape(-1) * examples[b] for b in blocks for k in sorted(batches[b])] + [
-                torch.tensor([float(examples[b]) for b in blocks], dtype=self.dtype, device=self.device)]
-        parts = [payload(r) for r in range(self.world)]
+        kept = [[b for b in self.kept_by[r] if b in self.statistics.blocks] for r in range(self.world)]
+        layouts = [statistics_layout(self.statistics, blocks) for blocks in kept]
+        dtype = self.dtype
+        for b in set().union(*kept):
+            dtype = torch.promote_types(dtype, self.statistics[b].dtype)
+        examples = self.statistics.examples()
+        parts = [weighted_statistics(batches, examples, layout, dtype, self.device) for layout in layouts]
         sizes = [sum(t.numel() for t in part) for part in parts]
-        dtype = torch.float64 if any(t.dtype == torch.float64 for part in parts for t in part) else self.dtype
         sent = self.bytes_communicated
         received = self._all_to_all([t for part in parts for t in part], sizes, [sizes[self.rank]] * self.world,
                                     dtype=dtype, skip=False)
         self.statistics_bytes += self.bytes_communicated - sent  # counted apart from gradients and updates
         self.bytes_communicated = sent
         total = received.view(self.world, -1).sum(0)  # Σ over the ranks, in rank order
-        blocks = [b for b in sorted(batches) if b in self.kept_by[self.rank]]
-        counts = total[total.numel() - len(blocks):].tolist()
-        out, offset = {}, 0
-        for b, n in zip(blocks, counts):
-            out[b] = {}
-            for k in sorted(batches[b]):
-                t = batches[b][k]
-                out[b][k] = (total[offset:offset + t.numel()].view(t.shape) / n).to(t.dtype)
-                offset += t.numel()
-        return out
+        return averaged_statistics(total, layouts[self.rank], self.statistics)
 
     # --- the step ----------------------------------------------------------------------------
     def _entries(self, name: str, rank: int) -> int:

@@ -105,12 +105,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         if self.sharded is None and self.live_params is not None and distributed and due:
             live = self.live_params()
             if any(isinstance(p, torch.distributed.tensor.DTensor) for p in live.values()):
-                if self.parameter_store.reparametrizations:
-                    raise ConfigError("reparametrized layers (weight-normed layers, spectrally normed ones) are "
-                                      "curvature blocks stepped in their weight's space (gnfx.reparametrization), "
-                                      "which gnfx's FSDP2 step does not do yet: remove the parametrization "
-                                      "(torch.nn.utils.parametrize.remove_parametrizations) before fully_shard, "
-                                      "or do not shard the model")
+                reparametrized = list(self.parameter_store.reparametrizations)
+                if reparametrized:
+                    raise ConfigError(
+                        f"reparametrized layers (weight-normed layers, spectrally normed ones: "
+                        f"{', '.join(repr(rp.weight) for rp in reparametrized)}) are curvature blocks stepped in "
+                        f"their weight's space (gnfx.reparametrization), which gnfx's FSDP2 step does not do yet: "
+                        f"remove them from the model before gnfx.compile "
+                        f"({'; '.join(rp.removal for rp in reparametrized)}), "
+                        f"then compile and fully_shard it, or do not shard the model")
                 sharded = ShardedStep(self.parameter_store, live, self.steps, self.comm, self.statistics,
                                       self.curvature, self.elementwise)
                 self.parameter_store.sharded = sharded
@@ -207,9 +210,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
-            batches = self.sharded.average_statistics(batches, self.statistics.examples())
+            batches = self.sharded.average_statistics(batches)
         elif batches and self.comm is not None:
-            batches = self.comm.average_statistics(batches, self.statistics.examples())
+            batches = self.comm.average_statistics(batches, self.statistics)
         problem = self._non_finite(batches) if self.nan_policy != "off" else ""
         if self.sharded is not None and self.nan_policy != "off":
             problem = self.sharded.agree(problem)

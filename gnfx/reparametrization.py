@@ -47,6 +47,12 @@ import dataclasses
 import torch
 
 
+def _remove_parametrizations(weight: str) -> str:
+    """The call that removes the parametrizations of the model's weight named `weight`."""
+    module, _, name = weight.rpartition(".")
+    return f"torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule({module!r}), {name!r})"
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightNorm:
     """W = g · v / ‖v‖ (module docstring). `weight`: the name W has in the model (`fc.weight`, for a
@@ -55,7 +61,8 @@ class WeightNorm:
 
     What every reparametrization gives (`Reparametrizations`, gnfx.diagnose): `standin`, the parameter
     of W's shape whose name W's stand-in takes (v); `held`, the others W is computed from (g);
-    `value`, `weight_gradient` and `pull_back` of the parameters by name."""
+    `value`, `weight_gradient` and `pull_back` of the parameters by name; `removal`, the torch call
+    that turns it back into a plain weight (named where gnfx refuses it: under FSDP2)."""
 
     weight: str
     magnitude: str
@@ -69,6 +76,15 @@ class WeightNorm:
     @property
     def held(self) -> tuple[str, ...]:
         return (self.magnitude,)
+
+    @property
+    def removal(self) -> str:
+        """The older API's pre-hook keeps v as `<weight>_v` (`fc.weight_v`), the parametrization as
+        `fc.parametrizations.weight.original1`."""
+        module, _, name = self.weight.rpartition(".")
+        if self.direction == f"{self.weight}_v":
+            return f"torch.nn.utils.remove_weight_norm(model.get_submodule({module!r}), {name!r})"
+        return _remove_parametrizations(self.weight)
 
     def _norm(self, v: torch.Tensor) -> torch.Tensor:
         """‖v_r‖, broadcastable against v (torch.norm_except_dim, as torch._weight_norm computes it)."""
@@ -126,6 +142,10 @@ class SpectralNorm:
     def held(self) -> tuple[str, ...]:
         return ()
 
+    @property
+    def removal(self) -> str:
+        return _remove_parametrizations(self.weight)
+
     def sigma(self, named: dict) -> torch.Tensor:
         """σ = uᵀ W_o v at the u, v of the last forward, as the parametrization computes it."""
         m = self.module
@@ -157,6 +177,9 @@ class Reparametrizations:
 
     def __bool__(self) -> bool:
         return bool(self.reparametrizations)
+
+    def __iter__(self):
+        return iter(self.reparametrizations.values())
 
     @torch.no_grad()
     def gather(self, named: dict) -> None:

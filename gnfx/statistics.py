@@ -37,6 +37,11 @@ last batch's values, never averaged over steps (`LATEST`); under data parallelis
 `Σ_r N_r F_r / N` of gnfx.distributed gives the whole batch's `grad`, and `[W/N, W/M]` from the
 W ranks' `inverse_counts` when every rank has the same T = M/N (the model output's shape).
 
+A block whose diagonal A is weighted by energy (a position table, gnfx.layouts.position) gives with
+its A (the ids' frequencies) the energies `energy`, `ε_t = 1/M Σ_n |δ_{n,t}|² = M Σ_n |g_{n,t}|²`
+(S's normalization, so Σ_t ε_t = tr S), which `fold` turns into A = ε / Σ_t ε_t: after the average
+over ranks (gnfx.distributed), so that the ranks' energies are added before the shares are taken.
+
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
 
@@ -294,10 +299,8 @@ class BlockStatistics:
         batch = {}
         if self._A is not None and self._a_rows:
             batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
-            if self._A_energy is not None:  # weighted by their output-gradient energies (gnfx.layouts.position)
-                energy = self._A_energy.sum()  # (no gradient reached the block: 0, the frequencies stay)
-                batch["A"] = torch.where(energy > 0, self._A_energy / energy.clamp_min(torch.finfo(energy.dtype).tiny),
-                                         batch["A"])
+            if self._A_energy is not None:  # ε_t, normalized into A by fold (gnfx.layouts.position)
+                batch["energy"] = self._A_energy * m
         if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)
             batch["S"] = self._S * m
         for name, out, pending in (("diag", self._diag, self._per_example),
@@ -312,10 +315,30 @@ class BlockStatistics:
             batch["inverse_counts"] = torch.tensor([1 / n, 1 / m], dtype=self.dtype, device=self.device)
         return batch
 
+    def batch_shapes(self) -> dict[str, tuple]:
+        """The shape of every statistic batch() may give for this block, whatever the batch: the same on
+        every rank (under torch.distributed a rank whose batch lacks one adds zeros of this shape to
+        the average over ranks, gnfx.distributed)."""
+        shapes = {}
+        if self._A is not None:
+            d = self._A.shape[-1]
+            bordered = self._A_sum is not None  # the bias's row and column added in _bordered_A
+            shapes["A"] = tuple(self._A.shape[:-2]) + (d + 1, d + 1) if bordered else tuple(self._A.shape)
+        if self._A_energy is not None:
+            shapes["energy"] = tuple(self._A_energy.shape)
+        for name in ("S", "diag", "eigen_diag", "grad"):
+            buffer = getattr(self, "_" + name)
+            if buffer is not None:
+                shapes[name] = tuple(buffer.shape)
+        if "inverse_counts" in self.needs:
+            shapes["inverse_counts"] = (2,)
+        return shapes
+
     @torch.no_grad()
     def fold(self, batch: dict[str, torch.Tensor], decay: float) -> None:
-        """F ← β F + (1-β) F_batch for each statistic of the batch (the first batch sets F)."""
-        for name, value in batch.items():
+        """F ← β F + (1-β) F_batch for each statistic of the batch (the first batch sets F), A
+        weighted by the energies first (`_energy_weighted`)."""
+        for name, value in self._energy_weighted(batch).items():
             if name in self.values and decay > 0 and name not in LATEST:
                 self.values[name].mul_(decay).add_(value, alpha=1 - decay)
             else:
@@ -323,6 +346,20 @@ class BlockStatistics:
         if batch:
             self.updates += 1
         self._reset()
+
+    @staticmethod
+    def _energy_weighted(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with A = ε / Σ_t ε_t in place of the ids' frequencies and without ε, for a block whose
+        A is weighted by energy (module doc; the frequencies stay where no gradient reached the block:
+        Σ ε = 0). Normalized here, after the average over ranks, so that the ranks' energies are added
+        before the shares are taken (gnfx.distributed)."""
+        if "energy" not in batch:
+            return batch
+        batch = dict(batch)
+        energy = batch.pop("energy")
+        total = energy.sum()
+        batch["A"] = torch.where(total > 0, energy / total.clamp_min(torch.finfo(total.dtype).tiny), batch["A"])
+        return batch
 
     def _reset(self) -> None:
         self._stale = {"_A", "_S"}

@@ -7,9 +7,11 @@ refreshed eigenbases to every rank with the updates); the curvature state is not
 replicated (the ranks' states add up to the single process's); a checkpoint taken mid-run (each
 rank's optimizer state_dict and parameter shards) resumes bit for bit; a decomposition that fails
 on its owner keeps the last good root; a non-finite gradient in one rank's shard skips the step on
-every rank; each rank keeps the bytes the cost model says; and the unsupported (compiling a sharded
-model, sharding blocks but not the compiled model, distributed='off', weight-normed blocks) is refused
-with the reason.
+every rank; each rank keeps the bytes the cost model says; the later layer kinds (a position table,
+layers opened inside an opaque submodule, a layer scale) train as one process does; and the
+unsupported (compiling a sharded model, sharding blocks but not the compiled model, distributed='off',
+weight-normed and spectrally normed blocks, of either weight-norm API) is refused with the reason and
+the fix.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.distributed.fsdp import fully_shard
 
 import gnfx
 import gnfx.preconditioners.shampoo as shampoo_module
-from test_distributed import rendezvous
+from test_distributed import KINDS_OPTIMIZERS, Kinds, kinds_data, rendezvous, train_kinds
 
 pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
 
@@ -90,7 +92,7 @@ def state_bytes(optimizer) -> int:
 
 
 def statistics_sent(optimizer, world: int) -> int:
-    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and N_r (float64)
+    """Bytes all W ranks send in all to bring each block's N_r-weighted statistics and each one's N_r (float64)
     to the ranks that keep it, counted from the single process's statistics: from the W - 1 other
     ranks to the owner of a curvature block, from every rank to every other for a block of the
     elementwise preconditioner (every rank keeps its statistics)."""
@@ -98,7 +100,7 @@ def statistics_sent(optimizer, world: int) -> int:
     total = 0
     for name, stats in optimizer.statistics.blocks.items():
         copies = world * (world - 1) if name in everywhere else world - 1
-        total += stats.updates * (sum(v.numel() for v in stats.values.values()) + 1) * copies * 8
+        total += stats.updates * (sum(v.numel() + 1 for v in stats.values.values())) * copies * 8
     return total
 
 
@@ -171,6 +173,8 @@ def worker(rank, world, init_method, out):
             train(normed, xs[:1], ys[:1])
         except gnfx.ConfigError as error:
             results["weight_norm"] = str(error)
+        results["reparametrized"] = refused_reparametrizations(xs, ys)
+        results["kinds"] = later_kinds(rank)
         blocks_only = compile_model("kfac")
         fully_shard(blocks_only.get_submodule("2"))
         try:
@@ -181,6 +185,38 @@ def worker(rank, world, init_method, out):
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
+
+
+def refused_reparametrizations(xs, ys):
+    """The refusal of a spectrally normed layer and of the older weight-norm API's (a pre-hook), by name."""
+    refusals = {}
+    for name, reparametrize in (("spectral_norm", nn.utils.parametrizations.spectral_norm),
+                                ("weight_norm_hook", nn.utils.weight_norm)):
+        torch.manual_seed(0)
+        compiled = gnfx.compile(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), reparametrize(nn.Linear(4, 4))).double(),
+                                "kfac", **HPARAMS)
+        fully_shard(compiled)
+        try:
+            train(compiled, xs[:1], ys[:1])
+        except gnfx.ConfigError as error:
+            refusals[name] = str(error)
+    return refusals
+
+
+def later_kinds(rank):
+    """test_distributed's Kinds without its weight norm (a position table, layers opened inside an
+    opaque submodule, itself sharded, and a layer scale) on this rank's half of its batches: the
+    parameters after 7 steps, for each of KINDS_OPTIMIZERS."""
+    xs, ys = kinds_data()
+    shard = slice(rank * 8, (rank + 1) * 8)
+    params = {}
+    for optimizer, extra in KINDS_OPTIMIZERS.items():
+        compiled = gnfx.compile(Kinds(normed=False), optimizer, capture="fx", **HPARAMS, **extra)
+        fully_shard(compiled.get_submodule("block"))
+        fully_shard(compiled)
+        train_kinds(compiled, compiled, xs[:, shard], ys[:, shard])
+        params[optimizer] = {n: p.full_tensor() for n, p in compiled.named_parameters()}
+    return params
 
 
 def failed_refresh_keeps_root(xs, ys):
@@ -287,7 +323,34 @@ def test_distributed_off_is_refused_under_fsdp2(two_ranks):
 
 
 def test_weight_normed_blocks_are_refused_under_fsdp2_with_the_fix(two_ranks):
-    assert "weight-normed layers" in two_ranks["weight_norm"] and "before fully_shard" in two_ranks["weight_norm"]
+    """The fix names each layer and the torch call that removes its reparametrization, before gnfx.compile
+    (removed after it, the compiled model's parameters would have changed: a GnfxError)."""
+    assert "weight-normed layers" in two_ranks["weight_norm"] and "'0.weight'" in two_ranks["weight_norm"]
+    assert ("torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule('0'), 'weight')), then compile "
+            "and fully_shard" in two_ranks["weight_norm"])
+    assert "before gnfx.compile" in two_ranks["weight_norm"]
+
+
+def test_spectral_norm_and_the_older_weight_norm_api_are_refused_under_fsdp2_with_their_fix(two_ranks):
+    refusals = two_ranks["reparametrized"]
+    assert "spectrally normed" in refusals["spectral_norm"] and "'2.weight'" in refusals["spectral_norm"]
+    removal = "torch.nn.utils.parametrize.remove_parametrizations(model.get_submodule('2'), 'weight')"
+    assert removal in refusals["spectral_norm"]
+    # nn.utils.weight_norm keeps weight_g and weight_v and a pre-hook: its removal is another call
+    assert "torch.nn.utils.remove_weight_norm(model.get_submodule('2'), 'weight')" in refusals["weight_norm_hook"]
+    assert all("before gnfx.compile" in message for message in refusals.values())
+
+
+@pytest.mark.parametrize("optimizer", list(KINDS_OPTIMIZERS))
+def test_the_later_layer_kinds_on_two_sharded_ranks_equal_one_process(two_ranks, optimizer):
+    """A position table (A_t = e_t / Σ e from the ranks' energies added), the layers of an opaque
+    submodule opened into blocks (the submodule itself sharded) and a layer scale."""
+    xs, ys = kinds_data()
+    single = gnfx.compile(Kinds(normed=False), optimizer, capture="fx", **HPARAMS, **KINDS_OPTIMIZERS[optimizer])
+    train_kinds(single, single, xs, ys)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(two_ranks["kinds"][optimizer][name], p.detach(), rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_sharding_blocks_but_not_the_compiled_model_names_the_supported_order(two_ranks):

@@ -20,7 +20,9 @@ by the energies, the block of row t, A_t S, has the exact block's trace, tr(A_t 
 same normalization as S),
 and the blocks' sum Σ_t A_t S = S is unchanged, so are tr A = 1 and the factored damping's π. The
 energies come with S, from the same output gradients (the sampled ones with fisher="mc"): a vector of
-T_max entries. (A token embedding keeps the frequencies: its ids are data, and nothing measured
+T_max entries, normalized into A after the average over ranks (gnfx.statistics), so that under
+torch.distributed e_t sums over all ranks' examples, as in one process on their concatenated batch.
+(A token embedding keeps the frequencies: its ids are data, and nothing measured
 there asks for more. So does a table of positions written as an embedding, `pos_emb(arange(T))`,
 which passes/shared_positions.py expands to the batch: weighted by the energies as here it was
 measured on the char GPT and the GPT-2 and BERT look-alikes, and its steps were no better,
