@@ -1145,3 +1145,180 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
     torch.manual_seed(0)
     c = _assert_position_diag_is_per_example(IndexedPositions(positions).double(), "wpe", "export")
     assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+
+
+# --------------------------------------------------------------------------- sixth round (text models)
+
+
+class TanhGelu(torch.autograd.Function):
+    """BLOOM's GELU (transformers' GeLUFunction): the tanh approximation, with its derivative as the
+    backward, and no jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return gelu_by_tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+def gelu_by_tanh(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class StraightThrough(torch.autograd.Function):
+    """A straight-through rounding (quantization-aware training): round forward, ȳ passed back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Activated(MLP):
+    """MLP with its activation: `function.apply(x)` of a custom autograd.Function, looked up at the call as
+    BLOOM does (an `apply` bound before capture is not seen: passes/custom_functions.py), or plain ops."""
+
+    def __init__(self, function=None):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        h = 3 * self.a(x)
+        return self.b(gelu_by_tanh(h) if self.function is None else self.function.apply(h))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_custom_function_without_jvp_steps_as_its_forward_written_out(capture):
+    """BLOOM's GeLUFunction has no jvp: kfac at its defaults raised at its first step (the quadratic
+    step's forward-mode pass). Its forward is now differentiated as recorded operations in forward mode
+    (passes/custom_functions.py), whose derivative its backward is (checked at capture): 3 steps take
+    the parameters where those of the model written with plain ops go, float64."""
+    torch.manual_seed(0)
+    plain = Activated().double()
+    custom = copy.deepcopy(plain)
+    custom.function = TanhGelu
+    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
+    for c in models:
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3, torch.float64)
+    for p, q in zip(custom.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_a_custom_function_keeps_its_backward_in_the_fx_graph():
+    """torch.fx traced through a straight-through estimator's apply, keeping its forward's round, whose
+    derivative is 0: on every statistic step the gradients below it were 0, not the model's (a
+    difference of 0.2, silently). The graph now calls the Function (passes/custom_functions.py): the
+    gradients of a statistic step are the model's, float64."""
+    torch.manual_seed(0)
+    model = Activated(StraightThrough).double()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, "kfac", lr=0.01, capture="fx", stat_every=1)
+    x, y = batch(torch.float64)
+    F.cross_entropy(c(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    assert any(n.target.__name__ == "StraightThrough_apply" for n in c.graph_module.graph.nodes
+               if n.op == "call_function")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert model.a.weight.grad.abs().sum() > 0
+
+
+def test_a_custom_function_whose_backward_is_not_its_forwards_derivative_is_named():
+    """Where its backward cannot be kept (torch.export's graph records the forward's operations) or
+    forward mode would differentiate its forward, a straight-through estimator is named with the fix;
+    before, the exported graph's gradients were silently the round's (0 below it), and the quadratic
+    step under fx raised that the Function has no jvp, as if any jvp would do."""
+    torch.manual_seed(0)
+    x, y = batch()
+    with pytest.raises(gnfx.GnfxError, match=r"StraightThrough .*whose backward is not the derivative of its "
+                                              r"forward.*Fix: capture='fx'"):
+        gnfx.compile(Activated(StraightThrough), "kfac", lr=0.01, capture="export")(x)
+    c = gnfx.compile(Activated(StraightThrough), "kfac", loss="cross_entropy", capture="fx")
+    F.cross_entropy(c(x), y).backward()
+    with pytest.raises(gnfx.GnfxError, match=r"StraightThrough .*which has no jvp, and whose backward is not the "
+                                              r"derivative of its forward"):
+        c.step()
+
+
+class OffsetNormed(nn.Module):
+    """Gemma's RMSNorm between two layers: x̂ ⊙ (1 + γ), γ cast (Gemma: `.float()`; here to the model's
+    dtype, float64 in the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight = nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.b((h * (1.0 + self.weight.to(h.dtype))).type_as(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_norm_scaled_by_one_plus_its_weight_is_a_norm_block(capture):
+    """Gemma's RMSNorm weight fell back to diag (torch.export: "used by call_function
+    '_assert_tensor_metadata.default'", the dtype check of its `.float()`; torch.fx: by the cast). A read
+    of metadata is no use, and γ cast and offset by a number is the norm's weight (∂z/∂γ = x̂ either
+    way): a norm block whose diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = OffsetNormed().double()
+    x, y = batch(torch.float64)
+    expected = per_example_fisher_diag(model, x, y)["weight"]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected, **TOL)
+
+
+class GroupedExperts(nn.Module):
+    """Top-1 routing to 3 experts as Hugging Face's mixture-of-experts layers compute it (Mixtral's
+    default experts): the tokens sorted by expert, one F.grouped_mm of them with the stacked expert
+    weights (3, 4, 8), unsorted, weighted by the router's probability; or (`grouped=False`) the same
+    products as a one-hot einsum."""
+
+    def __init__(self, grouped=True):
+        super().__init__()
+        self.router, self.head = nn.Linear(4, 3), nn.Linear(8, 3)
+        self.experts = nn.Parameter(0.5 * torch.randn(3, 4, 8))
+        self.grouped = grouped
+
+    def forward(self, x):
+        probability, expert = F.softmax(self.router(x), -1).max(-1)
+        if self.grouped:
+            order = torch.argsort(expert)
+            offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
+            products = F.grouped_mm(x[order], self.experts, offs=offsets)
+            h = torch.zeros_like(products).index_copy(0, order, products)
+        else:
+            h = torch.einsum("nk,ng,gko->no", x, F.one_hot(expert, 3).to(x.dtype), self.experts)
+        return self.head(torch.tanh(h) * probability.unsqueeze(-1))
+
+
+def test_kfac_at_defaults_steps_through_grouped_matrix_products():
+    """torch._grouped_mm (Mixtral's experts in transformers 5) has no forward-mode derivative: kfac at
+    its defaults raised at its first step. Written out for forward mode (gnfx.composite_forms), 3 steps
+    take the parameters where those of the one-hot einsum of the same products go (float32: the kernel
+    has no float64; torch.fx, as torch.export's fake kernel takes bfloat16 only, which is why transformers
+    calls a custom op of its own while tracing)."""
+    torch.manual_seed(0)
+    grouped = GroupedExperts()
+    einsum = copy.deepcopy(grouped)
+    einsum.grouped = False
+    for model in (grouped, einsum):
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", capture="fx")
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3)
+    for p, q in zip(grouped.parameters(), einsum.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,213 @@
+"""custom functions: a forward that applies a torch.autograd.Function, whose backward is its own.
+
+A custom Function y = F(x) runs its `forward` without recording it (under no_grad) and differentiates
+by its own `backward` (x̄ = backward(ȳ)), which need not be the derivative of its forward: Hugging
+Face's BLOOM writes its tanh-GELU so, with the derivative as its backward; a straight-through
+estimator (quantization-aware training) rounds in its forward and passes ȳ through in its backward.
+Captures and forward mode see it differently:
+
+- torch.fx calls `F.apply` on proxies, which runs `forward` on them: the graph held forward's
+  operations, whose derivative the graph's backward took instead of F's backward (a straight-through
+  estimator's round: a zero gradient below it on every statistic step, silently). While tracing
+  (`opaque_in_fx`) an `F.apply` of a proxy is one call_function node that calls `F.apply`: the graph's
+  backward is F's. The layers inside F are not seen (its parameters fall back), as those of a leaf.
+- torch.export records the operations forward runs on its fake tensors in the same way, and keeps no
+  call of F. `applied_functions` records the Functions the trace applied; `check_backwards` then runs
+  the forward once on the example call (no gradients outside F, buffers and random generators as they
+  were) and at every application of one of them compares F's vector-Jacobian product vᵀ∂y/∂x by its
+  backward with that of its forward's operations, for a random cotangent v: a relative difference
+  above `TOLERANCE` (rounding differs, the derivative does not) raises a CaptureError naming F, as the
+  exported graph's gradients would not be the model's.
+- Forward mode takes J v through `F.jvp`, which most Functions leave out (NotImplementedError): the
+  quadratic step and gnfx.ggn could not run. `inlined_functions` (gnfx.composite_forms.written_out,
+  the replays of the forward those take) runs the forward of a Function without jvp as recorded
+  operations, whose J v is the derivative of its forward: the Jacobian of F's backward wherever its
+  backward is its forward's derivative, which check_backwards verified for every Function an exported
+  graph applies (a Function inside a submodule torch.fx keeps opaque is not checked).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.autograd import forward_ad
+from torch import fx, nn
+from torch.autograd.function import Function, _is_setup_context_defined, _SingleLevelFunction
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+
+from gnfx.errors import CaptureError, GnfxError
+
+TOLERANCE = 1e-3  # relative difference of the two vector-Jacobian products above which F's backward is another
+# a Function's difference at its first application under forward mode (inlined_functions), by class
+_FORWARD_DIFFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_APPLY = Function.__dict__["apply"]  # the classmethod every custom Function inherits
+
+
+class _RecordedContext:
+    """The ctx a custom Function's forward gets when its operations are recorded instead of run under
+    no_grad: it keeps what the forward saves and which outputs it marks non-differentiable."""
+
+    def __init__(self, args):
+        self.needs_input_grad = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        self.saved_tensors, self.non_differentiable = (), set()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        self.non_differentiable |= {id(t) for t in tensors}
+
+    def mark_dirty(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def recorded_forward(cls, *args, **kwargs):
+    """F's forward on (args, kwargs) with its operations recorded by autograd (its derivative, not F's
+    backward); the outputs it marks non-differentiable detached, as F.apply returns them."""
+    if _is_setup_context_defined(cls.setup_context):
+        return cls.forward(*args, **kwargs)
+    ctx = _RecordedContext(args)
+    out = cls.forward(ctx, *args, **kwargs)
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and id(t) in ctx.non_differentiable else t,
+                    out)
+
+
+def _has_jvp(cls) -> bool:
+    return cls.jvp is not _SingleLevelFunction.jvp
+
+
+@contextlib.contextmanager
+def _apply_as(apply):
+    """Every custom Function's `apply(cls, *args, **kwargs)` is `apply` while inside."""
+    Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        Function.apply = _APPLY
+
+
+def _primal(x):
+    return forward_ad.unpack_dual(x).primal if isinstance(x, torch.Tensor) else x
+
+
+def inlined_functions():
+    """A Function without jvp runs its forward as recorded operations while inside (module docstring),
+    once its backward was found to be that forward's derivative at its first application (at the primal
+    values; random generators as they were); a GnfxError names a Function whose backward is another."""
+    def apply(cls, *args, **kwargs):
+        if _has_jvp(cls):
+            return _APPLY.__func__(cls, *args, **kwargs)
+        if cls not in _FORWARD_DIFFERENCES:
+            primals = tree_map(_primal, (args, kwargs))
+            devices = [t.device for t in tree_leaves(primals) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+            with torch.random.fork_rng(devices=devices):
+                _FORWARD_DIFFERENCES[cls] = _backward_difference(cls, *primals)
+        if _FORWARD_DIFFERENCES[cls] > TOLERANCE:
+            raise GnfxError(
+                f"forward-mode derivatives (the quadratic-model step, gnfx.ggn) go through the custom "
+                f"torch.autograd.Function {_name(cls, _FORWARD_DIFFERENCES[cls])}, which has no jvp, and whose "
+                f"backward is not the derivative of its forward, so J v cannot be taken from its forward's "
+                f"operations. Fix: give it a jvp staticmethod (and setup_context) that agrees with its backward, or "
+                f"pass lr= for a fixed-learning-rate step (step='lr')")
+        return recorded_forward(cls, *args, **kwargs)
+    return _apply_as(apply)
+
+
+def _call_of(cls):
+    """The function a graph calls for F.apply (named after F, for the graph's code)."""
+    def apply(*args, **kwargs):
+        return cls.apply(*args, **kwargs)
+    apply.__name__ = apply.__qualname__ = f"{cls.__name__}_apply"
+    return apply
+
+
+def opaque_in_fx():
+    """While tracing with torch.fx, F.apply of a proxy is a call_function node calling F.apply."""
+    def apply(cls, *args, **kwargs):
+        proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return _APPLY.__func__(cls, *args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", _call_of(cls), args, kwargs)
+    return _apply_as(apply)
+
+
+@contextlib.contextmanager
+def applied_functions():
+    """Records (in the yielded dict, as keys) every custom Function the forward applies while inside."""
+    applied = {}
+
+    def apply(cls, *args, **kwargs):
+        applied[cls] = None
+        return _APPLY.__func__(cls, *args, **kwargs)
+    with _apply_as(apply):
+        yield applied
+
+
+def _backward_difference(cls, args, kwargs) -> float:
+    """The relative difference between vᵀ∂y/∂x by F's backward and by its forward's operations, at the
+    floating-point tensors x among (args, kwargs), for one random cotangent v of F's outputs y."""
+    flat, spec = tree_flatten((args, kwargs))
+    leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in flat]
+    inputs = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    a, k = spec.unflatten(leaves)
+    state = torch.get_rng_state()
+    with torch.enable_grad():
+        by_backward = [y for y in tree_leaves(_APPLY.__func__(cls, *a, **k))
+                       if isinstance(y, torch.Tensor) and y.requires_grad]
+        torch.set_rng_state(state)  # the same draws for both forwards
+        by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
+                      if isinstance(y, torch.Tensor) and y.requires_grad]
+    if not inputs or not by_backward:
+        return 0.0
+    cotangents = [torch.randn_like(y) for y in by_backward]
+    first = torch.autograd.grad(by_backward, inputs, cotangents, allow_unused=True)
+    second = (torch.autograd.grad(by_forward, inputs, cotangents[:len(by_forward)], allow_unused=True)
+              if by_forward else [None] * len(inputs))
+    worst = 0.0
+    for g, h, x in zip(first, second, inputs):
+        g = torch.zeros_like(x) if g is None else g
+        h = torch.zeros_like(x) if h is None else h
+        scale = max(g.norm().item(), h.norm().item())
+        worst = max(worst, (g - h).norm().item() / scale if scale > 0 else 0.0)
+    return worst
+
+
+def _name(cls, difference: float) -> str:
+    return f"{cls.__module__}.{cls.__qualname__} (relative difference {difference:.3g} of the two)"
+
+
+def check_backwards(model: nn.Module, args: tuple, kwargs: dict, functions) -> None:
+    """Raise a CaptureError naming each Function of `functions` whose backward is not its forward's
+    derivative at some application in the call model(*args, **kwargs) (module docstring)."""
+    functions = set(functions)
+    differences: dict = {}
+
+    def apply(cls, *a, **k):
+        if cls in functions:
+            differences[cls] = max(differences.get(cls, 0.0), _backward_difference(cls, a, k))
+        return _APPLY.__func__(cls, *a, **k)
+
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = [t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _apply_as(apply):
+            model(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for b, kept in buffers:
+                b.copy_(kept)
+    wrong = {cls: d for cls, d in differences.items() if d > TOLERANCE}
+    if wrong:
+        named = "; ".join(_name(cls, d) for cls, d in wrong.items())
+        raise CaptureError(
+            f"the forward applies the custom torch.autograd.Function {named}, whose backward is not the derivative "
+            f"of its forward (a straight-through estimator, a clipped or rescaled gradient). torch.export records "
+            f"the operations of its forward, so the captured graph's gradients would not be the model's. Fix: "
+            f"capture='fx' (which keeps the Function's call, and its backward, in the graph), or write the "
+            f"Function's forward so that its derivative is the gradient you want (a straight-through rounding: "
+            f"x + (torch.round(x) - x).detach())")
