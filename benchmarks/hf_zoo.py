@@ -18,7 +18,8 @@ labels and with the CTC loss taken outside (`F.ctc_loss` of the logits, as the m
   share of trainable parameters in curvature blocks, the losses, the first error, the warnings and
   the fallback parameters with their reasons.
 
-The results of one run: benchmarks/results/first_contact_5.md.
+The results: benchmarks/results/first_contact_5.md, and for the text models added since,
+benchmarks/results/first_contact_6_text.md.
 """
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ def _config(name: str, p: float):
     seq2seq = dict(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=p, attention_dropout=p,
                    activation_dropout=p, **tokens)
+    deberta = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   max_position_embeddings=32, relative_attention=True, position_buckets=8, max_relative_positions=16,
+                   pos_att_type=["p2c", "c2p"], position_biased_input=False, num_labels=3, hidden_dropout_prob=p,
+                   attention_probs_dropout_prob=p, pooler_dropout=p, pad_token_id=1)
     return {
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
@@ -181,11 +186,9 @@ def _config(name: str, p: float):
                                               num_hidden_groups=1, num_attention_heads=2, intermediate_size=32,
                                               max_position_embeddings=32, hidden_dropout_prob=p,
                                               attention_probs_dropout_prob=p, classifier_dropout_prob=p, **tokens),
-        "deberta_v2_cls": lambda: tf.DebertaV2Config(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, relative_attention=True, position_buckets=8, max_relative_positions=16,
-            pos_att_type=["p2c", "c2p"], position_biased_input=False, num_labels=3, hidden_dropout_prob=p,
-            attention_probs_dropout_prob=p, pooler_dropout=p, pad_token_id=1),
+        "deberta_v2_cls": lambda: tf.DebertaV2Config(**deberta),
+        # its single-label loss without the branch on `(labels >= 0).nonzero().size(0) > 0`
+        "deberta_v2_cls_typed": lambda: tf.DebertaV2Config(problem_type="single_label_classification", **deberta),
         "xlnet": lambda: tf.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32, dropout=p,
                                         **tokens),
         "mbart": lambda: tf.MBartConfig(max_position_embeddings=32, decoder_start_token_id=2, forced_eos_token_id=None,
@@ -246,6 +249,8 @@ MODELS = {
     "albert_mlm": ("AlbertForMaskedLM", masked_lm_batch, "model(input_ids, attention_mask, labels) (-100 off the masks)"),
     "deberta_v2_cls": ("DebertaV2ForSequenceClassification", classification_batch,
                        "model(input_ids, attention_mask, labels)"),
+    "deberta_v2_cls_typed": ("DebertaV2ForSequenceClassification", classification_batch,
+                             "model(input_ids, attention_mask, labels), config.problem_type='single_label_classification'"),
     "xlnet": ("XLNetLMHeadModel", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "mbart": ("MBartForConditionalGeneration", seq2seq_batch, "model(input_ids, attention_mask, labels)"),
     "marian": ("MarianMTModel", seq2seq_batch, "model(input_ids, attention_mask, labels)"),

@@ -135,6 +135,17 @@ def _offset_weight(node, param_of):
     return name, (consumer, node)
 
 
+def added_bias(node, param_of):
+    """(the sum, β's name, β's get_attr node) when the only use of `node` is `node + β` (either order), β
+    a trainable parameter; else None."""
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    if not _is(user, ADD) or user.kwargs or len(user.args) != 2:
+        return None
+    b_node = next((x for x in user.args if x is not node), None)
+    bias = param_of(b_node)
+    return None if bias is None else (user, bias, b_node)
+
+
 def _handwritten_site(node, param_of, shape_of) -> Site | None:
     """`γ * x̂ (+ β)` with x̂ a hand-written normalization (γ possibly cast and offset)."""
     a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
@@ -146,13 +157,9 @@ def _handwritten_site(node, param_of, shape_of) -> Site | None:
         if shape_of(weight)[:1] == (1,):  # a scalar gain broadcast over the features: not per feature
             return None
         uses, out, bias = [(consumer or node, attr)], node, None
-        (user,) = node.users if len(node.users) == 1 else (None,)
-        if _is(user, ADD) and not user.kwargs:
-            b_node = next((x for x in user.args[:2] if x is not node), None)
-            bias = param_of(b_node)
-            if bias is not None:
-                uses.append((user, b_node))
-                out = user
+        if (added := added_bias(node, param_of)) is not None:
+            out, bias, b_node = added
+            uses.append((out, b_node))
         site = _site(out, h, weight, bias, uses, ("given",), False, shape_of)
         if site is None and bias is not None:  # a bias of another shape: the scale alone
             site = _site(node, h, weight, None, uses[:1], ("given",), False, shape_of)

@@ -1322,3 +1322,31 @@ def test_kfac_at_defaults_steps_through_grouped_matrix_products():
         train(c, 3)
     for p, q in zip(grouped.parameters(), einsum.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+class AffineFeatures(nn.Module):
+    """MobileBERT's NoNorm (ResMLP's Affine) between two layers: `x * γ + β`, per feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight, self.bias = nn.Parameter(1 + 0.1 * torch.randn(6)), nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x) * self.weight + self.bias))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_per_feature_scale_plus_a_bias_is_one_block(capture):
+    """MobileBERT's NoNorm: γ was a scale block and β fell back ("used by call_function 'add.Tensor'").
+    β is now the scale block's bias: its diag equals the per-example gradients' of [γ β] (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = AffineFeatures().double()
+    x, y = batch(torch.float64)
+    diags = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["weight"].kind == "scale" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"], torch.stack([diags["weight"], diags["bias"]], 1), **TOL)
