@@ -1350,3 +1350,18 @@ def test_a_per_feature_scale_plus_a_bias_is_one_block(capture):
     c.step()
     assert c.layers["weight"].kind == "scale" and not c.layers.fallbacks
     torch.testing.assert_close(c.statistics("weight")["diag"], torch.stack([diags["weight"], diags["bias"]], 1), **TOL)
+
+
+def test_a_binary_cross_entropy_over_the_entries_a_mask_keeps_is_named():
+    """ELECTRA's replaced-token loss is the mean BCE over the tokens its attention mask keeps, not over
+    every entry of its (N, T) logits: the check refused it, naming reasons (a cross-entropy, a factor)
+    none of which was it. The error now says that entries without a gradient are a masked mean."""
+    torch.manual_seed(0)
+    c = gnfx.compile(MLP(), "kfac", loss="binary_cross_entropy")
+    x, labels = multi_label_batch()
+    out = c(x)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[:8, -1] = False
+    with pytest.raises(gnfx.GnfxError, match=r"8 of the 192 entries have no gradient at all: a mean over the "
+                                              r"entries a mask keeps"):
+        F.binary_cross_entropy_with_logits(out[mask], labels[mask]).backward()
