@@ -6,10 +6,14 @@ Face's BLOOM writes its tanh-GELU so, with the derivative as its backward; a str
 estimator (quantization-aware training) rounds in its forward and passes ȳ through in its backward.
 Captures and forward mode see it differently:
 
+Both captures see an application where torch's `apply` calls `F.forward`, which it looks up on F at
+each call: while capturing, the forward of every Function defined outside torch is wrapped
+(`_forwards_wrapped`), so that an `apply` bound before capture (`ste = STE.apply` at import) is seen too.
+
 - torch.fx calls `F.apply` on proxies, which runs `forward` on them: the graph held forward's
   operations, whose derivative the graph's backward took instead of F's backward (a straight-through
   estimator's round: a zero gradient below it on every statistic step, silently). While tracing
-  (`opaque_in_fx`) an `F.apply` of a proxy is one call_function node that calls `F.apply`: the graph's
+  (`opaque_in_fx`) a forward of proxies returns one call_function node that calls `F.apply`: the graph's
   backward is F's. The layers inside F are not seen (its parameters fall back), as those of a leaf.
 - torch.export records the operations forward runs on its fake tensors in the same way, and keeps no
   call of F. `applied_functions` records the Functions the trace applied; `check_backwards` then runs
@@ -22,12 +26,14 @@ Captures and forward mode see it differently:
   quadratic step and gnfx.ggn could not run. `inlined_functions` (gnfx.composite_forms.written_out,
   the replays of the forward those take) runs the forward of a Function without jvp as recorded
   operations, whose J v is the derivative of its forward: the Jacobian of F's backward wherever its
-  backward is its forward's derivative, which check_backwards verified for every Function an exported
-  graph applies (a Function inside a submodule torch.fx keeps opaque is not checked).
+  backward is its forward's derivative, which it checks at the Function's first application (a GnfxError
+  names F otherwise). This one replaces `F.apply`'s lookup: an `apply` bound before (`ste = STE.apply`)
+  still raises torch's NotImplementedError there, which the quadratic step names.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -125,14 +131,55 @@ def _call_of(cls):
     return apply
 
 
+def _defining_forward() -> dict:
+    """{F: its `forward` as its class holds it} for every subclass F of torch.autograd.Function defined
+    outside torch that defines a forward of its own."""
+    found, stack = {}, [Function]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in found:
+                found[sub] = vars(sub).get("forward")
+                stack.append(sub)
+    return {cls: f for cls, f in found.items() if f is not None and not cls.__module__.startswith("torch.")}
+
+
+@contextlib.contextmanager
+def _forwards_wrapped(wrap):
+    """Every custom Function's forward is `wrap(F, forward, args, kwargs)` while inside, F the Function
+    applied (a subclass inheriting its forward: the ctx's `_forward_cls`) and `args` without the ctx.
+    `forward` is found on the class at each application (torch's apply looks it up there), so this sees
+    an `apply` however it was bound (`ste = STE.apply` at import too)."""
+    originals = _defining_forward()
+
+    def wrapped(cls, original):
+        function = original.__func__ if isinstance(original, staticmethod) else original
+        takes_ctx = not _is_setup_context_defined(cls.setup_context)
+
+        @functools.wraps(function)
+        def forward(*args, **kwargs):
+            if takes_ctx:
+                ctx, *rest = args
+                return wrap(getattr(ctx, "_forward_cls", cls), lambda *a, **k: function(ctx, *a, **k), rest, kwargs)
+            return wrap(cls, function, args, kwargs)
+        return staticmethod(forward)
+
+    try:
+        for cls, original in originals.items():
+            setattr(cls, "forward", wrapped(cls, original))
+        yield
+    finally:
+        for cls, original in originals.items():
+            setattr(cls, "forward", original)
+
+
 def opaque_in_fx():
     """While tracing with torch.fx, F.apply of a proxy is a call_function node calling F.apply."""
-    def apply(cls, *args, **kwargs):
+    def wrap(cls, forward, args, kwargs):
         proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
         if proxy is None:
-            return _APPLY.__func__(cls, *args, **kwargs)
-        return proxy.tracer.create_proxy("call_function", _call_of(cls), args, kwargs)
-    return _apply_as(apply)
+            return forward(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", _call_of(cls), tuple(args), kwargs)
+    return _forwards_wrapped(wrap)
 
 
 @contextlib.contextmanager
@@ -140,10 +187,10 @@ def applied_functions():
     """Records (in the yielded dict, as keys) every custom Function the forward applies while inside."""
     applied = {}
 
-    def apply(cls, *args, **kwargs):
+    def wrap(cls, forward, args, kwargs):
         applied[cls] = None
-        return _APPLY.__func__(cls, *args, **kwargs)
-    with _apply_as(apply):
+        return forward(*args, **kwargs)
+    with _forwards_wrapped(wrap):
         yield applied
 
 
@@ -186,16 +233,21 @@ def check_backwards(model: nn.Module, args: tuple, kwargs: dict, functions) -> N
     derivative at some application in the call model(*args, **kwargs) (module docstring)."""
     functions = set(functions)
     differences: dict = {}
+    checking = []  # non-empty while a difference is taken, whose own applications are not checked
 
-    def apply(cls, *a, **k):
-        if cls in functions:
-            differences[cls] = max(differences.get(cls, 0.0), _backward_difference(cls, a, k))
-        return _APPLY.__func__(cls, *a, **k)
+    def wrap(cls, forward, args, kwargs):
+        if cls in functions and not checking:
+            checking.append(cls)
+            try:
+                differences[cls] = max(differences.get(cls, 0.0), _backward_difference(cls, tuple(args), kwargs))
+            finally:
+                checking.pop()
+        return forward(*args, **kwargs)
 
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), _apply_as(apply):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _forwards_wrapped(wrap):
             model(*args, **kwargs)
     finally:
         with torch.no_grad():
