@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 
 import torch
@@ -133,14 +134,15 @@ def _call_of(cls):
 
 def _defining_forward() -> dict:
     """{F: its `forward` as its class holds it} for every subclass F of torch.autograd.Function defined
-    outside torch that defines a forward of its own."""
+    outside torch that defines a forward of its own (a staticmethod or a plain function)."""
     found, stack = {}, [Function]
     while stack:
         for sub in stack.pop().__subclasses__():
             if sub not in found:
                 found[sub] = vars(sub).get("forward")
                 stack.append(sub)
-    return {cls: f for cls, f in found.items() if f is not None and not cls.__module__.startswith("torch.")}
+    return {cls: f for cls, f in found.items() if not cls.__module__.startswith("torch.")
+            and (isinstance(f, staticmethod) or inspect.isfunction(f))}
 
 
 @contextlib.contextmanager
