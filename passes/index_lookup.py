@@ -30,7 +30,7 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
-        ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
+        ids, matrix = indices[0] if len(indices) == 1 else None, trainable_matrix(gm, weight)
         if matrix is None or not _integer(ids):
             continue
         vocab = matrix.shape[0]
@@ -50,7 +50,7 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
+def trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
     """The trainable 2-D parameter `node` reads (a get_attr), or None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None

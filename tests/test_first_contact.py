@@ -1370,3 +1370,33 @@ def test_a_binary_cross_entropy_over_the_entries_a_mask_keeps_is_named():
     with pytest.raises(gnfx.GnfxError, match=r"8 of the 192 entries have no gradient at all: a mean over the "
                                               r"entries a mask keeps"):
         F.binary_cross_entropy_with_logits(out[mask], labels[mask]).backward()
+
+
+class ColumnMap(nn.Module):
+    """Mamba's `dt_proj.weight @ time_step.transpose(1, 2)`: a (6, 4) weight mapping the columns of
+    x (N, 4, L), its features on dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.head = nn.Parameter(0.5 * torch.randn(6, 4)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.weight @ x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_weight_first_product_is_a_linear_block_with_per_example_statistics():
+    """`W @ x` with x's features on its second-to-last dimension fell back ("used by call_function
+    'matmul.default'"). torch.export's graph now reads it as `(xᵀ @ Wᵀ)ᵀ` (passes/weight_first_products.py):
+    a linear block, the outputs the model's, diag equal to the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ColumnMap().double()
+    x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    expected = per_example_fisher_diag(model, x, y)["weight"]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
+    F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
+    c.step()
+    assert c.layers["weight"].kind == "linear" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"], expected, **TOL)
