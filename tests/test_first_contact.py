@@ -1400,3 +1400,40 @@ def test_a_weight_first_product_is_a_linear_block_with_per_example_statistics():
     c.step()
     assert c.layers["weight"].kind == "linear" and not c.layers.fallbacks
     torch.testing.assert_close(c.statistics("weight")["diag"], expected, **TOL)
+
+
+class CausalDepthwise(nn.Module):
+    """Mamba's causal depthwise conv: its kernel passed as `weight.squeeze(1)` to a helper that calls
+    `F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=C)` (`reshaped`; k - 1 = 2 written out, as
+    torch.export's graph has it), or the module itself."""
+
+    def __init__(self, reshaped):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(4, 4, 3, groups=4, padding=2), nn.Linear(4, 3)
+        self.reshaped = reshaped
+
+    def forward(self, x):
+        if self.reshaped:
+            h = F.conv1d(x, self.conv.weight.squeeze(1).unsqueeze(1), self.conv.bias, padding=2, groups=4)
+        else:
+            h = self.conv(x)
+        return self.head(torch.tanh(h[..., :x.shape[-1]]).transpose(1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_kernel_reshaped_back_to_its_shape_is_the_conv_block(capture):
+    """The kernel reached the conv through squeeze(1) and unsqueeze(1) and fell back with its bias ("used
+    by call_function 'squeeze.dim'"). A chain of reshapes back to the parameter's shape is the parameter
+    (passes/identity_views.py): a conv block whose statistics are those of the module called directly, float64."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 7, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    statistics = []
+    for reshaped in (True, False):
+        torch.manual_seed(0)
+        c = gnfx.compile(CausalDepthwise(reshaped).double(), "kfac", lr=1e-2, capture=capture, stat_every=1)
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+        assert c.layers["conv"].kind == "conv" and not c.layers.fallbacks
+        statistics.append(c.statistics("conv"))
+    for name in statistics[1]:
+        torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
