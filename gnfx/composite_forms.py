@@ -65,7 +65,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
-from gnfx.passes.custom_functions import inlined_functions
+from gnfx.passes.custom_functions import jvps_of_forwards
 from gnfx.recurrent import cell_step
 
 
@@ -261,7 +261,7 @@ def stored_singular_vectors(norms: tuple):
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
     bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, custom autograd.Functions without jvp
-    as their forward's operations (gnfx.passes.custom_functions), with
+    given the jvp of their forward's operations (gnfx.passes.custom_functions), with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
@@ -272,7 +272,7 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(composite_embedding_bag())
     stack.enter_context(composite_cells())
     stack.enter_context(composite_grouped_mm())
-    stack.enter_context(inlined_functions())
+    stack.enter_context(jvps_of_forwards())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

@@ -23,12 +23,12 @@ each call: while capturing, the forward of every Function defined outside torch 
   above `TOLERANCE` (rounding differs, the derivative does not) raises a CaptureError naming F, as the
   exported graph's gradients would not be the model's.
 - Forward mode takes J v through `F.jvp`, which most Functions leave out (NotImplementedError): the
-  quadratic step and gnfx.ggn could not run. `inlined_functions` (gnfx.composite_forms.written_out,
-  the replays of the forward those take) runs the forward of a Function without jvp as recorded
-  operations, whose J v is the derivative of its forward: the Jacobian of F's backward wherever its
-  backward is its forward's derivative, which it checks at the Function's first application (a GnfxError
-  names F otherwise). This one replaces `F.apply`'s lookup: an `apply` bound before (`ste = STE.apply`)
-  still raises torch's NotImplementedError there, which the quadratic step names.
+  quadratic step and gnfx.ggn could not run. Inside `jvps_of_forwards` (gnfx.composite_forms.written_out,
+  the replays of the forward those take) a Function without jvp has one: its forward, wrapped as above,
+  keeps its inputs on the ctx (a forward without ctx: its setup_context), and the jvp takes J t of the
+  forward's recorded operations there, by reverse mode twice (J t = ∂/∂u (uᵀJ) t; forward mode does not
+  nest). That is the Jacobian of F's backward wherever its backward is its forward's derivative, which it
+  checks at the Function's first application (a GnfxError names F otherwise).
 """
 from __future__ import annotations
 
@@ -46,9 +46,8 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from gnfx.errors import CaptureError, GnfxError
 
 TOLERANCE = 1e-3  # relative difference of the two vector-Jacobian products above which F's backward is another
-# a Function's difference at its first application under forward mode (inlined_functions), by class
+# a Function's difference at its first application under forward mode (jvps_of_forwards), by class
 _FORWARD_DIFFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_APPLY = Function.__dict__["apply"]  # the classmethod every custom Function inherits
 
 
 class _RecordedContext:
@@ -87,32 +86,58 @@ def _has_jvp(cls) -> bool:
     return cls.jvp is not _SingleLevelFunction.jvp
 
 
-@contextlib.contextmanager
-def _apply_as(apply):
-    """Every custom Function's `apply(cls, *args, **kwargs)` is `apply` while inside."""
-    Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        Function.apply = _APPLY
-
-
 def _primal(x):
     return forward_ad.unpack_dual(x).primal if isinstance(x, torch.Tensor) else x
 
 
-def inlined_functions():
-    """A Function without jvp runs its forward as recorded operations while inside (module docstring),
-    once its backward was found to be that forward's derivative at its first application (at the primal
-    values; random generators as they were); a GnfxError names a Function whose backward is another."""
-    def apply(cls, *args, **kwargs):
-        if _has_jvp(cls):
-            return _APPLY.__func__(cls, *args, **kwargs)
+def _forward_jvp(cls, args, kwargs, tangents):
+    """J t of F's forward's recorded operations at (args, kwargs), t the tangents of the positional
+    arguments (None: 0), by reverse mode twice (forward mode, inside which F's jvp runs, does not nest):
+    J t = ∂/∂u (uᵀ J) t at u = 0. The same structure as F's outputs, None for a non-tensor one."""
+    with torch.enable_grad():
+        xs = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        out = recorded_forward(cls, *xs, **kwargs)
+        outputs = [y for y in tree_leaves(out) if isinstance(y, torch.Tensor) and y.requires_grad]
+        pairs = [(x, t) for x, t in zip(xs, tangents) if isinstance(x, torch.Tensor) and x.requires_grad
+                 and t is not None]
+        products = [torch.zeros_like(y) for y in outputs]
+        if pairs and outputs:
+            us = [torch.zeros_like(y, requires_grad=True) for y in outputs]
+            grads = torch.autograd.grad(outputs, [x for x, _ in pairs], us, create_graph=True, allow_unused=True)
+            used = [(g, t) for g, (_, t) in zip(grads, pairs) if g is not None]
+            if used:
+                found = torch.autograd.grad([g for g, _ in used], us, [t for _, t in used], allow_unused=True)
+                products = [p if f is None else f for p, f in zip(products, found)]
+    by_output = {id(y): p.detach() for y, p in zip(outputs, products)}
+    return tree_map(lambda y: by_output.get(id(y)) if isinstance(y, torch.Tensor) else None, out)
+
+
+@contextlib.contextmanager
+def jvps_of_forwards():
+    """While inside, every custom Function without jvp (defined outside torch) has one: J t of its forward's
+    operations at this application's inputs (module docstring), once its backward was found to be that
+    forward's derivative at its first application (at the primal values; random generators as they were);
+    a GnfxError names a Function whose backward is another."""
+    lacking = [cls for cls in _defining_forward() if not _has_jvp(cls)]
+
+    def stash(cls, ctx, forward, args, kwargs):  # the inputs of a forward with a ctx, for its jvp
+        if ctx is not None:
+            ctx._gnfx_inputs = (args, kwargs)
+        return forward(*args, **kwargs)
+
+    def stashing_setup(original):  # the inputs of a forward without ctx, which setup_context gets
+        def setup_context(ctx, inputs, output):
+            ctx._gnfx_inputs = (inputs, {})
+            return original(ctx, inputs, output)
+        return staticmethod(setup_context)
+
+    def jvp(ctx, *tangents):
+        cls = ctx._forward_cls
+        args, kwargs = tree_map(_primal, ctx._gnfx_inputs)
         if cls not in _FORWARD_DIFFERENCES:
-            primals = tree_map(_primal, (args, kwargs))
-            devices = [t.device for t in tree_leaves(primals) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+            devices = [t.device for t in tree_leaves(args) if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
             with torch.random.fork_rng(devices=devices):
-                _FORWARD_DIFFERENCES[cls] = _backward_difference(cls, *primals)
+                _FORWARD_DIFFERENCES[cls] = _backward_difference(cls, tuple(args), kwargs)
         if _FORWARD_DIFFERENCES[cls] > TOLERANCE:
             raise GnfxError(
                 f"forward-mode derivatives (the quadratic-model step, gnfx.ggn) go through the custom "
@@ -120,8 +145,21 @@ def inlined_functions():
                 f"backward is not the derivative of its forward, so J v cannot be taken from its forward's "
                 f"operations. Fix: give it a jvp staticmethod (and setup_context) that agrees with its backward, or "
                 f"pass lr= for a fixed-learning-rate step (step='lr')")
-        return recorded_forward(cls, *args, **kwargs)
-    return _apply_as(apply)
+        return _forward_jvp(cls, args, kwargs, tangents)
+
+    setups = {cls: vars(cls)["setup_context"] for cls in lacking if "setup_context" in vars(cls)}
+    try:
+        for cls in lacking:
+            cls.jvp = staticmethod(jvp)
+        for cls, original in setups.items():
+            cls.setup_context = stashing_setup(original.__func__ if isinstance(original, staticmethod) else original)
+        with _forwards_wrapped(stash):
+            yield
+    finally:
+        for cls in lacking:
+            del cls.jvp
+        for cls, original in setups.items():
+            cls.setup_context = original
 
 
 def _call_of(cls):
@@ -147,8 +185,9 @@ def _defining_forward() -> dict:
 
 @contextlib.contextmanager
 def _forwards_wrapped(wrap):
-    """Every custom Function's forward is `wrap(F, forward, args, kwargs)` while inside, F the Function
-    applied (a subclass inheriting its forward: the ctx's `_forward_cls`) and `args` without the ctx.
+    """Every custom Function's forward is `wrap(F, ctx, forward, args, kwargs)` while inside, F the Function
+    applied (a subclass inheriting its forward: the ctx's `_forward_cls`), ctx its context (None for a
+    forward without one, which has setup_context) and `args` without the ctx.
     `forward` is found on the class at each application (torch's apply looks it up there), so this sees
     an `apply` however it was bound (`ste = STE.apply` at import too)."""
     originals = _defining_forward()
@@ -161,8 +200,9 @@ def _forwards_wrapped(wrap):
         def forward(*args, **kwargs):
             if takes_ctx:
                 ctx, *rest = args
-                return wrap(getattr(ctx, "_forward_cls", cls), lambda *a, **k: function(ctx, *a, **k), rest, kwargs)
-            return wrap(cls, function, args, kwargs)
+                return wrap(getattr(ctx, "_forward_cls", cls), ctx, lambda *a, **k: function(ctx, *a, **k), rest,
+                            kwargs)
+            return wrap(cls, None, function, args, kwargs)
         return staticmethod(forward)
 
     try:
@@ -176,7 +216,7 @@ def _forwards_wrapped(wrap):
 
 def opaque_in_fx():
     """While tracing with torch.fx, F.apply of a proxy is a call_function node calling F.apply."""
-    def wrap(cls, forward, args, kwargs):
+    def wrap(cls, ctx, forward, args, kwargs):
         proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
         if proxy is None:
             return forward(*args, **kwargs)
@@ -189,7 +229,7 @@ def applied_functions():
     """Records (in the yielded dict, as keys) every custom Function the forward applies while inside."""
     applied = {}
 
-    def wrap(cls, forward, args, kwargs):
+    def wrap(cls, ctx, forward, args, kwargs):
         applied[cls] = None
         return forward(*args, **kwargs)
     with _forwards_wrapped(wrap):
@@ -206,7 +246,7 @@ def _backward_difference(cls, args, kwargs) -> float:
     a, k = spec.unflatten(leaves)
     state = torch.get_rng_state()
     with torch.enable_grad():
-        by_backward = [y for y in tree_leaves(_APPLY.__func__(cls, *a, **k))
+        by_backward = [y for y in tree_leaves(cls.apply(*a, **k))
                        if isinstance(y, torch.Tensor) and y.requires_grad]
         torch.set_rng_state(state)  # the same draws for both forwards
         by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
@@ -237,7 +277,7 @@ def check_backwards(model: nn.Module, args: tuple, kwargs: dict, functions) -> N
     differences: dict = {}
     checking = []  # non-empty while a difference is taken, whose own applications are not checked
 
-    def wrap(cls, forward, args, kwargs):
+    def wrap(cls, ctx, forward, args, kwargs):
         if cls in functions and not checking:
             checking.append(cls)
             try:

@@ -1166,6 +1166,20 @@ class TanhGelu(torch.autograd.Function):
         return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
 
 
+class TanhGeluWithSetup(torch.autograd.Function):
+    """TanhGelu in the form with setup_context (forward without ctx), no jvp."""
+
+    @staticmethod
+    def forward(x):
+        return gelu_by_tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    backward = TanhGelu.backward
+
+
 def gelu_by_tanh(x):
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
@@ -1197,16 +1211,19 @@ class Activated(MLP):
 APPLIES = {"at the call": lambda function: lambda h: function.apply(h), "bound before": lambda function: function.apply}
 
 
+@pytest.mark.parametrize("function", [TanhGelu, TanhGeluWithSetup])
+@pytest.mark.parametrize("bound", sorted(APPLIES))
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_custom_function_without_jvp_steps_as_its_forward_written_out(capture):
+def test_a_custom_function_without_jvp_steps_as_its_forward_written_out(capture, bound, function):
     """BLOOM's GeLUFunction has no jvp: kfac at its defaults raised at its first step (the quadratic
-    step's forward-mode pass). Its forward is now differentiated as recorded operations in forward mode
-    (passes/custom_functions.py), whose derivative its backward is (checked at capture): 3 steps take
-    the parameters where those of the model written with plain ops go, float64."""
+    step's forward-mode pass). In forward mode it now has the jvp of its forward's recorded operations
+    (passes/custom_functions.py), whose derivative its backward is (checked): 3 steps take the parameters
+    where those of the model written with plain ops go, float64, with either binding of apply and with
+    or without setup_context."""
     torch.manual_seed(0)
     plain = Activated().double()
     custom = copy.deepcopy(plain)
-    custom.activation = APPLIES["at the call"](TanhGelu)  # bound before: forward mode's error (first_contact_6_text.md)
+    custom.activation = APPLIES[bound](function)
     models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
     for c in models:
         torch.manual_seed(1)  # the same Monte Carlo targets for both
@@ -1249,8 +1266,7 @@ def test_a_custom_function_whose_backward_is_not_its_forwards_derivative_is_name
     c = gnfx.compile(Activated(APPLIES[bound](StraightThrough)), "kfac", loss="cross_entropy", capture="fx")
     F.cross_entropy(c(x), y).backward()
     with pytest.raises(gnfx.GnfxError, match=r"StraightThrough .*which has no jvp, and whose backward is not the "
-                                              r"derivative of its forward" if bound == "at the call" else
-                       r"a torch.autograd.Function without setup_context and jvp"):  # not seen by the patch of apply
+                                              r"derivative of its forward"):
         c.step()
 
 
