@@ -18,7 +18,8 @@ labels and with the CTC loss taken outside (`F.ctc_loss` of the logits, as the m
   share of trainable parameters in curvature blocks, the losses, the first error, the warnings and
   the fallback parameters with their reasons.
 
-The results of one run: benchmarks/results/first_contact_5.md.
+The results: benchmarks/results/first_contact_5.md, and for the text models added since,
+benchmarks/results/first_contact_6_text.md.
 """
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def masked_lm_batch(g):
     return dict(input_ids=ids.masked_fill(picked, 3), attention_mask=mask, labels=labels)
 
 
+def unmasked_lm_batch(g):
+    """The masked LM's batch without its attention mask (FNet takes none)."""
+    values = masked_lm_batch(g)
+    del values["attention_mask"]
+    return values
+
+
+def replaced_token_batch(g):
+    """ELECTRA's discriminator batch: 30% of the unpadded tokens replaced by other ids, labelled 1, others 0."""
+    ids, mask = _ids(g)
+    replaced = (torch.rand(ids.shape, generator=g) < 0.3) & mask.bool()
+    other = (ids - 3 + torch.randint(1, VOCAB - 3, ids.shape, generator=g)) % (VOCAB - 3) + 3
+    return dict(input_ids=torch.where(replaced, other, ids), attention_mask=mask, labels=replaced.long())
+
+
 def causal_lm_batch(g):
     ids, mask = _ids(g)
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
@@ -107,6 +123,10 @@ def _config(name: str, p: float):
     seq2seq = dict(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=p, attention_dropout=p,
                    activation_dropout=p, **tokens)
+    deberta = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   max_position_embeddings=32, relative_attention=True, position_buckets=8, max_relative_positions=16,
+                   pos_att_type=["p2c", "c2p"], position_biased_input=False, num_labels=3, hidden_dropout_prob=p,
+                   attention_probs_dropout_prob=p, pooler_dropout=p, pad_token_id=1)
     return {
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
@@ -142,6 +162,56 @@ def _config(name: str, p: float):
         "whisper": lambda: tf.WhisperConfig(num_mel_bins=8, max_source_positions=16, max_target_positions=16,
                                             decoder_start_token_id=0, suppress_tokens=None, begin_suppress_tokens=None,
                                             **seq2seq),
+        "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    max_position_embeddings=32, word_embed_proj_dim=16, num_attention_heads=2,
+                                    dropout=p, attention_dropout=p, **tokens),
+        "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2, hidden_dropout=p,
+                                        attention_dropout=p, **tokens),
+        "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          max_position_embeddings=32, hidden_dropout=p, attention_dropout=p, **tokens),
+        "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, max_position_embeddings=32, resid_pdrop=p, embd_pdrop=p,
+                                    attention_dropout=p, **tokens),
+        "gemma2": lambda: tf.Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=32, sliding_window=4,
+                                          layer_types=["sliding_attention", "full_attention"], attention_dropout=p,
+                                          **tokens),
+        "gptj": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2, rotary_dim=4,
+                                      n_inner=32, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **tokens),
+        "electra": lambda: tf.ElectraConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                            hidden_dropout_prob=p, attention_probs_dropout_prob=p, pad_token_id=1),
+        "albert_mlm": lambda: tf.AlbertConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=16, num_hidden_layers=2,
+                                              num_hidden_groups=1, num_attention_heads=2, intermediate_size=32,
+                                              max_position_embeddings=32, hidden_dropout_prob=p,
+                                              attention_probs_dropout_prob=p, classifier_dropout_prob=p, **tokens),
+        "deberta_v2_cls": lambda: tf.DebertaV2Config(**deberta),
+        # its single-label loss without the branch on `(labels >= 0).nonzero().size(0) > 0`
+        "deberta_v2_cls_typed": lambda: tf.DebertaV2Config(problem_type="single_label_classification", **deberta),
+        "xlnet": lambda: tf.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32, dropout=p,
+                                        **tokens),
+        "mbart": lambda: tf.MBartConfig(max_position_embeddings=32, decoder_start_token_id=2, forced_eos_token_id=None,
+                                        **seq2seq),
+        "marian": lambda: tf.MarianConfig(max_position_embeddings=32, decoder_start_token_id=1, forced_eos_token_id=None,
+                                          **seq2seq),
+        "mamba": lambda: tf.MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+                                        conv_kernel=4, time_step_rank=4, **tokens),
+        "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **causal),
+        "fnet_mlm": lambda: tf.FNetConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                                          max_position_embeddings=32, hidden_dropout_prob=p, **tokens),
+        "squeezebert_cls": lambda: tf.SqueezeBertConfig(
+            vocab_size=VOCAB, hidden_size=16, embedding_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p, pad_token_id=1),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                                   n_inner=32, multi_query=True, resid_pdrop=p, embd_pdrop=p,
+                                                   attn_pdrop=p, **tokens),
+        "mobilebert_mlm": lambda: tf.MobileBertConfig(
+            vocab_size=VOCAB, hidden_size=16, embedding_size=8, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=16, intra_bottleneck_size=8, num_feedforward_networks=2, max_position_embeddings=32,
+            hidden_dropout_prob=p, attention_probs_dropout_prob=p, pad_token_id=1),
+        "olmo": lambda: tf.OlmoConfig(clip_qkv=8.0, **causal),
         "clip": lambda: tf.CLIPConfig(
             text_config=dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, max_position_embeddings=16, attention_dropout=p, **tokens),
@@ -168,6 +238,31 @@ MODELS = {
     "wav2vec2_ctc": ("Wav2Vec2ForCTC", ctc_batch, "model(input_values, attention_mask, labels)"),
     "wav2vec2_ctc_outside": ("Wav2Vec2ForCTC", ctc_batch, "model(input_values, attention_mask), F.ctc_loss outside"),
     "whisper": ("WhisperForConditionalGeneration", speech_batch, "model(input_features, labels)"),
+    "opt": ("OPTForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "bloom": ("BloomForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "falcon": ("FalconForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "phi": ("PhiForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gemma2": ("Gemma2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gptj": ("GPTJForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "electra": ("ElectraForPreTraining", replaced_token_batch,
+                "model(input_ids, attention_mask, labels) (labels 1 on replaced tokens)"),
+    "albert_mlm": ("AlbertForMaskedLM", masked_lm_batch, "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "deberta_v2_cls": ("DebertaV2ForSequenceClassification", classification_batch,
+                       "model(input_ids, attention_mask, labels)"),
+    "deberta_v2_cls_typed": ("DebertaV2ForSequenceClassification", classification_batch,
+                             "model(input_ids, attention_mask, labels), config.problem_type='single_label_classification'"),
+    "xlnet": ("XLNetLMHeadModel", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "mbart": ("MBartForConditionalGeneration", seq2seq_batch, "model(input_ids, attention_mask, labels)"),
+    "marian": ("MarianMTModel", seq2seq_batch, "model(input_ids, attention_mask, labels)"),
+    "mamba": ("MambaForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "mixtral": ("MixtralForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "fnet_mlm": ("FNetForMaskedLM", unmasked_lm_batch, "model(input_ids, labels) (no attention mask in FNet)"),
+    "squeezebert_cls": ("SqueezeBertForSequenceClassification", classification_batch,
+                        "model(input_ids, attention_mask, labels)"),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "mobilebert_mlm": ("MobileBertForMaskedLM", masked_lm_batch,
+                       "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "olmo": ("OlmoForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "clip": ("CLIPModel", clip_batch, "model(input_ids, attention_mask, pixel_values, return_loss=True)"),
 }
 
@@ -200,8 +295,13 @@ def forward_and_loss(name: str, module, model, inputs: dict):
 NOT_CROSS_ENTROPY = ("clip", "wav2vec2_ctc", "wav2vec2_ctc_outside")  # CLIP's contrastive loss, CTC
 
 
+BINARY_CROSS_ENTROPY = ("electra",)  # ELECTRA's replaced-token detection: a logit per token
+
+
 def kfac_defaults(name: str) -> dict:
     """kfac at its defaults; for a loss that is no cross-entropy of the first output, lr 0.01 and no loss=."""
+    if name in BINARY_CROSS_ENTROPY:
+        return dict(loss="binary_cross_entropy")
     return dict(lr=0.01) if name in NOT_CROSS_ENTROPY else dict(loss="cross_entropy")
 
 
@@ -296,7 +396,8 @@ def main(argv=None):
             report.append(f"exactness (loss, logits, gradients) per step: {exactness(name)}")
         except Exception as error:  # noqa: BLE001
             report.append(f"exactness: {type(error).__name__}: {str(error)[:600]}")
-        for optimizer, hparams in [("kfac", dict(loss="cross_entropy")), ("shampoo", dict(lr=0.01))] + \
+        for optimizer, hparams in [("kfac", kfac_defaults(name) if name in BINARY_CROSS_ENTROPY else
+                                    dict(loss="cross_entropy")), ("shampoo", dict(lr=0.01))] + \
                 ([("kfac", dict(lr=0.01))] if name in NOT_CROSS_ENTROPY else []):
             report.append(describe(train(name, optimizer, args.steps, **hparams)))
         print("\n".join(report[-4:]), flush=True)

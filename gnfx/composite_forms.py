@@ -39,6 +39,13 @@ computes where that forward updated state in place (spectral norm).
   of t. Inside `composite_packing()` it is that gather written out with indexing and torch.cat (the same
   values, differentiable in both modes); the recurrent kernels on packed rows and
   `pad_packed_sequence` have their derivatives.
+- Grouped matrix products, `torch._grouped_mm(A, B, offs=...)` (torch.nn.functional.grouped_mm calls it;
+  Hugging Face's mixture-of-experts layers, Mixtral's, multiply each expert's tokens by its weights
+  with it): the kernel has no forward-mode derivative. For a 2-D A of rows sorted by group, a 3-D B
+  (G, K, N) and the groups' cumulative row ends `offs`, it is rows [offs_{g-1}, offs_g) of A times
+  B_g; inside `composite_grouped_mm()` that is written out with indexing and torch.cat (rows after
+  offs_{G-1}, which the kernel leaves unwritten, are 0); a 3-D A (G, M, K) without offsets is A @ B.
+  Other forms (offsets over K, a bias) call the kernel.
 - The LSTM and GRU cells, nn.LSTMCell and nn.GRUCell: their kernels `torch._VF.lstm_cell` and
   `gru_cell` run on a GPU the fused `_thnn_fused_lstm_cell` / `_thnn_fused_gru_cell`, which have no
   forward-mode derivative (on a CPU they are plain ops). Inside `composite_cells()` they are their
@@ -58,6 +65,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
+from gnfx.passes.custom_functions import jvps_of_forwards
 from gnfx.recurrent import cell_step
 
 
@@ -163,6 +171,27 @@ def composite_embedding_bag():
     return _kernels_written_out({"embedding_bag": _bag_reduction}, torch)
 
 
+_GROUPED_MM = torch._grouped_mm
+
+
+def _grouped_products(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """torch._grouped_mm written out (module docstring)."""
+    if bias is not None or mat_b.dim() != 3 or (mat_a.dim(), offs is None) not in ((2, False), (3, True)):
+        return _GROUPED_MM(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype)
+    if offs is None:
+        out = mat_a @ mat_b
+    else:
+        ends = offs.tolist()
+        rows = [mat_a[start:end] @ mat_b[g] for g, (start, end) in enumerate(zip([0] + ends[:-1], ends))]
+        out = torch.cat(rows + [mat_a.new_zeros(mat_a.size(0) - ends[-1], mat_b.size(2))])
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def composite_grouped_mm():
+    """torch._grouped_mm as `_grouped_products` while inside (module docstring)."""
+    return _kernels_written_out({"_grouped_mm": _grouped_products}, torch)
+
+
 class _CompositeWeightNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -231,7 +260,8 @@ def stored_singular_vectors(norms: tuple):
 
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
-    bags of embeddings and the LSTM and GRU cells written out, with
+    bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, custom autograd.Functions without jvp
+    given the jvp of their forward's operations (gnfx.passes.custom_functions), with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
@@ -241,6 +271,8 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(composite_packing())
     stack.enter_context(composite_embedding_bag())
     stack.enter_context(composite_cells())
+    stack.enter_context(composite_grouped_mm())
+    stack.enter_context(jvps_of_forwards())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

@@ -129,16 +129,20 @@ def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *al
     the targets. `also`: as check_cross_entropy_gradient's, read in the same transfer and returned as floats."""
     precision = torch.promote_types(z.dtype, torch.float32)
     targets = torch.sigmoid(z.detach().to(precision)) - z.numel() * grad.detach().to(precision)
-    lowest, highest, *values = torch.stack([targets.min().double(), targets.max().double(),
-                                            *(a.double() for a in also)]).tolist()
+    lowest, highest, untouched, *values = torch.stack([targets.min().double(), targets.max().double(),
+                                                       grad.eq(0).sum().double(), *(a.double() for a in also)]).tolist()
     if lowest < -CROSS_ENTROPY_TOLERANCE or highest > 1 + CROSS_ENTROPY_TOLERANCE:
+        masked = (f" {int(untouched)} of the {z.numel()} entries have no gradient at all: a mean over the entries a mask "
+                  f"keeps (ELECTRA's loss over its attention mask) is not the mean over every entry, which gnfx models "
+                  f"(loss='cross_entropy' drops the rows of ignored targets, -100; binary_cross_entropy keeps every "
+                  f"entry)." if untouched else "")
         raise GnfxError(
             f"loss='binary_cross_entropy' is the mean binary cross-entropy of every entry of the model output's "
             f"logits z (F.binary_cross_entropy_with_logits(z, y) with y in [0, 1] shaped like z; z: the first "
             f"floating tensor the model returns, here of shape {tuple(z.shape)}), and the loss this backward ran "
             f"is not: the targets its gradient at z implies, y = σ(z) - numel(z)·∂L/∂z, range over "
             f"[{lowest:.4g}, {highest:.4g}], not [0, 1] (a cross-entropy over the classes, a loss summed or "
-            f"multiplied by a factor, torch.amp.GradScaler's scaled loss, or a loss of another output). gnfx "
+            f"multiplied by a factor, torch.amp.GradScaler's scaled loss, or a loss of another output).{masked} gnfx "
             f"would model the wrong loss. Fix: return the logits first and take the mean "
             f"F.binary_cross_entropy_with_logits (reduction='mean', the default), or compile with "
             f"loss='cross_entropy' or loss='mse' for those losses, or without loss= (and with an lr) for another")

@@ -24,6 +24,7 @@ of the direction sets the quadratic step's α (benchmarks/results/defaults.md, "
 """
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from gnfx.errors import GnfxError
@@ -104,15 +105,23 @@ class _ParamIndex:
         return tuple(self.params[name].shape)
 
 
+# ops that read a tensor's metadata, not its values: no gradient flows through them (torch.export's
+# graph asserts the dtype and device of the input of every `.to()`, a parameter's too: Gemma's `w.float()`)
+METADATA_READS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.sym_size.int,
+                  torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+                  torch.ops.aten.sym_storage_offset.default)
+
+
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
-    """Each trainable parameter's uses: (node that consumes it, get_attr node or None)."""
+    """Each trainable parameter's uses: (node that consumes it, get_attr node or None); a read of its
+    metadata alone (METADATA_READS) is none."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             name = index.param_of(node)
             if name is not None:
-                uses[name].extend((user, node) for user in node.users)
+                uses[name].extend((user, node) for user in node.users if user.target not in METADATA_READS)
         elif node.op == "call_module":
             for _, p in modules[node.target].named_parameters():
                 name = index.names.get(id(p))

@@ -30,6 +30,7 @@ from torch.nn.utils import rnn as rnn_utils
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
+from gnfx.passes.custom_functions import applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.validation_checks import example_values, name_assertions, raised_at_validation_check, specialized_to
@@ -236,7 +237,8 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     check_leaf_modules(model, leaf_modules)
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     def traced(tracer):
-        with _torch_nn_traceable():
+        # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
+        with _torch_nn_traceable(), opaque_in_fx(), inlined_checkpoints():
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
@@ -373,7 +375,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
-              kept_state() as drew):
+              kept_state() as drew, applied_functions() as functions):
             try:
                 ep = exported()
             except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
@@ -403,6 +405,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
             f"torch.export could not capture {type(model).__name__}: {describe_exception(exc)}\n"
             f"  at {_user_frame(exc, model)}{refused}\n"
             f"Fix: {fix}") from exc
+    if functions:  # their operations are in the graph, their backwards not (passes/custom_functions.py)
+        check_backwards(model, args, kwargs, functions)
     gm = ep.module()
     name_assertions(gm, {where for where, _ in checks})
     if view._gnfx_template.value is not None:

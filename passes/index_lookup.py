@@ -49,12 +49,12 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     changed = False
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
-                and _trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
+                and trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
             node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
-        ids, matrix = indices[0] if len(indices) == 1 else None, _trainable_matrix(gm, weight)
+        ids, matrix = indices[0] if len(indices) == 1 else None, trainable_matrix(gm, weight)
         if matrix is None or not _integer(ids):
             continue
         if _bias_of_scores(node):
@@ -90,7 +90,7 @@ def _bias_of_scores(lookup: fx.Node) -> bool:
     return consumer.target in _ADD or (consumer.target in _SDPA and node not in consumer.args[:3])
 
 
-def _trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
+def trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
     """The trainable 2-D parameter `node` reads (a get_attr), or None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None

@@ -10,7 +10,10 @@ Recognized, with a trainable 1-D weight γ (d,) and an optional bias β (d,):
     `aten.batch_norm`), as torch.export writes them;
   * a hand-written norm: `γ * h` (either order) where h is `x * rsqrt(...)` or `x / sqrt(...)`,
     possibly cast (`.to`, `.float()`, `.type_as`), then optionally `+ β`: RMSNorm as Llama and T5
-    write it. The site's input is h itself, which already is x̂.
+    write it. The site's input is h itself, which already is x̂. γ may be cast and offset by a
+    number c, `h * (1.0 + γ.float())` as Gemma writes its RMSNorm (γ initialized to 0): z = x̂ ⊙ (γ + c)
+    has ∂z/∂γ = x̂ as z = x̂ ⊙ γ does, so the block and its statistics are the same (the layout
+    reads x̂ and ∂ℓ/∂z, never γ's value).
 A norm over several dimensions, or a batch norm captured with its running statistics (eval mode),
 is reported as a fallback with that reason.
 """
@@ -115,23 +118,48 @@ def _function_site(node, param_of, shape_of):
     return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None
 
 
+def _offset_weight(node, param_of):
+    """(name, (consumer, get_attr node)) of the parameter γ that `node` is, possibly cast and offset by a
+    number (`1.0 + γ.float()`; module docstring), each step the only user of the one before; else None."""
+    consumer = None
+    while (name := param_of(node)) is None:
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return None
+        if _is(node, CASTS):
+            consumer, node = node, node.args[0]
+        elif _is(node, ADD) and not node.kwargs and len(node.args) == 2 and \
+                sum(isinstance(x, (int, float)) for x in node.args) == 1:
+            consumer, node = node, next(x for x in node.args if not isinstance(x, (int, float)))
+        else:
+            return None
+    return name, (consumer, node)
+
+
+def added_bias(node, param_of):
+    """(the sum, β's name, β's get_attr node) when the only use of `node` is `node + β` (either order), β
+    a trainable parameter; else None."""
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    if not _is(user, ADD) or user.kwargs or len(user.args) != 2:
+        return None
+    b_node = next((x for x in user.args if x is not node), None)
+    bias = param_of(b_node)
+    return None if bias is None else (user, bias, b_node)
+
+
 def _handwritten_site(node, param_of, shape_of) -> Site | None:
-    """`γ * x̂ (+ β)` with x̂ a hand-written normalization."""
+    """`γ * x̂ (+ β)` with x̂ a hand-written normalization (γ possibly cast and offset)."""
     a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
     for w_node, h in ((a, b), (b, a)):
-        weight = param_of(w_node)
-        if weight is None or not isinstance(h, fx.Node) or param_of(h) is not None or not _normalized(h):
+        found = _offset_weight(w_node, param_of)
+        if found is None or not isinstance(h, fx.Node) or param_of(h) is not None or not _normalized(h):
             continue
+        weight, (consumer, attr) = found
         if shape_of(weight)[:1] == (1,):  # a scalar gain broadcast over the features: not per feature
             return None
-        uses, out, bias = [(node, w_node)], node, None
-        (user,) = node.users if len(node.users) == 1 else (None,)
-        if _is(user, ADD) and not user.kwargs:
-            b_node = next((x for x in user.args[:2] if x is not node), None)
-            bias = param_of(b_node)
-            if bias is not None:
-                uses.append((user, b_node))
-                out = user
+        uses, out, bias = [(consumer or node, attr)], node, None
+        if (added := added_bias(node, param_of)) is not None:
+            out, bias, b_node = added
+            uses.append((out, b_node))
         site = _site(out, h, weight, bias, uses, ("given",), False, shape_of)
         if site is None and bias is not None:  # a bias of another shape: the scale alone
             site = _site(node, h, weight, None, uses[:1], ("given",), False, shape_of)

@@ -1,5 +1,6 @@
-"""The scale detector: a trainable per-feature scale `z = x ⊙ γ` of any input (a "layer scale"),
-read as the per-feature scalar layers of gnfx.layouts.scale.
+"""The scale detector: a trainable per-feature scale `z = x ⊙ γ (+ β)` of any input (a "layer scale"; with
+a bias, an affine map per feature: MobileBERT's NoNorm, ResMLP's Affine), read as the per-feature scalar
+layers of gnfx.layouts.scale.
 
 ConvNeXt, CaiT, DeiT III and DINOv2 scale each residual branch by a trainable vector γ (d,). Recognized:
   * `x * γ`, `γ * x`, `torch.mul`, `x.mul(γ)` and `aten.mul.Tensor` with γ a 1-D parameter of d > 1
@@ -8,6 +9,8 @@ ConvNeXt, CaiT, DeiT III and DINOv2 scale each residual branch by a trainable ve
     channels-first map: broadcasting pairs γ with x's dimension k - 1 from the end, for a view of k
     dimensions (dimension 1 of a (N, C, H, W) map for (1, d, 1, 1)); the site records that position,
     `feature_dim` = -(k - 1) (-1 for a 1-D γ).
+A trainable β (d,) added to the product of a 1-D γ (its only use), `x * γ + β`, is the block's bias
+(∂ℓ/∂z is the same on either side of the sum; the norm layout's ā_f = (x_f, 1)).
 x must be computed from a model input (a product of γ with a buffer or another parameter is no layer).
 A product whose other operand is a hand-written normalization is the norm kind's (passes/norm.py);
 a scalar gain (a γ of one entry) is no per-feature layer and stays a fallback.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .norm import MUL, _is, _normalized
+from .norm import MUL, _is, _normalized, added_bias
 from .sites import Site
 
 aten = torch.ops.aten
@@ -77,7 +80,12 @@ def find_scale_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site]
             if shape_of(name)[0] < 2 or _normalized(x) or x not in reads:
                 break
             d = shape_of(name)[0]
-            sites.append(Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, get_attr)],
+            out, bias, uses = node, None, [(consumer or node, get_attr)]
+            added = added_bias(node, param_of) if feature_dim == -1 else None
+            if added is not None and shape_of(added[1]) == (d,):
+                out, bias, b_node = added
+                uses.append((out, b_node))
+            sites.append(Site(node=out, input=x, weight=name, bias=bias, uses=uses,
                               d_in=1, d_out=d, options={"normalize": ("given",), "feature_dim": feature_dim,
                                                         "channels_first": feature_dim != -1, "weight_shape": (d,)}))
             break

@@ -1196,3 +1196,311 @@ def test_a_relative_position_bias_is_a_fallback_under_both_captures(capture):
     assert [f.param for f in c.layers.fallbacks] == ["table"]
     assert "a relative position bias" in c.layers.fallbacks[0].reason
     assert "table" not in [b.name for b in c.layers]
+
+
+# --------------------------------------------------------------------------- sixth round (text models)
+
+
+class TanhGelu(torch.autograd.Function):
+    """BLOOM's GELU (transformers' GeLUFunction): the tanh approximation, with its derivative as the
+    backward, and no jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return gelu_by_tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t))
+
+
+class TanhGeluWithSetup(torch.autograd.Function):
+    """TanhGelu in the form with setup_context (forward without ctx), no jvp."""
+
+    @staticmethod
+    def forward(x):
+        return gelu_by_tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    backward = TanhGelu.backward
+
+
+def gelu_by_tanh(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class StraightThrough(torch.autograd.Function):
+    """A straight-through rounding (quantization-aware training): round forward, ȳ passed back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Activated(MLP):
+    """MLP with the activation `activation`: by default the tanh GELU in plain ops."""
+
+    def __init__(self, activation=gelu_by_tanh):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x):
+        return self.b(self.activation(3 * self.a(x)))
+
+
+# a Function's apply looked up at the call, as BLOOM does, or bound before capture (`ste = STE.apply` at import)
+APPLIES = {"at the call": lambda function: lambda h: function.apply(h), "bound before": lambda function: function.apply}
+
+
+@pytest.mark.parametrize("function", [TanhGelu, TanhGeluWithSetup])
+@pytest.mark.parametrize("bound", sorted(APPLIES))
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_custom_function_without_jvp_steps_as_its_forward_written_out(capture, bound, function):
+    """BLOOM's GeLUFunction has no jvp: kfac at its defaults raised at its first step (the quadratic
+    step's forward-mode pass). In forward mode it now has the jvp of its forward's recorded operations
+    (passes/custom_functions.py), whose derivative its backward is (checked): 3 steps take the parameters
+    where those of the model written with plain ops go, float64, with either binding of apply and with
+    or without setup_context."""
+    torch.manual_seed(0)
+    plain = Activated().double()
+    custom = copy.deepcopy(plain)
+    custom.activation = APPLIES[bound](function)
+    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
+    for c in models:
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3, torch.float64)
+    for p, q in zip(custom.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bound", sorted(APPLIES))
+def test_a_custom_function_keeps_its_backward_in_the_fx_graph(bound):
+    """torch.fx traced through a straight-through estimator's apply, keeping its forward's round, whose
+    derivative is 0: on every statistic step the gradients below it were 0, not the model's (a
+    difference of 0.2, silently). The graph now calls the Function (passes/custom_functions.py): the
+    gradients of a statistic step are the model's, float64."""
+    torch.manual_seed(0)
+    model = Activated(APPLIES[bound](StraightThrough)).double()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, "kfac", lr=0.01, capture="fx", stat_every=1)
+    x, y = batch(torch.float64)
+    F.cross_entropy(c(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    assert any(n.target.__name__ == "StraightThrough_apply" for n in c.graph_module.graph.nodes
+               if n.op == "call_function")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert model.a.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bound", sorted(APPLIES))
+def test_a_custom_function_whose_backward_is_not_its_forwards_derivative_is_named(bound):
+    """Where its backward cannot be kept (torch.export's graph records the forward's operations) or
+    forward mode would differentiate its forward, a straight-through estimator is named with the fix;
+    before, the exported graph's gradients were silently the round's (0 below it), and the quadratic
+    step under fx raised that the Function has no jvp, as if any jvp would do."""
+    torch.manual_seed(0)
+    x, y = batch()
+    with pytest.raises(gnfx.GnfxError, match=r"StraightThrough .*whose backward is not the derivative of its "
+                                              r"forward.*Fix: capture='fx'"):
+        gnfx.compile(Activated(APPLIES[bound](StraightThrough)), "kfac", lr=0.01, capture="export")(x)
+    c = gnfx.compile(Activated(APPLIES[bound](StraightThrough)), "kfac", loss="cross_entropy", capture="fx")
+    F.cross_entropy(c(x), y).backward()
+    with pytest.raises(gnfx.GnfxError, match=r"StraightThrough .*which has no jvp, and whose backward is not the "
+                                              r"derivative of its forward"):
+        c.step()
+
+
+class OffsetNormed(nn.Module):
+    """Gemma's RMSNorm between two layers: x̂ ⊙ (1 + γ), γ cast (Gemma: `.float()`; here to the model's
+    dtype, float64 in the test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight = nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.b((h * (1.0 + self.weight.to(h.dtype))).type_as(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_norm_scaled_by_one_plus_its_weight_is_a_norm_block(capture):
+    """Gemma's RMSNorm weight fell back to diag (torch.export: "used by call_function
+    '_assert_tensor_metadata.default'", the dtype check of its `.float()`; torch.fx: by the cast). A read
+    of metadata is no use, and γ cast and offset by a number is the norm's weight (∂z/∂γ = x̂ either
+    way): a norm block whose diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = OffsetNormed().double()
+    x, y = batch(torch.float64)
+    expected = per_example_fisher_diag(model, x, y)["weight"]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected, **TOL)
+
+
+class GroupedExperts(nn.Module):
+    """Top-1 routing to 3 experts as Hugging Face's mixture-of-experts layers compute it (Mixtral's
+    default experts): the tokens sorted by expert, one F.grouped_mm of them with the stacked expert
+    weights (3, 4, 8), unsorted, weighted by the router's probability; or (`grouped=False`) the same
+    products as a one-hot einsum."""
+
+    def __init__(self, grouped=True):
+        super().__init__()
+        self.router, self.head = nn.Linear(4, 3), nn.Linear(8, 3)
+        self.experts = nn.Parameter(0.5 * torch.randn(3, 4, 8))
+        self.grouped = grouped
+
+    def forward(self, x):
+        probability, expert = F.softmax(self.router(x), -1).max(-1)
+        if self.grouped:
+            order = torch.argsort(expert)
+            offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
+            products = F.grouped_mm(x[order], self.experts, offs=offsets)
+            h = torch.zeros_like(products).index_copy(0, order, products)
+        else:
+            h = torch.einsum("nk,ng,gko->no", x, F.one_hot(expert, 3).to(x.dtype), self.experts)
+        return self.head(torch.tanh(h) * probability.unsqueeze(-1))
+
+
+def test_kfac_at_defaults_steps_through_grouped_matrix_products():
+    """torch._grouped_mm (Mixtral's experts in transformers 5) has no forward-mode derivative: kfac at
+    its defaults raised at its first step. Written out for forward mode (gnfx.composite_forms), 3 steps
+    take the parameters where those of the one-hot einsum of the same products go (float32: the kernel
+    has no float64; torch.fx, as torch.export's fake kernel takes bfloat16 only, which is why transformers
+    calls a custom op of its own while tracing)."""
+    torch.manual_seed(0)
+    grouped = GroupedExperts()
+    einsum = copy.deepcopy(grouped)
+    einsum.grouped = False
+    for model in (grouped, einsum):
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", capture="fx")
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3)
+    for p, q in zip(grouped.parameters(), einsum.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+class AffineFeatures(nn.Module):
+    """MobileBERT's NoNorm (ResMLP's Affine) between two layers: `x * γ + β`, per feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight, self.bias = nn.Parameter(1 + 0.1 * torch.randn(6)), nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x) * self.weight + self.bias))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_per_feature_scale_plus_a_bias_is_one_block(capture):
+    """MobileBERT's NoNorm: γ was a scale block and β fell back ("used by call_function 'add.Tensor'").
+    β is now the scale block's bias: its diag equals the per-example gradients' of [γ β] (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = AffineFeatures().double()
+    x, y = batch(torch.float64)
+    diags = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["weight"].kind == "scale" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"], torch.stack([diags["weight"], diags["bias"]], 1), **TOL)
+
+
+def test_a_binary_cross_entropy_over_the_entries_a_mask_keeps_is_named():
+    """ELECTRA's replaced-token loss is the mean BCE over the tokens its attention mask keeps, not over
+    every entry of its (N, T) logits: the check refused it, naming reasons (a cross-entropy, a factor)
+    none of which was it. The error now says that entries without a gradient are a masked mean."""
+    torch.manual_seed(0)
+    c = gnfx.compile(MLP(), "kfac", loss="binary_cross_entropy")
+    x, labels = multi_label_batch()
+    out = c(x)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[:8, -1] = False
+    with pytest.raises(gnfx.GnfxError, match=r"8 of the 192 entries have no gradient at all: a mean over the "
+                                              r"entries a mask keeps"):
+        F.binary_cross_entropy_with_logits(out[mask], labels[mask]).backward()
+
+
+class ColumnMap(nn.Module):
+    """Mamba's `dt_proj.weight @ time_step.transpose(1, 2)`: a (6, 4) weight mapping the columns of
+    x (N, 4, L), its features on dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.head = nn.Parameter(0.5 * torch.randn(6, 4)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.weight @ x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_weight_first_product_is_a_linear_block_with_per_example_statistics():
+    """`W @ x` with x's features on its second-to-last dimension fell back ("used by call_function
+    'matmul.default'"). torch.export's graph now reads it as `(xᵀ @ Wᵀ)ᵀ` (passes/weight_first_products.py):
+    a linear block, the outputs the model's, diag equal to the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ColumnMap().double()
+    x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    expected = per_example_fisher_diag(model, x, y)["weight"]
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
+    F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
+    c.step()
+    assert c.layers["weight"].kind == "linear" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"], expected, **TOL)
+
+
+class CausalDepthwise(nn.Module):
+    """Mamba's causal depthwise conv: its kernel passed as `weight.squeeze(1)` to a helper that calls
+    `F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=C)` (`reshaped`; k - 1 = 2 written out, as
+    torch.export's graph has it), or the module itself."""
+
+    def __init__(self, reshaped):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(4, 4, 3, groups=4, padding=2), nn.Linear(4, 3)
+        self.reshaped = reshaped
+
+    def forward(self, x):
+        if self.reshaped:
+            h = F.conv1d(x, self.conv.weight.squeeze(1).unsqueeze(1), self.conv.bias, padding=2, groups=4)
+        else:
+            h = self.conv(x)
+        return self.head(torch.tanh(h[..., :x.shape[-1]]).transpose(1, 2))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_kernel_reshaped_back_to_its_shape_is_the_conv_block(capture):
+    """The kernel reached the conv through squeeze(1) and unsqueeze(1) and fell back with its bias ("used
+    by call_function 'squeeze.dim'"). A chain of reshapes back to the parameter's shape is the parameter
+    (passes/identity_views.py): a conv block whose statistics are those of the module called directly, float64."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 7, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    statistics = []
+    for reshaped in (True, False):
+        torch.manual_seed(0)
+        c = gnfx.compile(CausalDepthwise(reshaped).double(), "kfac", lr=1e-2, capture=capture, stat_every=1)
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+        assert c.layers["conv"].kind == "conv" and not c.layers.fallbacks
+        statistics.append(c.statistics("conv"))
+    for name in statistics[1]:
+        torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
