@@ -84,7 +84,7 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     targets it ignores): the other rows backpropagate nothing; `loss_terms` counts the kept ones.
     """
     outputs = [entry[0] for entry in pending]
-    if loss_terms == 0:
+    if loss_terms == 0 or not outputs:  # no block output: a call that ran the model's own forward (gnfx.variants)
         return
     mask = kept.reshape(z.shape[:-1] + (1,) if z.dim() > 1 else z.shape).to(z.dtype)
     for v, weight in backprop_vectors(z, fisher, loss, samples):

@@ -26,7 +26,8 @@ from torch import nn
 from gnfx.errors import CaptureError, GnfxError
 from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
-from gnfx.passes.capture import REQUESTED, accepts, check_leaf_modules, export, optional_inputs, shapes_of, trace_fx
+from gnfx.passes.capture import (CONSTANTS, REQUESTED, accepts, check_leaf_modules, export, optional_inputs,
+                                 shapes_of, trace_fx)
 from gnfx.passes.taps import insert_taps
 from gnfx.passes.validation_checks import violated_check
 
@@ -106,19 +107,19 @@ class Variants:
         if self.mode == "export":
             return self._begin(export(self.model, args, _sorted(kwargs)), self._key("export", args, kwargs),
                                "capture='export'", shapes=shapes_of(args, kwargs))
-        none = self._left_out(args, kwargs)
+        fixed = self._fixed(args, kwargs)
         try:
-            fx, fx_error = trace_fx(self.model, self.leaf_modules, {n: None for n in none}), None
+            fx, fx_error = trace_fx(self.model, self.leaf_modules, dict(fixed)), None
         except CaptureError as exc:
             fx, fx_error = None, exc
         if self.mode == "fx":
             if fx_error is not None:
                 raise fx_error
-            return self._begin(fx, self._fx_key(none), "capture='fx'")
+            return self._begin(fx, self._fx_key(fixed), "capture='fx'")
         if fx is not None and not self._untraced(fx):
-            return self._begin(fx, self._fx_key(none), "it traced the whole forward")
+            return self._begin(fx, self._fx_key(fixed), "it traced the whole forward")
         if fx is not None and self.leaf_modules:
-            return self._begin(fx, self._fx_key(none), "leaf_modules were requested, which torch.export cannot "
+            return self._begin(fx, self._fx_key(fixed), "leaf_modules were requested, which torch.export cannot "
                                                  "keep opaque")
         try:
             exported, export_error = export(self.model, args, _sorted(kwargs)), None
@@ -128,7 +129,7 @@ class Variants:
             raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
                                f"{fx_error}\n{export_error}") from export_error
         if exported is None:
-            return self._begin(fx, self._fx_key(none), f"the submodules it could not trace are leaves; torch.export "
+            return self._begin(fx, self._fx_key(fixed), f"the submodules it could not trace are leaves; torch.export "
                                                  f"failed: {str(export_error).splitlines()[0]}")
         export_key, shapes = self._key("export", args, kwargs), shapes_of(args, kwargs)
         if fx is None:
@@ -145,7 +146,7 @@ class Variants:
             return self._begin(exported, export_key, f"torch.fx could not trace {leaves}: torch.export puts "
                                f"{100 * share_export:.1f}% of the parameters in curvature blocks, torch.fx "
                                f"{100 * share_fx:.1f}%", built_export, shapes)
-        return self._begin(fx, self._fx_key(none), f"{leaves} could not be traced and are leaves: torch.fx puts "
+        return self._begin(fx, self._fx_key(fixed), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
 
@@ -171,11 +172,16 @@ class Variants:
         """Run the instrumented graph for this call (captured on first use). A call of a form
         that cannot be captured runs the original forward, without statistics, and warns once."""
         if self.form == "fx":
-            key = self._fx_key(self._left_out(args, kwargs))
+            key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
-                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, {n: None for n in key[1]}), key)
+                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1])), key)
             graphs = self._graphs[key]
-            return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
+            if not graphs:
+                return self.model(*args, **kwargs)
+            if any(value is not None for _, value in key[1]):
+                ordered, extra = self._in_order(args, kwargs)
+                return graphs[0](*ordered, **extra)
+            return graphs[0](*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
         gm = next((g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)), None)
         shapes = shapes_of(args, kwargs)
@@ -218,12 +224,29 @@ class Variants:
         self._graphs.setdefault(key, []).append(gm)
         return gm
 
-    def _left_out(self, args, kwargs) -> tuple[str, ...]:
-        """The optional inputs (default None) this call leaves None."""
+    def _fixed(self, args, kwargs) -> tuple[tuple[str, object], ...]:
+        """The optional inputs (passes/capture.py `optional_inputs`) that this call leaves at their
+        defaults or gives a Python constant, with their values: a torch.fx graph of the call is traced
+        with them fixed."""
         if not self._optional:
             return ()
-        bound = self._signature.bind(*args, **kwargs).arguments
-        return tuple(n for n in self._optional if bound.get(n) is None)
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple((n, bound.arguments[n]) for n in self._optional if isinstance(bound.arguments[n], CONSTANTS))
+
+    def _in_order(self, args, kwargs) -> tuple[list, dict]:
+        """The call's arguments, defaults filled in, in the forward's order (and its **kwargs): how a
+        torch.fx graph traced with constants fixed takes them (it renames those inputs, `scale` to
+        `scale_1`, and checks that a call passes the fixed values)."""
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        ordered, extra = [], {}
+        for name, p in self._signature.parameters.items():
+            if p.kind is p.VAR_KEYWORD:
+                extra = bound.arguments[name]
+            else:
+                ordered.extend(bound.arguments[name] if p.kind is p.VAR_POSITIONAL else [bound.arguments[name]])
+        return ordered, extra
 
     def _key(self, form: str, args, kwargs) -> tuple:
         """What an exported graph fixes about a call: the inputs' structure, the values of its
@@ -232,10 +255,10 @@ class Variants:
         leaves = tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else _hashable(x) for x in flat)
         return form, str(spec), leaves, self._eval_modules()
 
-    def _fx_key(self, left_out: tuple) -> tuple:
-        """What a torch.fx graph fixes about a call: the optional inputs it leaves out (traced as None)
-        and the submodules in eval mode."""
-        return "fx", left_out, self._eval_modules()
+    def _fx_key(self, fixed: tuple) -> tuple:
+        """What a torch.fx graph fixes about a call: the optional inputs traced as constants, with their
+        values, and the submodules in eval mode."""
+        return "fx", fixed, self._eval_modules()
 
     def _eval_modules(self) -> tuple[str, ...]:
         """The submodules in eval mode. A graph fixes the modes of its capture where the forward reads
@@ -246,11 +269,9 @@ class Variants:
 
     # --- coverage --------------------------------------------------------------------------
     def _untraced(self, captured) -> list[str]:
-        """What torch.fx kept opaque on its own: the submodules it could not trace, and the
-        torch.fx.wrap'ed functions that take parameters (whose layers only torch.export sees)."""
-        leaves = sorted(set(captured.leaves) - set(self.leaf_modules))
-        return leaves + [f"{name} (a torch.fx.wrap'ed function taking {taken})"
-                         for name, taken in sorted(captured.opaque_calls.items())]
+        """What torch.fx kept opaque on its own: the submodules it could not trace, and the calls it
+        keeps whole that take parameters (whose layers only torch.export sees)."""
+        return sorted(set(captured.leaves) - set(self.leaf_modules)) + sorted(captured.opaque_calls)
 
     def _share(self, table, opened: bool = True) -> float:
         """The share of the trainable parameters' entries in curvature blocks (`opened`: with the

@@ -30,7 +30,7 @@ from torch.nn.utils import rnn as rnn_utils
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
-from gnfx.passes.custom_functions import applied_functions, check_backwards, opaque_in_fx
+from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.validation_checks import example_values, name_assertions, raised_at_validation_check, specialized_to
@@ -46,9 +46,9 @@ class Captured:
     forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
     of it would draw again (gnfx.random_state). `checks`: the data-dependent validation checks the
     graph asserts, specialized to the example call (passes/validation_checks.py). `opaque_calls`: the
-    functions a torch.fx graph keeps as single calls because their library registered them with
-    `torch.fx.wrap` (torchvision's Swin attention), and that take trainable parameters, each with
-    those parameters' names: the layers inside such a call are no blocks of the fx graph.
+    calls a torch.fx graph keeps whole that take trainable parameters (`opaque_calls_taking_parameters`:
+    torchvision's Swin attention, registered with `torch.fx.wrap`; a custom autograd.Function), each
+    described with those parameters' names: the layers inside such a call are no blocks of the fx graph.
     """
 
     graph_module: fx.GraphModule
@@ -56,7 +56,7 @@ class Captured:
     leaves: dict[str, str]
     draws: bool = False
     checks: tuple[str, ...] = ()
-    opaque_calls: dict[str, str] = dataclasses.field(default_factory=dict)
+    opaque_calls: tuple[str, ...] = ()
 
 
 class _DenseProxy(fx.Proxy):
@@ -270,21 +270,28 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
             if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                 node.meta.pop("is_wrapped", None)  # which breaks every later trace
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(gm, "fx", leaves, draws, opaque_calls=wrapped_calls_taking_parameters(gm))
+        return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
 
 
-def wrapped_calls_taking_parameters(gm: fx.GraphModule) -> dict[str, str]:
-    """The `torch.fx.wrap`ped functions called in `gm` (torch.fx marks their nodes `is_wrapped`) that
-    take a trainable parameter as an argument: the function's qualified name -> the parameters."""
+def opaque_calls_taking_parameters(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The calls torch.fx keeps opaque in `gm` that take a trainable parameter as an argument: of a
+    function registered with `torch.fx.wrap` (torch.fx marks its nodes `is_wrapped`) or of a custom
+    autograd.Function (passes/custom_functions.py), each described with the parameters it takes."""
     params = {name for name, p in gm.named_parameters() if p.requires_grad}
-    calls: dict[str, list[str]] = {}
+    calls: dict[tuple[str, str], list[str]] = {}  # (name, kind) -> parameters
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.meta.get("is_wrapped", False):
-            taken = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
-            if taken:
-                name = f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__qualname__', node.target)}"
-                calls.setdefault(name, []).extend(taken)
-    return {name: ", ".join(dict.fromkeys(taken)) for name, taken in calls.items()}
+        if node.op != "call_function":
+            continue
+        if OPAQUE_FUNCTION in node.meta:
+            call = node.meta[OPAQUE_FUNCTION], "a torch.autograd.Function"
+        elif node.meta.get("is_wrapped", False):
+            call = f"{getattr(node.target, '__module__', '?')}.{node.target.__qualname__}", "a torch.fx.wrap'ed function"
+        else:
+            continue
+        taken = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
+        if taken:
+            calls.setdefault(call, []).extend(taken)
+    return tuple(f"{name} ({kind} taking {', '.join(dict.fromkeys(taken))})" for (name, kind), taken in calls.items())
 
 
 _EXPORTABLE = (torch.Tensor, int, float, bool, str, type(None))
@@ -433,8 +440,13 @@ def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
     return True
 
 
+CONSTANTS = (bool, int, float, str, type(None))  # the values a torch.fx graph is traced with fixed
+
+
 def optional_inputs(model: nn.Module) -> tuple[str, ...]:
-    """The forward's parameters that default to None: symbolic tracing treats them as tensors, so
-    a call that leaves one out needs a graph traced with it fixed to None."""
+    """The forward's parameters that default to None or to another Python constant (a flag such as
+    timm's `is_causal=False`): symbolic tracing treats them as tensors, so a call that leaves one out,
+    or passes a constant, needs a graph traced with it fixed to that value (a branch `if is_causal:`
+    on a traced flag is a TraceError)."""
     params = inspect.signature(model.forward).parameters.values()
-    return tuple(p.name for p in params if p.default is None)
+    return tuple(p.name for p in params if p.default is not p.empty and isinstance(p.default, CONSTANTS))

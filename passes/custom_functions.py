@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from gnfx.errors import CaptureError, GnfxError
 
+OPAQUE_FUNCTION = "gnfx_custom_function"  # meta of a torch.fx node calling F.apply: F's qualified name
 TOLERANCE = 1e-3  # relative difference of the two vector-Jacobian products above which F's backward is another
 # a Function's difference at its first application under forward mode (jvps_of_forwards), by class
 _FORWARD_DIFFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -220,7 +221,9 @@ def opaque_in_fx():
         proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
         if proxy is None:
             return forward(*args, **kwargs)
-        return proxy.tracer.create_proxy("call_function", _call_of(cls), tuple(args), kwargs)
+        call = proxy.tracer.create_proxy("call_function", _call_of(cls), tuple(args), kwargs)
+        call.node.meta[OPAQUE_FUNCTION] = f"{cls.__module__}.{cls.__qualname__}"
+        return call
     return _forwards_wrapped(wrap)
 
 

@@ -186,6 +186,50 @@ def test_a_call_form_that_cannot_be_captured_runs_the_original_forward_and_warns
     torch.testing.assert_close(c.statistics("a")["A"], before, rtol=0, atol=0)
 
 
+class MaskOrCausal(MLP):
+    """timm's VisionTransformer: `forward(x, attn_mask=None, is_causal=False)` and a branch
+    `if attn_mask is not None or is_causal:`, which a traced flag cannot take."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False, scale: float = 1.0):
+        h = torch.tanh(self.a(x))
+        if attn_mask is not None or is_causal:  # timm runs its blocks one by one here, with the mask and flag
+            if attn_mask is not None:
+                h = h * attn_mask
+            h = h + is_causal * h.cumsum(0)
+        return self.b(scale * h)
+
+
+def test_flags_with_constant_defaults_are_traced_fixed_to_the_calls_values():
+    """A call leaving is_causal at False, or passing True or another scale, gets a graph traced with
+    those constants (before, the flag was traced as a tensor: the call's capture failed and it ran the
+    model's own forward, without statistics)."""
+    model = MaskOrCausal()
+    c = compile_for_statistics(model)
+    assert c.layers.form == "fx"  # at compile: the flag a tensor, the mask given
+    x, y = batch((7, 4))
+    assert_statistics_match(c, model, ["a", "b"], x, y)
+    assert_statistics_match(c, model, ["a", "b"], x, y, is_causal=True, scale=0.5)
+    assert_statistics_match(c, model, ["a", "b"], x, y, attn_mask=torch.rand(7, 5, dtype=DTYPE))
+    torch.testing.assert_close(c(x, None, True, 2.0), model(x, None, True, 2.0), rtol=0, atol=0)  # positionally
+
+
+def test_a_call_that_runs_the_models_own_forward_under_a_true_fisher_records_nothing_and_steps():
+    """fisher="mc" backpropagates sampled vectors to the block outputs of the forward; a call of a form
+    that could not be captured has none (before: torch.autograd.grad raised on an empty list)."""
+    model = GatedWhenGiven()
+    c = compile_for_statistics(model, loss="cross_entropy", fisher="mc", step="lr")
+    x, y = batch((7, 4))
+    cross_entropy(c(x), y).backward()
+    c.step()
+    c.zero_grad()
+    before = c.statistics("a")["S"].clone()
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        out = c(x, torch.ones(7, 5, dtype=DTYPE))
+    cross_entropy(out, y).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("a")["S"], before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- torch.export
 
 
@@ -332,6 +376,38 @@ def test_a_torch_fx_wrapped_function_taking_parameters_is_captured_by_torch_expo
     fx_c = compile_for_statistics(copy.deepcopy(model), capture="fx")  # what fx alone gives
     assert [b.name for b in fx_c.layers] == ["b"]
     assert sorted(f.param for f in fx_c.layers.fallbacks) == ["a.bias", "a.weight"]
+
+
+class LinearFunction(torch.autograd.Function):
+    """A hand-written linear layer (a fused kernel's Python fallback): y = x Wᵀ + b, its backward the
+    derivative."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight, g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).sum(0)
+
+
+class FunctionProjection(MLP):
+    def forward(self, x):
+        return self.b(torch.tanh(LinearFunction.apply(x, self.a.weight, self.a.bias)))
+
+
+def test_a_custom_function_taking_parameters_is_captured_by_torch_export():
+    """torch.fx keeps a custom autograd.Function whole (its backward is its own), so the layer inside
+    it would fall back; torch.export records its operations once its backward is checked to be their
+    derivative, and puts the layer in a block."""
+    model = FunctionProjection()
+    c = compile_for_statistics(model)
+    assert "first call" in repr(c.layers)
+    assert_statistics_match(c, model, ["b"], *batch((6, 4)), vectorized=False)
+    assert c.layers.form == "export" and {b.name for b in c.layers} == {"a", "b"}
+    assert "LinearFunction (a torch.autograd.Function taking a.weight, a.bias)" in c.layers.capture
 
 
 class Tied(MLP):
