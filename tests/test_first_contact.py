@@ -1145,3 +1145,53 @@ def test_a_lookup_written_as_indexing_is_an_embedding_with_per_example_statistic
     torch.manual_seed(0)
     c = _assert_position_diag_is_per_example(IndexedPositions(positions).double(), "wpe", "export")
     assert c.layers["wpe"].kind == "embedding" and not c.layers.fallbacks
+
+
+# --------------------------------------------------------------------------- sixth round, vision and audio
+# (benchmarks/results/first_contact_6_vision.md)
+
+
+class ResponseNormalized(nn.Module):
+    """ConvNeXt V2's global response normalization, `γ ⊙ (x ⊙ N(x)) + β + x` with γ and β parameters of
+    shape (1, 1, 1, d) on (N, H, W, d) maps, after a convolution whose channels-first output PoolFormer's
+    layer scale `s.unsqueeze(-1).unsqueeze(-1)` (d, 1, 1) multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.randn(4))
+        self.gamma, self.beta = nn.Parameter(torch.randn(1, 1, 1, 4)), nn.Parameter(torch.randn(1, 1, 1, 4))
+
+    def forward(self, x):
+        h = (self.scale.unsqueeze(-1).unsqueeze(-1) * self.conv(x)).permute(0, 2, 3, 1)
+        norms = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+        h = self.gamma * (h * (norms / (norms.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + h
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scales_and_biases_of_ones_but_the_features_dimension_are_blocks_with_per_example_statistics(capture):
+    """ConvNeXt V2's GRN β (1, 1, 1, d) was read as a position table of one row, its positions the
+    map's columns: the first statistics raised `RuntimeError: output with shape [1] doesn't match the
+    broadcast shape [8]` (kfac at defaults, every kfac). A one-row table is a bias broadcast over every
+    row (gnfx.layouts.position). Its γ (1, 1, 1, d) and PoolFormer's `s.unsqueeze(-1).unsqueeze(-1)`
+    fell back to diag ('mul.Tensor, not a layer gnfx models'): they are scale blocks (passes/scale.py).
+    Each block's diag equals the per-example gradients' (vmap), float64; kfac at defaults trains it."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ResponseNormalized().double()
+    x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+    assert not c.layers.fallbacks
+    blocks = {b.weight: b.name for b in c.layers.blocks}
+    for param in ("scale", "gamma", "beta"):
+        torch.testing.assert_close(c.statistics(blocks[param])["diag"].reshape(-1), expected[param].reshape(-1), **TOL)
+    torch.manual_seed(0)
+    c = gnfx.compile(ResponseNormalized(), "kfac", loss="cross_entropy", capture=capture)
+    losses = train_on(c, torch.randn(6, 3, 5, 5), torch.arange(6) % 3, F.cross_entropy, steps=10)
+    assert losses[-1] < 0.5 * losses[0], losses
