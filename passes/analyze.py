@@ -10,7 +10,8 @@ A weight-normed layer (W = g · v / ‖v‖, gnfx.reparametrization) is a block 
 weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a detector asks which
 parameter a weight operand is, the node's users are v's uses, and the block holds g as well
 (`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
-its `_SpectralNorm` call stands for W_o.
+its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V_r − μ_r) / s_r,
+passes/weight_standardization.py): the node computing W stands for V.
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
@@ -36,7 +37,7 @@ from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
-from gnfx.reparametrization import SpectralNorm, WeightNorm
+from gnfx.reparametrization import SpectralNorm, WeightNorm, WeightStandardization
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -51,6 +52,7 @@ from .scale import find_scale_sites
 from .sites import Site
 from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
+from .weight_standardization import find_weight_standardizations
 
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
@@ -82,7 +84,7 @@ class _ParamIndex:
         self.params = dict(model.named_parameters())
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
-        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm] = {}
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization] = {}
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
@@ -125,9 +127,11 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
-    W_o. Returns the stand-in's name -> its reparametrization."""
+    W_o; each weight standardization's W (passes/weight_standardization.py) stand for V. Returns the
+    stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
-                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses)}
+                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
+                            **find_weight_standardizations(gm, index.param_of, index.shape_of, uses)}
     by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []
