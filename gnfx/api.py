@@ -15,6 +15,7 @@ from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
+from gnfx.passes.class_tokens import copy_expanded_tables
 from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
@@ -223,7 +224,7 @@ def _tikhonov(policy: Policy) -> bool:
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
     gm = lookups_as_embeddings(lower_modules(gm, captured.leaves))
-    gm = expand_shared_positions(unflatten_linear(gm))
+    gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(gm)))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own
     # opaque submodules opened in turn)

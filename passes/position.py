@@ -6,7 +6,9 @@ position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` 
 export: aten.slice) — the slices must be contiguous, and a slice of any other dimension must take
 it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
 in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
-position table.
+position table. A table expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token,
+as passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
+site and the expanded tensor its input.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import operator
 import torch
 from torch import fx
 
+from .class_tokens import CLONES, expanded_table
 from .sites import Site
 
 aten = torch.ops.aten
@@ -62,9 +65,24 @@ def _table(operand, param_of, shape_of):
     return name, node, consumer, start
 
 
+def _site(node, x, name, attr, consumer, start, shape) -> Site:
+    return Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, attr)], d_in=shape[-2],
+                d_out=shape[-1], options={"weight_shape": shape, "start": start, "padding_idx": None})
+
+
 def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+    def shape_of_table(node):
+        name = param_of(node)
+        return None if name is None else shape_of(name)
+
     sites = []
     for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target in CLONES and len(node.args) == 1 \
+                and expanded_table(node.args[0], shape_of_table):
+            expand = node.args[0]
+            table = expand.args[0]
+            sites.append(_site(node, expand, param_of(table), table, expand, 0, shape_of(param_of(table))))
+            continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue
         operands = node.args[:2]
@@ -74,9 +92,6 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
             if found is None or not isinstance(x, fx.Node) or param_of(x) is not None:
                 continue
             name, attr, consumer, start = found
-            shape = shape_of(name)
-            sites.append(Site(node=node, input=x, weight=name, bias=None,
-                              uses=[(consumer or node, attr)], d_in=shape[-2], d_out=shape[-1],
-                              options={"weight_shape": shape, "start": start, "padding_idx": None}))
+            sites.append(_site(node, x, name, attr, consumer, start, shape_of(name)))
             break
     return sites, []

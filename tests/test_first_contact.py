@@ -1257,3 +1257,45 @@ def test_a_weight_standardized_convolution_is_a_conv_block_stepping_its_standard
     c = gnfx.compile(StandardizedNet(), "kfac", loss="cross_entropy", capture=capture)
     losses = train_on(c, torch.randn(6, 3, 5, 5), torch.arange(6) % 3, F.cross_entropy, steps=10)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+class ClassTokens(nn.Module):
+    """ViT's and DeiT's class and distillation tokens (1, 1, d), each `expand(N, -1, -1)`, and register
+    tokens (1, 2, d) repeated as SigLIP's probe is, `repeat(N, 1, 1)`, concatenated before the patch
+    embeddings; the head reads the first two positions and the registers' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches, self.head = nn.Linear(6, 4), nn.Linear(8, 3)
+        self.cls, self.distillation = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 1, 4))
+        self.registers = nn.Parameter(torch.randn(1, 2, 4))
+
+    def forward(self, x):
+        n = x.shape[0]
+        tokens = [self.cls.expand(n, -1, -1), self.distillation.expand(n, -1, -1), self.registers.repeat(n, 1, 1)]
+        h = torch.tanh(torch.cat(tokens + [self.patches(x)], dim=1))
+        return self.head(torch.cat([h[:, 0], h[:, 1] * h[:, 2:].mean(1)], dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_class_tokens_expanded_to_the_batch_are_position_tables_with_per_example_statistics(capture):
+    """A class token `cls.expand(N, -1, -1)` concatenated before the patches fell back to diag ('expand,
+    not a layer gnfx models': ViT, DeiT, DINOv2, BEiT, CvT, AST; SigLIP's probe, 'repeat'). The expanded table is copied
+    (passes/class_tokens.py) and read as a position table at positions 0..k-1: outputs equal the model's,
+    no whole-batch warning, and each token's diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ClassTokens().double()
+    x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        out = c(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        F.cross_entropy(out, y).backward()
+        c.step()
+    assert not c.layers.fallbacks
+    for param in ("cls", "distillation", "registers"):
+        assert c.layers[param].kind == "position"
+        torch.testing.assert_close(c.statistics(param)["diag"], expected[param].flatten(0, -2).T, **TOL)
