@@ -22,6 +22,7 @@ from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.opaque_children import open_opaque_children
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
+from gnfx.passes.split_concat import split_concatenations
 from gnfx.passes.unflatten import unflatten_linear
 from gnfx.preconditioners import REGISTRY
 from gnfx.quadratic_step import QUADRATIC_DAMPING
@@ -223,7 +224,7 @@ def _tikhonov(policy: Policy) -> bool:
 
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
-    gm = lookups_as_embeddings(lower_modules(gm, captured.leaves))
+    gm = lookups_as_embeddings(split_concatenations(lower_modules(gm, captured.leaves)))
     gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(gm)))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own

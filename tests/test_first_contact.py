@@ -1299,3 +1299,43 @@ def test_class_tokens_expanded_to_the_batch_are_position_tables_with_per_example
     for param in ("cls", "distillation", "registers"):
         assert c.layers[param].kind == "position"
         torch.testing.assert_close(c.statistics(param)["diag"], expected[param].flatten(0, -2).T, **TOL)
+
+
+class ConcatenatedBiases(nn.Module):
+    """WavLM's attention: the q, k and v biases concatenated into one in-projection bias, which
+    F.multi_head_attention_forward chunks into three again (`how="chunk"`), or split by sizes."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.q, self.k, self.v, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x):
+        bias = torch.cat((self.q.bias, self.k.bias, self.v.bias))
+        b_q, b_k, b_v = bias.chunk(3) if self.how == "chunk" else bias.split([4, 4, 4])
+        q, k, v = F.linear(x, self.q.weight, b_q), F.linear(x, self.k.weight, b_k), F.linear(x, self.v.weight, b_v)
+        return self.head(torch.softmax(q @ k.transpose(1, 2), -1) @ v).mean(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_biases_concatenated_and_split_again_are_their_layers_biases(how, capture):
+    """WavLM's q, k and v biases reach their linears through `chunk(cat([b_q, b_k, b_v]), 3)`: they fell
+    back to diag ('cat.default, not a layer gnfx models'). A split of a concatenation at its own
+    boundaries is the concatenated tensors (passes/split_concat.py): each bias is its linear block's, the
+    outputs equal the model's, and each block's diag ([W b]) equals the per-example gradients' (vmap),
+    float64."""
+    from references import TOL, layer_diag, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ConcatenatedBiases(how).double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert not c.layers.fallbacks
+    for name in ("q", "k", "v"):
+        assert c.layers[name].bias == f"{name}.bias"
+        torch.testing.assert_close(c.statistics(name)["diag"], layer_diag(expected, name), **TOL)
