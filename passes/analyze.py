@@ -11,7 +11,8 @@ weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a det
 parameter a weight operand is, the node's users are v's uses, and the block holds g as well
 (`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
 its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V_r − μ_r) / s_r,
-passes/weight_standardization.py): the node computing W stands for V.
+passes/weight_standardization.py): the node computing W stands for V. A parameter moved or cast to a
+floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
@@ -47,6 +48,7 @@ from .embedding import find_embedding_sites
 from .hidden_product import find_hidden_product_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
+from .parameter_casts import read_through_casts
 from .position import find_position_sites
 from .scale import find_scale_sites
 from .sites import Site
@@ -85,12 +87,17 @@ class _ParamIndex:
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
         self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization] = {}
+        # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
+        self.casts: dict[fx.Node, str] = {}
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
-        itself: those of a `call_module`; or v, for a weight-norm node computing W from it), else None."""
+        itself: those of a `call_module`; or v, for a weight-norm node computing W from it; or the
+        parameter a cast node casts), else None."""
         if isinstance(node, fx.Node) and node in self.reparametrized:
             return self.reparametrized[node].standin
+        if isinstance(node, fx.Node) and node in self.casts:
+            return self.casts[node]
         if isinstance(node, nn.Parameter):
             obj = node
         elif not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -107,14 +114,15 @@ class _ParamIndex:
 
 
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
-    """Each trainable parameter's uses: (node that consumes it, get_attr node or None)."""
+    """Each trainable parameter's uses: (node that consumes it, get_attr node, or the cast of it the
+    consumer reads, or None); the casts recorded in `index.casts`."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             name = index.param_of(node)
             if name is not None:
-                uses[name].extend((user, node) for user in node.users)
+                uses[name].extend(read_through_casts(node, index.casts, name))
         elif node.op == "call_module":
             for _, p in modules[node.target].named_parameters():
                 name = index.names.get(id(p))

@@ -1339,3 +1339,39 @@ def test_biases_concatenated_and_split_again_are_their_layers_biases(how, captur
     for name in ("q", "k", "v"):
         assert c.layers[name].bias == f"{name}.bias"
         torch.testing.assert_close(c.statistics(name)["diag"], layer_diag(expected, name), **TOL)
+
+
+class MovedWeights(nn.Module):
+    """Parameters moved or cast to the device or dtype of the activations where they are read, as
+    SigLIP moves its logit scale (`self.logit_scale.to(text_embeds.device)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.gain = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.fc.weight.to(x.device), self.fc.bias.to(x.dtype))) * self.gain.to(x.device)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_parameter_moved_to_its_own_device_is_read_through_the_move(capture):
+    """`W.to(x.device)` made W fall back to diag: under fx its use was the `to` call, under torch.export
+    the `_assert_tensor_metadata` check the move leaves ('..., not a layer gnfx models'). A cast or move
+    to a floating dtype now stands for the parameter (passes/parameter_casts.py): the linear block has
+    its weight and bias and the gain is a scale block; outputs are the model's and each block's diag
+    equals the per-example gradients' (vmap), float64."""
+    from references import TOL, layer_diag, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = MovedWeights().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert not c.layers.fallbacks and c.layers["fc"].bias == "fc.bias" and c.layers["gain"].kind == "scale"
+    torch.testing.assert_close(c.statistics("fc")["diag"], layer_diag(expected, "fc"), **TOL)
+    torch.testing.assert_close(c.statistics("gain")["diag"].reshape(-1), expected["gain"], **TOL)
