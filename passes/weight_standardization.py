@@ -44,8 +44,7 @@ def _rows_of(node, shape) -> bool:
     if len(target) == 1 and isinstance(target[0], (tuple, list)):
         target = tuple(target[0])
     n = torch.Size(shape[1:]).numel()
-    return len(target) == 3 and target[0] == 1 and target[1] in (-1, shape[0]) and target[2] in (-1, n) and \
-        (target[1], target[2]) != (-1, -1)
+    return len(target) == 3 and target[0] == 1 and target[1] in (-1, shape[0]) and target[2] in (-1, n)
 
 
 def _standardized(node) -> tuple[fx.Node, float] | None:
