@@ -1197,6 +1197,37 @@ def test_scales_and_biases_of_ones_but_the_features_dimension_are_blocks_with_pe
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+class RowBias(nn.Module):
+    """A bias kept as a (1, d) parameter, added to (N, d) activations by broadcasting."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+        self.bias = nn.Parameter(torch.randn(1, 6))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) + self.bias))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bias_of_one_row_added_to_a_batch_is_a_block_with_per_example_statistics(capture):
+    """The same one-row table on a 2-D activation: its "positions" were the N examples, and every kfac
+    raised `RuntimeError: output with shape [1] doesn't match the broadcast shape [8]` at its first
+    statistics. Its diag now equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = RowBias().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+    assert c.layers["bias"].kind == "position" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("bias")["diag"].reshape(-1), expected["bias"].reshape(-1), **TOL)
+
+
 class StandardizedConv(nn.Conv2d):
     """BiT's weight-standardized convolution, as Hugging Face's WeightStandardizedConv2d writes it."""
 

@@ -62,6 +62,11 @@ class PositionLayout(EmbeddingLayout):
         start = self.block.options["start"]
         yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
 
+    def error_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """The output gradient as (N, R, d) rows, its examples as input_chunks reads x's (the output has
+        x's shape)."""
+        return g.reshape(self.examples(g), -1, g.shape[-1])
+
     def error_ids(self, g: torch.Tensor) -> torch.Tensor:
         """The rows of P that the output gradient's rows (error_rows) belong to, (N, R): the output
         has the input's shape, so they are input_chunks' of the gradient."""
