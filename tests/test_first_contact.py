@@ -1406,3 +1406,33 @@ def test_a_parameter_moved_to_its_own_device_is_read_through_the_move(capture):
     assert not c.layers.fallbacks and c.layers["fc"].bias == "fc.bias" and c.layers["gain"].kind == "scale"
     torch.testing.assert_close(c.statistics("fc")["diag"], layer_diag(expected, "fc"), **TOL)
     torch.testing.assert_close(c.statistics("gain")["diag"].reshape(-1), expected["gain"], **TOL)
+
+
+class OneRowOfATable(nn.Module):
+    """x (N, T, d) plus one row of a (1, 5, d) table, `P[:, 2:3]`, broadcast over the T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(1, 5, 4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) + self.table[:, 2:3]).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_row_of_a_position_table_is_read_by_every_position(capture):
+    """`x + P[:, 2:3]` adds row 2 to each of x's T = 3 positions; the statistics read it as positions
+    2, 3 and 4 (silently: rows of P that x never reads got curvature, row 2 only its own position's).
+    A slice of one row is read by every position (passes/position.py records the rows a slice leaves):
+    the diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = OneRowOfATable().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["table"].kind == "position"
+    torch.testing.assert_close(c.statistics("table")["diag"], expected["table"].flatten(0, -2).T, **TOL)
