@@ -5,21 +5,25 @@
 Each model is built from a tiny config (no download: one or two layers, hidden size 8-16, a vocabulary
 of 48) and called the way its users call it, `out = model(**batch); out.loss.backward()` with the
 labels inside (-100 on the padding and on the unmasked tokens, attention masks with a padded
-sequence, pixel_values, input_features, CLIP's `return_loss=True`); Wav2Vec2ForCTC both with its
-labels and with the CTC loss taken outside (`F.ctc_loss` of the logits, as the model computes it).
-`gnfx.compile` runs before the first call (capture at that call). Per model:
+sequence, pixel_values, input_features, CLIP's and SigLIP's `return_loss=True`, Segformer's class
+masks); Wav2Vec2ForCTC both with its labels and with the CTC loss taken outside (`F.ctc_loss` of the
+logits, as the model computes it); DeiTForImageClassificationWithTeacher, which takes no labels, with
+`F.cross_entropy(out.logits, labels)` outside. `gnfx.compile` runs before the first call (capture at
+that call). Per model:
 
 - exactness: in float64 with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
-  CLIP, whose contrastive loss is no cross-entropy of its first output), each forward and backward of
+  NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
+  logits upsampled to the mask), each forward and backward of
   the compiled model against the original module at the same parameters: the largest differences of
-  the loss, the logits and any gradient (CLIP and CTC: no `loss=`, lr 0.01);
+  the loss, the logits and any gradient;
 - kfac at its defaults, `loss="cross_entropy"` and no lr (the quadratic-model step, `fisher="mc"`),
-  and shampoo at lr 0.01 (and kfac at lr 0.01 without `loss=` for CLIP and CTC), `--steps` steps on one batch with dropout on: the route (fx or export), the
+  and shampoo at lr 0.01 (and kfac at lr 0.01 without `loss=` for NOT_CROSS_ENTROPY), `--steps` steps on one batch with dropout on: the route (fx or export), the
   share of trainable parameters in curvature blocks, the losses, the first error, the warnings and
   the fallback parameters with their reasons.
 
-The results: benchmarks/results/first_contact_5.md, and for the text models added since,
-benchmarks/results/first_contact_6_text.md.
+The results: benchmarks/results/first_contact_5.md (text, speech, CLIP), and for the models added
+since, benchmarks/results/first_contact_6_text.md (text) and first_contact_6_vision.md (vision, audio
+and multimodal).
 """
 from __future__ import annotations
 
@@ -108,6 +112,34 @@ def speech_batch(g):
     return dict(input_features=torch.randn(BATCH, 8, 32, generator=g), labels=_targets(g))
 
 
+def small_image_batch(g):
+    """16-pixel images, for the models that downsample 16 times (LeViT) or hold a position table per patch."""
+    return dict(pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g), labels=torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def segmentation_batch(g):
+    """32-pixel images and their (BATCH, 32, 32) class masks, a corner of the first ignored (255)."""
+    labels = torch.randint(0, 3, (BATCH, 32, 32), generator=g)
+    labels[0, :8, :8] = 255
+    return dict(pixel_values=torch.randn(BATCH, 3, 32, 32, generator=g), labels=labels)
+
+
+def audio_classification_batch(g):
+    """ctc_batch's audio (the first example padded) with one class per example."""
+    values = ctc_batch(g)
+    return dict(values, labels=torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def spectrogram_batch(g):
+    """AST's input: (BATCH, 32 frames, 16 mel bins) with one class per example."""
+    return dict(input_values=torch.randn(BATCH, 32, 16, generator=g), labels=torch.randint(0, 3, (BATCH,), generator=g))
+
+
+def filterbank_batch(g):
+    """Speech2Text's input: (BATCH, 32 frames, 8 filterbank features), with seq2seq labels."""
+    return dict(input_features=torch.randn(BATCH, 32, 8, generator=g), labels=_targets(g))
+
+
 def clip_batch(g):
     ids, mask = _ids(g)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g),
@@ -127,6 +159,12 @@ def _config(name: str, p: float):
                    max_position_embeddings=32, relative_attention=True, position_buckets=8, max_relative_positions=16,
                    pos_att_type=["p2c", "c2p"], position_biased_input=False, num_labels=3, hidden_dropout_prob=p,
                    attention_probs_dropout_prob=p, pooler_dropout=p, pad_token_id=1)
+    vit = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=p,
+               attention_probs_dropout_prob=p, num_labels=3)
+    audio = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+                 conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+                 hidden_dropout=p, attention_dropout=p, activation_dropout=p, feat_proj_dropout=p, final_dropout=p,
+                 layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="group")
     return {
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
@@ -218,6 +256,56 @@ def _config(name: str, p: float):
             vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                num_attention_heads=2, attention_dropout=p),
             projection_dim=8),
+        "siglip": lambda: tf.SiglipConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16, attention_dropout=p, **tokens),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, attention_dropout=p)),
+        "deit_teacher": lambda: tf.DeiTConfig(image_size=16, patch_size=8, **vit),
+        # image_size 24 > the 16-pixel images: the position table is interpolated, as fine-tuning at 224 on 518 does
+        "dinov2": lambda: tf.Dinov2Config(image_size=24, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, mlp_ratio=2, hidden_dropout_prob=p,
+                                          attention_probs_dropout_prob=p, drop_path_rate=p, num_labels=3),
+        "beit": lambda: tf.BeitConfig(image_size=16, patch_size=8, use_relative_position_bias=True,
+                                      layer_scale_init_value=0.1, drop_path_rate=p, **vit),
+        "mobilenet_v2": lambda: tf.MobileNetV2Config(image_size=32, depth_multiplier=0.25, min_depth=8, finegrained_output=False,
+                                                     classifier_dropout_prob=p, num_labels=3),
+        "mobilevit": lambda: tf.MobileViTConfig(image_size=32, patch_size=2, hidden_sizes=[16, 16, 16],
+                                                neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16], num_attention_heads=2,
+                                                hidden_dropout_prob=p, attention_probs_dropout_prob=p,
+                                                classifier_dropout_prob=p, num_labels=3),
+        "efficientnet": lambda: tf.EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1,
+                                                      hidden_dim=128, dropout_rate=p, drop_connect_rate=p, num_labels=3),
+        "regnet": lambda: tf.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8,
+                                          num_labels=3),
+        "levit": lambda: tf.LevitConfig(image_size=32, patch_size=16, hidden_sizes=[16, 16, 16], num_attention_heads=[2, 2, 2],
+                                        depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=3),
+        "convnextv2": lambda: tf.ConvNextV2Config(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                  patch_size=4, drop_path_rate=p, num_labels=3),
+        "segformer": lambda: tf.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                                patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                                mlp_ratios=[2, 2], decoder_hidden_size=16, hidden_dropout_prob=p,
+                                                attention_probs_dropout_prob=p, classifier_dropout_prob=p,
+                                                drop_path_rate=p, num_labels=3),
+        "bit": lambda: tf.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4,
+                                    drop_path_rate=p, num_labels=3),
+        "cvt": lambda: tf.CvtConfig(patch_sizes=[7, 3], patch_stride=[4, 2], patch_padding=[2, 1], embed_dim=[8, 16],
+                                    num_heads=[1, 2], depth=[1, 2], mlp_ratio=[2.0, 2.0], attention_drop_rate=[p, p],
+                                    drop_rate=[p, p], drop_path_rate=[0.0, p], qkv_bias=[True, True],
+                                    cls_token=[False, True], qkv_projection_method=["dw_bn", "dw_bn"], kernel_qkv=[3, 3],
+                                    padding_kv=[1, 1], stride_kv=[2, 2], padding_q=[1, 1], stride_q=[1, 1], num_labels=3),
+        "poolformer": lambda: tf.PoolFormerConfig(hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2,
+                                                  patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1], mlp_ratio=2.0,
+                                                  drop_path_rate=p, num_labels=3),
+        "hubert_cls": lambda: tf.HubertConfig(num_labels=3, classifier_proj_size=8, **audio),
+        "wavlm_cls": lambda: tf.WavLMConfig(num_labels=3, classifier_proj_size=8, num_buckets=16, max_bucket_distance=32,
+                                            **audio),
+        "ast": lambda: tf.ASTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    patch_size=8, frequency_stride=4, time_stride=8, max_length=32, num_mel_bins=16,
+                                    hidden_dropout_prob=p, attention_probs_dropout_prob=p, num_labels=3),
+        "speech2text": lambda: tf.Speech2TextConfig(input_feat_per_channel=8, conv_channels=16, conv_kernel_sizes=[5, 5],
+                                                    max_source_positions=32, max_target_positions=16,
+                                                    decoder_start_token_id=2, **seq2seq),
     }[name]()
 
 
@@ -264,6 +352,27 @@ MODELS = {
                        "model(input_ids, attention_mask, labels) (-100 off the masks)"),
     "olmo": ("OlmoForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "clip": ("CLIPModel", clip_batch, "model(input_ids, attention_mask, pixel_values, return_loss=True)"),
+    "siglip": ("SiglipModel", clip_batch, "model(input_ids, attention_mask, pixel_values, return_loss=True)"),
+    "deit_teacher": ("DeiTForImageClassificationWithTeacher", small_image_batch,
+                     "model(pixel_values), F.cross_entropy of out.logits outside (the class takes no labels)"),
+    "dinov2": ("Dinov2ForImageClassification", small_image_batch, "model(pixel_values, labels)"),
+    "beit": ("BeitForImageClassification", small_image_batch, "model(pixel_values, labels)"),
+    "mobilenet_v2": ("MobileNetV2ForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "mobilevit": ("MobileViTForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "efficientnet": ("EfficientNetForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "regnet": ("RegNetForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "levit": ("LevitForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "convnextv2": ("ConvNextV2ForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "segformer": ("SegformerForSemanticSegmentation", segmentation_batch, "model(pixel_values, labels) (a class mask)"),
+    "bit": ("BitForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "cvt": ("CvtForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "poolformer": ("PoolFormerForImageClassification", image_batch, "model(pixel_values, labels)"),
+    "hubert_cls": ("HubertForSequenceClassification", audio_classification_batch,
+                   "model(input_values, attention_mask, labels)"),
+    "wavlm_cls": ("WavLMForSequenceClassification", audio_classification_batch,
+                  "model(input_values, attention_mask, labels)"),
+    "ast": ("ASTForAudioClassification", spectrogram_batch, "model(input_values, labels)"),
+    "speech2text": ("Speech2TextForConditionalGeneration", filterbank_batch, "model(input_features, labels)"),
 }
 
 
@@ -280,6 +389,9 @@ def batch(name: str, dtype=torch.float32) -> dict:
 
 def forward_and_loss(name: str, module, model, inputs: dict):
     """(the output, the loss) of calling `model` (`module`: the original, for its helpers) as its users do."""
+    if name == "deit_teacher":  # the class takes no labels: its logits are the mean of its two heads'
+        out = model(pixel_values=inputs["pixel_values"])
+        return out, F.cross_entropy(out.logits, inputs["labels"])
     if name != "wav2vec2_ctc_outside":
         out = model(**inputs)
         return out, out.loss
@@ -292,7 +404,7 @@ def forward_and_loss(name: str, module, model, inputs: dict):
                            zero_infinity=True)
 
 
-NOT_CROSS_ENTROPY = ("clip", "wav2vec2_ctc", "wav2vec2_ctc_outside")  # CLIP's contrastive loss, CTC
+NOT_CROSS_ENTROPY = ("clip", "siglip", "wav2vec2_ctc", "wav2vec2_ctc_outside", "segformer")  # contrastive, CTC, upsampled
 
 
 BINARY_CROSS_ENTROPY = ("electra",)  # ELECTRA's replaced-token detection: a logit per token
@@ -318,7 +430,7 @@ def exactness(name: str, steps: int = 3) -> list[tuple[float, float, float]]:
         out_ref, loss_ref = forward_and_loss(name, reference, reference, inputs)
         loss.backward()
         loss_ref.backward()
-        logits = "logits_per_image" if name == "clip" else "logits"
+        logits = "logits_per_image" if name in ("clip", "siglip") else "logits"
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)) -
                  (q.grad if q.grad is not None else torch.zeros_like(q))
                  for p, q in zip(model.parameters(), reference.parameters())]

@@ -15,6 +15,7 @@ from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
+from gnfx.passes.class_tokens import copy_expanded_tables
 from gnfx.passes.identity_views import identity_views
 from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
@@ -22,8 +23,9 @@ from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.opaque_children import open_opaque_children
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
-from gnfx.passes.weight_first_products import weight_first_products
+from gnfx.passes.split_concat import split_concatenations
 from gnfx.passes.unflatten import unflatten_linear
+from gnfx.passes.weight_first_products import weight_first_products
 from gnfx.preconditioners import REGISTRY
 from gnfx.quadratic_step import QUADRATIC_DAMPING
 from gnfx.variants import Variants
@@ -224,8 +226,8 @@ def _tikhonov(policy: Policy) -> bool:
 
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
-    gm = weight_first_products(lookups_as_embeddings(identity_views(lower_modules(gm, captured.leaves))))
-    gm = expand_shared_positions(unflatten_linear(gm))
+    gm = lookups_as_embeddings(split_concatenations(identity_views(lower_modules(gm, captured.leaves))))
+    gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(weight_first_products(gm))))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own
     # opaque submodules opened in turn)

@@ -1,4 +1,5 @@
-"""Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm).
+"""Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm,
+weight standardization).
 
 `nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm` make a layer's weight
 
@@ -39,6 +40,15 @@ the last forward: the gathered gradient is σ ∇W_o = ∇W − ⟨W, ∇W⟩ u 
 along u vᵀ, which σ's dependence on W_o takes out of ∇W_o and which cannot be recovered), and a
 change ΔW pulls back to ΔW_o = σ ΔW, whose image J(ΔW_o) = ΔW − W (uᵀ ΔW v) misses only the change
 of σ that the normalization pins (W's top singular value stays 1).
+
+Weight standardization (BiT's and timm's StdConv2d, Hugging Face's WeightStandardizedConv2d:
+`F.batch_norm(V.reshape(1, C_out, -1), None, None, training=True, eps=ε).reshape_as(V)`) makes each
+output row r of W (n = C_in·k·k entries) W_r = (V_r − μ_r) / s_r, μ_r its mean, s_r = √(σ_r² + ε), σ_r²
+its (biased) variance. Its Jacobian is J_r = (1/s_r)(I − 11ᵀ/n − W_r W_rᵀ/n), symmetric: the mean of
+V_r and (to O(ε)) its scale change no W. As for spectral norm, with s held fixed for the step: the
+gathered gradient is s_r ∇V_r = (I − 11ᵀ/n − W_r W_rᵀ/n) ∇W_r, ∇W_r but for its mean and its
+component along W_r, which cannot be recovered, and a change ΔW_r pulls back to ΔV_r = s_r ΔW_r,
+whose image J_r(s_r ΔW_r) misses only those two components, which the standardization pins.
 """
 from __future__ import annotations
 
@@ -162,6 +172,44 @@ class SpectralNorm:
     def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
         """{W_o: σ ΔW}: J(σ ΔW) = ΔW − W (uᵀ ΔW v) (module docstring)."""
         return {self.original: self.sigma(named) * delta_w}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStandardization:
+    """W_r = (V_r − μ_r) / s_r per output row r, s held fixed for the step (module docstring). `weight`:
+    W's name in the model; `original`: V's parameter name, which W's stand-in takes; `eps`: ε."""
+
+    weight: str
+    original: str
+    eps: float
+
+    @property
+    def standin(self) -> str:
+        return self.original
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return ()
+
+    def scale(self, named: dict) -> torch.Tensor:
+        """s_r = √(σ_r² + ε), shaped to broadcast against V."""
+        v = named[self.original].detach()
+        variance = v.flatten(1).var(dim=1, correction=0)
+        return (variance + self.eps).sqrt().reshape((-1,) + (1,) * (v.dim() - 1))
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W, as the model's forward computes it (a batch normalization of V's rows)."""
+        v = named[self.original]
+        return torch.nn.functional.batch_norm(v.reshape(1, v.shape[0], -1), None, None, training=True,
+                                              momentum=0.0, eps=self.eps).reshape_as(v)
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """s ∇V: ∇W but for its rows' mean and their component along W (module docstring)."""
+        return self.scale(named) * grads[self.original]
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{V: s ΔW} (module docstring)."""
+        return {self.original: self.scale(named) * delta_w}
 
 
 class Reparametrizations:

@@ -10,7 +10,9 @@ A weight-normed layer (W = g · v / ‖v‖, gnfx.reparametrization) is a block 
 weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a detector asks which
 parameter a weight operand is, the node's users are v's uses, and the block holds g as well
 (`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
-its `_SpectralNorm` call stands for W_o.
+its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V_r − μ_r) / s_r,
+passes/weight_standardization.py): the node computing W stands for V. A parameter moved or cast to a
+floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
@@ -37,7 +39,7 @@ from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
-from gnfx.reparametrization import SpectralNorm, WeightNorm
+from gnfx.reparametrization import SpectralNorm, WeightNorm, WeightStandardization
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -47,11 +49,13 @@ from .embedding import find_embedding_sites
 from .hidden_product import find_hidden_product_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
+from .parameter_casts import read_through_casts
 from .position import find_position_sites
 from .scale import find_scale_sites
 from .sites import Site
 from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
+from .weight_standardization import find_weight_standardizations
 
 # the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
@@ -83,13 +87,18 @@ class _ParamIndex:
         self.params = dict(model.named_parameters())
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
-        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm] = {}
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization] = {}
+        # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
+        self.casts: dict[fx.Node, str] = {}
 
     def param_of(self, node) -> str | None:
         """The canonical name of the trainable parameter a `get_attr` node reads (or of a Parameter
-        itself: those of a `call_module`; or v, for a weight-norm node computing W from it), else None."""
+        itself: those of a `call_module`; or v, for a weight-norm node computing W from it; or the
+        parameter a cast node casts), else None."""
         if isinstance(node, fx.Node) and node in self.reparametrized:
             return self.reparametrized[node].standin
+        if isinstance(node, fx.Node) and node in self.casts:
+            return self.casts[node]
         if isinstance(node, nn.Parameter):
             obj = node
         elif not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -105,23 +114,18 @@ class _ParamIndex:
         return tuple(self.params[name].shape)
 
 
-# ops that read a tensor's metadata, not its values: no gradient flows through them (torch.export's
-# graph asserts the dtype and device of the input of every `.to()`, a parameter's too: Gemma's `w.float()`)
-METADATA_READS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.sym_size.int,
-                  torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
-                  torch.ops.aten.sym_storage_offset.default)
-
 
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
-    """Each trainable parameter's uses: (node that consumes it, get_attr node or None); a read of its
-    metadata alone (METADATA_READS) is none."""
+    """Each trainable parameter's uses: (node that consumes it, get_attr node, or the cast of it the
+    consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
+    (passes/parameter_casts.py METADATA_READS) is none."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             name = index.param_of(node)
             if name is not None:
-                uses[name].extend((user, node) for user in node.users if user.target not in METADATA_READS)
+                uses[name].extend(read_through_casts(node, index.casts, name))
         elif node.op == "call_module":
             for _, p in modules[node.target].named_parameters():
                 name = index.names.get(id(p))
@@ -134,9 +138,11 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
-    W_o. Returns the stand-in's name -> its reparametrization."""
+    W_o; each weight standardization's W (passes/weight_standardization.py) stand for V. Returns the
+    stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
-                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses)}
+                            **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
+                            **find_weight_standardizations(gm, index.param_of, index.shape_of, uses)}
     by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []

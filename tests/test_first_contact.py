@@ -1504,3 +1504,294 @@ def test_a_kernel_reshaped_back_to_its_shape_is_the_conv_block(capture):
         statistics.append(c.statistics("conv"))
     for name in statistics[1]:
         torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- sixth round, vision and audio
+# (benchmarks/results/first_contact_6_vision.md)
+
+
+class ResponseNormalized(nn.Module):
+    """ConvNeXt V2's global response normalization, `γ ⊙ (x ⊙ N(x)) + β + x` with γ and β parameters of
+    shape (1, 1, 1, d) on (N, H, W, d) maps, after a convolution whose channels-first output PoolFormer's
+    layer scale `s.unsqueeze(-1).unsqueeze(-1)` (d, 1, 1) multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.randn(4))
+        self.gamma, self.beta = nn.Parameter(torch.randn(1, 1, 1, 4)), nn.Parameter(torch.randn(1, 1, 1, 4))
+
+    def forward(self, x):
+        h = (self.scale.unsqueeze(-1).unsqueeze(-1) * self.conv(x)).permute(0, 2, 3, 1)
+        norms = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+        h = self.gamma * (h * (norms / (norms.mean(dim=-1, keepdim=True) + 1e-6))) + self.beta + h
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scales_and_biases_of_ones_but_the_features_dimension_are_blocks_with_per_example_statistics(capture):
+    """ConvNeXt V2's GRN β (1, 1, 1, d) was read as a position table of one row, its positions the
+    map's columns: the first statistics raised `RuntimeError: output with shape [1] doesn't match the
+    broadcast shape [8]` (kfac at defaults, every kfac). A one-row table is a bias broadcast over every
+    row (gnfx.layouts.position). Its γ (1, 1, 1, d) and PoolFormer's `s.unsqueeze(-1).unsqueeze(-1)`
+    fell back to diag ('mul.Tensor, not a layer gnfx models'): they are scale blocks (passes/scale.py).
+    Each block's diag equals the per-example gradients' (vmap), float64; kfac at defaults trains it."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ResponseNormalized().double()
+    x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+    assert not c.layers.fallbacks
+    blocks = {b.weight: b.name for b in c.layers.blocks}
+    for param in ("scale", "gamma", "beta"):
+        torch.testing.assert_close(c.statistics(blocks[param])["diag"].reshape(-1), expected[param].reshape(-1), **TOL)
+    torch.manual_seed(0)
+    c = gnfx.compile(ResponseNormalized(), "kfac", loss="cross_entropy", capture=capture)
+    losses = train_on(c, torch.randn(6, 3, 5, 5), torch.arange(6) % 3, F.cross_entropy, steps=10)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+class RowBias(nn.Module):
+    """A bias kept as a (1, d) parameter, added to (N, d) activations by broadcasting."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+        self.bias = nn.Parameter(torch.randn(1, 6))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) + self.bias))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bias_of_one_row_added_to_a_batch_is_a_block_with_per_example_statistics(capture):
+    """The same one-row table on a 2-D activation: its "positions" were the N examples, and every kfac
+    raised `RuntimeError: output with shape [1] doesn't match the broadcast shape [8]` at its first
+    statistics. Its diag now equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = RowBias().double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+    assert c.layers["bias"].kind == "position" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("bias")["diag"].reshape(-1), expected["bias"].reshape(-1), **TOL)
+
+
+class StandardizedConv(nn.Conv2d):
+    """BiT's weight-standardized convolution, as Hugging Face's WeightStandardizedConv2d writes it."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class StandardizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = StandardizedConv(3, 4, 3, padding=1), StandardizedConv(4, 5, 3, padding=1, bias=False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weight_standardized_convolution_is_a_conv_block_stepping_its_standardized_kernel(capture):
+    """BiT's convolutions standardize their kernel V per output row (a batch_norm of V's rows): every one
+    fell back to diag ('reshape.default, not a layer gnfx models'; 94% of a tiny BiT). Each is now a
+    conv block over the W it computes (gnfx.reparametrization.WeightStandardization): the compiled
+    model's outputs and gradients are the model's (float64); the pull-back and the gathered gradient
+    are the Jacobian's (torch.func): J(s ΔW) = P ΔW and s ∇V = P ∇W with P = I − 11ᵀ/n − W Wᵀ/n per row;
+    kfac at defaults trains it."""
+    from gnfx.reparametrization import WeightStandardization
+    torch.manual_seed(0)
+    model = StandardizedNet().double()
+    x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.arange(6) % 3
+    c = gnfx.compile(model, "kfac", loss="cross_entropy", capture=capture)
+    reference = copy.deepcopy(model)
+    out = c(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert not c.layers.fallbacks
+    rp = c.layers["conv2"].reparametrization
+    assert isinstance(rp, WeightStandardization) and c.layers["conv2"].kind == "conv"
+
+    v = model.conv2.weight.detach()
+    named = {"conv2.weight": v}
+    w = rp.value(named)
+    rows, n = w.flatten(1), w[0].numel()
+    delta = torch.randn_like(w)
+    projected = delta - delta.flatten(1).mean(1).reshape(-1, 1, 1, 1) - \
+        w * ((rows * delta.flatten(1)).sum(1) / n).reshape(-1, 1, 1, 1)
+    _, image = torch.func.jvp(lambda p: rp.value({"conv2.weight": p}), (v,), (rp.pull_back(named, delta)["conv2.weight"],))
+    torch.testing.assert_close(image, projected, rtol=1e-5, atol=1e-5)  # to O(ε): W's rows have norm² n σ²/(σ² + ε)
+    _, vjp = torch.func.vjp(lambda p: rp.value({"conv2.weight": p}), v)
+    (grad_v,) = vjp(delta)
+    torch.testing.assert_close(rp.weight_gradient(named, {"conv2.weight": grad_v}), projected, rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    c = gnfx.compile(StandardizedNet(), "kfac", loss="cross_entropy", capture=capture)
+    losses = train_on(c, torch.randn(6, 3, 5, 5), torch.arange(6) % 3, F.cross_entropy, steps=10)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+class ClassTokens(nn.Module):
+    """ViT's and DeiT's class and distillation tokens (1, 1, d), each `expand(N, -1, -1)`, and register
+    tokens (1, 2, d) repeated as SigLIP's probe is, `repeat(N, 1, 1)`, concatenated before the patch
+    embeddings; the head reads the first two positions and the registers' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches, self.head = nn.Linear(6, 4), nn.Linear(8, 3)
+        self.cls, self.distillation = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 1, 4))
+        self.registers = nn.Parameter(torch.randn(1, 2, 4))
+
+    def forward(self, x):
+        n = x.shape[0]
+        tokens = [self.cls.expand(n, -1, -1), self.distillation.expand(n, -1, -1), self.registers.repeat(n, 1, 1)]
+        h = torch.tanh(torch.cat(tokens + [self.patches(x)], dim=1))
+        return self.head(torch.cat([h[:, 0], h[:, 1] * h[:, 2:].mean(1)], dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_class_tokens_expanded_to_the_batch_are_position_tables_with_per_example_statistics(capture):
+    """A class token `cls.expand(N, -1, -1)` concatenated before the patches fell back to diag ('expand,
+    not a layer gnfx models': ViT, DeiT, DINOv2, BEiT, CvT, AST; SigLIP's probe, 'repeat'). The expanded table is copied
+    (passes/class_tokens.py) and read as a position table at positions 0..k-1: outputs equal the model's,
+    no whole-batch warning, and each token's diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ClassTokens().double()
+    x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
+        out = c(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        F.cross_entropy(out, y).backward()
+        c.step()
+    assert not c.layers.fallbacks
+    for param in ("cls", "distillation", "registers"):
+        assert c.layers[param].kind == "position"
+        torch.testing.assert_close(c.statistics(param)["diag"], expected[param].flatten(0, -2).T, **TOL)
+
+
+class ConcatenatedBiases(nn.Module):
+    """WavLM's attention: the q, k and v biases concatenated into one in-projection bias, which
+    F.multi_head_attention_forward chunks into three again (`how="chunk"`), or split by sizes."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.q, self.k, self.v, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.how = how
+
+    def forward(self, x):
+        bias = torch.cat((self.q.bias, self.k.bias, self.v.bias))
+        b_q, b_k, b_v = bias.chunk(3) if self.how == "chunk" else bias.split([4, 4, 4])
+        q, k, v = F.linear(x, self.q.weight, b_q), F.linear(x, self.k.weight, b_k), F.linear(x, self.v.weight, b_v)
+        return self.head(torch.softmax(q @ k.transpose(1, 2), -1) @ v).mean(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("how", ["chunk", "split"])
+def test_biases_concatenated_and_split_again_are_their_layers_biases(how, capture):
+    """WavLM's q, k and v biases reach their linears through `chunk(cat([b_q, b_k, b_v]), 3)`: they fell
+    back to diag ('cat.default, not a layer gnfx models'). A split of a concatenation at its own
+    boundaries is the concatenated tensors (passes/split_concat.py): each bias is its linear block's, the
+    outputs equal the model's, and each block's diag ([W b]) equals the per-example gradients' (vmap),
+    float64."""
+    from references import TOL, layer_diag, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = ConcatenatedBiases(how).double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert not c.layers.fallbacks
+    for name in ("q", "k", "v"):
+        assert c.layers[name].bias == f"{name}.bias"
+        torch.testing.assert_close(c.statistics(name)["diag"], layer_diag(expected, name), **TOL)
+
+
+class MovedWeights(nn.Module):
+    """Parameters moved or cast to the device or dtype of the activations where they are read, as
+    SigLIP moves its logit scale (`self.logit_scale.to(text_embeds.device)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.gain = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.fc.weight.to(x.device), self.fc.bias.to(x.dtype))) * self.gain.to(x.device)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_parameter_moved_to_its_own_device_is_read_through_the_move(capture):
+    """`W.to(x.device)` made W fall back to diag: under fx its use was the `to` call, under torch.export
+    the `_assert_tensor_metadata` check the move leaves ('..., not a layer gnfx models'). A cast or move
+    to a floating dtype now stands for the parameter (passes/parameter_casts.py): the linear block has
+    its weight and bias and the gain is a scale block; outputs are the model's and each block's diag
+    equals the per-example gradients' (vmap), float64."""
+    from references import TOL, layer_diag, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = MovedWeights().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert not c.layers.fallbacks and c.layers["fc"].bias == "fc.bias" and c.layers["gain"].kind == "scale"
+    torch.testing.assert_close(c.statistics("fc")["diag"], layer_diag(expected, "fc"), **TOL)
+    torch.testing.assert_close(c.statistics("gain")["diag"].reshape(-1), expected["gain"], **TOL)
+
+
+class OneRowOfATable(nn.Module):
+    """x (N, T, d) plus one row of a (1, 5, d) table, `P[:, 2:3]`, broadcast over the T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(1, 5, 4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x) + self.table[:, 2:3]).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_row_of_a_position_table_is_read_by_every_position(capture):
+    """`x + P[:, 2:3]` adds row 2 to each of x's T = 3 positions; the statistics read it as positions
+    2, 3 and 4 (silently: rows of P that x never reads got curvature, row 2 only its own position's).
+    A slice of one row is read by every position (passes/position.py records the rows a slice leaves):
+    the diag equals the per-example gradients' (vmap), float64."""
+    from references import TOL, per_example_fisher_diag
+    torch.manual_seed(0)
+    model = OneRowOfATable().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert c.layers["table"].kind == "position"
+    torch.testing.assert_close(c.statistics("table")["diag"], expected["table"].flatten(0, -2).T, **TOL)

@@ -30,6 +30,11 @@ worse on some seeds: benchmarks/results/defaults.md, "Position lookups weighted 
 
 The taps record x only to read N and T from its shape. A table added to an activation with more
 dimensions, (N, H, T, d) say, is read by every h: the H T rows of an example are its positions.
+A table of one row, P (1, ..., 1, d), is a bias that broadcasting adds to every row of x (ConvNeXt
+V2's GRN bias, (1, 1, 1, d) on (N, H, W, d) maps; a (1, d) bias on (N, d)): every row reads row 0,
+and the examples are x's first dimension whatever x's rank (A = [1], S = E[δ δᵀ] over all rows). So
+is one row of a larger table, `P[:, s:s + 1]` (`rows` 1, recorded by passes/position.py): every row
+of x reads row s.
 """
 from __future__ import annotations
 
@@ -42,16 +47,30 @@ class PositionLayout(EmbeddingLayout):
     view = "flat_t"  # P as the matrix d x T_max: its leading dimensions of one dropped, transposed
     energy_weighted_A = True  # A from the rows' output-gradient energies (module docstring)
 
-    @staticmethod
-    def examples(x: torch.Tensor) -> int:
-        return x.shape[0] if x.dim() > 2 else 1
+    @property
+    def one_row(self) -> bool:
+        """Whether x reads one row of P (P has one row, or a slice of one row of it is added), a bias
+        broadcast over every row of x (module docstring)."""
+        return self.block.options.get("rows", self.block.options["weight_shape"][-2]) == 1
+
+    def examples(self, x: torch.Tensor) -> int:
+        return x.shape[0] if x.dim() > 2 or self.one_row else 1
 
     def input_chunks(self, x: torch.Tensor):
         """The positions read, as ids (N, R) (one chunk): the second to last dimension of x is the
-        position; any dimension between N and it (heads, say) repeats the positions."""
+        position; any dimension between N and it (heads, say) repeats the positions. A table of one
+        row is read by every row of x (row 0)."""
         n, t = self.examples(x), x.shape[-2]
         start = self.block.options["start"]
+        if self.one_row:
+            yield torch.full(x.shape[:-1], start, dtype=torch.long, device=x.device).reshape(n, -1)
+            return
         yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
+
+    def error_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """The output gradient as (N, R, d) rows, its examples as input_chunks reads x's (the output has
+        x's shape)."""
+        return g.reshape(self.examples(g), -1, g.shape[-1])
 
     def error_ids(self, g: torch.Tensor) -> torch.Tensor:
         """The rows of P that the output gradient's rows (error_rows) belong to, (N, R): the output

@@ -1,0 +1,75 @@
+"""class_tokens: a trainable table expanded to the batch, `P.expand(N, -1, -1)`, made a copy the
+position detector takes as a position table (gnfx.layouts.position).
+
+ViT, DeiT, DINOv2, BEiT, CvT and AST prepend class (and distillation) tokens to the patches:
+`torch.cat((P.expand(N, -1, -1), patches), dim=1)`, P a parameter (1, k, d) (k rows: one class token,
+DINOv2's register tokens); SigLIP's attention-pooling head repeats its probe, `P.repeat(N, 1, 1)`, the
+same rows in a tensor of their own. Every example reads the same k rows at its positions 0..k-1: a position
+table added to zeros, z_{n,t} = 0 + P_t (gnfx.layouts.position's model, start 0). The expand's own
+gradient sums the examples' output gradients, so the statistics need the gradient of the expanded
+tensor: `copy_expanded_tables` makes the graph
+
+    e = expand(P, sizes);  z = aten.clone(e)
+
+and every former user of e reads z (one copy of N·k·d entries more). The position detector takes z as a
+site whose input is e (the taps read N and k from its shape) and whose weight use is e's read of P.
+The same values and gradients. Expanded: a trainable parameter of 2 or more dimensions, its leading
+dimensions of one and its last of more than one (a table of rows), read by an `expand` (aten's, or the
+tensor method) whose first size is not 1 (the batch) and whose other sizes keep P's (-1 or equal), or
+by a `repeat` whose first count is not 1 and whose others are 1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+EXPANDS = (aten.expand.default, "expand")
+REPEATS = (aten.repeat.default, "repeat")
+CLONES = (aten.clone.default, torch.clone, "clone")
+
+
+def _sizes(node: fx.Node) -> tuple:
+    """The sizes argument of an expand or repeat node, as a tuple."""
+    sizes = node.args[1:] if node.op == "call_method" else node.args[1]
+    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
+
+
+def expanded_table(node, shape_of_table) -> bool:
+    """Whether `node` expands a table P (module docstring) to the batch; `shape_of_table(P's node)`
+    gives P's shape, or None where that node is no trainable parameter."""
+    if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")
+            and node.target in EXPANDS + REPEATS):
+        return False
+    shape = shape_of_table(node.args[0])
+    if shape is None or len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
+        return False
+    sizes = _sizes(node)
+    kept = (lambda s, p: s == 1) if node.target in REPEATS else (lambda s, p: s in (-1, p))
+    return (len(sizes) == len(shape) and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
+            and all(isinstance(s, int) and kept(s, p) for s, p in zip(sizes[1:], shape[1:])))
+
+
+def copy_expanded_tables(gm: fx.GraphModule) -> fx.GraphModule:
+    """Follow each expand of a trainable table to the batch with a clone its users read (module doc)."""
+    def shape_of_table(node):
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            return None
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        return tuple(obj.shape) if isinstance(obj, nn.Parameter) and obj.requires_grad else None
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not expanded_table(node, shape_of_table) or any(u.target in CLONES for u in node.users):
+            continue
+        with gm.graph.inserting_after(node):
+            copy = gm.graph.call_function(aten.clone.default, (node,))
+        copy.meta = dict(node.meta)
+        node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm

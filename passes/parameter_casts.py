@@ -1,0 +1,52 @@
+"""parameter_casts: a parameter moved or cast to a floating dtype stands for the parameter.
+
+`F.linear(x, self.weight.to(x.device))`, `self.weight.to(x.dtype)`, SigLIP's
+`self.logit_scale.to(text_embeds.device)`: the layer computes with W itself (already there) or a copy of
+W in another floating dtype or on another device, and its statistics and gradient are W's, through the
+cast. torch.export records such a `.to` as `aten.to.dtype_layout` (or `to.dtype`, `_to_copy`) after an
+`aten._assert_tensor_metadata(W, dtype=..., device=...)`, a check with no output. Both used to make W
+fall back to diag ("to", "_assert_tensor_metadata.default, not a layer gnfx models").
+
+`read_through_casts` gives the reads of a parameter's get_attr node as the detectors see them: each
+cast's users in place of the cast (casts of casts followed), reads of metadata alone (METADATA_READS)
+left out, and records each cast in `casts` so that the parameter index names the parameter for it (passes/analyze.py). A cast to a
+dtype the graph names that is not floating (no gradient flows through it) is a use of its own.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+         "to", "type_as", "float", "double", "half", "bfloat16")
+# ops that read a tensor's metadata, not its values: no gradient flows through them (torch.export's
+# graph asserts the dtype and device of the input of every `.to()`, a parameter's too: Gemma's `w.float()`)
+METADATA_READS = (aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_stride.int,
+                  aten.sym_numel.default, aten.sym_storage_offset.default)
+
+
+def _is(node, targets) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _floating_target(node: fx.Node) -> bool:
+    """Whether a cast keeps a floating dtype: no dtype named (a move, or one read at run time) or a
+    floating one."""
+    named = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return all(dtype.is_floating_point for dtype in named)
+
+
+def read_through_casts(node: fx.Node, casts: dict, name: str) -> list[tuple]:
+    """The (consumer, node it reads) pairs of parameter `name`'s get_attr `node` (module docstring);
+    each cast followed is recorded as `casts[cast] = name`."""
+    reads = []
+    for user in node.users:
+        if _is(user, METADATA_READS):
+            continue
+        if _is(user, CASTS) and user.args[0] is node and _floating_target(user):
+            casts[user] = name
+            reads.extend(read_through_casts(user, casts, name))
+        else:
+            reads.append((user, node))
+    return reads
