@@ -291,7 +291,12 @@ def opaque_calls_taking_parameters(gm: fx.GraphModule) -> tuple[str, ...]:
         taken = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]
         if taken:
             calls.setdefault(call, []).extend(taken)
-    return tuple(f"{name} ({kind} taking {', '.join(dict.fromkeys(taken))})" for (name, kind), taken in calls.items())
+    return tuple(f"{name} ({kind} taking {_listed(list(dict.fromkeys(taken)))})" for (name, kind), taken in calls.items())
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many in all if there are more."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} parameters in all)" if len(names) > shown else "")
 
 
 _EXPORTABLE = (torch.Tensor, int, float, bool, str, type(None))

@@ -199,6 +199,35 @@ def test_a_non_finite_statistic_skips_the_step(name, statistic, monkeypatch):
     assert_identical(without_skip_count(snapshot(faulty)), without_skip_count(snapshot(clean)))
 
 
+class Scaled(nn.Module):
+    """fc1's output scaled by 1e11 before the head: its output gradients, ~1e10-1e11, are finite, and so
+    is fc1's S in float32 (~1e21); the sum of S's squared entries is not (above float32's 3.4e38), as
+    for a Swin V2's q/k/v at zero-padded tokens, where F.normalize's gradient is 1/eps = 1e12."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc1(x)) * 1e11)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "diag"])
+def test_finite_statistics_too_large_for_a_float32_norm_do_not_skip_the_step(name):
+    """The check read each tensor's 2-norm, inf for finite float32 entries above ~1e19: every statistic
+    step of such a model was skipped as non-finite (a Swin V2 never trained). It reads max |entry|."""
+    c = gnfx.compile(Scaled(), name, lr=1e-3, stat_every=1, **EVERY_STEP[name])
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skip warning
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+    stat = c.statistics("fc1")["S" if name != "diag" else "diag"]
+    assert torch.isfinite(stat).all() and stat.abs().max() > 1e19  # folded in: the step was taken
+    assert c.optimizer.skipped_steps == 0 and c.optimizer.steps == 1
+
+
 # ----------------------------------------------------------------------------- a failed decomposition
 
 
