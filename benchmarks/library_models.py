@@ -94,11 +94,17 @@ def _sampled(x: torch.Tensor, y: torch.Tensor, seed: int) -> Iterator[Batch]:
         yield x[idx], y[idx]
 
 
-def _digits_problem(build: Callable[[], nn.Module]) -> Problem:
+def _digits_images(x: torch.Tensor) -> torch.Tensor:
+    return x.view(-1, 1, 8, 8)
+
+
+def digits_problem(build: Callable[[], nn.Module],
+                   images: Callable[[torch.Tensor], torch.Tensor] = _digits_images) -> Problem:
+    """Digits classification (standardized pixels), the rows of 64 pixels made model inputs by `images`
+    (by default 1x8x8 images); the held-out batch is the first 256 validation digits."""
     x_train, y_train, x_val, y_val = _digits_split(standardize=True)
-    images = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
-    return Problem(build, _classify, lambda seed: _sampled(images(x_train), y_train, seed),
-                   (images(x_val[:256]), y_val[:256]))
+    x_train, held_out = images(x_train), images(x_val[:256])
+    return Problem(build, _classify, lambda seed: _sampled(x_train, y_train, seed), (held_out, y_val[:256]))
 
 
 def _dcgan_problem() -> Problem:
@@ -196,13 +202,13 @@ def _wav2vec2_problem() -> Problem:
 
 
 PROBLEMS: dict[str, Callable[[], Problem]] = {
-    "resnet_gn": lambda: _digits_problem(ResNetGN),
-    "mobilenet": lambda: _digits_problem(MobileNet),
-    "effnet_convnext": lambda: _digits_problem(MBConvConvNeXt),
-    "vit": lambda: _digits_problem(ViT),
-    "swin": lambda: _digits_problem(Swin),
-    "moe": lambda: _digits_problem(MoE),
-    "lora": lambda: _digits_problem(lora_mlp),
+    "resnet_gn": lambda: digits_problem(ResNetGN),
+    "mobilenet": lambda: digits_problem(MobileNet),
+    "effnet_convnext": lambda: digits_problem(MBConvConvNeXt),
+    "vit": lambda: digits_problem(ViT),
+    "swin": lambda: digits_problem(Swin),
+    "moe": lambda: digits_problem(MoE),
+    "lora": lambda: digits_problem(lora_mlp),
     "dcgan": _dcgan_problem,
     "bert": _bert_problem,
     "gpt2": _gpt2_problem,
@@ -252,16 +258,16 @@ def held_out_loss(problem: Problem, model: nn.Module) -> float:
     return loss
 
 
-def train(name: str, optimizer: str, steps: int, seed: int = 0) -> Run:
-    """Train PROBLEMS[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>'), its
+def train(name: str, optimizer: str, steps: int, seed: int = 0,
+          problems: dict[str, Callable[[], Problem]] = PROBLEMS) -> Run:
+    """Train problems[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>'), its
     warnings silenced (the coverage and per-example warnings that first_contact_*.md lists)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _train(name, optimizer, steps, seed)
+        return _train(name, problems[name](), optimizer, steps, seed)
 
 
-def _train(name: str, optimizer: str, steps: int, seed: int) -> Run:
-    problem = PROBLEMS[name]()
+def _train(name: str, problem: Problem, optimizer: str, steps: int, seed: int) -> Run:
     torch.manual_seed(seed)
     model = problem.build()
     run = Run(name, optimizer)
@@ -328,13 +334,18 @@ def table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, problems: dict[str, Callable[[], Problem]] = PROBLEMS,
+         optimizers: tuple[str, ...] = GNFX_OPTIMIZERS, description: str = __doc__,
+         models: tuple[str, ...] | None = None) -> None:
+    """The command line: train each of `--models` (keys of `problems`; by default `models`, or all)
+    with each of `--optimizers` (by default `optimizers` and AdamW at ADAMW_LRS), print and optionally
+    write the tables."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="the initial weights and the batch stream")
-    parser.add_argument("--models", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument("--models", nargs="+", choices=list(problems), default=list(models or problems))
     parser.add_argument("--optimizers", nargs="+",
-                        default=[*GNFX_OPTIMIZERS, *(f"adamw_{lr:g}" for lr in ADAMW_LRS)])
+                        default=[*optimizers, *(f"adamw_{lr:g}" for lr in ADAMW_LRS)])
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         runs = []
         for optimizer in args.optimizers:
-            runs.append(train(name, optimizer, args.steps, args.seed))
+            runs.append(train(name, optimizer, args.steps, args.seed, problems))
             r = runs[-1]
             print(f"{name:<16} {optimizer:<11} {r.status:<8} {r.start:.4f} -> best {r.best:.4f} end {r.end:.4f} "
                   f"({r.seconds:.1f} s) {r.reason}", flush=True)
