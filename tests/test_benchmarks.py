@@ -302,6 +302,30 @@ def test_library_models_check_runs_every_model_and_judges_the_runs():
     assert "| m | kfac | 2 | 1.8 | 1.8 | stalled | > 20 (1) |" in library_models.table(rows, 20)
 
 
+def test_torchvision_models_trains_on_upsampled_digits_and_explains_a_missing_torchvision(monkeypatch):
+    """benchmarks.torchvision_models without torchvision: its 3x32x32 digits train a model through
+    library_models' train (kfac, one step), and a failed torchvision import exits with the advice
+    (install a CPU build, or the two operator schemas that let the CUDA wheel's models import)."""
+    from torch import nn
+
+    from benchmarks import library_models, torchvision_models
+
+    images = torchvision_models.upsampled_digits(torch.randn(5, 64))
+    assert images.shape == (5, 3, 32, 32) and torch.equal(images[:, 0], images[:, 2])
+    cnn = lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),  # noqa: E731
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    problems = {"cnn": lambda: library_models.digits_problem(cnn, torchvision_models.upsampled_digits)}
+    run = library_models.train("cnn", "kfac", 1, problems=problems)
+    assert run.status == "ok" and len(run.curve) == 2 and run.last_step["solved"], run.reason
+
+    def no_torchvision(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+    monkeypatch.setattr(torchvision_models.importlib, "import_module", no_torchvision)
+    with pytest.raises(SystemExit) as exit_:
+        torchvision_models.torchvision_or_exit()
+    assert "torchvision::nms does not exist" in str(exit_.value) and "sitecustomize.py" in str(exit_.value)
+
+
 def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
     """benchmarks.recurrent on a target every run passes at its first evaluation, and its kernel table
     on a tiny recurrent layer (no timing is asserted: only that each form ran)."""
