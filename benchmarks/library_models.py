@@ -59,6 +59,7 @@ EVAL_EVERY = 10
 STALL_FACTOR = 2.0
 STALL_MARGIN = 0.05
 BATCH = 64
+NORM_SEED = 10_000  # the batch stream whose first batches recompute BatchNorm statistics (held_out_loss)
 
 
 # ---------------------------------------------------------------- tasks
@@ -69,13 +70,16 @@ Batch = Any  # a tuple (x, y) or a dict of keyword arguments
 @dataclasses.dataclass
 class Problem:
     """A model and its task: `loss(model, batch)` is the training loss, `batches(seed)` an endless
-    stream, `held_out` one fixed batch, `loss_name` gnfx.compile's loss=."""
+    stream, `held_out` one fixed batch, `loss_name` gnfx.compile's loss=; `norm_batches` > 0: the
+    held-out loss is taken with BatchNorm's running statistics recomputed from the current weights
+    on that many training batches (`held_out_loss`)."""
 
     build: Callable[[], nn.Module]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     batches: Callable[[int], Iterator[Batch]]
     held_out: Batch
     loss_name: str = "cross_entropy"
+    norm_batches: int = 0
 
 
 def _classify(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -99,12 +103,13 @@ def _digits_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def digits_problem(build: Callable[[], nn.Module],
-                   images: Callable[[torch.Tensor], torch.Tensor] = _digits_images) -> Problem:
+                   images: Callable[[torch.Tensor], torch.Tensor] = _digits_images, norm_batches: int = 0) -> Problem:
     """Digits classification (standardized pixels), the rows of 64 pixels made model inputs by `images`
     (by default 1x8x8 images); the held-out batch is the first 256 validation digits."""
     x_train, y_train, x_val, y_val = _digits_split(standardize=True)
     x_train, held_out = images(x_train), images(x_val[:256])
-    return Problem(build, _classify, lambda seed: _sampled(x_train, y_train, seed), (held_out, y_val[:256]))
+    return Problem(build, _classify, lambda seed: _sampled(x_train, y_train, seed), (held_out, y_val[:256]),
+                   norm_batches=norm_batches)
 
 
 def _dcgan_problem() -> Problem:
@@ -249,7 +254,39 @@ class Run:
 
 
 def held_out_loss(problem: Problem, model: nn.Module) -> float:
-    """The loss on the fixed held-out batch, the module in eval mode (restored after)."""
+    """The loss on the fixed held-out batch, the module in eval mode (restored after). With
+    `problem.norm_batches` the BatchNorm layers' running statistics are first recomputed as the plain
+    average (momentum None) of their batch statistics over the first norm_batches batches of the
+    stream of seed NORM_SEED, in train mode: torchvision's BatchNorm momentum (0.1, MobileNetV3's
+    0.01) leaves the running statistics mostly those of the initial weights for hundreds of steps,
+    and the eval-mode loss then stays at chance for every optimizer. The running statistics, the
+    momentum and the random state are restored after, so training does not depend on evaluations."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not problem.norm_batches or not norms:
+        return _eval_loss(problem, model)
+    saved = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    random_state = torch.get_rng_state()
+    was_training = model.training
+    try:
+        model.train()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        with torch.no_grad():
+            for _, batch in zip(range(problem.norm_batches), problem.batches(NORM_SEED)):
+                problem.loss(model, batch)
+        return _eval_loss(problem, model)
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(random_state)
+        for m, (momentum, buffers) in zip(norms, saved):
+            m.momentum = momentum
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+
+
+
+def _eval_loss(problem: Problem, model: nn.Module) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -10,7 +10,10 @@ from random weights, instead of look-alikes: each gnfx optimizer as
 and 3e-3, from the same initial weights on the same batch stream. The task: the digits (standardized),
 bilinearly upsampled from 8x8 to 32x32 and repeated over 3 channels, so that every model's
 downsampling has pixels to work on; the held-out loss is evaluated on the original module in eval
-mode (dropout and stochastic depth off, BatchNorm's running statistics).
+mode (dropout and stochastic depth off), BatchNorm's running statistics first recomputed from the
+current weights on NORM_BATCHES training batches (library_models.held_out_loss: with the running
+statistics training leaves, torchvision's BatchNorm momentum keeps every optimizer's eval-mode loss at
+chance, ln 10, for the first hundred steps; benchmarks/results/torchvision_models.md).
 
 torchvision is not a dependency of gnfx: this script imports it, and says how to make it importable
 when it is not (`torchvision_or_exit`).
@@ -29,6 +32,7 @@ from benchmarks import library_models
 
 GNFX_OPTIMIZERS = ("kfac", "ekfac", "shampoo", "rank1")
 IMAGE_SIZE = 32
+NORM_BATCHES = 8  # training batches that recompute BatchNorm's running statistics before each evaluation
 
 # The constructor keywords beyond num_classes=10: no auxiliary heads (their logits are a tuple, and
 # inception_v3 would need 75x75 images), ViT's image size the task's.
@@ -77,7 +81,8 @@ def model_builder(name: str) -> Callable[[], nn.Module]:
 
 def problems(names: list[str]) -> dict[str, Callable[[], library_models.Problem]]:
     """library_models Problems for torchvision's `names` (any name get_model knows) on the upsampled digits."""
-    return {name: (lambda name=name: library_models.digits_problem(model_builder(name), upsampled_digits))
+    return {name: (lambda name=name: library_models.digits_problem(model_builder(name), upsampled_digits,
+                                                                      NORM_BATCHES))
             for name in names}
 
 
