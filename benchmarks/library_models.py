@@ -59,6 +59,7 @@ EVAL_EVERY = 10
 STALL_FACTOR = 2.0
 STALL_MARGIN = 0.05
 BATCH = 64
+NORM_SEED = 10_000  # the batch stream whose first batches recompute BatchNorm statistics (held_out_loss)
 
 
 # ---------------------------------------------------------------- tasks
@@ -69,13 +70,16 @@ Batch = Any  # a tuple (x, y) or a dict of keyword arguments
 @dataclasses.dataclass
 class Problem:
     """A model and its task: `loss(model, batch)` is the training loss, `batches(seed)` an endless
-    stream, `held_out` one fixed batch, `loss_name` gnfx.compile's loss=."""
+    stream, `held_out` one fixed batch, `loss_name` gnfx.compile's loss=; `norm_batches` > 0: the
+    held-out loss is taken with BatchNorm's running statistics recomputed from the current weights
+    on that many training batches (`held_out_loss`)."""
 
     build: Callable[[], nn.Module]
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     batches: Callable[[int], Iterator[Batch]]
     held_out: Batch
     loss_name: str = "cross_entropy"
+    norm_batches: int = 0
 
 
 def _classify(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -94,11 +98,18 @@ def _sampled(x: torch.Tensor, y: torch.Tensor, seed: int) -> Iterator[Batch]:
         yield x[idx], y[idx]
 
 
-def _digits_problem(build: Callable[[], nn.Module]) -> Problem:
+def _digits_images(x: torch.Tensor) -> torch.Tensor:
+    return x.view(-1, 1, 8, 8)
+
+
+def digits_problem(build: Callable[[], nn.Module],
+                   images: Callable[[torch.Tensor], torch.Tensor] = _digits_images, norm_batches: int = 0) -> Problem:
+    """Digits classification (standardized pixels), the rows of 64 pixels made model inputs by `images`
+    (by default 1x8x8 images); the held-out batch is the first 256 validation digits."""
     x_train, y_train, x_val, y_val = _digits_split(standardize=True)
-    images = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
-    return Problem(build, _classify, lambda seed: _sampled(images(x_train), y_train, seed),
-                   (images(x_val[:256]), y_val[:256]))
+    x_train, held_out = images(x_train), images(x_val[:256])
+    return Problem(build, _classify, lambda seed: _sampled(x_train, y_train, seed), (held_out, y_val[:256]),
+                   norm_batches=norm_batches)
 
 
 def _dcgan_problem() -> Problem:
@@ -196,13 +207,13 @@ def _wav2vec2_problem() -> Problem:
 
 
 PROBLEMS: dict[str, Callable[[], Problem]] = {
-    "resnet_gn": lambda: _digits_problem(ResNetGN),
-    "mobilenet": lambda: _digits_problem(MobileNet),
-    "effnet_convnext": lambda: _digits_problem(MBConvConvNeXt),
-    "vit": lambda: _digits_problem(ViT),
-    "swin": lambda: _digits_problem(Swin),
-    "moe": lambda: _digits_problem(MoE),
-    "lora": lambda: _digits_problem(lora_mlp),
+    "resnet_gn": lambda: digits_problem(ResNetGN),
+    "mobilenet": lambda: digits_problem(MobileNet),
+    "effnet_convnext": lambda: digits_problem(MBConvConvNeXt),
+    "vit": lambda: digits_problem(ViT),
+    "swin": lambda: digits_problem(Swin),
+    "moe": lambda: digits_problem(MoE),
+    "lora": lambda: digits_problem(lora_mlp),
     "dcgan": _dcgan_problem,
     "bert": _bert_problem,
     "gpt2": _gpt2_problem,
@@ -243,7 +254,39 @@ class Run:
 
 
 def held_out_loss(problem: Problem, model: nn.Module) -> float:
-    """The loss on the fixed held-out batch, the module in eval mode (restored after)."""
+    """The loss on the fixed held-out batch, the module in eval mode (restored after). With
+    `problem.norm_batches` the BatchNorm layers' running statistics are first recomputed as the plain
+    average (momentum None) of their batch statistics over the first norm_batches batches of the
+    stream of seed NORM_SEED, in train mode: torchvision's BatchNorm momentum (0.1, MobileNetV3's
+    0.01) leaves the running statistics mostly those of the initial weights for hundreds of steps,
+    and the eval-mode loss then stays at chance for every optimizer. The running statistics, the
+    momentum and the random state are restored after, so training does not depend on evaluations."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not problem.norm_batches or not norms:
+        return _eval_loss(problem, model)
+    saved = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    random_state = torch.get_rng_state()
+    was_training = model.training
+    try:
+        model.train()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        with torch.no_grad():
+            for _, batch in zip(range(problem.norm_batches), problem.batches(NORM_SEED)):
+                problem.loss(model, batch)
+        return _eval_loss(problem, model)
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(random_state)
+        for m, (momentum, buffers) in zip(norms, saved):
+            m.momentum = momentum
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+
+
+
+def _eval_loss(problem: Problem, model: nn.Module) -> float:
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -252,16 +295,16 @@ def held_out_loss(problem: Problem, model: nn.Module) -> float:
     return loss
 
 
-def train(name: str, optimizer: str, steps: int, seed: int = 0) -> Run:
-    """Train PROBLEMS[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>'), its
+def train(name: str, optimizer: str, steps: int, seed: int = 0,
+          problems: dict[str, Callable[[], Problem]] = PROBLEMS) -> Run:
+    """Train problems[name] with `optimizer` (a gnfx optimizer at its defaults, or 'adamw_<lr>'), its
     warnings silenced (the coverage and per-example warnings that first_contact_*.md lists)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _train(name, optimizer, steps, seed)
+        return _train(name, problems[name](), optimizer, steps, seed)
 
 
-def _train(name: str, optimizer: str, steps: int, seed: int) -> Run:
-    problem = PROBLEMS[name]()
+def _train(name: str, problem: Problem, optimizer: str, steps: int, seed: int) -> Run:
     torch.manual_seed(seed)
     model = problem.build()
     run = Run(name, optimizer)
@@ -328,13 +371,18 @@ def table(rows: list[dict], steps: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, problems: dict[str, Callable[[], Problem]] = PROBLEMS,
+         optimizers: tuple[str, ...] = GNFX_OPTIMIZERS, description: str = __doc__,
+         models: tuple[str, ...] | None = None) -> None:
+    """The command line: train each of `--models` (keys of `problems`; by default `models`, or all)
+    with each of `--optimizers` (by default `optimizers` and AdamW at ADAMW_LRS), print and optionally
+    write the tables."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="the initial weights and the batch stream")
-    parser.add_argument("--models", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument("--models", nargs="+", choices=list(problems), default=list(models or problems))
     parser.add_argument("--optimizers", nargs="+",
-                        default=[*GNFX_OPTIMIZERS, *(f"adamw_{lr:g}" for lr in ADAMW_LRS)])
+                        default=[*optimizers, *(f"adamw_{lr:g}" for lr in ADAMW_LRS)])
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -342,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         runs = []
         for optimizer in args.optimizers:
-            runs.append(train(name, optimizer, args.steps, args.seed))
+            runs.append(train(name, optimizer, args.steps, args.seed, problems))
             r = runs[-1]
             print(f"{name:<16} {optimizer:<11} {r.status:<8} {r.start:.4f} -> best {r.best:.4f} end {r.end:.4f} "
                   f"({r.seconds:.1f} s) {r.reason}", flush=True)

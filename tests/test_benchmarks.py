@@ -3,6 +3,7 @@
 These tests check that the code runs, not that any optimizer wins. They need the benchmarks'
 extra packages (scikit-learn for the digits, matplotlib for the plots) and skip without them.
 """
+import copy
 import json
 
 import pytest
@@ -300,6 +301,49 @@ def test_library_models_check_runs_every_model_and_judges_the_runs():
     assert [r["verdict"] for r in rows] == ["ok", "stalled"] and rows[0]["target"] == 1.0
     assert [r["steps_to_target"] for r in rows] == [10, None]
     assert "| m | kfac | 2 | 1.8 | 1.8 | stalled | > 20 (1) |" in library_models.table(rows, 20)
+
+
+def test_torchvision_models_trains_on_upsampled_digits_and_explains_a_missing_torchvision(monkeypatch):
+    """benchmarks.torchvision_models without torchvision: its 3x32x32 digits train a model through
+    library_models' train (kfac, one step), its held-out loss recomputes BatchNorm's statistics first
+    and leaves the module and the random state as they were, and a failed torchvision import exits
+    with the advice (install a CPU build, or the two operator schemas that let the CUDA wheel's models
+    import)."""
+    from torch import nn
+
+    from benchmarks import library_models, torchvision_models
+
+    images = torchvision_models.upsampled_digits(torch.randn(5, 64))
+    assert images.shape == (5, 3, 32, 32) and torch.equal(images[:, 0], images[:, 2])
+    cnn = lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),  # noqa: E731
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    problems = {"cnn": lambda: library_models.digits_problem(cnn, torchvision_models.upsampled_digits, 2)}
+    run = library_models.train("cnn", "kfac", 1, problems=problems)
+    assert run.status == "ok" and len(run.curve) == 2 and run.last_step["solved"], run.reason
+
+    # the held-out loss with BatchNorm statistics recomputed on 2 batches, against doing it by hand on a
+    # copy; the module's running statistics and the random state are left as they were
+    problem, model = problems["cnn"](), cnn()
+    model[1].running_mean.fill_(3.0)
+    reference = copy.deepcopy(model)
+    reference[1].reset_running_stats()
+    reference[1].momentum = None
+    with torch.no_grad():
+        for _, (x, _) in zip(range(2), problem.batches(library_models.NORM_SEED)):
+            reference(x)
+        reference.eval()
+        expected = float(torch.nn.functional.cross_entropy(reference(problem.held_out[0]), problem.held_out[1]))
+    random_state = torch.get_rng_state()
+    assert library_models.held_out_loss(problem, model) == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(torch.get_rng_state(), random_state) and model.training
+    assert torch.equal(model[1].running_mean, torch.full((4,), 3.0)) and model[1].momentum == 0.1
+
+    def no_torchvision(name):
+        raise RuntimeError("operator torchvision::nms does not exist")
+    monkeypatch.setattr(torchvision_models.importlib, "import_module", no_torchvision)
+    with pytest.raises(SystemExit) as exit_:
+        torchvision_models.torchvision_or_exit()
+    assert "torchvision::nms does not exist" in str(exit_.value) and "sitecustomize.py" in str(exit_.value)
 
 
 def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
