@@ -5,9 +5,13 @@ extra packages (scikit-learn for the digits, matplotlib for the plots) and skip 
 """
 import copy
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -369,3 +373,19 @@ def test_hf_zoo_runs_a_model_exactly_and_reports_a_training_run():
     run = hf_zoo.train("distilbert", "kfac", 1, loss="cross_entropy")
     assert run.error is None and run.route == "export" and run.coverage == 100.0 and len(run.losses) == 1
     assert "route export, 100.0% in blocks" in hf_zoo.describe(run)
+
+
+def test_library_probe_reports_capture_blocks_and_losses_of_a_model(monkeypatch):
+    """benchmarks.library_probe without torchvision or timm: `probe` on a stand-in for the library's model
+    gives one table row with the capture form, the share in blocks, one loss per step and gnfx's
+    warnings; an unknown model name is refused by the command line."""
+    from benchmarks import library_probe
+
+    monkeypatch.setattr(library_probe, "build", lambda library, name, size: nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)))
+    row = library_probe.probe("torchvision", "stand_in", 8, steps=2).split(" | ")
+    assert row[0] == "| stand_in" and row[1] == "fx" and row[2] == "100.0%"
+    assert len(row[3].split(", ")) == 2 and row[4] == "–"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.library_probe", "--library", "timm", "--models", "nope"],
+                          capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2 and "unknown model 'nope' of timm" in done.stderr
