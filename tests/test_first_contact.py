@@ -1198,6 +1198,23 @@ def test_a_relative_position_bias_is_a_fallback_under_both_captures(capture):
     assert "table" not in [b.name for b in c.layers]
 
 
+def diag_step(model, x, y, capture):
+    """One statistic step of kfac collecting the per-example diagonal only, on (x, y) with cross-entropy
+    over the output's last dimension, float64, without a RuntimeWarning (the whole-batch one: "its input's
+    first dimension ... is not the batch"); the compiled model's outputs are the model's. Returns (the
+    compiled model, the per-example diagonal of every parameter by vmap)."""
+    from references import per_example_fisher_diag
+    expected = per_example_fisher_diag(model, x, y)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = c(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        c.step()
+    return c, expected
+
+
 # --------------------------------------------------------------------------- sixth round (text models)
 
 
@@ -1342,16 +1359,13 @@ def test_a_norm_scaled_by_one_plus_its_weight_is_a_norm_block(capture):
     '_assert_tensor_metadata.default'", the dtype check of its `.float()`; torch.fx: by the cast). A read
     of metadata is no use, and γ cast and offset by a number is the norm's weight (∂z/∂γ = x̂ either
     way): a norm block whose diag equals the per-example gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = OffsetNormed().double()
     x, y = batch(torch.float64)
-    expected = per_example_fisher_diag(model, x, y)["weight"]
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    F.cross_entropy(c(x), y).backward()
-    c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
-    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected, **TOL)
+    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected["weight"], **TOL)
 
 
 class GroupedExperts(nn.Module):
@@ -1412,14 +1426,11 @@ class AffineFeatures(nn.Module):
 def test_a_per_feature_scale_plus_a_bias_is_one_block(capture):
     """MobileBERT's NoNorm: γ was a scale block and β fell back ("used by call_function 'add.Tensor'").
     β is now the scale block's bias: its diag equals the per-example gradients' of [γ β] (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = AffineFeatures().double()
     x, y = batch(torch.float64)
-    diags = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    F.cross_entropy(c(x), y).backward()
-    c.step()
+    c, diags = diag_step(model, x, y, capture)
     assert c.layers["weight"].kind == "scale" and not c.layers.fallbacks
     torch.testing.assert_close(c.statistics("weight")["diag"], torch.stack([diags["weight"], diags["bias"]], 1), **TOL)
 
@@ -1455,18 +1466,13 @@ def test_a_weight_first_product_is_a_linear_block_with_per_example_statistics():
     """`W @ x` with x's features on its second-to-last dimension fell back ("used by call_function
     'matmul.default'"). torch.export's graph now reads it as `(xᵀ @ Wᵀ)ᵀ` (passes/weight_first_products.py):
     a linear block, the outputs the model's, diag equal to the per-example gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = ColumnMap().double()
     x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5, 7))
-    expected = per_example_fisher_diag(model, x, y)["weight"]
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture="export", stat_every=1, stat_decay=0.0, statistics=("diag",))
-    out = c(x)
-    torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
-    F.cross_entropy(out.reshape(-1, 3), y.reshape(-1)).backward()
-    c.step()
+    c, expected = diag_step(model, x, y, "export")
     assert c.layers["weight"].kind == "linear" and not c.layers.fallbacks
-    torch.testing.assert_close(c.statistics("weight")["diag"], expected, **TOL)
+    torch.testing.assert_close(c.statistics("weight")["diag"], expected["weight"], **TOL)
 
 
 class CausalDepthwise(nn.Module):
@@ -1536,16 +1542,11 @@ def test_scales_and_biases_of_ones_but_the_features_dimension_are_blocks_with_pe
     row (gnfx.layouts.position). Its γ (1, 1, 1, d) and PoolFormer's `s.unsqueeze(-1).unsqueeze(-1)`
     fell back to diag ('mul.Tensor, not a layer gnfx models'): they are scale blocks (passes/scale.py).
     Each block's diag equals the per-example gradients' (vmap), float64; kfac at defaults trains it."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = ResponseNormalized().double()
     x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
-        F.cross_entropy(c(x), y).backward()
-        c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks
     blocks = {b.weight: b.name for b in c.layers.blocks}
     for param in ("scale", "gamma", "beta"):
@@ -1573,16 +1574,11 @@ def test_a_bias_of_one_row_added_to_a_batch_is_a_block_with_per_example_statisti
     """The same one-row table on a 2-D activation: its "positions" were the N examples, and every kfac
     raised `RuntimeError: output with shape [1] doesn't match the broadcast shape [8]` at its first
     statistics. Its diag now equals the per-example gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = RowBias().double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
-        F.cross_entropy(c(x), y).backward()
-        c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert c.layers["bias"].kind == "position" and not c.layers.fallbacks
     torch.testing.assert_close(c.statistics("bias")["diag"].reshape(-1), expected["bias"].reshape(-1), **TOL)
 
@@ -1673,18 +1669,11 @@ def test_class_tokens_expanded_to_the_batch_are_position_tables_with_per_example
     not a layer gnfx models': ViT, DeiT, DINOv2, BEiT, CvT, AST; SigLIP's probe, 'repeat'). The expanded table is copied
     (passes/class_tokens.py) and read as a position table at positions 0..k-1: outputs equal the model's,
     no whole-batch warning, and each token's diag equals the per-example gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = ClassTokens().double()
     x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # "its input's first dimension ... is not the batch"
-        out = c(x)
-        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-        F.cross_entropy(out, y).backward()
-        c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks
     for param in ("cls", "distillation", "registers"):
         assert c.layers[param].kind == "position"
@@ -1719,12 +1708,7 @@ def test_biases_concatenated_and_split_again_are_their_layers_biases(how, captur
     torch.manual_seed(0)
     model = ConcatenatedBiases(how).double()
     x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    out = c(x)
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-    F.cross_entropy(out, y).backward()
-    c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks
     for name in ("q", "k", "v"):
         assert c.layers[name].bias == f"{name}.bias"
@@ -1756,12 +1740,7 @@ def test_a_parameter_moved_to_its_own_device_is_read_through_the_move(capture):
     torch.manual_seed(0)
     model = MovedWeights().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    out = c(x)
-    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-    F.cross_entropy(out, y).backward()
-    c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks and c.layers["fc"].bias == "fc.bias" and c.layers["gain"].kind == "scale"
     torch.testing.assert_close(c.statistics("fc")["diag"], layer_diag(expected, "fc"), **TOL)
     torch.testing.assert_close(c.statistics("gain")["diag"].reshape(-1), expected["gain"], **TOL)
@@ -1785,13 +1764,10 @@ def test_one_row_of_a_position_table_is_read_by_every_position(capture):
     2, 3 and 4 (silently: rows of P that x never reads got curvature, row 2 only its own position's).
     A slice of one row is read by every position (passes/position.py records the rows a slice leaves):
     the diag equals the per-example gradients' (vmap), float64."""
-    from references import TOL, per_example_fisher_diag
+    from references import TOL
     torch.manual_seed(0)
     model = OneRowOfATable().double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    expected = per_example_fisher_diag(model, x, y)
-    c = gnfx.compile(model, "kfac", lr=1e-2, capture=capture, stat_every=1, stat_decay=0.0, statistics=("diag",))
-    F.cross_entropy(c(x), y).backward()
-    c.step()
+    c, expected = diag_step(model, x, y, capture)
     assert c.layers["table"].kind == "position"
     torch.testing.assert_close(c.statistics("table")["diag"], expected["table"].flatten(0, -2).T, **TOL)
