@@ -176,12 +176,7 @@ class Variants:
             if key not in self._graphs:
                 self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1])), key)
             graphs = self._graphs[key]
-            if not graphs:
-                return self.model(*args, **kwargs)
-            if any(value is not None for _, value in key[1]):
-                ordered, extra = self._in_order(args, kwargs)
-                return graphs[0](*ordered, **extra)
-            return graphs[0](*args, **kwargs)
+            return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
         gm = next((g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)), None)
         shapes = shapes_of(args, kwargs)
@@ -233,20 +228,6 @@ class Variants:
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return tuple((n, bound.arguments[n]) for n in self._optional if isinstance(bound.arguments[n], CONSTANTS))
-
-    def _in_order(self, args, kwargs) -> tuple[list, dict]:
-        """The call's arguments, defaults filled in, in the forward's order (and its **kwargs): how a
-        torch.fx graph traced with constants fixed takes them (it renames those inputs, `scale` to
-        `scale_1`, and checks that a call passes the fixed values)."""
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        ordered, extra = [], {}
-        for name, p in self._signature.parameters.items():
-            if p.kind is p.VAR_KEYWORD:
-                extra = bound.arguments[name]
-            else:
-                ordered.extend(bound.arguments[name] if p.kind is p.VAR_POSITIONAL else [bound.arguments[name]])
-        return ordered, extra
 
     def _key(self, form: str, args, kwargs) -> tuple:
         """What an exported graph fixes about a call: the inputs' structure, the values of its

@@ -269,8 +269,19 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
         for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
             if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                 node.meta.pop("is_wrapped", None)  # which breaks every later trace
+        _keep_input_names(graph, concrete_args or {})
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
+
+
+def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:
+    """torch.fx names the input of an argument traced as a constant `scale_1` (its graph checks that a
+    call passes that value): give it back its name, so that the graph takes the call as the model's
+    forward does, by position or by keyword."""
+    placeholders = {node.target: node for node in graph.nodes if node.op == "placeholder"}
+    for name in fixed:
+        if f"{name}_1" in placeholders and name not in placeholders:
+            placeholders[f"{name}_1"].target = name
 
 
 def opaque_calls_taking_parameters(gm: fx.GraphModule) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .rewrite import recompiled
+
 aten = torch.ops.aten
 EXPANDS = (aten.expand.default, "expand")
 REPEATS = (aten.repeat.default, "repeat")
@@ -69,7 +71,4 @@ def copy_expanded_tables(gm: fx.GraphModule) -> fx.GraphModule:
         copy.meta = dict(node.meta)
         node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .rewrite import recompiled
+
 aten = torch.ops.aten
 RESHAPES = (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.view.default,
             aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints, aten.unflatten.int,
@@ -65,7 +67,4 @@ def identity_views(gm: fx.GraphModule) -> fx.GraphModule:
                 if len(node.users) != 1:
                     break
                 (node,) = node.users
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)

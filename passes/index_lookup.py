@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .rewrite import recompiled, replace
 from .shapes import value_of
 
 aten = torch.ops.aten
@@ -68,13 +69,9 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
             lookup = gm.graph.call_function(aten.embedding.default, (weight, wrapped))
         wrapped.meta["val"] = value_of(ids)  # what passes/shared_positions.py reads of the indices
         lookup.meta = dict(node.meta)
-        node.replace_all_uses_with(lookup)
-        gm.graph.erase_node(node)
+        replace(gm, node, lookup)
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)
 
 
 def _bias_of_scores(lookup: fx.Node) -> bool:

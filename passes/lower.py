@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.fsdp import FSDPModule
 
+from .rewrite import recompiled, replace
 from .weight_norm import hooked_weight, hooked_weight_norm, lower_weight_norm_modules
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -94,8 +95,5 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
         if mod._forward_hooks and not isinstance(mod, FSDPModule):
             with gm.graph.inserting_before(node):
                 out = gm.graph.call_function(run_forward_hooks, (gm.graph.get_attr(node.target), node.args, new))
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+        replace(gm, node, out)
+    return recompiled(gm)

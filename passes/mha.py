@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .rewrite import recompiled
+
 
 def mask_scores(scores, attn_mask, key_padding_mask, is_causal: bool, need_weights: bool):
     """Attention scores (N, H, T, S) with nn.MultiheadAttention's masks applied: boolean masks
@@ -217,6 +219,4 @@ def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
                     user.replace_all_uses_with(result[index])
                 gm.graph.erase_node(user)
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return recompiled(gm)

@@ -33,6 +33,9 @@ from gnfx.passes.capture import PACKING
 from gnfx.recurrent import (batch_major, cell_inputs, cell_result, cell_step, hidden_offset, hidden_product_site,
                             initial_state, recurrent_result, recurrent_scan, time_major_dropout)
 
+from .rewrite import recompiled, replace
+
+
 for _name in ("batch_major", "cell_inputs", "cell_result", "cell_step", "hidden_offset", "hidden_product_site",
               "initial_state", "recurrent_result", "recurrent_scan", "time_major_dropout"):
     torch.fx.wrap(_name)
@@ -217,8 +220,5 @@ def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
             node.meta["gnfx_fallback_reason"] = f"inside {kind} {path!r}, not lowered: {lowerable}"
             continue
         result = _inline(gm, node, *lowerable)
-        node.replace_all_uses_with(result)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+        replace(gm, node, result)
+    return recompiled(gm)

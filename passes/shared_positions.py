@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .rewrite import recompiled
 from .shapes import known_equal, same_sizes, value_of
 from .sites import arg
 
@@ -128,7 +129,4 @@ def expand_shared_positions(gm: fx.GraphModule) -> fx.GraphModule:
         add.replace_input_with(node, lookup)
         gm.graph.erase_node(node)
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import fx
 
+from .rewrite import recompiled, replace
 from .shapes import value_of
 from .sites import arg
 
@@ -72,14 +73,10 @@ def split_concatenations(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
-                user.replace_all_uses_with(tensors[user.args[1]])
-                gm.graph.erase_node(user)
+                replace(gm, user, tensors[user.args[1]])
                 changed = True
         cat = node.args[0]
         for unread in (node, cat):
             if not unread.users:
                 gm.graph.erase_node(unread)
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)

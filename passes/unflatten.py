@@ -22,6 +22,7 @@ import math
 import torch
 from torch import fx
 
+from .rewrite import recompiled, replace
 from .shapes import same_sizes, value_of
 
 aten = torch.ops.aten
@@ -53,13 +54,9 @@ def unflatten_linear(gm: fx.GraphModule) -> fx.GraphModule:
             linear = gm.graph.call_function(aten.linear.default, (source, transposed) + bias)
         transposed.meta = {**node.meta, "val": w.t()}
         linear.meta = {**node.meta, "val": y}
-        out.replace_all_uses_with(linear)
-        gm.graph.erase_node(out)
+        replace(gm, out, linear)
         gm.graph.erase_node(node)
         if not flat.users:
             gm.graph.erase_node(flat)
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from .index_lookup import trainable_matrix
+from .rewrite import recompiled, replace
 from .shapes import known_equal, value_of
 
 aten = torch.ops.aten
@@ -43,10 +44,6 @@ def weight_first_products(gm: fx.GraphModule) -> fx.GraphModule:
             rows.meta["val"] = value.transpose(-2, -1)
             product.meta["val"] = value_of(node).transpose(-2, -1)
         columns.meta = dict(node.meta)
-        node.replace_all_uses_with(columns)
-        gm.graph.erase_node(node)
+        replace(gm, node, columns)
         changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    return recompiled(gm, changed)
