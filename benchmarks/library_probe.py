@@ -53,7 +53,7 @@ MODELS = {
         "cspresnet50": 32, "lcnet_050": 32,
     },
 }
-IMG_SIZE_PREFIXES = ("vit_", "deit_", "mixer_", "resmlp_", "cait_", "eva02_", "beit_", "xcit_")  # timm's img_size=
+IMG_SIZE_PREFIXES = ("vit_", "deit_", "mixer_", "resmlp_", "cait_", "eva02_", "beit_", "xcit_", "coat_")  # timm's img_size=
 
 
 def build(library: str, name: str, size: int) -> torch.nn.Module:
@@ -82,7 +82,7 @@ def probe(library: str, name: str, size: int, steps: int) -> str:
             c.zero_grad()
             losses.append(f"{loss.item():.3g}")
     covered, total = c.layers.coverage(dict(model.named_parameters()))
-    said = sorted({str(w.message).split(":")[0][:120] for w in caught if str(w.message).startswith("gnfx")})
+    said = sorted({str(w.message)[:90].replace("|", "/") + "..." for w in caught if str(w.message).startswith("gnfx")})
     return (f"| {name} | {c.layers.form} | {100 * covered / total:.1f}% | {', '.join(losses)} | "
             f"{'; '.join(said) or '–'} | {time.time() - start:.0f} |")
 
