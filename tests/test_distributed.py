@@ -85,13 +85,19 @@ def rendezvous(folder) -> str:
     return f"file://{folder / 'rendezvous'}"
 
 
+def on_two_ranks(worker, folder, *args):
+    """What rank 0 of `worker(rank, 2, init_method, *args, out)`, spawned on two processes that meet
+    under `folder` (a fresh tmp_path), saved to `out`."""
+    out = str(folder / "rank0.pt")
+    mp.spawn(worker, args=(2, rendezvous(folder), *args, out), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
 # the drift rule only where ranks share refreshed rows (partitioned)
 @pytest.mark.parametrize("optimizer, mode", [(o, m) for o in ["kfac", "shampoo", "rank1", "diag"]
                                              for m in ["partitioned", "replicated"]] + [("shampoo_drift", "partitioned")])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(optimizer, mode, tmp_path):
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(worker, args=(2, rendezvous(tmp_path), optimizer, mode, out), nprocs=2, join=True)
-    result = torch.load(out, weights_only=True)
+    result = on_two_ranks(worker, tmp_path, optimizer, mode)
 
     single = gnfx.compile(make_model(), optimizer_name(optimizer), **HPARAMS, **EXTRA[optimizer])
     xs, ys = data()
@@ -225,10 +231,7 @@ def kinds_worker(rank, world, init_method, out):
 @pytest.fixture(scope="module")
 def kinds_ranks(tmp_path_factory):
     """What kinds_worker's two ranks return, by rank (one spawn for the tests below)."""
-    folder = tmp_path_factory.mktemp("kinds")
-    out = str(folder / "rank0.pt")
-    mp.spawn(kinds_worker, args=(2, rendezvous(folder), out), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
+    return on_two_ranks(kinds_worker, tmp_path_factory.mktemp("kinds"))
 
 
 def test_the_later_layer_kinds_on_two_ranks_equal_one_process_on_the_concatenated_batch(kinds_ranks):

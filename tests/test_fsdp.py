@@ -20,14 +20,13 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import gnfx
 import gnfx.preconditioners.shampoo as shampoo_module
-from test_distributed import KINDS_OPTIMIZERS, Kinds, kinds_data, rendezvous, train_kinds
+from test_distributed import KINDS_OPTIMIZERS, Kinds, kinds_data, on_two_ranks, train_kinds
 
 pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
 
@@ -259,10 +258,7 @@ def non_finite_on_one_rank_skips_everywhere(rank, xs, ys):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fsdp")
-    out = str(folder / "rank0.pt")
-    mp.spawn(worker, args=(2, rendezvous(folder), out), nprocs=2, join=True)
-    return torch.load(out, weights_only=True)
+    return on_two_ranks(worker, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -21,7 +21,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -1045,9 +1044,7 @@ def quadratic_worker(rank, world, init_method, out):
 def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_path):
     """M, b and the actual reduction are averaged over the ranks: the same α, μ, λ on every rank,
     those of the global batch (K-FAC on every block, the LayerNorm's included: one α)."""
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(quadratic_worker, args=(2, distributed.rendezvous(tmp_path), out), nprocs=2, join=True)
-    result = torch.load(out, weights_only=True)
+    result = distributed.on_two_ranks(quadratic_worker, tmp_path)
     single = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3,
                           fisher=FISHER)
     xs, ys = distributed.data()
