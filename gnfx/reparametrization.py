@@ -135,14 +135,12 @@ class WeightNorm:
 
 
 @dataclasses.dataclass(frozen=True)
-class SpectralNorm:
-    """W = W_o / σ, σ = uᵀ W_o v, σ held fixed for the step (module docstring). `weight`: W's name in
-    the model; `original`: W_o's parameter name, which W's stand-in takes; `module`: the
-    parametrization's `_SpectralNorm`, which holds u and v and reads W_o as a matrix."""
+class _OfOneParameter:
+    """A reparametrization W = f(W_o) of one parameter W_o, its scale held fixed for the step: `weight`:
+    W's name in the model; `original`: W_o's parameter name, which W's stand-in takes; nothing else held."""
 
     weight: str
     original: str
-    module: torch.nn.Module = dataclasses.field(compare=False, repr=False)
 
     @property
     def standin(self) -> str:
@@ -151,6 +149,14 @@ class SpectralNorm:
     @property
     def held(self) -> tuple[str, ...]:
         return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNorm(_OfOneParameter):
+    """W = W_o / σ, σ = uᵀ W_o v, σ held fixed for the step (module docstring). `module`: the
+    parametrization's `_SpectralNorm`, which holds u and v and reads W_o as a matrix."""
+
+    module: torch.nn.Module = dataclasses.field(compare=False, repr=False)
 
     @property
     def removal(self) -> str:
@@ -175,21 +181,19 @@ class SpectralNorm:
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightStandardization:
-    """W_r = (V_r − μ_r) / s_r per output row r, s held fixed for the step (module docstring). `weight`:
-    W's name in the model; `original`: V's parameter name, which W's stand-in takes; `eps`: ε."""
+class WeightStandardization(_OfOneParameter):
+    """W_r = (V_r − μ_r) / s_r per output row r, s held fixed for the step (module docstring); `original`
+    is V; `eps`: ε."""
 
-    weight: str
-    original: str
     eps: float
 
     @property
-    def standin(self) -> str:
-        return self.original
-
-    @property
-    def held(self) -> tuple[str, ...]:
-        return ()
+    def removal(self) -> str:
+        """No torch call: the module standardizes its kernel in its own forward (BiT's
+        WeightStandardizedConv2d, timm's StdConv2d)."""
+        module = self.weight.rpartition(".")[0]
+        return (f"model.get_submodule({module!r}) standardizes its weight in its own forward, which no torch call "
+                f"removes: replace it by the plain layer of its class's base (nn.Conv2d) with that weight")
 
     def scale(self, named: dict) -> torch.Tensor:
         """s_r = √(σ_r² + ε), shaped to broadcast against V."""

@@ -186,11 +186,22 @@ def worker(rank, world, init_method, out):
         dist.destroy_process_group()
 
 
+class StandardizedLinear(nn.Linear):
+    """A linear layer standardizing its weight's rows in its forward, as BiT's convolutions do."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_features, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.linear(x, weight, self.bias)
+
+
 def refused_reparametrizations(xs, ys):
-    """The refusal of a spectrally normed layer and of the older weight-norm API's (a pre-hook), by name."""
+    """The refusal of a spectrally normed layer, of the older weight-norm API's (a pre-hook) and of a
+    weight-standardized one, by name."""
     refusals = {}
     for name, reparametrize in (("spectral_norm", nn.utils.parametrizations.spectral_norm),
-                                ("weight_norm_hook", nn.utils.weight_norm)):
+                                ("weight_norm_hook", nn.utils.weight_norm),
+                                ("weight_standardization", lambda layer: StandardizedLinear(4, 4))):
         torch.manual_seed(0)
         compiled = gnfx.compile(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), reparametrize(nn.Linear(4, 4))).double(),
                                 "kfac", **HPARAMS)
@@ -334,6 +345,9 @@ def test_spectral_norm_and_the_older_weight_norm_api_are_refused_under_fsdp2_wit
     assert removal in refusals["spectral_norm"]
     # nn.utils.weight_norm keeps weight_g and weight_v and a pre-hook: its removal is another call
     assert "torch.nn.utils.remove_weight_norm(model.get_submodule('2'), 'weight')" in refusals["weight_norm_hook"]
+    # no torch call removes a standardization its module's forward computes (before: an AttributeError)
+    assert "model.get_submodule('2') standardizes its weight in its own forward" in refusals["weight_standardization"]
+    assert set(refusals) == {"spectral_norm", "weight_norm_hook", "weight_standardization"}
     assert all("before gnfx.compile" in message for message in refusals.values())
 
 
