@@ -207,6 +207,10 @@ class UpdateFunction:
         for pre in self.preconditioners:
             pre.without_gradient = frozenset(without_gradient)
         states = {k: v for pre in self.preconditioners for k, v in pre.states().items()}
+        if self.compiled:
+            for pre in self.preconditioners:
+                if pre.tikhonov_damping:
+                    pre.hold_damping(self.device)
         try:
             self.fn(grads, states, self.lrs, wds, collect)
         except COMPILE_FAILURES as error:

@@ -206,6 +206,39 @@ def test_compiled_equals_eager_and_compiles_no_new_graph_after_warm_up(optimizer
     assert not torch.equal(trajectories[True][-1], trajectories[True][0])
 
 
+@pytest.mark.parametrize("optimizer", ["ekfac", "rank1"])
+def test_the_compiled_update_compiles_no_new_graph_when_the_quadratic_step_moves_damping(optimizer):
+    """EKFAC and rank-1 read λ inside the update ((s + D)⁻¹, (D + λ)⁻¹); under step="quadratic" λ is
+    the Levenberg–Marquardt λ, which moves at each adaptation (every step during the warm-up). Read as a
+    Python float, dynamo guarded on its value and compiled a graph at each change (8 graphs, then its
+    recompile limit and an eager update); read from a 0-d tensor, the graphs stop growing after the
+    first statistic and plain steps, and the run follows the eager one (float64: the quadratic step's
+    α and μ solve a 2x2 system, in float32 a few 1e-6 apart after 6 steps)."""
+    steps = 8
+    data = batches(steps, classes=4, dtype=torch.float64)
+    trajectories, graphs, dampings = {}, [], set()
+    torch._dynamo.reset()
+    counters.clear()
+    for use_compile in (False, True):
+        model = make(Pair, dtype=torch.float64)
+        c = gnfx.compile(model, optimizer=optimizer, loss="cross_entropy", step="quadratic", stat_every=2,
+                         compile=use_compile)
+        trajectory = []
+        for x, y in data:
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+            trajectory.append(flat_params(model))
+            if use_compile:
+                graphs.append(counters["stats"]["unique_graphs"])
+                dampings.add(c.optimizer.last_step["damping"])
+        trajectories[use_compile] = trajectory
+    assert len(dampings) >= 4  # λ did move
+    assert graphs[0] >= 1 and graphs[2:] == [graphs[2]] * (steps - 2), graphs
+    for t, (eager, compiled) in enumerate(zip(trajectories[False], trajectories[True])):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-12, msg=lambda m: f"step {t}: {m}")
+
+
 @pytest.mark.parametrize("optimizer", ["kfac", "shampoo", "soap", "rank1"])
 def test_the_update_compiles_once_per_value_of_collect_across_statistic_and_refresh_cycles(monkeypatch, optimizer):
     """A backend that counts the graphs dynamo hands it: the update compiles on the first

@@ -58,6 +58,8 @@ class Preconditioner:
     # the hyperparameter that is a Tikhonov damping λ on the scale of the GGN, which the
     # quadratic-model step (gnfx.quadratic_step) moves with its Levenberg–Marquardt λ; None: none
     tikhonov_damping: str | None = None
+    # λ as the compiled update reads it (`damping`), filled by `hold_damping`; None until then
+    held_damping: torch.Tensor | None = None
     # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
     tap_state: tuple[str, ...] = ()
     # why it does not run under FSDP2 yet (gnfx.fsdp refuses it with this reason); "": it does
@@ -147,6 +149,23 @@ class Preconditioner:
         """Ĝ V for parameter `name`, V shaped like it: the curvature this preconditioner models,
         undamped (gnfx.diagnose); None where it models none (the default)."""
         return None
+
+    def damping(self):
+        """λ = hp[tikhonov_damping] as the update reads it: inside the compiled update the 0-d tensor
+        `held_damping` that the update function filled with it before the call (`hold_damping`),
+        since dynamo takes a Python float for a constant and guards on its value, and the quadratic
+        step's λ, which moves at each adaptation, would compile a new graph each time (until dynamo's
+        recompile limit, after which the update runs eagerly); elsewhere the number itself."""
+        if torch.compiler.is_compiling():
+            return self.held_damping
+        return self.hp[self.tikhonov_damping]
+
+    def hold_damping(self, device: torch.device) -> None:
+        """Fill `held_damping` (float64, on `device`) with λ = hp[tikhonov_damping], outside the
+        compiled update (`damping`)."""
+        if self.held_damping is None or self.held_damping.device != device:
+            self.held_damping = torch.zeros((), dtype=torch.float64, device=device)
+        self.held_damping.fill_(self.hp[self.tikhonov_damping])
 
     def follow_parameters(self) -> None:
         """Move the state this instance keeps with its parameters, which the model's .to(), .cuda() or

@@ -217,12 +217,13 @@ class EKFAC(KFAC):
         """D of the module docstring: λ ("tikhonov"), or ("factored") per piece and row group
         D_ji = λ_A σ_j + λ_S a_i + λ, (λ_A, λ_S) = (π√λ, √λ/π) as K-FAC's, shaped as s in the
         eigenbasis (k·groups, rows, d_a)."""
+        damping = self.damping()
         if self.hp["damping_kind"] == "tikhonov":
-            return self.hp["damping"]
+            return damping
         groups = state["Q_S"].shape[1] if state["Q_S"].dim() == 4 else 1
         a, sigma = (state[key].reshape(len(state[key]) * groups, -1) for key in ("eigenvalues_A", "eigenvalues_S"))
-        damping_A, damping_S = factored_damping(a.mean(1), sigma.mean(1), self.hp["damping"])
-        return (damping_A.unsqueeze(1) * sigma + self.hp["damping"]).unsqueeze(2) + (damping_S.unsqueeze(1) * a).unsqueeze(1)
+        damping_A, damping_S = factored_damping(a.mean(1), sigma.mean(1), damping)
+        return (damping_A.unsqueeze(1) * sigma + damping).unsqueeze(2) + (damping_S.unsqueeze(1) * a).unsqueeze(1)
 
     @staticmethod
     def in_eigenbasis(G, state, weights):

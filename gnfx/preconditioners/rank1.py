@@ -184,7 +184,7 @@ class RankK(CurvaturePreconditioner):
         """(D + Y Yᵀ + λI)⁻¹ vec(G) per piece by Woodbury (module docstring)."""
         Y = self._scaled_eigenvectors(state)
         g = G.to(Y.dtype).flatten(1)  # (pieces, n)
-        E_inv = torch.add(state["D"], self.hp["damping"]).reciprocal_()
+        E_inv = torch.add(state["D"], self.damping()).reciprocal_()
         x = E_inv * g
         # For k = 1 elementwise forms: an (n x 1) matrix product takes a slow path (8x slower than a dot
         # product at n = 10⁶ on this project's CPU). Each pass over n entries writes into a tensor this
