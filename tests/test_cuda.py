@@ -1,0 +1,168 @@
+"""gnfx on an accelerator (CUDA by default): the same training as on the CPU, the compiled update and torch.compile's
+wrapper on the GPU's own backend (inductor with Triton), the model moved to the device after steps,
+and bfloat16 autocast. Skipped without a CUDA device (CI has none); run on a GPU machine with
+`python -m pytest tests/test_cuda.py`; `GNFX_TEST_DEVICE=xpu` (or any torch device) runs the same
+checks on another accelerator, and `GNFX_TEST_DEVICE=cpu` runs them against the CPU itself (which checks
+the tests, not a device).
+
+The reference of every comparison is a run gnfx did not make on the device: the same float64
+training on the CPU. Float64 on both sides leaves summation order and the eigensolvers' round-off
+(cuSOLVER against LAPACK), grown by a few preconditioned steps: hence rtol 1e-7, not 1e-12.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import gnfx
+from models import CNN, GPT
+
+DEVICE = torch.device(os.environ.get("GNFX_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = dict(rtol=1e-7, atol=1e-9)
+STEPS = 6  # with stat_every=2: statistic steps 0, 2, 4; refreshes (inv_every, precondition_frequency) at 2 and 4
+HPARAMS = {  # every preconditioner, with statistic and refresh steps inside STEPS
+    "diag": dict(lr=0.05),
+    "rank1": dict(lr=0.05, stat_every=2),
+    "kfac": dict(loss="cross_entropy", stat_every=2),  # the defaults' quadratic step: α, μ, λ from jvps
+    "ekfac": dict(loss="cross_entropy", stat_every=2, refresh_warmup=0),
+    "shampoo": dict(lr=0.05, stat_every=2, precondition_frequency=2, start_preconditioning_step=2),
+    "soap": dict(lr=0.05, stat_every=2, precondition_frequency=2),
+    "muon": dict(lr=0.02),
+}
+
+
+def image_batches(steps=STEPS, device="cpu", rows=6):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(rows, 3, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 5, (rows,), generator=g))
+            for _ in range(steps)]
+    return [(x.to(device), y.to(device)) for x, y in data]
+
+
+def token_batches(steps=STEPS, device="cpu"):
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, 48, (4, 9), generator=g) for _ in range(steps)]
+    return [(t[:, :-1].to(device), t[:, 1:].to(device)) for t in data]
+
+
+def loss_of(output, y):
+    return F.cross_entropy(output.flatten(0, -2), y.flatten())
+
+
+def train(c, data, forward=None):
+    forward = c if forward is None else forward
+    losses = []
+    for x, y in data:
+        loss = loss_of(forward(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_parameters(got, expected, tol=TOL):
+    for (name, p), q in zip(expected.named_parameters(), got.parameters()):
+        torch.testing.assert_close(q.cpu(), p.detach().cpu(), **tol, msg=lambda m: f"parameter {name}: {m}")
+
+
+MODELS = {"cnn": (lambda: CNN(width=4), image_batches), "gpt": (GPT, token_batches)}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(HPARAMS))
+def test_training_on_cuda_equals_training_on_cpu(name, model):
+    """Float64, conv/linear blocks (CNN) and embedding, position table, attention and LayerNorm
+    blocks (GPT): every preconditioner's parameters after STEPS steps on the device equal the CPU's."""
+    make, batches = MODELS[model]
+    reference = gnfx.compile(make(), name, **HPARAMS[name])
+    train(reference, batches())
+    c = gnfx.compile(make().to(DEVICE), name, **HPARAMS[name])
+    train(c, batches(device=DEVICE))
+    assert next(c.parameters()).device.type == DEVICE.type
+    assert not torch.equal(reference.head.weight, make().head.weight)  # it trained
+    assert_same_parameters(c, reference)
+
+
+@pytest.mark.parametrize("name", ["kfac", "shampoo", "rank1"])
+def test_model_moved_to_cuda_after_steps_trains_as_on_the_cpu(name):
+    """gnfx.compile on the CPU, two steps, `.to(device)`, four more: the statistics and the
+    optimizer's state moved with the parameters, and the parameters equal six CPU steps'."""
+    data = image_batches()
+    reference = gnfx.compile(CNN(width=4), name, **HPARAMS[name])
+    train(reference, data)
+    c = gnfx.compile(CNN(width=4), name, **HPARAMS[name])
+    train(c, data[:2])
+    c.to(DEVICE)
+    train(c, [(x.to(DEVICE), y.to(DEVICE)) for x, y in data[2:]])
+    assert_same_parameters(c, reference)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "shampoo", "rank1"])
+def test_compiled_update_on_cuda_equals_eager_and_compiles_no_graph_after_warm_up(name):
+    """compile=True on the device (inductor, Triton kernels): the parameters follow the eager
+    update's on the same device, and dynamo compiles no graph after the first statistic, refresh and
+    plain steps (steps 0-4), also while the quadratic step's λ moves (kfac, ekfac: before, ekfac's
+    compiled update took λ for a constant and compiled a graph at each adaptation). Float64: in
+    float32 on these small batches a perturbation of 1e-7 in the initial weights moves SOAP's
+    parameters by 0.07 after one step (Adam's normalization of near-zero gradient coordinates), so
+    float32 would compare round-off, not the compiled code. Not SOAP: its factors, gradient Gram
+    matrices, have rank at most 4 here against 28 and 37 dimensions, and its QR refresh of F Q turns
+    round-off in the null space into basis columns on which Adam's per-coordinate normalization acts
+    (float64 on the CPU: compiled and eager agree to 1e-15 until the second refresh, then differ by 0.05).
+    diag has no compiled update (it steps with torch's own foreach kernels)."""
+    data = image_batches(10, device=DEVICE)
+    torch._dynamo.reset()
+    counters.clear()
+    eager = gnfx.compile(CNN(width=4).to(DEVICE), name, compile=False, **HPARAMS[name])
+    train(eager, data)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = gnfx.compile(CNN(width=4).to(DEVICE), name, compile=True, **HPARAMS[name])
+    graphs = []
+    for batch in data:
+        train(compiled, [batch])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert compiled.optimizer.update_function.compiled
+    assert graphs[0] >= 1 and graphs[4:] == [graphs[4]] * (len(data) - 4), graphs
+    assert_same_parameters(compiled, eager, dict(rtol=1e-9, atol=1e-11))
+
+
+@pytest.mark.parametrize("name", ["kfac", "shampoo"])
+def test_torch_compile_of_the_model_on_cuda_trains_as_without_it(name):
+    """torch.compile(gnfx model) with inductor on the device, float64: statistic steps run the
+    instrumented graph, the others the compiled forward; the same parameters as without the wrapper."""
+    data = image_batches(device=DEVICE)
+    torch._dynamo.reset()
+    eager = gnfx.compile(CNN(width=4).to(DEVICE), name, **HPARAMS[name])
+    train(eager, data)
+    c = gnfx.compile(CNN(width=4).to(DEVICE), name, **HPARAMS[name])
+    train(c, data, forward=torch.compile(c))
+    assert_same_parameters(c, eager, dict(rtol=1e-9, atol=1e-11))
+
+
+AUTOCAST_HPARAMS = {"kfac": HPARAMS["kfac"], "ekfac": HPARAMS["ekfac"],  # the defaults' quadratic step
+                    "shampoo": dict(lr=3e-3, stat_every=2), "rank1": dict(lr=1e-2, stat_every=2)}
+
+
+@pytest.mark.parametrize("name", sorted(AUTOCAST_HPARAMS))
+def test_bfloat16_autocast_on_cuda_fits_a_batch(name):
+    """The GPT under torch.autocast(bfloat16), float32 parameters: 20 steps on one batch take its
+    loss below half its start (4.0; on the CPU in float32: 0.4-1.8 at these settings), every loss finite."""
+    torch.manual_seed(0)
+    c = gnfx.compile(GPT().float().to(DEVICE), name, **AUTOCAST_HPARAMS[name])
+    x, y = token_batches(1, device=DEVICE)[0]
+    losses = []
+    for _ in range(20):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = loss_of(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < 0.5 * losses[0], losses
