@@ -1,5 +1,5 @@
 """Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm,
-weight standardization).
+weight standardization, with or without a gain).
 
 `nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm` make a layer's weight
 
@@ -49,6 +49,21 @@ V_r and (to O(ε)) its scale change no W. As for spectral norm, with s held fixe
 gathered gradient is s_r ∇V_r = (I − 11ᵀ/n − W_r W_rᵀ/n) ∇W_r, ∇W_r but for its mean and its
 component along W_r, which cannot be recovered, and a change ΔW_r pulls back to ΔV_r = s_r ΔW_r,
 whose image J_r(s_r ΔW_r) misses only those two components, which the standardization pins.
+
+With a gain (timm's ScaledStdConv2d, NFNets: the batch normalization's weight γ = c · g, g a parameter
+of C_out entries, c a number, `weight=(gain * scale).view(-1)`) each row is W_r = c g_r Ŵ_r, Ŵ_r =
+(V_r − μ_r) / s_r the standardized row: weight norm's W_r = g_r v̂_r with Ŵ_r for v̂_r, treated as
+weight norm is (g held by the block, the step in W's space, both maps exact). With Q_r = I − 11ᵀ/n −
+Ŵ_r Ŵ_rᵀ / ‖Ŵ_r‖² (the projection off the mean and off Ŵ_r; Ŵ_r has mean 0) and α_r = ε / s_r², the
+Jacobian is ∂W_r/∂g_r = c Ŵ_r, ∂W_r/∂V_r = (c g_r / s_r)(Q_r + α_r Ŵ_r Ŵ_rᵀ / ‖Ŵ_r‖²) (‖Ŵ_r‖² = n σ_r² / s_r²):
+
+- Gather. ∇g_r = c Ŵ_rᵀ ∇W_r and Q_r ∇V_r = (c g_r / s_r) Q_r ∇W_r, so ∇W_r but for its mean (which
+  neither reaches) is Ŵ_r ∇g_r / (c ‖Ŵ_r‖²) + (s_r / (c g_r)) Q_r ∇V_r, exactly (ε included).
+- Scatter. Δg_r = Ŵ_rᵀ ΔW_r / (c ‖Ŵ_r‖²), ΔV_r = (s_r / (c g_r)) Q_r ΔW_r: J(Δg, ΔV) = ΔW_r but for
+  its mean, exactly; ΔV_r ⟂ 1, V_r − μ_r (the least-norm preimage). The gather is this map's transpose.
+- At c g_r = 0 (or Ŵ_r = 0, a constant row) the factor s_r / (c g_r) (or 1 / (c ‖Ŵ_r‖²)) is taken as
+  0, the pseudo-inverse, as weight norm's at g_r = 0. Decoupled weight decay ΔW = −ηλ W pulls back to
+  g ← g(1 − ηλ), V unchanged (Q_r Ŵ_r = 0), as weight norm's.
 """
 from __future__ import annotations
 
@@ -105,7 +120,7 @@ class WeightNorm:
         v = named[self.direction].detach()
         norm = self._norm(v)
         g = named[self.magnitude].detach().reshape(norm.shape)
-        return v / norm, torch.where(g == 0, torch.zeros_like(norm), norm / torch.where(g == 0, 1, g))
+        return v / norm, norm * _inverse_or_zero(g)
 
     def row_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Σ over every dimension of x (shaped like v) but `dim` (all at dim=-1), keeping them as 1s."""
@@ -201,11 +216,15 @@ class WeightStandardization(_OfOneParameter):
         variance = v.flatten(1).var(dim=1, correction=0)
         return (variance + self.eps).sqrt().reshape((-1,) + (1,) * (v.dim() - 1))
 
+    def row_weight(self, named: dict) -> torch.Tensor | None:
+        """The batch normalization's weight (one entry per row r multiplying W_r): none."""
+        return None
+
     def value(self, named: dict) -> torch.Tensor:
         """W, as the model's forward computes it (a batch normalization of V's rows)."""
         v = named[self.original]
-        return torch.nn.functional.batch_norm(v.reshape(1, v.shape[0], -1), None, None, training=True,
-                                              momentum=0.0, eps=self.eps).reshape_as(v)
+        return torch.nn.functional.batch_norm(v.reshape(1, v.shape[0], -1), None, None, weight=self.row_weight(named),
+                                              training=True, momentum=0.0, eps=self.eps).reshape_as(v)
 
     def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
         """s ∇V: ∇W but for its rows' mean and their component along W (module docstring)."""
@@ -214,6 +233,66 @@ class WeightStandardization(_OfOneParameter):
     def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
         """{V: s ΔW} (module docstring)."""
         return {self.original: self.scale(named) * delta_w}
+
+
+@dataclasses.dataclass(frozen=True)
+class GainedWeightStandardization(WeightStandardization):
+    """W_r = c g_r Ŵ_r, Ŵ_r = (V_r − μ_r) / s_r (module docstring: a weight standardization with a
+    gain, timm's ScaledStdConv2d); `gain`: g's parameter name (one entry per row, any shape), which the
+    block holds; `factor`: the number c."""
+
+    gain: str
+    factor: float
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return (self.gain,)
+
+    def row_weight(self, named: dict) -> torch.Tensor:
+        """γ = c · g, flat."""
+        return (named[self.gain] * self.factor).reshape(-1)
+
+    def __post_init__(self):
+        if self.factor == 0:
+            raise ValueError(f"the gain of {self.weight!r} is multiplied by 0: its W is 0 whatever the parameters")
+
+    def _rows(self, named: dict):
+        """(Ŵ, 1 / ‖Ŵ_r‖², s_r / (c g_r)), the last two 0 where their denominators are (module docstring),
+        shaped to broadcast against V."""
+        v = named[self.original].detach()
+        s = self.scale(named)
+        standardized = (v - v.flatten(1).mean(dim=1).reshape(s.shape)) / s
+        cg = self.factor * named[self.gain].detach().reshape(s.shape)
+        return standardized, _inverse_or_zero(self._row_sum(standardized * standardized)), s * _inverse_or_zero(cg)
+
+    @staticmethod
+    def _row_sum(x: torch.Tensor) -> torch.Tensor:
+        """Σ over each row of x (shaped like V), keeping its dimensions as 1s."""
+        return x.flatten(1).sum(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
+
+    def _off_mean_and_row(self, x: torch.Tensor, standardized: torch.Tensor, inverse_norm2: torch.Tensor) -> torch.Tensor:
+        """Q_r x_r = x_r − mean(x_r) − Ŵ_r Ŵ_rᵀ x_r / ‖Ŵ_r‖² per row."""
+        centered = x - self._row_sum(x) / x[0].numel()
+        return centered - standardized * inverse_norm2 * self._row_sum(standardized * x)
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """∇W but for its rows' mean: Ŵ_r ∇g_r / (c ‖Ŵ_r‖²) + (s_r / (c g_r)) Q_r ∇V_r (module docstring),
+        the exact transpose of `pull_back`."""
+        standardized, inverse_norm2, rest = self._rows(named)
+        return (standardized * (inverse_norm2 / self.factor) * grads[self.gain].reshape(rest.shape)
+                + rest * self._off_mean_and_row(grads[self.original], standardized, inverse_norm2))
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{g: Δg, V: ΔV}: Δg_r = Ŵ_rᵀ ΔW_r / (c ‖Ŵ_r‖²), ΔV_r = (s_r / (c g_r)) Q_r ΔW_r (module docstring)."""
+        standardized, inverse_norm2, rest = self._rows(named)
+        delta_g = inverse_norm2 / self.factor * self._row_sum(standardized * delta_w)
+        return {self.gain: delta_g.reshape(named[self.gain].shape),
+                self.original: rest * self._off_mean_and_row(delta_w, standardized, inverse_norm2)}
+
+
+def _inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """1 / x, 0 where x is 0 (the pseudo-inverse of a diagonal)."""
+    return torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x))
 
 
 class Reparametrizations:

@@ -11,7 +11,8 @@ weight-norm node (passes/weight_norm.py) stands for v, W's shape, wherever a det
 parameter a weight operand is, the node's users are v's uses, and the block holds g as well
 (`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
 its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V_r − μ_r) / s_r,
-passes/weight_standardization.py): the node computing W stands for V. A parameter moved or cast to a
+passes/weight_standardization.py): the node computing W stands for V, and a gain g multiplying its rows
+(W_r = c g_r Ŵ_r, timm's ScaledStdConv2d) is held like weight norm's g. A parameter moved or cast to a
 floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
@@ -138,7 +139,8 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     """Make each weight-norm node whose g and v only it uses (passes/weight_norm.py) stand for v (its
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
-    W_o; each weight standardization's W (passes/weight_standardization.py) stand for V. Returns the
+    W_o; each weight standardization's W (passes/weight_standardization.py) stand for V (holding its gain,
+    where it has one). Returns the
     stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
