@@ -41,13 +41,14 @@ def timed_step(model, step, zero, x, y) -> tuple[float, float]:
 def run(max_factors, batch: int, rounds: int, plain: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,), generator=g)
+    x, y = x.to(targets.DEVICE), y.to(targets.DEVICE)
     torch.manual_seed(0)
-    model = resnet18()
+    model = resnet18().to(targets.DEVICE)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     runners = {"adamw": (model, adamw.step, adamw.zero_grad, None)}
     for m in max_factors:
         torch.manual_seed(0)
-        c = gnfx.compile(resnet18(), "kfac", lr=1e-3, max_factor=m)
+        c = gnfx.compile(resnet18().to(targets.DEVICE), "kfac", lr=1e-3, max_factor=m)
         runners[f"kfac max_factor={m}"] = (c, c.step, c.zero_grad, c.optimizer)
     samples = {k: {"stat": [], "plain": []} for k in runners}
     for r in range(rounds + 1):
@@ -59,7 +60,7 @@ def run(max_factors, batch: int, rounds: int, plain: int) -> dict:
                 if r:
                     samples[name]["stat" if i == 0 else "plain"].append(t)
             print(f"round {r} {name}: {t[0]:.2f} s forward+backward, {t[1]:.3f} s step", flush=True)
-    out = {"batch": batch, "rounds": rounds, "plain_steps": plain, "threads": torch.get_num_threads(),
+    out = {"batch": batch, "rounds": rounds, "plain_steps": plain, "device": targets.device_name(),
            "stat_every": STAT_EVERY, "uptime": os.popen("uptime").read().strip(), "rows": {}}
     for name, (model, *_, opt) in runners.items():
         median = {kind: [statistics.median(t[j] for t in v) for j in (0, 1)] for kind, v in samples[name].items()}
@@ -83,10 +84,11 @@ def parts(max_factors, batch: int, repeats: int) -> dict:
     statistic step, and the statistic step's forward+backward (the taps) against a plain one."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(10, (batch,), generator=g)
+    x, y = x.to(targets.DEVICE), y.to(targets.DEVICE)
     out = {}
     for m in max_factors:
         torch.manual_seed(0)
-        c = gnfx.compile(resnet18(), "kfac", lr=1e-3, max_factor=m)
+        c = gnfx.compile(resnet18().to(targets.DEVICE), "kfac", lr=1e-3, max_factor=m)
         kfac, opt = c.optimizer.curvature[0], c.optimizer
         opt.steps = 0
         stat_fwd_bwd = targets.seconds(lambda: F.cross_entropy(c(x), y).backward())
@@ -117,7 +119,7 @@ def parts_markdown(rows: dict, command: str) -> str:
 
 
 def markdown(result: dict, command: str) -> str:
-    lines = [f"`{command}`: ResNet-18 (32x32 inputs, batch {result['batch']}), {result['threads']} threads, "
+    lines = [f"`{command}`: ResNet-18 (32x32 inputs, batch {result['batch']}), {result['device']}, "
              f"{result['rounds']} rounds of one statistic (and refresh) step and {result['plain_steps']} plain steps "
              f"per optimizer; `uptime` at the end: {result['uptime']}", "",
              "| optimizer | whole step (s) | x AdamW | plain fwd+bwd / step (s) | statistic fwd+bwd / step (s) | "

@@ -89,11 +89,21 @@ def models():
 # thread ran, which on an oversubscribed machine leave out the time slices other processes took
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock = CLOCKS["wall"]
+# where the models and batches live (`--device`); on an accelerator every timing waits for its queue
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    """Wait for the work queued on DEVICE (none to wait for on the CPU)."""
+    if DEVICE.type != "cpu":
+        torch.accelerator.synchronize(DEVICE)
 
 
 def seconds(fn) -> float:
+    synchronize()
     t = clock()
     fn()
+    synchronize()
     return clock() - t
 
 
@@ -125,8 +135,12 @@ def statistic_rows(compiled) -> dict:
     return {name: s._a_rows for name, s in compiled.optimizer.statistics.blocks.items() if s._a_rows}
 
 
-def measure(make, batch, loss_fn, repeats: int) -> dict:
-    x, y = batch
+def measure(make_on_cpu, batch, loss_fn, repeats: int) -> dict:
+    x, y = (t.to(DEVICE) for t in batch)
+
+    def make():
+        return make_on_cpu().to(DEVICE)
+
     plain = make()
     adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=True)
     kfac = gnfx.compile(make(), "kfac", lr=1e-3)
@@ -227,6 +241,13 @@ def clock_name() -> str:
     return "wall-clock time" if clock is CLOCKS["wall"] else "CPU time of the thread"
 
 
+def device_name() -> str:
+    """The device the timings ran on, as the tables name it: the CPU's threads, or the accelerator."""
+    if DEVICE.type == "cpu":
+        return f"{torch.get_num_threads()} threads"
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else str(DEVICE)
+
+
 def sweep_bounds(compiled, rows: dict) -> dict:
     """The products bound of each preconditioner of the sweep (see the module docstring)."""
     work = products(compiled, rows)
@@ -270,18 +291,20 @@ def sweep_variant(variant: str) -> tuple[str, dict]:
     return name, {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
 
 
-def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: int = 0) -> dict:
-    """Whole-step ratios to AdamW at `rows` rows per step on the sweep's MLP (module docstring), for
-    each of `variants` (`OPTIMIZER[:key=value,...]`, gnfx.compile's settings beside lr), timed after
-    `warmup` untimed steps of each."""
+def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: int = 0,
+                width: int | None = None) -> dict:
+    """Whole-step ratios to AdamW at `rows` rows per step on the sweep's MLP (module docstring) of
+    `width` (SWEEP_WIDTH unless given), for each of `variants` (`OPTIMIZER[:key=value,...]`,
+    gnfx.compile's settings beside lr), timed after `warmup` untimed steps of each."""
+    width = width or SWEEP_WIDTH
     g = torch.Generator().manual_seed(rows)
-    pool = [(torch.randn(rows, SWEEP_WIDTH, generator=g), torch.randint(10, (rows,), generator=g))
+    pool = [(torch.randn(rows, width, generator=g).to(DEVICE), torch.randint(10, (rows,), generator=g).to(DEVICE))
             for _ in range(SWEEP_POOL)]
     loss_fn = torch.nn.functional.cross_entropy
 
     def make():
         torch.manual_seed(0)
-        return mlp([SWEEP_WIDTH, SWEEP_WIDTH, SWEEP_WIDTH, 10])
+        return mlp([width, width, width, 10]).to(DEVICE)
 
     plain = make()
     adamw = torch.optim.AdamW(plain.parameters(), lr=1e-4, foreach=True)
@@ -331,26 +354,27 @@ def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: i
         done, kept = (now - before for now, before in zip(root_checks(c), checks[name]))
         if done + kept:
             refreshed[name] = done / (done + kept)
-    return {"rows": rows, "rows_per_width": rows / SWEEP_WIDTH, "adamw_ms": 1e3 * statistics.median(samples["adamw"]),
+    return {"rows": rows, "width": width, "rows_per_width": rows / width, "adamw_ms": 1e3 * statistics.median(samples["adamw"]),
             "ratio": {n: statistics.median(w / a for w, a in zip(samples[n], samples["adamw"])) for n in runs},
             "bound": {n: bounds[sweep_variant(n)[0]] for n in runs}, "refreshed": refreshed}
 
 
-def sweep(rounds: int, ratios=None, variants=None, warmup: int = 0) -> list[dict]:
-    """sweep_point at rows = width x each of `ratios` (default SWEEP_RATIOS) for `variants` (default
-    every preconditioner of SWEEP_TARGETS at its defaults), after `warmup` untimed steps."""
+def sweep(rounds: int, ratios=None, variants=None, warmup: int = 0, width: int | None = None) -> list[dict]:
+    """sweep_point at rows = width (default SWEEP_WIDTH) x each of `ratios` (default SWEEP_RATIOS) for
+    `variants` (default every preconditioner of SWEEP_TARGETS at its defaults), after `warmup` untimed steps."""
+    width = width or SWEEP_WIDTH
     points = []
     for ratio in ratios or SWEEP_RATIOS:
-        points.append(sweep_point(round(ratio * SWEEP_WIDTH), rounds, variants or tuple(SWEEP_TARGETS), warmup))
+        points.append(sweep_point(round(ratio * width), rounds, variants or tuple(SWEEP_TARGETS), warmup, width))
         print("sweep", json.dumps(points[-1]), flush=True)
     return points
 
 
 def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
-    names = list(points[0]["ratio"])
+    names, width = list(points[0]["ratio"]), points[0]["width"]
     lines = ["# Whole step against AdamW as the rows per step grow", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
-             f"MLP {SWEEP_WIDTH}-{SWEEP_WIDTH}-{SWEEP_WIDTH}-10, batches from a pool of {SWEEP_POOL}; "
+             f"torch {torch.__version__}, {device_name()}, {clock_name()}; "
+             f"MLP {width}-{width}-{width}-10, batches from a pool of {SWEEP_POOL}; "
              f"each cell: the median over {rounds} interleaved rounds of (fwd+bwd + step, averaged over "
              f"stat_every={STAT_EVERY} steps, or lcm(stat_every, interval) for a column that refreshes less often, "
              "or max_refresh_interval for a drift-triggered refresh, with the share of roots it recomputed) "
@@ -378,7 +402,7 @@ def sweep_markdown(points: list[dict], rounds: int, command: str) -> str:
 
 def markdown(rows: dict, repeats: int) -> str:
     lines = ["# gnfx performance targets", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name()}; "
+             f"torch {torch.__version__}, {device_name()}, {clock_name()}; "
              f"medians of paired ratios over {repeats} "
              f"interleaved rounds (forward+backward: {repeats + PAIRS} pairs); gnfx defaults (stat_every={STAT_EVERY}, "
              "compile='auto'). Targets: no-stat ≤ 1.02, stat/bound ≤ 1.15, whole step ≤ 1.10 (diag, rank1) and "
@@ -406,14 +430,18 @@ def add_timing_arguments(parser) -> None:
                         "where two-thread kernels wait for each other's time slices)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="'cpu': this thread's CPU seconds (needs --threads 1), for a shared machine")
+    parser.add_argument("--device", default="cpu", help="where the models run (e.g. cuda); timings wait for its queue")
 
 
 def use_timing_arguments(parser, args) -> None:
     """Set this module's clock and torch's threads from `add_timing_arguments`' options."""
-    global clock
+    global clock, DEVICE
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: pass --threads 1")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures this thread, not an accelerator: pass --clock wall")
     clock = CLOCKS[args.clock]
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
 
 
@@ -423,6 +451,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", nargs="+", default=None, help="a subset of: mlp (digits), cnn, gpt, mlp1024, mlp2048")
     parser.add_argument("--sweep", action="store_true", help="only the rows-per-step sweep")
     parser.add_argument("--sweep-rounds", type=int, default=5)
+    parser.add_argument("--sweep-width", type=int, default=None, help=f"the sweep MLP's width (default {SWEEP_WIDTH})")
     parser.add_argument("--sweep-ratios", type=float, nargs="+", default=None,
                         help=f"rows per step / width (default {' '.join(f'{r:g}' for r in SWEEP_RATIOS)})")
     parser.add_argument("--sweep-optimizers", nargs="+", default=None,
@@ -446,7 +475,7 @@ def main(argv=None) -> dict:
         (args.out / "targets.json").write_text(json.dumps(rows, indent=1) + "\n")
         (args.out / "targets.md").write_text(markdown(rows, args.repeats))
     if not args.no_sweep:
-        points = sweep(args.sweep_rounds, args.sweep_ratios, args.sweep_optimizers, args.sweep_warmup)
+        points = sweep(args.sweep_rounds, args.sweep_ratios, args.sweep_optimizers, args.sweep_warmup, args.sweep_width)
         (args.out / "sweep.json").write_text(json.dumps(points, indent=1) + "\n")
         command = " ".join(["python -m benchmarks.targets", *(sys.argv[1:] if argv is None else argv)])
         (args.out / "sweep.md").write_text(sweep_markdown(points, args.sweep_rounds, command))
