@@ -225,10 +225,11 @@ class CurvaturePreconditioner(Preconditioner):
     # --- the refresh under torch.distributed (gnfx.distributed) -------------------------------
     def owned(self, group, comm) -> torch.Tensor:
         """Indices of the group's pieces whose refresh this rank computes (all of them alone, or
-        when `comm` is None)."""
+        when `comm` is None), on the group's device: a refresh indexes them with masks computed there."""
+        device = self.parameters.param(group.pieces[0].target.params[0]).device
         if comm is None:
-            return torch.arange(len(group.pieces))
-        return comm.owned(group.key, [sum(d ** 3 for d in group.shape)] * len(group.pieces))
+            return torch.arange(len(group.pieces), device=device)
+        return comm.owned(group.key, [sum(d ** 3 for d in group.shape)] * len(group.pieces)).to(device)
 
     def share(self, group, tensors, comm) -> None:
         """Give every rank the refreshed state of the pieces other ranks computed (`comm`: the
