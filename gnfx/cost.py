@@ -41,7 +41,8 @@ storage), Adam's moments of "diag" have the parameter's dtype ("param"), counter
 **FLOPs** are leading-order counts: a product (m x p)(p x q) is 2mpq, a symmetric
 eigendecomposition with eigenvectors 9d³ (Golub & Van Loan, §8.3), a thin QR of an m x p matrix
 with Q formed 4mp² - 4/3·p³, an elementwise operation 1 per entry; a step of AdamW is 10 per
-parameter entry (the reference of the compute budget). Per block:
+parameter entry (the reference of the compute budget), and a block's own forward and backward
+products are 6 per parameter entry and row (`LAYER`: W a, Wᵀ g, g aᵀ). Per block:
 
     statistics   per statistic step: the taps' statistics (A = Σ a aᵀ over B·R rows: 2BR·d_in²,
                  S: 2BR·d_out², per-example diagonals: 2BR·n + 2B·n; under kfac_approx="reduce"
@@ -89,6 +90,7 @@ ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
 FACTORED_DAMPING = 1  # EKFAC's factored damping D_ji = (λ_A σ_j + λ) + λ_S a_i (outer sum), per entry
+LAYER = 6  # a block's own products per parameter entry and row: the forward W a, the backward Wᵀ g and g aᵀ
 SOLVE = 2  # rank-k: Woodbury's elementwise FLOPs per entry and eigenpair (1/(D+λ), U√ŝ, E⁻¹Y) and its k x k solve per k³
 
 
