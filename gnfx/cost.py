@@ -22,8 +22,9 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
                     entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
                     b = factor_size(d, ...) entries, the last one zero-padded
                     (gnfx.layouts.base.factor_blocks; for A, blocks of whole input units: a
-                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and 2 m b² c
-                    to apply to a matrix of c columns
+                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and
+                    2 ((m - 1) b² + r²) c to apply to a matrix of c columns, r = d - (m - 1) b
+                    the last block's entries (`applied_squares`: the padding is never applied)
     k               the tracked rank of "rank1"
     stat_every      steps between statistic steps
     inv_every, precondition_frequency   steps between refreshes (K-FAC/EKFAC, Shampoo/SOAP)
@@ -181,6 +182,13 @@ class factor_size(sp.Function):
     @classmethod
     def eval(cls, d, f, u, e):
         return _factor_blocks(d, f, u, e, 1)
+
+
+def applied_squares(d, m, b):
+    """Σ_blocks size² of a factor of d entries kept as m diagonal blocks of b (gnfx.layouts.base), as
+    blockdiag_left/right apply it: m - 1 whole blocks and the last one's r = d - (m - 1) b entries
+    (d² for a whole factor, m = 1 and b = d)."""
+    return (m - 1) * b ** 2 + (d - (m - 1) * b) ** 2
 
 
 def _cut(d, b):

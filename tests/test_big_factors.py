@@ -235,9 +235,10 @@ class Wide(nn.Module):
 
 def product_per_entry(bound: int) -> float:
     """The FLOPs of S̃⁻¹ G Ã⁻¹ per entry of Wide's 40 x 301 [∇W ∇b] with its factors blocked at `bound`:
-    m blocks of b entries, zero-padded to m·b, a product (b x b)(b x c) costing 2b²c."""
-    (m_a, b_a), (m_s, b_s) = factor_blocks(301, bound, 1, 1), factor_blocks(40, bound)
-    return 2 * (m_s * b_s ** 2 * 301 + m_a * b_a ** 2 * 40) / (40 * 301)
+    m blocks of b entries, the last one of the d - (m-1)·b left, a product (b x b)(b x c) costing 2b²c."""
+    def squares(d, m, b):
+        return sum(size ** 2 for size in [b] * (m - 1) + [d - (m - 1) * b])
+    return 2 * (squares(40, *factor_blocks(40, bound)) * 301 + squares(301, *factor_blocks(301, bound, 1, 1)) * 40) / (40 * 301)
 
 
 @pytest.mark.parametrize("rows,bound", [(1, 4), (2, 8), (8, 32), (256, 64)])

@@ -124,18 +124,20 @@ class KFAC(CurvaturePreconditioner):
         """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
         g of each, d_a² and s², for g row groups. A factor blocked by max_factor (Geometry.factor_blocks:
         m blocks of b) keeps m b², is inverted as m matrices of b and applied to the s x d_a gradient of a
-        row group as m products (b x b)(b x d_a) (S) or (s x b)(b x b) (A): 2 m b² d_a and 2 m b² s."""
+        row group as m products (b x b)(b x d_a) (S) or (s x b)(b x b) (A), the last one on its r
+        entries only (cost.applied_squares): 2 ((m-1) b² + r²) d_a and 2 ((m-1) b² + r²) s."""
         _, d_a = g.dims
         n, s, k = g.numel, g.rows, g.groups
         diagonal_A = g.diagonal_A
         (m_a, b_a), (m_s, b_s) = g.factor_blocks("A"), g.factor_blocks("S")
+        squares_a, squares_s = cost.applied_squares(d_a, m_a, b_a), cost.applied_squares(s, m_s, b_s)
         return cost.Parts(
             {"A_inv": (d_a if diagonal_A else g.factor_entries("A"), cost.FACTOR),
              "S_inv": (g.factor_entries("S"), cost.FACTOR), "failures": (1, cost.INT64)},
             refresh=((2 * d_a if diagonal_A else k * m_a * cost.inverse_power_flops(b_a, hp["root_method"]))
                      + k * m_s * cost.inverse_power_flops(b_s, hp["root_method"])),
             every=at["inv_every"],
-            update=(2 * k * m_s * b_s ** 2 * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * m_a * b_a ** 2 * s)))
+            update=(2 * k * squares_s * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * squares_a * s)))
 
     @classmethod
     def factor_bound(cls, hp, block, g, at):
