@@ -2,10 +2,12 @@
 `python -m benchmarks.big_factors [--model vgg11_bn] [--cost-rows 8]`.
 
 ResNet-18 for 32x32 images (benchmarks/models.py `resnet18`: 64-128-256-512 channels, BatchNorm)
-at batch 32, or torchvision's vgg11_bn for 32x32 images (`vgg11_bn`: its classifier Linear(25088, 4096),
-Linear(4096, 4096), at batch 8 one row per example), in one process; K-FAC at each max_factor, and with
-each `--cost-rows` (the rows the plan's cost model assumes, which bound each block's factors:
-gnfx.preconditioners.kfac's factor_bound; default gnfx's). Its forward+backward takes seconds on this project's 2 shared cores, so
+at batch 32; or at batch 8 a look-alike of torchvision's vgg11_bn for 32x32 images (`vgg11_bn`: its
+classifier Linear(25088, 4096), Linear(4096, 4096) sees one row per example), or torchvision's own
+(`torchvision_vgg11_bn`, where torchvision is importable). In one process, AdamW and K-FAC at each
+max_factor and each `--cost-rows` (the rows per call site the plan's cost model assumes, which bound
+each block's factors: gnfx.preconditioners.kfac's factor_bound; default gnfx's). The forward+backward
+takes seconds on this project's 2 shared cores, so
 instead of timing whole windows of stat_every steps each optimizer takes, per round, one statistic
 step (for K-FAC also a refresh: its step counter is set to a multiple of stat_every = inv_every)
 and `--plain` plain steps, the forward+backward and the `step()` timed apart; AdamW and K-FAC at
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 import gnfx
 from benchmarks import targets
 from benchmarks.models import resnet18, vgg11_bn
+from benchmarks.torchvision_models import torchvision_or_exit
 from benchmarks.targets import RESULTS, STAT_EVERY, add_timing_arguments, use_timing_arguments
 from gnfx.preconditioners.kfac import MAX_FACTOR
 
@@ -44,12 +47,15 @@ def timed_step(model, step, zero, x, y) -> tuple[float, float]:
     return fwd_bwd, seconds
 
 
-MODELS = ("resnet18", "vgg11_bn")
+# torchvision_vgg11_bn: torchvision's own (not a dependency: benchmarks.torchvision_models.torchvision_or_exit)
+MODELS = ("resnet18", "vgg11_bn", "torchvision_vgg11_bn")
 
 
 def build(name: str) -> torch.nn.Module:
-    """A fresh model `name` of MODELS, seeded alike."""
+    """A fresh model `name` of MODELS with 10 classes, seeded alike."""
     torch.manual_seed(0)
+    if name == "torchvision_vgg11_bn":
+        return torchvision_or_exit().get_model("vgg11_bn", num_classes=10)
     return resnet18() if name == "resnet18" else vgg11_bn()
 
 
@@ -134,7 +140,7 @@ def parts(name: str, max_factors, cost_rows, batch: int, repeats: int) -> dict:
     return out
 
 
-TITLES = {"resnet18": "ResNet-18", "vgg11_bn": "vgg11_bn"}
+TITLES = {"resnet18": "ResNet-18", "vgg11_bn": "vgg11_bn (look-alike)", "torchvision_vgg11_bn": "torchvision's vgg11_bn"}
 
 
 def output_name(name: str) -> str:
@@ -174,7 +180,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", choices=MODELS, default="resnet18")
     parser.add_argument("--cost-rows", type=int, nargs="+", default=[None],
                         help="K-FAC's cost_rows values to time (default: gnfx's)")
-    parser.add_argument("--batch", type=int, help="default: 32 for resnet18, 8 for vgg11_bn")
+    parser.add_argument("--batch", type=int, help="default: 32 for resnet18, 8 for the VGGs")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--plain", type=int, default=2, help="plain steps per optimizer and round")
     add_timing_arguments(parser)
@@ -182,7 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--parts", action="store_true", help="only K-FAC's parts (plain step, refresh, taps)")
     parser.add_argument("--repeats", type=int, default=3, help="--parts: calls timed per part")
     args = parser.parse_args(argv)
-    args.batch = args.batch or {"resnet18": 32, "vgg11_bn": 8}[args.model]
+    args.batch = args.batch or (32 if args.model == "resnet18" else 8)
     use_timing_arguments(parser, args)
     args.out.mkdir(parents=True, exist_ok=True)
     command = ("python -m benchmarks.big_factors " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

@@ -150,8 +150,9 @@ def blockdiag_right(X: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     whole, rest = _block_split(X.shape[2], F)
     b = F.shape[-1]
     Y = torch.empty_like(X, memory_format=torch.contiguous_format)
-    columns = lambda T: T[..., :whole * b].unflatten(2, (whole, b)).transpose(1, 2)  # noqa: E731 - (k, whole, c, b)
-    columns(Y).copy_(torch.matmul(columns(X), F[:, :whole]))
+    columns = lambda T: T[:, :whole * b].unflatten(1, (whole, b)).transpose(0, 1)  # noqa: E731 - (whole, c, b)
+    for X_p, Y_p, F_p in zip(X, Y, F):  # per piece, into Y's columns: no temporary as large as X
+        torch.bmm(columns(X_p), F_p[:whole], out=columns(Y_p))
     if rest:
         Y[..., whole * b:] = torch.matmul(X[..., whole * b:], F[:, whole, :rest, :rest])
     return Y
