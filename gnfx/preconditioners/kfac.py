@@ -61,7 +61,8 @@ MAX_FACTOR = 1024
 # products at the plan's rows (gnfx.api's cost_rows): above it the plan halves the block's max_factor
 # (`factor_bound`). 4: at the default cost_rows (256) a factor of up to 1024 entries keeps its blocks,
 # 2·(1025 + 1024) FLOPs per entry <= 4·6·256, so only rows far below the factors' sizes (a wide
-# classifier at a small batch, benchmarks/results/big_factors.md) make the blocks smaller
+# classifier at a small batch: benchmarks/results/performance.md, "big factors at few rows") make the
+# blocks smaller
 PRODUCT_BUDGET = 4
 
 
@@ -144,8 +145,8 @@ class KFAC(CurvaturePreconditioner):
         """max_factor, halved while the preconditioned product S⁻¹ G A⁻¹ (cost_parts' update: 2 (b_a + b_s)
         FLOPs per entry of [∇W ∇b] with blocks of b_a and b_s entries) exceeds PRODUCT_BUDGET times the
         block's own forward and backward products at the plan's rows B·R (cost.LAYER per entry and row),
-        down to 1 at most (4 at one row: 2(4 + 4) <= 4·6); never below the d_out of a q/k/v projection whose S
-        attention_blocks="head" restricts to its heads. None for max_factor = 0 (every factor whole,
+        down to 1 (at one row it stops at 4: 2(4 + 4) <= 4·6); never below the d_out of a q/k/v projection
+        whose S attention_blocks="head" restricts to its heads. None for max_factor = 0 (every factor whole,
         as asked, and without one). The reason says what the product cost at max_factor where it was halved."""
         bound = hp.get("max_factor")  # none for EKFAC, which keeps its factors whole
         if not bound:
