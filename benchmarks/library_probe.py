@@ -1,12 +1,13 @@
 """First contact with the models of torchvision and timm: capture, blocks and a few steps at defaults.
 
     OMP_NUM_THREADS=1 python -m benchmarks.library_probe --library torchvision [--models resnet18 swin_t] \
-        [--steps 5] [--timeout 400] [--out probe.md]
+        [--steps 5] [--timeout 400] [--out probe.md] [--cost-rows 8]
     OMP_NUM_THREADS=1 python -m benchmarks.library_probe --library timm [--models vit_tiny_patch16_224]
 
 benchmarks.hf_zoo's first contact, for the two vision libraries: each model as its users build it
 (`torchvision.models.get_model(NAME, num_classes=10)`, `timm.create_model(NAME, num_classes=10)`, from
-random weights), compiled with `gnfx.compile(model, "kfac", loss="cross_entropy")` and nothing else,
+random weights), compiled with `gnfx.compile(model, "kfac", loss="cross_entropy")` and nothing else (with `--cost-rows N`,
+also cost_rows=N: the rows the plan's cost model assumes per call site, which bound K-FAC's factors),
 `--steps` steps on one random batch of 8 images (train mode: dropout and stochastic depth on), each
 model in a process of its own under `--timeout` seconds. Per model: the capture's form (torch.fx or
 torch.export; `print(model)` says why), the share of the trainable parameters in curvature blocks, the losses, gnfx's
@@ -40,7 +41,7 @@ MODELS = {
         "mobilenet_v3_large": 32, "efficientnet_b0": 32, "efficientnet_v2_s": 32, "shufflenet_v2_x0_5": 32,
         "squeezenet1_0": 64, "mnasnet0_5": 32, "regnet_x_400mf": 32, "regnet_y_400mf": 32, "densenet121": 32,
         "googlenet": 64, "inception_v3": 96, "convnext_tiny": 32, "swin_t": 64, "swin_v2_t": 64, "vit_b_16": 32,
-        "alexnet": 64,
+        "alexnet": 64, "vgg11_bn": 32,
     },
     "timm": {
         "vit_tiny_patch16_224": 32, "deit_tiny_distilled_patch16_224": 32, "convnext_atto": 32,
@@ -66,15 +67,15 @@ def build(library: str, name: str, size: int) -> torch.nn.Module:
     return importlib.import_module("timm").create_model(name, num_classes=10, **kwargs)
 
 
-def probe(library: str, name: str, size: int, steps: int) -> str:
-    """One table row: kfac at defaults for `steps` steps on one batch of `name`."""
+def probe(library: str, name: str, size: int, steps: int, cost_rows: int | None = None) -> str:
+    """One table row: kfac at defaults (and the given cost_rows) for `steps` steps on one batch of `name`."""
     torch.manual_seed(0)
     model = build(library, name, size)
     x, y = torch.randn(BATCH, 3, size, size), torch.randint(0, 10, (BATCH,))
     start, losses = time.time(), []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        c = gnfx.compile(model, "kfac", loss="cross_entropy")
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", **({} if cost_rows is None else {"cost_rows": cost_rows}))
         for _ in range(steps):
             loss = F.cross_entropy(c(x), y)
             loss.backward()
@@ -94,18 +95,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=400, help="seconds per model")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--cost-rows", type=int, help="gnfx.compile's cost_rows (default: gnfx's)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process's model
     args = parser.parse_args()
     sizes = MODELS[args.library]
     if args.one:
-        print(probe(args.library, args.one, sizes[args.one], args.steps))
+        print(probe(args.library, args.one, sizes[args.one], args.steps, args.cost_rows))
         return
     rows = ["| model | capture | in blocks | kfac losses | gnfx's warnings | s |", "|---|---|---|---|---|---|"]
     for name in args.models or sizes:
         if name not in sizes:
             parser.error(f"unknown model {name!r} of {args.library}: one of {', '.join(sizes)}")
         command = [sys.executable, "-m", "benchmarks.library_probe", "--library", args.library, "--one", name,
-                   "--steps", str(args.steps)]
+                   "--steps", str(args.steps)] + ([] if args.cost_rows is None else ["--cost-rows", str(args.cost_rows)])
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (

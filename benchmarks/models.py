@@ -1,5 +1,5 @@
 """The models the benchmark tasks train: an MLP, a deep autoencoder, a small CNN and a small GPT; and a
-ResNet-18 for 32x32 images (benchmarks/big_factors.py).
+ResNet-18 and a VGG-11 with batch norms for 32x32 images (benchmarks/big_factors.py).
 
 Every model is a plain `nn.Module` built from `nn.Linear`, `nn.Conv2d`, `nn.Embedding`,
 `nn.LayerNorm` and `nn.BatchNorm2d`, so that gnfx can capture it. `GPT` is public for reuse by the examples.
@@ -63,6 +63,29 @@ def resnet18(classes: int = 10, channels: tuple[int, ...] = (64, 128, 256, 512))
         layers += [BasicBlock(c_in, c, stride=1 if i == 0 else 2), BasicBlock(c, c)]
         c_in = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+    return nn.Sequential(*layers)
+
+
+VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # torchvision's configuration "A"
+
+
+def vgg11_bn(classes: int = 10, channels: tuple = VGG11, hidden: int = 4096) -> nn.Sequential:
+    """torchvision's vgg11_bn: 3x3 convolutions (padding 1) each with a batch norm and a ReLU, 2x2
+    max-pools ("M"), an adaptive average pool to 7x7, and the classifier Linear(C·7·7, hidden), ReLU,
+    Dropout, Linear(hidden, hidden), ReLU, Dropout, Linear(hidden, classes). At 32x32 the features are
+    512x1x1, repeated 49 times by the pool: the first linear layer is Linear(25088, 4096), whose A has
+    25089 entries, and it sees one row per example."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in channels:
+        if c == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            c_in = c
+    layers += [nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+               nn.Linear(c_in * 7 * 7, hidden), nn.ReLU(), nn.Dropout(),
+               nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, classes)]
     return nn.Sequential(*layers)
 
 

@@ -100,7 +100,9 @@ COMMON = {
                          "statistics to collect beyond what the preconditioners need"),
     **BUDGETS,
     "cost_rows": positive_int("rows B·R of a statistic step per call site (examples x positions) that the cost "
-                              "model assumes: for optimizer='auto' and model.cost()", 256),
+                              "model assumes: for optimizer='auto', K-FAC's factor blocks (its factor_bound: "
+                              "blocks below max_factor where these rows are far fewer than the factors' entries) "
+                              "and model.cost()", 256),
 }
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 

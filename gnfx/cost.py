@@ -22,8 +22,9 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
                     entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
                     b = factor_size(d, ...) entries, the last one zero-padded
                     (gnfx.layouts.base.factor_blocks; for A, blocks of whole input units: a
-                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and 2 m b² c
-                    to apply to a matrix of c columns
+                    conv's prod(kernel)); it costs m b² entries, m b³ to invert, and
+                    2 ((m - 1) b² + r²) c to apply to a matrix of c columns, r = d - (m - 1) b
+                    the last block's entries (`applied_squares`: the padding is never applied)
     k               the tracked rank of "rank1"
     stat_every      steps between statistic steps
     inv_every, precondition_frequency   steps between refreshes (K-FAC/EKFAC, Shampoo/SOAP)
@@ -41,7 +42,8 @@ storage), Adam's moments of "diag" have the parameter's dtype ("param"), counter
 **FLOPs** are leading-order counts: a product (m x p)(p x q) is 2mpq, a symmetric
 eigendecomposition with eigenvectors 9d³ (Golub & Van Loan, §8.3), a thin QR of an m x p matrix
 with Q formed 4mp² - 4/3·p³, an elementwise operation 1 per entry; a step of AdamW is 10 per
-parameter entry (the reference of the compute budget). Per block:
+parameter entry (the reference of the compute budget), and a block's own forward and backward
+products are 6 per parameter entry and row (`LAYER`: W a, Wᵀ g, g aᵀ). Per block:
 
     statistics   per statistic step: the taps' statistics (A = Σ a aᵀ over B·R rows: 2BR·d_in²,
                  S: 2BR·d_out², per-example diagonals: 2BR·n + 2B·n; under kfac_approx="reduce"
@@ -89,6 +91,7 @@ ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
 FACTORED_DAMPING = 1  # EKFAC's factored damping D_ji = (λ_A σ_j + λ) + λ_S a_i (outer sum), per entry
+LAYER = 6  # a block's own products per parameter entry and row: the forward W a, the backward Wᵀ g and g aᵀ
 SOLVE = 2  # rank-k: Woodbury's elementwise FLOPs per entry and eigenpair (1/(D+λ), U√ŝ, E⁻¹Y) and its k x k solve per k³
 
 
@@ -179,6 +182,13 @@ class factor_size(sp.Function):
     @classmethod
     def eval(cls, d, f, u, e):
         return _factor_blocks(d, f, u, e, 1)
+
+
+def applied_squares(d, m, b):
+    """Σ_blocks size² of a factor of d entries kept as m diagonal blocks of b (gnfx.layouts.base), as
+    blockdiag_left/right apply it: m - 1 whole blocks and the last one's r = d - (m - 1) b entries
+    (d² for a whole factor, m = 1 and b = d)."""
+    return (m - 1) * b ** 2 + (d - (m - 1) * b) ** 2
 
 
 def _cut(d, b):

@@ -40,8 +40,10 @@ Each entry records why it was chosen (`plan.entries[name].reason`, the report's 
 `make_plan` returns the plan as a value and leaves the analyzed LayerTable as it is. The plan's
 `table` is the view of both that the rest of gnfx reads (`model.layers`): a LayerTable of copies of
 the blocks and fallbacks with the plan's choices filled in, `preconditioner` (the instance's class
-name) and `block.max_factor` (the preconditioner's `max_factor`, which blocks the block's big
-factors: gnfx.layouts.base), and `plan` (this plan).
+name) and `block.max_factor` (which blocks the block's big factors, gnfx.layouts.base: the
+preconditioner's `max_factor`, or below it where the preconditioner's `factor_bound` lowers it at
+`cost_rows` rows, as K-FAC does when applying its blocks would cost far more than the layer's own
+products; the reason says so), and `plan` (this plan).
 """
 from __future__ import annotations
 
@@ -157,6 +159,8 @@ class Entry:
     hparams: dict
     reason: str
     fidelity: int | None = None
+    # a block's factor bound (gnfx.layouts.base; None: factors whole), the preconditioner's `factor_bound`
+    max_factor: int | None = None
 
 
 class Plan:
@@ -165,9 +169,8 @@ class Plan:
 
     def __init__(self, table: LayerTable, entries: dict[str, Entry]):
         self.entries = entries
-        blocks = [dataclasses.replace(b, preconditioner=entries[b.name].name,
-                                      # a preconditioner that declares max_factor keeps factors above it blocked
-                                      max_factor=entries[b.name].hparams.get("max_factor") or None) for b in table]
+        blocks = [dataclasses.replace(b, preconditioner=entries[b.name].name, max_factor=entries[b.name].max_factor)
+                  for b in table]
         fallbacks = [dataclasses.replace(f, preconditioner=entries[f.param].name) for f in table.fallbacks]
         self.table = LayerTable(blocks, fallbacks, table.leaves, table.form, table.notes, table.opened)
         self.table.capture = table.capture
@@ -238,6 +241,8 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
                 continue
             entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
         wins[i] += 1
+    for block in table:
+        _bound_factors(block, entries[block.name], settings)
     for fb in table.fallbacks:
         i = policy.match(fb.param)
         rule = policy.rules[i] if i is not None else None
@@ -251,6 +256,17 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
     if policy.explicit:
         _check_patterns(policy, wins, table)
     return Plan(table, entries)
+
+
+def _bound_factors(block, entry: Entry, settings: dict) -> None:
+    """Set the entry's factor bound, the largest factor dimension its block keeps whole, as its
+    preconditioner's `factor_bound` chooses it at the cost model's rows (`cost_rows` per call site),
+    and say why in its reason where that is not the preconditioner's own max_factor."""
+    at = cost.symbols_for(entry.hparams, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
+                          B=settings["cost_rows"], R=len(block.sites))
+    entry.max_factor, why = REGISTRY[entry.name].factor_bound(entry.hparams, block, cost.geometry_of(block, at), at)
+    if why:
+        entry.reason += f"; {why}"
 
 
 def _check_patterns(policy: Policy, wins: list[int], table) -> None:

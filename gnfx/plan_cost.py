@@ -146,6 +146,8 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
             r = positions.get(name, 1) if isinstance(positions, dict) else positions or 1
             at = symbols_for(pre.hp, optimizer.stat_every, d_in=block.d_in, d_out=block.d_out, B=batch,
                              R=r * len(block.sites))
+            if "max_factor" in pre.hp:  # the block's own bound, which the plan may have lowered (gnfx.plan)
+                at["max_factor"] = block.max_factor or 0
             needs = stats[name].needs if name in stats else frozenset()
             geometry, symbolic = (blocked(geometry_of(block, x), pre.hp, x) for x in (at, SYMBOLS))
         else:

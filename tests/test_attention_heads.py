@@ -60,3 +60,11 @@ def test_head_blocks_need_the_number_of_heads_and_a_divisible_width():
     with pytest.raises(gnfx.ConfigError, match="max_factor"):  # S of 8 outputs already cut into blocks of 4
         trained(attention_blocks="head", heads=2, max_factor=4)
     assert "attention_blocks" in KFAC.HPARAMS and "attention_blocks" not in gnfx.REGISTRY["ekfac"].HPARAMS
+
+
+def test_few_cost_rows_bound_the_factors_but_not_below_the_heads_of_a_projection():
+    # at one row per call site K-FAC's factor_bound would cut every factor of 8 (9 with the bias) into
+    # blocks of 4 (gnfx.preconditioners.kfac); a q/k/v projection's S, restricted to its heads, stays whole
+    c = trained(attention_blocks="head", heads=2, cost_rows=1)
+    bounds = {b.role: b.max_factor for b in c.layers}
+    assert bounds == {"attention.q": 8, "attention.k": 8, "attention.v": 8, "attention.out": 4}

@@ -237,6 +237,28 @@ def test_big_factors_tables_run_on_a_tiny_resnet(monkeypatch, tmp_path):
     assert (tmp_path / "big_factors_parts.md").read_text().count("| kfac max_factor=") == 2
 
 
+def test_big_factors_tables_run_on_a_tiny_vgg_with_cost_rows(monkeypatch, tmp_path):
+    """The VGG benchmark runs end to end on a VGG of 4 and 8 channels and a classifier of 16 (Linear(392, 16)
+    after the 7x7 pool), K-FAC at gnfx's cost_rows and at 1, where the plan bounds the factors
+    (figures not asserted)."""
+    import functools
+
+    from benchmarks import big_factors
+    from benchmarks.models import vgg11_bn
+
+    monkeypatch.setattr(big_factors, "vgg11_bn", functools.partial(vgg11_bn, channels=(4, "M", 8, "M"), hidden=16))
+    common = ["--model", "vgg11_bn", "--batch", "2", "--max-factors", "1024", "--cost-rows", "256", "1",
+              "--threads", "1", "--out", str(tmp_path)]
+    result = big_factors.main([*common, "--rounds", "1", "--plain", "1"])
+    assert set(result["rows"]) == {"adamw", "kfac max_factor=1024 cost_rows=256", "kfac max_factor=1024 cost_rows=1"}
+    assert "factors in blocks of at most" in result["rows"]["kfac max_factor=1024 cost_rows=1"]["blocks"]
+    assert "factors in blocks" not in result["rows"]["kfac max_factor=1024 cost_rows=256"]["blocks"]
+    assert (tmp_path / "big_factors_vgg11_bn.md").read_text().count("| kfac max_factor=1024 cost_rows=") == 2
+    parts = big_factors.main([*common, "--parts", "--repeats", "1"])
+    assert set(parts) == {"kfac max_factor=1024 cost_rows=256", "kfac max_factor=1024 cost_rows=1"}
+    assert (tmp_path / "big_factors_vgg11_bn_parts.md").exists()
+
+
 def test_quadratic_step_time_table_runs_on_the_digits_mlp():
     """The quadratic step's CPU-time table runs end to end (figures not asserted)."""
     from benchmarks import quadratic_step_time

@@ -185,8 +185,14 @@ def test_statistics_are_the_diagonal_blocks_of_the_hook_factors(max_factor):
 @pytest.mark.parametrize("root_method", ["cholesky", "eigh"])
 def test_one_step_equals_the_kronecker_solve_with_blockdiag_factors(root_method):
     model = make()
+    assert_one_step_is_the_blockdiag_kronecker_solve(model, compile_kfac(model, max_factor=5, root_method=root_method))
+
+
+def assert_one_step_is_the_blockdiag_kronecker_solve(model, c):
+    """One step of `c` (compiled from `model` by compile_kfac) on a batch, with every factor blocked, against
+    the dense solve with the hook factors cut to the blocks of each block's layout (and the curvature
+    product gnfx.diagnose reads against S̃ V Ã)."""
     x, y = batch()
-    c = compile_kfac(model, max_factor=5, root_method=root_method)
     layers = dict(model.named_children())
     before = {n: folded(m) for n, m in layers.items()}
     cross_entropy(c(x), y).backward()
@@ -211,6 +217,61 @@ def test_one_step_equals_the_kronecker_solve_with_blockdiag_factors(root_method)
         V = torch.randn(block.d_out, d_a, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
         expected = torch.cat([S_j @ V_j @ A_j for S_j, V_j, A_j in zip(S, V.unflatten(0, (layout.groups, s)), A)])
         torch.testing.assert_close(kfac.curvature_product(group, 0, V, c.optimizer.statistics), expected, **TOL)
+
+
+# ----------------------------------------------------------------------------- the factor bound at few rows
+
+
+class Wide(nn.Module):
+    """Linear(300, 40): A of 301 entries (a bias), S of 40."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(300, 40)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def product_per_entry(bound: int) -> float:
+    """The FLOPs of S̃⁻¹ G Ã⁻¹ per entry of Wide's 40 x 301 [∇W ∇b] with its factors blocked at `bound`:
+    m blocks of b entries, the last one of the d - (m-1)·b left, a product (b x b)(b x c) costing 2b²c."""
+    def squares(d, m, b):
+        return sum(size ** 2 for size in [b] * (m - 1) + [d - (m - 1) * b])
+    return 2 * (squares(40, *factor_blocks(40, bound)) * 301 + squares(301, *factor_blocks(301, bound, 1, 1)) * 40) / (40 * 301)
+
+
+@pytest.mark.parametrize("rows,bound", [(1, 4), (2, 8), (8, 32), (256, 64)])
+def test_k_fac_halves_a_blocks_bound_until_its_product_is_within_4x_the_layers_at_the_cost_rows(rows, bound):
+    c = compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=rows)
+    block, = c.layers
+    assert block.max_factor == bound
+    # the layer's own forward and backward, 6 FLOPs per entry and row: within 4x of it at the bound, and
+    # over it at twice the bound (or the bound is max_factor)
+    assert product_per_entry(bound) <= 4 * 6 * rows
+    assert bound == 64 or product_per_entry(2 * bound) > 4 * 6 * rows
+
+
+def test_max_factor_0_keeps_every_factor_whole_at_any_rows():
+    block, = compile_kfac(Wide().to(DTYPE), max_factor=0, cost_rows=1).layers
+    assert block.max_factor is None and block.shapes["A"] == (301, 301) and block.shapes["S"] == (40, 40)
+
+
+def test_the_block_table_gives_the_bounded_blocks_and_why():
+    few = repr(compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=2).layers)
+    assert "A(38 blocks of 8) S(5 blocks of 8) W40x300" in few
+    asked = product_per_entry(64)
+    assert (f"optimizer='kfac'; factors in blocks of at most 8 (max_factor=64: S⁻¹GA⁻¹ {asked:.0f} FLOPs per entry, "
+            f"over 4x the layer's forward and backward at 2 rows (cost_rows per call site), 12)") in few
+    many = repr(compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=256).layers)
+    assert "A(5 blocks of 61) S40x40 W40x300" in many and "factors in blocks" not in many
+
+
+def test_one_step_with_factors_bounded_at_few_rows_equals_the_kronecker_solve_with_their_blocks():
+    model = make()
+    c = compile_kfac(model, cost_rows=1)  # max_factor 1024: every factor whole but for the bound
+    assert all(b.max_factor < 1024 for b in c.layers)
+    assert_one_step_is_the_blockdiag_kronecker_solve(model, c)
 
 
 def trained(max_factor, steps=3, checkpoint_at=None):

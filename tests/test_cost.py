@@ -114,6 +114,7 @@ CASES = [
     ("kfac", {"kfac_approx": "reduce"}),
     ("kfac", {"max_factor": 4}),  # every factor above 4 entries blocked (the conv's by its 3-entry channels)
     ("kfac", {"max_factor": 4, "kfac_approx": "reduce"}),
+    ("kfac", {"cost_rows": 1}),  # each block's factors in blocks below max_factor (K-FAC's factor_bound)
     ("ekfac", {}),
     ("ekfac", {"damping_kind": "factored"}),  # with the factors' eigenvalues, an embedding's diagonal A included
     ("shampoo", {}),

@@ -127,20 +127,42 @@ def padded_blocks(X: torch.Tensor, m: int, b: int, dim: int = -1) -> torch.Tenso
 
 def blockdiag_left(F: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """F X for each matrix of the stack X (k, d, c): F (k, d, d) whole, or (k, m, b, b) the diagonal
-    blocks of a blocked factor (module docstring), each applied to its rows of X."""
+    blocks of a blocked factor (module docstring), each applied to its rows of X (the last block's
+    top-left r x r to the last r < b rows, `_block_split`)."""
     if F.dim() == 3:
         return torch.bmm(F, X)  # bmm: matmul's reshapes cost dispatches
-    d = X.shape[1]
-    return torch.matmul(F, padded_blocks(X, F.shape[1], F.shape[-1], dim=1)).flatten(1, 2)[:, :d]
+    whole, rest = _block_split(X.shape[1], F)
+    b = F.shape[-1]
+    Y = torch.matmul(F[:, :whole], X[:, :whole * b].unflatten(1, (whole, b))).flatten(1, 2)
+    if not rest:
+        return Y
+    return torch.cat([Y, torch.matmul(F[:, whole, :rest, :rest], X[:, whole * b:])], dim=1)
 
 
 def blockdiag_right(X: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     """X F for each matrix of the stack X (k, c, d): F (k, d) a diagonal, (k, d, d) whole, or
-    (k, m, b, b) the diagonal blocks of a blocked factor, each applied to its columns of X."""
+    (k, m, b, b) the diagonal blocks of a blocked factor, each applied to its columns of X (the last
+    block's top-left r x r to the last r < b columns), written into one contiguous result."""
     if F.dim() == 2:
         return X * F.unsqueeze(1)
     if F.dim() == 3:
         return torch.bmm(X, F)
-    d = X.shape[2]
-    columns = padded_blocks(X, F.shape[1], F.shape[-1]).transpose(1, 2)  # (k, m, c, b)
-    return torch.matmul(columns, F).transpose(1, 2).flatten(2)[..., :d]
+    whole, rest = _block_split(X.shape[2], F)
+    b = F.shape[-1]
+    Y = torch.empty_like(X, memory_format=torch.contiguous_format)
+    columns = lambda T: T[:, :whole * b].unflatten(1, (whole, b)).transpose(0, 1)  # noqa: E731 - (whole, c, b)
+    for X_p, Y_p, F_p in zip(X, Y, F):  # per piece, into Y's columns: no temporary as large as X
+        torch.bmm(columns(X_p), F_p[:whole], out=columns(Y_p))
+    if rest:
+        Y[..., whole * b:] = torch.matmul(X[..., whole * b:], F[:, whole, :rest, :rest])
+    return Y
+
+
+def _block_split(d: int, F: torch.Tensor) -> tuple[int, int]:
+    """(whole, r): the blocks of the blocked factor F (k, m, b, b) that lie whole within d entries, and
+    the r = d - whole·b entries of the last block (m = whole + 1 if r > 0). On the matrix zero-padded to
+    m·b, the last block gives its r entries F_rr X_r + F_rp·0: only its top-left r x r is needed, and no
+    padded copy of X."""
+    b = F.shape[-1]
+    whole = d // b
+    return whole, d - whole * b

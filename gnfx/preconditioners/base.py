@@ -132,6 +132,14 @@ class Preconditioner:
                           f"(docs/design.md, 'Adding a preconditioner')")
 
     @classmethod
+    def factor_bound(cls, hp: dict, block, g, at: dict) -> tuple[int | None, str]:
+        """The largest factor dimension `block` keeps whole (`block.max_factor`, gnfx.layouts.base;
+        None: every factor whole), with `g` its gnfx.cost.Geometry and `at` the cost model's numbers
+        (its rows B·R), and why where that is not the preconditioner's own `max_factor` ("" otherwise).
+        Default: hp's max_factor, for a preconditioner that declares one."""
+        return hp.get("max_factor") or None, ""
+
+    @classmethod
     def auto_candidates(cls, hp: dict, g) -> list[Candidate]:
         """The configurations "auto" may try on a block of geometry `g` (gnfx.cost.Geometry, in
         numbers), `hp` this preconditioner's resolved hyperparameters; asked only of a class with

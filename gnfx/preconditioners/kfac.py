@@ -22,6 +22,12 @@ blocks (gnfx.layouts.base: m blocks of at most max_factor entries, a conv's inpu
 (tr A / dim A: the blocks hold the whole diagonal), so λ_A and λ_S are those of the unblocked
 factors; the blocks are inverted as one batch. This cuts the refresh from d³ to m·b³ ≈ d·max_factor²,
 the statistics from d² to d·b per row and the step's product from 2·d_out·d² to 2·d_out·d·b (gnfx.cost).
+The product, 2(b_a + b_s) per entry of ∇W, does not shrink with the rows a step sees, while the layer's
+own forward and backward products do (6 per entry and row): at rows far below the factors' sizes (a
+Linear(25088, 4096) classifier at batch 8) blocks of 1024 cost ~80x the layer. So the plan asks
+`factor_bound` for each block's own bound: max_factor, halved until the product is within
+PRODUCT_BUDGET times the layer's products at gnfx.compile's `cost_rows` rows per call site (at one row,
+blocks of 4 entries); the block table gives the blocks and why.
 
 Step-size safeguard: KL clipping (Ba et al. 2017), the first stage of its default update chain
 (gnfx.transforms.KLClip). The step is scaled by
@@ -31,6 +37,8 @@ uses the curvature K-FAC already has, costs one dot product per block, and keeps
 (grafting onto Adam would need a second moment per parameter).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -49,6 +57,13 @@ from gnfx.transforms import KLClip
 PROJECTIONS = {"attention.q": 1, "attention.k": 1, "attention.v": 1, "attention.qkv": 3}
 # the default max_factor (measured: benchmarks/results/performance.md, "Big factors")
 MAX_FACTOR = 1024
+# a block's preconditioned product S⁻¹ G A⁻¹ is kept within this multiple of its own forward and backward
+# products at the plan's rows (gnfx.api's cost_rows): above it the plan halves the block's max_factor
+# (`factor_bound`). 4: at the default cost_rows (256) a factor of up to 1024 entries keeps its blocks,
+# 2·(1025 + 1024) FLOPs per entry <= 4·6·256, so only rows far below the factors' sizes (a wide
+# classifier at a small batch: benchmarks/results/performance.md, "big factors at few rows") make the
+# blocks smaller
+PRODUCT_BUDGET = 4
 
 
 class KFAC(CurvaturePreconditioner):
@@ -110,18 +125,48 @@ class KFAC(CurvaturePreconditioner):
         """(A + λ_A I)⁻¹ (d_a², or d_a for an embedding's diagonal A) and (S + λ_S I)⁻¹ (d_out²);
         g of each, d_a² and s², for g row groups. A factor blocked by max_factor (Geometry.factor_blocks:
         m blocks of b) keeps m b², is inverted as m matrices of b and applied to the s x d_a gradient of a
-        row group as m products (b x b)(b x d_a) (S) or (s x b)(b x b) (A): 2 m b² d_a and 2 m b² s."""
+        row group as m products (b x b)(b x d_a) (S) or (s x b)(b x b) (A), the last one on its r
+        entries only (cost.applied_squares): 2 ((m-1) b² + r²) d_a and 2 ((m-1) b² + r²) s."""
         _, d_a = g.dims
         n, s, k = g.numel, g.rows, g.groups
         diagonal_A = g.diagonal_A
         (m_a, b_a), (m_s, b_s) = g.factor_blocks("A"), g.factor_blocks("S")
+        squares_a, squares_s = cost.applied_squares(d_a, m_a, b_a), cost.applied_squares(s, m_s, b_s)
         return cost.Parts(
             {"A_inv": (d_a if diagonal_A else g.factor_entries("A"), cost.FACTOR),
              "S_inv": (g.factor_entries("S"), cost.FACTOR), "failures": (1, cost.INT64)},
             refresh=((2 * d_a if diagonal_A else k * m_a * cost.inverse_power_flops(b_a, hp["root_method"]))
                      + k * m_s * cost.inverse_power_flops(b_s, hp["root_method"])),
             every=at["inv_every"],
-            update=(2 * k * m_s * b_s ** 2 * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * m_a * b_a ** 2 * s)))
+            update=(2 * k * squares_s * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * squares_a * s)))
+
+    @classmethod
+    def factor_bound(cls, hp, block, g, at):
+        """max_factor, halved while the preconditioned product S⁻¹ G A⁻¹ (cost_parts' update: 2 (b_a + b_s)
+        FLOPs per entry of [∇W ∇b] with blocks of b_a and b_s entries) exceeds PRODUCT_BUDGET times the
+        block's own forward and backward products at the plan's rows B·R (cost.LAYER per entry and row),
+        down to 1 (at one row it stops at 4: 2(4 + 4) <= 4·6); never below the d_out of a q/k/v projection
+        whose S attention_blocks="head" restricts to its heads. None for max_factor = 0 (every factor whole,
+        as asked, and without one). The reason says what the product cost at max_factor where it was halved."""
+        bound = hp.get("max_factor")  # none for EKFAC, which keeps its factors whole
+        if not bound:
+            return None, ""
+        rows = at["B"] * at["R"]
+        limit = PRODUCT_BUDGET * cost.LAYER * rows
+        floor = block.d_out if hp.get("attention_blocks") == "head" and block.role in PROJECTIONS else 1
+
+        def per_entry(f):
+            parts = cls.cost_parts(dataclasses.replace(g, max_factor=f), hp, {**at, "max_factor": f})
+            return float(parts.update / g.numel)
+
+        asked = per_entry(bound)
+        while bound // 2 >= floor and per_entry(bound) > limit:
+            bound //= 2
+        if bound == hp["max_factor"]:
+            return bound, ""
+        return bound, (f"factors in blocks of at most {bound} (max_factor={hp['max_factor']}: S⁻¹GA⁻¹ {asked:.0f} "
+                       f"FLOPs per entry, over {PRODUCT_BUDGET}x the layer's forward and backward at {rows} rows "
+                       f"(cost_rows per call site), {cost.LAYER * rows})")
 
     @classmethod
     def auto_candidates(cls, hp, g):

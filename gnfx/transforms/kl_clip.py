@@ -13,7 +13,7 @@ from gnfx.transforms.base import Transform
 class KLClip(Transform):
     """U ← ν U with ν = min(1, sqrt(κ / Σ_pieces η² ⟨U, ∇W⟩)), one ν for all the preconditioner's
     pieces: it bounds the change of the model's predictive distribution as the curvature itself
-    measures it (⟨U, ∇W⟩ = ∇Wᵀ Ĝ⁻¹ ∇W for U = Ĝ⁻¹ ∇W). One dot product per group; under FSDP2 the
+    measures it (⟨U, ∇W⟩ = ∇Wᵀ Ĝ⁻¹ ∇W for U = Ĝ⁻¹ ∇W). One dot product per piece; under FSDP2 the
     sum adds the owners' partial sums (`pre.sum_over_owners`)."""
 
     kappa: float = 1e-3
@@ -31,7 +31,10 @@ class KLClip(Transform):
     def __call__(self, pre, Us, Gs, states, lr, wd):
         partial = 0.0  # a rank with none of the blocks (FSDP2) adds nothing
         if Us:
-            dots = torch.cat([torch.linalg.vecdot(U.flatten(1), G.to(U.dtype).flatten(1)) for U, G in zip(Us, Gs)])
+            # a dot product per piece reads U and G once; linalg.vecdot forms their product first (8x the
+            # time on a CPU for a 4096 x 25089 gradient, benchmarks/results/performance.md)
+            dots = torch.stack([torch.dot(u, g) for U, G in zip(Us, Gs)
+                                for u, g in zip(U.flatten(1), G.to(U.dtype).flatten(1))])
             partial = (lr.to(dots.dtype) ** 2 * dots).sum()
         vfv = pre.sum_over_owners(partial)  # Σ_pieces η² ⟨U, ∇W⟩
         if not Us:
