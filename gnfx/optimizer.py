@@ -60,6 +60,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._comm = None
         self.live_params = None  # set by CompiledModel: the model's current parameters, by name
         self.collected = False  # set by the compiled model when a forward ran with taps
+        self._rows_advised = False  # whether the first statistic step's rows were compared with cost_rows
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
@@ -190,6 +191,24 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """Whether the forward/backward before the next step runs the taps."""
         return bool(self.statistics) and self.statistic_step
 
+    def _advise_rows(self) -> None:
+        """Once, after the first statistic step: warn where the plan, which bounded the factor blocks at
+        gnfx.compile's cost_rows rows per call site before any batch was seen, would bound them smaller at
+        the rows this step saw (the preconditioners' rows_advice), naming the cost_rows to pass."""
+        self._rows_advised = True
+        advice = [a for pre in self.curvature for a in pre.rows_advice(self.statistics)]
+        if not advice:
+            return
+        listed = "; ".join(f"{name}: {rows} rows, blocks of at most {planned} planned, {bound} at these rows"
+                           for name, rows, planned, bound in advice[:3])
+        more = f" and {len(advice) - 3} more" if len(advice) > 3 else ""
+        warnings.warn(f"gnfx: the factor blocks were planned for cost_rows={self._settings['cost_rows']} rows per call "
+                      f"site, and the first statistic step saw far fewer, at which applying them costs several "
+                      f"times the layers' own products ({listed}{more}). Pass cost_rows="
+                      f"{min(rows for _, rows, *_ in advice)} to gnfx.compile (the rows per call site of a statistic "
+                      f"step: examples x positions) for smaller blocks and a cheaper step; print(model) shows the "
+                      f"blocks", RuntimeWarning, stacklevel=3)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
@@ -226,6 +245,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return loss
         self.statistics.fold(batches, self.stat_decay)
+        if batches and not self._rows_advised:
+            self._advise_rows()
         self.parameter_store.sync_groups()
         self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:

@@ -107,6 +107,7 @@ class BlockStatistics:
         self._eigen_per_example: dict[int, torch.Tensor] = {}
         self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
         self._a_rows = 0
+        self.last_rows = 0  # the rows of the last batch() (examples x positions, all call sites)
         self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
         self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
         self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
@@ -297,6 +298,7 @@ class BlockStatistics:
             if self._S is not None and torch.is_tensor(pooled["g"]):
                 self._gram_into("_S", pooled["g"])
         batch = {}
+        self.last_rows = self._a_rows
         if self._A is not None and self._a_rows:
             batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
             if self._A_energy is not None:  # ε_t, normalized into A by fold (gnfx.layouts.position)

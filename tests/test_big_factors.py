@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -265,6 +266,51 @@ def test_the_block_table_gives_the_bounded_blocks_and_why():
             f"over 4x the layer's forward and backward at 2 rows (cost_rows per call site), 12)") in few
     many = repr(compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=256).layers)
     assert "A(5 blocks of 61) S40x40 W40x300" in many and "factors in blocks" not in many
+
+
+def first_steps_warnings(model, rows, steps=2, **hparams):
+    """The warnings of `steps` statistic steps of K-FAC on batches of `rows` rows, one list per step."""
+    c = gnfx.compile(model, "kfac", lr=1e-3, stat_every=1, **hparams)
+    found = []
+    for _ in range(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            F.cross_entropy(c(torch.randn(rows, model[0].in_features)), torch.randint(10, (rows,))).backward()
+            c.step()
+            c.zero_grad()
+        found.append([str(w.message) for w in caught])
+    return found
+
+
+def wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def test_the_first_statistic_step_with_far_fewer_rows_than_cost_rows_names_the_cost_rows_to_pass():
+    """The plan bounds the blocks at cost_rows (256) before any batch is seen; at 4 rows a step the
+    2048x2048 layer's blocks of 1024 cost ~170x its own products, blocks of the bound the plan picks at
+    cost_rows=4 ~3x. The first statistic step warns once, naming that bound and cost_rows=4; the head
+    (2048 -> 10), whose smaller blocks would save under ADVICE_FLOPS, is not named."""
+    expected = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, cost_rows=4).layers["0"].max_factor
+    assert expected < 1024
+    first, second = first_steps_warnings(wide_mlp(), rows=4)
+    message, = first
+    assert "Pass cost_rows=4 to gnfx.compile" in message
+    assert f"0: 4 rows, blocks of at most 1024 planned, {expected} at these rows" in message and "2:" not in message
+    assert second == []
+
+
+@pytest.mark.parametrize("rows,hparams", [(4, dict(cost_rows=4)), (512, {})])
+def test_no_rows_warning_where_the_plan_had_the_rows_right(rows, hparams):
+    assert first_steps_warnings(wide_mlp(), rows, steps=1, **hparams) == [[]]
+
+
+def test_no_rows_warning_where_smaller_blocks_would_save_little():
+    """Wide (300 -> 40) at 2 rows: its bound at 2 rows is 8, not 64, but the product saves ~10⁶ FLOPs."""
+    assert compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=2).layers["fc"].max_factor == 8
+    model = nn.Sequential(Wide().fc)
+    assert first_steps_warnings(model, rows=2, steps=1, max_factor=64) == [[]]
 
 
 def test_one_step_with_factors_bounded_at_few_rows_equals_the_kronecker_solve_with_their_blocks():

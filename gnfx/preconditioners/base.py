@@ -158,6 +158,13 @@ class Preconditioner:
         undamped (gnfx.diagnose); None where it models none (the default)."""
         return None
 
+    def rows_advice(self, statistics) -> list[tuple[str, int, int, int]]:
+        """The blocks for which the plan would choose smaller factor blocks at the rows the last
+        statistic step of `statistics` (a gnfx.statistics.StatisticsStore) saw than at gnfx.compile's
+        `cost_rows`, where it chose: (block, rows per call site, planned bound, bound at those rows) each;
+        none by default (a preconditioner without factor bounds)."""
+        return []
+
     def damping(self):
         """λ = hp[tikhonov_damping] as the update reads it: inside the compiled update the 0-d tensor
         `held_damping` that the update function filled with it before the call (`hold_damping`),

@@ -27,7 +27,9 @@ own forward and backward products do (6 per entry and row): at rows far below th
 Linear(25088, 4096) classifier at batch 8) blocks of 1024 cost ~80x the layer. So the plan asks
 `factor_bound` for each block's own bound: max_factor, halved until the product is within
 PRODUCT_BUDGET times the layer's products at gnfx.compile's `cost_rows` rows per call site (at one row,
-blocks of 4 entries); the block table gives the blocks and why.
+blocks of 4 entries); the block table gives the blocks and why. The plan is made before any batch is
+seen; at the first statistic step gnfx warns where far fewer rows than cost_rows make smaller blocks
+save more than ADVICE_FLOPS a step (`rows_advice`), naming the cost_rows to pass.
 
 Step-size safeguard: KL clipping (Ba et al. 2017), the first stage of its default update chain
 (gnfx.transforms.KLClip). The step is scaled by
@@ -64,6 +66,10 @@ MAX_FACTOR = 1024
 # classifier at a small batch: benchmarks/results/performance.md, "big factors at few rows") make the
 # blocks smaller
 PRODUCT_BUDGET = 4
+# the FLOPs per step (10⁹, a few milliseconds on a CPU core) that smaller factor blocks must save before
+# the first statistic step's rows, far fewer than cost_rows, are worth a warning (`rows_advice`): a small
+# model at a small batch would be told to block factors whose products cost microseconds
+ADVICE_FLOPS = 1e9
 
 
 class KFAC(CurvaturePreconditioner):
@@ -156,8 +162,7 @@ class KFAC(CurvaturePreconditioner):
         floor = block.d_out if hp.get("attention_blocks") == "head" and block.role in PROJECTIONS else 1
 
         def per_entry(f):
-            parts = cls.cost_parts(dataclasses.replace(g, max_factor=f), hp, {**at, "max_factor": f})
-            return float(parts.update / g.numel)
+            return cls.update_flops(hp, g, at, f) / float(g.numel)
 
         asked = per_entry(bound)
         while bound // 2 >= floor and per_entry(bound) > limit:
@@ -167,6 +172,32 @@ class KFAC(CurvaturePreconditioner):
         return bound, (f"factors in blocks of at most {bound} (max_factor={hp['max_factor']}: S⁻¹GA⁻¹ {asked:.0f} "
                        f"FLOPs per entry, over {PRODUCT_BUDGET}x the layer's forward and backward at {rows} rows "
                        f"(cost_rows per call site), {cost.LAYER * rows})")
+
+    @classmethod
+    def update_flops(cls, hp, g, at, max_factor) -> float:
+        """FLOPs of one preconditioned product S⁻¹ G A⁻¹ of a block of geometry `g` with its factors in
+        blocks of at most `max_factor` entries (cost_parts' update)."""
+        return float(cls.cost_parts(dataclasses.replace(g, max_factor=max_factor), hp, {**at, "max_factor": max_factor}).update)
+
+    def rows_advice(self, statistics) -> list[tuple[str, int, int, int]]:
+        """(block, rows per call site, planned bound, bound at those rows) of the blocks whose factor bound
+        (`factor_bound`, chosen by the plan at cost_rows rows per call site) is smaller at the rows the
+        last statistic step saw per call site, where the smaller blocks save over ADVICE_FLOPS a step."""
+        advice = []
+        for block in self.blocks:
+            rows = statistics.blocks[block.name].last_rows if block.name in statistics.blocks else 0
+            if not block.max_factor or not rows:
+                continue
+            sites = len(block.sites)
+            at = cost.symbols_for(self.hp, self.hp["stat_every"], d_in=block.d_in, d_out=block.d_out,
+                                  B=max(1, rows // sites), R=sites)
+            g = cost.geometry_of(block, at)
+            bound, _ = self.factor_bound(self.hp, block, g, at)
+            if bound is not None and bound < block.max_factor and (
+                    self.update_flops(self.hp, g, at, block.max_factor) - self.update_flops(self.hp, g, at, bound)
+                    > ADVICE_FLOPS):
+                advice.append((block.name, rows // sites, block.max_factor, bound))
+        return advice
 
     @classmethod
     def auto_candidates(cls, hp, g):
