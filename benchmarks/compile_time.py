@@ -37,14 +37,16 @@ STEADY = 2 * STAT_EVERY  # steps before the steady-state window (past Shampoo's 
 
 def step_times(make, batch, loss_fn, preconditioner: str, use_compile: bool, steps: int) -> list[float]:
     """(wall-clock, clock) seconds of each `model.step()` of a fresh compile, steps 0..steps-1 (the
-    clock of benchmarks.targets: wall, or this thread's CPU time)."""
-    x, y = batch
-    c = gnfx.compile(make(), preconditioner, lr=1e-4, compile=use_compile)
+    clock of benchmarks.targets: wall, or this thread's CPU time), on benchmarks.targets.DEVICE."""
+    x, y = (t.to(benchmarks.targets.DEVICE) for t in batch)
+    c = gnfx.compile(make().to(benchmarks.targets.DEVICE), preconditioner, lr=1e-4, compile=use_compile)
     times = []
     for _ in range(steps):
         loss_fn(c(x), y).backward()
+        benchmarks.targets.synchronize()
         t, u = time.perf_counter(), benchmarks.targets.clock()
         c.step()
+        benchmarks.targets.synchronize()
         times.append((time.perf_counter() - t, benchmarks.targets.clock() - u))
         c.zero_grad()
     return times
@@ -66,7 +68,7 @@ def measure(make, batch, loss_fn, preconditioner: str, window: int) -> dict:
 
 def markdown(rows: dict, command: str) -> str:
     lines = ["# Compiling the generated update: its price and its gain", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads, {benchmarks.targets.clock_name()} for the "
+             f"torch {torch.__version__}, {benchmarks.targets.device_name()}, {benchmarks.targets.clock_name()} for the "
              "update ms (wall-clock for the first steps), an empty inductor cache; "
              "`" + command + "`. \"first steps\": `model.step()` of steps 0 (statistic) "
              "and 1 (plain), which compile the two graphs; \"update ms\": the median plain `model.step()` "
