@@ -128,9 +128,10 @@ spread over steps). Every step tests while κ > 1; at κ = 1 the tests stop unti
 adaptation. κ never shortens the model's step: a step too long for its own batch is the λ rule's and
 the retries' business. Where κc goes past the model's minimizer far enough that -q(κc) ≤ 0, that step
 computes no ρ and holds λ. With kfac at defaults the training loss after 40 steps went from 2.21 to
-0.85 on shufflenet_v2_x0_5 (AdamW 3e-3: 1.19), and on the digits tasks every step of kfac and ekfac
-is as before (no adaptation there is judged below RHO_LOW that a test follows). Only with the
-adaptive μ: a fixed μ̂ carries the velocity, not the update applied.
+0.85 on shufflenet_v2_x0_5 (AdamW 3e-3: 1.19). On the digits tasks every step of kfac and ekfac is
+as before: 8 of their 625 adaptations (seeds 0-2) were judged below RHO_LOW, and no test followed any
+of them (counted; a step that is undone leaves no δ to test). Only with the adaptive μ: a fixed μ̂ carries the
+velocity, not the update applied.
 
 ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
 kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
