@@ -109,6 +109,32 @@ every digits target of seeds 0-2 in as many steps or fewer, the CNN's training t
 exponential tail of cross-entropy"). Not for binary cross-entropy either: each of its entries has the
 same exponential tail, but the expansion is measured on cross-entropy only.
 
+The held-out step length κ. The model and ρ are those of the step's own batch; where the model
+misjudges that batch, ρ cannot tell whether s is too long or too short for the loss over batches, the
+training objective. On torchvision's BatchNorm mobile networks (shufflenet_v2_x0_5, regnet_y_400mf on
+the upsampled digits) every adaptation of kfac was accepted at ρ = 0.12-0.25: along s the batch's loss
+fell by ~0.25 by t = 0.3 and no further (a batch-specific part of the step), while the mean loss of 4
+other batches kept falling up to t = 4-16; the LM rule raised λ (1 → 25 in 30 steps) and the training
+loss stayed at 2.2-2.4. Steps 0.1 or 0.02 times the model's trained slower still, 5 times the model's
+trained (benchmarks/results/torchvision_models.md). So after an adaptation judged at ρ < RHO_LOW, or
+rejected (`misjudged`), the next step first tests the last update δ on its own batch, which δ was not
+fitted on: the actual reductions L(θ) - L(θ + δ) and L(θ) - L(θ - δ/2), the last step taken to twice
+and to half its length (two forwards; with a closure, two calls). κ (`held_out_scale`, 1 to start) ←
+eκ if twice lowers the loss and at least as much as half, κ/e if half lowers it more (e =
+HELD_OUT_FACTOR, 2), within [1, HELD_OUT_MAX] (`held_out_scale`), and the step is κc (after the
+loss-floor cap), its predicted reduction -q(κc): a line search on a batch the step did not see, one
+factor of e per step (the expansion and contraction of a bracketing search, Nocedal & Wright §3.5,
+spread over steps). Every step tests while κ > 1; at κ = 1 the tests stop until the next misjudged
+adaptation. κ never shortens the model's step: a step too long for its own batch is the λ rule's and
+the retries' business. Where κc goes past the model's minimizer far enough that -q(κc) ≤ 0, that step
+computes no ρ and holds λ. With kfac at defaults the training loss after 40 steps went from 2.21 to
+0.85 on shufflenet_v2_x0_5 (AdamW 3e-3: 1.19). On the digits tasks every step of kfac and ekfac is
+as before: 8 of their 625 adaptations (seeds 0-2) were judged below RHO_LOW, and no test followed any
+of them (counted; a step that is undone leaves no δ to test). On the char GPT one adaptation of kfac's
+was, on each of seeds 0 and 1 (κ to 2 and back): steps to its targets 300/375 → 300/350 and 325/375 →
+300/375; ekfac's (seed 0) are as before, 250/325. Only with the adaptive μ: a fixed μ̂ carries the
+velocity, not the update applied.
+
 ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
 kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
 closure's second call), a third of the step on the char GPT with `quadratic_rows`. It is computed,
@@ -224,8 +250,13 @@ from gnfx.random_state import RandomState
 # against AdamW's 425/500, and every digits run took the same steps as at 1e-8
 # (benchmarks/results/quadratic_step.md, "λ's floor")
 LAMBDA_MIN, LAMBDA_MAX = 1e-5, 1e6
-# a solve judged at ρ below RHO_LOW is not reused by the steps between solves (module docstring)
+# a solve judged at ρ below RHO_LOW is not reused by the steps between solves, and after an adaptation judged
+# below it the next steps test their length on the next batch (module docstring)
 RHO_LOW = 0.25
+# the held-out step length κ (QuadraticStep._held_out_scale, module docstring): its factor per test and its
+# upper bound (its lower bound is 1: shortening a step is the λ rule's)
+HELD_OUT_FACTOR = 2.0
+HELD_OUT_MAX = 64.0
 # μ is kept a heavy-ball momentum (module docstring)
 MOMENTUM_RANGE = (0.0, 0.99)
 # the starting λ (K-FAC's `damping` under step="quadratic" unless given): a large λ0 acts as a warm-up,
@@ -304,6 +335,19 @@ def levenberg_marquardt(damping: float, rho: float, growth: float, decay: float)
     return min(max(damping, LAMBDA_MIN), LAMBDA_MAX), growth
 
 
+def held_out_scale(scale: float, longer: float, shorter: float) -> float:
+    """κ after one held-out test (module docstring, "The held-out step length"): `longer` and `shorter` are
+    the reductions of this batch's loss when the last step is taken to twice and to half its length. κ ←
+    eκ (e = HELD_OUT_FACTOR) if twice lowers the loss and at least as much as half, κ ← κ/e if half lowers
+    it more, else κ; within [1, HELD_OUT_MAX]. A non-finite reduction (a non-finite loss) counts as none."""
+    longer, shorter = (r if math.isfinite(r) else -math.inf for r in (longer, shorter))
+    if longer > 0 and longer >= shorter:
+        return min(scale * HELD_OUT_FACTOR, HELD_OUT_MAX)
+    if shorter > 0:
+        return max(scale / HELD_OUT_FACTOR, 1.0)
+    return scale
+
+
 def floor_capped(c: torch.Tensor, M: torch.Tensor, b: torch.Tensor, reduction: float) -> tuple[torch.Tensor, float]:
     """(τc, τ): the coefficients c shortened so that the model predicts the reduction `reduction` = D,
     -q(τc) = D, when it predicts more, -q(c) > D (else (c, 1)).
@@ -353,6 +397,8 @@ class QuadraticStep:
         # (names of the parts, ĉ, b̂ᵀĉ) of the last trusted solve, which the steps between reuse; None: solve next
         self.coefficients: tuple[list[str], torch.Tensor, float] | None = None
         self.judged = math.inf  # the predicted reduction of the last accepted adaptation
+        self.held_out_scale = 1.0  # κ: the steps are κ times the model's (_held_out_scale)
+        self.misjudged = False  # the last adaptation's ρ was below RHO_LOW (or the step rejected)
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
         self.loss = loss
         self.damping = damping
@@ -526,6 +572,9 @@ class QuadraticStep:
         V = torch.stack(rows)
         if self._reuses(parts, previous is not None, t, len(V)) and self._reuse(params, layout, parts, V, flat_grads, comm):
             return
+        if previous is not None and self.momentum == "adaptive" and (self.misjudged or self.held_out_scale != 1.0):
+            self._held_out_scale(params, before, loss_before, closure, layout, theta_values, layout.flat(previous),
+                                 comm)
         z, outputs = self._output(theta_values, layout.tangents(rows))
         z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
@@ -545,6 +594,9 @@ class QuadraticStep:
         if floor and predicted > 0:  # the loss-floor cap (module docstring)
             c, floor_scale = floor_capped(c, M, b, FLOOR_CAP * float(Mb[-1]))
             predicted = float(-(b @ c + 0.5 * c @ M @ c))
+        if self.held_out_scale != 1.0:  # the held-out step length (module docstring)
+            c = c * self.held_out_scale
+            predicted = float(-(b @ c + 0.5 * c @ M @ c))
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
         mu = (coefficients[-1] if adaptive else self.momentum) if previous is not None else 0.0
@@ -560,6 +612,7 @@ class QuadraticStep:
         used = self.damping
         if adapted:
             self.damping, self.growth = levenberg_marquardt(self.damping, rho, self.growth, self.decay)
+            self.misjudged = not rho >= RHO_LOW
         backtracks, expansion = 0, 1.0
         if adapted and rho > 1 and t >= DAMPING_WARMUP and self.loss == "cross_entropy" and EXPANSION is not None:
             # module docstring, "The exponential tail of cross-entropy"
@@ -595,7 +648,7 @@ class QuadraticStep:
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks, "solved": True, "floor_scale": floor_scale,
-                          "expansion": expansion}
+                          "expansion": expansion, "held_out_scale": self.held_out_scale}
 
     def _reuses(self, parts: list, continues: bool, t: int, rows: int) -> bool:
         """Whether step `t` is one between solves (module docstring, quadratic_every): not a scheduled
@@ -690,6 +743,19 @@ class QuadraticStep:
             torch._foreach_copy_(params, before)
             rise = -actual
         return None
+
+    def _held_out_scale(self, params, before, loss_before, closure, layout, theta_values, flat_previous, comm) -> None:
+        """κ after one test of the last update δ's length on this step's batch, which δ was not fitted on (the
+        parameters are at θ on entry and exit, `before` holds θ): `held_out_scale` of the actual reductions
+        L(θ) - L(θ + δ) and L(θ) - L(θ - δ/2), the last step taken to twice and to half its length (module
+        docstring, "The held-out step length"). Two forwards, with a closure two calls."""
+        z = self._output_before  # the training forward's output at θ, whose recovered loss is L(θ)
+        trials = []
+        for scale in (1.0, -0.5):
+            torch._foreach_add_(params, self._place(layout, flat_previous, scale))
+            trials.append(self._reduction(z, loss_before, closure, layout, theta_values, flat_previous, scale, comm))
+            torch._foreach_copy_(params, before)
+        self.held_out_scale = held_out_scale(self.held_out_scale, *trials)
 
     def _expand(self, params, before, z, loss_before, closure, layout, theta_values, flat_update, actual: float,
                 comm) -> float:
@@ -831,13 +897,17 @@ class QuadraticStep:
         # δ may be views of a buffer the next step writes (FlatLayout): a copy
         previous = None if self.previous is None else [t.clone() for t in self.previous]
         return {"damping": self.damping, "previous": previous, "growth": self.growth,
-                "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients}
+                "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients,
+                "held_out_scale": self.held_out_scale, "misjudged": self.misjudged}
 
     def load_state_dict(self, state: dict, steps: int) -> None:
         """The state of `state_dict`, into an optimizer that has taken `steps` steps."""
         self.damping = float(state["damping"])
         self.growth = float(state.get("growth", 2.0))  # a checkpoint from before ν
         self.judged = float(state.get("judged", math.inf))
+        # a checkpoint from before the held-out step length: the model's steps, as it took them
+        self.held_out_scale = float(state.get("held_out_scale", 1.0))
+        self.misjudged = bool(state.get("misjudged", False))
         # a checkpoint from before quadratic_every solved on every step: the next step solves
         self.solved_at = int(state.get("solved_at", steps - 1))
         self.coefficients = state.get("coefficients")

@@ -30,8 +30,9 @@ from models import GridSampled
 import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
 import gnfx.quadratic_step as quadratic_step
-from gnfx.quadratic_step import (DAMPING_WARMUP, LAMBDA_MAX, LAMBDA_MIN, MOMENTUM_RANGE, levenberg_marquardt,
-                                 minimize_quadratic, recovered_loss)
+from gnfx.quadratic_step import (DAMPING_WARMUP, HELD_OUT_FACTOR, HELD_OUT_MAX, LAMBDA_MAX, LAMBDA_MIN,
+                                 MOMENTUM_RANGE, held_out_scale, levenberg_marquardt, minimize_quadratic,
+                                 recovered_loss)
 
 DTYPE = torch.float64
 STEPS = 6
@@ -327,6 +328,89 @@ def test_levenberg_marquardt_rule():
     assert levenberg_marquardt(1.0, math.nan, 2.0, 0.5) == (2.0, 4.0)  # a non-finite ρ counts as rejected
     assert levenberg_marquardt(LAMBDA_MIN, 1.0, 2.0, 0.5) == (LAMBDA_MIN, 2.0)
     assert levenberg_marquardt(LAMBDA_MAX, 0.0, 2.0, 0.5) == (LAMBDA_MAX, 4.0)
+
+
+def test_held_out_scale_rule():
+    """κ ← eκ when the last step taken twice as far lowers the batch's loss at least as much as taken half
+    as far, κ ← κ/e when half lowers it more, else κ; within [1, HELD_OUT_MAX]."""
+    e = HELD_OUT_FACTOR
+    assert held_out_scale(1.0, 0.2, 0.1) == e  # twice is best
+    assert held_out_scale(4.0, 0.1, 0.1) == 4.0 * e  # a tie goes to the longer step
+    assert held_out_scale(4.0, 0.1, 0.3) == 4.0 / e  # half is best
+    assert held_out_scale(4.0, -0.1, -0.2) == 4.0  # neither lowers the loss: κ stays
+    assert held_out_scale(1.0, -0.1, 0.1) == 1.0  # never shorter than the model's step
+    assert held_out_scale(HELD_OUT_MAX, 0.2, 0.1) == HELD_OUT_MAX
+    assert held_out_scale(4.0, math.nan, 0.1) == 4.0 / e  # a non-finite loss is no reduction
+    assert held_out_scale(4.0, 0.1, math.nan) == 4.0 * e
+    assert held_out_scale(4.0, math.inf, math.nan) == 4.0
+
+
+def test_after_a_misjudged_adaptation_the_step_is_scaled_by_its_held_out_test():
+    """After an adaptation with ρ < RHO_LOW (`misjudged`), the next step tests the last update δ on its own
+    batch, which δ was not fitted on: with L(θ + δ) and L(θ - δ/2) from plain forwards here, κ follows
+    the rule and the step applied is κ times the model's, the step of a twin that was not misjudged
+    (same θ, δ, λ and batch)."""
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    for seed in range(2):
+        train_step(a, *batch("cross_entropy", seed=seed), "cross_entropy", seed)
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    a.optimizer.quadratic.misjudged = True
+    x, y = batch("cross_entropy", seed=2)
+    theta = [p.detach().clone() for p in a.parameters()]
+    delta = [d.clone() for d in a.optimizer.quadratic.previous]
+    model = copy.deepcopy(a._model)
+
+    def loss_at(t):
+        with torch.no_grad():
+            for p, w, d in zip(model.parameters(), theta, delta):
+                p.copy_(w + t * d)
+            return float(F.cross_entropy(model(x), y))
+
+    longer, shorter = loss_at(0) - loss_at(1), loss_at(0) - loss_at(-0.5)
+    assert longer > 0 and longer >= shorter  # this batch prefers the last step twice as long: κ = e
+    for c in (a, b):
+        train_step(c, x, y, "cross_entropy", 2)
+    assert a.optimizer.last_step["held_out_scale"] == HELD_OUT_FACTOR
+    assert b.optimizer.last_step["held_out_scale"] == 1.0 and not a.optimizer.last_step["rejected"]
+    for p, q, w in zip(a.parameters(), b.parameters(), theta):
+        torch.testing.assert_close(p - w, HELD_OUT_FACTOR * (q - w), rtol=1e-10, atol=1e-14)
+
+
+def test_the_held_out_test_with_a_closure_equals_the_one_without():
+    """With step(closure) the held-out losses L(θ + δ) and L(θ - δ/2) are the closure's: the same κ and
+    step as from the loss recovered from the output gradient."""
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    for seed in range(2):
+        train_step(a, *batch("cross_entropy", seed=seed), "cross_entropy", seed)
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    for c in (a, b):
+        c.optimizer.quadratic.misjudged = True
+    x, y = batch("cross_entropy", seed=2)
+    train_step(a, x, y, "cross_entropy", 2)
+
+    def closure():
+        if torch.is_grad_enabled():
+            b.zero_grad()
+        loss = F.cross_entropy(b(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    torch.manual_seed(2)
+    b.step(closure)
+    assert a.optimizer.last_step["held_out_scale"] == b.optimizer.last_step["held_out_scale"] == HELD_OUT_FACTOR
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_carries_the_held_out_scale():
+    a = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1)
+    train_step(a, *batch("cross_entropy"), "cross_entropy", 0)
+    a.optimizer.quadratic.held_out_scale, a.optimizer.quadratic.misjudged = 8.0, True
+    b = gnfx.compile(copy.deepcopy(a._model), optimizer="kfac", loss="cross_entropy", stat_every=1)
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    assert (b.optimizer.quadratic.held_out_scale, b.optimizer.quadratic.misjudged) == (8.0, True)
 
 
 @pytest.mark.parametrize("loss, shape", [("cross_entropy", (8,)), ("cross_entropy", (2, 4)), ("mse", (8,)),
