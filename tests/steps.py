@@ -24,9 +24,16 @@ def statistic_step(c, x, y, **kwargs):
 
 def train(c, x, y, loss_fn, steps: int) -> list[float]:
     """`steps` forwards, backwards and steps of the compiled model on (x, y); the losses."""
+    return train_on_batches(c, [(x, y)] * steps, loss_fn)
+
+
+def train_on_batches(c, batches, loss_fn, forward=None) -> list[float]:
+    """A forward (by `forward`, the compiled model itself by default: e.g. torch.compile of it), backward
+    and step of the compiled model `c` on each (x, y) of `batches`; the losses."""
+    forward = c if forward is None else forward
     losses = []
-    for _ in range(steps):
-        loss = loss_fn(c(x), y)
+    for x, y in batches:
+        loss = loss_fn(forward(x), y)
         loss.backward()
         c.step()
         c.zero_grad()

@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 
 import gnfx
 from models import CNN, GPT
+from steps import train_on_batches
 
 DEVICE = torch.device(os.environ.get("GNFX_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,15 +61,7 @@ def loss_of(output, y):
 
 
 def train(c, data, forward=None):
-    forward = c if forward is None else forward
-    losses = []
-    for x, y in data:
-        loss = loss_of(forward(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_on_batches(c, data, loss_of, forward)
 
 
 def assert_same_parameters(got, expected, tol=TOL):
