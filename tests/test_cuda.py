@@ -77,14 +77,29 @@ MODELS = {"cnn": (lambda: CNN(width=4), image_batches), "gpt": (GPT, token_batch
 def test_training_on_cuda_equals_training_on_cpu(name, model):
     """Float64, conv/linear blocks (CNN) and embedding, position table, attention and LayerNorm
     blocks (GPT): every preconditioner's parameters after STEPS steps on the device equal the CPU's."""
+    assert_device_trains_as_the_cpu(model, name, HPARAMS[name])
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_kfac_with_blocked_factors_on_cuda_equals_the_cpu(model):
+    """max_factor=8: every factor of more entries kept as its diagonal blocks, whose products write
+    into column ranges of one result (gnfx.layouts.base), on the device as on the CPU."""
+    c = assert_device_trains_as_the_cpu(model, "kfac", HPARAMS["kfac"] | dict(max_factor=8))
+    assert "blocks of" in repr(c.layers)
+
+
+def assert_device_trains_as_the_cpu(model: str, name: str, hparams: dict):
+    """Train MODELS[model] STEPS steps with gnfx (`name`, `hparams`) on the CPU and on the device from the
+    same weights on the same batches: the same parameters. Returns the device's compiled model."""
     make, batches = MODELS[model]
-    reference = gnfx.compile(make(), name, **HPARAMS[name])
+    reference = gnfx.compile(make(), name, **hparams)
     train(reference, batches())
-    c = gnfx.compile(make().to(DEVICE), name, **HPARAMS[name])
+    c = gnfx.compile(make().to(DEVICE), name, **hparams)
     train(c, batches(device=DEVICE))
     assert next(c.parameters()).device.type == DEVICE.type
     assert not torch.equal(reference.head.weight, make().head.weight)  # it trained
     assert_same_parameters(c, reference)
+    return c
 
 
 def test_soap_on_cuda_steps_as_on_the_cpu_until_its_bases_depend_on_round_off():
