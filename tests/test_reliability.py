@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -524,6 +525,26 @@ def test_half_precision_trains_without_nan_with_float32_statistics_and_factors(n
         for n in pre.param_names + [p for b in pre.blocks for p in b.params]:
             state = c.optimizer.state_of(n)
             assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == dtype
+
+
+@pytest.mark.parametrize("name", ["diag", "rank1", "shampoo"])
+def test_an_eps_that_is_zero_in_the_parameters_dtype_is_named_when_planned_and_when_moved(name):
+    """Adam's ε of diag's moments (and of rank1's and shampoo's grafting), 1e-8 by default, is 0 in float16:
+    the case FLOAT16_ADAM marks. gnfx.compile warns, naming ε, the dtype and a working value; eps=1e-4 or
+    float32 parameters get no warning; a model halved after gnfx.compile is warned at the move."""
+    def eps_warnings(build, **hp):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build(**hp)
+        return [str(w.message) for w in caught if "eps=" in str(w.message)]
+
+    message, = eps_warnings(lambda **hp: gnfx.compile(MLP().half(), optimizer=name, lr=1e-3, **hp))
+    assert f"{name}'s eps=1e-08 is 0 in torch.float16" in message and "eps=1e-4 in float16" in message
+    assert eps_warnings(lambda **hp: gnfx.compile(MLP().half(), optimizer=name, lr=1e-3, **hp), eps=1e-4) == []
+    assert eps_warnings(lambda **hp: gnfx.compile(MLP().float(), optimizer=name, lr=1e-3, **hp)) == []
+    c = gnfx.compile(MLP().float(), optimizer=name, lr=1e-3)
+    moved, = eps_warnings(lambda: c.half())
+    assert f"{name}'s eps=1e-08 is 0 in torch.float16" in moved
 
 
 # ----------------------------------------------------------------------------- the loss scale
