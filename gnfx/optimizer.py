@@ -163,7 +163,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         step is 0/0, NaN, and every later step is skipped as non-finite (torch.optim.AdamW's step is NaN
         alike in float16, where the default 1e-8 is 0). Checked when the plan is built and when the
         parameters move (.half(), .to(dtype)), with the ε then set (per param group where it is one)."""
-        vanished = {}
+        vanished, zero = {}, {}  # zero: (ε, dtype) -> whether ε rounds to 0 there
         for pre in self.preconditioners:
             if "eps" not in pre.hp:
                 continue
@@ -171,7 +171,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 p = self.parameter_store.param(name)
                 group = self.parameter_store.group_of(name)
                 eps = group.get("eps", pre.hp["eps"]) if "eps" in pre.per_group_hparams else pre.hp["eps"]
-                if p.is_floating_point() and eps > 0 and torch.tensor(eps, dtype=p.dtype) == 0:
+                if (eps, p.dtype) not in zero:
+                    zero[eps, p.dtype] = p.is_floating_point() and eps > 0 and bool(torch.tensor(eps, dtype=p.dtype) == 0)
+                if zero[eps, p.dtype]:
                     vanished.setdefault((pre.name, eps, p.dtype), []).append(name)
         for (pre, eps, dtype), names in vanished.items():
             warnings.warn(f"gnfx: {pre}'s eps={eps:g} is 0 in {dtype}, the dtype of {len(names)} parameters it steps "

@@ -151,8 +151,10 @@ class WeightNorm:
 
 @dataclasses.dataclass(frozen=True)
 class _OfOneParameter:
-    """A reparametrization W = f(W_o) of one parameter W_o, its scale held fixed for the step: `weight`:
-    W's name in the model; `original`: W_o's parameter name, which W's stand-in takes; nothing else held."""
+    """A reparametrization W = f(W_o) of one parameter W_o, its scale c held fixed for the step, so that
+    the step moves W_o by c ΔW and W's gradient is c ∇W_o (each but for what the module docstring says
+    f cannot reach): `weight`: W's name in the model; `original`: W_o's parameter name, which W's
+    stand-in takes; nothing else held. A subclass gives c as `held_scale`."""
 
     weight: str
     original: str
@@ -164,6 +166,17 @@ class _OfOneParameter:
     @property
     def held(self) -> tuple[str, ...]:
         return ()
+
+    def held_scale(self, named: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """c ∇W_o."""
+        return self.held_scale(named) * grads[self.original]
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{W_o: c ΔW}."""
+        return {self.original: self.held_scale(named) * delta_w}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,13 +199,10 @@ class SpectralNorm(_OfOneParameter):
         """W = W_o / σ."""
         return named[self.original] / self.sigma(named)
 
-    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
-        """σ ∇W_o: ∇W but for its component along u vᵀ (module docstring)."""
-        return self.sigma(named) * grads[self.original]
-
-    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
-        """{W_o: σ ΔW}: J(σ ΔW) = ΔW − W (uᵀ ΔW v) (module docstring)."""
-        return {self.original: self.sigma(named) * delta_w}
+    def held_scale(self, named: dict) -> torch.Tensor:
+        """c = σ: ∇W = σ ∇W_o but for its component along u vᵀ, and J(σ ΔW) = ΔW − W (uᵀ ΔW v) (module
+        docstring)."""
+        return self.sigma(named)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +236,9 @@ class WeightStandardization(_OfOneParameter):
         return torch.nn.functional.batch_norm(v.reshape(1, v.shape[0], -1), None, None, weight=self.row_weight(named),
                                               training=True, momentum=0.0, eps=self.eps).reshape_as(v)
 
-    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
-        """s ∇V: ∇W but for its rows' mean and their component along W (module docstring)."""
-        return self.scale(named) * grads[self.original]
-
-    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
-        """{V: s ΔW} (module docstring)."""
-        return {self.original: self.scale(named) * delta_w}
+    def held_scale(self, named: dict) -> torch.Tensor:
+        """c = s: ∇W = s ∇V but for its rows' mean and their component along W (module docstring)."""
+        return self.scale(named)
 
 
 @dataclasses.dataclass(frozen=True)

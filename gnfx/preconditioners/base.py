@@ -60,6 +60,7 @@ class Preconditioner:
     tikhonov_damping: str | None = None
     # λ as the compiled update reads it (`damping`), filled by `hold_damping`; None until then
     held_damping: torch.Tensor | None = None
+    _held_value: float | None = None  # the λ held_damping holds
     # state every rank keeps a copy of under FSDP2 (gnfx.fsdp): the bases its taps measure in (EKFAC)
     tap_state: tuple[str, ...] = ()
     # why it does not run under FSDP2 yet (gnfx.fsdp refuses it with this reason); "": it does
@@ -178,9 +179,13 @@ class Preconditioner:
     def hold_damping(self, device: torch.device) -> None:
         """Fill `held_damping` (float64, on `device`) with λ = hp[tikhonov_damping], outside the
         compiled update (`damping`)."""
+        value = self.hp[self.tikhonov_damping]
         if self.held_damping is None or self.held_damping.device != device:
             self.held_damping = torch.zeros((), dtype=torch.float64, device=device)
-        self.held_damping.fill_(self.hp[self.tikhonov_damping])
+        elif value == self._held_value:
+            return  # unchanged since the last fill (λ moves at adaptations only): no op on the step
+        self.held_damping.fill_(value)
+        self._held_value = value
 
     def follow_parameters(self) -> None:
         """Move the state this instance keeps with its parameters, which the model's .to(), .cuda() or
