@@ -36,8 +36,8 @@ keeps `d_a² + d_out²` per factor set: the inverses, and the statistics A and S
 as accumulators (A's accumulator is Σ a aᵀ, d_in², plus Σ a with a bias; A is d_a entries for an
 embedding); Shampoo keeps one factor and one root per dimension, `Σ_j d_j²` per
 block (with blocking `Σ_blocks Σ_j c_j²`), rank-k `(k + 2) n + k + 2` and the diagonal `2n`.
-Factors and statistics are float64 for a float64 weight and float32 otherwise ("factor"
-storage), Adam's moments of "diag" have the parameter's dtype ("param"), counters are int64.
+Factors, statistics and Adam's moments of "diag" are float64 for a float64 weight and float32
+otherwise ("factor" storage; float16 and bfloat16 parameters included), counters are int64.
 
 **FLOPs** are leading-order counts: a product (m x p)(p x q) is 2mpq, a symmetric
 eigendecomposition with eigenvectors 9d³ (Golub & Van Loan, §8.3), a thin QR of an m x p matrix
@@ -78,7 +78,7 @@ SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
     "d_in", "d_out", "B", "R", "max_block", "max_factor", "k", "stat_every", "inv_every", "precondition_frequency",
     "W")}
 
-FACTOR, PARAM, INT64 = "factor", "param", "int64"  # storage of a state tensor (see module docstring)
+FACTOR, INT64 = "factor", "int64"  # storage of a state tensor (see module docstring)
 
 ADAMW = 10  # FLOPs per parameter entry of an AdamW step
 EIGH = 9  # d³ coefficient of a symmetric eigendecomposition with eigenvectors
@@ -351,7 +351,7 @@ class Formulas:
         return sum((e for e, _ in (*self.state.values(), *self.statistics.values())), sp.Integer(0))
 
     def memory(self, sizes: dict) -> sp.Expr:
-        """Bytes, with `sizes` the bytes per entry of each storage (FACTOR, PARAM, INT64)."""
+        """Bytes, with `sizes` the bytes per entry of each storage (FACTOR, INT64)."""
         return sum((e * sizes[s] for e, s in (*self.state.values(), *self.statistics.values())), sp.Integer(0))
 
     @property
@@ -425,4 +425,4 @@ def blocked(geometry: Geometry, hp: dict, at: dict) -> Geometry:
 
 def storage_sizes(weight: torch.Tensor) -> dict:
     """Bytes per entry of each storage for a block or parameter whose (first) tensor is `weight`."""
-    return {FACTOR: 8 if weight.dtype == torch.float64 else 4, PARAM: weight.element_size(), INT64: 8}
+    return {FACTOR: 8 if weight.dtype == torch.float64 else 4, INT64: 8}

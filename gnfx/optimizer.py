@@ -87,7 +87,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
         self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
-        self._warn_of_vanishing_eps()
         if self._pending_checkpoint is not None:
             checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
             self.load_state_dict(checkpoint)
@@ -155,32 +154,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self.update_function = UpdateFunction(self.curvature, self.parameter_store, self.update_function.setting)
         if self.quadratic is not None:
             self.quadratic.follow_parameters()
-        self._warn_of_vanishing_eps()
-
-    def _warn_of_vanishing_eps(self) -> None:
-        """Warn where a preconditioner's ε (Adam's √v + ε: diag's and muon's moments, rank1's and
-        shampoo's grafting) is 0 in the dtype of parameters it steps: wherever v underflows as well the
-        step is 0/0, NaN, and every later step is skipped as non-finite (torch.optim.AdamW's step is NaN
-        alike in float16, where the default 1e-8 is 0). Checked when the plan is built and when the
-        parameters move (.half(), .to(dtype)), with the ε then set (per param group where it is one)."""
-        vanished, zero = {}, {}  # zero: (ε, dtype) -> whether ε rounds to 0 there
-        for pre in self.preconditioners:
-            if "eps" not in pre.hp:
-                continue
-            for name in [n for b in pre.blocks for n in b.params] + list(pre.param_names):
-                p = self.parameter_store.param(name)
-                group = self.parameter_store.group_of(name)
-                eps = group.get("eps", pre.hp["eps"]) if "eps" in pre.per_group_hparams else pre.hp["eps"]
-                if (eps, p.dtype) not in zero:
-                    zero[eps, p.dtype] = p.is_floating_point() and eps > 0 and bool(torch.tensor(eps, dtype=p.dtype) == 0)
-                if zero[eps, p.dtype]:
-                    vanished.setdefault((pre.name, eps, p.dtype), []).append(name)
-        for (pre, eps, dtype), names in vanished.items():
-            warnings.warn(f"gnfx: {pre}'s eps={eps:g} is 0 in {dtype}, the dtype of {len(names)} parameters it steps "
-                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): where the second moment "
-                          f"underflows too, the step is 0/0 (NaN) and every later step is skipped. Pass eps >= "
-                          f"{torch.finfo(dtype).tiny:.0e} (e.g. eps=1e-4 in float16), or keep the parameters in "
-                          f"float32 and train under torch.autocast", RuntimeWarning, stacklevel=4)
 
     def state_of(self, name: str) -> dict:
         """The optimizer state of parameter `name` (its moments, factors and counters)."""

@@ -81,6 +81,38 @@ def test_grad2_is_adamw(hparams):
     assert not torch.equal(c.get_submodule("0").weight, model_with_a_fallback()[0].weight)  # it trained
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad2_on_low_precision_parameters_is_adamw_on_float32_rounded_once_a_step(dtype):
+    """A float16/bfloat16 model at the default ε = 1e-8: each step is torch.optim.AdamW's on float32
+    copies of the parameters (float32 moments) whose result is rounded to the model's dtype. In the
+    parameter's own dtype the first float16 step is 0/0 (ε and (1-β₂)g² are 0 there) and bfloat16's
+    β₂ v rounds back to v."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    model = model_with_a_fallback(dtype)
+    shadow = copy.deepcopy(model)  # the reference's gradients, from the same low-precision forward
+    master = [p.detach().float().requires_grad_() for p in shadow.parameters()]
+    adamw = torch.optim.AdamW(master, **hp)
+    c = gnfx.compile(model, optimizer="diag", source="grad2", **hp)
+    for step in range(20):
+        train(c, c.optimizer, 1, start=step)
+        x, y = data(step, dtype)
+        cross_entropy(shadow(x), y).backward()
+        for p, q in zip(master, shadow.parameters()):
+            p.grad, q.grad = q.grad.float(), None
+        adamw.step()
+        with torch.no_grad():
+            for p, q in zip(master, shadow.parameters()):
+                q.copy_(p)  # rounded to the model's dtype
+                p.copy_(q)
+    assert c.optimizer.skipped_steps == 0
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in c.parameters())
+    assert_same_parameters(c, shadow, rtol=0, atol=0)
+    assert not torch.equal(c.get_submodule("0").weight, model_with_a_fallback(dtype)[0].weight)  # it trained
+    for name, _ in c.named_parameters():
+        state = c.optimizer.state_of(name)
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+
+
 @pytest.mark.parametrize("schedule", ["step", "lambda"])
 def test_grad2_is_adamw_under_an_lr_scheduler(schedule):
     c, reference, adamw = twins(lr=5e-2, weight_decay=0.1)

@@ -101,7 +101,7 @@ def test_cost_formulas_by_name_are_the_class_formulas_and_an_unknown_name_is_ref
 
     hp = {k: v.default for k, v in KFAC.HPARAMS.items()}
     g = cost.block_geometry("linear", True, cost.SYMBOLS)
-    sizes = {cost.FACTOR: 4, cost.PARAM: 4, cost.INT64: 8}
+    sizes = {cost.FACTOR: 4, cost.INT64: 8}
     assert cost.formulas("kfac", hp, g).as_dict(sizes) == cost.formulas(KFAC, hp, g).as_dict(sizes)
     with pytest.raises(GnfxError, match="no preconditioner is registered as 'nope'; registered: diag"):
         cost.formulas("nope", hp, g)

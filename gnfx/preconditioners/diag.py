@@ -11,6 +11,12 @@ weight decay λ (decoupled):
 With source="grad2" this is exactly torch.optim.AdamW. With source="fisher", `s` for a block's
 weight and bias is the per-example diagonal of the empirical Fisher from the taps (the most recent
 statistic, see gnfx.statistics); parameters no block covers use g ⊙ g.
+
+Low-precision parameters (float16, bfloat16) keep m and v in float32, and the step runs on a float32
+copy of θ rounded back once: in their own dtype (1-β₂) g ⊙ g underflows to 0 in float16, ε = 1e-8 is
+0 there (the first step divides 0 by 0, as torch.optim.AdamW's does), and in bfloat16 β₂ v rounds back
+to v (its 8-bit significand cannot hold a change of 1e-3), so v never follows the gradients. float32
+and float64 parameters keep their own dtype: bit for bit AdamW's step.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ class Diagonal(Preconditioner):
     per_group_hparams = ("betas", "eps")
     in_auto = True
     STATE = ("exp_avg", "exp_avg_sq")  # AdamW's moments m and v, each shaped like its parameter
+    LOW_PRECISION = (torch.float16, torch.bfloat16)  # stepped in float32 (module docstring)
 
     @classmethod
     def needs(cls, hp):
@@ -42,9 +49,10 @@ class Diagonal(Preconditioner):
 
     @classmethod
     def cost_parts(cls, g, hp, at) -> cost.Parts:
-        """AdamW's two moments, each like the parameter: 2n entries, 10n FLOPs per step."""
+        """AdamW's two moments, each like the parameter (in float32 for a low-precision one): 2n entries,
+        10n FLOPs per step."""
         n = g.numel
-        return cost.Parts({k: (n, cost.PARAM) for k in cls.STATE}, update=cost.ADAMW * n)
+        return cost.Parts({k: (n, cost.FACTOR) for k in cls.STATE}, update=cost.ADAMW * n)
 
     @classmethod
     def auto_candidates(cls, hp, g):
@@ -55,7 +63,14 @@ class Diagonal(Preconditioner):
         """AdamW's state per parameter: the step count and the two moments (under FSDP2 shaped like
         the rank's shard)."""
         param = self.parameters.param
-        return {n: {"step": None, **{k: (param(n).shape, param(n).dtype) for k in self.STATE}} for n in self._names}
+        return {n: {"step": None, **{k: (param(n).shape, self.moment_dtype(param(n))) for k in self.STATE}}
+                for n in self._names}
+
+    @classmethod
+    def moment_dtype(cls, param: torch.Tensor) -> torch.dtype:
+        """The dtype of m and v, and of the step's arithmetic: float32 for a low-precision parameter,
+        else the parameter's own (module docstring)."""
+        return torch.float32 if param.dtype in cls.LOW_PRECISION else param.dtype
 
     def __init__(self, hp, blocks, params, parameters):
         super().__init__(hp, blocks, params, parameters)
@@ -119,19 +134,21 @@ class Diagonal(Preconditioner):
             params = [self.parameters.param(n) for n in names]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            # float32 copies of low-precision parameters and their gradients (module docstring)
+            work = [p.to(self.moment_dtype(p)) for p in params]
+            grads = [p.grad.to(w.dtype) for p, w in zip(params, work)]
             states = [self.parameters.state_of(n) for n in names]
-            for p, s in zip(params, states):
+            for w, s in zip(work, states):
                 if not s:
                     s["step"] = 0
-                    s.update({k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in self.STATE})
+                    s.update({k: torch.zeros_like(w, memory_format=torch.preserve_format) for k in self.STATE})
                 s["step"] += 1
             beta1, beta2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             exp_avgs = [s["exp_avg"] for s in states]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_mul_(work, 1 - lr * wd)
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             if self._fisher_of:
@@ -144,4 +161,7 @@ class Diagonal(Preconditioner):
             denoms = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_div_(denoms, bias2_sqrt)
             torch._foreach_add_(denoms, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+            torch._foreach_addcdiv_(work, exp_avgs, denoms, step_sizes)
+            for p, w in zip(params, work):
+                if w is not p:
+                    p.copy_(w)  # θ rounded to its dtype once
