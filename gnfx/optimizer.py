@@ -317,9 +317,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
             # each tensor's min and max, non-finite iff an entry is: on a CPU a foreach kernel is a loop over
             # the tensors anyway, and the ∞-norm's reduction takes 18x aminmax's time (0.27 s against 0.015 s
             # for a 4096 x 25088 gradient, one thread; benchmarks/results/performance.md)
-            finite = torch.isfinite(torch.stack([x for t in tensors for x in torch.aminmax(t)]).view(-1, 2)).all(1)
+            extremes = torch.stack([x for t in tensors for x in torch.aminmax(t)]).view(-1, 2)
         else:
-            finite = torch.stack([torch.isfinite(x) for x in torch._foreach_norm(tensors, ord=float("inf"))])
+            extremes = torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).view(-1, 1)
+        finite = torch.isfinite(extremes).all(1)  # one isfinite for all: its 4 kernels once, not per tensor
         if bool(finite.all()):
             return ""
         bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]

@@ -196,3 +196,21 @@ def test_bfloat16_autocast_on_cuda_fits_a_batch(name):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_on_cuda_skips_the_step_and_names_it(bad):
+    """The device's non-finite check (the ∞-norm of every gradient at once; on a CPU their min and max):
+    a gradient with one NaN or ∞ entry leaves every parameter and state as it was and names that gradient."""
+    c = gnfx.compile(CNN(width=4).to(DEVICE), "kfac", lr=0.05, stat_every=2)
+    (x, y), = image_batches(1, device=DEVICE)
+    train(c, [(x, y)])
+    before = {n: p.detach().clone() for n, p in c.named_parameters()}
+    loss_of(c(x), y).backward()
+    name, p = list(c.named_parameters())[1]
+    p.grad.view(-1)[3] = bad
+    with pytest.warns(RuntimeWarning, match=f"non-finite gradient of {name}"):
+        c.step()
+    assert c.optimizer.skipped_steps == 1
+    for n, q in c.named_parameters():
+        assert torch.equal(q, before[n]), n
