@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.library_probe --library torchvision [--models resnet18 swin_t] \
         [--steps 5] [--timeout 400] [--out probe.md] [--cost-rows 8]
     OMP_NUM_THREADS=1 python -m benchmarks.library_probe --library timm [--models vit_tiny_patch16_224]
+    OMP_NUM_THREADS=1 python -m benchmarks.library_probe --library timm --models hiera_tiny_224 --size 224
 
 benchmarks.hf_zoo's first contact, for the two vision libraries: each model as its users build it
 (`torchvision.models.get_model(NAME, num_classes=10)`, `timm.create_model(NAME, num_classes=10)`, from
@@ -63,8 +64,15 @@ def build(library: str, name: str, size: int) -> torch.nn.Module:
     if library == "torchvision":
         kwargs = dict(MODEL_KWARGS.get(name, {}), **({"image_size": size} if name.startswith("vit_") else {}))
         return importlib.import_module("torchvision.models").get_model(name, num_classes=10, **kwargs)
-    kwargs = {"img_size": size} if name.startswith(IMG_SIZE_PREFIXES) else {}
-    return importlib.import_module("timm").create_model(name, num_classes=10, **kwargs)
+    timm = importlib.import_module("timm")
+    if name.startswith(IMG_SIZE_PREFIXES):
+        return timm.create_model(name, num_classes=10, img_size=size)
+    if name in MODELS["timm"]:
+        return timm.create_model(name, num_classes=10)
+    try:  # a model off the list (--size): at that resolution where its constructor takes one
+        return timm.create_model(name, num_classes=10, img_size=size)
+    except TypeError:
+        return timm.create_model(name, num_classes=10)
 
 
 def probe(library: str, name: str, size: int, steps: int, cost_rows: int | None = None) -> str:
@@ -96,18 +104,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=400, help="seconds per model")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--cost-rows", type=int, help="gnfx.compile's cost_rows (default: gnfx's)")
+    parser.add_argument("--size", type=int, help="image size of the --models that are not on the library's list "
+                                                 "(any name the library builds; timm's img_size where it takes one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process's model
     args = parser.parse_args()
-    sizes = MODELS[args.library]
+    sizes = dict(MODELS[args.library], **{name: args.size for name in args.models or () if args.size})
     if args.one:
         print(probe(args.library, args.one, sizes[args.one], args.steps, args.cost_rows))
         return
     rows = ["| model | capture | in blocks | kfac losses | gnfx's warnings | s |", "|---|---|---|---|---|---|"]
     for name in args.models or sizes:
         if name not in sizes:
-            parser.error(f"unknown model {name!r} of {args.library}: one of {', '.join(sizes)}")
+            parser.error(f"unknown model {name!r} of {args.library}: one of {', '.join(sizes)}, or any other with "
+                         f"--size")
         command = [sys.executable, "-m", "benchmarks.library_probe", "--library", args.library, "--one", name,
                    "--steps", str(args.steps)] + ([] if args.cost_rows is None else ["--cost-rows", str(args.cost_rows)])
+        command += ["--models", name, "--size", str(sizes[name])] if name not in MODELS[args.library] else []
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (
