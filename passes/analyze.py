@@ -24,6 +24,10 @@ choice: under a softmax the head's S = E[δ δᵀ] has the all-ones vector in it
 where the head's gradient has no component but the embedding's has one (a common shift of every
 token's embedding), which (S + λ_S I)⁻¹ multiplies by 1/λ_S; on the char GPT of benchmarks/ that part
 of the direction sets the quadratic step's α (benchmarks/results/defaults.md, "kfac on the char GPT").
+Adding the guest's own K-FAC term `F ⊗ S_e` (token frequencies, output-gradient covariance at the
+lookup), as one Kronecker product of the sum or as the exact two-term inverse, removes most of that part of
+the direction but took no fewer steps there (same file, "the tied embedding's own curvature"), so
+the guest's statistics stay uncollected.
 """
 from __future__ import annotations
 
