@@ -9,6 +9,10 @@ Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers 
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
 
+The plan bounds K-FAC's big factors at gnfx.compile's `cost_rows` before any batch is seen; without
+cost_rows given, the end of the first statistic forward plans them again at the rows each block saw,
+before anything is accumulated (`bound_factors_at_rows`).
+
 A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
 `zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
 statistics collected since the last step stay pending for the next step that has gradients.
@@ -432,7 +436,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         one written before a capture too (no state yet, as accelerate's round trip) only sets the
         param groups. The factor bounds are planned again at the rows per call site the checkpoint's
         blocks were bounded at (`factor_rows`, from its run's first statistic forward: `bound_factors_at_rows`),
-        unless cost_rows was given; loaded, they are final (no re-plan at the next forward)."""
+        unless cost_rows was given; loaded from a run that stepped, they are final (no re-plan at the next
+        forward)."""
         if not self.attached:
             if state_dict.get("state") or state_dict.get("gnfx", {}).get("statistics"):
                 self._pending_checkpoint = state_dict
@@ -441,13 +446,14 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return
         self._bind_sharded()  # under FSDP2 the checkpoint holds the state of this rank's targets
         expected = self._checked_with_its_bounds(state_dict)
-        self.bounds_final = True
         gnfx_state = state_dict["gnfx"]
         self.statistics.load_state_dict(gnfx_state["statistics"])
         plain = {k: v for k, v in state_dict.items() if k != "gnfx"}
         super().load_state_dict(plain)
         restore_dtypes(self.state, self.param_groups, state_dict, expected)
         self.steps = int(gnfx_state["steps"])
+        # a run that stepped, or re-planned, keeps its bounds; a checkpoint of none is planned again at the rows
+        self.bounds_final = self.bounds_final or self.steps > 0 or bool(self.plan.rows_seen())
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
             self.quadratic.load_state_dict(gnfx_state["quadratic"], self.steps)

@@ -199,8 +199,7 @@ class Plan:
         out = {}
         for block in self.table:
             entry = self.entries[block.name]
-            at, g = _cost_at(block, entry, settings, settings["cost_rows"])
-            bound, why = REGISTRY[entry.name].factor_bound(entry.hparams, block, g, at)
+            bound, why = _planned_bound(block, entry, settings)
             rows = rows_per_site.get(block.name)
             if bound is not None and rows:
                 at, g = _cost_at(block, entry, settings, rows)
@@ -293,7 +292,8 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
             entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
         wins[i] += 1
     for block in table:
-        _bound_factors(block, entries[block.name], settings)
+        entries[block.name].max_factor, entries[block.name].bound_reason = _planned_bound(block, entries[block.name],
+                                                                                          settings)
     for fb in table.fallbacks:
         i = policy.match(fb.param)
         rule = policy.rules[i] if i is not None else None
@@ -309,12 +309,12 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
     return Plan(table, entries)
 
 
-def _bound_factors(block, entry: Entry, settings: dict) -> None:
-    """Set the entry's factor bound, the largest factor dimension its block keeps whole, as its
+def _planned_bound(block, entry: Entry, settings: dict) -> tuple[int | None, str]:
+    """The entry's factor bound, the largest factor dimension its block keeps whole, as its
     preconditioner's `factor_bound` chooses it at the cost model's rows (`cost_rows` per call site),
     and why where that is not the preconditioner's own max_factor."""
     at, g = _cost_at(block, entry, settings, settings["cost_rows"])
-    entry.max_factor, entry.bound_reason = REGISTRY[entry.name].factor_bound(entry.hparams, block, g, at)
+    return REGISTRY[entry.name].factor_bound(entry.hparams, block, g, at)
 
 
 def _cost_at(block, entry: Entry, settings: dict, rows_per_site: int):
