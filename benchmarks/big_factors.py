@@ -6,7 +6,8 @@ at batch 32; or at batch 8 a look-alike of torchvision's vgg11_bn for 32x32 imag
 classifier Linear(25088, 4096), Linear(4096, 4096) sees one row per example), or torchvision's own
 (`torchvision_vgg11_bn`, where torchvision is importable). In one process, AdamW and K-FAC at each
 max_factor and each `--cost-rows` (the rows per call site the plan's cost model assumes, which bound
-each block's factors: gnfx.preconditioners.kfac's factor_bound; default gnfx's). The forward+backward
+each block's factors: gnfx.preconditioners.kfac's factor_bound; 'default': not passed, so that the bounds
+are planned again at the rows of the first statistic forward, gnfx.optimizer's bound_factors_at_rows). The forward+backward
 takes seconds on this project's 2 shared cores, so
 instead of timing whole windows of stat_every steps each optimizer takes, per round, one statistic
 step (for K-FAC also a refresh: its step counter is set to a multiple of stat_every = inv_every)
@@ -180,8 +181,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-factors", type=int, nargs="+", default=[0, 1024, MAX_FACTOR],
                         help="K-FAC's max_factor values to time (0: every factor whole)")
     parser.add_argument("--model", choices=MODELS, default="resnet18")
-    parser.add_argument("--cost-rows", type=int, nargs="+", default=[None],
-                        help="K-FAC's cost_rows values to time (default: gnfx's)")
+    parser.add_argument("--cost-rows", type=lambda v: None if v == "default" else int(v), nargs="+", default=[None],
+                        help="K-FAC's cost_rows values to time ('default', or none given: cost_rows not passed, "
+                             "the factor bounds planned at the rows of the first statistic forward)")
     parser.add_argument("--batch", type=int, help="default: 32 for resnet18, 8 for the VGGs")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--plain", type=int, default=2, help="plain steps per optimizer and round")

@@ -102,7 +102,9 @@ COMMON = {
     "cost_rows": positive_int("rows B·R of a statistic step per call site (examples x positions) that the cost "
                               "model assumes: for optimizer='auto', K-FAC's factor blocks (its factor_bound: "
                               "blocks below max_factor where these rows are far fewer than the factors' entries) "
-                              "and model.cost()", 256),
+                              "and model.cost(). Not given, the factor bounds are planned again at the end of the "
+                              "first statistic forward at the rows each block saw (gnfx.optimizer "
+                              "bound_factors_at_rows)", 256),
 }
 PER_GROUP = ("lr", "weight_decay", "betas", "eps")  # read from param_groups at every step
 
@@ -152,6 +154,8 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     hparams = _step_defaults(optimizer, policy, hparams)
     hp = resolve({**COMMON, **policy.hparam_specs()}, hparams, f"optimizer={optimizer!r}")
     hp["lr_cap"] = lr_cap
+    # the factor bounds are planned at the given cost_rows; else again at the first statistic forward's rows
+    hp["cost_rows_given"] = "cost_rows" in hparams
     hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING
     if hp["fisher"] != "empirical" and hp["loss"] is None:
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy', "
@@ -171,7 +175,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
             kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
         store.warn_sequence_first(model)
-        opt.attach(plan.specs(), store)
+        opt.attach(plan, store)
         return plan.table, store
 
     variants = Variants(model, capture, leaf_modules, lambda captured: _lower_and_analyze(model, captured), start)

@@ -145,6 +145,8 @@ class CompiledModel(nn.Module):
             opt.collected = True
             out = self._variants(args, kwargs)
             watch_output(out, store, self._settings)
+            if not opt.bounds_final:  # the first statistic forward: its rows, before its backward
+                opt.bound_factors_at_rows()
             return out
         return self._model(*args, **kwargs)
 

@@ -9,6 +9,10 @@ Per-group `lr` and `weight_decay` work as in any torch optimizer (LR schedulers 
 `state_dict()` carries every moment, factor, statistic and counter, so a run resumed from a
 checkpoint continues exactly like the uninterrupted one.
 
+The plan bounds K-FAC's big factors at gnfx.compile's `cost_rows` before any batch is seen; without
+cost_rows given, the end of the first statistic forward plans them again at the rows each block saw,
+before anything is accumulated (`bound_factors_at_rows`).
+
 A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
 `zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
 statistics collected since the last step stay pending for the next step that has gradients.
@@ -60,7 +64,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._comm = None
         self.live_params = None  # set by CompiledModel: the model's current parameters, by name
         self.collected = False  # set by the compiled model when a forward ran with taps
-        self._rows_advised = False  # whether the first statistic step's rows were compared with cost_rows
+        self.plan = None  # the gnfx.plan.Plan, given by `attach`
+        # whether the factor bounds are final: compared with (and, without cost_rows given, planned at) the
+        # rows of the first statistic forward (`bound_factors_at_rows`), or a checkpoint's
+        self.bounds_final = False
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
@@ -71,25 +78,80 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                         settings["quadratic_momentum"])
                           if settings["step"] == "quadratic" else None)
 
-    def attach(self, preconditioner_specs: list, statistics) -> None:
-        """Build the plan's preconditioners (`preconditioner_specs`: a list of (class, hparams,
-        blocks, loose parameter names)) over the statistics store the taps fill; each gets its
-        hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
-        self.statistics = statistics
-        # reparametrized (weight- or spectrally normed) blocks step their W (gnfx.reparametrization)
-        self.parameter_store.reparametrize([b.reparametrization for _, _, blocks, _ in preconditioner_specs
-                                            for b in blocks if b.reparametrization is not None])
-        shared = {k: self._settings[k] for k in STATISTIC_SETTINGS}
-        self.preconditioners = [cls({**hp, **shared}, blocks, params, self.parameter_store)
-                                for cls, hp, blocks, params in preconditioner_specs]
-        for pre in self.preconditioners:
-            pre.publish_bases(statistics)
-        self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
-        self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
-        self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
+    def attach(self, plan, statistics) -> None:
+        """Build the preconditioners of `plan` (a gnfx.plan.Plan) over the statistics store the taps
+        fill; each gets its hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
+        self.plan, self.statistics = plan, statistics
+        self._build_preconditioners()
         if self._pending_checkpoint is not None:
             checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
             self.load_state_dict(checkpoint)
+
+    def _build_preconditioners(self) -> None:
+        """The plan's preconditioners (`Plan.specs()`: (class, hparams, blocks, loose parameter names)
+        each), and the update function that runs them."""
+        specs = self.plan.specs()
+        # reparametrized (weight- or spectrally normed) blocks step their W (gnfx.reparametrization)
+        self.parameter_store.reparametrize([b.reparametrization for _, _, blocks, _ in specs
+                                            for b in blocks if b.reparametrization is not None])
+        shared = {k: self._settings[k] for k in STATISTIC_SETTINGS}
+        self.preconditioners = [cls({**hp, **shared}, blocks, params, self.parameter_store)
+                                for cls, hp, blocks, params in specs]
+        for pre in self.preconditioners:
+            pre.publish_bases(self.statistics)
+        self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
+        self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
+        self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
+
+    def bound_factors_at_rows(self) -> None:
+        """At the end of the first statistic forward, before its backward accumulates any statistic:
+        re-plan the factor bound of each block whose preconditioner bounds it smaller at the rows its
+        call sites saw on this forward, where that pays (gnfx.plan `Plan.bounds_at_rows`: for K-FAC, where
+        applying the planned blocks costs over 4x the layer's own products and the smaller ones save
+        10⁹ FLOPs a step). The plan was made at cost_rows rows per call site before any batch was seen;
+        the re-planned blocks are those gnfx.compile(..., cost_rows=<their rows per call site>) gives, and
+        so is the training from here on: their statistics, the preconditioners and the update function
+        are laid out anew before anything is accumulated. With cost_rows given (the plan is the user's),
+        and under torch.distributed (ranks may see different rows and must keep one plan), it warns
+        instead, naming the cost_rows to pass. With gradient accumulation the rows are the first
+        micro-batch's."""
+        self.bounds_final = True
+        seen = {name: stats.staged_rows() for name, stats in self.statistics.blocks.items()}
+        per_site = {name: max(1, rows // len(self.plan.table[name].sites)) for name, rows in seen.items() if rows}
+        smaller = {name: bound for name, bound in self.plan.bounds_at_rows(per_site, self._settings).items()
+                   if bound[2] is not None}
+        if not smaller:
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not self._settings["cost_rows_given"] and not distributed:
+            self._rebound(smaller)
+            return
+        listed = "; ".join(f"{name}: {rows} rows, blocks of at most {self.plan.table[name].max_factor} planned, "
+                           f"{bound} at these rows" for name, (bound, _, rows) in list(smaller.items())[:3])
+        more = f" and {len(smaller) - 3} more" if len(smaller) > 3 else ""
+        why = ("cost_rows was given, so the plan is kept" if self._settings["cost_rows_given"] else
+               "under torch.distributed the plan is kept (its ranks could see different rows)")
+        warnings.warn(f"gnfx: the factor blocks were planned for cost_rows={self._settings['cost_rows']} rows per call "
+                      f"site, and the first statistic forward saw far fewer, at which applying them costs several "
+                      f"times the layers' own products ({listed}{more}); {why}. Pass cost_rows="
+                      f"{min(rows for *_, rows in smaller.values())} to gnfx.compile (the rows per call site of a "
+                      f"statistic step: examples x positions) for smaller blocks and a cheaper step; print(model) "
+                      f"shows the blocks", RuntimeWarning, stacklevel=4)
+
+    def _rebound(self, bounds: dict) -> None:
+        """Re-plan the factor bounds of the blocks in `bounds` (gnfx.plan `Plan.rebound`): the plan's
+        table, their statistics' accumulators and the preconditioners and update function built anew
+        (the curvature preconditioners' state of the former blocking dropped, as their groups change)."""
+        for pre in self.curvature:
+            for group in pre.groups:
+                holder = self.parameter_store.state_of(pre.state_holder[group.key])
+                for key in [k for k in holder if k.startswith(group.key + ".")]:
+                    del holder[key]
+        self.plan.rebound(bounds)
+        for name in bounds:
+            if name in self.statistics.blocks:
+                self.statistics[name].lay_out(self.plan.table[name])
+        self._build_preconditioners()
 
     @property
     def attached(self) -> bool:
@@ -191,24 +253,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """Whether the forward/backward before the next step runs the taps."""
         return bool(self.statistics) and self.statistic_step
 
-    def _advise_rows(self) -> None:
-        """Once, after the first statistic step: warn where the plan, which bounded the factor blocks at
-        gnfx.compile's cost_rows rows per call site before any batch was seen, would bound them smaller at
-        the rows this step saw (the preconditioners' rows_advice), naming the cost_rows to pass."""
-        self._rows_advised = True
-        advice = [a for pre in self.curvature for a in pre.rows_advice(self.statistics)]
-        if not advice:
-            return
-        listed = "; ".join(f"{name}: {rows} rows, blocks of at most {planned} planned, {bound} at these rows"
-                           for name, rows, planned, bound in advice[:3])
-        more = f" and {len(advice) - 3} more" if len(advice) > 3 else ""
-        warnings.warn(f"gnfx: the factor blocks were planned for cost_rows={self._settings['cost_rows']} rows per call "
-                      f"site, and the first statistic step saw far fewer, at which applying them costs several "
-                      f"times the layers' own products ({listed}{more}). Pass cost_rows="
-                      f"{min(rows for _, rows, *_ in advice)} to gnfx.compile (the rows per call site of a statistic "
-                      f"step: examples x positions) for smaller blocks and a cheaper step; print(model) shows the "
-                      f"blocks", RuntimeWarning, stacklevel=3)
-
     @torch.no_grad()
     def step(self, closure=None):
         """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
@@ -245,8 +289,6 @@ class GnfxOptimizer(torch.optim.Optimizer):
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return loss
         self.statistics.fold(batches, self.stat_decay)
-        if batches and not self._rows_advised:
-            self._advise_rows()
         self.parameter_store.sync_groups()
         self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:
@@ -332,10 +374,32 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return self._pending_checkpoint
         sd = super().state_dict()
         sd["gnfx"] = {"steps": self.steps, "skipped_steps": self.skipped_steps,
-                      "statistics": self.statistics.state_dict() if self.attached else {}}
+                      "statistics": self.statistics.state_dict() if self.attached else {},
+                      "factor_rows": self.plan.rows_seen() if self.attached else {}}
         if self.quadratic is not None:
             sd["gnfx"]["quadratic"] = self.quadratic.state_dict()
         return sd
+
+    def _checked_with_its_bounds(self, state_dict) -> dict:
+        """check_checkpoint's expected state, with the plan's factor bounds planned at the checkpoint's rows
+        (`factor_rows`) where they differ and cost_rows was not given; where the check fails, the bounds and
+        the state are set back and it raises."""
+        gnfx_state = state_dict.get("gnfx") if isinstance(state_dict, dict) else None
+        rows = gnfx_state.get("factor_rows", {}) if isinstance(gnfx_state, dict) else {}
+        changed = self.plan.bounds_at_rows(rows, self._settings) if isinstance(rows, dict) else {}
+        if not changed or self._settings["cost_rows_given"] or self.sharded is not None:
+            return check_checkpoint(self, state_dict)
+        former = {name: (e.max_factor, e.bound_reason, e.rows_seen)
+                  for name, e in self.plan.entries.items() if name in changed}
+        former_state = {p: dict(entries) for p, entries in self.state.items()}
+        self._rebound(changed)
+        try:
+            return check_checkpoint(self, state_dict)
+        except Exception:
+            self._rebound(former)
+            for p, entries in former_state.items():
+                self.state[p].update(entries)
+            raise
 
     def load_state_dict(self, state_dict):
         """Load a checkpoint of this optimizer. The whole checkpoint is checked first (parameter
@@ -344,7 +408,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
         a ConfigError naming what differs and leaves the optimizer exactly as it was. Before the
         model's first call (lazy capture) the checkpoint is kept and loaded, checked, at the capture;
         one written before a capture too (no state yet, as accelerate's round trip) only sets the
-        param groups."""
+        param groups. The factor bounds are planned again at the rows per call site the checkpoint's
+        blocks were bounded at (`factor_rows`, from its run's first statistic forward: `bound_factors_at_rows`),
+        unless cost_rows was given; loaded from a run that stepped, they are final (no re-plan at the next
+        forward)."""
         if not self.attached:
             if state_dict.get("state") or state_dict.get("gnfx", {}).get("statistics"):
                 self._pending_checkpoint = state_dict
@@ -352,13 +419,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
                 super().load_state_dict({k: v for k, v in state_dict.items() if k != "gnfx"})
             return
         self._bind_sharded()  # under FSDP2 the checkpoint holds the state of this rank's targets
-        expected = check_checkpoint(self, state_dict)
+        expected = self._checked_with_its_bounds(state_dict)
         gnfx_state = state_dict["gnfx"]
         self.statistics.load_state_dict(gnfx_state["statistics"])
         plain = {k: v for k, v in state_dict.items() if k != "gnfx"}
         super().load_state_dict(plain)
         restore_dtypes(self.state, self.param_groups, state_dict, expected)
         self.steps = int(gnfx_state["steps"])
+        # a run that stepped, or re-planned, keeps its bounds; a checkpoint of none is planned again at the rows
+        self.bounds_final = self.bounds_final or self.steps > 0 or bool(self.plan.rows_seen())
         self.skipped_steps = int(gnfx_state.get("skipped_steps", 0))
         if self.quadratic is not None and "quadratic" in gnfx_state:
             self.quadratic.load_state_dict(gnfx_state["quadratic"], self.steps)

@@ -35,7 +35,7 @@ whose memory is at most `memory_budget` times the block's parameter memory and w
 FLOPs per step are at most `compute_budget` times an AdamW step's on the block (gnfx.cost, with
 `cost_rows` rows per call site on statistic steps). The plan is deterministic, and a larger
 budget never gives a less faithful choice: the candidates that fit only grow with the budget.
-Each entry records why it was chosen (`plan.entries[name].reason`, the report's last column).
+Each entry records why it was chosen (`plan.entries[name].why`, the report's last column).
 
 `make_plan` returns the plan as a value and leaves the analyzed LayerTable as it is. The plan's
 `table` is the view of both that the rest of gnfx reads (`model.layers`): a LayerTable of copies of
@@ -44,6 +44,12 @@ name) and `block.max_factor` (which blocks the block's big factors, gnfx.layouts
 preconditioner's `max_factor`, or below it where the preconditioner's `factor_bound` lowers it at
 `cost_rows` rows, as K-FAC does when applying its blocks would cost far more than the layer's own
 products; the reason says so), and `plan` (this plan).
+
+The plan precedes any batch. Where cost_rows was not given, the optimizer re-plans the factor bounds at
+the end of the first statistic forward, before any statistic is accumulated, at the rows each block's
+call sites saw (`bounds_at_rows`, `rebound`: gnfx.optimizer `GnfxOptimizer.bound_factors_at_rows`); the
+block's reason then names those rows. Only the bounds are re-planned: "auto" chose its preconditioners
+at cost_rows.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ from gnfx.layer_table import LayerTable
 from gnfx.preconditioners import REGISTRY
 
 FALLBACK = "diag"
+ROWS_SEEN = "seen by the first statistic forward"  # where the rows of a re-planned factor bound come from
 AUTO = "auto"
 BUDGETS = {  # gnfx.compile keywords (gnfx.api.COMMON), and the hyperparameters of an ("auto", {...}) pattern
     "memory_budget": positive("optimizer='auto': a block's optimizer state and statistics, at most this multiple of "
@@ -159,8 +166,16 @@ class Entry:
     hparams: dict
     reason: str
     fidelity: int | None = None
-    # a block's factor bound (gnfx.layouts.base; None: factors whole), the preconditioner's `factor_bound`
+    # a block's factor bound (gnfx.layouts.base; None: factors whole), the preconditioner's `factor_bound`,
+    # and why where it is below the preconditioner's max_factor
     max_factor: int | None = None
+    bound_reason: str = ""
+    rows_seen: int | None = None  # the rows per call site the bound was chosen at (None: cost_rows)
+
+    @property
+    def why(self) -> str:
+        """Why the preconditioner serves it, and why its factors are bounded as they are."""
+        return self.reason + (f"; {self.bound_reason}" if self.bound_reason else "")
 
 
 class Plan:
@@ -175,6 +190,41 @@ class Plan:
         self.table = LayerTable(blocks, fallbacks, table.leaves, table.form, table.notes, table.opened)
         self.table.capture = table.capture
         self.table.plan = self
+
+    def bounds_at_rows(self, rows_per_site: dict[str, int], settings: dict) -> dict[str, tuple]:
+        """(max_factor, why, rows per call site or None) of each block with a factor bound whose bound is
+        not the plan's now: the bound at cost_rows (the plan's at gnfx.compile), or, for a block given its
+        rows per call site (`rows_per_site`), the smaller bound its preconditioner chooses at those rows
+        where that pays (`smaller_bound`), with the rows."""
+        out = {}
+        for block in self.table:
+            entry = self.entries[block.name]
+            bound, why = _planned_bound(block, entry, settings)
+            rows = rows_per_site.get(block.name)
+            if bound is not None and rows:
+                at, g = _cost_at(block, entry, settings, rows)
+                smaller = REGISTRY[entry.name].smaller_bound(entry.hparams, dataclasses.replace(block, max_factor=bound),
+                                                             g, at, f"{rows} per call site, {ROWS_SEEN}")
+                bound, why, rows = (*smaller, rows) if smaller is not None else (bound, why, None)
+            else:
+                rows = None
+            if (bound, why, rows) != (entry.max_factor, entry.bound_reason, entry.rows_seen):
+                out[block.name] = (bound, why, rows)
+        return out
+
+    def rebound(self, bounds: dict[str, tuple]) -> None:
+        """Set the factor bound, its reason and the rows it was chosen at of the blocks in `bounds` (by
+        name, as `bounds_at_rows` gives them) in the entries and in `table`'s blocks."""
+        for name, (bound, why, rows) in bounds.items():
+            entry = self.entries[name]
+            entry.max_factor, entry.bound_reason, entry.rows_seen = bound, why, rows
+        self.table.blocks = [dataclasses.replace(b, max_factor=self.entries[b.name].max_factor)
+                             if b.name in bounds else b for b in self.table.blocks]
+        self.table.reindex()
+
+    def rows_seen(self) -> dict[str, int]:
+        """The rows per call site of each block whose factor bound was chosen at the rows it saw."""
+        return {name: e.rows_seen for name, e in self.entries.items() if e.rows_seen is not None}
 
     def needs(self, block) -> frozenset[str]:
         e = self.entries[block.name]
@@ -242,7 +292,8 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
             entries[block.name] = Entry(rule.name, hp, policy.describe(rule))
         wins[i] += 1
     for block in table:
-        _bound_factors(block, entries[block.name], settings)
+        entries[block.name].max_factor, entries[block.name].bound_reason = _planned_bound(block, entries[block.name],
+                                                                                          settings)
     for fb in table.fallbacks:
         i = policy.match(fb.param)
         rule = policy.rules[i] if i is not None else None
@@ -258,15 +309,20 @@ def make_plan(table, policy: Policy, given: dict, settings: dict, params: dict) 
     return Plan(table, entries)
 
 
-def _bound_factors(block, entry: Entry, settings: dict) -> None:
-    """Set the entry's factor bound, the largest factor dimension its block keeps whole, as its
+def _planned_bound(block, entry: Entry, settings: dict) -> tuple[int | None, str]:
+    """The entry's factor bound, the largest factor dimension its block keeps whole, as its
     preconditioner's `factor_bound` chooses it at the cost model's rows (`cost_rows` per call site),
-    and say why in its reason where that is not the preconditioner's own max_factor."""
+    and why where that is not the preconditioner's own max_factor."""
+    at, g = _cost_at(block, entry, settings, settings["cost_rows"])
+    return REGISTRY[entry.name].factor_bound(entry.hparams, block, g, at)
+
+
+def _cost_at(block, entry: Entry, settings: dict, rows_per_site: int):
+    """The cost model's numbers for `block` under `entry` at `rows_per_site` rows per call site, and the
+    block's geometry at them."""
     at = cost.symbols_for(entry.hparams, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
-                          B=settings["cost_rows"], R=len(block.sites))
-    entry.max_factor, why = REGISTRY[entry.name].factor_bound(entry.hparams, block, cost.geometry_of(block, at), at)
-    if why:
-        entry.reason += f"; {why}"
+                          B=rows_per_site, R=len(block.sites))
+    return at, cost.geometry_of(block, at)
 
 
 def _check_patterns(policy: Policy, wins: list[int], table) -> None:

@@ -34,7 +34,7 @@ def block_table(table, state_bytes: dict[str, int] | None = None) -> str:
     preconditioner) and per fallback parameter, then its optimizer state given `state_bytes`
     (name -> bytes; "unknown" for a name it lacks), and why that preconditioner serves it once the
     table is planned."""
-    why = {name: e.reason for name, e in table.plan.entries.items()} if table.plan is not None else None
+    why = {name: e.why for name, e in table.plan.entries.items()} if table.plan is not None else None
     rows = [[b.name, b.kind + (f" [{b.role}]" if b.role else ""),
              " ".join(_shape(k, v) for k, v in b.shapes.items()), b.preconditioner or "-"]
             for b in table]

@@ -76,13 +76,37 @@ class BlockStatistics:
     """Accumulators and averaged statistics of one block."""
 
     def __init__(self, block, store, needs, kfac_approx: str, dtype: torch.dtype, device: torch.device):
-        self.block = block
         self.store = store
+        self.needs = frozenset(needs)
+        self.dtype, self.device = dtype, device
+        self.lay_out(block)
+        self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
+        self._per_example: dict[int, torch.Tensor] = {}
+        self._eigen_per_example: dict[int, torch.Tensor] = {}
+        self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
+        self._a_rows = 0
+        self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
+        self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
+        self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
+        self._warned = False
+        # several sites (tied weights, or a layer an opaque submodule's code calls, any number of times:
+        # Block.called_by): the sites' terms summed per example (reduce: over the positions of all sites;
+        # per-example diagonals: before squaring)
+        self.several_sites = len(block.sites) > 1 or block.called_by is not None
+        self.pool_sites = self.reduce and self.several_sites
+        self._pooled: dict[int, dict] = {}
+        self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
+        self.updates = 0
+
+    def lay_out(self, block) -> None:
+        """Take `block` (the same layer; its factor bound `max_factor` planned anew, gnfx.plan) and its
+        layout, with empty accumulators shaped for it: called before any backward of the step reached
+        the block. The staged layer inputs and the averaged statistics stay (a checkpoint's, of this
+        blocking, replace them)."""
+        self.block = block
         self.layout = layout_of(block)
         self.groups = self.layout.groups
-        self.needs = frozenset(needs)
-        self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
-        self.dtype, self.device = dtype, device
+        dtype, device, needs = self.dtype, self.device, self.needs
         self.bias = block.bias is not None
         d_a, d_out = block.d_in + self.bias, block.d_out
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
@@ -103,23 +127,11 @@ class BlockStatistics:
         self._grad = zeros(d_out, d_a) if "grad" in needs else None
         self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
         self._dirty = False  # whether a tap added to the other accumulators since the last reset
-        self._per_example: dict[int, torch.Tensor] = {}
-        self._eigen_per_example: dict[int, torch.Tensor] = {}
-        self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
-        self._a_rows = 0
-        self.last_rows = 0  # the rows of the last batch() (examples x positions, all call sites)
-        self._examples: dict[int, int] = {}  # forward id -> examples N of that forward
-        self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
-        self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
-        self._warned = False
-        # several sites (tied weights, or a layer an opaque submodule's code calls, any number of times:
-        # Block.called_by): the sites' terms summed per example (reduce: over the positions of all sites;
-        # per-example diagonals: before squaring)
-        self.several_sites = len(block.sites) > 1 or block.called_by is not None
-        self.pool_sites = self.reduce and self.several_sites
-        self._pooled: dict[int, dict] = {}
-        self.values: dict[str, torch.Tensor] = {}  # the averaged statistics, by name
-        self.updates = 0
+
+    def staged_rows(self) -> int:
+        """The rows (examples x positions, over all call sites) of the layer inputs staged by the forwards
+        whose backward has not reached the block yet (gnfx.layouts.base `Layout.rows`)."""
+        return sum(self.layout.rows(a) for staged in self._staged.values() for a in staged)
 
     @property
     def wants_activation_in_backward(self) -> bool:
@@ -298,7 +310,6 @@ class BlockStatistics:
             if self._S is not None and torch.is_tensor(pooled["g"]):
                 self._gram_into("_S", pooled["g"])
         batch = {}
-        self.last_rows = self._a_rows
         if self._A is not None and self._a_rows:
             batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
             if self._A_energy is not None:  # ε_t, normalized into A by fold (gnfx.layouts.position)

@@ -268,14 +268,16 @@ def test_the_block_table_gives_the_bounded_blocks_and_why():
     assert "A(5 blocks of 61) S40x40 W40x300" in many and "factors in blocks" not in many
 
 
-def first_steps_warnings(model, rows, steps=2, **hparams):
-    """The warnings of `steps` statistic steps of K-FAC on batches of `rows` rows, one list per step."""
-    c = gnfx.compile(model, "kfac", lr=1e-3, stat_every=1, **hparams)
+def first_steps_warnings(model, rows, steps=2, features=2048, **hparams):
+    """The warnings of `steps` statistic steps of K-FAC on batches of `rows` rows, one list per step
+    (`model` a compiled model, or a module compiled here with `hparams`)."""
+    c = model if isinstance(model, gnfx.CompiledModel) else gnfx.compile(model, "kfac", lr=1e-3, stat_every=1,
+                                                                         **hparams)
     found = []
     for _ in range(steps):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            F.cross_entropy(c(torch.randn(rows, model[0].in_features)), torch.randint(10, (rows,))).backward()
+            F.cross_entropy(c(torch.randn(rows, features)), torch.randint(10, (rows,))).backward()
             c.step()
             c.zero_grad()
         found.append([str(w.message) for w in caught])
@@ -287,30 +289,119 @@ def wide_mlp():
     return nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
 
 
-def test_the_first_statistic_step_with_far_fewer_rows_than_cost_rows_names_the_cost_rows_to_pass():
-    """The plan bounds the blocks at cost_rows (256) before any batch is seen; at 4 rows a step the
-    2048x2048 layer's blocks of 1024 cost ~170x its own products, blocks of the bound the plan picks at
-    cost_rows=4 ~3x. The first statistic step warns once, naming that bound and cost_rows=4; the head
-    (2048 -> 10), whose smaller blocks would save under ADVICE_FLOPS, is not named."""
+def test_with_cost_rows_given_the_first_statistic_forward_with_far_fewer_rows_names_the_cost_rows_to_pass():
+    """A plan at a given cost_rows (256) is the user's: at 4 rows a step the 2048x2048 layer's blocks of 1024
+    cost ~170x its own products, blocks of the bound the plan picks at cost_rows=4 ~3x. The first statistic
+    forward warns once, naming that bound and cost_rows=4, and keeps the plan; the head (2048 -> 10), whose
+    smaller blocks would save under REBOUND_FLOPS, is not named."""
     expected = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, cost_rows=4).layers["0"].max_factor
     assert expected < 1024
-    first, second = first_steps_warnings(wide_mlp(), rows=4)
+    c = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, stat_every=1, cost_rows=256)
+    first, second = first_steps_warnings(c, rows=4)
     message, = first
-    assert "Pass cost_rows=4 to gnfx.compile" in message
+    assert "Pass cost_rows=4 to gnfx.compile" in message and "cost_rows was given, so the plan is kept" in message
     assert f"0: 4 rows, blocks of at most 1024 planned, {expected} at these rows" in message and "2:" not in message
     assert second == []
+    assert c.layers["0"].max_factor == 1024
+
+
+def test_at_the_defaults_a_wide_block_at_few_rows_is_bounded_at_the_rows_it_saw():
+    """Without cost_rows, the first statistic forward re-plans the 2048x2048 layer at the 4 rows it saw: the
+    bound gnfx.compile(..., cost_rows=4) gives it, with the rows in the block table, and no warning. The head
+    (2048 -> 10), whose smaller blocks would save under REBOUND_FLOPS, keeps the bound of the plan at
+    cost_rows=256 (cost_rows=4 would block it too)."""
+    at_4 = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, cost_rows=4).layers
+    planned = gnfx.compile(wide_mlp(), "kfac", lr=1e-3).layers
+    assert at_4["2"].max_factor < planned["2"].max_factor
+    c = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, stat_every=1)
+    assert c.layers["0"].max_factor == 1024  # before any batch: the plan at cost_rows=256
+    assert first_steps_warnings(c, rows=4) == [[], []]
+    assert c.layers["0"].max_factor == at_4["0"].max_factor and c.layers["0"].shapes == at_4["0"].shapes
+    assert c.layers["2"].max_factor == planned["2"].max_factor
+    assert (f"factors in blocks of at most {at_4['0'].max_factor} (max_factor=1024: ") in repr(c.layers)
+    assert "at 4 rows (4 per call site, seen by the first statistic forward)" in repr(c.layers)
+    # the statistics and the preconditioner are laid out in the new blocks
+    S = c.statistics("0")["S"]
+    assert S.shape == at_4["0"].shapes["S"]
+
+
+def test_at_the_defaults_a_wide_convolution_is_bounded_at_its_output_positions():
+    """A conv's rows are its examples x output positions: one 2x2 example padded to 2x2 outputs is 4 rows,
+    at which the 512 -> 512 3x3 conv (A of 4609) is bounded as at cost_rows=4."""
+    def conv():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(512, 512, 3, padding=1), nn.Flatten(), nn.Linear(2048, 3))
+    at_4 = gnfx.compile(conv(), "kfac", lr=1e-3, cost_rows=4).layers["0"]
+    c = gnfx.compile(conv(), "kfac", lr=1e-3)
+    assert c.layers["0"].max_factor > at_4.max_factor
+    F.cross_entropy(c(torch.randn(1, 512, 2, 2)), torch.tensor([1])).backward()
+    c.step()
+    assert c.layers["0"].max_factor == at_4.max_factor
+
+
+def wide():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2048, 1024))
+
+
+def wide_trained(steps=3, checkpoint_at=None, **hparams):
+    """Parameters of `wide` after `steps` K-FAC steps on 4 rows (statistics and refresh every step),
+    optionally saved and loaded into a fresh compiled model before step `checkpoint_at`."""
+    def compiled():
+        return compile_kfac(wide().to(DTYPE), stat_decay=0.5, **hparams)
+    c = compiled()
+    g = torch.Generator().manual_seed(3)
+    for i in range(steps):
+        if i == checkpoint_at:
+            buffer = io.BytesIO()
+            torch.save({"model": c.state_dict(), "optimizer": c.optimizer.state_dict()}, buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer, weights_only=False)
+            c = compiled()
+            c.load_state_dict(saved["model"])
+            c.optimizer.load_state_dict(saved["optimizer"])
+            bound = c.layers["0"].max_factor  # the checkpoint's bound, before any forward
+        x, y = torch.randn(4, 2048, generator=g, dtype=DTYPE), torch.randint(0, 1024, (4,), generator=g)
+        step(c, x, y)
+    if checkpoint_at is not None:
+        assert bound == c.layers["0"].max_factor
+    return c, {k: v.detach().clone() for k, v in c.state_dict().items()}
+
+
+def test_at_the_defaults_training_is_exactly_that_at_cost_rows_of_the_rows_seen():
+    """From its first step (the re-plan precedes every statistic), and across a checkpoint."""
+    c, default = wide_trained()
+    at_4, given = wide_trained(cost_rows=4)
+    assert c.layers["0"].max_factor == at_4.layers["0"].max_factor < 1024
+    assert all(torch.equal(default[k], given[k]) for k in default)
+    _, resumed = wide_trained(checkpoint_at=2)
+    assert all(torch.equal(default[k], resumed[k]) for k in default)
+
+
+def test_a_checkpoint_bounded_at_its_rows_is_refused_where_cost_rows_was_given():
+    c, _ = wide_trained(steps=1)
+    other = compile_kfac(wide().to(DTYPE), cost_rows=256)
+    with pytest.raises(gnfx.ConfigError, match="shape"):
+        other.optimizer.load_state_dict(c.optimizer.state_dict())
+    assert other.layers["0"].max_factor == 1024
 
 
 @pytest.mark.parametrize("rows,hparams", [(4, dict(cost_rows=4)), (512, {})])
-def test_no_rows_warning_where_the_plan_had_the_rows_right(rows, hparams):
-    assert first_steps_warnings(wide_mlp(), rows, steps=1, **hparams) == [[]]
+def test_no_rows_warning_and_no_re_plan_where_the_plan_had_the_rows_right(rows, hparams):
+    c = gnfx.compile(wide_mlp(), "kfac", lr=1e-3, stat_every=1, **hparams)
+    planned = [(b.max_factor, c.layers.plan.entries[b.name].why) for b in c.layers]
+    assert first_steps_warnings(c, rows, steps=1) == [[]]
+    assert [(b.max_factor, c.layers.plan.entries[b.name].why) for b in c.layers] == planned
 
 
 def test_no_rows_warning_where_smaller_blocks_would_save_little():
-    """Wide (300 -> 40) at 2 rows: its bound at 2 rows is 8, not 64, but the product saves ~10⁶ FLOPs."""
+    """Wide (300 -> 40) at 2 rows: its bound at 2 rows is 8, not 64, but the product saves ~10⁶ FLOPs: at
+    the defaults it keeps the bound of the plan at cost_rows=256, and with cost_rows=256 given nothing warns."""
     assert compile_kfac(Wide().to(DTYPE), max_factor=64, cost_rows=2).layers["fc"].max_factor == 8
-    model = nn.Sequential(Wide().fc)
-    assert first_steps_warnings(model, rows=2, steps=1, max_factor=64) == [[]]
+    for hparams in ({}, dict(cost_rows=256)):
+        c = gnfx.compile(nn.Sequential(Wide().fc), "kfac", lr=1e-3, stat_every=1, max_factor=64, **hparams)
+        assert first_steps_warnings(c, rows=2, steps=1, features=300) == [[]]
+        assert c.layers["0"].max_factor == 64
 
 
 def test_one_step_with_factors_bounded_at_few_rows_equals_the_kronecker_solve_with_their_blocks():

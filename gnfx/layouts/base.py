@@ -75,6 +75,10 @@ class Layout:
         """The output gradient as (N, R, d_out) rows."""
         return position_rows(g)
 
+    def rows(self, a: torch.Tensor) -> int:
+        """N·R: the rows (examples x positions) the layer maps for its input `a`, those of `input_chunks`."""
+        return sum(chunk.shape[0] * chunk.shape[1] for chunk in self.input_chunks(a))
+
     def factor_blocking(self) -> dict[str, tuple[int, int] | None]:
         """(m, b) of each factor cut into blocks by the block's `max_factor`, None for a factor kept
         whole (a diagonal A always is)."""

@@ -75,6 +75,11 @@ class ConvLayout(Layout):
             patches = self.patches(a[start:start + step])
             yield patches if self.groups == 1 else patches.unflatten(-1, (self.groups, -1))
 
+    def rows(self, a: torch.Tensor) -> int:
+        """N·L, with the L output positions of one example's patches (unfolding one example only)."""
+        batched = a if a.dim() == len(self.kernel) + 2 else a.unsqueeze(0)
+        return batched.shape[0] * (self.patches(batched[:1]).shape[1] if batched.shape[0] else 0)
+
     def patch_entries(self, example: torch.Tensor) -> int:
         """About how many patch entries one example (C, *S) unfolds to (for the chunk size)."""
         return example.numel() * math.prod(self.kernel)

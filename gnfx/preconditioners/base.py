@@ -133,12 +133,20 @@ class Preconditioner:
                           f"(docs/design.md, 'Adding a preconditioner')")
 
     @classmethod
-    def factor_bound(cls, hp: dict, block, g, at: dict) -> tuple[int | None, str]:
+    def factor_bound(cls, hp: dict, block, g, at: dict, rows_from: str = "cost_rows per call site") -> tuple[int | None, str]:
         """The largest factor dimension `block` keeps whole (`block.max_factor`, gnfx.layouts.base;
         None: every factor whole), with `g` its gnfx.cost.Geometry and `at` the cost model's numbers
-        (its rows B·R), and why where that is not the preconditioner's own `max_factor` ("" otherwise).
+        (its rows B·R, which `rows_from` says where they came from), and why where that is not the
+        preconditioner's own `max_factor` ("" otherwise).
         Default: hp's max_factor, for a preconditioner that declares one."""
         return hp.get("max_factor") or None, ""
+
+    @classmethod
+    def smaller_bound(cls, hp: dict, block, g, at: dict, rows_from: str) -> tuple[int, str] | None:
+        """A factor bound below the planned `block.max_factor` (and why) that `factor_bound` gives at the
+        rows of `at` (the rows the block's call sites saw on the first statistic forward) where re-planning
+        the block with it pays, else None (gnfx.plan `Plan.bounds_at_rows`). None by default."""
+        return None
 
     @classmethod
     def auto_candidates(cls, hp: dict, g) -> list[Candidate]:
@@ -158,13 +166,6 @@ class Preconditioner:
         """Ĝ V for parameter `name`, V shaped like it: the curvature this preconditioner models,
         undamped (gnfx.diagnose); None where it models none (the default)."""
         return None
-
-    def rows_advice(self, statistics) -> list[tuple[str, int, int, int]]:
-        """The blocks for which the plan would choose smaller factor blocks at the rows the last
-        statistic step of `statistics` (a gnfx.statistics.StatisticsStore) saw than at gnfx.compile's
-        `cost_rows`, where it chose: (block, rows per call site, planned bound, bound at those rows) each;
-        none by default (a preconditioner without factor bounds)."""
-        return []
 
     def damping(self):
         """λ = hp[tikhonov_damping] as the update reads it: inside the compiled update the 0-d tensor

@@ -28,8 +28,10 @@ Linear(25088, 4096) classifier at batch 8) blocks of 1024 cost ~80x the layer. S
 `factor_bound` for each block's own bound: max_factor, halved until the product is within
 PRODUCT_BUDGET times the layer's products at gnfx.compile's `cost_rows` rows per call site (at one row,
 blocks of 4 entries); the block table gives the blocks and why. The plan is made before any batch is
-seen; at the first statistic step gnfx warns where far fewer rows than cost_rows make smaller blocks
-save more than ADVICE_FLOPS a step (`rows_advice`), naming the cost_rows to pass.
+seen, so at the end of the first statistic forward each block's bound is asked again at the rows its
+call sites saw (`smaller_bound`), and where that bound is smaller and saves more than REBOUND_FLOPS a
+step the block is re-planned with it (gnfx.optimizer, `GnfxOptimizer.bound_factors_at_rows`; with
+cost_rows given, gnfx warns instead, naming the cost_rows to pass).
 
 Step-size safeguard: KL clipping (Ba et al. 2017), the first stage of its default update chain
 (gnfx.transforms.KLClip). The step is scaled by
@@ -67,9 +69,9 @@ MAX_FACTOR = 1024
 # blocks smaller
 PRODUCT_BUDGET = 4
 # the FLOPs per step (10⁹, a few milliseconds on a CPU core) that smaller factor blocks must save before
-# the first statistic step's rows, far fewer than cost_rows, are worth a warning (`rows_advice`): a small
-# model at a small batch would be told to block factors whose products cost microseconds
-ADVICE_FLOPS = 1e9
+# the rows of the first statistic forward, far fewer than cost_rows, re-plan a block (`smaller_bound`): a
+# small model at a small batch keeps its whole factors, whose products cost microseconds
+REBOUND_FLOPS = 1e9
 
 
 class KFAC(CurvaturePreconditioner):
@@ -147,13 +149,14 @@ class KFAC(CurvaturePreconditioner):
             update=(2 * k * squares_s * d_a + (cost.DIAGONAL_A * n if diagonal_A else 2 * k * squares_a * s)))
 
     @classmethod
-    def factor_bound(cls, hp, block, g, at):
+    def factor_bound(cls, hp, block, g, at, rows_from="cost_rows per call site"):
         """max_factor, halved while the preconditioned product S⁻¹ G A⁻¹ (cost_parts' update: 2 (b_a + b_s)
         FLOPs per entry of [∇W ∇b] with blocks of b_a and b_s entries) exceeds PRODUCT_BUDGET times the
         block's own forward and backward products at the plan's rows B·R (cost.LAYER per entry and row),
         down to 1 (at one row it stops at 4: 2(4 + 4) <= 4·6); never below the d_out of a q/k/v projection
         whose S attention_blocks="head" restricts to its heads. None for max_factor = 0 (every factor whole,
-        as asked, and without one). The reason says what the product cost at max_factor where it was halved."""
+        as asked, and without one). The reason says what the product cost at max_factor where it was halved,
+        and where the rows came from (`rows_from`)."""
         bound = hp.get("max_factor")  # none for EKFAC, which keeps its factors whole
         if not bound:
             return None, ""
@@ -171,7 +174,7 @@ class KFAC(CurvaturePreconditioner):
             return bound, ""
         return bound, (f"factors in blocks of at most {bound} (max_factor={hp['max_factor']}: S⁻¹GA⁻¹ {asked:.0f} "
                        f"FLOPs per entry, over {PRODUCT_BUDGET}x the layer's forward and backward at {rows} rows "
-                       f"(cost_rows per call site), {cost.LAYER * rows})")
+                       f"({rows_from}), {cost.LAYER * rows})")
 
     @classmethod
     def update_flops(cls, hp, g, at, max_factor) -> float:
@@ -179,25 +182,15 @@ class KFAC(CurvaturePreconditioner):
         blocks of at most `max_factor` entries (cost_parts' update)."""
         return float(cls.cost_parts(dataclasses.replace(g, max_factor=max_factor), hp, {**at, "max_factor": max_factor}).update)
 
-    def rows_advice(self, statistics) -> list[tuple[str, int, int, int]]:
-        """(block, rows per call site, planned bound, bound at those rows) of the blocks whose factor bound
-        (`factor_bound`, chosen by the plan at cost_rows rows per call site) is smaller at the rows the
-        last statistic step saw per call site, where the smaller blocks save over ADVICE_FLOPS a step."""
-        advice = []
-        for block in self.blocks:
-            rows = statistics.blocks[block.name].last_rows if block.name in statistics.blocks else 0
-            if not block.max_factor or not rows:
-                continue
-            sites = len(block.sites)
-            at = cost.symbols_for(self.hp, self.hp["stat_every"], d_in=block.d_in, d_out=block.d_out,
-                                  B=max(1, rows // sites), R=sites)
-            g = cost.geometry_of(block, at)
-            bound, _ = self.factor_bound(self.hp, block, g, at)
-            if bound is not None and bound < block.max_factor and (
-                    self.update_flops(self.hp, g, at, block.max_factor) - self.update_flops(self.hp, g, at, bound)
-                    > ADVICE_FLOPS):
-                advice.append((block.name, rows // sites, block.max_factor, bound))
-        return advice
+    @classmethod
+    def smaller_bound(cls, hp, block, g, at, rows_from):
+        """`factor_bound` at the rows of `at` where it is below the block's planned `max_factor` and its
+        product S⁻¹ G A⁻¹ saves over REBOUND_FLOPS a step against the planned blocks' (else None)."""
+        bound, why = cls.factor_bound(hp, block, g, at, rows_from)
+        if bound is None or bound >= block.max_factor:
+            return None
+        saved = cls.update_flops(hp, g, at, block.max_factor) - cls.update_flops(hp, g, at, bound)
+        return (bound, why) if saved > REBOUND_FLOPS else None
 
     @classmethod
     def auto_candidates(cls, hp, g):
