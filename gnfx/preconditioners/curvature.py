@@ -30,7 +30,7 @@ from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner, collects_statistics
 from gnfx.layouts import layout_of
 from gnfx.targets import (COPYING_VIEWS, as_matrix, block_target, from_matrix, make_groups, param_regions, param_target,
-                          piece_gradient)
+                          stacked_piece_gradients)
 from gnfx.transforms import HeavyBall, Step
 from gnfx.transforms.chain import chain_hparam
 
@@ -210,12 +210,15 @@ class CurvaturePreconditioner(Preconditioner):
         """Curvature statistics taken from the gradients themselves, run on statistic steps before
         the refresh (so a refresh sees this step's gradient); none by default."""
 
-    def stacked_gradient(self, group) -> torch.Tensor:
-        """The gradients of the group's pieces, stacked (k, *shape); zeros for a missing gradient."""
+    def stacked_gradients(self) -> list[torch.Tensor]:
+        """The gradients of each group's pieces, stacked (k, *shape), in group order; zeros for a missing
+        gradient. Each target's gradient matrix is formed once for all its pieces (gnfx.targets
+        `stacked_piece_gradients`)."""
         def grad_of(name):
             p = self.parameters.param(name)
             return p.grad if p.grad is not None else torch.zeros_like(p)
-        return torch.stack([piece_gradient(piece, grad_of) for piece in group.pieces])
+        matrices = {}
+        return [stacked_piece_gradients(group.pieces, grad_of, matrices) for group in self.groups]
 
     def refresh(self, statistics, comm) -> None:
         """The amortized decompositions from the averaged `statistics` (a gnfx.statistics.StatisticsStore),

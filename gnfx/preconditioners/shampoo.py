@@ -310,9 +310,9 @@ class Shampoo(CurvaturePreconditioner):
         """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh; with
         refresh_tolerance > 0 each factor's drift bound takes this step's drift."""
         beta, tracked = self.hp["stat_decay"], self.hp["refresh_tolerance"] > 0
-        for group in self.groups:
+        for group, G in zip(self.groups, self.stacked_gradients()):
             state = self.group_state(group)
-            G = self.stacked_gradient(group).to(state["factor0"].dtype)
+            G = G.to(state["factor0"].dtype)
             for j in range(len(group.shape)):
                 F = state[f"factor{j}"]
                 previous = F.clone() if tracked else None
