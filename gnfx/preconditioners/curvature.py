@@ -259,15 +259,16 @@ class CurvaturePreconditioner(Preconditioner):
         # name -> (view, groups, matrix) of a weight whose view is a copy (gnfx.targets.COPYING_VIEWS),
         # written back below; cloned, as the reshape is a true view for some shapes (C_out = 1, 1x1 kernels)
         copies = {}
+        matrices = {}  # name -> the parameter as its matrix, once per parameter (not per piece of it)
         for j, (i, name, view, groups, region, src) in enumerate(self.writes):
             if name in self.without_gradient:
                 continue
-            if view in COPYING_VIEWS:
-                if name not in copies:
-                    copies[name] = (view, groups, as_matrix(self.parameters.param(name), view, groups).clone())
-                p = copies[name][2]
-            else:
-                p = as_matrix(self.parameters.param(name), view)
+            if name not in matrices:
+                matrices[name] = as_matrix(self.parameters.param(name), view, groups)
+                if view in COPYING_VIEWS:
+                    matrices[name] = matrices[name].clone()
+                    copies[name] = (view, groups, matrices[name])
+            p = matrices[name]
             params.append(p if region is None else p[region])
             updates.append(rows[i] if src is None else rows[i][src])
             decays.append(None if decay is None else decay[j])

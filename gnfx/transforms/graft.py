@@ -30,7 +30,7 @@ class Graft(Transform):
     """U ← U ‖D‖ / ‖U‖ per piece, D the direction of the grafted method `kind` (module doc), its
     second moment v and step count t kept per group as "graft_v" and "graft_t" (by every kind,
     "none" included: the state gnfx kept before the chain, so that its checkpoints load). All
-    groups at once: foreach kernels, and one norm kernel over every piece's rows."""
+    groups at once: foreach kernels, and one norm reduction per group over its stacked pieces."""
 
     kind: str = "adam"
     beta2: float = 0.999
@@ -53,17 +53,15 @@ class Graft(Transform):
             return Us
         Gs = [G.to(U.dtype) for U, G in zip(Us, Gs)]
         Ds = self.grafted(Gs, states)
-        rows = [row for U in Us for row in U.unbind()]
-        norms = torch._foreach_norm(rows + [row for D in Ds for row in D.unbind()])
+        # each piece's norm by one reduction over its group's stack: per group, not per piece (a group of
+        # thousands of blocks would otherwise make as many tensors on the host)
+        pieces = [tuple(range(1, U.dim())) for U in Us]
+        norms_U = [torch.linalg.vector_norm(U, dim=dims) for U, dims in zip(Us, pieces)]
+        norms_D = [torch.linalg.vector_norm(D, dim=dims) for D, dims in zip(Ds, pieces)]
         tiny, biggest = min(torch.finfo(U.dtype).tiny for U in Us), min(torch.finfo(U.dtype).max for U in Us)
-        scales = torch._foreach_div(norms[len(rows):], torch._foreach_clamp_min(norms[:len(rows)], tiny))
+        scales = torch._foreach_div(norms_D, torch._foreach_clamp_min(norms_U, tiny))
         torch._foreach_clamp_max_(scales, biggest)  # finite, so that a zero U stays zero (0 · ∞ is NaN)
-        # one broadcast product per group: the products of the rows by their scales, without stacking rows
-        bounds = [0]
-        for U in Us:
-            bounds.append(bounds[-1] + len(U))
-        grafted = [U * torch.stack(scales[a:b]).view((-1,) + (1,) * (U.dim() - 1))
-                   for U, a, b in zip(Us, bounds, bounds[1:])]
+        grafted = [U * scale.view((-1,) + (1,) * (U.dim() - 1)) for U, scale in zip(Us, scales)]
         # eagerly, once started, no pass selecting U everywhere; a compiled graph selects by the tensor
         # (it reads no Python flag, which would recompile it at the start)
         if pre.active is None or (not torch.compiler.is_compiling() and pre.started):
