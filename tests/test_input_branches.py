@@ -1,0 +1,118 @@
+"""A forward whose loss branches on its inputs' values with both sides computing, as Hugging Face's
+DebertaV2ForSequenceClassification's default loss does (`label_index = (labels >= 0).nonzero(); if
+label_index.size(0) > 0: <cross-entropy of the labelled rows> else: <another loss>`), is captured with
+torch.export specialized to the side the example call took, the condition asserted at run time
+(passes/validation_checks.py); a call that takes the other side is captured again as another graph
+(gnfx.variants) and computes what the model computes. A branch on a parameter's value is still refused."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gnfx
+
+DTYPE = torch.float64
+CLASSES = 3
+
+
+class LabelledHead(nn.Module):
+    """DeBERTa-v2's default classification loss around an MLP: the cross-entropy of the rows whose label
+    is not negative, or, when the batch has none, the cross-entropy against uniform soft targets (DeBERTa
+    returns a constant 0 there, which has no gradient to compare)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, CLASSES)
+        self.to(DTYPE)
+
+    def forward(self, x, labels):
+        logits = self.b(torch.tanh(self.a(x)))
+        label_index = (labels >= 0).nonzero()
+        if label_index.size(0) > 0:
+            labelled = torch.gather(logits, 0, label_index.expand(label_index.size(0), logits.size(1)))
+            loss = F.cross_entropy(labelled, torch.gather(labels, 0, label_index.view(-1)))
+        else:
+            loss = F.cross_entropy(logits, torch.full_like(logits, 1 / CLASSES))
+        return loss, logits
+
+
+class WeightBranch(LabelledHead):
+    """A branch on an activation, which the weights decide: it flips as the model trains."""
+
+    def forward(self, x, labels):
+        h = torch.tanh(self.a(x))
+        logits = self.b(h if h.mean() > 0 else -h)
+        return F.cross_entropy(logits, labels), logits
+
+
+def batch(seed, unlabelled=(), n=8):
+    """(x, labels) with the labels of the rows `unlabelled` -100 ("all": every row)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 4, generator=g, dtype=DTYPE), torch.randint(0, CLASSES, (n,), generator=g)
+    y[slice(None) if unlabelled == "all" else list(unlabelled)] = -100
+    return x, y
+
+
+def step_both(c, model, reference, x, y):
+    """One training step of the compiled model and of the plain module on (x, y): their losses, logits
+    and parameter gradients must be equal, and the first layer's A factor (stat_decay=0: this batch's)
+    must be [x 1]ᵀ[x 1] / N; the reference then takes the compiled model's parameters."""
+    (loss, z), (loss_ref, z_ref) = c(x, y), reference(x, y)
+    assert torch.equal(loss, loss_ref) and torch.equal(z, z_ref)
+    loss.backward()
+    loss_ref.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    c.step()
+    rows = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    torch.testing.assert_close(c.statistics("a")["A"], rows.T @ rows / len(x), rtol=1e-12, atol=1e-12)
+    c.zero_grad()
+    reference.zero_grad()
+    reference.load_state_dict(model.state_dict())
+    return loss.item()
+
+
+def test_kfac_at_defaults_captures_a_loss_branching_on_the_labels_and_computes_the_models_gradients():
+    model = LabelledHead()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, stat_decay=0.0)
+    losses = [step_both(c, model, reference, *batch(0, unlabelled=[2, 5])) for _ in range(4)]
+    assert c.layers.form == "export"
+    assert "data-dependent branches on its inputs" in c.layers.capture
+    assert "if label_index.size(0) > 0:" in c.layers.capture
+    covered, total = c.layers.coverage(dict(model.named_parameters()))
+    assert covered == total
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_a_call_that_takes_the_other_side_is_captured_again_and_computes_the_models_result():
+    model = LabelledHead()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, stat_decay=0.0)
+    step_both(c, model, reference, *batch(0, unlabelled=[1]))
+    with pytest.warns(RuntimeWarning, match=r"other side of a data-dependent branch at .*label_index.size\(0\) > 0"):
+        step_both(c, model, reference, *batch(1, unlabelled="all"))  # the first graph fails its assertion
+    assert len(c._variants.graphs()) == 2
+    store, (x, y) = c.optimizer.statistics, batch(2, unlabelled="all")
+    loss, _ = c(x, y)  # the first graph stops at its assertion, the second returns
+    assert [len(stats._staged[store.forward_id]) for stats in store.blocks.values()] == [1, 1]  # the stopped one's
+    loss.backward()                                                                             # inputs dropped
+    c.step()
+    c.zero_grad()
+    reference.load_state_dict(model.state_dict())
+    # each side again, in both orders: the graphs are tried in turn, and no new one is captured; the
+    # other side's true-Fisher backward (kfac at defaults: fisher="mc") takes only the graph that returned
+    for seed, unlabelled in [(2, "all"), (3, [0, 4]), (4, "all"), (5, ())]:
+        step_both(c, model, reference, *batch(seed, unlabelled))
+    assert len(c._variants.graphs()) == 2
+
+
+def test_a_branch_on_the_weights_is_still_refused_naming_it():
+    c = gnfx.compile(WeightBranch(), optimizer="kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.CaptureError, match=r"h if h.mean\(\) > 0 else -h.* depends on the model's parameters"):
+        c(*batch(0))
