@@ -7,6 +7,7 @@ torch.export specialized to the side the example call took, the condition assert
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,40 @@ def test_a_branch_on_the_weights_is_still_refused_naming_it():
     c = gnfx.compile(WeightBranch(), optimizer="kfac", loss="cross_entropy")
     with pytest.raises(gnfx.CaptureError, match=r"h if h.mean\(\) > 0 else -h.* depends on the model's parameters"):
         c(*batch(0))
+
+
+def test_deberta_v2s_default_classification_loss_is_captured_and_takes_either_side():
+    """The real DebertaV2ForSequenceClassification (tiny config, problem_type unset), float64: captured by
+    torch.export with its loss's branch asserted; a batch whose labels are all -100 (the zero loss) gets a
+    second graph; both compute the module's loss and logits, and the labelled batch its gradients."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, relative_attention=True, position_buckets=8, max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"], position_biased_input=False, num_labels=CLASSES, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, pooler_dropout=0.0, pad_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForSequenceClassification(config).to(DTYPE)
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1)
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(3, 40, (4, 8), generator=g), torch.ones(4, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    for labels in ([0, 2, 1, -100], [-100] * 4):
+        labels = torch.tensor(labels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the second graph's capture says so
+            out = c(input_ids=ids, attention_mask=mask, labels=labels)
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+        if out.loss.requires_grad:
+            out.loss.backward()
+            ref.loss.backward()
+            for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+                assert torch.equal(p.grad, p_ref.grad), name
+            c.step()
+            c.zero_grad()
+            reference.zero_grad()
+            reference.load_state_dict(model.state_dict())
+    assert c.layers.form == "export" and "if label_index.size(0) > 0:" in c.layers.capture
+    assert len(c._variants.graphs()) == 2
