@@ -12,8 +12,8 @@ parameters in curvature blocks is kept. The LayerTable says which form was used 
 
 Later calls of another form (keyword instead of positional inputs, an optional input present or
 absent, a shape outside the dynamic range an exported graph was captured for, such as a shorter
-last batch), or a call that takes the other side of a data-dependent branch on its inputs that a graph was
-specialized to (passes/validation_checks.py), get their own capture of the same form on first use, lowered,
+last batch), or a call that takes the other side of a data-dependent branch on its integer inputs that a
+graph was specialized to (passes/validation_checks.py), get their own capture of the same form on first use, lowered,
 analyzed and tapped into the same StatisticsStore, so that every call collects the same blocks' statistics.
 """
 from __future__ import annotations

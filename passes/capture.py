@@ -33,8 +33,8 @@ from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
-from gnfx.passes.validation_checks import (example_values, name_assertions, refused_branch, specialized_to,
-                                           state_dependent_branch)
+from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
+                                           specialized_to)
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -447,11 +447,12 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     if functions:  # their operations are in the graph, their backwards not (passes/custom_functions.py)
         check_backwards(model, args, kwargs, functions)
     gm = ep.module()
-    if (flipping := state_dependent_branch(gm, branches)) is not None:
+    if (flipping := flipping_branch(gm, branches)) is not None:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: the data-dependent branch at {flipping} "
-            f"depends on the model's parameters or buffers, so the side it takes changes as the model trains, and "
-            f"gnfx specializes only branches on the call's inputs\n"
+            f"depends on floating-point data, so the side it takes changes from batch to batch or as the model "
+            f"trains, and gnfx specializes only branches on the call's integer and boolean inputs (labels, masks, "
+            f"token ids)\n"
             f"Fix: rewrite the branch with torch.cond, or mark the submodule that holds it with leaf_modules=[...] "
             f"and capture='fx'") from first
     name_assertions(gm, {where for where, _ in checks}, branches)

@@ -7,7 +7,8 @@ raise ...`) branches on data, which torch.export cannot guard on (GuardOnDataDep
 value of `labels.max() >= V` is an unbacked symbol u0 of its fake tensors). Such a branch is a
 validation check: an `if` whose every side raises, or an `assert`; the forward's computation is the side
 that does not. An input branch is an `if` (or `a if c else b`) whose sides both compute and whose
-condition is computed from the call's inputs alone, no parameter or buffer: Hugging Face's
+condition is computed from the call's integer and boolean inputs alone (labels, masks, token ids; no
+parameter, buffer or floating-point input, whose values change between ordinary batches): Hugging Face's
 DebertaV2ForSequenceClassification's default loss, `label_index = (labels >= 0).nonzero(); if
 label_index.size(0) > 0: <cross-entropy of the labelled rows> else: <a zero loss>`.
 
@@ -21,7 +22,8 @@ so ShapeEnv specializes the branch to them and records the runtime assertion of 
 (`aten._assert_scalar(u0 == value)` for a check's read, `u0 > 0` for DeBERTa's test: the condition,
 not the count) in the graph. Each refusal at another input branch retries once more with its symbols'
 lines added. After the trace an input branch whose asserted condition the graph computes from a
-parameter or buffer (`h if h.mean() > 0 else -h`, which flips as the weights train) is refused, and
+parameter, a buffer or a floating-point input (`h if h.mean() > 0 else -h`, which flips as the weights
+train; `if x.sum() > 0:`, which flips from batch to batch) is refused, and
 any other data-dependent branch still fails as before: a CaptureError (torch.cond, or an opaque
 submodule under torch.fx). torch.export.draft_export itself is not used: its propagation of real
 tensors through every op fails on such models in torch 2.13 (Wav2Vec2's `torch.div(...,
@@ -247,16 +249,21 @@ def name_assertions(graph_module: fx.GraphModule, checks, branches=None) -> None
     graph_module.recompile()
 
 
-def state_dependent_branch(graph_module: fx.GraphModule, branches: dict) -> str | None:
+def flipping_branch(graph_module: fx.GraphModule, branches: dict) -> str | None:
     """The first input branch (`branches`: as for `name_assertions`) whose assertion the graph computes
-    from a parameter or buffer (a get_attr among its inputs, transitively), with that tensor's name;
-    else None."""
+    from floating-point data, a parameter or buffer (a get_attr) or a floating-point input (a placeholder),
+    among its inputs, transitively, with that tensor's name; else None. Such a condition changes between
+    ordinary batches and as the model trains (`h if h.mean() > 0 else -h`, `if x.sum() > 0:`); one on the
+    call's integer and boolean inputs (labels, masks, token ids) holds for the batches alike, as DeBERTa's."""
     for node, where in _assertions_at(graph_module, set(branches)):
         seen, stack = set(), [node]
         while stack:
             n = stack.pop()
             if n.op == "get_attr" and _is_state(graph_module, n.target):
-                return f"{branches[where]} (its condition reads {n.target!r})"
+                return f"{branches[where]} (its condition reads the model's {n.target!r})"
+            value = n.meta.get("val")
+            if n.op == "placeholder" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                return f"{branches[where]} (its condition reads the floating-point input {n.target!r})"
             for m in n.all_input_nodes:
                 if m not in seen:
                     seen.add(m)

@@ -3,7 +3,8 @@ DebertaV2ForSequenceClassification's default loss does (`label_index = (labels >
 label_index.size(0) > 0: <cross-entropy of the labelled rows> else: <another loss>`), is captured with
 torch.export specialized to the side the example call took, the condition asserted at run time
 (passes/validation_checks.py); a call that takes the other side is captured again as another graph
-(gnfx.variants) and computes what the model computes. A branch on a parameter's value is still refused."""
+(gnfx.variants) and computes what the model computes. A branch on floating-point data (a parameter, an
+activation, a floating-point input), which flips from batch to batch or as the model trains, is still refused."""
 from __future__ import annotations
 
 import copy
@@ -48,6 +49,14 @@ class WeightBranch(LabelledHead):
     def forward(self, x, labels):
         h = torch.tanh(self.a(x))
         logits = self.b(h if h.mean() > 0 else -h)
+        return F.cross_entropy(logits, labels), logits
+
+
+class FloatInputBranch(LabelledHead):
+    """A branch on a floating-point input's values: it flips from batch to batch."""
+
+    def forward(self, x, labels):
+        logits = self.b(torch.tanh(self.a(x if x.sum() > 0 else -x)))
         return F.cross_entropy(logits, labels), logits
 
 
@@ -113,9 +122,12 @@ def test_a_call_that_takes_the_other_side_is_captured_again_and_computes_the_mod
     assert len(c._variants.graphs()) == 2
 
 
-def test_a_branch_on_the_weights_is_still_refused_naming_it():
-    c = gnfx.compile(WeightBranch(), optimizer="kfac", loss="cross_entropy")
-    with pytest.raises(gnfx.CaptureError, match=r"h if h.mean\(\) > 0 else -h.* depends on the model's parameters"):
+@pytest.mark.parametrize("model, where, read", [
+    (WeightBranch, r"h if h.mean\(\) > 0 else -h", r"the model's 'a\.(weight|bias)'"),
+    (FloatInputBranch, r"x if x.sum\(\) > 0 else -x", r"the floating-point input 'x'")])
+def test_a_branch_on_floating_point_data_is_still_refused_naming_it(model, where, read):
+    c = gnfx.compile(model(), optimizer="kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.CaptureError, match=rf"{where}.* \(its condition reads {read}\) depends on floating-point"):
         c(*batch(0))
 
 
