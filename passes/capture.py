@@ -450,9 +450,9 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     if (flipping := flipping_branch(gm, branches)) is not None:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: the data-dependent branch at {flipping} "
-            f"depends on floating-point data, so the side it takes changes from batch to batch or as the model "
-            f"trains, and gnfx specializes only branches on the call's integer and boolean inputs (labels, masks, "
-            f"token ids)\n"
+            f"depends on floating-point data, whose side changes from batch to batch or as the model trains, or on "
+            f"data it cannot assert: gnfx specializes only branches on the call's integer and boolean inputs "
+            f"(labels, masks, token ids), asserted in the graph\n"
             f"Fix: rewrite the branch with torch.cond, or mark the submodule that holds it with leaf_modules=[...] "
             f"and capture='fx'") from first
     name_assertions(gm, {where for where, _ in checks}, branches)

@@ -254,8 +254,14 @@ def flipping_branch(graph_module: fx.GraphModule, branches: dict) -> str | None:
     from floating-point data, a parameter or buffer (a get_attr) or a floating-point input (a placeholder),
     among its inputs, transitively, with that tensor's name; else None. Such a condition changes between
     ordinary batches and as the model trains (`h if h.mean() > 0 else -h`, `if x.sum() > 0:`); one on the
-    call's integer and boolean inputs (labels, masks, token ids) holds for the batches alike, as DeBERTa's."""
-    for node, where in _assertions_at(graph_module, set(branches)):
+    call's integer and boolean inputs (labels, masks, token ids) holds for the batches alike, as DeBERTa's.
+    A branch none of whose lines has an assertion in the graph is returned too: nothing would name it."""
+    found = _assertions_at(graph_module, set(branches))
+    asserted = {branches[where] for _, where in found}
+    for branch in dict.fromkeys(branches.values()):
+        if branch not in asserted:
+            return f"{branch} (its condition reads data whose assertion gnfx cannot find in the graph)"
+    for node, where in found:
         seen, stack = set(), [node]
         while stack:
             n = stack.pop()
