@@ -43,6 +43,16 @@ class LabelledHead(nn.Module):
         return loss, logits
 
 
+class WeightedIfUnlabelled(LabelledHead):
+    """A branch written as an expression on a scalar read of the labels (`bool(t)`): the loss of the
+    clamped labels, halved when some row is unlabelled."""
+
+    def forward(self, x, labels):
+        logits = self.b(torch.tanh(self.a(x)))
+        weight = 0.5 if (labels < 0).any() else 1.0
+        return weight * F.cross_entropy(logits, labels.clamp(min=0)), logits
+
+
 class WeightBranch(LabelledHead):
     """A branch on an activation, which the weights decide: it flips as the model trains."""
 
@@ -120,6 +130,18 @@ def test_a_call_that_takes_the_other_side_is_captured_again_and_computes_the_mod
     for seed, unlabelled in [(2, "all"), (3, [0, 4]), (4, "all"), (5, ())]:
         step_both(c, model, reference, *batch(seed, unlabelled))
     assert len(c._variants.graphs()) == 2
+
+
+def test_a_branch_expression_on_a_scalar_read_of_the_labels_is_captured_for_each_side():
+    model = WeightedIfUnlabelled()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, stat_decay=0.0)
+    step_both(c, model, reference, *batch(0))
+    with pytest.warns(RuntimeWarning, match=r"other side of a data-dependent branch at .*0.5 if \(labels < 0\).any\(\)"):
+        step_both(c, model, reference, *batch(1, unlabelled=[3]))
+    for seed, unlabelled in [(2, ()), (3, [0, 1]), (4, ())]:
+        step_both(c, model, reference, *batch(seed, unlabelled))
+    assert len(c._variants.graphs()) == 2 and "0.5 if (labels < 0).any() else 1.0" in c.layers.capture
 
 
 @pytest.mark.parametrize("model, where, read", [
