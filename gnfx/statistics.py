@@ -466,6 +466,14 @@ class StatisticsStore:
                 f"cannot be told apart when they are equal. Fix: construct these modules with "
                 f"batch_first=True (and feed (N, T, d) inputs)", RuntimeWarning, stacklevel=3)
 
+    def discard_forward(self) -> None:
+        """Forget what the taps recorded in the current forward, which stopped before it returned (a graph
+        specialized to the other side of a branch, gnfx.variants): its staged layer inputs and the block
+        outputs it left for the true-Fisher backward."""
+        for stats in self.blocks.values():
+            stats._staged.pop(self.forward_id, None)
+        self.pending = [entry for entry in self.pending if entry[3] != self.forward_id]
+
     def __bool__(self) -> bool:
         return bool(self.blocks)
 

@@ -12,8 +12,9 @@ parameters in curvature blocks is kept. The LayerTable says which form was used 
 
 Later calls of another form (keyword instead of positional inputs, an optional input present or
 absent, a shape outside the dynamic range an exported graph was captured for, such as a shorter
-last batch) get their own capture of the same form on first use, lowered, analyzed and tapped into
-the same StatisticsStore, so that every call collects the same blocks' statistics.
+last batch), or a call that takes the other side of a data-dependent branch on its integer inputs that a
+graph was specialized to (passes/validation_checks.py), get their own capture of the same form on first use, lowered,
+analyzed and tapped into the same StatisticsStore, so that every call collects the same blocks' statistics.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
 from gnfx.passes.taps import insert_taps
-from gnfx.passes.validation_checks import violated_check
+from gnfx.passes.validation_checks import other_side, violated_check
 
 NOT_CAPTURED = ("not captured yet: gnfx captures the model's graph at its first call, from that call's inputs "
                 "(pass example_inputs=... to gnfx.compile to capture at once)")
@@ -73,7 +74,7 @@ class Variants:
         self.draws_python_random = False
         self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
-        self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key and shapes)
+        self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key, shapes, branch flipped)
         self._optional = optional_inputs(model)
         self._signature = inspect.signature(model.forward)
 
@@ -158,6 +159,10 @@ class Variants:
                     "assertions in the graph, specialized to the side the example call took, which does not raise: "
                     + "; ".join(captured.checks) + ". A call that fails one runs the model's own forward, which "
                     "raises its error (or gnfx raises a GnfxError naming the check if the model does not)")
+        if captured.branches:
+            why += ("; the forward's data-dependent branches on its inputs are runtime assertions in the graph, "
+                    "specialized to the side the example call took: " + "; ".join(captured.branches) + ". A call "
+                    "that takes another side is captured again for it")
         table.capture = why
         self.form = captured.form
         self.table, self.store = self._start(table)
@@ -178,23 +183,46 @@ class Variants:
             graphs = self._graphs[key]
             return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
-        gm = next((g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)), None)
+        flipped = None
+        for gm in [g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)]:
+            out, flipped = self._run(gm, args, kwargs)
+            if flipped is None:
+                return out
         shapes = shapes_of(args, kwargs)
-        if gm is None and (key, shapes) not in self._uncapturable:
-            seen = self._seen.setdefault(key, [])
-            gm = self._add(key, lambda: export(self.model, args, kwargs, seen), (key, shapes))
-            seen.append(shapes)
-        return self.model(*args, **kwargs) if gm is None else self._run(gm, args, kwargs)
+        if (key, shapes, flipped) in self._uncapturable:
+            return self.model(*args, **kwargs)
+        if flipped is not None:
+            warnings.warn(f"{flipped}: gnfx captures the call again, specialized to the side it takes, as another "
+                          f"graph of this form. Each call runs the graphs in turn until one holds its side, so a "
+                          f"branch that flips between ordinary batches runs the forward up to it once more each time "
+                          f"it does; torch.cond (or a `problem_type` that picks the branch, in Hugging Face's "
+                          f"models) avoids it", RuntimeWarning, stacklevel=4)
+        seen = self._seen.setdefault(key, [])
+        gm = self._add(key, lambda: export(self.model, args, kwargs, seen), (key, shapes, flipped))
+        seen.append(shapes)
+        if gm is None:
+            return self.model(*args, **kwargs)
+        out, flipped = self._run(gm, args, kwargs)
+        if flipped is not None:
+            raise GnfxError(f"{flipped}, in the graph captured from this very call: gnfx cannot hold this branch. Fix: "
+                            f"rewrite it with torch.cond, or keep its submodule opaque with leaf_modules=[...] and "
+                            f"capture='fx'")
+        return out
 
     def _run(self, gm, args, kwargs):
-        """gm(*args, **kwargs), where a failed validation assertion (passes/validation_checks.py) raises
-        what the model raises on this call, or, if it raises nothing, a GnfxError naming the check."""
+        """(gm(*args, **kwargs), None), where a failed validation assertion (passes/validation_checks.py)
+        raises what the model raises on this call, or, if it raises nothing, a GnfxError naming the check;
+        a failed input-branch assertion gives (None, its message), and what the taps recorded in the
+        stopped forward is forgotten."""
         try:
-            return gm(*args, **kwargs)
+            return gm(*args, **kwargs), None
         except RuntimeError as exc:
-            check = violated_check(exc)
-            if check is None:
+            check, flipped = violated_check(exc), other_side(exc)
+            if check is None and flipped is None:
                 raise
+        if flipped is not None:
+            self.store.discard_forward()
+            return None, flipped
         self.model(*args, **kwargs)  # the model's own error for these inputs
         raise GnfxError(f"{check}. The model does not raise on this call, so it takes a branch the graph does not "
                         f"hold. Fix: rewrite the check with torch._check(...) or torch.cond, or keep the "

@@ -33,7 +33,8 @@ from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
-from gnfx.passes.validation_checks import example_values, name_assertions, raised_at_validation_check, specialized_to
+from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
+                                           specialized_to)
 
 CAPTURE_MODES = ("auto", "fx", "export")
 
@@ -45,7 +46,8 @@ class Captured:
     `leaves` maps the dotted path of each submodule kept opaque to the reason. `draws`: whether the
     forward drew Python-level random numbers while captured (passes/python_random.py), which a replay
     of it would draw again (gnfx.random_state). `checks`: the data-dependent validation checks the
-    graph asserts, specialized to the example call (passes/validation_checks.py). `opaque_calls`: the
+    graph asserts, specialized to the example call (passes/validation_checks.py); `branches`: the input
+    branches it asserts likewise, each a test 'file:line: code' whose side the example took. `opaque_calls`: the
     calls a torch.fx graph keeps whole that take trainable parameters (`opaque_calls_taking_parameters`:
     torchvision's Swin attention, registered with `torch.fx.wrap`; a custom autograd.Function), each
     described with those parameters' names: the layers inside such a call are no blocks of the fx graph.
@@ -57,6 +59,7 @@ class Captured:
     draws: bool = False
     checks: tuple[str, ...] = ()
     opaque_calls: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
 
 
 class _DenseProxy(fx.Proxy):
@@ -387,32 +390,45 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
         if isinstance(x, torch.Tensor) and x.dim():
             changed = {d for shapes in seen for d in range(x.dim()) if shapes[i][d] != x.shape[d]}
             dims.setdefault(id(x), {d: torch.export.Dim.AUTO for d in sorted({0} | changed)})
-    checks, refused, specialized = [], "", contextlib.nullcontext
+    # passes/validation_checks.py: the example's values, the lines of the input branches' symbols, what
+    # created each unbacked symbol, the specialized checks, and the input branch each line's symbols decide
+    values, lines, created, checks, branches, refused, ran = {}, set(), {}, [], {}, "", False
     try:
         inputs = inspect.signature(view.forward).bind(*args, **kwargs).arguments
         dynamic = {name: torch.utils._pytree.tree_map(lambda x: dims.get(id(x)), value)
                    for name, value in inputs.items()}
 
         def exported():
-            with specialized():
+            checks.clear()
+            with specialized_to(values, lines, created, checks):
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
               kept_state() as drew, applied_functions() as functions):
-            try:
-                ep = exported()
-            except Exception as exc:  # noqa: BLE001 - a branch on data that validates the inputs is retried
-                if not raised_at_validation_check(exc):
-                    raise
-                values = example_values(model, args, kwargs)  # passes/validation_checks.py
-                specialized = functools.partial(specialized_to, values, checks)
+            ep = first = failure = None
+            while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
                     ep = exported()
-                except Exception as failure:  # noqa: BLE001 - the first failure is the one to report
-                    refused = (f"\n  retried with its validation checks specialized to the example: "
-                               f"{describe_exception(failure)}")
-                if refused:
-                    raise
+                except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+                    refusal = refused_branch(exc)
+                    wanted = {created[s] for s in refusal[2] if s in created} if refusal else set()
+                    if refusal is None or ran and wanted <= lines:  # no branch to specialize, or no new one
+                        failure = exc
+                        break
+                    if not refusal[1]:
+                        for line in wanted:
+                            branches.setdefault("{}:{}: {}".format(*line), "{}:{}: {}".format(*refusal[0]))
+                    first = first or exc
+                    if not ran:
+                        values.update(example_values(model, args, kwargs))
+                        ran = True
+                    lines |= wanted
+            if failure is not None and first is None:
+                raise failure
+            if failure is not None:
+                refused = (f"\n  retried with its data-dependent branches specialized to the example: "
+                           f"{describe_exception(failure)}")
+                raise first
             draws = drew()
             if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line
@@ -431,11 +447,19 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     if functions:  # their operations are in the graph, their backwards not (passes/custom_functions.py)
         check_backwards(model, args, kwargs, functions)
     gm = ep.module()
-    name_assertions(gm, {where for where, _ in checks})
+    if (flipping := flipping_branch(gm, branches)) is not None:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: the data-dependent branch at {flipping} "
+            f"depends on floating-point data, whose side changes from batch to batch or as the model trains, or on "
+            f"data it cannot assert: gnfx specializes only branches on the call's integer and boolean inputs "
+            f"(labels, masks, token ids), asserted in the graph\n"
+            f"Fix: rewrite the branch with torch.cond, or mark the submodule that holds it with leaf_modules=[...] "
+            f"and capture='fx'") from first
+    name_assertions(gm, {where for where, _ in checks}, branches)
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
     described = dict.fromkeys(f"{where} (read {value!r} in the example)" for where, value in checks)
-    return Captured(gm, "export", {}, draws, tuple(described))
+    return Captured(gm, "export", {}, draws, tuple(described), branches=tuple(dict.fromkeys(branches.values())))
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
