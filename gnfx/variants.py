@@ -29,8 +29,9 @@ from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
+from gnfx.passes.python_random import kept_state
 from gnfx.passes.taps import insert_taps
-from gnfx.passes.validation_checks import other_side, violated_check
+from gnfx.passes.validation_checks import other_side, violated_check, without_trace
 
 NOT_CAPTURED = ("not captured yet: gnfx captures the model's graph at its first call, from that call's inputs "
                 "(pass example_inputs=... to gnfx.compile to capture at once)")
@@ -51,6 +52,17 @@ class NotCaptured:
         raise GnfxError(f"model.layers: {NOT_CAPTURED}")
 
     __iter__ = __len__ = __getitem__ = __contains__ = _raise
+
+
+def own_error(model: nn.Module, args: tuple, kwargs: dict) -> Exception | None:
+    """The exception the model's own forward raises on the call (args, kwargs), run once leaving no trace
+    (passes/validation_checks.py `without_trace`, Python's random generators kept as well), or None."""
+    try:
+        with kept_state(), without_trace(model, args, kwargs):
+            model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any error of the model's own is what its user would see
+        return exc
+    return None
 
 
 class Variants:
@@ -127,6 +139,12 @@ class Variants:
         except CaptureError as exc:
             exported, export_error = None, exc
         if exported is None and fx is None:
+            own = own_error(self.model, args, kwargs)
+            if own is not None:  # what the model raises on this call without gnfx, not a capture's failure
+                own.add_note(f"gnfx: {type(self.model).__name__}'s own forward raises this on the call gnfx was "
+                             f"capturing its graph from (run without gnfx, leaving no trace); torch.fx and "
+                             f"torch.export failed on it too")
+                raise own
             raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
                                f"{fx_error}\n{export_error}") from export_error
         if exported is None:

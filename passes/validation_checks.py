@@ -164,21 +164,29 @@ class _ExampleReads(TorchFunctionMode):
         return out
 
 
-def example_values(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The values the call model(*args, **kwargs) reads as Python scalars and the row counts of its
-    data-sized results, by (file, line, code), each in order: from one run of the forward without
-    gradients, its buffers (batch-norm statistics) and torch's random generators restored afterwards."""
+@contextlib.contextmanager
+def without_trace(model: nn.Module, args: tuple, kwargs: dict):
+    """For a run of the forward on the call (args, kwargs) that leaves no trace: no gradients, and the
+    model's buffers (batch-norm statistics) and torch's random generators restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
-    reads = _ExampleReads()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), reads:
-            model(*args, **kwargs)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
     finally:
         with torch.no_grad():
             for b, kept in buffers:
                 b.copy_(kept)
+
+
+def example_values(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The values the call model(*args, **kwargs) reads as Python scalars and the row counts of its
+    data-sized results, by (file, line, code), each in order: from one run of the forward that leaves
+    no trace (`without_trace`)."""
+    reads = _ExampleReads()
+    with without_trace(model, args, kwargs), reads:
+        model(*args, **kwargs)
     return reads.values
 
 

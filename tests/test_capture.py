@@ -273,6 +273,42 @@ def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example
     assert at == f"  at {__file__}:{where}" + (", the forward being captured" if example_inputs is None else "")
 
 
+class WrongLength(nn.Module):
+    """A forward whose rank check torch.fx cannot trace and whose table fits 5 positions only: on 6 the model
+    itself raises (timm's CrossViT built with an img_size its position tables do not fit does so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.pos = nn.Parameter(torch.zeros(1, 5, 3))
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = self.norm(x)
+        return self.a(x) + self.pos
+
+
+def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capture_error():
+    """Where neither torch.fx nor torch.export captures the call because the model's own forward raises on
+    it, the user gets the model's exception (as without gnfx), with a note saying so; the run that found
+    it left the batch-norm statistics and torch's random state as they were."""
+    model = WrongLength()
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(RuntimeError, match="must match the size") as plain:
+        copy.deepcopy(model)(x)
+    c = gnfx.compile(model, "kfac", lr=0.1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="must match the size") as err:
+        c(x)
+    assert type(err.value) is type(plain.value) and not isinstance(err.value, gnfx.CaptureError)
+    assert "WrongLength's own forward raises this" in "\n".join(err.value.__notes__)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(model.norm.running_mean, torch.zeros(6)) and int(model.norm.num_batches_tracked) == 0
+
+
 def test_untraceable_top_level_forward_falls_back_to_torch_export():
     model = RankBranch()
     x, y = batch((7, 4))
