@@ -339,6 +339,17 @@ def test_at_the_defaults_a_wide_convolution_is_bounded_at_its_output_positions()
     assert c.layers["0"].max_factor == at_4.max_factor
 
 
+def reloaded(c, fresh):
+    """`fresh` (a compiled model) with the model and optimizer state of `c`, saved and loaded through bytes."""
+    buffer = io.BytesIO()
+    torch.save({"model": c.state_dict(), "optimizer": c.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    fresh.load_state_dict(saved["model"])
+    fresh.optimizer.load_state_dict(saved["optimizer"])
+    return fresh
+
+
 def wide():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(2048, 1024))
@@ -353,13 +364,7 @@ def wide_trained(steps=3, checkpoint_at=None, **hparams):
     g = torch.Generator().manual_seed(3)
     for i in range(steps):
         if i == checkpoint_at:
-            buffer = io.BytesIO()
-            torch.save({"model": c.state_dict(), "optimizer": c.optimizer.state_dict()}, buffer)
-            buffer.seek(0)
-            saved = torch.load(buffer, weights_only=False)
-            c = compiled()
-            c.load_state_dict(saved["model"])
-            c.optimizer.load_state_dict(saved["optimizer"])
+            c = reloaded(c, compiled())
             bound = c.layers["0"].max_factor  # the checkpoint's bound, before any forward
         x, y = torch.randn(4, 2048, generator=g, dtype=DTYPE), torch.randint(0, 1024, (4,), generator=g)
         step(c, x, y)
@@ -418,13 +423,8 @@ def trained(max_factor, steps=3, checkpoint_at=None):
     data = [batch(1), batch(2)]
     for i in range(steps):
         if i == checkpoint_at:
-            buffer = io.BytesIO()
-            torch.save({"model": c.state_dict(), "optimizer": c.optimizer.state_dict()}, buffer)
-            buffer.seek(0)
-            saved = torch.load(buffer, weights_only=False)
-            c = compile_kfac(make(seed=5), max_factor=max_factor, inv_every=2, stat_decay=0.5, momentum=0.5)
-            c.load_state_dict(saved["model"])
-            c.optimizer.load_state_dict(saved["optimizer"])
+            c = reloaded(c, compile_kfac(make(seed=5), max_factor=max_factor, inv_every=2, stat_decay=0.5,
+                                         momentum=0.5))
         step(c, *data[i % 2])
     return {k: v.detach().clone() for k, v in c.state_dict().items()}
 
