@@ -11,19 +11,41 @@ one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is 
 expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, as
 passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
 site and the expanded tensor its input.
+
+Two more forms, taken whole (a slice of them must take every dimension
+whole):
+  * (1, B, T, d) and the like, added to an (N, B, T, d) activation (NesT's one table per block of
+    tokens): its features are the last dimension and its B·T rows (leading ones dropped) are positions;
+  * (1, C, *S), added to a channels-first map (N, C, *S) (PiT's and Visformer's (1, C, H, W) tables):
+    its features are C, dimension 1, and its prod(S) entries of each channel are positions, `feature_dim`
+    = 1 - len(P.shape) counted from the end. A table is read so when x is written with its features on
+    dimension 1: the output of a convolution (plain or transposed) or of a normalization over dimension
+    1 (batch, group and instance norms; Visformer's patch embedding is a convolution and a BatchNorm2d),
+    through an nn.Identity (a patch embedding without a norm), and, where the graph records x's shape
+    (torch.export), x has P's dimensions.
+    (x's shape is not in a torch.fx graph: the layer that writes x is what says its features are
+    dimension 1; a (1, C, H, W) table added to any other activation is read as the first form, C·H
+    positions of W features.) A (1, C, 1, ..., 1) parameter, a per-channel bias, is no table here.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .class_tokens import CLONES, expanded_table
+from .conv import CONV_OPS
+from .conv_transpose import CONV_TRANSPOSE_OPS
+from .norm import FUNCTIONS as NORM_FUNCTIONS
+from .shapes import value_of
 from .sites import Site
 
 aten = torch.ops.aten
 ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+FEATURES_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                          nn.modules.instancenorm._InstanceNorm)
 
 
 def _slices(node) -> list[tuple[int, object]] | None:
@@ -38,10 +60,37 @@ def _slices(node) -> list[tuple[int, object]] | None:
     return None
 
 
-def _table(operand, param_of, shape_of):
-    """(parameter, get_attr node, its consumer, start, rows) if `operand` is a position table, sliced
-    along its positions only, each node on the way used once; else None. `rows`: the number of rows
-    the slices leave where one slice of the positions gives it (None: as many as x has positions)."""
+def _whole(s: slice, size: int) -> bool:
+    """Whether the slice `s` takes every entry of a dimension of `size` entries."""
+    stop_whole = s.stop is None or isinstance(s.stop, int) and s.stop >= size
+    return s.start in (None, 0) and s.step in (None, 1) and stop_whole
+
+
+def _features_first(x, gm: fx.GraphModule) -> bool:
+    """Whether x is written with its features on dimension 1: a convolution's output (plain or
+    transposed), or a normalization's over dimension 1 (batch, group, instance norms), through an
+    nn.Identity (timm's patch embedding without a norm)."""
+    if not isinstance(x, fx.Node):
+        return False
+    if x.op == "call_module":
+        module = gm.get_submodule(x.target)
+        if isinstance(module, nn.Identity):
+            return _features_first(x.args[0], gm)
+        return isinstance(module, FEATURES_FIRST_MODULES)
+    if x.op != "call_function":
+        return False
+    if x.target in NORM_FUNCTIONS:
+        return NORM_FUNCTIONS[x.target][3]
+    return x.target in CONV_OPS or x.target in CONV_TRANSPOSE_OPS or x.target is aten.convolution.default
+
+
+def _table(operand, param_of, shape_of, features_first: bool, x_rank: int | None):
+    """(parameter, get_attr node, its consumer, start, rows, feature_dim) if `operand` is a position
+    table (module docstring), sliced along its positions only, each node on the way used once; else
+    None. `rows`: the number of rows the slices leave where one slice of the positions gives it (None:
+    as many as x has positions); `feature_dim`: its features' dimension counted from the end.
+    `features_first`: whether x has its features on dimension 1 (`_features_first`), `x_rank` its
+    dimensions (None where the graph does not record them): a channels-first table has x's."""
     node, start, consumer = operand, 0, None
     pairs = []
     while isinstance(node, fx.Node) and param_of(node) is None:
@@ -54,8 +103,17 @@ def _table(operand, param_of, shape_of):
     if name is None:
         return None
     shape = shape_of(name)
-    if len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
+    whole = all(_whole(s, shape[dim]) for dim, s in pairs)
+    channels_first = len(shape) == (x_rank or len(shape)) and shape[0] == 1 and shape[1] > 1
+    if features_first and channels_first and math.prod(shape[2:]) > 1:
+        return (name, node, consumer, 0, math.prod(shape[2:]), 1 - len(shape)) if whole else None
+    if len(shape) < 2 or shape[-1] == 1:
         return None
+    positions = shape[:-1]
+    while len(positions) > 1 and positions[0] == 1:
+        positions = positions[1:]
+    if len(positions) > 1:  # rows of several dimensions (NesT's blocks of positions)
+        return (name, node, consumer, 0, math.prod(positions), -1) if whole else None
     position_dim = len(shape) - 2
     rows, position_slices = shape[position_dim], 0
     for dim, s in pairs:
@@ -69,12 +127,14 @@ def _table(operand, param_of, shape_of):
             rows = None if stop is None else min(stop, shape[position_dim]) - (s.start or 0)
         elif s.start not in (None, 0):
             return None
-    return name, node, consumer, start, rows if position_slices <= 1 else None
+    return name, node, consumer, start, rows if position_slices <= 1 else None, -1
 
 
-def _site(node, x, name, attr, consumer, start, rows, shape) -> Site:
-    return Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, attr)], d_in=shape[-2],
-                d_out=shape[-1], options={"weight_shape": shape, "start": start, "rows": rows, "padding_idx": None})
+def _site(node, x, name, attr, consumer, start, rows, shape, feature_dim=-1) -> Site:
+    d = shape[feature_dim]
+    return Site(node=node, input=x, weight=name, bias=None, uses=[(consumer or node, attr)], d_in=math.prod(shape) // d,
+                d_out=d, options={"weight_shape": shape, "start": start, "rows": rows, "feature_dim": feature_dim,
+                                  "padding_idx": None})
 
 
 def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
@@ -96,10 +156,12 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
         operands = node.args[:2]
         for i, operand in enumerate(operands):
             x = operands[1 - i]
-            found = _table(operand, param_of, shape_of)
+            value = value_of(x)
+            rank = value.dim() if isinstance(value, torch.Tensor) else None
+            found = _table(operand, param_of, shape_of, _features_first(x, gm), rank)
             if found is None or not isinstance(x, fx.Node) or param_of(x) is not None:
                 continue
-            name, attr, consumer, start, rows = found
-            sites.append(_site(node, x, name, attr, consumer, start, rows, shape_of(name)))
+            name, attr, consumer, start, rows, feature_dim = found
+            sites.append(_site(node, x, name, attr, consumer, start, rows, shape_of(name), feature_dim))
             break
     return sites, []

@@ -397,6 +397,116 @@ def test_a_position_table_broadcast_over_heads_is_read_by_every_head():
     assert_close(stats["diag"], per.square().mean(0).T)
 
 
+class ChannelsFirstTable(nn.Module):
+    """PiT's and Visformer's table: a (1, C, H, W) parameter added to a convolution's map (N, C, H, W)
+    (`norm`: to its batch norm's, as Visformer's patch embedding)."""
+
+    def __init__(self, norm=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3) if norm else nn.Identity()
+        self.pos = nn.Parameter(torch.randn(1, 3, 4, 5))
+        self.head = nn.Linear(3 * 4 * 5, 4)
+        self.to(DTYPE)
+
+    def features(self, x):
+        return self.bn(self.conv(x))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.features(x) + self.pos).flatten(1))
+
+
+class BlockTables(nn.Module):
+    """NesT's tables: one (T, d) table per block of positions, a (1, B, T, d) parameter added to the
+    (N, B, T, d) activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(2 * 5 * 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 2, 5, 4))
+        self.to(DTYPE)
+
+    def features(self, x):  # (N, 10, 3) -> (N, 2, 5, 4)
+        return self.fc(x).reshape(x.shape[0], 2, 5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.features(x) + self.pos).flatten(1))
+
+
+def table_references(model, x, y, features_last):
+    """(rows δ (N, R, d) of the table's output gradient, e (R,), M) by autograd through z = features(x) +
+    P written out: δ_{n,r} = ∂L/∂z at position r of example n, `features_last` moving z's features
+    last; e_r = Σ_n |δ_{n,r}|² (before the step moves the parameters)."""
+    z = (model.features(x).detach() + model.pos.detach()).requires_grad_(True)
+    out = model.head(torch.tanh(z).flatten(1))
+    g = features_last(torch.autograd.grad(cross_entropy(out, y), z)[0])
+    rows = g.reshape(len(x), -1, g.shape[-1])
+    return rows, rows.square().sum((0, 2)), loss_terms(out)
+
+
+TABLES = {"channels-first": (lambda: ChannelsFirstTable(), (6, 2, 4, 5), lambda g: g.permute(0, 2, 3, 1)),
+          "channels-first-after-a-batch-norm": (lambda: ChannelsFirstTable(norm=True), (6, 2, 4, 5),
+                                                lambda g: g.permute(0, 2, 3, 1)),
+          "blocks-of-positions": (BlockTables, (6, 10, 3), lambda g: g)}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("table", list(TABLES))
+def test_tables_of_several_position_dimensions_are_embeddings_of_their_positions(table, capture):
+    """PiT's and Visformer's (1, C, H, W) tables on channels-first maps and NesT's (1, B, T, d) fell back to
+    diag ('used by call_function add, not a layer gnfx models'). A channels-first table is H·W positions of
+    C features, NesT's B·T positions of d (passes/position.py): A = e / Σ e with e_r = Σ_n |δ_{n,r}|²,
+    S = M E[δ δᵀ] over the features, from autograd through the sum written out, and (no batch norm: its
+    examples are not independent) the diag equals the per-example gradients' (vmap) as the matrix
+    d x positions; float64."""
+    build, shape, features_last = TABLES[table]
+    model = build()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*shape, generator=gen, dtype=DTYPE), torch.randint(0, 4, (shape[0],), generator=gen)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert c.layers["pos"].kind == "position" and not c.layers.fallbacks
+    rows, energy, M = table_references(model, x, y, features_last)
+    per = None if "norm" in table else per_example_grads(model, x, y)["pos"]
+    statistic_step(c, x, y)
+    stats = c.statistics("pos")
+    assert_close(stats["A"], energy / energy.sum())
+    assert_close(stats["S"], M * rows.flatten(0, 1).T @ rows.flatten(0, 1))
+    if per is not None:  # example n's gradient as the matrix d x positions: its features moved last, transposed
+        per_rows = features_last(per.squeeze(1)).reshape(len(x), -1, rows.shape[-1])
+        assert_close(stats["diag"], per_rows.square().mean(0).T)
+
+
+@pytest.mark.parametrize("table", ["channels-first", "blocks-of-positions"])
+def test_kfac_step_on_a_table_of_several_position_dimensions_is_the_dense_kronecker_solve(table):
+    """ΔP = -η U with U = ((diag A + λ_A I) ⊗ (S + λ_S I))⁻¹ vec(G), G the gradient as the matrix
+    d x positions (features C by the H·W entries of each channel's map; d by the B·T rows), vec
+    column-major, λ split by π = sqrt((tr A / dim A) / (tr S / dim S)); A and S from autograd."""
+    build, shape, features_last = TABLES[table]
+    model = build()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*shape, generator=gen, dtype=DTYPE), torch.randint(0, 4, (shape[0],), generator=gen)
+    rows, energy, M = table_references(model, x, y, features_last)
+    A, S = energy / energy.sum(), M * rows.flatten(0, 1).T @ rows.flatten(0, 1)
+    P0 = model.pos.detach().clone()
+    damping = 1e-2
+    c = gnfx.compile(model, optimizer="kfac", lr=0.5, momentum=0.0, weight_decay=0.0, kl_clip=0.0,
+                     damping=damping, stat_every=1, inv_every=1, stat_decay=0.0)
+    cross_entropy(c(x), y).backward()
+    grad = features_last(model.pos.grad.detach().clone())  # (1, *positions, d)
+    c.step()
+    pi = (A.mean() / S.diagonal().mean()).sqrt()
+    lam_a, lam_s = pi * damping ** 0.5, damping ** 0.5 / pi
+    d = S.shape[0]
+    K = torch.kron(torch.diag(A + lam_a), S + lam_s * torch.eye(d, dtype=DTYPE))
+    G = grad.reshape(-1, d).T  # (d, positions)
+    U = torch.linalg.solve(K, G.T.reshape(-1)).reshape(-1, d)  # un-vec: column-major (d, R) = (R, d) rows
+    step = U.reshape(grad.shape)  # features last, as grad
+    step = step.permute(0, 3, 1, 2) if table == "channels-first" else step
+    assert_close(model.pos.detach(), P0 - 0.5 * step)
+
+
 # ----------------------------------------------------------------------------- attention across RoPE
 
 

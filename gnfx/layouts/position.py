@@ -35,8 +35,22 @@ V2's GRN bias, (1, 1, 1, d) on (N, H, W, d) maps; a (1, d) bias on (N, d)): ever
 and the examples are x's first dimension whatever x's rank (A = [1], S = E[δ δᵀ] over all rows). So
 is one row of a larger table, `P[:, s:s + 1]` (`rows` 1, recorded by passes/position.py): every row
 of x reads row s.
+
+A table of several position dimensions is the same model over all of them (passes/position.py
+recognizes two forms, taken whole). NesT's (1, B, T, d) on (N, B, T, d): its positions are
+(b, t), row b·T + t of P as the matrix d x B·T (the view "flat_t", as for one dimension). A
+channels-first table (1, C, *S) on a map (N, C, *S) (PiT, Visformer: (1, C, H, W)) has its features
+on dimension 1 (`feature_dim`, counted from the end: 1 - len(P.shape)) and positions the entries s
+of S, row s flattened of P as the matrix C x prod(S) (the view "features_first": no transpose, each
+channel's map is its row of W), `z_{n,c,s} = x_{n,c,s} + P_{c,s}`; the taps move the features of x
+and δ last, δ_{n,s} = ∂ℓ/∂z_{n,:,s} (C entries), and the rest is the model above: A = diag(e) / Σ e
+with e_s = Σ_n |δ_{n,s}|², S = E[δ δᵀ] (C x C). Dimensions of x ahead of the table's (heads) repeat
+its positions; a dimension of one in the table that x has more of (P (1, B, 1, d) on (N, B, T, d)) is
+read by every entry of it, as broadcasting adds it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,30 +61,51 @@ class PositionLayout(EmbeddingLayout):
     view = "flat_t"  # P as the matrix d x T_max: its leading dimensions of one dropped, transposed
     energy_weighted_A = True  # A from the rows' output-gradient energies (module docstring)
 
+    def __init__(self, block):
+        super().__init__(block)
+        self.feature_dim = block.options.get("feature_dim", -1)  # counted from the end (module docstring)
+        if self.feature_dim != -1:
+            self.view = "features_first"  # (1, C, *S) as C x prod(S)
+
     @property
     def one_row(self) -> bool:
         """Whether x reads one row of P (P has one row, or a slice of one row of it is added), a bias
         broadcast over every row of x (module docstring)."""
         return self.block.options.get("rows", self.block.options["weight_shape"][-2]) == 1
 
+    @property
+    def table_positions(self) -> tuple[int, ...]:
+        """The shape of P's rows as x reads them: (1,) for one row; P's dimensions after its features
+        for a channels-first table; else those before its features, leading ones dropped; (-1,) for a
+        table of one position dimension (its rows read: as many as x has, from `start`)."""
+        shape = tuple(self.block.options["weight_shape"])
+        positions = shape[self.feature_dim + 1:] if self.feature_dim != -1 else shape[:-1]
+        while len(positions) > 1 and positions[0] == 1:
+            positions = positions[1:]
+        return (1,) if self.one_row else positions if len(positions) > 1 else (-1,)
+
+    def _features_last(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.feature_dim == -1 else t.movedim(self.feature_dim, -1)
+
     def examples(self, x: torch.Tensor) -> int:
         return x.shape[0] if x.dim() > 2 or self.one_row else 1
 
     def input_chunks(self, x: torch.Tensor):
-        """The positions read, as ids (N, R) (one chunk): the second to last dimension of x is the
-        position; any dimension between N and it (heads, say) repeats the positions. A table of one
-        row is read by every row of x (row 0)."""
-        n, t = self.examples(x), x.shape[-2]
-        start = self.block.options["start"]
-        if self.one_row:
-            yield torch.full(x.shape[:-1], start, dtype=torch.long, device=x.device).reshape(n, -1)
-            return
-        yield torch.arange(start, start + t, device=x.device).expand(x.shape[:-1]).reshape(n, -1)
+        """The positions read, as ids (N, R) (one chunk): x's dimensions but its features, the last
+        ones P's positions (the second to last of x for a table of one position dimension); any
+        dimension between N and them (heads, say) repeats the positions. A table of one row is read by
+        every row of x (row `start`)."""
+        shape = self._features_last(x).shape[:-1]
+        positions = self.table_positions
+        positions = shape[-1:] if positions == (-1,) else positions
+        ids = torch.arange(math.prod(positions), device=x.device).add_(self.block.options["start"])
+        yield ids.reshape(positions).expand(shape).reshape(self.examples(x), -1)
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The output gradient as (N, R, d) rows, its examples as input_chunks reads x's (the output has
         x's shape)."""
-        return g.reshape(self.examples(g), -1, g.shape[-1])
+        rows = self._features_last(g)
+        return rows.reshape(self.examples(g), -1, rows.shape[-1])
 
     def error_ids(self, g: torch.Tensor) -> torch.Tensor:
         """The rows of P that the output gradient's rows (error_rows) belong to, (N, R): the output
