@@ -121,22 +121,13 @@ rejected (`misjudged`), the next step first tests the last update δ on its own 
 fitted on: the actual reductions L(θ) - L(θ + δ) and L(θ) - L(θ - δ/2), the last step taken to twice
 and to half its length (two forwards; with a closure, two calls). κ (`held_out_scale`, 1 to start) ←
 eκ if twice lowers the loss and at least as much as half, κ/e if half lowers it more (e =
-HELD_OUT_FACTOR, 2), within [1, HELD_OUT_MAX] (`held_out_scale`), and the step's coefficients are τc_κ,
-c_κ the minimizer of bᵀc + ½ cᵀ(M/κ)c (μ within MOMENTUM_RANGE, α_k ≤ 1 with `capped`) and τ the
-loss-floor cap's, its predicted reduction -q(τc_κ) on the batch's own model: a line search on a batch
-the step did not see, one factor of e per step (the expansion and contraction of a bracketing search,
-Nocedal & Wright §3.5, spread over steps). The batch's curvature divided by κ: where μ is interior,
-or 0, c_κ = κc, the model's step κ times as long; where κμ would leave MOMENTUM_RANGE, μ stays at its
-bound and the α_k are re-minimized for it. Scaling c by κ instead (as first done) applied κμ to δ,
-which is already κ times its own model's step: a heavy ball of momentum up to 0.99κ, compounding
-κ per step while the model keeps μ near its bound (μ applied up to 3.96 on regnet_y_400mf, the step's
-norm 0.12 → 0.54 in one step), and the tests then shortened κ again (κ between 1 and 16 over its
-first 40 steps there). kfac at defaults ended regnet_y_400mf's 100 steps at a held-out loss of 1.50
-rather than 3.57 (AdamW 1e-3: 1.40; benchmarks/results/torchvision_models.md, "regnet_y_400mf"). Every
-step tests while κ > 1; at κ = 1 the tests stop until the next misjudged adaptation. κ never shortens
-the model's step: a step too long for its own batch is the λ rule's and the retries' business. Where
-the step goes past the batch model's minimizer far enough that -q(τc_κ) ≤ 0, it computes no ρ and
-holds λ. With kfac at defaults the training loss after 40 steps went from 2.21 to
+HELD_OUT_FACTOR, 2), within [1, HELD_OUT_MAX] (`held_out_scale`), and the step is κc (after the
+loss-floor cap), its predicted reduction -q(κc): a line search on a batch the step did not see, one
+factor of e per step (the expansion and contraction of a bracketing search, Nocedal & Wright §3.5,
+spread over steps). Every step tests while κ > 1; at κ = 1 the tests stop until the next misjudged
+adaptation. κ never shortens the model's step: a step too long for its own batch is the λ rule's and
+the retries' business. Where κc goes past the model's minimizer far enough that -q(κc) ≤ 0, that step
+computes no ρ and holds λ. With kfac at defaults the training loss after 40 steps went from 2.21 to
 0.85 on shufflenet_v2_x0_5 (AdamW 3e-3: 1.19). On the digits tasks every step of kfac and ekfac is
 as before: 8 of their 625 adaptations (seeds 0-2) were judged below RHO_LOW, and no test followed any
 of them (counted; a step that is undone leaves no δ to test). On the char GPT one adaptation of kfac's
@@ -603,9 +594,8 @@ class QuadraticStep:
         if floor and predicted > 0:  # the loss-floor cap (module docstring)
             c, floor_scale = floor_capped(c, M, b, FLOOR_CAP * float(Mb[-1]))
             predicted = float(-(b @ c + 0.5 * c @ M @ c))
-        if self.held_out_scale != 1.0:  # the held-out step length: the minimizer at curvature M/κ (module docstring)
-            c = floor_scale * minimize_quadratic(M / self.held_out_scale, b, self.capped,
-                                                 momentum=adaptive and previous is not None)[0]
+        if self.held_out_scale != 1.0:  # the held-out step length (module docstring)
+            c = c * self.held_out_scale
             predicted = float(-(b @ c + 0.5 * c @ M @ c))
         coefficients = c.tolist()
         alphas = {pre.name: a for pre, a in zip(parts, coefficients)}
