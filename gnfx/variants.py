@@ -118,8 +118,13 @@ class Variants:
     def capture(self, args: tuple, kwargs: dict) -> None:
         """The first capture, from the call (args, kwargs)."""
         if self.mode == "export":
-            return self._begin(export(self.model, args, _sorted(kwargs)), self._key("export", args, kwargs),
-                               "capture='export'", shapes=shapes_of(args, kwargs))
+            try:
+                exported = export(self.model, args, _sorted(kwargs))
+            except CaptureError:
+                self._raise_own_error(args, kwargs)
+                raise
+            return self._begin(exported, self._key("export", args, kwargs), "capture='export'",
+                               shapes=shapes_of(args, kwargs))
         fixed = self._fixed(args, kwargs)
         try:
             fx, fx_error = trace_fx(self.model, self.leaf_modules, dict(fixed)), None
@@ -139,12 +144,7 @@ class Variants:
         except CaptureError as exc:
             exported, export_error = None, exc
         if exported is None and fx is None:
-            own = own_error(self.model, args, kwargs)
-            if own is not None:  # what the model raises on this call without gnfx, not a capture's failure
-                own.add_note(f"gnfx: {type(self.model).__name__}'s own forward raises this on the call gnfx was "
-                             f"capturing its graph from (run without gnfx, leaving no trace); torch.fx and "
-                             f"torch.export failed on it too")
-                raise own
+            self._raise_own_error(args, kwargs)
             raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
                                f"{fx_error}\n{export_error}") from export_error
         if exported is None:
@@ -168,6 +168,15 @@ class Variants:
         return self._begin(fx, self._fx_key(fixed), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
+
+    def _raise_own_error(self, args: tuple, kwargs: dict) -> None:
+        """Where capture failed: raise what the model's own forward raises on this call (`own_error`), a
+        failure of the model's and not of the capture's, with a note saying so; nothing if it runs."""
+        own = own_error(self.model, args, kwargs)
+        if own is not None:
+            own.add_note(f"gnfx: {type(self.model).__name__}'s own forward raises this on the call gnfx was "
+                         f"capturing its graph from (run without gnfx, leaving no trace); capture failed on it too")
+            raise own
 
     def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
         gm, table, sites = built or self._build(captured)

@@ -289,7 +289,8 @@ class WrongLength(nn.Module):
         return self.a(x) + self.pos
 
 
-def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capture_error():
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capture_error(capture):
     """Where neither torch.fx nor torch.export captures the call because the model's own forward raises on
     it, the user gets the model's exception (as without gnfx), with a note saying so; the run that found
     it left the batch-norm statistics and torch's random state as they were."""
@@ -297,7 +298,7 @@ def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capt
     x = torch.randn(2, 6, 4)
     with pytest.raises(RuntimeError, match="must match the size") as plain:
         copy.deepcopy(model)(x)
-    c = gnfx.compile(model, "kfac", lr=0.1)
+    c = gnfx.compile(model, "kfac", lr=0.1, capture=capture)
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
