@@ -74,8 +74,10 @@ def worker(rank, world, init_method, optimizer, mode, out):
         checkpoint = torch.load(out, weights_only=True)
         compiled.optimizer.load_state_dict(checkpoint["optimizer"])
         assert compiled.optimizer.steps == STEPS
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave()
 
 
 def rendezvous(folder) -> str:
@@ -83,6 +85,17 @@ def rendezvous(folder) -> str:
     no TCP port to choose, so no race with the other processes of the machine for a port that was free
     when it was chosen (the store's port was a bound-then-released ephemeral one before)."""
     return f"file://{folder / 'rendezvous'}"
+
+
+def leave() -> None:
+    """The end of a spawned rank that finished: its process group destroyed, then the process ended at
+    once (os._exit) rather than by Python's teardown, where torch 2.13's gloo can deadlock: the DDP
+    Reducer, freed last, destroys the process group and joins gloo's worker thread with the GIL held,
+    while that thread frees its last work's tensor and waits for the GIL (a rank hung so in
+    ~ProcessGroupGloo after its last barrier, once in CI). A rank that raises destroys its group and
+    raises (`except BaseException` in each worker), which mp.spawn reports."""
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def on_two_ranks(worker, folder, *args):
@@ -224,8 +237,10 @@ def kinds_worker(rank, world, init_method, out):
         dist.all_gather_object(gathered, results)
         if rank == 0:
             torch.save(gathered, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave()
 
 
 @pytest.fixture(scope="module")

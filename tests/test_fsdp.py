@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 import gnfx
 import gnfx.preconditioners.shampoo as shampoo_module
-from test_distributed import KINDS_OPTIMIZERS, Kinds, kinds_data, on_two_ranks, train_kinds
+from test_distributed import KINDS_OPTIMIZERS, Kinds, kinds_data, leave, on_two_ranks, train_kinds
 
 pytestmark = pytest.mark.thread_independent  # its worker processes set their own intra-op threads (tests/conftest.py)
 
@@ -182,8 +182,10 @@ def worker(rank, world, init_method, out):
             results["no_root"] = str(error)
         if rank == 0:
             torch.save(results, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave()
 
 
 class StandardizedLinear(nn.Linear):

@@ -1121,8 +1121,10 @@ def quadratic_worker(rank, world, init_method, out):
         distributed.train(compiled, nn.parallel.DistributedDataParallel(compiled), xs[:, shard], ys[:, shard])
         if rank == 0:
             torch.save({n: p.detach() for n, p in compiled.named_parameters()}, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.leave()
 
 
 def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_path):
