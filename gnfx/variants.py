@@ -211,7 +211,7 @@ class Variants:
             return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
         flipped = None
-        for gm in [g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)]:
+        for gm in (g for g in self._graphs.get(key, ()) if accepts(g, args, kwargs)):  # lazily: the first that holds
             out, flipped = self._run(gm, args, kwargs)
             if flipped is None:
                 return out

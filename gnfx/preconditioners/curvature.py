@@ -210,15 +210,16 @@ class CurvaturePreconditioner(Preconditioner):
         """Curvature statistics taken from the gradients themselves, run on statistic steps before
         the refresh (so a refresh sees this step's gradient); none by default."""
 
-    def stacked_gradients(self) -> list[torch.Tensor]:
-        """The gradients of each group's pieces, stacked (k, *shape), in group order; zeros for a missing
-        gradient. Each target's gradient matrix is formed once for all its pieces (gnfx.targets
-        `stacked_piece_gradients`)."""
+    def stacked_gradients(self):
+        """The gradients of each group's pieces, stacked (k, *shape), one group at a time in group order
+        (a generator: one group's stack alive at once); zeros for a missing gradient. Each target's
+        gradient matrix is formed once for all its pieces (gnfx.targets `stacked_piece_gradients`)."""
         def grad_of(name):
             p = self.parameters.param(name)
             return p.grad if p.grad is not None else torch.zeros_like(p)
         matrices = {}
-        return [stacked_piece_gradients(group.pieces, grad_of, matrices) for group in self.groups]
+        for group in self.groups:
+            yield stacked_piece_gradients(group.pieces, grad_of, matrices)
 
     def refresh(self, statistics, comm) -> None:
         """The amortized decompositions from the averaged `statistics` (a gnfx.statistics.StatisticsStore),

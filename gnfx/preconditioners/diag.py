@@ -135,8 +135,9 @@ class Diagonal(Preconditioner):
             if not params:
                 continue
             # float32 copies of low-precision parameters and their gradients (module docstring)
-            work = [p.to(self.moment_dtype(p)) for p in params]
-            grads = [p.grad.to(w.dtype) for p, w in zip(params, work)]
+            low = [p.dtype in self.LOW_PRECISION for p in params]  # no conversion call for the others
+            work = [p.float() if half else p for p, half in zip(params, low)]
+            grads = [p.grad.float() if half else p.grad for p, half in zip(params, low)]
             states = [self.parameters.state_of(n) for n in names]
             for w, s in zip(work, states):
                 if not s:
@@ -162,6 +163,6 @@ class Diagonal(Preconditioner):
             torch._foreach_div_(denoms, bias2_sqrt)
             torch._foreach_add_(denoms, eps)
             torch._foreach_addcdiv_(work, exp_avgs, denoms, step_sizes)
-            for p, w in zip(params, work):
-                if w is not p:
+            for p, w, half in zip(params, work, low):
+                if half:
                     p.copy_(w)  # θ rounded to its dtype once
