@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.outputs import LogitsLayout
+
 FISHER_TYPES = ("empirical", "mc", "type2")
 LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 
@@ -76,20 +78,23 @@ def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, gene
 
 
 def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, samples: int, loss_terms: float,
-                       kept: torch.Tensor) -> None:
+                       kept: torch.Tensor, logits: LogitsLayout) -> None:
     """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
 
     `pending` holds (block output, block input or None, BlockStatistics, forward id) of this forward.
     `kept` marks the rows of z (flattened to (M, C)) that the loss counts (cross-entropy drops the
-    targets it ignores): the other rows backpropagate nothing; `loss_terms` counts the kept ones.
+    targets it ignores): the other rows backpropagate nothing; `loss_terms` counts the kept ones. The
+    vectors are those of the classes-last z_c (`logits`, gnfx.outputs.LogitsLayout), each backpropagated
+    from z in its own layout.
     """
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0 or not outputs:  # no block output: a call that ran the model's own forward (gnfx.variants)
         return
-    mask = kept.reshape(z.shape[:-1] + (1,) if z.dim() > 1 else z.shape).to(z.dtype)
-    for v, weight in backprop_vectors(z, fisher, loss, samples):
-        v = v * mask
-        grads = torch.autograd.grad(z, outputs, grad_outputs=v / loss_terms, retain_graph=True, allow_unused=True)
+    z_c = logits.classes_last(z)
+    mask = kept.reshape(z_c.shape[:-1] + (1,) if z_c.dim() > 1 else z_c.shape).to(z.dtype)
+    for v, weight in backprop_vectors(z_c, fisher, loss, samples):
+        v = logits.as_output(v * mask / loss_terms)
+        grads = torch.autograd.grad(z, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         for (_, a, stats, fid), g in zip(pending, grads):
             if g is not None:
                 stats.record_error(g * weight ** 0.5, a, fid)

@@ -33,6 +33,7 @@ from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fsdp import ShardedStep, local
+from gnfx.outputs import LogitsLayout
 from gnfx.parameter_store import ParameterStore
 from gnfx.preconditioners.base import STATISTIC_SETTINGS, collects_statistics
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
@@ -71,11 +72,12 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
+        self.logits = LogitsLayout()  # the classes' axis of a cross-entropy's logits, told by their first gradient
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
         self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
                                         settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
                                         settings["damping_every"], settings["quadratic_every"],
-                                        settings["quadratic_momentum"])
+                                        settings["quadratic_momentum"], self.logits)
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, plan, statistics) -> None:

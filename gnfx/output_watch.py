@@ -6,7 +6,9 @@ the loss terms per example, the product of its middle dimensions for an (N, ...,
 (`loss_average="auto"`; "batch" keeps T = 1). When the user's backward reaches `z`, the rows
 whose gradient is exactly zero are the ones the loss ignores (cross-entropy targets of -100), which
 drop out of N and M; with loss="cross_entropy" that gradient must be a mean cross-entropy's over
-z's last dimension (gnfx.outputs.check_cross_entropy_gradient), with loss="binary_cross_entropy" a mean
+z's classes (gnfx.outputs.check_cross_entropy_gradient), the last dimension or dimension 1 of an
+(N, C, H, W) output, which the first gradient at z tells (gnfx.outputs.LogitsLayout: from then on the
+rows, T and the true Fisher are those of the classes-last z_c), with loss="binary_cross_entropy" a mean
 binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
 (gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= the loss
 must be one of z alone: a backward that reaches z and another floating output of at least one
@@ -26,23 +28,23 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import (check_binary_cross_entropy_gradient, check_cross_entropy_gradient, floating_outputs,
-                          other_output_error)
+from gnfx.outputs import (LogitsLayout, check_binary_cross_entropy_gradient, check_cross_entropy_gradient,
+                          floating_outputs, other_output_error)
 
 
-def watch_output(out, store, settings: dict) -> None:
+def watch_output(out, store, settings: dict, logits: LogitsLayout) -> None:
     """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
     output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
-    docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples)."""
+    docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples); `logits`: the
+    optimizer's LogitsLayout, the classes' axis of z."""
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
     fid = store.forward_id
     if z is not None:
         store.batch_size[fid] = z.shape[0]
-        if settings["loss_average"] == "auto" and z.dim() > 2:
-            store.terms_per_example[fid] = z.shape[1:-1].numel()
+        _record_terms(store, fid, logits.classes_last(z), settings)
     if z is not None and z.requires_grad:
-        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [])
+        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [], logits)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -51,7 +53,13 @@ def watch_output(out, store, settings: dict) -> None:
                         f"empirical Fisher, from your backward)")
 
 
-def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) -> None:
+def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
+    """T of forward `fid`, the loss terms per example of its classes-last output z_c (N, ..., C)."""
+    if settings["loss_average"] == "auto" and z_c.dim() > 2:
+        store.terms_per_example[fid] = z_c.shape[1:-1].numel()
+
+
+def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], logits: LogitsLayout) -> None:
     """When the user's backward reaches the logits z: count the rows the loss ignores (their
     gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
     backward (gnfx.fisher) if one is asked for. `others`: the outputs the loss must not reach
@@ -81,10 +89,14 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
     def hook(grad):
         handle.remove()  # the true-Fisher backward starts at z too: run once
         reached["z"] = True
-        kept = (grad.reshape(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.reshape(-1, 1)).ne(0).any(1)
+        if settings["loss"] == "cross_entropy" and logits.classes_axis is None:
+            logits.settle(z, grad)  # the first gradient at z: the classes' axis (one more transfer, once)
+            _record_terms(store, fid, logits.classes_last(z), settings)
+        z_c, grad_c = logits.classes_last(z), logits.classes_last(grad)
+        kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
         count = kept.sum()
         if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
-            (count,) = check_cross_entropy_gradient(z, grad, count)
+            (count,) = check_cross_entropy_gradient(z_c, grad_c, count)
         elif settings["loss"] == "binary_cross_entropy":
             (count,) = check_binary_cross_entropy_gradient(z, grad, count)
         if reached["other"]:
@@ -94,7 +106,7 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor]) ->
         if store.fisher != "empirical":
             terms = z.shape[0] if settings["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
             record_true_fisher(z, pending, settings["fisher"], settings["loss"], settings["mc_samples"],
-                               terms * fraction, kept)
+                               terms * fraction, kept, logits)
         return grad
 
     handle = z.register_hook(hook)

@@ -37,6 +37,41 @@ def logits_of(out) -> torch.Tensor | None:
     return next(iter(floating_outputs(out)), None)
 
 
+class LogitsLayout:
+    """Where the classes of loss="cross_entropy"'s logits z lie, told once by the first gradient at z
+    (`settle`), and the classes-last view z_c every consumer of z reads (docs/design.md §1: an (N, ..., C)
+    output of M = N·T rows). The classes are on z's last dimension for a classifier's (N, C) or a language
+    model's (N, T, C) (`F.cross_entropy(z.reshape(-1, C), y.reshape(-1))`), and on dimension 1 where
+    `F.cross_entropy(z, y)` takes an (N, C, d1, ..., dk) output as it is, a segmentation model's (N, C, H, W):
+    z_c = z.movedim(1, -1), of the (N, H, W, C) rows whose mean that loss is. The gradient of a mean
+    cross-entropy has rows (p - q)/M that sum to zero over the classes: the axis whose sums are the
+    smaller (one host read) is the classes'; a loss of neither then fails check_cross_entropy_gradient on
+    the view. A gradient that tells nothing (all zero: every target ignored) leaves it unsettled."""
+
+    def __init__(self):
+        self.classes_axis: int | None = None  # -1 or 1; None: no gradient at z has told yet
+
+    def settle(self, z: torch.Tensor, grad: torch.Tensor) -> None:
+        """Tell the classes' axis from `grad`, the user's loss's gradient at the logits z, unless known."""
+        if self.classes_axis is not None:
+            return
+        if z.dim() < 3:
+            self.classes_axis = -1
+            return
+        grad = grad.detach().double()
+        last, first = torch.stack([grad.sum(-1).abs().sum(), grad.sum(1).abs().sum()]).tolist()
+        if last != first:
+            self.classes_axis = -1 if last < first else 1
+
+    def classes_last(self, t: torch.Tensor) -> torch.Tensor:
+        """z_c (or a tensor shaped like z, its gradient) with the classes on the last dimension: a view."""
+        return t.movedim(1, -1) if self.classes_axis == 1 else t
+
+    def as_output(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like z_c back in z's own layout (the inverse of classes_last)."""
+        return t.movedim(-1, 1) if self.classes_axis == 1 else t
+
+
 def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.Tensor,
                        reaches_z: bool = True) -> GnfxError:
     """The error for a loss that reaches an output other than z (gnfx.output_watch): `position` is the
@@ -57,14 +92,15 @@ def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.T
 
 def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
     """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
-    that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares. Its row
+    that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares (z and grad in
+    the classes-last layout, LogitsLayout.classes_last). Its row
     n is (p_n - q_n)/M for the softmax p_n and the target distribution q_n (one-hot, smoothed or
     class-weighted alike; zero for an ignored target), so each row sums to zero, and Σ_n |p_n - q_n|₁
     ≤ 2M bounds the sum of its absolute values by 2 (a class-weighted mean's too), within
     CROSS_ENTROPY_TOLERANCE; the row sums also get ROUNDING_ROWS·ε of the gradient's dtype in all: p_y - 1
     rounds to ε/M in each row of a mean, so a model whose predictions are nearly certain (a training loss
     of 3e-7 in float32 had row sums 7% of the gradient, all rounding) still passes. A loss of another output (z is the first floating tensor the model
-    returns) or over another dimension of z (an (N, C, H, W) segmentation output) fails the first; a
+    returns) or over another dimension of z fails the first; a
     summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
     model's predictions are far from its targets, as at the start of training.
 
@@ -99,11 +135,11 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
     if what:
         raise GnfxError(
-            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their last "
-            f"dimension (z: the first floating tensor the model returns, here of shape {tuple(z.shape)}), and the "
-            f"loss this backward ran is not: {what}. gnfx would model the wrong loss. Fix: return the logits "
-            f"first (alone, or first in a tuple, dict or dataclass) with the classes last (an (N, C, H, W) "
-            f"output: return z.movedim(1, -1) and take F.cross_entropy(z.reshape(-1, C), y.reshape(-1))) and "
+            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
+            f"the last dimension or, for an output of three or more dimensions, dimension 1 as F.cross_entropy "
+            f"takes an (N, C, H, W) one (z: the first floating tensor the model returns, with the classes last here "
+            f"of shape {tuple(z.shape)}), and the loss this backward ran is not: {what}. gnfx would model the "
+            f"wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
     if lowest < -CROSS_ENTROPY_TOLERANCE:

@@ -241,7 +241,7 @@ from gnfx.errors import GnfxError
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
-from gnfx.outputs import logits_of
+from gnfx.outputs import LogitsLayout, logits_of
 from gnfx.random_state import RandomState
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -388,8 +388,11 @@ class QuadraticStep:
     gnfx.parameter_store.ParameterStore."""
 
     def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
-                 every: int = 1, solve_every: int = 1, momentum: str | float = "adaptive"):
+                 every: int = 1, solve_every: int = 1, momentum: str | float = "adaptive",
+                 logits: LogitsLayout | None = None):
         self.parameters = parameters
+        # the classes' axis of a cross-entropy's z (gnfx.outputs.LogitsLayout): the model is built on z_c
+        self.logits = logits if logits is not None else LogitsLayout()
         self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
@@ -415,8 +418,7 @@ class QuadraticStep:
         self._call = None  # (model, args, kwargs) of the last training forward
         self._random_state: RandomState | None = None  # the generators' states before it (gnfx.random_state)
         self._examples = 0  # its batch size, the first dimension of z
-        self._rows_per_example = 1  # rows of z per example: T of an (N, T, C) output, 1 of an (N, C) one
-        self._output_before = None  # its z
+        self._output_before = None  # its z, in the model's own layout (_outputs: the classes-last z_c)
         self._output_grad = None
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
@@ -444,7 +446,6 @@ class QuadraticStep:
         self._forwards += 1
         z = logits_of(out)
         self._examples = len(z) if z is not None else 0
-        self._rows_per_example = z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
         self._output_before = None if z is None else z.detach()
         if z is not None and z.requires_grad:
             z.register_hook(functools.partial(self._keep_output_grad, self._forwards))
@@ -475,6 +476,8 @@ class QuadraticStep:
         forward's gradient is kept, which belongs to the inputs the step replays."""
         if forward == self._forwards:
             self._output_grad = grad.detach()
+            if self.loss == "cross_entropy":  # told at a statistic forward's output already, unless none ran yet
+                self.logits.settle(self._output_before, self._output_grad)
         elif not self._warned_forwards:
             self._warned_forwards = True
             warnings.warn("gnfx: one backward reached the outputs of two training forwards (a loss over both, as "
@@ -494,7 +497,7 @@ class QuadraticStep:
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
-        examples = None if self.rows is None else -(-self.rows // self._rows_per_example)
+        examples = None if self.rows is None else -(-self.rows // self._rows_per_example())
         if subset and examples is not None and examples < self._examples:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
@@ -504,8 +507,18 @@ class QuadraticStep:
 
         def f(theta):
             with random_state.replayed():  # the training forward's random numbers (gnfx.random_state)
-                return logits_of(function(theta, *args, **kwargs))
+                return self.logits.classes_last(logits_of(function(theta, *args, **kwargs)))
         return f
+
+    def _rows_per_example(self) -> int:
+        """Rows of z_c per example: T of an (N, T, C) output (H·W of an (N, C, H, W) one), 1 of an (N, C) one."""
+        z = self._outputs()[0]
+        return z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
+
+    def _outputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last training forward's z_c and the gradient its backward sent there, classes last."""
+        z, grad = self._output_before, self._output_grad
+        return tuple(None if t is None else self.logits.classes_last(t) for t in (z, grad))
 
     def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of
@@ -749,7 +762,7 @@ class QuadraticStep:
         parameters are at θ on entry and exit, `before` holds θ): `held_out_scale` of the actual reductions
         L(θ) - L(θ + δ) and L(θ) - L(θ - δ/2), the last step taken to twice and to half its length (module
         docstring, "The held-out step length"). Two forwards, with a closure two calls."""
-        z = self._output_before  # the training forward's output at θ, whose recovered loss is L(θ)
+        z = self._outputs()[0]  # the training forward's output at θ, whose recovered loss is L(θ)
         trials = []
         for scale in (1.0, -0.5):
             torch._foreach_add_(params, self._place(layout, flat_previous, scale))
@@ -818,11 +831,11 @@ class QuadraticStep:
         """The rows of z (the batch's first rows with quadratic_rows) cross-entropy counts as targets
         for output_hessian_product: the rows its gradient reaches (an ignored target's row gets
         exactly zero), all rows when unknown."""
-        classes = z.shape[-1]
-        if self._output_grad is None:
+        classes, grad = z.shape[-1], self._outputs()[1]
+        if grad is None:
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
-            kept = self._output_grad[:len(z)].reshape(-1, classes).ne(0).any(1)
+            kept = grad[:len(z)].reshape(-1, classes).ne(0).any(1)
         return torch.where(kept, 0, IGNORE_INDEX).reshape(z.shape[:-1])
 
     def _actual_reduction(self, z, loss_before, closure, after=None) -> float:
@@ -849,12 +862,13 @@ class QuadraticStep:
 
     def _recovered(self, z):
         """(the recovered loss, the training forward's output z0 at θ) of the step's batch."""
-        if self._output_grad is None:
+        before, grad = self._outputs()
+        if grad is None:
             raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
                             "computed from the compiled model's output (the first tensor it returns), or pass "
                             "model.step(closure) with a closure that returns the batch loss")
-        z0 = z if len(z) == len(self._output_grad) else self._output_before.to(z.dtype)
-        return recovered_loss(self.loss, z0, self._output_grad), z0
+        z0 = z if len(z) == len(grad) else before.to(z.dtype)
+        return recovered_loss(self.loss, z0, grad), z0
 
     def _check_mean(self, z, loss_before) -> None:
         """With loss="mse" and a closure: raise a GnfxError if the squared error recovered from the output
