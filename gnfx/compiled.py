@@ -14,7 +14,9 @@ without the wrapper.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -34,12 +36,16 @@ _EAGER_REASON = ("gnfx runs statistic steps eagerly: its taps record statistics 
                  "cannot work: compile the gnfx model with the default fullgraph=False")
 
 
-_NO_COPY = ("a gnfx-compiled model cannot be copied or pickled (copy.deepcopy, torch.save(model), pickle): its "
-            "captured graphs, statistic taps and optimizer are bound to the parameters of the model it was "
-            "compiled from. Fix: copy or save that model, which shares its parameters with the compiled one and "
-            "trains with them (copy.deepcopy(original) for an EMA or evaluation copy); for a checkpoint save "
-            "model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
-            "gnfx.compile(new_model, ...)")
+_NO_PICKLE = ("a gnfx-compiled model cannot be pickled (torch.save(model), pickle): its captured graphs, statistic "
+              "taps and optimizer are bound to the parameters of the model it was compiled from. Fix: save that "
+              "model, which shares its parameters with the compiled one and trains with them; for a checkpoint "
+              "save model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
+              "gnfx.compile(new_model, ...)")
+_COPY = ("gnfx: copy.deepcopy of a compiled model returns a copy of the module it was compiled from, with the "
+         "current parameters and buffers (its captured graphs, taps and optimizer are bound to the original "
+         "parameters): an evaluation or EMA copy, as torch.optim.swa_utils.AveragedModel and timm's ModelEma make, "
+         "whose parameters and state_dict() come in the compiled model's order. To train the copy, "
+         "gnfx.compile it")
 
 
 class CompiledModel(nn.Module):
@@ -77,10 +83,12 @@ class CompiledModel(nn.Module):
         self._materializing.remove()
 
     def __deepcopy__(self, memo):
-        raise GnfxError(_NO_COPY)
+        """A deep copy of the module it was compiled from (_COPY says why), with a warning."""
+        warnings.warn(_COPY, RuntimeWarning, stacklevel=3)
+        return copy.deepcopy(self._model, memo)
 
     def __reduce_ex__(self, protocol):
-        raise GnfxError(_NO_COPY)
+        raise GnfxError(_NO_PICKLE)
 
     @property
     def graph_module(self):

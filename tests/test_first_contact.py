@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import math
 import os
 import pickle
@@ -131,14 +132,45 @@ def test_a_bias_without_a_gradient_keeps_its_value_and_its_weight_steps_as_with_
         assert n == "a.bias" or torch.equal(p, q), n
 
 
-def test_copying_or_pickling_the_compiled_model_names_the_fix():
+def test_pickling_the_compiled_model_names_the_fix():
     model = MLP()
     c = gnfx.compile(model, "kfac", lr=0.05)
     train(c, 1)
-    for attempt in (lambda: copy.deepcopy(c), lambda: pickle.dumps(c), lambda: torch.save(c, io.BytesIO())):
-        with pytest.raises(gnfx.GnfxError, match=r"cannot be copied or pickled.*Fix: copy or save that model"):
+    for attempt in (lambda: pickle.dumps(c), lambda: torch.save(c, io.BytesIO())):
+        with pytest.raises(gnfx.GnfxError, match=r"cannot be pickled.*Fix: save that model"):
             attempt()
-    copy.deepcopy(model)  # the fix: the original module copies, and shares the compiled one's parameters
+
+
+@pytest.mark.parametrize("name", ["kfac", "shampoo"])
+def test_an_ema_of_the_compiled_model_averages_its_parameters_and_buffers(name):
+    """torch.optim.swa_utils.AveragedModel (and timm's ModelEma) deep-copy the model they are given, the
+    compiled one in a training script that replaced its model by gnfx.compile's: the copy is the original
+    module's (a GnfxError before), and the average follows the compiled model's parameters and batch-norm
+    buffers, compared with an EMA written out by hand over the same steps."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    c = gnfx.compile(model, name, lr=0.05)
+    with pytest.warns(RuntimeWarning, match="copy.deepcopy of a compiled model returns a copy of the module"):
+        ema = AveragedModel(c, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    assert type(ema.module) is nn.Sequential and not any(p is q for p, q in zip(ema.parameters(), c.parameters()))
+    def floating(module):
+        return {n: t.detach() for n, t in itertools.chain(module.named_parameters(), module.named_buffers())
+                if t.is_floating_point()}
+
+    expected = None  # the first update copies, the later ones average with weight 0.1 on the model
+    for _ in range(3):
+        train(c, 1)
+        ema.update_parameters(c)
+        current = {n: t.clone() for n, t in floating(model).items()}
+        expected = current if expected is None else {n: 0.9 * expected[n] + 0.1 * current[n] for n in current}
+    averaged = floating(ema.module)
+    assert averaged.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(averaged[n], expected[n], msg=n)
+    x, _ = batch()
+    ema.eval()
+    torch.testing.assert_close(ema(x), torch.func.functional_call(copy.deepcopy(model).eval(), expected, (x,)))
 
 
 def test_ggn_products_and_diagnose_through_an_operation_without_jvp_raise_the_quadratic_steps_error():
