@@ -21,7 +21,9 @@ the default mean reduction), or given as a callable ``loss(z, y) -> scalar``:
   shape (N, C) take targets (N,); language-model logits (B, T, V) take targets (B, T) and are
   flattened to (B*T, V), so the loss is the mean over all tokens. Targets equal to -100 (the
   default ``ignore_index``) are left out of the mean. Class-probability targets (shaped like z)
-  are accepted too.
+  are accepted too. Class-index targets shaped like z without its dimension 1, (N, d1, ..., dk) for
+  logits (N, C, d1, ..., dk), and not like z without its last one, put the classes on dimension 1 as
+  F.cross_entropy does (a segmentation model's (N, C, H, W) logits with (N, H, W) masks).
 * "mse": ``F.mse_loss(z, y)``, the mean over all elements of (z - y)², written out explicitly
   because torch.func cannot differentiate ``F.mse_loss`` twice in forward-over-reverse mode.
 * "binary_cross_entropy": ``F.binary_cross_entropy_with_logits(z, y)``, multi-label
@@ -135,8 +137,16 @@ def _named_functional_errors():
             "measure the model on the padded batch instead) or an error of the forward on these inputs") from error
 
 
+def _classes_first(z: Tensor, y: Tensor) -> bool:
+    """Whether class-index targets y put the classes of the logits z on dimension 1 (module doc)."""
+    return (not y.is_floating_point() and z.dim() > 2 and y.shape == z.shape[:1] + z.shape[2:]
+            and y.shape != z.shape[:-1])
+
+
 def _cross_entropy(z: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy with the classes on the last axis of z."""
+    """Mean cross-entropy with the classes on the last axis of z (or on dimension 1: _classes_first)."""
+    if _classes_first(z, y):
+        return F.cross_entropy(z, y)
     if z.dim() > 2:
         y = y.flatten(0, z.dim() - 2)
         z = z.flatten(0, -2)
@@ -181,6 +191,9 @@ def _cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise. u is shaped
     like z, or K such vectors stacked on a leading axis.
     """
+    if _classes_first(z, y):  # the same product of the classes-last z and u, moved back
+        axis = u.dim() - z.dim() + 1
+        return _cross_entropy_fisher_product(z.movedim(1, -1), y, u.movedim(axis, -1)).movedim(-1, axis)
     classes = z.shape[-1]
     p = torch.softmax(z.reshape(-1, classes), dim=-1)
     u_rows = u.reshape(-1, *p.shape)

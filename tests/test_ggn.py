@@ -197,6 +197,25 @@ def test_ggn_vp_language_model_with_ignored_tokens():
     torch.testing.assert_close(flat(ggn.fisher_vp(model, "cross_entropy", inputs, targets, v)), expected, **TOL)
 
 
+def test_segmentation_logits_take_their_classes_on_dimension_1_as_f_cross_entropy_does():
+    """(N, C, H, W) logits with (N, H, W) class-index masks: the named loss is F.cross_entropy(z, y), the
+    mean over the kept pixels of each pixel's softmax over dimension 1 (before: flattened as if the
+    classes were the last axis, which these shapes reject), in every product and the dense matrix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 1)).to(DTYPE)
+    inputs, targets = torch.randn(2, 2, 3, 5, dtype=DTYPE), torch.randint(0, 4, (2, 3, 5))
+    targets[0, 1, :2] = -100
+    v = random_vector(model)
+    native = lambda z, y: F.cross_entropy(z, y)  # noqa: E731
+    expected = reference_ggn(model, native, inputs, targets)
+    torch.testing.assert_close(flat(ggn.ggn_vp(model, "cross_entropy", inputs, targets, v)), expected @ flat(v), **TOL)
+    torch.testing.assert_close(flat(ggn.fisher_vp(model, "cross_entropy", inputs, targets, v)), expected @ flat(v),
+                               **TOL)
+    torch.testing.assert_close(ggn.ggn_matrix(model, "cross_entropy", inputs, targets), expected, **TOL)
+    torch.testing.assert_close(flat(ggn.hvp(model, "cross_entropy", inputs, targets, v)),
+                               reference_hessian(model, native, inputs, targets) @ flat(v), **TOL)
+
+
 def test_ggn_vp_custom_loss_callable():
     def quartic(z, y):
         return ((z - y) ** 4).mean() + torch.logsumexp(z, dim=-1).mean()
