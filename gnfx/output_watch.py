@@ -96,7 +96,7 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], lo
         kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
         count = kept.sum()
         if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
-            (count,) = check_cross_entropy_gradient(z_c, grad_c, count)
+            (count,) = check_cross_entropy_gradient(z_c, grad_c, count, dense=logits.classes_axis == 1)
         elif settings["loss"] == "binary_cross_entropy":
             (count,) = check_binary_cross_entropy_gradient(z, grad, count)
         if reached["other"]:

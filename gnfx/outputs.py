@@ -90,7 +90,8 @@ def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.T
         f"whole loss's gradients), or return only the output whose {loss} loss you train")
 
 
-def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
+def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,
+                                 dense: bool = False) -> list[float]:
     """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
     that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares (z and grad in
     the classes-last layout, LogitsLayout.classes_last). Its row
@@ -113,18 +114,29 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     H_ℓ weighted by w_n), a distillation loss at temperature T ≠ 1 with its T² (row n is
     T(softmax(z_n/T) - q_n)/M, H_ℓ that of softmax(z/T)), a mean multiplied by a factor above 1.
 
+    With `dense` (z the classes-last view of an (N, C, H, W) output, LogitsLayout) the warning asks more:
+    the kept rows' targets t_n must be one-hot (every entry within CROSS_ENTROPY_TOLERANCE of 0 or 1), as a
+    segmentation mask's are; it names soft or smoothed masks and, what a dense prediction's loss often is,
+    a cross-entropy of logits resized before the loss (Segformer's: of z upsampled to the masks' size),
+    whose gradient at z pulls each pixel's one-hot rows back through the resizing into soft rows or ones
+    that are no distribution. gnfx then models the cross-entropy of z itself, an approximation of that
+    loss's curvature.
+
     `also`: 0-d tensors the caller needs on the host (gnfx.output_watch: the count of the rows the loss
     keeps), read in the same transfer as the check's two sums, one host synchronization in all; returned
     as floats, in order."""
     rows = grad.detach().reshape(-1, grad.shape[-1]).double()
-    terms = rows.ne(0).any(1).sum().clamp(min=1)
+    kept = rows.ne(0).any(1)
+    terms = kept.sum().clamp(min=1)
     # t_n of the docstring, in z's precision (at least float32): its test's tolerance is 1e-2, and a float64
     # copy of a language model's logits would be one more tensor of the logits' size in 8 bytes
     precision = torch.promote_types(z.dtype, torch.float32)
     targets = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1) - terms * grad.detach().reshape(
         rows.shape).to(precision)
-    off, total, lowest, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(),
-                                               *(a.double() for a in also)]).tolist()
+    softest = (torch.minimum(targets, 1 - targets).amax(-1) * kept).max().double() if dense else targets.new_zeros(
+        (), dtype=torch.float64)
+    off, total, lowest, soft, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(),
+                                                     softest, *(a.double() for a in also)]).tolist()
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
             f"sum to zero; here |row sums| / |gradient| = {off / total:.3g}: a loss over another dimension of z, "
             f"one that couples its rows, as CLIP's cross-entropy over the columns of a similarity matrix too, or "
@@ -142,7 +154,17 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
-    if lowest < -CROSS_ENTROPY_TOLERANCE:
+    if dense and (lowest < -CROSS_ENTROPY_TOLERANCE or soft > CROSS_ENTROPY_TOLERANCE):
+        warnings.warn(
+            f"gnfx: loss='cross_entropy' over dimension 1 of the output (shape {tuple(z.shape)} with the classes "
+            f"last): the targets the gradient at the logits z implies, t = softmax(z) - M·∂L/∂z, are not one-hot "
+            f"(or not a distribution): class weights, soft or smoothed masks, or a loss of logits resized before it "
+            f"(Segformer's: of z upsampled to the masks' size). gnfx models the unweighted mean cross-entropy of z "
+            f"itself (its Fisher, the quadratic step's GGN): for those an approximation of your loss's curvature, "
+            f"and without a closure the quadratic step measures ρ on it, not on your loss. Pass "
+            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
+            RuntimeWarning, stacklevel=2)
+    elif lowest < -CROSS_ENTROPY_TOLERANCE:
         warnings.warn(
             f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
             f"the targets it implies, t = softmax(z) - M·∂L/∂z, are not a distribution (an entry below "

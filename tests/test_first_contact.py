@@ -271,6 +271,28 @@ def test_an_n_c_h_w_output_under_f_cross_entropy_trains_as_its_classes_last_form
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("resized", [False, True])
+def test_a_dense_cross_entropy_of_resized_logits_is_named(resized):
+    """Segformer's loss is the cross-entropy of its (N, C, h, w) logits upsampled to the (N, H, W) masks:
+    its gradient at z sums to zero over dimension 1 too, with soft implied targets, which gnfx would model
+    as the cross-entropy of z itself, silently. It warns; the cross-entropy of z with hard masks and
+    ignored pixels (torchvision's models) does not."""
+    torch.manual_seed(0)
+    c = gnfx.compile(segmentation_net(), "kfac", loss="cross_entropy")
+    x = torch.randn(2, 2, 4, 6)
+    masks = torch.randint(0, 3, (2, 8, 12) if resized else (2, 4, 6))
+    masks[:, :1] = 255
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = c(x)
+        z = F.interpolate(z, size=masks.shape[1:], mode="bilinear", align_corners=False) if resized else z
+        F.cross_entropy(z, masks, ignore_index=255).backward()
+    said = [str(w.message) for w in caught if "are not one-hot" in str(w.message)]
+    assert len(said) == resized and c.optimizer.logits.classes_axis == 1
+    if resized:
+        assert "Segformer" in said[0] and "model.step(closure)" in said[0]
+
+
 def test_the_classes_axis_is_told_by_the_first_gradient_that_tells_it():
     """LogitsLayout: the axis whose sums of a cross-entropy's gradient vanish is the classes'; an all-zero
     gradient (every target ignored) leaves it open, and a 2-dimensional output has its classes last."""
