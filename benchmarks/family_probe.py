@@ -99,6 +99,8 @@ MODELS = {
     "mobilenet_v2": ("quantization", (4, 3, 32, 32), {}),
     "googlenet": ("quantization", (4, 3, 64, 64), {"aux_logits": False, "init_weights": True}),
     "shufflenet_v2_x0_5": ("quantization", (4, 3, 32, 32), {}),
+    "mobilenet_v3_large": ("quantization", (4, 3, 32, 32), {}),
+    "inception_v3": ("quantization", (4, 3, 96, 96), {"aux_logits": False, "init_weights": True}),
     "fcn_resnet50": ("segmentation", (2, 3, 64, 64), {"aux_loss": True}),
     "deeplabv3_mobilenet_v3_large": ("segmentation", (2, 3, 64, 64), {"aux_loss": True}),
     "lraspp_mobilenet_v3_large": ("segmentation", (2, 3, 64, 64), {}),
