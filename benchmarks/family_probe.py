@@ -15,11 +15,12 @@ image classifier's:
   `F.cross_entropy(out["out"], masks) + 0.5 * F.cross_entropy(out["aux"], masks)`, compiled without loss=;
 - optical flow (torchvision.models.optical_flow.raft_small): `model(image1, image2)` returns the list of
   the flow refinements, trained with RAFT's sequence loss (the L1 distances to the target flow, weighted
-  by gamma^(n - i)), compiled without loss=.
+  the i-th of n by gamma^(n - 1 - i)), compiled without loss=.
 
 Optimizers: "kfac" (with loss= where the family has one, else with the family's lr), "shampoo" and "auto"
-at lr=1e-3, and, for reference, torch.optim.AdamW at lr=1e-3 on the model itself ("adamw"). Per run: the capture's form, the share of the trainable parameters in curvature blocks, the
-losses, gnfx's warnings (once each), the seconds; or the error. torchvision is not a dependency of gnfx
+at lr=1e-3, and, for reference, torch.optim.AdamW at lr=1e-3 on the model itself ("adamw"). Per run: the
+capture's form, the share of the trainable parameters in curvature blocks, the losses, gnfx's warnings (once
+each), the seconds; or the error. torchvision is not a dependency of gnfx
 (benchmarks.torchvision_models.torchvision_or_exit says how to make it importable).
 """
 from __future__ import annotations
@@ -166,15 +167,17 @@ def main() -> None:
     if args.one:
         print(probe(*args.one, args.steps))
         return
-    rows = ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |",
+            "|---|---|---|---|---|---|---|"]
     for name in args.models:
         for optimizer in args.optimizers:
             command = [sys.executable, "-m", "benchmarks.family_probe", "--one", name, optimizer,
                        "--steps", str(args.steps)]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                said = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
                 row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (
-                    f"| {name} | {optimizer} | error: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]} | | | | |")
+                    f"| {name} | {optimizer} | error: {said} | | | | |")
             except subprocess.TimeoutExpired:
                 row = f"| {name} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |"
             rows.append(row)

@@ -34,9 +34,9 @@ without calling them, be it the opaque submodule itself or a child (`READS_CHILD
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
 child whose graph has no curvature block (a pre-hook that computes the weight, a layer kind gnfx has
-no block for) or cannot be traced (then walked into); anything inside a submodule the user asked to keep opaque (`leaf_modules`), which stays
-whole. Only the captured graph knows where a layer sits in the model: an opened block's
-`model_input` and `model_output` are False.
+no block for) or cannot be traced (then walked into); anything inside a submodule the user asked to
+keep opaque (`leaf_modules`), which stays whole. Only the captured graph knows where a layer sits in
+the model: an opened block's `model_input` and `model_output` are False.
 """
 from __future__ import annotations
 
