@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import subprocess
 import sys
 import time
@@ -110,11 +111,22 @@ MODELS = {
 OPTIMIZERS = ("kfac", "shampoo", "auto", "adamw")  # adamw: torch.optim.AdamW at lr=1e-3 on the model, the reference
 
 
-def build(name: str) -> torch.nn.Module:
-    """torchvision's model `name` with random weights, as its family's users build it."""
+def build(name: str, qat: bool = False) -> torch.nn.Module:
+    """torchvision's model `name` with random weights, as its family's users build it; with `qat`, a
+    quantizable model prepared for quantization-aware training as torchvision's reference script does it
+    (`fuse_model(is_qat=True)`, fbgemm's QAT qconfig, `torch.ao.quantization.prepare_qat`)."""
     torchvision_or_exit()
     family, _, kwargs = MODELS[name]
-    return getattr(importlib.import_module(FAMILIES[family].module), name)(**FAMILIES[family].kwargs, **kwargs)
+    model = getattr(importlib.import_module(FAMILIES[family].module), name)(**FAMILIES[family].kwargs, **kwargs)
+    if qat:
+        if family != "quantization":
+            raise SystemExit(f"--qat takes the quantizable models; {name} is of the {family} family")
+        model.train().fuse_model(is_qat=True)
+        model.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's own
+            torch.ao.quantization.prepare_qat(model, inplace=True)
+    return model
 
 
 def compile_kwargs(family: Family, optimizer: str) -> dict:
@@ -125,12 +137,12 @@ def compile_kwargs(family: Family, optimizer: str) -> dict:
     return {**loss, "lr": 1e-3}
 
 
-def probe(name: str, optimizer: str, steps: int) -> str:
-    """One table row: `optimizer` for `steps` steps on one random batch of `name`."""
+def probe(name: str, optimizer: str, steps: int, qat: bool = False) -> str:
+    """One table row: `optimizer` for `steps` steps on one random batch of `name` (`qat`: see `build`)."""
     family_name, shape, _ = MODELS[name]
     family = FAMILIES[family_name]
     torch.manual_seed(0)
-    model = build(name).train()
+    model = build(name, qat).train()
     inputs, target = family.batch(shape)
     start, losses = time.time(), []
     with warnings.catch_warnings(record=True) as caught:
@@ -151,8 +163,14 @@ def probe(name: str, optimizer: str, steps: int) -> str:
         covered, total = c.layers.coverage(dict(model.named_parameters()))
         form, blocks = c.layers.form, f"{100 * covered / total:.1f}%"
     said = sorted({str(w.message)[:90].replace("|", "/") + "..." for w in caught if str(w.message).startswith("gnfx")})
-    return (f"| {name} | {optimizer} | {form} | {blocks} | {', '.join(losses)} | "
+    return (f"| {name}{' (QAT)' if qat else ''} | {optimizer} | {form} | {blocks} | {', '.join(losses)} | "
             f"{'; '.join(said) or '–'} | {time.time() - start:.0f} |")
+
+
+def raised(stderr: str) -> str:
+    """The first line of the exception that ended a child's run (the last line naming one), else its last line."""
+    lines = stderr.strip().splitlines() or ["?"]
+    return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)), lines[-1])
 
 
 def main() -> None:
@@ -162,24 +180,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model and optimizer")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--qat", action="store_true", help="the quantizable models prepared for quantization-aware "
+                                                           "training (fuse_model(is_qat=True), prepare_qat)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child's run
     args = parser.parse_args()
     if args.one:
-        print(probe(*args.one, args.steps))
+        print(probe(*args.one, args.steps, args.qat))
         return
     rows = ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |",
             "|---|---|---|---|---|---|---|"]
     for name in args.models:
+        shown = f"{name} (QAT)" if args.qat else name
         for optimizer in args.optimizers:
             command = [sys.executable, "-m", "benchmarks.family_probe", "--one", name, optimizer,
-                       "--steps", str(args.steps)]
+                       "--steps", str(args.steps)] + (["--qat"] if args.qat else [])
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-                said = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
                 row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (
-                    f"| {name} | {optimizer} | error: {said} | | | | |")
+                    f"| {shown} | {optimizer} | error: {raised(done.stderr)[:300]} | | | | |")
             except subprocess.TimeoutExpired:
-                row = f"| {name} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |"
+                row = f"| {shown} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |"
             rows.append(row)
             print(row, flush=True)
     if args.out:
