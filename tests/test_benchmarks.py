@@ -448,11 +448,13 @@ def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatc
 
     monkeypatch.setitem(family_probe.MODELS, "segmenter", ("segmentation", (2, 3, 8, 8), {}))
     monkeypatch.setitem(family_probe.MODELS, "flow", ("optical_flow", (2, 3, 8, 8), {}))
-    monkeypatch.setattr(family_probe, "build", lambda name: _Segmenter(family_probe.CLASSES) if name == "segmenter"
-                        else _Flow())
+    monkeypatch.setattr(family_probe, "build", lambda name, qat: _Segmenter(family_probe.CLASSES)
+                        if name == "segmenter" else _Flow())
     for name in ("segmenter", "flow"):
         row = family_probe.probe(name, "kfac", steps=2).split(" | ")
         assert row[:4] == [f"| {name}", "kfac", "fx", "100.0%"] and len(row[4].split(", ")) == 2 and row[5] == "–"
         assert family_probe.probe(name, "adamw", steps=1).split(" | ")[1:4] == ["adamw", "–", "–"]
     flows = [torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)]  # |flow - 1|: 1 and 0, weights 0.8 and 1
     assert family_probe.sequence_loss(flows, torch.ones(1, 2, 1, 1)).item() == pytest.approx(0.8)
+    stderr = "Traceback ...\ngnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp\nPlease file an issue"
+    assert family_probe.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"
