@@ -266,9 +266,10 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
             raise CaptureError(
                 f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
                 f"  at {_user_frame(exc, model)}\n"
-                f"Fix: mark the submodule that holds this code as opaque with "
-                f"gnfx.compile(..., leaf_modules=['path.to.module']), rewrite data-dependent "
-                f"branches with torch.cond, or use capture='export' with example_inputs=...") from exc
+                f"Fix: this code runs in the forward of {type(model).__name__} itself (an untraceable submodule "
+                f"would have been kept opaque), which leaf_modules cannot keep opaque: move it into a submodule "
+                f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
+                f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=...") from exc
         for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
             if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                 node.meta.pop("is_wrapped", None)  # which breaks every later trace

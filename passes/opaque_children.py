@@ -29,12 +29,14 @@ parameter of an opened child that the opaque code uses in another way raises at 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
 (an nn.LSTM's `hx`, an nn.ConvTranspose's `output_size`: the graph would fix them), or has an
 instance-level `forward`; a child with a parameter registered outside it too (shared) or read by the
-enclosing graph itself; anything inside an nn.MultiheadAttention (whose forward reads
-`out_proj.weight` without calling out_proj); a child whose graph has no curvature block (a
-pre-hook that computes the weight, a layer kind gnfx has no block for) or cannot be traced (then
-walked into); anything inside a submodule the user asked to keep opaque (`leaf_modules`), which stays
-whole. Only the captured graph knows where a layer sits in the model: an opened block's
-`model_input` and `model_output` are False.
+enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
+without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
+nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
+quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
+child whose graph has no curvature block (a pre-hook that computes the weight, a layer kind gnfx has
+no block for) or cannot be traced (then walked into); anything inside a submodule the user asked to
+keep opaque (`leaf_modules`), which stays whole. Only the captured graph knows where a layer sits in
+the model: an opened block's `model_input` and `model_output` are False.
 """
 from __future__ import annotations
 
@@ -42,12 +44,19 @@ import dataclasses
 import inspect
 
 from torch import fx, nn
+from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
 OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
 _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+# torch's modules whose forward reads their children's parameters without calling the children, and how
+READS_CHILDREN = {
+    nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",
+    _ConvBnNd: "a fused convolution and BatchNorm of quantization-aware training (torch.ao.nn.intrinsic.qat), "
+               "whose forward folds its bn's weight and running variance into the convolution's weight",
+}
 
 
 def _inputs(module: nn.Module) -> list[str] | None:
@@ -64,10 +73,15 @@ def _is_torch_layer(module: nn.Module) -> bool:
     return next(module.children(), None) is None and module.__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
+def _reads_children(module: nn.Module) -> str | None:
+    """How `module`'s forward reads its children's parameters without calling them (READS_CHILDREN), or None."""
+    return next((why for cls, why in READS_CHILDREN.items() if isinstance(module, cls)), None)
+
+
 def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> str | None:
     """Why the child `path` cannot be opened whatever its graph (module doc), or None."""
-    if isinstance(module, nn.MultiheadAttention):
-        return "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it"
+    if _reads_children(module) is not None:
+        return _reads_children(module)
     if "forward" in vars(module):
         return "it has an instance-level forward"
     if _inputs(module) is None:
@@ -153,11 +167,12 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
 
     def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int) -> None:
         """Open the children of `module` (at `module_path`, inside the opaque `leaf`) or walk into them."""
+        reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
         for name, child in module.named_children():
             path = f"{module_path}.{name}"
             if any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child):
                 continue  # kept whole, as asked; or nothing to open
-            why = _why_closed(path, child, names, read)
+            why = f"inside {module_path}, {reads}" if reads is not None else _why_closed(path, child, names, read)
             if why is None:
                 try:
                     child_gm, child_table, child_sites = build(_capture(model, path, child))
@@ -168,7 +183,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             if why is None and not child_table.blocks:
                 why = f"its graph has no curvature block ({left[0].param!r}: {left[0].reason})"
             if why is not None:
-                if isinstance(child, nn.MultiheadAttention) or next(child.children(), None) is None:
+                if reads is not None or _reads_children(child) is not None or next(child.children(), None) is None:
                     closed(path, trainable(child), why)
                 else:  # its own parameters stay; its children are tried
                     closed(path, [names[id(p)][0] for p in child.parameters(recurse=False) if p.requires_grad], why)

@@ -411,3 +411,50 @@ def test_library_probe_reports_capture_blocks_and_losses_of_a_model(monkeypatch)
     done = subprocess.run([sys.executable, "-m", "benchmarks.library_probe", "--library", "timm", "--models", "nope"],
                           capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
     assert done.returncode == 2 and "unknown model 'nope' of timm" in done.stderr
+
+
+class _Segmenter(nn.Module):
+    """A stand-in for torchvision's segmentation models: a dict of (N, C, H, W) logits, "out" and "aux"."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.out, self.aux = nn.Conv2d(3, classes, 3, padding=1), nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        return {"out": self.out(x), "aux": self.aux(x)}
+
+
+class _Flow(nn.Module):
+    """A stand-in for RAFT: two images in, the list of the flow's refinements out."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode, self.update = nn.Conv2d(6, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, image1, image2):
+        flow = self.encode(torch.cat((image1, image2), 1))
+        flows = [flow]
+        for _ in range(2):
+            flow = flow + self.update(flow)
+            flows.append(flow)
+        return flows
+
+
+def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatch):
+    """benchmarks.family_probe without torchvision: `probe` on stand-ins for a segmentation model (a dict,
+    the main and auxiliary heads' cross-entropy, no loss=) and RAFT (two images, a list of flows, the
+    sequence loss) gives one row each, for a gnfx optimizer and for the AdamW reference."""
+    from benchmarks import family_probe
+
+    monkeypatch.setitem(family_probe.MODELS, "segmenter", ("segmentation", (2, 3, 8, 8), {}))
+    monkeypatch.setitem(family_probe.MODELS, "flow", ("optical_flow", (2, 3, 8, 8), {}))
+    monkeypatch.setattr(family_probe, "build", lambda name, qat: _Segmenter(family_probe.CLASSES)
+                        if name == "segmenter" else _Flow())
+    for name in ("segmenter", "flow"):
+        row = family_probe.probe(name, "kfac", steps=2).split(" | ")
+        assert row[:4] == [f"| {name}", "kfac", "fx", "100.0%"] and len(row[4].split(", ")) == 2 and row[5] == "–"
+        assert family_probe.probe(name, "adamw", steps=1).split(" | ")[1:4] == ["adamw", "–", "–"]
+    flows = [torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)]  # |flow - 1|: 1 and 0, weights 0.8 and 1
+    assert family_probe.sequence_loss(flows, torch.ones(1, 2, 1, 1)).item() == pytest.approx(0.8)
+    stderr = "Traceback ...\ngnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp\nPlease file an issue"
+    assert family_probe.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"

@@ -12,6 +12,7 @@ quadratic, and torch.compile must change nothing.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -630,3 +631,43 @@ def test_an_opened_submodule_reads_the_buffers_the_model_has_now():
         model[1].inner.scale.fill_(3.0)
     x = torch.randn(4, 5, dtype=DTYPE)
     torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
+
+
+def qat_convolutions() -> nn.Module:
+    """A convolution, BatchNorm and ReLU fused and prepared for quantization-aware training, as
+    torch.ao.quantization (and torchvision.models.quantization's fuse_model(is_qat=True)) makes them: the
+    ConvBnReLU2d's forward folds bn.weight / sqrt(bn.running_var + eps) into its convolution's weight and
+    then calls bn; its FakeQuantize modules branch on their buffers' values, so torch.fx keeps it opaque."""
+    import torch.ao.quantization as quantization  # noqa: PLC0415 - only this test uses it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).train()
+    quantization.fuse_modules_qat(model, [["0", "1", "2"]], inplace=True)
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization's own
+        return quantization.prepare_qat(model, inplace=True)
+
+
+def test_the_fused_convolution_and_batchnorm_of_quantization_aware_training_stays_whole():
+    """Before: its bn was opened into a norm block and the first backward raised a GnfxError, as the
+    forward reads bn.weight to fold it into the convolution's weight (found on torchvision's quantizable
+    resnet18 after fuse_model(is_qat=True) and prepare_qat). Now it falls back with the reason, and the
+    compiled model's loss and gradients are the model's own."""
+    model = qat_convolutions()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", lr=0.1)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(c(x), y)
+    loss.backward()
+    expected = F.cross_entropy(reference(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+    assert "0" in c.layers.leaves and "0.bn" not in c.layers
+    assert c.layers.opened["0.bn"] == ("not opened: inside 0, a fused convolution and BatchNorm of quantization-aware "
+                                       "training (torch.ao.nn.intrinsic.qat), whose forward folds its bn's weight and "
+                                       "running variance into the convolution's weight")
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert "0.bn not opened: inside 0, a fused convolution" in reasons["0.bn.weight"]
+    c.step()  # the step runs
