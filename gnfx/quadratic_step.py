@@ -385,14 +385,13 @@ class QuadraticStep:
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
     (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every)
     and whether the step was rejected. `parameters`: the optimizer's
-    gnfx.parameter_store.ParameterStore."""
+    gnfx.parameter_store.ParameterStore; `logits`: its gnfx.outputs.LogitsLayout."""
 
-    def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None = None,
-                 every: int = 1, solve_every: int = 1, momentum: str | float = "adaptive",
-                 logits: LogitsLayout | None = None):
+    def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None,
+                 every: int, solve_every: int, momentum: str | float, logits: LogitsLayout):
         self.parameters = parameters
         # the classes' axis of a cross-entropy's z (gnfx.outputs.LogitsLayout): the model is built on z_c
-        self.logits = logits if logits is not None else LogitsLayout()
+        self.logits = logits
         self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
