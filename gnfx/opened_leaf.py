@@ -32,11 +32,13 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _read_outside(leaf: str, child: str, name: str, _grad):
+    # the model's own forward (leaf "", passes/opaque_root.py): the child is what stays whole
+    code, whole = (f"opaque submodule {leaf!r}", leaf) if leaf else ("the model's own forward", child)
     raise GnfxError(
-        f"the Python code of opaque submodule {leaf!r} uses the parameter {name!r} other than by calling "
+        f"the Python code of {code} uses the parameter {name!r} other than by calling "
         f"{child!r} (a gradient reached it outside that layer's calls), and gnfx opened {child!r} into a curvature "
         f"block whose statistics see its calls only (passes/opaque_children.py). Fix: call the layer instead of "
-        f"reading its parameter, or keep the submodule whole with gnfx.compile(..., leaf_modules=[{leaf!r}]) "
+        f"reading its parameter, or keep the submodule whole with gnfx.compile(..., leaf_modules=[{whole!r}]) "
         f"(its parameters then fall back to the diagonal preconditioner)")
 
 
@@ -87,7 +89,7 @@ class OpenedLeaf(nn.Module):
                 owner = self.module.get_submodule(parent)
                 child = owner._modules[name]
                 swapped.append((owner, name, child))
-                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}")
+                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path)
             return self.module(*args, **kwargs)
         finally:
             for owner, name, child in swapped:

@@ -55,10 +55,10 @@ def leaf_lines(table) -> list[str]:
     if not table.leaves:
         return []
     def innermost(path):  # the leaf whose code calls the layer at `path`
-        return max((leaf for leaf in table.leaves if path.startswith(leaf + ".")), key=len, default=None)
+        return max((leaf for leaf in table.leaves if not leaf or path.startswith(leaf + ".")), key=len, default=None)
     lines = ["", "opaque (leaf) submodules:"]
-    for leaf, why in table.leaves.items():
-        lines.append(f"  {leaf}: {why}")
+    for leaf, why in table.leaves.items():  # "": the model's own forward (passes/opaque_root.py)
+        lines.append(f"  {leaf or '(the model itself)'}: {why}")
         lines += [f"    {path}: {state}" for path, state in table.opened.items() if innermost(path) == leaf]
     return lines
 

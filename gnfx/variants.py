@@ -8,7 +8,9 @@ arguments serve as the example: torch.fx is traced again with the optional input
 out fixed to None, and whenever it still fails anywhere (the top-level forward, a submodule it
 would keep opaque, or a function a library registered with torch.fx.wrap that takes parameters, as
 torchvision's Swin attention does), torch.export captures the call too, and the form that puts more trainable
-parameters in curvature blocks is kept. The LayerTable says which form was used and why.
+parameters in curvature blocks is kept. Where neither captures the forward (capture="auto"), the model's own
+forward runs as its Python code at every call, its children opened (passes/opaque_root.py, form "eager"),
+with a RuntimeWarning. The LayerTable says which form was used and why.
 
 Later calls of another form (keyword instead of positional inputs, an optional input present or
 absent, a shape outside the dynamic range an exported graph was captured for, such as a shorter
@@ -29,6 +31,7 @@ from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
+from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.python_random import kept_state
 from gnfx.passes.taps import insert_taps
 from gnfx.passes.validation_checks import other_side, violated_check, without_trace
@@ -145,8 +148,7 @@ class Variants:
             exported, export_error = None, exc
         if exported is None and fx is None:
             self._raise_own_error(args, kwargs)
-            raise CaptureError(f"neither torch.fx nor torch.export could capture {type(self.model).__name__}.\n"
-                               f"{fx_error}\n{export_error}") from export_error
+            return self._begin_opaque(fx_error, export_error)
         if exported is None:
             return self._begin(fx, self._fx_key(fixed), f"the submodules it could not trace are leaves; torch.export "
                                                  f"failed: {str(export_error).splitlines()[0]}")
@@ -168,6 +170,27 @@ class Variants:
         return self._begin(fx, self._fx_key(fixed), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
+
+    def _begin_opaque(self, fx_error: CaptureError, export_error: CaptureError) -> None:
+        """Where neither torch.fx nor torch.export captured the forward (capture='auto'): its own code runs
+        as written at every call, its children opened (passes/opaque_root.py), with a RuntimeWarning saying
+        so. A CaptureError with both failures, the better answer, where that opens no layer."""
+        name = type(self.model).__name__
+        captured, built = opaque_root(self.model, self.leaf_modules, self._build)
+        if not built[1].blocks:
+            raise CaptureError(f"neither torch.fx nor torch.export could capture {name}, and the layers its "
+                               f"forward calls cannot be captured on their own either.\n{fx_error}\n{export_error}"
+                               ) from export_error
+        failures = "; ".join(" ".join(line.strip() for line in str(e).splitlines()[:2] if not line.startswith("Fix:"))
+                             for e in (fx_error, export_error))  # each one's failure and where
+        why = f"neither torch.fx nor torch.export captured the forward of {name}: {failures}"
+        warnings.warn(f"gnfx: {why}. So {name}'s own forward runs as its Python code at every call (its "
+                      f"branches and loops taken anew), and the layers of the submodules it calls are curvature "
+                      f"blocks, each captured on its own (print(model) lists them); parameters its own code uses "
+                      f"directly fall back to the diagonal preconditioner. To capture the whole forward instead, "
+                      f"rewrite the lines named with torch.cond or move them into a submodule",
+                      RuntimeWarning, stacklevel=5)
+        self._begin(captured, ("eager",), f"{why}; its own code runs eagerly, its submodules' layers opened", built)
 
     def _raise_own_error(self, args: tuple, kwargs: dict) -> None:
         """Where capture failed: raise what the model's own forward raises on this call (`own_error`), a
@@ -203,6 +226,8 @@ class Variants:
     def __call__(self, args: tuple, kwargs: dict):
         """Run the instrumented graph for this call (captured on first use). A call of a form
         that cannot be captured runs the original forward, without statistics, and warns once."""
+        if self.form == "eager":  # the model's own forward, with its opened children (passes/opaque_root.py)
+            return self.graph_module(*args, **kwargs)
         if self.form == "fx":
             key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
@@ -323,7 +348,7 @@ class Variants:
         biggest = sorted(self.table.fallbacks, key=lambda f: -params[f.param].numel())[:3]
         listed = "; ".join(f"{f.param} ({params[f.param].numel():,} entries): {f.reason}" for f in biggest)
         requested = sorted(n for n, why in self.table.leaves.items() if why == REQUESTED)
-        untraced = sorted(n for n, why in self.table.leaves.items() if why != REQUESTED)
+        untraced = sorted(n or "(the model itself)" for n, why in self.table.leaves.items() if why != REQUESTED)
         if untraced:
             fix = (f"make the submodules {untraced} traceable by torch.fx or torch.export (the reasons above say "
                    f"where they fail), or capture with capture='export' from the model's real inputs")

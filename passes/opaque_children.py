@@ -36,7 +36,9 @@ quantization-aware training folds `bn.weight` and `bn.running_var` into its conv
 child whose graph has no curvature block (a pre-hook that computes the weight, a layer kind gnfx has
 no block for) or cannot be traced (then walked into); anything inside a submodule the user asked to
 keep opaque (`leaf_modules`), which stays whole. Only the captured graph knows where a layer sits in
-the model: an opened block's `model_input` and `model_output` are False.
+the model: an opened block's `model_input` and `model_output` are False. The leaf "" is the model itself,
+whose forward neither torch.fx nor torch.export captured (passes/opaque_root.py): the graph reads its
+OpenedLeaf at OPENED_ROOT.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
 OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
+# where the captured graph of a model whose own forward is opaque (passes/opaque_root.py, the leaf "")
+# holds that forward's call
+OPENED_ROOT = "gnfx_opened.gnfx_root"
 _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
@@ -66,6 +71,16 @@ def _inputs(module: nn.Module) -> list[str] | None:
     if params and all(p.default is inspect.Parameter.empty and p.kind in _INPUT_KINDS for p in params):
         return [p.name for p in params]
     return None
+
+
+def _join(parent: str, name: str) -> str:
+    """The path of child `name` of the module at `parent` ("": the model itself)."""
+    return f"{parent}.{name}" if parent else name
+
+
+def _opaque_caller(leaf: str) -> str:
+    """The opaque code at `leaf`, in words ("": the model's own forward, passes/opaque_root.py)."""
+    return f"opaque submodule {leaf!r}" if leaf else "the model's own (opaque) forward"
 
 
 def _is_torch_layer(module: nn.Module) -> bool:
@@ -169,7 +184,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
         """Open the children of `module` (at `module_path`, inside the opaque `leaf`) or walk into them."""
         reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
         for name, child in module.named_children():
-            path = f"{module_path}.{name}"
+            path = _join(module_path, name)
             if any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child):
                 continue  # kept whole, as asked; or nothing to open
             why = f"inside {module_path}, {reads}" if reads is not None else _why_closed(path, child, names, read)
@@ -192,31 +207,33 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             table.opened[path] = OPENED
             table.opened.update(child_table.opened)
             leaves.update(child_table.leaves)
-            graphs[path[len(leaf) + 1:]] = child_gm
+            graphs[path[len(leaf) + 1:] if leaf else path] = child_gm
             for block in child_table.blocks:
-                block.called_by = block.called_by or leaf
+                if block.called_by is None:
+                    block.called_by = leaf
                 block.model_input = block.model_output = False
                 placed.append((position, len(placed), block))
                 block_sites[block.name] = child_sites[block.name]
                 for param in block.params:
                     del fallbacks[param]
-                    table.notes[param] = f"called by the Python code of opaque submodule {block.called_by!r}"
+                    table.notes[param] = f"called by the Python code of {_opaque_caller(block.called_by)}"
             table.notes.update(child_table.notes)
             for f in left:
                 if f.param in fallbacks:
                     fallbacks[f.param] = dataclasses.replace(
-                        f, reason=f"in the graph of {path}, opened inside opaque submodule {leaf!r}: {f.reason}")
+                        f, reason=f"in the graph of {path}, opened inside {_opaque_caller(leaf)}: {f.reason}")
 
     for leaf in opaque:
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == leaf]
+        calls = [n for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and n.target == (leaf or OPENED_ROOT)]
         if not calls:  # not called by the graph (a leaf inside another leaf, or unused): nothing would run
             continue
         graphs = {}
         walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]])
         if graphs:
-            gm.add_submodule(f"gnfx_opened.{leaf}", OpenedLeaf(model.get_submodule(leaf), leaf, graphs))
+            opened = f"gnfx_opened.{leaf}" if leaf else OPENED_ROOT
+            gm.add_submodule(opened, OpenedLeaf(model.get_submodule(leaf), leaf, graphs))
             for node in calls:
-                node.target = f"gnfx_opened.{leaf}"
+                node.target = opened
     placed.sort(key=lambda entry: entry[:2])
     table.blocks[:] = [block for *_, block in placed]
     table.fallbacks[:] = list(fallbacks.values())

@@ -458,3 +458,29 @@ def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatc
     assert family_probe.sequence_loss(flows, torch.ones(1, 2, 1, 1)).item() == pytest.approx(0.8)
     stderr = "Traceback ...\ngnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp\nPlease file an issue"
     assert family_probe.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"
+
+
+class _Detector(nn.Module):
+    """A stand-in for torchvision's detection models: a list of images and of targets in, a dict of losses
+    out; its forward iterates over the targets (torch.fx cannot) and branches on a float (torch.export cannot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Conv2d(3, 4, 3, stride=4), nn.Linear(4, 4)
+
+    def forward(self, images, targets):
+        boxes = torch.stack([target["boxes"].mean(0) for target in targets])
+        pred = self.head(self.backbone(torch.stack(images)).mean((2, 3)))
+        scale = 2.0 if pred.mean() > 0 else 1.0
+        return {"box": scale * (pred - boxes / 128).square().mean(), "size": pred.abs().mean()}
+
+
+def test_detection_probe_reports_a_model_whose_forward_runs_eagerly(monkeypatch):
+    """benchmarks.detection_probe without torchvision: `probe` on a stand-in gives its row: captured "eager"
+    (passes/opaque_root.py), every parameter in a block, one loss per step, gnfx's warning saying why."""
+    from benchmarks import detection_probe
+
+    monkeypatch.setattr(detection_probe, "build", lambda name: _Detector())
+    row = detection_probe.probe("detector", steps=2).split(" | ")
+    assert row[:3] == ["| detector", "eager", "100.0% (2 blocks, 0 fallback)"] and len(row[3].split(", ")) == 2
+    assert row[4].startswith("gnfx: neither torch.fx nor torch.export captured the forward of _Detector")

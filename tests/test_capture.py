@@ -265,12 +265,12 @@ class Decorated(MLP):
 @pytest.mark.parametrize("model, example_inputs, where", [
     (Decorated(), None, f"{Decorated.forward.__wrapped__.__code__.co_firstlineno}: Decorated.forward"),
     (DataBranch(), batch((7, 4))[:1], f"{inspect.getsourcelines(DataBranch.forward)[1] + 2}: if h.sum() > 0:"),
-], ids=["fx", "export"])
+], ids=["before its lines", "at its line"])
 def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example_inputs, where):
     """The "at" line is the innermost frame of the user's code in the failure's traceback (or in
     the exceptions it was raised from), else the forward itself: never gnfx's or torch's files."""
     with pytest.raises(gnfx.CaptureError) as err:  # without example inputs, fx captures at the first call
-        c = gnfx.compile(model, capture="fx" if example_inputs is None else "auto", example_inputs=example_inputs)
+        c = gnfx.compile(model, capture="fx", example_inputs=example_inputs)
         c(*batch((7, 4))[:1])
     at = next(line for line in str(err.value).splitlines() if line.startswith("  at "))
     assert at == f"  at {__file__}:{where}" + (", the forward being captured" if example_inputs is None else "")
@@ -336,14 +336,34 @@ def test_untraceable_top_level_forward_is_exported_at_the_first_call():
     assert "graph captured with export (torch.fx could not trace" in repr(c)
 
 
-def test_data_dependent_top_level_branch_is_a_capture_error_in_both_forms():
-    c = gnfx.compile(DataBranch())
-    x, _ = batch((7, 4))
-    with pytest.raises(gnfx.CaptureError, match="torch.cond") as err:
-        c(x)
-    assert "neither torch.fx nor torch.export" in str(err.value)
+def test_data_dependent_top_level_branch_runs_eagerly_with_its_layers_opened_and_is_a_capture_error_in_both_forms():
+    """Before, capture='auto' raised a CaptureError here too: now the forward's own code runs as written
+    at each call (passes/opaque_root.py) and its layers are blocks collecting the hooks' statistics, on
+    either side of the branch; a warning names both failures. Forcing a form keeps its error."""
+    model = DataBranch()
+    x, y = batch((7, 4))
+    with pytest.warns(RuntimeWarning, match="neither torch.fx nor torch.export captured the forward of DataBranch") as caught:
+        c = compile_for_statistics(model, example_inputs=(x,))
+    assert "if h.sum() > 0:" in str(caught[0].message)
+    assert c.layers.form == "eager" and [b.name for b in c.layers] == ["a", "b"] and not c.layers.fallbacks
+    sides, away = set(), 3 * model.a.weight.detach().sum(0)  # shifted by it, a batch takes the other side
+    for seed in range(6):
+        x, y = batch((7, 4), seed=seed)
+        x = x - away if seed % 2 else x
+        with torch.no_grad():
+            sides.add(bool(torch.tanh(model.a(x)).sum() > 0))
+        ref = hook_statistics(model, ["a", "b"], x, y)  # (per-example gradients would take each row's side)
+        cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+        for name in ("a", "b"):
+            for k in ("A", "S"):
+                torch.testing.assert_close(c.statistics(name)[k], ref[name][k], **TOL)
+    assert sides == {True, False}
+    with pytest.raises(gnfx.CaptureError, match="torch.cond"):
+        gnfx.compile(DataBranch(), capture="fx")(x)
     with pytest.raises(gnfx.CaptureError, match="torch.export could not capture DataBranch"):
-        gnfx.compile(DataBranch(), example_inputs=(x,))
+        gnfx.compile(DataBranch(), capture="export", example_inputs=(x,))
 
 
 def test_export_without_example_inputs_captures_the_first_call():
@@ -630,10 +650,23 @@ def test_a_draw_that_decides_nothing_keeps_the_graph_and_the_users_stream():
     assert (random.random(), float(np.random.random())) == after
 
 
-def test_a_top_level_draw_that_decides_the_graph_is_a_capture_error_naming_the_line():
+def test_a_top_level_draw_that_decides_the_graph_runs_eagerly_drawing_anew():
+    """Before, capture='auto' raised a CaptureError: now the forward's own code runs at each call, drawing
+    as the model does (the outputs over calls are the model's own with the same draws), its layers
+    opened, with a warning naming the draw's line; capture='export' keeps its error and its fix."""
+    x = torch.randn(5, 4)
+    model = TopLevelDraw()
+    expected = _outputs_over_calls(model, x)
+    assert len({tuple(o.flatten().tolist()) for o in expected}) > 1  # the draws change the output
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    with pytest.warns(RuntimeWarning, match="PythonRandomDraw") as caught:
+        got = _outputs_over_calls(c, x)
+    assert "if random.random() < 0.5" in str(caught[0].message)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert c.layers.form == "eager" and [b.name for b in c.layers] == ["a", "b"]
     with pytest.raises(gnfx.CaptureError, match="PythonRandomDraw") as err:
-        gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1)(torch.randn(5, 4))
-    assert "neither torch.fx nor torch.export" in str(err.value)
+        gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1, capture="export", example_inputs=(x,))
     assert "if random.random() < 0.5" in str(err.value)
     assert "draw with torch in the graph" in str(err.value)  # the export's fix names the draw, not torch.cond
 

@@ -79,11 +79,12 @@ def hook_diag(calls, bias: bool) -> torch.Tensor:
     return per_example.shape[0] * per_example.square().sum(0)
 
 
-def assert_statistics_match(c, model, names, x, y, approx="expand"):
-    """One statistic step of c on (x, y): A, S of each layer vs the hooks, and the per-example diagonal."""
-    ref = hook_statistics(model, names, x, y, approx)
-    calls, _ = record_linear_calls(model, names, x, y)
-    statistic_step(c, x, y)
+def assert_statistics_match(c, model, names, x, y, approx="expand", **kwargs):
+    """One statistic step of c on (x, y) (`kwargs`: the forward's keyword inputs): A, S of each layer vs
+    the hooks, and the per-example diagonal."""
+    ref = hook_statistics(model, names, x, y, approx, **kwargs)
+    calls, _ = record_linear_calls(model, names, x, y, **kwargs)
+    statistic_step(c, x, y, **kwargs)
     for name in names:
         got = c.statistics(name)
         torch.testing.assert_close(got["A"], ref[name]["A"], **TOL)

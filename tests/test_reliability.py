@@ -2,7 +2,8 @@
 parameter or operation and the fix (or a fallback that the report shows), and none corrupts
 training silently.
 
-Models: untraceable code (top level: CaptureError with the line and the fix; a submodule: a leaf
+Models: untraceable code (top level: a warning with the line, the forward run as written and its
+layers opened, and under capture='fx' a CaptureError with the line and the fix; a submodule: a leaf
 the report names); in-place ops on tapped tensors (statistics equal the hook reference); one module
 called with differently shaped inputs; parameters replaced, created or unfrozen after compile
 (GnfxError naming them at the next statistic step); models wrapped by torch.compile or DDP
@@ -126,12 +127,27 @@ class WithBranchySubmodule(MLP):
 
 
 def test_untraceable_top_level_forward_names_the_line_and_the_fixes():
-    c = gnfx.compile(DataDependent())  # captured at the first call
+    """capture='auto' used to raise the CaptureError below: it now warns naming the line, runs the forward
+    as written (its output the model's own, on either side) and opens its layers into blocks."""
+    c = gnfx.compile(DataDependent(), capture="fx")  # captured at the first call
     with pytest.raises(gnfx.CaptureError) as err:
         c(batch()[0])
     message = str(err.value)
     assert "DataDependent" in message and "if x.sum() > 0" in message
     assert "leaf_modules" in message and "torch.cond" in message and "capture='export'" in message
+    model = DataDependent()
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, stat_every=1)
+    x, y = batch()
+    with pytest.warns(RuntimeWarning, match="DataDependent") as caught:
+        train_step(c, x, y)
+    assert "if x.sum() > 0" in str(caught[0].message) and "torch.cond" in str(caught[0].message)
+    assert [b.name for b in c.layers] == ["fc", "head"] and not c.layers.fallbacks
+    for x in (x, -x):  # either side, through the opened graph (every step a statistic step)
+        out = c(x)
+        assert torch.equal(out, model(x))
+        cross_entropy(out, y).backward()
+        c.step()
+        c.zero_grad()
 
 
 def test_untraceable_submodule_becomes_a_leaf_that_the_report_names_and_that_still_trains():

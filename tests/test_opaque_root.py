@@ -1,0 +1,188 @@
+"""A top-level forward that neither torch.fx nor torch.export captures runs as written, its submodules'
+layers opened into blocks (passes/opaque_root.py, passes/opaque_children.py).
+
+`Detector` is built as torchvision's detection models' forwards are (RetinaNet, FCOS, SSD): it iterates
+over its list of targets, which torch.fx cannot, and branches on a floating-point activation, which
+torch.export refuses. Compiled with capture="auto", its layers must be blocks whose statistics equal
+plain hooks on the uncompiled model (tests/references.py) at 1e-10 in float64, on batches taking either
+side of the branch; its losses and gradients over several steps must be the module's own; one
+RuntimeWarning says why and what it means. The explicit capture modes, a forward that raises on its
+inputs, and a model with no layer to open keep their errors.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gnfx
+from references import cross_entropy
+from steps import compile_for_statistics
+from test_opaque_children import assert_statistics_match
+
+DTYPE = torch.float64
+CLASSES = 3
+LINEARS = ["body.0", "body.2", "head"]
+FALLBACK = "used by the Python code of the model's own forward, which runs at every call"
+
+
+class Detector(nn.Module):
+    """Checks each target's boxes (`for target in targets`), then a conv, a traceable body and a head,
+    with a branch on the images' values between them, and a temperature of its own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, CLASSES)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+        self.to(DTYPE)
+
+    def forward(self, images, targets):
+        for target in targets:
+            boxes = target["boxes"]
+            if (boxes[:, 2:] <= boxes[:, :2]).any():
+                raise ValueError("All bounding boxes should have positive height and width")
+        x = torch.stack(images)
+        h = self.body(torch.relu(self.conv(x)).mean((2, 3)))
+        if x.mean() > 0:
+            h = 0.5 * h
+        return self.head(h) / self.temperature
+
+
+def detector_batch(seed, n=4):
+    """(images, labels, targets): n (3, 6, 6) images, their labels and one valid box each."""
+    g = torch.Generator().manual_seed(seed)
+    images = list(torch.randn(n, 3, 6, 6, generator=g, dtype=DTYPE))
+    corner = torch.rand(n, 1, 2, generator=g, dtype=DTYPE)
+    targets = [{"boxes": torch.cat([c, c + 1], 1)} for c in corner]
+    return images, torch.randint(0, CLASSES, (n,), generator=g), targets
+
+
+def side_batches(sides):
+    """A batch for each side (True: halved) of the branch."""
+    out = []
+    for side in sides:
+        seed = next(s for s in range(1000 * len(out) + 1, 1000 * len(out) + 100)
+                    if bool(torch.stack(detector_batch(s)[0]).mean() > 0) == side)
+        out.append(detector_batch(seed))
+    return out
+
+
+def compiled(model, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = compile_for_statistics(model, optimizer="kfac", **options)
+        images, y, targets = detector_batch(0)
+        cross_entropy(c(images, targets=targets), y).backward()  # captured at this first call, which warns
+        c.step()
+        c.zero_grad()
+    return c
+
+
+def test_the_layers_of_the_opaque_forward_are_blocks_called_by_it():
+    """Before: a CaptureError ("neither torch.fx nor torch.export could capture Detector")."""
+    c = compiled(Detector())
+    assert c.layers.form == "eager" and list(c.layers.leaves) == [""]
+    assert [b.name for b in c.layers] == ["conv", *LINEARS]
+    assert all(b.called_by == "" and not (b.model_input or b.model_output) for b in c.layers)
+    assert [(f.param, f.reason) for f in c.layers.fallbacks] == [("temperature", f"{FALLBACK} (neither torch.fx "
+                                                                                   f"nor torch.export captured it)")]
+    assert [n for n, p in c.named_parameters()] == [n for n, p in Detector().named_parameters()]
+    report = c.report()
+    assert "block conv (called by the Python code of the model's own (opaque) forward)" in report
+    assert "  (the model itself): neither torch.fx nor torch.export captured it" in report
+    assert "    body: opened" in report and "    head: opened" in report
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_statistics_of_its_layers_equal_the_hooks_on_either_side_of_its_branch(approx):
+    model = Detector()
+    c = compiled(model, kfac_approx=approx)
+    for images, y, targets in side_batches([False, True, False]):
+        assert_statistics_match(c, model, LINEARS, images, y, approx, targets=targets)
+
+
+def test_losses_and_gradients_over_steps_are_the_modules_own():
+    model = Detector()
+    c = compiled(model, lr=0.1)
+    reference = copy.deepcopy(model)
+    for images, y, targets in side_batches([True, False, True, False]):
+        loss, loss_ref = cross_entropy(c(images, targets=targets), y), cross_entropy(reference(images, targets), y)
+        assert torch.equal(loss, loss_ref)
+        loss.backward()
+        loss_ref.backward()
+        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, p_ref.grad), name
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    assert c.optimizer.steps == 5 and not torch.equal(model.head.weight, Detector().head.weight)
+
+
+def test_one_warning_names_both_failures_and_what_runs_eagerly():
+    c = gnfx.compile(Detector(), optimizer="kfac", lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            images, y, targets = detector_batch(seed)
+            cross_entropy(c(images, targets=targets), y).backward()
+            c.step()
+            c.zero_grad()
+    said = [str(w.message) for w in caught if "neither torch.fx nor torch.export" in str(w.message)]
+    assert len(said) == 1 and all(w.category is RuntimeWarning for w in caught if str(w.message) in said)
+    message = said[0]
+    assert "torch.fx could not trace" in message and "for target in targets:" in message
+    assert "torch.export could not capture" in message and "if x.mean() > 0:" in message
+    assert "Detector's own forward runs as its Python code at every call" in message
+    assert "layers of the submodules it calls are curvature blocks" in message
+    assert "parameters its own code uses directly fall back to the diagonal preconditioner" in message
+
+
+def test_a_submodule_kept_opaque_on_request_stays_whole():
+    c = compiled(Detector(), leaf_modules=["body"])
+    assert [b.name for b in c.layers] == ["conv", "head"]
+    assert {f.param: f.reason for f in c.layers.fallbacks if f.param.startswith("body.")} == {
+        name: "inside leaf module 'body' (requested with leaf_modules)"
+        for name in ("body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias")}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_explicit_capture_modes_keep_their_errors(capture):
+    images, y, targets = detector_batch(0)
+    c = gnfx.compile(Detector(), optimizer="kfac", lr=0.1, capture=capture)
+    with pytest.raises(gnfx.CaptureError, match=f"torch.{capture} could not"):
+        c(images, targets=targets)
+
+
+def test_a_forward_that_raises_on_its_inputs_raises_its_own_error():
+    images, y, targets = detector_batch(0)
+    targets[1]["boxes"][0, 2] = -5.0
+    c = gnfx.compile(Detector(), optimizer="kfac", lr=0.1)
+    with pytest.raises(ValueError, match="positive height and width") as err:
+        c(images, targets=targets)
+    assert "Detector's own forward raises this" in "\n".join(err.value.__notes__)
+
+
+class OwnWeights(nn.Module):
+    """A top-level branch on a value and only parameters of its own: no layer to open."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        h = x @ self.w
+        return -h if h.sum() > 0 else h
+
+
+def test_a_forward_with_no_layer_to_open_is_still_a_capture_error():
+    c = gnfx.compile(OwnWeights(), optimizer="kfac", lr=0.1)
+    with pytest.raises(gnfx.CaptureError, match="neither torch.fx nor torch.export could capture OwnWeights") as err:
+        c(torch.randn(5, 4))
+    assert "if h.sum() > 0" in str(err.value) and "torch.cond" in str(err.value)
