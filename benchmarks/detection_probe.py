@@ -16,7 +16,6 @@ gnfx (benchmarks.torchvision_models.torchvision_or_exit says how to make it impo
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ import warnings
 import torch
 
 import gnfx
+from benchmarks.child_rows import child_row
 
 MODELS = ("retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large")
 
@@ -86,14 +86,9 @@ def main() -> None:
         return
     print("| model | capture | in blocks | losses | gnfx's warnings (first 160 characters) | s |\n|---|---|---|---|---|---|")
     for name in args.models:
-        try:
-            run = subprocess.run([sys.executable, "-m", "benchmarks.detection_probe", "--one", name, "--steps",
-                                  str(args.steps)], capture_output=True, text=True, timeout=args.timeout)
-            rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
-            error = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
-            print(rows[-1] if rows else f"| {name} | - | - | - | raised: {error[:300]} | - |", flush=True)
-        except subprocess.TimeoutExpired:
-            print(f"| {name} | - | - | - | timed out after {args.timeout:.0f} s | - |", flush=True)
+        command = [sys.executable, "-m", "benchmarks.detection_probe", "--one", name, "--steps", str(args.steps)]
+        print(child_row(command, args.timeout, lambda error: f"| {name} | - | - | - | raised: {error[:300]} | - |",
+                        f"| {name} | - | - | - | timed out after {args.timeout:.0f} s | - |"), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
-import subprocess
 import sys
 import time
 import warnings
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
+from benchmarks.child_rows import child_row, write_table
 from benchmarks.torchvision_models import torchvision_or_exit
 
 CLASSES = 4
@@ -167,12 +166,6 @@ def probe(name: str, optimizer: str, steps: int, qat: bool = False) -> str:
             f"{'; '.join(said) or '–'} | {time.time() - start:.0f} |")
 
 
-def raised(stderr: str) -> str:
-    """The first line of the exception that ended a child's run (the last line naming one), else its last line."""
-    lines = stderr.strip().splitlines() or ["?"]
-    return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)), lines[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
@@ -194,17 +187,12 @@ def main() -> None:
         for optimizer in args.optimizers:
             command = [sys.executable, "-m", "benchmarks.family_probe", "--one", name, optimizer,
                        "--steps", str(args.steps)] + (["--qat"] if args.qat else [])
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-                row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (
-                    f"| {shown} | {optimizer} | error: {raised(done.stderr)[:300]} | | | | |")
-            except subprocess.TimeoutExpired:
-                row = f"| {shown} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |"
+            row = child_row(command, args.timeout,
+                            lambda error: f"| {shown} | {optimizer} | error: {error[:300]} | | | | |",
+                            f"| {shown} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |")
             rows.append(row)
             print(row, flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(rows) + "\n")
+    write_table(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
+from benchmarks.child_rows import child_row, write_table
 from benchmarks.torchvision_models import MODEL_KWARGS, torchvision_or_exit
 
 BATCH = 8
@@ -120,17 +120,11 @@ def main() -> None:
         command = [sys.executable, "-m", "benchmarks.library_probe", "--library", args.library, "--one", name,
                    "--steps", str(args.steps)] + ([] if args.cost_rows is None else ["--cost-rows", str(args.cost_rows)])
         command += ["--models", name, "--size", str(sizes[name])] if name not in MODELS[args.library] else []
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            row = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else (
-                f"| {name} | error: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]} | | | | |")
-        except subprocess.TimeoutExpired:
-            row = f"| {name} | over the {args.timeout:.0f} s timeout | | | | |"
+        row = child_row(command, args.timeout, lambda error: f"| {name} | error: {error[:200]} | | | | |",
+                        f"| {name} | over the {args.timeout:.0f} s timeout | | | | |")
         rows.append(row)
         print(row, flush=True)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("\n".join(rows) + "\n")
+    write_table(rows, args.out)
 
 
 if __name__ == "__main__":

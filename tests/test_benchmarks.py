@@ -444,7 +444,7 @@ def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatc
     """benchmarks.family_probe without torchvision: `probe` on stand-ins for a segmentation model (a dict,
     the main and auxiliary heads' cross-entropy, no loss=) and RAFT (two images, a list of flows, the
     sequence loss) gives one row each, for a gnfx optimizer and for the AdamW reference."""
-    from benchmarks import family_probe
+    from benchmarks import child_rows, family_probe
 
     monkeypatch.setitem(family_probe.MODELS, "segmenter", ("segmentation", (2, 3, 8, 8), {}))
     monkeypatch.setitem(family_probe.MODELS, "flow", ("optical_flow", (2, 3, 8, 8), {}))
@@ -457,7 +457,7 @@ def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatc
     flows = [torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)]  # |flow - 1|: 1 and 0, weights 0.8 and 1
     assert family_probe.sequence_loss(flows, torch.ones(1, 2, 1, 1)).item() == pytest.approx(0.8)
     stderr = "Traceback ...\ngnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp\nPlease file an issue"
-    assert family_probe.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"
+    assert child_rows.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"
 
 
 class _Detector(nn.Module):

@@ -1,0 +1,33 @@
+"""The probes' table rows, one child process each (benchmarks.library_probe, family_probe, detection_probe).
+
+Each model runs in a process of its own, so that one model's memory, threads or crash do not reach the
+next; the child prints its row of the table last.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+
+def raised(stderr: str) -> str:
+    """The first line of the exception that ended a child's run (the last line naming one), else its last line."""
+    lines = stderr.strip().splitlines() or ["?"]
+    return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)), lines[-1])
+
+
+def child_row(command: list[str], timeout: float, failed, timed_out: str) -> str:
+    """The last line the child `command` prints, its row; `failed(exception line)` if it exits with an
+    error, `timed_out` if it runs past `timeout` seconds."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return timed_out
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if done.returncode == 0 and lines else failed(raised(done.stderr))
+
+
+def write_table(rows: list[str], path: str | None) -> None:
+    """The table's rows into `path`, if one is given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(rows) + "\n")
