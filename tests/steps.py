@@ -1,6 +1,7 @@
 """How the statistics tests drive gnfx: compile for statistics on every step, take one step."""
 import warnings
 
+import torch
 import torch.nn.functional as F
 
 import gnfx
@@ -20,6 +21,20 @@ def statistic_step(c, x, y, **kwargs):
     cross_entropy(c(x, **kwargs), y).backward()
     c.step()
     c.zero_grad()
+
+
+def step_beside(c, model, reference, loss, loss_ref) -> None:
+    """The compiled model's backward and step beside `reference`, a plain copy of `model` (the module it
+    was compiled from): the parameter gradients of `loss` and of the copy's `loss_ref` must be equal, bit
+    for bit; then the compiled model steps and the copy takes its parameters."""
+    loss.backward()
+    loss_ref.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    c.step()
+    c.zero_grad()
+    reference.zero_grad()
+    reference.load_state_dict(model.state_dict())
 
 
 def train(c, x, y, loss_fn, steps: int) -> list[float]:

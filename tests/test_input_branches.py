@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gnfx
+from steps import step_beside
 
 DTYPE = torch.float64
 CLASSES = 3
@@ -86,17 +87,10 @@ def step_both(c, model, reference, x, y, a_input=None):
     the compiled model's parameters."""
     (loss, z), (loss_ref, z_ref) = c(x, y), reference(x, y)
     assert torch.equal(loss, loss_ref) and torch.equal(z, z_ref)
-    loss.backward()
-    loss_ref.backward()
-    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-        assert torch.equal(p.grad, p_ref.grad), name
-    c.step()
+    step_beside(c, model, reference, loss, loss_ref)
     a_input = x if a_input is None else a_input
     rows = torch.cat([a_input, torch.ones_like(x[:, :1])], 1)
     torch.testing.assert_close(c.statistics("a")["A"], rows.T @ rows / len(x), rtol=1e-12, atol=1e-12)
-    c.zero_grad()
-    reference.zero_grad()
-    reference.load_state_dict(model.state_dict())
     return loss.item()
 
 
@@ -197,13 +191,6 @@ def test_deberta_v2s_default_classification_loss_is_captured_and_takes_either_si
         ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
         assert torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
         if out.loss.requires_grad:
-            out.loss.backward()
-            ref.loss.backward()
-            for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-                assert torch.equal(p.grad, p_ref.grad), name
-            c.step()
-            c.zero_grad()
-            reference.zero_grad()
-            reference.load_state_dict(model.state_dict())
+            step_beside(c, model, reference, out.loss, ref.loss)
     assert c.layers.form == "export" and "if label_index.size(0) > 0:" in c.layers.capture
     assert len(c._variants.graphs()) == 2

@@ -20,7 +20,7 @@ from torch import nn
 
 import gnfx
 from references import cross_entropy
-from steps import compile_for_statistics
+from steps import compile_for_statistics, step_beside
 from test_opaque_children import assert_statistics_match
 
 DTYPE = torch.float64
@@ -114,14 +114,7 @@ def test_losses_and_gradients_over_steps_are_the_modules_own():
     for images, y, targets in side_batches([True, False, True, False]):
         loss, loss_ref = cross_entropy(c(images, targets=targets), y), cross_entropy(reference(images, targets), y)
         assert torch.equal(loss, loss_ref)
-        loss.backward()
-        loss_ref.backward()
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            assert torch.equal(p.grad, p_ref.grad), name
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        reference.load_state_dict(model.state_dict())
+        step_beside(c, model, reference, loss, loss_ref)
     assert c.optimizer.steps == 5 and not torch.equal(model.head.weight, Detector().head.weight)
 
 

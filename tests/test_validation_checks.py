@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gnfx
+from steps import step_beside
 
 DTYPE = torch.float64
 CLASSES = 3
@@ -144,15 +145,8 @@ def test_a_ctc_model_with_its_labels_computes_the_models_loss_and_gradients_exac
     for labels in ([[1, 2, -100], [3, 1, 2], [4, -100, -100]], [[2, -100, -100], [1, 1, 3], [4, 2, -100]]):
         labels = torch.tensor(labels)
         (loss, z), (loss_ref, z_ref) = c(x, frames, labels), reference(x, frames, labels)
-        loss.backward()
-        loss_ref.backward()
         assert torch.equal(loss, loss_ref) and torch.equal(z, z_ref)
-        for p, p_ref in zip(model.parameters(), reference.parameters()):
-            assert torch.equal(p.grad, p_ref.grad)
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        reference.load_state_dict(model.state_dict())
+        step_beside(c, model, reference, loss, loss_ref)
     assert c.layers.form == "export" and "labels.max() >= self.vocab" in c.layers.capture
 
 
