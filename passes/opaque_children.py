@@ -95,8 +95,9 @@ def _reads_children(module: nn.Module) -> str | None:
 
 def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> str | None:
     """Why the child `path` cannot be opened whatever its graph (module doc), or None."""
-    if _reads_children(module) is not None:
-        return _reads_children(module)
+    reads = _reads_children(module)
+    if reads is not None:
+        return reads
     if "forward" in vars(module):
         return "it has an instance-level forward"
     if _inputs(module) is None:
