@@ -32,11 +32,13 @@ class ActivationTap(nn.Module):
 
 
 class ErrorTap(nn.Module):
-    """Identity on a block's output `z`; its gradient hook accumulates `S` (and per-example terms)."""
+    """Identity on a block's output `z`; its gradient hook accumulates `S` (and per-example terms). With
+    `fresh` (a user of z may modify it in place, passes/taps.py) it returns a copy of z, which that op
+    then modifies, so that the hook and the true Fisher's backward read ∂L/∂z of z itself."""
 
-    def __init__(self, stats, store):
+    def __init__(self, stats, store, fresh: bool):
         super().__init__()
-        self.stats, self.store = stats, store
+        self.stats, self.store, self.fresh = stats, store, fresh
 
     def forward(self, z, a):
         if z.requires_grad:
@@ -46,7 +48,9 @@ class ErrorTap(nn.Module):
                 z.register_hook(lambda g: stats.record_error(g, keep, fid))
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
                 self.store.pending.append((z, keep, stats, fid))
+            if self.fresh:
+                return z.clone()
         return z
 
     def extra_repr(self) -> str:
-        return f"block={self.stats.block.name!r}"
+        return f"block={self.stats.block.name!r}" + (", fresh (a copy: a user modifies it in place)" if self.fresh else "")

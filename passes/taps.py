@@ -6,16 +6,66 @@ For a site `z = linear(a, W, b)` the graph becomes
     z = linear(a_tap, W, b)
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
-and every former user of `z` reads `z_tap`. The taps are submodules under `gnfx_taps`, so they are
+and every former user of `z` reads `z_tap`. Where a user may modify z in place (an `nn.ReLU(inplace=True)`
+after the layer, as VGG's and AlexNet's convolutions and ResNet's BatchNorms have, `x.relu_()`, an
+`inplace=True` function, or any of these on a view of z), `z_tap` is a copy of z (`ErrorTap(fresh=True)`):
+the in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
+never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
+itself, not to the activation written over it. torch.export's graphs have no in-place ops. The taps are
+submodules under `gnfx_taps`, so they are
 visible in `graph_module.code` and in `print(graph_module)`. A site in the graph of a layer opened
 inside an opaque submodule (passes/opaque_children.py) gets its taps in that graph, under its own
 `gnfx_taps`.
 """
 from __future__ import annotations
 
+import inspect
+import operator
+
+import torch
 from torch import fx, nn
 
 from gnfx.taps import ActivationTap, ErrorTap
+
+# methods and functions whose result is a view of their first input: an in-place op on it modifies that input
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
+                           "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "t", "select", "unbind", "split",
+                           "chunk", "movedim", "as_strided", "contiguous"})
+_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze,
+                             torch.squeeze, torch.narrow, torch.movedim, torch.chunk, torch.split, torch.unbind,
+                             torch.t, operator.getitem})
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow})
+
+
+def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
+    """Whether `node` may modify its first input in place: a module with `inplace=True`, a method or
+    function named with a trailing underscore (`relu_`, `torch.sigmoid_`), an augmented assignment's
+    operator, or a call binding `inplace=True` (F.relu(x, True))."""
+    if node.op == "call_module":
+        return getattr(owner.get_submodule(node.target), "inplace", False) is True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return False
+    if (name.endswith("_") and not name.startswith("_")) or node.target in _IN_PLACE_OPERATORS:
+        return True
+    if node.op == "call_function":
+        try:
+            return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+        except (TypeError, ValueError):  # a builtin without a signature, or arguments it does not bind
+            return node.kwargs.get("inplace") is True
+    return False
+
+
+def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
+    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`)."""
+    for user in node.users:
+        if user.args and user.args[0] is node and _writes_in_place(user, owner):
+            return True
+        is_view = user.target in _VIEW_METHODS if user.op == "call_method" else (
+            user.op == "call_function" and user.target in _VIEW_FUNCTIONS)
+        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner):
+            return True
+    return False
 
 
 def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
@@ -35,11 +85,11 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
                 owners[id(owner)] = owner
                 owner.add_module("gnfx_taps", nn.Module())
             owner.gnfx_taps.add_module(f"{stem}_a", ActivationTap(stats, store))
-            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store))
             graph = node.graph
             with graph.inserting_before(node):
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,))
             node.replace_input_with(site.input, a_tap)
+            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner)))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap))
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)

@@ -60,6 +60,10 @@ def record_linear_calls(model: nn.Module, names, x, y, loss_fn: Callable = cross
             calls[name].append(record)
             if output.requires_grad:  # (a call under torch.no_grad has no output gradient: g stays None)
                 output.register_hook(lambda g: record.__setitem__(1, g.detach()))
+                # the layer's output as a new tensor of the same values: an in-place activation after the
+                # layer (nn.ReLU(inplace=True)) then modifies that one, and the hook above, which an in-place
+                # change of its own tensor would never call, sees the output's gradient
+                return output * 1
         handles.append(modules[name].register_forward_hook(hook))
     out = model(x, **kwargs)
     loss_fn(out, y).backward()
