@@ -8,7 +8,8 @@ For a site `z = linear(a, W, b)` the graph becomes
 
 and every former user of `z` reads `z_tap`. Where a user may modify z in place (an `nn.ReLU(inplace=True)`
 after the layer, as VGG's and AlexNet's convolutions and ResNet's BatchNorms have, `x.relu_()`, an
-`inplace=True` function, or any of these on a view of z), `z_tap` is a copy of z (`ErrorTap(fresh=True)`):
+`inplace=True` function, or any of these on a view of z; or, in an opened layer's graph, z returned to the
+opaque submodule's Python code, `self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`):
 the in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
 never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
 itself, not to the activation written over it. torch.export's graphs have no in-place ops. The taps are
@@ -89,7 +90,10 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
             with graph.inserting_before(node):
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,))
             node.replace_input_with(site.input, a_tap)
-            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner)))
+            # an opened layer's output goes back to the opaque submodule's Python code, which may write in place
+            returned = owner is not gm and any(user.op == "output" for user in node.users)
+            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store,
+                                                             fresh=returned or _modified_in_place(node, owner)))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap))
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)

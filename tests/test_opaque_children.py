@@ -112,6 +112,41 @@ def test_the_layers_of_a_data_dependent_block_are_blocks_called_by_its_code():
 # ----------------------------------------------------------------------------- statistics
 
 
+class InPlaceBlock(Block):
+    """Block with its activation an nn.ReLU(inplace=True) (or not) called by its own Python code on the output
+    of its opened fc1, as torchvision's and timm's blocks call `self.act(self.bn(x))`."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.act = nn.ReLU(inplace=in_place)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if (h > 0).float().mean() > 0.5:
+            h = h * 0.5
+        return x + self.fc2(h)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "type2"])
+def test_an_opened_layers_output_written_over_in_place_by_the_opaque_code_keeps_its_statistics(fisher):
+    """fc1's output goes back to the opaque block's code, whose in-place ReLU overwrote it: the true Fisher's
+    backward then differentiated with respect to the activation. Every block's S equals the out-of-place
+    twin's, over two statistic steps."""
+    twins = []
+    for in_place in (True, False):
+        model = Net()
+        model.b1, model.b2 = InPlaceBlock(in_place).to(DTYPE), InPlaceBlock(in_place).to(DTYPE)
+        model.load_state_dict(Net().state_dict())
+        options = {"fisher": fisher, "loss": "cross_entropy"} if fisher != "empirical" else {}
+        twins.append(compile_for_statistics(model, capture="fx", optimizer="kfac", **options))
+    for seed in range(2):
+        for c in twins:
+            statistic_step(c, *batch(seed))
+        assert sorted(twins[0].layers.leaves) == ["b1", "b2"] and [b.name for b in twins[0].layers] == LINEARS
+        for name in LINEARS:
+            torch.testing.assert_close(twins[0].statistics(name)["S"], twins[1].statistics(name)["S"], **TOL)
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_statistics_of_opened_layers_equal_the_hooks_on_either_branch(approx):
     model = Net()
