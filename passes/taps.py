@@ -6,17 +6,18 @@ For a site `z = linear(a, W, b)` the graph becomes
     z = linear(a_tap, W, b)
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
-and every former user of `z` reads `z_tap`. Where a user may modify z in place (an `nn.ReLU(inplace=True)`
-after the layer, as VGG's and AlexNet's convolutions and ResNet's BatchNorms have, `x.relu_()`, an
-`inplace=True` function, or any of these on a view of z; or, in an opened layer's graph, z returned to the
-opaque submodule's Python code, `self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`):
-the in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
-never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
-itself, not to the activation written over it. torch.export's graphs have no in-place ops. The taps are
-submodules under `gnfx_taps`, so they are
+and every former user of `z` reads `z_tap`. The taps are submodules under `gnfx_taps`, so they are
 visible in `graph_module.code` and in `print(graph_module)`. A site in the graph of a layer opened
 inside an opaque submodule (passes/opaque_children.py) gets its taps in that graph, under its own
 `gnfx_taps`.
+
+Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
+convolutions and ResNet's BatchNorms have, `x.relu_()`, an `inplace=True` function, or any of these on a
+view of z; or, in an opened layer's graph, z returned to the opaque submodule's Python code,
+`self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`): the
+in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
+never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
+itself, not to the activation written over it. torch.export's graphs have no in-place ops.
 """
 from __future__ import annotations
 
