@@ -46,6 +46,7 @@ def opaque_root(model: nn.Module, leaf_modules, build) -> tuple[Captured, tuple]
     holder.gnfx_opened.add_module(OPENED_ROOT.rpartition(".")[2], OpenedLeaf(model, "", {}))
     gm = fx.GraphModule(holder, graph, f"Opaque_{type(model).__name__}")
     leaves = {"": ROOT_OPAQUE, **{name: REQUESTED for name in leaf_modules}}
+
     def reason(name: str) -> str:
         kept = [leaf for leaf in leaf_modules if name.startswith(leaf + ".")]
         return f"inside leaf module {kept[0]!r} ({REQUESTED})" if kept else USED_BY_ROOT
