@@ -68,8 +68,10 @@ class NormLayout(Layout):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def input_chunks(self, x: torch.Tensor):
-        """x̂ as (N, R, d, 1): one one-entry input per feature (one chunk)."""
-        yield self._rows(normalize(x, self.how)).unsqueeze(-1)
+        """x̂ as (N, R, d, 1): one one-entry input per feature (one chunk); a norm of one feature is one
+        plain layer (groups = 1, no group axis, as every layout's): (N, R, 1)."""
+        x_hat = self._rows(normalize(x, self.how))
+        yield x_hat.unsqueeze(-1) if self.groups > 1 else x_hat
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         return self._rows(g)
