@@ -1,14 +1,16 @@
 """Properties over generated architectures and inputs (hypothesis; few examples each, derandomized).
 
 For MLPs (depth, widths, bias per layer, activation incl. in-place ReLU, (N, d) or (N, T, d)
-inputs), convolutions (kernel, stride, padding incl. 'same', dilation, bias) and attention (heads,
+inputs), convolutions (kernel, stride, padding incl. 'same', dilation, bias), norms (layer, RMS, batch,
+group, instance; 1-6 features, with or without a shift β) and attention (heads,
 head size, F.scaled_dot_product_attention or the hand-written softmax(q kᵀ/√d) v, causal or not,
 nn.MultiheadAttention):
 
 * the compiled model's outputs and parameter gradients on a statistic step (the instrumented
   graph) equal the original model's;
 * its statistics A and S (kfac_approx "expand" and "reduce") equal the hook references of
-  tests/references.py (convolutions: unfolded patches), and diag the per-example gradients';
+  tests/references.py (convolutions: unfolded patches; norms: per feature, x̂ from the norm itself
+  with γ = 1, β = 0), and diag the per-example gradients';
 * one step of every preconditioner on a linear least-squares problem (convex) is finite and
   decreases the loss, for a small learning rate.
 
@@ -28,7 +30,8 @@ from torch import nn
 
 import gnfx
 from models import causal_mask
-from references import TOL, cross_entropy, hook_statistics, kfac_factors, layer_diag, per_example_fisher_diag
+from references import (TOL, augment, cross_entropy, hook_statistics, kfac_factors, layer_diag, loss_terms,
+                        per_example_fisher_diag)
 
 DTYPE = torch.float64
 PROPERTY = settings(max_examples=15, deadline=None, derandomize=True, database=None,
@@ -186,6 +189,103 @@ def test_generated_convolutions_compute_the_original_function_and_the_patch_stat
     got = c.statistics("conv")
     assert_close(got["A"], ref["A"])
     assert_close(got["S"], ref["S"])
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+NORMS = {  # kind -> (the module for d features and its options, its features on dimension 1)
+    "layer": (lambda d, g, bias: nn.LayerNorm(d, bias=bias), False),
+    "rms": (lambda d, g, bias: nn.RMSNorm(d, eps=1e-5), False),
+    "batch": (lambda d, g, bias: nn.BatchNorm1d(d), True),
+    "group": (lambda d, g, bias: nn.GroupNorm(g, d), True),
+    "instance": (lambda d, g, bias: nn.InstanceNorm1d(d, affine=True), True),
+}
+
+
+class NormNet(nn.Module):
+    """linear → norm of d features (channels first for batch, group and instance norms) → activation → linear."""
+
+    def __init__(self, d_in, d, classes, kind, groups, bias, activation, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        make, self.channels_first = NORMS[kind]
+        self.inp, self.norm, self.act, self.head = nn.Linear(d_in, d), make(d, groups, bias), \
+            ACTIVATIONS[activation](), nn.Linear(d, classes)
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.norm(h.transpose(1, -1)).transpose(1, -1) if self.channels_first else self.norm(h)
+        return self.head(self.act(h))
+
+
+@st.composite
+def norm_nets(draw):
+    kind = draw(st.sampled_from(sorted(NORMS)))
+    d = draw(st.integers(1, 6))
+    groups = draw(st.sampled_from([g for g in range(1, d + 1) if d % g == 0]))
+    # torch's norms over channels need 2 values or more per channel (batch, instance) or group
+    tokens = draw(st.sampled_from([2, 3] if kind == "instance" or kind == "group" and groups == d else [None, 1, 3]))
+    n = draw(st.integers(2 if kind == "batch" and tokens in (None, 1) else 1, 4))
+    return (kind, d, groups, draw(st.booleans()), draw(st.integers(1, 3)), tokens, n,
+            draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.sampled_from(["expand", "reduce"])),
+            draw(st.integers(0, 999)))
+
+
+def norm_reference(model, x, y, approx):
+    """A, S and diag of model.norm's block [γ β] from hooks: x̂ is the norm itself with γ = 1, β = 0 (no gnfx), ā_f =
+    (x̂_f, 1) per feature f, g = ∂L/∂z; A_f and S_f as any layer's (`kfac_factors`), diag = N Σ_n (Σ_r g ā)² (the
+    per-example gradients of ℓ̃_n = N ∂L/∂(example n), also for the batch norm that couples the examples)."""
+    model = copy.deepcopy(model)
+    record = {}
+    bare = copy.deepcopy(model.norm)  # the same norm with γ = 1, β = 0
+    with torch.no_grad():
+        for name, p in bare.named_parameters():
+            p.fill_(1.0 if name == "weight" else 0.0)
+
+    def hook(module, inputs, z):
+        with torch.no_grad():
+            x_hat = bare(inputs[0])
+        rows = lambda t: (t.transpose(1, -1) if model.channels_first else t).reshape(t.shape[0], -1, t.shape[  # noqa: E731
+            1 if model.channels_first else -1])
+        record["x_hat"] = rows(x_hat)
+        z = z * 1  # a new tensor of the output's values, which an in-place activation after the norm modifies
+        z.register_hook(lambda g: record.__setitem__("g", rows(g.detach())))
+        return z
+
+    model.norm.register_forward_hook(hook)
+    out = model(x)
+    cross_entropy(out, y).backward()
+    bias = getattr(model.norm, "bias", None) is not None
+    x_hat, g = record["x_hat"].unsqueeze(-1), record["g"].unsqueeze(-1)  # (N, R, d, 1) each
+    per_feature = [kfac_factors([(x_hat[:, :, f], g[:, :, f])], bias, approx, loss_terms(out))
+                   for f in range(x_hat.shape[2])]
+    ref = {key: torch.stack([r[key] for r in per_feature]) for key in ("A", "S")}
+    per_example = torch.einsum("nrf,nrfi->nfi", g[..., 0], augment(x_hat, bias))  # (Σ_r g x̂, Σ_r g) per example
+    ref["diag"] = out.shape[0] * per_example.square().sum(0)
+    return ref
+
+
+@PROPERTY
+@given(norm_nets())
+def test_generated_norms_compute_the_original_function_and_the_per_feature_statistics(arch):
+    kind, d, groups, bias, d_in, tokens, n, activation, approx, seed = arch
+    model = NormNet(d_in, d, 3, kind, groups, bias, activation, seed)
+    shape = (n, d_in) if tokens is None else (n, tokens, d_in)
+    x, y = data(shape, 3, shape[:-1], seed)
+    c = compile_for_statistics(copy.deepcopy(model), approx)
+    assert c.layers["norm"].kind == "norm"
+    ref = norm_reference(model, x, y, approx)
+    statistic_step(c, model, x, y)
+    got = c.statistics("norm")
+    one_feature = (lambda t: t[0]) if d == 1 else (lambda t: t)  # one feature is one plain layer: no group axis
+    assert_close(got["A"], one_feature(ref["A"]))
+    assert_close(got["S"], one_feature(ref["S"]))
+    assert_close(got["diag"], ref["diag"])
 
 
 # ----------------------------------------------------------------------------- attention
