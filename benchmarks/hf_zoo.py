@@ -146,6 +146,21 @@ def clip_batch(g):
                 return_loss=True)
 
 
+LLAVA_IMAGE_TOKEN = VOCAB - 1
+
+
+def llava_batch(g):
+    """The causal LM's batch with 4 image tokens (one 16-pixel image of 4 patches) before each sequence's
+    text, left-padded, and the image's pixels; labels -100 on the image tokens and the padding."""
+    ids, mask = _ids(g)
+    ids, mask = ids.clamp(max=VOCAB - 2).flip(-1), mask.flip(-1)
+    ids = torch.cat([torch.full((BATCH, 4), LLAVA_IMAGE_TOKEN), ids], 1)
+    mask = torch.cat([torch.ones(BATCH, 4, dtype=torch.long), mask], 1)
+    labels = ids.masked_fill((mask == 0) | (ids == LLAVA_IMAGE_TOKEN), -100)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g),
+                labels=labels)
+
+
 def _config(name: str, p: float):
     """The tiny config of model `name` with dropout probability p."""
     import transformers as tf
@@ -306,6 +321,61 @@ def _config(name: str, p: float):
         "speech2text": lambda: tf.Speech2TextConfig(input_feat_per_channel=8, conv_channels=16, conv_kernel_sizes=[5, 5],
                                                     max_source_positions=32, max_target_positions=16,
                                                     decoder_start_token_id=2, **seq2seq),
+        "llama": lambda: tf.LlamaConfig(**causal),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **causal),  # RMSNorm of each head's q and k
+        # 2 layers: a dense MLP, then 4 experts top 2 (grouped_mm), the router's softmax renormalised
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                                               **dict(causal, num_hidden_layers=2)),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            head_dim=8, query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            **dict(causal, num_hidden_layers=2)),
+        "phi3": lambda: tf.Phi3Config(resid_pdrop=p, embd_pdrop=p, **causal),  # fused qkv_proj and gate_up_proj
+        "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                                            attention_multiplier=0.125, **causal),
+        # 2 layers: the second without rotary positions (NoPE every 2nd layer)
+        "smollm3": lambda: tf.SmolLM3Config(no_rope_layer_interval=2, **dict(causal, num_hidden_layers=2)),
+        # multi-head latent attention (low-rank q and kv, a rotary part of 4 dims), then a MoE layer with a
+        # shared expert, 4 routed experts in 2 groups, top 2 of the best group
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+            v_head_dim=4, qk_nope_head_dim=4, **dict(causal, num_hidden_layers=2, num_key_value_heads=4)),
+        # 2 layers: a local (window 4) and a global one; the padded tokens are unpadded in eager attention too
+        "modernbert_mlm": lambda: tf.ModernBertConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
+            attention_dropout=p, embedding_dropout=p, mlp_dropout=p, classifier_dropout=p, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2),
+        "bert_cls": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=p,
+                                          attention_probs_dropout_prob=p, num_labels=3, pad_token_id=1),
+        "vit": lambda: tf.ViTConfig(image_size=16, patch_size=8, **vit),
+        "olmo2": lambda: tf.Olmo2Config(**causal),  # RMSNorm after attention and MLP, of q and k whole
+        "starcoder2": lambda: tf.Starcoder2Config(sliding_window=4, residual_dropout=p, embedding_dropout=p, **causal),
+        "cohere": lambda: tf.CohereConfig(logit_scale=0.5, use_qk_norm=True, **causal),  # parallel block, LayerNorm
+        "glm4": lambda: tf.Glm4Config(head_dim=4, **causal),  # post-norms, fused gate_up_proj, partial rotary
+        # 2 layers: a short convolution (the gated conv block) and an attention layer
+        "lfm2": lambda: tf.Lfm2Config(conv_L_cache=3, block_auto_adjust_ff_dim=False,
+                                      layer_types=["conv", "full_attention"], **dict(causal, num_hidden_layers=2)),
+        # 4 experts top 2 and a shared expert behind a sigmoid gate
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=16, **causal),
+        # experts with biases and a clamped SwiGLU, attention sinks, a sliding-window layer
+        "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+                                           layer_types=["sliding_attention", "full_attention"],
+                                           **dict(causal, num_hidden_layers=2)),
+        "modernbert_decoder": lambda: tf.ModernBertDecoderConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
+            attention_dropout=p, embedding_dropout=p, mlp_dropout=p, cls_token_id=0, sep_token_id=2, **tokens),
+        # a CLIP vision tower (4 patches of 8 pixels, the CLS dropped), a 2-layer projector, a Llama
+        "llava": lambda: tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
+                                              attention_dropout=p),
+            text_config=tf.LlamaConfig(**causal), image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=4,
+            vision_feature_layer=-1),
     }[name]()
 
 
@@ -373,6 +443,28 @@ MODELS = {
                   "model(input_values, attention_mask, labels)"),
     "ast": ("ASTForAudioClassification", spectrogram_batch, "model(input_values, labels)"),
     "speech2text": ("Speech2TextForConditionalGeneration", filterbank_batch, "model(input_features, labels)"),
+    "llama": ("LlamaForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen3": ("Qwen3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gemma3": ("Gemma3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "phi3": ("Phi3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "granite": ("GraniteForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "smollm3": ("SmolLM3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "modernbert_mlm": ("ModernBertForMaskedLM", masked_lm_batch,
+                       "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "bert_cls": ("BertForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
+    "vit": ("ViTForImageClassification", small_image_batch, "model(pixel_values, labels)"),
+    "olmo2": ("Olmo2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "starcoder2": ("Starcoder2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "cohere": ("CohereForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "glm4": ("Glm4ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "lfm2": ("Lfm2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gpt_oss": ("GptOssForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "modernbert_decoder": ("ModernBertDecoderForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "llava": ("LlavaForConditionalGeneration", llava_batch,
+              "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
 }
 
 
