@@ -1896,3 +1896,38 @@ def test_one_row_of_a_position_table_is_read_by_every_position(capture):
     c, expected = diag_step(model, x, y, capture)
     assert c.layers["table"].kind == "position"
     torch.testing.assert_close(c.statistics("table")["diag"], expected["table"].flatten(0, -2).T, **TOL)
+
+
+# --------------------------------------------------------------------------- ninth round, Hugging Face
+# (benchmarks/results/first_contact_9_hf.md)
+
+
+class PerHeadNormed(nn.Module):
+    """Cohere's q_norm: a hand-written LayerNorm of each head's D features, x (N, T, H, D), with a weight
+    (H, D) of its own per head, `γ.to(float32) * x̂` (here cast to the model's dtype, float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(2, 3))
+
+    def forward(self, x):
+        h = self.a(x).unflatten(-1, (2, 3))
+        centered = h - h.mean(-1, keepdim=True)
+        h = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.b((self.weight.to(h.dtype) * h).flatten(-2))
+
+
+def test_a_norm_with_a_weight_per_head_is_a_norm_block_of_every_heads_features():
+    """Cohere's q_norm and k_norm (γ of shape (H, D) on x̂ (N, T, H, D), each head normalized over its D
+    features) fell back to diag ("used by call_function 'mul.Tensor'"): the norm detector took a 1-D γ
+    only. A γ whose shape is x̂'s last dimensions is the norm of its H·D features (torch.export records
+    x̂'s shape; torch.fx's graph holds none, where a 1-D γ only is taken): a norm block whose diag equals
+    the per-example gradients' (vmap), float64."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = PerHeadNormed().double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6, 5))
+    c, expected = diag_step(model, x, y, "export")
+    assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected["weight"].reshape(-1), **TOL)
