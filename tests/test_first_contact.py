@@ -1931,3 +1931,32 @@ def test_a_norm_with_a_weight_per_head_is_a_norm_block_of_every_heads_features()
     c, expected = diag_step(model, x, y, "export")
     assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
     torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected["weight"].reshape(-1), **TOL)
+
+
+class VectorClassToken(nn.Module):
+    """CLIP's vision class embedding: a vector (d,), `expand(N, 1, -1)`, concatenated before the patch
+    embeddings; the head reads the first position and the patches' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches, self.head = nn.Linear(6, 4), nn.Linear(8, 3)
+        self.cls = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(torch.cat([self.cls.expand(x.shape[0], 1, -1), self.patches(x)], dim=1))
+        return self.head(torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_vector_class_token_expanded_to_the_batch_is_a_position_table_of_one_row(capture):
+    """CLIP's `class_embedding.expand(N, 1, -1)` (a (d,) vector; CLIP, LLaVA's vision tower) fell back to
+    diag ("used by call_function 'expand.default'"): class tokens were taken as tables of 2 dimensions or
+    more. A vector expanded to (N, 1, ..., 1, d) is a table of one row read at position 0: a position
+    block whose diag equals the per-example gradients' (vmap), float64, outputs the model's."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = VectorClassToken().double()
+    x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c, expected = diag_step(model, x, y, capture)
+    assert not c.layers.fallbacks and c.layers["cls"].kind == "position"
+    torch.testing.assert_close(c.statistics("cls")["diag"].reshape(-1), expected["cls"], **TOL)
