@@ -1960,3 +1960,36 @@ def test_a_vector_class_token_expanded_to_the_batch_is_a_position_table_of_one_r
     c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks and c.layers["cls"].kind == "position"
     torch.testing.assert_close(c.statistics("cls")["diag"].reshape(-1), expected["cls"], **TOL)
+
+
+class TransposedGroupedExperts(GroupedExperts):
+    """GroupedExperts with its stacked weights stored (E, d_out, d_in), read transposed, as Qwen3-MoE's and
+    DeepSeek-V3's `grouped_mm(x, W.transpose(-2, -1), offs=...)` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(0.5 * torch.randn(3, 8, 4))
+
+    def forward(self, x):
+        probability, expert = F.softmax(self.router(x), -1).max(-1)
+        order = torch.argsort(expert)
+        offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
+        products = F.grouped_mm(x[order], self.experts.transpose(-2, -1), offs=offsets)
+        h = torch.zeros_like(products).index_copy(0, order, products)
+        return self.head(torch.tanh(h) * probability.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("model", [GroupedExperts, TransposedGroupedExperts])
+def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are(model):
+    """Qwen3-MoE's, Qwen2-MoE's, DeepSeek-V3's and gpt-oss's experts fell back "used by call_function
+    'transpose.int', not a layer gnfx models" (or 'grouped_mm_fallback.default'), which says nothing of
+    what they are. The reason names the stacked weights of E experts in a grouped product, that no kind
+    models them, and the layer that does (nn.Linear experts); the router and head stay blocks."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning
+        c = gnfx.compile(model(), "kfac", lr=1e-2, capture="fx")
+        train(c, 1)
+    (fallback,) = c.layers.fallbacks
+    assert fallback.param == "experts" and "router" in c.layers and "head" in c.layers
+    assert "stacked weights of 3 experts" in fallback.reason and "nn.Linear" in fallback.reason, fallback.reason
