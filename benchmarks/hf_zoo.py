@@ -11,7 +11,7 @@ logits, as the model computes it); DeiTForImageClassificationWithTeacher, which 
 `F.cross_entropy(out.logits, labels)` outside. `gnfx.compile` runs before the first call (capture at
 that call). Per model:
 
-- exactness: in float64 with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
+- exactness: in float64 (float32 for GROUPED_EXPERTS) with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
   NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
   logits upsampled to the mask), each forward and backward of
   the compiled model against the original module at the same parameters: the largest differences of
@@ -23,7 +23,8 @@ that call). Per model:
 
 The results: benchmarks/results/first_contact_5.md (text, speech, CLIP), and for the models added
 since, benchmarks/results/first_contact_6_text.md (text) and first_contact_6_vision.md (vision, audio
-and multimodal).
+and multimodal); for Llama, Qwen3, Gemma3, DeepSeek-V3, ModernBERT, LLaVA and the others of transformers 5.24,
+benchmarks/results/first_contact_9_hf.md.
 """
 from __future__ import annotations
 
@@ -180,6 +181,10 @@ def _config(name: str, p: float):
                  conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
                  hidden_dropout=p, attention_dropout=p, activation_dropout=p, feat_proj_dropout=p, final_dropout=p,
                  layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="group")
+    modernbert = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
+                      attention_dropout=p, embedding_dropout=p, mlp_dropout=p, classifier_dropout=p, cls_token_id=0,
+                      sep_token_id=2, **tokens)
     return {
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
@@ -341,12 +346,10 @@ def _config(name: str, p: float):
             moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
             num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
             v_head_dim=4, qk_nope_head_dim=4, **dict(causal, num_hidden_layers=2, num_key_value_heads=4)),
-        # 2 layers: a local (window 4) and a global one; the padded tokens are unpadded in eager attention too
-        "modernbert_mlm": lambda: tf.ModernBertConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
-            attention_dropout=p, embedding_dropout=p, mlp_dropout=p, classifier_dropout=p, pad_token_id=1,
-            bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2),
+        # 2 layers: a global and a local one (window 4)
+        "modernbert_mlm": lambda: tf.ModernBertConfig(**modernbert),
+        # the head and loss on the masked tokens only, `hidden[labels != -100]` (as ModernBERT's pretraining)
+        "modernbert_mlm_sparse": lambda: tf.ModernBertConfig(sparse_prediction=True, **modernbert),
         "bert_cls": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=p,
                                           attention_probs_dropout_prob=p, num_labels=3, pad_token_id=1),
@@ -453,6 +456,8 @@ MODELS = {
     "deepseek_v3": ("DeepseekV3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "modernbert_mlm": ("ModernBertForMaskedLM", masked_lm_batch,
                        "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "modernbert_mlm_sparse": ("ModernBertForMaskedLM", masked_lm_batch,
+                              "model(input_ids, attention_mask, labels), config.sparse_prediction=True"),
     "bert_cls": ("BertForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
     "vit": ("ViTForImageClassification", small_image_batch, "model(pixel_values, labels)"),
     "olmo2": ("Olmo2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
@@ -509,12 +514,18 @@ def kfac_defaults(name: str) -> dict:
     return dict(lr=0.01) if name in NOT_CROSS_ENTROPY else dict(loss="cross_entropy")
 
 
+# transformers 5's grouped_mm experts: torch._grouped_mm has no float64 kernel, the original module raises
+GROUPED_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss")
+
+
 def exactness(name: str, steps: int = 3) -> list[tuple[float, float, float]]:
-    """Per kfac step (float64, dropout off): the largest |difference| of the loss, the logits and the
-    gradients between the compiled model and the original module at the same parameters."""
+    """Per kfac step (float64, dropout off; float32 for GROUPED_EXPERTS): the largest |difference| of the
+    loss, the logits and the gradients between the compiled model and the original module at the same
+    parameters."""
     torch.manual_seed(0)
-    model = build(name, dropout=False).double()
-    reference, inputs = copy.deepcopy(model), batch(name, torch.float64)
+    dtype = torch.float32 if name in GROUPED_EXPERTS else torch.float64
+    model = build(name, dropout=False).to(dtype)
+    reference, inputs = copy.deepcopy(model), batch(name, dtype)
     c = gnfx.compile(model, "kfac", **kfac_defaults(name))
     rows = []
     for _ in range(steps):
