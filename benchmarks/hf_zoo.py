@@ -162,6 +162,23 @@ def llava_batch(g):
                 labels=labels)
 
 
+QWEN2_VL_IMAGE, QWEN2_VL_START, QWEN2_VL_END = VOCAB - 1, VOCAB - 2, VOCAB - 4  # VOCAB - 3: its video token
+
+
+def qwen2_vl_batch(g):
+    """Each sequence: <vision_start>, 4 image tokens, <vision_end>, then the causal LM's text (ids below
+    the special ones); one image each as its processor gives it: 16 patches (a 1 x 4 x 4 grid, merged
+    2 x 2 into the 4 tokens) of 3 channels x 2 frames x 4 x 4 pixels, their grid and the tokens' types
+    (1 on the image tokens, for the 3-D rotary positions). Labels -100 on the vision tokens and padding."""
+    ids, mask = _ids(g)
+    vision = torch.tensor([QWEN2_VL_START] + [QWEN2_VL_IMAGE] * 4 + [QWEN2_VL_END]).expand(BATCH, -1)
+    ids = torch.cat([vision, ids.clamp(max=VOCAB - 5)], 1)
+    mask = torch.cat([torch.ones(BATCH, 6, dtype=torch.long), mask], 1)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH * 16, 96, generator=g),
+                image_grid_thw=torch.tensor([[1, 4, 4]] * BATCH), mm_token_type_ids=(ids == QWEN2_VL_IMAGE).long(),
+                labels=ids.masked_fill((mask == 0) | (ids >= VOCAB - 4), -100))
+
+
 def _config(name: str, p: float):
     """The tiny config of model `name` with dropout probability p."""
     import transformers as tf
@@ -379,6 +396,15 @@ def _config(name: str, p: float):
                                               attention_dropout=p),
             text_config=tf.LlamaConfig(**causal), image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=4,
             vision_feature_layer=-1),
+        # a 1-layer vision tower (patches of 4 x 4 x 2 frames, merged 2 x 2) and a Qwen2 of 3-D rotary
+        # positions (mrope sections of 1, 1 and the rest)
+        "qwen2_vl": lambda: tf.Qwen2VLConfig(
+            text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1]),
+                             **dict(causal, max_position_embeddings=64)),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=QWEN2_VL_IMAGE, video_token_id=VOCAB - 3, vision_start_token_id=QWEN2_VL_START,
+            vision_end_token_id=QWEN2_VL_END),
     }[name]()
 
 
@@ -470,6 +496,8 @@ MODELS = {
     "modernbert_decoder": ("ModernBertDecoderForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "llava": ("LlavaForConditionalGeneration", llava_batch,
               "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl_batch,
+                 "model(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels)"),
 }
 
 
