@@ -1993,3 +1993,37 @@ def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are
     (fallback,) = c.layers.fallbacks
     assert fallback.param == "experts" and "router" in c.layers and "head" in c.layers
     assert "stacked weights of 3 experts" in fallback.reason and "nn.Linear" in fallback.reason, fallback.reason
+
+
+class DeadKernelRead(CausalDepthwise):
+    """CausalDepthwise (reshaped) whose forward also computes `weight.squeeze(1)` that nothing uses, as
+    torch.export's graph of transformers' Mamba2 mixer has it (a squeeze of conv1d.weight without users,
+    next to the one its causal_conv1d_fn reads)."""
+
+    def __init__(self):
+        super().__init__(reshaped=True)
+
+    def forward(self, x):
+        self.conv.weight.squeeze(1)  # unused
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_parameter_read_that_nothing_uses_is_no_use(capture):
+    """Mamba2's conv1d weight and bias fell back ("used by call_function 'squeeze.dim'"): besides the
+    conv's, the graph holds a squeeze of the weight whose result nothing reads, and that counted as a use
+    no layer claims. A read whose result is unused and which changes nothing (not impure) is no use
+    (passes/parameter_casts.py): the conv block with the statistics of the model without the dead read,
+    float64."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 7, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    statistics = []
+    for model in (DeadKernelRead, lambda: CausalDepthwise(True)):
+        torch.manual_seed(0)
+        c = gnfx.compile(model().double(), "kfac", lr=1e-2, capture=capture, stat_every=1)
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+        assert c.layers["conv"].kind == "conv" and not c.layers.fallbacks, c.layers.fallbacks
+        statistics.append(c.statistics("conv"))
+    for name in statistics[1]:
+        torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
