@@ -405,6 +405,21 @@ def _config(name: str, p: float):
                                spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
             image_token_id=QWEN2_VL_IMAGE, video_token_id=VOCAB - 3, vision_start_token_id=QWEN2_VL_START,
             vision_end_token_id=QWEN2_VL_END),
+        # the score of the last token before the padding (the reward models' head)
+        "llama_cls": lambda: tf.LlamaConfig(num_labels=3, **causal),
+        # SSD (the chunked state-space scan of transformers' PyTorch path), chunks of 4
+        "mamba2": lambda: tf.Mamba2Config(num_heads=4, head_dim=8, vocab_size=VOCAB, hidden_size=16, state_size=4,
+                                          num_hidden_layers=1, expand=2, conv_kernel=4, n_groups=1, chunk_size=4,
+                                          **tokens),
+        # a SigLIP vision tower (4 patches), average-pooled to 4 tokens, a Gemma3 text model
+        "gemma3_vlm": lambda: tf.Gemma3Config(
+            text_config=dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"],
+                             **dict(causal, num_hidden_layers=2)),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, attention_dropout=p),
+            mm_tokens_per_image=4, image_token_index=LLAVA_IMAGE_TOKEN, boi_token_index=VOCAB - 2,
+            eoi_token_index=VOCAB - 3),
     }[name]()
 
 
@@ -496,6 +511,10 @@ MODELS = {
     "modernbert_decoder": ("ModernBertDecoderForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
     "llava": ("LlavaForConditionalGeneration", llava_batch,
               "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
+    "llama_cls": ("LlamaForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
+    "mamba2": ("Mamba2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gemma3_vlm": ("Gemma3ForConditionalGeneration", llava_batch,
+                   "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl_batch,
                  "model(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels)"),
 }
