@@ -11,8 +11,8 @@ logits, as the model computes it); DeiTForImageClassificationWithTeacher, which 
 `F.cross_entropy(out.logits, labels)` outside. `gnfx.compile` runs before the first call (capture at
 that call). Per model:
 
-- exactness: in float64 (float32 for GROUPED_EXPERTS) with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
-  NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
+- exactness: in float64 (float32 for GROUPED_EXPERTS) with dropout off, 3 kfac steps at defaults
+  (without `loss=` and at lr 0.01 for NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
   logits upsampled to the mask), each forward and backward of
   the compiled model against the original module at the same parameters: the largest differences of
   the loss, the logits and any gradient;

@@ -4,9 +4,9 @@ x̂ is the normalized input (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceN
 `x * rsqrt(mean(x²) + eps)`), with the features on its last dimension (layer and RMS norms), its last
 k (`feature_dims`: a hand-written norm with a γ of x̂'s last k sizes, Cohere's per-head (H, D), whose
 d = H·D features are those entries), or on dimension 1 (group and batch norms, channels first); every
-other dimension after N is a position r. Feature f is the linear map `z_f = γ_f x̂_f + β_f` of its own one-entry input, so the
-block is d = d_out independent layers (gnfx.layouts.base, `groups` = d, d_in = 1, s = 1) and
-`[W b] = [γ β]` is d x 2 (the weight read as a column). With a = x̂ and δ = ∂ℓ/∂z as in docs/design.md §1:
+other dimension after N is a position r. Feature f is the linear map `z_f = γ_f x̂_f + β_f` of its own
+one-entry input, so the block is d = d_out independent layers (gnfx.layouts.base, `groups` = d,
+d_in = 1, s = 1) and `[W b] = [γ β]` is d x 2 (the weight read as a column). With a = x̂ and δ = ∂ℓ/∂z as in docs/design.md §1:
 
     per-example gradient   ∇γ_f = Σ_r δ_{r,f} x̂_{r,f},   ∇β_f = Σ_r δ_{r,f}
     K-FAC, per feature     A_f = E[ā_f ā_fᵀ],  ā_f = (x̂_f, 1)  (2 x 2),    S_f = E[δ_f²]  (1 x 1)
