@@ -11,8 +11,8 @@ logits, as the model computes it); DeiTForImageClassificationWithTeacher, which 
 `F.cross_entropy(out.logits, labels)` outside. `gnfx.compile` runs before the first call (capture at
 that call). Per model:
 
-- exactness: in float64 with dropout off, 3 kfac steps at defaults (without `loss=` and at lr 0.01 for
-  NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
+- exactness: in float64 (float32 for GROUPED_EXPERTS) with dropout off, 3 kfac steps at defaults
+  (without `loss=` and at lr 0.01 for NOT_CROSS_ENTROPY: CLIP's and SigLIP's contrastive losses, CTC, Segformer's cross-entropy of its
   logits upsampled to the mask), each forward and backward of
   the compiled model against the original module at the same parameters: the largest differences of
   the loss, the logits and any gradient;
@@ -23,7 +23,8 @@ that call). Per model:
 
 The results: benchmarks/results/first_contact_5.md (text, speech, CLIP), and for the models added
 since, benchmarks/results/first_contact_6_text.md (text) and first_contact_6_vision.md (vision, audio
-and multimodal).
+and multimodal); for Llama, Qwen3, Gemma3, DeepSeek-V3, ModernBERT, LLaVA and the others of transformers 5.24,
+benchmarks/results/first_contact_9_hf.md.
 """
 from __future__ import annotations
 
@@ -146,6 +147,38 @@ def clip_batch(g):
                 return_loss=True)
 
 
+LLAVA_IMAGE_TOKEN = VOCAB - 1
+
+
+def llava_batch(g):
+    """The causal LM's batch with 4 image tokens (one 16-pixel image of 4 patches) before each sequence's
+    text, left-padded, and the image's pixels; labels -100 on the image tokens and the padding."""
+    ids, mask = _ids(g)
+    ids, mask = ids.clamp(max=VOCAB - 2).flip(-1), mask.flip(-1)
+    ids = torch.cat([torch.full((BATCH, 4), LLAVA_IMAGE_TOKEN), ids], 1)
+    mask = torch.cat([torch.ones(BATCH, 4, dtype=torch.long), mask], 1)
+    labels = ids.masked_fill((mask == 0) | (ids == LLAVA_IMAGE_TOKEN), -100)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH, 3, 16, 16, generator=g),
+                labels=labels)
+
+
+QWEN2_VL_IMAGE, QWEN2_VL_START, QWEN2_VL_END = VOCAB - 1, VOCAB - 2, VOCAB - 4  # VOCAB - 3: its video token
+
+
+def qwen2_vl_batch(g):
+    """Each sequence: <vision_start>, 4 image tokens, <vision_end>, then the causal LM's text (ids below
+    the special ones); one image each as its processor gives it: 16 patches (a 1 x 4 x 4 grid, merged
+    2 x 2 into the 4 tokens) of 3 channels x 2 frames x 4 x 4 pixels, their grid and the tokens' types
+    (1 on the image tokens, for the 3-D rotary positions). Labels -100 on the vision tokens and padding."""
+    ids, mask = _ids(g)
+    vision = torch.tensor([QWEN2_VL_START] + [QWEN2_VL_IMAGE] * 4 + [QWEN2_VL_END]).expand(BATCH, -1)
+    ids = torch.cat([vision, ids.clamp(max=VOCAB - 5)], 1)
+    mask = torch.cat([torch.ones(BATCH, 6, dtype=torch.long), mask], 1)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(BATCH * 16, 96, generator=g),
+                image_grid_thw=torch.tensor([[1, 4, 4]] * BATCH), mm_token_type_ids=(ids == QWEN2_VL_IMAGE).long(),
+                labels=ids.masked_fill((mask == 0) | (ids >= VOCAB - 4), -100))
+
+
 def _config(name: str, p: float):
     """The tiny config of model `name` with dropout probability p."""
     import transformers as tf
@@ -165,6 +198,10 @@ def _config(name: str, p: float):
                  conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
                  hidden_dropout=p, attention_dropout=p, activation_dropout=p, feat_proj_dropout=p, final_dropout=p,
                  layerdrop=0.0, mask_time_prob=0.0, feat_extract_norm="group")
+    modernbert = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
+                      attention_dropout=p, embedding_dropout=p, mlp_dropout=p, classifier_dropout=p, cls_token_id=0,
+                      sep_token_id=2, **tokens)
     return {
         "t5": lambda: tf.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
                                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=p,
@@ -306,6 +343,83 @@ def _config(name: str, p: float):
         "speech2text": lambda: tf.Speech2TextConfig(input_feat_per_channel=8, conv_channels=16, conv_kernel_sizes=[5, 5],
                                                     max_source_positions=32, max_target_positions=16,
                                                     decoder_start_token_id=2, **seq2seq),
+        "llama": lambda: tf.LlamaConfig(**causal),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **causal),  # RMSNorm of each head's q and k
+        # 2 layers: a dense MLP, then 4 experts top 2 (grouped_mm), the router's softmax renormalised
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                                               **dict(causal, num_hidden_layers=2)),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            head_dim=8, query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            **dict(causal, num_hidden_layers=2)),
+        "phi3": lambda: tf.Phi3Config(resid_pdrop=p, embd_pdrop=p, **causal),  # fused qkv_proj and gate_up_proj
+        "granite": lambda: tf.GraniteConfig(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                                            attention_multiplier=0.125, **causal),
+        # 2 layers: the second without rotary positions (NoPE every 2nd layer)
+        "smollm3": lambda: tf.SmolLM3Config(no_rope_layer_interval=2, **dict(causal, num_hidden_layers=2)),
+        # multi-head latent attention (low-rank q and kv, a rotary part of 4 dims), then a MoE layer with a
+        # shared expert, 4 routed experts in 2 groups, top 2 of the best group
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+            v_head_dim=4, qk_nope_head_dim=4, **dict(causal, num_hidden_layers=2, num_key_value_heads=4)),
+        # 2 layers: a global and a local one (window 4)
+        "modernbert_mlm": lambda: tf.ModernBertConfig(**modernbert),
+        # the head and loss on the masked tokens only, `hidden[labels != -100]` (as ModernBERT's pretraining)
+        "modernbert_mlm_sparse": lambda: tf.ModernBertConfig(sparse_prediction=True, **modernbert),
+        "bert_cls": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=p,
+                                          attention_probs_dropout_prob=p, num_labels=3, pad_token_id=1),
+        "vit": lambda: tf.ViTConfig(image_size=16, patch_size=8, **vit),
+        "olmo2": lambda: tf.Olmo2Config(**causal),  # RMSNorm after attention and MLP, of q and k whole
+        "starcoder2": lambda: tf.Starcoder2Config(sliding_window=4, residual_dropout=p, embedding_dropout=p, **causal),
+        "cohere": lambda: tf.CohereConfig(logit_scale=0.5, use_qk_norm=True, **causal),  # parallel block, LayerNorm
+        "glm4": lambda: tf.Glm4Config(head_dim=4, **causal),  # post-norms, fused gate_up_proj, partial rotary
+        # 2 layers: a short convolution (the gated conv block) and an attention layer
+        "lfm2": lambda: tf.Lfm2Config(conv_L_cache=3, block_auto_adjust_ff_dim=False,
+                                      layer_types=["conv", "full_attention"], **dict(causal, num_hidden_layers=2)),
+        # 4 experts top 2 and a shared expert behind a sigmoid gate
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=16, **causal),
+        # experts with biases and a clamped SwiGLU, attention sinks, a sliding-window layer
+        "gpt_oss": lambda: tf.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+                                           layer_types=["sliding_attention", "full_attention"],
+                                           **dict(causal, num_hidden_layers=2)),
+        "modernbert_decoder": lambda: tf.ModernBertDecoderConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=32, local_attention=4, layer_types=["full_attention", "sliding_attention"],
+            attention_dropout=p, embedding_dropout=p, mlp_dropout=p, cls_token_id=0, sep_token_id=2, **tokens),
+        # a CLIP vision tower (4 patches of 8 pixels, the CLS dropped), a 2-layer projector, a Llama
+        "llava": lambda: tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
+                                              attention_dropout=p),
+            text_config=tf.LlamaConfig(**causal), image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=4,
+            vision_feature_layer=-1),
+        # a 1-layer vision tower (patches of 4 x 4 x 2 frames, merged 2 x 2) and a Qwen2 of 3-D rotary
+        # positions (mrope sections of 1, 1 and the rest)
+        "qwen2_vl": lambda: tf.Qwen2VLConfig(
+            text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1]),
+                             **dict(causal, max_position_embeddings=64)),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=QWEN2_VL_IMAGE, video_token_id=VOCAB - 3, vision_start_token_id=QWEN2_VL_START,
+            vision_end_token_id=QWEN2_VL_END),
+        # the score of the last token before the padding (the reward models' head)
+        "llama_cls": lambda: tf.LlamaConfig(num_labels=3, **causal),
+        # SSD (the chunked state-space scan of transformers' PyTorch path), chunks of 4
+        "mamba2": lambda: tf.Mamba2Config(num_heads=4, head_dim=8, vocab_size=VOCAB, hidden_size=16, state_size=4,
+                                          num_hidden_layers=1, expand=2, conv_kernel=4, n_groups=1, chunk_size=4,
+                                          **tokens),
+        # a SigLIP vision tower (4 patches), average-pooled to 4 tokens, a Gemma3 text model
+        "gemma3_vlm": lambda: tf.Gemma3Config(
+            text_config=dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"],
+                             **dict(causal, num_hidden_layers=2)),
+            vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, attention_dropout=p),
+            mm_tokens_per_image=4, image_token_index=LLAVA_IMAGE_TOKEN, boi_token_index=VOCAB - 2,
+            eoi_token_index=VOCAB - 3),
     }[name]()
 
 
@@ -373,6 +487,36 @@ MODELS = {
                   "model(input_values, attention_mask, labels)"),
     "ast": ("ASTForAudioClassification", spectrogram_batch, "model(input_values, labels)"),
     "speech2text": ("Speech2TextForConditionalGeneration", filterbank_batch, "model(input_features, labels)"),
+    "llama": ("LlamaForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen3": ("Qwen3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gemma3": ("Gemma3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "phi3": ("Phi3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "granite": ("GraniteForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "smollm3": ("SmolLM3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "modernbert_mlm": ("ModernBertForMaskedLM", masked_lm_batch,
+                       "model(input_ids, attention_mask, labels) (-100 off the masks)"),
+    "modernbert_mlm_sparse": ("ModernBertForMaskedLM", masked_lm_batch,
+                              "model(input_ids, attention_mask, labels), config.sparse_prediction=True"),
+    "bert_cls": ("BertForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
+    "vit": ("ViTForImageClassification", small_image_batch, "model(pixel_values, labels)"),
+    "olmo2": ("Olmo2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "starcoder2": ("Starcoder2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "cohere": ("CohereForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "glm4": ("Glm4ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "lfm2": ("Lfm2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gpt_oss": ("GptOssForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "modernbert_decoder": ("ModernBertDecoderForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "llava": ("LlavaForConditionalGeneration", llava_batch,
+              "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
+    "llama_cls": ("LlamaForSequenceClassification", classification_batch, "model(input_ids, attention_mask, labels)"),
+    "mamba2": ("Mamba2ForCausalLM", causal_lm_batch, "model(input_ids, attention_mask, labels)"),
+    "gemma3_vlm": ("Gemma3ForConditionalGeneration", llava_batch,
+                   "model(input_ids, attention_mask, pixel_values, labels) (4 image tokens first, labels -100 on them)"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", qwen2_vl_batch,
+                 "model(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels)"),
 }
 
 
@@ -417,12 +561,18 @@ def kfac_defaults(name: str) -> dict:
     return dict(lr=0.01) if name in NOT_CROSS_ENTROPY else dict(loss="cross_entropy")
 
 
+# transformers 5's grouped_mm experts: torch._grouped_mm has no float64 kernel, the original module raises
+GROUPED_EXPERTS = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss")
+
+
 def exactness(name: str, steps: int = 3) -> list[tuple[float, float, float]]:
-    """Per kfac step (float64, dropout off): the largest |difference| of the loss, the logits and the
-    gradients between the compiled model and the original module at the same parameters."""
+    """Per kfac step (float64, dropout off; float32 for GROUPED_EXPERTS): the largest |difference| of the
+    loss, the logits and the gradients between the compiled model and the original module at the same
+    parameters."""
     torch.manual_seed(0)
-    model = build(name, dropout=False).double()
-    reference, inputs = copy.deepcopy(model), batch(name, torch.float64)
+    dtype = torch.float32 if name in GROUPED_EXPERTS else torch.float64
+    model = build(name, dropout=False).to(dtype)
+    reference, inputs = copy.deepcopy(model), batch(name, dtype)
     c = gnfx.compile(model, "kfac", **kfac_defaults(name))
     rows = []
     for _ in range(steps):

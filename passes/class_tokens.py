@@ -16,7 +16,9 @@ site whose input is e (the taps read N and k from its shape) and whose weight us
 The same values and gradients. Expanded: a trainable parameter of 2 or more dimensions, its leading
 dimensions of one and its last of more than one (a table of rows), read by an `expand` (aten's, or the
 tensor method) whose first size is not 1 (the batch) and whose other sizes keep P's (-1 or equal), or
-by a `repeat` whose first count is not 1 and whose others are 1.
+by a `repeat` whose first count is not 1 and whose others are 1; or a vector P (d,), d > 1, read by an
+`expand` to (N, 1, ..., 1, d) (d or -1 last): CLIP's vision class embedding, `P.expand(N, 1, -1)`, a
+table of one row (k = 1) to the position detector.
 """
 from __future__ import annotations
 
@@ -44,9 +46,12 @@ def expanded_table(node, shape_of_table) -> bool:
             and node.target in EXPANDS + REPEATS):
         return False
     shape = shape_of_table(node.args[0])
-    if shape is None or len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
+    if shape is None or len(shape) < 1 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
         return False
     sizes = _sizes(node)
+    if len(shape) == 1:  # a vector read as one row, (N, 1, ..., 1, d)
+        return (node.target in EXPANDS and len(sizes) >= 3 and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
+                and all(s == 1 for s in sizes[1:-1]) and sizes[-1] in (-1, shape[0]))
     kept = (lambda s, p: s == 1) if node.target in REPEATS else (lambda s, p: s in (-1, p))
     return (len(sizes) == len(shape) and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
             and all(isinstance(s, int) and kept(s, p) for s, p in zip(sizes[1:], shape[1:])))

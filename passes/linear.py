@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .grouped_products import grouped_product_rejections
 from .sites import Site, arg
 
 aten = torch.ops.aten
@@ -125,7 +126,8 @@ def _added_bias(site: Site, param_of, shape_of) -> Site:
 
 
 def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name)."""
+    """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name); and the
+    stacked expert weights of grouped products, rejected with their reason (passes/grouped_products.py)."""
     sites = []
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
@@ -142,7 +144,7 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
             site = _einsum_site(node, *operands, param_of, shape_of)
         if site is not None:
             sites.append(_added_bias(site, param_of, shape_of))
-    return sites, []
+    return sites, grouped_product_rejections(gm, param_of, shape_of)
 
 
 def _einsum_site(node, x, w, in_out: bool, param_of, shape_of) -> Site | None:

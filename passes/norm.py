@@ -13,18 +13,24 @@ Recognized, with a trainable 1-D weight γ (d,) and an optional bias β (d,):
     write it. The site's input is h itself, which already is x̂. γ may be cast and offset by a
     number c, `h * (1.0 + γ.float())` as Gemma writes its RMSNorm (γ initialized to 0): z = x̂ ⊙ (γ + c)
     has ∂z/∂γ = x̂ as z = x̂ ⊙ γ does, so the block and its statistics are the same (the layout
-    reads x̂ and ∂ℓ/∂z, never γ's value).
+    reads x̂ and ∂ℓ/∂z, never γ's value). γ may have k > 1 dimensions when its shape is that of x̂'s
+    last k (Cohere's q_norm: γ (H, D) on x̂ (N, T, H, D), each head normalized over its own D
+    features): the features are those H·D entries, `feature_dims` = k (gnfx.layouts.norm). x̂'s
+    shape is read from the value torch.export records for it; torch.fx's graph holds none, and there
+    only a 1-D γ is taken.
 A norm over several dimensions, or a batch norm captured with its running statistics (eval mode),
 is reported as a fallback with that reason.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .shapes import same_sizes, value_of
 from .sites import Site, arg
 
 aten = torch.ops.aten
@@ -70,12 +76,24 @@ def _normalized(h) -> bool:
     return _is(h, DIV) and _is(_uncast(h.args[1]), SQRT)
 
 
-def _site(node, x, weight, bias, uses, how, channels_first, shape_of) -> Site | None:
-    if len(shape_of(weight)) != 1 or (bias is not None and shape_of(bias) != shape_of(weight)):
+def _site(node, x, weight, bias, uses, how, channels_first, shape_of, feature_dims: int = 1) -> Site | None:
+    shape = tuple(shape_of(weight))
+    if len(shape) != feature_dims or (bias is not None and tuple(shape_of(bias)) != shape):
         return None
-    d = shape_of(weight)[0]
-    return Site(node=node, input=x, weight=weight, bias=bias, uses=uses, d_in=1, d_out=d,
-                options={"normalize": how, "channels_first": channels_first, "weight_shape": (d,)})
+    options = {"normalize": how, "channels_first": channels_first, "weight_shape": shape}
+    if feature_dims > 1:
+        options["feature_dims"] = feature_dims
+    return Site(node=node, input=x, weight=weight, bias=bias, uses=uses, d_in=1, d_out=math.prod(shape),
+                options=options)
+
+
+def _feature_dims(weight_shape, h) -> int:
+    """k: γ of k dimensions covers x̂'s last k when its shape is theirs (module docstring); 1 otherwise,
+    and where the graph records no value for x̂ (torch.fx)."""
+    value = value_of(h)
+    if len(weight_shape) < 2 or not isinstance(value, torch.Tensor) or value.dim() <= len(weight_shape):
+        return 1
+    return len(weight_shape) if same_sizes(tuple(value.shape[-len(weight_shape):]), weight_shape) else 1
 
 
 def _module_site(gm, node, param_of, shape_of):
@@ -160,9 +178,10 @@ def _handwritten_site(node, param_of, shape_of) -> Site | None:
         if (added := added_bias(node, param_of)) is not None:
             out, bias, b_node = added
             uses.append((out, b_node))
-        site = _site(out, h, weight, bias, uses, ("given",), False, shape_of)
+        k = _feature_dims(tuple(shape_of(weight)), h)
+        site = _site(out, h, weight, bias, uses, ("given",), False, shape_of, k)
         if site is None and bias is not None:  # a bias of another shape: the scale alone
-            site = _site(node, h, weight, None, uses[:1], ("given",), False, shape_of)
+            site = _site(node, h, weight, None, uses[:1], ("given",), False, shape_of, k)
         return site
     return None
 

@@ -11,6 +11,11 @@ fall back to diag ("to", "_assert_tensor_metadata.default, not a layer gnfx mode
 cast's users in place of the cast (casts of casts followed), reads of metadata alone (METADATA_READS)
 left out, and records each cast in `casts` so that the parameter index names the parameter for it (passes/analyze.py). A cast to a
 dtype the graph names that is not floating (no gradient flows through it) is a use of its own.
+A dead read is left out too: an operation on the parameter whose result no node reads and which changes
+nothing (not `is_impure()`, no in-place method: no side effect) adds nothing to the loss or its gradient.
+torch.export's graph of transformers' Mamba2 mixer holds one, a `W.squeeze(1)` without users beside the
+one its convolution reads (it made the conv's weight and bias fall back, "used by call_function
+'squeeze.dim'").
 """
 from __future__ import annotations
 
@@ -37,12 +42,19 @@ def _floating_target(node: fx.Node) -> bool:
     return all(dtype.is_floating_point for dtype in named)
 
 
+def _dead(node: fx.Node) -> bool:
+    """Whether nothing reads `node`'s result and it changes nothing (module docstring): not impure, and
+    no in-place method (`W.add_(...)`: torch.fx's graph names methods, whose effects is_impure does not know)."""
+    in_place = node.op == "call_method" and node.target.endswith("_")
+    return not node.users and not in_place and not node.is_impure()
+
+
 def read_through_casts(node: fx.Node, casts: dict, name: str) -> list[tuple]:
     """The (consumer, node it reads) pairs of parameter `name`'s get_attr `node` (module docstring);
     each cast followed is recorded as `casts[cast] = name`."""
     reads = []
     for user in node.users:
-        if _is(user, METADATA_READS):
+        if _is(user, METADATA_READS) or _dead(user):
             continue
         if _is(user, CASTS) and user.args[0] is node and _floating_target(user):
             casts[user] = name

@@ -10,7 +10,7 @@ position table. A slice of one row, `P[:, s:s + 1]`, is read by every position o
 one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is no table here. A table
 expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, as
 passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
-site and the expanded tensor its input.
+site and the expanded tensor its input (a vector (d,) so expanded: a table of one row).
 
 Two more forms, taken whole (a slice of them must take every dimension
 whole):
@@ -149,7 +149,8 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
             expand = node.args[0]
             table = expand.args[0]
             shape = shape_of(param_of(table))
-            sites.append(_site(node, expand, param_of(table), table, expand, 0, shape[-2], shape))
+            rows = shape[-2] if len(shape) > 1 else 1  # a vector: one row
+            sites.append(_site(node, expand, param_of(table), table, expand, 0, rows, shape))
             continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue

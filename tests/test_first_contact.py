@@ -1896,3 +1896,134 @@ def test_one_row_of_a_position_table_is_read_by_every_position(capture):
     c, expected = diag_step(model, x, y, capture)
     assert c.layers["table"].kind == "position"
     torch.testing.assert_close(c.statistics("table")["diag"], expected["table"].flatten(0, -2).T, **TOL)
+
+
+# --------------------------------------------------------------------------- ninth round, Hugging Face
+# (benchmarks/results/first_contact_9_hf.md)
+
+
+class PerHeadNormed(nn.Module):
+    """Cohere's q_norm: a hand-written LayerNorm of each head's D features, x (N, T, H, D), with a weight
+    (H, D) of its own per head, `γ.to(float32) * x̂` (here cast to the model's dtype, float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(2, 3))
+
+    def forward(self, x):
+        h = self.a(x).unflatten(-1, (2, 3))
+        centered = h - h.mean(-1, keepdim=True)
+        h = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.b((self.weight.to(h.dtype) * h).flatten(-2))
+
+
+def test_a_norm_with_a_weight_per_head_is_a_norm_block_of_every_heads_features():
+    """Cohere's q_norm and k_norm (γ of shape (H, D) on x̂ (N, T, H, D), each head normalized over its D
+    features) fell back to diag ("used by call_function 'mul.Tensor'"): the norm detector took a 1-D γ
+    only. A γ whose shape is x̂'s last dimensions is the norm of its H·D features (torch.export records
+    x̂'s shape; torch.fx's graph holds none, where a 1-D γ only is taken): a norm block whose diag equals
+    the per-example gradients' (vmap), float64."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = PerHeadNormed().double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6, 5))
+    c, expected = diag_step(model, x, y, "export")
+    assert c.layers["weight"].kind == "norm" and not c.layers.fallbacks
+    torch.testing.assert_close(c.statistics("weight")["diag"].reshape(-1), expected["weight"].reshape(-1), **TOL)
+
+
+class VectorClassToken(nn.Module):
+    """CLIP's vision class embedding: a vector (d,), `expand(N, 1, -1)`, concatenated before the patch
+    embeddings; the head reads the first position and the patches' mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches, self.head = nn.Linear(6, 4), nn.Linear(8, 3)
+        self.cls = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(torch.cat([self.cls.expand(x.shape[0], 1, -1), self.patches(x)], dim=1))
+        return self.head(torch.cat([h[:, 0], h[:, 1:].mean(1)], dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_vector_class_token_expanded_to_the_batch_is_a_position_table_of_one_row(capture):
+    """CLIP's `class_embedding.expand(N, 1, -1)` (a (d,) vector; CLIP, LLaVA's vision tower) fell back to
+    diag ("used by call_function 'expand.default'"): class tokens were taken as tables of 2 dimensions or
+    more. A vector expanded to (N, 1, ..., 1, d) is a table of one row read at position 0: a position
+    block whose diag equals the per-example gradients' (vmap), float64, outputs the model's."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = VectorClassToken().double()
+    x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c, expected = diag_step(model, x, y, capture)
+    assert not c.layers.fallbacks and c.layers["cls"].kind == "position"
+    torch.testing.assert_close(c.statistics("cls")["diag"].reshape(-1), expected["cls"], **TOL)
+
+
+class TransposedGroupedExperts(GroupedExperts):
+    """GroupedExperts with its stacked weights stored (E, d_out, d_in), read transposed, as Qwen3-MoE's and
+    DeepSeek-V3's `grouped_mm(x, W.transpose(-2, -1), offs=...)` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(0.5 * torch.randn(3, 8, 4))
+
+    def forward(self, x):
+        probability, expert = F.softmax(self.router(x), -1).max(-1)
+        order = torch.argsort(expert)
+        offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
+        products = F.grouped_mm(x[order], self.experts.transpose(-2, -1), offs=offsets)
+        h = torch.zeros_like(products).index_copy(0, order, products)
+        return self.head(torch.tanh(h) * probability.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("model", [GroupedExperts, TransposedGroupedExperts])
+def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are(model):
+    """Qwen3-MoE's, Qwen2-MoE's, DeepSeek-V3's and gpt-oss's experts fell back "used by call_function
+    'transpose.int', not a layer gnfx models" (or 'grouped_mm_fallback.default'), which says nothing of
+    what they are. The reason names the stacked weights of E experts in a grouped product, that no kind
+    models them, and the layer that does (nn.Linear experts); the router and head stay blocks."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the coverage warning
+        c = gnfx.compile(model(), "kfac", lr=1e-2, capture="fx")
+        train(c, 1)
+    (fallback,) = c.layers.fallbacks
+    assert fallback.param == "experts" and "router" in c.layers and "head" in c.layers
+    assert "stacked weights of 3 experts" in fallback.reason and "nn.Linear" in fallback.reason, fallback.reason
+
+
+class DeadKernelRead(CausalDepthwise):
+    """CausalDepthwise (reshaped) whose forward also computes `weight.squeeze(1)` that nothing uses, as
+    torch.export's graph of transformers' Mamba2 mixer has it (a squeeze of conv1d.weight without users,
+    next to the one its causal_conv1d_fn reads)."""
+
+    def __init__(self):
+        super().__init__(reshaped=True)
+
+    def forward(self, x):
+        self.conv.weight.squeeze(1)  # unused
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_parameter_read_that_nothing_uses_is_no_use(capture):
+    """Mamba2's conv1d weight and bias fell back ("used by call_function 'squeeze.dim'"): besides the
+    conv's, the graph holds a squeeze of the weight whose result nothing reads, and that counted as a use
+    no layer claims. A read whose result is unused and which changes nothing (not impure) is no use
+    (passes/parameter_casts.py): the conv block with the statistics of the model without the dead read,
+    float64."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 7, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    statistics = []
+    for model in (DeadKernelRead, lambda: CausalDepthwise(True)):
+        torch.manual_seed(0)
+        c = gnfx.compile(model().double(), "kfac", lr=1e-2, capture=capture, stat_every=1)
+        F.cross_entropy(c(x).reshape(-1, 3), y.reshape(-1)).backward()
+        c.step()
+        assert c.layers["conv"].kind == "conv" and not c.layers.fallbacks, c.layers.fallbacks
+        statistics.append(c.statistics("conv"))
+    for name in statistics[1]:
+        torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)

@@ -1,11 +1,12 @@
 """Normalization affine parameters: `z = x̂ ⊙ γ + β`, per feature f a scalar linear layer.
 
 x̂ is the normalized input (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm, or a hand-written
-`x * rsqrt(mean(x²) + eps)`), with the features on its last dimension (layer and RMS norms) or
-on dimension 1 (group and batch norms, channels first); every other dimension after N is a
-position r. Feature f is the linear map `z_f = γ_f x̂_f + β_f` of its own one-entry input, so the
-block is d = d_out independent layers (gnfx.layouts.base, `groups` = d, d_in = 1, s = 1) and
-`[W b] = [γ β]` is d x 2 (the weight read as a column). With a = x̂ and δ = ∂ℓ/∂z as in docs/design.md §1:
+`x * rsqrt(mean(x²) + eps)`), with the features on its last dimension (layer and RMS norms), its last
+k (`feature_dims`: a hand-written norm with a γ of x̂'s last k sizes, Cohere's per-head (H, D), whose
+d = H·D features are those entries), or on dimension 1 (group and batch norms, channels first); every
+other dimension after N is a position r. Feature f is the linear map `z_f = γ_f x̂_f + β_f` of its own
+one-entry input, so the block is d = d_out independent layers (gnfx.layouts.base, `groups` = d,
+d_in = 1, s = 1) and `[W b] = [γ β]` is d x 2 (the weight read as a column). With a = x̂ and δ = ∂ℓ/∂z as in docs/design.md §1:
 
     per-example gradient   ∇γ_f = Σ_r δ_{r,f} x̂_{r,f},   ∇β_f = Σ_r δ_{r,f}
     K-FAC, per feature     A_f = E[ā_f ā_fᵀ],  ā_f = (x̂_f, 1)  (2 x 2),    S_f = E[δ_f²]  (1 x 1)
@@ -27,6 +28,8 @@ as its own forward reads it, whenever the mode changed. A functional batch norm 
 running statistics (torch.export's graph of a model in eval mode) is not detected.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +63,13 @@ class NormLayout(Layout):
         self.groups = block.d_out
         self.how = block.options["normalize"]
         self.channels_first = block.options["channels_first"]
+        self.feature_dims = block.options.get("feature_dims", 1)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, R, d) with the features last."""
+        """(N, R, d) with the features last (the last `feature_dims` dimensions flattened into d)."""
         if self.channels_first and x.dim() > 2:
             x = x.flatten(2).transpose(1, 2)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return x.reshape(x.shape[0], -1, math.prod(x.shape[-self.feature_dims:]))
 
     def input_chunks(self, x: torch.Tensor):
         """x̂ as (N, R, d, 1): one one-entry input per feature (one chunk); a norm of one feature is one

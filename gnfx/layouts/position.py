@@ -30,7 +30,8 @@ worse on some seeds: benchmarks/results/defaults.md, "Position lookups weighted 
 
 The taps record x only to read N and T from its shape. A table added to an activation with more
 dimensions, (N, H, T, d) say, is read by every h: the H T rows of an example are its positions.
-A table of one row, P (1, ..., 1, d), is a bias that broadcasting adds to every row of x (ConvNeXt
+A table of one row, P (1, ..., 1, d) or a vector (d,) expanded (CLIP's class embedding,
+passes/class_tokens.py; the view "column", d x 1), is a bias that broadcasting adds to every row of x (ConvNeXt
 V2's GRN bias, (1, 1, 1, d) on (N, H, W, d) maps; a (1, d) bias on (N, d)): every row reads row 0,
 and the examples are x's first dimension whatever x's rank (A = [1], S = E[δ δᵀ] over all rows). So
 is one row of a larger table, `P[:, s:s + 1]` (`rows` 1, recorded by passes/position.py): every row
@@ -66,12 +67,15 @@ class PositionLayout(EmbeddingLayout):
         self.feature_dim = block.options.get("feature_dim", -1)  # counted from the end (module docstring)
         if self.feature_dim != -1:
             self.view = "features_first"  # (1, C, *S) as C x prod(S)
+        elif len(block.options["weight_shape"]) == 1:
+            self.view = "column"  # a vector (d,), CLIP's class embedding: one row, d x 1
 
     @property
     def one_row(self) -> bool:
-        """Whether x reads one row of P (P has one row, or a slice of one row of it is added), a bias
-        broadcast over every row of x (module docstring)."""
-        return self.block.options.get("rows", self.block.options["weight_shape"][-2]) == 1
+        """Whether x reads one row of P (P has one row: a vector or (..., 1, d); or a slice of one row of
+        it is added), a bias broadcast over every row of x (module docstring)."""
+        shape = self.block.options["weight_shape"]
+        return self.block.options.get("rows", shape[-2] if len(shape) > 1 else 1) == 1
 
     @property
     def table_positions(self) -> tuple[int, ...]:
