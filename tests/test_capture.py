@@ -132,6 +132,22 @@ class Keywords(MLP):
         return self.b(scale * h)
 
 
+class TimestepConditioned(MLP):
+    """A diffusers UNet's timestep: a tensor of ints, one per example, or one Python int for the batch,
+    which `torch.is_tensor` tells apart."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.t_embed = nn.Linear(1, 5).to(DTYPE)
+
+    def forward(self, x, timestep):
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.long, device=x.device)
+        t = timestep.to(x.dtype).expand(x.shape[0])[:, None] / 10
+        return self.b(torch.tanh(self.a(x)) + self.t_embed(t))
+
+
 # ----------------------------------------------------------------------------- fx
 
 
@@ -334,6 +350,21 @@ def test_untraceable_top_level_forward_is_exported_at_the_first_call():
     assert_statistics_match(c, model, ["a", "b"], x, y)
     assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
     assert "graph captured with export (torch.fx could not trace" in repr(c)
+
+
+def test_a_forward_asking_torch_is_tensor_of_an_input_is_exported_for_tensor_and_python_number_inputs():
+    """Before, torch.fx traced `torch.is_tensor(timestep)` as False (a traced value is no tensor) and the
+    graph captured at gnfx.compile held `torch.tensor([timestep])`, which raised on the tensor of
+    timesteps every diffusers training script passes (diffusers' UNet1DModel). Now torch.fx refuses the
+    question and torch.export captures each call with its real inputs: a tensor, and a Python int."""
+    model = TimestepConditioned()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    timesteps = torch.randint(0, 10, (7,))
+    for timestep in (timesteps, 3):
+        torch.testing.assert_close(c(x, timestep=timestep), model(x, timestep=timestep), rtol=0, atol=0)
+        assert_statistics_match(c, model, ["a", "t_embed", "b"], x, y, timestep=timestep)
+    assert c.layers.form == "export" and "torch.is_tensor" in c.layers.capture
 
 
 def test_data_dependent_top_level_branch_runs_eagerly_with_its_layers_opened_and_is_a_capture_error_in_both_forms():
