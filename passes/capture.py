@@ -30,6 +30,7 @@ from torch.nn.utils import rnn as rnn_utils
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
+from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
@@ -431,7 +432,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
-              kept_state() as drew, applied_functions() as functions):
+              default_generator_left_out(), kept_state() as drew, applied_functions() as functions):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
