@@ -47,10 +47,10 @@ computes where that forward updated state in place (spectral norm).
   offs_{G-1}, which the kernel leaves unwritten, are 0); a 3-D A (G, M, K) without offsets is A @ B.
   Other forms (offsets over K, a bias) call the kernel.
 - Group normalization of a non-contiguous input, `F.group_norm` (nn.GroupNorm): torch's forward-mode
-  formula of its kernel views the input's tangent as (N, G, C/G·HW), which fails on the strides of a
-  permuted tensor: a channels_last image, or the (N, C, H, W) view `tokens.transpose(1, 2).reshape(...)`
-  by which diffusers' attention blocks hand their output back to a ResNet block's GroupNorm (every
-  UNet with attention). Inside `composite_group_norm()` torch.group_norm takes such an input as a
+  formula of its kernel raises a view error ("view size is not compatible with input tensor's size and
+  stride") on the strides of a permuted tensor: a channels_last image, or the (N, C, H, W) view
+  `tokens.transpose(1, 2).reshape(...)` by which diffusers' attention blocks hand their output back to a
+  ResNet block's GroupNorm (UNet2DModel's attention blocks, AutoencoderKL's mid block). Inside `composite_group_norm()` torch.group_norm takes such an input as a
   contiguous copy: the same values (x.contiguous() = x), and its derivatives in both modes.
 - The LSTM and GRU cells, nn.LSTMCell and nn.GRUCell: their kernels `torch._VF.lstm_cell` and
   `gru_cell` run on a GPU the fused `_thnn_fused_lstm_cell` / `_thnn_fused_gru_cell`, which have no

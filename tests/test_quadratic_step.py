@@ -561,8 +561,9 @@ class TokensToImageGroupNorm(nn.Module):
 
 def test_group_norm_of_a_non_contiguous_input_steps_as_of_a_contiguous_one():
     """torch's forward-mode formula of group_norm fails on a non-contiguous input (a view error): before,
-    the quadratic step raised a GnfxError on every diffusers UNet with attention blocks; now its
-    products take the input as a contiguous copy, and the steps are the contiguous twin's."""
+    the quadratic step raised a GnfxError on diffusers' UNet2DModel with attention blocks and on
+    AutoencoderKL; now its products take the input as a contiguous copy, and the steps are the contiguous
+    twin's."""
     x, y = batch("cross_entropy")
     viewed, copied = TokensToImageGroupNorm(contiguous=False), TokensToImageGroupNorm(contiguous=True)
     compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy") for m in (viewed, copied)]
