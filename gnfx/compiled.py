@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import warnings
 
 import torch
@@ -41,6 +42,7 @@ _NO_PICKLE = ("a gnfx-compiled model cannot be pickled (torch.save(model), pickl
               "model, which shares its parameters with the compiled one and trains with them; for a checkpoint "
               "save model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
               "gnfx.compile(new_model, ...)")
+_MISSING = object()  # inspect.getattr_static's default: no such attribute
 _COPY = ("gnfx: copy.deepcopy of a compiled model returns a copy of the module it was compiled from, with the "
          "current parameters and buffers (its captured graphs, taps and optimizer are bound to the original "
          "parameters): an evaluation or EMA copy, as torch.optim.swa_utils.AveragedModel and timm's ModelEma make, "
@@ -72,6 +74,30 @@ class CompiledModel(nn.Module):
         # Face's Trainer keeps only the dataset columns that the model's forward names.
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
                                                             model.forward)
+
+    def __getattr__(self, name: str):
+        """nn.Module's lookup (the shared parameters, buffers and submodules); an attribute only the
+        compiled module has (a Hugging Face model's `config`, diffusers' `vae.encode`) is an AttributeError
+        that says where it is, and why a method other than forward is no way to train through gnfx."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_model")
+            found = _MISSING if model is None else inspect.getattr_static(model, name, _MISSING)
+            if found is _MISSING or name.startswith("__"):
+                raise
+        kind = type(model).__name__
+        if callable(found):
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute {name!r}: gnfx's compiled model calls the forward "
+                f"of the {kind} it was compiled from, and {name} is another method of it. Call it on that {kind}, "
+                f"which shares its parameters and buffers with this model; a training call of it there runs "
+                f"without gnfx's statistics, so to train through it (a VAE's encode and decode) write a module "
+                f"whose forward calls it and compile that module")
+        raise AttributeError(
+            f"'{type(self).__name__}' object has no attribute {name!r}: {name} is an attribute of the {kind} it was "
+            f"compiled from, which the compiled model does not copy (it shares only the parameters, buffers and "
+            f"submodules): read it from that {kind}")
 
     @torch.compiler.disable(reason="a dry run of the model's forward, once, before its first call")
     def _materialize(self, module, args, kwargs) -> None:

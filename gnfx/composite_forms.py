@@ -46,6 +46,12 @@ computes where that forward updated state in place (spectral norm).
   B_g; inside `composite_grouped_mm()` that is written out with indexing and torch.cat (rows after
   offs_{G-1}, which the kernel leaves unwritten, are 0); a 3-D A (G, M, K) without offsets is A @ B.
   Other forms (offsets over K, a bias) call the kernel.
+- Group normalization of a non-contiguous input, `F.group_norm` (nn.GroupNorm): torch's forward-mode
+  formula of its kernel raises a view error ("view size is not compatible with input tensor's size and
+  stride") on the strides of a permuted tensor: a channels_last image, or the (N, C, H, W) view
+  `tokens.transpose(1, 2).reshape(...)` by which diffusers' attention blocks hand their output back to a
+  ResNet block's GroupNorm (UNet2DModel's attention blocks, AutoencoderKL's mid block). Inside `composite_group_norm()` torch.group_norm takes such an input as a
+  contiguous copy: the same values (x.contiguous() = x), and its derivatives in both modes.
 - The LSTM and GRU cells, nn.LSTMCell and nn.GRUCell: their kernels `torch._VF.lstm_cell` and
   `gru_cell` run on a GPU the fused `_thnn_fused_lstm_cell` / `_thnn_fused_gru_cell`, which have no
   forward-mode derivative (on a CPU they are plain ops). Inside `composite_cells()` they are their
@@ -187,6 +193,19 @@ def _grouped_products(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
     return out if out_dtype is None else out.to(out_dtype)
 
 
+_GROUP_NORM = torch.group_norm
+
+
+def _group_norm_of_contiguous(input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """torch.group_norm of `input` as a contiguous copy (module docstring)."""
+    return _GROUP_NORM(input.contiguous(), num_groups, weight, bias, eps, cudnn_enabled)
+
+
+def composite_group_norm():
+    """torch.group_norm as `_group_norm_of_contiguous` while inside (module docstring)."""
+    return _kernels_written_out({"group_norm": _group_norm_of_contiguous}, torch)
+
+
 def composite_grouped_mm():
     """torch._grouped_mm as `_grouped_products` while inside (module docstring)."""
     return _kernels_written_out({"_grouped_mm": _grouped_products}, torch)
@@ -260,7 +279,8 @@ def stored_singular_vectors(norms: tuple):
 
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
-    bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, custom autograd.Functions without jvp
+    bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, group norm of a
+    contiguous input, custom autograd.Functions without jvp
     given the jvp of their forward's operations (gnfx.passes.custom_functions), with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
@@ -272,6 +292,7 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(composite_embedding_bag())
     stack.enter_context(composite_cells())
     stack.enter_context(composite_grouped_mm())
+    stack.enter_context(composite_group_norm())
     stack.enter_context(jvps_of_forwards())
     if weight_norm:
         stack.enter_context(composite_weight_norm())

@@ -105,7 +105,7 @@ def forward_mode_error(error: BaseException, user: str, fix: str) -> GnfxError:
     what = ("this model has an operation that has none, or a torch.autograd.Function without setup_context and jvp"
             if _lacks_forward_mode(error) else
             "the model's forward failed under them (a forward-mode formula of torch's that fails on these inputs, "
-            "such as group_norm's on a channels_last tensor, or an error of the forward itself)")
+            "or an error of the forward itself)")
     return GnfxError(f"{user} takes forward-mode derivatives (dual tensors, torch.autograd.forward_ad) through the "
                      f"model, and {what}: {type(error).__name__}: {error}. Fix: {fix}")
 
@@ -119,7 +119,7 @@ def _named_forward_mode_errors():
     except (NotImplementedError, RuntimeError) as error:
         raise forward_mode_error(error, "gnfx.ggn (whose products gnfx.diagnose takes)",
                                  "measure a model without that operation (a custom autograd.Function: give it "
-                                 "setup_context and jvp; a channels_last input: a contiguous one)") from error
+                                 "setup_context and jvp)") from error
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from torch.nn.utils import rnn as rnn_utils
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
+from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
@@ -185,6 +186,32 @@ def _torch_nn_traceable():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+_IS_TENSOR = torch.is_tensor
+
+
+def _is_tensor_refusing_traced(obj) -> bool:
+    """torch.is_tensor, which refuses a traced value: symbolic tracing does not know what an input will be
+    (a diffusers UNet's `timestep`, a tensor or a Python int), nor what an operation returned, and the
+    plain check would call every traced value no tensor, so the graph would hold the branch for a Python
+    number (`torch.tensor([timestep])`), which fails or computes something else on the tensor the call
+    passes. So the forward (or the submodule) that asks cannot be traced, and torch.export, which
+    captures the call with its real inputs, takes it."""
+    if isinstance(obj, fx.Proxy):
+        raise fx.proxy.TraceError(f"torch.is_tensor({obj}) of a traced value decides a branch: torch.fx cannot "
+                                  f"tell a tensor input from a Python number")
+    return _IS_TENSOR(obj)
+
+
+@contextlib.contextmanager
+def _is_tensor_refused():
+    """While tracing: torch.is_tensor refuses traced values (`_is_tensor_refusing_traced`)."""
+    torch.is_tensor = _is_tensor_refusing_traced
+    try:
+        yield
+    finally:
+        torch.is_tensor = _IS_TENSOR
+
+
 def describe_exception(exc: BaseException) -> str:
     """`Type: first line of the message`, for a one-line reason."""
     text = str(exc).strip().splitlines()
@@ -241,7 +268,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
-        with _torch_nn_traceable(), opaque_in_fx(), inlined_checkpoints():
+        with _torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints():
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
@@ -405,7 +432,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
-              kept_state() as drew, applied_functions() as functions):
+              default_generator_left_out(), kept_state() as drew, applied_functions() as functions):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:

@@ -132,6 +132,33 @@ class Keywords(MLP):
         return self.b(scale * h)
 
 
+class TimestepConditioned(MLP):
+    """A diffusers UNet's timestep: a tensor of ints, one per example, or one Python int for the batch,
+    which `torch.is_tensor` tells apart."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.t_embed = nn.Linear(1, 5).to(DTYPE)
+
+    def forward(self, x, timestep):
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.long, device=x.device)
+        t = timestep.to(x.dtype).expand(x.shape[0])[:, None] / 10
+        return self.b(torch.tanh(self.a(x)) + self.t_embed(t))
+
+
+class NoisyLatent(RankBranch):
+    """A posterior sample as diffusers draws it, `torch.randn(shape, generator=None)`, in a forward that
+    torch.fx cannot trace (its rank branch)."""
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        h = torch.tanh(self.a(x))
+        return self.b(h + 0.1 * torch.randn(h.shape, generator=None, dtype=h.dtype))
+
+
 # ----------------------------------------------------------------------------- fx
 
 
@@ -334,6 +361,42 @@ def test_untraceable_top_level_forward_is_exported_at_the_first_call():
     assert_statistics_match(c, model, ["a", "b"], x, y)
     assert c.layers.form == "export" and "torch.fx could not trace" in c.layers.capture
     assert "graph captured with export (torch.fx could not trace" in repr(c)
+
+
+def test_a_forward_asking_torch_is_tensor_of_an_input_is_exported_for_tensor_and_python_number_inputs():
+    """Before, torch.fx traced `torch.is_tensor(timestep)` as False (a traced value is no tensor) and the
+    graph captured at gnfx.compile held `torch.tensor([timestep])`, which raised on the tensor of
+    timesteps every diffusers training script passes (diffusers' UNet1DModel). Now torch.fx refuses the
+    question and torch.export captures each call with its real inputs: a tensor, and a Python int."""
+    model = TimestepConditioned()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    timesteps = torch.randint(0, 10, (7,))
+    for timestep in (timesteps, 3):
+        torch.testing.assert_close(c(x, timestep=timestep), model(x, timestep=timestep), rtol=0, atol=0)
+        assert_statistics_match(c, model, ["a", "t_embed", "b"], x, y, timestep=timestep)
+    assert c.layers.form == "export" and "torch.is_tensor" in c.layers.capture
+
+
+def test_a_draw_given_generator_none_at_the_dynamic_batch_size_is_exported():
+    """Before, torch.export refused `torch.randn(shape, generator=None)` at a dynamic batch size (the
+    generator overload takes no symbolic sizes), and the forward ran eagerly as its Python code. Now the
+    draw is exported, from the default generator as the forward draws it: the same statistics as hooks
+    on the same draws, at two batch sizes."""
+    model = NoisyLatent()
+    c = compile_for_statistics(model)
+    for n in (7, 4):
+        x, y = batch((n, 4), seed=n)
+        torch.manual_seed(n)
+        ref = hook_statistics(model, ["a", "b"], x, y)
+        torch.manual_seed(n)
+        cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+        for name in ("a", "b"):
+            torch.testing.assert_close(c.statistics(name)["A"], ref[name]["A"], **TOL)
+            torch.testing.assert_close(c.statistics(name)["S"], ref[name]["S"], **TOL)
+    assert c.layers.form == "export"
 
 
 def test_data_dependent_top_level_branch_runs_eagerly_with_its_layers_opened_and_is_a_capture_error_in_both_forms():

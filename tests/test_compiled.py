@@ -347,6 +347,39 @@ def test_compiling_a_compiled_model_raises():
         gnfx.compile(lambda x: x)
 
 
+class Autoencoder(MLP):
+    """diffusers' AutoencoderKL in miniature: a `config`, and `encode` and `decode` methods beside forward."""
+
+    def __init__(self):
+        super().__init__(d=4, hidden=2, classes=4)
+        self.config = {"latent_channels": 2}
+
+    def encode(self, x):
+        return self.a(x)
+
+    def decode(self, z):
+        return self.b(z)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+def test_an_attribute_only_the_original_module_has_is_an_attribute_error_saying_where_it_is():
+    """Before, `compiled.encode` raised nn.Module's bare "no attribute 'encode'", which read as if the model
+    had none; a training call through it would bypass the statistics, so it stays an AttributeError (hasattr
+    is unchanged) that names the module to call and how to train through it."""
+    model = Autoencoder()
+    c = gnfx.compile(model)
+    with pytest.raises(AttributeError, match="encode is another method of it. Call it on that Autoencoder.*"
+                                             "write a module whose forward calls it"):
+        c.encode(torch.randn(3, 4))
+    with pytest.raises(AttributeError, match="config is an attribute of the Autoencoder it was compiled from"):
+        c.config
+    with pytest.raises(AttributeError, match=r"no attribute 'nothing'$"):
+        c.nothing
+    assert not hasattr(c, "decode") and c.a is model.a and c.training
+
+
 def test_gnfx_imports_from_any_working_directory(tmp_path):
     """The installed package imports its passes as gnfx.passes, not from the repository root."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

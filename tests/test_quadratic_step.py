@@ -542,6 +542,42 @@ def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32: the two kernels round differently
 
 
+class TokensToImageGroupNorm(nn.Module):
+    """diffusers' attention block hands its tokens (N, HW, C) back as an image by
+    `transpose(1, 2).reshape(N, C, H, W)`, a non-contiguous view, which the next ResNet block's GroupNorm
+    normalizes; `contiguous`: the same model with a contiguous copy there."""
+
+    def __init__(self, contiguous: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.contiguous = contiguous
+        self.proj, self.norm, self.head = nn.Linear(1, 4), nn.GroupNorm(2, 4), nn.Linear(16, 3)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        image = self.proj(x[..., None]).transpose(1, 2).reshape(x.shape[0], 4, 2, 2)
+        return self.head(torch.tanh(self.norm(image.contiguous() if self.contiguous else image)).flatten(1))
+
+
+def test_group_norm_of_a_non_contiguous_input_steps_as_of_a_contiguous_one():
+    """torch's forward-mode formula of group_norm fails on a non-contiguous input (a view error): before,
+    the quadratic step raised a GnfxError on diffusers' UNet2DModel with attention blocks and on
+    AutoencoderKL; now its products take the input as a contiguous copy, and the steps are the contiguous
+    twin's."""
+    x, y = batch("cross_entropy")
+    viewed, copied = TokensToImageGroupNorm(contiguous=False), TokensToImageGroupNorm(contiguous=True)
+    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy") for m in (viewed, copied)]
+    for step in range(3):
+        for c in compiled:
+            torch.manual_seed(step)  # the same labels sampled for fisher="mc"
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+        assert not compiled[0].optimizer.last_step["rejected"]
+    for p, q in zip(viewed.parameters(), copied.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 FRESH_PROCESS = """
 import sys, torch, torch.nn.functional as F
 from torch import nn
