@@ -278,6 +278,9 @@ BACKTRACKS = 8
 # the step's flat vectors stay allocated between steps up to this many parameters (FlatLayout); 2^22 float32
 # are 16 MB a vector; the models of benchmarks/ have 10k-110k
 BUFFERED_NUMEL = 2 ** 22
+# the float64 products of the step's vectors (M's λVVᵀ, b = Vg) take at most this many entries of each vector at a
+# time (`double_products`): a float64 copy of a 100M-parameter model's vectors would be 2.4 GB
+DOUBLE_CHUNK = 2 ** 20
 
 # κ of the loss-floor cap: a step whose model predicts a reduction above κ·L(θ) is shortened to predict
 # κ·L(θ) (`floor_capped`, module docstring); None: no cap
@@ -543,6 +546,13 @@ class QuadraticStep:
         refresh of every curvature preconditioner (run after a rejected step); `t`: the optimizer's
         steps so far; `comm`: its gnfx.distributed.Communicator (None on one process);
         `preconditioners`: all of its preconditioners."""
+        try:
+            self._step(chain, refresh, t, comm, preconditioners, loss_before, closure)
+        finally:  # a large model's flat vectors are the step's own (FlatLayout)
+            if self._flat_layout is not None:
+                self._flat_layout.release()
+
+    def _step(self, chain, refresh, t: int, comm, preconditioners, loss_before, closure) -> None:
         if self._call is None:
             raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
                             "compiled model (in training mode, with gradients enabled) before step()")
@@ -642,7 +652,7 @@ class QuadraticStep:
                 rho, rejected = actual / predicted, False
                 # the λ whose model has t·s as its minimizer along s (with the former LM rule's λ/ω instead,
                 # ekfac diverged on digits CNN seed 0: benchmarks/results/defaults.md)
-                norm2 = float(flat_update.double() @ flat_update.double())
+                norm2 = float(double_products(flat_update[None], flat_update)[1])
                 self.damping = min(max(self.damping, used + (-slope / scale - curvature) / norm2), LAMBDA_MAX)
                 update = self._place(layout, flat_update, scale)
                 alphas = {k: a * scale for k, a in alphas.items()}
@@ -676,7 +686,7 @@ class QuadraticStep:
         μ̂: s = Σ_k α̂_k v_k), applied, if it passes the guard: 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), b̂ᵀĉ
         the solve's (module docstring). False (nothing applied) if it does not; then the step solves."""
         _, c, solved_slope = self.coefficients
-        b = V.double() @ grads.double()  # gᵀΔ_k, gᵀδ
+        b = double_products(V, grads)[1]  # gᵀΔ_k, gᵀδ
         if comm is not None:  # every rank decides alike
             b = comm.mean(b, V.device)
         slope = float(b.cpu() @ c)
@@ -822,9 +832,9 @@ class QuadraticStep:
         kept = self._kept_rows(z) if self.loss == "cross_entropy" else None
         H_J = output_hessian_product(self.loss, z, kept, J).flatten(1).double()
         curvature = H_J @ J.flatten(1).double().T
-        V = V.double()
-        M = 0.5 * (curvature + curvature.T) + self.damping * (V @ V.T)
-        return M, V @ grads.double()
+        gram, b = double_products(V, grads)
+        M = 0.5 * (curvature + curvature.T) + self.damping * gram
+        return M, b
 
     def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
         """The rows of z (the batch's first rows with quadratic_rows) cross-entropy counts as targets
@@ -934,15 +944,19 @@ class FlatLayout:
     which preconditioner owns each parameter and each element (-1: none, such a parameter does
     not move).
 
-    When the parameters share one dtype and device and have at most BUFFERED_NUMEL elements
-    (`buffered`), the step's flat vectors (θ, Δ, g, the rows of V, the update s) live in buffers
-    kept from step to step, whose per-parameter views are made once: on the deep autoencoder of
-    benchmarks/ making the views of a flat vector (a split and a view per parameter) cost as much as
-    a kernel over it, ~75 µs a time, several times a step. The views of θ's buffer and of the rows'
-    are laid out alike (the same offsets in buffers of one size), so that make_dual takes the rows'
-    as tangents as they are instead of copying each. Larger models keep no buffers: their step is
-    the products' cost, and three vectors of θ's size kept between steps would be memory the
-    forward could not use."""
+    When the parameters share one dtype and device (`buffered`), the step's flat vectors (θ, Δ, g,
+    the rows of V, the update s) live in buffers whose per-parameter views are made once per buffer:
+    on the deep autoencoder of benchmarks/ making the views of a flat vector (a split and a view per
+    parameter) cost as much as a kernel over it, ~75 µs a time, several times a step. The views of
+    θ's buffer and of the rows' are laid out alike (the same offsets in buffers of one size), so that
+    make_dual takes the rows' as tangents as they are instead of copying each (a tangent laid out
+    unlike its primal is copied), and Δ and δ are their buffers, not concatenations of their
+    parameters' tensors. Up to BUFFERED_NUMEL elements the buffers are `kept` from step to step;
+    a larger model's are the step's own (`release` at its end drops all but the update's, which is
+    δ, the next step's previous update): three vectors of θ's size kept between steps would be memory
+    the forward could not use. On a 129M-parameter VGG-11 the step's own buffers and the chunked
+    float64 products (`double_products`) took kfac's step from 10.4 to 7.2 CPU seconds
+    (benchmarks/results/performance.md, "The quadratic step of a large model")."""
 
     def __init__(self, names: list[str], params: list[torch.Tensor], preconditioners: list):
         self.names = names
@@ -950,7 +964,8 @@ class FlatLayout:
         self.sizes = [p.numel() for p in params]
         self.dtypes = [p.dtype for p in params]
         self.device = params[0].device
-        self.buffered = len({(p.dtype, p.device) for p in params}) == 1 and sum(self.sizes) <= BUFFERED_NUMEL
+        self.buffered = len({(p.dtype, p.device) for p in params}) == 1
+        self.kept = self.buffered and sum(self.sizes) <= BUFFERED_NUMEL
         self.preconditioners = list(preconditioners)
         position = {n: i for i, n in enumerate(names)}
         owner = [-1] * len(names)
@@ -966,11 +981,16 @@ class FlatLayout:
         self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (flat, its views)
 
     def buffer(self, key: str) -> torch.Tensor:
-        """The flat buffer `key` (of a `buffered` layout), made at its first use and kept."""
+        """The flat buffer `key` (of a `buffered` layout), made at its first use and kept (until `release`)."""
         if key not in self._buffers:
             flat = torch.empty(sum(self.sizes), dtype=self.dtypes[0], device=self.device)
             self._buffers[key] = (flat, [t.view(shape) for t, shape in zip(flat.split(self.sizes), self.shapes)])
         return self._buffers[key][0]
+
+    def release(self) -> None:
+        """At a step's end, for a layout whose buffers are not `kept`: drop them, but the update's (δ's)."""
+        if not self.kept:
+            self._buffers = {key: value for key, value in self._buffers.items() if key == "update"}
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The per-parameter views of a flat vector (of a buffer: those made with it)."""
@@ -1035,3 +1055,15 @@ class FlatLayout:
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors concatenated into one vector (FlatLayout's order)."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def double_products(V: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V Vᵀ, V g) in float64 for the rows of V (k, n) and a vector g (n,), over at most DOUBLE_CHUNK
+    entries of each at a time (float64 copies of that many only; one chunk, the whole products, for
+    n ≤ DOUBLE_CHUNK)."""
+    gram = product = None
+    for start in range(0, max(V.shape[1], 1), DOUBLE_CHUNK):
+        V_c, g_c = V[:, start:start + DOUBLE_CHUNK].double(), g[start:start + DOUBLE_CHUNK].double()
+        gram = V_c @ V_c.T if gram is None else gram + V_c @ V_c.T
+        product = V_c @ g_c if product is None else product + V_c @ g_c
+    return gram, product

@@ -777,9 +777,9 @@ def test_a_checkpoint_is_not_changed_by_later_steps():
 
 @pytest.mark.parametrize("hp", [{}, {"quadratic_momentum": 0.9}])
 def test_the_buffers_of_the_step_change_no_step(hp, monkeypatch):
-    """With its flat vectors in buffers kept between steps (FlatLayout.buffered, small models) the
-    step equals, bit for bit, the step without them (BUFFERED_NUMEL = 0), with two parts (kfac and
-    the diagonal) and the adaptive μ or a fixed μ̂."""
+    """With its flat vectors in buffers kept between steps (FlatLayout.kept, small models) the
+    step equals, bit for bit, the step whose buffers are its own (BUFFERED_NUMEL = 0, a large model's),
+    with two parts (kfac and the diagonal) and the adaptive μ or a fixed μ̂."""
     runs = []
     for numel in (quadratic_step.BUFFERED_NUMEL, 0):
         monkeypatch.setattr(quadratic_step, "BUFFERED_NUMEL", numel)
@@ -790,7 +790,10 @@ def test_the_buffers_of_the_step_change_no_step(hp, monkeypatch):
         for seed in range(STEPS):
             train_step(c, *batch("mse", seed=seed), "mse", seed)
             trajectory.append([p.detach().clone() for p in c.parameters()])
-        assert len(c.optimizer.last_step["alphas"]) == 2 and c.optimizer.quadratic._flat_layout.buffered == bool(numel)
+        layout = c.optimizer.quadratic._flat_layout
+        assert len(c.optimizer.last_step["alphas"]) == 2 and layout.kept == bool(numel)
+        assert set(layout._buffers) == ({"theta", "proposal", "grads", "update"} | {"row 0", "row 1"} if numel else
+                                        {"update"})  # the step's own: released at its end but δ's
         runs.append(trajectory)
     for buffered, unbuffered in zip(*runs):
         assert all(torch.equal(p, q) for p, q in zip(buffered, unbuffered))
