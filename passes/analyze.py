@@ -125,7 +125,7 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
     (passes/parameter_casts.py METADATA_READS) is none."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             name = index.param_of(node)
