@@ -44,6 +44,7 @@ from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
+from gnfx.layouts.shift import ShiftLayout
 from gnfx.layouts.weighted_sum import WeightedSumLayout
 from gnfx.reparametrization import SpectralNorm, WeightNorm, WeightStandardization
 
@@ -58,13 +59,16 @@ from .norm import find_norm_sites
 from .parameter_casts import read_through_casts
 from .position import find_position_sites
 from .scale import find_scale_sites
+from .shift import find_shift_sites
 from .sites import Site
 from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
 from .weight_standardization import find_weight_standardizations
 from .weighted_sum import find_weighted_sum_sites
 
-# the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
+# the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind); a vector added to
+# activations first: any kind that reads the sum as part of its layer takes it (passes/shift.py)
+register_layer_kind("shift", ShiftLayout, find_shift_sites)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
 register_layer_kind("conv", ConvLayout, find_conv_sites)
 register_layer_kind("conv_transpose", ConvTransposeLayout, find_conv_transpose_sites)

@@ -7,7 +7,9 @@ and failed before its fix.
   submodule torch.fx keeps opaque: the lowering's module lookup missed the outer name (KeyError 'act');
 - GATConv's attention scores `(x_h * att).sum(-1)` of each head's features: the product was a layer scale
   (per feature, one head) or fell back (several heads); now a weighted-sum block, per head the linear map
-  of the head's features to its score (gnfx.layouts.weighted_sum).
+  of the head's features to its score (gnfx.layouts.weighted_sum);
+- GCNConv's and GATConv's bias, added after the aggregation (`propagate(...) + self.bias`), fell back: now a
+  shift block, a position table of one row (gnfx.layouts.shift).
 """
 from __future__ import annotations
 
@@ -117,3 +119,52 @@ def test_attention_scores_of_each_head_are_a_block_of_linear_maps_with_exact_fac
             torch.testing.assert_close(statistics["A"].reshape(heads, 3, 3), A.detach(), **TOL)
             torch.testing.assert_close(statistics["S"].reshape(heads), S, **TOL)
     assert [f.param for f in c.layers.fallbacks] == []
+
+
+class GraphConvolution(nn.Module):
+    """GCNConv's pattern: a bias-free linear map of the node features, its rows summed into each edge's
+    destination by index_add_, then the layer's bias added; two layers and a bias-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(4, 5, bias=False), nn.Linear(5, 3, bias=False)
+        self.bias1, self.bias2 = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+
+    def aggregate(self, h, edge_index):
+        src, dst = edge_index
+        return torch.zeros_like(h).index_add_(0, dst, h[src])
+
+    def layers(self, x, edge_index):
+        """The first layer's output and the model's."""
+        z1 = self.aggregate(self.lin1(x), edge_index) + self.bias1
+        return z1, self.bias2 + self.aggregate(self.lin2(torch.tanh(z1)), edge_index)
+
+    def forward(self, x, edge_index):
+        return self.layers(x, edge_index)[1]
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bias_added_after_the_aggregation_is_a_shift_block_with_exact_factors(capture):
+    """Each bias is a block of kind shift: A = [1] and S = M Σ_n g_n g_nᵀ, g_n = ∂L/∂z_n of the sum's rows and
+    M the rows the masked loss counts (autograd on the module's own forward, float64), for two graphs of
+    different node and edge counts; nothing falls back. It fell back before (an add gnfx had no layer for)."""
+    torch.manual_seed(0)
+    model = GraphConvolution().double()
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture)
+    for nodes, edges in ((12, 30), (9, 20)):
+        x, edge_index = torch.randn(nodes, 4, dtype=torch.float64), torch.randint(0, nodes, (2, edges))
+        y, mask = torch.randint(0, 3, (nodes,)), torch.arange(nodes) % 3 != 0
+        sums = model.layers(x, edge_index)
+        for z in sums:
+            z.retain_grad()
+        F.cross_entropy(sums[1][mask], y[mask]).backward()
+        model.zero_grad()
+        F.cross_entropy(c(x, edge_index)[mask], y[mask]).backward()
+        c.step()
+        c.zero_grad()
+        for name, z in zip(("bias1", "bias2"), sums):
+            assert c.layers[name].kind == "shift"
+            statistics = c.statistics(name)
+            torch.testing.assert_close(statistics["A"].reshape(-1), torch.ones(1, dtype=torch.float64), **TOL)
+            torch.testing.assert_close(statistics["S"], mask.sum() * z.grad.T @ z.grad, **TOL)
+    assert not c.layers.fallbacks

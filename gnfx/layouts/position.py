@@ -71,7 +71,8 @@ class PositionLayout(EmbeddingLayout):
     def one_row(self) -> bool:
         """Whether x reads one row of P (P has one row, or a slice of one row of it is added), a bias
         broadcast over every row of x (module docstring)."""
-        return self.block.options.get("rows", self.block.options["weight_shape"][-2]) == 1
+        options = self.block.options
+        return options["rows"] == 1 if "rows" in options else options["weight_shape"][-2] == 1
 
     @property
     def table_positions(self) -> tuple[int, ...]:
