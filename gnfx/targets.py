@@ -101,11 +101,12 @@ def group_pieces(prefix: str, pieces: list[Piece]) -> list[Group]:
 # "flatten" (conv kernels), "t" (transposed), "column" (a vector, or a tensor whose
 # dimensions but one have one entry, (1, 1, 1, d) say, as d x 1: a view either way), "flat_t" (leading
 # dimensions flattened, then transposed: a (1, T, d) position table as d x T), "features_first" (a
-# channels-first position table (1, C, *S) as C x prod(S)), "in_out_flatten" (a
+# channels-first position table (1, C, *S) as C x prod(S)), "rows" (a weight (1, ..., 1, *G, C), or (C,), as the
+# G x C matrix of its rows along the last dimension, gnfx.layouts.weighted_sum), "in_out_flatten" (a
 # transposed convolution's kernel (C_in, C_out/g, *k) of g groups as C_out x C_in/g·prod(k), group j's
 # rows reading its own input channels, gnfx.layouts.conv_transpose); {groups} is the block's groups
 VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()", "column": ".reshape(-1, 1)", "flat_t": ".flatten(0, -2).t()",
-         "features_first": ".flatten(0, 1).flatten(1)",
+         "features_first": ".flatten(0, 1).flatten(1)", "rows": ".unsqueeze(0).flatten(0, -2)",
          "in_out_flatten": ".unflatten(0, ({groups}, -1)).transpose(1, 2).flatten(0, 1).flatten(1)"}
 # the views as_matrix can only give as a copy (no strides read C_in and prod(k) as one dimension past
 # C_out): a write goes back through from_matrix (gnfx.preconditioners.curvature.step_parameters)
@@ -126,6 +127,8 @@ def as_matrix(w: torch.Tensor, view: str, groups: int = 1) -> torch.Tensor:
         return w.flatten(0, -2).t()
     if view == "features_first":
         return w.flatten(0, 1).flatten(1)
+    if view == "rows":
+        return w.unsqueeze(0).flatten(0, -2)
     if view == "in_out_flatten":
         return w.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1).flatten(1)
     return w

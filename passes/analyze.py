@@ -44,6 +44,8 @@ from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
+from gnfx.layouts.shift import ShiftLayout
+from gnfx.layouts.weighted_sum import WeightedSumLayout
 from gnfx.reparametrization import SpectralNorm, WeightNorm, WeightStandardization
 
 from .attention import mark_attention
@@ -57,12 +59,16 @@ from .norm import find_norm_sites
 from .parameter_casts import read_through_casts
 from .position import find_position_sites
 from .scale import find_scale_sites
+from .shift import find_shift_sites
 from .sites import Site
 from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
 from .weight_standardization import find_weight_standardizations
+from .weighted_sum import find_weighted_sum_sites
 
-# the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind)
+# the built-in layer kinds, registered as a user's are (gnfx.register_layer_kind); a vector added to
+# activations first: any kind that reads the sum as part of its layer takes it (passes/shift.py)
+register_layer_kind("shift", ShiftLayout, find_shift_sites)
 register_layer_kind("linear", LinearLayout, find_linear_sites)
 register_layer_kind("conv", ConvLayout, find_conv_sites)
 register_layer_kind("conv_transpose", ConvTransposeLayout, find_conv_transpose_sites)
@@ -71,6 +77,8 @@ register_layer_kind("norm", NormLayout, find_norm_sites)
 register_layer_kind("position", PositionLayout, find_position_sites)
 # a layer scale x ⊙ γ: the norm kind's per-feature scalar layers with x̂ = x (passes/norm.py keeps γ ⊙ x̂)
 register_layer_kind("scale", ScaleLayout, find_scale_sites)
+# a weighted sum (x * w).sum(-1): per group a linear map to one output; takes the product from the scale kind
+register_layer_kind("weighted_sum", WeightedSumLayout, find_weighted_sum_sites)
 # a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
 register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 
@@ -125,7 +133,7 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
     (passes/parameter_casts.py METADATA_READS) is none."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             name = index.param_of(node)
@@ -215,8 +223,9 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     rejected: dict[fx.Node, str] = {}
     for kind in KINDS.values():  # in registration order: the built-in kinds first
         found, bad = _detect(kind, gm, index)
-        taken = {s.node for s in found}  # a later kind takes the nodes it claims from the earlier ones
-        sites = [s for s in sites if s.node not in taken] + found
+        # a later kind takes the nodes and the parameter uses it claims from the earlier ones
+        taken, taken_uses = {s.node for s in found}, {u for s in found for u in s.uses}
+        sites = [s for s in sites if s.node not in taken and taken_uses.isdisjoint(s.uses)] + found
         rejected.update(bad)
 
     by_weight: dict[str, list[Site]] = {}

@@ -68,7 +68,7 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
     parametrizations, to functional ops, except the module paths in `keep` (leaves the user asked to
     keep opaque)."""
     lower_weight_norm_modules(gm, keep)
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.target in keep:
             continue

@@ -182,7 +182,7 @@ def _result_uses(node: fx.Node):
 def lower_multihead_attention(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
     """Inline every lowerable nn.MultiheadAttention call of `gm` as explicit ops, except the module
     paths in `keep`."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
         if (node.op != "call_module" or node.target in keep
                 or not isinstance(modules[node.target], nn.MultiheadAttention)):

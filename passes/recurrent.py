@@ -209,7 +209,7 @@ def lower_recurrent(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
     """Inline every lowerable nn.LSTM / nn.GRU / nn.RNN call and cell call (nn.LSTMCell / nn.GRUCell /
     nn.RNNCell) of `gm` (a `call_module` of an fx graph, the aten op of an exported one) as explicit
     ops, except the module paths in `keep`."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
         found = _call(gm, modules, node)
         if found is None or found[0] in keep:

@@ -22,7 +22,7 @@ def find_spectral_norms(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> d
     """Each `_SpectralNorm` call on a trainable parameter W_o of 2 or more dimensions (`param_of(node)`
     gives its name, `shape_of(name)` its shape) that is W_o's only use (`uses`: each parameter's
     (consumer, get_attr) pairs), with its gnfx.reparametrization.SpectralNorm."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     found = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _SpectralNorm):

@@ -45,7 +45,7 @@ def hooked_weight(graph: fx.Graph, path: str, hook: WeightNormHook) -> fx.Node:
 def lower_weight_norm_modules(gm: fx.GraphModule, keep=()) -> None:
     """Rewrite each call_module of a parametrization's `_WeightNorm` (arguments g, v) to
     torch._weight_norm(v, g, dim), except the module paths in `keep`."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target in keep or not isinstance(modules[node.target], _WeightNorm):
             continue

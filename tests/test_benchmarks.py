@@ -413,6 +413,32 @@ def test_library_probe_reports_capture_blocks_and_losses_of_a_model(monkeypatch)
     assert done.returncode == 2 and "unknown model 'nope' of timm" in done.stderr
 
 
+class _MessagePassing(nn.Module):
+    """A stand-in for PyG's GCN: a bias-free linear map, its rows summed into each edge's destination, a bias."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.lin, self.bias = nn.Linear(features, classes, bias=False), nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x, edge_index):
+        h = self.lin(x)
+        return torch.zeros_like(h).index_add_(0, edge_index[1], h[edge_index[0]]) + self.bias
+
+
+def test_pyg_probe_reports_capture_blocks_exactness_and_losses_of_a_node_classifier(monkeypatch):
+    """benchmarks.pyg_probe without torch_geometric: `probe` on a stand-in for a node classifier gives one
+    row with the capture form, every parameter in a block, exact loss, gradients and K-FAC factors (float64,
+    three graphs) and one loss per step; the AdamW reference row has no capture."""
+    from benchmarks import pyg_probe
+
+    monkeypatch.setattr(pyg_probe, "build", lambda name: _MessagePassing(pyg_probe.FEATURES, pyg_probe.CLASSES))
+    row = pyg_probe.probe("GCN", "kfac_lr", steps=2).split(" | ")
+    assert row[:4] == ["| GCN", "kfac_lr", "fx", "100.0%"] and row[6] == "–"
+    loss, grad, factors = (float(v) for v in row[4].split(", "))
+    assert loss < 1e-12 and grad < 1e-12 and factors < 1e-12 and len(row[5].split(", ")) == 2
+    assert pyg_probe.probe("GCN", "adamw", steps=1).split(" | ")[1:5] == ["adamw", "–", "–", "–"]
+
+
 class _Segmenter(nn.Module):
     """A stand-in for torchvision's segmentation models: a dict of (N, C, H, W) logits, "out" and "aux"."""
 

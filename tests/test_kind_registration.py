@@ -178,7 +178,8 @@ def rows(self, a):
 def test_a_kind_that_cannot_be_registered_is_a_config_error_naming_the_fix(name, layout, detector, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         gnfx.register_layer_kind(name, layout, detector)
-    assert set(KINDS) == {"linear", "conv", "conv_transpose", "embedding", "norm", "position", "scale", "recurrent"}
+    assert set(KINDS) == {"linear", "conv", "conv_transpose", "embedding", "norm", "position", "scale", "recurrent",
+                          "weighted_sum", "shift"}
 
 
 def test_the_built_in_kinds_are_registered_as_a_users_are():
