@@ -118,20 +118,25 @@ def _function_site(node, param_of, shape_of):
     return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None
 
 
+def offset_operand(node):
+    """The tensor operand of `node` when `node` is a cast (`.float()`) or an offset by a number (`γ + 1.0`,
+    `1.0 + γ`), else None: z = x ⊙ (γ + c) has ∂z/∂γ = x, as z = x ⊙ γ (module docstring)."""
+    if _is(node, CASTS):
+        return node.args[0]
+    if _is(node, ADD) and not node.kwargs and len(node.args) == 2 and \
+            sum(isinstance(x, (int, float)) for x in node.args) == 1:
+        return next(x for x in node.args if not isinstance(x, (int, float)))
+    return None
+
+
 def _offset_weight(node, param_of):
     """(name, (consumer, get_attr node)) of the parameter γ that `node` is, possibly cast and offset by a
-    number (`1.0 + γ.float()`; module docstring), each step the only user of the one before; else None."""
+    number (`1.0 + γ.float()`; `offset_operand`), each step the only user of the one before; else None."""
     consumer = None
     while (name := param_of(node)) is None:
-        if not isinstance(node, fx.Node) or len(node.users) != 1:
+        if not isinstance(node, fx.Node) or len(node.users) != 1 or (operand := offset_operand(node)) is None:
             return None
-        if _is(node, CASTS):
-            consumer, node = node, node.args[0]
-        elif _is(node, ADD) and not node.kwargs and len(node.args) == 2 and \
-                sum(isinstance(x, (int, float)) for x in node.args) == 1:
-            consumer, node = node, next(x for x in node.args if not isinstance(x, (int, float)))
-        else:
-            return None
+        consumer, node = node, operand
     return name, (consumer, node)
 
 

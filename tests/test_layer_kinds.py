@@ -199,6 +199,8 @@ SCALES = {  # name -> the branch scaled by γ (d,): h (N, T, d) -> (N, T, d)
     .squeeze(-1).transpose(1, 2),
     "view_3d_on_4d": lambda h, g: (h.transpose(1, 2).unsqueeze(1) * g.view(1, -1, 1)).squeeze(1).transpose(1, 2),
     "broadcast": lambda h, g: h * g,  # h (N, T, 1): one input for every feature (ScaleNet.branch)
+    "offset": lambda h, g: h * (g + 1.0),  # x-transformers' norms: F.layer_norm(x) * (γ + float(unit_offset))
+    "offset_first": lambda h, g: (1.0 + g).type_as(h) * h,
 }
 
 
