@@ -3,7 +3,7 @@ activation (gnfx.layouts.position).
 
 P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be sliced along its
 position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
-export: aten.slice) — the slices must be contiguous, and a slice of any other dimension must take
+export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous, and a slice of any other dimension must take
 it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
 in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
@@ -49,7 +49,10 @@ FEATURES_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNo
 
 
 def _slices(node) -> list[tuple[int, object]] | None:
-    """(dim, slice) pairs of an indexing node (getitem with slices, or aten.slice), else None."""
+    """(dim, slice) pairs of an indexing node (getitem with slices, or aten.slice), else None; none for
+    `aten.alias`, which torch.export writes for a slice that takes every row (`P[:, :T]`, T = T_max)."""
+    if node.op == "call_function" and node.target is aten.alias.default:
+        return []
     if node.op == "call_function" and node.target is operator.getitem:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         return list(enumerate(index)) if all(isinstance(s, slice) for s in index) else None

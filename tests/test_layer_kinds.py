@@ -337,12 +337,15 @@ class PositionNet(nn.Module):
         return self.head(torch.tanh(self.emb(ids) + table))
 
 
-@pytest.mark.parametrize("leading_one, start, capture", [(True, 0, "fx"), (True, 0, "export"), (False, 2, "fx")],
-                         ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx"])
-def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, capture):
+@pytest.mark.parametrize("leading_one, start, t, capture", [
+    (True, 0, 4, "fx"), (True, 0, 4, "export"), (False, 2, 4, "fx"), (True, 0, 7, "export")],
+    ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx", "1xTxd-every-row-export"])
+def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, t, capture):
+    """Also the table sliced to every one of its rows, which torch.export writes `aten.alias(P)`
+    (vit-pytorch's DeepViT and x-transformers' ViTransformerWrapper: `P[:, :n]`, n patches = T_max)."""
     model = PositionNet(leading_one, start)
     gen = torch.Generator().manual_seed(1)
-    n, t = 5, 4
+    n = 5
     ids, y = torch.randint(0, 9, (n, t), generator=gen), torch.randint(0, 9, (n, t), generator=gen)
     c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,))
     assert c.layers["pos"].kind == "position"
