@@ -16,7 +16,9 @@ site whose input is e (the taps read N and k from its shape) and whose weight us
 The same values and gradients. Expanded: a trainable parameter of 2 or more dimensions, its leading
 dimensions of one and its last of more than one (a table of rows), read by an `expand` (aten's, or the
 tensor method) whose first size is not 1 (the batch) and whose other sizes keep P's (-1 or equal), or
-by a `repeat` whose first count is not 1 and whose others are 1.
+by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes at
+dimension 0, each its only use: einops' `repeat(P, '... d -> b ... d', b=N)` of vit-pytorch's (k, d)
+class tokens writes `P.unsqueeze(0).expand(N, -1, -1)`; P's shape is then read with those leading ones.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .rewrite import recompiled
 aten = torch.ops.aten
 EXPANDS = (aten.expand.default, "expand")
 REPEATS = (aten.repeat.default, "repeat")
+UNSQUEEZES = (aten.unsqueeze.default, torch.unsqueeze, "unsqueeze")
 CLONES = (aten.clone.default, torch.clone, "clone")
 
 
@@ -37,19 +40,36 @@ def _sizes(node: fx.Node) -> tuple:
     return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
-def expanded_table(node, shape_of_table) -> bool:
-    """Whether `node` expands a table P (module docstring) to the batch; `shape_of_table(P's node)`
-    gives P's shape, or None where that node is no trainable parameter."""
+def _table_read(expand, shape_of_table):
+    """(P's node, the node that reads it, P's shape with a leading one per unsqueeze) when the input of
+    `expand` is a table P or unsqueezes of P at dimension 0, each the only use of the one before (module
+    docstring); else None."""
+    consumer, node, leading = expand, expand.args[0], 0
+    while (shape := shape_of_table(node)) is None:
+        if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")
+                and node.target in UNSQUEEZES and tuple(node.args[1:]) == (0,) and len(node.users) == 1):
+            return None
+        consumer, node, leading = node, node.args[0], leading + 1
+    return node, consumer, (1,) * leading + tuple(shape)
+
+
+def expanded_table(node, shape_of_table):
+    """(P's node, the node that reads it, P's shape as the expand reads it) when `node` expands a table P
+    (module docstring) to the batch, else None; `shape_of_table(node)` gives the shape of a trainable
+    parameter's node, or None where the node is no trainable parameter."""
     if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")
             and node.target in EXPANDS + REPEATS):
-        return False
-    shape = shape_of_table(node.args[0])
+        return None
+    found = _table_read(node, shape_of_table)
+    shape = None if found is None else found[2]
     if shape is None or len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] == 1:
-        return False
+        return None
     sizes = _sizes(node)
     kept = (lambda s, p: s == 1) if node.target in REPEATS else (lambda s, p: s in (-1, p))
-    return (len(sizes) == len(shape) and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
-            and all(isinstance(s, int) and kept(s, p) for s, p in zip(sizes[1:], shape[1:])))
+    if (len(sizes) == len(shape) and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
+            and all(isinstance(s, int) and kept(s, p) for s, p in zip(sizes[1:], shape[1:]))):
+        return found
+    return None
 
 
 def copy_expanded_tables(gm: fx.GraphModule) -> fx.GraphModule:
@@ -64,7 +84,7 @@ def copy_expanded_tables(gm: fx.GraphModule) -> fx.GraphModule:
 
     changed = False
     for node in list(gm.graph.nodes):
-        if not expanded_table(node, shape_of_table) or any(u.target in CLONES for u in node.users):
+        if expanded_table(node, shape_of_table) is None or any(u.target in CLONES for u in node.users):
             continue
         with gm.graph.inserting_after(node):
             copy = gm.graph.call_function(aten.clone.default, (node,))

@@ -8,7 +8,7 @@ it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `at
 in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
 one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is no table here. A table
-expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, as
+expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, P possibly unsqueezed first, as
 passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
 site and the expanded tensor its input.
 
@@ -148,11 +148,10 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
     sites = []
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and node.target in CLONES and len(node.args) == 1 \
-                and expanded_table(node.args[0], shape_of_table):
-            expand = node.args[0]
-            table = expand.args[0]
+                and (found := expanded_table(node.args[0], shape_of_table)) is not None:
+            table, consumer, _ = found
             shape = shape_of(param_of(table))
-            sites.append(_site(node, expand, param_of(table), table, expand, 0, shape[-2], shape))
+            sites.append(_site(node, node.args[0], param_of(table), table, consumer, 0, shape[-2], shape))
             continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue
