@@ -111,8 +111,9 @@ def _function_site(node, param_of, shape_of):
     eps = arg(node, eps_pos, eps_key, eps_default)
     if op == "batch_norm" and not arg(node, 5, "training", False):
         return None, "a batch norm with running statistics (captured in eval mode): no curvature block (fallback)"
-    if op in ("layer_norm", "rms_norm") and len(node.args[1]) != 1:
-        return None, f"a {op} over {len(node.args[1])} dimensions: no curvature block (fallback)"
+    # γ's shape is the normalized shape (the ops require it), which a forward may pass traced, `x.shape[-1:]`
+    if op in ("layer_norm", "rms_norm") and len(shape_of(weight)) != 1:
+        return None, f"a {op} over {len(shape_of(weight))} dimensions: no curvature block (fallback)"
     how = (op, node.args[1], eps) if op == "group_norm" else (op, eps)
     uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
     return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None

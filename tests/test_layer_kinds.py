@@ -80,6 +80,18 @@ class HandLayerNorm(nn.Module):
         return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
 
 
+class TracedShapeLayerNorm(nn.Module):
+    """F.layer_norm given the normalized shape as read from the input, `x.shape[-1:]` (vit-pytorch's
+    NaViT): a traced value in torch.fx's graph."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
 NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
     "layer": (lambda d: nn.LayerNorm(d), False,
               lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()),
@@ -87,6 +99,9 @@ NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
             lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
     "hand_rms": (lambda d: HandRMSNorm(d), False,
                  lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
+    "traced_shape_layer": (lambda d: TracedShapeLayerNorm(d), False,
+                           lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
+                                                                          + m.eps).sqrt()),
     "hand_layer": (lambda d: HandLayerNorm(d), False,
                    lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
                                                                   + m.eps).sqrt()),
