@@ -5,7 +5,7 @@ P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be slice
 position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
 export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous, and a slice of any other dimension must take
 it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
-in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
+in either order, or in place, `x += P` (`Tensor.add_`, `aten.add_.Tensor`). A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
 one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is no table here. A table
 expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, P possibly unsqueezed first, as
@@ -43,7 +43,9 @@ from .shapes import value_of
 from .sites import Site
 
 aten = torch.ops.aten
-ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+# the sum, or the sum in place (`x += P` is aten.add_ in torch.export's graphs; the taps copy an x that is a
+# block's output, passes/taps.py)
+ADD = (operator.add, torch.add, aten.add.Tensor, "add", aten.add_.Tensor, "add_")
 FEATURES_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                           nn.modules.instancenorm._InstanceNorm)
 

@@ -337,28 +337,35 @@ def test_grouped_conv_statistics_are_those_of_each_group_alone(c_in, c_out, grou
 class PositionNet(nn.Module):
     """token embedding + a (1, T_max, d) or (T_max, d) position table, sliced from `start`."""
 
-    def __init__(self, leading_one=True, start=0, t_max=7, d=4, seed=0):
+    def __init__(self, leading_one=True, start=0, t_max=7, d=4, seed=0, in_place=False):
         super().__init__()
         torch.manual_seed(seed)
         self.emb = nn.Embedding(9, d)
         self.pos = nn.Parameter(torch.randn((1, t_max, d) if leading_one else (t_max, d)))
         self.head = nn.Linear(d, 9)
-        self.start, self.leading_one = start, leading_one
+        self.start, self.leading_one, self.in_place = start, leading_one, in_place
         self.to(DTYPE)
 
     def forward(self, ids):
         t = ids.shape[1]
         table = self.pos[:, self.start:self.start + t] if self.leading_one else self.pos[self.start:self.start + t]
-        return self.head(torch.tanh(self.emb(ids) + table))
+        h = self.emb(ids)
+        if self.in_place:  # vit-pytorch's `x += self.pos_embedding[:, :n]`
+            h += table
+            return self.head(torch.tanh(h))
+        return self.head(torch.tanh(h + table))
 
 
-@pytest.mark.parametrize("leading_one, start, t, capture", [
-    (True, 0, 4, "fx"), (True, 0, 4, "export"), (False, 2, 4, "fx"), (True, 0, 7, "export")],
-    ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx", "1xTxd-every-row-export"])
-def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, t, capture):
+@pytest.mark.parametrize("leading_one, start, t, capture, in_place", [
+    (True, 0, 4, "fx", False), (True, 0, 4, "export", False), (False, 2, 4, "fx", False), (True, 0, 7, "export", False),
+    (True, 0, 4, "fx", True), (True, 0, 4, "export", True)],
+    ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx", "1xTxd-every-row-export", "in-place-fx", "in-place-export"])
+def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, t, capture, in_place):
     """Also the table sliced to every one of its rows, which torch.export writes `aten.alias(P)`
-    (vit-pytorch's DeepViT and x-transformers' ViTransformerWrapper: `P[:, :n]`, n patches = T_max)."""
-    model = PositionNet(leading_one, start)
+    (vit-pytorch's DeepViT and x-transformers' ViTransformerWrapper: `P[:, :n]`, n patches = T_max), and
+    the table added in place, `x += P[:, :n]`, which torch.export writes `aten.add_` (vit-pytorch's CaiT,
+    DeepViT, MAE)."""
+    model = PositionNet(leading_one, start, in_place=in_place)
     gen = torch.Generator().manual_seed(1)
     n = 5
     ids, y = torch.randint(0, 9, (n, t), generator=gen), torch.randint(0, 9, (n, t), generator=gen)
