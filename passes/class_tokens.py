@@ -19,6 +19,8 @@ tensor method) whose first size is not 1 (the batch) and whose other sizes keep 
 by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes at
 dimension 0, each its only use: einops' `repeat(P, '... d -> b ... d', b=N)` of vit-pytorch's (k, d)
 class tokens writes `P.unsqueeze(0).expand(N, -1, -1)`; P's shape is then read with those leading ones.
+A table of one row may be expanded to n positions too, every position reading that row: einops'
+`repeat(P, 'd -> b n d', b=N, n=n)` of MAE's mask token (d,), `P.unsqueeze(0).unsqueeze(0).expand(N, n, -1)`.
 """
 from __future__ import annotations
 
@@ -66,8 +68,10 @@ def expanded_table(node, shape_of_table):
         return None
     sizes = _sizes(node)
     kept = (lambda s, p: s == 1) if node.target in REPEATS else (lambda s, p: s in (-1, p))
+    one_row = node.target in EXPANDS and shape[-2] == 1  # may be read at any number of positions
     if (len(sizes) == len(shape) and not (isinstance(sizes[0], int) and sizes[0] in (1, -1))
-            and all(isinstance(s, int) and kept(s, p) for s, p in zip(sizes[1:], shape[1:]))):
+            and all(isinstance(s, int) and kept(s, p) or one_row and i == len(shape) - 2
+                    for i, (s, p) in enumerate(zip(sizes[1:], shape[1:]), start=1))):
         return found
     return None
 

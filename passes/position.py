@@ -151,9 +151,9 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and node.target in CLONES and len(node.args) == 1 \
                 and (found := expanded_table(node.args[0], shape_of_table)) is not None:
-            table, consumer, _ = found
+            table, consumer, read = found
             shape = shape_of(param_of(table))
-            sites.append(_site(node, node.args[0], param_of(table), table, consumer, 0, shape[-2], shape))
+            sites.append(_site(node, node.args[0], param_of(table), table, consumer, 0, read[-2], shape))
             continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue

@@ -34,7 +34,8 @@ A table of one row, P (1, ..., 1, d), is a bias that broadcasting adds to every 
 V2's GRN bias, (1, 1, 1, d) on (N, H, W, d) maps; a (1, d) bias on (N, d)): every row reads row 0,
 and the examples are x's first dimension whatever x's rank (A = [1], S = E[δ δᵀ] over all rows). So
 is one row of a larger table, `P[:, s:s + 1]` (`rows` 1, recorded by passes/position.py): every row
-of x reads row s.
+of x reads row s; and a vector P (d,) expanded to the positions (`rows` 1, passes/class_tokens.py),
+d x 1 as a matrix.
 
 A table of several position dimensions is the same model over all of them (passes/position.py
 recognizes two forms, taken whole). NesT's (1, B, T, d) on (N, B, T, d): its positions are
@@ -66,12 +67,15 @@ class PositionLayout(EmbeddingLayout):
         self.feature_dim = block.options.get("feature_dim", -1)  # counted from the end (module docstring)
         if self.feature_dim != -1:
             self.view = "features_first"  # (1, C, *S) as C x prod(S)
+        elif len(block.options["weight_shape"]) == 1:
+            self.view = "column"  # a row (d,) of its own (MAE's mask token, passes/class_tokens.py) as d x 1
 
     @property
     def one_row(self) -> bool:
         """Whether x reads one row of P (P has one row, or a slice of one row of it is added), a bias
         broadcast over every row of x (module docstring)."""
-        return self.block.options.get("rows", self.block.options["weight_shape"][-2]) == 1
+        options = self.block.options
+        return (options["rows"] if "rows" in options else options["weight_shape"][-2]) == 1
 
     @property
     def table_positions(self) -> tuple[int, ...]:
