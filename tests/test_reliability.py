@@ -205,7 +205,7 @@ class InplaceOnHeadInput(MLP):
 def test_in_place_ops_on_tapped_tensors_keep_outputs_gradients_and_statistics_exact(cls, capture, shape):
     """Also in torch.export's graphs, which keep the in-place ops as aten ops (`aten.add_.Tensor` of
     `h += ...`): there, with tokens (N, T, d), the tapped output was overwritten and fc's statistics never
-    recorded (vit-pytorch's `x += self.pos_embedding[...]` after a linear patch embedding)."""
+    recorded (as for `x += self.pos_embedding[...]` right after a linear patch embedding)."""
     model = cls()
     x, y = batch(shape)
     c = statistics_compile(copy.deepcopy(model), optimizer="kfac", capture=capture)
