@@ -3,14 +3,15 @@ activation (gnfx.layouts.position).
 
 P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be sliced along its
 position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
-export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous, and a slice of any other dimension must take
-it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
-in either order, or in place, `x += P` (`Tensor.add_`, `aten.add_.Tensor`). A parameter whose last dimension is 1 (a bias broadcast over features) is not a
+export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous,
+and a slice of any other dimension must take it whole. The sum is `operator.add`, `torch.add` (no
+alpha), `Tensor.add` or `aten.add.Tensor`, in either order, or in place, `x += P` (`Tensor.add_`,
+`aten.add_.Tensor`). A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
 one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is no table here. A table
-expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, P possibly unsqueezed first, as
-passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
-site and the expanded tensor its input.
+expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, P possibly unsqueezed
+first, as passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the
+copy the site and the expanded tensor its input.
 
 Two more forms, taken whole (a slice of them must take every dimension
 whole):
