@@ -16,11 +16,11 @@ site whose input is e (the taps read N and k from its shape) and whose weight us
 The same values and gradients. Expanded: a trainable parameter of 2 or more dimensions, its leading
 dimensions of one and its last of more than one (a table of rows), read by an `expand` (aten's, or the
 tensor method) whose first size is not 1 (the batch) and whose other sizes keep P's (-1 or equal), or
-by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes at
-dimension 0, each its only use: einops' `repeat(P, '... d -> b ... d', b=N)` of vit-pytorch's (k, d)
-class tokens writes `P.unsqueeze(0).expand(N, -1, -1)`; P's shape is then read with those leading ones.
+by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes,
+each its only use, read with the dimensions of one they add: einops' `repeat(P, '... d -> b ... d', b=N)`
+of vit-pytorch's (k, d) class tokens writes `P.unsqueeze(0).expand(N, -1, -1)`.
 A table of one row may be expanded to n positions too, every position reading that row: einops'
-`repeat(P, 'd -> b n d', b=N, n=n)` of MAE's mask token (d,), `P.unsqueeze(0).unsqueeze(0).expand(N, n, -1)`.
+`repeat(P, 'd -> b n d', b=N, n=n)` of MAE's mask token (d,), `P.unsqueeze(0).unsqueeze(1).expand(N, n, -1)`.
 """
 from __future__ import annotations
 
@@ -43,16 +43,21 @@ def _sizes(node: fx.Node) -> tuple:
 
 
 def _table_read(expand, shape_of_table):
-    """(P's node, the node that reads it, P's shape with a leading one per unsqueeze) when the input of
-    `expand` is a table P or unsqueezes of P at dimension 0, each the only use of the one before (module
-    docstring); else None."""
-    consumer, node, leading = expand, expand.args[0], 0
+    """(P's node, the node that reads it, P's shape as the unsqueezes leave it) when the input of `expand`
+    is a table P or unsqueezes of P, each the only use of the one before (module docstring); else None."""
+    consumer, node, dims = expand, expand.args[0], []
     while (shape := shape_of_table(node)) is None:
         if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")
-                and node.target in UNSQUEEZES and tuple(node.args[1:]) == (0,) and len(node.users) == 1):
+                and node.target in UNSQUEEZES and len(node.args) == 2 and isinstance(node.args[1], int)
+                and len(node.users) == 1):
             return None
-        consumer, node, leading = node, node.args[0], leading + 1
-    return node, consumer, (1,) * leading + tuple(shape)
+        consumer, node = node, node.args[0]
+        dims.append(consumer.args[1])
+    shape = tuple(shape)
+    for dim in reversed(dims):  # from P outwards
+        dim = dim + len(shape) + 1 if dim < 0 else dim
+        shape = shape[:dim] + (1,) + shape[dim:]
+    return node, consumer, shape
 
 
 def expanded_table(node, shape_of_table):

@@ -1775,7 +1775,7 @@ class ClassTokens(nn.Module):
     tokens (1, 2, d) repeated as SigLIP's probe is, `repeat(N, 1, 1)`, and vit-pytorch's (k, d) tokens as
     einops' `repeat(P, '... d -> b ... d', b=N)` writes them, `P.unsqueeze(0).expand(N, -1, -1)`,
     concatenated before the patch embeddings, and MAE's mask token (d,) at 2 positions, as einops'
-    `repeat(P, 'd -> b n d', b=N, n=2)` writes it, `P.unsqueeze(0).unsqueeze(0).expand(N, 2, -1)`, after
+    `repeat(P, 'd -> b n d', b=N, n=2)` writes it, `P.unsqueeze(0).unsqueeze(1).expand(N, 2, -1)`, after
     them; the head reads the first two positions and the mean of the other tokens."""
 
     def __init__(self):
@@ -1789,7 +1789,7 @@ class ClassTokens(nn.Module):
         n = x.shape[0]
         tokens = [self.cls.expand(n, -1, -1), self.distillation.expand(n, -1, -1), self.registers.repeat(n, 1, 1),
                   self.unbatched.unsqueeze(0).expand(n, -1, -1)]
-        masked = self.mask.unsqueeze(0).unsqueeze(0).expand(n, 2, -1)
+        masked = self.mask.unsqueeze(0).unsqueeze(1).expand(n, 2, -1)
         h = torch.tanh(torch.cat(tokens + [self.patches(x), masked], dim=1))
         return self.head(torch.cat([h[:, 0], h[:, 1] * h[:, 2:].mean(1)], dim=-1))
 
