@@ -110,7 +110,7 @@ def _table(operand, param_of, shape_of, features_first: bool, x_rank: int | None
         return None
     shape = shape_of(name)
     whole = all(_whole(s, shape[dim]) for dim, s in pairs)
-    channels_first = len(shape) == (x_rank or len(shape)) and shape[0] == 1 and shape[1] > 1
+    channels_first = 1 < len(shape) == (x_rank or len(shape)) and shape[0] == 1 and shape[1] > 1
     if features_first and channels_first and math.prod(shape[2:]) > 1:
         return (name, node, consumer, 0, math.prod(shape[2:]), 1 - len(shape)) if whole else None
     if len(shape) < 2 or shape[-1] == 1:

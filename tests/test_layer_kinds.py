@@ -389,6 +389,29 @@ def test_position_statistics_are_an_embedding_of_the_positions(leading_one, star
     assert_close(stats["diag"], per.square().mean(0).T)
 
 
+class OneEntryParameters(nn.Module):
+    """x-transformers' ScaleNorm, `F.normalize(x) * √d * (g + 0.0)` with a gain g of one entry, and a
+    learnable offset b of one entry added to an activation."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, d), nn.Linear(d, 5)
+        self.g, self.b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        h = F.normalize(self.inp(x), dim=-1) * 2.0 * (self.g + 0.0)
+        return self.head(h + self.b)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_parameters_of_one_entry_added_to_a_number_or_an_activation_are_no_position_tables(capture):
+    """The position detector read the second dimension of every parameter summed with something, and a
+    parameter of one entry has none: IndexError from gnfx.compile. Both fall back, a scalar gain and a
+    scalar offset being no per-feature layers."""
+    c = gnfx.compile(OneEntryParameters(), capture=capture, example_inputs=(torch.randn(6, 3),))
+    assert {f.param for f in c.layers.fallbacks} == {"g", "b"}
+
+
 class HeadBias(nn.Module):
     """A (T_max, d_head) table added to activations split into heads, (N, H, T, d_head)."""
 
