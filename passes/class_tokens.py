@@ -16,9 +16,11 @@ site whose input is e (the taps read N and k from its shape) and whose weight us
 The same values and gradients. Expanded: a trainable parameter of 2 or more dimensions, its leading
 dimensions of one and its last of more than one (a table of rows), read by an `expand` (aten's, or the
 tensor method) whose first size is not 1 (the batch) and whose other sizes keep P's (-1 or equal), or
-by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes,
-each its only use, read with the dimensions of one they add: einops' `repeat(P, '... d -> b ... d', b=N)`
-of vit-pytorch's (k, d) class tokens writes `P.unsqueeze(0).expand(N, -1, -1)`.
+by a `repeat` whose first count is not 1 and whose others are 1. P may reach it through unsqueezes and
+views that only add or drop dimensions of one before its rows, each its only use, read with the shape
+they give it: einops' `repeat(P, '... d -> b ... d', b=N)` of vit-pytorch's (k, d) class tokens writes
+`P.unsqueeze(0).expand(N, -1, -1)`, its `repeat(P, '1 1 d -> b 1 d', b=N)` of a (1, 1, d) token
+`P.reshape(d).unsqueeze(0).expand(N, -1)` (a (N, d) tensor it then reshapes to (N, 1, d)).
 A table of one row may be expanded to n positions too, every position reading that row: einops'
 `repeat(P, 'd -> b n d', b=N, n=n)` of MAE's mask token (d,), `P.unsqueeze(0).unsqueeze(1).expand(N, n, -1)`.
 """
@@ -28,11 +30,11 @@ import torch
 from torch import fx, nn
 
 from .rewrite import recompiled
+from .scale import RESHAPES, UNSQUEEZES, _reshaped
 
 aten = torch.ops.aten
 EXPANDS = (aten.expand.default, "expand")
 REPEATS = (aten.repeat.default, "repeat")
-UNSQUEEZES = (aten.unsqueeze.default, torch.unsqueeze, "unsqueeze")
 CLONES = (aten.clone.default, torch.clone, "clone")
 
 
@@ -42,22 +44,31 @@ def _sizes(node: fx.Node) -> tuple:
     return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
+def _rows(shape) -> tuple:
+    """A table's shape without its leading dimensions of one."""
+    shape = tuple(shape)
+    while shape[:1] == (1,):
+        shape = shape[1:]
+    return shape
+
+
 def _table_read(expand, shape_of_table):
-    """(P's node, the node that reads it, P's shape as the unsqueezes leave it) when the input of `expand`
-    is a table P or unsqueezes of P, each the only use of the one before (module docstring); else None."""
-    consumer, node, dims = expand, expand.args[0], []
+    """(P's node, the node that reads it, P's shape as the steps leave it) when the input of `expand` is a
+    table P, or unsqueezes and views of P that only add or drop dimensions of one before its rows, each
+    the only use of the one before (module docstring); else None."""
+    consumer, node, steps = expand, expand.args[0], []
     while (shape := shape_of_table(node)) is None:
         if not (isinstance(node, fx.Node) and node.op in ("call_function", "call_method")
-                and node.target in UNSQUEEZES and len(node.args) == 2 and isinstance(node.args[1], int)
-                and len(node.users) == 1):
+                and node.target in UNSQUEEZES + RESHAPES and len(node.users) == 1):
             return None
+        steps.append(node)
         consumer, node = node, node.args[0]
-        dims.append(consumer.args[1])
-    shape = tuple(shape)
-    for dim in reversed(dims):  # from P outwards
-        dim = dim + len(shape) + 1 if dim < 0 else dim
-        shape = shape[:dim] + (1,) + shape[dim:]
-    return node, consumer, shape
+    read = tuple(shape)
+    for step in reversed(steps):  # from P outwards
+        read = _reshaped(step, read)
+        if read is None:
+            return None
+    return (node, consumer, read) if _rows(read) == _rows(shape) else None
 
 
 def expanded_table(node, shape_of_table):
