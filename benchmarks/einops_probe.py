@@ -33,8 +33,8 @@ The results: benchmarks/results/first_contact_9_einops.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -67,10 +67,18 @@ def _xt(name: str):
     return getattr(importlib.import_module("x_transformers"), name)
 
 
-def _decoder(dropout: bool, **kwargs):
+def _decoder(dropout: bool, wrapper: dict | None = None, **kwargs):
     p = 0.1 if dropout else 0.0
-    return _xt("TransformerWrapper")(num_tokens=TOKENS, max_seq_len=64, emb_dropout=p, attn_layers=_xt("Decoder")(
-        dim=64, depth=2, heads=4, attn_dropout=p, ff_dropout=p, **kwargs))
+    return _xt("TransformerWrapper")(num_tokens=TOKENS, max_seq_len=64, emb_dropout=p, **(wrapper or {}),
+                                     attn_layers=_xt("Decoder")(dim=64, depth=2, heads=4, attn_dropout=p,
+                                                                ff_dropout=p, **kwargs))
+
+
+def _vit_file(module: str, cls: str, **extra):
+    """vit-pytorch's model `cls` of file `module`, with the arguments of VIT its constructor takes."""
+    model = _vit_pytorch(module, cls)
+    taken = inspect.signature(model.__init__).parameters
+    return model(**{k: v for k, v in VIT.items() if k in taken}, **extra)
 
 
 def _encoder(dropout: bool):
@@ -101,6 +109,12 @@ def _images_of_sizes(g):
 
 def _classify(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _classify_with_aux_loss(model, batch):
+    """vit_with_decorr in training returns (logits, its decorrelation loss), which its users add."""
+    logits, aux = model(batch[0])
+    return F.cross_entropy(logits, batch[1]) + aux
 
 
 def _language_model(model, batch):
@@ -149,13 +163,43 @@ MODELS = {
 }
 
 
-def exactness(name: str, steps: int = 3) -> str:
-    """The largest |loss difference| and |gradient difference| over `steps` kfac steps (float64, no dropout)."""
-    build, make_batch, loss_of, _ = MODELS[name]
-    torch.manual_seed(0)
+# one statistic step each (`--scan`): more of vit-pytorch's files, and x-transformers' options
+SCAN = {
+    "vit_pytorch.vit_with_decorr": (lambda d: _vit_file("vit_with_decorr", "ViT"), _images, _classify_with_aux_loss,
+                                    None),
+    **{f"vit_pytorch.{module}": (lambda d, module=module, cls=cls, extra=extra: _vit_file(module, cls, **extra),
+                                 _images, _classify, None)
+       for module, cls, extra in [
+           ("simple_vit_with_register_tokens", "SimpleViT", {}), ("simple_vit_with_qk_norm", "SimpleViT", {}),
+           ("parallel_vit", "ViT", {}), ("vit_for_small_dataset", "ViT", {}), ("vit_with_patch_merger", "ViT", {}),
+           ("normalized_vit", "nViT", {}), ("learnable_memory_vit", "ViT", {}),
+           ("simple_vit_with_value_residual", "SimpleViT", {}), ("vit_with_patch_dropout", "ViT", {}),
+           ("vit_5", "ViT", {}), ("jumbo_vit", "JumboViT", {}), ("simple_vit_with_fft", "SimpleViT",
+                                                                 {"freq_patch_size": 4}),
+           ("xcit", "XCiT", {"cls_depth": 1, "local_patch_kernel_size": 3}),
+           ("t2t", "T2TViT", {"t2t_layers": ((7, 4), (3, 2))})]},
+    **{f"x_transformers.{option}": (lambda d, wrapper=wrapper, layers=layers: _decoder(False, wrapper, **layers),
+                                    _tokens, _language_model, None)
+       for option, wrapper, layers in [
+           ("num_memory_tokens", {"num_memory_tokens": 2}, {}), ("tie_embedding", {"tie_embedding": True}, {}),
+           ("rel_pos_bias", {}, {"rel_pos_bias": True}), ("alibi_pos_bias", {}, {"alibi_pos_bias": True}),
+           ("use_scalenorm", {}, {"use_scalenorm": True}), ("use_simple_rmsnorm", {}, {"use_simple_rmsnorm": True}),
+           ("sandwich_norm+macaron", {}, {"sandwich_norm": True, "macaron": True}),
+           ("attn_qk_norm", {}, {"attn_qk_norm": True}), ("gate_residual", {}, {"gate_residual": True}),
+           ("attn_flash", {}, {"attn_flash": True}), ("attn_num_mem_kv", {}, {"attn_num_mem_kv": 2})]},
+}
+
+
+def exactness(entry: tuple, steps: int = 3) -> str:
+    """The largest |loss difference| and |gradient difference| over `steps` kfac steps (float64, no dropout).
+    The reference is built anew from the same seed, not copied: x-transformers ties its unembedding with a
+    closure over the module (`lambda t: t @ self.token_emb.emb.weight.t()`), which a deepcopy shares."""
+    build, make_batch, loss_of, _ = entry
     torch.set_default_dtype(torch.float64)  # the tensors a forward creates (MAE's decoder tokens) too
+    torch.manual_seed(0)
     model = build(False).double()
-    reference = copy.deepcopy(model)
+    torch.manual_seed(0)
+    reference = build(False).double()
     batch = tree_map(lambda t: t.double() if t.is_floating_point() else t, make_batch(torch.Generator().manual_seed(1)))
     c = gnfx.compile(model, "kfac", lr=1e-3)
     loss_gap = grad_gap = 0.0
@@ -209,11 +253,25 @@ def settings(name: str) -> list[tuple[str, dict]]:
         [("shampoo", dict(lr=1e-3)), ("auto", dict(lr=1e-3))]
 
 
+def scan_row(name: str) -> str:
+    """One kfac statistic step of a SCAN model: the capture, the share in blocks, the loss and gradient gaps
+    (as `exactness`, one step), and the parameters outside the blocks with gnfx's reasons."""
+    exact = exactness(SCAN[name], steps=1)
+    model = SCAN[name][0](False)
+    c = gnfx.compile(model, "kfac", lr=1e-3)
+    SCAN[name][2](c, SCAN[name][1](torch.Generator().manual_seed(1))).backward()
+    c.step()
+    covered, total = c.layers.coverage(dict(model.named_parameters()))
+    outside = "; ".join(f"{f.param}: {f.reason[:90]}" for f in c.layers.fallbacks[:4]).replace("|", "/")
+    more = f" (and {len(c.layers.fallbacks) - 4} more)" if len(c.layers.fallbacks) > 4 else ""
+    return f"| {name} | {c.layers.form} | {100 * covered / total:.1f}% | {exact} | {outside or '–'}{more} |"
+
+
 def probe(name: str, steps: int) -> dict:
     """The model's rows: exactness, then one per setting (or its error), and its fallbacks of the first."""
     torch.set_num_threads(1)
     try:
-        exact = exactness(name)
+        exact = exactness(MODELS[name])
     except Exception as error:  # noqa: BLE001 -- what a user would see is the result
         exact = f"{type(error).__name__}: {str(error)[:150]}".replace("|", "/").replace("\n", " ")
         torch.set_default_dtype(torch.float32)
@@ -232,20 +290,32 @@ def probe(name: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS) + list(SCAN),
+                        help="default: every model of MODELS, or with --scan of SCAN")
+    parser.add_argument("--scan", action="store_true", help="one statistic step of each SCAN model instead")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
     parser.add_argument("--out", help="also write the tables to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process's model
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(probe(args.one, args.steps)))
+        print(scan_row(args.one) if args.scan else json.dumps(probe(args.one, args.steps)))
+        return
+    if args.scan:
+        rows = ["| model | capture | in blocks | loss / gradient gap, float64 | outside the blocks (kfac) |",
+                "|---|---|---|---|---|"]
+        for name in args.models or SCAN:
+            rows.append(child_row([sys.executable, "-m", "benchmarks.einops_probe", "--scan", "--one", name],
+                                  args.timeout, lambda error: f"| {name} | error: {error[:200]} | | | |",
+                                  f"| {name} | over the {args.timeout:.0f} s timeout | | | |"))
+            print(rows[-1], flush=True)
+        write_table(rows, args.out)
         return
     exact = ["| model | exactness: loss / gradient gap, float64 |", "|---|---|"]
     rows = ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |",
             "|---|---|---|---|---|---|---|"]
     fallbacks = ["| model | parameter outside the blocks (kfac) | gnfx's reason |", "|---|---|---|"]
-    for name in args.models:
+    for name in args.models or MODELS:
         line = child_row([sys.executable, "-m", "benchmarks.einops_probe", "--one", name, "--steps", str(args.steps)],
                          args.timeout, lambda error: json.dumps({"error": error}),
                          json.dumps({"error": f"over the {args.timeout:.0f} s timeout"}))
