@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=EINOPS:VIT_PYTORCH:X_TRANSFORMERS:THEIR_DEPS:. \
         python -m benchmarks.einops_probe [--models vit xt_lm] [--steps 5] [--timeout 600] [--out table.md]
+    ... python -m benchmarks.einops_probe --scan [--models x_transformers.use_scalenorm]
 
 Both libraries write their forwards with `einops.rearrange` / `repeat` / `reduce` and their patch
 embeddings with `einops.layers.torch.Rearrange` modules. Each model is built from a small config (dim 64,
@@ -23,6 +24,10 @@ Per model, each in a process of its own under `--timeout` seconds:
   quadratic-model step), shampoo and "auto" at lr 1e-3: the capture's form, the share of the
   trainable parameters in curvature blocks, the losses, gnfx's warnings (once each) and the seconds,
   or the error; and after the table, each parameter outside the curvature blocks with gnfx's reason.
+
+With `--scan`, the SCAN models instead (more of vit-pytorch's files, x-transformers' Decoder options), one
+row each: one kfac statistic step, its loss and gradient gaps (float64), the capture, the share in blocks
+and the parameters outside them.
 
 Neither library is a dependency of gnfx: unpack them (and einx, loguru, frozendict, torch-einops-utils
 for x-transformers) without their dependencies and put them on PYTHONPATH; vit_pytorch's package
