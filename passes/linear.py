@@ -5,8 +5,11 @@ Recognized in both graph forms (torch-level from symbolic tracing, aten-level fr
 `torch.matmul`, `torch.mm`, `torch.addmm(b, x, W)` / `aten.addmm`, `aten.mm`, `aten.matmul`,
 with the weight transposed or not, and `F.linear(x, W.t(), b)` (which passes/unflatten.py makes of
 Hugging Face's Conv1D); `torch.einsum` / `aten.einsum` of the input and a 2-D weight whose
-equation is a linear map of the input's last axis (`"...i,oi->...o"`, `"bti,io->bto"`: the weight's
-other axis last in the output, the input's other axes in their order before it). A weight used as
+equation is a linear map of one axis of the input (`"...i,oi->...o"`, `"bti,io->bto"`: the weight's
+other axis in the contracted axis's place in the output, the input's other axes where they were).
+That axis may be any after an ellipsis: talking-heads attention mixes the heads of the attention
+weights, `"bhij,hg->bgij"` (vit-pytorch's CaiT and DeepViT); the block's features are then that
+dimension of x and z, `options["feature_dim"]` counted from the end (gnfx.layouts.linear). A weight used as
 `x @ W` is stored (d_in, d_out); its block reads it transposed (`options["transposed"]`). A bias
 added by hand after a bias-free form (`x @ W + b`, `b + torch.einsum(...)`: a trainable (d_out,)
 vector, the product's only use) is the block's bias: ∂ℓ/∂z is the same on either side of the sum.
@@ -82,7 +85,8 @@ def _site(node, x, w_operand, bias_node, param_of, shape_of) -> Site | None:
 
 
 def _einsum_operands(node):
-    """(x, W, W stored (d_in, d_out)?) of an einsum that is a linear map of x's last axis, else None."""
+    """(x, W, W stored (d_in, d_out)?, feature_dim) of an einsum that is a linear map of one axis of x,
+    `feature_dim` counted from the end (module docstring), else None."""
     equation, operands = node.args[0], node.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
@@ -97,20 +101,23 @@ def _einsum_operands(node):
         (sx, sw), (x, w) = (sw, sx), (w, x)  # the weight first, as in "oi,...i->...o"
     if len(sw) != 2 or "." in sw or len(set(sw)) != 2 or not sx:
         return None
-    contracted = sx[-1]
-    if contracted not in sw or contracted in out or len(set(sx.replace(".", ""))) != len(sx.replace(".", "")):
+    shared = [axis for axis in sx if axis in sw]
+    if len(shared) != 1 or len(set(sx.replace(".", ""))) != len(sx.replace(".", "")):
         return None
+    contracted = shared[0]
     other = sw.replace(contracted, "")
-    if other in sx or out != sx[:-1] + other:
+    position = sx.index(contracted)
+    if contracted in out or other in sx or "." in sx[position:] or out != sx.replace(contracted, other):
         return None
-    return x, w, sw.index(contracted) == 0
+    return x, w, sw.index(contracted) == 0, position - len(sx)
 
 
 def _added_bias(site: Site, param_of, shape_of) -> Site:
     """`site` with the bias of `z + b` / `b + z` when z is the site's bias-free product and the sum its
-    only use, b a trainable (d_out,) vector (module doc)."""
+    only use, b a trainable (d_out,) vector (module doc); none for features off the last dimension, which
+    such a b does not broadcast along."""
     node = site.node
-    if site.bias is not None or len(node.users) != 1:
+    if site.bias is not None or len(node.users) != 1 or "feature_dim" in site.options:
         return site
     (add,) = node.users
     is_add = (add.op == "call_function" and add.target in ADD_OPS) or (add.op == "call_method" and add.target == "add")
@@ -147,7 +154,7 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
     return sites, grouped_product_rejections(gm, param_of, shape_of)
 
 
-def _einsum_site(node, x, w, in_out: bool, param_of, shape_of) -> Site | None:
+def _einsum_site(node, x, w, in_out: bool, feature_dim: int, param_of, shape_of) -> Site | None:
     """The site of a linear einsum (`_einsum_operands`): W's consumer is the einsum itself."""
     name = param_of(w)
     if name is None or len(shape_of(name)) != 2:
@@ -155,6 +162,8 @@ def _einsum_site(node, x, w, in_out: bool, param_of, shape_of) -> Site | None:
     shape = shape_of(name)
     d_out, d_in = shape[::-1] if in_out else shape
     options = {"transposed": True, "weight_shape": shape} if in_out else {"weight_shape": shape}
+    if feature_dim != -1:
+        options["feature_dim"] = feature_dim
     return Site(node=node, input=x, weight=name, bias=None, uses=[(node, w)], d_in=d_in, d_out=d_out, options=options)
 
 

@@ -129,27 +129,33 @@ def _function_site(node, param_of, shape_of):
     eps = arg(node, eps_pos, eps_key, eps_default)
     if op == "batch_norm" and not arg(node, 5, "training", False):
         return None, "a batch norm with running statistics (captured in eval mode): no curvature block (fallback)"
-    if op in ("layer_norm", "rms_norm") and len(node.args[1]) != 1:
-        return None, f"a {op} over {len(node.args[1])} dimensions: no curvature block (fallback)"
+    # γ's shape is the normalized shape (the ops require it), which a forward may pass traced, `x.shape[-1:]`
+    if op in ("layer_norm", "rms_norm") and len(shape_of(weight)) != 1:
+        return None, f"a {op} over {len(shape_of(weight))} dimensions: no curvature block (fallback)"
     how = (op, node.args[1], eps) if op == "group_norm" else (op, eps)
     uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
     return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None
 
 
+def offset_operand(node):
+    """The tensor operand of `node` when `node` is a cast (`.float()`) or an offset by a number (`γ + 1.0`,
+    `1.0 + γ`), else None: z = x ⊙ (γ + c) has ∂z/∂γ = x, as z = x ⊙ γ (module docstring)."""
+    if _is(node, CASTS):
+        return node.args[0]
+    if _is(node, ADD) and not node.kwargs and len(node.args) == 2 and \
+            sum(isinstance(x, (int, float)) for x in node.args) == 1:
+        return next(x for x in node.args if not isinstance(x, (int, float)))
+    return None
+
+
 def _offset_weight(node, param_of):
     """(name, (consumer, get_attr node)) of the parameter γ that `node` is, possibly cast and offset by a
-    number (`1.0 + γ.float()`; module docstring), each step the only user of the one before; else None."""
+    number (`1.0 + γ.float()`; `offset_operand`), each step the only user of the one before; else None."""
     consumer = None
     while (name := param_of(node)) is None:
-        if not isinstance(node, fx.Node) or len(node.users) != 1:
+        if not isinstance(node, fx.Node) or len(node.users) != 1 or (operand := offset_operand(node)) is None:
             return None
-        if _is(node, CASTS):
-            consumer, node = node, node.args[0]
-        elif _is(node, ADD) and not node.kwargs and len(node.args) == 2 and \
-                sum(isinstance(x, (int, float)) for x in node.args) == 1:
-            consumer, node = node, next(x for x in node.args if not isinstance(x, (int, float)))
-        else:
-            return None
+        consumer, node = node, operand
     return name, (consumer, node)
 
 

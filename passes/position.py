@@ -3,14 +3,15 @@ activation (gnfx.layouts.position).
 
 P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be sliced along its
 position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
-export: aten.slice) — the slices must be contiguous, and a slice of any other dimension must take
-it whole. The sum is `operator.add`, `torch.add` (no alpha), `Tensor.add` or `aten.add.Tensor`,
-in either order. A parameter whose last dimension is 1 (a bias broadcast over features) is not a
+export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous,
+and a slice of any other dimension must take it whole. The sum is `operator.add`, `torch.add` (no
+alpha), `Tensor.add` or `aten.add.Tensor`, in either order, or in place, `x += P` (`Tensor.add_`,
+`aten.add_.Tensor`). A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
 one row is (gnfx.layouts.position); a slice starting from the end (`P[-3:]`) is no table here. A table
-expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, as
-passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the copy the
-site and the expanded tensor its input (a vector (d,) so expanded: a table of one row).
+expanded to the batch and copied, `clone(P.expand(N, -1, -1))` (a class token, P possibly unsqueezed
+first, as passes/class_tokens.py writes it), is one too: added to zeros, read at positions 0..k-1, the
+copy the site and the expanded tensor its input (a vector (d,) so expanded: a table of one row).
 
 Two more forms, taken whole (a slice of them must take every dimension
 whole):
@@ -43,13 +44,18 @@ from .shapes import value_of
 from .sites import Site
 
 aten = torch.ops.aten
-ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+# the sum, or the sum in place (`x += P` is aten.add_ in torch.export's graphs; the taps copy an x that is a
+# block's output, passes/taps.py)
+ADD = (operator.add, torch.add, aten.add.Tensor, "add", aten.add_.Tensor, "add_")
 FEATURES_FIRST_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                           nn.modules.instancenorm._InstanceNorm)
 
 
 def _slices(node) -> list[tuple[int, object]] | None:
-    """(dim, slice) pairs of an indexing node (getitem with slices, or aten.slice), else None."""
+    """(dim, slice) pairs of an indexing node (getitem with slices, or aten.slice), else None; none for
+    `aten.alias`, which torch.export writes for a slice that takes every row (`P[:, :T]`, T = T_max)."""
+    if node.op == "call_function" and node.target is aten.alias.default:
+        return []
     if node.op == "call_function" and node.target is operator.getitem:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         return list(enumerate(index)) if all(isinstance(s, slice) for s in index) else None
@@ -104,7 +110,7 @@ def _table(operand, param_of, shape_of, features_first: bool, x_rank: int | None
         return None
     shape = shape_of(name)
     whole = all(_whole(s, shape[dim]) for dim, s in pairs)
-    channels_first = len(shape) >= 2 and len(shape) == (x_rank or len(shape)) and shape[0] == 1 and shape[1] > 1
+    channels_first = 1 < len(shape) == (x_rank or len(shape)) and shape[0] == 1 and shape[1] > 1
     if features_first and channels_first and math.prod(shape[2:]) > 1:
         return (name, node, consumer, 0, math.prod(shape[2:]), 1 - len(shape)) if whole else None
     if len(shape) < 2 or shape[-1] == 1:
@@ -145,12 +151,11 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
     sites = []
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method") and node.target in CLONES and len(node.args) == 1 \
-                and expanded_table(node.args[0], shape_of_table):
-            expand = node.args[0]
-            table = expand.args[0]
+                and (found := expanded_table(node.args[0], shape_of_table)) is not None:
+            table, consumer, read = found
             shape = shape_of(param_of(table))
-            rows = shape[-2] if len(shape) > 1 else 1  # a vector: one row
-            sites.append(_site(node, expand, param_of(table), table, expand, 0, rows, shape))
+            rows = read[-2] if len(read) > 1 else 1  # a vector: one row
+            sites.append(_site(node, node.args[0], param_of(table), table, consumer, 0, rows, shape))
             continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue

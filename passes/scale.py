@@ -12,7 +12,10 @@ ConvNeXt, CaiT, DeiT III and DINOv2 scale each residual branch by a trainable ve
   * in general γ is a parameter, or a chain of views and unsqueezes of one (PoolFormer's
     `γ.unsqueeze(-1).unsqueeze(-1)`, (d, 1, 1)), each used once, whose shape is all ones but one
     dimension, the features' (ConvNeXt V2's GRN γ, a (1, 1, 1, d) parameter on (N, H, W, d) maps):
-    broadcasting pairs it with x's dimension as far from the end, `feature_dim`.
+    broadcasting pairs it with x's dimension as far from the end, `feature_dim`;
+  * γ cast or offset by a number on the way, `x * (γ + 1.0)` (x-transformers' LayerNorm and RMSNorm,
+    `F.layer_norm(x) * (γ + float(unit_offset))`; passes/norm.py `offset_operand`): z = x ⊙ (γ + c) has
+    ∂z/∂γ = x, the same block and statistics (the layout never reads γ's value).
 A trainable β (d,) added to the product of a 1-D γ (its only use), `x * γ + β`, is the block's bias
 (∂ℓ/∂z is the same on either side of the sum; the norm layout's ā_f = (x_f, 1)).
 x must be computed from a model input (a product of γ with a buffer or another parameter is no layer).
@@ -26,7 +29,7 @@ import math
 import torch
 from torch import fx
 
-from .norm import MUL, _is, _normalized, added_bias
+from .norm import MUL, _is, _normalized, added_bias, offset_operand
 from .sites import Site
 
 aten = torch.ops.aten
@@ -59,20 +62,26 @@ def _reshaped(node, shape: tuple) -> tuple | None:
 
 def _scale(operand, param_of, shape_of):
     """(parameter name, (consumer, get_attr) use, feature_dim) if `operand` is a per-feature scale
-    vector γ (module docstring): a parameter, or a chain of views and unsqueezes of one, each used
-    once, whose shape is all ones but one dimension, the features'; None otherwise."""
+    vector γ (module docstring): a parameter, or a chain of views, unsqueezes, casts and offsets by a
+    number of one, each used once, whose shape is all ones but one dimension, the features'; None
+    otherwise."""
     chain, node = [], operand
     while param_of(node) is None:
-        if not (_is(node, RESHAPES) or _is(node, UNSQUEEZES)) or len(node.users) != 1:
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return None
+        if _is(node, RESHAPES) or _is(node, UNSQUEEZES):
+            inner = node.args[0]
+        elif (inner := offset_operand(node)) is None:
             return None
         chain.append(node)
-        node = node.args[0]
+        node = inner
     name = param_of(node)
     shape = tuple(shape_of(name))
     if sum(s != 1 for s in shape) > 1:
         return None
     for step in reversed(chain):
-        shape = _reshaped(step, shape)
+        if _is(step, RESHAPES) or _is(step, UNSQUEEZES):
+            shape = _reshaped(step, shape)
         if shape is None:
             return None
     features = [i for i, s in enumerate(shape) if s != 1]

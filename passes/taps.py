@@ -17,7 +17,9 @@ view of z; or, in an opened layer's graph, z returned to the opaque submodule's 
 `self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`): the
 in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
 never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
-itself, not to the activation written over it. torch.export's graphs have no in-place ops.
+itself, not to the activation written over it. torch.export's graphs keep the model's in-place ops as
+aten ops (`aten.add_.Tensor` of `x += P`, `aten.relu_`), and views as aten views (`aten.slice`,
+`aten.view`): their schemas say which write or view their first input (`_first_input_alias`).
 """
 from __future__ import annotations
 
@@ -39,12 +41,27 @@ _VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.transpose, torc
 _IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow})
 
 
+def _first_input_alias(target) -> tuple[bool, bool]:
+    """(writes, views): whether the aten op `target` (an OpOverload) writes its first input in place
+    (`aten.add_`, `Tensor(a!) self`), and whether it returns a view of it (`aten.slice`, `Tensor(a) self`
+    and a result `Tensor(a)`), as its schema declares; (False, False) for anything else."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
+        return False, False
+    info = target._schema.arguments[0].alias_info
+    if info is None:
+        return False, False
+    return info.is_write, not info.is_write and any(r.alias_info is not None for r in target._schema.returns)
+
+
 def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
     """Whether `node` may modify its first input in place: a module with `inplace=True`, a method or
     function named with a trailing underscore (`relu_`, `torch.sigmoid_`), an augmented assignment's
-    operator, or a call binding `inplace=True` (F.relu(x, True))."""
+    operator, an aten op whose schema writes its first input (`aten.add_.Tensor` of `x += P` in
+    torch.export's graphs), or a call binding `inplace=True` (F.relu(x, True))."""
     if node.op == "call_module":
         return getattr(owner.get_submodule(node.target), "inplace", False) is True
+    if _first_input_alias(node.target)[0]:
+        return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op not in ("call_method", "call_function") or not isinstance(name, str):
         return False
@@ -64,7 +81,7 @@ def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
         if user.args and user.args[0] is node and _writes_in_place(user, owner):
             return True
         is_view = user.target in _VIEW_METHODS if user.op == "call_method" else (
-            user.op == "call_function" and user.target in _VIEW_FUNCTIONS)
+            user.op == "call_function" and (user.target in _VIEW_FUNCTIONS or _first_input_alias(user.target)[1]))
         if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner):
             return True
     return False

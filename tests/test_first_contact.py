@@ -1772,19 +1772,28 @@ def test_a_weight_standardized_convolution_is_a_conv_block_stepping_its_standard
 
 class ClassTokens(nn.Module):
     """ViT's and DeiT's class and distillation tokens (1, 1, d), each `expand(N, -1, -1)`, and register
-    tokens (1, 2, d) repeated as SigLIP's probe is, `repeat(N, 1, 1)`, concatenated before the patch
-    embeddings; the head reads the first two positions and the registers' mean."""
+    tokens (1, 2, d) repeated as SigLIP's probe is, `repeat(N, 1, 1)`, and vit-pytorch's (k, d) tokens as
+    einops' `repeat(P, '... d -> b ... d', b=N)` writes them, `P.unsqueeze(0).expand(N, -1, -1)`,
+    concatenated before the patch embeddings, and MAE's mask token (d,) at 2 positions, as einops'
+    `repeat(P, 'd -> b n d', b=N, n=2)` writes it, `P.unsqueeze(0).unsqueeze(1).expand(N, 2, -1)`, after
+    them, and a (1, 1, d) token as einops' `repeat(P, '1 1 d -> b 1 d', b=N)` writes it,
+    `P.reshape(d).unsqueeze(0).expand(N, -1).reshape(N, 1, d)`; the head reads the first two positions and
+    the mean of the other tokens."""
 
     def __init__(self):
         super().__init__()
         self.patches, self.head = nn.Linear(6, 4), nn.Linear(8, 3)
         self.cls, self.distillation = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 1, 4))
-        self.registers = nn.Parameter(torch.randn(1, 2, 4))
+        self.registers, self.unbatched = nn.Parameter(torch.randn(1, 2, 4)), nn.Parameter(torch.randn(2, 4))
+        self.mask, self.flat = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(1, 1, 4))
 
     def forward(self, x):
         n = x.shape[0]
-        tokens = [self.cls.expand(n, -1, -1), self.distillation.expand(n, -1, -1), self.registers.repeat(n, 1, 1)]
-        h = torch.tanh(torch.cat(tokens + [self.patches(x)], dim=1))
+        tokens = [self.cls.expand(n, -1, -1), self.distillation.expand(n, -1, -1), self.registers.repeat(n, 1, 1),
+                  self.unbatched.unsqueeze(0).expand(n, -1, -1),
+                  self.flat.reshape(4).unsqueeze(0).expand(n, -1).reshape(n, 1, 4)]
+        masked = self.mask.unsqueeze(0).unsqueeze(1).expand(n, 2, -1)
+        h = torch.tanh(torch.cat(tokens + [self.patches(x), masked], dim=1))
         return self.head(torch.cat([h[:, 0], h[:, 1] * h[:, 2:].mean(1)], dim=-1))
 
 
@@ -1800,9 +1809,10 @@ def test_class_tokens_expanded_to_the_batch_are_position_tables_with_per_example
     x, y = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
     c, expected = diag_step(model, x, y, capture)
     assert not c.layers.fallbacks
-    for param in ("cls", "distillation", "registers"):
+    for param in ("cls", "distillation", "registers", "unbatched", "mask", "flat"):
         assert c.layers[param].kind == "position"
-        torch.testing.assert_close(c.statistics(param)["diag"], expected[param].flatten(0, -2).T, **TOL)
+        table = expected[param].reshape(-1, expected[param].shape[-1])  # rows x d, a vector (d,) one row
+        torch.testing.assert_close(c.statistics(param)["diag"], table.T, **TOL)
 
 
 class ConcatenatedBiases(nn.Module):

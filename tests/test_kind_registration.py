@@ -63,21 +63,23 @@ def token_batch(n=6, t=5, seed=0):
     return torch.randn(n, t, 8, generator=g, dtype=DTYPE), torch.randint(0, 4, (n,), generator=g)
 
 
-class ChannelsFirstEinsum(nn.Module):
-    """A linear map of the channels of (N, C, T), as an einsum: no kind of gnfx's takes it."""
+class ThreeAxisEinsum(nn.Module):
+    """A map of the features of (N, T, C) by a weight of three axes, as an einsum: no kind of gnfx's takes
+    it (a linear map of the channels of (N, C, T), "nct,cd->ndt", was this example until the linear kind
+    took it)."""
 
     def __init__(self):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(8, 16, dtype=DTYPE))
+        self.weight = nn.Parameter(torch.randn(8, 4, 4, dtype=DTYPE))
 
     def forward(self, x):
-        return torch.einsum("nct,cd->ndt", x.transpose(1, 2), self.weight).mean(2)
+        return torch.einsum("ntc,cdk->ntdk", x, self.weight).flatten(2).mean(1)
 
 
 def test_an_einsum_no_kind_takes_falls_back_naming_register_layer_kind():
     x, _ = token_batch()
     with pytest.warns(UserWarning, match="gnfx.register_layer_kind"):
-        c = gnfx.compile(ChannelsFirstEinsum(), optimizer="kfac", example_inputs=(x,))
+        c = gnfx.compile(ThreeAxisEinsum(), optimizer="kfac", example_inputs=(x,))
     reasons = {f.param: f.reason for f in c.layers.fallbacks}
     assert set(reasons) == {"weight"} and "einsum" in reasons["weight"]
 

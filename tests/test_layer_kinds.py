@@ -80,6 +80,18 @@ class HandLayerNorm(nn.Module):
         return centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
 
 
+class TracedShapeLayerNorm(nn.Module):
+    """F.layer_norm given the normalized shape as read from the input, `x.shape[-1:]` (vit-pytorch's
+    NaViT): a traced value in torch.fx's graph."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
 NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
     "layer": (lambda d: nn.LayerNorm(d), False,
               lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()),
@@ -87,6 +99,9 @@ NORMS = {  # name -> (module, features on dim 1, x̂ by hand from the input x)
             lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
     "hand_rms": (lambda d: HandRMSNorm(d), False,
                  lambda x, m: x / (x.square().mean(-1, keepdim=True) + m.eps).sqrt()),
+    "traced_shape_layer": (lambda d: TracedShapeLayerNorm(d), False,
+                           lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
+                                                                          + m.eps).sqrt()),
     "hand_layer": (lambda d: HandLayerNorm(d), False,
                    lambda x, m: (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True)
                                                                   + m.eps).sqrt()),
@@ -204,6 +219,8 @@ SCALES = {  # name -> the branch scaled by γ (d,): h (N, T, d) -> (N, T, d)
     .squeeze(-1).transpose(1, 2),
     "view_3d_on_4d": lambda h, g: (h.transpose(1, 2).unsqueeze(1) * g.view(1, -1, 1)).squeeze(1).transpose(1, 2),
     "broadcast": lambda h, g: h * g,  # h (N, T, 1): one input for every feature (ScaleNet.branch)
+    "offset": lambda h, g: h * (g + 1.0),  # x-transformers' norms: F.layer_norm(x) * (γ + float(unit_offset))
+    "offset_first": lambda h, g: (1.0 + g).type_as(h) * h,
 }
 
 
@@ -344,27 +361,37 @@ def test_grouped_conv_statistics_are_those_of_each_group_alone(c_in, c_out, grou
 class PositionNet(nn.Module):
     """token embedding + a (1, T_max, d) or (T_max, d) position table, sliced from `start`."""
 
-    def __init__(self, leading_one=True, start=0, t_max=7, d=4, seed=0):
+    def __init__(self, leading_one=True, start=0, t_max=7, d=4, seed=0, in_place=False):
         super().__init__()
         torch.manual_seed(seed)
         self.emb = nn.Embedding(9, d)
         self.pos = nn.Parameter(torch.randn((1, t_max, d) if leading_one else (t_max, d)))
         self.head = nn.Linear(d, 9)
-        self.start, self.leading_one = start, leading_one
+        self.start, self.leading_one, self.in_place = start, leading_one, in_place
         self.to(DTYPE)
 
     def forward(self, ids):
         t = ids.shape[1]
         table = self.pos[:, self.start:self.start + t] if self.leading_one else self.pos[self.start:self.start + t]
-        return self.head(torch.tanh(self.emb(ids) + table))
+        h = self.emb(ids)
+        if self.in_place:  # vit-pytorch's `x += self.pos_embedding[:, :n]`
+            h += table
+            return self.head(torch.tanh(h))
+        return self.head(torch.tanh(h + table))
 
 
-@pytest.mark.parametrize("leading_one, start, capture", [(True, 0, "fx"), (True, 0, "export"), (False, 2, "fx")],
-                         ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx"])
-def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, capture):
-    model = PositionNet(leading_one, start)
+@pytest.mark.parametrize("leading_one, start, t, capture, in_place", [
+    (True, 0, 4, "fx", False), (True, 0, 4, "export", False), (False, 2, 4, "fx", False), (True, 0, 7, "export", False),
+    (True, 0, 4, "fx", True), (True, 0, 4, "export", True)],
+    ids=["1xTxd-fx", "1xTxd-export", "Txd-offset-fx", "1xTxd-every-row-export", "in-place-fx", "in-place-export"])
+def test_position_statistics_are_an_embedding_of_the_positions(leading_one, start, t, capture, in_place):
+    """Also the table sliced to every one of its rows, which torch.export writes `aten.alias(P)`
+    (vit-pytorch's DeepViT and x-transformers' ViTransformerWrapper: `P[:, :n]`, n patches = T_max), and
+    the table added in place, `x += P[:, :n]`, which torch.export writes `aten.add_` (vit-pytorch's CaiT,
+    DeepViT, MAE)."""
+    model = PositionNet(leading_one, start, in_place=in_place)
     gen = torch.Generator().manual_seed(1)
-    n, t = 5, 4
+    n = 5
     ids, y = torch.randint(0, 9, (n, t), generator=gen), torch.randint(0, 9, (n, t), generator=gen)
     c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,))
     assert c.layers["pos"].kind == "position"
@@ -384,6 +411,29 @@ def test_position_statistics_are_an_embedding_of_the_positions(leading_one, star
     # each row's Kronecker block A_t S has the trace of its exact block M Σ_n g_{n,t} g_{n,t}ᵀ
     assert_close(stats["A"] * stats["S"].trace(), M * energy)
     assert_close(stats["diag"], per.square().mean(0).T)
+
+
+class OneEntryParameters(nn.Module):
+    """x-transformers' ScaleNorm, `F.normalize(x) * √d * (g + 0.0)` with a gain g of one entry, and a
+    learnable offset b of one entry added to an activation."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, d), nn.Linear(d, 5)
+        self.g, self.b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        h = F.normalize(self.inp(x), dim=-1) * 2.0 * (self.g + 0.0)
+        return self.head(h + self.b)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_parameters_of_one_entry_added_to_a_number_or_an_activation_are_no_position_tables(capture):
+    """The position detector read the second dimension of every parameter summed with something, and a
+    parameter of one entry has none: IndexError from gnfx.compile. Both fall back, a scalar gain and a
+    scalar offset being no per-feature layers."""
+    c = gnfx.compile(OneEntryParameters(), capture=capture, example_inputs=(torch.randn(6, 3),))
+    assert {f.param for f in c.layers.fallbacks} == {"g", "b"}
 
 
 class HeadBias(nn.Module):

@@ -147,6 +147,8 @@ class HandLinear(nn.Module):
         "torch.einsum('...i,oi->...o', x, W)": (False, False, False),
         "torch.einsum('oi,...i->...o', W, x)": (False, False, False),
         "torch.einsum('...i,io->...o', x, W) + b": (True, True, False),
+        # features off the last dimension, as talking heads mix attention weights' heads ("bhij,hg->bgij")
+        "torch.einsum('bit,io->bot', x.transpose(1, 2), W).transpose(1, 2)": (True, False, False),
     }
 
     def __init__(self, form):
@@ -181,6 +183,8 @@ class HandLinear(nn.Module):
             z = torch.einsum("oi,...i->...o", W, x)
         elif form == "torch.einsum('...i,io->...o', x, W) + b":
             z = torch.einsum("...i,io->...o", x, W) + self.b
+        elif form == "torch.einsum('bit,io->bot', x.transpose(1, 2), W).transpose(1, 2)":
+            z = torch.einsum("bit,io->bot", x.transpose(1, 2), W).transpose(1, 2)
         else:
             z = torch.addmm(self.b, x, W)
         return self.head(torch.tanh(z))

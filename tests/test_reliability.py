@@ -199,11 +199,16 @@ class InplaceOnHeadInput(MLP):
         return self.head(torch.tanh_(h))
 
 
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5)])
+@pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("cls", [InplaceReLU, AugmentedAssignment, InplaceOnHeadInput])
-def test_in_place_ops_on_tapped_tensors_keep_outputs_gradients_and_statistics_exact(cls):
+def test_in_place_ops_on_tapped_tensors_keep_outputs_gradients_and_statistics_exact(cls, capture, shape):
+    """Also in torch.export's graphs, which keep the in-place ops as aten ops (`aten.add_.Tensor` of
+    `h += ...`): there, with tokens (N, T, d), the tapped output was overwritten and fc's statistics never
+    recorded (as for `x += self.pos_embedding[...]` right after a linear patch embedding)."""
     model = cls()
-    x, y = batch()
-    c = statistics_compile(copy.deepcopy(model), optimizer="kfac")
+    x, y = batch(shape)
+    c = statistics_compile(copy.deepcopy(model), optimizer="kfac", capture=capture)
     out, ref_out = c(x), model(x)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     cross_entropy(out, y).backward()
@@ -213,7 +218,8 @@ def test_in_place_ops_on_tapped_tensors_keep_outputs_gradients_and_statistics_ex
     c.zero_grad()
     model.zero_grad()
     names = [b.name for b in c.layers]
-    assert_statistics_equal_hooks(statistics_compile(copy.deepcopy(model), optimizer="kfac"), model, names, x, y)
+    assert_statistics_equal_hooks(statistics_compile(copy.deepcopy(model), optimizer="kfac", capture=capture), model,
+                                  names, x, y)
 
 
 # ----------------------------------------------------------------------------- one module, several shapes

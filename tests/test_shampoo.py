@@ -356,6 +356,39 @@ def test_one_dimensional_parameters_take_the_adamw_step():
             torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-12, atol=1e-14)
 
 
+class NoTokens(nn.Module):
+    """A table of no class tokens, (0, d), concatenated before the tokens (vit-pytorch's ViT with
+    pool="mean" keeps such a cls_token); `empty=False`: the same model without it."""
+
+    def __init__(self, empty=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.head = nn.Linear(3, 4), nn.Linear(4, 5)
+        self.tokens = nn.Parameter(torch.randn(0, 4)) if empty else None
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.tokens is not None:
+            h = torch.cat([self.tokens.expand(x.shape[0], -1, -1), h], 1)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("optimizer", ["shampoo", "soap"])
+def test_a_parameter_of_no_entries_leaves_the_others_steps_as_without_it(optimizer):
+    """A (0, d) parameter made the mode products raise ('cannot reshape tensor of 0 elements into shape
+    [1, -1, 0]'): the others now step as in the same model without it."""
+    with_empty, without = NoTokens(), NoTokens(empty=False)
+    compiled = [gnfx.compile(m, optimizer, lr=LR) for m in (with_empty, without)]
+    for x, y in data(3, in_shape=(4, 3), classes=5):
+        for c in compiled:
+            c.zero_grad()
+            F.cross_entropy(c(x), y).backward()
+            c.step()
+    for name, p in without.named_parameters():
+        torch.testing.assert_close(dict(with_empty.named_parameters())[name], p, rtol=0, atol=0)
+
+
 def test_failed_decomposition_keeps_the_last_good_root_and_counts_the_failure(monkeypatch):
     """Two 4x5 layers share a group. On the refresh of step 3, torch.linalg.eigh is made to fail
     for the first of them (every factor): its roots stay those of step 1, its failures count 2 (one per

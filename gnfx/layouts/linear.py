@@ -1,4 +1,8 @@
-"""Linear maps `z = W a + b` on inputs (N, ..., d_in): every leading dimension after N is a position."""
+"""Linear maps `z = W a + b` on inputs (N, ..., d_in): every leading dimension after N is a position.
+
+An einsum may map another axis of its input (talking heads' `"bhij,hg->bgij"`, passes/linear.py): the
+features are then dimension `feature_dim` (counted from the end) of a and of z, moved last before the
+rows are read, and every other dimension after N is a position."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +17,12 @@ class LinearLayout(Layout):
         super().__init__(block)
         # "t": the parameter is stored (d_in, d_out) and used as `x @ W`; the matrix W is its transpose
         self.view = "t" if block.options.get("transposed") else ""
+        self.feature_dim = block.options.get("feature_dim", -1)
 
     def input_chunks(self, a: torch.Tensor):
         """The input rows a, as (N, R, d_in) tensors (one chunk: nothing to materialize)."""
-        yield position_rows(a)
+        yield position_rows(a.movedim(self.feature_dim, -1))
+
+    def error_rows(self, g: torch.Tensor) -> torch.Tensor:
+        """The output gradient as (N, R, d_out) rows."""
+        return position_rows(g.movedim(self.feature_dim, -1))

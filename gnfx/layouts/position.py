@@ -35,7 +35,8 @@ passes/class_tokens.py; the view "column", d x 1), is a bias that broadcasting a
 V2's GRN bias, (1, 1, 1, d) on (N, H, W, d) maps; a (1, d) bias on (N, d)): every row reads row 0,
 and the examples are x's first dimension whatever x's rank (A = [1], S = E[δ δᵀ] over all rows). So
 is one row of a larger table, `P[:, s:s + 1]` (`rows` 1, recorded by passes/position.py): every row
-of x reads row s.
+of x reads row s; and a vector P (d,) expanded to the positions (`rows` 1, passes/class_tokens.py),
+d x 1 as a matrix.
 
 A table of several position dimensions is the same model over all of them (passes/position.py
 recognizes two forms, taken whole). NesT's (1, B, T, d) on (N, B, T, d): its positions are
@@ -68,7 +69,7 @@ class PositionLayout(EmbeddingLayout):
         if self.feature_dim != -1:
             self.view = "features_first"  # (1, C, *S) as C x prod(S)
         elif len(block.options["weight_shape"]) == 1:
-            self.view = "column"  # a vector (d,), CLIP's class embedding: one row, d x 1
+            self.view = "column"  # a vector (d,) of one row, d x 1: CLIP's class embedding, MAE's mask token
 
     @property
     def one_row(self) -> bool:

@@ -107,10 +107,11 @@ def mode_gram(G: torch.Tensor, j: int) -> torch.Tensor:
 
 
 def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
-    """G ×_j Pᵀ for each piece (= G ×_j P for a symmetric P), P of shape (k, d_j, d_j)."""
+    """G ×_j Pᵀ for each piece (= G ×_j P for a symmetric P), P of shape (k, d_j, d_j). The rows are given,
+    not inferred: a -1 is ambiguous for a parameter of no entries (a (0, d) table of no class tokens)."""
     X = G.movedim(j + 1, -1)
     shape = X.shape
-    return torch.bmm(X.reshape(shape[0], -1, shape[-1]), P).reshape(shape).movedim(-1, j + 1)
+    return torch.bmm(X.reshape(shape[0], math.prod(shape[1:-1]), shape[-1]), P).reshape(shape).movedim(-1, j + 1)
 
 
 # FLOPs per factor entry of a statistic step's drift: the copy of F_{t-1}, ‖F_t‖², ‖F_{t-1}‖², the
