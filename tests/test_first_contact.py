@@ -1979,20 +1979,33 @@ class TransposedGroupedExperts(GroupedExperts):
         return self.head(torch.tanh(h) * probability.unsqueeze(-1))
 
 
-@pytest.mark.parametrize("model", [GroupedExperts, TransposedGroupedExperts])
-def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are(model):
-    """Qwen3-MoE's, Qwen2-MoE's, DeepSeek-V3's and gpt-oss's experts fell back "used by call_function
-    'transpose.int', not a layer gnfx models" (or 'grouped_mm_fallback.default'), which says nothing of
-    what they are. The reason names the stacked weights of E experts in a grouped product, that no kind
-    models them, and the layer that does (nn.Linear experts); the router and head stay blocks."""
+def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are():
+    """gpt-oss's experts fell back "used by call_function 'grouped_mm_fallback.default', not a layer gnfx
+    models", which says nothing of what they are. W (E, d_in, d_out) used untransposed, which the experts
+    kind (tests/test_experts.py: W (E, d_out, d_in) read transposed, Mixtral's, Qwen's, DeepSeek's) does
+    not model: the reason names the stacked weights of E experts in a grouped product, what the kind
+    models, and the layer that does (nn.Linear experts); the router and head stay blocks."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the coverage warning
-        c = gnfx.compile(model(), "kfac", lr=1e-2, capture="fx")
+        c = gnfx.compile(GroupedExperts(), "kfac", lr=1e-2, capture="fx")
         train(c, 1)
     (fallback,) = c.layers.fallbacks
     assert fallback.param == "experts" and "router" in c.layers and "head" in c.layers
-    assert "stacked weights of 3 experts" in fallback.reason and "nn.Linear" in fallback.reason, fallback.reason
+    assert "stacked weights of 3 experts" in fallback.reason and "untransposed" in fallback.reason \
+        and "nn.Linear" in fallback.reason, fallback.reason
+
+
+def test_stacked_expert_weights_read_transposed_are_an_experts_block():
+    """Qwen3-MoE's, Qwen2-MoE's and DeepSeek-V3's form, `grouped_mm(x, W.transpose(-2, -1), offs=...)` with
+    W (E, d_out, d_in), fell back like gpt-oss's; it is now a block of kind "experts", 3 groups of 8 x 4
+    (its statistics against a reference: tests/test_experts.py), and nothing falls back."""
+    torch.manual_seed(0)
+    c = gnfx.compile(TransposedGroupedExperts(), "kfac", lr=1e-2, capture="fx")
+    train(c, 1)
+    block = c.layers["experts"]
+    assert not c.layers.fallbacks and block.kind == "experts"
+    assert block.shapes["A"] == (3, 4, 4) and block.shapes["S"] == (3, 8, 8)
 
 
 class DeadKernelRead(CausalDepthwise):

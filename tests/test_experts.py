@@ -1,0 +1,140 @@
+"""Stacked experts in a grouped matrix product (transformers 5's MoE layers): the layer kind "experts"
+(passes/grouped_products.py, gnfx.layouts.experts), one K-FAC block of E per-expert factors whose rows
+are the tokens the offsets route to each expert."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+from references import cross_entropy
+from steps import compile_for_statistics, statistic_step, step_beside
+
+E, TOP, D, H, CLASSES = 5, 2, 8, 4, 3  # (the grouped product wants 16-byte strides: D, H multiples of 4)
+
+
+class MoE(nn.Module):
+    """A residual top-2 mixture of E experts as transformers 5 computes it: the (token, choice) pairs sorted
+    by expert, `F.grouped_mm(x_sorted, W.transpose(-2, -1), offs=offsets)` with the stacked weights
+    `up` (E, H, D) and `down` (E, D, H), weighted by the router's probabilities and summed back per token.
+    The last expert is never chosen (its logit lowered by 1e4): an expert without rows. `written_out`:
+    the same products as a loop over the experts' rows (float64), recording each product's input, offsets
+    and output (its gradient retained) in `records`."""
+
+    def __init__(self, written_out=False):
+        super().__init__()
+        self.embed, self.router, self.head = nn.Linear(D, D), nn.Linear(D, E, bias=False), nn.Linear(D, CLASSES)
+        self.up = nn.Parameter(0.5 * torch.randn(E, H, D))
+        self.down = nn.Parameter(0.5 * torch.randn(E, D, H))
+        self.register_buffer("unused", torch.tensor([0.0] * (E - 1) + [1e4]))
+        self.written_out, self.records = written_out, []
+
+    def product(self, x, w, offsets):
+        if not self.written_out:
+            return F.grouped_mm(x, w, offs=offsets)
+        ends = offsets.tolist()
+        z = torch.cat([x[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))])
+        z.retain_grad()
+        self.records.append((x.detach(), offsets, z))
+        return z
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        tokens = h.reshape(-1, D)
+        probability, chosen = torch.topk(F.softmax(self.router(tokens) - self.unused, -1), TOP)
+        order = torch.argsort(chosen.reshape(-1), stable=True)
+        token = order // TOP
+        offsets = torch.cumsum(torch.bincount(chosen.reshape(-1), minlength=E), 0).to(torch.int32)
+        u = torch.tanh(self.product(tokens[token], self.up.transpose(-2, -1), offsets))
+        y = self.product(u, self.down.transpose(-2, -1), offsets) * probability.reshape(-1)[order, None]
+        return self.head(h + torch.zeros_like(tokens).index_add(0, token, y).reshape(h.shape))
+
+
+def batch(n=4, t=3):
+    torch.manual_seed(1)
+    return torch.randn(n, t, D), torch.randint(0, CLASSES, (n, t))
+
+
+def reference_factors(model, x, y):
+    """{"up"/"down": (A, S)} in float64 from the written-out products: A_e the mean of a aᵀ over expert
+    e's rows (0 for none), S_e = M Σ g gᵀ over them, M = N·T the loss terms."""
+    ref = copy.deepcopy(model).double()
+    ref.written_out = True
+    cross_entropy(ref(x.double()), y).backward()
+    out = {}
+    for name, (a, offsets, z) in zip(("up", "down"), ref.records):
+        ends = offsets.tolist()
+        A, S = [], []
+        for start, end in zip([0] + ends[:-1], ends):
+            rows, g = a[start:end], z.grad[start:end]
+            A.append(rows.T @ rows / max(end - start, 1))
+            S.append(y.numel() * g.T @ g)
+        out[name] = torch.stack(A), torch.stack(S)
+    return out
+
+
+def test_stacked_experts_are_one_block_with_per_expert_factors_of_their_routed_rows():
+    """`up` and `down` are blocks of kind "experts" (E groups, factors (E, ., .)), nothing falls back,
+    and A_e, S_e equal the written-out float64 reference's (float32: torch's grouped product has no
+    float64; torch.fx: torch.export's fake kernel of it takes bfloat16 only), the unused expert's A and
+    S zero."""
+    torch.manual_seed(0)
+    model = MoE()
+    x, y = batch()
+    expected = reference_factors(model, x, y)
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx", statistics=("A", "S"))
+    assert not c.layers.fallbacks, c.layers.fallbacks
+    statistic_step(c, x, y)
+    for name, (A, S) in expected.items():
+        block = c.layers[name]
+        assert block.kind == "experts" and block.shapes["A"] == A.shape and block.shapes["S"] == S.shape
+        got = c.statistics(name)
+        torch.testing.assert_close(got["A"].double(), A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["S"].double(), S, rtol=1e-4, atol=1e-6)
+        assert not got["A"][-1].any() and not got["S"][-1].any()
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "shampoo"])
+def test_kfac_and_shampoo_train_stacked_experts_with_the_modules_loss_and_gradients(optimizer):
+    """With the experts as blocks (`up` and `down` of kind "experts"), 6 steps of kfac and shampoo: the
+    compiled model's loss and parameter gradients equal, bit for bit, those of a plain copy of the module
+    that takes the compiled model's parameters after each step, and the loss falls."""
+    torch.manual_seed(0)
+    model = MoE()
+    reference = copy.deepcopy(model)
+    x, y = batch()
+    c = gnfx.compile(model, optimizer, lr=0.05, capture="fx", stat_every=1)
+    assert [c.layers[name].kind for name in ("up", "down")] == ["experts", "experts"]
+    losses = []
+    for _ in range(6):
+        loss, loss_ref = cross_entropy(c(x), y), cross_entropy(reference(x), y)
+        assert torch.equal(loss, loss_ref)
+        losses.append(loss.item())
+        step_beside(c, model, reference, loss, loss_ref)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("optimizer", ["ekfac", "rank1"])
+def test_per_example_preconditioners_refuse_stacked_experts_with_the_reason(optimizer):
+    """EKFAC's and rank1's statistics need each example's rows, which the tokens sorted by expert across
+    the examples do not give: a ConfigError naming the block and the fix, not wrong statistics."""
+    with pytest.raises(gnfx.ConfigError, match="'up' .*stacked experts.*per-example"):
+        gnfx.compile(MoE(), optimizer, lr=1e-2, capture="fx")
+
+
+def test_kfac_approx_reduce_uses_expand_on_stacked_experts_with_a_warning():
+    """kfac_approx="reduce" sums each example's positions, which sorted tokens do not give: the experts'
+    blocks warn and take "expand" (their factors those of the reference), the other blocks reduce."""
+    torch.manual_seed(0)
+    model = MoE()
+    x, y = batch()
+    expected = reference_factors(model, x, y)
+    with pytest.warns(RuntimeWarning, match="stacked experts .*kfac_approx='expand'"):
+        c = compile_for_statistics(model, optimizer="kfac", capture="fx", statistics=("A", "S"),
+                                   kfac_approx="reduce")
+    statistic_step(c, x, y)
+    for name, (A, S) in expected.items():
+        torch.testing.assert_close(c.statistics(name)["A"].double(), A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c.statistics(name)["S"].double(), S, rtol=1e-4, atol=1e-6)
