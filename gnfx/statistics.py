@@ -54,7 +54,7 @@ zero-padded to m·b entries: the cost of Σ a aᵀ falls from d² to m·b² per 
 A block whose rows are routed to its groups at run time (`Layout.routed`: stacked experts,
 gnfx.layouts.experts) stages each input with its routing (the offsets the taps record) and takes the
 groups' rows from the layout (`routed_rows`): A_e is the mean of a aᵀ over group e's own T_e rows (0 when
-none reached it; the moving average then shrinks the group's A), S_e is M Σ δδᵀ/M² over them as above.
+none reached it; the moving average then shrinks the group's A), S_e = M Σ g gᵀ over them.
 Its tokens are sorted across the examples: it refuses the per-example statistics (diag, eigen_diag,
 grad: a ConfigError at compile naming the block) and takes kfac_approx="reduce" as "expand", with a
 warning.

@@ -138,3 +138,23 @@ def test_kfac_approx_reduce_uses_expand_on_stacked_experts_with_a_warning():
     for name, (A, S) in expected.items():
         torch.testing.assert_close(c.statistics(name)["A"].double(), A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(c.statistics(name)["S"].double(), S, rtol=1e-4, atol=1e-6)
+
+
+def test_the_quadratic_step_of_kfac_goes_through_stacked_experts():
+    """kfac with loss= and no lr (the quadratic step: its forward-mode product runs through the grouped
+    product written out, gnfx.composite_forms; the true Fisher's backward records the offsets with the
+    experts' output gradients): 6 steps with the experts as blocks take the loss from 1.08 to below 0.3."""
+    torch.manual_seed(0)
+    model = MoE()
+    x, y = batch()
+    c = gnfx.compile(model, "kfac", loss="cross_entropy", capture="fx")
+    assert c.layers["up"].kind == "experts" and not c.layers.fallbacks
+    up = model.up.detach().clone()
+    losses = []
+    for _ in range(6):
+        loss = cross_entropy(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 < losses[0] and not torch.equal(model.up, up), losses
