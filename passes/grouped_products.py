@@ -4,16 +4,17 @@ Hugging Face's mixture-of-experts layers (transformers 5: Mixtral, Qwen2/3-MoE, 
 keep their experts' weights stacked, W (E, d_out, d_in) or (E, d_in, d_out), sort the tokens by expert
 and multiply them group by group, `grouped_mm(x_sorted, W.transpose(-2, -1), offs=offsets)`: rows
 [offs_{e-1}, offs_e) of x times expert e's matrix (gnfx.composite_forms writes it out). Each expert is
-a linear map of the tokens routed to it: the product with W (E, d_out, d_in) read transposed is a site
-of kind "experts" (gnfx.layouts.experts), E groups of d_out rows of the matrix `W.flatten(0, 1)`, whose
-input a is x_sorted and whose `routing` (the offsets, recorded by the taps with a and the output
-gradient) says which rows are each expert's. A grouped product is torch's (`torch._grouped_mm`,
+a linear map of the tokens routed to it: the product is a site of kind "experts" (gnfx.layouts.experts),
+E groups of d_out rows of the matrix `W.flatten(0, 1)` for W (E, d_out, d_in) read transposed (or of
+`W.transpose(1, 2).flatten(0, 1)` for W (E, d_in, d_out) used as stored, gpt-oss's `is_transposed`
+experts: `options["transposed"]`), whose input a is x_sorted and whose `routing` (the offsets, recorded
+by the taps with a and the output gradient) says which rows are each expert's. A grouped product is torch's (`torch._grouped_mm`,
 `F.grouped_mm`, `aten._grouped_mm`) or any operator named so (transformers'
 `torch.ops.transformers.grouped_mm_fallback`, what it calls while tracing).
 
 Left to the diagonal preconditioner, with a reason naming them (on the node that reads W, in place of
-"used by call_function 'transpose.int'"): W used untransposed, stored (E, d_in, d_out) (gpt-oss's
-`is_transposed` experts), a product without offsets (a batched product, no routing) and one with a bias.
+"used by call_function 'transpose.int'"): a product without offsets (a batched product, no routing) and
+one with a bias.
 """
 from __future__ import annotations
 
@@ -64,14 +65,15 @@ def find_expert_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
         name, reader, attr = found
         experts, rows, columns = shape_of(name)
         offsets, bias = arg(node, 2, "offs"), arg(node, 3, "bias")
-        if reader is not None and isinstance(offsets, fx.Node) and bias is None:
-            sites.append(Site(node=node, input=node.args[0], weight=name, bias=None, uses=[(reader, attr)],
-                              d_in=columns, d_out=experts * rows, options={"experts": experts}, routing=offsets))
+        if isinstance(offsets, fx.Node) and bias is None:
+            d_out, d_in = (rows, columns) if reader is not None else (columns, rows)
+            options = {"experts": experts} | ({} if reader is not None else {"transposed": True})
+            sites.append(Site(node=node, input=node.args[0], weight=name, bias=None, uses=[(reader or node, attr)],
+                              d_in=d_in, d_out=experts * d_out, options=options, routing=offsets))
             continue
-        why = ("stored (E, d_in, d_out) and used untransposed" if reader is None else
-               "without offsets (no routing)" if not isinstance(offsets, fx.Node) else "with a bias")
+        why = "without offsets (no routing)" if not isinstance(offsets, fx.Node) else "with a bias"
         rejected.append((reader or node, f"the stacked weights of {experts} experts {tuple(shape_of(name))} in a "
-                                         f"grouped matrix product {why}: the experts kind models W (E, d_out, "
-                                         f"d_in) read transposed with offsets only, these get the diagonal "
-                                         f"preconditioner (experts written as nn.Linear modules are linear blocks)"))
+                                         f"grouped matrix product {why}: the experts kind models products with "
+                                         f"offsets and no bias only, these get the diagonal preconditioner "
+                                         f"(experts written as nn.Linear modules are linear blocks)"))
     return sites, rejected

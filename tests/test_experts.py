@@ -19,15 +19,17 @@ class MoE(nn.Module):
     """A residual top-2 mixture of E experts as transformers 5 computes it: the (token, choice) pairs sorted
     by expert, `F.grouped_mm(x_sorted, W.transpose(-2, -1), offs=offsets)` with the stacked weights
     `up` (E, H, D) and `down` (E, D, H), weighted by the router's probabilities and summed back per token.
-    The last expert is never chosen (its logit lowered by 1e4): an expert without rows. `written_out`:
-    the same products as a loop over the experts' rows (float64), recording each product's input, offsets
-    and output (its gradient retained) in `records`."""
+    The last expert is never chosen (its logit lowered by 1e4): an expert without rows. `in_out`: the
+    weights stored (E, d_in, d_out) and used as stored, `F.grouped_mm(x_sorted, W, offs=offsets)`, as
+    gpt-oss's. `written_out`: the same products as a loop over the experts' rows (float64), recording each
+    product's input, offsets and output (its gradient retained) in `records`."""
 
-    def __init__(self, written_out=False):
+    def __init__(self, written_out=False, in_out=False):
         super().__init__()
         self.embed, self.router, self.head = nn.Linear(D, D), nn.Linear(D, E, bias=False), nn.Linear(D, CLASSES)
-        self.up = nn.Parameter(0.5 * torch.randn(E, H, D))
-        self.down = nn.Parameter(0.5 * torch.randn(E, D, H))
+        self.up = nn.Parameter(0.5 * torch.randn(E, D, H) if in_out else 0.5 * torch.randn(E, H, D))
+        self.down = nn.Parameter(0.5 * torch.randn(E, H, D) if in_out else 0.5 * torch.randn(E, D, H))
+        self.in_out = in_out
         self.register_buffer("unused", torch.tensor([0.0] * (E - 1) + [1e4]))
         self.written_out, self.records = written_out, []
 
@@ -47,8 +49,9 @@ class MoE(nn.Module):
         order = torch.argsort(chosen.reshape(-1), stable=True)
         token = order // TOP
         offsets = torch.cumsum(torch.bincount(chosen.reshape(-1), minlength=E), 0).to(torch.int32)
-        u = torch.tanh(self.product(tokens[token], self.up.transpose(-2, -1), offsets))
-        y = self.product(u, self.down.transpose(-2, -1), offsets) * probability.reshape(-1)[order, None]
+        up, down = (self.up, self.down) if self.in_out else (self.up.transpose(-2, -1), self.down.transpose(-2, -1))
+        u = torch.tanh(self.product(tokens[token], up, offsets))
+        y = self.product(u, down, offsets) * probability.reshape(-1)[order, None]
         return self.head(h + torch.zeros_like(tokens).index_add(0, token, y).reshape(h.shape))
 
 
@@ -75,13 +78,14 @@ def reference_factors(model, x, y):
     return out
 
 
-def test_stacked_experts_are_one_block_with_per_expert_factors_of_their_routed_rows():
+@pytest.mark.parametrize("in_out", [False, True])
+def test_stacked_experts_are_one_block_with_per_expert_factors_of_their_routed_rows(in_out):
     """`up` and `down` are blocks of kind "experts" (E groups, factors (E, ., .)), nothing falls back,
     and A_e, S_e equal the written-out float64 reference's (float32: torch's grouped product has no
     float64; torch.fx: torch.export's fake kernel of it takes bfloat16 only), the unused expert's A and
-    S zero."""
+    S zero; with the weights stored (E, d_out, d_in) and read transposed, or stored (E, d_in, d_out)."""
     torch.manual_seed(0)
-    model = MoE()
+    model = MoE(in_out=in_out)
     x, y = batch()
     expected = reference_factors(model, x, y)
     c = compile_for_statistics(model, optimizer="kfac", capture="fx", statistics=("A", "S"))
@@ -96,13 +100,14 @@ def test_stacked_experts_are_one_block_with_per_expert_factors_of_their_routed_r
         assert not got["A"][-1].any() and not got["S"][-1].any()
 
 
+@pytest.mark.parametrize("in_out", [False, True])
 @pytest.mark.parametrize("optimizer", ["kfac", "shampoo"])
-def test_kfac_and_shampoo_train_stacked_experts_with_the_modules_loss_and_gradients(optimizer):
-    """With the experts as blocks (`up` and `down` of kind "experts"), 6 steps of kfac and shampoo: the
-    compiled model's loss and parameter gradients equal, bit for bit, those of a plain copy of the module
-    that takes the compiled model's parameters after each step, and the loss falls."""
+def test_kfac_and_shampoo_train_stacked_experts_with_the_modules_loss_and_gradients(optimizer, in_out):
+    """With the experts as blocks (`up` and `down` of kind "experts", stored either way), 6 steps of kfac
+    and shampoo: the compiled model's loss and parameter gradients equal, bit for bit, those of a plain
+    copy of the module that takes the compiled model's parameters after each step, and the loss falls."""
     torch.manual_seed(0)
-    model = MoE()
+    model = MoE(in_out=in_out)
     reference = copy.deepcopy(model)
     x, y = batch()
     c = gnfx.compile(model, optimizer, lr=0.05, capture="fx", stat_every=1)
@@ -158,3 +163,24 @@ def test_the_quadratic_step_of_kfac_goes_through_stacked_experts():
         c.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.3 < losses[0] and not torch.equal(model.up, up), losses
+
+
+def test_experts_stored_in_out_step_as_those_stored_out_in():
+    """The same MoE with its experts stored (E, d_in, d_out) (gpt-oss) and (E, d_out, d_in) (Mixtral, Qwen)
+    at the same matrices: 3 kfac steps take both to the same parameters (the copying view
+    "in_out_stacked" reads and writes back each expert's transpose)."""
+    torch.manual_seed(0)
+    out_in = MoE()
+    in_out = MoE(in_out=True)
+    in_out.load_state_dict({k: v.transpose(1, 2) if k in ("up", "down") else v for k, v in out_in.state_dict().items()})
+    x, y = batch()
+    up = out_in.up.detach().clone()
+    for model in (out_in, in_out):
+        c = gnfx.compile(model, "kfac", lr=0.05, capture="fx", stat_every=1)
+        for _ in range(3):
+            cross_entropy(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+    assert (out_in.up - up).abs().max() > 1e-3
+    for name in ("up", "down"):
+        torch.testing.assert_close(getattr(in_out, name).transpose(1, 2), getattr(out_in, name), rtol=1e-5, atol=1e-6)

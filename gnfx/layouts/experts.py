@@ -2,7 +2,9 @@
 E linear maps whose rows are routed to them at run time.
 
 W (E, d_out, d_in) reads as the matrix `W.flatten(0, 1)` (E·d_out x d_in) of E groups (gnfx.layouts.base):
-group e, rows e·d_out ... (e+1)·d_out, is expert e's matrix W_e. The layer input a is the (T, d_in)
+group e, rows e·d_out ... (e+1)·d_out, is expert e's matrix W_e; a W stored (E, d_in, d_out) and used as
+stored (`options["transposed"]`, gpt-oss) as `W.transpose(1, 2).flatten(0, 1)` (gnfx.targets view
+"in_out_stacked", a copy that a write puts back). The layer input a is the (T, d_in)
 tokens sorted by expert and the output gradient g the (T, d_out) rows of the product; the offsets
 o (E,) (`routing`, recorded by the taps with both) give expert e the rows [o_{e-1}, o_e) (o_{-1} = 0;
 rows from o_{E-1} on belong to no expert: transformers' sentinels of dropped tokens). Each expert is
@@ -24,12 +26,13 @@ from gnfx.layouts.base import Layout, position_rows
 
 
 class ExpertsLayout(Layout):
-    view = "features_first"  # (E, d_out, d_in) -> (E·d_out, d_in)
     routed = True
 
     def __init__(self, block):
         super().__init__(block)
         self.groups = block.options["experts"]
+        # (E, d_out, d_in) -> (E·d_out, d_in); stored (E, d_in, d_out): transposed per expert first
+        self.view = "in_out_stacked" if block.options.get("transposed") else "features_first"
 
     def input_chunks(self, a: torch.Tensor):
         """All the sorted tokens (T, d_in) as one chunk (T, 1, d_in) (the routed and the sentinel rows;
