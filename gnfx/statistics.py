@@ -94,8 +94,8 @@ class BlockStatistics:
                 f"block {block.name!r} ({self.groups} stacked experts, gnfx.layouts.experts) has no per-example "
                 f"statistics: its rows are the tokens sorted by expert across the examples, so the statistics "
                 f"{sorted(self.needs & {'diag', 'eigen_diag', 'grad'})} (diag's, rank1's and EKFAC's) cannot be "
-                f"formed. Fix: precondition it with kfac, shampoo, soap or muon (gnfx.compile's per-block "
-                f"choice), or keep it out of the curvature blocks")
+                f"formed. Fix: give it kfac, shampoo, soap, muon or diag with a policy, e.g. gnfx.compile(model, "
+                f"{{'*experts*': 'kfac', '*': 'ekfac'}}) (gnfx.plan)")
         if self.routed and kfac_approx == "reduce":
             warnings.warn(f"block {block.name!r}: stacked experts have no per-example rows (the tokens are sorted "
                           f"by expert across the examples): this block uses kfac_approx='expand'",
