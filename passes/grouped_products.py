@@ -8,9 +8,9 @@ a linear map of the tokens routed to it: the product is a site of kind "experts"
 E groups of d_out rows of the matrix `W.flatten(0, 1)` for W (E, d_out, d_in) read transposed (or of
 `W.transpose(1, 2).flatten(0, 1)` for W (E, d_in, d_out) used as stored, gpt-oss's `is_transposed`
 experts: `options["transposed"]`), whose input a is x_sorted and whose `routing` (the offsets, recorded
-by the taps with a and the output gradient) says which rows are each expert's. A grouped product is torch's (`torch._grouped_mm`,
-`F.grouped_mm`, `aten._grouped_mm`) or any operator named so (transformers'
-`torch.ops.transformers.grouped_mm_fallback`, what it calls while tracing).
+by the taps with a and the output gradient) says which rows are each expert's. A grouped product is
+torch's (`torch._grouped_mm`, `F.grouped_mm`, `aten._grouped_mm`) or any operator named so
+(transformers' `torch.ops.transformers.grouped_mm_fallback`, what it calls while tracing).
 
 Left to the diagonal preconditioner, with a reason naming them (on the node that reads W, in place of
 "used by call_function 'transpose.int'"): a product without offsets (a batched product, no routing) and

@@ -7,10 +7,10 @@ For a site `z = linear(a, W, b)` the graph becomes
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
 and every former user of `z` reads `z_tap`. A site with a `routing` (stacked experts: the offsets of
-their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps are submodules under `gnfx_taps`, so they are
-visible in `graph_module.code` and in `print(graph_module)`. A site in the graph of a layer opened
-inside an opaque submodule (passes/opaque_children.py) gets its taps in that graph, under its own
-`gnfx_taps`.
+their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps
+are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and in
+`print(graph_module)`. A site in the graph of a layer opened inside an opaque submodule
+(passes/opaque_children.py) gets its taps in that graph, under its own `gnfx_taps`.
 
 Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
 convolutions and ResNet's BatchNorms have, `x.relu_()`, an `inplace=True` function, or any of these on a
