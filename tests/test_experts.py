@@ -181,6 +181,7 @@ def test_experts_stored_in_out_step_as_those_stored_out_in():
             cross_entropy(c(x), y).backward()
             c.step()
             c.zero_grad()
+        assert c.layers["up"].kind == "experts" and c.layers["down"].kind == "experts"
     assert (out_in.up - up).abs().max() > 1e-3
     for name in ("up", "down"):
         torch.testing.assert_close(getattr(in_out, name).transpose(1, 2), getattr(out_in, name), rtol=1e-5, atol=1e-6)
