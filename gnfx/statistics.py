@@ -358,8 +358,10 @@ class BlockStatistics:
         batch = {}
         if self._A is not None and self._a_rows:
             # the ids' frequencies; a routed layout's A_e is the mean over its group's own rows (0 for none)
-            rows = self._a_rows if self._group_rows is None else self._group_rows.clamp_min(1)[:, None, None]
-            batch["A"] = self._bordered_A() / rows
+            A = self._bordered_A()
+            rows = self._a_rows if self._group_rows is None else \
+                self._group_rows.clamp_min(1).reshape((-1,) + (1,) * (A.dim() - 1))  # whole or blocked A_e
+            batch["A"] = A / rows
             if self._A_energy is not None:  # ε_t, normalized into A by fold (gnfx.layouts.position)
                 batch["energy"] = self._A_energy * m
         if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)

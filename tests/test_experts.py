@@ -185,3 +185,22 @@ def test_experts_stored_in_out_step_as_those_stored_out_in():
     assert (out_in.up - up).abs().max() > 1e-3
     for name in ("up", "down"):
         torch.testing.assert_close(getattr(in_out, name).transpose(1, 2), getattr(out_in, name), rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_expert_factors_are_the_diagonal_blocks_of_the_reference():
+    """With max_factor=4 the factors of 8 entries (up's A, down's S) are kept as their two diagonal 4 x 4
+    blocks per expert, (E, 2, 4, 4) (gnfx.layouts.base): those of the written-out reference's A_e and S_e
+    (A_e's per-expert row count divides every block: it raised before, as (E, 1, 1) did not broadcast)."""
+    torch.manual_seed(0)
+    model = MoE()
+    x, y = batch()
+    expected = reference_factors(model, x, y)
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx", statistics=("A", "S"), max_factor=4)
+    statistic_step(c, x, y)
+    diagonal_blocks = lambda F: torch.stack([F[:, :4, :4], F[:, 4:, 4:]], 1)  # noqa: E731 - (E, 8, 8) -> (E, 2, 4, 4)
+    for name, (A, S) in expected.items():
+        got = c.statistics(name)
+        A, S = (diagonal_blocks(F) if F.shape[-1] == 8 else F for F in (A, S))
+        torch.testing.assert_close(got["A"].double(), A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["S"].double(), S, rtol=1e-4, atol=1e-6)
+        assert got["A"].dim() + got["S"].dim() == 7  # one of the two blocked
