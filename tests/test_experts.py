@@ -204,3 +204,12 @@ def test_blocked_expert_factors_are_the_diagonal_blocks_of_the_reference():
         torch.testing.assert_close(got["A"].double(), A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got["S"].double(), S, rtol=1e-4, atol=1e-6)
         assert got["A"].dim() + got["S"].dim() == 7  # one of the two blocked
+
+
+def test_auto_does_not_offer_rank1_for_stacked_experts():
+    """rank1 needs per-example gradients, which an experts block refuses (above): "auto" has no rank1
+    candidate for it, so that no budget leads it to a choice that raises; a linear block keeps its."""
+    from gnfx.cost import Geometry
+    from gnfx.preconditioners.rank1 import RankK
+    assert RankK.auto_candidates({}, Geometry((20, 8), "experts", groups=5)) == []
+    assert len(RankK.auto_candidates({}, Geometry((20, 8), "linear"))) == 1
