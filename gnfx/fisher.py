@@ -81,11 +81,11 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
                        kept: torch.Tensor, logits: LogitsLayout) -> None:
     """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
 
-    `pending` holds (block output, block input or None, BlockStatistics, forward id) of this forward.
-    `kept` marks the rows of z (flattened to (M, C)) that the loss counts (cross-entropy drops the
-    targets it ignores): the other rows backpropagate nothing; `loss_terms` counts the kept ones. The
-    vectors are those of the classes-last z_c (`logits`, gnfx.outputs.LogitsLayout), each backpropagated
-    from z in its own layout.
+    `pending` holds (block output, block input or None, BlockStatistics, forward id, routing or None:
+    gnfx.taps) of this forward. `kept` marks the rows of z (flattened to (M, C)) that the loss counts
+    (cross-entropy drops the targets it ignores): the other rows backpropagate nothing; `loss_terms`
+    counts the kept ones. The vectors are those of the classes-last z_c (`logits`,
+    gnfx.outputs.LogitsLayout), each backpropagated from z in its own layout.
     """
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0 or not outputs:  # no block output: a call that ran the model's own forward (gnfx.variants)
@@ -95,6 +95,6 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     for v, weight in backprop_vectors(z_c, fisher, loss, samples):
         v = logits.as_output(v * mask / loss_terms)
         grads = torch.autograd.grad(z, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
-        for (_, a, stats, fid), g in zip(pending, grads):
+        for (_, a, stats, fid, routing), g in zip(pending, grads):
             if g is not None:
-                stats.record_error(g * weight ** 0.5, a, fid)
+                stats.record_error(g * weight ** 0.5, a, fid, routing)

@@ -50,6 +50,14 @@ parameters) gets every statistic above per group j from its own rows a_j and δ_
 stacked (groups, ., .), the diagonals keep the [W b] layout. A factor above the block's max_factor
 (gnfx.layouts.base) is accumulated as its diagonal blocks only, (groups, m, b, b), from the rows
 zero-padded to m·b entries: the cost of Σ a aᵀ falls from d² to m·b² per row.
+
+A block whose rows are routed to its groups at run time (`Layout.routed`: stacked experts,
+gnfx.layouts.experts) stages each input with its routing (the offsets the taps record) and takes the
+groups' rows from the layout (`routed_rows`): A_e is the mean of a aᵀ over group e's own T_e rows (0 when
+none reached it; the moving average then shrinks the group's A), S_e = M Σ g gᵀ over them.
+Its tokens are sorted across the examples: it refuses the per-example statistics (diag, eigen_diag,
+grad: a ConfigError at compile naming the block) and takes kfac_approx="reduce" as "expand", with a
+warning.
 """
 from __future__ import annotations
 
@@ -80,7 +88,19 @@ class BlockStatistics:
         self.needs = frozenset(needs)
         self.dtype, self.device = dtype, device
         self.lay_out(block)
-        self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A
+        self.routed = self.layout.routed
+        if self.routed and self.wants_activation_in_backward:
+            raise ConfigError(
+                f"block {block.name!r} ({self.groups} stacked experts, gnfx.layouts.experts) has no per-example "
+                f"statistics: its rows are the tokens sorted by expert across the examples, so the statistics "
+                f"{sorted(self.needs & {'diag', 'eigen_diag', 'grad'})} (diag's, rank1's and EKFAC's) cannot be "
+                f"formed. Fix: give it kfac, shampoo, soap, muon or diag with a policy, e.g. gnfx.compile(model, "
+                f"{{'*experts*': 'kfac', '*': 'ekfac'}}) (gnfx.plan)")
+        if self.routed and kfac_approx == "reduce":
+            warnings.warn(f"block {block.name!r}: stacked experts have no per-example rows (the tokens are sorted "
+                          f"by expert across the examples): this block uses kfac_approx='expand'",
+                          RuntimeWarning, stacklevel=2)
+        self.reduce = kfac_approx == "reduce" and not self.layout.diagonal_A and not self.routed
         self._per_example: dict[int, torch.Tensor] = {}
         self._eigen_per_example: dict[int, torch.Tensor] = {}
         self.basis = None  # () -> (Q_S, Q_A or None), set by the preconditioner that needs "eigen_diag"
@@ -125,13 +145,16 @@ class BlockStatistics:
         self._diag = zeros(d_out, d_a) if "diag" in needs else None
         self._eigen_diag = zeros(d_out, d_a) if "eigen_diag" in needs else None
         self._grad = zeros(d_out, d_a) if "grad" in needs else None
+        # the rows T_e routed to each group (a routed layout: A_e is the mean over its own rows)
+        self._group_rows = zeros(self.groups) if self.layout.routed and "A" in needs else None
         self._stale = {"_A", "_S"}  # Gram buffers whose content is from before the last reset
         self._dirty = False  # whether a tap added to the other accumulators since the last reset
 
     def staged_rows(self) -> int:
         """The rows (examples x positions, over all call sites) of the layer inputs staged by the forwards
         whose backward has not reached the block yet (gnfx.layouts.base `Layout.rows`)."""
-        return sum(self.layout.rows(a) for staged in self._staged.values() for a in staged)
+        inputs = (a[0] if self.routed else a for staged in self._staged.values() for a in staged)
+        return sum(self.layout.rows(a) for a in inputs)
 
     @property
     def wants_activation_in_backward(self) -> bool:
@@ -147,15 +170,21 @@ class BlockStatistics:
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
 
     @torch.no_grad()
-    def record_activation(self, a: torch.Tensor, forward_id: int) -> None:
-        """Forward tap: stage the layer input; it counts once the backward of this forward reaches
-        the block (a forward that is never backpropagated adds nothing)."""
-        self._staged.setdefault(forward_id, []).append(a)
+    def record_activation(self, a: torch.Tensor, forward_id: int, routing: torch.Tensor | None = None) -> None:
+        """Forward tap: stage the layer input (with its routing, for a routed layout); it counts once the
+        backward of this forward reaches the block (a forward that is never backpropagated adds nothing)."""
+        self._staged.setdefault(forward_id, []).append(a if routing is None else (a, routing))
 
     def _commit(self, forward_id: int) -> None:
         """Count the examples of a forward once and accumulate A from its staged inputs."""
         staged = self._staged.pop(forward_id)
         self._dirty = True
+        if self.routed:  # (a, routing) pairs: each group's rows by the routing (no per-example statistics)
+            self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
+            for a, routing in staged if self._A is not None else ():
+                for group, rows in self.layout.routed_rows(a, routing):
+                    self._add_A(rows.to(self.dtype), group)
+            return
         n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
         folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
         if folded and self.per_example:
@@ -186,27 +215,38 @@ class BlockStatistics:
                     chunk = chunk.to(self.dtype)
                     self._add_A(chunk.mean(1) if reduce else chunk.flatten(0, 1))
 
-    def _add_A(self, rows: torch.Tensor) -> None:
-        """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), without
-        materializing [a 1]; for a blocked A the diagonal blocks of Σ [a 1][a 1]ᵀ."""
-        self._gram_into("_A", self._augmented(rows) if self.blocking["A"] else rows)
+    def _add_A(self, rows: torch.Tensor, group: int | None = None) -> None:
+        """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), or the rows (P, d) of
+        one `group` (a routed layout), without materializing [a 1]; for a blocked A the diagonal blocks
+        of Σ [a 1][a 1]ᵀ."""
+        self._gram_into("_A", self._augmented(rows) if self.blocking["A"] else rows, group)
         if self._A_sum is not None:
-            self._A_sum += rows.sum(0)
+            (self._A_sum if group is None else self._A_sum[group]).add_(rows.sum(0))
+        if group is not None:
+            self._group_rows[group] += rows.shape[0]
         self._a_rows += rows.shape[0]
 
-    def _gram_into(self, name: str, rows: torch.Tensor) -> None:
-        """buffer += rowsᵀ rows (per group for rows (P, groups, d); per diagonal block, the rows
-        zero-padded and cut into its blocks, for a blocked factor); the first product after a reset
-        overwrites (beta=0) instead of adding to zeros, so the large Gram buffers are never cleared."""
+    def _gram_into(self, name: str, rows: torch.Tensor, group: int | None = None) -> None:
+        """buffer += rowsᵀ rows (per group for rows (P, groups, d), into that group's part of the buffer for
+        the rows (P, d) of one `group`; per diagonal block, the rows zero-padded and cut into its blocks,
+        for a blocked factor); the first product after a reset overwrites (beta=0) instead of adding to
+        zeros, so the large Gram buffers are never cleared (except before a first product into one group,
+        which leaves the others' old content)."""
         beta = 0.0 if name in self._stale else 1.0
+        buffer = getattr(self, name)
+        if group is not None:
+            if beta == 0.0:
+                buffer.zero_()
+                beta = 1.0
+            buffer = buffer[group]
         blocks = self.blocking[name[1:]]
         if blocks is not None:  # (P, [groups,] m, b) -> (P, groups·m, b)
             rows = padded_blocks(rows, *blocks).flatten(1, -2)
         if rows.dim() == 2:
-            getattr(self, name).addmm_(rows.T, rows, beta=beta)
+            buffer.addmm_(rows.T, rows, beta=beta)
         else:
             per_group = rows.transpose(0, 1)
-            getattr(self, name).flatten(0, -3).baddbmm_(per_group.transpose(1, 2), per_group, beta=beta)
+            buffer.flatten(0, -3).baddbmm_(per_group.transpose(1, 2), per_group, beta=beta)
         self._stale.discard(name)
 
     def _bordered_A(self) -> torch.Tensor:
@@ -217,15 +257,21 @@ class BlockStatistics:
         out = self._A.new_empty(self._A.shape[:-2] + (d + 1, d + 1))
         out[..., :d, :d] = self._A
         out[..., :d, d] = out[..., d, :d] = self._A_sum
-        out[..., d, d] = self._a_rows
+        out[..., d, d] = self._a_rows if self._group_rows is None else self._group_rows
         return out
 
     @torch.no_grad()
-    def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int) -> None:
-        """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients."""
+    def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int,
+                     routing: torch.Tensor | None = None) -> None:
+        """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients (a routed
+        layout: Σ g gᵀ over each group's rows by the `routing` recorded with g)."""
         if forward_id in self._staged:
             self._commit(forward_id)
         self._dirty = True
+        if self.routed:
+            for group, rows in self.layout.routed_rows(g, routing) if self._S is not None else ():
+                self._gram_into("_S", rows.to(self.dtype), group)
+            return
         g3 = self.layout.error_rows(g).to(self.dtype)
         if self.groups > 1:  # (N, R, groups, s)
             g3 = g3.unflatten(-1, (self.groups, -1))
@@ -311,7 +357,11 @@ class BlockStatistics:
                 self._gram_into("_S", pooled["g"])
         batch = {}
         if self._A is not None and self._a_rows:
-            batch["A"] = self._bordered_A() / self._a_rows  # the ids' frequencies
+            # the ids' frequencies; a routed layout's A_e is the mean over its group's own rows (0 for none)
+            A = self._bordered_A()
+            rows = self._a_rows if self._group_rows is None else \
+                self._group_rows.clamp_min(1).reshape((-1,) + (1,) * (A.dim() - 1))  # whole or blocked A_e
+            batch["A"] = A / rows
             if self._A_energy is not None:  # ε_t, normalized into A by fold (gnfx.layouts.position)
                 batch["energy"] = self._A_energy * m
         if self._S is not None and "_S" not in self._stale:  # (stale: no gradient reached the block)
@@ -381,7 +431,7 @@ class BlockStatistics:
                 self._A.zero_()  # token counts are added, not multiplied
             if self._A_energy is not None:
                 self._A_energy.zero_()
-            for buf in (self._A_sum, self._diag, self._eigen_diag, self._grad):
+            for buf in (self._A_sum, self._group_rows, self._diag, self._eigen_diag, self._grad):
                 if buf is not None:
                     buf.zero_()
             self._dirty = False

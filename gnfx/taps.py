@@ -5,7 +5,8 @@ registers a gradient hook on it that records `g = ∂L/∂z` (and, for per-examp
 it with the `a` of the same call); with a true Fisher (`fisher="mc"`/`"type2"`) it hands `z` to
 the extra backward of gnfx.fisher instead. Both are identities: the model computes the same values and
 gradients. They only run on statistic steps: on other steps the compiled model calls the
-original, untapped forward.
+original, untapped forward. A block whose rows are routed to its groups at run time (stacked experts)
+gets the routing (the offsets) as both taps' last argument and records it with a and g.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ class ActivationTap(nn.Module):
         super().__init__()
         self.stats, self.store = stats, store
 
-    def forward(self, a):
+    def forward(self, a, routing=None):
         if torch.is_grad_enabled():
-            self.stats.record_activation(a, self.store.forward_id)
+            self.stats.record_activation(a, self.store.forward_id, routing)
         return a
 
     def extra_repr(self) -> str:
@@ -40,14 +41,14 @@ class ErrorTap(nn.Module):
         super().__init__()
         self.stats, self.store, self.fresh = stats, store, fresh
 
-    def forward(self, z, a):
+    def forward(self, z, a, routing=None):
         if z.requires_grad:
             fid, stats = self.store.forward_id, self.stats
             keep = a if stats.wants_activation_in_backward else None
             if self.store.fisher == "empirical":
-                z.register_hook(lambda g: stats.record_error(g, keep, fid))
+                z.register_hook(lambda g: stats.record_error(g, keep, fid, routing))
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
-                self.store.pending.append((z, keep, stats, fid))
+                self.store.pending.append((z, keep, stats, fid, routing))
             if self.fresh:
                 return z.clone()
         return z

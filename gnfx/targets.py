@@ -104,13 +104,16 @@ def group_pieces(prefix: str, pieces: list[Piece]) -> list[Group]:
 # channels-first position table (1, C, *S) as C x prod(S)), "rows" (a weight (1, ..., 1, *G, C), or (C,), as the
 # G x C matrix of its rows along the last dimension, gnfx.layouts.weighted_sum), "in_out_flatten" (a
 # transposed convolution's kernel (C_in, C_out/g, *k) of g groups as C_out x C_in/g·prod(k), group j's
-# rows reading its own input channels, gnfx.layouts.conv_transpose); {groups} is the block's groups
+# rows reading its own input channels, gnfx.layouts.conv_transpose), "in_out_stacked" (stacked experts
+# stored (E, d_in, d_out) as E·d_out x d_in, expert e's W_eᵀ stored, gnfx.layouts.experts); {groups} is the
+# block's groups
 VIEWS = {"": "", "flatten": ".flatten(1)", "t": ".t()", "column": ".reshape(-1, 1)", "flat_t": ".flatten(0, -2).t()",
          "features_first": ".flatten(0, 1).flatten(1)", "rows": ".unsqueeze(0).flatten(0, -2)",
-         "in_out_flatten": ".unflatten(0, ({groups}, -1)).transpose(1, 2).flatten(0, 1).flatten(1)"}
+         "in_out_flatten": ".unflatten(0, ({groups}, -1)).transpose(1, 2).flatten(0, 1).flatten(1)",
+         "in_out_stacked": ".transpose(1, 2).flatten(0, 1)"}
 # the views as_matrix can only give as a copy (no strides read C_in and prod(k) as one dimension past
 # C_out): a write goes back through from_matrix (gnfx.preconditioners.curvature.step_parameters)
-COPYING_VIEWS = frozenset({"in_out_flatten"})
+COPYING_VIEWS = frozenset({"in_out_flatten", "in_out_stacked"})
 
 
 def as_matrix(w: torch.Tensor, view: str, groups: int = 1) -> torch.Tensor:
@@ -131,6 +134,8 @@ def as_matrix(w: torch.Tensor, view: str, groups: int = 1) -> torch.Tensor:
         return w.unsqueeze(0).flatten(0, -2)
     if view == "in_out_flatten":
         return w.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1).flatten(1)
+    if view == "in_out_stacked":
+        return w.transpose(1, 2).flatten(0, 1)
     return w
 
 
@@ -138,6 +143,8 @@ def from_matrix(M: torch.Tensor, view: str, shape, groups: int = 1) -> torch.Ten
     """The inverse of `as_matrix`: a matrix laid out like W back in the weight's shape."""
     if view == "in_out_flatten":
         return M.reshape((groups, shape[1], shape[0] // groups) + tuple(shape[2:])).transpose(1, 2).reshape(shape)
+    if view == "in_out_stacked":
+        return M.reshape(shape[0], shape[2], shape[1]).transpose(1, 2).reshape(shape)
     return (M.t() if view in ("t", "flat_t") else M).reshape(shape)
 
 

@@ -40,6 +40,7 @@ from gnfx.layouts import KINDS, register_layer_kind
 from gnfx.layouts.conv import ConvLayout
 from gnfx.layouts.conv_transpose import ConvTransposeLayout
 from gnfx.layouts.embedding import EmbeddingLayout
+from gnfx.layouts.experts import ExpertsLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.layouts.position import PositionLayout
@@ -53,6 +54,7 @@ from .boundary import mark_boundary
 from .conv import find_conv_sites
 from .conv_transpose import find_conv_transpose_sites
 from .embedding import find_embedding_sites
+from .grouped_products import find_expert_sites
 from .hidden_product import find_hidden_product_sites
 from .linear import find_linear_sites
 from .norm import find_norm_sites
@@ -81,6 +83,7 @@ register_layer_kind("scale", ScaleLayout, find_scale_sites)
 register_layer_kind("weighted_sum", WeightedSumLayout, find_weighted_sum_sites)
 # a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
 register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
+register_layer_kind("experts", ExpertsLayout, find_expert_sites)
 
 
 def _block_name(weight: str) -> str:

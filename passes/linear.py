@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .grouped_products import grouped_product_rejections
 from .sites import Site, arg
 
 aten = torch.ops.aten
@@ -151,7 +150,7 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
             site = _einsum_site(node, *operands, param_of, shape_of)
         if site is not None:
             sites.append(_added_bias(site, param_of, shape_of))
-    return sites, grouped_product_rejections(gm, param_of, shape_of)
+    return sites, []
 
 
 def _einsum_site(node, x, w, in_out: bool, feature_dim: int, param_of, shape_of) -> Site | None:

@@ -11,6 +11,9 @@ class Site:
     """One use of a layer: `node` computes `z` from `input` (the `a` of docs/design.md §1) with the
     parameter named `weight` (and `bias`, or None). `uses` are the (consumer, get_attr) pairs of
     the graph that this site accounts for (for `x @ W.t()` the consumer of W is the transpose).
+    `routing`, for a layout whose rows are assigned to its groups at run time (`Layout.routed`: stacked
+    experts), is the node whose value assigns them (a grouped product's offsets): the taps record it
+    with the input and the output gradient.
     `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry (what
     its layout reads). `kind` is the name its detector is registered under (set by passes/analyze.py)."""
 
@@ -23,6 +26,7 @@ class Site:
     d_out: int
     options: dict = dataclasses.field(default_factory=dict)
     kind: str = ""
+    routing: fx.Node | None = None
 
 
 def arg(node: fx.Node, position: int, name: str, default=None):

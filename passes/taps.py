@@ -6,10 +6,11 @@ For a site `z = linear(a, W, b)` the graph becomes
     z = linear(a_tap, W, b)
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
-and every former user of `z` reads `z_tap`. The taps are submodules under `gnfx_taps`, so they are
-visible in `graph_module.code` and in `print(graph_module)`. A site in the graph of a layer opened
-inside an opaque submodule (passes/opaque_children.py) gets its taps in that graph, under its own
-`gnfx_taps`.
+and every former user of `z` reads `z_tap`. A site with a `routing` (stacked experts: the offsets of
+their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps
+are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and in
+`print(graph_module)`. A site in the graph of a layer opened inside an opaque submodule
+(passes/opaque_children.py) gets its taps in that graph, under its own `gnfx_taps`.
 
 Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
 convolutions and ResNet's BatchNorms have, `x.relu_()`, an `inplace=True` function, or any of these on a
@@ -106,14 +107,15 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
             owner.gnfx_taps.add_module(f"{stem}_a", ActivationTap(stats, store))
             graph = node.graph
             with graph.inserting_before(node):
-                a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,))
+                routing = () if site.routing is None else (site.routing,)  # a routed layout's (Site.routing)
+                a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,) + routing)
             node.replace_input_with(site.input, a_tap)
             # an opened layer's output goes back to the opaque submodule's Python code, which may write in place
             returned = owner is not gm and any(user.op == "output" for user in node.users)
             owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store,
                                                              fresh=returned or _modified_in_place(node, owner)))
             with graph.inserting_after(node):
-                z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap))
+                z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)
             for n in (a_tap, z_tap):
                 n.meta["gnfx_role"] = "tap"

@@ -1494,45 +1494,66 @@ def test_a_norm_scaled_by_one_plus_its_weight_is_a_norm_block(capture):
 
 
 class GroupedExperts(nn.Module):
-    """Top-1 routing to 3 experts as Hugging Face's mixture-of-experts layers compute it (Mixtral's
-    default experts): the tokens sorted by expert, one F.grouped_mm of them with the stacked expert
-    weights (3, 4, 8), unsorted, weighted by the router's probability; or (`grouped=False`) the same
-    products as a one-hot einsum."""
+    """Top-1 routing to 3 experts as Hugging Face's mixture-of-experts layers compute it (gpt-oss's
+    experts): the tokens sorted by expert, one F.grouped_mm of them with the stacked expert weights
+    (3, 4, 8), unsorted, weighted by the router's probability."""
 
-    def __init__(self, grouped=True):
+    def __init__(self):
         super().__init__()
         self.router, self.head = nn.Linear(4, 3), nn.Linear(8, 3)
         self.experts = nn.Parameter(0.5 * torch.randn(3, 4, 8))
-        self.grouped = grouped
 
     def forward(self, x):
         probability, expert = F.softmax(self.router(x), -1).max(-1)
-        if self.grouped:
-            order = torch.argsort(expert)
-            offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
-            products = F.grouped_mm(x[order], self.experts, offs=offsets)
-            h = torch.zeros_like(products).index_copy(0, order, products)
-        else:
-            h = torch.einsum("nk,ng,gko->no", x, F.one_hot(expert, 3).to(x.dtype), self.experts)
+        order = torch.argsort(expert)
+        offsets = torch.cumsum(torch.bincount(expert, minlength=3), 0).to(torch.int32)
+        products = F.grouped_mm(x[order], self.experts, offs=offsets)
+        h = torch.zeros_like(products).index_copy(0, order, products)
+        return self.head(torch.tanh(h) * probability.unsqueeze(-1))
+
+
+class LinearExperts(nn.Module):
+    """GroupedExperts (its parameters copied from `grouped`) with each expert an nn.Linear of the rows
+    routed to it: `h[expert == e] = linears[e](x[expert == e])`."""
+
+    def __init__(self, grouped):
+        super().__init__()
+        self.router, self.head = copy.deepcopy(grouped.router), copy.deepcopy(grouped.head)
+        self.linears = nn.ModuleList(nn.Linear(4, 8, bias=False) for _ in range(3))
+        for linear, weight in zip(self.linears, grouped.experts.detach()):
+            linear.weight.data.copy_(weight.T)
+
+    def forward(self, x):
+        probability, expert = F.softmax(self.router(x), -1).max(-1)
+        h = x.new_zeros(1, 8).expand(x.shape[0], 8)
+        for e, linear in enumerate(self.linears):
+            h = h.index_put((expert == e,), linear(x[expert == e]))
         return self.head(torch.tanh(h) * probability.unsqueeze(-1))
 
 
 def test_kfac_at_defaults_steps_through_grouped_matrix_products():
     """torch._grouped_mm (Mixtral's experts in transformers 5) has no forward-mode derivative: kfac at
     its defaults raised at its first step. Written out for forward mode (gnfx.composite_forms), 3 steps
-    take the parameters where those of the one-hot einsum of the same products go (float32: the kernel
-    has no float64; torch.fx, as torch.export's fake kernel takes bfloat16 only, which is why transformers
-    calls a custom op of its own while tracing)."""
+    take the parameters where those of the same experts as nn.Linear modules go: the experts block
+    (gnfx.layouts.experts) is K-FAC per expert over its routed rows, as the linear blocks are (float32:
+    the kernel has no float64; torch.fx, as torch.export's fake kernel takes bfloat16 only, which is why
+    transformers calls a custom op of its own while tracing). Before the experts kind this compared with
+    a one-hot einsum, both falling back to the diagonal preconditioner."""
     torch.manual_seed(0)
     grouped = GroupedExperts()
-    einsum = copy.deepcopy(grouped)
-    einsum.grouped = False
-    for model in (grouped, einsum):
+    linear = LinearExperts(grouped)
+    kinds = []
+    for model in (grouped, linear):
         c = gnfx.compile(model, "kfac", loss="cross_entropy", capture="fx")
         torch.manual_seed(1)  # the same Monte Carlo targets for both
         train(c, 3)
-    for p, q in zip(grouped.parameters(), einsum.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        kinds.append({b.kind for b in c.layers} if not c.layers.fallbacks else None)
+    assert kinds == [{"linear", "experts"}, {"linear"}], kinds
+    for e, expert in enumerate(linear.linears):
+        torch.testing.assert_close(grouped.experts[e].T, expert.weight, rtol=1e-4, atol=1e-5)
+    for p, q in zip([grouped.router, grouped.head], [linear.router, linear.head]):
+        torch.testing.assert_close(p.weight, q.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p.bias, q.bias, rtol=1e-4, atol=1e-5)
 
 
 class AffineFeatures(nn.Module):
@@ -1989,20 +2010,46 @@ class TransposedGroupedExperts(GroupedExperts):
         return self.head(torch.tanh(h) * probability.unsqueeze(-1))
 
 
-@pytest.mark.parametrize("model", [GroupedExperts, TransposedGroupedExperts])
-def test_stacked_expert_weights_of_a_grouped_product_fall_back_for_what_they_are(model):
+class UnroutedGroupedExperts(GroupedExperts):
+    """GroupedExperts with every expert applied to every token, a batched grouped product without offsets
+    (`F.grouped_mm(x.expand(3, N, 4), W)`), the outputs mixed by the router's probabilities (forward only:
+    torch's batched grouped product has no backward on CPU for it)."""
+
+    def forward(self, x):
+        probabilities = F.softmax(self.router(x), -1)
+        h = F.grouped_mm(x.expand(3, -1, -1).contiguous(), self.experts)
+        return self.head(torch.tanh(torch.einsum("gno,ng->no", h, probabilities)))
+
+
+def test_stacked_expert_weights_of_a_grouped_product_without_offsets_fall_back_for_what_they_are():
     """Qwen3-MoE's, Qwen2-MoE's, DeepSeek-V3's and gpt-oss's experts fell back "used by call_function
     'transpose.int', not a layer gnfx models" (or 'grouped_mm_fallback.default'), which says nothing of
-    what they are. The reason names the stacked weights of E experts in a grouped product, that no kind
-    models them, and the layer that does (nn.Linear experts); the router and head stay blocks."""
+    what they are; they are now blocks (tests/test_experts.py). A grouped product without offsets (no
+    rows routed) is not what the experts kind models: the reason names the stacked weights of E experts in
+    a grouped product, what is missing, and the layer that models them (nn.Linear experts); the router
+    and head stay blocks."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the coverage warning
-        c = gnfx.compile(model(), "kfac", lr=1e-2, capture="fx")
-        train(c, 1)
+        c = gnfx.compile(UnroutedGroupedExperts(), "kfac", lr=1e-2, capture="fx", example_inputs=(batch()[0],))
     (fallback,) = c.layers.fallbacks
     assert fallback.param == "experts" and "router" in c.layers and "head" in c.layers
-    assert "stacked weights of 3 experts" in fallback.reason and "nn.Linear" in fallback.reason, fallback.reason
+    assert "stacked weights of 3 experts" in fallback.reason and "without offsets" in fallback.reason \
+        and "nn.Linear" in fallback.reason, fallback.reason
+
+
+@pytest.mark.parametrize("model", [GroupedExperts, TransposedGroupedExperts])
+def test_stacked_expert_weights_of_a_routed_grouped_product_are_an_experts_block(model):
+    """gpt-oss's form, `grouped_mm(x, W, offs=...)` with W (E, d_in, d_out), and Qwen3-MoE's, Qwen2-MoE's
+    and DeepSeek-V3's, `grouped_mm(x, W.transpose(-2, -1), offs=...)` with W (E, d_out, d_in), fell back;
+    each is now a block of kind "experts", 3 groups of 8 x 4 (its statistics against a reference:
+    tests/test_experts.py), and nothing falls back."""
+    torch.manual_seed(0)
+    c = gnfx.compile(model(), "kfac", lr=1e-2, capture="fx")
+    train(c, 1)
+    block = c.layers["experts"]
+    assert not c.layers.fallbacks and block.kind == "experts"
+    assert block.shapes["A"] == (3, 4, 4) and block.shapes["S"] == (3, 8, 8)
 
 
 class DeadKernelRead(CausalDepthwise):

@@ -169,6 +169,8 @@ def rows(self, a):
     ("einsum_linear", type("NoRows", (Layout,), {}), example.find_einsum_sites, "does not define input_chunks"),
     ("einsum_linear", type("Ids", (Layout,), {"input_chunks": rows, "diagonal_A": True}), example.find_einsum_sites,
      "does not define per_example_gradient"),
+    ("einsum_linear", type("Routed", (Layout,), {"input_chunks": rows, "routed": True}), example.find_einsum_sites,
+     "does not define routed_rows"),
     ("einsum_linear", type("BadView", (Layout,), {"input_chunks": rows, "view": "T"}), example.find_einsum_sites,
      "view = 'T' is not one of"),
     ("einsum_linear", type("NoGroups", (Layout,), {"input_chunks": rows, "groups": 0}), example.find_einsum_sites,
@@ -181,7 +183,7 @@ def test_a_kind_that_cannot_be_registered_is_a_config_error_naming_the_fix(name,
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         gnfx.register_layer_kind(name, layout, detector)
     assert set(KINDS) == {"linear", "conv", "conv_transpose", "embedding", "norm", "position", "scale", "recurrent",
-                          "weighted_sum", "shift"}
+                          "weighted_sum", "shift", "experts"}
 
 
 def test_the_built_in_kinds_are_registered_as_a_users_are():

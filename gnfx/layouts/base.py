@@ -62,6 +62,10 @@ class Layout:
     # a diagonal A weighted by each id's output-gradient energy, from `error_ids(g)` (gnfx.layouts.position),
     # instead of the ids' frequencies
     energy_weighted_A = False
+    # rows assigned to the groups at run time (stacked experts, gnfx.layouts.experts): the layout gives
+    # `routed_rows(rows, routing)`, the (group, rows) pairs of a layer input's or output gradient's rows
+    # by the routing the taps recorded with them (Site.routing), instead of (N, R, groups, d) rows
+    routed = False
 
     def __init__(self, block):
         self.block = block

@@ -6,7 +6,8 @@ gradient `δ aᵀ`): the rows `a` of a layer input (`input_chunks`, (N, R, d_in)
 (N, R, groups, d_in)), the rows δ of an output gradient (`error_rows`, (N, R, d_out)), the examples
 N of an input (`examples`), how the weight reads as the matrix W (`view`, one of gnfx.targets.VIEWS),
 whether A is kept as its diagonal (`diagonal_A`: the inputs are then ids and the layout gives the
-per-example gradients, `per_example_gradient(δ, ids)`), the independent row groups (`groups`), the
+per-example gradients, `per_example_gradient(δ, ids)`), the independent row groups (`groups`) and
+whether the rows are routed to them at run time (`routed`: then `routed_rows(rows, routing)`), the
 entries of `a` a blocked A keeps together (`input_unit`), and whether its blocks take part in a tied
 input/output embedding (`tied_host`, `tied_guest`). The statistics, the preconditioners, the cost
 model and the analysis ask the layout; nothing outside the kind's two files compares its name.
@@ -19,7 +20,7 @@ fallback. `param_of(node)` is the name of the trainable parameter a node reads (
 `shape_of(name)` its shape.
 
 `KINDS` holds every registered kind by name; passes/analyze.py registers the built-in ones (linear,
-conv, conv_transpose, embedding, norm, position, scale, recurrent) through `register_layer_kind` as a
+conv, conv_transpose, embedding, norm, position, scale, recurrent, experts) through `register_layer_kind` as a
 user does. Where two kinds claim the same node, the one registered later takes it: a user's kind
 overrides a built-in one there.
 """
@@ -56,6 +57,8 @@ def _layout_problems(layout) -> list[str]:
         problems.append("it does not define input_chunks(a), the rows a of a layer input")
     if layout.diagonal_A and not callable(getattr(layout, "per_example_gradient", None)):
         problems.append("diagonal_A is set but it does not define per_example_gradient(delta, ids)")
+    if layout.routed and not callable(getattr(layout, "routed_rows", None)):
+        problems.append("routed is set but it does not define routed_rows(rows, routing)")
     if layout.view not in VIEWS:
         problems.append(f"view = {layout.view!r} is not one of {', '.join(map(repr, VIEWS))} (gnfx.targets.VIEWS)")
     for attribute in ("groups", "input_unit"):

@@ -105,8 +105,9 @@ class RankK(CurvaturePreconditioner):
 
     @classmethod
     def auto_candidates(cls, hp, g):
-        """Below K-FAC and every blocked Shampoo, above the diagonal."""
-        return [Candidate(3, hp)]
+        """Below K-FAC and every blocked Shampoo, above the diagonal; none for a block whose rows are routed
+        at run time (stacked experts: no per-example gradients, gnfx.layouts.experts)."""
+        return [] if g.layout is not None and g.layout.routed else [Candidate(3, hp)]
 
     def init_group(self, group):
         n = 1

@@ -1,0 +1,49 @@
+"""Stacked experts (`grouped_mm(x_sorted, W.transpose(-2, -1), offs=offsets)`, passes/grouped_products.py):
+E linear maps whose rows are routed to them at run time.
+
+W (E, d_out, d_in) reads as the matrix `W.flatten(0, 1)` (E·d_out x d_in) of E groups (gnfx.layouts.base):
+group e, rows e·d_out ... (e+1)·d_out, is expert e's matrix W_e; a W stored (E, d_in, d_out) and used as
+stored (`options["transposed"]`, gpt-oss) as `W.transpose(1, 2).flatten(0, 1)` (gnfx.targets view
+"in_out_stacked", a copy that a write puts back). The layer input a is the (T, d_in)
+tokens sorted by expert and the output gradient g the (T, d_out) rows of the product; the offsets
+o (E,) (`routing`, recorded by the taps with both) give expert e the rows [o_{e-1}, o_e) (o_{-1} = 0;
+rows from o_{E-1} on belong to no expert: transformers' sentinels of dropped tokens). Each expert is
+modelled as its own linear layer over the rows routed to it ("expand": every routed row a position),
+
+    A_e = 1/T_e Σ_{t ∈ e} a_t a_tᵀ          (T_e = o_e - o_{e-1} rows; A_e = 0 for an expert no row reached)
+    S_e = 1/M   Σ_{t ∈ e} δ_t δ_tᵀ = M Σ_{t ∈ e} g_t g_tᵀ
+
+(gnfx.statistics' normalizations, per group), so that K-FAC's `A_e ⊗ S_e` is the Fisher block of W_e
+with its row mean taken over expert e's rows. The tokens are sorted across the examples, so no
+statistic that needs each example's rows (per-example diagonals, rank1's and EKFAC's, kfac_approx=
+"reduce") can be formed: gnfx.statistics refuses the first and uses "expand" for the last.
+"""
+from __future__ import annotations
+
+import torch
+
+from gnfx.layouts.base import Layout, position_rows
+
+
+class ExpertsLayout(Layout):
+    routed = True
+
+    def __init__(self, block):
+        super().__init__(block)
+        self.groups = block.options["experts"]
+        # (E, d_out, d_in) -> (E·d_out, d_in); stored (E, d_in, d_out): transposed per expert first
+        self.view = "in_out_stacked" if block.options.get("transposed") else "features_first"
+
+    def input_chunks(self, a: torch.Tensor):
+        """All the sorted tokens (T, d_in) as one chunk (T, 1, d_in) (the routed and the sentinel rows;
+        `routed_rows` splits them by expert)."""
+        yield position_rows(a)
+
+    def routed_rows(self, rows: torch.Tensor, offsets: torch.Tensor):
+        """(e, rows_e) for each expert e that some row reached: rows_e the rows [o_{e-1}, o_e) of the
+        (T, d) rows (the layer input or the output gradient) that the offsets o route to it."""
+        start = 0
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                yield e, rows[start:end]
+            start = end
