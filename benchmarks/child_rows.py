@@ -1,4 +1,5 @@
-"""The probes' table rows, one child process each (benchmarks.library_probe, family_probe, detection_probe).
+"""The probes' table rows, one child process each (benchmarks.library_probe, family_probe, detection_probe,
+pyg_probe, diffusers_probe, einops_probe).
 
 Each model runs in a process of its own, so that one model's memory, threads or crash do not reach the
 next; the child prints its row of the table last.
@@ -31,3 +32,19 @@ def write_table(rows: list[str], path: str | None) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(rows) + "\n")
+
+
+def case_table(cases: list[tuple[tuple[str, ...], list[str]]], header: list[str], timeout: float,
+               path: str | None) -> None:
+    """The table of `header` (its two lines) with a row per case (its first cells, the child's command), as
+    the child prints it; a child that fails or runs past `timeout` seconds gets a row of the case's cells,
+    then the error, the other cells empty. Each row printed as it comes, the table written to `path`."""
+    cells = header[0].count("|") - 1
+    rows = list(header)
+    for first, command in cases:
+        named, empty = "| " + " | ".join(first) + " | ", " |" * (cells - len(first) - 1)
+        row = child_row(command, timeout, lambda error: f"{named}error: {error[:300]} |{empty}",
+                        f"{named}over the {timeout:.0f} s timeout |{empty}")
+        rows.append(row)
+        print(row, flush=True)
+    write_table(rows, path)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
-from benchmarks.child_rows import child_row, write_table
+from benchmarks.child_rows import case_table
 
 BATCH = 4
 RUNS = {"exact": dict(lr=1e-3), "kfac": dict(lr=1e-3), "kfac_mse": dict(loss="mse"),
@@ -351,16 +351,11 @@ def main() -> None:
     if args.one:
         print(probe(*args.one, args.steps))
         return
-    rows = ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
-            "|---|---|---|---|---|---|---|"]
-    for name in args.models:
-        for run in args.runs:
-            command = [sys.executable, "-m", "benchmarks.diffusers_probe", "--one", name, run, "--steps", str(args.steps)]
-            row = child_row(command, args.timeout, lambda error: f"| {name} | {run} | error: {error[:300]} | | | | |",
-                            f"| {name} | {run} | over the {args.timeout:.0f} s timeout | | | | |")
-            rows.append(row)
-            print(row, flush=True)
-    write_table(rows, args.out)
+    cases = [((name, run), [sys.executable, "-m", "benchmarks.diffusers_probe", "--one", name, run, "--steps",
+                            str(args.steps)]) for name in args.models for run in args.runs]
+    header = ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
+              "|---|---|---|---|---|---|---|"]
+    case_table(cases, header, args.timeout, args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
-from benchmarks.child_rows import child_row, write_table
+from benchmarks.child_rows import case_table
 from benchmarks.torchvision_models import torchvision_or_exit
 
 CLASSES = 4
@@ -180,19 +180,11 @@ def main() -> None:
     if args.one:
         print(probe(*args.one, args.steps, args.qat))
         return
-    rows = ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |",
-            "|---|---|---|---|---|---|---|"]
-    for name in args.models:
-        shown = f"{name} (QAT)" if args.qat else name
-        for optimizer in args.optimizers:
-            command = [sys.executable, "-m", "benchmarks.family_probe", "--one", name, optimizer,
-                       "--steps", str(args.steps)] + (["--qat"] if args.qat else [])
-            row = child_row(command, args.timeout,
-                            lambda error: f"| {shown} | {optimizer} | error: {error[:300]} | | | | |",
-                            f"| {shown} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | |")
-            rows.append(row)
-            print(row, flush=True)
-    write_table(rows, args.out)
+    cases = [((f"{name} (QAT)" if args.qat else name, optimizer),
+              [sys.executable, "-m", "benchmarks.family_probe", "--one", name, optimizer, "--steps", str(args.steps)]
+              + (["--qat"] if args.qat else [])) for name in args.models for optimizer in args.optimizers]
+    case_table(cases, ["| model | optimizer | capture | in blocks | losses | gnfx's warnings | s |",
+                       "|---|---|---|---|---|---|---|"], args.timeout, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
-from benchmarks.child_rows import child_row, write_table
+from benchmarks.child_rows import case_table
 from benchmarks.torchvision_models import MODEL_KWARGS, torchvision_or_exit
 
 BATCH = 8
@@ -112,7 +112,7 @@ def main() -> None:
     if args.one:
         print(probe(args.library, args.one, sizes[args.one], args.steps, args.cost_rows))
         return
-    rows = ["| model | capture | in blocks | kfac losses | gnfx's warnings | s |", "|---|---|---|---|---|---|"]
+    cases = []
     for name in args.models or sizes:
         if name not in sizes:
             parser.error(f"unknown model {name!r} of {args.library}: one of {', '.join(sizes)}, or any other with "
@@ -120,11 +120,9 @@ def main() -> None:
         command = [sys.executable, "-m", "benchmarks.library_probe", "--library", args.library, "--one", name,
                    "--steps", str(args.steps)] + ([] if args.cost_rows is None else ["--cost-rows", str(args.cost_rows)])
         command += ["--models", name, "--size", str(sizes[name])] if name not in MODELS[args.library] else []
-        row = child_row(command, args.timeout, lambda error: f"| {name} | error: {error[:200]} | | | | |",
-                        f"| {name} | over the {args.timeout:.0f} s timeout | | | | |")
-        rows.append(row)
-        print(row, flush=True)
-    write_table(rows, args.out)
+        cases.append(((name,), command))
+    header = ["| model | capture | in blocks | kfac losses | gnfx's warnings | s |", "|---|---|---|---|---|---|"]
+    case_table(cases, header, args.timeout, args.out)
 
 
 if __name__ == "__main__":

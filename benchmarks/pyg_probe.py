@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import child_row, write_table
+from benchmarks.child_rows import case_table
 
 FEATURES, CLASSES, HIDDEN = 16, 5, 32
 GRAPHS, BATCH = 64, 16
@@ -263,17 +263,11 @@ def main() -> None:
     if args.one:
         print(probe(*args.one, args.steps))
         return
-    rows = ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S | losses | gnfx's warnings | s |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name in args.models:
-        for optimizer in args.optimizers:
-            command = [sys.executable, "-m", "benchmarks.pyg_probe", "--one", name, optimizer, "--steps", str(args.steps)]
-            row = child_row(command, args.timeout,
-                            lambda error: f"| {name} | {optimizer} | error: {error[:300]} | | | | | |",
-                            f"| {name} | {optimizer} | over the {args.timeout:.0f} s timeout | | | | | |")
-            rows.append(row)
-            print(row, flush=True)
-    write_table(rows, args.out)
+    cases = [((name, optimizer), [sys.executable, "-m", "benchmarks.pyg_probe", "--one", name, optimizer, "--steps",
+                                  str(args.steps)]) for name in args.models for optimizer in args.optimizers]
+    header = ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S | losses | gnfx's warnings | s |",
+              "|---|---|---|---|---|---|---|---|"]
+    case_table(cases, header, args.timeout, args.out)
 
 
 if __name__ == "__main__":
