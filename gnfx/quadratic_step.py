@@ -976,9 +976,14 @@ class FlatLayout:
         self.parameter_owner = owner
         # whether preconditioner k owns every element (its row of V is the proposal as it is)
         self.owns_all = [all(o == k for o in owner) for k in range(len(self.preconditioners))]
-        self.owner = torch.repeat_interleave(torch.tensor(owner, device=self.device),
-                                             torch.tensor(self.sizes, device=self.device))  # per element
         self._buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (flat, its views)
+
+    @functools.cached_property
+    def owner(self) -> torch.Tensor:
+        """The owning preconditioner of each element (int64, as many as the parameters' elements: 1 GB for
+        a 129M-parameter model), made where a row of V is split by owner (several parts, a fixed μ̂)."""
+        return torch.repeat_interleave(torch.tensor(self.parameter_owner, device=self.device),
+                                       torch.tensor(self.sizes, device=self.device))
 
     def buffer(self, key: str) -> torch.Tensor:
         """The flat buffer `key` (of a `buffered` layout), made at its first use and kept (until `release`)."""

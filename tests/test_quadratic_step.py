@@ -775,6 +775,16 @@ def test_a_checkpoint_is_not_changed_by_later_steps():
     assert not all(torch.equal(p, q) for p, q in zip(c.optimizer.quadratic.previous, previous))
 
 
+def test_a_step_of_one_part_makes_no_per_element_owners():
+    """FlatLayout.owner, an int64 per parameter element, is made only where a row of V is split by owner."""
+    x, y = batch("mse")
+    c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1)
+    for seed in range(2):
+        train_step(c, x, y, "mse", seed)
+    layout = c.optimizer.quadratic._flat_layout
+    assert layout.owns_all == [True] and "owner" not in vars(layout)
+
+
 @pytest.mark.parametrize("hp", [{}, {"quadratic_momentum": 0.9}])
 def test_the_buffers_of_the_step_change_no_step(hp, monkeypatch):
     """With its flat vectors in buffers kept between steps (FlatLayout.kept, small models) the
