@@ -213,3 +213,26 @@ def test_auto_does_not_offer_rank1_for_stacked_experts():
     from gnfx.preconditioners.rank1 import RankK
     assert RankK.auto_candidates({}, Geometry((20, 8), "experts", groups=5)) == []
     assert len(RankK.auto_candidates({}, Geometry((20, 8), "linear"))) == 1
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_the_offsets_are_read_to_the_host_once_per_block_and_call(fisher, monkeypatch):
+    """A statistic step reads each experts block's offsets to the host (a device synchronization on a
+    GPU) once, though A's rows, S's and the sampled backward's (fisher="mc") all split by them: `up` and
+    `down` take the same offsets, so two reads in all; a second statistic step, new offsets, two more."""
+    torch.manual_seed(0)
+    c = compile_for_statistics(MoE(), optimizer="kfac", capture="fx", statistics=("A", "S"), fisher=fisher,
+                               loss="cross_entropy")
+    x, y = batch()
+    reads, tolist = [], torch.Tensor.tolist
+
+    def counted(t):
+        if t.dtype == torch.int32 and t.shape == (E,):
+            reads.append(t)
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    statistic_step(c, x, y)
+    assert len(reads) == 2 and reads[0] is reads[1], len(reads)
+    statistic_step(c, x, y)
+    assert len(reads) == 4, len(reads)

@@ -31,6 +31,7 @@ class ExpertsLayout(Layout):
     def __init__(self, block):
         super().__init__(block)
         self.groups = block.options["experts"]
+        self._read = (None, -1, [])  # the last offsets read to the host: (tensor, its version, o as ints)
         # (E, d_out, d_in) -> (E·d_out, d_in); stored (E, d_in, d_out): transposed per expert first
         self.view = "in_out_stacked" if block.options.get("transposed") else "features_first"
 
@@ -43,7 +44,19 @@ class ExpertsLayout(Layout):
         """(e, rows_e) for each expert e that some row reached: rows_e the rows [o_{e-1}, o_e) of the
         (T, d) rows (the layer input or the output gradient) that the offsets o route to it."""
         start = 0
-        for e, end in enumerate(offsets.tolist()):
+        for e, end in enumerate(self._ends(offsets)):
             if end > start:
                 yield e, rows[start:end]
             start = end
+
+    def _ends(self, offsets: torch.Tensor) -> list[int]:
+        """o as Python ints, read to the host once per offsets tensor: A's rows, S's and every sampled
+        backward's of one call take the same tensor, so one call costs one device synchronization (a
+        tensor changed in place since, its version moved, is read again)."""
+        if offsets.is_inference():  # (no version counter: read every time)
+            return offsets.tolist()
+        tensor, version, ends = self._read
+        if offsets is not tensor or offsets._version != version:
+            ends = offsets.tolist()
+            self._read = (offsets, offsets._version, ends)
+        return ends
