@@ -102,7 +102,7 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     rounds to ε/M in each row of a mean, so a model whose predictions are nearly certain (a training loss
     of 3e-7 in float32 had row sums 7% of the gradient, all rounding) still passes. A loss of another output (z is the first floating tensor the model
     returns) or over another dimension of z fails the first; a
-    summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
+    summed or scaled loss (reduction="sum"; torch.amp.GradScaler's, unless `scale` is its s) the second, at least while the
     model's predictions are far from its targets, as at the start of training. `scale`: the loss scale s
     (a float or a tensor of one entry) of a torch.amp.GradScaler's backward, whose `grad` is s times the
     loss's gradient: the tests read grad/s (the module doc of gnfx.output_watch: known at the step).
@@ -192,7 +192,7 @@ def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *al
     mean binary cross-entropy of every entry of z, as loss="binary_cross_entropy" declares: that gradient is
     (p - y)/numel(z) for p = σ(z) and targets y in [0, 1], so the targets it implies, y = p - numel(z)·grad
     (as the quadratic step recovers them), must lie in [0, 1] within CROSS_ENTROPY_TOLERANCE. A cross-entropy
-    over the classes, a summed or scaled loss (reduction="sum", torch.amp.GradScaler), a loss of another
+    over the classes, a summed or scaled loss (reduction="sum"; torch.amp.GradScaler's, unless `scale` is its s), a loss of another
     output, or a squared error implies targets far outside, at least while the predictions are far from
     the targets. `also` and `scale`: as check_cross_entropy_gradient's, `also` read in the same transfer and
     returned as floats."""
