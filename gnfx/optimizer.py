@@ -18,12 +18,21 @@ A step when no parameter has a gradient (`.grad` None everywhere: no backward si
 statistics collected since the last step stay pending for the next step that has gradients.
 
 Under torch.amp.GradScaler (`scaler.step(optimizer)`) the step unscales the gradients itself
-(`_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf`) and is skipped when
-they are not finite, as torch.optim's is. A plan that reads the loss's output gradients (statistics
-of δ, the quadratic step) is refused there: they carry the loss scale, which nothing undoes.
+(`_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf`; `grad_scale` is
+None when `scaler.unscale_(optimizer)` divided them already, for clipping, and the scale s is then
+read from the scaler whose step() runs this one). What the plan read from the scaled backward
+carries s too, and is divided by it here: this step's statistics by s to the power of δ in them
+(gnfx.statistics: S and the diagonals s², rank1's gradient s; none with a true Fisher, whose backward
+is gnfx's own), the quadratic step's output gradient by s, and the checks of the gradient at z that
+loss= makes (gnfx.output_watch) run on the gradient divided by s. One step's backwards share one s
+(the scaler moves it in `scaler.update()`, after the step), so training with the scaler is training
+without it (exactly for a power-of-two scale, GradScaler's default). A step whose gradients are not
+finite is skipped as torch.optim's is: no parameter, counter or schedule moves, and the statistics
+and checks of its backward are dropped (that step is collected again).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -33,11 +42,26 @@ from gnfx.codegen import UpdateFunction
 from gnfx.distributed import Communicator
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fsdp import ShardedStep, local
+from gnfx.output_watch import check_outputs_at_step
 from gnfx.outputs import LogitsLayout
 from gnfx.parameter_store import ParameterStore
 from gnfx.preconditioners.base import STATISTIC_SETTINGS, collects_statistics
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.quadratic_step import QuadraticStep
+
+
+def _stepping_scaler() -> torch.amp.GradScaler:
+    """The torch.amp.GradScaler whose step() calls the optimizer's (through torch.optim's wrappers of
+    step, on the same thread): `self` of the innermost frame of a GradScaler's step on the call stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "step" and isinstance(frame.f_locals.get("self"), torch.amp.GradScaler):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    raise GnfxError("the optimizer was stepped with found_inf set and grad_scale None, as torch.amp.GradScaler.step "
+                    "does after scaler.unscale_(optimizer), but no GradScaler's step() is on the call stack to read "
+                    "the loss scale from, which gnfx's statistics and quadratic step need to undo. Fix: step through "
+                    "torch.amp.GradScaler (scaler.step(optimizer)), or leave grad_scale set to the loss scale")
 
 
 class GnfxOptimizer(torch.optim.Optimizer):
@@ -270,10 +294,25 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._bind_sharded()
         if all(p.grad is None for p in self.parameter_store.named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
-        if "found_inf" in self.__dict__ and not self._unscale():  # called by torch.amp.GradScaler.step
-            return loss
+        scale = None  # s, the loss scale of this step's backward under torch.amp.GradScaler (module doc)
+        if "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step
+            if bool(self.found_inf):
+                self.statistics.discard()
+                self.collected = False
+                return loss
+            scale = self._unscale()
+        try:
+            check_outputs_at_step(self.statistics, 1.0 if scale is None else scale)
+        except GnfxError:
+            self.statistics.discard()  # nothing of a refused backward stays for the next step
+            self.collected = False
+            raise
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
+        if scale is not None:
+            batches = self.statistics.unscaled(batches, scale)
+            if self.quadratic is not None:
+                self.quadratic.unscale(scale)
         if batches and self.sharded is not None:  # to the ranks that keep them (gnfx.fsdp)
             batches = self.sharded.average_statistics(batches)
         elif batches and self.comm is not None:
@@ -313,23 +352,18 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _unscale(self) -> bool:
-        """Under torch.amp.GradScaler.step: divide the gradients by the loss scale `grad_scale` (None
-        when the user called scaler.unscale_ already); False, for a step to skip, when the scaler found
-        non-finite gradients. A GnfxError for a plan that reads the loss's output gradients."""
-        if self.statistics or self.quadratic is not None:
-            raise GnfxError(
-                "torch.amp.GradScaler scales the loss by s, and with it the gradients at every layer output that "
-                "gnfx's statistics (K-FAC's S: by s²) and its quadratic-model step read; only the parameters' "
-                "gradients are unscaled. Fix: train without loss scaling, in bfloat16 (torch.autocast(device_type, "
-                "dtype=torch.bfloat16) needs no GradScaler) or float32, or use a preconditioner that reads only "
-                "the gradients (shampoo, soap, diag, muon), whose step unscales them")
-        if bool(self.found_inf):
-            return False
+    def _unscale(self) -> torch.Tensor | None:
+        """Under torch.amp.GradScaler.step, gradients finite: divide the gradients by the loss scale s
+        (`grad_scale`; None when the user called scaler.unscale_ already, which did) and return s, a
+        tensor of one entry, for what the plan read from the backward (module doc); None for a plan that
+        reads only the gradients, after scaler.unscale_."""
         if self.grad_scale is not None:
             grads = [p.grad for p in self.parameter_store.named.values() if p.grad is not None]
             torch._foreach_mul_(grads, self.grad_scale.double().reciprocal().float())
-        return True
+            return self.grad_scale
+        if not (self.statistics or self.quadratic is not None):
+            return None
+        return torch.tensor([_stepping_scaler().get_scale()], dtype=torch.float64)
 
     def _refresh_all(self) -> None:
         """The refresh of every curvature preconditioner, due or not (after a rejected quadratic step)."""

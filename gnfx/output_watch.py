@@ -10,7 +10,16 @@ z's classes (gnfx.outputs.check_cross_entropy_gradient), the last dimension or d
 (N, C, H, W) output, which the first gradient at z tells (gnfx.outputs.LogitsLayout: from then on the
 rows, T and the true Fisher are those of the classes-last z_c), with loss="binary_cross_entropy" a mean
 binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
-(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= the loss
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. A gradient at z that fails
+these checks as it is, or warns, may be s times a mean's, that of a loss scaled by torch.amp.GradScaler,
+whose scale s the backward cannot know (on a GPU autograd runs the hooks on its own thread, and nothing
+there names the scaler); nor can it be told from a summed loss's (s = M). Its check is kept (z and the
+gradient, until the step) and run at the step, which knows s (gnfx.optimizer), on the gradient divided
+by s (`check_outputs_at_step`; s = 1 without a scaler): such a loss is named there, with the message the
+backward gave before, and nothing of its backward is folded. A mean's gradient passes at the backward
+and keeps nothing; so, for s ≥ 1, does every gradient that passes as it is (its sums fall with s and its
+implied targets move towards softmax(z)), except that a dense output's one-hot test is not monotone in s
+(a scaled gradient that passes it as it is is not checked again). With loss= the loss
 must be one of z alone: a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
@@ -28,8 +37,8 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.outputs import (LogitsLayout, check_binary_cross_entropy_gradient, check_cross_entropy_gradient,
-                          floating_outputs, other_output_error)
+from gnfx.outputs import (LogitsLayout, check_output_gradient, floating_outputs, other_output_error,
+                          output_gradient_findings)
 
 
 def watch_output(out, store, settings: dict, logits: LogitsLayout) -> None:
@@ -95,10 +104,12 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], lo
         z_c, grad_c = logits.classes_last(z), logits.classes_last(grad)
         kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
         count = kept.sum()
-        if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
-            (count,) = check_cross_entropy_gradient(z_c, grad_c, count, dense=logits.classes_axis == 1)
-        elif settings["loss"] == "binary_cross_entropy":
-            (count,) = check_binary_cross_entropy_gradient(z, grad, count)
+        checked = {"cross_entropy": (z_c, grad_c), "binary_cross_entropy": (z, grad)}.get(settings["loss"])
+        if checked is not None:  # the check reads the count with its own figures: one transfer
+            dense = logits.classes_axis == 1
+            error, warning, (count,) = output_gradient_findings(settings["loss"], *checked, count, dense=dense)
+            if error or warning:  # not a mean's gradient as it is: told at the step, which knows the loss scale
+                store.output_checks.append((settings["loss"], *(t.detach() for t in checked), dense))
         if reached["other"]:
             raise other_output_error(settings["loss"], z, *reached["other"])
         fraction = float(count) / max(kept.numel(), 1)
@@ -110,6 +121,15 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], lo
         return grad
 
     handle = z.register_hook(hook)
+
+
+def check_outputs_at_step(store, scale) -> None:
+    """At the step: the checks of the gradients at z that the backward left to it (module doc), on grad/s
+    for s the loss `scale` of a torch.amp.GradScaler's step (1 without one): each raises or warns as at
+    the backward. `store`: the gnfx.statistics.StatisticsStore that holds them, emptied."""
+    checks, store.output_checks = store.output_checks, []
+    for loss, z, grad, dense in checks:
+        check_output_gradient(loss, z, grad, dense, scale)
 
 
 def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:

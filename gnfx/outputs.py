@@ -90,8 +90,8 @@ def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.T
         f"whole loss's gradients), or return only the output whose {loss} loss you train")
 
 
-def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,
-                                 dense: bool = False) -> list[float]:
+def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor, dense: bool = False,
+                                 scale=1.0) -> list[float]:
     """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be
     that of a mean cross-entropy over z's last dimension, as loss="cross_entropy" declares (z and grad in
     the classes-last layout, LogitsLayout.classes_last). Its row
@@ -102,8 +102,10 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     rounds to ε/M in each row of a mean, so a model whose predictions are nearly certain (a training loss
     of 3e-7 in float32 had row sums 7% of the gradient, all rounding) still passes. A loss of another output (z is the first floating tensor the model
     returns) or over another dimension of z fails the first; a
-    summed or scaled loss (reduction="sum", torch.amp.GradScaler) the second, at least while the
-    model's predictions are far from its targets, as at the start of training.
+    summed or scaled loss (reduction="sum"; torch.amp.GradScaler's, unless `scale` is its s) the second, at least while the
+    model's predictions are far from its targets, as at the start of training. `scale`: the loss scale s
+    (a float or a tensor of one entry) of a torch.amp.GradScaler's backward, whose `grad` is s times the
+    loss's gradient: the tests read grad/s (the module doc of gnfx.output_watch: known at the step).
 
     A third test warns (a RuntimeWarning, one text: shown once by Python's default filter) instead of raising: the targets the gradient implies,
     t_n = p_n - M g_n (as the quadratic step recovers them), must be a distribution, t_n ≥ 0 within
@@ -125,14 +127,21 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     `also`: 0-d tensors the caller needs on the host (gnfx.output_watch: the count of the rows the loss
     keeps), read in the same transfer as the check's two sums, one host synchronization in all; returned
     as floats, in order."""
-    rows = grad.detach().reshape(-1, grad.shape[-1]).double()
+    return _told(*cross_entropy_gradient_findings(z, grad, *also, dense=dense, scale=scale))
+
+
+def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor, dense: bool = False,
+                                    scale=1.0) -> tuple[str, str, list[float]]:
+    """(the error, the warning, `also` as floats) that check_cross_entropy_gradient raises, warns and
+    returns: '' for none."""
+    rows = _unscaled(grad.detach().reshape(-1, grad.shape[-1]).double(), scale)
     kept = rows.ne(0).any(1)
     terms = kept.sum().clamp(min=1)
     # t_n of the docstring, in z's precision (at least float32): its test's tolerance is 1e-2, and a float64
     # copy of a language model's logits would be one more tensor of the logits' size in 8 bytes
     precision = torch.promote_types(z.dtype, torch.float32)
-    targets = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1) - terms * grad.detach().reshape(
-        rows.shape).to(precision)
+    targets = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1) - terms * _unscaled(
+        grad.detach().reshape(rows.shape).to(precision), scale)
     softest = (torch.minimum(targets, 1 - targets).amax(-1) * kept).max().double() if dense else targets.new_zeros(
         (), dtype=torch.float64)
     off, total, lowest, soft, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(),
@@ -143,10 +152,12 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"a binary cross-entropy of each entry, BCEWithLogits: compile with loss='binary_cross_entropy' then)"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
-            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
+            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss stepped without "
+            f"scaler.step(optimizer), which tells gnfx its scale)"
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
+    error = warning = ""
     if what:
-        raise GnfxError(
+        error = (
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
             f"the last dimension or, for an output of three or more dimensions, dimension 1 as F.cross_entropy "
             f"takes an (N, C, H, W) one (z: the first floating tensor the model returns, with the classes last here "
@@ -154,54 +165,92 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
             f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
-    if dense and (lowest < -CROSS_ENTROPY_TOLERANCE or soft > CROSS_ENTROPY_TOLERANCE):
-        warnings.warn(
+    elif dense and (lowest < -CROSS_ENTROPY_TOLERANCE or soft > CROSS_ENTROPY_TOLERANCE):
+        warning = (
             f"gnfx: loss='cross_entropy' over dimension 1 of the output (shape {tuple(z.shape)} with the classes "
             f"last): the targets the gradient at the logits z implies, t = softmax(z) - M·∂L/∂z, are not one-hot "
             f"(or not a distribution): class weights, soft or smoothed masks, or a loss of logits resized before it "
             f"(Segformer's: of z upsampled to the masks' size). gnfx models the unweighted mean cross-entropy of z "
             f"itself (its Fisher, the quadratic step's GGN): for those an approximation of your loss's curvature, "
             f"and without a closure the quadratic step measures ρ on it, not on your loss. Pass "
-            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
-            RuntimeWarning, stacklevel=2)
+            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)")
     elif lowest < -CROSS_ENTROPY_TOLERANCE:
-        warnings.warn(
+        warning = (
             f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
             f"the targets it implies, t = softmax(z) - M·∂L/∂z, are not a distribution (an entry below "
             f"-{CROSS_ENTROPY_TOLERANCE}): the loss is a cross-entropy with class weights, a distillation loss at a temperature "
             f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1. gnfx models it as the "
             f"unweighted mean cross-entropy of z (its Fisher, the quadratic step's GGN): an approximation of its "
             f"curvature, and without a closure the quadratic step measures ρ on that loss, not yours. Pass "
-            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
-            RuntimeWarning, stacklevel=2)
-    return values
+            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)")
+    return error, warning, values
 
 
-def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:
+def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,
+                                        scale=1.0) -> list[float]:
     """Raise a GnfxError unless `grad`, the gradient of the user's loss at the logits `z`, can be that of a
     mean binary cross-entropy of every entry of z, as loss="binary_cross_entropy" declares: that gradient is
     (p - y)/numel(z) for p = σ(z) and targets y in [0, 1], so the targets it implies, y = p - numel(z)·grad
     (as the quadratic step recovers them), must lie in [0, 1] within CROSS_ENTROPY_TOLERANCE. A cross-entropy
-    over the classes, a summed or scaled loss (reduction="sum", torch.amp.GradScaler), a loss of another
+    over the classes, a summed or scaled loss (reduction="sum"; torch.amp.GradScaler's, unless `scale` is its s), a loss of another
     output, or a squared error implies targets far outside, at least while the predictions are far from
-    the targets. `also`: as check_cross_entropy_gradient's, read in the same transfer and returned as floats."""
+    the targets. `also` and `scale`: as check_cross_entropy_gradient's, `also` read in the same transfer and
+    returned as floats."""
+    return _told(*binary_cross_entropy_gradient_findings(z, grad, *also, scale=scale))
+
+
+def binary_cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,
+                                           scale=1.0) -> tuple[str, str, list[float]]:
+    """(the error, no warning: '', `also` as floats) of check_binary_cross_entropy_gradient: '' for none."""
     precision = torch.promote_types(z.dtype, torch.float32)
-    targets = torch.sigmoid(z.detach().to(precision)) - z.numel() * grad.detach().to(precision)
+    targets = torch.sigmoid(z.detach().to(precision)) - z.numel() * _unscaled(grad.detach().to(precision), scale)
     lowest, highest, untouched, *values = torch.stack([targets.min().double(), targets.max().double(),
                                                        grad.eq(0).sum().double(), *(a.double() for a in also)]).tolist()
+    error = ""
     if lowest < -CROSS_ENTROPY_TOLERANCE or highest > 1 + CROSS_ENTROPY_TOLERANCE:
         masked = (f" {int(untouched)} of the {z.numel()} entries have no gradient at all: a mean over the entries a mask "
                   f"keeps (ELECTRA's loss over its attention mask) is not the mean over every entry, which gnfx models "
                   f"(loss='cross_entropy' drops the rows of ignored targets, -100; binary_cross_entropy keeps every "
                   f"entry)." if untouched else "")
-        raise GnfxError(
+        error = (
             f"loss='binary_cross_entropy' is the mean binary cross-entropy of every entry of the model output's "
             f"logits z (F.binary_cross_entropy_with_logits(z, y) with y in [0, 1] shaped like z; z: the first "
             f"floating tensor the model returns, here of shape {tuple(z.shape)}), and the loss this backward ran "
             f"is not: the targets its gradient at z implies, y = σ(z) - numel(z)·∂L/∂z, range over "
             f"[{lowest:.4g}, {highest:.4g}], not [0, 1] (a cross-entropy over the classes, a loss summed or "
-            f"multiplied by a factor, torch.amp.GradScaler's scaled loss, or a loss of another output).{masked} gnfx "
+            f"multiplied by a factor, torch.amp.GradScaler's scaled loss stepped without scaler.step(optimizer), or "
+            f"a loss of another output).{masked} gnfx "
             f"would model the wrong loss. Fix: return the logits first and take the mean "
             f"F.binary_cross_entropy_with_logits (reduction='mean', the default), or compile with "
             f"loss='cross_entropy' or loss='mse' for those losses, or without loss= (and with an lr) for another")
+    return error, "", values
+
+
+def output_gradient_findings(loss: str, z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor, dense: bool = False,
+                             scale=1.0) -> tuple[str, str, list[float]]:
+    """The findings of loss `loss`'s check (cross_entropy: z and grad classes-last, `dense` as
+    check_cross_entropy_gradient's; binary_cross_entropy: as the model returns them)."""
+    if loss == "cross_entropy":
+        return cross_entropy_gradient_findings(z, grad, *also, dense=dense, scale=scale)
+    return binary_cross_entropy_gradient_findings(z, grad, *also, scale=scale)
+
+
+def check_output_gradient(loss: str, z: torch.Tensor, grad: torch.Tensor, dense: bool, scale) -> None:
+    """Raise or warn as loss `loss`'s check does (output_gradient_findings), for a gradient `grad` of loss scale s."""
+    _told(*output_gradient_findings(loss, z, grad, dense=dense, scale=scale))
+
+
+def _unscaled(grad: torch.Tensor, scale) -> torch.Tensor:
+    """grad / s, s the loss scale (a float or a tensor of one entry; 1: none) in grad's dtype."""
+    if isinstance(scale, torch.Tensor):
+        return grad / scale.reshape(()).to(grad)
+    return grad if scale == 1 else grad / scale
+
+
+def _told(error: str, warning: str, values: list[float]) -> list[float]:
+    """`values`, once `error` is raised (a GnfxError) or `warning` warned (a RuntimeWarning) where not ''."""
+    if error:
+        raise GnfxError(error)
+    if warning:
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
     return values

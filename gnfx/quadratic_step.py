@@ -187,7 +187,8 @@ is recovered from the output gradient g_z = ∂L/∂z of the step's backward, wh
 targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
 label smoothing included), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
 (soft targets included; on statistic steps gnfx.outputs.check_binary_cross_entropy_gradient checks
-them in [0, 1]);
+them in [0, 1]); under torch.amp.GradScaler g_z is s times that and the optimizer's step divides it by
+s (`unscale`);
 L(θ+s) is that loss at the output of one forward at θ+s. This is exact when the training loss is the
 named loss of the output alone; loss terms that do not go through z (penalties on θ) are left out
 of the actual reduction, and a loss that is not the named one gives a wrong ρ, which at worst rejects
@@ -489,6 +490,15 @@ class QuadraticStep:
                           "That is gradient accumulation's model, fine for summed micro-batch losses; for one "
                           "loss over several outputs compile without loss= (and with an lr)",
                           RuntimeWarning, stacklevel=2)
+
+    def unscale(self, scale: torch.Tensor) -> None:
+        """The output gradient of a backward of the loss scaled by `scale`, s (a tensor of one entry:
+        torch.amp.GradScaler's), divided by s, in at least float32: the unscaled gradient of a float16 output
+        underflows (what the scale is for)."""
+        if self._output_grad is not None:
+            precision = torch.promote_types(self._output_grad.dtype, torch.float32)
+            self._output_grad = self._output_grad.to(precision) / scale.reshape(()).to(self._output_grad.device,
+                                                                                        precision)
 
     def _function(self, subset: bool = False):
         """θ ↦ z on the remembered inputs, θ the list of the optimizer's parameters in its order (None:

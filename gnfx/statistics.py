@@ -42,6 +42,13 @@ its A (the ids' frequencies) the energies `energy`, `ε_t = 1/M Σ_n |δ_{n,t}|�
 (S's normalization, so Σ_t ε_t = tr S), which `fold` turns into A = ε / Σ_t ε_t: after the average
 over ranks (gnfx.distributed), so that the ranks' energies are added before the shares are taken.
 
+Under torch.amp.GradScaler the user's backward is that of s·L, s the loss scale, so every g the taps
+read from it is s·g: a statistic of the batch carries s to the power of g in it (`OUTPUT_GRADIENT_POWER`:
+S, the diagonals and ε two, grad one, A and the counts none), which `StatisticsStore.unscaled` divides
+out at the step (gnfx.optimizer), before the average over ranks and the fold. One step's backwards
+(micro-batches) share one s: the scaler moves it in `scaler.update()`, after the step. With
+`fisher="mc"` or `"type2"` the g are those of gnfx's own backward from z (gnfx.fisher), unscaled.
+
 After a statistic step, `F ← β F + (1-β) F_batch` with β = `stat_decay` (the first batch sets F).
 Statistics are float64 for a float64 layer and float32 otherwise.
 
@@ -73,6 +80,9 @@ STATISTICS = ("A", "S", "diag", "eigen_diag", "grad", "inverse_counts")
 # statistics kept as the last batch's value instead of a moving average over steps
 LATEST = frozenset({"grad", "inverse_counts"})
 KFAC_APPROX = ("expand", "reduce")
+# the power of the output gradients g in each statistic of a batch (module doc; "energy": ε, the Σ |δ|² of a
+# diagonal A weighted by energy), which a backward of the loss scaled by s multiplies by s to that power
+OUTPUT_GRADIENT_POWER = {"A": 0, "S": 2, "diag": 2, "eigen_diag": 2, "grad": 1, "inverse_counts": 0, "energy": 2}
 
 
 def _rotate_rows(rows: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -483,6 +493,8 @@ class StatisticsStore:
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
         self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
         self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
+        # (loss, z, gradient at z, dense) of the checks the backward left to the step (gnfx.output_watch)
+        self.output_checks: list[tuple] = []
 
     def _placement(self, block) -> tuple[torch.dtype, torch.device]:
         """The dtype (float64 for a float64 weight, else float32) and device of a block's statistics."""
@@ -538,6 +550,19 @@ class StatisticsStore:
         """This step's statistics of every block, by block name."""
         return {name: stats.batch() for name, stats in self.blocks.items()}
 
+    def unscaled(self, batches: dict, scale: torch.Tensor) -> dict:
+        """`batches` (of `batches()`, divided in place) of a backward of the loss scaled by `scale`, s (a tensor
+        of one entry, torch.amp.GradScaler's): each statistic divided by s to its `OUTPUT_GRADIENT_POWER`; with
+        a true Fisher none (module doc)."""
+        if self.fisher != "empirical":
+            return batches
+        inverse = scale.reshape(()).double().reciprocal()
+        for batch in batches.values():
+            for name, value in batch.items():
+                if OUTPUT_GRADIENT_POWER[name]:
+                    value.mul_((inverse ** OUTPUT_GRADIENT_POWER[name]).to(value))
+        return batches
+
     def fold(self, batches: dict, decay: float) -> None:
         """Fold this step's statistics into the averages (see BlockStatistics.fold)."""
         for name, stats in self.blocks.items():
@@ -545,6 +570,7 @@ class StatisticsStore:
         self.terms_per_example.clear()
         self.batch_size.clear()
         self.kept_fraction.clear()
+        self.output_checks.clear()
 
     def discard(self) -> None:
         """Drop this step's accumulated statistics (a skipped step)."""
