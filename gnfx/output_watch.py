@@ -28,23 +28,28 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
+from gnfx.output_losses import named_outputs, unnamed_output_error
 from gnfx.outputs import (LogitsLayout, check_binary_cross_entropy_gradient, check_cross_entropy_gradient,
                           floating_outputs, other_output_error)
 
 
-def watch_output(out, store, settings: dict, logits: LogitsLayout) -> None:
+def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> None:
     """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
     output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
-    docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples); `logits`: the
-    optimizer's LogitsLayout, the classes' axis of z."""
+    docstring). `settings`: gnfx.compile's (loss_average, fisher, losses, mc_samples); `layouts`: the
+    optimizer's LogitsLayout of each output loss= names (one without loss=), the classes' axis of z_k."""
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
     fid = store.forward_id
+    losses = settings["losses"]
     if z is not None:
         store.batch_size[fid] = z.shape[0]
-        _record_terms(store, fid, logits.classes_last(z), settings)
+        _record_terms(store, fid, layouts[0].classes_last(z), settings)
     if z is not None and z.requires_grad:
-        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [], logits)
+        heads = [(None, z)] if losses is None else list(zip(losses, named_outputs(out, losses)))
+        named = {0} if losses is None else {k.position for k in losses}
+        others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
+        _hook(heads, store, settings, others, layouts)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -59,57 +64,86 @@ def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
         store.terms_per_example[fid] = z_c.shape[1:-1].numel()
 
 
-def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], logits: LogitsLayout) -> None:
-    """When the user's backward reaches the logits z: count the rows the loss ignores (their
-    gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
-    backward (gnfx.fisher) if one is asked for. `others`: the outputs the loss must not reach
-    (module docstring), named by an error once the backward has reached both z and one of them,
-    in either order, after z's own check."""
+def _hook(heads: list, store, settings: dict, others: list, layouts: list[LogitsLayout]) -> None:
+    """When the user's backward reaches an output z_k that loss= names (`heads`: (OutputLoss or None, z_k)
+    each, the first z): check its gradient against its loss (divided by its weight w_k), count the rows the
+    loss ignores (their gradient is exactly zero) and run the true-Fisher backward (gnfx.fisher) of z_k if
+    one is asked for. With one output its kept rows are those of N and M; with several (docs/design.md §1,
+    "Several outputs") M is the first output's N·T rows, ignored ones included, and output k's vectors are
+    backpropagated at the weight w_k M_k / M (M_k: its own kept rows), so that the statistics are those of
+    Σ_k w_k J_kᵀ H_k J_k. `others`: (position, output) of the outputs the loss must not reach (module
+    docstring), named by an error once the backward has reached a head and one of them, in either order."""
     pending, store.pending = store.pending, []
     fid = store.forward_id
-    reached = {"z": False, "other": None}
+    several = len(heads) > 1
+    if several:  # M of the statistics: the first output's rows as the forward's layout reads them
+        store.kept_fraction[fid] = 1.0
+        reference = store.batch_size[fid] * store.terms_per_example.get(fid, 1)
+    reached = {"heads": set(), "other": None}
+    z = heads[0][1]
+
+    def reached_error(position, other, reaches_z=True):
+        if several:
+            return unnamed_output_error(settings["losses"], position, tuple(other.shape))
+        return other_output_error(settings["loss"], z, position, other, reaches_z)
 
     def other_hook(position, other):
         def hook(grad):
-            if _feeds(z, other):  # a view of z (rows of z): its gradient flows into z
+            if any(_feeds(head, other) for _, head in heads):  # a view of an output (its rows): flows into it
                 return
-            if _feeds(other, z):  # z's gradient, if the loss reached z, came first (autograd's order)
-                if reached["z"]:
+            fed = [j for j, (_, head) in enumerate(heads) if _feeds(other, head)]
+            if fed:  # the head's gradient, if the loss reached it, came first (autograd's order)
+                if reached["heads"] & set(fed):
                     return
-                raise other_output_error(settings["loss"], z, position, other, reaches_z=False)
+                raise reached_error(position, other, reaches_z=False)
             reached["other"] = reached["other"] or (position, other)
-            if reached["z"]:
-                raise other_output_error(settings["loss"], z, position, other)
+            if reached["heads"]:
+                raise reached_error(position, other)
         return hook
 
-    for position, other in enumerate(others, 1):
+    for position, other in others:
         if other.requires_grad:
             other.register_hook(other_hook(position, other))
 
-    def hook(grad):
-        handle.remove()  # the true-Fisher backward starts at z too: run once
-        reached["z"] = True
-        if settings["loss"] == "cross_entropy" and logits.classes_axis is None:
-            logits.settle(z, grad)  # the first gradient at z: the classes' axis (one more transfer, once)
-            _record_terms(store, fid, logits.classes_last(z), settings)
-        z_c, grad_c = logits.classes_last(z), logits.classes_last(grad)
-        kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
-        count = kept.sum()
-        if settings["loss"] == "cross_entropy":  # the check reads the count with its own figures: one transfer
-            (count,) = check_cross_entropy_gradient(z_c, grad_c, count, dense=logits.classes_axis == 1)
-        elif settings["loss"] == "binary_cross_entropy":
-            (count,) = check_binary_cross_entropy_gradient(z, grad, count)
-        if reached["other"]:
-            raise other_output_error(settings["loss"], z, *reached["other"])
-        fraction = float(count) / max(kept.numel(), 1)
-        store.kept_fraction[fid] = fraction
-        if store.fisher != "empirical":
-            terms = z.shape[0] if settings["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
-            record_true_fisher(z, pending, settings["fisher"], settings["loss"], settings["mc_samples"],
-                               terms * fraction, kept, logits)
-        return grad
+    def head_hook(j, loss, z_k, layout):
+        name = settings["loss"] if loss is None else loss.name
 
-    handle = z.register_hook(hook)
+        def hook(grad):
+            handles[j].remove()  # the true-Fisher backward starts at z_k too: run once
+            reached["heads"].add(j)
+            if name == "cross_entropy" and layout.classes_axis is None:
+                layout.settle(z_k, grad)  # the first gradient at z_k: the classes' axis (one more transfer, once)
+                if j == 0 and not several:
+                    _record_terms(store, fid, layout.classes_last(z_k), settings)
+            z_c, grad_c = layout.classes_last(z_k), layout.classes_last(grad)
+            kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
+            count = kept.sum()
+            unweighted = grad_c if loss is None or loss.weight == 1.0 else grad_c / loss.weight
+            try:
+                if name == "cross_entropy":  # the check reads the count with its own figures: one transfer
+                    (count,) = check_cross_entropy_gradient(z_c, unweighted, count, dense=layout.classes_axis == 1)
+                elif name == "binary_cross_entropy":
+                    (count,) = check_binary_cross_entropy_gradient(z_c, unweighted, count)
+            except GnfxError as failed:
+                if not several:
+                    raise
+                raise GnfxError(f"loss= entry {loss.position} ({name}, weight {loss.weight:g}): the gradient at that "
+                                f"output divided by its weight is checked against a mean {name}, and fails (a weight "
+                                f"given smaller than the one your loss takes reads as a larger loss). {failed}") from None
+            if reached["other"]:
+                raise reached_error(*reached["other"])
+            fraction = float(count) / max(kept.numel(), 1)
+            if not several:
+                store.kept_fraction[fid] = fraction
+            if store.fisher != "empirical":
+                terms = z_k.shape[0] if settings["loss_average"] == "batch" or z_k.dim() < 2 else kept.numel()
+                weight = 1.0 if not several else loss.weight * terms * fraction / reference
+                record_true_fisher(z_k, pending, settings["fisher"], name, settings["mc_samples"],
+                                   terms * fraction, kept, layout, weight)
+            return grad
+        return hook
+
+    handles = [head.register_hook(head_hook(j, loss, head, layouts[j])) for j, (loss, head) in enumerate(heads)]
 
 
 def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:
