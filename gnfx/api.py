@@ -45,8 +45,8 @@ COMMON = {
     "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2) "
                      "('mc' by default for kfac and ekfac under step='quadratic', and for rank1 when loss= is given)",
                      "empirical", FISHER_TYPES),
-    "loss": HParam(None, f"None, one of {LOSSES}, or a tuple over the model's outputs of those names, (name, "
-                         f"weight) pairs or None (gnfx.output_losses)", valid_loss,
+    "loss": HParam(None, f"None, one of {LOSSES}, or a tuple over the outputs of those, (name, weight) or None",
+                   valid_loss,
                    "the training loss (mean reduction; of several outputs, their weighted sum), needed by "
                    "fisher='mc' and 'type2' and by "
                    "step='quadratic' (the default for kfac when it is given and lr is not)"),

@@ -33,6 +33,8 @@ DTYPE = torch.float64
 Outputs = collections.namedtuple("Outputs", "logits aux_logits")
 CE_AUX = ("cross_entropy", ("cross_entropy", 0.4))  # Inception v3's ce(logits) + 0.4·ce(aux_logits)
 CE_MSE = ("cross_entropy", ("mse", 0.5))  # a classifier with a regression head
+DEEP_SUPERVISION = (("cross_entropy", 0.6), ("cross_entropy", 0.4))  # a segmenter's full and half resolution
+PRETRAINING = ("cross_entropy", "cross_entropy")  # BertForPreTraining's masked tokens + next sentence
 
 
 class TwoHeads(nn.Module):
@@ -49,14 +51,62 @@ class TwoHeads(nn.Module):
         return Outputs(self.head(h), self.aux(h))
 
 
-def two_heads(losses):
+class DeepSupervision(nn.Module):
+    """A segmenter of 3 classes on 4x4 images with a side output at half resolution (a UNet's deep
+    supervision): (N, 3, 4, 4) and (N, 3, 2, 2) logits, the classes on dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh())
+        self.head = nn.Conv2d(4, 3, 1)
+        self.side = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 3, 1))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.head(h), self.side(h)
+
+
+class Pretraining(nn.Module):
+    """BertForPreTraining's pattern: token logits (N, T, V) for the masked-token loss (its targets -100 off
+    the masked positions) and, computed after them, a pooled (N, 2) next-sentence logit, returned as a dict."""
+
+    def __init__(self, vocabulary=5):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, 4)
+        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.tokens = nn.Linear(4, vocabulary)
+        self.pair = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        h = self.trunk(self.embedding(ids))
+        return {"prediction_logits": self.tokens(h), "seq_relationship_logits": self.pair(h.mean(1))}
+
+
+def model_of(losses):
     torch.manual_seed(0)
+    if losses == DEEP_SUPERVISION:
+        return DeepSupervision().to(DTYPE)
+    if losses == PRETRAINING:
+        return Pretraining().to(DTYPE)
     return TwoHeads(aux_out=1 if losses[1][0] == "mse" else 3).to(DTYPE)
 
 
 def batch(losses, n=8, seed=1, ignored=0):
-    """x, the first output's class targets (the first `ignored` of them -100) and the second output's."""
+    """x and each output's targets, the first output's first `ignored` examples' targets -100 (the
+    pre-training batch: every token's but one per sequence, the masked one)."""
     g = torch.Generator().manual_seed(seed)
+    if losses == DEEP_SUPERVISION:
+        x = torch.randn(n, 1, 4, 4, generator=g, dtype=DTYPE)
+        masks = torch.randint(3, (n, 4, 4), generator=g)
+        masks[:ignored] = -100
+        return x, (masks, torch.randint(3, (n, 2, 2), generator=g))
+    if losses == PRETRAINING:
+        ids = torch.randint(5, (n, 3), generator=g)
+        tokens = torch.full((n, 3), -100)
+        masked = torch.randint(3, (n,), generator=g)
+        tokens[torch.arange(n), masked] = torch.randint(5, (n,), generator=g)
+        tokens[:ignored] = -100
+        return ids, (tokens, torch.randint(2, (n,), generator=g))
     x = torch.randn(n, 4, generator=g, dtype=DTYPE)
     y = torch.randint(3, (n,), generator=g)
     y[:ignored] = -100
@@ -64,15 +114,26 @@ def batch(losses, n=8, seed=1, ignored=0):
     return x, (y, aux)
 
 
+def cross_entropy(z, y):
+    """F.cross_entropy as its users call it: (N, C, H, W) logits with (N, H, W) masks as they are, (N, T, V)
+    token logits flattened."""
+    return F.cross_entropy(z, y) if y.shape == z.shape[:1] + z.shape[2:] else F.cross_entropy(z.flatten(0, -2),
+                                                                                               y.flatten())
+
+
 def terms(losses):
     """The user's loss terms, w_k L_k for each output."""
-    functions = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+    functions = {"cross_entropy": cross_entropy, "mse": F.mse_loss}
     pairs = [(entry, 1.0) if isinstance(entry, str) else entry for entry in losses]
     return [lambda z, y, f=functions[name], w=weight: w * f(z, y) for name, weight in pairs]
 
 
+def as_tuple(out):
+    return tuple(out.values()) if isinstance(out, dict) else tuple(out)
+
+
 def summed_loss(losses, out, targets):
-    return sum(term(z, y) for term, z, y in zip(terms(losses), out, targets))
+    return sum(term(z, y) for term, z, y in zip(terms(losses), as_tuple(out), targets))
 
 
 def dense_ggn(model, losses, x, targets):
@@ -83,7 +144,7 @@ def dense_ggn(model, losses, x, targets):
 
     def outputs(flat):
         params = dict(zip(names, [t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes)]))
-        return tuple(functional_call(model, params, (x,)))
+        return as_tuple(functional_call(model, params, (x,)))
 
     zs = outputs(theta)
     jacobians = jacrev(outputs)(theta)
@@ -99,12 +160,13 @@ def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE], ids=["ce+0.4ce", "ce+0.5mse"])
+@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE, DEEP_SUPERVISION, PRETRAINING],
+                         ids=["ce+0.4ce", "ce+0.5mse", "deep-supervision", "pretraining"])
 @pytest.mark.parametrize("ignored", [0, 3])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses, ignored):
     """Six steps of kfac's quadratic step on one batch (the first output's first `ignored` targets -100):
     each (α, μ) minimizes q over its plane with G the dense GGN of the weighted sum, and predicts -q(s)."""
-    model = two_heads(losses)
+    model = model_of(losses)
     c = gnfx.compile(model, optimizer="kfac", loss=losses, stat_every=1, inv_every=1)
     params = list(model.parameters())
     previous = None
@@ -133,8 +195,9 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses
 def test_type2_diagonal_is_the_diagonal_of_the_summed_ggn(losses, ignored):
     """fisher="type2" backpropagates the columns of each output's H_k^{1/2}, weighted w_k M_k / M: the
     per-example diagonal N Σ_n Σ_k Σ_c (δ ā_nᵀ)² is diag(Σ_k w_k J_kᵀ H_k J_k) exactly, the first output's
-    ignored rows left out of its own mean only."""
-    model = two_heads(losses)
+    ignored rows left out of its own mean only (an identity of (N, C) outputs: with several rows per example
+    the per-example gradient of one column sums over them, tests/test_fisher.py)."""
+    model = model_of(losses)
     x, targets = batch(losses, ignored=ignored)
     diag_G = dense_ggn(model, losses, x, targets).diagonal()
     c = gnfx.compile(copy.deepcopy(model), optimizer="diag", source="fisher", fisher="type2", loss=losses,
@@ -152,10 +215,56 @@ def test_type2_diagonal_is_the_diagonal_of_the_summed_ggn(losses, ignored):
         torch.testing.assert_close(c.statistics(block.name)["diag"], expected, **TOL)
 
 
+def type2_factor_reference(model, losses, x, targets):
+    """S of the trunk's first layer under fisher="type2", from plain torch: for each output k and class c the
+    column c of H_k^{1/2} at every row the loss keeps, sqrt(p_c)(e_c - p) (classes-last rows), backpropagated
+    to the layer's output o as U_{k,c} (rows: o's positions, channels last), and
+    S = Σ_k (w_k / M_k) Σ_c U_{k,c}ᵀ U_{k,c}, M_k the kept rows of output k."""
+    layer = model.trunk[0]
+    seen = {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.setdefault("o", output))
+    outputs = as_tuple(model(x))
+    handle.remove()
+    o = seen["o"]
+    S = 0
+    for (name, weight), z, y in zip([(e, 1.0) if isinstance(e, str) else e for e in losses], outputs, targets):
+        assert name == "cross_entropy"
+        dense = y.shape == z.shape[:1] + z.shape[2:]
+        z_c = z.movedim(1, -1) if dense else z
+        rows = z_c.reshape(-1, z_c.shape[-1])
+        kept = y.reshape(-1).ne(-100)
+        p = torch.softmax(rows.detach(), -1)
+        for c in range(rows.shape[-1]):
+            v = p[:, c:c + 1].sqrt() * (torch.eye(rows.shape[-1], dtype=DTYPE)[c] - p) * kept[:, None]
+            v = v.reshape(z_c.shape)
+            (u,) = torch.autograd.grad(z, o, v.movedim(-1, 1) if dense else v, retain_graph=True)
+            U = (u.movedim(1, -1) if o.dim() == 4 else u).reshape(-1, o.shape[1] if o.dim() == 4 else o.shape[-1])
+            S = S + weight / int(kept.sum()) * U.T @ U
+    return S
+
+
+@pytest.mark.parametrize("losses", [CE_AUX, DEEP_SUPERVISION, PRETRAINING],
+                         ids=["ce+0.4ce", "deep-supervision", "pretraining"])
+@pytest.mark.parametrize("ignored", [0, 3])
+def test_type2_output_factor_is_the_weighted_sum_over_the_outputs(losses, ignored):
+    """K-FAC's S of the shared trunk under fisher="type2" is Σ_k (w_k/M_k) Σ_c U_{k,c}ᵀU_{k,c}
+    (type2_factor_reference): each output's columns of H_k^{1/2} over its own kept rows M_k, whatever the
+    first output's rows (the half-resolution side output, the next-sentence logits reached before the
+    masked tokens' and most of those ignored)."""
+    model = model_of(losses)
+    x, targets = batch(losses, ignored=ignored)
+    expected = type2_factor_reference(model, losses, x, targets)
+    c = gnfx.compile(copy.deepcopy(model), optimizer="kfac", loss=losses, fisher="type2", stat_every=1,
+                     stat_decay=0.0, statistics=("A", "S"), lr=1e-3)
+    summed_loss(losses, c(x), targets).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("trunk.0")["S"], expected, **TOL)
+
+
 def test_weighted_mc_statistics_converge_to_type2():
     """fisher="mc" samples each output's targets from its own distribution: with many samples its K-FAC
     S of the shared trunk approaches type2's."""
-    model = two_heads(CE_AUX)
+    model = model_of(CE_AUX)
     x, targets = batch(CE_AUX)
     got = {}
     for fisher, samples in (("type2", 1), ("mc", 1500)):
@@ -240,7 +349,7 @@ def test_a_second_output_reached_without_a_loss_in_loss_names_it():
 
 
 def test_a_weight_given_smaller_than_the_losses_raises_and_a_missing_term_too():
-    model = two_heads(CE_AUX)
+    model = model_of(CE_AUX)
     x, (y, aux) = batch(CE_AUX)
     c = gnfx.compile(copy.deepcopy(model), optimizer="kfac", loss=("cross_entropy", ("cross_entropy", 0.2)))
     out = c(x)
@@ -263,4 +372,4 @@ def test_bad_loss_tuples_are_refused_at_compile(loss, match):
     with pytest.raises(ConfigError, match=match):
         output_losses(loss)
     with pytest.raises(ConfigError):
-        gnfx.compile(two_heads(CE_AUX), optimizer="kfac", loss=loss)
+        gnfx.compile(model_of(CE_AUX), optimizer="kfac", loss=loss)
