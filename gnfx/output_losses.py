@@ -104,11 +104,13 @@ def unnamed_output_error(losses: tuple[OutputLoss, ...], position: int, shape: t
         f"without loss= (and with an lr)")
 
 
-def named_outputs(out, losses: tuple[OutputLoss, ...]) -> list:
+def named_outputs(out, losses: tuple[OutputLoss, ...], missing_ok: bool = False) -> list:
     """The outputs z_k of `out` (a model's output) that `losses` names, in their order; a GnfxError when
-    the model returned fewer floating tensors than loss= names."""
+    the model returned fewer floating tensors than loss= names (with `missing_ok`: None for each missing)."""
     outputs = floating_outputs(out)
     missing = [k.position for k in losses if k.position >= len(outputs)]
+    if missing_ok:
+        return [outputs[k.position] if k.position < len(outputs) else None for k in losses]
     if missing:
         raise GnfxError(f"loss= names the losses of {len(losses)} outputs, up to output {missing[-1]} of the "
                         f"floating tensors the model returns, and this forward returned {len(outputs)} (shapes "

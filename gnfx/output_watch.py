@@ -10,8 +10,10 @@ z's classes (gnfx.outputs.check_cross_entropy_gradient), the last dimension or d
 (N, C, H, W) output, which the first gradient at z tells (gnfx.outputs.LogitsLayout: from then on the
 rows, T and the true Fisher are those of the classes-last z_c), with loss="binary_cross_entropy" a mean
 binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
-(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= the loss
-must be one of z alone: a backward that reaches z and another floating output of at least one
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= naming several
+outputs (gnfx.output_losses, a weighted sum Σ_k w_k L_k(z_k)) each named z_k is hooked so, its gradient
+divided by w_k checked as its loss's, its own true-Fisher backward weighted (`_hook`). With loss= the loss
+must be one of the named outputs alone (of z alone, with one name): a backward that reaches z and another floating output of at least one
 dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
 is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.

@@ -18,7 +18,10 @@ into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more
 their proposals at one lr are on different scales. J v comes from forward-mode products
 (dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
-2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). μ is kept in
+2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). A loss over several outputs,
+L = Σ_k w_k L_k(z_k) (gnfx.output_losses), has the GGN Σ_k w_k J_kᵀ H_k J_k: one forward-mode pass per v_i
+gives every J_k v_i (the outputs concatenated), M_ij = Σ_k w_k (J_k v_i)ᵀ H_k (J_k v_j) + λ v_iᵀv_j, and the
+loss recovered for ρ (below) is Σ_k w_k L_k, each L_k from the gradient at z_k divided by w_k. μ is kept in
 MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ at a bound, `minimize_quadratic`):
 fitted on one batch, an unbounded μ swung to -412 on the digits MLP along directions the batch
 barely constrains. Without a previous update (first step, after a rejected step) μ = 0 and
@@ -450,11 +453,12 @@ class QuadraticStep:
         self._call = (module.__dict__["_model"], args, kwargs)
         self._output_grad = [None] * len(self.losses)
         self._forwards += 1
-        heads = named_outputs(out, self.losses)
-        self._examples = len(heads[0])
-        self._output_before = [z.detach() for z in heads]
+        # a missing output: the step names it (_recovered), a forward that returns none is no error yet
+        heads = named_outputs(out, self.losses, missing_ok=True)
+        self._examples = len(heads[0]) if heads[0] is not None else 0
+        self._output_before = [None if z is None else z.detach() for z in heads]
         for j, z in enumerate(heads):
-            if z.requires_grad:
+            if z is not None and z.requires_grad:
                 z.register_hook(functools.partial(self._keep_output_grad, self._forwards, j))
 
     def _warn_if_lr_moved(self) -> None:
@@ -496,11 +500,11 @@ class QuadraticStep:
                           RuntimeWarning, stacklevel=2)
 
     def _function(self, subset: bool = False):
-        """θ ↦ [z_k]_k, the classes-last outputs loss= names, on the remembered inputs, θ the list of the optimizer's parameters in its order (None:
-        the parameters as they are), with copies of the buffers, so that batch-norm statistics do not
-        move (gnfx.forward_mode.ModuleFunction, built once). With `subset` and `rows` (quadratic_rows,
-        in rows of z) the inputs are the first ⌈rows / T⌉ examples (T rows of z each) of every input
-        tensor whose first dimension is the batch's."""
+        """θ ↦ [z_k]_k, the classes-last outputs loss= names, on the remembered inputs, θ the list of the
+        optimizer's parameters in its order (None: the parameters as they are), with copies of the buffers,
+        so that batch-norm statistics do not move (gnfx.forward_mode.ModuleFunction, built once). With
+        `subset` and `rows` (quadratic_rows, in rows of z_0) the inputs are the first ⌈rows / T⌉ examples
+        (T rows of z_0 each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
@@ -521,7 +525,7 @@ class QuadraticStep:
     def _rows_per_example(self) -> int:
         """Rows of z_c per example: T of an (N, T, C) output (H·W of an (N, C, H, W) one), 1 of an (N, C) one."""
         z = self._outputs()[0][0]
-        return z[0].numel() // z.shape[-1] if z.dim() > 1 else 1
+        return z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
 
     def _outputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The last training forward's z_c of each output loss= names and the gradients its backward sent
