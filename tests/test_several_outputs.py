@@ -373,3 +373,13 @@ def test_bad_loss_tuples_are_refused_at_compile(loss, match):
         output_losses(loss)
     with pytest.raises(ConfigError):
         gnfx.compile(model_of(CE_AUX), optimizer="kfac", loss=loss)
+
+
+def test_the_exact_products_and_diagnose_refuse_a_loss_tuple_by_name():
+    """gnfx.ggn (and gnfx.diagnose, which takes its products) model the first output's loss alone: a loss
+    tuple is refused naming that, not read as an unknown loss name."""
+    from gnfx.ggn import ggn_vp
+    model = model_of(CE_AUX)
+    x, (y, _) = batch(CE_AUX)
+    with pytest.raises(ConfigError, match="first output alone"):
+        ggn_vp(model, CE_AUX, x, y, [torch.zeros_like(p) for p in model.parameters()])
