@@ -215,6 +215,38 @@ def test_type2_diagonal_is_the_diagonal_of_the_summed_ggn(losses, ignored):
         torch.testing.assert_close(c.statistics(block.name)["diag"], expected, **TOL)
 
 
+@pytest.mark.parametrize("losses, rows, examples", [(CE_AUX, 3, 3), (PRETRAINING, 4, 2)],
+                         ids=["ce+0.4ce", "pretraining"])  # R rows of the first output: 3 examples, ⌈4/3⌉ of 3 rows
+def test_quadratic_rows_takes_the_summed_ggn_of_the_first_examples(losses, rows, examples):
+    """quadratic_rows=R with several outputs: (α, μ) minimize q with g the whole batch's gradient and G the
+    dense GGN of the weighted sum's mean losses over the first ⌈R/T⌉ examples (T: the first output's rows
+    per example), every output cut to them; ρ's actual reduction is the whole batch's."""
+    model = model_of(losses)
+    # ω = 0.9 as in tests/test_quadratic_step.py's quadratic_rows test: no retried step (t·s is no minimizer)
+    c = gnfx.compile(model, optimizer="kfac", loss=losses, quadratic_rows=rows, stat_every=1, inv_every=1,
+                     damping_decay=0.9)
+    params = list(model.parameters())
+    previous = None
+    x, targets = batch(losses)
+    for _ in range(6):
+        loss_before = summed_loss(losses, c(x), targets)
+        loss_before.backward()
+        theta0 = flat(p.detach() for p in params).clone()
+        g = flat(p.grad for p in params)
+        G = dense_ggn(model, losses, x[:examples], [y[:examples] for y in targets])
+        c.step()
+        c.zero_grad()
+        last = c.optimizer.last_step
+        s = flat(p.detach() for p in params) - theta0
+        assert not last["rejected"] and not last["backtracks"], last
+        _, q, _ = assert_minimizer(g, G, last, s, previous)
+        assert last["predicted"] == pytest.approx(-q, rel=1e-9)
+        with torch.no_grad():
+            actual = float(loss_before - summed_loss(losses, model(x), targets))
+        assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
+        previous = s
+
+
 def type2_factor_reference(model, losses, x, targets):
     """S of the trunk's first layer under fisher="type2", from plain torch: for each output k and class c the
     column c of H_k^{1/2} at every row the loss keeps, sqrt(p_c)(e_c - p) (classes-last rows), backpropagated
