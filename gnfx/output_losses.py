@@ -118,3 +118,17 @@ def named_outputs(out, losses: tuple[OutputLoss, ...], missing_ok: bool = False)
                         f"their auxiliary logits in training mode only). Fix: name one entry per output, in the "
                         f"order the model returns them (None for one without a loss)")
     return [outputs[k.position] for k in losses]
+
+
+def cascade_error(losses: tuple[OutputLoss, ...], earlier: int, later: int):
+    """The GnfxError for named outputs of which one, `later` (an index into `losses`), is computed from
+    another, `earlier` (gnfx.output_watch)."""
+    first, second = losses[earlier], losses[later]
+    return GnfxError(
+        f"loss= names the losses of outputs {first.position} and {second.position}, and output {second.position} "
+        f"is computed from output {first.position} (a later stage refining an earlier one's prediction, as a "
+        f"stacked hourglass's or RAFT's with a loss on each stage): the gradient the backward sends to output "
+        f"{first.position} is then its own loss's plus the later loss's through it, which gnfx cannot tell apart, "
+        f"so it can neither check that output's loss nor recover it for the quadratic step. Not supported yet. "
+        f"Fix: compile without loss= (and with an lr)")
+

@@ -12,9 +12,11 @@ rows, T and the true Fisher are those of the classes-last z_c), with loss="binar
 binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
 (gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= naming several
 outputs (gnfx.output_losses, a weighted sum Σ_k w_k L_k(z_k)) each named z_k is hooked so, its gradient
-divided by w_k checked as its loss's, its own true-Fisher backward weighted (`_hook`). With loss= the loss
-must be one of the named outputs alone (of z alone, with one name): a backward that reaches z and another floating output of at least one
-dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
+divided by w_k checked as its loss's, its own true-Fisher backward weighted (`_hook`); a named output
+computed from another raises a GnfxError at the forward (gnfx.output_losses.cascade_error: the gradient at
+the earlier one mixes both losses). With loss= the loss must be one of the named outputs alone (of z alone,
+with one name): a backward that reaches z and another floating output of at least one dimension (a second
+head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
 is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.
 An output z is computed from (an encoder-decoder's encoder states, which its decoder reads, returned
@@ -30,7 +32,7 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
-from gnfx.output_losses import named_outputs, unnamed_output_error
+from gnfx.output_losses import cascade_error, named_outputs, unnamed_output_error
 from gnfx.outputs import (LogitsLayout, check_binary_cross_entropy_gradient, check_cross_entropy_gradient,
                           floating_outputs, other_output_error)
 
@@ -49,6 +51,7 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
         _record_terms(store, fid, layouts[0].classes_last(z), settings)
     if z is not None and z.requires_grad:
         heads = [(None, z)] if losses is None else list(zip(losses, named_outputs(out, losses)))
+        _refuse_cascades(heads, losses)
         named = {0} if losses is None else {k.position for k in losses}
         others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
         _hook(heads, store, settings, others, layouts)
@@ -146,6 +149,15 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
         return hook
 
     handles = [head.register_hook(head_hook(j, loss, head, layouts[j])) for j, (loss, head) in enumerate(heads)]
+
+
+def _refuse_cascades(heads: list, losses) -> None:
+    """Raise gnfx.output_losses.cascade_error where one named output is computed from another (one graph
+    walk per pair of outputs, with several named)."""
+    for j, (_, earlier) in enumerate(heads):
+        for k, (_, later) in enumerate(heads):
+            if j != k and _feeds(earlier, later):
+                raise cascade_error(losses, j, k)
 
 
 def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ CE_AUX = ("cross_entropy", ("cross_entropy", 0.4))  # Inception v3's ce(logits) 
 CE_MSE = ("cross_entropy", ("mse", 0.5))  # a classifier with a regression head
 DEEP_SUPERVISION = (("cross_entropy", 0.6), ("cross_entropy", 0.4))  # a segmenter's full and half resolution
 PRETRAINING = ("cross_entropy", "cross_entropy")  # BertForPreTraining's masked tokens + next sentence
+CASCADE = (("cross_entropy", 0.5), ("cross_entropy", 1.0))  # a loss on each stage, the second computed from the first
 
 
 class TwoHeads(nn.Module):
@@ -80,6 +81,20 @@ class Pretraining(nn.Module):
     def forward(self, ids):
         h = self.trunk(self.embedding(ids))
         return {"prediction_logits": self.tokens(h), "seq_relationship_logits": self.pair(h.mean(1))}
+
+
+class Cascade(TwoHeads):
+    """Two stages, each with a loss: the second refines the first's logits (a stacked hourglass's intermediate
+    supervision, RAFT's sequence loss), so the second output is computed from the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        first = self.head(h)
+        return first, self.aux(torch.cat([h, torch.tanh(first)], -1))
 
 
 def model_of(losses):
@@ -378,6 +393,17 @@ def test_a_second_output_reached_without_a_loss_in_loss_names_it():
     out = c(x)
     with pytest.raises(GnfxError, match="reaches output 2 .* which it gives no loss"):
         (F.cross_entropy(out[0], y) + 0.4 * F.cross_entropy(out[1], aux) + out[2].square().mean()).backward()
+
+
+def test_a_named_output_computed_from_another_is_refused_at_the_forward():
+    """A cascade (the second stage refines the first's logits, a loss on each): the gradient at the first
+    output is its loss's plus the second's through it, which no check or recovered loss can split: a
+    GnfxError at the statistic forward, before any wrong curvature."""
+    torch.manual_seed(0)
+    c = gnfx.compile(Cascade().to(DTYPE), optimizer="kfac", loss=CASCADE)
+    x, _ = batch(CE_AUX)
+    with pytest.raises(GnfxError, match="output 1 is computed from output 0"):
+        c(x)
 
 
 def test_a_weight_given_smaller_than_the_losses_raises_and_a_missing_term_too():
