@@ -33,6 +33,7 @@ DTYPE = torch.float64
 Outputs = collections.namedtuple("Outputs", "logits aux_logits")
 CE_AUX = ("cross_entropy", ("cross_entropy", 0.4))  # Inception v3's ce(logits) + 0.4·ce(aux_logits)
 CE_MSE = ("cross_entropy", ("mse", 0.5))  # a classifier with a regression head
+CE_BCE = ("cross_entropy", ("binary_cross_entropy", 0.5))  # a classifier with a multi-label head (soft labels)
 DEEP_SUPERVISION = (("cross_entropy", 0.6), ("cross_entropy", 0.4))  # a segmenter's full and half resolution
 PRETRAINING = ("cross_entropy", "cross_entropy")  # BertForPreTraining's masked tokens + next sentence
 CASCADE = (("cross_entropy", 0.5), ("cross_entropy", 1.0))  # a loss on each stage, the second computed from the first
@@ -125,7 +126,9 @@ def batch(losses, n=8, seed=1, ignored=0):
     x = torch.randn(n, 4, generator=g, dtype=DTYPE)
     y = torch.randint(3, (n,), generator=g)
     y[:ignored] = -100
-    aux = torch.randn(n, 1, generator=g, dtype=DTYPE) if losses[1][0] == "mse" else torch.randint(3, (n,), generator=g)
+    aux = {"mse": lambda: torch.randn(n, 1, generator=g, dtype=DTYPE),
+           "binary_cross_entropy": lambda: torch.rand(n, 3, generator=g, dtype=DTYPE)}.get(
+        losses[1][0], lambda: torch.randint(3, (n,), generator=g))()
     return x, (y, aux)
 
 
@@ -138,7 +141,8 @@ def cross_entropy(z, y):
 
 def terms(losses):
     """The user's loss terms, w_k L_k for each output."""
-    functions = {"cross_entropy": cross_entropy, "mse": F.mse_loss}
+    functions = {"cross_entropy": cross_entropy, "mse": F.mse_loss,
+                 "binary_cross_entropy": F.binary_cross_entropy_with_logits}
     pairs = [(entry, 1.0) if isinstance(entry, str) else entry for entry in losses]
     return [lambda z, y, f=functions[name], w=weight: w * f(z, y) for name, weight in pairs]
 
@@ -175,8 +179,8 @@ def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE, DEEP_SUPERVISION, PRETRAINING],
-                         ids=["ce+0.4ce", "ce+0.5mse", "deep-supervision", "pretraining"])
+@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE, CE_BCE, DEEP_SUPERVISION, PRETRAINING],
+                         ids=["ce+0.4ce", "ce+0.5mse", "ce+0.5bce", "deep-supervision", "pretraining"])
 @pytest.mark.parametrize("ignored", [0, 3])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses, ignored):
     """Six steps of kfac's quadratic step on one batch (the first output's first `ignored` targets -100):
@@ -205,7 +209,7 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses
         previous = s
 
 
-@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE], ids=["ce+0.4ce", "ce+0.5mse"])
+@pytest.mark.parametrize("losses", [CE_AUX, CE_MSE, CE_BCE], ids=["ce+0.4ce", "ce+0.5mse", "ce+0.5bce"])
 @pytest.mark.parametrize("ignored", [0, 3])
 def test_type2_diagonal_is_the_diagonal_of_the_summed_ggn(losses, ignored):
     """fisher="type2" backpropagates the columns of each output's H_k^{1/2}, weighted w_k M_k / M: the
