@@ -18,7 +18,8 @@ Fisher backpropagates each output's vectors, sampled from its own distribution (
 their order: each entry a loss name (weight 1), a pair (name, w_k) with w_k > 0, or None for an output no
 loss term reads. The first entry names a loss (the first output gives N, the examples). Outputs after the
 last entry have no loss. A backward that reaches an output without a loss raises (gnfx.output_watch): its
-loss would be left out of the curvature.
+loss would be left out of the curvature. So does a named output computed from another (`cascade_error`), and
+a quadratic step whose backward did not reach a named output (gnfx.quadratic_step).
 
 The weights are the user's to give: a cross-entropy's gradient w(p - q)/M tells w only where the targets q
 are known to be one-hot (its entries off the targets are w p_c/M), not for soft or smoothed ones, where a

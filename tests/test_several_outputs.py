@@ -312,6 +312,26 @@ def test_type2_output_factor_is_the_weighted_sum_over_the_outputs(losses, ignore
     torch.testing.assert_close(c.statistics("trunk.0")["S"], expected, **TOL)
 
 
+@pytest.mark.parametrize("losses", [CE_AUX, PRETRAINING], ids=["ce+0.4ce", "pretraining"])
+def test_the_empirical_factor_reads_the_summed_gradient_over_the_first_outputs_rows(losses):
+    """fisher="empirical" with several outputs: S = M Σ_rows g gᵀ with g the summed loss's gradient at the
+    layer output and M the first output's N·T rows, its ignored ones included (docs/design.md §1)."""
+    model = model_of(losses)
+    x, targets = batch(losses, ignored=3)
+    layer, seen = model.trunk[0], {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: seen.setdefault("o", output))
+    out = as_tuple(model(x))
+    handle.remove()
+    (g,) = torch.autograd.grad(summed_loss(losses, out, targets), seen["o"])
+    rows = g.reshape(-1, g.shape[-1])
+    expected = out[0][..., 0].numel() * rows.T @ rows
+    c = gnfx.compile(copy.deepcopy(model), optimizer="kfac", loss=losses, fisher="empirical", stat_every=1,
+                     stat_decay=0.0, statistics=("A", "S"), lr=1e-3)
+    summed_loss(losses, c(x), targets).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("trunk.0")["S"], expected, **TOL)
+
+
 def test_weighted_mc_statistics_converge_to_type2():
     """fisher="mc" samples each output's targets from its own distribution: with many samples its K-FAC
     S of the shared trunk approaches type2's."""
