@@ -6,12 +6,12 @@ from torch import nn
 from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
-from gnfx.output_losses import output_losses, valid_loss
 from gnfx.fsdp import check_unsharded
 from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, open_unit_interval, positive,
                           positive_int, resolve, unit_interval)
 from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
+from gnfx.output_losses import output_losses, valid_loss
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
