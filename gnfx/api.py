@@ -11,6 +11,7 @@ from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, op
                           positive_int, resolve, unit_interval)
 from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
+from gnfx.output_losses import output_losses, valid_loss
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
@@ -44,8 +45,10 @@ COMMON = {
     "fisher": choice("where δ comes from: the training loss, sampled labels, or columns of H_ℓ^(1/2) "
                      "('mc' by default for kfac and ekfac under step='quadratic', and for rank1 when loss= is given)",
                      "empirical", FISHER_TYPES),
-    "loss": HParam(None, f"None or one of {LOSSES}", lambda x: x is None or x in LOSSES,
-                   "the training loss (mean reduction), needed by fisher='mc' and 'type2' and by "
+    "loss": HParam(None, f"None, one of {LOSSES}, or a tuple over the outputs of those, (name, weight) or None",
+                   valid_loss,
+                   "the training loss (mean reduction; of several outputs, their weighted sum), needed by "
+                   "fisher='mc' and 'type2' and by "
                    "step='quadratic' (the default for kfac when it is given and lr is not)"),
     "step": choice("the step size: 'quadratic' (α, μ and the damping λ from the exact GGN model of the loss, "
                    "gnfx.quadratic_step; needs loss=), 'lr' (a fixed learning rate), or 'auto': 'quadratic' for "
@@ -157,6 +160,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     # the factor bounds are planned at the given cost_rows; else again at the first statistic forward's rows
     hp["cost_rows_given"] = "cost_rows" in hparams
     hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING
+    hp["losses"] = output_losses(hp["loss"])  # the OutputLoss of each output loss= names (gnfx.output_losses)
     if hp["fisher"] != "empirical" and hp["loss"] is None:
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy', "
                           f"loss='mse' or loss='binary_cross_entropy' (the loss you call, with mean reduction)")

@@ -178,7 +178,7 @@ class CompiledModel(nn.Module):
             store.forward_id += 1
             opt.collected = True
             out = self._variants(args, kwargs)
-            watch_output(out, store, self._settings, opt.logits)
+            watch_output(out, store, self._settings, opt.layouts)
             if not opt.bounds_final:  # the first statistic forward: its rows, before its backward
                 opt.bound_factors_at_rows()
             return out

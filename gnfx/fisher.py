@@ -78,14 +78,15 @@ def backprop_vectors(z: torch.Tensor, fisher: str, loss: str, samples: int, gene
 
 
 def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, samples: int, loss_terms: float,
-                       kept: torch.Tensor, logits: LogitsLayout) -> None:
+                       kept: torch.Tensor, logits: LogitsLayout, scale: float = 1.0) -> None:
     """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
 
     `pending` holds (block output, block input or None, BlockStatistics, forward id, routing or None:
     gnfx.taps) of this forward. `kept` marks the rows of z (flattened to (M, C)) that the loss counts
     (cross-entropy drops the targets it ignores): the other rows backpropagate nothing; `loss_terms`
     counts the kept ones. The vectors are those of the classes-last z_c (`logits`,
-    gnfx.outputs.LogitsLayout), each backpropagated from z in its own layout.
+    gnfx.outputs.LogitsLayout), each backpropagated from z in its own layout. `scale`: a factor of every
+    recorded outer product, w_k M_k / M for output k of a loss over several outputs (gnfx.output_watch).
     """
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0 or not outputs:  # no block output: a call that ran the model's own forward (gnfx.variants)
@@ -97,4 +98,4 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
         grads = torch.autograd.grad(z, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         for (_, a, stats, fid, routing), g in zip(pending, grads):
             if g is not None:
-                stats.record_error(g * weight ** 0.5, a, fid, routing)
+                stats.record_error(g * (weight * scale) ** 0.5, a, fid, routing)

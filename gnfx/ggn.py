@@ -165,6 +165,11 @@ def _loss_fn(loss: Loss) -> LossFn:
     """The loss callable for a loss name or callable."""
     if callable(loss):
         return loss
+    if isinstance(loss, (tuple, list)):
+        raise ConfigError(f"loss={loss!r}: gnfx.ggn's products (and gnfx.diagnose) take the loss of the first output "
+                          f"alone; a weighted sum over several outputs (gnfx.compile's loss= tuple, "
+                          f"gnfx.output_losses) is not implemented here. Pass a callable loss(z, y) of the first "
+                          f"output, or measure one output's loss at a time")
     if loss not in _LOSSES:
         valid = ", ".join(repr(name) for name in _LOSSES)
         raise ConfigError(

@@ -96,12 +96,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._pending_checkpoint = None  # a state_dict loaded before `attach`, loaded by it
         self.preconditioners = self.curvature = self.elementwise = []
         self.update_function = None
-        self.logits = LogitsLayout()  # the classes' axis of a cross-entropy's logits, told by their first gradient
+        # the classes' axis of a cross-entropy's logits, told by their first gradient: one per output loss= names
+        # (gnfx.output_losses), `logits` the first output's
+        self.layouts = [LogitsLayout() for _ in settings["losses"] or (None,)]
+        self.logits = self.layouts[0]
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
-        self.quadratic = (QuadraticStep(self.parameter_store, settings["loss"], settings["initial_damping"],
+        self.quadratic = (QuadraticStep(self.parameter_store, settings["losses"], settings["initial_damping"],
                                         settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
                                         settings["damping_every"], settings["quadratic_every"],
-                                        settings["quadratic_momentum"], self.logits)
+                                        settings["quadratic_momentum"], self.layouts)
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, plan, statistics) -> None:

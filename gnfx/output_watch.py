@@ -10,7 +10,11 @@ z's classes (gnfx.outputs.check_cross_entropy_gradient), the last dimension or d
 (N, C, H, W) output, which the first gradient at z tells (gnfx.outputs.LogitsLayout: from then on the
 rows, T and the true Fisher are those of the classes-last z_c), with loss="binary_cross_entropy" a mean
 binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
-(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. A gradient at z that fails
+(gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= naming several
+outputs (gnfx.output_losses, a weighted sum Σ_k w_k L_k(z_k)) each named z_k is hooked so, its gradient
+divided by w_k checked as its loss's, its own true-Fisher backward weighted (`_hook`); a named output
+computed from another raises a GnfxError at the forward (gnfx.output_losses.cascade_error: the gradient at
+the earlier one mixes both losses). A gradient at z that fails
 these checks as it is, or warns, may be s times a mean's, that of a loss scaled by torch.amp.GradScaler,
 whose scale s the backward cannot know (on a GPU autograd runs the hooks on its own thread, and nothing
 there names the scaler); nor can it be told from a summed loss's (s = M). Its check is kept (z and the
@@ -19,9 +23,9 @@ by s (`check_outputs_at_step`; s = 1 without a scaler): such a loss is named the
 backward gave before, and nothing of its backward is folded. A mean's gradient passes at the backward
 and keeps nothing; so, for s ≥ 1, does every gradient that passes as it is (its sums fall with s and its
 implied targets move towards softmax(z)), except that a dense output's one-hot test is not monotone in s
-(a scaled gradient that passes it as it is is not checked again). With loss= the loss
-must be one of z alone: a backward that reaches z and another floating output of at least one
-dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
+(a scaled gradient that passes it as it is is not checked again). With loss= the loss must be one of
+the named outputs alone (of z alone, with one name): a backward that reaches z and another floating
+output of at least one dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
 is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.
 An output z is computed from (an encoder-decoder's encoder states, which its decoder reads, returned
@@ -37,23 +41,29 @@ import torch
 
 from gnfx.errors import GnfxError
 from gnfx.fisher import record_true_fisher
+from gnfx.output_losses import cascade_error, named_outputs, unnamed_output_error, weighted_check_error
 from gnfx.outputs import (LogitsLayout, check_output_gradient, floating_outputs, other_output_error,
                           output_gradient_findings)
 
 
-def watch_output(out, store, settings: dict, logits: LogitsLayout) -> None:
+def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> None:
     """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
     output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
-    docstring). `settings`: gnfx.compile's (loss_average, fisher, loss, mc_samples); `logits`: the
-    optimizer's LogitsLayout, the classes' axis of z."""
+    docstring). `settings`: gnfx.compile's (loss_average, fisher, losses, mc_samples); `layouts`: the
+    optimizer's LogitsLayout of each output loss= names (one without loss=), the classes' axis of z_k."""
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
     fid = store.forward_id
+    losses = settings["losses"]
     if z is not None:
         store.batch_size[fid] = z.shape[0]
-        _record_terms(store, fid, logits.classes_last(z), settings)
+        _record_terms(store, fid, layouts[0].classes_last(z), settings)
     if z is not None and z.requires_grad:
-        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [], logits)
+        heads = [(None, z)] if losses is None else list(zip(losses, named_outputs(out, losses)))
+        _refuse_cascades(heads, losses)
+        named = {0} if losses is None else {k.position for k in losses}
+        others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
+        _hook(heads, store, settings, others, layouts)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -68,59 +78,89 @@ def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
         store.terms_per_example[fid] = z_c.shape[1:-1].numel()
 
 
-def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], logits: LogitsLayout) -> None:
-    """When the user's backward reaches the logits z: count the rows the loss ignores (their
-    gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
-    backward (gnfx.fisher) if one is asked for. `others`: the outputs the loss must not reach
-    (module docstring), named by an error once the backward has reached both z and one of them,
-    in either order, after z's own check."""
+def _hook(heads: list, store, settings: dict, others: list, layouts: list[LogitsLayout]) -> None:
+    """When the user's backward reaches an output z_k that loss= names (`heads`: (OutputLoss or None, z_k)
+    each, the first z): check its gradient against its loss (divided by its weight w_k), count the rows the
+    loss ignores (their gradient is exactly zero) and run the true-Fisher backward (gnfx.fisher) of z_k if
+    one is asked for. With one output its kept rows are those of N and M; with several (docs/design.md §1,
+    "Several outputs") M is the first output's N·T rows, ignored ones included, and output k's vectors are
+    backpropagated at the weight w_k M_k / M (M_k: its own kept rows), so that the statistics are those of
+    Σ_k w_k J_kᵀ H_k J_k. `others`: (position, output) of the outputs the loss must not reach (module
+    docstring), named by an error once the backward has reached a head and one of them, in either order."""
     pending, store.pending = store.pending, []
     fid = store.forward_id
-    reached = {"z": False, "other": None}
+    several = len(heads) > 1
+    if several:  # M of the statistics: the first output's rows as the forward's layout reads them
+        store.kept_fraction[fid] = 1.0
+        reference = store.batch_size[fid] * store.terms_per_example.get(fid, 1)
+    reached = {"heads": set(), "other": None}
+    z = heads[0][1]
+
+    def reached_error(position, other, reaches_z=True):
+        if several:
+            return unnamed_output_error(settings["losses"], position, tuple(other.shape))
+        return other_output_error(settings["loss"], z, position, other, reaches_z)
 
     def other_hook(position, other):
         def hook(grad):
-            if _feeds(z, other):  # a view of z (rows of z): its gradient flows into z
+            if any(_feeds(head, other) for _, head in heads):  # a view of an output (its rows): flows into it
                 return
-            if _feeds(other, z):  # z's gradient, if the loss reached z, came first (autograd's order)
-                if reached["z"]:
+            fed = [j for j, (_, head) in enumerate(heads) if _feeds(other, head)]
+            if fed:  # the head's gradient, if the loss reached it, came first (autograd's order)
+                if reached["heads"] & set(fed):
                     return
-                raise other_output_error(settings["loss"], z, position, other, reaches_z=False)
+                raise reached_error(position, other, reaches_z=False)
             reached["other"] = reached["other"] or (position, other)
-            if reached["z"]:
-                raise other_output_error(settings["loss"], z, position, other)
+            if reached["heads"]:
+                raise reached_error(position, other)
         return hook
 
-    for position, other in enumerate(others, 1):
+    for position, other in others:
         if other.requires_grad:
             other.register_hook(other_hook(position, other))
 
-    def hook(grad):
-        handle.remove()  # the true-Fisher backward starts at z too: run once
-        reached["z"] = True
-        if settings["loss"] == "cross_entropy" and logits.classes_axis is None:
-            logits.settle(z, grad)  # the first gradient at z: the classes' axis (one more transfer, once)
-            _record_terms(store, fid, logits.classes_last(z), settings)
-        z_c, grad_c = logits.classes_last(z), logits.classes_last(grad)
-        kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
-        count = kept.sum()
-        checked = {"cross_entropy": (z_c, grad_c), "binary_cross_entropy": (z, grad)}.get(settings["loss"])
-        if checked is not None:  # the check reads the count with its own figures: one transfer
-            dense = logits.classes_axis == 1
-            error, warning, (count,) = output_gradient_findings(settings["loss"], *checked, count, dense=dense)
-            if error or warning:  # not a mean's gradient as it is: told at the step, which knows the loss scale
-                store.output_checks.append((settings["loss"], *(t.detach() for t in checked), dense))
-        if reached["other"]:
-            raise other_output_error(settings["loss"], z, *reached["other"])
-        fraction = float(count) / max(kept.numel(), 1)
-        store.kept_fraction[fid] = fraction
-        if store.fisher != "empirical":
-            terms = z.shape[0] if settings["loss_average"] == "batch" or z.dim() < 2 else kept.numel()
-            record_true_fisher(z, pending, settings["fisher"], settings["loss"], settings["mc_samples"],
-                               terms * fraction, kept, logits)
-        return grad
+    def head_hook(j, loss, z_k, layout):
+        name = settings["loss"] if loss is None else loss.name
 
-    handle = z.register_hook(hook)
+        def hook(grad):
+            handles[j].remove()  # the true-Fisher backward starts at z_k too: run once
+            reached["heads"].add(j)
+            if name == "cross_entropy" and layout.classes_axis is None:
+                layout.settle(z_k, grad)  # the first gradient at z_k: the classes' axis (one more transfer, once)
+                if j == 0 and not several:
+                    _record_terms(store, fid, layout.classes_last(z_k), settings)
+            z_c, grad_c = layout.classes_last(z_k), layout.classes_last(grad)
+            kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
+            count = kept.sum()
+            if name in ("cross_entropy", "binary_cross_entropy"):  # the check reads the count with its figures: one transfer
+                unweighted = grad_c if loss is None or loss.weight == 1.0 else grad_c / loss.weight
+                dense = layout.classes_axis == 1
+                error, warning, (count,) = output_gradient_findings(name, z_c, unweighted, count, dense=dense)
+                if error or warning:  # not a mean's gradient as it is: told at the step, which knows the loss scale
+                    store.output_checks.append((name, z_c.detach(), unweighted.detach(), dense, loss if several else None))
+            if reached["other"]:
+                raise reached_error(*reached["other"])
+            fraction = float(count) / max(kept.numel(), 1)
+            if not several:
+                store.kept_fraction[fid] = fraction
+            if store.fisher != "empirical":
+                terms = z_k.shape[0] if settings["loss_average"] == "batch" or z_k.dim() < 2 else kept.numel()
+                weight = 1.0 if not several else loss.weight * terms * fraction / reference
+                record_true_fisher(z_k, pending, settings["fisher"], name, settings["mc_samples"],
+                                   terms * fraction, kept, layout, weight)
+            return grad
+        return hook
+
+    handles = [head.register_hook(head_hook(j, loss, head, layouts[j])) for j, (loss, head) in enumerate(heads)]
+
+
+def _refuse_cascades(heads: list, losses) -> None:
+    """Raise gnfx.output_losses.cascade_error where one named output is computed from another (one graph
+    walk per pair of outputs, with several named)."""
+    for j, (_, earlier) in enumerate(heads):
+        for k, (_, later) in enumerate(heads):
+            if j != k and _feeds(earlier, later):
+                raise cascade_error(losses, j, k)
 
 
 def check_outputs_at_step(store, scale) -> None:
@@ -128,8 +168,13 @@ def check_outputs_at_step(store, scale) -> None:
     for s the loss `scale` of a torch.amp.GradScaler's step (1 without one): each raises or warns as at
     the backward. `store`: the gnfx.statistics.StatisticsStore that holds them, emptied."""
     checks, store.output_checks = store.output_checks, []
-    for loss, z, grad, dense in checks:
-        check_output_gradient(loss, z, grad, dense, scale)
+    for name, z, grad, dense, entry in checks:
+        try:
+            check_output_gradient(name, z, grad, dense, scale)
+        except GnfxError as failed:
+            if entry is None:
+                raise
+            raise weighted_check_error(entry, name, failed) from None
 
 
 def _feeds(other: torch.Tensor, z: torch.Tensor) -> bool:

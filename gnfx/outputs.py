@@ -86,8 +86,11 @@ def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.T
         f"loss={loss!r} is the loss of the model output z alone (z: the first floating tensor the model returns, "
         f"here of shape {tuple(z.shape)}), and the loss this backward ran "
         f"{reached.format(position, tuple(other.shape))}. The sampled Fisher and the quadratic-model step "
-        f"would leave those terms out (a block that only that output reaches would get no curvature at all). Fix: compile without loss= and with an lr (the curvature then comes from your "
-        f"whole loss's gradients), or return only the output whose {loss} loss you train")
+        f"would leave those terms out (a block that only that output reaches would get no curvature at all). Fix: compile "
+        f"without loss= and with an lr (the curvature then comes from your whole loss's gradients), or return only the "
+        f"output whose {loss} loss you train, or, for a weighted sum of named losses of the outputs, name each in loss= "
+        f"in the order the model returns them (loss=({loss!r}, ({loss!r}, 0.4)) for L_0 + 0.4·L_1: "
+        f"gnfx.output_losses)")
 
 
 def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor, dense: bool = False,

@@ -18,7 +18,10 @@ into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more
 their proposals at one lr are on different scales. J v comes from forward-mode products
 (dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
 the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
-2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). μ is kept in
+2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). A loss over several outputs,
+L = Σ_k w_k L_k(z_k) (gnfx.output_losses), has the GGN Σ_k w_k J_kᵀ H_k J_k: one forward-mode pass per v_i
+gives every J_k v_i (the outputs concatenated), M_ij = Σ_k w_k (J_k v_i)ᵀ H_k (J_k v_j) + λ v_iᵀv_j, and the
+loss recovered for ρ (below) is Σ_k w_k L_k, each L_k from the gradient at z_k divided by w_k. μ is kept in
 MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ at a bound, `minimize_quadratic`):
 fitted on one batch, an unbounded μ swung to -412 on the digits MLP along directions the batch
 barely constrains. Without a previous update (first step, after a rejected step) μ = 0 and
@@ -242,7 +245,8 @@ from gnfx.errors import GnfxError
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
-from gnfx.outputs import LogitsLayout, logits_of
+from gnfx.output_losses import OutputLoss, named_outputs
+from gnfx.outputs import LogitsLayout
 from gnfx.random_state import RandomState
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -389,13 +393,14 @@ class QuadraticStep:
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
     (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every)
     and whether the step was rejected. `parameters`: the optimizer's
-    gnfx.parameter_store.ParameterStore; `logits`: its gnfx.outputs.LogitsLayout."""
+    gnfx.parameter_store.ParameterStore; `losses`: the OutputLoss of each output loss= names
+    (gnfx.output_losses); `layouts`: the optimizer's gnfx.outputs.LogitsLayout of each."""
 
-    def __init__(self, parameters, loss: str, damping: float, decay: float, capped: bool, rows: int | None,
-                 every: int, solve_every: int, momentum: str | float, logits: LogitsLayout):
+    def __init__(self, parameters, losses: tuple[OutputLoss, ...], damping: float, decay: float, capped: bool,
+                 rows: int | None, every: int, solve_every: int, momentum: str | float, layouts: list[LogitsLayout]):
         self.parameters = parameters
-        # the classes' axis of a cross-entropy's z (gnfx.outputs.LogitsLayout): the model is built on z_c
-        self.logits = logits
+        # the classes' axis of each cross-entropy's z_k (gnfx.outputs.LogitsLayout): the model is built on z_c
+        self.layouts = layouts
         self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
@@ -406,7 +411,7 @@ class QuadraticStep:
         self.held_out_scale = 1.0  # κ: the steps are κ times the model's (_held_out_scale)
         self.misjudged = False  # the last adaptation's ρ was below RHO_LOW (or the step rejected)
         self.rows = rows  # quadratic_rows: the GGN term of the model on the first rows only
-        self.loss = loss
+        self.losses = losses
         self.damping = damping
         self.decay = decay
         self.growth = 2.0  # ν of the λ rule: λ's factor at the next rejection
@@ -421,8 +426,10 @@ class QuadraticStep:
         self._call = None  # (model, args, kwargs) of the last training forward
         self._random_state: RandomState | None = None  # the generators' states before it (gnfx.random_state)
         self._examples = 0  # its batch size, the first dimension of z
-        self._output_before = None  # its z, in the model's own layout (_outputs: the classes-last z_c)
-        self._output_grad = None
+        # its z_k, one per output loss= names, in the model's own layout (_outputs: the classes-last z_c), and
+        # the gradients the user's backward sent there (None: not reached)
+        self._output_before: list | None = None
+        self._output_grad: list = [None] * len(losses)
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
         self._native_recurrent = False
@@ -445,13 +452,15 @@ class QuadraticStep:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._call = (module.__dict__["_model"], args, kwargs)
-        self._output_grad = None
+        self._output_grad = [None] * len(self.losses)
         self._forwards += 1
-        z = logits_of(out)
-        self._examples = len(z) if z is not None else 0
-        self._output_before = None if z is None else z.detach()
-        if z is not None and z.requires_grad:
-            z.register_hook(functools.partial(self._keep_output_grad, self._forwards))
+        # a missing output: the step names it (_recovered), a forward that returns none is no error yet
+        heads = named_outputs(out, self.losses, missing_ok=True)
+        self._examples = len(heads[0]) if heads[0] is not None else 0
+        self._output_before = [None if z is None else z.detach() for z in heads]
+        for j, z in enumerate(heads):
+            if z is not None and z.requires_grad:
+                z.register_hook(functools.partial(self._keep_output_grad, self._forwards, j))
 
     def _warn_if_lr_moved(self) -> None:
         """Warn, once, when a param group's lr moves (an LR scheduler) under the uncapped step: the
@@ -471,16 +480,16 @@ class QuadraticStep:
             self._lr_warned = True
         self._lrs = lrs
 
-    def _keep_output_grad(self, forward: int, grad):
-        """The gradient the user's backward sends to the output z of training forward number `forward`.
+    def _keep_output_grad(self, forward: int, j: int, grad):
+        """The gradient the user's backward sends to the output z_j of training forward number `forward`.
         A backward that reaches the output of an earlier forward than the last (one loss over two
         forwards: a Siamese pair, R-Drop's two dropout masks, micro-batches summed before one backward)
         is modelled by the last forward's output alone (module docstring): warned once; only the last
         forward's gradient is kept, which belongs to the inputs the step replays."""
         if forward == self._forwards:
-            self._output_grad = grad.detach()
-            if self.loss == "cross_entropy":  # told at a statistic forward's output already, unless none ran yet
-                self.logits.settle(self._output_before, self._output_grad)
+            self._output_grad[j] = grad.detach()
+            if self.losses[j].name == "cross_entropy":  # told at a statistic forward's output already, unless none ran
+                self.layouts[j].settle(self._output_before[j], self._output_grad[j])
         elif not self._warned_forwards:
             self._warned_forwards = True
             warnings.warn("gnfx: one backward reached the outputs of two training forwards (a loss over both, as "
@@ -492,20 +501,19 @@ class QuadraticStep:
                           RuntimeWarning, stacklevel=2)
 
     def unscale(self, scale: torch.Tensor) -> None:
-        """The output gradient of a backward of the loss scaled by `scale`, s (a tensor of one entry:
+        """The output gradients of a backward of the loss scaled by `scale`, s (a tensor of one entry:
         torch.amp.GradScaler's), divided by s, in at least float32: the unscaled gradient of a float16 output
         underflows (what the scale is for)."""
-        if self._output_grad is not None:
-            precision = torch.promote_types(self._output_grad.dtype, torch.float32)
-            self._output_grad = self._output_grad.to(precision) / scale.reshape(()).to(self._output_grad.device,
-                                                                                        precision)
+        self._output_grad = [None if g is None else g.to(torch.promote_types(g.dtype, torch.float32))
+                             / scale.reshape(()).to(g.device, torch.promote_types(g.dtype, torch.float32))
+                             for g in self._output_grad]
 
     def _function(self, subset: bool = False):
-        """θ ↦ z on the remembered inputs, θ the list of the optimizer's parameters in its order (None:
-        the parameters as they are), with copies of the buffers, so that batch-norm statistics do not
-        move (gnfx.forward_mode.ModuleFunction, built once). With `subset` and `rows` (quadratic_rows,
-        in rows of z) the inputs are the first ⌈rows / T⌉ examples (T rows of z each) of every input
-        tensor whose first dimension is the batch's."""
+        """θ ↦ [z_k]_k, the classes-last outputs loss= names, on the remembered inputs, θ the list of the
+        optimizer's parameters in its order (None: the parameters as they are), with copies of the buffers,
+        so that batch-norm statistics do not move (gnfx.forward_mode.ModuleFunction, built once). With
+        `subset` and `rows` (quadratic_rows, in rows of z_0) the inputs are the first ⌈rows / T⌉ examples
+        (T rows of z_0 each) of every input tensor whose first dimension is the batch's."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
@@ -519,27 +527,39 @@ class QuadraticStep:
 
         def f(theta):
             with random_state.replayed():  # the training forward's random numbers (gnfx.random_state)
-                return self.logits.classes_last(logits_of(function(theta, *args, **kwargs)))
+                heads = named_outputs(function(theta, *args, **kwargs), self.losses)
+                return [layout.classes_last(z) for layout, z in zip(self.layouts, heads)]
         return f
 
     def _rows_per_example(self) -> int:
         """Rows of z_c per example: T of an (N, T, C) output (H·W of an (N, C, H, W) one), 1 of an (N, C) one."""
-        z = self._outputs()[0]
+        z = self._outputs()[0][0]
         return z[0].numel() // z.shape[-1] if z is not None and z.dim() > 1 else 1
 
-    def _outputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The last training forward's z_c and the gradient its backward sent there, classes last."""
-        z, grad = self._output_before, self._output_grad
-        return tuple(None if t is None else self.logits.classes_last(t) for t in (z, grad))
+    def _outputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The last training forward's z_c of each output loss= names and the gradients its backward sent
+        there (None where it reached none), classes last."""
+        return tuple([None if t is None else layout.classes_last(t) for layout, t in zip(self.layouts, tensors)]
+                     for tensors in (self._output_before, self._output_grad))
 
-    def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, [J v_k]_k) at parameters `theta` for the tangents v_k (`tangent_rows`, one list of
-        per-parameter tensors each), by one forward-mode pass per tangent (gnfx.forward_mode.jvp_rows;
+    def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[list, list]:
+        """([z_j]_j, [[J_j v_k]_k stacked]_j) at parameters `theta` for the tangents v_k (`tangent_rows`, one
+        list of per-parameter tensors each) and each output z_j loss= names, by one forward-mode pass per
+        tangent through all of them, concatenated (gnfx.forward_mode.jvp_rows;
         benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
+        shapes = []
+
+        def concatenated(theta):
+            heads = f(theta)
+            shapes[:] = [z.shape for z in heads]
+            return torch.cat([z.reshape(-1) for z in heads])
         try:
             with forward_mode_kernels(self._native_recurrent):
-                return jvp_rows(f, theta, tangent_rows)
+                z, J = jvp_rows(concatenated, theta, tangent_rows)
+            sizes = [shape.numel() for shape in shapes]
+            return ([t.view(shape) for t, shape in zip(z.split(sizes), shapes)],
+                    [t.view(len(J), *shape) for t, shape in zip(J.split(sizes, 1), shapes)])
         except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
             if isinstance(error, NotImplementedError) and load_decompositions():
                 return self._output(theta, tangent_rows)  # one with PyTorch's decomposition (gnfx.forward_mode)
@@ -608,7 +628,7 @@ class QuadraticStep:
             self._held_out_scale(params, before, loss_before, closure, layout, theta_values, layout.flat(previous),
                                  comm)
         z, outputs = self._output(theta_values, layout.tangents(rows))
-        z, outputs = z.detach(), outputs.detach()  # on the first rows only with quadratic_rows
+        z, outputs = [t.detach() for t in z], [t.detach() for t in outputs]  # the first rows with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
         # with the loss-floor cap, L(θ) travels with M and b (the same all-reduce and transfer)
@@ -646,7 +666,8 @@ class QuadraticStep:
             self.damping, self.growth = levenberg_marquardt(self.damping, rho, self.growth, self.decay)
             self.misjudged = not rho >= RHO_LOW
         backtracks, expansion = 0, 1.0
-        if adapted and rho > 1 and t >= DAMPING_WARMUP and self.loss == "cross_entropy" and EXPANSION is not None:
+        if adapted and rho > 1 and t >= DAMPING_WARMUP and EXPANSION is not None and all(
+                k.name == "cross_entropy" for k in self.losses):
             # module docstring, "The exponential tail of cross-entropy"
             expansion = self._expand(params, before, z, loss_before, closure, layout, theta_values, flat_update,
                                      actual, comm)
@@ -833,24 +854,27 @@ class QuadraticStep:
         moved = {k for k, norm in zip(layout.parameter_owner, norms) if k >= 0 and norm != 0}
         return [layout.preconditioners[k] for k in sorted(moved)]
 
-    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: torch.Tensor,
-                     J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _model_terms(self, V: torch.Tensor, grads: torch.Tensor, z: list,
+                     J: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, b) of the module docstring in float64 for the vectors v_k, the rows of V, with
-        J v_k the rows of J: M = [J v_i]ᵀ H_ℓ [J v_j] + λ V Vᵀ, b = V g (z and J on the first rows
-        of the batch with quadratic_rows: H_ℓ that of their mean loss)."""
-        # H_ℓ of mse (2/numel(z)·I) and of binary cross-entropy (diag(p(1-p))/numel(z)) needs no targets
-        kept = self._kept_rows(z) if self.loss == "cross_entropy" else None
-        H_J = output_hessian_product(self.loss, z, kept, J).flatten(1).double()
-        curvature = H_J @ J.flatten(1).double().T
+        J_j v_k the rows of J[j] for each output z_j loss= names: M = Σ_j w_j [J_j v_i]ᵀ H_j [J_j v_k] + λ V Vᵀ
+        (a loss over several outputs: gnfx.output_losses), b = V g (z and J on the first rows of the batch
+        with quadratic_rows: H_j that of their mean loss)."""
+        curvature = 0
+        for j, (loss, z_j, J_j) in enumerate(zip(self.losses, z, J)):
+            # H_ℓ of mse (2/numel(z)·I) and of binary cross-entropy (diag(p(1-p))/numel(z)) needs no targets
+            kept = self._kept_rows(j, z_j) if loss.name == "cross_entropy" else None
+            H_J = output_hessian_product(loss.name, z_j, kept, J_j).flatten(1).double()
+            curvature = curvature + loss.weight * (H_J @ J_j.flatten(1).double().T)
         gram, b = double_products(V, grads)
         M = 0.5 * (curvature + curvature.T) + self.damping * gram
         return M, b
 
-    def _kept_rows(self, z: torch.Tensor) -> torch.Tensor:
-        """The rows of z (the batch's first rows with quadratic_rows) cross-entropy counts as targets
+    def _kept_rows(self, j: int, z: torch.Tensor) -> torch.Tensor:
+        """The rows of z = z_j (the batch's first rows with quadratic_rows) cross-entropy counts as targets
         for output_hessian_product: the rows its gradient reaches (an ignored target's row gets
         exactly zero), all rows when unknown."""
-        classes, grad = z.shape[-1], self._outputs()[1]
+        classes, grad = z.shape[-1], self._outputs()[1][j]
         if grad is None:
             kept = torch.ones(z.reshape(-1, classes).shape[0], dtype=torch.bool, device=z.device)
         else:
@@ -879,31 +903,42 @@ class QuadraticStep:
         at_theta, at_step = torch.stack([loss(z0), loss(f(after))]).tolist()
         return at_theta - at_step
 
-    def _recovered(self, z):
-        """(the recovered loss, the training forward's output z0 at θ) of the step's batch."""
-        before, grad = self._outputs()
-        if grad is None:
+    def _recovered(self, z: list):
+        """(the recovered loss of the outputs [z_j]_j, Σ_j w_j L_j(z_j) with each L_j recovered from the
+        gradient at z_j divided by w_j; the training forward's outputs [z0_j]_j at θ) of the step's batch."""
+        before, grads = self._outputs()
+        if grads[0] is None:
             raise GnfxError("the quadratic-model step found no gradient at the model output: the loss must be "
                             "computed from the compiled model's output (the first tensor it returns), or pass "
                             "model.step(closure) with a closure that returns the batch loss")
-        z0 = z if len(z) == len(grad) else before.to(z.dtype)
-        return recovered_loss(self.loss, z0, grad), z0
+        missing = [k for k, grad in zip(self.losses, grads) if grad is None]
+        if missing:
+            raise GnfxError(f"loss= names the {missing[0].name} loss of output {missing[0].position} (weight "
+                            f"{missing[0].weight:g}), and the step's backward did not reach that output: the "
+                            f"quadratic-model step would model a loss term you did not take. Fix: drop its entry "
+                            f"from loss= (None), or add its loss")
+        z0 = [z_j if len(z_j) == len(grad) else b.to(z_j.dtype) for z_j, grad, b in zip(z, grads, before)]
+        terms = [(k.weight, recovered_loss(k.name, z0_j, grad / k.weight))
+                 for k, z0_j, grad in zip(self.losses, z0, grads)]
+        return (lambda outputs: sum(w * loss(z_j) for (w, loss), z_j in zip(terms, outputs))), z0
 
     def _check_mean(self, z, loss_before) -> None:
         """With loss="mse" and a closure: raise a GnfxError if the squared error recovered from the output
         gradient exceeds the closure's loss at θ (module docstring, "L(θ+s)"); on the first step with a closure
         only (its host read is one synchronization)."""
-        if self._mean_checked or self.loss != "mse" or loss_before is None or self._output_grad is None:
+        if self._mean_checked or all(k.name != "mse" for k in self.losses) or loss_before is None or \
+                self._output_grad[0] is None:
             return
         loss, z0 = self._recovered(z)
         recovered, given = torch.stack([loss(z0).detach().double(),
-                                        torch.as_tensor(loss_before).detach().double().to(z0.device)]).tolist()
-        if recovered > (1 + MEAN_TOLERANCE) * given + torch.finfo(z0.dtype).tiny:
+                                        torch.as_tensor(loss_before).detach().double().to(z0[0].device)]).tolist()
+        squared = next(z_j for k, z_j in zip(self.losses, z0) if k.name == "mse")
+        if recovered > (1 + MEAN_TOLERANCE) * given + torch.finfo(squared.dtype).tiny:
             raise GnfxError(
                 f"loss='mse' is the mean squared error of the model output z, and the loss your closure returns is "
                 f"not: the squared error its gradient at z implies is {recovered / max(given, 1e-300):.4g} times the "
                 f"closure's loss ({recovered:.4g} against {given:.4g}): reduction='sum' (a factor of numel(z) = "
-                f"{z0.numel()}) or a mean multiplied by a factor, which the quadratic-model step would take "
+                f"{squared.numel()}) or a mean multiplied by a factor, which the quadratic-model step would take "
                 f"that many times too long. Fix: take the mean (F.mse_loss's default reduction='mean'), or "
                 f"compile without loss= (and with an lr)")
         self._mean_checked = True

@@ -372,6 +372,20 @@ def test_torchvision_models_trains_on_upsampled_digits_and_explains_a_missing_to
     assert "torchvision::nms does not exist" in str(exit_.value) and "sitecustomize.py" in str(exit_.value)
 
 
+def test_several_outputs_trains_bert_pretraining_on_its_two_losses_with_a_loss_tuple():
+    """benchmarks.several_outputs: BertForPreTraining one step at kfac's defaults with loss= naming both of its
+    outputs (the masked-token and next-sentence cross-entropies; its GoogLeNet needs torchvision, which the
+    tests do not have), the quadratic step solved; its batches mask two words per sequence."""
+    pytest.importorskip("transformers")
+    from benchmarks import library_models, several_outputs
+
+    run = library_models.train("bert_pretraining", "kfac", 1, problems=several_outputs.PROBLEMS)
+    assert run.status == "ok" and len(run.curve) == 2 and run.last_step["solved"], run.reason
+    batch = several_outputs._pretraining_batch(torch.Generator().manual_seed(0), 4)
+    assert batch["labels"].ne(-100).sum(1).tolist() == [2] * 4
+    assert batch["input_ids"].eq(several_outputs.MASK_ID).sum(1).tolist() == [2] * 4
+
+
 def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
     """benchmarks.recurrent on a target every run passes at its first evaluation, and its kernel table
     on a tiny recurrent layer (no timing is asserted: only that each form ran)."""

@@ -763,6 +763,8 @@ def invalid_values(spec) -> list:
         "True, False or 'auto'": [1, "yes", None],
         "a pair (beta1, beta2) of numbers in [0, 1)": [(0.9, 1.0), (0.9,), (-0.1, 0.9)],
         "'paper' (1/(2k) for an order-k tensor) or a number in (0, 1]": [0, 1.5, "half"],
+        "None, one of ('cross_entropy', 'mse', 'binary_cross_entropy'), or a tuple over the outputs of those, "
+        "(name, weight) or None": ["not-an-option", 3, (), (None, "mse"), ("mse", ("mse", 0)), ("mse", ("mse",))],
         "None or a list of gnfx.transforms ending in gnfx.transforms.Step()":
             ["momentum", [], [gnfx.transforms.HeavyBall(0.9)], [gnfx.transforms.Step(), gnfx.transforms.Step()]],
     }
