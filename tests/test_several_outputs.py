@@ -466,3 +466,28 @@ def test_the_exact_products_and_diagnose_refuse_a_loss_tuple_by_name():
     x, (y, _) = batch(CE_AUX)
     with pytest.raises(ConfigError, match="first output alone"):
         ggn_vp(model, CE_AUX, x, y, [torch.zeros_like(p) for p in model.parameters()])
+
+
+def test_several_outputs_under_a_grad_scaler_train_as_without_it():
+    """torch.amp.GradScaler("cpu") (its scale s doubled after every step): the weighted outputs' checks, the
+    quadratic step's remembered output gradients and the statistics are divided by s at the step, so four
+    quadratic steps of ce + 0.4·ce give the parameters of the same steps without the scaler (float64)."""
+    x, targets = batch(CE_AUX)
+    runs = []
+    for scaled in (False, True):
+        c = gnfx.compile(model_of(CE_AUX), optimizer="kfac", loss=CE_AUX, stat_every=1, damping_every=1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+        for _ in range(4):
+            loss = summed_loss(CE_AUX, c(x), targets)
+            (scaler.scale(loss) if scaled else loss).backward()
+            if scaled:
+                scaler.step(c.optimizer)
+                scaler.update()
+            else:
+                c.step()
+            c.zero_grad()
+        runs.append([p.detach().clone() for p in c.parameters()])
+    assert scaler.get_scale() == 2.0 ** 14
+    for plain, scaled in zip(*runs):
+        torch.testing.assert_close(scaled, plain, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(runs[0][0], next(model_of(CE_AUX).parameters()))
