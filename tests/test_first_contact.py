@@ -2084,3 +2084,84 @@ def test_a_parameter_read_that_nothing_uses_is_no_use(capture):
         statistics.append(c.statistics("conv"))
     for name in statistics[1]:
         torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- tenth round, open_clip,
+# sentence-transformers, kornia (benchmarks/results/first_contact_10_clip.md)
+
+
+class CastDtypeTextTower(nn.Module):
+    """open_clip's text tower as it reads its parameters: the cast dtype from a layer's weight
+    (`resblocks[0].mlp.c_fc.weight.dtype`) and the position table sliced to the sequence, then cast,
+    `x + P[:T].to(cast_dtype)` (its TextTransformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.positional_embedding = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, ids):
+        cast_dtype = self.fc.weight.dtype
+        x = self.embed(ids).to(cast_dtype) + self.positional_embedding[:ids.shape[1]].to(cast_dtype)
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weights_dtype_read_and_a_sliced_table_cast_are_no_other_uses(capture):
+    """open_clip's text towers: `fc.weight.dtype` is `getattr(W, 'dtype')` in torch.fx's graph, which made
+    fc fall back ("used by call_function 'getattr'"), and `P[:T].to(dtype)` made the position table fall
+    back under both captures (a cast after the slice; torch.export also checks the slice's metadata). Both
+    are reads of metadata or casts (passes/parameter_casts.py): every parameter in a block, the position
+    table's diag equal to the per-example gradients' (vmap), float64."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = CastDtypeTextTower().double()
+    ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    c, expected = diag_step(model, ids, y, capture)
+    assert not c.layers.fallbacks, c.layers.fallbacks
+    assert c.layers["fc"].kind == "linear" and c.layers["positional_embedding"].kind == "position"
+    torch.testing.assert_close(c.statistics("positional_embedding")["diag"], expected["positional_embedding"].T, **TOL)
+
+
+class FunctionalAttentionPool(nn.Module):
+    """OpenAI CLIP's (and open_clip's) ModifiedResNet pool: the tokens (N, T, C), their mean prepended,
+    sequence-first, attended by that mean alone with F.multi_head_attention_forward over separate q/k/v
+    projections and the output projection c_proj; a linear head on the pooled (N, C)."""
+
+    def __init__(self, c=4, heads=2):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.c_proj = (nn.Linear(c, c) for _ in range(4))
+        self.head, self.heads = nn.Linear(c, 3), heads
+
+    def forward(self, x):
+        x = x.transpose(0, 1)
+        x = torch.cat([x.mean(0, keepdim=True), x])
+        out, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=self.training,
+            need_weights=False)
+        return self.head(out[0])
+
+
+def test_functional_multi_head_attention_is_captured_where_its_projections_are_blocks():
+    """torch.fx records F.multi_head_attention_forward as one call (its __torch_function__ dispatch), so
+    the q/k/v/c projections it takes fell back (open_clip's RN CLIP: 57% of the parameters), while
+    torch.fx "traced the whole forward" and capture='auto' kept it. It is an opaque call now
+    (passes/capture.py): torch.export captures the forward too and its graph is kept, every projection a
+    linear block; the key projection's A is E[ā āᵀ] over the key rows (ā: the row and a 1), float64."""
+    torch.manual_seed(0)
+    model = FunctionalAttentionPool().double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0)
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert c.layers.form == "export" and not c.layers.fallbacks, c.layers.fallbacks
+    assert all(c.layers[name].kind == "linear" for name in ("q_proj", "k_proj", "v_proj", "c_proj"))
+    tokens = torch.cat([x.mean(1, keepdim=True), x], 1).transpose(0, 1).reshape(-1, 4)
+    rows = torch.cat([tokens, torch.ones(len(tokens), 1, dtype=x.dtype)], 1)
+    torch.testing.assert_close(c.statistics("k_proj")["A"], rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
