@@ -145,6 +145,17 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
             f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
+    if what and symmetric_contrastive(z, grad):
+        raise GnfxError(
+            f"loss='cross_entropy' is the mean cross-entropy of the rows of the model output's logits z, and the "
+            f"gradient at z (of shape {tuple(z.shape)}) is that of a symmetric contrastive loss: the mean of the "
+            f"cross-entropy of the rows of a square similarity matrix and of the cross-entropy of its columns, "
+            f"labels arange(N) (open_clip's ClipLoss, sentence-transformers' MultipleNegativesSymmetricRankingLoss). "
+            f"Its curvature couples the rows of z (the columns' softmax), which a cross-entropy over the rows, "
+            f"what gnfx models (the sampled Fisher, the quadratic step's GGN), leaves out: gnfx would model the wrong "
+            f"curvature. Fix: compile without loss= and with an lr (K-FAC's statistics then come from your loss's own "
+            f"gradients, fisher='empirical'), or train the one-directional loss F.cross_entropy(logits, labels), "
+            f"whose curvature loss='cross_entropy' models exactly")
     if what:
         raise GnfxError(
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
@@ -153,7 +164,8 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"of shape {tuple(z.shape)}), and the loss this backward ran is not: {what}. gnfx would model the "
             f"wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
-            f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
+            f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss (a "
+            f"contrastive loss over the embeddings the model returns, as CLIP's and sentence-transformers' are)")
     if dense and (lowest < -CROSS_ENTROPY_TOLERANCE or soft > CROSS_ENTROPY_TOLERANCE):
         warnings.warn(
             f"gnfx: loss='cross_entropy' over dimension 1 of the output (shape {tuple(z.shape)} with the classes "
@@ -175,6 +187,19 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
             RuntimeWarning, stacklevel=2)
     return values
+
+
+def symmetric_contrastive(z: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether `grad`, the gradient of the user's loss at a square z (N, N), is that of the symmetric
+    contrastive loss L = (CE(z, arange(N)) + CE(zᵀ, arange(N)))/2 within CROSS_ENTROPY_TOLERANCE:
+    2N·∂L/∂z = softmax(z, rows) + softmax(z, columns) - 2I. Read only where check_cross_entropy_gradient
+    has already found the rows' sums off, to name that loss (one more host read there)."""
+    if z.dim() != 2 or z.shape[0] != z.shape[1] or z.shape[0] < 2:
+        return False
+    logits = z.detach().double()
+    expected = logits.softmax(-1) + logits.softmax(0) - 2 * torch.eye(len(logits), dtype=logits.dtype, device=z.device)
+    off = (2 * len(logits) * grad.detach().double() - expected).abs().sum() / expected.abs().sum()
+    return bool(off < CROSS_ENTROPY_TOLERANCE)
 
 
 def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor) -> list[float]:

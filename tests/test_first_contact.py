@@ -2165,3 +2165,50 @@ def test_functional_multi_head_attention_is_captured_where_its_projections_are_b
     tokens = torch.cat([x.mean(1, keepdim=True), x], 1).transpose(0, 1).reshape(-1, 4)
     rows = torch.cat([tokens, torch.ones(len(tokens), 1, dtype=x.dtype)], 1)
     torch.testing.assert_close(c.statistics("k_proj")["A"], rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
+
+
+class TwoTowers(nn.Module):
+    """A CLIP of two linear towers returning logits_per_image, `s · normalize(img) @ normalize(txt)ᵀ`
+    (N, N), with its logit scale s = exp(t) a trainable scalar as CLIP's."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images, texts):
+        img, txt = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
+        return self.logit_scale.exp() * img @ txt.T
+
+
+def clip_loss(logits, symmetric=True):
+    """open_clip's ClipLoss on logits_per_image (labels arange(N)), or its image-to-text half alone."""
+    labels = torch.arange(len(logits))
+    image_to_text = F.cross_entropy(logits, labels)
+    return (image_to_text + F.cross_entropy(logits.T, labels)) / 2 if symmetric else image_to_text
+
+
+def test_a_symmetric_contrastive_loss_is_named_and_its_one_directional_half_trains():
+    """CLIP's loss over the similarity matrix z (N, N) is the mean of the cross-entropy of its rows and
+    of its columns: its H_ℓ couples the rows, which loss='cross_entropy' (a cross-entropy of the rows)
+    would model wrongly. The first backward raises a GnfxError that names that loss and both fixes
+    (the old text listed CLIP among a generic list and told to return the logits first, which these are);
+    compiled without loss= it trains at an lr, and the one-directional loss with loss='cross_entropy'
+    (exact: its GGN is the rows' cross-entropy's) at kfac's defaults."""
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
+    torch.manual_seed(0)
+    c = gnfx.compile(TwoTowers(), "kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.GnfxError, match="symmetric contrastive loss.*compile without loss= and with an lr.*"
+                                             "one-directional"):
+        clip_loss(c(images, texts)).backward()
+    for loss, symmetric in (({"lr": 1e-2}, True), ({"loss": "cross_entropy"}, False)):
+        torch.manual_seed(0)
+        c = gnfx.compile(TwoTowers(), "kfac", **loss)
+        losses = []
+        for _ in range(4):
+            losses.append(clip_loss(c(images, texts), symmetric))
+            losses[-1].backward()
+            c.step()
+            c.zero_grad()
+        assert losses[-1] < losses[0], (loss, losses)
