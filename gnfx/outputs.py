@@ -1,7 +1,8 @@
 """The logits of a model output, whatever structure the forward returns it in.
 
 A forward may return a tensor, a tuple, a dict, a (named)tuple or a dataclass (Hugging Face's
-`ModelOutput`, a dataclass and a dict at once). Its logits `z` (docs/design.md §1: N, the examples, is
+`ModelOutput`, a dataclass and a dict at once; a mapping pytree does not know, as transformers'
+BatchEncoding). Its logits `z` (docs/design.md §1: N, the examples, is
 their first dimension) are the first floating-point tensor of at least one dimension among its
 leaves, in the order the structure lists them; a scalar such as a loss returned alongside is
 skipped.
@@ -9,6 +10,7 @@ skipped.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch.utils import _pytree
@@ -26,10 +28,22 @@ ROUNDING_ROWS = 8
 
 def floating_outputs(out) -> list[torch.Tensor]:
     """The floating tensors of at least one dimension in `out`, in the order its structure lists them."""
-    leaves = _pytree.tree_leaves(out)  # a dataclass not registered as a pytree is one leaf: take its fields
-    leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
-                                             if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+    return [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+
+
+def _leaves(out) -> list:
+    """The leaves of `out`, pytree's, with a leaf that is a dataclass or a mapping not registered as a pytree
+    taken apart: a dataclass's fields, a mapping's values (transformers' BatchEncoding, a UserDict, which
+    sentence-transformers' CrossEncoder returns with its "scores")."""
+    found = []
+    for leaf in _pytree.tree_leaves(out):
+        if hasattr(type(leaf), "__dataclass_fields__"):
+            found += _leaves([getattr(leaf, f) for f in type(leaf).__dataclass_fields__])
+        elif isinstance(leaf, Mapping):
+            found += _leaves(list(leaf.values()))
+        else:
+            found.append(leaf)
+    return found
 
 
 def logits_of(out) -> torch.Tensor | None:

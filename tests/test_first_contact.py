@@ -19,6 +19,7 @@ are tested with their kinds.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
@@ -2212,3 +2213,44 @@ def test_a_symmetric_contrastive_loss_is_named_and_its_one_directional_half_trai
             c.step()
             c.zero_grad()
         assert losses[-1] < losses[0], (loss, losses)
+
+
+class Scored(collections.UserDict):
+    """transformers' BatchEncoding: a UserDict, no pytree torch knows."""
+
+
+class ScoresInAMapping(nn.Module):
+    """sentence-transformers' CrossEncoder: its forward writes "scores" into the features mapping it was
+    given (a BatchEncoding) and returns that mapping; `as_dict`: a plain dict instead."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.embed, self.a, self.b, self.as_dict = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 3), as_dict
+
+    def forward(self, features):
+        out = (dict if self.as_dict else Scored)(features)
+        out["scores"] = self.b(torch.tanh(self.a(self.embed(features["input_ids"]).mean(1))))
+        return out
+
+
+def test_logits_in_a_mapping_that_is_no_pytree_are_the_output():
+    """CrossEncoder's output is a BatchEncoding, which torch's pytree takes as one leaf: gnfx found no
+    logits in it ("fisher='mc' needs a model output of logits ...; got BatchEncoding") and kfac at its
+    defaults could not train it. A mapping's values are its leaves (gnfx.outputs): the statistics and the
+    steps are those of the same model returning a plain dict, float64."""
+    ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    runs = []
+    for as_dict in (False, True):
+        torch.manual_seed(0)
+        model = ScoresInAMapping(as_dict).double()
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", stat_every=1)
+        for _ in range(2):
+            torch.manual_seed(1)  # the same sampled labels
+            F.cross_entropy(c({"input_ids": ids})["scores"], y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append((c.statistics("a"), [p.detach().clone() for p in model.parameters()]))
+    for name in runs[1][0]:
+        torch.testing.assert_close(runs[0][0][name], runs[1][0][name], rtol=1e-14, atol=1e-14)
+    for p, q in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
