@@ -2254,3 +2254,46 @@ def test_logits_in_a_mapping_that_is_no_pytree_are_the_output():
         torch.testing.assert_close(runs[0][0][name], runs[1][0][name], rtol=1e-14, atol=1e-14)
     for p, q in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
+
+
+class PooledEmbeddings(nn.Module):
+    """sentence-transformers' SentenceTransformer: a token encoder, the mask's mean of its token embeddings
+    as the sentence embedding, both returned in a dict, the tokens first (`only_sentences`: the sentence
+    embedding alone)."""
+
+    def __init__(self, only_sentences=False):
+        super().__init__()
+        self.embed, self.a, self.b, self.only_sentences = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 3), \
+            only_sentences
+
+    def forward(self, features):
+        tokens = self.b(torch.tanh(self.a(self.embed(features["input_ids"]))))
+        mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        sentences = (tokens * mask).sum(1) / mask.sum(1)
+        return sentences if self.only_sentences else {"token_embeddings": tokens, "sentence_embedding": sentences}
+
+
+def test_without_a_loss_the_statistics_count_the_sentences_a_pooled_output_is_of():
+    """sentence-transformers' output lists the token embeddings (N, T, d) before the sentence embeddings
+    pooled from them, and a loss of the sentences (here a contrastive one) reaches the tokens through the
+    pooling: taking the tokens as the output, M counted the unpadded tokens the loss reached and the per-example n
+    the share of them times N, scaling S and the diagonal by the mean sentence length and its share of T. Without loss= the
+    output the statistics count by is the last one computed from the first with its rows (gnfx.output_watch):
+    A, S and the diagonal are those of the model returning the sentence embeddings alone, float64."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 5, 3, 5, 1, 4])
+    ids = torch.randint(0, 10, (2, 6, 5), generator=g)
+    mask = (torch.arange(5) < lengths[:, None]).long()
+    runs = []
+    for only_sentences in (False, True):
+        torch.manual_seed(0)
+        model = PooledEmbeddings(only_sentences).double()
+        c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0, statistics=("A", "S", "diag"))
+        embeddings = [c({"input_ids": ids[i], "attention_mask": mask}) for i in range(2)]
+        anchors, positives = (e if only_sentences else e["sentence_embedding"] for e in embeddings)
+        F.cross_entropy(20 * F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T, torch.arange(6)).backward()
+        c.step()
+        runs.append({name: c.statistics(name) for name in ("a", "b")})
+    for name in ("a", "b"):
+        for key in ("A", "S", "diag"):
+            torch.testing.assert_close(runs[0][name][key], runs[1][name][key], rtol=1e-12, atol=1e-14)
