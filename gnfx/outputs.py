@@ -195,10 +195,13 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
             f"the targets it implies, t = softmax(z) - M·∂L/∂z, are not a distribution (an entry below "
             f"-{CROSS_ENTROPY_TOLERANCE}): the loss is a cross-entropy with class weights, a distillation loss at a temperature "
-            f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1. gnfx models it as the "
+            f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1; or it is no cross-entropy of "
+            f"z at all, whose gradient's rows sum to zero because z's do (features a LayerNorm centers: "
+            f"sentence-transformers' embeddings under a cosine loss). gnfx models it as the "
             f"unweighted mean cross-entropy of z (its Fisher, the quadratic step's GGN): an approximation of its "
-            f"curvature, and without a closure the quadratic step measures ρ on that loss, not yours. Pass "
-            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)",
+            f"curvature where it is a cross-entropy, and without a closure the quadratic step measures ρ on that "
+            f"loss, not yours. Pass model.step(closure) for ρ of your loss, or compile without loss= (and with an "
+            f"lr), as for a loss that is no cross-entropy",
             RuntimeWarning, stacklevel=2)
     return values
 

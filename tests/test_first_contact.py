@@ -2297,3 +2297,28 @@ def test_without_a_loss_the_statistics_count_the_sentences_a_pooled_output_is_of
     for name in ("a", "b"):
         for key in ("A", "S", "diag"):
             torch.testing.assert_close(runs[0][name][key], runs[1][name][key], rtol=1e-12, atol=1e-14)
+
+
+class CenteredEmbeddings(nn.Module):
+    """An embedding model whose output a LayerNorm without affine centers (each row's features sum to zero),
+    as a BERT's token embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm = nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.norm(self.a(x))
+
+
+def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
+    """sentence-transformers' CosineSimilarityLoss compiled with loss='cross_entropy': the cosine's gradient at
+    centered embeddings sums to zero over each row, so it passed the rows' test and warned that the targets
+    are no distribution naming class weights or a temperature only, as though the loss were a cross-entropy.
+    The warning names a loss that is none and the fix for it."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2, score = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), torch.rand(8, generator=g)
+    torch.manual_seed(0)
+    c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    with pytest.warns(RuntimeWarning, match=r"(?s)no cross-entropy of z at all.*LayerNorm.*cosine.*without loss="):
+        F.mse_loss(torch.cosine_similarity(c(x1), c(x2)), score).backward()
