@@ -157,7 +157,9 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
             f"a binary cross-entropy of each entry, BCEWithLogits: compile with loss='binary_cross_entropy' then)"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
-            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss)"
+            f"reduction='sum', a loss multiplied by a factor, torch.amp.GradScaler's scaled loss, or no cross-entropy of "
+            f"z at all, whose gradient's rows sum to zero because z's do: features a LayerNorm centers, as "
+            f"sentence-transformers' embeddings under a contrastive loss)"
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
     if what and symmetric_contrastive(z, grad):
         raise GnfxError(

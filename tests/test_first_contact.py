@@ -2315,10 +2315,17 @@ def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
     """sentence-transformers' CosineSimilarityLoss compiled with loss='cross_entropy': the cosine's gradient at
     centered embeddings sums to zero over each row, so it passed the rows' test and warned that the targets
     are no distribution naming class weights or a temperature only, as though the loss were a cross-entropy.
-    The warning names a loss that is none and the fix for it."""
+    The warning names a loss that is none and the fix for it; so does the error of MultipleNegativesRankingLoss
+    (scale 20), which passed the rows' test too and was told apart as a sum or a scaled loss only."""
     g = torch.Generator().manual_seed(0)
     x1, x2, score = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), torch.rand(8, generator=g)
     torch.manual_seed(0)
     c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
     with pytest.warns(RuntimeWarning, match=r"(?s)no cross-entropy of z at all.*LayerNorm.*cosine.*without loss="):
         F.mse_loss(torch.cosine_similarity(c(x1), c(x2)), score).backward()
+    torch.manual_seed(0)
+    c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a mean.*no cross-entropy of z at all.*LayerNorm.*"
+                                             r"contrastive.*without loss="):
+        similarities = 20 * F.normalize(c(x1), dim=-1) @ F.normalize(c(x2), dim=-1).T  # MultipleNegativesRankingLoss
+        F.cross_entropy(similarities, torch.arange(8)).backward()
