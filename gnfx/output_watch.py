@@ -28,6 +28,9 @@ the named outputs alone (of z alone, with one name): a backward that reaches z a
 output of at least one dimension (a second head, a VAE's mean and log-variance) raises a GnfxError
 (gnfx.outputs.other_output_error); a 0-dimensional output, such as a loss returned with the logits,
 is not watched, nor is a view of z (its last position, say: rows of z), whose gradient flows into z.
+Without loss= the watched output is the last of the outputs computed one from the other with z's rows
+(`_last_computed`: sentence-transformers' sentence embedding, pooled from the token embeddings it returns
+first).
 An output z is computed from (an encoder-decoder's encoder states, which its decoder reads, returned
 with the logits by Hugging Face's T5 and BART) gets the loss's gradient through z: it is fine when
 the backward reached z first (autograd reaches z before what z is computed from), and a loss term on
@@ -53,6 +56,8 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
     optimizer's LogitsLayout of each output loss= names (one without loss=), the classes' axis of z_k."""
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
+    if settings["loss"] is None and z is not None:
+        z = _last_computed(z, outputs[1:])
     fid = store.forward_id
     losses = settings["losses"]
     if z is not None:
@@ -70,6 +75,19 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
                         f"mse) that requires grad, to sample labels from; got {got}. Fix: return the logits too, "
                         f"first (as nanoGPT's (logits, loss)), or compile without loss= and with an lr (the "
                         f"empirical Fisher, from your backward)")
+
+
+def _last_computed(z: torch.Tensor, later: list[torch.Tensor]) -> torch.Tensor:
+    """Without loss=, the output the statistics count examples and loss terms by: the first floating output z,
+    or a later one of as many rows computed from it (and so on), which the loss is then of, not z itself:
+    sentence-transformers returns its `token_embeddings` (N, T, d) before the `sentence_embedding` (N, d)
+    pooled from them, whose loss (a contrastive or cosine loss of the N sentences) reaches the tokens
+    through the pooling only; counted by the tokens, M was the tokens the loss reached (N times the mean
+    length) and the per-example n the share of unpadded tokens times N."""
+    for other in later:
+        if other.requires_grad and other.dim() and other.shape[0] == z.shape[0] and _feeds(z, other):
+            z = other
+    return z
 
 
 def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:

@@ -1,7 +1,8 @@
 """The logits of a model output, whatever structure the forward returns it in.
 
 A forward may return a tensor, a tuple, a dict, a (named)tuple or a dataclass (Hugging Face's
-`ModelOutput`, a dataclass and a dict at once). Its logits `z` (docs/design.md §1: N, the examples, is
+`ModelOutput`, a dataclass and a dict at once; a mapping pytree does not know, as transformers'
+BatchEncoding). Its logits `z` (docs/design.md §1: N, the examples, is
 their first dimension) are the first floating-point tensor of at least one dimension among its
 leaves, in the order the structure lists them; a scalar such as a loss returned alongside is
 skipped.
@@ -9,6 +10,7 @@ skipped.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch.utils import _pytree
@@ -26,10 +28,22 @@ ROUNDING_ROWS = 8
 
 def floating_outputs(out) -> list[torch.Tensor]:
     """The floating tensors of at least one dimension in `out`, in the order its structure lists them."""
-    leaves = _pytree.tree_leaves(out)  # a dataclass not registered as a pytree is one leaf: take its fields
-    leaves = [x for leaf in leaves for x in ([getattr(leaf, f) for f in type(leaf).__dataclass_fields__]
-                                             if hasattr(type(leaf), "__dataclass_fields__") else [leaf])]
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+    return [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+
+
+def _leaves(out) -> list:
+    """The leaves of `out`, pytree's, with a leaf that is a dataclass or a mapping not registered as a pytree
+    taken apart: a dataclass's fields, a mapping's values (transformers' BatchEncoding, a UserDict, which
+    sentence-transformers' CrossEncoder returns with its "scores")."""
+    found = []
+    for leaf in _pytree.tree_leaves(out):
+        if hasattr(type(leaf), "__dataclass_fields__"):
+            found += _leaves([getattr(leaf, f) for f in type(leaf).__dataclass_fields__])
+        elif isinstance(leaf, Mapping):
+            found += _leaves(list(leaf.values()))
+        else:
+            found.append(leaf)
+    return found
 
 
 def logits_of(out) -> torch.Tensor | None:
@@ -155,11 +169,24 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"a binary cross-entropy of each entry, BCEWithLogits: compile with loss='binary_cross_entropy' then)"
             if off > CROSS_ENTROPY_TOLERANCE * total + ROUNDING_ROWS * torch.finfo(grad.dtype).eps else
             f"its gradient at z is not one of a mean (its absolute values sum to at most 2; here {total:.4g}: "
-            f"reduction='sum', a loss multiplied by a factor, or torch.amp.GradScaler's scaled loss stepped without "
-            f"scaler.step(optimizer), which tells gnfx its scale)"
+            f"reduction='sum', a loss multiplied by a factor, torch.amp.GradScaler's scaled loss stepped without "
+            f"scaler.step(optimizer), which tells gnfx its scale, or no cross-entropy of z at all, whose gradient's "
+            f"rows sum to zero because z's do: features a LayerNorm centers, as sentence-transformers' embeddings "
+            f"under a contrastive loss)"
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
     error = warning = ""
-    if what:
+    if what and symmetric_contrastive(z, rows):
+        error = (
+            f"loss='cross_entropy' is the mean cross-entropy of the rows of the model output's logits z, and the "
+            f"gradient at z (of shape {tuple(z.shape)}) is that of a symmetric contrastive loss: the mean of the "
+            f"cross-entropy of the rows of a square similarity matrix and of the cross-entropy of its columns, "
+            f"labels arange(N) (open_clip's ClipLoss, sentence-transformers' MultipleNegativesSymmetricRankingLoss). "
+            f"Its curvature couples the rows of z (the columns' softmax), which a cross-entropy over the rows, "
+            f"what gnfx models (the sampled Fisher, the quadratic step's GGN), leaves out: gnfx would model the wrong "
+            f"curvature. Fix: compile without loss= and with an lr (K-FAC's statistics then come from your loss's own "
+            f"gradients, fisher='empirical'), or train the one-directional loss F.cross_entropy(logits, labels), "
+            f"whose curvature loss='cross_entropy' models exactly")
+    elif what:
         error = (
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
             f"the last dimension or, for an output of three or more dimensions, dimension 1 as F.cross_entropy "
@@ -167,7 +194,8 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"of shape {tuple(z.shape)}), and the loss this backward ran is not: {what}. gnfx would model the "
             f"wrong loss. Fix: return the logits first (alone, or first in a tuple, dict or dataclass) and "
             f"take the mean (reduction='mean', the default), or compile with loss='mse' for a squared error, "
-            f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss")
+            f"loss='binary_cross_entropy' for BCEWithLogits, or without loss= (and with an lr) for another loss (a "
+            f"contrastive loss over the embeddings the model returns, as CLIP's and sentence-transformers' are)")
     elif dense and (lowest < -CROSS_ENTROPY_TOLERANCE or soft > CROSS_ENTROPY_TOLERANCE):
         warning = (
             f"gnfx: loss='cross_entropy' over dimension 1 of the output (shape {tuple(z.shape)} with the classes "
@@ -182,11 +210,27 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"gnfx: loss='cross_entropy': the gradient at the logits z has the form of a mean cross-entropy, but "
             f"the targets it implies, t = softmax(z) - M·∂L/∂z, are not a distribution (an entry below "
             f"-{CROSS_ENTROPY_TOLERANCE}): the loss is a cross-entropy with class weights, a distillation loss at a temperature "
-            f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1. gnfx models it as the "
+            f"T ≠ 1 (T²·KL of softmax(z/T)), or a mean multiplied by a factor above 1; or it is no cross-entropy of "
+            f"z at all, whose gradient's rows sum to zero because z's do (features a LayerNorm centers: "
+            f"sentence-transformers' embeddings under a cosine loss). gnfx models it as the "
             f"unweighted mean cross-entropy of z (its Fisher, the quadratic step's GGN): an approximation of its "
-            f"curvature, and without a closure the quadratic step measures ρ on that loss, not yours. Pass "
-            f"model.step(closure) for ρ of your loss, or compile without loss= (and with an lr)")
+            f"curvature where it is a cross-entropy, and without a closure the quadratic step measures ρ on that "
+            f"loss, not yours. Pass model.step(closure) for ρ of your loss, or compile without loss= (and with an "
+            f"lr), as for a loss that is no cross-entropy")
     return error, warning, values
+
+
+def symmetric_contrastive(z: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether `grad`, the gradient of the user's loss at a square z (N, N), is that of the symmetric
+    contrastive loss L = (CE(z, arange(N)) + CE(zᵀ, arange(N)))/2 within CROSS_ENTROPY_TOLERANCE:
+    2N·∂L/∂z = softmax(z, rows) + softmax(z, columns) - 2I. Read only where check_cross_entropy_gradient
+    has already found the rows' sums off, to name that loss (one more host read there)."""
+    if z.dim() != 2 or z.shape[0] != z.shape[1] or z.shape[0] < 2:
+        return False
+    logits = z.detach().double()
+    expected = logits.softmax(-1) + logits.softmax(0) - 2 * torch.eye(len(logits), dtype=logits.dtype, device=z.device)
+    off = (2 * len(logits) * grad.detach().double() - expected).abs().sum() / expected.abs().sum()
+    return bool(off < CROSS_ENTROPY_TOLERANCE)
 
 
 def check_binary_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,

@@ -134,7 +134,7 @@ class _ParamIndex:
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     """Each trainable parameter's uses: (node that consumes it, get_attr node, or the cast of it the
     consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
-    (passes/parameter_casts.py METADATA_READS) is none."""
+    (passes/parameter_casts.py METADATA_READS, METADATA_ATTRIBUTES) is none."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:

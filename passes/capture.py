@@ -23,6 +23,7 @@ import traceback
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import transformer as transformer_module
 from torch.nn.utils import rnn as rnn_utils
@@ -317,8 +318,11 @@ def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:
 
 def opaque_calls_taking_parameters(gm: fx.GraphModule) -> tuple[str, ...]:
     """The calls torch.fx keeps opaque in `gm` that take a trainable parameter as an argument: of a
-    function registered with `torch.fx.wrap` (torch.fx marks its nodes `is_wrapped`) or of a custom
-    autograd.Function (passes/custom_functions.py), each described with the parameters it takes."""
+    function registered with `torch.fx.wrap` (torch.fx marks its nodes `is_wrapped`), of a custom
+    autograd.Function (passes/custom_functions.py), or of F.multi_head_attention_forward, which torch.fx
+    records as one call (its `__torch_function__` dispatch) where torch.export writes out its projections
+    (open_clip's and OpenAI CLIP's ModifiedResNet pool with it, over q/k/v/c_proj weights: the half of the
+    model's parameters fell back under torch.fx), each described with the parameters it takes."""
     params = {name for name, p in gm.named_parameters() if p.requires_grad}
     calls: dict[tuple[str, str], list[str]] = {}  # (name, kind) -> parameters
     for node in gm.graph.nodes:
@@ -328,6 +332,8 @@ def opaque_calls_taking_parameters(gm: fx.GraphModule) -> tuple[str, ...]:
             call = node.meta[OPAQUE_FUNCTION], "a torch.autograd.Function"
         elif node.meta.get("is_wrapped", False):
             call = f"{getattr(node.target, '__module__', '?')}.{node.target.__qualname__}", "a torch.fx.wrap'ed function"
+        elif node.target is F.multi_head_attention_forward:
+            call = "torch.nn.functional.multi_head_attention_forward", "a function torch.fx records whole"
         else:
             continue
         taken = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in params]

@@ -8,16 +8,21 @@ cast. torch.export records such a `.to` as `aten.to.dtype_layout` (or `to.dtype`
 fall back to diag ("to", "_assert_tensor_metadata.default, not a layer gnfx models").
 
 `read_through_casts` gives the reads of a parameter's get_attr node as the detectors see them: each
-cast's users in place of the cast (casts of casts followed), reads of metadata alone (METADATA_READS)
-left out, and records each cast in `casts` so that the parameter index names the parameter for it (passes/analyze.py). A cast to a
+cast's users in place of the cast (casts of casts followed), reads of metadata alone (METADATA_READS,
+METADATA_ATTRIBUTES) left out, and records each cast in `casts` so that the parameter index names the parameter for it (passes/analyze.py). A cast to a
 dtype the graph names that is not floating (no gradient flows through it) is a use of its own.
 A dead read is left out too: an operation on the parameter whose result no node reads and which changes
 nothing (not `is_impure()`, no in-place method: no side effect) adds nothing to the loss or its gradient.
 torch.export's graph of transformers' Mamba2 mixer holds one, a `W.squeeze(1)` without users beside the
 one its convolution reads (it made the conv's weight and bias fall back, "used by call_function
 'squeeze.dim'").
+A torch.fx graph reads metadata as `getattr(W, "dtype")` (METADATA_ATTRIBUTES): open_clip's text towers
+read `resblocks[0].mlp.c_fc.weight.dtype` as their cast dtype, which made that layer fall back
+("used by call_function 'getattr'").
 """
 from __future__ import annotations
+
+import builtins
 
 import torch
 from torch import fx
@@ -29,6 +34,9 @@ CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.dev
 # graph asserts the dtype and device of the input of every `.to()`, a parameter's too: Gemma's `w.float()`)
 METADATA_READS = (aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_stride.int,
                   aten.sym_numel.default, aten.sym_storage_offset.default)
+# the attributes of a tensor that are its metadata, read by torch.fx's `getattr(W, name)` (`W.T`, `W.data`, `W.mT`
+# read its values)
+METADATA_ATTRIBUTES = ("dtype", "device", "shape", "layout", "ndim", "is_cuda", "requires_grad")
 
 
 def _is(node, targets) -> bool:
@@ -40,6 +48,19 @@ def _floating_target(node: fx.Node) -> bool:
     floating one."""
     named = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.dtype)]
     return all(dtype.is_floating_point for dtype in named)
+
+
+def floating_cast(node: fx.Node) -> bool:
+    """Whether `node` casts or moves its first argument to a floating dtype (or another device): its
+    result stands for that argument's values."""
+    return _is(node, CASTS) and bool(node.args) and _floating_target(node)
+
+
+def metadata_read(node: fx.Node) -> bool:
+    """Whether `node` reads its input's metadata, not its values: an op of METADATA_READS or torch.fx's
+    `getattr(W, name)` of a name in METADATA_ATTRIBUTES."""
+    return _is(node, METADATA_READS) or (node.op == "call_function" and node.target is builtins.getattr
+                                         and len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES)
 
 
 def _dead(node: fx.Node) -> bool:
@@ -54,9 +75,9 @@ def read_through_casts(node: fx.Node, casts: dict, name: str) -> list[tuple]:
     each cast followed is recorded as `casts[cast] = name`."""
     reads = []
     for user in node.users:
-        if _is(user, METADATA_READS) or _dead(user):
+        if metadata_read(user) or _dead(user):
             continue
-        if _is(user, CASTS) and user.args[0] is node and _floating_target(user):
+        if floating_cast(user) and user.args[0] is node:
             casts[user] = name
             reads.extend(read_through_casts(user, casts, name))
         else:

@@ -4,7 +4,9 @@ activation (gnfx.layouts.position).
 P is (T_max, d) or has leading dimensions of one, (1, T_max, d); it may be sliced along its
 position dimension (the second to last) by `P[:T]`, `P[:, :T]`, `P[:, s:s + T]` (fx: getitem;
 export: aten.slice, or aten.alias where the slice takes every row) — the slices must be contiguous,
-and a slice of any other dimension must take it whole. The sum is `operator.add`, `torch.add` (no
+and a slice of any other dimension must take it whole; a cast to a floating dtype may come between
+(open_clip's text towers add `P[:T].to(cast_dtype)`, which torch.export's graph checks with an
+`aten._assert_tensor_metadata` of the slice: reads of metadata are no other use, passes/parameter_casts.py). The sum is `operator.add`, `torch.add` (no
 alpha), `Tensor.add` or `aten.add.Tensor`, in either order, or in place, `x += P` (`Tensor.add_`,
 `aten.add_.Tensor`). A parameter whose last dimension is 1 (a bias broadcast over features) is not a
 position table. A slice of one row, `P[:, s:s + 1]`, is read by every position of x, as a table of
@@ -40,6 +42,7 @@ from .class_tokens import CLONES, expanded_table
 from .conv import CONV_OPS
 from .conv_transpose import CONV_TRANSPOSE_OPS
 from .norm import FUNCTIONS as NORM_FUNCTIONS
+from .parameter_casts import floating_cast, metadata_read
 from .shapes import value_of
 from .sites import Site
 
@@ -100,8 +103,8 @@ def _table(operand, param_of, shape_of, features_first: bool, x_rank: int | None
     node, start, consumer = operand, 0, None
     pairs = []
     while isinstance(node, fx.Node) and param_of(node) is None:
-        found = _slices(node)
-        if found is None or len(node.users) != 1:
+        found = [] if floating_cast(node) else _slices(node)
+        if found is None or sum(not metadata_read(user) for user in node.users) != 1:
             return None
         pairs += found
         consumer, node = node, node.args[0]

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("sklearn")
@@ -451,6 +452,44 @@ def test_pyg_probe_reports_capture_blocks_exactness_and_losses_of_a_node_classif
     loss, grad, factors = (float(v) for v in row[4].split(", "))
     assert loss < 1e-12 and grad < 1e-12 and factors < 1e-12 and len(row[5].split(", ")) == 2
     assert pyg_probe.probe("GCN", "adamw", steps=1).split(" | ")[1:5] == ["adamw", "–", "–", "–"]
+
+
+class _TwoTowers(nn.Module):
+    """A stand-in for open_clip's CLIP: (image features, text features, logit scale) as CLIP returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images, texts):
+        return (F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1),
+                self.logit_scale.exp())
+
+
+def _clip_problem(name, model, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+
+    def clip_loss(m, batch):
+        image, text, scale = m(*batch)
+        logits, labels = scale * image @ text.T, torch.arange(len(image))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return (torch.randn(8, 6, generator=g, dtype=dtype), torch.randn(8, 5, generator=g, dtype=dtype)), clip_loss
+
+
+def test_clip_probe_reports_capture_blocks_exactness_losses_and_the_contrastive_error(monkeypatch):
+    """benchmarks.clip_probe without open_clip: `probe` on a stand-in for a CLIP gives one row with the capture,
+    the share in blocks (the logit scale outside), exact loss and gradients (float64) and a loss per step at
+    kfac_lr; with loss='cross_entropy' the row holds gnfx's error for the contrastive loss."""
+    from benchmarks import clip_probe
+
+    monkeypatch.setattr(clip_probe, "build", lambda name: _TwoTowers())
+    monkeypatch.setattr(clip_probe, "problem", _clip_problem)
+    row = clip_probe.probe("clip_vit", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "98.1%"] and row[6].startswith("logit_scale")
+    assert all(float(v) < 1e-12 for v in row[4].split(", ")) and len(row[5].split(", ")) == 2 and row[8] == "–"
+    row = clip_probe.probe("clip_vit", "kfac_ce", steps=1).split(" | ")
+    assert row[5] == "–" and row[8].startswith("GnfxError: loss='cross_entropy'")
 
 
 class _Segmenter(nn.Module):

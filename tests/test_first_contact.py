@@ -20,6 +20,7 @@ are tested with their kinds.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import io
@@ -2073,3 +2074,247 @@ def test_a_parameter_read_that_nothing_uses_is_no_use(capture):
         statistics.append(c.statistics("conv"))
     for name in statistics[1]:
         torch.testing.assert_close(statistics[0][name], statistics[1][name], rtol=1e-14, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- tenth round, open_clip,
+# sentence-transformers, kornia (benchmarks/results/first_contact_10_clip.md)
+
+
+class CastDtypeTextTower(nn.Module):
+    """open_clip's text tower as it reads its parameters: the cast dtype from a layer's weight
+    (`resblocks[0].mlp.c_fc.weight.dtype`) and the position table sliced to the sequence, then cast,
+    `x + P[:T].to(cast_dtype)` (its TextTransformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.positional_embedding = nn.Parameter(torch.randn(7, 4))
+
+    def forward(self, ids):
+        cast_dtype = self.fc.weight.dtype
+        x = self.embed(ids).to(cast_dtype) + self.positional_embedding[:ids.shape[1]].to(cast_dtype)
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weights_dtype_read_and_a_sliced_table_cast_are_no_other_uses(capture):
+    """open_clip's text towers: `fc.weight.dtype` is `getattr(W, 'dtype')` in torch.fx's graph, which made
+    fc fall back ("used by call_function 'getattr'"), and `P[:T].to(dtype)` made the position table fall
+    back under both captures (a cast after the slice; torch.export also checks the slice's metadata). Both
+    are reads of metadata or casts (passes/parameter_casts.py): every parameter in a block, the position
+    table's diag equal to the per-example gradients' (vmap), float64."""
+    from references import TOL
+    torch.manual_seed(0)
+    model = CastDtypeTextTower().double()
+    ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    c, expected = diag_step(model, ids, y, capture)
+    assert not c.layers.fallbacks, c.layers.fallbacks
+    assert c.layers["fc"].kind == "linear" and c.layers["positional_embedding"].kind == "position"
+    torch.testing.assert_close(c.statistics("positional_embedding")["diag"], expected["positional_embedding"].T, **TOL)
+
+
+class FunctionalAttentionPool(nn.Module):
+    """OpenAI CLIP's (and open_clip's) ModifiedResNet pool: the tokens (N, T, C), their mean prepended,
+    sequence-first, attended by that mean alone with F.multi_head_attention_forward over separate q/k/v
+    projections and the output projection c_proj; a linear head on the pooled (N, C)."""
+
+    def __init__(self, c=4, heads=2):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.c_proj = (nn.Linear(c, c) for _ in range(4))
+        self.head, self.heads = nn.Linear(c, 3), heads
+
+    def forward(self, x):
+        x = x.transpose(0, 1)
+        x = torch.cat([x.mean(0, keepdim=True), x])
+        out, _ = F.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=self.training,
+            need_weights=False)
+        return self.head(out[0])
+
+
+def test_functional_multi_head_attention_is_captured_where_its_projections_are_blocks():
+    """torch.fx records F.multi_head_attention_forward as one call (its __torch_function__ dispatch), so
+    the q/k/v/c projections it takes fell back (open_clip's RN CLIP: 57% of the parameters), while
+    torch.fx "traced the whole forward" and capture='auto' kept it. It is an opaque call now
+    (passes/capture.py): torch.export captures the forward too and its graph is kept, every projection a
+    linear block; the key projection's A is E[ā āᵀ] over the key rows (ā: the row and a 1), float64."""
+    torch.manual_seed(0)
+    model = FunctionalAttentionPool().double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0)
+    out = c(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-14, atol=1e-14)
+    F.cross_entropy(out, y).backward()
+    c.step()
+    assert c.layers.form == "export" and not c.layers.fallbacks, c.layers.fallbacks
+    assert all(c.layers[name].kind == "linear" for name in ("q_proj", "k_proj", "v_proj", "c_proj"))
+    tokens = torch.cat([x.mean(1, keepdim=True), x], 1).transpose(0, 1).reshape(-1, 4)
+    rows = torch.cat([tokens, torch.ones(len(tokens), 1, dtype=x.dtype)], 1)
+    torch.testing.assert_close(c.statistics("k_proj")["A"], rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
+
+
+class TwoTowers(nn.Module):
+    """A CLIP of two linear towers returning logits_per_image, `s · normalize(img) @ normalize(txt)ᵀ`
+    (N, N), with its logit scale s = exp(t) a trainable scalar as CLIP's."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images, texts):
+        img, txt = F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1)
+        return self.logit_scale.exp() * img @ txt.T
+
+
+def clip_loss(logits, symmetric=True):
+    """open_clip's ClipLoss on logits_per_image (labels arange(N)), or its image-to-text half alone."""
+    labels = torch.arange(len(logits))
+    image_to_text = F.cross_entropy(logits, labels)
+    return (image_to_text + F.cross_entropy(logits.T, labels)) / 2 if symmetric else image_to_text
+
+
+def test_a_symmetric_contrastive_loss_is_named_and_its_one_directional_half_trains():
+    """CLIP's loss over the similarity matrix z (N, N) is the mean of the cross-entropy of its rows and
+    of its columns: its H_ℓ couples the rows, which loss='cross_entropy' (a cross-entropy of the rows)
+    would model wrongly. The first backward raises a GnfxError that names that loss and both fixes
+    (the old text listed CLIP among a generic list and told to return the logits first, which these are);
+    compiled without loss= it trains at an lr, and the one-directional loss with loss='cross_entropy'
+    (exact: its GGN is the rows' cross-entropy's) at kfac's defaults."""
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
+    torch.manual_seed(0)
+    c = gnfx.compile(TwoTowers(), "kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.GnfxError, match="symmetric contrastive loss.*compile without loss= and with an lr.*"
+                                             "one-directional"):
+        clip_loss(c(images, texts)).backward()
+    for loss, symmetric in (({"lr": 1e-2}, True), ({"loss": "cross_entropy"}, False)):
+        torch.manual_seed(0)
+        c = gnfx.compile(TwoTowers(), "kfac", **loss)
+        losses = []
+        for _ in range(4):
+            losses.append(clip_loss(c(images, texts), symmetric))
+            losses[-1].backward()
+            c.step()
+            c.zero_grad()
+        assert losses[-1] < losses[0], (loss, losses)
+
+
+class Scored(collections.UserDict):
+    """transformers' BatchEncoding: a UserDict, no pytree torch knows."""
+
+
+class ScoresInAMapping(nn.Module):
+    """sentence-transformers' CrossEncoder: its forward writes "scores" into the features mapping it was
+    given (a BatchEncoding) and returns that mapping; `as_dict`: a plain dict instead."""
+
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.embed, self.a, self.b, self.as_dict = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 3), as_dict
+
+    def forward(self, features):
+        out = (dict if self.as_dict else Scored)(features)
+        out["scores"] = self.b(torch.tanh(self.a(self.embed(features["input_ids"]).mean(1))))
+        return out
+
+
+def test_logits_in_a_mapping_that_is_no_pytree_are_the_output():
+    """CrossEncoder's output is a BatchEncoding, which torch's pytree takes as one leaf: gnfx found no
+    logits in it ("fisher='mc' needs a model output of logits ...; got BatchEncoding") and kfac at its
+    defaults could not train it. A mapping's values are its leaves (gnfx.outputs): the statistics and the
+    steps are those of the same model returning a plain dict, float64."""
+    ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    runs = []
+    for as_dict in (False, True):
+        torch.manual_seed(0)
+        model = ScoresInAMapping(as_dict).double()
+        c = gnfx.compile(model, "kfac", loss="cross_entropy", stat_every=1)
+        for _ in range(2):
+            torch.manual_seed(1)  # the same sampled labels
+            F.cross_entropy(c({"input_ids": ids})["scores"], y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append((c.statistics("a"), [p.detach().clone() for p in model.parameters()]))
+    for name in runs[1][0]:
+        torch.testing.assert_close(runs[0][0][name], runs[1][0][name], rtol=1e-14, atol=1e-14)
+    for p, q in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-14)
+
+
+class PooledEmbeddings(nn.Module):
+    """sentence-transformers' SentenceTransformer: a token encoder, the mask's mean of its token embeddings
+    as the sentence embedding, both returned in a dict, the tokens first (`only_sentences`: the sentence
+    embedding alone)."""
+
+    def __init__(self, only_sentences=False):
+        super().__init__()
+        self.embed, self.a, self.b, self.only_sentences = nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 3), \
+            only_sentences
+
+    def forward(self, features):
+        tokens = self.b(torch.tanh(self.a(self.embed(features["input_ids"]))))
+        mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        sentences = (tokens * mask).sum(1) / mask.sum(1)
+        return sentences if self.only_sentences else {"token_embeddings": tokens, "sentence_embedding": sentences}
+
+
+def test_without_a_loss_the_statistics_count_the_sentences_a_pooled_output_is_of():
+    """sentence-transformers' output lists the token embeddings (N, T, d) before the sentence embeddings
+    pooled from them, and a loss of the sentences (here a contrastive one) reaches the tokens through the
+    pooling: taking the tokens as the output, M counted the unpadded tokens the loss reached and the per-example n
+    the share of them times N, scaling S and the diagonal by the mean sentence length and its share of T. Without loss= the
+    output the statistics count by is the last one computed from the first with its rows (gnfx.output_watch):
+    A, S and the diagonal are those of the model returning the sentence embeddings alone, float64."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 5, 3, 5, 1, 4])
+    ids = torch.randint(0, 10, (2, 6, 5), generator=g)
+    mask = (torch.arange(5) < lengths[:, None]).long()
+    runs = []
+    for only_sentences in (False, True):
+        torch.manual_seed(0)
+        model = PooledEmbeddings(only_sentences).double()
+        c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0, statistics=("A", "S", "diag"))
+        embeddings = [c({"input_ids": ids[i], "attention_mask": mask}) for i in range(2)]
+        anchors, positives = (e if only_sentences else e["sentence_embedding"] for e in embeddings)
+        F.cross_entropy(20 * F.normalize(anchors, dim=-1) @ F.normalize(positives, dim=-1).T, torch.arange(6)).backward()
+        c.step()
+        runs.append({name: c.statistics(name) for name in ("a", "b")})
+    for name in ("a", "b"):
+        for key in ("A", "S", "diag"):
+            torch.testing.assert_close(runs[0][name][key], runs[1][name][key], rtol=1e-12, atol=1e-14)
+
+
+class CenteredEmbeddings(nn.Module):
+    """An embedding model whose output a LayerNorm without affine centers (each row's features sum to zero),
+    as a BERT's token embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm = nn.Linear(4, 6), nn.LayerNorm(6, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.norm(self.a(x))
+
+
+def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
+    """sentence-transformers' CosineSimilarityLoss compiled with loss='cross_entropy': the cosine's gradient at
+    centered embeddings sums to zero over each row, so it passed the rows' test and warned that the targets
+    are no distribution naming class weights or a temperature only, as though the loss were a cross-entropy.
+    The warning names a loss that is none and the fix for it; so does the error of MultipleNegativesRankingLoss
+    (scale 20), which passed the rows' test too and was told apart as a sum or a scaled loss only."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2, score = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), torch.rand(8, generator=g)
+    torch.manual_seed(0)
+    c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    with pytest.warns(RuntimeWarning, match=r"(?s)no cross-entropy of z at all.*LayerNorm.*cosine.*without loss="):
+        F.mse_loss(torch.cosine_similarity(c(x1), c(x2)), score).backward()
+    torch.manual_seed(0)
+    c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a mean.*no cross-entropy of z at all.*LayerNorm.*"
+                                             r"contrastive.*without loss="):
+        similarities = 20 * F.normalize(c(x1), dim=-1) @ F.normalize(c(x2), dim=-1).T  # MultipleNegativesRankingLoss
+        F.cross_entropy(similarities, torch.arange(8)).backward()
