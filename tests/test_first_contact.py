@@ -2189,9 +2189,10 @@ def test_a_symmetric_contrastive_loss_is_named_and_its_one_directional_half_trai
     images, texts = torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
     torch.manual_seed(0)
     c = gnfx.compile(TwoTowers(), "kfac", loss="cross_entropy")
+    clip_loss(c(images, texts)).backward()
     with pytest.raises(gnfx.GnfxError, match="symmetric contrastive loss.*compile without loss= and with an lr.*"
                                              "one-directional"):
-        clip_loss(c(images, texts)).backward()
+        c.step()  # (told at the step, which knows a GradScaler's loss scale)
     for loss, symmetric in (({"lr": 1e-2}, True), ({"loss": "cross_entropy"}, False)):
         torch.manual_seed(0)
         c = gnfx.compile(TwoTowers(), "kfac", **loss)
@@ -2310,11 +2311,13 @@ def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
     x1, x2, score = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), torch.rand(8, generator=g)
     torch.manual_seed(0)
     c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    F.mse_loss(torch.cosine_similarity(c(x1), c(x2)), score).backward()
     with pytest.warns(RuntimeWarning, match=r"(?s)no cross-entropy of z at all.*LayerNorm.*cosine.*without loss="):
-        F.mse_loss(torch.cosine_similarity(c(x1), c(x2)), score).backward()
+        c.step()  # (told at the step, which knows a GradScaler's loss scale)
     torch.manual_seed(0)
     c = gnfx.compile(CenteredEmbeddings(), "kfac", loss="cross_entropy")
+    similarities = 20 * F.normalize(c(x1), dim=-1) @ F.normalize(c(x2), dim=-1).T  # MultipleNegativesRankingLoss
+    F.cross_entropy(similarities, torch.arange(8)).backward()
     with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a mean.*no cross-entropy of z at all.*LayerNorm.*"
                                              r"contrastive.*without loss="):
-        similarities = 20 * F.normalize(c(x1), dim=-1) @ F.normalize(c(x2), dim=-1).T  # MultipleNegativesRankingLoss
-        F.cross_entropy(similarities, torch.arange(8)).backward()
+        c.step()  # (told at the step, which knows a GradScaler's loss scale)
