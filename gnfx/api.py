@@ -173,7 +173,8 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
         store = StatisticsStore(
             plan.table.blocks,
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
-            kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
+            kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"],
+            live_param=lambda name: getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]))
         store.warn_sequence_first(model)
         opt.attach(plan, store)
         return plan.table, store

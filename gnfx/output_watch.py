@@ -21,12 +21,16 @@ the backward reached z first (autograd reaches z before what z is computed from)
 it besides z's goes unseen, as a penalty on the parameters does; reached before z, it is the output
 the loss is of (CLIP's logits_per_text, whose transpose is the logits_per_image it returns first): a
 GnfxError. Whether an output was reached is whether its gradient hook ran: no values are read.
+A backward that fills none of the forward's blocks' gradients (torch.autograd.grad: a gradient penalty's
+input gradient, gnfx.filled_gradients) is not the training loss's: the hook lets it pass and waits for one
+that does.
 """
 from __future__ import annotations
 
 import torch
 
 from gnfx.errors import GnfxError
+from gnfx.filled_gradients import fills_gradients
 from gnfx.fisher import record_true_fisher
 from gnfx.outputs import (LogitsLayout, check_binary_cross_entropy_gradient, check_cross_entropy_gradient,
                           floating_outputs, other_output_error)
@@ -40,11 +44,12 @@ def watch_output(out, store, settings: dict, logits: LogitsLayout) -> None:
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
     fid = store.forward_id
+    trained, store.trained = store.trained, []
     if z is not None:
         store.batch_size[fid] = z.shape[0]
         _record_terms(store, fid, logits.classes_last(z), settings)
     if z is not None and z.requires_grad:
-        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [], logits)
+        _hook(z, store, settings, outputs[1:] if settings["loss"] is not None else [], logits, trained)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -59,12 +64,14 @@ def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
         store.terms_per_example[fid] = z_c.shape[1:-1].numel()
 
 
-def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], logits: LogitsLayout) -> None:
+def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], logits: LogitsLayout,
+          trained: list[torch.Tensor]) -> None:
     """When the user's backward reaches the logits z: count the rows the loss ignores (their
     gradient is exactly zero), so that N and M count only the rest, and run the true-Fisher
     backward (gnfx.fisher) if one is asked for. `others`: the outputs the loss must not reach
     (module docstring), named by an error once the backward has reached both z and one of them,
-    in either order, after z's own check."""
+    in either order, after z's own check. `trained`: the trained parameters of the forward's blocks,
+    of which the backward must fill one for the hook to act (module docstring)."""
     pending, store.pending = store.pending, []
     fid = store.forward_id
     reached = {"z": False, "other": None}
@@ -87,6 +94,8 @@ def _hook(z: torch.Tensor, store, settings: dict, others: list[torch.Tensor], lo
             other.register_hook(other_hook(position, other))
 
     def hook(grad):
+        if not fills_gradients(trained):  # not the training loss's backward (module docstring)
+            return grad
         handle.remove()  # the true-Fisher backward starts at z too: run once
         reached["z"] = True
         if settings["loss"] == "cross_entropy" and logits.classes_axis is None:
