@@ -170,3 +170,35 @@ def test_an_r1_penalty_leaves_the_true_fisher_to_the_loss_backward():
     assert_statistics(d, expected)
 
 
+
+def test_a_maml_step_through_functional_call():
+    """MAML: torch.func.functional_call on the compiled model, with its parameters for the inner loss and
+    fast weights θ - α∇θ (create_graph) for the outer one. A statistic forward under functional_call raised
+    the GnfxError of a replaced Parameter; now the call's tensors are bound for that call: the output and
+    θ's gradients are the module's own, the inner autograd.grad (with θ as its inputs) records nothing, and
+    the statistics are those of the outer loss's backward (the fast-weight forward's rows, and the inner
+    forward's, which that backward reaches through the inner gradient)."""
+    torch.manual_seed(0)
+    model = mlp(4, 3)
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+
+    def meta_loss(module, net):
+        params = dict(net.named_parameters())
+        inner = F.cross_entropy(torch.func.functional_call(module, params, (x[:5],)), y[:5])
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        fast = {name: p - 0.1 * g for (name, p), g in zip(params.items(), grads)}
+        return F.cross_entropy(torch.func.functional_call(module, fast, (x[5:],)), y[5:])
+
+    reference = Recorded(model)
+    loss_ref = meta_loss(reference.model, reference.model)
+    expected = reference.statistics(loss_ref)
+    loss_ref.backward()
+    loss = meta_loss(c, model)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+    c.step()
+    assert_statistics(c, expected)
+    assert all(t is p for t, p in zip(c.parameters(), model.parameters()))
