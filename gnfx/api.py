@@ -1,6 +1,8 @@
 """`gnfx.compile`: capture → analyze → plan → rewrite → optimizer, in one call."""
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from gnfx.compiled import CompiledModel
@@ -11,6 +13,7 @@ from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, op
                           positive_int, resolve, unit_interval)
 from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
+from gnfx.parameter_store import held_tensor
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
@@ -174,7 +177,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
             plan.table.blocks,
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
             kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"],
-            live_param=lambda name: getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]))
+            live_param=functools.partial(held_tensor, model))
         store.warn_sequence_first(model)
         opt.attach(plan, store)
         return plan.table, store

@@ -202,3 +202,22 @@ def test_a_maml_step_through_functional_call():
     c.step()
     assert_statistics(c, expected)
     assert all(t is p for t, p in zip(c.parameters(), model.parameters()))
+
+
+def test_the_quadratic_step_names_a_forward_under_functional_call():
+    """With loss= and no lr the step replays the last training forward at θ; a MAML outer forward under
+    functional_call ran at the fast weights instead, so the model, α and ρ would be of another function:
+    a RuntimeWarning names it (once), and a plain call gives none."""
+    torch.manual_seed(0)
+    model = mlp(4, 3)
+    c = gnfx.compile(model, "kfac", loss="cross_entropy")
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+    fast = {name: p + 0.0 for name, p in model.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="functional_call"):
+        F.cross_entropy(torch.func.functional_call(c, fast, (x,)), y).backward()
+    c.step()
