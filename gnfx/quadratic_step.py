@@ -446,7 +446,7 @@ class QuadraticStep:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._call = (module.__dict__["_model"], args, kwargs)
-        self._warn_if_functional_call(module)
+        self._warn_if_functional_call(module.__dict__["_model"])
         self._output_grad = None
         self._forwards += 1
         z = logits_of(out)
@@ -455,13 +455,15 @@ class QuadraticStep:
         if z is not None and z.requires_grad:
             z.register_hook(functools.partial(self._keep_output_grad, self._forwards))
 
-    def _warn_if_functional_call(self, module) -> None:
-        """Warn, once, when a training forward runs under torch.func.functional_call (a plain tensor, not a
-        Parameter, in a parameter's place: a MAML inner loop's fast weights θ - α∇θ): the step replays the
-        forward at θ itself, so its model, α and ρ would be those of the module at θ on that call's inputs,
-        not of the function of θ the loss was computed through."""
+    def _warn_if_functional_call(self, model) -> None:
+        """Warn, once, when a training forward of `model` (the module the compiled model runs, whose
+        attribute paths are the parameters' names; the compiled one has attributes of its own, such as
+        `layers`) ran under torch.func.functional_call (a plain tensor, not a Parameter, in a parameter's
+        place: a MAML inner loop's fast weights θ - α∇θ): the step replays the forward at θ itself, so its
+        model, α and ρ would be those of the module at θ on that call's inputs, not of the function of θ
+        the loss was computed through."""
         first = next(iter(self.parameters.named), None)
-        if self._warned_functional_call or first is None or isinstance(held_tensor(module, first), torch.nn.Parameter):
+        if self._warned_functional_call or first is None or isinstance(held_tensor(model, first), torch.nn.Parameter):
             return
         self._warned_functional_call = True
         warnings.warn("gnfx: a training forward ran under torch.func.functional_call, with tensors in place of the "
