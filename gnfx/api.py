@@ -1,6 +1,8 @@
 """`gnfx.compile`: capture → analyze → plan → rewrite → optimizer, in one call."""
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from gnfx.compiled import CompiledModel
@@ -12,6 +14,7 @@ from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, op
 from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
 from gnfx.output_losses import output_losses, valid_loss
+from gnfx.parameter_store import held_tensor
 from gnfx.plan import BUDGETS, Policy, make_plan
 from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
@@ -177,7 +180,8 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
         store = StatisticsStore(
             plan.table.blocks,
             needs_of=lambda b: plan.needs(b) | set(hp["statistics"]),
-            kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"])
+            kfac_approx=hp["kfac_approx"], param_of=named.__getitem__, fisher=hp["fisher"],
+            live_param=functools.partial(held_tensor, model))
         store.warn_sequence_first(model)
         opt.attach(plan, store)
         return plan.table, store

@@ -194,13 +194,19 @@ class CompiledModel(nn.Module):
         gnfx.compile (`model.fc.weight = nn.Parameter(...)`): the optimizer keeps the Parameter objects
         of compile time, so a new one would silently never train. Buffers and frozen parameters
         reassigned since (`model.mask = new_tensor`) are re-bound in the instrumented graphs, which
-        hold the tensors they were traced with, so that they compute what the original forward does.
-        Run on statistic steps only (a walk over the module tree)."""
+        hold the tensors they were traced with, so that they compute what the original forward does;
+        so are the tensors that torch.func.functional_call puts in place of trainable parameters for one
+        call (plain tensors, not Parameters: a MAML inner loop's fast weights θ - α∇θ), whose statistics
+        are then those of the blocks at these values, and the next statistic forward binds the parameters
+        back. Run on statistic steps only (a walk over the module tree)."""
         compiled = self.optimizer.parameter_store.named
         current = dict(self._model.named_parameters(remove_duplicate=False))
         known, present = {id(p) for p in compiled.values()}, {id(p) for p in current.values()}
-        gone = [n for n, p in compiled.items() if id(p) not in present]
-        new = [n for n, p in current.items() if p.requires_grad and id(p) not in known and n not in gone]
+        # (a tensor that is no Parameter in a parameter's place: functional_call's, for this call)
+        gone = [n for n, p in compiled.items() if id(p) not in present and isinstance(current.get(n), (nn.Parameter,
+                                                                                                       type(None)))]
+        new = [n for n, p in current.items() if p.requires_grad and isinstance(p, nn.Parameter) and id(p) not in known
+               and n not in gone]
         if (gone or new) and not self._fsdp:  # FSDP2's swaps are checked by gnfx.fsdp.ShardedStep
             what = [f"{n!r} was {'replaced' if n in current else 'removed'}" for n in gone]
             what += [f"{n!r} was created, replaced or unfrozen" for n in new]

@@ -271,6 +271,16 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"set requires_grad before gnfx.compile, or compile again")
         super().add_param_group(param_group)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's, and the statistics go with the gradients: those the backwards since the last step
+        accumulated are dropped with the gradients they came with (a GAN's generator loss, backpropagated
+        through the compiled discriminator, fills D's gradients and D's statistics, and D's zero_grad()
+        before its own backward clears both). The layer inputs of forwards whose backward has not run yet
+        stay (PyTorch Lightning's closure calls zero_grad between the forward and the backward)."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self.statistics:
+            self.statistics.discard_backwards()
+
     # --- the step ----------------------------------------------------------------------------
     @property
     def statistic_step(self) -> bool:

@@ -37,12 +37,16 @@ the backward reached z first (autograd reaches z before what z is computed from)
 it besides z's goes unseen, as a penalty on the parameters does; reached before z, it is the output
 the loss is of (CLIP's logits_per_text, whose transpose is the logits_per_image it returns first): a
 GnfxError. Whether an output was reached is whether its gradient hook ran: no values are read.
+A backward that fills none of the forward's blocks' gradients (torch.autograd.grad: a gradient penalty's
+input gradient, gnfx.filled_gradients) is not the training loss's: the hook lets it pass and waits for one
+that does.
 """
 from __future__ import annotations
 
 import torch
 
 from gnfx.errors import GnfxError
+from gnfx.filled_gradients import fills_gradients
 from gnfx.fisher import record_true_fisher
 from gnfx.output_losses import cascade_error, named_outputs, unnamed_output_error, weighted_check_error
 from gnfx.outputs import (LogitsLayout, check_output_gradient, floating_outputs, other_output_error,
@@ -60,6 +64,7 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
         z = _last_computed(z, outputs[1:])
     fid = store.forward_id
     losses = settings["losses"]
+    trained, store.trained = store.trained, []
     if z is not None:
         store.batch_size[fid] = z.shape[0]
         _record_terms(store, fid, layouts[0].classes_last(z), settings)
@@ -68,7 +73,7 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
         _refuse_cascades(heads, losses)
         named = {0} if losses is None else {k.position for k in losses}
         others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
-        _hook(heads, store, settings, others, layouts)
+        _hook(heads, store, settings, others, layouts, trained)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -96,7 +101,8 @@ def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
         store.terms_per_example[fid] = z_c.shape[1:-1].numel()
 
 
-def _hook(heads: list, store, settings: dict, others: list, layouts: list[LogitsLayout]) -> None:
+def _hook(heads: list, store, settings: dict, others: list, layouts: list[LogitsLayout],
+          trained: list[torch.Tensor]) -> None:
     """When the user's backward reaches an output z_k that loss= names (`heads`: (OutputLoss or None, z_k)
     each, the first z): check its gradient against its loss (divided by its weight w_k), count the rows the
     loss ignores (their gradient is exactly zero) and run the true-Fisher backward (gnfx.fisher) of z_k if
@@ -104,7 +110,9 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
     "Several outputs") M is the first output's N·T rows, ignored ones included, and output k's vectors are
     backpropagated at the weight w_k M_k / M (M_k: its own kept rows), so that the statistics are those of
     Σ_k w_k J_kᵀ H_k J_k. `others`: (position, output) of the outputs the loss must not reach (module
-    docstring), named by an error once the backward has reached a head and one of them, in either order."""
+    docstring), named by an error once the backward has reached a head and one of them, in either order.
+    `trained`: the trained parameters of the forward's blocks, of which the backward must fill one for a
+    hook to act (module docstring)."""
     pending, store.pending = store.pending, []
     fid = store.forward_id
     several = len(heads) > 1
@@ -141,6 +149,8 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
         name = settings["loss"] if loss is None else loss.name
 
         def hook(grad):
+            if not fills_gradients(trained):  # not the training loss's backward (module docstring)
+                return grad
             handles[j].remove()  # the true-Fisher backward starts at z_k too: run once
             reached["heads"].add(j)
             if name == "cross_entropy" and layout.classes_axis is None:

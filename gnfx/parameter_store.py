@@ -25,6 +25,14 @@ import torch
 from gnfx.reparametrization import Reparametrizations
 
 
+def held_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor `model` holds at parameter `name` now: the Parameter, FSDP2's unsharded copy during a
+    forward, or the plain tensor torch.func.functional_call put in its place for a call (which
+    nn.Module.get_parameter refuses)."""
+    owner, _, field = name.rpartition(".")
+    return getattr(model.get_submodule(owner), field)
+
+
 class ParameterStore:
     def __init__(self, named: dict, state: dict, param_groups: list):
         self.named = dict(named)

@@ -247,6 +247,7 @@ from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.output_losses import OutputLoss, named_outputs
 from gnfx.outputs import LogitsLayout
+from gnfx.parameter_store import held_tensor
 from gnfx.random_state import RandomState
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -435,6 +436,7 @@ class QuadraticStep:
         self._native_recurrent = False
         self._forwards = 0  # training forwards seen (observe), which numbers their output hooks
         self._warned_forwards = False  # _keep_output_grad's warning, given once
+        self._warned_functional_call = False  # observe's warning, given once
         self._mean_checked = False  # _check_mean passed once: a loss's reduction does not change between steps
 
     # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
@@ -452,6 +454,7 @@ class QuadraticStep:
         if not (module.training and torch.is_grad_enabled()):
             return
         self._call = (module.__dict__["_model"], args, kwargs)
+        self._warn_if_functional_call(module.__dict__["_model"])
         self._output_grad = [None] * len(self.losses)
         self._forwards += 1
         # a missing output: the step names it (_recovered), a forward that returns none is no error yet
@@ -461,6 +464,24 @@ class QuadraticStep:
         for j, z in enumerate(heads):
             if z is not None and z.requires_grad:
                 z.register_hook(functools.partial(self._keep_output_grad, self._forwards, j))
+
+    def _warn_if_functional_call(self, model) -> None:
+        """Warn, once, when a training forward of `model` (the module the compiled model runs, whose
+        attribute paths are the parameters' names; the compiled one has attributes of its own, such as
+        `layers`) ran under torch.func.functional_call (a plain tensor, not a Parameter, in a parameter's
+        place: a MAML inner loop's fast weights θ - α∇θ): the step replays the forward at θ itself, so its
+        model, α and ρ would be those of the module at θ on that call's inputs, not of the function of θ
+        the loss was computed through."""
+        first = next(iter(self.parameters.named), None)
+        if self._warned_functional_call or first is None or isinstance(held_tensor(model, first), torch.nn.Parameter):
+            return
+        self._warned_functional_call = True
+        warnings.warn("gnfx: a training forward ran under torch.func.functional_call, with tensors in place of the "
+                      "parameters (a MAML inner loop's fast weights): the quadratic-model step (loss= without lr) "
+                      "replays the last training forward at the parameters θ themselves, so its GGN model, α and ρ "
+                      "are those of the module at θ on that call's inputs, not of the function of θ your loss went "
+                      "through. For such a loop compile with an lr (step='lr'), or make the last training forward "
+                      "before step() a plain call", RuntimeWarning, stacklevel=3)
 
     def _warn_if_lr_moved(self) -> None:
         """Warn, once, when a param group's lr moves (an LR scheduler) under the uncapped step: the

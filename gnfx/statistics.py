@@ -453,6 +453,13 @@ class BlockStatistics:
         self._pooled.clear()
         self._whole_batch.clear()
 
+    def discard_backwards(self) -> None:
+        """Drop what the backwards since the last fold accumulated, whose gradients `zero_grad()` cleared
+        (gnfx.optimizer); the layer inputs staged by forwards that no backward has reached yet stay."""
+        staged = dict(self._staged)
+        self._reset()
+        self._staged.update(staged)
+
     def to(self, dtype: torch.dtype, device: torch.device) -> None:
         """Move the accumulators and the averaged statistics (floating ones in `dtype`)."""
         move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
@@ -476,13 +483,18 @@ class BlockStatistics:
 class StatisticsStore:
     """The statistics of every block, by block name; `forward_id` numbers instrumented forwards."""
 
-    def __init__(self, blocks, needs_of, kfac_approx: str, param_of, fisher: str = "empirical"):
+    def __init__(self, blocks, needs_of, kfac_approx: str, param_of, fisher: str = "empirical", live_param=None):
         if fisher == "type2" and any("grad" in needs_of(b) for b in blocks):
             raise ConfigError("the statistic 'grad' (rank1's sketch vector) is one sample of the Fisher's square "
                               "root per statistic step, and fisher='type2' backpropagates one vector per output "
                               "instead: pass fisher='mc' (or 'empirical')")
         self.fisher = fisher
         self.pending: list = []  # block outputs awaiting the true-Fisher backward (gnfx.fisher)
+        # the trained parameters of the blocks the current forward tapped (gnfx.taps), by which its output's
+        # hook tells a backward that fills their gradients from one that does not (gnfx.filled_gradients)
+        self.trained: list = []
+        # a parameter's name -> the tensor the model's forward uses now (FSDP2's unsharded copy in a forward)
+        self._live_param = live_param or param_of
         self.blocks = {}
         self._param_of = param_of
         for b in blocks:
@@ -508,6 +520,21 @@ class StatisticsStore:
             dtype, device = self._placement(stats.block)
             if (dtype, device) != (stats.dtype, stats.device):
                 stats.to(dtype, device)
+
+    def trained_leaves(self, block) -> list[torch.Tensor]:
+        """The parameters of `block` (its weight, or the parameter its weight is computed from, and its
+        bias) that require gradients now, as the model's forward uses them: FSDP2's unsharded copies, the
+        tensors torch.func.functional_call put in their place; of a view (an opened layer's twin holds
+        views of its parameters, gnfx.opened_leaf, and the graph reads the parameters), the tensor viewed."""
+        names = (block.weight, block.bias) if block.bias is not None else (block.weight,)
+        return [p._base if p._is_view() and p._base.requires_grad else p
+                for p in map(self._live_param, names) if p.requires_grad]
+
+    def discard_backwards(self) -> None:
+        """Drop the statistics the backwards since the last step accumulated (see
+        BlockStatistics.discard_backwards)."""
+        for stats in self.blocks.values():
+            stats.discard_backwards()
 
     def warn_sequence_first(self, model: torch.nn.Module) -> None:
         """Warn when `model` has sequence-first submodules (batch_first=False: nn.MultiheadAttention,
@@ -535,6 +562,7 @@ class StatisticsStore:
         for stats in self.blocks.values():
             stats._staged.pop(self.forward_id, None)
         self.pending = [entry for entry in self.pending if entry[3] != self.forward_id]
+        self.trained = []
 
     def __bool__(self) -> bool:
         return bool(self.blocks)

@@ -7,11 +7,16 @@ the extra backward of gnfx.fisher instead. Both are identities: the model comput
 gradients. They only run on statistic steps: on other steps the compiled model calls the
 original, untapped forward. A block whose rows are routed to its groups at run time (stacked experts)
 gets the routing (the offsets) as both taps' last argument and records it with a and g.
+A block's statistics count only the backwards that fill its gradient (gnfx.filled_gradients): the
+ErrorTap of a block whose parameters are all frozen registers nothing, and its hook skips a backward
+that does not accumulate into the block's parameters (torch.autograd.grad).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from gnfx.filled_gradients import fills_gradients
 
 
 class ActivationTap(nn.Module):
@@ -42,15 +47,17 @@ class ErrorTap(nn.Module):
         self.stats, self.store, self.fresh = stats, store, fresh
 
     def forward(self, z, a, routing=None):
-        if z.requires_grad:
+        leaves = self.store.trained_leaves(self.stats.block) if z.requires_grad else []
+        if leaves:  # (none: every parameter of the block is frozen, and no backward fills its gradient)
             fid, stats = self.store.forward_id, self.stats
             keep = a if stats.wants_activation_in_backward else None
+            self.store.trained.extend(leaves)
             if self.store.fisher == "empirical":
-                z.register_hook(lambda g: stats.record_error(g, keep, fid, routing))
+                z.register_hook(lambda g: stats.record_error(g, keep, fid, routing) if fills_gradients(leaves) else None)
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
                 self.store.pending.append((z, keep, stats, fid, routing))
-            if self.fresh:
-                return z.clone()
+        if self.fresh and z.requires_grad:
+            return z.clone()
         return z
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from benchmarks.report import best_run  # noqa: E402
 from benchmarks.run import Mode, run  # noqa: E402
 from benchmarks.tasks import TASKS  # noqa: E402
 from benchmarks.train import RunResult, train  # noqa: E402
+from gnfx.errors import GnfxError  # noqa: E402
 
 pytestmark = pytest.mark.thread_independent  # smoke runs of the benchmark harness; no figure is asserted (tests/conftest.py)
 
@@ -537,6 +538,18 @@ def test_family_probe_reports_each_family_called_as_its_users_call_it(monkeypatc
     assert family_probe.sequence_loss(flows, torch.ones(1, 2, 1, 1)).item() == pytest.approx(0.8)
     stderr = "Traceback ...\ngnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp\nPlease file an issue"
     assert child_rows.raised(stderr) == "gnfx.errors.GnfxError: the step failed: NotImplementedError: no jvp"
+
+
+def test_task_probe_runs_a_gan_and_maml_and_reports_the_error_of_a_second_head():
+    """benchmarks.task_probe: a row per task and optimizer, with the losses of each step (D's / G's for a
+    GAN), or the GnfxError of a loss that reaches a second output under loss=."""
+    from benchmarks import task_probe
+
+    row = task_probe.probe("gan", "kfac", steps=2).split(" | ")
+    assert row[:2] == ["| gan", "kfac"] and len(row[2].split(", ")) == 2 and "/" in row[2]
+    assert task_probe.probe("maml", "shampoo", steps=2).split(" | ")[3] == "–"
+    with pytest.raises(GnfxError, match="output 1"):
+        task_probe.probe("actor_critic", "kfac_loss", steps=1)
 
 
 class _Detector(nn.Module):
