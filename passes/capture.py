@@ -33,6 +33,7 @@ from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
+from gnfx.passes.module_attributes import attributes_kept
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
                                            specialized_to)
@@ -268,7 +269,8 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
-        with _torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints():
+        with (_torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints(),
+              attributes_kept(model)):
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
@@ -432,7 +434,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
-              default_generator_left_out(), kept_state() as drew, applied_functions() as functions):
+              default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
+              attributes_kept(model)):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
