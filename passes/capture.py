@@ -35,6 +35,7 @@ from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, che
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import attributes_kept
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
                                            specialized_to)
 
@@ -259,6 +260,14 @@ def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
                 f"valid names are the dotted paths of model.named_modules()")
 
 
+def generators_kept(model: nn.Module):
+    """While inside, a forward being traced may draw from torch's generators (torch.fx runs `torch.rand(1).item()`
+    on concrete inputs, as HuBERT's mask spans do); on exit the CPU generator and those of the model's
+    accelerators are as they were, so that capturing takes nothing from the user's random stream (as Python's
+    generators, passes/python_random.py): the first training call draws what the module would."""
+    return RandomState({p.device for p in model.parameters()}, python=False).replayed()
+
+
 def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
     fixes arguments to values (e.g. an optional input left out: None).
@@ -270,7 +279,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints(),
-              attributes_kept(model)):
+              attributes_kept(model), generators_kept(model)):
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
@@ -435,7 +444,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
               default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
-              attributes_kept(model)):
+              attributes_kept(model), generators_kept(model)):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
