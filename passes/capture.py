@@ -279,41 +279,44 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints(),
-              attributes_kept(model), generators_kept(model)):
+              generators_kept(model)):
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
-    while True:
-        tracer = _LeafFindingTracer(set(leaves))
-        try:
-            with kept_state() as drew:  # Python-level draws (passes/python_random.py)
-                graph = traced(tracer)
-                draws = draws or drew()
-                if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
-                    tracer = _LeafFindingTracer(set(leaves))
-                    with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
-                        traced(tracer)
-                    raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
-                                           "random.random, random.uniform or numpy.random's random, rand, "
-                                           "random_sample, uniform) that decide the traced graph")
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
-            failed = tracer.failed_module
-            if failed and failed not in leaves:
-                leaves[failed] = f"could not be traced ({describe_exception(exc)})"
-                continue
-            raise CaptureError(
-                f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
-                f"  at {_user_frame(exc, model)}\n"
-                f"Fix: this code runs in the forward of {type(model).__name__} itself (an untraceable submodule "
-                f"would have been kept opaque), which leaf_modules cannot keep opaque: move it into a submodule "
-                f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
-                f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=...") from exc
-        for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
-            if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
-                node.meta.pop("is_wrapped", None)  # which breaks every later trace
-        _keep_input_names(graph, concrete_args or {})
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
+    # the graph module is built inside: it copies the tensor constants fx set on the traced module
+    with attributes_kept(model):
+        while True:
+            tracer = _LeafFindingTracer(set(leaves))
+            try:
+                with kept_state() as drew:  # Python-level draws (passes/python_random.py)
+                    graph = traced(tracer)
+                    draws = draws or drew()
+                    if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
+                        tracer = _LeafFindingTracer(set(leaves))
+                        with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
+                            traced(tracer)
+                        raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
+                                               "random.random, random.uniform or numpy.random's random, rand, "
+                                               "random_sample, uniform) that decide the traced graph")
+            except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+                failed = tracer.failed_module
+                if failed and failed not in leaves:
+                    leaves[failed] = f"could not be traced ({describe_exception(exc)})"
+                    continue
+                raise CaptureError(
+                    f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
+                    f"  at {_user_frame(exc, model)}\n"
+                    f"Fix: this code runs in the forward of {type(model).__name__} itself (an untraceable submodule "
+                    f"would have been kept opaque), which leaf_modules cannot keep opaque: move it into a submodule "
+                    f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
+                    f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=..."
+                ) from exc
+            for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
+                if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
+                    node.meta.pop("is_wrapped", None)  # which breaks every later trace
+            _keep_input_names(graph, concrete_args or {})
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
 
 
 def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:
