@@ -21,7 +21,6 @@ the child outside the module tree, in a plain list, reaches the parameters thems
 from __future__ import annotations
 
 import collections
-import copy
 
 import torch
 from torch import fx, nn
@@ -46,7 +45,10 @@ def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:
     """A shallow copy of `module` (at `path`, inside the opened child `child` of the opaque submodule
     `leaf`) holding views of its trainable parameters that raise on a gradient, and watched copies of
     its submodules (module doc)."""
-    twin = copy.copy(module)
+    # copy.copy's shallow copy, without its __getstate__, which a parametrized module (torch.nn.utils.parametrize:
+    # weight_norm's, HuBERT's positional convolution) refuses ("only supported through state_dict()")
+    twin = type(module).__new__(type(module))
+    twin.__dict__.update(module.__dict__)
     views = {}
     for name, p in module._parameters.items():
         view = p.view_as(p) if p is not None and p.requires_grad and torch.is_grad_enabled() else p

@@ -34,7 +34,9 @@ from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
+from gnfx.passes.module_attributes import attributes_kept
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
                                            specialized_to)
 
@@ -259,6 +261,14 @@ def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
                 f"valid names are the dotted paths of model.named_modules()")
 
 
+def generators_kept(model: nn.Module):
+    """While inside, a forward being traced may draw from torch's generators (torch.fx runs `torch.rand(1).item()`
+    on concrete inputs, as HuBERT's mask spans do); on exit the CPU generator and those of the model's
+    accelerators are as they were, so that capturing takes nothing from the user's random stream (as Python's
+    generators, passes/python_random.py): the first training call draws what the module would."""
+    return RandomState({p.device for p in model.parameters()}, python=False).replayed()
+
+
 def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
     fixes arguments to values (e.g. an optional input left out: None).
@@ -269,41 +279,45 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
-        with _torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints():
+        with (_torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints(),
+              generators_kept(model)):
             return tracer.trace(model, concrete_args=concrete_args)
 
     draws = False
-    while True:
-        tracer = _LeafFindingTracer(set(leaves))
-        try:
-            with kept_state() as drew:  # Python-level draws (passes/python_random.py)
-                graph = traced(tracer)
-                draws = draws or drew()
-                if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
-                    tracer = _LeafFindingTracer(set(leaves))
-                    with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
-                        traced(tracer)
-                    raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
-                                           "random.random, random.uniform or numpy.random's random, rand, "
-                                           "random_sample, uniform) that decide the traced graph")
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
-            failed = tracer.failed_module
-            if failed and failed not in leaves:
-                leaves[failed] = f"could not be traced ({describe_exception(exc)})"
-                continue
-            raise CaptureError(
-                f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
-                f"  at {_user_frame(exc, model)}\n"
-                f"Fix: this code runs in the forward of {type(model).__name__} itself (an untraceable submodule "
-                f"would have been kept opaque), which leaf_modules cannot keep opaque: move it into a submodule "
-                f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
-                f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=...") from exc
-        for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
-            if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
-                node.meta.pop("is_wrapped", None)  # which breaks every later trace
-        _keep_input_names(graph, concrete_args or {})
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
+    # the graph module is built inside: it copies the tensor constants fx set on the traced module
+    with attributes_kept(model):
+        while True:
+            tracer = _LeafFindingTracer(set(leaves))
+            try:
+                with kept_state() as drew:  # Python-level draws (passes/python_random.py)
+                    graph = traced(tracer)
+                    draws = draws or drew()
+                    if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
+                        tracer = _LeafFindingTracer(set(leaves))
+                        with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
+                            traced(tracer)
+                        raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
+                                               "random.random, random.uniform or numpy.random's random, rand, "
+                                               "random_sample, uniform) that decide the traced graph")
+            except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+                failed = tracer.failed_module
+                if failed and failed not in leaves:
+                    leaves[failed] = f"could not be traced ({describe_exception(exc)})"
+                    continue
+                raise CaptureError(
+                    f"torch.fx could not trace the forward of {type(model).__name__}: {describe_exception(exc)}\n"
+                    f"  at {_user_frame(exc, model)}\n"
+                    f"Fix: this code runs in the forward of {type(model).__name__} itself (an untraceable submodule "
+                    f"would have been kept opaque), which leaf_modules cannot keep opaque: move it into a submodule "
+                    f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
+                    f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=..."
+                ) from exc
+            for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
+                if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
+                    node.meta.pop("is_wrapped", None)  # which breaks every later trace
+            _keep_input_names(graph, concrete_args or {})
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
 
 
 def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:
@@ -438,7 +452,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 return torch.export.export(view, args, kwargs=kwargs, strict=False, dynamic_shapes=dynamic)
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
-              default_generator_left_out(), kept_state() as drew, applied_functions() as functions):
+              default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
+              attributes_kept(model), generators_kept(model)):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:

@@ -98,8 +98,11 @@ class _LoweredMHA(nn.Module):
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         masked = mask_scores(scores, attn_mask, key_padding_mask, is_causal, self.need_weights)
         weights = F.softmax(masked, dim=-1)
-        out = self.out_proj((F.dropout(weights, self.p, training=True) @ v).transpose(1, 2).flatten(2))
-        if not self.batch_first:
+        out = self.out_proj((F.dropout(weights, self.p, training=True) @ v).transpose(1, 2).flatten(2))  # (N, T, E)
+        # in torch's layout, (T, N, E) contiguous, viewed as (N, T, E) under batch_first: a dropout after the
+        # attention fills its mask in memory order, so only this layout draws the module's masks from its seed
+        out = out.transpose(0, 1).contiguous()
+        if self.batch_first:
             out = out.transpose(0, 1)
         if not self.need_weights:
             return out, None

@@ -28,7 +28,10 @@ parameter of an opened child that the opaque code uses in another way raises at 
 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
 (an nn.LSTM's `hx`, an nn.ConvTranspose's `output_size`: the graph would fix them), or has an
-instance-level `forward`; a child with a parameter registered outside it too (shared) or read by the
+instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
+code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
+of `self.model`'s layers between them), and the graph of an opened child runs only where the child
+itself is called, so its children are opened instead, which either call runs; a child with a parameter registered outside it too (shared) or read by the
 enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
@@ -56,6 +59,10 @@ OPENED = "opened: its layers are curvature blocks, called by the submodule's Pyt
 # holds that forward's call
 OPENED_ROOT = "gnfx_opened.gnfx_root"
 _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+# an nn.Sequential is a container: opaque code may call it, or iterate or index it and call its children
+# (ultralytics' `for m in self.model: x = m(x)`, routing outputs between them), so its children are opened
+CONTAINER = ("an nn.Sequential, whose children the opaque code may call one by one (iterating or indexing it) "
+             "rather than through its forward: its children are opened")
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
     nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",
@@ -98,6 +105,8 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> st
     reads = _reads_children(module)
     if reads is not None:
         return reads
+    if type(module).forward is nn.Sequential.forward:
+        return CONTAINER
     if "forward" in vars(module):
         return "it has an instance-level forward"
     if _inputs(module) is None:

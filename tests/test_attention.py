@@ -331,6 +331,37 @@ def test_lowered_multihead_attention_computes_the_modules_outputs_and_gradients(
     assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
 
 
+class AttentionThenDropout(nn.Module):
+    """nn.MultiheadAttention with attention dropout, then a dropout of its output (Conformer's
+    self_attn_dropout), then a linear head."""
+
+    def __init__(self, batch_first, need_weights):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, HEADS, dropout=0.1, batch_first=batch_first)
+        self.drop, self.head, self.need_weights = nn.Dropout(0.3), nn.Linear(D, 3), need_weights
+
+    def forward(self, x):
+        return self.head(self.drop(self.mha(x, x, x, need_weights=self.need_weights)[0]))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_dropout_after_lowered_attention_draws_the_modules_masks(batch_first, need_weights):
+    """The lowered output has the module's layout, (T, N, E) contiguous (viewed batch-first), so that a
+    dropout after it draws the module's masks from the same seed. Before: it was (N, T, E) contiguous, the
+    masks fell on other entries, and torchaudio's Conformer trained with dropout differed from the module by
+    1e-2 in its loss from the same seed."""
+    model = build(AttentionThenDropout, batch_first, need_weights).train()
+    x = tokens() if batch_first else tokens().transpose(0, 1).contiguous()
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-3, capture="fx", example_inputs=(x,))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = model(x)
+        torch.manual_seed(seed)
+        got = c(x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 class CausalOrPerHeadMHA(nn.Module):
     """MHA with is_causal=True and its causal mask, or with a 3-D (N·H, T, S) float mask and
     per-head weights (average_attn_weights=False)."""

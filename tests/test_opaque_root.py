@@ -96,7 +96,8 @@ def test_the_layers_of_the_opaque_forward_are_blocks_called_by_it():
     report = c.report()
     assert "block conv (called by the Python code of the model's own (opaque) forward)" in report
     assert "  (the model itself): neither torch.fx nor torch.export captured it" in report
-    assert "    body: opened" in report and "    head: opened" in report
+    assert "    body: not opened: an nn.Sequential, whose children the opaque code may call one by one" in report
+    assert "    body.0: opened" in report and "    body.2: opened" in report and "    head: opened" in report
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -179,3 +180,163 @@ def test_a_forward_with_no_layer_to_open_is_still_a_capture_error():
     with pytest.raises(gnfx.CaptureError, match="neither torch.fx nor torch.export could capture OwnWeights") as err:
         c(torch.randn(5, 4))
     assert "if h.sum() > 0" in str(err.value) and "torch.cond" in str(err.value)
+
+
+class RoutedLayers(nn.Module):
+    """ultralytics' YOLO built small: the forward iterates its nn.Sequential `layers` and routes their
+    outputs (the third layer takes the first's and the second's, concatenated, as a Concat layer's `f`
+    indices say), and, given a dict (the trainer's batch), returns its own loss through a criterion built
+    on the first call and kept on the module (`BaseModel.loss`: `self.criterion = self.init_criterion()`)
+    whose class weights are a tensor; its branch on a floating-point activation leaves it to neither
+    torch.fx nor torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(12, CLASSES))
+        self.to(DTYPE)
+
+    def predict(self, x):
+        first = self.layers[0](x).tanh()
+        outputs = [first, self.layers[1](first)]
+        for layer in list(self.layers)[2:]:
+            outputs.append(layer(torch.cat(outputs[-2:], 1)))
+        logits = outputs[-1]
+        return 0.5 * logits if logits.mean() > 0 else logits
+
+    def forward(self, x):
+        if isinstance(x, dict):
+            if getattr(self, "class_weights", None) is None:
+                self.class_weights = torch.arange(1, CLASSES + 1, dtype=x["x"].dtype)
+            return nn.functional.cross_entropy(self.predict(x["x"]), x["y"], weight=self.class_weights)
+        return self.predict(x)
+
+
+def routed_batch(seed, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 4, generator=g, dtype=DTYPE), "y": torch.randint(0, CLASSES, (n,), generator=g)}
+
+
+def test_layers_of_a_sequential_the_opaque_forward_iterates_are_blocks_stepping_as_the_module():
+    """Before: the nn.Sequential was opened whole, its graph never ran (the forward calls its layers, not
+    it), and the first backward raised a GnfxError ("uses the parameter 'layers.2.bias' other than by
+    calling 'layers'"). The losses and gradients over steps must be the module's own."""
+    model = RoutedLayers()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, stat_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one warning that the forward runs eagerly
+        for seed in range(4):
+            b = routed_batch(seed)
+            step_beside(c, model, reference, c(b), reference(b))
+    assert c.layers.form == "eager" and [b.name for b in c.layers] == ["layers.0", "layers.1", "layers.2"]
+    assert not c.layers.fallbacks and c.optimizer.steps == 4
+    assert c.layers.opened["layers"].startswith("not opened: an nn.Sequential")
+
+
+def test_statistics_of_the_layers_of_an_iterated_sequential_equal_the_hooks():
+    model = RoutedLayers()
+    c = compiled_routed = compile_for_statistics(model, optimizer="kfac")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(2):
+            b = routed_batch(seed)
+            assert_statistics_match(compiled_routed, model, ["layers.0", "layers.1", "layers.2"], b["x"], b["y"])
+    assert c.layers.form == "eager"
+
+
+def test_an_attribute_the_forward_builds_while_captured_is_built_again_from_real_tensors():
+    """Before: torch.export's attempt left `class_weights` a FakeTensor on the module, the eager calls'
+    loss computed with it, and the step raised a data-dependent GuardOnDataDependentSymNode. Now the
+    attribute is gone after the capture, the first eager call builds it as the module does, and the
+    losses are the module's own."""
+    model = RoutedLayers()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(3):
+            b = routed_batch(seed)
+            loss, loss_ref = c(b), reference(b)
+            assert torch.equal(loss, loss_ref)
+            step_beside(c, model, reference, loss, loss_ref)
+    assert type(model.class_weights) is torch.Tensor
+    torch.testing.assert_close(model.class_weights, torch.arange(1.0, CLASSES + 1, dtype=DTYPE), rtol=0, atol=0)
+
+
+class NormedBlock(nn.Module):
+    """A block whose first layer is weight-normalized by torch.nn.utils.parametrizations (HuBERT's
+    positional convolution is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6))
+        self.out = nn.Linear(6, CLASSES)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.proj(x)))
+
+
+class NormedDetector(nn.Module):
+    """A weight-normalized block under a forward that branches on a floating-point activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = NormedBlock()
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.block(x)
+        return 0.5 * h if h.mean() > 0 else h
+
+
+def test_a_parametrized_layer_inside_an_opened_child_steps_as_the_module():
+    """Before: the first call raised torch's "Serialization of parametrized modules is only supported through
+    state_dict()": the opened child's twin shallow-copied the parametrized Linear with copy.copy."""
+    model = NormedDetector()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, stat_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(3):
+            b = routed_batch(seed)
+            loss, loss_ref = cross_entropy(c(b["x"]), b["y"]), cross_entropy(reference(b["x"]), b["y"])
+            assert torch.equal(loss, loss_ref)
+            step_beside(c, model, reference, loss, loss_ref)
+    assert c.layers.form == "eager" and c.layers.opened["block"].startswith("opened")
+    assert "block.out" in [b.name for b in c.layers]
+
+
+class DrawingDetector(nn.Module):
+    """Decides with a torch draw on concrete values (`torch.rand(1).item()`, as HuBERT's mask spans do), then
+    branches on a floating-point activation."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, CLASSES)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if torch.rand(1).item() < 0.5:
+            h = 2 * h
+        return 0.5 * h if h.mean() > 0 else h
+
+
+def test_capturing_draws_nothing_from_torchs_generator():
+    """Before: torch.fx's attempt ran `torch.rand(1)`, so the first call after the seed drew the module's
+    second number, not its first, and every draw after it was shifted by one."""
+    model = DrawingDetector()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    x = routed_batch(0)["x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in (1, 3, 4):  # first draws on either side of 0.5, the first of them at the capturing call
+            torch.manual_seed(seed)
+            out, after = c(x), torch.rand(1)
+            torch.manual_seed(seed)
+            assert torch.equal(out, reference(x)) and torch.equal(after, torch.rand(1))
+    assert c.layers.form == "eager"
