@@ -260,6 +260,7 @@ def _user_frame(exc: BaseException, model: nn.Module) -> str:
 
 
 REQUESTED = "requested with leaf_modules"
+UNUSED = "not used by the captured forward"  # a fallback's reason (passes/analyze.py): no node reads the parameter
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
