@@ -29,7 +29,7 @@ loss= the model has, and for reference torch.optim.AdamW at lr 1e-3 ("adamw"). P
 share of the trainable parameters in curvature blocks, for "kfac" the exactness (float64, two batches, the same
 random draws: the largest |difference| of the loss and of any gradient between the compiled model and the
 module, and with a named loss and fisher="empirical" the largest difference of A and S of the linear and
-convolution blocks (one group) against forward and tensor hooks on the module, relative to their largest
+convolution blocks (torch's own classes, one group) against forward and tensor hooks on the module, relative to their largest
 entry: A = mean over rows and positions of ā āᵀ over the unfolded patches, S = M Σ g gᵀ, M the loss's rows),
 the losses, gnfx's warnings (once each), the seconds; or the error. MONAI and segmentation_models_pytorch are
 not dependencies of gnfx: unpack their wheels without dependencies on PYTHONPATH (smp needs timm and
@@ -272,8 +272,8 @@ def exactness(name: str, hparams: dict) -> str:
         loss = case.criterion(c(x), y)
         loss.backward()
         modules = dict(reference.named_modules())
-        checked = [b.name for b in c.layers.blocks if b.kind in ("linear", "conv") and
-                   isinstance(modules.get(b.name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and
+        checked = [b.name for b in c.layers.blocks if b.kind in ("linear", "conv") and  # torch's own classes: a
+                   type(modules.get(b.name)) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) and  # subclass may pad first
                    getattr(modules[b.name], "groups", 1) == 1] if case.loss else []
         torch.manual_seed(i)
         expected, factors = hooked_factors(reference, checked, lambda: case.criterion(reference(x), y),
