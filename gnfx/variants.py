@@ -29,7 +29,7 @@ from torch import nn
 from gnfx.errors import CaptureError, GnfxError
 from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
-from gnfx.passes.capture import (CONSTANTS, REQUESTED, accepts, check_leaf_modules, export, optional_inputs,
+from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
 from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.python_random import kept_state
@@ -341,12 +341,33 @@ class Variants:
         return covered / max(total, 1)
 
     def _warn_if_low_coverage(self) -> None:
+        """Warn when under COVERAGE_WARNING of the trainable parameters' entries are in curvature blocks, saying
+        which of the rest the captured forward does not use at all (no gradient, no step: smp's PSPNet builds
+        a ResNet whose last two stages its forward never calls; or a branch the capture did not take) and which
+        it uses but leaves to the diagonal preconditioner, with the largest of each."""
         params = dict(self.model.named_parameters())
         covered, total = self.table.coverage(params)
         if not total or covered >= COVERAGE_WARNING * total:
             return
-        biggest = sorted(self.table.fallbacks, key=lambda f: -params[f.param].numel())[:3]
-        listed = "; ".join(f"{f.param} ({params[f.param].numel():,} entries): {f.reason}" for f in biggest)
+        largest = lambda fallbacks: "; ".join(  # noqa: E731
+            f"{f.param} ({params[f.param].numel():,} entries): {f.reason}"
+            for f in sorted(fallbacks, key=lambda f: -params[f.param].numel())[:3])
+        unused = [f for f in self.table.fallbacks if f.reason == UNUSED]
+        used = total - sum(params[f.param].numel() for f in unused)
+        said = []
+        if unused:
+            said.append(f"{total - used:,} of the {total:,} entries of the trainable parameters are {UNUSED} "
+                        f"(graph captured with {self.form}, {self.table.capture}): they get no gradient and keep "
+                        f"their values; largest: {largest(unused)}. If the model's own forward uses them, the graph "
+                        f"took another branch than the model does: print(model) shows it; capture='export' "
+                        f"captures the real call")
+        if covered < COVERAGE_WARNING * used:
+            said.append(self._low_coverage(covered, used, largest([f for f in self.table.fallbacks
+                                                                     if f.reason != UNUSED])))
+        warnings.warn("gnfx: " + ". ".join(said), UserWarning, stacklevel=4)
+
+    def _low_coverage(self, covered: int, used: int, listed: str) -> str:
+        """The coverage warning's account of the parameters the forward uses outside curvature blocks."""
         requested = sorted(n for n, why in self.table.leaves.items() if why == REQUESTED)
         untraced = sorted(n or "(the model itself)" for n, why in self.table.leaves.items() if why != REQUESTED)
         if untraced:
@@ -359,10 +380,9 @@ class Variants:
                    "each one's reason. Where a layer is written with a custom op, write it with torch.nn.functional "
                    "(linear, conv, embedding) so that gnfx recognizes it, or register its layer kind with "
                    "gnfx.register_layer_kind (examples/custom_layer_kind.py)")
-        warnings.warn(f"gnfx: only {100 * covered / total:.1f}% of the trainable parameters ({covered:,} of "
-                      f"{total:,} entries) are in curvature blocks; the rest get the diagonal preconditioner. "
-                      f"Graph captured with {self.form} ({self.table.capture}). Largest uncovered: {listed}. Fix: {fix}",
-                      UserWarning, stacklevel=4)
+        return (f"only {100 * covered / used:.1f}% of the trainable parameters the captured forward uses ({covered:,} "
+                f"of {used:,} entries) are in curvature blocks; the rest get the diagonal preconditioner. Graph "
+                f"captured with {self.form} ({self.table.capture}). Largest uncovered: {listed}. Fix: {fix}")
 
 
 def _sorted(kwargs) -> dict:

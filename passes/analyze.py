@@ -43,6 +43,7 @@ from gnfx.layouts.embedding import EmbeddingLayout
 from gnfx.layouts.experts import ExpertsLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
+from gnfx.passes.capture import UNUSED
 from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
 from gnfx.layouts.shift import ShiftLayout
@@ -84,7 +85,6 @@ register_layer_kind("weighted_sum", WeightedSumLayout, find_weighted_sum_sites)
 # a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
 register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 register_layer_kind("experts", ExpertsLayout, find_expert_sites)
-
 
 def _block_name(weight: str) -> str:
     """The dotted module path of a layer's `.weight` (`attn.in_proj` for `attn.in_proj_weight`);
@@ -267,7 +267,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
         other = [u for u, a in param_uses if (u, a) not in in_sites]
         owners = {s.weight for s in sites if s.bias == name}
         if not param_uses:
-            reason = "not used by the captured forward"
+            reason = UNUSED
         elif other:
             reason = _describe_use(other[0], leaves, rejected)
         elif owners - claimed:

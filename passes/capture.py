@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import transformer as transformer_module
 from torch.nn.utils import rnn as rnn_utils
+from torch.utils import _pytree
 
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
@@ -189,7 +190,7 @@ def _torch_nn_traceable():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-_IS_TENSOR = torch.is_tensor
+_IS_TENSOR, _JIT_ISINSTANCE = torch.is_tensor, torch.jit.isinstance
 
 
 def _is_tensor_refusing_traced(obj) -> bool:
@@ -205,14 +206,27 @@ def _is_tensor_refusing_traced(obj) -> bool:
     return _IS_TENSOR(obj)
 
 
+def _jit_isinstance_refusing_traced(obj, target_type) -> bool:
+    """torch.jit.isinstance, which refuses a traced value (or a container holding one) for the reason
+    `_is_tensor_refusing_traced` gives: the plain check calls a traced value no tensor, so MONAI's
+    BasicUNet, whose decoder blocks concatenate the skip connection under
+    `torch.jit.isinstance(x_e, torch.Tensor)`, traced the branch without it: a graph that fails (or,
+    channels permitting, computes another model) at its first call."""
+    if any(isinstance(leaf, fx.Proxy) for leaf in _pytree.tree_leaves(obj)):
+        raise fx.proxy.TraceError(f"torch.jit.isinstance({obj}, {target_type}) of a traced value decides a "
+                                  f"branch: torch.fx cannot tell what type a traced value has")
+    return _JIT_ISINSTANCE(obj, target_type)
+
+
 @contextlib.contextmanager
-def _is_tensor_refused():
-    """While tracing: torch.is_tensor refuses traced values (`_is_tensor_refusing_traced`)."""
-    torch.is_tensor = _is_tensor_refusing_traced
+def _type_checks_refused():
+    """While tracing: torch.is_tensor and torch.jit.isinstance refuse traced values
+    (`_is_tensor_refusing_traced`, `_jit_isinstance_refusing_traced`)."""
+    torch.is_tensor, torch.jit.isinstance = _is_tensor_refusing_traced, _jit_isinstance_refusing_traced
     try:
         yield
     finally:
-        torch.is_tensor = _IS_TENSOR
+        torch.is_tensor, torch.jit.isinstance = _IS_TENSOR, _JIT_ISINSTANCE
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -249,6 +263,7 @@ def _user_frame(exc: BaseException, model: nn.Module) -> str:
 
 
 REQUESTED = "requested with leaf_modules"
+UNUSED = "not used by the captured forward"  # a fallback's reason (passes/analyze.py): no node reads the parameter
 
 
 def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
@@ -279,7 +294,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
-        with (_torch_nn_traceable(), _is_tensor_refused(), opaque_in_fx(), inlined_checkpoints(),
+        with (_torch_nn_traceable(), _type_checks_refused(), opaque_in_fx(), inlined_checkpoints(),
               generators_kept(model)):
             return tracer.trace(model, concrete_args=concrete_args)
 

@@ -493,6 +493,38 @@ def test_clip_probe_reports_capture_blocks_exactness_losses_and_the_contrastive_
     assert row[5] == "–" and row[8].startswith("GnfxError: loss='cross_entropy'")
 
 
+class _VolumeSegmenter(nn.Module):
+    """A stand-in for MONAI's 3-D UNets: a convolution of one input channel and a kernel of 11³ (A of 1332
+    entries: blocked), a strided and a dilated one, a transposed one back up to (N, 3, D, H, W) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Conv3d(1, 4, 11, padding=5)
+        self.down = nn.Conv3d(4, 6, 3, stride=2, padding=1)
+        self.dilated = nn.Conv3d(6, 6, 3, padding=2, dilation=2, bias=False)
+        self.up = nn.ConvTranspose3d(6, 3, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.dilated(torch.relu(self.down(torch.relu(self.wide(x)))))))
+
+
+def test_medseg_probe_reports_exact_factors_of_strided_dilated_and_blocked_3d_convolutions(monkeypatch):
+    """benchmarks.medseg_probe without MONAI: `probe` on a stand-in for a 3-D segmentation model trained with a
+    voxel-wise cross-entropy gives one row with the capture form, every parameter in a block, exact loss,
+    gradients and K-FAC factors of its three convolutions (its unfolded patches against gnfx's statistics, the
+    blocked A as its diagonal blocks) and one loss per step; the AdamW reference row has no capture."""
+    from benchmarks import medseg_probe
+
+    monkeypatch.setitem(medseg_probe.MODELS, "stand_in", medseg_probe.Case(
+        _VolumeSegmenter, medseg_probe.masked((2, 1, 8, 8, 8)), F.cross_entropy, "cross_entropy"))
+    row = medseg_probe.probe("stand_in", "kfac", steps=2).split(" | ")
+    assert row[:4] == ["| stand_in", "kfac", "fx", "100.0%"] and row[6] == "–"
+    loss, grad, factors = (float(v) for v in row[4].removesuffix(" (3)").split(", "))
+    assert row[4].endswith(" (3)") and loss < 1e-12 and grad < 1e-12 and factors < 1e-12
+    assert len(row[5].split(", ")) == 2
+    assert medseg_probe.probe("stand_in", "adamw", steps=1).split(" | ")[1:5] == ["adamw", "–", "–", "–"]
+
+
 class _Segmenter(nn.Module):
     """A stand-in for torchvision's segmentation models: a dict of (N, C, H, W) logits, "out" and "aux"."""
 

@@ -148,6 +148,32 @@ class TimestepConditioned(MLP):
         return self.b(torch.tanh(self.a(x)) + self.t_embed(t))
 
 
+class SkipJoin(nn.Module):
+    """MONAI's BasicUNet decoder block (UpCat): the skip connection is concatenated when one is passed,
+    asked with `torch.jit.isinstance(skip, torch.Tensor)`; without it the layer takes the upsampled input alone
+    (so its input width differs between the branches)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.joined = nn.Linear(2 * width, width)
+        self.alone = nn.Linear(width, width)
+
+    def forward(self, x, skip):
+        if skip is not None and torch.jit.isinstance(skip, torch.Tensor):
+            return self.joined(torch.cat([skip, x], dim=-1))
+        return self.alone(x)
+
+
+class SkipJoinNet(MLP):
+    def __init__(self):
+        super().__init__(hidden=4)
+        self.join = SkipJoin(4).to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(torch.tanh(self.join(torch.tanh(h), h)))
+
+
 class NoisyLatent(RankBranch):
     """A posterior sample as diffusers draws it, `torch.randn(shape, generator=None)`, in a forward that
     torch.fx cannot trace (its rank branch)."""
@@ -376,6 +402,20 @@ def test_a_forward_asking_torch_is_tensor_of_an_input_is_exported_for_tensor_and
         torch.testing.assert_close(c(x, timestep=timestep), model(x, timestep=timestep), rtol=0, atol=0)
         assert_statistics_match(c, model, ["a", "t_embed", "b"], x, y, timestep=timestep)
     assert c.layers.form == "export" and "torch.is_tensor" in c.layers.capture
+
+
+def test_a_submodule_asking_torch_jit_isinstance_of_a_traced_value_keeps_its_branch():
+    """Before, torch.fx traced `torch.jit.isinstance(skip, torch.Tensor)` as False (a traced value is no tensor):
+    the graph of MONAI's BasicUNet dropped every skip connection and its first call failed on the channels
+    its decoder convolutions expected (here: the graph ran `alone`, the other layer, and the model's output
+    was another function). Now torch.fx refuses the question and the submodule is kept opaque, with its
+    layers opened: the same output as the module, the statistics of hooks on it."""
+    model = SkipJoinNet()
+    c = compile_for_statistics(model)
+    x, y = batch((7, 4))
+    torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)
+    assert_statistics_match(c, model, ["a", "join.joined", "b"], x, y)
+    assert "torch.jit.isinstance" in c.layers.leaves["join"]
 
 
 def test_a_draw_given_generator_none_at_the_dynamic_batch_size_is_exported():

@@ -231,3 +231,35 @@ def test_an_exported_graph_computes_what_the_model_computes():
 def test_low_coverage_warns_with_the_biggest_uncovered_parameters_and_the_fix():
     with pytest.warns(UserWarning, match=r"only .*% of the trainable parameters.*Largest uncovered: attn.*Fix: "):
         gnfx.compile(TinyGPT(), capture="fx", leaf_modules=["attn", "mlp"])
+
+
+class ShallowOfDeepBackbone(nn.Module):
+    """segmentation_models_pytorch's PSPNet at its encoder_depth=3: a backbone built with stages its forward
+    never calls (`late`, most of the entries), its head on the early stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.early = nn.Linear(4, 8)
+        self.late = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 64))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.early(x)))
+
+
+def test_parameters_the_forward_never_uses_are_told_apart_from_uncovered_ones():
+    """Before, the coverage warning said 1.4% of such a model's entries were in curvature blocks and that the
+    rest got the diagonal preconditioner; they get no gradient at all (PSPNet: 7.5%, its unused stages 92%
+    of the entries). Now it says they are unused and keep their values, and counts the coverage of the used
+    ones apart: here every used parameter is in a block, so no coverage figure; with a used one left out (a
+    requested leaf), the coverage of the used entries too."""
+    with pytest.warns(UserWarning) as caught:
+        gnfx.compile(ShallowOfDeepBackbone(), "kfac", lr=0.1)
+    said = [str(w.message) for w in caught if str(w.message).startswith("gnfx")]
+    assert len(said) == 1
+    assert ("4,736 of the 4,803 entries of the trainable parameters are not used by the captured forward" in said[0]
+            and "no gradient" in said[0] and "late.1.weight (4,096 entries)" in said[0])
+    assert "diagonal preconditioner" not in said[0] and "only" not in said[0]
+    with pytest.warns(UserWarning, match=r"not used by the captured forward.*only 59\.7% of the trainable parameters "
+                                         r"the captured forward uses \(40 of 67 entries\).*Largest uncovered: head"):
+        gnfx.compile(ShallowOfDeepBackbone(), "kfac", lr=0.1, capture="fx", leaf_modules=["head"])
