@@ -1,13 +1,17 @@
 """The probes' table rows, one child process each (benchmarks.library_probe, family_probe, detection_probe,
-pyg_probe, diffusers_probe, einops_probe, medseg_probe).
+pyg_probe, diffusers_probe, einops_probe, medseg_probe, clip_probe, ultra_probe, task_probe).
 
 Each model runs in a process of its own, so that one model's memory, threads or crash do not reach the
 next; the child prints its row of the table last.
 """
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
+import sys
+
+import torch
 
 
 def raised(stderr: str) -> str:
@@ -48,3 +52,30 @@ def case_table(cases: list[tuple[tuple[str, ...], list[str]]], header: list[str]
         rows.append(row)
         print(row, flush=True)
     write_table(rows, path)
+
+
+def probe_main(doc: str, module: str, probe, cases: dict[str, list[str]], header: list[str], steps: int,
+               timeout: float, chosen=lambda first, second, given: True) -> None:
+    """The command line of a probe whose rows are (first, second) pairs, e.g. model and optimizer: `cases`
+    names the two axes and their choices ({"models": [...], "optimizers": [...]}, in that order), each an
+    option of that name whose default is every choice, `--steps` (default `steps`), `--timeout` seconds per
+    row (default `timeout`), `--out`; each row from `probe(first, second, steps)` in a child process
+    (`python -m module --one first second`, one intra-op thread), through case_table. `chosen(first,
+    second, given)`: whether a pair is run when the second axis was `given` on the command line or not."""
+    (axis, firsts), (other, seconds) = cases.items()
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{axis}", nargs="+", choices=firsts, default=list(firsts))
+    parser.add_argument(f"--{other}", nargs="+", choices=seconds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds per {axis[:-1]} and {other[:-1]}")
+    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # a child's run
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.one:
+        print(probe(*args.one, args.steps))
+        return
+    given = getattr(args, other)
+    rows = [((first, second), [sys.executable, "-m", module, "--one", first, second, "--steps", str(args.steps)])
+            for first in getattr(args, axis) for second in (given or seconds) if chosen(first, second, bool(given))]
+    case_table(rows, header, args.timeout, args.out)

@@ -37,10 +37,8 @@ The results: benchmarks/results/first_contact_10_clip.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 import warnings
 
@@ -49,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 
 BATCH, TOKENS, VOCAB = 8, 16, 500
 WORK = "/tmp/gnfx_clip_probe"  # the tiny configs and the saved BERT
@@ -258,25 +256,11 @@ def probe(name: str, optimizer: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
-                        help="default: every optimizer; kfac_ce only for the contrastive models")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per model and optimizer")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child's run
-    args = parser.parse_args()
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((name, optimizer), [sys.executable, "-m", "benchmarks.clip_probe", "--one", name, optimizer, "--steps",
-                                  str(args.steps)])
-             for name in args.models for optimizer in (args.optimizers or OPTIMIZERS)
-             if optimizer != "kfac_ce" or args.optimizers or name in CONTRASTIVE]
-    header = ["| model | optimizer | capture | in blocks | exact: loss, grad (float64) | losses | outside the blocks | "
-              "gnfx's warnings | error | s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    case_table(cases, header, args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.clip_probe", probe, {"models": list(MODELS), "optimizers": list(OPTIMIZERS)},
+               ["| model | optimizer | capture | in blocks | exact: loss, grad (float64) | losses | outside the blocks | "
+                "gnfx's warnings | error | s |", "|---|---|---|---|---|---|---|---|---|---|"], steps=4, timeout=300,
+               # kfac_ce, by default, for the contrastive models only
+               chosen=lambda name, optimizer, given: optimizer != "kfac_ce" or given or name in CONTRASTIVE)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ Results: benchmarks/results/first_contact_9_diffusers.md.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import sys
 import time
 import warnings
 
@@ -38,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 
 BATCH = 4
 RUNS = {"exact": dict(lr=1e-3), "kfac": dict(lr=1e-3), "kfac_mse": dict(loss="mse"),
@@ -339,23 +337,9 @@ def probe(name: str, run: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per model and run")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # the child process's model and run
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((name, run), [sys.executable, "-m", "benchmarks.diffusers_probe", "--one", name, run, "--steps",
-                            str(args.steps)]) for name in args.models for run in args.runs]
-    header = ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
-              "|---|---|---|---|---|---|---|"]
-    case_table(cases, header, args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.diffusers_probe", probe, {"models": list(MODELS), "runs": list(RUNS)},
+               ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
+                "|---|---|---|---|---|---|---|"], steps=3, timeout=600)
 
 
 if __name__ == "__main__":

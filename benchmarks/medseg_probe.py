@@ -38,10 +38,8 @@ Results: benchmarks/results/first_contact_10_medseg.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 import time
 import warnings
 from typing import Callable, NamedTuple
@@ -51,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 from gnfx.layouts.base import padded_blocks
 
 CLASSES = 3
@@ -325,23 +323,9 @@ def probe(name: str, optimizer: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per model and optimizer")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child's run
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((name, optimizer), [sys.executable, "-m", "benchmarks.medseg_probe", "--one", name, optimizer,
-                                  "--steps", str(args.steps)]) for name in args.models for optimizer in args.optimizers]
-    header = ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S (blocks) | losses | gnfx's warnings | s |",
-              "|---|---|---|---|---|---|---|---|"]
-    case_table(cases, header, args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.medseg_probe", probe, {"models": list(MODELS), "optimizers": list(OPTIMIZERS)},
+               ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S (blocks) | losses | gnfx's warnings | s |",
+                "|---|---|---|---|---|---|---|---|"], steps=4, timeout=300)
 
 
 if __name__ == "__main__":

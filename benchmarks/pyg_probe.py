@@ -31,9 +31,7 @@ seconds; or the error. torch_geometric is not a dependency of gnfx.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 import warnings
 
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 
 FEATURES, CLASSES, HIDDEN = 16, 5, 32
 GRAPHS, BATCH = 64, 16
@@ -252,22 +250,10 @@ def probe(name: str, optimizer: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=NODE_MODELS + GRAPH_MODELS, default=NODE_MODELS + GRAPH_MODELS)
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--timeout", type=float, default=400, help="seconds per model and optimizer")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child's run
-    args = parser.parse_args()
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((name, optimizer), [sys.executable, "-m", "benchmarks.pyg_probe", "--one", name, optimizer, "--steps",
-                                  str(args.steps)]) for name in args.models for optimizer in args.optimizers]
-    header = ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S | losses | gnfx's warnings | s |",
-              "|---|---|---|---|---|---|---|---|"]
-    case_table(cases, header, args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.pyg_probe", probe, {"models": NODE_MODELS + GRAPH_MODELS,
+                                                       "optimizers": list(OPTIMIZERS)},
+               ["| model | optimizer | capture | in blocks | exact: loss, grad, A/S | losses | gnfx's warnings | s |",
+                "|---|---|---|---|---|---|---|---|"], steps=40, timeout=400)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ tests/test_filled_gradients.py.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import warnings
 
@@ -42,7 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 
 OPTIMIZERS = ("kfac", "kfac_loss", "ekfac", "rank1", "shampoo", "diag", "auto")
 LR = 0.01
@@ -287,22 +285,8 @@ def probe(task: str, optimizer: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per task and optimizer")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, metavar=("TASK", "OPTIMIZER"), help=argparse.SUPPRESS)  # a child's run
-    args = parser.parse_args()
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((task, optimizer), [sys.executable, "-m", "benchmarks.task_probe", "--one", task, optimizer,
-                                  "--steps", str(args.steps)])
-             for task in args.tasks for optimizer in args.optimizers]
-    case_table(cases, ["| task | optimizer | losses | gnfx's warnings | s |", "|---|---|---|---|---|"],
-               args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.task_probe", probe, {"tasks": list(TASKS), "optimizers": list(OPTIMIZERS)},
+               ["| task | optimizer | losses | gnfx's warnings | s |", "|---|---|---|---|---|"], steps=4, timeout=300)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ None of these libraries is a dependency of gnfx. Results: benchmarks/results/fir
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 import warnings
 from typing import Callable, NamedTuple
@@ -48,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import case_table
+from benchmarks.child_rows import probe_main
 from benchmarks.family_probe import compile_kwargs
 
 VOCAB, SEQ, WIDTH = 64, 16, 32
@@ -415,23 +413,9 @@ def probe(name: str, run: str, steps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per model and run")
-    parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # the child process's model and run
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.one:
-        print(probe(*args.one, args.steps))
-        return
-    cases = [((name, run), [sys.executable, "-m", "benchmarks.ultra_probe", "--one", name, run, "--steps",
-                            str(args.steps)]) for name in args.models for run in args.runs]
-    header = ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
-              "|---|---|---|---|---|---|---|"]
-    case_table(cases, header, args.timeout, args.out)
+    probe_main(__doc__, "benchmarks.ultra_probe", probe, {"models": list(MODELS), "runs": list(RUNS)},
+               ["| model | run | capture | in blocks | losses (exact: largest differences) | gnfx's warnings | s |",
+                "|---|---|---|---|---|---|---|"], steps=3, timeout=300)
 
 
 if __name__ == "__main__":

@@ -584,6 +584,18 @@ def test_task_probe_runs_a_gan_and_maml_and_reports_the_error_of_a_second_head()
         task_probe.probe("actor_critic", "kfac_loss", steps=1)
 
 
+
+def test_a_probes_command_line_writes_a_row_per_pair_from_child_processes(tmp_path):
+    """benchmarks.child_rows.probe_main, task_probe's command line: `--tasks gan distill --optimizers kfac`
+    runs each pair in a child process and writes the table's two header lines and a row per pair, in order."""
+    out = tmp_path / "table.md"
+    subprocess.run([sys.executable, "-m", "benchmarks.task_probe", "--tasks", "gan", "distill", "--optimizers",
+                    "kfac", "--steps", "1", "--out", str(out)], check=True, capture_output=True, timeout=300,
+                   cwd=pathlib.Path(__file__).parent.parent)
+    rows = out.read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("| task | optimizer")
+    assert [row.split(" | ")[:2] for row in rows[2:]] == [["| gan", "kfac"], ["| distill", "kfac"]]
+
 class _Detector(nn.Module):
     """A stand-in for torchvision's detection models: a list of images and of targets in, a dict of losses
     out; its forward iterates over the targets (torch.fx cannot) and branches on a float (torch.export cannot)."""
