@@ -48,6 +48,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import probe_main
+from benchmarks.lockstep import lockstep_gaps
 
 BATCH, TOKENS, VOCAB = 8, 16, 500
 WORK = "/tmp/gnfx_clip_probe"  # the tiny configs and the saved BERT
@@ -186,22 +187,7 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
         reference = build(name).double()
         batch, loss_of = problem(name, model, torch.float64)
         c = gnfx.compile(model, kind, **hparams)
-        loss_gap = grad_gap = 0.0
-        for step in range(3):
-            torch.manual_seed(100 + step)
-            loss = loss_of(c, batch)
-            torch.manual_seed(100 + step)
-            loss_ref = loss_of(reference, batch)
-            loss.backward()
-            loss_ref.backward()
-            loss_gap = max(loss_gap, (loss - loss_ref).abs().item())
-            for p, q in zip(model.parameters(), reference.parameters()):
-                g, h = (torch.zeros_like(p) if x.grad is None else x.grad for x in (p, q))
-                grad_gap = max(grad_gap, (g - h).abs().max().item() if p.numel() else 0.0)
-            c.step()
-            c.zero_grad()
-            reference.zero_grad()
-            reference.load_state_dict(model.state_dict())
+        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), 3, seed=100)
         return f"{loss_gap:.0e}, {grad_gap:.0e}"
     finally:
         torch.set_default_dtype(torch.float32)

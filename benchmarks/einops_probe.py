@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_map
 
 import gnfx
 from benchmarks.child_rows import child_row, write_table
+from benchmarks.lockstep import lockstep_gaps
 
 BATCH, IMAGE, CLASSES, TOKENS, T = 8, 32, 10, 256, 32
 VIT = dict(image_size=IMAGE, patch_size=4, num_classes=CLASSES, dim=64, depth=2, heads=4, mlp_dim=128)
@@ -207,22 +208,7 @@ def exactness(entry: tuple, steps: int = 3) -> str:
     reference = build(False).double()
     batch = tree_map(lambda t: t.double() if t.is_floating_point() else t, make_batch(torch.Generator().manual_seed(1)))
     c = gnfx.compile(model, "kfac", lr=1e-3)
-    loss_gap = grad_gap = 0.0
-    for step in range(steps):
-        torch.manual_seed(100 + step)
-        loss = loss_of(c, batch)
-        torch.manual_seed(100 + step)
-        loss_ref = loss_of(reference, batch)
-        loss.backward()
-        loss_ref.backward()
-        loss_gap = max(loss_gap, (loss - loss_ref).abs().item())
-        for p, q in zip(model.parameters(), reference.parameters()):
-            g, h = (torch.zeros_like(p) if x.grad is None else x.grad for x in (p, q))
-            grad_gap = max(grad_gap, (g - h).abs().max().item() if p.numel() else 0.0)
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        reference.load_state_dict(model.state_dict())
+    loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), steps, seed=100)
     torch.set_default_dtype(torch.float32)
     return f"{loss_gap:.1e} / {grad_gap:.1e}"
 

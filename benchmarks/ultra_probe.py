@@ -48,6 +48,7 @@ from torch import nn
 import gnfx
 from benchmarks.child_rows import probe_main
 from benchmarks.family_probe import compile_kwargs
+from benchmarks.lockstep import lockstep_gaps
 
 VOCAB, SEQ, WIDTH = 64, 16, 32
 CLASSES = 4  # YOLO's classes, the audio encoders' per-frame classes
@@ -355,23 +356,8 @@ def exactness(case: Case, steps: int = 2):
     model = case.build().double().train()
     reference, b = copy.deepcopy(model), case.batch(torch.Generator().manual_seed(1), torch.float64)
     c = gnfx.compile(model, "kfac", lr=1e-3, stat_decay=0.0)
-    loss_gap = grad_gap = 0.0
-    for step in range(steps):
-        torch.manual_seed(step)  # the same dropout masks and random draws in both forwards
-        loss = case.loss_of(c, model, b)
-        loss.backward()
-        torch.manual_seed(step)
-        loss_ref = case.loss_of(reference, reference, b)
-        loss_ref.backward()
-        loss_gap = max(loss_gap, (loss - loss_ref).abs().item())
-        for p, q in zip(trainable(model).values(), trainable(reference).values()):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            h = q.grad if q.grad is not None else torch.zeros_like(q)
-            grad_gap = max(grad_gap, (g - h).abs().max().item())
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        reference.load_state_dict(model.state_dict())
+    # the same dropout masks and random draws in both forwards
+    loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, plain: case.loss_of(m, plain, b), steps)
     return c, model, f"loss {loss_gap:.1e}, gradients {grad_gap:.1e}"
 
 

@@ -620,3 +620,22 @@ def test_detection_probe_reports_a_model_whose_forward_runs_eagerly(monkeypatch)
     row = detection_probe.probe("detector", steps=2).split(" | ")
     assert row[:3] == ["| detector", "eager", "100.0% (2 blocks, 0 fallback)"] and len(row[3].split(", ")) == 2
     assert row[4].startswith("gnfx: neither torch.fx nor torch.export captured the forward of _Detector")
+
+
+def test_lockstep_gaps_are_zero_beside_the_module_and_not_beside_another():
+    """benchmarks.lockstep: kfac on a float64 MLP with dropout, stepped beside a copy of its module, has loss and
+    gradient gaps of zero (the same dropout masks, the copy taking the compiled model's parameters after each
+    step); beside a copy whose parameters differ, both gaps are not."""
+    from benchmarks.lockstep import lockstep_gaps
+    import gnfx
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for shift, exact in ((0.0, True), (0.1, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            reference[0].weight.add_(shift)
+        c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
+        gaps = lockstep_gaps(c, model, reference, lambda m, _: F.cross_entropy(m(x), y), 3, seed=5)
+        assert (max(gaps) == 0.0) == exact and (exact or min(gaps) > 0), gaps

@@ -1,0 +1,37 @@
+"""The probes' exactness check: the compiled model and the module it was compiled from, stepped in lockstep.
+
+Each step runs the same loss on both, the global random state seeded alike before each forward (dropout,
+random augmentation, class-label dropout draw the same), backpropagates both, records the largest
+|difference| of the losses and of any parameter's gradient (a missing gradient counts as zeros), then
+steps the compiled model and loads its parameters and buffers into the reference, so that every step
+compares the two functions at the same point.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, loss_of, steps: int,
+                  seed: int = 0) -> tuple[float, float]:
+    """(largest loss gap, largest gradient gap) over `steps` steps of `compiled` (gnfx.compile of `model`)
+    beside `reference` (a module of the same parameters); `loss_of(module, plain)` is one forward's loss of
+    `module`, `plain` the module whose parameters it uses (`model` for the compiled one); the random state
+    is `seed + step` before each forward."""
+    loss_gap = grad_gap = 0.0
+    for step in range(steps):
+        torch.manual_seed(seed + step)
+        loss = loss_of(compiled, model)
+        torch.manual_seed(seed + step)
+        loss_ref = loss_of(reference, reference)
+        loss.backward()
+        loss_ref.backward()
+        loss_gap = max(loss_gap, (loss - loss_ref).abs().item())
+        for p, q in zip(model.parameters(), reference.parameters()):
+            g, h = (torch.zeros_like(p) if x.grad is None else x.grad for x in (p, q))
+            grad_gap = max(grad_gap, (g - h).abs().max().item() if p.numel() else 0.0)
+        compiled.step()
+        compiled.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    return loss_gap, grad_gap
