@@ -455,7 +455,10 @@ class BlockStatistics:
 
     def discard_backwards(self) -> None:
         """Drop what the backwards since the last fold accumulated, whose gradients `zero_grad()` cleared
-        (gnfx.optimizer); the layer inputs staged by forwards that no backward has reached yet stay."""
+        (gnfx.optimizer); the layer inputs staged by forwards that no backward has reached yet stay. Nothing
+        to drop (no backward reached the block since: `_dirty` unset), as after a step, costs nothing."""
+        if not self._dirty:
+            return
         staged = dict(self._staged)
         self._reset()
         self._staged.update(staged)
