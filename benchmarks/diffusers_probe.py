@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import gnfx
 from benchmarks.child_rows import probe_main
+from benchmarks.hooked_calls import hooked_calls
 
 BATCH = 4
 RUNS = {"exact": dict(lr=1e-3), "kfac": dict(lr=1e-3), "kfac_mse": dict(loss="mse"),
@@ -245,20 +246,13 @@ MODELS = {
 def recorded_linears(model: torch.nn.Module):
     """While inside: each nn.Linear call of `model` records its input a and its output's gradient g, and
     the gradient at the model's output z (its first tensor, `.sample`); yields ({name: [(a, g), ...]}, {"z": ∂L/∂z})."""
-    calls, at_z, handles = {}, {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def hook(module, inputs, output, records=calls.setdefault(name, [])):
-                record = [inputs[0].detach(), None]
-                records.append(record)
-                output.register_hook(lambda g: record.__setitem__(1, g.detach()))
-            handles.append(module.register_forward_hook(hook))
-    handles.append(model.register_forward_hook(lambda m, i, out: out[0].register_hook(lambda g: at_z.update(z=g)) and None))
+    at_z = {}
+    handle = model.register_forward_hook(lambda m, i, out: out[0].register_hook(lambda g: at_z.update(z=g)) and None)
     try:
-        yield calls, at_z
+        with hooked_calls(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]) as calls:
+            yield calls, at_z
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
 
 
 def linear_factors(records, bias: bool, z_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

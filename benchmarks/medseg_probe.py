@@ -50,6 +50,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import probe_main
+from benchmarks.hooked_calls import hooked_calls
 from gnfx.layouts.base import padded_blocks
 
 CLASSES = 3
@@ -217,22 +218,16 @@ def hooked_factors(module: nn.Module, names: list[str], run: Callable[[], torch.
     tensor hooks, with its parameters' gradients; M is the number of rows of the output z (N, ..., d) with a
     nonzero gradient, its rows those of z.movedim(1, -1) with `classes_second` (cross-entropy's (N, C, ...)
     logits; docs/design.md §1)."""
-    records, handles, modules, at_z = {n: [] for n in names}, [], dict(module.named_modules()), {}
-    for n in names:
-        def hook(_, inputs, output, n=n):
-            record = [inputs[0].detach(), None]
-            records[n].append(record)
-            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
-        handles.append(modules[n].register_forward_hook(hook))
+    modules, at_z = dict(module.named_modules()), {}
 
     def at_output(_, inputs, out):
         z = out if isinstance(out, torch.Tensor) else out[0]
         z.register_hook(lambda g: at_z.update(z=g))
-    handles.append(module.register_forward_hook(at_output))
-    loss = run()
-    loss.backward()
-    for h in handles:
-        h.remove()
+    handle = module.register_forward_hook(at_output)
+    with hooked_calls(module, names) as records:
+        loss = run()
+        loss.backward()
+    handle.remove()
     z = at_z["z"].movedim(1, -1) if classes_second and at_z["z"].dim() > 2 else at_z["z"]
     rows = int(z.reshape(-1, z.shape[-1]).ne(0).any(1).sum())
     factors = {}

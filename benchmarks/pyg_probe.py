@@ -41,6 +41,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import probe_main
+from benchmarks.hooked_calls import hooked_calls
 
 FEATURES, CLASSES, HIDDEN = 16, 5, 32
 GRAPHS, BATCH = 64, 16
@@ -161,18 +162,10 @@ def masked_loss(out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -
 def hooked_factors(module: nn.Module, names: list[str], call: tuple, y, mask) -> tuple[torch.Tensor, dict]:
     """The loss of `module` on the call and the K-FAC factors of its submodules `names` from forward and tensor
     hooks (module doc), with its parameters' gradients."""
-    records, handles = {n: [] for n in names}, []
     modules = dict(module.named_modules())
-    for n in names:
-        def hook(_, inputs, output, n=n):
-            record = [inputs[0].detach(), None]
-            records[n].append(record)
-            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
-        handles.append(modules[n].register_forward_hook(hook))
-    loss = masked_loss(module(*call), y, mask)
-    loss.backward()
-    for h in handles:
-        h.remove()
+    with hooked_calls(module, names) as records:
+        loss = masked_loss(module(*call), y, mask)
+        loss.backward()
     rows = len(y) if mask is None else int(mask.sum())
     factors = {}
     for n, calls in records.items():

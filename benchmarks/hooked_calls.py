@@ -1,0 +1,30 @@
+"""The probes' independent reference for K-FAC's statistics: each call of a named submodule, from plain hooks.
+
+A forward hook on the submodule records its input a of each call, and a tensor hook on that call's output
+records the gradient g the backward sends to it, so that a probe forms A and S from (a, g) itself, with
+nothing gnfx computed (benchmarks.diffusers_probe, medseg_probe, pyg_probe).
+"""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def hooked_calls(model: nn.Module, names: list[str]):
+    """While inside: each call of the submodules `names` of `model` appends [a, g] to its list (g None until
+    the backward reaches that call's output); yields {name: [[a, g], ...]}. The hooks are removed on exit."""
+    modules = dict(model.named_modules())
+    calls, handles = {name: [] for name in names}, []
+    for name in names:
+        def hook(_, inputs, output, records=calls[name]):
+            record = [inputs[0].detach(), None]
+            records.append(record)
+            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
