@@ -16,8 +16,9 @@ in curvlinops; `loss_average="batch"` forces T = 1). The output gradient of each
 
 and with `"reduce"` (positions summed first): `a_n = 1/R Σ_r a_{n,r}`, `δ_n = Σ_r δ_{n,r}`,
 `A = 1/N Σ_n a_n a_nᵀ`, `S = 1/M Σ_n δ_n δ_nᵀ` (for a tied weight, over the positions of all
-its sites). A forward counts once its backward reaches the block: the forward tap stages `a`,
-the backward tap commits it, so a forward that is never backpropagated adds nothing. A layer whose
+its sites). A call counts once its backward reaches the block: the forward tap stages `a`,
+the backward tap of the same call commits it, so a forward that is never backpropagated adds nothing,
+nor does a call whose output no backward reaches (DoRA's `lora_A(eye)`, used without its gradient). A layer whose
 input is not batch-first (a positional embedding indexed by positions alone, the (T·N, d) rows
 inside torch's attention) has no per-example statistics: it warns once, uses "expand", and takes
 its per-example diagonal from the whole batch's gradient, as if the batch were one example. The per-example diagonal of the empirical
@@ -185,34 +186,48 @@ class BlockStatistics:
         backward of this forward reaches the block (a forward that is never backpropagated adds nothing)."""
         self._staged.setdefault(forward_id, []).append(a if routing is None else (a, routing))
 
-    def _commit(self, forward_id: int) -> None:
-        """Count the examples of a forward once and accumulate A from its staged inputs."""
-        staged = self._staged.pop(forward_id)
+    def _commit(self, forward_id: int, a: torch.Tensor | None) -> None:
+        """Accumulate A from the staged input of the call whose output gradient arrived (`a`, the input the
+        backward tap was given: the tensor the forward tap staged; None: every staged input), counting the
+        forward's examples at its first. A call whose output no backward reaches (peft's and torchtune's
+        DoRA run `lora_A(eye)` and use the product without its gradient) adds no rows: its input stays
+        staged until the step's reset."""
+        staged = self._staged[forward_id]
+        called = [e for e in staged if (e[0] if isinstance(e, tuple) else e) is a][:1] if a is not None else staged
+        left = [e for e in staged if not any(e is c for c in called)]
+        if left:
+            self._staged[forward_id] = left
+        else:
+            del self._staged[forward_id]
+        if not called:  # this call's input was committed by an earlier backward (another sampled vector)
+            return
         self._dirty = True
+        first = forward_id not in self._examples
         if self.routed:  # (a, routing) pairs: each group's rows by the routing (no per-example statistics)
             self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
-            for a, routing in staged if self._A is not None else ():
+            for a, routing in called if self._A is not None else ():
                 for group, rows in self.layout.routed_rows(a, routing):
                     self._add_A(rows.to(self.dtype), group)
             return
-        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
-        folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
-        if folded and self.per_example:
-            self._whole_batch.add(forward_id)
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
-                    f"({n} examples, the first dimension of the model output), so per-example statistics "
-                    f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
-                    f"diagonal from the whole batch's gradient, as if the batch were one example",
-                    RuntimeWarning, stacklevel=2)
-        self._examples[forward_id] = n
+        if first:  # the forward's examples, from every call's input (their first dimensions)
+            n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
+            folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
+            if folded and self.per_example:
+                self._whole_batch.add(forward_id)
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
+                        f"({n} examples, the first dimension of the model output), so per-example statistics "
+                        f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
+                        f"diagonal from the whole batch's gradient, as if the batch were one example",
+                        RuntimeWarning, stacklevel=2)
+            self._examples[forward_id] = n
         pool = self.pool_sites and forward_id not in self._whole_batch
         reduce = self.reduce and forward_id not in self._whole_batch
         if self._A is None and not pool:
             return
-        for a in staged:
+        for a in called:
             for chunk in self.layout.input_chunks(a):
                 if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
                     self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
@@ -276,7 +291,7 @@ class BlockStatistics:
         """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients (a routed
         layout: Σ g gᵀ over each group's rows by the `routing` recorded with g)."""
         if forward_id in self._staged:
-            self._commit(forward_id)
+            self._commit(forward_id, a)
         self._dirty = True
         if self.routed:
             for group, rows in self.layout.routed_rows(g, routing) if self._S is not None else ():

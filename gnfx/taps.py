@@ -49,13 +49,14 @@ class ErrorTap(nn.Module):
     def forward(self, z, a, routing=None):
         leaves = self.store.trained_leaves(self.stats.block) if z.requires_grad else []
         if leaves:  # (none: every parameter of the block is frozen, and no backward fills its gradient)
+            # a (to the backward): the per-example statistics' input, and the staged input this call's gradient
+            # commits to A (gnfx.statistics: a call whose output no backward reaches adds no rows)
             fid, stats = self.store.forward_id, self.stats
-            keep = a if stats.wants_activation_in_backward else None
             self.store.trained.extend(leaves)
             if self.store.fisher == "empirical":
-                z.register_hook(lambda g: stats.record_error(g, keep, fid, routing) if fills_gradients(leaves) else None)
+                z.register_hook(lambda g: stats.record_error(g, a, fid, routing) if fills_gradients(leaves) else None)
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
-                self.store.pending.append((z, keep, stats, fid, routing))
+                self.store.pending.append((z, a, stats, fid, routing))
         if self.fresh and z.requires_grad:
             return z.clone()
         return z

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 from steps import ALL, compile_for_statistics, statistic_step
@@ -456,3 +457,46 @@ def test_generated_mlp_stacks(arch):
     N = 5
     x, y = batch((N, widths[0]) if tokens is None else (N, tokens, widths[0]), classes, seed)
     assert_statistics_match(c, model, names, x, y, approx)
+
+
+class DoRALike(nn.Module):
+    """peft's (and torchtune's) DoRA: lora_A and lora_B also run on an identity matrix, whose product ΔW is used
+    without its gradient (in the weight norm that rescales the output); only the calls on x are trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.head = nn.Linear(6, 4), nn.Linear(4, 3)
+        self.lora_A, self.lora_B = nn.Linear(6, 2, bias=False), nn.Linear(2, 4, bias=False)
+        self.magnitude = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        delta = self.lora_B(self.lora_A(torch.eye(6, dtype=x.dtype))).T
+        norm = (self.base.weight + delta.detach()).norm(dim=1).detach()
+        return self.head(torch.tanh(self.magnitude / norm * (self.base(x) + self.lora_B(self.lora_A(x)))))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_call_whose_output_no_backward_reaches_adds_no_rows_to_A(fisher):
+    """DoRA's calls on the identity get no gradient: A of lora_A and lora_B are those of their calls on x alone,
+    u uᵀ averaged over the batch's rows (forward hooks on a plain copy; before, the identity's 6 rows were
+    counted: (XᵀX + I)/(N + 6) for lora_A), and with the empirical Fisher S is that of the loss's gradient at
+    those calls."""
+    torch.manual_seed(0)
+    model = DoRALike().double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    reference, records = copy.deepcopy(model), {}
+    def hooked(name):
+        def hook(module, inputs, out):
+            out.register_hook(lambda g: records.update({name: (inputs[0], g)}))
+        return hook
+    for name in ("lora_A", "lora_B"):
+        getattr(reference, name).register_forward_hook(hooked(name))
+    F.cross_entropy(reference(x), y).backward()
+    loss = {"loss": "cross_entropy"} if fisher == "mc" else {}
+    c = compile_for_statistics(model, optimizer="kfac", statistics=("A", "S"), fisher=fisher, **loss)
+    statistic_step(c, x, y)
+    for name, (u, g) in records.items():
+        assert u.shape[0] == 16  # the call on x (the identity's never gets a gradient)
+        torch.testing.assert_close(c.statistics(name)["A"], u.T @ u / 16, rtol=1e-12, atol=1e-14)
+        if fisher == "empirical":
+            torch.testing.assert_close(c.statistics(name)["S"], 16 * g.T @ g, rtol=1e-12, atol=1e-14)
