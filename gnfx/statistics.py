@@ -191,38 +191,27 @@ class BlockStatistics:
         backward tap was given: the tensor the forward tap staged; None: every staged input), counting the
         forward's examples at its first. A call whose output no backward reaches (peft's and torchtune's
         DoRA run `lora_A(eye)` and use the product without its gradient) adds no rows: its input stays
-        staged until the step's reset."""
+        staged until the step's reset. The backward meets the calls last first, so the search runs from
+        the end (one comparison a call, for a layer called at every step of a sequence)."""
         staged = self._staged[forward_id]
-        called = [e for e in staged if (e[0] if isinstance(e, tuple) else e) is a][:1] if a is not None else staged
-        left = [e for e in staged if not any(e is c for c in called)]
-        if left:
-            self._staged[forward_id] = left
-        else:
-            del self._staged[forward_id]
-        if not called:  # this call's input was committed by an earlier backward (another sampled vector)
-            return
         self._dirty = True
-        first = forward_id not in self._examples
+        if forward_id not in self._examples:  # the forward's examples, from every call's input
+            self._count_examples(forward_id, staged)
+        if a is None:
+            called = self._staged.pop(forward_id)
+        else:
+            index = next((i for i in range(len(staged) - 1, -1, -1)
+                          if (staged[i][0] if self.routed else staged[i]) is a), None)
+            if index is None:  # this call's input was committed by an earlier backward (another sampled vector)
+                return
+            called = [staged.pop(index)]
+            if not staged:
+                del self._staged[forward_id]
         if self.routed:  # (a, routing) pairs: each group's rows by the routing (no per-example statistics)
-            self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
             for a, routing in called if self._A is not None else ():
                 for group, rows in self.layout.routed_rows(a, routing):
                     self._add_A(rows.to(self.dtype), group)
             return
-        if first:  # the forward's examples, from every call's input (their first dimensions)
-            n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
-            folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
-            if folded and self.per_example:
-                self._whole_batch.add(forward_id)
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
-                        f"({n} examples, the first dimension of the model output), so per-example statistics "
-                        f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
-                        f"diagonal from the whole batch's gradient, as if the batch were one example",
-                        RuntimeWarning, stacklevel=2)
-            self._examples[forward_id] = n
         pool = self.pool_sites and forward_id not in self._whole_batch
         reduce = self.reduce and forward_id not in self._whole_batch
         if self._A is None and not pool:
@@ -239,6 +228,26 @@ class BlockStatistics:
                 else:
                     chunk = chunk.to(self.dtype)
                     self._add_A(chunk.mean(1) if reduce else chunk.flatten(0, 1))
+
+    def _count_examples(self, forward_id: int, staged: list) -> None:
+        """N of a forward (the model output's first dimension; a routed layout's rows are sorted tokens), and
+        whether its inputs are batch-first: an input whose first dimension is not N has no per-example rows."""
+        if self.routed:
+            self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
+            return
+        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
+        folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
+        if folded and self.per_example:
+            self._whole_batch.add(forward_id)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
+                    f"({n} examples, the first dimension of the model output), so per-example statistics "
+                    f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
+                    f"diagonal from the whole batch's gradient, as if the batch were one example",
+                    RuntimeWarning, stacklevel=3)
+        self._examples[forward_id] = n
 
     def _add_A(self, rows: torch.Tensor, group: int | None = None) -> None:
         """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), or the rows (P, d) of
