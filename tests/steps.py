@@ -23,6 +23,19 @@ def statistic_step(c, x, y, **kwargs):
     c.zero_grad()
 
 
+def backward_and_step(c, loss, scaler=None) -> None:
+    """loss.backward() and c.step(), or under `scaler` (a torch.amp.GradScaler) the scaled loss's backward,
+    scaler.step(c.optimizer) and scaler.update(); then c.zero_grad()."""
+    if scaler is None:
+        loss.backward()
+        c.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(c.optimizer)
+        scaler.update()
+    c.zero_grad()
+
+
 def step_beside(c, model, reference, loss, loss_ref) -> None:
     """The compiled model's backward and step beside `reference`, a plain copy of `model` (the module it
     was compiled from): the parameter gradients of `loss` and of the copy's `loss_ref` must be equal, bit

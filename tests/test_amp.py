@@ -17,19 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from models import TanhMLP
+from steps import backward_and_step
 
 INIT_SCALE = 2.0 ** 10
 TOL = dict(rtol=1e-6, atol=1e-9)
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(4, 6)
-        self.b = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
 
 
 class PositionNet(nn.Module):
@@ -81,7 +73,7 @@ def train(case: str, scaled: bool, steps: int = 3, micro_batches: int = 1, clip:
     (parameters, every block's statistics, the compiled model, the scaler)."""
     model_kind, name, hparams = CASES[case]
     torch.manual_seed(0)
-    model = MLP() if model_kind == "mlp" else PositionNet()
+    model = TanhMLP((4, 6, 3)) if model_kind == "mlp" else PositionNet()
     c = gnfx.compile(model, name, **hparams)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1)  # s doubles after a step
     data = iter(batches(model_kind, steps * micro_batches))
@@ -165,7 +157,7 @@ def test_the_skipped_step_leaves_everything_as_it_was():
     c, scaler = before[2], before[3]
     x, y = batches("mlp", 2)[1]
     scaler.scale(F.cross_entropy(c(x), y)).backward()
-    c.optimizer.parameter_store.named["a.weight"].grad[0, 0] = float("nan")
+    c.optimizer.parameter_store.named["layers.0.weight"].grad[0, 0] = float("nan")
     scaler.step(c.optimizer)
     assert c.optimizer.steps == 1 and not c.optimizer.collected
     for p, q in zip(c.parameters(), before[0]):
@@ -178,14 +170,14 @@ def test_the_skipped_step_leaves_everything_as_it_was():
 def test_a_scaled_loss_stepped_without_the_scaler_is_named():
     """With loss= the gradient at z is checked: s times a mean cross-entropy's passes at scaler.step, which
     tells its s, and is named at a plain step, which does not."""
-    c = gnfx.compile(MLP(), "kfac", loss="cross_entropy")
+    c = gnfx.compile(TanhMLP((4, 6, 3)), "kfac", loss="cross_entropy")
     scaler = torch.amp.GradScaler("cpu")
     x, y = batches("mlp", 1)[0]
     scaler.scale(F.cross_entropy(c(x), y)).backward()
     with pytest.raises(gnfx.GnfxError, match=r"not one of a mean.*GradScaler's scaled loss stepped without "
                                              r"scaler.step\(optimizer\)"):
         c.step()
-    assert c.optimizer.steps == 0 and not c.optimizer.statistics["a"]._examples  # that backward dropped
+    assert c.optimizer.steps == 0 and not c.optimizer.statistics["layers.0"]._examples  # that backward dropped
 
 
 def test_float16_autocast_under_the_scaler_trains_as_without_it():
@@ -197,20 +189,14 @@ def test_float16_autocast_under_the_scaler_trains_as_without_it():
     losses = []
     for scaled in (True, False):
         torch.manual_seed(0)
-        c = gnfx.compile(MLP(), "kfac", loss="cross_entropy", stat_every=1)
+        c = gnfx.compile(TanhMLP((4, 6, 3)), "kfac", loss="cross_entropy", stat_every=1)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
         run = []
         for _ in range(8):
             with torch.autocast("cpu", dtype=torch.float16):
                 z = c(x)
             loss = F.cross_entropy(z.float(), y)
-            (scaler.scale(loss) if scaled else loss).backward()
-            if scaled:
-                scaler.step(c.optimizer)
-                scaler.update()
-            else:
-                c.step()
-            c.zero_grad()
+            backward_and_step(c, loss, scaler if scaled else None)
             run.append(loss.item())
         assert z.dtype == torch.float16 and c.optimizer.steps == 8
         if scaled:

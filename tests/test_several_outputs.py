@@ -27,6 +27,7 @@ import gnfx
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.targets import fold
 from references import TOL
+from steps import backward_and_step
 from test_quadratic_step import assert_minimizer
 
 DTYPE = torch.float64
@@ -478,14 +479,7 @@ def test_several_outputs_under_a_grad_scaler_train_as_without_it():
         c = gnfx.compile(model_of(CE_AUX), optimizer="kfac", loss=CE_AUX, stat_every=1, damping_every=1)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
         for _ in range(4):
-            loss = summed_loss(CE_AUX, c(x), targets)
-            (scaler.scale(loss) if scaled else loss).backward()
-            if scaled:
-                scaler.step(c.optimizer)
-                scaler.update()
-            else:
-                c.step()
-            c.zero_grad()
+            backward_and_step(c, summed_loss(CE_AUX, c(x), targets), scaler if scaled else None)
         runs.append([p.detach().clone() for p in c.parameters()])
     assert scaler.get_scale() == 2.0 ** 14
     for plain, scaled in zip(*runs):
