@@ -525,9 +525,10 @@ class QuadraticStep:
         """The output gradients of a backward of the loss scaled by `scale`, s (a tensor of one entry:
         torch.amp.GradScaler's), divided by s, in at least float32: the unscaled gradient of a float16 output
         underflows (what the scale is for)."""
-        self._output_grad = [None if g is None else g.to(torch.promote_types(g.dtype, torch.float32))
-                             / scale.reshape(()).to(g.device, torch.promote_types(g.dtype, torch.float32))
-                             for g in self._output_grad]
+        def unscaled(g):
+            precision = torch.promote_types(g.dtype, torch.float32)
+            return g.to(precision) / scale.reshape(()).to(g.device, precision)
+        self._output_grad = [None if g is None else unscaled(g) for g in self._output_grad]
 
     def _function(self, subset: bool = False):
         """θ ↦ [z_k]_k, the classes-last outputs loss= names, on the remembered inputs, θ the list of the
