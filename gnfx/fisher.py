@@ -87,15 +87,21 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     counts the kept ones. The vectors are those of the classes-last z_c (`logits`,
     gnfx.outputs.LogitsLayout), each backpropagated from z in its own layout. `scale`: a factor of every
     recorded outer product, w_k M_k / M for output k of a loss over several outputs (gnfx.output_watch).
+
+    The backward runs on v itself, entries of order one, and the 1/M (and the weights) multiply its
+    gradients after it, in at least float32: a float16 z (autocast) would hold v / M of a large batch in
+    its subnormals, below 6.1e-5, and the products after it would lose its digits.
     """
     outputs = [entry[0] for entry in pending]
     if loss_terms == 0 or not outputs:  # no block output: a call that ran the model's own forward (gnfx.variants)
         return
     z_c = logits.classes_last(z)
     mask = kept.reshape(z_c.shape[:-1] + (1,) if z_c.dim() > 1 else z_c.shape).to(z.dtype)
+    precision = torch.promote_types(z.dtype, torch.float32)
     for v, weight in backprop_vectors(z_c, fisher, loss, samples):
-        v = logits.as_output(v * mask / loss_terms)
-        grads = torch.autograd.grad(z, outputs, grad_outputs=v, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(z, outputs, grad_outputs=logits.as_output(v * mask), retain_graph=True,
+                                    allow_unused=True)
+        factor = (weight * scale) ** 0.5 / loss_terms
         for (_, a, stats, fid, routing), g in zip(pending, grads):
             if g is not None:
-                stats.record_error(g * (weight * scale) ** 0.5, a, fid, routing)
+                stats.record_error(g.to(precision) * factor, a, fid, routing)

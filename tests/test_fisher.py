@@ -279,3 +279,27 @@ def test_training_with_a_true_fisher_lowers_the_loss(optimizer, hparams, fisher)
         c.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_type2_factors_of_a_float16_model_on_many_loss_terms_do_not_underflow():
+    """Under float16 autocast the vectors backpropagated from z are float16: divided by M before the
+    backward, v / M of a batch of M = 2¹⁶ loss terms sits in float16's subnormals (below 6.1e-5) and loses
+    its digits in the products after it. The factors of the float16 run agree with those of the same
+    model in float32 to float16's rounding of the forward (2.5e-4 here) only when the 1/M comes after the
+    backward (before: 1.5-5.7e-2)."""
+    rows = 2 ** 16
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, 8, generator=g), torch.randint(0, 32, (rows,), generator=g)
+    model = mlp((8, 16, 16, 32)).float()
+    got = {}
+    for half in (True, False):
+        c = gnfx.compile(copy.deepcopy(model), optimizer="kfac", loss="cross_entropy", fisher="type2", stat_every=1,
+                         stat_decay=0.0, statistics=("A", "S"), lr=1e-3)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            z = c(x)
+        F.cross_entropy(z.float(), y).backward()
+        c.step()
+        got[half] = {n: c.statistics(n)["S"] for n in ("0", "2", "4")}
+    for name in ("0", "2", "4"):
+        half, full = got[True][name], got[False][name]
+        assert (half - full).norm() <= 2e-3 * full.norm(), name
