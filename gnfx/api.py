@@ -126,6 +126,11 @@ def _check_model(model) -> None:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ConfigError("this model is wrapped by DistributedDataParallel; call gnfx.compile on "
                           "model.module and wrap the compiled model instead")
+    if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+        raise ConfigError(f"this model is wrapped by nn.DataParallel over {len(model.device_ids)} devices, which "
+                          f"copies it to each device at every forward and runs the copies in threads: the copies' "
+                          f"statistics would not reach the optimizer; wrap the compiled model of model.module in "
+                          f"DistributedDataParallel instead (README, 'Data-parallel training'), or train on one device")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"gnfx.compile expects a torch.nn.Module, got {type(model).__name__}")
     sparse = [name for name, m in model.named_modules() if getattr(m, "sparse", False) is True

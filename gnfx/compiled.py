@@ -75,6 +75,15 @@ class CompiledModel(nn.Module):
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
                                                             model.forward)
 
+    def _replicate_for_data_parallel(self):
+        """nn.DataParallel over several devices copies the model to each device at every forward and runs the
+        copies in threads: their statistics would not reach the optimizer (over one device, or none, it calls
+        the model itself, which trains)."""
+        raise ConfigError("this compiled model is wrapped by nn.DataParallel over several devices, which copies it to "
+                          "each device at every forward and runs the copies in threads, whose statistics would not "
+                          "reach the optimizer; wrap it in DistributedDataParallel instead (README, 'Data-parallel "
+                          "training'), or train on one device")
+
     def __getattr__(self, name: str):
         """nn.Module's lookup (the shared parameters, buffers and submodules); an attribute only the
         compiled module has (a Hugging Face model's `config`, diffusers' `vae.encode`) is an AttributeError

@@ -2321,3 +2321,29 @@ def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
     with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a mean.*no cross-entropy of z at all.*LayerNorm.*"
                                              r"contrastive.*without loss="):
         c.step()  # (told at the step, which knows a GradScaler's loss scale)
+
+
+def test_data_parallel_over_several_devices_is_named():
+    """nn.DataParallel over several devices copies the model to each device at every forward and runs the copies
+    in threads, whose taps' statistics the optimizer would never see: refused at gnfx.compile (the wrapper given)
+    and when DataParallel copies the compiled model (the compiled model wrapped); over one device, or none (a CPU), it
+    calls the module itself and trains. The devices are set by hand: this machine may have none."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    wrapped = nn.DataParallel(net)
+    wrapped.device_ids = [0, 1]
+    with pytest.raises(gnfx.ConfigError, match="DataParallel over 2 devices"):
+        gnfx.compile(wrapped, "kfac", lr=1e-3)
+    compiled = gnfx.compile(net, "kfac", lr=1e-3, stat_every=1)
+    with pytest.raises(gnfx.ConfigError, match="wrapped by nn.DataParallel over several devices"):
+        compiled._replicate_for_data_parallel()  # what torch.nn.parallel.replicate asks of every module, per device
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    on_cpu = gnfx.compile(nn.DataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))), "kfac",
+                          lr=1e-2, stat_every=1)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(on_cpu(x), y)
+        loss.backward()
+        on_cpu.step()
+        on_cpu.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and [b.name for b in on_cpu.layers.blocks] == ["module.0", "module.2"]
