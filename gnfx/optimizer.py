@@ -16,6 +16,10 @@ before anything is accumulated (`bound_factors_at_rows`).
 A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
 `zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
 statistics collected since the last step stay pending for the next step that has gradients.
+A statistic step whose gradients reached curvature blocks while no training call of the compiled
+model ran since the last step (the module it was compiled from was called, or one of its methods
+other than forward, or the compiled model in eval mode) steps on statistics that did not see that
+batch, and warns once, naming the fix (`_warn_untapped`).
 
 Under torch.amp.GradScaler (`scaler.step(optimizer)`) the step unscales the gradients itself
 (`_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf`; `grad_scale` is
@@ -320,6 +324,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self.statistics.discard()  # nothing of a refused backward stays for the next step
             self.collected = False
             raise
+        if self.statistics and self.statistic_step and not self.collected:
+            self._warn_untapped()
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if scale is not None:
@@ -364,6 +370,26 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self.parameter_store.release()  # no stand-in outlives the step, also one that raised
         self.steps += 1
         return loss
+
+    def _warn_untapped(self) -> None:
+        """On a statistic step without a training call of the compiled model since the last step: warn, once,
+        if a curvature block's parameter has a gradient (the module doc says how that comes about)."""
+        if self.__dict__.get("warned_untapped"):
+            return
+        named = self.parameter_store.named
+        blocks = [stats.block for stats in self.statistics.blocks.values()]
+        reached = [b.name for b in blocks if any(named[n].grad is not None for n in (b.weight, b.bias) if n in named)]
+        if not reached:
+            return
+        self.warned_untapped = True
+        warnings.warn(f"gnfx: step {self.steps} collects statistics, and the gradients reached curvature blocks "
+                      f"({', '.join(reached[:3])}{', ...' if len(reached) > 3 else ''}) while no training call of "
+                      f"the compiled model ran since the last step, so the curvature did not see this batch: a call "
+                      f"of the module it was compiled from, of one of its methods other than forward (a "
+                      f"reinforcement-learning agent's get_action_and_value, stable-baselines3's evaluate_actions), "
+                      f"or of the compiled model in eval mode or without gradients. Fix: call the compiled model in "
+                      f"training mode, and name the methods your training calls in gnfx.compile(..., methods=[...]) "
+                      f"to call them on it", RuntimeWarning, stacklevel=4)
 
     def _unscale(self) -> torch.Tensor | None:
         """Under torch.amp.GradScaler.step, gradients finite: divide the gradients by the loss scale s
