@@ -100,8 +100,10 @@ class CompiledModel(nn.Module):
                 f"get_action_and_value, a VAE's encode) name it at compile, gnfx.compile(model, ..., "
                 f"methods=[{name!r}]), and call it on the compiled model, or write a module whose forward calls it "
                 f"and compile that module. A library that calls the {kind}'s other methods and attributes itself "
-                f"(stable-baselines3's policy) keeps the {kind}: give it the compiled method and optimizer instead "
-                f"(policy.{name} = compiled.{name}; policy.optimizer = compiled.optimizer)")
+                f"(stable-baselines3's policy) keeps the {kind}: give it the compiled model's training method and "
+                f"optimizer instead (stable-baselines3's PPO: compiled = gnfx.compile(policy, ..., "
+                f"methods=['evaluate_actions']); policy.evaluate_actions = compiled.evaluate_actions; "
+                f"policy.optimizer = compiled.optimizer; README \"Training loops\")")
         raise AttributeError(
             f"'{type(self).__name__}' object has no attribute {name!r}: {name} is an attribute of the {kind} it was "
             f"compiled from, which the compiled model does not copy (it shares only the parameters, buffers and "

@@ -68,16 +68,29 @@ def _stepping_scaler() -> torch.amp.GradScaler:
                     "torch.amp.GradScaler (scaler.step(optimizer)), or leave grad_scale set to the loss scale")
 
 
+_BUILT_BY_COMPILE = (
+    "GnfxOptimizer is built by gnfx.compile, which captures the model whose layers its statistics come from; it "
+    "cannot be built from parameters and an lr as torch.optim's optimizers are (a library's optimizer class, "
+    "stable-baselines3's policy_kwargs=dict(optimizer_class=...)). Fix: compiled = gnfx.compile(model, ...) and "
+    "hand the library compiled.optimizer (stable-baselines3's PPO: compiled = gnfx.compile(policy, ..., "
+    "methods=['evaluate_actions']); policy.evaluate_actions = compiled.evaluate_actions; policy.optimizer = "
+    "compiled.optimizer; README \"Training loops\")")
+
+
 class GnfxOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # torch.amp.GradScaler: `_unscale` (module doc)
 
-    def __init__(self, named_params: dict, settings: dict, defaults: dict):
+    def __init__(self, named_params: dict, settings: dict | None = None, defaults: dict | None = None, **torch_style):
         """An optimizer over `named_params` (one parameter group, as any torch optimizer); it steps
         once `attach` has given it the plan's preconditioners, at the model's capture (gnfx.compile,
         or the first call of a model captured lazily), so that LR schedulers and param_groups can be
         set up in between. Its components read the parameters, their state and param groups from
         `parameter_store` (gnfx.parameter_store), and are given the statistics, the communicator and
-        the step count as arguments."""
+        the step count as arguments. Built as torch.optim's optimizers are, from parameters and an lr
+        (a library's optimizer class: stable-baselines3's `policy_kwargs=dict(optimizer_class=...)`), it
+        raises a GnfxError naming gnfx.compile."""
+        if not isinstance(named_params, dict) or settings is None or defaults is None or torch_style:
+            raise GnfxError(_BUILT_BY_COMPILE)
         named_params = dict(named_params)
         super().__init__(list(named_params.values()), defaults)
         self.parameter_store = ParameterStore(named_params, self.state, self.param_groups)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 import gnfx
+from gnfx.optimizer import GnfxOptimizer
 from references import kfac_factors
 
 N, OBS, ACTIONS = 12, 4, 3
@@ -187,3 +188,10 @@ def test_a_statistic_step_on_gradients_the_compiled_model_did_not_see_warns():
     with pytest.warns(RuntimeWarning, match=r"no training call of the compiled model ran.*methods=\[\.\.\.\]"):
         agent.get_action_and_value(x)[1].mean().backward()
         c.step()
+
+
+def test_the_optimizer_built_as_a_torch_optimizer_names_gnfx_compile():
+    """stable-baselines3's `policy_kwargs=dict(optimizer_class=...)` builds `optimizer_class(params, lr=...)`:
+    before, GnfxOptimizer raised a bare TypeError ('unexpected keyword argument lr')."""
+    with pytest.raises(gnfx.GnfxError, match=r"built by gnfx.compile.*policy.optimizer = compiled.optimizer"):
+        GnfxOptimizer(Agent().parameters(), lr=3e-4)
