@@ -42,6 +42,13 @@ _NO_PICKLE = ("a gnfx-compiled model cannot be pickled (torch.save(model), pickl
               "model, which shares its parameters with the compiled one and trains with them; for a checkpoint "
               "save model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
               "gnfx.compile(new_model, ...)")
+_PATCHED_FORWARD = (
+    "the module's forward was replaced by the compiled model's (module.forward = compiled.forward), and the compiled "
+    "model runs the module's forward: each would call the other without end. Fix: leave the module's forward as it "
+    "is and put the compiled model where the library calls the module (stable-baselines3's SAC: model.critic = "
+    "gnfx.compile(model.critic, ...)), or name the method the library trains through in gnfx.compile(..., "
+    "methods=[...]) and hand over that method (policy.evaluate_actions = compiled.evaluate_actions), which is "
+    "taken from the module's class")
 _MISSING = object()  # inspect.getattr_static's default: no such attribute
 _COPY = ("gnfx: copy.deepcopy of a compiled model returns a copy of the module it was compiled from, with the "
          "current parameters and buffers (its captured graphs, taps and optimizer are bound to the original "
@@ -159,8 +166,14 @@ class CompiledModel(nn.Module):
         return self._own(method)(*args, **kwargs)
 
     def _own(self, method: str | None):
-        """The model's own forward (its __call__, hooks included), or its class's method `method`, bound to it."""
-        return self._model if method is None else getattr(type(self._model), method).__get__(self._model)
+        """The model's own forward (its __call__, hooks included), or its class's method `method`, bound to it.
+        A forward replaced on the module by the compiled model's raises a GnfxError (_PATCHED_FORWARD)."""
+        if method is not None:
+            return getattr(type(self._model), method).__get__(self._model)
+        forward = self._model.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is type(self).forward:
+            raise GnfxError(_PATCHED_FORWARD)
+        return self._model
 
     def _statistic_call(self) -> bool:
         """Whether this call is a training call (training mode, gradients enabled) of a statistic

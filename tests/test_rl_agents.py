@@ -195,3 +195,17 @@ def test_the_optimizer_built_as_a_torch_optimizer_names_gnfx_compile():
     before, GnfxOptimizer raised a bare TypeError ('unexpected keyword argument lr')."""
     with pytest.raises(gnfx.GnfxError, match=r"built by gnfx.compile.*policy.optimizer = compiled.optimizer"):
         GnfxOptimizer(Agent().parameters(), lr=3e-4)
+
+
+def test_a_forward_replaced_by_the_compiled_models_names_the_hand_off():
+    """`critic.forward = compiled.forward` (a hand-off to a library that calls the module) made the compiled
+    model and the module call each other: a RecursionError; now a GnfxError naming the hand-offs that work.
+    A method handed over the same way is taken from the class, and runs."""
+    actor = Actor()
+    c = compile_agent(actor, ["get_action"])
+    actor.get_action = c.get_action
+    actor.get_action(torch.randn(N, OBS))[1].mean().backward()
+    actor.forward = c.forward
+    with pytest.raises(gnfx.GnfxError, match=r"each would call the other.*model.critic = gnfx.compile"):
+        with torch.no_grad():
+            actor(torch.randn(N, OBS))
