@@ -31,7 +31,7 @@ from torch import fx, nn
 from gnfx import layer_table  # the module, not its names: gnfx.layer_table imports gnfx.variants, which imports this
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import REQUESTED, Captured
-from gnfx.passes.opaque_children import OPENED_ROOT, open_opaque_children
+from gnfx.passes.opaque_children import OPENED_ROOT, ROOT_CALLER, open_opaque_children
 
 USED_BY_ROOT = ("used by the Python code of the model's own forward, which runs at every call (neither torch.fx nor "
                 "torch.export captured it)")
@@ -75,5 +75,6 @@ def opaque_root(model: nn.Module, leaf_modules, build, method: str | None = None
 
     fallbacks = [layer_table.Fallback(param=name, shape=tuple(p.shape), reason=reason(name))
                  for name, p in model.named_parameters() if p.requires_grad]
-    built = open_opaque_children(model, gm, layer_table.LayerTable([], fallbacks, leaves, "eager"), {}, build)
+    root = ROOT_CALLER if method is None else f"the model's method {method} (methods=)"
+    built = open_opaque_children(model, gm, layer_table.LayerTable([], fallbacks, leaves, "eager"), {}, build, root)
     return Captured(gm, "eager", leaves, draws=True), built

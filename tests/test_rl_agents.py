@@ -123,6 +123,7 @@ def test_an_agents_methods_train_with_the_statistics_plain_hooks_see():
                 torch.testing.assert_close(c.statistics(name)[k], expected[k], rtol=1e-10, atol=1e-12)
         reference.load_state_dict(agent.state_dict())
     assert not c.layers.fallbacks
+    assert "block actor.0 (called by the Python code of the model's method get_action_and_value" in c.report()
     for records in calls.values():
         records.clear()
     for m in (c, reference):  # a value loss through the second method
