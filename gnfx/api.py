@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 from torch import nn
 
@@ -142,8 +143,33 @@ def _check_model(model) -> None:
     check_unsharded(model)
 
 
+def _check_methods(model: nn.Module, methods, loss) -> tuple[str, ...]:
+    """`methods` as a tuple of names, each a method of the model's class that the compiled model does not
+    have itself; a ConfigError otherwise, and with `loss`: loss= names a loss of the forward's output (its
+    logits), which the sampled Fisher and step='quadratic' replay and read, and a method's outputs are
+    whatever it returns (an agent's actions, log-probabilities and values)."""
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise ConfigError(f"methods={methods!r}: pass a list of method names, e.g. methods=['get_action_and_value']")
+    for method in methods:
+        found = inspect.getattr_static(type(model), method, None)
+        if method == "forward" or hasattr(CompiledModel, method):
+            raise ConfigError(f"methods=[{method!r}]: {method} is the compiled model's own "
+                              f"({'its forward, served without methods=' if method == 'forward' else 'an nn.Module or gnfx method'}); "
+                              f"name the methods of {type(model).__name__} that your training calls instead")
+        if not inspect.isfunction(found):
+            raise ConfigError(f"methods=[{method!r}]: {type(model).__name__} has no method {method!r} (a function "
+                              f"defined on its class; got {type(found).__name__})")
+    if methods and loss is not None:
+        raise ConfigError(f"methods={list(methods)} with loss={loss!r}: loss= names the loss of the forward's output "
+                          f"(the logits), which the sampled Fisher and step='quadratic' read and replay, and a "
+                          f"method's outputs are what it returns (an agent's actions, log-probabilities, values). "
+                          f"Fix: compile without loss= and with an lr (K-FAC's empirical Fisher, from your "
+                          f"backward)")
+    return tuple(methods)
+
+
 def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = "auto", leaf_modules=(),
-            example_inputs=None, example_kwargs=None, **hparams) -> CompiledModel:
+            methods=(), example_inputs=None, example_kwargs=None, **hparams) -> CompiledModel:
     """Compile `model` for curvature-aware training with the preconditioner `optimizer`.
 
     Returns a CompiledModel that runs on the same Parameter objects, with `.step()`,
@@ -153,7 +179,10 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     forward or `example_inputs` (and `example_kwargs`) are given, else at the model's first call,
     from its inputs (see gnfx.variants). Lazy modules (nn.LazyLinear, ...) not called yet are
     materialized by a dry run of the forward on those inputs first (gnfx.lazy_modules).
-    `leaf_modules` lists submodule paths to keep opaque.
+    `leaf_modules` lists submodule paths to keep opaque. `methods` names methods of the model other than
+    forward that training calls (a reinforcement-learning agent's `get_action_and_value`): the compiled
+    model has them, and a training call of one runs its Python code with the layers it calls as curvature
+    blocks (passes/opaque_root.py).
     `optimizer` is a preconditioner name, "auto", or a dict of glob patterns on block names
     (see gnfx.plan). `hparams` are the hyperparameters of gnfx.api.COMMON and of the
     preconditioners the optimizer may use (and of "diag", which serves the parameters no block
@@ -173,6 +202,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
         raise ConfigError(f"fisher={hp['fisher']!r} needs the training loss: pass loss='cross_entropy', "
                           f"loss='mse' or loss='binary_cross_entropy' (the loss you call, with mean reduction)")
 
+    methods = _check_methods(model, methods, hp["loss"])
     if capture not in CAPTURE_MODES:
         raise ConfigError(f"capture={capture!r} is not a capture mode; use one of {CAPTURE_MODES}")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -198,7 +228,7 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
         variants.capture(tuple(example_inputs), dict(example_kwargs or {}))
     else:
         variants.capture_without_inputs()
-    return CompiledModel(model, variants, opt, hp)
+    return CompiledModel(model, variants, opt, hp, methods)
 
 
 def _step_defaults(optimizer, policy: Policy, hparams: dict) -> dict:

@@ -42,6 +42,13 @@ _NO_PICKLE = ("a gnfx-compiled model cannot be pickled (torch.save(model), pickl
               "model, which shares its parameters with the compiled one and trains with them; for a checkpoint "
               "save model.state_dict() and model.optimizer.state_dict(), and resume by loading both into "
               "gnfx.compile(new_model, ...)")
+_PATCHED_FORWARD = (
+    "the module's forward was replaced by the compiled model's (module.forward = compiled.forward), and the compiled "
+    "model runs the module's forward: each would call the other without end. Fix: leave the module's forward as it "
+    "is and put the compiled model where the library calls the module (stable-baselines3's SAC: model.critic = "
+    "gnfx.compile(model.critic, ...)), or name the method the library trains through in gnfx.compile(..., "
+    "methods=[...]) and hand over that method (policy.evaluate_actions = compiled.evaluate_actions), which is "
+    "taken from the module's class")
 _MISSING = object()  # inspect.getattr_static's default: no such attribute
 _COPY = ("gnfx: copy.deepcopy of a compiled model returns a copy of the module it was compiled from, with the "
          "current parameters and buffers (its captured graphs, taps and optimizer are bound to the original "
@@ -51,7 +58,7 @@ _COPY = ("gnfx: copy.deepcopy of a compiled model returns a copy of the module i
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, model: nn.Module, variants, optimizer, settings: dict):
+    def __init__(self, model: nn.Module, variants, optimizer, settings: dict, methods: tuple[str, ...] = ()):
         super().__init__()
         # Share the original's registries: same Parameter objects, same state_dict keys.
         self._parameters = model._parameters
@@ -74,6 +81,10 @@ class CompiledModel(nn.Module):
         # Face's Trainer keeps only the dataset columns that the model's forward names.
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self),
                                                             model.forward)
+        # the model's methods named by gnfx.compile(methods=...), each served as forward is (`_call`)
+        for method in methods:
+            self.__dict__[method] = functools.update_wrapper(functools.partial(type(self)._method, self, method),
+                                                             getattr(type(model), method))
 
     def _replicate_for_data_parallel(self):
         """nn.DataParallel over several devices copies the model to each device at every forward and runs the
@@ -101,8 +112,14 @@ class CompiledModel(nn.Module):
                 f"'{type(self).__name__}' object has no attribute {name!r}: gnfx's compiled model calls the forward "
                 f"of the {kind} it was compiled from, and {name} is another method of it. Call it on that {kind}, "
                 f"which shares its parameters and buffers with this model; a training call of it there runs "
-                f"without gnfx's statistics, so to train through it (a VAE's encode and decode) write a module "
-                f"whose forward calls it and compile that module")
+                f"without gnfx's statistics, so to train through it (a reinforcement-learning agent's "
+                f"get_action_and_value, a VAE's encode) name it at compile, gnfx.compile(model, ..., "
+                f"methods=[{name!r}]), and call it on the compiled model, or write a module whose forward calls it "
+                f"and compile that module. A library that calls the {kind}'s other methods and attributes itself "
+                f"(stable-baselines3's policy) keeps the {kind}: give it the compiled model's training method and "
+                f"optimizer instead (stable-baselines3's PPO: compiled = gnfx.compile(policy, ..., "
+                f"methods=['evaluate_actions']); policy.evaluate_actions = compiled.evaluate_actions; "
+                f"policy.optimizer = compiled.optimizer; README \"Training loops\")")
         raise AttributeError(
             f"'{type(self).__name__}' object has no attribute {name!r}: {name} is an attribute of the {kind} it was "
             f"compiled from, which the compiled model does not copy (it shares only the parameters, buffers and "
@@ -141,11 +158,31 @@ class CompiledModel(nn.Module):
         return self._variants
 
     def forward(self, *args, **kwargs):
+        return self._call(None, args, kwargs)
+
+    def _method(self, method: str, *args, **kwargs):
+        """A call of the model's method `method` that gnfx.compile(methods=...) names: served as a call of
+        the forward is (gnfx.variants), the method's Python code running with the layers it calls tapped."""
+        return self._call(method, args, kwargs)
+
+    def _call(self, method: str | None, args: tuple, kwargs: dict):
+        """A call of the forward (`method` None) or of the method `method`: a statistic call runs its
+        instrumented graph (`_statistic_forward`), every other call the model's own code."""
         # eagerly, the switch is a plain call; while dynamo traces, a call outside its tracing
         statistic = self._traced_statistic_call() if torch.compiler.is_compiling() else self._statistic_call()
         if statistic:
-            return self._statistic_forward(*args, **kwargs)
-        return self._model(*args, **kwargs)
+            return self._statistic_forward(method, args, kwargs)
+        return self._own(method)(*args, **kwargs)
+
+    def _own(self, method: str | None):
+        """The model's own forward (its __call__, hooks included), or its class's method `method`, bound to it.
+        A forward replaced on the module by the compiled model's raises a GnfxError (_PATCHED_FORWARD)."""
+        if method is not None:
+            return getattr(type(self._model), method).__get__(self._model)
+        forward = self._model.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is type(self).forward:
+            raise GnfxError(_PATCHED_FORWARD)
+        return self._model
 
     def _statistic_call(self) -> bool:
         """Whether this call is a training call (training mode, gradients enabled) of a statistic
@@ -165,14 +202,17 @@ class CompiledModel(nn.Module):
         return self._statistic_call()
 
     @torch.compiler.disable(reason=_EAGER_REASON)
-    def _statistic_forward(self, *args, **kwargs):
-        """A training call of a statistic step: the registrations are checked and, when the plan
-        collects statistics, the instrumented graph runs. Always eagerly, also inside
-        `torch.compile(compiled_model)`: the taps record `a` with Python side effects and register the
-        gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
+    def _statistic_forward(self, method: str | None, args: tuple, kwargs: dict):
+        """A training call of a statistic step, of the forward (`method` None) or of the method `method`: the
+        registrations are checked and, when the plan collects statistics, the instrumented graph runs.
+        Always eagerly, also inside `torch.compile(compiled_model)`: the taps record `a` with Python side
+        effects and register the gradient hooks that record `δ`, which dynamo's tracing would drop or bake in."""
         opt = self.optimizer  # a training call (`_statistic_call`): training mode, gradients enabled
-        if not self._variants.captured:
-            self._variants.capture(args, kwargs)  # lazy capture, from the first training call
+        if not self._variants.captured:  # lazy capture, from the first training call
+            if method is None:
+                self._variants.capture(args, kwargs)
+            else:
+                self._variants.capture_method(method)
         if opt.statistic_step:
             if opt.collecting and self._fsdp:
                 unshard_for_graph(self)  # then the check binds the unsharded parameters in the graphs
@@ -186,12 +226,12 @@ class CompiledModel(nn.Module):
                                   f"defaults to 'mc')")
             store.forward_id += 1
             opt.collected = True
-            out = self._variants(args, kwargs)
-            watch_output(out, store, self._settings, opt.layouts)
+            out = self._variants(args, kwargs) if method is None else self._variants.call_method(method, args, kwargs)
+            watch_output(out, store, self._settings, opt.layouts, ignored_rows=method is None)
             if not opt.bounds_final:  # the first statistic forward: its rows, before its backward
                 opt.bound_factors_at_rows()
             return out
-        return self._model(*args, **kwargs)
+        return self._own(method)(*args, **kwargs)
 
     @property
     def _fsdp(self) -> bool:

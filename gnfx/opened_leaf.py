@@ -84,6 +84,11 @@ class OpenedLeaf(nn.Module):
         self.graphs = nn.ModuleList(graphs.values())
 
     def forward(self, *args, **kwargs):
+        return self.call(self.module, *args, **kwargs)
+
+    def call(self, function, *args, **kwargs):
+        """`function(*args, **kwargs)` with the opened children's graphs in their places: the submodule's
+        forward, or a method of the model that gnfx.compile(methods=...) names (passes/opaque_root.py)."""
         swapped = []
         try:
             for path, graph in zip(self.paths, self.graphs):
@@ -92,7 +97,7 @@ class OpenedLeaf(nn.Module):
                 child = owner._modules[name]
                 swapped.append((owner, name, child))
                 owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path)
-            return self.module(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             for owner, name, child in swapped:
                 owner._modules[name] = child

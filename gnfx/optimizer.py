@@ -16,6 +16,10 @@ before anything is accumulated (`bound_factors_at_rows`).
 A step when no parameter has a gradient (`.grad` None everywhere: no backward since the last
 `zero_grad()`) does nothing, as in torch.optim: no parameter, counter or schedule moves, and the
 statistics collected since the last step stay pending for the next step that has gradients.
+A statistic step whose gradients reached curvature blocks while no training call of the compiled
+model ran since the last step (the module it was compiled from was called, or one of its methods
+other than forward, or the compiled model in eval mode) steps on statistics that did not see that
+batch, and warns once, naming the fix (`_warn_untapped`).
 
 Under torch.amp.GradScaler (`scaler.step(optimizer)`) the step unscales the gradients itself
 (`_step_supports_amp_scaling`: the scaler hands it `grad_scale` and `found_inf`; `grad_scale` is
@@ -64,16 +68,29 @@ def _stepping_scaler() -> torch.amp.GradScaler:
                     "torch.amp.GradScaler (scaler.step(optimizer)), or leave grad_scale set to the loss scale")
 
 
+_BUILT_BY_COMPILE = (
+    "GnfxOptimizer is built by gnfx.compile, which captures the model whose layers its statistics come from; it "
+    "cannot be built from parameters and an lr as torch.optim's optimizers are (a library's optimizer class, "
+    "stable-baselines3's policy_kwargs=dict(optimizer_class=...)). Fix: compiled = gnfx.compile(model, ...) and "
+    "hand the library compiled.optimizer (stable-baselines3's PPO: compiled = gnfx.compile(policy, ..., "
+    "methods=['evaluate_actions']); policy.evaluate_actions = compiled.evaluate_actions; policy.optimizer = "
+    "compiled.optimizer; README \"Training loops\")")
+
+
 class GnfxOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # torch.amp.GradScaler: `_unscale` (module doc)
 
-    def __init__(self, named_params: dict, settings: dict, defaults: dict):
+    def __init__(self, named_params: dict, settings: dict | None = None, defaults: dict | None = None, **torch_style):
         """An optimizer over `named_params` (one parameter group, as any torch optimizer); it steps
         once `attach` has given it the plan's preconditioners, at the model's capture (gnfx.compile,
         or the first call of a model captured lazily), so that LR schedulers and param_groups can be
         set up in between. Its components read the parameters, their state and param groups from
         `parameter_store` (gnfx.parameter_store), and are given the statistics, the communicator and
-        the step count as arguments."""
+        the step count as arguments. Built as torch.optim's optimizers are, from parameters and an lr
+        (a library's optimizer class: stable-baselines3's `policy_kwargs=dict(optimizer_class=...)`), it
+        raises a GnfxError naming gnfx.compile."""
+        if not isinstance(named_params, dict) or settings is None or defaults is None or torch_style:
+            raise GnfxError(_BUILT_BY_COMPILE)
         named_params = dict(named_params)
         super().__init__(list(named_params.values()), defaults)
         self.parameter_store = ParameterStore(named_params, self.state, self.param_groups)
@@ -320,6 +337,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self.statistics.discard()  # nothing of a refused backward stays for the next step
             self.collected = False
             raise
+        if self.statistics and self.statistic_step and not self.collected:
+            self._warn_untapped()
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if scale is not None:
@@ -364,6 +383,26 @@ class GnfxOptimizer(torch.optim.Optimizer):
             self.parameter_store.release()  # no stand-in outlives the step, also one that raised
         self.steps += 1
         return loss
+
+    def _warn_untapped(self) -> None:
+        """On a statistic step without a training call of the compiled model since the last step: warn, once,
+        if a curvature block's parameter has a gradient (the module doc says how that comes about)."""
+        if self.__dict__.get("warned_untapped"):
+            return
+        named = self.parameter_store.named
+        blocks = [stats.block for stats in self.statistics.blocks.values()]
+        reached = [b.name for b in blocks if any(named[n].grad is not None for n in (b.weight, b.bias) if n in named)]
+        if not reached:
+            return
+        self.warned_untapped = True
+        warnings.warn(f"gnfx: step {self.steps} collects statistics, and the gradients reached curvature blocks "
+                      f"({', '.join(reached[:3])}{', ...' if len(reached) > 3 else ''}) while no training call of "
+                      f"the compiled model ran since the last step, so the curvature did not see this batch: a call "
+                      f"of the module it was compiled from, of one of its methods other than forward (a "
+                      f"reinforcement-learning agent's get_action_and_value, stable-baselines3's evaluate_actions), "
+                      f"or of the compiled model in eval mode or without gradients. Fix: call the compiled model in "
+                      f"training mode, and name the methods your training calls in gnfx.compile(..., methods=[...]) "
+                      f"to call them on it", RuntimeWarning, stacklevel=4)
 
     def _unscale(self) -> torch.Tensor | None:
         """Under torch.amp.GradScaler.step, gradients finite: divide the gradients by the loss scale s

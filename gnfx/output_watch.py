@@ -53,11 +53,14 @@ from gnfx.outputs import (LogitsLayout, check_output_gradient, floating_outputs,
                           output_gradient_findings)
 
 
-def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> None:
+def watch_output(out, store, settings: dict, layouts: list[LogitsLayout], ignored_rows: bool = True) -> None:
     """Record N and T of the forward `store.forward_id` (a gnfx.statistics.StatisticsStore) from its
     output `out`, and hook its logits for the ignored rows and the true-Fisher backward (module
     docstring). `settings`: gnfx.compile's (loss_average, fisher, losses, mc_samples); `layouts`: the
-    optimizer's LogitsLayout of each output loss= names (one without loss=), the classes' axis of z_k."""
+    optimizer's LogitsLayout of each output loss= names (one without loss=), the classes' axis of z_k.
+    `ignored_rows`: whether rows of z with a zero gradient are rows the loss ignores; not for the outputs of
+    a method gnfx.compile(methods=...) names (a reinforcement-learning agent's log-probabilities, which PPO's
+    clipping gives a zero gradient in rows its mean still counts), whose rows all count."""
     outputs = floating_outputs(out)
     z = outputs[0] if outputs else None
     if settings["loss"] is None and z is not None:
@@ -73,7 +76,7 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout]) -> Non
         _refuse_cascades(heads, losses)
         named = {0} if losses is None else {k.position for k in losses}
         others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
-        _hook(heads, store, settings, others, layouts, trained)
+        _hook(heads, store, settings, others, layouts, trained, ignored_rows)
     elif store.fisher != "empirical":
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
@@ -102,7 +105,7 @@ def _record_terms(store, fid: int, z_c: torch.Tensor, settings: dict) -> None:
 
 
 def _hook(heads: list, store, settings: dict, others: list, layouts: list[LogitsLayout],
-          trained: list[torch.Tensor]) -> None:
+          trained: list[torch.Tensor], ignored_rows: bool = True) -> None:
     """When the user's backward reaches an output z_k that loss= names (`heads`: (OutputLoss or None, z_k)
     each, the first z): check its gradient against its loss (divided by its weight w_k), count the rows the
     loss ignores (their gradient is exactly zero) and run the true-Fisher backward (gnfx.fisher) of z_k if
@@ -169,7 +172,7 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
             if reached["other"]:
                 raise reached_error(*reached["other"])
             fraction = float(count) / max(kept.numel(), 1)
-            if not several:
+            if not several and ignored_rows:
                 store.kept_fraction[fid] = fraction
             if store.fisher != "empirical":
                 terms = z_k.shape[0] if settings["loss_average"] == "batch" or z_k.dim() < 2 else kept.numel()

@@ -17,6 +17,12 @@ absent, a shape outside the dynamic range an exported graph was captured for, su
 last batch), or a call that takes the other side of a data-dependent branch on its integer inputs that a
 graph was specialized to (passes/validation_checks.py), get their own capture of the same form on first use, lowered,
 analyzed and tapped into the same StatisticsStore, so that every call collects the same blocks' statistics.
+
+A method other than forward that gnfx.compile(methods=[...]) names is a form of its own: the method runs as
+its Python code at every call with the model's children opened (passes/opaque_root.py), whatever form the
+forward has. A model first called through such a method (a reinforcement-learning agent without a forward)
+takes that capture as its first, form "eager", and its forward's calls are then served the same way, so
+that every entry point taps the blocks of the one plan.
 """
 from __future__ import annotations
 
@@ -171,6 +177,33 @@ class Variants:
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
 
+    def capture_method(self, method: str) -> None:
+        """The first capture, from a call of the model's method `method` (module doc): the method as its
+        Python code, the children opened."""
+        captured, built = opaque_root(self.model, self.leaf_modules, self._build, method)
+        if not built[1].blocks:
+            raise CaptureError(f"{type(self.model).__name__}.{method} calls no layer gnfx can capture on its "
+                               f"own (its children, opened as passes/opaque_children.py says, have no "
+                               f"curvature block): {built[1].opened}")
+        self._begin(captured, ("eager", method), f"first called through its method {method} "
+                    f"(gnfx.compile(methods=...)): its Python code runs at every call, the layers of the "
+                    f"submodules it calls opened", built)
+
+    def call_method(self, method: str, args: tuple, kwargs: dict):
+        """Run the instrumented graph of the model's method `method` for this call (module doc)."""
+        return self._eager(method, args, kwargs)
+
+    def _eager(self, method: str | None, args: tuple, kwargs: dict):
+        """The call through the model's forward (`method` None) or its method `method` as its own Python code,
+        children opened (passes/opaque_root.py), captured on first use into the one store."""
+        key = ("eager",) if method is None else ("eager", method)
+        if key not in self._graphs:
+            _, (gm, _, sites) = opaque_root(self.model, self.leaf_modules, self._build, method)
+            gm = insert_taps(gm, sites, self.store)
+            gm.training = self.model.training
+            self._graphs[key] = [gm]
+        return self._graphs[key][0](*args, **kwargs)
+
     def _begin_opaque(self, fx_error: CaptureError, export_error: CaptureError) -> None:
         """Where neither torch.fx nor torch.export captured the forward (capture='auto'): its own code runs
         as written at every call, its children opened (passes/opaque_root.py), with a RuntimeWarning saying
@@ -227,7 +260,7 @@ class Variants:
         """Run the instrumented graph for this call (captured on first use). A call of a form
         that cannot be captured runs the original forward, without statistics, and warns once."""
         if self.form == "eager":  # the model's own forward, with its opened children (passes/opaque_root.py)
-            return self.graph_module(*args, **kwargs)
+            return self._eager(None, args, kwargs)
         if self.form == "fx":
             key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:

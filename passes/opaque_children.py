@@ -85,9 +85,12 @@ def _join(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def _opaque_caller(leaf: str) -> str:
-    """The opaque code at `leaf`, in words ("": the model's own forward, passes/opaque_root.py)."""
-    return f"opaque submodule {leaf!r}" if leaf else "the model's own (opaque) forward"
+ROOT_CALLER = "the model's own (opaque) forward"  # the code at the leaf "" (passes/opaque_root.py)
+
+
+def _opaque_caller(leaf: str, root: str) -> str:
+    """The opaque code at `leaf`, in words ("": `root`, the model's own forward or method, passes/opaque_root.py)."""
+    return f"opaque submodule {leaf!r}" if leaf else root
 
 
 def _is_torch_layer(module: nn.Module) -> bool:
@@ -160,12 +163,14 @@ def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
     return Captured(gm, "fx", {f"{path}.{leaf}": why for leaf, why in captured.leaves.items()}, captured.draws)
 
 
-def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_sites: dict, build):
+def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_sites: dict, build,
+                         root: str = ROOT_CALLER):
     """Open the children of the opaque submodules of `gm` (captured from `model`; `table` and
     `block_sites` its analysis) that can be (module doc): their blocks and sites join `table` and
     `block_sites`, and each call of an opaque submodule with opened children calls an OpenedLeaf.
     `build(captured)` lowers and analyzes a capture, opening its own opaque submodules, and returns
-    (graph module, LayerTable, block sites). Returns (gm, table, block_sites)."""
+    (graph module, LayerTable, block sites); `root` names the code at the leaf "" in the report (the
+    model's forward, or the method passes/opaque_root.py captured). Returns (gm, table, block_sites)."""
     requested = [leaf for leaf, why in table.leaves.items() if why == REQUESTED]
     opaque = [leaf for leaf, why in table.leaves.items() if why != REQUESTED]
     if not opaque:
@@ -226,12 +231,12 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                 block_sites[block.name] = child_sites[block.name]
                 for param in block.params:
                     del fallbacks[param]
-                    table.notes[param] = f"called by the Python code of {_opaque_caller(block.called_by)}"
+                    table.notes[param] = f"called by the Python code of {_opaque_caller(block.called_by, root)}"
             table.notes.update(child_table.notes)
             for f in left:
                 if f.param in fallbacks:
                     fallbacks[f.param] = dataclasses.replace(
-                        f, reason=f"in the graph of {path}, opened inside {_opaque_caller(leaf)}: {f.reason}")
+                        f, reason=f"in the graph of {path}, opened inside {_opaque_caller(leaf, root)}: {f.reason}")
 
     for leaf in opaque:
         calls = [n for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and n.target == (leaf or OPENED_ROOT)]

@@ -639,3 +639,42 @@ def test_lockstep_gaps_are_zero_beside_the_module_and_not_beside_another():
         c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
         gaps = lockstep_gaps(c, model, reference, lambda m, _: F.cross_entropy(m(x), y), 3, seed=5)
         assert (max(gaps) == 0.0) == exact and (exact or min(gaps) > 0), gaps
+
+
+class _Corridor:
+    """A stand-in for benchmarks.rl_probe.Envs without gymnasium: `n` corridors of 4 observations and 2
+    actions whose episodes end after 10 steps, a reward of 1 per step."""
+
+    class _Actions:
+        def sample(self):
+            return 0
+
+    def __init__(self, name, n, seed):
+        self.obs, self.t, self.returns, self.single_action_space = torch.zeros(n, 4).numpy(), 0, [], self._Actions()
+
+    def step(self, actions):
+        self.t += 1
+        done = float(self.t % 10 == 0)
+        if done:
+            self.returns += [10.0] * len(actions)
+        n = len(actions)
+        self.obs = torch.randn(n, 4).numpy()
+        return self.obs, torch.ones(n).numpy(), torch.full((n,), done).numpy()
+
+    def chunk_return(self):
+        done, self.returns = self.returns, []
+        return sum(done) / len(done) if done else float("nan")
+
+
+def test_rl_probe_reports_capture_blocks_exactness_and_returns_of_cleanrls_ppo(monkeypatch):
+    """benchmarks.rl_probe without gymnasium: CleanRL's PPO agent (no forward, trained through methods=) on a
+    stand-in environment gives a row with the eager capture, every parameter in blocks, A, S and gradients
+    equal to plain hooks' (float64) and a return and loss per chunk; DQN's and SAC's exactness too."""
+    from benchmarks import rl_probe
+
+    monkeypatch.setattr(rl_probe, "Envs", _Corridor)
+    row = rl_probe.probe("ppo", "kfac_lr", steps=1).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.0003)", "eager", "100.0%"] and row[5] == "10" and row[8] == "–"
+    assert all(float(v) < 1e-12 for v in row[4].split(", "))
+    for name in ("dqn", "sac"):
+        assert all(float(v) < 1e-12 for v in rl_probe.exactness(name, {"lr": 3e-4}).split(", ")), name
