@@ -2339,11 +2339,5 @@ def test_data_parallel_over_several_devices_is_named():
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     on_cpu = gnfx.compile(nn.DataParallel(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))), "kfac",
                           lr=1e-2, stat_every=1)
-    losses = []
-    for _ in range(5):
-        loss = F.cross_entropy(on_cpu(x), y)
-        loss.backward()
-        on_cpu.step()
-        on_cpu.zero_grad()
-        losses.append(loss.item())
+    losses = train_on(on_cpu, x, y, F.cross_entropy, 5)
     assert losses[-1] < losses[0] and [b.name for b in on_cpu.layers.blocks] == ["module.0", "module.2"]
