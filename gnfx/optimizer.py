@@ -250,6 +250,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """The optimizer state of parameter `name` (its moments, factors and counters)."""
         return self.parameter_store.state_of(name)
 
+    @property
+    def state(self) -> dict:
+        """torch.optim's per-parameter state (moments, factors, counters), which `state_dict` carries."""
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        """A new state container (fastai's `OptimWrapper.clear_state`, run by `Learner.freeze`/`unfreeze`,
+        assigns an empty one) is the one the steps read and write from then on, as for a torch optimizer:
+        the per-parameter state starts again from nothing, and `state_dict` saves what the steps keep."""
+        self.__dict__["state"] = state
+        if "parameter_store" in self.__dict__:
+            self.parameter_store.bind(state, self.param_groups)
+
     def __setstate__(self, state: dict) -> None:
         """torch's `load_state_dict` replaces `state` and `param_groups` by new containers: the
         parameter store reads the new ones."""
