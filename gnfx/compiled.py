@@ -266,6 +266,15 @@ class CompiledModel(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def optimizer_for(self, params, **settings) -> torch.optim.Optimizer:
+        """`model.optimizer`, its param groups made from `params` with `settings` (lr, weight_decay, betas,
+        eps; GnfxOptimizer.regroup): the optimizer class for a training framework that builds its optimizer
+        from a class and the model's parameters, `NeuralNetClassifier(model, optimizer=model.optimizer_for,
+        lr=...)` (skorch), `Learner(dls, model, opt_func=partial(OptimWrapper, opt=model.optimizer_for))`
+        (fastai). The framework's lr and its schedule then set the groups' lr as they would a torch optimizer's."""
+        self.optimizer.regroup(params, **settings)
+        return self.optimizer
+
     # --- inspection ------------------------------------------------------------------------
     def statistics(self, name: str) -> dict[str, torch.Tensor]:
         """The averaged statistics of block `name`: "A", "S" and/or "diag" (see gnfx.statistics).

@@ -285,6 +285,60 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"set requires_grad before gnfx.compile, or compile again")
         super().add_param_group(param_group)
 
+    def regroup(self, params, **settings) -> None:
+        """The param groups made again from `params`, torch.optim's first argument (an iterable of parameters,
+        or of param group dicts), with `settings` (lr, weight_decay, betas, eps) as the defaults each group
+        takes where it sets none, as a torch optimizer built from them would have: what a training framework
+        that builds its optimizer from a class and the parameters asks for (skorch's `optimizer(param_groups,
+        lr=...)`, fastai's `OptimWrapper(params, opt=...)`). Every parameter planned at compile time must be
+        in a group, each once; a parameter that does not require a gradient is left out (no backward gives it
+        one, so no optimizer steps it: skorch hands over the frozen ones too). The state is kept."""
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"the compiled model's optimizer takes {', '.join(self.defaults)} per param group, not "
+                              f"{', '.join(unknown)}: gnfx's other hyperparameters (momentum, damping, ...) are "
+                              f"gnfx.compile's, e.g. gnfx.compile(model, 'kfac', lr=..., momentum=...)")
+        params = list(params)
+        groups = [g if isinstance(g, dict) else None for g in params]
+        if not params or (None in groups and any(groups)):
+            raise ConfigError("regroup expects a non-empty iterable of parameters or of param group dicts, as a "
+                              "torch optimizer takes")
+        groups = groups if groups[0] is not None else [{"params": params}]
+        planned = {id(p): n for n, p in self.parameter_store.named.items()}
+        made, handed = [], set()
+        for group in groups:
+            unknown = sorted(set(group) - {"params", *self.defaults})
+            if unknown:
+                raise ConfigError(f"a param group sets {', '.join(unknown)}; the compiled model's optimizer takes "
+                                  f"{', '.join(self.defaults)} per group (its other hyperparameters are "
+                                  f"gnfx.compile's)")
+            tensors = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+            strangers = [p for p in tensors if id(p) not in planned and p.requires_grad]
+            if strangers:
+                raise ConfigError(f"{len(strangers)} trainable tensor(s) of shape(s) "
+                                  f"{[tuple(p.shape) for p in strangers[:3]]} are no parameter of the compiled model "
+                                  f"(a criterion's parameters, another model's, or one made trainable after "
+                                  f"gnfx.compile): its optimizer steps only the parameters planned at compile time. "
+                                  f"Train the others with an optimizer of their own, or compile a module that holds them")
+            kept = [p for p in tensors if id(p) in planned]
+            again = [planned[id(p)] for p in kept if id(p) in handed]
+            if again:
+                raise ConfigError(f"parameter {again[0]!r} is in more than one param group")
+            handed.update(id(p) for p in kept)
+            made.append({**settings, **group, "params": kept})
+        missing = [n for i, n in planned.items() if i not in handed]
+        if missing:
+            raise ConfigError(f"{len(missing)} parameter(s) planned at compile time are in no param group "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): gnfx steps every "
+                              f"parameter it planned. To keep some fixed, set requires_grad=False before "
+                              f"gnfx.compile, or give them a group with lr 0")
+        self.defaults.update(settings)
+        self.param_groups.clear()
+        for group in made:
+            if group["params"]:
+                super().add_param_group(group)
+        self.parameter_store.bind(self.state, self.param_groups)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's, and the statistics go with the gradients: those the backwards since the last step
         accumulated are dropped with the gradients they came with (a GAN's generator loss, backpropagated

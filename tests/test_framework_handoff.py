@@ -36,6 +36,49 @@ def mlp():
     return TanhMLP((8, 16, 4))
 
 
+def test_a_framework_s_lr_reaches_the_step_as_compiling_with_it():
+    """skorch's `optimizer(param_groups, lr=...)`: the same steps as gnfx.compile(..., lr=...)."""
+    net, reference_net = mlp(), mlp()
+    model = gnfx.compile(net, "kfac", lr=1e-3)
+    handed = model.optimizer_for([{"params": list(model.parameters())}], lr=0.05)
+    assert handed is model.optimizer and handed.param_groups[0]["lr"] == 0.05
+    reference = gnfx.compile(reference_net, "kfac", lr=0.05)
+    train(model, handed, 3)
+    train(reference, reference.optimizer, 3)
+    for p, q in zip(net.parameters(), reference_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_groups_from_a_splitter_each_step_at_their_own_lr():
+    """fastai's splitter gives lists of parameters (OptimWrapper makes each a group): a group at lr 0 stays."""
+    net = mlp()
+    model = gnfx.compile(net, "kfac", lr=1e-3)
+    first, rest = net.layers[0].parameters(), [p for m in list(net.layers)[1:] for p in m.parameters()]
+    optimizer = model.optimizer_for([{"params": list(first), "lr": 0.0}, {"params": rest}], lr=0.05)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.05]
+    before = [p.detach().clone() for p in net.parameters()]
+    train(model, optimizer, 2)
+    moved = [not torch.equal(p, b) for p, b in zip(net.parameters(), before)]
+    assert moved == [False, False] + [True] * (len(moved) - 2)
+
+
+def test_frozen_parameters_are_left_out_and_strangers_and_gaps_are_named():
+    net = mlp()
+    net.layers[0].bias.requires_grad_(False)  # frozen before compile: skorch hands it over anyway
+    model = gnfx.compile(net, "kfac", lr=1e-3)
+    model.optimizer_for(list(net.parameters()), lr=0.1)
+    assert sum(len(g["params"]) for g in model.optimizer.param_groups) == len(list(net.parameters())) - 1
+    criterion_weight = torch.nn.Parameter(torch.ones(4))  # a criterion's parameter (skorch's criterion_)
+    with pytest.raises(gnfx.ConfigError, match="no parameter of the compiled model"):
+        model.optimizer_for(list(net.parameters()) + [criterion_weight], lr=0.1)
+    with pytest.raises(gnfx.ConfigError, match="in no param group"):
+        model.optimizer_for(list(net.layers[0].parameters()), lr=0.1)
+    with pytest.raises(gnfx.ConfigError, match="momentum"):
+        model.optimizer_for(list(net.parameters()), lr=0.1, momentum=0.9)
+    with pytest.raises(gnfx.ConfigError, match="more than one param group"):
+        model.optimizer_for([{"params": list(net.parameters())}, {"params": [net.layers[0].weight]}])
+
+
 def test_an_assigned_state_is_the_one_stepped_and_saved():
     """fastai's clear_state (`opt.state = defaultdict(dict)`): the steps after it keep their state in the
     new container, so a checkpoint taken then resumes as the run goes on."""
