@@ -83,6 +83,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.refresh_warmup = settings["refresh_warmup"]
         self.steps = 0
         self.skipped_steps = 0
+        self._betas_seen, self._momentum_warned = None, False  # the groups' betas[0] at the last step, warned once
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
         self._distributed = settings["distributed"]
@@ -285,6 +286,32 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"set requires_grad before gnfx.compile, or compile again")
         super().add_param_group(param_group)
 
+    def _warn_if_momentum_scheduled(self) -> None:
+        """Warn, once, when a param group's betas[0] moves (a momentum schedule: torch's OneCycleLR and CyclicLR
+        with cycle_momentum=True, fastai's fit_one_cycle, each cycling betas[0] of an optimizer whose groups
+        have betas) under a plan with curvature preconditioners: they read only lr and weight_decay from the
+        groups, so the schedule reaches Adam's β1 of the parameters outside their blocks (the diagonal
+        preconditioner) and nothing else; the blocks' momentum is gnfx.compile's momentum= (or the μ the
+        quadratic-model step solves for)."""
+        firsts = [g["betas"][0] for g in self.param_groups]
+        seen, self._betas_seen = self._betas_seen, firsts
+        moved = [(a, b) for a, b in zip(seen or firsts, firsts) if a != b]
+        if not self.curvature or self._momentum_warned or not moved or len(seen) != len(firsts):
+            return  # (a param group added or removed is no schedule)
+        self._momentum_warned = True
+        params = self.parameter_store.named
+        blocked = sum(params[n].numel() for pre in self.curvature for b in pre.blocks for n in b.held_params)
+        total = sum(p.numel() for p in params.values())
+        mus = ("μ, solved by the quadratic-model step" if self.quadratic is not None else
+               ", ".join(f"{pre.name}'s μ={pre.hp.get('momentum', 0):g}" for pre in self.curvature) +
+               ": gnfx.compile's momentum=")
+        warnings.warn(f"gnfx: a param group's betas[0] moved from {moved[0][0]:g} to {moved[0][1]:g} (a momentum "
+                      f"schedule: OneCycleLR or CyclicLR with cycle_momentum=True, fastai's fit_one_cycle), which is "
+                      f"Adam's β1 of the parameters outside the curvature blocks only ({total - blocked} of {total} "
+                      f"entries); the blocks' momentum does not follow it ({mus}). To schedule only the lr: "
+                      f"cycle_momentum=False (torch), fit_one_cycle(moms=(m, m, m)) (fastai)", RuntimeWarning,
+                      stacklevel=3)
+
     def regroup(self, params, **settings) -> None:
         """The param groups made again from `params`, torch.optim's first argument (an iterable of parameters,
         or of param group dicts), with `settings` (lr, weight_decay, betas, eps) as the defaults each group
@@ -412,6 +439,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
+        self._warn_if_momentum_scheduled()
         self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:
             if self.sharded is not None:

@@ -11,6 +11,7 @@ from the first's checkpoint (which must step as the first does).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -95,3 +96,30 @@ def test_an_assigned_state_is_the_one_stepped_and_saved():
     train(resumed, resumed.optimizer, 2)
     for p, q in zip(net.parameters(), resumed_net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimizer, warns", [("kfac", True), ("diag", False)])
+def test_a_momentum_schedule_says_what_it_reaches(optimizer, warns):
+    """torch's OneCycleLR (and fastai's fit_one_cycle) cycle betas[0], Adam's β1 of the diagonal preconditioner
+    only: under a curvature plan, whose momentum is gnfx.compile's, that is said once; under "diag" (Adam on
+    every parameter) the schedule acts on every step and nothing is said."""
+    model = gnfx.compile(mlp(), optimizer, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(model.optimizer, max_lr=0.05, total_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            train(model, model.optimizer, 1)
+            schedule.step()
+    said = [str(w.message) for w in caught if "betas[0] moved" in str(w.message)]
+    assert len(said) == warns
+    if warns:
+        assert "kfac's μ=0.9" in said[0] and "cycle_momentum=False" in said[0]
+    unscheduled = gnfx.compile(mlp(), optimizer, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(unscheduled.optimizer, max_lr=0.05, total_steps=4,
+                                                   cycle_momentum=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            train(unscheduled, unscheduled.optimizer, 1)
+            schedule.step()
+    assert not [w for w in caught if "betas[0] moved" in str(w.message)]
