@@ -176,6 +176,7 @@ class CompiledModel(nn.Module):
                                   f"that yours still needs; pass fisher='empirical' to gnfx.compile (step='quadratic' "
                                   f"defaults to 'mc')")
             store.forward_id += 1
+            opt.note_statistic_forward()
             opt.collected = True
             out = self._variants(args, kwargs)
             watch_output(out, store, self._settings, opt.layouts)

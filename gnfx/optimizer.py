@@ -84,6 +84,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         self._betas_seen, self._momentum_warned = None, False  # the groups' betas[0] at the last step, warned once
+        # the parameters' version counters at the last statistic forward since the last step (None: none yet)
+        self._forward_versions, self._stepped_by_another_warned = None, False
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
         self._distributed = settings["distributed"]
@@ -286,6 +288,25 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"set requires_grad before gnfx.compile, or compile again")
         super().add_param_group(param_group)
 
+    def note_statistic_forward(self) -> None:
+        """At a statistic forward: warn, once, when a parameter was written since the last statistic forward
+        (its version counter moved) and this optimizer was not stepped in between: another optimizer steps the
+        compiled model (a framework's own, which `learn.model = gnfx.compile(...)` without fastai's opt_func
+        keeps, or skorch's optimizer=torch.optim.SGD), so gnfx's preconditioner is not used and its statistics
+        are collected for nothing (a model no gnfx step ever moved stays at step 0, a statistic step, so each of
+        its training forwards is one). Gradient accumulation writes no parameter between its forwards."""
+        versions = [p._version for p in self.parameter_store.named.values()]
+        seen, self._forward_versions = self._forward_versions, versions
+        if seen is None or seen == versions or self._stepped_by_another_warned:
+            return
+        self._stepped_by_another_warned = True
+        warnings.warn("gnfx: the compiled model's parameters were written between two of its training forwards "
+                      "without a step of its optimizer: another optimizer steps them (a framework's own, as fastai's "
+                      "default opt_func after `learn.model = gnfx.compile(...)`, skorch's optimizer=torch.optim.SGD, "
+                      "or a torch optimizer made from model.parameters()), so gnfx's preconditioner is not used and "
+                      "its statistics are collected for nothing. Step model.optimizer, or hand a framework that builds "
+                      "its own optimizer model.optimizer_for (README, Training loops)", RuntimeWarning, stacklevel=4)
+
     def _warn_if_momentum_scheduled(self) -> None:
         """Warn, once, when a param group's betas[0] moves (a momentum schedule: torch's OneCycleLR and CyclicLR
         with cycle_momentum=True, fastai's fit_one_cycle, each cycling betas[0] of an optimizer whose groups
@@ -391,6 +412,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
         it) runs first, so its forward may be the lazily captured model's first call."""
+        self._forward_versions = None  # this optimizer steps: the parameters may move until the next forward
         loss = None
         if closure is not None:
             with torch.enable_grad():

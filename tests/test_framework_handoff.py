@@ -123,3 +123,24 @@ def test_a_momentum_schedule_says_what_it_reaches(optimizer, warns):
             train(unscheduled, unscheduled.optimizer, 1)
             schedule.step()
     assert not [w for w in caught if "betas[0] moved" in str(w.message)]
+
+
+def test_a_model_stepped_by_another_optimizer_is_said_once():
+    """The compiled model handed to a framework whose own optimizer steps it (fastai's default opt_func after
+    `learn.model = gnfx.compile(...)`, skorch's optimizer=torch.optim.SGD): gnfx's step never runs and every
+    forward collected statistics for nothing, silently. That is said once; gradient accumulation (two forwards
+    and backwards before gnfx's step) and gnfx's own steps say nothing."""
+    model = gnfx.compile(mlp(), "kfac", lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # accumulation, then gnfx's step
+            F.cross_entropy(model(X), Y).backward()
+        train(model, model.optimizer, 3)
+    assert not [w for w in caught if "another optimizer" in str(w.message)]
+    handed_to_another = gnfx.compile(mlp(), "kfac", lr=1e-3)
+    other = torch.optim.SGD(handed_to_another.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(handed_to_another, other, 3)
+    assert len([w for w in caught if "another optimizer steps them" in str(w.message)]) == 1
+
