@@ -84,7 +84,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         self._betas_seen, self._momentum_warned = None, False  # the groups' betas[0] at the last step, warned once
-        # the parameters' version counters at the last statistic forward since the last step (None: none yet)
+        # the parameters' version counters and the smallest one's value at the last statistic forward since the
+        # last step (None: none yet; note_statistic_forward)
         self._forward_versions, self._stepped_by_another_warned = None, False
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
@@ -290,14 +291,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     def note_statistic_forward(self) -> None:
         """At a statistic forward: warn, once, when a parameter was written since the last statistic forward
-        (its version counter moved) and this optimizer was not stepped in between: another optimizer steps the
-        compiled model (a framework's own, which `learn.model = gnfx.compile(...)` without fastai's opt_func
-        keeps, or skorch's optimizer=torch.optim.SGD), so gnfx's preconditioner is not used and its statistics
-        are collected for nothing (a model no gnfx step ever moved stays at step 0, a statistic step, so each of
-        its training forwards is one). Gradient accumulation writes no parameter between its forwards."""
-        versions = [p._version for p in self.parameter_store.named.values()]
-        seen, self._forward_versions = self._forward_versions, versions
-        if seen is None or seen == versions or self._stepped_by_another_warned:
+        and this optimizer was not stepped in between: another optimizer steps the compiled model (a framework's
+        own, which `learn.model = gnfx.compile(...)` without fastai's opt_func keeps, or skorch's
+        optimizer=torch.optim.SGD), so gnfx's preconditioner is not used and its statistics are collected for
+        nothing (a model no gnfx step ever moved stays at step 0, a statistic step, so each of its training
+        forwards is one). Written: a version counter moved (torch.optim's in-place updates), or the value of the
+        smallest parameter changed (fastai's optimizers write `p.data`, whose writes no counter sees; one small
+        copy a statistic forward). Gradient accumulation writes no parameter between its forwards."""
+        named = self.parameter_store.named
+        if not named:
+            return
+        smallest = min(named.values(), key=torch.Tensor.numel)
+        now = ([p._version for p in named.values()], local(smallest).detach().clone())
+        seen, self._forward_versions = self._forward_versions, now
+        if seen is None or self._stepped_by_another_warned or (seen[0] == now[0] and torch.equal(seen[1], now[1])):
             return
         self._stepped_by_another_warned = True
         warnings.warn("gnfx: the compiled model's parameters were written between two of its training forwards "

@@ -165,3 +165,17 @@ def test_a_closure_that_always_backpropagates_steps_as_no_closure():
     train(reference, reference.optimizer, 3)
     for p, q in zip(net.parameters(), reference_net.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_model_stepped_through_data_by_another_optimizer_is_said_once():
+    """fastai's optimizers write `p.data` (`p.data.add_(...)`), which moves no version counter: the smallest
+    parameter's value tells."""
+    model = gnfx.compile(mlp(), "kfac", lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            F.cross_entropy(model(X), Y).backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.1)
+                p.grad = None
+    assert len([w for w in caught if "another optimizer steps them" in str(w.message)]) == 1
