@@ -142,7 +142,8 @@ def build(name: str) -> nn.Module:
     if name == "tabnet":
         groups = _import("pytorch_tabnet.utils").create_group_matrix([], FEATURES)  # as TabNetClassifier's fit
         return _import("pytorch_tabnet.tab_network").TabNet(FEATURES, CLASSES, n_d=8, n_a=8, n_steps=3,
-                                                             virtual_batch_size=BATCH // 2, group_attention_matrix=groups)
+                                                             virtual_batch_size=BATCH // 2,
+                                                             group_attention_matrix=groups)
     if name in SERIES:
         tr = _import("transformers")
         cls = {"patchtst": tr.PatchTSTForPrediction, "patchtst_cls": tr.PatchTSTForClassification,
@@ -372,7 +373,8 @@ def probe(name: str, optimizer: str, steps: int) -> str:
     text = ", ".join(f"{v:.3g}" for v in shown[:3]) + (" … " + ", ".join(f"{v:.3g}" for v in shown[3:])
                                                        if len(shown) > 3 else "")
     return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {text or '–'} | "
-            f"{_cell(outside, 300)} | {'; '.join(said) or '–'} | {_cell(error, 600) or '–'} | {time.time() - start:.0f} |")
+            f"{_cell(outside, 300)} | {'; '.join(said) or '–'} | {_cell(error, 600) or '–'} | "
+            f"{time.time() - start:.0f} |")
 
 
 def main() -> None:

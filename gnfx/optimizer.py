@@ -374,7 +374,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"{[tuple(p.shape) for p in strangers[:3]]} are no parameter of the compiled model "
                                   f"(a criterion's parameters, another model's, or one made trainable after "
                                   f"gnfx.compile): its optimizer steps only the parameters planned at compile time. "
-                                  f"Train the others with an optimizer of their own, or compile a module that holds them")
+                                  f"Train the others with an optimizer of their own, or compile a module that holds "
+                                  f"them")
             kept = [p for p in tensors if id(p) in planned]
             again = [planned[id(p)] for p in kept if id(p) in handed]
             if again:

@@ -925,7 +925,8 @@ class QuadraticStep:
             except RuntimeError as error:
                 if "does not require grad" not in str(error):  # not the backward under no_grad
                     raise GnfxError(f"the quadratic-model step calls the closure again after the step, under "
-                                    f"torch.no_grad(), for the loss at the new parameters; it raised {error}") from error
+                                    f"torch.no_grad(), for the loss at the new parameters; it raised "
+                                    f"{error}") from error
                 self._closure_backpropagates = True
         loss, z0 = self._recovered(z)
         f = self._function()

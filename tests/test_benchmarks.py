@@ -512,7 +512,8 @@ def test_tabts_probe_reports_capture_blocks_exactness_against_hooks_and_losses(m
     gaps, factors = row[4].split("; ")
     assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.endswith("(M 16, 2 Linear)")
     assert all(float(v.split()[1]) < 1e-12 for v in factors.split(" (")[0].split(", ")) and len(row[5].split(", ")) == 2
-    assert tabts_probe.probe("rtdl_mlp", "adamw", steps=1).split(" | ")[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
+    row = tabts_probe.probe("rtdl_mlp", "adamw", steps=1).split(" | ")
+    assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
 
 
 class _VolumeSegmenter(nn.Module):
