@@ -225,6 +225,7 @@ class CompiledModel(nn.Module):
                                   f"that yours still needs; pass fisher='empirical' to gnfx.compile (step='quadratic' "
                                   f"defaults to 'mc')")
             store.forward_id += 1
+            opt.note_statistic_forward()
             opt.collected = True
             out = self._variants(args, kwargs) if method is None else self._variants.call_method(method, args, kwargs)
             watch_output(out, store, self._settings, opt.layouts, ignored_rows=method is None)
@@ -314,6 +315,15 @@ class CompiledModel(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def optimizer_for(self, params, **settings) -> torch.optim.Optimizer:
+        """`model.optimizer`, its param groups made from `params` with `settings` (lr, weight_decay, betas,
+        eps; GnfxOptimizer.regroup): the optimizer class for a training framework that builds its optimizer
+        from a class and the model's parameters, `NeuralNetClassifier(model, optimizer=model.optimizer_for,
+        lr=...)` (skorch), `Learner(dls, model, opt_func=partial(OptimWrapper, opt=model.optimizer_for))`
+        (fastai). The framework's lr and its schedule then set the groups' lr as they would a torch optimizer's."""
+        self.optimizer.regroup(params, **settings)
+        return self.optimizer
 
     # --- inspection ------------------------------------------------------------------------
     def statistics(self, name: str) -> dict[str, torch.Tensor]:

@@ -100,6 +100,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.refresh_warmup = settings["refresh_warmup"]
         self.steps = 0
         self.skipped_steps = 0
+        self._betas_seen, self._momentum_warned = None, False  # the groups' betas[0] at the last step, warned once
+        # the parameters' version counters and the smallest one's value at the last statistic forward since the
+        # last step (None: none yet; note_statistic_forward)
+        self._forward_versions, self._stepped_by_another_warned = None, False
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
         self._distributed = settings["distributed"]
@@ -267,6 +271,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
         """The optimizer state of parameter `name` (its moments, factors and counters)."""
         return self.parameter_store.state_of(name)
 
+    @property
+    def state(self) -> dict:
+        """torch.optim's per-parameter state (moments, factors, counters), which `state_dict` carries."""
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        """A new state container (fastai's `OptimWrapper.clear_state`, run by `Learner.freeze`/`unfreeze`,
+        assigns an empty one) is the one the steps read and write from then on, as for a torch optimizer:
+        the per-parameter state starts again from nothing, and `state_dict` saves what the steps keep."""
+        self.__dict__["state"] = state
+        if "parameter_store" in self.__dict__:
+            self.parameter_store.bind(state, self.param_groups)
+
     def __setstate__(self, state: dict) -> None:
         """torch's `load_state_dict` replaces `state` and `param_groups` by new containers: the
         parameter store reads the new ones."""
@@ -287,6 +305,112 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"when the model was compiled; gnfx plans every parameter at compile time: "
                                   f"set requires_grad before gnfx.compile, or compile again")
         super().add_param_group(param_group)
+
+    def note_statistic_forward(self) -> None:
+        """At a statistic forward: warn, once, when a parameter was written since the last statistic forward
+        and this optimizer was not stepped in between: another optimizer steps the compiled model (a framework's
+        own, which `learn.model = gnfx.compile(...)` without fastai's opt_func keeps, or skorch's
+        optimizer=torch.optim.SGD), so gnfx's preconditioner is not used and its statistics are collected for
+        nothing (a model no gnfx step ever moved stays at step 0, a statistic step, so each of its training
+        forwards is one). Written: a version counter moved (torch.optim's in-place updates), or the value of the
+        smallest parameter changed (fastai's optimizers write `p.data`, whose writes no counter sees; one small
+        copy a statistic forward). Gradient accumulation writes no parameter between its forwards."""
+        named = self.parameter_store.named
+        if not named:
+            return
+        smallest = min(named.values(), key=torch.Tensor.numel)
+        now = ([p._version for p in named.values()], local(smallest).detach().clone())
+        seen, self._forward_versions = self._forward_versions, now
+        if seen is None or self._stepped_by_another_warned or (seen[0] == now[0] and torch.equal(seen[1], now[1])):
+            return
+        self._stepped_by_another_warned = True
+        warnings.warn("gnfx: the compiled model's parameters were written between two of its training forwards "
+                      "without a step of its optimizer: another optimizer steps them (a framework's own, as fastai's "
+                      "default opt_func after `learn.model = gnfx.compile(...)`, skorch's optimizer=torch.optim.SGD, "
+                      "or a torch optimizer made from model.parameters()), so gnfx's preconditioner is not used and "
+                      "its statistics are collected for nothing. Step model.optimizer, or hand a framework that builds "
+                      "its own optimizer model.optimizer_for (README, Training loops)", RuntimeWarning, stacklevel=4)
+
+    def _warn_if_momentum_scheduled(self) -> None:
+        """Warn, once, when a param group's betas[0] moves (a momentum schedule: torch's OneCycleLR and CyclicLR
+        with cycle_momentum=True, fastai's fit_one_cycle, each cycling betas[0] of an optimizer whose groups
+        have betas) under a plan with curvature preconditioners: they read only lr and weight_decay from the
+        groups, so the schedule reaches Adam's β1 of the parameters outside their blocks (the diagonal
+        preconditioner) and nothing else; the blocks' momentum is gnfx.compile's momentum= (or the μ the
+        quadratic-model step solves for)."""
+        firsts = [g["betas"][0] for g in self.param_groups]
+        seen, self._betas_seen = self._betas_seen, firsts
+        moved = [(a, b) for a, b in zip(seen or firsts, firsts) if a != b]
+        if not self.curvature or self._momentum_warned or not moved or len(seen) != len(firsts):
+            return  # (a param group added or removed is no schedule)
+        self._momentum_warned = True
+        params = self.parameter_store.named
+        blocked = sum(params[n].numel() for pre in self.curvature for b in pre.blocks for n in b.held_params)
+        total = sum(p.numel() for p in params.values())
+        mus = ("μ, solved by the quadratic-model step" if self.quadratic is not None else
+               ", ".join(f"{pre.name}'s μ={pre.hp.get('momentum', 0):g}" for pre in self.curvature) +
+               ": gnfx.compile's momentum=")
+        warnings.warn(f"gnfx: a param group's betas[0] moved from {moved[0][0]:g} to {moved[0][1]:g} (a momentum "
+                      f"schedule: OneCycleLR or CyclicLR with cycle_momentum=True, fastai's fit_one_cycle), which is "
+                      f"Adam's β1 of the parameters outside the curvature blocks only ({total - blocked} of {total} "
+                      f"entries); the blocks' momentum does not follow it ({mus}). To schedule only the lr: "
+                      f"cycle_momentum=False (torch), fit_one_cycle(moms=(m, m, m)) (fastai)", RuntimeWarning,
+                      stacklevel=3)
+
+    def regroup(self, params, **settings) -> None:
+        """The param groups made again from `params`, torch.optim's first argument (an iterable of parameters,
+        or of param group dicts), with `settings` (lr, weight_decay, betas, eps) as the defaults each group
+        takes where it sets none, as a torch optimizer built from them would have: what a training framework
+        that builds its optimizer from a class and the parameters asks for (skorch's `optimizer(param_groups,
+        lr=...)`, fastai's `OptimWrapper(params, opt=...)`). Every parameter planned at compile time must be
+        in a group, each once; a parameter that does not require a gradient is left out (no backward gives it
+        one, so no optimizer steps it: skorch hands over the frozen ones too). The state is kept."""
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ConfigError(f"the compiled model's optimizer takes {', '.join(self.defaults)} per param group, not "
+                              f"{', '.join(unknown)}: gnfx's other hyperparameters (momentum, damping, ...) are "
+                              f"gnfx.compile's, e.g. gnfx.compile(model, 'kfac', lr=..., momentum=...)")
+        params = list(params)
+        groups = [g if isinstance(g, dict) else None for g in params]
+        if not params or (None in groups and any(groups)):
+            raise ConfigError("regroup expects a non-empty iterable of parameters or of param group dicts, as a "
+                              "torch optimizer takes")
+        groups = groups if groups[0] is not None else [{"params": params}]
+        planned = {id(p): n for n, p in self.parameter_store.named.items()}
+        made, handed = [], set()
+        for group in groups:
+            unknown = sorted(set(group) - {"params", *self.defaults})
+            if unknown:
+                raise ConfigError(f"a param group sets {', '.join(unknown)}; the compiled model's optimizer takes "
+                                  f"{', '.join(self.defaults)} per group (its other hyperparameters are "
+                                  f"gnfx.compile's)")
+            tensors = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+            strangers = [p for p in tensors if id(p) not in planned and p.requires_grad]
+            if strangers:
+                raise ConfigError(f"{len(strangers)} trainable tensor(s) of shape(s) "
+                                  f"{[tuple(p.shape) for p in strangers[:3]]} are no parameter of the compiled model "
+                                  f"(a criterion's parameters, another model's, or one made trainable after "
+                                  f"gnfx.compile): its optimizer steps only the parameters planned at compile time. "
+                                  f"Train the others with an optimizer of their own, or compile a module that holds "
+                                  f"them")
+            kept = [p for p in tensors if id(p) in planned]
+            again = [planned[id(p)] for p in kept if id(p) in handed]
+            if again:
+                raise ConfigError(f"parameter {again[0]!r} is in more than one param group")
+            handed.update(id(p) for p in kept)
+            made.append({**settings, **group, "params": kept})
+        missing = [n for i, n in planned.items() if i not in handed]
+        if missing:
+            raise ConfigError(f"{len(missing)} parameter(s) planned at compile time are in no param group "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): gnfx steps every "
+                              f"parameter it planned. To keep some fixed, set requires_grad=False before "
+                              f"gnfx.compile, or give them a group with lr 0")
+        self.defaults.update(settings)
+        self.param_groups.clear()
+        for group in made:
+            if group["params"]:
+                super().add_param_group(group)
+        self.parameter_store.bind(self.state, self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's, and the statistics go with the gradients: those the backwards since the last step
@@ -313,6 +437,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
         it) runs first, so its forward may be the lazily captured model's first call."""
+        self._forward_versions = None  # this optimizer steps: the parameters may move until the next forward
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -363,6 +488,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             return loss
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
+        self._warn_if_momentum_scheduled()
         self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:
             if self.sharded is not None:

@@ -185,7 +185,9 @@ target unreached on the digits MLP or CNN
 trajectory the reuse led to; benchmarks/results/quadratic_step.md, "The model every T_q steps").
 
 L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
-first call, before the step, is torch.optim's: forward and backward). Without a closure, the loss
+first call, before the step, is torch.optim's: forward and backward; a closure that calls backward
+whatever the grad mode, as torch's documentation and skorch's train_step write it, fails there once and
+is then taken as no closure for L(θ+s)). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
 targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
 label smoothing included), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
@@ -438,6 +440,8 @@ class QuadraticStep:
         self._warned_forwards = False  # _keep_output_grad's warning, given once
         self._warned_functional_call = False  # observe's warning, given once
         self._mean_checked = False  # _check_mean passed once: a loss's reduction does not change between steps
+        # the closure called backward under no_grad once (torch's closure idiom): L(θ+s) from loss= since
+        self._closure_backpropagates = False
 
     # --- the forward it replays (hooks of the CompiledModel) -----------------------------------
     def observe_random_state(self, module, args, kwargs) -> None:
@@ -906,19 +910,24 @@ class QuadraticStep:
     def _actual_reduction(self, z, loss_before, closure, after=None) -> float:
         """L(θ) - L(θ+s) on the step's batch (module docstring), z the output at θ of the products'
         forward (on the first rows only with quadratic_rows: then the training forward's output);
-        `after`: θ + s in the optimizer's order, if not the parameters as they are (under FSDP2)."""
-        if closure is not None and loss_before is not None:
+        `after`: θ + s in the optimizer's order, if not the parameters as they are (under FSDP2). A closure
+        written as torch's documentation writes it (and skorch's train_step), which always calls backward,
+        cannot run under no_grad: from its first such failure on, L(θ+s) is loss='s, recovered from the output
+        gradient, as for a step without a closure."""
+        if closure is not None and loss_before is not None and not self._closure_backpropagates:
             # the closure's first call ran the training forward whose generators' states were recorded:
             # its second call draws the same dropout masks, so ρ compares one sub-network (gnfx.random_state)
             replay = self._random_state.replayed() if self._random_state is not None else contextlib.nullcontext()
             try:
                 with replay:
                     loss_after = closure()
+                return float(loss_before) - float(loss_after)
             except RuntimeError as error:
-                raise GnfxError(f"the quadratic-model step calls the closure again after the step, under "
-                                f"torch.no_grad(), for the loss at the new parameters; it raised {error}. Call "
-                                f"backward in the closure only when torch.is_grad_enabled()") from error
-            return float(loss_before) - float(loss_after)
+                if "does not require grad" not in str(error):  # not the backward under no_grad
+                    raise GnfxError(f"the quadratic-model step calls the closure again after the step, under "
+                                    f"torch.no_grad(), for the loss at the new parameters; it raised "
+                                    f"{error}") from error
+                self._closure_backpropagates = True
         loss, z0 = self._recovered(z)
         f = self._function()
         # f(None): at the parameters as they are now, θ + s; both losses read in one transfer, subtracted in float64

@@ -97,7 +97,7 @@ def _forward_jvp(cls, args, kwargs, tangents):
     J t = ∂/∂u (uᵀ J) t at u = 0. The same structure as F's outputs, None for a non-tensor one."""
     with torch.enable_grad():
         xs = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        out = recorded_forward(cls, *xs, **kwargs)
+        out = recorded_forward(cls, *_written_copies(xs), **kwargs)
         outputs = [y for y in tree_leaves(out) if isinstance(y, torch.Tensor) and y.requires_grad]
         pairs = [(x, t) for x, t in zip(xs, tangents) if isinstance(x, torch.Tensor) and x.requires_grad
                  and t is not None]
@@ -239,6 +239,14 @@ def applied_functions():
         yield applied
 
 
+def _written_copies(leaves: list) -> list:
+    """A copy x' = x of each input x that requires grad, recorded (∂x'/∂x = I), for one run of a Function's
+    forward: a forward may write its input in place (pytorch-tabnet's sparsemax: `input -= max`), which
+    autograd refuses on a leaf that requires grad, and which must not reach the other run's input nor the
+    tensor the model holds (x, detached from it, shares its storage)."""
+    return [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
+
+
 def _backward_difference(cls, args, kwargs) -> float:
     """The relative difference between vᵀ∂y/∂x by F's backward and by its forward's operations, at the
     floating-point tensors x among (args, kwargs), for one random cotangent v of F's outputs y."""
@@ -246,12 +254,13 @@ def _backward_difference(cls, args, kwargs) -> float:
     leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
               for t in flat]
     inputs = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    a, k = spec.unflatten(leaves)
     state = torch.get_rng_state()
     with torch.enable_grad():
+        a, k = spec.unflatten(_written_copies(leaves))
         by_backward = [y for y in tree_leaves(cls.apply(*a, **k))
                        if isinstance(y, torch.Tensor) and y.requires_grad]
         torch.set_rng_state(state)  # the same draws for both forwards
+        a, k = spec.unflatten(_written_copies(leaves))
         by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
                       if isinstance(y, torch.Tensor) and y.requires_grad]
     if not inputs or not by_backward:

@@ -493,6 +493,29 @@ def test_clip_probe_reports_capture_blocks_exactness_losses_and_the_contrastive_
     assert row[5] == "–" and row[8].startswith("GnfxError: loss='cross_entropy'")
 
 
+def _table_problem(name, step=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(16, 5, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+    return (x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+
+def test_tabts_probe_reports_capture_blocks_exactness_against_hooks_and_losses(monkeypatch):
+    """benchmarks.tabts_probe without rtdl: `probe` on a stand-in for rtdl's MLP gives one row with the capture,
+    every parameter in blocks, exact loss and gradients and K-FAC's A and S against hooks (float64, S at M = the
+    16 examples) and a loss per step at kfac_lr; AdamW's row has no capture."""
+    from benchmarks import tabts_probe
+
+    monkeypatch.setattr(tabts_probe, "build", lambda name: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)))
+    monkeypatch.setattr(tabts_probe, "problem", _table_problem)
+    row = tabts_probe.probe("rtdl_mlp", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.endswith("(M 16, 2 Linear)")
+    assert all(float(v.split()[1]) < 1e-12 for v in factors.split(" (")[0].split(", ")) and len(row[5].split(", ")) == 2
+    row = tabts_probe.probe("rtdl_mlp", "adamw", steps=1).split(" | ")
+    assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
+
+
 class _VolumeSegmenter(nn.Module):
     """A stand-in for MONAI's 3-D UNets: a convolution of one input channel and a kernel of 11³ (A of 1332
     entries: blocked), a strided and a dilated one, a transposed one back up to (N, 3, D, H, W) logits."""

@@ -2341,3 +2341,42 @@ def test_data_parallel_over_several_devices_is_named():
                           lr=1e-2, stat_every=1)
     losses = train_on(on_cpu, x, y, F.cross_entropy, 5)
     assert losses[-1] < losses[0] and [b.name for b in on_cpu.layers.blocks] == ["module.0", "module.2"]
+
+
+# --------------------------------------------------------------------------- eleventh round, tabular and time series
+
+
+class ShiftedSoftmax(torch.autograd.Function):
+    """pytorch-tabnet's sparsemax pattern: the forward shifts its input by its maximum in place
+    (`input -= max`), then the backward of the result (here a softmax's)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x -= x.max(-1, keepdim=True).values
+        y = torch.exp(x) / torch.exp(x).sum(-1, keepdim=True)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return y * (g - (g * y).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_custom_function_writing_its_input_in_place_is_checked_and_differentiated_on_copies(capture):
+    """TabNet's sparsemax writes its input in place: gnfx's check of its backward against its forward (torch.export)
+    and the jvp of its forward (the quadratic step's forward mode) ran that forward on a leaf that requires grad
+    ("a leaf Variable that requires grad is being used in an in-place operation", at capture or at the first
+    step). They run it on a copy now: 3 steps of the quadratic step go where those of the model with the softmax
+    written out go, float64."""
+    torch.manual_seed(0)
+    plain = Activated(lambda h: torch.softmax(h, -1)).double()
+    custom = copy.deepcopy(plain)
+    custom.activation = ShiftedSoftmax.apply
+    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
+    for c in models:
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3, torch.float64)
+    for p, q in zip(custom.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
