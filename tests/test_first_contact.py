@@ -2321,3 +2321,58 @@ def test_a_loss_that_is_no_cross_entropy_of_centered_embeddings_is_named():
     with pytest.raises(gnfx.GnfxError, match=r"(?s)not one of a mean.*no cross-entropy of z at all.*LayerNorm.*"
                                              r"contrastive.*without loss="):
         c.step()  # (told at the step, which knows a GradScaler's loss scale)
+
+
+class Density:
+    """What zuko's flows return from their forward: a distribution holding the layer, which its log_prob calls."""
+
+    def __init__(self, net: nn.Module, loc: torch.Tensor):
+        self.net, self.loc = net, loc
+
+    def log_prob(self, x):
+        return -((self.net(x) - self.loc) ** 2).sum(-1)
+
+
+class LazyFlow(nn.Module):
+    """A forward that returns a Density: its layer runs after the forward, when the loss is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3, 3)
+        self.register_buffer("loc", torch.zeros(3))
+
+    def forward(self):
+        return Density(self.net, self.loc)
+
+
+def test_a_layer_run_after_the_forward_returns_is_named_at_its_gradient():
+    """zuko's `-flow().log_prob(x).mean()`: the captured forward uses no parameter, and gnfx's warning said they
+    would get no gradient and keep their values, while log_prob ran the layers and the diagonal preconditioner
+    stepped them (0% in blocks, silently). Their first gradient is now named, once, with the fix (a module
+    whose forward computes the tensor the loss takes), which puts the layer in a block."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    with pytest.warns(UserWarning, match="not used by the captured forward"):
+        c = gnfx.compile(LazyFlow(), "kfac", lr=1e-3, example_inputs=())
+    with pytest.warns(RuntimeWarning, match=r"(?s)'net\.\w+' got a gradient though the forward.*LogProb"):
+        (-c().log_prob(x).mean()).backward()
+    c.step()
+    c.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        (-c().log_prob(x).mean()).backward()
+
+    class LogProb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = LazyFlow()
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = gnfx.compile(LogProb(), "kfac", lr=1e-3)
+        (-c(x).mean()).backward()
+        c.step()
+    assert [b.name for b in c.layers] == ["flow.net"]
