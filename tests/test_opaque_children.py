@@ -430,6 +430,51 @@ def test_a_parameter_the_opaque_code_uses_besides_its_layer_raises_with_the_fix(
     assert "body.fc" not in kept.layers
 
 
+class EulerStepAdjoint(torch.autograd.Function):
+    """torchdiffeq's odeint_adjoint reduced to one Euler step y + f(y): it takes f's parameters as inputs, runs
+    f without a graph in its forward and computes their gradient in its own backward, calling f again."""
+
+    @staticmethod
+    def forward(ctx, f, y, *params):
+        ctx.f = f
+        ctx.save_for_backward(y)
+        with torch.no_grad():
+            return y + f(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        with torch.enable_grad():
+            y = y.detach().requires_grad_()
+            inputs = (y, *ctx.f.parameters())
+            grads = torch.autograd.grad(ctx.f(y), inputs, g, allow_unused=True)
+        grads = [torch.zeros_like(i) if d is None else d for d, i in zip(grads, inputs)]  # as torchdiffeq does
+        return (None, g + grads[0], *grads[1:])
+
+
+class AdjointStep(Skip):
+    """Skip's branch, its layer stepped by EulerStepAdjoint (an ODE block under odeint_adjoint)."""
+
+    def forward(self, x):
+        return EulerStepAdjoint.apply(self.fc, x, *self.fc.parameters()) if x.mean() > 0 else x
+
+
+def test_parameters_a_custom_autograd_function_takes_raise_naming_it_and_the_fix():
+    """torchdiffeq's odeint_adjoint(func, y0, t) passes func.parameters() to its autograd.Function: the error
+    named code reading the parameter only, which the user's code does not do. It names the Function, the
+    adjoint and both fixes (odeint; the block kept whole)."""
+    model = Around(AdjointStep())
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    out = c(signed_batch(model, 1)[0])
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)'body.fc.\w+' other than by calling 'body.fc'.*"
+                                             r"torch.autograd.Function.*odeint_adjoint.*odeint,.*leaf_modules=\['body'\]"):
+        out.sum().backward()
+    kept = gnfx.compile(Around(AdjointStep()), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["body"])
+    kept(signed_batch(model, 1)[0]).sum().backward()
+    kept.step()
+
+
+
 class Mixed(nn.Module):
     """An opaque block with layers that cannot be opened, and one that can."""
 
