@@ -253,9 +253,14 @@ class WeightStandardization(_OfOneParameter):
 
 @dataclasses.dataclass(frozen=True)
 class MaskedWeight(_OfOneParameter):
-    """W = M ⊙ V (module docstring); `original` is V; `mask`: M, the tensor the captured graph reads."""
+    """W = M ⊙ V (module docstring); `original` is V; `mask`: M, the tensor the captured graph read (changed in
+    place, as MADE's mask resampling does, it is followed; taken to V's device and dtype where it is used)."""
 
     mask: torch.Tensor = dataclasses.field(compare=False, repr=False)
+
+    def _mask(self, named: dict) -> torch.Tensor:
+        v = named[self.original]
+        return self.mask.to(device=v.device, dtype=v.dtype)
 
     @property
     def removal(self) -> str:
@@ -266,11 +271,11 @@ class MaskedWeight(_OfOneParameter):
 
     def value(self, named: dict) -> torch.Tensor:
         """W = M ⊙ V, as the model's forward computes it."""
-        return self.mask * named[self.original]
+        return self._mask(named) * named[self.original]
 
     def held_scale(self, named: dict) -> torch.Tensor:
         """c = M⁺: ∇W = M⁺ ⊙ ∇V on M's support, and M ⊙ (M⁺ ⊙ ΔW) = ΔW there (module docstring)."""
-        return _inverse_or_zero(self.mask.to(named[self.original].dtype))
+        return _inverse_or_zero(self._mask(named))
 
 
 @dataclasses.dataclass(frozen=True)
