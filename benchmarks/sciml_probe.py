@@ -1,6 +1,6 @@
 """First contact with scientific-ML libraries: torchdiffeq, zuko and snntorch, called as their users call them.
 
-    PYTHONPATH=<torchdiffeq, zuko, snntorch>:. OMP_NUM_THREADS=1 python -m benchmarks.sciml_probe \
+    PYTHONPATH=<torchdiffeq, zuko, snntorch>:<gpytorch, linear_operator, jaxtyping, wadler_lindig>:. OMP_NUM_THREADS=1 python -m benchmarks.sciml_probe \
         [--models node_rk4 maf] [--optimizers kfac kfac_lr] [--steps 4] [--timeout 300] [--out probe.md]
 
 benchmarks.family_probe's first contact (one model and optimizer per process, random weights, train mode,
@@ -23,6 +23,11 @@ benchmarks.family_probe's first contact (one model and optimizer per process, ra
   tutorial does, `loss = -flow().log_prob(x).mean()` (flow() returns a distribution: the hyper-networks run in
   log_prob, after the forward); `maf_logprob`, `nsf_logprob`: the same flows in a module whose forward returns
   `flow().log_prob(x)` (the fix gnfx's warning names), loss its negative mean;
+- gpytorch (deep kernel learning, its tutorial's model): `dkl`: an ExactGP whose forward maps 32 training points
+  of 6 features by an MLP feature extractor (Linear 6-32, ReLU, Linear 32-2) and ScaleToBounds into a
+  ConstantMean and ScaleKernel(RBFKernel(ard_num_dims=2)), returning a MultivariateNormal; loss
+  `-ExactMarginalLogLikelihood(likelihood, model)(model(train_x), train_y)` (the kernel matrix evaluated lazily
+  in the loss);
 - snntorch (spiking networks): `snn`: snntorch's tutorial network, Linear → snn.Leaky(β 0.9, fast-sigmoid
   surrogate gradient, a custom autograd.Function) → Linear → snn.Leaky, stepped over 5 time steps in a loop in
   its forward, returning the stacked output spikes and membranes (T, N, C), loss `SF.ce_rate_loss()`.
@@ -32,7 +37,7 @@ snntorch's rate loss, a cross-entropy of each time step's spikes; else without, 
 (lr 1e-3), "shampoo", "diag" and "auto" at lr 1e-3, "kfac_leaf" (node_adjoint only: lr 1e-3 and
 leaf_modules=["func"], the fix the adjoint's error names), and for reference torch.optim.AdamW at lr 1e-3
 ("adamw"). Per run: the capture's form, the share of the trainable parameters in curvature blocks, exactness
-(the kfac_lr runs, float64: the compiled model beside a second build from the same seed over 3 steps, the
+(the kfac_lr runs, float64, snntorch's in float32: the compiled model beside a second build from the same seed over 3 steps, the
 largest |difference| of the loss and of any gradient; and the first step's K-FAC A and S of every linear block
 against forward and gradient hooks on every call, benchmarks.hooked_calls, A = mean over the calls' rows of
 ā āᵀ, S = M Σ g gᵀ with M the loss's examples: N, or T·N for snn's (T, N, C) spikes; largest gap relative to the
@@ -57,7 +62,7 @@ from benchmarks.lockstep import lockstep_gaps
 
 BATCH, STEPS_T = 16, 5  # examples; snntorch's time steps
 MODELS = ("node_rk4", "node_dopri5", "node_adjoint", "ode_demo", "odenet", "maf", "nsf", "maf_logprob",
-          "nsf_logprob", "snn")
+          "nsf_logprob", "dkl", "snn")
 LOSS = {"node_rk4": "cross_entropy", "node_dopri5": "cross_entropy", "node_adjoint": "cross_entropy",
         "odenet": "cross_entropy", "snn": "cross_entropy"}  # kfac's loss= at its defaults
 OPTIMIZERS = {"kfac": ("kfac", None), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampoo": ("shampoo", {"lr": 1e-3}),
@@ -164,6 +169,34 @@ class LogProb(nn.Module):
         return self.flow().log_prob(x)
 
 
+def _dkl_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """gpytorch's training points (x, y = sin(3 Σx) + noise), in the default dtype (an ExactGP keeps them and
+    refuses other inputs in training mode)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 6, generator=g)
+    y = torch.sin(3 * x.sum(1)) + 0.1 * torch.randn(32, generator=g)
+    return x.to(torch.get_default_dtype()), y.to(torch.get_default_dtype())
+
+
+def _dkl() -> nn.Module:
+    """gpytorch's deep kernel learning model (module doc) on `_dkl_data`."""
+    gpytorch = _import("gpytorch")
+
+    class DeepKernelGP(gpytorch.models.ExactGP):
+        def __init__(self, train_x, train_y, likelihood):
+            super().__init__(train_x, train_y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel(ard_num_dims=2))
+            self.feature_extractor = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2))
+            self.scale_to_bounds = gpytorch.utils.grid.ScaleToBounds(-1.0, 1.0)
+
+        def forward(self, x):
+            projected = self.scale_to_bounds(self.feature_extractor(x))
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(projected), self.covar_module(projected))
+
+    return DeepKernelGP(*_dkl_data(), gpytorch.likelihoods.GaussianLikelihood())
+
+
 class SpikingNet(nn.Module):
     """snntorch's tutorial network, stepped over the first dimension of its input (T, N, 10)."""
 
@@ -199,15 +232,16 @@ def build(name: str) -> nn.Module:
         zuko = _import("zuko")
         flow = getattr(zuko.flows, name[:3].upper())(features=4, context=0, transforms=2, hidden_features=[16, 16])
         return LogProb(flow) if name.endswith("_logprob") else flow
-    return SpikingNet()
+    return _dkl() if name == "dkl" else SpikingNet()
 
 
 def problem(name: str, dtype=torch.float32):
-    """(batch, loss(compiled or plain model, batch), M: the loss's examples, the hooks' reference S's scale)."""
+    """(batch, loss(compiled or plain model, batch, the plain model: gpytorch's loss holds it), M: the loss's
+    examples, the hooks' reference S's scale)."""
     g = torch.Generator().manual_seed(1)
     if name.startswith("node_"):
         batch = torch.randn(BATCH, 4, generator=g, dtype=dtype), torch.randint(0, 3, (BATCH,), generator=g)
-        return batch, lambda m, b: F.cross_entropy(m(b[0]), b[1]), BATCH
+        return batch, lambda m, b, plain: F.cross_entropy(m(b[0]), b[1]), BATCH
     if name == "ode_demo":
         odeint = _import("torchdiffeq").odeint
         true_a = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=dtype)
@@ -215,18 +249,21 @@ def problem(name: str, dtype=torch.float32):
         with torch.no_grad():
             y0 = torch.tensor([[2.0, 0.0]], dtype=dtype) + 0.1 * torch.randn(8, 2, generator=g, dtype=dtype)
             true_y = odeint(lambda _, y: (y ** 3) @ true_a, y0, t, method="dopri5")
-        return (y0, t, true_y), lambda m, b: (odeint(m, b[0], b[1], method="rk4") - b[2]).abs().mean(), 8
+        return (y0, t, true_y), lambda m, b, plain: (odeint(m, b[0], b[1], method="rk4") - b[2]).abs().mean(), 8
     if name == "odenet":
         batch = torch.rand(BATCH, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (BATCH,), generator=g)
-        return batch, lambda m, b: F.cross_entropy(m(b[0]), b[1]), BATCH
+        return batch, lambda m, b, plain: F.cross_entropy(m(b[0]), b[1]), BATCH
     if name in ("maf", "nsf", "maf_logprob", "nsf_logprob"):
         x = torch.randn(BATCH, 4, generator=g, dtype=dtype) @ torch.randn(4, 4, generator=g, dtype=dtype)
         if name.endswith("_logprob"):
-            return x, lambda m, b: -m(b).mean(), BATCH
-        return x, lambda m, b: -m().log_prob(b).mean(), BATCH
+            return x, lambda m, b, plain: -m(b).mean(), BATCH
+        return x, lambda m, b, plain: -m().log_prob(b).mean(), BATCH
+    if name == "dkl":
+        mll = _import("gpytorch").mlls.ExactMarginalLogLikelihood
+        return _dkl_data(), lambda m, b, plain: -mll(plain.likelihood, plain)(m(b[0]), b[1]), 32
     batch = (2 * torch.rand(STEPS_T, BATCH, 10, generator=g, dtype=dtype), torch.randint(0, 4, (BATCH,), generator=g))
     rate_loss = _import("snntorch.functional").ce_rate_loss()
-    return batch, lambda m, b: rate_loss(m(b[0])[0], b[1]), STEPS_T * BATCH
+    return batch, lambda m, b, plain: rate_loss(m(b[0])[0], b[1]), STEPS_T * BATCH
 
 
 def settings(name: str, optimizer: str) -> tuple[str, dict]:
@@ -236,18 +273,18 @@ def settings(name: str, optimizer: str) -> tuple[str, dict]:
     return kind, hparams
 
 
-def factor_gaps(name: str, hparams: dict) -> str:
+def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
     """The largest gap of the first step's A and S of the linear blocks against hooks, relative to the largest
-    entry (module doc), float64."""
+    entry (module doc), in `dtype`."""
     torch.manual_seed(0)
-    model = build(name).double()
+    model = build(name).to(dtype)
     reference = copy.deepcopy(model)
-    batch, loss_of, m = problem(name, torch.float64)
+    batch, loss_of, m = problem(name, dtype)
     c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **hparams)
     linears = [n for n, mod in reference.named_modules() if isinstance(mod, nn.Linear)]
     with hooked_calls(reference, linears) as calls:
-        loss_of(reference, batch).backward()
-    loss_of(c, batch).backward()
+        loss_of(reference, batch, reference).backward()
+    loss_of(c, batch, model).backward()
     c.step()
     gap, blocks = 0.0, [b.name for b in c.layers if b.name in linears]
     for block in blocks:
@@ -261,18 +298,20 @@ def factor_gaps(name: str, hparams: dict) -> str:
 
 
 def exactness(name: str, kind: str, hparams: dict) -> str:
-    """'loss Δ, grad Δ; A, S Δ': the compiled float64 model beside a second build from the same seed, over 3
-    steps; the first step's factors against hooks (`factor_gaps`)."""
-    torch.set_default_dtype(torch.float64)
+    """'loss Δ, grad Δ; A, S Δ': the compiled float64 model (float32 for snntorch, whose spikes are float32
+    whatever the input) beside a second build from the same seed, over 3 steps; the first step's factors
+    against hooks (`factor_gaps`)."""
+    dtype = torch.float32 if name == "snn" else torch.float64
+    torch.set_default_dtype(dtype)
     try:
         torch.manual_seed(0)
-        model = build(name).double()
+        model = build(name).to(dtype)
         torch.manual_seed(0)
-        reference = build(name).double()
-        batch, loss_of, _ = problem(name, torch.float64)
+        reference = build(name).to(dtype)
+        batch, loss_of, _ = problem(name, dtype)
         c = gnfx.compile(model, kind, **hparams)
-        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), 3, seed=100)
-        return f"{loss_gap:.0e}, {grad_gap:.0e}; {factor_gaps(name, hparams)}"
+        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, plain: loss_of(m, batch, plain), 3, seed=100)
+        return f"{loss_gap:.0e}, {grad_gap:.0e}; {factor_gaps(name, hparams, dtype)}"
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -303,7 +342,7 @@ def probe(name: str, optimizer: str, steps: int) -> str:
             else:
                 c = step = gnfx.compile(model, kind, **hparams)
             for _ in range(steps):
-                loss = loss_of(c, batch)
+                loss = loss_of(c, batch, model)
                 loss.backward()
                 step.step()
                 step.zero_grad()
