@@ -15,7 +15,10 @@ parameter in another way (`h @ self.fc1.weight.T`, `+ self.fc1.bias`, or `self.m
 opened `self.mlp`) cannot go unseen, the twin holds views of the child's trainable parameters (the same
 values and storage; the graph reads the parameters themselves) and copies of its submodules that hold
 views of theirs: a gradient reaching a view is such a use, and its backward raises a GnfxError that
-names it and the fix. Reading a view's shape or dtype passes no gradient and is free. (Code that holds
+names it and the fix. Reading a view's shape or dtype passes no gradient and is free. A torch.autograd.Function
+given the child's parameters (torchdiffeq's odeint_adjoint, `func.parameters()`) gets the views, and its own
+backward's vector-Jacobian products in them are zero or unused (the graph reads the parameters, not the views):
+the same error stops that silent zero gradient. (Code that holds
 the child outside the module tree, in a plain list, reaches the parameters themselves, unwatched.)
 """
 from __future__ import annotations
@@ -35,10 +38,13 @@ def _read_outside(leaf: str, child: str, name: str, _grad):
     code, whole = (f"opaque submodule {leaf!r}", leaf) if leaf else ("the model's own forward", child)
     raise GnfxError(
         f"the Python code of {code} uses the parameter {name!r} other than by calling "
-        f"{child!r} (a gradient reached it outside that layer's calls), and gnfx opened {child!r} into a curvature "
-        f"block whose statistics see its calls only (passes/opaque_children.py). Fix: call the layer instead of "
-        f"reading its parameter, or keep the submodule whole with gnfx.compile(..., leaf_modules=[{whole!r}]) "
-        f"(its parameters then fall back to the diagonal preconditioner)")
+        f"{child!r} (a gradient reached it outside that layer's calls: code reading the parameter, or passing it "
+        f"to a torch.autograd.Function that computes its gradient in its own backward, as torchdiffeq's "
+        f"odeint_adjoint does with func.parameters(), its adjoint ODE calling the layer again inside that backward), "
+        f"and gnfx opened {child!r} into a curvature block whose statistics see its calls only "
+        f"(passes/opaque_children.py). Fix: call the layer instead of reading its parameter (torchdiffeq: odeint, "
+        f"which backpropagates through the solver's calls), or keep the submodule whole with "
+        f"gnfx.compile(..., leaf_modules=[{whole!r}]) (its parameters then fall back to the diagonal preconditioner)")
 
 
 def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:

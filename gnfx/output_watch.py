@@ -40,8 +40,17 @@ GnfxError. Whether an output was reached is whether its gradient hook ran: no va
 A backward that fills none of the forward's blocks' gradients (torch.autograd.grad: a gradient penalty's
 input gradient, gnfx.filled_gradients) is not the training loss's: the hook lets it pass and waits for one
 that does.
+One backward that reaches the outputs of two statistic forwards (autograd's graph task tells one backward
+from the next: gradient accumulation's backward per forward is fine) adds each forward's rows to N and M,
+M = Σ_k N_k T_k, the model of distinct micro-batches averaged in one loss. When the forwards see the same
+examples (the model called K times inside one loss: torchdiffeq's `odeint(compiled_func, y0, t)` calls it at
+every solver stage, a cell stepped in a loop, a Siamese pair), each call's rows are positions of those examples
+instead, and S is K times too large, the per-example diagonal per call: warned once (`note_backward`), with the
+fix (compile the module whose forward makes the calls).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -155,6 +164,8 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
             if not fills_gradients(trained):  # not the training loss's backward (module docstring)
                 return grad
             handles[j].remove()  # the true-Fisher backward starts at z_k too: run once
+            if j == 0:
+                note_backward(store, fid)
             reached["heads"].add(j)
             if name == "cross_entropy" and layout.classes_axis is None:
                 layout.settle(z_k, grad)  # the first gradient at z_k: the classes' axis (one more transfer, once)
@@ -183,6 +194,26 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
         return hook
 
     handles = [head.register_hook(head_hook(j, loss, head, layouts[j])) for j, (loss, head) in enumerate(heads)]
+
+
+def note_backward(store, fid: int) -> None:
+    """At the gradient of forward `fid`'s output: warn, once, when the backward running now reached another
+    statistic forward's output before (module docstring)."""
+    task = torch._C._current_graph_task_id()
+    last_task, last_fid = store.last_reached
+    store.last_reached = (task, fid)
+    if task != last_task or last_fid == fid or store.shared_backward_told:
+        return
+    store.shared_backward_told = True
+    warnings.warn(
+        "gnfx: one backward reached the outputs of two or more training forwards of the compiled model, whose "
+        "statistics count each forward's rows as examples of their own (N and M summed over the forwards, as for "
+        "distinct micro-batches averaged in one loss). If these forwards see the same examples (the model called "
+        "several times inside one loss: torchdiffeq's odeint(compiled_func, y0, t) calls it at every solver stage; "
+        "a cell stepped in a loop; a Siamese pair), the calls are positions of those examples: S is as many times "
+        "too large as there are calls, and the per-example diagonal is per call. Fix: compile the module whose "
+        "forward makes the calls (an nn.Module whose forward runs odeint or the loop); for distinct micro-batches "
+        "in one loss the statistics are right", RuntimeWarning, stacklevel=2)
 
 
 def _refuse_cascades(heads: list, losses) -> None:

@@ -64,6 +64,16 @@ Jacobian is ∂W_r/∂g_r = c Ŵ_r, ∂W_r/∂V_r = (c g_r / s_r)(Q_r + α_r Ŵ_
 - At c g_r = 0 (or Ŵ_r = 0, a constant row) the factor s_r / (c g_r) (or 1 / (c ‖Ŵ_r‖²)) is taken as
   0, the pseudo-inverse, as weight norm's at g_r = 0. Decoupled weight decay ΔW = −ηλ W pulls back to
   g ← g(1 − ηλ), V unchanged (Q_r Ŵ_r = 0), as weight norm's.
+
+A masked weight (MADE's masked linear layers, the masked autoregressive flows' hyper-networks: zuko's and
+nflows' MaskedLinear, `F.linear(x, mask * V, b)`) is W = M ⊙ V, M a constant tensor of V's shape (a 0/1
+adjacency, bool or floating; passes/masked_weights.py). Its Jacobian is the diagonal map ΔV ↦ M ⊙ ΔV:
+∇V = M ⊙ ∇W, and where M is 0 neither ∇W is recovered nor ΔW made (those entries of W are pinned to 0).
+With M⁺ the entrywise pseudo-inverse (1/M, 0 where M = 0), the gathered gradient is M⁺ ⊙ ∇V (∇W on M's
+support, 0 off it) and a change ΔW pulls back to ΔV = M⁺ ⊙ ΔW, whose image M ⊙ ΔV is ΔW on the support:
+the step moves no masked-out entry of V (their values change no W), and decoupled weight decay shrinks V
+on the support only. For a 0/1 mask both maps are M ⊙ ·. The taps' a and δ at the linear node are those
+of W, so the block's statistics are exact for W.
 """
 from __future__ import annotations
 
@@ -239,6 +249,33 @@ class WeightStandardization(_OfOneParameter):
     def held_scale(self, named: dict) -> torch.Tensor:
         """c = s: ∇W = s ∇V but for its rows' mean and their component along W (module docstring)."""
         return self.scale(named)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedWeight(_OfOneParameter):
+    """W = M ⊙ V (module docstring); `original` is V; `mask`: M, the tensor the captured graph read (changed in
+    place, as MADE's mask resampling does, it is followed; taken to V's device and dtype where it is used)."""
+
+    mask: torch.Tensor = dataclasses.field(compare=False, repr=False)
+
+    def _mask(self, named: dict) -> torch.Tensor:
+        v = named[self.original]
+        return self.mask.to(device=v.device, dtype=v.dtype)
+
+    @property
+    def removal(self) -> str:
+        """No torch call: the module masks its weight in its own forward (zuko's and nflows' MaskedLinear)."""
+        module = self.weight.rpartition(".")[0]
+        return (f"model.get_submodule({module!r}) masks its weight in its own forward, which no torch call removes: "
+                f"replace it by a plain nn.Linear holding mask * weight and keep its gradient masked")
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W = M ⊙ V, as the model's forward computes it."""
+        return self._mask(named) * named[self.original]
+
+    def held_scale(self, named: dict) -> torch.Tensor:
+        """c = M⁺: ∇W = M⁺ ⊙ ∇V on M's support, and M ⊙ (M⁺ ⊙ ΔW) = ΔW there (module docstring)."""
+        return _inverse_or_zero(self._mask(named))
 
 
 @dataclasses.dataclass(frozen=True)

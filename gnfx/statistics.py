@@ -534,6 +534,10 @@ class StatisticsStore:
         self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
         # (loss, z, gradient at z, dense) of the checks the backward left to the step (gnfx.output_watch)
         self.output_checks: list[tuple] = []
+        # (autograd's id of the last backward that reached a forward's output, that forward's id), and whether one
+        # backward reaching two forwards was told (gnfx.output_watch.note_backward)
+        self.last_reached: tuple[int, int] = (-1, -1)
+        self.shared_backward_told = False
 
     def _placement(self, block) -> tuple[torch.dtype, torch.device]:
         """The dtype (float64 for a float64 weight, else float32) and device of a block's statistics."""

@@ -254,6 +254,7 @@ class Variants:
         if shapes is not None:
             self._seen[key] = [shapes]
         self._warn_if_low_coverage()
+        self._watch_unused()
 
     # --- later calls -----------------------------------------------------------------------
     def __call__(self, args: tuple, kwargs: dict):
@@ -390,14 +391,41 @@ class Variants:
         said = []
         if unused:
             said.append(f"{total - used:,} of the {total:,} entries of the trainable parameters are {UNUSED} "
-                        f"(graph captured with {self.form}, {self.table.capture}): they get no gradient and keep "
-                        f"their values; largest: {largest(unused)}. If the model's own forward uses them, the graph "
-                        f"took another branch than the model does: print(model) shows it; capture='export' "
-                        f"captures the real call")
+                        f"(graph captured with {self.form}, {self.table.capture}): they get no gradient from it "
+                        f"(gnfx warns at the backward if they get one from elsewhere); largest: {largest(unused)}. If "
+                        f"the model's own forward uses them, the graph took another branch than the model does: "
+                        f"print(model) shows it; capture='export' captures the real call")
         if covered < COVERAGE_WARNING * used:
             said.append(self._low_coverage(covered, used, largest([f for f in self.table.fallbacks
                                                                      if f.reason != UNUSED])))
         warnings.warn("gnfx: " + ". ".join(said), UserWarning, stacklevel=4)
+
+    def _watch_unused(self) -> None:
+        """Warn, once, when a parameter the captured forward does not use (UNUSED) gets a gradient: code
+        outside the captured graph ran it, so it has no block and the diagonal preconditioner steps it. The
+        usual cause: the forward returns an object that runs the layers later (zuko's flows return a
+        distribution whose log_prob and rsample call their hyper-networks; a returned closure or bound method).
+        A post-accumulate-grad hook on each such parameter, all removed at the first that fires."""
+        params = dict(self.model.named_parameters())
+        unused = [f.param for f in self.table.fallbacks if f.reason == UNUSED and params[f.param].requires_grad]
+        handles = []
+
+        def reached(_, name: str) -> None:
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+            warnings.warn(
+                f"gnfx: the parameter {name!r} got a gradient though the forward gnfx captured from "
+                f"{type(self.model).__name__} does not use it ({len(unused)} parameters are {UNUSED}): code outside "
+                f"that graph ran it, so it is in no curvature block and the diagonal preconditioner steps it. Usually "
+                f"the forward returns an object that runs the layers later, when the loss is computed (zuko's flows: "
+                f"flow() returns a distribution whose log_prob calls the hyper-networks; a returned closure or bound "
+                f"method), or the forward took a branch the captured graph did not. Fix: compile a module whose "
+                f"forward computes the tensor the loss takes (class LogProb(nn.Module): forward(self, x): return "
+                f"self.flow().log_prob(x)), or capture with capture='export' from the real call",
+                RuntimeWarning, stacklevel=2)
+
+        handles += [params[n].register_post_accumulate_grad_hook(lambda p, n=n: reached(p, n)) for n in unused]
 
     def _low_coverage(self, covered: int, used: int, listed: str) -> str:
         """The coverage warning's account of the parameters the forward uses outside curvature blocks."""

@@ -12,7 +12,9 @@ parameter a weight operand is, the node's users are v's uses, and the block hold
 (`Block.reparametrization`). Likewise a spectrally normalized one (W = W_o / σ, passes/spectral_norm.py):
 its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V_r − μ_r) / s_r,
 passes/weight_standardization.py): the node computing W stands for V, and a gain g multiplying its rows
-(W_r = c g_r Ŵ_r, timm's ScaledStdConv2d) is held like weight norm's g. A parameter moved or cast to a
+(W_r = c g_r Ŵ_r, timm's ScaledStdConv2d) is held like weight norm's g; and a masked one (W = M ⊙ V, M a
+constant: MADE's and the autoregressive flows' masked linear layers, passes/masked_weights.py): the product
+stands for V. A parameter moved or cast to a
 floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
@@ -48,7 +50,7 @@ from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
 from gnfx.layouts.shift import ShiftLayout
 from gnfx.layouts.weighted_sum import WeightedSumLayout
-from gnfx.reparametrization import SpectralNorm, WeightNorm, WeightStandardization
+from gnfx.reparametrization import MaskedWeight, SpectralNorm, WeightNorm, WeightStandardization
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -64,6 +66,7 @@ from .position import find_position_sites
 from .scale import find_scale_sites
 from .shift import find_shift_sites
 from .sites import Site
+from .masked_weights import find_masked_weights
 from .spectral_norm import find_spectral_norms
 from .weight_norm import find_weight_norms
 from .weight_standardization import find_weight_standardizations
@@ -103,7 +106,7 @@ class _ParamIndex:
         self.params = dict(model.named_parameters())
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
-        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization] = {}
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization | MaskedWeight] = {}
         # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
         self.casts: dict[fx.Node, str] = {}
 
@@ -155,11 +158,12 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
     W_o; each weight standardization's W (passes/weight_standardization.py) stand for V (holding its gain,
-    where it has one). Returns the
+    where it has one); each masked weight M ⊙ V (passes/masked_weights.py) stand for V. Returns the
     stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
-                            **find_weight_standardizations(gm, index.param_of, index.shape_of, uses)}
+                            **find_weight_standardizations(gm, index.param_of, index.shape_of, uses),
+                            **find_masked_weights(gm, index.param_of, index.shape_of, uses)}
     by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []

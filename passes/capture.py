@@ -35,7 +35,7 @@ from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
-from gnfx.passes.module_attributes import attributes_kept
+from gnfx.passes.module_attributes import attributes_kept, changed_number, changes_recorded, numbers, side_effect
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
@@ -95,8 +95,14 @@ class _LeafFindingTracer(fx.Tracer):
         return _DenseProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
+        # a module traced through whose forward changes a number it holds is kept opaque (passes/module_attributes.py)
+        before = None if self.is_leaf_module(m, self.path_of_module(m)) else numbers(m)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            change = None if before is None else changed_number(m, before)
+            if change is not None:
+                raise side_effect(m, self.path_of_module(m), change)
+            return out
         except Exception:
             if self.failed_module is None:
                 self.failed_module = self.path_of_module(m)
@@ -303,9 +309,12 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     with attributes_kept(model):
         while True:
             tracer = _LeafFindingTracer(set(leaves))
+            before = numbers(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
+                    if (change := changed_number(model, before)) is not None:
+                        raise side_effect(model, "", change)
                     draws = draws or drew()
                     if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
                         tracer = _LeafFindingTracer(set(leaves))
@@ -468,7 +477,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
               default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
-              attributes_kept(model), generators_kept(model)):
+              attributes_kept(model), generators_kept(model), changes_recorded(model) as changes):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
@@ -493,6 +502,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 refused = (f"\n  retried with its data-dependent branches specialized to the example: "
                            f"{describe_exception(failure)}")
                 raise first
+            if changes:  # passes/module_attributes.py
+                raise side_effect(*changes[0])
             draws = drew()
             if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line

@@ -13,6 +13,15 @@ attributes (its `__dict__` outside torch.nn.Module's registries: parameters, buf
 hooks are its own concern) as they were on entry: those the forward added are removed, those it
 replaced restored, so the first eager call builds them again from real tensors. (In-place changes
 inside an attribute's object are not seen.)
+
+A forward that changes a number it holds (torchdiffeq's ODE functions count their evaluations,
+`self.nfe += 1`; a step counter, a flag) has a side effect no graph repeats: torch.fx and torch.export
+record the tensor operations only, so the count would stop on every statistic step (odenet_mnist's NFE log
+read 0 there). `changed_number(module, before)` names such a change, comparing the module's own numbers
+(`numbers`: its bool, int and float attributes) with those it had before its forward ran; the fx tracer then
+keeps that module opaque (its forward runs as its Python code, its layers opened, passes/opaque_children.py),
+and an export during which a module's forward changed one is no capture (ForwardSideEffect; torch.export puts
+the attributes back itself, so `changes_recorded` watches each forward call with hooks).
 """
 from __future__ import annotations
 
@@ -35,3 +44,51 @@ def attributes_kept(model: nn.Module):
             for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
                 del module.__dict__[name]
             module.__dict__.update(attributes)
+
+
+class ForwardSideEffect(RuntimeError):
+    """Raised where a captured forward changed a number a module holds (module doc)."""
+
+
+def numbers(module: nn.Module) -> dict[str, object]:
+    """The module's own bool, int and float attributes (not its submodules')."""
+    return {k: v for k, v in vars(module).items() if k not in REGISTRIES and type(v) in (bool, int, float)}
+
+
+def changed_number(module: nn.Module, before: dict[str, object]) -> str | None:
+    """'name (before -> now)' of the first of the module's own numbers that changed since `before`
+    (`numbers(module)` then), or None."""
+    now = numbers(module)
+    return next((f"{k} ({v!r} -> {now[k]!r})" for k, v in before.items() if k in now and now[k] != v), None)
+
+
+def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
+    """The error naming the number the forward of `module` (at `path`, "" for the model) changed."""
+    where = f"{type(module).__name__} {path!r}" if path else type(module).__name__
+    return ForwardSideEffect(f"the forward of {where} changes its attribute {change}, a Python side effect that "
+                             f"a captured graph would not repeat (an evaluation counter would stop on the statistic "
+                             f"steps)")
+
+
+@contextlib.contextmanager
+def changes_recorded(model: nn.Module):
+    """While inside, each forward call of `model`'s modules that changes one of the module's own numbers
+    appends (module, path, change) to the list yielded (hooks, removed on exit)."""
+    changes, handles = [], []
+    entered: dict[int, list] = {}  # a module's numbers at each call it is inside of (a recursive call nests)
+
+    def before(m, _):
+        entered.setdefault(id(m), []).append(numbers(m))
+
+    def after(m, _, __, path):
+        change = changed_number(m, entered[id(m)].pop())
+        if change is not None:
+            changes.append((m, path, change))
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(before))
+        handles.append(module.register_forward_hook(lambda m, a, o, path=path: after(m, a, o, path), always_call=True))
+    try:
+        yield changes
+    finally:
+        for handle in handles:
+            handle.remove()

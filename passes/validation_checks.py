@@ -54,6 +54,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
 from torch.overrides import TorchFunctionMode
+from .module_attributes import attributes_kept
 
 ASSERTION = torch.ops.aten._assert_scalar.default
 # the start of the message of every assertion of a specialized validation check
@@ -167,12 +168,13 @@ class _ExampleReads(TorchFunctionMode):
 @contextlib.contextmanager
 def without_trace(model: nn.Module, args: tuple, kwargs: dict):
     """For a run of the forward on the call (args, kwargs) that leaves no trace: no gradients, and the
-    model's buffers (batch-norm statistics) and torch's random generators restored afterwards."""
+    model's buffers (batch-norm statistics), its modules' own attributes (an evaluation counter,
+    passes/module_attributes.py) and torch's random generators restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), attributes_kept(model):
             yield
     finally:
         with torch.no_grad():

@@ -516,6 +516,43 @@ def test_tabts_probe_reports_capture_blocks_exactness_against_hooks_and_losses(m
     assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
 
 
+class _EulerClassifier(nn.Module):
+    """A stand-in for a neural ODE classifier: head(y(1)), y(0) = enc(x), y(1) by 4 Euler steps of the field f
+    (called 4 times per forward, as a solver calls it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.f = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        y = self.enc(x)
+        for _ in range(4):
+            y = y + self.f(y) / 4
+        return self.head(y)
+
+
+def _node_problem(name, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randn(16, 4, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+    return batch, lambda m, b, plain: F.cross_entropy(m(b[0]), b[1]), 16
+
+
+def test_sciml_probe_reports_capture_blocks_exact_factors_and_losses_of_an_ode_classifier(monkeypatch):
+    """benchmarks.sciml_probe without torchdiffeq: `probe` on a stand-in for a neural ODE classifier (its field
+    called at every solver step) gives one row with the capture, every parameter in a block, exact loss, gradients
+    and K-FAC factors of its 4 linear blocks against hooks on every call, and a loss per step."""
+    from benchmarks import sciml_probe
+
+    monkeypatch.setattr(sciml_probe, "build", lambda name: _EulerClassifier())
+    monkeypatch.setattr(sciml_probe, "problem", _node_problem)
+    row = sciml_probe.probe("node_rk4", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and len(row[5].split(", ")) == 2
+    assert factors.startswith("A, S of 4 linear blocks") and float(factors.split()[-1]) < 1e-12
+
+
 class _VolumeSegmenter(nn.Module):
     """A stand-in for MONAI's 3-D UNets: a convolution of one input channel and a kernel of 11³ (A of 1332
     entries: blocked), a strided and a dilated one, a transposed one back up to (N, 3, D, H, W) logits."""

@@ -2380,3 +2380,121 @@ def test_a_custom_function_writing_its_input_in_place_is_checked_and_differentia
         train(c, 3, torch.float64)
     for p, q in zip(custom.parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class Density:
+    """What zuko's flows return from their forward: a distribution holding the layer, which its log_prob calls."""
+
+    def __init__(self, net: nn.Module, loc: torch.Tensor):
+        self.net, self.loc = net, loc
+
+    def log_prob(self, x):
+        return -((self.net(x) - self.loc) ** 2).sum(-1)
+
+
+class LazyFlow(nn.Module):
+    """A forward that returns a Density: its layer runs after the forward, when the loss is computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3, 3)
+        self.register_buffer("loc", torch.zeros(3))
+
+    def forward(self):
+        return Density(self.net, self.loc)
+
+
+def test_a_layer_run_after_the_forward_returns_is_named_at_its_gradient():
+    """zuko's `-flow().log_prob(x).mean()`: the captured forward uses no parameter, and gnfx's warning said they
+    would get no gradient and keep their values, while log_prob ran the layers and the diagonal preconditioner
+    stepped them (0% in blocks, silently). Their first gradient is now named, once, with the fix (a module
+    whose forward computes the tensor the loss takes), which puts the layer in a block."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    with pytest.warns(UserWarning, match="not used by the captured forward"):
+        c = gnfx.compile(LazyFlow(), "kfac", lr=1e-3, example_inputs=())
+    with pytest.warns(RuntimeWarning, match=r"(?s)'net\.\w+' got a gradient though the forward.*LogProb"):
+        (-c().log_prob(x).mean()).backward()
+    c.step()
+    c.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        (-c().log_prob(x).mean()).backward()
+
+    class LogProb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = LazyFlow()
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = gnfx.compile(LogProb(), "kfac", lr=1e-3)
+        (-c(x).mean()).backward()
+        c.step()
+    assert [b.name for b in c.layers] == ["flow.net"]
+
+
+def euler_field() -> nn.Sequential:
+    """f(y) of a neural ODE dy/dt = f(y) (torchdiffeq's ODEFunc), float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def euler(f, y, steps: int = 4):
+    """y(1) by `steps` Euler steps y + f(y)/steps: f called `steps` times inside one loss, as an ODE solver does."""
+    for _ in range(steps):
+        y = y + f(y) / steps
+    return y
+
+
+class EulerSolve(nn.Module):
+    """The fix: the module whose forward runs the solver, so that f's calls are positions of its examples."""
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, y):
+        return euler(self.f, y)
+
+
+def test_one_backward_through_several_calls_of_the_compiled_model_is_named():
+    """torchdiffeq's ode_demo compiles its ODEFunc and calls odeint(func, y0, t): the solver calls the compiled
+    model at every stage, each call a statistic forward of the same N examples, and M summed over the calls made
+    S K times the hooks' (M = N, the calls positions), silently. One backward reaching two forwards is named now,
+    once; gradient accumulation (a backward per forward) is not; the fix, the solver inside the compiled
+    module, gives the hooks' S."""
+    g = torch.Generator().manual_seed(0)
+    y0, target = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accumulated = gnfx.compile(euler_field(), "kfac", lr=1e-3)
+        for _ in range(2):
+            F.mse_loss(accumulated(y0), target).backward()
+        accumulated.step()
+    c = gnfx.compile(euler_field(), "kfac", lr=1e-3, stat_decay=0.0, stat_every=1)
+    with pytest.warns(RuntimeWarning, match=r"(?s)one backward reached the outputs of two or more.*odeint.*"
+                                            r"compile the module whose forward makes the calls"):
+        F.mse_loss(euler(c, y0), target).backward()
+    c.step()
+    fixed = gnfx.compile(EulerSolve(euler_field()), "kfac", lr=1e-3, stat_decay=0.0, stat_every=1)
+    F.mse_loss(fixed(y0), target).backward()
+    fixed.step()
+    calls = collections.defaultdict(list)
+    reference = EulerSolve(euler_field())
+    def record(name):
+        def hook(_, inputs, out):
+            out.register_hook(lambda g: calls[name].append(g))
+        return hook
+
+    for name in ("0", "2"):
+        reference.f.get_submodule(name).register_forward_hook(record(name))
+    F.mse_loss(reference(y0), target).backward()
+    for name in ("0", "2"):
+        g = torch.cat(calls[name])
+        want = 6 * g.T @ g  # S = M Σ g gᵀ, M = N = 6 (docs/design.md §1)
+        torch.testing.assert_close(fixed.statistics(f"f.{name}")["S"], want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c.statistics(name)["S"], 4 * want, rtol=1e-10, atol=1e-12)  # the calls' M

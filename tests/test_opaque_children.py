@@ -430,6 +430,51 @@ def test_a_parameter_the_opaque_code_uses_besides_its_layer_raises_with_the_fix(
     assert "body.fc" not in kept.layers
 
 
+class EulerStepAdjoint(torch.autograd.Function):
+    """torchdiffeq's odeint_adjoint reduced to one Euler step y + f(y): it takes f's parameters as inputs, runs
+    f without a graph in its forward and computes their gradient in its own backward, calling f again."""
+
+    @staticmethod
+    def forward(ctx, f, y, *params):
+        ctx.f = f
+        ctx.save_for_backward(y)
+        with torch.no_grad():
+            return y + f(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        with torch.enable_grad():
+            y = y.detach().requires_grad_()
+            inputs = (y, *ctx.f.parameters())
+            grads = torch.autograd.grad(ctx.f(y), inputs, g, allow_unused=True)
+        grads = [torch.zeros_like(i) if d is None else d for d, i in zip(grads, inputs)]  # as torchdiffeq does
+        return (None, g + grads[0], *grads[1:])
+
+
+class AdjointStep(Skip):
+    """Skip's branch, its layer stepped by EulerStepAdjoint (an ODE block under odeint_adjoint)."""
+
+    def forward(self, x):
+        return EulerStepAdjoint.apply(self.fc, x, *self.fc.parameters()) if x.mean() > 0 else x
+
+
+def test_parameters_a_custom_autograd_function_takes_raise_naming_it_and_the_fix():
+    """torchdiffeq's odeint_adjoint(func, y0, t) passes func.parameters() to its autograd.Function: the error
+    named code reading the parameter only, which the user's code does not do. It names the Function, the
+    adjoint and both fixes (odeint; the block kept whole)."""
+    model = Around(AdjointStep())
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    out = c(signed_batch(model, 1)[0])
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)'body.fc.\w+' other than by calling 'body.fc'.*"
+                                             r"torch.autograd.Function.*odeint_adjoint.*odeint,.*leaf_modules=\['body'\]"):
+        out.sum().backward()
+    kept = gnfx.compile(Around(AdjointStep()), optimizer="kfac", capture="fx", lr=0.1, leaf_modules=["body"])
+    kept(signed_batch(model, 1)[0]).sum().backward()
+    kept.step()
+
+
+
 class Mixed(nn.Module):
     """An opaque block with layers that cannot be opened, and one that can."""
 
@@ -707,3 +752,44 @@ def test_the_fused_convolution_and_batchnorm_of_quantization_aware_training_stay
     reasons = {f.param: f.reason for f in c.layers.fallbacks}
     assert "0.bn not opened: inside 0, a fused convolution" in reasons["0.bn.weight"]
     c.step()  # the step runs
+
+
+class CountedField(nn.Module):
+    """torchdiffeq's ODE functions count their evaluations in their forward (odenet_mnist's `self.nfe += 1`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.nfe = 0
+
+    def forward(self, x):
+        self.nfe += 1
+        return torch.tanh(self.fc(x))
+
+
+@pytest.mark.parametrize("capture", ["auto", "fx"])
+def test_a_forward_that_counts_its_calls_stays_opaque_with_its_layer_a_block(capture):
+    """The captured graphs dropped `self.nfe += 1`: the counter stopped on every statistic step (odenet_mnist's NFE
+    read 0 there), silently, in both captures. The counting module now runs as its own code, its layer opened
+    (statistics against hooks), the count the plain module's; torch.export asked for alone names the attribute."""
+    model = Around(CountedField())
+    reference = Around(CountedField())
+    c = gnfx.compile(model, optimizer="kfac", capture=capture, lr=0.1, stat_decay=0.0, stat_every=1)
+    for _ in range(3):
+        x, y = signed_batch(model, 1)
+        cross_entropy(c(x), y).backward()
+        c.step()
+        c.zero_grad()
+    assert model.body.nfe == 3
+    assert c.layers["body.fc"].called_by == "body"
+    reference.load_state_dict(model.state_dict())
+    x, y = signed_batch(model, 1)
+    want = hook_statistics(reference, ["body.fc"], x, y)["body.fc"]
+    cross_entropy(c(x), y).backward()
+    c.step()
+    for key in ("A", "S"):
+        torch.testing.assert_close(c.statistics("body.fc")[key], want[key], rtol=1e-10, atol=1e-12)
+    with pytest.raises(gnfx.CaptureError, match=r"(?s)torch.export could not capture.*CountedField 'body' changes its "
+                                                r"attribute nfe \(0 -> 1\)"):
+        gnfx.compile(Around(CountedField()), optimizer="kfac", capture="export", lr=0.1,
+                     example_inputs=(signed_batch(model, 1)[0],))

@@ -1,0 +1,49 @@
+"""masked_weights: the masked weights W = M ⊙ V of a graph (gnfx.reparametrization.MaskedWeight).
+
+MADE's masked linear layers multiply their weight entrywise by a constant 0/1 mask before the linear map:
+zuko's MaskedLinear (the hyper-networks of zuko.flows.MAF, NSF and its other autoregressive flows) computes
+`F.linear(x, self.mask * self.weight, self.bias)` with a bool buffer, nflows' `F.linear(x, self.weight *
+self.mask, self.bias)` with a floating one. Both captures record the product as one `mul` (torch.fx: the
+operator, the tensor method or torch.mul; torch.export: `aten.mul.Tensor`) of two attribute reads.
+`find_masked_weights` gives each such product, in either order, whose V is a trainable parameter of 2 or
+more dimensions that nothing else uses and whose M is a tensor the graph reads as an attribute that is no
+trainable parameter (a buffer, a frozen parameter), of exactly V's shape (passes/analyze.py makes the
+product stand for V, so that the linear detector sees a weight of V's shape and its block steps W). Not
+recognized, so falling back with the reason of the use: a mask of another shape that broadcasts (one per
+row or column), a mask computed in the forward, a product of two trainable parameters.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from gnfx.reparametrization import MaskedWeight
+
+from .norm import MUL, _is
+
+
+def _constant(gm: fx.GraphModule, node, param_of) -> torch.Tensor | None:
+    """The tensor an attribute read `node` gives when it is no trainable parameter, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or param_of(node) is not None:
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, MaskedWeight]:
+    """Each product M ⊙ V (module docstring) of a trainable V of 2 or more dimensions (`param_of(node)` gives
+    its name, `shape_of(name)` its shape) that is V's only use (`uses`: each parameter's (consumer,
+    get_attr) pairs) by a constant M of V's shape, with its gnfx.reparametrization.MaskedWeight."""
+    found = {}
+    for node in gm.graph.nodes:
+        if not _is(node, MUL) or len(node.args) != 2 or node.kwargs:
+            continue
+        for weight, other in (node.args, reversed(node.args)):
+            original, mask = param_of(weight), _constant(gm, other, param_of)
+            if original is None or mask is None or len(shape_of(original)) < 2:
+                continue
+            if tuple(mask.shape) == shape_of(original) and all(consumer is node for consumer, _ in uses[original]):
+                found[node] = MaskedWeight(original, original, mask)
+    return found
