@@ -14,11 +14,43 @@ import sys
 
 import torch
 
+import gnfx
+
 
 def raised(stderr: str) -> str:
     """The first line of the exception that ended a child's run (the last line naming one), else its last line."""
     lines = stderr.strip().splitlines() or ["?"]
     return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception|Exit)\b", line)), lines[-1])
+
+
+def cell(text: str, width: int) -> str:
+    """`text` cut to `width` characters for one cell of a markdown table (no bar, no line break)."""
+    return text[:width].replace("|", "/").replace("\n", " ")
+
+
+def gnfx_warnings(caught, width: int) -> list[str]:
+    """The distinct gnfx warnings among the `caught` warnings (warnings.catch_warnings(record=True)), each
+    cut to `width` characters for a cell."""
+    return sorted({cell(str(w.message), width) + "..." for w in caught if str(w.message).startswith("gnfx")})
+
+
+def capture_cells(c, model, fallbacks: bool = True) -> tuple[str, ...]:
+    """The cells a probe's row gives a compiled model `c` of `model`: how its graph was captured, the share of
+    the trainable entries in curvature blocks and (`fallbacks`) the first three parameters outside them with
+    why; each "–" when `c` is no compiled model or is not captured yet (its error says why)."""
+    cells = ["–"] * (3 if fallbacks else 2)
+    if not isinstance(c, gnfx.CompiledModel):
+        return tuple(cells)
+    try:
+        covered, total = c.layers.coverage(dict(model.named_parameters()))
+        cells[:2] = c.layers.form, f"{100 * covered / total:.1f}%"
+        if fallbacks:
+            more = len(c.layers.fallbacks) - 3
+            cells[2] = ("; ".join(f"{f.param}: {f.reason[:70]}" for f in c.layers.fallbacks[:3]) or "–") + (
+                f" (and {more} more)" if more > 0 else "")
+    except Exception:  # noqa: BLE001  (not captured yet: the error says why)
+        pass
+    return tuple(cells)
 
 
 def child_row(command: list[str], timeout: float, failed, timed_out: str) -> str:

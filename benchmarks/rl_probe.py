@@ -51,7 +51,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 import gnfx
-from benchmarks.child_rows import probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
 from benchmarks.hooked_calls import hooked_calls
 
 LR = 3e-4
@@ -467,9 +467,6 @@ def exactness(name: str, hparams: dict) -> str:
     return f"{factor_gap:.0e}, {grad_gap:.0e}"
 
 
-def _cell(text: str, width: int) -> str:
-    return text[:width].replace("|", "/").replace("\n", " ")
-
 
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` chunks of `name`."""
@@ -493,19 +490,13 @@ def probe(name: str, optimizer: str, steps: int) -> str:
                 c, rows = {"ppo": run_ppo, "dqn": run_dqn, "sac": run_sac}[name](optimizer, steps)
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
-    form = blocks = "–"
-    if kind != "adamw" and isinstance(c, gnfx.CompiledModel):
-        try:
-            covered, total = c.layers.coverage(dict(c._model.named_parameters()))
-            form, blocks = c.layers.form, f"{100 * covered / total:.1f}%"
-        except Exception:  # noqa: BLE001  (not captured: the error says why)
-            pass
-    said = sorted({_cell(str(w.message), 200) + "..." for w in caught if str(w.message).startswith("gnfx")})
+    form, blocks = capture_cells(c, getattr(c, "_model", None), fallbacks=False)
+    said = gnfx_warnings(caught, 200)
     returns = ", ".join(f"{r:.0f}" for r, _ in rows) or "–"
     losses = ", ".join(f"{loss:.3g}" for _, loss in rows) or "–"
     setting = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
     return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {returns} | {losses} | "
-            f"{'; '.join(said) or '–'} | {_cell(error, 500) or '–'} | {time.time() - start:.0f} |")
+            f"{'; '.join(said) or '–'} | {cell(error, 500) or '–'} | {time.time() - start:.0f} |")
 
 
 def main() -> None:

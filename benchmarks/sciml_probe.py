@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
 from benchmarks.hooked_calls import hooked_calls
 from benchmarks.lockstep import lockstep_gaps
 
@@ -316,9 +316,6 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
         torch.set_default_dtype(torch.float32)
 
 
-def _cell(text: str, width: int) -> str:
-    return text[:width].replace("|", "/").replace("\n", " ")
-
 
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` steps of `name` on one batch."""
@@ -349,19 +346,11 @@ def probe(name: str, optimizer: str, steps: int) -> str:
                 losses.append(f"{loss.item():.4g}")
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
-    form = blocks = outside = "–"
-    if kind != "adamw" and c is not None:
-        try:
-            covered, total = c.layers.coverage(dict(model.named_parameters()))
-            form, blocks = c.layers.form, f"{100 * covered / total:.1f}%"
-            outside = "; ".join(f"{f.param}: {f.reason[:70]}" for f in c.layers.fallbacks[:3]) or "–"
-            outside += f" (and {len(c.layers.fallbacks) - 3} more)" if len(c.layers.fallbacks) > 3 else ""
-        except Exception:  # noqa: BLE001  (not captured yet: the error says why)
-            pass
-    said = sorted({_cell(str(w.message), 160) + "..." for w in caught if str(w.message).startswith("gnfx")})
+    form, blocks, outside = capture_cells(c, model)
+    said = gnfx_warnings(caught, 160)
     setting = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
     return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {', '.join(losses) or '–'} | "
-            f"{_cell(outside, 300)} | {'; '.join(said) or '–'} | {_cell(error, 500) or '–'} | {time.time() - start:.0f} |")
+            f"{cell(outside, 300)} | {'; '.join(said) or '–'} | {cell(error, 500) or '–'} | {time.time() - start:.0f} |")
 
 
 def main() -> None:

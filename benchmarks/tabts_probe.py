@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
 from benchmarks.hooked_calls import hooked_calls
 from benchmarks.lockstep import lockstep_gaps
 
@@ -313,9 +313,6 @@ def _BatchLosses(losses: _Losses):
     return BatchLosses()
 
 
-def _cell(text: str, width: int) -> str:
-    return text[:width].replace("|", "/").replace("\n", " ")
-
 
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` steps of `name`."""
@@ -358,22 +355,14 @@ def probe(name: str, optimizer: str, steps: int) -> str:
                         losses.values.append(loss.item())
         except Exception as exc:  # noqa: BLE001
             error = (error + "; " if error else "") + f"{type(exc).__name__}: {exc}"
-    form = blocks = outside = "–"
-    if kind != "adamw" and isinstance(c, gnfx.CompiledModel):
-        try:
-            covered, total = c.layers.coverage(dict(model.named_parameters()))
-            form, blocks = c.layers.form, f"{100 * covered / total:.1f}%"
-            outside = "; ".join(f"{f.param}: {f.reason[:70]}" for f in c.layers.fallbacks[:3]) or "–"
-            outside += f" (and {len(c.layers.fallbacks) - 3} more)" if len(c.layers.fallbacks) > 3 else ""
-        except Exception:  # noqa: BLE001  (not captured yet: the error says why)
-            pass
-    said = sorted({_cell(str(w.message), 200) + "..." for w in caught if str(w.message).startswith("gnfx")})
+    form, blocks, outside = capture_cells(c, model)
+    said = gnfx_warnings(caught, 200)
     setting = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
     shown = losses.values if len(losses.values) <= 6 else losses.values[:3] + losses.values[-3:]
     text = ", ".join(f"{v:.3g}" for v in shown[:3]) + (" … " + ", ".join(f"{v:.3g}" for v in shown[3:])
                                                        if len(shown) > 3 else "")
     return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {text or '–'} | "
-            f"{_cell(outside, 300)} | {'; '.join(said) or '–'} | {_cell(error, 600) or '–'} | "
+            f"{cell(outside, 300)} | {'; '.join(said) or '–'} | {cell(error, 600) or '–'} | "
             f"{time.time() - start:.0f} |")
 
 
