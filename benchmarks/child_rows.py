@@ -11,6 +11,8 @@ import argparse
 import re
 import subprocess
 import sys
+import time
+import warnings
 
 import torch
 
@@ -51,6 +53,46 @@ def capture_cells(c, model, fallbacks: bool = True) -> tuple[str, ...]:
     except Exception:  # noqa: BLE001  (not captured yet: the error says why)
         pass
     return tuple(cells)
+
+
+def one_batch_row(name: str, optimizer: str, kind: str, hparams: dict, steps: int, exactness, made,
+                  widths: tuple[int, int, int] = (160, 300, 700), digits: int = 3) -> str:
+    """The row of a probe that trains a model on one batch: `exactness()` (its cell, for "kfac_lr" only), then
+    `made()` -> (model, loss(c) of the compiled model or the model itself) at seed 0, `steps` steps of
+    gnfx.compile(model, kind, **hparams) (or torch.optim.AdamW for kind "adamw"), and the cells: capture, share in
+    blocks, exactness, the losses (`digits` significant), the fallbacks, gnfx's warnings and the error, cut to
+    `widths` (warnings, fallbacks, error), and the seconds."""
+    torch.set_num_threads(1)
+    start, losses, error = time.time(), [], ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            exact = exactness() if optimizer == "kfac_lr" else "–"
+        except Exception as exc:  # noqa: BLE001 -- what a user would see is the result
+            exact = "error"
+            error = f"exactness: {type(exc).__name__}: {exc}"
+        torch.manual_seed(0)
+        model, loss_of = made()
+        c = None
+        try:
+            if kind == "adamw":
+                c, step = model, torch.optim.AdamW(model.parameters(), **hparams)
+            else:
+                c = step = gnfx.compile(model, kind, **hparams)
+            for _ in range(steps):
+                loss = loss_of(c)
+                loss.backward()
+                step.step()
+                step.zero_grad()
+                losses.append(f"{loss.item():.{digits}g}")
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+    form, blocks, outside = capture_cells(c, model)
+    said = gnfx_warnings(caught, widths[0])
+    setting = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
+    return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {', '.join(losses) or '–'} | "
+            f"{cell(outside, widths[1])} | {'; '.join(said) or '–'} | {cell(error, widths[2]) or '–'} | "
+            f"{time.time() - start:.0f} |")
 
 
 def child_row(command: list[str], timeout: float, failed, timed_out: str) -> str:

@@ -39,15 +39,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
+from benchmarks.child_rows import one_batch_row, probe_main
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, TOKENS, VOCAB = 8, 16, 500
@@ -193,41 +191,16 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
         torch.set_default_dtype(torch.float32)
 
 
-
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` steps of `name` on one batch."""
     kind, hparams = settings(name, optimizer)
-    torch.set_num_threads(1)
-    start, losses, error = time.time(), [], ""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            exact = exactness(name, kind, hparams) if optimizer == "kfac_lr" else "–"
-        except Exception as exc:  # noqa: BLE001 -- what a user would see is the result
-            exact = "error"
-            error = f"exactness: {type(exc).__name__}: {exc}"
-        torch.manual_seed(0)
+
+    def made():
         model = build(name).train()
         batch, loss_of = problem(name, model)
-        c = None
-        try:
-            if kind == "adamw":
-                c, step = model, torch.optim.AdamW(model.parameters(), **hparams)
-            else:
-                c = step = gnfx.compile(model, kind, **hparams)
-            for _ in range(steps):
-                loss = loss_of(c, batch)
-                loss.backward()
-                step.step()
-                step.zero_grad()
-                losses.append(f"{loss.item():.3g}")
-        except Exception as exc:  # noqa: BLE001
-            error = f"{type(exc).__name__}: {exc}"
-    form, blocks, outside = capture_cells(c, model)
-    said = gnfx_warnings(caught, 160)
-    setting = ", ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults"
-    return (f"| {name} | {optimizer} ({setting}) | {form} | {blocks} | {exact} | {', '.join(losses) or '–'} | "
-            f"{cell(outside, 300)} | {'; '.join(said) or '–'} | {cell(error, 700) or '–'} | {time.time() - start:.0f} |")
+        return model, lambda c: loss_of(c, batch)
+
+    return one_batch_row(name, optimizer, kind, hparams, steps, lambda: exactness(name, kind, hparams), made)
 
 
 def main() -> None:

@@ -467,7 +467,6 @@ def exactness(name: str, hparams: dict) -> str:
     return f"{factor_gap:.0e}, {grad_gap:.0e}"
 
 
-
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` chunks of `name`."""
     kind, hparams = OPTIMIZERS[optimizer]

@@ -313,7 +313,6 @@ def _BatchLosses(losses: _Losses):
     return BatchLosses()
 
 
-
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` steps of `name`."""
     kind, hparams = settings(name, optimizer)
