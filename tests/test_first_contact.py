@@ -1389,6 +1389,20 @@ class Activated(MLP):
         return self.b(self.activation(3 * self.a(x)))
 
 
+def assert_trains_as_written_out(plain: nn.Module, activation, capture: str) -> None:
+    """3 steps of kfac at its defaults (the quadratic step) of `plain` with its activation replaced by `activation`
+    (a custom Function's apply) take the parameters where those of `plain` go (float64; the same Monte Carlo
+    targets for both)."""
+    custom = copy.deepcopy(plain)
+    custom.activation = activation
+    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
+    for c in models:
+        torch.manual_seed(1)  # the same Monte Carlo targets for both
+        train(c, 3, torch.float64)
+    for p, q in zip(custom.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
 # a Function's apply looked up at the call, as BLOOM does, or bound before capture (`ste = STE.apply` at import)
 APPLIES = {"at the call": lambda function: lambda h: function.apply(h), "bound before": lambda function: function.apply}
 
@@ -1403,15 +1417,7 @@ def test_a_custom_function_without_jvp_steps_as_its_forward_written_out(capture,
     where those of the model written with plain ops go, float64, with either binding of apply and with
     or without setup_context."""
     torch.manual_seed(0)
-    plain = Activated().double()
-    custom = copy.deepcopy(plain)
-    custom.activation = APPLIES[bound](function)
-    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
-    for c in models:
-        torch.manual_seed(1)  # the same Monte Carlo targets for both
-        train(c, 3, torch.float64)
-    for p, q in zip(custom.parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert_trains_as_written_out(Activated().double(), APPLIES[bound](function), capture)
 
 
 @pytest.mark.parametrize("bound", sorted(APPLIES))
@@ -2371,15 +2377,7 @@ def test_a_custom_function_writing_its_input_in_place_is_checked_and_differentia
     step). They run it on a copy now: 3 steps of the quadratic step go where those of the model with the softmax
     written out go, float64."""
     torch.manual_seed(0)
-    plain = Activated(lambda h: torch.softmax(h, -1)).double()
-    custom = copy.deepcopy(plain)
-    custom.activation = ShiftedSoftmax.apply
-    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
-    for c in models:
-        torch.manual_seed(1)  # the same Monte Carlo targets for both
-        train(c, 3, torch.float64)
-    for p, q in zip(custom.parameters(), plain.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    assert_trains_as_written_out(Activated(lambda h: torch.softmax(h, -1)).double(), ShiftedSoftmax.apply, capture)
 
 
 class Density:
