@@ -28,12 +28,13 @@ Models from tiny configs with random weights (no download), each called the way 
 
 Runs, each model and run in a process of its own under `--timeout` seconds:
 
-- exact: float64, 2 steps of `gnfx.compile(model, "kfac", lr=1e-3, stat_decay=0.0)` beside the module
+- exact: float64 (segment_anything: float32, FLOAT32_ONLY), 2 steps of `gnfx.compile(model, "kfac", lr=1e-3, stat_decay=0.0)` beside the module
   (benchmarks.lockstep: the same random state before each forward): the largest |difference| of the loss
   and of any trainable parameter's gradient; and the first step's K-FAC factors A and S of every nn.Linear
   block the backward reached against plain hooks on the module (benchmarks.hooked_calls, benchmarks.diffusers_probe's
   linear_factors: A the mean of ā āᵀ over the rows the backward reached, S = M Σ g gᵀ with M the rows of
-  the model's first floating output of two or more dimensions that the loss reached), the largest
+  the model's first floating output of two or more dimensions that the loss reached, or the layer's
+  examples for a model that returns its loss alone), the largest
   |difference| relative to the factor's largest entry over all linear blocks;
 - kfac (defaults: no loss=, these losses are the models' own), kfac_lr (lr 1e-3), shampoo, diag, auto (lr
   1e-3); adamw: torch.optim.AdamW at lr 1e-3 on the trainable parameters, the reference.
@@ -422,21 +423,27 @@ def _first_output_gradient(model: nn.Module, at_z: dict):
     return model.register_forward_hook(hook)
 
 
-def exactness(case: Case, steps: int = 2):
+# segment_anything casts its prompts' coordinates to float32 itself (PositionEmbeddingRandom: `coords.to(torch.float)`
+# against its Gaussian matrix): the module does not run in float64
+FLOAT32_ONLY = ("sam_meta",)
+
+
+def exactness(name: str, steps: int = 2):
     """(the compiled model, the module, 'loss Δ, gradients Δ; A, S Δ of k linear blocks'): the lockstep gaps of
-    `steps` kfac steps in float64, and the first step's factors of the linear blocks against hooks (module doc).
-    float64 by default too: the DETR losses build their class weights at each call in the default dtype."""
-    torch.set_default_dtype(torch.float64)
+    `steps` kfac steps in float64 (float32 for FLOAT32_ONLY), and the first step's factors of the linear blocks
+    against hooks (module doc). The default dtype too: the DETR losses build their class weights at each call."""
+    dtype = torch.float32 if name in FLOAT32_ONLY else torch.float64
+    torch.set_default_dtype(dtype)
     try:
-        return _exactness(case, steps)
+        return _exactness(MODELS[name], steps, dtype)
     finally:
         torch.set_default_dtype(torch.float32)
 
 
-def _exactness(case: Case, steps: int):
+def _exactness(case: Case, steps: int, dtype: torch.dtype):
     torch.manual_seed(0)
-    model = case.build().double().train()
-    reference, b = copy.deepcopy(model), case.batch(torch.Generator().manual_seed(1), torch.float64)
+    model = case.build().to(dtype).train()
+    reference, b = copy.deepcopy(model), case.batch(torch.Generator().manual_seed(1), dtype)
     c = gnfx.compile(model, "kfac", lr=1e-3, stat_decay=0.0)
     # the first step: its statistics against hooks on the module (kfac refreshes them on a schedule after it)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
@@ -451,7 +458,9 @@ def _exactness(case: Case, steps: int):
     pairs = {"A": [], "S": []}  # (gnfx's, the hooks') of each block the backward reached
     for block in blocks:
         if any(record[1] is not None for record in calls[block]):
-            want = linear_factors(calls[block], linears[block].bias is not None, at_z[min(at_z)])
+            # a model returning its loss alone (GaussianDiffusion): N the layer's examples, T = 1 (gnfx.statistics)
+            z_grad = at_z[min(at_z)] if at_z else torch.ones(calls[block][0][0].shape[0], 1)
+            want = linear_factors(calls[block], linears[block].bias is not None, z_grad)
             for key, expected in zip("AS", want):
                 pairs[key].append((c.statistics(block)[key], expected))
     # relative to the factor's largest entry over the blocks: a block whose gradient is exactly 0 has S = 0
@@ -470,7 +479,7 @@ def probe(name: str, run: str, steps: int) -> str:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if run == "exact":
-            c, model, losses = exactness(case)
+            c, model, losses = exactness(name)
         else:
             torch.manual_seed(0)
             model = case.build().train()
