@@ -131,7 +131,7 @@ def detection_batch(g, dtype, size: int = 64):
 
 
 def model_loss(model, b):
-    return model(**b).loss
+    return model(**b)["loss"]
 
 
 # ---- segmentation: SAM (frozen encoders), Mask2Former, MaskFormer
