@@ -19,7 +19,7 @@ def hooked_calls(model: nn.Module, names: list[str]):
     calls, handles = {name: [] for name in names}, []
     for name in names:
         def hook(_, inputs, output, records=calls[name]):
-            record = [inputs[0].detach(), None]
+            record = [inputs[0].detach().clone(), None]  # a copy: an input may be a view of a parameter the step writes
             records.append(record)
             output.register_hook(lambda g: record.__setitem__(1, g.detach()))
         handles.append(modules[name].register_forward_hook(hook))

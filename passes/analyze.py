@@ -181,6 +181,10 @@ def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
         return f"{rejected[node]} at node {node.name}"
     if "gnfx_fallback_reason" in node.meta:  # a pass said why it left this node alone
         return f"{node.meta['gnfx_fallback_reason']} (node {node.name})"
+    if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled and node.args and node.args[0] is False:
+        # torch.export's form of a `with torch.no_grad():` region (LayoutLMv3's relative position tables)
+        return (f"read inside a torch.no_grad() region (node {node.name}), where it gets no gradient: no "
+                f"curvature to model there")
     if node.op == "call_module":
         why = leaves.get(node.target)
         return (f"inside leaf module {node.target!r} ({why})" if why

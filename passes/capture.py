@@ -32,6 +32,7 @@ from torch.utils import _pytree
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
+from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
@@ -74,10 +75,10 @@ class _DenseProxy(fx.Proxy):
     is_nested = False
 
 
-class _LeafFindingTracer(fx.Tracer):
+class _LeafFindingTracer(MappingOutputTracer):
     """An fx tracer that treats the given module paths (and torch.nn's modules without
     submodules, and nn.MultiheadAttention) as leaves and remembers the innermost submodule whose
-    forward raised during tracing."""
+    forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py)."""
 
     def __init__(self, leaves: set[str]):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
@@ -340,6 +341,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
                 if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                     node.meta.pop("is_wrapped", None)  # which breaks every later trace
             _keep_input_names(graph, concrete_args or {})
+            keep_output_type(graph, tracer.output_type)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
 

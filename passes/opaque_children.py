@@ -36,6 +36,9 @@ enclosing graph itself; anything inside a torch module whose forward reads its c
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
+child whose parameter the source of its parent's forward reads by attribute for its value
+(`self.query_position_embeddings.weight.repeat(...)`: DETR's, Mask2Former's and MaskFormer's query and level
+embeddings, nn.Embedding tables never called), closed whole with its children; a
 child whose graph has no curvature block (a pre-hook that computes the weight, a layer kind gnfx has
 no block for) or cannot be traced (then walked into); anything inside a submodule the user asked to
 keep opaque (`leaf_modules`), which stays whole. Only the captured graph knows where a layer sits in
@@ -47,11 +50,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 
 from torch import fx, nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
 from gnfx.opened_leaf import OpenedLeaf
+from gnfx.passes.mapping_output import copy_output_type
+from gnfx.passes.parameter_casts import METADATA_ATTRIBUTES
 from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
 OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
@@ -63,6 +69,8 @@ _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_
 # (ultralytics' `for m in self.model: x = m(x)`, routing outputs between them), so its children are opened
 CONTAINER = ("an nn.Sequential, whose children the opaque code may call one by one (iterating or indexing it) "
              "rather than through its forward: its children are opened")
+# what reading a parameter for its metadata looks like in source: no use of its value
+_METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point")
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
     nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",
@@ -123,6 +131,27 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> st
     return None
 
 
+def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | None:
+    """Why the child `name` of `module`, whose forward runs as Python code, cannot be opened when that
+    forward's source reads one of the child's trainable parameters by attribute (`self.name.weight`) for
+    its value, not its metadata: DETR's `self.query_position_embeddings.weight.unsqueeze(0).repeat(N, 1, 1)`,
+    Mask2Former's `self.level_embed.weight[i]`, an nn.Embedding used as a table and never called, whose
+    block's statistics would see no call (module doc); else None."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):  # no source (a builtin, a class made at run time): the backward still checks
+        return None
+    params = {n for n, p in child.named_parameters() if p.requires_grad}
+    for match in re.finditer(rf"\bself\.{re.escape(name)}\.([\w.]+)", source):
+        parts = match.group(1).split(".")
+        param = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in params), None)
+        rest = parts[len(param.split(".")):] if param else []
+        if param and not (rest and rest[0] in _METADATA_READS):
+            return (f"the Python code of {type(module).__name__}.forward reads its parameter 'self.{name}.{param}' "
+                    f"by attribute, besides any call of the layer, which the block's statistics would not see")
+    return None
+
+
 def _resolve(gm: fx.GraphModule, target: str):
     """The attribute or submodule of `gm` at the dotted path `target`."""
     obj = gm
@@ -154,6 +183,7 @@ def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
     traced = captured.graph_module
     graph = fx.Graph()
     graph.output(graph.graph_copy(traced.graph, {}))
+    copy_output_type(traced.graph, graph)  # a ModelOutput stays one for the submodule's code reading it
     objects = {}  # the module's attributes and submodules the graph reads, under their paths in the model
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
@@ -202,7 +232,9 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             path = _join(module_path, name)
             if any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child):
                 continue  # kept whole, as asked; or nothing to open
-            why = f"inside {module_path}, {reads}" if reads is not None else _why_closed(path, child, names, read)
+            read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
+            why = (f"inside {module_path}, {reads}" if reads is not None else
+                   read_by_code or _why_closed(path, child, names, read))
             if why is None:
                 try:
                     child_gm, child_table, child_sites = build(_capture(model, path, child))
@@ -213,7 +245,8 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             if why is None and not child_table.blocks:
                 why = f"its graph has no curvature block ({left[0].param!r}: {left[0].reason})"
             if why is not None:
-                if reads is not None or _reads_children(child) is not None or next(child.children(), None) is None:
+                if (reads is not None or read_by_code is not None or _reads_children(child) is not None
+                        or next(child.children(), None) is None):
                     closed(path, trainable(child), why)
                 else:  # its own parameters stay; its children are tried
                     closed(path, [names[id(p)][0] for p in child.parameters(recurse=False) if p.requires_grad], why)

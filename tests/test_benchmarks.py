@@ -585,6 +585,45 @@ def test_medseg_probe_reports_exact_factors_of_strided_dilated_and_blocked_3d_co
     assert medseg_probe.probe("stand_in", "adamw", steps=1).split(" | ")[1:5] == ["adamw", "–", "–", "–"]
 
 
+class _HfDetector(nn.Module):
+    """A stand-in for a Hugging Face detector: a frozen backbone, labels passed in, the loss computed inside
+    and returned first in a dict with the logits (N, queries, classes + 1) and the boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head, self.boxes = nn.Linear(6, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.backbone.requires_grad_(False)
+
+    def forward(self, features, labels):
+        h = torch.tanh(self.backbone(features))
+        logits, boxes = self.head(h), self.boxes(h).sigmoid()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + (boxes - 0.5).abs().mean()
+        return {"loss": loss, "logits": logits, "pred_boxes": boxes}
+
+
+def test_hfvision_probe_reports_exact_factors_with_a_frozen_part_and_the_models_own_loss(monkeypatch):
+    """benchmarks.hfvision_probe without its libraries: `probe` on a stand-in for a detector whose loss is inside
+    and whose backbone is frozen gives one row with the capture form, every trainable parameter in a block,
+    exact loss, gradients and A, S of its two trained linear layers against hooks, and one loss per step; the
+    AdamW reference row has no capture."""
+    from benchmarks import hfvision_probe
+
+    def batch(g, dtype):
+        return dict(features=torch.randn(2, 3, 6, generator=g, dtype=dtype), labels=torch.randint(0, 4, (2, 3), generator=g))
+
+    monkeypatch.setitem(hfvision_probe.MODELS, "stand_in", hfvision_probe.Case(
+        _HfDetector, batch, hfvision_probe.model_loss, "model(features, labels)['loss']"))
+    row = hfvision_probe.probe("stand_in", "exact", steps=2).split(" | ")
+    assert row[:4] == ["| stand_in", "exact", "fx", "100.0%"] and row[5] == "–"
+    gaps, factors = row[4].split("; ")
+    assert gaps == "loss 0e+00, gradients 0e+00" and factors.endswith("of 2 linear blocks")
+    a_gap, s_gap = (float(v.split(" ")[-1]) for v in factors.removesuffix(" of 2 linear blocks").split(", "))
+    assert a_gap < 1e-12 and s_gap < 1e-12
+    row = hfvision_probe.probe("stand_in", "kfac", steps=2).split(" | ")
+    assert row[1:4] == ["kfac", "fx", "100.0%"] and len(row[4].split(", ")) == 2
+    assert hfvision_probe.probe("stand_in", "adamw", steps=1).split(" | ")[1:4] == ["adamw", "–", "–"]
+
+
 class _Segmenter(nn.Module):
     """A stand-in for torchvision's segmentation models: a dict of (N, C, H, W) logits, "out" and "aux"."""
 

@@ -2496,3 +2496,32 @@ def test_one_backward_through_several_calls_of_the_compiled_model_is_named():
         want = 6 * g.T @ g  # S = M Σ g gᵀ, M = N = 6 (docs/design.md §1)
         torch.testing.assert_close(fixed.statistics(f"f.{name}")["S"], want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(c.statistics(name)["S"], 4 * want, rtol=1e-10, atol=1e-12)  # the calls' M
+
+
+# ----------------------------------------------------------------------------- eleventh round (vision, multimodal)
+
+
+class NoGradTable(nn.Module):
+    """LayoutLMv3's relative position bias (transformers 5): a linear layer's weight indexed as a table inside
+    `with torch.no_grad():`, so that it never gets a gradient, beside a layer that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.table = nn.Linear(4, 3), nn.Linear(5, 2, bias=False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            bias = self.table.weight[:, torch.tensor([0, 2, 4])]
+        return self.fc(x) + bias.sum(0)
+
+
+def test_a_parameter_read_under_no_grad_falls_back_for_what_it_is():
+    """Before: "used by call_function 'wrap_with_set_grad_enabled' (node index), not a layer gnfx models"."""
+    x = torch.randn(2, 4)
+    c = gnfx.compile(NoGradTable(), "kfac", lr=0.1, capture="export", example_inputs=(x,))
+    c(x).sum().backward()
+    c.step()
+    assert [(f.param, f.reason) for f in c.layers.fallbacks] == [
+        ("table.weight", "read inside a torch.no_grad() region (node index), where it gets no gradient: no "
+                         "curvature to model there")]
+    assert c.table.weight.grad is None and [b.name for b in c.layers] == ["fc"]

@@ -11,7 +11,9 @@ quadratic, and torch.compile must change nothing.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -407,14 +409,72 @@ def test_torch_compile_trains_as_without_it():
         torch.testing.assert_close(runs[1][1][k], v, rtol=1e-10, atol=1e-12)
 
 
+class Hidden(collections.OrderedDict):
+    """A dict subclass returned by a forward, read by attribute: Hugging Face's ModelOutput (a dataclass
+    and an OrderedDict at once) stands for it as a subclass without dataclass fields does."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+@dataclasses.dataclass
+class HiddenFields(collections.OrderedDict):
+    """ModelOutput's own form: a dataclass over an OrderedDict, built by keyword."""
+
+    hidden: torch.Tensor = None
+
+    def __post_init__(self):
+        self["hidden"] = self.hidden
+
+
+class Encoder(nn.Module):
+    """A traceable child (not a torch layer) returning a mapping of its hidden states."""
+
+    def __init__(self, output_type, d=6):
+        super().__init__()
+        self.output_type, self.fc = output_type, nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.output_type(hidden=torch.tanh(self.fc(x)))
+
+
+class ReadsHidden(nn.Module):
+    """YOLOS' pattern: its opaque code reads the `.hidden` of its opened encoder's output."""
+
+    def __init__(self, output_type):
+        super().__init__()
+        self.encoder = Encoder(output_type)
+
+    def forward(self, x):
+        h = self.encoder(x).hidden
+        return h if h.mean() > 0 else -h
+
+
+@pytest.mark.parametrize("output_type", [Hidden, HiddenFields])
+def test_an_opened_child_returning_a_dict_subclass_returns_that_type_to_the_opaque_code(output_type):
+    """Before: torch.fx's graph of the encoder returned a plain dict and `.hidden` raised an AttributeError
+    (YOLOS: 'dict' object has no attribute 'last_hidden_state'). The statistics are the hooks'."""
+    model = Around(ReadsHidden(output_type))
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    assert c.layers["body.encoder.fc"].called_by == "body"
+    for sign in (1, -1):
+        x, y = signed_batch(model, sign)
+        assert_statistics_match(c, model, ["inp", "body.encoder.fc", "out"], x, y)
+
+
 # ----------------------------------------------------------------------------- what is not opened
 
 
 class ReadsBias(Skip):
-    """Adds its layer's bias by hand besides calling the layer: a use the layer's statistics do not see."""
+    """Adds its layer's bias by hand besides calling the layer: a use the layer's statistics do not see, read
+    in a method other than forward, whose source the capture does not read (a read in forward's own source
+    closes the layer at capture: test_an_embedding_whose_weight_the_opaque_code_reads_as_a_table_is_not_opened)."""
 
     def forward(self, x):
-        return super().forward(x) + self.fc.bias
+        return super().forward(x) + self.extra()
+
+    def extra(self):
+        return self.fc.bias
 
 
 def test_a_parameter_the_opaque_code_uses_besides_its_layer_raises_with_the_fix():
@@ -473,6 +533,36 @@ def test_parameters_a_custom_autograd_function_takes_raise_naming_it_and_the_fix
     kept(signed_batch(model, 1)[0]).sum().backward()
     kept.step()
 
+
+class QueryTable(nn.Module):
+    """DETR's object queries: an nn.Embedding never called, its weight read as a table by the opaque code
+    (`self.queries.weight.unsqueeze(0).repeat(N, 1, 1)`), beside a layer it calls (whose dtype it reads)."""
+
+    def __init__(self, d=6, queries=2):
+        super().__init__()
+        self.queries, self.fc = nn.Embedding(queries, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.fc(x.to(self.fc.weight.dtype))
+        h = (h[:, None] + self.queries.weight.unsqueeze(0).repeat(x.shape[0], 1, 1)).mean(1)
+        return h if h.mean() > 0 else -h
+
+
+def test_an_embedding_whose_weight_the_opaque_code_reads_as_a_table_is_not_opened():
+    """Before: `queries` was opened into an embedding block that no call reaches, and the first backward
+    raised a GnfxError ('uses the parameter body.queries.weight other than by calling body.queries'): DETR,
+    Conditional and Deformable DETR, Mask2Former, MaskFormer. Now it falls back with the reason, `fc` (whose
+    dtype only is read) is opened, and the statistics are the hooks'."""
+    model = Around(QueryTable())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    assert c.layers.opened["body.queries"] == (
+        "not opened: the Python code of QueryTable.forward reads its parameter 'self.queries.weight' by attribute, "
+        "besides any call of the layer, which the block's statistics would not see")
+    assert [f.param for f in c.layers.fallbacks] == ["body.queries.weight"]
+    assert c.layers["body.fc"].called_by == "body"
+    for sign in (1, -1):
+        x, y = signed_batch(model, sign)
+        assert_statistics_match(c, model, ["inp", "body.fc", "out"], x, y)
 
 
 class Mixed(nn.Module):

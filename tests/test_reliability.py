@@ -744,6 +744,39 @@ def test_a_step_without_gradients_is_a_no_op_for_the_schedule_too(name):
     assert_same_state(full.state_dict(), c.state_dict())
     assert_same_state(full.optimizer.state_dict(), c.optimizer.state_dict())
 
+class TwoHeads(nn.Module):
+    """Two heads on one input: a loss of the first only leaves the second without gradients (SAM's multimask
+    heads under multimask_output=False)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 3, dtype=DTYPE), nn.Linear(5, 3, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_a_preconditioner_whose_blocks_got_no_gradient_leaves_them_and_steps_the_others():
+    """Before: the parameter write of the preconditioner holding only `b` raised in its foreach kernel ("Tensor
+    list must have at least one tensor"; SAM under "auto"). `b` keeps its value, and `a` steps as in the run
+    whose loss reaches `b` with a zero gradient (0 · its output)."""
+    x, y = batch(seed=0)
+    runs = []
+    for reaches_b in (False, True):
+        model = TwoHeads()
+        before = copy.deepcopy(model.b.state_dict())
+        c = gnfx.compile(model, optimizer={"a": "kfac", "b": "shampoo"}, lr=0.1)
+        for _ in range(2):
+            a, b = c(x)
+            (cross_entropy(a, y) + (0 * b.sum() if reaches_b else 0)).backward()
+            c.step()
+            c.zero_grad()
+        assert_same_state(before, model.b.state_dict())
+        runs.append(model.a.state_dict())
+    assert_same_state(runs[1], runs[0])
+
+
 # ============================================================================= hyperparameters
 
 

@@ -253,7 +253,8 @@ class CurvaturePreconditioner(Preconditioner):
         are the stacked steps D of self.groups; lr and wd are tensors with one entry per write of
         `self.writes` (each parameter's own param group: gnfx.codegen; wd None: no decay, and no pass
         multiplying every parameter by 1). The parameters in `self.without_gradient` are not written
-        (a piece's other parameters are)."""
+        (a piece's other parameters are); none of them with a gradient (a preconditioner whose blocks this
+        forward did not use, as SAM's unused multimask heads under "auto"), nothing is written."""
         decay, neg_lr = None if wd is None else (1 - lr * wd).unbind(), lr.neg().unbind()
         rows = [row for m in steps for row in m.unbind()]  # the step of each piece
         params, updates, decays, lrs = [], [], [], []
@@ -274,6 +275,8 @@ class CurvaturePreconditioner(Preconditioner):
             updates.append(rows[i] if src is None else rows[i][src])
             decays.append(None if decay is None else decay[j])
             lrs.append(neg_lr[j])
+        if not params:  # the foreach kernels refuse empty lists
+            return
         if decay is not None:
             torch._foreach_mul_(params, decays)
         torch._foreach_addcmul_(params, updates, lrs)
