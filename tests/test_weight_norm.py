@@ -334,3 +334,41 @@ def test_a_step_that_raises_leaves_no_stand_in():
     store = cm.optimizer.parameter_store
     assert store.param(NAMES["parametrization"][1]) is v and not store.reparametrizations.standins
     assert torch.equal(g, before[0]) and torch.equal(v, before[1])
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("api", ["parametrization", "hook"])
+def test_a_frozen_magnitude_is_a_block_that_steps_v_alone(api, capture):
+    """DINO's head (lightly's DINOProjectionHead at norm_last_layer=True) weight-norms its last layer with g
+    frozen at 1; the layer fell back ("used by call_function '_weight_norm', not a layer"). It is a block: one
+    K-FAC step (momentum, weight decay) moves W, to first order in lr, as the same step moves the plain layer
+    holding W with its gradient's component along each row's v̂_r taken out (∇v carries none of it) and that
+    component taken out of the change (W_r = g_r v̂_r moves only orthogonally to v̂_r); g stays."""
+    model, x = layer_model("linear", api)
+    g_name, v_name = NAMES[api]
+    named = dict(model.named_parameters())
+    named[g_name].requires_grad_(False)
+    g_before = named[g_name].detach().clone()
+    plain = plain_copy(model, "linear", api)
+    v = named[v_name].detach()
+    unit = v / v.norm(dim=1, keepdim=True)
+
+    def off_unit(m):
+        return m - unit * (unit * m).sum(1, keepdim=True)
+    lr = 1e-6
+    steps = []
+    for m in (model, plain):
+        cm = compiled(m, x, capture, lr=lr, weight_decay=0.1, momentum=0.9)
+        before = plain[0].weight.detach().clone() if m is plain else effective_weight(m, api)
+        cm(x).square().sum().backward()
+        if m is plain:
+            plain[0].weight.grad = off_unit(plain[0].weight.grad)
+        cm.step()
+        assert not cm.layers.fallbacks, cm.layers.fallbacks
+        covered, total = cm.layers.coverage(dict(m.named_parameters()))
+        assert covered == total
+        after = plain[0].weight.detach() if m is plain else effective_weight(m, api)
+        steps.append((after - before) / lr)
+    assert steps[1].abs().max() > 1e-2
+    torch.testing.assert_close(steps[0], off_unit(steps[1]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(named[g_name].detach(), g_before, rtol=0, atol=0)
