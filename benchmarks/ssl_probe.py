@@ -181,7 +181,8 @@ def problem(name: str, dtype=torch.float32):
             return batch, lambda m, plain, b: m(*b), None
         loss_func = _metric_loss(name).to(dtype)
         if name == "triplet":
-            miner = _import("pytorch_metric_learning.miners").TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+            miners = _import("pytorch_metric_learning.miners")
+            miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
 
             def mined(m, plain, b):
                 embeddings = m(b[0])
@@ -232,7 +233,8 @@ def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
     torch.manual_seed(0)
     _, reference_loss_of, _ = problem(name, dtype)
     c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **hparams)
-    linears = [n for n, mod in reference.named_modules()  # the student's (a frozen weight norm's weight is no parameter)
+    # the student's linears (a frozen weight norm's `weight` is no parameter: its module's parameters tell)
+    linears = [n for n, mod in reference.named_modules()
                if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters())]
     torch.manual_seed(7)
     with hooked_calls(reference, linears) as calls:

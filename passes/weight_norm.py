@@ -9,8 +9,8 @@ call, which passes/lower.py lowers with `hooked_weight_norm`: the layer's functi
 `torch._weight_norm(v, g, dim)` of the hook's parameters, computed in the graph on every call.
 
 `find_weight_norms` then gives the nodes of that form whose v is a trainable parameter and g a trainable
-or a frozen one (DINO's head: g fixed at 1), the trainable ones used by nothing else (passes/analyze.py makes such a node stand for v, so that a layer detector sees a
-weight of W's shape and its block steps W).
+or a frozen one (DINO's head: g fixed at 1), the trainable ones used by nothing else (passes/analyze.py
+makes such a node stand for v, so that a layer detector sees a weight of W's shape and its block steps W).
 """
 from __future__ import annotations
 
