@@ -58,8 +58,10 @@ def capture_cells(c, model, fallbacks: bool = True) -> tuple[str, ...]:
 def one_batch_row(name: str, optimizer: str, kind: str, hparams: dict, steps: int, exactness, made,
                   widths: tuple[int, int, int] = (160, 300, 700), digits: int = 3) -> str:
     """The row of a probe that trains a model on one batch: `exactness()` (its cell, for "kfac_lr" only), then
-    `made()` -> (model, loss(c) of the compiled model or the model itself) at seed 0, `steps` steps of
-    gnfx.compile(model, kind, **hparams) (or torch.optim.AdamW for kind "adamw"), and the cells: capture, share in
+    `made()` -> (model, loss(c) of the compiled model or the model itself[, after_backward()]) at seed 0, `steps`
+    steps of gnfx.compile(model, kind, **hparams) (or torch.optim.AdamW for kind "adamw"), `after_backward()`
+    (what the user's loop does between the backward and the step: a second optimizer's step, gradients
+    cancelled) after each backward, and the cells: capture, share in
     blocks, exactness, the losses (`digits` significant), the fallbacks, gnfx's warnings and the error, cut to
     `widths` (warnings, fallbacks, error), and the seconds."""
     torch.set_num_threads(1)
@@ -72,7 +74,7 @@ def one_batch_row(name: str, optimizer: str, kind: str, hparams: dict, steps: in
             exact = "error"
             error = f"exactness: {type(exc).__name__}: {exc}"
         torch.manual_seed(0)
-        model, loss_of = made()
+        model, loss_of, *after_backward = made()
         c = None
         try:
             if kind == "adamw":
@@ -82,6 +84,8 @@ def one_batch_row(name: str, optimizer: str, kind: str, hparams: dict, steps: in
             for _ in range(steps):
                 loss = loss_of(c)
                 loss.backward()
+                for then in after_backward:
+                    then()
                 step.step()
                 step.zero_grad()
                 losses.append(f"{loss.item():.{digits}g}")

@@ -42,11 +42,14 @@ input gradient, gnfx.filled_gradients) is not the training loss's: the hook lets
 that does.
 One backward that reaches the outputs of two statistic forwards (autograd's graph task tells one backward
 from the next: gradient accumulation's backward per forward is fine) adds each forward's rows to N and M,
-M = Σ_k N_k T_k, the model of distinct micro-batches averaged in one loss. When the forwards see the same
-examples (the model called K times inside one loss: torchdiffeq's `odeint(compiled_func, y0, t)` calls it at
-every solver stage, a cell stepped in a loop, a Siamese pair), each call's rows are positions of those examples
-instead, and S is K times too large, the per-example diagonal per call: warned once (`note_backward`), with the
-fix (compile the module whose forward makes the calls).
+M = Σ_k N_k T_k, the model of a loss that averages over every forward's rows: distinct micro-batches averaged
+in one loss, or augmented views of one batch each row of which is a term of the loss (SimCLR's NT-Xent over
+2N anchors, BYOL's symmetrized loss: M = 2N is their number of terms). When the calls are stages of one term
+per example instead (the model called K times inside one loss: torchdiffeq's `odeint(compiled_func, y0, t)`
+calls it at every solver stage, a cell stepped in a loop, a Siamese pair's distance), each call's rows are
+positions of those examples, and S is K times too large, the per-example diagonal per call: warned once
+(`note_backward`), naming both cases, with the fix for the second (compile the module whose forward makes the
+calls).
 """
 from __future__ import annotations
 
@@ -207,13 +210,15 @@ def note_backward(store, fid: int) -> None:
     store.shared_backward_told = True
     warnings.warn(
         "gnfx: one backward reached the outputs of two or more training forwards of the compiled model, whose "
-        "statistics count each forward's rows as examples of their own (N and M summed over the forwards, as for "
-        "distinct micro-batches averaged in one loss). If these forwards see the same examples (the model called "
-        "several times inside one loss: torchdiffeq's odeint(compiled_func, y0, t) calls it at every solver stage; "
-        "a cell stepped in a loop; a Siamese pair), the calls are positions of those examples: S is as many times "
-        "too large as there are calls, and the per-example diagonal is per call. Fix: compile the module whose "
-        "forward makes the calls (an nn.Module whose forward runs odeint or the loop); for distinct micro-batches "
-        "in one loss the statistics are right", RuntimeWarning, stacklevel=2)
+        "statistics count each forward's rows as loss terms of their own (N and M summed over the forwards). That "
+        "is right when the loss averages over each forward's rows: distinct micro-batches averaged in one loss, or "
+        "augmented views of one batch whose every row is a term of the loss (SimCLR's NT-Xent over the 2N "
+        "anchors, BYOL's loss symmetrized over the two views, DINO's over the student's views): nothing to do. "
+        "If instead the calls are stages of one term per example (the model called several times inside one "
+        "loss: torchdiffeq's odeint(compiled_func, y0, t) calls it at every solver stage; a cell stepped in a "
+        "loop; a Siamese pair's distance), the calls are positions of those examples: S is as many times too "
+        "large as there are calls, and the per-example diagonal is per call. Fix: compile the module whose "
+        "forward makes the calls (an nn.Module whose forward runs odeint or the loop)", RuntimeWarning, stacklevel=2)
 
 
 def _refuse_cascades(heads: list, losses) -> None:

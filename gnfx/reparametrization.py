@@ -125,11 +125,15 @@ class WeightNorm:
         """‖v_r‖, broadcastable against v (torch.norm_except_dim, as torch._weight_norm computes it)."""
         return torch.norm_except_dim(v, 2, self.dim)
 
+    def _magnitude(self, named: dict) -> torch.Tensor:
+        """g, a trainable parameter: from the parameters by name."""
+        return named[self.magnitude]
+
     def _unit_and_scale(self, named: dict):
         """(v̂, ‖v_r‖ / g_r with 0 where g_r = 0) (module docstring, the pseudo-inverse at g_r = 0)."""
         v = named[self.direction].detach()
         norm = self._norm(v)
-        g = named[self.magnitude].detach().reshape(norm.shape)
+        g = self._magnitude(named).detach().reshape(norm.shape)
         return v / norm, norm * _inverse_or_zero(g)
 
     def row_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +143,7 @@ class WeightNorm:
 
     def value(self, named: dict) -> torch.Tensor:
         """W, as the model's forward computes it, from the parameters by name."""
-        return torch._weight_norm(named[self.direction], named[self.magnitude], self.dim)
+        return torch._weight_norm(named[self.direction], self._magnitude(named), self.dim)
 
     def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
         """∇W from ∇g and ∇v (`grads`, by name): ∇W_r = v̂_r ∇g_r + (‖v_r‖ / g_r) ∇v_r (module
@@ -155,8 +159,37 @@ class WeightNorm:
         """{g: Δg, v: Δv} with J_f(Δg, Δv) = ΔW: Δg_r = v̂_rᵀ ΔW_r, Δv_r = (‖v_r‖ / g_r)(ΔW_r − v̂_r Δg_r)."""
         unit, scale = self._unit_and_scale(named)
         delta_g = self.row_sum(unit * delta_w)
-        return {self.magnitude: delta_g.reshape(named[self.magnitude].shape),
+        return {self.magnitude: delta_g.reshape(self._magnitude(named).shape),
                 self.direction: scale * (delta_w - unit * delta_g)}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNormFixedMagnitude(WeightNorm):
+    """W = g · v / ‖v‖ with g no trainable parameter (requires_grad=False: DINO's head, whose last layer
+    lightly's and the DINO authors' code weight-norm with g frozen at 1, `norm_last_layer=True`): only v
+    moves, so W_r moves only orthogonally to v̂_r. The weight-norm maps without g's part (module docstring):
+    gather ∇W_r = (‖v_r‖ / g_r) ∇v_r, ∇W_r but for its component along v̂_r, which ∇v_r does not carry;
+    scatter Δv_r = (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) ΔW_r, whose image J_v Δv_r is ΔW_r but for that component
+    (the pseudo-inverse of J_v, 0 at g_r = 0). `fixed`: g itself (not among the optimizer's parameters), read
+    at each step, so that a load_state_dict into it is seen; decoupled weight decay on W then moves nothing
+    (its pull-back is along v̂_r)."""
+
+    fixed: torch.Tensor = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        return ()
+
+    def _magnitude(self, named: dict) -> torch.Tensor:
+        return self.fixed
+
+    def weight_gradient(self, named: dict, grads: dict) -> torch.Tensor:
+        """∇W_r = (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) ∇v_r (∇v_r ⟂ v_r already: the projection is exact)."""
+        return super().weight_gradient(named, {**grads, self.magnitude: torch.zeros_like(self.fixed)})
+
+    def pull_back(self, named: dict, delta_w: torch.Tensor) -> dict:
+        """{v: Δv}, Δv_r = (‖v_r‖ / g_r)(I − v̂_r v̂_rᵀ) ΔW_r."""
+        return {self.direction: super().pull_back(named, delta_w)[self.direction]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,6 +118,16 @@ class _ParamIndex:
             return self.reparametrized[node].standin
         if isinstance(node, fx.Node) and node in self.casts:
             return self.casts[node]
+        name = self._name_of(node)
+        return name if name is not None and self.params[name].requires_grad else None
+
+    def frozen_of(self, node) -> tuple[str, nn.Parameter] | None:
+        """(name, parameter) of the frozen (requires_grad=False) parameter a `get_attr` node reads, else None."""
+        name = self._name_of(node)
+        return (name, self.params[name]) if name is not None and not self.params[name].requires_grad else None
+
+    def _name_of(self, node) -> str | None:
+        """The canonical name of the parameter (trainable or not) a `get_attr` node reads, or of a Parameter."""
         if isinstance(node, nn.Parameter):
             obj = node
         elif not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -126,8 +136,7 @@ class _ParamIndex:
             obj = self.gm
             for part in node.target.split("."):
                 obj = getattr(obj, part, None)
-        name = self.names.get(id(obj))
-        return name if name is not None and self.params[name].requires_grad else None
+        return self.names.get(id(obj))
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return tuple(self.params[name].shape)
@@ -160,7 +169,7 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     W_o; each weight standardization's W (passes/weight_standardization.py) stand for V (holding its gain,
     where it has one); each masked weight M ⊙ V (passes/masked_weights.py) stand for V. Returns the
     stand-in's name -> its reparametrization."""
-    index.reparametrized = {**find_weight_norms(gm, index.param_of, uses),
+    index.reparametrized = {**find_weight_norms(gm, index.param_of, index.frozen_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
                             **find_weight_standardizations(gm, index.param_of, index.shape_of, uses),
                             **find_masked_weights(gm, index.param_of, index.shape_of, uses)}

@@ -8,9 +8,9 @@ Both APIs compute W with torch._weight_norm(v, g, dim). Under torch.export both 
 call, which passes/lower.py lowers with `hooked_weight_norm`: the layer's functional op on
 `torch._weight_norm(v, g, dim)` of the hook's parameters, computed in the graph on every call.
 
-`find_weight_norms` then gives the nodes of that form whose g and v are trainable parameters used by
-nothing else (passes/analyze.py makes such a node stand for v, so that a layer detector sees a
-weight of W's shape and its block steps W).
+`find_weight_norms` then gives the nodes of that form whose v is a trainable parameter and g a trainable
+or a frozen one (DINO's head: g fixed at 1), the trainable ones used by nothing else (passes/analyze.py
+makes such a node stand for v, so that a layer detector sees a weight of W's shape and its block steps W).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm as WeightNormHook
 
-from gnfx.reparametrization import WeightNorm
+from gnfx.reparametrization import WeightNorm, WeightNormFixedMagnitude
 
 from .sites import arg
 
@@ -73,21 +73,26 @@ def weight_name(parameter: str) -> str:
     return parameter
 
 
-def find_weight_norms(gm: fx.GraphModule, param_of, uses: dict) -> dict[fx.Node, WeightNorm]:
-    """Each weight-norm node whose v and g are trainable parameters (`param_of(node)` gives their names)
-    used only by weight-norm nodes of the same (g, v, dim) (`uses`: each parameter's (consumer,
-    get_attr) pairs), with its gnfx.reparametrization.WeightNorm. A node whose g or v has another use
-    is left out, with the reason for the report."""
+def find_weight_norms(gm: fx.GraphModule, param_of, frozen_of, uses: dict) -> dict[fx.Node, WeightNorm]:
+    """Each weight-norm node whose v is a trainable parameter (`param_of(node)` gives its name) and g a
+    trainable parameter too, or a frozen one (`frozen_of(node)`: (its name, the parameter), DINO's head:
+    gnfx.reparametrization.WeightNormFixedMagnitude), the trainable ones used only by weight-norm nodes of
+    the same (g, v, dim) (`uses`: each parameter's (consumer, get_attr) pairs), with its
+    gnfx.reparametrization.WeightNorm. A node whose g or v has another use is left out, with the reason
+    for the report."""
     found: dict[fx.Node, WeightNorm] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in WEIGHT_NORM_OPS:
             continue
-        v, g = param_of(arg(node, 0, "v")), param_of(arg(node, 1, "g"))
+        v, g, dim = param_of(arg(node, 0, "v")), param_of(arg(node, 1, "g")), int(arg(node, 2, "dim", 0))
+        fixed = frozen_of(arg(node, 1, "g"))
         if v is not None and g is not None:
-            found[node] = WeightNorm(weight_name(v), g, v, int(arg(node, 2, "dim", 0)))
+            found[node] = WeightNorm(weight_name(v), g, v, dim)
+        elif v is not None and fixed is not None:
+            found[node] = WeightNormFixedMagnitude(weight_name(v), fixed[0], v, dim, fixed[1])
     accepted = {}
     for node, wn in found.items():
-        consumers = {u for name in (wn.magnitude, wn.direction) for u, _ in uses[name]}
+        consumers = {u for name in (wn.magnitude, *wn.held, wn.direction) if name in uses for u, _ in uses[name]}
         if all(found.get(c) == wn for c in consumers):
             accepted[node] = wn
         else:

@@ -2525,3 +2525,41 @@ def test_a_parameter_read_under_no_grad_falls_back_for_what_it_is():
         ("table.weight", "read inside a torch.no_grad() region (node index), where it gets no gradient: no "
                          "curvature to model there")]
     assert c.table.weight.grad is None and [b.name for b in c.layers] == ["fc"]
+
+
+def test_two_augmented_views_in_one_loss_count_2n_terms_and_the_warning_says_so():
+    """lightly's BYOL (SimCLR, DINO alike): the compiled student is called on two augmented views of one batch
+    and the loss averages over both views' rows, ½(cos(p0, z1) + cos(p1, z0)) against a momentum teacher's
+    detached targets: 2N loss terms. S equals the plain hooks' with M = 2N (each view's rows terms of their
+    own); the warning at the backward used to tell such a user that "forwards [that] see the same examples"
+    make S twice too large and to compile the module making the calls; it now names augmented views whose rows
+    the loss averages as right."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    reference = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    views = [x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def byol(model):
+        p0, p1 = model(views[0]), model(views[1])
+        z0, z1 = teacher(views[0]).detach(), teacher(views[1]).detach()
+        return -0.5 * (F.cosine_similarity(p0, z1).mean() + F.cosine_similarity(p1, z0).mean())
+    c = gnfx.compile(student, "kfac", lr=1e-3, stat_decay=0.0, stat_every=1)
+    with pytest.warns(RuntimeWarning, match=r"(?s)one backward reached the outputs of two or more.*augmented views "
+                                            r"of one batch whose every row is a term of the loss.*nothing to do"):
+        byol(c).backward()
+    c.step()
+    calls = collections.defaultdict(list)
+
+    def record(name):
+        def hook(_, inputs, out):
+            out.register_hook(lambda g: calls[name].append(g))
+        return hook
+    for name in ("0", "2"):
+        reference.get_submodule(name).register_forward_hook(record(name))
+    byol(reference).backward()
+    for name in ("0", "2"):
+        g = torch.cat(calls[name])
+        torch.testing.assert_close(c.statistics(name)["S"], 2 * 5 * g.T @ g, rtol=1e-10, atol=1e-12)  # M = 2N
