@@ -277,13 +277,13 @@ def squared_error_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
                                     scale=1.0) -> tuple[str, str, list[float]]:
     """(no error: '', the warning, `also` as floats) of loss="mse"'s check: a mean squared error's gradient,
     2(z - y)/numel(z), can be any tensor, but one that takes at most two nonzero magnitudes in each column of
-    z's rows (its last dimension) where some column has three or more nonzero entries is a piecewise-linear
+    z's rows (its last dimension; an (N,) z is one column) where some column has three or more nonzero entries is a piecewise-linear
     loss's: every |∂L/∂z| equal for an L1 loss (MAE), q/M and (1 - q)/M in the column of quantile q for a
     quantile (pinball) loss, residuals that all match by chance for no squared error. Its curvature is zero
     where it is differentiable; gnfx models the squared error of the targets z - numel(z)·∂L/∂z/2 the gradient
     implies (the sampled Fisher, the quadratic step's GGN, and without a closure its ρ): warned. The test is
     the same for s·∂L/∂z, so `scale` only documents the signature shared with the other checks."""
-    rows = grad.detach().reshape(-1, grad.shape[-1] if grad.dim() else 1).abs()
+    rows = grad.detach().reshape(-1, grad.shape[-1] if grad.dim() >= 2 else 1).abs()  # (N,): one column
     nonzero = rows.ne(0)
     largest = rows.amax(0, keepdim=True)
     smallest = torch.where(nonzero, rows, largest).amin(0, keepdim=True)
