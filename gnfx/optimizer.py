@@ -364,7 +364,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         that builds its optimizer from a class and the parameters asks for (skorch's `optimizer(param_groups,
         lr=...)`, fastai's `OptimWrapper(params, opt=...)`). Every parameter planned at compile time must be
         in a group, each once; a parameter that does not require a gradient is left out (no backward gives it
-        one, so no optimizer steps it: skorch hands over the frozen ones too). The state is kept."""
+        one, so no optimizer steps it: skorch hands over the frozen ones too). The state is kept. A framework
+        that builds one optimizer per parameter (pyro.optim.PyroOptim: `optimizer([p], **args)` for each p)
+        hands over a single parameter: its error says so and names the loop that steps the model instead."""
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise ConfigError(f"the compiled model's optimizer takes {', '.join(self.defaults)} per param group, not "
@@ -377,6 +379,14 @@ class GnfxOptimizer(torch.optim.Optimizer):
                               "torch optimizer takes")
         groups = groups if groups[0] is not None else [{"params": params}]
         planned = {id(p): n for n, p in self.parameter_store.named.items()}
+        per_parameter = (
+            f" A single tensor was handed over of the {len(planned)} parameters planned: a framework that builds one "
+            f"optimizer per parameter (pyro.optim's PyroOptim calls optimizer([p], **args) for each p of pyro's "
+            f"param store) cannot be given the compiled model's one optimizer. Step it yourself after your loss's "
+            f"backward (pyro: loss = Trace_ELBO().differentiable_loss(model, guide, x); loss.backward(); "
+            f"compiled.step(); compiled.zero_grad()), and the parameters outside the compiled model with an "
+            f"optimizer of their own" if len(planned) > 1 and len(params) == 1 and isinstance(params[0], torch.Tensor)
+            else "")
         made, handed = [], set()
         for group in groups:
             unknown = sorted(set(group) - {"params", *self.defaults})
@@ -392,7 +402,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
                                   f"(a criterion's parameters, another model's, or one made trainable after "
                                   f"gnfx.compile): its optimizer steps only the parameters planned at compile time. "
                                   f"Train the others with an optimizer of their own, or compile a module that holds "
-                                  f"them")
+                                  f"them.{per_parameter}")
             kept = [p for p in tensors if id(p) in planned]
             again = [planned[id(p)] for p in kept if id(p) in handed]
             if again:
@@ -404,7 +414,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"{len(missing)} parameter(s) planned at compile time are in no param group "
                               f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): gnfx steps every "
                               f"parameter it planned. To keep some fixed, set requires_grad=False before "
-                              f"gnfx.compile, or give them a group with lr 0")
+                              f"gnfx.compile, or give them a group with lr 0.{per_parameter}")
         self.defaults.update(settings)
         self.param_groups.clear()
         for group in made:

@@ -9,7 +9,9 @@ drop out of N and M; with loss="cross_entropy" that gradient must be a mean cros
 z's classes (gnfx.outputs.check_cross_entropy_gradient), the last dimension or dimension 1 of an
 (N, C, H, W) output, which the first gradient at z tells (gnfx.outputs.LogitsLayout: from then on the
 rows, T and the true Fisher are those of the classes-last z_c), with loss="binary_cross_entropy" a mean
-binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient); the true-Fisher backward
+binary cross-entropy's of every entry (gnfx.outputs.check_binary_cross_entropy_gradient), with loss="mse" one
+of at most two magnitudes per column, a piecewise-linear loss's (MAE, a quantile loss), warns
+(gnfx.outputs.squared_error_gradient_findings); the true-Fisher backward
 (gnfx.fisher, `fisher="mc"` or `"type2"`) starts there too, once per forward. With loss= naming several
 outputs (gnfx.output_losses, a weighted sum Σ_k w_k L_k(z_k)) each named z_k is hooked so, its gradient
 divided by w_k checked as its loss's, its own true-Fisher backward weighted (`_hook`); a named output
@@ -177,7 +179,7 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
             z_c, grad_c = layout.classes_last(z_k), layout.classes_last(grad)
             kept = (grad_c.reshape(-1, grad_c.shape[-1]) if grad_c.dim() >= 2 else grad_c.reshape(-1, 1)).ne(0).any(1)
             count = kept.sum()
-            if name in ("cross_entropy", "binary_cross_entropy"):  # the check reads the count with its figures: one transfer
+            if name in ("cross_entropy", "binary_cross_entropy", "mse"):  # the check reads the count with its figures: one transfer
                 unweighted = grad_c if loss is None or loss.weight == 1.0 else grad_c / loss.weight
                 dense = layout.classes_axis == 1
                 error, warning, (count,) = output_gradient_findings(name, z_c, unweighted, count, dense=dense)

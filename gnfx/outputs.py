@@ -273,12 +273,46 @@ def binary_cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, 
     return error, "", values
 
 
+def squared_error_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor,
+                                    scale=1.0) -> tuple[str, str, list[float]]:
+    """(no error: '', the warning, `also` as floats) of loss="mse"'s check: a mean squared error's gradient,
+    2(z - y)/numel(z), can be any tensor, but one that takes at most two nonzero magnitudes in each column of
+    z's rows (its last dimension; an (N,) z is one column) where some column has three or more nonzero entries is a piecewise-linear
+    loss's: every |∂L/∂z| equal for an L1 loss (MAE), q/M and (1 - q)/M in the column of quantile q for a
+    quantile (pinball) loss, residuals that all match by chance for no squared error. Its curvature is zero
+    where it is differentiable; gnfx models the squared error of the targets z - numel(z)·∂L/∂z/2 the gradient
+    implies (the sampled Fisher, the quadratic step's GGN, and without a closure its ρ): warned. The test is
+    the same for s·∂L/∂z, so `scale` only documents the signature shared with the other checks."""
+    rows = grad.detach().reshape(-1, grad.shape[-1] if grad.dim() >= 2 else 1).abs()  # (N,): one column
+    nonzero = rows.ne(0)
+    largest = rows.amax(0, keepdim=True)
+    smallest = torch.where(nonzero, rows, largest).amin(0, keepdim=True)
+    two_values = (~nonzero | rows.eq(largest) | rows.eq(smallest)).all()
+    kept, columns = nonzero.sum(), rows.shape[-1]
+    piecewise, count, *values = torch.stack([two_values.double(), kept.double(),
+                                             *(a.double() for a in also)]).tolist()
+    warning = ""
+    if piecewise and count > 2 * columns:
+        warning = (
+            f"gnfx: loss='mse' is the mean squared error of the model output z (shape {tuple(z.shape)}), and the "
+            f"gradient at z takes at most two magnitudes in each column of its last dimension: a piecewise-linear "
+            f"loss, an L1 loss (MAE: every |∂L/∂z| equal) or a quantile (pinball) loss (q/M and (1 - q)/M), whose "
+            f"curvature is zero where it is differentiable. gnfx models it as the squared error of the targets "
+            f"z - numel(z)·∂L/∂z/2 the gradient implies (its Fisher, the quadratic step's GGN): a surrogate of "
+            f"your loss's curvature, and without a closure the quadratic step measures ρ on that squared error, "
+            f"not on your loss. Pass model.step(closure) for ρ of your loss, or compile without loss= (and with "
+            f"an lr): K-FAC's statistics are then the empirical Fisher of your loss's gradients")
+    return "", warning, values
+
+
 def output_gradient_findings(loss: str, z: torch.Tensor, grad: torch.Tensor, *also: torch.Tensor, dense: bool = False,
                              scale=1.0) -> tuple[str, str, list[float]]:
     """The findings of loss `loss`'s check (cross_entropy: z and grad classes-last, `dense` as
     check_cross_entropy_gradient's; binary_cross_entropy: as the model returns them)."""
     if loss == "cross_entropy":
         return cross_entropy_gradient_findings(z, grad, *also, dense=dense, scale=scale)
+    if loss == "mse":
+        return squared_error_gradient_findings(z, grad, *also, scale=scale)
     return binary_cross_entropy_gradient_findings(z, grad, *also, scale=scale)
 
 

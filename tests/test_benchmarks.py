@@ -553,6 +553,48 @@ def test_sciml_probe_reports_capture_blocks_exact_factors_and_losses_of_an_ode_c
     assert factors.startswith("A, S of 4 linear blocks") and float(factors.split()[-1]) < 1e-12
 
 
+class _MAE:
+    """A stand-in for neuralforecast's MAE: domain_map, is_distribution_output and its call (y, y_hat, mask)."""
+
+    is_distribution_output = False
+
+    @staticmethod
+    def domain_map(y_hat):
+        return y_hat
+
+    def __call__(self, y, y_hat, y_insample, mask):
+        return ((y - y_hat).abs() * mask).sum() / mask.sum()
+
+
+class _WindowForecaster(nn.Module):
+    """A stand-in for neuralforecast's MLP: forward(windows_batch) of insample_y (W, L, 1) to a forecast (W, h, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.loss = _MAE()
+
+    def forward(self, windows_batch):
+        return self.mlp(windows_batch["insample_y"].squeeze(-1)).unsqueeze(-1)
+
+
+def test_fcast_probe_reports_exact_factors_and_names_an_mae_under_loss_mse(monkeypatch):
+    """benchmarks.fcast_probe without neuralforecast: `probe` on a stand-in window forecaster trained as
+    neuralforecast's training_step does (the model on the windows batch, its loss's domain_map and call) gives
+    a row with the capture, every parameter in a block, exact loss, gradients and K-FAC factors (S at M = the
+    64 rows of the (16, 4, 1) forecast); under loss='mse' the MAE is named as piecewise linear."""
+    from benchmarks import fcast_probe
+
+    monkeypatch.setattr(fcast_probe, "build", lambda name: _WindowForecaster())
+    row = fcast_probe.probe("mlp", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–", row
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.endswith("(M 64, 2 Linear)")
+    assert all(float(v.split()[1]) < 1e-12 for v in factors.split(" (")[0].split(", ")) and len(row[5].split(", ")) == 2
+    row = fcast_probe.probe("mlp", "kfac_mse", steps=2).split(" | ")
+    assert "piecewise-linear" in row[7] or "two magnitudes" in row[7], row
+
+
 class _VolumeSegmenter(nn.Module):
     """A stand-in for MONAI's 3-D UNets: a convolution of one input channel and a kernel of 11³ (A of 1332
     entries: blocked), a strided and a dilated one, a transposed one back up to (N, 3, D, H, W) logits."""

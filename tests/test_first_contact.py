@@ -1133,6 +1133,40 @@ def test_a_closure_names_a_summed_squared_error(reduction):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("loss_name", ["mae", "mae of one output", "pinball", "mse"])
+def test_a_piecewise_linear_loss_under_loss_mse_is_named(loss_name):
+    """neuralforecast's MAE and MQLoss (the pinball loss of quantiles q, one per output column) passed
+    loss='mse' silently, and gnfx modelled them as the squared error of the targets z - numel(z)·∂L/∂z/2 (the
+    quadratic step's GGN, ρ without a closure). Their gradient at z takes at most two magnitudes per column
+    (1/M; q/M and (1 - q)/M), which no squared error's does: a RuntimeWarning at the step naming the loss and
+    the fix. A mean squared error's gradient (residuals of many sizes) warns nothing."""
+    torch.manual_seed(0)
+    one_output = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1), nn.Flatten(0))  # an (N,) forecast
+    c = gnfx.compile(one_output if loss_name == "mae of one output" else MLP(), "kfac", loss="mse")
+    x, _ = batch()
+    target = torch.randn(8, 1, generator=torch.Generator().manual_seed(2))
+    out = c(x)
+    if loss_name == "mae":
+        loss = (out - target).abs().mean()
+    elif loss_name == "mae of one output":  # z of shape (N,): one column of N rows
+        loss = (out - target[:, 0]).abs().mean()
+    elif loss_name == "pinball":
+        error = target - out  # columns: the quantiles 0.1, 0.5, 0.9
+        q = torch.tensor([0.1, 0.5, 0.9])
+        loss = torch.maximum(q * error, (q - 1) * error).mean()
+    else:
+        loss = F.mse_loss(out, target.expand_as(out))
+    loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c.step()
+    named = [str(w.message) for w in caught if "piecewise-linear" in str(w.message)]
+    if loss_name == "mse":
+        assert not named
+    else:
+        assert len(named) == 1 and "compile without loss=" in named[0], named
+
+
 def multi_label_batch(dtype=torch.float32):
     """Inputs and 3 binary labels each, a function of the inputs an MLP can learn (first_contact_4.md's
     BCEWithLogits row)."""

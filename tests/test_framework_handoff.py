@@ -63,6 +63,23 @@ def test_groups_from_a_splitter_each_step_at_their_own_lr():
     assert moved == [False, False] + [True] * (len(moved) - 2)
 
 
+@pytest.mark.parametrize("first", ["its own", "another model's"])
+def test_an_optimizer_built_per_parameter_is_refused_naming_the_loop_instead(first):
+    """pyro.optim.PyroOptim(constructor, args) builds one optimizer per parameter of pyro's param store,
+    constructor([p], **args), the first call at SVI's first step; with model.optimizer_for that first call
+    handed over one tensor, and the error spoke of parameters left out or of a criterion's parameter, which
+    the user had not done. Now it says that the framework builds an optimizer per parameter and names the
+    loop that steps the compiled model instead. Reproduced in plain torch: a decoder's parameter is another
+    model's, as pyro's param store holds the model's and the guide's."""
+    net, decoder = mlp(), torch.nn.Linear(4, 8)
+    model = gnfx.compile(net, "kfac", lr=1e-3)
+    store = list(net.parameters()) + list(decoder.parameters())
+    store = store if first == "its own" else store[::-1]
+    with pytest.raises(gnfx.ConfigError, match=r"(?s)optimizer per parameter.*PyroOptim.*loss.backward\(\); "
+                                               r"compiled.step\(\)"):
+        {id(p): model.optimizer_for([p], lr=1e-3) for p in store}  # PyroOptim's optimizer per parameter
+
+
 def test_frozen_parameters_are_left_out_and_strangers_and_gaps_are_named():
     net = mlp()
     net.layers[0].bias.requires_grad_(False)  # frozen before compile: skorch hands it over anyway
