@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import gnfx
 from benchmarks.child_rows import probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factors as hooked_linear_factors
 
 BATCH = 4
 RUNS = {"exact": dict(lr=1e-3), "kfac": dict(lr=1e-3), "kfac_mse": dict(loss="mse"),
@@ -258,11 +258,9 @@ def recorded_linears(model: torch.nn.Module):
 def linear_factors(records, bias: bool, z_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K-FAC's A = mean over positions of ā āᵀ (ā = [a, 1] with a bias) and S = M Σ g gᵀ of a linear layer's
     records, M the rows of z (N, ..., C) the loss's mean runs over: those with a nonzero gradient (docs/design.md §1)."""
-    a = torch.cat([r[0].reshape(-1, r[0].shape[-1]) for r in records if r[1] is not None])
-    g = torch.cat([r[1].reshape(-1, r[1].shape[-1]) for r in records if r[1] is not None])
-    a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
+    A, gg = hooked_linear_factors(records, bias)
     rows = int(z_grad.reshape(-1, z_grad.shape[-1]).ne(0).any(1).sum())
-    return a.T @ a / a.shape[0], rows * g.T @ g
+    return A, rows * gg
 
 
 def exactness(name: str, steps: int = 2):

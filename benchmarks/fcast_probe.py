@@ -57,7 +57,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
 WINDOWS, HORIZON, INPUT = 16, 4, 8
@@ -215,13 +215,9 @@ def factor_gaps(name: str, dtype: torch.dtype) -> str:
     a_gap = s_gap = 0.0
     rows = set()
     for n, calls in records.items():
-        calls = [call for call in calls if call[1] is not None]
-        a = torch.cat([call[0].reshape(-1, call[0].shape[-1]) for call in calls])
-        if modules[n].bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        g = torch.cat([call[1].reshape(-1, call[1].shape[-1]) for call in calls])
-        stats, s_sum = c.statistics(n), g.T @ g
-        a_gap = max(a_gap, ((stats["A"] - a.T @ a / len(a)).abs().max() / stats["A"].abs().max()).item())
+        A, s_sum = linear_factors(calls, modules[n].bias is not None)
+        stats = c.statistics(n)
+        a_gap = max(a_gap, ((stats["A"] - A).abs().max() / stats["A"].abs().max()).item())
         m = (stats["S"].trace() / s_sum.trace()).item()  # gnfx's S = M Σ g gᵀ: its M
         rows.add(f"{m:.4g}")
         s_gap = max(s_gap, ((stats["S"] - m * s_sum).abs().max() / stats["S"].abs().max()).item())

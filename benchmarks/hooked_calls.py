@@ -2,12 +2,14 @@
 
 A forward hook on the submodule records its input a of each call, and a tensor hook on that call's output
 records the gradient g the backward sends to it, so that a probe forms A and S from (a, g) itself, with
-nothing gnfx computed (benchmarks.diffusers_probe, medseg_probe, pyg_probe).
+nothing gnfx computed (benchmarks.diffusers_probe, medseg_probe, pyg_probe, and the eleventh round's probes);
+`linear_factors` forms them for a linear layer.
 """
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 
@@ -28,3 +30,14 @@ def hooked_calls(model: nn.Module, names: list[str]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def linear_factors(records, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC's A = mean of ā āᵀ over the rows (every position) of each hooked call of a linear layer that the
+    backward reached (ā = [a, 1] with a `bias`), and Σ g gᵀ over the same rows: S is M times the latter, M the
+    loss's terms (docs/design.md §1)."""
+    reached = [(a, g) for a, g in records if g is not None]
+    a = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in reached])
+    g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in reached])
+    a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
+    return a.T @ a / len(a), g.T @ g

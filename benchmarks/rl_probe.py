@@ -52,7 +52,7 @@ from torch.distributions import Categorical, Normal
 
 import gnfx
 from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factors
 
 LR = 3e-4
 CLEANRL = ("ppo", "dqn", "sac")
@@ -402,10 +402,8 @@ def run_sb3(name: str, optimizer: str, chunks: int):
 
 def _linear_factors(records, m: int) -> dict:
     """A = mean of ā āᵀ over the rows of every call, S = M Σ g gᵀ (docs/design.md §1, "expand")."""
-    a = torch.cat([torch.cat([a.reshape(-1, a.shape[-1]), torch.ones_like(a.reshape(-1, a.shape[-1])[:, :1])], 1)
-                   for a, g in records if g is not None])
-    g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in records if g is not None])
-    return {"A": a.T @ a / len(a), "S": m * g.T @ g}
+    A, gg = linear_factors(records, bias=True)
+    return {"A": A, "S": m * gg}
 
 
 def exactness_case(name: str, dtype: torch.dtype):

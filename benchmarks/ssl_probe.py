@@ -46,7 +46,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, SIZE, FEATURES = 16, 16, 16  # images of a batch, their side, the backbone's features
@@ -245,11 +245,8 @@ def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
     n = EXAMPLES if name in METRIC else BATCH * STUDENT_VIEWS.get(name, 1)
     gap, blocks = 0.0, [b.name for b in c.layers if b.name in linears]
     for block in blocks:
-        records = [r for r in calls[block] if r[1] is not None]
-        a = torch.cat([r[0].reshape(-1, r[0].shape[-1]) for r in records])
-        g = torch.cat([r[1].reshape(-1, r[1].shape[-1]) for r in records])
-        a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if c.layers[block].bias is not None else a
-        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (a.T @ a / a.shape[0], n * g.T @ g)):
+        A, gg = linear_factors(calls[block], c.layers[block].bias is not None)
+        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (A, n * gg)):
             gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
     return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"
 

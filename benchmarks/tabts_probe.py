@@ -56,7 +56,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, FEATURES, CLASSES = 16, 5, 3
@@ -209,11 +209,7 @@ def _factors(reference: nn.Module, names: list[str], batch, loss_of) -> tuple[to
         loss.backward()
     factors = {}
     for n, calls in records.items():
-        a = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in calls if c[1] is not None])
-        if modules[n].bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        g = torch.cat([c[1].reshape(-1, c[1].shape[-1]) for c in calls if c[1] is not None])
-        factors[n] = (a.T @ a / len(a), g.T @ g)
+        factors[n] = linear_factors(calls, modules[n].bias is not None)
     return loss, factors
 
 
