@@ -55,7 +55,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls
+from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, STEPS_T = 16, 5  # examples; snntorch's time steps
@@ -284,15 +284,7 @@ def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
         loss_of(reference, batch, reference).backward()
     loss_of(c, batch, model).backward()
     c.step()
-    gap, blocks = 0.0, [b.name for b in c.layers if b.name in linears]
-    for block in blocks:
-        records = [r for r in calls[block] if r[1] is not None]
-        a = torch.cat([r[0].reshape(-1, r[0].shape[-1]) for r in records])
-        g = torch.cat([r[1].reshape(-1, r[1].shape[-1]) for r in records])
-        a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if c.layers[block].bias is not None else a
-        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (a.T @ a / a.shape[0], m * g.T @ g)):
-            gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
-    return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"
+    return linear_factor_gap(c, calls, m)
 
 
 def exactness(name: str, kind: str, hparams: dict) -> str:
