@@ -41,3 +41,15 @@ def linear_factors(records, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in reached])
     a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
     return a.T @ a / len(a), g.T @ g
+
+
+def linear_factor_gap(c, calls, m) -> str:
+    """The largest gap of the K-FAC A and S of the compiled model `c`'s blocks named in `calls` (hooked_calls'
+    records of one backward, of linear layers) against `linear_factors` (S = m Σ g gᵀ, `m` the examples the loss
+    averages), relative to the largest entry, as a cell."""
+    gap, blocks = 0.0, [b.name for b in c.layers if b.name in calls]
+    for block in blocks:
+        A, gg = linear_factors(calls[block], c.layers[block].bias is not None)
+        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (A, m * gg)):
+            gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
+    return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"

@@ -55,7 +55,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls, linear_factors
+from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, STEPS_T = 16, 5  # examples; snntorch's time steps
@@ -284,12 +284,7 @@ def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
         loss_of(reference, batch, reference).backward()
     loss_of(c, batch, model).backward()
     c.step()
-    gap, blocks = 0.0, [b.name for b in c.layers if b.name in linears]
-    for block in blocks:
-        A, gg = linear_factors(calls[block], c.layers[block].bias is not None)
-        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (A, m * gg)):
-            gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
-    return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"
+    return linear_factor_gap(c, calls, m)
 
 
 def exactness(name: str, kind: str, hparams: dict) -> str:

@@ -46,7 +46,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls, linear_factors
+from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH, SIZE, FEATURES = 16, 16, 16  # images of a batch, their side, the backbone's features
@@ -243,12 +243,7 @@ def factor_gaps(name: str, hparams: dict, dtype: torch.dtype) -> str:
     loss_of(c, model, batch).backward()
     c.step()
     n = EXAMPLES if name in METRIC else BATCH * STUDENT_VIEWS.get(name, 1)
-    gap, blocks = 0.0, [b.name for b in c.layers if b.name in linears]
-    for block in blocks:
-        A, gg = linear_factors(calls[block], c.layers[block].bias is not None)
-        for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (A, n * gg)):
-            gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
-    return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"
+    return linear_factor_gap(c, calls, n)
 
 
 def exactness(name: str, kind: str, hparams: dict) -> str:

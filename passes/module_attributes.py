@@ -9,10 +9,12 @@ built from those stand-ins: torch.export puts back the attributes a module had b
 FakeTensor, and every later eager call (the model's own forward where capture failed, an opaque
 submodule's code) computes with it: a gradient or statistic that is itself a FakeTensor, or a
 data-dependent error at the step. `attributes_kept(model)` puts back, on exit, every module's own
-attributes (its `__dict__` outside torch.nn.Module's registries: parameters, buffers, submodules and
-hooks are its own concern) as they were on entry: those the forward added are removed, those it
-replaced restored, so the first eager call builds them again from real tensors. (In-place changes
-inside an attribute's object are not seen.)
+attributes (its `__dict__` outside torch.nn.Module's registries: parameters, submodules and hooks are
+its own concern) and its buffers as they were on entry: those the forward added are removed, those it
+replaced restored, so the first eager call builds them again from real tensors (litgpt's LoRAQKVLinear
+registers its `_lora_ind` buffer at the first read of a property, inside the forward). (In-place
+changes inside an attribute's object or a buffer are not seen, nor undone: BatchNorm's running
+statistics are the graph's to update.)
 
 A forward that changes a number it holds (torchdiffeq's ODE functions count their evaluations,
 `self.nfe += 1`; a step counter, a flag) has a side effect no graph repeats: torch.fx and torch.export
@@ -34,16 +36,21 @@ REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, th
 
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module):
-    """While inside, the forward may set attributes on `model`'s modules; on exit each module's own
-    attributes are those it had on entry (module doc)."""
-    saved = [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}) for m in model.modules()]
+    """While inside, the forward may set attributes and register buffers on `model`'s modules; on exit
+    each module's own attributes and buffers are those it had on entry (module doc)."""
+    saved = [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, dict(m._buffers),
+              set(m._non_persistent_buffers_set)) for m in model.modules()]
     try:
         yield
     finally:
-        for module, attributes in saved:
+        for module, attributes, buffers, non_persistent in saved:
             for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
                 del module.__dict__[name]
             module.__dict__.update(attributes)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module._non_persistent_buffers_set.clear()
+            module._non_persistent_buffers_set.update(non_persistent)
 
 
 class ForwardSideEffect(RuntimeError):

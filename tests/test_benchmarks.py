@@ -595,6 +595,42 @@ def test_fcast_probe_reports_exact_factors_and_names_an_mae_under_loss_mse(monke
     assert "piecewise-linear" in row[7] or "two magnitudes" in row[7], row
 
 
+class _TinyLM(nn.Module):
+    """A stand-in for litgpt's GPT: token embeddings, a tanh MLP block with a residual, an lm_head, (B, T, V) logits."""
+
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.wte, self.fc, self.proj = nn.Embedding(vocab, width), nn.Linear(width, 16), nn.Linear(16, width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        h = self.wte(idx)
+        return self.lm_head(h + self.proj(torch.tanh(self.fc(h))))
+
+
+def _lm_problem(name):
+    tokens = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1))
+    loss = lambda m, b: F.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())  # noqa: E731
+    return (tokens[:, :-1], tokens[:, 1:]), loss, 15
+
+
+def test_llm_probe_reports_capture_blocks_exact_factors_and_losses_of_a_language_model(monkeypatch):
+    """benchmarks.llm_probe without litgpt: `probe` on a stand-in for a GPT trained on next-token cross-entropy
+    gives one row with the capture, every parameter in a block, exact loss and gradients and K-FAC's A and S of its
+    three linear blocks against hooks (float64, S at M = the 15 tokens), and a loss per step; AdamW's row has no
+    capture."""
+    from benchmarks import llm_probe
+
+    monkeypatch.setattr(llm_probe, "build", lambda name: _TinyLM())
+    monkeypatch.setattr(llm_probe, "problem", _lm_problem)
+    row = llm_probe.probe("llama", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and len(row[5].split(", ")) == 2
+    assert factors.startswith("A, S of 3 linear blocks") and float(factors.split()[-1]) < 1e-12
+    assert llm_probe.probe("llama", "adamw", steps=1).split(" | ")[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
+
+
 class _VolumeSegmenter(nn.Module):
     """A stand-in for MONAI's 3-D UNets: a convolution of one input channel and a kernel of 11³ (A of 1332
     entries: blocked), a strided and a dilated one, a transposed one back up to (N, 3, D, H, W) logits."""

@@ -2597,3 +2597,60 @@ def test_two_augmented_views_in_one_loss_count_2n_terms_and_the_warning_says_so(
     for name in ("0", "2"):
         g = torch.cat(calls[name])
         torch.testing.assert_close(c.statistics(name)["S"], 2 * 5 * g.T @ g, rtol=1e-10, atol=1e-12)  # M = 2N
+
+
+# --------------------------------------------------------------------------- eleventh round, litgpt
+# (benchmarks/results/first_contact_11_llm.md)
+
+
+class LazyIndexBuffer(nn.Module):
+    """litgpt's LoRAQKVLinear: a property registers an index buffer on its first read (`if not hasattr(self,
+    "_lora_ind"): self.register_buffer("_lora_ind", torch.tensor(...), persistent=False)`) and the forward
+    scatters an update into the columns it names."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.update = nn.Linear(4, 6), nn.Linear(4, 3)
+
+    @property
+    def index(self):
+        if not hasattr(self, "_index"):
+            self.register_buffer("_index", torch.tensor([0, 2, 4]), persistent=False)
+        return self._index.clone()
+
+    def forward(self, x):
+        return self.fc(x).index_copy(1, self.index, self.fc(x)[:, :3] + self.update(x))
+
+
+class LazyIndexNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = LazyIndexBuffer(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.qkv(x)))
+
+
+def test_a_buffer_the_forward_registers_while_captured_is_registered_again_from_real_tensors():
+    """Before: torch.export's capture left `_index` a FakeTensor buffer on the module, the steps' forwards
+    that run the module's own code (no statistics: stat_every=2) indexed with it, the gradients were
+    FakeTensors and the second step raised a data-dependent GuardOnDataDependentSymNode. Now the buffer is
+    gone after the capture, the first eager read registers it again, and the losses and gradients are the
+    module's own."""
+    torch.manual_seed(0)
+    model = LazyIndexNet().double()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, "kfac", lr=0.1, capture="export", stat_every=2)
+    x, y = batch(torch.float64)
+    for _ in range(4):
+        loss, loss_ref = F.cross_entropy(c(x), y), F.cross_entropy(reference(x), y)
+        assert torch.equal(loss, loss_ref)
+        loss.backward()
+        loss_ref.backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert type(p.grad) is torch.Tensor and torch.equal(p.grad, q.grad)
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    assert type(model.qkv._index) is torch.Tensor and model.qkv._index.tolist() == [0, 2, 4]
