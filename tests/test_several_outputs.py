@@ -188,26 +188,8 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses
     each (α, μ) minimizes q over its plane with G the dense GGN of the weighted sum, and predicts -q(s)."""
     model = model_of(losses)
     c = gnfx.compile(model, optimizer="kfac", loss=losses, stat_every=1, inv_every=1)
-    params = list(model.parameters())
-    previous = None
     x, targets = batch(losses, ignored=ignored)
-    for _ in range(6):
-        loss_before = summed_loss(losses, c(x), targets)
-        loss_before.backward()
-        theta0 = flat(p.detach() for p in params).clone()
-        g = flat(p.grad for p in params)
-        G = dense_ggn(model, losses, x, targets)
-        c.step()
-        c.zero_grad()
-        last = c.optimizer.last_step
-        s = flat(p.detach() for p in params) - theta0
-        assert not last["rejected"] and not last["backtracks"], last
-        _, q, _ = assert_minimizer(g, G, last, s, previous)
-        assert last["predicted"] == pytest.approx(-q, rel=1e-9)
-        with torch.no_grad():  # ρ's actual reduction: the summed loss's, recovered from the outputs' gradients
-            actual = float(loss_before - summed_loss(losses, model(x), targets))
-        assert last["actual"] == pytest.approx(actual, rel=1e-9, abs=1e-15)
-        previous = s
+    assert_steps_minimize_the_summed_ggn(c, model, losses, x, targets, examples=len(x))
 
 
 @pytest.mark.parametrize("losses", [CE_AUX, CE_MSE, CE_BCE], ids=["ce+0.4ce", "ce+0.5mse", "ce+0.5bce"])
@@ -245,9 +227,17 @@ def test_quadratic_rows_takes_the_summed_ggn_of_the_first_examples(losses, rows,
     # ω = 0.9 as in tests/test_quadratic_step.py's quadratic_rows test: no retried step (t·s is no minimizer)
     c = gnfx.compile(model, optimizer="kfac", loss=losses, quadratic_rows=rows, stat_every=1, inv_every=1,
                      damping_decay=0.9)
+    x, targets = batch(losses)
+    assert_steps_minimize_the_summed_ggn(c, model, losses, x, targets, examples)
+
+
+def assert_steps_minimize_the_summed_ggn(c, model, losses, x, targets, examples: int) -> None:
+    """6 quadratic steps of `c` (compiled from `model`) on (x, targets): each step's (α, μ) minimize q with g the
+    whole batch's gradient and G the dense GGN of the weighted sum's mean losses over the first `examples`
+    examples, its predicted reduction is -q, and ρ's actual reduction is the whole batch's summed loss's,
+    recovered from the outputs' gradients."""
     params = list(model.parameters())
     previous = None
-    x, targets = batch(losses)
     for _ in range(6):
         loss_before = summed_loss(losses, c(x), targets)
         loss_before.backward()
