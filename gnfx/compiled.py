@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from gnfx.plan_cost import plan_cost
+from gnfx.chunked_output import as_one_output
 from gnfx.errors import ConfigError, GnfxError, StatisticsError
 from gnfx.output_watch import watch_output
 from gnfx.fsdp import fsdp_modules, unshard_for_graph
@@ -170,9 +171,10 @@ class CompiledModel(nn.Module):
         instrumented graph (`_statistic_forward`), every other call the model's own code."""
         # eagerly, the switch is a plain call; while dynamo traces, a call outside its tracing
         statistic = self._traced_statistic_call() if torch.compiler.is_compiling() else self._statistic_call()
-        if statistic:
-            return self._statistic_forward(method, args, kwargs)
-        return self._own(method)(*args, **kwargs)
+        out = self._statistic_forward(method, args, kwargs) if statistic else self._own(method)(*args, **kwargs)
+        if self.optimizer.quadratic is not None and self.training and torch.is_grad_enabled():
+            out = as_one_output(out)  # a list of chunks of one output, which the quadratic step reads: views of it
+        return out
 
     def _own(self, method: str | None):
         """The model's own forward (its __call__, hooks included), or its class's method `method`, bound to it.
@@ -228,6 +230,7 @@ class CompiledModel(nn.Module):
             opt.note_statistic_forward()
             opt.collected = True
             out = self._variants(args, kwargs) if method is None else self._variants.call_method(method, args, kwargs)
+            out = as_one_output(out)  # a list of chunks of one output: views of it, which the watch hooks
             watch_output(out, store, self._settings, opt.layouts, ignored_rows=method is None)
             if not opt.bounds_final:  # the first statistic forward: its rows, before its backward
                 opt.bound_factors_at_rows()

@@ -5,7 +5,8 @@ A forward may return a tensor, a tuple, a dict, a (named)tuple or a dataclass (H
 BatchEncoding). Its logits `z` (docs/design.md §1: N, the examples, is
 their first dimension) are the first floating-point tensor of at least one dimension among its
 leaves, in the order the structure lists them; a scalar such as a loss returned alongside is
-skipped.
+skipped. A list of the chunks of one output along its positions (litgpt's `lm_head_chunk_size`) is
+that output, their concatenation (gnfx.chunked_output).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch.utils import _pytree
 
+from gnfx.chunked_output import ChunkedOutput, as_one_output
 from gnfx.errors import GnfxError
 
 # the tolerance of check_cross_entropy_gradient's two tests, relative (rounding: 3-7e-8 in float32, 1.2e-3
@@ -27,8 +29,10 @@ ROUNDING_ROWS = 8
 
 
 def floating_outputs(out) -> list[torch.Tensor]:
-    """The floating tensors of at least one dimension in `out`, in the order its structure lists them."""
-    return [t for t in _leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
+    """The floating tensors of at least one dimension in `out`, in the order its structure lists them; a list
+    of the chunks of one output (gnfx.chunked_output) is that one output."""
+    leaves = _leaves(as_one_output(out))
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
 
 
 def _leaves(out) -> list:
@@ -37,7 +41,9 @@ def _leaves(out) -> list:
     sentence-transformers' CrossEncoder returns with its "scores")."""
     found = []
     for leaf in _pytree.tree_leaves(out):
-        if hasattr(type(leaf), "__dataclass_fields__"):
+        if isinstance(leaf, ChunkedOutput):
+            found.append(leaf.whole)
+        elif hasattr(type(leaf), "__dataclass_fields__"):
             found += _leaves([getattr(leaf, f) for f in type(leaf).__dataclass_fields__])
         elif isinstance(leaf, Mapping):
             found += _leaves(list(leaf.values()))
