@@ -126,12 +126,12 @@ def recurrent_result(input, batch_first: bool, output: torch.Tensor, h_n: torch.
                      c_n: torch.Tensor | None, flat: bool = False):
     """What the module returns, in its layout: (output, h_n) or, for an LSTM, (output, (h_n, c_n))
     (`flat`: as the aten op, (output, h_n, c_n)); output batch-major (N, T, D·H) and h_n, c_n
-    (L·D, N, H) as computed, turned back to the input's layout (sequence-first, unbatched)."""
+    (L·D, N, H) as computed, turned back to the input's layout (sequence-first, unbatched), contiguous."""
     if input.dim() == 2:
         output, h_n = output.squeeze(0), h_n.squeeze(1)
         c_n = None if c_n is None else c_n.squeeze(1)
-    elif not batch_first:
-        output = output.transpose(0, 1)
+    elif not batch_first:  # contiguous, as torch's output is: code after it may `.view` it
+        output = output.transpose(0, 1).contiguous()
     if c_n is None:
         return output, h_n
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))
