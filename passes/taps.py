@@ -14,8 +14,8 @@ are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and
 
 Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
 convolutions and ResNet's BatchNorms have, `x.relu_()`, an `inplace=True` function, or any of these on a
-view of z; or, in an opened layer's graph, z returned to the opaque submodule's Python code,
-`self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`): the
+view of z; or, in an opened layer's graph, z or a view of it returned to the opaque submodule's Python
+code, `self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`): the
 in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
 never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
 itself, not to the activation written over it. torch.export's graphs keep the model's in-place ops as
@@ -76,14 +76,19 @@ def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
     return False
 
 
-def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
-    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`)."""
+def _modified_in_place(node: fx.Node, owner: fx.GraphModule, returned_to_code: bool) -> bool:
+    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`); with
+    `returned_to_code` (an opened layer's graph, whose outputs go back to the opaque submodule's Python code)
+    also whether it or a view of it is an output (gluonts' NegativeBinomialOutput returns `logits.squeeze(-1)`
+    of its projection, which its distribution then writes in place, `logits += scale.log()`)."""
     for user in node.users:
+        if returned_to_code and user.op == "output":
+            return True
         if user.args and user.args[0] is node and _writes_in_place(user, owner):
             return True
         is_view = user.target in _VIEW_METHODS if user.op == "call_method" else (
             user.op == "call_function" and (user.target in _VIEW_FUNCTIONS or _first_input_alias(user.target)[1]))
-        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner):
+        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner, returned_to_code):
             return True
     return False
 
@@ -111,9 +116,8 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,) + routing)
             node.replace_input_with(site.input, a_tap)
             # an opened layer's output goes back to the opaque submodule's Python code, which may write in place
-            returned = owner is not gm and any(user.op == "output" for user in node.users)
-            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store,
-                                                             fresh=returned or _modified_in_place(node, owner)))
+            fresh = _modified_in_place(node, owner, returned_to_code=owner is not gm)
+            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=fresh))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)
