@@ -27,7 +27,8 @@ parameter of an opened child that the opaque code uses in another way raises at 
 (gnfx/opened_leaf.py).
 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
-(an nn.LSTM's `hx`, an nn.ConvTranspose's `output_size`: the graph would fix them), or has an
+(an nn.ConvTranspose's `output_size`: the graph would fix them; not a recurrent module's `hx`, which its
+graph passes on as each call gives it, `OPTIONAL_INPUTS`), or has an
 instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
 code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
 of `self.model`'s layers between them), and the graph of an opened child runs only where the child
@@ -71,6 +72,11 @@ CONTAINER = ("an nn.Sequential, whose children the opaque code may call one by o
              "rather than through its forward: its children are opened")
 # what reading a parameter for its metadata looks like in source: no use of its value
 _METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point")
+# torch's layers whose optional inputs their graph passes on as each call gives them (an nn.LSTM's hx: a tensor,
+# a pair or None, which the recurrent lowering reads at the call, passes/recurrent.py), so that opaque code calling
+# them with and without a state (gluonts' DeepAR: `self.rnn(x)` in its loss, `self.rnn(x, state)` in sampling)
+# calls one graph
+OPTIONAL_INPUTS = (nn.RNNBase, nn.RNNCellBase)
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
     nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",
@@ -79,12 +85,14 @@ READS_CHILDREN = {
 }
 
 
-def _inputs(module: nn.Module) -> list[str] | None:
-    """The names of the module's forward inputs when all are required (no defaults, no *args or
-    **kwargs), else None."""
+def _inputs(module: nn.Module) -> list[inspect.Parameter] | None:
+    """The module's forward inputs when all are required (no defaults, no *args or **kwargs), or optional ones of
+    a recurrent module (`OPTIONAL_INPUTS`), else None."""
     params = list(inspect.signature(module.forward).parameters.values())
-    if params and all(p.default is inspect.Parameter.empty and p.kind in _INPUT_KINDS for p in params):
-        return [p.name for p in params]
+    optional_ok = isinstance(module, OPTIONAL_INPUTS)
+    if params and all(p.kind in _INPUT_KINDS and (optional_ok or p.default is inspect.Parameter.empty)
+                      for p in params):
+        return params
     return None
 
 
@@ -177,7 +185,8 @@ def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
     when torch.fx cannot trace its forward."""
     if _is_torch_layer(module):
         graph = fx.Graph()
-        graph.output(graph.call_module(path, tuple(graph.placeholder(name) for name in _inputs(module))))
+        inputs = tuple(graph.placeholder(p.name, default_value=p.default) for p in _inputs(module))
+        graph.output(graph.call_module(path, inputs))
         return Captured(fx.GraphModule(model, graph, f"Opened_{path.replace('.', '_')}"), "fx", {})
     captured = trace_fx(module)
     traced = captured.graph_module
