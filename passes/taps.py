@@ -14,13 +14,15 @@ are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and
 
 Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
 convolutions and ResNet's BatchNorms have, `x.relu_()`, an `inplace=True` function, or any of these on a
-view of z; or, in an opened layer's graph, z or a view of it returned to the opaque submodule's Python
-code, `self.act(self.bn(x))` with an in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`): the
-in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place change of z itself would
-never call it, or, for a view, drop it) and the true Fisher's backward differentiates with respect to z
-itself, not to the activation written over it. torch.export's graphs keep the model's in-place ops as
-aten ops (`aten.add_.Tensor` of `x += P`, `aten.relu_`), and views as aten views (`aten.slice`,
-`aten.view`): their schemas say which write or view their first input (`_first_input_alias`).
+view of z; or z or a view of it returned to Python code: the model's output to the training loop's,
+`logits /= T`, an opened layer's graph's to the opaque submodule's, `self.act(self.bn(x))` with an
+in-place act), `z_tap` is a copy of z (`ErrorTap(fresh=True)`, made on statistic forwards only, which
+alone run the taps): the in-place op then modifies the copy, and the hook on z sees ∂L/∂z (an in-place
+change of z itself would never call it, or, for a view, drop it) and the true Fisher's backward
+differentiates with respect to z itself, not to the activation written over it. torch.export's graphs
+keep the model's in-place ops as aten ops (`aten.add_.Tensor` of `x += P`, `aten.relu_`), and views as
+aten views (`aten.slice`, `aten.view`): their schemas say which write or view their first input
+(`_first_input_alias`).
 """
 from __future__ import annotations
 
@@ -76,19 +78,20 @@ def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
     return False
 
 
-def _modified_in_place(node: fx.Node, owner: fx.GraphModule, returned_to_code: bool) -> bool:
-    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`); with
-    `returned_to_code` (an opened layer's graph, whose outputs go back to the opaque submodule's Python code)
-    also whether it or a view of it is an output (gluonts' NegativeBinomialOutput returns `logits.squeeze(-1)`
-    of its projection, which its distribution then writes in place, `logits += scale.log()`)."""
+def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
+    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`), or it or a view
+    of it is an output of the graph, which goes back to Python code that may: the training loop's
+    (`logits /= T` of a distillation loss), or, for an opened layer's graph, the opaque submodule's (gluonts'
+    NegativeBinomialOutput returns `logits.squeeze(-1)` of its projection, which its distribution then writes in
+    place, `logits += scale.log()`)."""
     for user in node.users:
-        if returned_to_code and user.op == "output":
+        if user.op == "output":
             return True
         if user.args and user.args[0] is node and _writes_in_place(user, owner):
             return True
         is_view = user.target in _VIEW_METHODS if user.op == "call_method" else (
             user.op == "call_function" and (user.target in _VIEW_FUNCTIONS or _first_input_alias(user.target)[1]))
-        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner, returned_to_code):
+        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner):
             return True
     return False
 
@@ -115,9 +118,7 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
                 routing = () if site.routing is None else (site.routing,)  # a routed layout's (Site.routing)
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,) + routing)
             node.replace_input_with(site.input, a_tap)
-            # an opened layer's output goes back to the opaque submodule's Python code, which may write in place
-            fresh = _modified_in_place(node, owner, returned_to_code=owner is not gm)
-            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=fresh))
+            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner)))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)

@@ -238,6 +238,42 @@ def test_blocks_whose_output_is_modified_in_place_get_the_statistics_of_their_ow
                                            rtol=1e-12, atol=1e-14, msg=f"{name} {factor}")
 
 
+class TokenClassifier(nn.Module):
+    """A block's (N, T, C) output returned as the model's output: a view of the (N·T, C) product."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5)])
+def test_a_model_output_the_training_loop_writes_in_place_keeps_its_blocks_statistics(shape):
+    """A distillation loop's `logits /= T` writes the model's output in place: with an (N, T, C) output (a view)
+    the head's gradient hook was dropped and the block got no statistics at all. Every block's A and S now equal
+    those of the same loop written out of place, on each of two statistic steps."""
+    in_place, out_of_place = (compile_for_statistics(TokenClassifier().to(DTYPE), statistics=("A", "S"))
+                              for _ in range(2))
+    for seed in range(2):
+        x, y = batch(shape, 4, seed)
+        for c in (in_place, out_of_place):
+            logits = c(x)
+            if c is in_place:
+                logits /= 2.0
+            else:
+                logits = logits / 2.0
+            cross_entropy(logits, y).backward()
+            c.step()
+            c.zero_grad()
+        for name in ("body", "head"):
+            for factor in ("A", "S"):
+                torch.testing.assert_close(in_place.statistics(name)[factor], out_of_place.statistics(name)[factor],
+                                           rtol=1e-12, atol=1e-14, msg=f"{name} {factor}")
+
+
 class Functional(nn.Module):
     """A linear map written with F.linear on bare parameters: the block is named after W."""
 
