@@ -74,6 +74,11 @@ support, 0 off it) and a change ΔW pulls back to ΔV = M⁺ ⊙ ΔW, whose imag
 the step moves no masked-out entry of V (their values change no W), and decoupled weight decay shrinks V
 on the support only. For a 0/1 mask both maps are M ⊙ ·. The taps' a and δ at the linear node are those
 of W, so the block's statistics are exact for W.
+
+A scaled weight, W = s · V with s a nonzero number (e3nn's FullyConnectedNet, the radial MLPs of e3nn's
+convolutions, NequIP and MACE, computes `x @ (V / sqrt(h_in · var_in))`: its normalized initialization
+written into the forward; passes/masked_weights.py), is the masked weight of the constant M = s, held as
+one number: ∇W = ∇V / s and ΔV = ΔW / s.
 """
 from __future__ import annotations
 
@@ -309,6 +314,18 @@ class MaskedWeight(_OfOneParameter):
     def held_scale(self, named: dict) -> torch.Tensor:
         """c = M⁺: ∇W = M⁺ ⊙ ∇V on M's support, and M ⊙ (M⁺ ⊙ ΔW) = ΔW there (module docstring)."""
         return _inverse_or_zero(self._mask(named))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledWeight(MaskedWeight):
+    """W = s · V (module docstring): a MaskedWeight whose `mask` is the number s as a 0-dimensional tensor."""
+
+    @property
+    def removal(self) -> str:
+        """No torch call: the module scales its weight in its own forward (e3nn's FullyConnectedNet)."""
+        module = self.weight.rpartition(".")[0]
+        return (f"model.get_submodule({module!r}) scales its weight in its own forward, which no torch call "
+                f"removes: fold the scale into a plain nn.Linear's weight")
 
 
 @dataclasses.dataclass(frozen=True)

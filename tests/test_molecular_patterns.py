@@ -177,3 +177,90 @@ def test_a_torchscript_submodule_is_an_opaque_leaf():
     reasons = {f.param: f.reason for f in c.layers.fallbacks}
     assert [b.name for b in c.layers] == ["0"]
     assert set(reasons) == {"2.weight", "2.bias"} and all("inside module '2'" in r for r in reasons.values())
+
+
+class ScaledLayer(nn.Module):
+    """e3nn's FullyConnectedNet layer: its normalized initialization written into the forward, x @ (V / √h_in)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.h_in = d_in
+
+    def forward(self, x):
+        return x @ (self.weight / self.h_in ** 0.5)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_weight_scaled_by_a_number_is_a_block_stepped_as_the_plain_layer(capture):
+    """The radial MLPs of e3nn, NequIP and MACE (e3nn.nn.FullyConnectedNet) scale their weight by a number in
+    the forward: it fell back to the diagonal ("used by call_function 'truediv'"), 0% of e3nn's convolution in
+    blocks. Now W = V/s is a block (gnfx.reparametrization.ScaledWeight): its K-FAC step moves V by ΔW·s, the
+    step of the same network written with plain nn.Linear layers holding W, to rounding."""
+    torch.manual_seed(0)
+    scaled = nn.Sequential(ScaledLayer(5, 7), nn.Tanh(), ScaledLayer(7, 2)).double()
+    plain = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 2, bias=False)).double()
+    with torch.no_grad():
+        for i in (0, 2):
+            plain[i].weight.copy_(scaled[i].weight.T / scaled[i].h_in ** 0.5)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    compiled = [gnfx.compile(m, "kfac", lr=0.1, stat_every=1, capture=capture, example_inputs=(x,))
+                for m in (scaled, plain)]
+    for _ in range(3):
+        for c in compiled:
+            F.mse_loss(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+    assert [b.name for b in compiled[0].layers] == ["0", "2"]
+    for i in (0, 2):
+        torch.testing.assert_close(scaled[i].weight.T / scaled[i].h_in ** 0.5, plain[i].weight, rtol=1e-9,
+                                   atol=1e-12)
+
+
+class InForwardForces(nn.Module):
+    """MACE's call: a dict of the batch in, the forces computed inside the forward by autograd.grad of the
+    energy (create_graph while training), a dict out; `if "head" in data` is what torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.radial = nn.Sequential(nn.Linear(1, 8), nn.SiLU(), nn.Linear(8, 1))
+
+    def forward(self, data: dict) -> dict:
+        pos = data["positions"].requires_grad_(True)
+        scale = data["head"] if "head" in data else 1.0
+        src, dst = data["edge_index"]
+        pair = self.radial((pos[src] - pos[dst]).norm(dim=-1, keepdim=True)).squeeze(-1)
+        energy = torch.zeros(int(data["ptr"].numel() - 1), dtype=pos.dtype).index_add(
+            0, data["batch"][src], scale * pair)
+        (grad,) = torch.autograd.grad([energy.sum()], [pos], create_graph=self.training)
+        return {"energy": energy, "forces": -grad}
+
+
+def test_a_forward_that_computes_forces_trains():
+    """Neither capture takes the MACE-like forward, so gnfx first runs the model's own forward once to tell
+    its errors from the capture's: it ran it under torch.no_grad, where the forward's autograd.grad raised
+    "element 0 of tensors does not require grad", and gnfx re-raised that as the model's own error. Now that
+    run keeps the caller's grad mode: the model runs eagerly with its layers opened, and trains as plain
+    autograd does (same loss and gradients)."""
+    species, pos, edges, molecule, energy, forces = molecules()
+    ptr = torch.tensor([0, *torch.tensor(SIZES).cumsum(0).tolist()])
+
+    def loss_of(m):
+        out = m({"positions": pos.clone(), "edge_index": edges, "batch": molecule, "ptr": ptr})
+        return F.mse_loss(out["energy"], energy) + 10 * F.mse_loss(out["forces"], forces)
+
+    torch.manual_seed(0)
+    model = InForwardForces().double()
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, "kfac", lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # not captured, its layers opened; create_graph's
+        loss = loss_of(c)
+        loss.backward()
+    loss_ref = loss_of(reference)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    c.step()
+    assert [b.name for b in c.layers] == ["radial.0", "radial.2"]
