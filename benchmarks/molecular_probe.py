@@ -234,10 +234,10 @@ def factor_gaps(name: str, hparams: dict) -> str:
                    if g is not None]
         if not reached or weight.grad is None:
             continue
-        if layer in matmuls.calls:  # ∇V = s⁻¹ Σ aᵀ g for W = V / s, read (d_in, d_out); S = M Σ g gᵀ
+        if layer in matmuls.calls:  # W = V / s: the block of V on the rows a / s, ∇V = Σ (a / s)ᵀ g; S = M Σ g gᵀ
             s = (weight / reached[0][2][0]).flatten()[0]
             tapped = sum(a.T @ g for a, g, _ in reached) / s
-            a, g = torch.cat([a for a, _, _ in reached]), torch.cat([g for _, g, _ in reached])
+            a, g = torch.cat([a for a, _, _ in reached]) / s, torch.cat([g for _, g, _ in reached])
             for got, want in zip((c.statistics(layer)["A"], c.statistics(layer)["S"]),
                                  (a.T @ a / len(a), len(SIZES) * g.T @ g)):
                 gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())

@@ -78,7 +78,9 @@ of W, so the block's statistics are exact for W.
 A scaled weight, W = s · V with s a nonzero number (e3nn's FullyConnectedNet, the radial MLPs of e3nn's
 convolutions, NequIP and MACE, computes `x @ (V / sqrt(h_in · var_in))`: its normalized initialization
 written into the forward; passes/masked_weights.py), is the masked weight of the constant M = s, held as
-one number: ∇W = ∇V / s and ΔV = ΔW / s.
+one number: ∇W = ∇V / s and ΔV = ΔW / s. That stand-in steps only a scaled weight of a kind other than
+linear: a linear block takes V itself on the input rows s a (passes/analyze.py, gnfx.layouts.linear), so that
+every preconditioner steps V as the user's parameter (the diagonal is AdamW on V, whose lr the user tuned).
 """
 from __future__ import annotations
 
@@ -319,6 +321,11 @@ class MaskedWeight(_OfOneParameter):
 @dataclasses.dataclass(frozen=True)
 class ScaledWeight(MaskedWeight):
     """W = s · V (module docstring): a MaskedWeight whose `mask` is the number s as a 0-dimensional tensor."""
+
+    @property
+    def factor(self) -> float:
+        """s."""
+        return float(self.mask)
 
     @property
     def removal(self) -> str:

@@ -15,7 +15,8 @@ row or column), a mask computed in the forward, a product of two trainable param
 A weight scaled by a number, `V * s`, `s * V` or `V / s` (s a nonzero Python number in the graph:
 e3nn's FullyConnectedNet computes `x @ (V / (h_in * var_in) ** 0.5)`, the radial MLPs whose outputs weight
 e3nn's, NequIP's and MACE's tensor products; its weights fell back, "used by call_function 'truediv'"), is
-the masked weight of the constant s (gnfx.reparametrization.ScaledWeight), under the same conditions on V.
+the masked weight of the constant s (gnfx.reparametrization.ScaledWeight), under the same conditions on V
+(a linear block then holds V itself on its input scaled by s, passes/analyze.py).
 """
 from __future__ import annotations
 

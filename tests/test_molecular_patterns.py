@@ -191,20 +191,33 @@ class ScaledLayer(nn.Module):
         return x @ (self.weight / self.h_in ** 0.5)
 
 
+class PreScaled(nn.Module):
+    """The reference: the same map with the scale on the input of a plain nn.Linear, (x / √h_in) Vᵀ."""
+
+    def __init__(self, layer: ScaledLayer):
+        super().__init__()
+        self.linear = nn.Linear(layer.h_in, layer.weight.shape[1], bias=False).double()
+        self.h_in = layer.h_in
+        with torch.no_grad():
+            self.linear.weight.copy_(layer.weight.T)
+
+    def forward(self, x):
+        return self.linear(x / self.h_in ** 0.5)
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_weight_scaled_by_a_number_is_a_block_stepped_as_the_plain_layer(capture):
+@pytest.mark.parametrize("optimizer", ["kfac", "diag", "shampoo"])
+def test_a_weight_scaled_by_a_number_is_a_block_of_the_parameter(capture, optimizer):
     """The radial MLPs of e3nn, NequIP and MACE (e3nn.nn.FullyConnectedNet) scale their weight by a number in
-    the forward: it fell back to the diagonal ("used by call_function 'truediv'"), 0% of e3nn's convolution in
-    blocks. Now W = V/s is a block (gnfx.reparametrization.ScaledWeight): its K-FAC step moves V by ΔW·s, the
-    step of the same network written with plain nn.Linear layers holding W, to rounding."""
+    the forward, x @ (V / √h_in): it fell back to the diagonal ("used by call_function 'truediv'"), 0% of e3nn's
+    convolution in blocks. Now it is a block over V on the input rows x / √h_in: every preconditioner steps V
+    as it steps the weight of the plain nn.Linear whose input is scaled instead (its K-FAC factors of V, the
+    diagonal AdamW on V, as before), to rounding."""
     torch.manual_seed(0)
     scaled = nn.Sequential(ScaledLayer(5, 7), nn.Tanh(), ScaledLayer(7, 2)).double()
-    plain = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 2, bias=False)).double()
-    with torch.no_grad():
-        for i in (0, 2):
-            plain[i].weight.copy_(scaled[i].weight.T / scaled[i].h_in ** 0.5)
+    plain = nn.Sequential(PreScaled(scaled[0]), nn.Tanh(), PreScaled(scaled[2]))
     x, y = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
-    compiled = [gnfx.compile(m, "kfac", lr=0.1, stat_every=1, capture=capture, example_inputs=(x,))
+    compiled = [gnfx.compile(m, optimizer, lr=0.1, stat_every=1, capture=capture, example_inputs=(x,))
                 for m in (scaled, plain)]
     for _ in range(3):
         for c in compiled:
@@ -213,8 +226,7 @@ def test_a_weight_scaled_by_a_number_is_a_block_stepped_as_the_plain_layer(captu
             c.zero_grad()
     assert [b.name for b in compiled[0].layers] == ["0", "2"]
     for i in (0, 2):
-        torch.testing.assert_close(scaled[i].weight.T / scaled[i].h_in ** 0.5, plain[i].weight, rtol=1e-9,
-                                   atol=1e-12)
+        torch.testing.assert_close(scaled[i].weight.T, plain[i].linear.weight, rtol=1e-9, atol=1e-12)
 
 
 class InForwardForces(nn.Module):
