@@ -276,3 +276,19 @@ def test_a_forward_that_computes_forces_trains():
         torch.testing.assert_close(p.grad, q.grad, **TOL)
     c.step()
     assert [b.name for b in c.layers] == ["radial.0", "radial.2"]
+
+
+def test_loss_mse_on_a_forward_that_returns_forces_names_them():
+    """MACE returns {"energy", "forces", ...}, the forces from autograd.grad inside its forward: with loss="mse"
+    the backward reaches the forces output too, and the GnfxError named second heads, VAEs and contrastive
+    losses, and offered a loss= tuple over the outputs (whose quadratic step then fails in forward mode
+    through the inner autograd.grad). It names the forces and the fixed-lr step now."""
+    species, pos, edges, molecule, energy, forces = molecules()
+    ptr = torch.tensor([0, *torch.tensor(SIZES).cumsum(0).tolist()])
+    torch.manual_seed(0)
+    c = gnfx.compile(InForwardForces().double(), "kfac", loss="mse", lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # not captured, its layers opened; create_graph's
+        out = c({"positions": pos.clone(), "edge_index": edges, "batch": molecule, "ptr": ptr})
+        with pytest.raises(gnfx.GnfxError, match="forces -∂E/∂x computed inside its forward.*with an lr"):
+            (F.mse_loss(out["energy"], energy) + 10 * F.mse_loss(out["forces"], forces)).backward()
