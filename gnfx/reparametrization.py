@@ -75,12 +75,12 @@ the step moves no masked-out entry of V (their values change no W), and decouple
 on the support only. For a 0/1 mask both maps are M ⊙ ·. The taps' a and δ at the linear node are those
 of W, so the block's statistics are exact for W.
 
-A scaled weight, W = s · V with s a nonzero number (e3nn's FullyConnectedNet, the radial MLPs of e3nn's
-convolutions, NequIP and MACE, computes `x @ (V / sqrt(h_in · var_in))`: its normalized initialization
-written into the forward; passes/masked_weights.py), is the masked weight of the constant M = s, held as
-one number: ∇W = ∇V / s and ΔV = ΔW / s. That stand-in steps only a scaled weight of a kind other than
-linear: a linear block takes V itself on the input rows s a (passes/analyze.py, gnfx.layouts.linear), so that
-every preconditioner steps V as the user's parameter (the diagonal is AdamW on V, whose lr the user tuned).
+A weight scaled by a number s that only linear maps read, W = s · V (e3nn's FullyConnectedNet, the radial
+MLPs of e3nn's convolutions, NequIP and MACE, computes `x @ (V / sqrt(h_in · var_in))`: its normalized
+initialization written into the forward; passes/masked_weights.py), needs no stand-in: z = W a = V (s a), so
+its block holds V itself on the input rows s a (`ScaledWeight` only makes the product stand for V;
+passes/analyze.py, gnfx.layouts.linear), and every preconditioner steps V as the user's parameter (the
+diagonal is AdamW on V, whose lr the user tuned).
 """
 from __future__ import annotations
 
@@ -319,20 +319,11 @@ class MaskedWeight(_OfOneParameter):
 
 
 @dataclasses.dataclass(frozen=True)
-class ScaledWeight(MaskedWeight):
-    """W = s · V (module docstring): a MaskedWeight whose `mask` is the number s as a 0-dimensional tensor."""
+class ScaledWeight(_OfOneParameter):
+    """W = s · V read by linear maps only (module docstring), `factor` the number s. Never a stand-in: the
+    linear block holds V on the input rows s a (passes/analyze.py); this only makes the product stand for V."""
 
-    @property
-    def factor(self) -> float:
-        """s."""
-        return float(self.mask)
-
-    @property
-    def removal(self) -> str:
-        """No torch call: the module scales its weight in its own forward (e3nn's FullyConnectedNet)."""
-        module = self.weight.rpartition(".")[0]
-        return (f"model.get_submodule({module!r}) scales its weight in its own forward, which no torch call "
-                f"removes: fold the scale into a plain nn.Linear's weight")
+    factor: float
 
 
 @dataclasses.dataclass(frozen=True)

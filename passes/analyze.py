@@ -17,7 +17,7 @@ constant: MADE's and the autoregressive flows' masked linear layers, passes/mask
 stands for V. A linear layer's weight scaled by a number, W = s · V (e3nn's FullyConnectedNet), is a block
 over V itself: `z = W a = V (s a)`, so its input rows are s a (`options["input_scale"]`,
 gnfx.layouts.linear) and every preconditioner steps V as it steps any parameter (the diagonal is AdamW on
-V); a scaled weight of another kind keeps its stand-in W. A parameter moved or cast to a
+V). A parameter moved or cast to a
 floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
@@ -232,7 +232,7 @@ def _block(weight: str, group: list[Site], bias: str | None, reparametrization) 
     first = group[0]
     name = _block_name(weight if reparametrization is None else reparametrization.weight)
     options = dict(first.options)
-    if isinstance(reparametrization, ScaledWeight) and first.kind == "linear":  # V on s a (module docstring)
+    if isinstance(reparametrization, ScaledWeight):  # V on the rows s a (module docstring)
         options["input_scale"], reparametrization = reparametrization.factor, None
     return Block(name=name, kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
                  d_out=first.d_out, sites=[s.node.name for s in group], options=options,
