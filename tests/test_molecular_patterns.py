@@ -292,3 +292,35 @@ def test_loss_mse_on_a_forward_that_returns_forces_names_them():
         out = c({"positions": pos.clone(), "edge_index": edges, "batch": molecule, "ptr": ptr})
         with pytest.raises(gnfx.GnfxError, match="forces -∂E/∂x computed inside its forward.*with an lr"):
             (F.mse_loss(out["energy"], energy) + 10 * F.mse_loss(out["forces"], forces)).backward()
+
+
+class EqualizedConv(nn.Module):
+    """StyleGAN's equalized learning rate: `F.conv2d(x, V * c)`, c = 1/√fan_in, so that Adam steps V."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.scale = 1 / 27 ** 0.5
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale).mean((2, 3))
+
+
+def test_a_scaled_weight_that_a_convolution_reads_keeps_the_diagonal():
+    """Only a scaled weight that linear maps read is a block over V; a scaled convolution weight (equalized lr)
+    falls back as before, so that the diagonal steps V, as the equalized lr intends: torch's AdamW, exactly."""
+    torch.manual_seed(0)
+    model = EqualizedConv().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    c = gnfx.compile(model, "kfac", lr=1e-2, example_inputs=(x,))
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)  # gnfx.compile's default
+    for _ in range(2):
+        c(x).square().mean().backward()
+        c.step()
+        c.zero_grad()
+        reference(x).square().mean().backward()
+        adamw.step()
+        adamw.zero_grad()
+    assert len(c.layers) == 0 and [f.param for f in c.layers.fallbacks] == ["weight"]
+    torch.testing.assert_close(model.weight, reference.weight, **TOL)
