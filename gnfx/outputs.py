@@ -98,7 +98,9 @@ def other_output_error(loss: str, z: torch.Tensor, position: int, other: torch.T
     other output's place among the floating tensors the model returns (z: 0); `reaches_z`: False for a
     loss of an output z is computed from that did not reach z."""
     reached = ("also reaches output {} of those tensors (shape {}): a second head's loss, a VAE's KL term on "
-               "its mean and log-variance, a triplet or contrastive loss over several embeddings" if reaches_z else
+               "its mean and log-variance, a triplet or contrastive loss over several embeddings, an interatomic "
+               "potential's forces -∂E/∂x computed inside its forward (MACE's: their loss, a loss of E's gradient, "
+               "has a curvature neither loss= models; compile without loss= and with an lr)" if reaches_z else
                "reaches output {} of those tensors (shape {}), which z is computed from, and not z: the loss of "
                "that output (CLIP's contrastive loss of logits_per_text, of which the logits_per_image it returns "
                "first is the transpose)")

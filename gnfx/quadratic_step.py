@@ -198,7 +198,14 @@ L(θ+s) is that loss at the output of one forward at θ+s. This is exact when th
 named loss of the output alone; loss terms that do not go through z (penalties on θ) are left out
 of the actual reduction, and a loss that is not the named one gives a wrong ρ, which at worst rejects
 steps and raises λ (finite,
-bounded): pass a closure then. With loss="mse" and a closure, the two are compared on the first solved step: the
+bounded): pass a closure then. A loss of the output's gradient is none of them: an energy model trained on
+its forces, F = -∂E/∂x from `torch.autograd.grad(E.sum(), x, create_graph=True)`, or a gradient penalty
+(WGAN-GP, R1), whose backward runs through that graph; the output's gradient in it is E's loss term's alone
+(none, for a force-only loss), so q(d) and L(θ+s) would be those of the energy term. The output hook sees
+the inner backward (one that fills no parameter's gradient, gnfx.filled_gradients, with a graph:
+`torch.is_grad_enabled()` inside it) and the step raises a GnfxError that gives the fixed-lr step
+(`_refuse_a_loss_of_the_output_gradient`); without create_graph (an adversarial example's input
+gradient) the inner backward is passed over. With loss="mse" and a closure, the two are compared on the first solved step: the
 squared error recovered at θ must not exceed the closure's loss (by more than MEAN_TOLERANCE: a loss may
 add penalties, never remove the error). Every gradient is a mean squared error's to some target, so
 nothing else can tell a summed squared error (`reduction="sum"`, which makes α numel(z) times too long:
@@ -244,6 +251,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from gnfx.errors import GnfxError
+from gnfx.filled_gradients import fills_gradients
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
@@ -438,6 +446,8 @@ class QuadraticStep:
         self._native_recurrent = False
         self._forwards = 0  # training forwards seen (observe), which numbers their output hooks
         self._warned_forwards = False  # _keep_output_grad's warning, given once
+        # the training forward whose output a backward with create_graph differentiated (forces, a penalty)
+        self._output_differentiated = 0
         self._warned_functional_call = False  # observe's warning, given once
         self._mean_checked = False  # _check_mean passed once: a loss's reduction does not change between steps
         # the closure called backward under no_grad once (torch's closure idiom): L(θ+s) from loss= since
@@ -487,6 +497,20 @@ class QuadraticStep:
                       "through. For such a loop compile with an lr (step='lr'), or make the last training forward "
                       "before step() a plain call", RuntimeWarning, stacklevel=3)
 
+    def _refuse_a_loss_of_the_output_gradient(self) -> None:
+        """Raise a GnfxError when the last training forward's output was differentiated by a backward that
+        kept its graph (module docstring: forces F = -∂E/∂x, a gradient penalty), whose loss the
+        quadratic model of the named loss of the output would leave out."""
+        if self._output_differentiated != self._forwards:
+            return
+        named = " + ".join(k.name for k in self.losses)
+        raise GnfxError(f"the training forward's output was differentiated with torch.autograd.grad(..., "
+                        f"create_graph=True) (forces F = -∂E/∂x of an energy model, a gradient penalty), so the "
+                        f"loss is presumably of that gradient too; the quadratic-model step (loss={named!r} "
+                        f"without lr) models the {named} loss of the output alone, and would size the step and "
+                        f"judge it (ρ) on that term only. Fix: compile without loss= and with an lr (the fixed-lr "
+                        f"step); optimizer='shampoo' or 'diag' take their statistics from the gradient itself")
+
     def _warn_if_lr_moved(self) -> None:
         """Warn, once, when a param group's lr moves (an LR scheduler) under the uncapped step: the
         proposal Δ is made at the group's lr and α rescales it (the minimizer of q along cΔ is the same
@@ -510,7 +534,13 @@ class QuadraticStep:
         A backward that reaches the output of an earlier forward than the last (one loss over two
         forwards: a Siamese pair, R-Drop's two dropout masks, micro-batches summed before one backward)
         is modelled by the last forward's output alone (module docstring): warned once; only the last
-        forward's gradient is kept, which belongs to the inputs the step replays."""
+        forward's gradient is kept, which belongs to the inputs the step replays. A backward that fills no
+        parameter's gradient (torch.autograd.grad) is no loss's: noted when it keeps a graph (module docstring,
+        `_refuse_a_loss_of_the_output_gradient`), else passed over."""
+        if not fills_gradients(list(self.parameters.named.values())):
+            if torch.is_grad_enabled():
+                self._output_differentiated = forward
+            return
         if forward == self._forwards:
             self._output_grad[j] = grad.detach()
             if self.losses[j].name == "cross_entropy":  # told at a statistic forward's output already, unless none ran
@@ -612,6 +642,7 @@ class QuadraticStep:
         if self._call is None:
             raise GnfxError("the quadratic-model step needs the inputs of the training forward: call the "
                             "compiled model (in training mode, with gradients enabled) before step()")
+        self._refuse_a_loss_of_the_output_gradient()
         self._warn_if_lr_moved()
         named = self.parameters.named
         names = list(named)

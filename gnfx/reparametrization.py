@@ -74,6 +74,13 @@ support, 0 off it) and a change ΔW pulls back to ΔV = M⁺ ⊙ ΔW, whose imag
 the step moves no masked-out entry of V (their values change no W), and decoupled weight decay shrinks V
 on the support only. For a 0/1 mask both maps are M ⊙ ·. The taps' a and δ at the linear node are those
 of W, so the block's statistics are exact for W.
+
+A weight scaled by a number s that only linear maps read, W = s · V (e3nn's FullyConnectedNet, the radial
+MLPs of e3nn's convolutions, NequIP and MACE, computes `x @ (V / sqrt(h_in · var_in))`: its normalized
+initialization written into the forward; passes/masked_weights.py), needs no stand-in: z = W a = V (s a), so
+its block holds V itself on the input rows s a (`ScaledWeight` only makes the product stand for V;
+passes/analyze.py, gnfx.layouts.linear), and every preconditioner steps V as the user's parameter (the
+diagonal is AdamW on V, whose lr the user tuned).
 """
 from __future__ import annotations
 
@@ -309,6 +316,14 @@ class MaskedWeight(_OfOneParameter):
     def held_scale(self, named: dict) -> torch.Tensor:
         """c = M⁺: ∇W = M⁺ ⊙ ∇V on M's support, and M ⊙ (M⁺ ⊙ ΔW) = ΔW there (module docstring)."""
         return _inverse_or_zero(self._mask(named))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledWeight(_OfOneParameter):
+    """W = s · V read by linear maps only (module docstring), `factor` the number s. Never a stand-in: the
+    linear block holds V on the input rows s a (passes/analyze.py); this only makes the product stand for V."""
+
+    factor: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -538,6 +538,7 @@ class StatisticsStore:
         # backward reaching two forwards was told (gnfx.output_watch.note_backward)
         self.last_reached: tuple[int, int] = (-1, -1)
         self.shared_backward_told = False
+        self.graph_backward_told = False  # gnfx.filled_gradients.tell_a_graph_backward, once
 
     def _placement(self, block) -> tuple[torch.dtype, torch.device]:
         """The dtype (float64 for a float64 weight, else float32) and device of a block's statistics."""

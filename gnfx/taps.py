@@ -9,14 +9,15 @@ original, untapped forward. A block whose rows are routed to its groups at run t
 gets the routing (the offsets) as both taps' last argument and records it with a and g.
 A block's statistics count only the backwards that fill its gradient (gnfx.filled_gradients): the
 ErrorTap of a block whose parameters are all frozen registers nothing, and its hook skips a backward
-that does not accumulate into the block's parameters (torch.autograd.grad).
+that does not accumulate into the block's parameters (torch.autograd.grad), and warns once when that
+backward keeps its graph (forces, a gradient penalty: gnfx.filled_gradients.tell_a_graph_backward).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from gnfx.filled_gradients import fills_gradients
+from gnfx.filled_gradients import fills_gradients, tell_a_graph_backward
 
 
 class ActivationTap(nn.Module):
@@ -54,7 +55,9 @@ class ErrorTap(nn.Module):
             fid, stats = self.store.forward_id, self.stats
             self.store.trained.extend(leaves)
             if self.store.fisher == "empirical":
-                z.register_hook(lambda g: stats.record_error(g, a, fid, routing) if fills_gradients(leaves) else None)
+                store = self.store
+                z.register_hook(lambda g: stats.record_error(g, a, fid, routing) if fills_gradients(leaves)
+                                else tell_a_graph_backward(store, stats.block.name))
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
                 self.store.pending.append((z, a, stats, fid, routing))
         if self.fresh and z.requires_grad:

@@ -14,7 +14,10 @@ its `_SpectralNorm` call stands for W_o; and a weight-standardized one (W_r = (V
 passes/weight_standardization.py): the node computing W stands for V, and a gain g multiplying its rows
 (W_r = c g_r Ŵ_r, timm's ScaledStdConv2d) is held like weight norm's g; and a masked one (W = M ⊙ V, M a
 constant: MADE's and the autoregressive flows' masked linear layers, passes/masked_weights.py): the product
-stands for V. A parameter moved or cast to a
+stands for V. A linear layer's weight scaled by a number, W = s · V (e3nn's FullyConnectedNet), is a block
+over V itself: `z = W a = V (s a)`, so its input rows are s a (`options["input_scale"]`,
+gnfx.layouts.linear) and every preconditioner steps V as it steps any parameter (the diagonal is AdamW on
+V). A parameter moved or cast to a
 floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
@@ -50,7 +53,7 @@ from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
 from gnfx.layouts.shift import ShiftLayout
 from gnfx.layouts.weighted_sum import WeightedSumLayout
-from gnfx.reparametrization import MaskedWeight, SpectralNorm, WeightNorm, WeightStandardization
+from gnfx.reparametrization import MaskedWeight, ScaledWeight, SpectralNorm, WeightNorm, WeightStandardization
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -228,8 +231,11 @@ def _tied(group: list[Site]) -> tuple[list[Site], str] | None:
 def _block(weight: str, group: list[Site], bias: str | None, reparametrization) -> Block:
     first = group[0]
     name = _block_name(weight if reparametrization is None else reparametrization.weight)
+    options = dict(first.options)
+    if isinstance(reparametrization, ScaledWeight):  # V on the rows s a (module docstring)
+        options["input_scale"], reparametrization = reparametrization.factor, None
     return Block(name=name, kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
-                 d_out=first.d_out, sites=[s.node.name for s in group], options=dict(first.options),
+                 d_out=first.d_out, sites=[s.node.name for s in group], options=options,
                  reparametrization=reparametrization)
 
 

@@ -86,7 +86,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaves:
+        if qualname in self.leaves or isinstance(m, torch.jit.ScriptModule):  # (TorchScript: compiled, not traceable)
             return True
         if not m.__module__.startswith(("torch.nn", "torch.ao.nn")):
             return False

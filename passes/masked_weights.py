@@ -11,15 +11,27 @@ trainable parameter (a buffer, a frozen parameter), of exactly V's shape (passes
 product stand for V, so that the linear detector sees a weight of V's shape and its block steps W). Not
 recognized, so falling back with the reason of the use: a mask of another shape that broadcasts (one per
 row or column), a mask computed in the forward, a product of two trainable parameters.
+
+A weight scaled by a number, `V * s`, `s * V` or `V / s` (s a nonzero Python number in the graph:
+e3nn's FullyConnectedNet computes `x @ (V / (h_in * var_in) ** 0.5)`, the radial MLPs whose outputs weight
+e3nn's, NequIP's and MACE's tensor products; its weights fell back, "used by call_function 'truediv'"),
+under the same conditions on V and read by linear maps only (F.linear, matmul, mm, addmm), stands for V too
+(gnfx.reparametrization.ScaledWeight): its linear block holds V on the input rows s a (passes/analyze.py).
+A scaled weight of another kind (StyleGAN's equalized-lr convolutions) still falls back, so that the
+diagonal keeps stepping V.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from gnfx.reparametrization import MaskedWeight
+from gnfx.reparametrization import MaskedWeight, ScaledWeight
 
-from .norm import MUL, _is
+from .linear import ADDMM_OPS, LINEAR_OPS, MATMUL_OPS
+from .norm import DIV, MUL, _is
+from .weight_standardization import _number
+
+LINEAR_READS = (*LINEAR_OPS, *MATMUL_OPS, *ADDMM_OPS)  # the reads of a scaled weight (module docstring)
 
 
 def _constant(gm: fx.GraphModule, node, param_of) -> torch.Tensor | None:
@@ -46,4 +58,22 @@ def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> d
                 continue
             if tuple(mask.shape) == shape_of(original) and all(consumer is node for consumer, _ in uses[original]):
                 found[node] = MaskedWeight(original, original, mask)
+    return {**found, **_scaled_weights(gm, param_of, shape_of, uses)}
+
+
+def _scaled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, ScaledWeight]:
+    """Each V * s, s * V or V / s (module docstring) of a trainable V of 2 or more dimensions, its only use, by
+    a nonzero number s, read by linear maps only, with its gnfx.reparametrization.ScaledWeight."""
+    found = {}
+    for node in gm.graph.nodes:
+        if len(node.args) != 2 or node.kwargs or not (_is(node, MUL) or _is(node, DIV)):
+            continue
+        pairs = [node.args] if _is(node, DIV) else [node.args, tuple(reversed(node.args))]
+        for weight, number in pairs:
+            original = param_of(weight)
+            if original is None or not _number(number) or number == 0 or len(shape_of(original)) < 2:
+                continue
+            read_linearly = all(_is(user, LINEAR_READS) for user in node.users)
+            if read_linearly and all(consumer is node for consumer, _ in uses[original]):
+                found[node] = ScaledWeight(original, original, 1 / number if _is(node, DIV) else number)
     return found

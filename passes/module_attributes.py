@@ -14,7 +14,10 @@ its own concern) and its buffers as they were on entry: those the forward added 
 replaced restored, so the first eager call builds them again from real tensors (litgpt's LoRAQKVLinear
 registers its `_lora_ind` buffer at the first read of a property, inside the forward). (In-place
 changes inside an attribute's object or a buffer are not seen, nor undone: BatchNorm's running
-statistics are the graph's to update.)
+statistics are the graph's to update.) A TorchScript module (`torch.jit.script(module)`: e3nn 0.4's generated
+tensor products and linear maps, in MACE) is left as it is: its compiled forward sets no Python attribute,
+and its `_buffers` is a read-through view of the C++ module's, without `clear` (gnfx.compile of any model
+that held one raised an AttributeError here).
 
 A forward that changes a number it holds (torchdiffeq's ODE functions count their evaluations,
 `self.nfe += 1`; a step counter, a flag) has a side effect no graph repeats: torch.fx and torch.export
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
@@ -39,7 +43,7 @@ def attributes_kept(model: nn.Module):
     """While inside, the forward may set attributes and register buffers on `model`'s modules; on exit
     each module's own attributes and buffers are those it had on entry (module doc)."""
     saved = [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, dict(m._buffers),
-              set(m._non_persistent_buffers_set)) for m in model.modules()]
+              set(m._non_persistent_buffers_set)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
     try:
         yield
     finally:

@@ -167,14 +167,17 @@ class _ExampleReads(TorchFunctionMode):
 
 @contextlib.contextmanager
 def without_trace(model: nn.Module, args: tuple, kwargs: dict):
-    """For a run of the forward on the call (args, kwargs) that leaves no trace: no gradients, and the
-    model's buffers (batch-norm statistics), its modules' own attributes (an evaluation counter,
-    passes/module_attributes.py) and torch's random generators restored afterwards."""
+    """For a run of the forward on the call (args, kwargs) that leaves no trace: no backward runs, so no
+    gradient is left (the forward runs in the caller's grad mode: one that differentiates inside, an
+    interatomic potential's forces F = -∂E/∂x by torch.autograd.grad as MACE's, raised under torch.no_grad,
+    an error gnfx then named as the model's own), and the model's buffers (batch-norm statistics), its
+    modules' own attributes (an evaluation counter, passes/module_attributes.py) and torch's random
+    generators restored afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = [t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), attributes_kept(model):
+        with torch.random.fork_rng(devices=devices), attributes_kept(model):
             yield
     finally:
         with torch.no_grad():

@@ -2,7 +2,9 @@
 
 An einsum may map another axis of its input (talking heads' `"bhij,hg->bgij"`, passes/linear.py): the
 features are then dimension `feature_dim` (counted from the end) of a and of z, moved last before the
-rows are read, and every other dimension after N is a position."""
+rows are read, and every other dimension after N is a position. A weight scaled by a number in the forward,
+`x @ (V / c)` (e3nn's FullyConnectedNet), is the block of V on the input rows a/c (`options["input_scale"]`
+= 1/c, passes/analyze.py): z = (a/c) V, so its A and per-example gradients are V's."""
 from __future__ import annotations
 
 import torch
@@ -18,10 +20,13 @@ class LinearLayout(Layout):
         # "t": the parameter is stored (d_in, d_out) and used as `x @ W`; the matrix W is its transpose
         self.view = "t" if block.options.get("transposed") else ""
         self.feature_dim = block.options.get("feature_dim", -1)
+        self.input_scale = block.options.get("input_scale", 1.0)  # s of a weight scaled by s (module docstring)
 
     def input_chunks(self, a: torch.Tensor):
-        """The input rows a, as (N, R, d_in) tensors (one chunk: nothing to materialize)."""
-        yield position_rows(a.movedim(self.feature_dim, -1))
+        """The input rows a (s a for a weight scaled by s), as (N, R, d_in) tensors (one chunk: nothing to
+        materialize)."""
+        rows = position_rows(a.movedim(self.feature_dim, -1))
+        yield rows if self.input_scale == 1.0 else rows * self.input_scale
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The output gradient as (N, R, d_out) rows."""
