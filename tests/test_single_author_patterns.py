@@ -9,14 +9,22 @@ reproduced by a small plain-torch stand-in (benchmarks/lucid_probe.py probes the
   in a buffer, `self.calls_since_last_redraw += 1`): torch.fx does not proxy buffers, so the count would run once
   while tracing and never in the graph. The count must go on at every call of the compiled model, start where
   the model's was (capture advances nothing), and the statistics stay exact.
+- Unit-norm weights (nGPT-pytorch's NormLinear: a parametrization `F.normalize(V, dim=d)` of every weight): the
+  layers are curvature blocks of W (A and S equal to hooks in float64, under torch.fx and torch.export), and
+  the maps between W's and V's space are those of autograd (torch.func): the gathered gradient c ∇V =
+  (I − W_r W_rᵀ) ∇W_r, and the pulled-back change c ΔW moves W by ΔW but for its component along W_r.
 """
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrize import register_parametrization
+
+from gnfx.reparametrization import UnitNormWeight
 
 from references import TOL, hook_statistics
 from steps import compile_for_statistics, statistic_step
@@ -121,3 +129,64 @@ def test_a_buffer_counted_in_place_by_the_forward_counts_every_call():
             torch.testing.assert_close(c.statistics(name)["S"], ref[name]["S"], **TOL)
     assert c.layers.opened["counted.fc"].startswith("opened")
     assert "changes its buffer calls (changed in place)" in c.layers.leaves["counted"]
+
+
+class L2Norm(nn.Module):
+    """nGPT's parametrization: each row along `dim` scaled to length 1."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, w):
+        return F.normalize(w, dim=self.dim, p=2)
+
+
+class UnitNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.hidden, self.out = nn.Linear(5, 6, bias=False), nn.Linear(6, 6), nn.Linear(6, 3, bias=False)
+        register_parametrization(self.inp, "weight", L2Norm(-1))  # nGPT's input side: rows of unit length
+        register_parametrization(self.out, "weight", L2Norm(0))  # nGPT's `norm_dim_in=False`: columns
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.inp(x)))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_unit_norm_weights_are_blocks_with_exact_statistics(capture):
+    model = UnitNormNet()
+    x = torch.randn(8, 5, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    names = ["inp", "hidden", "out"]
+    assert [b.name for b in c.layers] == names and c.layers.fallbacks == []
+    for _ in range(2):
+        ref = hook_statistics(copy.deepcopy(model), names, x, y)
+        statistic_step(c, x, y)
+        for name in names:
+            torch.testing.assert_close(c.statistics(name)["A"], ref[name]["A"], **TOL)
+            torch.testing.assert_close(c.statistics(name)["S"], ref[name]["S"], **TOL)
+    for layer in (model.inp, model.out):  # the step keeps W on the sphere: the parametrization's own output
+        w = layer.parametrizations.weight.original
+        torch.testing.assert_close(layer.weight, F.normalize(w, dim=layer.parametrizations.weight[0].dim))
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_unit_norm_maps_are_the_jacobians(dim):
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(4, 5, dtype=DTYPE, generator=g)
+    grad_w, delta_w = torch.randn(4, 5, dtype=DTYPE, generator=g), torch.randn(4, 5, dtype=DTYPE, generator=g)
+    rp = UnitNormWeight("fc.weight", "fc.weight_v", dim, 1e-12)
+    named = {"fc.weight_v": v}
+    w = F.normalize(v, dim=dim)
+    along = lambda x: w * (w * x).sum(dim, keepdim=True)  # noqa: E731 - the component along W's rows
+    _, vjp = torch.func.vjp(lambda u: F.normalize(u, dim=dim), v)
+    c = v.norm(dim=dim, keepdim=True)
+    torch.testing.assert_close(rp.weight_gradient(named, {"fc.weight_v": vjp(grad_w)[0]}), grad_w - along(grad_w))
+    torch.testing.assert_close(c * vjp(grad_w)[0], rp.weight_gradient(named, {"fc.weight_v": vjp(grad_w)[0]}))
+    _, moved = torch.func.jvp(lambda u: F.normalize(u, dim=dim), (v,), (rp.pull_back(named, delta_w)["fc.weight_v"],))
+    torch.testing.assert_close(moved, delta_w - along(delta_w))
+    torch.testing.assert_close(rp.value(named), w)
