@@ -9,7 +9,8 @@ parametrization is traced into) records the call `F.normalize(V, ...)`; torch.ex
 
 `find_unit_norm_weights` gives the node computing W of each such form whose V is a trainable parameter of 2 or
 more dimensions that nothing else uses (passes/analyze.py makes that node stand for V, so that a layer detector
-sees a weight of V's shape and its block steps W). Not recognized, so falling back: another p than 2, a norm
+sees a weight of V's shape and its block steps W). nGPT's token embedding is such a W indexed by the token ids,
+`W[ids]`, which passes/index_lookup.py rewrites into the embedding lookup of W as for a plain table. Not recognized, so falling back: another p than 2, a norm
 over several dimensions, nGPT's `norm_eps` > 0 form (a norm clamped to [1 − ε, 1 + ε] and detached), grouped
 hyperspheres (chunks stacked and concatenated).
 """
@@ -49,7 +50,7 @@ def _one_dim(dim) -> int | None:
     return None
 
 
-def _normalized(node) -> tuple[fx.Node, int, float, tuple[fx.Node, ...]] | None:
+def normalized(node) -> tuple[fx.Node, int, float, tuple[fx.Node, ...]] | None:
     """(V, d, ε, the chain's nodes) if `node` computes F.normalize(V, p=2, dim=d, eps=ε) in one of the forms of
     the module docstring, its inner nodes used by the chain only, else None."""
     if _is(node, NORMALIZE):
@@ -80,10 +81,10 @@ def find_unit_norm_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -
     parameter's (consumer, get_attr) pairs), with its gnfx.reparametrization.UnitNormWeight."""
     found = {}
     for node in gm.graph.nodes:
-        normalized = _normalized(node)
-        if normalized is None:
+        chain_of = normalized(node)
+        if chain_of is None:
             continue
-        v, dim, eps, chain = normalized
+        v, dim, eps, chain = chain_of
         original = param_of(v)
         if original is None or len(shape_of(original)) < 2:
             continue

@@ -12,7 +12,9 @@ reproduced by a small plain-torch stand-in (benchmarks/lucid_probe.py probes the
 - Unit-norm weights (nGPT-pytorch's NormLinear: a parametrization `F.normalize(V, dim=d)` of every weight): the
   layers are curvature blocks of W (A and S equal to hooks in float64, under torch.fx and torch.export), and
   the maps between W's and V's space are those of autograd (torch.func): the gathered gradient c ∇V =
-  (I − W_r W_rᵀ) ∇W_r, and the pulled-back change c ΔW moves W by ΔW but for its component along W_r.
+  (I − W_r W_rᵀ) ∇W_r, and the pulled-back change c ΔW moves W by ΔW but for its component along W_r. nGPT's
+  token embedding, such a W indexed by the ids (`W[ids]`), is an embedding block of W: A the token
+  frequencies, S = M Σ g gᵀ of the looked-up rows' gradients g (M = N·T), as plain autograd gives them.
 """
 from __future__ import annotations
 
@@ -190,3 +192,39 @@ def test_unit_norm_maps_are_the_jacobians(dim):
     _, moved = torch.func.jvp(lambda u: F.normalize(u, dim=dim), (v,), (rp.pull_back(named, delta_w)["fc.weight_v"],))
     torch.testing.assert_close(moved, delta_w - along(delta_w))
     torch.testing.assert_close(rp.value(named), w)
+
+
+class UnitNormLM(nn.Module):
+    """nGPT's embedding: a unit-norm table read by indexing, then a unit-norm head."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table, self.head = nn.Linear(d, vocab, bias=False), nn.Linear(d, vocab, bias=False)
+        register_parametrization(self.table, "weight", L2Norm(-1))
+        register_parametrization(self.head, "weight", L2Norm(-1))
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        return self.rest(self.table.weight[ids])
+
+    def rest(self, rows):
+        return self.head(torch.tanh(rows))
+
+
+def test_a_unit_norm_table_read_by_indexing_is_an_embedding_block():
+    model = UnitNormLM()
+    ids = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(2))
+    c = compile_for_statistics(model, optimizer="kfac", capture="export", example_inputs=(ids,))
+    assert [(b.name, b.kind) for b in c.layers] == [("table", "embedding"), ("head", "linear")]
+    assert c.layers.fallbacks == []
+    rows = model.table.weight.detach()[ids].requires_grad_()
+    F.cross_entropy(model.rest(rows).flatten(0, 1), y.flatten()).backward()
+    g, m = rows.grad.reshape(-1, 4), ids.numel()
+    F.cross_entropy(c(ids).flatten(0, 1), y.flatten()).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("table")["S"], m * g.T @ g, **TOL)
+    counts = torch.bincount(ids.flatten(), minlength=7).to(DTYPE) / m
+    torch.testing.assert_close(c.statistics("table")["A"].diagonal() if c.statistics("table")["A"].dim() == 2
+                               else c.statistics("table")["A"], counts, **TOL)
