@@ -35,7 +35,8 @@ Optimizers: "kfac" (lr 1e-3: no model here has a loss gnfx's loss= models beside
 draws reseeded alike, 3 steps: the largest |difference| of the loss and of any gradient (benchmarks.lockstep);
 and the first step's K-FAC A and S of every linear block against plain hooks on every call
 (benchmarks.hooked_calls; S = M Σ g gᵀ, M read off as gnfx's S over the hooks' Σ g gᵀ at its largest entry in the
-first block, printed, and held for every block: the factors exact up to the one scalar M gnfx takes for the loss). None of these libraries is a dependency of gnfx. The results:
+first block, printed, and held for every block: the factors exact up to the one scalar M gnfx takes for the loss).
+None of these libraries is a dependency of gnfx. The results:
 benchmarks/results/first_contact_12_lucid.md.
 """
 from __future__ import annotations
@@ -102,7 +103,8 @@ class HyperMLP(nn.Module):
 class RotaryLM(nn.Module):
     def __init__(self):
         super().__init__()
-        self.emb, self.qkv, self.out, self.head = nn.Embedding(256, 64), nn.Linear(64, 192), nn.Linear(64, 64), nn.Linear(64, 256)
+        self.emb, self.qkv = nn.Embedding(256, 64), nn.Linear(64, 192)
+        self.out, self.head = nn.Linear(64, 64), nn.Linear(64, 256)
         self.rotary = _import("rotary_embedding_torch").RotaryEmbedding(dim=16)
 
     def forward(self, x):

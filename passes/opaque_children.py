@@ -31,10 +31,10 @@ Not opened, with the reason in the report: a child whose forward takes optional 
 instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
 code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
 of `self.model`'s layers between them), and the graph of an opened child runs only where the child
-itself is called, so its children are opened instead, which either call runs; a child with a parameter registered outside it too (shared; a module registered under two paths, as
-performer-pytorch's `ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its
-own under both, and it is walked once, by the first path) or read by the
-enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
+itself is called, so its children are opened instead, which either call runs; a child with a parameter
+registered outside it too (shared; a module registered under two paths, as performer-pytorch's
+`ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
+it is walked once, by the first path) or read by the enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a

@@ -5,14 +5,15 @@ nGPT (nGPT-pytorch's NormLinear) keeps every weight on the unit sphere with a pa
 is `F.normalize(V, dim=d, p=2)`: each row of V along d divided by max(‖V_r‖, ε). torch.fx (where the
 parametrization is traced into) records the call `F.normalize(V, ...)`; torch.export its decomposition
 
-    n = aten.linalg_vector_norm(V, 2, [d], True);  c = aten.clamp_min(n, ε);  W = aten.div(V, aten.expand_as(c, V))
+    n = aten.linalg_vector_norm(V, 2, [d], True);  c = aten.clamp_min(n, ε)
+    W = aten.div(V, aten.expand_as(c, V))
 
 `find_unit_norm_weights` gives the node computing W of each such form whose V is a trainable parameter of 2 or
 more dimensions that nothing else uses (passes/analyze.py makes that node stand for V, so that a layer detector
 sees a weight of V's shape and its block steps W). nGPT's token embedding is such a W indexed by the token ids,
-`W[ids]`, which passes/index_lookup.py rewrites into the embedding lookup of W as for a plain table. Not recognized, so falling back: another p than 2, a norm
-over several dimensions, nGPT's `norm_eps` > 0 form (a norm clamped to [1 − ε, 1 + ε] and detached), grouped
-hyperspheres (chunks stacked and concatenated).
+`W[ids]`, which passes/index_lookup.py rewrites into the embedding lookup of W as for a plain table.
+Not recognized, so falling back: another p than 2, a norm over several dimensions, nGPT's `norm_eps` > 0 form
+(a norm clamped to [1 − ε, 1 + ε] and detached), grouped hyperspheres (chunks stacked and concatenated).
 """
 from __future__ import annotations
 
