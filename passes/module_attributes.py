@@ -41,6 +41,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer
 
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
 
@@ -81,8 +82,10 @@ def changed_number(module: nn.Module, before: dict[str, object]) -> str | None:
 
 
 def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the value of each buffer of the module and its submodules, by name."""
-    return {name: b.detach().clone() for name, b in module.named_buffers()}
+    """A copy of the value of each buffer of the module and its submodules that holds one (neither on the meta
+    device nor a lazy module's uninitialized buffer), by name."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()
+            if not b.is_meta and not isinstance(b, UninitializedBuffer)}
 
 
 def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | None:
