@@ -1,5 +1,5 @@
 """Reparametrized weights: a block whose weight W is computed from parameters (weight and spectral norm,
-weight standardization, with or without a gain).
+weight standardization, with or without a gain, masked and unit-norm weights).
 
 `nn.utils.parametrizations.weight_norm` and the older `nn.utils.weight_norm` make a layer's weight
 
@@ -81,6 +81,13 @@ initialization written into the forward; passes/masked_weights.py), needs no sta
 its block holds V itself on the input rows s a (`ScaledWeight` only makes the product stand for V;
 passes/analyze.py, gnfx.layouts.linear), and every preconditioner steps V as the user's parameter (the
 diagonal is AdamW on V, whose lr the user tuned).
+A unit-norm weight (nGPT, whose every weight is `F.normalize(V, dim=d)` through a parametrization: each row of
+V along `d` scaled to length 1; passes/unit_norm_weights.py) is W_r = V_r / c_r, c_r = max(‖V_r‖, ε), the
+norm over the dimension d. Its Jacobian is (1/‖V_r‖)(I − W_r W_rᵀ) where ‖V_r‖ > ε (the length of V_r changes
+no W), and I/ε where the clamp holds. As for spectral norm, with c held fixed for the step: the gathered
+gradient is c_r ∇V_r = (I − W_r W_rᵀ) ∇W_r, ∇W_r but for its component along W_r, which the normalization pins
+and which cannot be recovered, and a change ΔW_r pulls back to ΔV_r = c_r ΔW_r, whose image is ΔW_r but for
+that component: weight norm's map with g ≡ 1 in the place of a parameter.
 """
 from __future__ import annotations
 
@@ -379,6 +386,33 @@ class GainedWeightStandardization(WeightStandardization):
         delta_g = inverse_norm2 / self.factor * self._row_sum(standardized * delta_w)
         return {self.gain: delta_g.reshape(named[self.gain].shape),
                 self.original: rest * self._off_mean_and_row(delta_w, standardized, inverse_norm2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitNormWeight(_OfOneParameter):
+    """W = F.normalize(V, dim=`dim`, eps=`eps`), each row of V along `dim` of length 1, c = max(‖V_r‖, ε) held
+    fixed for the step (module docstring); `original` is V."""
+
+    dim: int
+    eps: float
+
+    @property
+    def removal(self) -> str:
+        """The parametrization's removal, where it is one (nGPT's NormLinear); else the model's own forward
+        normalizes it."""
+        if ".parametrizations." in f".{self.original}":
+            return _remove_parametrizations(self.weight)
+        module = self.weight.rpartition(".")[0]
+        return (f"model.get_submodule({module!r}) normalizes its weight in its own forward, which no torch call "
+                f"removes: replace it by a plain layer with that weight")
+
+    def value(self, named: dict) -> torch.Tensor:
+        """W, as the model's forward computes it."""
+        return torch.nn.functional.normalize(named[self.original], dim=self.dim, eps=self.eps)
+
+    def held_scale(self, named: dict) -> torch.Tensor:
+        """c = max(‖V_r‖, ε), shaped to broadcast against V."""
+        return named[self.original].detach().norm(dim=self.dim, keepdim=True).clamp_min(self.eps)
 
 
 def _inverse_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,8 @@ from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
 from gnfx.layouts.shift import ShiftLayout
 from gnfx.layouts.weighted_sum import WeightedSumLayout
-from gnfx.reparametrization import MaskedWeight, ScaledWeight, SpectralNorm, WeightNorm, WeightStandardization
+from gnfx.reparametrization import (MaskedWeight, ScaledWeight, SpectralNorm, UnitNormWeight, WeightNorm,
+                                     WeightStandardization)
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -71,6 +72,7 @@ from .shift import find_shift_sites
 from .sites import Site
 from .masked_weights import find_masked_weights
 from .spectral_norm import find_spectral_norms
+from .unit_norm_weights import find_unit_norm_weights
 from .weight_norm import find_weight_norms
 from .weight_standardization import find_weight_standardizations
 from .weighted_sum import find_weighted_sum_sites
@@ -109,7 +111,8 @@ class _ParamIndex:
         self.params = dict(model.named_parameters())
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
-        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization | MaskedWeight] = {}
+        self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization | MaskedWeight
+                                  | UnitNormWeight] = {}
         # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
         self.casts: dict[fx.Node, str] = {}
 
@@ -175,7 +178,8 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     index.reparametrized = {**find_weight_norms(gm, index.param_of, index.frozen_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
                             **find_weight_standardizations(gm, index.param_of, index.shape_of, uses),
-                            **find_masked_weights(gm, index.param_of, index.shape_of, uses)}
+                            **find_masked_weights(gm, index.param_of, index.shape_of, uses),
+                            **find_unit_norm_weights(gm, index.param_of, index.shape_of, uses)}
     by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
         uses[name] = []

@@ -36,7 +36,8 @@ from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
-from gnfx.passes.module_attributes import attributes_kept, changed_number, changes_recorded, numbers, side_effect
+from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_number,
+                                          changes_recorded, numbers, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
@@ -96,11 +97,12 @@ class _LeafFindingTracer(MappingOutputTracer):
         return _DenseProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
-        # a module traced through whose forward changes a number it holds is kept opaque (passes/module_attributes.py)
-        before = None if self.is_leaf_module(m, self.path_of_module(m)) else numbers(m)
+        # a module traced through whose forward changes a number it holds, or a buffer in place, is kept opaque
+        # (passes/module_attributes.py)
+        before = None if self.is_leaf_module(m, self.path_of_module(m)) else (numbers(m), buffer_values(m))
         try:
             out = super().call_module(m, forward, args, kwargs)
-            change = None if before is None else changed_number(m, before)
+            change = None if before is None else changed_number(m, before[0]) or changed_buffer(m, before[1])
             if change is not None:
                 raise side_effect(m, self.path_of_module(m), change)
             return out
@@ -310,11 +312,11 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     with attributes_kept(model):
         while True:
             tracer = _LeafFindingTracer(set(leaves))
-            before = numbers(model)
+            before, buffers = numbers(model), buffer_values(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
-                    if (change := changed_number(model, before)) is not None:
+                    if (change := changed_number(model, before) or changed_buffer(model, buffers)) is not None:
                         raise side_effect(model, "", change)
                     draws = draws or drew()
                     if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):

@@ -5,7 +5,8 @@ Whisper's decoder position embedding (an nn.Embedding subclass whose forward ret
 rows of a trainable (V, d) weight picked by a tensor of integer indices, E[ids], the value of
 `aten.embedding(W, ids)`, and the same gradient (each output row's gradient added into the row it
 was read from). `lookups_as_embeddings` rewrites it into that op, so that the embedding detector
-(passes/embedding.py) makes W a block and passes/shared_positions.py sees the lookup. Indexing reads
+(passes/embedding.py) makes W a block and passes/shared_positions.py sees the lookup; W may be a unit-norm weight
+computed from the parameter (nGPT's token embedding, passes/unit_norm_weights.py), whose block steps W. Indexing reads
 a negative index i as i + V, which the embedding does not: the indices become
 `where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises). Only
 torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["val"]`); torch.fx's
@@ -32,6 +33,7 @@ from torch import fx
 
 from .rewrite import recompiled, replace
 from .shapes import value_of
+from .unit_norm_weights import normalized
 
 aten = torch.ops.aten
 # the shape ops between a relative position bias lookup and the scores (torch.export's, torch.fx's)
@@ -55,7 +57,9 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
-        ids, matrix = indices[0] if len(indices) == 1 else None, trainable_matrix(gm, weight)
+        ids = indices[0] if len(indices) == 1 else None
+        table = normalized(weight)  # a unit-norm table (nGPT's token embedding): V's rows, normalized
+        matrix = trainable_matrix(gm, weight if table is None else table[0])
         if matrix is None or not _integer(ids):
             continue
         if _bias_of_scores(node):

@@ -27,6 +27,16 @@ read 0 there). `changed_number(module, before)` names such a change, comparing t
 keeps that module opaque (its forward runs as its Python code, its layers opened, passes/opaque_children.py),
 and an export during which a module's forward changed one is no capture (ForwardSideEffect; torch.export puts
 the attributes back itself, so `changes_recorded` watches each forward call with hooks).
+
+A buffer changed in place by Python code that reads no input (performer-pytorch's ProjectionUpdater counts its
+calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the same side effect under torch.fx,
+which proxies parameters but not buffers: the count runs once, on the buffer itself, while tracing, and the
+graph holds no operation that repeats it (an update computed from the input, an EMA codebook's
+`self.embed_avg.lerp_(x.mean(0), 0.2)`, is recorded in the graph instead and leaves the buffer as it was).
+`changed_buffer(module, before)` names a buffer of the module or its submodules whose value changed since
+`buffer_values(module)` was `before`, and puts the value back, so that capturing advances no count; the fx
+tracer then keeps that module opaque as for a number. (torch.export records such a change as the graph's
+buffer mutation, which the graph repeats.)
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer
 
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
 
@@ -58,7 +69,7 @@ def attributes_kept(model: nn.Module):
 
 
 class ForwardSideEffect(RuntimeError):
-    """Raised where a captured forward changed a number a module holds (module doc)."""
+    """Raised where a captured forward changed a number a module holds, or a buffer under torch.fx (module doc)."""
 
 
 def numbers(module: nn.Module) -> dict[str, object]:
@@ -67,16 +78,33 @@ def numbers(module: nn.Module) -> dict[str, object]:
 
 
 def changed_number(module: nn.Module, before: dict[str, object]) -> str | None:
-    """'name (before -> now)' of the first of the module's own numbers that changed since `before`
+    """'attribute name (before -> now)' of the first of the module's own numbers that changed since `before`
     (`numbers(module)` then), or None."""
     now = numbers(module)
-    return next((f"{k} ({v!r} -> {now[k]!r})" for k, v in before.items() if k in now and now[k] != v), None)
+    return next((f"attribute {k} ({v!r} -> {now[k]!r})" for k, v in before.items() if k in now and now[k] != v), None)
+
+
+def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the value of each buffer of the module and its submodules that holds one (neither on the meta
+    device nor a lazy module's uninitialized buffer), by name."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()
+            if not b.is_meta and not isinstance(b, UninitializedBuffer)}
+
+
+def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | None:
+    """'buffer name (changed in place)' of the first buffer of `module` whose value differs from `before`
+    (`buffer_values(module)` then), or None; every changed buffer gets its value from `before` back."""
+    changed = [name for name, b in module.named_buffers() if name in before and not torch.equal(b, before[name])]
+    with torch.no_grad():
+        for name in changed:
+            module.get_buffer(name).copy_(before[name])
+    return f"buffer {changed[0]} (changed in place)" if changed else None
 
 
 def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
-    """The error naming the number the forward of `module` (at `path`, "" for the model) changed."""
+    """The error naming the number or buffer the forward of `module` (at `path`, "" for the model) changed."""
     where = f"{type(module).__name__} {path!r}" if path else type(module).__name__
-    return ForwardSideEffect(f"the forward of {where} changes its attribute {change}, a Python side effect that "
+    return ForwardSideEffect(f"the forward of {where} changes its {change}, a Python side effect that "
                              f"a captured graph would not repeat (an evaluation counter would stop on the statistic "
                              f"steps)")
 

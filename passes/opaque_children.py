@@ -32,8 +32,10 @@ graph passes on as each call gives it, `OPTIONAL_INPUTS`), or has an
 instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
 code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
 of `self.model`'s layers between them), and the graph of an opened child runs only where the child
-itself is called, so its children are opened instead, which either call runs; a child with a parameter registered outside it too (shared) or read by the
-enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
+itself is called, so its children are opened instead, which either call runs; a child with a parameter
+registered outside it too (shared; a module registered under two paths, as performer-pytorch's
+`ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
+it is walked once, by the first path) or read by the enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
@@ -119,8 +121,9 @@ def _reads_children(module: nn.Module) -> str | None:
     return next((why for cls, why in READS_CHILDREN.items() if isinstance(module, cls)), None)
 
 
-def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> str | None:
-    """Why the child `path` cannot be opened whatever its graph (module doc), or None."""
+def _why_closed(path: str, module: nn.Module, names: dict, read: set[int], paths: list[str]) -> str | None:
+    """Why the child `path` cannot be opened whatever its graph (module doc), or None; `paths`: every path of the
+    child in the model (one module registered under two paths holds its parameters under both, unshared)."""
     reads = _reads_children(module)
     if reads is not None:
         return reads
@@ -131,7 +134,7 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int]) -> st
     if _inputs(module) is None:
         return "its forward takes optional or variadic inputs, which an opened child's graph would fix"
     for name, p in module.named_parameters(prefix=path, remove_duplicate=False):
-        others = [n for n in names[id(p)] if not n.startswith(path + ".")]
+        others = [n for n in names[id(p)] if not any(n.startswith(alias + ".") for alias in paths)]
         if others:
             return f"its parameter {name!r} is also registered as {others[0]!r} (shared)"
         if id(p) in read:
@@ -217,6 +220,10 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
+    paths: dict[int, list[str]] = {}  # each module's paths: performer-pytorch registers its layer stack twice
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    walked: set[int] = set()  # a module reached again by another path is walked once
     fallbacks = {f.param: f for f in table.fallbacks}
     read = _read_by_graph(gm, table.leaves)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
@@ -239,11 +246,13 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
         reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
         for name, child in module.named_children():
             path = _join(module_path, name)
-            if any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child):
-                continue  # kept whole, as asked; or nothing to open
+            if (any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child)
+                    or id(child) in walked):
+                continue  # kept whole, as asked; or nothing to open; or met before by another path
+            walked.add(id(child))
             read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
             why = (f"inside {module_path}, {reads}" if reads is not None else
-                   read_by_code or _why_closed(path, child, names, read))
+                   read_by_code or _why_closed(path, child, names, read, paths[id(child)]))
             if why is None:
                 try:
                     child_gm, child_table, child_sites = build(_capture(model, path, child))

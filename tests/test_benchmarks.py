@@ -855,3 +855,32 @@ def test_rl_probe_reports_capture_blocks_exactness_and_returns_of_cleanrls_ppo(m
     assert all(float(v) < 1e-12 for v in row[4].split(", "))
     for name in ("dqn", "sac"):
         assert all(float(v) < 1e-12 for v in rl_probe.exactness(name, {"lr": 3e-4}).split(", ")), name
+
+
+class _LossReturningLM(nn.Module):
+    """A stand-in for nGPT's `model(x, return_loss=True)`: an embedding, a linear head, the loss returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+    def forward(self, x, return_loss=False):
+        logits = self.head(torch.tanh(self.emb(x[:, :-1])))
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:]) if return_loss else logits
+
+
+def test_lucid_probe_reports_m_and_exact_factors_of_a_model_returning_its_loss(monkeypatch):
+    """benchmarks.lucid_probe without nGPT-pytorch: `probe` on a stand-in returning its own loss gives one row
+    with the capture, every parameter in a block, exact loss and gradients, M = N (the 3 sequences: a returned
+    loss has no token dimension), the linear block's factors against hooks, and a loss per step."""
+    from benchmarks import lucid_probe
+
+    monkeypatch.setattr(lucid_probe, "build", lambda name: _LossReturningLM())
+    monkeypatch.setattr(lucid_probe, "problem", lambda name, dtype=torch.float32: (
+        torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1)),
+        lambda m, b: m(b, return_loss=True)))
+    row = lucid_probe.probe("ngpt", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, m, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and len(row[5].split(", ")) == 2
+    assert m == "M = 3" and factors.startswith("A, S of 1 linear blocks") and float(factors.split()[-1]) < 1e-12
