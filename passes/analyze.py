@@ -112,7 +112,7 @@ class _ParamIndex:
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
         self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization | MaskedWeight
-                                  | UnitNormWeight] = {}
+                                  | UnitNormWeight | ScaledWeight] = {}
         # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
         self.casts: dict[fx.Node, str] = {}
 
