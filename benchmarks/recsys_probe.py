@@ -3,7 +3,7 @@
     PYTHONPATH=<deepctr_torch, pytorch_widedeep, torch_rechub>:<stubs of gensim, spacy, cv2>:<torchvision shim>:
         <torchvision>:<pandas>:<requests, ...>:. OMP_NUM_THREADS=1 python -m benchmarks.recsys_probe \
         [--models deepfm dssm] [--optimizers kfac adamw] [--steps 5] [--timeout 300] [--out probe.md]
-    ... python -m benchmarks.recsys_probe --time [--steps 8]      # the big-table step time against AdamW's
+    ... python -m benchmarks.recsys_probe --time [--steps 12]     # the big-table step time against AdamW's
 
 benchmarks.clip_probe's first contact (one model and optimizer per process, random weights, train mode,
 `--steps` steps on one batch of 64 rows) for:
@@ -27,7 +27,7 @@ benchmarks.clip_probe's first contact (one model and optimizer per process, rand
   layer MLP, BCE with logits), `sparse` (nn.Embedding(sparse=True)).
 
 Optimizers: "kfac" at its defaults (loss="binary_cross_entropy" where the users' loss is BCE on one logit a
-row, gnfx's model of it; else kfac at its default lr), "kfac_lr" (lr 1e-3), "shampoo", "diag" at lr 1e-3 and
+row, loss="cross_entropy" for YoutubeDNN's sampled softmax: gnfx's models of them; else kfac at its default lr), "kfac_lr" (lr 1e-3), "shampoo", "diag" at lr 1e-3 and
 torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the capture's form, the share of the trainable parameters in
 curvature blocks, exactness (the kfac_lr rows: float64, the compiled model beside a copy over 3 steps, the
 largest |difference| of the loss and of any gradient; then one statistic step (stat_decay 0,
@@ -37,7 +37,8 @@ outside the blocks, the seconds; or the error.
 
 `--time`: DeepFM with a user table of 200 000 x 16 and an item table of 50 000 x 16 (with the first-order
 tables of 1 column, 4.25 M parameters) beside a 64-32 MLP (3.6 k), batch 256: the median seconds of steps 3..
-(forward, backward and step) of each optimizer against AdamW's, and of a plan that gives the tables K-FAC and
+(forward, backward and step) of each optimizer against AdamW's, the first step's (with the capture) and the
+slowest of steps 3.. (Shampoo's root refresh every 10 steps), and of a plan that gives the tables K-FAC and
 the rest Shampoo. None of these libraries is a dependency of gnfx. The results:
 benchmarks/results/first_contact_12_recsys.md.
 """
@@ -65,7 +66,9 @@ WIDEDEEP = ("wd_tabmlp", "wd_tabtransformer")
 RECHUB = ("dssm", "youtube_dnn", "sasrec")
 PLAIN = ("bag", "sparse")
 MODELS = (*DEEPCTR, *WIDEDEEP, *RECHUB, *PLAIN)
-BCE_LOGITS = (*WIDEDEEP, "bag")  # the users' loss is BCE with logits on one output a row: gnfx's loss=
+# kfac's loss= where the users' loss is one gnfx models: BCE with logits on one output a row; YoutubeDNN's
+# sampled softmax, the cross-entropy of (N, 1 + negatives) logits at the positive
+LOSS = {**dict.fromkeys((*WIDEDEEP, "bag"), "binary_cross_entropy"), "youtube_dnn": "cross_entropy"}
 METHODS = {"dssm": ["user_tower", "item_tower"]}  # the trainer calls these, not the forward
 OPTIMIZERS = {"kfac": ("kfac", None), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampoo": ("shampoo", {"lr": 1e-3}),
               "diag": ("diag", {"lr": 1e-3}), "adamw": ("adamw", {"lr": 1e-3})}
@@ -81,21 +84,23 @@ def _import(name: str):
                          f"put it on PYTHONPATH (module docstring)") from exc
 
 
-def _deepctr(name: str, users: int = 10_000, items: int = 2_000, dim: int = 8, hidden=(16, 8)):
-    """(model, x: the float tensor DeepCTR's fit builds from the feature columns, y) of a DeepCTR model."""
+def _deepctr(name: str, users: int = 10_000, items: int = 2_000, dim: int = 8, hidden=(16, 8),
+             rows: int = BATCH):
+    """(model, x: the float tensor DeepCTR's fit builds from the feature columns, y) of a DeepCTR model, `rows`
+    examples."""
     _import("deepctr_torch")
     from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
     from deepctr_torch.models import DCN, DIN, DeepFM, xDeepFM
     rng = np.random.default_rng(1)
     columns = [SparseFeat("user", users, embedding_dim=dim), SparseFeat("item", items, embedding_dim=dim),
                SparseFeat("category", 20, embedding_dim=dim), DenseFeat("price", 1)]
-    data = {"user": rng.integers(0, users, BATCH), "item": rng.integers(0, items, BATCH),
-            "category": rng.integers(0, 20, BATCH), "price": rng.random(BATCH)}
+    data = {"user": rng.integers(0, users, rows), "item": rng.integers(0, items, rows),
+            "category": rng.integers(0, 20, rows), "price": rng.random(rows)}
     if name == "din":
         columns.append(VarLenSparseFeat(SparseFeat("hist_item", items, embedding_dim=dim, embedding_name="item"),
                                         maxlen=5, length_name="seq_length"))
         columns.append(DenseFeat("seq_length", 1))
-        data["hist_item"] = rng.integers(1, items, (BATCH, 5)) * (np.arange(5) < rng.integers(1, 6, (BATCH, 1)))
+        data["hist_item"] = rng.integers(1, items, (rows, 5)) * (np.arange(5) < rng.integers(1, 6, (rows, 1)))
         data["seq_length"] = (data["hist_item"] > 0).sum(1)
         model = DIN(columns, ["item"], dnn_hidden_units=hidden, att_hidden_size=(16, 8), device="cpu")
     elif name == "xdeepfm":
@@ -104,10 +109,10 @@ def _deepctr(name: str, users: int = 10_000, items: int = 2_000, dim: int = 8, h
         model = DCN(columns, columns, cross_num=2, dnn_hidden_units=hidden, device="cpu")
     else:
         model = DeepFM(columns, columns, dnn_hidden_units=hidden, device="cpu")
-    x = [np.asarray(data[f]).reshape(BATCH, -1) for f in model.feature_index]  # fit's concatenation
+    x = [np.asarray(data[f]).reshape(rows, -1) for f in model.feature_index]  # fit's concatenation
     dtype = torch.get_default_dtype()  # fit's .float(), float64 for the exactness check
     x = torch.from_numpy(np.concatenate(x, axis=-1)).to(dtype)
-    return model, x, torch.from_numpy(rng.integers(0, 2, BATCH)).to(dtype)
+    return model, x, torch.from_numpy(rng.integers(0, 2, rows)).to(dtype)
 
 
 def _widedeep(name: str):
@@ -124,7 +129,8 @@ def _widedeep(name: str):
     transformer = name == "wd_tabtransformer"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Continuous columns will not be normalised"
-        tab_prep = TabPreprocessor(cat_embed_cols=["user", "item"], continuous_cols=["age"], for_transformer=transformer)
+        tab_prep = TabPreprocessor(cat_embed_cols=["user", "item"], continuous_cols=["age"],
+                                   for_transformer=transformer)
         X_tab = tab_prep.fit_transform(df)
     wide = Wide(input_dim=int(np.unique(X_wide).shape[0]), pred_dim=1)
     if transformer:
@@ -147,12 +153,10 @@ def _rechub(name: str):
     users, items = 1_000, 2_000
     if name == "sasrec":
         T = 8
-        seq = SequenceFeature("seq", items, embed_dim=16, pooling="concat", padding_idx=0)
-        features = [seq, SequenceFeature("pos_items", items, embed_dim=16, pooling="concat", shared_with="seq",
-                                         padding_idx=0),
-                    SequenceFeature("neg_items", items, embed_dim=16, pooling="concat", shared_with="seq", padding_idx=0)]
-        x = {"seq": torch.randint(1, items, (BATCH, T), generator=g), "pos_items": torch.randint(1, items, (BATCH, T), generator=g),
-             "neg_items": torch.randint(1, items, (BATCH, T), generator=g)}
+        features = [SequenceFeature(name, items, embed_dim=16, pooling="concat", padding_idx=0,
+                                    shared_with=None if name == "seq" else "seq")
+                    for name in ("seq", "pos_items", "neg_items")]
+        x = {name: torch.randint(1, items, (BATCH, T), generator=g) for name in ("seq", "pos_items", "neg_items")}
         x["seq"][: BATCH // 2, : T // 2] = 0  # left-padded histories
         return SASRec(features, max_len=T, dropout_rate=0.1, num_blocks=2, num_heads=1), x
     user_features = [SparseFeature("user_id", users, embed_dim=16), SparseFeature("age", 10, embed_dim=16)]
@@ -224,7 +228,7 @@ def build(name: str):
 def settings(name: str, optimizer: str) -> tuple[str, dict]:
     kind, hparams = OPTIMIZERS[optimizer]
     if hparams is None:  # kfac at its defaults: with the users' loss where gnfx models it
-        hparams = {"loss": "binary_cross_entropy"} if name in BCE_LOGITS else {}
+        hparams = {"loss": LOSS[name]} if name in LOSS else {}
     if name in METHODS and kind != "adamw":
         hparams = {**hparams, "methods": METHODS[name]}
     return kind, hparams
@@ -299,14 +303,13 @@ def step_times(steps: int) -> None:
     """`--time` (module doc): a markdown table of the median step seconds of each optimizer and its ratio to
     AdamW's, on the big-table DeepFM."""
     torch.set_num_threads(1)
-    print("| optimizer | in blocks | losses | median step s | / AdamW |\n|---|---|---|---|---|")
+    print("| optimizer | in blocks | losses | first step s | median step s | / AdamW | slowest of steps 3.. s |\n"
+          "|---|---|---|---|---|---|---|")
     adamw = None
     for optimizer in ("adamw", "kfac", "diag", "shampoo", "tables kfac, rest shampoo"):
         kind, hparams = TABLES_KFAC if optimizer.startswith("tables") else settings("deepfm", optimizer)
         torch.manual_seed(0)
-        global BATCH
-        BATCH = 256
-        model, x, y = _deepctr("deepfm", users=200_000, items=50_000, dim=16, hidden=(64, 32))
+        model, x, y = _deepctr("deepfm", users=200_000, items=50_000, dim=16, hidden=(64, 32), rows=256)
         if kind == "adamw":
             c, opt, share = model, torch.optim.AdamW(model.parameters(), **hparams), "–"
         else:
@@ -325,13 +328,14 @@ def step_times(steps: int) -> None:
         if kind != "adamw":
             covered, total = c.layers.coverage(dict(model.named_parameters()))
             share = f"{100 * covered / total:.1f}%"
-        print(f"| {optimizer} | {share} | {', '.join(losses)} | {median:.3f} | {median / adamw:.2f} |", flush=True)
+        print(f"| {optimizer} | {share} | {', '.join(losses)} | {seconds[0]:.2f} | {median:.3f} | {median / adamw:.2f} | "
+              f"{max(seconds[2:]):.2f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--time", action="store_true")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)  # --time's (the table's: probe_main's)
     known, _ = parser.parse_known_args()
     if known.time:
         step_times(known.steps)
