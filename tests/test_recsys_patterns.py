@@ -100,3 +100,20 @@ def test_per_example_statistics_of_a_large_table_are_formed_without_per_example_
         F.binary_cross_entropy_with_logits(c(x), y).backward()
         c.step()
     assert largest.numel <= 4 * V * d, f"a tensor of {largest.numel} entries (N V d = {N * V * d})"
+
+
+def test_recsys_probe_reports_capture_blocks_exactness_against_hooks_and_losses(monkeypatch):
+    """benchmarks.recsys_probe without its libraries: `probe` on the CTR stand-in gives one row with the capture,
+    the share in blocks, the float64 lockstep gaps and the hooked A/S gaps of its 3 Linear/Embedding blocks, and
+    the losses; adamw's row has no capture."""
+    from benchmarks import recsys_probe
+    x, y = ctr_batch()
+    monkeypatch.setattr(recsys_probe, "build", lambda name: (
+        CTR(), (x, y.to(torch.get_default_dtype())), lambda m, b, _: F.binary_cross_entropy_with_logits(m(b[0]), b[1])))
+    row = recsys_probe.probe("deepfm", "kfac_lr", steps=2).split(" | ")
+    assert row[2:4] == ["fx", "100.0%"]
+    exact = row[4]
+    assert exact.endswith("(M 12, 3 Linear/Embedding)"), exact
+    gaps = [float(part.split()[-1]) for part in exact.split(" (")[0].replace(";", ",").split(",")]
+    assert max(gaps) < 1e-12 and len(row[5].split(", ")) == 2
+    assert recsys_probe.probe("deepfm", "adamw", steps=1).split(" | ")[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
