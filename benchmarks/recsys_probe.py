@@ -26,14 +26,14 @@ benchmarks.clip_probe's first contact (one model and optimizer per process, rand
 - plain torch: `bag` (nn.EmbeddingBag(mode="sum") of offsets with per_sample_weights, 5 000 x 16, under a two
   layer MLP, BCE with logits), `sparse` (nn.Embedding(sparse=True)).
 
-Optimizers: "kfac" at its defaults (loss="binary_cross_entropy" where the users' loss is BCE on one logit a
-row, loss="cross_entropy" for YoutubeDNN's sampled softmax: gnfx's models of them; else kfac at its default
-lr), "kfac_lr" (lr 1e-3), "shampoo", "diag" at lr 1e-3 and torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the
-capture's form, the share of the trainable parameters in curvature blocks, exactness (the kfac_lr rows: float64, the compiled model beside a copy over 3 steps, the
-largest |difference| of the loss and of any gradient; then one statistic step (stat_decay 0,
-fisher="empirical") against plain hooks on the copy: A and S of every nn.Linear and nn.Embedding block,
-relative max gaps, S up to gnfx's row count M), the losses, gnfx's warnings (once each) and the parameters
-outside the blocks, the seconds; or the error.
+Optimizers: "kfac" at its defaults (loss="binary_cross_entropy" where the users' loss is BCE on one logit a row,
+loss="cross_entropy" for YoutubeDNN's sampled softmax: gnfx's models of them; else kfac at its default lr),
+"kfac_lr" (lr 1e-3), "shampoo", "diag" at lr 1e-3 and torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the
+capture's form, the share of the trainable parameters in curvature blocks, exactness (the kfac_lr rows: float64,
+the compiled model beside a copy over 3 steps, the largest |difference| of the loss and of any gradient; then one
+statistic step (stat_decay 0, fisher="empirical") against plain hooks on the copy: A and S of every nn.Linear and
+nn.Embedding block, relative max gaps, S up to gnfx's row count M), the losses, gnfx's warnings (once each) and the
+parameters outside the blocks, the seconds; or the error.
 
 `--time`: DeepFM with a user table of 200 000 x 16 and an item table of 50 000 x 16 (with the first-order
 tables of 1 column, 4.25 M parameters) beside a 64-32 MLP (3.6 k), batch 256: the median seconds of steps 3..
