@@ -239,7 +239,7 @@ class BlockStatistics:
         folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
         if folded and self.per_example:
             self._whole_batch.add(forward_id)
-            if not self._warned:
+            if not self._warned and n > 1:  # (one example: the whole batch's gradient is its own)
                 self._warned = True
                 warnings.warn(
                     f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
@@ -349,8 +349,8 @@ class BlockStatistics:
     def _record_gradient(self, g: torch.Tensor, rows: torch.Tensor) -> None:
         """Σ_{n,r} g_{n,r} a_{n,r}ᵀ into `grad`, laid out like [W b], from a chunk's output gradients
         and its rows [a 1] (token ids for a diagonal A)."""
-        if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
-            self._grad += self.layout.per_example_gradient(g, rows).sum(0)
+        if self.layout.diagonal_A:  # token ids: the layout adds δ into their rows
+            self._grad += self.layout.gradient(g, rows)
         else:
             self._grad += torch.einsum("nr...o,nr...i->...oi", g, rows).reshape(self._grad.shape)
 
@@ -360,6 +360,9 @@ class BlockStatistics:
         ids for a diagonal A) into `out`, squared now (one site) or once all sites of this forward are
         summed in `pending` (tied weights)."""
         single_site = not self.several_sites
+        if self.layout.diagonal_A and single_site:  # token ids: squares of each (example, id) pair's sum
+            out += self.layout.per_example_squares(g, rows)
+            return
         if self.layout.diagonal_A:  # token ids: the layout scatters δ into their rows
             per_example = self.layout.per_example_gradient(g, rows)
         else:

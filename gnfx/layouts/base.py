@@ -8,8 +8,9 @@ outputs, `z_j = W_j a_j + b_j`. K-FAC then models each group on its own,
 conv, embedding) A and S are the plain d_a x d_a and d_out x d_out factors; with several, a
 layout's `input_chunks` yields rows (N, R, groups, d_in) and A, S are stacked per group,
 (groups, d_a, d_a) and (groups, s, s). A diagonal A (`diagonal_A`, token ids as inputs) is stored
-as its d_a entries, and such a layout gives the per-example gradients of W from δ and the ids
-(`per_example_gradient`, gnfx.layouts.embedding).
+as its d_a entries, and such a layout gives the gradient of W, its per-example squares and
+per-example gradients from δ and the ids (`gradient`, `per_example_squares`, `per_example_gradient`,
+gnfx.layouts.embedding).
 
 **Blocked factors.** A factor over more entries than the block's `max_factor` (set by the plan from
 its preconditioner's hyperparameter, gnfx.plan; None: every factor whole) is kept as its diagonal

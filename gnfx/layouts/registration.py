@@ -6,7 +6,8 @@ gradient `δ aᵀ`): the rows `a` of a layer input (`input_chunks`, (N, R, d_in)
 (N, R, groups, d_in)), the rows δ of an output gradient (`error_rows`, (N, R, d_out)), the examples
 N of an input (`examples`), how the weight reads as the matrix W (`view`, one of gnfx.targets.VIEWS),
 whether A is kept as its diagonal (`diagonal_A`: the inputs are then ids and the layout gives the
-per-example gradients, `per_example_gradient(δ, ids)`), the independent row groups (`groups`) and
+gradient `gradient(δ, ids)`, the per-example squares `per_example_squares(δ, ids)` and, for several
+sites, the per-example gradients `per_example_gradient(δ, ids)`), the independent row groups (`groups`) and
 whether the rows are routed to them at run time (`routed`: then `routed_rows(rows, routing)`), the
 entries of `a` a blocked A keeps together (`input_unit`), and whether its blocks take part in a tied
 input/output embedding (`tied_host`, `tied_guest`). The statistics, the preconditioners, the cost
@@ -55,8 +56,9 @@ def _layout_problems(layout) -> list[str]:
     problems = []
     if not callable(getattr(layout, "input_chunks", None)):
         problems.append("it does not define input_chunks(a), the rows a of a layer input")
-    if layout.diagonal_A and not callable(getattr(layout, "per_example_gradient", None)):
-        problems.append("diagonal_A is set but it does not define per_example_gradient(delta, ids)")
+    for method in ("gradient", "per_example_squares", "per_example_gradient"):
+        if layout.diagonal_A and not callable(getattr(layout, method, None)):
+            problems.append(f"diagonal_A is set but it does not define {method}(delta, ids)")
     if layout.routed and not callable(getattr(layout, "routed_rows", None)):
         problems.append("routed is set but it does not define routed_rows(rows, routing)")
     if layout.view not in VIEWS:
