@@ -14,10 +14,12 @@ rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forw
 (`cell_step`); a cell called at every step of the model's loop is one weight at many sites. The
 lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
-Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-of a recurrent module or cell with its own forward, a call with other arguments than (input, hx), a
-call on a PackedSequence that torch.nn.utils.rnn's packing made in the graph
-(gnfx.passes.capture.PACKING), and the paths in `keep`.
+A call on a PackedSequence that torch.nn.utils.rnn's packing made in the graph
+(gnfx.passes.capture.PACKING) becomes `_LoweredRecurrent._packed`: the same products on the packed rows,
+`packed_scan` for the hidden ones (gnfx.recurrent), the result packed again. Kept opaque, their
+parameters falling back with the reason: an LSTM with proj_size > 0, a subclass of a recurrent module or
+cell with its own forward, a call with other arguments than (input, hx), a packed call with dropout
+between layers (ATen's packed kernel draws it), and the paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
@@ -31,13 +33,15 @@ from torch import fx, nn
 
 from gnfx.passes.capture import PACKING
 from gnfx.recurrent import (batch_major, cell_inputs, cell_result, cell_step, hidden_offset, hidden_product_site,
-                            initial_state, recurrent_result, recurrent_scan, time_major_dropout)
+                            initial_state, packed_initial_state, packed_result, packed_scan, recurrent_result,
+                            recurrent_scan, time_major_dropout)
 
 from .rewrite import recompiled, replace
 
 
 for _name in ("batch_major", "cell_inputs", "cell_result", "cell_step", "hidden_offset", "hidden_product_site",
-              "initial_state", "recurrent_result", "recurrent_scan", "time_major_dropout"):
+              "initial_state", "packed_initial_state", "packed_result", "packed_scan", "recurrent_result",
+              "recurrent_scan", "time_major_dropout"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -59,11 +63,39 @@ class _LoweredRecurrent(nn.Module):
     """The computation of one recurrent module call as explicit ops (module docstring); it reads the
     module's parameters as `rnn.<name>`. `flat`: the result as the aten op's, (output, h_n[, c_n])."""
 
-    def __init__(self, module: nn.RNNBase, path: str, flat: bool):
+    def __init__(self, module: nn.RNNBase, path: str, flat: bool, packed: bool = False):
         super().__init__()
-        self.rnn, self.path, self.flat = module, path, flat
+        self.rnn, self.path, self.flat, self.packed = module, path, flat, packed
 
     def forward(self, input, hx=None):
+        return self._packed(input, hx) if self.packed else self._padded(input, hx)
+
+    def _packed(self, input, hx):
+        """The call on a PackedSequence (`packed_scan`): the input products and the rows of the hidden
+        products are the packed rows, one per (example, step) the sequence has."""
+        m = self.rnn
+        lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
+        count = m.num_layers * directions
+        h0 = packed_initial_state(input, hx, 0, count, m.hidden_size)
+        c0 = packed_initial_state(input, hx, 1, count, m.hidden_size) if lstm else None
+        x, last_h, last_c = input.data, [], []
+        for layer in range(m.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix, k = f"_l{layer}" + ("_reverse" if direction else ""), layer * directions + direction
+                bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
+                gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
+                offset = hidden_offset(gx)
+                scan = packed_scan(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), input.batch_sizes,
+                                   h0[k], c0[k] if lstm else None, m.mode, bool(direction))
+                hidden_product_site(scan[1], offset)
+                outputs.append(scan[0])
+                last_h.append(scan[2])
+                last_c.append(scan[3])
+            x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+        return packed_result(input, x, torch.stack(last_h), torch.stack(last_c) if lstm else None, self.flat)
+
+    def _padded(self, input, hx):
         m = self.rnn
         lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
         count = m.num_layers * directions
@@ -119,9 +151,16 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
     given = node.args[0] if node.args else node.kwargs.get("input")
-    if isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values():
-        return f"its input is a PackedSequence (torch.nn.utils.rnn.{given.target.__name__})"
+    if _packed(node) and module.dropout and module.num_layers > 1:
+        return f"its input is a PackedSequence (torch.nn.utils.rnn.{_packed(node).__name__}) through dropout between layers"
     return ""
+
+
+def _packed(node: fx.Node):
+    """The torch.nn.utils.rnn packing function whose PackedSequence a recurrent call takes, else None."""
+    given = node.args[0] if node.args else node.kwargs.get("input")
+    packing = isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values()
+    return given.target if packing else None
 
 
 def _exported(gm: fx.GraphModule, node: fx.Node):
@@ -163,7 +202,8 @@ def _lowerable(gm: fx.GraphModule, modules: dict, node: fx.Node, path: str):
         names = [n for n in _CELL_WEIGHTS if getattr(module, n) is not None] if cell else module._flat_weights_names
         with gm.graph.inserting_before(node):
             params = {name: gm.graph.get_attr(f"{path}.{name}") for name in names}
-        lowered = _LoweredCell(module, path) if cell else _LoweredRecurrent(module, path, flat=False)
+        lowered = (_LoweredCell(module, path) if cell else
+                   _LoweredRecurrent(module, path, flat=False, packed=_packed(node) is not None))
         return lowered, dict(zip(("input", "hx"), node.args), **node.kwargs), params
     call = {"input": node.args[0], "hx": node.args[1]}
     if node.target in _ATEN_CELLS:
