@@ -135,6 +135,43 @@ def packed_result(packed, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Te
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))
 
 
+def input_rows(input, batch_first: bool, module: str, dropout_between: bool) -> torch.Tensor:
+    """The rows the input products read: a PackedSequence's packed data (Σ_t b_t, d), else the batch-major
+    input (`batch_major`). A PackedSequence through a module with dropout between its layers raises (ATen's
+    packed kernel draws that dropout; `dropout_between`)."""
+    if not isinstance(input, nn.utils.rnn.PackedSequence):
+        return batch_major(input, batch_first, module)
+    if dropout_between:
+        raise GnfxError(f"the recurrent module {module!r} received a PackedSequence and has dropout between its "
+                        f"layers, which gnfx's lowering does not draw as ATen's packed kernel does. Fix: pass "
+                        f"leaf_modules=[{module!r}] to gnfx.compile to keep it opaque (its parameters then take the "
+                        f"diagonal preconditioner)")
+    return input.data
+
+
+def first_state(input, x: torch.Tensor, hx, part: int, count: int, size: int) -> torch.Tensor:
+    """`initial_state`, or `packed_initial_state` when the module's input is a PackedSequence; x: `input_rows`."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_initial_state(input, hx, part, count, size)
+    return initial_state(x, hx, part, count, size)
+
+
+def scan_rows(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+              h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool, input):
+    """`recurrent_scan`, or `packed_scan` when the module's input is a PackedSequence (its batch sizes)."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_scan(gx, offset, w_hh, b_hh, input.batch_sizes, h0, c0, kind, reverse)
+    return recurrent_scan(gx, offset, w_hh, b_hh, h0, c0, kind, reverse)
+
+
+def recurrent_output(input, batch_first: bool, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor | None,
+                     flat: bool = False):
+    """`recurrent_result`, or `packed_result` when the module's input is a PackedSequence."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_result(input, output, h_n, c_n, flat)
+    return recurrent_result(input, batch_first, output, h_n, c_n, flat)
+
+
 def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The call site of a W_hh block: input the rows h_{t-1} (N, T, H), output the offset whose
     gradient is δ = ∂L/∂hp (module docstring). Returns `offset` itself, on which the error tap hooks."""

@@ -27,7 +27,8 @@ parameter of an opened child that the opaque code uses in another way raises at 
 (gnfx/opened_leaf.py).
 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
-(an nn.LSTM's `hx`, an nn.ConvTranspose's `output_size`: the graph would fix them), or has an
+(an nn.ConvTranspose's `output_size`: the graph would fix them; not a stock nn.LSTM, nn.GRU or nn.RNN,
+whose lowering takes `hx` or None, a tensor or a PackedSequence, at run time), or has an
 instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
 code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
 of `self.model`'s layers between them), and the graph of an opened child runs only where the child
@@ -58,6 +59,7 @@ from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.mapping_output import copy_output_type
 from gnfx.passes.parameter_casts import METADATA_ATTRIBUTES
+from gnfx.passes.recurrent import RECURRENT
 from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
 OPENED = "opened: its layers are curvature blocks, called by the submodule's Python code"
@@ -81,7 +83,10 @@ READS_CHILDREN = {
 
 def _inputs(module: nn.Module) -> list[str] | None:
     """The names of the module's forward inputs when all are required (no defaults, no *args or
-    **kwargs), else None."""
+    **kwargs), else None; a stock recurrent module's (input, hx), its hx optional (None: zeros), which its
+    lowering takes at run time (passes/recurrent.py)."""
+    if type(module) in RECURRENT:
+        return ["input", "hx"]
     params = list(inspect.signature(module.forward).parameters.values())
     if params and all(p.default is inspect.Parameter.empty and p.kind in _INPUT_KINDS for p in params):
         return [p.name for p in params]
@@ -177,7 +182,9 @@ def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
     when torch.fx cannot trace its forward."""
     if _is_torch_layer(module):
         graph = fx.Graph()
-        graph.output(graph.call_module(path, tuple(graph.placeholder(name) for name in _inputs(module))))
+        inputs = [graph.placeholder(name, default_value=None) if name == "hx" and type(module) in RECURRENT
+                  else graph.placeholder(name) for name in _inputs(module)]
+        graph.output(graph.call_module(path, tuple(inputs)))
         return Captured(fx.GraphModule(model, graph, f"Opened_{path.replace('.', '_')}"), "fx", {})
     captured = trace_fx(module)
     traced = captured.graph_module
