@@ -157,3 +157,14 @@ def test_an_lstm_called_on_a_packed_sequence_by_a_method_is_opened_with_the_unpa
         got, expected = c.statistics(name), kfac_factors(calls, True, "expand", M)
         torch.testing.assert_close(got["A"], expected["A"], **TOL)
         torch.testing.assert_close(got["S"], expected["S"], **TOL)
+
+
+def test_a_compiled_container_is_indexed_as_the_module_it_was_compiled_from():
+    """sentence-transformers' GradCache losses (CachedMultipleNegativesRankingLoss) read `model[0]` of the
+    SentenceTransformer (an nn.Sequential) they are given: a TypeError ('not subscriptable') before."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    assert c[0] is model[0] and c[-1] is model[2]
+    assert isinstance(c[:2], nn.Sequential) and c[:2][1] is model[1]
+    with pytest.raises(TypeError, match="not subscriptable: nor is the Linear"):
+        gnfx.compile(nn.Linear(3, 2), optimizer="kfac", lr=0.1)[0]
