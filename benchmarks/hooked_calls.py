@@ -23,7 +23,8 @@ def hooked_calls(model: nn.Module, names: list[str]):
         def hook(_, inputs, output, records=calls[name]):
             record = [inputs[0].detach().clone(), None]  # a copy: an input may be a view of a parameter the step writes
             records.append(record)
-            output.register_hook(lambda g: record.__setitem__(1, g.detach()))
+            if output.requires_grad:  # a call under torch.no_grad (GradCache's first pass) is never reached
+                output.register_hook(lambda g: record.__setitem__(1, g.detach()))
         handles.append(modules[name].register_forward_hook(hook))
     try:
         yield calls

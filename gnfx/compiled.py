@@ -96,6 +96,16 @@ class CompiledModel(nn.Module):
                           "reach the optimizer; wrap it in DistributedDataParallel instead (README, 'Data-parallel "
                           "training'), or train on one device")
 
+    def __getitem__(self, index):
+        """`model[index]` of a container the model is (nn.Sequential; sentence-transformers' SentenceTransformer,
+        whose GradCache losses read `model[0]`): the compiled module's item, a submodule sharing its parameters
+        (as `model.<submodule>` is; calling it alone trains without gnfx's statistics)."""
+        model = self.__dict__["_model"]
+        if not hasattr(type(model), "__getitem__"):
+            raise TypeError(f"'{type(self).__name__}' object is not subscriptable: nor is the {type(model).__name__} "
+                            f"it was compiled from")
+        return model[index]
+
     def __getattr__(self, name: str):
         """nn.Module's lookup (the shared parameters, buffers and submodules); an attribute only the
         compiled module has (a Hugging Face model's `config`, diffusers' `vae.encode`) is an AttributeError

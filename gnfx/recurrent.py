@@ -29,6 +29,11 @@ A reverse direction runs t = T..1 (its h_{t-1} is the state after step t+1); its
 order. Every tensor of the scan is batch-major (N, T, ·), so that the rows of each example are the
 first dimension's, whatever the module's batch_first.
 
+On a PackedSequence (the forward packed it: flair's taggers, BiLSTM-CRF code) the rows are the packed
+ones, r = (example n, step t) for the steps t < length_n only: gx = W_ih x over the packed data, and
+`packed_scan` runs step t on the b_t examples still running (sorted longest first), so that no padded
+step enters a block's statistics.
+
 A cell module is one step, called by the model itself (typically once per time step, in a Python
 loop): each call is `gx = F.linear(x, W_ih, b_ih)`, `hp = F.linear(h, W_hh, b_hh)` in the graph, two
 ordinary linear sites over the rows (example n) of that call, then `cell_step`. A cell called T
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gnfx.errors import GnfxError
 
@@ -85,6 +91,87 @@ def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b
     return torch.stack(outputs, 1), torch.stack(previous, 1), h, c
 
 
+def packed_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+                batch_sizes: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool):
+    """`recurrent_scan` on a PackedSequence's rows: gx and offset (Σ_t b_t, G) hold, for each step t in
+    time order, the rows of the b_t examples (sorted by length, longest first) still running at t; h0, c0
+    (N, H) in that order. Step t updates the first b_t states and keeps the others, so that a forward
+    direction's example keeps its state after its last step and a reverse direction's starts from h0 at
+    its own last step. Returns (outputs h_t (Σ b_t, H) and the rows h_{t-1} (Σ b_t, H), both packed as
+    gx, h_T, c_T (N, H): each example's state after its last step; reverse: after t = 1)."""
+    sizes = batch_sizes.tolist()
+    inputs, offsets = gx.split(sizes), offset.split(sizes)
+    outputs, previous = [None] * len(sizes), [None] * len(sizes)
+    h, c = h0, c0
+    for t in (range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))):
+        b = sizes[t]
+        previous[t] = h[:b]
+        h_t, c_t = cell_step(kind, inputs[t], F.linear(h[:b], w_hh, b_hh) + offsets[t], h[:b],
+                             None if c is None else c[:b])
+        outputs[t] = h_t
+        h = torch.cat([h_t, h[b:]])
+        c = None if c is None else torch.cat([c_t, c[b:]])
+    return torch.cat(outputs), torch.cat(previous), h, c
+
+
+def packed_initial_state(packed, hx, part: int, count: int, size: int) -> torch.Tensor:
+    """`initial_state` of a module called on the PackedSequence `packed`: (count, N, size), its examples in
+    the packing's sorted order (as the module permutes hx by `sorted_indices`)."""
+    state = hx[part] if isinstance(hx, (tuple, list)) else hx
+    if state is None:
+        return packed.data.new_zeros(count, int(packed.batch_sizes[0]), size)
+    return state if packed.sorted_indices is None else state.index_select(1, packed.sorted_indices)
+
+
+def packed_result(packed, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor | None, flat: bool = False):
+    """`recurrent_result` of a call on the PackedSequence `packed`: the output rows (Σ b_t, D·H) packed as
+    its input, and h_n, c_n (L·D, N, H) back in the examples' given order (`unsorted_indices`)."""
+    output = nn.utils.rnn.PackedSequence(output, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    if packed.unsorted_indices is not None:
+        h_n = h_n.index_select(1, packed.unsorted_indices)
+        c_n = None if c_n is None else c_n.index_select(1, packed.unsorted_indices)
+    if c_n is None:
+        return output, h_n
+    return (output, h_n, c_n) if flat else (output, (h_n, c_n))
+
+
+def input_rows(input, batch_first: bool, module: str, dropout_between: bool) -> torch.Tensor:
+    """The rows the input products read: a PackedSequence's packed data (Σ_t b_t, d), else the batch-major
+    input (`batch_major`). A PackedSequence through a module with dropout between its layers raises (ATen's
+    packed kernel draws that dropout; `dropout_between`)."""
+    if not isinstance(input, nn.utils.rnn.PackedSequence):
+        return batch_major(input, batch_first, module)
+    if dropout_between:
+        raise GnfxError(f"the recurrent module {module!r} received a PackedSequence and has dropout between its "
+                        f"layers, which gnfx's lowering does not draw as ATen's packed kernel does. Fix: pass "
+                        f"leaf_modules=[{module!r}] to gnfx.compile to keep it opaque (its parameters then take the "
+                        f"diagonal preconditioner)")
+    return input.data
+
+
+def first_state(input, x: torch.Tensor, hx, part: int, count: int, size: int) -> torch.Tensor:
+    """`initial_state`, or `packed_initial_state` when the module's input is a PackedSequence; x: `input_rows`."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_initial_state(input, hx, part, count, size)
+    return initial_state(x, hx, part, count, size)
+
+
+def scan_rows(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
+              h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool, input):
+    """`recurrent_scan`, or `packed_scan` when the module's input is a PackedSequence (its batch sizes)."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_scan(gx, offset, w_hh, b_hh, input.batch_sizes, h0, c0, kind, reverse)
+    return recurrent_scan(gx, offset, w_hh, b_hh, h0, c0, kind, reverse)
+
+
+def recurrent_output(input, batch_first: bool, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor | None,
+                     flat: bool = False):
+    """`recurrent_result`, or `packed_result` when the module's input is a PackedSequence."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return packed_result(input, output, h_n, c_n, flat)
+    return recurrent_result(input, batch_first, output, h_n, c_n, flat)
+
+
 def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The call site of a W_hh block: input the rows h_{t-1} (N, T, H), output the offset whose
     gradient is δ = ∂L/∂hp (module docstring). Returns `offset` itself, on which the error tap hooks."""
@@ -93,10 +180,11 @@ def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Ten
 
 def batch_major(x, batch_first: bool, module: str) -> torch.Tensor:
     """A recurrent module's input as (N, T, d): transposed when sequence-first, an unbatched (T, d)
-    as one example. A PackedSequence raises: the lowering covers padded tensors only."""
+    as one example. A PackedSequence that the graph did not pack raises (a packing in the graph is lowered
+    by `packed_scan`)."""
     if not isinstance(x, torch.Tensor):
         raise GnfxError(f"the recurrent module {module!r} received a {type(x).__name__}, and gnfx lowered it for "
-                        f"tensor inputs only (PackedSequence is not covered). Fix: pass leaf_modules=[{module!r}] to "
+                        f"tensor inputs and PackedSequences packed in the forward only. Fix: pass leaf_modules=[{module!r}] to "
                         f"gnfx.compile to keep it opaque (its parameters then take the diagonal preconditioner)")
     if x.dim() == 2:
         return x.unsqueeze(0)

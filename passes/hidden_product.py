@@ -1,7 +1,7 @@
 """The detector of recurrent layers' hidden-product blocks: `hp_t = W_hh h_{t-1} + b_hh`.
 
 The lowering of nn.LSTM / nn.GRU / nn.RNN (passes/recurrent.py) writes each layer and direction as
-`scan = recurrent_scan(gx, offset, W_hh, b_hh, h0, c0, ...)` followed by
+`scan = scan_rows(gx, offset, W_hh, b_hh, h0, c0, ...)` followed by
 `hidden_product_site(scan[1], offset)` (gnfx.recurrent): the site's input is the rows h_{t-1}
 (N, T, H), its output the offset whose gradient is δ = ∂L/∂hp_t, and W_hh, b_hh are read by the
 scan. Their input products `F.linear(x, W_ih, b_ih)` are linear sites (passes/linear.py).

@@ -28,7 +28,8 @@ parameter of an opened child that the opaque code uses in another way raises at 
 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
 (an nn.ConvTranspose's `output_size`: the graph would fix them; not a recurrent module's `hx`, which its
-graph passes on as each call gives it, `OPTIONAL_INPUTS`), or has an
+graph passes on as each call gives it, None, a tensor or a pair, and its lowering reads at run time with
+a tensor or PackedSequence input, `OPTIONAL_INPUTS`), or has an
 instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
 code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
 of `self.model`'s layers between them), and the graph of an opened child runs only where the child

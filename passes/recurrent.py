@@ -4,7 +4,8 @@ into explicit ops over the same parameters.
 A `call_module` of a stock recurrent module becomes the graph of `_LoweredRecurrent.forward`,
 inlined (gnfx.recurrent has the math): per layer and direction, the input products of the whole
 sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time)), then
-`recurrent_scan` over time, a leaf of the graph (torch.fx.wrap) that computes the hidden products
+`scan_rows` over time (`recurrent_scan`, or `packed_scan` on a PackedSequence), a leaf of the graph
+(torch.fx.wrap) that computes the hidden products
 `h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
 (gnfx.passes.hidden_product finds it). Between layers, dropout as the module draws it; the result is
 what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
@@ -14,10 +15,12 @@ rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forw
 (`cell_step`); a cell called at every step of the model's loop is one weight at many sites. The
 lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
-Kept opaque, their parameters falling back with the reason: an LSTM with proj_size > 0, a subclass
-of a recurrent module or cell with its own forward, a call with other arguments than (input, hx), a
-call on a PackedSequence that torch.nn.utils.rnn's packing made in the graph
-(gnfx.passes.capture.PACKING), and the paths in `keep`.
+A call on a PackedSequence (packed by torch.nn.utils.rnn's packing in the graph, gnfx.passes.capture.PACKING,
+or reaching an opened child, passes/opaque_children.py) runs the same graph on the packed rows: the leaves
+`input_rows`, `first_state`, `scan_rows` and `recurrent_output` tell the two inputs apart at run time. Kept opaque, their
+parameters falling back with the reason: an LSTM with proj_size > 0, a subclass of a recurrent module or
+cell with its own forward, a call with other arguments than (input, hx), a packed call with dropout
+between layers (ATen's packed kernel draws it), and the paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
@@ -30,14 +33,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gnfx.passes.capture import PACKING
-from gnfx.recurrent import (batch_major, cell_inputs, cell_result, cell_step, hidden_offset, hidden_product_site,
-                            initial_state, recurrent_result, recurrent_scan, time_major_dropout)
+from gnfx.recurrent import (cell_inputs, cell_result, cell_step, first_state, hidden_offset, hidden_product_site,
+                            input_rows, recurrent_output, scan_rows, time_major_dropout)
 
 from .rewrite import recompiled, replace
 
 
-for _name in ("batch_major", "cell_inputs", "cell_result", "cell_step", "hidden_offset", "hidden_product_site",
-              "initial_state", "recurrent_result", "recurrent_scan", "time_major_dropout"):
+for _name in ("cell_inputs", "cell_result", "cell_step", "first_state", "hidden_offset", "hidden_product_site",
+              "input_rows", "recurrent_output", "scan_rows", "time_major_dropout"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -67,9 +70,9 @@ class _LoweredRecurrent(nn.Module):
         m = self.rnn
         lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
         count = m.num_layers * directions
-        x = batch_major(input, m.batch_first, self.path)
-        h0 = initial_state(x, hx, 0, count, m.hidden_size)
-        c0 = initial_state(x, hx, 1, count, m.hidden_size) if lstm else None
+        x = input_rows(input, m.batch_first, self.path, bool(m.dropout) and m.num_layers > 1)
+        h0 = first_state(input, x, hx, 0, count, m.hidden_size)
+        c0 = first_state(input, x, hx, 1, count, m.hidden_size) if lstm else None
         last_h, last_c = [], []
         for layer in range(m.num_layers):
             outputs = []
@@ -78,8 +81,8 @@ class _LoweredRecurrent(nn.Module):
                 bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
                 gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
                 offset = hidden_offset(gx)
-                scan = recurrent_scan(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), h0[k],
-                                      c0[k] if lstm else None, m.mode, bool(direction))
+                scan = scan_rows(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), h0[k],
+                                 c0[k] if lstm else None, m.mode, bool(direction), input)
                 hidden_product_site(scan[1], offset)
                 outputs.append(scan[0])
                 last_h.append(scan[2])
@@ -87,7 +90,7 @@ class _LoweredRecurrent(nn.Module):
             x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
             if m.dropout and layer < m.num_layers - 1:
                 x = time_major_dropout(x, m.dropout)
-        return recurrent_result(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None,
+        return recurrent_output(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None,
                                 self.flat)
 
 
@@ -119,9 +122,16 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
     given = node.args[0] if node.args else node.kwargs.get("input")
-    if isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values():
-        return f"its input is a PackedSequence (torch.nn.utils.rnn.{given.target.__name__})"
+    if _packed(node) and module.dropout and module.num_layers > 1:
+        return f"its input is a PackedSequence (torch.nn.utils.rnn.{_packed(node).__name__}) through dropout between layers"
     return ""
+
+
+def _packed(node: fx.Node):
+    """The torch.nn.utils.rnn packing function whose PackedSequence a recurrent call takes, else None."""
+    given = node.args[0] if node.args else node.kwargs.get("input")
+    packing = isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values()
+    return given.target if packing else None
 
 
 def _exported(gm: fx.GraphModule, node: fx.Node):

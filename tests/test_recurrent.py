@@ -30,7 +30,7 @@ from gnfx.composite_forms import composite_packing
 from gnfx.ggn import forward_mode_kernels
 from gnfx.passes.capture import export
 from gnfx.passes.recurrent import lower_recurrent
-from gnfx.recurrent import recurrent_scan
+from gnfx.recurrent import scan_rows
 from references import TOL, cross_entropy, kfac_factors, per_example_fisher_diag
 from steps import compile_for_statistics, statistic_step, train
 
@@ -128,7 +128,7 @@ def test_lowered_aten_call_of_an_exported_graph_computes_the_modules_outputs(rnn
     hx = None if state is None else torch.randn(*state, dtype=DTYPE)
     hx = (hx, torch.randn_like(hx)) if isinstance(rnn, nn.LSTM) else hx
     graph = lower_recurrent(export(module, (x, hx), {}).graph_module)
-    assert sum(n.target is recurrent_scan for n in graph.graph.nodes) == rnn.num_layers * (1 + rnn.bidirectional)
+    assert sum(n.target is scan_rows for n in graph.graph.nodes) == rnn.num_layers * (1 + rnn.bidirectional)
     for e, g in zip(leaves(module(x, hx)), leaves(graph(x, hx)), strict=True):
         torch.testing.assert_close(g, e, **TOL)
 
@@ -303,15 +303,35 @@ class PackedTagger(nn.Module):
         return self.head(self.rnn(packed)[1][-1])
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the low coverage is the point
-def test_a_packed_sequence_raises_naming_leaf_modules_which_keep_the_module_opaque():
-    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
-    with pytest.raises(gnfx.GnfxError, match=r"received a PackedSequence.*leaf_modules=\['rnn'\]"):
-        gnfx.compile(PackedTagger(), optimizer="kfac", lr=0.1)(packed)
+def test_a_packed_sequence_given_to_the_model_is_lowered_and_leaf_modules_keeps_the_module_opaque():
+    """A PackedSequence made outside the model reaches the lowered GRU, which runs it on the packed rows
+    (gnfx.recurrent.scan_rows): outputs and gradients are the model's own; leaf_modules keeps it opaque."""
+    torch.manual_seed(0)
+    model = PackedTagger().to(DTYPE)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3, dtype=DTYPE), torch.randn(2, 3, dtype=DTYPE)])
+    y = torch.tensor([0, 1])
+    reference = model(packed)
+    grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    out = c(packed)
+    torch.testing.assert_close(out, reference, **TOL)
+    for a, b in zip(torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters())), grads):
+        torch.testing.assert_close(a, b, **TOL)
+    assert sorted(b.name for b in c.layers) == ["head", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
     c = gnfx.compile(PackedTagger(), optimizer="kfac", lr=0.1, leaf_modules=["rnn"])
-    F.cross_entropy(c(packed), torch.tensor([0, 1])).backward()
+    F.cross_entropy(c(packed.to(torch.float32)), y).backward()
     c.step()
     assert [b.name for b in c.layers] == ["head"]
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")
+def test_a_packed_sequence_given_to_a_module_with_dropout_between_layers_raises_naming_leaf_modules():
+    model = PackedTagger()
+    model.rnn = nn.GRU(3, 4, num_layers=2, dropout=0.5)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+    with pytest.raises(gnfx.GnfxError, match=r"received a PackedSequence and has dropout between its layers.*"
+                                             r"leaf_modules=\['rnn'\]"):
+        gnfx.compile(model, optimizer="kfac", lr=0.1)(packed)
 
 
 class PackingTagger(nn.Module):
@@ -329,27 +349,38 @@ class PackingTagger(nn.Module):
         return self.head(padded.sum(1))
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the recurrent module's fallback is the point
-def test_packing_in_the_forward_is_captured_and_keeps_the_packed_module_opaque():
+def test_packing_in_the_forward_is_captured_and_the_packed_lstm_lowered():
     """torch.fx cannot trace the packing (its lengths go through Python); captured as graph calls, the
-    model's other layers are blocks, the LSTM on the packed input falls back with that reason, and
-    the captured model's outputs and gradients are the model's own (float64)."""
+    LSTM on the packed input is lowered on the packed rows (its statistics: tests/test_nlp_patterns.py),
+    every layer is a block, and the captured model's outputs and gradients are the model's own (float64)."""
     torch.manual_seed(0)
     model = PackingTagger().to(DTYPE)
     tokens, lengths, y = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3]), torch.tensor([0, 1, 1, 0])
     reference = model(tokens, lengths)
     grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
     c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
-    assert sorted(b.name for b in c.layers) == ["embed", "head"]
-    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
-    assert all("its input is a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence)" in f.reason
-               for f in c.layers.fallbacks)
+    assert sorted(b.name for b in c.layers) == ["embed", "head", "rnn.weight_hh_l0", "rnn.weight_ih_l0"]
+    assert not c.layers.fallbacks
     for _ in range(2):  # a statistic step (the tapped graph) and a plain one
         out = c(tokens, lengths)
         torch.testing.assert_close(out, reference, **TOL)
         got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
         for a, b in zip(got, grads):
             torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:gnfx. only")  # the recurrent module's fallback is the point
+def test_a_packed_lstm_with_dropout_between_layers_falls_back_with_the_reason():
+    """Dropout between the layers of a packed LSTM is drawn by ATen's packed kernel, which the lowering does
+    not reproduce: the module stays opaque, its parameters fall back with that reason."""
+    model = PackingTagger()
+    model.rnn = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
+    F.cross_entropy(c(torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])), torch.tensor([0, 1, 1, 0])).backward()
+    assert sorted(b.name for b in c.layers) == ["embed", "head"]
+    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    assert all("its input is a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence) through dropout between "
+               "layers" in f.reason for f in c.layers.fallbacks)
 
 
 def test_packing_written_out_has_the_kernels_values_and_forward_mode_derivatives():

@@ -1,0 +1,170 @@
+"""NLP libraries' patterns (flair, pytorch-crf, sentence-transformers; benchmarks/nlp_probe.py), in plain torch.
+
+A BiLSTM tagger packs its padded batch (`pack_padded_sequence(..., enforce_sorted=False)`, the LSTM on the
+PackedSequence, `pad_packed_sequence`), as flair's SequenceTagger and most BiLSTM-CRF code do: the LSTM is
+lowered on the packed rows (gnfx.recurrent.packed_scan), its input and hidden products are blocks whose
+rows are the (example, step) pairs the sequences have, and its statistics equal those of a cell written
+out here on each example's own unpadded sequence (benchmarks/results/first_contact_12_nlp.md).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gnfx
+from references import TOL, cross_entropy, kfac_factors
+from steps import compile_for_statistics
+
+DTYPE = torch.float64
+
+
+class PackedBiLSTM(nn.Module):
+    """Embedding, a bidirectional LSTM on the packed batch and a head on each example's summed outputs."""
+
+    def __init__(self, hidden=4, **options):
+        super().__init__()
+        self.embed = nn.Embedding(7, 3)
+        self.rnn = nn.LSTM(3, hidden, batch_first=True, bidirectional=True, **options)
+        self.head = nn.Linear(2 * hidden, 2)
+
+    def forward(self, tokens, lengths):
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        padded, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return self.head(padded.sum(1))
+
+
+def batch():
+    tokens, lengths = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(1)), torch.tensor([3, 6, 2, 5])
+    return (tokens, lengths), torch.tensor([0, 1, 1, 0])
+
+
+def unrolled_rows(model: PackedBiLSTM, tokens, lengths, y):
+    """{parameter name: [(a, g)]}, the rows (R, d), (R, G) of every input and hidden product of both
+    directions, one row per (example, step) of each example's own sequence (no padding), by an LSTM cell
+    written out here whose products retain their gradients; M, the loss terms."""
+    rnn, hidden = model.rnn, model.rnn.hidden_size
+    records = {suffix: [] for suffix in ("_l0", "_l0_reverse")}
+    outputs = []
+    for n, length in enumerate(lengths.tolist()):
+        x = model.embed(tokens[n, :length])
+        summed = []
+        for suffix, steps in (("_l0", range(length)), ("_l0_reverse", range(length - 1, -1, -1))):
+            W_ih, W_hh = getattr(rnn, "weight_ih" + suffix), getattr(rnn, "weight_hh" + suffix)
+            b_ih, b_hh = getattr(rnn, "bias_ih" + suffix), getattr(rnn, "bias_hh" + suffix)
+            h, c, total = (torch.zeros(hidden, dtype=DTYPE) for _ in range(3))
+            for t in steps:
+                gx, hp = W_ih @ x[t] + b_ih, W_hh @ h + b_hh
+                gx.retain_grad()
+                hp.retain_grad()
+                records[suffix].append((x[t], gx, h, hp))
+                i, f, g, o = (gx + hp).split(hidden)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                total = total + h
+            summed.append(total)
+        outputs.append(model.head(torch.cat(summed)))
+    out = torch.stack(outputs)
+    torch.testing.assert_close(out, model(tokens, lengths), **TOL)  # the written-out cell is the module's
+    cross_entropy(out, y).backward()
+    model.zero_grad()
+    rows = {}
+    for suffix, recorded in records.items():
+        stack = lambda k, grad=False: torch.stack([r[k].grad if grad else r[k].detach() for r in recorded])  # noqa: E731
+        rows[f"rnn.weight_ih{suffix}"] = [(stack(0), stack(1, True))]
+        rows[f"rnn.weight_hh{suffix}"] = [(stack(2), stack(3, True))]
+    return rows, len(y)
+
+
+def test_an_lstm_on_a_packed_sequence_is_blocks_whose_factors_are_the_unpadded_sequences():
+    """Both directions' input and hidden products are blocks (before: the LSTM fell back to the diagonal
+    preconditioner, 'its input is a PackedSequence'), A and S over the rows of each example's own steps."""
+    torch.manual_seed(0)
+    model = PackedBiLSTM().to(DTYPE)
+    (tokens, lengths), y = batch()
+    rows, M = unrolled_rows(model, tokens, lengths, y)
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    assert {b.name: b.kind for b in c.layers} == {
+        "embed": "embedding", "rnn.weight_ih_l0": "linear", "rnn.weight_hh_l0": "recurrent",
+        "rnn.weight_ih_l0_reverse": "linear", "rnn.weight_hh_l0_reverse": "recurrent", "head": "linear"}
+    assert not c.layers.fallbacks
+    cross_entropy(c(tokens, lengths), y).backward()
+    c.step()
+    for name, calls in rows.items():
+        got, expected = c.statistics(name), kfac_factors(calls, True, "expand", M)
+        torch.testing.assert_close(got["A"], expected["A"], **TOL)
+        torch.testing.assert_close(got["S"], expected["S"], **TOL)
+
+
+@pytest.mark.parametrize("sorted_batch", [False, True])
+def test_the_lowered_packed_lstm_computes_the_modules_outputs_states_and_gradients(sorted_batch):
+    """The captured model beside the model over a statistic step (the lowered scan) and a plain one:
+    outputs, h_n and c_n in the examples' given order (hx given), and every gradient (float64)."""
+
+    class WithStates(PackedBiLSTM):
+        def forward(self, tokens, lengths, h0, c0):
+            packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                          enforce_sorted=sorted_batch)
+            out, (h_n, c_n) = self.rnn(packed, (h0, c0))
+            padded, _ = pad_packed_sequence(out, batch_first=True)
+            return self.head(padded.sum(1)) + self.head(torch.cat([h_n[0], c_n[1]], -1))
+
+    torch.manual_seed(0)
+    model = WithStates(num_layers=2).to(DTYPE)
+    (tokens, lengths), y = batch()
+    if sorted_batch:
+        lengths = lengths.sort(descending=True).values
+    h0, c0 = torch.randn(4, 4, 4, dtype=DTYPE), torch.randn(4, 4, 4, dtype=DTYPE)
+    reference = model(tokens, lengths, h0, c0)
+    grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
+    assert not c.layers.fallbacks
+    for _ in range(2):  # a statistic step (the lowered graph) and a plain one (the module's kernel)
+        out = c(tokens, lengths, h0, c0)
+        torch.testing.assert_close(out, reference, **TOL)
+        got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
+        for name, a, b in zip([n for n, _ in model.named_parameters()], got, grads):
+            torch.testing.assert_close(a, b, **TOL, msg=name)
+
+
+class SentenceTagger(PackedBiLSTM):
+    """flair's pattern: the training loop calls a method on Python sentences (token lists) that pads, packs
+    and runs the forward; compiled with methods=["tag"], the method's code runs as written and the layers
+    it calls are opened, the LSTM with its hx omitted and a PackedSequence at run time. (flair's
+    forward_loss returns the loss itself: then no output gives N, see first_contact_12_nlp.md.)"""
+
+    def tag(self, sentences: list[list[int]]):
+        lengths = torch.tensor([len(s) for s in sentences])
+        tokens = nn.utils.rnn.pad_sequence([torch.tensor(s) for s in sentences], batch_first=True)
+        return self(tokens, lengths)
+
+
+def test_an_lstm_called_on_a_packed_sequence_by_a_method_is_opened_with_the_unpadded_factors():
+    """Before, the opened method's LSTM stayed closed ('its forward takes optional or variadic inputs'),
+    its parameters on the diagonal preconditioner (flair's SequenceTagger: 19% of the parameters in blocks)."""
+    torch.manual_seed(0)
+    model = SentenceTagger().to(DTYPE)
+    (tokens, lengths), y = batch()
+    sentences = [tokens[n, :length].tolist() for n, length in enumerate(lengths.tolist())]
+    rows, M = unrolled_rows(model, tokens, lengths, y)
+    c = compile_for_statistics(model, optimizer="kfac", methods=["tag"])
+    cross_entropy(c.tag(sentences), y).backward()
+    c.step()
+    assert not [f.param for f in c.layers.fallbacks if f.param.startswith("rnn.")]
+    for name, calls in rows.items():
+        got, expected = c.statistics(name), kfac_factors(calls, True, "expand", M)
+        torch.testing.assert_close(got["A"], expected["A"], **TOL)
+        torch.testing.assert_close(got["S"], expected["S"], **TOL)
+
+
+def test_a_compiled_container_is_indexed_as_the_module_it_was_compiled_from():
+    """sentence-transformers' GradCache losses (CachedMultipleNegativesRankingLoss) read `model[0]` of the
+    SentenceTransformer (an nn.Sequential) they are given: a TypeError ('not subscriptable') before."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    assert c[0] is model[0] and c[-1] is model[2]
+    assert isinstance(c[:2], nn.Sequential) and c[:2][1] is model[1]
+    with pytest.raises(TypeError, match="not subscriptable: nor is the Linear"):
+        gnfx.compile(nn.Linear(3, 2), optimizer="kfac", lr=0.1)[0]
