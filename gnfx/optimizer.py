@@ -49,9 +49,11 @@ from gnfx.fsdp import ShardedStep, local
 from gnfx.output_watch import check_outputs_at_step
 from gnfx.outputs import LogitsLayout
 from gnfx.parameter_store import ParameterStore
+from gnfx.plan_cost import plan_cost
 from gnfx.preconditioners.base import STATISTIC_SETTINGS, collects_statistics
 from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.quadratic_step import QuadraticStep
+from gnfx.report import format_bytes
 
 
 def _stepping_scaler() -> torch.amp.GradScaler:
@@ -67,6 +69,11 @@ def _stepping_scaler() -> torch.amp.GradScaler:
                     "the loss scale from, which gnfx's statistics and quadratic step need to undo. Fix: step through "
                     "torch.amp.GradScaler (scaler.step(optimizer)), or leave grad_scale set to the loss scale")
 
+
+# a block's optimizer state is outsized (`GnfxOptimizer._warn_outsized_state`) above these bytes and this multiple of
+# its parameters' bytes: Shampoo's on a V x d table of d = 16 is 1024/16 = 64 times; on a square layer at most 4-6
+OUTSIZED_STATE = 2 ** 28
+OUTSIZED_RATIO = 32
 
 _BUILT_BY_COMPILE = (
     "GnfxOptimizer is built by gnfx.compile, which captures the model whose layers its statistics come from; it "
@@ -133,6 +140,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         fill; each gets its hyperparameters with the statistics settings (STATISTIC_SETTINGS)."""
         self.plan, self.statistics = plan, statistics
         self._build_preconditioners()
+        self._warn_outsized_state()
         if self._pending_checkpoint is not None:
             checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
             self.load_state_dict(checkpoint)
@@ -152,6 +160,27 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
         self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
+
+    def _warn_outsized_state(self) -> None:
+        """Warn, once the plan is built, naming the blocks whose optimizer state exceeds OUTSIZED_STATE bytes and
+        OUTSIZED_RATIO times their parameters' (gnfx.plan_cost): Shampoo on a big table, a V x d embedding of small
+        d, keeps V/max_block factors of max_block² over its row dimension (a 265k x 16 table: 5 GB against 17 MB,
+        and a refresh of minutes; benchmarks/results/first_contact_12_recsys.md), which nothing else in the
+        model needs."""
+        rows = [r for r in plan_cost(self.plan.table, self, self._settings).rows
+                if r.memory_bytes > OUTSIZED_STATE and r.memory_ratio > OUTSIZED_RATIO]
+        if not rows:
+            return
+        listed = "; ".join(f"{r.name} ({r.preconditioner}): {format_bytes(r.memory_bytes)} of state for "
+                           f"{format_bytes(r.param_bytes)} of parameters" for r in rows[:3])
+        more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+        first = rows[0].name
+        warnings.warn(f"gnfx: the optimizer state of some blocks is far larger than their parameters ({listed}{more}), "
+                      f"and its refresh costs as much more. Shampoo and SOAP keep a factor per block of max_block rows "
+                      f"along each dimension, the rows of a large embedding table included. Fix: give such a block a "
+                      f"cheaper preconditioner, optimizer={{{first!r}: 'kfac', '*': ...}} (K-FAC's factor over an "
+                      f"embedding's rows is diagonal) or 'diag', or optimizer='auto', which weighs the cost; "
+                      f"model.cost() lists every block's state", RuntimeWarning, stacklevel=4)
 
     def bound_factors_at_rows(self) -> None:
         """At the end of the first statistic forward, before its backward accumulates any statistic:

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gnfx
+import gnfx.optimizer
+
 from references import per_example_grads
 from steps import compile_for_statistics
 
@@ -117,3 +120,18 @@ def test_recsys_probe_reports_capture_blocks_exactness_against_hooks_and_losses(
     gaps = [float(part.split()[-1]) for part in exact.split(" (")[0].replace(";", ",").split(",")]
     assert max(gaps) < 1e-12 and len(row[5].split(", ")) == 2
     assert recsys_probe.probe("deepfm", "adamw", steps=1).split(" | ")[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
+
+
+def test_a_block_of_outsized_state_is_named_at_compile(monkeypatch):
+    """Shampoo keeps V/max_block factors of max_block² over a V x d table's rows (a 265k x 16 table: 5 GB of state
+    for 17 MB of parameters, benchmarks/results/first_contact_12_recsys.md): the plan names such a block and the
+    fix; K-FAC's diagonal factor over the same rows is not outsized. (The byte threshold is lowered so that the
+    table stays small.)"""
+    monkeypatch.setattr(gnfx.optimizer, "OUTSIZED_STATE", 2 ** 20)
+    model = nn.Sequential(nn.Embedding(20_000, 4), nn.Flatten(), nn.Linear(8, 2))
+    ids = (torch.randint(20_000, (2, 2)),)
+    with pytest.warns(RuntimeWarning, match=r"optimizer state of some blocks is far larger.*0 \(shampoo\)"):
+        gnfx.compile(model, "shampoo", lr=1e-3, max_block=256, example_inputs=ids)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimizer state of some blocks")
+        gnfx.compile(model, "kfac", lr=1e-3, example_inputs=ids)
