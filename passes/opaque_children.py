@@ -69,8 +69,10 @@ _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_
 # (ultralytics' `for m in self.model: x = m(x)`, routing outputs between them), so its children are opened
 CONTAINER = ("an nn.Sequential, whose children the opaque code may call one by one (iterating or indexing it) "
              "rather than through its forward: its children are opened")
-# what reading a parameter for its metadata looks like in source: no use of its value
-_METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point")
+# what reading a parameter for its metadata looks like in source: no use of its value; and `.data`, its value
+# outside autograd, which gives the parameter no gradient (speechbrain's Linear renormalizes its layer's rows,
+# `self.w.weight.data = torch.renorm(self.w.weight.data, ...)`, before calling it)
+_METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point", "data")
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
     nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",

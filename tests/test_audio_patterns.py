@@ -127,3 +127,80 @@ def test_a_number_the_forward_computes_from_its_input_keeps_its_module_opaque():
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
         c.zero_grad()
         reference.zero_grad()
+
+
+class MaxNormLinear(nn.Module):
+    """speechbrain.nnet.linear.Linear: its nn.Linear `w`, after a branch on x.ndim (untraceable by torch.fx)
+    and, with `max_norm`, a renormalization of the layer's rows through `.data`."""
+
+    def __init__(self, n_in: int, n_out: int, max_norm: float | None = None):
+        super().__init__()
+        self.w, self.max_norm, self.combine_dims = nn.Linear(n_in, n_out), max_norm, False
+
+    def forward(self, x):
+        if x.ndim == 4 and self.combine_dims:
+            x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+        if self.max_norm is not None:
+            self.w.weight.data = torch.renorm(self.w.weight.data, p=2, dim=0, maxnorm=self.max_norm)
+        return self.w(x)
+
+
+def test_a_layer_whose_weight_the_opaque_code_reads_through_data_is_opened():
+    """`self.w.weight.data` in the opaque wrapper's source reads no value autograd sees, so its nn.Linear is
+    opened: a curvature block whose K-FAC factors equal the hooks' on the module. Before, the read counted as a
+    use of the weight's value beside the layer's call: the layer was not opened and fell back to diag, as every
+    speechbrain Linear did under torch.fx."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaxNormLinear(FEATURES, HIDDEN), nn.Tanh(), MaxNormLinear(HIDDEN, CLASSES)).double()
+    reference = copy.deepcopy(model)
+    x, y = _data()
+    x = x[:, 0]
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_decay=0.0, stat_every=1, capture="fx")
+    assert {"0.w", "2.w"} <= {b.name for b in c.layers.blocks}
+    calls = {}
+
+    def record(name):
+        def hook(_, inputs, out):
+            calls[name] = [inputs[0].detach(), None]
+            out.register_hook(lambda g: calls[name].__setitem__(1, g))
+        return hook
+    for name in ("0.w", "2.w"):
+        reference.get_submodule(name).register_forward_hook(record(name))
+    F.cross_entropy(c(x), y).backward()
+    F.cross_entropy(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    c.step()
+    for name, (a, g) in calls.items():
+        a = torch.cat([a, torch.ones(N, 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(c.statistics(name)["A"], a.T @ a / N, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c.statistics(name)["S"], N * g.T @ g, rtol=1e-10, atol=1e-12)
+
+
+def test_an_assignment_to_an_opened_layers_weight_data_raises_naming_the_fix():
+    """With max_norm the opaque wrapper assigns `self.w.weight.data` before calling the layer: under the opened
+    call that reaches the twin's view, not the parameter the layer's graph reads, so the forward would silently
+    compute with the weight unrenormalized. It raises a GnfxError naming leaf_modules; and with the wrapper kept
+    whole the model trains as the module does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaxNormLinear(FEATURES, HIDDEN, max_norm=0.5), nn.Tanh(),
+                          MaxNormLinear(HIDDEN, CLASSES)).double()
+    reference = copy.deepcopy(model)
+    x, y = _data()
+    x = x[:, 0]
+    c = gnfx.compile(copy.deepcopy(model), "kfac", lr=1e-2, capture="fx")
+    with pytest.raises(gnfx.GnfxError, match=r"assigns the \.data of the parameter '0\.w\.weight'.*leaf_modules=\['0'\]"):
+        c(x)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="fx", leaf_modules=["0"])
+    for _ in range(2):
+        F.cross_entropy(c(x), y).backward()
+        F.cross_entropy(reference(x), y).backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+        c.step()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters()):
+                q.copy_(p)
+        c.zero_grad()
+        reference.zero_grad()
