@@ -47,10 +47,10 @@ def _read_outside(leaf: str, child: str, name: str, _grad):
         f"gnfx.compile(..., leaf_modules=[{whole!r}]) (its parameters then fall back to the diagonal preconditioner)")
 
 
-def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:
+def _watched(module: nn.Module, leaf: str, child: str, path: str, made: list) -> nn.Module:
     """A shallow copy of `module` (at `path`, inside the opened child `child` of the opaque submodule
     `leaf`) holding views of its trainable parameters that raise on a gradient, and watched copies of
-    its submodules (module doc)."""
+    its submodules (module doc); each (name, parameter, view) appended to `made`."""
     # copy.copy's shallow copy, without its __getstate__, which a parametrized module (torch.nn.utils.parametrize:
     # weight_norm's, HuBERT's positional convolution) refuses ("only supported through state_dict()")
     twin = type(module).__new__(type(module))
@@ -60,19 +60,30 @@ def _watched(module: nn.Module, leaf: str, child: str, path: str) -> nn.Module:
         view = p.view_as(p) if p is not None and p.requires_grad and torch.is_grad_enabled() else p
         if view is not p:
             view.register_hook(lambda grad, name=f"{path}.{name}": _read_outside(leaf, child, name, grad))
+            made.append((f"{path}.{name}", p, view))
         views[name] = view
     twin.__dict__["_parameters"] = views
-    twin.__dict__["_modules"] = {name: None if m is None else _watched(m, leaf, child, f"{path}.{name}")
+    twin.__dict__["_modules"] = {name: None if m is None else _watched(m, leaf, child, f"{path}.{name}", made)
                                  for name, m in module._modules.items()}
     return twin
 
 
-def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str) -> nn.Module:
-    """The opened child at `path` of the opaque submodule `leaf`, watched (`_watched`), whose forward is
-    its graph `graph`, without hooks of its own."""
-    twin = _watched(child, leaf, path, path)
+def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str, made: list) -> nn.Module:
+    """The opened child at `path` of the opaque submodule `leaf`, watched (`_watched`, its views appended to
+    `made`), whose forward is its graph `graph`, without hooks of its own."""
+    twin = _watched(child, leaf, path, path, made)
     twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=graph.forward)
     return twin
+
+
+# a `.data` assignment through the twin's view (speechbrain's Linear with max_norm renormalizes its layer's rows,
+# `self.w.weight.data = torch.renorm(self.w.weight.data, ...)`, before calling it) reaches the view, not the
+# parameter the graph reads
+_DATA_WRITTEN = ("the Python code of {code} assigns the .data of the parameter {name!r} of a layer gnfx opened into a "
+                 "curvature block (passes/opaque_children.py): the assignment reached a view of it, and the layer's "
+                 "graph computed with the parameter as it was, so the forward is not the module's. Fix: keep the "
+                 "submodule whole with gnfx.compile(..., leaf_modules=[{leaf!r}]) (its parameters then fall back to "
+                 "the diagonal preconditioner), or change the parameter outside the forward (after model.step())")
 
 
 class OpenedLeaf(nn.Module):
@@ -95,18 +106,25 @@ class OpenedLeaf(nn.Module):
     def call(self, function, *args, **kwargs):
         """`function(*args, **kwargs)` with the opened children's graphs in their places: the submodule's
         forward, or a method of the model that gnfx.compile(methods=...) names (passes/opaque_root.py)."""
-        swapped = []
+        swapped, views = [], []
         try:
             for path, graph in zip(self.paths, self.graphs):
                 parent, _, name = path.rpartition(".")
                 owner = self.module.get_submodule(parent)
                 child = owner._modules[name]
                 swapped.append((owner, name, child))
-                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path)
-            return function(*args, **kwargs)
+                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path,
+                                             views)
+            out = function(*args, **kwargs)
         finally:
             for owner, name, child in swapped:
                 owner._modules[name] = child
+        for name, p, view in views:
+            if view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+                raise GnfxError(_DATA_WRITTEN.format(code=f"opaque submodule {self.path!r}" if self.path else
+                                                     "the model's own forward", name=name,
+                                                     leaf=self.path or name.rpartition(".")[0]))
+        return out
 
     def extra_repr(self) -> str:
         return f"opened: {', '.join(self.paths)}"

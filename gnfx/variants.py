@@ -38,6 +38,7 @@ from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
 from gnfx.passes.opaque_root import opaque_root
+from gnfx.passes.leaf_outputs import output_structures
 from gnfx.passes.python_random import kept_state
 from gnfx.passes.taps import insert_taps
 from gnfx.passes.validation_checks import other_side, violated_check, without_trace
@@ -96,6 +97,7 @@ class Variants:
         self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
         self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key, shapes, branch flipped)
+        self._structures: dict[str, tuple] = {}  # the tuples and lists submodules return (passes/leaf_outputs.py)
         self._optional = optional_inputs(model)
         self._signature = inspect.signature(model.forward)
 
@@ -137,6 +139,10 @@ class Variants:
         fixed = self._fixed(args, kwargs)
         try:
             fx, fx_error = trace_fx(self.model, self.leaf_modules, dict(fixed)), None
+            if fx.leaves:  # traced again with the tuples and lists its leaves return (passes/leaf_outputs.py)
+                self._structures = output_structures(self.model, args, kwargs)
+                if set(fx.leaves) & set(self._structures):
+                    fx = trace_fx(self.model, self.leaf_modules, dict(fixed), self._structures)
         except CaptureError as exc:
             fx, fx_error = None, exc
         if self.mode == "fx":
@@ -265,7 +271,7 @@ class Variants:
         if self.form == "fx":
             key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
-                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1])), key)
+                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures), key)
             graphs = self._graphs[key]
             return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)

@@ -32,6 +32,7 @@ from torch.utils import _pytree
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
+from gnfx.passes.leaf_outputs import erase_unread, unpacked
 from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
@@ -79,11 +80,15 @@ class _DenseProxy(fx.Proxy):
 class _LeafFindingTracer(MappingOutputTracer):
     """An fx tracer that treats the given module paths (and torch.nn's modules without
     submodules, and nn.MultiheadAttention) as leaves and remembers the innermost submodule whose
-    forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py)."""
+    forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py). A leaf
+    of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py) returns its
+    value in that structure, the indexing nodes made for it listed in `unpacked`."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
+        self.structures = structures or {}
+        self.unpacked: list[fx.Node] = []
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -105,6 +110,9 @@ class _LeafFindingTracer(MappingOutputTracer):
             change = None if before is None else changed_number(m, before[0]) or changed_buffer(m, before[1])
             if change is not None:
                 raise side_effect(m, self.path_of_module(m), change)
+            path = self.path_of_module(m)
+            if path in self.leaves and path in self.structures and isinstance(out, fx.Proxy):
+                return unpacked(out, self.structures[path], self.unpacked)
             return out
         except Exception:
             if self.failed_module is None:
@@ -293,9 +301,10 @@ def generators_kept(model: nn.Module):
     return RandomState({p.device for p in model.parameters()}, python=False).replayed()
 
 
-def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
+def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=None) -> Captured:
     """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
-    fixes arguments to values (e.g. an optional input left out: None).
+    fixes arguments to values (e.g. an optional input left out: None); `structures`: the tuples and lists
+    the submodules return on an example call (passes/leaf_outputs.py), in which the leaves' values are traced.
 
     Raises CaptureError when the top-level forward itself cannot be traced.
     """
@@ -311,7 +320,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
     with attributes_kept(model):
         while True:
-            tracer = _LeafFindingTracer(set(leaves))
+            tracer = _LeafFindingTracer(set(leaves), structures)
             before, buffers = numbers(model), buffer_values(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
@@ -319,8 +328,9 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
                     if (change := changed_number(model, before) or changed_buffer(model, buffers)) is not None:
                         raise side_effect(model, "", change)
                     draws = draws or drew()
-                    if drew() and draws_decide(lambda: traced(_LeafFindingTracer(set(leaves))).python_code("self").src):
-                        tracer = _LeafFindingTracer(set(leaves))
+                    retraced = lambda: traced(_LeafFindingTracer(set(leaves), structures))  # noqa: E731
+                    if drew() and draws_decide(lambda: retraced().python_code("self").src):
+                        tracer = _LeafFindingTracer(set(leaves), structures)
                         with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
                             traced(tracer)
                         raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
@@ -342,6 +352,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None) -> Captured:
             for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
                 if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                     node.meta.pop("is_wrapped", None)  # which breaks every later trace
+            erase_unread(graph, tracer.unpacked)
             _keep_input_names(graph, concrete_args or {})
             keep_output_type(graph, tracer.output_type)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)

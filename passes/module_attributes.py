@@ -79,9 +79,12 @@ def numbers(module: nn.Module) -> dict[str, object]:
 
 def changed_number(module: nn.Module, before: dict[str, object]) -> str | None:
     """'attribute name (before -> now)' of the first of the module's own numbers that changed since `before`
-    (`numbers(module)` then), or None."""
-    now = numbers(module)
-    return next((f"attribute {k} ({v!r} -> {now[k]!r})" for k, v in before.items() if k in now and now[k] != v), None)
+    (`numbers(module)` then), or None. A number replaced by a value of another type changed too: one the
+    traced forward computed from its input (speechbrain's InputNormalization counts the frames it has seen,
+    `self.count += mask.sum().item()`, a Proxy under torch.fx, which a later trace would read)."""
+    now = vars(module)
+    return next((f"attribute {k} ({v!r} -> {now.get(k)!r})" for k, v in before.items()
+                 if k in now and (type(now[k]) is not type(v) or now[k] != v)), None)
 
 
 def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:

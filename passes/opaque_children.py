@@ -73,8 +73,10 @@ _INPUT_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_
 # (ultralytics' `for m in self.model: x = m(x)`, routing outputs between them), so its children are opened
 CONTAINER = ("an nn.Sequential, whose children the opaque code may call one by one (iterating or indexing it) "
              "rather than through its forward: its children are opened")
-# what reading a parameter for its metadata looks like in source: no use of its value
-_METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point")
+# what reading a parameter for its metadata looks like in source: no use of its value; and `.data`, its value
+# outside autograd, which gives the parameter no gradient (speechbrain's Linear renormalizes its layer's rows,
+# `self.w.weight.data = torch.renorm(self.w.weight.data, ...)`, before calling it)
+_METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size", "is_floating_point", "data")
 # torch's layers whose optional inputs their graph passes on as each call gives them (an nn.LSTM's hx: a tensor,
 # a pair or None, which the recurrent lowering reads at the call, passes/recurrent.py), so that opaque code calling
 # them with and without a state (gluonts' DeepAR: `self.rnn(x)` in its loss, `self.rnn(x, state)` in sampling)
