@@ -81,7 +81,7 @@ def _config(name: str, dropout: float):
         "bamba": lambda: tf.BambaConfig(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
                                         mamba_chunk_size=4, **mamba, **causal),
         "zamba2": lambda: tf.Zamba2Config(
-            num_key_value_heads=4, mamba_ngroups=1, mamba_headdim=8, n_mamba_heads=4, chunk_size=4,
+            mamba_ngroups=1, mamba_headdim=8, n_mamba_heads=4, chunk_size=4,
             layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1, **mamba,
             **dict(causal, num_key_value_heads=4)),
         "olmoe": lambda: tf.OlmoeConfig(num_experts=4, **moe),
