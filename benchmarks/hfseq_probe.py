@@ -33,7 +33,8 @@ capture's form, the share of the trainable parameters in curvature blocks, exact
 float64 (float32 for GROUPED: torch's grouped product has no float64 kernel), dropout off, the compiled model
 beside a copy over 3 steps: the largest |difference| of the loss and of any gradient; and K-FAC's A and S of
 every nn.Linear block after one step at stat_decay 0, fisher="empirical", against plain hooks on the copy:
-relative max gaps, with S's row count M = trace(S) / trace(Σ g gᵀ) per block (28, or 20 for Switch's
+relative max gaps (and the blocks that have no statistics after the step), with S's row count
+M = trace(S) / trace(Σ g gᵀ) per block (28, or 20 for Switch's
 decoder-side loss: every block should show the loss's terms, experts that see a few tokens too), the
 losses, gnfx's warnings (once each), the parameters outside the blocks, the seconds; or the error. transformers
 is the venv's (5.24), no dependency of gnfx. The results: benchmarks/results/first_contact_12_hfseq.md.
@@ -163,22 +164,27 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
             loss_of(reference, batch).backward()
         c.step()
         a_gap = s_gap = 0.0
-        rows = {}
+        rows, unstated = {}, []
         for n in linear:
             if not any(g is not None for _, g in calls[n]):
                 continue
             A, gg = linear_factors(calls[n], modules[n].bias is not None)
-            stats = c.statistics(n)
+            try:
+                stats = c.statistics(n)
+            except gnfx.errors.StatisticsError:  # (a block whose statistics the step did not get)
+                unstated.append(n)
+                continue
             a_gap = max(a_gap, ((stats["A"] - A).abs().max() / A.abs().max()).item())
             M = (stats["S"].trace() / gg.trace()).item()  # gnfx's S = M Σ g gᵀ: its row count M
             rows.setdefault(f"{M:.4g}", []).append(n)
             s_gap = max(s_gap, ((stats["S"] - M * gg).abs().max() / stats["S"].abs().max()).item())
         expected = loss_terms(name)
         wrong = {m: ns for m, ns in rows.items() if abs(float(m) - expected) > 1e-6 * expected}
-        said = f"M {expected} in all {len(linear)} Linear" if not wrong else \
+        said = f"M {expected} in all {sum(map(len, rows.values()))} Linear" if not wrong else \
             "M " + "; ".join(f"{m} at {', '.join(ns[:3])}" for m, ns in rows.items())
+        missing = f"; no statistics in {len(unstated)} Linear blocks the hooks saw, as {unstated[0]}" if unstated else ""
         return (f"{loss_gap:.0e}, {grad_gap:.0e}; A {a_gap:.0e}, S {s_gap:.0e} ({said}"
-                f"{', float32' if dtype == torch.float32 else ''})")
+                f"{', float32' if dtype == torch.float32 else ''}{missing})")
     finally:
         torch.set_default_dtype(torch.float32)
 
