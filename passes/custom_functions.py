@@ -29,12 +29,21 @@ each call: while capturing, the forward of every Function defined outside torch 
   forward's recorded operations there, by reverse mode twice (J t = ∂/∂u (uᵀJ) t; forward mode does not
   nest). That is the Jacobian of F's backward wherever its backward is its forward's derivative, which it
   checks at the Function's first application (a GnfxError names F otherwise).
+
+Both checks run F's forward twice more, on copies of the inputs it may change (a tensor written in place,
+an object such as a cache that it appends to), and call F's backward, which may backpropagate into the
+parameters of the modules it is given (a reversible layer's recomputation: Reformer's): their gradients
+are put back as they were after it. A forward that runs under torch.no_grad (a reversible layer, which
+recomputes in its backward) records no operations: the check names that, and the eager route, which
+applies F with its backward, is what captures such a model.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
+import math
 import weakref
 
 import torch
@@ -122,8 +131,8 @@ def jvps_of_forwards():
     lacking = [cls for cls in _defining_forward() if not _has_jvp(cls)]
 
     def stash(cls, ctx, forward, args, kwargs):  # the inputs of a forward with a ctx, for its jvp
-        if ctx is not None:
-            ctx._gnfx_inputs = (args, kwargs)
+        if ctx is not None:  # (objects as they are before the forward appends to them, _written_copies)
+            ctx._gnfx_inputs = tree_map(_objects_copied, (args, kwargs))
         return forward(*args, **kwargs)
 
     def stashing_setup(original):  # the inputs of a forward without ctx, which setup_context gets
@@ -240,35 +249,69 @@ def applied_functions():
 
 
 def _written_copies(leaves: list) -> list:
-    """A copy x' = x of each input x that requires grad, recorded (∂x'/∂x = I), for one run of a Function's
-    forward: a forward may write its input in place (pytorch-tabnet's sparsemax: `input -= max`), which
-    autograd refuses on a leaf that requires grad, and which must not reach the other run's input nor the
-    tensor the model holds (x, detached from it, shares its storage)."""
-    return [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
+    """For one run of a Function's forward, a copy x' = x of each input x that requires grad, recorded
+    (∂x'/∂x = I), and a deep copy of each input that is no tensor and no module (where it can be copied): a
+    forward may write its input in place (pytorch-tabnet's sparsemax: `input -= max`), which autograd refuses
+    on a leaf that requires grad, or append to an object it is given (Reformer's cache of keys,
+    `past_buckets_states`, which a second run would meet with the first run's keys in it), and neither must
+    reach the other run's input nor what the model holds (x, detached from it, shares its storage)."""
+    return [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else _objects_copied(t) for t in leaves]
+
+
+def _objects_copied(thing):
+    """A deep copy of `thing` if it is no tensor and no module, and can be copied (a lock, a generator cannot);
+    else `thing` itself."""
+    if isinstance(thing, (torch.Tensor, nn.Module)):
+        return thing
+    try:
+        return copy.deepcopy(thing)
+    except Exception:  # noqa: BLE001 -- what deepcopy raises for an object it cannot copy is the object's own
+        return thing
+
+
+@contextlib.contextmanager
+def _gradients_kept(leaves: list):
+    """While inside, the parameters of the modules among `leaves` accumulate into gradients of their own, and
+    on exit get back the ones they had: a Function's backward may backpropagate into the parameters itself
+    (Reformer's reversible layers recompute their forward in their backward and call torch.autograd.backward
+    on it, returning None for the parameters), and a check's backward must add nothing to the model's."""
+    kept = {p: p.grad for leaf in leaves if isinstance(leaf, nn.Module) for p in leaf.parameters()}
+    try:
+        for p in kept:
+            p.grad = None
+        yield
+    finally:
+        for p, grad in kept.items():
+            p.grad = grad
 
 
 def _backward_difference(cls, args, kwargs) -> float:
     """The relative difference between vᵀ∂y/∂x by F's backward and by its forward's operations, at the
-    floating-point tensors x among (args, kwargs), for one random cotangent v of F's outputs y."""
+    floating-point tensors x among (args, kwargs), for one random cotangent v of F's outputs y (inf where its
+    forward records no operations: it runs under torch.no_grad). Each forward runs on copies
+    (`_written_copies`), and the backward leaves the parameters' gradients as they were (`_gradients_kept`)."""
     flat, spec = tree_flatten((args, kwargs))
     leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
               for t in flat]
     inputs = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     state = torch.get_rng_state()
-    with torch.enable_grad():
-        a, k = spec.unflatten(_written_copies(leaves))
-        by_backward = [y for y in tree_leaves(cls.apply(*a, **k))
-                       if isinstance(y, torch.Tensor) and y.requires_grad]
-        torch.set_rng_state(state)  # the same draws for both forwards
-        a, k = spec.unflatten(_written_copies(leaves))
-        by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
-                      if isinstance(y, torch.Tensor) and y.requires_grad]
-    if not inputs or not by_backward:
-        return 0.0
-    cotangents = [torch.randn_like(y) for y in by_backward]
-    first = torch.autograd.grad(by_backward, inputs, cotangents, allow_unused=True)
-    second = (torch.autograd.grad(by_forward, inputs, cotangents[:len(by_forward)], allow_unused=True)
-              if by_forward else [None] * len(inputs))
+    with _gradients_kept(flat):
+        with torch.enable_grad():
+            a, k = spec.unflatten(_written_copies(leaves))
+            by_backward = [y for y in tree_leaves(cls.apply(*a, **k))
+                           if isinstance(y, torch.Tensor) and y.requires_grad]
+            torch.set_rng_state(state)  # the same draws for both forwards
+            a, k = spec.unflatten(_written_copies(leaves))
+            by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
+                          if isinstance(y, torch.Tensor) and y.requires_grad]
+        if not inputs or not by_backward:
+            return 0.0
+        if not by_forward:  # its forward ran under torch.no_grad: no operations to differentiate
+            return math.inf
+        cotangents = [torch.randn_like(y) for y in by_backward]
+        first = torch.autograd.grad(by_backward, inputs, cotangents, allow_unused=True)
+        second = (torch.autograd.grad(by_forward, inputs, cotangents[:len(by_forward)], allow_unused=True)
+                  if by_forward else [None] * len(inputs))
     worst = 0.0
     for g, h, x in zip(first, second, inputs):
         g = torch.zeros_like(x) if g is None else g
@@ -279,6 +322,10 @@ def _backward_difference(cls, args, kwargs) -> float:
 
 
 def _name(cls, difference: float) -> str:
+    if difference == math.inf:
+        return (f"{cls.__module__}.{cls.__qualname__} (its forward records no operations: it computes its "
+                f"outputs under torch.no_grad, as a reversible layer does that recomputes them in its backward, "
+                f"so its forward has no derivative to take)")
     return f"{cls.__module__}.{cls.__qualname__} (relative difference {difference:.3g} of the two)"
 
 
