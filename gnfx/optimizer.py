@@ -108,9 +108,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         self._betas_seen, self._momentum_warned = None, False  # the groups' betas[0] at the last step, warned once
+        self._group_setting_warned = False  # a param group set one of gnfx.compile's settings (warned once)
         # the parameters' version counters and the smallest one's value at the last statistic forward since the
-        # last step (None: none yet; note_statistic_forward)
-        self._forward_versions, self._stepped_by_another_warned = None, False
+        # last step (None: none yet), whether they were written between two of those forwards since the last step,
+        # and whether that was said (note_statistic_forward)
+        self._forward_versions, self._written_between_forwards, self._stepped_by_another_warned = None, False, False
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
         self._distributed = settings["distributed"]
@@ -343,7 +345,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
         nothing (a model no gnfx step ever moved stays at step 0, a statistic step, so each of its training
         forwards is one). Written: a version counter moved (torch.optim's in-place updates), or the value of the
         smallest parameter changed (fastai's optimizers write `p.data`, whose writes no counter sees; one small
-        copy a statistic forward). Gradient accumulation writes no parameter between its forwards."""
+        copy a statistic forward). Gradient accumulation writes no parameter between its forwards. A write is said
+        when it happens a second time before this optimizer steps: once may be a perturbation its step follows,
+        sharpness-aware minimization's (composer's SAM: `p.add_(e)` between its closure's two forwards, `p.sub_(e)`
+        and the wrapped optimizer's step after), which a framework's own optimizer, stepping after each forward,
+        repeats at the next forward."""
         named = self.parameter_store.named
         if not named:
             return
@@ -351,6 +357,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         now = ([p._version for p in named.values()], local(smallest).detach().clone())
         seen, self._forward_versions = self._forward_versions, now
         if seen is None or self._stepped_by_another_warned or (seen[0] == now[0] and torch.equal(seen[1], now[1])):
+            return
+        written_before, self._written_between_forwards = self._written_between_forwards, True
+        if not written_before:
             return
         self._stepped_by_another_warned = True
         warnings.warn("gnfx: the compiled model's parameters were written between two of its training forwards "
@@ -385,6 +394,28 @@ class GnfxOptimizer(torch.optim.Optimizer):
                       f"entries); the blocks' momentum does not follow it ({mus}). To schedule only the lr: "
                       f"cycle_momentum=False (torch), fit_one_cycle(moms=(m, m, m)) (fastai)", RuntimeWarning,
                       stacklevel=3)
+
+    def _warn_if_compile_setting_in_group(self) -> None:
+        """Warn, once, when a param group holds one of gnfx.compile's settings that are not per group (`momentum`,
+        `damping`, `stat_decay`, ...: any but lr, weight_decay, betas and eps), which no part of the step reads from
+        the groups: a scheduler of that name wrote it (pytorch-ignite's `LinearCyclicalScheduler(optimizer,
+        "momentum", ...)` and its other ParamSchedulers set `group[name]` whatever the optimizer reads, as torch's
+        optimizers silently ignore too), so the schedule would change nothing, silently. `regroup` refuses them
+        when a framework hands them over at construction."""
+        if self._group_setting_warned:
+            return
+        compile_only = (set(self._settings) | {"momentum"}) - set(self.defaults)  # momentum: also under "diag"
+        written = sorted({k for g in self.param_groups for k in g} & compile_only)
+        if not written:
+            return
+        self._group_setting_warned = True
+        values = ", ".join(f"{k}={self._settings[k]!r}" if k in self._settings else
+                           f"no {k} (the diagonal preconditioner's momentum is Adam's β1, betas[0])" for k in written)
+        warnings.warn(f"gnfx: a param group sets {', '.join(written)} (a scheduler of that name, as pytorch-ignite's "
+                      f"ParamScheduler(optimizer, {written[0]!r}, ...), writes group[{written[0]!r}]), which gnfx's step "
+                      f"does not read from the groups: it reads {', '.join(self.defaults)} there and has {values} from "
+                      f"gnfx.compile for the whole run, so the schedule changes nothing. Schedule lr, weight_decay or "
+                      f"betas, or set the value in gnfx.compile", RuntimeWarning, stacklevel=3)
 
     def regroup(self, params, **settings) -> None:
         """The param groups made again from `params`, torch.optim's first argument (an iterable of parameters,
@@ -476,7 +507,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One step (module doc). A `closure` (the forward and backward, as PyTorch Lightning passes
         it) runs first, so its forward may be the lazily captured model's first call."""
-        self._forward_versions = None  # this optimizer steps: the parameters may move until the next forward
+        # this optimizer steps: the parameters may move until the next forward (note_statistic_forward)
+        self._forward_versions, self._written_between_forwards = None, False
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -528,6 +560,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.statistics.fold(batches, self.stat_decay)
         self.parameter_store.sync_groups()
         self._warn_if_momentum_scheduled()
+        self._warn_if_compile_setting_in_group()
         self.parameter_store.gather()  # the reparametrized blocks' W and ∇W, until the chain's end
         try:
             if self.sharded is not None:

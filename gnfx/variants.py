@@ -37,6 +37,7 @@ from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
+from gnfx.passes.constant_parameters import constant_parameters_message, parameters_read_as_constants
 from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.leaf_outputs import output_structures
 from gnfx.passes.python_random import kept_state
@@ -242,6 +243,9 @@ class Variants:
 
     def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
         gm, table, sites = built or self._build(captured)
+        constants = parameters_read_as_constants(gm, self.model)
+        if constants:  # passes/constant_parameters.py: keras 3's models
+            raise CaptureError(constant_parameters_message(constants, self.model))
         self.draws_python_random |= captured.draws or bool(captured.leaves)
         if captured.checks:  # passes/validation_checks.py
             why += ("; the forward's data-dependent validation checks (`if ...: raise`, `assert`) are runtime "
