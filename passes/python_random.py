@@ -16,8 +16,13 @@ call then takes it (a layer dropped on every step, or never). Capture therefore
    opaque call, which draws anew on every call), and torch.export as an error.
 
 The generators' states are put back after every capture (`kept_state`): capturing draws nothing from
-the user's stream. Draws through other functions (`random.randint`, `random.choice`) are noticed in (1)
-and raise in (3), but (2) cannot force them; a private `random.Random()` instance is not seen.
+the user's stream. Draws through other functions (`random.randint`, `random.choice`, numpy's `choice`,
+`randint`, `permutation`, ...) cannot be forced in (2): a forced capture during which the generators still
+move drew with one, and its draws decide the graph (its values at least: Hugging Face's wav2vec2 and HuBERT
+draw SpecAugment's masked spans with `np.random.choice`, which torch.export bakes into the graph as a constant
+mask, the same code under either forced draw); they raise in (3) too (`UNFORCED_NUMPY`, and Python's
+`getrandbits`, which its integer and sequence draws are built on). A private `random.Random()` instance or
+numpy `Generator` is not seen.
 """
 from __future__ import annotations
 
@@ -44,27 +49,37 @@ def kept_state():
         restore_python_state(before)
 
 
+# numpy's module functions that draw and that `forced_draws` cannot force (module doc); `raising_draws` makes them raise
+UNFORCED_NUMPY = ("choice", "randint", "permutation", "shuffle", "randn", "normal", "standard_normal", "binomial",
+                  "poisson", "exponential", "beta", "gamma")
+
+
 @contextlib.contextmanager
-def _patched(python_random, numpy_draw):
+def _patched(python_random, numpy_draw, unforced=None):
     """`random.random` (module function and the hidden instance's method, which `uniform` and the
     other continuous draws call) replaced by `python_random()`, numpy's module functions by
-    `numpy_draw(name, args, kwargs)`."""
+    `numpy_draw(name, args, kwargs)`; with `unforced`, also Python's `getrandbits` and UNFORCED_NUMPY by it."""
     instance = random._inst
-    saved_module, saved_instance = random.random, instance.__dict__.get("random")
+    methods = ("random",) + (("getrandbits",) if unforced else ())
+    saved_instance = {m: instance.__dict__.get(m) for m in methods}
+    saved_module = random.random
     np_random = numpy_random()
-    names = ("random", "rand", "random_sample", "uniform")
-    saved_numpy = {} if np_random is None else {n: getattr(np_random, n) for n in names}
+    names = ("random", "rand", "random_sample", "uniform") + (UNFORCED_NUMPY if unforced else ())
+    saved_numpy = {} if np_random is None else {n: getattr(np_random, n) for n in names if hasattr(np_random, n)}
     random.random = instance.random = python_random
+    if unforced:
+        instance.getrandbits = unforced
     for name in saved_numpy:
         setattr(np_random, name, lambda *args, _name=name, **kwargs: numpy_draw(_name, args, kwargs))
     try:
         yield
     finally:
         random.random = saved_module
-        if saved_instance is None:
-            del instance.random
-        else:
-            instance.random = saved_instance
+        for method, saved in saved_instance.items():
+            if saved is None:
+                delattr(instance, method)
+            else:
+                setattr(instance, method, saved)
         for name, function in saved_numpy.items():
             setattr(np_random, name, function)
 
@@ -94,17 +109,20 @@ def raising_draws():
             "the forward draws a Python random number (random or numpy.random); a captured graph would keep the "
             "branch of the one draw made while capturing on every call")
 
-    return _patched(draw, lambda *_: draw())
+    return _patched(draw, lambda *_: draw(), unforced=draw)
 
 
 def draws_decide(capture) -> bool:
     """Whether the graph that `capture()` gives (as its code) differs between every draw forced to the
-    bottom and to the top of [0, 1); a capture that fails under either counts as differing."""
+    bottom and to the top of [0, 1); a capture that fails under either counts as differing, and so does one
+    during which the generators moved: a draw that cannot be forced (module doc)."""
     graphs = []
     for high in (False, True):
         try:
-            with forced_draws(high):
+            with kept_state() as drawn, forced_draws(high):
                 graphs.append(capture())
+                if drawn():
+                    return True
         except Exception:  # noqa: BLE001 - a forced draw that leads the forward into an error decides it too
             return True
     return graphs[0] != graphs[1]

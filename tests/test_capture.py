@@ -10,6 +10,7 @@ import copy
 import functools
 import inspect
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -772,6 +773,46 @@ def test_a_top_level_draw_that_decides_the_graph_runs_eagerly_drawing_anew():
         gnfx.compile(TopLevelDraw(), optimizer="kfac", lr=0.1, capture="export", example_inputs=(x,))
     assert "if random.random() < 0.5" in str(err.value)
     assert "draw with torch in the graph" in str(err.value)  # the export's fix names the draw, not torch.cond
+
+
+class SpanMask(nn.Module):
+    """Hugging Face wav2vec2's SpecAugment in small: the masked positions drawn by numpy's `choice` (or Python's
+    `random.sample`), which forced draws cannot force, made a mask tensor that the graph would hold as a constant."""
+
+    def __init__(self, draw: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.draw = nn.Linear(4, 4), nn.Linear(4, 3), draw
+        self.masked = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):  # (N, T, 4)
+        h = self.a(x)
+        if self.training:
+            T = x.shape[1]
+            spans = np.random.choice(T, 2, replace=False) if self.draw == "numpy" else random.sample(range(T), 2)
+            mask = torch.zeros(T, dtype=torch.bool)
+            mask[torch.as_tensor(spans)] = True
+            h = torch.where(mask[None, :, None], self.masked, h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("draw", ["numpy", "random"])
+def test_a_draw_that_cannot_be_forced_draws_anew_at_every_call(draw):
+    """Before, the draws changed nothing in the graph's code under either forced draw (choice and sample cannot
+    be forced), so the graph torch.export made stood, with the masked positions of the one draw made while
+    capturing baked in as a constant: every statistic forward masked the same spans, silently. A forced capture
+    during which the generators still move now counts as one the draws decide."""
+    x = torch.randn(5, 6, 4)
+    model = SpanMask(draw)
+    expected = _outputs_over_calls(model, x)
+    assert len({tuple(o.flatten().tolist()) for o in expected}) > 1  # the draws change the output
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the forward runs eagerly, its layers opened: named in a warning
+        got = _outputs_over_calls(c, x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert [b.name for b in c.layers] == ["a", "b"]
 
 
 class RecordedLayerDrop(LayerDrop):
