@@ -535,6 +535,8 @@ class GnfxOptimizer(torch.optim.Optimizer):
             raise
         if self.statistics and self.statistic_step and not self.collected:
             self._warn_untapped()
+        elif self.statistics and self.statistic_step:
+            self._warn_unrecorded()
         batches = self.statistics.batches() if self.collected else {}
         self.collected = False
         if scale is not None:
@@ -582,14 +584,39 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
+    def _with_gradients(self, statistics) -> list[str]:
+        """The names of the blocks of `statistics` (BlockStatistics) a parameter of which has a gradient."""
+        named = self.parameter_store.named
+        return [s.block.name for s in statistics
+                if any(named[n].grad is not None for n in (s.block.weight, s.block.bias) if n in named)]
+
+    def _warn_unrecorded(self) -> None:
+        """On a statistic step after a training call of the compiled model: warn, once, naming the curvature blocks
+        whose parameters have a gradient that no tap of theirs recorded, a gradient from calls of the layer the
+        statistics did not see: a reversible layer's (Reformer's, a RevNet's), run under torch.no_grad in the
+        forward and recomputed inside its autograd.Function's backward."""
+        if self.__dict__.get("warned_unrecorded"):
+            return
+        missed = self._with_gradients([s for s in self.statistics.blocks.values() if not s.recorded])
+        if not missed:
+            return
+        self.warned_unrecorded = True
+        warnings.warn(f"gnfx: step {self.steps} collects statistics, and the gradients of curvature blocks "
+                      f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}) came from calls of their layers "
+                      f"that the statistics did not see: no tap of theirs was reached by a backward since the last "
+                      f"step. Such a block keeps the curvature it had (none, at first: its step is the plain "
+                      f"gradient's). This is what a layer run under torch.no_grad in the forward and recomputed inside "
+                      f"a torch.autograd.Function's backward does (reversible layers: Hugging Face's Reformer, RevNets). "
+                      f"Fix: give those blocks a preconditioner that reads the gradients alone, optimizer={{"
+                      f"{missed[0]!r}: 'shampoo', '*': ...}} or 'diag', or train without the reversible layers",
+                      RuntimeWarning, stacklevel=4)
+
     def _warn_untapped(self) -> None:
         """On a statistic step without a training call of the compiled model since the last step: warn, once,
         if a curvature block's parameter has a gradient (the module doc says how that comes about)."""
         if self.__dict__.get("warned_untapped"):
             return
-        named = self.parameter_store.named
-        blocks = [stats.block for stats in self.statistics.blocks.values()]
-        reached = [b.name for b in blocks if any(named[n].grad is not None for n in (b.weight, b.bias) if n in named)]
+        reached = self._with_gradients(self.statistics.blocks.values())
         if not reached:
             return
         self.warned_untapped = True

@@ -480,6 +480,11 @@ class BlockStatistics:
         self._pooled.clear()
         self._whole_batch.clear()
 
+    @property
+    def recorded(self) -> bool:
+        """Whether a backward reached the block's taps since the last reset: its statistics hold this step's rows."""
+        return self._dirty
+
     def discard_backwards(self) -> None:
         """Drop what the backwards since the last fold accumulated, whose gradients `zero_grad()` cleared
         (gnfx.optimizer); the layer inputs staged by forwards that no backward has reached yet stay. Nothing

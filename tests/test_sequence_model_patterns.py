@@ -243,3 +243,52 @@ def test_a_custom_function_whose_forward_records_nothing_is_named_for_that():
         c.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+class ReversibleBlock(torch.autograd.Function):
+    """Reformer's `_ReversibleFunction` in small: its forward runs `block.layer` under torch.no_grad, its backward
+    recomputes it, looking the layer up on the block again (`layer.backward_pass` calls `self.attention`)."""
+
+    @staticmethod
+    def forward(ctx, x, block):
+        ctx.block = block
+        ctx.save_for_backward(x.detach())
+        with torch.no_grad():
+            return x + block.layer(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            torch.autograd.backward(x + ctx.block.layer(x), grad)
+        return x.grad, None
+
+
+class ReversibleStack(nn.Module):
+    """The reversible layer inside an opaque forward (a data-dependent branch), its layer opened into a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(D, D), nn.Module(), nn.Linear(D, CLASSES)
+        self.block.layer = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        if bool(h.abs().sum() < 0):
+            h = -h
+        return self.head(torch.tanh(ReversibleBlock.apply(h, self.block)))
+
+
+def test_a_block_whose_gradient_comes_from_calls_the_taps_did_not_see_is_named():
+    """Reformer's reversible layers: the opened layer's forward call ran under torch.no_grad (no gradient to tap),
+    and its backward recomputed it on the original layer, which accumulated its gradient: its K-FAC block never
+    got statistics and stepped with the plain gradient, silently. The statistic step now names it."""
+    torch.manual_seed(0)
+    x, y = batch()
+    c = gnfx.compile(ReversibleStack(), "kfac", lr=0.05)
+    with pytest.warns(RuntimeWarning, match=r"gradients of curvature blocks \(block\.layer\) came from calls of "
+                                            r"their layers that the statistics did not see"):
+        cross_entropy(c(x), y).backward()
+        c.step()
+    assert c.layers.form == "eager" and "block.layer" in [b.name for b in c.layers]
