@@ -497,6 +497,12 @@ class QuadraticStep:
                       "through. For such a loop compile with an lr (step='lr'), or make the last training forward "
                       "before step() a plain call", RuntimeWarning, stacklevel=3)
 
+    def _held_parameters(self) -> list[torch.Tensor]:
+        """The trained parameters as the last training forward's model holds them now (gnfx.parameter_store
+        .held_tensor): under FSDP2 its unsharded copies, which the backward accumulates into, not the shards."""
+        model = self._call[0]
+        return [t for t in (held_tensor(model, name) for name in self.parameters.named) if t.requires_grad]
+
     def _refuse_a_loss_of_the_output_gradient(self) -> None:
         """Raise a GnfxError when the last training forward's output was differentiated by a backward that
         kept its graph (module docstring: forces F = -∂E/∂x, a gradient penalty), whose loss the
@@ -537,7 +543,7 @@ class QuadraticStep:
         forward's gradient is kept, which belongs to the inputs the step replays. A backward that fills no
         parameter's gradient (torch.autograd.grad) is no loss's: noted when it keeps a graph (module docstring,
         `_refuse_a_loss_of_the_output_gradient`), else passed over."""
-        if not fills_gradients(list(self.parameters.named.values())):
+        if not fills_gradients(self._held_parameters()):
             if torch.is_grad_enabled():
                 self._output_differentiated = forward
             return
