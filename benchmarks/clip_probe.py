@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
-from benchmarks.lockstep import lockstep_gaps
+from benchmarks.lockstep import float64_gaps
 
 BATCH, TOKENS, VOCAB = 8, 16, 500
 WORK = "/tmp/gnfx_clip_probe"  # the tiny configs and the saved BERT
@@ -177,18 +176,10 @@ def settings(name: str, optimizer: str) -> tuple[str, dict]:
 def exactness(name: str, kind: str, hparams: dict) -> str:
     """'loss Δ, grad Δ': the compiled float64 model beside a second build from the same seed, over 3 steps,
     the random augmentation and dropout reseeded alike before each forward."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build(name).double()
-        torch.manual_seed(0)
-        reference = build(name).double()
+    def loss_for(model):
         batch, loss_of = problem(name, model, torch.float64)
-        c = gnfx.compile(model, kind, **hparams)
-        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), 3, seed=100)
-        return f"{loss_gap:.0e}, {grad_gap:.0e}"
-    finally:
-        torch.set_default_dtype(torch.float32)
+        return lambda m: loss_of(m, batch)
+    return float64_gaps(lambda: build(name), loss_for, kind, hparams)
 
 
 def probe(name: str, optimizer: str, steps: int) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import gnfx
+
 
 def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, loss_of, steps: int,
                   seed: int = 0) -> tuple[float, float]:
@@ -35,3 +37,23 @@ def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, l
         reference.zero_grad()
         reference.load_state_dict(model.state_dict())
     return loss_gap, grad_gap
+
+
+def float64_gaps(build, loss_for, kind: str, hparams: dict, also=None, steps: int = 3, seed: int = 100) -> str:
+    """The probes' exactness cell, 'loss Δ, grad Δ': `lockstep_gaps` of gnfx.compile(build(), kind, **hparams)
+    beside a second build() from the same seed over `steps` steps, with float64 the default dtype throughout
+    (both built from seed 0, in float64); `loss_for(model)`, called after both builds, gives `loss_of(module)`,
+    one forward's loss of a module with the model's parameters; `also()`, run there too, the text after '; '
+    (the probe's factors against hooks)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = build().double()
+        torch.manual_seed(0)
+        reference = build().double()
+        loss_of = loss_for(model)
+        c = gnfx.compile(model, kind, **hparams)
+        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m), steps, seed=seed)
+        return f"{loss_gap:.0e}, {grad_gap:.0e}" + (f"; {also()}" if also is not None else "")
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -51,7 +51,7 @@ from torch import nn
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap, linear_factors
-from benchmarks.lockstep import lockstep_gaps
+from benchmarks.lockstep import float64_gaps
 
 QUANTIZERS = ("vq", "rvq", "fsq", "lfq")
 MODELS = (*QUANTIZERS, "ddpm", "perceiver", "ngpt", "performer", "hyper", "rotary")
@@ -196,18 +196,10 @@ def factor_gaps(name: str, hparams: dict) -> str:
 
 def exactness(name: str, kind: str, hparams: dict) -> str:
     """'loss Δ, grad Δ; A, S Δ' (module doc)."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build(name).double()
-        torch.manual_seed(0)
-        reference = build(name).double()
+    def loss_for(_):
         batch, loss_of = problem(name, torch.float64)
-        c = gnfx.compile(model, kind, **hparams)
-        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), 3, seed=100)
-        return f"{loss_gap:.0e}, {grad_gap:.0e}; {factor_gaps(name, hparams)}"
-    finally:
-        torch.set_default_dtype(torch.float32)
+        return lambda m: loss_of(m, batch)
+    return float64_gaps(lambda: build(name), loss_for, kind, hparams, also=lambda: factor_gaps(name, hparams))
 
 
 def probe(name: str, optimizer: str, steps: int) -> str:

@@ -57,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
-from benchmarks.lockstep import lockstep_gaps
+from benchmarks.lockstep import float64_gaps
 
 SIZES, SPECIES = (3, 5, 4), 3  # atoms per molecule; atom species
 FORCE_WEIGHT = {"e3nn_conv": 10.0, "schnet": 10.0, "mace": 100.0}
@@ -250,18 +250,10 @@ def factor_gaps(name: str, hparams: dict) -> str:
 
 def exactness(name: str, kind: str, hparams: dict) -> str:
     """'loss Δ, grad Δ; A, S Δ; ∇W off' in float64 (module doc)."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build(name).double()
-        torch.manual_seed(0)
-        reference = build(name).double()
+    def loss_for(_):
         loss_of = problem(name, torch.float64)
-        c = gnfx.compile(model, kind, **hparams)
-        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m), 3, seed=100)
-        return f"{loss_gap:.0e}, {grad_gap:.0e}; {factor_gaps(name, hparams)}"
-    finally:
-        torch.set_default_dtype(torch.float32)
+        return lambda m: loss_of(m)
+    return float64_gaps(lambda: build(name), loss_for, kind, hparams, also=lambda: factor_gaps(name, hparams))
 
 
 def probe(name: str, optimizer: str, steps: int) -> str:

@@ -57,7 +57,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import gnfx
 from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
-from benchmarks.lockstep import lockstep_gaps
+from benchmarks.lockstep import float64_gaps
 
 BATCH, WORDS, TAGS, VOCAB = 8, 9, 4, 40
 CRF = ("crf_packed", "crf_padded", "bert_crf")
@@ -244,18 +244,10 @@ def factor_gaps(name: str, hparams: dict) -> str:
 def exactness(name: str, kind: str, hparams: dict) -> str:
     """'loss Δ, grad Δ; A, S against hooks': the compiled float64 model beside a second build from the same
     seed, over 3 steps; the first step's factors against hooks (`factor_gaps`)."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        model = build(name).double()
-        torch.manual_seed(0)
-        reference = build(name).double()
+    def loss_for(model):
         batch, loss_of = problem(name, model, torch.float64)
-        c = gnfx.compile(model, kind, **hparams)
-        loss_gap, grad_gap = lockstep_gaps(c, model, reference, lambda m, _: loss_of(m, batch), 3, seed=100)
-        return f"{loss_gap:.0e}, {grad_gap:.0e}; {factor_gaps(name, hparams)}"
-    finally:
-        torch.set_default_dtype(torch.float32)
+        return lambda m: loss_of(m, batch)
+    return float64_gaps(lambda: build(name), loss_for, kind, hparams, also=lambda: factor_gaps(name, hparams))
 
 
 def trainer_row(name: str, hparams: dict, steps: int) -> str:

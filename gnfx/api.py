@@ -10,7 +10,7 @@ from gnfx.compiled import CompiledModel
 from gnfx.errors import ConfigError
 from gnfx.fisher import FISHER_TYPES, LOSSES
 from gnfx.fsdp import check_unsharded
-from gnfx.hparams import (HParam, choice, flag, nonnegative, nonnegative_int, open_unit_interval, positive,
+from gnfx.hparams import (HParam, choice, nonnegative, nonnegative_int, open_unit_interval, positive,
                           positive_int, resolve, unit_interval)
 from gnfx.lazy_modules import has_lazy_modules, materialize
 from gnfx.optimizer import GnfxOptimizer
