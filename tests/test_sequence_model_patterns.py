@@ -8,7 +8,7 @@ from torch import nn
 
 import gnfx
 from references import cross_entropy
-from steps import compile_for_statistics, statistic_step
+from steps import compile_for_statistics, statistic_step, train
 
 E, TOP, D, H, CLASSES = 4, 2, 6, 5, 3
 
@@ -102,13 +102,7 @@ def test_kfac_at_defaults_trains_experts_gathered_by_their_ids():
     x, y = batch()
     c = gnfx.compile(model, "kfac", loss="cross_entropy", capture="export")
     up = model.up.detach().clone()
-    losses = []
-    for _ in range(6):
-        loss = cross_entropy(c(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
-        losses.append(loss.item())
+    losses = train(c, x, y, cross_entropy, 6)
     assert c.layers["up"].kind == "experts" and not c.layers.fallbacks
     assert losses[-1] < 0.5 * losses[0] and not torch.equal(model.up, up), losses
 
@@ -186,13 +180,7 @@ def test_a_custom_function_that_appends_to_a_cache_argument_is_checked_on_a_copy
     model = RecomputedModel()
     x, y = batch()
     c = gnfx.compile(model, "kfac", loss="cross_entropy")
-    losses = []
-    for _ in range(4):
-        loss = cross_entropy(c(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
-        losses.append(loss.item())
+    losses = train(c, x, y, cross_entropy, 4)
     assert c.layers.form == "export" and c.layers["layer"].kind == "linear"
     assert losses[-1] < losses[0], losses
 
@@ -235,13 +223,7 @@ def test_a_custom_function_whose_forward_records_nothing_is_named_for_that():
                                              "torch.no_grad.*Fix: .*pass lr="):
         c.step()
     c = gnfx.compile(ReversibleModel(), "kfac", lr=0.05)
-    losses = []
-    for _ in range(4):
-        loss = cross_entropy(c(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
-        losses.append(loss.item())
+    losses = train(c, x, y, cross_entropy, 4)
     assert losses[-1] < losses[0], losses
 
 
