@@ -40,6 +40,7 @@ from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_number,
                                           changes_recorded, numbers, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.passes.torch_draws import TorchRandomDraw, moved, raising_torch_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
                                            specialized_to)
@@ -294,10 +295,11 @@ def check_leaf_modules(model: nn.Module, leaf_modules) -> None:
 
 
 def generators_kept(model: nn.Module):
-    """While inside, a forward being traced may draw from torch's generators (torch.fx runs `torch.rand(1).item()`
-    on concrete inputs, as HuBERT's mask spans do); on exit the CPU generator and those of the model's
-    accelerators are as they were, so that capturing takes nothing from the user's random stream (as Python's
-    generators, passes/python_random.py): the first training call draws what the module would."""
+    """While inside, a forward being traced may draw from torch's generators (torch.fx runs `torch.rand([])` with
+    no traced argument, as a LayerDrop does: then its submodule is traced again as a leaf, passes/torch_draws.py);
+    on exit the CPU generator and those of the model's accelerators are as they were, so that capturing takes
+    nothing from the user's random stream (as Python's generators, passes/python_random.py): the first training
+    call draws what the module would."""
     return RandomState({p.device for p in model.parameters()}, python=False).replayed()
 
 
@@ -310,11 +312,16 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     """
     check_leaf_modules(model, leaf_modules)
     leaves: dict[str, str] = {name: REQUESTED for name in leaf_modules}
+    devices = {p.device for p in model.parameters()}
+
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _type_checks_refused(), opaque_in_fx(), inlined_checkpoints(),
               generators_kept(model)):
-            return tracer.trace(model, concrete_args=concrete_args)
+            before = RandomState(devices, python=False).states
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            tracer.drew_torch = moved(before, RandomState(devices, python=False).states)  # passes/torch_draws.py
+            return graph
 
     draws = False
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
@@ -328,6 +335,12 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                     if (change := changed_number(model, before) or changed_buffer(model, buffers)) is not None:
                         raise side_effect(model, "", change)
                     draws = draws or drew()
+                    if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf
+                        tracer = _LeafFindingTracer(set(leaves), structures)
+                        with raising_torch_draws():
+                            traced(tracer)
+                        raise TorchRandomDraw("the forward draws torch random numbers outside the traced graph "
+                                              "(torch.rand([]) < p, a LayerDrop), whose one value the graph would keep")
                     retraced = lambda: traced(_LeafFindingTracer(set(leaves), structures))  # noqa: E731
                     if drew() and draws_decide(lambda: retraced().python_code("self").src):
                         tracer = _LeafFindingTracer(set(leaves), structures)

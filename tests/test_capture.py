@@ -815,6 +815,45 @@ def test_a_draw_that_cannot_be_forced_draws_anew_at_every_call(draw):
     assert [b.name for b in c.layers] == ["a", "b"]
 
 
+class TorchLayerDrop(nn.Module):
+    """Hugging Face's LayerDrop (BART, Whisper, wav2vec2): `torch.rand([])` drawn in the forward, no traced value
+    among its arguments, and a branch on it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = x + torch.tanh(self.a(x))
+        dropout_probability = torch.rand([])
+        if not (self.training and dropout_probability < 0.5):
+            x = x + torch.tanh(self.b(x))
+        return self.head(x)
+
+
+def test_a_torch_draw_outside_the_traced_graph_is_drawn_anew_at_every_call():
+    """torch.fx ran `torch.rand([])` once while tracing, and its graph kept that draw's branch on every call:
+    the layer was never dropped (or always), silently. The trace now sees the generator move, and the forward
+    is captured so that each call draws: the compiled model's outputs over calls are the module's own with the
+    same torch seed, the layer dropped in some of them."""
+    x = torch.randn(5, 4)
+    model = TorchLayerDrop()
+
+    def outputs(m):
+        torch.manual_seed(3)
+        return [m(x).detach() for _ in range(8)]
+    expected = outputs(model)
+    assert len({tuple(o.flatten().tolist()) for o in expected}) > 1  # the draws change the output
+    c = gnfx.compile(model, optimizer="kfac", lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = outputs(c)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert "TorchRandomDraw" in c.report()
+
+
 class RecordedLayerDrop(LayerDrop):
     """A LayerDrop that records every number it draws."""
 
