@@ -115,6 +115,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._forward_versions, self._written_between_forwards, self._stepped_by_another_warned = None, False, False
         self.nan_policy = settings["nan_policy"]
         self._settings = settings
+        # gnfx.compile's settings that are not per group, which a param group may not set
+        # (`_warn_if_compile_setting_in_group`; momentum: also under "diag"); once, off the step's path
+        self._compile_only = frozenset((set(settings) | {"momentum"}) - set(defaults))
         self._distributed = settings["distributed"]
         self._comm = None
         self.live_params = None  # set by CompiledModel: the model's current parameters, by name
@@ -407,8 +410,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         when a framework hands them over at construction."""
         if self._group_setting_warned:
             return
-        compile_only = (set(self._settings) | {"momentum"}) - set(self.defaults)  # momentum: also under "diag"
-        written = sorted({k for g in self.param_groups for k in g} & compile_only)
+        written = sorted({k for g in self.param_groups for k in g} & self._compile_only)
         if not written:
             return
         self._group_setting_warned = True

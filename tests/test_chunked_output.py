@@ -103,7 +103,7 @@ def test_chunks_weighted_unequally_are_refused():
     first, second = c(idx, lm_head_chunk_size=5)
     loss = F.cross_entropy(first.reshape(-1, 11), targets[:, :5].reshape(-1).clamp(min=0)) + 0.4 * F.cross_entropy(
         second.reshape(-1, 11), targets[:, 5:].reshape(-1).clamp(min=0))
-    with pytest.raises(GnfxError):
+    with pytest.raises(GnfxError, match="loss='cross_entropy' is the mean cross-entropy of the model output's logits"):
         loss.backward()
         c.step()
 
