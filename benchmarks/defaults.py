@@ -45,13 +45,18 @@ def _value(text: str):
         return text
 
 
+def variant_settings(variant: str) -> tuple[str, dict]:
+    """(optimizer, settings) of `OPTIMIZER[:key=value,...]`, each value a Python literal or else a string."""
+    optimizer, _, settings = variant.partition(":")
+    return optimizer, {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
+
+
 def variant_spec(variant: str) -> tuple[OptimizerSpec, float | None]:
     """(the OptimizerSpec of `variant`, its lr): `adamw@LR` or `OPTIMIZER[:key=value,...]`."""
     if "@" in variant:
         name, lr = variant.split("@")
         return dataclasses.replace(OPTIMIZERS[name], name=variant), float(lr)
-    optimizer, _, settings = variant.partition(":")
-    fixed = {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
+    optimizer, fixed = variant_settings(variant)
     return OptimizerSpec(variant, "gnfx", (None,), None, _gnfx(optimizer, **fixed), _gnfx_unsupported(),
                          needs_loss=True), None
 

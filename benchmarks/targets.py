@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 import gnfx
-from benchmarks.defaults import _value
+from benchmarks.defaults import variant_settings
 from benchmarks.models import mlp
 from benchmarks.optimizers import OPTIMIZERS
 from benchmarks.tasks import char_gpt, digits_cnn, digits_mlp
@@ -285,10 +285,10 @@ def root_checks(compiled) -> tuple[int, int]:
 
 def sweep_variant(variant: str) -> tuple[str, dict]:
     """(optimizer, settings) of a sweep variant `OPTIMIZER[:key=value,...]` (benchmarks/defaults.py's form)."""
-    name, _, settings = variant.partition(":")
+    name, settings = variant_settings(variant)
     if name not in SWEEP_TARGETS:
         raise SystemExit(f"--sweep-optimizers: {variant!r} is not one of {tuple(SWEEP_TARGETS)}[:key=value,...]")
-    return name, {k: _value(v) for k, v in (item.split("=", 1) for item in settings.split(",") if item)}
+    return name, settings
 
 
 def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: int = 0,

@@ -18,6 +18,8 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
     max_block       Shampoo/SOAP blocking: a dimension d > max_block is cut into
                     c = ⌈d / max_block⌉ near-equal blocks, r of size q + 1 and c - r of size q
                     (q = ⌊d / c⌋, r = d - c q), as gnfx.targets.cut does
+    diagonal_above  Shampoo: a dimension d > diagonal_above (> 0) is kept whole with a diagonal
+                    factor of d entries (`above(d, diagonal_above)` is 1 there, else 0)
     max_factor      K-FAC's big factors: a factor of d > max_factor entries (0: none; A's bias
                     entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
                     b = factor_size(d, ...) entries, the last one zero-padded
@@ -75,8 +77,8 @@ from gnfx.layouts.base import factor_blocks
 from gnfx.statistics import LATEST
 
 SYMBOLS = {name: sp.Symbol(name, positive=True, integer=True) for name in (
-    "d_in", "d_out", "B", "R", "max_block", "max_factor", "k", "stat_every", "inv_every", "precondition_frequency",
-    "W")}
+    "d_in", "d_out", "B", "R", "max_block", "diagonal_above", "max_factor", "k", "stat_every", "inv_every",
+    "precondition_frequency", "W")}
 
 FACTOR, INT64 = "factor", "int64"  # storage of a state tensor (see module docstring)
 
@@ -87,6 +89,9 @@ CHOLESKY = 1  # d³ coefficient of (F + λI)⁻¹ by Cholesky: the factor d³/3,
 # condition numbers 1e3-1e6, gnfx.linalg): the only figure of the cost model that is not exact
 NEWTON_ITERATIONS = 20
 EMA = 4  # normalize a batch statistic, F ← βF + (1-β)F_batch, per entry
+# Shampoo's diagonal factors, per gradient entry along a diagonal mode: its diagonal Gram (square, add),
+# the entrywise scaling that applies its root; per factor entry: the entrywise damped root
+DIAGONAL_GRAM, DIAGONAL_SCALE, DIAGONAL_ROOT = 2, 1, 3
 ADAM_ROTATED = 11  # SOAP's Adam step in the eigenbasis, per entry
 DIAGONAL_A = 1  # K-FAC on an embedding: S⁻¹G scaled by the diagonal A⁻¹, per entry
 DAMPED_DIVIDE = 2  # EKFAC's division by s + λ, per entry
@@ -120,12 +125,14 @@ def inverse_power_flops(d, method: str = "eigh", r: int = 1):
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """Dimension j of a target cut into blocks: `rest` = Π_{i≠j} d_i entries and `count` = Π_{i≠j} c_i
-    blocks along the other dimensions, and the power sums Σ c_j², Σ c_j³ of its own block sizes."""
+    blocks along the other dimensions, and the power sums Σ c_j², Σ c_j³ of its own block sizes; for a
+    dimension kept whole and diagonal (above diagonal_above) those are 0 and `diagonal` is d_j (else 0)."""
 
     rest: sp.Expr
     count: sp.Expr
     squares: sp.Expr
     cubes: sp.Expr
+    diagonal: sp.Expr = sp.Integer(0)
 
 
 class n_blocks(sp.Function):
@@ -191,11 +198,26 @@ def applied_squares(d, m, b):
     return (m - 1) * b ** 2 + (d - (m - 1) * b) ** 2
 
 
-def _cut(d, b):
-    """(number of blocks, {p: Σ_blocks size^p}) of a dimension d cut into blocks of at most b (None: one)."""
+class above(sp.Function):
+    """above(d, w) = 1 for a dimension d kept whole and diagonal by Shampoo's diagonal_above w (w > 0 and
+    d > w, gnfx.targets.diagonal_modes), else 0."""
+
+    @classmethod
+    def eval(cls, d, w):
+        if w.is_zero or (w - d).is_nonnegative:
+            return sp.Integer(0)
+        if (d - w).is_positive:
+            return sp.Integer(1)
+        return None
+
+
+def _cut(d, b, w=None):
+    """(number of blocks, {p: Σ_blocks size^p}, diagonal entries) of a dimension d cut into blocks of at
+    most b (None: one), or kept whole as a diagonal of d entries where above w (None: never)."""
     if b is None:
-        return 1, {2: d ** 2, 3: d ** 3}
-    return n_blocks(d, b), {p: block_sum(d, b, p) for p in (2, 3)}
+        return 1, {2: d ** 2, 3: d ** 3}, sp.Integer(0)
+    a = sp.Integer(0) if w is None else above(d, w)
+    return a + (1 - a) * n_blocks(d, b), {p: (1 - a) * block_sum(d, b, p) for p in (2, 3)}, a * d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,14 +270,15 @@ class Geometry:
         m, b = self.factor_blocks(side)
         return self.groups * m * b ** 2
 
-    def pieces(self, b):
-        return sp.Mul(*(_cut(d, b)[0] for d in self.dims))
+    def pieces(self, b, w=None):
+        """The pieces gnfx.targets.cut cuts the target into at max_block b and diagonal_above w."""
+        return sp.Mul(*(_cut(d, b, w)[0] for d in self.dims))
 
-    def modes(self, b) -> list[Mode]:
-        cuts = [_cut(d, b) for d in self.dims]
+    def modes(self, b, w=None) -> list[Mode]:
+        cuts = [_cut(d, b, w) for d in self.dims]
         return [Mode(sp.Mul(*(d for i, d in enumerate(self.dims) if i != j)),
-                     sp.Mul(*(c for i, (c, _) in enumerate(cuts) if i != j)), sums[2], sums[3])
-                for j, (_, sums) in enumerate(cuts)]
+                     sp.Mul(*(c for i, (c, _, _) in enumerate(cuts) if i != j)), sums[2], sums[3], diagonal)
+                for j, (_, sums, diagonal) in enumerate(cuts)]
 
 
 @dataclasses.dataclass
@@ -283,9 +306,10 @@ def chain_parts(chain, n, pieces) -> tuple[dict, sp.Expr]:
     return state, sum((t.flops_per_entry() * n for t in chain), sp.Integer(0))
 
 
-def _mode_products(g, b):
-    """X ×_j P_j over every mode and block: 2 Σ_j (Π_{i≠j} d_i) Σ_blocks c_j² (also the Gram matrices)."""
-    return sum(2 * m.rest * m.squares for m in g.modes(b))
+def _mode_products(g, b, w=None):
+    """X ×_j P_j over every mode and block: 2 Σ_j (Π_{i≠j} d_i) Σ_blocks c_j² (also the Gram matrices);
+    a diagonal mode (above w) has none."""
+    return sum(2 * m.rest * m.squares for m in g.modes(b, w))
 
 
 def statistic_sizes(g) -> tuple[dict, dict]:
@@ -373,7 +397,8 @@ def symbols_for(hp: dict, stat_every, **sizes) -> dict:
     at = dict(SYMBOLS)
     at.update(sizes)
     at["stat_every"] = stat_every
-    for symbol, name in (("max_block", "max_block"), ("max_factor", "max_factor"), ("k", "rank"),
+    for symbol, name in (("max_block", "max_block"), ("diagonal_above", "diagonal_above"),
+                         ("max_factor", "max_factor"), ("k", "rank"),
                          ("inv_every", "inv_every"), ("precondition_frequency", "precondition_frequency")):
         if name in hp:
             at[symbol] = hp[name]

@@ -179,6 +179,15 @@ def eigh(M: torch.Tensor):
                         lambda: (M.new_full(M[:1].shape[:-1], nan), torch.full_like(M[:1], nan)))
 
 
+def damped_diagonal_power(F: torch.Tensor, damping: float, p: float):
+    """`(F_i + λ_i)^{-p}` entrywise for each diagonal factor i of the (k, n) stack `F` (its diagonal
+    entries), λ_i = `damping` times the largest entry of F_i: `damped_inverse_power` with `relative` for
+    diagonal matrices. Returns (result, ok) as that does: ok False where a root is not finite or the
+    factor holds no statistics yet (all zero)."""
+    out = (F + damping * F.amax(1, keepdim=True)).pow(-p)
+    return out, (out.mul(0).sum(1) == 0) & F.ne(0).any(1)
+
+
 def damped_inverse_power(F: torch.Tensor, damping: torch.Tensor, p: float, dtype: torch.dtype,
                          relative: bool = False, method: str = "eigh"):
     """`(F_i + λ_i I)^{-p}` for each matrix i of the (k, n, n) stack `F`, computed in `dtype` by

@@ -3,8 +3,9 @@
 A *target* is the matrix (or tensor) one preconditioner treats as a unit: for a linear block the
 gradient matrix `[∇W ∇b]` (d_out x (d_in + 1), the bias folded in as in docs/design.md §1); for a loose
 parameter its own gradient tensor. A target may be cut into *pieces* along dimensions larger than
-`max_block` (Shampoo's blocking). Pieces of equal shape form a *group*, served by one batched
-operation on a stacked (k, ...) tensor.
+`max_block` (Shampoo's blocking), except dimensions larger than `whole_above`, kept whole (those along
+which Shampoo and SOAP are diagonal, `diagonal_modes`). Pieces of equal shape form a *group*, served by
+one batched operation on a stacked (k, ...) tensor.
 """
 from __future__ import annotations
 
@@ -67,11 +68,18 @@ def param_target(name: str, shape) -> Target:
     return Target(name, (name,), tuple(shape))
 
 
-def cut(target: Target, max_block: int | None) -> list[Piece]:
-    """Split every dimension of the target longer than `max_block` into near-equal chunks."""
+def diagonal_modes(shape, whole_above: int | None) -> list[bool]:
+    """Which dimensions of a piece are above `whole_above` (None or 0: none): kept whole by `cut`, so a
+    piece's dimension is above it exactly where its target's is."""
+    return [bool(whole_above) and d > whole_above for d in shape]
+
+
+def cut(target: Target, max_block: int | None, whole_above: int | None = None) -> list[Piece]:
+    """Split every dimension of the target longer than `max_block` into near-equal chunks, but those
+    above `whole_above` (`diagonal_modes`)."""
     ranges = []
-    for d in target.shape:
-        if max_block is None or d <= max_block:
+    for d, whole in zip(target.shape, diagonal_modes(target.shape, whole_above)):
+        if max_block is None or d <= max_block or whole:
             ranges.append([slice(0, d)])
         else:
             n = -(-d // max_block)
@@ -80,10 +88,11 @@ def cut(target: Target, max_block: int | None) -> list[Piece]:
     return [Piece(target, idx) for idx in itertools.product(*ranges)]
 
 
-def make_groups(prefix: str, targets: list[Target], max_block: int | None = None) -> list[Group]:
-    """Group the pieces of all targets by shape, kind, row grouping and factor shapes, in a
+def make_groups(prefix: str, targets: list[Target], max_block: int | None = None,
+                whole_above: int | None = None) -> list[Group]:
+    """Group the pieces of all targets (`cut`) by shape, kind, row grouping and factor shapes, in a
     deterministic order."""
-    return group_pieces(prefix, [p for t in targets for p in cut(t, max_block)])
+    return group_pieces(prefix, [p for t in targets for p in cut(t, max_block, whole_above)])
 
 
 def group_pieces(prefix: str, pieces: list[Piece]) -> list[Group]:

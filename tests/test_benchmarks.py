@@ -884,3 +884,19 @@ def test_lucid_probe_reports_m_and_exact_factors_of_a_model_returning_its_loss(m
     gaps, m, factors = row[4].split("; ")
     assert all(float(v) < 1e-12 for v in gaps.split(", ")) and len(row[5].split(", ")) == 2
     assert m == "M = 3" and factors.startswith("A, S of 1 linear blocks") and float(factors.split()[-1]) < 1e-12
+
+
+def test_wide_table_runs_and_prices_shampoo_on_a_table_by_its_diagonal_side():
+    """The large-table benchmark runs end to end on a table of 300 rows, where diagonal_above=100 keeps
+    Shampoo's factor over its rows diagonal and diagonal_above=0 cuts them into blocks of max_block=64
+    (figures not asserted, but the state each holds: model.cost())."""
+    from benchmarks import wide_table
+
+    result = wide_table.main(["--rows", "300", "--dim", "4", "--columns", "2", "--hidden", "8", "--batch", "16",
+                              "--steps", "2", "--rounds", "1", "--optimizers", "shampoo:diagonal_above=100,max_block=64",
+                              "shampoo:diagonal_above=0,max_block=64"])
+    assert set(result) == {"adamw", "shampoo:diagonal_above=100,max_block=64", "shampoo:diagonal_above=0,max_block=64"}
+    diagonal, blocked = (result[f"shampoo:diagonal_above={w},max_block=64"]["state_bytes"] for w in (100, 0))
+    # float32 factor and root over the rows: 300 entries each against 5 blocks of 60² each; and 4 more pieces
+    # with their own 4 x 4 factor and root, failure counter (int64) and graft scalar (float32)
+    assert blocked - diagonal == 4 * 2 * (5 * 60 ** 2 - 300) + 4 * (4 * 2 * 4 ** 2 + 8 + 4)

@@ -120,6 +120,8 @@ CASES = [
     ("shampoo", {}),
     ("shampoo", {"max_block": 4}),
     ("shampoo", {"max_block": 4, "refresh_tolerance": 1e-3}),  # with the drift bounds and refresh steps
+    ("shampoo", {"max_block": 4, "diagonal_above": 6}),  # diagonal factors over the dimensions above 6
+    ("shampoo", {"max_block": 4, "diagonal_above": 6, "refresh_tolerance": 1e-3}),
     ("soap", {"max_block": 4}),
     ("rank1", {}),
     ("rank1", {"rank": 3}),
@@ -162,11 +164,12 @@ def test_bfloat16_parameters_keep_float32_factors_and_float32_moments():
     assert fc.memory_bytes == 4 * (2 * (6 * 6 + 5 * 5) + (5 * 5 + 5 + 5 * 5) + n) + 8
 
 
-ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "FACTORED_DAMPING", "SOLVE")
+ELEMENTWISE = ("ADAMW", "ADAM_ROTATED", "DIAGONAL_A", "DAMPED_DIVIDE", "FACTORED_DAMPING", "SOLVE", "DIAGONAL_SCALE")
 
 
 @pytest.mark.parametrize("optimizer,hparams", [
     ("kfac", {}), ("kfac", {"max_factor": 4}), ("ekfac", {}), ("shampoo", {"max_block": 4}), ("soap", {"max_block": 4}),
+    ("shampoo", {"max_block": 4, "diagonal_above": 6}),
     ("rank1", {"rank": 3}), ("diag", {}),
 ])
 def test_matrix_products_of_a_step_are_the_update_formula_without_elementwise_terms(optimizer, hparams, monkeypatch):
@@ -206,14 +209,19 @@ def test_formulas_reproduce_the_seed_complexity_table():
     assert sp.expand(kfac.statistics["A"][0] + kfac.statistics["S"][0]) == sp.expand(
         d_a ** 2 + d_in ** 2 + d_in + 2 * d_out ** 2)
     assert entries(symbolic("kfac", kind="embedding", bias=False, at=WHOLE), "A_inv") == d_in  # a diagonal A
-    # Shampoo: one factor (and its root) per dimension; unblocked when max_block >= both dims
+    # Shampoo: one factor (and its root) per dimension; unblocked when max_block and diagonal_above >= both dims
     shampoo = symbolic("shampoo")
-    unblocked = {S["max_block"]: d_in + d_out + 1}
+    unblocked = {S["max_block"]: d_in + d_out + 1, S["diagonal_above"]: d_in + d_out + 1}
     assert sp.expand(entries(shampoo, "factor0", "factor1").subs(unblocked)) == sp.expand(d_out ** 2 + d_a ** 2)
     # blocked: 10 x 7 with max_block 4 is cut into 3 x 2 blocks of sizes (3, 4, 3) x (4, 3)
-    sizes = {d_out: 10, d_in: 6, S["max_block"]: 4}
+    sizes = {d_out: 10, d_in: 6, S["max_block"]: 4, S["diagonal_above"]: 10}
     assert entries(shampoo, "factor0").subs(sizes) == 2 * (3 ** 2 + 4 ** 2 + 3 ** 2)
     assert entries(shampoo, "factor1").subs(sizes) == 3 * (4 ** 2 + 3 ** 2)
+    # the 10 rows above diagonal_above 8: kept whole, a diagonal of 10 entries per block (4, 3) of the other side
+    sizes[S["diagonal_above"]] = 8
+    assert entries(shampoo, "factor0").subs(sizes) == 2 * 10
+    assert entries(shampoo, "factor1").subs(sizes) == 1 * (4 ** 2 + 3 ** 2)
+    assert shampoo.state["failures"][0].subs(sizes) == 2
     # rank-k and diag: O(n)
     n = d_out * d_a
     rank = symbolic("rank1")
@@ -235,7 +243,7 @@ def test_refresh_flops_follow_the_root_method():
         kfac = symbolic("kfac", needs=frozenset({"A", "S"}), at=WHOLE, root_method=method)
         expected = coefficient * (d_a ** 3 + d_out ** 3) + d_a ** 2 + d_out ** 2
         assert sp.expand(kfac.refresh_flops - expected) == 0, method
-    unblocked = {S["max_block"]: d_in + d_out + 1}
+    unblocked = {S["max_block"]: d_in + d_out + 1, S["diagonal_above"]: d_in + d_out + 1}
     for method, coefficient in (("eigh", 11), ("newton", 8 * cost.NEWTON_ITERATIONS)):
         shampoo = symbolic("shampoo", root_method=method)
         expected = coefficient * (d_a ** 3 + d_out ** 3) + d_a ** 2 + d_out ** 2

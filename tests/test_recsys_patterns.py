@@ -123,15 +123,19 @@ def test_recsys_probe_reports_capture_blocks_exactness_against_hooks_and_losses(
 
 
 def test_a_block_of_outsized_state_is_named_at_compile(monkeypatch):
-    """Shampoo keeps V/max_block factors of max_block² over a V x d table's rows (a 265k x 16 table: 5 GB of state
-    for 17 MB of parameters, benchmarks/results/first_contact_12_recsys.md): the plan names such a block and the
-    fix; K-FAC's diagonal factor over the same rows is not outsized. (The byte threshold is lowered so that the
-    table stays small.)"""
+    """Shampoo without its diagonal side (diagonal_above=0) keeps V/max_block factors of max_block² over a V x d
+    table's rows (a 265k x 16 table: 5 GB of state for 17 MB of parameters,
+    benchmarks/results/first_contact_12_recsys.md): the plan names such a block and the fix; K-FAC's diagonal
+    factor over the same rows is not outsized, nor is Shampoo's at its default diagonal_above, a diagonal factor
+    over the rows. (The byte threshold is lowered so that the table stays small.)"""
     monkeypatch.setattr(gnfx.optimizer, "OUTSIZED_STATE", 2 ** 20)
     model = nn.Sequential(nn.Embedding(20_000, 4), nn.Flatten(), nn.Linear(8, 2))
     ids = (torch.randint(20_000, (2, 2)),)
-    with pytest.warns(RuntimeWarning, match=r"optimizer state of some blocks is far larger.*0 \(shampoo\)"):
-        gnfx.compile(model, "shampoo", lr=1e-3, max_block=256, example_inputs=ids)
+    with pytest.warns(RuntimeWarning, match=r"optimizer state of some blocks is far larger.*0 \(shampoo\)"
+                                            r".*diagonal_above"):
+        gnfx.compile(model, "shampoo", lr=1e-3, max_block=256, diagonal_above=0, example_inputs=ids)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*optimizer state of some blocks")
         gnfx.compile(model, "kfac", lr=1e-3, example_inputs=ids)
+        shampoo = gnfx.compile(model, "shampoo", lr=1e-3, max_block=256, example_inputs=ids)
+    assert shampoo.cost()["0"].memory_bytes < 4 * model[0].weight.numel() * 4

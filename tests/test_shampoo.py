@@ -64,10 +64,12 @@ def kron_all(matrices):
 
 
 class ShampooReference:
-    """Shampoo with grafting for one piece, in float64, step by step."""
+    """Shampoo with grafting for one piece, in float64, step by step. The modes in `diagonal` keep
+    the diagonal of their Gram matrices alone, as a dense diagonal matrix."""
 
     def __init__(self, shape, *, beta, damping, p, graft="none", beta2=0.999, eps=1e-8,
-                 start=0, freq=1, stat_every=1, tolerance=0.0, max_interval=100):
+                 start=0, freq=1, stat_every=1, tolerance=0.0, max_interval=100, diagonal=()):
+        self.diagonal = diagonal
         self.factors = [torch.zeros(d, d, dtype=DTYPE) for d in shape]
         self.roots = [torch.eye(d, dtype=DTYPE) for d in shape]
         # the drift rule: each factor's drift bound, its factor at its last refresh (F_r, to check
@@ -97,7 +99,9 @@ class ShampooReference:
         self.t += 1
         if step % self.stat_every == 0:
             previous = self.factors
-            self.factors = [self.beta * Fj + (1 - self.beta) * mode_gram(G, j) for j, Fj in enumerate(self.factors)]
+            grams = [mode_gram(G, j) for j in range(G.dim())]
+            grams = [torch.diag(C.diagonal()) if j in self.diagonal else C for j, C in enumerate(grams)]
+            self.factors = [self.beta * Fj + (1 - self.beta) * C for Fj, C in zip(self.factors, grams)]
             for j, (Fj, Pj) in enumerate(zip(self.factors, previous)):
                 r = self.drift(Fj, Pj)  # the drift of this statistic step
                 self.bound[j] += r if self.graft != "none" else r * (1 + self.bound[j])
@@ -178,7 +182,9 @@ def reference_for(shape, hp):
     p = hp.get("exponent", "paper")
     p = 1 / (2 * len(shape)) if p == "paper" else p
     hp = {**OFFSET, **hp}
+    above = hp.get("diagonal_above", DEFAULT["diagonal_above"])
     return ShampooReference(shape, beta=hp.get("stat_decay", 0.75), damping=hp.get("damping", 0.1), p=p,
+                            diagonal=tuple(j for j, d in enumerate(shape) if above and d > above),
                             graft=hp.get("graft", "none"), start=hp["start_preconditioning_step"],
                             freq=hp["precondition_frequency"], stat_every=hp["stat_every"],
                             tolerance=hp.get("refresh_tolerance", DEFAULT["refresh_tolerance"]),
@@ -268,6 +274,44 @@ def test_blocks_of_at_most_max_block_are_preconditioned_independently(graft):
     assert torch.equal(cover, torch.ones_like(cover))  # a tiling: every entry in exactly one piece
     regions = {"layers.0": [p.index for p in pieces]}
     train_against_reference(make(widths=(7, 5)), hp, data(6, in_shape=(7,), classes=5), regions=regions)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-3], ids=["fixed-interval", "drift-rule"])
+@pytest.mark.parametrize("graft", ["none", "adam"])
+def test_dimensions_above_diagonal_above_are_whole_with_a_diagonal_factor(graft, tolerance):
+    """A 5x8 target ([W b] of Linear(7, 5)) with max_block=3 and diagonal_above=6: its 8 columns are kept
+    whole with the diagonal of Σ Gᵀ G as their factor, (R + ε_R)^{-p} entrywise with ε_R = damping · max R,
+    while its 5 rows are cut into blocks of at most 3 with matrix factors; the state holds 8 entries per
+    piece for that side, not 8²."""
+    model = make(widths=(7, 5))
+    hp = dict(max_block=3, diagonal_above=6, graft=graft, exponent=0.5, refresh_tolerance=tolerance)
+    c = compile_shampoo(model, **hp)
+    pre = c.optimizer.curvature[0]
+    pieces = [p for g in pre.groups for p in g.pieces if p.target.name == "layers.0"]
+    assert sorted(p.shape for p in pieces) == [(2, 8), (3, 8)]
+    for group in pre.groups:
+        state = pre.group_state(group)
+        if group.shape[1] == 8:
+            assert state["factor1"].shape == (len(group.pieces), 8) and state["root1"].shape == (len(group.pieces), 8)
+            assert state["factor0"].shape == (len(group.pieces),) + (group.shape[0],) * 2
+    regions = {"layers.0": [p.index for p in pieces]}
+    train_against_reference(make(widths=(7, 5)), hp, data(7, in_shape=(7,), classes=5), regions=regions)
+
+
+def test_a_tensor_mode_above_diagonal_above_is_scaled_by_its_diagonal_root():
+    """The raw (3, 4, 5) parameter with diagonal_above=4: Δ = -η G ×_1 F_1^{-p} ×_2 F_2^{-p} ×_3 D_3^{-p},
+    D_3 the diagonal of F_3, p = 1/6."""
+    model = make(Tensor3)
+    hp = dict(exponent="paper", diagonal_above=4)
+    c = compile_shampoo(model, **hp)
+    ref = reference_for((3, 4, 5), hp)
+    assert ref.diagonal == (2,)
+    for step, (x, y) in enumerate(data(6, in_shape=(3, 4), classes=5)):
+        c.zero_grad()
+        F.cross_entropy(c(x), y).backward()
+        G, before = model.T.grad.detach().clone(), model.T.detach().clone()
+        c.step()
+        torch.testing.assert_close(model.T.detach() - before, -LR * ref.step(step, G), **TOL)
 
 
 @pytest.mark.parametrize("compile_update", [False, True], ids=["eager-collect", "generated-update"])

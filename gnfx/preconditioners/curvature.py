@@ -59,6 +59,9 @@ def common_hparams() -> dict:
 
 class CurvaturePreconditioner(Preconditioner):
     max_block_hparam: str | None = None  # name of the blocking hyperparameter, if any
+    # name of the hyperparameter above which a dimension is kept whole, preconditioned diagonally
+    # (gnfx.targets.diagonal_modes), if any
+    diagonal_hparam: str | None = None
     # a 0-d bool tensor: whether the direction is preconditioned yet (grafting takes the grafted
     # direction alone before, gnfx.transforms.graft); None: from the first step
     active = None
@@ -105,7 +108,12 @@ class CurvaturePreconditioner(Preconditioner):
         targets = [block_target(b, layout_of(b)) for b in blocks]
         targets += [param_target(n, self.parameters.param(n).shape) for n in params]
         max_block = self.hp[self.max_block_hparam] if self.max_block_hparam else None
-        return make_groups(self.name, targets, max_block)
+        return make_groups(self.name, targets, max_block, self.diagonal_above)
+
+    @property
+    def diagonal_above(self) -> int | None:
+        """Dimensions above this are kept whole and preconditioned diagonally (None: no such rule)."""
+        return self.hp[self.diagonal_hparam] if self.diagonal_hparam else None
 
     # --- state -----------------------------------------------------------------------------
     def factor_dtype(self, piece) -> torch.dtype:

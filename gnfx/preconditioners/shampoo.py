@@ -12,7 +12,14 @@ with ε_j = `damping` · (largest eigenvalue of F_j) and root p = `exponent`: "p
 The default, "paper", was chosen by benchmark: 150 steps on the digits MLP and autoencoder tasks
 (benchmarks/tasks.py), best of lr in {1e-3, 3e-3, 1e-2}, gave validation losses 0.152 and 0.0052
 with "paper" against 0.286 and 0.0171 with 1/2.
-Dimensions above `max_block` are cut into blocks, each with its own factors. Grafting (Adam or
+Dimensions above `max_block` are cut into blocks, each with its own factors, except those above
+`diagonal_above` (an embedding's rows, a language model's vocabulary): kept whole with a diagonal
+factor, F_j ← β F_j + (1-β) diag(G_(j) G_(j)ᵀ) (the squared entries summed over the other modes),
+applied as the entrywise (F_j + ε_j)^{-p} along mode j, with ε_j = `damping` · max F_j. A whole factor
+over V rows would hold V² entries and a blocked one V·max_block (a 265k x 16 table: 5 GB of state
+for 17 MB of parameters, and a refresh of minutes); the diagonal holds V. The default 4096 is the
+size above which Anil et al.'s distributed Shampoo leaves a dimension unpreconditioned (a diagonal keeps
+more: AdaGrad's scaling along it; PSGD's Kron keeps a diagonal above 8192). Grafting (Adam or
 AdaGrad, gnfx.transforms.Graft, the first stage of its default update chain) sets each block's step
 size; before `start_preconditioning_step` (`active` False) the grafted direction is used alone. Inverse roots come from symmetric eigendecompositions every
 `precondition_frequency` steps, or with `root_method="newton"` from the coupled Newton iteration
@@ -83,10 +90,11 @@ import torch
 from gnfx import cost
 from gnfx.errors import ConfigError
 from gnfx.hparams import HParam, choice, nonnegative, nonnegative_int, positive, positive_int
-from gnfx.linalg import damped_inverse_power, method_computes
+from gnfx.linalg import damped_diagonal_power, damped_inverse_power, method_computes
 from gnfx.preconditioners.base import Candidate
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams, root_method_hparam
 from gnfx.preconditioners.diag import Diagonal
+from gnfx.targets import diagonal_modes
 from gnfx.transforms import Graft
 from gnfx.transforms.graft import GRAFTS
 
@@ -106,6 +114,17 @@ def mode_gram(G: torch.Tensor, j: int) -> torch.Tensor:
     return X @ X.transpose(1, 2)
 
 
+def diagonal_gram(G: torch.Tensor, j: int) -> torch.Tensor:
+    """diag(G_(j) G_(j)ᵀ) for each piece of the stack G (k, d_1, ..., d_n): (k, d_j), the squared entries
+    summed over every mode but j (`mode_gram`'s diagonal, without its d_j² entries)."""
+    return G.square().movedim(j + 1, 1).flatten(2).sum(2)
+
+
+def mode_scale(G: torch.Tensor, v: torch.Tensor, j: int) -> torch.Tensor:
+    """G ×_j diag(v) for each piece: mode j of G scaled entrywise by v (k, d_j)."""
+    return G * v.view(v.shape[:1] + (1,) * j + v.shape[1:] + (1,) * (G.dim() - j - 2))
+
+
 def mode_product(G: torch.Tensor, P: torch.Tensor, j: int) -> torch.Tensor:
     """G ×_j Pᵀ for each piece (= G ×_j P for a symmetric P), P of shape (k, d_j, d_j). The rows are given,
     not inferred: a -1 is ambiguous for a parameter of no entries (a (0, d) table of no class tokens)."""
@@ -120,12 +139,14 @@ DRIFT_FLOPS = 8
 
 
 def drift(F: torch.Tensor, reference: torch.Tensor, scale_invariant: bool) -> torch.Tensor:
-    """(k,) drift of each factor F_i of the stack F (k, n, n) from `reference` F_r: ‖F/‖F‖_F − F_r/‖F_r‖_F‖_F
-    with `scale_invariant` (in [0, 2]), else ‖F − F_r‖_F / ‖F_r‖_F. NaN or inf where a norm is zero."""
-    norm = torch.linalg.matrix_norm
-    r = norm(reference).view(-1, 1, 1)
+    """(k,) drift of each factor F_i of the stack F (k, n, n), or (k, n) of diagonal factors, from
+    `reference` F_r: ‖F/‖F‖_F − F_r/‖F_r‖_F‖_F with `scale_invariant` (in [0, 2]), else
+    ‖F − F_r‖_F / ‖F_r‖_F. NaN or inf where a norm is zero."""
+    shape = (-1,) + (1,) * (F.dim() - 1)
+    norm = lambda X: torch.linalg.vector_norm(X.flatten(1), dim=1)  # noqa: E731 (Frobenius)
+    r = norm(reference).view(shape)
     if scale_invariant:
-        return norm(F / norm(F).view(-1, 1, 1) - reference / r)
+        return norm(F / norm(F).view(shape) - reference / r)
     return norm((F - reference) / r)
 
 
@@ -141,12 +162,15 @@ def accumulate_drift(bound: torch.Tensor, F: torch.Tensor, previous: torch.Tenso
 class Shampoo(CurvaturePreconditioner):
     name = "shampoo"
     max_block_hparam = "max_block"
+    diagonal_hparam = "diagonal_above"
     HPARAMS = {
         **common_hparams(),
         "damping": positive("ε of each factor, relative to its largest eigenvalue", 1e-6),
         "exponent": HParam("paper", "'paper' (1/(2k) for an order-k tensor) or a number in (0, 1]",
                            _exponent_ok, "root p of each factor: F^{-p}"),
         "max_block": positive_int("dimensions above max_block are cut into blocks", 1024),
+        "diagonal_above": nonnegative_int("dimensions above this keep a diagonal factor, whole, instead of "
+                                          "blocks of matrices (0: none)", 4096),
         "graft": choice("the method whose per-block step size is grafted", "adam", GRAFTS),
         "start_preconditioning_step": nonnegative_int("steps that use the grafted direction alone", 10),
         "precondition_frequency": positive_int("recompute inverse roots every so many steps", 10),
@@ -193,53 +217,61 @@ class Shampoo(CurvaturePreconditioner):
     def cost_parts(cls, g, hp, at) -> cost.Parts:
         """A factor and its inverse root per dimension and block, failure counters (its chain adds the
         graft's second moment and the momentum, gnfx.cost.chain_parts)."""
-        b = at["max_block"]
-        n, pieces = g.numel, g.pieces(b)
+        b, w = at["max_block"], at["diagonal_above"]
+        n, pieces = g.numel, g.pieces(b, w)
         state = {"failures": (pieces, cost.INT64)}
         factors = refresh = 0
         root = round(1 / root_exponent(hp["exponent"], len(g.dims)))  # r of F^{-1/r}, for root_method="newton"
         drift = hp["refresh_tolerance"] > 0
         if drift:
             state.update({c: (pieces, cost.INT64) for c in ("refreshes", "skipped")})
-        drift_flops = 0
-        for j, m in enumerate(g.modes(b)):
-            state[f"factor{j}"] = state[f"root{j}"] = (m.count * m.squares, cost.FACTOR)
-            factors += m.count * m.squares
-            # inverse_power_flops over the blocks (every root due: the most a refresh step costs)
-            refresh += m.count * (cost.inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares)
+        drift_flops = diagonal = 0
+        for j, m in enumerate(g.modes(b, w)):
+            entries = m.count * (m.squares + m.diagonal)  # matrix blocks, or a diagonal factor
+            state[f"factor{j}"] = state[f"root{j}"] = (entries, cost.FACTOR)
+            factors += entries
+            # inverse_power_flops over the blocks (every root due: the most a refresh step costs), or the
+            # diagonal's entrywise root
+            refresh += m.count * (cost.inverse_power_coefficient(hp["root_method"], root) * m.cubes + m.squares
+                                  + cost.DIAGONAL_ROOT * m.diagonal)
+            diagonal += m.rest * m.diagonal  # n along a diagonal mode, else 0
             if drift:  # the drift bound and the step of the last refresh; each statistic step's drift
                 state[f"drifted{j}"] = (pieces, cost.FACTOR)
                 state[f"refreshed_at{j}"] = (pieces, cost.INT64)
-                drift_flops += DRIFT_FLOPS * m.count * m.squares
-        gram = cost._mode_products(g, b)
-        return cost.Parts(state, statistics=gram + cost.EMA * factors + drift_flops, refresh=refresh,
-                          every=at["precondition_frequency"],
-                          update=gram, pieces=pieces)
+                drift_flops += DRIFT_FLOPS * entries
+        gram = cost._mode_products(g, b, w)
+        return cost.Parts(state, statistics=gram + cost.DIAGONAL_GRAM * diagonal + cost.EMA * factors + drift_flops,
+                          refresh=refresh, every=at["precondition_frequency"],
+                          update=gram + cost.DIAGONAL_SCALE * diagonal, pieces=pieces)
 
     @classmethod
     def auto_candidates(cls, hp, g):
         """With its own max_block first (fidelity 0, as faithful as K-FAC or more), then, after
         K-FAC, with max_block halved down to MIN_BLOCK (fidelity in [2, 3)): blocking a large
-        dimension cuts Shampoo's cost before fidelity is given up."""
-        largest = max(g.dims)
+        dimension cuts Shampoo's cost before fidelity is given up. Dimensions above diagonal_above are
+        diagonal whatever max_block is (the report notes them)."""
+        diagonal = diagonal_modes(g.dims, hp["diagonal_above"])
+        largest = max([d for d, whole in zip(g.dims, diagonal) if not whole], default=0)
         limit = min(largest, hp["max_block"])
         sizes = []
         size = cls.MIN_BLOCK
         while size < limit:
             sizes.append(size)
             size *= 2
-        own = Candidate(0, hp, "" if hp["max_block"] >= largest else f"max_block={hp['max_block']}")
-        return [own] + [Candidate(2 + i / len(sizes), {**hp, "max_block": b}, f"max_block={b}")
-                        for i, b in enumerate(reversed(sizes))]
+        whole = [f"diagonal dims {', '.join(str(d) for d, w in zip(g.dims, diagonal) if w)}"] if any(diagonal) else []
+        detail = lambda b: ", ".join(([] if b >= largest else [f"max_block={b}"]) + whole)  # noqa: E731
+        return [Candidate(0, hp, detail(hp["max_block"]))] + [
+            Candidate(2 + i / len(sizes), {**hp, "max_block": b}, detail(b)) for i, b in enumerate(reversed(sizes))]
 
     def init_group(self, group):
         counter = lambda: self.stacked_zeros(group, dtype=torch.int64)  # noqa: E731
         state = {"failures": counter()}
         if self.hp["refresh_tolerance"] > 0:
             state.update(refreshes=counter(), skipped=counter())
-        for j, d in enumerate(group.shape):
-            state[f"factor{j}"] = self.stacked_zeros(group, d, d)
-            state[f"root{j}"] = self.stacked_eye(group, d)
+        for j, (d, diagonal) in enumerate(zip(group.shape, self.diagonal(group))):
+            shape = (d,) if diagonal else (d, d)
+            state[f"factor{j}"] = self.stacked_zeros(group, *shape)
+            state[f"root{j}"] = self.stacked_identity(group, shape)
             if self.hp["refresh_tolerance"] > 0:  # the drift bound (no refresh yet: inf), the step of the last refresh
                 state[f"drifted{j}"] = self.stacked_zeros(group).fill_(float("inf"))
                 state[f"refreshed_at{j}"] = counter()
@@ -247,6 +279,10 @@ class Shampoo(CurvaturePreconditioner):
 
     def exponent(self, order: int) -> float:
         return root_exponent(self.hp["exponent"], order)
+
+    def diagonal(self, group) -> list[bool]:
+        """Which modes of the group's pieces have a diagonal factor (above diagonal_above: kept whole)."""
+        return diagonal_modes(group.shape, self.diagonal_above)
 
     def refresh_due(self, step):
         self.current_step = step
@@ -284,7 +320,7 @@ class Shampoo(CurvaturePreconditioner):
         for group, mine, due in zip(self.groups, owned, self.due_roots(owned)):
             state = self.group_state(group)
             order = len(group.shape)
-            for j in range(order):
+            for j, diagonal in enumerate(self.diagonal(group)):
                 if tracked:
                     kept = sorted(set(range(len(mine))) - set(due[j]))
                     state["skipped"][mine[kept]] += 1
@@ -293,11 +329,14 @@ class Shampoo(CurvaturePreconditioner):
                 # every piece (one rank, or a rank that owns them all, each due): views, not indexed copies
                 rows = slice(None) if len(due[j]) == len(group.pieces) else mine[due[j]]
                 F, roots = state[f"factor{j}"][rows], state[f"root{j}"]
-                root, ok = damped_inverse_power(F, F.new_full((len(due[j]),), self.hp["damping"]),
-                                                self.exponent(order), self.decomposition_dtype(F), relative=True,
-                                                method=self.hp["root_method"])
+                if diagonal:
+                    root, ok = damped_diagonal_power(F, self.hp["damping"], self.exponent(order))
+                else:
+                    root, ok = damped_inverse_power(F, F.new_full((len(due[j]),), self.hp["damping"]),
+                                                    self.exponent(order), self.decomposition_dtype(F), relative=True,
+                                                    method=self.hp["root_method"])
                 # a failed root keeps the last good one (and, tracked, its drift bound: due again at the next check)
-                roots[rows] = torch.where(ok.view(-1, 1, 1), root, roots[rows])
+                roots[rows] = torch.where(ok.view((-1,) + (1,) * (F.dim() - 1)), root, roots[rows])
                 state["failures"][rows] += (~ok).long()
                 if tracked:
                     state[f"drifted{j}"][rows] = torch.where(ok, 0.0, state[f"drifted{j}"][rows])
@@ -308,16 +347,16 @@ class Shampoo(CurvaturePreconditioner):
                        + ([state[k] for k in drift_state] if tracked else []), comm)
 
     def collect(self):
-        """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group, before this step's refresh; with
-        refresh_tolerance > 0 each factor's drift bound takes this step's drift."""
+        """F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ for every group (its diagonal along a diagonal mode), before
+        this step's refresh; with refresh_tolerance > 0 each factor's drift bound takes this step's drift."""
         beta, tracked = self.hp["stat_decay"], self.hp["refresh_tolerance"] > 0
         for group, G in zip(self.groups, self.stacked_gradients()):
             state = self.group_state(group)
             G = G.to(state["factor0"].dtype)
-            for j in range(len(group.shape)):
+            for j, diagonal in enumerate(self.diagonal(group)):
                 F = state[f"factor{j}"]
                 previous = F.clone() if tracked else None
-                F.mul_(beta).add_(mode_gram(G, j), alpha=1 - beta)
+                F.mul_(beta).add_((diagonal_gram if diagonal else mode_gram)(G, j), alpha=1 - beta)
                 if tracked:
                     accumulate_drift(state[f"drifted{j}"], F, previous, self.hp["graft"] != "none")
 
@@ -327,8 +366,10 @@ class Shampoo(CurvaturePreconditioner):
         return [Graft(hp["graft"], hp["betas"][1], hp["eps"])] + super().default_chain(hp)
 
     def direction(self, G, state, collect):
-        """G ×_1 R_1 ⋯ ×_k R_k with the inverse roots R_j (the identity until the first refresh)."""
+        """G ×_1 R_1 ⋯ ×_k R_k with the inverse roots R_j (the identity until the first refresh; a diagonal
+        mode's root scales its entries)."""
         P = G.to(state["factor0"].dtype)
         for j in range(P.dim() - 1):
-            P = mode_product(P, state[f"root{j}"], j)
+            R = state[f"root{j}"]
+            P = mode_scale(P, R, j) if R.dim() == 2 else mode_product(P, R, j)
         return P
