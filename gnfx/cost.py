@@ -18,8 +18,9 @@ block claims) is seen as its own tensor of shape (d_1, ..., d_k). The symbols:
     max_block       Shampoo/SOAP blocking: a dimension d > max_block is cut into
                     c = ⌈d / max_block⌉ near-equal blocks, r of size q + 1 and c - r of size q
                     (q = ⌊d / c⌋, r = d - c q), as gnfx.targets.cut does
-    diagonal_above  Shampoo: a dimension d > diagonal_above (> 0) is kept whole with a diagonal
-                    factor of d entries (`above(d, diagonal_above)` is 1 there, else 0)
+    diagonal_above  Shampoo/SOAP: a dimension d > diagonal_above (> 0) is kept whole, with a diagonal
+                    factor of d entries (Shampoo) or unrotated (SOAP) (`above(d, diagonal_above)` is 1
+                    there, else 0)
     max_factor      K-FAC's big factors: a factor of d > max_factor entries (0: none; A's bias
                     entry not counted) is kept as m = factor_count(d, ...) diagonal blocks of
                     b = factor_size(d, ...) entries, the last one zero-padded
@@ -126,13 +127,19 @@ def inverse_power_flops(d, method: str = "eigh", r: int = 1):
 class Mode:
     """Dimension j of a target cut into blocks: `rest` = Π_{i≠j} d_i entries and `count` = Π_{i≠j} c_i
     blocks along the other dimensions, and the power sums Σ c_j², Σ c_j³ of its own block sizes; for a
-    dimension kept whole and diagonal (above diagonal_above) those are 0 and `diagonal` is d_j (else 0)."""
+    dimension kept whole and diagonal (`whole`: above diagonal_above, 1, else 0) those are 0 and `diagonal`
+    is its size d_j (else 0)."""
 
     rest: sp.Expr
     count: sp.Expr
     squares: sp.Expr
     cubes: sp.Expr
-    diagonal: sp.Expr = sp.Integer(0)
+    whole: sp.Expr = sp.Integer(0)
+    size: sp.Expr = sp.Integer(0)
+
+    @property
+    def diagonal(self):
+        return self.whole * self.size
 
 
 class n_blocks(sp.Function):
@@ -199,8 +206,8 @@ def applied_squares(d, m, b):
 
 
 class above(sp.Function):
-    """above(d, w) = 1 for a dimension d kept whole and diagonal by Shampoo's diagonal_above w (w > 0 and
-    d > w, gnfx.targets.diagonal_modes), else 0."""
+    """above(d, w) = 1 for a dimension d kept whole and diagonal by Shampoo's or SOAP's diagonal_above w
+    (w > 0 and d > w, gnfx.targets.diagonal_modes), else 0."""
 
     @classmethod
     def eval(cls, d, w):
@@ -212,12 +219,12 @@ class above(sp.Function):
 
 
 def _cut(d, b, w=None):
-    """(number of blocks, {p: Σ_blocks size^p}, diagonal entries) of a dimension d cut into blocks of at
-    most b (None: one), or kept whole as a diagonal of d entries where above w (None: never)."""
+    """(number of blocks, {p: Σ_blocks size^p}, whole) of a dimension d cut into blocks of at most b (None:
+    one), or kept whole (1) where above w (None: never)."""
     if b is None:
         return 1, {2: d ** 2, 3: d ** 3}, sp.Integer(0)
     a = sp.Integer(0) if w is None else above(d, w)
-    return a + (1 - a) * n_blocks(d, b), {p: (1 - a) * block_sum(d, b, p) for p in (2, 3)}, a * d
+    return a + (1 - a) * n_blocks(d, b), {p: (1 - a) * block_sum(d, b, p) for p in (2, 3)}, a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +284,8 @@ class Geometry:
     def modes(self, b, w=None) -> list[Mode]:
         cuts = [_cut(d, b, w) for d in self.dims]
         return [Mode(sp.Mul(*(d for i, d in enumerate(self.dims) if i != j)),
-                     sp.Mul(*(c for i, (c, _, _) in enumerate(cuts) if i != j)), sums[2], sums[3], diagonal)
-                for j, (_, sums, diagonal) in enumerate(cuts)]
+                     sp.Mul(*(c for i, (c, _, _) in enumerate(cuts) if i != j)), sums[2], sums[3], whole, d)
+                for j, (d, (_, sums, whole)) in enumerate(zip(self.dims, cuts))]
 
 
 @dataclasses.dataclass

@@ -168,10 +168,10 @@ class GnfxOptimizer(torch.optim.Optimizer):
 
     def _warn_outsized_state(self) -> None:
         """Warn, once the plan is built, naming the blocks whose optimizer state exceeds OUTSIZED_STATE bytes and
-        OUTSIZED_RATIO times their parameters' (gnfx.plan_cost): SOAP on a big table, a V x d embedding of small
-        d, keeps V/max_block factors of max_block² over its row dimension (a 265k x 16 table: 5 GB against 17 MB,
-        and a refresh of minutes; benchmarks/results/first_contact_12_recsys.md), which nothing else in the
-        model needs; so does Shampoo where V is not above its diagonal_above."""
+        OUTSIZED_RATIO times their parameters' (gnfx.plan_cost): Shampoo or SOAP on a big table, a V x d embedding
+        of small d whose V is not above their diagonal_above, keeps V/max_block factors of max_block² over its row
+        dimension (a 265k x 16 table: 5 GB against 17 MB, and a refresh of minutes;
+        benchmarks/results/first_contact_12_recsys.md), which nothing else in the model needs."""
         try:
             costs = plan_cost(self.plan.table, self, self._settings).rows
         except NoCostModel:  # a preconditioner without cost formulas: its state is unknown (the report says so)
@@ -184,12 +184,12 @@ class GnfxOptimizer(torch.optim.Optimizer):
         more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
         first = rows[0].name
         warnings.warn(f"gnfx: the optimizer state of some blocks is far larger than their parameters ({listed}{more}), "
-                      f"and its refresh costs as much more. SOAP, and Shampoo along dimensions up to its diagonal_above, "
-                      f"keep a factor per block of max_block rows along each dimension, the rows of a large embedding "
-                      f"table included. Fix: give such a block a cheaper preconditioner, optimizer={{{first!r}: 'kfac', "
-                      f"'*': ...}} (K-FAC's factor over an embedding's rows is diagonal) or 'diag', Shampoo a "
-                      f"diagonal_above below the table's rows (a diagonal factor over them), or optimizer='auto', which "
-                      f"weighs the cost; model.cost() lists every block's state", RuntimeWarning, stacklevel=4)
+                      f"and its refresh costs as much more. Shampoo and SOAP keep a factor per block of max_block rows "
+                      f"along each dimension up to their diagonal_above, the rows of a large embedding table included. "
+                      f"Fix: give such a block a cheaper preconditioner, optimizer={{{first!r}: 'kfac', '*': ...}} "
+                      f"(K-FAC's factor over an embedding's rows is diagonal) or 'diag', a diagonal_above below the "
+                      f"table's rows (Shampoo's factor over them diagonal, SOAP's rows unrotated), or optimizer='auto', "
+                      f"which weighs the cost; model.cost() lists every block's state", RuntimeWarning, stacklevel=4)
 
     def bound_factors_at_rows(self) -> None:
         """At the end of the first statistic forward, before its backward accumulates any statistic:

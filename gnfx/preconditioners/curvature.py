@@ -29,8 +29,8 @@ from gnfx.hparams import choice, unit_interval
 from gnfx.linalg import METHODS
 from gnfx.preconditioners.base import Preconditioner, collects_statistics
 from gnfx.layouts import layout_of
-from gnfx.targets import (COPYING_VIEWS, as_matrix, block_target, from_matrix, make_groups, param_regions, param_target,
-                          stacked_piece_gradients)
+from gnfx.targets import (COPYING_VIEWS, as_matrix, block_target, diagonal_modes, from_matrix, make_groups,
+                          param_regions, param_target, stacked_piece_gradients)
 from gnfx.transforms import HeavyBall, Step
 from gnfx.transforms.chain import chain_hparam
 
@@ -114,6 +114,10 @@ class CurvaturePreconditioner(Preconditioner):
     def diagonal_above(self) -> int | None:
         """Dimensions above this are kept whole and preconditioned diagonally (None: no such rule)."""
         return self.hp[self.diagonal_hparam] if self.diagonal_hparam else None
+
+    def diagonal_modes(self, group) -> list[bool]:
+        """Which modes of the group's pieces are above diagonal_above (kept whole: gnfx.targets.diagonal_modes)."""
+        return diagonal_modes(group.shape, self.diagonal_above)
 
     # --- state -----------------------------------------------------------------------------
     def factor_dtype(self, piece) -> torch.dtype:

@@ -268,7 +268,7 @@ class Shampoo(CurvaturePreconditioner):
         state = {"failures": counter()}
         if self.hp["refresh_tolerance"] > 0:
             state.update(refreshes=counter(), skipped=counter())
-        for j, (d, diagonal) in enumerate(zip(group.shape, self.diagonal(group))):
+        for j, (d, diagonal) in enumerate(zip(group.shape, self.diagonal_modes(group))):
             shape = (d,) if diagonal else (d, d)
             state[f"factor{j}"] = self.stacked_zeros(group, *shape)
             state[f"root{j}"] = self.stacked_identity(group, shape)
@@ -280,9 +280,7 @@ class Shampoo(CurvaturePreconditioner):
     def exponent(self, order: int) -> float:
         return root_exponent(self.hp["exponent"], order)
 
-    def diagonal(self, group) -> list[bool]:
-        """Which modes of the group's pieces have a diagonal factor (above diagonal_above: kept whole)."""
-        return diagonal_modes(group.shape, self.diagonal_above)
+
 
     def refresh_due(self, step):
         self.current_step = step
@@ -320,7 +318,7 @@ class Shampoo(CurvaturePreconditioner):
         for group, mine, due in zip(self.groups, owned, self.due_roots(owned)):
             state = self.group_state(group)
             order = len(group.shape)
-            for j, diagonal in enumerate(self.diagonal(group)):
+            for j, diagonal in enumerate(self.diagonal_modes(group)):
                 if tracked:
                     kept = sorted(set(range(len(mine))) - set(due[j]))
                     state["skipped"][mine[kept]] += 1
@@ -353,7 +351,7 @@ class Shampoo(CurvaturePreconditioner):
         for group, G in zip(self.groups, self.stacked_gradients()):
             state = self.group_state(group)
             G = G.to(state["factor0"].dtype)
-            for j, diagonal in enumerate(self.diagonal(group)):
+            for j, diagonal in enumerate(self.diagonal_modes(group)):
                 F = state[f"factor{j}"]
                 previous = F.clone() if tracked else None
                 F.mul_(beta).add_((diagonal_gram if diagonal else mode_gram)(G, j), alpha=1 - beta)

@@ -3,7 +3,10 @@
 For a piece with gradient G of order k (a matrix [∇W ∇b] for a block), the factors are Shampoo's
 (see shampoo.py): `F_j ← β F_j + (1-β) G_(j) G_(j)ᵀ`, for a matrix `L = Σ G Gᵀ`, `R = Σ Gᵀ G`,
 collected every `stat_every` steps with β = `stat_decay`; dimensions above `max_block` are cut into
-blocks. Each factor has an orthonormal eigenbasis Q_j (for a matrix Q_L, Q_R), and each step runs
+blocks, but those above `diagonal_above` (4096; 0: none), which are kept whole and left unrotated, with no
+factor: Adam's own diagonal scaling along them (the paper's implementation leaves a dimension above its
+max_precond_dim, 10000, unrotated likewise; a vocabulary's or a recommender table's rows would otherwise
+hold V/max_block bases of max_block²). Each factor has an orthonormal eigenbasis Q_j (for a matrix Q_L, Q_R), and each step runs
 Adam with the first moment m kept in the original coordinates and the second moment v in the
 rotated ones, as the paper's algorithm does:
 
@@ -37,7 +40,7 @@ import sympy as sp
 import torch
 
 from gnfx import cost
-from gnfx.hparams import choice, nonnegative
+from gnfx.hparams import choice, nonnegative, nonnegative_int
 from gnfx.linalg import decomposition_threads
 from gnfx.preconditioners.curvature import CurvaturePreconditioner, common_hparams
 from gnfx.preconditioners.diag import Diagonal
@@ -110,12 +113,15 @@ def refresh_basis(F, Q, state, tolerance: float, dtype, qr=None):
 class SOAP(CurvaturePreconditioner):
     name = "soap"
     max_block_hparam = "max_block"
+    diagonal_hparam = "diagonal_above"
     HPARAMS = {
         **common_hparams(),
         "momentum": dataclasses.replace(common_hparams()["momentum"], default=0.0),
         "betas": Diagonal.HPARAMS["betas"],
         "eps": Diagonal.HPARAMS["eps"],
         "max_block": Shampoo.HPARAMS["max_block"],
+        "diagonal_above": nonnegative_int("dimensions above this are kept whole and left unrotated: Adam's "
+                                          "diagonal scaling along them (0: none)", Shampoo.HPARAMS["diagonal_above"].default),
         "precondition_frequency": Shampoo.HPARAMS["precondition_frequency"],
         "refresh": choice("how a basis is recomputed: eigendecomposition, or one warm-started "
                           "power-iteration step with QR", "qr", REFRESH),
@@ -126,19 +132,22 @@ class SOAP(CurvaturePreconditioner):
 
     @classmethod
     def cost_parts(cls, g, hp, at):
-        """Shampoo's factors with their eigenbases, Adam's two moments in the rotated coordinates."""
-        b = at["max_block"]
-        n, pieces = g.numel, g.pieces(b)
+        """Shampoo's factors with their eigenbases (none along an unrotated mode), Adam's two moments in the
+        rotated coordinates."""
+        b, w = at["max_block"], at["diagonal_above"]
+        n, pieces = g.numel, g.pieces(b, w)
         state = {"exp_avg": (n, cost.FACTOR), "exp_avg_sq": (n, cost.FACTOR), "t": (pieces, cost.FACTOR),
                  **{c: (pieces, cost.INT64) for c in ("refreshes", "skipped", "failures")}}
         factors = refresh = 0
         # a refresh per factor: Qᵀ F Q (4c³), then qr(F Q) (2c³ + QR) or an eigendecomposition
         per_cube = 4 + (2 + 4 - sp.Rational(4, 3) if hp["refresh"] == "qr" else cost.EIGH)
-        for j, m in enumerate(g.modes(b)):
+        for j, m in enumerate(g.modes(b, w)):
+            if m.whole == 1:  # unrotated: no factor, no basis
+                continue
             state[f"factor{j}"] = state[f"basis{j}"] = (m.count * m.squares, cost.FACTOR)
             factors += m.count * m.squares
             refresh += m.count * m.cubes * per_cube
-        rotation = cost._mode_products(g, b)
+        rotation = cost._mode_products(g, b, w)
         return cost.Parts(state, statistics=rotation + cost.EMA * factors, refresh=refresh,
                      every=at["precondition_frequency"], update=3 * rotation + cost.ADAM_ROTATED * n, pieces=pieces)
 
@@ -148,10 +157,15 @@ class SOAP(CurvaturePreconditioner):
                  "exp_avg_sq": self.stacked_zeros(group, *group.shape),
                  "t": self.stacked_zeros(group),
                  "refreshes": counter(), "skipped": counter(), "failures": counter()}
-        for j, d in enumerate(group.shape):
-            state[f"factor{j}"] = self.stacked_zeros(group, d, d)
-            state[f"basis{j}"] = self.stacked_eye(group, d)
+        for j, (d, unrotated) in enumerate(zip(group.shape, self.diagonal_modes(group))):
+            if not unrotated:
+                state[f"factor{j}"] = self.stacked_zeros(group, d, d)
+                state[f"basis{j}"] = self.stacked_eye(group, d)
         return state
+
+    def rotated_modes(self, group) -> list[int]:
+        """The modes with a factor and a basis: all but those above diagonal_above."""
+        return [j for j, unrotated in enumerate(self.diagonal_modes(group)) if not unrotated]
 
     def refresh_due(self, step):
         return step >= 1 and (step - 1) % self.hp["precondition_frequency"] == 0
@@ -159,19 +173,19 @@ class SOAP(CurvaturePreconditioner):
     def refresh(self, statistics, comm):
         for group in self.groups:
             state = self.group_state(group)
-            dtype = self.decomposition_dtype(state["factor0"])
-            qr = state["refreshes"] > 0 if self.hp["refresh"] == "qr" else None
             v = state["exp_avg_sq"]
-            for j in range(len(group.shape)):
+            dtype = self.decomposition_dtype(v)
+            qr = state["refreshes"] > 0 if self.hp["refresh"] == "qr" else None
+            for j in self.rotated_modes(group):
                 _, order = refresh_basis(state[f"factor{j}"], state[f"basis{j}"], state,
                                          self.hp["refresh_tolerance"], dtype, qr)
                 index = order.view(order.shape[:1] + (1,) * j + order.shape[1:] + (1,) * (v.dim() - j - 2))
                 v.copy_(v.gather(j + 1, index.expand_as(v)))
 
     def direction(self, G, state, collect):
-        Gf = G.to(state["factor0"].dtype)
+        Gf = G.to(state["exp_avg"].dtype)
         order = Gf.dim() - 1
-        bases = [state[f"basis{j}"] for j in range(order)]
+        bases = [state.get(f"basis{j}") for j in range(order)]  # None: unrotated
         beta1, beta2 = self.hp["betas"]
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["t"]
         t.add_(1)
@@ -184,5 +198,6 @@ class SOAP(CurvaturePreconditioner):
         if collect:
             beta = self.hp["stat_decay"]
             for j in range(order):
-                state[f"factor{j}"].mul_(beta).add_(mode_gram(Gf, j), alpha=1 - beta)
+                if bases[j] is not None:
+                    state[f"factor{j}"].mul_(beta).add_(mode_gram(Gf, j), alpha=1 - beta)
         return rotate(m_hat / (v_hat.sqrt() + self.hp["eps"]), bases, back=True)
