@@ -32,11 +32,12 @@ benchmarks.family_probe's first contact (one model and optimizer per process, ra
   parameters are the hypernetwork's, cross-entropy.
 
 Optimizers: "kfac" at its defaults (loss="cross_entropy" or "mse" where the users' loss is one; siren_wrapper's
-returns its loss, no loss= there), "kfac_lr" (lr 1e-3), "shampoo" and "auto" at lr 1e-3, and for reference
+returns its loss, no loss= there), "kfac_lr" (lr 1e-3; on the DEQs with loss="cross_entropy" and fisher="mc",
+whose extra backward runs through the implicit differentiation), "shampoo" and "auto" at lr 1e-3, and for reference
 torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the capture's form, the share of the trainable parameters in
 curvature blocks, exactness (the kfac_lr runs, float64: the compiled model beside a second build from the same
 seed over 3 steps, the largest |difference| of the loss and of any gradient; then K-FAC's A and S of each block
-whose layer is an nn.Linear module after one step, stat_decay 0, against plain forward and gradient hooks on
+whose layer is an nn.Linear module after one step, stat_decay 0, fisher="empirical", against plain forward and gradient hooks on
 every call of that module in the forward, benchmarks.hooked_calls: calls without a gradient (the solver's, under
 torch.no_grad) and calls made by the backward (IFT's re-evaluation of f for its autograd.grad solve) counted
 nowhere, S = N Σ g gᵀ over the gradients the training backward sends to the calls' outputs, relative max gap), the losses, gnfx's warnings
@@ -237,6 +238,8 @@ def settings(name: str, optimizer: str) -> tuple[str, dict]:
     kind, hparams = OPTIMIZERS[optimizer]
     if hparams is None:  # kfac at its defaults: with the users' loss where gnfx models it
         hparams = {"loss": LOSS[name]} if name in LOSS else {}
+    if optimizer == "kfac_lr" and name in DEQ_MODELS:  # the true Fisher's backward through the implicit gradient
+        hparams = {**hparams, "loss": LOSS[name], "fisher": "mc"}
     return kind, hparams
 
 
@@ -247,7 +250,7 @@ def factor_gaps(name: str, hparams: dict) -> str:
     torch.manual_seed(0)
     reference = build(name)  # torchdeq's weight norm holds a computed weight, which deepcopy refuses
     batch, loss_of, m = problem(name, torch.get_default_dtype())
-    c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **hparams)
+    c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **{**hparams, "fisher": "empirical"})
     linears = [n for n, mod in reference.named_modules() if isinstance(mod, nn.Linear)]
     with hooked_calls(reference, linears) as calls:
         loss = loss_of(reference, reference, batch)
