@@ -37,11 +37,12 @@ whose extra backward runs through the implicit differentiation), "shampoo" and "
 torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the capture's form, the share of the trainable parameters in
 curvature blocks, exactness (the kfac_lr runs, float64: the compiled model beside a second build from the same
 seed over 3 steps, the largest |difference| of the loss and of any gradient; then K-FAC's A and S of each block
-whose layer is an nn.Linear module after one step, stat_decay 0, fisher="empirical", against plain forward and gradient hooks on
-every call of that module in the forward, benchmarks.hooked_calls: calls without a gradient (the solver's, under
-torch.no_grad) and calls made by the backward (IFT's re-evaluation of f for its autograd.grad solve) counted
-nowhere, S = N Σ g gᵀ over the gradients the training backward sends to the calls' outputs, relative max gap), the losses, gnfx's warnings
-(once each) and the parameters outside the blocks, the seconds; or the error. None of these libraries is a
+whose layer is an nn.Linear module, and of KANLinear's base blocks (rows silu(x)), after one step, stat_decay 0,
+fisher="empirical", against plain forward and gradient hooks on every call of that module in the forward,
+benchmarks.hooked_calls: calls without a gradient (the solver's, under torch.no_grad) and calls made by the
+backward (IFT's re-evaluation of f for its autograd.grad solve) counted nowhere, S = N Σ g gᵀ over the gradients
+the training backward sends to the calls' outputs, relative max gap), the losses, gnfx's warnings (once each) and
+the parameters outside the blocks, the seconds; or the error. None of these libraries is a
 dependency of gnfx. The results: benchmarks/results/first_contact_13_implicit.md.
 """
 from __future__ import annotations
@@ -251,13 +252,16 @@ def factor_gaps(name: str, hparams: dict) -> str:
     reference = build(name)  # torchdeq's weight norm holds a computed weight, which deepcopy refuses
     batch, loss_of, m = problem(name, torch.get_default_dtype())
     c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **{**hparams, "fisher": "empirical"})
-    linears = [n for n, mod in reference.named_modules() if isinstance(mod, nn.Linear)]
+    kans = [n for n, mod in reference.named_modules() if isinstance(mod, KANLinear)]
+    linears = [n for n, mod in reference.named_modules() if isinstance(mod, nn.Linear)] + kans
     with hooked_calls(reference, linears) as calls:
         loss = loss_of(reference, reference, batch)
         forward_calls = {n: len(records) for n, records in calls.items()}
         loss.backward()
     for n, records in calls.items():  # IFT's backward calls f again for autograd.grad: a call of no forward
         del records[forward_calls[n]:]
+    for n in kans:  # a KANLinear's base block: the rows silu(x), the gradient at the layer's output (the sum's)
+        calls[f"{n}.base"] = [[F.silu(a), g] for a, g in calls.pop(n)]
     loss_of(c, model, batch).backward()
     c.step()
     return linear_factor_gap(c, calls, m)
