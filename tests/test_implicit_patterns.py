@@ -83,3 +83,17 @@ def test_implicit_gradient_hook_registered_in_the_forward_is_kept(fisher):
             c.zero_grad()
             reference.zero_grad()
             reference.load_state_dict(model.state_dict())
+
+
+def test_implicit_probe_reports_the_kan_spline_weights_outside_the_blocks_and_exact_base_blocks():
+    """benchmarks.implicit_probe's KAN needs no library: its kfac_lr row shows the capture, 10% of the entries
+    in blocks (the spline weights and scalers fall back, named), exact loss and gradients, and the base
+    blocks' A and S against hooks on the KANLinear calls; AdamW's row has no capture."""
+    from benchmarks import implicit_probe
+
+    row = implicit_probe.probe("kan", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "10.0%"] and "layers.0.spline_weight" in row[6]
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.startswith("A, S of 2 linear blocks")
+    assert float(factors.split()[-1]) < 1e-12 and len(row[5].split(", ")) == 2
+    assert implicit_probe.probe("kan", "adamw", steps=1).split(" | ")[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
