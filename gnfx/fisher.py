@@ -4,7 +4,8 @@ With `fisher="empirical"` the taps read the gradients of the training loss itsel
 `"mc"` and `"type2"` the compiled model, on statistic steps, starts one extra backward pass per
 vector from the model output `z` (re-entrant, inside the user's `loss.backward()`, when the
 gradient reaches `z`), returning the gradients at every block output; the user's backward then
-goes on unchanged, so the gradients the optimizer applies are the true loss's.
+goes on unchanged, so the gradients the optimizer applies are the true loss's (a tensor hook that removes
+itself when the extra backward runs it is put back for the user's: gnfx.hook_removals).
 
 For a loss that is a mean over M terms (rows of z), the backpropagated vectors are `v / M` with
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.hook_removals import undone_hook_removals
 from gnfx.outputs import LogitsLayout
 
 FISHER_TYPES = ("empirical", "mc", "type2")
@@ -99,8 +101,9 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
     mask = kept.reshape(z_c.shape[:-1] + (1,) if z_c.dim() > 1 else z_c.shape).to(z.dtype)
     precision = torch.promote_types(z.dtype, torch.float32)
     for v, weight in backprop_vectors(z_c, fisher, loss, samples):
-        grads = torch.autograd.grad(z, outputs, grad_outputs=logits.as_output(v * mask), retain_graph=True,
-                                    allow_unused=True)
+        with undone_hook_removals():  # a one-shot hook stays for the user's backward (gnfx.hook_removals)
+            grads = torch.autograd.grad(z, outputs, grad_outputs=logits.as_output(v * mask), retain_graph=True,
+                                        allow_unused=True)
         factor = (weight * scale) ** 0.5 / loss_terms
         for (_, a, stats, fid, routing), g in zip(pending, grads):
             if g is not None:

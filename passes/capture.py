@@ -40,6 +40,7 @@ from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_number,
                                           changes_recorded, numbers, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.torch_draws import TorchRandomDraw, moved, raising_torch_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
@@ -505,7 +506,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
               default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
-              attributes_kept(model), generators_kept(model), changes_recorded(model) as changes):
+              attributes_kept(model), generators_kept(model), changes_recorded(model) as changes,
+              tensor_hooks_registered() as hooks):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
@@ -532,6 +534,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                 raise first
             if changes:  # passes/module_attributes.py
                 raise side_effect(*changes[0])
+            if hooks:  # passes/tensor_hooks.py
+                raise dropped_hook(hooks)
             draws = drew()
             if draws and draws_decide(lambda: exported().graph_module.code):  # passes/python_random.py
                 with raising_draws():  # raises at the user's line
