@@ -300,10 +300,18 @@ class WeightStandardization(_OfOneParameter):
 
 @dataclasses.dataclass(frozen=True)
 class MaskedWeight(_OfOneParameter):
-    """W = M ⊙ V (module docstring); `original` is V; `mask`: M, the tensor the captured graph read (changed in
-    place, as MADE's mask resampling does, it is followed; taken to V's device and dtype where it is used)."""
+    """W = M ⊙ V (module docstring); `original` is V; M is the attribute `mask_name` of the module `holder`,
+    where the captured graph reads it, read at each use: a mask changed in place (MADE's mask resampling) or
+    replaced (`torch.nn.utils.prune` pruning again registers a new `weight_mask`) is followed; taken to V's
+    device and dtype where it is used."""
 
-    mask: torch.Tensor = dataclasses.field(compare=False, repr=False)
+    holder: torch.nn.Module = dataclasses.field(compare=False, repr=False)
+    mask_name: str = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """M as the graph reads it now."""
+        return getattr(self.holder, self.mask_name)
 
     def _mask(self, named: dict) -> torch.Tensor:
         v = named[self.original]
