@@ -13,7 +13,8 @@ preconditioner. Two pre-hooks are the exception, whose module is lowered with th
 computed in the graph on every call (the module's own attribute, which only the hook writes, keeps the
 value of its last eager call): the old `nn.utils.weight_norm`'s (`weight = g·v/‖v‖`,
 passes/weight_norm.py) and `torch.nn.utils.prune`'s (`weight = weight_mask * weight_orig`, of the weight,
-the bias or both, passes/pruning.py); so is the new API's weight-norm parametrization
+the bias or both: the `get_attr` of each is computed by passes/pruning.py after lowering); so is the new API's
+weight-norm parametrization
 (`lower_weight_norm_modules`). (fully_shard's
 hooks gather the parameters and compute nothing: an FSDP2 module is lowered.) A module's forward
 hooks, which see (and may replace) its output, run after the functional op (`run_forward_hooks`), as
@@ -26,7 +27,7 @@ from torch import fx, nn
 from torch.distributed.fsdp import FSDPModule
 
 from .rewrite import recompiled, replace
-from .pruning import pruned_tensor, pruned_tensors
+from .pruning import pruned_tensors
 from .weight_norm import hooked_weight, hooked_weight_norm, lower_weight_norm_modules
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -79,13 +80,11 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
         if _functional(mod, None, None, None) is None:
             continue
         with gm.graph.inserting_before(node):
-            hook, pruned = hooked_weight_norm(mod), pruned_tensors(mod) or {}
-            weight = (hooked_weight(gm.graph, node.target, hook) if hook is not None
-                      else pruned_tensor(gm.graph, node.target, "weight") if "weight" in pruned
-                      else gm.graph.get_attr(f"{node.target}.weight"))
+            hook = hooked_weight_norm(mod)
+            weight = (gm.graph.get_attr(f"{node.target}.weight") if hook is None
+                      else hooked_weight(gm.graph, node.target, hook))
             has_bias = getattr(mod, "bias", None) is not None
-            bias = (None if not has_bias else pruned_tensor(gm.graph, node.target, "bias") if "bias" in pruned
-                    else gm.graph.get_attr(f"{node.target}.bias"))
+            bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
             x = node.args[0]
             if getattr(mod, "padding_mode", "zeros") != "zeros":  # as nn.ConvNd does: pad, then convolve
                 x = gm.graph.call_function(F.pad, (x, mod._reversed_padding_repeated_twice),

@@ -106,3 +106,57 @@ def test_a_pruned_bias_falls_back_and_trains_masked():
     mask, b0 = model[0].bias_mask, model[0].bias_orig.detach().clone()
     statistic_step(c, x, y)
     assert torch.equal(model[0].bias_orig[mask == 0], b0[mask == 0])
+
+
+class ReadsItsWeight(nn.Module):
+    """A layer with a forward of its own (torch.fx traces through it, running its pre-hooks while tracing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(5, 6) / 3), nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class PrunedAttention(nn.Module):
+    """nn.MultiheadAttention with its `in_proj_weight` pruned, and a traced-through layer with its weight pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha, self.mix, self.head = nn.MultiheadAttention(6, 2, batch_first=True), ReadsItsWeight(), nn.Linear(5, 3)
+        prune.l1_unstructured(self.mha, "in_proj_weight", amount=0.5)
+        prune.l1_unstructured(self.mix, "weight", amount=0.5)
+
+    def forward(self, x):
+        h, _ = self.mha(x, x, x)
+        return self.head(torch.tanh(self.mix(h)).mean(1))
+
+
+def test_a_pruned_tensor_read_inside_a_traced_module_is_computed_on_every_call():
+    """The graph read the `in_proj_weight` and `weight` the hooks had set (nn.MultiheadAttention's lowering reads
+    the attribute; torch.fx, tracing through the custom layer, kept the tensor its hook computed as a constant,
+    with that call's autograd graph): stale values (here float32, from before `.double()`: the forward raised a
+    dtype mismatch; in float32 the second statistic step's backward raised 'Trying to backward through the graph
+    a second time'). Each is now mask * orig in the graph: over 3 statistic steps the compiled model's loss and
+    gradients equal the eager module's (its hooks run), and both weights are blocks."""
+    torch.manual_seed(0)
+    model = PrunedAttention().double()
+    torch.manual_seed(0)
+    reference = PrunedAttention().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 4, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    c = compile_for_statistics(model, optimizer="kfac", lr=1e-2)
+    for _ in range(3):
+        loss, loss_ref = F.cross_entropy(c(x), y), F.cross_entropy(reference(x), y)
+        loss.backward()
+        loss_ref.backward()
+        torch.testing.assert_close(loss, loss_ref, **TOL)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    covered, total = c.layers.coverage(dict(model.named_parameters()))
+    assert covered == total, c.layers.fallbacks
