@@ -1,4 +1,5 @@
-"""Compression-aware training as its users write it, in plain torch stand-ins: magnitude pruning with
+"""Compression-aware training as its users write it, in plain torch stand-ins (benchmarks/quant_probe.py probes the
+libraries: benchmarks/results/first_contact_13_quant.md): magnitude pruning with
 torch.nn.utils.prune (the parameter moves to `weight_orig`, a `weight_mask` buffer, a forward pre-hook sets
 `weight = weight_mask * weight_orig`; passes/pruning.py), float64, against plain-torch references: hooks
 on the layer calls for A and S, and a plain nn.Linear holding W whose gradient a tensor hook masks, stepped
@@ -160,3 +161,14 @@ def test_a_pruned_tensor_read_inside_a_traced_module_is_computed_on_every_call()
         reference.load_state_dict(model.state_dict())
     covered, total = c.layers.coverage(dict(model.named_parameters()))
     assert covered == total, c.layers.fallbacks
+
+
+def test_quant_probe_reports_its_pruned_models_in_blocks_and_exact():
+    """benchmarks.quant_probe's pruned models need torch alone: one row with the capture, 100% in blocks, the float64
+    lockstep gaps 0 and the factors against hooks."""
+    from benchmarks import quant_probe
+    row = quant_probe.probe("prune_mlp", "kfac_lr", steps=2).split(" | ")
+    assert row[2:4] == ["fx", "100.0%"], row
+    gaps, factors = row[4].split("; ")
+    assert gaps == "0e+00, 0e+00" and factors.endswith("(3 linear)"), row
+    assert all(float(gap.split()[1].strip(",")) < 1e-12 for gap in factors.split(" (")[0].split(", ")), row
