@@ -319,8 +319,11 @@ class MaskedWeight(_OfOneParameter):
 
     @property
     def removal(self) -> str:
-        """No torch call: the module masks its weight in its own forward (zuko's and nflows' MaskedLinear)."""
-        module = self.weight.rpartition(".")[0]
+        """torch.nn.utils.prune.remove for a pruned weight (W named apart from V: `fc.weight` of `fc.weight_orig`);
+        else no torch call: the module masks its weight in its own forward (zuko's and nflows' MaskedLinear)."""
+        module, _, name = self.weight.rpartition(".")
+        if self.weight != self.original:
+            return f"torch.nn.utils.prune.remove(model.get_submodule({module!r}), {name!r})"
         return (f"model.get_submodule({module!r}) masks its weight in its own forward, which no torch call removes: "
                 f"replace it by a plain nn.Linear holding mask * weight and keep its gradient masked")
 

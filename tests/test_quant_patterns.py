@@ -76,6 +76,17 @@ def test_a_pruned_weight_steps_as_a_plain_layer_with_its_gradient_masked(optimiz
         assert not torch.allclose(layer.weight_orig[mask != 0], v0[mask != 0])
 
 
+def test_a_pruned_block_names_prune_remove_as_its_removal():
+    """Where gnfx refuses a reparametrized block (under FSDP2) it names the call that removes it: for a pruned
+    layer that is prune.remove, not the masked layer's 'no torch call removes it'."""
+    model, (x, y) = pruned_mlp(), batch()
+    c = compile_for_statistics(model, optimizer="kfac")
+    statistic_step(c, x, y)
+    assert [b.reparametrization.removal for b in c.layers.blocks] == [
+        "torch.nn.utils.prune.remove(model.get_submodule('0'), 'weight')",
+        "torch.nn.utils.prune.remove(model.get_submodule('2'), 'weight')"]
+
+
 def test_pruning_again_while_training_masks_the_steps_with_the_new_mask():
     """Iterative pruning calls prune.l1_unstructured again between steps, which registers a new `weight_mask`
     tensor: the block's pull-back read the mask of the capture, so the entries pruned since moved."""
