@@ -44,13 +44,24 @@ def _product(graph: fx.Graph, path: str, name: str) -> fx.Node:
                                               graph.get_attr(f"{prefix}{name}_orig")))
 
 
+def _hold(gm: fx.GraphModule, path: str, mod: nn.Module, name: str) -> None:
+    """Make `gm` hold the pruned module `mod` at `path`, its path in the model (the parameters' names), so that
+    `path.name_mask` and `path.name_orig` resolve to its own tensors; the model itself (`path` empty): its
+    `name_orig` and `name_mask` registered on `gm`."""
+    if path:
+        gm.add_submodule(path, mod)
+    else:
+        gm.register_parameter(f"{name}_orig", getattr(mod, f"{name}_orig"))
+        gm.register_buffer(f"{name}_mask", getattr(mod, f"{name}_mask"))
+
+
 def computed_pruned_reads(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` (captured from `model` or one of its submodules) with each read of a tensor a pruning hook sets (module
     docstring) computed as mask * orig: a `get_attr` of that attribute of a pruned module the graph holds, or of
-    a constant that is the tensor a pruned module of `model` holds there now (the trace ran its hook)."""
-    set_by_hooks = {id(getattr(mod, name)): (mod, name) for mod in model.modules()
+    a constant that is the tensor a pruned module of `model` holds there now (the trace ran its hook, or, for the
+    model itself, pruning did), whose mask and orig the graph then reads at the module's path in `model`."""
+    set_by_hooks = {id(getattr(mod, name)): (path, mod, name) for path, mod in model.named_modules()
                     for name in _pruning_hooks(mod) if hasattr(mod, name)}
-    added: dict[int, str] = {}  # id(a pruned module the graph did not hold) -> its path in gm
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "get_attr":
@@ -63,11 +74,8 @@ def computed_pruned_reads(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModul
         if name in _pruning_hooks(holder):
             owner = path
         elif id(getattr(holder, name, None)) in set_by_hooks:
-            mod, name = set_by_hooks[id(getattr(holder, name))]
-            if id(mod) not in added:
-                added[id(mod)] = f"gnfx_pruned_{len(added)}"
-                gm.add_submodule(added[id(mod)], mod)
-            owner = added[id(mod)]
+            owner, mod, name = set_by_hooks[id(getattr(holder, name))]
+            _hold(gm, owner, mod, name)
         else:
             continue
         with gm.graph.inserting_before(node):

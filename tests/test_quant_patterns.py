@@ -183,3 +183,27 @@ def test_quant_probe_reports_its_pruned_models_in_blocks_and_exact():
     gaps, factors = row[4].split("; ")
     assert gaps == "0e+00, 0e+00" and factors.endswith("(3 linear)"), row
     assert all(float(gap.split()[1].strip(",")) < 1e-12 for gap in factors.split(" (")[0].split(", ")), row
+
+
+def test_a_pruned_model_that_is_itself_the_layer_is_a_block():
+    """The compiled model itself pruned (`prune.l1_unstructured(linear, "weight", ...)` on the module handed to
+    gnfx.compile): torch.fx traces its forward without its hook, reading the tensor pruning set as a constant; it
+    is mask * orig of the model's own tensors, so the layer is a block and its gradients are the eager module's."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    prune.l1_unstructured(model, "weight", amount=0.5)
+    torch.manual_seed(0)
+    reference = nn.Linear(6, 4).double()
+    prune.l1_unstructured(reference, "weight", amount=0.5)
+    x, y = batch()
+    c = compile_for_statistics(model, optimizer="kfac", lr=1e-2)
+    for _ in range(2):
+        F.cross_entropy(c(x), y).backward()
+        F.cross_entropy(reference(x), y).backward()
+        torch.testing.assert_close(model.weight_orig.grad, reference.weight_orig.grad, **TOL)
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    covered, total = c.layers.coverage(dict(model.named_parameters()))
+    assert covered == total, c.layers.fallbacks
