@@ -15,11 +15,12 @@ import gnfx
 
 
 def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, loss_of, steps: int,
-                  seed: int = 0) -> tuple[float, float]:
+                  seed: int = 0, parameters_only: bool = False) -> tuple[float, float]:
     """(largest loss gap, largest gradient gap) over `steps` steps of `compiled` (gnfx.compile of `model`)
     beside `reference` (a module of the same parameters); `loss_of(module, plain)` is one forward's loss of
     `module`, `plain` the module whose parameters it uses (`model` for the compiled one); the random state
-    is `seed + step` before each forward."""
+    is `seed + step` before each forward. `parameters_only`: the reference takes the model's parameters alone
+    after each step, not its state dict (bitsandbytes' 4-bit layers cannot load one into a built layer)."""
     loss_gap = grad_gap = 0.0
     for step in range(steps):
         torch.manual_seed(seed + step)
@@ -35,7 +36,12 @@ def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, l
         compiled.step()
         compiled.zero_grad()
         reference.zero_grad()
-        reference.load_state_dict(model.state_dict())
+        if parameters_only:
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), reference.parameters()):
+                    q.copy_(p)
+        else:
+            reference.load_state_dict(model.state_dict())
     return loss_gap, grad_gap
 
 

@@ -26,6 +26,7 @@ from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
 from gnfx.passes.mha import lower_multihead_attention
 from gnfx.passes.opaque_children import open_opaque_children
+from gnfx.passes.pruning import computed_pruned_reads
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
 from gnfx.passes.split_concat import split_concatenations
@@ -275,7 +276,8 @@ def _tikhonov(policy: Policy) -> bool:
 
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
-    gm = lookups_as_embeddings(split_concatenations(identity_views(lower_modules(gm, captured.leaves))))
+    gm = computed_pruned_reads(model, lower_modules(gm, captured.leaves))
+    gm = lookups_as_embeddings(split_concatenations(identity_views(gm)))
     gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(weight_first_products(gm))))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own

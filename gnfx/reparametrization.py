@@ -300,10 +300,18 @@ class WeightStandardization(_OfOneParameter):
 
 @dataclasses.dataclass(frozen=True)
 class MaskedWeight(_OfOneParameter):
-    """W = M ⊙ V (module docstring); `original` is V; `mask`: M, the tensor the captured graph read (changed in
-    place, as MADE's mask resampling does, it is followed; taken to V's device and dtype where it is used)."""
+    """W = M ⊙ V (module docstring); `original` is V; M is the attribute `mask_name` of the module `holder`,
+    where the captured graph reads it, read at each use: a mask changed in place (MADE's mask resampling) or
+    replaced (`torch.nn.utils.prune` pruning again registers a new `weight_mask`) is followed; taken to V's
+    device and dtype where it is used."""
 
-    mask: torch.Tensor = dataclasses.field(compare=False, repr=False)
+    holder: torch.nn.Module = dataclasses.field(compare=False, repr=False)
+    mask_name: str = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """M as the graph reads it now."""
+        return getattr(self.holder, self.mask_name)
 
     def _mask(self, named: dict) -> torch.Tensor:
         v = named[self.original]
@@ -311,8 +319,11 @@ class MaskedWeight(_OfOneParameter):
 
     @property
     def removal(self) -> str:
-        """No torch call: the module masks its weight in its own forward (zuko's and nflows' MaskedLinear)."""
-        module = self.weight.rpartition(".")[0]
+        """torch.nn.utils.prune.remove for a pruned weight (W named apart from V: `fc.weight` of `fc.weight_orig`);
+        else no torch call: the module masks its weight in its own forward (zuko's and nflows' MaskedLinear)."""
+        module, _, name = self.weight.rpartition(".")
+        if self.weight != self.original:
+            return f"torch.nn.utils.prune.remove(model.get_submodule({module!r}), {name!r})"
         return (f"model.get_submodule({module!r}) masks its weight in its own forward, which no torch call removes: "
                 f"replace it by a plain nn.Linear holding mask * weight and keep its gradient masked")
 

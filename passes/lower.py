@@ -6,14 +6,16 @@ padding modes as an explicit `F.pad` first, as the module does), `nn.ConvTranspo
 functional op (`F.linear`, `F.conv2d`,
 `F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
 layers in one form. Modules with a custom forward are left alone, and so are modules with forward
-pre-hooks: a pre-hook may compute the weight the forward reads (`torch.nn.utils.prune` sets
-`weight = weight_orig * weight_mask` before each call), which a `get_attr` of `weight` would freeze
-at its value at capture, leaving the parameters it is computed from without gradients. The call
+pre-hooks: a pre-hook may compute the weight the forward reads, which a `get_attr` of `weight` would
+freeze at its value at capture, leaving the parameters it is computed from without gradients. The call
 stays a `call_module`, which runs the hooks; its parameters fall back to the diagonal
-preconditioner. The old `nn.utils.weight_norm`'s pre-hook (`weight = g·v/‖v‖`) is the exception: its
-module is lowered with that weight computed in the graph on every call (passes/weight_norm.py; the
-module's own `weight` attribute, which only the hook writes, keeps its value from before the
-capture), and so is the new API's parametrization (`lower_weight_norm_modules`). (fully_shard's
+preconditioner. Two pre-hooks are the exception, whose module is lowered with the tensors they set
+computed in the graph on every call (the module's own attribute, which only the hook writes, keeps the
+value of its last eager call): the old `nn.utils.weight_norm`'s (`weight = g·v/‖v‖`,
+passes/weight_norm.py) and `torch.nn.utils.prune`'s (`weight = weight_mask * weight_orig`, of the weight,
+the bias or both: the `get_attr` of each is computed by passes/pruning.py after lowering); so is the new API's
+weight-norm parametrization
+(`lower_weight_norm_modules`). (fully_shard's
 hooks gather the parameters and compute nothing: an FSDP2 module is lowered.) A module's forward
 hooks, which see (and may replace) its output, run after the functional op (`run_forward_hooks`), as
 the module's call runs them.
@@ -25,6 +27,7 @@ from torch import fx, nn
 from torch.distributed.fsdp import FSDPModule
 
 from .rewrite import recompiled, replace
+from .pruning import pruned_tensors
 from .weight_norm import hooked_weight, hooked_weight_norm, lower_weight_norm_modules
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -37,7 +40,8 @@ def _functional(mod: nn.Module, x, weight, bias):
     stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)), None)
     if stock is None or type(mod).forward is not stock.forward:
         return None  # not a stock layer, or one with a custom forward
-    if mod._forward_pre_hooks and not isinstance(mod, FSDPModule) and hooked_weight_norm(mod) is None:
+    if mod._forward_pre_hooks and not isinstance(mod, FSDPModule) and hooked_weight_norm(mod) is None and not (
+            set(pruned_tensors(mod) or ("other",)) <= {"weight", "bias"}):
         return None  # pre-hooks, which may compute the weight (module doc)
     if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}

@@ -8,7 +8,9 @@ operator, the tensor method or torch.mul; torch.export: `aten.mul.Tensor`) of tw
 `find_masked_weights` gives each such product, in either order, whose V is a trainable parameter of 2 or
 more dimensions that nothing else uses and whose M is a tensor the graph reads as an attribute that is no
 trainable parameter (a buffer, a frozen parameter), of exactly V's shape (passes/analyze.py makes the
-product stand for V, so that the linear detector sees a weight of V's shape and its block steps W). Not
+product stand for V, so that the linear detector sees a weight of V's shape and its block steps W), M read
+through a cast (torch.nn.utils.prune's hook computes `weight_mask.to(dtype) * weight_orig`, which torch.export
+records with its `to`; passes/pruning.py gives the product under torch.fx). Not
 recognized, so falling back with the reason of the use: a mask of another shape that broadcasts (one per
 row or column), a mask computed in the forward, a product of two trainable parameters.
 
@@ -23,25 +25,37 @@ diagonal keeps stepping V.
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from gnfx.reparametrization import MaskedWeight, ScaledWeight
 
 from .linear import ADDMM_OPS, LINEAR_OPS, MATMUL_OPS
-from .norm import DIV, MUL, _is
+from .norm import DIV, MUL, _is, _uncast
 from .weight_standardization import _number
 
 LINEAR_READS = (*LINEAR_OPS, *MATMUL_OPS, *ADDMM_OPS)  # the reads of a scaled weight (module docstring)
 
 
-def _constant(gm: fx.GraphModule, node, param_of) -> torch.Tensor | None:
-    """The tensor an attribute read `node` gives when it is no trainable parameter, else None."""
+def _constant(gm: fx.GraphModule, node, param_of) -> tuple[nn.Module, str, torch.Tensor] | None:
+    """(the module holding it, its attribute name, the tensor) of an attribute read `node` that gives a tensor
+    that is no trainable parameter, else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr" or param_of(node) is not None:
         return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None
+    path, _, name = node.target.rpartition(".")
+    holder = gm
+    for part in path.split(".") if path else ():
+        holder = getattr(holder, part, None)
+    value = getattr(holder, name, None)
+    return (holder, name, value) if isinstance(holder, nn.Module) and isinstance(value, torch.Tensor) else None
+
+
+def _pruned_name(original: str, mask: str) -> str:
+    """The model's name of W: `fc.weight` for torch.nn.utils.prune's `fc.weight_orig` masked by `weight_mask`
+    (the attribute its hook sets), the parameter's own name otherwise."""
+    path, _, leaf = original.rpartition(".")
+    if leaf.endswith("_orig") and mask == f"{leaf[:-len('_orig')]}_mask":
+        return f"{path}.{leaf[:-len('_orig')]}" if path else leaf[:-len("_orig")]
+    return original
 
 
 def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, MaskedWeight]:
@@ -53,11 +67,12 @@ def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> d
         if not _is(node, MUL) or len(node.args) != 2 or node.kwargs:
             continue
         for weight, other in (node.args, reversed(node.args)):
-            original, mask = param_of(weight), _constant(gm, other, param_of)
-            if original is None or mask is None or len(shape_of(original)) < 2:
+            original, constant = param_of(weight), _constant(gm, _uncast(other), param_of)
+            if original is None or constant is None or len(shape_of(original)) < 2:
                 continue
+            holder, name, mask = constant
             if tuple(mask.shape) == shape_of(original) and all(consumer is node for consumer, _ in uses[original]):
-                found[node] = MaskedWeight(original, original, mask)
+                found[node] = MaskedWeight(_pruned_name(original, name), original, holder, name)
     return {**found, **_scaled_weights(gm, param_of, shape_of, uses)}
 
 
