@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from references import TOL, hook_statistics
+from references import TOL, hook_statistics, kfac_factors, record_linear_calls
 from steps import compile_for_statistics, statistic_step
 
 
@@ -54,3 +54,88 @@ def test_a_masked_weight_multiplied_by_its_mask_at_every_call_is_one_block_over_
         assert len(c.layers[name].sites) == 4
         for factor in ("A", "S"):
             torch.testing.assert_close(c.statistics(name)[factor], want[name][factor], **TOL)
+
+
+class Coupling(nn.Module):
+    """normflows' AffineCoupling: z2 shifted and scaled by a network of z1; `inverse` (x → z) is the direction
+    forward_kld and log_prob run."""
+
+    def __init__(self):
+        super().__init__()
+        self.param_map = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, z):
+        shift, scale = self.param_map(z[:, :1]).chunk(2, 1)
+        return torch.cat([z[:, :1], z[:, 1:] * scale.exp() + shift], 1), scale.sum(1)
+
+    def inverse(self, z):
+        shift, scale = self.param_map(z[:, :1]).chunk(2, 1)
+        return torch.cat([z[:, :1], (z[:, 1:] - shift) * (-scale).exp()], 1), -scale.sum(1)
+
+
+class CouplingBlock(nn.Module):
+    """normflows' AffineCouplingBlock: its coupling's inverse, then a swap of the two halves."""
+
+    def __init__(self):
+        super().__init__()
+        self.flows = nn.ModuleList([Coupling()])
+
+    def forward(self, z):
+        z, log_det = self.flows[0](z)
+        return z.flip(1), log_det
+
+    def inverse(self, z):
+        z, log_det = self.flows[0].inverse(z.flip(1))
+        return z, log_det
+
+
+class Flow(nn.Module):
+    """normflows' NormalizingFlow: users train `loss = model.forward_kld(x)`, which calls each layer's `inverse`,
+    never its forward, and returns the loss (the log-dets summed in it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.flows = nn.ModuleList([CouplingBlock() for _ in range(3)])
+
+    def forward(self, z):
+        for flow in self.flows:
+            z, _ = flow(z)
+        return z
+
+    def forward_kld(self, x):
+        log_q, z = torch.zeros(len(x), dtype=x.dtype), x
+        for i in range(len(self.flows) - 1, -1, -1):
+            z, log_det = self.flows[i].inverse(z)
+            log_q = log_q + log_det
+        return -(log_q - 0.5 * (z ** 2).sum(1)).mean()
+
+
+class ForwardKLD(nn.Module):
+    """The plain reference: a forward that returns the flow's forward_kld."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return self.flow.forward_kld(x)
+
+
+def test_a_method_calling_its_layers_other_methods_opens_the_layers_they_call():
+    """methods=["forward_kld"]: the layers' `inverse` runs as their Python code and the linear layers it calls
+    are blocks, their A and S those of hooks on every call (S = N Σ g gᵀ: the loss is a mean over the N
+    examples); before, each coupling block was opened as its forward's graph and its inverse's gradient
+    reached the watched parameters: a GnfxError at the backward."""
+    flow, x = Flow().double(), torch.randn(32, 2, dtype=torch.float64)
+    linears = [f"flows.{i}.flows.0.param_map.{j}" for i in range(3) for j in (0, 2)]
+    calls, _ = record_linear_calls(ForwardKLD(flow), [f"flow.{n}" for n in linears], x, None, lambda out, _: out)
+    c = compile_for_statistics(flow, optimizer="kfac", methods=["forward_kld"])
+    c.forward_kld(x).backward()
+    c.step()
+    covered, total = c.layers.coverage(dict(flow.named_parameters()))
+    assert covered == total, c.layers.fallbacks
+    for name in linears:
+        want = kfac_factors(calls[f"flow.{name}"], True, "expand", len(x))
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(name)[factor], want[factor], **TOL)
