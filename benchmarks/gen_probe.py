@@ -38,8 +38,10 @@ model's output: kd_inner, kd_softmin, kd_forward and the torchcfm models; else w
 capture's form, the share of the trainable parameters in curvature blocks, exactness (the kfac_lr runs, float64:
 the compiled model beside a second build from the same seed over 3 steps, the largest |difference| of the loss and
 of any gradient; and the first step's K-FAC A and S of every nn.Linear block against forward and gradient hooks
-on every call, benchmarks.hooked_calls, S = M Σ g gᵀ with M the examples N for a loss of a scalar or of per-example
-log-densities, else the rows of z the mean runs over; largest gap relative to the largest entry), the losses,
+on every call, benchmarks.hooked_calls, S = M Σ g gᵀ with M the examples N for a scalar output (forward_kld) or
+per-example losses (Denoiser.loss under methods=), else the rows of z the mean runs over; largest gap relative to the
+largest entry; the weights the libraries initialize to zero, k-diffusion's proj_out and normflows' last MLP layers, drawn
+anew for this check, as every gradient before them would be zero), the losses,
 gnfx's warnings and the parameters outside the blocks, the seconds; or the error. None of these libraries is a
 dependency of gnfx. The results: benchmarks/results/first_contact_13_gen.md.
 """
@@ -48,6 +50,7 @@ from __future__ import annotations
 import copy
 import importlib
 
+import numpy
 import torch
 from torch import nn
 
@@ -132,7 +135,7 @@ def problem(name: str):
                 return (((denoised - x) ** 2).flatten(1).mean(1) / c_out.flatten() ** 2).mean()
             weighting = "soft-min-snr" if name == "kd_softmin" else "karras"
             return K.Denoiser(m, SIGMA_DATA, weighting=weighting).loss(x, noise, sigma).mean()
-        return reals, kd_loss, None
+        return reals, kd_loss, BATCH if name == "kd_method" else None  # the method's output: per-example losses
     if name.startswith("cfm_"):
         torchcfm = _import("torchcfm")
         shape = (BATCH, 1, 8, 8) if name == "cfm_unet" else (64, 2)
@@ -140,7 +143,8 @@ def problem(name: str):
         matcher = (torchcfm.ExactOptimalTransportConditionalFlowMatcher if name == "cfm_ot"
                    else torchcfm.ConditionalFlowMatcher)(sigma=0.0)
 
-        def cfm_loss(m, x1):
+        def cfm_loss(m, x1):  # numpy seeded from torch's generator: the OT plan's pairs are np.random.choice's draws
+            numpy.random.seed(int(torch.randint(2 ** 31, ())))
             t, xt, ut = matcher.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
             vt = m(t, xt) if name == "cfm_unet" else m(torch.cat([xt, t[:, None]], dim=-1))
             return torch.mean((vt - ut) ** 2)
@@ -165,6 +169,10 @@ def factor_gaps(name: str, hparams: dict) -> str:
     entry (module doc), in the default dtype (float64 under float64_gaps)."""
     torch.manual_seed(0)
     model = build(name)
+    with torch.no_grad():  # k-diffusion's proj_out and normflows' last MLP layers start at zero, and so would every
+        for p in model.parameters():  # gradient before them: S compared as 0 = 0; drawn anew for this check
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, 0.1)
     reference = copy.deepcopy(model)
     batch, loss_of, m = problem(name)
     c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **hparams)

@@ -36,7 +36,10 @@ of `self.model`'s layers between them), and the graph of an opened child runs on
 itself is called, so its children are opened instead, which either call runs; a child with a parameter
 registered outside it too (shared; a module registered under two paths, as performer-pytorch's
 `ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
-it is walked once, by the first path) or read by the enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
+it is walked once, by the first path) or read by the enclosing graph itself; a child whose class
+defines a public method other than forward that the code calling it names (`self.flows[i].inverse(z)`: normflows'
+forward_kld and log_prob; the opaque code and the modules walked into down to the child, all their methods,
+`_method_called`), walked into, as the method runs its own code around its layers' calls; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a

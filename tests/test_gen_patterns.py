@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gnfx
+
 from references import TOL, hook_statistics, kfac_factors, record_linear_calls
 from steps import compile_for_statistics, statistic_step
 
@@ -139,3 +141,39 @@ def test_a_method_calling_its_layers_other_methods_opens_the_layers_they_call():
         want = kfac_factors(calls[f"flow.{name}"], True, "expand", len(x))
         for factor in ("A", "S"):
             torch.testing.assert_close(c.statistics(name)[factor], want[factor], **TOL)
+
+
+class KarrasDenoiser(nn.Module):
+    """k-diffusion's Denoiser: D(x̃, σ) = c_skip x̃ + c_out F(c_in x̃), σ_d = 0.5, F a small MLP of [x̃, σ]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def forward(self, noised, sigma):
+        var = sigma[:, None] ** 2 + 0.25
+        c_skip, c_out, c_in = 0.25 / var, sigma[:, None] * 0.5 / var.sqrt(), 1 / var.sqrt()
+        return c_skip * noised + c_out * self.inner(torch.cat([noised * c_in, sigma[:, None]], 1))
+
+
+def test_a_loss_weighted_per_example_on_a_scaled_output_is_named_with_its_unweighted_form():
+    """Karras et al.'s loss on the denoiser's output, λ(σ)·mean((D - x)²) with λ = 1/c_out² per example, under
+    loss="mse" and a closure: the squared error its gradient implies exceeds the closure's loss, and the error
+    names the per-example weighting and the unweighted loss of F that loss="mse" models; before, it named only
+    reduction='sum' or a factor."""
+    model = KarrasDenoiser().double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    sigma = torch.exp(torch.randn(16, dtype=torch.float64) * 1.2 - 1.2)
+    noised = x + torch.randn_like(x) * sigma[:, None]
+    weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    c = gnfx.compile(model, "kfac", loss="mse")
+
+    def closure():
+        loss = (((c(noised, sigma) - x) ** 2).mean(1) * weight).mean()
+        if torch.is_grad_enabled():
+            c.zero_grad()
+            loss.backward()
+        return loss
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)weighted per example.*k-diffusion.*gnfx\.compile\(inner\)"):
+        c.step(closure)
