@@ -35,7 +35,8 @@ steps on one random batch) for:
 Optimizers: "kfac" at its defaults (with loss="mse" where the users' loss is a mean squared error of the compiled
 model's output: kd_inner, kd_softmin, kd_forward and the torchcfm models; else without, at its default lr),
 "kfac_lr" (lr 1e-3), "shampoo" and "auto" at lr 1e-3, and torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the
-capture's form, the share of the trainable parameters in curvature blocks, exactness (the kfac_lr runs, float64:
+capture's form, the share of the trainable parameters in curvature blocks, exactness (the kfac_lr runs, float64,
+cfm_unet's in float32 as torchcfm's timestep embedding computes:
 the compiled model beside a second build from the same seed over 3 steps, the largest |difference| of the loss and
 of any gradient; and the first step's K-FAC A and S of every nn.Linear block against forward and gradient hooks
 on every call, benchmarks.hooked_calls, S = M Σ g gᵀ with M the examples N for a scalar output (forward_kld) or
@@ -57,7 +58,7 @@ from torch import nn
 import gnfx
 from benchmarks.child_rows import one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
-from benchmarks.lockstep import float64_gaps
+from benchmarks.lockstep import float64_gaps, lockstep_gaps
 
 BATCH, SIGMA_DATA = 8, 0.5
 MODELS = ("kd_inner", "kd_softmin", "kd_method", "kd_forward", "cfm_mlp", "cfm_ot", "cfm_unet", "nf_realnvp",
@@ -198,6 +199,13 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
     def loss_for(_):
         batch, loss_of, _ = problem(name)
         return lambda m: loss_of(m, batch)
+    if name == "cfm_unet":  # torchcfm's timestep_embedding computes in float32 whatever the model's dtype: float32
+        torch.manual_seed(0)
+        model = build(name)
+        torch.manual_seed(0)
+        reference, loss_of = build(name), loss_for(None)
+        gaps = lockstep_gaps(gnfx.compile(model, kind, **hparams), model, reference, lambda m, _: loss_of(m), 3, 100)
+        return f"{gaps[0]:.0e}, {gaps[1]:.0e} (float32); {factor_gaps(name, hparams)}"
     return float64_gaps(lambda: build(name), loss_for, kind, hparams, also=lambda: factor_gaps(name, hparams))
 
 
