@@ -884,3 +884,34 @@ def test_lucid_probe_reports_m_and_exact_factors_of_a_model_returning_its_loss(m
     gaps, m, factors = row[4].split("; ")
     assert all(float(v) < 1e-12 for v in gaps.split(", ")) and len(row[5].split(", ")) == 2
     assert m == "M = 3" and factors.startswith("A, S of 1 linear blocks") and float(factors.split()[-1]) < 1e-12
+
+
+class _ScalarLoss(nn.Module):
+    """A stand-in for a normflows flow in a module returning its forward_kld: the mean of a per-example term, a
+    0-dimensional output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return (self.net(x) ** 2).sum(1).mean()
+
+
+def test_gen_probe_reports_capture_blocks_exactness_against_hooks_and_losses(monkeypatch):
+    """benchmarks.gen_probe without normflows: `probe` on a stand-in for a flow returning its loss gives one row with
+    the capture, every parameter in blocks, exact loss and gradients and A and S against hooks (float64, S at M = the
+    examples N of a scalar output) and a loss per step; AdamW's row has no capture."""
+    from benchmarks import gen_probe
+
+    monkeypatch.setattr(gen_probe, "build", lambda name: _ScalarLoss())
+    monkeypatch.setattr(gen_probe, "problem", lambda name: (
+        torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.get_default_dtype()),
+        lambda m, b: m(b), 16))
+    row = gen_probe.probe("nf_realnvp", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.startswith("A, S of 2 linear blocks")
+    assert float(factors.split()[-1]) < 1e-12 and len(row[5].split(", ")) == 2
+    row = gen_probe.probe("nf_realnvp", "adamw", steps=1).split(" | ")
+    assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
