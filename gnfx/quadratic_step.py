@@ -1007,8 +1007,12 @@ class QuadraticStep:
                 f"not: the squared error its gradient at z implies is {recovered / max(given, 1e-300):.4g} times the "
                 f"closure's loss ({recovered:.4g} against {given:.4g}): reduction='sum' (a factor of numel(z) = "
                 f"{squared.numel()}) or a mean multiplied by a factor, which the quadratic-model step would take "
-                f"that many times too long. Fix: take the mean (F.mse_loss's default reduction='mean'), or "
-                f"compile without loss= (and with an lr)")
+                f"that many times too long, or a mean weighted per example (a diffusion loss's weighting λ(σ): "
+                f"k-diffusion's 1/c_out² on its Denoiser's output D = c_skip x + c_out F, min-SNR), whose curvature "
+                f"the unweighted squared error misjudges. Fix: take the mean (F.mse_loss's default reduction='mean'); "
+                f"for a weighted denoising loss, compile the network F inside the preconditioner and train its "
+                f"unweighted mean squared error to the scaled target (k-diffusion: K.Denoiser(gnfx.compile(inner), "
+                f"sigma_data).loss(...) with weighting='karras'); or compile without loss= (and with an lr)")
         self._mean_checked = True
 
     def _batch_loss(self, z, loss_before) -> torch.Tensor:

@@ -6,7 +6,8 @@ zuko's MaskedLinear (the hyper-networks of zuko.flows.MAF, NSF and its other aut
 self.mask, self.bias)` with a floating one. Both captures record the product as one `mul` (torch.fx: the
 operator, the tensor method or torch.mul; torch.export: `aten.mul.Tensor`) of two attribute reads.
 `find_masked_weights` gives each such product, in either order, whose V is a trainable parameter of 2 or
-more dimensions that nothing else uses and whose M is a tensor the graph reads as an attribute that is no
+more dimensions that nothing else uses (but the products by the same M at the layer's other calls:
+normflows' autoregressive inverse calls its MADE once per feature) and whose M is a tensor the graph reads as an attribute that is no
 trainable parameter (a buffer, a frozen parameter), of exactly V's shape (passes/analyze.py makes the
 product stand for V, so that the linear detector sees a weight of V's shape and its block steps W), M read
 through a cast (torch.nn.utils.prune's hook computes `weight_mask.to(dtype) * weight_orig`, which torch.export
@@ -60,19 +61,24 @@ def _pruned_name(original: str, mask: str) -> str:
 
 def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, MaskedWeight]:
     """Each product M ⊙ V (module docstring) of a trainable V of 2 or more dimensions (`param_of(node)` gives
-    its name, `shape_of(name)` its shape) that is V's only use (`uses`: each parameter's (consumer,
-    get_attr) pairs) by a constant M of V's shape, with its gnfx.reparametrization.MaskedWeight."""
-    found = {}
+    its name, `shape_of(name)` its shape) by a constant M of V's shape, with its
+    gnfx.reparametrization.MaskedWeight, where V's uses (`uses`: each parameter's (consumer, get_attr)
+    pairs) are all such products by the same M: one per call of a layer called several times (normflows'
+    Autoregressive.inverse calls its MADE once per feature), each product standing for V at its call."""
+    products: dict[str, dict[fx.Node, tuple]] = {}  # V -> {its product node: (M's holder, attribute, M)}
     for node in gm.graph.nodes:
         if not _is(node, MUL) or len(node.args) != 2 or node.kwargs:
             continue
         for weight, other in (node.args, reversed(node.args)):
             original, constant = param_of(weight), _constant(gm, _uncast(other), param_of)
-            if original is None or constant is None or len(shape_of(original)) < 2:
-                continue
-            holder, name, mask = constant
-            if tuple(mask.shape) == shape_of(original) and all(consumer is node for consumer, _ in uses[original]):
-                found[node] = MaskedWeight(_pruned_name(original, name), original, holder, name)
+            if original is not None and constant is not None and len(shape_of(original)) >= 2 and \
+                    tuple(constant[2].shape) == shape_of(original):
+                products.setdefault(original, {})[node] = constant
+    found = {}
+    for original, constants in products.items():
+        holder, name, mask = next(iter(constants.values()))
+        if all(m is mask for _, _, m in constants.values()) and all(consumer in constants for consumer, _ in uses[original]):
+            found.update((node, MaskedWeight(_pruned_name(original, name), original, holder, name)) for node in constants)
     return {**found, **_scaled_weights(gm, param_of, shape_of, uses)}
 
 

@@ -36,7 +36,10 @@ of `self.model`'s layers between them), and the graph of an opened child runs on
 itself is called, so its children are opened instead, which either call runs; a child with a parameter
 registered outside it too (shared; a module registered under two paths, as performer-pytorch's
 `ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
-it is walked once, by the first path) or read by the enclosing graph itself; anything inside a torch module whose forward reads its children's parameters
+it is walked once, by the first path) or read by the enclosing graph itself; a child whose class
+defines a public method other than forward that the code calling it names (`self.flows[i].inverse(z)`: normflows'
+forward_kld and log_prob; the opaque code and the modules walked into down to the child, all their methods,
+`_method_called`), walked into, as the method runs its own code around its layers' calls; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
@@ -166,6 +169,34 @@ def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | No
     return None
 
 
+def _class_source(module: nn.Module) -> str:
+    """The source of `module`'s class and its bases below torch's (every method: the opaque code may be a method
+    other than forward, passes/opaque_root.py), '' for a torch module or a class without source."""
+    sources = []
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.") or cls is object:
+            break
+        try:
+            sources.append(inspect.getsource(cls))
+        except (OSError, TypeError):  # a builtin, a class made at run time
+            pass
+    return "\n".join(sources)
+
+
+def _method_called(child: nn.Module, source: str) -> str | None:
+    """Why `child` cannot be opened when `source`, the code of the opaque submodule and of the modules walked
+    into down to the child's parent (`_class_source`), calls a public method of the child's class other than
+    forward by name (normflows' `self.flows[i].inverse(z)` in NormalizingFlow.forward_kld and log_prob, a coupling
+    block's `self.flows[0].inverse(z)`): an opened child's graph is its forward, and the method's code would use
+    its layers' parameters outside it; walked into instead, the layers the method calls are opened. Else None."""
+    methods = sorted({name for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
+                      for name, value in vars(cls).items()
+                      if inspect.isfunction(value) and name != "forward" and not name.startswith("_")})
+    called = next((m for m in methods if re.search(rf"\.{re.escape(m)}\(", source)), None)
+    return (f"the Python code calling it calls its method {called!r}, not its forward, which an opened child's graph "
+            f"stands for") if called else None
+
+
 def _resolve(gm: fx.GraphModule, target: str):
     """The attribute or submodule of `gm` at the dotted path `target`."""
     obj = gm
@@ -244,8 +275,9 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                 f = fallbacks[param]
                 fallbacks[param] = dataclasses.replace(f, reason=f"{f.reason}; {path} not opened: {why}")
 
-    def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int) -> None:
-        """Open the children of `module` (at `module_path`, inside the opaque `leaf`) or walk into them."""
+    def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int, source: str) -> None:
+        """Open the children of `module` (at `module_path`, inside the opaque `leaf`; `source`: the code of the
+        modules from the leaf down to it, `_class_source`) or walk into them."""
         reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
         for name, child in module.named_children():
             path = _join(module_path, name)
@@ -255,7 +287,8 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             walked.add(id(child))
             read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
             why = (f"inside {module_path}, {reads}" if reads is not None else
-                   read_by_code or _why_closed(path, child, names, read, paths[id(child)]))
+                   read_by_code or _method_called(child, source)
+                   or _why_closed(path, child, names, read, paths[id(child)]))
             if why is None:
                 try:
                     child_gm, child_table, child_sites = build(_capture(model, path, child))
@@ -271,7 +304,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                     closed(path, trainable(child), why)
                 else:  # its own parameters stay; its children are tried
                     closed(path, [names[id(p)][0] for p in child.parameters(recurse=False) if p.requires_grad], why)
-                    walk(leaf, path, child, graphs, position)
+                    walk(leaf, path, child, graphs, position, source + _class_source(child))
                 continue
             table.opened[path] = OPENED
             table.opened.update(child_table.opened)
@@ -297,7 +330,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
         if not calls:  # not called by the graph (a leaf inside another leaf, or unused): nothing would run
             continue
         graphs = {}
-        walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]])
+        walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]], _class_source(model.get_submodule(leaf)))
         if graphs:
             opened = f"gnfx_opened.{leaf}" if leaf else OPENED_ROOT
             gm.add_submodule(opened, OpenedLeaf(model.get_submodule(leaf), leaf, graphs))

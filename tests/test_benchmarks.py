@@ -900,3 +900,34 @@ def test_wide_table_runs_and_prices_shampoo_on_a_table_by_its_diagonal_side():
     # float32 factor and root over the rows: 300 entries each against 5 blocks of 60² each; and 4 more pieces
     # with their own 4 x 4 factor and root, failure counter (int64) and graft scalar (float32)
     assert blocked - diagonal == 4 * 2 * (5 * 60 ** 2 - 300) + 4 * (4 * 2 * 4 ** 2 + 8 + 4)
+
+
+class _ScalarLoss(nn.Module):
+    """A stand-in for a normflows flow in a module returning its forward_kld: the mean of a per-example term, a
+    0-dimensional output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return (self.net(x) ** 2).sum(1).mean()
+
+
+def test_gen_probe_reports_capture_blocks_exactness_against_hooks_and_losses(monkeypatch):
+    """benchmarks.gen_probe without normflows: `probe` on a stand-in for a flow returning its loss gives one row with
+    the capture, every parameter in blocks, exact loss and gradients and A and S against hooks (float64, S at M = the
+    examples N of a scalar output) and a loss per step; AdamW's row has no capture."""
+    from benchmarks import gen_probe
+
+    monkeypatch.setattr(gen_probe, "build", lambda name: _ScalarLoss())
+    monkeypatch.setattr(gen_probe, "problem", lambda name: (
+        torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=torch.get_default_dtype()),
+        lambda m, b: m(b), 16))
+    row = gen_probe.probe("nf_realnvp", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–"
+    gaps, factors = row[4].split("; ")
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and factors.startswith("A, S of 2 linear blocks")
+    assert float(factors.split()[-1]) < 1e-12 and len(row[5].split(", ")) == 2
+    row = gen_probe.probe("nf_realnvp", "adamw", steps=1).split(" | ")
+    assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
