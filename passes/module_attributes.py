@@ -57,26 +57,50 @@ from torch.nn.parameter import UninitializedBuffer
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
 
 
+def saved_attributes(model: nn.Module) -> list:
+    """What `restore_attributes` puts back: each module's own attributes, the entries of its dicts and lists, its
+    buffers (the tensors themselves, not copies: a tensor changed in place is not put back)."""
+    return [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, _entries(m), dict(m._buffers),
+             set(m._non_persistent_buffers_set)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def restore_attributes(saved: list) -> None:
+    """Each module's attributes, dict and list entries and buffers as `saved_attributes` saw them."""
+    for module, attributes, entries, buffers, non_persistent in saved:
+        for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
+            del module.__dict__[name]
+        module.__dict__.update(attributes)
+        for name, held in entries.items():  # the same container object, its entries as they were
+            attributes[name].clear()
+            (attributes[name].update if isinstance(held, dict) else attributes[name].extend)(held)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(non_persistent)
+
+
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module):
     """While inside, the forward may set attributes and register buffers on `model`'s modules; on exit
     each module's own attributes and buffers are those it had on entry (module doc)."""
-    saved = [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, _entries(m), dict(m._buffers),
-              set(m._non_persistent_buffers_set)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    saved = saved_attributes(model)
     try:
         yield
     finally:
-        for module, attributes, entries, buffers, non_persistent in saved:
-            for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
-                del module.__dict__[name]
-            module.__dict__.update(attributes)
-            for name, held in entries.items():  # the same container object, its entries as they were
-                attributes[name].clear()
-                (attributes[name].update if isinstance(held, dict) else attributes[name].extend)(held)
-            module._buffers.clear()
-            module._buffers.update(buffers)
-            module._non_persistent_buffers_set.clear()
-            module._non_persistent_buffers_set.update(non_persistent)
+        restore_attributes(saved)
+
+
+@contextlib.contextmanager
+def attributes_as(model: nn.Module, saved: list):
+    """While inside, `model`'s modules hold the attributes `saved` (saved_attributes, before a training forward):
+    a replay of that forward starts from the state it started from (a neuron's membrane potential); on exit
+    they are as on entry, the state the training forward left."""
+    now = saved_attributes(model)
+    restore_attributes(saved)
+    try:
+        yield
+    finally:
+        restore_attributes(now)
 
 
 class ForwardSideEffect(RuntimeError):

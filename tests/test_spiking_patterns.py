@@ -87,3 +87,54 @@ def test_a_neuron_state_carried_between_calls_is_carried_by_the_compiled_model(n
     state = model[1]._memories["v"] if neuron is DictStateNeuron else model[1].mem
     assert isinstance(state, (float, torch.Tensor)) and type(state).__name__ in ("float", "Tensor")
     assert c.layers.coverage(dict(model.named_parameters()))[0] == sum(p.numel() for p in model.parameters())
+
+
+class Looped(nn.Module):
+    """A multi-step network: the loop over the T time steps in its forward, the neuron's state on the neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lif, self.fc2 = nn.Linear(4, 8), DictStateNeuron(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return torch.stack([self.fc2(self.lif(self.fc1(x[t]))) for t in range(x.shape[0])]).mean(0)
+
+
+class Restarted(Looped):
+    """The same function of x, its state set to `v0` by its own forward: replaying it needs no state kept."""
+
+    def __init__(self, v0: torch.Tensor):
+        super().__init__()
+        self.v0 = v0
+
+    def forward(self, x):
+        self.lif._memories["v"] = self.v0
+        return super().forward(x)
+
+
+def test_the_quadratic_steps_replays_start_from_the_neuron_state_the_training_forward_started_from():
+    """The quadratic-model step replays the training forward (J v, L(θ + s)): each replay advanced the neuron's
+    potential again from where the training forward left it, so its GGN was of another function than the one
+    trained and the state the next batch starts from (carried over, as spikingjelly's detach_net loops do) had
+    moved T steps per replay, silently. Now the replays start from the training forward's state and leave the
+    state that forward left: the step equals that of a network which sets the same starting state itself."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(T, N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    torch.manual_seed(0)
+    carried = Looped()
+    with torch.no_grad():
+        carried(x)  # an earlier batch: the state carried into this one
+    v0 = carried.lif._memories["v"]
+    restarted = Restarted(v0)
+    restarted.load_state_dict(carried.state_dict())
+    steps = []
+    for model in (carried, restarted):
+        c = gnfx.compile(model, "kfac", loss="cross_entropy")
+        torch.manual_seed(2)  # the sampled Fisher's labels alike
+        F.cross_entropy(c(x), y).backward()
+        left = model.lif._memories["v"]
+        c.step()
+        assert model.lif._memories["v"] is left  # the state the training forward left, for the next batch
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*steps):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
