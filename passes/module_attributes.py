@@ -57,11 +57,19 @@ from torch.nn.parameter import UninitializedBuffer
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
 
 
-def saved_attributes(model: nn.Module) -> list:
-    """What `restore_attributes` puts back: each module's own attributes, the entries of its dicts and lists, its
-    buffers (the tensors themselves, not copies: a tensor changed in place is not put back)."""
+def saved_attributes(modules) -> list:
+    """What `restore_attributes` puts back: each of the `modules`' own attributes, the entries of its dicts and
+    lists, its buffers (the tensors themselves, not copies: a tensor changed in place is not put back)."""
     return [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, _entries(m), dict(m._buffers),
-             set(m._non_persistent_buffers_set)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+             set(m._non_persistent_buffers_set)) for m in modules if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def holding_state(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that can store a state for their next call: those holding a tensor (not a
+    parameter), a dict or a list among their own attributes."""
+    return [m for m in model.modules() if any(
+        k not in REGISTRIES and (type(v) in (dict, list) or isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+        for k, v in vars(m).items())]
 
 
 def restore_attributes(saved: list) -> None:
@@ -83,7 +91,7 @@ def restore_attributes(saved: list) -> None:
 def attributes_kept(model: nn.Module):
     """While inside, the forward may set attributes and register buffers on `model`'s modules; on exit
     each module's own attributes and buffers are those it had on entry (module doc)."""
-    saved = saved_attributes(model)
+    saved = saved_attributes(model.modules())
     try:
         yield
     finally:
@@ -91,11 +99,11 @@ def attributes_kept(model: nn.Module):
 
 
 @contextlib.contextmanager
-def attributes_as(model: nn.Module, saved: list):
-    """While inside, `model`'s modules hold the attributes `saved` (saved_attributes, before a training forward):
-    a replay of that forward starts from the state it started from (a neuron's membrane potential); on exit
-    they are as on entry, the state the training forward left."""
-    now = saved_attributes(model)
+def attributes_as(saved: list):
+    """While inside, the modules of `saved` (saved_attributes, before a training forward) hold the attributes it
+    holds: a replay of that forward starts from the state it started from (a neuron's membrane potential); on
+    exit they are as on entry, the state the training forward left."""
+    now = saved_attributes(m for m, *_ in saved)
     restore_attributes(saved)
     try:
         yield
