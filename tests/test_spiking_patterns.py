@@ -138,3 +138,26 @@ def test_the_quadratic_steps_replays_start_from_the_neuron_state_the_training_fo
         steps.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*steps):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class LogSoftmaxNet(nn.Module):
+    """norse's tutorial decoder and PyTorch's MNIST example: the forward ends in log_softmax, the loss is nll_loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(x), dim=1)
+
+
+def test_nll_loss_of_log_softmax_outputs_under_the_cross_entropy_loss_names_them_and_the_fix():
+    """F.nll_loss(log_softmax(a)) is the cross-entropy of a, but its gradient at the log-probabilities z is
+    -onehot/N, whose rows do not sum to zero: loss='cross_entropy' refused it naming CLIP's column loss and a binary
+    cross-entropy, neither of which the model has. The error names the log_softmax output and the fix."""
+    torch.manual_seed(0)
+    c = gnfx.compile(LogSoftmaxNet(), "kfac", loss="cross_entropy")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(GnfxError, match=r"log-probabilities(.|\n)*log_softmax(.|\n)*F\.cross_entropy\(logits, labels\)"):
+        F.nll_loss(c(x), y).backward()
+        c.step()
