@@ -461,7 +461,7 @@ class QuadraticStep:
         """Before a training forward: record the random generators' states, which every replay of it
         restores (its dropout masks; gnfx.random_state); Python's and numpy's too where the forward may
         draw with them (before the first capture, which tells, and after one that saw it draw); and the
-        modules' attributes, which every replay starts from and leaves as the training forward left them: a
+        modules' tensor state, which every replay starts from and leaves as the training forward left it: a
         spiking neuron's membrane potential, stored on its module for its next call (spikingjelly's
         `self._memories["v"]`, snntorch's `self.mem`), was advanced again by each replay, which also started
         from the state the training forward ended in (passes/module_attributes.py attributes_as)."""

@@ -98,17 +98,46 @@ def attributes_kept(model: nn.Module):
         restore_attributes(saved)
 
 
+def _tensor_state(before: tuple, now: tuple) -> tuple[list, list]:
+    """(attribute names, dict or list attribute names) of one module's `saved_attributes` entries `before` and
+    `now` that hold a tensor in either: a state the forward computes with (a float 0.0 the first call turns into a
+    tensor, spikingjelly's v after reset_net, included); numbers alone (a counter, a list of drawn numbers) not."""
+    (_, attributes, entries, *_), (_, attributes_now, entries_now, *_) = before, now
+    names = [k for k in attributes.keys() | attributes_now.keys() if k not in entries.keys() | entries_now.keys()
+             and any(isinstance(a.get(k), torch.Tensor) for a in (attributes, attributes_now))]
+    held = [k for k in entries.keys() & entries_now.keys() if any(
+        isinstance(v, torch.Tensor) for e in (entries[k], entries_now[k]) for v in (e.values() if isinstance(e, dict) else e))]
+    return names, held
+
+
+def _set_tensor_state(saved: tuple, names: list, held: list) -> None:
+    """The attributes `names` and the entries of the containers `held` of one module as `saved` holds them."""
+    module, attributes, entries, *_ = saved
+    for name in names:
+        if name in attributes:
+            module.__dict__[name] = attributes[name]
+        else:
+            module.__dict__.pop(name, None)
+    for name in held:
+        container = vars(module)[name]
+        container.clear()
+        (container.update if isinstance(container, dict) else container.extend)(entries[name])
+
+
 @contextlib.contextmanager
 def attributes_as(saved: list):
-    """While inside, the modules of `saved` (saved_attributes, before a training forward) hold the attributes it
-    holds: a replay of that forward starts from the state it started from (a neuron's membrane potential); on
-    exit they are as on entry, the state the training forward left."""
+    """While inside, the modules of `saved` (saved_attributes, before a training forward) hold the tensor state
+    it holds (`_tensor_state`): a replay of that forward starts from the state it started from (a neuron's
+    membrane potential); on exit that state is as on entry, the one the training forward left."""
     now = saved_attributes(m for m, *_ in saved)
-    restore_attributes(saved)
+    which = [_tensor_state(before, after) for before, after in zip(saved, now)]
+    for before, (names, held) in zip(saved, which):
+        _set_tensor_state(before, names, held)
     try:
         yield
     finally:
-        restore_attributes(now)
+        for after, (names, held) in zip(now, which):
+            _set_tensor_state(after, names, held)
 
 
 class ForwardSideEffect(RuntimeError):
