@@ -194,6 +194,15 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"curvature. Fix: compile without loss= and with an lr (K-FAC's statistics then come from your loss's own "
             f"gradients, fisher='empirical'), or train the one-directional loss F.cross_entropy(logits, labels), "
             f"whose curvature loss='cross_entropy' models exactly")
+    elif what and off > CROSS_ENTROPY_TOLERANCE * total and log_probabilities(z):
+        error = (
+            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z, and the output (of shape "
+            f"{tuple(z.shape)}) is log-probabilities, whose rows' logsumexp is 0 (a forward ending in log_softmax, "
+            f"as PyTorch's MNIST example's and norse's tutorial's do), trained with F.nll_loss: that loss's gradient "
+            f"at z does not have the rows summing to zero that gnfx reads the targets from ({what}). Fix: return "
+            f"the logits before the log_softmax and train F.cross_entropy(logits, labels), the same loss and "
+            f"gradients, whose curvature loss='cross_entropy' models exactly; or compile without loss= (and with an "
+            f"lr)")
     elif what:
         error = (
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
@@ -226,6 +235,13 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"loss, not yours. Pass model.step(closure) for ρ of your loss, or compile without loss= (and with an "
             f"lr), as for a loss that is no cross-entropy")
     return error, warning, values
+
+
+def log_probabilities(z: torch.Tensor) -> bool:
+    """Whether every row of the classes-last z is log-probabilities: its logsumexp 0 within
+    CROSS_ENTROPY_TOLERANCE (the output of a log_softmax)."""
+    rows = z.detach().reshape(-1, z.shape[-1]).double()
+    return bool(rows.numel()) and torch.logsumexp(rows, -1).abs().max().item() < CROSS_ENTROPY_TOLERANCE
 
 
 def symmetric_contrastive(z: torch.Tensor, grad: torch.Tensor) -> bool:

@@ -258,6 +258,7 @@ from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, out
 from gnfx.output_losses import OutputLoss, named_outputs
 from gnfx.outputs import LogitsLayout
 from gnfx.parameter_store import held_tensor
+from gnfx.passes.module_attributes import attributes_as, holding_state, saved_attributes
 from gnfx.random_state import RandomState
 
 # λ's floor. At 1e-8 the char GPT's ρ stayed above 3/4, λ fell by ω each step to the floor by step
@@ -436,6 +437,8 @@ class QuadraticStep:
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
         self._random_state: RandomState | None = None  # the generators' states before it (gnfx.random_state)
+        self._attributes_before: list | None = None  # the modules' attributes before it (a neuron's state)
+        self._holding_state: tuple | None = None  # (model, its modules that can hold a state), found once
         self._examples = 0  # its batch size, the first dimension of z
         # its z_k, one per output loss= names, in the model's own layout (_outputs: the classes-last z_c), and
         # the gradients the user's backward sent there (None: not reached)
@@ -457,11 +460,19 @@ class QuadraticStep:
     def observe_random_state(self, module, args, kwargs) -> None:
         """Before a training forward: record the random generators' states, which every replay of it
         restores (its dropout masks; gnfx.random_state); Python's and numpy's too where the forward may
-        draw with them (before the first capture, which tells, and after one that saw it draw)."""
+        draw with them (before the first capture, which tells, and after one that saw it draw); and the
+        modules' tensor state, which every replay starts from and leaves as the training forward left it: a
+        spiking neuron's membrane potential, stored on its module for its next call (spikingjelly's
+        `self._memories["v"]`, snntorch's `self.mem`), was advanced again by each replay, which also started
+        from the state the training forward ended in (passes/module_attributes.py attributes_as)."""
         if module.training and torch.is_grad_enabled():
             devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             variants = module.__dict__["_variants"]
             self._random_state = RandomState(devices, not variants.captured or variants.draws_python_random)
+            model = module.__dict__["_model"]
+            if self._holding_state is None or self._holding_state[0] is not model:
+                self._holding_state = (model, holding_state(model))
+            self._attributes_before = saved_attributes(self._holding_state[1])
 
     def observe(self, module, args, kwargs, out) -> None:
         """Remember a training forward's inputs, and the gradient its backward sends to z."""
@@ -585,10 +596,11 @@ class QuadraticStep:
                                     and len(t) == self._examples else t, (args, kwargs))
         if self._module_function is None or self._module_function.module is not model:
             self._module_function = ModuleFunction(model, list(self.parameters.named))
-        function, random_state = self._module_function, self._random_state
+        function, random_state, before = self._module_function, self._random_state, self._attributes_before
 
         def f(theta):
-            with random_state.replayed():  # the training forward's random numbers (gnfx.random_state)
+            # the training forward's random numbers (gnfx.random_state) and the state it started from
+            with random_state.replayed(), attributes_as(before):
                 heads = named_outputs(function(theta, *args, **kwargs), self.losses)
                 return [layout.classes_last(z) for layout, z in zip(self.layouts, heads)]
         return f

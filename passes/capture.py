@@ -37,8 +37,8 @@ from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.mha import lowered_for_export
-from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_number,
-                                          changes_recorded, numbers, side_effect)
+from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_value,
+                                          changes_recorded, held_values, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.torch_draws import TorchRandomDraw, moved, raising_torch_draws
@@ -104,12 +104,13 @@ class _LeafFindingTracer(MappingOutputTracer):
         return _DenseProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
-        # a module traced through whose forward changes a number it holds, or a buffer in place, is kept opaque
+        # a module traced through whose forward changes a value it holds (a number, a tensor stored for its next call),
+        # or a buffer in place, is kept opaque
         # (passes/module_attributes.py)
-        before = None if self.is_leaf_module(m, self.path_of_module(m)) else (numbers(m), buffer_values(m))
+        before = None if self.is_leaf_module(m, self.path_of_module(m)) else (held_values(m), buffer_values(m))
         try:
             out = super().call_module(m, forward, args, kwargs)
-            change = None if before is None else changed_number(m, before[0]) or changed_buffer(m, before[1])
+            change = None if before is None else changed_value(m, before[0]) or changed_buffer(m, before[1])
             if change is not None:
                 raise side_effect(m, self.path_of_module(m), change)
             path = self.path_of_module(m)
@@ -329,11 +330,11 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     with attributes_kept(model):
         while True:
             tracer = _LeafFindingTracer(set(leaves), structures)
-            before, buffers = numbers(model), buffer_values(model)
+            before, buffers = held_values(model), buffer_values(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
-                    if (change := changed_number(model, before) or changed_buffer(model, buffers)) is not None:
+                    if (change := changed_value(model, before) or changed_buffer(model, buffers)) is not None:
                         raise side_effect(model, "", change)
                     draws = draws or drew()
                     if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf

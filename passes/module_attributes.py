@@ -10,7 +10,7 @@ FakeTensor, and every later eager call (the model's own forward where capture fa
 submodule's code) computes with it: a gradient or statistic that is itself a FakeTensor, or a
 data-dependent error at the step. `attributes_kept(model)` puts back, on exit, every module's own
 attributes (its `__dict__` outside torch.nn.Module's registries: parameters, submodules and hooks are
-its own concern) and its buffers as they were on entry: those the forward added are removed, those it
+its own concern), the entries of the dicts and lists among them, and its buffers as they were on entry: those the forward added are removed, those it
 replaced restored, so the first eager call builds them again from real tensors (litgpt's LoRAQKVLinear
 registers its `_lora_ind` buffer at the first read of a property, inside the forward). (In-place
 changes inside an attribute's object or a buffer are not seen, nor undone: BatchNorm's running
@@ -22,11 +22,18 @@ that held one raised an AttributeError here).
 A forward that changes a number it holds (torchdiffeq's ODE functions count their evaluations,
 `self.nfe += 1`; a step counter, a flag) has a side effect no graph repeats: torch.fx and torch.export
 record the tensor operations only, so the count would stop on every statistic step (odenet_mnist's NFE log
-read 0 there). `changed_number(module, before)` names such a change, comparing the module's own numbers
-(`numbers`: its bool, int and float attributes) with those it had before its forward ran; the fx tracer then
-keeps that module opaque (its forward runs as its Python code, its layers opened, passes/opaque_children.py),
-and an export during which a module's forward changed one is no capture (ForwardSideEffect; torch.export puts
-the attributes back itself, so `changes_recorded` watches each forward call with hooks).
+read 0 there). So has a forward that stores a tensor on its module for the next call: a spiking neuron's
+membrane potential, carried from one time step's call to the next until the user resets it (snntorch's
+`init_hidden=True` neurons assign `self.mem`; spikingjelly's MemoryModule writes `self._memories["v"]`, an
+entry of a dict it holds): a graph traced through it reads the state the trace saw on every call (the first
+time step's, 0.0) and never writes it, so every later step computed without the potential carried over,
+silently, and the dict kept the trace's Proxy or FakeTensor. `changed_value(module, before)` names such a
+change, comparing the module's own values (`held_values`: its bool, int, float and tensor attributes, and the
+entries of the dicts and lists it holds) with those it had before its forward ran (a tensor by identity); the
+fx tracer then keeps that module opaque (its forward runs as its Python code, its layers opened,
+passes/opaque_children.py), and an export during which a module's forward changed one is no capture
+(ForwardSideEffect; torch.export puts the attributes back itself, though not a dict's entries, so
+`changes_recorded` watches each forward call with hooks and `attributes_kept` puts the entries back).
 
 A buffer changed in place by Python code that reads no input (performer-pytorch's ProjectionUpdater counts its
 calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the same side effect under torch.fx,
@@ -41,6 +48,7 @@ buffer mutation, which the graph repeats.)
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -49,42 +57,133 @@ from torch.nn.parameter import UninitializedBuffer
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
 
 
+def saved_attributes(modules) -> list:
+    """What `restore_attributes` puts back: each of the `modules`' own attributes, the entries of its dicts and
+    lists, its buffers (the tensors themselves, not copies: a tensor changed in place is not put back)."""
+    return [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, _entries(m), dict(m._buffers),
+             set(m._non_persistent_buffers_set)) for m in modules if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def holding_state(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that can store a state for their next call: those holding a tensor (not a
+    parameter), a dict or a list among their own attributes."""
+    return [m for m in model.modules() if any(
+        k not in REGISTRIES and (type(v) in (dict, list) or isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+        for k, v in vars(m).items())]
+
+
+def restore_attributes(saved: list) -> None:
+    """Each module's attributes, dict and list entries and buffers as `saved_attributes` saw them."""
+    for module, attributes, entries, buffers, non_persistent in saved:
+        for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
+            del module.__dict__[name]
+        module.__dict__.update(attributes)
+        for name, held in entries.items():  # the same container object, its entries as they were
+            attributes[name].clear()
+            (attributes[name].update if isinstance(held, dict) else attributes[name].extend)(held)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        module._non_persistent_buffers_set.clear()
+        module._non_persistent_buffers_set.update(non_persistent)
+
+
 @contextlib.contextmanager
 def attributes_kept(model: nn.Module):
     """While inside, the forward may set attributes and register buffers on `model`'s modules; on exit
     each module's own attributes and buffers are those it had on entry (module doc)."""
-    saved = [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, dict(m._buffers),
-              set(m._non_persistent_buffers_set)) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    saved = saved_attributes(model.modules())
     try:
         yield
     finally:
-        for module, attributes, buffers, non_persistent in saved:
-            for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
-                del module.__dict__[name]
-            module.__dict__.update(attributes)
-            module._buffers.clear()
-            module._buffers.update(buffers)
-            module._non_persistent_buffers_set.clear()
-            module._non_persistent_buffers_set.update(non_persistent)
+        restore_attributes(saved)
+
+
+def _tensor_state(before: tuple, now: tuple) -> tuple[list, list]:
+    """(attribute names, dict or list attribute names) of one module's `saved_attributes` entries `before` and
+    `now` that hold a tensor in either: a state the forward computes with (a float 0.0 the first call turns into a
+    tensor, spikingjelly's v after reset_net, included); numbers alone (a counter, a list of drawn numbers) not."""
+    (_, attributes, entries, *_), (_, attributes_now, entries_now, *_) = before, now
+    names = [k for k in attributes.keys() | attributes_now.keys() if k not in entries.keys() | entries_now.keys()
+             and any(isinstance(a.get(k), torch.Tensor) for a in (attributes, attributes_now))]
+    held = [k for k in entries.keys() & entries_now.keys() if any(
+        isinstance(v, torch.Tensor) for e in (entries[k], entries_now[k]) for v in (e.values() if isinstance(e, dict) else e))]
+    return names, held
+
+
+def _set_tensor_state(saved: tuple, names: list, held: list) -> None:
+    """The attributes `names` and the entries of the containers `held` of one module as `saved` holds them."""
+    module, attributes, entries, *_ = saved
+    for name in names:
+        if name in attributes:
+            module.__dict__[name] = attributes[name]
+        else:
+            module.__dict__.pop(name, None)
+    for name in held:
+        container = vars(module)[name]
+        container.clear()
+        (container.update if isinstance(container, dict) else container.extend)(entries[name])
+
+
+@contextlib.contextmanager
+def attributes_as(saved: list):
+    """While inside, the modules of `saved` (saved_attributes, before a training forward) hold the tensor state
+    it holds (`_tensor_state`): a replay of that forward starts from the state it started from (a neuron's
+    membrane potential); on exit that state is as on entry, the one the training forward left."""
+    now = saved_attributes(m for m, *_ in saved)
+    which = [_tensor_state(before, after) for before, after in zip(saved, now)]
+    for before, (names, held) in zip(saved, which):
+        _set_tensor_state(before, names, held)
+    try:
+        yield
+    finally:
+        for after, (names, held) in zip(now, which):
+            _set_tensor_state(after, names, held)
 
 
 class ForwardSideEffect(RuntimeError):
     """Raised where a captured forward changed a number a module holds, or a buffer under torch.fx (module doc)."""
 
 
-def numbers(module: nn.Module) -> dict[str, object]:
-    """The module's own bool, int and float attributes (not its submodules')."""
-    return {k: v for k, v in vars(module).items() if k not in REGISTRIES and type(v) in (bool, int, float)}
+def _entries(module: nn.Module) -> dict[str, dict | list]:
+    """A shallow copy of each dict and list among the module's own attributes, by attribute name."""
+    return {k: copy.copy(v) for k, v in vars(module).items() if k not in REGISTRIES and type(v) in (dict, list)}
 
 
-def changed_number(module: nn.Module, before: dict[str, object]) -> str | None:
-    """'attribute name (before -> now)' of the first of the module's own numbers that changed since `before`
-    (`numbers(module)` then), or None. A number replaced by a value of another type changed too: one the
+def _attributes(module: nn.Module) -> dict[str, object]:
+    """The module's own attributes and the entries of the dicts and lists among them, by 'name' or 'name[key]'."""
+    values = {k: v for k, v in vars(module).items() if k not in REGISTRIES}
+    for name, held in _entries(module).items():
+        values.update({f"{name}[{key!r}]": v for key, v in (held.items() if isinstance(held, dict) else enumerate(held))})
+    return values
+
+
+def held_values(module: nn.Module) -> dict[str, object]:
+    """The module's own bool, int, float and tensor attributes (not its submodules'), and those entries of the
+    dicts and lists it holds, by 'name' or 'name[key]'."""
+    return {k: v for k, v in _attributes(module).items()
+            if type(v) in (bool, int, float) or isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)}
+
+
+def _same(before, now) -> bool:
+    """A tensor is the same object; a number of the same type and value."""
+    if isinstance(before, torch.Tensor):
+        return now is before
+    return type(now) is type(before) and now == before
+
+
+def changed_value(module: nn.Module, before: dict[str, object]) -> str | None:
+    """'attribute name (before -> now)' of the first of the module's own values that changed since `before`
+    (`held_values(module)` then), or None. A number replaced by a value of another type changed too: one the
     traced forward computed from its input (speechbrain's InputNormalization counts the frames it has seen,
-    `self.count += mask.sum().item()`, a Proxy under torch.fx, which a later trace would read)."""
-    now = vars(module)
-    return next((f"attribute {k} ({v!r} -> {now.get(k)!r})" for k, v in before.items()
-                 if k in now and (type(now[k]) is not type(v) or now[k] != v)), None)
+    `self.count += mask.sum().item()`, a Proxy under torch.fx, which a later trace would read); a tensor replaced
+    by another is a state stored for the next call (module doc); a dict's or list's entry removed changed."""
+    now = _attributes(module)
+    return next((f"attribute {k} ({_shown(v)} -> {_shown(now.get(k))})" for k, v in before.items()
+                 if k in now and not _same(v, now[k]) or k not in now and "[" in k), None)
+
+
+def _shown(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,25 +204,25 @@ def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | 
 
 
 def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
-    """The error naming the number or buffer the forward of `module` (at `path`, "" for the model) changed."""
+    """The error naming the value or buffer the forward of `module` (at `path`, "" for the model) changed."""
     where = f"{type(module).__name__} {path!r}" if path else type(module).__name__
     return ForwardSideEffect(f"the forward of {where} changes its {change}, a Python side effect that "
                              f"a captured graph would not repeat (an evaluation counter would stop on the statistic "
-                             f"steps)")
+                             f"steps; a state stored for the next call, a neuron's membrane potential, would not be carried)")
 
 
 @contextlib.contextmanager
 def changes_recorded(model: nn.Module):
-    """While inside, each forward call of `model`'s modules that changes one of the module's own numbers
+    """While inside, each forward call of `model`'s modules that changes one of the module's own values
     appends (module, path, change) to the list yielded (hooks, removed on exit)."""
     changes, handles = [], []
-    entered: dict[int, list] = {}  # a module's numbers at each call it is inside of (a recursive call nests)
+    entered: dict[int, list] = {}  # a module's values at each call it is inside of (a recursive call nests)
 
     def before(m, _):
-        entered.setdefault(id(m), []).append(numbers(m))
+        entered.setdefault(id(m), []).append(held_values(m))
 
     def after(m, _, __, path):
-        change = changed_number(m, entered[id(m)].pop())
+        change = changed_value(m, entered[id(m)].pop())
         if change is not None:
             changes.append((m, path, change))
     for path, module in model.named_modules():

@@ -1,0 +1,163 @@
+"""Spiking-network patterns (spikingjelly, norse, snntorch) in plain torch: stateful neurons that keep their
+membrane potential on the module between calls, reset by the user after each batch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+from gnfx.errors import GnfxError
+
+T, N = 3, 6
+
+
+class DictStateNeuron(nn.Module):
+    """spikingjelly's MemoryModule: the membrane potential v kept in a dict of the module (`self._memories`,
+    a float until the first call), carried from one call to the next until `reset()`."""
+
+    def __init__(self):
+        super().__init__()
+        self._memories = {"v": 0.0}
+
+    def forward(self, x):
+        v = 0.5 * self._memories["v"] + x
+        self._memories["v"] = v
+        return torch.tanh(v)
+
+    def reset(self):
+        self._memories["v"] = 0.0
+
+
+class AttributeStateNeuron(DictStateNeuron):
+    """snntorch's `init_hidden=True` neurons: the potential a tensor attribute of the module (`self.mem`)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.mem = torch.zeros(())
+
+    def forward(self, x):
+        self.mem = 0.5 * self.mem + x
+        return torch.tanh(self.mem)
+
+    def reset(self):
+        self.mem = torch.zeros(())
+
+
+def single_step_net(neuron: type) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), neuron(), nn.Linear(8, 3))
+
+
+def rate_loss(model: nn.Module, plain: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """spikingjelly's lif_fc_mnist loop: the single-step network called once per time step, its outputs
+    averaged over the T steps (the rate), mean squared error to the one-hot labels; the state reset after."""
+    rate = sum(model(x[t]) for t in range(T)) / T
+    for m in plain.modules():
+        if isinstance(m, DictStateNeuron):
+            m.reset()
+    return F.mse_loss(rate, F.one_hot(y, 3).to(rate.dtype))
+
+
+@pytest.mark.parametrize("neuron", [DictStateNeuron, AttributeStateNeuron])
+def test_a_neuron_state_carried_between_calls_is_carried_by_the_compiled_model(neuron):
+    """torch.fx traced through the neuron: its graph read the state the trace saw (0.0) on every call, so the
+    second and third time steps of the compiled model computed without the potential carried over, silently, and
+    the dict was left holding the trace's Proxy. A forward that stores a tensor on its module (an attribute, or an
+    entry of a dict or list it holds) is a side effect no graph repeats: the neuron runs as its Python code."""
+    model = single_step_net(neuron)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(T, N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
+    for _ in range(3):
+        loss, loss_ref = rate_loss(c, model, x, y), rate_loss(reference, reference, x, y)
+        loss.backward()
+        loss_ref.backward()
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-6)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6)
+        c.step()
+        c.zero_grad()
+        reference.zero_grad()
+        reference.load_state_dict(model.state_dict())
+    state = model[1]._memories["v"] if neuron is DictStateNeuron else model[1].mem
+    assert isinstance(state, (float, torch.Tensor)) and type(state).__name__ in ("float", "Tensor")
+    assert c.layers.coverage(dict(model.named_parameters()))[0] == sum(p.numel() for p in model.parameters())
+
+
+class Looped(nn.Module):
+    """A multi-step network: the loop over the T time steps in its forward, the neuron's state on the neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lif, self.fc2 = nn.Linear(4, 8), DictStateNeuron(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return torch.stack([self.fc2(self.lif(self.fc1(x[t]))) for t in range(x.shape[0])]).mean(0)
+
+
+class Restarted(Looped):
+    """The same function of x, its state set to `v0` by its own forward: replaying it needs no state kept."""
+
+    def __init__(self, v0: torch.Tensor):
+        super().__init__()
+        self.v0 = v0
+
+    def forward(self, x):
+        self.lif._memories["v"] = self.v0
+        return super().forward(x)
+
+
+def test_the_quadratic_steps_replays_start_from_the_neuron_state_the_training_forward_started_from():
+    """The quadratic-model step replays the training forward (J v, L(θ + s)): each replay advanced the neuron's
+    potential again from where the training forward left it, so its GGN was of another function than the one
+    trained and the state the next batch starts from (carried over, as spikingjelly's detach_net loops do) had
+    moved T steps per replay, silently. Now the replays start from the training forward's state and leave the
+    state that forward left: the step equals that of a network which sets the same starting state itself."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(T, N, 4, generator=g), torch.randint(0, 3, (N,), generator=g)
+    torch.manual_seed(0)
+    carried = Looped()
+    with torch.no_grad():
+        carried(x)  # an earlier batch: the state carried into this one
+    v0 = carried.lif._memories["v"]
+    restarted = Restarted(v0)
+    restarted.load_state_dict(carried.state_dict())
+    steps = []
+    for model in (carried, restarted):
+        c = gnfx.compile(model, "kfac", loss="cross_entropy")
+        torch.manual_seed(2)  # the sampled Fisher's labels alike
+        F.cross_entropy(c(x), y).backward()
+        left = model.lif._memories["v"]
+        c.step()
+        assert model.lif._memories["v"] is left  # the state the training forward left, for the next batch
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*steps):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class LogSoftmaxNet(nn.Module):
+    """norse's tutorial decoder and PyTorch's MNIST example: the forward ends in log_softmax, the loss is nll_loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(x), dim=1)
+
+
+def test_nll_loss_of_log_softmax_outputs_under_the_cross_entropy_loss_names_them_and_the_fix():
+    """F.nll_loss(log_softmax(a)) is the cross-entropy of a, but its gradient at the log-probabilities z is
+    -onehot/N, whose rows do not sum to zero: loss='cross_entropy' refused it naming CLIP's column loss and a binary
+    cross-entropy, neither of which the model has. The error names the log_softmax output and the fix."""
+    torch.manual_seed(0)
+    c = gnfx.compile(LogSoftmaxNet(), "kfac", loss="cross_entropy")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(GnfxError, match=r"log-probabilities(.|\n)*log_softmax(.|\n)*F\.cross_entropy\(logits, labels\)"):
+        F.nll_loss(c(x), y).backward()
+        c.step()
