@@ -72,7 +72,9 @@ class LogitsLayout:
         self.classes_axis: int | None = None  # -1 or 1; None: no gradient at z has told yet
 
     def settle(self, z: torch.Tensor, grad: torch.Tensor) -> None:
-        """Tell the classes' axis from `grad`, the user's loss's gradient at the logits z, unless known."""
+        """Tell the classes' axis from `grad`, the user's loss's gradient at the logits z, unless known: the
+        axis its rows sum to zero over; where that does not tell (F.nll_loss of log-probabilities, whose
+        rows sum to -1/M: log_softmax_gradient), the axis over which z's logsumexp is 0."""
         if self.classes_axis is not None:
             return
         if z.dim() < 3:
@@ -82,6 +84,8 @@ class LogitsLayout:
         last, first = torch.stack([grad.sum(-1).abs().sum(), grad.sum(1).abs().sum()]).tolist()
         if last != first:
             self.classes_axis = -1 if last < first else 1
+        elif log_probabilities(z.movedim(1, -1)) != log_probabilities(z):
+            self.classes_axis = 1 if log_probabilities(z.movedim(1, -1)) else -1
 
     def classes_last(self, t: torch.Tensor) -> torch.Tensor:
         """z_c (or a tensor shaped like z, its gradient) with the classes on the last dimension: a view."""
@@ -195,14 +199,8 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"gradients, fisher='empirical'), or train the one-directional loss F.cross_entropy(logits, labels), "
             f"whose curvature loss='cross_entropy' models exactly")
     elif what and off > CROSS_ENTROPY_TOLERANCE * total and log_probabilities(z):
-        error = (
-            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z, and the output (of shape "
-            f"{tuple(z.shape)}) is log-probabilities, whose rows' logsumexp is 0 (a forward ending in log_softmax, "
-            f"as PyTorch's MNIST example's and norse's tutorial's do), trained with F.nll_loss: that loss's gradient "
-            f"at z does not have the rows summing to zero that gnfx reads the targets from ({what}). Fix: return "
-            f"the logits before the log_softmax and train F.cross_entropy(logits, labels), the same loss and "
-            f"gradients, whose curvature loss='cross_entropy' models exactly; or compile without loss= (and with an "
-            f"lr)")
+        # F.nll_loss of log-probabilities: checked as the cross-entropy gradient it is (log_softmax_gradient)
+        return cross_entropy_gradient_findings(z, log_softmax_gradient(z, grad), *also, dense=dense, scale=scale)
     elif what:
         error = (
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
@@ -242,6 +240,18 @@ def log_probabilities(z: torch.Tensor) -> bool:
     CROSS_ENTROPY_TOLERANCE (the output of a log_softmax)."""
     rows = z.detach().reshape(-1, z.shape[-1]).double()
     return bool(rows.numel()) and torch.logsumexp(rows, -1).abs().max().item() < CROSS_ENTROPY_TOLERANCE
+
+
+def log_softmax_gradient(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """g − p (1ᵀg) in each classes-last row, p = softmax(z): the gradient a log_softmax whose output is z passes
+    to its input, here taken at z itself. A forward ending in log_softmax (PyTorch's MNIST example, norse's
+    tutorial) trained with F.nll_loss sends -q_n/M to its log-probabilities z, whose rows do not sum to zero;
+    projected, it is the cross-entropy's (p_n − q_n)/M, which gnfx reads the targets from. Exact for
+    loss="cross_entropy" on such a z: nll(z) = CE(z) for log-probabilities (their logsumexp is 0), the
+    gradients below z are the same (the log_softmax's Jacobian applies the projection, which leaves a
+    cross-entropy gradient as it is), and so is the GGN, since cross-entropy's H_ℓ = diag(p) − ppᵀ at z
+    annihilates 1, the direction the projection removes. The identity on a cross-entropy gradient."""
+    return grad - torch.softmax(z, -1) * grad.sum(-1, keepdim=True)
 
 
 def symmetric_contrastive(z: torch.Tensor, grad: torch.Tensor) -> bool:

@@ -190,7 +190,8 @@ whatever the grad mode, as torch's documentation and skorch's train_step write i
 is then taken as no closure for L(θ+s)). Without a closure, the loss
 is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
 targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
-label smoothing included), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
+label smoothing included; F.nll_loss of log-probabilities z with g_z first taken as the cross-entropy's,
+gnfx.outputs.log_softmax_gradient), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
 (soft targets included; on statistic steps gnfx.outputs.check_binary_cross_entropy_gradient checks
 them in [0, 1]); under torch.amp.GradScaler g_z is s times that and the optimizer's step divides it by
 s (`unscale`);
@@ -256,7 +257,7 @@ from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.output_losses import OutputLoss, named_outputs
-from gnfx.outputs import LogitsLayout
+from gnfx.outputs import LogitsLayout, log_softmax_gradient
 from gnfx.parameter_store import held_tensor
 from gnfx.passes.module_attributes import attributes_as, holding_state, saved_attributes
 from gnfx.random_state import RandomState
@@ -393,7 +394,8 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
         target = torch.sigmoid(z0) - grad_z * z0.numel()
         return lambda z: F.binary_cross_entropy_with_logits(z, target)
     classes = z0.shape[-1]
-    g = grad_z.reshape(-1, classes)
+    # F.nll_loss's gradient at log-probabilities as the cross-entropy's (the identity on that one)
+    g = log_softmax_gradient(z0.reshape(-1, classes), grad_z.reshape(-1, classes))
     kept = g.ne(0).any(1)
     terms = kept.sum().clamp(min=1)
     target = torch.softmax(z0.reshape(-1, classes), -1) - terms * g

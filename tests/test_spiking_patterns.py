@@ -151,13 +151,71 @@ class LogSoftmaxNet(nn.Module):
         return F.log_softmax(self.fc(x), dim=1)
 
 
-def test_nll_loss_of_log_softmax_outputs_under_the_cross_entropy_loss_names_them_and_the_fix():
+class LogitsNet(LogSoftmaxNet):
+    """The same layers returning the logits, trained with F.cross_entropy."""
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("hp", [{}, {"lr": 0.1, "fisher": "mc"}, {"lr": 0.1}], ids=["defaults", "mc-fisher", "empirical"])
+def test_nll_loss_of_log_softmax_outputs_trains_as_the_cross_entropy_of_the_logits(hp):
     """F.nll_loss(log_softmax(a)) is the cross-entropy of a, but its gradient at the log-probabilities z is
-    -onehot/N, whose rows do not sum to zero: loss='cross_entropy' refused it naming CLIP's column loss and a binary
-    cross-entropy, neither of which the model has. The error names the log_softmax output and the fix."""
+    -onehot/M, whose rows do not sum to zero: loss='cross_entropy' refused it (the check reads a cross-entropy's
+    targets from such rows). Through the log_softmax the two losses have the same gradients and GGN, so the
+    model ending in log_softmax, trained with nll_loss, now takes the steps of the same layers returning logits
+    under F.cross_entropy, with an ignored target (-100) among the rows: at kfac's defaults (the quadratic step,
+    whose loss for ρ is recovered from the gradient at z), with the sampled Fisher and with the empirical one."""
+    runs = []
+    for net, loss_fn in ((LogSoftmaxNet, F.nll_loss), (LogitsNet, F.cross_entropy)):
+        torch.manual_seed(0)
+        c = gnfx.compile(net().double(), "kfac", loss="cross_entropy", stat_every=1, **hp)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+            y[2] = -100
+            loss_fn(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append([p.detach().clone() for p in c.parameters()])
     torch.manual_seed(0)
-    c = gnfx.compile(LogSoftmaxNet(), "kfac", loss="cross_entropy")
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    with pytest.raises(GnfxError, match=r"log-probabilities(.|\n)*log_softmax(.|\n)*F\.cross_entropy\(logits, labels\)"):
-        F.nll_loss(c(x), y).backward()
-        c.step()
+    start = LogSoftmaxNet().double()
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(runs[0], start.parameters()))  # it trained
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class SegmentationNet(nn.Module):
+    """A 1x1 convolution's per-pixel class scores, (N, C, H, W): log_softmax over dimension 1 with
+    `log_probabilities`, the logits otherwise."""
+
+    def __init__(self, log_probabilities: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)
+        self.log_probabilities = log_probabilities
+
+    def forward(self, x):
+        z = self.conv(x)
+        return F.log_softmax(z, dim=1) if self.log_probabilities else z
+
+
+def test_nll_loss_of_per_pixel_log_softmax_finds_the_classes_axis_and_trains_as_the_cross_entropy():
+    """An (N, C, H, W) output of log-probabilities under F.nll_loss: the gradient's rows sum to -1/M over either
+    axis, so the classes' axis is the one over which z's logsumexp is 0; the steps at kfac's defaults are those of
+    the logits under F.cross_entropy."""
+    runs = []
+    for log_probabilities, loss_fn in ((True, F.nll_loss), (False, F.cross_entropy)):
+        torch.manual_seed(0)
+        c = gnfx.compile(SegmentationNet(log_probabilities).double(), "kfac", loss="cross_entropy", stat_every=1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (2, 4, 5), generator=g)
+            loss_fn(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+        runs.append([p.detach().clone() for p in c.parameters()])
+    torch.manual_seed(0)
+    start = SegmentationNet(True).double()
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(runs[0], start.parameters()))  # it trained
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
