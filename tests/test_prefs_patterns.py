@@ -1,0 +1,130 @@
+"""Preference fine-tuning as trl's users write it, in plain torch (benchmarks/results/first_contact_13_prefs.md):
+DPO's loss, -logsigmoid(β((log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)))), on one forward of the chosen and
+rejected completions concatenated, with the reference the same model with its LoRA adapters disabled (peft's
+`with model.disable_adapter():`, a flag on each adapted layer that its forward branches on). Each test failed
+before its change.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+from references import kfac_factors
+
+VOCAB, WIDTH, PAIRS, PROMPT, COMPLETION = 11, 8, 3, 3, 4
+
+
+class LoraLinear(nn.Module):
+    """peft's LoRA layer: a frozen base Linear plus B A x, skipped while `disable_adapters` is set."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A, self.lora_B = nn.Linear(d_in, 2, bias=False), nn.Linear(2, d_out, bias=False)
+        self.disable_adapters = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.disable_adapters:
+            return y
+        return y + self.lora_B(self.lora_A(x))
+
+
+class AdaptedLM(nn.Module):
+    """A frozen embedding and head around two LoRA layers: (N, T) token ids -> (N, T, VOCAB) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH).requires_grad_(False)
+        self.hidden, self.out = LoraLinear(WIDTH, WIDTH), LoraLinear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.hidden(self.embed(ids))))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """peft's `model.disable_adapter()`: every LoRA layer's flag set while inside."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for m in layers:
+        m.disable_adapters = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disable_adapters = False
+
+
+def preference_batch():
+    """Token ids (2·PAIRS, PROMPT + COMPLETION), the chosen completions first, and their labels (-100 on the
+    prompt), as trl's DPO collator concatenates them."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (PAIRS, PROMPT), generator=g).repeat(2, 1)
+    ids = torch.cat([prompt, torch.randint(0, VOCAB, (2 * PAIRS, COMPLETION), generator=g)], 1)
+    return ids, ids.masked_fill(torch.arange(ids.shape[1]) < PROMPT, -100)
+
+
+def completion_logps(logits, labels):
+    """Σ over the completion's tokens of log softmax(logits)[next token], per sequence (trl's log-probs)."""
+    targets, logits = labels[:, 1:], logits[:, :-1]
+    per_token = logits.log_softmax(-1).gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (per_token * (targets != -100)).sum(1)
+
+
+def dpo_loss(policy, reference, beta: float = 0.5):
+    """DPO's sigmoid loss over the pairs, from (2·PAIRS,) log-probs of the policy and the reference."""
+    (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_reference_forward_with_adapters_disabled_runs_without_them(capture):
+    """The reference log-probs computed on the compiled model under `adapters_disabled` with gradients enabled
+    and detached (a hand-written DPO loop's; trl's runs it under torch.no_grad, which calls the module itself) are
+    the base model's on every step, statistic steps included. Before: the graph, captured with the adapters on,
+    ignored the flag on statistic steps, so the reference was the policy itself, the loss log 2 and its gradient
+    zero, silently. The statistics, against plain hooks over the same forwards: the detached reference forward
+    adds no rows."""
+    torch.manual_seed(0)
+    model = AdaptedLM().double()
+    plain = copy.deepcopy(model)
+    ids, labels = preference_batch()
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0, capture=capture,
+                     example_inputs=(ids,))
+    lora = [n for n, m in plain.named_modules() if n.endswith(("lora_A", "lora_B"))]
+    for _ in range(3):
+        records = {n: [] for n in lora}
+        handles = [dict(plain.named_modules())[n].register_forward_hook(
+            lambda m, i, o, n=n: records[n].append([i[0].detach(), o])) for n in lora]
+        want_policy = completion_logps(plain(ids), labels)
+        for h in handles:
+            h.remove()
+        for record in (r for n in lora for r in records[n]):
+            record[1].register_hook(lambda g, record=record: record.__setitem__(1, g))
+        with adapters_disabled(plain), torch.no_grad():
+            want_reference = completion_logps(plain(ids), labels)
+        dpo_loss(want_policy, want_reference).backward()
+        policy = completion_logps(c(ids), labels)
+        with adapters_disabled(model):
+            reference = completion_logps(c(ids), labels).detach()
+        torch.testing.assert_close(reference, want_reference, rtol=1e-12, atol=1e-12)
+        loss = dpo_loss(policy, reference)
+        loss.backward()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+        c.step()
+        rows = int((labels[:, 1:] != -100).sum())  # M: the logits' rows the loss reaches
+        for name in lora:
+            want = kfac_factors(records[name], False, "expand", rows)
+            torch.testing.assert_close(c.statistics(name)["A"], want["A"], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(c.statistics(name)["S"], want["S"], rtol=1e-10, atol=1e-12)
+        c.zero_grad()
+        plain.zero_grad()
+        plain.load_state_dict(model.state_dict())
