@@ -128,3 +128,64 @@ def test_the_reference_forward_with_adapters_disabled_runs_without_them(capture)
         c.zero_grad()
         plain.zero_grad()
         plain.load_state_dict(model.state_dict())
+
+
+class TiledLogProbs(torch.autograd.Function):
+    """trl's fused log-probability head (`_ChunkedLogProbFunction`): log softmax(h Wᵀ)[y] per row, its logits
+    written into a preallocated tile with torch.mm(..., out=tile), its backward the derivative written out."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        tile = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype)
+        torch.mm(hidden, weight.t(), out=tile)
+        probs = tile.softmax(-1)
+        ctx.save_for_backward(hidden, weight, probs, targets)
+        return probs.gather(1, targets.unsqueeze(1)).squeeze(1).log()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, probs, targets = ctx.saved_tensors
+        dlogits = grad.unsqueeze(1) * (F.one_hot(targets, weight.shape[0]).to(probs) - probs)
+        return dlogits @ weight, dlogits.T @ hidden, None
+
+
+class FusedHeadLM(nn.Module):
+    """A language model whose forward returns the completion tokens' log-probabilities through TiledLogProbs."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids, labels):
+        h = torch.tanh(self.hidden(self.embed(ids)))[:, :-1].reshape(-1, WIDTH)
+        targets = labels[:, 1:].reshape(-1)
+        per_token = TiledLogProbs.apply(h, self.head.weight, targets.clamp(min=0))
+        return (per_token * (targets != -100)).reshape(ids.shape[0], -1)
+
+
+def test_a_custom_function_that_writes_its_products_out_trains_as_the_model():
+    """trl 1.16's DPO forward (`add_fused_lm_head`: the log-probabilities from a Function whose forward runs
+    torch.mm(..., out=tile)). gnfx's check of a Function's backward against its forward's derivative records the
+    forward's operations with gradients, where an out= product raises; before, that RuntimeError ended the first
+    call ("mm(): functions with out=... arguments don't support automatic differentiation"). Now the Function has
+    no derivative to compare, torch.export's capture is refused for it and torch.fx's, which keeps the Function's
+    call and its backward, trains the model: DPO's loss and gradients equal a plain copy's, in float64."""
+    torch.manual_seed(0)
+    model = FusedHeadLM().double()
+    plain, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+    ids, labels = preference_batch()
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
+    for _ in range(3):
+        with torch.no_grad():
+            ref = reference(ids, labels).sum(1)
+        loss, want = (dpo_loss(m(ids, labels).sum(1), ref) for m in (c, plain))
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+        loss.backward()
+        want.backward()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+        c.step()
+        c.zero_grad()
+        plain.zero_grad()
+        plain.load_state_dict(model.state_dict())
+    assert c.layers.form == "fx"
