@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -189,3 +190,43 @@ def test_a_custom_function_that_writes_its_products_out_trains_as_the_model():
         plain.zero_grad()
         plain.load_state_dict(model.state_dict())
     assert c.layers.form == "fx"
+
+
+class PlainLM(nn.Module):
+    """Token ids (N, T) -> logits (N, T, VOCAB)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.hidden(self.embed(ids))))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_a_preference_loss_compiled_with_cross_entropy_is_refused(beta):
+    """DPO's loss with loss='cross_entropy' and no lr (the quadratic step): its gradient at the logits has rows of
+    the cross-entropy form, those of the rejected completions with the opposite sign (k(e_y - p), lowering
+    log p_y). Before: a warning that named class weights and distillation, and the quadratic step modelled the
+    loss as a cross-entropy of the targets it implies (its GGN, and its ρ without a closure), silently wrong for
+    DPO (β 0.1); or (β 0.5, whose gradient's absolute values sum to more than 2) an error that named a summed or
+    scaled loss. Now a GnfxError that names preference losses and the fix. SFT's cross-entropy (labels -100 on the
+    prompt) on the same model still steps without a word."""
+    torch.manual_seed(0)
+    model = PlainLM()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    ids, labels = preference_batch()
+    c = gnfx.compile(model, "kfac", loss="cross_entropy")
+    with torch.no_grad():
+        ref = completion_logps(reference(ids), labels)
+    with pytest.raises(gnfx.GnfxError, match=r"(?s)lowers the log-probability.*DPO.*without loss= and with an lr"):
+        dpo_loss(completion_logps(c(ids), labels), ref, beta).backward()
+        c.step()
+    torch.manual_seed(0)
+    c = gnfx.compile(PlainLM(), "kfac", loss="cross_entropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            F.cross_entropy(c(ids)[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+            c.step()
+            c.zero_grad()
