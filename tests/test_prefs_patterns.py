@@ -1,8 +1,9 @@
 """Preference fine-tuning as trl's users write it, in plain torch (benchmarks/results/first_contact_13_prefs.md):
 DPO's loss, -logsigmoid(β((log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r)))), on one forward of the chosen and
 rejected completions concatenated, with the reference the same model with its LoRA adapters disabled (peft's
-`with model.disable_adapter():`, a flag on each adapted layer that its forward branches on). Each test failed
-before its change.
+`with model.disable_adapter():`, a flag on each adapted layer that its forward branches on); the log-probabilities
+from a custom Function that writes its logits tiles with out= (trl 1.16's fused head); and DPO's loss compiled
+with loss='cross_entropy'. Each test failed before its change.
 """
 from __future__ import annotations
 
@@ -131,6 +132,18 @@ def test_the_reference_forward_with_adapters_disabled_runs_without_them(capture)
         plain.load_state_dict(model.state_dict())
 
 
+class PlainLM(nn.Module):
+    """Token ids (N, T) -> logits (N, T, VOCAB)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.hidden(self.embed(ids))))
+
+
 class TiledLogProbs(torch.autograd.Function):
     """trl's fused log-probability head (`_ChunkedLogProbFunction`): log softmax(h Wᵀ)[y] per row, its logits
     written into a preallocated tile with torch.mm(..., out=tile), its backward the derivative written out."""
@@ -150,12 +163,8 @@ class TiledLogProbs(torch.autograd.Function):
         return dlogits @ weight, dlogits.T @ hidden, None
 
 
-class FusedHeadLM(nn.Module):
-    """A language model whose forward returns the completion tokens' log-probabilities through TiledLogProbs."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.hidden, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, VOCAB)
+class FusedHeadLM(PlainLM):
+    """PlainLM whose forward returns the completion tokens' log-probabilities through TiledLogProbs."""
 
     def forward(self, ids, labels):
         h = torch.tanh(self.hidden(self.embed(ids)))[:, :-1].reshape(-1, WIDTH)
@@ -190,17 +199,6 @@ def test_a_custom_function_that_writes_its_products_out_trains_as_the_model():
         plain.zero_grad()
         plain.load_state_dict(model.state_dict())
     assert c.layers.form == "fx"
-
-
-class PlainLM(nn.Module):
-    """Token ids (N, T) -> logits (N, T, VOCAB)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.hidden, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, VOCAB)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.hidden(self.embed(ids))))
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
