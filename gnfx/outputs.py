@@ -136,6 +136,10 @@ def check_cross_entropy_gradient(z: torch.Tensor, grad: torch.Tensor, *also: tor
     (a float or a tensor of one entry) of a torch.amp.GradScaler's backward, whose `grad` is s times the
     loss's gradient: the tests read grad/s (the module doc of gnfx.output_watch: known at the step).
 
+    Rows of the form k(e_y - p_n), k > 0, among those whose implied targets (below) are no distribution raise
+    too (`lowering_rows`): such a row lowers the log-probability of class y, as DPO's rejected completions do,
+    a loss of sequences' log-probabilities whose curvature in z is not cross-entropy's.
+
     A third test warns (a RuntimeWarning, one text: shown once by Python's default filter) instead of raising: the targets the gradient implies,
     t_n = p_n - M g_n (as the quadratic step recovers them), must be a distribution, t_n ≥ 0 within
     CROSS_ENTROPY_TOLERANCE. They are for one-hot, smoothed and soft targets, ignored rows, and a
@@ -169,12 +173,15 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
     # t_n of the docstring, in z's precision (at least float32): its test's tolerance is 1e-2, and a float64
     # copy of a language model's logits would be one more tensor of the logits' size in 8 bytes
     precision = torch.promote_types(z.dtype, torch.float32)
-    targets = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1) - terms * _unscaled(
-        grad.detach().reshape(rows.shape).to(precision), scale)
+    probs = torch.softmax(z.detach().reshape(rows.shape).to(precision), -1)
+    unscaled = _unscaled(grad.detach().reshape(rows.shape).to(precision), scale)
+    targets = probs - terms * unscaled
     softest = (torch.minimum(targets, 1 - targets).amax(-1) * kept).max().double() if dense else targets.new_zeros(
         (), dtype=torch.float64)
-    off, total, lowest, soft, *values = torch.stack([rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(),
-                                                     softest, *(a.double() for a in also)]).tolist()
+    lowering = lowering_rows(probs, unscaled, kept & targets.amin(-1).lt(-CROSS_ENTROPY_TOLERANCE))
+    off, total, lowest, soft, lowered, *values = torch.stack([
+        rows.sum(-1).abs().sum(), rows.abs().sum(), targets.min().double(), softest, lowering.double(),
+        *(a.double() for a in also)]).tolist()
     what = (f"its gradient at z is not one of a cross-entropy over that dimension (the rows of such a gradient "
             f"sum to zero; here |row sums| / |gradient| = {off / total:.3g}: a loss over another dimension of z, "
             f"one that couples its rows, as CLIP's cross-entropy over the columns of a similarity matrix too, or "
@@ -187,7 +194,19 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"under a contrastive loss)"
             if total > 2 * (1 + CROSS_ENTROPY_TOLERANCE) else "")
     error = warning = ""
-    if what and symmetric_contrastive(z, rows):
+    if lowered:  # first: its rows sum to zero, and a large k reads as a sum or a scaled mean
+        error = (
+            f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, and "
+            f"{lowered:.0f} of the {terms.item()} rows of the gradient at z (z of shape {tuple(z.shape)} with the "
+            f"classes last) are those of a term that lowers the log-probability of a class, +k·log softmax(z)[y] "
+            f"with k > 0 (the row is k(e_y - softmax(z)): it pushes z_y down), which no cross-entropy has: the loss "
+            f"is a function of the log-probabilities of sequences, a preference loss (DPO's or IPO's rejected "
+            f"completions, KTO's undesirable ones) or unlikelihood training, whose curvature in z is not "
+            f"cross-entropy's (negative on those rows). gnfx would model the wrong loss (the sampled Fisher, the "
+            f"quadratic step's GGN and, without a closure, its ρ). Fix: compile without loss= and with an lr "
+            f"(K-FAC's statistics then come from your loss's own gradients, fisher='empirical'); a cross-entropy "
+            f"of the same model (SFT's, labels -100 on the prompt) is one loss='cross_entropy' models exactly")
+    elif what and symmetric_contrastive(z, rows):
         error = (
             f"loss='cross_entropy' is the mean cross-entropy of the rows of the model output's logits z, and the "
             f"gradient at z (of shape {tuple(z.shape)}) is that of a symmetric contrastive loss: the mean of the "
@@ -252,6 +271,22 @@ def log_softmax_gradient(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     cross-entropy gradient as it is), and so is the GGN, since cross-entropy's H_ℓ = diag(p) − ppᵀ at z
     annihilates 1, the direction the projection removes. The identity on a cross-entropy gradient."""
     return grad - torch.softmax(z, -1) * grad.sum(-1, keepdim=True)
+
+
+def lowering_rows(probs: torch.Tensor, grad: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """How many of the `candidates` rows (a boolean per row) of `grad`, a loss's gradient at logits whose softmax
+    is `probs` (both (rows, C), classes last), are k(e_y - p) with k > 0 for some class y, within
+    CROSS_ENTROPY_TOLERANCE of the row's absolute sum: the gradient of +k·log p_y, a term that lowers a class's
+    log-probability (DPO's rejected completions), which a cross-entropy's row w(p - q), q ≥ 0, is not for C ≥ 3
+    classes. y is the row's largest entry, k = g_y / (1 - p_y). The caller passes the rows whose implied targets
+    are no distribution (a row of a mean cross-entropy whose targets are some q ≥ 0 is never one of those)."""
+    if probs.shape[-1] < 3:  # with two classes p - e_0 = e_1 - p: every cross-entropy row has that form
+        return candidates.new_zeros((), dtype=torch.long)
+    label = grad.argmax(-1, keepdim=True)
+    k = grad.gather(-1, label) / (1 - probs.gather(-1, label)).clamp(min=torch.finfo(probs.dtype).tiny)
+    fitted = (-k * probs).scatter_add(-1, label, k)
+    residual = (grad - fitted).abs().sum(-1)
+    return (candidates & k.squeeze(-1).gt(0) & residual.le(CROSS_ENTROPY_TOLERANCE * grad.abs().sum(-1))).sum()
 
 
 def symmetric_contrastive(z: torch.Tensor, grad: torch.Tensor) -> bool:

@@ -358,19 +358,25 @@ class Variants:
         non-tensor inputs, the rank and dtype of its tensors, and the submodules in eval mode."""
         flat, spec = torch.utils._pytree.tree_flatten((tuple(args), _sorted(kwargs)))
         leaves = tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else _hashable(x) for x in flat)
-        return form, str(spec), leaves, self._eval_modules()
+        return form, str(spec), leaves, self._module_state()
 
     def _fx_key(self, fixed: tuple) -> tuple:
         """What a torch.fx graph fixes about a call: the optional inputs traced as constants, with their
-        values, and the submodules in eval mode."""
-        return "fx", fixed, self._eval_modules()
+        values, and the submodules' modes and flags."""
+        return "fx", fixed, self._module_state()
 
-    def _eval_modules(self) -> tuple[str, ...]:
-        """The submodules in eval mode. A graph fixes the modes of its capture where the forward reads
-        them: torch.export's batch norm and dropout ops take `training` as a constant, as does a custom
-        forward's `self.training` under torch.fx; so a submodule put in eval mode while the model
-        trains (a frozen batch norm) gets a capture of its own, which the statistic steps run."""
-        return tuple(name for name, m in self.model.named_modules() if not m.training)
+    def _module_state(self) -> tuple[tuple, tuple]:
+        """(the submodules in eval mode, the submodules' flags): what a graph fixes about the modules it was
+        captured from where the forward reads it. torch.export's batch norm and dropout ops take `training` as
+        a constant, as does a custom forward's `self.training` under torch.fx, so a submodule put in eval mode
+        while the model trains (a frozen batch norm) gets a capture of its own, which the statistic steps run.
+        So does a forward that branches on a flag of its module, a bool, a name or a list of names
+        (`module_flags`): peft's `with model.disable_adapter():` sets `_disable_adapters` on every LoRA layer,
+        whose forward then skips the adapter, and `set_adapter` names the active ones; the graph of the call
+        with the adapters on would compute the policy where DPO's reference forward asks for the base model."""
+        modules = list(self.model.named_modules())
+        return (tuple(name for name, m in modules if not m.training),
+                tuple((name, *flag) for name, m in modules for flag in module_flags(m)))
 
     # --- coverage --------------------------------------------------------------------------
     def _untraced(self, captured) -> list[str]:
@@ -454,6 +460,20 @@ class Variants:
         return (f"only {100 * covered / used:.1f}% of the trainable parameters the captured forward uses ({covered:,} "
                 f"of {used:,} entries) are in curvature blocks; the rest get the diagonal preconditioner. Graph "
                 f"captured with {self.form} ({self.table.capture}). Largest uncovered: {listed}. Fix: {fix}")
+
+
+def module_flags(module: nn.Module) -> list[tuple[str, object]]:
+    """The (attribute, value) pairs of `module`'s own plain attributes that are flags or names (a bool, a
+    string, a list or tuple of strings; `training` aside), as a hashable list: what a forward may branch on
+    (Variants._module_state). Numbers are left out: a counter a forward increments would make every call a
+    new capture."""
+    flags = []
+    for attr, value in vars(module).items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            flags.append((attr, tuple(value)))
+        elif isinstance(value, (bool, str)) and attr != "training":
+            flags.append((attr, value))
+    return flags
 
 
 def _sorted(kwargs) -> dict:

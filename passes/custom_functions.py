@@ -34,8 +34,10 @@ Both checks run F's forward twice more, on copies of the inputs it may change (a
 an object such as a cache that it appends to), and call F's backward, which may backpropagate into the
 parameters of the modules it is given (a reversible layer's recomputation: Reformer's): their gradients
 are put back as they were after it. A forward that runs under torch.no_grad (a reversible layer, which
-recomputes in its backward) records no operations: the check names that, and the eager route, which
-applies F with its backward, is what captures such a model.
+recomputes in its backward) records no operations, and one that writes its products into a buffer with
+`out=` (trl's fused log-probability head, `torch.mm(h, W.t(), out=tile)`) cannot be recorded (autograd refuses
+an out= operation on inputs that require gradients): the check names either, and torch.fx, which keeps F's
+call, or the eager route, both of which apply F with its backward, is what captures such a model.
 """
 from __future__ import annotations
 
@@ -288,7 +290,8 @@ def _gradients_kept(leaves: list):
 def _backward_difference(cls, args, kwargs) -> float:
     """The relative difference between vᵀ∂y/∂x by F's backward and by its forward's operations, at the
     floating-point tensors x among (args, kwargs), for one random cotangent v of F's outputs y (inf where its
-    forward records no operations: it runs under torch.no_grad). Each forward runs on copies
+    forward records no operations: it runs under torch.no_grad; nan where autograd cannot record them: an out=
+    operation). Each forward runs on copies
     (`_written_copies`), and the backward leaves the parameters' gradients as they were (`_gradients_kept`)."""
     flat, spec = tree_flatten((args, kwargs))
     leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -302,8 +305,13 @@ def _backward_difference(cls, args, kwargs) -> float:
                            if isinstance(y, torch.Tensor) and y.requires_grad]
             torch.set_rng_state(state)  # the same draws for both forwards
             a, k = spec.unflatten(_written_copies(leaves))
-            by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
-                          if isinstance(y, torch.Tensor) and y.requires_grad]
+            try:
+                by_forward = [y for y in tree_leaves(recorded_forward(cls, *a, **k))
+                              if isinstance(y, torch.Tensor) and y.requires_grad]
+            except RuntimeError as exc:  # an operation autograd cannot record: an out= product into a buffer
+                if "don't support automatic differentiation" not in str(exc):
+                    raise
+                return math.nan
         if not inputs or not by_backward:
             return 0.0
         if not by_forward:  # its forward ran under torch.no_grad: no operations to differentiate
@@ -322,6 +330,10 @@ def _backward_difference(cls, args, kwargs) -> float:
 
 
 def _name(cls, difference: float) -> str:
+    if math.isnan(difference):
+        return (f"{cls.__module__}.{cls.__qualname__} (its forward writes into tensors with out=, which autograd "
+                f"cannot record, as trl's fused log-probability head does with its logits tiles, so its forward "
+                f"has no derivative to take)")
     if difference == math.inf:
         return (f"{cls.__module__}.{cls.__qualname__} (its forward records no operations: it computes its "
                 f"outputs under torch.no_grad, as a reversible layer does that recomputes them in its backward, "
@@ -340,7 +352,8 @@ def check_backwards(model: nn.Module, args: tuple, kwargs: dict, functions) -> N
         if cls in functions and not checking:
             checking.append(cls)
             try:
-                differences[cls] = max(differences.get(cls, 0.0), _backward_difference(cls, tuple(args), kwargs))
+                difference = _backward_difference(cls, tuple(args), kwargs)
+                differences[cls] = difference if math.isnan(difference) else max(differences.get(cls, 0.0), difference)
             finally:
                 checking.pop()
         return forward(*args, **kwargs)
@@ -354,7 +367,7 @@ def check_backwards(model: nn.Module, args: tuple, kwargs: dict, functions) -> N
         with torch.no_grad():
             for b, kept in buffers:
                 b.copy_(kept)
-    wrong = {cls: d for cls, d in differences.items() if d > TOLERANCE}
+    wrong = {cls: d for cls, d in differences.items() if not d <= TOLERANCE}  # (nan: no derivative to take)
     if wrong:
         named = "; ".join(_name(cls, d) for cls, d in wrong.items())
         raise CaptureError(

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -931,3 +932,33 @@ def test_gen_probe_reports_capture_blocks_exactness_against_hooks_and_losses(mon
     assert float(factors.split()[-1]) < 1e-12 and len(row[5].split(", ")) == 2
     row = gen_probe.probe("nf_realnvp", "adamw", steps=1).split(" | ")
     assert row[1:5] == ["adamw (lr=0.001)", "–", "–", "–"]
+
+
+class _CausalLMOutput(NamedTuple):
+    logits: torch.Tensor
+
+
+class _TinyCausalLM(nn.Module):
+    """A stand-in for a Hugging Face causal LM: `model(input_ids=ids).logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(64, 8), nn.Linear(8, 8), nn.Linear(8, 64)
+
+    def forward(self, input_ids):
+        return _CausalLMOutput(self.head(torch.tanh(self.hidden(self.embed(input_ids)))))
+
+
+def test_prefs_probe_reports_dpo_exactness_against_hooks_and_refuses_cross_entropy(monkeypatch):
+    """benchmarks.prefs_probe without transformers' Llama or trl: `probe` on a stand-in causal LM under DPO's loss
+    (a frozen reference copy) gives one row with exact loss, gradients, A and S (S = M Σ g gᵀ, M the 48 completion
+    rows) at kfac_lr, and with loss='cross_entropy' gnfx's error for a loss that lowers log-probabilities."""
+    from benchmarks import prefs_probe
+
+    monkeypatch.setattr(prefs_probe, "build", lambda name: _TinyCausalLM())
+    row = prefs_probe.probe("dpo", "kfac_lr", steps=2).split(" | ")
+    assert row[1:4] == ["kfac_lr (lr=0.001)", "fx", "100.0%"] and row[8] == "–", row
+    gaps, hooks = row[4].split("; ", 1)
+    assert all(float(v) < 1e-12 for v in gaps.split(", ")) and "S = 48 Σggᵀ" in hooks and "rows reached 48" in hooks
+    row = prefs_probe.probe("dpo", "kfac_ce", steps=1).split(" | ")
+    assert row[5] == "–" and "lowers the log-probability" in row[8]
