@@ -67,6 +67,7 @@ class CompiledModel(nn.Module):
         self._modules = model._modules
         self.training = model.training
         self.__dict__["_model"] = model
+        self.__dict__["_origin"] = self  # a copy's call runs the compiled model at the copy's tensors (__call__)
         # the instrumented graphs, captured at gnfx.compile or at the first training call, one per
         # form of call (gnfx.variants)
         self.__dict__["_variants"] = variants
@@ -86,6 +87,20 @@ class CompiledModel(nn.Module):
         for method in methods:
             self.__dict__[method] = functools.update_wrapper(functools.partial(type(self)._method, self, method),
                                                              getattr(type(model), method))
+
+    def __call__(self, *args, **kwargs):
+        """A call of the compiled model, or of a shallow copy of it: learn2learn's `clone_module` (MAML's
+        `maml.clone()`) makes `type(m).__new__` with a copy of its `__dict__` and its parameters cloned, and
+        `adapt` puts the fast weights θ - α∇θ in their place. Such a copy shares the compiled model's graphs and
+        forward, which are bound to the module it was compiled from, so it would run that module's parameters,
+        not its own: instead, its call runs the compiled model under torch.func.functional_call at the copy's
+        parameters and buffers (what the statistics then see: `_check_registrations`)."""
+        origin = self.__dict__["_origin"]
+        if origin is self:
+            return super().__call__(*args, **kwargs)
+        tensors = {**dict(nn.Module.named_buffers(self, remove_duplicate=False)),
+                   **dict(nn.Module.named_parameters(self, remove_duplicate=False))}
+        return torch.func.functional_call(origin, tensors, args, kwargs)
 
     def _replicate_for_data_parallel(self):
         """nn.DataParallel over several devices copies the model to each device at every forward and runs the
