@@ -119,3 +119,68 @@ def test_an_inner_gradient_with_respect_to_fast_weights_records_nothing(first_or
     loss.backward()
     c.step()
     assert_statistics(c, expected)
+
+
+HIGHER_INTERNAL = {"_backend", "_parameters", "_buffers", "_backward_hooks", "_forward_hooks", "_forward_pre_hooks",
+                   "_state_dict_hooks", "_load_state_dict_pre_hooks", "_modules"}
+
+
+def functional_copy(module: nn.Module) -> nn.Module:
+    """higher.patch._make_functional's copy: an instance of a subclass of the module's class, made by
+    nn.Module.__init__, the module's other attributes set on it with setattr (a module among them becomes a
+    submodule of the copy), its children functional copies too; the fast weights go into `_parameters`."""
+    patched = type("InnerFunctional" + type(module).__name__, (type(module),), {})
+    copy = patched.__new__(patched)
+    nn.Module.__init__(copy)
+    for name, attr in module.__dict__.items():
+        if name not in HIGHER_INTERNAL:
+            setattr(copy, name, attr)
+    for name, child in module._modules.items():
+        copy._modules[name] = functional_copy(child)
+    return copy
+
+
+def set_fast_weights(copy: nn.Module, names: list[str], fast: list[torch.Tensor]) -> None:
+    """higher's update_params: each parameter's fast weight in the `_parameters` of the copy's submodule."""
+    for name, tensor in zip(names, fast):
+        owner, _, field = name.rpartition(".")
+        copy.get_submodule(owner)._parameters[field] = tensor
+
+
+def test_a_higher_functional_copy_runs_its_fast_weights():
+    """higher's `innerloop_ctx(model, opt)` calls a functional copy of the compiled model, which setattr gave
+    the compiled model's attributes, the module it was compiled from among them, as submodules: higher's walk
+    over the copy's submodules then met that module's own layers (AttributeError: 'Linear' object has no
+    attribute '_param_names'), and the copy's call ran the original's parameters. Now that module is held in
+    a tuple, not as an attribute, and the copy's call runs the compiled model at its fast weights: the
+    meta-loss, θ's gradients and the statistics are those of the same loop by functional_call on a plain copy
+    (plain hooks)."""
+    torch.manual_seed(0)
+    model = mlp(4, 3)
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0)
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    names = [name for name, _ in model.named_parameters()]
+
+    def meta_loss(forward, params):
+        """higher's loop (copy_initial_weights=False: the fast weights start at θ; DifferentiableSGD's step)."""
+        support = F.cross_entropy(forward(params, x[:5]), y[:5])
+        grads = torch.autograd.grad(support, params, create_graph=True)
+        return F.cross_entropy(forward([p - 0.1 * g for p, g in zip(params, grads)], x[5:]), y[5:])
+
+    reference = Recorded(model)
+    loss_ref = meta_loss(lambda fast, inputs: torch.func.functional_call(reference.model, dict(zip(names, fast)),
+                                                                         (inputs,)), list(reference.model.parameters()))
+    expected = reference.statistics(loss_ref)
+    loss_ref.backward()
+    fmodel = functional_copy(c)
+
+    def through_copy(fast, inputs):
+        set_fast_weights(fmodel, names, fast)
+        return fmodel(inputs)
+    loss = meta_loss(through_copy, list(model.parameters()))
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+    c.step()
+    assert_statistics(c, expected)
