@@ -1,4 +1,4 @@
-"""Meta-learning loops as learn2learn writes them, in plain torch (benchmarks/results/first_contact_13_meta.md;
+"""Meta-learning loops as learn2learn and higher write them, in plain torch (benchmarks/results/first_contact_13_meta.md;
 the libraries themselves in benchmarks/meta_probe.py).
 
 learn2learn's MAML adapts a *copy* of the model: `clone_module` makes `type(m).__new__(type(m))` with a copy
@@ -7,7 +7,8 @@ of the module's `__dict__`, its `_parameters` replaced by `p.clone()` (recursive
 task's forwards call the copy. `clone_module` and `update_module` below are learn2learn 0.2.0's, as it writes
 them (less its buffer, memo and RNN branches, which these models do not reach). The reference is the same
 loop on the module itself, in float64; the statistics against plain hooks on a copy
-(tests/test_filled_gradients.py's Recorded: g = ∂L/∂z of the outer loss at every call of a layer). Each test
+(tests/test_filled_gradients.py's Recorded: g = ∂L/∂z of the outer loss at every call of a layer). higher's
+`innerloop_ctx` calls a monkeypatched copy instead (`functional_copy` below, as higher.patch makes it). Each test
 failed before its change.
 """
 from __future__ import annotations
