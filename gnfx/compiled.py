@@ -66,7 +66,10 @@ class CompiledModel(nn.Module):
         self._buffers = model._buffers
         self._modules = model._modules
         self.training = model.training
-        self.__dict__["_model"] = model
+        # the module compiled from, and this compiled model (a copy's call runs it at the copy's tensors,
+        # __call__): in a tuple, not as module attributes, which higher's monkeypatch would re-set on its
+        # functional copy as submodules of it
+        self.__dict__["_compiled_from"] = (model, self)
         # the instrumented graphs, captured at gnfx.compile or at the first training call, one per
         # form of call (gnfx.variants)
         self.__dict__["_variants"] = variants
@@ -87,6 +90,25 @@ class CompiledModel(nn.Module):
             self.__dict__[method] = functools.update_wrapper(functools.partial(type(self)._method, self, method),
                                                              getattr(type(model), method))
 
+    @property
+    def _model(self) -> nn.Module:
+        """The module gnfx.compile compiled (its parameters, buffers and submodules are this model's)."""
+        return self.__dict__["_compiled_from"][0]
+
+    def __call__(self, *args, **kwargs):
+        """A call of the compiled model, or of a shallow copy of it: learn2learn's `clone_module` (MAML's
+        `maml.clone()`) makes `type(m).__new__` with a copy of its `__dict__` and its parameters cloned, and
+        `adapt` puts the fast weights θ - α∇θ in their place. Such a copy shares the compiled model's graphs and
+        forward, which are bound to the module it was compiled from, so it would run that module's parameters,
+        not its own: instead, its call runs the compiled model under torch.func.functional_call at the copy's
+        parameters and buffers (what the statistics then see: `_check_registrations`)."""
+        origin = self.__dict__["_compiled_from"][1]
+        if origin is self:
+            return super().__call__(*args, **kwargs)
+        tensors = {**dict(nn.Module.named_buffers(self, remove_duplicate=False)),
+                   **dict(nn.Module.named_parameters(self, remove_duplicate=False))}
+        return torch.func.functional_call(origin, tensors, args, kwargs)
+
     def _replicate_for_data_parallel(self):
         """nn.DataParallel over several devices copies the model to each device at every forward and runs the
         copies in threads: their statistics would not reach the optimizer (over one device, or none, it calls
@@ -100,7 +122,7 @@ class CompiledModel(nn.Module):
         """`model[index]` of a container the model is (nn.Sequential; sentence-transformers' SentenceTransformer,
         whose GradCache losses read `model[0]`): the compiled module's item, a submodule sharing its parameters
         (as `model.<submodule>` is; calling it alone trains without gnfx's statistics)."""
-        model = self.__dict__["_model"]
+        model = self._model
         if not hasattr(type(model), "__getitem__"):
             raise TypeError(f"'{type(self).__name__}' object is not subscriptable: nor is the {type(model).__name__} "
                             f"it was compiled from")
@@ -113,7 +135,7 @@ class CompiledModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__.get("_model")
+            model = self.__dict__.get("_compiled_from", (None,))[0]
             found = _MISSING if model is None else inspect.getattr_static(model, name, _MISSING)
             if found is _MISSING or name.startswith("__"):
                 raise

@@ -480,8 +480,8 @@ class QuadraticStep:
         """Remember a training forward's inputs, and the gradient its backward sends to z."""
         if not (module.training and torch.is_grad_enabled()):
             return
-        self._call = (module.__dict__["_model"], args, kwargs)
-        self._warn_if_functional_call(module.__dict__["_model"])
+        self._call = (module._model, args, kwargs)
+        self._warn_if_functional_call(module._model)
         self._output_grad = [None] * len(self.losses)
         self._forwards += 1
         # a missing output: the step names it (_recovered), a forward that returns none is no error yet

@@ -564,11 +564,16 @@ class StatisticsStore:
     def trained_leaves(self, block) -> list[torch.Tensor]:
         """The parameters of `block` (its weight, or the parameter its weight is computed from, and its
         bias) that require gradients now, as the model's forward uses them: FSDP2's unsharded copies, the
-        tensors torch.func.functional_call put in their place; of a view (an opened layer's twin holds
-        views of its parameters, gnfx.opened_leaf, and the graph reads the parameters), the tensor viewed."""
+        leaf tensors torch.func.functional_call put in their place; of a view (an opened layer's twin holds
+        views of its parameters, gnfx.opened_leaf, and the graph reads the parameters), the tensor viewed.
+        In place of a computed tensor (functional_call's or learn2learn's fast weights θ - α∇θ, a clone of
+        θ), the model's parameter θ: a backward fills the block's gradient when it accumulates into θ.grad,
+        which `torch.autograd.grad(loss, fast_weights)` (MAML's inner gradient) does not, though it runs
+        through the fast weights' own nodes (gnfx.filled_gradients)."""
         names = (block.weight, block.bias) if block.bias is not None else (block.weight,)
-        return [p._base if p._is_view() and p._base.requires_grad else p
-                for p in map(self._live_param, names) if p.requires_grad]
+        live = [(name, p._base if p._is_view() and p._base.requires_grad else p)
+                for name, p in zip(names, map(self._live_param, names))]
+        return [p if p.is_leaf else self._param_of(name) for name, p in live if p.requires_grad]
 
     def discard_backwards(self) -> None:
         """Drop the statistics the backwards since the last step accumulated (see
