@@ -471,7 +471,7 @@ class QuadraticStep:
             devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             variants = module.__dict__["_variants"]
             self._random_state = RandomState(devices, not variants.captured or variants.draws_python_random)
-            model = module.__dict__["_model"]
+            model = module._model
             if self._holding_state is None or self._holding_state[0] is not model:
                 self._holding_state = (model, holding_state(model))
             self._attributes_before = saved_attributes(self._holding_state[1])

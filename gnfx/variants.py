@@ -101,6 +101,9 @@ class Variants:
         self._structures: dict[str, tuple] = {}  # the tuples and lists submodules return (passes/leaf_outputs.py)
         self._optional = optional_inputs(model)
         self._signature = inspect.signature(model.forward)
+        # each submodule's flags when gnfx.compile built this (their names: those the key reads; a flag a
+        # wrapper applied later sets, FSDP2's _is_fsdp_managed_module, is no branch of the model's forward)
+        self._flag_names = {name: {attr for attr, _ in module_flags(m)} for name, m in model.named_modules()}
 
     @property
     def captured(self) -> bool:
@@ -373,10 +376,14 @@ class Variants:
         So does a forward that branches on a flag of its module, a bool, a name or a list of names
         (`module_flags`): peft's `with model.disable_adapter():` sets `_disable_adapters` on every LoRA layer,
         whose forward then skips the adapter, and `set_adapter` names the active ones; the graph of the call
-        with the adapters on would compute the policy where DPO's reference forward asks for the base model."""
+        with the adapters on would compute the policy where DPO's reference forward asks for the base model.
+        Only the flags the modules had when gnfx.compile built this are read: fully_shard(compiled) adds FSDP2's
+        own to every module it wraps, and a capture of their own made the sharded steps differ from one
+        process's."""
         modules = list(self.model.named_modules())
         return (tuple(name for name, m in modules if not m.training),
-                tuple((name, *flag) for name, m in modules for flag in module_flags(m)))
+                tuple((name, *flag) for name, m in modules for flag in module_flags(m)
+                      if flag[0] in self._flag_names.get(name, ())))
 
     # --- coverage --------------------------------------------------------------------------
     def _untraced(self, captured) -> list[str]:
