@@ -40,6 +40,7 @@ from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_number,
                                           changes_recorded, numbers, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
+from gnfx.passes.buffer_draws import draws_into_buffers_traced
 from gnfx.passes.torch_draws import TorchRandomDraw, moved, raising_torch_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
@@ -317,7 +318,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _type_checks_refused(), opaque_in_fx(), inlined_checkpoints(),
-              generators_kept(model)):
+              generators_kept(model), draws_into_buffers_traced(tracer)):
             before = RandomState(devices, python=False).states
             graph = tracer.trace(model, concrete_args=concrete_args)
             tracer.drew_torch = moved(before, RandomState(devices, python=False).states)  # passes/torch_draws.py

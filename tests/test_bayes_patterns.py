@@ -1,0 +1,104 @@
+"""Bayesian-neural-network patterns (benchmarks/bayes_probe.py, benchmarks/results/first_contact_13_bayes.md).
+
+Bayes by Backprop samples each weight on every call, W = μ + σ(ρ) ⊙ ε, ε ~ N(0, I):
+
+- torchbnn's BayesLinear draws ε with `torch.randn_like(log σ)`, σ = exp(log σ);
+- bayesian-torch's LinearReparameterization draws it into a buffer, `self.eps_weight.data.normal_()`,
+  σ = softplus(ρ) (passes/buffer_draws.py).
+
+∂W/∂μ = I, so the block of the layer holds μ with the statistics of the sampled W (the taps' a and δ at the
+linear node are those of the call that used that W): exact for μ (gnfx.reparametrization.SampledWeight,
+passes/sampled_weights.py). References: hooks on the layer calls of the plain module at the same seed (the
+same ε), float64, and the plain module's loss and gradients stepped in lockstep.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gnfx
+
+from references import TOL, kfac_factors, record_linear_calls
+from steps import compile_for_statistics, statistic_step
+
+
+class SampledLinear(nn.Module):
+    """A Bayes-by-Backprop linear layer: torchbnn's (`randn_like`, exp) or, with `into_buffer`,
+    bayesian-torch's (ε drawn in place into a buffer, softplus)."""
+
+    def __init__(self, d_in: int, d_out: int, into_buffer: bool):
+        super().__init__()
+        self.into_buffer = into_buffer
+        self.weight_mu = nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5)
+        self.weight_rho = nn.Parameter(torch.full((d_out, d_in), -3.0))
+        self.bias_mu = nn.Parameter(torch.zeros(d_out))
+        self.bias_rho = nn.Parameter(torch.full((d_out,), -3.0))
+        self.register_buffer("eps_weight", torch.zeros(d_out, d_in), persistent=False)
+        self.register_buffer("eps_bias", torch.zeros(d_out), persistent=False)
+
+    def forward(self, x):
+        if self.into_buffer:
+            weight = self.weight_mu + F.softplus(self.weight_rho) * self.eps_weight.data.normal_()
+            bias = self.bias_mu + F.softplus(self.bias_rho) * self.eps_bias.data.normal_()
+        else:
+            weight = self.weight_mu + torch.exp(self.weight_rho) * torch.randn_like(self.weight_rho)
+            bias = self.bias_mu + torch.exp(self.bias_rho) * torch.randn_like(self.bias_rho)
+        return F.linear(x, weight, bias)
+
+
+def bnn(into_buffer: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(SampledLinear(4, 8, into_buffer), nn.Tanh(), SampledLinear(8, 3, into_buffer)).double()
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+
+@pytest.mark.parametrize("into_buffer", [False, True])
+def test_a_sampled_weight_is_a_linear_block_over_its_mean_with_the_statistics_of_the_sample(into_buffer):
+    """Before: torchbnn's μ + exp(log σ) ⊙ ε was read as a position table added to an activation (a "position"
+    block, factors of another shape); bayesian-torch's draw into a buffer made each layer an opaque leaf (no
+    block; the draw a forward side effect)."""
+    model, reference, (x, y) = bnn(into_buffer), bnn(into_buffer), batch()
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    torch.manual_seed(5)
+    statistic_step(c, x, y)
+    kinds = {b.name: b.kind for b in c.layers}
+    assert kinds == {"0.weight_mu": "linear", "2.weight_mu": "linear"}, kinds
+    assert {b.bias for b in c.layers} == {"0.bias_mu", "2.bias_mu"}
+    torch.manual_seed(5)  # the same ε in the reference's forward
+    calls, m = record_linear_calls(reference, ["0", "2"], x, y)
+    for name in ("0", "2"):
+        want = kfac_factors(calls[name], True, "expand", m)
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(f"{name}.weight_mu")[factor], want[factor], **TOL)
+
+
+def test_a_draw_into_a_buffer_is_drawn_anew_on_every_call_as_the_module_draws_it():
+    """The compiled model's forward is the module's, draw for draw: the same losses and gradients at the same
+    seeds, a new ε on every call (before: the layer was opaque, so this held by running the module's code)."""
+    model, (x, y) = bnn(True), batch()
+    reference = bnn(True)
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="fx")
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        loss = F.cross_entropy(c(x), y)
+        torch.manual_seed(seed)
+        loss_ref = F.cross_entropy(reference(x), y)
+        loss.backward()
+        loss_ref.backward()
+        torch.testing.assert_close(loss, loss_ref, **TOL)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+        model.zero_grad()
+        reference.zero_grad()
+    assert [b.kind for b in c.layers] == ["linear", "linear"], c.layers.fallbacks
+    assert not torch.equal(model[0].eps_weight, torch.zeros_like(model[0].eps_weight))
+    torch.manual_seed(3)
+    first = c(x)
+    assert not torch.equal(first, c(x))  # a new ε on the second call
+
