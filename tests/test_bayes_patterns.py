@@ -102,3 +102,29 @@ def test_a_draw_into_a_buffer_is_drawn_anew_on_every_call_as_the_module_draws_it
     first = c(x)
     assert not torch.equal(first, c(x))  # a new ε on the second call
 
+
+
+class ReadsUnsetBuffer(nn.Module):
+    """A layer whose forward reads, and never changes, a buffer allocated without values that holds NaNs
+    (bayesian-torch allocates its ε buffers with `torch.Tensor(n, m)`, whose memory may hold any bits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("unset", torch.full((3,), float("nan")))
+
+    def forward(self, x):
+        return self.linear(x) + torch.nan_to_num(self.unset)
+
+
+def test_a_buffer_holding_nans_that_the_forward_reads_is_no_side_effect():
+    """Before: NaN != NaN made the unchanged buffer 'changed in place', a forward side effect, and the
+    forward that read it could not be captured (a CaptureError at the first call, at random for
+    bayesian-torch's layers, whose unset memory holds NaNs on some runs only)."""
+    model = nn.Sequential(ReadsUnsetBuffer(), nn.Tanh(), nn.Linear(3, 2)).double()
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="fx")
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    F.cross_entropy(c(x), y).backward()
+    c.step()
+    assert [b.kind for b in c.layers] == ["linear", "linear"], c.layers.fallbacks
+    assert torch.isnan(model[0].unset).all()
