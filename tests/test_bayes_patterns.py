@@ -78,6 +78,61 @@ def test_a_sampled_weight_is_a_linear_block_over_its_mean_with_the_statistics_of
             torch.testing.assert_close(c.statistics(f"{name}.weight_mu")[factor], want[factor], **TOL)
 
 
+class KLReturningNet(nn.Module):
+    """bayesian-torch's models: each layer returns (out, KL(q(μ, σ) ‖ N(0, 1))), the forward (logits, Σ KL)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = SampledLinear(4, 8, True), SampledLinear(8, 3, True)
+
+    @staticmethod
+    def kl(layer: SampledLinear) -> torch.Tensor:
+        terms = []
+        for mu, rho in ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho)):
+            sigma = F.softplus(rho)
+            terms.append((-torch.log(sigma) + (sigma ** 2 + mu ** 2) / 2 - 0.5).mean())
+        return terms[0] + terms[1]
+
+    def forward(self, x):
+        hidden = torch.tanh(self.fc1(x))
+        return self.fc2(hidden), self.kl(self.fc1) + self.kl(self.fc2)
+
+
+def test_a_sampled_weight_whose_mean_a_kl_returned_beside_the_output_reads_is_a_block_over_the_mean():
+    """Before: μ's second use, the KL the forward returns, made it fall back ('used by call_function sub'); the
+    KL is a term of its own, which reaches μ's gradient directly: the block's statistics are the data path's,
+    exact, and the loss and every gradient (the KL's in ∇μ) are the module's."""
+    torch.manual_seed(0)
+    model = KLReturningNet().double()
+    torch.manual_seed(0)
+    reference = KLReturningNet().double()
+    x, y = batch()
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+
+    def elbo(m):
+        logits, kl = m(x)
+        return F.cross_entropy(logits, y) + kl / len(x)
+    torch.manual_seed(5)
+    loss = elbo(c)
+    loss.backward()
+    calls = {"fc1": [], "fc2": []}
+    for name, calls_of in calls.items():  # the layers' calls (a, g) on the reference's forward, by plain hooks
+        def hook(_, inputs, output, calls_of=calls_of):
+            calls_of.append([inputs[0].detach(), None])
+            output.register_hook(lambda g, record=calls_of[-1]: record.__setitem__(1, g.detach()))
+        getattr(reference, name).register_forward_hook(hook)
+    torch.manual_seed(5)
+    elbo(reference).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    c.step()
+    assert {b.name: b.kind for b in c.layers} == {"fc1.weight_mu": "linear", "fc2.weight_mu": "linear"}
+    for name in ("fc1", "fc2"):
+        want = kfac_factors(calls[name], True, "expand", len(x))
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(f"{name}.weight_mu")[factor], want[factor], **TOL)
+
+
 def test_a_draw_into_a_buffer_is_drawn_anew_on_every_call_as_the_module_draws_it():
     """The compiled model's forward is the module's, draw for draw: the same losses and gradients at the same
     seeds, a new ε on every call (before: the layer was opaque, so this held by running the module's code)."""
