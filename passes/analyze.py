@@ -71,6 +71,7 @@ from .scale import find_scale_sites
 from .shift import find_shift_sites
 from .sites import Site
 from .masked_weights import find_masked_weights
+from .own_terms import drop_own_terms
 from .sampled_weights import find_sampled_weights
 from .spectral_norm import find_spectral_norms
 from .unit_norm_weights import find_unit_norm_weights
@@ -153,7 +154,8 @@ class _ParamIndex:
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     """Each trainable parameter's uses: (node that consumes it, get_attr node, or the cast of it the
     consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
-    (passes/parameter_casts.py METADATA_READS, METADATA_ATTRIBUTES) is none."""
+    (passes/parameter_casts.py METADATA_READS, METADATA_ATTRIBUTES) is none, nor, beside another use, a
+    term of its own the forward returns (passes/own_terms.py)."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:
@@ -166,6 +168,7 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
                 name = index.names.get(id(p))
                 if name in uses:
                     uses[name].append((node, None))
+    drop_own_terms(gm, uses)  # a KL of the parameters returned beside the output (passes/own_terms.py)
     return uses
 
 

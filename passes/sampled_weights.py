@@ -12,14 +12,11 @@ alpha, in either order) of a trainable parameter μ and a node P computed neithe
 nor from μ (from other parameters, buffers and draws), whose every user is a linear map or a convolution
 (reading it as a weight or a bias), and, where the graph records values (torch.export), of μ's shape:
 passes/analyze.py makes the sum stand for μ, so that the linear and convolution detectors see μ as the
-layer's weight (or bias), and the block holds μ itself. μ may have other uses that are terms of their own:
-computed, with everything computed from them, without the input, so that they reach the loss beside the
-data path and never through an activation (bayesian-torch's layers called with return_kl=True return
-(out, KL(μ, σ(ρ))), and their models sum the KLs into an output of their own). Their gradient reaches μ
-directly, as the gradient of a KL the loss computes outside the model does (torchbnn's BKLLoss(model)): the
-step preconditions ∇μ whole with the block (the KL's curvature is no part of the block's, as an L2 penalty's
-is not). Not recognized, so falling back with the reason of its use: a sample that other operations read
-(blitz's log prior and log posterior of W), a μ read in the data path elsewhere.
+layer's weight (or bias), and the block holds μ itself. μ's only use is the sum but for the KL a forward
+returns beside its output (bayesian-torch's layers called with return_kl=True: a term of its own,
+passes/own_terms.py, which no block claims), so P is computed without μ. Not recognized, so falling back with
+the reason of its use: a sample that other operations read (blitz's log prior and log posterior of W), a μ
+read in the data path elsewhere.
 """
 from __future__ import annotations
 
@@ -46,35 +43,11 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes of `gm` computed from one of its placeholders (the placeholders included)."""
-    dependent: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(arg in dependent for arg in node.all_input_nodes):
-            dependent.add(node)
-    return dependent
-
-
-def _a_term_of_its_own(use: fx.Node, dependent: set[fx.Node]) -> bool:
-    """Whether `use` and every node computed from it (the graph's output node aside) are computed without the
-    input: a term the forward returns beside its data path (a KL of μ), never combined with an activation."""
-    seen, stack = set(), [use]
-    while stack:
-        current = stack.pop()
-        if current in seen or current.op == "output":
-            continue
-        if current in dependent:
-            return False
-        seen.add(current)
-        stack.extend(current.users)
-    return True
-
-
 def find_sampled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, SampledWeight]:
-    """Each sum μ + P (module docstring) whose μ the forward uses elsewhere only in terms of their own (a KL
-    returned beside the output), with its gnfx.reparametrization.SampledWeight (`param_of(node)` gives a
-    parameter's name, `shape_of(name)` its shape; `uses`: each parameter's (consumer, get_attr) pairs)."""
-    dependent, found = _input_dependent(gm), {}
+    """Each sum μ + P (module docstring) that is μ's only use, with its gnfx.reparametrization.SampledWeight
+    (`param_of(node)` gives a parameter's name, `shape_of(name)` its shape; `uses`: each parameter's (consumer,
+    get_attr) pairs, its terms of their own dropped, passes/own_terms.py)."""
+    found = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or node.target not in SUMS or node.kwargs \
                 or len(node.args) != 2 or not node.users:
@@ -85,11 +58,9 @@ def find_sampled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> 
                 continue
             value = value_of(node)
             shaped = value is None or tuple(value.shape) == shape_of(original)
-            reads = {read for _, read in uses[original]}
-            elsewhere = [consumer for consumer, _ in uses[original] if consumer is not node]
-            if shaped and all(_a_term_of_its_own(use, dependent) for use in elsewhere) \
+            if shaped and all(consumer is node for consumer, _ in uses[original]) \
                     and all(user.op == "call_function" and user.target in LAYER_READS for user in node.users) \
-                    and _ancestors(perturbation).isdisjoint(dependent | reads):
+                    and not any(n.op == "placeholder" for n in _ancestors(perturbation)):
                 found[node] = SampledWeight(original, original)
                 break
     return found

@@ -183,3 +183,54 @@ def test_a_buffer_holding_nans_that_the_forward_reads_is_no_side_effect():
     c.step()
     assert [b.kind for b in c.layers] == ["linear", "linear"], c.layers.fallbacks
     assert torch.isnan(model[0].unset).all()
+
+
+class PenaltyReturningNet(nn.Module):
+    """Plain layers whose weights also feed a term the forward returns beside its output: bayesian-torch's
+    Flipout layers called with return_kl=True read μ in `F.linear(x, μ, b_μ)` and in their KL (here a penalty
+    of the weights, `mean()`ed), or, with `prototypes`, the first layer's weight returned as it is (a tensor the
+    loss could combine with the features, no term of its own)."""
+
+    def __init__(self, prototypes: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.prototypes = nn.Linear(4, 8), nn.Linear(8, 3), prototypes
+
+    def forward(self, x):
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        if self.prototypes:
+            return logits, self.fc1.weight.T
+        return logits, (self.fc1.weight ** 2).mean() + (self.fc2.weight - 0.1).abs().mean()
+
+
+def test_a_weight_that_also_feeds_a_penalty_returned_beside_the_output_is_still_a_block():
+    """Before: the penalty's use made both weights fall back ('used by call_function pow'); now the blocks'
+    statistics are the data path's (exact against hooks) and the gradient the model's, penalty included. A
+    weight returned as it is still falls back."""
+    torch.manual_seed(0)
+    model = PenaltyReturningNet().double()
+    torch.manual_seed(0)
+    reference = PenaltyReturningNet().double()
+    x, y = batch()
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    logits, penalty = c(x)
+    (F.cross_entropy(logits, y) + penalty).backward()
+    calls = {"fc1": [], "fc2": []}
+    for name, calls_of in calls.items():
+        def hook(_, inputs, output, calls_of=calls_of):
+            calls_of.append([inputs[0].detach(), None])
+            output.register_hook(lambda g, record=calls_of[-1]: record.__setitem__(1, g.detach()))
+        getattr(reference, name).register_forward_hook(hook)
+    logits_ref, penalty_ref = reference(x)
+    (F.cross_entropy(logits_ref, y) + penalty_ref).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    c.step()
+    assert {b.name: b.kind for b in c.layers} == {"fc1": "linear", "fc2": "linear"}, c.layers.fallbacks
+    for name in ("fc1", "fc2"):
+        want = kfac_factors(calls[name], True, "expand", len(x))
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(name)[factor], want[factor], **TOL)
+    returned = gnfx.compile(PenaltyReturningNet(prototypes=True).double(), "kfac", lr=1e-2, capture="fx")
+    logits, prototypes = returned(x)
+    (F.cross_entropy(logits, y) + prototypes.sum()).backward()
+    assert [f.param for f in returned.layers.fallbacks] == ["fc1.weight", "fc1.bias"]
