@@ -234,3 +234,36 @@ def test_a_weight_that_also_feeds_a_penalty_returned_beside_the_output_is_still_
     logits, prototypes = returned(x)
     (F.cross_entropy(logits, y) + prototypes.sum()).backward()
     assert [f.param for f in returned.layers.fallbacks] == ["fc1.weight", "fc1.bias"]
+
+
+class NumpyScalars(nn.Module):
+    """A forward computing with numpy scalars, on either side of a traced value: `h / np.sqrt(d)` (attention's
+    scale as many write it) and blitz's `-np.log(np.sqrt(2π)) - torch.log(σ)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        import numpy as np
+        hidden = torch.tanh(self.fc1(x)) / np.sqrt(8)
+        return self.fc2(-np.log(np.sqrt(2 * np.pi)) - hidden * np.float32(2.0))
+
+
+def test_numpy_scalars_in_the_forward_are_numbers_of_the_graph():
+    """Before: `h / np.sqrt(d)` put np.float64(...) into the generated code, which does not import numpy (a
+    NameError at the first call), and a numpy scalar on the left failed the trace ('invalid __array_struct__')."""
+    torch.manual_seed(0)
+    model = NumpyScalars().double()
+    torch.manual_seed(0)
+    reference = NumpyScalars().double()
+    x, y = batch()
+    c = gnfx.compile(model, "kfac", lr=1e-2, capture="fx")
+    loss = F.cross_entropy(c(x), y)
+    loss.backward()
+    F.cross_entropy(reference(x), y).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(reference(x), y), **TOL)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    c.step()
+    assert c.layers.form == "fx" and [b.kind for b in c.layers] == ["linear", "linear"], c.layers.fallbacks
