@@ -178,8 +178,7 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
     W_o; each weight standardization's W (passes/weight_standardization.py) stand for V (holding its gain,
     where it has one); each masked weight M ⊙ V (passes/masked_weights.py) stand for V; each sampled weight
-    μ + P (passes/sampled_weights.py) stand for μ. Returns the
-    stand-in's name -> its reparametrization."""
+    μ + P (passes/sampled_weights.py) stand for μ. Returns the stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, index.frozen_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
                             **find_weight_standardizations(gm, index.param_of, index.shape_of, uses),
