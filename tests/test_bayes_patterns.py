@@ -267,3 +267,26 @@ def test_numpy_scalars_in_the_forward_are_numbers_of_the_graph():
         torch.testing.assert_close(p.grad, q.grad, **TOL)
     c.step()
     assert c.layers.form == "fx" and [b.kind for b in c.layers] == ["linear", "linear"], c.layers.fallbacks
+
+
+def test_bayes_probe_reports_blocks_over_the_means_and_exact_statistics_of_a_stand_in(monkeypatch):
+    """benchmarks.bayes_probe without torchbnn: `probe` on a stand-in Bayesian MLP (one layer drawing into a
+    buffer, one with randn_like) gives one row: fx, half the entries (the means) in blocks, lockstep gaps 0 and
+    the hooked factors of the 2 linear blocks."""
+    from benchmarks import bayes_probe
+
+    def stand_in(name):
+        return nn.Sequential(nn.Flatten(), SampledLinear(64, 16, True), nn.Tanh(), SampledLinear(16, 10, False))
+
+    def cross_entropy_only(name, dtype=torch.float32):
+        g = torch.Generator().manual_seed(1)
+        batch = torch.randn(32, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (32,), generator=g)
+        return batch, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    monkeypatch.setattr(bayes_probe, "build", stand_in)
+    monkeypatch.setattr(bayes_probe, "problem", cross_entropy_only)
+    row = bayes_probe.probe("tbnn_cnn", "kfac_lr", steps=2).split(" | ")
+    assert row[2:4] == ["fx", "50.0%"], row
+    loss_gap, grad_gap, factors = row[4].replace(";", ",").split(", ", 2)
+    assert float(loss_gap) == 0 and float(grad_gap) < 1e-12, row[4]
+    assert factors.endswith("(M 32, 2 linear blocks)"), row[4]
+    assert all(float(gap.split()[1]) < 1e-5 for gap in factors.split(" (")[0].split(", ")), row[4]
