@@ -291,3 +291,51 @@ def test_bayes_probe_reports_blocks_over_the_means_and_exact_statistics_of_a_sta
     assert float(loss_gap) == 0 and float(grad_gap) < 1e-12, row[4]
     assert factors.endswith("(M 32, 2 linear blocks)"), row[4]
     assert all(float(gap.split()[1]) < 1e-5 for gap in factors.split(" (")[0].split(", ")), row[4]
+
+
+class SampledConv(nn.Module):
+    """bayesian-torch's Conv2dReparameterization: `F.conv2d(x, μ + softplus(ρ) ⊙ ε, b_μ + softplus(ρ_b) ⊙ ε_b)`,
+    ε drawn into buffers; a 3x3 kernel, padding 1."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.mu_kernel = nn.Parameter(torch.randn(c_out, c_in, 3, 3) / (3 * c_in ** 0.5))
+        self.rho_kernel = nn.Parameter(torch.full((c_out, c_in, 3, 3), -3.0))
+        self.mu_bias = nn.Parameter(torch.zeros(c_out))
+        self.rho_bias = nn.Parameter(torch.full((c_out,), -3.0))
+        self.register_buffer("eps_kernel", torch.zeros(c_out, c_in, 3, 3), persistent=False)
+        self.register_buffer("eps_bias", torch.zeros(c_out), persistent=False)
+
+    def forward(self, x):
+        kernel = self.mu_kernel + F.softplus(self.rho_kernel) * self.eps_kernel.data.normal_()
+        bias = self.mu_bias + F.softplus(self.rho_bias) * self.eps_bias.data.normal_()
+        return F.conv2d(x, kernel, bias, padding=1)
+
+
+def test_a_sampled_convolution_is_a_conv_block_over_its_mean_with_the_patches_statistics_of_the_sample():
+    """K-FAC's A and S of the sampled convolution against its patches (F.unfold of the hooked input) and
+    hooked output gradients at the same seed (test_conv.py's expand factors)."""
+    from test_conv import conv_factors
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(SampledConv(2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).double()
+    model, reference = cnn(), cnn()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    torch.manual_seed(5)
+    statistic_step(c, x, y)
+    assert c.layers["0.mu_kernel"].kind == "conv" and c.layers["0.mu_kernel"].bias == "0.mu_bias"
+    seen = {}
+
+    def hook(_, inputs, output):
+        seen["x"] = inputs[0].detach()
+        output.register_hook(lambda grad: seen.__setitem__("g", grad.detach()))
+    reference[0].register_forward_hook(hook)
+    torch.manual_seed(5)
+    F.cross_entropy(reference(x), y).backward()
+    a = F.unfold(seen["x"], 3, padding=1).transpose(1, 2)
+    want = conv_factors(a, seen["g"].flatten(2).transpose(1, 2), True, "expand", len(x))
+    for factor in ("A", "S"):
+        torch.testing.assert_close(c.statistics("0.mu_kernel")[factor], want[factor], **TOL)
