@@ -22,7 +22,9 @@ and adds a KL term on (μ, ρ) to the loss. The models (random weights, a batch 
 - `blitz_loop`: the same model, sample_elbo's loop written out around the compiled forward,
   `Σ_3 (CrossEntropyLoss()(compiled(x), y) + kl_divergence_from_nn(compiled) / 32) / 3` (what
   nn_kl_divergence computes: the KL read from the layers, which keep it as attributes their forward sets);
-- `mc_dropout`: an MLP with nn.Dropout(0.2) between its layers (MC dropout's training is plain training).
+- `mc_dropout`: an MLP with nn.Dropout(0.2) between its layers (MC dropout's training is plain training);
+- `ensemble`: a deep ensemble of 3 MLPs in one module, its forward the members' logits stacked (3, N, C),
+  trained on the members' mean cross-entropy, `cross_entropy(out.flatten(0, 1), y.repeat(3))`.
 
 Optimizers: "kfac" at its defaults with loss="cross_entropy" (the quadratic step, no lr), "kfac_lr" (lr 1e-3;
 its row also gives the exactness: float64, the compiled model beside a second build from the same seed over 3
@@ -45,8 +47,10 @@ from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps
 
 BATCH, CLASSES = 32, 10
-MODELS = ("tbnn_cnn", "tbnn_elbo3", "bt_dnn", "bt_flipout", "bt_layers", "blitz_mlp", "blitz_loop", "mc_dropout")
-SAMPLES = {"tbnn_elbo3": 3, "blitz_mlp": 3, "blitz_loop": 3}  # forwards (weight samples) per backward
+MODELS = ("tbnn_cnn", "tbnn_elbo3", "bt_dnn", "bt_flipout", "bt_layers", "blitz_mlp", "blitz_loop", "mc_dropout",
+          "ensemble")
+# the loss's terms per example where it averages over more than the batch: its weight samples, or members
+TERMS = {"tbnn_elbo3": 3, "blitz_mlp": 3, "blitz_loop": 3, "ensemble": 3}
 OPTIMIZERS = {"kfac": ("kfac", {"loss": "cross_entropy"}), "kfac_lr": ("kfac", {"lr": 1e-3}),
               "adamw": ("adamw", {"lr": 1e-3}), "adamw_1e-2": ("adamw", {"lr": 1e-2})}
 
@@ -62,6 +66,18 @@ def _import(name: str):
 def _cnn() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 16), nn.ReLU(),
                          nn.Linear(16, CLASSES))
+
+
+class _Ensemble(nn.Module):
+    """3 MLPs whose logits the forward stacks, (members, N, C)."""
+
+    def __init__(self, members: int = 3):
+        super().__init__()
+        self.members = nn.ModuleList(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+                                     for _ in range(members))
+
+    def forward(self, x):
+        return torch.stack([member(x) for member in self.members])
 
 
 class _LayersNet(nn.Module):
@@ -106,6 +122,8 @@ def build(name: str) -> nn.Module:
             def forward(self, x):
                 return self.fc2(F.relu(self.fc1(x.flatten(1))))
         return BlitzMLP()
+    if name == "ensemble":
+        return _Ensemble()
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 32), nn.ReLU(),
                          nn.Dropout(0.2), nn.Linear(32, CLASSES))
 
@@ -135,6 +153,8 @@ def problem(name: str, dtype=torch.float32):
         def elbo_written_out(m, b):
             return sum(nn.CrossEntropyLoss()(m(b[0]), b[1]) + kl_divergence_from_nn(m) / BATCH for _ in range(3)) / 3
         return batch, elbo_written_out
+    if name == "ensemble":
+        return batch, lambda m, b: F.cross_entropy(m(b[0]).flatten(0, 1), b[1].repeat(3))
     return batch, lambda m, b: F.cross_entropy(m(b[0]), b[1])
 
 
@@ -160,7 +180,7 @@ def factor_gaps(name: str) -> str:
     torch.manual_seed(7)
     with hooked_calls(reference, sorted(set(linear.values()))) as records:
         loss_of(reference, batch).backward()
-    a_gap, s_gap, rows = 0.0, 0.0, BATCH * SAMPLES.get(name, 1)
+    a_gap, s_gap, rows = 0.0, 0.0, BATCH * TERMS.get(name, 1)
     for block, module in linear.items():
         A, gg = linear_factors(records[module], c.layers[block].bias is not None)
         stats = c.statistics(block)
