@@ -1,7 +1,8 @@
 """The probes' independent reference for K-FAC's statistics: each call of a named submodule, from plain hooks.
 
 A forward hook on the submodule records its input a of each call, and a tensor hook on that call's output
-records the gradient g the backward sends to it (none for a call under torch.no_grad), so that a probe forms A and S from (a, g) itself, with
+records the gradient g the backward sends to it (to the first of a tuple it returns, bayesian-torch's layers'
+(out, kl); none for a call under torch.no_grad), so that a probe forms A and S from (a, g) itself, with
 nothing gnfx computed (benchmarks.diffusers_probe, medseg_probe, pyg_probe, and the eleventh round's probes);
 `linear_factors` forms them for a linear layer.
 """
@@ -23,6 +24,8 @@ def hooked_calls(model: nn.Module, names: list[str]):
         def hook(_, inputs, output, records=calls[name]):
             record = [inputs[0].detach().clone(), None]  # a copy: an input may be a view of a parameter the step writes
             records.append(record)
+            if isinstance(output, tuple):  # (out, kl) of bayesian-torch's layers: the layer's output first
+                output = output[0]
             if output.requires_grad:  # a call under torch.no_grad (GradCache's first pass, a reversible layer's
                 # forward) is never reached: no g, no rows
                 output.register_hook(lambda g: record.__setitem__(1, g.detach()))

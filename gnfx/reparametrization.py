@@ -81,6 +81,14 @@ initialization written into the forward; passes/masked_weights.py), needs no sta
 its block holds V itself on the input rows s a (`ScaledWeight` only makes the product stand for V;
 passes/analyze.py, gnfx.layouts.linear), and every preconditioner steps V as the user's parameter (the
 diagonal is AdamW on V, whose lr the user tuned).
+A sampled weight (Bayes by Backprop's layers: torchbnn's BayesLinear, bayesian-torch's LinearReparameterization
+and Conv2dReparameterization, `F.linear(x, μ + σ(ρ) ⊙ ε, b_μ + σ(ρ_b) ⊙ ε_b)` with ε drawn on every call;
+passes/sampled_weights.py) is W = μ + P, P computed from other parameters and draws but neither from μ nor from
+the input. Its Jacobian in μ is the identity: ∇μ = ∇W (the part of ∇μ that comes through W; a KL term on μ
+the loss adds outside the model adds its own gradient, which the step preconditions with the rest of ∇μ), so
+the block holds μ itself with the statistics of W's layer, exact for μ (the taps' a and δ at the layer are
+those of the sampled W, the one the forward used), and needs no stand-in; ρ, read through σ(ρ) ⊙ ε, falls
+back to the diagonal (its gradient ∇W ⊙ ε ⊙ σ'(ρ) is no layer's).
 A unit-norm weight (nGPT, whose every weight is `F.normalize(V, dim=d)` through a parametrization: each row of
 V along `d` scaled to length 1; passes/unit_norm_weights.py) is W_r = V_r / c_r, c_r = max(‖V_r‖, ε), the
 norm over the dimension d. Its Jacobian is (1/‖V_r‖)(I − W_r W_rᵀ) where ‖V_r‖ > ε (the length of V_r changes
@@ -342,6 +350,13 @@ class ScaledWeight(_OfOneParameter):
     linear block holds V on the input rows s a (passes/analyze.py); this only makes the product stand for V."""
 
     factor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledWeight(_OfOneParameter):
+    """W = μ + P read by linear maps and convolutions only, P computed without μ and without the input (module
+    docstring): `original` is μ. Never a stand-in: ∂W/∂μ = I, so the block holds μ itself (passes/analyze.py);
+    this only makes the sum stand for μ."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,8 +53,8 @@ from gnfx.layouts.position import PositionLayout
 from gnfx.layouts.scale import ScaleLayout
 from gnfx.layouts.shift import ShiftLayout
 from gnfx.layouts.weighted_sum import WeightedSumLayout
-from gnfx.reparametrization import (MaskedWeight, ScaledWeight, SpectralNorm, UnitNormWeight, WeightNorm,
-                                     WeightStandardization)
+from gnfx.reparametrization import (MaskedWeight, SampledWeight, ScaledWeight, SpectralNorm, UnitNormWeight,
+                                     WeightNorm, WeightStandardization)
 
 from .attention import mark_attention
 from .boundary import mark_boundary
@@ -71,6 +71,8 @@ from .scale import find_scale_sites
 from .shift import find_shift_sites
 from .sites import Site
 from .masked_weights import find_masked_weights
+from .own_terms import drop_own_terms
+from .sampled_weights import find_sampled_weights
 from .spectral_norm import find_spectral_norms
 from .unit_norm_weights import find_unit_norm_weights
 from .weight_norm import find_weight_norms
@@ -112,7 +114,7 @@ class _ParamIndex:
         self.gm = gm
         # node computing W -> how (`_reparametrize`)
         self.reparametrized: dict[fx.Node, WeightNorm | SpectralNorm | WeightStandardization | MaskedWeight
-                                  | UnitNormWeight | ScaledWeight] = {}
+                                  | UnitNormWeight | ScaledWeight | SampledWeight] = {}
         # node casting or moving a parameter -> its name (`_uses`, passes/parameter_casts.py)
         self.casts: dict[fx.Node, str] = {}
 
@@ -152,7 +154,8 @@ class _ParamIndex:
 def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
     """Each trainable parameter's uses: (node that consumes it, get_attr node, or the cast of it the
     consumer reads, or None); the casts recorded in `index.casts`; a read of its metadata alone
-    (passes/parameter_casts.py METADATA_READS, METADATA_ATTRIBUTES) is none."""
+    (passes/parameter_casts.py METADATA_READS, METADATA_ATTRIBUTES) is none, nor, beside another use, a
+    term of its own the forward returns (passes/own_terms.py)."""
     uses: dict[str, list[tuple]] = {n: [] for n, p in index.params.items() if p.requires_grad}
     modules = dict(gm.named_modules(remove_duplicate=False))
     for node in gm.graph.nodes:
@@ -165,6 +168,7 @@ def _uses(gm: fx.GraphModule, index: _ParamIndex) -> dict[str, list[tuple]]:
                 name = index.names.get(id(p))
                 if name in uses:
                     uses[name].append((node, None))
+    drop_own_terms(gm, uses)  # a KL of the parameters returned beside the output (passes/own_terms.py)
     return uses
 
 
@@ -173,12 +177,13 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     `standin`): the node's users become the uses of v, and of g (`held`: a block over W claims both,
     else both fall back for what uses W); each spectral-norm call (passes/spectral_norm.py) stand for
     W_o; each weight standardization's W (passes/weight_standardization.py) stand for V (holding its gain,
-    where it has one); each masked weight M ⊙ V (passes/masked_weights.py) stand for V. Returns the
-    stand-in's name -> its reparametrization."""
+    where it has one); each masked weight M ⊙ V (passes/masked_weights.py) stand for V; each sampled weight
+    μ + P (passes/sampled_weights.py) stand for μ. Returns the stand-in's name -> its reparametrization."""
     index.reparametrized = {**find_weight_norms(gm, index.param_of, index.frozen_of, uses),
                             **find_spectral_norms(gm, index.param_of, index.shape_of, uses),
                             **find_weight_standardizations(gm, index.param_of, index.shape_of, uses),
                             **find_masked_weights(gm, index.param_of, index.shape_of, uses),
+                            **find_sampled_weights(gm, index.param_of, index.shape_of, uses),
                             **find_unit_norm_weights(gm, index.param_of, index.shape_of, uses)}
     by_standin: dict[str, object] = {}
     for name in {rp.standin for rp in index.reparametrized.values()}:
@@ -238,6 +243,8 @@ def _block(weight: str, group: list[Site], bias: str | None, reparametrization) 
     options = dict(first.options)
     if isinstance(reparametrization, ScaledWeight):  # V on the rows s a (module docstring)
         options["input_scale"], reparametrization = reparametrization.factor, None
+    if isinstance(reparametrization, SampledWeight):  # μ itself: ∂W/∂μ = I (gnfx.reparametrization)
+        reparametrization = None
     return Block(name=name, kind=first.kind, weight=weight, bias=bias, d_in=first.d_in,
                  d_out=first.d_out, sites=[s.node.name for s in group], options=options,
                  reparametrization=reparametrization)

@@ -41,6 +41,8 @@ from gnfx.passes.module_attributes import (attributes_kept, buffer_values, chang
                                           changes_recorded, held_values, side_effect)
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
+from gnfx.passes.buffer_draws import draws_into_buffers_traced
+from gnfx.passes.numpy_scalars import python_number
 from gnfx.passes.torch_draws import TorchRandomDraw, moved, raising_torch_draws
 from gnfx.random_state import RandomState
 from gnfx.passes.validation_checks import (example_values, flipping_branch, name_assertions, refused_branch,
@@ -74,9 +76,11 @@ class Captured:
 
 class _DenseProxy(fx.Proxy):
     """A traced value that is not a nested tensor: `x.is_nested` is False, as it is for every
-    input gnfx trains on, so torch.nn's containers take their dense path while tracing."""
+    input gnfx trains on, so torch.nn's containers take their dense path while tracing; numpy's operators
+    defer to it (passes/numpy_scalars.py)."""
 
     is_nested = False
+    __array_ufunc__ = None
 
 
 class _LeafFindingTracer(MappingOutputTracer):
@@ -102,6 +106,9 @@ class _LeafFindingTracer(MappingOutputTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _DenseProxy(node, self)
+
+    def create_arg(self, a):
+        return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
 
     def call_module(self, m, forward, args, kwargs):
         # a module traced through whose forward changes a value it holds (a number, a tensor stored for its next call),
@@ -319,7 +326,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _type_checks_refused(), opaque_in_fx(), inlined_checkpoints(),
-              generators_kept(model)):
+              generators_kept(model), draws_into_buffers_traced(tracer)):
             before = RandomState(devices, python=False).states
             graph = tracer.trace(model, concrete_args=concrete_args)
             tracer.drew_torch = moved(before, RandomState(devices, python=False).states)  # passes/torch_draws.py

@@ -193,10 +193,18 @@ def buffer_values(module: nn.Module) -> dict[str, torch.Tensor]:
             if not b.is_meta and not isinstance(b, UninitializedBuffer)}
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values, a NaN the same as a NaN (a buffer allocated without values,
+    `torch.Tensor(n, m)` as bayesian-torch's layers allocate their ε, may hold NaNs, which no forward changed)."""
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | None:
     """'buffer name (changed in place)' of the first buffer of `module` whose value differs from `before`
     (`buffer_values(module)` then), or None; every changed buffer gets its value from `before` back."""
-    changed = [name for name, b in module.named_buffers() if name in before and not torch.equal(b, before[name])]
+    changed = [name for name, b in module.named_buffers() if name in before and not _same_values(b, before[name])]
     with torch.no_grad():
         for name in changed:
             module.get_buffer(name).copy_(before[name])

@@ -162,6 +162,8 @@ def find_position_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Si
             continue
         if node.op not in ("call_function", "call_method") or node.target not in ADD or node.kwargs:
             continue
+        if param_of(node) is not None:  # a sum that stands for a parameter: a sampled weight μ + P, no table
+            continue
         operands = node.args[:2]
         for i, operand in enumerate(operands):
             x = operands[1 - i]
