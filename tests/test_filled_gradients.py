@@ -54,6 +54,17 @@ class Recorded:
         return expected
 
 
+def assert_step_as_reference(c, model, reference, loss, loss_ref, expected: dict) -> None:
+    """The compiled model's loss and, after its backward, gradients equal the plain `reference`'s, and the
+    statistics of its step those the reference's hooks recorded (`expected`)."""
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
+    c.step()
+    assert_statistics(c, expected)
+
+
 def assert_statistics(c, expected: dict) -> None:
     for name, values in expected.items():
         got = c.statistics(name)
@@ -195,12 +206,7 @@ def test_a_maml_step_through_functional_call():
     expected = reference.statistics(loss_ref)
     loss_ref.backward()
     loss = meta_loss(c, model)
-    torch.testing.assert_close(loss, loss_ref, **TOL)
-    loss.backward()
-    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
-    c.step()
-    assert_statistics(c, expected)
+    assert_step_as_reference(c, model, reference, loss, loss_ref, expected)
     assert all(t is p for t, p in zip(c.parameters(), model.parameters()))
 
 

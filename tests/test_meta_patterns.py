@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from test_filled_gradients import TOL, Recorded, assert_statistics, mlp
+from test_filled_gradients import TOL, Recorded, assert_statistics, assert_step_as_reference, mlp
 
 
 def clone_module(module: nn.Module) -> nn.Module:
@@ -79,12 +79,7 @@ def test_a_learn2learn_clone_runs_its_own_parameters(first_order):
     expected = reference.statistics(loss_ref)
     loss_ref.backward()
     loss = maml_task_loss(c, x, y, first_order=first_order)
-    torch.testing.assert_close(loss, loss_ref, **TOL)
-    loss.backward()
-    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
-    c.step()
-    assert_statistics(c, expected)
+    assert_step_as_reference(c, model, reference, loss, loss_ref, expected)
     assert all(t is p for t, p in zip(c.parameters(), model.parameters()))
 
 
@@ -179,9 +174,4 @@ def test_a_higher_functional_copy_runs_its_fast_weights():
         set_fast_weights(fmodel, names, fast)
         return fmodel(inputs)
     loss = meta_loss(through_copy, list(model.parameters()))
-    torch.testing.assert_close(loss, loss_ref, **TOL)
-    loss.backward()
-    for (name, p), p_ref in zip(model.named_parameters(), reference.model.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, **TOL, msg=name)
-    c.step()
-    assert_statistics(c, expected)
+    assert_step_as_reference(c, model, reference, loss, loss_ref, expected)

@@ -298,22 +298,6 @@ def test_dimensions_above_diagonal_above_are_whole_with_a_diagonal_factor(graft,
     train_against_reference(make(widths=(7, 5)), hp, data(7, in_shape=(7,), classes=5), regions=regions)
 
 
-def test_a_tensor_mode_above_diagonal_above_is_scaled_by_its_diagonal_root():
-    """The raw (3, 4, 5) parameter with diagonal_above=4: Δ = -η G ×_1 F_1^{-p} ×_2 F_2^{-p} ×_3 D_3^{-p},
-    D_3 the diagonal of F_3, p = 1/6."""
-    model = make(Tensor3)
-    hp = dict(exponent="paper", diagonal_above=4)
-    c = compile_shampoo(model, **hp)
-    ref = reference_for((3, 4, 5), hp)
-    assert ref.diagonal == (2,)
-    for step, (x, y) in enumerate(data(6, in_shape=(3, 4), classes=5)):
-        c.zero_grad()
-        F.cross_entropy(c(x), y).backward()
-        G, before = model.T.grad.detach().clone(), model.T.detach().clone()
-        c.step()
-        torch.testing.assert_close(model.T.detach() - before, -LR * ref.step(step, G), **TOL)
-
-
 @pytest.mark.parametrize("compile_update", [False, True], ids=["eager-collect", "generated-update"])
 def test_a_target_cut_into_blocks_folds_its_bias_once_per_step_not_once_per_piece(compile_update):
     """[∇W ∇b] of Linear(7, 5) cut into pieces of at most 3: the statistic step's gradient Grams (collect)
@@ -363,17 +347,21 @@ def test_grafting_takes_the_norm_of_the_grafted_direction_and_only_it_before_the
     torch.testing.assert_close(folded(model.layers[0]) - before, -LR * D, **TOL)
 
 
+@pytest.mark.parametrize("diagonal_above", [None, 4], ids=["matrix-factors", "mode-3-diagonal"])
 @pytest.mark.parametrize("exponent", ["paper", 0.5], ids=["paper", "p=0.5"])
-def test_order3_parameter_is_preconditioned_along_every_mode(exponent):
+def test_order3_parameter_is_preconditioned_along_every_mode(exponent, diagonal_above):
     """A raw (3, 4, 5) parameter (an einsum operand, no layer claims it): three factors, and
-    Δ = -η G ×_1 F_1^{-p} ×_2 F_2^{-p} ×_3 F_3^{-p}, with p = 1/6 for "paper"."""
+    Δ = -η G ×_1 F_1^{-p} ×_2 F_2^{-p} ×_3 F_3^{-p}, with p = 1/6 for "paper"; with diagonal_above=4 the
+    third factor is the diagonal D_3 of F_3 alone, 5 entries."""
     model = make(Tensor3)
-    hp = dict(exponent=exponent)
+    hp = dict(exponent=exponent, **({} if diagonal_above is None else {"diagonal_above": diagonal_above}))
     c = compile_shampoo(model, **hp)
     pre = c.optimizer.curvature[0]
     assert [g.shape for g in pre.groups] == [(3, 4, 5)]
-    assert {f"factor{j}" for j in range(3)} <= set(pre.group_state(pre.groups[0]))
+    state = pre.group_state(pre.groups[0])
+    assert state["factor2"].shape == ((1, 5) if diagonal_above else (1, 5, 5))
     ref = reference_for((3, 4, 5), hp)
+    assert ref.diagonal == ((2,) if diagonal_above else ())
     for step, (x, y) in enumerate(data(6, in_shape=(3, 4), classes=5)):
         c.zero_grad()
         F.cross_entropy(c(x), y).backward()
