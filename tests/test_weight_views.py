@@ -134,3 +134,44 @@ def test_a_reshape_that_is_no_flatten_of_the_rows_falls_back_with_its_reason():
         c = gnfx.compile(model, "kfac", lr=1e-2, loss="cross_entropy")
     (fallback,) = [f for f in c.layers.fallbacks if f.param == "0.weight"]
     assert "whose rows are not its first dimension" in fallback.reason, fallback.reason
+
+
+class SplineWeight(nn.Module):
+    """efficient-kan's spline product with enable_standalone_scale_spline=False: its `scaled_spline_weight` is
+    `spline_weight * 1.0` (the scaler's place taken by the number), read as `.view(out, -1)` by F.linear of the
+    flattened bases (here the input itself, (N, A, B) flattened)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spline_weight = nn.Parameter(torch.randn(D_OUT, A, B) / (A * B) ** 0.5)
+
+    def forward(self, x):
+        return F.linear(x.view(x.size(0), -1), (self.spline_weight * 1.0).view(D_OUT, -1))
+
+
+def test_efficient_kan_spline_weight_without_its_scaler_is_a_block():
+    """Before: spline_weight fell back ("used by call_function 'mul'"): the scaled-weight pass took a product by
+    a number only where linear maps read it directly, not through the view."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(D_IN, A * B), nn.Unflatten(1, (A, B)), SplineWeight(), nn.Tanh(),
+                         nn.Linear(D_OUT, CLASSES)).double()
+    plain = nn.Sequential(nn.Linear(D_IN, A * B), nn.Linear(A * B, D_OUT, bias=False), nn.Tanh(),
+                          nn.Linear(D_OUT, CLASSES)).double()
+    with torch.no_grad():
+        plain[0].load_state_dict(flat[0].state_dict())
+        plain[3].load_state_dict(flat[4].state_dict())
+        plain[1].weight.copy_(flat[2].spline_weight.flatten(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cf = gnfx.compile(flat, "kfac", lr=0.05, loss="cross_entropy", stat_every=1)
+        cp = gnfx.compile(plain, "kfac", lr=0.05, loss="cross_entropy", stat_every=1)
+        assert [f.param for f in cf.layers.fallbacks] == [], cf.layers
+        for step in range(3):
+            x, y = _batch(10 + step)
+            for c in (cf, cp):
+                F.cross_entropy(c(x), y).backward()
+                c.step()
+                c.zero_grad()
+    torch.testing.assert_close(flat[2].spline_weight.flatten(1), plain[1].weight, rtol=1e-10, atol=1e-10)
+    for i, j in ((0, 0), (4, 3)):
+        torch.testing.assert_close(flat[i].weight, plain[j].weight, rtol=1e-10, atol=1e-10)
