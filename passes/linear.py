@@ -100,10 +100,10 @@ def _weight(node, consumer, orientation: str, param_of, shape_of, rejected: dict
     elif orientation == "in_out" and matrix[1] == shape[-1]:
         view = "flat_t"  # Wᵀ = w.flatten(0, -2)
     else:
-        rejected[first_reshape] = (f"reshape of {name} {shape} to the matrix {matrix} read as a linear map's "
-                                   f"{'W' if orientation == 'out_in' else 'Wᵀ'}, whose "
-                                   f"{'rows are not its first dimension' if orientation == 'out_in' else 'columns are not its last'}: "
-                                   f"no view of the weight a linear block steps")
+        role, mismatch = ("W", "rows are not its first dimension") if orientation == "out_in" else \
+            ("Wᵀ", "columns are not its last")
+        rejected[first_reshape] = (f"reshape of {name} {shape} to the matrix {matrix} read as a linear map's {role}, "
+                                   f"whose {mismatch}: no view of the weight a linear block steps")
         return None
     return name, (first_reshape, read), matrix, orientation, view
 
@@ -178,9 +178,9 @@ def _added_bias(site: Site, param_of, shape_of) -> Site:
     return site
 
 
-def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], dict]:
     """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name); and the
-    stacked expert weights of grouped products, rejected with their reason (passes/grouped_products.py)."""
+    reshapes of weights to matrices that are no view a block steps (module docstring), each with its reason."""
     sites, rejected = [], {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
