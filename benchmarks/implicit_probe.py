@@ -12,6 +12,8 @@ benchmarks.family_probe's first contact (one model and optimizer per process, ra
   `F.linear(silu(x), base_weight) + F.linear(b_splines(x).view(N, -1), (spline_weight *
   spline_scaler[..., None]).view(out, -1))`, layers 8-16-3, cross-entropy plus
   `1e-4 * model.regularization_loss()` (the mean |spline_weight| and its entropy) as its users add it;
+  `kan_plain`: the same with `enable_standalone_scale_spline=False` (no spline_scaler: efficient-kan's
+  scaled_spline_weight is then `spline_weight * 1.0`);
   `fastkan`: FastKAN (fast-kan, not on PyPI either: LayerNorm, Gaussian radial basis functions on 8 centres,
   `SplineLinear` an nn.Linear of the flattened basis, plus `nn.Linear(silu(x))`), same task.
   pykan (PyPI) was not probed: it imports matplotlib, pandas, scikit-learn, sympy, pyyaml and tqdm.
@@ -37,7 +39,8 @@ whose extra backward runs through the implicit differentiation), "shampoo" and "
 torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the capture's form, the share of the trainable parameters in
 curvature blocks, exactness (the kfac_lr runs, float64: the compiled model beside a second build from the same
 seed over 3 steps, the largest |difference| of the loss and of any gradient; then K-FAC's A and S of each block
-whose layer is an nn.Linear module, and of KANLinear's base blocks (rows silu(x)), after one step, stat_decay 0,
+whose layer is an nn.Linear module, and of KANLinear's base blocks (rows silu(x)) and spline blocks (rows B(x)
+flattened; kan_plain's), after one step, stat_decay 0,
 fisher="empirical", against plain forward and gradient hooks on every call of that module in the forward,
 benchmarks.hooked_calls: calls without a gradient (the solver's, under torch.no_grad) and calls made by the
 backward (IFT's re-evaluation of f for its autograd.grad solve) counted nowhere, S = N Σ g gᵀ over the gradients
@@ -59,7 +62,7 @@ from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import float64_gaps
 
 BATCH, FEATURES, CLASSES, SIDE = 16, 8, 3, 8
-KAN_MODELS = ("kan", "fastkan")
+KAN_MODELS = ("kan", "kan_plain", "fastkan")
 DEQ_MODELS = ("deq_ift", "deq_hook", "deq_phantom", "deq_wnorm")
 INR_MODELS = ("siren", "siren_wrapper", "nerf")
 MODELS = (*KAN_MODELS, *DEQ_MODELS, *INR_MODELS, "hyper")
@@ -81,17 +84,19 @@ class KANLinear(nn.Module):
     """efficient-kan's layer: y = W_b silu(x) + (W_s ⊙ s) B(x), B(x) the order-k B-spline bases of each input
     on a uniform grid extended by k knots each side, W_s read through a product with its scaler and a view."""
 
-    def __init__(self, n_in: int, n_out: int, grid: int = 5, order: int = 3):
+    def __init__(self, n_in: int, n_out: int, grid: int = 5, order: int = 3, standalone_scale_spline: bool = True):
         super().__init__()
+        self.standalone_scale_spline = standalone_scale_spline
         h = 2.0 / grid
         knots = torch.arange(-order, grid + order + 1) * h - 1.0
         self.register_buffer("grid", knots.expand(n_in, -1).contiguous())
         self.n_out, self.order = n_out, order
         self.base_weight = nn.Parameter(torch.empty(n_out, n_in))
         self.spline_weight = nn.Parameter(0.1 / grid * (torch.rand(n_out, n_in, grid + order) - 0.5))
-        self.spline_scaler = nn.Parameter(torch.empty(n_out, n_in))
         nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5))
+        if standalone_scale_spline:
+            self.spline_scaler = nn.Parameter(torch.empty(n_out, n_in))
+            nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5))
 
     def b_splines(self, x):
         """Cox–de Boor: the order-0 indicators of the knot intervals, raised one order at a time."""
@@ -104,7 +109,7 @@ class KANLinear(nn.Module):
 
     @property
     def scaled_spline_weight(self):
-        return self.spline_weight * self.spline_scaler.unsqueeze(-1)
+        return self.spline_weight * (self.spline_scaler.unsqueeze(-1) if self.standalone_scale_spline else 1.0)
 
     def forward(self, x):
         base = F.linear(F.silu(x), self.base_weight)
@@ -118,9 +123,10 @@ class KANLinear(nn.Module):
 
 
 class KAN(nn.Module):
-    def __init__(self, widths):
+    def __init__(self, widths, standalone_scale_spline: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(KANLinear(i, o) for i, o in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(KANLinear(i, o, standalone_scale_spline=standalone_scale_spline)
+                                    for i, o in zip(widths, widths[1:]))
 
     def forward(self, x):
         for layer in self.layers:
@@ -204,8 +210,8 @@ class HyperClassifier(nn.Module):
 
 def build(name: str) -> nn.Module:
     """The model `name` (module doc), with random weights from the current seed."""
-    if name == "kan":
-        return KAN([FEATURES, 16, CLASSES])
+    if name in ("kan", "kan_plain"):
+        return KAN([FEATURES, 16, CLASSES], standalone_scale_spline=name == "kan")
     if name == "fastkan":
         return nn.Sequential(FastKANLayer(FEATURES, 16), FastKANLayer(16, CLASSES))
     if name in DEQ_MODELS:
@@ -230,7 +236,7 @@ def problem(name: str, dtype=torch.float32):
         return (coords, image), lambda m, plain, b: F.mse_loss(m(b[0]), b[1]), SIDE * SIDE
     batch = (torch.rand(BATCH, FEATURES, generator=g, dtype=dtype) * 2 - 1,
              torch.randint(0, CLASSES, (BATCH,), generator=g))
-    if name == "kan":  # efficient-kan's users add its regularization to the loss
+    if name in ("kan", "kan_plain"):  # efficient-kan's users add its regularization to the loss
         return batch, lambda m, plain, b: F.cross_entropy(m(b[0]), b[1]) + 1e-4 * plain.regularization_loss(), BATCH
     return batch, lambda m, plain, b: F.cross_entropy(m(b[0]), b[1]), BATCH
 
@@ -260,8 +266,11 @@ def factor_gaps(name: str, hparams: dict) -> str:
         loss.backward()
     for n, records in calls.items():  # IFT's backward calls f again for autograd.grad: a call of no forward
         del records[forward_calls[n]:]
-    for n in kans:  # a KANLinear's base block: the rows silu(x), the gradient at the layer's output (the sum's)
-        calls[f"{n}.base"] = [[F.silu(a), g] for a, g in calls.pop(n)]
+    modules = dict(reference.named_modules())
+    for n in kans:  # a KANLinear's base block: the rows silu(x), the gradient at the layer's output (the sum's);
+        records = calls.pop(n)  # its spline block (a block where it is one): the rows B(x) flattened, the same
+        calls[f"{n}.base"] = [[F.silu(a), g] for a, g in records]
+        calls[f"{n}.spline"] = [[modules[n].b_splines(a).flatten(1), g] for a, g in records]
     loss_of(c, model, batch).backward()
     c.step()
     return linear_factor_gap(c, calls, m)

@@ -27,7 +27,7 @@ def _constant(value) -> bool:
     return isinstance(value, (int, type(None))) or (isinstance(value, (tuple, list)) and all(map(_constant, value)))
 
 
-def _replayed(node: fx.Node, meta: torch.Tensor) -> torch.Tensor | None:
+def replayed(node: fx.Node, meta: torch.Tensor) -> torch.Tensor | None:
     """The meta tensor reshaping `meta` as `node` reshapes its first argument, or None when `node` is no
     reshape with constant arguments."""
     rest = node.args[1:]
@@ -54,7 +54,7 @@ def identity_views(gm: fx.GraphModule) -> fx.GraphModule:
         for first in list(attr.users):
             chain, node, meta = [], first, torch.empty(param.shape, device="meta")
             while True:
-                meta = _replayed(node, meta)
+                meta = replayed(node, meta)
                 if meta is None:
                     break
                 chain.append(node)

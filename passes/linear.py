@@ -10,7 +10,14 @@ other axis in the contracted axis's place in the output, the input's other axes 
 That axis may be any after an ellipsis: talking-heads attention mixes the heads of the attention
 weights, `"bhij,hg->bgij"` (vit-pytorch's CaiT and DeepViT); the block's features are then that
 dimension of x and z, `options["feature_dim"]` counted from the end (gnfx.layouts.linear). A weight used as
-`x @ W` is stored (d_in, d_out); its block reads it transposed (`options["transposed"]`). A bias
+`x @ W` is stored (d_in, d_out); its block reads it transposed (`options["transposed"]`). A weight w of
+three dimensions or more read through a chain of reshapes to a matrix (`F.linear(x, w.view(d_out, -1))`,
+`w.flatten(1)`, `x @ w.reshape(-1, d_out)`: efficient-kan's spline weights, hand-written layers) is the
+block's W where that matrix is a view of w the block can step and write back through
+(`options["weight_view"]`, gnfx.targets.as_matrix): W = w.flatten(1) (rows w's first dimension) read as
+`z = W a`, or W = w.flatten(0, -2)ᵀ (w's leading dimensions flattened, columns its last) read as `x @ Wᵀ`;
+a reshape is row-major, so the matrix is exactly that view. Any other reshape to a matrix is rejected with
+its reason. A bias
 added by hand after a bias-free form (`x @ W + b`, `b + torch.einsum(...)`: a trainable (d_out,)
 vector, the product's only use) is the block's bias: ∂ℓ/∂z is the same on either side of the sum.
 """
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .identity_views import replayed
 from .sites import Site, arg
 
 aten = torch.ops.aten
@@ -52,33 +60,72 @@ def _is_transpose(node) -> bool:
     return False
 
 
-def _weight(node, param_of):
-    """(parameter name, get_attr node, transpose node or None, orientation) of a weight operand."""
+def _flattened(node, param_of, shape_of):
+    """(parameter name, node read, its reader, the matrix's shape) of a chain of reshapes, each the only
+    user of the one before, from a trainable parameter of three dimensions or more to a matrix; else None."""
+    chain = []
+    while isinstance(node, fx.Node) and param_of(node) is None and node.op in ("call_function", "call_method") \
+            and node.args and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    name = param_of(node)
+    if name is None or not chain or len(shape_of(name)) < 3:
+        return None
+    meta = torch.empty(shape_of(name), device="meta")
+    for step in reversed(chain):
+        meta = replayed(step, meta)
+        if meta is None:
+            return None
+    return (name, node, chain[-1], tuple(meta.shape)) if meta.dim() == 2 else None
+
+
+def _weight(node, consumer, orientation: str, param_of, shape_of, rejected: dict):
+    """(parameter name, its use (reader, node read), the matrix's shape, orientation, view) of the weight
+    operand `node` of `consumer`, a product that reads it as W ("out_in", F.linear) or as Wᵀ ("in_out",
+    `x @ node`): a trainable parameter, transposed (the other orientation) or not, or a parameter of three
+    dimensions or more flattened to a matrix (module docstring) that is one of the views a block steps; else
+    None (a reshape that is none recorded in `rejected` with its reason)."""
+    if _is_transpose(node) and len(node.users) == 1:
+        consumer, node, orientation = node, node.args[0], "in_out" if orientation == "out_in" else "out_in"
     name = param_of(node)
     if name is not None:
-        return name, node, None, "in_out"
-    if _is_transpose(node) and len(node.users) == 1:
-        name = param_of(node.args[0])
-        if name is not None:
-            return name, node.args[0], node, "out_in"
-    return None
-
-
-def _site(node, x, w_operand, bias_node, param_of, shape_of) -> Site | None:
-    found = _weight(w_operand, param_of)
+        return name, (consumer, node), shape_of(name), orientation, ""
+    found = _flattened(node, param_of, shape_of)
     if found is None:
         return None
-    name, attr, transpose, orientation = found
+    name, read, first_reshape, matrix = found
     shape = shape_of(name)
-    if len(shape) != 2:
+    if orientation == "out_in" and matrix[0] == shape[0]:
+        view = "flatten"  # W = w.flatten(1)
+    elif orientation == "in_out" and matrix[1] == shape[-1]:
+        view = "flat_t"  # Wᵀ = w.flatten(0, -2)
+    else:
+        role, mismatch = ("W", "rows are not its first dimension") if orientation == "out_in" else \
+            ("Wᵀ", "columns are not its last")
+        rejected[first_reshape] = (f"reshape of {name} {shape} to the matrix {matrix} read as a linear map's {role}, "
+                                   f"whose {mismatch}: no view of the weight a linear block steps")
+        return None
+    return name, (first_reshape, read), matrix, orientation, view
+
+
+def _site(node, x, w_operand, bias_node, orientation: str, param_of, shape_of, rejected: dict) -> Site | None:
+    """The site of a product `node` of the input x and a weight operand it reads in `orientation` (`_weight`)."""
+    found = _weight(w_operand, node, orientation, param_of, shape_of, rejected)
+    if found is None:
+        return None
+    name, use, matrix, orientation, view = found
+    if len(matrix) != 2:
         return None
     bias = param_of(bias_node)
-    d_out, d_in = shape if orientation == "out_in" else shape[::-1]
+    d_out, d_in = matrix if orientation == "out_in" else matrix[::-1]
     if bias is not None and shape_of(bias) != (d_out,):
         bias = None
-    uses = [(transpose or node, attr)] + ([(node, bias_node)] if bias is not None else [])
-    options = {"transposed": True} if orientation == "in_out" else {}
-    options["weight_shape"] = shape
+    uses = [use] + ([(node, bias_node)] if bias is not None else [])
+    if view:
+        options = {"weight_view": view}
+    else:
+        options = {"transposed": True} if orientation == "in_out" else {}
+    options["weight_shape"] = shape_of(name)
     return Site(node=node, input=x, weight=name, bias=bias, uses=uses,
                 d_in=d_in, d_out=d_out, options=options)
 
@@ -131,26 +178,27 @@ def _added_bias(site: Site, param_of, shape_of) -> Site:
     return site
 
 
-def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
+def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], dict]:
     """Every linear map whose weight is a trainable parameter (`param_of(node)` gives its name); and the
-    stacked expert weights of grouped products, rejected with their reason (passes/grouped_products.py)."""
-    sites = []
+    reshapes of weights to matrices that are no view a block steps (module docstring), each with its reason."""
+    sites, rejected = [], {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
         t = node.target
         site = None
         if t in LINEAR_OPS:
-            site = _linear_site(node, param_of, shape_of)
+            site = _site(node, node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), "out_in", param_of,
+                         shape_of, rejected)
         elif t in MATMUL_OPS or (node.op == "call_method" and t in ("matmul", "mm", "__matmul__")):
-            site = _site(node, node.args[0], node.args[1], None, param_of, shape_of)
+            site = _site(node, node.args[0], node.args[1], None, "in_out", param_of, shape_of, rejected)
         elif t in ADDMM_OPS and not node.kwargs:
-            site = _site(node, node.args[1], node.args[2], node.args[0], param_of, shape_of)
+            site = _site(node, node.args[1], node.args[2], node.args[0], "in_out", param_of, shape_of, rejected)
         elif t in EINSUM_OPS and (operands := _einsum_operands(node)) is not None:
             site = _einsum_site(node, *operands, param_of, shape_of)
         if site is not None:
             sites.append(_added_bias(site, param_of, shape_of))
-    return sites, []
+    return sites, rejected
 
 
 def _einsum_site(node, x, w, in_out: bool, feature_dim: int, param_of, shape_of) -> Site | None:
@@ -164,21 +212,3 @@ def _einsum_site(node, x, w, in_out: bool, feature_dim: int, param_of, shape_of)
     if feature_dim != -1:
         options["feature_dim"] = feature_dim
     return Site(node=node, input=x, weight=name, bias=None, uses=[(node, w)], d_in=d_in, d_out=d_out, options=options)
-
-
-def _linear_site(node, param_of, shape_of) -> Site | None:
-    w_node, b_node = arg(node, 1, "weight"), arg(node, 2, "bias")
-    if _is_transpose(w_node) and len(w_node.users) == 1 and param_of(w_node.args[0]) is not None:
-        # F.linear(x, P.t(), b) = x @ P + b, P stored (d_in, d_out) (Hugging Face's Conv1D, passes/unflatten.py)
-        site = _site(node, node.args[0], w_node.args[0], b_node, param_of, shape_of)
-        if site is not None:
-            site.uses[0] = (w_node, w_node.args[0])  # P's consumer is the transpose
-        return site
-    name = param_of(w_node)
-    if name is None or len(shape_of(name)) != 2:
-        return None
-    d_out, d_in = shape_of(name)
-    bias = param_of(b_node)
-    uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
-    return Site(node=node, input=node.args[0], weight=name, bias=bias, uses=uses,
-                d_in=d_in, d_out=d_out, options={"weight_shape": (d_out, d_in)})

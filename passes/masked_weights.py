@@ -18,7 +18,9 @@ row or column), a mask computed in the forward, a product of two trainable param
 A weight scaled by a number, `V * s`, `s * V` or `V / s` (s a nonzero Python number in the graph:
 e3nn's FullyConnectedNet computes `x @ (V / (h_in * var_in) ** 0.5)`, the radial MLPs whose outputs weight
 e3nn's, NequIP's and MACE's tensor products; its weights fell back, "used by call_function 'truediv'"),
-under the same conditions on V and read by linear maps only (F.linear, matmul, mm, addmm), stands for V too
+under the same conditions on V and read by linear maps only (F.linear, matmul, mm, addmm), directly or through
+a chain of reshapes (efficient-kan's `(spline_weight * 1.0).view(out, -1)` with its standalone spline scaler off;
+passes/linear.py reads the view), stands for V too
 (gnfx.reparametrization.ScaledWeight): its linear block holds V on the input rows s a (passes/analyze.py).
 A scaled weight of another kind (StyleGAN's equalized-lr convolutions) still falls back, so that the
 diagonal keeps stepping V.
@@ -30,6 +32,7 @@ from torch import fx, nn
 
 from gnfx.reparametrization import MaskedWeight, ScaledWeight
 
+from .identity_views import RESHAPE_METHODS, RESHAPES
 from .linear import ADDMM_OPS, LINEAR_OPS, MATMUL_OPS
 from .norm import DIV, MUL, _is, _uncast
 from .weight_standardization import _number
@@ -82,6 +85,16 @@ def find_masked_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> d
     return {**found, **_scaled_weights(gm, param_of, shape_of, uses)}
 
 
+def _read_linearly(node: fx.Node) -> bool:
+    """Whether `node` is a linear map, or a chain of reshapes, each the only user of the one before, that one
+    reads (module docstring)."""
+    while _is(node, RESHAPES) or (node.op == "call_method" and node.target in RESHAPE_METHODS):
+        if len(node.users) != 1:
+            return False
+        (node,) = node.users
+    return _is(node, LINEAR_READS)
+
+
 def _scaled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, ScaledWeight]:
     """Each V * s, s * V or V / s (module docstring) of a trainable V of 2 or more dimensions, its only use, by
     a nonzero number s, read by linear maps only, with its gnfx.reparametrization.ScaledWeight."""
@@ -94,7 +107,7 @@ def _scaled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[
             original = param_of(weight)
             if original is None or not _number(number) or number == 0 or len(shape_of(original)) < 2:
                 continue
-            read_linearly = all(_is(user, LINEAR_READS) for user in node.users)
+            read_linearly = all(_read_linearly(user) for user in node.users)
             if read_linearly and all(consumer is node for consumer, _ in uses[original]):
                 found[node] = ScaledWeight(original, original, 1 / number if _is(node, DIV) else number)
     return found

@@ -4,7 +4,9 @@ An einsum may map another axis of its input (talking heads' `"bhij,hg->bgij"`, p
 features are then dimension `feature_dim` (counted from the end) of a and of z, moved last before the
 rows are read, and every other dimension after N is a position. A weight scaled by a number in the forward,
 `x @ (V / c)` (e3nn's FullyConnectedNet), is the block of V on the input rows a/c (`options["input_scale"]`
-= 1/c, passes/analyze.py): z = (a/c) V, so its A and per-example gradients are V's."""
+= 1/c, passes/analyze.py): z = (a/c) V, so its A and per-example gradients are V's. A weight w of three
+dimensions or more read through a reshape is the matrix W = w.flatten(1), or w.flatten(0, -2)ᵀ
+(`options["weight_view"]`, passes/linear.py)."""
 from __future__ import annotations
 
 import torch
@@ -17,8 +19,9 @@ class LinearLayout(Layout):
 
     def __init__(self, block):
         super().__init__(block)
-        # "t": the parameter is stored (d_in, d_out) and used as `x @ W`; the matrix W is its transpose
-        self.view = "t" if block.options.get("transposed") else ""
+        # "t": the parameter is stored (d_in, d_out) and used as `x @ W`; the matrix W is its transpose;
+        # "flatten" / "flat_t": a weight of three dimensions or more read through a reshape (passes/linear.py)
+        self.view = block.options.get("weight_view", "t" if block.options.get("transposed") else "")
         self.feature_dim = block.options.get("feature_dim", -1)
         self.input_scale = block.options.get("input_scale", 1.0)  # s of a weight scaled by s (module docstring)
 
