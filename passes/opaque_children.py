@@ -32,9 +32,9 @@ graph passes on as each call gives it, None, a tensor or a pair, and its lowerin
 a tensor or PackedSequence input, `OPTIONAL_INPUTS`; nor a child traced by torch.fx whose inputs default to None,
 a hand-written cell's `forward(x, state=None)` that makes its state when called without one: it is captured once per
 form of call, each set of those inputs a call gives, the calls running the graph of their form and the forms' sites
-of a weight one block, `_forms`), or has an instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
-code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
-of `self.model`'s layers between them), and the graph of an opened child runs only where the child
+of a weight one block, `_forms`), or has an instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into
+as an nn.ModuleList is: opaque code may call it or iterate it and call its children one by one (ultralytics' YOLO
+routes the outputs of `self.model`'s layers between them), and the graph of an opened child runs only where the child
 itself is called, so its children are opened instead, which either call runs; a child with a parameter
 registered outside it too (shared; a module registered under two paths, as performer-pytorch's
 `ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
@@ -110,11 +110,16 @@ def _inputs(module: nn.Module) -> list[inspect.Parameter] | None:
     return None
 
 
+def _defaulting_to_none(module: nn.Module) -> list[str]:
+    """The forward inputs of `module`, a child traced by torch.fx (not a torch layer), that default to None."""
+    return [] if _is_torch_layer(module) else [p.name for p in _inputs(module) if p.default is None]
+
+
 def _forms(module: nn.Module) -> list[frozenset[str] | None]:
     """The forms of call of a child traced by torch.fx whose forward takes inputs that default to None (a cell's
     `state=None`: None at the first step, the previous state afterwards): each set of those inputs a call gives
     (not None), one graph each (`_capture`), as many as 2 ** `MAX_OPTIONAL`; [None] for a child of one form."""
-    optional = [p.name for p in _inputs(module) if p.default is None] if not _is_torch_layer(module) else []
+    optional = _defaulting_to_none(module)
     if not optional:
         return [None]
     return [frozenset(name for bit, name in enumerate(optional) if given >> bit & 1)
@@ -156,7 +161,7 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int], paths
         return "it has an instance-level forward"
     if _inputs(module) is None:
         return "its forward takes optional or variadic inputs, which an opened child's graph would fix"
-    if len(optional := [p.name for p in _inputs(module) if p.default is None]) > MAX_OPTIONAL:
+    if len(optional := _defaulting_to_none(module)) > MAX_OPTIONAL:
         return (f"its forward takes {len(optional)} inputs that default to None, {2 ** len(optional)} forms of call "
                 f"to capture (at most {MAX_OPTIONAL} such inputs)")
     for name, p in module.named_parameters(prefix=path, remove_duplicate=False):
@@ -246,7 +251,7 @@ def _capture(model: nn.Module, path: str, module: nn.Module, form: frozenset[str
         inputs = tuple(graph.placeholder(p.name, default_value=p.default) for p in _inputs(module))
         graph.output(graph.call_module(path, inputs))
         return Captured(fx.GraphModule(model, graph, f"Opened_{path.replace('.', '_')}"), "fx", {})
-    fixed = None if form is None else {p.name: None for p in _inputs(module) if p.default is None and p.name not in form}
+    fixed = None if form is None else {name: None for name in _defaulting_to_none(module) if name not in form}
     captured = trace_fx(module, concrete_args=fixed)
     traced = captured.graph_module
     graph = fx.Graph()
@@ -263,7 +268,8 @@ def _capture(model: nn.Module, path: str, module: nn.Module, form: frozenset[str
 
 def _form_words(form: frozenset[str] | None) -> str:
     """The form of call `form` (`_forms`) in words, '' for a child of one form."""
-    return "" if form is None else f" called with {', '.join(sorted(form)) or 'none'} of its inputs that default to None"
+    given = ", ".join(sorted(form or ())) or "none"
+    return "" if form is None else f" called with {given} of its inputs that default to None"
 
 
 def _joined_forms(built: dict) -> tuple:

@@ -3,8 +3,9 @@
 norse's LIFRecurrentCell (and many hand-written RNN and SNN cells) applies its own input and recurrent weights by
 F.linear, and makes its state when called without one (`if state is None: state = zeros`). Its caller steps it over
 the time steps in a loop torch.fx cannot trace (`range(x.shape[0])`), so the caller is opaque (capture="fx": norse's
-surrogate spike, a custom autograd.Function, makes gnfx refuse torch.export) and the cell a child gnfx opens (passes/opaque_children.py): captured once per form of call (state None, state given), both graphs'
-sites one block per weight, R the T calls. Reference: every F.linear call on the cell's weights in the plain model,
+surrogate spike, a custom autograd.Function, makes gnfx refuse torch.export) and the cell a child gnfx opens
+(passes/opaque_children.py): captured once per form of call (state None, state given), both graphs' sites one block
+per weight, R the T calls. Reference: every F.linear call on the cell's weights in the plain model,
 its input and the gradient of its output recorded (a TorchFunctionMode), float64.
 """
 import copy
@@ -105,7 +106,7 @@ def test_a_cell_with_an_optional_state_is_opened_in_both_forms_with_the_statisti
     for name in ("input_weights", "recurrent_weights"):
         assert f"block snn.cell.{name} (called by the Python code of opaque submodule 'snn')" in report, report
 
-    weights = {n: p for n, p in reference.snn.cell.named_parameters()}
+    weights = dict(reference.snn.cell.named_parameters())
     with LinearCalls(weights) as mode:
         want_loss = cross_entropy(reference(x), y)
     want_loss.backward()
