@@ -24,6 +24,7 @@ the child outside the module tree, in a plain list, reaches the parameters thems
 from __future__ import annotations
 
 import collections
+import inspect
 
 import torch
 from torch import fx, nn
@@ -68,11 +69,27 @@ def _watched(module: nn.Module, leaf: str, child: str, path: str, made: list) ->
     return twin
 
 
-def _twin(child: nn.Module, graph: fx.GraphModule, leaf: str, path: str, made: list) -> nn.Module:
+def _by_form(child: nn.Module, forms: dict[frozenset[str], fx.GraphModule]):
+    """The forward of the opened child `child` captured in several forms of call (passes/opaque_children.py's
+    `_forms`: {the inputs defaulting to None that a call gives: its graph}): each call runs the graph of its form,
+    its arguments bound as the child's forward binds them (by position or keyword, defaults filled in)."""
+    signature = inspect.signature(child.forward)
+    optional = [p.name for p in signature.parameters.values() if p.default is None]
+
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return forms[frozenset(name for name in optional if bound.arguments[name] is not None)](*bound.args)
+    return forward
+
+
+def _twin(child: nn.Module, graph, leaf: str, path: str, made: list) -> nn.Module:
     """The opened child at `path` of the opaque submodule `leaf`, watched (`_watched`, its views appended to
-    `made`), whose forward is its graph `graph`, without hooks of its own."""
+    `made`), whose forward is its graph `graph` (or, a dict, the graph of each call's form: `_by_form`), without
+    hooks of its own."""
     twin = _watched(child, leaf, path, path, made)
-    twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=graph.forward)
+    forward = _by_form(child, graph) if isinstance(graph, dict) else graph.forward
+    twin.__dict__.update({name: collections.OrderedDict() for name in _HOOKS}, forward=forward)
     return twin
 
 
@@ -90,15 +107,25 @@ class OpenedLeaf(nn.Module):
     """The opaque submodule `module`, called with its opened children's graphs in their place.
 
     `path` is the submodule's path in the model; `graphs` maps each opened child's path under `module`
-    to its graph (rooted at the model, with its taps); the graphs are submodules, so that they print
-    with the captured graph; `module` is not (its parameters keep their one name)."""
+    to its graph (rooted at the model, with its taps), or to {form of call: graph} for a child captured in
+    several (passes/opaque_children.py); the graphs are submodules, so that they print with the captured graph;
+    `module` is not (its parameters keep their one name)."""
 
-    def __init__(self, module: nn.Module, path: str, graphs: dict[str, fx.GraphModule]):
+    def __init__(self, module: nn.Module, path: str, graphs: dict[str, fx.GraphModule | dict]):
         super().__init__()
         self.__dict__["module"] = module
         self.path = path  # the submodule's path in the model
         self.paths = list(graphs)
-        self.graphs = nn.ModuleList(graphs.values())
+        # each path's forms (None: one graph), the graphs flat, in the order of the paths and their forms
+        self.forms = [list(g) if isinstance(g, dict) else None for g in graphs.values()]
+        self.graphs = nn.ModuleList(gm for g in graphs.values() for gm in (g.values() if isinstance(g, dict) else (g,)))
+
+    def _path_graphs(self) -> list:
+        """Each path's graph, or {form: graph} (module doc)."""
+        flat, graphs = iter(self.graphs), []
+        for forms in self.forms:
+            graphs.append(next(flat) if forms is None else {form: next(flat) for form in forms})
+        return graphs
 
     def forward(self, *args, **kwargs):
         return self.call(self.module, *args, **kwargs)
@@ -108,7 +135,7 @@ class OpenedLeaf(nn.Module):
         forward, or a method of the model that gnfx.compile(methods=...) names (passes/opaque_root.py)."""
         swapped, views = [], []
         try:
-            for path, graph in zip(self.paths, self.graphs):
+            for path, graph in zip(self.paths, self._path_graphs()):
                 parent, _, name = path.rpartition(".")
                 owner = self.module.get_submodule(parent)
                 child = owner._modules[name]

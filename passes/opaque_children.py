@@ -29,10 +29,12 @@ parameter of an opened child that the opaque code uses in another way raises at 
 Not opened, with the reason in the report: a child whose forward takes optional or variadic inputs
 (an nn.ConvTranspose's `output_size`: the graph would fix them; not a recurrent module's `hx`, which its
 graph passes on as each call gives it, None, a tensor or a pair, and its lowering reads at run time with
-a tensor or PackedSequence input, `OPTIONAL_INPUTS`), or has an
-instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into as an nn.ModuleList is: opaque
-code may call it or iterate it and call its children one by one (ultralytics' YOLO routes the outputs
-of `self.model`'s layers between them), and the graph of an opened child runs only where the child
+a tensor or PackedSequence input, `OPTIONAL_INPUTS`; nor a child traced by torch.fx whose inputs default to None,
+a hand-written cell's `forward(x, state=None)` that makes its state when called without one: it is captured once per
+form of call, each set of those inputs a call gives, the calls running the graph of their form and the forms' sites
+of a weight one block, `_forms`), or has an instance-level `forward`; an nn.Sequential (`CONTAINER`), walked into
+as an nn.ModuleList is: opaque code may call it or iterate it and call its children one by one (ultralytics' YOLO
+routes the outputs of `self.model`'s layers between them), and the graph of an opened child runs only where the child
 itself is called, so its children are opened instead, which either call runs; a child with a parameter
 registered outside it too (shared; a module registered under two paths, as performer-pytorch's
 `ProjectionUpdater(self.net)` keeps its layer stack, shares nothing: its parameters are its own under both, and
@@ -85,6 +87,8 @@ _METADATA_READS = (*METADATA_ATTRIBUTES, "size", "dim", "numel", "element_size",
 # them with and without a state (gluonts' DeepAR: `self.rnn(x)` in its loss, `self.rnn(x, state)` in sampling)
 # calls one graph
 OPTIONAL_INPUTS = (nn.RNNBase, nn.RNNCellBase)
+# the most inputs defaulting to None that a child traced by torch.fx may take: one graph per form of call (`_forms`)
+MAX_OPTIONAL = 3
 # torch's modules whose forward reads their children's parameters without calling the children, and how
 READS_CHILDREN = {
     nn.MultiheadAttention: "an nn.MultiheadAttention, whose forward reads its out_proj's parameters without calling it",
@@ -95,13 +99,31 @@ READS_CHILDREN = {
 
 def _inputs(module: nn.Module) -> list[inspect.Parameter] | None:
     """The module's forward inputs when all are required (no defaults, no *args or **kwargs), or optional ones of
-    a recurrent module (`OPTIONAL_INPUTS`), else None."""
+    a recurrent module (`OPTIONAL_INPUTS`) or, traced by torch.fx, optional ones whose default is None (captured in
+    each form of call, `_forms`), else None."""
     params = list(inspect.signature(module.forward).parameters.values())
     optional_ok = isinstance(module, OPTIONAL_INPUTS)
-    if params and all(p.kind in _INPUT_KINDS and (optional_ok or p.default is inspect.Parameter.empty)
-                      for p in params):
+    none_ok = not _is_torch_layer(module)
+    if params and all(p.kind in _INPUT_KINDS and (optional_ok or p.default is inspect.Parameter.empty
+                                                  or (none_ok and p.default is None)) for p in params):
         return params
     return None
+
+
+def _defaulting_to_none(module: nn.Module) -> list[str]:
+    """The forward inputs of `module`, a child traced by torch.fx (not a torch layer), that default to None."""
+    return [] if _is_torch_layer(module) else [p.name for p in _inputs(module) if p.default is None]
+
+
+def _forms(module: nn.Module) -> list[frozenset[str] | None]:
+    """The forms of call of a child traced by torch.fx whose forward takes inputs that default to None (a cell's
+    `state=None`: None at the first step, the previous state afterwards): each set of those inputs a call gives
+    (not None), one graph each (`_capture`), as many as 2 ** `MAX_OPTIONAL`; [None] for a child of one form."""
+    optional = _defaulting_to_none(module)
+    if not optional:
+        return [None]
+    return [frozenset(name for bit, name in enumerate(optional) if given >> bit & 1)
+            for given in range(2 ** len(optional))]
 
 
 def _join(parent: str, name: str) -> str:
@@ -139,6 +161,9 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int], paths
         return "it has an instance-level forward"
     if _inputs(module) is None:
         return "its forward takes optional or variadic inputs, which an opened child's graph would fix"
+    if len(optional := _defaulting_to_none(module)) > MAX_OPTIONAL:
+        return (f"its forward takes {len(optional)} inputs that default to None, {2 ** len(optional)} forms of call "
+                f"to capture (at most {MAX_OPTIONAL} such inputs)")
     for name, p in module.named_parameters(prefix=path, remove_duplicate=False):
         others = [n for n in names[id(p)] if not any(n.startswith(alias + ".") for alias in paths)]
         if others:
@@ -217,15 +242,17 @@ def _read_by_graph(gm: fx.GraphModule, leaves) -> set[int]:
     return read
 
 
-def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
-    """The child `path` captured on its own (module doc), rooted at the model; raises a CaptureError
+def _capture(model: nn.Module, path: str, module: nn.Module, form: frozenset[str] | None = None) -> Captured:
+    """The child `path` captured on its own (module doc), rooted at the model, in the form of call `form` (`_forms`:
+    the inputs defaulting to None that the call gives; the others traced as None); raises a CaptureError
     when torch.fx cannot trace its forward."""
     if _is_torch_layer(module):
         graph = fx.Graph()
         inputs = tuple(graph.placeholder(p.name, default_value=p.default) for p in _inputs(module))
         graph.output(graph.call_module(path, inputs))
         return Captured(fx.GraphModule(model, graph, f"Opened_{path.replace('.', '_')}"), "fx", {})
-    captured = trace_fx(module)
+    fixed = None if form is None else {name: None for name in _defaulting_to_none(module) if name not in form}
+    captured = trace_fx(module, concrete_args=fixed)
     traced = captured.graph_module
     graph = fx.Graph()
     graph.output(graph.graph_copy(traced.graph, {}))
@@ -237,6 +264,35 @@ def _capture(model: nn.Module, path: str, module: nn.Module) -> Captured:
             node.target = f"{path}.{node.target}"
     gm = fx.GraphModule(objects, graph, f"Opened_{path.replace('.', '_')}")
     return Captured(gm, "fx", {f"{path}.{leaf}": why for leaf, why in captured.leaves.items()}, captured.draws)
+
+
+def _form_words(form: frozenset[str] | None) -> str:
+    """The form of call `form` (`_forms`) in words, '' for a child of one form."""
+    given = ", ".join(sorted(form or ())) or "none"
+    return "" if form is None else f" called with {given} of its inputs that default to None"
+
+
+def _joined_forms(built: dict) -> tuple:
+    """(graphs, LayerTable, block sites, why not opened or None) of a child from its forms' builds (`_forms`: form ->
+    (graph module, LayerTable, block sites)): the one form's graph, or {form: graph}, whose blocks are one, each
+    with the sites of every form (a weight called in several forms is a weight of several sites, R the calls);
+    not opened when the forms' graphs have different blocks."""
+    (form, (gm, table, sites)), *others = built.items()
+    if form is None:
+        return gm, table, sites, None
+    signature = lambda t: {b.name: (b.kind, b.params, b.d_in, b.d_out) for b in t.blocks}  # noqa: E731
+    for other, (_, other_table, other_sites) in others:
+        if signature(other_table) != signature(table):
+            return None, None, None, (f"its graph{_form_words(other)} has other curvature blocks than "
+                                      f"its graph{_form_words(form)}")
+        for block in table.blocks:
+            block.sites = [*block.sites, *next(b for b in other_table.blocks if b.name == block.name).sites]
+            sites[block.name] = [*sites[block.name], *other_sites[block.name]]
+        table.fallbacks.extend(f for f in other_table.fallbacks if all(f.param != g.param for g in table.fallbacks))
+        table.opened.update(other_table.opened)
+        table.leaves.update(other_table.leaves)
+        table.notes.update(other_table.notes)
+    return {form: gm for form, (gm, *_) in built.items()}, table, sites, None
 
 
 def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_sites: dict, build,
@@ -289,11 +345,15 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             why = (f"inside {module_path}, {reads}" if reads is not None else
                    read_by_code or _method_called(child, source)
                    or _why_closed(path, child, names, read, paths[id(child)]))
-            if why is None:
+            built = {}
+            for form in _forms(child) if why is None else ():
                 try:
-                    child_gm, child_table, child_sites = build(_capture(model, path, child))
+                    built[form] = build(_capture(model, path, child, form))
                 except Exception as exc:  # noqa: BLE001 - reported: the child stays closed (and is walked into)
-                    why = f"its graph could not be built ({describe_exception(exc)})"
+                    why = f"its graph{_form_words(form)} could not be built ({describe_exception(exc)})"
+                    break
+            if why is None:
+                child_gm, child_table, child_sites, why = _joined_forms(built)
             own = set(trainable(child))
             left = [f for f in child_table.fallbacks if f.param in own] if why is None else []
             if why is None and not child_table.blocks:
