@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 
+
 def python_number(a):
     """`a` as a Python number when it is a numpy scalar (module docstring), else `a`."""
     numpy = sys.modules.get("numpy")  # only a numpy the model's code could have imported

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from test_filled_gradients import TOL, Recorded, assert_statistics, assert_step_as_reference, mlp
+from test_filled_gradients import Recorded, assert_statistics, assert_step_as_reference, mlp
 
 
 def clone_module(module: nn.Module) -> nn.Module:

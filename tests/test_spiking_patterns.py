@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from gnfx.errors import GnfxError
 
 T, N = 3, 6
 
