@@ -103,6 +103,12 @@ class _DenseProxy(fx.Proxy):
         length = None if values is None else values.length(self)
         return super().__len__() if length is None else length
 
+    def __iter__(self):
+        # a shape of known length (`list(x.shape[1:])`): its sizes, each traced
+        values = self.tracer.example_values
+        length = None if values is None else values.length(self)
+        return super().__iter__() if length is None else iter([self[i] for i in range(length)])
+
     def _rank(self) -> int | None:
         values = self.tracer.example_values
         return None if values is None else values.rank(self)
@@ -119,6 +125,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         # the traced nodes' values on the example call, {forward parameter: value} (passes/ranks.py)
         self.example_values = None if examples is None else ExampleValues(examples)
+        self.evaluating = False
         self.leaves = leaves
         self.structures = structures or {}
         self.unpacked: list[fx.Node] = []
@@ -137,8 +144,15 @@ class _LeafFindingTracer(MappingOutputTracer):
     def create_proxy(self, kind, target, args, kwargs, *rest, **options):
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
         if self.example_values is not None and isinstance(proxy, fx.Proxy):
-            self.example_values.record(self.root, proxy.node, args, kwargs)
+            self.evaluating = True  # a leaf's forward run on fake tensors reads its real attributes
+            try:
+                self.example_values.record(self.root, proxy.node, args, kwargs)
+            finally:
+                self.evaluating = False
         return proxy
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree
 
 UNKNOWN = object()  # a node whose value was not evaluated
@@ -40,7 +41,7 @@ class ExampleValues:
             value = self._evaluated(root, node, args, kwargs)
         except Exception:  # noqa: BLE001 - an op fake tensors refuse: its rank is unknown
             return
-        if value is not UNKNOWN:
+        if value is not UNKNOWN and not any(isinstance(v, fx.Proxy) for v in _pytree.tree_leaves(value)):
             self.values[node] = value
 
     def _evaluated(self, root: nn.Module, node: fx.Node, args: tuple, kwargs: dict):
@@ -48,7 +49,8 @@ class ExampleValues:
             value = self.examples.get(node.target, UNKNOWN)
             return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else UNKNOWN
         if node.op == "get_attr":
-            return _attribute(root, node.target)
+            value = _attribute(root, node.target)  # a fake copy: an in-place op changes no real tensor
+            return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
         leaves = _pytree.tree_leaves((args, kwargs))
         if any(isinstance(a, fx.Proxy) and self.values.get(a.node, UNKNOWN) is UNKNOWN for a in leaves):
             return UNKNOWN
@@ -63,7 +65,12 @@ class ExampleValues:
                 # only torch's own layers: another opaque module's Python code may store what it computes; its
                 # forward, as the module's call is the tracer's while tracing
                 torchs = module.__module__.startswith(("torch.nn", "torch.ao.nn"))
-                return module.forward(*args, **kwargs) if torchs else UNKNOWN
+                if not torchs:
+                    return UNKNOWN
+                # on fake copies of its parameters and buffers: batch norm's forward counts its calls in place
+                tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                with _reparametrize_module(module, {name: self.mode.from_tensor(t) for name, t in tensors.items()}):
+                    return module.forward(*args, **kwargs)
         return UNKNOWN
 
     def rank(self, proxy: fx.Proxy) -> int | None:

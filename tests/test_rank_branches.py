@@ -40,7 +40,8 @@ class RankBranchingConv2d(nn.Conv2d):
 
 
 class CNN(nn.Module):
-    """conv → tanh → conv → tanh → mean over positions → linear head; an unbatched image is a batch of one.
+    """conv → batch norm → tanh → conv → tanh → mean over positions → linear head; an unbatched image is a batch of
+    one. (The batch norm, a leaf the tracer evaluates on fake tensors, must count its calls once per forward.)
     `conv`: the convolution class (nn.Conv2d, or RankBranchingConv2d and how it reads the rank)."""
 
     def __init__(self, branching: bool, seed=0):
@@ -51,13 +52,14 @@ class CNN(nn.Module):
         Conv = RankBranchingConv2d if branching else nn.Conv2d
         self.conv1 = Conv(2, 3, 3, padding=1, **conv1)
         self.conv2 = Conv(3, 4, 3, stride=2, **conv2)
+        self.norm = nn.BatchNorm2d(3)
         self.head = nn.Linear(4, 5)
         self.to(DTYPE)
 
     def forward(self, x):
         if len(x.shape) == 3:
             x = x.unsqueeze(0)
-        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        h = torch.tanh(self.conv2(torch.tanh(self.norm(self.conv1(x)))))
         return self.head(h.flatten(2).mean(2))
 
 
@@ -76,7 +78,7 @@ def test_convolutions_that_branch_on_their_inputs_rank_are_blocks_with_the_hooks
         refs[name] = conv_factors(a, g, True, "expand", M)
     c = compile_for_statistics(model, optimizer="kfac", statistics=ALL, capture="fx", example_inputs=(x,))
     cross_entropy(c(x), y).backward()
-    assert [b.name for b in c.layers] == ["conv1", "conv2", "head"]
+    assert [b.name for b in c.layers] == ["conv1", "norm", "conv2", "head"]
     assert not c.layers.fallbacks
     c.step()
     for name in ("conv1", "conv2"):
@@ -97,7 +99,7 @@ def test_kfac_steps_with_rank_branching_convolutions_equal_those_with_plain_ones
             cross_entropy(c(x), y).backward()
             c.step()
             c.zero_grad()
-    for p, q in zip(plain.parameters(), branching.parameters()):
+    for p, q in zip(plain.state_dict().values(), branching.state_dict().values()):  # num_batches_tracked too
         torch.testing.assert_close(q, p, **TOL)
 
 
