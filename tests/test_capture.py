@@ -332,7 +332,8 @@ def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example
 
 
 class WrongLength(nn.Module):
-    """A forward whose rank check torch.fx cannot trace and whose table fits 5 positions only: on 6 the model
+    """A forward whose size check torch.fx cannot trace (a rank check it traces from the example call, passes/ranks.py)
+    and whose table fits 5 positions only: on 6 the model
     itself raises (timm's CrossViT built with an img_size its position tables do not fit does so)."""
 
     def __init__(self):
@@ -342,7 +343,7 @@ class WrongLength(nn.Module):
         self.norm = nn.BatchNorm1d(6)
 
     def forward(self, x):
-        if x.dim() == 3:
+        if x.shape[1] == 6:
             x = self.norm(x)
         return self.a(x) + self.pos
 
