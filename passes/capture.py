@@ -103,12 +103,6 @@ class _DenseProxy(fx.Proxy):
         length = None if values is None else values.length(self)
         return super().__len__() if length is None else length
 
-    def __iter__(self):
-        # a shape of known length (`list(x.shape[1:])`): its sizes, each traced
-        values = self.tracer.example_values
-        length = None if values is None else values.length(self)
-        return super().__iter__() if length is None else iter([self[i] for i in range(length)])
-
     def _rank(self) -> int | None:
         values = self.tracer.example_values
         return None if values is None else values.rank(self)
