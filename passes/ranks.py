@@ -7,13 +7,17 @@ example call, the tracer evaluates every node it records on fake tensors of the 
 (`ExampleValues`: torch's FakeTensorMode, which reads no data and changes no real tensor), so the rank of each
 traced tensor is known while tracing: `x.dim()`, `x.ndim` and `len(x.shape)` (`len(x.size())`) give it as an
 int, and the branch the example takes is the graph's. A node whose value cannot be evaluated (an opaque
-submodule outside torch.nn, whose Python code may hold state; an op fake tensors refuse) has no known rank, and
+submodule outside torch.nn, whose Python code may hold state; a function the model's code wraps or a custom
+autograd Function, for the same reason; an op fake tensors refuse, its error log not shown) has no known rank, and
 those reads stay proxies (torch.fx's TraceError, as without an example: the submodule is kept opaque).
 
 The graph then holds the ranks it read fixed: `ExampleValues.read` says whether it read any, and gnfx.variants
 keys such a graph by the ranks of the call's input tensors, so a call with another rank gets its own capture.
 """
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import torch
 from torch import fx, nn
@@ -22,6 +26,30 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree
 
 UNKNOWN = object()  # a node whose value was not evaluated
+# the logger of torch's fake tensors, which logs an op they refuse at error level: here a rank left unknown
+FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """While inside, FakeTensorMode's log of an op it refuses is not shown (it only leaves a rank unknown here)."""
+    level = FAKE_TENSOR_LOG.level
+    FAKE_TENSOR_LOG.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        FAKE_TENSOR_LOG.setLevel(level)
+
+
+def _torch_function(target) -> bool:
+    """Whether a call_function target is torch's or Python's own (an operator, a builtin), which runs on fake
+    tensors without side effects; not a function the model's code wraps (torch.fx.wrap) nor a custom autograd
+    Function's apply, whose Python code may count or store what it computes."""
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        return False
+    return (getattr(target, "__module__", None) or "").startswith(("torch", "_operator", "operator", "builtins")) \
+        or type(target).__name__ in ("builtin_function_or_method", "OpOverload", "OpOverloadPacket")
 
 
 class ExampleValues:
@@ -38,7 +66,8 @@ class ExampleValues:
         """Evaluate `node` (kind, target as torch.fx records them; `args`, `kwargs` with proxies) on the
         values of the nodes it reads; unevaluable: left out."""
         try:
-            value = self._evaluated(root, node, args, kwargs)
+            with _quiet_fake_tensors():
+                value = self._evaluated(root, node, args, kwargs)
         except Exception:  # noqa: BLE001 - an op fake tensors refuse: its rank is unknown
             return
         if value is not UNKNOWN and not any(isinstance(v, fx.Proxy) for v in _pytree.tree_leaves(value)):
@@ -57,7 +86,7 @@ class ExampleValues:
         args, kwargs = _pytree.tree_map(lambda a: self.values[a.node] if isinstance(a, fx.Proxy) else a, (args, kwargs))
         with self.mode, torch.no_grad():
             if node.op == "call_function":
-                return node.target(*args, **kwargs)
+                return node.target(*args, **kwargs) if _torch_function(node.target) else UNKNOWN
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             if node.op == "call_module":
