@@ -57,11 +57,12 @@ class MLP(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-class RankBranch(MLP):
-    """Top-level Python control flow on the input's rank: fx cannot trace it, torch.export can."""
+class SizeBranch(MLP):
+    """Top-level Python control flow on the input's width: fx cannot trace it (a size is a Proxy; a rank would be
+    an int, passes/ranks.py), torch.export can."""
 
     def forward(self, x):
-        if x.dim() == 3:
+        if x.shape[-1] == 3:
             x = x.mean(1)
         return self.b(torch.tanh(self.a(x)))
 
@@ -175,12 +176,12 @@ class SkipJoinNet(MLP):
         return self.b(torch.tanh(self.join(torch.tanh(h), h)))
 
 
-class NoisyLatent(RankBranch):
+class NoisyLatent(SizeBranch):
     """A posterior sample as diffusers draws it, `torch.randn(shape, generator=None)`, in a forward that
-    torch.fx cannot trace (its rank branch)."""
+    torch.fx cannot trace (its size branch)."""
 
     def forward(self, x):
-        if x.dim() == 3:
+        if x.shape[-1] == 3:
             x = x.mean(1)
         h = torch.tanh(self.a(x))
         return self.b(h + 0.1 * torch.randn(h.shape, generator=None, dtype=h.dtype))
@@ -288,15 +289,15 @@ def test_a_call_that_runs_the_models_own_forward_under_a_true_fisher_records_not
 
 
 def test_untraceable_top_level_forward_under_capture_fx_names_the_fix():
-    c = gnfx.compile(RankBranch(), capture="fx")  # fx is retried at the first call, with its inputs
+    c = gnfx.compile(SizeBranch(), capture="fx")  # fx is retried at the first call, with its inputs
     with pytest.raises(gnfx.CaptureError) as err:
         c(batch((7, 4))[0])
     message = str(err.value)
-    assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
+    assert "SizeBranch" in message and "if x.shape[-1] == 3" in message  # what and where
     assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
     # the code is the forward's own, which no leaf_modules entry keeps opaque (torchvision's detection models
     # iterate over their list of images there): not "mark the submodule that holds this code as opaque"
-    assert "this code runs in the forward of RankBranch itself" in message and "move it into a submodule" in message
+    assert "this code runs in the forward of SizeBranch itself" in message and "move it into a submodule" in message
 
 
 def returns_tuple(forward):
@@ -331,7 +332,8 @@ def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example
 
 
 class WrongLength(nn.Module):
-    """A forward whose rank check torch.fx cannot trace and whose table fits 5 positions only: on 6 the model
+    """A forward whose size check torch.fx cannot trace (a rank check it traces from the example call, passes/ranks.py)
+    and whose table fits 5 positions only: on 6 the model
     itself raises (timm's CrossViT built with an img_size its position tables do not fit does so)."""
 
     def __init__(self):
@@ -341,7 +343,7 @@ class WrongLength(nn.Module):
         self.norm = nn.BatchNorm1d(6)
 
     def forward(self, x):
-        if x.dim() == 3:
+        if x.shape[1] == 6:
             x = self.norm(x)
         return self.a(x) + self.pos
 
@@ -368,7 +370,7 @@ def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capt
 
 
 def test_untraceable_top_level_forward_falls_back_to_torch_export():
-    model = RankBranch()
+    model = SizeBranch()
     x, y = batch((7, 4))
     c = compile_for_statistics(model, example_inputs=(x,))
     assert c.layers.form == "export"
@@ -379,7 +381,7 @@ def test_untraceable_top_level_forward_falls_back_to_torch_export():
 
 
 def test_untraceable_top_level_forward_is_exported_at_the_first_call():
-    model = RankBranch()
+    model = SizeBranch()
     c = compile_for_statistics(model)
     assert "first call" in repr(c.layers) and "first call" in repr(c)
     with pytest.raises(gnfx.GnfxError, match="first call"):
