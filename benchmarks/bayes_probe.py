@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import probe_main, problem_row
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps
 
@@ -204,12 +204,7 @@ def probe(name: str, optimizer: str, steps: int) -> str:
     if kind != "adamw":
         hparams = {**hparams, **_compile_options(name)}
 
-    def made():
-        model = build(name).train()
-        batch, loss_of = problem(name)
-        return model, lambda c: loss_of(c, batch)
-
-    return one_batch_row(name, optimizer, kind, hparams, steps, lambda: exactness(name, kind, hparams), made)
+    return problem_row(name, optimizer, kind, hparams, steps, build, problem, exactness)
 
 
 def main() -> None:

@@ -56,6 +56,18 @@ def capture_cells(c, model, fallbacks: bool = True) -> tuple[str, ...]:
     return tuple(cells)
 
 
+def problem_row(name: str, optimizer: str, kind: str, hparams: dict, steps: int, build, problem, exactness,
+                **options) -> str:
+    """`one_batch_row` of a probe whose `build(name)` makes the model (in training mode) and `problem(name)` gives
+    (batch, loss_of(model, batch)); its exactness cell `exactness(name, kind, hparams)`; `options`: one_batch_row's."""
+    def made():
+        model = build(name).train()
+        batch, loss_of = problem(name)
+        return model, lambda c: loss_of(c, batch)
+
+    return one_batch_row(name, optimizer, kind, hparams, steps, lambda: exactness(name, kind, hparams), made, **options)
+
+
 def one_batch_row(name: str, optimizer: str, kind: str, hparams: dict, steps: int, exactness, made,
                   widths: tuple[int, int, int] = (160, 300, 700), digits: int = 3) -> str:
     """The row of a probe that trains a model on one batch: `exactness()` (its cell, for "kfac_lr" only), then

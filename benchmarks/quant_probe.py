@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import probe_main, problem_row
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps, lockstep_gaps
 
@@ -235,13 +235,7 @@ def exactness(name: str, kind: str, hparams: dict) -> str:
 def probe(name: str, optimizer: str, steps: int) -> str:
     """One table row: `optimizer` (OPTIMIZERS) for `steps` steps of `name` on one batch."""
     kind, hparams = OPTIMIZERS[optimizer]
-
-    def made():
-        model = build(name).train()
-        batch, loss_of = problem(name)
-        return model, lambda c: loss_of(c, batch)
-
-    return one_batch_row(name, optimizer, kind, hparams, steps, lambda: exactness(name, kind, hparams), made)
+    return problem_row(name, optimizer, kind, hparams, steps, build, problem, exactness)
 
 
 def off_mask_table(steps: int = 6) -> None:
