@@ -41,7 +41,6 @@ from gnfx.passes.constant_parameters import constant_parameters_message, paramet
 from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.leaf_outputs import output_structures
 from gnfx.passes.python_random import kept_state
-from gnfx.passes.ranks import input_ranks
 from gnfx.passes.taps import insert_taps
 from gnfx.passes.validation_checks import other_side, violated_check, without_trace
 
@@ -141,24 +140,23 @@ class Variants:
                 raise
             return self._begin(exported, self._key("export", args, kwargs), "capture='export'",
                                shapes=shapes_of(args, kwargs))
-        fixed, examples = self._fixed(args, kwargs), self._examples(args, kwargs)
+        fixed = self._fixed(args, kwargs)
         try:
-            fx, fx_error = trace_fx(self.model, self.leaf_modules, dict(fixed), examples=examples), None
+            fx, fx_error = trace_fx(self.model, self.leaf_modules, dict(fixed)), None
             if fx.leaves:  # traced again with the tuples and lists its leaves return (passes/leaf_outputs.py)
                 self._structures = output_structures(self.model, args, kwargs)
                 if set(fx.leaves) & set(self._structures):
-                    fx = trace_fx(self.model, self.leaf_modules, dict(fixed), self._structures, examples)
+                    fx = trace_fx(self.model, self.leaf_modules, dict(fixed), self._structures)
         except CaptureError as exc:
             fx, fx_error = None, exc
-        fx_key = self._fx_key(fixed, input_ranks(args, kwargs) if fx is not None and fx.ranks_read else None)
         if self.mode == "fx":
             if fx_error is not None:
                 raise fx_error
-            return self._begin(fx, fx_key, "capture='fx'")
+            return self._begin(fx, self._fx_key(fixed), "capture='fx'")
         if fx is not None and not self._untraced(fx):
-            return self._begin(fx, fx_key, "it traced the whole forward")
+            return self._begin(fx, self._fx_key(fixed), "it traced the whole forward")
         if fx is not None and self.leaf_modules:
-            return self._begin(fx, fx_key, "leaf_modules were requested, which torch.export cannot "
+            return self._begin(fx, self._fx_key(fixed), "leaf_modules were requested, which torch.export cannot "
                                                  "keep opaque")
         try:
             exported, export_error = export(self.model, args, _sorted(kwargs)), None
@@ -168,7 +166,7 @@ class Variants:
             self._raise_own_error(args, kwargs)
             return self._begin_opaque(fx_error, export_error)
         if exported is None:
-            return self._begin(fx, fx_key, f"the submodules it could not trace are leaves; torch.export "
+            return self._begin(fx, self._fx_key(fixed), f"the submodules it could not trace are leaves; torch.export "
                                                  f"failed: {str(export_error).splitlines()[0]}")
         export_key, shapes = self._key("export", args, kwargs), shapes_of(args, kwargs)
         if fx is None:
@@ -185,7 +183,7 @@ class Variants:
             return self._begin(exported, export_key, f"torch.fx could not trace {leaves}: torch.export puts "
                                f"{100 * share_export:.1f}% of the parameters in curvature blocks, torch.fx "
                                f"{100 * share_fx:.1f}%", built_export, shapes)
-        return self._begin(fx, fx_key, f"{leaves} could not be traced and are leaves: torch.fx puts "
+        return self._begin(fx, self._fx_key(fixed), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
 
@@ -277,16 +275,10 @@ class Variants:
         that cannot be captured runs the original forward, without statistics, and warns once."""
         if self.form == "eager":  # the model's own forward, with its opened children (passes/opaque_root.py)
             return self._eager(None, args, kwargs)
-        if self.form == "fx":  # the graph of this call's form, or of its form and input ranks where it read them
-            fixed = self._fixed(args, kwargs)
-            key = ranked = self._fx_key(fixed, input_ranks(args, kwargs))
+        if self.form == "fx":
+            key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
-                key = self._fx_key(fixed)
-            if key not in self._graphs:
-                key = self._add(
-                    lambda captured: ranked if captured is None or captured.ranks_read else key,
-                    lambda: trace_fx(self.model, self.leaf_modules, dict(fixed), self._structures,
-                                     self._examples(args, kwargs)), ranked)
+                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures), key)
             graphs = self._graphs[key]
             return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
@@ -337,27 +329,22 @@ class Variants:
 
     def _add(self, key, capture, call):
         """Capture (`capture()`), lower, analyze and tap the graph for the calls of `key`; None
-        (and a warning) if it cannot be captured, and `call` is not tried again. A callable `key` is
-        the key of the captured (None: of a failed capture), and the key is returned instead of the graph."""
-        keyed = callable(key)
-        captured = None
+        (and a warning) if it cannot be captured, and `call` is not tried again."""
         try:
             captured = capture()
             gm, _, sites = self._build(captured)
         except CaptureError as exc:
             self._uncapturable.add(call)
-            key = key(None) if keyed else key
             self._graphs.setdefault(key, [])
             warnings.warn(f"gnfx: a call of another form than the captured one could not be captured, so calls "
                           f"of this form run the original forward and add no statistics: {exc}",
                           RuntimeWarning, stacklevel=5)
-            return key if keyed else None
-        key = key(captured) if keyed else key
+            return None
         self.draws_python_random |= captured.draws or bool(captured.leaves)
         gm = insert_taps(gm, sites, self.store)
         gm.training = self.model.training
         self._graphs.setdefault(key, []).append(gm)
-        return key if keyed else gm
+        return gm
 
     def _fixed(self, args, kwargs) -> tuple[tuple[str, object], ...]:
         """The optional inputs (passes/capture.py `optional_inputs`) that this call leaves at their
@@ -376,19 +363,10 @@ class Variants:
         leaves = tuple((x.dim(), x.dtype) if isinstance(x, torch.Tensor) else _hashable(x) for x in flat)
         return form, str(spec), leaves, self._module_state()
 
-    def _fx_key(self, fixed: tuple, ranks: tuple | None = None) -> tuple:
+    def _fx_key(self, fixed: tuple) -> tuple:
         """What a torch.fx graph fixes about a call: the optional inputs traced as constants, with their
-        values, the submodules' modes and flags, and, for a graph whose forward read its tensors' ranks
-        (passes/ranks.py), the ranks of the call's input tensors (`input_ranks`)."""
-        return "fx", fixed, self._module_state(), ranks
-
-    def _examples(self, args, kwargs) -> dict[str, object] | None:
-        """{forward parameter: value} of the call, which a torch.fx trace reads its tensors' ranks from
-        (passes/ranks.py); None where the call does not bind to the forward's signature."""
-        try:
-            return dict(self._signature.bind(*args, **kwargs).arguments)
-        except TypeError:
-            return None
+        values, and the submodules' modes and flags."""
+        return "fx", fixed, self._module_state()
 
     def _module_state(self) -> tuple[tuple, tuple]:
         """(the submodules in eval mode, the submodules' flags): what a graph fixes about the modules it was

@@ -39,7 +39,6 @@ from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, che
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_value,
                                           changes_recorded, held_values, side_effect)
-from gnfx.passes.ranks import ExampleValues, ShapeAttribute
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.buffer_draws import draws_into_buffers_traced
@@ -64,7 +63,6 @@ class Captured:
     calls a torch.fx graph keeps whole that take trainable parameters (`opaque_calls_taking_parameters`:
     torchvision's Swin attention, registered with `torch.fx.wrap`; a custom autograd.Function), each
     described with those parameters' names: the layers inside such a call are no blocks of the fx graph.
-    `ranks_read`: whether the fx graph fixes ranks of its inputs' tensors that the forward read (passes/ranks.py).
     """
 
     graph_module: fx.GraphModule
@@ -74,7 +72,6 @@ class Captured:
     checks: tuple[str, ...] = ()
     opaque_calls: tuple[str, ...] = ()
     branches: tuple[str, ...] = ()
-    ranks_read: bool = False
 
 
 class _DenseProxy(fx.Proxy):
@@ -85,28 +82,6 @@ class _DenseProxy(fx.Proxy):
     is_nested = False
     __array_ufunc__ = None
 
-    # a known rank is an int (passes/ranks.py), else these are traced as torch.fx traces them
-    def dim(self):
-        rank = self._rank()
-        return self.tracer.create_proxy("call_method", "dim", (self,), {}) if rank is None else rank
-
-    @property
-    def ndim(self):
-        rank = self._rank()
-        return fx.proxy.Attribute(self, "ndim") if rank is None else rank
-
-    def __getattr__(self, k: str):
-        return ShapeAttribute(self, k) if k == "shape" else super().__getattr__(k)
-
-    def __len__(self) -> int:
-        values = self.tracer.example_values
-        length = None if values is None else values.length(self)
-        return super().__len__() if length is None else length
-
-    def _rank(self) -> int | None:
-        values = self.tracer.example_values
-        return None if values is None else values.rank(self)
-
 
 class _LeafFindingTracer(MappingOutputTracer):
     """An fx tracer that treats the given module paths (and torch.nn's modules without
@@ -115,11 +90,8 @@ class _LeafFindingTracer(MappingOutputTracer):
     of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py) returns its
     value in that structure, the indexing nodes made for it listed in `unpacked`."""
 
-    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None, examples=None):
+    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
-        # the traced nodes' values on the example call, {forward parameter: value} (passes/ranks.py)
-        self.example_values = None if examples is None else ExampleValues(examples)
-        self.evaluating = False
         self.leaves = leaves
         self.structures = structures or {}
         self.unpacked: list[fx.Node] = []
@@ -134,19 +106,6 @@ class _LeafFindingTracer(MappingOutputTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _DenseProxy(node, self)
-
-    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
-        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
-        if self.example_values is not None and isinstance(proxy, fx.Proxy):
-            self.evaluating = True  # a leaf's forward run on fake tensors reads its real attributes
-            try:
-                self.example_values.record(self.root, proxy.node, args, kwargs)
-            finally:
-                self.evaluating = False
-        return proxy
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        return attr_val if self.evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
@@ -353,12 +312,10 @@ def generators_kept(model: nn.Module):
     return RandomState({p.device for p in model.parameters()}, python=False).replayed()
 
 
-def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=None, examples=None) -> Captured:
+def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=None) -> Captured:
     """Symbolically trace `model`, turning untraceable submodules into leaves; `concrete_args`
     fixes arguments to values (e.g. an optional input left out: None); `structures`: the tuples and lists
-    the submodules return on an example call (passes/leaf_outputs.py), in which the leaves' values are traced;
-    `examples`: that call's {forward parameter: value}, whose ranks the forward's rank reads (`x.dim()`) get
-    (passes/ranks.py; `Captured.ranks_read` says whether the graph holds any).
+    the submodules return on an example call (passes/leaf_outputs.py), in which the leaves' values are traced.
 
     Raises CaptureError when the top-level forward itself cannot be traced.
     """
@@ -379,7 +336,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
     with attributes_kept(model):
         while True:
-            tracer = _LeafFindingTracer(set(leaves), structures, examples)
+            tracer = _LeafFindingTracer(set(leaves), structures)
             before, buffers = held_values(model), buffer_values(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
@@ -388,14 +345,14 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                         raise side_effect(model, "", change)
                     draws = draws or drew()
                     if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf
-                        tracer = _LeafFindingTracer(set(leaves), structures, examples)
+                        tracer = _LeafFindingTracer(set(leaves), structures)
                         with raising_torch_draws():
                             traced(tracer)
                         raise TorchRandomDraw("the forward draws torch random numbers outside the traced graph "
                                               "(torch.rand([]) < p, a LayerDrop), whose one value the graph would keep")
-                    retraced = lambda: traced(_LeafFindingTracer(set(leaves), structures, examples))  # noqa: E731
+                    retraced = lambda: traced(_LeafFindingTracer(set(leaves), structures))  # noqa: E731
                     if drew() and draws_decide(lambda: retraced().python_code("self").src):
-                        tracer = _LeafFindingTracer(set(leaves), structures, examples)
+                        tracer = _LeafFindingTracer(set(leaves), structures)
                         with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
                             traced(tracer)
                         raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
@@ -421,8 +378,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
             _keep_input_names(graph, concrete_args or {})
             keep_output_type(graph, tracer.output_type)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-            return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm),
-                            ranks_read=tracer.example_values is not None and tracer.example_values.read)
+            return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
 
 
 def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:

@@ -57,12 +57,11 @@ class MLP(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-class SizeBranch(MLP):
-    """Top-level Python control flow on the input's width: fx cannot trace it (a size is a Proxy; a rank would be
-    an int, passes/ranks.py), torch.export can."""
+class RankBranch(MLP):
+    """Top-level Python control flow on the input's rank: fx cannot trace it, torch.export can."""
 
     def forward(self, x):
-        if x.shape[-1] == 3:
+        if x.dim() == 3:
             x = x.mean(1)
         return self.b(torch.tanh(self.a(x)))
 
@@ -176,12 +175,12 @@ class SkipJoinNet(MLP):
         return self.b(torch.tanh(self.join(torch.tanh(h), h)))
 
 
-class NoisyLatent(SizeBranch):
+class NoisyLatent(RankBranch):
     """A posterior sample as diffusers draws it, `torch.randn(shape, generator=None)`, in a forward that
-    torch.fx cannot trace (its size branch)."""
+    torch.fx cannot trace (its rank branch)."""
 
     def forward(self, x):
-        if x.shape[-1] == 3:
+        if x.dim() == 3:
             x = x.mean(1)
         h = torch.tanh(self.a(x))
         return self.b(h + 0.1 * torch.randn(h.shape, generator=None, dtype=h.dtype))
@@ -289,15 +288,15 @@ def test_a_call_that_runs_the_models_own_forward_under_a_true_fisher_records_not
 
 
 def test_untraceable_top_level_forward_under_capture_fx_names_the_fix():
-    c = gnfx.compile(SizeBranch(), capture="fx")  # fx is retried at the first call, with its inputs
+    c = gnfx.compile(RankBranch(), capture="fx")  # fx is retried at the first call, with its inputs
     with pytest.raises(gnfx.CaptureError) as err:
         c(batch((7, 4))[0])
     message = str(err.value)
-    assert "SizeBranch" in message and "if x.shape[-1] == 3" in message  # what and where
+    assert "RankBranch" in message and "if x.dim() == 3" in message  # what and where
     assert "example_inputs" in message and "capture='export'" in message and "leaf_modules" in message
     # the code is the forward's own, which no leaf_modules entry keeps opaque (torchvision's detection models
     # iterate over their list of images there): not "mark the submodule that holds this code as opaque"
-    assert "this code runs in the forward of SizeBranch itself" in message and "move it into a submodule" in message
+    assert "this code runs in the forward of RankBranch itself" in message and "move it into a submodule" in message
 
 
 def returns_tuple(forward):
@@ -332,8 +331,7 @@ def test_the_capture_error_names_the_users_code_not_gnfx_or_torch(model, example
 
 
 class WrongLength(nn.Module):
-    """A forward whose size check torch.fx cannot trace (a rank check it traces from the example call, passes/ranks.py)
-    and whose table fits 5 positions only: on 6 the model
+    """A forward whose rank check torch.fx cannot trace and whose table fits 5 positions only: on 6 the model
     itself raises (timm's CrossViT built with an img_size its position tables do not fit does so)."""
 
     def __init__(self):
@@ -343,7 +341,7 @@ class WrongLength(nn.Module):
         self.norm = nn.BatchNorm1d(6)
 
     def forward(self, x):
-        if x.shape[1] == 6:
+        if x.dim() == 3:
             x = self.norm(x)
         return self.a(x) + self.pos
 
@@ -370,7 +368,7 @@ def test_a_call_the_model_itself_fails_on_raises_the_models_own_error_not_a_capt
 
 
 def test_untraceable_top_level_forward_falls_back_to_torch_export():
-    model = SizeBranch()
+    model = RankBranch()
     x, y = batch((7, 4))
     c = compile_for_statistics(model, example_inputs=(x,))
     assert c.layers.form == "export"
@@ -381,7 +379,7 @@ def test_untraceable_top_level_forward_falls_back_to_torch_export():
 
 
 def test_untraceable_top_level_forward_is_exported_at_the_first_call():
-    model = SizeBranch()
+    model = RankBranch()
     c = compile_for_statistics(model)
     assert "first call" in repr(c.layers) and "first call" in repr(c)
     with pytest.raises(gnfx.GnfxError, match="first call"):
