@@ -54,7 +54,6 @@ libraries is a dependency of gnfx. The results: benchmarks/results/first_contact
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 import warnings
 
@@ -64,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, one_batch_row, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
@@ -76,11 +75,7 @@ OPTIMIZERS = {"kfac": ("kfac", {}), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampoo"
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.audio_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.audio_probe", name)
 
 
 class Speaker(nn.Module):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import probe_main, problem_row
+from benchmarks.child_rows import library, probe_main, problem_row
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps
 
@@ -56,11 +56,7 @@ OPTIMIZERS = {"kfac": ("kfac", {"loss": "cross_entropy"}), "kfac_lr": ("kfac", {
 
 
 def _import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.bayes_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.bayes_probe", name)
 
 
 def _cnn() -> nn.Sequential:

@@ -9,6 +9,7 @@ next; the child prints its row of the table last.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -54,6 +55,16 @@ def capture_cells(c, model, fallbacks: bool = True) -> tuple[str, ...]:
     except Exception:  # noqa: BLE001  (not captured yet: the error says why)
         pass
     return tuple(cells)
+
+
+def library(probe: str, name: str):
+    """The module `name` of a library the probe `probe` (its module name) runs models of, imported; none is a
+    dependency of gnfx: where it is missing, exit naming it and how to make it importable."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise SystemExit(f"{probe} needs {name} ({exc}): unpack its wheel without dependencies and put it on "
+                         f"PYTHONPATH (module docstring)") from exc
 
 
 def problem_row(name: str, optimizer: str, kind: str, hparams: dict, steps: int, build, problem, exactness,

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.lockstep import float64_gaps
 
 BATCH, TOKENS, VOCAB = 8, 16, 500
@@ -73,11 +73,7 @@ OPTIMIZERS = {"kfac": ("kfac", None), "kfac_ce": ("kfac", {"loss": "cross_entrop
 
 
 def _import(name: str):
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.clip_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.clip_probe", name)
 
 
 def _tiny_bert() -> str:

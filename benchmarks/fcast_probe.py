@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
@@ -70,11 +70,7 @@ OPTIMIZERS = {"kfac": ("kfac", {}), "kfac_mse": ("kfac", {"loss": "mse"}),
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.fcast_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.fcast_probe", name)
 
 
 def _neuralforecast(module: str):

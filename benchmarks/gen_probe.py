@@ -49,14 +49,13 @@ dependency of gnfx. The results: benchmarks/results/first_contact_13_gen.md.
 from __future__ import annotations
 
 import copy
-import importlib
 
 import numpy
 import torch
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import float64_gaps, lockstep_gaps
 
@@ -70,11 +69,7 @@ OPTIMIZERS = {"kfac": ("kfac", None), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampo
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.gen_probe needs {name} ({exc}): unpack its wheel without dependencies and put "
-                         f"it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.gen_probe", name)
 
 
 class ForwardKLD(nn.Module):

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import probe_main
+from benchmarks.child_rows import library, probe_main
 from benchmarks.diffusers_probe import linear_factors
 from benchmarks.hooked_calls import hooked_calls
 from benchmarks.lockstep import lockstep_gaps
@@ -78,11 +78,7 @@ def _tf():
 
 
 def _import(name: str):
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.hfvision_probe needs {name} ({exc}): unpack its wheel without dependencies "
-                         f"and put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.hfvision_probe", name)
 
 
 # ---- detection: transformers' DETR family and YOLOS, the Hungarian loss inside the model

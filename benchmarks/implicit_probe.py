@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import float64_gaps
 
@@ -73,11 +73,7 @@ OPTIMIZERS = {"kfac": ("kfac", None), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampo
 
 
 def _import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.implicit_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.implicit_probe", name)
 
 
 class KANLinear(nn.Module):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 
 BATCH, CLASSES, LR, ADAMW_LR = 16, 4, 3e-3, 1e-2
@@ -64,11 +64,7 @@ LINEAR = ("6", "8")  # the CNN's Linear layers
 
 
 def _import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.loops_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.loops_probe", name)
 
 
 def data(steps: int) -> tuple[torch.Tensor, torch.Tensor]:

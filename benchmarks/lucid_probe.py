@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import probe_main, problem_row
+from benchmarks.child_rows import library, probe_main, problem_row
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap, linear_factors
 from benchmarks.lockstep import float64_gaps
 
@@ -60,11 +60,7 @@ OPTIMIZERS = {"kfac": ("kfac", {"lr": 1e-3}), "kfac_lr": ("kfac", {"lr": 1e-3}),
 
 
 def _import(name: str):
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.lucid_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.lucid_probe", name)
 
 
 class VQVAE(nn.Module):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, probe_main
 from benchmarks.lockstep import float64_gaps
 
 WAYS, SHOTS, DIM, TASKS, INNER_LR = 5, 5, 8, 4, 0.5
@@ -56,11 +56,7 @@ OPTIMIZERS = {"kfac": ("kfac", {"loss": "cross_entropy"}), "kfac_lr": ("kfac", {
 
 
 def _import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.meta_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.meta_probe", name)
 
 
 def mlp(sizes) -> nn.Sequential:

@@ -55,7 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import float64_gaps
 
@@ -68,11 +68,7 @@ OPTIMIZERS = {"kfac_lr": ("kfac", {"lr": 1e-3}), "kfac_q": ("kfac", {"loss": "ms
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.molecular_probe needs {name} ({exc}): unpack its wheel without dependencies "
-                         f"and put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.molecular_probe", name)
 
 
 def _mace_modules():

@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, one_batch_row, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps
 
@@ -70,20 +70,13 @@ OPTIMIZERS = {"kfac": ("kfac", {}), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampoo"
 
 
 def _import(name: str):
-    try:
-        if name == "flair":  # flair 0.15.1 imports a class transformers 5 removed (its LayoutLM embeddings only)
-            import transformers
-            if not hasattr(transformers, "LayoutLMv2FeatureExtractor"):
-                transformers.LayoutLMv2FeatureExtractor = type("LayoutLMv2FeatureExtractor", (), {})
-            import flair.datasets
-            import flair.embeddings
-            import flair.models
-            import flair.trainers
-            import flair.training_utils
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.nlp_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    if name == "flair":  # flair 0.15.1 imports a class transformers 5 removed (its LayoutLM embeddings only)
+        transformers = library("benchmarks.nlp_probe", "transformers")
+        if not hasattr(transformers, "LayoutLMv2FeatureExtractor"):
+            transformers.LayoutLMv2FeatureExtractor = type("LayoutLMv2FeatureExtractor", (), {})
+        for part in ("datasets", "embeddings", "models", "trainers", "training_utils"):
+            library("benchmarks.nlp_probe", f"flair.{part}")
+    return library("benchmarks.nlp_probe", name)
 
 
 class CRFTagger(nn.Module):

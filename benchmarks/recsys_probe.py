@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
@@ -77,11 +77,7 @@ TABLES_KFAC = ({"*embedding_dict*": "kfac", "*": "shampoo"}, {"lr": 1e-3})
 
 
 def _import(name: str):
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.recsys_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.recsys_probe", name)
 
 
 def _deepctr(name: str, users: int = 10_000, items: int = 2_000, dim: int = 8, hidden=(16, 8),

@@ -51,7 +51,7 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 
 LR = 3e-4
@@ -65,11 +65,7 @@ OPTIMIZERS = {"kfac": ("kfac", {}), "kfac_lr": ("kfac", {"lr": LR}), "shampoo": 
 
 
 def _import(name: str):
-    try:
-        return __import__(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.rl_probe needs {name} ({exc}): unpack its wheel without dependencies and put "
-                         f"it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.rl_probe", name)
 
 
 def trained(module: nn.Module, optimizer: str, methods=()):

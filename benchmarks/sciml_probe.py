@@ -47,14 +47,13 @@ the error. None of these libraries is a dependency of gnfx. The results: benchma
 from __future__ import annotations
 
 import copy
-import importlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import lockstep_gaps
 
@@ -70,11 +69,7 @@ OPTIMIZERS = {"kfac": ("kfac", None), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampo
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.sciml_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.sciml_probe", name)
 
 
 class ODEFunc(nn.Module):

@@ -39,13 +39,12 @@ libraries is a dependency of gnfx. The results: benchmarks/results/first_contact
 from __future__ import annotations
 
 import copy
-import importlib
 
 import torch
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import one_batch_row, probe_main
+from benchmarks.child_rows import library, one_batch_row, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factor_gap
 from benchmarks.lockstep import lockstep_gaps
 
@@ -62,11 +61,7 @@ OPTIMIZERS = {"kfac": ("kfac", {}), "kfac_lr": ("kfac", {"lr": 1e-3}), "shampoo"
 
 
 def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.ssl_probe needs {name} ({exc}): unpack its wheel without dependencies and "
-                         f"put it on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.ssl_probe", name)
 
 
 def backbone() -> nn.Module:

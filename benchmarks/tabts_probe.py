@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
-from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, probe_main
+from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, probe_main
 from benchmarks.hooked_calls import hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
@@ -74,11 +74,7 @@ LR = 1e-3  # a framework's lr where the optimizer takes none (kfac's quadratic s
 
 
 def _import(name: str):
-    try:
-        return __import__(name, fromlist=["_"])
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks.tabts_probe needs {name} ({exc}): unpack its wheel and its dependencies "
-                         f"without installing them and put them on PYTHONPATH (module docstring)") from exc
+    return library("benchmarks.tabts_probe", name)
 
 
 def _seed(seed: int = 0) -> None:
