@@ -219,7 +219,8 @@ def cross_entropy_gradient_findings(z: torch.Tensor, grad: torch.Tensor, *also: 
             f"whose curvature loss='cross_entropy' models exactly")
     elif what and off > CROSS_ENTROPY_TOLERANCE * total and log_probabilities(z):
         # F.nll_loss of log-probabilities: checked as the cross-entropy gradient it is (log_softmax_gradient)
-        return cross_entropy_gradient_findings(z, log_softmax_gradient(z, grad), *also, dense=dense, scale=scale)
+        return cross_entropy_gradient_findings(z, log_softmax_gradient(torch.softmax(z, -1), grad), *also, dense=dense,
+                                               scale=scale)
     elif what:
         error = (
             f"loss='cross_entropy' is the mean cross-entropy of the model output's logits z over their classes, "
@@ -261,16 +262,16 @@ def log_probabilities(z: torch.Tensor) -> bool:
     return bool(rows.numel()) and torch.logsumexp(rows, -1).abs().max().item() < CROSS_ENTROPY_TOLERANCE
 
 
-def log_softmax_gradient(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """g − p (1ᵀg) in each classes-last row, p = softmax(z): the gradient a log_softmax whose output is z passes
-    to its input, here taken at z itself. A forward ending in log_softmax (PyTorch's MNIST example, norse's
+def log_softmax_gradient(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """g − p (1ᵀg) in each classes-last row, p = `probs` = softmax(z): the gradient a log_softmax whose output is
+    z passes to its input, here taken at z itself. A forward ending in log_softmax (PyTorch's MNIST example, norse's
     tutorial) trained with F.nll_loss sends -q_n/M to its log-probabilities z, whose rows do not sum to zero;
     projected, it is the cross-entropy's (p_n − q_n)/M, which gnfx reads the targets from. Exact for
     loss="cross_entropy" on such a z: nll(z) = CE(z) for log-probabilities (their logsumexp is 0), the
     gradients below z are the same (the log_softmax's Jacobian applies the projection, which leaves a
     cross-entropy gradient as it is), and so is the GGN, since cross-entropy's H_ℓ = diag(p) − ppᵀ at z
     annihilates 1, the direction the projection removes. The identity on a cross-entropy gradient."""
-    return grad - torch.softmax(z, -1) * grad.sum(-1, keepdim=True)
+    return grad - probs * grad.sum(-1, keepdim=True)
 
 
 def lowering_rows(probs: torch.Tensor, grad: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

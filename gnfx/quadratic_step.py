@@ -395,10 +395,11 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
         return lambda z: F.binary_cross_entropy_with_logits(z, target)
     classes = z0.shape[-1]
     # F.nll_loss's gradient at log-probabilities as the cross-entropy's (the identity on that one)
-    g = log_softmax_gradient(z0.reshape(-1, classes), grad_z.reshape(-1, classes))
+    probs = torch.softmax(z0.reshape(-1, classes), -1)
+    g = log_softmax_gradient(probs, grad_z.reshape(-1, classes))
     kept = g.ne(0).any(1)
     terms = kept.sum().clamp(min=1)
-    target = torch.softmax(z0.reshape(-1, classes), -1) - terms * g
+    target = probs - terms * g
     return lambda z: -(target * torch.log_softmax(z.reshape(-1, classes), -1))[kept].sum() / terms
 
 
