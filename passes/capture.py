@@ -32,7 +32,7 @@ from torch.utils import _pytree
 from gnfx.composite_forms import inlined_checkpoints
 from gnfx.errors import CaptureError
 from gnfx.passes.ctc_loss_shape import ctc_loss_traceable
-from gnfx.passes.leaf_outputs import erase_unread, unpacked
+from gnfx.passes.leaf_outputs import erase_unread, torch_nn_structure, unpacked
 from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
@@ -87,8 +87,9 @@ class _LeafFindingTracer(MappingOutputTracer):
     """An fx tracer that treats the given module paths (and torch.nn's modules without
     submodules, and nn.MultiheadAttention) as leaves and remembers the innermost submodule whose
     forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py). A leaf
-    of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py) returns its
-    value in that structure, the indexing nodes made for it listed in `unpacked`."""
+    of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py), and a torch.nn leaf
+    that returns a container (`torch_nn_structure`), returns its value in that structure, the indexing nodes made
+    for it listed in `unpacked`."""
 
     def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
@@ -121,9 +122,9 @@ class _LeafFindingTracer(MappingOutputTracer):
             if change is not None:
                 raise side_effect(m, self.path_of_module(m), change)
             path = self.path_of_module(m)
-            if path in self.leaves and path in self.structures and isinstance(out, fx.Proxy):
-                return unpacked(out, self.structures[path], self.unpacked)
-            return out
+            structure = (self.structures.get(path) if path in self.leaves
+                         else torch_nn_structure(m, args, kwargs) if self.is_leaf_module(m, path) else None)
+            return unpacked(out, structure, self.unpacked) if structure and isinstance(out, fx.Proxy) else out
         except Exception:
             if self.failed_module is None:
                 self.failed_module = self.path_of_module(m)

@@ -8,6 +8,13 @@ they branch on `x.ndim`), which return (output, hidden), the traced graph passed
 layer and failed at its first run ("'tuple' object has no attribute 'ndim'"); code that reads the tuple
 otherwise would compute something else without failing.
 
+torch.nn's own leaves return containers too, known from their type without a call: (output, h_n) of nn.RNN and
+nn.GRU, (output, (h_n, c_n)) of nn.LSTM, (h, c) of nn.LSTMCell, (output, weights or None) of
+nn.MultiheadAttention, (values, indices) of a pooling with `return_indices=True`. The same branch
+`if isinstance(out, tuple): out = out[0]` after an nn.GRU traced the branch for a tensor, whose graph failed
+("tuple indices must be integers") at its first call; `torch_nn_structure` gives those outputs their structure in
+every trace.
+
 `output_structures` reads the structure of what each submodule returns from one run of the example call that
 leaves no trace: for a tuple or a list (exactly those types, nested), its type and each element's structure,
 None for an element that is None, VALUE for any other; `unpacked` gives the trace a leaf's output in that
@@ -15,6 +22,8 @@ structure, each element an indexing node of the call (`out[0]`, `out[1][0]`), so
 takes the branch the module's real output takes.
 """
 from __future__ import annotations
+
+import inspect
 
 from torch import fx, nn
 
@@ -30,6 +39,24 @@ def _structure(value):
     if type(value) in (tuple, list):
         return type(value), tuple(_structure(x) for x in value)
     return None if value is None else VALUE
+
+
+PAIR = (tuple, (VALUE, VALUE))
+LSTM_OUTPUT = (tuple, (VALUE, PAIR))
+
+
+def torch_nn_structure(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The structure (`_structure`'s form) of what a torch.nn leaf `module` returns on the call (args, kwargs), known
+    from its type (module doc); None for a module that returns one value, or whose structure depends on a traced
+    value."""
+    if isinstance(module, nn.LSTM):
+        return LSTM_OUTPUT
+    if isinstance(module, (nn.RNN, nn.GRU, nn.LSTMCell)):
+        return PAIR
+    if isinstance(module, nn.MultiheadAttention):
+        need_weights = inspect.signature(module.forward).bind(*args, **kwargs).arguments.get("need_weights", True)
+        return None if isinstance(need_weights, fx.Proxy) else (tuple, (VALUE, VALUE if need_weights else None))
+    return PAIR if getattr(module, "return_indices", False) is True else None
 
 
 def output_structures(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple]:

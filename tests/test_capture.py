@@ -904,3 +904,53 @@ def test_only_a_forward_that_draws_python_random_numbers_has_their_state_recorde
             c.step()
             c.zero_grad()
             assert (c.optimizer.quadratic._random_state.python is not None) == draws
+
+
+class FirstOfTuple(nn.Module):
+    """`out = layer(x); if isinstance(out, tuple): out = out[0]`, as speechbrain's Sequential and many RNN
+    wrappers write it, around one torch.nn layer, then a linear head over the flattened output."""
+
+    def __init__(self, layer: nn.Module, width: int):
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(width, 3)
+
+    def forward(self, x):
+        out = self.layer(x, x, x, need_weights=False) if isinstance(self.layer, nn.MultiheadAttention) else self.layer(x)
+        if isinstance(out, tuple):
+            out = out[0]
+        return self.head(out.flatten(1))
+
+
+TUPLE_LEAVES = {  # a torch.nn leaf returning a container, its input's shape, the flattened output's width
+    "GRU": (lambda: nn.GRU(4, 5, batch_first=True), (6, 3, 4), 15),
+    "RNN, two layers, bidirectional": (lambda: nn.RNN(4, 5, 2, batch_first=True, bidirectional=True), (6, 3, 4), 30),
+    "LSTM": (lambda: nn.LSTM(4, 5, batch_first=True), (6, 3, 4), 15),
+    "LSTMCell": (lambda: nn.LSTMCell(4, 5), (6, 4), 5),
+    "MultiheadAttention": (lambda: nn.MultiheadAttention(4, 2, batch_first=True), (6, 3, 4), 12),
+    "MaxPool1d with indices": (lambda: nn.MaxPool1d(2, return_indices=True), (6, 4, 4), 8),
+}
+
+
+@pytest.mark.parametrize("name", TUPLE_LEAVES)
+def test_a_torch_nn_layer_returning_a_tuple_is_traced_as_the_tuple_it_returns(name):
+    """torch.fx records a torch.nn leaf's call as one value, so the trace took `isinstance(out, tuple)` as False:
+    the graph passed the whole tuple on and failed at its first call ("'tuple' object has no attribute
+    'flatten'"), and an attention layer's parameters, read through no indexing, fell back to diag. Traced as
+    the tuple the layer returns (passes/leaf_outputs.py `torch_nn_structure`), the graph computes the model: the
+    output and every gradient equal the model's own, and the layer's parameters are in curvature blocks."""
+    make, shape, width = TUPLE_LEAVES[name]
+    torch.manual_seed(0)
+    model = FirstOfTuple(make(), width).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    c = gnfx.compile(model, "kfac", lr=1e-2)
+    assert c.layers.form == "fx"
+    loss, loss_ref = cross_entropy(c(x), y), cross_entropy(reference(x), y)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
+    loss.backward()
+    loss_ref.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    covered, total = c.layers.coverage(dict(model.named_parameters()))
+    assert covered == total, c.layers.fallbacks
+    c.step()
