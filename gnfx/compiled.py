@@ -247,6 +247,8 @@ class CompiledModel(nn.Module):
                 self._variants.capture(args, kwargs)
             else:
                 self._variants.capture_method(method)
+        elif opt.collecting and method is None and not self._fsdp:  # a torch.fx graph checked on its first call
+            self._variants.check_call(args, kwargs, fresh=opt.steps == 0 and not opt.collected)
         if opt.statistic_step:
             if opt.collecting and self._fsdp:
                 unshard_for_graph(self)  # then the check binds the unsharded parameters in the graphs

@@ -8,7 +8,10 @@ arguments serve as the example: torch.fx is traced again with the optional input
 out fixed to None, and whenever it still fails anywhere (the top-level forward, a submodule it
 would keep opaque, or a function a library registered with torch.fx.wrap that takes parameters, as
 torchvision's Swin attention does), torch.export captures the call too, and the form that puts more trainable
-parameters in curvature blocks is kept. Where neither captures the forward (capture="auto"), the model's own
+parameters in curvature blocks is kept. Every torch.fx graph is checked against the model's forward on the first
+call it serves (passes/trace_check.py: a type test of a traced value put another branch in the graph); one that
+differs gives way to torch.export's capture of the call, the whole first capture made again if no step has used it
+(`check_call`). Where neither captures the forward (capture="auto"), the model's own
 forward runs as its Python code at every call, its children opened (passes/opaque_root.py, form "eager"),
 with a RuntimeWarning. The LayerTable says which form was used and why.
 
@@ -26,11 +29,14 @@ that every entry point taps the blocks of the one plan.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import types
 import warnings
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from gnfx.errors import CaptureError, GnfxError
 from gnfx.lazy_modules import has_lazy_modules
@@ -42,6 +48,7 @@ from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.leaf_outputs import output_structures
 from gnfx.passes.python_random import kept_state
 from gnfx.passes.taps import insert_taps
+from gnfx.passes.trace_check import differing_output
 from gnfx.passes.validation_checks import other_side, violated_check, without_trace
 
 NOT_CAPTURED = ("not captured yet: gnfx captures the model's graph at its first call, from that call's inputs "
@@ -99,6 +106,8 @@ class Variants:
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
         self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key, shapes, branch flipped)
         self._structures: dict[str, tuple] = {}  # the tuples and lists submodules return (passes/leaf_outputs.py)
+        self._unchecked: dict[tuple, tuple] = {}  # call key -> (traced graph, draws) of a capture made without inputs
+        self._unused_hooks: list = []  # `_watch_unused`'s
         self._optional = optional_inputs(model)
         self._signature = inspect.signature(model.forward)
         # each submodule's flags when gnfx.compile built this (their names: those the key reads; a flag a
@@ -128,7 +137,7 @@ class Variants:
             return
         if self.mode == "fx" or not self._untraced(fx):
             self._begin(fx, self._fx_key(()), "it traced the whole forward" if not self._untraced(fx)
-                        else "capture='fx': what it could not trace stays opaque")
+                        else "capture='fx': what it could not trace stays opaque", traced_copy=True)
 
     def capture(self, args: tuple, kwargs: dict) -> None:
         """The first capture, from the call (args, kwargs)."""
@@ -147,6 +156,7 @@ class Variants:
                 self._structures = output_structures(self.model, args, kwargs)
                 if set(fx.leaves) & set(self._structures):
                     fx = trace_fx(self.model, self.leaf_modules, dict(fixed), self._structures)
+            self._check_traced(fx, args, kwargs)
         except CaptureError as exc:
             fx, fx_error = None, exc
         if self.mode == "fx":
@@ -186,6 +196,52 @@ class Variants:
         return self._begin(fx, self._fx_key(fixed), f"{leaves} could not be traced and are leaves: torch.fx puts "
                            f"{100 * share_fx:.1f}% of the parameters in curvature blocks, torch.export "
                            f"{100 * share_export:.1f}%", built_fx)
+
+    def _check_traced(self, captured, args: tuple, kwargs: dict):
+        """`captured`, a torch.fx capture, if its graph computes the model's forward on the call (args, kwargs)
+        (passes/trace_check.py), else a CaptureError saying where they differ. A forward that draws Python random
+        numbers is not checked (the graph replays none of them)."""
+        differs = None if captured.draws else differing_output(self.model, captured.graph_module, args, kwargs)
+        if differs is not None:
+            raise CaptureError(f"torch.fx's graph of {type(self.model).__name__} computes another function than its "
+                               f"forward on this call: {differs}. The forward tests something of a traced value that "
+                               f"tracing answers for the placeholder, not the value (passes/trace_check.py): a type "
+                               f"test such as isinstance(x, torch.Tensor), False for every traced tensor.\nFix: "
+                               f"capture='export' (or 'auto' with example_inputs=...), or torch.is_tensor(x) for the "
+                               f"test, which gnfx refuses to answer for a traced value")
+        return captured
+
+    def check_call(self, args: tuple, kwargs: dict, fresh: bool) -> None:
+        """Before a training call runs a torch.fx graph: check the graph of its form against the model's forward on
+        it (passes/trace_check.py) where it has not been: the graph gnfx.compile captured without inputs, at the
+        first call of its form, and, at the model's first training call (`fresh`: no statistics collected, no step
+        taken), the graph of that call's form, traced now. Where they differ, the first capture is made again from
+        a fresh call (`capture`, which takes torch.export's graph where torch.fx's differs) under capture="auto"; a
+        later form's calls run the model's own forward (`_refuse`); under capture="fx" a CaptureError says where."""
+        if self.form != "fx" or not self._unchecked:
+            return
+        key = self._fx_key(self._fixed(args, kwargs))
+        try:
+            if key in self._unchecked:
+                traced, draws = self._unchecked.pop(key)
+                self._check_traced(types.SimpleNamespace(graph_module=traced, draws=draws), args, kwargs)
+            elif fresh and key not in self._graphs:
+                captured = self._check_traced(trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures),
+                                              args, kwargs)
+                self._add(key, lambda: captured, key)
+        except CaptureError as exc:
+            if self.mode == "fx":
+                raise
+            if not fresh:  # the graph of the first capture: its plan has stepped
+                self._graphs[key] = []
+                return self._refuse(key, key, exc)
+            for handle in self._unused_hooks:
+                handle.remove()
+            self._unused_hooks.clear()
+            self._unchecked.clear()
+            self._graphs.clear()
+            self.table = self.graph_module = self.store = self.form = None
+            self.capture(args, kwargs)
 
     def capture_method(self, method: str) -> None:
         """The first capture, from a call of the model's method `method` (module doc): the method as its
@@ -244,7 +300,10 @@ class Variants:
                          f"capturing its graph from (run without gnfx, leaving no trace); capture failed on it too")
             raise own
 
-    def _begin(self, captured, key, why: str, built=None, shapes=None) -> None:
+    def _begin(self, captured, key, why: str, built=None, shapes=None, traced_copy: bool = False) -> None:
+        if traced_copy:  # the traced graph as torch.fx gave it, for `check_call` (lowering rewrites it)
+            traced = GraphModule(captured.graph_module, copy.deepcopy(captured.graph_module.graph))
+            self._unchecked[key] = (traced, captured.draws)
         gm, table, sites = built or self._build(captured)
         constants = parameters_read_as_constants(gm, self.model)
         if constants:  # passes/constant_parameters.py: keras 3's models
@@ -278,7 +337,8 @@ class Variants:
         if self.form == "fx":
             key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
-                self._add(key, lambda: trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures), key)
+                self._add(key, lambda: self._check_traced(
+                    trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures), args, kwargs), key)
             graphs = self._graphs[key]
             return graphs[0](*args, **kwargs) if graphs else self.model(*args, **kwargs)
         key, kwargs = self._key("export", args, kwargs), _sorted(kwargs)
@@ -334,17 +394,21 @@ class Variants:
             captured = capture()
             gm, _, sites = self._build(captured)
         except CaptureError as exc:
-            self._uncapturable.add(call)
-            self._graphs.setdefault(key, [])
-            warnings.warn(f"gnfx: a call of another form than the captured one could not be captured, so calls "
-                          f"of this form run the original forward and add no statistics: {exc}",
-                          RuntimeWarning, stacklevel=5)
-            return None
+            return self._refuse(key, call, exc)
         self.draws_python_random |= captured.draws or bool(captured.leaves)
         gm = insert_taps(gm, sites, self.store)
         gm.training = self.model.training
         self._graphs.setdefault(key, []).append(gm)
         return gm
+
+    def _refuse(self, key, call, exc: CaptureError) -> None:
+        """Calls of `key` run the original forward, without statistics, with a warning saying why (`exc`): a
+        form of call that could not be captured; `call` is not tried again."""
+        self._uncapturable.add(call)
+        self._graphs.setdefault(key, [])
+        warnings.warn(f"gnfx: a call of another form than the captured one could not be captured, so calls "
+                      f"of this form run the original forward and add no statistics: {exc}",
+                      RuntimeWarning, stacklevel=5)
 
     def _fixed(self, args, kwargs) -> tuple[tuple[str, object], ...]:
         """The optional inputs (passes/capture.py `optional_inputs`) that this call leaves at their
@@ -431,7 +495,7 @@ class Variants:
         A post-accumulate-grad hook on each such parameter, all removed at the first that fires."""
         params = dict(self.model.named_parameters())
         unused = [f.param for f in self.table.fallbacks if f.reason == UNUSED and params[f.param].requires_grad]
-        handles = []
+        handles = self._unused_hooks
 
         def reached(_, name: str) -> None:
             for handle in handles:

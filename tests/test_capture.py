@@ -954,3 +954,94 @@ def test_a_torch_nn_layer_returning_a_tuple_is_traced_as_the_tuple_it_returns(na
     covered, total = c.layers.coverage(dict(model.named_parameters()))
     assert covered == total, c.layers.fallbacks
     c.step()
+
+
+class MaskedWhenTensor(nn.Module):
+    """A forward that tests its inputs' and its intermediates' types with Python's isinstance, which torch.fx
+    answers False for every traced value: the mask and the scaling are left out of the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, mask=None):
+        if isinstance(mask, torch.Tensor):
+            x = x * mask
+        h = torch.tanh(self.inner(x))
+        if isinstance(h, torch.Tensor):
+            h = 2 * h
+        return self.head(h)
+
+
+def _masked_call():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    return x, (torch.rand(8, 4, generator=g) > 0.5).double(), torch.randint(0, 3, (8,), generator=g)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_traced_graph_that_computes_another_function_than_the_forward_is_captured_by_export(example):
+    """torch.fx traced MaskedWhenTensor whole, without its mask and its scaling, and the graph ran on the
+    statistic steps, silently: another loss, other gradients, statistics of another model. The graph is checked
+    against the forward on the first call it serves (passes/trace_check.py), at compile with example inputs or
+    at the first training call, and the call is captured with torch.export: the loss, every gradient and the
+    K-FAC factors (against hooks on the model itself) are the model's."""
+    torch.manual_seed(0)
+    model = MaskedWhenTensor().double()
+    reference = copy.deepcopy(model)
+    x, mask, y = _masked_call()
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_decay=0.0,
+                     **({"example_inputs": (x, mask)} if example else {}))
+    assert c.layers.form == ("export" if example else "fx")
+    loss = cross_entropy(c(x, mask), y)
+    assert c.layers.form == "export" and "computes another function" in c.layers.capture
+    head = {}
+    reference.head.register_forward_hook(lambda _, inputs, out: head.update(a=inputs[0].detach()))
+    loss_ref = cross_entropy(reference(x, mask), y)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
+    loss.backward()
+    loss_ref.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    c.step()
+    a = torch.cat([head["a"], torch.ones(8, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(c.statistics("head")["A"], a.T @ a / 8, rtol=1e-10, atol=1e-12)
+
+
+def test_a_traced_graph_that_differs_from_the_forward_under_capture_fx_raises_saying_where():
+    x, mask, _ = _masked_call()
+    c = gnfx.compile(MaskedWhenTensor().double(), "kfac", lr=1e-2, capture="fx")
+    with pytest.raises(gnfx.CaptureError, match=r"computes another function than its forward on this call: the "
+                                                 r"output differs by up to .*isinstance\(x, torch.Tensor\)"):
+        c(x, mask)
+
+
+class MaskedWhenTensorInput(MaskedWhenTensor):
+    """MaskedWhenTensor's forward without its test of the intermediate's type: a call that leaves the mask out
+    is traced right (the mask fixed to None), one that passes it is not (the mask a placeholder)."""
+
+    def forward(self, x, mask=None):
+        if isinstance(mask, torch.Tensor):
+            x = x * mask
+        return self.head(torch.tanh(self.inner(x)))
+
+
+def test_a_form_of_call_whose_traced_graph_differs_after_the_first_step_runs_the_forward_and_warns():
+    """gnfx.compile traces the forward with the mask a placeholder (the graph leaves it out); the first call
+    leaves the mask out, a form traced with it fixed to None, whose graph computes the model, and the model
+    steps; the first call with a mask is the compile-time graph's first: checked, it differs, and with a step
+    taken that form runs the model's own forward."""
+    torch.manual_seed(0)
+    model = MaskedWhenTensorInput().double()
+    reference = copy.deepcopy(model)
+    x, mask, y = _masked_call()
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
+    cross_entropy(c(x), y).backward()
+    c.step()
+    c.zero_grad()
+    reference.load_state_dict(model.state_dict())
+    assert c.layers.form == "fx"
+    with pytest.warns(RuntimeWarning, match="computes another function"):
+        out = c(x, mask)
+    torch.testing.assert_close(out, reference(x, mask), rtol=0, atol=1e-12)
+    assert c.layers.form == "fx"
