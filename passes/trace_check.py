@@ -31,7 +31,9 @@ COMPARED = (bool, int, float, complex, str, type(None))  # other leaves (objects
 
 
 def _output(run, args: tuple, kwargs: dict, model: nn.Module):
-    """run(*args, **kwargs) leaving no trace, its tensors detached."""
+    """run(*args, **kwargs) leaving no trace, its tensors detached; on copies of the input tensors, which a forward
+    may change in place (`x /= 255`)."""
+    args, kwargs = _pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
     with kept_state(), without_trace(model, args, kwargs):
         out = run(*args, **kwargs)
     return _pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)

@@ -1045,3 +1045,25 @@ def test_a_form_of_call_whose_traced_graph_differs_after_the_first_step_runs_the
         out = c(x, mask)
     torch.testing.assert_close(out, reference(x, mask), rtol=0, atol=1e-12)
     assert c.layers.form == "fx"
+
+
+class ScalesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x /= 2
+        return self.head(x)
+
+
+def test_the_check_of_a_traced_graph_runs_on_copies_of_inputs_the_forward_changes_in_place():
+    """The check's two runs (the forward's, the graph's) on the call's own input tensors divided a forward's
+    `x /= 2` input three times, and the graph, run on the input the first had divided, differed."""
+    torch.manual_seed(0)
+    model = ScalesItsInput()
+    expected = model(torch.ones(5, 4))
+    x = torch.ones(5, 4)
+    c = gnfx.compile(model, "kfac", lr=1e-2)
+    torch.testing.assert_close(c(x), expected)
+    assert c.layers.form == "fx" and x.max() <= 1
