@@ -1066,4 +1066,4 @@ def test_the_check_of_a_traced_graph_runs_on_copies_of_inputs_the_forward_change
     x = torch.ones(5, 4)
     c = gnfx.compile(model, "kfac", lr=1e-2)
     torch.testing.assert_close(c(x), expected)
-    assert c.layers.form == "fx" and x.max() <= 1
+    assert c.layers.form == "fx" and x.min() >= 0.5  # divided once, as the forward does, or not at all (the graph)
