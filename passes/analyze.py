@@ -20,6 +20,9 @@ gnfx.layouts.linear) and every preconditioner steps V as it steps any parameter 
 V). A parameter moved or cast to a
 floating dtype (`W.to(x.device)`) is read through the cast (passes/parameter_casts.py).
 
+A linear weight read in both orientations, `W a` and `Wᵀ h` (a tied autoencoder's decoder), is one block of
+its first use's orientation in the same way (the transposed use a guest, its bias left to the fallback).
+
 Tied input/output embeddings (one (V, d) weight read by an embedding and by a linear
 unembedding `h Wᵀ`; in general, by sites of a kind whose layout is a `tied_guest` and of one kind
 whose layout is a `tied_host`, gnfx.layouts.base) form one block of the host's kind, in its
@@ -225,10 +228,24 @@ def _detect(kind, gm: fx.GraphModule, index: _ParamIndex) -> tuple[list[Site], l
     return found, rejected
 
 
+def _geometry(site: Site) -> tuple:
+    return site.d_in, site.d_out, str(site.options)
+
+
 def _tied(group: list[Site]) -> tuple[list[Site], str] | None:
-    """(the sites that form the block, the guest kind) of a tied input/output embedding: the sites
+    """(the sites that form the block, what the others are) of a tied input/output embedding: the sites
     of the one kind whose layout is a `tied_host`, the others all of one kind whose layout is a
-    `tied_guest` (gnfx.layouts.base); None for any other group."""
+    `tied_guest` (gnfx.layouts.base); of a linear weight read in both orientations (a tied autoencoder's
+    encoder `W a` and decoder `Wᵀ h`): the sites in the orientation of the first, the others all of one
+    geometry, its transpose; None for any other group."""
+    if {s.kind for s in group} == {"linear"}:
+        host = [s for s in group if _geometry(s) == _geometry(group[0])]
+        others = {_geometry(s) for s in group if _geometry(s) != _geometry(group[0])}
+        if len(others) == 1 and next(iter(others))[:2] == (group[0].d_out, group[0].d_in) and all(
+                s.options.get("transposed", False) != group[0].options.get("transposed", False)
+                for s in group if s not in host):
+            return host, "linear, transposed"
+        return None
     layouts = {s.kind: KINDS[s.kind].layout for s in group}
     hosts = [k for k, layout in layouts.items() if layout.tied_host]
     guests = [k for k, layout in layouts.items() if layout.tied_guest and not layout.tied_host]
@@ -269,13 +286,14 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     for s in sites:
         by_weight.setdefault(s.weight, []).append(s)
 
-    blocks, block_sites, claimed, notes = [], {}, set(), {}
+    blocks, block_sites, claimed, notes, guest_biases = [], {}, set(), {}, {}
     for weight, group in by_weight.items():
         tapped, tie = group, _tied(group)
-        if tie is not None:  # tied input/output embedding
+        if tie is not None:  # tied input/output embedding, or a linear weight read transposed too
             tapped = tie[0]
+            guest_biases.update({s.bias: weight for s in group if s not in tapped and s.bias is not None})
             notes[weight] = f"tied with a site of kind {tie[1]!r}, whose gradient shares this block's factors"
-        elif len({s.kind for s in group}) > 1 or len({(s.d_in, s.d_out, str(s.options)) for s in group}) > 1:
+        elif len({s.kind for s in group}) > 1 or len({_geometry(s) for s in group}) > 1:
             continue  # reported below: the uses stay unclaimed
         group_uses = {u for s in group for u in s.uses}
         if any((u, a) not in group_uses for u, a in uses[weight]):
@@ -304,6 +322,8 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
             reason = UNUSED
         elif other:
             reason = _describe_use(other[0], leaves, rejected)
+        elif name in guest_biases and guest_biases[name] in claimed:
+            reason = f"bias of a tied use of {guest_biases[name]!r}, whose block holds the bias of its own use"
         elif owners - claimed:
             reason = f"bias of {sorted(owners - claimed)[0]!r}, which is not in a curvature block"
         elif owners:

@@ -350,3 +350,57 @@ def test_kfac_update_of_a_tied_embedding_uses_the_unembedding_factors_and_the_to
     K = torch.kron(ref["A"] + lam_a * torch.eye(D, dtype=DTYPE), ref["S"] + lam_s * torch.eye(V, dtype=DTYPE))
     U = torch.linalg.solve(K, grad.T.reshape(-1)).reshape(D, V).T
     assert_close(model.emb.weight.detach(), W0 - 0.5 * U)
+
+
+# ----------------------------------------------------------------------------- a linear weight read transposed too
+
+
+class TiedAutoencoder(nn.Module):
+    """An autoencoder whose decoder reads the encoder's weight transposed: x -> W x + b -> tanh -> Wᵀ h + c."""
+
+    def __init__(self, d=6, k=3):
+        super().__init__()
+        self.enc = nn.Linear(d, k)
+        self.dec_bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+def _autoencoder_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(16, 6, generator=g, dtype=DTYPE), torch.randint(0, 6, (16,), generator=g)
+
+
+def test_a_linear_weight_read_transposed_too_is_one_block_of_its_first_use():
+    """Both uses of enc.weight fell back to diag ("used by layers of different kinds or shapes"); the weight is
+    now the encoder's block, its statistics the encoder's (against hooks), the decoder's bias left to diag."""
+    torch.manual_seed(0)
+    model = TiedAutoencoder().to(DTYPE)
+    x, y = _autoencoder_batch()
+    ref = hook_statistics(model, ["enc"], x, y)["enc"]
+    c = compile_for_statistics(model)
+    assert [(b.name, b.params, b.d_in, b.d_out, len(b.sites)) for b in c.layers] == [
+        ("enc", ("enc.weight", "enc.bias"), 6, 3, 1)]
+    assert [(f.param, f.reason) for f in c.layers.fallbacks] == [
+        ("dec_bias", "bias of a tied use of 'enc.weight', whose block holds the bias of its own use")]
+    statistic_step(c, x, y)
+    assert_close(c.statistics("enc")["A"], ref["A"])
+    assert_close(c.statistics("enc")["S"], ref["S"])
+
+
+def test_kfac_update_of_a_weight_read_transposed_too_uses_its_first_uses_factors_and_the_total_gradient():
+    """[ΔW Δb] = -η (S + λ_S I)⁻¹ [∇W ∇b] (A + λ_A I)⁻¹, ∇W the sum of both uses' gradients."""
+    torch.manual_seed(0)
+    model = TiedAutoencoder().to(DTYPE)
+    x, y = _autoencoder_batch()
+    ref = hook_statistics(model, ["enc"], x, y)["enc"]
+    W0 = torch.cat([model.enc.weight, model.enc.bias[:, None]], 1).detach().clone()
+    c = compile_kfac(model, 1e-2)
+    cross_entropy(c(x), y).backward()
+    grad = torch.cat([model.enc.weight.grad, model.enc.bias.grad[:, None]], 1).detach().clone()
+    c.step()
+    lam_a, lam_s = damped(ref["A"], ref["S"], 1e-2)
+    U = (torch.linalg.inv(ref["S"] + lam_s * torch.eye(3, dtype=DTYPE)) @ grad
+         @ torch.linalg.inv(ref["A"] + lam_a * torch.eye(7, dtype=DTYPE)))
+    assert_close(torch.cat([model.enc.weight, model.enc.bias[:, None]], 1).detach(), W0 - 0.5 * U)
