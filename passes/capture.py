@@ -36,6 +36,7 @@ from gnfx.passes.leaf_outputs import erase_unread, torch_nn_structure, unpacked
 from gnfx.passes.mapping_output import MappingOutputTracer, keep_output_type
 from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
+from gnfx.passes.grad_modes import grad_modes_recorded
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_value,
                                           changes_recorded, held_values, side_effect)
@@ -327,7 +328,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     def traced(tracer):
         # a custom autograd.Function keeps its backward; a reentrant checkpoint is its function, as for export
         with (_torch_nn_traceable(), _type_checks_refused(), opaque_in_fx(), inlined_checkpoints(),
-              generators_kept(model), draws_into_buffers_traced(tracer)):
+              generators_kept(model), draws_into_buffers_traced(tracer), grad_modes_recorded(tracer)):
             before = RandomState(devices, python=False).states
             graph = tracer.trace(model, concrete_args=concrete_args)
             tracer.drew_torch = moved(before, RandomState(devices, python=False).states)  # passes/torch_draws.py

@@ -1067,3 +1067,42 @@ def test_the_check_of_a_traced_graph_runs_on_copies_of_inputs_the_forward_change
     c = gnfx.compile(model, "kfac", lr=1e-2)
     torch.testing.assert_close(c(x), expected)
     assert c.layers.form == "fx" and x.min() >= 0.5  # divided once, as the forward does, or not at all (the graph)
+
+
+class DistilledStudent(nn.Module):
+    """A teacher run without gradient recording inside the forward (a distillation teacher, a frozen feature
+    extractor under a probe), as a block and as a decorated method."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher, self.frozen, self.student = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    @torch.no_grad()
+    def features(self, x):
+        return torch.relu(self.frozen(x))
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.teacher(x)
+        return self.student(x + t + self.features(x))
+
+
+def test_a_teacher_the_forward_runs_without_gradient_recording_gets_no_gradient_and_no_step():
+    """torch.fx ran `with torch.no_grad():` once while tracing and did not record it: the graph computed the
+    teacher with gradients, which the student's loss reached, and the optimizer stepped it, silently. The
+    switches are nodes of the graph (passes/grad_modes.py): the teacher and the frozen layer get no gradient
+    and keep their weights; the student's gradient is the model's."""
+    torch.manual_seed(0)
+    model = DistilledStudent().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    c = gnfx.compile(model, "kfac", lr=1e-2)
+    assert c.layers.form == "fx"
+    cross_entropy(c(x), y).backward()
+    cross_entropy(reference(x), y).backward()
+    assert all(p.grad is None for m in (model.teacher, model.frozen) for p in m.parameters())
+    torch.testing.assert_close(model.student.weight.grad, reference.student.weight.grad, rtol=0, atol=1e-12)
+    c.step()
+    for m, r in ((model.teacher, reference.teacher), (model.frozen, reference.frozen)):
+        torch.testing.assert_close(m.weight, r.weight, rtol=0, atol=0)
+    assert torch.is_grad_enabled()

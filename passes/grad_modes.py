@@ -1,0 +1,34 @@
+"""grad_modes: the forward's switches of gradient recording, in torch.fx's graph.
+
+`with torch.no_grad(): t = self.teacher(x)` (a distillation teacher, a frozen feature extractor under a linear
+probe, BYOL's target network) switches gradient recording off by a call of Python's (`torch.no_grad`,
+`torch.set_grad_enabled`, `torch.enable_grad` all call `torch._C._set_grad_enabled`), which symbolic tracing runs
+once and does not record: the graph computed the teacher with gradients, so its parameters got a gradient from
+the student's loss and the optimizer stepped them, silently. `grad_modes_recorded` records each such call as a
+node of the graph, in the order the forward makes them; the graph then switches as the forward does (the mode a
+context restores on exit is the one it found while tracing: a training call's, with gradients on, as every call
+that runs a graph is: gnfx.compiled). torch.export records these switches itself.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import fx
+
+SET_GRAD_ENABLED = torch._C._set_grad_enabled
+
+
+@contextlib.contextmanager
+def grad_modes_recorded(tracer: fx.Tracer):
+    """While `tracer` traces: each call of torch._C._set_grad_enabled also records itself as a node."""
+
+    def set_grad_enabled(mode: bool) -> None:
+        SET_GRAD_ENABLED(mode)
+        tracer.create_node("call_function", SET_GRAD_ENABLED, (bool(mode),), {})
+
+    torch._C._set_grad_enabled = set_grad_enabled
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = SET_GRAD_ENABLED
