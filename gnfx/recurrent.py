@@ -163,17 +163,11 @@ def packed_result(packed, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Te
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))
 
 
-def input_rows(input, batch_first: bool, module: str, dropout_between: bool) -> torch.Tensor:
+def input_rows(input, batch_first: bool, module: str) -> torch.Tensor:
     """The rows the input products read: a PackedSequence's packed data (Σ_t b_t, d), else the batch-major
-    input (`batch_major`). A PackedSequence through a module with dropout between its layers raises (ATen's
-    packed kernel draws that dropout; `dropout_between`)."""
+    input (`batch_major`)."""
     if not isinstance(input, nn.utils.rnn.PackedSequence):
         return batch_major(input, batch_first, module)
-    if dropout_between:
-        raise GnfxError(f"the recurrent module {module!r} received a PackedSequence and has dropout between its "
-                        f"layers, which gnfx's lowering does not draw as ATen's packed kernel does. Fix: pass "
-                        f"leaf_modules=[{module!r}] to gnfx.compile to keep it opaque (its parameters then take the "
-                        f"diagonal preconditioner)")
     return input.data
 
 
@@ -236,12 +230,15 @@ def initial_state(x: torch.Tensor, hx, part: int, count: int, size: int) -> torc
     return state.unsqueeze(1) if state.dim() == 2 else state
 
 
-def time_major_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout (training) between layers on the batch-major x (N, T, D·H), drawn on its time-major
-    contiguous copy (T, N, D·H), the tensor on which ATen's recurrent kernels on a CPU (its own and
-    oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of the
-    training forward through the module, gnfx.random_state). cuDNN keeps its own dropout state: on a
-    GPU the masks differ from the module's."""
+def between_layers_dropout(x: torch.Tensor, p: float, input) -> torch.Tensor:
+    """Dropout (training) between layers, drawn on the tensor on which ATen's recurrent kernels on a CPU
+    (its own and oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of
+    the training forward through the module, gnfx.random_state): for the batch-major x (N, T, D·H) its
+    time-major contiguous copy (T, N, D·H); when the module's input is a PackedSequence, x's packed rows
+    (Σ_t b_t, D·H) themselves, the data ATen's packed kernels draw on. cuDNN keeps its own dropout state:
+    on a GPU the masks differ from the module's."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return F.dropout(x, p, training=True)
     return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
 
 

@@ -8,8 +8,8 @@ sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time
 (torch.fx.wrap) that computes the hidden products
 `h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
 (gnfx.passes.hidden_product finds it); an LSTM with projections (proj_size > 0) passes W_hr to the scan,
-which projects each step's output, and `projection_site` is the site of W_hr's block. Between layers, dropout as the module draws it; the result is
-what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
+which projects each step's output, and `projection_site` is the site of W_hr's block. Between layers,
+dropout as the module draws it; the result is what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
 unbatched). A cell call (a `call_module`, or the aten.lstm_cell / gru_cell / rnn_tanh_cell /
 rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forward`: its two products
 `F.linear(x, W_ih, b_ih)` and `F.linear(h, W_hh, b_hh)`, ordinary linear sites, and PyTorch's cell
@@ -18,10 +18,10 @@ lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 A call on a PackedSequence (packed by torch.nn.utils.rnn's packing in the graph, gnfx.passes.capture.PACKING,
 or reaching an opened child, passes/opaque_children.py) runs the same graph on the packed rows: the leaves
-`input_rows`, `first_state`, `scan_rows` and `recurrent_output` tell the two inputs apart at run time. Kept opaque, their
-parameters falling back with the reason: a subclass of a recurrent module or
-cell with its own forward, a call with other arguments than (input, hx), a packed call with dropout
-between layers (ATen's packed kernel draws it), and the paths in `keep`.
+`input_rows`, `first_state`, `scan_rows`, `between_layers_dropout` and `recurrent_output` tell the two
+inputs apart at run time. Kept opaque, their parameters falling back with the reason: a subclass of a
+recurrent module or cell with its own forward, a call with other arguments than (input, hx), and the
+paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
@@ -33,15 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gnfx.passes.capture import PACKING
 from gnfx.recurrent import (cell_inputs, cell_result, cell_step, first_state, hidden_offset, hidden_product_site,
-                            input_rows, projection_site, recurrent_output, scan_rows, time_major_dropout)
+                            input_rows, projection_site, recurrent_output, scan_rows, between_layers_dropout)
 
 from .rewrite import recompiled, replace
 
 
 for _name in ("cell_inputs", "cell_result", "cell_step", "first_state", "hidden_offset", "hidden_product_site",
-              "input_rows", "projection_site", "recurrent_output", "scan_rows", "time_major_dropout"):
+              "input_rows", "projection_site", "recurrent_output", "scan_rows", "between_layers_dropout"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -70,7 +69,7 @@ class _LoweredRecurrent(nn.Module):
         m = self.rnn
         lstm, directions, projected = m.mode == "LSTM", 2 if m.bidirectional else 1, m.proj_size > 0
         count = m.num_layers * directions
-        x = input_rows(input, m.batch_first, self.path, bool(m.dropout) and m.num_layers > 1)
+        x = input_rows(input, m.batch_first, self.path)
         h0 = first_state(input, x, hx, 0, count, m.proj_size if projected else m.hidden_size)
         c0 = first_state(input, x, hx, 1, count, m.hidden_size) if lstm else None
         last_h, last_c = [], []
@@ -93,7 +92,7 @@ class _LoweredRecurrent(nn.Module):
                 last_c.append(scan[3])
             x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
             if m.dropout and layer < m.num_layers - 1:
-                x = time_major_dropout(x, m.dropout)
+                x = between_layers_dropout(x, m.dropout, input)
         return recurrent_output(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None,
                                 self.flat)
 
@@ -123,16 +122,7 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
         return f"a subclass of nn.{stock.__name__} with its own forward"
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
-    if _packed(node) and module.dropout and module.num_layers > 1:
-        return f"its input is a PackedSequence (torch.nn.utils.rnn.{_packed(node).__name__}) through dropout between layers"
     return ""
-
-
-def _packed(node: fx.Node):
-    """The torch.nn.utils.rnn packing function whose PackedSequence a recurrent call takes, else None."""
-    given = node.args[0] if node.args else node.kwargs.get("input")
-    packing = isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values()
-    return given.target if packing else None
 
 
 def _exported(gm: fx.GraphModule, node: fx.Node):

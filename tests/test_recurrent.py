@@ -519,16 +519,6 @@ def test_a_packed_sequence_given_to_the_model_is_lowered_and_leaf_modules_keeps_
     assert [b.name for b in c.layers] == ["head"]
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")
-def test_a_packed_sequence_given_to_a_module_with_dropout_between_layers_raises_naming_leaf_modules():
-    model = PackedTagger()
-    model.rnn = nn.GRU(3, 4, num_layers=2, dropout=0.5)
-    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
-    with pytest.raises(gnfx.GnfxError, match=r"received a PackedSequence and has dropout between its layers.*"
-                                             r"leaf_modules=\['rnn'\]"):
-        gnfx.compile(model, optimizer="kfac", lr=0.1)(packed)
-
-
 class PackingTagger(nn.Module):
     """Packs inside its forward, as LSTM tutorials do: `nn.utils.rnn.pack_padded_sequence` by attribute,
     `pad_packed_sequence` by the name this file imported (both forms a model's code takes)."""
@@ -564,18 +554,37 @@ def test_packing_in_the_forward_is_captured_and_the_packed_lstm_lowered():
             torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the recurrent module's fallback is the point
-def test_a_packed_lstm_with_dropout_between_layers_falls_back_with_the_reason():
-    """Dropout between the layers of a packed LSTM is drawn by ATen's packed kernel, which the lowering does
-    not reproduce: the module stays opaque, its parameters fall back with that reason."""
-    model = PackingTagger()
-    model.rnn = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
-    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
-    F.cross_entropy(c(torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])), torch.tensor([0, 1, 1, 0])).backward()
-    assert sorted(b.name for b in c.layers) == ["embed", "head"]
-    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
-    assert all("its input is a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence) through dropout between "
-               "layers" in f.reason for f in c.layers.fallbacks)
+@pytest.mark.parametrize("given", [False, True])
+def test_a_packed_module_with_dropout_between_layers_is_lowered_and_draws_the_kernels_masks(given):
+    """ATen's packed kernels draw the dropout between layers on the packed rows, which the lowered graph
+    draws on too (gnfx.recurrent.between_layers_dropout): a three-layer bidirectional LSTM with projections
+    on a batch packed in the forward, and a GRU on a PackedSequence given to the model, are lowered (before:
+    they fell back, 'through dropout between layers', or raised), and from the same random state the
+    compiled model's statistic steps compute the model's outputs and gradients."""
+    torch.manual_seed(0)
+    if given:
+        model = PackedTagger()
+        model.rnn = nn.GRU(3, 4, num_layers=3, dropout=0.5, bidirectional=True, batch_first=True)  # head: h_n[-1]
+        inputs = (nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=DTYPE) for n in (3, 5, 2, 4)],
+                                             enforce_sorted=False),)
+    else:
+        model = PackingTagger()
+        model.rnn = nn.LSTM(3, 4, num_layers=3, dropout=0.5, bidirectional=True, proj_size=2, batch_first=True)
+        model.head = nn.Linear(4, 2)
+        inputs = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])
+    model, y = model.to(DTYPE), torch.tensor([0, 1, 1, 0])
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    assert not c.layers.fallbacks and len(c.layers) == 6 * (2 + (not given)) + 1 + (not given)
+    for seed in (1, 2):  # statistic steps: the lowered graph
+        torch.manual_seed(seed)
+        reference = model(*inputs)
+        grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
+        torch.manual_seed(seed)
+        out = c(*inputs)
+        torch.testing.assert_close(out, reference, **TOL)
+        got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
+        for a, b in zip(got, grads):
+            torch.testing.assert_close(a, b, **TOL)
 
 
 def test_packing_written_out_has_the_kernels_values_and_forward_mode_derivatives():
