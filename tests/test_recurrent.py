@@ -255,10 +255,12 @@ def test_a_module_called_twice_is_one_block_per_weight_over_both_calls():
 # ----------------------------------------------------------------------------- forward mode
 
 
-def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph():
+@pytest.mark.parametrize("options", [{}, {"proj_size": 2}])
+def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph(options):
     """gnfx.ggn's G v on the compiled tagger (its products run through the module, ATen's kernels)
-    equals Jᵀ (H_ℓ (J v)) with J by torch.func jvp and vjp through the lowered graph."""
-    model, (x, y) = Tagger("lstm", num_layers=2, batch_first=True), data()
+    equals Jᵀ (H_ℓ (J v)) with J by torch.func jvp and vjp through the lowered graph (an LSTM with
+    projections too: W_hr inside the scan)."""
+    model, (x, y) = Tagger("lstm", num_layers=2, batch_first=True, **options), data()
     c = gnfx.compile(model, optimizer="kfac", lr=0.1)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
