@@ -85,6 +85,16 @@ def leaves(out):
     return torch.utils._pytree.tree_leaves(out)
 
 
+def assert_equal_gradients(expected, got, inputs):
+    """The gradients of `inputs` of one random weighting Σ w ⊙ out of the outputs `expected` and `got`
+    (a module's and its lowered graph's) are equal."""
+    weights = [torch.randn_like(t) for t in leaves(expected)]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
+             for out in (expected, got)]
+    for e, g in zip(*grads):
+        torch.testing.assert_close(g, e, **TOL)
+
+
 # ----------------------------------------------------------------------------- the lowered forward
 
 
@@ -108,12 +118,7 @@ def test_lowered_module_computes_its_outputs_and_gradients(cell, layers, bidirec
     assert [t.shape for t in leaves(got)] == [t.shape for t in leaves(expected)]
     for e, g in zip(leaves(expected), leaves(got)):
         torch.testing.assert_close(g, e, **TOL)
-    weights = [torch.randn_like(t) for t in leaves(expected)]
-    inputs = [x, *rnn.parameters()]
-    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
-             for out in (expected, got)]
-    for e, g in zip(*grads):
-        torch.testing.assert_close(g, e, **TOL)
+    assert_equal_gradients(expected, got, [x, *rnn.parameters()])
 
 
 @pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
@@ -361,12 +366,7 @@ def test_lowered_lstm_with_projections_computes_its_outputs_states_and_gradients
     for e, g in zip(leaves(expected), leaves(got), strict=True):
         assert e.shape == g.shape
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
-    weights = [torch.randn_like(t) for t in leaves(expected)]
-    inputs = [x, *rnn.parameters()]
-    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
-             for out in (expected, got)]
-    for e, g in zip(*grads):
-        torch.testing.assert_close(g, e, **TOL)
+    assert_equal_gradients(expected, got, [x, *rnn.parameters()])
 
 
 @pytest.mark.filterwarnings("ignore:gnfx reads each layer input's batch")
