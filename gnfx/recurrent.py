@@ -25,6 +25,13 @@ gradients, so that ∂L/∂offset = ∂L/∂hp = g with the values unchanged (kf
 trick). `hidden_product_site(h_prev, offset)` is the call site of W_hh's block in the graph: its
 input is the a rows, its output is the offset, whose gradient the error tap records.
 
+An LSTM with projections (proj_size P > 0) writes its state through one more product, of a weight
+W_hr (P, H) without bias: the cell's output h̃_t = σ(o) ⊙ tanh(c_t) (H) becomes h_t = W_hr h̃_t (P),
+the state W_hh reads (W_hh is (4H, P)) and the layer's output. W_hr is one more linear block over the
+same rows: a = h̃_t and δ = ∂ℓ/∂h_t, by the same two means: the scan returns the rows h̃_t stacked
+(N, T, H) and adds to each h_t the slice t of a second offset (N, T, P), so that ∂L/∂offset = ∂L/∂h;
+`projection_site(h_tilde, offset)` is the call site of W_hr's block.
+
 A reverse direction runs t = T..1 (its h_{t-1} is the state after step t+1); its rows stay in time
 order. Every tensor of the scan is batch-major (N, T, ·), so that the rows of each example are the
 first dimension's, whatever the module's batch_first.
@@ -68,50 +75,71 @@ def cell_step(kind: str, gx: torch.Tensor, hp: torch.Tensor, h: torch.Tensor, c:
     return (torch.tanh(pre) if kind == "RNN_TANH" else torch.relu(pre)), None
 
 
-def hidden_offset(gx: torch.Tensor) -> torch.Tensor:
-    """The zeros (N, T, G) added to the hidden products hp, whose gradient is ∂L/∂hp (module docstring)."""
-    return torch.zeros_like(gx, requires_grad=True)
+def hidden_offset(gx: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """The zeros added to the products of a scan, whose gradient is that of the products (module
+    docstring): the rows of the input products gx with `size` columns, (N, T, size), gx's own G when
+    None (the hidden products hp; an LSTM's projections h_t = W_hr h̃_t take P)."""
+    return gx.new_zeros(*gx.shape[:-1], gx.shape[-1] if size is None else size, requires_grad=True)
+
+
+def _step(kind: str, gx_t: torch.Tensor, hp_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
+          w_hr: torch.Tensor | None, projection_offset_t: torch.Tensor | None):
+    """(h_t, c_t, h̃_t) of one step: `cell_step`, and for an LSTM with projections (w_hr given) its output
+    h̃_t projected, h_t = h̃_t W_hrᵀ + projection_offset_t (module docstring); h̃_t is h_t without."""
+    h_t, c_t = cell_step(kind, gx_t, hp_t, h, c)
+    if w_hr is None:
+        return h_t, c_t, h_t
+    return F.linear(h_t, w_hr) + projection_offset_t, c_t, h_t
 
 
 def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
-                   h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool):
-    """One layer and direction over the whole sequence: (outputs h_t (N, T, H) in time order, the rows
-    h_{t-1} (N, T, H), h_T, c_T (None but for an LSTM)), from the input products gx (N, T, G) and the
-    initial states h0, c0 (N, H), with hp_t = h_{t-1} W_hhᵀ + b_hh + offset_t (module docstring)."""
+                   h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool,
+                   w_hr: torch.Tensor | None = None, projection_offset: torch.Tensor | None = None):
+    """One layer and direction over the whole sequence: (outputs h_t (N, T, P) in time order, the rows
+    h_{t-1} (N, T, P), h_T, c_T (None but for an LSTM), the rows h̃_t (N, T, H), None without w_hr), from
+    the input products gx (N, T, G) and the initial states h0 (N, P), c0 (N, H), with hp_t = h_{t-1} W_hhᵀ
+    + b_hh + offset_t and, given W_hr, h_t = h̃_t W_hrᵀ + projection_offset_t (module docstring; P = H
+    without projections)."""
     # the steps' slices by one unbind each: its backward stacks their gradients once, where indexing
     # gx[:, t] would write each step's into a zero tensor of the whole sequence
     inputs, offsets = gx.unbind(1), offset.unbind(1)
     steps = len(inputs)
-    outputs, previous = [None] * steps, [None] * steps
+    projection_offsets = [None] * steps if w_hr is None else projection_offset.unbind(1)
+    outputs, previous, cell_outputs = [None] * steps, [None] * steps, [None] * steps
     h, c = h0, c0
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         previous[t] = h
-        h, c = cell_step(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c)
+        h, c, cell_outputs[t] = _step(kind, inputs[t], F.linear(h, w_hh, b_hh) + offsets[t], h, c, w_hr,
+                                      projection_offsets[t])
         outputs[t] = h
-    return torch.stack(outputs, 1), torch.stack(previous, 1), h, c
+    return (torch.stack(outputs, 1), torch.stack(previous, 1), h, c,
+            None if w_hr is None else torch.stack(cell_outputs, 1))
 
 
 def packed_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
-                batch_sizes: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool):
-    """`recurrent_scan` on a PackedSequence's rows: gx and offset (Σ_t b_t, G) hold, for each step t in
-    time order, the rows of the b_t examples (sorted by length, longest first) still running at t; h0, c0
-    (N, H) in that order. Step t updates the first b_t states and keeps the others, so that a forward
-    direction's example keeps its state after its last step and a reverse direction's starts from h0 at
-    its own last step. Returns (outputs h_t (Σ b_t, H) and the rows h_{t-1} (Σ b_t, H), both packed as
-    gx, h_T, c_T (N, H): each example's state after its last step; reverse: after t = 1)."""
+                batch_sizes: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool,
+                w_hr: torch.Tensor | None = None, projection_offset: torch.Tensor | None = None):
+    """`recurrent_scan` on a PackedSequence's rows: gx and offset (Σ_t b_t, G) (and projection_offset
+    (Σ_t b_t, P)) hold, for each step t in time order, the rows of the b_t examples (sorted by length,
+    longest first) still running at t; h0 (N, P), c0 (N, H) in that order. Step t updates the first b_t
+    states and keeps the others, so that a forward direction's example keeps its state after its last step
+    and a reverse direction's starts from h0 at its own last step. Returns (outputs h_t (Σ b_t, P) and the
+    rows h_{t-1} (Σ b_t, P), both packed as gx, h_T, c_T (N, ·): each example's state after its last
+    step, reverse: after t = 1; the rows h̃_t (Σ b_t, H) packed as gx, None without w_hr)."""
     sizes = batch_sizes.tolist()
     inputs, offsets = gx.split(sizes), offset.split(sizes)
-    outputs, previous = [None] * len(sizes), [None] * len(sizes)
+    projection_offsets = [None] * len(sizes) if w_hr is None else projection_offset.split(sizes)
+    outputs, previous, cell_outputs = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
     h, c = h0, c0
     for t in (range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))):
         b = sizes[t]
         previous[t] = h[:b]
-        h_t, c_t = cell_step(kind, inputs[t], F.linear(h[:b], w_hh, b_hh) + offsets[t], h[:b],
-                             None if c is None else c[:b])
+        h_t, c_t, cell_outputs[t] = _step(kind, inputs[t], F.linear(h[:b], w_hh, b_hh) + offsets[t], h[:b],
+                                          None if c is None else c[:b], w_hr, projection_offsets[t])
         outputs[t] = h_t
         h = torch.cat([h_t, h[b:]])
         c = None if c is None else torch.cat([c_t, c[b:]])
-    return torch.cat(outputs), torch.cat(previous), h, c
+    return torch.cat(outputs), torch.cat(previous), h, c, None if w_hr is None else torch.cat(cell_outputs)
 
 
 def packed_initial_state(packed, hx, part: int, count: int, size: int) -> torch.Tensor:
@@ -135,17 +163,11 @@ def packed_result(packed, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Te
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))
 
 
-def input_rows(input, batch_first: bool, module: str, dropout_between: bool) -> torch.Tensor:
+def input_rows(input, batch_first: bool, module: str) -> torch.Tensor:
     """The rows the input products read: a PackedSequence's packed data (Σ_t b_t, d), else the batch-major
-    input (`batch_major`). A PackedSequence through a module with dropout between its layers raises (ATen's
-    packed kernel draws that dropout; `dropout_between`)."""
+    input (`batch_major`)."""
     if not isinstance(input, nn.utils.rnn.PackedSequence):
         return batch_major(input, batch_first, module)
-    if dropout_between:
-        raise GnfxError(f"the recurrent module {module!r} received a PackedSequence and has dropout between its "
-                        f"layers, which gnfx's lowering does not draw as ATen's packed kernel does. Fix: pass "
-                        f"leaf_modules=[{module!r}] to gnfx.compile to keep it opaque (its parameters then take the "
-                        f"diagonal preconditioner)")
     return input.data
 
 
@@ -157,11 +179,12 @@ def first_state(input, x: torch.Tensor, hx, part: int, count: int, size: int) ->
 
 
 def scan_rows(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
-              h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool, input):
+              h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool, input,
+              w_hr: torch.Tensor | None = None, projection_offset: torch.Tensor | None = None):
     """`recurrent_scan`, or `packed_scan` when the module's input is a PackedSequence (its batch sizes)."""
     if isinstance(input, nn.utils.rnn.PackedSequence):
-        return packed_scan(gx, offset, w_hh, b_hh, input.batch_sizes, h0, c0, kind, reverse)
-    return recurrent_scan(gx, offset, w_hh, b_hh, h0, c0, kind, reverse)
+        return packed_scan(gx, offset, w_hh, b_hh, input.batch_sizes, h0, c0, kind, reverse, w_hr, projection_offset)
+    return recurrent_scan(gx, offset, w_hh, b_hh, h0, c0, kind, reverse, w_hr, projection_offset)
 
 
 def recurrent_output(input, batch_first: bool, output: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor | None,
@@ -175,6 +198,12 @@ def recurrent_output(input, batch_first: bool, output: torch.Tensor, h_n: torch.
 def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The call site of a W_hh block: input the rows h_{t-1} (N, T, H), output the offset whose
     gradient is δ = ∂L/∂hp (module docstring). Returns `offset` itself, on which the error tap hooks."""
+    return offset
+
+
+def projection_site(h_tilde: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The call site of an LSTM's W_hr block: input the rows h̃_t (N, T, H), output the offset whose
+    gradient is δ = ∂L/∂h_t (module docstring). Returns `offset` itself, on which the error tap hooks."""
     return offset
 
 
@@ -201,12 +230,15 @@ def initial_state(x: torch.Tensor, hx, part: int, count: int, size: int) -> torc
     return state.unsqueeze(1) if state.dim() == 2 else state
 
 
-def time_major_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout (training) between layers on the batch-major x (N, T, D·H), drawn on its time-major
-    contiguous copy (T, N, D·H), the tensor on which ATen's recurrent kernels on a CPU (its own and
-    oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of the
-    training forward through the module, gnfx.random_state). cuDNN keeps its own dropout state: on a
-    GPU the masks differ from the module's."""
+def between_layers_dropout(x: torch.Tensor, p: float, input) -> torch.Tensor:
+    """Dropout (training) between layers, drawn on the tensor on which ATen's recurrent kernels on a CPU
+    (its own and oneDNN's) draw theirs, so that the same random state gives the same masks (a replay of
+    the training forward through the module, gnfx.random_state): for the batch-major x (N, T, D·H) its
+    time-major contiguous copy (T, N, D·H); when the module's input is a PackedSequence, x's packed rows
+    (Σ_t b_t, D·H) themselves, the data ATen's packed kernels draw on. cuDNN keeps its own dropout state:
+    on a GPU the masks differ from the module's."""
+    if isinstance(input, nn.utils.rnn.PackedSequence):
+        return F.dropout(x, p, training=True)
     return F.dropout(x.transpose(0, 1).contiguous(), p, training=True).transpose(0, 1)
 
 

@@ -7,8 +7,9 @@ sequence `F.linear(x, W_ih, b_ih)` (an ordinary linear site, rows (example, time
 `scan_rows` over time (`recurrent_scan`, or `packed_scan` on a PackedSequence), a leaf of the graph
 (torch.fx.wrap) that computes the hidden products
 `h_{t-1} W_hhᵀ + b_hh` and PyTorch's cell, and `hidden_product_site`, the site of W_hh's block
-(gnfx.passes.hidden_product finds it). Between layers, dropout as the module draws it; the result is
-what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
+(gnfx.passes.hidden_product finds it); an LSTM with projections (proj_size > 0) passes W_hr to the scan,
+which projects each step's output, and `projection_site` is the site of W_hr's block. Between layers,
+dropout as the module draws it; the result is what the module returns, (output, h_n) or (output, (h_n, c_n)), in its layout (batch_first or not,
 unbatched). A cell call (a `call_module`, or the aten.lstm_cell / gru_cell / rnn_tanh_cell /
 rnn_relu_cell call torch.export records) becomes the graph of `_LoweredCell.forward`: its two products
 `F.linear(x, W_ih, b_ih)` and `F.linear(h, W_hh, b_hh)`, ordinary linear sites, and PyTorch's cell
@@ -17,10 +18,10 @@ lowered graph only runs on statistic steps, in training mode (gnfx.compiled).
 
 A call on a PackedSequence (packed by torch.nn.utils.rnn's packing in the graph, gnfx.passes.capture.PACKING,
 or reaching an opened child, passes/opaque_children.py) runs the same graph on the packed rows: the leaves
-`input_rows`, `first_state`, `scan_rows` and `recurrent_output` tell the two inputs apart at run time. Kept opaque, their
-parameters falling back with the reason: an LSTM with proj_size > 0, a subclass of a recurrent module or
-cell with its own forward, a call with other arguments than (input, hx), a packed call with dropout
-between layers (ATen's packed kernel draws it), and the paths in `keep`.
+`input_rows`, `first_state`, `scan_rows`, `between_layers_dropout` and `recurrent_output` tell the two
+inputs apart at run time. Kept opaque, their parameters falling back with the reason: a subclass of a
+recurrent module or cell with its own forward, a call with other arguments than (input, hx), and the
+paths in `keep`.
 A PackedSequence that reaches the module otherwise (fx cannot tell it from a tensor) raises a
 GnfxError at run time that names the fix, leaf_modules.
 """
@@ -32,15 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gnfx.passes.capture import PACKING
 from gnfx.recurrent import (cell_inputs, cell_result, cell_step, first_state, hidden_offset, hidden_product_site,
-                            input_rows, recurrent_output, scan_rows, time_major_dropout)
+                            input_rows, projection_site, recurrent_output, scan_rows, between_layers_dropout)
 
 from .rewrite import recompiled, replace
 
 
 for _name in ("cell_inputs", "cell_result", "cell_step", "first_state", "hidden_offset", "hidden_product_site",
-              "input_rows", "recurrent_output", "scan_rows", "time_major_dropout"):
+              "input_rows", "projection_site", "recurrent_output", "scan_rows", "between_layers_dropout"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -55,7 +55,6 @@ _ATEN_CELLS = {aten.lstm_cell.default: "LSTM", aten.gru_cell.default: "GRU", ate
                aten.rnn_relu_cell.default: "RNN_RELU"}
 _CELL_MODULES = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN_TANH": nn.RNNCell, "RNN_RELU": nn.RNNCell}
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-_PROJECTED = "an LSTM with proj_size > 0 (its hidden products read the projected state)"
 
 
 class _LoweredRecurrent(nn.Module):
@@ -68,10 +67,10 @@ class _LoweredRecurrent(nn.Module):
 
     def forward(self, input, hx=None):
         m = self.rnn
-        lstm, directions = m.mode == "LSTM", 2 if m.bidirectional else 1
+        lstm, directions, projected = m.mode == "LSTM", 2 if m.bidirectional else 1, m.proj_size > 0
         count = m.num_layers * directions
-        x = input_rows(input, m.batch_first, self.path, bool(m.dropout) and m.num_layers > 1)
-        h0 = first_state(input, x, hx, 0, count, m.hidden_size)
+        x = input_rows(input, m.batch_first, self.path)
+        h0 = first_state(input, x, hx, 0, count, m.proj_size if projected else m.hidden_size)
         c0 = first_state(input, x, hx, 1, count, m.hidden_size) if lstm else None
         last_h, last_c = [], []
         for layer in range(m.num_layers):
@@ -81,15 +80,19 @@ class _LoweredRecurrent(nn.Module):
                 bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
                 gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
                 offset = hidden_offset(gx)
+                w_hr, projection_offset = ((getattr(m, "weight_hr" + suffix), hidden_offset(gx, m.proj_size))
+                                           if projected else (None, None))
                 scan = scan_rows(gx, offset, getattr(m, "weight_hh" + suffix), bias("bias_hh"), h0[k],
-                                 c0[k] if lstm else None, m.mode, bool(direction), input)
+                                 c0[k] if lstm else None, m.mode, bool(direction), input, w_hr, projection_offset)
                 hidden_product_site(scan[1], offset)
+                if projected:
+                    projection_site(scan[4], projection_offset)
                 outputs.append(scan[0])
                 last_h.append(scan[2])
                 last_c.append(scan[3])
             x = torch.cat(outputs, -1) if directions == 2 else outputs[0]
             if m.dropout and layer < m.num_layers - 1:
-                x = time_major_dropout(x, m.dropout)
+                x = between_layers_dropout(x, m.dropout, input)
         return recurrent_output(input, m.batch_first, x, torch.stack(last_h), torch.stack(last_c) if lstm else None,
                                 self.flat)
 
@@ -117,31 +120,22 @@ def _not_lowerable(module: nn.Module, node: fx.Node) -> str:
     stock = next(k for k in RECURRENT + CELLS if isinstance(module, k))
     if type(module).forward is not stock.forward:
         return f"a subclass of nn.{stock.__name__} with its own forward"
-    if getattr(module, "proj_size", 0) > 0:
-        return _PROJECTED
     if len(node.args) + len(node.kwargs) > 2 or set(node.kwargs) - {"input", "hx"}:
         return "called with arguments other than (input, hx)"
-    given = node.args[0] if node.args else node.kwargs.get("input")
-    if _packed(node) and module.dropout and module.num_layers > 1:
-        return f"its input is a PackedSequence (torch.nn.utils.rnn.{_packed(node).__name__}) through dropout between layers"
     return ""
-
-
-def _packed(node: fx.Node):
-    """The torch.nn.utils.rnn packing function whose PackedSequence a recurrent call takes, else None."""
-    given = node.args[0] if node.args else node.kwargs.get("input")
-    packing = isinstance(given, fx.Node) and given.op == "call_function" and given.target in PACKING.values()
-    return given.target if packing else None
 
 
 def _exported(gm: fx.GraphModule, node: fx.Node):
     """(a stock module of the configuration of an aten recurrent call, on the meta device; its
-    parameters' nodes by name), or the reason why the call cannot be lowered."""
+    parameters' nodes by name)."""
     x, hx, params, bias, layers, dropout, train, bidirectional, batch_first = node.args
-    if len(params) != layers * (1 + bidirectional) * (4 if bias else 2):
-        return _PROJECTED  # each direction has W_hr too
+    per_direction = 4 if bias else 2
+    # an LSTM with projections: each direction's weights end with W_hr (P, H)
+    projected = len(params) == layers * (1 + bidirectional) * (per_direction + 1)
+    proj_size = operator.attrgetter(params[per_direction].target)(gm).shape[0] if projected else 0
     module = _on_meta(_MODULES, _ATEN[node.target], gm, params, layers, bias=bias, batch_first=batch_first,
-                      dropout=dropout if train and layers > 1 else 0.0, bidirectional=bidirectional)
+                      dropout=dropout if train and layers > 1 else 0.0, bidirectional=bidirectional,
+                      proj_size=proj_size)
     return module, dict(zip(module._flat_weights_names, params))
 
 
@@ -153,12 +147,16 @@ def _exported_cell(gm: fx.GraphModule, node: fx.Node):
     return module, dict(zip(_CELL_WEIGHTS, params))
 
 
-def _on_meta(modules: dict, mode: str, gm: fx.GraphModule, params: list, *args, **kwargs) -> nn.Module:
+def _on_meta(modules: dict, mode: str, gm: fx.GraphModule, params: list, *args, proj_size: int = 0,
+             **kwargs) -> nn.Module:
     """The module of `mode` (LSTM, GRU, RNN_TANH or RNN_RELU) in `modules`, on the meta device, of the
-    sizes of the weights W_ih, W_hh that the nodes `params` begin with, and the other arguments given."""
+    sizes of the weights W_ih, W_hh that the nodes `params` begin with (W_hh (4H, P) for an LSTM with
+    proj_size P > 0, else (G, H)), and the other arguments given."""
     w_ih, w_hh = (operator.attrgetter(p.target)(gm) for p in params[:2])
-    options = {"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}
-    return modules[mode](w_ih.shape[1], w_hh.shape[1], *args, device="meta", **kwargs, **options)
+    options = ({"nonlinearity": mode[4:].lower()} if mode.startswith("RNN")
+               else {"proj_size": proj_size} if proj_size else {})
+    hidden = w_hh.shape[0] // 4 if proj_size else w_hh.shape[1]
+    return modules[mode](w_ih.shape[1], hidden, *args, device="meta", **kwargs, **options)
 
 
 def _lowerable(gm: fx.GraphModule, modules: dict, node: fx.Node, path: str):
@@ -179,10 +177,7 @@ def _lowerable(gm: fx.GraphModule, modules: dict, node: fx.Node, path: str):
     if node.target in _ATEN_CELLS:
         module, params = _exported_cell(gm, node)
         return _LoweredCell(module, path), call, params
-    exported = _exported(gm, node)
-    if isinstance(exported, str):
-        return exported
-    module, params = exported
+    module, params = _exported(gm, node)
     return _LoweredRecurrent(module, path, flat=True), call, params
 
 

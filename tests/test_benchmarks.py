@@ -402,6 +402,18 @@ def test_recurrent_benchmark_runs_kfac_and_adamw_and_times_both_forms():
                                    for form in ("fused", "fused+backward", "lowered", "lowered+backward"))
 
 
+def test_recurrent_benchmark_trains_an_lstm_with_projections_on_the_delayed_recall_task():
+    """benchmarks.recurrent --task recall --proj-size: the synthetic task's targets are its inputs `delay`
+    steps back, and kfac and AdamW each reach a target every run passes at its first evaluation."""
+    from benchmarks import recurrent
+    task = recurrent.DelayedRecall(steps=6, delay=2, batch_size=4)
+    x, y = next(task.batches(0))
+    assert x.shape == y.shape == (4, 6) and torch.equal(y[:, 2:], x[:, :-2]) and not y[:, :2].any()
+    for name in ("kfac", "adamw lr=1e-3"):
+        steps, fit, _ = recurrent.to_target(task, name, seed=0, target=100.0, max_steps=2, every=1, proj_size=3)
+        assert steps == 1 and fit < 100.0
+
+
 def test_hf_zoo_runs_a_model_exactly_and_reports_a_training_run():
     """benchmarks.hf_zoo: the compiled model's loss, logits and gradients equal the module's in float64,
     and a run records its route, coverage and losses (the real runs: benchmarks/results/first_contact_5.md)."""

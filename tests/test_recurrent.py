@@ -31,7 +31,7 @@ from gnfx.ggn import forward_mode_kernels
 from gnfx.passes.capture import export
 from gnfx.passes.recurrent import lower_recurrent
 from gnfx.recurrent import scan_rows
-from references import TOL, cross_entropy, kfac_factors, per_example_fisher_diag
+from references import TOL, cross_entropy, kfac_factors, per_example_fisher_diag, record_linear_calls
 from steps import compile_for_statistics, statistic_step, train
 
 DTYPE = torch.float64
@@ -51,7 +51,8 @@ class Tagger(nn.Module):
         torch.manual_seed(0)
         self.rnn = recurrent(cell, **options)
         directions = 2 if options.get("bidirectional") else 1
-        self.head = nn.Linear(self.rnn.hidden_size * directions, classes).to(DTYPE)
+        size = options.get("proj_size") or self.rnn.hidden_size  # an LSTM with projections outputs h_t = W_hr h̃_t
+        self.head = nn.Linear(size * directions, classes).to(DTYPE)
         self.sequence_first = not options.get("batch_first", False)
 
     def forward(self, x):
@@ -84,6 +85,16 @@ def leaves(out):
     return torch.utils._pytree.tree_leaves(out)
 
 
+def assert_equal_gradients(expected, got, inputs):
+    """The gradients of `inputs` of one random weighting Σ w ⊙ out of the outputs `expected` and `got`
+    (a module's and its lowered graph's) are equal."""
+    weights = [torch.randn_like(t) for t in leaves(expected)]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
+             for out in (expected, got)]
+    for e, g in zip(*grads):
+        torch.testing.assert_close(g, e, **TOL)
+
+
 # ----------------------------------------------------------------------------- the lowered forward
 
 
@@ -107,12 +118,7 @@ def test_lowered_module_computes_its_outputs_and_gradients(cell, layers, bidirec
     assert [t.shape for t in leaves(got)] == [t.shape for t in leaves(expected)]
     for e, g in zip(leaves(expected), leaves(got)):
         torch.testing.assert_close(g, e, **TOL)
-    weights = [torch.randn_like(t) for t in leaves(expected)]
-    inputs = [x, *rnn.parameters()]
-    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, leaves(out))), inputs)
-             for out in (expected, got)]
-    for e, g in zip(*grads):
-        torch.testing.assert_close(g, e, **TOL)
+    assert_equal_gradients(expected, got, [x, *rnn.parameters()])
 
 
 @pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
@@ -254,10 +260,12 @@ def test_a_module_called_twice_is_one_block_per_weight_over_both_calls():
 # ----------------------------------------------------------------------------- forward mode
 
 
-def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph():
+@pytest.mark.parametrize("options", [{}, {"proj_size": 2}])
+def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph(options):
     """gnfx.ggn's G v on the compiled tagger (its products run through the module, ATen's kernels)
-    equals Jᵀ (H_ℓ (J v)) with J by torch.func jvp and vjp through the lowered graph."""
-    model, (x, y) = Tagger("lstm", num_layers=2, batch_first=True), data()
+    equals Jᵀ (H_ℓ (J v)) with J by torch.func jvp and vjp through the lowered graph (an LSTM with
+    projections too: W_hr inside the scan)."""
+    model, (x, y) = Tagger("lstm", num_layers=2, batch_first=True, **options), data()
     c = gnfx.compile(model, optimizer="kfac", lr=0.1)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
@@ -271,27 +279,216 @@ def test_ggn_product_equals_jvp_and_vjp_through_the_lowered_graph():
         torch.testing.assert_close(got, e, **TOL)
 
 
-# ----------------------------------------------------------------------------- fallbacks
+# ----------------------------------------------------------------------------- LSTM with projections
 
 
-class Projected(nn.Module):
-    def __init__(self):
+PROJECTED = "_l0", "_l0_reverse", "_l1", "_l1_reverse"
+
+
+class UnrolledProjectedLSTM(nn.Module):
+    """An nn.LSTM with projections (proj_size P > 0) written out on one example's own sequence (T, d), an
+    nn.Linear per product called at every step, so that hooks on them see each step's rows: per layer and
+    direction `ih` (W_ih, b_ih), `hh` (W_hh (4H, P), b_hh) and `hr` (W_hr (P, H), no bias), with
+    c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g), h̃_t = σ(o) ⊙ tanh(c_t), h_t = W_hr h̃_t (h_0, c_0 zeros)."""
+
+    def __init__(self, lstm: nn.LSTM):
         super().__init__()
-        self.rnn, self.head = nn.LSTM(3, 4, proj_size=2, batch_first=True), nn.Linear(2, 2)
+        self.hidden, self.projected = lstm.hidden_size, lstm.proj_size
+        self.suffixes = [f"_l{layer}{suffix}" for layer in range(lstm.num_layers)
+                         for suffix in ("", "_reverse")[:1 + lstm.bidirectional]]
+        self.products = nn.ModuleDict()
+        for suffix in self.suffixes:
+            weights = {part: getattr(lstm, f"weight_{part}{suffix}").detach() for part in ("ih", "hh", "hr")}
+            products = nn.ModuleDict({part: nn.Linear(w.shape[1], w.shape[0], bias=lstm.bias and part != "hr",
+                                                      dtype=DTYPE) for part, w in weights.items()})
+            for part, w in weights.items():
+                products[part].weight.data.copy_(w)
+                if part != "hr" and lstm.bias:
+                    products[part].bias.data.copy_(getattr(lstm, f"bias_{part}{suffix}").detach())
+            self.products[suffix] = products
+        self.directions = 1 + lstm.bidirectional
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
+        for layer in range(len(self.suffixes) // self.directions):
+            outputs = []
+            for direction in range(self.directions):
+                p = self.products[self.suffixes[layer * self.directions + direction]]
+                h, c = x.new_zeros(1, self.projected), x.new_zeros(1, self.hidden)
+                steps, states = range(len(x)), [None] * len(x)
+                for t in (reversed(steps) if direction else steps):
+                    i, f, g, o = (p.ih(x[t:t + 1]) + p.hh(h)).chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = states[t] = p.hr(torch.sigmoid(o) * torch.tanh(c))
+                outputs.append(torch.cat(states))
+            x = torch.cat(outputs, -1)
+        return x
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the low coverage is the point
+class UnrolledTagger(nn.Module):
+    """`Tagger`'s function with its LSTM written out (`UnrolledProjectedLSTM`), example by example."""
+
+    def __init__(self, model: Tagger):
+        super().__init__()
+        self.rnn, self.head = UnrolledProjectedLSTM(model.rnn), model.head
+
+    def forward(self, x):
+        return self.head(torch.stack([self.rnn(example) for example in x]))
+
+
+def projected_factors(model: nn.Module, reference: nn.Module, x, y, **kwargs):
+    """{parameter name of the module's LSTM: (A, S)} from hooks on the written-out `reference` (its
+    products' nn.Linear, every step a call of one example: A = 1/R Σ_r ā ā ᵀ, S = M Σ_r g gᵀ)."""
+    names = {f"rnn.weight_{part}{suffix}": f"rnn.products.{suffix}.{part}" for suffix in reference.rnn.suffixes
+             for part in ("ih", "hh", "hr")}
+    calls, M = record_linear_calls(reference, names.values(), x, y, **kwargs)
+    torch.testing.assert_close(reference(x, **kwargs), model(x, **kwargs), **TOL)  # the written-out LSTM is the module
+    bias = model.rnn.bias
+    return {name: kfac_factors(calls[path], bias and "_hr" not in name, "expand", M) for name, path in names.items()}
+
+
 @pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("rnn, shape, state", [
+    (nn.LSTM(3, 5, 2, proj_size=2, bidirectional=True), (6, 2, 3), (4, 2, 2)),  # sequence-first
+    (nn.LSTM(3, 5, 2, proj_size=2, batch_first=True, bias=False), (2, 6, 3), None),
+    (nn.LSTM(3, 5, proj_size=4, bidirectional=True), (6, 3), (2, 4)),  # unbatched
+])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_an_lstm_with_projections_falls_back_with_the_reason(capture):
-    model = Projected()
-    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture=capture, example_inputs=(torch.randn(2, 5, 3),))
-    assert [b.name for b in c.layers] == ["head"]
-    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
-    assert all("not lowered: an LSTM with proj_size > 0" in f.reason for f in c.layers.fallbacks)
+def test_lowered_lstm_with_projections_computes_its_outputs_states_and_gradients(rnn, shape, state, capture):
+    """output, h_n (L·D, N, P) and c_n (L·D, N, H) of the lowered module are the module's to 1e-12 (fx: a
+    call of the module, export: aten.lstm with W_hr among its weights), and so is every gradient."""
+    torch.manual_seed(0)
+    module = Holder(rnn.to(DTYPE))
+    x = torch.randn(*shape, dtype=DTYPE, requires_grad=True)
+    hx = None if state is None else (torch.randn(*state, dtype=DTYPE),
+                                      torch.randn(*state[:-1], rnn.hidden_size, dtype=DTYPE))
+    graph = lowered(module) if capture == "fx" else lower_recurrent(export(module, (x, hx), {}).graph_module)
+    expected, got = module(x, hx), graph(x, hx)
+    for e, g in zip(leaves(expected), leaves(got), strict=True):
+        assert e.shape == g.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    assert_equal_gradients(expected, got, [x, *rnn.parameters()])
+
+
+@pytest.mark.filterwarnings("ignore:gnfx reads each layer input's batch")
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn._flat_weights")
+@pytest.mark.parametrize("capture, batch_first", [("fx", True), ("fx", False), ("export", False)])
+def test_an_lstm_with_projections_is_blocks_whose_factors_are_the_written_out_lstms(capture, batch_first):
+    """Every layer and direction of a two-layer bidirectional LSTM with projections is three blocks (before:
+    all its parameters fell back, 'an LSTM with proj_size > 0'): W_ih and W_hh as without projections and
+    W_hr (no bias) over the rows a = h̃_t, δ = ∂ℓ/∂h_t; A and S of each equal those of hooks on a
+    written-out LSTM, and the per-example diagonals the per-example gradients'."""
+    model = Tagger("lstm", hidden=5, num_layers=2, bidirectional=True, proj_size=2, batch_first=batch_first)
+    x, y = data(n=3, steps=4)
+    expected = projected_factors(model, UnrolledTagger(model), x, y)
+    diags = per_example_fisher_diag(model, x, y, vectorized=False)  # vmap has no batching rule of ATen's lstm
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(x,))
+    assert {b.name: b.kind for b in c.layers} == {
+        **{f"rnn.weight_{part}{suffix}": kind for suffix in PROJECTED
+           for part, kind in (("ih", "linear"), ("hh", "recurrent"), ("hr", "recurrent"))}, "head": "linear"}
+    assert not c.layers.fallbacks
+    statistic_step(c, x, y)
+    for name, factors in expected.items():
+        got = c.statistics(name)
+        torch.testing.assert_close(got["A"], factors["A"], **TOL)
+        torch.testing.assert_close(got["S"], factors["S"], **TOL)
+        bias = name.replace("weight", "bias")
+        diag = diags[name] if "_hr" in name else torch.cat([diags[name], diags[bias][:, None]], dim=1)
+        torch.testing.assert_close(got["diag"], diag, **TOL)
+
+
+def test_kfac_step_on_an_lstm_with_projections_equals_the_dense_kronecker_solve():
+    """One kfac step (lr, no momentum, weight decay or KL clip): each of W_ih, W_hh, W_hr moves by
+    -η (S + λ_S I)⁻¹ [∇W ∇b] (A + λ_A I)⁻¹, λ_A = π√λ, λ_S = √λ/π, π = √((tr A/dim A) / (tr S/dim S)),
+    with A, S from hooks on the written-out LSTM and ∇ from the module's own backward."""
+    model = Tagger("lstm", hidden=5, bidirectional=True, proj_size=3, batch_first=True)
+    x, y = data(n=4, steps=4)
+    expected = projected_factors(model, UnrolledTagger(model), x, y)
+    cross_entropy(model(x), y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    damping, lr = 1e-2, 0.5
+    c = gnfx.compile(model, optimizer="kfac", lr=lr, momentum=0.0, weight_decay=0.0, kl_clip=0.0, damping=damping,
+                     stat_every=1, inv_every=1, stat_decay=0.0)
+    cross_entropy(c(x), y).backward()
+    c.step()
+    params = dict(model.named_parameters())
+    for name, factors in expected.items():
+        A, S = factors["A"], factors["S"]
+        bias = name.replace("weight", "bias") if "_hr" not in name else None
+        G = torch.cat([grads[name], grads[bias][:, None]], 1) if bias else grads[name]
+        pi = ((A.diagonal().mean() / S.diagonal().mean())).sqrt()
+        A = A + pi * damping ** 0.5 * torch.eye(len(A), dtype=DTYPE)
+        S = S + damping ** 0.5 / pi * torch.eye(len(S), dtype=DTYPE)
+        U = torch.linalg.solve(S, torch.linalg.solve(A, G.T).T)  # (S + λ_S)⁻¹ G (A + λ_A)⁻¹, A symmetric
+        torch.testing.assert_close(params[name].detach(), before[name] - lr * U[:, :grads[name].shape[1]], **TOL)
+        if bias:
+            torch.testing.assert_close(params[bias].detach(), before[bias] - lr * U[:, -1], **TOL)
+
+
+@pytest.mark.parametrize("optimizer", ["ekfac", "shampoo", "rank1"])
+def test_curvature_optimizers_train_an_lstm_with_projections_in_blocks(optimizer):
+    """ekfac, shampoo and rank1 take W_hr's block as they take the others': every parameter in a block, the
+    steps finite, the loss down."""
+    model = Tagger("lstm", hidden=5, proj_size=3, batch_first=True)
+    x, y = data(n=8, steps=5)
+    c = gnfx.compile(model, optimizer=optimizer, lr=3e-2, stat_every=1)
+    assert {"rnn.weight_hr_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0"} <= {b.name for b in c.layers}
+    assert not c.layers.fallbacks
+    losses = train(c, x, y, cross_entropy, 8)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0], losses
+
+
+class PackedProjected(nn.Module):
+    """A two-layer bidirectional LSTM with projections on a batch packed in the forward (lengths given),
+    a head on each example's summed outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(3, 5, 2, proj_size=2, bidirectional=True, batch_first=True).to(DTYPE)
+        self.head = nn.Linear(4, 2).to(DTYPE)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0].sum(1))
+
+
+class UnrolledPacked(nn.Module):
+    """`PackedProjected`'s function with its LSTM written out on each example's own (unpadded) steps."""
+
+    def __init__(self, model: PackedProjected):
+        super().__init__()
+        self.rnn, self.head = UnrolledProjectedLSTM(model.rnn), model.head
+
+    def forward(self, x, lengths):
+        return self.head(torch.stack([self.rnn(example[:n]).sum(0) for example, n in zip(x, lengths.tolist())]))
+
+
+def test_a_packed_lstm_with_projections_is_blocks_over_the_unpadded_steps():
+    """On the packed rows the three blocks of every layer and direction hold the (example, step) rows of
+    each example's own steps: A and S those of the written-out LSTM run on the unpadded sequences, the
+    outputs and gradients the module's."""
+    model = PackedProjected()
+    x, lengths, y = torch.randn(4, 5, 3, dtype=DTYPE), torch.tensor([3, 5, 2, 4]), torch.tensor([0, 1, 1, 0])
+    expected = projected_factors(model, UnrolledPacked(model), x, y, lengths=lengths)
+    reference = model(x, lengths)
+    grads = torch.autograd.grad(cross_entropy(reference, y), list(model.parameters()))
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    out = c(x, lengths)
+    torch.testing.assert_close(out, reference, **TOL)
+    for a, b in zip(torch.autograd.grad(cross_entropy(out, y), list(model.parameters()), retain_graph=True), grads):
+        torch.testing.assert_close(a, b, **TOL)
+    assert len(c.layers) == 13 and not c.layers.fallbacks
+    cross_entropy(out, y).backward()
+    c.step()
+    for name, factors in expected.items():
+        torch.testing.assert_close(c.statistics(name)["A"], factors["A"], **TOL)
+        torch.testing.assert_close(c.statistics(name)["S"], factors["S"], **TOL)
+
+
+# ----------------------------------------------------------------------------- fallbacks
 
 
 class PackedTagger(nn.Module):
@@ -322,16 +519,6 @@ def test_a_packed_sequence_given_to_the_model_is_lowered_and_leaf_modules_keeps_
     F.cross_entropy(c(packed.to(torch.float32)), y).backward()
     c.step()
     assert [b.name for b in c.layers] == ["head"]
-
-
-@pytest.mark.filterwarnings("ignore:gnfx. only")
-def test_a_packed_sequence_given_to_a_module_with_dropout_between_layers_raises_naming_leaf_modules():
-    model = PackedTagger()
-    model.rnn = nn.GRU(3, 4, num_layers=2, dropout=0.5)
-    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
-    with pytest.raises(gnfx.GnfxError, match=r"received a PackedSequence and has dropout between its layers.*"
-                                             r"leaf_modules=\['rnn'\]"):
-        gnfx.compile(model, optimizer="kfac", lr=0.1)(packed)
 
 
 class PackingTagger(nn.Module):
@@ -369,18 +556,37 @@ def test_packing_in_the_forward_is_captured_and_the_packed_lstm_lowered():
             torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.filterwarnings("ignore:gnfx. only")  # the recurrent module's fallback is the point
-def test_a_packed_lstm_with_dropout_between_layers_falls_back_with_the_reason():
-    """Dropout between the layers of a packed LSTM is drawn by ATen's packed kernel, which the lowering does
-    not reproduce: the module stays opaque, its parameters fall back with that reason."""
-    model = PackingTagger()
-    model.rnn = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True)
-    c = gnfx.compile(model, optimizer="kfac", lr=0.1, capture="fx")
-    F.cross_entropy(c(torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])), torch.tensor([0, 1, 1, 0])).backward()
-    assert sorted(b.name for b in c.layers) == ["embed", "head"]
-    assert {f.param for f in c.layers.fallbacks} == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
-    assert all("its input is a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence) through dropout between "
-               "layers" in f.reason for f in c.layers.fallbacks)
+@pytest.mark.parametrize("given", [False, True])
+def test_a_packed_module_with_dropout_between_layers_is_lowered_and_draws_the_kernels_masks(given):
+    """ATen's packed kernels draw the dropout between layers on the packed rows, which the lowered graph
+    draws on too (gnfx.recurrent.between_layers_dropout): a three-layer bidirectional LSTM with projections
+    on a batch packed in the forward, and a GRU on a PackedSequence given to the model, are lowered (before:
+    they fell back, 'through dropout between layers', or raised), and from the same random state the
+    compiled model's statistic steps compute the model's outputs and gradients."""
+    torch.manual_seed(0)
+    if given:
+        model = PackedTagger()
+        model.rnn = nn.GRU(3, 4, num_layers=3, dropout=0.5, bidirectional=True, batch_first=True)  # head: h_n[-1]
+        inputs = (nn.utils.rnn.pack_sequence([torch.randn(n, 3, dtype=DTYPE) for n in (3, 5, 2, 4)],
+                                             enforce_sorted=False),)
+    else:
+        model = PackingTagger()
+        model.rnn = nn.LSTM(3, 4, num_layers=3, dropout=0.5, bidirectional=True, proj_size=2, batch_first=True)
+        model.head = nn.Linear(4, 2)
+        inputs = torch.randint(0, 5, (4, 6)), torch.tensor([6, 2, 4, 3])
+    model, y = model.to(DTYPE), torch.tensor([0, 1, 1, 0])
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    assert not c.layers.fallbacks and len(c.layers) == 6 * (2 + (not given)) + 1 + (not given)
+    for seed in (1, 2):  # statistic steps: the lowered graph
+        torch.manual_seed(seed)
+        reference = model(*inputs)
+        grads = torch.autograd.grad(F.cross_entropy(reference, y), list(model.parameters()))
+        torch.manual_seed(seed)
+        out = c(*inputs)
+        torch.testing.assert_close(out, reference, **TOL)
+        got = torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))
+        for a, b in zip(got, grads):
+            torch.testing.assert_close(a, b, **TOL)
 
 
 def test_packing_written_out_has_the_kernels_values_and_forward_mode_derivatives():
@@ -450,31 +656,33 @@ def test_gnfx_ggn_on_a_packing_model_raises_a_gnfx_error_naming_torch_func():
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cell, vocabulary=6):
+    def __init__(self, cell, vocabulary=6, **options):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(vocabulary, 8)
-        self.rnn = CELLS[cell](8, 16, batch_first=True)
-        self.head = nn.Linear(16, vocabulary)
+        self.rnn = CELLS[cell](8, 16, batch_first=True, **options)
+        self.head = nn.Linear(options.get("proj_size") or 16, vocabulary)
 
     def forward(self, tokens):
         return self.head(self.rnn(self.embed(tokens))[0])
 
 
-@pytest.mark.parametrize("cell, optimizer, options", [
-    ("lstm", "kfac", {"loss": "cross_entropy"}),  # the defaults: the quadratic-model step, no lr
-    ("gru", "ekfac", {"lr": 3e-2}),
+@pytest.mark.parametrize("cell, optimizer, options, rnn_options", [
+    ("lstm", "kfac", {"loss": "cross_entropy"}, {}),  # the defaults: the quadratic-model step, no lr
+    ("lstm", "kfac", {"loss": "cross_entropy"}, {"proj_size": 6}),
+    ("gru", "ekfac", {"lr": 3e-2}, {}),
 ])
-def test_kfac_and_ekfac_train_a_recurrent_model_without_fallback(cell, optimizer, options):
+def test_kfac_and_ekfac_train_a_recurrent_model_without_fallback(cell, optimizer, options, rnn_options):
     """Next-token prediction on a periodic sequence (token t+1 = token t + 1 mod V): learnable only
     through the recurrence's memory of the last token. Every parameter is in a block."""
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, 6, (16, 1), generator=g)
     tokens = (starts + torch.arange(13)) % 6
     x, y = tokens[:, :-1], tokens[:, 1:]
-    model = LanguageModel(cell)
+    model = LanguageModel(cell, **rnn_options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")  # torch's, on its kernel
         c = gnfx.compile(model, optimizer=optimizer, **options)
         losses = train(c, x, y, cross_entropy, 30)
     assert not c.layers.fallbacks
