@@ -1106,3 +1106,25 @@ def test_a_teacher_the_forward_runs_without_gradient_recording_gets_no_gradient_
     for m, r in ((model.teacher, reference.teacher), (model.frozen, reference.frozen)):
         torch.testing.assert_close(m.weight, r.weight, rtol=0, atol=0)
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre"])
+def test_hooks_registered_on_the_model_itself_are_part_of_what_it_computes(hook):
+    """torch.fx traces the model's forward method, not its call: a hook on the model itself (an output scaling,
+    an input normalization) was left out of the graph, which trained another function on the statistic steps,
+    silently. The check of the first call (passes/trace_check.py) finds it, and torch.export captures the call."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    if hook == "forward":
+        model.register_forward_hook(lambda _, __, out: 2 * out)
+    else:
+        model.register_forward_pre_hook(lambda _, inputs: (3 * inputs[0],))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    c = gnfx.compile(model, "kfac", lr=1e-2)
+    loss, loss_ref = cross_entropy(c(x), y), cross_entropy(reference(x), y)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
+    loss.backward()
+    loss_ref.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
