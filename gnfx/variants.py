@@ -104,9 +104,10 @@ class Variants:
         # each submodule's flags when gnfx.compile built this (their names: those the key reads; a flag a
         # wrapper applied later sets, FSDP2's _is_fsdp_managed_module, is no branch of the model's forward)
         self._flag_names = {name: {attr for attr, _ in module_flags(m)} for name, m in model.named_modules()}
-        # and their numbers (`module_numbers`), but those of the modules a torch.fx graph calls (`_read_at_call`)
+        # and their numbers (`module_numbers`), but those of the modules a torch.fx graph calls and of the
+        # modules inside them, which read theirs at each call (`_read_at_call`, their names)
         self._number_names = {name: {attr for attr, _ in module_numbers(m)} for name, m in model.named_modules()}
-        self._read_at_call: tuple[str, ...] = ()
+        self._read_at_call: frozenset[str] = frozenset()
         self._warned_numbers = False
 
     @property
@@ -266,7 +267,8 @@ class Variants:
         table.capture = why
         self.form = captured.form
         if key[0] in ("fx", "export"):  # the key without the numbers of the modules the graph calls
-            self._read_at_call = called_modules(gm) if captured.form == "fx" else ()
+            called = called_modules(gm) if captured.form == "fx" else ()
+            self._read_at_call = frozenset(name for name, _ in self.model.named_modules() if _within(name, called))
             key = (*key[:-1], self._module_state())
         self.table, self.store = self._start(table)
         self.graph_module = insert_taps(gm, sites, self.store)
@@ -336,7 +338,8 @@ class Variants:
                           f"dropout's p, a batch norm's momentum or eps under torch.export; a drop-path rate or a "
                           f"temperature read by a traced forward): gnfx captures the forward again with the new "
                           f"values, for the statistic steps that run the graph. A value changed at every step (a "
-                          f"dropout or drop-path schedule) is captured again at every statistic step",
+                          f"dropout or drop-path schedule) is captured again at every statistic step, and so is one "
+                          f"the forward does not read (a running metric kept on a module: keep it off the model)",
                           RuntimeWarning, stacklevel=5)
 
     def _run(self, gm, args, kwargs):
@@ -415,7 +418,7 @@ class Variants:
         return (tuple(name for name, m in modules if not m.training),
                 tuple((name, *flag) for name, m in modules for flag in module_flags(m)
                       if flag[0] in self._flag_names.get(name, ())),
-                tuple((name, *number) for name, m in modules if not _within(name, self._read_at_call)
+                tuple((name, *number) for name, m in modules if name not in self._read_at_call
                       for number in module_numbers(m) if number[0] in self._number_names.get(name, ())))
 
     # --- coverage --------------------------------------------------------------------------
