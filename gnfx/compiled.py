@@ -302,7 +302,11 @@ class CompiledModel(nn.Module):
                 f"and the statistics hold the trainable parameters the model had at compile time, so a new "
                 f"Parameter object would not be trained. Fix: change values in place (with torch.no_grad(): "
                 f"model.<name>.copy_(new_value)), or set requires_grad and build every layer before calling "
-                f"gnfx.compile, and compile the model again after changing its parameters")
+                f"gnfx.compile, and compile the model again after changing its parameters"
+                + (f". To train some layers only for a while (a backbone frozen for the first epochs, then "
+                   f"unfrozen), compile with them trainable and freeze them after gnfx.compile "
+                   f"(module.requires_grad_(False)): a parameter without a gradient keeps its value, and "
+                   f"requires_grad_(True) trains it again" if new else ""))
         tensors = {**dict(self._model.named_buffers(remove_duplicate=False)), **current}
         for gm in self._variants.graphs():
             held = [(n, t, "_parameters") for n, t in gm.named_parameters(remove_duplicate=False)]

@@ -341,7 +341,11 @@ class GnfxOptimizer(torch.optim.Optimizer):
             if strangers:
                 raise ConfigError(f"add_param_group got {len(strangers)} parameter(s) that were not trainable "
                                   f"when the model was compiled; gnfx plans every parameter at compile time: "
-                                  f"set requires_grad before gnfx.compile, or compile again")
+                                  f"set requires_grad before gnfx.compile, or compile again. To train some "
+                                  f"layers only for a while (a backbone unfrozen after the first epochs), compile "
+                                  f"with them trainable and freeze them after gnfx.compile "
+                                  f"(module.requires_grad_(False)): a parameter without a gradient keeps its value, "
+                                  f"and requires_grad_(True) trains it again")
         super().add_param_group(param_group)
 
     def note_statistic_forward(self) -> None:

@@ -113,6 +113,11 @@ class Variants:
         # each submodule's flags when gnfx.compile built this (their names: those the key reads; a flag a
         # wrapper applied later sets, FSDP2's _is_fsdp_managed_module, is no branch of the model's forward)
         self._flag_names = {name: {attr for attr, _ in module_flags(m)} for name, m in model.named_modules()}
+        # and their numbers (`module_numbers`), but those of the modules a torch.fx graph calls and of the
+        # modules inside them, which read theirs at each call (`_read_at_call`, their names)
+        self._number_names = {name: {attr for attr, _ in module_numbers(m)} for name, m in model.named_modules()}
+        self._read_at_call: frozenset[str] = frozenset()
+        self._warned_numbers = False
 
     @property
     def captured(self) -> bool:
@@ -228,6 +233,7 @@ class Variants:
             elif fresh and key not in self._graphs:
                 captured = self._check_traced(trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures),
                                               args, kwargs)
+                self._forget_other_numbers(key)
                 self._add(key, lambda: captured, key)
         except CaptureError as exc:
             if self.mode == "fx":
@@ -301,9 +307,8 @@ class Variants:
             raise own
 
     def _begin(self, captured, key, why: str, built=None, shapes=None, traced_copy: bool = False) -> None:
-        if traced_copy:  # the traced graph as torch.fx gave it, for `check_call` (lowering rewrites it)
-            traced = GraphModule(captured.graph_module, copy.deepcopy(captured.graph_module.graph))
-            self._unchecked[key] = (traced, captured.draws)
+        # the traced graph as torch.fx gave it, for `check_call` (lowering rewrites it)
+        traced = GraphModule(captured.graph_module, copy.deepcopy(captured.graph_module.graph)) if traced_copy else None
         gm, table, sites = built or self._build(captured)
         constants = parameters_read_as_constants(gm, self.model)
         if constants:  # passes/constant_parameters.py: keras 3's models
@@ -320,6 +325,12 @@ class Variants:
                     "that takes another side is captured again for it")
         table.capture = why
         self.form = captured.form
+        if key[0] in ("fx", "export"):  # the key without the numbers of the modules the graph calls
+            called = called_modules(gm) if captured.form == "fx" else ()
+            self._read_at_call = frozenset(name for name, _ in self.model.named_modules() if _within(name, called))
+            key = (*key[:-1], self._module_state())
+        if traced is not None:
+            self._unchecked[key] = (traced, captured.draws)
         self.table, self.store = self._start(table)
         self.graph_module = insert_taps(gm, sites, self.store)
         self._graphs[key] = [self.graph_module]
@@ -337,6 +348,7 @@ class Variants:
         if self.form == "fx":
             key = self._fx_key(self._fixed(args, kwargs))
             if key not in self._graphs:
+                self._forget_other_numbers(key)
                 self._add(key, lambda: self._check_traced(
                     trace_fx(self.model, self.leaf_modules, dict(key[1]), self._structures), args, kwargs), key)
             graphs = self._graphs[key]
@@ -350,6 +362,8 @@ class Variants:
         shapes = shapes_of(args, kwargs)
         if (key, shapes, flipped) in self._uncapturable:
             return self.model(*args, **kwargs)
+        if key not in self._graphs:
+            self._forget_other_numbers(key)
         if flipped is not None:
             warnings.warn(f"{flipped}: gnfx captures the call again, specialized to the side it takes, as another "
                           f"graph of this form. Each call runs the graphs in turn until one holds its side, so a "
@@ -367,6 +381,28 @@ class Variants:
                             f"rewrite it with torch.cond, or keep its submodule opaque with leaf_modules=[...] and "
                             f"capture='fx'")
         return out
+
+    def _forget_other_numbers(self, key) -> None:
+        """Before capturing for `key`: the graphs of the same call with other numbers of the modules
+        (`_module_state`) are dropped, as no later call will have their values (a schedule moves on), and the
+        change is said once."""
+        others = [k for k in self._graphs if k[:-1] == key[:-1] and k[-1][:-1] == key[-1][:-1]]
+        for other in others:
+            del self._graphs[other]
+            self._seen.pop(other, None)
+        if others and not self._warned_numbers:
+            self._warned_numbers = True
+            before = dict(((name, attr), value) for name, attr, value in others[0][-1][-1])
+            changed = [f"{name + '.' if name else ''}{attr} {before.get((name, attr))} -> {value}"
+                       for name, attr, value in key[-1][-1] if before.get((name, attr)) != value]
+            warnings.warn(f"gnfx: {', '.join(changed[:5])}{' and more' * (len(changed) > 5)}: a number the traced "
+                          f"forward read changed since its graph was captured, which holds it as a constant (a "
+                          f"dropout's p, a batch norm's momentum or eps under torch.export; a drop-path rate or a "
+                          f"temperature read by a traced forward): gnfx captures the forward again with the new "
+                          f"values, for the statistic steps that run the graph. A value changed at every step (a "
+                          f"dropout or drop-path schedule) is captured again at every statistic step, and so is one "
+                          f"the forward does not read (a running metric kept on a module: keep it off the model)",
+                          RuntimeWarning, stacklevel=5)
 
     def _run(self, gm, args, kwargs):
         """(gm(*args, **kwargs), None), where a failed validation assertion (passes/validation_checks.py)
@@ -447,7 +483,9 @@ class Variants:
         modules = list(self.model.named_modules())
         return (tuple(name for name, m in modules if not m.training),
                 tuple((name, *flag) for name, m in modules for flag in module_flags(m)
-                      if flag[0] in self._flag_names.get(name, ())))
+                      if flag[0] in self._flag_names.get(name, ())),
+                tuple((name, *number) for name, m in modules if name not in self._read_at_call
+                      for number in module_numbers(m) if number[0] in self._number_names.get(name, ())))
 
     # --- coverage --------------------------------------------------------------------------
     def _untraced(self, captured) -> list[str]:
@@ -545,6 +583,28 @@ def module_flags(module: nn.Module) -> list[tuple[str, object]]:
         elif isinstance(value, (bool, str)) and attr != "training":
             flags.append((attr, value))
     return flags
+
+
+def module_numbers(module: nn.Module) -> list[tuple[str, float]]:
+    """The (attribute, value) pairs of `module`'s own float attributes: what a traced forward reads as
+    constants (Variants._module_state) where it does not call the module (torch.export's `dropout(x, 0.5,
+    True)` and `batch_norm(..., 0.1, 1e-05)`; under torch.fx a custom forward's `self.drop_prob`), and a
+    training recipe may change after gnfx.compile (the dropout and drop-path schedules of ConvNeXt's early
+    dropout, `module.p = rate` at every step; an annealed Gumbel-softmax temperature). Integers are left out: a
+    counter (`self.nfe += 1`, an epoch count a loop keeps on the model) would make every call a new capture."""
+    return [(attr, value) for attr, value in vars(module).items() if type(value) is float]
+
+
+def called_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:
+    """The modules a torch.fx graph calls (its leaves, but gnfx's taps), whose forwards read their numbers
+    at each call."""
+    return tuple(sorted({n.target for n in gm.graph.nodes if n.op == "call_module"
+                         and not n.target.startswith("gnfx_taps")}))
+
+
+def _within(name: str, paths: tuple[str, ...]) -> bool:
+    """Whether the module `name` is one of `paths` or inside one."""
+    return any(name == p or name.startswith(p + ".") for p in paths)
 
 
 def _sorted(kwargs) -> dict:
