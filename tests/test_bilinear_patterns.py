@@ -157,6 +157,44 @@ def test_a_bilinear_map_of_two_model_inputs_is_an_input_block_in_both_captures(c
     torch.testing.assert_close(c(x1, x2), model(x1, x2))
 
 
+class OpaqueBilinear(nn.Module):
+    """A submodule torch.fx cannot trace (a branch on a tensor's value) that calls its nn.Bilinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.bil = nn.Bilinear(D1, D2, D_OUT)
+
+    def forward(self, x1, x2):
+        z = self.bil(x1, x2)
+        return z if x1.sum() > -1e9 else 2 * z
+
+
+class OpenedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = OpaqueBilinear()
+        self.head = nn.Linear(D_OUT, CLASSES)
+
+    def forward(self, x1, x2):
+        return self.head(torch.tanh(self.inner(x1, x2)))
+
+
+def test_an_nn_bilinear_called_by_opaque_code_is_opened_as_a_bilinear_block():
+    """An nn.Bilinear inside a submodule fx cannot trace is opened (passes/opaque_children.py: its graph
+    `(x1, x2) -> call_module`, lowered to torch.bilinear): a block whose A is the hooks' on the outer products."""
+    torch.manual_seed(0)
+    model = OpenedNet().double()
+    x1, x2, y = _task(8)
+    x1, x2 = x1.double(), x2.double()
+    c = gnfx.compile(model, "kfac", capture="fx", lr=1e-2, stat_every=1, stat_decay=0.0, example_inputs=(x1, x2))
+    assert "inner" in c.layers.leaves  # (an opaque submodule)
+    assert c.layers["inner.bil"].kind == "bilinear" and not c.layers.fallbacks
+    cross_entropy(c(x1, x2), y).backward()
+    c.step()
+    a = torch.cat([outer(x1, x2), torch.ones(len(x1), 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(c.statistics("inner.bil")["A"], a.T @ a / len(a), **TOL)
+
+
 @pytest.mark.parametrize("name, settings", [("ekfac", dict(lr=3e-2)), ("shampoo", dict(lr=1e-2)),
                                             ("soap", dict(lr=3e-2)), ("rank1", dict(lr=1e-2)),
                                             ("kfac", dict(loss="cross_entropy"))],
