@@ -119,6 +119,7 @@ def test_one_kfac_step_of_a_bilinear_block_is_that_of_the_linear_twin():
     assert (model.bil.weight - before).abs().max() > 1e-3  # it moved
     torch.testing.assert_close(model.bil.weight.flatten(1), twin.lin.weight, **TOL)
     torch.testing.assert_close(model.bil.bias, twin.lin.bias, **TOL)
+    assert (ours.original1 - v_before).abs().max() > 1e-4  # it moved
     torch.testing.assert_close(model.head.weight, twin.head.weight, **TOL)
 
 
@@ -260,3 +261,26 @@ def test_a_bilinear_factor_above_max_factor_is_blocked_over_the_outer_products_e
     linear = gnfx.compile(WideTwin(model), "kfac", lr=1e-2).cost(batch_size=16)["lin"]
     assert (whole.memory_bytes, whole.flops) == (linear.memory_bytes, linear.flops)
     assert blocked.memory_bytes < whole.memory_bytes
+
+
+def test_a_weight_normed_bilinear_steps_as_the_weight_normed_linear_twin():
+    """nn.utils.parametrizations.weight_norm on an nn.Bilinear (W_k = g_k v_k / ‖v_k‖, the norm over (d1, d2)) is a
+    bilinear block over W (gnfx.reparametrization.WeightNorm): one K-FAC step moves (g, v) exactly as the same
+    K-FAC moves the weight-normed nn.Linear over the outer product, whose v is v.flatten(1)."""
+    torch.manual_seed(0)
+    model = BilinearNet().double()
+    twin = OuterTwin(model)
+    model.bil = nn.utils.parametrizations.weight_norm(model.bil)
+    twin.lin = nn.utils.parametrizations.weight_norm(twin.lin)
+    x, y = _data(None)
+    settings = dict(lr=0.3, damping=0.05, stat_every=1)
+    c, c_twin = gnfx.compile(model, "kfac", **settings), gnfx.compile(twin, "kfac", **settings)
+    assert c.layers["bil"].kind == "bilinear" and not c.layers.fallbacks
+    v_before = model.bil.parametrizations.weight.original1.detach().clone()
+    _step(c, x, y)
+    _step(c_twin, x, y)
+    ours, theirs = model.bil.parametrizations.weight, twin.lin.parametrizations.weight
+    torch.testing.assert_close(ours.original0.flatten(1), theirs.original0, **TOL)  # g
+    torch.testing.assert_close(ours.original1.flatten(1), theirs.original1, **TOL)  # v
+    torch.testing.assert_close(model.bil.bias, twin.lin.bias, **TOL)
+    assert (ours.original1 - v_before).abs().max() > 1e-4  # it moved
