@@ -119,7 +119,6 @@ def test_one_kfac_step_of_a_bilinear_block_is_that_of_the_linear_twin():
     assert (model.bil.weight - before).abs().max() > 1e-3  # it moved
     torch.testing.assert_close(model.bil.weight.flatten(1), twin.lin.weight, **TOL)
     torch.testing.assert_close(model.bil.bias, twin.lin.bias, **TOL)
-    assert (ours.original1 - v_before).abs().max() > 1e-4  # it moved
     torch.testing.assert_close(model.head.weight, twin.head.weight, **TOL)
 
 
