@@ -283,3 +283,34 @@ def test_a_weight_normed_bilinear_steps_as_the_weight_normed_linear_twin():
     torch.testing.assert_close(ours.original1.flatten(1), theirs.original1, **TOL)  # v
     torch.testing.assert_close(model.bil.bias, twin.lin.bias, **TOL)
     assert (ours.original1 - v_before).abs().max() > 1e-4  # it moved
+
+
+def test_per_example_statistics_form_the_outer_products_a_chunk_at_a_time(monkeypatch):
+    """The per-example diagonal reads the layer input's chunks one at a time (gnfx.statistics `_example_chunks`):
+    when the layout forms the next chunk of outer products, at most the one before is still held (it listed
+    every chunk first, N·R·d1·d2 entries at once), and the diagonal is still vmap's."""
+    import weakref
+
+    from gnfx.layouts import bilinear
+
+    monkeypatch.setattr(bilinear, "CHUNK_ELEMENTS", D1 * D2)  # one example a chunk
+    chunks_of = bilinear.BilinearLayout.input_chunks
+    held = []
+
+    def watched(self, a):
+        alive = []
+        for chunk in chunks_of(self, a):
+            held.append(sum(ref() is not None for ref in alive))
+            alive.append(weakref.ref(chunk))
+            yield chunk
+
+    monkeypatch.setattr(bilinear.BilinearLayout, "input_chunks", watched)
+    torch.manual_seed(0)
+    model = BilinearNet().double()
+    x, y = _data(None)
+    expected = layer_diag(per_example_fisher_diag(OuterTwin(model), x, y), "lin")
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1, stat_decay=0.0, statistics=("A", "S", "diag"))
+    held.clear()
+    _step(c, x, y)
+    assert len(held) >= 2 * len(x) and max(held) <= 1  # (A's pass and the diagonal's, 8 chunks each)
+    torch.testing.assert_close(c.statistics("bil")["diag"], expected, **TOL)
