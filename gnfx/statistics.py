@@ -336,8 +336,9 @@ class BlockStatistics:
     def _example_chunks(self, g3s: list[torch.Tensor], a: torch.Tensor, forward_id: int):
         """(output gradients, input) of the same examples, per chunk of the layer input: each of the
         (N, R, ...) gradients `g3s` cut to the chunk's examples (the whole batch as one example for a
-        forward whose input is not batch-first, see _commit)."""
-        chunks = list(self.layout.input_chunks(a))
+        forward whose input is not batch-first, see _commit). The chunks are formed one at a time (a conv's
+        patches, a bilinear map's outer products), except for such a forward, whose one chunk is all of them."""
+        chunks = self.layout.input_chunks(a)
         if forward_id in self._whole_batch:
             chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
             g3s = [g3.reshape((1, -1) + tuple(g3.shape[2:])) for g3 in g3s]

@@ -45,6 +45,7 @@ from torch import fx, nn
 from gnfx.errors import GnfxError
 from gnfx.layer_table import Block, Fallback, LayerTable
 from gnfx.layouts import KINDS, register_layer_kind
+from gnfx.layouts.bilinear import BilinearLayout
 from gnfx.layouts.conv import ConvLayout
 from gnfx.layouts.conv_transpose import ConvTransposeLayout
 from gnfx.layouts.embedding import EmbeddingLayout
@@ -60,6 +61,7 @@ from gnfx.reparametrization import (MaskedWeight, SampledWeight, ScaledWeight, S
                                      WeightNorm, WeightStandardization)
 
 from .attention import mark_attention
+from .bilinear import find_bilinear_sites
 from .boundary import mark_boundary
 from .conv import find_conv_sites
 from .conv_transpose import find_conv_transpose_sites
@@ -98,6 +100,8 @@ register_layer_kind("weighted_sum", WeightedSumLayout, find_weighted_sum_sites)
 # a recurrent layer's hidden products W_hh h_{t-1}: linear maps over rows (example, time) (gnfx.recurrent)
 register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 register_layer_kind("experts", ExpertsLayout, find_expert_sites)
+# a bilinear map x1ᵀ W_k x2: the linear map W.flatten(1) of the outer product vec(x1 x2ᵀ)
+register_layer_kind("bilinear", BilinearLayout, find_bilinear_sites)
 
 def _block_name(weight: str) -> str:
     """The dotted module path of a layer's `.weight` (`attn.in_proj` for `attn.in_proj_weight`);

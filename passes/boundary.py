@@ -2,7 +2,7 @@
 model returns.
 
 A block is an input block when one of its call sites reads a model input (a placeholder of the
-graph) directly or through shape ops (view, reshape, flatten, ...): the first layer of an MLP or a
+graph; one of a bilinear map's two inputs) directly or through shape ops (view, reshape, flatten, ...): the first layer of an MLP or a
 CNN, an embedding. It is an output block when one of the tensors the graph returns is its output,
 directly or through shape ops, or through the sums and products by which attention.py's `_producer`
 follows q and k back through a rotary embedding, where they lead to this block alone: the
@@ -30,7 +30,8 @@ def mark_boundary(gm: fx.GraphModule, blocks, block_sites) -> None:
     site_of = {s.node: s for sites in block_sites.values() for s in sites}
     block_of = {s.node: b for b in blocks for s in block_sites.get(b.name, [])}
     for block in blocks:
-        block.model_input = any(_reads_input(s.input) for s in block_sites.get(block.name, []))
+        block.model_input = any(_reads_input(x) for s in block_sites.get(block.name, [])
+                                for x in (s.input if isinstance(s.input, tuple) else (s.input,)))
     for node in gm.graph.nodes:
         if node.op != "output":
             continue

@@ -1,10 +1,10 @@
 """lower: turn opaque module calls into explicit functional ops over the same parameters.
 
 `lower_modules` rewrites each `call_module` of a stock `nn.Linear`, `nn.Conv1d/2d/3d` (other
-padding modes as an explicit `F.pad` first, as the module does), `nn.ConvTranspose1d/2d/3d` or
-`nn.Embedding` (or a subclass that keeps the stock forward) into its
+padding modes as an explicit `F.pad` first, as the module does), `nn.ConvTranspose1d/2d/3d`,
+`nn.Embedding` or `nn.Bilinear` (or a subclass that keeps the stock forward) into its
 functional op (`F.linear`, `F.conv2d`,
-`F.embedding`, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
+`F.embedding`, `torch.bilinear` of the module's two inputs, ...) whose weight and bias are `get_attr` nodes, so that every later pass sees
 layers in one form. Modules with a custom forward are left alone, and so are modules with forward
 pre-hooks: a pre-hook may compute the weight the forward reads, which a `get_attr` of `weight` would
 freeze at its value at capture, leaving the parameters it is computed from without gradients. The call
@@ -22,6 +22,7 @@ the module's call runs them.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.fsdp import FSDPModule
@@ -35,16 +36,32 @@ _CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F
                    nn.ConvTranspose3d: F.conv_transpose3d}
 
 
-def _functional(mod: nn.Module, x, weight, bias):
-    """(function, args, kwargs) of the op equivalent to calling `mod` on x, or None."""
-    stock = next((k for k in (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)), None)
+def _inputs(mod: nn.Module) -> int:
+    """How many tensor inputs the forward of a stock layer takes (nn.Bilinear's two, every other one)."""
+    return 2 if isinstance(mod, nn.Bilinear) else 1
+
+
+def _stock(mod: nn.Module) -> type | None:
+    """The stock layer class `mod` is lowered as, or None: not a stock layer, one with a custom forward, or one
+    with pre-hooks that may compute the weight (module doc)."""
+    stock = next((k for k in (nn.Linear, nn.Embedding, nn.Bilinear, *_CONV, *_CONV_TRANSPOSE) if isinstance(mod, k)),
+                 None)
     if stock is None or type(mod).forward is not stock.forward:
-        return None  # not a stock layer, or one with a custom forward
+        return None
     if mod._forward_pre_hooks and not isinstance(mod, FSDPModule) and hooked_weight_norm(mod) is None and not (
             set(pruned_tensors(mod) or ("other",)) <= {"weight", "bias"}):
-        return None  # pre-hooks, which may compute the weight (module doc)
+        return None
+    return stock
+
+
+def _functional(mod: nn.Module, x, weight, bias):
+    """(function, args, kwargs) of the op equivalent to calling `mod` on x (a tuple of the inputs for a
+    layer of several, `_inputs`), or None."""
+    stock = _stock(mod)
     if stock is nn.Linear:
         return F.linear, (x, weight, bias), {}
+    if stock is nn.Bilinear:
+        return torch.bilinear, (*x, weight, bias), {}
     if stock in _CONV:
         return _CONV[stock], (x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups), {}
     if stock in _CONV_TRANSPOSE:  # a call of one argument has no output_size: the output_padding is the module's
@@ -68,16 +85,16 @@ def run_forward_hooks(module: nn.Module, args: tuple, output):
 
 
 def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
-    """Rewrite `call_module` nodes of stock Linear, Conv and Embedding modules, and of weight-norm
+    """Rewrite `call_module` nodes of stock Linear, Conv, Embedding and Bilinear modules, and of weight-norm
     parametrizations, to functional ops, except the module paths in `keep` (leaves the user asked to
     keep opaque)."""
     lower_weight_norm_modules(gm, keep)
     modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.target in keep:
+        if node.op != "call_module" or node.kwargs or node.target in keep:
             continue
         mod = modules[node.target]
-        if _functional(mod, None, None, None) is None:
+        if _stock(mod) is None or len(node.args) != _inputs(mod):
             continue
         with gm.graph.inserting_before(node):
             hook = hooked_weight_norm(mod)
@@ -85,12 +102,13 @@ def lower_modules(gm: fx.GraphModule, keep=()) -> fx.GraphModule:
                       else hooked_weight(gm.graph, node.target, hook))
             has_bias = getattr(mod, "bias", None) is not None
             bias = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
-            x = node.args[0]
-            if getattr(mod, "padding_mode", "zeros") != "zeros":  # as nn.ConvNd does: pad, then convolve
+            x = node.args[0] if len(node.args) == 1 else node.args
+            padded = getattr(mod, "padding_mode", "zeros") != "zeros"
+            if padded:  # as nn.ConvNd does: pad, then convolve
                 x = gm.graph.call_function(F.pad, (x, mod._reversed_padding_repeated_twice),
                                            {"mode": mod.padding_mode})
             fn, args, kwargs = _functional(mod, x, weight, bias)
-            if x is not node.args[0]:
+            if padded:
                 args = args[:4] + (0,) + args[5:]
             new = gm.graph.call_function(fn, args, kwargs)
         new.meta.update(node.meta)

@@ -9,7 +9,9 @@ from torch import fx
 @dataclasses.dataclass
 class Site:
     """One use of a layer: `node` computes `z` from `input` (the `a` of docs/design.md §1) with the
-    parameter named `weight` (and `bias`, or None). `uses` are the (consumer, get_attr) pairs of
+    parameter named `weight` (and `bias`, or None). A layer of several inputs whose rows its layout forms
+    (a bilinear map's outer product of (x1, x2), gnfx.layouts.bilinear) has the tuple of their nodes as
+    `input`: the taps record the tuple. `uses` are the (consumer, get_attr) pairs of
     the graph that this site accounts for (for `x @ W.t()` the consumer of W is the transpose).
     `routing`, for a layout whose rows are assigned to its groups at run time (`Layout.routed`: stacked
     experts), is the node whose value assigns them (a grouped product's offsets): the taps record it
@@ -18,7 +20,7 @@ class Site:
     its layout reads). `kind` is the name its detector is registered under (set by passes/analyze.py)."""
 
     node: fx.Node
-    input: fx.Node
+    input: fx.Node | tuple[fx.Node, ...]
     weight: str
     bias: str | None
     uses: list[tuple[fx.Node, fx.Node]]

@@ -6,7 +6,8 @@ For a site `z = linear(a, W, b)` the graph becomes
     z = linear(a_tap, W, b)
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
-and every former user of `z` reads `z_tap`. A site with a `routing` (stacked experts: the offsets of
+and every former user of `z` reads `z_tap`. A layer of several inputs (a bilinear map's x1, x2, whose
+rows its layout forms) has their tuple tapped, `a_tap = ..._a((x1, x2))`, and reads them as before. A site with a `routing` (stacked experts: the offsets of
 their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps
 are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and in
 `print(graph_module)`. A site in the graph of a layer opened inside an opaque submodule
@@ -117,7 +118,8 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
             with graph.inserting_before(node):
                 routing = () if site.routing is None else (site.routing,)  # a routed layout's (Site.routing)
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,) + routing)
-            node.replace_input_with(site.input, a_tap)
+            if not isinstance(site.input, tuple):  # (a layer of several inputs reads them as they were)
+                node.replace_input_with(site.input, a_tap)
             owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner)))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
