@@ -2,7 +2,8 @@
 
 `with torch.no_grad(): t = self.teacher(x)` (a distillation teacher, a frozen feature extractor under a linear
 probe, BYOL's target network) switches gradient recording off by a call of Python's (`torch.no_grad`,
-`torch.set_grad_enabled`, `torch.enable_grad` all call `torch._C._set_grad_enabled`), which symbolic tracing runs
+`torch.set_grad_enabled`, `torch.enable_grad` all call `torch._C._set_grad_enabled`; `torch.inference_mode` its own
+switch), which symbolic tracing runs
 once and does not record: the graph computed the teacher with gradients, so its parameters got a gradient from
 the student's loss and the optimizer stepped them, silently. `grad_modes_recorded` records each such call as a
 node of the graph, in the order the forward makes them; the graph then switches as the forward does (the mode a
@@ -19,16 +20,36 @@ from torch import fx
 SET_GRAD_ENABLED = torch._C._set_grad_enabled
 
 
+INFERENCE_ENTER, INFERENCE_EXIT = torch.inference_mode.__enter__, torch.inference_mode.__exit__
+
+
 @contextlib.contextmanager
 def grad_modes_recorded(tracer: fx.Tracer):
-    """While `tracer` traces: each call of torch._C._set_grad_enabled also records itself as a node."""
+    """While `tracer` traces: each call of torch._C._set_grad_enabled also records itself as a node, and so does
+    `torch.inference_mode()` (a node switching gradient recording off at its entry and back at its exit: what
+    it means for the gradients; the graph's tensors are not inference tensors)."""
+
+    def record(mode: bool) -> None:
+        tracer.create_node("call_function", SET_GRAD_ENABLED, (bool(mode),), {})
 
     def set_grad_enabled(mode: bool) -> None:
         SET_GRAD_ENABLED(mode)
-        tracer.create_node("call_function", SET_GRAD_ENABLED, (bool(mode),), {})
+        record(mode)
+
+    def inference_enter(self) -> None:
+        INFERENCE_ENTER(self)
+        if self.mode:
+            record(False)
+
+    def inference_exit(self, *exc) -> None:
+        INFERENCE_EXIT(self, *exc)
+        if self.mode:
+            record(torch.is_grad_enabled())
 
     torch._C._set_grad_enabled = set_grad_enabled
+    torch.inference_mode.__enter__, torch.inference_mode.__exit__ = inference_enter, inference_exit
     try:
         yield
     finally:
         torch._C._set_grad_enabled = SET_GRAD_ENABLED
+        torch.inference_mode.__enter__, torch.inference_mode.__exit__ = INFERENCE_ENTER, INFERENCE_EXIT

@@ -1070,12 +1070,13 @@ def test_the_check_of_a_traced_graph_runs_on_copies_of_inputs_the_forward_change
 
 
 class DistilledStudent(nn.Module):
-    """A teacher run without gradient recording inside the forward (a distillation teacher, a frozen feature
-    extractor under a probe), as a block and as a decorated method."""
+    """Layers run without gradient recording inside the forward (a distillation teacher, a frozen feature
+    extractor under a probe): under torch.no_grad, in a method it decorates, under torch.inference_mode."""
 
     def __init__(self):
         super().__init__()
         self.teacher, self.frozen, self.student = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.probe = nn.Linear(4, 4)
 
     @torch.no_grad()
     def features(self, x):
@@ -1084,7 +1085,9 @@ class DistilledStudent(nn.Module):
     def forward(self, x):
         with torch.no_grad():
             t = self.teacher(x)
-        return self.student(x + t + self.features(x))
+        with torch.inference_mode():
+            u = torch.sigmoid(self.probe(x))
+        return self.student(x + t + self.features(x) + u.clone())
 
 
 def test_a_teacher_the_forward_runs_without_gradient_recording_gets_no_gradient_and_no_step():
@@ -1100,10 +1103,10 @@ def test_a_teacher_the_forward_runs_without_gradient_recording_gets_no_gradient_
     assert c.layers.form == "fx"
     cross_entropy(c(x), y).backward()
     cross_entropy(reference(x), y).backward()
-    assert all(p.grad is None for m in (model.teacher, model.frozen) for p in m.parameters())
+    assert all(p.grad is None for m in (model.teacher, model.frozen, model.probe) for p in m.parameters())
     torch.testing.assert_close(model.student.weight.grad, reference.student.weight.grad, rtol=0, atol=1e-12)
     c.step()
-    for m, r in ((model.teacher, reference.teacher), (model.frozen, reference.frozen)):
+    for m, r in ((model.teacher, reference.teacher), (model.frozen, reference.frozen), (model.probe, reference.probe)):
         torch.testing.assert_close(m.weight, r.weight, rtol=0, atol=0)
     assert torch.is_grad_enabled()
 
