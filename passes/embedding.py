@@ -1,6 +1,7 @@
 """The embedding detector: `F.embedding(ids, W)` and `aten.embedding(W, ids)` with a trainable
-weight (V, d). `max_norm` (which renormalizes W in place) and sparse gradients are fallbacks;
-`padding_idx` is recorded (its row gets no gradient)."""
+weight (V, d). Sparse gradients are a fallback; `padding_idx` is recorded (its row gets no gradient);
+`max_norm`, which renormalizes the rows the ids read in place before the lookup, is a lookup of the
+renormalized W (passes/embedding_renorm.py)."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,9 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
             continue
         if node.target is F.embedding:
             ids, w_node, padding = node.args[0], arg(node, 1, "weight"), arg(node, 2, "padding_idx")
-            if arg(node, 3, "max_norm") is not None or arg(node, 6, "sparse", False):
+            if arg(node, 6, "sparse", False):
                 if param_of(w_node) is not None:
-                    rejected.append((node, "an embedding with max_norm or sparse gradients (fallback)"))
+                    rejected.append((node, "an embedding with sparse gradients (fallback)"))
                 continue
         elif node.target is aten.embedding.default:
             w_node, ids, padding = node.args[0], node.args[1], arg(node, 2, "padding_idx", -1)

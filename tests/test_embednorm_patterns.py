@@ -1,0 +1,179 @@
+"""The embedding family beyond `nn.Embedding(V, d)` (benchmarks/results/first_contact_14_embednorm.md).
+
+- max_norm: the forward renormalizes, in place and without gradient, the rows W_i the ids read to p-norm at
+  most m (W_i · m / (‖W_i‖ + 1e-7) where ‖W_i‖ > m), then looks them up: an embedding block of the
+  renormalized W (passes/embedding_renorm.py), under torch.fx and torch.export. Its statistics are those of
+  that lookup, A = diag(token counts)/(N R), S = M Σ g gᵀ (hooks), diag by vmap at the renormalized table;
+  K-FAC's step is the dense Kronecker solve at the renormalized table. The renormalization happens once per
+  forward of the user's and never in the quadratic step's replays (gnfx.composite_forms): three quadratic steps
+  equal those of the same model without max_norm whose loop renormalizes the table before each forward.
+- A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
+
+References: bincount, forward + tensor hooks, torch.func.vmap per-example gradients; float64, 1e-10.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gnfx
+from references import cross_entropy, per_example_grads
+from steps import ALL, compile_for_statistics
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+V, D, N, R, C = 7, 4, 3, 5, 3
+MAX_NORM = 1.0
+
+
+def token_batch(seed=0):
+    """Token ids (N, R), every id of the vocabulary present, and labels per token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (N, R), generator=g)
+    ids.view(-1)[:V] = torch.randperm(V, generator=g)
+    return ids, torch.randint(0, C, (N, R), generator=g)
+
+
+class Tagger(nn.Module):
+    """`head(tanh(seen(emb(ids))))`, emb an nn.Embedding (randn rows: norms ~2, above max_norm); `seen`, an
+    identity, lets hooks see the lookup's output."""
+
+    def __init__(self, **embedding):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D, **embedding)
+        self.seen = nn.Identity()
+        self.head = nn.Linear(D, C)
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.seen(self.emb(ids))))
+
+
+class BagClassifier(nn.Module):
+    """`head(tanh(bag(ids)))`, one mean bag per row of ids: (N, C) logits."""
+
+    def __init__(self, **bag):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.EmbeddingBag(V, D, mode="mean", **bag)
+        self.head = nn.Linear(D, C)
+        self.to(DTYPE)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def output_gradient_of(module) -> dict:
+    """{"g": the gradient at `module`'s output}, filled by the next backward (a forward hook)."""
+    seen = {}
+
+    def hook(m, inputs, z):
+        z.register_hook(lambda g: seen.__setitem__("g", g))
+    module.register_forward_hook(hook)
+    return seen
+
+
+def renormalized(weight, ids):
+    """The table as a forward with max_norm leaves it: torch.embedding_renorm_ of a copy."""
+    with torch.no_grad():
+        return torch.embedding_renorm_(weight.detach().clone(), ids, MAX_NORM, 2.0)
+
+
+def lookup_reference(model, ids, y):
+    """A (V,), S (d x d) and diag ([d x V]) of the lookup `seen(emb(ids))` of the table the forward renormalizes,
+    and the gradient of W there: on a plain copy (no max_norm) holding the renormalized table."""
+    plain = Tagger()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        plain.emb.weight.copy_(renormalized(model.emb.weight, ids))
+    seen = output_gradient_of(plain.seen)
+    out = plain(ids)
+    cross_entropy(out, y).backward()
+    g = seen["g"].reshape(-1, D)
+    diag = per_example_grads(plain, ids, y)["emb.weight"].square().mean(0).T
+    return {"A": torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(),
+            "S": out.shape[:-1].numel() * g.T @ g, "diag": diag, "grad": plain.emb.weight.grad}
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_max_norm_embedding_is_a_block_of_the_renormalized_lookup(capture):
+    model, (ids, y) = Tagger(max_norm=MAX_NORM), token_batch()
+    ref = lookup_reference(model, ids, y)
+    W_renormalized = renormalized(model.emb.weight, ids)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,))
+    assert not c.layers.fallbacks
+    block = c.layers["emb"]
+    assert (block.kind, block.params) == ("embedding", ("emb.weight",))
+    loss = cross_entropy(c(ids), y)
+    assert torch.equal(model.emb.weight.detach(), W_renormalized)  # by the forward, as eager's
+    loss.backward()
+    c.step()
+    got = c.statistics("emb")
+    for name in ALL:
+        torch.testing.assert_close(got[name], ref[name], **TOL)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_kfac_step_of_a_max_norm_embedding_is_the_dense_solve_at_the_renormalized_table(capture):
+    """W ← renorm(W) - η U, vec(U) = ((diag A + λ_A I) ⊗ (S + λ_S I))⁻¹ vec(∇Wᵀ), π-corrected λ_A, λ_S."""
+    model, (ids, y) = Tagger(max_norm=MAX_NORM), token_batch()
+    ref = lookup_reference(model, ids, y)
+    W_renormalized = renormalized(model.emb.weight, ids)
+    damping, lr = 1e-2, 0.5
+    c = gnfx.compile(model, optimizer="kfac", capture=capture, example_inputs=(ids,), lr=lr, momentum=0.0,
+                     weight_decay=0.0, kl_clip=0.0, damping=damping, stat_every=1, inv_every=1, stat_decay=0.0)
+    cross_entropy(c(ids), y).backward()
+    torch.testing.assert_close(model.emb.weight.grad, ref["grad"], **TOL)
+    c.step()
+    pi = (ref["A"].mean() / ref["S"].diagonal().mean()).sqrt()
+    lam_a, lam_s = pi * damping ** 0.5, damping ** 0.5 / pi
+    K = torch.kron(torch.diag(ref["A"] + lam_a), ref["S"] + lam_s * torch.eye(D, dtype=DTYPE))
+    U = torch.linalg.solve(K, ref["grad"].reshape(-1)).reshape(V, D)
+    torch.testing.assert_close(model.emb.weight.detach(), W_renormalized - lr * U, **TOL)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("model_cls", [Tagger, BagClassifier])
+def test_quadratic_step_renormalizes_in_the_users_forwards_only(model_cls, capture):
+    """Three quadratic steps of the max_norm model equal those of the same model without max_norm whose loop
+    renormalizes the table before each forward, and nowhere else (eager training). The steps move rows
+    above max_norm again, so a replay at θ + s that renormalized would write into the table (the bag, a
+    fallback, replays it in its Python code under torch.fx, as an op of the graph under torch.export)."""
+    ids, y = token_batch()
+    y = y if model_cls is Tagger else y[:, 0]
+    tables = []
+    for max_norm in (MAX_NORM, None):
+        model = model_cls(max_norm=max_norm)
+        torch.manual_seed(1)  # the sampled Fisher's labels
+        c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", capture=capture, example_inputs=(ids,),
+                         stat_every=1, inv_every=1)
+        for _ in range(3):
+            if max_norm is None:
+                with torch.no_grad():
+                    torch.embedding_renorm_(model.emb.weight, ids, MAX_NORM, 2.0)
+            cross_entropy(c(ids), y).backward()
+            c.step()
+            c.zero_grad()
+        assert c.optimizer.last_step["rho"] is not None
+        tables.append([p.detach() for p in model.parameters()])
+    assert (tables[0][0].norm(dim=1) > MAX_NORM).any()  # the last step moved rows above max_norm
+    for got, expected in zip(*tables):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_gradient_accumulation_over_a_max_norm_embedding_is_no_write_by_another_optimizer():
+    """Each forward renormalizes the table in place (its version counter moves): the forward's own write, not
+    another optimizer's step between forwards, which gnfx warns about (gnfx.optimizer.note_statistic_forward)."""
+    model, (ids, y) = Tagger(max_norm=MAX_NORM), token_batch()
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-2, stat_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            for _micro_batch in range(3):  # three forwards and backwards, one step
+                cross_entropy(c(ids), y).backward()
+            c.step()
+            c.zero_grad()
