@@ -13,6 +13,11 @@ torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["
 `W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
 apart.
 
+`torch.index_select(W, 0, ids)` (`W.index_select(0, ids)`; `aten.index_select(W, 0, ids)` in torch.export's
+graph) is the same lookup in both graphs: its index is a vector of integers (0-D: one, whose output row keeps
+its dimension) and a negative one raises, as the embedding's does, so it becomes `aten.embedding(W,
+ids.reshape(-1))`, the rows in the same shape (the reshape left out where the graph records ids as a vector).
+
 A lookup whose rows reach the scores of a batch as a bias broadcast over their first dimension
 (`_bias_of_scores`: Swin's relative position bias, `T[index.view(-1)].view(M², M², -1)
 .permute(2, 0, 1).unsqueeze(0)` added to the scores or given as SDPA's attn_mask) is not rewritten: it
@@ -54,6 +59,10 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
                 and trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
             node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
+        if _row_selection(node) and trainable_matrix(gm, node.args[0]) is not None:
+            _as_embedding(gm, node)
+            changed = True
+            continue
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
@@ -76,6 +85,29 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         replace(gm, node, lookup)
         changed = True
     return recompiled(gm, changed)
+
+
+def _row_selection(node: fx.Node) -> bool:
+    """Whether `node` is `index_select(W, 0, ids)` of a 2-D W (dim 0 or -2), as a function or a method."""
+    if not (node.op == "call_function" and node.target in (torch.index_select, aten.index_select.default)
+            or node.op == "call_method" and node.target == "index_select"):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim in (0, -2) and (len(node.args) > 2 or "index" in node.kwargs)
+
+
+def _as_embedding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace the row selection `node` by `aten.embedding(W, ids.reshape(-1))` (module docstring)."""
+    weight, ids = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+    value = value_of(ids)
+    with gm.graph.inserting_before(node):
+        if not (isinstance(value, torch.Tensor) and value.dim() == 1):
+            ids = gm.graph.call_function(aten.reshape.default, (ids, [-1]))
+            if isinstance(value, torch.Tensor):
+                ids.meta["val"] = value.reshape(-1)
+        lookup = gm.graph.call_function(aten.embedding.default, (weight, ids))
+    lookup.meta = dict(node.meta)
+    replace(gm, node, lookup)
 
 
 def _bias_of_scores(lookup: fx.Node) -> bool:

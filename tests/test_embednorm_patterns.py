@@ -7,12 +7,14 @@
   K-FAC's step is the dense Kronecker solve at the renormalized table. The renormalization happens once per
   forward of the user's and never in the quadratic step's replays (gnfx.composite_forms): three quadratic steps
   equal those of the same model without max_norm whose loop renormalizes the table before each forward.
+- `torch.index_select(W, 0, ids)` (function or method) is the embedding lookup of `ids` (passes/index_lookup.py).
 - A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
 
 References: bincount, forward + tensor hooks, torch.func.vmap per-example gradients; float64, 1e-10.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -163,6 +165,43 @@ def test_quadratic_step_renormalizes_in_the_users_forwards_only(model_cls, captu
     assert (tables[0][0].norm(dim=1) > MAX_NORM).any()  # the last step moved rows above max_norm
     for got, expected in zip(*tables):
         torch.testing.assert_close(got, expected, **TOL)
+
+
+class SelectedRows(nn.Module):
+    """`index_select(W, 0, ids)` of the flattened ids, as a function or a method, back in (N, R, d)."""
+
+    def __init__(self, method: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(V, D, dtype=DTYPE))
+        self.seen = nn.Identity()
+        self.head = nn.Linear(D, C).to(DTYPE)
+        self.method = method
+
+    def forward(self, ids):
+        flat = ids.reshape(-1)
+        rows = self.table.index_select(0, flat) if self.method else torch.index_select(self.table, 0, flat)
+        return self.head(torch.tanh(self.seen(rows.reshape(N, R, D))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("method", [False, True])
+def test_index_select_of_a_table_is_its_embedding_lookup(method, capture):
+    model, (ids, y) = SelectedRows(method), token_batch()
+    reference = copy.deepcopy(model)
+    seen = output_gradient_of(reference.seen)
+    cross_entropy(reference(ids), y).backward()
+    g = seen["g"].reshape(-1, D)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,), statistics=("A", "S"))
+    assert not c.layers.fallbacks
+    block = c.layers.block_of("table")
+    assert (block.kind, block.d_in, block.d_out) == ("embedding", V, D)
+    cross_entropy(c(ids), y).backward()
+    assert torch.equal(model.table.grad, reference.table.grad)
+    c.step()
+    got = c.statistics(block.name)
+    torch.testing.assert_close(got["A"], torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(), **TOL)
+    torch.testing.assert_close(got["S"], N * R * g.T @ g, **TOL)
 
 
 def test_gradient_accumulation_over_a_max_norm_embedding_is_no_write_by_another_optimizer():
