@@ -538,6 +538,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._bind_sharded()
         if all(p.grad is None for p in self.parameter_store.named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
+        sparse = [n for n, p in self.parameter_store.named.items() if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            self.statistics.discard()
+            self.collected = False
+            raise ConfigError(f"the gradient of {sparse[0]!r} is a sparse tensor (a lookup with sparse=True, "
+                              f"F.embedding(..., sparse=True) or F.embedding_bag's, which gnfx.compile cannot see "
+                              f"as it sees an nn.Embedding's), and "
+                              f"gnfx's preconditioners step dense gradients; look it up with sparse=False (the "
+                              f"default)")
         scale = None  # s, the loss scale of this step's backward under torch.amp.GradScaler (module doc)
         if "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step
             if bool(self.found_inf):

@@ -9,6 +9,8 @@
   equal those of the same model without max_norm whose loop renormalizes the table before each forward.
 - `torch.index_select(W, 0, ids)` (function or method) is the embedding lookup of `ids` (passes/index_lookup.py).
 - A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
+- A sparse gradient (F.embedding(..., sparse=True), which gnfx.compile cannot refuse as it refuses an
+  nn.Embedding(sparse=True)) is refused at the step, naming the parameter.
 
 References: bincount, forward + tensor hooks, torch.func.vmap per-example gradients; float64, 1e-10.
 """
@@ -19,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gnfx
@@ -202,6 +205,25 @@ def test_index_select_of_a_table_is_its_embedding_lookup(method, capture):
     got = c.statistics(block.name)
     torch.testing.assert_close(got["A"], torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(), **TOL)
     torch.testing.assert_close(got["S"], N * R * g.T @ g, **TOL)
+
+
+class SparseLookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(V, D))
+        self.head = nn.Linear(D, C)
+
+    def forward(self, ids):
+        return self.head(F.embedding(ids, self.table, sparse=True))
+
+
+def test_a_sparse_gradient_is_refused_at_the_step_naming_its_parameter():
+    model, (ids, y) = SparseLookup(), token_batch()
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-2)
+    cross_entropy(c(ids), y).backward()
+    assert model.table.grad.is_sparse
+    with pytest.raises(gnfx.ConfigError, match="'table'.*sparse"):
+        c.step()
 
 
 def test_gradient_accumulation_over_a_max_norm_embedding_is_no_write_by_another_optimizer():
