@@ -15,7 +15,8 @@ torch.fx keeps the call as `F.embedding(ids, W, ..., max_norm=m, norm_type=p)`, 
 use (the detach) that no lookup claims. `renorms_as_lookups` folds the two back into the one call
 `F.embedding(ids, W, padding_idx, m, p, scale_grad_by_freq, sparse)`, the same operations in the same order;
 a renormalization of a table that no embedding of the same ids reads (an nn.EmbeddingBag's: no block,
-gnfx.composite_forms) is left as it is, calling `torch.embedding_renorm_` instead of the ATen op.
+gnfx.composite_forms) is left as it is, calling `torch.embedding_renorm_` instead of the ATen op, and its
+read of the table is the fallback's reason, said as such.
 
 Either way the renormalization is reached through `torch.embedding_renorm_`, looked up when it runs, so that
 the replays of the training forward, which must not renormalize, can replace it (gnfx.composite_forms): the
@@ -31,6 +32,8 @@ from .rewrite import recompiled, replace
 from .sites import arg
 
 aten = torch.ops.aten
+UNFOLDED = ("renormalized in place for max_norm (torch.embedding_renorm_) before a read that is no embedding lookup "
+            "of the same ids (an nn.EmbeddingBag's, no layer kind)")
 
 
 def renorms_as_lookups(gm: fx.GraphModule) -> fx.GraphModule:
@@ -43,6 +46,8 @@ def renorms_as_lookups(gm: fx.GraphModule) -> fx.GraphModule:
         changed = True
         if lookup is None:
             renorm.target = torch.embedding_renorm_
+            if isinstance(detached, fx.Node):
+                detached.meta["gnfx_fallback_reason"] = UNFOLDED
             continue
         weight = lookup.args[0]
         padding = arg(lookup, 2, "padding_idx", -1)

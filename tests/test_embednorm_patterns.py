@@ -170,6 +170,14 @@ def test_quadratic_step_renormalizes_in_the_users_forwards_only(model_cls, captu
         torch.testing.assert_close(got, expected, **TOL)
 
 
+def test_an_embedding_bags_renormalization_is_its_fallbacks_reason_under_export():
+    ids = token_batch()[0]
+    c = gnfx.compile(BagClassifier(max_norm=MAX_NORM), optimizer="kfac", lr=1e-2, capture="export",
+                     example_inputs=(ids,))
+    (fallback,) = c.layers.fallbacks
+    assert fallback.param == "emb.weight" and "max_norm" in fallback.reason, fallback.reason
+
+
 class SelectedRows(nn.Module):
     """`index_select(W, 0, ids)` of the flattened ids, as a function or a method, back in (N, R, d)."""
 
