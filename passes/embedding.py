@@ -1,5 +1,8 @@
 """The embedding detector: `F.embedding(ids, W)` and `aten.embedding(W, ids)` with a trainable
-weight (V, d). Sparse gradients are a fallback; `padding_idx` is recorded (its row gets no gradient);
+weight (V, d). Sparse gradients are a fallback, and so is `scale_grad_by_freq`: its gradient divides each
+row by the row's count in the batch, ∇W_i = Σ_{t: i_t = i} δ_t / c_i, which the block's statistics (A the
+token counts, S and the per-example and batch gradients of the δ's, unscaled) do not model, and K-FAC's
+diag(1/(A + λ_A)) would divide by the counts again. `padding_idx` is recorded (its row gets no gradient);
 `max_norm`, which renormalizes the rows the ids read in place before the lookup, is a lookup of the
 renormalized W (passes/embedding_renorm.py)."""
 from __future__ import annotations
@@ -11,6 +14,8 @@ from torch import fx
 from .sites import Site, arg
 
 aten = torch.ops.aten
+SCALED_BY_FREQUENCY = ("an embedding with scale_grad_by_freq, whose gradient divides each row by its count in the "
+                       "batch, which the block's statistics do not model (fallback)")
 
 
 def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
@@ -36,6 +41,9 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
         weight = param_of(w_node)
         if weight is None:
             continue
+        if _scaled_by_frequency(node):
+            rejected.append((node, SCALED_BY_FREQUENCY))
+            continue
         vocab, dim = shape_of(weight)
         if padding is not None and padding < 0:
             padding += vocab
@@ -43,3 +51,9 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
                           uses=[(node, w_node)], d_in=vocab, d_out=dim,
                           options={"weight_shape": (vocab, dim), "padding_idx": padding}))
     return sites, rejected
+
+
+def _scaled_by_frequency(node: fx.Node) -> bool:
+    """Whether the lookup `node` (F.embedding or aten.embedding) has scale_grad_by_freq."""
+    return bool(arg(node, 5, "scale_grad_by_freq", False) if node.target is F.embedding
+                else arg(node, 3, "scale_grad_by_freq", False))

@@ -8,6 +8,7 @@
   forward of the user's and never in the quadratic step's replays (gnfx.composite_forms): three quadratic steps
   equal those of the same model without max_norm whose loop renormalizes the table before each forward.
 - `torch.index_select(W, 0, ids)` (function or method) is the embedding lookup of `ids` (passes/index_lookup.py).
+- `scale_grad_by_freq` falls back, saying why (passes/embedding.py).
 - A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
 - A sparse gradient (F.embedding(..., sparse=True), which gnfx.compile cannot refuse as it refuses an
   nn.Embedding(sparse=True)) is refused at the step, naming the parameter.
@@ -176,6 +177,16 @@ def test_an_embedding_bags_renormalization_is_its_fallbacks_reason_under_export(
                      example_inputs=(ids,))
     (fallback,) = c.layers.fallbacks
     assert fallback.param == "emb.weight" and "max_norm" in fallback.reason, fallback.reason
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scale_grad_by_freq_falls_back_saying_why(capture):
+    """Its gradient, Σ_{t: i_t = i} δ_t / c_i with c_i the row's count in the batch, is not the gradient the
+    embedding block's statistics describe (their `grad` is Σ δ_t onehot(i_t)ᵀ, c_i times it)."""
+    model, (ids, _) = Tagger(scale_grad_by_freq=True), token_batch()
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-2, capture=capture, example_inputs=(ids,))
+    (fallback,) = c.layers.fallbacks
+    assert fallback.param == "emb.weight" and "scale_grad_by_freq" in fallback.reason, fallback.reason
 
 
 class SelectedRows(nn.Module):
