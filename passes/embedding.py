@@ -4,7 +4,9 @@ row by the row's count in the batch, ∇W_i = Σ_{t: i_t = i} δ_t / c_i, which 
 token counts, S and the per-example and batch gradients of the δ's, unscaled) do not model, and K-FAC's
 diag(1/(A + λ_A)) would divide by the counts again. `padding_idx` is recorded (its row gets no gradient);
 `max_norm`, which renormalizes the rows the ids read in place before the lookup, is a lookup of the
-renormalized W (passes/embedding_renorm.py)."""
+renormalized W (passes/embedding_renorm.py). A bag of embeddings (`F.embedding_bag`, nn.EmbeddingBag's
+call) is no embedding block, and its fallback says so (README: a sum or mean bag is a linear map of the
+count vector, whose K-FAC factor over the vocabulary is dense; a max bag is no linear map)."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +16,8 @@ from torch import fx
 from .sites import Site, arg
 
 aten = torch.ops.aten
+BAG = "a bag of embeddings (nn.EmbeddingBag, F.embedding_bag): no layer kind (README) (fallback)"
+_BAGS = (F.embedding_bag, aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default)
 SCALED_BY_FREQUENCY = ("an embedding with scale_grad_by_freq, whose gradient divides each row by its count in the "
                        "batch, which the block's statistics do not model (fallback)")
 
@@ -22,6 +26,11 @@ def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[S
     sites, rejected = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
+            continue
+        if node.target in _BAGS:
+            table = arg(node, 1, "weight") if node.target is F.embedding_bag else node.args[0]
+            if param_of(table) is not None:
+                rejected.append((node, BAG))
             continue
         if node.target is F.embedding:
             ids, w_node, padding = node.args[0], arg(node, 1, "weight"), arg(node, 2, "padding_idx")
