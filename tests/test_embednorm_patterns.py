@@ -7,7 +7,8 @@
   K-FAC's step is the dense Kronecker solve at the renormalized table. The renormalization happens once per
   forward of the user's and never in the quadratic step's replays (gnfx.composite_forms): three quadratic steps
   equal those of the same model without max_norm whose loop renormalizes the table before each forward.
-- `torch.index_select(W, 0, ids)` (function or method) is the embedding lookup of `ids` (passes/index_lookup.py).
+- `torch.index_select(W, 0, ids)` (function or method) and `one_hot(ids, V).to(dtype) @ W` are the embedding
+  lookup of `ids` (passes/index_lookup.py).
 - `scale_grad_by_freq` falls back, saying why (passes/embedding.py).
 - A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
 - A sparse gradient (F.embedding(..., sparse=True), which gnfx.compile cannot refuse as it refuses an
@@ -222,6 +223,39 @@ def test_index_select_of_a_table_is_its_embedding_lookup(method, capture):
     assert (block.kind, block.d_in, block.d_out) == ("embedding", V, D)
     cross_entropy(c(ids), y).backward()
     assert torch.equal(model.table.grad, reference.table.grad)
+    c.step()
+    got = c.statistics(block.name)
+    torch.testing.assert_close(got["A"], torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(), **TOL)
+    torch.testing.assert_close(got["S"], N * R * g.T @ g, **TOL)
+
+
+class OneHotRows(nn.Module):
+    """`one_hot(ids, V).to(W.dtype) @ W`, the rows of the table by a one-hot product."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(V, D, dtype=DTYPE))
+        self.seen = nn.Identity()
+        self.head = nn.Linear(D, C).to(DTYPE)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.seen(F.one_hot(ids, V).to(self.table.dtype) @ self.table)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_one_hot_product_with_a_table_is_its_embedding_lookup(capture):
+    """An embedding block (A a V-vector: the token counts), not a linear one over V inputs (A dense V x V)."""
+    model, (ids, y) = OneHotRows(), token_batch()
+    reference = copy.deepcopy(model)
+    seen = output_gradient_of(reference.seen)
+    cross_entropy(reference(ids), y).backward()
+    g = seen["g"].reshape(-1, D)
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,), statistics=("A", "S"))
+    block = c.layers.block_of("table")
+    assert (block.kind, block.d_in, block.d_out, block.shapes["A"]) == ("embedding", V, D, (V,))
+    cross_entropy(c(ids), y).backward()
+    torch.testing.assert_close(model.table.grad, reference.table.grad, **TOL)
     c.step()
     got = c.statistics(block.name)
     torch.testing.assert_close(got["A"], torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(), **TOL)
