@@ -209,26 +209,6 @@ class SelectedRows(nn.Module):
         return self.head(torch.tanh(self.seen(rows.reshape(N, R, D))))
 
 
-@pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("method", [False, True])
-def test_index_select_of_a_table_is_its_embedding_lookup(method, capture):
-    model, (ids, y) = SelectedRows(method), token_batch()
-    reference = copy.deepcopy(model)
-    seen = output_gradient_of(reference.seen)
-    cross_entropy(reference(ids), y).backward()
-    g = seen["g"].reshape(-1, D)
-    c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,), statistics=("A", "S"))
-    assert not c.layers.fallbacks
-    block = c.layers.block_of("table")
-    assert (block.kind, block.d_in, block.d_out) == ("embedding", V, D)
-    cross_entropy(c(ids), y).backward()
-    assert torch.equal(model.table.grad, reference.table.grad)
-    c.step()
-    got = c.statistics(block.name)
-    torch.testing.assert_close(got["A"], torch.bincount(ids.flatten(), minlength=V).to(DTYPE) / ids.numel(), **TOL)
-    torch.testing.assert_close(got["S"], N * R * g.T @ g, **TOL)
-
-
 class OneHotRows(nn.Module):
     """`one_hot(ids, V).to(W.dtype) @ W`, the rows of the table by a one-hot product."""
 
@@ -244,14 +224,18 @@ class OneHotRows(nn.Module):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_a_one_hot_product_with_a_table_is_its_embedding_lookup(capture):
-    """An embedding block (A a V-vector: the token counts), not a linear one over V inputs (A dense V x V)."""
-    model, (ids, y) = OneHotRows(), token_batch()
+@pytest.mark.parametrize("lookup", ["index_select", "index_select method", "one_hot"])
+def test_a_row_selection_or_one_hot_product_of_a_table_is_its_embedding_lookup(lookup, capture):
+    """An embedding block (A a V-vector, the token counts; S = M Σ g gᵀ by hooks), not a fallback (index_select)
+    nor a linear block over V inputs with a dense V x V factor A (the one-hot product)."""
+    model = OneHotRows() if lookup == "one_hot" else SelectedRows(method=lookup.endswith("method"))
+    ids, y = token_batch()
     reference = copy.deepcopy(model)
     seen = output_gradient_of(reference.seen)
     cross_entropy(reference(ids), y).backward()
     g = seen["g"].reshape(-1, D)
     c = compile_for_statistics(model, optimizer="kfac", capture=capture, example_inputs=(ids,), statistics=("A", "S"))
+    assert not c.layers.fallbacks
     block = c.layers.block_of("table")
     assert (block.kind, block.d_in, block.d_out, block.shapes["A"]) == ("embedding", V, D, (V,))
     cross_entropy(c(ids), y).backward()
