@@ -21,6 +21,7 @@ from gnfx.statistics import KFAC_APPROX, STATISTICS, StatisticsStore
 from gnfx.passes.analyze import analyze
 from gnfx.passes.capture import CAPTURE_MODES
 from gnfx.passes.class_tokens import copy_expanded_tables
+from gnfx.passes.embedding_renorm import renorms_as_lookups
 from gnfx.passes.identity_views import identity_views
 from gnfx.passes.index_lookup import lookups_as_embeddings
 from gnfx.passes.lower import lower_modules
@@ -277,7 +278,7 @@ def _tikhonov(policy: Policy) -> bool:
 def _lower_and_analyze(model, captured):
     gm = lower_recurrent(lower_multihead_attention(captured.graph_module, captured.leaves), captured.leaves)
     gm = computed_pruned_reads(model, lower_modules(gm, captured.leaves))
-    gm = lookups_as_embeddings(split_concatenations(identity_views(gm)))
+    gm = lookups_as_embeddings(renorms_as_lookups(split_concatenations(identity_views(gm))))
     gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(weight_first_products(gm))))
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own

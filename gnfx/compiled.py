@@ -264,6 +264,7 @@ class CompiledModel(nn.Module):
             opt.note_statistic_forward()
             opt.collected = True
             out = self._variants(args, kwargs) if method is None else self._variants.call_method(method, args, kwargs)
+            opt.note_forward_written()
             out = as_one_output(out)  # a list of chunks of one output: views of it, which the watch hooks
             watch_output(out, store, self._settings, opt.layouts, ignored_rows=method is None)
             if not opt.bounds_final:  # the first statistic forward: its rows, before its backward

@@ -32,6 +32,17 @@ computes where that forward updated state in place (spectral norm).
   with its stored u, v (as in eval mode; a next training forward would first advance them). The
   closure of `step(closure)`, called again for L(θ + s), is the user's forward, not a replay: it runs
   the power iteration as every training forward does.
+- The renormalization of an embedding with `max_norm` (nn.Embedding's, nn.EmbeddingBag's,
+  F.embedding's): each forward first scales, in place and under no_grad, the rows of W that its ids read
+  to p-norm at most max_norm (`torch.embedding_renorm_`, passes/embedding_renorm.py), then looks them up.
+  Eager training renormalizes in the user's forward calls only; a replay of the training forward (the
+  quadratic step's forward-mode passes at θ and its forward at θ + s, gnfx.ggn's products) is no such
+  call. Inside `rows_as_stored()` the renormalization leaves W as it is: at θ the rows the ids read are
+  those the training forward renormalized (a second renormalization would not move them), so a replay
+  computes the same function of W whose derivative that forward's backward took; at θ + s it computes
+  the loss of the lookup of θ + s as the step left it, and writes nothing into the parameter (the next
+  training forward renormalizes it, as eager training's does). The closure of `step(closure)` is the
+  user's forward and renormalizes.
 - Packing a padded batch, `nn.utils.rnn.pack_padded_sequence` (and `pack_sequence`, which calls it):
   its kernel `torch._VF._pack_padded_sequence(x, lengths, batch_first)` has no forward-mode
   derivative. It is a gather: with the lengths sorted decreasing (the caller sorts), the batch sizes
@@ -177,6 +188,16 @@ def composite_embedding_bag():
     return _kernels_written_out({"embedding_bag": _bag_reduction}, torch)
 
 
+def _stored_rows(weight: torch.Tensor, indices: torch.Tensor, max_norm: float, norm_type: float) -> torch.Tensor:
+    """torch.embedding_renorm_ in a replay: W as it is (module docstring)."""
+    return weight
+
+
+def rows_as_stored():
+    """torch.embedding_renorm_ as `_stored_rows` while inside (module docstring)."""
+    return _kernels_written_out({"embedding_renorm_": _stored_rows}, torch)
+
+
 _GROUPED_MM = torch._grouped_mm
 
 
@@ -280,7 +301,7 @@ def stored_singular_vectors(norms: tuple):
 def written_out(weight_norm: bool, spectral: tuple = ()):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
     bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, group norm of a
-    contiguous input, custom autograd.Functions without jvp
+    contiguous input, embeddings' max_norm without renormalizing, custom autograd.Functions without jvp
     given the jvp of their forward's operations (gnfx.passes.custom_functions), with
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
@@ -290,6 +311,7 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(inlined_checkpoints())
     stack.enter_context(composite_packing())
     stack.enter_context(composite_embedding_bag())
+    stack.enter_context(rows_as_stored())
     stack.enter_context(composite_cells())
     stack.enter_context(composite_grouped_mm())
     stack.enter_context(composite_group_norm())

@@ -361,11 +361,9 @@ class GnfxOptimizer(torch.optim.Optimizer):
         sharpness-aware minimization's (composer's SAM: `p.add_(e)` between its closure's two forwards, `p.sub_(e)`
         and the wrapped optimizer's step after), which a framework's own optimizer, stepping after each forward,
         repeats at the next forward."""
-        named = self.parameter_store.named
-        if not named:
+        if not self.parameter_store.named:
             return
-        smallest = min(named.values(), key=torch.Tensor.numel)
-        now = ([p._version for p in named.values()], local(smallest).detach().clone())
+        now = self._parameter_marks()
         seen, self._forward_versions = self._forward_versions, now
         if seen is None or self._stepped_by_another_warned or (seen[0] == now[0] and torch.equal(seen[1], now[1])):
             return
@@ -379,6 +377,20 @@ class GnfxOptimizer(torch.optim.Optimizer):
                       "or a torch optimizer made from model.parameters()), so gnfx's preconditioner is not used and "
                       "its statistics are collected for nothing. Step model.optimizer, or hand a framework that builds "
                       "its own optimizer model.optimizer_for (README, Training loops)", RuntimeWarning, stacklevel=4)
+
+    def note_forward_written(self) -> None:
+        """After a statistic forward: the parameters as it left them are those the next one compares with, so that
+        the forward's own writes are none between forwards (an embedding's max_norm renormalizes the rows it reads
+        in place, as eager's forward does: gradient accumulation's second forward would see the first's)."""
+        if self._forward_versions is not None:
+            self._forward_versions = self._parameter_marks()
+
+    def _parameter_marks(self) -> tuple[list[int], torch.Tensor]:
+        """(each trained parameter's version counter, a copy of the smallest one's value): what
+        note_statistic_forward compares."""
+        named = self.parameter_store.named
+        smallest = min(named.values(), key=torch.Tensor.numel)
+        return [p._version for p in named.values()], local(smallest).detach().clone()
 
     def _warn_if_momentum_scheduled(self) -> None:
         """Warn, once, when a param group's betas[0] moves (a momentum schedule: torch's OneCycleLR and CyclicLR
@@ -530,6 +542,15 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self._bind_sharded()
         if all(p.grad is None for p in self.parameter_store.named.values()):
             return loss  # no gradient at all: nothing to do, as in torch.optim (module doc)
+        sparse = [n for n, p in self.parameter_store.named.items() if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            self.statistics.discard()
+            self.collected = False
+            raise ConfigError(f"the gradient of {sparse[0]!r} is a sparse tensor (a lookup with sparse=True, "
+                              f"F.embedding(..., sparse=True) or F.embedding_bag's, which gnfx.compile cannot see "
+                              f"as it sees an nn.Embedding's), and "
+                              f"gnfx's preconditioners step dense gradients; look it up with sparse=False (the "
+                              f"default)")
         scale = None  # s, the loss scale of this step's backward under torch.amp.GradScaler (module doc)
         if "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step
             if bool(self.found_inf):

@@ -13,6 +13,18 @@ torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["
 `W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
 apart.
 
+`torch.index_select(W, 0, ids)` (`W.index_select(0, ids)`; `aten.index_select(W, 0, ids)` in torch.export's
+graph) is the same lookup in both graphs: its index is a vector of integers (0-D: one, whose output row keeps
+its dimension) and a negative one raises, as the embedding's does, so it becomes `aten.embedding(W,
+ids.reshape(-1))`, the rows in the same shape (the reshape left out where the graph records ids as a vector).
+
+A one-hot product, `one_hot(ids, V).to(dtype) @ W` (`F.one_hot`, cast to a floating dtype, times the trainable
+(V, d) table, `matmul` or `@`; torch.export's `aten.one_hot`, `aten.to`, `aten.matmul`), is E[ids] too: each
+output row is 1·W_i plus zeros (exactly W_i, for a finite W) and its gradient adds each output row's gradient
+into row i (onehotᵀ g). As a linear layer of the one-hot input it was a block over V inputs whose factor
+A = E[a aᵀ], the token frequencies on its diagonal, was stored and inverted as a dense V x V matrix; it becomes
+`aten.embedding(W, ids)`, whose A is that diagonal, and the one-hot tensor (N·R·V entries) is no longer made.
+
 A lookup whose rows reach the scores of a batch as a bias broadcast over their first dimension
 (`_bias_of_scores`: Swin's relative position bias, `T[index.view(-1)].view(M², M², -1)
 .permute(2, 0, 1).unsqueeze(0)` added to the scores or given as SDPA's attn_mask) is not rewritten: it
@@ -31,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .parameter_casts import floating_cast, metadata_read
 from .rewrite import recompiled, replace
 from .shapes import value_of
 from .unit_norm_weights import normalized
@@ -42,6 +55,8 @@ _SHAPE_OPS = (aten.view.default, aten.reshape.default, aten.permute.default, ate
 _UNSQUEEZE = (aten.unsqueeze.default, "unsqueeze")
 _ADD = (aten.add.Tensor, operator.add)
 _SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+_ONE_HOT = (F.one_hot, aten.one_hot.default)
+_MATMUL = (operator.matmul, torch.matmul, aten.matmul.default)
 BIAS_OF_SCORES = ("a relative position bias, a lookup broadcast over the attention scores: diag, measured better "
                   "than an embedding block (benchmarks/results/library_models.md)")
 
@@ -54,6 +69,15 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
                 and trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
             node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
+        one_hot = _one_hot_product(gm, node)
+        if one_hot is not None:
+            _one_hot_as_embedding(gm, node, *one_hot)
+            changed = True
+            continue
+        if _row_selection(node) and trainable_matrix(gm, node.args[0]) is not None:
+            _as_embedding(gm, node)
+            changed = True
+            continue
         if node.op != "call_function" or node.target is not aten.index.Tensor:
             continue
         weight, indices = node.args[0], node.args[1]
@@ -76,6 +100,59 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
         replace(gm, node, lookup)
         changed = True
     return recompiled(gm, changed)
+
+
+def _row_selection(node: fx.Node) -> bool:
+    """Whether `node` is `index_select(W, 0, ids)` of a 2-D W (dim 0 or -2), as a function or a method."""
+    if not (node.op == "call_function" and node.target in (torch.index_select, aten.index_select.default)
+            or node.op == "call_method" and node.target == "index_select"):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim in (0, -2) and (len(node.args) > 2 or "index" in node.kwargs)
+
+
+def _as_embedding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace the row selection `node` by `aten.embedding(W, ids.reshape(-1))` (module docstring)."""
+    weight, ids = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+    value = value_of(ids)
+    with gm.graph.inserting_before(node):
+        if not (isinstance(value, torch.Tensor) and value.dim() == 1):
+            ids = gm.graph.call_function(aten.reshape.default, (ids, [-1]))
+            if isinstance(value, torch.Tensor):
+                ids.meta["val"] = value.reshape(-1)
+        lookup = gm.graph.call_function(aten.embedding.default, (weight, ids))
+    lookup.meta = dict(node.meta)
+    replace(gm, node, lookup)
+
+
+def _one_hot_product(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """(W, ids, the cast, the one-hot) of a product `node` = `cast(one_hot(ids, V)) @ W` of a trainable (V, d)
+    W whose cast only it reads (module docstring), else None."""
+    if not (node.op == "call_function" and node.target in _MATMUL and len(node.args) == 2):
+        return None
+    cast, weight = node.args
+    matrix = trainable_matrix(gm, weight)
+    if matrix is None or not isinstance(cast, fx.Node) or not floating_cast(cast) or len(cast.users) != 1:
+        return None
+    one_hot = cast.args[0]
+    if not (isinstance(one_hot, fx.Node) and one_hot.op == "call_function" and one_hot.target in _ONE_HOT):
+        return None
+    classes = one_hot.args[1] if len(one_hot.args) > 1 else one_hot.kwargs.get("num_classes", -1)
+    return (weight, one_hot.args[0], cast, one_hot) if classes == matrix.shape[0] else None
+
+
+def _one_hot_as_embedding(gm: fx.GraphModule, node: fx.Node, weight, ids, cast: fx.Node, one_hot: fx.Node) -> None:
+    """Replace the one-hot product `node` by `aten.embedding(W, ids)`, and the cast and the one-hot by nothing
+    where nothing else reads them (torch.export's check of the one-hot's dtype aside)."""
+    with gm.graph.inserting_before(node):
+        lookup = gm.graph.call_function(aten.embedding.default, (weight, ids))
+    lookup.meta = dict(node.meta)
+    replace(gm, node, lookup)
+    gm.graph.erase_node(cast)
+    if all(metadata_read(user) and not user.users for user in one_hot.users):
+        for user in list(one_hot.users):
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(one_hot)
 
 
 def _bias_of_scores(lookup: fx.Node) -> bool:

@@ -974,3 +974,14 @@ def test_prefs_probe_reports_dpo_exactness_against_hooks_and_refuses_cross_entro
     assert all(float(v) < 1e-12 for v in gaps.split(", ")) and "S = 48 Σggᵀ" in hooks and "rows reached 48" in hooks
     row = prefs_probe.probe("dpo", "kfac_ce", steps=1).split(" | ")
     assert row[5] == "–" and "lowers the log-probability" in row[8]
+
+
+def test_embedding_family_rows_judge_a_block_a_fallback_and_an_error():
+    """benchmarks/embedding_family.py: a max_norm table is a block whose steps equal the loop-renormalized
+    reference's, a bag a fallback whose gradient is eager's, a functional sparse lookup refused at the step."""
+    from benchmarks.embedding_family import row
+
+    assert "| 100.0% | ✓ |" in row("nn.Embedding(max_norm=1)", "kfac", False, "export", 2)
+    assert "| 34.9% | grad ✓ |" in row("EmbeddingBag(sum)", "rank1", True, "fx", 1)
+    assert "ConfigError: the gradient of 'table' is a sparse tensor" in row(
+        "F.embedding(ids, Parameter, sparse=True)", "kfac", True, "fx", 1)
