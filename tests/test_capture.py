@@ -921,6 +921,17 @@ class FirstOfTuple(nn.Module):
         return self.head(out.flatten(1))
 
 
+def assert_loss_and_gradients_of_the_model(c, model, reference, inputs: tuple, y):
+    """The compiled model `c`'s cross-entropy on (inputs, y) and every gradient equal those of `reference`, a copy
+    of `model` run as its own code (float64)."""
+    loss, loss_ref = cross_entropy(c(*inputs), y), cross_entropy(reference(*inputs), y)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
+    loss.backward()
+    loss_ref.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
 TUPLE_LEAVES = {  # a torch.nn leaf returning a container, its input's shape, the flattened output's width
     "GRU": (lambda: nn.GRU(4, 5, batch_first=True), (6, 3, 4), 15),
     "RNN, two layers, bidirectional": (lambda: nn.RNN(4, 5, 2, batch_first=True, bidirectional=True), (6, 3, 4), 30),
@@ -945,12 +956,7 @@ def test_a_torch_nn_layer_returning_a_tuple_is_traced_as_the_tuple_it_returns(na
     x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     c = gnfx.compile(model, "kfac", lr=1e-2)
     assert c.layers.form == "fx"
-    loss, loss_ref = cross_entropy(c(x), y), cross_entropy(reference(x), y)
-    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
-    loss.backward()
-    loss_ref.backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    assert_loss_and_gradients_of_the_model(c, model, reference, (x,), y)
     covered, total = c.layers.coverage(dict(model.named_parameters()))
     assert covered == total, c.layers.fallbacks
     c.step()
@@ -1124,10 +1130,4 @@ def test_hooks_registered_on_the_model_itself_are_part_of_what_it_computes(hook)
         model.register_forward_pre_hook(lambda _, inputs: (3 * inputs[0],))
     reference = copy.deepcopy(model)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    c = gnfx.compile(model, "kfac", lr=1e-2)
-    loss, loss_ref = cross_entropy(c(x), y), cross_entropy(reference(x), y)
-    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
-    loss.backward()
-    loss_ref.backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+    assert_loss_and_gradients_of_the_model(gnfx.compile(model, "kfac", lr=1e-2), model, reference, (x,), y)
