@@ -985,3 +985,13 @@ def test_embedding_family_rows_judge_a_block_a_fallback_and_an_error():
     assert "| 34.9% | grad ✓ |" in row("EmbeddingBag(sum)", "rank1", True, "fx", 1)
     assert "ConfigError: the gradient of 'table' is a sparse tensor" in row(
         "F.embedding(ids, Parameter, sparse=True)", "kfac", True, "fx", 1)
+
+
+def test_trace_semantics_rows_give_the_form_the_coverage_and_the_gaps_to_the_model():
+    """benchmarks/trace_semantics.py: a forward testing isinstance(mask, torch.Tensor) is captured by torch.export
+    and trains the model's function (no gap); a GRU's tuple read under isinstance stays a torch.fx graph."""
+    from benchmarks.trace_semantics import row
+
+    masked = row("isinstance(mask, torch.Tensor)")
+    assert masked.startswith("| isinstance(mask, torch.Tensor) | export | 100.0% | 0.0e+00 |"), masked
+    assert row("GRU, isinstance(out, tuple)").startswith("| GRU, isinstance(out, tuple) | fx | 100.0% | 0.0e+00 |")
