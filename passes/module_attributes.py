@@ -205,9 +205,8 @@ def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | 
     """'buffer name (changed in place)' of the first buffer of `module` whose value differs from `before`
     (`buffer_values(module)` then), or None; every changed buffer gets its value from `before` back."""
     changed = [name for name, b in module.named_buffers() if name in before and not _same_values(b, before[name])]
-    with torch.no_grad():
-        for name in changed:
-            module.get_buffer(name).copy_(before[name])
+    for name in changed:  # (detached: a gradient-mode switch here would be recorded in a graph being traced)
+        module.get_buffer(name).detach().copy_(before[name])
     return f"buffer {changed[0]} (changed in place)" if changed else None
 
 
