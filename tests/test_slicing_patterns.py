@@ -240,3 +240,59 @@ def test_a_width_the_forward_sets_on_an_opened_layer_runs_that_layers_own_forwar
             c.zero_grad()
     for out, own in outputs:
         assert torch.equal(out, own)
+
+
+class MixedOp(nn.Module):
+    """A DARTS cell edge: y = Σ_i softmax(α)_i op_i(x), α the architecture weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList([nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Identity()])
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        weights = F.softmax(self.alpha, 0)
+        return self.head(weights[0] * self.ops[0](x) + weights[1] * self.ops[1](x) + weights[2] * self.ops[2](x))
+
+
+def test_darts_architecture_weights_in_a_group_of_lr_0_are_adams_alone():
+    """DARTS trains α with Adam on validation batches, the weights on training batches: with α moved to a group
+    of lr 0, gnfx's steps (the quadratic step at defaults) leave it, Adam moves it, and both backwards give the
+    module's gradients (the statistic forward's graph included)."""
+    torch.manual_seed(0)
+    model = MixedOp().double()
+    (x, y), (x_val, y_val) = batch((32, 6)), batch((32, 6), seed=2)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", example_inputs=(x,))
+    assert [b.name for b in c.layers] == ["ops.0", "ops.1.0", "head"]
+    group = c.optimizer.param_groups[0]
+    group["params"] = [p for p in group["params"] if p is not model.alpha]
+    c.optimizer.add_param_group({"params": [model.alpha], "lr": 0.0})
+    adam = torch.optim.Adam([model.alpha], lr=1e-2)
+    start = model.alpha.detach().clone()
+    for _ in range(4):
+        adam.zero_grad()
+        F.cross_entropy(c(x_val), y_val).backward()
+        reference = copy.deepcopy(model)
+        reference.zero_grad()
+        F.cross_entropy(reference(x_val), y_val).backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL)
+        adam.step()
+        c.zero_grad()
+        alpha = model.alpha.detach().clone()
+        train_on_batches(c, [(x, y)], F.cross_entropy)
+        assert torch.equal(model.alpha.detach(), alpha)
+    assert not torch.equal(model.alpha.detach(), start)
+
+
+def test_a_parameter_taken_out_of_every_group_is_named_with_the_fix():
+    """Before: a KeyError (an object id) from deep in the diagonal preconditioner's step."""
+    torch.manual_seed(0)
+    model = MixedOp().double()
+    x, y = batch((32, 6))
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", example_inputs=(x,))
+    group = c.optimizer.param_groups[0]
+    group["params"] = [p for p in group["params"] if p is not model.alpha]
+    with pytest.raises(gnfx.ConfigError, match="'alpha' is in no param group.*'lr': 0.0"):
+        train_on_batches(c, [(x, y)], F.cross_entropy)
