@@ -33,6 +33,7 @@ from torch import fx
 aten = torch.ops.aten
 SLICE_OPS = (aten.slice.Tensor,)
 ALIAS_OPS = (aten.alias.default,)
+SLICES = (operator.getitem, *SLICE_OPS, *ALIAS_OPS)
 
 
 def _bounds(window: tuple[int, int | None], start, stop, step) -> tuple[int, int | None] | None:
@@ -88,10 +89,11 @@ def sliced_parameter(node, param_of, shape_of):
     of a chain of slices (module docstring), each the only user of the one before, ending in `node`, of a
     trainable parameter; else None. A chain that slices nothing off (the full width) gives the whole window."""
     chain = []
-    while isinstance(node, fx.Node) and param_of(node) is None and node.op == "call_function" and node.args:
+    while isinstance(node, fx.Node) and param_of(node) is None and node.op == "call_function" and node.args \
+            and node.target in SLICES:
         chain.append(node)
         node = node.args[0]
-        if len(node.users) != 1 and param_of(node) is None:
+        if not isinstance(node, fx.Node) or (len(node.users) != 1 and param_of(node) is None):
             return None
     name = param_of(node)
     if name is None or not chain:

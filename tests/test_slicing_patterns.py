@@ -296,3 +296,68 @@ def test_a_parameter_taken_out_of_every_group_is_named_with_the_fix():
     group["params"] = [p for p in group["params"] if p is not model.alpha]
     with pytest.raises(gnfx.ConfigError, match="'alpha' is in no param group.*'lr': 0.0"):
         train_on_batches(c, [(x, y)], F.cross_entropy)
+
+
+class BatchedEnsemble(nn.Module):
+    """E = 3 MLPs in stacked weights: the first layer reads one input for all members (`"bi,eoi->beo"`), the
+    second each member's hidden units (`"bei,eoi->beo"`, or `bmm` of (E, N, d) with W stored (E, d_in, d_out));
+    the output is the members' mean."""
+
+    def __init__(self, bmm: bool):
+        super().__init__()
+        self.bmm = bmm
+        self.W1 = nn.Parameter(torch.randn(3, 8, 6) / 6 ** 0.5)
+        self.W2 = nn.Parameter(torch.randn(3, 8, 4) / 8 ** 0.5 if bmm else torch.randn(3, 4, 8) / 8 ** 0.5)
+
+    def products(self, x):
+        """(the layers' inputs, their outputs)."""
+        z1 = torch.einsum("bi,eoi->beo", x, self.W1)
+        h = torch.tanh(z1)
+        a2 = h.transpose(0, 1) if self.bmm else h
+        z2 = torch.bmm(a2, self.W2) if self.bmm else torch.einsum("bei,eoi->beo", a2, self.W2)
+        return (x, a2), (z1, z2)
+
+    def forward(self, x):
+        z2 = self.products(x)[1][1]
+        return (z2.mean(0) if self.bmm else z2.mean(1)) @ torch.eye(4, 3, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("bmm", [False, True])
+def test_an_ensemble_in_stacked_weights_is_one_block_with_each_members_factors(bmm):
+    """Before: W1 and W2 fell back to the diagonal ('used by call_function einsum' / 'bmm'). Reference: each
+    member's input rows and output gradients (a tensor hook on the product), and torch.func's per-example
+    gradients for the diagonal."""
+    torch.manual_seed(0)
+    model = BatchedEnsemble(bmm).double()
+    reference, (x, y) = copy.deepcopy(model), batch((16, 6))
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    statistic_step(c, x, y)
+    assert [(b.name, b.kind) for b in c.layers] == [("W1", "stacked"), ("W2", "stacked")]
+    (a1, a2), (z1, z2) = reference.products(x)
+    grads = {}
+    z1.register_hook(lambda g: grads.__setitem__("W1", g))
+    z2.register_hook(lambda g: grads.__setitem__("W2", g))
+    F.cross_entropy((z2.mean(0) if bmm else z2.mean(1)) @ torch.eye(4, 3, dtype=x.dtype), y).backward()
+    diag = per_example_fisher_diag(reference, x, y)
+    for name, a, member_in in (("W1", a1, None), ("W2", a2, 0 if bmm else 1)):
+        g = grads[name].transpose(0, 1) if (bmm and name == "W2") else grads[name]  # (N, E, d_out)
+        a = a.unsqueeze(1).expand(-1, 3, -1) if member_in is None else a.movedim(member_in, 1)  # (N, E, d_in)
+        want_A = torch.einsum("nei,nej->eij", a, a) / len(x)
+        want_S = len(x) * torch.einsum("neo,nep->eop", g, g)
+        got = c.statistics(name)
+        torch.testing.assert_close(got["A"], want_A, **TOL)
+        torch.testing.assert_close(got["S"], want_S, **TOL)
+        w_diag = diag[name].transpose(1, 2) if (bmm and name == "W2") else diag[name]
+        torch.testing.assert_close(got["diag"], w_diag.flatten(0, 1), **TOL)
+
+
+@pytest.mark.parametrize("bmm", [False, True])
+def test_kfac_at_defaults_trains_an_ensemble_in_stacked_weights(bmm):
+    """Before: 0% of the parameters in blocks, the diagonal's steps."""
+    torch.manual_seed(0)
+    model = BatchedEnsemble(bmm)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy")
+    losses = train_on_batches(c, [(x, y)] * 20, F.cross_entropy)
+    assert not c.layers.fallbacks
+    assert losses[-1] < 0.25 * losses[0]  # (AdamW at lr 1e-2: 0.88x in these 20 steps)

@@ -21,7 +21,7 @@ fallback. `param_of(node)` is the name of the trainable parameter a node reads (
 `shape_of(name)` its shape.
 
 `KINDS` holds every registered kind by name; passes/analyze.py registers the built-in ones (linear,
-conv, conv_transpose, embedding, norm, position, scale, recurrent, experts, bilinear) through `register_layer_kind` as a
+conv, conv_transpose, embedding, norm, position, scale, recurrent, experts, bilinear, stacked) through `register_layer_kind` as a
 user does. Where two kinds claim the same node, the one registered later takes it: a user's kind
 overrides a built-in one there.
 """
