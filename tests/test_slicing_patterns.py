@@ -1,5 +1,7 @@
-"""Slimmable and supernet layers that slice their parameters in the forward (passes/weight_slices.py,
-benchmarks/results/first_contact_14_slicing.md).
+"""Parameters used in non-standard but common ways (benchmarks/results/first_contact_14_slicing.md): slimmable and
+supernet layers that slice their parameters in the forward (passes/weight_slices.py), the numbers a forward reads
+changed between steps (gnfx.variants, gnfx.opened_leaf), DARTS' architecture weights trained by an optimizer of
+their own, and ensembles in stacked weights (passes/stacked_products.py).
 
 Slimmable networks and once-for-all / dynamic-NAS supernets run a layer at an active width by slicing its
 full parameter, `F.linear(x, W[:o, :i], b[:o])`, and an elastic kernel by cropping the center of a K x K
