@@ -52,7 +52,8 @@ def _sliced_kernel(node: fx.Node, groups, param_of, shape_of):
         return None
     weight, use, window = sliced
     shape = shape_of(weight)
-    if len(shape) < 3 or (groups != 1 and window[0] != (0, shape[0])) or any(hi is None for _, hi in window[2:]):
+    if len(shape) < 3 or not isinstance(groups, int) or (groups != 1 and window[0] != (0, shape[0])) \
+            or any(hi is None for _, hi in window[2:]):
         return None
     bias = param_of(b_node)
     bias_use = (node, b_node)
@@ -68,7 +69,8 @@ def _sliced_kernel(node: fx.Node, groups, param_of, shape_of):
 
 
 def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Convolution sites (none rejected: the list is empty)."""
+    """Convolution sites, and (the slice of the weight, why) for a window of a grouped convolution's output
+    channels (module docstring)."""
     sites, rejected = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -85,6 +87,12 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
         found = kernel_of(node, param_of, shape_of)
         found = found + (None,) if found is not None else _sliced_kernel(node, groups, param_of, shape_of)
         if found is None:
+            sliced = sliced_parameter(arg(node, 1, "weight"), param_of, shape_of)
+            if sliced is not None and groups != 1 and sliced[2][0] != (0, shape_of(sliced[0])[0]):
+                rejected.append((sliced[1][0], f"a window {sliced[2]} of the kernel {shape_of(sliced[0])} of a grouped "
+                                               f"convolution (groups={groups}) that cuts its output channels: which "
+                                               f"input channels each group reads changes with the window, so no block "
+                                               f"of the full kernel holds it"))
             continue
         weight, bias, shape, kernel, uses, window = found
         n = len(kernel)

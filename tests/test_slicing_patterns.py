@@ -363,3 +363,22 @@ def test_kfac_at_defaults_trains_an_ensemble_in_stacked_weights(bmm):
     losses = train_on_batches(c, [(x, y)] * 20, F.cross_entropy)
     assert not c.layers.fallbacks
     assert losses[-1] < 0.25 * losses[0]  # (AdamW at lr 1e-2: 0.88x in these 20 steps)
+
+
+class DynamicDepthwise(nn.Module):
+    """once-for-all's DynamicSeparableConv2d: a depthwise kernel cut to the active channels, `groups` them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.head, self.channels = nn.Parameter(torch.randn(8, 1, 5, 5)), nn.Linear(6, 3), 6
+
+    def forward(self, x):
+        w = self.weight[:self.channels, :, 1:4, 1:4]
+        return self.head(F.conv2d(x, w, padding=1, groups=self.channels).mean((2, 3)))
+
+
+def test_a_window_of_a_grouped_convolutions_output_channels_falls_back_saying_why():
+    """Before: the generic "used by call_function 'getitem'"."""
+    c = gnfx.compile(DynamicDepthwise(), optimizer="kfac", lr=1e-2, example_inputs=(torch.randn(2, 6, 5, 5),))
+    (fallback,) = c.layers.fallbacks
+    assert fallback.param == "weight" and "grouped convolution (groups=6) that cuts its output" in fallback.reason
