@@ -83,9 +83,9 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
                        kept: torch.Tensor, logits: LogitsLayout, scale: float = 1.0) -> None:
     """Backpropagate each vector from z to the block outputs in `pending` and record their statistics.
 
-    `pending` holds (block output, block input or None, BlockStatistics, forward id, routing or None:
-    gnfx.taps) of this forward. `kept` marks the rows of z (flattened to (M, C)) that the loss counts
-    (cross-entropy drops the targets it ignores): the other rows backpropagate nothing; `loss_terms`
+    `pending` holds (block output, block input or None, BlockStatistics, forward id, routing or None, the call
+    site's own layout or None: gnfx.taps) of this forward. `kept` marks the rows of z (flattened to (M, C)) that
+    the loss counts (cross-entropy drops the targets it ignores): the other rows backpropagate nothing; `loss_terms`
     counts the kept ones. The vectors are those of the classes-last z_c (`logits`,
     gnfx.outputs.LogitsLayout), each backpropagated from z in its own layout. `scale`: a factor of every
     recorded outer product, w_k M_k / M for output k of a loss over several outputs (gnfx.output_watch).
@@ -105,6 +105,6 @@ def record_true_fisher(z: torch.Tensor, pending: list, fisher: str, loss: str, s
             grads = torch.autograd.grad(z, outputs, grad_outputs=logits.as_output(v * mask), retain_graph=True,
                                         allow_unused=True)
         factor = (weight * scale) ** 0.5 / loss_terms
-        for (_, a, stats, fid, routing), g in zip(pending, grads):
+        for (_, a, stats, fid, routing, layout), g in zip(pending, grads):
             if g is not None:
-                stats.record_error(g.to(precision) * factor, a, fid, routing)
+                stats.record_error(g.to(precision) * factor, a, fid, routing, layout)

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import collections
 import inspect
+import warnings
 
 import torch
 from torch import fx, nn
 
 from gnfx.errors import GnfxError
+from gnfx.passes.module_attributes import subtree_numbers
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -107,18 +109,26 @@ class OpenedLeaf(nn.Module):
     """The opaque submodule `module`, called with its opened children's graphs in their place.
 
     `path` is the submodule's path in the model; `graphs` maps each opened child's path under `module`
-    to its graph (rooted at the model, with its taps), or to {form of call: graph} for a child captured in
-    several (passes/opaque_children.py); the graphs are submodules, so that they print with the captured graph;
-    `module` is not (its parameters keep their one name)."""
+    to (its graph (rooted at the model, with its taps), or {form of call: graph} for a child captured in
+    several (passes/opaque_children.py); the numbers the child and its submodules held when it was traced,
+    passes.module_attributes.subtree_numbers); the graphs are submodules, so that they print with the captured
+    graph; `module` is not (its parameters keep their one name).
 
-    def __init__(self, module: nn.Module, path: str, graphs: dict[str, fx.GraphModule | dict]):
+    A graph holds the numbers it was traced with as constants (a slimmable layer's width, `W[:self.width]`): a
+    call where the child holds others (the Python code around it set them: a width drawn in the forward) runs
+    the child's own forward, whose values are right but whose statistics its block does not get, and warns
+    once per child."""
+
+    def __init__(self, module: nn.Module, path: str, graphs: dict[str, tuple[fx.GraphModule | dict, tuple]]):
         super().__init__()
         self.__dict__["module"] = module
         self.path = path  # the submodule's path in the model
         self.paths = list(graphs)
         # each path's forms (None: one graph), the graphs flat, in the order of the paths and their forms
-        self.forms = [list(g) if isinstance(g, dict) else None for g in graphs.values()]
-        self.graphs = nn.ModuleList(gm for g in graphs.values() for gm in (g.values() if isinstance(g, dict) else (g,)))
+        self.forms = [list(g) if isinstance(g, dict) else None for g, _ in graphs.values()]
+        self.graphs = nn.ModuleList(gm for g, _ in graphs.values() for gm in (g.values() if isinstance(g, dict) else (g,)))
+        self.numbers = [numbers for _, numbers in graphs.values()]  # (class doc)
+        self._warned: set[str] = set()
 
     def _path_graphs(self) -> list:
         """Each path's graph, or {form: graph} (module doc)."""
@@ -135,13 +145,14 @@ class OpenedLeaf(nn.Module):
         forward, or a method of the model that gnfx.compile(methods=...) names (passes/opaque_root.py)."""
         swapped, views = [], []
         try:
-            for path, graph in zip(self.paths, self._path_graphs()):
+            for path, graph, numbers in zip(self.paths, self._path_graphs(), self.numbers):
                 parent, _, name = path.rpartition(".")
                 owner = self.module.get_submodule(parent)
                 child = owner._modules[name]
                 swapped.append((owner, name, child))
-                owner._modules[name] = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path,
-                                             views)
+                twin = _twin(child, graph, self.path, f"{self.path}.{path}" if self.path else path, views)
+                twin.__dict__["forward"] = self._checked(path, child, twin, numbers, twin.forward)
+                owner._modules[name] = twin
             out = function(*args, **kwargs)
         finally:
             for owner, name, child in swapped:
@@ -152,6 +163,38 @@ class OpenedLeaf(nn.Module):
                                                      "the model's own forward", name=name,
                                                      leaf=self.path or name.rpartition(".")[0]))
         return out
+
+    def _checked(self, path: str, child: nn.Module, twin: nn.Module, numbers: tuple, forward):
+        """The twin's forward `forward` (its graph), for a call where the twin holds the numbers the graph was
+        traced with (class doc); else the child's own forward, given the twin's numbers (those the code around
+        it set on the twin), with a warning."""
+        def call(*args, **kwargs):
+            now = subtree_numbers(twin)
+            if now == numbers:
+                return forward(*args, **kwargs)
+            self._warn_numbers(path, now, numbers)
+            for name, attr, _ in now:
+                setattr(child.get_submodule(name), attr, getattr(twin.get_submodule(name), attr))
+            return child(*args, **kwargs)
+        return call
+
+    def _warn_numbers(self, path: str, now: tuple, numbers: tuple) -> None:
+        """Warn, once per child, that the child at `path` holds the numbers `now`, its graph others."""
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        now = dict(((name, attr), value) for name, attr, value in now)
+        then = dict(((name, attr), value) for name, attr, value in numbers)
+        changed = next(k for k in {**then, **now} if then.get(k) != now.get(k))
+        where = f"{path}.{changed[0]}" if changed[0] else path
+        warnings.warn(
+            f"gnfx: {where}.{changed[1]} is {now.get(changed, 'unset')}, where the graph gnfx captured of "
+            f"{path!r} (opened inside {'the model' if not self.path else repr(self.path)}'s own forward, "
+            f"passes/opaque_children.py) has {then.get(changed, 'unset')} as a constant: such calls run its own "
+            f"forward, whose statistics its block does not get. Usually the Python code around it sets the number "
+            f"(a slimmable network's width drawn in the forward). Fix: set it before calling the model, where the "
+            f"training loop draws it: gnfx then captures the model's forward once per value",
+            RuntimeWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         return f"opened: {', '.join(self.paths)}"

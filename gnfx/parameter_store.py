@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from gnfx.errors import ConfigError
 from gnfx.reparametrization import Reparametrizations
 
 
@@ -97,7 +98,14 @@ class ParameterStore:
         """The param group of parameter `name` (as of the last `sync_groups`, run by every step)."""
         if self._groups_seen is None:
             self.sync_groups()
-        return self._group_index[id(self.named[name])]
+        group = self._group_index.get(id(self.named[name]))
+        if group is None:  # taken out of every group after gnfx.compile (DARTS' α, for an optimizer of its own)
+            raise ConfigError(f"parameter {name!r} is in no param group of the compiled model's optimizer: gnfx "
+                              f"steps every parameter it planned at compile time. To train it with an optimizer of "
+                              f"its own (DARTS' architecture weights α with Adam), keep it out of gnfx's steps "
+                              f"with a group of lr 0: model.optimizer.add_param_group({{'params': [p], 'lr': 0.0}}); "
+                              f"or set requires_grad=False before gnfx.compile to leave it fixed")
+        return group
 
     def replace(self, params: dict) -> None:
         """The same parameters as other Parameter objects `params` (by name: FSDP2's sharded ones),

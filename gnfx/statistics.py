@@ -164,8 +164,7 @@ class BlockStatistics:
     def staged_rows(self) -> int:
         """The rows (examples x positions, over all call sites) of the layer inputs staged by the forwards
         whose backward has not reached the block yet (gnfx.layouts.base `Layout.rows`)."""
-        inputs = (a[0] if self.routed else a for staged in self._staged.values() for a in staged)
-        return sum(self.layout.rows(a) for a in inputs)
+        return sum((layout or self.layout).rows(a) for staged in self._staged.values() for a, _, layout in staged)
 
     @property
     def wants_activation_in_backward(self) -> bool:
@@ -181,10 +180,13 @@ class BlockStatistics:
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1) if self.bias else rows
 
     @torch.no_grad()
-    def record_activation(self, a: torch.Tensor, forward_id: int, routing: torch.Tensor | None = None) -> None:
-        """Forward tap: stage the layer input (with its routing, for a routed layout); it counts once the
-        backward of this forward reaches the block (a forward that is never backpropagated adds nothing)."""
-        self._staged.setdefault(forward_id, []).append(a if routing is None else (a, routing))
+    def record_activation(self, a: torch.Tensor, forward_id: int, routing: torch.Tensor | None = None,
+                          layout=None) -> None:
+        """Forward tap: stage the layer input (with its routing, for a routed layout, and its call site's layout,
+        for a site that reads a window of the parameter: gnfx.layouts.registration.site_layout; None: the
+        block's); it counts once the backward of this forward reaches the block (a forward that is never
+        backpropagated adds nothing)."""
+        self._staged.setdefault(forward_id, []).append((a, routing, layout))
 
     def _commit(self, forward_id: int, a: torch.Tensor | None) -> None:
         """Accumulate A from the staged input of the call whose output gradient arrived (`a`, the input the
@@ -200,15 +202,14 @@ class BlockStatistics:
         if a is None:
             called = self._staged.pop(forward_id)
         else:
-            index = next((i for i in range(len(staged) - 1, -1, -1)
-                          if (staged[i][0] if self.routed else staged[i]) is a), None)
+            index = next((i for i in range(len(staged) - 1, -1, -1) if staged[i][0] is a), None)
             if index is None:  # this call's input was committed by an earlier backward (another sampled vector)
                 return
             called = [staged.pop(index)]
             if not staged:
                 del self._staged[forward_id]
         if self.routed:  # (a, routing) pairs: each group's rows by the routing (no per-example statistics)
-            for a, routing in called if self._A is not None else ():
+            for a, routing, _ in called if self._A is not None else ():
                 for group, rows in self.layout.routed_rows(a, routing):
                     self._add_A(rows.to(self.dtype), group)
             return
@@ -216,8 +217,8 @@ class BlockStatistics:
         reduce = self.reduce and forward_id not in self._whole_batch
         if self._A is None and not pool:
             return
-        for a in called:
-            for chunk in self.layout.input_chunks(a):
+        for a, _, layout in called:
+            for chunk in (layout or self.layout).input_chunks(a):
                 if self.layout.diagonal_A:  # token ids: A is the diagonal of token counts
                     self._A += torch.bincount(chunk.flatten(), minlength=self._A.shape[0]).to(self.dtype)
                     self._a_rows += chunk.numel()
@@ -235,8 +236,8 @@ class BlockStatistics:
         if self.routed:
             self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
             return
-        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0]))
-        folded = [self.layout.examples(a) for a in staged if self.layout.examples(a) != n]
+        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0][0]))
+        folded = [self.layout.examples(a) for a, _, _ in staged if self.layout.examples(a) != n]
         if folded and self.per_example:
             self._whole_batch.add(forward_id)
             if not self._warned and n > 1:  # (one example: the whole batch's gradient is its own)
@@ -296,9 +297,10 @@ class BlockStatistics:
 
     @torch.no_grad()
     def record_error(self, g: torch.Tensor, a: torch.Tensor | None, forward_id: int,
-                     routing: torch.Tensor | None = None) -> None:
+                     routing: torch.Tensor | None = None, layout=None) -> None:
         """Backward tap: accumulate Σ g gᵀ and, if needed, the per-example squared gradients (a routed
-        layout: Σ g gᵀ over each group's rows by the `routing` recorded with g)."""
+        layout: Σ g gᵀ over each group's rows by the `routing` recorded with g; `layout`: the call site's, for a
+        site that reads a window of the parameter, None for the block's)."""
         if forward_id in self._staged:
             self._commit(forward_id, a)
         self._dirty = True
@@ -306,7 +308,8 @@ class BlockStatistics:
             for group, rows in self.layout.routed_rows(g, routing) if self._S is not None else ():
                 self._gram_into("_S", rows.to(self.dtype), group)
             return
-        g3 = self.layout.error_rows(g).to(self.dtype)
+        layout = layout or self.layout
+        g3 = layout.error_rows(g).to(self.dtype)
         if self.groups > 1:  # (N, R, groups, s)
             g3 = g3.unflatten(-1, (self.groups, -1))
         whole = forward_id in self._whole_batch
@@ -324,7 +327,7 @@ class BlockStatistics:
         g3s = [g3] if self._eigen_diag is None else [g3, g3 if Q_S is None else _rotate_rows(g3, Q_S)]
         # one pass over the input's chunks for every statistic: a conv's patches unfolded, and the rows
         # cast and augmented with their 1, once
-        for (g, *rotated), chunk in self._example_chunks(g3s, a, forward_id):
+        for (g, *rotated), chunk in self._example_chunks(g3s, a, forward_id, layout):
             rows = chunk if self.layout.diagonal_A else self._augmented(chunk.to(self.dtype))
             if self._diag is not None:
                 self._record_per_example(g, rows, forward_id, self._diag, self._per_example)
@@ -333,12 +336,12 @@ class BlockStatistics:
             if self._eigen_diag is not None:
                 self._record_per_example(rotated[0], rows, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
 
-    def _example_chunks(self, g3s: list[torch.Tensor], a: torch.Tensor, forward_id: int):
+    def _example_chunks(self, g3s: list[torch.Tensor], a: torch.Tensor, forward_id: int, layout):
         """(output gradients, input) of the same examples, per chunk of the layer input: each of the
         (N, R, ...) gradients `g3s` cut to the chunk's examples (the whole batch as one example for a
         forward whose input is not batch-first, see _commit). The chunks are formed one at a time (a conv's
         patches, a bilinear map's outer products), except for such a forward, whose one chunk is all of them."""
-        chunks = self.layout.input_chunks(a)
+        chunks = layout.input_chunks(a)
         if forward_id in self._whole_batch:
             chunks = [torch.cat([c.reshape((1, -1) + tuple(c.shape[2:])) for c in chunks], dim=1)]
             g3s = [g3.reshape((1, -1) + tuple(g3.shape[2:])) for g3 in g3s]

@@ -6,7 +6,9 @@ it with the `a` of the same call); with a true Fisher (`fisher="mc"`/`"type2"`) 
 the extra backward of gnfx.fisher instead. Both are identities: the model computes the same values and
 gradients. They only run on statistic steps: on other steps the compiled model calls the
 original, untapped forward. A block whose rows are routed to its groups at run time (stacked experts)
-gets the routing (the offsets) as both taps' last argument and records it with a and g.
+gets the routing (the offsets) as both taps' last argument and records it with a and g. A call site that
+reads a window of its parameter (passes/weight_slices.py) has a layout of its own (`layout`), recorded with a
+and g, which places its rows into the full parameter's.
 A block's statistics count only the backwards that fill its gradient (gnfx.filled_gradients): the
 ErrorTap of a block whose parameters are all frozen registers nothing, and its hook skips a backward
 that does not accumulate into the block's parameters (torch.autograd.grad), and warns once when that
@@ -25,13 +27,13 @@ class ActivationTap(nn.Module):
     under torch.no_grad (a target an opaque submodule's code computes with the layer,
     passes/opaque_children.py) has no output gradient, so no `S` rows: its `a` is not recorded either."""
 
-    def __init__(self, stats, store):
+    def __init__(self, stats, store, layout=None):
         super().__init__()
-        self.stats, self.store = stats, store
+        self.stats, self.store, self.layout = stats, store, layout
 
     def forward(self, a, routing=None):
         if torch.is_grad_enabled():
-            self.stats.record_activation(a, self.store.forward_id, routing)
+            self.stats.record_activation(a, self.store.forward_id, routing, self.layout)
         return a
 
     def extra_repr(self) -> str:
@@ -43,23 +45,23 @@ class ErrorTap(nn.Module):
     `fresh` (a user of z may modify it in place, passes/taps.py) it returns a copy of z, which that op
     then modifies, so that the hook and the true Fisher's backward read ∂L/∂z of z itself."""
 
-    def __init__(self, stats, store, fresh: bool):
+    def __init__(self, stats, store, fresh: bool, layout=None):
         super().__init__()
-        self.stats, self.store, self.fresh = stats, store, fresh
+        self.stats, self.store, self.fresh, self.layout = stats, store, fresh, layout
 
     def forward(self, z, a, routing=None):
         leaves = self.store.trained_leaves(self.stats.block) if z.requires_grad else []
         if leaves:  # (none: every parameter of the block is frozen, and no backward fills its gradient)
             # a (to the backward): the per-example statistics' input, and the staged input this call's gradient
             # commits to A (gnfx.statistics: a call whose output no backward reaches adds no rows)
-            fid, stats = self.store.forward_id, self.stats
+            fid, stats, layout = self.store.forward_id, self.stats, self.layout
             self.store.trained.extend(leaves)
             if self.store.fisher == "empirical":
                 store = self.store
-                z.register_hook(lambda g: stats.record_error(g, a, fid, routing) if fills_gradients(leaves)
+                z.register_hook(lambda g: stats.record_error(g, a, fid, routing, layout) if fills_gradients(leaves)
                                 else tell_a_graph_backward(store, stats.block.name))
             else:  # the true-Fisher backward (gnfx.fisher) differentiates with respect to z
-                self.store.pending.append((z, a, stats, fid, routing))
+                self.store.pending.append((z, a, stats, fid, routing, layout))
         if self.fresh and z.requires_grad:
             return z.clone()
         return z

@@ -46,6 +46,7 @@ from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_le
 from gnfx.passes.constant_parameters import constant_parameters_message, parameters_read_as_constants
 from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.leaf_outputs import output_structures
+from gnfx.passes.module_attributes import module_numbers
 from gnfx.passes.python_random import kept_state
 from gnfx.passes.taps import insert_taps
 from gnfx.passes.trace_check import differing_output
@@ -583,16 +584,6 @@ def module_flags(module: nn.Module) -> list[tuple[str, object]]:
         elif isinstance(value, (bool, str)) and attr != "training":
             flags.append((attr, value))
     return flags
-
-
-def module_numbers(module: nn.Module) -> list[tuple[str, float]]:
-    """The (attribute, value) pairs of `module`'s own float attributes: what a traced forward reads as
-    constants (Variants._module_state) where it does not call the module (torch.export's `dropout(x, 0.5,
-    True)` and `batch_norm(..., 0.1, 1e-05)`; under torch.fx a custom forward's `self.drop_prob`), and a
-    training recipe may change after gnfx.compile (the dropout and drop-path schedules of ConvNeXt's early
-    dropout, `module.p = rate` at every step; an annealed Gumbel-softmax temperature). Integers are left out: a
-    counter (`self.nfe += 1`, an epoch count a loop keeps on the model) would make every call a new capture."""
-    return [(attr, value) for attr, value in vars(module).items() if type(value) is float]
 
 
 def called_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from gnfx.layouts.conv import ConvLayout
 from gnfx.layouts.conv_transpose import ConvTransposeLayout
 from gnfx.layouts.embedding import EmbeddingLayout
 from gnfx.layouts.experts import ExpertsLayout
+from gnfx.layouts.stacked import StackedLayout
 from gnfx.layouts.linear import LinearLayout
 from gnfx.layouts.norm import NormLayout
 from gnfx.passes.capture import UNUSED
@@ -75,6 +76,7 @@ from .position import find_position_sites
 from .scale import find_scale_sites
 from .shift import find_shift_sites
 from .sites import Site
+from .stacked_products import find_stacked_sites
 from .masked_weights import find_masked_weights
 from .own_terms import drop_own_terms
 from .sampled_weights import find_sampled_weights
@@ -102,6 +104,8 @@ register_layer_kind("recurrent", LinearLayout, find_hidden_product_sites)
 register_layer_kind("experts", ExpertsLayout, find_expert_sites)
 # a bilinear map x1ᵀ W_k x2: the linear map W.flatten(1) of the outer product vec(x1 x2ᵀ)
 register_layer_kind("bilinear", BilinearLayout, find_bilinear_sites)
+# an ensemble's members in one product of a stacked weight, every row through every member
+register_layer_kind("stacked", StackedLayout, find_stacked_sites)
 
 def _block_name(weight: str) -> str:
     """The dotted module path of a layer's `.weight` (`attn.in_proj` for `attn.in_proj_weight`);

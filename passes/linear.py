@@ -31,6 +31,7 @@ from torch import fx
 
 from .identity_views import replayed
 from .sites import Site, arg
+from .weight_slices import sliced_parameter
 
 aten = torch.ops.aten
 LINEAR_OPS = (F.linear, aten.linear.default)
@@ -80,16 +81,21 @@ def _flattened(node, param_of, shape_of):
 
 
 def _weight(node, consumer, orientation: str, param_of, shape_of, rejected: dict):
-    """(parameter name, its use (reader, node read), the matrix's shape, orientation, view) of the weight
-    operand `node` of `consumer`, a product that reads it as W ("out_in", F.linear) or as Wᵀ ("in_out",
-    `x @ node`): a trainable parameter, transposed (the other orientation) or not, or a parameter of three
-    dimensions or more flattened to a matrix (module docstring) that is one of the views a block steps; else
-    None (a reshape that is none recorded in `rejected` with its reason)."""
+    """(parameter name, its use (reader, node read), the matrix's shape, orientation, view, window) of the
+    weight operand `node` of `consumer`, a product that reads it as W ("out_in", F.linear) or as Wᵀ ("in_out",
+    `x @ node`): a trainable parameter, transposed (the other orientation) or not, a parameter of three
+    dimensions or more flattened to a matrix (module docstring) that is one of the views a block steps, or a
+    slice of a matrix (`W[:o, :i]`, passes/weight_slices.py: its window, (start, stop) of W's (out, in), the
+    matrix's shape the parameter's); else None (a reshape that is none recorded in `rejected` with its reason)."""
     if _is_transpose(node) and len(node.users) == 1:
         consumer, node, orientation = node, node.args[0], "in_out" if orientation == "out_in" else "out_in"
     name = param_of(node)
     if name is not None:
-        return name, (consumer, node), shape_of(name), orientation, ""
+        return name, (consumer, node), shape_of(name), orientation, "", None
+    sliced = sliced_parameter(node, param_of, shape_of)
+    if sliced is not None and len(shape_of(sliced[0])) == 2:  # W[:o, :i] (passes/weight_slices.py)
+        name, use, window = sliced
+        return name, use, shape_of(name), orientation, "", window if orientation == "out_in" else window[::-1]
     found = _flattened(node, param_of, shape_of)
     if found is None:
         return None
@@ -105,7 +111,7 @@ def _weight(node, consumer, orientation: str, param_of, shape_of, rejected: dict
         rejected[first_reshape] = (f"reshape of {name} {shape} to the matrix {matrix} read as a linear map's {role}, "
                                    f"whose {mismatch}: no view of the weight a linear block steps")
         return None
-    return name, (first_reshape, read), matrix, orientation, view
+    return name, (first_reshape, read), matrix, orientation, view, None
 
 
 def _site(node, x, w_operand, bias_node, orientation: str, param_of, shape_of, rejected: dict) -> Site | None:
@@ -113,21 +119,33 @@ def _site(node, x, w_operand, bias_node, orientation: str, param_of, shape_of, r
     found = _weight(w_operand, node, orientation, param_of, shape_of, rejected)
     if found is None:
         return None
-    name, use, matrix, orientation, view = found
+    name, use, matrix, orientation, view, window = found
     if len(matrix) != 2:
         return None
-    bias = param_of(bias_node)
     d_out, d_in = matrix if orientation == "out_in" else matrix[::-1]
-    if bias is not None and shape_of(bias) != (d_out,):
-        bias = None
-    uses = [use] + ([(node, bias_node)] if bias is not None else [])
+    bias, bias_use = _bias(node, bias_node, d_out, window, param_of, shape_of)
+    uses = [use] + ([bias_use] if bias is not None else [])
     if view:
         options = {"weight_view": view}
     else:
         options = {"transposed": True} if orientation == "in_out" else {}
     options["weight_shape"] = shape_of(name)
     return Site(node=node, input=x, weight=name, bias=bias, uses=uses,
-                d_in=d_in, d_out=d_out, options=options)
+                d_in=d_in, d_out=d_out, options=options, window=window)
+
+
+def _bias(product, node, d_out: int, window, param_of, shape_of) -> tuple[str | None, tuple | None]:
+    """(the bias parameter of the bias operand `node` of `product`, its use (consumer, node read)): a trainable
+    (d_out,) vector, read whole or, for a weight read through a slice (its (out, in) `window`), through a slice
+    of the same output window (`b[:o]` beside `W[:o, :i]`); (None, None) otherwise."""
+    bias = param_of(node)
+    if bias is not None:
+        whole = window is None or window[0] == (0, d_out)
+        return (bias, (product, node)) if shape_of(bias) == (d_out,) and whole else (None, None)
+    sliced = sliced_parameter(node, param_of, shape_of)
+    if sliced is None or window is None or shape_of(sliced[0]) != (d_out,) or sliced[2] != window[:1]:
+        return None, None
+    return sliced[0], sliced[1]
 
 
 def _einsum_operands(node):

@@ -240,3 +240,31 @@ def changes_recorded(model: nn.Module):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def module_numbers(module: nn.Module) -> list[tuple[str, object]]:
+    """The (attribute, value) pairs of `module`'s own numbers (an int or a float, not a bool) and tuples or lists
+    of them, as a hashable list: what a traced forward reads as constants (gnfx.variants.Variants._module_state,
+    gnfx.opened_leaf.OpenedLeaf) where it does not call the module (torch.export's `dropout(x, 0.5, True)` and
+    `batch_norm(..., 0.1, 1e-05)`; under torch.fx a custom forward's `self.drop_prob`, a slimmable layer's
+    `W[:self.width]`), and a training recipe may change after gnfx.compile (the dropout and drop-path schedules
+    of ConvNeXt's early dropout, `module.p = rate` at every step; an annealed Gumbel-softmax temperature; the
+    active width of a slimmable network or a supernet set between steps). A counter a forward increments
+    (`self.nfe += 1`) is the module's own: torch.fx keeps such a module opaque and its numbers are read at each
+    call; one a loop keeps on the model (an epoch count) makes a capture per value."""
+    numbers = []
+    for attr, value in vars(module).items():
+        if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
+            numbers.append((attr, tuple(value)))
+        elif _is_number(value):
+            numbers.append((attr, value))
+    return numbers
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def subtree_numbers(module: nn.Module) -> tuple:
+    """`module_numbers` of `module` and of each of its submodules, by path, as one hashable tuple."""
+    return tuple((name, *number) for name, m in module.named_modules() for number in module_numbers(m))

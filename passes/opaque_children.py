@@ -66,6 +66,7 @@ from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.mapping_output import copy_output_type
+from gnfx.passes.module_attributes import subtree_numbers
 from gnfx.passes.parameter_casts import METADATA_ATTRIBUTES
 from gnfx.passes.capture import REQUESTED, Captured, describe_exception, trace_fx
 
@@ -345,7 +346,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             why = (f"inside {module_path}, {reads}" if reads is not None else
                    read_by_code or _method_called(child, source)
                    or _why_closed(path, child, names, read, paths[id(child)]))
-            built = {}
+            built, traced_with = {}, subtree_numbers(child)  # the numbers its graph holds as constants
             for form in _forms(child) if why is None else ():
                 try:
                     built[form] = build(_capture(model, path, child, form))
@@ -369,7 +370,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             table.opened[path] = OPENED
             table.opened.update(child_table.opened)
             leaves.update(child_table.leaves)
-            graphs[path[len(leaf) + 1:] if leaf else path] = child_gm
+            graphs[path[len(leaf) + 1:] if leaf else path] = child_gm, traced_with
             for block in child_table.blocks:
                 if block.called_by is None:
                     block.called_by = leaf

@@ -16,8 +16,12 @@ class Site:
     `routing`, for a layout whose rows are assigned to its groups at run time (`Layout.routed`: stacked
     experts), is the node whose value assigns them (a grouped product's offsets): the taps record it
     with the input and the output gradient.
-    `d_in`, `d_out` are the sizes of `a` and `z` per position; `options` the kind's geometry (what
-    its layout reads). `kind` is the name its detector is registered under (set by passes/analyze.py)."""
+    `window`, for a layer that reads a block of consecutive entries of its parameter (a slimmable or
+    supernet layer's `W[:o, :i]`, passes/weight_slices.py), is that block: (start, stop) per dimension of the
+    weight as its layout reads it (a linear map's (out, in), a convolution's (out, in, *kernel)); the taps
+    read this call's rows into the full parameter's with it (gnfx.layouts.registration.site_layout).
+    `d_in`, `d_out` are the sizes of `a` and `z` per position (of the full parameter); `options` the kind's
+    geometry (what its layout reads). `kind` is the name its detector is registered under (set by passes/analyze.py)."""
 
     node: fx.Node
     input: fx.Node | tuple[fx.Node, ...]
@@ -29,6 +33,7 @@ class Site:
     options: dict = dataclasses.field(default_factory=dict)
     kind: str = ""
     routing: fx.Node | None = None
+    window: tuple[tuple[int, int], ...] | None = None
 
 
 def arg(node: fx.Node, position: int, name: str, default=None):

@@ -7,10 +7,13 @@ For a site `z = linear(a, W, b)` the graph becomes
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
 and every former user of `z` reads `z_tap`. A layer of several inputs (a bilinear map's x1, x2, whose
-rows its layout forms) has their tuple tapped, `a_tap = ..._a((x1, x2))`, and reads them as before. A site with a `routing` (stacked experts: the offsets of
+rows its layout forms) has their tuple tapped, `a_tap = ..._a((x1, x2))`, and reads them as before. A site with
+a `routing` (stacked experts: the offsets of
 their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps
 are submodules under `gnfx_taps`, so they are visible in `graph_module.code` and in
-`print(graph_module)`. A site in the graph of a layer opened inside an opaque submodule
+`print(graph_module)`. A site that reads a window of its parameter (passes/weight_slices.py) gives both taps
+its own layout (gnfx.layouts.registration.site_layout), which they record with a and g. A site in the graph of a
+layer opened inside an opaque submodule
 (passes/opaque_children.py) gets its taps in that graph, under its own `gnfx_taps`.
 
 Where a user may modify z in place (an `nn.ReLU(inplace=True)` after the layer, as VGG's and AlexNet's
@@ -33,6 +36,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from gnfx.layouts.registration import site_layout
 from gnfx.taps import ActivationTap, ErrorTap
 
 # methods and functions whose result is a view of their first input: an in-place op on it modifies that input
@@ -113,14 +117,16 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
             if id(owner) not in owners:
                 owners[id(owner)] = owner
                 owner.add_module("gnfx_taps", nn.Module())
-            owner.gnfx_taps.add_module(f"{stem}_a", ActivationTap(stats, store))
+            layout = site_layout(stats.block, site)  # a window of the parameter (passes/weight_slices.py)
+            owner.gnfx_taps.add_module(f"{stem}_a", ActivationTap(stats, store, layout))
             graph = node.graph
             with graph.inserting_before(node):
                 routing = () if site.routing is None else (site.routing,)  # a routed layout's (Site.routing)
                 a_tap = graph.call_module(f"gnfx_taps.{stem}_a", (site.input,) + routing)
             if not isinstance(site.input, tuple):  # (a layer of several inputs reads them as they were)
                 node.replace_input_with(site.input, a_tap)
-            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner)))
+            owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner),
+                                                              layout=layout))
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)

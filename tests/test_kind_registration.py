@@ -183,7 +183,7 @@ def test_a_kind_that_cannot_be_registered_is_a_config_error_naming_the_fix(name,
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         gnfx.register_layer_kind(name, layout, detector)
     assert set(KINDS) == {"linear", "conv", "conv_transpose", "embedding", "norm", "position", "scale", "recurrent",
-                          "weighted_sum", "shift", "experts", "bilinear"}
+                          "weighted_sum", "shift", "experts", "bilinear", "stacked"}
 
 
 def test_the_built_in_kinds_are_registered_as_a_users_are():

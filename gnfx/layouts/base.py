@@ -114,6 +114,21 @@ def position_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]) if x.dim() > 1 else x.reshape(1, 1, -1)
 
 
+def in_window(rows: torch.Tensor, window, full: tuple[int, ...]) -> torch.Tensor:
+    """The rows (..., prod(active)) of a layer that reads a window of its parameter (passes/weight_slices.py),
+    placed into rows (..., prod(full)) of the full parameter: the entries, read as an array `full`, at
+    `window` ((start, stop) per dimension of `full`; a stop of None, for at most one dimension: as many entries
+    as the rows have there) are the rows' own, the others 0. `window` None: the rows as they are."""
+    if window is None or all((lo, hi) == (0, n) for (lo, hi), n in zip(window, full)):
+        return rows
+    active = rows.unflatten(-1, [-1 if hi is None else hi - lo for lo, hi in window])
+    if active.shape[-len(full):] == tuple(full):
+        return rows
+    out = rows.new_zeros(rows.shape[:-1] + tuple(full))
+    out[(...,) + tuple(slice(lo, lo + n) for (lo, _), n in zip(window, active.shape[-len(full):]))] = active
+    return out.flatten(-len(full))
+
+
 def split_groups(X: torch.Tensor, groups: int) -> torch.Tensor:
     """A stack (k, groups·s, d) of [W b] matrices as the stack (k·groups, s, d) of its groups."""
     return X.reshape(X.shape[0] * groups, X.shape[1] // groups, X.shape[2])

@@ -15,6 +15,12 @@ j are the j-th consecutive C/g·prod(k) of them, and the rows of group j of `W =
 gnfx.layouts.base), as Grosse & Martens' block-diagonal K-FAC would for g separate layers.
 A blocked A (a factor above the block's max_factor, gnfx.layouts.base) keeps the prod(k) entries of
 each input channel's patch in one block.
+
+A call that convolves with a window of the kernel (a supernet's `W[:o, :c, s:s + k, s:s + k]`, active channels
+and a k x k kernel cropped from the center of the K x K one, passes/weight_slices.py: `options["window"]`, one
+(start, stop) per dimension of the weight, in the layout of that call's site) unfolds its patches with the
+active kernel and the call's own stride, padding and dilation, and places them, and its output gradients, at
+the window's entries of the full kernel's rows (C_in/groups·prod(K) entries, C_out outputs), zeros elsewhere.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gnfx.layouts.base import Layout
+from gnfx.layouts.base import Layout, in_window
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -62,6 +68,10 @@ class ConvLayout(Layout):
         self.kernel, self.stride, self.dilation = o["kernel_size"], o["stride"], o["dilation"]
         self.padding = o["padding"]  # list of (left, right)
         self.input_unit = math.prod(self.kernel)  # a blocked A keeps each input channel's patch whole
+        self.window = o.get("window")  # of a sliced kernel (module docstring): the active kernel is unfolded
+        if self.window is not None:
+            self.patch_shape = tuple(o["weight_shape"][1:])  # (C_in/groups, *K)
+            self.kernel = tuple(hi - lo for lo, hi in self.window[2:])
 
     def examples(self, a: torch.Tensor) -> int:
         return a.shape[0] if a.dim() == len(self.kernel) + 2 else 1
@@ -73,7 +83,8 @@ class ConvLayout(Layout):
         step = max(1, CHUNK_ELEMENTS // max(self.patch_entries(a[0]), 1))
         for start in range(0, a.shape[0], step):
             patches = self.patches(a[start:start + step])
-            yield patches if self.groups == 1 else patches.unflatten(-1, (self.groups, -1))
+            patches = patches if self.groups == 1 else patches.unflatten(-1, (self.groups, -1))
+            yield patches if self.window is None else in_window(patches, self.window[1:], self.patch_shape)
 
     def rows(self, a: torch.Tensor) -> int:
         """N·L, with the L output positions of one example's patches (unfolding one example only)."""
@@ -91,4 +102,5 @@ class ConvLayout(Layout):
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         if g.dim() == len(self.kernel) + 1:
             g = g.unsqueeze(0)
-        return g.flatten(2).transpose(1, 2)
+        rows = g.flatten(2).transpose(1, 2)
+        return rows if self.window is None else in_window(rows, self.window[:1], (self.block.d_out,))

@@ -21,7 +21,7 @@ fallback. `param_of(node)` is the name of the trainable parameter a node reads (
 `shape_of(name)` its shape.
 
 `KINDS` holds every registered kind by name; passes/analyze.py registers the built-in ones (linear,
-conv, conv_transpose, embedding, norm, position, scale, recurrent, experts, bilinear) through `register_layer_kind` as a
+conv, conv_transpose, embedding, norm, position, scale, recurrent, experts, bilinear, stacked) through `register_layer_kind` as a
 user does. Where two kinds claim the same node, the one registered later takes it: a user's kind
 overrides a built-in one there.
 """
@@ -118,3 +118,14 @@ def layout_of(block):
         raise GnfxError(f"block {block.name!r} is of kind {block.kind!r}, which is not registered (registered: "
                         f"{', '.join(KINDS)}); register it with gnfx.register_layer_kind before compiling")
     return cls(block)
+
+
+def site_layout(block, site):
+    """The layout of one call site of `block` (passes/sites.py `Site`) that reads a window of its parameter
+    (`site.window`, passes/weight_slices.py): the block's layout with that site's options and window, which
+    read this call's rows into the full parameter's; None for a site that reads the whole parameter (the
+    block's own layout serves it). The window belongs to the call, not to the block: another call, or a graph
+    captured again for another width (gnfx.variants), reads another."""
+    if site.window is None:
+        return None
+    return layout_of(dataclasses.replace(block, options={**block.options, **site.options, "window": site.window}))
