@@ -210,9 +210,10 @@ class Variants:
         differs = None if captured.draws else differing_output(self.model, captured.graph_module, args, kwargs)
         if differs is not None:
             raise CaptureError(f"torch.fx's graph of {type(self.model).__name__} computes another function than its "
-                               f"forward on this call: {differs}. The forward tests something of a traced value that "
-                               f"tracing answers for the placeholder, not the value (passes/trace_check.py): a type "
-                               f"test such as isinstance(x, torch.Tensor), False for every traced tensor.\nFix: "
+                               f"forward on this call: {differs}. Tracing answers what the forward's Python asks of a "
+                               f"traced value for the placeholder, not the value (passes/trace_check.py): a type test "
+                               f"such as isinstance(x, torch.Tensor) is False for every traced tensor; and it traces "
+                               f"the forward method, without the hooks registered on the model itself.\nFix: "
                                f"capture='export' (or 'auto' with example_inputs=...), or torch.is_tensor(x) for the "
                                f"test, which gnfx refuses to answer for a traced value")
         return captured
