@@ -45,6 +45,7 @@ from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_le
                                  shapes_of, trace_fx)
 from gnfx.passes.constant_parameters import constant_parameters_message, parameters_read_as_constants
 from gnfx.passes.opaque_root import opaque_root
+from gnfx.passes.grad_modes import NO_GRADIENT
 from gnfx.passes.leaf_outputs import output_structures
 from gnfx.passes.module_attributes import module_numbers
 from gnfx.passes.python_random import kept_state
@@ -508,6 +509,8 @@ class Variants:
         it uses but leaves to the diagonal preconditioner, with the largest of each."""
         params = dict(self.model.named_parameters())
         covered, total = self.table.coverage(params)
+        # read only under the forward's torch.no_grad(): no gradient, nothing to precondition
+        total -= sum(params[f.param].numel() for f in self.table.fallbacks if f.reason.startswith(NO_GRADIENT))
         if not total or covered >= COVERAGE_WARNING * total:
             return
         largest = lambda fallbacks: "; ".join(  # noqa: E731
@@ -523,8 +526,8 @@ class Variants:
                         f"the model's own forward uses them, the graph took another branch than the model does: "
                         f"print(model) shows it; capture='export' captures the real call")
         if covered < COVERAGE_WARNING * used:
-            said.append(self._low_coverage(covered, used, largest([f for f in self.table.fallbacks
-                                                                     if f.reason != UNUSED])))
+            said.append(self._low_coverage(covered, used, largest([f for f in self.table.fallbacks if f.reason != UNUSED
+                                                                     and not f.reason.startswith(NO_GRADIENT)])))
         warnings.warn("gnfx: " + ". ".join(said), UserWarning, stacklevel=4)
 
     def _watch_unused(self) -> None:

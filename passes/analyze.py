@@ -64,6 +64,7 @@ from gnfx.reparametrization import (MaskedWeight, SampledWeight, ScaledWeight, S
 from .attention import mark_attention
 from .bilinear import find_bilinear_sites
 from .boundary import mark_boundary
+from .grad_modes import NO_GRADIENT, nodes_without_gradients
 from .conv import find_conv_sites
 from .conv_transpose import find_conv_transpose_sites
 from .embedding import find_embedding_sites
@@ -208,6 +209,10 @@ def _reparametrize(gm: fx.GraphModule, index: _ParamIndex, uses: dict[str, list[
     return by_standin
 
 
+def _read_without_gradient(node: fx.Node) -> str:
+    return f"{NO_GRADIENT} (node {node.name}), where it gets no gradient: no curvature to model there"
+
+
 def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
     if node in rejected:
         return f"{rejected[node]} at node {node.name}"
@@ -215,8 +220,7 @@ def _describe_use(node: fx.Node, leaves: dict[str, str], rejected: dict) -> str:
         return f"{node.meta['gnfx_fallback_reason']} (node {node.name})"
     if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled and node.args and node.args[0] is False:
         # torch.export's form of a `with torch.no_grad():` region (LayoutLMv3's relative position tables)
-        return (f"read inside a torch.no_grad() region (node {node.name}), where it gets no gradient: no "
-                f"curvature to model there")
+        return _read_without_gradient(node)
     if node.op == "call_module":
         why = leaves.get(node.target)
         return (f"inside leaf module {node.target!r} ({why})" if why
@@ -281,6 +285,11 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
     index = _ParamIndex(model, gm)
     uses = _uses(gm, index)
     reparametrized = _reparametrize(gm, index, uses)
+    # the reads under the forward's torch.no_grad() (passes/grad_modes.py) give no gradient: no sites, no uses
+    without = nodes_without_gradients(gm)
+    read_without = {name: next(u for u, _ in param_uses if u in without) for name, param_uses in uses.items()
+                    if param_uses and all(u in without for u, _ in param_uses)}
+    uses = {name: [(u, a) for u, a in param_uses if u not in without] for name, param_uses in uses.items()}
     sites: list[Site] = []
     rejected: dict[fx.Node, str] = {}
     for kind in KINDS.values():  # in registration order: the built-in kinds first
@@ -289,6 +298,7 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
         taken, taken_uses = {s.node for s in found}, {u for s in found for u in s.uses}
         sites = [s for s in sites if s.node not in taken and taken_uses.isdisjoint(s.uses)] + found
         rejected.update(bad)
+    sites = [s for s in sites if s.node not in without]
 
     by_weight: dict[str, list[Site]] = {}
     for s in sites:
@@ -326,7 +336,9 @@ def analyze(model: nn.Module, gm: fx.GraphModule, leaves: dict[str, str], form: 
         in_sites = {u for s in sites for u in s.uses}
         other = [u for u, a in param_uses if (u, a) not in in_sites]
         owners = {s.weight for s in sites if s.bias == name}
-        if not param_uses:
+        if name in read_without:
+            reason = _read_without_gradient(read_without[name])
+        elif not param_uses:
             reason = UNUSED
         elif other:
             reason = _describe_use(other[0], leaves, rejected)

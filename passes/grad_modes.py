@@ -18,6 +18,8 @@ import torch
 from torch import fx
 
 SET_GRAD_ENABLED = torch._C._set_grad_enabled
+# the fallback reason of a parameter the forward reads only there (passes/analyze.py; torch.export's regions too)
+NO_GRADIENT = "read inside a torch.no_grad() region"
 
 
 INFERENCE_ENTER, INFERENCE_EXIT = torch.inference_mode.__enter__, torch.inference_mode.__exit__
@@ -53,3 +55,16 @@ def grad_modes_recorded(tracer: fx.Tracer):
     finally:
         torch._C._set_grad_enabled = SET_GRAD_ENABLED
         torch.inference_mode.__enter__, torch.inference_mode.__exit__ = INFERENCE_ENTER, INFERENCE_EXIT
+
+
+def nodes_without_gradients(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes of `gm` that run with gradient recording switched off by the forward's own switches (recorded by
+    `grad_modes_recorded`), on a call made with it on, as every call that runs a graph is: a parameter read there
+    gets no gradient from them."""
+    off, enabled = set(), True
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is SET_GRAD_ENABLED:
+            enabled = bool(node.args[0])
+        elif not enabled:
+            off.add(node)
+    return off

@@ -1105,8 +1105,16 @@ def test_a_teacher_the_forward_runs_without_gradient_recording_gets_no_gradient_
     model = DistilledStudent().double()
     reference = copy.deepcopy(model)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    c = gnfx.compile(model, "kfac", lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = gnfx.compile(model, "kfac", lr=1e-2)
     assert c.layers.form == "fx"
+    # no blocks (no statistics, no factors) for what gets no gradient, and no warning of low coverage about them
+    assert [b.name for b in c.layers] == ["student"]
+    assert {f.param: f.reason.split(" (node")[0] for f in c.layers.fallbacks} == {
+        f"{layer}.{p}": "read inside a torch.no_grad() region" for layer in ("teacher", "frozen", "probe")
+        for p in ("weight", "bias")}
+    assert not [w for w in caught if "curvature blocks" in str(w.message)]
     cross_entropy(c(x), y).backward()
     cross_entropy(reference(x), y).backward()
     assert all(p.grad is None for m in (model.teacher, model.frozen, model.probe) for p in m.parameters())
