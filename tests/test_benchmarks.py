@@ -962,3 +962,19 @@ def test_prefs_probe_reports_dpo_exactness_against_hooks_and_refuses_cross_entro
     assert all(float(v) < 1e-12 for v in gaps.split(", ")) and "S = 48 Σggᵀ" in hooks and "rows reached 48" in hooks
     row = prefs_probe.probe("dpo", "kfac_ce", steps=1).split(" | ")
     assert row[5] == "–" and "lowers the log-probability" in row[8]
+
+
+def test_points_probe_reports_exact_factors_recomputed_indices_and_steps_to_target():
+    """benchmarks.points_probe on DGCNN's reference code (plain torch, no library): the kfac row has the capture form,
+    every parameter in a block, its k=1 convolutions' and Linears' A and S equal to plain hooks' and its outputs on
+    batches of other sizes (other kNN indices) equal to the module's; the AdamW row names its three lrs."""
+    from benchmarks import points_probe
+
+    row = points_probe.probe("dgcnn", "kfac", steps=2).split(" | ")
+    assert row[:4] == ["| dgcnn", "kfac (defaults)", "fx", "100.0%"] and row[8] == "–"
+    factors, outputs = row[4].split("; ")
+    assert factors.startswith("A, S of 8 blocks") and float(factors.split()[-1]) < 1e-12
+    assert float(outputs.split()[-1]) == 0.0
+    assert row[5] == "–"  # no target within 2 steps
+    adamw = points_probe.probe("dgcnn", "adamw", steps=1).split(" | ")
+    assert adamw[1] == "adamw (lr 0.001: –; lr 0.003: –; lr 0.01: –)" and adamw[2:5] == ["–", "–", "–"]
