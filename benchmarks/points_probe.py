@@ -97,7 +97,7 @@ def build(name: str) -> nn.Module:
                 "lib_pointnet2_cls": lambda: CoordinatesAsFeatures(pointnet.PointNet2ClsSSG(
                     3, 4, downsample_points=(16, 8), ks=(8, 8))),
                 "lib_pointnet2_seg": lambda: CoordinatesAsFeatures(pointnet.PointNet2SegSSG(
-                    3, 3, k=8, downsample_points=(16, 8, 4, 2), base_radius=0.4))}[name]()
+                    3, 3, k=8, downsample_points=(32, 16, 8, 4), base_radius=0.4))}[name]()
     pt = library("benchmarks.points_probe", "point_transformer_pytorch")
     if name == "pt_layer":
         return PointTransformerClassifier(pt.PointTransformerLayer(dim=16, pos_mlp_hidden_dim=16,
