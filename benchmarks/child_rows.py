@@ -1,7 +1,7 @@
 """The probes' table rows, one child process each (benchmarks.library_probe, family_probe, detection_probe,
 pyg_probe, diffusers_probe, einops_probe, medseg_probe, clip_probe, ultra_probe, task_probe, rl_probe, tabts_probe,
 sciml_probe, fcast_probe, lucid_probe, nlp_probe, audio_probe, hfseq_probe, loops_probe, quant_probe, gen_probe, implicit_probe,
-spiking_probe, meta_probe, prefs_probe; trace_semantics uses its cells).
+spiking_probe, meta_probe, prefs_probe, points_probe; trace_semantics uses its cells).
 
 Each model runs in a process of its own, so that one model's memory, threads or crash do not reach the
 next; the child prints its row of the table last.

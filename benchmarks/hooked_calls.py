@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from gnfx.layouts.base import padded_blocks
+
 
 @contextlib.contextmanager
 def hooked_calls(model: nn.Module, names: list[str]):
@@ -58,3 +60,13 @@ def linear_factor_gap(c, calls, m) -> str:
         for got, want in zip((c.statistics(block)["A"], c.statistics(block)["S"]), (A, m * gg)):
             gap = max(gap, ((got - want).abs().max() / want.abs().max()).item())
     return f"A, S of {len(blocks)} linear blocks {gap:.0e}" if blocks else "no linear block"
+
+
+def diagonal_blocks(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`factor` (d, d) as gnfx stores `like`: whole, or a blocked factor's (1, m, b, b) diagonal blocks, the
+    last zero-padded (gnfx/layouts/base.py)."""
+    if like.dim() == 2:
+        return factor
+    m, b = like.shape[1:3]
+    blocks = padded_blocks(padded_blocks(factor, m, b, 0), m, b, -1)  # (m, b, m, b)
+    return torch.stack([blocks[i, :, i] for i in range(m)]).unsqueeze(0)

@@ -50,8 +50,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import probe_main
-from benchmarks.hooked_calls import hooked_calls
-from gnfx.layouts.base import padded_blocks
+from benchmarks.hooked_calls import diagonal_blocks, hooked_calls
 
 CLASSES = 3
 VOLUME, IMAGE, SMALL_IMAGE = (2, 1, 32, 32, 32), (2, 3, 64, 64), (4, 1, 32, 32)
@@ -236,16 +235,6 @@ def hooked_factors(module: nn.Module, names: list[str], run: Callable[[], torch.
         a, g = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
         factors[n] = {"A": a.T @ a / len(a), "S": rows * g.T @ g}
     return loss, factors
-
-
-def diagonal_blocks(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`factor` (d, d) as gnfx stores `like`: whole, or a blocked factor's (1, m, b, b) diagonal blocks, the
-    last zero-padded (gnfx/layouts/base.py)."""
-    if like.dim() == 2:
-        return factor
-    m, b = like.shape[1:3]
-    blocks = padded_blocks(padded_blocks(factor, m, b, 0), m, b, -1)  # (m, b, m, b)
-    return torch.stack([blocks[i, :, i] for i in range(m)]).unsqueeze(0)
 
 
 def exactness(name: str, hparams: dict) -> str:

@@ -995,3 +995,19 @@ def test_trace_semantics_rows_give_the_form_the_coverage_and_the_gaps_to_the_mod
     masked = row("isinstance(mask, torch.Tensor)")
     assert masked.startswith("| isinstance(mask, torch.Tensor) | export | 100.0% | 0.0e+00 |"), masked
     assert row("GRU, isinstance(out, tuple)").startswith("| GRU, isinstance(out, tuple) | fx | 100.0% | 0.0e+00 |")
+
+
+def test_points_probe_reports_exact_factors_recomputed_indices_and_steps_to_target():
+    """benchmarks.points_probe on DGCNN's reference code (plain torch, no library): the kfac row has the capture form,
+    every parameter in a block, its k=1 convolutions' and Linears' A and S equal to plain hooks' and its outputs on
+    batches of other sizes (other kNN indices) equal to the module's; the AdamW row names its three lrs."""
+    from benchmarks import points_probe
+
+    row = points_probe.probe("dgcnn", "kfac", steps=2).split(" | ")
+    assert row[:4] == ["| dgcnn", "kfac (defaults)", "fx", "100.0%"] and row[8] == "–"
+    factors, outputs = row[4].split("; ")
+    assert factors.startswith("A, S of 8 blocks") and float(factors.split()[-1]) < 1e-12
+    assert float(outputs.split()[-1]) == 0.0
+    assert row[5] == "–"  # no target within 2 steps
+    adamw = points_probe.probe("dgcnn", "adamw", steps=1).split(" | ")
+    assert adamw[1] == "adamw (lr 0.001: –; lr 0.003: –; lr 0.01: –)" and adamw[2:5] == ["–", "–", "–"]
