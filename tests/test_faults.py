@@ -179,10 +179,10 @@ def test_a_non_finite_statistic_skips_the_step(name, statistic, monkeypatch):
     stats = faulty.optimizer.statistics["fc1"]
     record_error = stats.record_error
 
-    def poisoned(g, a, forward_id, routing=None):
+    def poisoned(g, *rest):
         g = g.clone()
         g.view(-1)[0] = math.inf
-        return record_error(g, a, forward_id, routing)
+        return record_error(g, *rest)
 
     monkeypatch.setattr(stats, "record_error", poisoned)
     forward_backward(faulty, *data[1])
