@@ -591,10 +591,11 @@ def module_flags(module: nn.Module) -> list[tuple[str, object]]:
 
 
 def called_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:
-    """The modules a torch.fx graph calls (its leaves, but gnfx's taps), whose forwards read their numbers
-    at each call."""
-    return tuple(sorted({n.target for n in gm.graph.nodes if n.op == "call_module"
-                         and not n.target.startswith("gnfx_taps")}))
+    """The paths of the modules a torch.fx graph calls (its leaves, but gnfx's taps; an opaque submodule whose
+    children were opened by its path in the model), whose forwards read their numbers at each call."""
+    called = (n.target for n in gm.graph.nodes if n.op == "call_module" and not n.target.startswith("gnfx_taps"))
+    return tuple(sorted({module.path if isinstance(module := gm.get_submodule(target), OpenedLeaf) else target
+                         for target in called}))
 
 
 def _within(name: str, paths: tuple[str, ...]) -> bool:

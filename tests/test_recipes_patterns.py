@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,34 @@ def test_numbers_changed_after_capture_are_the_ones_statistic_steps_compute_with
         model.bn.momentum = momentum
         step(c, c.optimizer, x, y)
     assert len(c._variants.graphs()) == 1
+
+
+class CountingFunction(nn.Module):
+    """An ODE function counting its evaluations, as torchdiffeq's examples do (`self.nfe += 1`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.nfe = nn.Linear(4, 4), 0
+
+    def forward(self, x):
+        self.nfe += 1
+        return torch.tanh(self.layer(x))
+
+
+def test_a_counter_an_opaque_submodule_increments_captures_nothing_again():
+    """torch.fx keeps the counting submodule opaque (its layer opened) and the module runs its own code at each call,
+    reading its counter there: the counter is no number the graph holds. It was keyed (the opened submodule was not
+    taken for a called one), so every statistic step traced the forward again and warned of a changed number."""
+    torch.manual_seed(0)
+    model = nn.Sequential(CountingFunction(), nn.Linear(4, 3)).double()
+    x, y = examples()[0][:, :4], examples()[1]
+    c = gnfx.compile(model, "kfac", lr=1e-2, stat_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            step(c, c.optimizer, x, y)
+    assert model[0].nfe == 3  # one evaluation a call (the first call's check of its graph leaves no trace)
+    assert c.layers.leaves.keys() == {"0"} and len(c._variants._graphs) == 1
 
 
 def test_a_layer_unfrozen_after_compile_is_named_with_the_recipe_that_freezes_for_a_while():
