@@ -32,6 +32,7 @@ from gnfx.passes.recurrent import lower_recurrent
 from gnfx.passes.shared_positions import expand_shared_positions
 from gnfx.passes.split_concat import split_concatenations
 from gnfx.passes.unflatten import unflatten_linear
+from gnfx.passes.vmapped_products import stacked_vmapped_linears
 from gnfx.passes.weight_first_products import weight_first_products
 from gnfx.preconditioners import REGISTRY
 from gnfx.quadratic_step import QUADRATIC_DAMPING
@@ -280,6 +281,7 @@ def _lower_and_analyze(model, captured):
     gm = computed_pruned_reads(model, lower_modules(gm, captured.leaves))
     gm = lookups_as_embeddings(renorms_as_lookups(split_concatenations(identity_views(gm))))
     gm = copy_expanded_tables(expand_shared_positions(unflatten_linear(weight_first_products(gm))))
+    gm = stacked_vmapped_linears(gm)
     table, block_sites = analyze(model, gm, captured.leaves, captured.form)
     # the children of opaque submodules, each captured on its own and built as this graph is (its own
     # opaque submodules opened in turn)

@@ -14,7 +14,8 @@ tutorial's stacked weights, experts that every token passes through) are written
 Each is a site of kind "stacked" over W: `options["members"]` E, `options["transposed"]` for W stored
 (E, d_in, d_out), and the member axis of the input and output (`input_member_dim`, None for an input every
 member reads, and `output_member_dim`, counted from the end). A product gathered by expert ids (`W[ids]`) or
-routed by offsets is the "experts" kind's (passes/grouped_products.py).
+routed by offsets is the "experts" kind's (passes/grouped_products.py). The tutorial's `torch.vmap(functional_call)`
+over stacked parameters reaches this detector as the einsum passes/vmapped_products.py writes for it.
 """
 from __future__ import annotations
 
