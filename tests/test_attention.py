@@ -493,7 +493,8 @@ class ExplicitTagger(nn.Module):
 
 
 def check_mha_statistics(capture, approx, **options):
-    """A, S (hooks on the explicit twin) and diag (vmap per-example gradients) of the two MHA blocks."""
+    """A, S (hooks on the explicit twin) and diag (vmap per-example gradients) of the two MHA blocks,
+    and diag of bias_k, bias_v where the module has them."""
     model, x = build(MHATagger, **options), tokens()
     y = torch.randint(0, 4, (N, T), generator=torch.Generator().manual_seed(5))
     twin = ExplicitTagger(model)
@@ -509,6 +510,9 @@ def check_mha_statistics(capture, approx, **options):
         torch.testing.assert_close(got["A"], ref[name]["A"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["S"], ref[name]["S"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["diag"], layer_diag(diags, name), rtol=1e-10, atol=1e-10)
+    for name in ("bias_k", "bias_v") if model.mha.bias_k is not None else ():  # position blocks: (E, 1) diag
+        got = c.statistics(f"mha.{name}")["diag"]
+        torch.testing.assert_close(got.flatten(), diags[name].flatten(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
