@@ -15,7 +15,10 @@ or ".out". Between a projection and the attention there may be a rotary position
 (RoPE: `q·cos + rotate_half(q)·sin`, or the complex form `view_as_real(view_as_complex(q) ·
 freqs)`): an operand that is no shape view of a block is followed back through elementwise
 products, sums, negations, concatenations and casts, and is the rotated output of the one block
-found that way (none, or several, and it has no producer).
+found that way (none, or several, and it has no producer). Keys and values may have positions
+appended after the projection (nn.MultiheadAttention's bias_k, bias_v and zero attention: a `cat`
+with a "position" block, a zero `pad`): position blocks are no projection, and a pad is followed as
+a shape op.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ SHAPE = (operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.
          aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor,
          aten.unbind.int, "view", "reshape", "transpose", "permute", "split", "chunk", "contiguous", "flatten",
          aten.mT.default, aten.numpy_T.default, aten.flatten.using_ints,
-         "unflatten", "unbind", "expand", "t", "mT")
+         "unflatten", "unbind", "expand", "t", "mT", F.pad, aten.constant_pad_nd.default, aten.pad.default)
 
 
 def _is(node: fx.Node, ops) -> bool:
@@ -199,7 +202,7 @@ def _consumers(node, site_of) -> list:
 
 def mark_attention(gm: fx.GraphModule, blocks, block_sites) -> int:
     """Set `block.role` of the projections around each attention; returns the number found."""
-    site_of = {s.node: s for sites in block_sites.values() for s in sites}
+    site_of = {s.node: s for b in blocks if b.kind != "position" for s in block_sites.get(b.name, [])}
     block_of = {s.node: b for b in blocks for s in block_sites.get(b.name, [])}
     attentions = []
     for node in gm.graph.nodes:

@@ -17,8 +17,13 @@ The lowered graph computes what the module computes (outputs and gradients; the 
 graph only runs in training mode, so dropout is traced as in training). `is_causal` is an input of
 the lowered graph (a forward argument of nn.TransformerDecoderLayer, say), read at run time by
 `mask_scores`; `need_weights` and `average_attn_weights` decide the result's structure and must
-be constants. Configurations the lowering does not cover (bias_k/bias_v, add_zero_attn, those two
-flags given as traced values) keep the module opaque, and its parameters fall back with that reason.
+be constants. With `add_bias_kv` the learned key and value bias_k, bias_v (1, 1, E) are appended to
+every example's keys and values after the projections (one more key position), with
+`add_zero_attn` a zero key and value after that, as in F.multi_head_attention_forward; the masks
+get a column per appended key that hides nothing. bias_k and bias_v are read by no linear map:
+they fall back, while the projections stay blocks. Configurations the lowering does not cover (a
+subclass, those two flags given as traced values) keep the module opaque, and its parameters fall
+back with that reason.
 """
 from __future__ import annotations
 
@@ -33,14 +38,17 @@ from torch import fx, nn
 from .rewrite import recompiled
 
 
-def mask_scores(scores, attn_mask, key_padding_mask, is_causal: bool, need_weights: bool):
+def mask_scores(scores, attn_mask, key_padding_mask, is_causal: bool, need_weights: bool, appended: int = 0):
     """Attention scores (N, H, T, S) with nn.MultiheadAttention's masks applied: boolean masks
-    set -inf where True, float masks are added. `is_causal` is torch's hint that `attn_mask` is the
+    set -inf where True, float masks are added. The last `appended` of the S keys (bias_k, the zero
+    attention) are not in the masks given: their columns are padded with 0 / False, masking nothing. `is_causal` is torch's hint that `attn_mask` is the
     causal mask: as in F.multi_head_attention_forward, it needs the mask, and where torch hands the
     hint to scaled_dot_product_attention instead (no key_padding_mask, need_weights=False) the
     future (key j > query i) is masked in place of `attn_mask`. A leaf of the traced graph
     (torch.fx.wrap): it branches on the masks' presence and dtype and on `is_causal` at run time."""
     n, h, t, s = scores.shape
+    attn_mask, key_padding_mask = (None if mask is None else F.pad(mask, (0, appended))
+                                   for mask in (attn_mask, key_padding_mask))
     if is_causal and attn_mask is None:
         raise RuntimeError("nn.MultiheadAttention was called with is_causal=True and no attn_mask, which torch "
                            "rejects too: pass the causal mask as attn_mask (nn.Transformer."
@@ -74,6 +82,7 @@ class _LoweredMHA(nn.Module):
             self.q_proj_weight, self.k_proj_weight, self.v_proj_weight = (
                 mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
         self.in_proj_bias, self.out_proj = mha.in_proj_bias, mha.out_proj
+        self.bias_k, self.bias_v, self.add_zero_attn = mha.bias_k, mha.bias_v, mha.add_zero_attn
         self.heads, self.head_dim, self.p = mha.num_heads, mha.head_dim, mha.dropout
         self.batch_first, self.sources = mha.batch_first, sources
         self.need_weights, self.average = need_weights, average_attn_weights
@@ -92,11 +101,22 @@ class _LoweredMHA(nn.Module):
                 maps[source] = F.linear(inputs[source], self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         return tuple(maps[source][i] for i, source in enumerate(self.sources))
 
+    def _appended_keys(self, k, v):
+        """k, v (N, S, embed_dim) with bias_k, bias_v appended to every example's keys and values,
+        then a zero key and value (add_zero_attn), where the module has them."""
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(k.shape[0], -1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(v.shape[0], -1, -1)], dim=1)
+        if self.add_zero_attn:
+            k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
+        return k, v
+
     def forward(self, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False):
-        q, k, v = (x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-                   for x in self._projections(query, key, value))
+        q, k, v = self._projections(query, key, value)
+        q, k, v = (x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for x in (q, *self._appended_keys(k, v)))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        masked = mask_scores(scores, attn_mask, key_padding_mask, is_causal, self.need_weights)
+        appended = int(self.bias_k is not None) + int(self.add_zero_attn)
+        masked = mask_scores(scores, attn_mask, key_padding_mask, is_causal, self.need_weights, appended)
         weights = F.softmax(masked, dim=-1)
         out = self.out_proj((F.dropout(weights, self.p, training=True) @ v).transpose(1, 2).flatten(2))  # (N, T, E)
         # in torch's layout, (T, N, E) contiguous, viewed as (N, T, E) under batch_first: a dropout after the
@@ -154,8 +174,6 @@ def _not_lowerable(mha: nn.MultiheadAttention, uses, need_weights, average_attn_
     """Why this call cannot be lowered ('' if it can)."""
     if type(mha) is not nn.MultiheadAttention:
         return "a subclass of nn.MultiheadAttention"
-    if mha.bias_k is not None or mha.add_zero_attn:
-        return "bias_k/bias_v or add_zero_attn"
     for name, flag in (("need_weights", need_weights), ("average_attn_weights", average_attn_weights)):
         if isinstance(flag, fx.Node) and need_weights:  # without weights, their average is moot
             return (f"{name} is a value computed in the forward (node {flag.name}), not a constant: it decides "

@@ -9,7 +9,8 @@ feeding all three) and ".out".
 The lowering of nn.MultiheadAttention must compute exactly what the module computes: outputs and
 gradients (float64, ≤ 1e-12) for every combination of batch_first, need_weights, attn_mask (bool,
 float) and key_padding_mask; and its two blocks must collect the statistics of an explicit
-reimplementation made of nn.Linear modules (hooks, vmap), at 1e-10.
+reimplementation made of nn.Linear modules (hooks, vmap), at 1e-10. The same holds with the
+appended keys of add_bias_kv (bias_k, bias_v: position blocks) and add_zero_attn.
 """
 from __future__ import annotations
 
@@ -255,11 +256,12 @@ def test_scaled_dot_product_attention_marks_the_projections(variant, capture):
 
 
 class SelfAttention(nn.Module):
-    """nn.MultiheadAttention as self-attention; returns (out, weights) when need_weights, else out."""
+    """nn.MultiheadAttention as self-attention; returns (out, weights) when need_weights, else out.
+    `options` go to nn.MultiheadAttention (add_bias_kv, add_zero_attn)."""
 
-    def __init__(self, batch_first=True, need_weights=True, attn_mask=None, key_padding_mask=False):
+    def __init__(self, batch_first=True, need_weights=True, attn_mask=None, key_padding_mask=False, **options):
         super().__init__()
-        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=batch_first)
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=batch_first, **options)
         self.need_weights, self.use_mask, self.use_kpm = need_weights, attn_mask is not None, key_padding_mask
 
     def forward(self, x, attn_mask, key_padding_mask):
@@ -305,14 +307,19 @@ def mha_id(case):
     return f"{'batch_first' if bf else 'seq_first'}-{'weights' if nw else 'noweights'}-mask_{mask}-{'kpm' if kpm else 'nokpm'}"
 
 
-def check_lowered_mha(case, capture):
+def mha_blocks(add_bias_kv=False, **options) -> list[str]:
+    """The blocks of SelfAttention's module: bias_k and bias_v, appended keys and values, are position blocks."""
+    return ["mha.in_proj", *(["mha.bias_k", "mha.bias_v"] if add_bias_kv else []), "mha.out_proj"]
+
+
+def check_lowered_mha(case, capture, **options):
     batch_first, need_weights, mask, use_kpm = case
-    model = build(SelfAttention, batch_first, need_weights, mask, use_kpm)
+    model = build(SelfAttention, batch_first, need_weights, mask, use_kpm, **options)
     attn, kpm = masks(mask)
     x = tokens() if batch_first else tokens().transpose(0, 1).contiguous()
     c = gnfx.compile(model, optimizer="kfac", capture=capture, example_inputs=(x, attn, kpm))
     assert c.layers.form == capture
-    assert [b.name for b in c.layers] == ["mha.in_proj", "mha.out_proj"]
+    assert [b.name for b in c.layers] == mha_blocks(**options)
     assert not c.layers.fallbacks
     if capture == "fx":  # the module is gone: its computation is inlined over the same parameters
         assert not any(n.op == "call_module" and n.target == "mha" for n in c.graph_module.graph.nodes)
@@ -329,6 +336,30 @@ def check_lowered_mha(case, capture):
 def test_lowered_multihead_attention_computes_the_modules_outputs_and_gradients(case):
     c = check_lowered_mha(case, "fx")
     assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
+
+
+APPENDED_KEYS = [dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True)]
+
+
+def appended_id(options):
+    return "+".join(options)
+
+
+@pytest.mark.parametrize("options", APPENDED_KEYS, ids=appended_id)
+@pytest.mark.parametrize("case", MHA_CASES, ids=mha_id)
+def test_lowered_multihead_attention_with_appended_keys_computes_the_modules_outputs_and_gradients(case, options):
+    """add_bias_kv appends bias_k, bias_v to every example's keys and values after the projections,
+    add_zero_attn a zero key and value after that; the masks get a column each that hides nothing.
+    Before: the module was not lowered ("bias_k/bias_v or add_zero_attn") and all its parameters fell back."""
+    c = check_lowered_mha(case, "fx", **options)
+    assert roles(c)["mha.in_proj"] == "attention.qkv" and roles(c)["mha.out_proj"] == "attention.out"
+
+
+@pytest.mark.parametrize("options", APPENDED_KEYS, ids=appended_id)
+@pytest.mark.parametrize("case", MHA_EXPORT_CASES[:4], ids=mha_id)
+def test_exported_multihead_attention_with_appended_keys_computes_the_modules_outputs_and_gradients(case, options):
+    c = check_lowered_mha(case, "export", **options)
+    assert roles(c)["mha.in_proj"] == "attention.qkv" and roles(c)["mha.out_proj"] == "attention.out"
 
 
 class AttentionThenDropout(nn.Module):
@@ -366,9 +397,9 @@ class CausalOrPerHeadMHA(nn.Module):
     """MHA with is_causal=True and its causal mask, or with a 3-D (N·H, T, S) float mask and
     per-head weights (average_attn_weights=False)."""
 
-    def __init__(self, kind, need_weights):
+    def __init__(self, kind, need_weights, **options):
         super().__init__()
-        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True, **options)
         self.kind, self.need_weights = kind, need_weights
 
     def forward(self, x, attn_mask, unused):
@@ -380,15 +411,19 @@ class CausalOrPerHeadMHA(nn.Module):
         return (out, weights) if self.need_weights else out
 
 
+@pytest.mark.parametrize("options", [{}, *APPENDED_KEYS], ids=appended_id)
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("kind", ["is_causal", "per-head-3d-mask"])
-def test_lowered_multihead_attention_with_is_causal_or_a_per_head_mask(kind, need_weights):
-    model, x = build(CausalOrPerHeadMHA, kind, need_weights), tokens()
+def test_lowered_multihead_attention_with_is_causal_or_a_per_head_mask(kind, need_weights, options):
+    """With appended keys torch pads a given causal mask by columns that hide nothing, but where it hands
+    the hint to scaled_dot_product_attention (need_weights=False) the causal mask of T queries and the
+    T + 1 or 2 keys hides the appended ones: the lowering does both."""
+    model, x = build(CausalOrPerHeadMHA, kind, need_weights, **options), tokens()
     g = torch.Generator().manual_seed(4)
     mask = (torch.ones(T, T, dtype=torch.bool).triu(1) if kind == "is_causal"
             else torch.randn(N * HEADS, T, T, generator=g, dtype=DTYPE))
     c = gnfx.compile(model, optimizer="kfac", capture="fx")
-    assert roles(c) == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
+    assert {k: v for k, v in roles(c).items() if v} == {"mha.in_proj": "attention.qkv", "mha.out_proj": "attention.out"}
     params = list(model.parameters())
     ref_out, ref_grads = outputs_and_gradients(model, params, x, mask, None)
     got_out, got_grads = outputs_and_gradients(c.graph_module, params, x, mask, None)
@@ -414,11 +449,11 @@ def test_exported_multihead_attention_with_weights_and_a_mask_marks_the_projecti
 
 
 class MHATagger(nn.Module):
-    """nn.MultiheadAttention (batch_first) on the tokens, then a token-wise linear head: (N, T, C)."""
+    """nn.MultiheadAttention (batch_first; `options` to it) on the tokens, then a token-wise linear head: (N, T, C)."""
 
-    def __init__(self, classes=4):
+    def __init__(self, classes=4, **options):
         super().__init__()
-        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True, **options)
         self.head = nn.Linear(D, classes)
 
     def forward(self, x):
@@ -428,11 +463,15 @@ class MHATagger(nn.Module):
 
 class ExplicitTagger(nn.Module):
     """The same function written with nn.Linear modules (`qkv` holds in_proj, `out` out_proj):
-    softmax(q kᵀ / √d_h) v per head."""
+    softmax(q kᵀ / √d_h) v per head, with the keys and values of every example followed by bias_k,
+    bias_v (add_bias_kv) and by a zero key and value (add_zero_attn) where the module has them."""
 
     def __init__(self, tagger: MHATagger):
         super().__init__()
         mha = tagger.mha
+        self.bias_k = None if mha.bias_k is None else nn.Parameter(mha.bias_k.detach().clone())
+        self.bias_v = None if mha.bias_v is None else nn.Parameter(mha.bias_v.detach().clone())
+        self.zero_attn = mha.add_zero_attn
         self.qkv, self.out = nn.Linear(D, 3 * D).to(DTYPE), nn.Linear(D, D).to(DTYPE)
         with torch.no_grad():
             self.qkv.weight.copy_(mha.in_proj_weight)
@@ -443,14 +482,20 @@ class ExplicitTagger(nn.Module):
 
     def forward(self, x):
         n, t, _ = x.shape
-        q, k, v = (heads(z, n, t) for z in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.bias_k is not None:
+            k, v = torch.cat([k, self.bias_k.expand(n, 1, D)], 1), torch.cat([v, self.bias_v.expand(n, 1, D)], 1)
+        if self.zero_attn:
+            k, v = torch.cat([k, torch.zeros_like(k[:, :1])], 1), torch.cat([v, torch.zeros_like(v[:, :1])], 1)
+        q, k, v = heads(q, n, t), heads(k, n, k.shape[1]), heads(v, n, v.shape[1])
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // HEADS), dim=-1)
         return self.head(torch.tanh(self.out((weights @ v).transpose(1, 2).reshape(n, t, D))))
 
 
-def check_mha_statistics(capture, approx):
-    """A, S (hooks on the explicit twin) and diag (vmap per-example gradients) of the two MHA blocks."""
-    model, x = build(MHATagger), tokens()
+def check_mha_statistics(capture, approx, **options):
+    """A, S (hooks on the explicit twin) and diag (vmap per-example gradients) of the two MHA blocks,
+    and diag of bias_k, bias_v where the module has them."""
+    model, x = build(MHATagger, **options), tokens()
     y = torch.randint(0, 4, (N, T), generator=torch.Generator().manual_seed(5))
     twin = ExplicitTagger(model)
     torch.testing.assert_close(twin(x), model(x), rtol=1e-12, atol=1e-12)
@@ -465,6 +510,9 @@ def check_mha_statistics(capture, approx):
         torch.testing.assert_close(got["A"], ref[name]["A"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["S"], ref[name]["S"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got["diag"], layer_diag(diags, name), rtol=1e-10, atol=1e-10)
+    for name in ("bias_k", "bias_v") if model.mha.bias_k is not None else ():  # position blocks: (E, 1) diag
+        got = c.statistics(f"mha.{name}")["diag"]
+        torch.testing.assert_close(got.flatten(), diags[name].flatten(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -478,6 +526,14 @@ def test_exported_multihead_attention_blocks_collect_the_statistics_of_an_explic
     batch-first, not torch's path, which runs in_proj on a (T, N, d) transpose and out_proj on a (T·N, d)
     reshape, from which per-example statistics (diag, reduce) cannot take the examples."""
     check_mha_statistics("export", approx)
+
+
+@pytest.mark.parametrize("capture", FORMS)
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_projections_of_attention_with_appended_keys_collect_the_statistics_of_an_explicit_twin(approx, capture):
+    """bias_k, bias_v and the zero attention are keys and values of no projection's rows: the projections'
+    factors are those of the twin's nn.Linear modules, hooked, whose keys are appended the same way."""
+    check_mha_statistics(capture, approx, add_bias_kv=True, add_zero_attn=True)
 
 
 # ----------------------------------------------------------------------------- fallbacks
@@ -505,20 +561,58 @@ def test_cross_attention_in_projection_is_one_block_at_two_sites(capture):
     torch.testing.assert_close(c.graph_module(x, memory), model(x, memory), rtol=1e-12, atol=1e-12)
 
 
-class BiasKV(nn.Module):
-    def __init__(self):
+KDIM = 6
+
+
+class CrossAttentionAppendedKeys(nn.Module):
+    """Cross-attention with separate projection weights (keys and values of width KDIM) and appended keys."""
+
+    def __init__(self, **options):
         super().__init__()
-        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True, add_bias_kv=True)
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True, kdim=KDIM, vdim=KDIM, **options)
 
-    def forward(self, x):
-        return self.mha(x, x, x)[0]
+    def forward(self, x, memory, key_padding_mask):
+        return self.mha(x, memory, memory, key_padding_mask=key_padding_mask)
 
 
-def test_multihead_attention_the_lowering_does_not_cover_names_the_configuration():
-    c = gnfx.compile(build(BiasKV), optimizer="kfac", capture="fx")
-    reasons = {f.param: f.reason for f in c.layers.fallbacks}
-    assert "mha.in_proj_weight" in reasons
-    assert "bias_k" in reasons["mha.in_proj_weight"], reasons["mha.in_proj_weight"]
+@pytest.mark.parametrize("capture", FORMS)
+@pytest.mark.parametrize("options", APPENDED_KEYS, ids=appended_id)
+def test_attention_with_separate_weights_and_appended_keys_is_three_blocks_and_the_modules_function(options,
+                                                                                                     capture):
+    model, x, memory = build(CrossAttentionAppendedKeys, **options), tokens(), tokens(t=4, d=KDIM, seed=1)
+    kpm = torch.zeros(N, 4, dtype=torch.bool)
+    kpm[1, -1] = True
+    c = gnfx.compile(model, optimizer="kfac", capture=capture, example_inputs=(x, memory, kpm))
+    projections = {"mha.q_proj": "attention.q", "mha.k_proj": "attention.k",
+                   "mha.v_proj": "attention.v", "mha.out_proj": "attention.out"}
+    assert {name: role for name, role in roles(c).items() if role} == projections
+    assert {b.name for b in c.layers} - set(projections) == ({"mha.bias_k", "mha.bias_v"} if "add_bias_kv" in options
+                                                             else set())
+    assert [f.param for f in c.layers.fallbacks] == ["mha.in_proj_bias"]
+    params = list(model.parameters())
+    ref_out, ref_grads = outputs_and_gradients(model, params, x, memory, kpm)
+    got_out, got_grads = outputs_and_gradients(c.graph_module, params, x, memory, kpm)
+    for got, ref in zip(got_out + list(got_grads), ref_out + list(ref_grads)):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("step, fall", [({"lr": 1e-2}, 0.8), ({}, 0.995)], ids=["lr", "quadratic-step"])
+def test_kfac_trains_a_tagger_whose_attention_has_appended_keys_with_every_parameter_in_a_block(step, fall):
+    """K-FAC with an lr and with its quadratic-model step (no lr) on MHATagger(add_bias_kv, add_zero_attn):
+    no fallback, the loss falls (the quadratic-model step starts as slowly without the appended keys:
+    1.437 -> 1.409 in 8 steps)."""
+    model, x = build(MHATagger, add_bias_kv=True, add_zero_attn=True), tokens(n=8)
+    y = torch.randint(0, 4, (8, T), generator=torch.Generator().manual_seed(5))
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", **step)
+    assert not c.layers.fallbacks
+    losses = []
+    for _ in range(8):
+        loss = cross_entropy(c(x), y)
+        loss.backward()
+        c.step()
+        c.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < fall * losses[0], losses
 
 
 class OnesMaskAttention(nn.Module):
