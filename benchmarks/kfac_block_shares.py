@@ -13,8 +13,9 @@ blocks whose rows are fewer than A's side ("few-row") against the rest: their sh
 "diag-sum share" Σ_b M_bb / ΣM (1: the blocks' output changes uncorrelated). Then the steps until the mean of the
 last 10 batch losses reaches the model's target. Taking a step apart runs extra forwards, which moves the
 training a little (pointnet_seg: 34 steps plain, 51 taken apart at 4 steps); steps to target come from AT = 0.
-SEEN_DAMPING=h (environment): factored damping with each factor's mean eigenvalue taken over the dimensions its
-rows can span, tr F / min(d, rows·h), instead of tr F / d (an experiment: benchmarks/results/first_contact_14_tnet.md).
+SEED=s (environment): the initial weights' seed (0). SEEN_DAMPING=h (environment): factored damping with each
+factor's mean eigenvalue taken over the dimensions its rows can span, tr F / min(d, rows·h), instead of tr F / d
+(an experiment: benchmarks/results/first_contact_14_tnet.md).
 Results: benchmarks/results/first_contact_14_tnet.md.
 """
 import copy
@@ -32,7 +33,7 @@ from benchmarks import points_probe as pp
 name = sys.argv[1]; steps = int(sys.argv[2]); at = {int(s) for s in sys.argv[3].split(",")}
 extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 torch.set_num_threads(1)
-torch.manual_seed(0)
+torch.manual_seed(int(os.environ.get("SEED", 0)))  # the initial weights (and dropout's masks)
 model = pp.build(name).train()
 x, y = pp.task(name)
 # rows per call of each Linear / k=1 conv on a plain forward (batch 16)
@@ -93,7 +94,8 @@ def wrapped(self, V, grads, z, J):
         Mb, bb = orig(self, torch.stack(rows_b), grads, zz, JJ)
         gram = torch.stack(rows_b).double() @ torch.stack(rows_b).double().T
         Mtot, btot = float(Mb.sum()), float(bb.sum())
-        print(f"\n== {name} step {record['t']}  λ={self.damping:.3g}  Δᵀ(G+λI)Δ={Mtot:.3g} (single-row M00={float(M[0,0]):.3g})  gᵀΔ={btot:.3g}  α*(Δ alone)={-btot/Mtot:.3g}")
+        print(f"\n== {name} step {record['t']}  λ={self.damping:.3g}  Δᵀ(G+λI)Δ={Mtot:.3g} "
+              f"(single-row M00={float(M[0, 0]):.3g})  gᵀΔ={btot:.3g}  α*(Δ alone)={-btot / Mtot:.3g}")
         rowshare = Mb.sum(1) / Mtot
         few = []
         for i, (bn, ps) in enumerate(blocks):
@@ -105,17 +107,23 @@ def wrapped(self, V, grads, z, J):
             q = float(mask @ Mb @ mask); g_ = float(mask @ bb)
             return q / Mtot, g_ / btot, -g_ / q if q > 0 else float('nan')
         print("blocks with rows < A's side:", [blocks[i][0] for i in range(len(blocks)) if few[i]])
-        print("  few-row group: Q share %.3f, gΔ share %.3f, α*_group %.3g | rest: Q share %.3f, gΔ share %.3f, α*_rest %.3g | diag-sum share %.3f" % (*part(f), *part(1 - f), float(Mb.diagonal().sum()) / Mtot))
-        print(f"{'block':34s} {'rows':>5s} {'A':>5s} {'S':>5s} {'|Δb|':>7s} {'Qdiag':>6s} {'Qrow':>6s} {'gΔ':>6s} {'α_b*':>7s}")
+        print("  few-row group: Q share %.3f, gΔ share %.3f, α*_group %.3g | rest: Q share %.3f, gΔ share %.3f, "
+              "α*_rest %.3g | diag-sum share %.3f" % (*part(f), *part(1 - f), float(Mb.diagonal().sum()) / Mtot))
+        print(f"{'block':34s} {'rows':>5s} {'A':>5s} {'S':>5s} {'|Δb|':>7s} {'Qdiag':>6s} {'Qrow':>6s} {'gΔ':>6s} "
+              f"{'α_b*':>7s}")
         top = sorted(range(len(blocks)), key=lambda i: -float(rowshare[i]))[:8]
         for i in top:
             bn, ps = blocks[i]
             w = dict(model.named_parameters()).get(ps[0]) if ps else None
             A = (w[0].numel() + (len(ps) > 1)) if w is not None and w.dim() > 1 else "-"
-            print(f"{bn[:34]:34s} {str(rows.get(bn,'?')):>5s} {str(A):>5s} {str(w.shape[0] if w is not None else '-'):>5s} {float(rows_b[i].norm()):7.3g} {float(Mb[i,i])/Mtot:6.3f} {float(rowshare[i]):6.3f} {float(bb[i])/btot:6.3f} {-float(bb[i])/float(Mb[i,i]):7.3g}")
+            S = w.shape[0] if w is not None else '-'
+            print(f"{bn[:34]:34s} {str(rows.get(bn, '?')):>5s} {str(A):>5s} {str(S):>5s} {float(rows_b[i].norm()):7.3g} "
+                  f"{float(Mb[i, i]) / Mtot:6.3f} {float(rowshare[i]):6.3f} {float(bb[i]) / btot:6.3f} "
+                  f"{-float(bb[i]) / float(Mb[i, i]):7.3g}")
     return M, b
 qs.QuadraticStep._model_terms = wrapped
-order = torch.randperm(pp.EXAMPLES * steps // pp.BATCH + pp.EXAMPLES, generator=torch.Generator().manual_seed(3)) % pp.EXAMPLES
+order = torch.randperm(pp.EXAMPLES * steps // pp.BATCH + pp.EXAMPLES,
+                       generator=torch.Generator().manual_seed(3)) % pp.EXAMPLES  # points_probe.train's order
 losses = []
 for t in range(steps):
     record["t"] = t + 1
@@ -124,7 +132,8 @@ for t in range(steps):
     losses.append(loss.item())
     ls = c.optimizer.last_step
     if (t + 1) in at:
-        print(f"step {t+1}: loss {loss.item():.3f} α={ls.get('alpha',0):.3g} μ={ls.get('mu',0):.3g} ρ={ls.get('rho',0):.3g} λ={ls.get('damping',0):.3g}")
+        print(f"step {t + 1}: loss {loss.item():.3f} α={ls.get('alpha', 0):.3g} μ={ls.get('mu', 0):.3g} "
+              f"ρ={ls.get('rho', 0):.3g} λ={ls.get('damping', 0):.3g}")
 means = pp.running_means(losses)
 reached = next((t + 1 for t, m in enumerate(means) if t >= 9 and m <= pp.TARGETS.get(name, 0.5)), None)
 print("steps to target", reached, "final mean", means[-1])
