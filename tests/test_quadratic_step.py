@@ -30,6 +30,7 @@ from models import GridSampled
 import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
 import gnfx.quadratic_step as quadratic_step
+import gnfx.flat_layout as flat_layout
 from gnfx.quadratic_step import (DAMPING_WARMUP, HELD_OUT_FACTOR, HELD_OUT_MAX, LAMBDA_MAX, LAMBDA_MIN,
                                  MOMENTUM_RANGE, held_out_scale, levenberg_marquardt, minimize_quadratic,
                                  recovered_loss)
@@ -791,8 +792,8 @@ def test_the_buffers_of_the_step_change_no_step(hp, monkeypatch):
     step equals, bit for bit, the step whose buffers are its own (BUFFERED_NUMEL = 0, a large model's),
     with two parts (kfac and the diagonal) and the adaptive μ or a fixed μ̂."""
     runs = []
-    for numel in (quadratic_step.BUFFERED_NUMEL, 0):
-        monkeypatch.setattr(quadratic_step, "BUFFERED_NUMEL", numel)
+    for numel in (flat_layout.BUFFERED_NUMEL, 0):
+        monkeypatch.setattr(flat_layout, "BUFFERED_NUMEL", numel)
         with warnings.catch_warnings():  # scaled(): the coverage warning about w
             warnings.simplefilter("ignore")
             c = gnfx.compile(scaled(), optimizer="kfac", loss="mse", stat_every=1, **hp)
