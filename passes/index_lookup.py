@@ -66,7 +66,7 @@ _ADD = (aten.add.Tensor, operator.add)
 _SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
 _ONE_HOT = (F.one_hot, aten.one_hot.default)
 _MATMUL = (operator.matmul, torch.matmul, aten.matmul.default)
-EXAMPLE_INDEX = "gnfx_example_index"  # the dtype (or Python type) of a torch.fx index x on the call it was captured from
+EXAMPLE_INDEX = "gnfx_example_index"  # the dtype (or Python type) of a torch.fx index on the call captured from
 BIAS_OF_SCORES = ("a relative position bias, a lookup broadcast over the attention scores: diag, measured better "
                   "than an embedding block (benchmarks/results/library_models.md)")
 
@@ -240,9 +240,14 @@ class IndexKinds(fx.Interpreter):
         self.indices = indices
 
     def __call__(self, *args, **kwargs):
-        bound = inspect.signature(self.module.forward).bind(*args, **kwargs)
+        """The graph's output on the call, its inputs in the order of its placeholders (the graph's own call
+        where they take a form the Interpreter's positional run does not: `**kwargs`, nothing recorded)."""
+        signature = inspect.signature(self.module.forward)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return self.module(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return self.run(*bound.arguments.values())
+        return self.run(*bound.args, *bound.kwargs.values())
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
