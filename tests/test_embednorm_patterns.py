@@ -209,20 +209,6 @@ class SelectedRows(nn.Module):
         return self.head(torch.tanh(self.seen(rows.reshape(N, R, D))))
 
 
-class IndexedRows(nn.Module):
-    """`W[ids]`, the rows of the table by indexing (under torch.fx too: tests/test_getitem_patterns.py)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.table = nn.Parameter(torch.randn(V, D, dtype=DTYPE))
-        self.seen = nn.Identity()
-        self.head = nn.Linear(D, C).to(DTYPE)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.seen(self.table[ids])))
-
-
 class OneHotRows(nn.Module):
     """`one_hot(ids, V).to(W.dtype) @ W`, the rows of the table by a one-hot product."""
 
@@ -235,6 +221,13 @@ class OneHotRows(nn.Module):
 
     def forward(self, ids):
         return self.head(torch.tanh(self.seen(F.one_hot(ids, V).to(self.table.dtype) @ self.table)))
+
+
+class IndexedRows(OneHotRows):
+    """`W[ids]`, the rows of the table by indexing (under torch.fx too: tests/test_getitem_patterns.py)."""
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.seen(self.table[ids])))
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
