@@ -43,6 +43,7 @@ from gnfx.lazy_modules import has_lazy_modules
 from gnfx.opened_leaf import OpenedLeaf
 from gnfx.passes.capture import (CONSTANTS, REQUESTED, UNUSED, accepts, check_leaf_modules, export, optional_inputs,
                                  shapes_of, trace_fx)
+from gnfx.passes.index_lookup import IndexKinds, traced_indexings
 from gnfx.passes.constant_parameters import constant_parameters_message, parameters_read_as_constants
 from gnfx.passes.opaque_root import opaque_root
 from gnfx.passes.grad_modes import NO_GRADIENT
@@ -142,6 +143,8 @@ class Variants:
             fx = trace_fx(self.model, self.leaf_modules)
         except CaptureError:
             return
+        if traced_indexings(fx.graph_module):  # W[x]: whether x is integer indices, the call tells
+            return
         if self.mode == "fx" or not self._untraced(fx):
             self._begin(fx, self._fx_key(()), "it traced the whole forward" if not self._untraced(fx)
                         else "capture='fx': what it could not trace stays opaque", traced_copy=True)
@@ -207,8 +210,12 @@ class Variants:
     def _check_traced(self, captured, args: tuple, kwargs: dict):
         """`captured`, a torch.fx capture, if its graph computes the model's forward on the call (args, kwargs)
         (passes/trace_check.py), else a CaptureError saying where they differ. A forward that draws Python random
-        numbers is not checked (the graph replays none of them)."""
-        differs = None if captured.draws else differing_output(self.model, captured.graph_module, args, kwargs)
+        numbers is not checked (the graph replays none of them). The check's run of the graph records what each
+        traced index of a trainable table is on this call (passes/index_lookup.py `IndexKinds`)."""
+        gm = captured.graph_module
+        indices = traced_indexings(gm)
+        differs = None if captured.draws else differing_output(self.model, IndexKinds(gm, indices) if indices else gm,
+                                                               args, kwargs)
         if differs is not None:
             raise CaptureError(f"torch.fx's graph of {type(self.model).__name__} computes another function than its "
                                f"forward on this call: {differs}. Tracing answers what the forward's Python asks of a "

@@ -9,9 +9,15 @@ was read from). `lookups_as_embeddings` rewrites it into that op, so that the em
 computed from the parameter (nGPT's token embedding, passes/unit_norm_weights.py), whose block steps W. Indexing reads
 a negative index i as i + V, which the embedding does not: the indices become
 `where(ids < 0, ids + V, ids)`, the same rows (an index outside [-V, V) still raises). Only
-torch.export's graph is rewritten, where the indices' dtype is recorded (`meta["val"]`); torch.fx's
-`W[ids]` (`operator.getitem`) may index with a slice, a mask or a tuple that the trace does not tell
-apart.
+torch.export's graph records the indices' dtype (`meta["val"]`). torch.fx's `W[x]` (`operator.getitem`) of a
+traced value x records none, and x may be an integer tensor (the lookup), a bool mask or a Python int (a size):
+only the call's values tell. So a torch.fx graph holding such an indexing (`traced_indexings`) is captured from a
+call (gnfx.variants: at the model's first call, not at gnfx.compile), whose check against the forward
+(passes/trace_check.py) runs the graph through `IndexKinds`, an fx.Interpreter that records each such x's dtype
+(or Python type) in `meta[EXAMPLE_INDEX]`: no run beyond the check's, and none at later calls. An integer x makes
+the same lookup as torch.export's; a mask, an int, a slice or a tuple keep their indexing. The graph then serves
+later calls without values: `integer_indices` raises a GnfxError where one indexes with anything but an integer
+tensor, whose indexing would be another function than the lookup the graph holds.
 
 `torch.index_select(W, 0, ids)` (`W.index_select(0, ids)`; `aten.index_select(W, 0, ids)` in torch.export's
 graph) is the same lookup in both graphs: its index is a vector of integers (0-D: one, whose output row keeps
@@ -37,11 +43,14 @@ loss on the Swin look-alike worse than the fallback's, 1.21 -> 1.54 and 0.66 -> 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx
+
+from gnfx.errors import GnfxError
 
 from .parameter_casts import floating_cast, metadata_read
 from .rewrite import recompiled, replace
@@ -57,6 +66,7 @@ _ADD = (aten.add.Tensor, operator.add)
 _SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
 _ONE_HOT = (F.one_hot, aten.one_hot.default)
 _MATMUL = (operator.matmul, torch.matmul, aten.matmul.default)
+EXAMPLE_INDEX = "gnfx_example_index"  # the dtype (or Python type) of a torch.fx index on the call captured from
 BIAS_OF_SCORES = ("a relative position bias, a lookup broadcast over the attention scores: diag, measured better "
                   "than an embedding block (benchmarks/results/library_models.md)")
 
@@ -66,9 +76,6 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
     into `aten.embedding(W, ids)` (module docstring)."""
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is operator.getitem and _bias_of_scores(node) \
-                and trainable_matrix(gm, node.args[0]) is not None:  # torch.fx: the same reason
-            node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
         one_hot = _one_hot_product(gm, node)
         if one_hot is not None:
             _one_hot_as_embedding(gm, node, *one_hot)
@@ -78,19 +85,24 @@ def lookups_as_embeddings(gm: fx.GraphModule) -> fx.GraphModule:
             _as_embedding(gm, node)
             changed = True
             continue
-        if node.op != "call_function" or node.target is not aten.index.Tensor:
+        if node.op != "call_function" or node.target not in (aten.index.Tensor, operator.getitem):
             continue
         weight, indices = node.args[0], node.args[1]
-        ids = indices[0] if len(indices) == 1 else None
+        # torch.export's list of indices, torch.fx's one index
+        ids = (indices[0] if len(indices) == 1 else None) if node.target is aten.index.Tensor else indices
         table = normalized(weight)  # a unit-norm table (nGPT's token embedding): V's rows, normalized
         matrix = trainable_matrix(gm, weight if table is None else table[0])
-        if matrix is None or not _integer(ids):
+        if matrix is None:
             continue
-        if _bias_of_scores(node):
+        if _bias_of_scores(node):  # torch.fx's whatever its index, as its dtype is not known without the call
             node.meta["gnfx_fallback_reason"] = BIAS_OF_SCORES
+            continue
+        if not _integer(ids):
             continue
         vocab = matrix.shape[0]
         with gm.graph.inserting_before(node):
+            if node.target is operator.getitem:
+                ids = gm.graph.call_function(integer_indices, (ids,))
             wrapped = gm.graph.call_function(aten.where.self, (
                 gm.graph.call_function(aten.lt.Scalar, (ids, 0)),
                 gm.graph.call_function(aten.add.Tensor, (ids, vocab)), ids))
@@ -180,7 +192,65 @@ def trainable_matrix(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
 
 
 def _integer(ids) -> bool:
-    """Whether `ids` is a node whose recorded value is a tensor of integer indices."""
+    """Whether `ids` is a node whose recorded value (torch.export's) or example dtype (torch.fx's, `IndexKinds`)
+    is that of a tensor of integer indices."""
     value = value_of(ids)
-    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and not value.dtype.is_complex \
-        and value.dtype is not torch.bool
+    kind = value.dtype if isinstance(value, torch.Tensor) else ids.meta.get(EXAMPLE_INDEX) \
+        if isinstance(ids, fx.Node) else None
+    return isinstance(kind, torch.dtype) and _integer_dtype(kind)
+
+
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool)
+
+
+def integer_indices(ids):
+    """`ids`, the index of a torch.fx `W[ids]` the graph holds as an embedding lookup (an integer tensor on the
+    call it was captured from); a GnfxError where this call's is anything else (module docstring)."""
+    if isinstance(ids, torch.Tensor) and _integer_dtype(ids.dtype):
+        return ids
+    given = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+    raise GnfxError(f"gnfx captured the forward's indexing of a trainable table, W[x], as an embedding lookup of "
+                    f"integer indices x, as they were on the call it captured from; this call indexes with {given}, "
+                    f"which the captured graph cannot take. Fix: index with one kind of index in every call (a bool "
+                    f"mask m as W[m.nonzero().squeeze(1)]), or capture='export', which captures each dtype of input "
+                    f"on its own")
+
+
+def traced_indexings(gm: fx.GraphModule) -> set[fx.Node]:
+    """The indices x of torch.fx's `W[x]`, W a trainable matrix (or its unit-norm weight) and x a traced value,
+    whose kind only a call's values tell (module docstring); a relative position bias's left out (it falls back
+    whatever x is)."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], fx.Node):
+            continue
+        table = normalized(node.args[0])
+        if trainable_matrix(gm, node.args[0] if table is None else table[0]) is not None and not _bias_of_scores(node):
+            found.add(node.args[1])
+    return found
+
+
+class IndexKinds(fx.Interpreter):
+    """A run of a torch.fx graph module on a call (args, kwargs), as the graph's own forward takes it, that records
+    in `meta[EXAMPLE_INDEX]` the dtype (or Python type) of each node of `indices` (module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, indices: set[fx.Node]):
+        super().__init__(gm)
+        self.indices = indices
+
+    def __call__(self, *args, **kwargs):
+        """The graph's output on the call, its inputs in the order of its placeholders (the graph's own call
+        where they take a form the Interpreter's positional run does not: `**kwargs`, nothing recorded)."""
+        signature = inspect.signature(self.module.forward)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return self.module(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return self.run(*bound.args, *bound.kwargs.values())
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n in self.indices:
+            n.meta[EXAMPLE_INDEX] = value.dtype if isinstance(value, torch.Tensor) else type(value)
+        return value

@@ -63,9 +63,10 @@ def _leaf_difference(path: str, ours, theirs) -> str | None:
     return None
 
 
-def differing_output(model: nn.Module, graph: fx.GraphModule, args: tuple, kwargs: dict) -> str | None:
+def differing_output(model: nn.Module, graph, args: tuple, kwargs: dict) -> str | None:
     """Where `graph`'s output differs from `model`'s own forward on the call (args, kwargs) (module doc), or
-    None where they agree or the forward itself raises (its error is the model's, which the call then meets)."""
+    None where they agree or the forward itself raises (its error is the model's, which the call then meets).
+    `graph`: an fx.GraphModule, or a run of one taking the call as it does (passes/index_lookup.py `IndexKinds`)."""
     try:
         theirs = _output(model, args, kwargs, model)
     except Exception:  # noqa: BLE001 - the model's own failure, not the graph's

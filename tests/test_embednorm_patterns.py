@@ -7,8 +7,8 @@
   K-FAC's step is the dense Kronecker solve at the renormalized table. The renormalization happens once per
   forward of the user's and never in the quadratic step's replays (gnfx.composite_forms): three quadratic steps
   equal those of the same model without max_norm whose loop renormalizes the table before each forward.
-- `torch.index_select(W, 0, ids)` (function or method) and `one_hot(ids, V).to(dtype) @ W` are the embedding
-  lookup of `ids` (passes/index_lookup.py).
+- `torch.index_select(W, 0, ids)` (function or method), `one_hot(ids, V).to(dtype) @ W` and `W[ids]` are the
+  embedding lookup of `ids` (passes/index_lookup.py).
 - `scale_grad_by_freq` falls back, saying why (passes/embedding.py).
 - A forward's renormalization is its own write, no other optimizer's between forwards (gradient accumulation).
 - A sparse gradient (F.embedding(..., sparse=True), which gnfx.compile cannot refuse as it refuses an
@@ -223,12 +223,20 @@ class OneHotRows(nn.Module):
         return self.head(torch.tanh(self.seen(F.one_hot(ids, V).to(self.table.dtype) @ self.table)))
 
 
+class IndexedRows(OneHotRows):
+    """`W[ids]`, the rows of the table by indexing (under torch.fx too: tests/test_getitem_patterns.py)."""
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.seen(self.table[ids])))
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("lookup", ["index_select", "index_select method", "one_hot"])
+@pytest.mark.parametrize("lookup", ["index_select", "index_select method", "one_hot", "getitem"])
 def test_a_row_selection_or_one_hot_product_of_a_table_is_its_embedding_lookup(lookup, capture):
-    """An embedding block (A a V-vector, the token counts; S = M Σ g gᵀ by hooks), not a fallback (index_select)
-    nor a linear block over V inputs with a dense V x V factor A (the one-hot product)."""
-    model = OneHotRows() if lookup == "one_hot" else SelectedRows(method=lookup.endswith("method"))
+    """An embedding block (A a V-vector, the token counts; S = M Σ g gᵀ by hooks), not a fallback (index_select,
+    W[ids] under torch.fx) nor a linear block over V inputs with a dense V x V factor A (the one-hot product)."""
+    model = (OneHotRows() if lookup == "one_hot" else IndexedRows() if lookup == "getitem"
+             else SelectedRows(method=lookup.endswith("method")))
     ids, y = token_batch()
     reference = copy.deepcopy(model)
     seen = output_gradient_of(reference.seen)
