@@ -137,7 +137,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.quadratic = (QuadraticStep(self.parameter_store, settings["losses"], settings["initial_damping"],
                                         settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
                                         settings["damping_every"], settings["quadratic_every"],
-                                        settings["quadratic_momentum"], self.layouts)
+                                        settings["quadratic_momentum"], settings["quadratic_products"], self.layouts)
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, plan, statistics) -> None:

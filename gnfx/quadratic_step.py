@@ -46,6 +46,12 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
 (benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
 
+The products by finite differences (`quadratic_products="difference"`; "forward", the default, is the
+above): J v ≈ (f(θ + hv) − f(θ))/h (gnfx.finite_differences), one forward without gradient per row of V
+and one for z instead of ~2.5 forwards per row, to a relative error of about √ε: the char GPT's step 84 →
+45 CPU ms at the same steps to target within an evaluation; a forward that jumps at the scale of h (a
+router's top-k, rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences").
+
 The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy, binary or not, and mse
 alike; 0 is the infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
 reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP, 1)
@@ -254,6 +260,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from gnfx.errors import GnfxError
 from gnfx.filled_gradients import fills_gradients
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
+from gnfx.finite_differences import difference_rows
 from gnfx.flat_layout import FlatLayout, double_products
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
@@ -407,11 +414,13 @@ class QuadraticStep:
     (gnfx.output_losses); `layouts`: the optimizer's gnfx.outputs.LogitsLayout of each."""
 
     def __init__(self, parameters, losses: tuple[OutputLoss, ...], damping: float, decay: float, capped: bool,
-                 rows: int | None, every: int, solve_every: int, momentum: str | float, layouts: list[LogitsLayout]):
+                 rows: int | None, every: int, solve_every: int, momentum: str | float, products: str,
+                 layouts: list[LogitsLayout]):
         self.parameters = parameters
         # the classes' axis of each cross-entropy's z_k (gnfx.outputs.LogitsLayout): the model is built on z_c
         self.layouts = layouts
         self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
+        self.products = products  # quadratic_products: J v by "forward" mode or by finite "difference"
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
         self.solved_at = -1  # the optimizer's step of the last solve
@@ -616,9 +625,9 @@ class QuadraticStep:
 
     def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[list, list]:
         """([z_j]_j, [[J_j v_k]_k stacked]_j) at parameters `theta` for the tangents v_k (`tangent_rows`, one
-        list of per-parameter tensors each) and each output z_j loss= names, by one forward-mode pass per
-        tangent through all of them, concatenated (gnfx.forward_mode.jvp_rows;
-        benchmarks/results/quadratic_step.md)."""
+        list of per-parameter tensors each) and each output z_j loss= names, by one pass per tangent through
+        all of them, concatenated: forward mode (`_forward_mode_rows`), or with quadratic_products="difference"
+        finite differences (gnfx.finite_differences; benchmarks/results/quadratic_step.md)."""
         f = self._function(subset=True)
         shapes = []
 
@@ -626,21 +635,28 @@ class QuadraticStep:
             heads = f(theta)
             shapes[:] = [z.shape for z in heads]
             return torch.cat([z.reshape(-1) for z in heads])
+        rows = difference_rows if self.products == "difference" else self._forward_mode_rows
+        z, J = rows(concatenated, theta, tangent_rows)
+        sizes = [shape.numel() for shape in shapes]
+        return ([t.view(shape) for t, shape in zip(z.split(sizes), shapes)],
+                [t.view(len(J), *shape) for t, shape in zip(J.split(sizes, 1), shapes)])
+
+    def _forward_mode_rows(self, f, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """gnfx.forward_mode.jvp_rows(f, theta, tangent_rows), run again with PyTorch's decompositions or ATen's
+        own recurrent kernels where an operation has no forward-mode formula, else a GnfxError naming it."""
         try:
             with forward_mode_kernels(self._native_recurrent):
-                z, J = jvp_rows(concatenated, theta, tangent_rows)
-            sizes = [shape.numel() for shape in shapes]
-            return ([t.view(shape) for t, shape in zip(z.split(sizes), shapes)],
-                    [t.view(len(J), *shape) for t, shape in zip(J.split(sizes, 1), shapes)])
+                return jvp_rows(f, theta, tangent_rows)
         except (NotImplementedError, RuntimeError) as error:  # an op without a forward-mode derivative
             if isinstance(error, NotImplementedError) and load_decompositions():
-                return self._output(theta, tangent_rows)  # one with PyTorch's decomposition (gnfx.forward_mode)
+                return self._forward_mode_rows(f, theta, tangent_rows)  # with PyTorch's decomposition
             if isinstance(error, NotImplementedError) and not self._native_recurrent:
                 self._native_recurrent = True  # oneDNN's or cuDNN's recurrent kernel: from now on ATen's own
-                return self._output(theta, tangent_rows)
+                return self._forward_mode_rows(f, theta, tangent_rows)
             raise forward_mode_error(error, "the quadratic-model step (loss= without lr)",
-                                     "pass lr= for a fixed-learning-rate step (step='lr'), or leave that operation "
-                                     "out of the model") from error
+                                     "pass lr= for a fixed-learning-rate step (step='lr'), or "
+                                     "quadratic_products='difference' (finite differences: for a forward smooth in "
+                                     "the parameters), or leave that operation out of the model") from error
 
     # --- the step ------------------------------------------------------------------------------
     def step(self, chain, refresh, t: int, comm, preconditioners, loss_before=None, closure=None) -> None:

@@ -1,0 +1,58 @@
+"""Jacobian-vector products J v by one-sided finite differences: the quadratic step's
+`quadratic_products="difference"`.
+
+For the outputs z = f(θ) of the model on the step's batch and a tangent v,
+
+    J v ≈ (f(θ + h v) − f(θ)) / h,        h = √ε (1 + ‖θ‖) / ‖v‖,
+
+ε the machine epsilon of z's dtype (the step h·v has norm √ε (1 + ‖θ‖), the usual choice for a
+difference quotient, Nocedal & Wright §8.1). The error of each entry is the curvature term
+½ h vᵀ∇²z v plus the rounding of the difference, ~ε|z| / h: a relative error of about √ε where z is
+smooth in θ (~3e-4 in float32, 1.5e-8 in float64; measured ~2e-3 on the deep autoencoder of
+benchmarks/ in float32, benchmarks/results/quadratic_step.md). Each tangent costs one plain forward
+without gradient, z one more, where forward mode pays for each tangent the layers' product and two
+more (about 2.5 forwards, gnfx.forward_mode): on a model whose forward is compute-bound (the char GPT
+of benchmarks/) the products take half the time, and an operation without a forward-mode formula (a
+torch.autograd.Function without jvp, a library's fused kernel) runs as it is. What it cannot do: a
+forward that is not smooth in θ at the scale of h (a top-k router whose choice flips, rounding, an
+iterative solver stopped at a tolerance) gives a difference that is no derivative, and a dtype of few
+bits (float16, bfloat16: √ε ~ 0.03-0.06) no precision: `difference_rows` refuses such outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from gnfx.errors import GnfxError
+
+
+def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.Tensor],
+                    tangent_rows: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, [J v_k]_k stacked on a leading axis) as gnfx.forward_mode.jvp_rows returns them, z = f(primals),
+    each J v_k the one-sided difference quotient of the module docstring (zero for v_k = 0); f runs without
+    gradient, 1 + len(tangent_rows) times."""
+    with torch.no_grad():
+        z = f(list(primals))
+        if z.dtype.itemsize < 4 and z.dtype.is_floating_point:
+            raise GnfxError(f"quadratic_products='difference' takes finite differences of the model's outputs, which "
+                            f"are {z.dtype} here: a difference quotient keeps about half of a dtype's digits, none "
+                            f"worth having of a 16-bit one. Fix: quadratic_products='forward' (forward-mode "
+                            f"derivatives, exact), or outputs in float32")
+        scale = math.sqrt(torch.finfo(z.dtype).eps) * (1 + _norm(primals))
+        products = []
+        for tangents in tangent_rows:
+            length = _norm(tangents)
+            if length == 0:
+                products.append(torch.zeros_like(z))
+                continue
+            h = scale / length
+            moved = f([p + h * t.to(p.dtype) for p, t in zip(primals, tangents)])
+            products.append((moved - z) / h)
+    return z, torch.stack(products)
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    """‖(t_1, ..., t_n)‖, the Euclidean norm of the tensors as one vector, in float64 (one host read)."""
+    return float(torch.stack([t.detach().double().norm() for t in tensors]).norm()) if tensors else 0.0
