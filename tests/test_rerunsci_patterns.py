@@ -1,5 +1,7 @@
 """Regressions found by rerunning the first-contact probes (benchmarks/results/first_contact_15_rerunsci.md), each
 with a plain-torch stand-in, float64, against plain hooks."""
+import warnings
+
 import torch
 from torch import nn
 
@@ -49,3 +51,62 @@ def test_a_layer_whose_method_only_the_parents_reset_parameters_calls_is_opened(
     want = kfac_factors(calls["lin"], True, "expand", m)
     for factor in ("A", "S"):
         torch.testing.assert_close(c.statistics("lin")[factor], want[factor], **TOL)
+
+
+class Filter(nn.Module):
+    """PyG's CFConv: its filter network `net` is the module its parent also holds as `mlp`."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.lin = net, nn.Linear(4, 4)
+
+    def forward(self, x, e):
+        return self.lin(x) * self.net(e)
+
+
+class Interaction(nn.Module):
+    """SchNet's InteractionBlock: `self.mlp` registered again as `self.conv.nn` (one module, two paths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.conv, self.out = Filter(self.mlp), nn.Linear(4, 4)
+
+    def forward(self, x, e):
+        return self.out(self.conv(x, e))
+
+
+class PooledInteraction(nn.Module):
+    """SchNet: an opaque forward (a data-dependent size) around the interaction block, which is opened."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = Interaction(), nn.Linear(4, 3)
+
+    def forward(self, x, e, index):
+        h = self.block(x, e)
+        pooled = h.new_zeros(int(index.max()) + 1, h.shape[1]).index_add_(0, index, h)
+        return self.head(pooled[index])
+
+
+def test_an_opened_child_holding_a_module_under_two_paths_runs_its_graph():
+    """PyG's SchNet (benchmarks/molecular_probe.py) once its interaction blocks were opened: the numbers the
+    opened child's graph was traced with were listed by `named_modules()`, which names a module held under two
+    paths once, and those of its watched copy, where each path holds a copy of its own, under both: every call
+    differed ("interactions.0.conv.nn.0.in_features is 8, where the graph ... has unset"), ran the child's own
+    forward, and its blocks got no statistics. Now the graph runs and A and S are those of hooks."""
+    torch.manual_seed(0)
+    model = PooledInteraction().double()
+    x, e = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    index, y = torch.randint(0, 5, (12,)), torch.randint(0, 3, (12,))
+    names = ["block.out", "block.conv.lin", "head"]
+    calls, m = record_linear_calls(model, names, x, y, e=e, index=index)
+    c = compile_for_statistics(model, optimizer="kfac")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        statistic_step(c, x, y, e=e, index=index)
+    assert not [w for w in caught if "where the graph gnfx captured" in str(w.message)]
+    for name in names:
+        want = kfac_factors(calls[name], True, "expand", m)
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(name)[factor], want[factor], **TOL)
