@@ -85,6 +85,8 @@ class Envs:
         gym = _import("gymnasium")
         self.envs = [gym.make(name) for _ in range(n)]
         self.obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]).astype(np.float32)
+        for i, e in enumerate(self.envs):  # its sample() draws from a generator reset(seed=) leaves unseeded
+            e.action_space.seed(seed + i)
         self.running, self.returns = np.zeros(n), []
         self.single_action_space = self.envs[0].action_space
 

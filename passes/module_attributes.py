@@ -266,5 +266,8 @@ def _is_number(value) -> bool:
 
 
 def subtree_numbers(module: nn.Module) -> tuple:
-    """`module_numbers` of `module` and of each of its submodules, by path, as one hashable tuple."""
-    return tuple((name, *number) for name, m in module.named_modules() for number in module_numbers(m))
+    """`module_numbers` of `module` and of each of its submodules, by path, as one hashable tuple: a submodule held
+    under two paths (SchNet's `mlp`, also its CFConv's `nn`) under both, as in gnfx.opened_leaf's watched copy of
+    an opened child, which holds a copy of its own at each path."""
+    return tuple((name, *number) for name, m in module.named_modules(remove_duplicate=False)
+                 for number in module_numbers(m))

@@ -195,15 +195,26 @@ def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | No
     return None
 
 
+# methods that set a module's parameters at construction (torch.nn's convention, nn.Linear.reset_parameters and
+# nn.MultiheadAttention._reset_parameters; every PyG convolution's reset_parameters calls `self.lin.reset_parameters()`),
+# not code that runs at a call: the calls of its children's methods they make are left out of `_class_source`
+INITIALIZERS = ("__init__", "reset_parameters", "_reset_parameters")
+
+
 def _class_source(module: nn.Module) -> str:
-    """The source of `module`'s class and its bases below torch's (every method: the opaque code may be a method
-    other than forward, passes/opaque_root.py), '' for a torch module or a class without source."""
+    """The source of `module`'s class and its bases below torch's (every method but the INITIALIZERS: the opaque
+    code may be a method other than forward, passes/opaque_root.py), '' for a torch module or a class without
+    source."""
     sources = []
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch.") or cls is object:
             break
         try:
-            sources.append(inspect.getsource(cls))
+            source = inspect.getsource(cls)
+            for name in INITIALIZERS:
+                if inspect.isfunction(method := vars(cls).get(name)):
+                    source = source.replace(inspect.getsource(method), "")
+            sources.append(source)
         except (OSError, TypeError):  # a builtin, a class made at run time
             pass
     return "\n".join(sources)
