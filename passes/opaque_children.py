@@ -196,9 +196,11 @@ def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | No
 
 
 # methods that set a module's parameters at construction (torch.nn's convention, nn.Linear.reset_parameters and
-# nn.MultiheadAttention._reset_parameters; every PyG convolution's reset_parameters calls `self.lin.reset_parameters()`),
-# not code that runs at a call: the calls of its children's methods they make are left out of `_class_source`
-INITIALIZERS = ("__init__", "reset_parameters", "_reset_parameters")
+# nn.MultiheadAttention._reset_parameters; every PyG convolution's reset_parameters calls `self.lin.reset_parameters()`;
+# timm's init_weights, Hugging Face's _init_weights, torchvision's _initialize_weights), not code that runs at a call:
+# the calls of its children's methods they make are left out of `_class_source`
+INITIALIZERS = ("__init__", "reset_parameters", "_reset_parameters", "init_weights", "_init_weights",
+                "_initialize_weights")
 
 
 def _class_source(module: nn.Module) -> str:

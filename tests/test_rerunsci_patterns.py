@@ -2,6 +2,7 @@
 with a plain-torch stand-in, float64, against plain hooks."""
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -34,13 +35,39 @@ class GraphConv(nn.Module):
         return self.lin(pooled[index])
 
 
-def test_a_layer_whose_method_only_the_parents_reset_parameters_calls_is_opened():
+class TimmConv(GraphConv):
+    """timm's and Hugging Face's convention: the initializer is `init_weights` / `_init_weights`."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out)
+        self.init_weights()
+
+    def init_weights(self):
+        self._init_weights()
+
+    def _init_weights(self):
+        self.lin.reset_parameters()
+
+
+class VisionConv(GraphConv):
+    """torchvision's convention (VGG, SqueezeNet): `_initialize_weights`."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out)
+        self._initialize_weights()
+
+    def _initialize_weights(self):
+        self.lin.reset_parameters()
+
+
+@pytest.mark.parametrize("conv", [GraphConv, TimmConv, VisionConv])
+def test_a_layer_whose_method_only_the_parents_reset_parameters_calls_is_opened(conv):
     """PyG's GCNPool and GINPool (benchmarks/pyg_probe.py) fell from 96.4% and 100% of their entries in blocks
     to 9.3% and 24.1%: their convolutions' `lin` was refused as a layer whose class method other than forward
     the calling code names, `self.lin.reset_parameters()` in GCNConv.reset_parameters, which runs at
     construction, not at a call. Opened, it is a block whose A and S are those of hooks."""
     torch.manual_seed(0)
-    model = GraphConv(6, 4).double()
+    model = conv(6, 4).double()
     x, index = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 5, (12,))
     y = torch.randint(0, 4, (12,))
     calls, m = record_linear_calls(model, ["lin"], x, y, index=index)
