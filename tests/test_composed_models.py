@@ -1,20 +1,26 @@
 """Properties of composed models (hypothesis): networks nobody wrote by hand, made of several blocks in sequence.
 
-A recipe (printed on failure; `build` turns it into an nn.Module) starts from an input of layout
-(B, D), (B, T, D), (B, C, H, W) or token ids (B, T) looked up by an nn.Embedding, chains 1-4 blocks, each valid
-for the layout the previous one left, and ends in a linear head on (B, D) or (B, T, D) (logits (B, K) or
-(B, T, K)). The vocabulary (`BLOCKS`): nn.Linear with or without bias, activations (relu, in-place relu, gelu,
-tanh, silu), LayerNorm / GroupNorm / BatchNorm, dropout (p > 0, training mode), a residual x + s·f(x) whose
-scale s is a keyword argument of the model's forward and of the block's, two branches concatenated or added,
-chunk / split of the features then recombined, Conv1d / Conv2d (kernel, stride, padding, groups, bias),
-pooling (avg, max, adaptive), nn.MultiheadAttention (batch_first) or F.scaled_dot_product_attention on q, k, v
-projections, nn.GRU / nn.LSTM (batch_first, 1-2 layers, bidirectional or not), and the layout changes between
-them (flatten, mean / max / first token, tokens ↔ channels by transpose and permute, view). The blocks sit in an
+A recipe (printed on failure; `Composed` builds its nn.Module) starts from an input of layout (B, D), (B, T, D),
+(B, C, H, W) or token ids (B, T) looked up by an nn.Embedding (padding_idx 0), chains 1-6 blocks, each valid for
+the layout the previous one left (`draw_block`, `make`), and ends in a linear head on (B, D) or (B, T, D) (logits
+(B, K) or (B, T, K)). The vocabulary: nn.Linear with or without bias, x Wᵀ + b from raw parameters (F.linear,
+einsum, matmul), a layer called twice (tied), activations (relu, in-place relu, gelu, gelu-tanh, tanh, silu,
+leaky relu), LayerNorm (with or without affine) / RMSNorm / GroupNorm / BatchNorm (with or without affine) /
+InstanceNorm, dropout (nn.Dropout or F.dropout, p > 0, training mode), a residual x + s·f(x) whose scale s is a
+keyword argument of the model's forward and of the block's, two branches concatenated or added, chunk / split of
+the features then recombined or gated, slices of the tokens, a stop-gradient branch x + f(x).detach(),
+Conv1d / Conv2d (kernel, stride, padding incl. "same", dilation, groups, bias), pooling (avg, max, adaptive avg
+and max), nn.MultiheadAttention (batch_first, causal mask or none), F.scaled_dot_product_attention on q, k, v
+projections or a hand-written softmax attention, nn.GRU / nn.LSTM (batch_first, 1-2 layers, bidirectional or
+not, LSTM projections), a class token and position table, and the layout changes between them (flatten, mean /
+max / first token, tokens ↔ channels by transpose and permute, view, unsqueeze). The blocks sit in an
 nn.Sequential, an nn.ModuleList or an nn.ModuleDict (branches in a ModuleDict, inner layers in a Sequential);
-the model returns the logits, a tuple (logits, features) or a dict.
+one block may be frozen (requires_grad False), a head on token ids may share the embedding's weight, and the
+model returns the logits, a tuple (logits, features) or a dict.
 
-Each recipe is compiled with a capture ("fx", "export", "auto") and an optimizer (kfac under the quadratic
-step with loss="cross_entropy" or "mse"; kfac, ekfac, shampoo, rank1 with an lr), and checked, float64:
+Each recipe is compiled with a capture ("fx", "export", "auto") and an optimizer (kfac, ekfac, shampoo, rank1 or
+"auto") with an lr, or with loss="cross_entropy" or "mse" (step "auto": kfac's quadratic step, the others' lr
+step; or step="quadratic" for any), and checked, float64:
 
 a. on a statistic step and on a plain step, the compiled model's outputs, parameter gradients and buffers
    (batch-norm running statistics) equal those of an eager copy of the same weights, dropout drawing the same
@@ -25,7 +31,8 @@ c. with an lr and the empirical Fisher, the factors A and S (kfac_approx "expand
    nn.Linear block after the first statistic step (whose batch sets them, whatever stat_decay) equal the hook
    references of tests/references.py.
 
-`GNFX_FUZZ_EXAMPLES=300` (an environment variable, for a local search) runs more examples than CI's.
+For a local search, `GNFX_FUZZ_EXAMPLES=300` runs more examples than CI's 25, and `GNFX_FUZZ_RANDOM=1` draws
+new ones on each run instead of the derandomized sequence (a failure prints its @reproduce_failure blob).
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ import test_properties as properties
 DTYPE = torch.float64
 EXACT = dict(rtol=1e-10, atol=1e-12)
 EXAMPLES = int(os.environ.get("GNFX_FUZZ_EXAMPLES", "25"))
-PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,
+PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("GNFX_FUZZ_RANDOM"),
+                    database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ACTIVATIONS = {"relu": nn.ReLU, "relu_": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "tanh": nn.Tanh,
                "silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky": lambda: nn.LeakyReLU(0.1)}
@@ -197,6 +205,17 @@ class ClassToken(nn.Module):
         return torch.cat([self.token.expand(x.shape[0], -1, -1), x], 1) + self.position
 
 
+class Detached(nn.Module):
+    """x + f(x).detach(): f's output passes no gradient (a stop-gradient target), its parameters get none."""
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return x + self.f(x).detach()
+
+
 class Tied(nn.Module):
     """One layer called twice: f(tanh(f(x)))."""
 
@@ -272,6 +291,8 @@ class Recipe:
     step: str  # "auto" or "quadratic" (with loss=)
     taps: bool  # statistics=("A", "S") asked for beside the optimizer's own
     approx: str  # kfac_approx
+    tied_head: bool  # token ids in and out: the head's weight is the embedding's (a language model's tied weights)
+    frozen: int | None  # the block whose parameters are frozen (requires_grad False; fine-tuning)
     seed: int
 
 
@@ -312,8 +333,8 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
     dim = 1 if layout == "img" else -1
     width = st.integers(2, 6)
     kinds = ["linear", "act", "norm", "dropout", "residual", "branches", "parts", "to_flat"]
-    kinds += {"flat": ["to_seq", "to_img", "raw_linear", "tied"],
-              "seq": ["attention", "recurrent", "conv1d", "pool1d", "to_img", "raw_linear", "tied", "class_token",
+    kinds += {"flat": ["to_seq", "to_img", "raw_linear", "tied", "detached"],
+              "seq": ["detached", "attention", "recurrent", "conv1d", "pool1d", "to_img", "raw_linear", "tied", "class_token",
                       "token_parts", "softmax"],
               "img": ["conv2d", "pool2d", "to_seq"]}[layout]
     if layout == "img":
@@ -328,6 +349,8 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
         return spec, layout, shape[:-1] + (d,)
     if kind == "tied":
         return ("tied", features, draw(st.booleans())), layout, shape
+    if kind == "detached":
+        return ("detached", features), layout, shape
     if kind == "class_token":
         return ("class_token", shape[0], features), layout, (shape[0] + 1, features)
     if kind == "token_parts" and shape[0] >= 2:
@@ -440,6 +463,8 @@ def make(spec) -> nn.Module:
         return RawLinear(*args)
     if kind == "tied":
         return Tied(nn.Linear(args[0], args[0], bias=args[1]))
+    if kind == "detached":
+        return Detached(nn.Linear(args[0], args[0]))
     if kind == "class_token":
         return ClassToken(*args)
     if kind == "token_parts":
@@ -482,8 +507,9 @@ def make(spec) -> nn.Module:
 
 
 class Composed(nn.Module):
-    """The model of a recipe: (embedding) → blocks → head; the residual blocks take `scale` from the forward's
-    keyword (in the list and dict containers; an nn.Sequential calls them with its default)."""
+    """The model of a recipe: (embedding) → blocks → head (its weight the embedding's where the recipe ties them);
+    the residual blocks take `scale` from the forward's keyword (in the list and dict containers; an
+    nn.Sequential calls them with its default)."""
 
     def __init__(self, recipe: Recipe, features: int):
         super().__init__()
@@ -494,6 +520,10 @@ class Composed(nn.Module):
         self.blocks = {"sequential": lambda: nn.Sequential(*blocks), "list": lambda: nn.ModuleList(blocks),
                        "dict": lambda: nn.ModuleDict({f"b{i}": b for i, b in enumerate(blocks)})}[recipe.container]()
         self.head = nn.Linear(features, recipe.head)
+        if recipe.tied_head:
+            self.head.weight = self.embed.weight
+        if recipe.frozen is not None:
+            blocks[recipe.frozen].requires_grad_(False)
         self.output = recipe.output
         self.to(DTYPE)
 
@@ -528,18 +558,26 @@ def recipes(draw) -> tuple[Recipe, int]:
     for _ in range(draw(st.integers(1, 6))):
         spec, layout, inner = draw_block(draw, layout, inner, blocks[-1][0] if blocks else None, trained)
         blocks.append(spec)
-        trained = trained or not (spec[0] in ("act", "dropout", "reshape", "pool1d", "pool2d") or
+        trained = trained or not (spec[0] in ("act", "dropout", "reshape", "pool1d", "pool2d", "detached") or
                                   spec[0] == "norm" and spec[2].endswith("_plain"))
     if layout == "img":
         blocks.append(("reshape", "mean_pixels", ()))
         inner = (inner[0],)
-    optimizer = draw(st.sampled_from(["kfac", "ekfac", "shampoo", "rank1"]))
+    tied_head = kind == "ids" and layout == "seq" and inner[-1] == d and draw(st.booleans())
+    optimizer = draw(st.sampled_from(["kfac", "ekfac", "shampoo", "rank1", "auto"]))
     loss = draw(st.sampled_from([None, "cross_entropy", "mse"]))
-    recipe = Recipe(kind, shape, tuple(blocks), draw(st.integers(2, 4)), draw(st.sampled_from(["tensor", "tuple", "dict"])),
+    recipe = Recipe(kind, shape, tuple(blocks), shape[1] if tied_head else draw(st.integers(2, 4)),
+                    draw(st.sampled_from(["tensor", "tuple", "dict"])),
                     draw(st.sampled_from(["sequential", "list", "dict"])), draw(st.integers(2, 3)), optimizer,
                     draw(st.sampled_from(["fx", "export", "auto"])), loss,
-                    draw(st.sampled_from(["auto", "quadratic"])) if loss else "auto", draw(st.booleans()),
-                    draw(st.sampled_from(["expand", "reduce"])), draw(st.integers(0, 999)))
+                    draw(st.sampled_from(["auto", "quadratic"])) if loss else "auto",
+                    # not with optimizer="auto": statistics asked for count against its memory budget, and on a
+                    # block as small as a Conv2d(1, 1, 3) (A 10x10 for 10 parameters) even diag then needs 21x of
+                    # the 8x allowed, a ConfigError by design (benchmarks/results/first_contact_15_fuzz.md)
+                    optimizer != "auto" and draw(st.booleans()),
+                    draw(st.sampled_from(["expand", "reduce"])), tied_head,
+                    None if any(b[:3] == ("norm", "img", "group") for b in blocks) else  # (draw_block: the group norm)
+                    draw(st.one_of(st.none(), st.integers(0, len(blocks) - 1))), draw(st.integers(0, 999)))
     return recipe, inner[-1]
 
 
@@ -702,3 +740,23 @@ def test_an_instance_norm_as_a_function_call_is_a_norm_block(capture, form):
     got = c.statistics("norm")
     for key in ("A", "S", "diag"):
         torch.testing.assert_close(got[key], ref[key], **TOL)
+
+
+@pytest.mark.parametrize("kind, bidirectional", [("gru", False), ("lstm", True)])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_dropout_after_a_batch_first_recurrent_module_draws_the_modules_mask(kind, bidirectional, capture):
+    """nn.GRU / nn.LSTM(batch_first=True) return their output time-major in memory, a (T, N, H) tensor
+    transposed, and a dropout draws its mask in memory order. The lowered module returned it contiguous (N, T, H):
+    the same random state then dropped other entries than the eager model's (the fuzzer's GRU → dropout)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Recurrent(kind, 3, 4, 1, bidirectional, True, 0), nn.Dropout(0.5),
+                          nn.Linear(8 if bidirectional else 4, 2)).to(DTYPE)
+    x = torch.randn(3, 5, 3, dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = gnfx.compile(copy.deepcopy(model), optimizer="kfac", lr=1e-2, capture=capture, example_inputs=(x,))
+    assert c.layers["0.rnn.weight_hh_l0"].kind == "recurrent"
+    torch.manual_seed(1)
+    out = c(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, model(x), **EXACT)
