@@ -330,11 +330,11 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
     in_place = after in ("linear", "raw_linear", "conv1d", "conv2d", "norm")
     activations = st.sampled_from([a for a in sorted(ACTIVATIONS) if in_place or a != "relu_"])
     features = shape[0] if layout == "img" else shape[-1]
-    dim = 1 if layout == "img" else -1
     width = st.integers(2, 6)
     kinds = ["linear", "act", "norm", "dropout", "residual", "branches", "parts", "to_flat"]
     kinds += {"flat": ["to_seq", "to_img", "raw_linear", "tied", "detached"],
-              "seq": ["detached", "attention", "recurrent", "conv1d", "pool1d", "to_img", "raw_linear", "tied", "class_token",
+              "seq": ["detached", "attention", "recurrent", "conv1d", "pool1d", "to_img", "raw_linear", "tied",
+                      "class_token",
                       "token_parts", "softmax"],
               "img": ["conv2d", "pool2d", "to_seq"]}[layout]
     if layout == "img":
@@ -345,7 +345,8 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
         return ("linear", features, d, draw(st.booleans())), layout, shape[:-1] + (d,)
     if kind == "raw_linear":
         d = draw(width)
-        spec = ("raw_linear", features, d, draw(st.booleans()), draw(st.sampled_from(["functional", "einsum", "matmul"])))
+        form = draw(st.sampled_from(["functional", "einsum", "matmul"]))
+        spec = ("raw_linear", features, d, draw(st.booleans()), form)
         return spec, layout, shape[:-1] + (d,)
     if kind == "tied":
         return ("tied", features, draw(st.booleans())), layout, shape
@@ -370,8 +371,8 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
         norm = draw(st.sampled_from(norms))
         return ("norm", layout, norm, features, draw(st.sampled_from(divisors(features, 3)))), layout, shape
     if kind == "residual":
-        return ("residual", layout, features, draw(st.sampled_from([a for a in sorted(ACTIVATIONS) if a != "relu_"]))), \
-            layout, shape
+        act = draw(st.sampled_from([a for a in sorted(ACTIVATIONS) if a != "relu_"]))
+        return ("residual", layout, features, act), layout, shape
     if kind == "branches":
         combine = draw(st.sampled_from(["cat", "add"]))
         left = draw(width)
@@ -417,7 +418,8 @@ def draw_block(draw, layout: str, shape: tuple, after: str | None, trained: bool
             return ("residual_attention",) + spec[1:], layout, shape
         return spec, layout, shape
     if kind == "recurrent":
-        hidden, bidirectional, rnn = draw(st.integers(2, 4)), draw(st.booleans()), draw(st.sampled_from(["gru", "lstm"]))
+        hidden, bidirectional = draw(st.integers(2, 4)), draw(st.booleans())
+        rnn = draw(st.sampled_from(["gru", "lstm"]))
         proj = draw(st.integers(0, hidden - 1)) if rnn == "lstm" else 0
         spec = ("recurrent", rnn, features, hidden, draw(st.integers(1, 2)), bidirectional, draw(st.booleans()), proj)
         return spec, layout, (shape[0], (proj or hidden) * (1 + bidirectional))
