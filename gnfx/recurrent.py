@@ -246,12 +246,17 @@ def recurrent_result(input, batch_first: bool, output: torch.Tensor, h_n: torch.
                      c_n: torch.Tensor | None, flat: bool = False):
     """What the module returns, in its layout: (output, h_n) or, for an LSTM, (output, (h_n, c_n))
     (`flat`: as the aten op, (output, h_n, c_n)); output batch-major (N, T, D·H) and h_n, c_n
-    (L·D, N, H) as computed, turned back to the input's layout (sequence-first, unbatched), contiguous."""
+    (L·D, N, H) as computed, turned back to the input's layout (sequence-first, unbatched) with torch's
+    strides: output time-major in memory, (T, N, D·H) contiguous, and for batch_first that tensor
+    transposed, as ATen's kernels return it. A dropout after the module draws its mask in memory order,
+    so that only with these strides does the same random state give the module's mask (and code after a
+    sequence-first module may `.view` its output)."""
     if input.dim() == 2:
         output, h_n = output.squeeze(0), h_n.squeeze(1)
         c_n = None if c_n is None else c_n.squeeze(1)
-    elif not batch_first:  # contiguous, as torch's output is: code after it may `.view` it
+    else:
         output = output.transpose(0, 1).contiguous()
+        output = output.transpose(0, 1) if batch_first else output
     if c_n is None:
         return output, h_n
     return (output, h_n, c_n) if flat else (output, (h_n, c_n))

@@ -6,8 +6,9 @@ Recognized, with a trainable 1-D weight γ (d,) and an optional bias β (d,):
     per channel) with their stock forward, as `call_module` nodes (torch.fx keeps torch.nn's
     modules as leaves);
   * `F.layer_norm`, `F.rms_norm` (one normalized dimension), `F.group_norm`, `F.batch_norm` in
-    training mode, and their aten ops (`aten.layer_norm`, `aten.rms_norm`, `aten.group_norm`,
-    `aten.batch_norm`), as torch.export writes them;
+    training mode, `F.instance_norm` normalizing with the input's statistics (a group norm with one
+    group per channel), and their aten ops (`aten.layer_norm`, `aten.rms_norm`, `aten.group_norm`,
+    `aten.batch_norm`, `aten.instance_norm`), as torch.export writes them (nn.InstanceNorm1d/2d/3d too);
   * a hand-written norm: `γ * h` (either order) where h is `x * rsqrt(...)` or `x / sqrt(...)`,
     possibly cast (`.to`, `.float()`, `.type_as`), then optionally `+ β`: RMSNorm as Llama and T5
     write it. The site's input is h itself, which already is x̂. γ may be cast and offset by a
@@ -45,9 +46,12 @@ FUNCTIONS = {
     aten.group_norm.default: ("group_norm", (2, 3, 4), 1e-5, True),
     F.batch_norm: ("batch_norm", (3, 4, 7), 1e-5, True),
     aten.batch_norm.default: ("batch_norm", (1, 2, 7), 1e-5, True),
+    F.instance_norm: ("instance_norm", (3, 4, 7), 1e-5, True),
+    aten.instance_norm.default: ("instance_norm", (1, 2, 7), 1e-5, True),
 }
 KEYWORDS = {"layer_norm": ("weight", "bias", "eps"), "rms_norm": ("weight", None, "eps"),
-            "group_norm": ("weight", "bias", "eps"), "batch_norm": ("weight", "bias", "eps")}
+            "group_norm": ("weight", "bias", "eps"), "batch_norm": ("weight", "bias", "eps"),
+            "instance_norm": ("weight", "bias", "eps")}
 MODULES = ((nn.LayerNorm, "layer_norm"), (nn.RMSNorm, "rms_norm"), (nn.GroupNorm, "group_norm"),
            (nn.modules.batchnorm._BatchNorm, "batch_norm"), (nn.modules.instancenorm._InstanceNorm, "instance_norm"))
 MUL = (operator.mul, torch.mul, aten.mul.Tensor, "mul")
@@ -129,10 +133,17 @@ def _function_site(node, param_of, shape_of):
     eps = arg(node, eps_pos, eps_key, eps_default)
     if op == "batch_norm" and not arg(node, 5, "training", False):
         return None, "a batch norm with running statistics (captured in eval mode): no curvature block (fallback)"
+    if op == "instance_norm":  # each example's channel over its positions: a group per channel
+        if not arg(node, 5, "use_input_stats", True):
+            return None, ("an instance norm with running statistics (captured in eval mode): no curvature block "
+                          "(fallback)")
+        op, node_groups = "group_norm", shape_of(weight)[0]
+    else:
+        node_groups = node.args[1] if op == "group_norm" else None
     # γ's shape is the normalized shape (the ops require it), which a forward may pass traced, `x.shape[-1:]`
     if op in ("layer_norm", "rms_norm") and len(shape_of(weight)) != 1:
         return None, f"a {op} over {len(shape_of(weight))} dimensions: no curvature block (fallback)"
-    how = (op, node.args[1], eps) if op == "group_norm" else (op, eps)
+    how = (op, node_groups, eps) if op == "group_norm" else (op, eps)
     uses = [(node, w_node)] + ([(node, b_node)] if bias is not None else [])
     return _site(node, node.args[0], weight, bias, uses, how, channels_first, shape_of), None
 
