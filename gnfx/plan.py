@@ -33,7 +33,10 @@ which names their groups ("kfac_v2_0") and their variables in the generated upda
 (blocking a large dimension cuts Shampoo's cost before fidelity is given up) and takes the first
 whose memory is at most `memory_budget` times the block's parameter memory and whose amortized
 FLOPs per step are at most `compute_budget` times an AdamW step's on the block (gnfx.cost, with
-`cost_rows` rows per call site on statistic steps). The plan is deterministic, and a larger
+`cost_rows` rows per call site on statistic steps). The statistics asked for beside the preconditioners'
+(`statistics=`) are not counted: they are taken whatever the choice, so they cannot decide it (counted, a
+Conv2d(1, 1, 3) asked for A and S needed 21x its memory even with diag, and "auto" had nothing to offer).
+The plan is deterministic, and a larger
 budget never gives a less faithful choice: the candidates that fit only grow with the budget.
 Each entry records why it was chosen (`plan.entries[name].why`, the report's last column).
 
@@ -66,8 +69,9 @@ FALLBACK = "diag"
 ROWS_SEEN = "seen by the first statistic forward"  # where the rows of a re-planned factor bound come from
 AUTO = "auto"
 BUDGETS = {  # gnfx.compile keywords (gnfx.api.COMMON), and the hyperparameters of an ("auto", {...}) pattern
-    "memory_budget": positive("optimizer='auto': a block's optimizer state and statistics, at most this multiple of "
-                              "its parameters' memory (AdamW: 2)", 8.0),
+    "memory_budget": positive("optimizer='auto': a block's optimizer state and the statistics its preconditioner "
+                              "needs (not those asked for with statistics=), at most this multiple of its parameters' "
+                              "memory (AdamW: 2)", 8.0),
     "compute_budget": positive("optimizer='auto': a block's amortized optimizer FLOPs per step, at most this "
                                "multiple of an AdamW step's on it (10 per parameter)", 30.0),
 }
@@ -355,15 +359,14 @@ def choose(block, base: dict, names, budgets: dict, settings: dict, params: dict
     numel = sum(t.numel() for t in tensors)
     param_bytes = sum(t.numel() * t.element_size() for t in tensors)
     sizes = cost.storage_sizes(tensors[0])
-    extra = frozenset(settings["statistics"])
     first_miss = None
     geometry = cost.geometry_of(block, {"d_in": block.d_in, "d_out": block.d_out})
     names = [name for name in names if REGISTRY[name].serves(block, base[name])]
     for rank, (name, hp, detail) in enumerate(candidates(geometry, base, names)):
         at = cost.symbols_for(hp, settings["stat_every"], d_in=block.d_in, d_out=block.d_out,
                               B=settings["cost_rows"], R=len(block.sites))
-        f = cost.formulas(REGISTRY[name], hp, cost.geometry_of(block, at),
-                          REGISTRY[name].needs(hp) | extra, settings["kfac_approx"], at)
+        f = cost.formulas(REGISTRY[name], hp, cost.geometry_of(block, at), REGISTRY[name].needs(hp),
+                          settings["kfac_approx"], at)
         memory = float(f.memory(sizes)) / param_bytes
         compute = float(f.flops) / (cost.ADAMW * numel)
         usage = f"memory {memory:.1f}x, compute {compute:.1f}x"

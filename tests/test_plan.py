@@ -226,6 +226,23 @@ def test_fidelity_never_drops_as_a_budget_grows():
     assert len({tuple(sorted((k, e.name, e.reason) for k, e in entries.items())) for entries in planned.values()}) > 5
 
 
+def test_statistics_asked_for_do_not_decide_what_auto_chooses():
+    """statistics=("A", "S") are taken whatever auto chooses: the plan is the one without them, also for a block as
+    small as a Conv2d(1, 1, 3), whose A (10 x 10 for 10 parameters) counted against memory_budget left nothing
+    that fits (a ConfigError, found by tests/test_composed_models.py)."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.randn(2, 1, 4, 4)
+    plain = gnfx.compile(model(), optimizer="auto", example_inputs=(x,))
+    asked = gnfx.compile(model(), optimizer="auto", statistics=("A", "S"), example_inputs=(x,))
+    assert {n: (e.name, e.hparams) for n, e in asked.layers.plan.entries.items()} == \
+        {n: (e.name, e.hparams) for n, e in plain.layers.plan.entries.items()}
+    asked(x).sum().backward()
+    asked.step()
+    assert asked.statistics("0")["A"].shape == (10, 10)
+
+
 def test_auto_blocks_shampoo_before_giving_up_fidelity_and_says_why():
     c = gnfx.compile(GPT(), optimizer="auto", memory_budget=8.0, compute_budget=30.0)
     fc = c.layers.plan.entries["blocks.0.fc"]  # 64 x 17: unblocked Shampoo and K-FAC exceed the budgets
