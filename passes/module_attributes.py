@@ -40,9 +40,10 @@ calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the sa
 which proxies parameters but not buffers: the count runs once, on the buffer itself, while tracing, and the
 graph holds no operation that repeats it (an update computed from the input, an EMA codebook's
 `self.embed_avg.lerp_(x.mean(0), 0.2)`, is recorded in the graph instead and leaves the buffer as it was).
-`changed_buffer(module, before)` names a buffer of the module or its submodules whose value changed since
-`buffer_values(module)` was `before`, and puts the value back, so that capturing advances no count; the fx
-tracer then keeps that module opaque as for a number. (torch.export records such a change as the graph's
+`changed_buffers(module, before)` names the buffers of the module or its submodules whose values changed since
+`buffer_values(module)` was `before`, and puts the values back, so that capturing advances no count; the fx
+tracer then traces the module again with those buffers proxied (passes/buffer_updates.py), and keeps it opaque
+as for a number where that fails. (torch.export records such a change as the graph's
 buffer mutation, which the graph repeats.)
 """
 from __future__ import annotations
@@ -201,13 +202,13 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | None:
-    """'buffer name (changed in place)' of the first buffer of `module` whose value differs from `before`
-    (`buffer_values(module)` then), or None; every changed buffer gets its value from `before` back."""
+def changed_buffers(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the buffers of `module` whose values differ from `before` (`buffer_values(module)` then);
+    every changed buffer gets its value from `before` back."""
     changed = [name for name, b in module.named_buffers() if name in before and not _same_values(b, before[name])]
     for name in changed:  # (detached: a gradient-mode switch here would be recorded in a graph being traced)
         module.get_buffer(name).detach().copy_(before[name])
-    return f"buffer {changed[0]} (changed in place)" if changed else None
+    return changed
 
 
 def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
