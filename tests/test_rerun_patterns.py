@@ -32,6 +32,25 @@ from steps import compile_for_statistics
 DTYPE = torch.float64
 
 
+def step_beside(c, model, reference, x, y) -> None:
+    """A step of the compiled model beside `reference`, a plain copy of `model`: the outputs, the buffers and every
+    parameter gradient equal the copy's; then the copy takes the stepped parameters (its buffers are its own)."""
+    out, out_ref = c(x), reference(x)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), buffer, rtol=0, atol=1e-12, msg=name)
+    cross_entropy(out, y).backward()
+    cross_entropy(out_ref, y).backward()
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
+    c.step()
+    c.zero_grad()
+    reference.zero_grad()
+    with torch.no_grad():
+        for p, p_ref in zip(model.parameters(), reference.parameters()):
+            p_ref.copy_(p)
+
+
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d in short: torch's BatchNorm forward, then a ReLU; no rank check (timm has none)."""
 
@@ -61,21 +80,8 @@ def test_a_batch_norm_subclass_counts_its_batches_as_the_module_does(momentum):
     x = torch.randn(5, 3, 8, 8, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(2))
     for step in range(3):
-        out, out_ref = c(x), reference(x)
-        torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
-        for name, buffer in reference.named_buffers():
-            torch.testing.assert_close(model.get_buffer(name), buffer, rtol=0, atol=1e-12, msg=name)
+        step_beside(c, model, reference, x, y)
         assert int(model.norm.num_batches_tracked) == step + 1
-        cross_entropy(out, y).backward()
-        cross_entropy(out_ref, y).backward()
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        with torch.no_grad():
-            for p, p_ref in zip(model.parameters(), reference.parameters()):
-                p_ref.copy_(p)
     assert c.layers.form == "fx"
     if momentum is None:  # 1/n read into Python: the module is opaque, its layer opened
         assert "changes its buffer num_batches_tracked" in c.layers.leaves["norm"]
@@ -115,16 +121,5 @@ def test_hooks_a_forward_installs_at_its_first_call_are_installed_once():
     x = torch.randn(8, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
     for _ in range(4):  # statistic steps (the graph) and the steps between (the model's own forward)
-        out, out_ref = c(x), reference(x)
-        torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
-        cross_entropy(out, y).backward()
-        cross_entropy(out_ref, y).backward()
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
-        c.step()
-        c.zero_grad()
-        reference.zero_grad()
-        with torch.no_grad():
-            for p, p_ref in zip(model.parameters(), reference.parameters()):
-                p_ref.copy_(p)
+        step_beside(c, model, reference, x, y)
     assert [len(stage._forward_hooks) for stage in model.stages] == [1, 1]
