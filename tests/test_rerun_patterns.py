@@ -15,6 +15,9 @@ reproduced in plain torch.
   hooks, so the model's next own call installed them again and every output was recorded twice. Capture now
   leaves the model as it was, hooks included: the compiled model's outputs and gradients equal the module's on
   statistic steps and on the steps in between (the model's own forward), in float64.
+- A parameter of no rows (vit-pytorch's ViT at pool="mean" keeps a (0, d) `cls_token`, which MAE never uses): the
+  plan's cost of its diagonal state per rank divided by its row count (ZeroDivisionError at the first kfac step).
+  The model steps as the same model without it, bit for bit.
 """
 from __future__ import annotations
 
@@ -123,3 +126,31 @@ def test_hooks_a_forward_installs_at_its_first_call_are_installed_once():
     for _ in range(4):  # statistic steps (the graph) and the steps between (the model's own forward)
         step_beside(c, model, reference, x, y)
     assert [len(stage._forward_hooks) for stage in model.stages] == [1, 1]
+
+
+class WithEmptyToken(nn.Module):
+    def __init__(self, empty: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        if empty:
+            self.cls_token = nn.Parameter(torch.randn(0, 4))  # ViT(pool="mean")'s: no class token
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_parameter_of_no_rows_steps_as_if_absent():
+    x = torch.randn(8, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    weights = []
+    for empty in (False, True):
+        model = WithEmptyToken(empty)
+        c = gnfx.compile(model, "kfac", lr=1e-2)
+        for _ in range(2):
+            cross_entropy(c(x), y).backward()
+            c.step()
+            c.zero_grad()
+        weights.append((model.fc.weight.detach().clone(), model.fc.bias.detach().clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
