@@ -93,7 +93,8 @@ class _LeafFindingTracer(MappingOutputTracer):
     that returns a container (`torch_nn_structure`), returns its value in that structure, the indexing nodes made
     for it listed in `unpacked`. The buffers named in `proxied` are read as Proxies (passes/buffer_updates.py)."""
 
-    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None, proxied: BufferProxies | None = None):
+    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None,
+                 proxied: BufferProxies | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
         self.structures = structures or {}
