@@ -99,6 +99,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         self.leaves = leaves
         self.structures = structures or {}
         self.proxied = proxied
+        self.buffer_changes: dict[str, BufferChanged] = {}  # by module path: the buffers to proxy in the next trace
         self.unpacked: list[fx.Node] = []
         self.failed_module: str | None = None
 
@@ -119,6 +120,19 @@ class _LeafFindingTracer(MappingOutputTracer):
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
 
+    def _note_changes(self, m: nn.Module, path: str, before: tuple[dict, dict]) -> None:
+        """Raise the side effect of the traced forward of `m` (at `path`, "" for the model) on a value it holds that
+        changed since `before` (`held_values`, `buffer_values` then); note the buffers it changed in place (their
+        values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied."""
+        if (change := changed_value(m, before[0])) is not None:
+            raise side_effect(m, path, change)
+        if changed := changed_buffers(m, before[1]):
+            change = BufferChanged(str(side_effect(m, path, f"buffer {changed[0]} (changed in place)")),
+                                   frozenset(f"{path}.{name}" if path else name for name in changed))
+            if self.proxied is not None and change.buffers <= self.proxied.buffers.keys():
+                raise change
+            self.buffer_changes[path] = change
+
     def call_module(self, m, forward, args, kwargs):
         # a module traced through whose forward changes a value it holds (a number, a tensor stored for its next call)
         # is kept opaque (passes/module_attributes.py); one that changes a buffer in place is traced again with that
@@ -128,7 +142,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         try:
             out = super().call_module(m, forward, args, kwargs)
             if before is not None:
-                _raise_changes(m, path, before)
+                self._note_changes(m, path, before)
             structure = (self.structures.get(path) if path in self.leaves
                          else torch_nn_structure(m, args, kwargs) if self.is_leaf_module(m, path) else None)
             return unpacked(out, structure, self.unpacked) if structure and isinstance(out, fx.Proxy) else out
@@ -353,7 +367,12 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
-                    _raise_changes(model, "", before)
+                    tracer._note_changes(model, "", before)
+                    if tracer.buffer_changes:  # traced again, every buffer changed in place proxied
+                        for path, change in tracer.buffer_changes.items():
+                            proxied.update(change.buffers)
+                            first_changes.setdefault(path, change)
+                        continue
                     draws = draws or drew()
                     if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf
                         tracer = new_tracer()
@@ -370,10 +389,6 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
                 failed = tracer.failed_module
-                if isinstance(exc, BufferChanged) and not exc.buffers <= proxied:  # again, those buffers proxied
-                    proxied.update(exc.buffers)
-                    first_changes.setdefault(failed or "", exc)
-                    continue
                 exc = first_changes.get(failed or "", exc)  # a module that fails with its buffers proxied: opaque
                 if failed and failed not in leaves:
                     leaves[failed] = f"could not be traced ({describe_exception(exc)})"
@@ -396,17 +411,6 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
             keep_output_type(graph, tracer.output_type)
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             return Captured(gm, "fx", leaves, draws, opaque_calls=opaque_calls_taking_parameters(gm))
-
-
-def _raise_changes(module: nn.Module, path: str, before: tuple[dict, dict]) -> None:
-    """Raise the side effect of the traced forward of `module` (at `path`, "" for the model): a value it holds that
-    changed since `before` (`held_values`, `buffer_values` then), or a buffer changed in place (BufferChanged, naming
-    the buffers by their paths in the model; their values are put back)."""
-    if (change := changed_value(module, before[0])) is not None:
-        raise side_effect(module, path, change)
-    if changed := changed_buffers(module, before[1]):
-        raise BufferChanged(str(side_effect(module, path, f"buffer {changed[0]} (changed in place)")),
-                            frozenset(f"{path}.{name}" if path else name for name in changed))
 
 
 def _keep_input_names(graph: fx.Graph, fixed: dict) -> None:
