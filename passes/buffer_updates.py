@@ -1,14 +1,15 @@
 """A buffer that a forward changes in place by Python code, traced as a node of torch.fx's graph.
 
 torch.fx proxies parameters, not buffers: torch's BatchNorm forward counts its calls,
-`self.num_batches_tracked.add_(1)`, which in a subclass traced through (timm's BatchNormAct2d and
-GroupNormAct's family, any library's `class MyBN(nn.BatchNorm2d)` with a forward of its own) ran once on
+`self.num_batches_tracked.add_(1)`, which in a subclass traced through (timm's BatchNormAct2d, any
+library's `class MyBN(nn.BatchNorm2d)` with a forward of its own) ran once on
 the buffer itself while tracing, and the graph held no operation repeating it. passes/module_attributes.py
 names that side effect, and such a module was kept opaque: its norm's parameters were no block in the fx
 graph, so whole timm models (gernet, mobileone, the efficientnets, ...) went to torch.export, 3-30 times
 slower to capture.
 
-Traced again with each buffer it changed a `get_attr` Proxy (`BufferProxies`), the change is a node of the
+Traced again with each buffer it changed a `get_attr` Proxy (`BufferProxies`; every buffer one trace changed,
+in one more trace), the change is a node of the
 graph, `add_(num_batches_tracked, 1)`, which each call of the graph runs as each call of the module's forward
 does (the statistic and replayed forwards count as a torch.nn.BatchNorm2d leaf's calls count). A forward
 that reads the buffer's value into Python (`float(self.num_batches_tracked)`, BatchNorm's cumulative average
