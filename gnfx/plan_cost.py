@@ -170,7 +170,8 @@ def plan_cost(table, optimizer, settings: dict, batch_size: int | None = None, p
         else:  # the moments sharded by rows, n_r = ceil(d_0 / W), the statistics whole
             forms[name]["memory_per_rank"] = (forms[name]["memory"] - whole) / SYMBOLS["W"] + whole
             d0 = tensors[0].shape[0] if tensors[0].dim() else 1
-            per_rank = tuple((memory - everywhere) * (s.stop - s.start) // d0 + everywhere
+            # (a parameter of no rows, vit-pytorch's (0, d) cls_token at pool="mean", has no moments to shard)
+            per_rank = tuple((memory - everywhere) * (s.stop - s.start) // max(d0, 1) + everywhere
                              for s in (rows_of(d0, world_size, r) for r in range(world_size)))
         rows.append(Row(name, kind, pre_name, sum(t.numel() for t in tensors),
                         sum(t.numel() * t.element_size() for t in tensors), memory,

@@ -38,8 +38,9 @@ from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.grad_modes import grad_modes_recorded
 from gnfx.passes.mha import lowered_for_export
-from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffer, changed_value,
+from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffers, changed_value,
                                           changes_recorded, held_values, side_effect)
+from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.buffer_draws import draws_into_buffers_traced
@@ -90,12 +91,15 @@ class _LeafFindingTracer(MappingOutputTracer):
     forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py). A leaf
     of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py), and a torch.nn leaf
     that returns a container (`torch_nn_structure`), returns its value in that structure, the indexing nodes made
-    for it listed in `unpacked`."""
+    for it listed in `unpacked`. The buffers named in `proxied` are read as Proxies (passes/buffer_updates.py)."""
 
-    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None):
+    def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None,
+                 proxied: BufferProxies | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
         self.structures = structures or {}
+        self.proxied = proxied
+        self.buffer_changes: dict[str, BufferChanged] = {}  # by module path: the buffers to proxy in the next trace
         self.unpacked: list[fx.Node] = []
         self.failed_module: str | None = None
 
@@ -109,20 +113,36 @@ class _LeafFindingTracer(MappingOutputTracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _DenseProxy(node, self)
 
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        proxy = None if self.proxied is None else self.proxied.get(self, attr_val, parameter_proxy_cache)
+        return super().getattr(attr, attr_val, parameter_proxy_cache) if proxy is None else proxy
+
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
 
+    def _note_changes(self, m: nn.Module, path: str, before: tuple[dict, dict]) -> None:
+        """Raise the side effect of the traced forward of `m` (at `path`, "" for the model) on a value it holds that
+        changed since `before` (`held_values`, `buffer_values` then); note the buffers it changed in place (their
+        values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied."""
+        if (change := changed_value(m, before[0])) is not None:
+            raise side_effect(m, path, change)
+        if changed := changed_buffers(m, before[1]):
+            change = BufferChanged(str(side_effect(m, path, f"buffer {changed[0]} (changed in place)")),
+                                   frozenset(f"{path}.{name}" if path else name for name in changed))
+            if self.proxied is not None and change.buffers <= self.proxied.buffers.keys():
+                raise change
+            self.buffer_changes[path] = change
+
     def call_module(self, m, forward, args, kwargs):
-        # a module traced through whose forward changes a value it holds (a number, a tensor stored for its next call),
-        # or a buffer in place, is kept opaque
-        # (passes/module_attributes.py)
-        before = None if self.is_leaf_module(m, self.path_of_module(m)) else (held_values(m), buffer_values(m))
+        # a module traced through whose forward changes a value it holds (a number, a tensor stored for its next call)
+        # is kept opaque (passes/module_attributes.py); one that changes a buffer in place is traced again with that
+        # buffer proxied (passes/buffer_updates.py)
+        path = self.path_of_module(m)
+        before = None if self.is_leaf_module(m, path) else (held_values(m), buffer_values(m))
         try:
             out = super().call_module(m, forward, args, kwargs)
-            change = None if before is None else changed_value(m, before[0]) or changed_buffer(m, before[1])
-            if change is not None:
-                raise side_effect(m, self.path_of_module(m), change)
-            path = self.path_of_module(m)
+            if before is not None:
+                self._note_changes(m, path, before)
             structure = (self.structures.get(path) if path in self.leaves
                          else torch_nn_structure(m, args, kwargs) if self.is_leaf_module(m, path) else None)
             return unpacked(out, structure, self.unpacked) if structure and isinstance(out, fx.Proxy) else out
@@ -335,26 +355,33 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
             return graph
 
     draws = False
+    proxied: set[str] = set()  # the buffers a forward changes in place (passes/buffer_updates.py)
+    first_changes: dict[str, BufferChanged] = {}  # by the path of the module whose forward changed them
+    new_tracer = lambda: _LeafFindingTracer(set(leaves), structures, proxies)  # noqa: E731
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
     with attributes_kept(model):
         while True:
-            tracer = _LeafFindingTracer(set(leaves), structures)
-            before, buffers = held_values(model), buffer_values(model)
+            proxies = BufferProxies(model, proxied)
+            tracer = new_tracer()
+            before = held_values(model), buffer_values(model)
             try:
                 with kept_state() as drew:  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
-                    if (change := changed_value(model, before) or changed_buffer(model, buffers)) is not None:
-                        raise side_effect(model, "", change)
+                    tracer._note_changes(model, "", before)
+                    if tracer.buffer_changes:  # traced again, every buffer changed in place proxied
+                        for path, change in tracer.buffer_changes.items():
+                            proxied.update(change.buffers)
+                            first_changes.setdefault(path, change)
+                        continue
                     draws = draws or drew()
                     if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf
-                        tracer = _LeafFindingTracer(set(leaves), structures)
+                        tracer = new_tracer()
                         with raising_torch_draws():
                             traced(tracer)
                         raise TorchRandomDraw("the forward draws torch random numbers outside the traced graph "
                                               "(torch.rand([]) < p, a LayerDrop), whose one value the graph would keep")
-                    retraced = lambda: traced(_LeafFindingTracer(set(leaves), structures))  # noqa: E731
-                    if drew() and draws_decide(lambda: retraced().python_code("self").src):
-                        tracer = _LeafFindingTracer(set(leaves), structures)
+                    if drew() and draws_decide(lambda: traced(new_tracer()).python_code("self").src):
+                        tracer = new_tracer()
                         with raising_draws():  # the drawing submodule raises: a leaf, as an untraceable one
                             traced(tracer)
                         raise PythonRandomDraw("the forward draws Python random numbers (by a function other than "
@@ -362,6 +389,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
                 failed = tracer.failed_module
+                exc = first_changes.get(failed or "", exc)  # a module that fails with its buffers proxied: opaque
                 if failed and failed not in leaves:
                     leaves[failed] = f"could not be traced ({describe_exception(exc)})"
                     continue
@@ -373,6 +401,8 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                     f"and keep that one opaque with gnfx.compile(..., leaf_modules=['path.to.module']), rewrite "
                     f"data-dependent branches with torch.cond, or use capture='export' with example_inputs=..."
                 ) from exc
+            finally:
+                proxies.restore()
             for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
                 if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                     node.meta.pop("is_wrapped", None)  # which breaks every later trace

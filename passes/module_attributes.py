@@ -12,7 +12,12 @@ data-dependent error at the step. `attributes_kept(model)` puts back, on exit, e
 attributes (its `__dict__` outside torch.nn.Module's registries: parameters, submodules and hooks are
 its own concern), the entries of the dicts and lists among them, and its buffers as they were on entry: those the forward added are removed, those it
 replaced restored, so the first eager call builds them again from real tensors (litgpt's LoRAQKVLinear
-registers its `_lora_ind` buffer at the first read of a property, inside the forward). (In-place
+registers its `_lora_ind` buffer at the first read of a property, inside the forward). The hooks a forward
+registers on the modules while captured are removed too, with the attribute that says they are there:
+transformers 5 installs its output-capturing forward hooks at a model's first call and marks the model
+`_output_capturing_hooks_installed`; with the mark taken back and the hooks kept, the first eager call installed
+them a second time, every stage's output was recorded twice, and Segformer's decode head, which zips the
+recorded hidden states with its projections, fed a stage-0 map to the stage-1 projection (a shape error). (In-place
 changes inside an attribute's object or a buffer are not seen, nor undone: BatchNorm's running
 statistics are the graph's to update.) A TorchScript module (`torch.jit.script(module)`: e3nn 0.4's generated
 tensor products and linear maps, in MACE) is left as it is: its compiled forward sets no Python attribute,
@@ -40,9 +45,10 @@ calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the sa
 which proxies parameters but not buffers: the count runs once, on the buffer itself, while tracing, and the
 graph holds no operation that repeats it (an update computed from the input, an EMA codebook's
 `self.embed_avg.lerp_(x.mean(0), 0.2)`, is recorded in the graph instead and leaves the buffer as it was).
-`changed_buffer(module, before)` names a buffer of the module or its submodules whose value changed since
-`buffer_values(module)` was `before`, and puts the value back, so that capturing advances no count; the fx
-tracer then keeps that module opaque as for a number. (torch.export records such a change as the graph's
+`changed_buffers(module, before)` names the buffers of the module or its submodules whose values changed since
+`buffer_values(module)` was `before`, and puts the values back, so that capturing advances no count; the fx
+tracer then traces the module again with those buffers proxied (passes/buffer_updates.py), and keeps it opaque
+as for a number where that fails. (torch.export records such a change as the graph's
 buffer mutation, which the graph repeats.)
 """
 from __future__ import annotations
@@ -55,13 +61,16 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer
 
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
+HOOKS = tuple(sorted(name for name in REGISTRIES if "_hooks" in name))  # _forward_hooks, _forward_pre_hooks, ...
 
 
 def saved_attributes(modules) -> list:
     """What `restore_attributes` puts back: each of the `modules`' own attributes, the entries of its dicts and
-    lists, its buffers (the tensors themselves, not copies: a tensor changed in place is not put back)."""
+    lists, its buffers (the tensors themselves, not copies: a tensor changed in place is not put back) and the
+    handles of its hooks (module doc)."""
     return [(m, {k: v for k, v in vars(m).items() if k not in REGISTRIES}, _entries(m), dict(m._buffers),
-             set(m._non_persistent_buffers_set)) for m in modules if not isinstance(m, torch.jit.ScriptModule)]
+             set(m._non_persistent_buffers_set), {name: set(getattr(m, name)) for name in HOOKS})
+            for m in modules if not isinstance(m, torch.jit.ScriptModule)]
 
 
 def holding_state(model: nn.Module) -> list[nn.Module]:
@@ -73,8 +82,9 @@ def holding_state(model: nn.Module) -> list[nn.Module]:
 
 
 def restore_attributes(saved: list) -> None:
-    """Each module's attributes, dict and list entries and buffers as `saved_attributes` saw them."""
-    for module, attributes, entries, buffers, non_persistent in saved:
+    """Each module's attributes, dict and list entries and buffers as `saved_attributes` saw them; the hooks
+    registered since are removed."""
+    for module, attributes, entries, buffers, non_persistent, hooks in saved:
         for name in [k for k in vars(module) if k not in REGISTRIES and k not in attributes]:
             del module.__dict__[name]
         module.__dict__.update(attributes)
@@ -85,6 +95,10 @@ def restore_attributes(saved: list) -> None:
         module._buffers.update(buffers)
         module._non_persistent_buffers_set.clear()
         module._non_persistent_buffers_set.update(non_persistent)
+        for name, handles in hooks.items():
+            registered = getattr(module, name)
+            for handle in [h for h in registered if h not in handles]:
+                del registered[handle]
 
 
 @contextlib.contextmanager
@@ -201,13 +215,13 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.is_floating_point() and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def changed_buffer(module: nn.Module, before: dict[str, torch.Tensor]) -> str | None:
-    """'buffer name (changed in place)' of the first buffer of `module` whose value differs from `before`
-    (`buffer_values(module)` then), or None; every changed buffer gets its value from `before` back."""
+def changed_buffers(module: nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the buffers of `module` whose values differ from `before` (`buffer_values(module)` then);
+    every changed buffer gets its value from `before` back."""
     changed = [name for name, b in module.named_buffers() if name in before and not _same_values(b, before[name])]
     for name in changed:  # (detached: a gradient-mode switch here would be recorded in a graph being traced)
         module.get_buffer(name).detach().copy_(before[name])
-    return f"buffer {changed[0]} (changed in place)" if changed else None
+    return changed
 
 
 def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
