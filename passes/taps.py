@@ -34,6 +34,7 @@ import inspect
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from gnfx.layouts.registration import site_layout
@@ -47,6 +48,13 @@ _VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.transpose, torc
                              torch.squeeze, torch.narrow, torch.movedim, torch.chunk, torch.split, torch.unbind,
                              torch.t, operator.getitem})
 _IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow})
+# what may return its first input itself: a dropout at p = 0 or out of training (ATen's CPU dropout returns its input
+# then: Wav2Vec2's feature projection, `hidden_states[~mask] = 0` after a dropout of p = 0, wrote the tapped output),
+# nn.Identity, and a cast or move to the dtype and device the tensor already has
+_MAY_RETURN_INPUT_METHODS = frozenset({"to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"})
+_MAY_RETURN_INPUT_FUNCTIONS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                         F.feature_alpha_dropout, torch.dropout, torch.ops.aten.dropout.default})
+_MAY_RETURN_INPUT_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd)
 
 
 def _first_input_alias(target) -> tuple[bool, bool]:
@@ -94,11 +102,21 @@ def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
             return True
         if user.args and user.args[0] is node and _writes_in_place(user, owner):
             return True
-        is_view = user.target in _VIEW_METHODS if user.op == "call_method" else (
-            user.op == "call_function" and (user.target in _VIEW_FUNCTIONS or _first_input_alias(user.target)[1]))
-        if is_view and user.args and user.args[0] is node and _modified_in_place(user, owner):
+        if user.args and user.args[0] is node and _aliases_first_input(user, owner) and _modified_in_place(user, owner):
             return True
     return False
+
+
+def _aliases_first_input(node: fx.Node, owner: fx.GraphModule) -> bool:
+    """Whether `node`'s result may be its first input or a view of it, so that an in-place op on it modifies that
+    input: a view (`_VIEW_METHODS`, `_VIEW_FUNCTIONS`, an aten view), or an op that may return its input itself
+    (a dropout, nn.Identity, a cast to the tensor's own dtype)."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS or node.target in _MAY_RETURN_INPUT_METHODS
+    if node.op == "call_module":
+        return isinstance(owner.get_submodule(node.target), _MAY_RETURN_INPUT_MODULES)
+    return node.op == "call_function" and (node.target in _VIEW_FUNCTIONS or node.target in _MAY_RETURN_INPUT_FUNCTIONS
+                                           or _first_input_alias(node.target)[1])
 
 
 def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:

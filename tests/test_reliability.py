@@ -199,9 +199,33 @@ class InplaceOnHeadInput(MLP):
         return self.head(torch.tanh_(h))
 
 
+class InplaceAfterDropout(MLP):
+    """An in-place op on the output of a dropout at p = 0, which returns fc's output itself (Wav2Vec2's feature
+    projection: `hidden_states[~mask] = 0` after a dropout of p = 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        h = self.drop(self.fc(x))
+        h.masked_fill_(h < 0, 0.0)
+        return self.head(h)
+
+
+class InplaceAfterCast(MLP):
+    """The same after F.dropout at p = 0 and a cast to the dtype h has, each of which returns its input."""
+
+    def forward(self, x):
+        h = F.dropout(self.fc(x), 0.0, self.training).to(x.dtype)
+        h.mul_(0.5)
+        return self.head(torch.tanh(h))
+
+
 @pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5)])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-@pytest.mark.parametrize("cls", [InplaceReLU, AugmentedAssignment, InplaceOnHeadInput])
+@pytest.mark.parametrize("cls", [InplaceReLU, AugmentedAssignment, InplaceOnHeadInput, InplaceAfterDropout,
+                                 InplaceAfterCast])
 def test_in_place_ops_on_tapped_tensors_keep_outputs_gradients_and_statistics_exact(cls, capture, shape):
     """Also in torch.export's graphs, which keep the in-place ops as aten ops (`aten.add_.Tensor` of
     `h += ...`): there, with tokens (N, T, d), the tapped output was overwritten and fc's statistics never
