@@ -352,20 +352,11 @@ class DGCNN(nn.Module):
 
     def forward(self, x):
         batch_size = x.size(0)
-        x = get_graph_feature(x, k=self.k)
-        x = self.conv1(x)
-        x1 = x.max(dim=-1, keepdim=False)[0]
-        x = get_graph_feature(x1, k=self.k)
-        x = self.conv2(x)
-        x2 = x.max(dim=-1, keepdim=False)[0]
-        x = get_graph_feature(x2, k=self.k)
-        x = self.conv3(x)
-        x3 = x.max(dim=-1, keepdim=False)[0]
-        x = get_graph_feature(x3, k=self.k)
-        x = self.conv4(x)
-        x4 = x.max(dim=-1, keepdim=False)[0]
-        x = torch.cat((x1, x2, x3, x4), dim=1)
-        x = self.conv5(x)
+        features = []  # each edge convolution's output, max-pooled over the k neighbours, the next one's points
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = conv(get_graph_feature(x, k=self.k)).max(dim=-1, keepdim=False)[0]
+            features.append(x)
+        x = self.conv5(torch.cat(features, dim=1))
         x1 = F.adaptive_max_pool1d(x, 1).view(batch_size, -1)
         x2 = F.adaptive_avg_pool1d(x, 1).view(batch_size, -1)
         x = torch.cat((x1, x2), 1)

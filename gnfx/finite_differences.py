@@ -31,8 +31,8 @@ from gnfx.errors import GnfxError
 def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.Tensor],
                     tangent_rows: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, [J v_k]_k stacked on a leading axis) as gnfx.forward_mode.jvp_rows returns them, z = f(primals),
-    each J v_k the one-sided difference quotient of the module docstring (zero for v_k = 0); f runs without
-    gradient, 1 + len(tangent_rows) times."""
+    each J v_k the one-sided difference quotient of the module docstring (zero for v_k = 0), each tangent in its
+    primal's dtype (gnfx.flat_layout.FlatLayout.tangents); f runs without gradient, 1 + len(tangent_rows) times."""
     with torch.no_grad():
         z = f(list(primals))
         if z.dtype.itemsize < 4 and z.dtype.is_floating_point:
@@ -40,19 +40,19 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                             f"are {z.dtype} here: a difference quotient keeps about half of a dtype's digits, none "
                             f"worth having of a 16-bit one. Fix: quadratic_products='forward' (forward-mode "
                             f"derivatives, exact), or outputs in float32")
-        scale = math.sqrt(torch.finfo(z.dtype).eps) * (1 + _norm(primals))
+        # ‖θ‖ and every ‖v_k‖ in float64, read in one transfer
+        theta, *lengths = torch.stack([_norm(primals), *[_norm(tangents) for tangents in tangent_rows]]).tolist()
+        scale = math.sqrt(torch.finfo(z.dtype).eps) * (1 + theta)
         products = []
-        for tangents in tangent_rows:
-            length = _norm(tangents)
+        for tangents, length in zip(tangent_rows, lengths):
             if length == 0:
                 products.append(torch.zeros_like(z))
                 continue
             h = scale / length
-            moved = f([p + h * t.to(p.dtype) for p, t in zip(primals, tangents)])
-            products.append((moved - z) / h)
+            products.append((f([p + h * t for p, t in zip(primals, tangents)]) - z) / h)
     return z, torch.stack(products)
 
 
-def _norm(tensors: Sequence[torch.Tensor]) -> float:
-    """‖(t_1, ..., t_n)‖, the Euclidean norm of the tensors as one vector, in float64 (one host read)."""
-    return float(torch.stack([t.detach().double().norm() for t in tensors]).norm()) if tensors else 0.0
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖(t_1, ..., t_n)‖, the Euclidean norm of the tensors as one vector, in float64 (on their device)."""
+    return torch.stack([t.detach().double().norm() for t in tensors]).norm()
