@@ -91,16 +91,18 @@ COMMON = {
                                  "step='quadratic': 'adaptive' (μ from the model, one more forward-mode product per "
                                  "step) or a fixed μ̂, the step α(Δ + μ̂ v_prev) from one product per part "
                                  "(gnfx.quadratic_step)"),
-    # "forward" (exact) by default: "difference" took the char GPT's step from 84 to 45 CPU ms at the same
-    # steps to target within one evaluation, and the digits tasks' steps within one evaluation at the same time
-    # (dispatch-bound there), but it is no derivative across a discontinuity (a router's top-k, rounding)
-    # (benchmarks/results/quadratic_step.md, "Finite differences")
+    # "auto" by default: "difference" took the char GPT's step from 84 to 45 CPU ms at the same steps to target
+    # within one evaluation, and the digits tasks' steps within one evaluation at the same time (dispatch-bound
+    # there), but it is no derivative across a discontinuity (a router's top-k, rounding), which "auto" looks for
+    # in the captured graphs (benchmarks/results/quadratic_step.md, "Finite differences")
     "quadratic_products": choice("step='quadratic': how the products J v are taken: 'forward' (forward-mode "
-                                 "derivatives, exact) or 'difference' (one-sided finite differences, one forward "
+                                 "derivatives, exact), 'difference' (one-sided finite differences, one forward "
                                  "without gradient per vector: cheaper on a compute-bound model, and through "
                                  "operations without a forward-mode formula; about √ε relative error, and only for "
-                                 "a forward smooth in θ, gnfx.finite_differences)",
-                                 "forward", ("forward", "difference")),
+                                 "a forward smooth in θ, gnfx.finite_differences), or 'auto': 'difference' where "
+                                 "every captured graph of the forward is smooth in θ and in 32 or 64 bits "
+                                 "(passes/discontinuities.py), else 'forward'",
+                                 "auto", ("auto", "forward", "difference")),
     "mc_samples": positive_int("sampled labels per statistic step with fisher='mc'", 1),
     "distributed": choice("under torch.distributed: average statistics and split the refresh across ranks "
                           "('partitioned'), or let every rank refresh everything ('replicated'), or 'off'",

@@ -16,7 +16,9 @@ of benchmarks/) the products take half the time, and an operation without a forw
 torch.autograd.Function without jvp, a library's fused kernel) runs as it is. What it cannot do: a
 forward that is not smooth in θ at the scale of h (a top-k router whose choice flips, rounding, an
 iterative solver stopped at a tolerance) gives a difference that is no derivative, and a dtype of few
-bits (float16, bfloat16: √ε ~ 0.03-0.06) no precision: `difference_rows` refuses such outputs.
+bits (float16, bfloat16: √ε ~ 0.03-0.06) no precision: `difference_rows` refuses such outputs. The
+default, quadratic_products="auto", takes these products only where passes/discontinuities.py finds the
+captured forward smooth in θ.
 """
 from __future__ import annotations
 

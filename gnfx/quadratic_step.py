@@ -46,11 +46,14 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
 (benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
 
-The products by finite differences (`quadratic_products="difference"`; "forward", the default, is the
-above): J v ≈ (f(θ + hv) − f(θ))/h (gnfx.finite_differences), one forward without gradient per row of V
-and one for z instead of ~2.5 forwards per row, to a relative error of about √ε: the char GPT's step 84 →
-45 CPU ms at the same steps to target within an evaluation; a forward that jumps at the scale of h (a
-router's top-k, rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences").
+The products by finite differences (`quadratic_products="difference"`; "forward" is the above): J v ≈
+(f(θ + hv) − f(θ))/h (gnfx.finite_differences), one forward without gradient per row of V and one for z
+instead of ~2.5 forwards per row, to a relative error of about √ε: the char GPT's step 84 → 45 CPU ms at the
+same steps to target within an evaluation; a forward that jumps at the scale of h (a router's top-k,
+rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences"). The default,
+"auto", takes them by differences where every captured graph of the forward is smooth in θ
+(passes/discontinuities.py: no comparison, rounding, integer cast, top-k index, stop-gradient or opaque code
+between θ and the outputs) and θ and z are in 32 or 64 bits, else by forward mode (`_by_difference`).
 
 The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy, binary or not, and mse
 alike; 0 is the infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
@@ -261,6 +264,7 @@ from gnfx.errors import GnfxError
 from gnfx.filled_gradients import fills_gradients
 from gnfx.forward_mode import ModuleFunction, jvp_rows, load_decompositions
 from gnfx.finite_differences import difference_rows
+from gnfx.passes.discontinuities import discontinuities
 from gnfx.flat_layout import FlatLayout, double_products
 from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
@@ -408,8 +412,9 @@ def recovered_loss(loss: str, z0: torch.Tensor, grad_z: torch.Tensor):
 class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
-    (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every)
-    and whether the step was rejected. `parameters`: the optimizer's
+    (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every),
+    whether its products J v were finite differences (`finite_differences`, quadratic_products) and whether
+    the step was rejected. `parameters`: the optimizer's
     gnfx.parameter_store.ParameterStore; `losses`: the OutputLoss of each output loss= names
     (gnfx.output_losses); `layouts`: the optimizer's gnfx.outputs.LogitsLayout of each."""
 
@@ -420,7 +425,11 @@ class QuadraticStep:
         # the classes' axis of each cross-entropy's z_k (gnfx.outputs.LogitsLayout): the model is built on z_c
         self.layouts = layouts
         self.momentum = momentum  # quadratic_momentum: "adaptive" (μ from the model) or the fixed μ̂
-        self.products = products  # quadratic_products: J v by "forward" mode or by finite "difference"
+        # quadratic_products: J v by "forward" mode, by finite "difference", or "auto" (_by_difference)
+        self.products = products
+        self._variants = None  # the compiled model's captured graphs (gnfx.variants), which "auto" reads
+        self._rough: tuple[tuple, list[str]] | None = None  # (their ids, discontinuities found in them)
+        self.products_taken: str | None = None  # how the last solve took them: "forward" or "difference"
         self.every = every  # damping_every: ρ and the λ rule on every every-th step (module docstring)
         self.solve_every = solve_every  # quadratic_every: the model and its solve on every solve_every-th step
         self.solved_at = -1  # the optimizer's step of the last solve
@@ -474,7 +483,7 @@ class QuadraticStep:
         from the state the training forward ended in (passes/module_attributes.py attributes_as)."""
         if module.training and torch.is_grad_enabled():
             devices = {t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            variants = module.__dict__["_variants"]
+            variants = self._variants = module.__dict__["_variants"]
             self._random_state = RandomState(devices, not variants.captured or variants.draws_python_random)
             model = module._model
             if self._holding_state is None or self._holding_state[0] is not model:
@@ -635,11 +644,40 @@ class QuadraticStep:
             heads = f(theta)
             shapes[:] = [z.shape for z in heads]
             return torch.cat([z.reshape(-1) for z in heads])
-        rows = difference_rows if self.products == "difference" else self._forward_mode_rows
+        self.products_taken = "difference" if self._by_difference(theta) else "forward"
+        rows = difference_rows if self.products_taken == "difference" else self._forward_mode_rows
         z, J = rows(concatenated, theta, tangent_rows)
         sizes = [shape.numel() for shape in shapes]
         return ([t.view(shape) for t, shape in zip(z.split(sizes), shapes)],
                 [t.view(len(J), *shape) for t, shape in zip(J.split(sizes, 1), shapes)])
+
+    def _by_difference(self, theta: list[torch.Tensor]) -> bool:
+        """Whether the products are taken by finite differences: quadratic_products="difference", or "auto" where
+        θ and the outputs z are floats of 32 bits or more, no autocast is on, and every captured graph of the
+        forward is smooth in θ (`discontinuities`; a forward no graph holds is not known to be)."""
+        if self.products != "auto":
+            return self.products == "difference"
+        if any(t.dtype.itemsize < 4 for t in theta) or any(z is not None and z.dtype.itemsize < 4
+                                                           for z in self._output_before):
+            return False
+        if theta and torch.is_autocast_enabled(theta[0].device.type):
+            return False
+        return not self.discontinuities()
+
+    def discontinuities(self) -> list[str]:
+        """Where the forward the step replays may not be smooth in θ, as passes/discontinuities.py finds them in
+        every graph captured so far ("auto" takes forward-mode products then)."""
+        variants = self._variants
+        if variants is None or not variants.captured or variants.form == "eager":
+            return ["the forward runs as its own Python code (no captured graph holds it)"]
+        graphs = variants.graphs()
+        key = tuple(map(id, graphs))
+        if self._rough is None or self._rough[0] != key:
+            trainable = set(self.parameters.named)
+            functions = [f"{name}: a torch.autograd.Function, whose backward is its own" for name in
+                         sorted(variants.functions)]  # the operations of its forward are in the exported graph
+            self._rough = (key, functions + [found for gm in graphs for found in discontinuities(gm, trainable)])
+        return self._rough[1]
 
     def _forward_mode_rows(self, f, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """gnfx.forward_mode.jvp_rows(f, theta, tangent_rows), run again with PyTorch's decompositions or ATen's
@@ -790,7 +828,8 @@ class QuadraticStep:
         self.last_step = {"alpha": next(iter(alphas.values())), "alphas": alphas, "mu": mu, "damping": used,
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks, "solved": True, "floor_scale": floor_scale,
-                          "expansion": expansion, "held_out_scale": self.held_out_scale}
+                          "expansion": expansion, "held_out_scale": self.held_out_scale,
+                          "finite_differences": self.products_taken == "difference"}
 
     def _reuses(self, parts: list, continues: bool, t: int, rows: int) -> bool:
         """Whether step `t` is one between solves (module docstring, quadratic_every): not a scheduled

@@ -105,6 +105,8 @@ class Variants:
         # whether a replay of the forward may draw Python-level random numbers (gnfx.random_state): a
         # capture saw it draw, or keeps submodules opaque, whose code capture did not run
         self.draws_python_random = False
+        # the custom autograd.Functions an exported graph holds as their forwards' operations (passes/capture.py)
+        self.functions: set[str] = set()
         self._graphs: dict[tuple, list] = {}  # call key -> instrumented graphs (exported: one per shape range)
         self._seen: dict[tuple, list] = {}  # call key -> input shapes of the exported graphs' captures
         self._uncapturable: set = set()  # calls whose capture failed (fx: key; export: key, shapes, branch flipped)
@@ -324,6 +326,7 @@ class Variants:
         if constants:  # passes/constant_parameters.py: keras 3's models
             raise CaptureError(constant_parameters_message(constants, self.model))
         self.draws_python_random |= captured.draws or bool(captured.leaves)
+        self.functions.update(captured.functions)
         if captured.checks:  # passes/validation_checks.py
             why += ("; the forward's data-dependent validation checks (`if ...: raise`, `assert`) are runtime "
                     "assertions in the graph, specialized to the side the example call took, which does not raise: "
@@ -442,6 +445,7 @@ class Variants:
         except CaptureError as exc:
             return self._refuse(key, call, exc)
         self.draws_python_random |= captured.draws or bool(captured.leaves)
+        self.functions.update(captured.functions)
         gm = insert_taps(gm, sites, self.store)
         gm.training = self.model.training
         self._graphs.setdefault(key, []).append(gm)

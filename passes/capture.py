@@ -65,6 +65,8 @@ class Captured:
     calls a torch.fx graph keeps whole that take trainable parameters (`opaque_calls_taking_parameters`:
     torchvision's Swin attention, registered with `torch.fx.wrap`; a custom autograd.Function), each
     described with those parameters' names: the layers inside such a call are no blocks of the fx graph.
+    `functions`: the names of the custom autograd.Functions the forward applied while torch.export captured it,
+    which the graph holds as their forwards' operations, without their own backwards.
     """
 
     graph_module: fx.GraphModule
@@ -74,6 +76,7 @@ class Captured:
     checks: tuple[str, ...] = ()
     opaque_calls: tuple[str, ...] = ()
     branches: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()  # the custom autograd.Functions a torch.export graph holds as their operations
 
 
 class _DenseProxy(fx.Proxy):
@@ -606,7 +609,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     if view._gnfx_template.value is not None:
         gm.register_forward_hook(view._gnfx_rebuild)
     described = dict.fromkeys(f"{where} (read {value!r} in the example)" for where, value in checks)
-    return Captured(gm, "export", {}, draws, tuple(described), branches=tuple(dict.fromkeys(branches.values())))
+    return Captured(gm, "export", {}, draws, tuple(described), branches=tuple(dict.fromkeys(branches.values())),
+                    functions=tuple(cls.__qualname__ for cls in functions))
 
 
 def accepts(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:

@@ -179,6 +179,7 @@ def _call_of(cls):
     def apply(*args, **kwargs):
         return cls.apply(*args, **kwargs)
     apply.__name__ = apply.__qualname__ = f"{cls.__name__}_apply"
+    apply.function = cls  # what it applies: passes/discontinuities.py tells it from torch's own functions
     return apply
 
 

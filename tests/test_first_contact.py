@@ -253,8 +253,10 @@ def test_an_n_c_h_w_output_under_f_cross_entropy_trains_as_its_classes_last_form
         torch.manual_seed(0)
         return segmentation_net().double()
 
-    channels_first = gnfx.compile(net(), name, loss="cross_entropy", **options)
-    classes_last = gnfx.compile(ClassesLast(net()), name, loss="cross_entropy", **options)
+    # forward-mode products: finite differences (the default's) would amplify the two nets' rounding to ~1e-8
+    channels_first = gnfx.compile(net(), name, loss="cross_entropy", quadratic_products="forward", **options)
+    classes_last = gnfx.compile(ClassesLast(net()), name, loss="cross_entropy", quadratic_products="forward",
+                                **options)
     g = torch.Generator().manual_seed(1)
     for step in range(6):
         x = torch.randn(3, 2, 5, 6, generator=g, dtype=torch.float64)
@@ -1431,12 +1433,14 @@ class Activated(MLP):
 
 
 def assert_trains_as_written_out(plain: nn.Module, activation, capture: str) -> None:
-    """3 steps of kfac at its defaults (the quadratic step) of `plain` with its activation replaced by `activation`
-    (a custom Function's apply) take the parameters where those of `plain` go (float64; the same Monte Carlo
-    targets for both)."""
+    """3 steps of kfac's quadratic step with forward-mode products of `plain` with its activation replaced by
+    `activation` (a custom Function's apply) take the parameters where those of `plain` go (float64; the same Monte
+    Carlo targets for both). (At the default, quadratic_products="auto", the Function's model takes forward mode
+    and `plain` finite differences, tests/test_discontinuities.py, which agree to ~1e-8, not to rounding.)"""
     custom = copy.deepcopy(plain)
     custom.activation = activation
-    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture) for m in (custom, plain)]
+    models = [gnfx.compile(m, "kfac", loss="cross_entropy", capture=capture, quadratic_products="forward")
+              for m in (custom, plain)]
     for c in models:
         torch.manual_seed(1)  # the same Monte Carlo targets for both
         train(c, 3, torch.float64)

@@ -40,6 +40,11 @@ from gnfx.quadratic_step import (DAMPING_WARMUP, HELD_OUT_FACTOR, HELD_OUT_MAX, 
 
 DTYPE = torch.float64
 STEPS = 6
+# forward-mode products, exact to rounding: the tests that hold a step to 1e-9 of the dense GGN quadratic's
+# minimizer, or two ways to one step to each other, take them (the default, "auto", takes finite differences on a
+# smooth forward, ~1e-8 relative in float64, which rounding differences between two ways reach: their tests are
+# under quadratic_products="difference" below, to that precision)
+EXACT = {"quadratic_products": "forward"}
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss,
           "binary_cross_entropy": F.binary_cross_entropy_with_logits}
 
@@ -121,7 +126,7 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic(loss, optimizer):
     """STEPS steps on one batch: the first has no previous update (μ = 0, α alone), the others
     solve the 2x2 problem; each must be the minimizer of the dense quadratic on its batch."""
     model = tiny()
-    c = gnfx.compile(model, optimizer=optimizer, loss=loss, step="quadratic", stat_every=1,
+    c = gnfx.compile(model, optimizer=optimizer, loss=loss, step="quadratic", stat_every=1, **EXACT,
                      **({"inv_every": 1} if optimizer == "kfac" else {}))
     params = list(model.parameters())
     previous = None
@@ -146,7 +151,7 @@ def test_the_loss_floor_cap_shortens_the_step_to_predict_the_batch_loss(loss, mo
     other step is s_0 itself. The steps of this small model predict 4-18% of its loss: κ alternates
     between 0.03, which binds, and 0.5, which does not."""
     model = tiny()
-    c = gnfx.compile(model, optimizer="kfac", loss=loss, stat_every=1, inv_every=1)
+    c = gnfx.compile(model, optimizer="kfac", loss=loss, stat_every=1, inv_every=1, **EXACT)
     params = list(model.parameters())
     previous, capped = None, 0
     for step in range(STEPS):
@@ -199,7 +204,7 @@ def test_quadratic_rows_takes_the_ggn_of_the_first_rows(loss, positions, example
     # ω = 0.9: at the default 0.5 λ is 0.125 by the fourth step, where the model of 3 rows is too poor a
     # judge of the batch and the step is retried shorter (t·s is not the minimizer this test checks)
     c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_rows=rows, stat_every=1, inv_every=1,
-                     damping_decay=0.9)
+                     damping_decay=0.9, **EXACT)
     params = list(model.parameters())
     previous = None
     for _ in range(STEPS):
@@ -252,7 +257,8 @@ def test_fixed_momentum_alpha_minimizes_the_dense_ggn_quadratic_along_the_veloci
     model = make()
     with warnings.catch_warnings():  # scaled(): the coverage warning about w
         warnings.simplefilter("ignore")
-        c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_momentum=momentum, stat_every=1, inv_every=1)
+        c = gnfx.compile(model, optimizer="kfac", loss=loss, quadratic_momentum=momentum, stat_every=1, inv_every=1,
+                         **EXACT)
     params = list(model.parameters())
     diagonal = [n == "1.log_scale" for n, _ in model.named_parameters()]
     owners = torch.cat([torch.full((p.numel(),), d) for p, d in zip(params, diagonal)])
@@ -477,7 +483,7 @@ def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_through_batch_norm_in_tra
     forward moves them, and the step still minimizes the dense quadratic of the train-mode function."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
-    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1)
+    c = gnfx.compile(model, optimizer="kfac", loss="cross_entropy", stat_every=1, inv_every=1, **EXACT)
     params, previous = list(model.parameters()), None
     for _ in range(3):
         g, G, s, last = step_against_the_ggn(c, model, params, "cross_entropy", *batch("cross_entropy"))
@@ -507,7 +513,8 @@ def test_a_dataclass_output_steps_as_its_logits():
     steps of a model returning Output(loss=None, logits=z) are those of the one returning z."""
     x, y = batch("cross_entropy")
     plain, wrapped = tiny(), DataclassOutput(tiny())
-    cp, cw = (gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (plain, wrapped))
+    cp, cw = (gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical", **EXACT)
+              for m in (plain, wrapped))
     for _ in range(3):
         for c, logits in ((cp, lambda out: out), (cw, lambda out: out.logits)):
             F.cross_entropy(logits(c(x)), y).backward()
@@ -534,7 +541,8 @@ def test_an_lstm_steps_on_kernels_forward_mode_differentiates():
     x = batch("cross_entropy")[0].float()[:, None].expand(-1, 3, -1)
     y = batch("cross_entropy")[1]
     fused, native = Recurrent(), Recurrent()
-    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical") for m in (fused, native)]
+    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy", fisher="empirical", **EXACT)
+                for m in (fused, native)]
     for _ in range(2):
         for c, onednn in zip(compiled, (True, False)):
             with torch.backends.mkldnn.flags(enabled=onednn):
@@ -570,7 +578,7 @@ def test_group_norm_of_a_non_contiguous_input_steps_as_of_a_contiguous_one():
     twin's."""
     x, y = batch("cross_entropy")
     viewed, copied = TokensToImageGroupNorm(contiguous=False), TokensToImageGroupNorm(contiguous=True)
-    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy") for m in (viewed, copied)]
+    compiled = [gnfx.compile(m, optimizer="kfac", loss="cross_entropy", **EXACT) for m in (viewed, copied)]
     for step in range(3):
         for c in compiled:
             torch.manual_seed(step)  # the same labels sampled for fisher="mc"
@@ -598,7 +606,7 @@ class SoftmaxJacobian(nn.Module):
 
 
 def trained(model):
-    c = gnfx.compile(model, optimizer="kfac", loss="mse")
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", quadratic_products="forward")
     for _ in range(3):
         F.mse_loss(c(x), y).backward()
         assert c.optimizer.steps or DECOMPOSITIONS not in sys.modules  # not by the capture, forward, backward
@@ -1246,7 +1254,7 @@ def quadratic_worker(rank, world, init_method, out):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         compiled = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3,
-                                fisher=FISHER)
+                                fisher=FISHER, **EXACT)
         xs, ys = distributed.data()
         shard = slice(rank * 8, (rank + 1) * 8)
         distributed.train(compiled, nn.parallel.DistributedDataParallel(compiled), xs[:, shard], ys[:, shard])
@@ -1263,7 +1271,7 @@ def test_two_ranks_take_the_step_of_one_process_on_the_concatenated_batch(tmp_pa
     those of the global batch (K-FAC on every block, the LayerNorm's included: one α)."""
     result = distributed.on_two_ranks(quadratic_worker, tmp_path)
     single = gnfx.compile(distributed.make_model(), "kfac", loss="cross_entropy", stat_every=2, inv_every=3,
-                          fisher=FISHER)
+                          fisher=FISHER, **EXACT)
     xs, ys = distributed.data()
     distributed.train(single, single, xs, ys)
     assert set(single.optimizer.last_step["alphas"]) == {"kfac"}
@@ -1279,7 +1287,7 @@ def test_an_lr_schedule_does_not_change_the_uncapped_step_and_warns_once(schedul
     x, y = batch("mse")
 
     def run(scheduled, **hp):
-        c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, **hp)
+        c = gnfx.compile(tiny(), optimizer="kfac", loss="mse", stat_every=1, **EXACT, **hp)
         factor = (lambda t: 0.5 ** t) if schedule == "cosine" else (lambda t: t / 3)
         sched = torch.optim.lr_scheduler.LambdaLR(c.optimizer, factor) if scheduled else None
         steps = []

@@ -185,9 +185,10 @@ def flat(tensors):
 @pytest.mark.parametrize("ignored", [0, 3])
 def test_alpha_and_mu_minimize_the_dense_ggn_quadratic_of_the_summed_loss(losses, ignored):
     """Six steps of kfac's quadratic step on one batch (the first output's first `ignored` targets -100):
-    each (α, μ) minimizes q over its plane with G the dense GGN of the weighted sum, and predicts -q(s)."""
+    each (α, μ) minimizes q over its plane with G the dense GGN of the weighted sum, and predicts -q(s) (forward-mode
+    products, exact: finite differences, the default's on this smooth model, hold ~1e-8)."""
     model = model_of(losses)
-    c = gnfx.compile(model, optimizer="kfac", loss=losses, stat_every=1, inv_every=1)
+    c = gnfx.compile(model, optimizer="kfac", loss=losses, stat_every=1, inv_every=1, quadratic_products="forward")
     x, targets = batch(losses, ignored=ignored)
     assert_steps_minimize_the_summed_ggn(c, model, losses, x, targets, examples=len(x))
 
@@ -226,7 +227,7 @@ def test_quadratic_rows_takes_the_summed_ggn_of_the_first_examples(losses, rows,
     model = model_of(losses)
     # ω = 0.9 as in tests/test_quadratic_step.py's quadratic_rows test: no retried step (t·s is no minimizer)
     c = gnfx.compile(model, optimizer="kfac", loss=losses, quadratic_rows=rows, stat_every=1, inv_every=1,
-                     damping_decay=0.9)
+                     damping_decay=0.9, quadratic_products="forward")  # exact products, as above
     x, targets = batch(losses)
     assert_steps_minimize_the_summed_ggn(c, model, losses, x, targets, examples)
 

@@ -157,14 +157,16 @@ class LogitsNet(LogSoftmaxNet):
         return self.fc(x)
 
 
-@pytest.mark.parametrize("hp", [{}, {"lr": 0.1, "fisher": "mc"}, {"lr": 0.1}], ids=["defaults", "mc-fisher", "empirical"])
+@pytest.mark.parametrize("hp", [{"quadratic_products": "forward"}, {"lr": 0.1, "fisher": "mc"}, {"lr": 0.1}],
+                         ids=["quadratic_step", "mc-fisher", "empirical"])
 def test_nll_loss_of_log_softmax_outputs_trains_as_the_cross_entropy_of_the_logits(hp):
     """F.nll_loss(log_softmax(a)) is the cross-entropy of a, but its gradient at the log-probabilities z is
     -onehot/M, whose rows do not sum to zero: loss='cross_entropy' refused it (the check reads a cross-entropy's
     targets from such rows). Through the log_softmax the two losses have the same gradients and GGN, so the
     model ending in log_softmax, trained with nll_loss, now takes the steps of the same layers returning logits
-    under F.cross_entropy, with an ignored target (-100) among the rows: at kfac's defaults (the quadratic step,
-    whose loss for ρ is recovered from the gradient at z), with the sampled Fisher and with the empirical one."""
+    under F.cross_entropy, with an ignored target (-100) among the rows: with the quadratic step (whose loss for ρ is
+    recovered from the gradient at z; forward-mode products, whose rounding the two nets share to ~1e-12 where
+    finite differences would amplify it to ~1e-8), with the sampled Fisher and with the empirical one."""
     runs = []
     for net, loss_fn in ((LogSoftmaxNet, F.nll_loss), (LogitsNet, F.cross_entropy)):
         torch.manual_seed(0)
@@ -200,12 +202,13 @@ class SegmentationNet(nn.Module):
 
 def test_nll_loss_of_per_pixel_log_softmax_finds_the_classes_axis_and_trains_as_the_cross_entropy():
     """An (N, C, H, W) output of log-probabilities under F.nll_loss: the gradient's rows sum to -1/M over either
-    axis, so the classes' axis is the one over which z's logsumexp is 0; the steps at kfac's defaults are those of
-    the logits under F.cross_entropy."""
+    axis, so the classes' axis is the one over which z's logsumexp is 0; the steps of kfac's quadratic step
+    (forward-mode products, as above) are those of the logits under F.cross_entropy."""
     runs = []
     for log_probabilities, loss_fn in ((True, F.nll_loss), (False, F.cross_entropy)):
         torch.manual_seed(0)
-        c = gnfx.compile(SegmentationNet(log_probabilities).double(), "kfac", loss="cross_entropy", stat_every=1)
+        c = gnfx.compile(SegmentationNet(log_probabilities).double(), "kfac", loss="cross_entropy", stat_every=1,
+                         quadratic_products="forward")
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x, y = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (2, 4, 5), generator=g)
