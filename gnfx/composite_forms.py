@@ -298,7 +298,7 @@ def stored_singular_vectors(norms: tuple):
             setattr(m, hook.name, weight)
 
 
-def written_out(weight_norm: bool, spectral: tuple = ()):
+def written_out(weight_norm: bool, spectral: tuple = (), forward_mode: bool = True):
     """A context in which a module runs with the forms of this file: reentrant checkpoints inline, packing
     bags of embeddings, the LSTM and GRU cells and grouped matrix products written out, group norm of a
     contiguous input, embeddings' max_norm without renormalizing, custom autograd.Functions without jvp
@@ -306,7 +306,8 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     `weight_norm` (`uses_weight_norm` of the module, found once by the caller) weight normalization as
     its composite (only there: a TorchFunctionMode sees every torch call, which made a small GPT's
     forward 40% longer), and the spectral norms `spectral` (`spectral_norms` of the module, found once)
-    without their power iteration."""
+    without their power iteration. Without `forward_mode` (a replay no forward-mode pass differentiates: a
+    finite difference, a loss) custom Functions keep what they have, which saves finding them at each call."""
     stack = contextlib.ExitStack()
     stack.enter_context(inlined_checkpoints())
     stack.enter_context(composite_packing())
@@ -315,7 +316,8 @@ def written_out(weight_norm: bool, spectral: tuple = ()):
     stack.enter_context(composite_cells())
     stack.enter_context(composite_grouped_mm())
     stack.enter_context(composite_group_norm())
-    stack.enter_context(jvps_of_forwards())
+    if forward_mode:
+        stack.enter_context(jvps_of_forwards())
     if weight_norm:
         stack.enter_context(composite_weight_norm())
     if spectral:

@@ -77,6 +77,8 @@ class ModuleFunction:
         self.weight_norm = uses_weight_norm(module)
         self.spectral_norms = spectral_norms(module)
         self.buffer_slots = [slots[i] for i in buffers]
+        # whether a call may run under forward mode (gnfx.composite_forms.written_out): False for plain replays
+        self.forward_mode = True
 
     def __call__(self, values: Sequence[torch.Tensor] | None, *args, **kwargs):
         """The module's output on (args, kwargs) with `values` (in the order of `names`; None: the
@@ -89,7 +91,7 @@ class ModuleFunction:
                 for registry, key in slots:
                     registry[key] = value
             # forms forward mode differentiates, and a replay of the training forward (gnfx.composite_forms)
-            with written_out(self.weight_norm, self.spectral_norms):
+            with written_out(self.weight_norm, self.spectral_norms, self.forward_mode):
                 return self.module(*args, **kwargs)
         finally:
             for (slots, _), tensors in zip(replaced, original):

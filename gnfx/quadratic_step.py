@@ -597,12 +597,13 @@ class QuadraticStep:
             return g.to(precision) / scale.reshape(()).to(g.device, precision)
         self._output_grad = [None if g is None else unscaled(g) for g in self._output_grad]
 
-    def _function(self, subset: bool = False):
+    def _function(self, subset: bool = False, forward_mode: bool = False):
         """θ ↦ [z_k]_k, the classes-last outputs loss= names, on the remembered inputs, θ the list of the
         optimizer's parameters in its order (None: the parameters as they are), with copies of the buffers,
         so that batch-norm statistics do not move (gnfx.forward_mode.ModuleFunction, built once). With
         `subset` and `rows` (quadratic_rows, in rows of z_0) the inputs are the first ⌈rows / T⌉ examples
-        (T rows of z_0 each) of every input tensor whose first dimension is the batch's."""
+        (T rows of z_0 each) of every input tensor whose first dimension is the batch's. `forward_mode`: whether
+        forward mode differentiates it (ModuleFunction.forward_mode)."""
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
@@ -615,6 +616,7 @@ class QuadraticStep:
         function, random_state, before = self._module_function, self._random_state, self._attributes_before
 
         def f(theta):
+            function.forward_mode = forward_mode
             # the training forward's random numbers (gnfx.random_state) and the state it started from
             with random_state.replayed(), attributes_as(before):
                 heads = named_outputs(function(theta, *args, **kwargs), self.losses)
@@ -637,14 +639,14 @@ class QuadraticStep:
         list of per-parameter tensors each) and each output z_j loss= names, by one pass per tangent through
         all of them, concatenated: forward mode (`_forward_mode_rows`), or with quadratic_products="difference"
         finite differences (gnfx.finite_differences; benchmarks/results/quadratic_step.md)."""
-        f = self._function(subset=True)
+        self.products_taken = "difference" if self._by_difference(theta) else "forward"
+        f = self._function(subset=True, forward_mode=self.products_taken == "forward")
         shapes = []
 
         def concatenated(theta):
             heads = f(theta)
             shapes[:] = [z.shape for z in heads]
             return torch.cat([z.reshape(-1) for z in heads])
-        self.products_taken = "difference" if self._by_difference(theta) else "forward"
         rows = difference_rows if self.products_taken == "difference" else self._forward_mode_rows
         z, J = rows(concatenated, theta, tangent_rows)
         sizes = [shape.numel() for shape in shapes]
