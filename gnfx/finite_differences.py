@@ -31,12 +31,15 @@ from gnfx.errors import GnfxError
 
 
 def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.Tensor],
-                    tangent_rows: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+                    tangent_rows: Sequence[Sequence[torch.Tensor]],
+                    z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, [J v_k]_k stacked on a leading axis) as gnfx.forward_mode.jvp_rows returns them, z = f(primals),
     each J v_k the one-sided difference quotient of the module docstring (zero for v_k = 0), each tangent in its
-    primal's dtype (gnfx.flat_layout.FlatLayout.tangents); f runs without gradient, 1 + len(tangent_rows) times."""
+    primal's dtype (gnfx.flat_layout.FlatLayout.tangents); f runs without gradient, 1 + len(tangent_rows) times,
+    or len(tangent_rows) times where `z` is given: f(primals) as f computes it, bit for bit (the training
+    forward's outputs, which gnfx.quadratic_step checks), else the quotients are off by its difference / h."""
     with torch.no_grad():
-        z = f(list(primals))
+        z = f(list(primals)) if z is None else z
         if z.dtype.itemsize < 4 and z.dtype.is_floating_point:
             raise GnfxError(f"quadratic_products='difference' takes finite differences of the model's outputs, which "
                             f"are {z.dtype} here: a difference quotient keeps about half of a dtype's digits, none "

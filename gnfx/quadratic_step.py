@@ -53,7 +53,9 @@ same steps to target within an evaluation; a forward that jumps at the scale of 
 rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences"). The default,
 "auto", takes them by differences where every captured graph of the forward is smooth in θ
 (passes/discontinuities.py: no comparison, rounding, integer cast, top-k index, stop-gradient or opaque code
-between θ and the outputs) and θ and z are in 32 or 64 bits, else by forward mode (`_by_difference`).
+between θ and the outputs) and θ and z are in 32 or 64 bits, else by forward mode (`_by_difference`). Their
+f(θ) is the training forward's z where the replay computes it bit for bit, as it does on the char GPT (checked
+now and then, `_difference_rows`): P forwards per step instead of 1 + P.
 
 The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy, binary or not, and mse
 alike; 0 is the infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
@@ -305,6 +307,9 @@ DAMPING_WARMUP = 10
 PREDICTED_GROWTH = 2.0
 # a rejected step is retried on its batch at up to BACKTRACKS shorter lengths (QuadraticStep._backtrack)
 BACKTRACKS = 8
+# finite differences take the training forward's z for f(θ) where it was the replay's, bit for bit, which they
+# check at the first step of each kind of forward and on every REPLAY_CHECK-th after (QuadraticStep._difference_rows)
+REPLAY_CHECK = 16
 
 # κ of the loss-floor cap: a step whose model predicts a reduction above κ·L(θ) is shortened to predict
 # κ·L(θ) (`floor_capped`, module docstring); None: no cap
@@ -459,6 +464,12 @@ class QuadraticStep:
         # its z_k, one per output loss= names, in the model's own layout (_outputs: the classes-last z_c), and
         # the gradients the user's backward sent there (None: not reached)
         self._output_before: list | None = None
+        self._output_versions: list | None = None
+        self._statistic_forward = False  # whether the last training forward was a statistic step's
+        # whether the training forward's z equals the replay's f(θ), bit for bit, by the kind of forward (a statistic
+        # step's instrumented graph or the model's own): checked at its first use and every REPLAY_CHECK-th
+        self._outputs_replayed: dict[bool, bool] = {}
+        self._replay_uses: dict[bool, int] = {}
         self._output_grad: list = [None] * len(losses)
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
@@ -502,6 +513,10 @@ class QuadraticStep:
         heads = named_outputs(out, self.losses, missing_ok=True)
         self._examples = len(heads[0]) if heads[0] is not None else 0
         self._output_before = [None if z is None else z.detach() for z in heads]
+        # what tells whether they can stand for the replay's f(θ) (_trained_outputs): their version counters,
+        # which an in-place op on them (`logits /= T`) moves, and whether the instrumented graph computed them
+        self._output_versions = [None if z is None else z._version for z in heads]
+        self._statistic_forward = bool(module.optimizer.statistic_step)
         for j, z in enumerate(heads):
             if z is not None and z.requires_grad:
                 z.register_hook(functools.partial(self._keep_output_grad, self._forwards, j))
@@ -607,8 +622,8 @@ class QuadraticStep:
         model, args, kwargs = self._call
         if self.parameters.sharded is not None:  # whole parameters, past fully_shard's hooks (gnfx.fsdp)
             model = without_fsdp_hooks(model)
-        examples = None if self.rows is None else -(-self.rows // self._rows_per_example())
-        if subset and examples is not None and examples < self._examples:
+        examples = self._modelled_examples()
+        if subset and examples is not None:
             args, kwargs = tree_map(lambda t: t[:examples] if isinstance(t, torch.Tensor) and t.dim()
                                     and len(t) == self._examples else t, (args, kwargs))
         if self._module_function is None or self._module_function.module is not model:
@@ -622,6 +637,21 @@ class QuadraticStep:
                 heads = named_outputs(function(theta, *args, **kwargs), self.losses)
                 return [layout.classes_last(z) for layout, z in zip(self.layouts, heads)]
         return f
+
+    def _modelled_examples(self) -> int | None:
+        """How many examples of the batch the model's GGN term takes (quadratic_rows: ⌈rows / T⌉); None: all."""
+        examples = None if self.rows is None else -(-self.rows // self._rows_per_example())
+        return examples if examples is not None and examples < self._examples else None
+
+    def _trained_outputs(self) -> torch.Tensor | None:
+        """The training forward's z_c of every output, concatenated as `_output` concatenates f(θ), where they
+        may stand for it: every example is modelled (no quadratic_rows subset) and no in-place op has changed
+        them since the forward (their version counters); None otherwise. Whether they do is `_output`'s check."""
+        if self._modelled_examples() is not None or any(z is None for z in self._output_before):
+            return None
+        if [z._version for z in self._output_before] != self._output_versions:
+            return None
+        return torch.cat([z.reshape(-1) for z in self._outputs()[0]])
 
     def _rows_per_example(self) -> int:
         """Rows of z_c per example: T of an (N, T, C) output (H·W of an (N, C, H, W) one), 1 of an (N, C) one."""
@@ -647,8 +677,10 @@ class QuadraticStep:
             heads = f(theta)
             shapes[:] = [z.shape for z in heads]
             return torch.cat([z.reshape(-1) for z in heads])
-        rows = difference_rows if self.products_taken == "difference" else self._forward_mode_rows
-        z, J = rows(concatenated, theta, tangent_rows)
+        if self.products_taken == "difference":
+            z, J = self._difference_rows(concatenated, theta, tangent_rows, shapes)
+        else:
+            z, J = self._forward_mode_rows(concatenated, theta, tangent_rows)
         sizes = [shape.numel() for shape in shapes]
         return ([t.view(shape) for t, shape in zip(z.split(sizes), shapes)],
                 [t.view(len(J), *shape) for t, shape in zip(J.split(sizes, 1), shapes)])
@@ -680,6 +712,22 @@ class QuadraticStep:
                          sorted(variants.functions)]  # the operations of its forward are in the exported graph
             self._rough = (key, functions + [found for gm in graphs for found in discontinuities(gm, trainable)])
         return self._rough[1]
+
+    def _difference_rows(self, f, theta: list[torch.Tensor], tangent_rows: list, shapes: list):
+        """gnfx.finite_differences.difference_rows(f, θ, tangent_rows), its f(θ) the training forward's z where that
+        is the replay's, bit for bit: checked at the first step of each kind of training forward (a statistic
+        step's graph, the model's own forward) and every REPLAY_CHECK-th one of that kind after, by computing
+        f(θ) too; a forward whose z differed once is replayed for f(θ) from then on. (One forward of 1 + P per
+        step fewer: the char GPT's z was the replay's, bit for bit, on every step.)"""
+        trained, kind = self._trained_outputs(), self._statistic_forward
+        uses = self._replay_uses[kind] = self._replay_uses.get(kind, -1) + 1
+        if trained is not None and self._outputs_replayed.get(kind) and uses % REPLAY_CHECK:
+            shapes[:] = [z.shape for z in self._outputs()[0]]
+            return difference_rows(f, theta, tangent_rows, trained)
+        z, J = difference_rows(f, theta, tangent_rows)
+        if trained is not None and self._outputs_replayed.get(kind, True):
+            self._outputs_replayed[kind] = torch.equal(z, trained)
+        return z, J
 
     def _forward_mode_rows(self, f, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """gnfx.forward_mode.jvp_rows(f, theta, tangent_rows), run again with PyTorch's decompositions or ATen's

@@ -694,6 +694,65 @@ def test_alpha_and_mu_from_finite_differences_minimize_the_dense_ggn_quadratic_t
     assert interior >= 1
 
 
+class ReplayScaled(nn.Module):
+    """A tanh MLP that scales its logits when gradients are off if `replay_scale` is set: a forward whose replay
+    (under no_grad) is not the training forward."""
+
+    def __init__(self, replay_scale=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.replay_scale = replay_scale
+
+    def forward(self, x):
+        z = self.net(x)
+        return z if self.replay_scale is None or torch.is_grad_enabled() else z * self.replay_scale
+
+
+def trajectory_of_differences(model, monkeypatch, reuse: bool, in_place: bool = False):
+    """Four steps of kfac's quadratic step by finite differences (float64): the parameters after each, and the
+    replays of f the differences ran. Without `reuse` f(θ) is always replayed. With `in_place` the loop halves the
+    logits in place before its loss from the third step on (which the backward then differentiates)."""
+    if not reuse:
+        monkeypatch.setattr(quadratic_step.QuadraticStep, "_trained_outputs", lambda self: None)
+    replays = []
+
+    def counted(f, *args):
+        return difference_rows(lambda theta: replays.append(1) or f(theta), *args)
+    monkeypatch.setattr(quadratic_step, "difference_rows", counted)
+    c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=2, inv_every=2, quadratic_products="difference",
+                     fisher="empirical")
+    trajectory = []
+    for step in range(4):
+        x, y = batch("mse", seed=step)
+        z = c(x)
+        if in_place and step >= 2:  # once each kind of forward has been checked
+            z.mul_(0.5)
+        F.mse_loss(z, y).backward()
+        c.step()
+        c.zero_grad()
+        trajectory.append([p.detach().clone() for p in model.parameters()])
+    monkeypatch.undo()
+    return trajectory, len(replays)
+
+
+@pytest.mark.parametrize("case", ["plain", "in_place", "replay_differs"])
+def test_finite_differences_take_the_training_forwards_z_only_where_it_is_the_replays(case, monkeypatch):
+    """f(θ) of the differences is the training forward's z where the replay computes it bit for bit (checked on
+    the first step of each kind of forward: one forward fewer on every other step), and is replayed where the loop
+    wrote the logits in place (their version counter) or the replay computes another z: the steps are those of
+    differences that always replay f(θ), bit for bit."""
+    def model():
+        torch.manual_seed(0)
+        return ReplayScaled(replay_scale=2.0 if case == "replay_differs" else None).to(DTYPE)
+    reused, calls = trajectory_of_differences(model(), monkeypatch, reuse=True, in_place=case == "in_place")
+    replayed, replayed_calls = trajectory_of_differences(model(), monkeypatch, reuse=False,
+                                                         in_place=case == "in_place")
+    for a, b in zip(reused, replayed):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    # the two steps after the first of each kind (a statistic step's graph, the model's own forward) save one each
+    assert replayed_calls - calls == (2 if case == "plain" else 0)
+
+
 def test_finite_differences_refuse_sixteen_bit_outputs():
     """A bfloat16 model's outputs keep ~3 digits, a difference quotient none: the step raises, naming the fix,
     and moves nothing."""
