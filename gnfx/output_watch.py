@@ -164,6 +164,7 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
 
     def head_hook(j, loss, z_k, layout):
         name = settings["loss"] if loss is None else loss.name
+        version = z_k._version
 
         def hook(grad):
             if not fills_gradients(trained):  # not the training loss's backward (module docstring)
@@ -191,6 +192,8 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
             if not several and ignored_rows:
                 store.kept_fraction[fid] = fraction
             if store.fisher != "empirical":
+                if z_k._version != version:  # its backward ran already, through the in-place op (`_written_error`)
+                    raise _written_error(settings["fisher"], j, several)
                 terms = z_k.shape[0] if settings["loss_average"] == "batch" or z_k.dim() < 2 else kept.numel()
                 weight = 1.0 if not several else loss.weight * terms * fraction / reference
                 record_true_fisher(z_k, pending, settings["fisher"], name, settings["mc_samples"],
@@ -199,6 +202,16 @@ def _hook(heads: list, store, settings: dict, others: list, layouts: list[Logits
         return hook
 
     handles = [head.register_hook(head_hook(j, loss, head, layouts[j])) for j, (loss, head) in enumerate(heads)]
+
+
+def _written_error(fisher: str, j: int, several: bool) -> GnfxError:
+    """An output the loop wrote in place after the forward (`logits /= T`): the true-Fisher backward starts at z,
+    whose graph the backward through that op has already run and freed by the time z's gradient is known."""
+    which = f"output {j} that loss= names" if several else "model output (the logits)"
+    return GnfxError(f"fisher={fisher!r} backpropagates sampled vectors from the {which}, which the training loop "
+                     f"modified in place after the forward (`logits /= T`, `logits.clamp_(...)`): its backward has "
+                     f"already gone through that operation when the output's gradient arrives, so the vectors cannot "
+                     f"start there. Fix: write it out of place (`logits = logits / T`), or fisher='empirical'")
 
 
 def note_backward(store, fid: int) -> None:

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
+import gnfx
+
 from steps import ALL, compile_for_statistics, statistic_step
 from references import (TOL, cross_entropy, curvlinops_factors, hook_statistics, layer_diag,
                         per_example_fisher_diag, per_example_grads)
@@ -272,6 +274,27 @@ def test_a_model_output_the_training_loop_writes_in_place_keeps_its_blocks_stati
             for factor in ("A", "S"):
                 torch.testing.assert_close(in_place.statistics(name)[factor], out_of_place.statistics(name)[factor],
                                            rtol=1e-12, atol=1e-14, msg=f"{name} {factor}")
+
+
+@pytest.mark.parametrize("fisher", ["mc", "type2"])
+def test_the_true_fisher_of_an_output_written_in_place_names_the_fix(fisher):
+    """The true Fisher's vectors start at the logits when their gradient arrives, which is after the backward went
+    through the loop's `logits /= T` (and freed it): the backward raised autograd's "Trying to backward through
+    the graph a second time". It now names the in-place write and the fix, and the loop written out of place
+    trains."""
+    x, y = batch((8, 5), 4, 0)
+    for in_place in (True, False):
+        c = gnfx.compile(TokenClassifier().to(DTYPE), optimizer="kfac", loss="cross_entropy", fisher=fisher,
+                         stat_every=1)
+        logits = c(x)
+        if in_place:
+            logits /= 2.0
+            with pytest.raises(gnfx.GnfxError, match=r"(?s)modified in place.*Fix: write it out of place"):
+                cross_entropy(logits, y).backward()
+        else:
+            cross_entropy(logits / 2.0, y).backward()
+            c.step()
+            assert c.statistics("head")["S"].abs().sum() > 0
 
 
 class Functional(nn.Module):
