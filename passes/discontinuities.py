@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from .grad_modes import SET_GRAD_ENABLED
+from .graph_view import ancestors
 from .lower import run_forward_hooks
 from .opaque_root import call_method, call_unpacked
 from .taps import _aliases_first_input, _writes_in_place
@@ -117,14 +118,7 @@ def _holds_parameter(gm: fx.GraphModule, node: fx.Node, trainable: set[str]) -> 
 
 def _reaching(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[fx.Node]:
     """The nodes whose values reach the output, or a tensor an in-place op writes (which a later node may read)."""
-    reaching: set[fx.Node] = set()
-    stack = [n for n in nodes if n.op == "output" or _writes_in_place(n, gm)]
-    while stack:
-        node = stack.pop()
-        if node not in reaching:
-            reaching.add(node)
-            stack.extend(node.all_input_nodes)
-    return reaching
+    return ancestors(n for n in nodes if n.op == "output" or _writes_in_place(n, gm))
 
 
 def _reads_dependent(node: fx.Node, depends: set[fx.Node]) -> bool:

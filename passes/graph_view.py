@@ -1,8 +1,22 @@
-"""Views of a GraphModule for inspection: a networkx DiGraph and Graphviz DOT text."""
+"""Views of a GraphModule for inspection: a networkx DiGraph and Graphviz DOT text; and the nodes a set of
+nodes is computed from."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import networkx as nx
 from torch import fx
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """`nodes` and every node they are computed from."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
 
 
 def _target(node: fx.Node) -> str:

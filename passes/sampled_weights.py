@@ -25,22 +25,12 @@ from torch import fx
 from gnfx.reparametrization import SampledWeight
 
 from .conv import CONV_OPS
+from .graph_view import ancestors
 from .linear import ADD_OPS, LINEAR_OPS
 from .shapes import value_of
 
 SUMS = (*ADD_OPS, "add")  # the sum W = μ + P (module docstring)
 LAYER_READS = (*LINEAR_OPS, *CONV_OPS)  # the users of a sampled weight
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    """`node` and every node it is computed from."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 def find_sampled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> dict[fx.Node, SampledWeight]:
@@ -60,7 +50,7 @@ def find_sampled_weights(gm: fx.GraphModule, param_of, shape_of, uses: dict) -> 
             shaped = value is None or tuple(value.shape) == shape_of(original)
             if shaped and all(consumer is node for consumer, _ in uses[original]) \
                     and all(user.op == "call_function" and user.target in LAYER_READS for user in node.users) \
-                    and not any(n.op == "placeholder" for n in _ancestors(perturbation)):
+                    and not any(n.op == "placeholder" for n in ancestors([perturbation])):
                 found[node] = SampledWeight(original, original)
                 break
     return found
