@@ -981,3 +981,32 @@ def test_a_dropout_after_a_batch_first_recurrent_module_draws_the_modules_mask(k
     out = c(x)
     torch.manual_seed(1)
     torch.testing.assert_close(out, model(x), **EXACT)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv_transpose2d"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_the_bias_of_a_layer_with_an_orthogonal_weight_falls_back_saying_why(layer, capture):
+    """nn.utils.parametrizations.orthogonal makes a layer's W from its parameter by a matrix exponential or
+    Householder products, which gnfx does not reparametrize: the layer is no block. Its weight falls back for that
+    computation, and its bias now says that the layer's weight is computed (it said "used by call_function
+    'linear', not a layer gnfx models", as if a linear map were none); both take the gradient autograd gives
+    and move on a step. (On a kernel (C_out, C_in, k, k) the parametrization makes each k×k slice orthogonal: a
+    1×1 kernel would be ±1 and get no gradient.)"""
+    torch.manual_seed(0)
+    inner, shape, called = {"linear": (nn.Linear(3, 4), (5, 3), "linear map"),
+                            "conv2d": (nn.Conv2d(3, 4, 2), (5, 3, 3, 3), "convolution"),
+                            "conv_transpose2d": (nn.ConvTranspose2d(3, 4, 2), (5, 3, 3, 3), "transposed convolution")}[layer]
+    model = nn.Sequential(Reparametrized(inner, "orthogonal"), nn.Tanh()).to(DTYPE)
+    reference = copy.deepcopy(model)
+    x = torch.randn(*shape, dtype=DTYPE)
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-2, capture=capture, example_inputs=(x,))
+    reasons = {f.param: f.reason for f in c.layers.fallbacks}
+    assert set(reasons) == {"0.layer.bias", "0.layer.parametrizations.weight.original"}
+    assert reasons["0.layer.bias"].startswith(f"the bias of a {called} whose weight is computed by")
+    c(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **EXACT, msg=lambda m: f"{name}: {m}")
+    c.step()
+    assert [n for n, p in model.named_parameters() if torch.equal(p, start[n])] == []
