@@ -1,7 +1,8 @@
 """Properties of composed models (hypothesis): networks nobody wrote by hand, made of several blocks in sequence.
 
 A recipe (printed on failure; `Composed` builds its nn.Module) starts from an input of layout (B, D), (B, T, D),
-(B, C, H, W) or token ids (B, T) looked up by an nn.Embedding (padding_idx 0), chains 1-6 blocks, each valid for
+(B, C, H, W), token ids (B, T) looked up by an nn.Embedding (padding_idx None, 0 or the last id) or token ids
+(B, L) summed or averaged by an nn.EmbeddingBag (`Bag`: offsets, per-sample weights), chains 1-6 blocks, each valid for
 the layout the previous one left (`draw_block`, `make`), and ends in a linear head on (B, D) or (B, T, D) (logits
 (B, K) or (B, T, K)). The vocabulary: nn.Linear with or without bias, x Wᵀ + b from raw parameters (F.linear,
 einsum, matmul), a layer called twice (tied), activations (relu, in-place relu, gelu, gelu-tanh, tanh, silu,
@@ -9,10 +10,13 @@ leaky relu), LayerNorm (with or without affine) / RMSNorm / GroupNorm / BatchNor
 InstanceNorm, dropout (nn.Dropout or F.dropout, p > 0, training mode), a residual x + s·f(x) whose scale s is a
 keyword argument of the model's forward and of the block's, two branches concatenated or added, chunk / split of
 the features then recombined or gated, slices of the tokens, a stop-gradient branch x + f(x).detach(),
-Conv1d / Conv2d (kernel, stride, padding incl. "same", dilation, groups, bias), pooling (avg, max, adaptive avg
-and max), nn.MultiheadAttention (batch_first, causal mask or none), F.scaled_dot_product_attention on q, k, v
-projections or a hand-written softmax attention, nn.GRU / nn.LSTM (batch_first, 1-2 layers, bidirectional or
-not, LSTM projections), a class token and position table, and the layout changes between them (flatten, mean /
+Conv1d / Conv2d (kernel, stride, padding incl. "same", dilation, groups, bias), ConvTranspose1d / 2d (stride,
+padding, output_padding, dilation, groups, bias), a Linear or Conv2d under a weight_norm, orthogonal or
+spectral_norm parametrization, pooling (avg, max, adaptive avg and max), nn.MultiheadAttention (batch_first or
+time-major, causal or additive float mask or none, key padding mask), nn.TransformerEncoderLayer (norm_first,
+batch_first, masks), F.scaled_dot_product_attention on q, k, v projections or a hand-written softmax attention,
+nn.GRU / nn.LSTM (batch_first or time-major, 1-2 layers, bidirectional or not, LSTM projections, on packed
+sequences of drawn lengths), a class token and position table, and the layout changes between them (flatten, mean /
 max / first token, tokens ↔ channels by transpose and permute, view, unsqueeze). The blocks sit in an
 nn.Sequential, an nn.ModuleList or an nn.ModuleDict (branches in a ModuleDict, inner layers in a Sequential);
 one block may be frozen (requires_grad False), a head on token ids may share the embedding's weight, and the
@@ -29,7 +33,9 @@ b. after those two steps every parameter is finite and every parameter that had 
    1e-8: a group norm of one channel averaged over its pixels has a γ gradient of rounding noise alone);
 c. with an lr and the empirical Fisher, the factors A and S (kfac_approx "expand" or "reduce") of every
    nn.Linear block after the first statistic step (whose batch sets them, whatever stat_decay) equal the hook
-   references of tests/references.py.
+   references of tests/references.py;
+d. torch.compile(gnfx model) trains as the gnfx model does
+   (`test_torch_compile_of_a_composed_model_trains_as_the_model_does`, a few examples: compiling costs seconds).
 
 For a local search, `GNFX_FUZZ_EXAMPLES=300` runs more examples than CI's 25, and `GNFX_FUZZ_RANDOM=1` draws
 new ones on each run instead of the derandomized sequence (a failure prints its @reproduce_failure blob).
@@ -163,8 +169,8 @@ class Parts(nn.Module):
 class Attention(nn.Module):
     """Self-attention of tokens (B, T, D): nn.MultiheadAttention, or q, k, v, out projections around
     F.scaled_dot_product_attention. nn.MultiheadAttention may take a key padding mask (example b's keys from
-    lengths[b] on masked, 1 ≤ lengths[b] ≤ T, one length per example) and an additive float mask −|i − j|/2 instead of the causal one, and run
-    time-major (batch_first False: tokens transposed to (T, B, D) and back)."""
+    lengths[b] on masked, 1 ≤ lengths[b] ≤ T, one length per example) and an additive float mask −|i − j|/2
+    instead of the causal one, and run time-major (batch_first False: tokens transposed to (T, B, D) and back)."""
 
     def __init__(self, d: int, heads: int, form: str, causal: bool, bias: bool, batch_first: bool = True,
                  lengths: tuple = (), float_mask: bool = False):
@@ -993,9 +999,10 @@ def test_the_bias_of_a_layer_with_an_orthogonal_weight_falls_back_saying_why(lay
     and move on a step. (On a kernel (C_out, C_in, k, k) the parametrization makes each k×k slice orthogonal: a
     1×1 kernel would be ±1 and get no gradient.)"""
     torch.manual_seed(0)
-    inner, shape, called = {"linear": (nn.Linear(3, 4), (5, 3), "linear map"),
-                            "conv2d": (nn.Conv2d(3, 4, 2), (5, 3, 3, 3), "convolution"),
-                            "conv_transpose2d": (nn.ConvTranspose2d(3, 4, 2), (5, 3, 3, 3), "transposed convolution")}[layer]
+    inner, shape, called = {
+        "linear": (nn.Linear(3, 4), (5, 3), "linear map"),
+        "conv2d": (nn.Conv2d(3, 4, 2), (5, 3, 3, 3), "convolution"),
+        "conv_transpose2d": (nn.ConvTranspose2d(3, 4, 2), (5, 3, 3, 3), "transposed convolution")}[layer]
     model = nn.Sequential(Reparametrized(inner, "orthogonal"), nn.Tanh()).to(DTYPE)
     reference = copy.deepcopy(model)
     x = torch.randn(*shape, dtype=DTYPE)
