@@ -890,8 +890,9 @@ def drawing_random_numbers(recipe: Recipe) -> bool:
 
 
 def train_under(recipe: Recipe, features: int, backend: str | None, steps: int = 3):
-    """The recipe's model trained `steps` steps (a statistic step, then plain ones) by its gnfx compilation,
-    called as it is or through torch.compile(backend): the outputs of each step and the parameters after them."""
+    """The recipe's model trained `steps` steps (a statistic step with the keyword scale 0.5, then plain ones
+    with 0.25) by its gnfx compilation, called as it is or through torch.compile(backend): the outputs of each
+    step and the parameters after them."""
     torch._dynamo.reset()
     model = Composed(recipe, features)
     c = compile_recipe(recipe, model)
@@ -902,7 +903,7 @@ def train_under(recipe: Recipe, features: int, backend: str | None, steps: int =
     for step in range(steps):
         x, target = data(recipe, step, out_shape)
         torch.manual_seed(recipe.seed + step)
-        out = forward(x, scale=0.5)
+        out = forward(x, scale=0.5 if step == 0 else 0.25)
         loss_of(recipe, out, target).backward()
         c.step()
         c.zero_grad()
