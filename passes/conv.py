@@ -16,7 +16,7 @@ from torch import fx
 
 from gnfx.layouts.conv import same_padding
 
-from .sites import Site, arg
+from .sites import Site, arg, computed_weight_reason
 from .weight_slices import sliced_parameter
 
 aten = torch.ops.aten
@@ -93,6 +93,8 @@ def find_conv_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site],
                                                f"convolution (groups={groups}) that cuts its output channels: which "
                                                f"input channels each group reads changes with the window, so no block "
                                                f"of the full kernel holds it"))
+            elif sliced is None and (why := computed_weight_reason(node, "convolution", param_of)):
+                rejected.append((node, why))
             continue
         weight, bias, shape, kernel, uses, window = found
         n = len(kernel)

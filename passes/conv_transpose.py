@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .conv import _tuple, kernel_of
-from .sites import Site, arg
+from .sites import Site, arg, computed_weight_reason
 
 aten = torch.ops.aten
 CONV_TRANSPOSE_OPS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -19,13 +19,15 @@ CONV_TRANSPOSE_OPS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d
 
 
 def find_conv_transpose_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
-    """Transposed-convolution sites, and no rejected nodes (an empty list)."""
-    sites = []
+    """Transposed-convolution sites, and the bias of one whose weight is computed, with its reason."""
+    sites, rejected = [], []
     for node in gm.graph.nodes:
         generic = node.target is aten.convolution.default and bool(node.args[6])  # transposed=True
         if node.op != "call_function" or not (generic or node.target in CONV_TRANSPOSE_OPS):
             continue
         if (found := kernel_of(node, param_of, shape_of)) is None:
+            if why := computed_weight_reason(node, "transposed convolution", param_of):
+                rejected.append((node, why))
             continue
         weight, bias, shape, kernel, uses = found
         if generic:
@@ -40,4 +42,4 @@ def find_conv_transpose_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[l
                           options={"kernel_size": kernel, "stride": _tuple(stride, n), "padding": _tuple(padding, n),
                                    "output_padding": _tuple(output_padding, n), "dilation": _tuple(dilation, n),
                                    "groups": groups, "weight_shape": shape}))
-    return sites, []
+    return sites, rejected

@@ -5,13 +5,14 @@ token counts, S and the per-example and batch gradients of the δ's, unscaled) d
 diag(1/(A + λ_A)) would divide by the counts again. `padding_idx` is recorded (its row gets no gradient);
 `max_norm`, which renormalizes the rows the ids read in place before the lookup, is a lookup of the
 renormalized W (passes/embedding_renorm.py). A bag of embeddings (`F.embedding_bag`, nn.EmbeddingBag's
-call) is no embedding block, and its fallback says so (README: a sum or mean bag is a linear map of the
-count vector, whose K-FAC factor over the vocabulary is dense; a max bag is no linear map)."""
+call, or the module itself where torch.fx keeps it a leaf) is no embedding block, and its fallback says so
+(README: a sum or mean bag is a linear map of the count vector, whose K-FAC factor over the vocabulary is
+dense; a max bag is no linear map)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from .sites import Site, arg
 
@@ -25,6 +26,8 @@ SCALED_BY_FREQUENCY = ("an embedding with scale_grad_by_freq, whose gradient div
 def find_embedding_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site], list]:
     sites, rejected = [], []
     for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.EmbeddingBag):
+            rejected.append((node, BAG))  # torch.fx keeps the module a leaf: its parameters fall back here
         if node.op != "call_function":
             continue
         if node.target in _BAGS:

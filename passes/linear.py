@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .identity_views import replayed
-from .sites import Site, arg
+from .sites import Site, arg, computed_weight_reason
 from .weight_slices import sliced_parameter
 
 aten = torch.ops.aten
@@ -208,6 +208,8 @@ def find_linear_sites(gm: fx.GraphModule, param_of, shape_of) -> tuple[list[Site
         if t in LINEAR_OPS:
             site = _site(node, node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias"), "out_in", param_of,
                          shape_of, rejected)
+            if site is None and (why := computed_weight_reason(node, "linear map", param_of)):
+                rejected[node] = why
         elif t in MATMUL_OPS or (node.op == "call_method" and t in ("matmul", "mm", "__matmul__")):
             site = _site(node, node.args[0], node.args[1], None, "in_out", param_of, shape_of, rejected)
         elif t in ADDMM_OPS and not node.kwargs:

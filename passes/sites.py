@@ -41,3 +41,16 @@ def arg(node: fx.Node, position: int, name: str, default=None):
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(name, default)
+
+
+def computed_weight_reason(node: fx.Node, layer: str, param_of) -> str | None:
+    """Why the trainable bias of `node`, a `layer` call (weight argument 1, bias 2) whose weight is computed by
+    a node gnfx has no reparametrization for (an nn.utils.parametrizations.orthogonal map, a hypernetwork's
+    output), stays out of a block: the layer is no block, since its W is no parameter a block steps. None where
+    the weight is a parameter (or a stand-in for one) or the bias is no trainable parameter."""
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not isinstance(w, fx.Node) or not isinstance(b, fx.Node) or param_of(b) is None or param_of(w) is not None:
+        return None
+    target = getattr(w.target, "__name__", str(w.target))
+    return (f"the bias of a {layer} whose weight is computed by {w.op} {target!r} (node {w.name}), not a parameter "
+            f"gnfx steps as the layer's W: no block for the layer")

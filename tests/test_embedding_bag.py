@@ -11,6 +11,7 @@ so values agree to round-off, 1e-12 on O(1) entries.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -24,6 +25,7 @@ from torch.func import jvp
 
 import gnfx
 from gnfx.composite_forms import composite_embedding_bag
+from gnfx.passes.embedding import BAG
 from tests.test_ggn import flat, reference_ggn, reference_hessian
 
 DTYPE = torch.float64
@@ -194,3 +196,22 @@ def test_ggn_products_through_a_bag_equal_dense_references(mode):
     hessian = reference_hessian(twin, "cross_entropy", ids, y)
     torch.testing.assert_close(flat(gnfx.ggn.hvp(model, "cross_entropy", ids, y, v)), hessian @ flat(v), rtol=1e-10,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bags_fallback_says_it_is_a_bag_under_either_capture(capture):
+    """torch.fx keeps nn.EmbeddingBag a leaf module call, whose table fell back as "inside module 'bag', a layer
+    kind gnfx has no curvature block for"; it now gives the reason torch.export's embedding_bag node gives (the
+    fuzzer's bag inputs, tests/test_composed_models.py). The table takes autograd's gradient and moves on a step."""
+    torch.manual_seed(0)
+    model = BagOfWords(hidden=3).to(DTYPE)
+    reference = copy.deepcopy(model)
+    ids, offsets, y = bag_batch()
+    c = gnfx.compile(model, optimizer="kfac", lr=1e-2, capture=capture, example_inputs=(ids, offsets))
+    assert [(f.param, f.reason.split(" at node")[0]) for f in c.layers.fallbacks] == [("bag.weight", BAG)]
+    F.cross_entropy(c(ids, offsets), y).backward()
+    F.cross_entropy(reference(ids, offsets), y).backward()
+    torch.testing.assert_close(model.bag.weight.grad, reference.bag.weight.grad, **TOL)
+    start = model.bag.weight.detach().clone()
+    c.step()
+    assert not torch.equal(model.bag.weight, start)
