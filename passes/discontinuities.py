@@ -35,7 +35,7 @@ from .grad_modes import SET_GRAD_ENABLED
 from .graph_view import ancestors
 from .lower import run_forward_hooks
 from .opaque_root import call_method, call_unpacked
-from .taps import _aliases_first_input, _writes_in_place
+from .taps import aliases_first_input, writes_in_place
 
 # ops (their names without leading and trailing underscores: `gt`, `__gt__`, `gt_` and aten.gt.Tensor are
 # all "gt") whose value jumps as an input moves, or that turn a float into an integer, a bool or a Python number
@@ -67,8 +67,8 @@ _JUMPING_MODULES = (nn.Hardshrink, nn.Threshold)
 
 def discontinuities(gm: fx.GraphModule, trainable: set[str]) -> list[str]:
     """The nodes of `gm` at which its outputs may not be differentiable in the parameters named in `trainable`
-    (their qualified names in `gm`) as a finite difference sees them (module docstring), each as
-    "node (op): why"; [] where every path from θ to the outputs is smooth."""
+    (their qualified names in `gm`) as a finite difference sees them (module docstring), each as "node: why";
+    [] where every path from θ to the outputs is smooth."""
     nodes = list(gm.graph.nodes)
     depends = _dependence(gm, nodes, trainable)
     reaching = _reaching(gm, nodes)
@@ -98,11 +98,11 @@ def _dependence(gm: fx.GraphModule, nodes: list[fx.Node], trainable: set[str]) -
             if (node.op == "get_attr" and node.target in trainable) or _holds_parameter(gm, node, trainable) \
                     or any(i in depends for i in node.all_input_nodes):
                 depends.add(node)
-                if _writes_in_place(node, gm) and node.args and isinstance(node.args[0], fx.Node):
+                if writes_in_place(node, gm) and node.args and isinstance(node.args[0], fx.Node):
                     written = node.args[0]
                     while written not in depends:
                         depends.add(written)
-                        if not (_aliases_first_input(written, gm) and written.args
+                        if not (aliases_first_input(written, gm) and written.args
                                 and isinstance(written.args[0], fx.Node)):
                             break
                         written = written.args[0]
@@ -111,6 +111,7 @@ def _dependence(gm: fx.GraphModule, nodes: list[fx.Node], trainable: set[str]) -
 
 
 def _holds_parameter(gm: fx.GraphModule, node: fx.Node, trainable: set[str]) -> bool:
+    """Whether `node` calls a submodule that holds a parameter of `trainable` (a leaf kept opaque, an LSTM)."""
     if node.op != "call_module":
         return False
     return any(f"{node.target}.{name}" in trainable for name, _ in gm.get_submodule(node.target).named_parameters())
@@ -118,7 +119,7 @@ def _holds_parameter(gm: fx.GraphModule, node: fx.Node, trainable: set[str]) -> 
 
 def _reaching(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[fx.Node]:
     """The nodes whose values reach the output, or a tensor an in-place op writes (which a later node may read)."""
-    return ancestors(n for n in nodes if n.op == "output" or _writes_in_place(n, gm))
+    return ancestors(n for n in nodes if n.op == "output" or writes_in_place(n, gm))
 
 
 def _reads_dependent(node: fx.Node, depends: set[fx.Node]) -> bool:

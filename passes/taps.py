@@ -69,7 +69,7 @@ def _first_input_alias(target) -> tuple[bool, bool]:
     return info.is_write, not info.is_write and any(r.alias_info is not None for r in target._schema.returns)
 
 
-def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
+def writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
     """Whether `node` may modify its first input in place: a module with `inplace=True`, a method or
     function named with a trailing underscore (`relu_`, `torch.sigmoid_`), an augmented assignment's
     operator, an aten op whose schema writes its first input (`aten.add_.Tensor` of `x += P` in
@@ -92,7 +92,7 @@ def _writes_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
 
 
 def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
-    """Whether a user of `node`, or of a view of it, may modify it in place (`_writes_in_place`), or it or a view
+    """Whether a user of `node`, or of a view of it, may modify it in place (`writes_in_place`), or it or a view
     of it is an output of the graph, which goes back to Python code that may: the training loop's
     (`logits /= T` of a distillation loss), or, for an opened layer's graph, the opaque submodule's (gluonts'
     NegativeBinomialOutput returns `logits.squeeze(-1)` of its projection, which its distribution then writes in
@@ -100,14 +100,14 @@ def _modified_in_place(node: fx.Node, owner: fx.GraphModule) -> bool:
     for user in node.users:
         if user.op == "output":
             return True
-        if user.args and user.args[0] is node and _writes_in_place(user, owner):
+        if user.args and user.args[0] is node and writes_in_place(user, owner):
             return True
-        if user.args and user.args[0] is node and _aliases_first_input(user, owner) and _modified_in_place(user, owner):
+        if user.args and user.args[0] is node and aliases_first_input(user, owner) and _modified_in_place(user, owner):
             return True
     return False
 
 
-def _aliases_first_input(node: fx.Node, owner: fx.GraphModule) -> bool:
+def aliases_first_input(node: fx.Node, owner: fx.GraphModule) -> bool:
     """Whether `node`'s result may be its first input or a view of it, so that an in-place op on it modifies that
     input: a view (`_VIEW_METHODS`, `_VIEW_FUNCTIONS`, an aten view), or an op that may return its input itself
     (a dropout, nn.Identity, a cast to the tensor's own dtype)."""
