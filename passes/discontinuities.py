@@ -177,8 +177,8 @@ def _known_function(target) -> bool:
     if isinstance(target, torch._ops.HigherOrderOperator) or target in _PYTHON_CODE:
         return False
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        qualified = target._qualified_op_name if isinstance(target, torch._ops.OpOverloadPacket) else target._schema.name
-        return qualified.split("::")[0] in ("aten", "prims")
+        packet = isinstance(target, torch._ops.OpOverloadPacket)
+        return (target._qualified_op_name if packet else target._schema.name).split("::")[0] in ("aten", "prims")
     for owner in (getattr(target, "__self__", None), getattr(target, "function", None)):  # F.apply, or fx's call of it
         if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
             return False
