@@ -8,6 +8,8 @@ compares the two functions at the same point.
 """
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
 
@@ -48,14 +50,17 @@ def lockstep_gaps(compiled: nn.Module, model: nn.Module, reference: nn.Module, l
 def float64_gaps(build, loss_for, kind: str, hparams: dict, also=None, steps: int = 3, seed: int = 100) -> str:
     """The probes' exactness cell, 'loss Δ, grad Δ': `lockstep_gaps` of gnfx.compile(build(), kind, **hparams)
     beside a second build() from the same seed over `steps` steps, with float64 the default dtype throughout
-    (both built from seed 0, in float64); `loss_for(model)`, called after both builds, gives `loss_of(module)`,
-    one forward's loss of a module with the model's parameters; `also()`, run there too, the text after '; '
-    (the probe's factors against hooks)."""
+    (both built from seed 0, Python's `random` seeded too: hyper-connections draws each layer's residual stream
+    with `random.randrange`, so unseeded builds differed, and the first step's gradients with them; in float64);
+    `loss_for(model)`, called after both builds, gives `loss_of(module)`, one forward's loss of a module with the
+    model's parameters; `also()`, run there too, the text after '; ' (the probe's factors against hooks)."""
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
+        random.seed(0)
         model = build().double()
         torch.manual_seed(0)
+        random.seed(0)
         reference = build().double()
         loss_of = loss_for(model)
         c = gnfx.compile(model, kind, **hparams)

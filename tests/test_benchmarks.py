@@ -831,6 +831,28 @@ def test_lockstep_gaps_are_zero_beside_the_module_and_not_beside_another():
         assert (max(gaps) == 0.0) == exact and (exact or min(gaps) > 0), gaps
 
 
+
+def test_float64_gaps_builds_the_twins_alike_where_the_build_draws_with_python_random():
+    """benchmarks.lockstep.float64_gaps: a build that draws with Python's `random` (hyper-connections picks each
+    layer's residual stream with `random.randrange`) gives the reference the compiled model's parameters, so
+    both gaps are zero; unseeded, the two builds differed and so did the losses and gradients."""
+    import random
+
+    from benchmarks.lockstep import float64_gaps
+
+    class Drawn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.scale = nn.Parameter(torch.tensor(random.random()))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    cell = float64_gaps(Drawn, lambda _: (lambda m: F.cross_entropy(m(x), y)), "kfac", {"lr": 1e-2})
+    assert cell == "0e+00, 0e+00", cell
+
 class _Corridor:
     """A stand-in for benchmarks.rl_probe.Envs without gymnasium: `n` corridors of 4 observations and 2
     actions whose episodes end after 10 steps, a reward of 1 per step."""
