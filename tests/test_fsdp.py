@@ -39,7 +39,10 @@ EXTRA = {"kfac": {"inv_every": 3}, "shampoo": {"precondition_frequency": 3, "sta
 OPTIMIZERS = list(EXTRA)
 # K-FAC's default step with a loss and no lr: α, μ and λ from the exact GGN model (gnfx.quadratic_step)
 # fisher="empirical": the quadratic step's default "mc" does not run under FSDP2 (refused, below)
-QUADRATIC = {"loss": "cross_entropy", "fisher": "empirical", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1}
+# forward-mode products: the two ranks' step and one process's agree to rounding, which finite differences (the
+# default's on this smooth model) would amplify to ~1e-8
+QUADRATIC = {"loss": "cross_entropy", "fisher": "empirical", "stat_every": 2, "inv_every": 3, "weight_decay": 0.1,
+             "quadratic_products": "forward"}
 
 
 def make_model(optimizer):
