@@ -646,7 +646,8 @@ class QuadraticStep:
     def _trained_outputs(self) -> torch.Tensor | None:
         """The training forward's z_c of every output, concatenated as `_output` concatenates f(θ), where they
         may stand for it: every example is modelled (no quadratic_rows subset) and no in-place op has changed
-        them since the forward (their version counters); None otherwise. Whether they do is `_output`'s check."""
+        them since the forward (their version counters); None otherwise. Whether they do is `_difference_rows`'s
+        check."""
         if self._modelled_examples() is not None or any(z is None for z in self._output_before):
             return None
         if [z._version for z in self._output_before] != self._output_versions:
@@ -667,8 +668,8 @@ class QuadraticStep:
     def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[list, list]:
         """([z_j]_j, [[J_j v_k]_k stacked]_j) at parameters `theta` for the tangents v_k (`tangent_rows`, one
         list of per-parameter tensors each) and each output z_j loss= names, by one pass per tangent through
-        all of them, concatenated: forward mode (`_forward_mode_rows`), or with quadratic_products="difference"
-        finite differences (gnfx.finite_differences; benchmarks/results/quadratic_step.md)."""
+        all of them, concatenated: forward mode (`_forward_mode_rows`), or finite differences where
+        `_by_difference` says so (`_difference_rows`, gnfx.finite_differences; benchmarks/results/quadratic_step.md)."""
         self.products_taken = "difference" if self._by_difference(theta) else "forward"
         f = self._function(subset=True, forward_mode=self.products_taken == "forward")
         shapes = []
