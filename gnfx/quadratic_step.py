@@ -705,13 +705,13 @@ class QuadraticStep:
         variants = self._variants
         if variants is None or not variants.captured or variants.form == "eager":
             return ["the forward runs as its own Python code (no captured graph holds it)"]
-        graphs = variants.graphs()
-        key = tuple(map(id, graphs))
+        key = variants.graph_ids()  # every step: the graphs are walked only when a capture changed them
         if self._rough is None or self._rough[0] != key:
             trainable = set(self.parameters.named)
             functions = [f"{name}: a torch.autograd.Function, whose backward is its own" for name in
                          sorted(variants.functions)]  # the operations of its forward are in the exported graph
-            self._rough = (key, functions + [found for gm in graphs for found in discontinuities(gm, trainable)])
+            self._rough = (key, functions + [found for gm in variants.graphs()
+                                             for found in discontinuities(gm, trainable)])
         return self._rough[1]
 
     def _difference_rows(self, f, theta: list[torch.Tensor], tangent_rows: list, shapes: list):
@@ -720,13 +720,14 @@ class QuadraticStep:
         step's graph, the model's own forward) and every REPLAY_CHECK-th one of that kind after, by computing
         f(θ) too; a forward whose z differed once is replayed for f(θ) from then on. (One forward of 1 + P per
         step fewer: the char GPT's z was the replay's, bit for bit, on every step.)"""
-        trained, kind = self._trained_outputs(), self._statistic_forward
+        kind = self._statistic_forward
         uses = self._replay_uses[kind] = self._replay_uses.get(kind, -1) + 1
-        if trained is not None and self._outputs_replayed.get(kind) and uses % REPLAY_CHECK:
+        trained = self._trained_outputs() if self._outputs_replayed.get(kind, True) else None
+        if trained is not None and kind in self._outputs_replayed and uses % REPLAY_CHECK:
             shapes[:] = [z.shape for z in self._outputs()[0]]
             return difference_rows(f, theta, tangent_rows, trained)
         z, J = difference_rows(f, theta, tangent_rows)
-        if trained is not None and self._outputs_replayed.get(kind, True):
+        if trained is not None:  # the first use of this kind, or a REPLAY_CHECK-th
             self._outputs_replayed[kind] = torch.equal(z, trained)
         return z, J
 

@@ -134,6 +134,11 @@ class Variants:
         return [g for graphs in self._graphs.values() for gm in graphs
                 for g in (gm, *(child for m in gm.modules() if isinstance(m, OpenedLeaf) for child in m.graphs))]
 
+    def graph_ids(self) -> tuple[int, ...]:
+        """The ids of the instrumented graphs captured so far, without walking them for their opened children's
+        (fixed at each one's capture): a key that changes when a capture adds or drops a graph."""
+        return tuple(id(gm) for graphs in self._graphs.values() for gm in graphs)
+
     # --- the first capture ---------------------------------------------------------------
     def capture_without_inputs(self) -> None:
         """At gnfx.compile without example inputs: capture now if torch.fx traces the whole
