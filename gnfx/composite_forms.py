@@ -232,6 +232,12 @@ def composite_grouped_mm():
     return _kernels_written_out({"_grouped_mm": _grouped_products}, torch)
 
 
+# the written-out forms of torch._VF's and torch's kernels (module docstring), by the kernel's name
+VF_FORMS = {"_pack_padded_sequence": _packed_rows, "lstm_cell": _lstm_cell, "gru_cell": _gru_cell}
+TORCH_FORMS = {"embedding_bag": _bag_reduction, "embedding_renorm_": _stored_rows, "_grouped_mm": _grouped_products,
+               "group_norm": _group_norm_of_contiguous}
+
+
 class _CompositeWeightNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -310,12 +316,11 @@ def written_out(weight_norm: bool, spectral: tuple = (), forward_mode: bool = Tr
     finite difference, a loss) custom Functions keep what they have, which saves finding them at each call."""
     stack = contextlib.ExitStack()
     stack.enter_context(inlined_checkpoints())
-    stack.enter_context(composite_packing())
-    stack.enter_context(composite_embedding_bag())
-    stack.enter_context(rows_as_stored())
-    stack.enter_context(composite_cells())
-    stack.enter_context(composite_grouped_mm())
-    stack.enter_context(composite_group_norm())
+    # the kernels of composite_packing and composite_cells (torch._VF), and of composite_embedding_bag,
+    # rows_as_stored, composite_grouped_mm and composite_group_norm (torch), each namespace's in one context:
+    # a replay runs this once per forward (1 + P of them per quadratic step)
+    stack.enter_context(_kernels_written_out(VF_FORMS))
+    stack.enter_context(_kernels_written_out(TORCH_FORMS, torch))
     if forward_mode:
         stack.enter_context(jvps_of_forwards())
     if weight_norm:

@@ -45,8 +45,7 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                             f"are {z.dtype} here: a difference quotient keeps about half of a dtype's digits, none "
                             f"worth having of a 16-bit one. Fix: quadratic_products='forward' (forward-mode "
                             f"derivatives, exact), or outputs in float32")
-        # ‖θ‖ and every ‖v_k‖ in float64, read in one transfer
-        theta, *lengths = torch.stack([_norm(primals), *[_norm(tangents) for tangents in tangent_rows]]).tolist()
+        theta, *lengths = _norms([primals, *tangent_rows])
         scale = math.sqrt(torch.finfo(z.dtype).eps) * (1 + theta)
         products = []
         for tangents, length in zip(tangent_rows, lengths):
@@ -54,10 +53,14 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                 products.append(torch.zeros_like(z))
                 continue
             h = scale / length
-            products.append((f([p + h * t for p, t in zip(primals, tangents)]) - z) / h)
+            products.append((f(torch._foreach_add(list(primals), list(tangents), alpha=h)) - z) / h)
     return z, torch.stack(products)
 
 
-def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, ..., t_n)‖, the Euclidean norm of the tensors as one vector, in float64 (on their device)."""
-    return torch.stack([t.detach().double().norm() for t in tensors]).norm()
+def _norms(rows: Sequence[Sequence[torch.Tensor]]) -> list[float]:
+    """‖(t_1, ..., t_n)‖ of each row of tensors, the Euclidean norm of the row as one vector: every tensor's
+    norm in one foreach operation (in its dtype; each at least float32), the rows' in float64, read in one
+    transfer."""
+    tensors = [t.detach() if t.dtype.itemsize >= 4 else t.detach().float() for row in rows for t in row]
+    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    return [float(n) for n in torch.stack([part.norm() for part in norms.split([len(row) for row in rows])]).tolist()]
