@@ -30,8 +30,15 @@ def held_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     """The tensor `model` holds at parameter `name` now: the Parameter, FSDP2's unsharded copy during a
     forward, or the plain tensor torch.func.functional_call put in its place for a call (which
     nn.Module.get_parameter refuses)."""
+    return getattr(*holder(model, name))
+
+
+def holder(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule of `model` that holds parameter `name`, its attribute there): `held_tensor` is
+    getattr of them, which a caller that reads the same parameters at every step can keep (the submodules
+    stay; what they hold at the attribute changes under FSDP2 and functional_call)."""
     owner, _, field = name.rpartition(".")
-    return getattr(model.get_submodule(owner), field)
+    return model.get_submodule(owner), field
 
 
 class ParameterStore:

@@ -272,7 +272,7 @@ from gnfx.fsdp import local, without_fsdp_hooks
 from gnfx.ggn import IGNORE_INDEX, forward_mode_error, forward_mode_kernels, output_hessian_product
 from gnfx.output_losses import OutputLoss, named_outputs
 from gnfx.outputs import LogitsLayout, log_softmax_gradient
-from gnfx.parameter_store import held_tensor
+from gnfx.parameter_store import held_tensor, holder
 from gnfx.passes.module_attributes import attributes_as, holding_state, saved_attributes
 from gnfx.random_state import RandomState
 
@@ -457,6 +457,8 @@ class QuadraticStep:
         self._module_function: ModuleFunction | None = None  # the model as a function of θ (_function)
         self.last_step: dict = {}
         self._call = None  # (model, args, kwargs) of the last training forward
+        # (model, parameter names, each one's (submodule, attribute)) for _held_parameters, found once
+        self._holders: tuple | None = None
         self._random_state: RandomState | None = None  # the generators' states before it (gnfx.random_state)
         self._attributes_before: list | None = None  # the modules' attributes before it (a neuron's state)
         self._holding_state: tuple | None = None  # (model, its modules that can hold a state), found once
@@ -542,8 +544,10 @@ class QuadraticStep:
     def _held_parameters(self) -> list[torch.Tensor]:
         """The trained parameters as the last training forward's model holds them now (gnfx.parameter_store
         .held_tensor): under FSDP2 its unsharded copies, which the backward accumulates into, not the shards."""
-        model = self._call[0]
-        return [t for t in (held_tensor(model, name) for name in self.parameters.named) if t.requires_grad]
+        model, names = self._call[0], list(self.parameters.named)
+        if self._holders is None or self._holders[0] is not model or self._holders[1] != names:
+            self._holders = (model, names, [holder(model, name) for name in names])
+        return [t for t in (getattr(owner, field) for owner, field in self._holders[2]) if t.requires_grad]
 
     def _refuse_a_loss_of_the_output_gradient(self) -> None:
         """Raise a GnfxError when the last training forward's output was differentiated by a backward that
