@@ -61,6 +61,6 @@ def _norms(rows: Sequence[Sequence[torch.Tensor]]) -> list[float]:
     """‖(t_1, ..., t_n)‖ of each row of tensors, the Euclidean norm of the row as one vector: every tensor's
     norm in one foreach operation (in its dtype; each at least float32), the rows' in float64, read in one
     transfer."""
-    tensors = [t.detach() if t.dtype.itemsize >= 4 else t.detach().float() for row in rows for t in row]
+    tensors = [t if t.dtype.itemsize >= 4 else t.float() for row in rows for t in row]  # (under no_grad)
     norms = torch.stack(torch._foreach_norm(tensors)).double()
     return [float(n) for n in torch.stack([part.norm() for part in norms.split([len(row) for row in rows])]).tolist()]
