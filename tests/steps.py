@@ -44,10 +44,19 @@ def step_beside(c, model, reference, loss, loss_ref) -> None:
     loss_ref.backward()
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p.grad, p_ref.grad), name
+    step_and_follow(c, model, reference)
+    reference.load_state_dict(model.state_dict())  # the buffers too
+
+
+def step_and_follow(c, model, reference) -> None:
+    """The compiled model steps, both models' gradients are zeroed, and `reference` (a plain copy of `model`, the
+    module it was compiled from) takes the stepped parameters; its buffers stay its own."""
     c.step()
     c.zero_grad()
     reference.zero_grad()
-    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+            p_ref.copy_(p)
 
 
 def train(c, x, y, loss_fn, steps: int) -> list[float]:

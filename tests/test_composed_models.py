@@ -60,6 +60,7 @@ from torch.nn.utils import rnn as rnn_utils
 import gnfx
 from models import causal_mask
 from references import TOL, cross_entropy, hook_statistics
+from steps import step_and_follow
 import test_properties as properties
 
 DTYPE = torch.float64
@@ -831,12 +832,7 @@ def step_beside(c, model, reference, loss_fn, x, target, seed: int, **kwargs) ->
     buffers = dict(model.named_buffers())
     for name, b_ref in reference.named_buffers():
         torch.testing.assert_close(buffers[name], b_ref, **EXACT, msg=lambda m: f"buffer {name}: {m}")
-    c.step()
-    c.zero_grad()
-    reference.zero_grad()
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), reference.parameters()):
-            q.copy_(p)
+    step_and_follow(c, model, reference)
     for name, b_ref in reference.named_buffers():
         torch.testing.assert_close(buffers[name], b_ref, **EXACT, msg=lambda m: f"buffer {name} after the step: {m}")
     return grads

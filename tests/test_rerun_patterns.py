@@ -30,7 +30,7 @@ from torch import nn
 import gnfx
 
 from references import cross_entropy
-from steps import compile_for_statistics
+from steps import compile_for_statistics, step_and_follow
 
 DTYPE = torch.float64
 
@@ -46,12 +46,7 @@ def step_beside(c, model, reference, x, y) -> None:
     cross_entropy(out_ref, y).backward()
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-12, msg=name)
-    c.step()
-    c.zero_grad()
-    reference.zero_grad()
-    with torch.no_grad():
-        for p, p_ref in zip(model.parameters(), reference.parameters()):
-            p_ref.copy_(p)
+    step_and_follow(c, model, reference)
 
 
 class BatchNormAct(nn.BatchNorm2d):
