@@ -134,10 +134,12 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.layouts = [LogitsLayout() for _ in settings["losses"] or (None,)]
         self.logits = self.layouts[0]
         # step="quadratic": α, μ and λ from the exact GGN model around the chain's proposal
-        self.quadratic = (QuadraticStep(self.parameter_store, settings["losses"], settings["initial_damping"],
-                                        settings["damping_decay"], settings["lr_cap"], settings["quadratic_rows"],
-                                        settings["damping_every"], settings["quadratic_every"],
-                                        settings["quadratic_momentum"], settings["quadratic_products"], self.layouts)
+        self.quadratic = (QuadraticStep(self.parameter_store, settings["losses"], self.layouts,
+                                        damping=settings["initial_damping"], decay=settings["damping_decay"],
+                                        capped=settings["lr_cap"], rows=settings["quadratic_rows"],
+                                        every=settings["damping_every"], solve_every=settings["quadratic_every"],
+                                        momentum=settings["quadratic_momentum"],
+                                        products=settings["quadratic_products"])
                           if settings["step"] == "quadratic" else None)
 
     def attach(self, plan, statistics) -> None:

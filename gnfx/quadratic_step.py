@@ -423,9 +423,9 @@ class QuadraticStep:
     gnfx.parameter_store.ParameterStore; `losses`: the OutputLoss of each output loss= names
     (gnfx.output_losses); `layouts`: the optimizer's gnfx.outputs.LogitsLayout of each."""
 
-    def __init__(self, parameters, losses: tuple[OutputLoss, ...], damping: float, decay: float, capped: bool,
-                 rows: int | None, every: int, solve_every: int, momentum: str | float, products: str,
-                 layouts: list[LogitsLayout]):
+    def __init__(self, parameters, losses: tuple[OutputLoss, ...], layouts: list[LogitsLayout], *, damping: float,
+                 decay: float, capped: bool, rows: int | None, every: int, solve_every: int, momentum: str | float,
+                 products: str):
         self.parameters = parameters
         # the classes' axis of each cross-entropy's z_k (gnfx.outputs.LogitsLayout): the model is built on z_c
         self.layouts = layouts
