@@ -13,7 +13,9 @@ Entries:
   `gnfx_kfac_defaults` is `gnfx.compile(model, optimizer="kfac", loss=LOSS)`, kfac's defaults;
   `gnfx_kfac_every1` the same with damping_every=1 (ρ and the damping rule on every step, the default
   before 2026-11-29), `gnfx_kfac_every1_rows32` and `gnfx_kfac_every5_rows32` with quadratic_rows=32;
-  `gnfx_ekfac_quadratic` and `gnfx_rank1_quadratic` ask for it with step="quadratic".
+  `gnfx_ekfac_defaults` and `gnfx_rank1_defaults` are ekfac's and rank1's defaults with loss= (ekfac: the
+  quadratic-model step; rank1: its fixed-lr step at lr 1e-3 on the true Fisher's sketch), and
+  `gnfx_rank1_quadratic` asks rank1 for the quadratic-model step (step="quadratic").
 - Muon: `torch_muon` is torch.optim.Muon with the split its users write by hand: the weights of
   the hidden nn.Linear layers (all but the first, which reads the input, and the last, the
   output layer) to Muon, everything else (those two, biases, norms, embeddings, and conv kernels,
@@ -177,7 +179,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
                                      ("kfac_every1", "kfac", {"damping_every": 1}),
                                      ("kfac_every1_rows32", "kfac", {"damping_every": 1, "quadratic_rows": 32}),
                                      ("kfac_every5_rows32", "kfac", {"damping_every": 5, "quadratic_rows": 32}),
-                                     ("ekfac_quadratic", "ekfac", {"step": "quadratic"}),
+                                     ("ekfac_defaults", "ekfac", {}),
+                                     ("rank1_defaults", "rank1", {}),
                                      ("rank1_quadratic", "rank1", {"step": "quadratic"}))),
     OptimizerSpec("torch_muon", "torch", MUON_LRS, 1e-2, _torch_muon),
     OptimizerSpec("gnfx_muon", "gnfx", MUON_LRS, 1e-2, _gnfx("muon"), _gnfx_unsupported()),

@@ -109,7 +109,8 @@ def markdown(meta: dict, entries: list[dict]) -> str:
     """A markdown report: one table per task, in the order of `entries`, then the runs that did not train."""
     lines = [f"# gnfx benchmarks: {meta['mode']}", "",
              f"torch {meta['torch']}, {meta['threads']} threads, {meta['platform']}; total {meta['seconds']:.0f} s. "
-             "Times are training seconds (evaluation excluded); ×AdamW columns divide by AdamW's best run "
+             f"Times are training seconds ({'CPU seconds of the training thread, ' if meta.get('clock') == 'cpu' else ''}"
+             "evaluation excluded); ×AdamW columns divide by AdamW's best run "
              "of the same task (below 1 is better). Peak memory is the resident-set growth during the run.", ""]
     for task, info in meta["tasks"].items():
         rows = [e for e in entries if e["task"] == task]
