@@ -116,3 +116,31 @@ def test_an_entry_read_before_it_is_written_is_no_constant_of_a_graph():
         torch.testing.assert_close(c(x), reference(x), rtol=0, atol=1e-12)
         for held, held_ref in zip(model.heads, reference.heads):
             torch.testing.assert_close(held, held_ref, rtol=0, atol=1e-12)
+
+
+class CarriedEntry(nn.Module):
+    """A state in a list the module holds, read, then written for the next call (a neuron's potential)."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = [torch.zeros((), dtype=DTYPE)]
+
+    def forward(self, x):
+        self.state[0] = 0.5 * self.state[0] + x
+        return torch.tanh(self.state[0])
+
+
+def test_a_state_entry_holding_a_tensor_at_capture_is_still_carried_by_its_module():
+    """Called before gnfx.compile, the state is a tensor when traced: its write found, its read before the write
+    refuses it, and the module runs as its Python code, the state carried from call to call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), CarriedEntry(), nn.Linear(5, 3)).to(DTYPE)
+    reference = copy.deepcopy(model)
+    xs = torch.randn(3, 6, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(xs[0]), reference(xs[0])
+    c = compile_for_statistics(model, optimizer="kfac")
+    for x in xs:
+        torch.testing.assert_close(c(x), reference(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(model[1].state[0], reference[1].state[0], rtol=0, atol=1e-12)
+    assert c.layers.form == "fx" and "state[0]" in c.layers.leaves["1"]
