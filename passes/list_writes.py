@@ -13,7 +13,9 @@ outputs h_i, so the graph's output and its gradients are the module's own, the h
 does: after a call of the graph the list holds the h_i of that call, the tensors an eager call leaves. An entry is
 written in the graph only where no read of it precedes its write: in the trace after the one that found the write,
 the entry holds a stand-in Proxy (`ListWrites.install`) whose node a read before the write would use; an entry read
-so (the state of the last call) is refused, and its writer kept opaque for the side effect, as before.
+so (the state of the last call) is refused, and its writer kept opaque for the side effect, as before; a graph that
+reads a refused entry (the value the opaque writer stores at each call, which the graph would hold as the trace's
+constant) is no capture (`ListWrites.settle`).
 """
 from __future__ import annotations
 
