@@ -41,6 +41,7 @@ from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffers, changed_value,
                                           changes_recorded, held_values, side_effect)
 from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
+from gnfx.passes.list_writes import ListWrites
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.buffer_draws import draws_into_buffers_traced
@@ -94,14 +95,17 @@ class _LeafFindingTracer(MappingOutputTracer):
     forward raised during tracing; a returned dict subclass is rebuilt (passes/mapping_output.py). A leaf
     of the given paths whose output has a structure in `structures` (passes/leaf_outputs.py), and a torch.nn leaf
     that returns a container (`torch_nn_structure`), returns its value in that structure, the indexing nodes made
-    for it listed in `unpacked`. The buffers named in `proxied` are read as Proxies (passes/buffer_updates.py)."""
+    for it listed in `unpacked`. The buffers named in `proxied` are read as Proxies (passes/buffer_updates.py); the
+    list and dict entries a forward writes and reads back are written in the graph by `list_writes`
+    (passes/list_writes.py)."""
 
     def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None,
-                 proxied: BufferProxies | None = None):
+                 proxied: BufferProxies | None = None, list_writes: ListWrites | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
         self.structures = structures or {}
         self.proxied = proxied
+        self.list_writes = ListWrites() if list_writes is None else list_writes
         self.buffer_changes: dict[str, BufferChanged] = {}  # by module path: the buffers to proxy in the next trace
         self.unpacked: list[fx.Node] = []
         self.failed_module: str | None = None
@@ -120,14 +124,21 @@ class _LeafFindingTracer(MappingOutputTracer):
         proxy = None if self.proxied is None else self.proxied.get(self, attr_val, parameter_proxy_cache)
         return super().getattr(attr, attr_val, parameter_proxy_cache) if proxy is None else proxy
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        self.list_writes.install(self)  # the entries to write in the graph hold their stand-ins
+        return out
+
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
 
     def _note_changes(self, m: nn.Module, path: str, before: tuple[dict, dict]) -> None:
         """Raise the side effect of the traced forward of `m` (at `path`, "" for the model) on a value it holds that
         changed since `before` (`held_values`, `buffer_values` then); note the buffers it changed in place (their
-        values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied."""
-        if (change := changed_value(m, before[0])) is not None:
+        values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied; the list
+        and dict entries it wrote with traced values are `list_writes`' (passes/list_writes.py)."""
+        held, change = self.list_writes.take(self, m, before[0])
+        if (change := change or changed_value(m, held)) is not None:
             raise side_effect(m, path, change)
         if changed := changed_buffers(m, before[1]):
             change = BufferChanged(str(side_effect(m, path, f"buffer {changed[0]} (changed in place)")),
@@ -360,7 +371,8 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     draws = False
     proxied: set[str] = set()  # the buffers a forward changes in place (passes/buffer_updates.py)
     first_changes: dict[str, BufferChanged] = {}  # by the path of the module whose forward changed them
-    new_tracer = lambda: _LeafFindingTracer(set(leaves), structures, proxies)  # noqa: E731
+    writes = ListWrites()  # the list and dict entries a forward writes and reads back (passes/list_writes.py)
+    new_tracer = lambda: _LeafFindingTracer(set(leaves), structures, proxies, writes)  # noqa: E731
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
     with attributes_kept(model):
         while True:
@@ -375,6 +387,8 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                         for path, change in tracer.buffer_changes.items():
                             proxied.update(change.buffers)
                             first_changes.setdefault(path, change)
+                        continue
+                    if writes.settle(graph):  # traced again, the entries found written in the graph
                         continue
                     draws = draws or drew()
                     if tracer.drew_torch:  # a torch draw outside the graph (passes/torch_draws.py): its submodule a leaf
@@ -406,6 +420,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                 ) from exc
             finally:
                 proxies.restore()
+                writes.restore()
             for node in graph.nodes:  # the tracer marks its autowrapped calls, and fx's code for a marked call
                 if node.target in PACKING.values():  # re-registers its qualified name as a global to wrap,
                     node.meta.pop("is_wrapped", None)  # which breaks every later trace

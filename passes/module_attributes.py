@@ -38,7 +38,10 @@ entries of the dicts and lists it holds) with those it had before its forward ra
 fx tracer then keeps that module opaque (its forward runs as its Python code, its layers opened,
 passes/opaque_children.py), and an export during which a module's forward changed one is no capture
 (ForwardSideEffect; torch.export puts the attributes back itself, though not a dict's entries, so
-`changes_recorded` watches each forward call with hooks and `attributes_kept` puts the entries back).
+`changes_recorded` watches each forward call with hooks and `attributes_kept` puts the entries back). An entry of a
+list or dict that the traced forward writes before anything reads it (scratch space of the call, read back by the
+model: MONAI DynUNet's `heads`) carries nothing to the next call: torch.fx writes it in the graph instead
+(passes/list_writes.py).
 
 A buffer changed in place by Python code that reads no input (performer-pytorch's ProjectionUpdater counts its
 calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the same side effect under torch.fx,
