@@ -21,7 +21,18 @@ the backward tap of the same call commits it, so a forward that is never backpro
 nor does a call whose output no backward reaches (DoRA's `lora_A(eye)`, used without its gradient). A layer whose
 input is not batch-first (a positional embedding indexed by positions alone, the (T·N, d) rows
 inside torch's attention) has no per-example statistics: it warns once, uses "expand", and takes
-its per-example diagonal from the whole batch's gradient, as if the batch were one example. The per-example diagonal of the empirical
+its per-example diagonal from the whole batch's gradient, as if the batch were one example.
+Where the model output gives no N (a 0-dimensional loss returned by the model or by a method of
+gnfx.compile(methods=...)), a block counts N by its first call's input, except one whose input cannot tell
+(`Layout.tells_examples`): a column of ids (T,), N examples of one id or the T ids of fewer examples
+looked up flat (flair's OneHotEmbeddings), and a routed layout's sorted tokens. It takes the N of the
+first block the backward reached whose input tells one: the head, whose output stands for the missing
+model output (flair's TextClassifier: its decoder's 8 sentences, where the column holds their 47 tokens),
+so that its S = M Σ g gᵀ, M = N T, is on the head's scale; a column of T ≠ N ids is then not batch-first
+(above). Reached before any such block, it takes the N that most of them count, or with none or a tie
+(warned) its own. The blocks whose input tells keep their own count where they disagree with the head (a
+packed LSTM's Σ_t b_t rows, a graph network's nodes beside its graphs): nothing without the output tells
+which is the loss's N. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 `eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):
@@ -70,6 +81,7 @@ warning.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 
@@ -231,12 +243,14 @@ class BlockStatistics:
                     self._add_A(chunk.mean(1) if reduce else chunk.flatten(0, 1))
 
     def _count_examples(self, forward_id: int, staged: list) -> None:
-        """N of a forward (the model output's first dimension; a routed layout's rows are sorted tokens), and
+        """N of a forward (the model output's first dimension; where the output has none, module doc), and
         whether its inputs are batch-first: an input whose first dimension is not N has no per-example rows."""
+        n = self.store.batch_size.get(forward_id)
+        if n is None:
+            n = self.store.examples_without_output(forward_id, self, staged[0][0])
         if self.routed:
-            self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
+            self._examples[forward_id] = n
             return
-        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0][0]))
         folded = [self.layout.examples(a) for a, _, _ in staged if self.layout.examples(a) != n]
         if folded and self.per_example:
             self._whole_batch.add(forward_id)
@@ -244,8 +258,9 @@ class BlockStatistics:
                 self._warned = True
                 warnings.warn(
                     f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
-                    f"({n} examples, the first dimension of the model output), so per-example statistics "
-                    f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
+                    f"({n} examples, the first dimension of the model output, or of the head's input where "
+                    f"the output has none), so per-example statistics cannot be formed: this block uses "
+                    f"kfac_approx='expand' and takes its per-example "
                     f"diagonal from the whole batch's gradient, as if the batch were one example",
                     RuntimeWarning, stacklevel=3)
         self._examples[forward_id] = n
@@ -543,6 +558,9 @@ class StatisticsStore:
         self.forward_id = 0
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
         self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
+        # forward id -> N of the first block the backward reached whose input tells it, where the forward's
+        # output gives none (examples_without_output)
+        self.head_examples: dict[int, int] = {}
         self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
         # (loss, z, gradient at z, dense) of the checks the backward left to the step (gnfx.output_watch)
         self.output_checks: list[tuple] = []
@@ -584,6 +602,36 @@ class StatisticsStore:
         BlockStatistics.discard_backwards)."""
         for stats in self.blocks.values():
             stats.discard_backwards()
+
+    def examples_without_output(self, forward_id: int, stats: BlockStatistics, a) -> int:
+        """N of forward `forward_id`, whose model output gives none, for the block `stats` at its first commit,
+        `a` its first call's input (module doc): that input's N if it tells one (the first such block the
+        backward reaches sets the forward's `head_examples`), else the head's; before any, the N that most
+        blocks' staged inputs tell (none has committed: each still holds its inputs), or with none or a tie
+        (warned) the block's own count."""
+        if stats.layout.tells_examples(a):
+            n = stats.layout.examples(a)
+            self.head_examples.setdefault(forward_id, n)
+            return n
+        if forward_id in self.head_examples:
+            return self.head_examples[forward_id]
+        own = 1 if stats.routed else stats.layout.examples(a)
+        counted = Counter(other.layout.examples(staged[0][0]) for other in self.blocks.values()
+                          for staged in [other._staged.get(forward_id)]
+                          if staged and other.layout.tells_examples(staged[0][0])).most_common(2)
+        if counted and (len(counted) == 1 or counted[0][1] > counted[1][1]):
+            return counted[0][0]
+        if counted and not stats._warned:
+            stats._warned = True
+            tied = " and ".join(str(n) for n in sorted(dict(counted)))
+            warnings.warn(
+                f"block {stats.block.name!r}: its input does not tell the batch (a column of ids, or a routed "
+                f"layer's sorted tokens), the model output gives none (a loss returned by the model or a "
+                f"method), the backward reached it before any block whose input does, and these count {tied} "
+                f"examples as often: it counts its own {own}, so its S = M Σ g gᵀ may be on another scale than "
+                f"theirs. Fix: return the logits (the loss computed outside), or pass the ids batch-first, (N, R)",
+                RuntimeWarning, stacklevel=5)
+        return own
 
     def warn_sequence_first(self, model: torch.nn.Module) -> None:
         """Warn when `model` has sequence-first submodules (batch_first=False: nn.MultiheadAttention,
@@ -646,6 +694,7 @@ class StatisticsStore:
             stats.fold(batches.get(name, {}), decay)
         self.terms_per_example.clear()
         self.batch_size.clear()
+        self.head_examples.clear()
         self.kept_fraction.clear()
         self.output_checks.clear()
 

@@ -168,3 +168,90 @@ def test_a_compiled_container_is_indexed_as_the_module_it_was_compiled_from():
     assert isinstance(c[:2], nn.Sequential) and c[:2][1] is model[1]
     with pytest.raises(TypeError, match="not subscriptable: nor is the Linear"):
         gnfx.compile(nn.Linear(3, 2), optimizer="kfac", lr=0.1)[0]
+
+
+class FlatColumnClassifier(nn.Module):
+    """flair's OneHotEmbeddings in a TextClassifier: the batch's tokens looked up as one column of ids (T,),
+    padded to (N, L, d) per sentence, a linear head, a mean over the positions; `forward_loss` returns the
+    mean cross-entropy itself (a 0-dimensional output: no batch size)."""
+
+    def __init__(self, vocabulary=9, width=3, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids, lengths):
+        rows = self.embed(ids)
+        return self.head(nn.utils.rnn.pad_sequence(rows.split(lengths), batch_first=True)).mean(1)
+
+    def forward_loss(self, ids, lengths, y):
+        return F.cross_entropy(self(ids, lengths), y)
+
+
+def test_a_flat_column_of_ids_under_a_scalar_output_counts_the_examples_of_the_head():
+    """S = B Σ g gᵀ for both blocks, B the sentences the head (the block nearest the loss) counts: before, the
+    column (T,) counted T examples (S 14/4 times the Linear's; 1 example before 009e41f), for no output of the
+    method gives N."""
+    torch.manual_seed(0)
+    model = FlatColumnClassifier().to(DTYPE)
+    lengths = [3, 5, 2, 4]
+    ids, y = torch.randint(0, 9, (sum(lengths),)), torch.tensor([0, 1, 1, 0])
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, (i[0], o))) for m in (model.embed, model.head)]
+    loss = model.forward_loss(ids, lengths, y)
+    for h in hooks:
+        h.remove()
+    g_embed, g_head = torch.autograd.grad(loss, [outputs[model.embed][1], outputs[model.head][1]])
+    B = len(lengths)
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    c.forward_loss(ids, lengths, y).backward()
+    c.step()
+    embed, head = c.statistics("embed"), c.statistics("head")
+    torch.testing.assert_close(embed["S"], B * g_embed.T @ g_embed, **TOL)
+    torch.testing.assert_close(embed["A"], torch.bincount(ids, minlength=9).to(DTYPE) / ids.numel(), **TOL)
+    expected = kfac_factors([(outputs[model.head][0], g_head)], True, "expand", B)
+    torch.testing.assert_close(head["S"], expected["S"], **TOL)
+    torch.testing.assert_close(head["A"], expected["A"], **TOL)
+
+
+
+class TokenBiasClassifier(FlatColumnClassifier):
+    """A linear layer on the flat rows (T, d) before the padding (its input counts T; `mid`, if any, and the
+    head's N), and a per-token bias looked up by the column and summed per sentence after the head, so that the
+    backward reaches that column first."""
+
+    def __init__(self, mid: bool):
+        super().__init__(width=3, classes=3)
+        self.rows = nn.Linear(3, 3)
+        self.mid = nn.Linear(3, 3) if mid else nn.Identity()
+        self.token_bias = nn.Embedding(9, 3)
+
+    def forward(self, ids, lengths):
+        rows = self.rows(self.embed(ids))
+        logits = self.head(self.mid(nn.utils.rnn.pad_sequence(rows.split(lengths), batch_first=True).mean(1)))
+        return logits + nn.utils.rnn.pad_sequence(self.token_bias(ids).split(lengths), batch_first=True).sum(1)
+
+
+@pytest.mark.parametrize("mid", [True, False])
+def test_a_flat_column_reached_before_the_head_counts_what_most_blocks_count_or_its_own_on_a_tie(mid):
+    """With `mid`, two blocks count N = 4 sentences and one T = 14 rows: the column first reached counts 4, as
+    the one reached after the head; without, as many count 4 as 14: it keeps its T, warned. Before, both columns
+    counted T, silently."""
+    torch.manual_seed(0)
+    model = TokenBiasClassifier(mid).to(DTYPE)
+    lengths = [3, 5, 2, 4]
+    ids, y = torch.randint(0, 9, (sum(lengths),)), torch.tensor([0, 1, 2, 0])
+    outputs = {}
+    for name in ("embed", "token_bias"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    g = dict(zip(outputs, torch.autograd.grad(model.forward_loss(ids, lengths, y), list(outputs.values()))))
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    if mid:
+        c.forward_loss(ids, lengths, y).backward()
+    else:
+        with pytest.warns(RuntimeWarning, match=r"'token_bias'.*these count 4 and 14 examples as often: it counts "
+                                                 r"its own 14"):
+            c.forward_loss(ids, lengths, y).backward()
+    c.step()
+    for name, examples in (("embed", len(lengths)), ("token_bias", len(lengths) if mid else ids.numel())):
+        torch.testing.assert_close(c.statistics(name)["S"], examples * g[name].T @ g[name], **TOL)
