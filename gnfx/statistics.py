@@ -30,9 +30,10 @@ first block the backward reached whose input tells one: the head, whose output s
 model output (flair's TextClassifier: its decoder's 8 sentences, where the column holds their 47 tokens),
 so that its S = M Σ g gᵀ, M = N T, is on the head's scale; a column of T ≠ N ids is then not batch-first
 (above). Reached before any such block, it takes the N that most of them count, or with none or a tie
-(warned) its own. The blocks whose input tells keep their own count where they disagree with the head (a
-packed LSTM's Σ_t b_t rows, a graph network's nodes beside its graphs): nothing without the output tells
-which is the loss's N. The per-example diagonal of the empirical
+(warned) its own. An input of one example (BERT's position ids (1, T), an unbatched input) is read by
+every example: it takes the head's N too, as it would the output's. The other blocks whose input tells
+keep their own count where they disagree with the head (a packed LSTM's Σ_t b_t rows, a graph network's
+nodes beside its graphs): nothing without the output tells which is the loss's N. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 `eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):
@@ -606,11 +607,13 @@ class StatisticsStore:
     def examples_without_output(self, forward_id: int, stats: BlockStatistics, a) -> int:
         """N of forward `forward_id`, whose model output gives none, for the block `stats` at its first commit,
         `a` its first call's input (module doc): that input's N if it tells one (the first such block the
-        backward reaches sets the forward's `head_examples`), else the head's; before any, the N that most
-        blocks' staged inputs tell (none has committed: each still holds its inputs), or with none or a tie
-        (warned) the block's own count."""
+        backward reaches sets the forward's `head_examples`) and is not one example, else the head's; before
+        any, one example, or the N that most blocks' staged inputs tell for an input that cannot tell (none
+        has committed: each still holds its inputs), with none or a tie (warned) the block's own count."""
         if stats.layout.tells_examples(a):
             n = stats.layout.examples(a)
+            if n == 1:  # one example, read by every example of the head's
+                return self.head_examples.get(forward_id, n)
             self.head_examples.setdefault(forward_id, n)
             return n
         if forward_id in self.head_examples:

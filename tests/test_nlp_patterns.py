@@ -255,3 +255,35 @@ def test_a_flat_column_reached_before_the_head_counts_what_most_blocks_count_or_
     c.step()
     for name, examples in (("embed", len(lengths)), ("token_bias", len(lengths) if mid else ids.numel())):
         torch.testing.assert_close(c.statistics(name)["S"], examples * g[name].T @ g[name], **TOL)
+
+
+class PositionsClassifier(nn.Module):
+    """BERT's embeddings: token ids (N, L) and position ids (1, L), read by every example; a linear head, a
+    mean over the positions; the forward returns the mean cross-entropy (a 0-dimensional output)."""
+
+    def __init__(self, vocabulary=9, length=5, width=3, classes=2):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocabulary, width), nn.Embedding(length, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids, y):
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1])[None])
+        return F.cross_entropy(self.head(x).mean(1), y)
+
+
+def test_position_ids_of_one_row_under_a_scalar_output_count_the_examples_of_the_head():
+    """The position table's S = N Σ g gᵀ as the token table's and the head's: before, its ids (1, L) counted one
+    example (S N times too small)."""
+    torch.manual_seed(0)
+    model = PositionsClassifier().to(DTYPE)
+    ids, y = torch.randint(0, 9, (4, 5)), torch.tensor([0, 1, 1, 0])
+    outputs = {}
+    for name in ("tokens", "positions"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    g = dict(zip(outputs, torch.autograd.grad(model(ids, y), list(outputs.values()))))
+    c = compile_for_statistics(model, optimizer="kfac")
+    c(ids, y).backward()
+    c.step()
+    for name in ("tokens", "positions"):
+        rows = g[name].reshape(-1, 3)
+        torch.testing.assert_close(c.statistics(name)["S"], len(ids) * rows.T @ rows, **TOL)
