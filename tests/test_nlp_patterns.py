@@ -287,3 +287,35 @@ def test_position_ids_of_one_row_under_a_scalar_output_count_the_examples_of_the
     for name in ("tokens", "positions"):
         rows = g[name].reshape(-1, 3)
         torch.testing.assert_close(c.statistics(name)["S"], len(ids) * rows.T @ rows, **TOL)
+
+
+class CharacterClassifier(nn.Module):
+    """flair's CharacterEmbeddings: a character table called once per sentence on its words' characters
+    (words, characters), each word the mean of its characters' rows, the sentences padded to (N, L, d), a linear
+    head and a mean over the positions; `forward_loss` returns the mean cross-entropy."""
+
+    def __init__(self, alphabet=7, width=3, classes=2):
+        super().__init__()
+        self.chars = nn.Embedding(alphabet, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward_loss(self, sentences, y):
+        words = nn.utils.rnn.pad_sequence([self.chars(s).mean(1) for s in sentences], batch_first=True)
+        return F.cross_entropy(self.head(words).mean(1), y)
+
+
+def test_a_table_called_on_each_sentence_under_a_scalar_output_counts_the_examples_of_the_head():
+    """Its calls' first dimensions (each sentence's words: 4, 5, 2) tell no N: it takes the head's, S = N Σ g gᵀ
+    over every call's rows; before, the first call's 4 words."""
+    torch.manual_seed(0)
+    model = CharacterClassifier().to(DTYPE)
+    sentences = [torch.randint(0, 7, (words, 4)) for words in (4, 5, 2)]
+    y = torch.tensor([0, 1, 1])
+    outputs = []
+    model.chars.register_forward_hook(lambda m, i, o: outputs.append(o))
+    g = torch.autograd.grad(model.forward_loss(sentences, y), outputs)
+    rows = torch.cat([gi.reshape(-1, 3) for gi in g])
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    c.forward_loss(sentences, y).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("chars")["S"], len(sentences) * rows.T @ rows, **TOL)
