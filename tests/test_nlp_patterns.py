@@ -197,10 +197,9 @@ def test_a_flat_column_of_ids_under_a_scalar_output_counts_the_examples_of_the_h
     lengths = [3, 5, 2, 4]
     ids, y = torch.randint(0, 9, (sum(lengths),)), torch.tensor([0, 1, 1, 0])
     outputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, (i[0], o))) for m in (model.embed, model.head)]
+    for module in (model.embed, model.head):
+        module.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, (i[0], o)))
     loss = model.forward_loss(ids, lengths, y)
-    for h in hooks:
-        h.remove()
     g_embed, g_head = torch.autograd.grad(loss, [outputs[model.embed][1], outputs[model.head][1]])
     B = len(lengths)
     c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
