@@ -4,7 +4,7 @@ A forward hook on the submodule records its input a of each call, and a tensor h
 records the gradient g the backward sends to it (to the first of a tuple it returns, bayesian-torch's layers'
 (out, kl); none for a call under torch.no_grad), so that a probe forms A and S from (a, g) itself, with
 nothing gnfx computed (benchmarks.diffusers_probe, medseg_probe, pyg_probe, and the eleventh round's probes);
-`linear_factors` forms them for a linear layer.
+`linear_factors` forms them for a linear layer, `embedding_factors` for an embedding.
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from gnfx.layouts.base import padded_blocks
 
 
 @contextlib.contextmanager
-def hooked_calls(model: nn.Module, names: list[str]):
+def hooked_calls(model: nn.Module, names: list[str], direct: bool = False):
     """While inside: each call of the submodules `names` of `model` appends [a, g] to its list (g None until
-    the backward reaches that call's output); yields {name: [[a, g], ...]}. The hooks are removed on exit."""
-    modules = dict(model.named_modules())
+    the backward reaches that call's output); yields {name: [[a, g], ...]}. The hooks are removed on exit.
+    `direct`: the calls `module.forward(x)` too, which bypass module hooks (flair's one-hot embeddings): each
+    module's forward is wrapped instead of hooked."""
     calls, handles = {name: [] for name in names}, []
     for name in names:
         def hook(_, inputs, output, records=calls[name]):
@@ -31,12 +32,30 @@ def hooked_calls(model: nn.Module, names: list[str]):
             if output.requires_grad:  # a call under torch.no_grad (GradCache's first pass, a reversible layer's
                 # forward) is never reached: no g, no rows
                 output.register_hook(lambda g: record.__setitem__(1, g.detach()))
-        handles.append(modules[name].register_forward_hook(hook))
+        module = model.get_submodule(name)
+        handles.append(_WrappedForward(module, hook) if direct else module.register_forward_hook(hook))
     try:
         yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _WrappedForward:
+    """`module.forward` replaced by the forward followed by `hook(module, args, output)`, as a forward hook
+    would be called, until `remove()`."""
+
+    def __init__(self, module: nn.Module, hook):
+        self.module, plain = module, module.forward
+
+        def forward(*args, **kwargs):
+            output = plain(*args, **kwargs)
+            hook(module, args, output)
+            return output
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward
 
 
 def linear_factors(records, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +67,15 @@ def linear_factors(records, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in reached])
     a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
     return a.T @ a / len(a), g.T @ g
+
+
+def embedding_factors(records, num_embeddings: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC's diagonal A of an embedding, the frequencies of the ids of each hooked call the backward reached
+    (a vector of `num_embeddings`), and Σ g gᵀ over their output gradients' rows, as `linear_factors`."""
+    reached = [(a, g) for a, g in records if g is not None]
+    ids = torch.cat([a.flatten() for a, _ in reached])
+    g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in reached])
+    return torch.bincount(ids, minlength=num_embeddings).to(g.dtype) / len(ids), g.T @ g
 
 
 def linear_factor_gap(c, calls, m) -> str:

@@ -39,8 +39,9 @@ Optimizers: "kfac" at its defaults (no loss=: none of these losses is one gnfx m
 flair's ModelTrainer) and for reference torch.optim.AdamW at lr 1e-3 ("adamw"). Per run: the capture's form, the
 share of the trainable parameters in curvature blocks, exactness (the kfac_lr runs, float64: the compiled
 model beside a second build from the same seed over 3 steps, benchmarks.lockstep, the largest |difference| of
-the loss and of any gradient; and the first step's K-FAC A and S of every nn.Linear block against forward and
-gradient hooks on every call, benchmarks.hooked_calls: A's largest gap relative to its largest entry, and m,
+the loss and of any gradient; and the first step's K-FAC A and S of every nn.Linear and nn.Embedding block (but
+an embedding read by every example, BERT's positions) against forward and gradient hooks on every call, flair's
+`embedding_layer.forward(ids)` included, benchmarks.hooked_calls: A's largest gap relative to its largest entry, and m,
 the factor S = m Σ g gᵀ by which gnfx's S is the hooks' Σ g gᵀ, fitted over the blocks, with the largest
 relative gap of that fit), the losses, gnfx's warnings (once each) and the parameters outside the blocks,
 the seconds; or the error. None of these libraries is a dependency of gnfx. The results:
@@ -56,7 +57,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gnfx
 from benchmarks.child_rows import capture_cells, cell, gnfx_warnings, library, one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls, linear_factors
+from benchmarks.hooked_calls import embedding_factors, hooked_calls, linear_factors
 from benchmarks.lockstep import float64_gaps
 
 BATCH, WORDS, TAGS, VOCAB = 8, 9, 4, 40
@@ -205,7 +206,8 @@ def settings(name: str, optimizer: str) -> tuple[str, dict]:
 
 
 def factor_gaps(name: str, hparams: dict) -> str:
-    """The first step's A and S of the nn.Linear blocks against hooks (module doc), in the current dtype."""
+    """The first step's A and S of the nn.Linear and nn.Embedding blocks against hooks (module doc), in the
+    current dtype: 'L linear, E embedding: A gap; S = m Σggᵀ (gap)', m fitted over all of them."""
     dtype = torch.get_default_dtype()  # (a saved BERT loads in the dtype it was saved in)
     torch.manual_seed(0)
     model = build(name).to(dtype)
@@ -213,17 +215,24 @@ def factor_gaps(name: str, hparams: dict) -> str:
     reference = build(name).to(dtype)  # a second build: flair's DocumentRNNEmbeddings cannot be deep-copied
     batch, loss_of = problem(name, model, torch.get_default_dtype())
     c = gnfx.compile(model, "kfac", stat_decay=0.0, stat_every=1, **hparams)
-    linears = [n for n, mod in reference.named_modules() if type(mod) is nn.Linear]
-    with hooked_calls(reference, linears) as calls:
+    torch.manual_seed(7)
+    loss_of(c, batch).backward()  # (c.layers after the first call; their names, which may be another path to a
+    # module flair registers twice, found in the second build)
+    modules = dict(reference.named_modules(remove_duplicate=False))
+    blocks = {b.name: modules[b.name] for b in c.layers if type(modules.get(b.name)) in (nn.Linear, nn.Embedding)}
+    with hooked_calls(reference, list(blocks), direct=True) as calls:  # (flair: `embedding_layer.forward(ids)`)
         torch.manual_seed(7)
         loss_of(reference, batch).backward()
-    torch.manual_seed(7)
-    loss_of(c, batch).backward()
     c.step()
     pairs, a_gap = [], 0.0
-    reached = [b.name for b in c.layers if b.kind == "linear" and any(g is not None for _, g in calls.get(b.name, []))]
+    # (an embedding read by every example, BERT's position ids (1, T), is left out: gnfx takes its rows per
+    # example, the gradient at the rows of the sum it is broadcast into; a hook sees their sum over the batch)
+    reached = [n for n in blocks if any(g is not None for _, g in calls[n])
+               and not (type(blocks[n]) is nn.Embedding and any(a.dim() > 1 and len(a) == 1 for a, _ in calls[n]))]
     for block in reached:  # (a pooler whose output the loss does not read is no row)
-        A, gg = linear_factors(calls[block], c.layers[block].bias is not None)
+        module = blocks[block]
+        A, gg = (linear_factors(calls[block], c.layers[block].bias is not None) if type(module) is nn.Linear
+                 else embedding_factors(calls[block], module.num_embeddings))
         stats = c.statistics(block)
         a_gap = max(a_gap, ((stats["A"] - A).abs().max() / A.abs().max()).item())
         pairs.append((stats["S"], gg))
@@ -231,7 +240,9 @@ def factor_gaps(name: str, hparams: dict) -> str:
         return "no linear block"
     m = sum((s * gg).sum() for s, gg in pairs) / sum((gg * gg).sum() for _, gg in pairs)
     s_gap = max(((s - m * gg).abs().max() / s.abs().max()).item() for s, gg in pairs)
-    return f"{len(pairs)} linear: A {a_gap:.0e}; S = {m.item():.4g} Σggᵀ ({s_gap:.0e})"
+    embeddings = sum(type(blocks[n]) is nn.Embedding for n in reached)
+    kinds = f"{len(pairs) - embeddings} linear" + (f", {embeddings} embedding" if embeddings else "")
+    return f"{kinds}: A {a_gap:.0e}; S = {m.item():.4g} Σggᵀ ({s_gap:.0e})"
 
 
 def exactness(name: str, kind: str, hparams: dict) -> str:

@@ -57,7 +57,7 @@ from torch import nn
 
 import gnfx
 from benchmarks.child_rows import library, one_batch_row, probe_main
-from benchmarks.hooked_calls import hooked_calls, linear_factors
+from benchmarks.hooked_calls import embedding_factors, hooked_calls, linear_factors
 from benchmarks.lockstep import lockstep_gaps
 
 BATCH = 64
@@ -249,11 +249,7 @@ def _hooked_factor_gaps(c, reference: nn.Module, loss_of) -> str:
         if isinstance(modules[n], nn.Linear):
             A, gg = linear_factors(records[n], modules[n].bias is not None)
         else:
-            reached = [(a, g) for a, g in records[n] if g is not None]
-            ids = torch.cat([a.flatten() for a, _ in reached])
-            A = torch.bincount(ids, minlength=modules[n].num_embeddings).to(torch.get_default_dtype()) / len(ids)
-            g = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in reached])
-            gg = g.T @ g
+            A, gg = embedding_factors(records[n], modules[n].num_embeddings)
         got = c.statistics(n)
         M = (got["S"].trace() / gg.trace()).item()
         rows.add(f"{M:.4g}")

@@ -21,7 +21,21 @@ the backward tap of the same call commits it, so a forward that is never backpro
 nor does a call whose output no backward reaches (DoRA's `lora_A(eye)`, used without its gradient). A layer whose
 input is not batch-first (a positional embedding indexed by positions alone, the (T·N, d) rows
 inside torch's attention) has no per-example statistics: it warns once, uses "expand", and takes
-its per-example diagonal from the whole batch's gradient, as if the batch were one example. The per-example diagonal of the empirical
+its per-example diagonal from the whole batch's gradient, as if the batch were one example.
+Where the model output gives no N (a 0-dimensional loss returned by the model or by a method of
+gnfx.compile(methods=...)), a block counts N by its inputs, except one whose inputs cannot tell
+(`BlockStatistics.told_examples`): a column of ids (T,), N examples of one id or the T ids of fewer
+examples looked up flat (flair's OneHotEmbeddings; `Layout.tells_examples`), a routed layout's sorted
+tokens, and calls of different first dimensions (flair's character embeddings, called on each sentence's
+words). It takes the N of the first block the backward reached whose inputs tell one: the head, whose
+output stands for the missing model output (flair's TextClassifier: its decoder's 8 sentences, where the
+column holds their 47 tokens), so that its S = M Σ g gᵀ, M = N T, is on the head's scale; inputs whose
+first dimension is not N are then not batch-first (above). Reached before any such block, it takes the N
+that most of them count, or with none or a tie (warned) its own. Inputs of one example (BERT's position
+ids (1, T), an unbatched input) are read by every example: they take the head's N too, as they would the
+output's. The other blocks keep their own count where they disagree with the head (a packed LSTM's
+Σ_t b_t rows, a graph network's nodes beside its graphs): nothing without the output tells which is the
+loss's N. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 `eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):
@@ -70,6 +84,7 @@ warning.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 
@@ -231,12 +246,15 @@ class BlockStatistics:
                     self._add_A(chunk.mean(1) if reduce else chunk.flatten(0, 1))
 
     def _count_examples(self, forward_id: int, staged: list) -> None:
-        """N of a forward (the model output's first dimension; a routed layout's rows are sorted tokens), and
+        """N of a forward (the model output's first dimension; where the output has none, module doc), and
         whether its inputs are batch-first: an input whose first dimension is not N has no per-example rows."""
+        n = self.store.batch_size.get(forward_id)
+        if n is None:
+            own = 1 if self.routed else self.layout.examples(staged[0][0])
+            n = self.store.examples_without_output(forward_id, self, own)
         if self.routed:
-            self._examples[forward_id] = self.store.batch_size.get(forward_id, 1)
+            self._examples[forward_id] = n
             return
-        n = self.store.batch_size.get(forward_id, self.layout.examples(staged[0][0]))
         folded = [self.layout.examples(a) for a, _, _ in staged if self.layout.examples(a) != n]
         if folded and self.per_example:
             self._whole_batch.add(forward_id)
@@ -244,11 +262,20 @@ class BlockStatistics:
                 self._warned = True
                 warnings.warn(
                     f"block {self.block.name!r}: its input's first dimension ({folded[0]}) is not the batch "
-                    f"({n} examples, the first dimension of the model output), so per-example statistics "
-                    f"cannot be formed: this block uses kfac_approx='expand' and takes its per-example "
+                    f"({n} examples, the first dimension of the model output, or of the head's input where "
+                    f"the output has none), so per-example statistics cannot be formed: this block uses "
+                    f"kfac_approx='expand' and takes its per-example "
                     f"diagonal from the whole batch's gradient, as if the batch were one example",
                     RuntimeWarning, stacklevel=3)
         self._examples[forward_id] = n
+
+    def told_examples(self, forward_id: int) -> int | None:
+        """N that the layer inputs staged by forward `forward_id` tell (`Layout.tells_examples`), every call's
+        alike; None where one cannot tell or two calls differ (a layer called on each sentence's words:
+        flair's character embeddings)."""
+        staged = self._staged.get(forward_id, ())
+        told = {self.layout.examples(a) if self.layout.tells_examples(a) else None for a, _, _ in staged}
+        return told.pop() if len(told) == 1 else None
 
     def _add_A(self, rows: torch.Tensor, group: int | None = None) -> None:
         """Σ a aᵀ (and Σ a with a bias) over the rows a (P, d) or (P, groups, d), or the rows (P, d) of
@@ -543,6 +570,9 @@ class StatisticsStore:
         self.forward_id = 0
         self.terms_per_example: dict[int, int] = {}  # forward id -> loss terms T per example
         self.batch_size: dict[int, int] = {}  # forward id -> examples N (the model output's first dim)
+        # forward id -> N of the first block the backward reached whose input tells it, where the forward's
+        # output gives none (examples_without_output)
+        self.head_examples: dict[int, int] = {}
         self.kept_fraction: dict[int, float] = {}  # forward id -> share of output rows the loss counts
         # (loss, z, gradient at z, dense) of the checks the backward left to the step (gnfx.output_watch)
         self.output_checks: list[tuple] = []
@@ -584,6 +614,34 @@ class StatisticsStore:
         BlockStatistics.discard_backwards)."""
         for stats in self.blocks.values():
             stats.discard_backwards()
+
+    def examples_without_output(self, forward_id: int, stats: BlockStatistics, own: int) -> int:
+        """N of forward `forward_id`, whose model output gives none, for the block `stats` at its first commit
+        (module doc), `own` the N of its first call's input: the N its inputs tell (`told_examples`; the
+        first such block the backward reaches sets the forward's `head_examples`) if not one example, else
+        the head's; before any, one example, or for inputs that cannot tell the N that most blocks' staged
+        inputs tell (none has committed: each still holds its inputs), with none or a tie (warned) `own`."""
+        n = stats.told_examples(forward_id)
+        if n is not None and n != 1:
+            self.head_examples.setdefault(forward_id, n)
+            return n
+        if forward_id in self.head_examples or n == 1:  # (one example: read by every example of the head's)
+            return self.head_examples.get(forward_id, 1)
+        counted = Counter(n for n in (other.told_examples(forward_id) for other in self.blocks.values())
+                          if n is not None).most_common(2)
+        if counted and (len(counted) == 1 or counted[0][1] > counted[1][1]):
+            return counted[0][0]
+        if counted and not stats._warned:
+            stats._warned = True
+            tied = " and ".join(str(n) for n in sorted(dict(counted)))
+            warnings.warn(
+                f"block {stats.block.name!r}: its inputs do not tell the batch (a column of ids, a routed layer's "
+                f"sorted tokens, or calls of different first dimensions), the model output gives none (a loss "
+                f"returned by the model or a method), the backward reached it before any block whose inputs do, "
+                f"and these count {tied} examples as often: it counts its own {own}, so its S = M Σ g gᵀ may be "
+                f"on another scale than theirs. Fix: return the logits (the loss computed outside), or pass the "
+                f"ids batch-first, (N, R)", RuntimeWarning, stacklevel=5)
+        return own
 
     def warn_sequence_first(self, model: torch.nn.Module) -> None:
         """Warn when `model` has sequence-first submodules (batch_first=False: nn.MultiheadAttention,
@@ -646,6 +704,7 @@ class StatisticsStore:
             stats.fold(batches.get(name, {}), decay)
         self.terms_per_example.clear()
         self.batch_size.clear()
+        self.head_examples.clear()
         self.kept_fraction.clear()
         self.output_checks.clear()
 

@@ -168,3 +168,153 @@ def test_a_compiled_container_is_indexed_as_the_module_it_was_compiled_from():
     assert isinstance(c[:2], nn.Sequential) and c[:2][1] is model[1]
     with pytest.raises(TypeError, match="not subscriptable: nor is the Linear"):
         gnfx.compile(nn.Linear(3, 2), optimizer="kfac", lr=0.1)[0]
+
+
+class FlatColumnClassifier(nn.Module):
+    """flair's OneHotEmbeddings in a TextClassifier: the batch's tokens looked up as one column of ids (T,),
+    padded to (N, L, d) per sentence, a linear head, a mean over the positions; `forward_loss` returns the
+    mean cross-entropy itself (a 0-dimensional output: no batch size)."""
+
+    def __init__(self, vocabulary=9, width=3, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids, lengths):
+        rows = self.embed(ids)
+        return self.head(nn.utils.rnn.pad_sequence(rows.split(lengths), batch_first=True)).mean(1)
+
+    def forward_loss(self, ids, lengths, y):
+        return F.cross_entropy(self(ids, lengths), y)
+
+
+def test_a_flat_column_of_ids_under_a_scalar_output_counts_the_examples_of_the_head():
+    """S = B Σ g gᵀ for both blocks, B the sentences the head (the block nearest the loss) counts: before, the
+    column (T,) counted T examples (S 14/4 times the Linear's; 1 example before 009e41f), for no output of the
+    method gives N."""
+    torch.manual_seed(0)
+    model = FlatColumnClassifier().to(DTYPE)
+    lengths = [3, 5, 2, 4]
+    ids, y = torch.randint(0, 9, (sum(lengths),)), torch.tensor([0, 1, 1, 0])
+    outputs = {}
+    for module in (model.embed, model.head):
+        module.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, (i[0], o)))
+    loss = model.forward_loss(ids, lengths, y)
+    g_embed, g_head = torch.autograd.grad(loss, [outputs[model.embed][1], outputs[model.head][1]])
+    B = len(lengths)
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    c.forward_loss(ids, lengths, y).backward()
+    c.step()
+    embed, head = c.statistics("embed"), c.statistics("head")
+    torch.testing.assert_close(embed["S"], B * g_embed.T @ g_embed, **TOL)
+    torch.testing.assert_close(embed["A"], torch.bincount(ids, minlength=9).to(DTYPE) / ids.numel(), **TOL)
+    expected = kfac_factors([(outputs[model.head][0], g_head)], True, "expand", B)
+    torch.testing.assert_close(head["S"], expected["S"], **TOL)
+    torch.testing.assert_close(head["A"], expected["A"], **TOL)
+
+
+
+class TokenBiasClassifier(FlatColumnClassifier):
+    """A linear layer on the flat rows (T, d) before the padding (its input counts T; `mid`, if any, and the
+    head's N), and a per-token bias looked up by the column and summed per sentence after the head, so that the
+    backward reaches that column first."""
+
+    def __init__(self, mid: bool):
+        super().__init__(width=3, classes=3)
+        self.rows = nn.Linear(3, 3)
+        self.mid = nn.Linear(3, 3) if mid else nn.Identity()
+        self.token_bias = nn.Embedding(9, 3)
+
+    def forward(self, ids, lengths):
+        rows = self.rows(self.embed(ids))
+        logits = self.head(self.mid(nn.utils.rnn.pad_sequence(rows.split(lengths), batch_first=True).mean(1)))
+        return logits + nn.utils.rnn.pad_sequence(self.token_bias(ids).split(lengths), batch_first=True).sum(1)
+
+
+@pytest.mark.parametrize("mid", [True, False])
+def test_a_flat_column_reached_before_the_head_counts_what_most_blocks_count_or_its_own_on_a_tie(mid):
+    """With `mid`, two blocks count N = 4 sentences and one T = 14 rows: the column first reached counts 4, as
+    the one reached after the head; without, as many count 4 as 14: it keeps its T, warned. Before, both columns
+    counted T, silently."""
+    torch.manual_seed(0)
+    model = TokenBiasClassifier(mid).to(DTYPE)
+    lengths = [3, 5, 2, 4]
+    ids, y = torch.randint(0, 9, (sum(lengths),)), torch.tensor([0, 1, 2, 0])
+    outputs = {}
+    for name in ("embed", "token_bias"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    g = dict(zip(outputs, torch.autograd.grad(model.forward_loss(ids, lengths, y), list(outputs.values()))))
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    if mid:
+        c.forward_loss(ids, lengths, y).backward()
+    else:
+        with pytest.warns(RuntimeWarning, match=r"'token_bias'.*these count 4 and 14 examples as often: it counts "
+                                                 r"its own 14"):
+            c.forward_loss(ids, lengths, y).backward()
+    c.step()
+    for name, examples in (("embed", len(lengths)), ("token_bias", len(lengths) if mid else ids.numel())):
+        torch.testing.assert_close(c.statistics(name)["S"], examples * g[name].T @ g[name], **TOL)
+
+
+class PositionsClassifier(nn.Module):
+    """BERT's embeddings: token ids (N, L) and position ids (1, L), read by every example; a linear head, a
+    mean over the positions; the forward returns the mean cross-entropy (a 0-dimensional output)."""
+
+    def __init__(self, vocabulary=9, length=5, width=3, classes=2):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocabulary, width), nn.Embedding(length, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids, y):
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1])[None])
+        return F.cross_entropy(self.head(x).mean(1), y)
+
+
+def test_position_ids_of_one_row_under_a_scalar_output_count_the_examples_of_the_head():
+    """The position table's S = N Σ g gᵀ as the token table's and the head's: before, its ids (1, L) counted one
+    example (S N times too small)."""
+    torch.manual_seed(0)
+    model = PositionsClassifier().to(DTYPE)
+    ids, y = torch.randint(0, 9, (4, 5)), torch.tensor([0, 1, 1, 0])
+    outputs = {}
+    for name in ("tokens", "positions"):
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+    g = dict(zip(outputs, torch.autograd.grad(model(ids, y), list(outputs.values()))))
+    c = compile_for_statistics(model, optimizer="kfac")
+    c(ids, y).backward()
+    c.step()
+    for name in ("tokens", "positions"):
+        rows = g[name].reshape(-1, 3)
+        torch.testing.assert_close(c.statistics(name)["S"], len(ids) * rows.T @ rows, **TOL)
+
+
+class CharacterClassifier(nn.Module):
+    """flair's CharacterEmbeddings: a character table called once per sentence on its words' characters
+    (words, characters), each word the mean of its characters' rows, the sentences padded to (N, L, d), a linear
+    head and a mean over the positions; `forward_loss` returns the mean cross-entropy."""
+
+    def __init__(self, alphabet=7, width=3, classes=2):
+        super().__init__()
+        self.chars = nn.Embedding(alphabet, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward_loss(self, sentences, y):
+        words = nn.utils.rnn.pad_sequence([self.chars(s).mean(1) for s in sentences], batch_first=True)
+        return F.cross_entropy(self.head(words).mean(1), y)
+
+
+def test_a_table_called_on_each_sentence_under_a_scalar_output_counts_the_examples_of_the_head():
+    """Its calls' first dimensions (each sentence's words: 4, 5, 2) tell no N: it takes the head's, S = N Σ g gᵀ
+    over every call's rows; before, the first call's 4 words."""
+    torch.manual_seed(0)
+    model = CharacterClassifier().to(DTYPE)
+    sentences = [torch.randint(0, 7, (words, 4)) for words in (4, 5, 2)]
+    y = torch.tensor([0, 1, 1])
+    outputs = []
+    model.chars.register_forward_hook(lambda m, i, o: outputs.append(o))
+    g = torch.autograd.grad(model.forward_loss(sentences, y), outputs)
+    rows = torch.cat([gi.reshape(-1, 3) for gi in g])
+    c = compile_for_statistics(model, optimizer="kfac", methods=["forward_loss"])
+    c.forward_loss(sentences, y).backward()
+    c.step()
+    torch.testing.assert_close(c.statistics("chars")["S"], len(sentences) * rows.T @ rows, **TOL)

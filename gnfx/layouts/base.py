@@ -76,6 +76,11 @@ class Layout:
         """N: the examples in a layer input (its first dimension; 1 for an unbatched input)."""
         return a.shape[0] if a.dim() > 1 else 1
 
+    def tells_examples(self, a) -> bool:
+        """Whether the input `a` tells N by `examples` where the model output gives none (gnfx.statistics):
+        every input but a column of ids (gnfx.layouts.embedding) and a routed layout's sorted tokens."""
+        return not self.routed
+
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The output gradient as (N, R, d_out) rows."""
         return position_rows(g)

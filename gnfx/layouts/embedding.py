@@ -10,7 +10,10 @@ benchmarks/results/defaults.md, "Position lookups weighted by energy".
 Ids (N, R, ...) are N examples of R ids; a column of ids (N,) (a recommender's `emb(x[:, j])`) is N
 examples of one id. Ids (T,) whose length is not the batch (a position table read by `arange(T)`)
 are no examples of the batch: the statistics take them, and their output gradient, as one example
-(gnfx.statistics). The gradient and the per-example squares never form a per-example table (N x d x V):
+(gnfx.statistics). Where the model output gives no N (a method returning the loss), a column (T,) cannot
+tell N examples of one id from the T ids of fewer examples looked up flat (flair's OneHotEmbeddings: the
+batch's tokens in one column): it takes the N of the block nearest the loss (gnfx.statistics). The gradient
+and the per-example squares never form a per-example table (N x d x V):
 they add the output gradients of each (example, id) pair, O(N R d) beside the V x d result.
 """
 from __future__ import annotations
@@ -29,6 +32,10 @@ class EmbeddingLayout(Layout):
     def examples(idx: torch.Tensor) -> int:
         """N: the first dimension of the ids (1 for a single id)."""
         return idx.shape[0] if idx.dim() > 0 else 1
+
+    def tells_examples(self, idx: torch.Tensor) -> bool:
+        """A column of ids (N,) does not tell N (module doc)."""
+        return idx.dim() > 1
 
     def input_chunks(self, idx: torch.Tensor):
         """Token ids as (N, R) chunks (one chunk; one-hot rows are never materialized)."""
