@@ -37,7 +37,7 @@ def test_harness_writes_json_markdown_and_plots(tmp_path):
     entries = run(TINY, list(TASKS), optimizers, tmp_path)
 
     record = json.loads((tmp_path / "tiny.json").read_text())
-    assert record["mode"] == "tiny" and record["threads"] == 2
+    assert record["mode"] == "tiny" and record["threads"] == 2 and record["clock"] == "wall"
     assert {(e["task"], e["optimizer"]) for e in record["results"]} == {(t, o) for t in TASKS for o in optimizers}
     for entry in entries:
         best = entry["best"]
@@ -51,6 +51,15 @@ def test_harness_writes_json_markdown_and_plots(tmp_path):
     table = (tmp_path / "tiny.md").read_text()
     assert all(f"## {task}" in table for task in TASKS)
     assert all((tmp_path / f"tiny_{task}.png").stat().st_size > 0 for task in TASKS)
+
+
+def test_harness_counts_cpu_seconds_when_asked(tmp_path):
+    """--cpu-time: the record says so, and so does the table (a shared machine's figures)."""
+    run(TINY, ["digits_mlp"], ["adamw", "gnfx_kfac_defaults"], tmp_path, threads=1, cpu_time=True)
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert record["clock"] == "cpu" and record["threads"] == 1
+    assert {e["optimizer"] for e in record["results"]} == {"adamw", "gnfx_kfac_defaults"}
+    assert "CPU seconds of the training thread" in (tmp_path / "tiny.md").read_text()
 
 
 def test_unavailable_optimizers_are_skipped_with_their_reason():
