@@ -53,14 +53,14 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                 products.append(torch.zeros_like(z))
                 continue
             h = scale / length
-            products.append((f(torch._foreach_add(list(primals), list(tangents), alpha=h)) - z) / h)
+            # θ + (h v), the product rounded before the sum (as p + h * t), for every tensor in two operations
+            products.append((f(torch._foreach_add(list(primals), torch._foreach_mul(list(tangents), h))) - z) / h)
     return z, torch.stack(products)
 
 
 def _norms(rows: Sequence[Sequence[torch.Tensor]]) -> list[float]:
-    """‖(t_1, ..., t_n)‖ of each row of tensors, the Euclidean norm of the row as one vector: every tensor's
-    norm in one foreach operation (in its dtype; each at least float32), the rows' in float64, read in one
-    transfer."""
-    tensors = [t if t.dtype.itemsize >= 4 else t.float() for row in rows for t in row]  # (under no_grad)
-    norms = torch.stack(torch._foreach_norm(tensors)).double()
+    """‖(t_1, ..., t_n)‖ of each row of tensors, the Euclidean norm of the row as one vector, in float64: every
+    tensor's norm in one foreach operation (accumulated in float64, without a float64 copy of the tensor), then
+    the rows', read in one transfer."""
+    norms = torch.stack(torch._foreach_norm([t for row in rows for t in row], 2, dtype=torch.float64))
     return [float(n) for n in torch.stack([part.norm() for part in norms.split([len(row) for row in rows])]).tolist()]
