@@ -39,7 +39,7 @@ from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, che
 from gnfx.passes.grad_modes import grad_modes_recorded
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffers, changed_value,
-                                          changes_recorded, held_values, side_effect, stored_tensors)
+                                          changes_recorded, held_values, side_effect, stored_proxies)
 from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
 from gnfx.passes.list_writes import ListWrites
 from gnfx.passes.state_writes import StateReadBeforeWrite, StoredStates, StoreRefused
@@ -144,7 +144,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         if self.states is not None:  # the tensors it stores, tried in the graph (passes/state_writes.py)
             held = {k: v for k, v in held.items() if k not in self.states.names(m)}
         if change is None and (change := changed_value(m, held)) is not None and self.states is not None:
-            change = None if self.states.may_store(m, stored_tensors(m, held)) else change
+            change = None if self.states.may_store(m, stored_proxies(m, held)) else change
         if change is not None:
             raise side_effect(m, path, change)
         if changed := changed_buffers(m, before[1]):
@@ -391,7 +391,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                 with kept_state() as drew, states.absent(tracer):  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
                     tracer._note_changes(model, "", before)
-                    if states.watch(states.traced_stores(model, tracer)):  # traced again, those written by nodes
+                    if states.watch(states.stores(model, tracer)):  # traced again, those written by nodes
                         continue
                     if tracer.buffer_changes:  # traced again, every buffer changed in place proxied
                         for path, change in tracer.buffer_changes.items():
@@ -537,7 +537,7 @@ class _ExportView(nn.Module):
             tensors = _tensors_in(out, {}, set())
             self._gnfx_template.value = (out, list(tensors))
             out = tuple(tensors.values())
-        return self._gnfx_states.exported(out)
+        return self._gnfx_states.exported(self._gnfx_model, out)
 
     def _gnfx_rebuild(self, _module, _inputs, flat):
         """The model's output with the exported tensors `flat` in place of the traced ones."""
@@ -594,11 +594,15 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
               default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
               attributes_kept(model), generators_kept(model), changes_recorded(model, states.names) as changes,
               tensor_hooks_registered() as hooks, states.absent()):
-            ep = first = failure = stored = None
+            ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
                     ep = exported()
                 except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+                    if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: exported
+                        states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                        changes.clear()
+                        continue
                     refusal = refused_branch(exc)
                     wanted = {created[s] for s in refusal[2] if s in created} if refusal else set()
                     if refusal is None or ran and wanted <= lines:  # no branch to specialize, or no new one
@@ -612,11 +616,9 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                         values.update(example_values(model, args, kwargs))
                         ran = True
                     lines |= wanted
-                if ep is not None and changes and states.watch([(m, names) for m, _, _, names in changes]):
-                    stored, ep = changes[0][:3], None  # exported again, the stored tensors written by the graph
+                if ep is not None and states.watch(states.found):  # exported again, the stores written by nodes
+                    ep = None
                     changes.clear()
-            if stored is not None and failure is not None and _raised_from(failure, StoreRefused) is not None:
-                raise side_effect(*stored)
             if failure is not None and first is None:
                 raise failure
             if failure is not None:
@@ -624,7 +626,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                            f"{describe_exception(failure)}")
                 raise first
             if changes:  # passes/module_attributes.py
-                raise side_effect(*changes[0][:3])
+                raise side_effect(*changes[0])
             if hooks:  # passes/tensor_hooks.py
                 raise dropped_hook(hooks)
             draws = drew()

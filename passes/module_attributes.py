@@ -42,7 +42,7 @@ passes/opaque_children.py), and an export during which a module's forward change
 list or dict that the traced forward writes before anything reads it (scratch space of the call, read back by the
 model: MONAI DynUNet's `heads`) carries nothing to the next call: torch.fx writes it in the graph instead
 (passes/list_writes.py). So does a tensor attribute that no forward reads before the call stores it (RecurrentGemma's
-recurrent state, set to zeros by its model's forward first: `stored_tensors`, passes/state_writes.py).
+recurrent state, set to zeros by its model's forward first: passes/state_writes.py).
 
 A buffer changed in place by Python code that reads no input (performer-pytorch's ProjectionUpdater counts its
 calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the same side effect under torch.fx,
@@ -204,14 +204,13 @@ def _changed(before: dict[str, object], now: dict[str, object]) -> list[str]:
     return [k for k, v in before.items() if k in now and not _same(v, now[k]) or k not in now and "[" in k]
 
 
-def stored_tensors(module: nn.Module, before: dict[str, object]) -> list[str]:
-    """The names of the module's own attributes (not dict or list entries) that held a tensor in `before`
-    (`held_values(module)` then) and now hold another tensor (a Proxy under torch.fx): the states its forward stored
-    (module doc); none where another of its values changed (passes/state_writes.py writes only these)."""
+def stored_proxies(module: nn.Module, before: dict[str, object]) -> list[str]:
+    """Under torch.fx: the names of the module's own attributes (not dict or list entries) that held a tensor in
+    `before` (`held_values(module)` then) and now hold a traced value: the states its traced forward stored (module
+    doc); none where another of its values changed (passes/state_writes.py writes only these)."""
     now = _attributes(module)
     changed = _changed(before, now)
-    stored = [k for k in changed if "[" not in k and isinstance(before[k], torch.Tensor)
-              and isinstance(now[k], (torch.Tensor, fx.Proxy))]
+    stored = [k for k in changed if "[" not in k and isinstance(before[k], torch.Tensor) and isinstance(now[k], fx.Proxy)]
     return stored if len(stored) == len(changed) else []
 
 
@@ -254,8 +253,8 @@ def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
 @contextlib.contextmanager
 def changes_recorded(model: nn.Module, ignored=lambda module: ()):
     """While inside, each forward call of `model`'s modules that changes one of the module's own values (but those
-    named `ignored(module)`) appends (module, path, change, the names of the tensors it stored: `stored_tensors`) to
-    the list yielded (hooks, removed on exit)."""
+    named `ignored(module)`: passes/state_writes.py) appends (module, path, change) to the list yielded (hooks,
+    removed on exit)."""
     changes, handles = [], []
     entered: dict[int, list] = {}  # a module's values at each call it is inside of (a recursive call nests)
 
@@ -264,10 +263,9 @@ def changes_recorded(model: nn.Module, ignored=lambda module: ()):
         entered.setdefault(id(m), []).append({k: v for k, v in held_values(m).items() if k not in skipped})
 
     def after(m, _, __, path):
-        held = entered[id(m)].pop()
-        change = changed_value(m, held)
+        change = changed_value(m, entered[id(m)].pop())
         if change is not None:
-            changes.append((m, path, change, stored_tensors(m, held)))
+            changes.append((m, path, change))
     for path, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(before))
         handles.append(module.register_forward_hook(lambda m, a, o, path=path: after(m, a, o, path), always_call=True))

@@ -9,7 +9,7 @@ torch.export refused the model and it ran eagerly (74.2% of its parameters in bl
 
 Under torch.fx it was worse: the model's zeros were a Proxy, which `held_values` does not hold, so the block's store
 over it was no change at all, and the graph captured never stored h_T (after a compiled call the attribute held
-what it held before). Every attribute a trace leaves holding one of its Proxies is now a store too (`traced_stores`).
+what it held before). Every attribute a capture leaves holding a value it computed is now a store too (`stores`).
 
 The capture is retried with each stored attribute absent from its module (`StoredStates.absent`): a forward that
 reads it before a forward of the same call writes it raises `StateReadBeforeWrite` (a `hasattr` or `getattr` with a
@@ -37,15 +37,15 @@ Key = tuple[int, str]  # (id of the module, attribute name)
 
 
 class StoreRefused(ForwardSideEffect):
-    """A stored tensor the capture cannot write in the graph (module doc)."""
-
-
-class StateReadBeforeWrite(StoreRefused):
-    """A captured forward read the attribute `key` of a module before a forward of the same call wrote it."""
+    """The attribute `key` of a module, stored by a captured forward, cannot be written in the graph (module doc)."""
 
     def __init__(self, key: Key, message: str):
         super().__init__(message)
         self.key = key
+
+
+class StateReadBeforeWrite(StoreRefused):
+    """A captured forward read the attribute `key` of a module before a forward of the same call wrote it."""
 
 
 class AttributeWrite:
@@ -80,10 +80,10 @@ class StoredStates:
         return {name for (i, name) in self.watched if i == id(module)}
 
     def watch(self, stores: list[tuple[nn.Module, list[str]]]) -> bool:
-        """Watch each attribute of `stores` ((module, names) of the tensors its forward stored); False (watching none)
-        where one was refused: the capture is retried only where every store may be written in the graph."""
-        keys = {(id(m), name): m for m, names in stores for name in names}
-        if not stores or not all(names for _, names in stores) or keys.keys() & self.refused or keys.keys() <= self.watched.keys():
+        """Watch each attribute of `stores` ((module, names) of the values a forward stored, `stores`); whether any
+        is new (the capture is then retried)."""
+        keys = {(id(m), name): m for m, names in stores for name in names if (id(m), name) not in self.refused}
+        if keys.keys() <= self.watched.keys():
             return False
         self.watched.update(keys)
         if self.active:
@@ -92,7 +92,7 @@ class StoredStates:
         return True
 
     def may_store(self, module: nn.Module, names: list[str]) -> bool:
-        """Whether the forward of `module` replacing the tensors `names` it held (`stored_tensors`, a side effect of
+        """Whether the forward of `module` replacing the tensors `names` it held (`stored_proxies`, a side effect of
         `changed_value`) is a store to try in the graph: some, none of them refused (else the side effect stands: the
         module is kept opaque, its Python code carrying the state)."""
         return bool(names) and not any((id(module), name) in self.refused for name in names)
@@ -109,16 +109,22 @@ class StoredStates:
         else:
             module.__dict__.pop(key[1], None)
 
-    def traced_stores(self, model: nn.Module, tracer: fx.Tracer) -> list[tuple[nn.Module, list[str]]]:
-        """Under torch.fx, after a trace: (module, names) of the attributes of `model`'s modules that hold a value of
-        `tracer`'s trace, neither watched nor refused: stored by the traced forward (a store over a Proxy the module held
-        before its own forward, RecurrentGemma's state set by its model, is none of `changed_value`'s; nor is a store
-        over None, a cache `if self.cached is None: self.cached = f(x)`, which, refused, is left as it was: the graph
-        computes f(x) at each call)."""
-        stores = [(m, [k for k, v in vars(m).items() if k not in REGISTRIES and (id(m), k) not in self.watched
-                       and (id(m), k) not in self.refused and isinstance(v, fx.Proxy) and v.tracer is tracer])
-                  for m in model.modules()]
-        return [(m, names) for m, names in stores if names]
+    def stores(self, model: nn.Module, tracer: fx.Tracer | None = None) -> list[tuple[nn.Module, list[str]]]:
+        """After a forward traced by `tracer` (torch.fx) or inside one torch.export traces: (module, names) of the
+        attributes of `model`'s modules, neither watched nor refused, that hold a value the capture computed (a Proxy
+        of `tracer`'s trace; under torch.export a tensor other than the one held before the capture). A store over a
+        Proxy the module held before its own forward (RecurrentGemma's state set by its model) is none of
+        `changed_value`'s; nor is a store over None, a cache `if self.cached is None: self.cached = f(x)`, which,
+        refused, is left as it was (the graph computes f(x) at each call, and stores it nowhere)."""
+        def stored(m, k, v):
+            if (id(m), k) in self.watched or (id(m), k) in self.refused:
+                return False
+            if tracer is not None:
+                return isinstance(v, fx.Proxy) and v.tracer is tracer
+            return (isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
+                    and v is not self.original.get(id(m), {}).get(k))
+        found = [(m, [k for k, v in vars(m).items() if k not in REGISTRIES and stored(m, k, v)]) for m in model.modules()]
+        return [(m, names) for m, names in found if names]
 
     @contextlib.contextmanager
     def absent(self, tracer: fx.Tracer | None = None):
@@ -151,20 +157,19 @@ class StoredStates:
             for key, module in watched.items():
                 self._put_back(key, module)
 
-    def written(self) -> list[tuple[nn.Module, str, object]]:
-        """(module, name, value) of each watched attribute a forward wrote, in the order watched (inside `absent`)."""
-        return [(m, name, m.__dict__[name]) for (_, name), m in self.watched.items() if name in m.__dict__]
-
-    def exported(self, out):
-        """Under torch.export, in the forward exported: `out` and the tensors the watched attributes hold, whose
-        writes `write_exported` makes graph nodes; `out` alone where none is watched."""
+    def exported(self, model: nn.Module, out):
+        """Under torch.export, at the end of the forward exported (of `model`, which returned `out`): the attributes
+        it stored that are not watched noted in `found`; `out`, and the tensors the watched attributes hold, whose
+        writes `write_exported` makes graph nodes (`out` alone where none is watched)."""
+        self.found = self.stores(model)
         if not self.watched:
             return out
-        written = self.written()
-        if len(written) != len(self.watched) or not all(isinstance(v, torch.Tensor) for *_, v in written):
-            raise StoreRefused("a stored attribute holds no tensor at the end of the forward")
-        self.exported_writes = [(m, name) for m, name, _ in written]
-        return out, tuple(v for *_, v in written)
+        for (_, name), m in self.watched.items():
+            if not isinstance(m.__dict__.get(name), torch.Tensor):
+                raise StoreRefused((id(m), name), f"the forward of {type(m).__name__} leaves no tensor in its "
+                                                  f"attribute {name}")
+        self.exported_writes = list(self.watched.items())
+        return out, tuple(m.__dict__[name] for (_, name), m in self.exported_writes)
 
     def write_exported(self, gm: fx.GraphModule) -> None:
         """The exported graph of `exported`'s output: its last outputs written to their attributes by nodes before the
@@ -175,7 +180,7 @@ class StoredStates:
         flat = list(output.args[0])
         count = len(self.exported_writes)
         with gm.graph.inserting_before(output):
-            for (module, name), value in zip(self.exported_writes, flat[-count:]):
+            for ((_, name), module), value in zip(self.exported_writes, flat[-count:]):
                 gm.graph.call_function(AttributeWrite(module, name), (value,))
         output.args = (tuple(flat[:-count]),)
         spec = gm.graph._codegen.pytree_info.out_spec.children()[0]

@@ -146,11 +146,28 @@ class LazyCache(nn.Module):
         return self.linear(x) * self.table
 
 
-def test_a_cache_read_before_it_is_written_stays_captured():
+class Recording(nn.Module):
+    """A layer that keeps its last output for inspection (`self.last = out`, None until the first call): a store over
+    None, which no capture wrote before (the attribute stayed None after every compiled call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.last = nn.Linear(WIDTH, WIDTH), None
+
+    def forward(self, x):
+        self.last = torch.tanh(self.linear(x))
+        return self.last
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("layer", [LazyCache, Recording])
+def test_a_store_over_none_is_written_where_no_read_precedes_it_and_left_as_before_where_one_does(layer, capture):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, WIDTH), LazyCache(), nn.Linear(WIDTH, 3)).to(DTYPE)
+    model = nn.Sequential(nn.Linear(3, WIDTH), layer(), nn.Linear(WIDTH, 3)).to(DTYPE)
     reference = copy.deepcopy(model)
-    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
-    x = torch.randn(5, 3, dtype=DTYPE)
-    torch.testing.assert_close(c(x), reference(x), rtol=0, atol=1e-12)
-    assert c.layers.form == "fx" and not c.layers.leaves and len(list(c.layers)) == 3
+    c = compile_for_statistics(model, optimizer="kfac", capture=capture)
+    for x in torch.randn(2, 5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1)):
+        torch.testing.assert_close(c(x), reference(x), rtol=0, atol=1e-12)
+        if layer is Recording:
+            torch.testing.assert_close(model[1].last, reference[1].last, rtol=0, atol=1e-12)
+    assert c.layers.form == capture and not c.layers.leaves and len(list(c.layers)) == 3
