@@ -42,7 +42,7 @@ from gnfx.passes.module_attributes import (attributes_kept, buffer_values, chang
                                           changes_recorded, held_values, side_effect, stored_proxies)
 from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
 from gnfx.passes.list_writes import ListWrites
-from gnfx.passes.state_writes import StateReadBeforeWrite, StoredStates, StoreRefused
+from gnfx.passes.state_writes import StoredStates, StoreRefused
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.buffer_draws import draws_into_buffers_traced
@@ -415,7 +415,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random.random, random.uniform or numpy.random's random, rand, "
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
-                if (read := _raised_from(exc, StateReadBeforeWrite)) is not None:  # passes/state_writes.py: traced
+                if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: traced
                     states.refuse(read.key)  # again with the state present, its store a side effect where it was one
                     continue
                 failed = tracer.failed_module

@@ -130,7 +130,8 @@ class StoredStates:
     def absent(self, tracer: fx.Tracer | None = None):
         """While inside, each watched attribute is absent from its module, and reading it before a write raises
         `StateReadBeforeWrite`; under torch.fx (`tracer`) each write of one is a node `AttributeWrite` of the graph
-        where the forward writes it. On exit each holds its value from before the capture."""
+        where the forward writes it (of the trace that computed the value), and a write of a constant is refused
+        (`StoreRefused`). On exit each holds its value from before the capture."""
         watched = self.watched
 
         def getattr_watched(module, name):
@@ -142,8 +143,13 @@ class StoredStates:
 
         def setattr_watched(module, name, value):
             _SETATTR(module, name, value)
-            if tracer is not None and (id(module), name) in watched:
-                tracer.create_proxy("call_function", AttributeWrite(module, name), (value,), {}, name=f"write_{name}")
+            key = (id(module), name)
+            if tracer is None or key not in watched:
+                return
+            if not isinstance(value, fx.Proxy):  # (a constant: the graph would not know when the forward stores it)
+                raise StoreRefused(key, f"the forward of {type(module).__name__} stores a value no trace computed in "
+                                        f"its attribute {name}")
+            value.tracer.create_proxy("call_function", AttributeWrite(module, name), (value,), {}, name=f"write_{name}")
 
         for (_, name), module in watched.items():
             module.__dict__.pop(name, None)
