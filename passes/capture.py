@@ -39,9 +39,10 @@ from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, che
 from gnfx.passes.grad_modes import grad_modes_recorded
 from gnfx.passes.mha import lowered_for_export
 from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffers, changed_value,
-                                          changes_recorded, held_values, side_effect)
+                                          changes_recorded, held_values, side_effect, stored_proxies)
 from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
 from gnfx.passes.list_writes import ListWrites
+from gnfx.passes.state_writes import StoredStates, StoreRefused
 from gnfx.passes.python_random import PythonRandomDraw, draws_decide, kept_state, raising_draws
 from gnfx.passes.tensor_hooks import dropped_hook, tensor_hooks_registered
 from gnfx.passes.buffer_draws import draws_into_buffers_traced
@@ -97,15 +98,17 @@ class _LeafFindingTracer(MappingOutputTracer):
     that returns a container (`torch_nn_structure`), returns its value in that structure, the indexing nodes made
     for it listed in `unpacked`. The buffers named in `proxied` are read as Proxies (passes/buffer_updates.py); the
     list and dict entries a forward writes and reads back are written in the graph by `list_writes`
-    (passes/list_writes.py)."""
+    (passes/list_writes.py); the tensors a forward stores on its modules by `states` (passes/state_writes.py)."""
 
     def __init__(self, leaves: set[str], structures: dict[str, tuple] | None = None,
-                 proxied: BufferProxies | None = None, list_writes: ListWrites | None = None):
+                 proxied: BufferProxies | None = None, list_writes: ListWrites | None = None,
+                 states: StoredStates | None = None):
         super().__init__(autowrap_functions=tuple(PACKING.values()))
         self.leaves = leaves
         self.structures = structures or {}
         self.proxied = proxied
         self.list_writes = ListWrites() if list_writes is None else list_writes
+        self.states = states
         self.buffer_changes: dict[str, BufferChanged] = {}  # by module path: the buffers to proxy in the next trace
         self.unpacked: list[fx.Node] = []
         self.failed_module: str | None = None
@@ -138,7 +141,11 @@ class _LeafFindingTracer(MappingOutputTracer):
         values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied; the list
         and dict entries it wrote with traced values are `list_writes`' (passes/list_writes.py)."""
         held, change = self.list_writes.take(self, m, before[0])
-        if (change := change or changed_value(m, held)) is not None:
+        if self.states is not None:  # the tensors it stores, tried in the graph (passes/state_writes.py)
+            held = {k: v for k, v in held.items() if k not in self.states.names(m)}
+        if change is None and (change := changed_value(m, held)) is not None and self.states is not None:
+            change = None if self.states.may_store(m, stored_proxies(m, held)) else change
+        if change is not None:
             raise side_effect(m, path, change)
         if changed := changed_buffers(m, before[1]):
             change = BufferChanged(str(side_effect(m, path, f"buffer {changed[0]} (changed in place)")),
@@ -372,17 +379,20 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
     proxied: set[str] = set()  # the buffers a forward changes in place (passes/buffer_updates.py)
     first_changes: dict[str, BufferChanged] = {}  # by the path of the module whose forward changed them
     writes = ListWrites()  # the list and dict entries a forward writes and reads back (passes/list_writes.py)
-    new_tracer = lambda: _LeafFindingTracer(set(leaves), structures, proxies, writes)  # noqa: E731
+    new_tracer = lambda: _LeafFindingTracer(set(leaves), structures, proxies, writes, states)  # noqa: E731
     # the graph module is built inside: it copies the tensor constants fx set on the traced module
     with attributes_kept(model):
+        states = StoredStates(model)  # the tensors a forward stores on its modules (passes/state_writes.py)
         while True:
             proxies = BufferProxies(model, proxied)
             tracer = new_tracer()
             before = held_values(model), buffer_values(model)
             try:
-                with kept_state() as drew:  # Python-level draws (passes/python_random.py)
+                with kept_state() as drew, states.absent(tracer):  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
                     tracer._note_changes(model, "", before)
+                    if states.watch(states.stores(model, tracer)):  # traced again, those written by nodes
+                        continue
                     if tracer.buffer_changes:  # traced again, every buffer changed in place proxied
                         for path, change in tracer.buffer_changes.items():
                             proxied.update(change.buffers)
@@ -405,6 +415,9 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random.random, random.uniform or numpy.random's random, rand, "
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
+                if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: traced
+                    states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                    continue
                 failed = tracer.failed_module
                 exc = first_changes.get(failed or "", exc)  # a module that fails with its buffers proxied: opaque
                 if failed and failed not in leaves:
@@ -493,9 +506,11 @@ class _ExportView(nn.Module):
     graph has the model's parameter names and objects). An output that holds objects torch.export
     cannot return (a transformers DynamicCache) is exported as the tuple of its tensors, and the
     structure around them, recorded while tracing, is rebuilt around the computed tensors by a
-    forward hook of the captured graph: the caller gets the output the model returns."""
+    forward hook of the captured graph: the caller gets the output the model returns. The tensors the forward
+    stored on the modules, held by `states`, are exported with the output, and written by nodes of the graph
+    (passes/state_writes.py)."""
 
-    def __init__(self, model: nn.Module, keywords=()):
+    def __init__(self, model: nn.Module, keywords, states: StoredStates):
         super().__init__()
         self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
         self.training = model.training
@@ -503,6 +518,7 @@ class _ExportView(nn.Module):
         # .value: (output while tracing, ids of its tensors in export order); set on a namespace, as
         # torch.export restores the module attributes (and containers in them) a traced forward changes
         self.__dict__["_gnfx_template"] = types.SimpleNamespace(value=None)
+        self.__dict__["_gnfx_states"] = states
         # the model's signature, which torch.export binds the call's inputs (and their dynamic
         # shapes) to, as it does for the model itself; the call's `keywords` that the model takes
         # through **kwargs become keyword parameters of their own (torch.export's binding of
@@ -517,16 +533,27 @@ class _ExportView(nn.Module):
 
     def _gnfx_forward(self, *args, **kwargs):
         out = self._gnfx_model(*args, **kwargs)
-        if all(isinstance(x, _EXPORTABLE) for x in torch.utils._pytree.tree_leaves(out)):
-            return out
-        tensors = _tensors_in(out, {}, set())
-        self._gnfx_template.value = (out, list(tensors))
-        return tuple(tensors.values())
+        if not all(isinstance(x, _EXPORTABLE) for x in torch.utils._pytree.tree_leaves(out)):
+            tensors = _tensors_in(out, {}, set())
+            self._gnfx_template.value = (out, list(tensors))
+            out = tuple(tensors.values())
+        return self._gnfx_states.exported(self._gnfx_model, out)
 
     def _gnfx_rebuild(self, _module, _inputs, flat):
         """The model's output with the exported tensors `flat` in place of the traced ones."""
         out, ids = self._gnfx_template.value
         return copy.deepcopy(out, memo=dict(zip(ids, flat)))
+
+
+def _raised_from(exc: BaseException | None, kind: type) -> BaseException | None:
+    """`exc`, or the exception it was raised from, that is a `kind`, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def shapes_of(args: tuple, kwargs: dict) -> tuple:
@@ -542,7 +569,8 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     of the same form captured before, whose shapes (`shapes_of`) are `seen` (a new sequence length).
     The captured graph takes calls of this form within its guards (see `accepts`)."""
     args, kwargs = tuple(args), dict(kwargs or {})
-    view = _ExportView(model, kwargs)
+    states = StoredStates(model)  # the tensors a forward stores on its modules (passes/state_writes.py)
+    view = _ExportView(model, kwargs, states)
     flat = torch.utils._pytree.tree_leaves((args, kwargs))
     dims = {}
     for i, x in enumerate(flat):
@@ -564,13 +592,17 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
 
         with (lowered_for_export(), causal_hints_as_given(), inlined_checkpoints(), ctc_loss_traceable(),
               default_generator_left_out(), kept_state() as drew, applied_functions() as functions,
-              attributes_kept(model), generators_kept(model), changes_recorded(model) as changes,
-              tensor_hooks_registered() as hooks):
+              attributes_kept(model), generators_kept(model), changes_recorded(model, states.names) as changes,
+              tensor_hooks_registered() as hooks, states.absent()):
             ep = first = failure = None
             while ep is None:  # a branch on data that validates the inputs, or branches on them, is retried
                 try:
                     ep = exported()
                 except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+                    if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: exported
+                        states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                        changes.clear()
+                        continue
                     refusal = refused_branch(exc)
                     wanted = {created[s] for s in refusal[2] if s in created} if refusal else set()
                     if refusal is None or ran and wanted <= lines:  # no branch to specialize, or no new one
@@ -584,6 +616,9 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                         values.update(example_values(model, args, kwargs))
                         ran = True
                     lines |= wanted
+                if ep is not None and states.watch(states.found):  # exported again, the stores written by nodes
+                    ep = None
+                    changes.clear()
             if failure is not None and first is None:
                 raise failure
             if failure is not None:
@@ -612,6 +647,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
     if functions:  # their operations are in the graph, their backwards not (passes/custom_functions.py)
         check_backwards(model, args, kwargs, functions)
     gm = ep.module()
+    states.write_exported(gm)
     if (flipping := flipping_branch(gm, branches)) is not None:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: the data-dependent branch at {flipping} "

@@ -41,7 +41,8 @@ passes/opaque_children.py), and an export during which a module's forward change
 `changes_recorded` watches each forward call with hooks and `attributes_kept` puts the entries back). An entry of a
 list or dict that the traced forward writes before anything reads it (scratch space of the call, read back by the
 model: MONAI DynUNet's `heads`) carries nothing to the next call: torch.fx writes it in the graph instead
-(passes/list_writes.py).
+(passes/list_writes.py). So does a tensor attribute that no forward reads before the call stores it (RecurrentGemma's
+recurrent state, set to zeros by its model's forward first: passes/state_writes.py).
 
 A buffer changed in place by Python code that reads no input (performer-pytorch's ProjectionUpdater counts its
 calls, `self.calls_since_last_redraw += 1`, and branches on the count) is the same side effect under torch.fx,
@@ -60,7 +61,7 @@ import contextlib
 import copy
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.parameter import UninitializedBuffer
 
 REGISTRIES = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, the hook dicts, training, ...
@@ -195,8 +196,22 @@ def changed_value(module: nn.Module, before: dict[str, object]) -> str | None:
     `self.count += mask.sum().item()`, a Proxy under torch.fx, which a later trace would read); a tensor replaced
     by another is a state stored for the next call (module doc); a dict's or list's entry removed changed."""
     now = _attributes(module)
-    return next((f"attribute {k} ({_shown(v)} -> {_shown(now.get(k))})" for k, v in before.items()
-                 if k in now and not _same(v, now[k]) or k not in now and "[" in k), None)
+    return next((f"attribute {k} ({_shown(before[k])} -> {_shown(now.get(k))})" for k in _changed(before, now)), None)
+
+
+def _changed(before: dict[str, object], now: dict[str, object]) -> list[str]:
+    """The names of `before`'s values that `now` holds changed (`_same`), and of the dict and list entries removed."""
+    return [k for k, v in before.items() if k in now and not _same(v, now[k]) or k not in now and "[" in k]
+
+
+def stored_proxies(module: nn.Module, before: dict[str, object]) -> list[str]:
+    """Under torch.fx: the names of the module's own attributes (not dict or list entries) that held a tensor in
+    `before` (`held_values(module)` then) and now hold a traced value: the states its traced forward stored (module
+    doc); none where another of its values changed (passes/state_writes.py writes only these)."""
+    now = _attributes(module)
+    changed = _changed(before, now)
+    stored = [k for k in changed if "[" not in k and isinstance(before[k], torch.Tensor) and isinstance(now[k], fx.Proxy)]
+    return stored if len(stored) == len(changed) else []
 
 
 def _shown(value) -> str:
@@ -236,14 +251,16 @@ def side_effect(module: nn.Module, path: str, change: str) -> ForwardSideEffect:
 
 
 @contextlib.contextmanager
-def changes_recorded(model: nn.Module):
-    """While inside, each forward call of `model`'s modules that changes one of the module's own values
-    appends (module, path, change) to the list yielded (hooks, removed on exit)."""
+def changes_recorded(model: nn.Module, ignored=lambda module: ()):
+    """While inside, each forward call of `model`'s modules that changes one of the module's own values (but those
+    named `ignored(module)`: passes/state_writes.py) appends (module, path, change) to the list yielded (hooks,
+    removed on exit)."""
     changes, handles = [], []
     entered: dict[int, list] = {}  # a module's values at each call it is inside of (a recursive call nests)
 
     def before(m, _):
-        entered.setdefault(id(m), []).append(held_values(m))
+        skipped = ignored(m)
+        entered.setdefault(id(m), []).append({k: v for k, v in held_values(m).items() if k not in skipped})
 
     def after(m, _, __, path):
         change = changed_value(m, entered[id(m)].pop())
