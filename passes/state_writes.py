@@ -117,7 +117,7 @@ class StoredStates:
         `changed_value`'s; nor is a store over None, a cache `if self.cached is None: self.cached = f(x)`, which,
         refused, is left as it was (the graph computes f(x) at each call, and stores it nowhere)."""
         def stored(m, k, v):
-            if (id(m), k) in self.watched or (id(m), k) in self.refused:
+            if (id(m), k) in self.watched or (id(m), k) in self.refused or k in _recomputed(m):
                 return False
             if tracer is not None:
                 return isinstance(v, fx.Proxy) and v.tracer is tracer
@@ -193,3 +193,12 @@ class StoredStates:
         gm.graph._codegen.pytree_info = gm.graph._codegen.pytree_info._replace(out_spec=spec)
         gm._out_spec = spec
         gm.recompile()
+
+
+def _recomputed(module: nn.Module) -> set[str]:
+    """The attributes a forward pre-hook of `module` computes afresh at every call from its parameters: the weight
+    of torch.nn.utils.weight_norm and spectral_norm (their hooks' `name`) and of torch.nn.utils.prune (`_tensor_name`),
+    which the graph reads as the layer's weight; no state of a call."""
+    hooks = module._forward_pre_hooks.values()
+    return {name for hook in hooks for name in (getattr(hook, "name", None), getattr(hook, "_tensor_name", None))
+            if isinstance(name, str)}
