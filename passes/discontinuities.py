@@ -15,14 +15,20 @@ the trainable parameters θ and whose values reach the graph's outputs (or a ten
   VQ-VAE's codebook), a region under `torch.no_grad()`, a torch.autograd.Function (its backward is its own);
 - code the graph does not hold: a submodule kept opaque that is not one of torch.nn's own layers, a
   function that is not torch's, Python's operator or math, or gnfx's, a higher-order operator (torch.cond),
-  a module's forward hooks.
+  a module's forward hooks;
+- a kink applied entrywise: relu and its kin (relu6, leaky_relu, hardtanh, hardsigmoid, hardswish, prelu, rrelu,
+  selu, softshrink), abs, clamp, an entrywise maximum or minimum. Continuous, but each entry's derivative jumps at
+  its kink, and after a batch norm many entries sit near it: the one-sided difference of a float32 U-Net of
+  convolutions, batch norms and ReLUs was 85% off forward mode's J v (13% at h/100), and of a plain stack of 8 such
+  layers 7-12% (benchmarks/results/first_contact_17_rerunleft.md), where a smooth forward's is ~√ε.
 
 Values that depend on θ only through a shape (`x.size(0)`, `torch.zeros_like(x)`) do not. An in-place op
 that writes a value depending on θ into another tensor (`out[:, t] = layer(x)`) makes that tensor, and
 what it is a view of, depend on θ. What the analysis cannot see it reports (an opaque submodule), so an
 empty list means every operation on the way from θ to the outputs is one whose derivative autograd takes
-and that is continuous (piecewise smooth: relu, max, clamp, abs have kinks, where a difference is off by
-O(h) and no more).
+and that is continuous, with no entrywise kink. The values of a max, top-k or sort along a dimension pass:
+their kinks are where two entries of a row tie, which a step of h crosses in few rows (`x - x.max(-1)` before
+a softmax, a max-pool's window).
 """
 from __future__ import annotations
 
@@ -51,6 +57,12 @@ _JUMPS = frozenset({
 # ops returning (values, indices): the values are continuous, the indices jump
 _WITH_INDICES = frozenset({"topk", "sort", "kthvalue", "mode", "median", "nanmedian", "cummax", "cummin", "max",
                            "min", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"})
+# ops continuous in their input whose derivative jumps at a kink, entrywise (module docstring)
+_KINKS = frozenset({"relu", "relu6", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish", "prelu", "rrelu",
+                    "rrelu_with_noise", "selu", "softshrink", "abs", "absolute", "clamp", "clip", "clamp_min",
+                    "clamp_max", "maximum", "minimum", "fmax", "fmin"})
+_KINKED_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.PReLU, nn.RReLU,
+                   nn.SELU, nn.Softshrink)
 # ops whose gradient is not their value's derivative
 _STOPS = frozenset({"detach", "data"})
 # casts, whose target dtype decides
@@ -63,6 +75,7 @@ _SHAPE_ONLY = frozenset({"size", "dim", "numel", "shape", "ndim", "dtype", "devi
 # gnfx's graph functions that run the model's own Python code
 _PYTHON_CODE = (run_forward_hooks, call_unpacked, call_method)
 _JUMPING_MODULES = (nn.Hardshrink, nn.Threshold)
+KINK = "a kink in every entry (relu, clamp, abs), which a difference crosses in many entries at once"
 
 
 def discontinuities(gm: fx.GraphModule, trainable: set[str]) -> list[str]:
@@ -138,6 +151,8 @@ def _why(gm: fx.GraphModule, node: fx.Node, depends: set[fx.Node], grad_enabled:
             return None
         if isinstance(module, _JUMPING_MODULES):
             return "jumps where its input crosses its threshold"
+        if isinstance(module, _KINKED_MODULES):
+            return KINK
         if not type(module).__module__.startswith("torch.nn.modules"):
             return f"a submodule kept opaque ({type(module).__name__}), whose code the graph does not hold"
         return None
@@ -151,6 +166,8 @@ def _why(gm: fx.GraphModule, node: fx.Node, depends: set[fx.Node], grad_enabled:
         return "its value jumps as its input moves (a comparison, rounding, an integer or 16-bit result)"
     if name in _WITH_INDICES and _indices_used(node):
         return "its indices jump as its input moves (a router's choice)"
+    if name in _KINKS:
+        return KINK
     return None
 
 
