@@ -41,7 +41,10 @@ registered outside it too (shared; a module registered under two paths, as perfo
 it is walked once, by the first path) or read by the enclosing graph itself; a child whose class
 defines a public method other than forward that the code calling it names (`self.flows[i].inverse(z)`: normflows'
 forward_kld and log_prob; the opaque code and the modules walked into down to the child, all their methods,
-`_method_called`), walked into, as the method runs its own code around its layers' calls; anything inside a torch module whose forward reads its children's parameters
+`_method_called`), walked into, as the method runs its own code around its layers' calls; a child into which that
+code calls by the child's name, one of its submodules or methods, private ones too (torchaudio's HuBERTPretrainModel
+calls `self.wav2vec2.feature_extractor(...)` and `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`;
+`_called_inside`), walked into, as its graph would run at no call; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
