@@ -41,7 +41,10 @@ registered outside it too (shared; a module registered under two paths, as perfo
 it is walked once, by the first path) or read by the enclosing graph itself; a child whose class
 defines a public method other than forward that the code calling it names (`self.flows[i].inverse(z)`: normflows'
 forward_kld and log_prob; the opaque code and the modules walked into down to the child, all their methods,
-`_method_called`), walked into, as the method runs its own code around its layers' calls; anything inside a torch module whose forward reads its children's parameters
+`_method_called`), walked into, as the method runs its own code around its layers' calls; a child into which that
+code calls by the child's name, one of its submodules or methods, private ones too (torchaudio's HuBERTPretrainModel
+calls `self.wav2vec2.feature_extractor(...)` and `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`;
+`_called_inside`), walked into, as its graph would run at no call; anything inside a torch module whose forward reads its children's parameters
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
@@ -236,6 +239,26 @@ def _method_called(child: nn.Module, source: str) -> str | None:
             f"stands for") if called else None
 
 
+def _called_inside(name: str, child: nn.Module, source: str) -> str | None:
+    """Why the child `name` cannot be opened when `source` (as `_method_called`'s) calls into it by its name other
+    than through its forward: one of its submodules that holds trainable parameters (`self.name.sub(x)`,
+    `self.name.sub.method(x)`) or one of its methods, private ones too (torchaudio's HuBERTPretrainModel.forward calls
+    `self.wav2vec2.feature_extractor(...)`, `self.wav2vec2.encoder._preprocess(...)` and
+    `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`): an opened child's graph runs only where
+    the child itself is called, so those calls would use its parameters outside any call of its graph. Walked into
+    instead, the submodules the code calls are opened. Else None."""
+    inner = {path for path, m in child.named_modules() if path and any(p.requires_grad for p in m.parameters())}
+    methods = {m for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
+               for m, value in vars(cls).items() if inspect.isfunction(value) and m != "forward"}
+    for match in re.finditer(rf"\.{re.escape(name)}\.([\w.]+)\s*\(", source):
+        parts = match.group(1).split(".")
+        sub = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in inner), None)
+        if sub is not None or parts[0] in methods:
+            return (f"the Python code calling it calls {'its submodule ' + repr(sub) if sub else 'its method ' + repr(parts[0])}"
+                    f" itself ('.{name}.{match.group(1)}('), not its forward, which an opened child's graph stands for")
+    return None
+
+
 def _resolve(gm: fx.GraphModule, target: str):
     """The attribute or submodule of `gm` at the dotted path `target`."""
     obj = gm
@@ -357,7 +380,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             walked.add(id(child))
             read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
             why = (f"inside {module_path}, {reads}" if reads is not None else
-                   read_by_code or _method_called(child, source)
+                   read_by_code or _method_called(child, source) or _called_inside(name, child, source)
                    or _why_closed(path, child, names, read, paths[id(child)]))
             built, traced_with = {}, subtree_numbers(child)  # the numbers its graph holds as constants
             for form in _forms(child) if why is None else ():

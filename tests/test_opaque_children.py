@@ -724,7 +724,17 @@ class Outer(nn.Module):
 
 
 class Bypass(Outer):
-    """Calls the opened `inner`'s layer past it."""
+    """Calls the opened `inner`'s layer past it, through a local name that no reading of the code connects to
+    `inner` (called by its path, as `DirectBypass` calls it, the code is seen to call into `inner`, which is then
+    walked into)."""
+
+    def forward(self, x):
+        layer = self.inner.fc
+        return super().forward(x) + layer(x)
+
+
+class DirectBypass(Outer):
+    """Calls `inner`'s layer past it by its path."""
 
     def forward(self, x):
         return super().forward(x) + self.inner.fc(x)
@@ -766,6 +776,21 @@ def test_a_layer_of_an_opened_submodule_called_past_it_raises():
     with pytest.raises(gnfx.GnfxError, match=r"uses the parameter 'body.inner.fc.(weight|bias)' other than by "
                                              r"calling 'body.inner'"):
         c(batch(0)[0]).sum().backward()
+
+
+def test_a_submodule_whose_layer_the_code_calls_by_its_path_is_walked_into_not_opened():
+    """Before: `inner` was opened and the first backward raised as for `Bypass` (torchaudio's HuBERTPretrainModel
+    calls `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`). Now `inner` is walked into, its
+    layers blocks of the calls the code makes, and the gradients are the module's."""
+    model = around_outer(False, DirectBypass)
+    reference = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="kfac", capture="fx", lr=0.1)
+    assert c.layers.opened["body.inner"].startswith("not opened: the Python code calling it calls its submodule 'fc'")
+    x = batch(0)[0]
+    c(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-13)
 
 
 class Scaled(nn.Module):

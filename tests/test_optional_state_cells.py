@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tests.references import cross_entropy, kfac_factors
+from tests.references import cross_entropy, hook_statistics, kfac_factors
 from tests.steps import compile_for_statistics, statistic_step
 
 D, H, C, N, T = 4, 6, 3, 5, 4
@@ -141,3 +141,61 @@ def test_the_cell_called_by_keyword_and_without_a_state_runs_the_graph_of_each_f
         statistic_step(c, x, y)
     assert "(100.0%); fallback: 0" in c.report()
     torch.testing.assert_close(c(x), model(x), rtol=0, atol=1e-14)
+
+
+class Encoder(nn.Module):
+    """A child with an input that defaults to None (wav2vec2's `forward(waveforms, lengths=None)`), whose caller
+    never calls it but its submodules."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, H)
+        self.out = nn.Linear(H, C)
+
+    def forward(self, x, lengths=None):
+        return self.out(torch.tanh(self.proj(x)))
+
+
+class Pretraining(nn.Module):
+    """torchaudio's HuBERTPretrainModel.forward in miniature: `self.wav2vec2.feature_extractor(...)`,
+    `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`, around Python code on the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder.proj(x))
+        if h.sum() > 0:  # a branch on the values: neither torch.fx nor torch.export captures the model
+            h = h * 2
+        return self.encoder.out(h)
+
+
+def test_a_child_whose_submodules_the_opaque_code_calls_itself_is_walked_into_not_opened():
+    """Before: `encoder` (its `lengths=None` taken since the forms of call) was opened as one graph that no call ran,
+    and the first backward raised "the Python code of the model's own forward uses the parameter 'encoder.out.bias'
+    other than by calling 'encoder'" (torchaudio's HuBERT pretraining model, every kfac run). Now it is walked into:
+    its layers are blocks of the calls the code makes, with the loss, the gradients, A and S of plain hooks."""
+    torch.manual_seed(0)
+    model = Pretraining().double()
+    reference = copy.deepcopy(model)
+    c = compile_for_statistics(model, optimizer="kfac")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, D, generator=g, dtype=torch.float64), torch.randint(C, (N,), generator=g)
+    loss = cross_entropy(c(x), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    c.step()
+    assert c.layers.form == "eager"
+    assert "calls its submodule 'proj' itself" in c.layers.opened["encoder"], c.layers.opened
+    assert c.layers.coverage(dict(model.named_parameters())) == (D * H + H + H * C + C,) * 2
+
+    want_loss = cross_entropy(reference(x), y)
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-14)
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-13)
+    want = hook_statistics(reference, ["encoder.proj", "encoder.out"], x, y)
+    for name, factors in want.items():
+        for factor in ("A", "S"):
+            torch.testing.assert_close(c.statistics(name)[factor], factors[factor], rtol=1e-10, atol=1e-13)
