@@ -74,6 +74,8 @@ class StoredStates:
         self.watched: dict[Key, nn.Module] = {}
         self.refused: set[Key] = set()
         self.active = False
+        self.found: list[tuple[nn.Module, list[str]]] = []  # the stores of the last export not yet watched (`exported`)
+        self.exported_writes: list[tuple[Key, nn.Module]] = []  # the watched attributes it returned, in order
 
     def names(self, module: nn.Module) -> set[str]:
         """The names of `module`'s watched attributes."""
