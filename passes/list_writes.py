@@ -9,8 +9,8 @@ each layer was kept opaque and the model ran eagerly.
 
 Here the entry is a graph value: the trace reads the Proxy the writer stored (the model's stack reads the heads'
 outputs h_i, so the graph's output and its gradients are the module's own, the heads curvature blocks), and a node
-`ListEntryWrite` after the writer's forward stores the value in the entry at each call, as the module's own call
-does: after a call of the graph the list holds the h_i of that call, the tensors an eager call leaves. An entry is
+`AttributeWrite` (passes/module_attributes.py) after the writer's forward stores the value in the entry at each
+call, as the module's own call does: after a call of the graph the list holds the h_i of that call, the tensors an eager call leaves. An entry is
 written in the graph only where no read of it precedes its write: in the trace after the one that found the write,
 the entry holds a stand-in Proxy (`ListWrites.install`) whose node a read before the write would use; an entry read
 so (the state of the last call) is refused, and its writer kept opaque for the side effect, as before; a graph that
@@ -19,29 +19,12 @@ constant) is no capture (`ListWrites.settle`).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import fx, nn
 
-from gnfx.passes.module_attributes import REGISTRIES, ForwardSideEffect
+from gnfx.passes.module_attributes import REGISTRIES, AttributeWrite, ForwardSideEffect
 
 Entry = tuple[int, object]  # (id of the container, key)
-
-
-class ListEntryWrite:
-    """The call `module.name[key] = value` of a graph node (`ListWrites`), marked a side effect for torch.fx
-    (`Node.is_impure`), so that no pass takes the node, which nothing reads, for dead code. torch.fx's set of
-    side-effectful functions keeps every write it is told of: each holds its module weakly, so that the set keeps
-    no model, nor the tensors of its last call in the list."""
-
-    def __init__(self, module: nn.Module, name: str, key):
-        self.module, self.name, self.key = weakref.ref(module), name, key
-        self.__name__ = f"list_entry_write_{key}"
-        fx.node.has_side_effect(self)
-
-    def __call__(self, value) -> None:
-        getattr(self.module(), self.name)[self.key] = value
 
 
 def _before_write(name: str) -> None:
@@ -82,7 +65,7 @@ class ListWrites:
     def take(self, tracer: fx.Tracer, module: nn.Module, held: dict) -> tuple[dict, str | None]:
         """`held` (`held_values(module)` before its forward ran) without the entries the forward wrote with a value of
         `tracer`'s trace, the side-effect check's to leave alone: an allowed entry's value written in the graph (a
-        `ListEntryWrite` node, once per value), an entry not yet allowed noted in `found`; and the change of a
+        `AttributeWrite` node, once per value), an entry not yet allowed noted in `found`; and the change of a
         refused entry the forward wrote, a side effect (passes/module_attributes.py), or None."""
         held = dict(held)
         for name, container in _containers(module):
@@ -97,7 +80,7 @@ class ListWrites:
                 elif entry in self.allowed:
                     if self.written.get(entry) is not value:
                         self.written[entry] = value
-                        self._write(tracer, ListEntryWrite(module, name, key), value)
+                        self._write(tracer, AttributeWrite(module, name, key), value)
                 elif label in held and _is_state(held[label]):
                     self.found.add(entry)
                     self.held.setdefault(entry, (container, key, held[label]))
@@ -107,11 +90,11 @@ class ListWrites:
         return held, None
 
     @staticmethod
-    def _write(tracer: fx.Tracer, write: ListEntryWrite, value: fx.Proxy) -> None:
+    def _write(tracer: fx.Tracer, write: AttributeWrite, value: fx.Proxy) -> None:
         """The node of `write` after the graph's last (before its output, once traced)."""
         last = next(iter(reversed(tracer.graph.nodes)))
         with tracer.graph.inserting_before(last) if last.op == "output" else tracer.graph.inserting_after(last):
-            tracer.create_proxy("call_function", write, (value,), {}, name=f"write_{write.name}_{write.key}")
+            tracer.create_proxy("call_function", write, (value,), {}, name=write.__name__)
 
     def settle(self, graph: fx.Graph) -> bool:
         """After a trace: whether to trace again, with the entries it found allowed, and those whose stand-in a read

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 
 import torch
 from torch import fx, nn
@@ -213,6 +214,25 @@ def stored_proxies(module: nn.Module, before: dict[str, object]) -> list[str]:
     stored = [k for k in changed if "[" not in k and isinstance(before[k], torch.Tensor) and isinstance(now[k], fx.Proxy)]
     return stored if len(stored) == len(changed) else []
 
+
+
+class AttributeWrite:
+    """A graph node's call that writes `value` where a module's forward stores it: `module.name = value`, or with a
+    `key` the entry `module.name[key] = value` of a list or dict it holds (passes/state_writes.py,
+    passes/list_writes.py). Marked a side effect for torch.fx (`Node.is_impure`), so that no pass takes the node,
+    which nothing reads, for dead code; torch.fx's set of side-effectful functions keeps every write it is told of,
+    so each holds its module weakly: the set keeps no model, nor the tensors of its last call."""
+
+    def __init__(self, module: nn.Module, name: str, *key):
+        self.module, self.name, self.key = weakref.ref(module), name, key
+        self.__name__ = f"write_{name}" + "".join(f"_{k}" for k in key)
+        fx.node.has_side_effect(self)
+
+    def __call__(self, value) -> None:
+        if self.key:
+            getattr(self.module(), self.name)[self.key[0]] = value
+        else:
+            setattr(self.module(), self.name, value)
 
 def _shown(value) -> str:
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)

@@ -15,7 +15,8 @@ The capture is retried with each stored attribute absent from its module (`Store
 reads it before a forward of the same call writes it raises `StateReadBeforeWrite` (a `hasattr` or `getattr` with a
 default included: the error is no AttributeError; an `is None` test too), and the store is refused, a side effect as
 before (a neuron that reads its potential stays opaque). A capture that reads none computes its output from the call's
-inputs alone, as the module does whatever the attribute held, and each write is a node `AttributeWrite` of the graph,
+inputs alone, as the module does whatever the attribute held, and each write is a node `AttributeWrite`
+(passes/module_attributes.py) of the graph,
 run at each call as the module's own assignment is: under torch.fx where the forward assigns it, under torch.export
 (whose graph holds no Python assignment) before the output, of the value the forward left, exported as an extra
 output (`exported`, `write_exported`). After a call of the graph the attribute holds what an eager call leaves (h_T,
@@ -25,13 +26,12 @@ forward, a decoding step) sees it.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace as symbolic_trace
 
-from gnfx.passes.module_attributes import REGISTRIES, ForwardSideEffect
+from gnfx.passes.module_attributes import REGISTRIES, AttributeWrite, ForwardSideEffect
 
 Key = tuple[int, str]  # (id of the module, attribute name)
 
@@ -46,19 +46,6 @@ class StoreRefused(ForwardSideEffect):
 
 class StateReadBeforeWrite(StoreRefused):
     """A captured forward read the attribute `key` of a module before a forward of the same call wrote it."""
-
-
-class AttributeWrite:
-    """The assignment `module.name = value` of a graph node, marked a side effect for torch.fx (`Node.is_impure`); it
-    holds its module weakly (torch.fx's set of side-effectful functions keeps every write it is told of)."""
-
-    def __init__(self, module: nn.Module, name: str):
-        self.module, self.name = weakref.ref(module), name
-        self.__name__ = f"write_{name}"
-        fx.node.has_side_effect(self)
-
-    def __call__(self, value) -> None:
-        setattr(self.module(), self.name, value)
 
 
 _GETATTR, _SETATTR = nn.Module.__getattr__, nn.Module.__setattr__
