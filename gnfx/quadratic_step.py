@@ -48,7 +48,8 @@ Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the
 
 The products by finite differences (`quadratic_products="difference"`; "forward" is the above): J v ≈
 (f(θ + hv) − f(θ))/h (gnfx.finite_differences), one forward without gradient per row of V and one for z
-instead of ~2.5 forwards per row, to a relative error of about √ε: the char GPT's step 84 → 45 CPU ms at the
+instead of ~2.5 forwards per row, h for each row from its gain ‖J v‖/‖v‖ at the last step (`_gains`), to a
+relative error of about 1e-3 in float32: the char GPT's step 84 → 45 CPU ms at the
 same steps to target within an evaluation; a forward that jumps at the scale of h (a router's top-k,
 rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences"). The default,
 "auto", takes them by differences where every captured graph of the forward is smooth in θ
@@ -472,6 +473,9 @@ class QuadraticStep:
         # step's instrumented graph or the model's own): checked at its first use and every REPLAY_CHECK-th
         self._outputs_replayed: dict[bool, bool] = {}
         self._replay_uses: dict[bool, int] = {}
+        # the gain ‖J v‖/‖v‖ each row of V had at its last difference quotient, by row ("part k" the proposal of
+        # preconditioner k, "previous" δ): the step h of its next one (gnfx.finite_differences)
+        self._gains: dict[str, float] = {}
         self._output_grad: list = [None] * len(losses)
         # the products run on ATen's recurrent kernels (gnfx.ggn.forward_mode_kernels) once oneDNN's or
         # cuDNN's failed: an nn.LSTM; not from the start, as disabling oneDNN slows convolutions on a CPU
@@ -669,9 +673,10 @@ class QuadraticStep:
         return tuple([None if t is None else layout.classes_last(t) for layout, t in zip(self.layouts, tensors)]
                      for tensors in (self._output_before, self._output_grad))
 
-    def _output(self, theta: list[torch.Tensor], tangent_rows: list) -> tuple[list, list]:
+    def _output(self, theta: list[torch.Tensor], tangent_rows: list, keys: list[str]) -> tuple[list, list]:
         """([z_j]_j, [[J_j v_k]_k stacked]_j) at parameters `theta` for the tangents v_k (`tangent_rows`, one
-        list of per-parameter tensors each) and each output z_j loss= names, by one pass per tangent through
+        list of per-parameter tensors each, `keys` the rows they are) and each output z_j loss= names, by one pass
+        per tangent through
         all of them, concatenated: forward mode (`_forward_mode_rows`), or finite differences where
         `_by_difference` says so (`_difference_rows`, gnfx.finite_differences; benchmarks/results/quadratic_step.md)."""
         self.products_taken = "difference" if self._by_difference(theta) else "forward"
@@ -683,7 +688,7 @@ class QuadraticStep:
             shapes[:] = [z.shape for z in heads]
             return torch.cat([z.reshape(-1) for z in heads])
         if self.products_taken == "difference":
-            z, J = self._difference_rows(concatenated, theta, tangent_rows, shapes)
+            z, J = self._difference_rows(concatenated, theta, tangent_rows, shapes, keys)
         else:
             z, J = self._forward_mode_rows(concatenated, theta, tangent_rows)
         sizes = [shape.numel() for shape in shapes]
@@ -718,8 +723,9 @@ class QuadraticStep:
                                              for found in discontinuities(gm, trainable)])
         return self._rough[1]
 
-    def _difference_rows(self, f, theta: list[torch.Tensor], tangent_rows: list, shapes: list):
-        """gnfx.finite_differences.difference_rows(f, θ, tangent_rows), its f(θ) the training forward's z where that
+    def _difference_rows(self, f, theta: list[torch.Tensor], tangent_rows: list, shapes: list, keys: list[str]):
+        """gnfx.finite_differences.difference_rows(f, θ, tangent_rows), each row's h from the gain its key's row had
+        at the last step (`_gains`), its f(θ) the training forward's z where that
         is the replay's, bit for bit: checked at the first step of each kind of training forward (a statistic
         step's graph, the model's own forward) and every REPLAY_CHECK-th one of that kind after, by computing
         f(θ) too; a forward whose z differed once is replayed for f(θ) from then on. (One forward of 1 + P per
@@ -727,12 +733,15 @@ class QuadraticStep:
         kind = self._statistic_forward
         uses = self._replay_uses[kind] = self._replay_uses.get(kind, -1) + 1
         trained = self._trained_outputs() if self._outputs_replayed.get(kind, True) else None
+        gains = [self._gains.get(key) for key in keys]
         if trained is not None and kind in self._outputs_replayed and uses % REPLAY_CHECK:
             shapes[:] = [z.shape for z in self._outputs()[0]]
-            return difference_rows(f, theta, tangent_rows, trained)
-        z, J = difference_rows(f, theta, tangent_rows)
-        if trained is not None:  # the first use of this kind, or a REPLAY_CHECK-th
-            self._outputs_replayed[kind] = torch.equal(z, trained)
+            z, J, measured = difference_rows(f, theta, tangent_rows, trained, gains)
+        else:
+            z, J, measured = difference_rows(f, theta, tangent_rows, gains=gains)
+            if trained is not None:  # the first use of this kind, or a REPLAY_CHECK-th
+                self._outputs_replayed[kind] = torch.equal(z, trained)
+        self._gains.update((key, gain) for key, gain in zip(keys, measured) if gain is not None)
         return z, J
 
     def _forward_mode_rows(self, f, theta: list[torch.Tensor], tangent_rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -810,7 +819,8 @@ class QuadraticStep:
         if previous is not None and self.momentum == "adaptive" and (self.misjudged or self.held_out_scale != 1.0):
             self._held_out_scale(params, before, loss_before, closure, layout, theta_values, layout.flat(previous),
                                  comm)
-        z, outputs = self._output(theta_values, layout.tangents(rows))
+        keys = [f"part {layout.preconditioners.index(pre)}" for pre in parts] + ["previous"] * (len(rows) > len(parts))
+        z, outputs = self._output(theta_values, layout.tangents(rows), keys)
         z, outputs = [t.detach() for t in z], [t.detach() for t in outputs]  # the first rows with quadratic_rows
         M, b = self._model_terms(V, flat_grads, z, outputs)
         device, k = params[0].device, len(b)
@@ -1159,7 +1169,7 @@ class QuadraticStep:
         previous = None if self.previous is None else [t.clone() for t in self.previous]
         return {"damping": self.damping, "previous": previous, "growth": self.growth,
                 "judged": self.judged, "solved_at": self.solved_at, "coefficients": self.coefficients,
-                "held_out_scale": self.held_out_scale, "misjudged": self.misjudged}
+                "held_out_scale": self.held_out_scale, "misjudged": self.misjudged, "gains": dict(self._gains)}
 
     def load_state_dict(self, state: dict, steps: int) -> None:
         """The state of `state_dict`, into an optimizer that has taken `steps` steps."""
@@ -1169,6 +1179,7 @@ class QuadraticStep:
         # a checkpoint from before the held-out step length: the model's steps, as it took them
         self.held_out_scale = float(state.get("held_out_scale", 1.0))
         self.misjudged = bool(state.get("misjudged", False))
+        self._gains = dict(state.get("gains", {}))  # a checkpoint from before: h of unknown gain first
         # a checkpoint from before quadratic_every solved on every step: the next step solves
         self.solved_at = int(state.get("solved_at", steps - 1))
         self.coefficients = state.get("coefficients")

@@ -668,7 +668,7 @@ def test_finite_difference_products_are_the_forward_mode_products_to_half_the_di
     x = torch.randn(8, 4, dtype=dtype)
     names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
     rows = [[torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params]]
-    z, products = difference_rows(lambda theta: ModuleFunction(model, names)(theta, x), params, rows)
+    z, products, _ = difference_rows(lambda theta: ModuleFunction(model, names)(theta, x), params, rows)
     z_ref, reference = jvp(lambda *theta: functional_call(model, dict(zip(names, theta)), (x,)), params,
                            tuple(rows[0]))
     assert torch.equal(z, z_ref.detach())
@@ -716,8 +716,8 @@ def trajectory_of_differences(model, monkeypatch, reuse: bool, in_place: bool = 
         monkeypatch.setattr(quadratic_step.QuadraticStep, "_trained_outputs", lambda self: None)
     replays = []
 
-    def counted(f, *args):
-        return difference_rows(lambda theta: replays.append(1) or f(theta), *args)
+    def counted(f, *args, **kwargs):
+        return difference_rows(lambda theta: replays.append(1) or f(theta), *args, **kwargs)
     monkeypatch.setattr(quadratic_step, "difference_rows", counted)
     c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=2, inv_every=2, quadratic_products="difference",
                      fisher="empirical")
@@ -751,6 +751,48 @@ def test_finite_differences_take_the_training_forwards_z_only_where_it_is_the_re
         assert all(torch.equal(p, q) for p, q in zip(a, b))
     # the two steps after the first of each kind (a statistic step's graph, the model's own forward) save one each
     assert replayed_calls - calls == (2 if case == "plain" else 0)
+
+
+class Tabled(nn.Module):
+    """A small tanh network beside a large embedding table (an LLM's vocabulary): ‖θ‖ is the table's, ~570."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(5000, 64)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.out = nn.Linear(64, 3)
+
+    def forward(self, x, ids):
+        return self.net(x) + self.out(self.table(ids))
+
+
+def test_a_difference_quotient_moves_the_outputs_by_about_root_eps_of_themselves():
+    """A tangent on the small network's first layer: the step of norm √ε(1 + ‖θ‖) would move that layer's
+    pre-activations far into the tanh's curvature (4% off forward mode in float32); the quotient is retaken at the
+    step that moves z by √ε‖z‖, and its gain γ = ‖J v‖/‖v‖ sets the next call's step at once (no retake), both to
+    ~1e-3 of the float64 forward-mode product."""
+    torch.manual_seed(0)
+    model = Tabled()
+    x, ids = torch.randn(32, 8), torch.randint(0, 5000, (32,))
+    names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
+    v = [torch.randn_like(p) if n == "net.0.weight" else torch.zeros_like(p) for n, p in zip(names, params)]
+    model64 = copy.deepcopy(model).double()
+    _, reference = jvp(lambda *theta: functional_call(model64, dict(zip(names, theta)), (x.double(), ids)),
+                       tuple(p.double() for p in params), tuple(t.double() for t in v))
+    forwards = []
+
+    def f(theta):
+        forwards.append(1)
+        return ModuleFunction(model, names)(theta, x, ids)
+    z, products, gains = difference_rows(f, params, [v])
+    assert len(forwards) == 3  # z, the quotient, and the quotient retaken
+    assert float((products[0].double() - reference).norm() / reference.norm()) < 5e-3
+    length = math.sqrt(sum(float(t.double().norm()) ** 2 for t in v))
+    assert gains[0] == pytest.approx(float(reference.norm()) / length, rel=5e-3)
+    forwards.clear()
+    _, products, _ = difference_rows(f, params, [v], z, gains)
+    assert len(forwards) == 1
+    assert float((products[0].double() - reference).norm() / reference.norm()) < 5e-3
 
 
 def test_finite_differences_refuse_sixteen_bit_outputs():
