@@ -420,7 +420,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
                 if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: traced
-                    states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                    states.refuse(read)  # again with the state present, its store a side effect where it was one
                     continue
                 failed = tracer.failed_module
                 exc = first_changes.get(failed or "", exc)  # a module that fails with its buffers proxied: opaque
@@ -604,7 +604,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                     ep = exported()
                 except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
                     if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: exported
-                        states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                        states.refuse(read)  # again with the state present, its store a side effect where it was one
                         changes.clear()
                         continue
                     refusal = refused_branch(exc)

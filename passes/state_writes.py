@@ -65,6 +65,7 @@ class StoredStates:
         self.found: list[tuple[nn.Module, list[str]]] = []  # the stores of the last export not yet watched (`exported`)
         self.exported_writes: list[tuple[Key, nn.Module]] = []  # the watched attributes it returned, in order
         self.carried: set[Key] = set()  # those stored with a value computed from the call's input data (`stores`)
+        self.read_first: dict[Key, bool] = {}  # by refused attribute: whether a read before its write refused it
 
     def names(self, module: nn.Module) -> set[str]:
         """The names of `module`'s watched attributes."""
@@ -88,10 +89,13 @@ class StoredStates:
         module is kept opaque, its Python code carrying the state)."""
         return bool(names) and not any((id(module), name) in self.refused for name in names)
 
-    def refuse(self, key: Key) -> None:
-        """The attribute `key` was read before its write: no longer watched (present, as before the capture)."""
+    def refuse(self, refusal: StoreRefused) -> None:
+        """The attribute `refusal.key` was read before its write, or written with a value the graph cannot store: no
+        longer watched (present, as before the capture)."""
+        key = refusal.key
         self._put_back(key, self.watched.pop(key))
         self.refused.add(key)
+        self.read_first[key] = isinstance(refusal, StateReadBeforeWrite)
 
     def _put_back(self, key: Key, module: nn.Module) -> None:
         held = self.original.get(key[0], {})
@@ -136,14 +140,16 @@ class StoredStates:
         return found
 
     def carried_change(self, module: nn.Module, tracer: fx.Tracer | None = None) -> str | None:
-        """'attribute name (...)', the change `side_effect` names, of a store of `module` refused (read before its
-        write) and carried (computed from the call's input data, `stores`) that this capture made again; else None:
-        the state of the last call, which a graph would read as the trace's None at every call."""
+        """'attribute name (...)', the change `side_effect` names, of a store of `module` refused and carried
+        (computed from the call's input data, `stores`) that this capture made again; else None: read before its write,
+        the state of the last call, which a graph would read as the trace's None at every call; or a value the graph
+        cannot store (a tuple), which it would leave as it was."""
         for k, v in vars(module).items():
             key = (id(module), k)
             if key in self.refused and key in self.carried and self._computed(module, k, v, tracer):
-                return (f"attribute {k} (None at the capture -> a value computed from the call's input, which its "
-                        f"forward reads at its next call)")
+                why = ("which its forward reads at its next call" if self.read_first[key] else
+                       "other than one tensor, which a graph cannot store")
+                return f"attribute {k} (None at the capture -> a value computed from the call's input, {why})"
         return None
 
     @contextlib.contextmanager

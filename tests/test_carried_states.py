@@ -98,6 +98,33 @@ def test_a_state_started_as_none_and_read_first_is_no_export(layer):
         c(torch.randn(*SHAPES[layer], dtype=DTYPE))
 
 
+class RecordedState(nn.Module):
+    """An LSTM whose last (h, c) the module keeps for inspection, never read by its forward: a tuple, which the graph
+    cannot write as it writes one tensor (tests/test_state_writes_patterns.py's Recording)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.last = nn.LSTM(WIDTH, WIDTH, batch_first=True), None
+
+    def forward(self, x):
+        out, self.last = self.lstm(x)
+        return out
+
+
+def test_a_tuple_stored_from_the_input_keeps_its_module_opaque_and_holds_the_modules_values():
+    """Before: captured whole, and after each compiled call the attribute still held None."""
+    model = _model(RecordedState)
+    reference = copy.deepcopy(model)
+    c = compile_for_statistics(model, optimizer="kfac", capture="fx")
+    for x in torch.randn(3, 5, 3, WIDTH, dtype=DTYPE, generator=torch.Generator().manual_seed(1)):
+        torch.testing.assert_close(c(x), reference(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(model[1].last, reference[1].last, rtol=0, atol=1e-12)
+    assert set(c.layers.leaves) == {"1"} and "attribute last" in c.layers.leaves["1"]
+    assert "other than one tensor" in c.layers.leaves["1"]
+    with pytest.raises(gnfx.CaptureError, match="attribute last"):
+        gnfx.compile(_model(RecordedState), capture="export")(torch.randn(5, 3, WIDTH, dtype=DTYPE))
+
+
 class RotaryCache(nn.Module):
     """A table built at the first call from the input's width alone, and kept (a rotary embedding's cache)."""
 
