@@ -50,6 +50,8 @@ example and back, and an omitted hx into zeros, as torch's cells do.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +118,16 @@ def recurrent_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b
             None if w_hr is None else torch.stack(cell_outputs, 1))
 
 
+# the site inputs of calls on a PackedSequence (`is_packed_rows`), by id
+_PACKED_ROWS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _packed(rows: torch.Tensor) -> torch.Tensor:
+    """`rows`, noted as rows of a PackedSequence's steps (`is_packed_rows`)."""
+    _PACKED_ROWS[id(rows)] = rows
+    return rows
+
+
 def packed_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None,
                 batch_sizes: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None, kind: str, reverse: bool,
                 w_hr: torch.Tensor | None = None, projection_offset: torch.Tensor | None = None):
@@ -125,7 +137,8 @@ def packed_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh
     states and keeps the others, so that a forward direction's example keeps its state after its last step
     and a reverse direction's starts from h0 at its own last step. Returns (outputs h_t (Σ b_t, P) and the
     rows h_{t-1} (Σ b_t, P), both packed as gx, h_T, c_T (N, ·): each example's state after its last
-    step, reverse: after t = 1; the rows h̃_t (Σ b_t, H) packed as gx, None without w_hr)."""
+    step, reverse: after t = 1; the rows h̃_t (Σ b_t, H) packed as gx, None without w_hr); the rows h_{t-1} and
+    h̃_t, sites' inputs, noted packed (`is_packed_rows`)."""
     sizes = batch_sizes.tolist()
     inputs, offsets = gx.split(sizes), offset.split(sizes)
     projection_offsets = [None] * len(sizes) if w_hr is None else projection_offset.split(sizes)
@@ -139,7 +152,8 @@ def packed_scan(gx: torch.Tensor, offset: torch.Tensor, w_hh: torch.Tensor, b_hh
         outputs[t] = h_t
         h = torch.cat([h_t, h[b:]])
         c = None if c is None else torch.cat([c_t, c[b:]])
-    return torch.cat(outputs), torch.cat(previous), h, c, None if w_hr is None else torch.cat(cell_outputs)
+    return (torch.cat(outputs), _packed(torch.cat(previous)), h, c,
+            None if w_hr is None else _packed(torch.cat(cell_outputs)))
 
 
 def packed_initial_state(packed, hx, part: int, count: int, size: int) -> torch.Tensor:
@@ -193,6 +207,20 @@ def recurrent_output(input, batch_first: bool, output: torch.Tensor, h_n: torch.
     if isinstance(input, nn.utils.rnn.PackedSequence):
         return packed_result(input, output, h_n, c_n, flat)
     return recurrent_result(input, batch_first, output, h_n, c_n, flat)
+
+
+def site_rows(rows: torch.Tensor, input) -> torch.Tensor:
+    """`rows`, the input x of a layer's input products, noted as packed rows where the module's `input` is a
+    PackedSequence (`is_packed_rows`)."""
+    return _packed(rows) if isinstance(input, nn.utils.rnn.PackedSequence) else rows
+
+
+def is_packed_rows(a) -> bool:
+    """Whether `a` is the input of a site of a recurrent module called on a PackedSequence: the layer's input x
+    (`site_rows`) or the rows h_{t-1}, h̃_t of `packed_scan`. Their first dimension Σ_t b_t counts the examples'
+    steps, not the examples: a model returning its loss (no output to give N) takes the head's N for them
+    (gnfx.statistics), that of the loss's M = N terms."""
+    return _PACKED_ROWS.get(id(a)) is a
 
 
 def hidden_product_site(h_prev: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -26,16 +26,16 @@ Where the model output gives no N (a 0-dimensional loss returned by the model or
 gnfx.compile(methods=...)), a block counts N by its inputs, except one whose inputs cannot tell
 (`BlockStatistics.told_examples`): a column of ids (T,), N examples of one id or the T ids of fewer
 examples looked up flat (flair's OneHotEmbeddings; `Layout.tells_examples`), a routed layout's sorted
-tokens, and calls of different first dimensions (flair's character embeddings, called on each sentence's
+tokens, the Σ_t b_t rows of a recurrent module called on a PackedSequence (each example's steps;
+gnfx.recurrent.is_packed_rows), and calls of different first dimensions (flair's character embeddings, called on each sentence's
 words). It takes the N of the first block the backward reached whose inputs tell one: the head, whose
 output stands for the missing model output (flair's TextClassifier: its decoder's 8 sentences, where the
 column holds their 47 tokens), so that its S = M Σ g gᵀ, M = N T, is on the head's scale; inputs whose
 first dimension is not N are then not batch-first (above). Reached before any such block, it takes the N
 that most of them count, or with none or a tie (warned) its own. Inputs of one example (BERT's position
 ids (1, T), an unbatched input) are read by every example: they take the head's N too, as they would the
-output's. The other blocks keep their own count where they disagree with the head (a packed LSTM's
-Σ_t b_t rows, a graph network's nodes beside its graphs): nothing without the output tells which is the
-loss's N. The per-example diagonal of the empirical
+output's. The other blocks keep their own count where they disagree with the head (a graph network's nodes
+beside its graphs): nothing without the output tells which is the loss's N. The per-example diagonal of the empirical
 Fisher, for the per-example loss `ℓ̃_n = N ∂L/∂(example n)` (so that `L = 1/N Σ_n ℓ̃_n`), is
 `diag = 1/N Σ_n (∇ℓ̃_n)² = N Σ_n (Σ_r g_{n,r} a_{n,r}ᵀ)²` (squared elementwise), laid out like `[W b]`.
 `eigen_diag` is the same diagonal in the eigenbases (Q_S, Q_A) of a preconditioner (EKFAC):

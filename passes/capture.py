@@ -38,8 +38,8 @@ from gnfx.passes.default_generator import default_generator_left_out
 from gnfx.passes.custom_functions import OPAQUE_FUNCTION, applied_functions, check_backwards, opaque_in_fx
 from gnfx.passes.grad_modes import grad_modes_recorded
 from gnfx.passes.mha import lowered_for_export
-from gnfx.passes.module_attributes import (attributes_kept, buffer_values, changed_buffers, changed_value,
-                                          changes_recorded, held_values, side_effect, stored_proxies)
+from gnfx.passes.module_attributes import (appended, attributes_kept, buffer_values, changed_buffers, changed_value,
+                                          changes_recorded, held_values, list_lengths, side_effect, stored_proxies)
 from gnfx.passes.buffer_updates import BufferChanged, BufferProxies
 from gnfx.passes.list_writes import ListWrites
 from gnfx.passes.state_writes import StoredStates, StoreRefused
@@ -135,16 +135,20 @@ class _LeafFindingTracer(MappingOutputTracer):
     def create_arg(self, a):
         return super().create_arg(python_number(a))  # a numpy scalar as its number (passes/numpy_scalars.py)
 
-    def _note_changes(self, m: nn.Module, path: str, before: tuple[dict, dict]) -> None:
+    def _note_changes(self, m: nn.Module, path: str, before: tuple[dict, dict, dict]) -> None:
         """Raise the side effect of the traced forward of `m` (at `path`, "" for the model) on a value it holds that
-        changed since `before` (`held_values`, `buffer_values` then); note the buffers it changed in place (their
-        values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied; the list
-        and dict entries it wrote with traced values are `list_writes`' (passes/list_writes.py)."""
+        changed since `before` (`held_values`, `buffer_values`, `list_lengths` then), on a list it appended to, or on
+        a state it carries from a None it read first (passes/carried_states.py); note the buffers it changed in place
+        (their values put back) for the next trace to proxy, all of one trace at once, or raise if they were proxied;
+        the list and dict entries it wrote with traced values are `list_writes`' (passes/list_writes.py)."""
         held, change = self.list_writes.take(self, m, before[0])
         if self.states is not None:  # the tensors it stores, tried in the graph (passes/state_writes.py)
             held = {k: v for k, v in held.items() if k not in self.states.names(m)}
         if change is None and (change := changed_value(m, held)) is not None and self.states is not None:
             change = None if self.states.may_store(m, stored_proxies(m, held)) else change
+        if change is None and self.states is not None:  # a state started as None, read first (passes/carried_states.py)
+            change = self.states.carried_change(m, self)
+        change = change or appended(m, before[2])
         if change is not None:
             raise side_effect(m, path, change)
         if changed := changed_buffers(m, before[1]):
@@ -159,7 +163,7 @@ class _LeafFindingTracer(MappingOutputTracer):
         # is kept opaque (passes/module_attributes.py); one that changes a buffer in place is traced again with that
         # buffer proxied (passes/buffer_updates.py)
         path = self.path_of_module(m)
-        before = None if self.is_leaf_module(m, path) else (held_values(m), buffer_values(m))
+        before = None if self.is_leaf_module(m, path) else (held_values(m), buffer_values(m), list_lengths(m))
         try:
             out = super().call_module(m, forward, args, kwargs)
             if before is not None:
@@ -386,7 +390,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
         while True:
             proxies = BufferProxies(model, proxied)
             tracer = new_tracer()
-            before = held_values(model), buffer_values(model)
+            before = held_values(model), buffer_values(model), list_lengths(model)
             try:
                 with kept_state() as drew, states.absent(tracer):  # Python-level draws (passes/python_random.py)
                     graph = traced(tracer)
@@ -416,7 +420,7 @@ def trace_fx(model: nn.Module, leaf_modules=(), concrete_args=None, structures=N
                                                "random_sample, uniform) that decide the traced graph")
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported below
                 if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: traced
-                    states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                    states.refuse(read)  # again with the state present, its store a side effect where it was one
                     continue
                 failed = tracer.failed_module
                 exc = first_changes.get(failed or "", exc)  # a module that fails with its buffers proxied: opaque
@@ -537,7 +541,7 @@ class _ExportView(nn.Module):
             tensors = _tensors_in(out, {}, set())
             self._gnfx_template.value = (out, list(tensors))
             out = tuple(tensors.values())
-        return self._gnfx_states.exported(self._gnfx_model, out)
+        return self._gnfx_states.exported(self._gnfx_model, out, (args, kwargs))
 
     def _gnfx_rebuild(self, _module, _inputs, flat):
         """The model's output with the exported tensors `flat` in place of the traced ones."""
@@ -600,7 +604,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict | None = None, seen=()) -
                     ep = exported()
                 except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
                     if (read := _raised_from(exc, StoreRefused)) is not None:  # passes/state_writes.py: exported
-                        states.refuse(read.key)  # again with the state present, its store a side effect where it was one
+                        states.refuse(read)  # again with the state present, its store a side effect where it was one
                         changes.clear()
                         continue
                     refusal = refused_branch(exc)

@@ -34,7 +34,8 @@ entry of a dict it holds): a graph traced through it reads the state the trace s
 time step's, 0.0) and never writes it, so every later step computed without the potential carried over,
 silently, and the dict kept the trace's Proxy or FakeTensor. `changed_value(module, before)` names such a
 change, comparing the module's own values (`held_values`: its bool, int, float and tensor attributes, and the
-entries of the dicts and lists it holds) with those it had before its forward ran (a tensor by identity); the
+entries of the dicts and lists it holds) with those it had before its forward ran (a tensor by identity), and
+`appended(module, before)` a tensor appended to a list it held (`list_lengths` then: every call's output kept); the
 fx tracer then keeps that module opaque (its forward runs as its Python code, its layers opened,
 passes/opaque_children.py), and an export during which a module's forward changed one is no capture
 (ForwardSideEffect; torch.export puts the attributes back itself, though not a dict's entries, so
@@ -205,6 +206,22 @@ def _changed(before: dict[str, object], now: dict[str, object]) -> list[str]:
     return [k for k, v in before.items() if k in now and not _same(v, now[k]) or k not in now and "[" in k]
 
 
+def list_lengths(module: nn.Module) -> dict[str, tuple[list, int]]:
+    """(the list, its length) of each list among the module's own attributes, by name: what `appended` compares."""
+    return {k: (v, len(v)) for k, v in vars(module).items() if k not in REGISTRIES and type(v) is list}
+
+
+def appended(module: nn.Module, before: dict[str, tuple[list, int]]) -> str | None:
+    """'attribute name (...)' of the first list the module held before its forward (`list_lengths(module)` then)
+    that the forward appended a tensor to (`self.history.append(h)`, the list growing from call to call: a state
+    kept for the next calls, which a graph would never append to), or None. (An entry the forward writes in place,
+    read back in the same call, is passes/list_writes.py's.)"""
+    for name, (held, length) in before.items():
+        if vars(module).get(name) is held and any(isinstance(v, (torch.Tensor, fx.Proxy)) for v in held[length:]):
+            return f"attribute {name} (a list appended to: {length} -> {len(held)} entries, kept for the next call)"
+    return None
+
+
 def stored_proxies(module: nn.Module, before: dict[str, object]) -> list[str]:
     """Under torch.fx: the names of the module's own attributes (not dict or list entries) that held a tensor in
     `before` (`held_values(module)` then) and now hold a traced value: the states its traced forward stored (module
@@ -280,10 +297,12 @@ def changes_recorded(model: nn.Module, ignored=lambda module: ()):
 
     def before(m, _):
         skipped = ignored(m)
-        entered.setdefault(id(m), []).append({k: v for k, v in held_values(m).items() if k not in skipped})
+        entered.setdefault(id(m), []).append(({k: v for k, v in held_values(m).items() if k not in skipped},
+                                              list_lengths(m)))
 
     def after(m, _, __, path):
-        change = changed_value(m, entered[id(m)].pop())
+        held, lengths = entered[id(m)].pop()
+        change = changed_value(m, held) or appended(m, lengths)
         if change is not None:
             changes.append((m, path, change))
     for path, module in model.named_modules():

@@ -48,7 +48,7 @@ calls `self.wav2vec2.feature_extractor(...)` and `self.wav2vec2.encoder.transfor
 without calling them, be it the opaque submodule itself or a child (`READS_CHILDREN`:
 nn.MultiheadAttention reads `out_proj.weight`; the fused convolution and BatchNorm of
 quantization-aware training folds `bn.weight` and `bn.running_var` into its convolution's weight); a
-child whose parameter the source of its parent's forward reads by attribute for its value
+child whose parameter the code of its parent's forward reads by attribute for its value
 (`self.query_position_embeddings.weight.repeat(...)`: DETR's, Mask2Former's and MaskFormer's query and level
 embeddings, nn.Embedding tables never called), closed whole with its children; a
 child whose graph has no curvature block (a pre-hook that computes the weight, a layer kind gnfx has
@@ -56,13 +56,15 @@ no block for) or cannot be traced (then walked into); anything inside a submodul
 keep opaque (`leaf_modules`), which stays whole. Only the captured graph knows where a layer sits in
 the model: an opened block's `model_input` and `model_output` are False. The leaf "" is the model itself,
 whose forward neither torch.fx nor torch.export captured (passes/opaque_root.py): the graph reads its
-OpenedLeaf at OPENED_ROOT.
+OpenedLeaf at OPENED_ROOT. The calls and reads the code makes are those of its syntax tree (`_chains`): a docstring or
+a comment naming `self.block.fc(x)` or `self.norm.weight` calls and reads nothing.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
-import re
+import textwrap
 
 from torch import fx, nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
@@ -177,19 +179,53 @@ def _why_closed(path: str, module: nn.Module, names: dict, read: set[int], paths
     return None
 
 
+def _parsed(obj) -> ast.Module | None:
+    """The syntax tree of the source of `obj` (a class or a function), None without source (a builtin, a class
+    made at run time) or where it does not parse on its own."""
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _chains(trees: list[ast.AST]) -> list[tuple[ast.expr, list[str], bool]]:
+    """Each chain of attributes `base.a.b.c` the code of `trees` reads, whole (not its parts `base.a.b`), in the
+    order of the source: (its base, the expression before the first dot; the names [a, b, c]; whether the code calls
+    it, `base.a.b.c(...)`). Code only: a docstring or a comment that names `self.block.fc(x)` is none."""
+    called, inner, outer = set(), set(), []
+    for index, tree in enumerate(trees):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                called.add(id(node.func))
+            elif isinstance(node, ast.Attribute):
+                outer.append((index, node.lineno, node.col_offset, node))
+                if isinstance(node.value, ast.Attribute):
+                    inner.add(id(node.value))
+    chains = []
+    for *_, node in sorted(outer, key=lambda entry: entry[:3]):
+        if id(node) in inner:
+            continue
+        names, base = [], node
+        while isinstance(base, ast.Attribute):
+            names.append(base.attr)
+            base = base.value
+        chains.append((base, names[::-1], id(node) in called))
+    return chains
+
+
 def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | None:
     """Why the child `name` of `module`, whose forward runs as Python code, cannot be opened when that
-    forward's source reads one of the child's trainable parameters by attribute (`self.name.weight`) for
+    forward's code reads one of the child's trainable parameters by attribute (`self.name.weight`) for
     its value, not its metadata: DETR's `self.query_position_embeddings.weight.unsqueeze(0).repeat(N, 1, 1)`,
     Mask2Former's `self.level_embed.weight[i]`, an nn.Embedding used as a table and never called, whose
-    block's statistics would see no call (module doc); else None."""
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):  # no source (a builtin, a class made at run time): the backward still checks
-        return None
+    block's statistics would see no call (module doc); else None. (The forward without source: the backward
+    still checks, gnfx/opened_leaf.py.)"""
+    tree = _parsed(type(module).forward)
     params = {n for n, p in child.named_parameters() if p.requires_grad}
-    for match in re.finditer(rf"\bself\.{re.escape(name)}\.([\w.]+)", source):
-        parts = match.group(1).split(".")
+    for base, parts, _ in _chains([tree] if tree is not None else []):
+        if not (isinstance(base, ast.Name) and base.id == "self" and parts[0] == name):
+            continue
+        parts = parts[1:]
         param = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in params), None)
         rest = parts[len(param.split(".")):] if param else []
         if param and not (rest and rest[0] in _METADATA_READS):
@@ -201,46 +237,47 @@ def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | No
 # methods that set a module's parameters at construction (torch.nn's convention, nn.Linear.reset_parameters and
 # nn.MultiheadAttention._reset_parameters; every PyG convolution's reset_parameters calls `self.lin.reset_parameters()`;
 # timm's init_weights, Hugging Face's _init_weights, torchvision's _initialize_weights), not code that runs at a call:
-# the calls of its children's methods they make are left out of `_class_source`
+# the calls of its children's methods they make are left out of `_class_code`
 INITIALIZERS = ("__init__", "reset_parameters", "_reset_parameters", "init_weights", "_init_weights",
                 "_initialize_weights")
 
 
-def _class_source(module: nn.Module) -> str:
-    """The source of `module`'s class and its bases below torch's (every method but the INITIALIZERS: the opaque
-    code may be a method other than forward, passes/opaque_root.py), '' for a torch module or a class without
+def _class_code(module: nn.Module) -> list[ast.AST]:
+    """The syntax trees of `module`'s class and its bases below torch's, without the INITIALIZERS (the opaque code
+    may be a method other than forward, passes/opaque_root.py); none for a torch module or a class without
     source."""
-    sources = []
+    trees = []
     for cls in type(module).__mro__:
         if cls.__module__.startswith("torch.") or cls is object:
             break
-        try:
-            source = inspect.getsource(cls)
-            for name in INITIALIZERS:
-                if inspect.isfunction(method := vars(cls).get(name)):
-                    source = source.replace(inspect.getsource(method), "")
-            sources.append(source)
-        except (OSError, TypeError):  # a builtin, a class made at run time
-            pass
-    return "\n".join(sources)
+        tree = _parsed(cls)
+        if tree is None:
+            continue
+        for definition in tree.body:
+            if isinstance(definition, ast.ClassDef):
+                definition.body = [n for n in definition.body if not (
+                    isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in INITIALIZERS)]
+        trees.append(tree)
+    return trees
 
 
-def _method_called(child: nn.Module, source: str) -> str | None:
-    """Why `child` cannot be opened when `source`, the code of the opaque submodule and of the modules walked
-    into down to the child's parent (`_class_source`), calls a public method of the child's class other than
+def _method_called(child: nn.Module, code: list[ast.AST]) -> str | None:
+    """Why `child` cannot be opened when `code`, that of the opaque submodule and of the modules walked
+    into down to the child's parent (`_class_code`), calls a public method of the child's class other than
     forward by name (normflows' `self.flows[i].inverse(z)` in NormalizingFlow.forward_kld and log_prob, a coupling
     block's `self.flows[0].inverse(z)`): an opened child's graph is its forward, and the method's code would use
     its layers' parameters outside it; walked into instead, the layers the method calls are opened. Else None."""
     methods = sorted({name for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
                       for name, value in vars(cls).items()
                       if inspect.isfunction(value) and name != "forward" and not name.startswith("_")})
-    called = next((m for m in methods if re.search(rf"\.{re.escape(m)}\(", source)), None)
+    called_names = {names[-1] for _, names, called in _chains(code) if called}
+    called = next((m for m in methods if m in called_names), None)
     return (f"the Python code calling it calls its method {called!r}, not its forward, which an opened child's graph "
             f"stands for") if called else None
 
 
-def _called_inside(name: str, child: nn.Module, source: str) -> str | None:
-    """Why the child `name` cannot be opened when `source` (as `_method_called`'s) calls into it by its name other
+def _called_inside(name: str, child: nn.Module, code: list[ast.AST]) -> str | None:
+    """Why the child `name` cannot be opened when `code` (as `_method_called`'s) calls into it by its name other
     than through its forward: one of its submodules that holds trainable parameters (`self.name.sub(x)`,
     `self.name.sub.method(x)`) or one of its methods, private ones too (torchaudio's HuBERTPretrainModel.forward calls
     `self.wav2vec2.feature_extractor(...)`, `self.wav2vec2.encoder._preprocess(...)` and
@@ -250,12 +287,14 @@ def _called_inside(name: str, child: nn.Module, source: str) -> str | None:
     inner = {path for path, m in child.named_modules() if path and any(p.requires_grad for p in m.parameters())}
     methods = {m for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
                for m, value in vars(cls).items() if inspect.isfunction(value) and m != "forward"}
-    for match in re.finditer(rf"\.{re.escape(name)}\.([\w.]+)\s*\(", source):
-        parts = match.group(1).split(".")
-        sub = next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in inner), None)
-        if sub is not None or parts[0] in methods:
-            return (f"the Python code calling it calls {'its submodule ' + repr(sub) if sub else 'its method ' + repr(parts[0])}"
-                    f" itself ('.{name}.{match.group(1)}('), not its forward, which an opened child's graph stands for")
+    for _, names, called in _chains(code):
+        for i in [i for i, n in enumerate(names[:-1]) if n == name] if called else ():
+            parts = names[i + 1:]
+            sub = next((".".join(parts[:j]) for j in range(len(parts), 0, -1) if ".".join(parts[:j]) in inner), None)
+            if sub is not None or parts[0] in methods:
+                return (f"the Python code calling it calls "
+                        f"{'its submodule ' + repr(sub) if sub else 'its method ' + repr(parts[0])} itself "
+                        f"('.{name}.{'.'.join(parts)}('), not its forward, which an opened child's graph stands for")
     return None
 
 
@@ -368,9 +407,9 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                 f = fallbacks[param]
                 fallbacks[param] = dataclasses.replace(f, reason=f"{f.reason}; {path} not opened: {why}")
 
-    def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int, source: str) -> None:
-        """Open the children of `module` (at `module_path`, inside the opaque `leaf`; `source`: the code of the
-        modules from the leaf down to it, `_class_source`) or walk into them."""
+    def walk(leaf: str, module_path: str, module: nn.Module, graphs: dict, position: int, code: list) -> None:
+        """Open the children of `module` (at `module_path`, inside the opaque `leaf`; `code`: the syntax trees of the
+        modules from the leaf down to it, `_class_code`) or walk into them."""
         reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
         for name, child in module.named_children():
             path = _join(module_path, name)
@@ -380,7 +419,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
             walked.add(id(child))
             read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
             why = (f"inside {module_path}, {reads}" if reads is not None else
-                   read_by_code or _method_called(child, source) or _called_inside(name, child, source)
+                   read_by_code or _method_called(child, code) or _called_inside(name, child, code)
                    or _why_closed(path, child, names, read, paths[id(child)]))
             built, traced_with = {}, subtree_numbers(child)  # the numbers its graph holds as constants
             for form in _forms(child) if why is None else ():
@@ -401,7 +440,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
                     closed(path, trainable(child), why)
                 else:  # its own parameters stay; its children are tried
                     closed(path, [names[id(p)][0] for p in child.parameters(recurse=False) if p.requires_grad], why)
-                    walk(leaf, path, child, graphs, position, source + _class_source(child))
+                    walk(leaf, path, child, graphs, position, code + _class_code(child))
                 continue
             table.opened[path] = OPENED
             table.opened.update(child_table.opened)
@@ -427,7 +466,7 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
         if not calls:  # not called by the graph (a leaf inside another leaf, or unused): nothing would run
             continue
         graphs = {}
-        walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]], _class_source(model.get_submodule(leaf)))
+        walk(leaf, leaf, model.get_submodule(leaf), graphs, order[calls[0]], _class_code(model.get_submodule(leaf)))
         if graphs:
             opened = f"gnfx_opened.{leaf}" if leaf else OPENED_ROOT
             gm.add_submodule(opened, OpenedLeaf(model.get_submodule(leaf), leaf, graphs))

@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gnfx.recurrent import (cell_inputs, cell_result, cell_step, first_state, hidden_offset, hidden_product_site,
-                            input_rows, projection_site, recurrent_output, scan_rows, between_layers_dropout)
+                            input_rows, projection_site, recurrent_output, scan_rows, between_layers_dropout,
+                            site_rows)
 
 from .rewrite import recompiled, replace
 
 
 for _name in ("cell_inputs", "cell_result", "cell_step", "first_state", "hidden_offset", "hidden_product_site",
-              "input_rows", "projection_site", "recurrent_output", "scan_rows", "between_layers_dropout"):
+              "input_rows", "projection_site", "recurrent_output", "scan_rows", "between_layers_dropout", "site_rows"):
     torch.fx.wrap(_name)
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -78,7 +79,7 @@ class _LoweredRecurrent(nn.Module):
             for direction in range(directions):
                 suffix, k = f"_l{layer}" + ("_reverse" if direction else ""), layer * directions + direction
                 bias = (lambda name: getattr(m, name + suffix)) if m.bias else (lambda name: None)
-                gx = F.linear(x, getattr(m, "weight_ih" + suffix), bias("bias_ih"))
+                gx = F.linear(site_rows(x, input), getattr(m, "weight_ih" + suffix), bias("bias_ih"))
                 offset = hidden_offset(gx)
                 w_hr, projection_offset = ((getattr(m, "weight_hr" + suffix), hidden_offset(gx, m.proj_size))
                                            if projected else (None, None))

@@ -31,7 +31,8 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace as symbolic_trace
 
-from gnfx.passes.module_attributes import REGISTRIES, AttributeWrite, ForwardSideEffect
+from gnfx.passes.carried_states import computed_from_data, export_nodes, fx_nodes
+from gnfx.passes.module_attributes import REGISTRIES, AttributeWrite, ForwardSideEffect, side_effect
 
 Key = tuple[int, str]  # (id of the module, attribute name)
 
@@ -63,6 +64,8 @@ class StoredStates:
         self.active = False
         self.found: list[tuple[nn.Module, list[str]]] = []  # the stores of the last export not yet watched (`exported`)
         self.exported_writes: list[tuple[Key, nn.Module]] = []  # the watched attributes it returned, in order
+        self.carried: set[Key] = set()  # those stored with a value computed from the call's input data (`stores`)
+        self.read_first: dict[Key, bool] = {}  # by refused attribute: whether a read before its write refused it
 
     def names(self, module: nn.Module) -> set[str]:
         """The names of `module`'s watched attributes."""
@@ -86,10 +89,13 @@ class StoredStates:
         module is kept opaque, its Python code carrying the state)."""
         return bool(names) and not any((id(module), name) in self.refused for name in names)
 
-    def refuse(self, key: Key) -> None:
-        """The attribute `key` was read before its write: no longer watched (present, as before the capture)."""
+    def refuse(self, refusal: StoreRefused) -> None:
+        """The attribute `refusal.key` was read before its write, or written with a value the graph cannot store: no
+        longer watched (present, as before the capture)."""
+        key = refusal.key
         self._put_back(key, self.watched.pop(key))
         self.refused.add(key)
+        self.read_first[key] = isinstance(refusal, StateReadBeforeWrite)
 
     def _put_back(self, key: Key, module: nn.Module) -> None:
         held = self.original.get(key[0], {})
@@ -98,22 +104,53 @@ class StoredStates:
         else:
             module.__dict__.pop(key[1], None)
 
-    def stores(self, model: nn.Module, tracer: fx.Tracer | None = None) -> list[tuple[nn.Module, list[str]]]:
-        """After a forward traced by `tracer` (torch.fx) or inside one torch.export traces: (module, names) of the
-        attributes of `model`'s modules, neither watched nor refused, that hold a value the capture computed (a Proxy
-        of `tracer`'s trace; under torch.export a tensor other than the one held before the capture). A store over a
-        Proxy the module held before its own forward (RecurrentGemma's state set by its model) is none of
-        `changed_value`'s; nor is a store over None, a cache `if self.cached is None: self.cached = f(x)`, which,
-        refused, is left as it was (the graph computes f(x) at each call, and stores it nowhere)."""
-        def stored(m, k, v):
-            if (id(m), k) in self.watched or (id(m), k) in self.refused or k in _recomputed(m):
-                return False
-            if tracer is not None:
-                return isinstance(v, fx.Proxy) and v.tracer is tracer
-            return (isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
-                    and v is not self.original.get(id(m), {}).get(k))
-        found = [(m, [k for k, v in vars(m).items() if k not in REGISTRIES and stored(m, k, v)]) for m in model.modules()]
-        return [(m, names) for m, names in found if names]
+    def _computed(self, m: nn.Module, k: str, v, tracer: fx.Tracer | None) -> bool:
+        """Whether `v`, the attribute `k` of `m`, holds a value the capture computed: a Proxy of `tracer`'s trace or a
+        tuple of them (an LSTM's (h, c)); under torch.export a tensor or a tuple of tensors other than the value held
+        before the capture."""
+        if not isinstance(v, (fx.Proxy, torch.Tensor, tuple)) or isinstance(v, nn.Parameter) or k in _recomputed(m):
+            return False
+        if tracer is not None:
+            return bool(fx_nodes(v, tracer)) and (isinstance(v, fx.Proxy) or all(
+                isinstance(x, fx.Proxy) for x in torch.utils._pytree.tree_leaves(v)))
+        leaves = torch.utils._pytree.tree_leaves(v)
+        return (bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+                and v is not self.original.get(id(m), {}).get(k))
+
+    def stores(self, model: nn.Module, tracer: fx.Tracer | None = None,
+               inputs: list[fx.Node] = ()) -> list[tuple[nn.Module, list[str]]]:
+        """After a forward traced by `tracer` (torch.fx) or inside one torch.export traces (the nodes of its call's
+        `inputs`): (module, names) of the attributes of `model`'s modules, neither watched nor refused, that hold a
+        value the capture computed (`_computed`); those computed from the input's data noted `carried`
+        (passes/carried_states.py). A store over a Proxy the module held before its own forward (RecurrentGemma's
+        state set by its model) is none of `changed_value`'s; nor is a store over None, which, refused, is left as it
+        was where it is a cache, `if self.cached is None: self.cached = f(x.shape)` (the graph computes it at each
+        call, and stores it nowhere), and is a side effect where it is carried (`carried_change`)."""
+        found = [(m, [k for k, v in vars(m).items() if k not in REGISTRIES and (id(m), k) not in self.watched
+                      and (id(m), k) not in self.refused and self._computed(m, k, v, tracer)])
+                 for m in model.modules()]
+        found = [(m, names) for m, names in found if names]
+        placeholders = {n for n in tracer.graph.nodes if n.op == "placeholder"} if tracer is not None else set(inputs)
+        for m, names in found:
+            for k in names:
+                value = vars(m)[k]
+                if computed_from_data(fx_nodes(value, tracer) if tracer is not None else export_nodes(value),
+                                      placeholders):
+                    self.carried.add((id(m), k))
+        return found
+
+    def carried_change(self, module: nn.Module, tracer: fx.Tracer | None = None) -> str | None:
+        """'attribute name (...)', the change `side_effect` names, of a store of `module` refused and carried
+        (computed from the call's input data, `stores`) that this capture made again; else None: read before its write,
+        the state of the last call, which a graph would read as the trace's None at every call; or a value the graph
+        cannot store (a tuple), which it would leave as it was."""
+        for k, v in vars(module).items():
+            key = (id(module), k)
+            if key in self.refused and key in self.carried and self._computed(module, k, v, tracer):
+                why = ("which its forward reads at its next call" if self.read_first[key] else
+                       "other than one tensor, which a graph cannot store")
+                return f"attribute {k} (None at the capture -> a value computed from the call's input, {why})"
+        return None
 
     @contextlib.contextmanager
     def absent(self, tracer: fx.Tracer | None = None):
@@ -136,8 +173,8 @@ class StoredStates:
             if tracer is None or key not in watched:
                 return
             if not isinstance(value, fx.Proxy):  # (a constant: the graph would not know when the forward stores it)
-                raise StoreRefused(key, f"the forward of {type(module).__name__} stores a value no trace computed in "
-                                        f"its attribute {name}")
+                raise StoreRefused(key, f"the forward of {type(module).__name__} stores a value other than one traced "
+                                        f"tensor in its attribute {name}")
             value.tracer.create_proxy("call_function", AttributeWrite(module, name), (value,), {}, name=f"write_{name}")
 
         for (_, name), module in watched.items():
@@ -152,11 +189,15 @@ class StoredStates:
             for key, module in watched.items():
                 self._put_back(key, module)
 
-    def exported(self, model: nn.Module, out):
-        """Under torch.export, at the end of the forward exported (of `model`, which returned `out`): the attributes
-        it stored that are not watched noted in `found`; `out`, and the tensors the watched attributes hold, whose
-        writes `write_exported` makes graph nodes (`out` alone where none is watched)."""
-        self.found = self.stores(model)
+    def exported(self, model: nn.Module, out, inputs):
+        """Under torch.export, at the end of the forward exported (of `model`, called with `inputs`, which returned
+        `out`): the attributes it stored that are not watched noted in `found`; `out`, and the tensors the watched
+        attributes hold, whose writes `write_exported` makes graph nodes (`out` alone where none is watched). Raises
+        the side effect of a carried state stored again (`carried_change`)."""
+        for path, m in model.named_modules():
+            if (change := self.carried_change(m)) is not None:
+                raise side_effect(m, path, change)
+        self.found = self.stores(model, inputs=export_nodes(inputs))
         if not self.watched:
             return out
         for (_, name), m in self.watched.items():

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gnfx
+from gnfx.passes.opaque_children import OPENED
 from references import TOL, augment, cross_entropy, hook_statistics, kfac_factors, record_linear_calls
 from steps import ALL, compile_for_statistics, statistic_step, train
 from test_fisher import curvlinops_type2_factors, statistics_after_one_step
@@ -563,6 +564,48 @@ def test_an_embedding_whose_weight_the_opaque_code_reads_as_a_table_is_not_opene
     for sign in (1, -1):
         x, y = signed_batch(model, sign)
         assert_statistics_match(c, model, ["inp", "body.fc", "out"], x, y)
+
+
+class Coupling(nn.Module):
+    """A child with a public method other than forward (normflows' flows: `inverse`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+    def inverse(self, z):
+        return self.fc(torch.atanh(z))
+
+
+class Documented(nn.Module):
+    """Opaque code that names its children's method, layer and weight in docstrings and comments only:
+    `self.block.inverse(z)` would undo `self.block(x)`, whose layer is `self.block.fc(x)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.norm = Coupling(), nn.LayerNorm(6)
+
+    def forward(self, x):
+        """self.block(x) applies the coupling, self.block.inverse(z) would undo it, self.block.fc(x) is its
+        layer, and self.norm.weight.sum() the norm's total scale."""
+        h = self.norm(self.block(x))  # not self.block.fc(h), nor self.norm.weight * h
+        return h if h.mean() < 1e6 else -h  # data-dependent: opaque
+
+
+def test_children_named_in_docstrings_and_comments_only_are_opened():
+    """Before: the text search of the code took the docstrings' and comments' `self.block.inverse(z)`, `self.block.fc(x)`
+    and `self.norm.weight.sum()` for calls and a read, and kept both children closed, their parameters falling back;
+    the code's calls are now read from its syntax tree (passes/opaque_children.py)."""
+    model = Around(Documented())
+    c = compile_for_statistics(model, capture="fx", optimizer="kfac")
+    assert c.layers.opened["body.block"] == c.layers.opened["body.norm"] == OPENED
+    assert not c.layers.fallbacks
+    for sign in (1, -1):
+        x, y = signed_batch(model, sign)
+        assert_statistics_match(c, model, ["inp", "body.block.fc", "out"], x, y)
 
 
 class Mixed(nn.Module):

@@ -488,6 +488,32 @@ def test_a_packed_lstm_with_projections_is_blocks_over_the_unpadded_steps():
         torch.testing.assert_close(c.statistics(name)["S"], factors["S"], **TOL)
 
 
+class PackedProjectedLoss(nn.Module):
+    """`PackedProjected` returning its mean cross-entropy: a 0-dimensional output, which gives no N."""
+
+    def __init__(self, model: PackedProjected):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, lengths, y):
+        return cross_entropy(self.model(x, lengths), y)
+
+
+def test_a_packed_lstm_under_a_loss_returned_by_the_model_takes_the_heads_examples():
+    """Without an output to give N, the LSTM's blocks take the head's N (the loss's M = 4 terms), not the Σ_t b_t = 14
+    packed rows their inputs hold (before: S 14/4 = 3.5 times that of the written-out LSTM on the unpadded sequences)."""
+    model = PackedProjected()
+    x, lengths, y = torch.randn(4, 5, 3, dtype=DTYPE), torch.tensor([3, 5, 2, 4]), torch.tensor([0, 1, 1, 0])
+    expected = projected_factors(model, UnrolledPacked(model), x, y, lengths=lengths)
+    c = compile_for_statistics(PackedProjectedLoss(model), optimizer="kfac", capture="fx")
+    c(x, lengths, y).backward()
+    c.step()
+    assert len(c.layers) == 13 and not c.layers.fallbacks
+    for name, factors in expected.items():
+        torch.testing.assert_close(c.statistics(f"model.{name}")["A"], factors["A"], **TOL)
+        torch.testing.assert_close(c.statistics(f"model.{name}")["S"], factors["S"], **TOL)
+
+
 # ----------------------------------------------------------------------------- fallbacks
 
 

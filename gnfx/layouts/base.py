@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from gnfx.recurrent import is_packed_rows
+
 
 def factor_blocks(d: int, max_factor: int | None, unit: int = 1, extra: int = 0) -> tuple[int, int]:
     """(m, b): d entries cut into m near-equal blocks of b entries, b a multiple of `unit` (whole
@@ -78,8 +80,9 @@ class Layout:
 
     def tells_examples(self, a) -> bool:
         """Whether the input `a` tells N by `examples` where the model output gives none (gnfx.statistics):
-        every input but a column of ids (gnfx.layouts.embedding) and a routed layout's sorted tokens."""
-        return not self.routed
+        every input but a column of ids (gnfx.layouts.embedding), a routed layout's sorted tokens and the packed
+        rows of a recurrent module called on a PackedSequence (gnfx.recurrent.site_rows)."""
+        return not self.routed and not is_packed_rows(a)
 
     def error_rows(self, g: torch.Tensor) -> torch.Tensor:
         """The output gradient as (N, R, d_out) rows."""
