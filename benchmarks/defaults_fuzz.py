@@ -7,8 +7,8 @@ capture=<the recipe's>), no lr, what a user gets who names only the optimizer an
 optimizer, lr and step are not used); `--steps` steps on the recipe's first batch (2-3 examples, random labels
 or mse targets), which the model can fit, and that batch's loss before and after. Per variant it counts the runs
 that raised (by exception and first line), took a non-finite loss or left a non-finite parameter, or ended with
-the batch's loss above its start (of those, how many draw dropout masks: each step's batch loss is then another
-function, the one measured a third); prints one line per failure, then a markdown table.
+the batch's loss above its start (for a model that draws dropout masks, the mean over composed.MASKS masks; of
+the rises, how many such models); prints one line per failure, then a markdown table.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python -m benchmarks.defaults_fuzz --examples 300 --steps 30
 """
