@@ -193,8 +193,9 @@ def _cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
     """(z, y, u) -> F_z u for the categorical likelihood p = softmax(z) of each row.
 
     Each row (example or token) contributes w_n (diag(p_n) - p_n p_nᵀ), where w_n is the row's
-    weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise. u is shaped
-    like z, or K such vectors stacked on a leading axis.
+    weight in the mean: 1/N, or 0 for an ignored target and 1/(number kept) otherwise; with no row kept
+    (every target ignored, or for the quadratic step a batch whose output gradient is 0 to the last bit)
+    the product is 0, not 0/0. u is shaped like z, or K such vectors stacked on a leading axis.
     """
     if _classes_first(z, y):  # the same product of the classes-last z and u, moved back
         axis = u.dim() - z.dim() + 1
@@ -206,7 +207,7 @@ def _cross_entropy_fisher_product(z: Tensor, y: Tensor, u: Tensor) -> Tensor:
         weight = torch.full_like(p[:, 0], 1 / p.shape[0])
     else:
         kept = (y.reshape(-1) != IGNORE_INDEX).to(p.dtype)
-        weight = kept / kept.sum()
+        weight = kept / kept.sum().clamp(min=1)
     fisher_u = p * u_rows - p * (p * u_rows).sum(-1, keepdim=True)
     return (weight[:, None] * fisher_u).reshape(u.shape)
 

@@ -197,6 +197,21 @@ def test_ggn_vp_language_model_with_ignored_tokens():
     torch.testing.assert_close(flat(ggn.fisher_vp(model, "cross_entropy", inputs, targets, v)), expected, **TOL)
 
 
+def test_the_cross_entropy_output_product_of_rows_none_of_which_counts_is_zero():
+    """H_ℓ u of cross-entropy with every target ignored is 0: the rows' weights 1/(rows kept) would be 0/0
+    (the quadratic step marks the rows its output gradient does not reach as ignored: a batch the model fits
+    to rounding, tests/test_quadratic_step.py), and the rows the mean counts are none."""
+    z, u = torch.randn(2, 3, 5, dtype=DTYPE), torch.randn(4, 2, 3, 5, dtype=DTYPE)
+    ignored = torch.full((2, 3), -100)
+    assert torch.equal(ggn.output_hessian_product("cross_entropy", z, ignored, u), torch.zeros_like(u))
+    one_kept = ignored.clone()
+    one_kept[1, 2] = 0  # one row counts: its weight is 1
+    p = torch.softmax(z[1, 2], -1)
+    expected = torch.zeros_like(u)
+    expected[:, 1, 2] = u[:, 1, 2] @ (torch.diag(p) - torch.outer(p, p))
+    torch.testing.assert_close(ggn.output_hessian_product("cross_entropy", z, one_kept, u), expected, **TOL)
+
+
 def test_segmentation_logits_take_their_classes_on_dimension_1_as_f_cross_entropy_does():
     """(N, C, H, W) logits with (N, H, W) class-index masks: the named loss is F.cross_entropy(z, y), the
     mean over the kept pixels of each pixel's softmax over dimension 1 (before: flattened as if the

@@ -323,6 +323,40 @@ def test_minimize_quadratic_without_curvature_along_the_previous_update_takes_mu
     assert c.tolist() == [0.5, 0.0] and predicted == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("optimizer, options", [("diag", {"step": "quadratic"}), ("kfac", {"weight_decay": 0.1})],
+                         ids=["diag-quadratic", "kfac-weight-decay"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_a_batch_the_model_fits_to_rounding_takes_a_finite_step(loss, optimizer, options):
+    """A float32 batch whose output gradient is exactly 0 (the softmax saturated at the labels: every other
+    class's probability underflows; or outputs equal to the mse targets) under a proposal that is not 0 (Adam's
+    first moment from the batches before, a weight decay): no row of z counts for cross-entropy (its rows are those
+    the gradient reaches), so H_ℓ = 0 there, as it is at a one-hot softmax, and b = gᵀΔ = 0. The step is finite
+    (the model along Δ is λ‖Δ‖² α²/2: α = 0) and the next batch, which the model does not fit, trains on.
+    Before, the cross-entropy rows' weight 1/(rows counted) was 0/0: a NaN α and NaN parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    c = gnfx.compile(model, optimizer=optimizer, loss=loss, **options)
+    x, y = (t.float() if t.is_floating_point() else t for t in batch(loss))
+    for seed in range(3):
+        train_step(c, x, y, loss, seed)
+    with torch.no_grad():
+        if loss == "cross_entropy":
+            model[2].weight.mul_(1e5)  # logit gaps of ~1e4: exp(-gap) is 0 in float32
+            fitted = model(x).argmax(1)
+        else:
+            fitted = model(x)
+    LOSSES[loss](c(x), fitted).backward()
+    assert all(float(p.grad.abs().max()) == 0 for p in model.parameters())  # fitted to rounding
+    c.step()
+    c.zero_grad()
+    last = c.optimizer.last_step
+    assert last["solved"] and last["alpha"] == 0.0, last  # a proposal, and no step along it
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    train_step(c, x, y, loss, 3)
+    assert math.isfinite(c.optimizer.last_step["alpha"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- damping
 
 
