@@ -448,6 +448,50 @@ def test_the_held_out_test_with_a_closure_equals_the_one_without():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("falls", [False, True])
+def test_a_step_the_held_out_scale_took_past_the_minimizer_is_taken_only_if_its_batch_loss_falls(falls, monkeypatch):
+    """κ = HELD_OUT_MAX (held there: the held-out rule is patched out) makes the step κc, far past the model's
+    minimizer c, -q(κc) < 0: no ρ, but the loss of its batch is measured at θ + κc. Honestly (it rose, on mse
+    along 64 times the minimizer), the step is retried shorter on its batch, the loss falls and κ ← κ/e; a
+    closure reporting a fall there (`falls`) has the step taken whole, 64 times an unscaled twin's, κ kept."""
+    monkeypatch.setattr(quadratic_step, "held_out_scale", lambda scale, longer, shorter: scale)
+    x, y = batch("mse")
+    twins = []
+    for scale in (HELD_OUT_MAX, 1.0):
+        model = tiny()
+        c = gnfx.compile(model, optimizer="kfac", loss="mse", stat_every=1, inv_every=1)
+        F.mse_loss(c(x), y).backward()
+        c.step()  # a first, accepted step: a previous update exists
+        c.zero_grad()
+        c.optimizer.quadratic.held_out_scale = scale
+        theta = [p.detach().clone() for p in model.parameters()]
+        calls = []
+
+        def closure(c=c, calls=calls, scale=scale):
+            loss = F.mse_loss(c(x), y)
+            if torch.is_grad_enabled():
+                loss.backward()
+            calls.append(float(loss.detach()))
+            held_out = 2 if scale != 1.0 else 0  # the closure's calls at θ + δ and θ - δ/2 come first
+            return torch.full_like(loss, calls[0] - 1.0) if falls and len(calls) == 2 + held_out else loss
+        c.step(closure)
+        twins.append((model, c, theta, calls))
+    (model, c, theta, calls), (twin, _, twin_theta, _) = twins
+    last = c.optimizer.last_step
+    assert last["predicted"] < 0 or last["backtracks"] > 0
+    with torch.no_grad():
+        after = float(F.mse_loss(model(x), y))
+    if not falls:
+        assert calls[3] > calls[0]  # the loss at θ + κc rose: the step was retried shorter
+        assert not last["rejected"] and last["backtracks"] >= 1 and after < calls[0]
+        assert c.optimizer.quadratic.held_out_scale == HELD_OUT_MAX / HELD_OUT_FACTOR
+    else:
+        assert not last["rejected"] and last["backtracks"] == 0
+        assert c.optimizer.quadratic.held_out_scale == HELD_OUT_MAX
+        for p, w, q, v in zip(model.parameters(), theta, twin.parameters(), twin_theta):
+            torch.testing.assert_close(p - w, HELD_OUT_MAX * (q - v), rtol=1e-8, atol=1e-12)
+
+
 def test_checkpoint_carries_the_held_out_scale():
     a = gnfx.compile(tiny(), optimizer="kfac", loss="cross_entropy", stat_every=1)
     train_step(a, *batch("cross_entropy"), "cross_entropy", 0)
