@@ -54,13 +54,13 @@ def train(recipe, features: int, options: dict, steps: int) -> tuple[str | None,
         return f"raised {type(error).__name__}: {first}", math.nan, math.nan
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--random", action="store_true", help="new recipes on each run")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs, failures, rose, ratios = collections.Counter(), collections.defaultdict(collections.Counter), \
         collections.defaultdict(list), collections.defaultdict(list)
     start, recipes = time.perf_counter(), [0]

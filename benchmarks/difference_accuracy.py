@@ -44,14 +44,15 @@ def reference(f, primals, tangent_rows) -> list[torch.Tensor]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="char_gpt", choices=sorted(TASKS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--first", type=int, default=0, help="measure every one of the first calls")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     calls, errors = [0], {"gnfx": [], "default": []}
 
@@ -79,14 +80,18 @@ def main() -> None:
         return out
 
     quadratic_step.difference_rows = measured
-    task = TASKS[args.task]()
-    model = gnfx.compile(task.make_model(args.seed), optimizer="kfac", loss=task.loss_name)
-    batches = task.batches(args.seed)
-    for _ in range(args.steps):
-        x, y = next(batches)
-        task.loss_fn(model(x), y).backward()
-        model.step()
-        model.zero_grad()
+    try:
+        task = TASKS[args.task]()
+        model = gnfx.compile(task.make_model(args.seed), optimizer="kfac", loss=task.loss_name)
+        batches = task.batches(args.seed)
+        for _ in range(args.steps):
+            x, y = next(batches)
+            task.loss_fn(model(x), y).backward()
+            model.step()
+            model.zero_grad()
+    finally:
+        quadratic_step.difference_rows = difference_rows
+        torch.set_num_threads(threads)
     for name, values in errors.items():
         if values:
             print(f"{name:8s} h: median error {statistics.median(values):.1e}, largest {max(values):.1e} "

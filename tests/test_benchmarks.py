@@ -290,6 +290,29 @@ def test_quadratic_step_time_to_target_table_runs_on_the_autoencoder():
         assert f"| {run} | > 10 | – | > 10 | – |" in table, table
 
 
+def test_difference_accuracy_measures_the_quotients_of_a_few_steps_and_restores_the_step(capsys):
+    """benchmarks.difference_accuracy runs end to end on the autoencoder's first steps (figures not asserted;
+    benchmarks/results/quadratic_step.md has them), and leaves the quadratic step's difference_rows as it was."""
+    from benchmarks import difference_accuracy
+    from gnfx import finite_differences, quadratic_step
+
+    difference_accuracy.main(["--task", "digits_autoencoder", "--steps", "3", "--first", "3"])
+    out = capsys.readouterr().out
+    assert "call    1 row 0: r" in out and "gnfx     h: median error" in out and "default  h: median error" in out, out
+    assert quadratic_step.difference_rows is finite_differences.difference_rows
+
+
+def test_defaults_fuzz_trains_a_recipe_with_every_variant(capsys):
+    """benchmarks.defaults_fuzz runs end to end on one recipe: a row per variant (figures not asserted;
+    benchmarks/results/first_contact_19_defaultsfuzz.md has them)."""
+    from benchmarks import defaults_fuzz
+
+    defaults_fuzz.main(["--examples", "1", "--steps", "2"])
+    out = capsys.readouterr().out
+    for name in defaults_fuzz.VARIANTS:
+        assert f"\n| {name} | 1 | " in out, out
+
+
 def test_example_models_check_runs_on_every_model():
     """benchmarks.example_models trains each example model at kfac's defaults and flags divergence
     (two steps each; the verdicts of the real runs are in benchmarks/results/defaults.md)."""
