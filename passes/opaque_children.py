@@ -213,16 +213,21 @@ def _chains(trees: list[ast.AST]) -> list[tuple[ast.expr, list[str], bool]]:
     return chains
 
 
-def _read_by_forward(module: nn.Module, name: str, child: nn.Module) -> str | None:
+def _forward_chains(module: nn.Module) -> list[tuple[ast.expr, list[str], bool]]:
+    """`_chains` of the code of `module`'s forward, none without its source."""
+    tree = _parsed(type(module).forward)
+    return _chains([tree] if tree is not None else [])
+
+
+def _read_by_forward(module: nn.Module, name: str, child: nn.Module, forward: list) -> str | None:
     """Why the child `name` of `module`, whose forward runs as Python code, cannot be opened when that
     forward's code reads one of the child's trainable parameters by attribute (`self.name.weight`) for
     its value, not its metadata: DETR's `self.query_position_embeddings.weight.unsqueeze(0).repeat(N, 1, 1)`,
     Mask2Former's `self.level_embed.weight[i]`, an nn.Embedding used as a table and never called, whose
-    block's statistics would see no call (module doc); else None. (The forward without source: the backward
-    still checks, gnfx/opened_leaf.py.)"""
-    tree = _parsed(type(module).forward)
+    block's statistics would see no call (module doc); else None. `forward`: `_forward_chains(module)`. (The
+    forward without source: the backward still checks, gnfx/opened_leaf.py.)"""
     params = {n for n, p in child.named_parameters() if p.requires_grad}
-    for base, parts, _ in _chains([tree] if tree is not None else []):
+    for base, parts, _ in forward:
         if not (isinstance(base, ast.Name) and base.id == "self" and parts[0] == name):
             continue
         parts = parts[1:]
@@ -261,24 +266,25 @@ def _class_code(module: nn.Module) -> list[ast.AST]:
     return trees
 
 
-def _method_called(child: nn.Module, code: list[ast.AST]) -> str | None:
-    """Why `child` cannot be opened when `code`, that of the opaque submodule and of the modules walked
-    into down to the child's parent (`_class_code`), calls a public method of the child's class other than
-    forward by name (normflows' `self.flows[i].inverse(z)` in NormalizingFlow.forward_kld and log_prob, a coupling
-    block's `self.flows[0].inverse(z)`): an opened child's graph is its forward, and the method's code would use
-    its layers' parameters outside it; walked into instead, the layers the method calls are opened. Else None."""
+def _method_called(child: nn.Module, chains: list) -> str | None:
+    """Why `child` cannot be opened when `chains`, the `_chains` of the code of the opaque submodule and of the
+    modules walked into down to the child's parent (`_class_code`), show that code calling a public method of the
+    child's class other than forward by name (normflows' `self.flows[i].inverse(z)` in NormalizingFlow.forward_kld
+    and log_prob, a coupling block's `self.flows[0].inverse(z)`): an opened child's graph is its forward, and the
+    method's code would use its layers' parameters outside it; walked into instead, the layers the method calls are
+    opened. Else None."""
     methods = sorted({name for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
                       for name, value in vars(cls).items()
                       if inspect.isfunction(value) and name != "forward" and not name.startswith("_")})
-    called_names = {names[-1] for _, names, called in _chains(code) if called}
+    called_names = {names[-1] for _, names, called in chains if called}
     called = next((m for m in methods if m in called_names), None)
     return (f"the Python code calling it calls its method {called!r}, not its forward, which an opened child's graph "
             f"stands for") if called else None
 
 
-def _called_inside(name: str, child: nn.Module, code: list[ast.AST]) -> str | None:
-    """Why the child `name` cannot be opened when `code` (as `_method_called`'s) calls into it by its name other
-    than through its forward: one of its submodules that holds trainable parameters (`self.name.sub(x)`,
+def _called_inside(name: str, child: nn.Module, chains: list) -> str | None:
+    """Why the child `name` cannot be opened when `chains` (as `_method_called`'s) show the code calling into it by
+    its name other than through its forward: one of its submodules that holds trainable parameters (`self.name.sub(x)`,
     `self.name.sub.method(x)`) or one of its methods, private ones too (torchaudio's HuBERTPretrainModel.forward calls
     `self.wav2vec2.feature_extractor(...)`, `self.wav2vec2.encoder._preprocess(...)` and
     `self.wav2vec2.encoder.transformer(...)`, never `self.wav2vec2(...)`): an opened child's graph runs only where
@@ -287,7 +293,7 @@ def _called_inside(name: str, child: nn.Module, code: list[ast.AST]) -> str | No
     inner = {path for path, m in child.named_modules() if path and any(p.requires_grad for p in m.parameters())}
     methods = {m for cls in type(child).__mro__ if not cls.__module__.startswith("torch.") and cls is not object
                for m, value in vars(cls).items() if inspect.isfunction(value) and m != "forward"}
-    for _, names, called in _chains(code):
+    for _, names, called in chains:
         for i in [i for i, n in enumerate(names[:-1]) if n == name] if called else ():
             parts = names[i + 1:]
             sub = next((".".join(parts[:j]) for j in range(len(parts), 0, -1) if ".".join(parts[:j]) in inner), None)
@@ -411,15 +417,17 @@ def open_opaque_children(model: nn.Module, gm: fx.GraphModule, table, block_site
         """Open the children of `module` (at `module_path`, inside the opaque `leaf`; `code`: the syntax trees of the
         modules from the leaf down to it, `_class_code`) or walk into them."""
         reads = _reads_children(module)  # only the opaque submodule itself: a child that reads is not walked into
+        chains, forward = _chains(code), _forward_chains(module)  # read once for all the children
         for name, child in module.named_children():
             path = _join(module_path, name)
             if (any(path == r or path.startswith(r + ".") for r in requested) or not trainable(child)
                     or id(child) in walked):
                 continue  # kept whole, as asked; or nothing to open; or met before by another path
             walked.add(id(child))
-            read_by_code = _read_by_forward(module, name, child)  # closed whole: the read may be of a grandchild's
+            # closed whole: the read may be of a grandchild's
+            read_by_code = _read_by_forward(module, name, child, forward)
             why = (f"inside {module_path}, {reads}" if reads is not None else
-                   read_by_code or _method_called(child, code) or _called_inside(name, child, code)
+                   read_by_code or _method_called(child, chains) or _called_inside(name, child, chains)
                    or _why_closed(path, child, names, read, paths[id(child)]))
             built, traced_with = {}, subtree_numbers(child)  # the numbers its graph holds as constants
             for form in _forms(child) if why is None else ():
