@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from torch.distributed.tensor import DTensor
 
 from gnfx.filled_gradients import fills_gradients, tell_a_graph_backward
