@@ -26,8 +26,9 @@ plain fwd+bwd + AdamW's, as medians of paired ratios, beside its products bound:
 products per step over the layers' own (3 R d_in d_out; 2 for the first layer, whose input
 needs no gradient), amortized over stat_every: K-FAC applies S⁻¹ G A⁻¹ every step and its taps add
 R (d_in² + d_out²) on statistic steps; Shampoo applies L^{-p} G R^{-p} every step and collects G Gᵀ
-and Gᵀ G on statistic steps; rank1's taps form the per-example diagonal (δ²)ᵀ(a²) and the batch
-gradient δᵀa, 2 R d_out d_a, on statistic steps (fisher="empirical", the sweep's: no loss= given);
+and Gᵀ G on statistic steps; rank1's taps form the per-example diagonal (δ²)ᵀ(a²), R d_out d_a, on
+statistic steps, and take the batch gradient δᵀa from autograd's ∇W (fisher="empirical", the sweep's: no
+loss= given; gnfx.taps.WeightTap), which is among the layers' own products;
 diag adds no products (its bound is 1). The refresh's decompositions and the step's elementwise
 work are not in the bound. Targets at rows/width >= 4: kfac and shampoo <= 1.25, diag and rank1
 <= 1.10.
@@ -112,8 +113,10 @@ def products(compiled, rows: dict) -> dict:
     examples x positions): "layers", the layers' own forward+backward products, 3 R d_in d_out a
     block (z, ∂L/∂W and ∂L/∂a), 2 R d_in d_out for a block reading the model's input (`model_input`:
     the data needs no gradient, and autograd forms none); "statistics", the taps' aᵀa and δᵀδ,
-    Σ R (d_in² + d_out²); "rank1_statistics", rank1's taps, the per-example diagonal (δ²)ᵀ(a²) and
-    the batch gradient δᵀa, Σ 2 R d_out d_a; "preconditioner", one K-FAC step S⁻¹ G A⁻¹,
+    Σ R (d_in² + d_out²); "rank1_statistics", rank1's taps, the per-example diagonal (δ²)ᵀ(a²),
+    Σ R d_out d_a, and the batch gradient δᵀa, R d_out d_a, only for a block whose taps form it: a linear or
+    conv block of one site takes it from autograd's ∇W under the sweep's fisher="empirical" (no loss=;
+    gnfx.taps.WeightTap); "preconditioner", one K-FAC step S⁻¹ G A⁻¹,
     Σ d_out² d_a + d_out d_a² with d_a = d_in (+1 for a bias). An embedding's own product is a
     gather (none), its A a count (R d_out² of statistics) and diagonal (d_out² d_in a step)."""
     out = dict.fromkeys(("layers", "statistics", "rank1_statistics", "preconditioner"), 0)
@@ -125,7 +128,8 @@ def products(compiled, rows: dict) -> dict:
         else:
             out["layers"] += (2 if b.model_input else 3) * r * b.d_in * b.d_out
             out["statistics"] += r * (b.d_in ** 2 + b.d_out ** 2)
-            out["rank1_statistics"] += 2 * r * b.d_out * d_a
+            own_gradient = b.kind in ("linear", "conv") and len(b.sites) == 1 and b.called_by is None
+            out["rank1_statistics"] += (1 if own_gradient else 2) * r * b.d_out * d_a
             out["preconditioner"] += b.d_out ** 2 * d_a + b.d_out * d_a ** 2
     return out
 

@@ -52,6 +52,17 @@ last batch's values, never averaged over steps (`LATEST`); under data parallelis
 `Σ_r N_r F_r / N` of gnfx.distributed gives the whole batch's `grad`, and `[W/N, W/M]` from the
 W ranks' `inverse_counts` when every rank has the same T = M/N (the model output's shape).
 
+The weight's part of `grad`, `Σ_{n,r} g_{n,r} a_{n,r}ᵀ` in W's columns, is the product the backward forms for
+W's own gradient through the site. Where a block of one site has its weight read through an alias W'
+(gnfx.taps.WeightTap, `fisher="empirical"`), autograd's ∂L/∂W' is exactly that site's term, whatever other
+terms of the loss (a penalty, another use of W) add to W's `.grad` beside it, and before any change of `.grad`
+after the backward (clipping): the backward's hook on the output leaves that part to W''s hook
+(`record_weight_gradient`), read into the [W b] layout by the block's weight view (gnfx.targets.as_matrix), and
+adds only the bias column Σ g itself. It does so for a backward that runs W''s node (not for
+`backward(inputs=[b])`) and while no backward has kept its graph through a block (after one, ∂L/∂W' would hold
+the term δ ūᵀ of gnfx.filled_gradients beside Σ g aᵀ): the two sums agree to float rounding (autograd's
+product and the taps' einsum may order their sums differently).
+
 A block whose diagonal A is weighted by energy (a position table, gnfx.layouts.position) gives with
 its A (the ids' frequencies) the energies `energy`, `ε_t = 1/M Σ_n |δ_{n,t}|² = M Σ_n |g_{n,t}|²`
 (S's normalization, so Σ_t ε_t = tr S), which `fold` turns into A = ε / Σ_t ε_t: after the average
@@ -87,10 +98,12 @@ import warnings
 from collections import Counter
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from gnfx.errors import ConfigError
 from gnfx.layouts import layout_of
 from gnfx.layouts.base import padded_blocks
+from gnfx.targets import as_matrix
 
 STATISTICS = ("A", "S", "diag", "eigen_diag", "grad", "inverse_counts")
 # statistics kept as the last batch's value instead of a moving average over steps
@@ -135,6 +148,10 @@ class BlockStatistics:
         self._staged: dict[int, list] = {}  # forward id -> layer inputs awaiting that forward's backward
         self._whole_batch: set[int] = set()  # forwards whose input is not batch-first (see _commit)
         self._warned = False
+        # forward id -> the autograd node of its alias W' of the weight (gnfx.taps.WeightTap), and the backwards
+        # that left the weight's part of `grad` to that alias's hook and whose hook has not run yet
+        self._aliases: dict[int, object] = {}
+        self._left_to_alias: Counter = Counter()
         # several sites (tied weights, or a layer an opaque submodule's code calls, any number of times:
         # Block.called_by): the sites' terms summed per example (reduce: over the positions of all sites;
         # per-example diagonals: before squaring)
@@ -180,6 +197,35 @@ class BlockStatistics:
         """The rows (examples x positions, over all call sites) of the layer inputs staged by the forwards
         whose backward has not reached the block yet (gnfx.layouts.base `Layout.rows`)."""
         return sum((layout or self.layout).rows(a) for staged in self._staged.values() for a, _, layout in staged)
+
+    @property
+    def takes_grad(self) -> bool:
+        """Whether the block's statistics take the batch gradient `grad`."""
+        return self._grad is not None
+
+    def record_weight_alias(self, alias: torch.Tensor, forward_id: int) -> None:
+        """Forward: the weight's alias W' of forward `forward_id` (gnfx.taps.WeightTap), whose gradient may
+        give the weight's part of `grad` (module docstring)."""
+        self._aliases[forward_id] = get_gradient_edge(alias).node
+
+    def _left_to_weight(self, forward_id: int) -> bool:
+        """Called from the output's hook in a backward that fills the block's gradient: whether the weight's
+        part of `grad` is left to the hook of W' (module docstring), counted so that W''s hook adds it once."""
+        node = self._aliases.get(forward_id)
+        if node is None or self.store.graph_backward_told or not torch._C._will_engine_execute_node(node):
+            return False
+        self._left_to_alias[forward_id] += 1
+        return True
+
+    @torch.no_grad()
+    def record_weight_gradient(self, g: torch.Tensor, forward_id: int) -> None:
+        """W''s gradient hook: ∂L/∂W', the site's Σ g aᵀ in W's shape, into `grad`'s weight columns, for a
+        backward whose output hook left it here (any other backward through W' adds nothing)."""
+        if not self._left_to_alias[forward_id]:
+            return
+        self._left_to_alias[forward_id] -= 1
+        W = as_matrix(g, self.layout.view, self.groups)
+        self._grad[:, :W.shape[1]] += W.reshape(self._grad.shape[0], -1)
 
     @property
     def wants_activation_in_backward(self) -> bool:
@@ -348,7 +394,12 @@ class BlockStatistics:
             self._gram_into("_S", rows)
         if self._A_energy is not None:
             self._A_energy.index_add_(0, self.layout.error_ids(g).flatten(), g3.square().sum(-1).flatten())
-        if self._diag is None and self._grad is None and self._eigen_diag is None:
+        grad = self._grad
+        if grad is not None and self._left_to_weight(forward_id):  # W''s hook adds Σ g aᵀ; here the bias's Σ g
+            if self.bias:
+                grad[:, -1] += g3.sum((0, 1)).reshape(-1)
+            grad = None
+        if self._diag is None and grad is None and self._eigen_diag is None:
             return
         Q_S, Q_A = self.basis() if self._eigen_diag is not None and self.basis is not None else (None, None)
         g3s = [g3] if self._eigen_diag is None else [g3, g3 if Q_S is None else _rotate_rows(g3, Q_S)]
@@ -358,7 +409,7 @@ class BlockStatistics:
             rows = chunk if self.layout.diagonal_A else self._augmented(chunk.to(self.dtype))
             if self._diag is not None:
                 self._record_per_example(g, rows, forward_id, self._diag, self._per_example)
-            if self._grad is not None:
+            if grad is not None:
                 self._record_gradient(g, rows)
             if self._eigen_diag is not None:
                 self._record_per_example(rotated[0], rows, forward_id, self._eigen_diag, self._eigen_per_example, Q_A)
@@ -510,6 +561,8 @@ class BlockStatistics:
         self._staged.clear()
         self._pooled.clear()
         self._whole_batch.clear()
+        self._aliases.clear()
+        self._left_to_alias.clear()
 
     @property
     def recorded(self) -> bool:

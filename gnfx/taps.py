@@ -13,11 +13,17 @@ A block's statistics count only the backwards that fill its gradient (gnfx.fille
 ErrorTap of a block whose parameters are all frozen registers nothing, and its hook skips a backward
 that does not accumulate into the block's parameters (torch.autograd.grad), and warns once when that
 backward keeps its graph (forces, a gradient penalty: gnfx.filled_gradients.tell_a_graph_backward).
+
+`WeightTap(W)` returns an alias W' of a block's weight for its one site (passes/taps.py `weight_tapped`), on
+statistic forwards of `fisher="empirical"` where the block's statistics take the batch gradient `grad`: autograd's
+gradient of W' is then the site's own `Σ_{n,r} g_{n,r} a_{n,r}ᵀ`, W's part of `grad`, which the backward forms
+anyway, so the ErrorTap's hook leaves that product to it (gnfx.statistics, "the weight's part of grad").
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from gnfx.filled_gradients import fills_gradients, tell_a_graph_backward
 
@@ -68,3 +74,31 @@ class ErrorTap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"block={self.stats.block.name!r}" + (", fresh (a copy: a user modifies it in place)" if self.fresh else "")
+
+
+class WeightTap(nn.Module):
+    """Identity on a block's weight W read by its one site; on a statistic forward whose block takes `grad` with
+    `fisher="empirical"` it returns an alias W' (a view of all of W), whose gradient hook adds autograd's ∂L/∂W' —
+    the site's `Σ g aᵀ` as the backward forms it for W's `.grad` — to the block's `grad`. Only where that product
+    is the statistic's to float rounding: W a trained leaf of the statistics' dtype (float32, or float64 for a
+    float64 layer), not a DTensor, and the forward not under autocast (whose product in float16 or bfloat16
+    would round coarser than the taps' own); else W as it is, and the ErrorTap forms the product."""
+
+    def __init__(self, stats, store):
+        super().__init__()
+        self.stats, self.store = stats, store
+
+    def forward(self, w):
+        stats = self.stats
+        if (self.store.fisher != "empirical" or not stats.takes_grad or not torch.is_grad_enabled()
+                or not (w.is_leaf and w.requires_grad) or w.dtype != stats.dtype or isinstance(w, DTensor)
+                or torch.is_autocast_enabled(w.device.type)):
+            return w
+        alias = w.view_as(w)
+        fid = self.store.forward_id
+        stats.record_weight_alias(alias, fid)
+        alias.register_hook(lambda g: stats.record_weight_gradient(g, fid))
+        return alias
+
+    def extra_repr(self) -> str:
+        return f"block={self.stats.block.name!r}"

@@ -6,7 +6,10 @@ For a site `z = linear(a, W, b)` the graph becomes
     z = linear(a_tap, W, b)
     z_tap = self.gnfx_taps.<block>_z(z, a_tap)
 
-and every former user of `z` reads `z_tap`. A layer of several inputs (a bilinear map's x1, x2, whose
+and every former user of `z` reads `z_tap`. Where the block's statistics take the batch gradient `grad` with
+`fisher="empirical"` and the site is the block's only one (`weight_tapped`), its weight is read through
+`w_tap = self.gnfx_taps.<block>_w(W)` as well (gnfx.taps.WeightTap: autograd's gradient of that alias is the
+site's Σ g aᵀ, which the ErrorTap then need not form). A layer of several inputs (a bilinear map's x1, x2, whose
 rows its layout forms) has their tuple tapped, `a_tap = ..._a((x1, x2))`, and reads them as before. A site with
 a `routing` (stacked experts: the offsets of
 their grouped product, passes/sites.py) passes it to both taps after their other arguments. The taps
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gnfx.layouts.registration import site_layout
-from gnfx.taps import ActivationTap, ErrorTap
+from gnfx.taps import ActivationTap, ErrorTap, WeightTap
 
 # methods and functions whose result is a view of their first input: an in-place op on it modifies that input
 _VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute",
@@ -119,6 +122,17 @@ def aliases_first_input(node: fx.Node, owner: fx.GraphModule) -> bool:
                                            or _first_input_alias(node.target)[1])
 
 
+def weight_tapped(stats, store, site, sites: list) -> bool:
+    """Whether the site's weight is read through a WeightTap: a linear or convolution block of one site in the
+    captured graph (no tied use, no call from an opaque submodule's code) that reads its whole weight parameter
+    as it is (no window, no reparametrization, one row group) and whose statistics take `grad` with
+    `fisher="empirical"` (gnfx.taps.WeightTap checks the rest at each forward)."""
+    block = stats.block
+    return (store.fisher == "empirical" and stats.takes_grad and block.kind in ("linear", "conv") and len(sites) == 1
+            and len(block.sites) == 1 and block.called_by is None and block.reparametrization is None
+            and site.window is None and site.routing is None and stats.groups == 1 and not isinstance(site.input, tuple))
+
+
 def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
     """Wrap each site's input and output in taps bound to the block's statistics in `store`, in the
     graph of the site (`gm`, or an opened child's graph)."""
@@ -145,6 +159,13 @@ def insert_taps(gm: fx.GraphModule, block_sites: dict, store) -> fx.GraphModule:
                 node.replace_input_with(site.input, a_tap)
             owner.gnfx_taps.add_module(f"{stem}_z", ErrorTap(stats, store, fresh=_modified_in_place(node, owner),
                                                               layout=layout))
+            if weight_tapped(stats, store, site, sites):
+                consumer, w = site.uses[0]  # the weight's use (passes/linear.py, passes/conv.py)
+                owner.gnfx_taps.add_module(f"{stem}_w", WeightTap(stats, store))
+                with graph.inserting_before(consumer):
+                    w_tap = graph.call_module(f"gnfx_taps.{stem}_w", (w,))
+                consumer.replace_input_with(w, w_tap)
+                w_tap.meta["gnfx_role"] = "tap"
             with graph.inserting_after(node):
                 z_tap = graph.call_module(f"gnfx_taps.{stem}_z", (node, a_tap) + routing)
             node.replace_all_uses_with(z_tap, delete_user_cb=lambda user: user is not z_tap)

@@ -129,8 +129,8 @@ def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
     bounds are the docstring's: [W b] of 8x9, 8x9, 10x9, R rows; layers R(2·64 + 3·64 + 3·80) = 560R
     (the first forms no input gradient), K-FAC's step Σ d_out² d_a + d_out d_a² = 2(64·9 + 8·81) +
     100·9 + 10·81 = 4158 and taps R(128 + 128 + 164) every stat_every steps; Shampoo's step the same
-    4158 plus its Gram matrices, as many, on statistic steps; rank1's taps 2R(8·9 + 8·9 + 10·9) = 468R
-    on statistic steps."""
+    4158 plus its Gram matrices, as many, on statistic steps; rank1's taps R(8·9 + 8·9 + 10·9) = 234R
+    on statistic steps (the per-example diagonal: the batch gradient is autograd's ∇W, gnfx.taps.WeightTap)."""
     from benchmarks import targets
 
     monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
@@ -141,7 +141,7 @@ def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
         r = p["rows"]
         assert p["bound"]["kfac"] == pytest.approx(1 + (4158 + 420 * r / targets.STAT_EVERY) / (560 * r))
         assert p["bound"]["shampoo"] == pytest.approx(1 + 4158 * (1 + 1 / targets.STAT_EVERY) / (560 * r))
-        assert p["bound"]["rank1"] == pytest.approx(1 + 468 / (targets.STAT_EVERY * 560))
+        assert p["bound"]["rank1"] == pytest.approx(1 + 234 / (targets.STAT_EVERY * 560))
         assert p["bound"]["diag"] == 1 and set(p["ratio"]) == set(targets.SWEEP_TARGETS)
     text = targets.sweep_markdown(points, 1, "python -m benchmarks.targets --sweep")
     assert "| 32 | 4 |" in text and "--sweep" in text

@@ -330,3 +330,88 @@ def test_a_checkpoint_of_the_earlier_rank1_is_refused_naming_the_change():
     with pytest.raises(ConfigError, match="lacks 'rank1_0.D'.*empirical sketch"):
         c.optimizer.load_state_dict(checkpoint)
     c.optimizer.load_state_dict(c.optimizer.state_dict())  # its own checkpoint loads
+
+
+# ----------------------------------------------------------------------------- the weight's part of `grad` from autograd
+
+
+class TwoSites(nn.Module):
+    """A linear layer, a convolution and a head; `tied` calls the first layer twice (two sites of one block)."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.tied = tied
+        self.a, self.c, self.b = nn.Linear(6, 6), nn.Conv2d(2, 3, 3, padding=1), nn.Linear(6 + 3 * 16, 4)
+
+    def forward(self, x, img):
+        h = torch.tanh(self.a(x))
+        if self.tied:
+            h = torch.tanh(self.a(h))
+        return self.b(torch.cat([h, self.c(img).flatten(1)], 1))
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(16, 6, generator=g, dtype=DTYPE), torch.randn(16, 2, 4, 4, generator=g, dtype=DTYPE),
+            torch.randint(0, 4, (16,), generator=g))
+
+
+def _site_gradients(model, x, img, y):
+    """[∇W ∇b] of the cross-entropy alone, by plain autograd on a copy: the sum Σ g aᵀ over each block's sites."""
+    model.zero_grad()
+    F.cross_entropy(model(x, img), y).backward()
+    return {name: torch.cat([m.weight.grad.flatten(1), m.bias.grad.unsqueeze(1)], 1)
+            for name, m in (("a", model.a), ("c", model.c), ("b", model.b))}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["one_site", "tied"])
+def test_grad_is_the_sites_sum_whatever_else_the_loss_adds_to_the_weights_gradient(tied, monkeypatch):
+    """With fisher="empirical" a block of one site reads the weight's part of `grad` from autograd's gradient of
+    an alias of W (gnfx.taps.WeightTap), not from the taps' product: it must still be the sites' Σ g aᵀ of the
+    cross-entropy (float64 plain autograd on a copy, to rounding), while W's `.grad` also holds a penalty on W
+    added outside the model and is clipped after the backward (the parameter gradients themselves stay bitwise
+    those of the plain model). The tied layer (two sites) takes the taps' product (the fallback), with the same
+    value; so does every block under fisher="mc" (no alias in the graph)."""
+    torch.manual_seed(0)
+    model = TwoSites(tied).to(DTYPE)
+    plain = copy.deepcopy(model)
+    c = gnfx.compile(model, optimizer="rank1", stat_every=1, stat_decay=0.0, lr=1e-30, nan_policy="off")
+    formed = []
+    original = type(c.optimizer.statistics["a"])._record_gradient
+    monkeypatch.setattr(type(c.optimizer.statistics["a"]), "_record_gradient",
+                        lambda self, g, rows: (formed.append(self.block.name), original(self, g, rows))[1])
+    x, img, y = _batch()
+    (F.cross_entropy(c(x, img), y) + 0.5 * model.a.weight.square().sum() + model.c.weight.sum()).backward()
+    (F.cross_entropy(plain(x, img), y) + 0.5 * plain.a.weight.square().sum() + plain.c.weight.sum()).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    c.step()
+    assert sorted(set(formed)) == (["a"] if tied else [])
+    expected = _site_gradients(copy.deepcopy(plain), x, img, y)
+    for name in ("a", "c", "b"):
+        torch.testing.assert_close(c.statistics(name)["grad"], expected[name], rtol=1e-12, atol=1e-14)
+    assert (model.a.weight.grad - expected["a"][:, :-1]).abs().max() > 1e-6  # .grad is not the statistic
+
+    mc = gnfx.compile(copy.deepcopy(plain), optimizer="rank1", loss="cross_entropy", stat_every=1)
+    assert not any(name.endswith("_w") for name, _ in mc.graph_module.named_modules())
+
+
+def test_a_backward_that_keeps_its_graph_leaves_grad_to_the_taps(monkeypatch):
+    """After a backward with create_graph=True reached the blocks (a gradient penalty on the input), ∂L/∂W' of
+    the loss of that gradient would hold the penalty's path through the backward's own use of W beside Σ g aᵀ
+    (gnfx.filled_gradients): every block's taps form `grad` themselves."""
+    torch.manual_seed(0)
+    c = gnfx.compile(TwoSites().to(DTYPE), optimizer="rank1", stat_every=1, stat_decay=0.0, lr=1e-30)
+    formed = []
+    original = type(c.optimizer.statistics["a"])._record_gradient
+    monkeypatch.setattr(type(c.optimizer.statistics["a"]), "_record_gradient",
+                        lambda self, g, rows: (formed.append(self.block.name), original(self, g, rows))[1])
+    x, img, y = _batch()
+    x.requires_grad_(True)
+    loss = F.cross_entropy(c(x, img), y)
+    with pytest.warns(RuntimeWarning, match="create_graph=True"):
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + gx.square().sum()).backward()
+    c.step()
+    assert set(formed) == {"a", "b", "c"}
