@@ -97,6 +97,31 @@ is accepted the step is undone: the momentum dropped (δ = 0), λ raised by the 
 curvature preconditioners refreshed at the new λ (also after an accepted retry, as λ rose). The preconditioners whose
 damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
 damping, EKFAC) take λ as their damping at every step.
+ρ needs an actual reduction the float loss can show: a predicted reduction below the resolution r of the
+difference L(θ) - L(θ+s) is not judged. L is a mean of per-row terms rounded in the precision ε of the loss (the
+coarsest of the outputs' and the closure loss's). Cross-entropy's log Σ_j exp(z_j - max_j z_j) is the log of a sum
+≥ 1, rounded at ε/2 in every row, so near L = 0 the loss of N rows moves in steps of ε/N and is off by up to ε/2
+(a row whose other classes' probabilities sum to less than ε/2 counts 0: the float32 loss of the digits MLP at
+2.2e-8 was 1.2e-8 off); binary cross-entropy's log(1 + e^{-x}) likewise; the rest (sums, mse's squares, the
+forward's rounding as L sees it) is relative to L. So
+
+    r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L(θ))     (c_k = 1 for the cross-entropies, 0 for mse; `loss_resolution`)
+
+with LOSS_ROUNDING = 8, each end carrying up to r/2. Measured in float32 against float64 at the same float32
+parameters (20 batches, the optimizer's step s at 5 lengths t·s, t = 1e-4 to 1): on the digits MLP fitted to ~2e-8
+the difference was off by up to 1.8e-9 = 0.015r (twice ε/N), at L = 2.6e-3 by up to 0.15r (ε·Σ|∂L/∂z||z|, the
+output's rounding alone, was 5.6 times too small), on the autoencoder (mse, L = 1.9e-3) by up to 2.4εL = 0.3r. An
+adaptation that falls due with 0 < -q(c) < r is not judged (`last_step["resolved"]` False, ρ NaN, `adapted`
+False): λ and ν are kept, and the step is taken unless its loss rose by more than r; such a resolved rise is a
+rejection as ever (retried shorter, λ ← νλ). Judged, the rounding set ρ: on the digits MLP at batch losses of
+2e-8 to 5e-8 (kfac, seed 0, steps 560-800) the actual reductions were 0 or multiples of ε/128 = 9.3e-10 against
+predictions of 1e-10-1e-9, ρ = 0, 1, 2.5, ..., 29, and from step 806 seven ρ = 0 in a row raised λ from 4e-5 to
+1.1e4 (ν doubling); the proposal at that λ rounds away against θ, so no step was taken from then on and λ never
+fell (training loss held at 1.55e-8 from step 813 to 2000; with the rule 6e-9 by step 1200), and after the labels
+were permuted the loss stayed above 20 for 30 steps while λ halved back from 1e6. A small MLP on one fixed batch: λ went
+to 6.9e5 and a next batch stayed at its loss of 6.6 for 30 steps. On the benchmark tasks no step before their
+targets was below r: steps to target unchanged on the digits tasks (kfac, ekfac, seeds 0-2) and the char GPT
+(benchmarks/results/first_contact_20_rounding.md).
 
 The exponential tail of cross-entropy: an expansion. With loss="cross_entropy", after the warm-up
 (t ≥ DAMPING_WARMUP), an accepted adaptation with ρ > 1, a batch loss that fell by more than the
@@ -320,6 +345,8 @@ REPLAY_CHECK = 16
 # κ of the loss-floor cap: a step whose model predicts a reduction above κ·L(θ) is shortened to predict
 # κ·L(θ) (`floor_capped`, module docstring); None: no cap
 FLOOR_CAP: float | None = 1.0
+# the resolution of a float loss difference, ε·(Σ_k w_k c_k + LOSS_ROUNDING·L(θ)) (loss_resolution, module docstring)
+LOSS_ROUNDING = 8.0
 # with loss="mse" and a closure, the squared error recovered from the gradient may exceed the closure's loss by
 # this relative margin (rounding) before the loss is named as no mean squared error (QuadraticStep._check_mean)
 MEAN_TOLERANCE = 1e-2
@@ -386,6 +413,15 @@ def held_out_scale(scale: float, longer: float, shorter: float) -> float:
     return scale
 
 
+def loss_resolution(losses: tuple[OutputLoss, ...], loss: float, eps: float) -> float:
+    """r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L): below it a difference of the float loss L = Σ_k w_k L_k of one batch
+    at two parameters is rounding (module docstring, Levenberg–Marquardt damping). ε: the machine epsilon the
+    loss is computed in; c_k = 1 for cross-entropy and binary cross-entropy (the log of a sum ≥ 1, rounded at
+    ε/2 per row at each end), 0 for mse; L: the loss at θ (a negative or non-finite L counts as its size)."""
+    constant = sum(k.weight for k in losses if k.name != "mse")
+    return eps * (constant + LOSS_ROUNDING * abs(loss))
+
+
 def floor_capped(c: torch.Tensor, M: torch.Tensor, b: torch.Tensor, reduction: float) -> tuple[torch.Tensor, float]:
     """(τc, τ): the coefficients c shortened so that the model predicts the reduction `reduction` = D,
     -q(τc) = D, when it predicts more, -q(c) > D (else (c, 1)).
@@ -424,8 +460,9 @@ class QuadraticStep:
     """The quadratic-model step of one GnfxOptimizer (module docstring). `last_step` holds α, μ, λ
     (the damping the step used), ρ, the predicted and actual reductions, whether ρ was computed
     (`adapted`, damping_every), whether the model was built and solved (`solved`, quadratic_every),
-    whether its products J v were finite differences (`finite_differences`, quadratic_products) and whether
-    the step was rejected. `parameters`: the optimizer's
+    whether its products J v were finite differences (`finite_differences`, quadratic_products), whether
+    the step was rejected, and whether its predicted reduction was above the loss's resolution r (`resolved`,
+    `resolution` = r: below it a due adaptation is not judged). `parameters`: the optimizer's
     gnfx.parameter_store.ParameterStore; `losses`: the OutputLoss of each output loss= names
     (gnfx.output_losses); `layouts`: the optimizer's gnfx.outputs.LogitsLayout of each."""
 
@@ -831,8 +868,8 @@ class QuadraticStep:
         device, k = params[0].device, len(b)
         # with the loss-floor cap, L(θ) travels with M and b (the same all-reduce and transfer)
         self._check_mean(z, loss_before)
-        floor = [] if FLOOR_CAP is None else [self._batch_loss(z, loss_before).to(M.device)]
-        Mb = torch.cat([M.reshape(-1), b, *floor])
+        # L(θ) travels with M and b (the same all-reduce and transfer): the loss-floor cap's and the resolution's
+        Mb = torch.cat([M.reshape(-1), b, self._batch_loss(z, loss_before).to(M.device)])
         if comm is not None:  # the model of the global batch (equal local batches): every rank takes one step
             Mb = comm.mean(Mb, device)  # one all-reduce
         # one transfer: the small solve runs on the host, not a synchronization per comparison of it
@@ -841,7 +878,7 @@ class QuadraticStep:
         adaptive = self.momentum == "adaptive"
         c, predicted = minimize_quadratic(M, b, self.capped, momentum=adaptive and previous is not None)
         floor_scale = 1.0
-        if floor and predicted > 0:  # the loss-floor cap (module docstring)
+        if FLOOR_CAP is not None and predicted > 0:  # the loss-floor cap (module docstring)
             c, floor_scale = floor_capped(c, M, b, FLOOR_CAP * float(Mb[-1]))
             predicted = float(-(b @ c + 0.5 * c @ M @ c))
         if self.held_out_scale != 1.0:  # the held-out step length (module docstring)
@@ -853,21 +890,27 @@ class QuadraticStep:
         flat_update = layout.combine(c, V)  # s = Σ_k α_k Δ_k + μδ
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
-        adapted = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
+        due = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
+        # a reduction the float loss cannot resolve judges nothing (module docstring, Levenberg–Marquardt damping)
+        resolution = loss_resolution(self.losses, float(Mb[-1]), self._precision(z, loss_before))
+        unresolved = due and predicted < resolution
+        adapted = due and not unresolved
         self.solved_at = t
         # a step κ took so far past the model's minimizer that the model predicts no reduction: taken only if the
         # loss of its own batch fell (module docstring, "The held-out step length")
         overshot = self.held_out_scale != 1.0 and not predicted > 0
         actual = self._reduction(z, loss_before, closure, layout, theta_values, flat_update, 1.0, comm) \
-            if adapted or overshot else float("nan")
+            if due or overshot else float("nan")
         rho = actual / predicted if adapted else float("nan")
         # also for a non-finite loss or ratio
-        rejected = adapted and not (rho > 0) or overshot and not (actual > 0)
+        rejected = adapted and not (rho > 0) or overshot and not (actual > 0) or \
+            unresolved and not (actual >= -resolution)
         if overshot and rejected:
             self.held_out_scale = max(self.held_out_scale / HELD_OUT_FACTOR, 1.0)
         used = self.damping
-        if adapted:
-            self.damping, self.growth = levenberg_marquardt(self.damping, rho, self.growth, self.decay)
+        if adapted or unresolved and rejected:  # a rise the loss resolves is a rejection whatever the prediction
+            self.damping, self.growth = levenberg_marquardt(self.damping, actual / predicted, self.growth,
+                                                            self.decay)
             self.misjudged = not rho >= RHO_LOW
         backtracks, expansion = 0, 1.0
         if adapted and rho > 1 and t >= DAMPING_WARMUP and EXPANSION is not None and all(
@@ -906,6 +949,7 @@ class QuadraticStep:
                           "rho": rho, "predicted": predicted, "actual": actual, "rejected": rejected,
                           "adapted": adapted, "backtracks": backtracks, "solved": True, "floor_scale": floor_scale,
                           "expansion": expansion, "held_out_scale": self.held_out_scale,
+                          "resolved": not unresolved, "resolution": resolution,
                           "finite_differences": self.products_taken == "difference"}
 
     def _reuses(self, parts: list, continues: bool, t: int, rows: int) -> bool:
@@ -1157,6 +1201,12 @@ class QuadraticStep:
                 f"unweighted mean squared error to the scaled target (k-diffusion: K.Denoiser(gnfx.compile(inner), "
                 f"sigma_data).loss(...) with weighting='karras'); or compile without loss= (and with an lr)")
         self._mean_checked = True
+
+    @staticmethod
+    def _precision(z: list, loss_before) -> float:
+        """ε of the loss difference: the machine epsilon of the coarsest of the outputs z_k and the closure's loss."""
+        dtypes = [t.dtype for t in z] + ([loss_before.dtype] if isinstance(loss_before, torch.Tensor) else [])
+        return max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
 
     def _batch_loss(self, z, loss_before) -> torch.Tensor:
         """L(θ) on the step's batch, (1,) in float64 where it was computed: the closure's loss, or the
