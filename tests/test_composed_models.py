@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import warnings
 
@@ -1065,6 +1066,19 @@ def test_a_fixed_batch_trained_past_the_held_out_steps_keeps_its_loss_down():
                     step="auto", taps=False, approx="expand", tied_head=False, frozen=None, seed=0, embedding=(0,))
     before, after = trained_at_defaults(recipe, 2, {"optimizer": "kfac"}, steps=30)
     assert after < 0.01 * before, (before, after)
+
+
+def test_a_wide_recipe_trained_by_diag_quadratic_on_a_teacher_stays_finite():
+    """The wide fuzz's recipe (benchmarks/results/first_contact_20_fuzzwide.md: a LayerNorm without affine and a
+    linear head, 16 features, batches of 16 of a teacher's labels) on which diag:quadratic fitted batches almost to
+    rounding (|W| ~ 280), took a step of α ~ -3e-40, and at step 136 took the finite-difference product of that
+    subnormal previous update with a step h beyond float32 (gnfx.finite_differences): NaN α, NaN parameters."""
+    recipe = Recipe(input="flat", shape=(16,), blocks=(("norm", "flat", "layer_plain", 16, 1),), head=2,
+                    output="tuple", container="list", batch=16, optimizer="shampoo", capture="auto", loss=None,
+                    step="auto", taps=False, approx="expand", tied_head=False, frozen=0, seed=1, embedding=())
+    before, after = trained_at_defaults(recipe, 16, {"optimizer": "diag", "step": "quadratic"}, steps=140,
+                                        held_out=True)
+    assert math.isfinite(after), (before, after)
 
 
 COMPILE_EXAMPLES = int(os.environ.get("GNFX_FUZZ_COMPILE_EXAMPLES", "3"))

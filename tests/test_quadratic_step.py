@@ -882,6 +882,24 @@ def test_a_difference_quotient_moves_the_outputs_by_about_root_eps_of_themselves
     assert float((products[0].double() - reference).norm() / reference.norm()) < 5e-3
 
 
+def test_a_tangent_too_small_for_a_step_in_its_dtype_has_a_zero_product():
+    """A float32 tangent of norm ~1e-42 (subnormal: the previous update after a step of α ~ 1e-40 on a batch
+    fitted almost to rounding) gets the step h = √ε(1 + ‖θ‖)/‖v‖ > 3.4e38, no float32: h·v was inf·v, NaN
+    where v is 0, a NaN product, α and parameters (diag:quadratic, benchmarks/results/first_contact_20_fuzzwide.md).
+    Its product is 0 and its gain unknown, as a zero tangent's; the normal tangent beside it is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 4)
+    names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
+    normal = [torch.randn_like(p) for p in params]
+    tiny_row = [torch.where(torch.rand_like(p) < 0.5, 1e-43, 0.0) for p in params]  # subnormal, zeros among them
+    f = lambda theta: ModuleFunction(model, names)(theta, x)  # noqa: E731
+    _, alone, alone_gains = difference_rows(f, params, [normal])
+    _, products, gains = difference_rows(f, params, [tiny_row, normal])
+    assert torch.equal(products[0], torch.zeros_like(products[0])) and gains[0] is None
+    assert torch.equal(products[1], alone[0]) and gains[1] == alone_gains[0]
+
+
 def test_finite_differences_refuse_sixteen_bit_outputs():
     """A bfloat16 model's outputs keep ~3 digits, a difference quotient none: the step raises, naming the fix,
     and moves nothing."""
