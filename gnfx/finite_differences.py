@@ -25,8 +25,8 @@ the gain falls. A tangent so small that this h exceeds the largest number of its
 ~1e-42 (1 + ‖θ‖), subnormal; the quadratic step's previous update after a step of α ~ 1e-40) has no step in
 that dtype (h·v was inf·v, NaN where v is 0): its product is taken as 0, as the zero tangent's, below
 anything the dtype resolves (diag:quadratic's parameters went NaN on a batch fitted almost to rounding,
-benchmarks/results/first_contact_20_fuzzwide.md). A quotient whose measured r exceeds RETAKE (its tangent's first call, or a gain that rose
-since) is taken again at h / r, one more forward.
+benchmarks/results/first_contact_20_fuzzwide.md). A quotient whose measured r exceeds RETAKE (its tangent's
+first call, or a gain that rose since) is taken again at h / r, one more forward.
 
 Each tangent costs one plain forward without gradient, z one more, where forward mode pays for each tangent
 the layers' product and two more (about 2.5 forwards, gnfx.forward_mode): on a model whose forward is
@@ -56,11 +56,12 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                     gains: Sequence[float | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(z, [J v_k]_k stacked on a leading axis, [γ_k]_k): z = f(primals), each J v_k the one-sided difference
     quotient of the module docstring (zero for v_k = 0 and for a v_k too small for a step in its dtype),
-    γ_k = ‖J v_k‖ / ‖v_k‖ its measured gain (None for those), to pass as `gains` at the next call for the same tangent; `gains`: each tangent's γ from an earlier
-    call, None where unknown. Each tangent in its primal's dtype (gnfx.flat_layout.FlatLayout.tangents); f runs
-    without gradient, 1 + len(tangent_rows) times (once more for each retaken quotient), or len(tangent_rows)
-    times where `z` is given: f(primals) as f computes it, bit for bit (the training forward's outputs, which
-    gnfx.quadratic_step checks), else the quotients are off by its difference / h."""
+    γ_k = ‖J v_k‖ / ‖v_k‖ its measured gain (None for those), to pass as `gains` at the next call for the same
+    tangent; `gains`: each tangent's γ from an earlier call, None where unknown. Each tangent in its primal's
+    dtype (gnfx.flat_layout.FlatLayout.tangents); f runs without gradient, 1 + len(tangent_rows) times (once
+    more for each retaken quotient), or len(tangent_rows) times where `z` is given: f(primals) as f computes
+    it, bit for bit (the training forward's outputs, which gnfx.quadratic_step checks), else the quotients are
+    off by its difference / h."""
     with torch.no_grad():
         z = f(list(primals)) if z is None else z
         if z.dtype.itemsize < 4 and z.dtype.is_floating_point:

@@ -38,7 +38,8 @@ d. torch.compile(gnfx model) trains as the gnfx model does
    (`test_torch_compile_of_a_composed_model_trains_as_the_model_does`, a few examples: compiling costs seconds);
 e. cast to float32 and compiled at the defaults (loss= and no lr: kfac's quadratic-model step), a model trained on
    one batch of its recipe lowers that batch's loss (`trained_at_defaults`; benchmarks/defaults_fuzz.py runs it
-   for every optimizer over hundreds of recipes).
+   for every optimizer over hundreds of recipes, and with --wide on recipes of `WIDE` sizes trained on fresh
+   batches of a teacher's data, `teacher_data`, judged on a held-out set).
 
 For a local search, `GNFX_FUZZ_EXAMPLES=300` runs more examples than CI's 25, and `GNFX_FUZZ_RANDOM=1` draws
 new ones on each run instead of the derandomized sequence (a failure prints its @reproduce_failure blob).
