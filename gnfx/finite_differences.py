@@ -21,8 +21,12 @@ so h comes from the gain γ = ‖J v‖ / ‖v‖ the caller's tangent had at an
 
 the second the step for a tangent of unknown gain (the step h·v of norm √ε (1 + ‖θ‖), the usual choice for
 a difference quotient, Nocedal & Wright §8.1), which also caps the first: h never grows beyond it when
-the gain falls. A quotient whose measured r exceeds RETAKE (its tangent's first call, or a gain that rose
-since) is taken again at h / r, one more forward.
+the gain falls. A tangent so small that this h exceeds the largest number of its dtype (float32: ‖v‖ below
+~1e-42 (1 + ‖θ‖), subnormal; the quadratic step's previous update after a step of α ~ 1e-40) has no step in
+that dtype (h·v was inf·v, NaN where v is 0): its product is taken as 0, as the zero tangent's, below
+anything the dtype resolves (diag:quadratic's parameters went NaN on a batch fitted almost to rounding,
+benchmarks/results/first_contact_20_fuzzwide.md). A quotient whose measured r exceeds RETAKE (its tangent's
+first call, or a gain that rose since) is taken again at h / r, one more forward.
 
 Each tangent costs one plain forward without gradient, z one more, where forward mode pays for each tangent
 the layers' product and two more (about 2.5 forwards, gnfx.forward_mode): on a model whose forward is
@@ -51,12 +55,13 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
                     tangent_rows: Sequence[Sequence[torch.Tensor]], z: torch.Tensor | None = None,
                     gains: Sequence[float | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(z, [J v_k]_k stacked on a leading axis, [γ_k]_k): z = f(primals), each J v_k the one-sided difference
-    quotient of the module docstring (zero for v_k = 0), γ_k = ‖J v_k‖ / ‖v_k‖ its measured gain (None for
-    v_k = 0), to pass as `gains` at the next call for the same tangent; `gains`: each tangent's γ from an earlier
-    call, None where unknown. Each tangent in its primal's dtype (gnfx.flat_layout.FlatLayout.tangents); f runs
-    without gradient, 1 + len(tangent_rows) times (once more for each retaken quotient), or len(tangent_rows)
-    times where `z` is given: f(primals) as f computes it, bit for bit (the training forward's outputs, which
-    gnfx.quadratic_step checks), else the quotients are off by its difference / h."""
+    quotient of the module docstring (zero for v_k = 0 and for a v_k too small for a step in its dtype),
+    γ_k = ‖J v_k‖ / ‖v_k‖ its measured gain (None for those), to pass as `gains` at the next call for the same
+    tangent; `gains`: each tangent's γ from an earlier call, None where unknown. Each tangent in its primal's
+    dtype (gnfx.flat_layout.FlatLayout.tangents); f runs without gradient, 1 + len(tangent_rows) times (once
+    more for each retaken quotient), or len(tangent_rows) times where `z` is given: f(primals) as f computes
+    it, bit for bit (the training forward's outputs, which gnfx.quadratic_step checks), else the quotients are
+    off by its difference / h."""
     with torch.no_grad():
         z = f(list(primals)) if z is None else z
         if z.dtype.itemsize < 4 and z.dtype.is_floating_point:
@@ -70,6 +75,8 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
         steps = [None if length == 0 else
                  min(root_eps * (1 + theta) / length, root_eps * size / (gain * length) if gain else math.inf)
                  for length, gain in zip(lengths, gains)]
+        steps = [None if h is None or h > min(torch.finfo(t.dtype).max for t in tangents) else h
+                 for tangents, h in zip(tangent_rows, steps)]
         products = [torch.zeros_like(z) if h is None else _quotient(f, primals, tangents, z, h)
                     for tangents, h in zip(tangent_rows, steps)]
         norms = _product_norms(products)
@@ -78,7 +85,7 @@ def difference_rows(f: Callable[[list], torch.Tensor], primals: Sequence[torch.T
             if r > RETAKE:  # at r = 1
                 products[k] = _quotient(f, primals, tangents, z, h / r)
                 norms[k] = _product_norms(products[k:k + 1])[0]
-        measured = [None if length == 0 else norm / length for norm, length in zip(norms, lengths)]
+        measured = [None if h is None else norm / length for norm, length, h in zip(norms, lengths, steps)]
     return z, torch.stack(products), measured
 
 

@@ -169,7 +169,10 @@ adaptation. κ never shortens the model's step: a step too long for its own batc
 the retries' business. Where κc goes past the model's minimizer far enough that -q(κc) ≤ 0 (κ ≥ 2 at
 the exact minimizer: q(κc) = (κ²/2 - κ) cᵀ(G + λI)c), that step computes no ρ and holds λ, but is taken
 only if the loss of its own batch fell (one forward); else it is retried shorter on that batch as a
-rejected step is, and κ ← κ/e. Unchecked, such steps diverged where the next batch is the same one (a
+rejected step is, and κ ← κ/e. (Where c = 0, on a batch whose gradient is exactly 0, κc = 0 is the
+minimizer itself, q = 0: no step past it, none to check; it was checked, its actual reduction 0 rejected it,
+and the retry's interpolation through φ(0) = φ(t), φ'(0) = 0 divided by zero,
+benchmarks/results/first_contact_20_fuzzwide.md.) Unchecked, such steps diverged where the next batch is the same one (a
 fixed batch, as in full-batch training: the test is not held out there and κ doubled to 64 in 10 steps;
 a small GRU model's loss fell to 0.0016, then rose to 10.7 within 10 steps,
 benchmarks/results/first_contact_19_defaultsfuzz.md). With kfac at defaults the training loss after 40 steps went from 2.21 to
@@ -897,8 +900,8 @@ class QuadraticStep:
         adapted = due and not unresolved
         self.solved_at = t
         # a step κ took so far past the model's minimizer that the model predicts no reduction: taken only if the
-        # loss of its own batch fell (module docstring, "The held-out step length")
-        overshot = self.held_out_scale != 1.0 and not predicted > 0
+        # loss of its own batch fell (module docstring, "The held-out step length"); κc = 0 is the minimizer
+        overshot = self.held_out_scale != 1.0 and not predicted > 0 and bool(c.any())
         actual = self._reduction(z, loss_before, closure, layout, theta_values, flat_update, 1.0, comm) \
             if due or overshot else float("nan")
         rho = actual / predicted if adapted else float("nan")

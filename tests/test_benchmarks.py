@@ -313,6 +313,19 @@ def test_defaults_fuzz_trains_a_recipe_with_every_variant(capsys):
         assert f"\n| {name} | 1 | " in out, out
 
 
+def test_defaults_fuzz_wide_trains_a_wide_recipe_on_a_teacher_beside_adamw(capsys):
+    """benchmarks.defaults_fuzz --wide runs end to end on one recipe of realistic sizes, fresh batches of a
+    teacher's data and a held-out loss: a row per variant with its ratio to AdamW's (figures not asserted;
+    benchmarks/results/first_contact_20_fuzzwide.md has them)."""
+    from benchmarks import defaults_fuzz
+
+    defaults_fuzz.main(["--wide", "--examples", "1", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "AdamW after" in out and "| below AdamW |" in out, out
+    for name in defaults_fuzz.VARIANTS:
+        assert f"\n| {name} | 1 | 0 | 0 | " in out, out
+
+
 def test_example_models_check_runs_on_every_model():
     """benchmarks.example_models trains each example model at kfac's defaults and flags divergence
     (two steps each; the verdicts of the real runs are in benchmarks/results/defaults.md)."""

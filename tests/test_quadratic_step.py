@@ -327,19 +327,27 @@ def test_minimize_quadratic_without_curvature_along_the_previous_update_takes_mu
 @pytest.mark.parametrize("optimizer, options", [("diag", {"step": "quadratic"}), ("kfac", {"weight_decay": 0.1})],
                          ids=["diag-quadratic", "kfac-weight-decay"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
-def test_a_batch_the_model_fits_to_rounding_takes_a_finite_step(loss, optimizer, options):
+@pytest.mark.parametrize("scale", [1.0, HELD_OUT_MAX], ids=["kappa-1", "kappa-max"])
+def test_a_batch_the_model_fits_to_rounding_takes_a_finite_step(loss, optimizer, options, scale, monkeypatch):
     """A float32 batch whose output gradient is exactly 0 (the softmax saturated at the labels: every other
     class's probability underflows; or outputs equal to the mse targets) under a proposal that is not 0 (Adam's
     first moment from the batches before, a weight decay): no row of z counts for cross-entropy (its rows are those
     the gradient reaches), so H_ℓ = 0 there, as it is at a one-hot softmax, and b = gᵀΔ = 0. The step is finite
     (the model along Δ is λ‖Δ‖² α²/2: α = 0) and the next batch, which the model does not fit, trains on.
-    Before, the cross-entropy rows' weight 1/(rows counted) was 0/0: a NaN α and NaN parameters."""
+    Before, the cross-entropy rows' weight 1/(rows counted) was 0/0: a NaN α and NaN parameters.
+    So at a held-out step length κ > 1 (`scale`, held: the held-out rule patched out): κc = 0 is the model's
+    minimizer, not a step past it, and is no overshot step to be retried shorter. It was: its actual reduction,
+    0, rejected it, and the retry's interpolation through φ(0) = φ(t), φ'(0) = 0 divided by zero
+    (ZeroDivisionError; diag:quadratic on a linear model of a teacher's separable labels,
+    benchmarks/results/first_contact_20_fuzzwide.md)."""
+    monkeypatch.setattr(quadratic_step, "held_out_scale", lambda kappa, longer, shorter: kappa)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     c = gnfx.compile(model, optimizer=optimizer, loss=loss, **options)
     x, y = (t.float() if t.is_floating_point() else t for t in batch(loss))
     for seed in range(3):
         train_step(c, x, y, loss, seed)
+    c.optimizer.quadratic.held_out_scale = scale
     with torch.no_grad():
         if loss == "cross_entropy":
             model[2].weight.mul_(1e5)  # logit gaps of ~1e4: exp(-gap) is 0 in float32
@@ -351,7 +359,8 @@ def test_a_batch_the_model_fits_to_rounding_takes_a_finite_step(loss, optimizer,
     c.step()
     c.zero_grad()
     last = c.optimizer.last_step
-    assert last["solved"] and last["alpha"] == 0.0, last  # a proposal, and no step along it
+    assert last["solved"] and last["alpha"] == 0.0 and not last["rejected"], last  # a proposal, no step along it
+    assert c.optimizer.quadratic.held_out_scale == scale
     assert all(torch.isfinite(p).all() for p in model.parameters())
     train_step(c, x, y, loss, 3)
     assert math.isfinite(c.optimizer.last_step["alpha"])
@@ -1052,6 +1061,24 @@ def test_a_difference_quotient_moves_the_outputs_by_about_root_eps_of_themselves
     _, products, _ = difference_rows(f, params, [v], z, gains)
     assert len(forwards) == 1
     assert float((products[0].double() - reference).norm() / reference.norm()) < 5e-3
+
+
+def test_a_tangent_too_small_for_a_step_in_its_dtype_has_a_zero_product():
+    """A float32 tangent of norm ~1e-42 (subnormal: the previous update after a step of α ~ 1e-40 on a batch
+    fitted almost to rounding) gets the step h = √ε(1 + ‖θ‖)/‖v‖ > 3.4e38, no float32: h·v was inf·v, NaN
+    where v is 0, a NaN product, α and parameters (diag:quadratic, benchmarks/results/first_contact_20_fuzzwide.md).
+    Its product is 0 and its gain unknown, as a zero tangent's; the normal tangent beside it is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 4)
+    names, params = zip(*[(n, p.detach()) for n, p in model.named_parameters()])
+    normal = [torch.randn_like(p) for p in params]
+    tiny_row = [torch.where(torch.rand_like(p) < 0.5, 1e-43, 0.0) for p in params]  # subnormal, zeros among them
+    f = lambda theta: ModuleFunction(model, names)(theta, x)  # noqa: E731
+    _, alone, alone_gains = difference_rows(f, params, [normal])
+    _, products, gains = difference_rows(f, params, [tiny_row, normal])
+    assert torch.equal(products[0], torch.zeros_like(products[0])) and gains[0] is None
+    assert torch.equal(products[1], alone[0]) and gains[1] == alone_gains[0]
 
 
 def test_finite_differences_refuse_sixteen_bit_outputs():
