@@ -28,6 +28,7 @@ from torch.func import functional_call, jvp
 import gnfx
 import test_convergence as convergence
 from models import GridSampled
+from steps import backward_and_step
 import test_distributed as distributed
 from gnfx.ggn import ggn_matrix
 import gnfx.quadratic_step as quadratic_step
@@ -423,9 +424,7 @@ def losses_along(c, x, y, steps: int) -> list[float]:
     out = []
     for _ in range(steps):
         loss = F.cross_entropy(c(x), y)
-        loss.backward()
-        c.step()
-        c.zero_grad()
+        backward_and_step(c, loss)
         out.append(float(loss))
     return out
 
