@@ -413,9 +413,7 @@ def fixed_batch_fit(steps: int):
         torch.randn(8, 4, generator=g), torch.randint(3, (8,), generator=g)
     trace = []
     for _ in range(steps):
-        F.cross_entropy(c(x), y).backward()
-        c.step()
-        c.zero_grad()
+        backward_and_step(c, F.cross_entropy(c(x), y))
         trace.append(c.optimizer.last_step)
     return model, c, trace, (x2, y2)
 
@@ -425,7 +423,7 @@ def losses_along(c, x, y, steps: int) -> list[float]:
     for _ in range(steps):
         loss = F.cross_entropy(c(x), y)
         backward_and_step(c, loss)
-        out.append(float(loss))
+        out.append(float(loss.detach()))
     return out
 
 
