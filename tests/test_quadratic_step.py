@@ -521,7 +521,7 @@ def test_an_adaptation_below_the_resolution_is_not_judged_unless_its_loss_rises_
             loss = F.mse_loss(c(x), y)
             if torch.is_grad_enabled():
                 loss.backward()
-            calls.append(float(loss))
+            calls.append(float(loss.detach()))
             return loss if len(calls) == 1 else loss + lie
 
         theta = [p.detach().clone() for p in model.parameters()]
