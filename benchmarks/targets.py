@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 import gnfx
+from gnfx.taps import WeightTap
 from benchmarks.defaults import variant_settings
 from benchmarks.models import mlp
 from benchmarks.optimizers import OPTIMIZERS
@@ -114,12 +115,13 @@ def products(compiled, rows: dict) -> dict:
     block (z, ∂L/∂W and ∂L/∂a), 2 R d_in d_out for a block reading the model's input (`model_input`:
     the data needs no gradient, and autograd forms none); "statistics", the taps' aᵀa and δᵀδ,
     Σ R (d_in² + d_out²); "rank1_statistics", rank1's taps, the per-example diagonal (δ²)ᵀ(a²),
-    Σ R d_out d_a, and the batch gradient δᵀa, R d_out d_a, only for a block whose taps form it: a linear or
-    conv block of one site takes it from autograd's ∇W under the sweep's fisher="empirical" (no loss=;
-    gnfx.taps.WeightTap); "preconditioner", one K-FAC step S⁻¹ G A⁻¹,
+    Σ R d_out d_a, and the batch gradient δᵀa, R d_out d_a, only for a block whose taps form it: a block of
+    `compiled` that reads its weight through a gnfx.taps.WeightTap takes it from autograd's ∇W (rank1 under
+    fisher="empirical", as the sweep compiles it without loss=); "preconditioner", one K-FAC step S⁻¹ G A⁻¹,
     Σ d_out² d_a + d_out d_a² with d_a = d_in (+1 for a bias). An embedding's own product is a
     gather (none), its A a count (R d_out² of statistics) and diagonal (d_out² d_in a step)."""
     out = dict.fromkeys(("layers", "statistics", "rank1_statistics", "preconditioner"), 0)
+    weight_read = {m.stats.block.name for m in compiled.graph_module.modules() if isinstance(m, WeightTap)}
     for b in compiled.layers:
         r, d_a = rows[b.name], b.d_in + (1 if b.bias else 0)
         if b.kind == "embedding":
@@ -128,8 +130,7 @@ def products(compiled, rows: dict) -> dict:
         else:
             out["layers"] += (2 if b.model_input else 3) * r * b.d_in * b.d_out
             out["statistics"] += r * (b.d_in ** 2 + b.d_out ** 2)
-            own_gradient = b.kind in ("linear", "conv") and len(b.sites) == 1 and b.called_by is None
-            out["rank1_statistics"] += (1 if own_gradient else 2) * r * b.d_out * d_a
+            out["rank1_statistics"] += (1 if b.name in weight_read else 2) * r * b.d_out * d_a
             out["preconditioner"] += b.d_out ** 2 * d_a + b.d_out * d_a ** 2
     return out
 
@@ -253,7 +254,8 @@ def device_name() -> str:
 
 
 def sweep_bounds(compiled, rows: dict) -> dict:
-    """The products bound of each preconditioner of the sweep (see the module docstring)."""
+    """The products bound of each preconditioner of the sweep (see the module docstring) on the blocks of
+    `compiled` (rank1's counts the batch gradients its taps form: `products`)."""
     work = products(compiled, rows)
     layers = work["layers"]
     return {"diag": 1.0, "rank1": 1 + work["rank1_statistics"] / STAT_EVERY / layers,
@@ -352,7 +354,7 @@ def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: i
         if r >= 2:
             for k, v in sample.items():
                 samples[k].append(v)
-    bounds = sweep_bounds(probe, stat_rows)
+    bounds = {n: sweep_bounds(c, stat_rows)[sweep_variant(n)[0]] for n, c in runs.items()}
     refreshed = {}
     for name, c in runs.items():
         done, kept = (now - before for now, before in zip(root_checks(c), checks[name]))
@@ -360,7 +362,7 @@ def sweep_point(rows: int, rounds: int, variants=tuple(SWEEP_TARGETS), warmup: i
             refreshed[name] = done / (done + kept)
     return {"rows": rows, "width": width, "rows_per_width": rows / width, "adamw_ms": 1e3 * statistics.median(samples["adamw"]),
             "ratio": {n: statistics.median(w / a for w, a in zip(samples[n], samples["adamw"])) for n in runs},
-            "bound": {n: bounds[sweep_variant(n)[0]] for n in runs}, "refreshed": refreshed}
+            "bound": bounds, "refreshed": refreshed}
 
 
 def sweep(rounds: int, ratios=None, variants=None, warmup: int = 0, width: int | None = None) -> list[dict]:

@@ -204,3 +204,36 @@ def test_float16_autocast_under_the_scaler_trains_as_without_it():
         losses.append(run)
     assert losses[0] == pytest.approx(losses[1], rel=1e-2)
     assert losses[0][-1] < 0.1 * losses[0][0]  # it trains
+
+
+def test_bfloat16_autocast_with_a_closure_adapts_damping_as_float32_does():
+    """bfloat16 autocast as a GPU user writes it, no scaler: the forward and the closure under autocast, the
+    quadratic step at defaults. The model and L(θ+s) are judged at the float32 loss's resolution (the step's
+    products replay the forward in float32), so λ falls from λ0 = 1 as in float32 and the runs train alike;
+    at bfloat16's ε (2⁻⁷) the resolution r would exceed every predicted reduction here and λ would never move."""
+    x, y = batches("mlp", 1)[0]
+    runs = {}
+    for dtype in (torch.bfloat16, None):
+        torch.manual_seed(0)
+        c = gnfx.compile(TanhMLP((4, 6, 3)), "kfac", loss="cross_entropy")
+
+        def closure():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                return F.cross_entropy(c(x).float(), y)
+        losses, dampings = [], []
+        for _ in range(30):
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                z = c(x)
+            assert z.dtype == (dtype or torch.float32)
+            loss = F.cross_entropy(z.float(), y)
+            loss.backward()
+            c.step(closure)
+            c.zero_grad()
+            losses.append(loss.item())
+            dampings.append(c.optimizer.last_step["damping"])
+            assert c.optimizer.last_step["resolved"]
+        runs[dtype] = losses, dampings
+    (bf16, bf16_damping), (f32, f32_damping) = runs[torch.bfloat16], runs[None]
+    assert min(bf16_damping) < 1e-2 and min(f32_damping) < 1e-2
+    assert bf16[-1] < 0.1 * bf16[0] and f32[-1] < 0.1 * f32[0]
+    assert bf16[:5] == pytest.approx(f32[:5], rel=3e-2)

@@ -147,6 +147,19 @@ def test_rows_sweep_runs_on_a_tiny_mlp_with_its_products_bounds(monkeypatch):
     assert "| 32 | 4 |" in text and "--sweep" in text
 
 
+def test_rank1s_bound_counts_the_batch_gradients_its_own_taps_form(monkeypatch):
+    """rank1's products bound reads from the column's own compiled model which blocks take the batch gradient
+    from autograd (gnfx.taps.WeightTap): none with loss= (fisher="mc"), so its taps form δᵀa too and the
+    8-8-8-10 MLP's statistic steps cost 2 · 234R, not 234R."""
+    from benchmarks import targets
+
+    monkeypatch.setattr(targets, "SWEEP_WIDTH", 8)
+    variants = ("rank1", "rank1:loss=cross_entropy")
+    point = targets.sweep(rounds=1, ratios=(4,), variants=variants)[0]
+    assert point["bound"]["rank1"] == pytest.approx(1 + 234 / (targets.STAT_EVERY * 560))
+    assert point["bound"]["rank1:loss=cross_entropy"] == pytest.approx(1 + 468 / (targets.STAT_EVERY * 560))
+
+
 def test_rows_sweep_of_chosen_variants_times_whole_refresh_periods(monkeypatch):
     """`--sweep-optimizers` columns carry gnfx.compile settings, keep their preconditioner's bound
     and target, and each is timed over windows that hold whole refresh periods: lcm(stat_every,
