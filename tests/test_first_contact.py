@@ -2721,3 +2721,30 @@ def test_complex_weights_held_as_real_numbers_train_as_adamw_trains_them():
             net.zero_grad()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer, hparams", [("kfac", {"loss": "cross_entropy"}),
+                                                ("kfac", {"loss": "cross_entropy", "fisher": "empirical"}),
+                                                ("diag", {"loss": "mse", "step": "quadratic"})])
+def test_a_complex_output_under_loss_is_named_with_the_fix(optimizer, hparams):
+    """A model returning complex z (real parameters; the loss takes z.abs()) was told "got a 2-dimensional tensor"
+    (the sampled Fisher) or "this forward returned 0 (shapes [])" (loss= elsewhere): complex tensors are no
+    floating outputs. Now both name the complex output and the fix; without loss= it trains (lr given)."""
+    class ComplexOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return torch.view_as_complex(self.a(x).view(-1, 3, 2))
+
+    x, y = batch()
+    compiled = gnfx.compile(ComplexOut(), optimizer, **hparams)
+    with pytest.raises(gnfx.GnfxError, match=r"complex tensor \(torch.complex64, shape \(8, 3\)\).*"
+                                             r"z.abs\(\), torch.view_as_real\(z\)\).*without loss= and with an lr"):
+        out = compiled(x).abs()
+        (F.cross_entropy(out, y) if hparams["loss"] == "cross_entropy" else F.mse_loss(out, torch.ones_like(out))).backward()
+        compiled.step()
+    compiled = gnfx.compile(ComplexOut(), optimizer, lr=1e-2)
+    F.cross_entropy(compiled(x).abs(), y).backward()
+    compiled.step()
