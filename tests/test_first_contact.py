@@ -2743,7 +2743,8 @@ def test_a_complex_output_under_loss_is_named_with_the_fix(optimizer, hparams):
     with pytest.raises(gnfx.GnfxError, match=r"complex tensor \(torch.complex64, shape \(8, 3\)\).*"
                                              r"z.abs\(\), torch.view_as_real\(z\)\).*without loss= and with an lr"):
         out = compiled(x).abs()
-        (F.cross_entropy(out, y) if hparams["loss"] == "cross_entropy" else F.mse_loss(out, torch.ones_like(out))).backward()
+        loss = F.cross_entropy(out, y) if hparams["loss"] == "cross_entropy" else F.mse_loss(out, torch.ones_like(out))
+        loss.backward()
         compiled.step()
     compiled = gnfx.compile(ComplexOut(), optimizer, lr=1e-2)
     F.cross_entropy(compiled(x).abs(), y).backward()
