@@ -155,6 +155,14 @@ def _check_model(model) -> None:
         raise ConfigError(f"{sparse[0]!r} ({type(model.get_submodule(sparse[0])).__name__}) has sparse=True, whose "
                           f"gradients are sparse tensors, and gnfx's preconditioners step dense gradients; "
                           f"construct it with sparse=False (the default)")
+    complex_ = [name for name, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if complex_:
+        raise ConfigError(f"{complex_[0]!r} is a complex parameter ({model.get_parameter(complex_[0]).dtype}"
+                          f"{f', and {len(complex_) - 1} more' if len(complex_) > 1 else ''}); gnfx's curvature "
+                          f"statistics, preconditioners and step model are real. Fix: hold it as real numbers, "
+                          f"nn.Parameter(torch.view_as_real(w)) (a trailing dimension of 2), and read it as "
+                          f"torch.view_as_complex(self.w) in the forward: the same function of the same numbers, "
+                          f"which falls back (no layer kind reads a complex weight) and trains as a real parameter")
     check_unsharded(model)
 
 

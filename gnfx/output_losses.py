@@ -35,7 +35,7 @@ import math
 
 from gnfx.errors import ConfigError, GnfxError
 from gnfx.fisher import LOSSES
-from gnfx.outputs import floating_outputs
+from gnfx.outputs import complex_output_fix, floating_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +120,9 @@ def named_outputs(out, losses: tuple[OutputLoss, ...], missing_ok: bool = False)
     missing = [k.position for k in losses if k.position >= len(outputs)]
     if missing_ok:
         return [outputs[k.position] if k.position < len(outputs) else None for k in losses]
+    if missing and (fix := complex_output_fix(out)):
+        raise GnfxError(f"loss= names the losses of {len(losses)} outputs, and this forward returned {len(outputs)} "
+                        f"real ones: {fix}")
     if missing:
         raise GnfxError(f"loss= names the losses of {len(losses)} outputs, up to output {missing[-1]} of the "
                         f"floating tensors the model returns, and this forward returned {len(outputs)} (shapes "

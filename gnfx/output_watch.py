@@ -63,8 +63,8 @@ from gnfx.errors import GnfxError
 from gnfx.filled_gradients import fills_gradients
 from gnfx.fisher import record_true_fisher
 from gnfx.output_losses import cascade_error, named_outputs, unnamed_output_error, weighted_check_error
-from gnfx.outputs import (LogitsLayout, check_output_gradient, floating_outputs, other_output_error,
-                          output_gradient_findings)
+from gnfx.outputs import (LogitsLayout, check_output_gradient, complex_output_fix, floating_outputs,
+                          other_output_error, output_gradient_findings)
 
 
 def watch_output(out, store, settings: dict, layouts: list[LogitsLayout], ignored_rows: bool = True) -> None:
@@ -92,6 +92,9 @@ def watch_output(out, store, settings: dict, layouts: list[LogitsLayout], ignore
         others = [] if losses is None else [(i, t) for i, t in enumerate(outputs) if i not in named]
         _hook(heads, store, settings, others, layouts, trained, ignored_rows)
     elif store.fisher != "empirical":
+        if fix := complex_output_fix(out):
+            raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for mse) to "
+                            f"sample labels from: {fix}")
         got = f"a {out.dim()}-dimensional tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise GnfxError(f"fisher={store.fisher!r} needs a model output of logits (or predictions for "
                         f"mse) that requires grad, to sample labels from; got {got}. Fix: return the logits too, "

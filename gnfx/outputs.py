@@ -35,6 +35,18 @@ def floating_outputs(out) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]
 
 
+def complex_output_fix(out) -> str:
+    """"" or, when `out` holds a complex tensor (which floating_outputs leaves out: no output loss gnfx models is
+    of one), the sentence naming it and the fix, for the errors of loss= that found no real output there."""
+    found = [t for t in _leaves(as_one_output(out)) if isinstance(t, torch.Tensor) and t.is_complex()]
+    if not found:
+        return ""
+    return (f"the model returned a complex tensor ({found[0].dtype}, shape {tuple(found[0].shape)}), and loss= "
+            f"models a loss of real logits or predictions. Fix: return from the forward the real tensor your loss "
+            f"takes (z.abs(), torch.view_as_real(z)), or compile without loss= and with an lr (the empirical "
+            f"Fisher, from your backward)")
+
+
 def _leaves(out) -> list:
     """The leaves of `out`, pytree's, with a leaf that is a dataclass or a mapping not registered as a pytree
     taken apart: a dataclass's fields, a mapping's values (transformers' BatchEncoding, a UserDict, which

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import warnings
 from typing import NamedTuple
 
 import pytest
@@ -1091,3 +1092,20 @@ def test_points_probe_reports_exact_factors_recomputed_indices_and_steps_to_targ
     assert row[5] == "–"  # no target within 2 steps
     adamw = points_probe.probe("dgcnn", "adamw", steps=1).split(" | ")
     assert adamw[1] == "adamw (lr 0.001: –; lr 0.003: –; lr 0.01: –)" and adamw[2:5] == ["–", "–", "–"]
+
+
+def test_families_probe_rows_say_the_capture_and_coverage_or_the_refusal():
+    """benchmarks.families_probe: FiLM and RetNet's retention are captured whole by torch.fx with every parameter in
+    a block and train; a complex parameter's row is the compile's refusal naming it; AdamW's row has no capture."""
+    from benchmarks import families_probe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        film, retnet, complex_ = (families_probe.run(m, 2, ["kfac"]) for m in ("film", "retnet", "complex_matmul"))
+    for rows, blocks in ((film, "8 curvature blocks"), (retnet, "23 curvature blocks")):
+        adamw, kfac = (row.split(" | ") for row in rows)
+        assert adamw[1:] == ["adamw", adamw[2], "–", "– |"]
+        before, after = map(float, kfac[2].split(" → "))
+        assert after < before and kfac[3] == f"{blocks}, graph captured with fx (it traced the whole forward)"
+        assert kfac[4].endswith("(100.0%); fallback: 0 |")
+    assert complex_[1].split(" | ")[3].startswith("ConfigError: 'W' is a complex parameter (torch.complex64)")

@@ -2665,3 +2665,87 @@ def test_a_buffer_the_forward_registers_while_captured_is_registered_again_from_
         reference.zero_grad()
         reference.load_state_dict(model.state_dict())
     assert type(model.qkv._index) is torch.Tensor and model.qkv._index.tolist() == [0, 2, 4]
+
+
+class ComplexLinear(nn.Module):
+    """y = z Wᵀ + b over complex z, W and b held as real (…, 2) parameters (the fix the error names)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(o, i, 2) / (2 * i) ** 0.5)
+        self.b = nn.Parameter(torch.zeros(o, 2))
+
+    def forward(self, z):
+        return z @ torch.view_as_complex(self.w).T + torch.view_as_complex(self.b)
+
+
+@pytest.mark.parametrize("layer", ["linear", "matmul"])
+def test_complex_parameters_are_refused_at_compile_naming_the_fix(layer):
+    """A complex parameter crashed every preconditioner's first step inside the non-finite check
+    (torch.aminmax has no complex kernel), after the taps had cast its complex statistics to real with only
+    torch's warning (benchmarks/results/first_contact_21_families.md)."""
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6, dtype=torch.cfloat)
+            self.w = nn.Parameter(torch.randn(6, 3, dtype=torch.cfloat))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x.to(torch.cfloat)) if layer == "linear" else x.to(torch.cfloat) @ self.a.weight.T
+            return self.head(torch.view_as_real(torch.matmul(h, self.w)).flatten(1))
+
+    model = Complex()
+    for optimizer, hparams in (("kfac", {"loss": "mse"}), ("shampoo", {"lr": 1e-3}), ("auto", {"lr": 1e-3})):
+        with pytest.raises(gnfx.ConfigError, match=r"'w' is a complex parameter \(torch.complex64, and 2 "
+                                                   r"more\).*torch.view_as_real\(w\).*torch.view_as_complex"):
+            gnfx.compile(model, optimizer, **hparams)
+    model.a.requires_grad_(False)
+    model.w.requires_grad_(False)
+    gnfx.compile(model, "diag", lr=1e-3)  # frozen complex parameters are not trained: nothing to refuse
+
+
+def test_complex_weights_held_as_real_numbers_train_as_adamw_trains_them():
+    """The fix the refusal names: diag at an lr steps the real-held complex weights exactly as torch's AdamW."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ComplexLinear(4, 6), ComplexLinear(6, 3))
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"0.0% of the trainable parameters.*0.w .*'view_as_complex'"):
+        compiled = gnfx.compile(model, "diag", lr=1e-2)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)  # gnfx.compile's default
+    x, y = batch()
+    for _ in range(3):
+        for net, step in ((compiled, compiled.step), (reference, adamw.step)):
+            F.cross_entropy(net(x.to(torch.cfloat)).abs(), y).backward()
+            step()
+            net.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer, hparams", [("kfac", {"loss": "cross_entropy"}),
+                                                ("kfac", {"loss": "cross_entropy", "fisher": "empirical"}),
+                                                ("diag", {"loss": "mse", "step": "quadratic"})])
+def test_a_complex_output_under_loss_is_named_with_the_fix(optimizer, hparams):
+    """A model returning complex z (real parameters; the loss takes z.abs()) was told "got a 2-dimensional tensor"
+    (the sampled Fisher) or "this forward returned 0 (shapes [])" (loss= elsewhere): complex tensors are no
+    floating outputs. Now both name the complex output and the fix; without loss= it trains (lr given)."""
+    class ComplexOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return torch.view_as_complex(self.a(x).view(-1, 3, 2))
+
+    x, y = batch()
+    compiled = gnfx.compile(ComplexOut(), optimizer, **hparams)
+    with pytest.raises(gnfx.GnfxError, match=r"complex tensor \(torch.complex64, shape \(8, 3\)\).*"
+                                             r"z.abs\(\), torch.view_as_real\(z\)\).*without loss= and with an lr"):
+        out = compiled(x).abs()
+        loss = F.cross_entropy(out, y) if hparams["loss"] == "cross_entropy" else F.mse_loss(out, torch.ones_like(out))
+        loss.backward()
+        compiled.step()
+    compiled = gnfx.compile(ComplexOut(), optimizer, lr=1e-2)
+    F.cross_entropy(compiled(x).abs(), y).backward()
+    compiled.step()
