@@ -25,8 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# the suite on TEST_WORKERS processes (pytest-xdist), a test file to each at a time, so that the tests of one
+# file run in their order in one process as without workers; TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --full

@@ -43,18 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnfx
+from benchmarks.models import mlp
 
 OPTIMIZERS = {"kfac": ("kfac", {}), "shampoo": ("shampoo", {"lr": 1e-3}), "auto": ("auto", {"lr": 1e-3}),
               "diag_quadratic": ("diag", {"step": "quadratic"})}
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
 
 
 class ComplexNet(nn.Module):
@@ -284,7 +276,7 @@ MODELS = {  # name: (model, data, loss=, batch)
     "complex_activations": (ComplexActivations, _classes, "cross_entropy", 64),
     "fno_complex": (lambda: FNO1d(False), _heat, "mse", 64),
     "fno_held_real": (lambda: FNO1d(True), _heat, "mse", 64),
-    "mlp": (MLP, _classes, "cross_entropy", 64),
+    "mlp": (lambda: mlp([16, 64, 10]), _classes, "cross_entropy", 64),
     "film": (FiLMNet, _film, "cross_entropy", 64),
     "capsule": (CapsNet, lambda: _digits(False), "cross_entropy", 64),
     "capsule_mse": (CapsNet, lambda: _digits(True), "mse", 64),

@@ -148,6 +148,7 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.plan, self.statistics = plan, statistics
         self._build_preconditioners()
         self._warn_outsized_state()
+        self._warn_quadratic_step_without_curvature()
         if self._pending_checkpoint is not None:
             checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
             self.load_state_dict(checkpoint)
@@ -167,6 +168,22 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.curvature = [p for p in self.preconditioners if isinstance(p, CurvaturePreconditioner)]
         self.elementwise = [p for p in self.preconditioners if not isinstance(p, CurvaturePreconditioner)]
         self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
+
+    def _warn_quadratic_step_without_curvature(self) -> None:
+        """Warn, once the plan is built, when the quadratic step was chosen for an optimizer of curvature blocks
+        (kfac, ekfac with loss= and no lr) and the plan has none: every parameter falls back to the diagonal
+        preconditioner, so the step is Adam's direction at the length of each batch's quadratic model, which fits
+        that batch and can raise the loss of the others (benchmarks/results/defaults.md, "diag:step=quadratic
+        where no parameter is in a block")."""
+        if self.curvature or self._settings["step"] != "quadratic" or self._settings["step_given"]:
+            return
+        warnings.warn("gnfx: no parameter of the model is in a curvature block, so without an lr the step is the "
+                      "diagonal preconditioner's (Adam's) direction at the length the quadratic model of each batch "
+                      "chooses, which fits that batch and can raise the loss of the others (a small complex-weight "
+                      "classifier held as real numbers: 2.36 to 66 in 40 steps). Fix: pass an lr "
+                      "(gnfx.compile(model, ..., lr=1e-3): Adam's step on these parameters), or make the layers "
+                      "curvature blocks (the coverage warning and print(model) say why they are not)",
+                      RuntimeWarning, stacklevel=4)
 
     def _warn_outsized_state(self) -> None:
         """Warn, once the plan is built, naming the blocks whose optimizer state exceeds OUTSIZED_STATE bytes and
