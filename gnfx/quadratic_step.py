@@ -103,8 +103,9 @@ coarsest of the outputs', as the step's replay computes them, and the closure lo
 after a bfloat16 autocast block, whose runs adapt λ as float32's do, benchmarks/results/defaults.md).
 Cross-entropy's log Σ_j exp(z_j - max_j z_j) is the log of a sum ≥ 1, rounded at ε/2 in every row, so near
 L = 0 the loss of N rows moves in steps of ε/N and is off by up to ε/2 (a row whose other classes' probabilities
-sum to less than ε/2 counts 0: the float32 loss of the digits MLP at 2.2e-8 was 1.2e-8 off); binary cross-entropy's log(1 + e^{-x}) likewise; the rest (sums, mse's squares, the
-forward's rounding as L sees it) is relative to L. So
+sum to less than ε/2 counts 0: the float32 loss of the digits MLP at 2.2e-8 was 1.2e-8 off); binary
+cross-entropy's log(1 + e^{-x}) likewise; the rest (sums, mse's squares, the forward's rounding as L sees it) is
+relative to L. So
 
     r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L(θ))     (c_k = 1 for the cross-entropies, 0 for mse; `loss_resolution`)
 
