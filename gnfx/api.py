@@ -35,6 +35,7 @@ from gnfx.passes.unflatten import unflatten_linear
 from gnfx.passes.vmapped_products import stacked_vmapped_linears
 from gnfx.passes.weight_first_products import weight_first_products
 from gnfx.preconditioners import REGISTRY
+from gnfx.preconditioners.curvature import CurvaturePreconditioner
 from gnfx.quadratic_step import QUADRATIC_DAMPING
 from gnfx.variants import Variants
 
@@ -214,10 +215,11 @@ def compile(model: nn.Module, optimizer: str | dict = "diag", *, capture: str = 
     _check_model(model)
     policy = Policy(optimizer, hparams)
     lr_cap = "lr" in hparams  # with step="quadratic" a given lr caps α at 1
-    step_given = hparams.get("step", "auto") != "auto"  # else chosen by _step_defaults
     hparams = _step_defaults(optimizer, policy, hparams)
     hp = resolve({**COMMON, **policy.hparam_specs()}, hparams, f"optimizer={optimizer!r}")
-    hp["lr_cap"], hp["step_given"] = lr_cap, step_given
+    hp["lr_cap"] = lr_cap
+    # whether the optimizer asked for a curvature preconditioner (GnfxOptimizer warns when the plan has none)
+    hp["curvature_asked"] = any(issubclass(REGISTRY[n], CurvaturePreconditioner) for n in policy.names)
     # the factor bounds are planned at the given cost_rows; else again at the first statistic forward's rows
     hp["cost_rows_given"] = "cost_rows" in hparams
     hp["initial_damping"] = hp["damping"] if _tikhonov(policy) else QUADRATIC_DAMPING

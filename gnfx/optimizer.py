@@ -170,12 +170,13 @@ class GnfxOptimizer(torch.optim.Optimizer):
         self.update_function = UpdateFunction(self.curvature, self.parameter_store, self._settings["compile"])
 
     def _warn_quadratic_step_without_curvature(self) -> None:
-        """Warn, once the plan is built, when the quadratic step was chosen for an optimizer of curvature blocks
-        (kfac, ekfac with loss= and no lr) and the plan has none: every parameter falls back to the diagonal
-        preconditioner, so the step is Adam's direction at the length of each batch's quadratic model, which fits
-        that batch and can raise the loss of the others (benchmarks/results/defaults.md, "diag:step=quadratic
-        where no parameter is in a block")."""
-        if self.curvature or self._settings["step"] != "quadratic" or self._settings["step_given"]:
+        """Warn, once the plan is built, when the optimizer asked for curvature blocks (kfac, ekfac, ...) under the
+        quadratic step without an lr (kfac's default with loss=) and the plan has none: every parameter falls back
+        to the diagonal preconditioner, so the step is Adam's direction at the length of each batch's quadratic
+        model, which fits that batch and can raise the loss of the others (benchmarks/results/defaults.md,
+        "diag:step=quadratic where no parameter is in a block"). Not for optimizer="diag", which asked for that."""
+        settings = self._settings
+        if self.curvature or settings["step"] != "quadratic" or settings["lr_cap"] or not settings["curvature_asked"]:
             return
         warnings.warn("gnfx: no parameter of the model is in a curvature block, so without an lr the step is the "
                       "diagonal preconditioner's (Adam's) direction at the length the quadratic model of each batch "

@@ -2747,5 +2747,7 @@ def test_a_complex_output_under_loss_is_named_with_the_fix(optimizer, hparams):
         loss.backward()
         compiled.step()
     compiled = gnfx.compile(ComplexOut(), optimizer, lr=1e-2)
+    before = [p.detach().clone() for p in compiled.parameters()]
     F.cross_entropy(compiled(x).abs(), y).backward()
     compiled.step()
+    assert compiled.optimizer.steps == 1 and not any(torch.equal(p, q) for p, q in zip(compiled.parameters(), before))

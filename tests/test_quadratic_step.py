@@ -1754,19 +1754,21 @@ class BroadcastProduct(nn.Module):
         return (x[:, :, None] * self.w).sum(1)
 
 
-@pytest.mark.parametrize("settings, warned", [
-    (dict(), True),  # kfac's default step chosen with no curvature block to serve: named
-    (dict(lr=1e-3), False),  # the fixed-lr step the warning's fix gives
-    (dict(step="quadratic"), False),  # asked for
+@pytest.mark.parametrize("optimizer, settings, warned", [
+    ("kfac", dict(), True),  # kfac's default step chosen with no curvature block to serve: named
+    ("kfac", dict(step="quadratic"), True),  # the same step, asked for by name
+    ("kfac", dict(lr=1e-3), False),  # the fixed-lr step the warning's fix gives
+    ("kfac", dict(step="quadratic", lr=1e-3), False),  # α capped at the lr's step
+    ("diag", dict(step="quadratic"), False),  # the diagonal's quadratic step, asked for
 ])
-def test_the_quadratic_step_chosen_for_kfac_on_a_model_without_curvature_blocks_is_named(settings, warned):
+def test_the_quadratic_step_of_kfac_on_a_model_without_curvature_blocks_is_named(optimizer, settings, warned):
     """kfac with loss= and no lr takes the quadratic step for its blocks; on a model none of whose parameters is
     in a block the step is the diagonal's direction at each batch's model length (benchmarks/results/defaults.md:
     it fits each batch and can raise the others' loss), and gnfx says so with the fix, once the plan is built."""
     x, y = torch.randn(8, 4), torch.randint(3, (8,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        c = gnfx.compile(BroadcastProduct(), "kfac", loss="cross_entropy", **settings)
+        c = gnfx.compile(BroadcastProduct(), optimizer, loss="cross_entropy", **settings)
         backward_and_step(c, F.cross_entropy(c(x), y))
     named = [w for w in caught if "no parameter of the model is in a curvature block" in str(w.message)]
     assert len(named) == warned and c.optimizer.steps == 1
@@ -1774,6 +1776,6 @@ def test_the_quadratic_step_chosen_for_kfac_on_a_model_without_curvature_blocks_
         assert "lr=1e-3" in str(named[0].message) and named[0].category is RuntimeWarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        c = gnfx.compile(nn.Sequential(nn.Linear(4, 3)), "kfac", loss="cross_entropy", **settings)
+        c = gnfx.compile(nn.Sequential(nn.Linear(4, 3)), optimizer, loss="cross_entropy", **settings)
         backward_and_step(c, F.cross_entropy(c(x), y))
     assert not [w for w in caught if "no parameter of the model is in a curvature block" in str(w.message)]
