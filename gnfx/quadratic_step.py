@@ -1,291 +1,87 @@
 """The quadratic-model step: step size α, momentum μ and damping λ from the exact GGN.
 
-The last stage of the update chain, for every preconditioner. The chain before it proposes an
-update Δ (the parameter change the preconditioner's step would make at the param groups' lr);
-with δ the previous update actually applied and g the gradient of the batch loss L, the GGN gives
-the local quadratic model of L (Martens & Grosse 2015, §6–7; kfac-jax's adaptive learning rate,
-momentum and damping)
+docs/design.md §1 ("Step size and damping") states every rule below with its reasons; the measurements
+behind each choice are in benchmarks/results/quadratic_step.md and defaults.md (sections named below).
+
+The model. The update chain of every preconditioner of the plan proposes Δ (the step at the param
+groups' lr); with δ the previous update applied and g the gradient of the batch loss L, the step is
+d = αΔ + μδ minimizing the local quadratic model (Martens & Grosse 2015, §6–7)
 
     q(d) = gᵀd + ½ dᵀ(G + λI)d,        G = Jᵀ H_ℓ J   (the exact GGN on the step's batch).
 
-Along d = αΔ + μδ it is the 2x2 quadratic q = bᵀc + ½ cᵀMc in c = (α, μ), with
+With the rows (v_1, v_2) = (Δ, δ) of V, q along d = Σ_i c_i v_i is bᵀc + ½ cᵀMc with
 
-    b_i = gᵀv_i,   M_ij = (J v_i)ᵀ H_ℓ (J v_j) + λ v_iᵀv_j,   (v_1, v_2) = (Δ, δ),
+    b_i = gᵀv_i,   M_ij = (J v_i)ᵀ H_ℓ (J v_j) + λ v_iᵀv_j,
 
-so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc. When the plan has several
-preconditioners (K-FAC on the blocks, the diagonal on the parameters no block claims), Δ is split
-into their parts Δ_k and each gets its own α_k (a (P+1)x(P+1) system, one more product per part):
-their proposals at one lr are on different scales. J v comes from forward-mode products
-(dual tensors, gnfx.forward_mode) through the model at the inputs of the step's forward, H_ℓ in closed form from
-the output z (gnfx.ggn.output_hessian_product: softmax rows weighted 1/M for "cross_entropy",
-2/numel(z)·I for "mse", diag(σ(z)(1-σ(z)))/numel(z) for "binary_cross_entropy"). A loss over several outputs,
-L = Σ_k w_k L_k(z_k) (gnfx.output_losses), has the GGN Σ_k w_k J_kᵀ H_k J_k: one forward-mode pass per v_i
-gives every J_k v_i (the outputs concatenated), M_ij = Σ_k w_k (J_k v_i)ᵀ H_k (J_k v_j) + λ v_iᵀv_j, and the
-loss recovered for ρ (below) is Σ_k w_k L_k, each L_k from the gradient at z_k divided by w_k. μ is kept in
-MOMENTUM_RANGE = [0, 0.99] (the others re-minimized for a μ at a bound, `minimize_quadratic`):
-fitted on one batch, an unbounded μ swung to -412 on the digits MLP along directions the batch
-barely constrains. Without a previous update (first step, after a rejected step) μ = 0 and
-α = -b_1/M_11. With `capped` (an lr was given) every α ≤ 1: the step is at most the proposal at lr.
+so c = -M⁻¹b and the predicted reduction is -q(c) = -½ bᵀc (`minimize_quadratic`). With P
+preconditioners Δ is split into their parts Δ_k, each with its own α_k: a (P+1)x(P+1) system. μ is
+kept in MOMENTUM_RANGE (the other coefficients re-minimized at a bound); with no previous update μ = 0;
+with an lr given (`capped`) every α ≤ 1. A loss over several outputs, L = Σ_k w_k L_k(z_k)
+(gnfx.output_losses), has M_ij = Σ_k w_k (J_k v_i)ᵀ H_k (J_k v_j) + λ v_iᵀv_j.
 
-A fixed momentum (`quadratic_momentum` = μ̂ in [0, 1); "adaptive", the default, is the above). Each
-row of V costs one forward-mode tangent, and the tangents are most of the step (P+1 of them: ~5
-forwards of the GPT of benchmarks/ for P = 1). With μ̂ fixed the step keeps a velocity on the
-proposal's scale, as torch.optim.SGD keeps its momentum buffer apart from a changing lr:
+The products. J v by forward mode through the replayed training forward (gnfx.forward_mode: one
+tangent per row of V), H_ℓ in closed form from the output z (gnfx.ggn.output_hessian_product).
+`quadratic_products="difference"` takes J v ≈ (f(θ + hv) − f(θ))/h instead (gnfx.finite_differences:
+one forward without gradient per row); "auto", the default, does so where every captured graph is
+smooth in θ (gnfx.passes.discontinuities) and θ and z are 32- or 64-bit (`_by_difference`), with the
+training forward's z as f(θ) where the replay computes it bit for bit (`_difference_rows`).
+`quadratic_rows=R` takes the GGN term of M on the first R loss terms only, rounded up to whole examples;
+b and ρ stay the whole batch's.
 
-    v = Δ + μ̂ v_prev,   s = Σ_k α_k v_k   (v_k: v on the parameters of part k),
+The rules of a step, in the order `_step` applies them:
 
-and the α_k minimize q over the span of the v_k: the PxP system of the same M and b with
-(v_1, ..., v_P) for the rows, P tangents instead of P+1. For one part (K-FAC on every parameter)
-that is one tangent and α = -gᵀv / vᵀ(G + λI)v, so that s_t = α_t Δ_t + μ̂ (α_t/α_{t-1}) s_{t-1}:
-heavy ball with the momentum μ̂ while α is steady. (Carrying the update δ itself, α(Δ + μ̂δ), would
-mix two scales: δ = α_prev v_prev, and α is far from 1 when Δ is a proposal at the param groups'
-lr.) A part whose carried velocity goes uphill on the step's batch, gᵀv_prev,k > 0, restarts at
-v_k = Δ_k (the gradient restart of O'Donoghue & Candès 2015), so that b_k = gᵀΔ_k < 0 for a descent
-proposal; a rejected step drops v as it drops δ, and a retry at t·s scales the α_k, not v.
-Measured: 20-57% more steps than the adaptive μ on the deep autoencoder and the char GPT at
-μ̂ = 0.5-0.9, and on the digits MLP a target lost or a divergence on one seed of three at each μ̂
-(benchmarks/results/quadratic_step.md, "One tangent"): an option, not the default.
+- The loss floor. The named losses are ≥ 0, so a predicted reduction above κ·L(θ) (κ = FLOOR_CAP) is
+  wrong: the step is shortened along its ray to τc with -q(τc) = κ·L(θ) (`floor_capped`;
+  `last_step["floor_scale"]` = τ). defaults.md, "Nielsen's rule and the loss floor".
+- Levenberg–Marquardt damping, Nielsen's form (Madsen, Nielsen & Tingleff 2004, §3.2). With
+  ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same batch: accepted (ρ > 0) λ ← λ·max(ω, 1 - (2ρ - 1)³),
+  ν ← 2; rejected λ ← νλ, ν ← 2ν; λ in [LAMBDA_MIN, LAMBDA_MAX] (`levenberg_marquardt`). The
+  preconditioners whose damping is a Tikhonov λ on G's scale (K-FAC's factored damping, EKFAC) take λ.
+- Rejection. A step with ρ ≤ 0 (or a non-finite loss) is retried on its batch at θ + t·s for up to
+  BACKTRACKS values of t (safeguarded interpolation, `_backtrack`), λ raised to the damping whose model
+  has t·s as its minimizer, sᵀ(G + λI)s = -gᵀs/t (Nocedal & Wright, Algorithm 4.1 and Theorem 4.1).
+  None accepted: the step is undone, δ dropped, λ raised, the curvature preconditioners refreshed.
+  Moving on to the next batch instead skipped the batches the model fits worst (defaults.md).
+- The resolution of the float loss. A predicted reduction below r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L(θ))
+  (c_k = 1 for the cross-entropies, whose log of a sum ≥ 1 rounds at ε/2 a row, 0 for mse; ε the
+  loss's precision, `_precision`; `loss_resolution`) is not judged: λ and ν kept, the step taken unless
+  its loss rose by more than r (`last_step["resolved"]` False). Judged, the rounding's ρ = 0 raised λ
+  until the proposal rounded away (first_contact_20_rounding.md).
+- The expansion (cross-entropy only, after DAMPING_WARMUP steps). An accepted judged step with ρ > 1
+  is tried at e·s (e = EXPANSION) and kept if its batch loss is lower there (`_expand`): along s
+  cross-entropy on a classified batch is near φ(t) = L∞ + D e^{-kt}, whose quadratic model stops at
+  t = 1/k, ρ ≈ 2(1 - 1/e) whatever λ. The momentum carries s (defaults.md, "The exponential tail").
+- The held-out step length κ (`held_out_scale`, 1 to start). After an adaptation judged below RHO_LOW
+  or a rejection, the next step first tests δ on its own batch, which δ was not fitted on: κ ← eκ if
+  L(θ + δ) is below L(θ) and at most L(θ - δ/2), κ ← κ/e if the latter is lower (e = HELD_OUT_FACTOR),
+  κ in [1, HELD_OUT_MAX], and the step is κc. Where -q(κc) ≤ 0 there is no ρ: the step is kept only if
+  its batch loss fell, else retried shorter with κ ← κ/e (`_held_out_scale`; torchvision_models.md).
+- ρ every T steps (`damping_every`). ρ costs one forward at θ+s; it is computed on t mod T = 0, the
+  first DAMPING_WARMUP steps, a step without δ, and a step predicting over PREDICTED_GROWTH times the
+  last accepted adaptation's reduction (`adapts`); the others keep λ (ρ NaN, `adapted` False).
+- The model every T_q steps (`quadratic_every`). Between solves the step is s = Σ_k α̂_k Δ_k + μ̂δ
+  with the last solve's ĉ, provided 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ) and that solve was not judged
+  below RHO_LOW (`_reuses`, `_reuse`); λ is adapted on solved steps only. quadratic_step.md, "The model
+  every T_q steps".
+- A fixed momentum (`quadratic_momentum` = μ̂). The step keeps a velocity on the proposal's scale,
+  v = Δ + μ̂ v_prev, and takes s = Σ_k α_k v_k from the PxP system of the rows v_k (P tangents instead of
+  P+1); a part whose velocity goes uphill, gᵀv_prev,k > 0, restarts at v_k = Δ_k (O'Donoghue & Candès
+  2015; `_velocity`). quadratic_step.md, "One tangent".
 
-The products by finite differences (`quadratic_products="difference"`; "forward" is the above): J v ≈
-(f(θ + hv) − f(θ))/h (gnfx.finite_differences), one forward without gradient per row of V and one for z
-instead of ~2.5 forwards per row, h for each row from its gain ‖J v‖/‖v‖ at the last step (`_gains`), to a
-relative error of about 1e-3 in float32: the char GPT's step 84 → 45 CPU ms at the
-same steps to target within an evaluation; a forward that jumps at the scale of h (a router's top-k,
-rounding) has no such derivative (benchmarks/results/quadratic_step.md, "Finite differences"). The default,
-"auto", takes them by differences where every captured graph of the forward is smooth in θ
-(passes/discontinuities.py: no comparison, rounding, integer cast, top-k index, stop-gradient or opaque code
-between θ and the outputs) and θ and z are in 32 or 64 bits, else by forward mode (`_by_difference`). Their
-f(θ) is the training forward's z where the replay computes it bit for bit, as it does on the char GPT (checked
-now and then, `_difference_rows`): P forwards per step instead of 1 + P.
+L(θ+s). With `step(closure)` the closure's loss, called under torch.no_grad(). Without one, the loss
+recovered from the output gradient g_z = ∂L/∂z of the step's backward at the output of one forward at
+θ+s (`recovered_loss`): g_z fixes the targets of a mean-reduced named loss exactly (cross-entropy
+t = softmax(z) - M g_z, mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z); under a
+GradScaler g_z is divided by its scale, `unscale`). Terms that do not go through z are left out; a loss
+that is not the named one gives a wrong, finite ρ: pass a closure then. With loss="mse" and a closure
+the recovered error at θ must not exceed the closure's loss (`_check_mean`: a summed squared error is
+refused by name). A loss of the output's gradient (forces F = -∂E/∂x, a gradient penalty) is refused
+(`_refuse_a_loss_of_the_output_gradient`).
 
-The loss floor. The named losses are bounded below, L ≥ 0 (cross-entropy, binary or not, and mse
-alike; 0 is the infimum for hard targets, and for soft ones a looser bound than their entropy), so no step can
-reduce the batch's loss by more than L(θ): a model that predicts -q(c) > κ·L(θ) (κ = FLOOR_CAP, 1)
-is wrong about that step, and the step is shortened along its ray to the τc with -q(τc) = κ·L(θ)
-(`floor_capped`: the smaller root of ½ cᵀMc τ² + bᵀc τ + κL(θ) = 0), which keeps the direction the
-model chose and the reduction it predicts possible; ρ is then measured against κL(θ).
-`last_step["floor_scale"]` is τ (1: not shortened). L(θ) is the closure's first loss, or without one
-the loss recovered from the output gradient (below). On the digits CNN, kfac accepted steps
-predicting 0.86-1.52 on batch losses of about 0.19 (ρ = 0.003-0.11) that cost ~10 steps each; the
-cap (κ = 1) also is what makes the faster λ rule below safe: without it Nielsen's rule diverged on
-the digits MLP (benchmarks/results/defaults.md). κ = 1/2 shortened steps that were right (the CNN's
-seed-0 validation target took 70 steps, not 35).
-
-Levenberg–Marquardt damping, in Nielsen's form (Madsen, Nielsen & Tingleff 2004, §3.2). After the
-step s = αΔ + μδ, ρ = (L(θ) - L(θ+s)) / (-q(c)) on the same batch; an accepted step (ρ > 0)
-λ ← λ·max(ω, 1 - (2ρ - 1)³) (ω = `damping_decay`, 0.5) and ν ← 2, a rejected one λ ← νλ and
-ν ← 2ν (ν starts at 2), λ kept in [LAMBDA_MIN, LAMBDA_MAX]. The factor is continuous in ρ: 2 as
-ρ → 0, 1 at ρ = 1/2, ω from ρ ≈ 0.9 on. On the digits tasks ρ stays above 1 on nearly every
-adapted step (1.2-2.3 on the CNN's first steps, 1.2-1.35 later: the batch loss falls by more than the
-model predicts): λ was larger than the model needed, and the former rule (λ ← ωλ at ρ > 3/4, λ/ω
-at ρ < 1/4, ω = 0.9 per step) spent the first ~20 steps at λ > 0.1. With this rule and the cap kfac
-and ekfac reached each digits target they reach in 7-67% fewer steps (kfac also the MLP's seed-2
-validation target, which no lr of AdamW's grid reaches), the char GPT's in as many
-(benchmarks/results/defaults.md, "Nielsen's rule and the loss floor"). ω = 1/3 (Nielsen's own
-bound) or 0.4 lost the MLP's seed-1 validation target: a λ too small for a generalization target.
-A step with ρ ≤ 0 (or a non-finite loss) is retried on the same batch, shorter: at θ + t·s for up
-to BACKTRACKS values of t (safeguarded quadratic interpolation of the loss along s, `_backtrack`),
-as a trust-region method stays where a step failed and shrinks the radius (Nocedal & Wright,
-Algorithm 4.1); the first t with ρ > 0 (ρ against the model's reduction at t·s) is taken, and λ is
-raised to the damping whose model has t·s as its minimizer along s, sᵀ(G + λI)s = -gᵀs/t (the
-trust-region radius ‖t·s‖ and the LM λ are one choice, Nocedal & Wright Theorem 4.1). Moving on to
-the next batch instead skips exactly the batches the model fits worst: on the digits CNN the
-batch holding one confidently misclassified example was rejected at nearly every visit (40
-rejections in 400 steps, one per epoch), so that example's loss grew to ~160 and held the training
-loss at 0.11 while every other batch fell to 1e-8 (benchmarks/results/defaults.md). When no t
-is accepted the step is undone: the momentum dropped (δ = 0), λ raised by the LM rule, and the
-curvature preconditioners refreshed at the new λ (also after an accepted retry, as λ rose). The preconditioners whose
-damping is a Tikhonov λ on the scale of G (`Preconditioner.tikhonov_damping`: K-FAC's factored
-damping, EKFAC) take λ as their damping at every step.
-ρ needs an actual reduction the float loss can show: a predicted reduction below the resolution r of the
-difference L(θ) - L(θ+s) is not judged. L is a mean of per-row terms rounded in the precision ε of the loss (the
-coarsest of the outputs', as the step's replay computes them, and the closure loss's: float32 for a step called
-after a bfloat16 autocast block, whose runs adapt λ as float32's do, benchmarks/results/defaults.md).
-Cross-entropy's log Σ_j exp(z_j - max_j z_j) is the log of a sum ≥ 1, rounded at ε/2 in every row, so near
-L = 0 the loss of N rows moves in steps of ε/N and is off by up to ε/2 (a row whose other classes' probabilities
-sum to less than ε/2 counts 0: the float32 loss of the digits MLP at 2.2e-8 was 1.2e-8 off); binary
-cross-entropy's log(1 + e^{-x}) likewise; the rest (sums, mse's squares, the forward's rounding as L sees it) is
-relative to L. So
-
-    r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L(θ))     (c_k = 1 for the cross-entropies, 0 for mse; `loss_resolution`)
-
-with LOSS_ROUNDING = 8, each end carrying up to r/2. Measured in float32 against float64 at the same float32
-parameters (20 batches, the optimizer's step s at 5 lengths t·s, t = 1e-4 to 1): on the digits MLP fitted to ~2e-8
-the difference was off by up to 1.8e-9 = 0.015r (twice ε/N), at L = 2.6e-3 by up to 0.15r (ε·Σ|∂L/∂z||z|, the
-output's rounding alone, was 5.6 times too small), on the autoencoder (mse, L = 1.9e-3) by up to 2.4εL = 0.3r. An
-adaptation that falls due with 0 < -q(c) < r is not judged (`last_step["resolved"]` False, ρ NaN, `adapted`
-False): λ and ν are kept, and the step is taken unless its loss rose by more than r; such a resolved rise is a
-rejection as ever (retried shorter, λ ← νλ). Judged, the rounding set ρ: on the digits MLP at batch losses of
-2e-8 to 5e-8 (kfac, seed 0, steps 560-800) the actual reductions were 0 or multiples of ε/128 = 9.3e-10 against
-predictions of 1e-10-1e-9, ρ = 0, 1, 2.5, ..., 29, and from step 806 seven ρ = 0 in a row raised λ from 4e-5 to
-1.1e4 (ν doubling); the proposal at that λ rounds away against θ, so no step was taken from then on and λ never
-fell (training loss held at 1.55e-8 from step 813 to 2000; with the rule 6e-9 by step 1200), and after the labels
-were permuted the loss stayed above 20 for 30 steps while λ halved back from 1e6. A small MLP on one fixed batch: λ went
-to 6.9e5 and a next batch stayed at its loss of 6.6 for 30 steps. On the benchmark tasks no step before their
-targets was below r: steps to target unchanged on the digits tasks (kfac, ekfac, seeds 0-2) and the char GPT
-(benchmarks/results/first_contact_20_rounding.md).
-
-The exponential tail of cross-entropy: an expansion. With loss="cross_entropy", after the warm-up
-(t ≥ DAMPING_WARMUP), an accepted adaptation with ρ > 1, a batch loss that fell by more than the
-model predicts at its minimizer, is tried at e·s (e = EXPANSION, 2; one more forward, and with a
-closure one more call of it) and kept if the batch loss is lower there, L(θ + e·s) < L(θ + s); else
-the step stays s (one step of the expansion phase of a bracketing line search, Nocedal & Wright
-§3.5). Why: on a batch the model classifies correctly, cross-entropy along s is close to an
-exponential in the margins, φ(t) = L∞ + D e^{-kt}. Its quadratic model from the exact GGN (φ'(0) =
--kD, φ''(0) = k²D) has its minimizer at t = 1/k and predicts the reduction D/2, while the loss falls
-by D(1 - 1/e) there: ρ = 2(1 - 1/e) ≈ 1.26 whatever λ, and the loss keeps falling beyond. That is
-the ρ of 1.1-1.3 on nearly every adaptation after the warm-up on the digits CNN and MLP (mean
-1.16-1.19), where λ‖s‖² is 0.1-0.3% of sᵀGs: λ is not what makes the model pessimistic, and the LM
-rule, which reads ρ > 1 as a λ too large, only halves it to LAMBDA_MIN without lengthening the step.
-The momentum carries s, not e·s (with a fixed μ̂ the velocity v as ever), and the steps between
-solves reuse ĉ, not e·ĉ: carrying e·s cost the CNN's seed-0 training target 15 steps (μ = 0.99 of a
-doubled δ, then a step the loss floor cut to τ = 0.15). Not on the warm-up steps, where ρ > 1 is λ's
-doing (λ0 = 1 is 11-30x sᵀGs/‖s‖² on the first step) and the LM rule lowers it: expanding there too
-cost the digits MLP's validation target 40-70 steps on two seeds of three. With it kfac reached
-every digits target of seeds 0-2 in as many steps or fewer, the CNN's training target on seeds 1 and
-2 in 50 and 55 steps (55 and 60 without); on seeds 3 and 4, held out, the MLP's validation target
-(near the task's validation floor, which every change of the step moves) in 55 and 65 steps against
-40 and 95, the other targets in as many or fewer. Not for mse, whose loss is quadratic in z: its ρ >
-1 after the warm-up comes from the network, and on the deep autoencoder all 18 expansions tried in
-110 steps (seed 0) were declined, one forward each for nothing (benchmarks/results/defaults.md, "The
-exponential tail of cross-entropy"). Not for binary cross-entropy either: each of its entries has the
-same exponential tail, but the expansion is measured on cross-entropy only.
-
-The held-out step length κ. The model and ρ are those of the step's own batch; where the model
-misjudges that batch, ρ cannot tell whether s is too long or too short for the loss over batches, the
-training objective. On torchvision's BatchNorm mobile networks (shufflenet_v2_x0_5, regnet_y_400mf on
-the upsampled digits) every adaptation of kfac was accepted at ρ = 0.12-0.25: along s the batch's loss
-fell by ~0.25 by t = 0.3 and no further (a batch-specific part of the step), while the mean loss of 4
-other batches kept falling up to t = 4-16; the LM rule raised λ (1 → 25 in 30 steps) and the training
-loss stayed at 2.2-2.4. Steps 0.1 or 0.02 times the model's trained slower still, 5 times the model's
-trained (benchmarks/results/torchvision_models.md). So after an adaptation judged at ρ < RHO_LOW, or
-rejected (`misjudged`), the next step first tests the last update δ on its own batch, which δ was not
-fitted on: the actual reductions L(θ) - L(θ + δ) and L(θ) - L(θ - δ/2), the last step taken to twice
-and to half its length (two forwards; with a closure, two calls). κ (`held_out_scale`, 1 to start) ←
-eκ if twice lowers the loss and at least as much as half, κ/e if half lowers it more (e =
-HELD_OUT_FACTOR, 2), within [1, HELD_OUT_MAX] (`held_out_scale`), and the step is κc (after the
-loss-floor cap), its predicted reduction -q(κc): a line search on a batch the step did not see, one
-factor of e per step (the expansion and contraction of a bracketing search, Nocedal & Wright §3.5,
-spread over steps). Every step tests while κ > 1; at κ = 1 the tests stop until the next misjudged
-adaptation. κ never shortens the model's step: a step too long for its own batch is the λ rule's and
-the retries' business. Where κc goes past the model's minimizer far enough that -q(κc) ≤ 0 (κ ≥ 2 at
-the exact minimizer: q(κc) = (κ²/2 - κ) cᵀ(G + λI)c), that step computes no ρ and holds λ, but is taken
-only if the loss of its own batch fell (one forward); else it is retried shorter on that batch as a
-rejected step is, and κ ← κ/e. (Where c = 0, on a batch whose gradient is exactly 0, κc = 0 is the
-minimizer itself, q = 0: no step past it, none to check; it was checked, its actual reduction 0 rejected it,
-and the retry's interpolation through φ(0) = φ(t), φ'(0) = 0 divided by zero,
-benchmarks/results/first_contact_20_fuzzwide.md.) Unchecked, such steps diverged where the next batch is the same one (a
-fixed batch, as in full-batch training: the test is not held out there and κ doubled to 64 in 10 steps;
-a small GRU model's loss fell to 0.0016, then rose to 10.7 within 10 steps,
-benchmarks/results/first_contact_19_defaultsfuzz.md). With kfac at defaults the training loss after 40 steps went from 2.21 to
-0.85 on shufflenet_v2_x0_5 (AdamW 3e-3: 1.19). On the digits tasks every step of kfac and ekfac is
-as before: 8 of their 625 adaptations (seeds 0-2) were judged below RHO_LOW, and no test followed any
-of them (counted; a step that is undone leaves no δ to test). On the char GPT one adaptation of kfac's
-was, on each of seeds 0 and 1 (κ to 2 and back): steps to its targets 300/375 → 300/350 and 325/375 →
-300/375; ekfac's (seed 0) are as before, 250/325. Only with the adaptive μ: a fixed μ̂ carries the
-velocity, not the update applied.
-
-ρ every T steps (`damping_every` = T, 5 by default; Martens & Grosse adapt λ every 5 iterations,
-kfac-jax's `damping_adaptation_interval`). ρ costs one forward at θ+s (with a closure: the
-closure's second call), a third of the step on the char GPT with `quadratic_rows`. It is computed,
-and λ adapted and a step with ρ ≤ 0 rejected, on the optimizer's steps t with t mod T = 0, on the
-first DAMPING_WARMUP steps, and on every step without a previous update δ (the first, and the one
-after a rejected step or a step with no proposal); the other steps take the step at the λ held
-fixed (`last_step`: ρ and the actual reduction NaN, `adapted` False). λ moves once per
-adaptation, by at most ω: on each of the first DAMPING_WARMUP steps, then once in T steps (ω^(1/T)
-per step at most). The closure follows the same rule (it is called again only on adaptation
-steps, and once more for an expansion). What keeps the steps in between from blowing up: μ within
-MOMENTUM_RANGE (the unbounded μ of the issue's probe, -127 to 7466 after a step that raised the
-loss, was what diverged), the loss-floor cap, ρ on every early step, where λ moves most
-(it falls from λ0 by ω per step while ρ stays near 1), and ρ on a step whose predicted reduction exceeds
-PREDICTED_GROWTH times that of the last accepted adaptation: on the char GPT with quadratic_rows=256
-and T = 5, unjudged steps predicting 20-70x the usual reduction (a G_S of 256 rows too small for Δ)
-raised the loss from 2.5 to 4.4 and then to 2·10⁵ (benchmarks/results/quadratic_step.md).
-
-The model every T_q steps (`quadratic_every` = T_q, 1 by default). The products J v_k, M, b and the
-solve for c = (α, μ) run on the solved steps: t mod T_q = 0, the first DAMPING_WARMUP steps, a step
-without a previous update δ, one after a rejected or retried step or after a solve judged poor
-(ρ < 1/4), one whose parts (the preconditioners with a proposal) or whose μ differ from the last
-solve's, and one that fails the guard below. On the steps in between the step is
-
-    s = Σ_k α̂_k Δ_k + μ̂ δ,        ĉ = (α̂, μ̂) the coefficients of the last solve,
-
-with this step's proposal Δ_k and previous update δ (with a fixed μ̂, `quadratic_momentum`:
-s = Σ_k α̂_k v_k with this step's velocities v_k = Δ_k + μ̂ v_prev,k): no products, no solve, no ρ (the forward-mode
-products along Δ and δ cost ~5 forwards of the model, the step's largest cost: 4.6 of 13.1 ms on
-the deep autoencoder, 135 of 205 ms on the char GPT, benchmarks/results/quadratic_step.md). What
-keeps them safe: coefficients whose model was judged poor are not reused (on the digits MLP, seed 1,
-T_q = 5, a solve with ρ = 0.14 and μ = 0.99 reused on the next step took the validation loss from
-0.17 to 2.5); the guard 0 < -gᵀs ≤ PREDICTED_GROWTH·(-b̂ᵀĉ), the first-order reduction of this
-batch's loss along s (one dot product per row of V with g) against that of the solve, b̂ᵀĉ (= 2q(ĉ)
-for an interior minimizer), so that a step that is no descent on its batch, or whose proposal grew
-(a refreshed preconditioner, a batch with a larger gradient), solves instead; μ̂ within
-MOMENTUM_RANGE; and λ judged only on solved steps, where the predicted reduction -q(c) of the
-step's own model exists: an adaptation of damping_every falling due on a step in between (a
-multiple of T since the last solve) waits for the next solved step. `last_step` of a step in
-between: α, μ as applied (ĉ), λ as used (held), ρ, the predicted and the actual reduction NaN,
-`solved` and `adapted` False. T_q = 1 (every step solves, as before) stays the default: T_q = 5
-brought the deep autoencoder's targets under AdamW's CPU time (0.5-0.9x, from 0.7-1.6x), the char
-GPT's only from 2.9x to 2.4x (T_q = 10: 2.0x, at more steps than AdamW), and every T_q ≥ 2 left a
-target unreached on the digits MLP or CNN
-(MLP seed 1 diverged at T_q = 5, through solved steps accepted at ρ of 0.0005-0.04 on the
-trajectory the reuse led to; benchmarks/results/quadratic_step.md, "The model every T_q steps").
-
-L(θ+s): with `step(closure)` the closure's loss (called under torch.no_grad() after the step; the
-first call, before the step, is torch.optim's: forward and backward; a closure that calls backward
-whatever the grad mode, as torch's documentation and skorch's train_step write it, fails there once and
-is then taken as no closure for L(θ+s)). Without a closure, the loss
-is recovered from the output gradient g_z = ∂L/∂z of the step's backward, which determines the
-targets of a mean-reduced loss exactly: cross-entropy t_n = softmax(z_n) - M g_z,n (soft targets,
-label smoothing included; F.nll_loss of log-probabilities z with g_z first taken as the cross-entropy's,
-gnfx.outputs.log_softmax_gradient), mse y = z - g_z·numel(z)/2, binary cross-entropy y = σ(z) - g_z·numel(z)
-(soft targets included; on statistic steps gnfx.outputs.check_binary_cross_entropy_gradient checks
-them in [0, 1]); under torch.amp.GradScaler g_z is s times that and the optimizer's step divides it by
-s (`unscale`);
-L(θ+s) is that loss at the output of one forward at θ+s. This is exact when the training loss is the
-named loss of the output alone; loss terms that do not go through z (penalties on θ) are left out
-of the actual reduction, and a loss that is not the named one gives a wrong ρ, which at worst rejects
-steps and raises λ (finite,
-bounded): pass a closure then. A loss of the output's gradient is none of them: an energy model trained on
-its forces, F = -∂E/∂x from `torch.autograd.grad(E.sum(), x, create_graph=True)`, or a gradient penalty
-(WGAN-GP, R1), whose backward runs through that graph; the output's gradient in it is E's loss term's alone
-(none, for a force-only loss), so q(d) and L(θ+s) would be those of the energy term. The output hook sees
-the inner backward (one that fills no parameter's gradient, gnfx.filled_gradients, with a graph:
-`torch.is_grad_enabled()` inside it) and the step raises a GnfxError that gives the fixed-lr step
-(`_refuse_a_loss_of_the_output_gradient`); without create_graph (an adversarial example's input
-gradient) the inner backward is passed over. With loss="mse" and a closure, the two are compared on the first solved step: the
-squared error recovered at θ must not exceed the closure's loss (by more than MEAN_TOLERANCE: a loss may
-add penalties, never remove the error). Every gradient is a mean squared error's to some target, so
-nothing else can tell a summed squared error (`reduction="sum"`, which makes α numel(z) times too long:
-kfac at defaults went from 114 to 10⁷ in 6 steps, ρ near 1 on the recovered loss) from a mean; its
-recovered error is numel(z) times the closure's, and a GnfxError names it.
-
-The GGN term on part of the batch (`quadratic_rows=R`; None, the default, is the whole batch). The
-forward-mode products cost several forwards (two tangents through the GPT of
-benchmarks/: ~6 forwards of CPU time), so they can run on the first R rows of z only, the loss terms
-(N·T rows of an (N, T, C) output, N of an (N, C) one), rounded up to whole examples: every input
-tensor whose first dimension is the batch's is cut to its first ⌈R/T⌉ examples. R counts rows rather
-than examples because the rows are what estimate G: the GPT's 4 sequences are 256 rows, 32 examples
-of the digits MLP 32. M then takes G_S, the GGN of the mean loss over those rows, an estimate of G,
-while b keeps the whole batch's gradient (so that Δ stays a descent direction of the model, b_1 < 0)
-and ρ the whole batch's actual reduction (from the training forward's output at θ and one forward at
-θ+s), which rejects the steps that a G_S too small for Δ makes too long. ρ on the rows alone did
-not: on the digits MLP with R = 32 of 128 the model of those rows was a poor judge of the whole
-batch's loss, and the run diverged (benchmarks/results/quadratic_step.md). On the char GPT 512 rows
-(8 of 32 sequences) reached the targets in 0.57-0.73x the CPU time of the whole batch but with
-15-43% more steps, ekfac's above AdamW's, and at 256 rows ekfac missed them ("One tangent" there):
-no default but the whole batch yet.
-
-With gradient accumulation (several forwards before one step) the quadratic model is that of the
-last forward's batch, while g is the accumulated gradient. One backward that reaches the outputs of
-several forwards (one loss over a Siamese pair, micro-batch losses summed) is modelled the same
-way, by the last forward's output and its gradient; gnfx warns once, as that leaves a loss over
-several outputs partly out. Under torch.distributed (gnfx.distributed)
-M, b, the loss-floor cap's L(θ) and the actual reduction are averaged over the ranks, the model of the global batch for equal
-local batches (its GGN term that of the first R rows of each rank's batch, with quadratic_rows = R),
-so that every rank takes the same step. Under FSDP2 the local shards of θ, g, Δ and δ
-are first gathered whole and the products run through the model without fully_shard's hooks
-(gnfx.fsdp); each rank applies its rows of the step.
+Several forwards before one step: the model is the last forward's (gnfx warns once where one backward
+reaches several outputs). Under torch.distributed M, b, L(θ) and the actual reduction are averaged over
+the ranks, so every rank takes the same step; under FSDP2 θ, g, Δ and δ are gathered whole and the
+products run without fully_shard's hooks (gnfx.fsdp).
 """
 from __future__ import annotations
 
@@ -420,7 +216,7 @@ def held_out_scale(scale: float, longer: float, shorter: float) -> float:
 
 def loss_resolution(losses: tuple[OutputLoss, ...], loss: float, eps: float) -> float:
     """r = ε·(Σ_k w_k c_k + LOSS_ROUNDING·L): below it a difference of the float loss L = Σ_k w_k L_k of one batch
-    at two parameters is rounding (module docstring, Levenberg–Marquardt damping). ε: the machine epsilon the
+    at two parameters is rounding (module docstring, "The resolution of the float loss"). ε: the machine epsilon the
     loss is computed in; c_k = 1 for cross-entropy and binary cross-entropy (the log of a sum ≥ 1, rounded at
     ε/2 per row at each end), 0 for mse; L: the loss at θ (a negative or non-finite L counts as its size)."""
     constant = sum(k.weight for k in losses if k.name != "mse")
@@ -896,7 +692,7 @@ class QuadraticStep:
         update = self._place(layout, flat_update, 1.0)
         torch._foreach_add_(params, update)
         due = predicted > 0 and (self.adapts(previous is not None, t) or predicted > PREDICTED_GROWTH * self.judged)
-        # a reduction the float loss cannot resolve judges nothing (module docstring, Levenberg–Marquardt damping)
+        # a reduction the float loss cannot resolve judges nothing (module docstring, "The resolution of the float loss")
         resolution = loss_resolution(self.losses, float(Mb[-1]), self._precision(z, loss_before))
         unresolved = due and predicted < resolution
         adapted = due and not unresolved
@@ -920,7 +716,7 @@ class QuadraticStep:
         backtracks, expansion = 0, 1.0
         if adapted and rho > 1 and t >= DAMPING_WARMUP and EXPANSION is not None and all(
                 k.name == "cross_entropy" for k in self.losses):
-            # module docstring, "The exponential tail of cross-entropy"
+            # module docstring, "The expansion"
             expansion = self._expand(params, before, z, loss_before, closure, layout, theta_values, flat_update,
                                      actual, comm)
             alphas = {k: a * expansion for k, a in alphas.items()}
